@@ -1,0 +1,210 @@
+//! Map types shared by the XDP program and the controller, plus the flow hash both must agree on.
+//!
+//! Every key and value is `#[repr(C)]`, has no implicit padding (asserted below) and uses plain
+//! integers for flags. Fields in network byte order end in `_be`.
+#![no_std]
+
+/// Names of the maps in the object; also the file names of their pins.
+pub mod map_names {
+    pub const LISTENERS: &str = "LISTENERS";
+    pub const VIPS: &str = "VIPS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const RINGS: &str = "RINGS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const VERDICT_STATS: &str = "VERDICT_STATS";
+    pub const LISTENER_STATS: &str = "LISTENER_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+}
+
+/// Compile-time sizes of the fixed maps. The ring and flow maps are sized at load time from the
+/// config; the numbers here are only the defaults compiled into the object.
+pub const MAX_LISTENERS: u32 = 64;
+pub const MAX_BACKENDS: u32 = 1024;
+pub const MAX_VIPS: u32 = 256;
+/// Each listener owns two ring copies (active and standby) so a rebuild never shows a
+/// half-written ring: see [`ListenerInfo::ring_base`].
+pub const RING_COPIES: u32 = 2;
+pub const DEFAULT_RING_SIZE: u32 = 65_537;
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
+
+/// A ring slot that holds no backend: the listener has no usable backend.
+pub const NO_BACKEND: u32 = u32::MAX;
+
+pub const IPPROTO_TCP: u8 = 6;
+
+/// Key of `LISTENERS`: a TCP listener (VIP, port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    pub vip_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// `ListenerInfo::flags`: pick by the source address alone (`hash = "source"`).
+pub const LISTENER_F_HASH_SOURCE: u32 = 1;
+
+/// Value of `LISTENERS`. The map is a hash map, so replacing a value is atomic for readers:
+/// flipping `ring_base` to the standby copy switches the whole ring at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerInfo {
+    /// Index into `LISTENER_STATS`.
+    pub id: u32,
+    pub flags: u32,
+    /// Index of slot 0 of this listener's active ring in `RINGS`.
+    pub ring_base: u32,
+    /// Number of slots (a prime).
+    pub ring_size: u32,
+}
+
+/// Value of `VIPS` (key: the VIP address, network byte order). Only consulted for IP fragments,
+/// which carry no port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipInfo {
+    pub listeners: u32,
+}
+
+/// `BackendInfo::flags`: the backend is in use (a slot that was never filled has 0).
+pub const BACKEND_F_ACTIVE: u32 = 1;
+/// `BackendInfo::flags`: the backend failed its checks; flows pinned to it are re-picked.
+pub const BACKEND_F_DOWN: u32 = 2;
+
+/// Value of `BACKENDS` (key: backend id). The two MACs are the 12 bytes that replace the
+/// Ethernet destination and source of a forwarded frame, in wire order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendInfo {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub flags: u32,
+}
+
+impl BackendInfo {
+    #[must_use]
+    pub const fn usable(&self) -> bool {
+        self.flags & (BACKEND_F_ACTIVE | BACKEND_F_DOWN) == BACKEND_F_ACTIVE
+    }
+}
+
+/// Key of `FLOWS`: the TCP 4-tuple as it appears on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowValue {
+    pub backend: u32,
+}
+
+/// Value of `LISTENER_STATS` and `BACKEND_STATS` (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Indices of `VERDICT_STATS` (per CPU, `u64` packets): every packet the program sees is
+/// counted exactly once, under the reason for its verdict.
+pub mod reason {
+    /// Forwarded to a backend (`XDP_TX`).
+    pub const TX: u32 = 0;
+    /// Not IPv4 (ARP, IPv6, anything else), passed.
+    pub const PASS_NOT_IPV4: u32 = 1;
+    /// IPv4 but not TCP, passed.
+    pub const PASS_NOT_TCP: u32 = 2;
+    /// TCP to an address and port that is no listener, passed.
+    pub const PASS_NO_LISTENER: u32 = 3;
+    /// Too short or inconsistent headers, passed for the kernel to judge.
+    pub const PASS_MALFORMED: u32 = 4;
+    /// A fragment to a VIP, dropped.
+    pub const DROP_FRAGMENT: u32 = 5;
+    /// A listener hit whose ring has no usable backend, dropped.
+    pub const DROP_NO_BACKEND: u32 = 6;
+    /// A map lookup that cannot fail did (a ring index outside the map), dropped.
+    pub const DROP_INTERNAL: u32 = 7;
+    /// More than one VLAN tag, passed.
+    pub const PASS_VLAN_STACKED: u32 = 8;
+    pub const COUNT: u32 = 9;
+
+    /// `(verdict, reason)` labels, indexed like the map.
+    pub const LABELS: [(&str, &str); COUNT as usize] = [
+        ("tx", "forwarded"),
+        ("pass", "not_ipv4"),
+        ("pass", "not_tcp"),
+        ("pass", "no_listener"),
+        ("pass", "malformed"),
+        ("drop", "fragment"),
+        ("drop", "no_backend"),
+        ("drop", "internal"),
+        ("pass", "vlan_stacked"),
+    ];
+}
+
+const _: () = assert!(core::mem::size_of::<ListenerKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ListenerInfo>() == 16);
+const _: () = assert!(core::mem::size_of::<VipInfo>() == 4);
+const _: () = assert!(core::mem::size_of::<BackendInfo>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 4);
+const _: () = assert!(core::mem::size_of::<Counters>() == 24);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::{BackendInfo, Counters, FlowKey, FlowValue, ListenerInfo, ListenerKey, VipInfo};
+    // SAFETY: all of these are `#[repr(C)]`, made only of integers, with no padding (asserted
+    // above), so every bit pattern is valid.
+    unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for ListenerInfo {}
+    unsafe impl aya::Pod for VipInfo {}
+    unsafe impl aya::Pod for BackendInfo {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for Counters {}
+}
+
+/// 64-bit finaliser (murmur3's fmix64): every input bit affects every output bit.
+#[inline(always)]
+#[must_use]
+pub const fn mix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    h
+}
+
+/// The hash that picks a ring slot for a new flow. Both the XDP program and the controller's
+/// `dsrlb flow` use it, so it lives here. Inputs are the wire (big-endian) values as loaded
+/// into a native integer, so both sides see the same numbers.
+///
+/// Linux hands out even ephemeral ports to `connect()`, so the port pair is multiplied into
+/// the high bits before the finaliser rather than XORed into the low ones.
+#[inline(always)]
+#[must_use]
+pub const fn flow_hash(src_be: u32, dst_be: u32, sport_be: u16, dport_be: u16) -> u64 {
+    let addrs = ((src_be as u64) << 32) | dst_be as u64;
+    let ports = ((sport_be as u64) << 16) | dport_be as u64;
+    mix64(addrs ^ ports.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
+/// The hash for `hash = "source"` listeners: the client address alone.
+#[inline(always)]
+#[must_use]
+pub const fn source_hash(src_be: u32) -> u64 {
+    mix64((src_be as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5bd1_e995)
+}

@@ -1,0 +1,56 @@
+//! The maps, declared with BTF so `bpftool map dump` shows field names.
+//!
+//! `RINGS` and `FLOWS` are resized by the controller at load time from `ring_size` and
+//! `flow_table_size`; the sizes here are the defaults.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_COMMON_LRU,
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    BackendInfo, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FlowKey, FlowValue,
+    ListenerInfo, ListenerKey, MAX_BACKENDS, MAX_LISTENERS, MAX_VIPS, RING_COPIES, VipInfo, reason,
+};
+
+/// (VIP, port, proto) to listener. A hash map: an update swaps the whole value atomically.
+#[btf_map]
+pub static LISTENERS: HashMap<ListenerKey, ListenerInfo, { MAX_LISTENERS as usize }> =
+    HashMap::new();
+
+/// VIP addresses, consulted only for fragments.
+#[btf_map]
+pub static VIPS: HashMap<u32, VipInfo, { MAX_VIPS as usize }> = HashMap::new();
+
+/// Backend id to MACs and state.
+#[btf_map]
+pub static BACKENDS: Array<BackendInfo, { MAX_BACKENDS as usize }> = Array::new();
+
+/// All Maglev rings, back to back: two copies per listener, each `ring_size` backend ids.
+#[btf_map]
+pub static RINGS: Array<
+    u32,
+    { (MAX_LISTENERS * RING_COPIES * DEFAULT_RING_SIZE) as usize },
+> = Array::new();
+
+/// Connection table: 4-tuple to backend. LRU with per-CPU lists (no shared LRU lock); the
+/// entries themselves are shared, so a flow seen on two CPUs has one backend.
+#[btf_map]
+pub static FLOWS: LruHashMap<
+    FlowKey,
+    FlowValue,
+    { DEFAULT_FLOW_TABLE_SIZE as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
+
+/// Packets per verdict and reason, see `lb_common::reason`.
+#[btf_map]
+pub static VERDICT_STATS: PerCpuArray<u64, { reason::COUNT as usize }> = PerCpuArray::new();
+
+/// Per listener id.
+#[btf_map]
+pub static LISTENER_STATS: PerCpuArray<Counters, { MAX_LISTENERS as usize }> = PerCpuArray::new();
+
+/// Per backend id.
+#[btf_map]
+pub static BACKEND_STATS: PerCpuArray<Counters, { MAX_BACKENDS as usize }> = PerCpuArray::new();

@@ -1,0 +1,530 @@
+//! The TOML config: parsing, and validation whose errors name the file, line and field.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use lb_common::{DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_LISTENERS};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Largest accepted `ring_size`; the rings map holds two copies per listener.
+pub const MAX_RING_SIZE: u32 = 1 << 20;
+/// `flow_table_size` bounds.
+pub const MIN_FLOW_TABLE_SIZE: u32 = 1024;
+pub const MAX_FLOW_TABLE_SIZE: u32 = 1 << 27;
+/// Largest backend weight (HAProxy allows 0..=256; we allow finer steps).
+pub const MAX_WEIGHT: u32 = 10_000;
+
+/// A config error: where it is and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}:{column}: {field}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub field: String,
+    pub message: String,
+}
+
+/// Reading the file failed, or its content is not a valid config.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// Syntax, type, missing or unknown field: toml's own message carries line and column.
+    #[error("{file}: {message}")]
+    Toml { file: String, message: String },
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeCfg {
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HashMode {
+    #[serde(rename = "4tuple")]
+    FourTuple,
+    Source,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckKind {
+    None,
+    Tcp,
+    Mqtt,
+    MqttTls,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    pub check: CheckKind,
+    pub inter: Duration,
+    pub timeout: Duration,
+    pub fall: u32,
+    pub rise: u32,
+}
+
+impl Default for Health {
+    /// HAProxy's defaults: `inter 2s`, `fall 3`, `rise 2`; a probe times out after `inter / 2`.
+    fn default() -> Self {
+        Self {
+            check: CheckKind::Mqtt,
+            inter: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            fall: 3,
+            rise: 2,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub hash: HashMode,
+    /// Backend names, sorted; all backends when the file names none.
+    pub backends: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub mac: Option<[u8; 6]>,
+    pub weight: u32,
+}
+
+/// A validated config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub interface: String,
+    pub xdp_mode: XdpModeCfg,
+    pub ring_size: u32,
+    pub flow_table_size: u32,
+    pub health: Health,
+    pub listeners: Vec<Listener>,
+    /// Sorted by name.
+    pub backends: Vec<Backend>,
+}
+
+impl Config {
+    #[must_use]
+    pub fn backend(&self, name: &str) -> Option<&Backend> {
+        self.backends.iter().find(|b| b.name == name)
+    }
+}
+
+// ---- the file as written ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interface: Spanned<String>,
+    #[serde(default = "default_mode")]
+    xdp_mode: XdpModeCfg,
+    ring_size: Option<Spanned<u32>>,
+    flow_table_size: Option<Spanned<u32>>,
+    #[serde(default)]
+    health: Option<Spanned<RawHealth>>,
+    #[serde(default, rename = "listener")]
+    listeners: Vec<Spanned<RawListener>>,
+    #[serde(default, rename = "backend")]
+    backends: Vec<Spanned<RawBackend>>,
+}
+
+const fn default_mode() -> XdpModeCfg {
+    XdpModeCfg::Auto
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    check: Option<CheckKind>,
+    inter: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    fall: Option<Spanned<u32>>,
+    rise: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Spanned<String>,
+    vip: Spanned<String>,
+    port: Spanned<u16>,
+    #[serde(default = "default_hash")]
+    hash: HashMode,
+    backends: Option<Vec<Spanned<String>>>,
+}
+
+const fn default_hash() -> HashMode {
+    HashMode::FourTuple
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    name: Spanned<String>,
+    address: Spanned<String>,
+    mac: Option<Spanned<String>>,
+    weight: Option<Spanned<u32>>,
+}
+
+/// Reads and validates `path`.
+///
+/// # Errors
+/// When the file cannot be read or is not a valid config; the error names line and field.
+pub fn load(path: &Path) -> Result<Config, LoadError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses and validates config text; `file` is only used in messages.
+///
+/// # Errors
+/// When the text is not a valid config; the error names line and field.
+pub fn parse(text: &str, file: &str) -> Result<Config, LoadError> {
+    let raw: RawConfig = toml::from_str(text)
+        .map_err(|e| LoadError::Toml { file: file.to_owned(), message: e.to_string() })?;
+    Ok(Validator { text, file }.config(raw)?)
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    file: &'a str,
+}
+
+impl Validator<'_> {
+    fn err(&self, span: &std::ops::Range<usize>, field: impl fmt::Display, message: impl fmt::Display) -> ConfigError {
+        let before = &self.text[..span.start.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+        ConfigError {
+            file: self.file.to_owned(),
+            line,
+            column,
+            field: field.to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let interface = raw.interface.get_ref().trim().to_owned();
+        if interface.is_empty() || interface.len() >= 16 || interface.contains(['/', ' ']) {
+            return Err(self.err(&raw.interface.span(), "interface", "must be a network interface name (1 to 15 characters, no '/' or space)"));
+        }
+
+        let ring_size = match &raw.ring_size {
+            None => DEFAULT_RING_SIZE,
+            Some(s) => {
+                let n = *s.get_ref();
+                if !(3..=MAX_RING_SIZE).contains(&n) || !is_prime(n) {
+                    return Err(self.err(&s.span(), "ring_size", format!("{n} is not a prime between 3 and {MAX_RING_SIZE} (65537 is a good choice)")));
+                }
+                n
+            }
+        };
+        let flow_table_size = match &raw.flow_table_size {
+            None => DEFAULT_FLOW_TABLE_SIZE,
+            Some(s) => {
+                let n = *s.get_ref();
+                if !(MIN_FLOW_TABLE_SIZE..=MAX_FLOW_TABLE_SIZE).contains(&n) {
+                    return Err(self.err(&s.span(), "flow_table_size", format!("{n} is outside {MIN_FLOW_TABLE_SIZE}..={MAX_FLOW_TABLE_SIZE}")));
+                }
+                n
+            }
+        };
+        let health = match raw.health {
+            None => Health::default(),
+            Some(h) => self.health(h.into_inner(), "health")?,
+        };
+
+        let backends = self.backends(raw.backends)?;
+        let listeners = self.listeners(raw.listeners, &backends)?;
+        Ok(Config { interface, xdp_mode: raw.xdp_mode, ring_size, flow_table_size, health, listeners, backends })
+    }
+
+    fn health(&self, raw: RawHealth, field: &str) -> Result<Health, ConfigError> {
+        let mut h = Health::default();
+        if let Some(c) = raw.check {
+            h.check = c;
+        }
+        if let Some(s) = &raw.inter {
+            h.inter = parse_duration(s.get_ref()).map_err(|m| self.err(&s.span(), format!("{field}.inter"), m))?;
+        }
+        if let Some(s) = &raw.timeout {
+            h.timeout = parse_duration(s.get_ref()).map_err(|m| self.err(&s.span(), format!("{field}.timeout"), m))?;
+        }
+        for (value, name, target) in [(&raw.fall, "fall", &mut h.fall), (&raw.rise, "rise", &mut h.rise)] {
+            if let Some(s) = value {
+                if !(1..=1000).contains(s.get_ref()) {
+                    return Err(self.err(&s.span(), format!("{field}.{name}"), "must be between 1 and 1000"));
+                }
+                *target = *s.get_ref();
+            }
+        }
+        if h.timeout > h.inter {
+            let span = raw.timeout.as_ref().map_or(0..0, Spanned::span);
+            return Err(self.err(&span, format!("{field}.timeout"), format!("{:?} is longer than inter ({:?})", h.timeout, h.inter)));
+        }
+        Ok(h)
+    }
+
+    fn backends(&self, raw: Vec<Spanned<RawBackend>>) -> Result<Vec<Backend>, ConfigError> {
+        if raw.len() > MAX_BACKENDS as usize {
+            let span = raw[MAX_BACKENDS as usize].span();
+            return Err(self.err(&span, "backend", format!("at most {MAX_BACKENDS} backends")));
+        }
+        let mut out: BTreeMap<String, Backend> = BTreeMap::new();
+        let mut addresses = BTreeMap::new();
+        for (i, b) in raw.into_iter().enumerate() {
+            let b = b.into_inner();
+            let f = |name: &str| format!("backend[{i}].{name}");
+            let name = self.name(&b.name, &f("name"))?;
+            if out.contains_key(&name) {
+                return Err(self.err(&b.name.span(), f("name"), format!("duplicate backend name {name:?}")));
+            }
+            let address: Ipv4Addr = b.address.get_ref().parse().map_err(|_| {
+                self.err(&b.address.span(), f("address"), format!("{:?} is not an IPv4 address", b.address.get_ref()))
+            })?;
+            if address.is_unspecified() || address.is_broadcast() || address.is_multicast() || address.is_loopback() {
+                return Err(self.err(&b.address.span(), f("address"), format!("{address} cannot be a backend address")));
+            }
+            if let Some(other) = addresses.insert(address, name.clone()) {
+                return Err(self.err(&b.address.span(), f("address"), format!("{address} is already backend {other:?}'s address")));
+            }
+            let mac = match &b.mac {
+                None => None,
+                Some(m) => Some(parse_mac(m.get_ref()).map_err(|msg| self.err(&m.span(), f("mac"), msg))?),
+            };
+            let weight = match &b.weight {
+                None => 100,
+                Some(w) if *w.get_ref() > MAX_WEIGHT => {
+                    return Err(self.err(&w.span(), f("weight"), format!("must be between 0 and {MAX_WEIGHT}")));
+                }
+                Some(w) => *w.get_ref(),
+            };
+            out.insert(name.clone(), Backend { name, address, mac, weight });
+        }
+        Ok(out.into_values().collect())
+    }
+
+    fn listeners(&self, raw: Vec<Spanned<RawListener>>, backends: &[Backend]) -> Result<Vec<Listener>, ConfigError> {
+        if raw.is_empty() {
+            return Err(self.err(&(0..0), "listener", "at least one [[listener]] is needed"));
+        }
+        if raw.len() > MAX_LISTENERS as usize {
+            return Err(self.err(&raw[MAX_LISTENERS as usize].span(), "listener", format!("at most {MAX_LISTENERS} listeners")));
+        }
+        let mut out = Vec::with_capacity(raw.len());
+        let mut names = BTreeSet::new();
+        let mut endpoints = BTreeMap::new();
+        for (i, l) in raw.into_iter().enumerate() {
+            let l = l.into_inner();
+            let f = |name: &str| format!("listener[{i}].{name}");
+            let name = self.name(&l.name, &f("name"))?;
+            if !names.insert(name.clone()) {
+                return Err(self.err(&l.name.span(), f("name"), format!("duplicate listener name {name:?}")));
+            }
+            let vip: Ipv4Addr = l.vip.get_ref().parse().map_err(|_| {
+                self.err(&l.vip.span(), f("vip"), format!("{:?} is not an IPv4 address", l.vip.get_ref()))
+            })?;
+            if vip.is_unspecified() || vip.is_broadcast() || vip.is_multicast() || vip.is_loopback() {
+                return Err(self.err(&l.vip.span(), f("vip"), format!("{vip} cannot be a VIP")));
+            }
+            let port = *l.port.get_ref();
+            if port == 0 {
+                return Err(self.err(&l.port.span(), f("port"), "must be between 1 and 65535"));
+            }
+            if let Some(other) = endpoints.insert((vip, port), name.clone()) {
+                return Err(self.err(&l.port.span(), f("port"), format!("{vip}:{port} is already listener {other:?}")));
+            }
+            let members = match &l.backends {
+                None => backends.iter().map(|b| b.name.clone()).collect(),
+                Some(list) => {
+                    let mut set = BTreeSet::new();
+                    for (j, b) in list.iter().enumerate() {
+                        if !backends.iter().any(|x| &x.name == b.get_ref()) {
+                            return Err(self.err(&b.span(), format!("listener[{i}].backends[{j}]"), format!("no [[backend]] is named {:?}", b.get_ref())));
+                        }
+                        if !set.insert(b.get_ref().clone()) {
+                            return Err(self.err(&b.span(), format!("listener[{i}].backends[{j}]"), format!("{:?} is listed twice", b.get_ref())));
+                        }
+                    }
+                    set.into_iter().collect()
+                }
+            };
+            out.push(Listener { name, vip, port, hash: l.hash, backends: members });
+        }
+        Ok(out)
+    }
+
+    fn name(&self, s: &Spanned<String>, field: &str) -> Result<String, ConfigError> {
+        let n = s.get_ref();
+        let ok = !n.is_empty()
+            && n.len() <= 64
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if ok {
+            Ok(n.clone())
+        } else {
+            Err(self.err(&s.span(), field, format!("{n:?}: names are 1 to 64 of [A-Za-z0-9._-]")))
+        }
+    }
+}
+
+/// `"2s"`, `"500ms"`, `"1m"`; a bare number is milliseconds, as in HAProxy.
+///
+/// # Errors
+/// A message saying what is wrong with `s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like \"2s\" or \"500ms\""))?;
+    let d = match unit {
+        "" | "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+    };
+    if d.is_zero() || d > Duration::from_secs(3600) {
+        return Err(format!("{s:?} must be more than 0 and at most 1h"));
+    }
+    Ok(d)
+}
+
+/// `"02:00:00:00:00:11"`.
+///
+/// # Errors
+/// A message saying what is wrong with `s`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let p = parts.next().ok_or_else(|| format!("{s:?} is not a MAC address like 02:00:00:00:00:11"))?;
+        if p.len() != 2 {
+            return Err(format!("{s:?} is not a MAC address like 02:00:00:00:00:11"));
+        }
+        *byte = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address like 02:00:00:00:00:11"))?;
+    }
+    if parts.next().is_some() {
+        return Err(format!("{s:?} is not a MAC address like 02:00:00:00:00:11"));
+    }
+    if mac[0] & 1 == 1 || mac == [0; 6] {
+        return Err(format!("{s:?} is a multicast or zero address, not a host's"));
+    }
+    Ok(mac)
+}
+
+#[must_use]
+pub fn format_mac(mac: [u8; 6]) -> String {
+    let [a, b, c, d, e, f] = mac;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}
+
+#[must_use]
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let n = u64::from(n);
+    let mut d = 2u64;
+    while d * d <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+interface = "eth0"
+ring_size = 65537
+
+[health]
+check = "tcp"
+inter = "2s"
+
+[[listener]]
+name = "mqtt"
+vip = "192.0.2.100"
+port = 1883
+backends = ["b2", "b1"]
+
+[[backend]]
+name = "b2"
+address = "192.0.2.12"
+
+[[backend]]
+name = "b1"
+address = "192.0.2.11"
+mac = "02:00:00:00:00:11"
+weight = 50
+"#;
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = parse(GOOD, "t.toml").expect("valid");
+        assert_eq!(c.flow_table_size, DEFAULT_FLOW_TABLE_SIZE);
+        assert_eq!(c.xdp_mode, XdpModeCfg::Auto);
+        assert_eq!(c.health.check, CheckKind::Tcp);
+        assert_eq!(c.health.fall, 3);
+        assert_eq!(c.listeners[0].backends, vec!["b1", "b2"]);
+        assert_eq!(c.backends[0].name, "b1");
+        assert_eq!(c.backends[0].mac, Some([2, 0, 0, 0, 0, 0x11]));
+        assert_eq!(c.backends[1].weight, 100);
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text, "t.toml").expect_err("must be rejected").to_string()
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let e = error_of(&GOOD.replace("192.0.2.100", "192.0.2.300"));
+        assert!(e.starts_with("t.toml:11:7: listener[0].vip:"), "{e}");
+        let e = error_of(&GOOD.replace("ring_size = 65537", "ring_size = 65536"));
+        assert!(e.starts_with("t.toml:3:13: ring_size:"), "{e}");
+        let e = error_of(&GOOD.replace("[\"b2\", \"b1\"]", "[\"b2\", \"b9\"]"));
+        assert!(e.contains("t.toml:13:19: listener[0].backends[1]: no [[backend]] is named \"b9\""), "{e}");
+        let e = error_of(&GOOD.replace("02:00:00:00:00:11", "02:00:00:00:11"));
+        assert!(e.contains(":23:7: backend[1].mac:"), "{e}");
+        let e = error_of(&GOOD.replace("weight = 50", "weight = 50\nwieght = 3"));
+        assert!(e.contains("line 25") && e.contains("wieght"), "{e}");
+        let e = error_of(&GOOD.replace("\"2s\"", "\"2 parsecs\""));
+        assert!(e.contains("health.inter"), "{e}");
+        let e = error_of(&GOOD.replace("name = \"b1\"", "name = \"b2\""));
+        assert!(e.contains("backend[1].name: duplicate"), "{e}");
+        let e = error_of(&GOOD.replace("port = 1883", "port = 70000"));
+        assert!(e.contains("line 12") && e.contains("port"), "{e}");
+    }
+
+    #[test]
+    fn durations_and_macs() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_mac("01:00:5e:00:00:01").is_err());
+        assert_eq!(format_mac([2, 0, 0, 0, 0, 0x11]), "02:00:00:00:00:11");
+    }
+}

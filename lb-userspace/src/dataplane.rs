@@ -1,0 +1,397 @@
+//! The loaded XDP object and its maps: load, attach, write a desired state as a diff, read
+//! counters.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use anyhow::{Context as _, bail, ensure};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{Xdp, XdpMode},
+};
+use lb_common::{
+    BACKEND_F_ACTIVE, BACKEND_F_DOWN, BackendInfo, Counters, FlowKey, FlowValue, IPPROTO_TCP,
+    LISTENER_F_HASH_SOURCE, ListenerInfo, ListenerKey, MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND,
+    RING_COPIES, VipInfo, map_names as names, reason,
+};
+
+use crate::EBPF_OBJ;
+
+/// Sizes fixed when the object is loaded.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    pub ring_size: u32,
+    pub flow_table_size: u32,
+    /// Destination MAC of the `xdp_floor` benchmark program.
+    pub floor_dst_mac: [u8; 6],
+}
+
+/// What the maps should say: produced by [`crate::plan`], written by [`Dataplane::apply`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub listeners: Vec<DesiredListener>,
+    pub backends: Vec<DesiredBackend>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredListener {
+    /// Stable id: index of its counters and of its two ring copies.
+    pub id: u32,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub hash_source: bool,
+    /// `ring_size` backend ids, or [`NO_BACKEND`].
+    pub ring: Vec<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DesiredBackend {
+    pub id: u32,
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub down: bool,
+}
+
+/// What one [`Dataplane::apply`] wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub ring_slots_written: usize,
+    pub listeners_switched: usize,
+    pub backends_written: usize,
+}
+
+/// Counters summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub verdicts: Vec<u64>,
+    pub listeners: BTreeMap<u32, Counters>,
+    pub backends: BTreeMap<u32, Counters>,
+}
+
+impl Stats {
+    #[must_use]
+    pub fn verdict(&self, reason: u32) -> u64 {
+        self.verdicts.get(reason as usize).copied().unwrap_or(0)
+    }
+}
+
+/// The maps' content as last written, so an apply writes only differences.
+#[derive(Default)]
+struct Written {
+    listeners: BTreeMap<u32, (ListenerKey, ListenerInfo)>,
+    /// Content of each ring copy, by copy number (`id * RING_COPIES + copy`).
+    rings: BTreeMap<u32, Vec<u32>>,
+    backends: BTreeMap<u32, BackendInfo>,
+    vips: BTreeMap<u32, u32>,
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    ring_size: u32,
+    written: Written,
+}
+
+impl Dataplane {
+    /// Loads the object and its programs into the kernel; nothing is attached.
+    ///
+    /// # Errors
+    /// When the kernel refuses the maps or a program.
+    pub fn load(opts: &LoadOptions) -> anyhow::Result<Self> {
+        let ring_entries = MAX_LISTENERS
+            .checked_mul(RING_COPIES)
+            .and_then(|n| n.checked_mul(opts.ring_size))
+            .context("ring_size too large for the rings map")?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::RINGS, ring_entries)
+            .map_max_entries(names::FLOWS, opts.flow_table_size)
+            .override_global("FLOOR_DST_MAC", &opts.floor_dst_mac, true)
+            .load(EBPF_OBJ)
+            .context("loading the XDP object (maps and programs)")?;
+        for name in ["dsrlb", "xdp_floor", "xdp_pass"] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("verifying program {name}"))?;
+        }
+        Ok(Self { ebpf, ring_size: opts.ring_size, written: Written::default() })
+    }
+
+    #[must_use]
+    pub const fn ring_size(&self) -> u32 {
+        self.ring_size
+    }
+
+    /// One of `dsrlb`, `xdp_floor`, `xdp_pass`.
+    ///
+    /// # Panics
+    /// On another name: the three are always in the object.
+    #[must_use]
+    pub fn program(&self, name: &str) -> &Xdp {
+        self.ebpf.program(name).and_then(|p| p.try_into().ok()).expect("program in the object")
+    }
+
+    /// Attaches the balancer to `interface`. The attachment lasts as long as `self`.
+    ///
+    /// # Errors
+    /// When the interface is missing or the driver refuses the mode.
+    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> anyhow::Result<()> {
+        let prog: &mut Xdp = self.ebpf.program_mut("dsrlb").expect("in the object").try_into()?;
+        prog.attach(interface, mode)
+            .with_context(|| format!("attaching XDP to {interface} in {mode:?} mode"))?;
+        Ok(())
+    }
+
+    fn map_ref<'a, T>(&'a self, name: &str) -> anyhow::Result<T>
+    where
+        T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self.ebpf.map(name).with_context(|| format!("map {name} missing"))?;
+        T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+    }
+
+    /// Writes `want` as the difference from what was written before.
+    ///
+    /// Order matters for packets in flight: backends first (so no ring slot names an unset
+    /// backend), then each changed listener's standby ring copy, then the listener entry that
+    /// switches to it in one update, and only then removals.
+    ///
+    /// # Errors
+    /// When `want` is inconsistent (ids out of range, ring of the wrong size) or a map write
+    /// fails. Validation happens before any write.
+    pub fn apply(&mut self, want: &Desired) -> anyhow::Result<ApplyReport> {
+        let size = self.ring_size as usize;
+        let mut ids = BTreeSet::new();
+        for l in &want.listeners {
+            ensure!(l.id < MAX_LISTENERS, "listener id {} out of range", l.id);
+            ensure!(ids.insert(l.id), "listener id {} used twice", l.id);
+            ensure!(l.ring.len() == size, "listener {}: ring has {} slots, not {size}", l.id, l.ring.len());
+            for &s in &l.ring {
+                ensure!(
+                    s == NO_BACKEND || want.backends.iter().any(|b| b.id == s),
+                    "listener {}: ring names backend {s}, which is not in the desired set",
+                    l.id
+                );
+            }
+        }
+        let mut bids = BTreeSet::new();
+        for b in &want.backends {
+            ensure!(b.id < MAX_BACKENDS, "backend id {} out of range", b.id);
+            ensure!(bids.insert(b.id), "backend id {} used twice", b.id);
+        }
+
+        let mut report = ApplyReport::default();
+
+        // 1. Backends that are new or changed.
+        {
+            let mut map: Array<&mut MapData, BackendInfo> = map_mut(&mut self.ebpf, names::BACKENDS)?;
+            for b in &want.backends {
+                let info = BackendInfo {
+                    dst_mac: b.dst_mac,
+                    src_mac: b.src_mac,
+                    flags: BACKEND_F_ACTIVE | if b.down { BACKEND_F_DOWN } else { 0 },
+                };
+                if self.written.backends.get(&b.id) != Some(&info) {
+                    map.set(b.id, info, 0).with_context(|| format!("writing backend {}", b.id))?;
+                    self.written.backends.insert(b.id, info);
+                    report.backends_written += 1;
+                }
+            }
+        }
+
+        // 2. Listeners: fill the standby copy, then switch.
+        for l in &want.listeners {
+            let key = ListenerKey {
+                vip_be: u32::from_ne_bytes(l.vip.octets()),
+                port_be: u16::from_ne_bytes(l.port.to_be_bytes()),
+                proto: IPPROTO_TCP,
+                _pad: 0,
+            };
+            let flags = if l.hash_source { LISTENER_F_HASH_SOURCE } else { 0 };
+            let current = self.written.listeners.get(&l.id).copied();
+            // The copy number in use is where the active ring starts, in rings.
+            let active_copy = current.map(|(_, info)| info.ring_base / self.ring_size);
+            if let (Some((old_key, info)), Some(copy_no)) = (current, active_copy) {
+                let active = self.written.rings.get(&copy_no);
+                if old_key == key && info.flags == flags && active.is_some_and(|r| r == &l.ring) {
+                    continue;
+                }
+            }
+            let copy = active_copy.map_or(0, |c| (c + 1) % RING_COPIES);
+            let copy_no = l.id * RING_COPIES + copy;
+            let base = copy_no * self.ring_size;
+            {
+                let old = self.written.rings.entry(copy_no).or_insert_with(|| vec![0; size]).clone();
+                let mut rings: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, names::RINGS)?;
+                for (i, (&new, &was)) in l.ring.iter().zip(&old).enumerate() {
+                    if new != was {
+                        #[expect(clippy::cast_possible_truncation, reason = "i < ring_size, a u32")]
+                        rings.set(base + i as u32, new, 0).with_context(|| format!("writing ring slot {i} of listener {}", l.id))?;
+                        report.ring_slots_written += 1;
+                    }
+                }
+                self.written.rings.insert(copy_no, l.ring.clone());
+            }
+            let info = ListenerInfo { id: l.id, flags, ring_base: base, ring_size: self.ring_size };
+            let mut map: HashMap<&mut MapData, ListenerKey, ListenerInfo> = map_mut(&mut self.ebpf, names::LISTENERS)?;
+            map.insert(key, info, 0).with_context(|| format!("writing listener {}", l.id))?;
+            if let Some((old_key, _)) = current
+                && old_key != key
+            {
+                map.remove(&old_key).with_context(|| format!("removing the old key of listener {}", l.id))?;
+            }
+            self.written.listeners.insert(l.id, (key, info));
+            report.listeners_switched += 1;
+        }
+
+        // 3. Listeners no longer wanted.
+        let gone: Vec<u32> = self.written.listeners.keys().copied().filter(|id| !ids.contains(id)).collect();
+        for id in gone {
+            let (key, _) = self.written.listeners[&id];
+            let mut map: HashMap<&mut MapData, ListenerKey, ListenerInfo> = map_mut(&mut self.ebpf, names::LISTENERS)?;
+            map.remove(&key).with_context(|| format!("removing listener {id}"))?;
+            self.written.listeners.remove(&id);
+        }
+
+        // 4. VIPs (for fragments), counted from the listeners.
+        let mut vips: BTreeMap<u32, u32> = BTreeMap::new();
+        for (key, _) in self.written.listeners.values() {
+            *vips.entry(key.vip_be).or_default() += 1;
+        }
+        {
+            let mut map: HashMap<&mut MapData, u32, VipInfo> = map_mut(&mut self.ebpf, names::VIPS)?;
+            for (&vip, &n) in &vips {
+                if self.written.vips.get(&vip) != Some(&n) {
+                    map.insert(vip, VipInfo { listeners: n }, 0).context("writing a VIP")?;
+                }
+            }
+            for vip in self.written.vips.keys().filter(|v| !vips.contains_key(v)) {
+                map.remove(vip).context("removing a VIP")?;
+            }
+        }
+        self.written.vips = vips;
+
+        // 5. Backends no longer wanted: inactive, so flows still pinned to them are re-picked.
+        let gone: Vec<u32> = self.written.backends.keys().copied().filter(|id| !bids.contains(id)).collect();
+        if !gone.is_empty() {
+            let mut map: Array<&mut MapData, BackendInfo> = map_mut(&mut self.ebpf, names::BACKENDS)?;
+            for id in gone {
+                map.set(id, BackendInfo { dst_mac: [0; 6], src_mac: [0; 6], flags: 0 }, 0)
+                    .with_context(|| format!("clearing backend {id}"))?;
+                self.written.backends.remove(&id);
+                report.backends_written += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Reads every counter, summed over CPUs.
+    ///
+    /// # Errors
+    /// When a map read fails.
+    pub fn stats(&self) -> anyhow::Result<Stats> {
+        let verdict_map: PerCpuArray<&MapData, u64> = self.map_ref(names::VERDICT_STATS)?;
+        let mut verdicts = Vec::with_capacity(reason::COUNT as usize);
+        for r in 0..reason::COUNT {
+            verdicts.push(verdict_map.get(&r, 0)?.iter().sum());
+        }
+        let sum = |map: &PerCpuArray<&MapData, Counters>, id: u32| -> anyhow::Result<Counters> {
+            let mut total = Counters::default();
+            for c in map.get(&id, 0)?.iter() {
+                total.packets += c.packets;
+                total.bytes += c.bytes;
+                total.new_flows += c.new_flows;
+            }
+            Ok(total)
+        };
+        let lmap: PerCpuArray<&MapData, Counters> = self.map_ref(names::LISTENER_STATS)?;
+        let mut listeners = BTreeMap::new();
+        for &id in self.written.listeners.keys() {
+            listeners.insert(id, sum(&lmap, id)?);
+        }
+        let bmap: PerCpuArray<&MapData, Counters> = self.map_ref(names::BACKEND_STATS)?;
+        let mut backends = BTreeMap::new();
+        for &id in self.written.backends.keys() {
+            backends.insert(id, sum(&bmap, id)?);
+        }
+        Ok(Stats { verdicts, listeners, backends })
+    }
+
+    /// The backend a flow is pinned to in the flow table, if any.
+    ///
+    /// # Errors
+    /// When the map read fails for a reason other than a missing key.
+    pub fn flow(&self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> anyhow::Result<Option<u32>> {
+        let map: HashMap<&MapData, FlowKey, FlowValue> = self.map_ref(names::FLOWS)?;
+        let key = FlowKey {
+            src_be: u32::from_ne_bytes(src.octets()),
+            dst_be: u32::from_ne_bytes(dst.octets()),
+            sport_be: u16::from_ne_bytes(sport.to_be_bytes()),
+            dport_be: u16::from_ne_bytes(dport.to_be_bytes()),
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        match map.get(&key, 0) {
+            Ok(v) => Ok(Some(v.backend)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading the flow table"),
+        }
+    }
+
+    /// Number of entries in the flow table (a full walk; for status, not per packet).
+    ///
+    /// # Errors
+    /// When the walk fails.
+    pub fn flow_count(&self) -> anyhow::Result<usize> {
+        let map: HashMap<&MapData, FlowKey, FlowValue> = self.map_ref(names::FLOWS)?;
+        Ok(map.keys().filter(Result::is_ok).count())
+    }
+
+    /// How many flow entries point at each backend id.
+    ///
+    /// # Errors
+    /// When the walk fails.
+    pub fn flows_per_backend(&self) -> anyhow::Result<BTreeMap<u32, usize>> {
+        let map: HashMap<&MapData, FlowKey, FlowValue> = self.map_ref(names::FLOWS)?;
+        let mut out = BTreeMap::new();
+        for entry in map.iter() {
+            let (_, v) = entry.context("walking the flow table")?;
+            *out.entry(v.backend).or_default() += 1;
+        }
+        Ok(out)
+    }
+}
+
+fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<T>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// `xdp_mode` in the config to aya's mode.
+#[must_use]
+pub const fn xdp_mode(mode: crate::config::XdpModeCfg) -> XdpMode {
+    match mode {
+        crate::config::XdpModeCfg::Auto => XdpMode::Default,
+        crate::config::XdpModeCfg::Native => XdpMode::Driver,
+        crate::config::XdpModeCfg::Generic => XdpMode::Skb,
+    }
+}
+
+/// Reads an interface's MAC from sysfs.
+///
+/// # Errors
+/// When the interface does not exist or has no Ethernet address.
+pub fn interface_mac(interface: &str) -> anyhow::Result<[u8; 6]> {
+    let path = format!("/sys/class/net/{interface}/address");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("no interface {interface} (reading {path})"))?;
+    match crate::config::parse_mac(text.trim()) {
+        Ok(mac) => Ok(mac),
+        Err(e) => bail!("interface {interface} has no usable Ethernet address: {e}"),
+    }
+}

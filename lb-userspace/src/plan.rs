@@ -1,0 +1,95 @@
+//! From config (and health state) to the [`Desired`] content of the maps: stable ids, Maglev
+//! rings per listener.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{Context as _, bail};
+use lb_common::{MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND};
+
+use crate::{
+    config::{Config, HashMode},
+    dataplane::{Desired, DesiredBackend, DesiredListener},
+    maglev,
+};
+
+/// Name to id, for listeners and backends. Ids index counters and ring copies, and flow entries
+/// hold backend ids, so a name keeps its id for as long as it exists.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ids {
+    pub listeners: BTreeMap<String, u32>,
+    pub backends: BTreeMap<String, u32>,
+}
+
+fn assign<'a>(ids: &mut BTreeMap<String, u32>, names: impl Iterator<Item = &'a str>, max: u32) -> anyhow::Result<()> {
+    let wanted: BTreeSet<&str> = names.collect();
+    ids.retain(|name, _| wanted.contains(name.as_str()));
+    for name in wanted {
+        if ids.contains_key(name) {
+            continue;
+        }
+        let used: BTreeSet<u32> = ids.values().copied().collect();
+        let Some(free) = (0..max).find(|i| !used.contains(i)) else {
+            bail!("no free id left for {name} (at most {max})");
+        };
+        ids.insert(name.to_owned(), free);
+    }
+    Ok(())
+}
+
+impl Ids {
+    /// Keeps the ids of names still in `config`, gives new names the lowest free ids, forgets
+    /// the rest.
+    ///
+    /// # Errors
+    /// When more names exist than ids (the config validator prevents that).
+    pub fn update(&mut self, config: &Config) -> anyhow::Result<()> {
+        assign(&mut self.listeners, config.listeners.iter().map(|l| l.name.as_str()), MAX_LISTENERS)?;
+        assign(&mut self.backends, config.backends.iter().map(|b| b.name.as_str()), MAX_BACKENDS)?;
+        Ok(())
+    }
+}
+
+/// Per-backend facts that are not in the config file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendRuntime {
+    pub mac: [u8; 6],
+    /// Failed its checks (or is misconfigured): out of every ring, and its flows move.
+    pub down: bool,
+    /// Drained from the CLI: out of every ring, its flows stay.
+    pub drained: bool,
+}
+
+/// Builds the desired map content. `runtime` must hold every backend of `config`; `src_mac` is
+/// the balancer interface's MAC.
+///
+/// # Errors
+/// When a backend has no runtime facts or an id is missing.
+pub fn desired(config: &Config, ids: &Ids, runtime: &BTreeMap<String, BackendRuntime>, src_mac: [u8; 6]) -> anyhow::Result<Desired> {
+    let mut backends = Vec::with_capacity(config.backends.len());
+    for b in &config.backends {
+        let rt = runtime.get(&b.name).with_context(|| format!("backend {}: MAC not resolved", b.name))?;
+        let id = *ids.backends.get(&b.name).with_context(|| format!("backend {}: no id", b.name))?;
+        backends.push(DesiredBackend { id, dst_mac: rt.mac, src_mac, down: rt.down });
+    }
+    let mut listeners = Vec::with_capacity(config.listeners.len());
+    for l in &config.listeners {
+        let id = *ids.listeners.get(&l.name).with_context(|| format!("listener {}: no id", l.name))?;
+        let members: Vec<(&str, u32)> = l
+            .backends
+            .iter()
+            .filter_map(|name| {
+                let b = config.backend(name)?;
+                let rt = runtime.get(name)?;
+                let weight = if rt.down || rt.drained { 0 } else { b.weight };
+                Some((name.as_str(), weight))
+            })
+            .collect();
+        let table = maglev::build(&members, config.ring_size);
+        let ring = table
+            .into_iter()
+            .map(|slot| if slot == maglev::EMPTY { NO_BACKEND } else { ids.backends[members[slot as usize].0] })
+            .collect();
+        listeners.push(DesiredListener { id, vip: l.vip, port: l.port, hash_source: l.hash == HashMode::Source, ring });
+    }
+    Ok(Desired { listeners, backends })
+}
