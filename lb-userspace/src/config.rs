@@ -508,9 +508,9 @@ weight = 50
         let e = error_of(&GOOD.replace("[\"b2\", \"b1\"]", "[\"b2\", \"b9\"]"));
         assert!(e.contains("t.toml:13:19: listener[0].backends[1]: no [[backend]] is named \"b9\""), "{e}");
         let e = error_of(&GOOD.replace("02:00:00:00:00:11", "02:00:00:00:11"));
-        assert!(e.contains(":23:7: backend[1].mac:"), "{e}");
+        assert!(e.contains(":22:7: backend[1].mac:"), "{e}");
         let e = error_of(&GOOD.replace("weight = 50", "weight = 50\nwieght = 3"));
-        assert!(e.contains("line 25") && e.contains("wieght"), "{e}");
+        assert!(e.contains("line 24") && e.contains("wieght"), "{e}");
         let e = error_of(&GOOD.replace("\"2s\"", "\"2 parsecs\""));
         assert!(e.contains("health.inter"), "{e}");
         let e = error_of(&GOOD.replace("name = \"b1\"", "name = \"b2\""));

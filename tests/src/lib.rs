@@ -1,1 +1,25 @@
+//! Test support: a small Ethernet frame builder, and network-namespace fixtures that clean up on
+//! drop.
 
+pub mod frame;
+pub mod netns;
+
+/// True when the process may load BPF programs and make namespaces. Tests that need it say so
+/// loudly when it is missing; under CI (root) every one runs.
+#[must_use]
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Skips (with a loud message) when not root, except under CI where it fails.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            assert!(std::env::var_os("CI").is_none(), "this test needs root, and CI runs as root");
+            eprintln!("SKIPPED {}: needs root (BPF and network namespaces)", module_path!());
+            return;
+        }
+    };
+}

@@ -1,0 +1,388 @@
+//! Packet fixtures pushed through the loaded XDP program with `BPF_PROG_TEST_RUN`.
+//!
+//! Each test loads a fresh object, fills its maps through the controller's own planning code
+//! (`config` → `plan` → `Dataplane::apply`), and checks verdicts, output frames and counters.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use lb_common::{flow_hash, reason, source_hash};
+use lb_userspace::{
+    config::{self, Config},
+    dataplane::{Dataplane, Desired, LoadOptions},
+    plan::{self, BackendRuntime, Ids},
+};
+use tests::{
+    frame::{self, Ipv4Frame, L4, LB_MAC, TCP_ACK, TCP_SYN},
+    require_root,
+};
+
+const XDP_ABORTED: u32 = 0;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const RING: u32 = 65_537;
+
+fn mac_of(n: u8) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0, n]
+}
+
+/// A balancer loaded with a config and its planning state, to change and re-apply.
+struct Lb {
+    dp: Dataplane,
+    config: Config,
+    ids: Ids,
+    runtime: BTreeMap<String, BackendRuntime>,
+    desired: Desired,
+}
+
+impl Lb {
+    /// `backends`: (name, last MAC byte, weight). One listener VIP:1883 over all of them, plus
+    /// VIP:8883 with `hash = "source"`.
+    fn new(backends: &[(&str, u8, u32)]) -> Self {
+        let dp = Dataplane::load(&LoadOptions { ring_size: RING, flow_table_size: 65_536, floor_dst_mac: mac_of(0x11) })
+            .expect("loading the XDP object");
+        let mut lb = Self { dp, config: Self::config(backends), ids: Ids::default(), runtime: BTreeMap::new(), desired: Desired::default() };
+        lb.apply();
+        lb
+    }
+
+    fn config(backends: &[(&str, u8, u32)]) -> Config {
+        let mut text = format!(
+            "interface = \"veth0\"\nring_size = {RING}\n\
+             [[listener]]\nname = \"mqtt\"\nvip = \"{VIP}\"\nport = 1883\n\
+             [[listener]]\nname = \"mqtts\"\nvip = \"{VIP}\"\nport = 8883\nhash = \"source\"\n"
+        );
+        for (name, n, w) in backends {
+            text += &format!(
+                "[[backend]]\nname = \"{name}\"\naddress = \"192.0.2.{n}\"\nmac = \"{}\"\nweight = {w}\n",
+                config::format_mac(mac_of(*n))
+            );
+        }
+        config::parse(&text, "fixture.toml").expect("fixture config is valid")
+    }
+
+    /// Re-plans from `self.config` and `self.runtime` (keeping down marks) and applies.
+    fn apply(&mut self) {
+        self.ids.update(&self.config).expect("ids");
+        for b in &self.config.backends {
+            self.runtime.entry(b.name.clone()).or_insert(BackendRuntime { mac: b.mac.expect("fixture MACs are set"), down: false, drained: false });
+        }
+        self.runtime.retain(|name, _| self.config.backend(name).is_some());
+        self.desired = plan::desired(&self.config, &self.ids, &self.runtime, LB_MAC).expect("plan");
+        self.dp.apply(&self.desired).expect("apply");
+    }
+
+    fn set_backends(&mut self, backends: &[(&str, u8, u32)]) {
+        self.config = Self::config(backends);
+        self.apply();
+    }
+
+    fn set_down(&mut self, name: &str, down: bool) {
+        self.runtime.get_mut(name).expect("known backend").down = down;
+        self.apply();
+    }
+
+    /// Runs one frame; returns the action and the output frame.
+    fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; input.len() + 256];
+        let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..TestRunOptions::default() };
+        let r = self.dp.program("dsrlb").test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    /// The backend name whose MAC a forwarded frame carries.
+    fn backend_of(&self, out: &[u8]) -> String {
+        let dst: [u8; 6] = out[..6].try_into().expect("6 bytes");
+        self.runtime.iter().find(|(_, rt)| rt.mac == dst).map(|(n, _)| n.clone()).unwrap_or_else(|| panic!("unknown dst MAC {dst:02x?}"))
+    }
+
+    /// What the ring of listener `index` says for this tuple (the controller's own view).
+    fn ring_choice(&self, index: usize, src: Ipv4Addr, sport: u16, dport: u16) -> String {
+        let l = &self.desired.listeners[index];
+        let h = if l.hash_source {
+            source_hash(u32::from_ne_bytes(src.octets()))
+        } else {
+            // Wire values as the program loads them into native integers.
+            let wire16 = |v: u16| u16::from_ne_bytes(v.to_be_bytes());
+            flow_hash(u32::from_ne_bytes(src.octets()), u32::from_ne_bytes(VIP.octets()), wire16(sport), wire16(dport))
+        };
+        let id = l.ring[(h % u64::from(RING)) as usize];
+        self.ids.backends.iter().find(|(_, v)| **v == id).map(|(k, _)| k.clone()).expect("ring names a known backend")
+    }
+}
+
+fn syn(sport: u16) -> Vec<u8> {
+    Ipv4Frame::tcp(CLIENT, sport, VIP, 1883, TCP_SYN).build()
+}
+
+/// The forwarded frame must equal the input but for the two MACs.
+fn assert_dsr_rewrite(input: &[u8], out: &[u8], backend_mac: [u8; 6], what: &str) {
+    assert_eq!(out.len(), input.len(), "{what}: length changed");
+    assert_eq!(out[..6], backend_mac, "{what}: destination MAC");
+    assert_eq!(out[6..12], LB_MAC, "{what}: source MAC must be the balancer's");
+    assert_eq!(out[12..], input[12..], "{what}: bytes past the MACs changed");
+}
+
+/// A fixture row: what goes in, and which verdict (and reason) must come out.
+struct Case {
+    what: &'static str,
+    input: Vec<u8>,
+    action: u32,
+    reason: u32,
+}
+
+#[test]
+fn verdict_table() {
+    require_root!();
+    let lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100)]);
+    let other = Ipv4Addr::new(192, 0, 2, 200);
+    let mut udp = Ipv4Frame::tcp(CLIENT, 40000, VIP, 1883, 0);
+    udp.l4 = L4::Udp { sport: 40000, dport: 1883 };
+    let mut icmp = Ipv4Frame::tcp(CLIENT, 0, VIP, 0, 0);
+    icmp.l4 = L4::IcmpEcho;
+    let mut dot1q = Ipv4Frame::tcp(CLIENT, 40002, VIP, 1883, TCP_SYN);
+    dot1q.vlan = Some((0x8100, 0x0064));
+    let mut qinq = dot1q.clone();
+    qinq.vlan = Some((0x88a8, 0x0fff));
+    let mut opts = Ipv4Frame::tcp(CLIENT, 40004, VIP, 1883, TCP_SYN);
+    opts.ip_options = vec![0x01, 0x01, 0x01, 0x00]; // NOP NOP NOP EOL
+    let mut max_opts = Ipv4Frame::tcp(CLIENT, 40006, VIP, 1883, TCP_SYN);
+    max_opts.ip_options = vec![0x01; 40]; // IHL 15
+    let mut first_frag = Ipv4Frame::tcp(CLIENT, 40008, VIP, 1883, TCP_SYN);
+    first_frag.frag = 0x2000; // MF
+    let mut later_frag = first_frag.clone();
+    later_frag.frag = 0x0010; // offset 128 bytes
+    let mut frag_elsewhere = first_frag.clone();
+    frag_elsewhere.dst = other;
+    let mut stacked = dot1q.build();
+    stacked.splice(16..16, [0x81, 0x00, 0x00, 0x05]);
+
+    let cases = vec![
+        Case { what: "SYN to VIP:1883", input: syn(40000), action: XDP_TX, reason: reason::TX },
+        Case { what: "ACK to VIP:1883", input: Ipv4Frame::tcp(CLIENT, 40010, VIP, 1883, TCP_ACK).build(), action: XDP_TX, reason: reason::TX },
+        Case { what: "SYN to VIP:8883", input: Ipv4Frame::tcp(CLIENT, 40012, VIP, 8883, TCP_SYN).build(), action: XDP_TX, reason: reason::TX },
+        Case { what: "802.1Q tagged SYN", input: dot1q.build(), action: XDP_TX, reason: reason::TX },
+        Case { what: "802.1ad tagged SYN", input: qinq.build(), action: XDP_TX, reason: reason::TX },
+        Case { what: "IP options (IHL 6)", input: opts.build(), action: XDP_TX, reason: reason::TX },
+        Case { what: "IP options (IHL 15)", input: max_opts.build(), action: XDP_TX, reason: reason::TX },
+        Case { what: "UDP to VIP:1883", input: udp.build(), action: XDP_PASS, reason: reason::PASS_NOT_TCP },
+        Case { what: "ICMP echo to VIP", input: icmp.build(), action: XDP_PASS, reason: reason::PASS_NOT_TCP },
+        Case { what: "TCP to VIP:80", input: Ipv4Frame::tcp(CLIENT, 40014, VIP, 80, TCP_SYN).build(), action: XDP_PASS, reason: reason::PASS_NO_LISTENER },
+        Case { what: "TCP to another host:1883", input: Ipv4Frame::tcp(CLIENT, 40016, other, 1883, TCP_SYN).build(), action: XDP_PASS, reason: reason::PASS_NO_LISTENER },
+        Case { what: "ARP request for the VIP", input: frame::arp_request(CLIENT, VIP), action: XDP_PASS, reason: reason::PASS_NOT_IPV4 },
+        Case { what: "IPv6 SYN", input: frame::ipv6_tcp("2001:db8::1".parse().unwrap(), "2001:db8::100".parse().unwrap(), 1883), action: XDP_PASS, reason: reason::PASS_NOT_IPV4 },
+        Case { what: "two VLAN tags", input: stacked, action: XDP_PASS, reason: reason::PASS_VLAN_STACKED },
+        Case { what: "first fragment to VIP", input: first_frag.build(), action: XDP_DROP, reason: reason::DROP_FRAGMENT },
+        Case { what: "later fragment to VIP", input: later_frag.build(), action: XDP_DROP, reason: reason::DROP_FRAGMENT },
+        Case { what: "fragment to another host", input: frag_elsewhere.build(), action: XDP_PASS, reason: reason::PASS_NO_LISTENER },
+    ];
+
+    let mut expected = vec![0u64; reason::COUNT as usize];
+    for case in &cases {
+        let before = lb.dp.stats().expect("stats").verdicts;
+        let (action, out) = lb.run(&case.input);
+        assert_eq!(action, case.action, "{}: action", case.what);
+        let after = lb.dp.stats().expect("stats").verdicts;
+        let moved: Vec<usize> = (0..after.len()).filter(|&i| after[i] != before[i]).collect();
+        assert_eq!(moved, vec![case.reason as usize], "{}: exactly its reason counter moves", case.what);
+        expected[case.reason as usize] += 1;
+        if action == XDP_TX {
+            let name = lb.backend_of(&out);
+            let mac = lb.runtime[&name].mac;
+            assert_dsr_rewrite(&case.input, &out, mac, case.what);
+        } else {
+            assert_eq!(out, case.input, "{}: passed or dropped frames are untouched", case.what);
+        }
+    }
+    assert_eq!(lb.dp.stats().expect("stats").verdicts, expected);
+}
+
+#[test]
+fn every_truncation_is_handled_without_abort() {
+    require_root!();
+    let lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100)]);
+    let mut tagged = Ipv4Frame::tcp(CLIENT, 40020, VIP, 1883, TCP_SYN);
+    tagged.vlan = Some((0x8100, 7));
+    tagged.ip_options = vec![0x01; 8];
+    for full in [syn(40018), tagged.build()] {
+        for len in 0..=full.len() {
+            let input = &full[..len];
+            let mut out = vec![0u8; full.len() + 256];
+            let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..TestRunOptions::default() };
+            match lb.dp.program("dsrlb").test_run(opts) {
+                Ok(r) => {
+                    assert_ne!(r.return_value, XDP_ABORTED, "length {len}: aborted");
+                    let want = if len == full.len() { XDP_TX } else { XDP_PASS };
+                    assert_eq!(r.return_value, want, "length {len} of {}", full.len());
+                }
+                // The kernel itself refuses XDP test input shorter than an Ethernet header.
+                Err(e) => assert!(len < 14, "length {len}: test_run failed: {e}"),
+            }
+        }
+    }
+    let s = lb.dp.stats().expect("stats");
+    assert!(s.verdict(reason::PASS_MALFORMED) > 0, "truncated frames are counted as malformed");
+}
+
+#[test]
+fn same_flow_same_backend_and_ring_decides_new_flows() {
+    require_root!();
+    let lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100), ("b3", 13, 100)]);
+    let mut seen = BTreeMap::<String, usize>::new();
+    for sport in (32768..33768).step_by(2) {
+        let input = syn(sport);
+        let (action, out) = lb.run(&input);
+        assert_eq!(action, XDP_TX);
+        let first = lb.backend_of(&out);
+        assert_eq!(first, lb.ring_choice(0, CLIENT, sport, 1883), "port {sport}: the program and the controller disagree on the ring pick");
+        for _ in 0..3 {
+            let (_, again) = lb.run(&Ipv4Frame::tcp(CLIENT, sport, VIP, 1883, TCP_ACK).build());
+            assert_eq!(lb.backend_of(&again), first, "port {sport}: a later segment changed backend");
+        }
+        *seen.entry(first).or_default() += 1;
+    }
+    // Even ports only, as Linux hands them out: all three backends still get a fair share.
+    for (name, n) in &seen {
+        assert!(*n > 100, "{name} got {n} of 500 flows: {seen:?}");
+    }
+    assert_eq!(seen.len(), 3);
+    let s = lb.dp.stats().expect("stats");
+    let new_flows: u64 = s.backends.values().map(|c| c.new_flows).sum();
+    let packets: u64 = s.backends.values().map(|c| c.packets).sum();
+    assert_eq!(new_flows, 500, "one new flow per 4-tuple");
+    assert_eq!(packets, 2000);
+    assert_eq!(s.listeners.values().map(|c| c.packets).sum::<u64>(), 2000);
+    assert_eq!(s.backends.values().map(|c| c.bytes).sum::<u64>(), 2000 * syn(1).len() as u64);
+}
+
+#[test]
+fn source_hash_keeps_one_client_on_one_backend() {
+    require_root!();
+    let lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100), ("b3", 13, 100)]);
+    let mut per_client = BTreeMap::<Ipv4Addr, BTreeSet<String>>::new();
+    for c in 1..=30u8 {
+        let src = Ipv4Addr::new(198, 51, 100, c);
+        for sport in (40000..40040).step_by(2) {
+            let (action, out) = lb.run(&Ipv4Frame::tcp(src, sport, VIP, 8883, TCP_SYN).build());
+            assert_eq!(action, XDP_TX);
+            let b = lb.backend_of(&out);
+            assert_eq!(b, lb.ring_choice(1, src, sport, 8883));
+            per_client.entry(src).or_default().insert(b);
+        }
+    }
+    assert!(per_client.values().all(|s| s.len() == 1), "a client spread over several backends: {per_client:?}");
+    let used: BTreeSet<&String> = per_client.values().flatten().collect();
+    assert!(used.len() >= 2, "30 clients all on one backend");
+}
+
+#[test]
+fn backend_set_change_keeps_existing_flows() {
+    require_root!();
+    let mut lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100)]);
+    let ports: Vec<u16> = (20000..20400).step_by(2).collect();
+    let before: Vec<String> = ports.iter().map(|&p| lb.backend_of(&lb.run(&syn(p)).1)).collect();
+
+    lb.set_backends(&[("b1", 11, 100), ("b2", 12, 100), ("b3", 13, 100)]);
+    for (p, b) in ports.iter().zip(&before) {
+        let (_, out) = lb.run(&Ipv4Frame::tcp(CLIENT, *p, VIP, 1883, TCP_ACK).build());
+        assert_eq!(&lb.backend_of(&out), b, "port {p}: an established flow moved when a backend was added");
+    }
+    let mut to_new = 0;
+    for p in (30000..30400).step_by(2) {
+        let (_, out) = lb.run(&syn(p));
+        let got = lb.backend_of(&out);
+        assert_eq!(got, lb.ring_choice(0, CLIENT, p, 1883), "new flows follow the new ring");
+        to_new += usize::from(got == "b3");
+    }
+    assert!(to_new > 30, "only {to_new} of 200 new flows reached the added backend");
+
+    // Removing a backend: its flows are re-picked, the others stay.
+    lb.set_backends(&[("b2", 12, 100), ("b3", 13, 100)]);
+    for (p, b) in ports.iter().zip(&before) {
+        let (action, out) = lb.run(&Ipv4Frame::tcp(CLIENT, *p, VIP, 1883, TCP_ACK).build());
+        assert_eq!(action, XDP_TX);
+        let got = lb.backend_of(&out);
+        if b == "b1" {
+            assert_ne!(got, "b1", "port {p}: a flow stayed on a removed backend");
+        } else {
+            assert_eq!(&got, b, "port {p}: a flow on a remaining backend moved");
+        }
+    }
+}
+
+#[test]
+fn flows_on_a_down_backend_move_and_others_stay() {
+    require_root!();
+    let mut lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100), ("b3", 13, 100)]);
+    let ports: Vec<u16> = (50000..50300).step_by(2).collect();
+    let before: Vec<String> = ports.iter().map(|&p| lb.backend_of(&lb.run(&syn(p)).1)).collect();
+    assert!(before.iter().any(|b| b == "b1"));
+
+    lb.set_down("b1", true);
+    let new_flows_before: u64 = lb.dp.stats().expect("stats").backends.values().map(|c| c.new_flows).sum();
+    let mut moved = 0u64;
+    for (p, b) in ports.iter().zip(&before) {
+        let (_, out) = lb.run(&Ipv4Frame::tcp(CLIENT, *p, VIP, 1883, TCP_ACK).build());
+        let got = lb.backend_of(&out);
+        if b == "b1" {
+            assert_ne!(got, "b1", "port {p}: still sent to the down backend");
+            moved += 1;
+            // The entry was repointed: the next segment goes to the same new backend.
+            let (_, again) = lb.run(&Ipv4Frame::tcp(CLIENT, *p, VIP, 1883, TCP_ACK).build());
+            assert_eq!(lb.backend_of(&again), got);
+        } else {
+            assert_eq!(&got, b, "port {p}: a flow on a healthy backend moved");
+        }
+    }
+    let new_flows_after: u64 = lb.dp.stats().expect("stats").backends.values().map(|c| c.new_flows).sum();
+    assert_eq!(new_flows_after - new_flows_before, moved, "each re-pick counts as a new flow on its new backend");
+
+    // Back up: it takes new flows again, the moved ones stay where they went.
+    lb.set_down("b1", false);
+    let back = (60000..60200).step_by(2).filter(|&p| lb.backend_of(&lb.run(&syn(p)).1) == "b1").count();
+    assert!(back > 10, "b1 got only {back} of 100 new flows after coming back");
+}
+
+#[test]
+fn no_usable_backend_drops_and_counts() {
+    require_root!();
+    let mut lb = Lb::new(&[("b1", 11, 100)]);
+    let (action, _) = lb.run(&syn(41000));
+    assert_eq!(action, XDP_TX);
+    // Drain (weight 0): the established flow stays, a new one has nowhere to go.
+    lb.set_backends(&[("b1", 11, 0)]);
+    let (action, _) = lb.run(&Ipv4Frame::tcp(CLIENT, 41000, VIP, 1883, TCP_ACK).build());
+    assert_eq!(action, XDP_TX, "a drained backend keeps its existing flows");
+    let (action, out) = lb.run(&syn(41002));
+    assert_eq!(action, XDP_DROP);
+    assert_eq!(out, syn(41002));
+    // Down: the existing flow is re-picked, finds nothing, and is dropped.
+    lb.set_backends(&[("b1", 11, 100)]);
+    lb.set_down("b1", true);
+    let (action, _) = lb.run(&Ipv4Frame::tcp(CLIENT, 41000, VIP, 1883, TCP_ACK).build());
+    assert_eq!(action, XDP_DROP);
+    assert_eq!(lb.dp.stats().expect("stats").verdict(reason::DROP_NO_BACKEND), 2);
+}
+
+#[test]
+fn ring_switch_writes_only_changed_slots() {
+    require_root!();
+    let mut lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100), ("b3", 13, 100)]);
+    // Down and up again: the standby copy of each listener already holds the older ring, so
+    // the second switch writes only slots that differ from it.
+    lb.set_down("b2", true);
+    let before = lb.desired.clone();
+    lb.set_down("b2", false);
+    let report = lb.dp.apply(&before).expect("re-apply the down state");
+    let changed: usize = before.listeners.iter().map(|l| l.ring.iter().filter(|&&s| s == lb.ids.backends["b2"]).count()).sum();
+    assert_eq!(report.ring_slots_written, 0, "the standby copies already hold this ring: {report:?}, b2 slots {changed}");
+    assert_eq!(report.listeners_switched, 2);
+}
