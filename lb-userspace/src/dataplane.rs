@@ -139,9 +139,18 @@ impl Dataplane {
     /// # Errors
     /// When the interface is missing or the driver refuses the mode.
     pub fn attach(&mut self, interface: &str, mode: XdpMode) -> anyhow::Result<()> {
-        let prog: &mut Xdp = self.ebpf.program_mut("dsrlb").expect("in the object").try_into()?;
+        self.attach_program("dsrlb", interface, mode)
+    }
+
+    /// Attaches one of the object's programs (see [`Self::program`]) to `interface`, in the
+    /// calling thread's network namespace.
+    ///
+    /// # Errors
+    /// When the interface is missing or the driver refuses the mode.
+    pub fn attach_program(&mut self, name: &str, interface: &str, mode: XdpMode) -> anyhow::Result<()> {
+        let prog: &mut Xdp = self.ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
         prog.attach(interface, mode)
-            .with_context(|| format!("attaching XDP to {interface} in {mode:?} mode"))?;
+            .with_context(|| format!("attaching XDP program {name} to {interface} in {mode:?} mode"))?;
         Ok(())
     }
 
@@ -383,15 +392,35 @@ pub const fn xdp_mode(mode: crate::config::XdpModeCfg) -> XdpMode {
     }
 }
 
-/// Reads an interface's MAC from sysfs.
+/// Reads an interface's MAC with `SIOCGIFHWADDR`, in the calling thread's network namespace
+/// (sysfs would show the namespace it was mounted in, which `nsenter --net` does not change).
 ///
 /// # Errors
 /// When the interface does not exist or has no Ethernet address.
 pub fn interface_mac(interface: &str) -> anyhow::Result<[u8; 6]> {
-    let path = format!("/sys/class/net/{interface}/address");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("no interface {interface} (reading {path})"))?;
-    match crate::config::parse_mac(text.trim()) {
-        Ok(mac) => Ok(mac),
-        Err(e) => bail!("interface {interface} has no usable Ethernet address: {e}"),
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    ensure!(!interface.is_empty() && interface.len() < libc::IFNAMSIZ, "bad interface name {interface:?}");
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    ensure!(raw >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: `raw` is a fresh fd that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: an all-zero ifreq is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(interface.bytes()) {
+        *dst = src as libc::c_char;
     }
+    // SAFETY: `req` is a valid ifreq with a NUL-terminated name (checked length, zeroed rest).
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &raw mut req) };
+    if rc != 0 {
+        bail!("no interface {interface}: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFHWADDR filled the hwaddr member of the union.
+    let hw = unsafe { req.ifr_ifru.ifru_hwaddr };
+    ensure!(hw.sa_family == libc::ARPHRD_ETHER, "interface {interface} is not Ethernet (hardware type {})", hw.sa_family);
+    let mut mac = [0u8; 6];
+    for (dst, src) in mac.iter_mut().zip(hw.sa_data.iter()) {
+        *dst = *src as u8;
+    }
+    Ok(mac)
 }

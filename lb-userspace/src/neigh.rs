@@ -7,6 +7,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+const ARP_TABLE: &str = "/proc/thread-self/net/arp";
+
 /// ATF_COM: the entry is complete (resolved).
 const ATF_COM: u32 = 0x2;
 
@@ -15,7 +17,7 @@ const ATF_COM: u32 = 0x2;
 /// # Errors
 /// When the table cannot be read.
 pub fn lookup(addr: Ipv4Addr, interface: &str) -> anyhow::Result<Option<[u8; 6]>> {
-    let text = std::fs::read_to_string("/proc/net/arp").context("reading /proc/net/arp")?;
+    let text = std::fs::read_to_string(ARP_TABLE).context(ARP_TABLE)?;
     Ok(parse_table(&text, addr, interface))
 }
 

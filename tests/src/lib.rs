@@ -23,3 +23,16 @@ macro_rules! require_root {
         }
     };
 }
+
+/// The `dsrlb` binary of this build (`cargo xtask test` builds it before the tests run).
+///
+/// # Panics
+/// When it has not been built.
+#[must_use]
+pub fn dsrlb_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/dsrlb
+    let bin = exe.parent().and_then(std::path::Path::parent).expect("target dir").join("dsrlb");
+    assert!(bin.exists(), "{} is missing: build it with `cargo build -p lb-userspace` (cargo xtask test does)", bin.display());
+    bin
+}

@@ -1,0 +1,195 @@
+//! The program on a real veth: SYNs from a client namespace come back with a backend's MAC.
+//! And `dsrlb run` itself: a bad config attaches nothing; SIGTERM detaches.
+
+use std::{
+    io::Write as _,
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use aya::programs::XdpMode;
+use lb_common::reason;
+use lb_userspace::{
+    config,
+    dataplane::{self, Dataplane, LoadOptions},
+    plan::{self, BackendRuntime, Ids},
+};
+use tests::{
+    dsrlb_bin,
+    netns::{Netns, PacketSocket, veth},
+    require_root,
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+const B1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
+const B2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
+
+const CONFIG: &str = r#"
+interface = "lb0"
+xdp_mode = "native"
+flow_table_size = 65536
+
+[[listener]]
+name = "mqtt"
+vip = "192.0.2.100"
+port = 1883
+
+[[backend]]
+name = "b1"
+address = "192.0.2.11"
+mac = "02:00:00:00:00:11"
+
+[[backend]]
+name = "b2"
+address = "192.0.2.12"
+mac = "02:00:00:00:00:12"
+"#;
+
+/// A client namespace and a balancer namespace joined by a veth pair; the client routes the
+/// VIP via the balancer's address.
+fn two_namespaces(tag: &str) -> (Netns, Netns) {
+    let lb = Netns::new(&format!("dsrlb-t-{tag}-lb"));
+    let cl = Netns::new(&format!("dsrlb-t-{tag}-cl"));
+    veth(&lb, "lb0", &cl, "cl0");
+    lb.ip(&["addr", "add", "192.0.2.2/24", "dev", "lb0"]);
+    cl.ip(&["addr", "add", "192.0.2.1/24", "dev", "cl0"]);
+    cl.ip(&["route", "add", "192.0.2.100/32", "via", "192.0.2.2"]);
+    // Bounced SYNs would otherwise carry partial checksums (see the README's lab notes).
+    cl.exec("ethtool", &["-K", "cl0", "tx", "off"]);
+    (lb, cl)
+}
+
+/// Sends `n` SYNs to VIP:1883 from the client namespace (each `connect` times out: nothing
+/// answers) while capturing on `cl0`; returns the frames that came back from the balancer.
+fn syns_and_capture(cl: &Netns, n: usize, lb_mac: [u8; 6]) -> Vec<Vec<u8>> {
+    let done = AtomicBool::new(false);
+    cl.run(|| {
+        let sock = PacketSocket::open("cl0");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                cl.run(|| {
+                    for _ in 0..n {
+                        let _ = TcpStream::connect_timeout(&SocketAddr::from((VIP, 1883)), Duration::from_millis(150));
+                    }
+                });
+                done.store(true, Ordering::SeqCst);
+            });
+            let mut bounced = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                match sock.recv() {
+                    Some(f) if f.len() >= 34 && f[6..12] == lb_mac && f[12..14] == [0x08, 0x00] => bounced.push(f),
+                    Some(_) => {}
+                    None if done.load(Ordering::SeqCst) => break,
+                    None => {}
+                }
+            }
+            bounced
+        })
+    })
+}
+
+#[test]
+fn syns_to_the_vip_bounce_with_a_backend_mac() {
+    require_root!();
+    let (lb, cl) = two_namespaces("smoke");
+    let cfg = config::parse(CONFIG, "smoke.toml").expect("valid");
+    let mut dp = Dataplane::load(&LoadOptions { ring_size: cfg.ring_size, flow_table_size: cfg.flow_table_size, floor_dst_mac: B1_MAC })
+        .expect("load");
+    let lb_mac = lb.run(|| dataplane::interface_mac("lb0")).expect("lb0 MAC");
+    let mut ids = Ids::default();
+    ids.update(&cfg).expect("ids");
+    let runtime = cfg
+        .backends
+        .iter()
+        .map(|b| (b.name.clone(), BackendRuntime { mac: b.mac.expect("set"), down: false, drained: false }))
+        .collect();
+    dp.apply(&plan::desired(&cfg, &ids, &runtime, lb_mac).expect("plan")).expect("apply");
+    lb.run(|| dp.attach("lb0", XdpMode::Driver)).expect("attach to lb0");
+    // The receiving side of a veth needs an XDP program of its own to get XDP_TX frames.
+    cl.run(|| dp.attach_program("xdp_pass", "cl0", XdpMode::Driver)).expect("attach xdp_pass to cl0");
+
+    let bounced = syns_and_capture(&cl, 12, lb_mac);
+    assert!(!bounced.is_empty(), "no frame came back from the balancer");
+    let mut seen = std::collections::BTreeSet::new();
+    for f in &bounced {
+        let dst: [u8; 6] = f[..6].try_into().expect("6");
+        assert!(dst == B1_MAC || dst == B2_MAC, "bounced frame to {dst:02x?}, not a backend");
+        assert_eq!(f[30..34], VIP.octets(), "destination IP kept");
+        assert_eq!(f[23], 6, "TCP");
+        seen.insert(dst);
+    }
+    let stats = dp.stats().expect("stats");
+    let tx = stats.verdict(reason::TX);
+    assert!(tx >= bounced.len() as u64, "TX counter {tx} < {} frames seen", bounced.len());
+    let new_flows: u64 = stats.backends.values().map(|c| c.new_flows).sum();
+    assert!(new_flows >= 12, "12 connections made {new_flows} new flows");
+    assert_eq!(stats.listeners.values().map(|c| c.packets).sum::<u64>(), tx);
+    eprintln!("{} bounced frames, backends {seen:02x?}, TX {tx}, new flows {new_flows}", bounced.len());
+}
+
+fn xdp_attached(ns: &Netns, ifname: &str) -> bool {
+    let out = ns.ip(&["-d", "link", "show", ifname]);
+    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+}
+
+#[test]
+fn dsrlb_run_attaches_serves_and_detaches_on_sigterm() {
+    require_root!();
+    let (lb, cl) = two_namespaces("run");
+    let dir = std::env::temp_dir().join(format!("dsrlb-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+
+    // A bad config: the error names line and field, and nothing is attached.
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, CONFIG.replace("port = 1883", "port = 0")).expect("write");
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lb.name))
+        .arg(dsrlb_bin())
+        .args(["run", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("start dsrlb");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("bad.toml:9:8: listener[0].port"), "unhelpful error: {err}");
+    assert!(!xdp_attached(&lb, "lb0"), "a rejected config attached something");
+
+    let good = dir.join("good.toml");
+    std::fs::File::create(&good).and_then(|mut f| f.write_all(CONFIG.as_bytes())).expect("write");
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lb.name))
+        .arg(dsrlb_bin())
+        .args(["run", "--config"])
+        .arg(&good)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start dsrlb");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !xdp_attached(&lb, "lb0") {
+        assert!(Instant::now() < deadline, "dsrlb did not attach within 20s");
+        assert!(child.try_wait().expect("wait").is_none(), "dsrlb exited early");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lb_mac = lb.run(|| dataplane::interface_mac("lb0")).expect("lb0 MAC");
+    // xdp_pass on the client side, from a separately loaded object owned by this test.
+    let mut pass = Dataplane::load(&LoadOptions { ring_size: 3, flow_table_size: 1024, floor_dst_mac: B1_MAC }).expect("load");
+    cl.run(|| pass.attach_program("xdp_pass", "cl0", XdpMode::Driver)).expect("xdp_pass on cl0");
+    let bounced = syns_and_capture(&cl, 4, lb_mac);
+    assert!(!bounced.is_empty(), "dsrlb run did not forward");
+
+    // SIGTERM: it exits cleanly and the interface carries no program.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(i32::try_from(child.id()).expect("pid"), libc::SIGTERM) };
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "dsrlb exited with {status}");
+    let stdout = std::io::read_to_string(child.stdout.take().expect("stdout")).expect("read");
+    assert!(stdout.contains("listener mqtt 192.0.2.100:1883"), "it prints what it serves: {stdout}");
+    assert!(!xdp_attached(&lb, "lb0"), "still attached after SIGTERM");
+    let after = syns_and_capture(&cl, 2, lb_mac);
+    assert!(after.is_empty(), "frames still bounced after dsrlb stopped");
+    let _ = std::fs::remove_dir_all(&dir);
+}
