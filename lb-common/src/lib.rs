@@ -12,14 +12,14 @@ pub mod map_names {
     pub const RINGS: &str = "RINGS";
     pub const FLOWS: &str = "FLOWS";
     pub const VERDICT_STATS: &str = "VERDICT_STATS";
-    pub const LISTENER_STATS: &str = "LISTENER_STATS";
-    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const FORWARD_STATS: &str = "FORWARD_STATS";
+    pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
 }
 
 /// Compile-time sizes of the fixed maps. The ring and flow maps are sized at load time from the
 /// config; the numbers here are only the defaults compiled into the object.
-pub const MAX_LISTENERS: u32 = 64;
-pub const MAX_BACKENDS: u32 = 1024;
+pub const MAX_LISTENERS: u32 = 32;
+pub const MAX_BACKENDS: u32 = 256;
 pub const MAX_VIPS: u32 = 256;
 /// Each listener owns two ring copies (active and standby) so a rebuild never shows a
 /// half-written ring: see [`ListenerInfo::ring_base`].
@@ -89,7 +89,8 @@ impl BackendInfo {
     }
 }
 
-/// Key of `FLOWS`: the TCP 4-tuple as it appears on the wire.
+/// Key of `FLOWS`: the TCP 4-tuple as it appears on the wire (only TCP is balanced, so no
+/// protocol field; 12 bytes hash in one jhash round).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -97,18 +98,25 @@ pub struct FlowKey {
     pub dst_be: u32,
     pub sport_be: u16,
     pub dport_be: u16,
-    pub proto: u8,
-    pub _pad: [u8; 3],
 }
 
-/// Value of `FLOWS`.
+/// Value of `FLOWS`. The listener id is kept so an established flow needs no listener lookup;
+/// the controller deletes a listener's flows when it removes or moves the listener.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowValue {
     pub backend: u32,
+    pub listener: u32,
 }
 
-/// Value of `LISTENER_STATS` and `BACKEND_STATS` (per CPU).
+/// `LISTEN_PORTS` has one slot per port, indexed by the port's wire value read as a native
+/// integer; non-zero when some listener uses the port. An array lookup the verifier inlines, so
+/// TCP to other ports passes without a hash lookup.
+pub const PORT_SLOTS: u32 = 1 << 16;
+
+/// Value of `FORWARD_STATS` (per CPU), one per (listener, backend) pair at
+/// [`forward_stats_index`]: a forwarded frame updates one counter, and the controller sums a
+/// listener's or a backend's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -154,12 +162,21 @@ pub mod reason {
     ];
 }
 
+/// Entries of `FORWARD_STATS`.
+pub const FORWARD_STATS_SLOTS: u32 = MAX_LISTENERS * MAX_BACKENDS;
+
+#[inline(always)]
+#[must_use]
+pub const fn forward_stats_index(listener: u32, backend: u32) -> u32 {
+    listener.wrapping_mul(MAX_BACKENDS).wrapping_add(backend)
+}
+
 const _: () = assert!(core::mem::size_of::<ListenerKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ListenerInfo>() == 16);
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 4);
 const _: () = assert!(core::mem::size_of::<BackendInfo>() == 16);
-const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 4);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 12);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 8);
 const _: () = assert!(core::mem::size_of::<Counters>() == 24);
 
 #[cfg(feature = "user")]
@@ -200,6 +217,14 @@ pub const fn flow_hash(src_be: u32, dst_be: u32, sport_be: u16, dport_be: u16) -
     let addrs = ((src_be as u64) << 32) | dst_be as u64;
     let ports = ((sport_be as u64) << 16) | dport_be as u64;
     mix64(addrs ^ ports.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
+/// Maps a hash onto `0..ring_size` by multiply-and-shift (Lemire's fast range) instead of a
+/// division: uniform for a well-mixed hash, and a few cycles instead of a 64-bit `div`.
+#[inline(always)]
+#[must_use]
+pub const fn ring_slot(hash: u64, ring_size: u32) -> u32 {
+    ((hash >> 32) * ring_size as u64 >> 32) as u32
 }
 
 /// The hash for `hash = "source"` listeners: the client address alone.

@@ -3,20 +3,24 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::BackendInfo;
 
-/// Writes the backend's MAC as destination and the balancer's as source. The frame was parsed
-/// past its Ethernet header already, so the first 12 bytes are in bounds; the check is repeated
-/// here because the verifier does not carry it across the earlier calls.
+/// Writes the backend's MAC as destination and the balancer's as source: the 12 bytes that
+/// open `BackendInfo`, copied as six u16 (the struct is 4-aligned and packet data 2-aligned;
+/// a byte-array copy would become a call to a memmove subprogram). The bounds check repeats
+/// the parser's because the verifier does not carry it across the map lookups in between.
 #[inline(always)]
 pub fn rewrite(ctx: &XdpContext, backend: &BackendInfo) -> bool {
     let start = ctx.data();
     if start + 12 > ctx.data_end() {
         return false;
     }
-    let dst = start as *mut [u8; 6];
-    // SAFETY: both 6-byte halves lie inside the frame (checked above).
+    let dst = start as *mut u16;
+    let src = (&raw const *backend).cast::<u16>();
+    // SAFETY: the first 12 bytes of the frame are in bounds (checked above) and the first 12
+    // of `BackendInfo` are its two MACs.
     unsafe {
-        dst.write_unaligned(backend.dst_mac);
-        dst.add(1).write_unaligned(backend.src_mac);
+        for i in 0..6 {
+            *dst.add(i) = *src.add(i);
+        }
     }
     true
 }

@@ -10,12 +10,9 @@ mod parse;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{IPPROTO_TCP, ListenerKey, reason};
+use lb_common::reason;
 
-use crate::{
-    maps::{LISTENERS, VIPS},
-    parse::Parsed,
-};
+use crate::{maps::VIPS, parse::Parsed};
 
 /// Why a frame was not forwarded. Each maps to one XDP action and one counter.
 #[derive(Clone, Copy)]
@@ -71,21 +68,21 @@ fn try_dsrlb(ctx: &XdpContext) -> Result<(), Verdict> {
             };
         }
     };
-    let key = ListenerKey { vip_be: tcp.dst_be, port_be: tcp.dport_be, proto: IPPROTO_TCP, _pad: 0 };
-    // SAFETY: read-only; the controller replaces listener values whole, never in place.
-    let listener = unsafe { LISTENERS.get(&key) }.ok_or(Verdict::PassNoListener)?;
-    let pick = flow::pick(listener, &tcp)?;
+    let pick = flow::pick(&tcp)?;
     if !dsr::rewrite(ctx, pick.backend) {
         return Err(Verdict::PassMalformed);
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    stats::count_forward(listener.id, pick.backend_id, bytes, pick.new_flow);
+    stats::count_forward(pick.listener_id, pick.backend_id, bytes, pick.new_flow);
     Ok(())
 }
 
-/// The destination MAC the floor program writes; set by the loader (`FLOOR_DST_MAC`).
+/// The destination MAC the floor program writes; set by the loader. Aligned so it can be read
+/// as three u16, like the frame it is written to.
+#[repr(C, align(2))]
+struct Mac([u8; 6]);
 #[unsafe(no_mangle)]
-static FLOOR_DST_MAC: [u8; 6] = [0; 6];
+static FLOOR_DST_MAC: Mac = Mac([0; 6]);
 
 /// The cheapest possible bounce: one bounds check, a MAC swap, `XDP_TX`. No parsing, no maps.
 #[xdp]
@@ -94,14 +91,16 @@ pub fn xdp_floor(ctx: XdpContext) -> u32 {
     if start + 14 > ctx.data_end() {
         return xdp_action::XDP_PASS;
     }
-    let eth = start as *mut [u8; 6];
-    // SAFETY: the first 12 bytes are inside the frame (checked above); the volatile read stops
-    // the compiler from folding the loader-set constant to its zero initialiser.
+    let eth = start as *mut u16;
+    // SAFETY: the first 12 bytes are inside the frame (checked above); packet data is 2-byte
+    // aligned. The volatile read stops the compiler from folding the loader-set constant to
+    // its zero initialiser.
     unsafe {
-        let new_dst = core::ptr::read_volatile(&raw const FLOOR_DST_MAC);
-        let old_dst = eth.read_unaligned();
-        eth.write_unaligned(new_dst);
-        eth.add(1).write_unaligned(old_dst);
+        let new_dst = core::ptr::read_volatile((&raw const FLOOR_DST_MAC).cast::<[u16; 3]>());
+        for i in 0..3 {
+            *eth.add(i + 3) = *eth.add(i);
+            *eth.add(i) = new_dst[i];
+        }
     }
     xdp_action::XDP_TX
 }

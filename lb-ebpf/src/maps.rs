@@ -9,14 +9,19 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    BackendInfo, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FlowKey, FlowValue,
-    ListenerInfo, ListenerKey, MAX_BACKENDS, MAX_LISTENERS, MAX_VIPS, RING_COPIES, VipInfo, reason,
+    BackendInfo, Counters, DEFAULT_FLOW_TABLE_SIZE, FORWARD_STATS_SLOTS, DEFAULT_RING_SIZE, FlowKey, FlowValue,
+    ListenerInfo, ListenerKey, MAX_BACKENDS, MAX_LISTENERS, MAX_VIPS, PORT_SLOTS, RING_COPIES, VipInfo,
+    reason,
 };
 
 /// (VIP, port, proto) to listener. A hash map: an update swaps the whole value atomically.
 #[btf_map]
 pub static LISTENERS: HashMap<ListenerKey, ListenerInfo, { MAX_LISTENERS as usize }> =
     HashMap::new();
+
+/// Ports some listener uses (see `lb_common::PORT_SLOTS`).
+#[btf_map]
+pub static LISTEN_PORTS: Array<u32, { PORT_SLOTS as usize }> = Array::new();
 
 /// VIP addresses, consulted only for fragments.
 #[btf_map]
@@ -47,10 +52,6 @@ pub static FLOWS: LruHashMap<
 #[btf_map]
 pub static VERDICT_STATS: PerCpuArray<u64, { reason::COUNT as usize }> = PerCpuArray::new();
 
-/// Per listener id.
+/// Per (listener, backend) pair, see `lb_common::forward_stats_index`.
 #[btf_map]
-pub static LISTENER_STATS: PerCpuArray<Counters, { MAX_LISTENERS as usize }> = PerCpuArray::new();
-
-/// Per backend id.
-#[btf_map]
-pub static BACKEND_STATS: PerCpuArray<Counters, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+pub static FORWARD_STATS: PerCpuArray<Counters, { FORWARD_STATS_SLOTS as usize }> = PerCpuArray::new();

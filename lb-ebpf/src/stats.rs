@@ -1,8 +1,8 @@
-//! Per-CPU counters: one per verdict reason, and packets/bytes/new flows per listener and backend.
+//! Per-CPU counters: one per verdict reason, and packets/bytes/new flows per (listener, backend).
 
-use lb_common::Counters;
+use lb_common::forward_stats_index;
 
-use crate::maps::{BACKEND_STATS, LISTENER_STATS, VERDICT_STATS};
+use crate::maps::{FORWARD_STATS, VERDICT_STATS};
 
 #[inline(always)]
 pub fn count_verdict(reason: u32) {
@@ -12,9 +12,10 @@ pub fn count_verdict(reason: u32) {
     }
 }
 
+/// Counts one forwarded frame against its listener and backend.
 #[inline(always)]
-fn add(c: Option<*mut Counters>, bytes: u64, new_flow: bool) {
-    if let Some(c) = c {
+pub fn count_forward(listener: u32, backend: u32, bytes: u64, new_flow: bool) {
+    if let Some(c) = FORWARD_STATS.get_ptr_mut(forward_stats_index(listener, backend)) {
         // SAFETY: as above, a per-CPU slot.
         unsafe {
             (*c).packets += 1;
@@ -22,11 +23,4 @@ fn add(c: Option<*mut Counters>, bytes: u64, new_flow: bool) {
             (*c).new_flows += u64::from(new_flow);
         }
     }
-}
-
-/// Counts one forwarded frame against its listener and backend.
-#[inline(always)]
-pub fn count_forward(listener: u32, backend: u32, bytes: u64, new_flow: bool) {
-    add(LISTENER_STATS.get_ptr_mut(listener), bytes, new_flow);
-    add(BACKEND_STATS.get_ptr_mut(backend), bytes, new_flow);
 }

@@ -15,7 +15,7 @@ use aya::{
 use lb_common::{
     BACKEND_F_ACTIVE, BACKEND_F_DOWN, BackendInfo, Counters, FlowKey, FlowValue, IPPROTO_TCP,
     LISTENER_F_HASH_SOURCE, ListenerInfo, ListenerKey, MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND,
-    RING_COPIES, VipInfo, map_names as names, reason,
+    RING_COPIES, VipInfo, forward_stats_index, map_names as names, reason,
 };
 
 use crate::EBPF_OBJ;
@@ -61,6 +61,8 @@ pub struct ApplyReport {
     pub ring_slots_written: usize,
     pub listeners_switched: usize,
     pub backends_written: usize,
+    /// Flow entries deleted because their listener was removed or moved.
+    pub flows_purged: usize,
 }
 
 /// Counters summed over CPUs.
@@ -86,6 +88,8 @@ struct Written {
     rings: BTreeMap<u32, Vec<u32>>,
     backends: BTreeMap<u32, BackendInfo>,
     vips: BTreeMap<u32, u32>,
+    /// `LISTEN_PORTS` slot to listener count.
+    ports: BTreeMap<u32, u32>,
 }
 
 pub struct Dataplane {
@@ -247,25 +251,47 @@ impl Dataplane {
             let info = ListenerInfo { id: l.id, flags, ring_base: base, ring_size: self.ring_size };
             let mut map: HashMap<&mut MapData, ListenerKey, ListenerInfo> = map_mut(&mut self.ebpf, names::LISTENERS)?;
             map.insert(key, info, 0).with_context(|| format!("writing listener {}", l.id))?;
+            let mut moved_from = None;
             if let Some((old_key, _)) = current
                 && old_key != key
             {
                 map.remove(&old_key).with_context(|| format!("removing the old key of listener {}", l.id))?;
+                moved_from = Some(old_key);
             }
             self.written.listeners.insert(l.id, (key, info));
             report.listeners_switched += 1;
+            if let Some(old_key) = moved_from {
+                report.flows_purged += self.purge_flows(old_key)?;
+            }
         }
 
-        // 3. Listeners no longer wanted.
+        // 3. Listeners no longer wanted, and the flows that recorded them.
         let gone: Vec<u32> = self.written.listeners.keys().copied().filter(|id| !ids.contains(id)).collect();
         for id in gone {
             let (key, _) = self.written.listeners[&id];
             let mut map: HashMap<&mut MapData, ListenerKey, ListenerInfo> = map_mut(&mut self.ebpf, names::LISTENERS)?;
             map.remove(&key).with_context(|| format!("removing listener {id}"))?;
             self.written.listeners.remove(&id);
+            report.flows_purged += self.purge_flows(key)?;
         }
 
-        // 4. VIPs (for fragments), counted from the listeners.
+        // 4. Listener ports and VIPs (for fragments), counted from the listeners.
+        let mut ports: BTreeMap<u32, u32> = BTreeMap::new();
+        for (key, _) in self.written.listeners.values() {
+            *ports.entry(u32::from(key.port_be)).or_default() += 1;
+        }
+        {
+            let mut map: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, names::LISTEN_PORTS)?;
+            for (&slot, &n) in &ports {
+                if self.written.ports.get(&slot) != Some(&n) {
+                    map.set(slot, n, 0).context("writing a listener port")?;
+                }
+            }
+            for &slot in self.written.ports.keys().filter(|p| !ports.contains_key(p)) {
+                map.set(slot, 0, 0).context("clearing a listener port")?;
+            }
+        }
+        self.written.ports = ports;
         let mut vips: BTreeMap<u32, u32> = BTreeMap::new();
         for (key, _) in self.written.listeners.values() {
             *vips.entry(key.vip_be).or_default() += 1;
@@ -297,6 +323,22 @@ impl Dataplane {
         Ok(report)
     }
 
+    /// Deletes the flow entries of a listener that no longer exists at `key`: established
+    /// flows skip the listener lookup, so they would otherwise keep being forwarded.
+    fn purge_flows(&mut self, key: ListenerKey) -> anyhow::Result<usize> {
+        let mut map: HashMap<&mut MapData, FlowKey, FlowValue> = map_mut(&mut self.ebpf, names::FLOWS)?;
+        let stale: Vec<FlowKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.dst_be == key.vip_be && k.dport_be == key.port_be)
+            .collect();
+        for k in &stale {
+            // Already gone (evicted meanwhile) is fine.
+            let _ = map.remove(k);
+        }
+        Ok(stale.len())
+    }
+
     /// Reads every counter, summed over CPUs.
     ///
     /// # Errors
@@ -307,24 +349,19 @@ impl Dataplane {
         for r in 0..reason::COUNT {
             verdicts.push(verdict_map.get(&r, 0)?.iter().sum());
         }
-        let sum = |map: &PerCpuArray<&MapData, Counters>, id: u32| -> anyhow::Result<Counters> {
-            let mut total = Counters::default();
-            for c in map.get(&id, 0)?.iter() {
-                total.packets += c.packets;
-                total.bytes += c.bytes;
-                total.new_flows += c.new_flows;
+        let map: PerCpuArray<&MapData, Counters> = self.map_ref(names::FORWARD_STATS)?;
+        let mut listeners: BTreeMap<u32, Counters> = self.written.listeners.keys().map(|&id| (id, Counters::default())).collect();
+        let mut backends: BTreeMap<u32, Counters> = self.written.backends.keys().map(|&id| (id, Counters::default())).collect();
+        for (&l, lsum) in &mut listeners {
+            for (&b, bsum) in &mut backends {
+                for c in map.get(&forward_stats_index(l, b), 0)?.iter() {
+                    for total in [&mut *lsum, &mut *bsum] {
+                        total.packets += c.packets;
+                        total.bytes += c.bytes;
+                        total.new_flows += c.new_flows;
+                    }
+                }
             }
-            Ok(total)
-        };
-        let lmap: PerCpuArray<&MapData, Counters> = self.map_ref(names::LISTENER_STATS)?;
-        let mut listeners = BTreeMap::new();
-        for &id in self.written.listeners.keys() {
-            listeners.insert(id, sum(&lmap, id)?);
-        }
-        let bmap: PerCpuArray<&MapData, Counters> = self.map_ref(names::BACKEND_STATS)?;
-        let mut backends = BTreeMap::new();
-        for &id in self.written.backends.keys() {
-            backends.insert(id, sum(&bmap, id)?);
         }
         Ok(Stats { verdicts, listeners, backends })
     }
@@ -340,8 +377,6 @@ impl Dataplane {
             dst_be: u32::from_ne_bytes(dst.octets()),
             sport_be: u16::from_ne_bytes(sport.to_be_bytes()),
             dport_be: u16::from_ne_bytes(dport.to_be_bytes()),
-            proto: IPPROTO_TCP,
-            _pad: [0; 3],
         };
         match map.get(&key, 0) {
             Ok(v) => Ok(Some(v.backend)),

@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use lb_common::{flow_hash, reason, source_hash};
+use lb_common::{flow_hash, reason, ring_slot, source_hash};
 use lb_userspace::{
     config::{self, Config},
     dataplane::{Dataplane, Desired, LoadOptions},
@@ -114,7 +114,7 @@ impl Lb {
             let wire16 = |v: u16| u16::from_ne_bytes(v.to_be_bytes());
             flow_hash(u32::from_ne_bytes(src.octets()), u32::from_ne_bytes(VIP.octets()), wire16(sport), wire16(dport))
         };
-        let id = l.ring[(h % u64::from(RING)) as usize];
+        let id = l.ring[ring_slot(h, RING) as usize];
         self.ids.backends.iter().find(|(_, v)| **v == id).map(|(k, _)| k.clone()).expect("ring names a known backend")
     }
 }
