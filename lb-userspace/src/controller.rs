@@ -1,13 +1,18 @@
 //! `dsrlb run`: from a validated config to an attached balancer, and back off on a signal.
 
-use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::{IsTerminal as _, Write as _},
+    time::Duration,
+};
 
 use anyhow::Context as _;
-use lb_common::NO_BACKEND;
+use lb_common::{NO_BACKEND, reason};
 
 use crate::{
     config::{Config, format_mac},
-    dataplane::{self, Dataplane, Desired, LoadOptions},
+    dataplane::{self, Dataplane, Desired, LoadOptions, Stats},
     neigh,
     plan::{self, BackendRuntime, Ids},
 };
@@ -70,12 +75,36 @@ pub fn describe(config: &Config, p: &Prepared) -> String {
     out
 }
 
+/// One stats line: per backend, new flows and packets (totals and per second since `prev`).
+#[must_use]
+pub fn stats_line(ids: &Ids, now: &Stats, prev: &Stats, secs: f64) -> String {
+    let mut line = String::new();
+    for (name, id) in &ids.backends {
+        let c = now.backends.get(id).copied().unwrap_or_default();
+        let p = prev.backends.get(id).copied().unwrap_or_default();
+        let _ = write!(
+            line,
+            "{name}: {} new ({:.0}/s) {} pkts ({:.0}/s) | ",
+            c.new_flows,
+            (c.new_flows - p.new_flows) as f64 / secs,
+            c.packets,
+            (c.packets - p.packets) as f64 / secs
+        );
+    }
+    let sum = |s: &Stats, verdict: &str| -> u64 {
+        reason::LABELS.iter().zip(&s.verdicts).filter(|((v, _), _)| *v == verdict).map(|(_, n)| n).sum()
+    };
+    let _ = write!(line, "pass {} drop {}", sum(now, "pass"), sum(now, "drop"));
+    line
+}
+
 /// `dsrlb run`: loads, fills the maps, attaches, and waits for SIGINT or SIGTERM; dropping the
-/// data plane on the way out detaches the program.
+/// data plane on the way out detaches the program. With `stats_every`, prints a stats line at
+/// that interval (in place on a terminal).
 ///
 /// # Errors
 /// When any step before the wait fails; nothing stays attached then.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(config: Config, stats_every: Option<Duration>) -> anyhow::Result<()> {
     let prepared = prepare(&config)?;
     let mut dp = Dataplane::load(&LoadOptions {
         ring_size: config.ring_size,
@@ -88,9 +117,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(interface = %config.interface, "serving");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: detaching"),
-        _ = term.recv() => tracing::info!("SIGTERM: detaching"),
+    let mut tick = tokio::time::interval(stats_every.unwrap_or(Duration::from_secs(3600)));
+    let tty = std::io::stdout().is_terminal();
+    let mut prev = dp.stats()?;
+    let mut prev_at = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: detaching"); break; }
+            _ = term.recv() => { tracing::info!("SIGTERM: detaching"); break; }
+            _ = tick.tick(), if stats_every.is_some() => {
+                let now = dp.stats()?;
+                let secs = prev_at.elapsed().as_secs_f64().max(1e-3);
+                let line = stats_line(&prepared.ids, &now, &prev, secs);
+                if tty {
+                    print!("\r\x1b[K{line}");
+                    let _ = std::io::stdout().flush();
+                } else {
+                    println!("{line}");
+                }
+                prev = now;
+                prev_at = std::time::Instant::now();
+            }
+        }
+    }
+    if tty && stats_every.is_some() {
+        println!();
     }
     drop(dp);
     Ok(())

@@ -158,6 +158,20 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Attaches program `name` to `interface` and pins the link at `pin`, so the attachment
+    /// outlives this process; removing the pin detaches it.
+    ///
+    /// # Errors
+    /// When attaching or pinning fails.
+    pub fn attach_pinned(&mut self, name: &str, interface: &str, mode: XdpMode, pin: &std::path::Path) -> anyhow::Result<()> {
+        let prog: &mut Xdp = self.ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
+        let id = prog.attach(interface, mode).with_context(|| format!("attaching {name} to {interface}"))?;
+        let link = prog.take_link(id)?;
+        let fd_link: aya::programs::links::FdLink = link.try_into().context("the kernel gave a netlink attachment, which cannot be pinned")?;
+        fd_link.pin(pin).with_context(|| format!("pinning the link at {}", pin.display()))?;
+        Ok(())
+    }
+
     fn map_ref<'a, T>(&'a self, name: &str) -> anyhow::Result<T>
     where
         T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,

@@ -18,6 +18,9 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Print per-backend new flows and packets at this interval (e.g. 1s).
+        #[arg(long, value_parser = parse_interval)]
+        stats_interval: Option<std::time::Duration>,
     },
     /// Validate a config and print what it would serve (MACs not resolved are shown as such).
     Check {
@@ -36,11 +39,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { config } => check(&config),
-        Command::Run { config } => match config::load(&config) {
+        Command::Run { config, stats_interval } => match config::load(&config) {
             Err(e) => Err(anyhow::Error::new(e).context("invalid config; nothing was attached")),
             Ok(cfg) => tokio::runtime::Runtime::new()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(controller::run(cfg))),
+                .and_then(|rt| rt.block_on(controller::run(cfg, stats_interval))),
         },
     };
     match result {
@@ -50,6 +53,10 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    config::parse_duration(s)
 }
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {

@@ -2,6 +2,7 @@
 //! drop.
 
 pub mod frame;
+pub mod lab;
 pub mod netns;
 
 /// True when the process may load BPF programs and make namespaces. Tests that need it say so

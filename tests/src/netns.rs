@@ -68,19 +68,32 @@ impl Netns {
     /// # Panics
     /// When the namespace cannot be entered, or `f` panics.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-                // SAFETY: setns on this thread only, with a valid namespace fd.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns into {path}: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .expect("thread inside the namespace panicked")
-        })
+        in_netns(&self.name, f).expect("entering the namespace")
     }
+}
+
+/// Runs `f` on a thread that has entered the named network namespace (`/run/netns/NAME`).
+///
+/// # Errors
+/// When the namespace cannot be entered.
+///
+/// # Panics
+/// When `f` panics.
+pub fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+    let path = format!("/run/netns/{name}");
+    let file = File::open(&path).map_err(|e| anyhow::anyhow!("opening {path}: {e}"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(anyhow::anyhow!("setns into {path}: {}", std::io::Error::last_os_error()));
+            }
+            Ok(f())
+        })
+        .join()
+        .expect("thread inside the namespace panicked")
+    })
 }
 
 impl Drop for Netns {

@@ -1,1 +1,139 @@
-fn main(){}
+//! `cargo xtask`: set-up, run, lab, test and bench. It orchestrates cargo and the lab; it does
+//! not depend on the crates it builds, so `setup` works before bpf-linker exists.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (idempotent).
+    Setup,
+    /// Build, bring up the demo lab, and run the balancer in it; or, with `-- --config FILE`,
+    /// run the controller on this host as a deployment would.
+    Run {
+        /// Arguments for `dsrlb run` (e.g. `-- --config /etc/dsrlb.toml`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// The demo lab: network namespaces, a bridge, mosquitto brokers.
+    Lab {
+        #[arg(value_parser = ["up", "down", "status"])]
+        action: String,
+    },
+    /// Everything: unit tests, packet fixtures, netns and lab tests (root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks: the XDP data plane against the floor program.
+    Bench,
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("starting cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn exec(bin: &Path, args: &[String]) -> anyhow::Result<()> {
+    let status = Command::new(bin)
+        .args(args)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    if !status.success() {
+        bail!("{} {} failed ({status})", bin.display(), args.join(" "));
+    }
+    Ok(())
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root (BPF, network namespaces): run it with sudo or as root");
+    }
+    Ok(())
+}
+
+fn run(args: &[String]) -> anyhow::Result<()> {
+    setup::setup()?;
+    require_root("cargo xtask run")?;
+    cargo(&["build", "--release", "-p", "lb-userspace", "-p", "tests", "--bins"])?;
+    let target = root().join("target/release");
+    if args.is_empty() {
+        // The demo: the lab binary brings the lab up, runs dsrlb in it, and tears down on Ctrl-C.
+        exec(&target.join("lab"), &["demo".to_owned(), "--dsrlb".to_owned(), target.join("dsrlb").display().to_string()])
+    } else {
+        let mut full = vec!["run".to_owned()];
+        full.extend_from_slice(args);
+        exec(&target.join("dsrlb"), &full)
+    }
+}
+
+fn lab(action: &str) -> anyhow::Result<()> {
+    setup::setup()?;
+    require_root("cargo xtask lab")?;
+    cargo(&["build", "--release", "-p", "lb-userspace", "-p", "tests", "--bins"])?;
+    exec(&root().join("target/release/lab"), &[action.to_owned()])
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    setup::setup()?;
+    // Integration tests start the real binaries, from the same (debug) profile as themselves.
+    cargo(&["build", "-p", "lb-userspace", "-p", "tests", "--bins"])?;
+    let mut full: Vec<&str> = vec!["test", "--workspace", "--no-fail-fast"];
+    full.extend(args.iter().map(String::as_str));
+    // Netns and lab tests share names and the machine: one at a time.
+    full.extend(["--", "--test-threads=1"]);
+    cargo(&full)
+}
+
+fn bench() -> anyhow::Result<()> {
+    setup::setup()?;
+    require_root("cargo xtask bench")?;
+    cargo(&["build", "--release", "-p", "tests", "--bin", "xdp_bench"])?;
+    exec(&root().join("target/release/xdp_bench"), &[])
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Setup => setup::setup(),
+        Cmd::Run { args } => run(&args),
+        Cmd::Lab { action } => lab(&action),
+        Cmd::Test { args } => test(&args),
+        Cmd::Bench => bench(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

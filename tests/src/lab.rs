@@ -1,0 +1,426 @@
+//! The DSR lab: a bridge, a client, a balancer and mosquitto brokers, each in a network
+//! namespace this code creates. Nothing is added to the root namespace.
+//!
+//! ```text
+//!            dsrlb-sw (bridge br0)
+//!    ┌──────────┬───────────┬───────────┐
+//! client      balancer    broker b1   broker b2 ...
+//! 192.0.2.1   192.0.2.2   192.0.2.11  192.0.2.12
+//!   │ SYN/ACK to VIP ─▶ lb0 (XDP: MAC rewrite, XDP_TX)
+//!   │                     └──────────▶ b1 (VIP on lo)
+//!   ◀──────────────────────────────────── reply straight from b1 (DSR)
+//! ```
+//!
+//! The brokers bridge all topics to b1, so they behave as one cluster for clients.
+//!
+//! Everything the lab starts is recorded in its state directory (pids, pinned links), so `down`
+//! removes it by PID even after the process that made it crashed.
+
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use aya::programs::XdpMode;
+use lb_userspace::dataplane::{Dataplane, LoadOptions};
+
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+/// The VIP of the external listeners (1883, 8883).
+pub const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+/// A second VIP with an internal listener, as EMQ's internal listener.
+pub const VIP_INTERNAL: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 101);
+pub const INTERNAL_PORT: u16 = 11883;
+/// Extra client addresses (192.0.2.50 ..) for tests and load that need several sources.
+pub const CLIENT_EXTRA_BASE: u8 = 50;
+pub const CLIENT_EXTRA_COUNT: u8 = 16;
+/// The name in the lab's server certificate (besides the VIPs' addresses).
+pub const TLS_NAME: &str = "mqtt.dsrlb.lab";
+
+/// Broker `i` (0-based) address.
+#[must_use]
+pub fn broker_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 0, 2, 11 + u8::try_from(i).expect("few brokers"))
+}
+
+/// Names and paths of one lab instance. `prefix` keeps a test lab apart from a demo lab.
+#[derive(Clone, Debug)]
+pub struct Lab {
+    pub prefix: String,
+    pub brokers: usize,
+    pub state: PathBuf,
+}
+
+fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("starting {cmd}"))?;
+    if !out.status.success() {
+        bail!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl Lab {
+    #[must_use]
+    pub fn new(prefix: &str, brokers: usize) -> Self {
+        Self { prefix: prefix.to_owned(), brokers, state: PathBuf::from(format!("/run/{prefix}-lab")) }
+    }
+
+    #[must_use]
+    pub fn ns(&self, role: &str) -> String {
+        format!("{}-{role}", self.prefix)
+    }
+
+    #[must_use]
+    pub fn broker_ns(&self, i: usize) -> String {
+        self.ns(&format!("b{}", i + 1))
+    }
+
+    fn namespaces(&self) -> Vec<String> {
+        let mut v = vec![self.ns("sw"), self.ns("client"), self.ns("lb")];
+        v.extend((0..self.brokers).map(|i| self.broker_ns(i)));
+        v
+    }
+
+    /// `nsenter --net=... CMD ARGS`: network namespace only, so bpffs pins stay visible.
+    ///
+    /// # Errors
+    /// When the command fails.
+    pub fn exec(&self, ns: &str, cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+        let net = format!("--net=/run/netns/{ns}");
+        let mut full = vec![net.as_str(), cmd];
+        full.extend_from_slice(args);
+        sh("nsenter", &full)
+    }
+
+    fn ip(&self, ns: &str, args: &[&str]) -> anyhow::Result<String> {
+        let mut full = vec!["-n", ns];
+        full.extend_from_slice(args);
+        sh("ip", &full)
+    }
+
+    fn sysctl(&self, ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
+        self.exec(ns, "sysctl", &["-qw", &format!("{key}={value}")]).map(drop)
+    }
+
+    fn link_pin(&self, ifname: &str) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/{}-lab-{ifname}", self.prefix))
+    }
+
+    #[must_use]
+    pub fn ca_pem(&self) -> PathBuf {
+        self.state.join("ca.pem")
+    }
+
+    /// Brings the lab up. Idempotent: a healthy lab is left as it is; anything else is torn
+    /// down first and built anew.
+    ///
+    /// # Errors
+    /// When a step fails; what was made so far is torn down again.
+    pub fn up(&self) -> anyhow::Result<()> {
+        if self.healthy() {
+            return Ok(());
+        }
+        self.down()?;
+        let result = self.build();
+        if result.is_err() {
+            let _ = self.down();
+        }
+        result
+    }
+
+    fn build(&self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.state).with_context(|| format!("creating {}", self.state.display()))?;
+        for ns in self.namespaces() {
+            sh("ip", &["netns", "add", &ns])?;
+            self.ip(&ns, &["link", "set", "lo", "up"])?;
+        }
+        let sw = self.ns("sw");
+        self.ip(&sw, &["link", "add", "br0", "type", "bridge"])?;
+        self.ip(&sw, &["link", "set", "br0", "up"])?;
+        // Each host: veth `eth0` in its namespace, `p-ROLE` on the bridge.
+        let hosts: Vec<(String, String, Ipv4Addr)> = [("client", self.ns("client"), CLIENT_ADDR), ("lb", self.ns("lb"), LB_ADDR)]
+            .into_iter()
+            .map(|(r, n, a)| (r.to_owned(), n, a))
+            .chain((0..self.brokers).map(|i| (format!("b{}", i + 1), self.broker_ns(i), broker_addr(i))))
+            .collect();
+        for (role, ns, addr) in &hosts {
+            let port = format!("p-{role}");
+            sh("ip", &["link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &port, "netns", &sw])?;
+            self.ip(&sw, &["link", "set", &port, "master", "br0"])?;
+            self.ip(&sw, &["link", "set", &port, "up"])?;
+            self.ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            self.ip(ns, &["link", "set", "eth0", "up"])?;
+        }
+        let client = self.ns("client");
+        for i in 0..CLIENT_EXTRA_COUNT {
+            let a = Ipv4Addr::new(192, 0, 2, CLIENT_EXTRA_BASE + i);
+            self.ip(&client, &["addr", "add", &format!("{a}/24"), "dev", "eth0"])?;
+        }
+        // The client reaches the VIPs through the balancer.
+        for vip in [VIP, VIP_INTERNAL] {
+            self.ip(&client, &["route", "add", &format!("{vip}/32"), "via", &LB_ADDR.to_string()])?;
+        }
+        // Bounced SYNs would carry partial checksums the brokers drop; GRO on the client's
+        // bridge port would merge segments into frames too big to bounce.
+        self.exec(&client, "ethtool", &["-K", "eth0", "tx", "off"])?;
+        self.exec(&sw, "ethtool", &["-K", "p-client", "gro", "off"])?;
+
+        // Brokers: VIPs on lo, ARP kept to the real address, loose reverse-path filter.
+        for i in 0..self.brokers {
+            let ns = self.broker_ns(i);
+            for vip in [VIP, VIP_INTERNAL] {
+                self.ip(&ns, &["addr", "add", &format!("{vip}/32"), "dev", "lo"])?;
+            }
+            for (k, v) in [
+                ("net.ipv4.conf.all.arp_ignore", "1"),
+                ("net.ipv4.conf.all.arp_announce", "2"),
+                ("net.ipv4.conf.eth0.arp_ignore", "1"),
+                ("net.ipv4.conf.eth0.arp_announce", "2"),
+                ("net.ipv4.conf.all.rp_filter", "2"),
+                ("net.ipv4.conf.eth0.rp_filter", "2"),
+            ] {
+                self.sysctl(&ns, k, v)?;
+            }
+        }
+
+        // XDP_TX on a veth reaches the peer only if the peer runs an XDP program itself.
+        let mut dp = Dataplane::load(&LoadOptions { ring_size: 3, flow_table_size: 1024, floor_dst_mac: [2, 0, 0, 0, 0, 1] })?;
+        let pin = self.link_pin("p-lb");
+        crate::netns::in_netns(&sw, || dp.attach_pinned("xdp_pass", "p-lb", XdpMode::Driver, &pin))
+            .context("attaching xdp_pass to the balancer's bridge port")??;
+
+        self.write_certs()?;
+        for i in 0..self.brokers {
+            self.start_broker(i)?;
+        }
+        Ok(())
+    }
+
+    fn write_certs(&self) -> anyhow::Result<()> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+        let ca_key = KeyPair::generate().context("CA key")?;
+        let mut ca = CertificateParams::new(Vec::<String>::new()).context("CA params")?;
+        ca.distinguished_name.push(DnType::CommonName, "dsrlb lab CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).context("signing the CA")?;
+        let key = KeyPair::generate().context("server key")?;
+        let mut params = CertificateParams::new(vec![TLS_NAME.to_owned()]).context("server params")?;
+        params.distinguished_name.push(DnType::CommonName, TLS_NAME);
+        for vip in [VIP, VIP_INTERNAL] {
+            params.subject_alt_names.push(SanType::IpAddress(vip.into()));
+        }
+        let cert = params.signed_by(&key, &ca_cert, &ca_key).context("signing the server certificate")?;
+        std::fs::write(self.ca_pem(), ca_cert.pem())?;
+        std::fs::write(self.state.join("server.pem"), cert.pem())?;
+        std::fs::write(self.state.join("server.key"), key.serialize_pem())?;
+        Ok(())
+    }
+
+    fn broker_dir(&self, i: usize) -> PathBuf {
+        self.state.join(format!("b{}", i + 1))
+    }
+
+    #[must_use]
+    pub fn broker_log(&self, i: usize) -> PathBuf {
+        self.broker_dir(i).join("mosquitto.log")
+    }
+
+    /// Starts (or restarts) mosquitto in broker `i`, with listeners on 1883, 8883 (TLS) and
+    /// the internal port, and waits until it accepts connections on its real address.
+    ///
+    /// # Errors
+    /// When it does not come up within 10 s.
+    pub fn start_broker(&self, i: usize) -> anyhow::Result<()> {
+        self.start_broker_with(i, true)
+    }
+
+    /// As [`Self::start_broker`], optionally without the TLS listener (a "broken" 8883).
+    ///
+    /// # Errors
+    /// When it does not come up within 10 s.
+    pub fn start_broker_with(&self, i: usize, tls: bool) -> anyhow::Result<()> {
+        self.stop_broker(i)?;
+        let dir = self.broker_dir(i);
+        std::fs::create_dir_all(&dir)?;
+        let pid = dir.join("mosquitto.pid");
+        let _ = std::fs::remove_file(&pid);
+        let mut conf = String::new();
+        let _ = writeln!(conf, "pid_file {}\nuser root\npersistence false", pid.display());
+        let _ = writeln!(conf, "log_dest file {}\nlog_type all\nconnection_messages true", self.broker_log(i).display());
+        let _ = writeln!(conf, "allow_anonymous true\nmax_keepalive 3600");
+        let _ = writeln!(conf, "listener 1883\nlistener {INTERNAL_PORT}");
+        if tls {
+            let _ = writeln!(conf, "listener 8883\ncertfile {}\nkeyfile {}", self.state.join("server.pem").display(), self.state.join("server.key").display());
+        }
+        if i > 0 {
+            // The brokers form one cluster, as EMQX nodes would: each bridges every topic to b1
+            // (a star; mosquitto does not echo a message back over the bridge it came from), so
+            // a subscriber and a publisher that land on different brokers still meet.
+            let _ = writeln!(conf, "connection cluster-b{}\naddress {}:1883\ntopic # both 0", i + 1, broker_addr(0));
+            let _ = writeln!(conf, "try_private true\nnotifications false\ncleansession true\nrestart_timeout 1 5");
+        }
+        let conf_path = dir.join("mosquitto.conf");
+        std::fs::write(&conf_path, conf)?;
+        let ns = self.broker_ns(i);
+        self.exec(&ns, "mosquitto", &["-d", "-c", &conf_path.display().to_string()])
+            .with_context(|| format!("starting mosquitto in {ns}"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let up = pid.exists()
+                && crate::netns::in_netns(&self.ns("client"), || {
+                    TcpStream::connect_timeout(&SocketAddr::from((broker_addr(i), 1883)), Duration::from_millis(200)).is_ok()
+                })
+                .unwrap_or(false);
+            if up {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("mosquitto in {ns} did not come up within 10 s; see {}", self.broker_log(i).display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn broker_pid(&self, i: usize) -> Option<i32> {
+        std::fs::read_to_string(self.broker_dir(i).join("mosquitto.pid")).ok()?.trim().parse().ok()
+    }
+
+    /// Stops mosquitto in broker `i` (SIGTERM, then SIGKILL), by the PID it recorded.
+    ///
+    /// # Errors
+    /// Never in practice; kept fallible for symmetry with start.
+    pub fn stop_broker(&self, i: usize) -> anyhow::Result<()> {
+        if let Some(pid) = self.broker_pid(i) {
+            kill_and_wait(pid);
+            let _ = std::fs::remove_file(self.broker_dir(i).join("mosquitto.pid"));
+        }
+        Ok(())
+    }
+
+    /// Removes the VIP from broker `i`'s `lo` (a misconfigured broker), or puts it back.
+    ///
+    /// # Errors
+    /// When `ip addr` fails.
+    pub fn set_broker_vip(&self, i: usize, present: bool) -> anyhow::Result<()> {
+        let verb = if present { "add" } else { "del" };
+        self.ip(&self.broker_ns(i), &["addr", verb, &format!("{VIP}/32"), "dev", "lo"]).map(drop)
+    }
+
+    /// Tears everything down: processes by PID, pinned links, namespaces, the state directory.
+    /// Safe to run on a half-built or crashed lab.
+    ///
+    /// # Errors
+    /// When a namespace cannot be deleted.
+    pub fn down(&self) -> anyhow::Result<()> {
+        // Every pid file under the state directory: brokers, and whatever else recorded one.
+        if let Ok(entries) = walk(&self.state) {
+            for f in entries.into_iter().filter(|p| p.extension().is_some_and(|e| e == "pid")) {
+                if let Some(pid) = std::fs::read_to_string(&f).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+                    kill_and_wait(pid);
+                }
+            }
+        }
+        let _ = std::fs::remove_file(self.link_pin("p-lb"));
+        for ns in self.namespaces().into_iter().rev() {
+            if Path::new("/run/netns").join(&ns).exists() {
+                sh("ip", &["netns", "del", &ns])?;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.state);
+        Ok(())
+    }
+
+    /// Whether every namespace exists and every broker answers.
+    #[must_use]
+    pub fn healthy(&self) -> bool {
+        self.namespaces().iter().all(|ns| Path::new("/run/netns").join(ns).exists())
+            && self.link_pin("p-lb").exists()
+            && (0..self.brokers).all(|i| self.broker_pid(i).is_some_and(alive))
+    }
+
+    /// A human status report.
+    #[must_use]
+    pub fn status(&self) -> String {
+        let mut out = String::new();
+        for ns in self.namespaces() {
+            let exists = Path::new("/run/netns").join(&ns).exists();
+            let _ = writeln!(out, "namespace {ns:<16} {}", if exists { "up" } else { "missing" });
+        }
+        for i in 0..self.brokers {
+            let state = match self.broker_pid(i) {
+                Some(pid) if alive(pid) => format!("mosquitto pid {pid}"),
+                Some(pid) => format!("mosquitto pid {pid} (dead)"),
+                None => "no mosquitto".to_owned(),
+            };
+            let _ = writeln!(out, "broker b{} {:<12} {state}", i + 1, broker_addr(i));
+        }
+        let xdp = self.ip(&self.ns("lb"), &["-d", "link", "show", "eth0"]).is_ok_and(|s| s.contains("prog/xdp"));
+        let _ = writeln!(out, "balancer {LB_ADDR} eth0: {}", if xdp { "XDP attached" } else { "no XDP program" });
+        let _ = writeln!(out, "VIPs {VIP} (1883, 8883 TLS), {VIP_INTERNAL} ({INTERNAL_PORT}); lab CA {}", self.ca_pem().display());
+        out
+    }
+
+    /// A `dsrlb` config for this lab: interface `eth0` of the balancer namespace, MACs from the
+    /// neighbour table, three listeners; `health` is the `[health]` table's body.
+    #[must_use]
+    pub fn config(&self, health: &str) -> String {
+        let mut c = String::new();
+        let _ = writeln!(c, "interface = \"eth0\"\nxdp_mode = \"native\"\n\n[health]\n{health}\n");
+        let _ = writeln!(c, "[[listener]]\nname = \"mqtt\"\nvip = \"{VIP}\"\nport = 1883\n");
+        let _ = writeln!(c, "[[listener]]\nname = \"mqtts\"\nvip = \"{VIP}\"\nport = 8883\n");
+        let _ = writeln!(c, "[[listener]]\nname = \"internal\"\nvip = \"{VIP_INTERNAL}\"\nport = {INTERNAL_PORT}\n");
+        for i in 0..self.brokers {
+            let _ = writeln!(c, "[[backend]]\nname = \"b{}\"\naddress = \"{}\"\n", i + 1, broker_addr(i));
+        }
+        c
+    }
+}
+
+fn walk(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            out.extend(walk(&p)?);
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+/// Whether `pid` runs: it exists and is not a zombie waiting for a parent to reap it.
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// SIGTERM, up to 3 s, then SIGKILL.
+pub fn kill_and_wait(pid: i32) {
+    if pid <= 1 || !alive(pid) {
+        return;
+    }
+    // SAFETY: kill(2) on a recorded pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while alive(pid) && Instant::now() < deadline {
+        // Reap it if it is our child (a zombie still answers signal 0).
+        // SAFETY: non-blocking waitpid.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if alive(pid) {
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG);
+        }
+    }
+}
