@@ -105,6 +105,9 @@ pub fn stats_line(ids: &Ids, now: &Stats, prev: &Stats, secs: f64) -> String {
 /// # Errors
 /// When any step before the wait fails; nothing stays attached then.
 pub async fn run(config: Config, stats_every: Option<Duration>) -> anyhow::Result<()> {
+    // Handlers first: a signal that arrives while loading must still mean "detach and exit".
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let prepared = prepare(&config)?;
     let mut dp = Dataplane::load(&LoadOptions {
         ring_size: config.ring_size,
@@ -116,14 +119,13 @@ pub async fn run(config: Config, stats_every: Option<Duration>) -> anyhow::Resul
     print!("{}", describe(&config, &prepared));
     tracing::info!(interface = %config.interface, "serving");
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(stats_every.unwrap_or(Duration::from_secs(3600)));
     let tty = std::io::stdout().is_terminal();
     let mut prev = dp.stats()?;
     let mut prev_at = std::time::Instant::now();
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: detaching"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: detaching"); break; }
             _ = term.recv() => { tracing::info!("SIGTERM: detaching"); break; }
             _ = tick.tick(), if stats_every.is_some() => {
                 let now = dp.stats()?;

@@ -4,6 +4,7 @@ pub mod config;
 pub mod controller;
 pub mod dataplane;
 pub mod maglev;
+pub mod mqtt;
 pub mod neigh;
 pub mod plan;
 

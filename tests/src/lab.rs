@@ -380,6 +380,66 @@ impl Lab {
     }
 }
 
+/// A lab for one test: up on creation, down on drop (also when the test panics).
+pub struct LabGuard(pub Lab);
+
+impl LabGuard {
+    /// # Panics
+    /// When the lab cannot be brought up.
+    #[must_use]
+    pub fn up(brokers: usize) -> Self {
+        let lab = Lab::new("dsrlbt", brokers);
+        // A lab of another size may be left over from an aborted run.
+        let _ = Lab::new("dsrlbt", 4).down();
+        lab.up().expect("bringing the test lab up");
+        Self(lab)
+    }
+}
+
+impl std::ops::Deref for LabGuard {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        &self.0
+    }
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.down() {
+            eprintln!("lab down failed: {e:#}");
+        }
+    }
+}
+
+/// One "New client connected" line of a mosquitto log: client address and id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub from: std::net::SocketAddrV4,
+    pub client_id: String,
+}
+
+impl Lab {
+    /// Sessions broker `i` has logged, oldest first.
+    #[must_use]
+    pub fn sessions(&self, i: usize) -> Vec<Session> {
+        let log = std::fs::read_to_string(self.broker_log(i)).unwrap_or_default();
+        log.lines()
+            .filter_map(|line| {
+                let rest = line.split_once("New client connected from ")?.1;
+                let (from, rest) = rest.split_once(" as ")?;
+                let id = rest.split_whitespace().next()?;
+                Some(Session { from: from.parse().ok()?, client_id: id.to_owned() })
+            })
+            .collect()
+    }
+
+    /// Which broker (index) logged client id `id`, if one did.
+    #[must_use]
+    pub fn broker_of(&self, id: &str) -> Option<usize> {
+        (0..self.brokers).find(|&i| self.sessions(i).iter().any(|s| s.client_id == id))
+    }
+}
+
 fn walk(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir)? {

@@ -1,6 +1,7 @@
 //! Test support: a small Ethernet frame builder, and network-namespace fixtures that clean up on
 //! drop.
 
+pub mod client;
 pub mod frame;
 pub mod lab;
 pub mod netns;

@@ -1,0 +1,100 @@
+//! The few MQTT 3.1.1 packets a health check or a held test connection needs: CONNECT, CONNACK,
+//! PINGREQ/PINGRESP, DISCONNECT.
+
+/// PINGREQ (fixed header only).
+pub const PINGREQ: [u8; 2] = [0xc0, 0x00];
+/// PINGRESP (fixed header only).
+pub const PINGRESP: [u8; 2] = [0xd0, 0x00];
+/// DISCONNECT (fixed header only).
+pub const DISCONNECT: [u8; 2] = [0xe0, 0x00];
+
+/// What went wrong with a CONNACK.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConnackError {
+    #[error("expected CONNACK (0x20 0x02), got {0:02x?}")]
+    NotConnack([u8; 4]),
+}
+
+fn put_str(out: &mut Vec<u8>, s: &[u8]) {
+    let len = u16::try_from(s.len()).expect("MQTT strings are at most 65535 bytes");
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+/// An MQTT 3.1.1 CONNECT with a clean session.
+///
+/// # Panics
+/// When a field is longer than 65535 bytes.
+#[must_use]
+pub fn connect(client_id: &str, keepalive_secs: u16, username: Option<&str>, password: Option<&str>) -> Vec<u8> {
+    let mut body = Vec::with_capacity(32 + client_id.len());
+    put_str(&mut body, b"MQTT");
+    body.push(4); // protocol level 3.1.1
+    let mut flags = 0x02; // clean session
+    if username.is_some() {
+        flags |= 0x80;
+    }
+    if password.is_some() {
+        flags |= 0x40;
+    }
+    body.push(flags);
+    body.extend_from_slice(&keepalive_secs.to_be_bytes());
+    put_str(&mut body, client_id.as_bytes());
+    if let Some(u) = username {
+        put_str(&mut body, u.as_bytes());
+    }
+    if let Some(p) = password {
+        put_str(&mut body, p.as_bytes());
+    }
+    let mut packet = vec![0x10];
+    // Remaining length, variable-length encoded.
+    let mut len = body.len();
+    loop {
+        let mut byte = u8::try_from(len % 128).expect("< 128");
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        packet.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    packet.extend_from_slice(&body);
+    packet
+}
+
+/// The return code of a CONNACK: 0 is accepted; 1..=5 are refusals by a live broker.
+///
+/// # Errors
+/// When the bytes are not a CONNACK.
+pub fn connack_code(buf: [u8; 4]) -> Result<u8, ConnackError> {
+    if buf[0] != 0x20 || buf[1] != 0x02 {
+        return Err(ConnackError::NotConnack(buf));
+    }
+    Ok(buf[3])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_encodes_as_the_spec_says() {
+        let p = connect("hc", 30, None, None);
+        assert_eq!(p, [0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30, 0, 2, b'h', b'c']);
+        let p = connect("x", 5, Some("u"), Some("pw"));
+        assert_eq!(p[9], 0xc2);
+        assert_eq!(&p[p.len() - 7..], [0, 1, b'u', 0, 2, b'p', b'w']);
+        let long = "c".repeat(200);
+        let p = connect(&long, 5, None, None);
+        assert_eq!(&p[1..3], [0x8e, 0x01], "remaining length 214 takes two bytes");
+    }
+
+    #[test]
+    fn connack() {
+        assert_eq!(connack_code([0x20, 2, 0, 0]), Ok(0));
+        assert_eq!(connack_code([0x20, 2, 0, 5]), Ok(5));
+        assert!(connack_code([0x30, 2, 0, 0]).is_err());
+    }
+}

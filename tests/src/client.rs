@@ -1,0 +1,150 @@
+//! Test-side clients and the balancer process: plain MQTT connections that can be held and
+//! pinged, and `dsrlb run` started in the lab's balancer namespace.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use lb_userspace::mqtt;
+
+use crate::lab::Lab;
+
+/// A connected MQTT 3.1.1 session over plain TCP.
+pub struct MqttConn {
+    pub stream: TcpStream,
+    pub local: SocketAddrV4,
+}
+
+impl MqttConn {
+    /// Connects from `from` (any local address when `None`) to `to`, sends CONNECT with
+    /// `client_id` and waits for an accepting CONNACK. Call inside the client's namespace.
+    ///
+    /// # Errors
+    /// When the TCP connect, the CONNECT exchange, or the acceptance fails.
+    pub fn connect(from: Option<Ipv4Addr>, to: SocketAddrV4, client_id: &str, timeout: Duration) -> std::io::Result<Self> {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        if let Some(addr) = from {
+            sock.bind(&SocketAddr::from((addr, 0)).into())?;
+        }
+        sock.connect_timeout(&SocketAddr::V4(to).into(), timeout)?;
+        let stream: TcpStream = sock.into();
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream.set_nodelay(true)?;
+        let local = match stream.local_addr()? {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => unreachable!("IPv4 socket"),
+        };
+        let mut conn = Self { stream, local };
+        conn.stream.write_all(&mqtt::connect(client_id, 600, None, None))?;
+        let mut ack = [0u8; 4];
+        conn.stream.read_exact(&mut ack)?;
+        match mqtt::connack_code(ack) {
+            Ok(0) => Ok(conn),
+            Ok(code) => Err(std::io::Error::other(format!("CONNACK refused with code {code}"))),
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+
+    /// PINGREQ, and wait for PINGRESP: proves the session is alive end to end.
+    ///
+    /// # Errors
+    /// When the broker does not answer with PINGRESP.
+    pub fn ping(&mut self) -> std::io::Result<()> {
+        self.stream.write_all(&mqtt::PINGREQ)?;
+        let mut resp = [0u8; 2];
+        self.stream.read_exact(&mut resp)?;
+        if resp == mqtt::PINGRESP {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("expected PINGRESP, got {resp:02x?}")))
+        }
+    }
+
+    /// Sends DISCONNECT and closes.
+    pub fn disconnect(mut self) {
+        let _ = self.stream.write_all(&mqtt::DISCONNECT);
+    }
+}
+
+/// `dsrlb run` in the lab's balancer namespace; stopped with SIGTERM on drop.
+pub struct Balancer {
+    pub child: Child,
+    pub config: PathBuf,
+    lb_ns: String,
+}
+
+impl Balancer {
+    /// Writes `config` to the lab's state directory and starts `dsrlb run` on it, returning
+    /// once the program is attached to the balancer's `eth0`.
+    ///
+    /// # Panics
+    /// When it does not attach within 20 s or exits early.
+    #[must_use]
+    pub fn start(lab: &Lab, config: &str) -> Self {
+        let path = lab.state.join("dsrlb-test.toml");
+        std::fs::write(&path, config).expect("writing the config");
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", lab.ns("lb")))
+            .arg(crate::dsrlb_bin())
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting dsrlb");
+        let mut b = Self { child, config: path, lb_ns: lab.ns("lb") };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !b.attached() {
+            assert!(b.child.try_wait().expect("wait").is_none(), "dsrlb exited before attaching");
+            assert!(Instant::now() < deadline, "dsrlb did not attach within 20 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        b
+    }
+
+    /// Whether the balancer's `eth0` carries an XDP program.
+    #[must_use]
+    pub fn attached(&self) -> bool {
+        xdp_attached(&self.lb_ns)
+    }
+
+    /// SIGTERM, and the exit status.
+    ///
+    /// # Panics
+    /// When it does not exit within 10 s.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(i32::try_from(self.child.id()).expect("pid"), libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "dsrlb did not exit within 10 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// Whether `eth0` in namespace `ns` carries an XDP program.
+#[must_use]
+pub fn xdp_attached(ns: &str) -> bool {
+    Command::new("ip")
+        .args(["-n", ns, "-d", "link", "show", "eth0"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("prog/xdp"))
+}
