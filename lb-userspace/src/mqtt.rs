@@ -88,7 +88,7 @@ mod tests {
         assert_eq!(&p[p.len() - 7..], [0, 1, b'u', 0, 2, b'p', b'w']);
         let long = "c".repeat(200);
         let p = connect(&long, 5, None, None);
-        assert_eq!(&p[1..3], [0x8e, 0x01], "remaining length 214 takes two bytes");
+        assert_eq!(&p[1..3], [0xd4, 0x01], "remaining length 212 takes two bytes");
     }
 
     #[test]
