@@ -8,11 +8,11 @@
 pub mod map_names {
     pub const LISTENERS: &str = "LISTENERS";
     pub const VIPS: &str = "VIPS";
-    pub const BACKENDS: &str = "BACKENDS";
+    pub const REALS: &str = "REALS";
     pub const RINGS: &str = "RINGS";
     pub const FLOWS: &str = "FLOWS";
     pub const VERDICT_STATS: &str = "VERDICT_STATS";
-    pub const FORWARD_STATS: &str = "FORWARD_STATS";
+    pub const REAL_STATS: &str = "REAL_STATS";
     pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
 }
 
@@ -27,7 +27,7 @@ pub const RING_COPIES: u32 = 2;
 pub const DEFAULT_RING_SIZE: u32 = 65_537;
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
 
-/// A ring slot that holds no backend: the listener has no usable backend.
+/// A ring slot that holds no real: the listener has no usable backend.
 pub const NO_BACKEND: u32 = u32::MAX;
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -53,7 +53,7 @@ pub struct ListenerInfo {
     /// Index into `LISTENER_STATS`.
     pub id: u32,
     pub flags: u32,
-    /// Index of slot 0 of this listener's active ring in `RINGS`.
+    /// Index of slot 0 of this listener's active ring in `RINGS` (whose slots hold real ids).
     pub ring_base: u32,
     /// Number of slots (a prime).
     pub ring_size: u32,
@@ -67,26 +67,55 @@ pub struct VipInfo {
     pub listeners: u32,
 }
 
-/// `BackendInfo::flags`: the backend is in use (a slot that was never filled has 0).
-pub const BACKEND_F_ACTIVE: u32 = 1;
-/// `BackendInfo::flags`: the backend failed its checks; flows pinned to it are re-picked.
-pub const BACKEND_F_DOWN: u32 = 2;
+/// `RealInfo::flags`: the real is in use (a slot that was never filled has 0).
+pub const REAL_F_ACTIVE: u32 = 1;
+/// `RealInfo::flags`: the backend failed this listener's checks; flows pinned to it are
+/// re-picked.
+pub const REAL_F_DOWN: u32 = 2;
 
-/// Value of `BACKENDS` (key: backend id). The two MACs are the 12 bytes that replace the
-/// Ethernet destination and source of a forwarded frame, in wire order.
+/// Value of `REALS`. A real is a backend as one listener uses it (Katran's word): health is
+/// per listener (a broker's TLS port can fail while its plain port works), so the down flag is
+/// too. Key: [`real_id`]. The two MACs are the 12 bytes that replace the Ethernet destination
+/// and source of a forwarded frame, in wire order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BackendInfo {
+pub struct RealInfo {
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
     pub flags: u32,
 }
 
-impl BackendInfo {
+impl RealInfo {
     #[must_use]
     pub const fn usable(&self) -> bool {
-        self.flags & (BACKEND_F_ACTIVE | BACKEND_F_DOWN) == BACKEND_F_ACTIVE
+        self.flags & (REAL_F_ACTIVE | REAL_F_DOWN) == REAL_F_ACTIVE
     }
+}
+
+/// Entries of `REALS` and `REAL_STATS`.
+pub const REAL_SLOTS: u32 = MAX_LISTENERS * MAX_BACKENDS;
+const _: () = assert!(MAX_BACKENDS.is_power_of_two());
+const REAL_SHIFT: u32 = MAX_BACKENDS.trailing_zeros();
+
+/// The real of backend `backend` in listener `listener`.
+#[inline(always)]
+#[must_use]
+pub const fn real_id(listener: u32, backend: u32) -> u32 {
+    (listener << REAL_SHIFT) | (backend & (MAX_BACKENDS - 1))
+}
+
+/// The listener of a real.
+#[inline(always)]
+#[must_use]
+pub const fn real_listener(real: u32) -> u32 {
+    real >> REAL_SHIFT
+}
+
+/// The backend of a real.
+#[inline(always)]
+#[must_use]
+pub const fn real_backend(real: u32) -> u32 {
+    real & (MAX_BACKENDS - 1)
 }
 
 /// Key of `FLOWS`: the TCP 4-tuple as it appears on the wire (only TCP is balanced, so no
@@ -100,23 +129,27 @@ pub struct FlowKey {
     pub dport_be: u16,
 }
 
-/// Value of `FLOWS`. The listener id is kept so an established flow needs no listener lookup;
-/// the controller deletes a listener's flows when it removes or moves the listener.
+/// Value of `FLOWS`. The real names the listener too, so an established flow needs no listener
+/// lookup; the controller deletes a listener's flows when it removes or moves the listener.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowValue {
-    pub backend: u32,
-    pub listener: u32,
+    pub real: u32,
+    pub flags: u32,
 }
+
+/// `FlowValue::flags`: the client sent FIN or RST. The entry still steers the rest of the
+/// close; a SYN that reuses the 4-tuple starts a new flow from the ring, and the controller
+/// does not count it as a live flow.
+pub const FLOW_F_CLOSING: u32 = 1;
 
 /// `LISTEN_PORTS` has one slot per port, indexed by the port's wire value read as a native
 /// integer; non-zero when some listener uses the port. An array lookup the verifier inlines, so
 /// TCP to other ports passes without a hash lookup.
 pub const PORT_SLOTS: u32 = 1 << 16;
 
-/// Value of `FORWARD_STATS` (per CPU), one per (listener, backend) pair at
-/// [`forward_stats_index`]: a forwarded frame updates one counter, and the controller sums a
-/// listener's or a backend's.
+/// Value of `REAL_STATS` (per CPU), one per real: a forwarded frame updates one counter, and
+/// the controller sums a listener's or a backend's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -162,32 +195,23 @@ pub mod reason {
     ];
 }
 
-/// Entries of `FORWARD_STATS`.
-pub const FORWARD_STATS_SLOTS: u32 = MAX_LISTENERS * MAX_BACKENDS;
-
-#[inline(always)]
-#[must_use]
-pub const fn forward_stats_index(listener: u32, backend: u32) -> u32 {
-    listener.wrapping_mul(MAX_BACKENDS).wrapping_add(backend)
-}
-
 const _: () = assert!(core::mem::size_of::<ListenerKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ListenerInfo>() == 16);
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 4);
-const _: () = assert!(core::mem::size_of::<BackendInfo>() == 16);
+const _: () = assert!(core::mem::size_of::<RealInfo>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 8);
 const _: () = assert!(core::mem::size_of::<Counters>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{BackendInfo, Counters, FlowKey, FlowValue, ListenerInfo, ListenerKey, VipInfo};
+    use super::{Counters, FlowKey, FlowValue, ListenerInfo, ListenerKey, RealInfo, VipInfo};
     // SAFETY: all of these are `#[repr(C)]`, made only of integers, with no padding (asserted
     // above), so every bit pattern is valid.
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for ListenerInfo {}
     unsafe impl aya::Pod for VipInfo {}
-    unsafe impl aya::Pod for BackendInfo {}
+    unsafe impl aya::Pod for RealInfo {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for Counters {}

@@ -1,23 +1,22 @@
-//! Backend selection: the flow table first, the listener's Maglev ring on a miss or when the
-//! recorded backend is down.
+//! Real selection: the flow table first, the listener's Maglev ring on a miss, when the
+//! recorded real is down, or for a new connection that reuses a closing flow's 4-tuple.
 
 use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
-    BackendInfo, FlowKey, FlowValue, IPPROTO_TCP, LISTENER_F_HASH_SOURCE, ListenerInfo, ListenerKey,
-    NO_BACKEND, flow_hash, ring_slot, source_hash,
+    FLOW_F_CLOSING, FlowKey, FlowValue, IPPROTO_TCP, LISTENER_F_HASH_SOURCE, ListenerInfo, ListenerKey,
+    NO_BACKEND, RealInfo, flow_hash, ring_slot, source_hash,
 };
 
 use crate::{
     Verdict,
-    maps::{BACKENDS, FLOWS, LISTEN_PORTS, LISTENERS, RINGS},
-    parse::Tcp4,
+    maps::{FLOWS, LISTEN_PORTS, LISTENERS, REALS, RINGS},
+    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tcp4},
 };
 
-/// The backend a frame goes to, and the listener it is counted under.
+/// The real a frame goes to.
 pub struct Pick {
-    pub listener_id: u32,
-    pub backend_id: u32,
-    pub backend: &'static BackendInfo,
+    pub real_id: u32,
+    pub real: &'static RealInfo,
     pub new_flow: bool,
 }
 
@@ -29,7 +28,7 @@ fn listener(tcp: &Tcp4) -> Result<&'static ListenerInfo, Verdict> {
 }
 
 #[inline(always)]
-fn ring_pick(listener: &ListenerInfo, tcp: &Tcp4) -> Result<(u32, &'static BackendInfo), Verdict> {
+fn ring_pick(listener: &ListenerInfo, tcp: &Tcp4) -> Result<(u32, &'static RealInfo), Verdict> {
     let hash = if listener.flags & LISTENER_F_HASH_SOURCE != 0 {
         source_hash(tcp.src_be)
     } else {
@@ -40,11 +39,16 @@ fn ring_pick(listener: &ListenerInfo, tcp: &Tcp4) -> Result<(u32, &'static Backe
     if id == NO_BACKEND {
         return Err(Verdict::DropNoBackend);
     }
-    let backend = BACKENDS.get(id).ok_or(Verdict::DropInternal)?;
-    if !backend.usable() {
+    let real = REALS.get(id).ok_or(Verdict::DropInternal)?;
+    if !real.usable() {
         return Err(Verdict::DropNoBackend);
     }
-    Ok((id, backend))
+    Ok((id, real))
+}
+
+#[inline(always)]
+const fn closing_flags(tcp: &Tcp4) -> u32 {
+    if tcp.flags & (TCP_FIN | TCP_RST) != 0 { FLOW_F_CLOSING } else { 0 }
 }
 
 /// Finds (or makes) the flow entry for `tcp`; `PassNoListener` when it is not for a listener.
@@ -56,29 +60,34 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
     }
     let key = FlowKey { src_be: tcp.src_be, dst_be: tcp.dst_be, sport_be: tcp.sport_be, dport_be: tcp.dport_be };
     if let Some(entry) = FLOWS.get_ptr_mut(&key) {
-        // SAFETY: the pointer is into the map's element, valid for this program run. A
-        // concurrent re-pick on another CPU writes the same fields; a torn read of the pair
-        // would still name a valid backend and listener.
-        let FlowValue { backend: recorded, listener: listener_id } = unsafe { *entry };
-        // The established fast path: no listener lookup.
-        if let Some(backend) = BACKENDS.get(recorded)
-            && backend.usable()
+        // SAFETY: the pointer is into the map's element, valid for this program run. Another
+        // CPU may rewrite it concurrently with the same kind of value; either write is valid.
+        let FlowValue { real: recorded, flags } = unsafe { *entry };
+        let reopened = flags & FLOW_F_CLOSING != 0 && tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        // The established fast path: no listener lookup, no write unless the client closes.
+        if !reopened
+            && let Some(real) = REALS.get(recorded)
+            && real.usable()
         {
-            return Ok(Pick { listener_id, backend_id: recorded, backend, new_flow: false });
+            let closing = closing_flags(tcp);
+            if closing & !flags != 0 {
+                // SAFETY: as above.
+                unsafe { (*entry).flags = flags | closing };
+            }
+            return Ok(Pick { real_id: recorded, real, new_flow: false });
         }
-        // The recorded backend went down (or was removed): re-pick and repoint the entry.
-        let listener = listener(tcp)?;
-        let (backend_id, backend) = ring_pick(listener, tcp)?;
+        // The recorded real went down (or was removed), or a new connection reuses the tuple
+        // of a closed one: pick from the ring and repoint the entry.
+        let (real_id, real) = ring_pick(listener(tcp)?, tcp)?;
         // SAFETY: as above.
-        unsafe { *entry = FlowValue { backend: backend_id, listener: listener.id } };
-        return Ok(Pick { listener_id: listener.id, backend_id, backend, new_flow: true });
+        unsafe { *entry = FlowValue { real: real_id, flags: closing_flags(tcp) } };
+        return Ok(Pick { real_id, real, new_flow: true });
     }
     // A miss: a new connection, or one whose entry was evicted or predates this balancer. Both
     // follow the ring, so a flow whose backend set did not change keeps its broker.
-    let listener = listener(tcp)?;
-    let (backend_id, backend) = ring_pick(listener, tcp)?;
+    let (real_id, real) = ring_pick(listener(tcp)?, tcp)?;
     // A full LRU evicts, so the insert only fails on allocation failure; the frame is still
     // forwarded by the ring, which is what the next frame would do too.
-    let _ = FLOWS.insert(&key, &FlowValue { backend: backend_id, listener: listener.id }, u64::from(BPF_ANY));
-    Ok(Pick { listener_id: listener.id, backend_id, backend, new_flow: true })
+    let _ = FLOWS.insert(&key, &FlowValue { real: real_id, flags: closing_flags(tcp) }, u64::from(BPF_ANY));
+    Ok(Pick { real_id, real, new_flow: true })
 }

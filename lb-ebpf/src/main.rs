@@ -69,11 +69,11 @@ fn try_dsrlb(ctx: &XdpContext) -> Result<(), Verdict> {
         }
     };
     let pick = flow::pick(&tcp)?;
-    if !dsr::rewrite(ctx, pick.backend) {
+    if !dsr::rewrite(ctx, pick.real) {
         return Err(Verdict::PassMalformed);
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    stats::count_forward(pick.listener_id, pick.backend_id, bytes, pick.new_flow);
+    stats::count_forward(pick.real_id, bytes, pick.new_flow);
     Ok(())
 }
 

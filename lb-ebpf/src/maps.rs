@@ -9,9 +9,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    BackendInfo, Counters, DEFAULT_FLOW_TABLE_SIZE, FORWARD_STATS_SLOTS, DEFAULT_RING_SIZE, FlowKey, FlowValue,
-    ListenerInfo, ListenerKey, MAX_BACKENDS, MAX_LISTENERS, MAX_VIPS, PORT_SLOTS, RING_COPIES, VipInfo,
-    reason,
+    Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FlowKey, FlowValue, ListenerInfo, ListenerKey,
+    MAX_LISTENERS, MAX_VIPS, PORT_SLOTS, REAL_SLOTS, RING_COPIES, RealInfo, VipInfo, reason,
 };
 
 /// (VIP, port, proto) to listener. A hash map: an update swaps the whole value atomically.
@@ -27,18 +26,18 @@ pub static LISTEN_PORTS: Array<u32, { PORT_SLOTS as usize }> = Array::new();
 #[btf_map]
 pub static VIPS: HashMap<u32, VipInfo, { MAX_VIPS as usize }> = HashMap::new();
 
-/// Backend id to MACs and state.
+/// Real id (`lb_common::real_id`) to MACs and state.
 #[btf_map]
-pub static BACKENDS: Array<BackendInfo, { MAX_BACKENDS as usize }> = Array::new();
+pub static REALS: Array<RealInfo, { REAL_SLOTS as usize }> = Array::new();
 
-/// All Maglev rings, back to back: two copies per listener, each `ring_size` backend ids.
+/// All Maglev rings, back to back: two copies per listener, each `ring_size` real ids.
 #[btf_map]
 pub static RINGS: Array<
     u32,
     { (MAX_LISTENERS * RING_COPIES * DEFAULT_RING_SIZE) as usize },
 > = Array::new();
 
-/// Connection table: 4-tuple to backend. LRU with per-CPU lists (no shared LRU lock); the
+/// Connection table: 4-tuple to real. LRU with per-CPU lists (no shared LRU lock); the
 /// entries themselves are shared, so a flow seen on two CPUs has one backend.
 #[btf_map]
 pub static FLOWS: LruHashMap<
@@ -52,6 +51,6 @@ pub static FLOWS: LruHashMap<
 #[btf_map]
 pub static VERDICT_STATS: PerCpuArray<u64, { reason::COUNT as usize }> = PerCpuArray::new();
 
-/// Per (listener, backend) pair, see `lb_common::forward_stats_index`.
+/// Per real.
 #[btf_map]
-pub static FORWARD_STATS: PerCpuArray<Counters, { FORWARD_STATS_SLOTS as usize }> = PerCpuArray::new();
+pub static REAL_STATS: PerCpuArray<Counters, { REAL_SLOTS as usize }> = PerCpuArray::new();

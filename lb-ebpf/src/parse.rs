@@ -37,8 +37,19 @@ struct Ipv4Hdr {
 struct TcpHdr {
     source: u16,
     dest: u16,
-    _rest: [u32; 4],
+    seq: u32,
+    ack_seq: u32,
+    doff_res: u8,
+    flags: u8,
+    window: u16,
+    check: u16,
+    urg_ptr: u16,
 }
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// What the data plane needs from a TCP/IPv4 frame. Addresses and ports keep wire order.
 pub struct Tcp4 {
@@ -46,6 +57,8 @@ pub struct Tcp4 {
     pub dst_be: u32,
     pub sport_be: u16,
     pub dport_be: u16,
+    /// TCP flags byte (FIN, SYN, RST, PSH, ACK, ...).
+    pub flags: u8,
 }
 
 /// A frame that the parser recognised as IPv4 to be looked at further.
@@ -109,5 +122,11 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Verdict> {
 
     // `ihl` is at most 60, so the verifier can bound the offset; the check covers the options.
     let tcp = ptr_at::<TcpHdr>(ctx, l3 + ihl)?;
-    Ok(Parsed::Tcp(Tcp4 { src_be, dst_be, sport_be: unsafe { (*tcp).source }, dport_be: unsafe { (*tcp).dest } }))
+    Ok(Parsed::Tcp(Tcp4 {
+        src_be,
+        dst_be,
+        sport_be: unsafe { (*tcp).source },
+        dport_be: unsafe { (*tcp).dest },
+        flags: unsafe { (*tcp).flags },
+    }))
 }

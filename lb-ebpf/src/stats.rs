@@ -1,8 +1,6 @@
-//! Per-CPU counters: one per verdict reason, and packets/bytes/new flows per (listener, backend).
+//! Per-CPU counters: one per verdict reason, and packets/bytes/new flows per real.
 
-use lb_common::forward_stats_index;
-
-use crate::maps::{FORWARD_STATS, VERDICT_STATS};
+use crate::maps::{REAL_STATS, VERDICT_STATS};
 
 #[inline(always)]
 pub fn count_verdict(reason: u32) {
@@ -12,10 +10,10 @@ pub fn count_verdict(reason: u32) {
     }
 }
 
-/// Counts one forwarded frame against its listener and backend.
+/// Counts one forwarded frame against its real (listener and backend).
 #[inline(always)]
-pub fn count_forward(listener: u32, backend: u32, bytes: u64, new_flow: bool) {
-    if let Some(c) = FORWARD_STATS.get_ptr_mut(forward_stats_index(listener, backend)) {
+pub fn count_forward(real: u32, bytes: u64, new_flow: bool) {
+    if let Some(c) = REAL_STATS.get_ptr_mut(real) {
         // SAFETY: as above, a per-CPU slot.
         unsafe {
             (*c).packets += 1;

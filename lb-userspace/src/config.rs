@@ -59,7 +59,7 @@ pub enum HashMode {
     Source,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CheckKind {
     None,
@@ -68,6 +68,8 @@ pub enum CheckKind {
     MqttTls,
 }
 
+/// How one (listener, backend) pair is checked: `[health]`, overridden by the listener's
+/// `health` table, then by the backend's.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Health {
     pub check: CheckKind,
@@ -75,10 +77,20 @@ pub struct Health {
     pub timeout: Duration,
     pub fall: u32,
     pub rise: u32,
+    /// Start as down until `rise` probes pass (keepalived's `alpha`).
+    pub alpha: bool,
+    /// Also probe through the VIP along the DSR path, to catch a broker without the VIP.
+    pub vip_check: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// PEM file with the CA(s) that sign the brokers' certificates (`mqtt-tls`).
+    pub tls_ca: Option<PathBuf>,
+    /// Name to verify the certificate against; the probed address when absent.
+    pub tls_server_name: Option<String>,
 }
 
 impl Default for Health {
-    /// HAProxy's defaults: `inter 2s`, `fall 3`, `rise 2`; a probe times out after `inter / 2`.
+    /// HAProxy's defaults: `inter 2s`, `fall 3`, `rise 2`; a probe times out after 1s.
     fn default() -> Self {
         Self {
             check: CheckKind::Mqtt,
@@ -86,6 +98,12 @@ impl Default for Health {
             timeout: Duration::from_secs(1),
             fall: 3,
             rise: 2,
+            alpha: false,
+            vip_check: true,
+            username: None,
+            password: None,
+            tls_ca: None,
+            tls_server_name: None,
         }
     }
 }
@@ -98,6 +116,8 @@ pub struct Listener {
     pub hash: HashMode,
     /// Backend names, sorted; all backends when the file names none.
     pub backends: Vec<String>,
+    /// Effective health settings per backend name (defaults, then listener, then backend).
+    pub health: BTreeMap<String, Health>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,7 +170,7 @@ const fn default_mode() -> XdpModeCfg {
     XdpModeCfg::Auto
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHealth {
     check: Option<CheckKind>,
@@ -158,6 +178,12 @@ struct RawHealth {
     timeout: Option<Spanned<String>>,
     fall: Option<Spanned<u32>>,
     rise: Option<Spanned<u32>>,
+    alpha: Option<bool>,
+    vip_check: Option<bool>,
+    username: Option<String>,
+    password: Option<String>,
+    tls_ca: Option<Spanned<String>>,
+    tls_server_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -169,6 +195,7 @@ struct RawListener {
     #[serde(default = "default_hash")]
     hash: HashMode,
     backends: Option<Vec<Spanned<String>>>,
+    health: Option<Spanned<RawHealth>>,
 }
 
 const fn default_hash() -> HashMode {
@@ -182,6 +209,7 @@ struct RawBackend {
     address: Spanned<String>,
     mac: Option<Spanned<String>>,
     weight: Option<Spanned<u32>>,
+    health: Option<Spanned<RawHealth>>,
 }
 
 /// Reads and validates `path`.
@@ -249,20 +277,52 @@ impl Validator<'_> {
                 n
             }
         };
-        let health = match raw.health {
+        let health = match &raw.health {
             None => Health::default(),
-            Some(h) => self.health(h.into_inner(), "health")?,
+            Some(h) => self.health(&Health::default(), h, "health")?,
         };
 
+        let backend_health: BTreeMap<String, Spanned<RawHealth>> = raw
+            .backends
+            .iter()
+            .filter_map(|b| Some((b.get_ref().name.get_ref().clone(), b.get_ref().health.clone()?)))
+            .collect();
         let backends = self.backends(raw.backends)?;
-        let listeners = self.listeners(raw.listeners, &backends)?;
+        let listeners = self.listeners(raw.listeners, &backends, &health, &backend_health)?;
         Ok(Config { interface, xdp_mode: raw.xdp_mode, ring_size, flow_table_size, health, listeners, backends })
     }
 
-    fn health(&self, raw: RawHealth, field: &str) -> Result<Health, ConfigError> {
-        let mut h = Health::default();
+    fn health(&self, base: &Health, raw: &Spanned<RawHealth>, field: &str) -> Result<Health, ConfigError> {
+        let span = raw.span();
+        let raw = raw.get_ref();
+        let mut h = base.clone();
         if let Some(c) = raw.check {
             h.check = c;
+        }
+        if let Some(a) = raw.alpha {
+            h.alpha = a;
+        }
+        if let Some(v) = raw.vip_check {
+            h.vip_check = v;
+        }
+        if raw.username.is_some() {
+            h.username.clone_from(&raw.username);
+        }
+        if raw.password.is_some() {
+            h.password.clone_from(&raw.password);
+        }
+        if raw.tls_server_name.is_some() {
+            h.tls_server_name.clone_from(&raw.tls_server_name);
+        }
+        if let Some(ca) = &raw.tls_ca {
+            let path = PathBuf::from(ca.get_ref());
+            if let Err(e) = std::fs::metadata(&path) {
+                return Err(self.err(&ca.span(), format!("{field}.tls_ca"), format!("cannot read {}: {e}", path.display())));
+            }
+            h.tls_ca = Some(path);
+        }
+        if h.check == CheckKind::MqttTls && h.tls_ca.is_none() {
+            return Err(self.err(&span, format!("{field}.tls_ca"), "check = \"mqtt-tls\" needs tls_ca, the CA that signs the brokers' certificates"));
         }
         if let Some(s) = &raw.inter {
             h.inter = parse_duration(s.get_ref()).map_err(|m| self.err(&s.span(), format!("{field}.inter"), m))?;
@@ -279,7 +339,7 @@ impl Validator<'_> {
             }
         }
         if h.timeout > h.inter {
-            let span = raw.timeout.as_ref().map_or(0..0, Spanned::span);
+            let span = raw.timeout.as_ref().map_or(span, Spanned::span);
             return Err(self.err(&span, format!("{field}.timeout"), format!("{:?} is longer than inter ({:?})", h.timeout, h.inter)));
         }
         Ok(h)
@@ -324,7 +384,13 @@ impl Validator<'_> {
         Ok(out.into_values().collect())
     }
 
-    fn listeners(&self, raw: Vec<Spanned<RawListener>>, backends: &[Backend]) -> Result<Vec<Listener>, ConfigError> {
+    fn listeners(
+        &self,
+        raw: Vec<Spanned<RawListener>>,
+        backends: &[Backend],
+        defaults: &Health,
+        backend_health: &BTreeMap<String, Spanned<RawHealth>>,
+    ) -> Result<Vec<Listener>, ConfigError> {
         if raw.is_empty() {
             return Err(self.err(&(0..0), "listener", "at least one [[listener]] is needed"));
         }
@@ -354,7 +420,7 @@ impl Validator<'_> {
             if let Some(other) = endpoints.insert((vip, port), name.clone()) {
                 return Err(self.err(&l.port.span(), f("port"), format!("{vip}:{port} is already listener {other:?}")));
             }
-            let members = match &l.backends {
+            let members: Vec<String> = match &l.backends {
                 None => backends.iter().map(|b| b.name.clone()).collect(),
                 Some(list) => {
                     let mut set = BTreeSet::new();
@@ -369,7 +435,22 @@ impl Validator<'_> {
                     set.into_iter().collect()
                 }
             };
-            out.push(Listener { name, vip, port, hash: l.hash, backends: members });
+            let base = match &l.health {
+                None => defaults.clone(),
+                Some(h) => self.health(defaults, h, &f("health"))?,
+            };
+            let mut health = BTreeMap::new();
+            for m in &members {
+                let h = match backend_health.get(m.as_str()) {
+                    None => base.clone(),
+                    Some(h) => {
+                        let index = backends.iter().position(|b| &b.name == m).expect("member is a backend");
+                        self.health(&base, h, &format!("backend[{index}].health (for listener {name})"))?
+                    }
+                };
+                health.insert(m.clone(), h);
+            }
+            out.push(Listener { name, vip, port, hash: l.hash, backends: members, health });
         }
         Ok(out)
     }
@@ -493,6 +574,22 @@ weight = 50
         assert_eq!(c.backends[0].name, "b1");
         assert_eq!(c.backends[0].mac, Some([2, 0, 0, 0, 0, 0x11]));
         assert_eq!(c.backends[1].weight, 100);
+        assert_eq!(c.listeners[0].health["b1"].check, CheckKind::Tcp);
+    }
+
+    #[test]
+    fn health_overrides_merge_defaults_listener_backend() {
+        let text = GOOD.replace(
+            "backends = [\"b2\", \"b1\"]",
+            "backends = [\"b2\", \"b1\"]\nhealth = { inter = \"500ms\", fall = 2, timeout = \"200ms\" }",
+        ) + "health = { rise = 5, check = \"mqtt\" }\n";
+        let c = parse(&text, "t.toml").expect("valid");
+        let h1 = &c.listeners[0].health["b1"];
+        assert_eq!((h1.check, h1.inter, h1.fall, h1.rise), (CheckKind::Mqtt, Duration::from_millis(500), 2, 5));
+        let h2 = &c.listeners[0].health["b2"];
+        assert_eq!((h2.check, h2.fall, h2.rise), (CheckKind::Tcp, 2, 2));
+        let e = error_of(&GOOD.replace("check = \"tcp\"", "check = \"mqtt-tls\""));
+        assert!(e.contains("health.tls_ca"), "{e}");
     }
 
     fn error_of(text: &str) -> String {

@@ -1,150 +1,587 @@
-//! `dsrlb run`: from a validated config to an attached balancer, and back off on a signal.
+//! `dsrlb run`: the controller. It owns the data plane, the health checks and the control
+//! socket, and turns every change (a check result, a drain, a reload, a MAC change) into a new
+//! desired state that [`Dataplane::apply`] writes as a diff.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     io::{IsTerminal as _, Write as _},
-    time::Duration,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
-use lb_common::{NO_BACKEND, reason};
+use anyhow::{Context as _, bail};
+use lb_common::{FLOW_F_CLOSING, NO_BACKEND, flow_hash, real_backend, real_id, reason, ring_slot, source_hash};
+use serde_json::{Value, json};
+use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
-    config::{Config, format_mac},
+    config::{self, CheckKind, Config, HashMode, format_mac},
+    control::{self, Call, Request, Response},
     dataplane::{self, Dataplane, Desired, LoadOptions, Stats},
+    health::{self, PairHealth, Report, State},
     neigh,
-    plan::{self, BackendRuntime, Ids},
+    plan::{self, BackendRuntime, DownSet, Ids},
+    probe_route::{self, ProbeRoutes},
 };
 
-/// How long `run` waits for a backend's MAC to resolve.
+/// How long resolving a backend's MAC may take.
 const RESOLVE_WAIT: Duration = Duration::from_secs(3);
+/// How often backend MACs are re-read from the neighbour table.
+const MAC_REFRESH: Duration = Duration::from_secs(5);
 
-/// Everything `run` needs before it touches the kernel: resolved MACs and the planned maps.
-pub struct Prepared {
-    pub ids: Ids,
-    pub runtime: BTreeMap<String, BackendRuntime>,
-    pub src_mac: [u8; 6],
-    pub desired: Desired,
+/// Options of `dsrlb run` besides the config.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub config_path: PathBuf,
+    pub socket: PathBuf,
+    pub stats_every: Option<Duration>,
 }
 
-/// Resolves MACs and plans the maps. Touches nothing, so a failure leaves the system as it was.
+/// Resolves every backend's MAC: configured, known from before, or from the neighbour table.
 ///
 /// # Errors
-/// When the interface or a backend MAC cannot be found.
-pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
-    let src_mac = dataplane::interface_mac(&config.interface)?;
+/// When a backend does not resolve.
+pub fn resolve_macs(config: &Config, old: &BTreeMap<String, BackendRuntime>) -> anyhow::Result<BTreeMap<String, BackendRuntime>> {
     let mut runtime = BTreeMap::new();
     for b in &config.backends {
-        let mac = match b.mac {
-            Some(mac) => mac,
-            None => neigh::resolve(b.address, &config.interface, RESOLVE_WAIT)
-                .with_context(|| format!("backend {}", b.name))?,
+        let drained = old.get(&b.name).is_some_and(|r| r.drained);
+        let mac = match (b.mac, old.get(&b.name)) {
+            (Some(mac), _) => mac,
+            (None, Some(rt)) => rt.mac,
+            (None, None) => neigh::resolve(b.address, &config.interface, RESOLVE_WAIT).with_context(|| format!("backend {}", b.name))?,
         };
-        runtime.insert(b.name.clone(), BackendRuntime { mac, down: false, drained: false });
+        runtime.insert(b.name.clone(), BackendRuntime { mac, drained });
     }
-    let mut ids = Ids::default();
-    ids.update(config)?;
-    let desired = plan::desired(config, &ids, &runtime, src_mac)?;
-    Ok(Prepared { ids, runtime, src_mac, desired })
+    Ok(runtime)
 }
 
-/// A human summary of what is being served.
-#[must_use]
-pub fn describe(config: &Config, p: &Prepared) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "interface {} ({}), xdp_mode {:?}, ring_size {}, flow_table_size {}",
-        config.interface, format_mac(p.src_mac), config.xdp_mode, config.ring_size, config.flow_table_size);
-    for (l, d) in config.listeners.iter().zip(&p.desired.listeners) {
-        let _ = writeln!(out, "listener {} {}:{} hash={:?}", l.name, l.vip, l.port, l.hash);
-        let mut slots: BTreeMap<u32, usize> = BTreeMap::new();
-        for &s in &d.ring {
-            *slots.entry(s).or_default() += 1;
-        }
-        if slots.contains_key(&NO_BACKEND) {
-            let _ = writeln!(out, "  (no backend with weight > 0: new connections are dropped)");
-        }
-        for name in &l.backends {
-            let b = config.backend(name).expect("validated");
-            let id = p.ids.backends[name];
-            let share = slots.get(&id).copied().unwrap_or(0) as f64 * 100.0 / d.ring.len() as f64;
-            let _ = writeln!(out, "  backend {:<12} {:<15} {}  weight {:>5}  ring share {share:5.1}%",
-                b.name, b.address, format_mac(p.runtime[name].mac), b.weight);
-        }
-    }
-    out
+type Pair = (String, String);
+
+pub struct Controller {
+    opts: RunOptions,
+    config: Config,
+    ids: Ids,
+    runtime: BTreeMap<String, BackendRuntime>,
+    /// Weights set from the CLI; a reload drops them.
+    weights: BTreeMap<String, u32>,
+    health: BTreeMap<Pair, PairHealth>,
+    probes: BTreeMap<Pair, (health::Target, JoinHandle<()>)>,
+    reports: mpsc::Sender<Report>,
+    routes: ProbeRoutes,
+    dp: Dataplane,
+    src_mac: [u8; 6],
+    desired: Desired,
+    node: String,
+    /// The last counter sample, and rates (packets/s, new flows/s) per real from the two last.
+    sample: (Instant, Stats),
+    rates: BTreeMap<u32, (f64, f64)>,
 }
 
-/// One stats line: per backend, new flows and packets (totals and per second since `prev`).
-#[must_use]
-pub fn stats_line(ids: &Ids, now: &Stats, prev: &Stats, secs: f64) -> String {
-    let mut line = String::new();
-    for (name, id) in &ids.backends {
-        let c = now.backends.get(id).copied().unwrap_or_default();
-        let p = prev.backends.get(id).copied().unwrap_or_default();
-        let _ = write!(
-            line,
-            "{name}: {} new ({:.0}/s) {} pkts ({:.0}/s) | ",
-            c.new_flows,
-            (c.new_flows - p.new_flows) as f64 / secs,
-            c.packets,
-            (c.packets - p.packets) as f64 / secs
+fn node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "node".to_owned(), |h| h.trim().to_owned())
+}
+
+impl Controller {
+    /// Resolves, loads and fills the maps, then attaches. Nothing is attached when a step
+    /// fails.
+    ///
+    /// # Errors
+    /// When any step fails.
+    pub fn start(opts: RunOptions, config: Config, reports: mpsc::Sender<Report>) -> anyhow::Result<Self> {
+        let src_mac = dataplane::interface_mac(&config.interface)?;
+        let runtime = resolve_macs(&config, &BTreeMap::new())?;
+        let mut ids = Ids::default();
+        ids.update(&config)?;
+        let dp = Dataplane::load(&LoadOptions {
+            ring_size: config.ring_size,
+            flow_table_size: config.flow_table_size,
+            floor_dst_mac: runtime.values().next().map_or([0; 6], |r| r.mac),
+        })?;
+        let routes = ProbeRoutes::new(&config.interface);
+        let mut c = Self {
+            opts,
+            config,
+            ids,
+            runtime,
+            weights: BTreeMap::new(),
+            health: BTreeMap::new(),
+            probes: BTreeMap::new(),
+            reports,
+            routes,
+            dp,
+            src_mac,
+            desired: Desired::default(),
+            node: node_name(),
+            sample: (Instant::now(), Stats::default()),
+            rates: BTreeMap::new(),
+        };
+        c.sync_health();
+        c.apply().context("filling the maps")?;
+        c.dp.attach(&c.config.interface, dataplane::xdp_mode(c.config.xdp_mode))?;
+        c.sync_probes()?;
+        c.sample = (Instant::now(), c.dp.stats()?);
+        Ok(c)
+    }
+
+    fn pairs(config: &Config) -> impl Iterator<Item = (Pair, &config::Health)> {
+        config.listeners.iter().flat_map(|l| l.health.iter().map(move |(b, h)| ((l.name.clone(), b.clone()), h)))
+    }
+
+    /// Health entries for every pair of the config: existing ones keep their state.
+    fn sync_health(&mut self) {
+        let wanted: BTreeMap<Pair, config::Health> = Self::pairs(&self.config).map(|(p, h)| (p, h.clone())).collect();
+        self.health.retain(|p, _| wanted.contains_key(p));
+        for (p, h) in &wanted {
+            self.health.entry(p.clone()).or_insert_with(|| PairHealth::new(h));
+            if h.check == CheckKind::None {
+                // Unchecked pairs are always up.
+                self.health.insert(p.clone(), PairHealth::new(h));
+            }
+        }
+    }
+
+    /// Probe tasks and DSR probe routes for every checked pair; changed settings restart a
+    /// task, removed pairs stop theirs.
+    fn sync_probes(&mut self) -> anyhow::Result<()> {
+        let mut wanted: BTreeMap<Pair, health::Target> = BTreeMap::new();
+        let mut routes: BTreeMap<u32, (Ipv4Addr, BTreeSet<Ipv4Addr>)> = BTreeMap::new();
+        let mut tls_cache: BTreeMap<PathBuf, std::sync::Arc<tokio_rustls::rustls::ClientConfig>> = BTreeMap::new();
+        for l in &self.config.listeners {
+            for (b, h) in &l.health {
+                if h.check == CheckKind::None {
+                    continue;
+                }
+                let backend = self.config.backend(b).context("pair names a known backend")?;
+                let id = self.ids.backends[b];
+                let tls = match &h.tls_ca {
+                    Some(ca) if h.check == CheckKind::MqttTls => Some(match tls_cache.get(ca) {
+                        Some(c) => c.clone(),
+                        None => {
+                            let c = health::tls_config(ca)?;
+                            tls_cache.insert(ca.clone(), c.clone());
+                            c
+                        }
+                    }),
+                    _ => None,
+                };
+                if h.vip_check {
+                    routes.entry(id).or_insert_with(|| (backend.address, BTreeSet::new())).1.insert(l.vip);
+                }
+                wanted.insert(
+                    (l.name.clone(), b.clone()),
+                    health::Target {
+                        listener: l.name.clone(),
+                        backend: b.clone(),
+                        real: SocketAddrV4::new(backend.address, l.port),
+                        vip: SocketAddrV4::new(l.vip, l.port),
+                        mark: probe_route::mark(id),
+                        health: h.clone(),
+                        client_id: format!("dsrlb-hc-{}-{}-{}", self.node, l.name, b),
+                        tls,
+                    },
+                );
+            }
+        }
+        if let Err(e) = self.routes.sync(&routes) {
+            tracing::warn!(error = %format!("{e:#}"), "DSR-path probe routes incomplete: VIP checks of some backends will fail");
+        }
+        let stale: Vec<Pair> = self
+            .probes
+            .iter()
+            .filter(|(p, (t, _))| wanted.get(*p).is_none_or(|w| !same_target(w, t)))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in stale {
+            if let Some((_, task)) = self.probes.remove(&p) {
+                task.abort();
+            }
+        }
+        for (p, t) in wanted {
+            if !self.probes.contains_key(&p) {
+                let task = tokio::spawn(health::run(t.clone(), self.reports.clone()));
+                self.probes.insert(p, (t, task));
+            }
+        }
+        Ok(())
+    }
+
+    fn down_set(&self) -> DownSet {
+        self.health.iter().filter(|(_, h)| h.state != State::Up).map(|(p, _)| p.clone()).collect()
+    }
+
+    /// The config with CLI weight overrides applied.
+    fn effective_config(&self) -> Config {
+        let mut c = self.config.clone();
+        for b in &mut c.backends {
+            if let Some(&w) = self.weights.get(&b.name) {
+                b.weight = w;
+            }
+        }
+        c
+    }
+
+    /// Plans from the current state and writes the difference.
+    fn apply(&mut self) -> anyhow::Result<()> {
+        let desired = plan::desired(&self.effective_config(), &self.ids, &self.runtime, &self.down_set(), self.src_mac)?;
+        let report = self.dp.apply(&desired)?;
+        tracing::debug!(?report, "maps written");
+        self.desired = desired;
+        Ok(())
+    }
+
+    /// A health report: update the pair's state; a change rebuilds that listener's ring.
+    fn on_report(&mut self, r: &Report) {
+        let pair = (r.listener.clone(), r.backend.clone());
+        let Some(settings) = self.config.listeners.iter().find(|l| l.name == r.listener).and_then(|l| l.health.get(&r.backend)) else {
+            return; // a report from a pair removed by a reload
+        };
+        let (fall, rise) = (settings.fall, settings.rise);
+        let Some(h) = self.health.get_mut(&pair) else { return };
+        if let Some(state) = h.observe(&r.outcome, fall, rise) {
+            tracing::info!(listener = %r.listener, backend = %r.backend, state = state.as_str(), detail = %h.last, "backend state changed");
+            if let Err(e) = self.apply() {
+                tracing::error!(error = %format!("{e:#}"), "applying a health change failed");
+            }
+        }
+    }
+
+    /// Re-reads MACs of backends without a configured one; applies changes.
+    fn refresh_macs(&mut self) {
+        let mut changed = false;
+        for b in &self.config.backends {
+            if b.mac.is_some() {
+                continue;
+            }
+            if let Ok(Some(mac)) = neigh::lookup(b.address, &self.config.interface)
+                && let Some(rt) = self.runtime.get_mut(&b.name)
+                && rt.mac != mac
+            {
+                tracing::info!(backend = %b.name, old = %format_mac(rt.mac), new = %format_mac(mac), "backend MAC changed");
+                rt.mac = mac;
+                changed = true;
+            }
+        }
+        if changed && let Err(e) = self.apply() {
+            tracing::error!(error = %format!("{e:#}"), "applying a MAC change failed");
+        }
+    }
+
+    /// Re-reads the config; applies only the difference, or changes nothing and says why.
+    fn reload(&mut self) -> anyhow::Result<String> {
+        let new = config::load(&self.opts.config_path).map_err(anyhow::Error::new)?;
+        for (what, same) in [
+            ("interface", new.interface == self.config.interface),
+            ("xdp_mode", new.xdp_mode == self.config.xdp_mode),
+            ("ring_size", new.ring_size == self.config.ring_size),
+            ("flow_table_size", new.flow_table_size == self.config.flow_table_size),
+        ] {
+            if !same {
+                bail!("{what} cannot change on reload (the maps and the attachment depend on it): restart the controller");
+            }
+        }
+        let runtime = resolve_macs(&new, &self.runtime)?;
+        let mut ids = self.ids.clone();
+        ids.update(&new)?;
+        let down = self.down_set();
+        // Plan before committing anything: an error here leaves everything as it was.
+        plan::desired(&new, &ids, &runtime, &down, self.src_mac)?;
+        let added: Vec<String> = new.backends.iter().filter(|b| self.config.backend(&b.name).is_none()).map(|b| b.name.clone()).collect();
+        let removed: Vec<String> = self.config.backends.iter().filter(|b| new.backend(&b.name).is_none()).map(|b| b.name.clone()).collect();
+        self.config = new;
+        self.ids = ids;
+        self.runtime = runtime;
+        self.weights.clear();
+        self.sync_health();
+        self.apply()?;
+        self.sync_probes()?;
+        Ok(format!("reload applied: backends added {added:?}, removed {removed:?}"))
+    }
+
+    fn set_drained(&mut self, name: &str, drained: bool) -> anyhow::Result<String> {
+        let rt = self.runtime.get_mut(name).with_context(|| format!("no backend named {name:?}"))?;
+        rt.drained = drained;
+        self.apply()?;
+        tracing::info!(backend = %name, drained, "drain changed");
+        Ok(format!("{name} {}", if drained { "drained: no new flows, existing flows stay" } else { "undrained" }))
+    }
+
+    fn set_weight(&mut self, name: &str, weight: u32) -> anyhow::Result<String> {
+        if self.config.backend(name).is_none() {
+            bail!("no backend named {name:?}");
+        }
+        if weight > config::MAX_WEIGHT {
+            bail!("weight must be between 0 and {}", config::MAX_WEIGHT);
+        }
+        self.weights.insert(name.to_owned(), weight);
+        self.apply()?;
+        tracing::info!(backend = %name, weight, "weight changed");
+        Ok(format!("{name} weight {weight} (until the next reload)"))
+    }
+
+    /// Takes a counter sample and updates per-real rates.
+    fn sample_stats(&mut self) -> anyhow::Result<()> {
+        let now = self.dp.stats()?;
+        let secs = self.sample.0.elapsed().as_secs_f64().max(1e-3);
+        self.rates = now
+            .reals
+            .iter()
+            .map(|(id, c)| {
+                let p = self.sample.1.reals.get(id).copied().unwrap_or_default();
+                (*id, ((c.packets.saturating_sub(p.packets)) as f64 / secs, (c.new_flows.saturating_sub(p.new_flows)) as f64 / secs))
+            })
+            .collect();
+        self.sample = (Instant::now(), now);
+        Ok(())
+    }
+
+    /// Everything `dsrlb status` shows.
+    fn status(&self) -> anyhow::Result<Value> {
+        let flows = self.dp.flows_per_real()?;
+        let stats = &self.sample.1;
+        let cfg = self.effective_config();
+        let mut listeners = Vec::new();
+        for l in &cfg.listeners {
+            let lid = self.ids.listeners[&l.name];
+            let mut backends = Vec::new();
+            for b in &l.backends {
+                let backend = cfg.backend(b).context("known backend")?;
+                let bid = self.ids.backends[b];
+                let real = real_id(lid, bid);
+                let h = &self.health[&(l.name.clone(), b.clone())];
+                let rt = self.runtime[b];
+                let c = stats.reals.get(&real).copied().unwrap_or_default();
+                let (pps, nfps) = self.rates.get(&real).copied().unwrap_or_default();
+                backends.push(json!({
+                    "name": b,
+                    "address": backend.address.to_string(),
+                    "mac": format_mac(rt.mac),
+                    "weight": backend.weight,
+                    "drained": rt.drained || backend.weight == 0,
+                    "state": h.state.as_str(),
+                    "check": l.health[b].check,
+                    "last_check": h.last,
+                    "check_failures": h.failures_total,
+                    "flows": flows.get(&real).copied().unwrap_or(0),
+                    "packets": c.packets,
+                    "bytes": c.bytes,
+                    "new_flows": c.new_flows,
+                    "packets_per_sec": pps,
+                    "new_flows_per_sec": nfps,
+                }));
+            }
+            let c = stats.listener(lid);
+            listeners.push(json!({
+                "name": l.name, "vip": l.vip.to_string(), "port": l.port,
+                "hash": if l.hash == HashMode::Source { "source" } else { "4tuple" },
+                "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows,
+                "backends": backends,
+            }));
+        }
+        let per_backend: BTreeMap<String, usize> = self
+            .ids
+            .backends
+            .iter()
+            .map(|(name, &bid)| (name.clone(), flows.iter().filter(|(r, _)| real_backend(**r) == bid).map(|(_, n)| n).sum()))
+            .collect();
+        let verdicts: BTreeMap<String, u64> =
+            reason::LABELS.iter().zip(&stats.verdicts).map(|((v, r), n)| (format!("{v}/{r}"), *n)).collect();
+        Ok(json!({
+            "interface": cfg.interface,
+            "listeners": listeners,
+            "flows_per_backend": per_backend,
+            "flow_table_entries": flows.values().sum::<usize>(),
+            "verdicts": verdicts,
+        }))
+    }
+
+    /// Which backend a flow is pinned to, or would get (Katran's getRealForFlow).
+    fn flow(&self, client: &str, vip: &str) -> anyhow::Result<Value> {
+        let client: SocketAddrV4 = client.parse().with_context(|| format!("client {client:?} is not IP:PORT"))?;
+        let vip: SocketAddrV4 = vip.parse().with_context(|| format!("vip {vip:?} is not IP:PORT"))?;
+        let l = self
+            .config
+            .listeners
+            .iter()
+            .find(|l| l.vip == *vip.ip() && l.port == vip.port())
+            .with_context(|| format!("no listener on {vip}"))?;
+        let lid = self.ids.listeners[&l.name];
+        let name_of = |bid: u32| self.ids.backends.iter().find(|(_, v)| **v == bid).map(|(k, _)| k.clone());
+        if let Some(v) = self.dp.flow(*client.ip(), client.port(), *vip.ip(), vip.port())? {
+            return Ok(json!({
+                "listener": l.name, "backend": name_of(real_backend(v.real)),
+                "source": "flow table", "closing": v.flags & FLOW_F_CLOSING != 0,
+            }));
+        }
+        let wire = |p: u16| u16::from_ne_bytes(p.to_be_bytes());
+        let src = u32::from_ne_bytes(client.ip().octets());
+        let hash = if l.hash == HashMode::Source {
+            source_hash(src)
+        } else {
+            flow_hash(src, u32::from_ne_bytes(vip.ip().octets()), wire(client.port()), wire(vip.port()))
+        };
+        let d = self.desired.listeners.iter().find(|d| d.id == lid).context("listener planned")?;
+        let slot = d.ring[ring_slot(hash, self.config.ring_size) as usize];
+        let backend = if slot == NO_BACKEND { None } else { name_of(slot) };
+        Ok(json!({ "listener": l.name, "backend": backend, "source": "ring (not in the flow table)", "slot": ring_slot(hash, self.config.ring_size) }))
+    }
+
+    fn handle(&mut self, req: Request) -> Response {
+        let result = match req {
+            Request::Status => self.status(),
+            Request::Drain { backend } => self.set_drained(&backend, true).map(Value::from),
+            Request::Undrain { backend } => self.set_drained(&backend, false).map(Value::from),
+            Request::Weight { backend, weight } => self.set_weight(&backend, weight).map(Value::from),
+            Request::Reload => self.reload_logged().map(Value::from),
+            Request::Flow { client, vip } => self.flow(&client, &vip),
+        };
+        match result {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::err(format!("{e:#}")),
+        }
+    }
+
+    fn reload_logged(&mut self) -> anyhow::Result<String> {
+        match self.reload() {
+            Ok(msg) => {
+                tracing::info!("{msg}");
+                Ok(msg)
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "reload rejected; running state unchanged");
+                Err(e.context("reload rejected; the running state is unchanged"))
+            }
+        }
+    }
+
+    /// A human summary of what is being served.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        let c = &self.config;
+        let _ = writeln!(
+            out,
+            "interface {} ({}), xdp_mode {:?}, ring_size {}, flow_table_size {}, control socket {}",
+            c.interface,
+            format_mac(self.src_mac),
+            c.xdp_mode,
+            c.ring_size,
+            c.flow_table_size,
+            self.opts.socket.display()
         );
+        for (l, d) in c.listeners.iter().zip(&self.desired.listeners) {
+            let _ = writeln!(out, "listener {} {}:{} hash={:?}", l.name, l.vip, l.port, l.hash);
+            let mut slots: BTreeMap<u32, usize> = BTreeMap::new();
+            for &s in &d.ring {
+                *slots.entry(s).or_default() += 1;
+            }
+            if slots.contains_key(&NO_BACKEND) {
+                let _ = writeln!(out, "  (no backend with weight > 0: new connections are dropped)");
+            }
+            for name in &l.backends {
+                let b = c.backend(name).expect("validated");
+                let id = self.ids.backends[name];
+                let share = slots.get(&id).copied().unwrap_or(0) as f64 * 100.0 / d.ring.len() as f64;
+                let _ = writeln!(
+                    out,
+                    "  backend {:<12} {:<15} {}  weight {:>5}  ring share {share:5.1}%  check {:?}",
+                    b.name,
+                    b.address,
+                    format_mac(self.runtime[name].mac),
+                    b.weight,
+                    l.health[name].check
+                );
+            }
+        }
+        out
     }
-    let sum = |s: &Stats, verdict: &str| -> u64 {
-        reason::LABELS.iter().zip(&s.verdicts).filter(|((v, _), _)| *v == verdict).map(|(_, n)| n).sum()
-    };
-    let _ = write!(line, "pass {} drop {}", sum(now, "pass"), sum(now, "drop"));
-    line
+
+    /// One stats line: per backend, new flows and packets (totals and per second).
+    #[must_use]
+    pub fn stats_line(&self) -> String {
+        let mut line = String::new();
+        let stats = &self.sample.1;
+        for (name, &id) in &self.ids.backends {
+            let c = stats.backend(id);
+            let (pps, nfps) = self
+                .rates
+                .iter()
+                .filter(|(r, _)| real_backend(**r) == id)
+                .fold((0.0, 0.0), |(a, b), (_, (p, n))| (a + p, b + n));
+            let _ = write!(line, "{name}: {} new ({nfps:.0}/s) {} pkts ({pps:.0}/s) | ", c.new_flows, c.packets);
+        }
+        let sum = |verdict: &str| -> u64 {
+            reason::LABELS.iter().zip(&stats.verdicts).filter(|((v, _), _)| *v == verdict).map(|(_, n)| n).sum()
+        };
+        let _ = write!(line, "pass {} drop {}", sum("pass"), sum("drop"));
+        line
+    }
 }
 
-/// `dsrlb run`: loads, fills the maps, attaches, and waits for SIGINT or SIGTERM; dropping the
-/// data plane on the way out detaches the program. With `stats_every`, prints a stats line at
-/// that interval (in place on a terminal).
+fn same_target(a: &health::Target, b: &health::Target) -> bool {
+    a.real == b.real && a.vip == b.vip && a.mark == b.mark && a.health == b.health
+}
+
+/// `dsrlb run`: starts the controller and serves until SIGINT or SIGTERM; SIGHUP reloads. On
+/// the way out the program is detached and the probe routes and socket removed.
 ///
 /// # Errors
-/// When any step before the wait fails; nothing stays attached then.
-pub async fn run(config: Config, stats_every: Option<Duration>) -> anyhow::Result<()> {
+/// When starting fails; nothing stays attached then.
+pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
     // Handlers first: a signal that arrives while loading must still mean "detach and exit".
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let prepared = prepare(&config)?;
-    let mut dp = Dataplane::load(&LoadOptions {
-        ring_size: config.ring_size,
-        flow_table_size: config.flow_table_size,
-        floor_dst_mac: prepared.runtime.values().next().map_or([0; 6], |r| r.mac),
-    })?;
-    dp.apply(&prepared.desired).context("filling the maps")?;
-    dp.attach(&config.interface, dataplane::xdp_mode(config.xdp_mode))?;
-    print!("{}", describe(&config, &prepared));
-    tracing::info!(interface = %config.interface, "serving");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let (report_tx, mut reports) = mpsc::channel::<Report>(1024);
+    let (call_tx, mut calls) = mpsc::channel::<Call>(64);
+    let server = control::serve(&opts.socket, call_tx)?;
+    let socket = opts.socket.clone();
+    let stats_every = opts.stats_every;
+    let mut c = match Controller::start(opts, config, report_tx) {
+        Ok(c) => c,
+        Err(e) => {
+            server.abort();
+            let _ = std::fs::remove_file(&socket);
+            return Err(e);
+        }
+    };
+    print!("{}", c.describe());
+    let _ = std::io::stdout().flush();
+    tracing::info!(interface = %c.config.interface, "serving");
 
-    let mut tick = tokio::time::interval(stats_every.unwrap_or(Duration::from_secs(3600)));
+    let mut sample = tokio::time::interval(Duration::from_secs(1));
+    let mut print = tokio::time::interval(stats_every.unwrap_or(Duration::from_secs(3600)));
+    let mut macs = tokio::time::interval(MAC_REFRESH);
     let tty = std::io::stdout().is_terminal();
-    let mut prev = dp.stats()?;
-    let mut prev_at = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = int.recv() => { tracing::info!("SIGINT: detaching"); break; }
             _ = term.recv() => { tracing::info!("SIGTERM: detaching"); break; }
-            _ = tick.tick(), if stats_every.is_some() => {
-                let now = dp.stats()?;
-                let secs = prev_at.elapsed().as_secs_f64().max(1e-3);
-                let line = stats_line(&prepared.ids, &now, &prev, secs);
-                if tty {
-                    print!("\r\x1b[K{line}");
-                    let _ = std::io::stdout().flush();
-                } else {
-                    println!("{line}");
+            _ = hup.recv() => { let _ = c.reload_logged(); }
+            Some(r) = reports.recv() => c.on_report(&r),
+            Some((req, reply)) = calls.recv() => { let _ = reply.send(c.handle(req)); }
+            _ = sample.tick() => {
+                if let Err(e) = c.sample_stats() {
+                    tracing::warn!(error = %format!("{e:#}"), "reading counters failed");
                 }
-                prev = now;
-                prev_at = std::time::Instant::now();
+            }
+            _ = macs.tick() => c.refresh_macs(),
+            _ = print.tick(), if stats_every.is_some() => {
+                let line = c.stats_line();
+                if tty { print!("\r\x1b[K{line}"); let _ = std::io::stdout().flush(); } else { println!("{line}"); }
             }
         }
     }
     if tty && stats_every.is_some() {
         println!();
     }
-    drop(dp);
+    server.abort();
+    let _ = std::fs::remove_file(&socket);
+    for (_, (_, task)) in std::mem::take(&mut c.probes) {
+        task.abort();
+    }
+    drop(c);
     Ok(())
 }

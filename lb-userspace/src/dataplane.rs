@@ -13,9 +13,9 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
-    BACKEND_F_ACTIVE, BACKEND_F_DOWN, BackendInfo, Counters, FlowKey, FlowValue, IPPROTO_TCP,
-    LISTENER_F_HASH_SOURCE, ListenerInfo, ListenerKey, MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND,
-    RING_COPIES, VipInfo, forward_stats_index, map_names as names, reason,
+    Counters, FLOW_F_CLOSING, FlowKey, FlowValue, IPPROTO_TCP, LISTENER_F_HASH_SOURCE, ListenerInfo,
+    ListenerKey, MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND, REAL_F_ACTIVE, REAL_F_DOWN, RING_COPIES,
+    RealInfo, VipInfo, map_names as names, real_backend, real_id, real_listener, reason,
 };
 
 use crate::EBPF_OBJ;
@@ -33,25 +33,30 @@ pub struct LoadOptions {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub listeners: Vec<DesiredListener>,
-    pub backends: Vec<DesiredBackend>,
+    /// The balancer interface's MAC: the source of every forwarded frame.
+    pub src_mac: [u8; 6],
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredListener {
-    /// Stable id: index of its counters and of its two ring copies.
+    /// Stable id: index of its reals and of its two ring copies.
     pub id: u32,
     pub vip: Ipv4Addr,
     pub port: u16,
     pub hash_source: bool,
     /// `ring_size` backend ids, or [`NO_BACKEND`].
     pub ring: Vec<u32>,
+    /// Every backend of the listener, in the ring or not (drained, down): flows may still
+    /// point at them.
+    pub reals: Vec<DesiredReal>,
 }
 
+/// A backend as one listener uses it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DesiredBackend {
-    pub id: u32,
+pub struct DesiredReal {
+    pub backend: u32,
     pub dst_mac: [u8; 6],
-    pub src_mac: [u8; 6],
+    /// Failed this listener's checks: flows pinned to it are re-picked.
     pub down: bool,
 }
 
@@ -60,7 +65,7 @@ pub struct DesiredBackend {
 pub struct ApplyReport {
     pub ring_slots_written: usize,
     pub listeners_switched: usize,
-    pub backends_written: usize,
+    pub reals_written: usize,
     /// Flow entries deleted because their listener was removed or moved.
     pub flows_purged: usize,
 }
@@ -69,14 +74,44 @@ pub struct ApplyReport {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
     pub verdicts: Vec<u64>,
-    pub listeners: BTreeMap<u32, Counters>,
-    pub backends: BTreeMap<u32, Counters>,
+    /// Per real id.
+    pub reals: BTreeMap<u32, Counters>,
+}
+
+fn add(total: &mut Counters, c: &Counters) {
+    total.packets += c.packets;
+    total.bytes += c.bytes;
+    total.new_flows += c.new_flows;
 }
 
 impl Stats {
     #[must_use]
     pub fn verdict(&self, reason: u32) -> u64 {
         self.verdicts.get(reason as usize).copied().unwrap_or(0)
+    }
+
+    /// Summed over a listener's reals.
+    #[must_use]
+    pub fn listener(&self, id: u32) -> Counters {
+        let mut t = Counters::default();
+        self.reals.iter().filter(|(r, _)| real_listener(**r) == id).for_each(|(_, c)| add(&mut t, c));
+        t
+    }
+
+    /// Summed over a backend's reals (all its listeners).
+    #[must_use]
+    pub fn backend(&self, id: u32) -> Counters {
+        let mut t = Counters::default();
+        self.reals.iter().filter(|(r, _)| real_backend(**r) == id).for_each(|(_, c)| add(&mut t, c));
+        t
+    }
+
+    /// Summed over everything forwarded.
+    #[must_use]
+    pub fn total(&self) -> Counters {
+        let mut t = Counters::default();
+        self.reals.values().for_each(|c| add(&mut t, c));
+        t
     }
 }
 
@@ -86,7 +121,7 @@ struct Written {
     listeners: BTreeMap<u32, (ListenerKey, ListenerInfo)>,
     /// Content of each ring copy, by copy number (`id * RING_COPIES + copy`).
     rings: BTreeMap<u32, Vec<u32>>,
-    backends: BTreeMap<u32, BackendInfo>,
+    reals: BTreeMap<u32, RealInfo>,
     vips: BTreeMap<u32, u32>,
     /// `LISTEN_PORTS` slot to listener count.
     ports: BTreeMap<u32, u32>,
@@ -182,8 +217,8 @@ impl Dataplane {
 
     /// Writes `want` as the difference from what was written before.
     ///
-    /// Order matters for packets in flight: backends first (so no ring slot names an unset
-    /// backend), then each changed listener's standby ring copy, then the listener entry that
+    /// Order matters for packets in flight: reals first (so no ring slot names an unset
+    /// real), then each changed listener's standby ring copy, then the listener entry that
     /// switches to it in one update, and only then removals.
     ///
     /// # Errors
@@ -192,39 +227,39 @@ impl Dataplane {
     pub fn apply(&mut self, want: &Desired) -> anyhow::Result<ApplyReport> {
         let size = self.ring_size as usize;
         let mut ids = BTreeSet::new();
+        let mut reals: BTreeMap<u32, RealInfo> = BTreeMap::new();
         for l in &want.listeners {
             ensure!(l.id < MAX_LISTENERS, "listener id {} out of range", l.id);
             ensure!(ids.insert(l.id), "listener id {} used twice", l.id);
             ensure!(l.ring.len() == size, "listener {}: ring has {} slots, not {size}", l.id, l.ring.len());
+            for r in &l.reals {
+                ensure!(r.backend < MAX_BACKENDS, "backend id {} out of range", r.backend);
+                let info = RealInfo {
+                    dst_mac: r.dst_mac,
+                    src_mac: want.src_mac,
+                    flags: REAL_F_ACTIVE | if r.down { REAL_F_DOWN } else { 0 },
+                };
+                ensure!(reals.insert(real_id(l.id, r.backend), info).is_none(), "listener {}: backend {} twice", l.id, r.backend);
+            }
             for &s in &l.ring {
                 ensure!(
-                    s == NO_BACKEND || want.backends.iter().any(|b| b.id == s),
-                    "listener {}: ring names backend {s}, which is not in the desired set",
+                    s == NO_BACKEND || l.reals.iter().any(|r| r.backend == s),
+                    "listener {}: ring names backend {s}, which is not among its reals",
                     l.id
                 );
             }
         }
-        let mut bids = BTreeSet::new();
-        for b in &want.backends {
-            ensure!(b.id < MAX_BACKENDS, "backend id {} out of range", b.id);
-            ensure!(bids.insert(b.id), "backend id {} used twice", b.id);
-        }
 
         let mut report = ApplyReport::default();
 
-        // 1. Backends that are new or changed.
+        // 1. Reals that are new or changed.
         {
-            let mut map: Array<&mut MapData, BackendInfo> = map_mut(&mut self.ebpf, names::BACKENDS)?;
-            for b in &want.backends {
-                let info = BackendInfo {
-                    dst_mac: b.dst_mac,
-                    src_mac: b.src_mac,
-                    flags: BACKEND_F_ACTIVE | if b.down { BACKEND_F_DOWN } else { 0 },
-                };
-                if self.written.backends.get(&b.id) != Some(&info) {
-                    map.set(b.id, info, 0).with_context(|| format!("writing backend {}", b.id))?;
-                    self.written.backends.insert(b.id, info);
-                    report.backends_written += 1;
+            let mut map: Array<&mut MapData, RealInfo> = map_mut(&mut self.ebpf, names::REALS)?;
+            for (&id, info) in &reals {
+                if self.written.reals.get(&id) != Some(info) {
+                    map.set(id, info, 0).with_context(|| format!("writing real {id}"))?;
+                    self.written.reals.insert(id, *info);
+                    report.reals_written += 1;
                 }
             }
         }
@@ -242,8 +277,10 @@ impl Dataplane {
             // The copy number in use is where the active ring starts, in rings.
             let active_copy = current.map(|(_, info)| info.ring_base / self.ring_size);
             if let (Some((old_key, info)), Some(copy_no)) = (current, active_copy) {
-                let active = self.written.rings.get(&copy_no);
-                if old_key == key && info.flags == flags && active.is_some_and(|r| r == &l.ring) {
+                let same_ring = self.written.rings.get(&copy_no).is_some_and(|r| {
+                    r.iter().zip(&l.ring).all(|(&w, &b)| w == if b == NO_BACKEND { NO_BACKEND } else { real_id(l.id, b) })
+                });
+                if old_key == key && info.flags == flags && same_ring {
                     continue;
                 }
             }
@@ -252,15 +289,16 @@ impl Dataplane {
             let base = copy_no * self.ring_size;
             {
                 let old = self.written.rings.entry(copy_no).or_insert_with(|| vec![0; size]).clone();
+                let ring: Vec<u32> = l.ring.iter().map(|&b| if b == NO_BACKEND { NO_BACKEND } else { real_id(l.id, b) }).collect();
                 let mut rings: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, names::RINGS)?;
-                for (i, (&new, &was)) in l.ring.iter().zip(&old).enumerate() {
+                for (i, (&new, &was)) in ring.iter().zip(&old).enumerate() {
                     if new != was {
                         #[expect(clippy::cast_possible_truncation, reason = "i < ring_size, a u32")]
                         rings.set(base + i as u32, new, 0).with_context(|| format!("writing ring slot {i} of listener {}", l.id))?;
                         report.ring_slots_written += 1;
                     }
                 }
-                self.written.rings.insert(copy_no, l.ring.clone());
+                self.written.rings.insert(copy_no, ring);
             }
             let info = ListenerInfo { id: l.id, flags, ring_base: base, ring_size: self.ring_size };
             let mut map: HashMap<&mut MapData, ListenerKey, ListenerInfo> = map_mut(&mut self.ebpf, names::LISTENERS)?;
@@ -323,15 +361,15 @@ impl Dataplane {
         }
         self.written.vips = vips;
 
-        // 5. Backends no longer wanted: inactive, so flows still pinned to them are re-picked.
-        let gone: Vec<u32> = self.written.backends.keys().copied().filter(|id| !bids.contains(id)).collect();
+        // 5. Reals no longer wanted: inactive, so flows still pinned to them are re-picked.
+        let gone: Vec<u32> = self.written.reals.keys().copied().filter(|id| !reals.contains_key(id)).collect();
         if !gone.is_empty() {
-            let mut map: Array<&mut MapData, BackendInfo> = map_mut(&mut self.ebpf, names::BACKENDS)?;
+            let mut map: Array<&mut MapData, RealInfo> = map_mut(&mut self.ebpf, names::REALS)?;
             for id in gone {
-                map.set(id, BackendInfo { dst_mac: [0; 6], src_mac: [0; 6], flags: 0 }, 0)
-                    .with_context(|| format!("clearing backend {id}"))?;
-                self.written.backends.remove(&id);
-                report.backends_written += 1;
+                map.set(id, RealInfo { dst_mac: [0; 6], src_mac: [0; 6], flags: 0 }, 0)
+                    .with_context(|| format!("clearing real {id}"))?;
+                self.written.reals.remove(&id);
+                report.reals_written += 1;
             }
         }
         Ok(report)
@@ -363,28 +401,23 @@ impl Dataplane {
         for r in 0..reason::COUNT {
             verdicts.push(verdict_map.get(&r, 0)?.iter().sum());
         }
-        let map: PerCpuArray<&MapData, Counters> = self.map_ref(names::FORWARD_STATS)?;
-        let mut listeners: BTreeMap<u32, Counters> = self.written.listeners.keys().map(|&id| (id, Counters::default())).collect();
-        let mut backends: BTreeMap<u32, Counters> = self.written.backends.keys().map(|&id| (id, Counters::default())).collect();
-        for (&l, lsum) in &mut listeners {
-            for (&b, bsum) in &mut backends {
-                for c in map.get(&forward_stats_index(l, b), 0)?.iter() {
-                    for total in [&mut *lsum, &mut *bsum] {
-                        total.packets += c.packets;
-                        total.bytes += c.bytes;
-                        total.new_flows += c.new_flows;
-                    }
-                }
+        let map: PerCpuArray<&MapData, Counters> = self.map_ref(names::REAL_STATS)?;
+        let mut reals = BTreeMap::new();
+        for &id in self.written.reals.keys() {
+            let mut total = Counters::default();
+            for c in map.get(&id, 0)?.iter() {
+                add(&mut total, c);
             }
+            reals.insert(id, total);
         }
-        Ok(Stats { verdicts, listeners, backends })
+        Ok(Stats { verdicts, reals })
     }
 
-    /// The backend a flow is pinned to in the flow table, if any.
+    /// The real a flow is pinned to in the flow table, if any, with its flags.
     ///
     /// # Errors
     /// When the map read fails for a reason other than a missing key.
-    pub fn flow(&self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> anyhow::Result<Option<u32>> {
+    pub fn flow(&self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> anyhow::Result<Option<FlowValue>> {
         let map: HashMap<&MapData, FlowKey, FlowValue> = self.map_ref(names::FLOWS)?;
         let key = FlowKey {
             src_be: u32::from_ne_bytes(src.octets()),
@@ -393,7 +426,7 @@ impl Dataplane {
             dport_be: u16::from_ne_bytes(dport.to_be_bytes()),
         };
         match map.get(&key, 0) {
-            Ok(v) => Ok(Some(v.backend)),
+            Ok(v) => Ok(Some(v)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e).context("reading the flow table"),
         }
@@ -408,16 +441,20 @@ impl Dataplane {
         Ok(map.keys().filter(Result::is_ok).count())
     }
 
-    /// How many flow entries point at each backend id.
+    /// How many live (not closing) flow entries point at each real.
     ///
     /// # Errors
     /// When the walk fails.
-    pub fn flows_per_backend(&self) -> anyhow::Result<BTreeMap<u32, usize>> {
+    pub fn flows_per_real(&self) -> anyhow::Result<BTreeMap<u32, usize>> {
         let map: HashMap<&MapData, FlowKey, FlowValue> = self.map_ref(names::FLOWS)?;
         let mut out = BTreeMap::new();
         for entry in map.iter() {
-            let (_, v) = entry.context("walking the flow table")?;
-            *out.entry(v.backend).or_default() += 1;
+            // An entry evicted during the walk ends it early on some kernels; what was counted
+            // stands.
+            let Ok((_, v)) = entry else { break };
+            if v.flags & FLOW_F_CLOSING == 0 {
+                *out.entry(v.real).or_default() += 1;
+            }
         }
         Ok(out)
     }

@@ -1,12 +1,15 @@
 //! The dsrlb controller: config, Maglev rings, and the XDP data plane they are written to.
 
 pub mod config;
+pub mod control;
 pub mod controller;
 pub mod dataplane;
+pub mod health;
 pub mod maglev;
 pub mod mqtt;
 pub mod neigh;
 pub mod plan;
+pub mod probe_route;
 
 /// The XDP object built from `lb-ebpf` by `build.rs`.
 pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dsrlb"));

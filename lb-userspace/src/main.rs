@@ -1,50 +1,111 @@
 //! `dsrlb`: the XDP direct-server-return balancer for MQTT brokers.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use lb_userspace::{config, controller};
+use lb_userspace::{
+    config,
+    control::{self, Request},
+    controller::{self, RunOptions},
+};
+use serde_json::Value;
 
 #[derive(Parser)]
 #[command(name = "dsrlb", version, about = "XDP direct-server-return load balancer for MQTT brokers")]
 struct Cli {
+    /// The controller's control socket.
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load and attach the balancer, fill its maps from the config, and serve until SIGINT/SIGTERM.
+    /// Load and attach the balancer, fill its maps from the config, run health checks, and
+    /// serve until SIGINT/SIGTERM (SIGHUP reloads the config).
     Run {
         #[arg(long, short)]
         config: PathBuf,
         /// Print per-backend new flows and packets at this interval (e.g. 1s).
-        #[arg(long, value_parser = parse_interval)]
-        stats_interval: Option<std::time::Duration>,
+        #[arg(long, value_parser = config::parse_duration)]
+        stats_interval: Option<Duration>,
     },
-    /// Validate a config and print what it would serve (MACs not resolved are shown as such).
+    /// Validate a config without touching the kernel.
     Check {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Listeners and backends: health, weight, flows, packets/s, new flows/s.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop new flows to a backend; its existing flows stay.
+    Drain { backend: String },
+    /// Undo `drain`.
+    Undrain { backend: String },
+    /// Set a backend's weight until the next reload.
+    Weight { backend: String, weight: u32 },
+    /// Re-read the config and apply the difference (an invalid config changes nothing).
+    Reload,
+    /// Which backend a flow is pinned to, or would get: `dsrlb flow 192.0.2.1:40000 192.0.2.100:1883`.
+    Flow {
+        client: String,
+        vip: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per-backend counters; `--watch` refreshes every second.
+    Stats {
+        #[arg(long)]
+        watch: bool,
+        #[arg(long)]
+        json: bool,
     },
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let socket = control::socket_path(cli.socket.as_ref());
     let result = match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config, stats_interval } => match config::load(&config) {
             Err(e) => Err(anyhow::Error::new(e).context("invalid config; nothing was attached")),
-            Ok(cfg) => tokio::runtime::Runtime::new()
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(controller::run(cfg, stats_interval))),
+            Ok(cfg) => {
+                let opts = RunOptions { config_path: config, socket, stats_every: stats_interval };
+                tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(controller::run(opts, cfg)))
+            }
         },
+        Command::Status { json } => request(&socket, &Request::Status).map(|v| {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print!("{}", status_table(&v));
+            }
+        }),
+        Command::Drain { backend } => message(&socket, &Request::Drain { backend }),
+        Command::Undrain { backend } => message(&socket, &Request::Undrain { backend }),
+        Command::Weight { backend, weight } => message(&socket, &Request::Weight { backend, weight }),
+        Command::Reload => message(&socket, &Request::Reload),
+        Command::Flow { client, vip, json } => request(&socket, &Request::Flow { client, vip }).map(|v| {
+            if json {
+                println!("{v}");
+            } else {
+                println!(
+                    "{} -> {} ({}; listener {})",
+                    v["backend"].as_str().unwrap_or("(no backend)"),
+                    v["source"].as_str().unwrap_or(""),
+                    if v["closing"].as_bool() == Some(true) { "closing" } else { "live" },
+                    v["listener"].as_str().unwrap_or("")
+                );
+            }
+        }),
+        Command::Stats { watch, json } => stats(&socket, watch, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -55,8 +116,89 @@ fn main() -> ExitCode {
     }
 }
 
-fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
-    config::parse_duration(s)
+fn request(socket: &std::path::Path, req: &Request) -> anyhow::Result<Value> {
+    let resp = control::call(socket, req)?;
+    if resp.ok {
+        Ok(resp.data)
+    } else {
+        anyhow::bail!("{}", resp.error.unwrap_or_else(|| "failed".into()))
+    }
+}
+
+fn message(socket: &std::path::Path, req: &Request) -> anyhow::Result<()> {
+    let v = request(socket, req)?;
+    println!("{}", v.as_str().unwrap_or(&v.to_string()));
+    Ok(())
+}
+
+fn status_table(v: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let empty = Vec::new();
+    for l in v["listeners"].as_array().unwrap_or(&empty) {
+        let _ = writeln!(
+            out,
+            "listener {} {}:{} hash={}  packets {}  new flows {}",
+            l["name"].as_str().unwrap_or(""),
+            l["vip"].as_str().unwrap_or(""),
+            l["port"],
+            l["hash"].as_str().unwrap_or(""),
+            l["packets"],
+            l["new_flows"]
+        );
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<15} {:<18} {:>6} {:>8} {:>8} {:>10} {:>10}  {}",
+            "backend", "address", "state", "weight", "flows", "pkts/s", "new/s", "packets", "last check"
+        );
+        for b in l["backends"].as_array().unwrap_or(&empty) {
+            let mut state = b["state"].as_str().unwrap_or("?").to_owned();
+            if b["drained"].as_bool() == Some(true) {
+                state += ",drained";
+            }
+            let _ = writeln!(
+                out,
+                "  {:<12} {:<15} {:<18} {:>6} {:>8} {:>8.0} {:>10.1} {:>10}  {}",
+                b["name"].as_str().unwrap_or(""),
+                b["address"].as_str().unwrap_or(""),
+                state,
+                b["weight"],
+                b["flows"],
+                b["packets_per_sec"].as_f64().unwrap_or(0.0),
+                b["new_flows_per_sec"].as_f64().unwrap_or(0.0),
+                b["packets"],
+                b["last_check"].as_str().unwrap_or("")
+            );
+        }
+    }
+    let _ = writeln!(out, "flow table entries (live): {}", v["flow_table_entries"]);
+    out
+}
+
+fn stats(socket: &std::path::Path, watch: bool, json: bool) -> anyhow::Result<()> {
+    // Bounded even with --watch: a day of refreshes at most.
+    for i in 0..86_400u32 {
+        let v = request(socket, &Request::Status)?;
+        if json {
+            println!("{}", serde_json::json!({ "listeners": v["listeners"], "verdicts": v["verdicts"] }));
+        } else {
+            if watch {
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", status_table(&v));
+            if let Some(verdicts) = v["verdicts"].as_object() {
+                let line: Vec<String> = verdicts.iter().filter(|(_, n)| n.as_u64() != Some(0)).map(|(k, n)| format!("{k} {n}")).collect();
+                println!("verdicts: {}", line.join("  "));
+            }
+        }
+        if !watch {
+            break;
+        }
+        if i > 0 || watch {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    Ok(())
 }
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {

@@ -8,7 +8,7 @@ use lb_common::{MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND};
 
 use crate::{
     config::{Config, HashMode},
-    dataplane::{Desired, DesiredBackend, DesiredListener},
+    dataplane::{Desired, DesiredListener, DesiredReal},
     maglev,
 };
 
@@ -53,43 +53,46 @@ impl Ids {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendRuntime {
     pub mac: [u8; 6],
-    /// Failed its checks (or is misconfigured): out of every ring, and its flows move.
-    pub down: bool,
     /// Drained from the CLI: out of every ring, its flows stay.
     pub drained: bool,
 }
+
+/// (listener name, backend name) pairs whose checks failed: out of that listener's ring, and
+/// flows pinned to them move.
+pub type DownSet = BTreeSet<(String, String)>;
 
 /// Builds the desired map content. `runtime` must hold every backend of `config`; `src_mac` is
 /// the balancer interface's MAC.
 ///
 /// # Errors
 /// When a backend has no runtime facts or an id is missing.
-pub fn desired(config: &Config, ids: &Ids, runtime: &BTreeMap<String, BackendRuntime>, src_mac: [u8; 6]) -> anyhow::Result<Desired> {
-    let mut backends = Vec::with_capacity(config.backends.len());
-    for b in &config.backends {
-        let rt = runtime.get(&b.name).with_context(|| format!("backend {}: MAC not resolved", b.name))?;
-        let id = *ids.backends.get(&b.name).with_context(|| format!("backend {}: no id", b.name))?;
-        backends.push(DesiredBackend { id, dst_mac: rt.mac, src_mac, down: rt.down });
-    }
+pub fn desired(
+    config: &Config,
+    ids: &Ids,
+    runtime: &BTreeMap<String, BackendRuntime>,
+    down: &DownSet,
+    src_mac: [u8; 6],
+) -> anyhow::Result<Desired> {
     let mut listeners = Vec::with_capacity(config.listeners.len());
     for l in &config.listeners {
         let id = *ids.listeners.get(&l.name).with_context(|| format!("listener {}: no id", l.name))?;
-        let members: Vec<(&str, u32)> = l
-            .backends
-            .iter()
-            .filter_map(|name| {
-                let b = config.backend(name)?;
-                let rt = runtime.get(name)?;
-                let weight = if rt.down || rt.drained { 0 } else { b.weight };
-                Some((name.as_str(), weight))
-            })
-            .collect();
+        let mut members: Vec<(&str, u32)> = Vec::with_capacity(l.backends.len());
+        let mut reals = Vec::with_capacity(l.backends.len());
+        for name in &l.backends {
+            let b = config.backend(name).with_context(|| format!("listener {}: no backend {name}", l.name))?;
+            let rt = runtime.get(name).with_context(|| format!("backend {name}: MAC not resolved"))?;
+            let backend = *ids.backends.get(name).with_context(|| format!("backend {name}: no id"))?;
+            let is_down = down.contains(&(l.name.clone(), name.clone()));
+            let weight = if is_down || rt.drained { 0 } else { b.weight };
+            members.push((name.as_str(), weight));
+            reals.push(DesiredReal { backend, dst_mac: rt.mac, down: is_down });
+        }
         let table = maglev::build(&members, config.ring_size);
         let ring = table
             .into_iter()
             .map(|slot| if slot == maglev::EMPTY { NO_BACKEND } else { ids.backends[members[slot as usize].0] })
             .collect();
-        listeners.push(DesiredListener { id, vip: l.vip, port: l.port, hash_source: l.hash == HashMode::Source, ring });
+        listeners.push(DesiredListener { id, vip: l.vip, port: l.port, hash_source: l.hash == HashMode::Source, ring, reals });
     }
-    Ok(Desired { listeners, backends })
+    Ok(Desired { listeners, src_mac })
 }

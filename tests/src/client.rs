@@ -75,6 +75,7 @@ impl MqttConn {
 pub struct Balancer {
     pub child: Child,
     pub config: PathBuf,
+    pub socket: PathBuf,
     lb_ns: String,
 }
 
@@ -88,9 +89,12 @@ impl Balancer {
     pub fn start(lab: &Lab, config: &str) -> Self {
         let path = lab.state.join("dsrlb-test.toml");
         std::fs::write(&path, config).expect("writing the config");
+        let socket = lab.state.join("control.sock");
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", lab.ns("lb")))
             .arg(crate::dsrlb_bin())
+            .arg("--socket")
+            .arg(&socket)
             .args(["run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "warn")
@@ -98,7 +102,7 @@ impl Balancer {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("starting dsrlb");
-        let mut b = Self { child, config: path, lb_ns: lab.ns("lb") };
+        let mut b = Self { child, config: path, socket, lb_ns: lab.ns("lb") };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !b.attached() {
             assert!(b.child.try_wait().expect("wait").is_none(), "dsrlb exited before attaching");
@@ -106,6 +110,39 @@ impl Balancer {
             std::thread::sleep(Duration::from_millis(50));
         }
         b
+    }
+
+    /// Runs `dsrlb --socket S ARGS...` (the CLI) and returns (success, stdout, stderr).
+    ///
+    /// # Panics
+    /// When the CLI cannot start.
+    #[must_use]
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(crate::dsrlb_bin()).arg("--socket").arg(&self.socket).args(args).output().expect("starting the dsrlb CLI");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// `dsrlb status --json`.
+    ///
+    /// # Panics
+    /// When the CLI fails.
+    #[must_use]
+    pub fn status(&self) -> serde_json::Value {
+        let (ok, out, err) = self.cli(&["status", "--json"]);
+        assert!(ok, "dsrlb status failed: {err}");
+        serde_json::from_str(&out).expect("status JSON")
+    }
+
+    /// The state of (listener, backend) from `dsrlb status`.
+    #[must_use]
+    pub fn state(&self, listener: &str, backend: &str) -> String {
+        let s = self.status();
+        s["listeners"]
+            .as_array()
+            .and_then(|ls| ls.iter().find(|l| l["name"] == listener))
+            .and_then(|l| l["backends"].as_array()?.iter().find(|b| b["name"] == backend).cloned())
+            .and_then(|b| b["state"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| panic!("no {listener}/{backend} in status: {s}"))
     }
 
     /// Whether the balancer's `eth0` carries an XDP program.

@@ -14,7 +14,7 @@ use lb_common::reason;
 use lb_userspace::{
     config,
     dataplane::{self, Dataplane, LoadOptions},
-    plan::{self, BackendRuntime, Ids},
+    plan::{self, BackendRuntime, DownSet, Ids},
 };
 use tests::{
     dsrlb_bin,
@@ -30,6 +30,9 @@ const CONFIG: &str = r#"
 interface = "lb0"
 xdp_mode = "native"
 flow_table_size = 65536
+
+[health]
+check = "none"
 
 [[listener]]
 name = "mqtt"
@@ -104,9 +107,9 @@ fn syns_to_the_vip_bounce_with_a_backend_mac() {
     let runtime = cfg
         .backends
         .iter()
-        .map(|b| (b.name.clone(), BackendRuntime { mac: b.mac.expect("set"), down: false, drained: false }))
+        .map(|b| (b.name.clone(), BackendRuntime { mac: b.mac.expect("set"), drained: false }))
         .collect();
-    dp.apply(&plan::desired(&cfg, &ids, &runtime, lb_mac).expect("plan")).expect("apply");
+    dp.apply(&plan::desired(&cfg, &ids, &runtime, &DownSet::new(), lb_mac).expect("plan")).expect("apply");
     lb.run(|| dp.attach("lb0", XdpMode::Driver)).expect("attach to lb0");
     // The receiving side of a veth needs an XDP program of its own to get XDP_TX frames.
     cl.run(|| dp.attach_program("xdp_pass", "cl0", XdpMode::Driver)).expect("attach xdp_pass to cl0");
@@ -124,9 +127,9 @@ fn syns_to_the_vip_bounce_with_a_backend_mac() {
     let stats = dp.stats().expect("stats");
     let tx = stats.verdict(reason::TX);
     assert!(tx >= bounced.len() as u64, "TX counter {tx} < {} frames seen", bounced.len());
-    let new_flows: u64 = stats.backends.values().map(|c| c.new_flows).sum();
+    let new_flows: u64 = stats.total().new_flows;
     assert!(new_flows >= 12, "12 connections made {new_flows} new flows");
-    assert_eq!(stats.listeners.values().map(|c| c.packets).sum::<u64>(), tx);
+    assert_eq!(stats.listener(ids.listeners["mqtt"]).packets, tx);
     eprintln!("{} bounced frames, backends {seen:02x?}, TX {tx}, new flows {new_flows}", bounced.len());
 }
 
@@ -145,16 +148,19 @@ fn dsrlb_run_attaches_serves_and_detaches_on_sigterm() {
     // A bad config: the error names line and field, and nothing is attached.
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, CONFIG.replace("port = 1883", "port = 0")).expect("write");
+    let socket = dir.join("control.sock");
     let out = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", lb.name))
         .arg(dsrlb_bin())
+        .arg("--socket")
+        .arg(&socket)
         .args(["run", "--config"])
         .arg(&bad)
         .output()
         .expect("start dsrlb");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("bad.toml:9:8: listener[0].port"), "unhelpful error: {err}");
+    assert!(err.contains("bad.toml:12:8: listener[0].port"), "unhelpful error: {err}");
     assert!(!xdp_attached(&lb, "lb0"), "a rejected config attached something");
 
     let good = dir.join("good.toml");
@@ -162,6 +168,8 @@ fn dsrlb_run_attaches_serves_and_detaches_on_sigterm() {
     let mut child = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", lb.name))
         .arg(dsrlb_bin())
+        .arg("--socket")
+        .arg(&socket)
         .args(["run", "--config"])
         .arg(&good)
         .stdout(Stdio::piped())

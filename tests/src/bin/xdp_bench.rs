@@ -16,7 +16,7 @@ use lb_common::reason;
 use lb_userspace::{
     config,
     dataplane::{Dataplane, LoadOptions},
-    plan::{self, BackendRuntime, Ids},
+    plan::{self, BackendRuntime, DownSet, Ids},
 };
 use tests::frame::{Ipv4Frame, LB_MAC, TCP_ACK, TCP_SYN};
 
@@ -45,9 +45,9 @@ fn setup() -> Dataplane {
     let rt: BTreeMap<_, _> = cfg
         .backends
         .iter()
-        .map(|b| (b.name.clone(), BackendRuntime { mac: b.mac.expect("set"), down: false, drained: false }))
+        .map(|b| (b.name.clone(), BackendRuntime { mac: b.mac.expect("set"), drained: false }))
         .collect();
-    dp.apply(&plan::desired(&cfg, &ids, &rt, LB_MAC).expect("plan")).expect("apply");
+    dp.apply(&plan::desired(&cfg, &ids, &rt, &DownSet::new(), LB_MAC).expect("plan")).expect("apply");
     dp
 }
 
@@ -111,7 +111,7 @@ fn main() {
     let s1 = dp.stats().expect("stats");
     let runs = u64::from(REPEAT) * ROUNDS as u64;
     assert_eq!(s1.verdict(reason::TX) - s0.verdict(reason::TX), runs, "every established run forwarded");
-    let nf = |s: &lb_userspace::dataplane::Stats| s.backends.values().map(|c| c.new_flows).sum::<u64>();
+    let nf = |s: &lb_userspace::dataplane::Stats| s.total().new_flows;
     assert_eq!(nf(&s1), nf(&s0), "no established run took the new-flow path");
 
     let pass_ns = repeated(&dp, "dsrlb", &pass, PASS);
