@@ -69,6 +69,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let socket = control::socket_path(cli.socket.as_ref());
@@ -162,11 +163,11 @@ fn status_table(v: &Value) -> String {
                 b["name"].as_str().unwrap_or(""),
                 b["address"].as_str().unwrap_or(""),
                 state,
-                b["weight"],
-                b["flows"],
+                b["weight"].as_u64().unwrap_or(0),
+                b["flows"].as_u64().unwrap_or(0),
                 b["packets_per_sec"].as_f64().unwrap_or(0.0),
                 b["new_flows_per_sec"].as_f64().unwrap_or(0.0),
-                b["packets"],
+                b["packets"].as_u64().unwrap_or(0),
                 b["last_check"].as_str().unwrap_or("")
             );
         }

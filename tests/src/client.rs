@@ -185,3 +185,28 @@ pub fn xdp_attached(ns: &str) -> bool {
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("prog/xdp"))
 }
+
+impl MqttConn {
+    /// PUBLISH at QoS 1 and wait for its PUBACK: an application message end to end.
+    ///
+    /// # Errors
+    /// When the broker does not acknowledge.
+    pub fn publish_qos1(&mut self, topic: &str, packet_id: u16, payload: &[u8]) -> std::io::Result<()> {
+        let mut body = Vec::with_capacity(topic.len() + payload.len() + 4);
+        body.extend_from_slice(&u16::try_from(topic.len()).expect("short topic").to_be_bytes());
+        body.extend_from_slice(topic.as_bytes());
+        body.extend_from_slice(&packet_id.to_be_bytes());
+        body.extend_from_slice(payload);
+        let len = u8::try_from(body.len()).ok().filter(|l| *l < 128).ok_or_else(|| std::io::Error::other("publish too long for this helper"))?;
+        let mut packet = vec![0x32, len];
+        packet.extend_from_slice(&body);
+        self.stream.write_all(&packet)?;
+        let mut ack = [0u8; 4];
+        self.stream.read_exact(&mut ack)?;
+        if ack[0] == 0x40 && ack[1] == 2 && ack[2..4] == packet_id.to_be_bytes() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("expected PUBACK {packet_id}, got {ack:02x?}")))
+        }
+    }
+}

@@ -394,3 +394,56 @@ fn ring_switch_writes_only_changed_slots() {
     assert_eq!(report.ring_slots_written, 0, "the standby copies already hold this ring: {report:?}");
     assert_eq!(report.listeners_switched, 2);
 }
+
+#[test]
+fn client_close_marks_the_flow_and_a_reused_tuple_starts_fresh() {
+    require_root!();
+    let mut lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100)]);
+    let ports: Vec<u16> = (42000..42400).step_by(2).collect();
+    for &p in &ports {
+        assert_eq!(lb.run(&syn(p)).0, XDP_TX);
+    }
+    let live = |lb: &Lb| lb.dp.flows_per_real().expect("walk").values().sum::<usize>();
+    assert_eq!(live(&lb), ports.len());
+    // A backend joins: the ring moves some tuples, established flows stay where they are.
+    lb.set_backends(&[("b1", 11, 100), ("b2", 12, 100), ("b3", 13, 100)]);
+    let moved: Vec<u16> = ports.iter().copied().filter(|&p| lb.ring_choice(0, CLIENT, p, 1883) == "b3").collect();
+    assert!(moved.len() > 20, "only {} tuples moved to b3", moved.len());
+    for &p in &moved {
+        let (_, out) = lb.run(&syn(p));
+        assert_ne!(lb.backend_of(&out), "b3", "port {p}: a SYN retransmit on a live flow must keep its backend");
+    }
+    // The client closes these flows (FIN, or RST for a few); they stop counting as live but
+    // still steer the rest of the close.
+    for (i, &p) in moved.iter().enumerate() {
+        let flags = if i % 4 == 0 { 0x04 } else { 0x11 };
+        let (_, out) = lb.run(&Ipv4Frame::tcp(CLIENT, p, VIP, 1883, flags).build());
+        assert_ne!(lb.backend_of(&out), "b3", "port {p}: the FIN goes where the flow was");
+        let v = lb.dp.flow(CLIENT, p, VIP, 1883).expect("lookup").expect("entry kept");
+        assert_eq!(v.flags & lb_common::FLOW_F_CLOSING, lb_common::FLOW_F_CLOSING);
+        let (_, out) = lb.run(&Ipv4Frame::tcp(CLIENT, p, VIP, 1883, TCP_ACK).build());
+        assert_ne!(lb.backend_of(&out), "b3", "port {p}: the last ACK goes where the flow was");
+    }
+    assert_eq!(live(&lb), ports.len() - moved.len(), "closing flows are not live");
+    // A new connection reusing a closed tuple follows the current ring.
+    for &p in &moved {
+        let (_, out) = lb.run(&syn(p));
+        assert_eq!(lb.backend_of(&out), "b3", "port {p}: a reused tuple must start from the ring");
+    }
+    assert_eq!(live(&lb), ports.len());
+}
+
+#[test]
+fn removing_a_listener_stops_its_established_flows() {
+    require_root!();
+    let mut lb = Lb::new(&[("b1", 11, 100)]);
+    let tls = Ipv4Frame::tcp(CLIENT, 43000, VIP, 8883, TCP_SYN).build();
+    assert_eq!(lb.run(&tls).0, XDP_TX);
+    assert_eq!(lb.run(&syn(43000)).0, XDP_TX);
+    // Drop the 8883 listener from the config: its flow entries go with it.
+    lb.config.listeners.retain(|l| l.name != "mqtts");
+    lb.apply();
+    let (action, _) = lb.run(&Ipv4Frame::tcp(CLIENT, 43000, VIP, 8883, TCP_ACK).build());
+    assert_eq!(action, XDP_PASS, "an established flow of a removed listener is still forwarded");
+    assert_eq!(lb.run(&Ipv4Frame::tcp(CLIENT, 43000, VIP, 1883, TCP_ACK).build()).0, XDP_TX, "the other listener is untouched");
+}

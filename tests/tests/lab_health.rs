@@ -1,0 +1,302 @@
+//! Health checks and backend changes in the lab, with real brokers and held MQTT sessions:
+//! failure, recovery, drain, reload, a broker without the VIP, fast failover, a rejected
+//! reload, and a TLS listener failing on its own.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use tests::{
+    client::{Balancer, MqttConn},
+    lab::{self, LabGuard, VIP},
+    netns::in_netns,
+    require_root,
+};
+
+const INTER: Duration = Duration::from_millis(500);
+const FALL: u32 = 2;
+const RISE: u32 = 2;
+const T: Duration = Duration::from_secs(5);
+
+/// `fall × inter + inter`, with the ±10% jitter of each interval.
+fn failover_window() -> Duration {
+    (INTER * FALL + INTER).mul_f64(1.1)
+}
+
+fn health() -> String {
+    format!("check = \"mqtt\"\ninter = \"{}ms\"\ntimeout = \"300ms\"\nfall = {FALL}\nrise = {RISE}", INTER.as_millis())
+}
+
+fn in_client<R: Send>(lab: &LabGuard, f: impl FnOnce() -> R + Send) -> R {
+    in_netns(&lab.ns("client"), f).expect("client namespace")
+}
+
+/// Opens `n` sessions, spread over the client's extra addresses (so thousands do not exhaust
+/// one address's ports), ids `{prefix}-{i}`.
+fn hold(lab: &LabGuard, prefix: &str, n: usize) -> Vec<(String, MqttConn)> {
+    in_client(lab, || {
+        (0..n)
+            .map(|i| {
+                let from = Ipv4Addr::new(192, 0, 2, lab::CLIENT_EXTRA_BASE + u8::try_from(i % usize::from(lab::CLIENT_EXTRA_COUNT)).expect("fits"));
+                let id = format!("{prefix}-{i}");
+                let c = MqttConn::connect(Some(from), SocketAddrV4::new(VIP, 1883), &id, T).unwrap_or_else(|e| panic!("{id}: {e}"));
+                (id, c)
+            })
+            .collect()
+    })
+}
+
+/// Client id to broker index, from the brokers' logs (waits until all `ids` are logged).
+fn placement(lab: &LabGuard, ids: impl Iterator<Item = String>) -> BTreeMap<String, usize> {
+    let ids: Vec<String> = ids.collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut at = BTreeMap::new();
+        for b in 0..lab.brokers {
+            for s in lab.sessions(b) {
+                at.insert(s.client_id, b);
+            }
+        }
+        let found: BTreeMap<String, usize> = ids.iter().filter_map(|id| at.get(id).map(|b| (id.clone(), *b))).collect();
+        if found.len() == ids.len() || Instant::now() > deadline {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Opens and closes `n` new sessions; returns how many landed on each broker. Every one must
+/// succeed.
+fn fresh(lab: &LabGuard, prefix: &str, n: usize) -> Vec<usize> {
+    for (_, c) in hold(lab, prefix, n) {
+        c.disconnect();
+    }
+    let at = placement(lab, (0..n).map(|i| format!("{prefix}-{i}")));
+    assert_eq!(at.len(), n, "not every new session was logged by a broker");
+    let mut counts = vec![0; lab.brokers];
+    for b in at.values() {
+        counts[*b] += 1;
+    }
+    counts
+}
+
+/// Pings every held session on one of `brokers`; panics naming the first dead one.
+fn assert_alive(held: &mut [(String, MqttConn)], at: &BTreeMap<String, usize>, brokers: &[usize]) -> usize {
+    let mut n = 0;
+    for (id, c) in held.iter_mut().filter(|(id, _)| brokers.contains(&at[id])) {
+        c.ping().unwrap_or_else(|e| panic!("held session {id} on b{} died: {e}", at[id] + 1));
+        n += 1;
+    }
+    n
+}
+
+fn wait_state(lb: &Balancer, listener: &str, backend: &str, want: &str, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let got = lb.state(listener, backend);
+        if got == want {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < within, "{listener}/{backend} is {got}, not {want}, after {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn flows_of(lb: &Balancer, backend: &str) -> u64 {
+    lb.status()["flows_per_backend"][backend].as_u64().expect("flows_per_backend")
+}
+
+#[test]
+fn broker_failure_moves_new_flows_and_keeps_every_other_session_then_recovers() {
+    require_root!();
+    let lab = LabGuard::up(3);
+    let lb = Balancer::start(&lab, &lab.config(&health()));
+    let mut held = hold(&lab, "held", 500);
+    let at = placement(&lab, held.iter().map(|(id, _)| id.clone()));
+    assert_eq!(at.len(), 500);
+    let others = assert_alive(&mut held, &at, &[1, 2]);
+    assert!(others > 250, "only {others} of 500 sessions on b2 and b3");
+
+    lab.stop_broker(0).expect("stopping b1");
+    let stopped = Instant::now();
+    std::thread::sleep(failover_window());
+    let counts = fresh(&lab, "after-fail", 100);
+    assert_eq!(counts[0], 0, "{:?} after b1 stopped: new sessions still reached it", stopped.elapsed());
+    assert_eq!(lb.state("mqtt", "b1"), "down");
+    let alive = assert_alive(&mut held, &at, &[1, 2]);
+    assert_eq!(alive, others, "every session on the healthy brokers is alive");
+
+    lab.start_broker(0).expect("restarting b1");
+    let took = wait_state(&lb, "mqtt", "b1", "up", (INTER * (RISE + 1)).mul_f64(1.1) + Duration::from_millis(500));
+    eprintln!("b1 back up {took:?} after restart");
+    let counts = fresh(&lab, "after-recovery", 60);
+    assert!(counts[0] > 0, "b1 gets no new sessions after recovering: {counts:?}");
+    assert_eq!(assert_alive(&mut held, &at, &[1, 2]), others);
+}
+
+#[test]
+fn drain_keeps_sessions_stops_new_ones_and_counts_down_to_zero() {
+    require_root!();
+    let lab = LabGuard::up(2);
+    let lb = Balancer::start(&lab, &lab.config(&health()));
+    let mut held = hold(&lab, "dr", 100);
+    let at = placement(&lab, held.iter().map(|(id, _)| id.clone()));
+    let on_b1 = at.values().filter(|b| **b == 0).count();
+    assert!(on_b1 > 20);
+
+    let (ok, out, err) = lb.cli(&["drain", "b1"]);
+    assert!(ok, "drain failed: {err}");
+    assert!(out.contains("drained"), "{out}");
+    // Sessions on the drained broker keep working, with application messages too.
+    for (i, (id, c)) in held.iter_mut().enumerate() {
+        c.ping().unwrap_or_else(|e| panic!("{id} died after drain: {e}"));
+        c.publish_qos1("drain/test", u16::try_from(i + 1).expect("fits"), b"still here").unwrap_or_else(|e| panic!("{id}: {e}"));
+    }
+    let counts = fresh(&lab, "dr-new", 60);
+    assert_eq!(counts[0], 0, "a drained broker got new sessions: {counts:?}");
+    // The fresh sessions above closed; the remaining flows on b1 are exactly the held ones.
+    assert_eq!(flows_of(&lb, "b1"), on_b1 as u64);
+
+    // Its clients leave: the count falls to zero.
+    let mut rest = Vec::new();
+    for (id, c) in held {
+        if at[&id] == 0 {
+            c.disconnect();
+        } else {
+            rest.push((id, c));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while flows_of(&lb, "b1") != 0 {
+        assert!(Instant::now() < deadline, "b1 still has {} flows after its clients left", flows_of(&lb, "b1"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(assert_alive(&mut rest, &at, &[1]), 100 - on_b1);
+    let (ok, _, err) = lb.cli(&["undrain", "b1"]);
+    assert!(ok, "{err}");
+    assert!(fresh(&lab, "dr-back", 60)[0] > 0, "undrained b1 gets no new sessions");
+}
+
+#[test]
+fn adding_a_broker_by_reload_breaks_no_session() {
+    require_root!();
+    let lab = LabGuard::up(3);
+    let full = lab.config(&health());
+    let without_b3 = full.split("[[backend]]\nname = \"b3\"").next().expect("config").to_owned();
+    let lb = Balancer::start(&lab, &without_b3);
+    let mut held = hold(&lab, "rl", 300);
+    let at = placement(&lab, held.iter().map(|(id, _)| id.clone()));
+    assert!(at.values().all(|b| *b < 2));
+
+    std::fs::write(&lb.config, &full).expect("writing the new config");
+    let (ok, out, err) = lb.cli(&["reload"]);
+    assert!(ok, "reload failed: {err}");
+    assert!(out.contains("added [\"b3\"]"), "{out}");
+    assert_eq!(assert_alive(&mut held, &at, &[0, 1]), 300, "sessions broke on reload");
+    let counts = fresh(&lab, "rl-new", 90);
+    assert!(counts[2] > 10, "the added broker gets few new sessions: {counts:?}");
+    assert_eq!(assert_alive(&mut held, &at, &[0, 1]), 300);
+}
+
+#[test]
+fn broker_without_the_vip_is_vip_misconfigured_and_gets_no_sessions() {
+    require_root!();
+    let lab = LabGuard::up(2);
+    let lb = Balancer::start(&lab, &lab.config(&health()));
+    lab.set_broker_vip(0, false).expect("removing the VIP from b1");
+    let took = wait_state(&lb, "mqtt", "b1", "vip-misconfigured", failover_window() + Duration::from_millis(400));
+    eprintln!("vip-misconfigured after {took:?}");
+    let s = lb.status();
+    let b1 = &s["listeners"][0]["backends"][0];
+    assert!(b1["last_check"].as_str().unwrap_or("").contains("answers"), "the state says the real address answers: {b1}");
+    let counts = fresh(&lab, "novip", 60);
+    assert_eq!(counts, vec![0, 60]);
+    lab.set_broker_vip(0, true).expect("restoring the VIP");
+    wait_state(&lb, "mqtt", "b1", "up", (INTER * (RISE + 1)).mul_f64(1.1) + Duration::from_millis(400));
+}
+
+#[test]
+fn clients_of_a_hung_broker_get_a_reset_instead_of_waiting() {
+    require_root!();
+    let lab = LabGuard::up(2);
+    let lb = Balancer::start(&lab, &lab.config(&health()));
+    let mut held = hold(&lab, "hang", 40);
+    let at = placement(&lab, held.iter().map(|(id, _)| id.clone()));
+    // A hung broker: its process stops answering, its kernel keeps the connections open.
+    let pid: i32 = std::fs::read_to_string(lab.state.join("b1/mosquitto.pid")).expect("pid").trim().parse().expect("pid");
+    // SAFETY: signals to the lab's own broker process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let hung = Instant::now();
+    std::thread::sleep(failover_window());
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for (id, c) in held.iter_mut().filter(|(id, _)| at[id] == 0) {
+            c.stream.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+            let t = Instant::now();
+            let err = c.ping().expect_err("a session on a hung broker cannot get PINGRESP");
+            assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{id}: {err} after {:?} (since hang {:?})", t.elapsed(), hung.elapsed());
+        }
+        assert_eq!(lb.state("mqtt", "b1"), "down");
+    }));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    result.expect("fast failover");
+    assert_eq!(assert_alive(&mut held, &at, &[1]), at.values().filter(|b| **b == 1).count());
+}
+
+#[test]
+fn an_invalid_reload_is_rejected_and_changes_nothing() {
+    require_root!();
+    let lab = LabGuard::up(2);
+    let good = lab.config(&health());
+    let lb = Balancer::start(&lab, &good);
+    let mut held = hold(&lab, "inv", 100);
+    let at = placement(&lab, held.iter().map(|(id, _)| id.clone()));
+    let bad = good.replace("port = 1883", "port = 1883\nhash = \"round-robin\"");
+    let line = bad.lines().position(|l| l.contains("round-robin")).expect("the bad line") + 1;
+    std::fs::write(&lb.config, &bad).expect("write");
+    let (ok, _, err) = lb.cli(&["reload"]);
+    assert!(!ok, "an invalid config was accepted");
+    assert!(err.contains(&format!("line {line}")) && err.contains("round-robin"), "the error must name the line and field: {err}");
+    assert!(err.contains("unchanged"), "{err}");
+    assert_eq!(assert_alive(&mut held, &at, &[0, 1]), 100);
+    let counts = fresh(&lab, "inv-new", 40);
+    assert!(counts[0] > 0 && counts[1] > 0, "{counts:?}");
+    // SIGHUP with the same bad file: also rejected, still serving.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(i32::try_from(lb.child.id()).expect("pid"), libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(assert_alive(&mut held, &at, &[0, 1]), 100);
+    assert_eq!(lb.state("mqtt", "b1"), "up");
+}
+
+#[test]
+fn tls_listener_checked_with_mqtt_tls_fails_alone() {
+    require_root!();
+    let lab = LabGuard::up(2);
+    let tls_health = format!(
+        "health = {{ check = \"mqtt-tls\", tls_ca = \"{}\", tls_server_name = \"{}\" }}\n",
+        lab.ca_pem().display(),
+        lab::TLS_NAME
+    );
+    let config = lab.config(&health()).replace("port = 8883\n", &format!("port = 8883\n{tls_health}"));
+    let lb = Balancer::start(&lab, &config);
+    // The first TLS probe passes (its result names the TLS handshake).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let s = lb.status();
+        let last = s["listeners"][1]["backends"][0]["last_check"].as_str().unwrap_or("").to_owned();
+        if last.starts_with("TLS, CONNACK 0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no passing TLS probe: {last}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // b1 comes back without its TLS listener: 8883 fails, 1883 does not.
+    lab.start_broker_with(0, false).expect("b1 without TLS");
+    wait_state(&lb, "mqtts", "b1", "down", failover_window() + Duration::from_millis(400));
+    std::thread::sleep(INTER * 2);
+    assert_eq!(lb.state("mqtt", "b1"), "up", "the plain listener must stay up");
+    assert_eq!(lb.state("mqtts", "b2"), "up");
+}
