@@ -28,6 +28,8 @@ pub enum Request {
     Weight { backend: String, weight: u32 },
     Reload,
     Flow { client: String, vip: String },
+    /// Detach, remove the pins, and exit.
+    Stop,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -135,6 +137,13 @@ pub fn call(path: &Path, req: &Request) -> anyhow::Result<Response> {
     let mut answer = String::new();
     reader.read_line(&mut answer).context("reading the controller's answer")?;
     serde_json::from_str(&answer).with_context(|| format!("the controller answered {answer:?}"))
+}
+
+/// Where the controller keeps what it must know to adopt its pinned state (ids, drains,
+/// health): beside the socket.
+#[must_use]
+pub fn state_path(socket: &Path) -> PathBuf {
+    socket.parent().unwrap_or_else(|| Path::new("/run/dsrlb")).join("state.json")
 }
 
 /// The socket path from `--socket` or the default.

@@ -36,7 +36,19 @@ const MAC_REFRESH: Duration = Duration::from_secs(5);
 pub struct RunOptions {
     pub config_path: PathBuf,
     pub socket: PathBuf,
+    /// bpffs directory for the maps' and the link's pins.
+    pub pin_dir: PathBuf,
     pub stats_every: Option<Duration>,
+}
+
+/// What a controller saves so the next one can adopt the pinned maps as they are.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Saved {
+    ids: Ids,
+    drained: BTreeSet<String>,
+    weights: BTreeMap<String, u32>,
+    /// (listener, backend, state) of every pair not up.
+    out: Vec<(String, String, State)>,
 }
 
 /// Resolves every backend's MAC: configured, known from before, or from the neighbour table.
@@ -77,6 +89,8 @@ pub struct Controller {
     /// The last counter sample, and rates (packets/s, new flows/s) per real from the two last.
     sample: (Instant, Stats),
     rates: BTreeMap<u32, (f64, f64)>,
+    /// Set by `dsrlb stop`: detach and unpin on the way out.
+    stopping: bool,
 }
 
 fn node_name() -> String {
@@ -91,21 +105,39 @@ impl Controller {
     /// When any step fails.
     pub fn start(opts: RunOptions, config: Config, reports: mpsc::Sender<Report>) -> anyhow::Result<Self> {
         let src_mac = dataplane::interface_mac(&config.interface)?;
-        let runtime = resolve_macs(&config, &BTreeMap::new())?;
-        let mut ids = Ids::default();
+        let load = LoadOptions { ring_size: config.ring_size, flow_table_size: config.flow_table_size, floor_dst_mac: [0; 6] };
+        let state_file = control::state_path(&opts.socket);
+        let (dp, start) = Dataplane::open_pinned(&load, &opts.pin_dir, &config.interface)?;
+        let saved = match start {
+            dataplane::Start::Fresh => Saved::default(),
+            dataplane::Start::Adopted => {
+                let text = std::fs::read_to_string(&state_file).with_context(|| {
+                    format!(
+                        "{} holds a live balancer but {} is missing: run `dsrlb stop` to start afresh (forwarding stops meanwhile)",
+                        opts.pin_dir.display(),
+                        state_file.display()
+                    )
+                })?;
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", state_file.display()))?
+            }
+        };
+        let mut old = BTreeMap::new();
+        for name in &saved.drained {
+            old.insert(name.clone(), BackendRuntime { mac: [0; 6], drained: true });
+        }
+        let mut runtime = resolve_macs(&config, &BTreeMap::new())?;
+        for (name, rt) in &mut runtime {
+            rt.drained = old.contains_key(name);
+        }
+        let mut ids = saved.ids.clone();
         ids.update(&config)?;
-        let dp = Dataplane::load(&LoadOptions {
-            ring_size: config.ring_size,
-            flow_table_size: config.flow_table_size,
-            floor_dst_mac: runtime.values().next().map_or([0; 6], |r| r.mac),
-        })?;
         let routes = ProbeRoutes::new(&config.interface);
         let mut c = Self {
             opts,
             config,
             ids,
             runtime,
-            weights: BTreeMap::new(),
+            weights: saved.weights.clone(),
             health: BTreeMap::new(),
             probes: BTreeMap::new(),
             reports,
@@ -116,13 +148,48 @@ impl Controller {
             node: node_name(),
             sample: (Instant::now(), Stats::default()),
             rates: BTreeMap::new(),
+            stopping: false,
         };
         c.sync_health();
+        for (l, b, state) in &saved.out {
+            if let Some(h) = c.health.get_mut(&(l.clone(), b.clone())) {
+                h.restore(*state);
+            }
+        }
+        let before = if start == dataplane::Start::Adopted { c.dp.flow_count().ok() } else { None };
         c.apply().context("filling the maps")?;
-        c.dp.attach(&c.config.interface, dataplane::xdp_mode(c.config.xdp_mode))?;
+        c.dp.attach_pinned_link(&c.config.interface, dataplane::xdp_mode(c.config.xdp_mode), &c.opts.pin_dir)?;
+        match start {
+            dataplane::Start::Adopted => tracing::info!(
+                pins = %c.opts.pin_dir.display(),
+                flows = before.unwrap_or(0),
+                program = c.dp.program_id().unwrap_or(0),
+                "adopted the pinned balancer: flow table kept, program replaced in place"
+            ),
+            dataplane::Start::Fresh => tracing::info!(pins = %c.opts.pin_dir.display(), "attached and pinned"),
+        }
         c.sync_probes()?;
         c.sample = (Instant::now(), c.dp.stats()?);
         Ok(c)
+    }
+
+    /// Writes what the next controller needs to adopt the pins (atomically: temp file, rename).
+    fn save(&self) {
+        let saved = Saved {
+            ids: self.ids.clone(),
+            drained: self.runtime.iter().filter(|(_, r)| r.drained).map(|(n, _)| n.clone()).collect(),
+            weights: self.weights.clone(),
+            out: self.health.iter().filter(|(_, h)| h.state != State::Up).map(|((l, b), h)| (l.clone(), b.clone(), h.state)).collect(),
+        };
+        let path = control::state_path(&self.opts.socket);
+        let tmp = path.with_extension("json.tmp");
+        let result = serde_json::to_vec_pretty(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = result {
+            tracing::error!(error = %e, path = %path.display(), "saving controller state failed; a restart may not adopt the pins");
+        }
     }
 
     fn pairs(config: &Config) -> impl Iterator<Item = (Pair, &config::Health)> {
@@ -228,6 +295,7 @@ impl Controller {
         let report = self.dp.apply(&desired)?;
         tracing::debug!(?report, "maps written");
         self.desired = desired;
+        self.save();
         Ok(())
     }
 
@@ -435,6 +503,10 @@ impl Controller {
             Request::Weight { backend, weight } => self.set_weight(&backend, weight).map(Value::from),
             Request::Reload => self.reload_logged().map(Value::from),
             Request::Flow { client, vip } => self.flow(&client, &vip),
+            Request::Stop => {
+                self.stopping = true;
+                Ok(Value::from(format!("stopping: detaching and removing the pins in {}", self.opts.pin_dir.display())))
+            }
         };
         match result {
             Ok(v) => Response::ok(v),
@@ -523,8 +595,8 @@ fn same_target(a: &health::Target, b: &health::Target) -> bool {
     a.real == b.real && a.vip == b.vip && a.mark == b.mark && a.health == b.health
 }
 
-/// `dsrlb run`: starts the controller and serves until SIGINT or SIGTERM; SIGHUP reloads. On
-/// the way out the program is detached and the probe routes and socket removed.
+/// `dsrlb run`: starts (or adopts) the balancer and serves until SIGINT or SIGTERM, which leave
+/// forwarding running from the pins; SIGHUP reloads; `dsrlb stop` detaches and unpins.
 ///
 /// # Errors
 /// When starting fails; nothing stays attached then.
@@ -557,11 +629,14 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     let tty = std::io::stdout().is_terminal();
     loop {
         tokio::select! {
-            _ = int.recv() => { tracing::info!("SIGINT: detaching"); break; }
-            _ = term.recv() => { tracing::info!("SIGTERM: detaching"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: exiting; forwarding continues from the pins (dsrlb stop detaches)"); break; }
+            _ = term.recv() => { tracing::info!("SIGTERM: exiting; forwarding continues from the pins (dsrlb stop detaches)"); break; }
             _ = hup.recv() => { let _ = c.reload_logged(); }
             Some(r) = reports.recv() => c.on_report(&r),
-            Some((req, reply)) = calls.recv() => { let _ = reply.send(c.handle(req)); }
+            Some((req, reply)) = calls.recv() => {
+                let _ = reply.send(c.handle(req));
+                if c.stopping { tracing::info!("dsrlb stop: detaching"); break; }
+            }
             _ = sample.tick() => {
                 if let Err(e) = c.sample_stats() {
                     tracing::warn!(error = %format!("{e:#}"), "reading counters failed");
@@ -582,6 +657,13 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     for (_, (_, task)) in std::mem::take(&mut c.probes) {
         task.abort();
     }
+    let stop = c.stopping.then(|| c.opts.pin_dir.clone());
+    c.save();
+    // Our handles close here; the pins keep the attachment unless this is `dsrlb stop`.
     drop(c);
+    if let Some(dir) = stop {
+        dataplane::unpin_all(&dir)?;
+        let _ = std::fs::remove_file(control::state_path(&socket));
+    }
     Ok(())
 }

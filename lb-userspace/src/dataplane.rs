@@ -10,7 +10,11 @@ use anyhow::{Context as _, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{Xdp, XdpMode},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
 };
 use lb_common::{
     Counters, FLOW_F_CLOSING, FlowKey, FlowValue, IPPROTO_TCP, LISTENER_F_HASH_SOURCE, ListenerInfo,
@@ -115,6 +119,30 @@ impl Stats {
     }
 }
 
+/// Every map of the object, in the order they are pinned and unpinned.
+pub const MAP_NAMES: [&str; 8] = [
+    names::LISTENERS,
+    names::LISTEN_PORTS,
+    names::VIPS,
+    names::REALS,
+    names::RINGS,
+    names::FLOWS,
+    names::VERDICT_STATS,
+    names::REAL_STATS,
+];
+
+/// The pin of the XDP link, beside the maps' pins.
+pub const LINK_PIN: &str = "link";
+
+/// How [`Dataplane::open_pinned`] found the pin directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Nothing usable was pinned: new maps, pinned now.
+    Fresh,
+    /// A live attachment and its maps were pinned: adopted, flow table and all.
+    Adopted,
+}
+
 /// The maps' content as last written, so an apply writes only differences.
 #[derive(Default)]
 struct Written {
@@ -139,16 +167,26 @@ impl Dataplane {
     /// # Errors
     /// When the kernel refuses the maps or a program.
     pub fn load(opts: &LoadOptions) -> anyhow::Result<Self> {
+        Self::load_with(opts, None)
+    }
+
+    fn load_with(opts: &LoadOptions, pin_dir: Option<&std::path::Path>) -> anyhow::Result<Self> {
         let ring_entries = MAX_LISTENERS
             .checked_mul(RING_COPIES)
             .and_then(|n| n.checked_mul(opts.ring_size))
             .context("ring_size too large for the rings map")?;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(names::RINGS, ring_entries)
             .map_max_entries(names::FLOWS, opts.flow_table_size)
-            .override_global("FLOOR_DST_MAC", &opts.floor_dst_mac, true)
-            .load(EBPF_OBJ)
-            .context("loading the XDP object (maps and programs)")?;
+            .override_global("FLOOR_DST_MAC", &opts.floor_dst_mac, true);
+        if let Some(dir) = pin_dir {
+            for name in MAP_NAMES {
+                // An existing pin is opened; a missing one is created and pinned.
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJ).context("loading the XDP object (maps and programs)")?;
         for name in ["dsrlb", "xdp_floor", "xdp_pass"] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
@@ -156,7 +194,126 @@ impl Dataplane {
                 .try_into()?;
             prog.load().with_context(|| format!("verifying program {name}"))?;
         }
+        if pin_dir.is_some() {
+            // Pinned maps keep the size they were made with; a different config size would be
+            // silently ignored, so refuse it.
+            for (name, want) in [(names::RINGS, ring_entries), (names::FLOWS, opts.flow_table_size)] {
+                let have = match ebpf.map(name) {
+                    Some(aya::maps::Map::Array(m) | aya::maps::Map::LruHashMap(m)) => m.info()?.max_entries(),
+                    _ => bail!("map {name} has an unexpected type"),
+                };
+                ensure!(
+                    have == want,
+                    "the pinned {name} map has {have} entries but the config asks for {want} (ring_size or \
+                     flow_table_size changed): run `dsrlb stop` to start afresh, or restore the old value"
+                );
+            }
+        }
         Ok(Self { ebpf, ring_size: opts.ring_size, written: Written::default() })
+    }
+
+    /// Loads with every map pinned under `dir`. When `dir` holds a live XDP link on
+    /// `interface`, its maps are adopted (flow table included) and their content read back, so
+    /// the next [`Self::apply`] writes only what changed; anything else pinned there is removed
+    /// first and the maps start empty.
+    ///
+    /// # Errors
+    /// When bpffs is missing, the pins do not fit the config, or loading fails.
+    pub fn open_pinned(opts: &LoadOptions, dir: &std::path::Path, interface: &str) -> anyhow::Result<(Self, Start)> {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!("creating {} (is bpffs mounted? mount -t bpf bpf /sys/fs/bpf)", dir.display())
+        })?;
+        ensure!(on_bpffs(dir), "{} is not on a BPF filesystem: mount -t bpf bpf /sys/fs/bpf", dir.display());
+        let link = dir.join(LINK_PIN);
+        let live = link.exists() && link_ifindex(&link).is_ok_and(|i| i != 0 && i == if_index(interface));
+        if !live {
+            unpin_all(dir)?;
+        }
+        let mut dp = Self::load_with(opts, Some(dir))?;
+        if live {
+            dp.read_back().context("reading the adopted maps")?;
+        }
+        Ok((dp, if live { Start::Adopted } else { Start::Fresh }))
+    }
+
+    /// Attaches the balancer through a link pinned at `dir/link`. An existing pinned link
+    /// gets this program atomically (`bpf_link_update`): no packet sees a detached interface.
+    ///
+    /// # Errors
+    /// When attaching, updating or pinning fails.
+    pub fn attach_pinned_link(&mut self, interface: &str, mode: XdpMode, dir: &std::path::Path) -> anyhow::Result<()> {
+        let path = dir.join(LINK_PIN);
+        let prog: &mut Xdp = self.ebpf.program_mut("dsrlb").expect("in the object").try_into()?;
+        if path.exists() {
+            let pinned = PinnedLink::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).context("the pinned link is not an XDP link")?;
+            prog.attach_to_link(link).context("replacing the program on the pinned link")?;
+        } else {
+            let id = prog.attach(interface, mode).with_context(|| format!("attaching XDP to {interface} in {mode:?} mode"))?;
+            let link = prog.take_link(id)?;
+            let fd_link = FdLink::try_from(link).context("the kernel gave a netlink attachment, which cannot be pinned")?;
+            // Dropping the returned handle closes our fd; the pin keeps the link.
+            drop(fd_link.pin(&path).with_context(|| format!("pinning the link at {}", path.display()))?);
+        }
+        Ok(())
+    }
+
+    /// The program id attached now (for logs and tests).
+    ///
+    /// # Errors
+    /// When the program is not loaded.
+    pub fn program_id(&self) -> anyhow::Result<u32> {
+        Ok(self.program("dsrlb").info()?.id())
+    }
+
+    /// Fills `written` from the maps, after adopting them.
+    fn read_back(&mut self) -> anyhow::Result<()> {
+        let size = self.ring_size;
+        let mut w = Written::default();
+        {
+            let map: HashMap<&MapData, ListenerKey, ListenerInfo> = self.map_ref(names::LISTENERS)?;
+            for entry in map.iter() {
+                let (k, v) = entry?;
+                w.listeners.insert(v.id, (k, v));
+            }
+        }
+        {
+            let rings: Array<&MapData, u32> = self.map_ref(names::RINGS)?;
+            for &id in w.listeners.keys() {
+                for copy in 0..RING_COPIES {
+                    let copy_no = id * RING_COPIES + copy;
+                    let ring = (0..size).map(|i| rings.get(&(copy_no * size + i), 0)).collect::<Result<Vec<u32>, _>>()?;
+                    w.rings.insert(copy_no, ring);
+                }
+            }
+        }
+        {
+            let reals: Array<&MapData, RealInfo> = self.map_ref(names::REALS)?;
+            for (i, r) in reals.iter().enumerate() {
+                let r = r?;
+                if r.flags != 0 {
+                    w.reals.insert(u32::try_from(i).expect("< REAL_SLOTS"), r);
+                }
+            }
+        }
+        {
+            let vips: HashMap<&MapData, u32, VipInfo> = self.map_ref(names::VIPS)?;
+            for entry in vips.iter() {
+                let (k, v) = entry?;
+                w.vips.insert(k, v.listeners);
+            }
+        }
+        {
+            let ports: Array<&MapData, u32> = self.map_ref(names::LISTEN_PORTS)?;
+            for (i, n) in ports.iter().enumerate() {
+                let n = n?;
+                if n != 0 {
+                    w.ports.insert(u32::try_from(i).expect("< 65536"), n);
+                }
+            }
+        }
+        self.written = w;
+        Ok(())
     }
 
     #[must_use]
@@ -432,7 +589,7 @@ impl Dataplane {
         }
     }
 
-    /// Number of entries in the flow table (a full walk; for status, not per packet).
+    /// Number of entries in the flow table, closing ones included (a full walk).
     ///
     /// # Errors
     /// When the walk fails.
@@ -509,4 +666,78 @@ pub fn interface_mac(interface: &str) -> anyhow::Result<[u8; 6]> {
         *dst = *src as u8;
     }
     Ok(mac)
+}
+
+/// Removes the link pin first (detaching the program, unless a process still holds the link),
+/// then the maps' pins. Missing pins are fine.
+///
+/// # Errors
+/// When a pin exists and cannot be removed.
+pub fn unpin_all(dir: &std::path::Path) -> anyhow::Result<()> {
+    for name in std::iter::once(LINK_PIN).chain(MAP_NAMES) {
+        let p = dir.join(name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", p.display())),
+        }
+    }
+    Ok(())
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn on_bpffs(dir: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
+    // SAFETY: a zeroed statfs is a valid out-parameter; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statfs(c.as_ptr(), &raw mut st) } == 0) && i64::from(st.f_type) == BPF_FS_MAGIC
+}
+
+fn if_index(interface: &str) -> u32 {
+    std::ffi::CString::new(interface)
+        // SAFETY: a valid C string.
+        .map(|c| unsafe { libc::if_nametoindex(c.as_ptr()) })
+        .unwrap_or(0)
+}
+
+/// The interface index a pinned XDP link is attached to; 0 once its interface is gone. aya
+/// does not expose it, so this asks the kernel directly (`BPF_OBJ_GET`, then
+/// `BPF_OBJ_GET_INFO_BY_FD`; `bpf_link_info.xdp.ifindex` sits at offset 16).
+fn link_ifindex(pin: &std::path::Path) -> std::io::Result<u32> {
+    use std::os::{
+        fd::{FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // union bpf_attr for BPF_OBJ_GET: pathname (u64), bpf_fd (u32), file_flags (u32).
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    // SAFETY: bpf(2) with a zero-padded attr of the size given.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd from the kernel.
+    let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).map_err(std::io::Error::other)?) };
+    let mut info = [0u32; 32];
+    // For BPF_OBJ_GET_INFO_BY_FD: bpf_fd (u32), info_len (u32), info (u64).
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd)).map_err(std::io::Error::other)?)
+        | (u64::try_from(std::mem::size_of_val(&info)).map_err(std::io::Error::other)? << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    // SAFETY: as above; the kernel writes at most info_len bytes into `info`.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // type (u32), id, prog_id, pad, then the union: xdp.ifindex.
+    const BPF_LINK_TYPE_XDP: u32 = 6;
+    if info[0] != BPF_LINK_TYPE_XDP {
+        return Err(std::io::Error::other(format!("{} is not an XDP link (type {})", pin.display(), info[0])));
+    }
+    Ok(info[4])
 }

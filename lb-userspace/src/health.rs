@@ -27,7 +27,7 @@ use crate::{
 };
 
 /// A (listener, backend) pair's health.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum State {
     Up,
@@ -81,6 +81,16 @@ impl PairHealth {
             (State::Up, "not probed yet".to_owned())
         };
         Self { state, ok_streak: 0, fail_streak: 0, last, failures_total: 0 }
+    }
+
+    /// Restores a state saved by a previous controller: out-of-service pairs need `rise`
+    /// passes again.
+    pub fn restore(&mut self, state: State) {
+        if state != State::Up {
+            self.state = state;
+            self.ok_streak = 0;
+            "restored from the previous controller".clone_into(&mut self.last);
+        }
     }
 
     /// Applies one outcome; returns the new state when it changed.

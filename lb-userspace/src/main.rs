@@ -7,15 +7,19 @@ use lb_userspace::{
     config,
     control::{self, Request},
     controller::{self, RunOptions},
+    dataplane,
 };
 use serde_json::Value;
 
 #[derive(Parser)]
 #[command(name = "dsrlb", version, about = "XDP direct-server-return load balancer for MQTT brokers")]
 struct Cli {
-    /// The controller's control socket.
+    /// The controller's control socket (its state file lives beside it).
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// bpffs directory where the maps and the XDP link are pinned.
+    #[arg(long, global = true, value_name = "DIR", default_value = "/sys/fs/bpf/dsrlb")]
+    pin_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -56,6 +60,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Detach the balancer and remove its pins (the only command that stops forwarding).
+    Stop,
     /// Per-backend counters; `--watch` refreshes every second.
     Stats {
         #[arg(long)]
@@ -78,7 +84,7 @@ fn main() -> ExitCode {
         Command::Run { config, stats_interval } => match config::load(&config) {
             Err(e) => Err(anyhow::Error::new(e).context("invalid config; nothing was attached")),
             Ok(cfg) => {
-                let opts = RunOptions { config_path: config, socket, stats_every: stats_interval };
+                let opts = RunOptions { config_path: config, socket, pin_dir: cli.pin_dir.clone(), stats_every: stats_interval };
                 tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(controller::run(opts, cfg)))
             }
         },
@@ -107,6 +113,7 @@ fn main() -> ExitCode {
             }
         }),
         Command::Stats { watch, json } => stats(&socket, watch, json),
+        Command::Stop => stop(&socket, &cli.pin_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -199,6 +206,32 @@ fn stats(socket: &std::path::Path, watch: bool, json: bool) -> anyhow::Result<()
             std::thread::sleep(Duration::from_secs(1));
         }
     }
+    Ok(())
+}
+
+/// Asks a running controller to detach and unpin; with none running, removes the pins itself.
+fn stop(socket: &std::path::Path, pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    match control::call(socket, &Request::Stop) {
+        Ok(resp) if resp.ok => {
+            println!("{}", resp.data.as_str().unwrap_or("stopping"));
+            // Wait for it to finish: the link pin goes last.
+            for _ in 0..100 {
+                if !pin_dir.join(dataplane::LINK_PIN).exists() && !socket.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(resp) => anyhow::bail!("{}", resp.error.unwrap_or_default()),
+        Err(e) if e.to_string().starts_with("no controller is running") => {
+            dataplane::unpin_all(pin_dir)?;
+            let _ = std::fs::remove_file(control::state_path(socket));
+            println!("no controller was running; removed the pins in {}", pin_dir.display());
+        }
+        Err(e) => return Err(e),
+    }
+    anyhow::ensure!(!pin_dir.join(dataplane::LINK_PIN).exists(), "{} is still pinned", pin_dir.join(dataplane::LINK_PIN).display());
+    println!("detached; nothing pinned in {}", pin_dir.display());
     Ok(())
 }
 

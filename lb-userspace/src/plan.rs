@@ -14,7 +14,7 @@ use crate::{
 
 /// Name to id, for listeners and backends. Ids index counters and ring copies, and flow entries
 /// hold backend ids, so a name keeps its id for as long as it exists.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Ids {
     pub listeners: BTreeMap<String, u32>,
     pub backends: BTreeMap<String, u32>,

@@ -76,6 +76,7 @@ pub struct Balancer {
     pub child: Child,
     pub config: PathBuf,
     pub socket: PathBuf,
+    pub pin_dir: PathBuf,
     lb_ns: String,
 }
 
@@ -90,26 +91,64 @@ impl Balancer {
         let path = lab.state.join("dsrlb-test.toml");
         std::fs::write(&path, config).expect("writing the config");
         let socket = lab.state.join("control.sock");
-        let child = Command::new("nsenter")
+        let child = Self::spawn(lab, &path, &socket);
+        let mut b = Self { child, config: path, socket, pin_dir: lab.pin_dir(), lb_ns: lab.ns("lb") };
+        b.wait_ready();
+        b
+    }
+
+    fn spawn(lab: &Lab, config: &std::path::Path, socket: &std::path::Path) -> Child {
+        Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", lab.ns("lb")))
             .arg(crate::dsrlb_bin())
             .arg("--socket")
-            .arg(&socket)
+            .arg(socket)
+            .arg("--pin-dir")
+            .arg(lab.pin_dir())
             .args(["run", "--config"])
-            .arg(&path)
+            .arg(config)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("starting dsrlb");
-        let mut b = Self { child, config: path, socket, lb_ns: lab.ns("lb") };
+            .expect("starting dsrlb")
+    }
+
+    /// Waits until the program is attached and the control socket answers.
+    fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !b.attached() {
-            assert!(b.child.try_wait().expect("wait").is_none(), "dsrlb exited before attaching");
-            assert!(Instant::now() < deadline, "dsrlb did not attach within 20 s");
+        while !(self.attached() && self.cli(&["status", "--json"]).0) {
+            assert!(self.child.try_wait().expect("wait").is_none(), "dsrlb exited before it was ready");
+            assert!(Instant::now() < deadline, "dsrlb was not ready within 20 s");
             std::thread::sleep(Duration::from_millis(50));
         }
-        b
+    }
+
+    /// Starts a new controller process on the same config, socket and pins (after a crash or
+    /// an upgrade) and waits until it serves.
+    pub fn restart(&mut self, lab: &Lab) {
+        self.child = Self::spawn(lab, &self.config, &self.socket);
+        self.wait_ready();
+    }
+
+    /// SIGKILL: the controller dies without any clean-up.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// `dsrlb stop`: detach and unpin, through the running controller.
+    ///
+    /// # Panics
+    /// When the command fails.
+    pub fn stop_for_good(&mut self) {
+        let (ok, out, err) = self.cli(&["stop"]);
+        assert!(ok, "dsrlb stop failed: {out}{err}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().expect("wait").is_none() {
+            assert!(Instant::now() < deadline, "dsrlb did not exit after dsrlb stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Runs `dsrlb --socket S ARGS...` (the CLI) and returns (success, stdout, stderr).
@@ -118,7 +157,14 @@ impl Balancer {
     /// When the CLI cannot start.
     #[must_use]
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(crate::dsrlb_bin()).arg("--socket").arg(&self.socket).args(args).output().expect("starting the dsrlb CLI");
+        let out = Command::new(crate::dsrlb_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(args)
+            .output()
+            .expect("starting the dsrlb CLI");
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
@@ -151,7 +197,7 @@ impl Balancer {
         xdp_attached(&self.lb_ns)
     }
 
-    /// SIGTERM, and the exit status.
+    /// SIGTERM (the controller exits, forwarding continues from the pins), and the exit status.
     ///
     /// # Panics
     /// When it does not exit within 10 s.
@@ -171,6 +217,8 @@ impl Balancer {
 
 impl Drop for Balancer {
     fn drop(&mut self) {
+        // Tests end with nothing attached: `dsrlb stop` through the controller, or directly.
+        let _ = self.cli(&["stop"]);
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = self.stop();
         }

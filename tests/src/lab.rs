@@ -110,6 +110,12 @@ impl Lab {
         PathBuf::from(format!("/sys/fs/bpf/{}-lab-{ifname}", self.prefix))
     }
 
+    /// Where a balancer in this lab pins its maps and link.
+    #[must_use]
+    pub fn pin_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/{}", self.prefix))
+    }
+
     #[must_use]
     pub fn ca_pem(&self) -> PathBuf {
         self.state.join("ca.pem")
@@ -325,6 +331,9 @@ impl Lab {
             }
         }
         let _ = std::fs::remove_file(self.link_pin("p-lb"));
+        // A balancer's pins outlive it by design; the lab's balancer goes with the lab.
+        let _ = lb_userspace::dataplane::unpin_all(&self.pin_dir());
+        let _ = std::fs::remove_dir(self.pin_dir());
         for ns in self.namespaces().into_iter().rev() {
             if Path::new("/run/netns").join(&ns).exists() {
                 sh("ip", &["netns", "del", &ns])?;

@@ -329,9 +329,16 @@ fn stopped_balancer_leaves_nothing_attached_and_stops_forwarding() {
     let lab = LabGuard::up(2);
     let mut lb = Balancer::start(&lab, &lab.config("check = \"none\""));
     in_client(&lab, || MqttConn::connect(None, vip(1883), "before-stop", T).expect("served while running").disconnect());
+    // SIGTERM ends the controller, not the forwarding.
     let status = lb.stop();
     assert!(status.success(), "dsrlb exited with {status}");
-    assert!(!xdp_attached(&lab.ns("lb")), "XDP program still attached after stop");
+    assert!(xdp_attached(&lab.ns("lb")), "SIGTERM must leave the pinned program attached");
+    in_client(&lab, || MqttConn::connect(None, vip(1883), "between", T).expect("forwarding without a controller").disconnect());
+    // `dsrlb stop` is what stops it for good.
+    let (ok, out, err) = lb.cli(&["stop"]);
+    assert!(ok, "dsrlb stop without a controller: {out}{err}");
+    assert!(!xdp_attached(&lab.ns("lb")), "XDP program still attached after dsrlb stop");
+    assert!(!lab.pin_dir().join("link").exists(), "pins left behind");
     let after = in_client(&lab, || MqttConn::connect(None, vip(1883), "after-stop", Duration::from_secs(2)));
     assert!(after.is_err(), "the VIP still answered after the balancer stopped");
 }

@@ -139,7 +139,7 @@ fn xdp_attached(ns: &Netns, ifname: &str) -> bool {
 }
 
 #[test]
-fn dsrlb_run_attaches_serves_and_detaches_on_sigterm() {
+fn dsrlb_run_attaches_serves_outlives_sigterm_and_dsrlb_stop_detaches() {
     require_root!();
     let (lb, cl) = two_namespaces("run");
     let dir = std::env::temp_dir().join(format!("dsrlb-run-{}", std::process::id()));
@@ -149,11 +149,15 @@ fn dsrlb_run_attaches_serves_and_detaches_on_sigterm() {
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, CONFIG.replace("port = 1883", "port = 0")).expect("write");
     let socket = dir.join("control.sock");
+    let pins = std::path::PathBuf::from("/sys/fs/bpf/dsrlb-smoke");
+    let _ = lb_userspace::dataplane::unpin_all(&pins);
     let out = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", lb.name))
         .arg(dsrlb_bin())
         .arg("--socket")
         .arg(&socket)
+        .arg("--pin-dir")
+        .arg(&pins)
         .args(["run", "--config"])
         .arg(&bad)
         .output()
@@ -170,6 +174,8 @@ fn dsrlb_run_attaches_serves_and_detaches_on_sigterm() {
         .arg(dsrlb_bin())
         .arg("--socket")
         .arg(&socket)
+        .arg("--pin-dir")
+        .arg(&pins)
         .args(["run", "--config"])
         .arg(&good)
         .stdout(Stdio::piped())
@@ -189,15 +195,22 @@ fn dsrlb_run_attaches_serves_and_detaches_on_sigterm() {
     let bounced = syns_and_capture(&cl, 4, lb_mac);
     assert!(!bounced.is_empty(), "dsrlb run did not forward");
 
-    // SIGTERM: it exits cleanly and the interface carries no program.
+    // SIGTERM: the controller exits cleanly; forwarding goes on from the pins.
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(i32::try_from(child.id()).expect("pid"), libc::SIGTERM) };
     let status = child.wait().expect("wait");
     assert!(status.success(), "dsrlb exited with {status}");
     let stdout = std::io::read_to_string(child.stdout.take().expect("stdout")).expect("read");
     assert!(stdout.contains("listener mqtt 192.0.2.100:1883"), "it prints what it serves: {stdout}");
-    assert!(!xdp_attached(&lb, "lb0"), "still attached after SIGTERM");
-    let after = syns_and_capture(&cl, 2, lb_mac);
-    assert!(after.is_empty(), "frames still bounced after dsrlb stopped");
+    assert!(xdp_attached(&lb, "lb0"), "SIGTERM detached the program");
+    assert!(!syns_and_capture(&cl, 2, lb_mac).is_empty(), "no forwarding after the controller exited");
+
+    // `dsrlb stop` with no controller running: detaches and removes the pins.
+    let out = Command::new(dsrlb_bin()).arg("--socket").arg(&socket).arg("--pin-dir").arg(&pins).arg("stop").output().expect("dsrlb stop");
+    assert!(out.status.success(), "dsrlb stop: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!xdp_attached(&lb, "lb0"), "still attached after dsrlb stop");
+    assert!(syns_and_capture(&cl, 2, lb_mac).is_empty(), "frames still bounced after dsrlb stop");
+    assert!(std::fs::read_dir(&pins).map(|d| d.count()).unwrap_or(0) == 0, "pins left in {}", pins.display());
+    let _ = std::fs::remove_dir(&pins);
     let _ = std::fs::remove_dir_all(&dir);
 }

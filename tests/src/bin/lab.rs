@@ -49,7 +49,8 @@ fn demo(lab: &Lab, dsrlb: &str) -> anyhow::Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
-    println!("\ndsrlb exited ({status}); tearing the lab down");
+    println!("\ndsrlb exited ({status}); detaching (dsrlb stop) and tearing the lab down");
+    let _ = Command::new(dsrlb).args(["stop"]).status();
     lab.down()?;
     if !INTERRUPTED.load(Ordering::SeqCst) && !status.success() {
         anyhow::bail!("dsrlb failed ({status})");
