@@ -30,6 +30,8 @@ pub enum Request {
     Flow { client: String, vip: String },
     /// Detach, remove the pins, and exit.
     Stop,
+    /// The Prometheus text (what `GET /metrics` serves).
+    Metrics,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -39,6 +39,8 @@ pub struct RunOptions {
     /// bpffs directory for the maps' and the link's pins.
     pub pin_dir: PathBuf,
     pub stats_every: Option<Duration>,
+    /// Where `GET /metrics` is served; `None` for no endpoint.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// What a controller saves so the next one can adopt the pinned maps as they are.
@@ -464,6 +466,35 @@ impl Controller {
         }))
     }
 
+    fn metrics(&self) -> anyhow::Result<crate::metrics::Snapshot> {
+        use crate::metrics::{PairSample, Snapshot};
+        let flows = self.dp.flows_per_real()?;
+        let stats = &self.sample.1;
+        let mut s = Snapshot { flow_table_entries: flows.values().sum::<usize>() as u64, ..Snapshot::default() };
+        for l in &self.config.listeners {
+            let lid = self.ids.listeners[&l.name];
+            let c = stats.listener(lid);
+            s.listeners.push((l.name.clone(), c.packets, c.bytes, c.new_flows));
+            for b in &l.backends {
+                let real = real_id(lid, self.ids.backends[b]);
+                let h = &self.health[&(l.name.clone(), b.clone())];
+                let c = stats.reals.get(&real).copied().unwrap_or_default();
+                s.pairs.push(PairSample {
+                    listener: l.name.clone(),
+                    backend: b.clone(),
+                    up: h.state == State::Up,
+                    check_failures: h.failures_total,
+                    packets: c.packets,
+                    bytes: c.bytes,
+                    new_flows: c.new_flows,
+                    flows: flows.get(&real).copied().unwrap_or(0) as u64,
+                });
+            }
+        }
+        s.verdicts = reason::LABELS.iter().zip(&stats.verdicts).map(|((v, r), n)| ((*v).to_owned(), (*r).to_owned(), *n)).collect();
+        Ok(s)
+    }
+
     /// Which backend a flow is pinned to, or would get (Katran's getRealForFlow).
     fn flow(&self, client: &str, vip: &str) -> anyhow::Result<Value> {
         let client: SocketAddrV4 = client.parse().with_context(|| format!("client {client:?} is not IP:PORT"))?;
@@ -503,6 +534,7 @@ impl Controller {
             Request::Weight { backend, weight } => self.set_weight(&backend, weight).map(Value::from),
             Request::Reload => self.reload_logged().map(Value::from),
             Request::Flow { client, vip } => self.flow(&client, &vip),
+            Request::Metrics => self.metrics().and_then(crate::metrics::render).map(Value::from),
             Request::Stop => {
                 self.stopping = true;
                 Ok(Value::from(format!("stopping: detaching and removing the pins in {}", self.opts.pin_dir.display())))
@@ -608,7 +640,20 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let (report_tx, mut reports) = mpsc::channel::<Report>(1024);
     let (call_tx, mut calls) = mpsc::channel::<Call>(64);
-    let server = control::serve(&opts.socket, call_tx)?;
+    let server = control::serve(&opts.socket, call_tx.clone())?;
+    let metrics = match opts.metrics {
+        None => None,
+        Some(addr) => match crate::metrics::serve(addr, call_tx).await {
+            Ok(task) => {
+                tracing::info!(%addr, "metrics at http://{addr}/metrics");
+                Some(task)
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "no metrics endpoint");
+                None
+            }
+        },
+    };
     let socket = opts.socket.clone();
     let stats_every = opts.stats_every;
     let mut c = match Controller::start(opts, config, report_tx) {
@@ -653,6 +698,9 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
         println!();
     }
     server.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     let _ = std::fs::remove_file(&socket);
     for (_, (_, task)) in std::mem::take(&mut c.probes) {
         task.abort();

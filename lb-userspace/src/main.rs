@@ -34,6 +34,9 @@ enum Command {
         /// Print per-backend new flows and packets at this interval (e.g. 1s).
         #[arg(long, value_parser = config::parse_duration)]
         stats_interval: Option<Duration>,
+        /// Prometheus endpoint address (`off` for none). Loopback unless you say otherwise.
+        #[arg(long, default_value = "127.0.0.1:9877")]
+        metrics: String,
     },
     /// Validate a config without touching the kernel.
     Check {
@@ -81,10 +84,11 @@ fn main() -> ExitCode {
     let socket = control::socket_path(cli.socket.as_ref());
     let result = match cli.command {
         Command::Check { config } => check(&config),
-        Command::Run { config, stats_interval } => match config::load(&config) {
-            Err(e) => Err(anyhow::Error::new(e).context("invalid config; nothing was attached")),
-            Ok(cfg) => {
-                let opts = RunOptions { config_path: config, socket, pin_dir: cli.pin_dir.clone(), stats_every: stats_interval };
+        Command::Run { config, stats_interval, metrics } => match (config::load(&config), parse_metrics(&metrics)) {
+            (Err(e), _) => Err(anyhow::Error::new(e).context("invalid config; nothing was attached")),
+            (_, Err(e)) => Err(e),
+            (Ok(cfg), Ok(metrics)) => {
+                let opts = RunOptions { config_path: config, socket, pin_dir: cli.pin_dir.clone(), stats_every: stats_interval, metrics };
                 tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(controller::run(opts, cfg)))
             }
         },
@@ -207,6 +211,13 @@ fn stats(socket: &std::path::Path, watch: bool, json: bool) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+fn parse_metrics(s: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    if s == "off" {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|_| anyhow::anyhow!("--metrics {s:?}: expected ADDRESS:PORT (e.g. 127.0.0.1:9877) or off"))
 }
 
 /// Asks a running controller to detach and unpin; with none running, removes the pins itself.

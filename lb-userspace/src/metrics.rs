@@ -1,0 +1,170 @@
+//! The Prometheus endpoint: `GET /metrics` in the OpenMetrics text format, built with
+//! `prometheus-client`. Names follow HAProxy's so dashboards carry over
+//! (`dsrlb_backend_status{listener,backend}`, `..._check_failures_total`, ...).
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpListener,
+    sync::{mpsc, oneshot},
+};
+
+use crate::control::{Call, Request};
+
+/// One (listener, backend) pair's numbers.
+#[derive(Clone, Debug, Default)]
+pub struct PairSample {
+    pub listener: String,
+    pub backend: String,
+    pub up: bool,
+    pub check_failures: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub flows: u64,
+}
+
+/// Everything one scrape shows, taken by the controller.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub pairs: Vec<PairSample>,
+    /// (listener, packets, bytes, new flows).
+    pub listeners: Vec<(String, u64, u64, u64)>,
+    /// (verdict, reason, packets).
+    pub verdicts: Vec<(String, String, u64)>,
+    pub flow_table_entries: u64,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn pair_labels(p: &PairSample) -> Labels {
+    vec![("listener", p.listener.clone()), ("backend", p.backend.clone())]
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        {
+            let mut m = e.encode_descriptor("dsrlb_backend_status", "1 when the backend is up for the listener, 0 when down or vip-misconfigured", None, MetricType::Gauge)?;
+            for p in &self.pairs {
+                ConstGauge::new(i64::from(p.up)).encode(m.encode_family(&pair_labels(p))?)?;
+            }
+        }
+        let counters: [(&str, &str, fn(&PairSample) -> u64); 4] = [
+            ("dsrlb_backend_check_failures", "Failed health checks", |p| p.check_failures),
+            ("dsrlb_backend_new_flows", "New flows steered to the backend", |p| p.new_flows),
+            ("dsrlb_backend_packets", "Packets forwarded to the backend", |p| p.packets),
+            ("dsrlb_backend_bytes", "Bytes forwarded to the backend", |p| p.bytes),
+        ];
+        for (name, help, get) in counters {
+            let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for p in &self.pairs {
+                ConstCounter::new(get(p)).encode(m.encode_family(&pair_labels(p))?)?;
+            }
+        }
+        {
+            let mut m = e.encode_descriptor("dsrlb_backend_flows", "Live (not closing) flow-table entries of the backend", None, MetricType::Gauge)?;
+            for p in &self.pairs {
+                ConstGauge::new(i64::try_from(p.flows).unwrap_or(i64::MAX)).encode(m.encode_family(&pair_labels(p))?)?;
+            }
+        }
+        let listener: [(&str, &str, fn(&(String, u64, u64, u64)) -> u64); 3] = [
+            ("dsrlb_listener_packets", "Packets forwarded for the listener", |l| l.1),
+            ("dsrlb_listener_bytes", "Bytes forwarded for the listener", |l| l.2),
+            ("dsrlb_listener_new_flows", "New flows of the listener", |l| l.3),
+        ];
+        for (name, help, get) in listener {
+            let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for l in &self.listeners {
+                ConstCounter::new(get(l)).encode(m.encode_family(&vec![("listener", l.0.clone())])?)?;
+            }
+        }
+        {
+            let mut m = e.encode_descriptor("dsrlb_xdp_verdicts", "Packets seen by the XDP program, by verdict and reason", None, MetricType::Counter)?;
+            for (verdict, reason, n) in &self.verdicts {
+                ConstCounter::new(*n).encode(m.encode_family(&vec![("verdict", verdict.clone()), ("reason", reason.clone())])?)?;
+            }
+        }
+        let m = e.encode_descriptor("dsrlb_flow_table_entries", "Live entries in the flow table", None, MetricType::Gauge)?;
+        ConstGauge::new(i64::try_from(self.flow_table_entries).unwrap_or(i64::MAX)).encode(m)?;
+        Ok(())
+    }
+}
+
+/// The OpenMetrics text of a snapshot.
+///
+/// # Errors
+/// Only if formatting fails.
+pub fn render(s: Snapshot) -> anyhow::Result<String> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(s));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry).context("encoding metrics")?;
+    Ok(out)
+}
+
+/// Serves `GET /metrics` on `addr`, asking the controller for each scrape.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn serve(addr: SocketAddr, calls: mpsc::Sender<Call>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the metrics endpoint {addr}"))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            let calls = calls.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let Ok(Ok(n)) = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf)).await else { return };
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let (status, ctype, body) = if head.starts_with("GET /metrics") {
+                    let (tx, rx) = oneshot::channel();
+                    let body = if calls.send((Request::Metrics, tx)).await.is_ok() {
+                        rx.await.ok().and_then(|r| r.data.as_str().map(str::to_owned)).unwrap_or_default()
+                    } else {
+                        String::new()
+                    };
+                    ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
+                } else {
+                    ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
+                };
+                let resp = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                let _ = stream.write_all(resp.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_haproxy_like_names() {
+        let s = Snapshot {
+            pairs: vec![PairSample { listener: "mqtt".into(), backend: "b1".into(), up: true, packets: 7, ..PairSample::default() }],
+            listeners: vec![("mqtt".into(), 7, 700, 1)],
+            verdicts: vec![("tx".into(), "forwarded".into(), 7)],
+            flow_table_entries: 1,
+        };
+        let text = render(s).expect("render");
+        for want in [
+            "dsrlb_backend_status{listener=\"mqtt\",backend=\"b1\"} 1",
+            "dsrlb_backend_packets_total{listener=\"mqtt\",backend=\"b1\"} 7",
+            "dsrlb_backend_check_failures_total{listener=\"mqtt\",backend=\"b1\"} 0",
+            "dsrlb_listener_packets_total{listener=\"mqtt\"} 7",
+            "dsrlb_xdp_verdicts_total{verdict=\"tx\",reason=\"forwarded\"} 7",
+            "dsrlb_flow_table_entries 1",
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! Operability in the lab: forwarding that outlives the controller (kill -9, program upgrade),
+//! the CLI and its errors, bpftool-readable maps, the Prometheus endpoint.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    os::unix::fs::PermissionsExt as _,
+    process::Command,
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use tests::{
+    client::{Balancer, MqttConn},
+    lab::{self, LabGuard, VIP},
+    netns::in_netns,
+    require_root,
+};
+
+const T: Duration = Duration::from_secs(5);
+const HEALTH: &str = "check = \"mqtt\"\ninter = \"500ms\"\ntimeout = \"300ms\"\nfall = 2\nrise = 2";
+
+fn hold(lab: &LabGuard, prefix: &str, n: usize) -> Vec<MqttConn> {
+    in_netns(&lab.ns("client"), || {
+        (0..n)
+            .map(|i| {
+                let from = Ipv4Addr::new(192, 0, 2, lab::CLIENT_EXTRA_BASE + u8::try_from(i % usize::from(lab::CLIENT_EXTRA_COUNT)).expect("fits"));
+                MqttConn::connect(Some(from), SocketAddrV4::new(VIP, 1883), &format!("{prefix}-{i}"), T).unwrap_or_else(|e| panic!("{prefix}-{i}: {e}"))
+            })
+            .collect()
+    })
+    .expect("client namespace")
+}
+
+fn ping_all(held: &mut [MqttConn]) {
+    for (i, c) in held.iter_mut().enumerate() {
+        c.ping().unwrap_or_else(|e| panic!("held session {i} ({}) died: {e}", c.local));
+    }
+}
+
+/// New sessions, one every 10 ms, while `stop` is false: (made, failed).
+fn churn(lab: &LabGuard, stop: &AtomicBool, made: &AtomicUsize, failed: &AtomicUsize) {
+    in_netns(&lab.ns("client"), || {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut i = 0;
+        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+            match MqttConn::connect(None, SocketAddrV4::new(VIP, 1883), &format!("churn-{i}"), Duration::from_secs(3)) {
+                Ok(c) => {
+                    c.disconnect();
+                    made.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(e) => {
+                    eprintln!("churn-{i}: {e}");
+                    failed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            i += 1;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+    .expect("client namespace");
+}
+
+fn link_prog_id(lb: &Balancer) -> u64 {
+    let out = Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(lb.pin_dir.join("link")).output().expect("bpftool");
+    assert!(out.status.success(), "bpftool link show: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    v["prog_id"].as_u64().expect("prog_id")
+}
+
+/// Holds 2000 sessions, replaces the controller with `replace`, and proves every session and
+/// every new connection made meanwhile survived; returns the link's program ids before/after.
+fn sessions_survive(replace: impl FnOnce(&mut Balancer, &LabGuard)) -> (u64, u64) {
+    let lab = LabGuard::up(2);
+    let mut lb = Balancer::start(&lab, &lab.config(HEALTH));
+    let mut held = hold(&lab, "keep", 2000);
+    let flows_before = lb.status()["flow_table_entries"].as_u64().expect("flows");
+    assert!(flows_before >= 2000);
+    let prog_before = link_prog_id(&lb);
+    let (stop, made, failed) = (AtomicBool::new(false), AtomicUsize::new(0), AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        s.spawn(|| churn(&lab, &stop, &made, &failed));
+        std::thread::sleep(Duration::from_millis(500));
+        replace(&mut lb, &lab);
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::SeqCst);
+    });
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "new connections failed while the controller was replaced");
+    assert!(made.load(Ordering::SeqCst) > 20, "too few new connections to prove anything");
+    // Before any held session sends again: the adopted flow table still has every held flow
+    // (a fresh one would hold only the churn's), so nothing was re-hashed.
+    let s = lb.status();
+    assert!(s["flow_table_entries"].as_u64().expect("flows") >= 2000, "{s}");
+    ping_all(&mut held);
+    let prog_after = link_prog_id(&lb);
+    (prog_before, prog_after)
+}
+
+#[test]
+fn kill_9_of_the_controller_drops_no_session() {
+    require_root!();
+    sessions_survive(|lb, lab| {
+        lb.kill9();
+        // No controller at all for a while: forwarding goes on from the pins.
+        assert!(lb.attached(), "the program went with the controller");
+        std::thread::sleep(Duration::from_secs(1));
+        lb.restart(lab);
+    });
+}
+
+#[test]
+fn a_program_upgrade_replaces_it_atomically_and_drops_no_session() {
+    require_root!();
+    let (before, after) = sessions_survive(|lb, lab| {
+        // A new controller loads its own program and swaps it into the pinned link.
+        let _ = lb.stop();
+        lb.restart(lab);
+    });
+    assert_ne!(before, after, "the link still runs the old program");
+}
+
+#[test]
+fn cli_status_flow_and_its_errors() {
+    require_root!();
+    let lab = LabGuard::up(2);
+    let mut lb = Balancer::start(&lab, &lab.config(HEALTH));
+    let mut held = hold(&lab, "cli", 20);
+    // Human table and JSON.
+    let (ok, table, err) = lb.cli(&["status"]);
+    assert!(ok, "{err}");
+    for col in ["backend", "state", "weight", "flows", "pkts/s", "new/s", "listener mqtt 192.0.2.100:1883"] {
+        assert!(table.contains(col), "status table lacks {col}:\n{table}");
+    }
+    let v = lb.status();
+    assert_eq!(v["flows_per_backend"]["b1"].as_u64().unwrap_or(0) + v["flows_per_backend"]["b2"].as_u64().unwrap_or(0), 20);
+    // `dsrlb flow` names the broker that really holds the session.
+    let c = &held[0];
+    let (ok, out, err) = lb.cli(&["flow", &c.local.to_string(), &format!("{VIP}:1883"), "--json"]);
+    assert!(ok, "{err}");
+    let f: serde_json::Value = serde_json::from_str(&out).expect("flow JSON");
+    let b = lab.broker_of("cli-0").expect("logged");
+    assert_eq!(f["backend"], format!("b{}", b + 1), "{f}");
+    assert_eq!(f["source"], "flow table");
+    let (ok, out, _) = lb.cli(&["flow", "198.51.100.7:4242", &format!("{VIP}:1883")]);
+    assert!(ok && out.contains("ring"), "a flow not in the table is answered from the ring: {out}");
+    let (ok, _, err) = lb.cli(&["drain", "nope"]);
+    assert!(!ok && err.contains("no backend named \"nope\""), "{err}");
+
+    // The socket is 0600 and root's; another owner is refused with a clear message.
+    let meta = std::fs::metadata(&lb.socket).expect("socket");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    std::os::unix::fs::chown(&lb.socket, Some(65534), None).expect("chown");
+    let (ok, _, err) = lb.cli(&["status"]);
+    assert!(!ok && err.contains("belongs to uid 65534"), "{err}");
+    std::os::unix::fs::chown(&lb.socket, Some(0), None).expect("chown back");
+
+    // No controller: a clear error, and forwarding is unaffected.
+    let _ = lb.stop();
+    let (ok, _, err) = lb.cli(&["status"]);
+    assert!(!ok && err.contains("no controller is running"), "{err}");
+    ping_all(&mut held);
+    lb.restart(&lab);
+}
+
+#[test]
+fn bpftool_dumps_maps_with_field_names() {
+    require_root!();
+    let lab = LabGuard::up(2);
+    let _lb = Balancer::start(&lab, &lab.config("check = \"none\""));
+    let _held = hold(&lab, "bt", 4);
+    for (map, fields) in [
+        ("LISTENERS", &["vip_be", "port_be", "ring_base", "ring_size"][..]),
+        ("REALS", &["dst_mac", "src_mac", "flags"][..]),
+        ("FLOWS", &["src_be", "dport_be", "real"][..]),
+        ("REAL_STATS", &["packets", "bytes", "new_flows"][..]),
+        ("VIPS", &["listeners"][..]),
+    ] {
+        let out = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(lab.pin_dir().join(map)).output().expect("bpftool");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "bpftool map dump {map}: {}", String::from_utf8_lossy(&out.stderr));
+        for f in fields {
+            assert!(text.contains(&format!("\"{f}\"")), "{map}: no field {f} in\n{text}");
+        }
+    }
+}
+
+fn scrape(lab: &LabGuard) -> String {
+    in_netns(&lab.ns("lb"), || {
+        let mut s = TcpStream::connect("127.0.0.1:9877").expect("metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("response");
+        out
+    })
+    .expect("lb namespace")
+}
+
+fn metric(text: &str, line_start: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {line_start} in\n{text}"))
+}
+
+#[test]
+fn prometheus_counters_move_with_traffic() {
+    require_root!();
+    let lab = LabGuard::up(2);
+    let _lb = Balancer::start(&lab, &lab.config(HEALTH));
+    std::thread::sleep(Duration::from_millis(1200));
+    let before = scrape(&lab);
+    assert!(before.starts_with("HTTP/1.1 200"), "{before}");
+    let mut held = hold(&lab, "prom", 50);
+    ping_all(&mut held);
+    std::thread::sleep(Duration::from_millis(1200)); // the controller samples counters every second
+    let after = scrape(&lab);
+    for name in ["dsrlb_listener_packets_total{listener=\"mqtt\"}", "dsrlb_xdp_verdicts_total{verdict=\"tx\",reason=\"forwarded\"}"] {
+        assert!(metric(&after, name) > metric(&before, name), "{name} did not move");
+    }
+    let new_flows: u64 = ["b1", "b2"].iter().map(|b| metric(&after, &format!("dsrlb_backend_new_flows_total{{listener=\"mqtt\",backend=\"{b}\"}}"))).sum();
+    assert!(new_flows >= 50, "{new_flows}");
+    assert!(metric(&after, "dsrlb_flow_table_entries") >= 50);
+    assert_eq!(metric(&after, "dsrlb_backend_status{listener=\"mqtt\",backend=\"b1\"}"), 1);
+    assert!(after.contains("dsrlb_backend_check_failures_total{listener=\"mqtt\",backend=\"b1\"}"));
+    assert!(after.contains("dsrlb_backend_bytes_total{"));
+}
