@@ -214,3 +214,31 @@ fn dsrlb_run_attaches_serves_outlives_sigterm_and_dsrlb_stop_detaches() {
     let _ = std::fs::remove_dir(&pins);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn backend_setup_script_applies_and_verifies_a_dr_backend() {
+    require_root!();
+    let (_lb, broker) = two_namespaces("bk");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/backend-setup.sh");
+    let run = |action: &str| {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", broker.name))
+            .arg("bash")
+            .arg(&script)
+            .args([action, "--dev", "cl0", "192.0.2.100", "192.0.2.101"])
+            .output()
+            .expect("running backend-setup.sh");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (ok, out) = run("verify");
+    assert!(!ok, "a fresh namespace passed verification:\n{out}");
+    assert!(out.contains("FAIL  192.0.2.100/32 is not on lo") && out.contains("FAIL  net.ipv4.conf.all.arp_ignore = 0"), "{out}");
+    let (ok, out) = run("apply");
+    assert!(ok, "apply then verify failed:\n{out}");
+    let (ok, out) = run("verify");
+    assert!(ok, "{out}");
+    assert!(out.contains("ok    192.0.2.101/32 on lo"), "{out}");
+    broker.ip(&["addr", "del", "192.0.2.100/32", "dev", "lo"]);
+    let (ok, out) = run("verify");
+    assert!(!ok && out.contains("FAIL  192.0.2.100/32 is not on lo"), "{out}");
+}
