@@ -40,7 +40,8 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Benchmarks: the XDP data plane against the floor program.
+    /// Benchmarks: dsrlb, HAProxy, direct and the XDP floor in the lab, and the XDP data plane
+    /// against the floor program; writes bench/report.md and plots.
     Bench,
 }
 
@@ -117,8 +118,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 fn bench() -> anyhow::Result<()> {
     setup::setup()?;
     require_root("cargo xtask bench")?;
-    cargo(&["build", "--release", "-p", "tests", "--bin", "xdp_bench"])?;
-    exec(&root().join("target/release/xdp_bench"), &[])
+    cargo(&["build", "--release", "-p", "lb-userspace", "-p", "tests", "--bins"])?;
+    let out = root().join("bench");
+    exec(&root().join("target/release/bench"), &[out.display().to_string()])
 }
 
 fn main() -> ExitCode {

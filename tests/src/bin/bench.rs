@@ -1,0 +1,481 @@
+//! `cargo xtask bench`: dsrlb against HAProxy, direct, and the cheapest possible XDP bounce, in
+//! one run on this machine, plus the data-plane micro-benchmark; writes `bench/report.md` and
+//! SVG plots.
+//!
+//! Every path serves the same single broker (b1), so the rows differ only by what sits between
+//! clients and broker:
+//! - `direct`: clients to the broker's real address;
+//! - `haproxy`: Debian's haproxy in the balancer namespace, TCP mode, `balance leastconn`,
+//!   `check inter 2s fall 3 rise 2`, bound to the VIP;
+//! - `floor`: `xdp_floor` on the balancer's interface, swapping in b1's MAC, no lookups;
+//! - `dsrlb`: `dsrlb run` with b1 as its backend, MQTT health checks every 2 s.
+//!
+//! Paths run in alternating order (A B C D, three rounds) and the report gives medians.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::{BufRead as _, BufReader, Write as _},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use aya::programs::XdpMode;
+use lb_userspace::dataplane::{Dataplane, LoadOptions};
+use serde_json::Value;
+use tests::lab::{self, Lab};
+
+const ROUNDS: usize = 3;
+const PATHS: [&str; 4] = ["direct", "haproxy", "floor", "dsrlb"];
+const HOLD_TARGET: usize = 18_000;
+const HOLD_PROCS: usize = 6;
+
+struct Ctx {
+    lab: Lab,
+    bin: PathBuf,
+    out: PathBuf,
+}
+
+fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("starting {cmd}"))?;
+    if !out.status.success() {
+        bail!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl Ctx {
+    fn nsenter(&self, ns: &str, program: &Path) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{ns}")).arg(program);
+        c
+    }
+
+    fn loadgen(&self, ns: &str, args: &[String]) -> anyhow::Result<Value> {
+        let out = self.nsenter(ns, &self.bin.join("loadgen")).args(args).output().context("starting loadgen")?;
+        if !out.status.success() {
+            bail!("loadgen {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.trim()).with_context(|| format!("loadgen printed {text:?}"))
+    }
+
+    fn client_addrs() -> String {
+        (0..lab::CLIENT_EXTRA_COUNT).map(|i| Ipv4Addr::new(192, 0, 2, lab::CLIENT_EXTRA_BASE + i).to_string()).collect::<Vec<_>>().join(",")
+    }
+
+    /// Holds up to HOLD_TARGET sessions over several processes, then pings them all.
+    fn hold(&self, target: &str) -> anyhow::Result<(u64, u64)> {
+        let mut procs: Vec<Child> = Vec::new();
+        for _ in 0..HOLD_PROCS {
+            let per = (HOLD_TARGET / HOLD_PROCS).to_string();
+            let child = self
+                .nsenter(&self.lab.ns("client"), &self.bin.join("loadgen"))
+                .args(["hold", "--target", target, "--from", &Self::client_addrs(), "--count", &per, "--parallel", "128", "--timeout-ms", "1500"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("starting loadgen hold")?;
+            procs.push(child);
+        }
+        let mut readers: Vec<_> = procs.iter_mut().map(|c| BufReader::new(c.stdout.take().expect("stdout"))).collect();
+        for r in &mut readers {
+            let mut line = String::new();
+            r.read_line(&mut line)?;
+            if !line.starts_with("opened") {
+                bail!("loadgen hold said {line:?}");
+            }
+        }
+        // All processes hold theirs now: ping every session.
+        for c in &mut procs {
+            writeln!(c.stdin.as_mut().expect("stdin"), "ping")?;
+        }
+        let (mut held, mut alive) = (0, 0);
+        for r in &mut readers {
+            let mut line = String::new();
+            r.read_line(&mut line)?;
+            let v: Value = serde_json::from_str(line.trim()).with_context(|| format!("hold printed {line:?}"))?;
+            held += v["held"].as_u64().unwrap_or(0);
+            alive += v["alive"].as_u64().unwrap_or(0);
+        }
+        for c in &mut procs {
+            let _ = writeln!(c.stdin.as_mut().expect("stdin"), "exit");
+            let _ = c.wait();
+        }
+        Ok((held, alive))
+    }
+
+    fn rx_packets(&self) -> u64 {
+        let text = sh("ip", &["-n", &self.lab.ns("lb"), "-j", "-s", "link", "show", "eth0"]).unwrap_or_default();
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        v[0]["stats64"]["rx"]["packets"].as_u64().unwrap_or(0)
+    }
+}
+
+fn proc_cpu_secs(pid: u32) -> f64 {
+    // utime and stime are fields 14 and 15, in clock ticks (100 per second on Linux).
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(") ")?.1.split_whitespace().collect::<Vec<_>>();
+            Some((rest[11].parse::<f64>().ok()? + rest[12].parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+fn prog_stats(id: u32) -> (u64, u64) {
+    let text = sh("bpftool", &["-j", "prog", "show", "id", &id.to_string()]).unwrap_or_default();
+    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    (v["run_time_ns"].as_u64().unwrap_or(0), v["run_cnt"].as_u64().unwrap_or(0))
+}
+
+/// What runs on the balancer for one path, and how to read its CPU.
+enum Running {
+    Direct,
+    Haproxy { pid: u32 },
+    Floor { _dp: Box<Dataplane>, prog: u32 },
+    Dsrlb { child: Child, prog: u32 },
+}
+
+impl Running {
+    /// (process CPU seconds, XDP run ns, XDP runs).
+    fn cpu(&self) -> (f64, u64, u64) {
+        match self {
+            Self::Direct => (0.0, 0, 0),
+            Self::Haproxy { pid } => (proc_cpu_secs(*pid), 0, 0),
+            Self::Floor { prog, .. } => {
+                let (ns, n) = prog_stats(*prog);
+                (0.0, ns, n)
+            }
+            Self::Dsrlb { child, prog } => {
+                let (ns, n) = prog_stats(*prog);
+                (proc_cpu_secs(child.id()), ns, n)
+            }
+        }
+    }
+}
+
+fn start(ctx: &Ctx, path: &str) -> anyhow::Result<Running> {
+    let lb = ctx.lab.ns("lb");
+    match path {
+        "direct" => Ok(Running::Direct),
+        "haproxy" => {
+            sh("ip", &["-n", &lb, "addr", "add", &format!("{}/32", lab::VIP), "dev", "lo"])?;
+            let cfg = ctx.out.join("haproxy.cfg");
+            let pidfile = ctx.lab.state.join("haproxy.pid");
+            std::fs::write(
+                &cfg,
+                format!(
+                    "global\n  maxconn 9500\n  log stdout format raw local0 err\ndefaults\n  mode tcp\n  maxconn 9500\n  \
+                     timeout connect 5s\n  timeout client 10m\n  timeout server 10m\nfrontend mqtt\n  bind {}:1883\n  \
+                     default_backend brokers\nbackend brokers\n  balance leastconn\n  server b1 {}:1883 check inter 2s fall 3 rise 2\n",
+                    lab::VIP,
+                    lab::broker_addr(0)
+                ),
+            )?;
+            let _ = std::fs::remove_file(&pidfile);
+            let out = ctx
+                .nsenter(&lb, Path::new("/usr/sbin/haproxy"))
+                .args(["-D", "-f"])
+                .arg(&cfg)
+                .arg("-p")
+                .arg(&pidfile)
+                .output()
+                .context("starting haproxy")?;
+            if !out.status.success() {
+                bail!("haproxy: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            let pid = std::fs::read_to_string(&pidfile)?.lines().next().unwrap_or("").trim().parse()?;
+            Ok(Running::Haproxy { pid })
+        }
+        "floor" => {
+            let mac = broker_mac(ctx)?;
+            let mut dp = Dataplane::load(&LoadOptions { ring_size: 3, flow_table_size: 1024, floor_dst_mac: mac })?;
+            tests::netns::in_netns(&lb, || dp.attach_program("xdp_floor", "eth0", XdpMode::Driver))??;
+            let prog = dp.program("xdp_floor").info()?.id();
+            Ok(Running::Floor { _dp: Box::new(dp), prog })
+        }
+        "dsrlb" => {
+            let cfg = ctx.out.join("dsrlb.toml");
+            std::fs::write(
+                &cfg,
+                format!(
+                    "interface = \"eth0\"\nxdp_mode = \"native\"\n[health]\ncheck = \"mqtt\"\ninter = \"2s\"\nfall = 3\nrise = 2\n\
+                     [[listener]]\nname = \"mqtt\"\nvip = \"{}\"\nport = 1883\n[[backend]]\nname = \"b1\"\naddress = \"{}\"\n",
+                    lab::VIP,
+                    lab::broker_addr(0)
+                ),
+            )?;
+            let child = ctx
+                .nsenter(&lb, &ctx.bin.join("dsrlb"))
+                .arg("--socket")
+                .arg(ctx.lab.state.join("control.sock"))
+                .arg("--pin-dir")
+                .arg(ctx.lab.pin_dir())
+                .args(["run", "--metrics", "off", "--config"])
+                .arg(&cfg)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .context("starting dsrlb")?;
+            let link = ctx.lab.pin_dir().join("link");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !link.exists() || !ctx.lab.state.join("control.sock").exists() {
+                if Instant::now() > deadline {
+                    bail!("dsrlb did not come up");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let text = sh("bpftool", &["-j", "link", "show", "pinned", &link.display().to_string()])?;
+            let prog = serde_json::from_str::<Value>(&text)?["prog_id"].as_u64().context("prog_id")?;
+            Ok(Running::Dsrlb { child, prog: u32::try_from(prog)? })
+        }
+        _ => bail!("unknown path {path}"),
+    }
+}
+
+fn stop(ctx: &Ctx, running: Running) {
+    match running {
+        Running::Direct | Running::Floor { .. } => {}
+        Running::Haproxy { pid } => {
+            lab::kill_and_wait(i32::try_from(pid).unwrap_or(0));
+            let _ = sh("ip", &["-n", &ctx.lab.ns("lb"), "addr", "del", &format!("{}/32", lab::VIP), "dev", "lo"]);
+        }
+        Running::Dsrlb { mut child, .. } => {
+            let _ = Command::new(ctx.bin.join("dsrlb"))
+                .arg("--socket")
+                .arg(ctx.lab.state.join("control.sock"))
+                .arg("--pin-dir")
+                .arg(ctx.lab.pin_dir())
+                .arg("stop")
+                .output();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn broker_mac(ctx: &Ctx) -> anyhow::Result<[u8; 6]> {
+    let text = sh("ip", &["-n", &ctx.lab.broker_ns(0), "-j", "link", "show", "eth0"])?;
+    let v: Value = serde_json::from_str(&text)?;
+    lb_userspace::config::parse_mac(v[0]["address"].as_str().context("address")?).map_err(|e| anyhow::anyhow!(e))
+}
+
+/// One path, one round.
+#[derive(Clone, Debug, Default)]
+struct Sample {
+    rate: f64,
+    p50_us: f64,
+    p99_us: f64,
+    conn_errors: f64,
+    connections: f64,
+    msgs: f64,
+    ratio: f64,
+    held: f64,
+    alive: f64,
+    /// Balancer CPU seconds (process + XDP) during the connection-rate run, and its packets.
+    cpu_s: f64,
+    xdp_s: f64,
+    proc_s: f64,
+    packets: f64,
+}
+
+fn measure(ctx: &Ctx, path: &str) -> anyhow::Result<Sample> {
+    let target = if path == "direct" { format!("{}:1883", lab::broker_addr(0)) } else { format!("{}:1883", lab::VIP) };
+    let running = start(ctx, path)?;
+    let result = (|| {
+        let client = ctx.lab.ns("client");
+        let from = Ctx::client_addrs();
+        let (c0, x0, _) = running.cpu();
+        let p0 = ctx.rx_packets();
+        let r = ctx.loadgen(&client, &["rate", "--target", &target, "--from", &from, "--workers", "64", "--secs", "4"].map(String::from))?;
+        let (c1, x1, _) = running.cpu();
+        let p1 = ctx.rx_packets();
+        let ps = ctx.loadgen(&client, &["pubsub", "--target", &target, "--from", &from, "--pubs", "4", "--subs", "4", "--secs", "4"].map(String::from))?;
+        let (held, alive) = ctx.hold(&target)?;
+        let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+        let xdp_s = (x1 - x0) as f64 / 1e9;
+        Ok(Sample {
+            rate: f(&r, "rate"),
+            p50_us: f(&r, "p50_us"),
+            p99_us: f(&r, "p99_us"),
+            conn_errors: f(&r, "errors"),
+            connections: f(&r, "connections"),
+            msgs: f(&ps, "rate"),
+            ratio: f(&ps, "ratio"),
+            held: held as f64,
+            alive: alive as f64,
+            cpu_s: (c1 - c0) + xdp_s,
+            xdp_s,
+            proc_s: c1 - c0,
+            packets: (p1 - p0) as f64,
+        })
+    })();
+    stop(ctx, running);
+    result
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+fn svg_bars(path: &Path, title: &str, ylabel: &str, groups: &[(&str, Vec<f64>)], series: &[&str]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let max = groups.iter().flat_map(|(_, v)| v.iter().copied()).fold(0.0_f64, f64::max).max(1e-9) * 1.15;
+    let n = groups.len();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..n as f64, 0.0..max)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|x| {
+            let i = (*x - 0.5).round();
+            if (x - 0.5 - i).abs() < 0.01 && i >= 0.0 && (i as usize) < n { groups[i as usize].0.to_owned() } else { String::new() }
+        })
+        .y_desc(ylabel)
+        .draw()?;
+    let colors = [RGBColor(46, 110, 190), RGBColor(230, 120, 40), RGBColor(60, 160, 90)];
+    let k = series.len();
+    for (s, name) in series.iter().enumerate() {
+        let color = colors[s % colors.len()];
+        chart
+            .draw_series(groups.iter().enumerate().map(|(i, (_, v))| {
+                let w = 0.7 / k as f64;
+                let x0 = i as f64 + 0.15 + w * s as f64;
+                Rectangle::new([(x0, 0.0), (x0 + w * 0.9, v[s])], color.filled())
+            }))?
+            .label(*name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    if k > 1 {
+        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let kernel = sh("uname", &["-r"]).unwrap_or_default().trim().to_owned();
+    let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| s.lines().next().map(str::to_owned)).unwrap_or_default();
+    format!("{cores} cores ({cpu}), kernel {kernel}, {}", mem.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+}
+
+fn run() -> anyhow::Result<()> {
+    let bin = std::env::current_exe()?.parent().context("bin dir")?.to_path_buf();
+    let out = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "bench".into()));
+    std::fs::create_dir_all(&out)?;
+    let ctx = Ctx { lab: Lab::new("dsrlbb", 1), bin, out: out.clone() };
+    let started = Instant::now();
+    ctx.lab.up()?;
+    let stats_before = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").context("enabling kernel.bpf_stats_enabled")?;
+
+    eprintln!("[bench] data-plane micro-benchmark");
+    let micro = Command::new(ctx.bin.join("xdp_bench")).arg("--json").output()?;
+    let micro: Value = serde_json::from_slice(&micro.stdout).context("xdp_bench --json")?;
+
+    let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
+    let mut ceiling = Vec::new();
+    for round in 0..ROUNDS {
+        for path in PATHS {
+            eprintln!("[bench] round {} path {path}", round + 1);
+            let s = measure(&ctx, path)?;
+            eprintln!("[bench]   {s:?}");
+            samples.entry(path).or_default().push(s);
+        }
+        // The load generator's own ceiling: straight at the broker, from its own namespace.
+        let c = ctx.loadgen(&ctx.lab.broker_ns(0), &["rate", "--target", "127.0.0.1:1883", "--workers", "64", "--secs", "4"].map(String::from))?;
+        ceiling.push(c["rate"].as_f64().unwrap_or(0.0));
+    }
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
+    ctx.lab.down()?;
+
+    let med = |p: &str, f: fn(&Sample) -> f64| median(samples[p].iter().map(f).collect());
+    let per10k = |p: &str| med(p, |s| if s.connections > 0.0 { s.cpu_s / s.connections * 1e4 } else { 0.0 });
+    let per_mpkt = |p: &str| med(p, |s| if s.packets > 0.0 { s.cpu_s / s.packets * 1e6 } else { 0.0 });
+
+    let mut r = String::new();
+    let _ = writeln!(r, "# dsrlb benchmark report\n");
+    let _ = writeln!(r, "Machine: {}. One run of `cargo xtask bench` ({:.0} s), {ROUNDS} rounds of the four paths in alternating order (A B C D A B C D ...); every figure is the median of the rounds.\n", machine(), started.elapsed().as_secs_f64());
+    let _ = writeln!(r, "All four paths serve the same single mosquitto broker; clients, balancer and broker are network namespaces on this one 2-core machine, so every hop shares the CPUs with the load. `floor` is the cheapest possible XDP bounce (one bounds check, a MAC swap, `XDP_TX`) in the same place as dsrlb: the limit any XDP balancer can reach in this lab.\n");
+    let _ = writeln!(r, "## Headline\n");
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    let (dr, fr, hr, xr) = (med("dsrlb", |s| s.rate), med("floor", |s| s.rate), med("haproxy", |s| s.rate), med("direct", |s| s.rate));
+    let (d99, f99, h99, x99) = (med("dsrlb", |s| s.p99_us), med("floor", |s| s.p99_us), med("haproxy", |s| s.p99_us), med("direct", |s| s.p99_us));
+    let (d50, f50, h50, x50) = (med("dsrlb", |s| s.p50_us), med("floor", |s| s.p50_us), med("haproxy", |s| s.p50_us), med("direct", |s| s.p50_us));
+    let _ = writeln!(r, "| ratio | connection rate | p50 connect latency | p99 connect latency |\n| --- | --- | --- | --- |");
+    for (name, rr, l50, l99) in [
+        ("dsrlb / floor", ratio(dr, fr), ratio(d50, f50), ratio(d99, f99)),
+        ("dsrlb / haproxy", ratio(dr, hr), ratio(d50, h50), ratio(d99, h99)),
+        ("dsrlb / direct", ratio(dr, xr), ratio(d50, x50), ratio(d99, x99)),
+    ] {
+        let _ = writeln!(r, "| {name} | {rr:.2} | {l50:.2} | {l99:.2} |");
+    }
+    let cpu_ratio = ratio(per10k("dsrlb"), per10k("haproxy"));
+    let _ = writeln!(r, "\nBalancer CPU per 10,000 connections, dsrlb / haproxy: **{cpu_ratio:.3}**.\n");
+    let _ = writeln!(r, "Targets: connection rate >= 0.95 x floor ({}) and >= 1.3 x haproxy ({}); p99 connect latency <= 1.1 x floor ({}); balancer CPU per 10,000 connections <= 1/10 of haproxy's ({}).\n",
+        if ratio(dr, fr) >= 0.95 { "met" } else { "not met" },
+        if ratio(dr, hr) >= 1.3 { "met" } else { "not met" },
+        if ratio(d99, f99) <= 1.1 { "met" } else { "not met" },
+        if cpu_ratio <= 0.1 { "met" } else { "not met" });
+
+    let _ = writeln!(r, "## Per path (medians)\n");
+    let _ = writeln!(r, "| path | conn/s | p50 us | p99 us | conn errors | QoS0 msgs/s delivered | delivered/sent | held (of {HOLD_TARGET}) | alive (PINGRESP) | balancer CPU s (proc + XDP) | CPU ms / 10k conns | CPU ms / M pkts |");
+    let _ = writeln!(r, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for p in PATHS {
+        let _ = writeln!(
+            r,
+            "| {p} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.3} | {:.0} | {:.0} | {:.3} ({:.3} + {:.4}) | {:.2} | {:.2} |",
+            med(p, |s| s.rate), med(p, |s| s.p50_us), med(p, |s| s.p99_us), med(p, |s| s.conn_errors),
+            med(p, |s| s.msgs), med(p, |s| s.ratio), med(p, |s| s.held), med(p, |s| s.alive),
+            med(p, |s| s.cpu_s), med(p, |s| s.proc_s), med(p, |s| s.xdp_s), per10k(p) * 1e3, per_mpkt(p) * 1e3
+        );
+    }
+    let _ = writeln!(r, "\nLoad generator ceiling (straight at the broker from the broker's own namespace): {:.0} conn/s (median of {ceiling:.0?}).\n", median(ceiling.clone()));
+    let _ = writeln!(r, "Balancer CPU is measured during the connection-rate run: for haproxy, its process's CPU seconds (`/proc/PID/stat`); for dsrlb, the XDP program's own run time (`kernel.bpf_stats_enabled=1`, `run_time_ns`) plus the controller's CPU seconds; for floor, its XDP run time. Packets are those received on the balancer's interface in that run.\n");
+    let _ = writeln!(r, "Rounds, every path:\n");
+    for p in PATHS {
+        let rates: Vec<String> = samples[p].iter().map(|s| format!("{:.0}", s.rate)).collect();
+        let _ = writeln!(r, "- {p}: conn/s {}", rates.join(", "));
+    }
+
+    let _ = writeln!(r, "\n## Data plane micro-benchmark (`BPF_PROG_TEST_RUN`)\n");
+    let _ = writeln!(r, "| path | ns/packet | floor ns | ratio |\n| --- | --- | --- | --- |");
+    for row in micro.as_array().into_iter().flatten() {
+        let _ = writeln!(r, "| {} | {:.1} | {:.1} | {:.2} |", row["path"].as_str().unwrap_or(""), row["ns"].as_f64().unwrap_or(0.0), row["floor_ns"].as_f64().unwrap_or(0.0), row["ratio"].as_f64().unwrap_or(0.0));
+    }
+    let _ = writeln!(r, "\n`repeat` re-runs the program on the frame it rewrote; only the MACs change, so an established flow stays established (the TX counter grows by exactly the run count and new flows by zero) and a pass stays a pass. A new flow cannot be repeated, so it is measured with `repeat = 1` over 100,000 distinct 4-tuples (new-flow counter +100,000), next to the floor measured the same way.\n");
+    let _ = writeln!(r, "## Plots\n\n![connection rate](conn_rate.svg)\n![connect latency](latency.svg)\n![balancer CPU](cpu.svg)\n");
+    std::fs::write(out.join("report.md"), &r)?;
+
+    let groups = |f: &dyn Fn(&str) -> Vec<f64>| PATHS.iter().map(|p| (*p, f(p))).collect::<Vec<_>>();
+    svg_bars(&out.join("conn_rate.svg"), "MQTT connection rate (CONNECT, CONNACK, DISCONNECT)", "connections / s", &groups(&|p| vec![med(p, |s| s.rate)]), &["conn/s"])?;
+    svg_bars(&out.join("latency.svg"), "Connect latency (TCP + CONNACK)", "microseconds", &groups(&|p| vec![med(p, |s| s.p50_us), med(p, |s| s.p99_us)]), &["p50", "p99"])?;
+    svg_bars(&out.join("cpu.svg"), "Balancer CPU per 10,000 connections", "CPU milliseconds", &groups(&|p| vec![per10k(p) * 1e3]), &["CPU ms / 10k conns"])?;
+    print!("{r}");
+    Ok(())
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("bench: {e:#}");
+        let _ = Lab::new("dsrlbb", 1).down();
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,339 @@
+//! MQTT load generator for `cargo xtask bench` (tokio, all cores). It spreads connections over
+//! several source addresses so ports never run out, and prints one JSON line of results.
+//!
+//! ```text
+//! loadgen rate   --target IP:PORT [--from A,B,..] [--workers 64] [--secs 4]
+//! loadgen pubsub --target IP:PORT [--from ..] [--pubs 4] [--subs 4] [--secs 4] [--payload 64]
+//! loadgen hold   --target IP:PORT [--from ..] --count N [--parallel 256] [--timeout-ms 5000]
+//!     prints "opened N", then on the line "ping" on stdin pings every session and prints JSON;
+//!     exits on "exit" or end of input
+//! ```
+
+use std::{
+    io::BufRead as _,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use lb_userspace::mqtt;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpSocket, TcpStream},
+};
+
+struct Args {
+    target: SocketAddrV4,
+    from: Vec<Ipv4Addr>,
+    workers: usize,
+    secs: f64,
+    pubs: usize,
+    subs: usize,
+    payload: usize,
+    count: usize,
+    parallel: usize,
+    timeout: Duration,
+}
+
+fn parse_args(raw: &[String]) -> Result<Args, String> {
+    let mut a = Args {
+        target: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1883),
+        from: Vec::new(),
+        workers: 64,
+        secs: 4.0,
+        pubs: 4,
+        subs: 4,
+        payload: 64,
+        count: 0,
+        parallel: 256,
+        timeout: Duration::from_secs(5),
+    };
+    let mut it = raw.iter();
+    while let Some(flag) = it.next() {
+        let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let num = |v: &str| v.parse::<usize>().map_err(|_| format!("{flag}: {v} is not a number"));
+        match flag.as_str() {
+            "--target" => a.target = v.parse().map_err(|_| format!("--target: {v} is not IP:PORT"))?,
+            "--from" => {
+                a.from = v.split(',').map(|s| s.parse().map_err(|_| format!("--from: {s} is not an address"))).collect::<Result<_, _>>()?;
+            }
+            "--workers" => a.workers = num(v)?,
+            "--secs" => a.secs = v.parse().map_err(|_| format!("--secs: {v}"))?,
+            "--pubs" => a.pubs = num(v)?,
+            "--subs" => a.subs = num(v)?,
+            "--payload" => a.payload = num(v)?,
+            "--count" => a.count = num(v)?,
+            "--parallel" => a.parallel = num(v)?,
+            "--timeout-ms" => a.timeout = Duration::from_millis(u64::try_from(num(v)?).unwrap_or(u64::MAX)),
+            _ => return Err(format!("unknown flag {flag}")),
+        }
+    }
+    Ok(a)
+}
+
+async fn connect(a: &Args, i: usize) -> std::io::Result<TcpStream> {
+    let sock = TcpSocket::new_v4()?;
+    if !a.from.is_empty() {
+        sock.bind(SocketAddr::from((a.from[i % a.from.len()], 0)))?;
+    }
+    sock.set_nodelay(true)?;
+    tokio::time::timeout(a.timeout, sock.connect(SocketAddr::V4(a.target)))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// TCP connect, CONNECT, CONNACK 0.
+async fn session(a: &Args, i: usize, id: &str) -> std::io::Result<TcpStream> {
+    let mut s = connect(a, i).await?;
+    s.write_all(&mqtt::connect(id, 600, None, None)).await?;
+    let mut ack = [0u8; 4];
+    tokio::time::timeout(a.timeout, s.read_exact(&mut ack))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no CONNACK"))??;
+    match mqtt::connack_code(ack) {
+        Ok(0) => Ok(s),
+        Ok(c) => Err(std::io::Error::other(format!("CONNACK {c}"))),
+        Err(e) => Err(std::io::Error::other(e)),
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss, reason = "an index into a short vector")]
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+async fn rate(a: Arc<Args>) -> String {
+    let deadline = Instant::now() + Duration::from_secs_f64(a.secs);
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..a.workers {
+        let (a, errors) = (a.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut n = 0usize;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                match session(&a, w + n * a.workers, &format!("rate-{w}-{n}")).await {
+                    Ok(mut s) => {
+                        lat.push(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
+                        let _ = s.write_all(&mqtt::DISCONNECT).await;
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                n += 1;
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap_or_default());
+    }
+    lat.sort_unstable();
+    let n = lat.len();
+    format!(
+        "{{\"connections\":{n},\"errors\":{},\"secs\":{},\"rate\":{:.1},\"p50_us\":{},\"p99_us\":{}}}",
+        errors.load(Ordering::Relaxed),
+        a.secs,
+        n as f64 / a.secs,
+        percentile(&lat, 0.50),
+        percentile(&lat, 0.99)
+    )
+}
+
+/// Counts PUBLISH packets in an MQTT byte stream.
+async fn count_publishes(mut s: TcpStream, count: Arc<AtomicU64>, until: Instant) {
+    let mut buf = vec![0u8; 1 << 16];
+    let mut pending: Vec<u8> = Vec::new();
+    while Instant::now() < until {
+        let Ok(Ok(n)) = tokio::time::timeout_at(until.into(), s.read(&mut buf)).await else { break };
+        if n == 0 {
+            break;
+        }
+        pending.extend_from_slice(&buf[..n]);
+        let mut at = 0;
+        loop {
+            // Fixed header: type, then a variable-length remaining length.
+            let (mut len, mut mult, mut i) = (0usize, 1usize, at + 1);
+            let complete = loop {
+                let Some(&b) = pending.get(i) else { break false };
+                len += usize::from(b & 0x7f) * mult;
+                mult *= 128;
+                i += 1;
+                if b & 0x80 == 0 {
+                    break true;
+                }
+            };
+            if !complete || pending.len() < i + len {
+                break;
+            }
+            if pending[at] >> 4 == 3 {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            at = i + len;
+        }
+        pending.drain(..at);
+    }
+}
+
+async fn pubsub(a: Arc<Args>) -> Result<String, String> {
+    let topic = b"bench/t";
+    let delivered = Arc::new(AtomicU64::new(0));
+    let mut subs = Vec::new();
+    for i in 0..a.subs {
+        let mut s = session(&a, i, &format!("sub-{i}")).await.map_err(|e| format!("subscriber {i}: {e}"))?;
+        // SUBSCRIBE id 1, "bench/t" QoS 0.
+        let mut p = vec![0x82, u8::try_from(2 + 2 + topic.len() + 1).expect("short"), 0, 1, 0, u8::try_from(topic.len()).expect("short")];
+        p.extend_from_slice(topic);
+        p.push(0);
+        s.write_all(&p).await.map_err(|e| e.to_string())?;
+        let mut ack = [0u8; 5];
+        s.read_exact(&mut ack).await.map_err(|e| format!("SUBACK: {e}"))?;
+        subs.push(s);
+    }
+    let end = Instant::now() + Duration::from_secs_f64(a.secs);
+    let drain_until = end + Duration::from_secs(1);
+    let counters: Vec<_> = subs.into_iter().map(|s| tokio::spawn(count_publishes(s, delivered.clone(), drain_until))).collect();
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut pubs = Vec::new();
+    for i in 0..a.pubs {
+        let mut s = session(&a, a.subs + i, &format!("pub-{i}")).await.map_err(|e| format!("publisher {i}: {e}"))?;
+        let (sent, payload) = (sent.clone(), a.payload);
+        pubs.push(tokio::spawn(async move {
+            // QoS 0 PUBLISH, written 64 at a time.
+            let mut one = vec![0x30, u8::try_from(2 + topic.len() + payload).expect("short payload"), 0, u8::try_from(topic.len()).expect("short")];
+            one.extend_from_slice(topic);
+            one.extend(std::iter::repeat_n(b'x', payload));
+            let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 64).collect();
+            while Instant::now() < end {
+                if s.write_all(&batch).await.is_err() {
+                    break;
+                }
+                sent.fetch_add(64, Ordering::Relaxed);
+            }
+            let _ = s.write_all(&mqtt::DISCONNECT).await;
+        }));
+    }
+    for p in pubs {
+        let _ = p.await;
+    }
+    for c in counters {
+        let _ = c.await;
+    }
+    let (sent, delivered) = (sent.load(Ordering::Relaxed), delivered.load(Ordering::Relaxed));
+    let expected = sent * a.subs as u64;
+    Ok(format!(
+        "{{\"sent\":{sent},\"delivered\":{delivered},\"ratio\":{:.4},\"rate\":{:.1},\"secs\":{}}}",
+        if expected == 0 { 0.0 } else { delivered as f64 / expected as f64 },
+        delivered as f64 / a.secs,
+        a.secs
+    ))
+}
+
+async fn hold(a: Arc<Args>) {
+    let sem = Arc::new(tokio::sync::Semaphore::new(a.parallel.max(1)));
+    let mut tasks = Vec::with_capacity(a.count);
+    let tag = std::process::id();
+    for i in 0..a.count {
+        let (a, sem) = (a.clone(), sem.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await.ok()?;
+            session(&a, i, &format!("hold-{tag}-{i}")).await.ok()
+        }));
+    }
+    let mut held = Vec::with_capacity(a.count);
+    for t in tasks {
+        if let Ok(Some(s)) = t.await {
+            held.push(s);
+        }
+    }
+    println!("opened {}", held.len());
+    let stdin = tokio::task::spawn_blocking(|| {
+        let mut lines = Vec::new();
+        for line in std::io::stdin().lock().lines() {
+            let Ok(l) = line else { break };
+            let done = l == "exit";
+            lines.push(l);
+            if done || lines.iter().any(|l| l == "ping") {
+                break;
+            }
+        }
+        lines
+    })
+    .await
+    .unwrap_or_default();
+    if !stdin.iter().any(|l| l == "ping") {
+        return;
+    }
+    let n = held.len();
+    let mut tasks = Vec::with_capacity(n);
+    for mut s in held {
+        let sem = sem.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await.ok()?;
+            s.write_all(&mqtt::PINGREQ).await.ok()?;
+            let mut r = [0u8; 2];
+            tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut r)).await.ok()?.ok()?;
+            (r == mqtt::PINGRESP).then_some(s)
+        }));
+    }
+    let mut alive = Vec::new();
+    for t in tasks {
+        if let Ok(Some(s)) = t.await {
+            alive.push(s);
+        }
+    }
+    println!("{{\"held\":{n},\"alive\":{}}}", alive.len());
+    // Keep them until told to exit.
+    let _ = tokio::task::spawn_blocking(|| {
+        for line in std::io::stdin().lock().lines() {
+            if line.map_or(true, |l| l == "exit") {
+                break;
+            }
+        }
+    })
+    .await;
+    drop(alive);
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let Some((mode, rest)) = argv.split_first() else {
+        eprintln!("usage: loadgen rate|pubsub|hold --target IP:PORT [...]");
+        std::process::exit(2);
+    };
+    let args = match parse_args(rest) {
+        Ok(a) => Arc::new(a),
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            std::process::exit(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        match mode.as_str() {
+            "rate" => println!("{}", rate(args).await),
+            "pubsub" => match pubsub(args).await {
+                Ok(s) => println!("{s}"),
+                Err(e) => {
+                    eprintln!("loadgen: {e}");
+                    std::process::exit(1);
+                }
+            },
+            "hold" => hold(args).await,
+            _ => {
+                eprintln!("loadgen: unknown mode {mode}");
+                std::process::exit(2);
+            }
+        }
+    });
+}
