@@ -236,24 +236,31 @@ impl Dataplane {
         Ok((dp, if live { Start::Adopted } else { Start::Fresh }))
     }
 
-    /// Attaches the balancer through a link pinned at `dir/link`. An existing pinned link
-    /// gets this program atomically (`bpf_link_update`): no packet sees a detached interface.
+    /// Attaches the balancer through a link pinned at `dir/link`; see [`Self::attach_pinned`].
     ///
     /// # Errors
     /// When attaching, updating or pinning fails.
     pub fn attach_pinned_link(&mut self, interface: &str, mode: XdpMode, dir: &std::path::Path) -> anyhow::Result<()> {
-        let path = dir.join(LINK_PIN);
-        let prog: &mut Xdp = self.ebpf.program_mut("dsrlb").expect("in the object").try_into()?;
-        if path.exists() {
-            let pinned = PinnedLink::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        self.attach_pinned("dsrlb", interface, mode, &dir.join(LINK_PIN))
+    }
+
+    /// Attaches program `name` through a link pinned at `pin`, so the attachment outlives this
+    /// process (removing the pin detaches it). An existing pinned link gets this program
+    /// atomically (`bpf_link_update`): no packet sees a detached interface.
+    ///
+    /// # Errors
+    /// When attaching, updating or pinning fails.
+    pub fn attach_pinned(&mut self, name: &str, interface: &str, mode: XdpMode, pin: &std::path::Path) -> anyhow::Result<()> {
+        let prog: &mut Xdp = self.ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
+        if pin.exists() {
+            let pinned = PinnedLink::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;
             let link = XdpLink::try_from(FdLink::from(pinned)).context("the pinned link is not an XDP link")?;
             prog.attach_to_link(link).context("replacing the program on the pinned link")?;
         } else {
-            let id = prog.attach(interface, mode).with_context(|| format!("attaching XDP to {interface} in {mode:?} mode"))?;
-            let link = prog.take_link(id)?;
-            let fd_link = FdLink::try_from(link).context("the kernel gave a netlink attachment, which cannot be pinned")?;
+            let id = prog.attach(interface, mode).with_context(|| format!("attaching {name} to {interface} in {mode:?} mode"))?;
+            let fd_link = FdLink::try_from(prog.take_link(id)?).context("the kernel gave a netlink attachment, which cannot be pinned")?;
             // Dropping the returned handle closes our fd; the pin keeps the link.
-            drop(fd_link.pin(&path).with_context(|| format!("pinning the link at {}", path.display()))?);
+            drop(fd_link.pin(pin).with_context(|| format!("pinning the link at {}", pin.display()))?);
         }
         Ok(())
     }
@@ -347,20 +354,6 @@ impl Dataplane {
         let prog: &mut Xdp = self.ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
         prog.attach(interface, mode)
             .with_context(|| format!("attaching XDP program {name} to {interface} in {mode:?} mode"))?;
-        Ok(())
-    }
-
-    /// Attaches program `name` to `interface` and pins the link at `pin`, so the attachment
-    /// outlives this process; removing the pin detaches it.
-    ///
-    /// # Errors
-    /// When attaching or pinning fails.
-    pub fn attach_pinned(&mut self, name: &str, interface: &str, mode: XdpMode, pin: &std::path::Path) -> anyhow::Result<()> {
-        let prog: &mut Xdp = self.ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
-        let id = prog.attach(interface, mode).with_context(|| format!("attaching {name} to {interface}"))?;
-        let link = prog.take_link(id)?;
-        let fd_link: aya::programs::links::FdLink = link.try_into().context("the kernel gave a netlink attachment, which cannot be pinned")?;
-        fd_link.pin(pin).with_context(|| format!("pinning the link at {}", pin.display()))?;
         Ok(())
     }
 

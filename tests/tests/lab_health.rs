@@ -5,6 +5,7 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -299,4 +300,39 @@ fn tls_listener_checked_with_mqtt_tls_fails_alone() {
     std::thread::sleep(INTER * 2);
     assert_eq!(lb.state("mqtt", "b1"), "up", "the plain listener must stay up");
     assert_eq!(lb.state("mqtts", "b2"), "up");
+}
+
+#[test]
+fn a_changed_backend_mac_is_applied_without_a_restart() {
+    require_root!();
+    let lab = LabGuard::up(2);
+    let lb = Balancer::start(&lab, &lab.config(&health()));
+    let mut held = hold(&lab, "mac", 30);
+    let at = placement(&lab, held.iter().map(|(id, _)| id.clone()));
+    let on_b1 = at.values().filter(|b| **b == 0).count();
+    assert!(on_b1 > 0);
+    // b1's NIC is replaced: a new MAC, announced the way a gratuitous ARP would update the
+    // balancer's neighbour table.
+    let new_mac = "02:aa:bb:cc:dd:01";
+    let b1 = lab.broker_ns(0);
+    assert!(Command::new("ip").args(["-n", &b1, "link", "set", "eth0", "address", new_mac]).status().expect("ip").success());
+    assert!(
+        Command::new("ip")
+            .args(["-n", &lab.ns("lb"), "neigh", "replace", &lab::broker_addr(0).to_string(), "lladdr", new_mac, "dev", "eth0", "nud", "stale"])
+            .status()
+            .expect("ip")
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = lb.status();
+        if s["listeners"][0]["backends"][0]["mac"] == new_mac {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the controller still uses the old MAC: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(lb.state("mqtt", "b1"), "up");
+    // Sessions on b1 reach it at its new MAC.
+    assert_eq!(assert_alive(&mut held, &at, &[0, 1]), 30);
 }
