@@ -248,7 +248,7 @@ pub const fn flow_hash(src_be: u32, dst_be: u32, sport_be: u16, dport_be: u16) -
 #[inline(always)]
 #[must_use]
 pub const fn ring_slot(hash: u64, ring_size: u32) -> u32 {
-    ((hash >> 32) * ring_size as u64 >> 32) as u32
+    (((hash >> 32) * ring_size as u64) >> 32) as u32
 }
 
 /// The hash for `hash = "source"` listeners: the client address alone.

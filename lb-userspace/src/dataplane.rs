@@ -685,7 +685,7 @@ fn on_bpffs(dir: &std::path::Path) -> bool {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
     // SAFETY: a zeroed statfs is a valid out-parameter; the path is NUL-terminated.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    (unsafe { libc::statfs(c.as_ptr(), &raw mut st) } == 0) && i64::from(st.f_type) == BPF_FS_MAGIC
+    (unsafe { libc::statfs(c.as_ptr(), &raw mut st) } == 0) && st.f_type == BPF_FS_MAGIC
 }
 
 fn if_index(interface: &str) -> u32 {

@@ -160,8 +160,8 @@ fn status_table(v: &Value) -> String {
         );
         let _ = writeln!(
             out,
-            "  {:<12} {:<15} {:<18} {:>6} {:>8} {:>8} {:>10} {:>10}  {}",
-            "backend", "address", "state", "weight", "flows", "pkts/s", "new/s", "packets", "last check"
+            "  {:<12} {:<15} {:<18} {:>6} {:>8} {:>8} {:>10} {:>10}  last check",
+            "backend", "address", "state", "weight", "flows", "pkts/s", "new/s", "packets"
         );
         for b in l["backends"].as_array().unwrap_or(&empty) {
             let mut state = b["state"].as_str().unwrap_or("?").to_owned();

@@ -44,6 +44,9 @@ pub struct Snapshot {
 }
 
 type Labels = Vec<(&'static str, String)>;
+/// (name, help, value getter) of a counter family.
+type PairCounter = (&'static str, &'static str, fn(&PairSample) -> u64);
+type ListenerCounter = (&'static str, &'static str, fn(&(String, u64, u64, u64)) -> u64);
 
 fn pair_labels(p: &PairSample) -> Labels {
     vec![("listener", p.listener.clone()), ("backend", p.backend.clone())]
@@ -57,7 +60,7 @@ impl Collector for Snapshot {
                 ConstGauge::new(i64::from(p.up)).encode(m.encode_family(&pair_labels(p))?)?;
             }
         }
-        let counters: [(&str, &str, fn(&PairSample) -> u64); 4] = [
+        let counters: [PairCounter; 4] = [
             ("dsrlb_backend_check_failures", "Failed health checks", |p| p.check_failures),
             ("dsrlb_backend_new_flows", "New flows steered to the backend", |p| p.new_flows),
             ("dsrlb_backend_packets", "Packets forwarded to the backend", |p| p.packets),
@@ -75,7 +78,7 @@ impl Collector for Snapshot {
                 ConstGauge::new(i64::try_from(p.flows).unwrap_or(i64::MAX)).encode(m.encode_family(&pair_labels(p))?)?;
             }
         }
-        let listener: [(&str, &str, fn(&(String, u64, u64, u64)) -> u64); 3] = [
+        let listener: [ListenerCounter; 3] = [
             ("dsrlb_listener_packets", "Packets forwarded for the listener", |l| l.1),
             ("dsrlb_listener_bytes", "Bytes forwarded for the listener", |l| l.2),
             ("dsrlb_listener_new_flows", "New flows of the listener", |l| l.3),

@@ -49,7 +49,7 @@ pub fn resolve(addr: Ipv4Addr, interface: &str, wait: Duration) -> anyhow::Resul
     let sock = UdpSocket::bind("0.0.0.0:0").context("opening a UDP socket to trigger ARP")?;
     let mut attempt = 0u32;
     while Instant::now() < deadline {
-        if attempt % 10 == 0 {
+        if attempt.is_multiple_of(10) {
             // Errors here (no route, say) show up as the timeout below, with the hint.
             let _ = sock.send_to(&[0], SocketAddrV4::new(addr, 9));
         }

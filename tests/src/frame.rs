@@ -62,7 +62,7 @@ impl Ipv4Frame {
         f.extend_from_slice(&0x0800u16.to_be_bytes());
 
         let mut opts = self.ip_options.clone();
-        while opts.len() % 4 != 0 {
+        while !opts.len().is_multiple_of(4) {
             opts.push(0); // end of options list
         }
         let l4 = self.l4_bytes();

@@ -82,9 +82,10 @@ async fn pubsub_v311(tls: Option<Vec<u8>>, port: u16, topic: &str, n: usize) -> 
     // Wait for SUBACK before publishing.
     let deadline = tokio::time::Instant::now() + T;
     loop {
-        match tokio::time::timeout_at(deadline, sub_loop.poll()).await.expect("SUBACK in time").expect("subscriber connection") {
-            Event::Incoming(Packet::SubAck(_)) => break,
-            _ => {}
+        if let Event::Incoming(Packet::SubAck(_)) =
+            tokio::time::timeout_at(deadline, sub_loop.poll()).await.expect("SUBACK in time").expect("subscriber connection")
+        {
+            break;
         }
     }
     // The cluster bridge to b1 needs a moment to learn the subscription.
@@ -279,9 +280,8 @@ fn several_listeners_each_with_its_own_ring() {
             o.set_transport(Transport::Tls(TlsConfiguration::Simple { ca, alpn: None, client_auth: None }));
             let (_c, mut ev) = rumqttc::AsyncClient::new(o, 8);
             loop {
-                match tokio::time::timeout(T, ev.poll()).await.expect("CONNACK in time").expect("TLS connect") {
-                    Event::Incoming(Packet::ConnAck(_)) => break,
-                    _ => {}
+                if let Event::Incoming(Packet::ConnAck(_)) = tokio::time::timeout(T, ev.poll()).await.expect("CONNACK in time").expect("TLS connect") {
+                    break;
                 }
             }
         });

@@ -142,7 +142,7 @@ fn main() {
         return;
     }
     println!("XDP data plane, BPF_PROG_TEST_RUN: repeat {REPEAT} x {ROUNDS} rounds (median), repeat=1 x {NEW_FLOWS} (mean)");
-    println!("{:<30} {:>9} {:>9} {:>7}  {}", "path", "ns/pkt", "floor", "ratio", "checked");
+    println!("{:<30} {:>9} {:>9} {:>7}  checked", "path", "ns/pkt", "floor", "ratio");
     for (name, ns, f, check) in rows {
         println!("{name:<30} {ns:>9.1} {f:>9.1} {:>6.2}x  {check}", ns / f);
     }
