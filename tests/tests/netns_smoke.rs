@@ -151,17 +151,14 @@ fn dsrlb_run_attaches_serves_outlives_sigterm_and_dsrlb_stop_detaches() {
     let socket = dir.join("control.sock");
     let pins = std::path::PathBuf::from("/sys/fs/bpf/dsrlb-smoke");
     let _ = lb_userspace::dataplane::unpin_all(&pins);
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lb.name))
-        .arg(dsrlb_bin())
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--pin-dir")
-        .arg(&pins)
-        .args(["run", "--config"])
-        .arg(&bad)
-        .output()
-        .expect("start dsrlb");
+    // `dsrlb run --config FILE` in the balancer's namespace, on this test's socket and pins.
+    let dsrlb_run = |config: &std::path::Path| {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", lb.name)).arg(dsrlb_bin()).arg("--socket").arg(&socket).arg("--pin-dir").arg(&pins);
+        c.args(["run", "--metrics", "off", "--config"]).arg(config);
+        c
+    };
+    let out = dsrlb_run(&bad).output().expect("start dsrlb");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("bad.toml:12:8: listener[0].port"), "unhelpful error: {err}");
@@ -169,15 +166,7 @@ fn dsrlb_run_attaches_serves_outlives_sigterm_and_dsrlb_stop_detaches() {
 
     let good = dir.join("good.toml");
     std::fs::File::create(&good).and_then(|mut f| f.write_all(CONFIG.as_bytes())).expect("write");
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lb.name))
-        .arg(dsrlb_bin())
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--pin-dir")
-        .arg(&pins)
-        .args(["run", "--config"])
-        .arg(&good)
+    let mut child = dsrlb_run(&good)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
