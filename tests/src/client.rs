@@ -71,6 +71,29 @@ impl MqttConn {
     }
 }
 
+/// Opens `n` sessions to VIP:1883 from the lab's client namespace, spread over its extra
+/// addresses (so thousands do not exhaust one address's ports), ids `{prefix}-{i}`.
+///
+/// # Panics
+/// When a session cannot be opened.
+#[must_use]
+pub fn hold_sessions(lab: &Lab, prefix: &str, n: usize) -> Vec<(String, MqttConn)> {
+    use crate::lab::{CLIENT_EXTRA_BASE, CLIENT_EXTRA_COUNT, VIP};
+    crate::netns::in_netns(&lab.ns("client"), || {
+        (0..n)
+            .map(|i| {
+                let k = u8::try_from(i % usize::from(CLIENT_EXTRA_COUNT)).expect("fits");
+                let from = Ipv4Addr::new(192, 0, 2, CLIENT_EXTRA_BASE + k);
+                let id = format!("{prefix}-{i}");
+                let c = MqttConn::connect(Some(from), SocketAddrV4::new(VIP, 1883), &id, Duration::from_secs(5))
+                    .unwrap_or_else(|e| panic!("{id}: {e}"));
+                (id, c)
+            })
+            .collect()
+    })
+    .expect("client namespace")
+}
+
 /// `dsrlb run` in the lab's balancer namespace; stopped with SIGTERM on drop.
 pub struct Balancer {
     pub child: Child,

@@ -55,7 +55,11 @@ pub struct Lab {
     pub state: PathBuf,
 }
 
-fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+/// Runs a command; its stdout, or an error with its stderr.
+///
+/// # Errors
+/// When the command cannot start or fails.
+pub fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(cmd).args(args).output().with_context(|| format!("starting {cmd}"))?;
     if !out.status.success() {
         bail!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());

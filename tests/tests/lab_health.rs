@@ -4,22 +4,19 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
     process::Command,
     time::{Duration, Instant},
 };
 
 use tests::{
-    client::{Balancer, MqttConn},
-    lab::{self, LabGuard, VIP},
-    netns::in_netns,
+    client::{Balancer, MqttConn, hold_sessions},
+    lab::{self, LabGuard},
     require_root,
 };
 
 const INTER: Duration = Duration::from_millis(500);
 const FALL: u32 = 2;
 const RISE: u32 = 2;
-const T: Duration = Duration::from_secs(5);
 
 /// `fall × inter + inter`, with the ±10% jitter of each interval.
 fn failover_window() -> Duration {
@@ -28,25 +25,6 @@ fn failover_window() -> Duration {
 
 fn health() -> String {
     format!("check = \"mqtt\"\ninter = \"{}ms\"\ntimeout = \"300ms\"\nfall = {FALL}\nrise = {RISE}", INTER.as_millis())
-}
-
-fn in_client<R: Send>(lab: &LabGuard, f: impl FnOnce() -> R + Send) -> R {
-    in_netns(&lab.ns("client"), f).expect("client namespace")
-}
-
-/// Opens `n` sessions, spread over the client's extra addresses (so thousands do not exhaust
-/// one address's ports), ids `{prefix}-{i}`.
-fn hold(lab: &LabGuard, prefix: &str, n: usize) -> Vec<(String, MqttConn)> {
-    in_client(lab, || {
-        (0..n)
-            .map(|i| {
-                let from = Ipv4Addr::new(192, 0, 2, lab::CLIENT_EXTRA_BASE + u8::try_from(i % usize::from(lab::CLIENT_EXTRA_COUNT)).expect("fits"));
-                let id = format!("{prefix}-{i}");
-                let c = MqttConn::connect(Some(from), SocketAddrV4::new(VIP, 1883), &id, T).unwrap_or_else(|e| panic!("{id}: {e}"));
-                (id, c)
-            })
-            .collect()
-    })
 }
 
 /// Client id to broker index, from the brokers' logs (waits until all `ids` are logged).
@@ -71,7 +49,7 @@ fn placement(lab: &LabGuard, ids: impl Iterator<Item = String>) -> BTreeMap<Stri
 /// Opens and closes `n` new sessions; returns how many landed on each broker. Every one must
 /// succeed.
 fn fresh(lab: &LabGuard, prefix: &str, n: usize) -> Vec<usize> {
-    for (_, c) in hold(lab, prefix, n) {
+    for (_, c) in hold_sessions(lab, prefix, n) {
         c.disconnect();
     }
     let at = placement(lab, (0..n).map(|i| format!("{prefix}-{i}")));
@@ -114,7 +92,7 @@ fn broker_failure_moves_new_flows_and_keeps_every_other_session_then_recovers() 
     require_root!();
     let lab = LabGuard::up(3);
     let lb = Balancer::start(&lab, &lab.config(&health()));
-    let mut held = hold(&lab, "held", 500);
+    let mut held = hold_sessions(&lab, "held", 500);
     let at = placement(&lab, held.iter().map(|(id, _)| id.clone()));
     assert_eq!(at.len(), 500);
     let others = assert_alive(&mut held, &at, &[1, 2]);
@@ -142,7 +120,7 @@ fn drain_keeps_sessions_stops_new_ones_and_counts_down_to_zero() {
     require_root!();
     let lab = LabGuard::up(2);
     let lb = Balancer::start(&lab, &lab.config(&health()));
-    let mut held = hold(&lab, "dr", 100);
+    let mut held = hold_sessions(&lab, "dr", 100);
     let at = placement(&lab, held.iter().map(|(id, _)| id.clone()));
     let on_b1 = at.values().filter(|b| **b == 0).count();
     assert!(on_b1 > 20);
@@ -187,7 +165,7 @@ fn adding_a_broker_by_reload_breaks_no_session() {
     let full = lab.config(&health());
     let without_b3 = full.split("[[backend]]\nname = \"b3\"").next().expect("config").to_owned();
     let lb = Balancer::start(&lab, &without_b3);
-    let mut held = hold(&lab, "rl", 300);
+    let mut held = hold_sessions(&lab, "rl", 300);
     let at = placement(&lab, held.iter().map(|(id, _)| id.clone()));
     assert!(at.values().all(|b| *b < 2));
 
@@ -223,7 +201,7 @@ fn clients_of_a_hung_broker_get_a_reset_instead_of_waiting() {
     require_root!();
     let lab = LabGuard::up(2);
     let lb = Balancer::start(&lab, &lab.config(&health()));
-    let mut held = hold(&lab, "hang", 40);
+    let mut held = hold_sessions(&lab, "hang", 40);
     let at = placement(&lab, held.iter().map(|(id, _)| id.clone()));
     // A hung broker: its process stops answering, its kernel keeps the connections open.
     let pid: i32 = std::fs::read_to_string(lab.state.join("b1/mosquitto.pid")).expect("pid").trim().parse().expect("pid");
@@ -252,7 +230,7 @@ fn an_invalid_reload_is_rejected_and_changes_nothing() {
     let lab = LabGuard::up(2);
     let good = lab.config(&health());
     let lb = Balancer::start(&lab, &good);
-    let mut held = hold(&lab, "inv", 100);
+    let mut held = hold_sessions(&lab, "inv", 100);
     let at = placement(&lab, held.iter().map(|(id, _)| id.clone()));
     let bad = good.replace("port = 1883", "port = 1883\nhash = \"round-robin\"");
     let line = bad.lines().position(|l| l.contains("round-robin")).expect("the bad line") + 1;
@@ -307,7 +285,7 @@ fn a_changed_backend_mac_is_applied_without_a_restart() {
     require_root!();
     let lab = LabGuard::up(2);
     let lb = Balancer::start(&lab, &lab.config(&health()));
-    let mut held = hold(&lab, "mac", 30);
+    let mut held = hold_sessions(&lab, "mac", 30);
     let at = placement(&lab, held.iter().map(|(id, _)| id.clone()));
     let on_b1 = at.values().filter(|b| **b == 0).count();
     assert!(on_b1 > 0);

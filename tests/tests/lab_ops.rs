@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    net::{SocketAddrV4, TcpStream},
     os::unix::fs::PermissionsExt as _,
     process::Command,
     sync::atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -11,25 +11,16 @@ use std::{
 };
 
 use tests::{
-    client::{Balancer, MqttConn},
-    lab::{self, LabGuard, VIP},
+    client::{Balancer, MqttConn, hold_sessions},
+    lab::{LabGuard, VIP},
     netns::in_netns,
     require_root,
 };
 
-const T: Duration = Duration::from_secs(5);
 const HEALTH: &str = "check = \"mqtt\"\ninter = \"500ms\"\ntimeout = \"300ms\"\nfall = 2\nrise = 2";
 
 fn hold(lab: &LabGuard, prefix: &str, n: usize) -> Vec<MqttConn> {
-    in_netns(&lab.ns("client"), || {
-        (0..n)
-            .map(|i| {
-                let from = Ipv4Addr::new(192, 0, 2, lab::CLIENT_EXTRA_BASE + u8::try_from(i % usize::from(lab::CLIENT_EXTRA_COUNT)).expect("fits"));
-                MqttConn::connect(Some(from), SocketAddrV4::new(VIP, 1883), &format!("{prefix}-{i}"), T).unwrap_or_else(|e| panic!("{prefix}-{i}: {e}"))
-            })
-            .collect()
-    })
-    .expect("client namespace")
+    hold_sessions(lab, prefix, n).into_iter().map(|(_, c)| c).collect()
 }
 
 fn ping_all(held: &mut [MqttConn]) {

@@ -26,7 +26,7 @@ use anyhow::{Context as _, bail};
 use aya::programs::XdpMode;
 use lb_userspace::dataplane::{Dataplane, LoadOptions};
 use serde_json::Value;
-use tests::lab::{self, Lab};
+use tests::lab::{self, Lab, sh};
 
 const ROUNDS: usize = 5;
 const PATHS: [&str; 4] = ["direct", "haproxy", "floor", "dsrlb"];
@@ -37,14 +37,6 @@ struct Ctx {
     lab: Lab,
     bin: PathBuf,
     out: PathBuf,
-}
-
-fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(cmd).args(args).output().with_context(|| format!("starting {cmd}"))?;
-    if !out.status.success() {
-        bail!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl Ctx {
