@@ -220,10 +220,9 @@ impl Dataplane {
     /// # Errors
     /// When bpffs is missing, the pins do not fit the config, or loading fails.
     pub fn open_pinned(opts: &LoadOptions, dir: &std::path::Path, interface: &str) -> anyhow::Result<(Self, Start)> {
-        std::fs::create_dir_all(dir).with_context(|| {
-            format!("creating {} (is bpffs mounted? mount -t bpf bpf /sys/fs/bpf)", dir.display())
-        })?;
-        ensure!(on_bpffs(dir), "{} is not on a BPF filesystem: mount -t bpf bpf /sys/fs/bpf", dir.display());
+        mount_bpffs_if_needed(dir)?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        ensure!(on_bpffs(dir), "{} is not on a BPF filesystem: mount one there (mount -t bpf bpf DIR)", dir.display());
         let link = dir.join(LINK_PIN);
         let live = link.exists() && link_ifindex(&link).is_ok_and(|i| i != 0 && i == if_index(interface));
         if !live {
@@ -679,6 +678,24 @@ pub fn unpin_all(dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// Mounts bpffs on /sys/fs/bpf when `dir` lives there and nothing is mounted yet.
+fn mount_bpffs_if_needed(dir: &std::path::Path) -> anyhow::Result<()> {
+    let root = std::path::Path::new(BPFFS);
+    if !dir.starts_with(root) || on_bpffs(root) {
+        return Ok(());
+    }
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let (src, target, fstype) = (c("bpf"), c(BPFFS), c("bpf"));
+    // SAFETY: valid NUL-terminated strings; no mount data.
+    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        bail!("mounting bpffs on {BPFFS}: {} (run as root, or mount -t bpf bpf {BPFFS})", std::io::Error::last_os_error());
+    }
+    tracing::info!("mounted bpffs on {BPFFS}");
+    Ok(())
+}
 
 fn on_bpffs(dir: &std::path::Path) -> bool {
     use std::os::unix::ffi::OsStrExt as _;

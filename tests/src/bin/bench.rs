@@ -30,7 +30,8 @@ use tests::lab::{self, Lab, sh};
 
 const ROUNDS: usize = 5;
 const PATHS: [&str; 4] = ["direct", "haproxy", "floor", "dsrlb"];
-const HOLD_TARGET: usize = 18_000;
+/// Just under the broker's open-files limit (20,000, which cannot be raised here).
+const HOLD_TARGET: usize = 19_800;
 const HOLD_PROCS: usize = 6;
 
 struct Ctx {
