@@ -93,7 +93,13 @@ pub struct Controller {
     rates: BTreeMap<u32, (f64, f64)>,
     /// Set by `dsrlb stop`: detach and unpin on the way out.
     stopping: bool,
+    /// Live flows per real, from the last flow-table walk (a walk is one syscall per entry, so
+    /// metric scrapes reuse one up to [`FLOW_WALK_EVERY`] old; `dsrlb status` always walks).
+    live_flows: Option<(Instant, BTreeMap<u32, usize>)>,
 }
+
+/// How old a flow-table walk may be before status or metrics walk again.
+const FLOW_WALK_EVERY: Duration = Duration::from_secs(2);
 
 fn node_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "node".to_owned(), |h| h.trim().to_owned())
@@ -151,6 +157,7 @@ impl Controller {
             sample: (Instant::now(), Stats::default()),
             rates: BTreeMap::new(),
             stopping: false,
+            live_flows: None,
         };
         c.sync_health();
         for (l, b, state) in &saved.out {
@@ -406,9 +413,21 @@ impl Controller {
         Ok(())
     }
 
+    /// Live flows per real: a fresh walk, or with `cached` one at most [`FLOW_WALK_EVERY`] old.
+    fn live_flows(&mut self, cached: bool) -> anyhow::Result<BTreeMap<u32, usize>> {
+        match &self.live_flows {
+            Some((at, flows)) if cached && at.elapsed() < FLOW_WALK_EVERY => Ok(flows.clone()),
+            _ => {
+                let flows = self.dp.flows_per_real()?;
+                self.live_flows = Some((Instant::now(), flows.clone()));
+                Ok(flows)
+            }
+        }
+    }
+
     /// Everything `dsrlb status` shows.
-    fn status(&self) -> anyhow::Result<Value> {
-        let flows = self.dp.flows_per_real()?;
+    fn status(&mut self) -> anyhow::Result<Value> {
+        let flows = self.live_flows(false)?;
         let stats = &self.sample.1;
         let cfg = self.effective_config();
         let mut listeners = Vec::new();
@@ -466,9 +485,9 @@ impl Controller {
         }))
     }
 
-    fn metrics(&self) -> anyhow::Result<crate::metrics::Snapshot> {
+    fn metrics(&mut self) -> anyhow::Result<crate::metrics::Snapshot> {
         use crate::metrics::{PairSample, Snapshot};
-        let flows = self.dp.flows_per_real()?;
+        let flows = self.live_flows(true)?;
         let stats = &self.sample.1;
         let mut s = Snapshot { flow_table_entries: flows.values().sum::<usize>() as u64, ..Snapshot::default() };
         for l in &self.config.listeners {

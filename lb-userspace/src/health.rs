@@ -191,14 +191,18 @@ pub async fn run(t: Target, tx: mpsc::Sender<Report>) {
     let mut jitter = Jitter(seed | 1);
     // Spread the first probes over one interval.
     let first = Duration::from_millis(jitter.next() % u64::try_from(t.health.inter.as_millis()).unwrap_or(1).max(1));
-    tokio::time::sleep(first).await;
+    let mut next = tokio::time::Instant::now() + first;
     loop {
+        // Probes start on a cadence of `inter` (start to start), as HAProxy's do: a probe that
+        // runs into its timeout (at most `inter`, enforced by the config) does not push the
+        // next one back, so `fall` failures take at most `fall × inter + timeout`.
+        tokio::time::sleep_until(next).await;
+        next += jitter.around(t.health.inter);
         let outcome = round(&t).await;
         let report = Report { listener: t.listener.clone(), backend: t.backend.clone(), outcome };
         if tx.send(report).await.is_err() {
             return;
         }
-        tokio::time::sleep(jitter.around(t.health.inter)).await;
     }
 }
 
