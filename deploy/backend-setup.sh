@@ -18,8 +18,9 @@ dev=""
 if [ "${1:-}" = "--dev" ]; then dev=${2:?--dev needs an interface}; shift 2; fi
 [ $# -ge 1 ] || usage
 if [ -z "$dev" ]; then
-    dev=$(ip -4 route show default | awk '{for (i=1;i<NF;i++) if ($i=="dev") {print $(i+1); exit}}')
-    [ -n "$dev" ] || dev=$(ip -o -4 addr show scope global | awk '{print $2; exit}')
+    # (awk reads all its input: exiting early would SIGPIPE `ip`, which pipefail reports)
+    dev=$(ip -4 route show default | awk '!d {for (i=1;i<NF;i++) if ($i=="dev") {d=$(i+1)}} END {print d}')
+    [ -n "$dev" ] || dev=$(ip -o -4 addr show scope global | awk '!d {d=$2} END {print d}')
 fi
 [ -n "$dev" ] || { echo "cannot tell the broker's interface: pass --dev IFACE" >&2; exit 2; }
 for vip in "$@"; do
@@ -35,7 +36,9 @@ sysctls=(
     "net.ipv4.conf.$dev.rp_filter=2"
 )
 
-has_vip() { ip -4 -o addr show dev lo | grep -qw "inet $1/32"; }
+# Output captured first: `grep -q` in a pipeline can SIGPIPE `ip`, which pipefail reports.
+has_addr() { local out; out=$(ip -4 -o addr show dev "$1"); grep -w "inet $2" <<<"$out" >/dev/null; }
+has_vip() { has_addr lo "$1/32"; }
 
 case $action in
 apply)
@@ -54,7 +57,7 @@ verify)
     done
     for vip in "$@"; do
         if has_vip "$vip"; then echo "ok    $vip/32 on lo"; else echo "FAIL  $vip/32 is not on lo: ip addr add $vip/32 dev lo"; bad=1; fi
-        if ip -4 -o addr show dev "$dev" | grep -qw "inet $vip"; then echo "FAIL  $vip is on $dev too: the broker would answer ARP for it"; bad=1; fi
+        if has_addr "$dev" "$vip"; then echo "FAIL  $vip is on $dev too: the broker would answer ARP for it"; bad=1; fi
     done
     exit $bad
     ;;
