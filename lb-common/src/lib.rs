@@ -3,6 +3,8 @@
 //! Every key and value is `#[repr(C)]`, has no implicit padding (asserted below) and uses plain
 //! integers for flags. Fields in network byte order end in `_be`.
 #![no_std]
+#![expect(clippy::inline_always, reason = "the XDP program needs these inlined into its hot path")]
+#![expect(clippy::pub_underscore_fields, reason = "explicit padding fields, so no map type has implicit padding")]
 
 /// Names of the maps in the object; also the file names of their pins.
 pub mod map_names {

@@ -483,7 +483,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => Duration::from_secs(n * 60),
         _ => return Err(format!("{s:?}: unit must be ms, s or m")),
     };
-    if d.is_zero() || d > Duration::from_secs(3600) {
+    if d.is_zero() || d > Duration::from_hours(1) {
         return Err(format!("{s:?} must be more than 0 and at most 1h"));
     }
     Ok(d)
@@ -514,8 +514,7 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
 
 #[must_use]
 pub fn format_mac(mac: [u8; 6]) -> String {
-    let [a, b, c, d, e, f] = mac;
-    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+    mac.map(|b| format!("{b:02x}")).join(":")
 }
 
 #[must_use]

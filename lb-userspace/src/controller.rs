@@ -232,13 +232,12 @@ impl Controller {
                 let backend = self.config.backend(b).context("pair names a known backend")?;
                 let id = self.ids.backends[b];
                 let tls = match &h.tls_ca {
-                    Some(ca) if h.check == CheckKind::MqttTls => Some(match tls_cache.get(ca) {
-                        Some(c) => c.clone(),
-                        None => {
-                            let c = health::tls_config(ca)?;
-                            tls_cache.insert(ca.clone(), c.clone());
-                            c
-                        }
+                    Some(ca) if h.check == CheckKind::MqttTls => Some(if let Some(c) = tls_cache.get(ca) {
+                        c.clone()
+                    } else {
+                        let c = health::tls_config(ca)?;
+                        tls_cache.insert(ca.clone(), c.clone());
+                        c
                     }),
                     _ => None,
                 };
@@ -688,7 +687,7 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     tracing::info!(interface = %c.config.interface, "serving");
 
     let mut sample = tokio::time::interval(Duration::from_secs(1));
-    let mut print = tokio::time::interval(stats_every.unwrap_or(Duration::from_secs(3600)));
+    let mut print = tokio::time::interval(stats_every.unwrap_or(Duration::from_hours(1)));
     let mut macs = tokio::time::interval(MAC_REFRESH);
     let tty = std::io::stdout().is_terminal();
     loop {

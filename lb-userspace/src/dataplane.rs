@@ -278,7 +278,7 @@ impl Dataplane {
         let mut w = Written::default();
         {
             let map: HashMap<&MapData, ListenerKey, ListenerInfo> = self.map_ref(names::LISTENERS)?;
-            for entry in map.iter() {
+            for entry in &map {
                 let (k, v) = entry?;
                 w.listeners.insert(v.id, (k, v));
             }
@@ -304,7 +304,7 @@ impl Dataplane {
         }
         {
             let vips: HashMap<&MapData, u32, VipInfo> = self.map_ref(names::VIPS)?;
-            for entry in vips.iter() {
+            for entry in &vips {
                 let (k, v) = entry?;
                 w.vips.insert(k, v.listeners);
             }
@@ -373,6 +373,7 @@ impl Dataplane {
     /// # Errors
     /// When `want` is inconsistent (ids out of range, ring of the wrong size) or a map write
     /// fails. Validation happens before any write.
+    #[expect(clippy::too_many_lines, reason = "the steps read in the order that keeps packets in flight safe")]
     pub fn apply(&mut self, want: &Desired) -> anyhow::Result<ApplyReport> {
         let size = self.ring_size as usize;
         let mut ids = BTreeSet::new();
@@ -587,7 +588,7 @@ impl Dataplane {
     /// When the walk fails.
     pub fn flow_count(&self) -> anyhow::Result<usize> {
         let map: HashMap<&MapData, FlowKey, FlowValue> = self.map_ref(names::FLOWS)?;
-        Ok(map.keys().filter(Result::is_ok).count())
+        Ok(map.keys().flatten().count())
     }
 
     /// How many live (not closing) flow entries point at each real.
@@ -597,7 +598,7 @@ impl Dataplane {
     pub fn flows_per_real(&self) -> anyhow::Result<BTreeMap<u32, usize>> {
         let map: HashMap<&MapData, FlowKey, FlowValue> = self.map_ref(names::FLOWS)?;
         let mut out = BTreeMap::new();
-        for entry in map.iter() {
+        for entry in &map {
             // An entry evicted during the walk ends it early on some kernels; what was counted
             // stands.
             let Ok((_, v)) = entry else { break };
@@ -643,7 +644,7 @@ pub fn interface_mac(interface: &str) -> anyhow::Result<[u8; 6]> {
     // SAFETY: an all-zero ifreq is valid.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(interface.bytes()) {
-        *dst = src as libc::c_char;
+        *dst = libc::c_char::from_ne_bytes([src]);
     }
     // SAFETY: `req` is a valid ifreq with a NUL-terminated name (checked length, zeroed rest).
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &raw mut req) };
@@ -655,7 +656,7 @@ pub fn interface_mac(interface: &str) -> anyhow::Result<[u8; 6]> {
     ensure!(hw.sa_family == libc::ARPHRD_ETHER, "interface {interface} is not Ethernet (hardware type {})", hw.sa_family);
     let mut mac = [0u8; 6];
     for (dst, src) in mac.iter_mut().zip(hw.sa_data.iter()) {
-        *dst = *src as u8;
+        *dst = src.to_ne_bytes()[0];
     }
     Ok(mac)
 }
@@ -706,10 +707,8 @@ fn on_bpffs(dir: &std::path::Path) -> bool {
 }
 
 fn if_index(interface: &str) -> u32 {
-    std::ffi::CString::new(interface)
-        // SAFETY: a valid C string.
-        .map(|c| unsafe { libc::if_nametoindex(c.as_ptr()) })
-        .unwrap_or(0)
+    // SAFETY: a valid C string.
+    std::ffi::CString::new(interface).map_or(0, |c| unsafe { libc::if_nametoindex(c.as_ptr()) })
 }
 
 /// The interface index a pinned XDP link is attached to; 0 once its interface is gone. aya

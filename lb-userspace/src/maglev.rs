@@ -71,7 +71,7 @@ pub fn build(backends: &[(&str, u32)], size: u32) -> Vec<u32> {
             // Take this backend's next preferred slot that is still free. `m` is prime and
             // `skip` in 1..m, so the sequence visits every slot and the loop ends.
             loop {
-                let slot = ((p.offset + p.next * p.skip) % m) as usize;
+                let slot = usize::try_from((p.offset + p.next * p.skip) % m).expect("slot < size, a u32");
                 p.next += 1;
                 if table[slot] == EMPTY {
                     table[slot] = p.index;
@@ -126,7 +126,7 @@ mod tests {
             let names = names(n);
             // Weights 1..=7 in a fixed pattern, so ratios up to 7:1 appear at every size.
             let backends: Vec<(&str, u32)> =
-                names.iter().enumerate().map(|(i, s)| (s.as_str(), (i as u32 * 5) % 7 + 1)).collect();
+                names.iter().zip(0u32..).map(|(s, i)| (s.as_str(), (i * 5) % 7 + 1)).collect();
             let total: u32 = backends.iter().map(|b| b.1).sum();
             let table = build(&backends, M);
             for (i, share) in shares(&table, n).into_iter().enumerate() {
@@ -174,7 +174,7 @@ mod tests {
     #[test]
     fn order_of_backends_does_not_matter() {
         let names = names(17);
-        let fwd: Vec<(&str, u32)> = names.iter().enumerate().map(|(i, s)| (s.as_str(), 10 + i as u32)).collect();
+        let fwd: Vec<(&str, u32)> = names.iter().zip(10u32..).map(|(s, w)| (s.as_str(), w)).collect();
         let mut rev = fwd.clone();
         rev.reverse();
         let a = build(&fwd, M);

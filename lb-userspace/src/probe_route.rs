@@ -38,6 +38,21 @@ fn ip(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Removes rules (and their tables) in our mark range that a previous run left.
+fn clear_leftovers() {
+    let Ok(rules) = ip(&["-4", "rule", "show"]) else { return };
+    for line in rules.lines() {
+        // "9130:	from all fwmark 0xd5b0003 lookup 875267"
+        let Some(mark) = line.split_whitespace().skip_while(|w| *w != "fwmark").nth(1) else { continue };
+        let Ok(m) = u32::from_str_radix(mark.trim_start_matches("0x"), 16) else { continue };
+        if m & MARK_MASK == MARK_BASE {
+            let backend = m & !MARK_MASK;
+            let _ = ip(&["-4", "rule", "del", "pref", RULE_PREF, "fwmark", &m.to_string(), "lookup", &table(backend).to_string()]);
+            let _ = ip(&["-4", "route", "flush", "table", &table(backend).to_string()]);
+        }
+    }
+}
+
 /// The rules and routes this controller installed, by backend id: (address, VIPs).
 #[derive(Default)]
 pub struct ProbeRoutes {
@@ -49,23 +64,8 @@ impl ProbeRoutes {
     /// Starts from a clean slate: removes rules and tables a previous run may have left.
     #[must_use]
     pub fn new(interface: &str) -> Self {
-        let routes = Self { interface: interface.to_owned(), installed: BTreeMap::new() };
-        routes.clear_leftovers();
-        routes
-    }
-
-    fn clear_leftovers(&self) {
-        let Ok(rules) = ip(&["-4", "rule", "show"]) else { return };
-        for line in rules.lines() {
-            // "9130:	from all fwmark 0xd5b0003 lookup 875267"
-            let Some(mark) = line.split_whitespace().skip_while(|w| *w != "fwmark").nth(1) else { continue };
-            let Ok(m) = u32::from_str_radix(mark.trim_start_matches("0x"), 16) else { continue };
-            if m & MARK_MASK == MARK_BASE {
-                let backend = m & !MARK_MASK;
-                let _ = ip(&["-4", "rule", "del", "pref", RULE_PREF, "fwmark", &m.to_string(), "lookup", &table(backend).to_string()]);
-                let _ = ip(&["-4", "route", "flush", "table", &table(backend).to_string()]);
-            }
-        }
+        clear_leftovers();
+        Self { interface: interface.to_owned(), installed: BTreeMap::new() }
     }
 
     /// Makes the installed rules and routes match `wanted` (backend id to address and VIPs).

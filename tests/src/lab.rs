@@ -100,7 +100,7 @@ impl Lab {
         sh("nsenter", &full)
     }
 
-    fn ip(&self, ns: &str, args: &[&str]) -> anyhow::Result<String> {
+    fn ip(ns: &str, args: &[&str]) -> anyhow::Result<String> {
         let mut full = vec!["-n", ns];
         full.extend_from_slice(args);
         sh("ip", &full)
@@ -146,11 +146,11 @@ impl Lab {
         std::fs::create_dir_all(&self.state).with_context(|| format!("creating {}", self.state.display()))?;
         for ns in self.namespaces() {
             sh("ip", &["netns", "add", &ns])?;
-            self.ip(&ns, &["link", "set", "lo", "up"])?;
+            Self::ip(&ns, &["link", "set", "lo", "up"])?;
         }
         let sw = self.ns("sw");
-        self.ip(&sw, &["link", "add", "br0", "type", "bridge"])?;
-        self.ip(&sw, &["link", "set", "br0", "up"])?;
+        Self::ip(&sw, &["link", "add", "br0", "type", "bridge"])?;
+        Self::ip(&sw, &["link", "set", "br0", "up"])?;
         // Each host: veth `eth0` in its namespace, `p-ROLE` on the bridge.
         let hosts: Vec<(String, String, Ipv4Addr)> = [("client", self.ns("client"), CLIENT_ADDR), ("lb", self.ns("lb"), LB_ADDR)]
             .into_iter()
@@ -160,19 +160,19 @@ impl Lab {
         for (role, ns, addr) in &hosts {
             let port = format!("p-{role}");
             sh("ip", &["link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &port, "netns", &sw])?;
-            self.ip(&sw, &["link", "set", &port, "master", "br0"])?;
-            self.ip(&sw, &["link", "set", &port, "up"])?;
-            self.ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-            self.ip(ns, &["link", "set", "eth0", "up"])?;
+            Self::ip(&sw, &["link", "set", &port, "master", "br0"])?;
+            Self::ip(&sw, &["link", "set", &port, "up"])?;
+            Self::ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            Self::ip(ns, &["link", "set", "eth0", "up"])?;
         }
         let client = self.ns("client");
         for i in 0..CLIENT_EXTRA_COUNT {
             let a = Ipv4Addr::new(192, 0, 2, CLIENT_EXTRA_BASE + i);
-            self.ip(&client, &["addr", "add", &format!("{a}/24"), "dev", "eth0"])?;
+            Self::ip(&client, &["addr", "add", &format!("{a}/24"), "dev", "eth0"])?;
         }
         // The client reaches the VIPs through the balancer.
         for vip in [VIP, VIP_INTERNAL] {
-            self.ip(&client, &["route", "add", &format!("{vip}/32"), "via", &LB_ADDR.to_string()])?;
+            Self::ip(&client, &["route", "add", &format!("{vip}/32"), "via", &LB_ADDR.to_string()])?;
         }
         // Bounced SYNs would carry partial checksums the brokers drop; GRO on the client's
         // bridge port would merge segments into frames too big to bounce.
@@ -183,7 +183,7 @@ impl Lab {
         for i in 0..self.brokers {
             let ns = self.broker_ns(i);
             for vip in [VIP, VIP_INTERNAL] {
-                self.ip(&ns, &["addr", "add", &format!("{vip}/32"), "dev", "lo"])?;
+                Self::ip(&ns, &["addr", "add", &format!("{vip}/32"), "dev", "lo"])?;
             }
             for (k, v) in [
                 ("net.ipv4.conf.all.arp_ignore", "1"),
@@ -317,7 +317,7 @@ impl Lab {
     /// When `ip addr` fails.
     pub fn set_broker_vip(&self, i: usize, present: bool) -> anyhow::Result<()> {
         let verb = if present { "add" } else { "del" };
-        self.ip(&self.broker_ns(i), &["addr", verb, &format!("{VIP}/32"), "dev", "lo"]).map(drop)
+        Self::ip(&self.broker_ns(i), &["addr", verb, &format!("{VIP}/32"), "dev", "lo"]).map(drop)
     }
 
     /// Tears everything down: processes by PID, pinned links, namespaces, the state directory.
@@ -371,7 +371,7 @@ impl Lab {
             };
             let _ = writeln!(out, "broker b{} {:<12} {state}", i + 1, broker_addr(i));
         }
-        let xdp = self.ip(&self.ns("lb"), &["-d", "link", "show", "eth0"]).is_ok_and(|s| s.contains("prog/xdp"));
+        let xdp = Self::ip(&self.ns("lb"), &["-d", "link", "show", "eth0"]).is_ok_and(|s| s.contains("prog/xdp"));
         let _ = writeln!(out, "balancer {LB_ADDR} eth0: {}", if xdp { "XDP attached" } else { "no XDP program" });
         let _ = writeln!(out, "VIPs {VIP} (1883, 8883 TLS), {VIP_INTERNAL} ({INTERNAL_PORT}); lab CA {}", self.ca_pem().display());
         out

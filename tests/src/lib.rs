@@ -1,5 +1,6 @@
 //! Test support: a small Ethernet frame builder, and network-namespace fixtures that clean up on
 //! drop.
+#![allow(clippy::must_use_candidate, reason = "helpers run commands for their effect; their output is optional")]
 
 pub mod client;
 pub mod frame;

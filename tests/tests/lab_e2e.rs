@@ -190,7 +190,7 @@ fn count_on_balancer_wire(lab: &LabGuard, stop: &AtomicBool) -> WireCount {
     in_netns(&lab.ns("sw"), || {
         let sock = PacketSocket::open("p-lb");
         let mut c = WireCount { to_vip: 0, from_vip: 0 };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_mins(1);
         while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
             let Some(f) = sock.recv() else { continue };
             if f.len() < 34 || f[12..14] != [0x08, 0x00] || f[23] != 6 {

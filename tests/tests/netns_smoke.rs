@@ -84,9 +84,8 @@ fn syns_and_capture(cl: &Netns, n: usize, lb_mac: [u8; 6]) -> Vec<Vec<u8>> {
             while Instant::now() < deadline {
                 match sock.recv() {
                     Some(f) if f.len() >= 34 && f[6..12] == lb_mac && f[12..14] == [0x08, 0x00] => bounced.push(f),
-                    Some(_) => {}
                     None if done.load(Ordering::SeqCst) => break,
-                    None => {}
+                    Some(_) | None => {}
                 }
             }
             bounced
@@ -199,7 +198,7 @@ fn dsrlb_run_attaches_serves_outlives_sigterm_and_dsrlb_stop_detaches() {
     assert!(out.status.success(), "dsrlb stop: {}", String::from_utf8_lossy(&out.stderr));
     assert!(!xdp_attached(&lb, "lb0"), "still attached after dsrlb stop");
     assert!(syns_and_capture(&cl, 2, lb_mac).is_empty(), "frames still bounced after dsrlb stop");
-    assert!(std::fs::read_dir(&pins).map(|d| d.count()).unwrap_or(0) == 0, "pins left in {}", pins.display());
+    assert!(std::fs::read_dir(&pins).map_or(0, Iterator::count) == 0, "pins left in {}", pins.display());
     let _ = std::fs::remove_dir(&pins);
     let _ = std::fs::remove_dir_all(&dir);
 }

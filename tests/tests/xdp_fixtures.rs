@@ -5,6 +5,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
     net::Ipv4Addr,
 };
 
@@ -61,7 +62,8 @@ impl Lb {
              [[listener]]\nname = \"mqtts\"\nvip = \"{VIP}\"\nport = 8883\nhash = \"source\"\n"
         );
         for (name, n, w) in backends {
-            text += &format!(
+            let _ = write!(
+                text,
                 "[[backend]]\nname = \"{name}\"\naddress = \"192.0.2.{n}\"\nmac = \"{}\"\nweight = {w}\n",
                 config::format_mac(mac_of(*n))
             );
@@ -110,7 +112,7 @@ impl Lb {
     /// The backend name whose MAC a forwarded frame carries.
     fn backend_of(&self, out: &[u8]) -> String {
         let dst: [u8; 6] = out[..6].try_into().expect("6 bytes");
-        self.runtime.iter().find(|(_, rt)| rt.mac == dst).map(|(n, _)| n.clone()).unwrap_or_else(|| panic!("unknown dst MAC {dst:02x?}"))
+        self.runtime.iter().find(|(_, rt)| rt.mac == dst).map_or_else(|| panic!("unknown dst MAC {dst:02x?}"), |(n, _)| n.clone())
     }
 
     /// What the ring of listener `index` says for this tuple (the controller's own view).

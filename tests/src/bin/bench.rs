@@ -41,14 +41,14 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn nsenter(&self, ns: &str, program: &Path) -> Command {
+    fn nsenter(ns: &str, program: &Path) -> Command {
         let mut c = Command::new("nsenter");
         c.arg(format!("--net=/run/netns/{ns}")).arg(program);
         c
     }
 
     fn loadgen(&self, ns: &str, args: &[String]) -> anyhow::Result<Value> {
-        let out = self.nsenter(ns, &self.bin.join("loadgen")).args(args).output().context("starting loadgen")?;
+        let out = Self::nsenter(ns, &self.bin.join("loadgen")).args(args).output().context("starting loadgen")?;
         if !out.status.success() {
             bail!("loadgen {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
         }
@@ -65,8 +65,7 @@ impl Ctx {
         let mut procs: Vec<Child> = Vec::new();
         for _ in 0..HOLD_PROCS {
             let per = (HOLD_TARGET / HOLD_PROCS).to_string();
-            let child = self
-                .nsenter(&self.lab.ns("client"), &self.bin.join("loadgen"))
+            let child = Ctx::nsenter(&self.lab.ns("client"), &self.bin.join("loadgen"))
                 .args(["hold", "--target", target, "--from", &Self::client_addrs(), "--count", &per, "--parallel", "128", "--timeout-ms", "1500"])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -170,8 +169,7 @@ fn start(ctx: &Ctx, path: &str) -> anyhow::Result<Running> {
                 ),
             )?;
             let _ = std::fs::remove_file(&pidfile);
-            let out = ctx
-                .nsenter(&lb, Path::new("/usr/sbin/haproxy"))
+            let out = Ctx::nsenter(&lb, Path::new("/usr/sbin/haproxy"))
                 .args(["-D", "-f"])
                 .arg(&cfg)
                 .arg("-p")
@@ -203,8 +201,7 @@ fn start(ctx: &Ctx, path: &str) -> anyhow::Result<Running> {
                     lab::broker_addr(0)
                 ),
             )?;
-            let child = ctx
-                .nsenter(&lb, &ctx.bin.join("dsrlb"))
+            let child = Ctx::nsenter(&lb, &ctx.bin.join("dsrlb"))
                 .arg("--socket")
                 .arg(ctx.lab.state.join("control.sock"))
                 .arg("--pin-dir")
@@ -316,6 +313,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
+#[expect(clippy::many_single_char_names, reason = "plot geometry: x, y, w, k, n, s")]
 fn svg_bars(path: &Path, title: &str, ylabel: &str, groups: &[(&str, Vec<f64>)], series: &[&str]) -> anyhow::Result<()> {
     use plotters::prelude::*;
     let root = SVGBackend::new(path, (720, 420)).into_drawing_area();

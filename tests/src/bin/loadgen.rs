@@ -311,7 +311,7 @@ fn main() {
         eprintln!("usage: loadgen rate|pubsub|hold --target IP:PORT [...]");
         std::process::exit(2);
     };
-    let args = match parse_args(rest) {
+    let opts = match parse_args(rest) {
         Ok(a) => Arc::new(a),
         Err(e) => {
             eprintln!("loadgen: {e}");
@@ -321,15 +321,15 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
         match mode.as_str() {
-            "rate" => println!("{}", rate(args).await),
-            "pubsub" => match pubsub(args).await {
+            "rate" => println!("{}", rate(opts).await),
+            "pubsub" => match pubsub(opts).await {
                 Ok(s) => println!("{s}"),
                 Err(e) => {
                     eprintln!("loadgen: {e}");
                     std::process::exit(1);
                 }
             },
-            "hold" => hold(args).await,
+            "hold" => hold(opts).await,
             _ => {
                 eprintln!("loadgen: unknown mode {mode}");
                 std::process::exit(2);

@@ -9,7 +9,7 @@
 //!
 //! Run by `cargo xtask bench`; prints a table (and `--json` for the report).
 
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, time::Duration};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::reason;
@@ -31,7 +31,7 @@ fn setup() -> Dataplane {
         "interface = \"bench0\"\n[[listener]]\nname = \"mqtt\"\nvip = \"192.0.2.100\"\nport = 1883\n",
     );
     for i in 1..=8 {
-        text += &format!("[[backend]]\nname = \"b{i}\"\naddress = \"192.0.2.{}\"\nmac = \"02:00:00:00:00:{:02x}\"\n", 10 + i, 0x10 + i);
+        let _ = write!(text, "[[backend]]\nname = \"b{i}\"\naddress = \"192.0.2.{}\"\nmac = \"02:00:00:00:00:{:02x}\"\n", 10 + i, 0x10 + i);
     }
     let cfg = config::parse(&text, "bench.toml").expect("bench config");
     let mut dp = Dataplane::load(&LoadOptions {
