@@ -129,13 +129,9 @@ impl Controller {
                 serde_json::from_str(&text).with_context(|| format!("parsing {}", state_file.display()))?
             }
         };
-        let mut old = BTreeMap::new();
-        for name in &saved.drained {
-            old.insert(name.clone(), BackendRuntime { mac: [0; 6], drained: true });
-        }
         let mut runtime = resolve_macs(&config, &BTreeMap::new())?;
         for (name, rt) in &mut runtime {
-            rt.drained = old.contains_key(name);
+            rt.drained = saved.drained.contains(name);
         }
         let mut ids = saved.ids.clone();
         ids.update(&config)?;
