@@ -16,6 +16,7 @@ pub mod map_names {
     pub const VERDICT_STATS: &str = "VERDICT_STATS";
     pub const REAL_STATS: &str = "REAL_STATS";
     pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
+    pub const FLOW_CACHE: &str = "FLOW_CACHE";
 }
 
 /// Compile-time sizes of the fixed maps. The ring and flow maps are sized at load time from the
@@ -123,7 +124,7 @@ pub const fn real_backend(real: u32) -> u32 {
 /// Key of `FLOWS`: the TCP 4-tuple as it appears on the wire (only TCP is balanced, so no
 /// protocol field; 12 bytes hash in one jhash round).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub src_be: u32,
     pub dst_be: u32,
@@ -145,9 +146,52 @@ pub struct FlowValue {
 /// does not count it as a live flow.
 pub const FLOW_F_CLOSING: u32 = 1;
 
+/// Slots of `FLOW_CACHE` per CPU: a direct-mapped copy of recently used `FLOWS` entries, so a
+/// busy established flow costs an array read instead of a hash-table walk. A power of two.
+pub const FLOW_CACHE_SLOTS: u32 = 1 << 14;
+
+/// A cache entry serves this many frames, then the next frame of the flow goes through
+/// `FLOWS` again: that refreshes the entry's LRU age (busy flows are not evicted for looking
+/// idle) and picks up any change another CPU or the controller made to it.
+pub const FLOW_CACHE_REVALIDATE: u32 = 256;
+
+/// `FlowCacheEntry::tag` bit set in every valid entry, so zeroed slots never match.
+pub const FLOW_CACHE_VALID: u32 = 1 << 31;
+
+/// Value of `FLOW_CACHE` (per CPU). Valid when `tag` equals the flow's `LISTEN_PORTS` slot,
+/// `FLOW_CACHE_VALID | generation`. The controller bumps the generation (rewriting every used
+/// port slot) whenever it deletes flows or writes any real, which invalidates every cached entry on every CPU at once; so a
+/// valid entry's copy of the real (MACs, usable when cached) is current and a hit reads no
+/// other map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowCacheEntry {
+    pub key: FlowKey,
+    pub real: u32,
+    pub tag: u32,
+    /// Frames served since the entry was filled from `FLOWS`.
+    pub hits: u32,
+    pub info: RealInfo,
+}
+
+/// The `FLOW_CACHE` slot of a 4-tuple: one multiply per half, the top bits kept (they depend
+/// on every input bit below them). A cache index needs no more: collisions only cost a
+/// `FLOWS` lookup.
+#[inline(always)]
+#[must_use]
+pub const fn flow_cache_slot(key: &FlowKey) -> u32 {
+    let a = ((key.src_be as u64) << 32 | key.dst_be as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let b = (((key.sport_be as u64) << 16 | key.dport_be as u64) ^ a).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+    #[expect(clippy::cast_possible_truncation, reason = "the shift leaves 14 bits")]
+    let slot = (b >> (64 - FLOW_CACHE_SLOTS.trailing_zeros())) as u32;
+    slot
+}
+const _: () = assert!(FLOW_CACHE_SLOTS.is_power_of_two());
+
 /// `LISTEN_PORTS` has one slot per port, indexed by the port's wire value read as a native
-/// integer; non-zero when some listener uses the port. An array lookup the verifier inlines, so
-/// TCP to other ports passes without a hash lookup.
+/// integer; non-zero when some listener uses the port, and then the flow cache tag
+/// (`FLOW_CACHE_VALID | generation`, see [`FlowCacheEntry`]). An array lookup the verifier
+/// inlines, so TCP to other ports passes without a hash lookup, and the same load gives the tag.
 pub const PORT_SLOTS: u32 = 1 << 16;
 
 /// Value of `REAL_STATS` (per CPU), one per real: a forwarded frame updates one counter, and
@@ -161,9 +205,10 @@ pub struct Counters {
 }
 
 /// Indices of `VERDICT_STATS` (per CPU, `u64` packets): every packet the program sees is
-/// counted exactly once, under the reason for its verdict.
+/// counted exactly once, under the reason for its verdict, or (forwarded) in `REAL_STATS`.
 pub mod reason {
-    /// Forwarded to a backend (`XDP_TX`).
+    /// Forwarded to a backend (`XDP_TX`). The program leaves this slot at zero: it counts a
+    /// forwarded frame once, in `REAL_STATS`, and the controller reports the sum here.
     pub const TX: u32 = 0;
     /// Not IPv4 (ARP, IPv6, anything else), passed.
     pub const PASS_NOT_IPV4: u32 = 1;
@@ -204,10 +249,11 @@ const _: () = assert!(core::mem::size_of::<RealInfo>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 8);
 const _: () = assert!(core::mem::size_of::<Counters>() == 24);
+const _: () = assert!(core::mem::size_of::<FlowCacheEntry>() == 40);
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{Counters, FlowKey, FlowValue, ListenerInfo, ListenerKey, RealInfo, VipInfo};
+    use super::{Counters, FlowCacheEntry, FlowKey, FlowValue, ListenerInfo, ListenerKey, RealInfo, VipInfo};
     // SAFETY: all of these are `#[repr(C)]`, made only of integers, with no padding (asserted
     // above), so every bit pattern is valid.
     unsafe impl aya::Pod for ListenerKey {}
@@ -217,6 +263,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for FlowCacheEntry {}
 }
 
 /// 64-bit finaliser (murmur3's fmix64): every input bit affects every output bit.

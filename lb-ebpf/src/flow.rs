@@ -1,15 +1,15 @@
-//! Real selection: the flow table first, the listener's Maglev ring on a miss, when the
+//! Real selection: this CPU's flow cache first, then the flow table, the listener's Maglev ring on a miss, when the
 //! recorded real is down, or for a new connection that reuses a closing flow's 4-tuple.
 
 use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
-    FLOW_F_CLOSING, FlowKey, FlowValue, IPPROTO_TCP, LISTENER_F_HASH_SOURCE, ListenerInfo, ListenerKey,
-    NO_BACKEND, RealInfo, flow_hash, ring_slot, source_hash,
+    FLOW_CACHE_REVALIDATE, FLOW_F_CLOSING, FlowCacheEntry, FlowKey, FlowValue, IPPROTO_TCP, LISTENER_F_HASH_SOURCE, ListenerInfo, ListenerKey,
+    NO_BACKEND, RealInfo, flow_cache_slot, flow_hash, ring_slot, source_hash,
 };
 
 use crate::{
     Verdict,
-    maps::{FLOWS, LISTEN_PORTS, LISTENERS, REALS, RINGS},
+    maps::{FLOW_CACHE, FLOWS, LISTEN_PORTS, LISTENERS, REALS, RINGS},
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tcp4},
 };
 
@@ -54,11 +54,41 @@ const fn closing_flags(tcp: &Tcp4) -> u32 {
 /// Finds (or makes) the flow entry for `tcp`; `PassNoListener` when it is not for a listener.
 #[inline(always)]
 pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
-    // Most TCP that is not ours goes to a port no listener uses: one inlined array read.
-    if LISTEN_PORTS.get(u32::from(tcp.dport_be)).is_none_or(|&n| n == 0) {
-        return Err(Verdict::PassNoListener);
-    }
+    // Most TCP that is not ours goes to a port no listener uses: one inlined array read. A used
+    // port's slot holds the tag that this CPU's cached flows must carry to be valid.
+    let tag = match LISTEN_PORTS.get(u32::from(tcp.dport_be)) {
+        Some(&tag) if tag != 0 => tag,
+        _ => return Err(Verdict::PassNoListener),
+    };
     let key = FlowKey { src_be: tcp.src_be, dst_be: tcp.dst_be, sport_be: tcp.sport_be, dport_be: tcp.dport_be };
+    // The busiest path: an established frame of a flow this CPU saw recently. SYN, FIN and RST
+    // always go to the flow table (new flows, reopened tuples, the closing mark).
+    let cached = FLOW_CACHE.get_ptr_mut(flow_cache_slot(&key));
+    if let Some(c) = cached
+        && tcp.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
+    {
+        // SAFETY: a per-CPU slot, read and written only by this CPU while the program runs.
+        let entry = unsafe { &mut *c };
+        if entry.tag == tag && entry.key == key && entry.hits < FLOW_CACHE_REVALIDATE {
+            entry.hits += 1;
+            return Ok(Pick { real_id: entry.real, real: &entry.info, new_flow: false });
+        }
+    }
+    let fill = |real: u32, info: &RealInfo| {
+        if let Some(c) = cached {
+            // SAFETY: as above. Field by field: a struct copy would call a memmove subprogram.
+            unsafe {
+                (*c).key.src_be = key.src_be;
+                (*c).key.dst_be = key.dst_be;
+                (*c).key.sport_be = key.sport_be;
+                (*c).key.dport_be = key.dport_be;
+                (*c).real = real;
+                (*c).tag = tag;
+                (*c).hits = 0;
+                (*c).info = *info;
+            }
+        }
+    };
     if let Some(entry) = FLOWS.get_ptr_mut(&key) {
         // SAFETY: the pointer is into the map's element, valid for this program run. Another
         // CPU may rewrite it concurrently with the same kind of value; either write is valid.
@@ -74,6 +104,7 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
                 // SAFETY: as above.
                 unsafe { (*entry).flags = flags | closing };
             }
+            fill(recorded, real);
             return Ok(Pick { real_id: recorded, real, new_flow: false });
         }
         // The recorded real went down (or was removed), or a new connection reuses the tuple
@@ -81,6 +112,7 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
         let (real_id, real) = ring_pick(listener(tcp)?, tcp)?;
         // SAFETY: as above.
         unsafe { *entry = FlowValue { real: real_id, flags: closing_flags(tcp) } };
+        fill(real_id, real);
         return Ok(Pick { real_id, real, new_flow: true });
     }
     // A miss: a new connection, or one whose entry was evicted or predates this balancer. Both

@@ -45,10 +45,9 @@ impl Verdict {
 #[xdp]
 pub fn dsrlb(ctx: XdpContext) -> u32 {
     match try_dsrlb(&ctx) {
-        Ok(()) => {
-            stats::count_verdict(reason::TX);
-            xdp_action::XDP_TX
-        }
+        // Forwarded frames are counted once, against their real (`stats::count_forward`); the
+        // controller reports the `tx` verdict as the sum.
+        Ok(()) => xdp_action::XDP_TX,
         Err(verdict) => {
             stats::count_verdict(verdict as u32);
             verdict.action()

@@ -9,7 +9,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FlowKey, FlowValue, ListenerInfo, ListenerKey,
+    Counters, DEFAULT_FLOW_TABLE_SIZE, FLOW_CACHE_SLOTS, FlowCacheEntry, DEFAULT_RING_SIZE, FlowKey, FlowValue, ListenerInfo, ListenerKey,
     MAX_LISTENERS, MAX_VIPS, PORT_SLOTS, REAL_SLOTS, RING_COPIES, RealInfo, VipInfo, reason,
 };
 
@@ -18,7 +18,7 @@ use lb_common::{
 pub static LISTENERS: HashMap<ListenerKey, ListenerInfo, { MAX_LISTENERS as usize }> =
     HashMap::new();
 
-/// Ports some listener uses (see `lb_common::PORT_SLOTS`).
+/// Ports some listener uses, with the flow cache tag (see `lb_common::PORT_SLOTS`).
 #[btf_map]
 pub static LISTEN_PORTS: Array<u32, { PORT_SLOTS as usize }> = Array::new();
 
@@ -46,6 +46,11 @@ pub static FLOWS: LruHashMap<
     { DEFAULT_FLOW_TABLE_SIZE as usize },
     { BPF_F_NO_COMMON_LRU as usize },
 > = LruHashMap::new();
+
+/// Per-CPU direct-mapped cache in front of `FLOWS` (see `lb_common::FlowCacheEntry`). Not
+/// pinned: each loaded program instance starts with an empty one.
+#[btf_map]
+pub static FLOW_CACHE: PerCpuArray<FlowCacheEntry, { FLOW_CACHE_SLOTS as usize }> = PerCpuArray::new();
 
 /// Packets per verdict and reason, see `lb_common::reason`.
 #[btf_map]

@@ -17,8 +17,8 @@ use aya::{
     },
 };
 use lb_common::{
-    Counters, FLOW_F_CLOSING, FlowKey, FlowValue, IPPROTO_TCP, LISTENER_F_HASH_SOURCE, ListenerInfo,
-    ListenerKey, MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND, REAL_F_ACTIVE, REAL_F_DOWN, RING_COPIES,
+    Counters, FLOW_CACHE_VALID, FLOW_F_CLOSING, FlowKey, FlowValue, IPPROTO_TCP, LISTENER_F_HASH_SOURCE, ListenerInfo,
+    ListenerKey, MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND, REAL_F_ACTIVE, REAL_F_DOWN, REAL_SLOTS, RING_COPIES,
     RealInfo, VipInfo, map_names as names, real_backend, real_id, real_listener, reason,
 };
 
@@ -151,7 +151,7 @@ struct Written {
     rings: BTreeMap<u32, Vec<u32>>,
     reals: BTreeMap<u32, RealInfo>,
     vips: BTreeMap<u32, u32>,
-    /// `LISTEN_PORTS` slot to listener count.
+    /// `LISTEN_PORTS` slot to the value written there (the flow cache tag).
     ports: BTreeMap<u32, u32>,
 }
 
@@ -159,6 +159,11 @@ pub struct Dataplane {
     ebpf: Ebpf,
     ring_size: u32,
     written: Written,
+    /// The flow cache generation, written into every used `LISTEN_PORTS` slot.
+    generation: u32,
+    /// Reals whose `REAL_STATS` slot may be non-zero (ever written, or found non-zero on
+    /// adoption): the forwarded total is summed over them.
+    counted: BTreeSet<u32>,
 }
 
 impl Dataplane {
@@ -209,7 +214,7 @@ impl Dataplane {
                 );
             }
         }
-        Ok(Self { ebpf, ring_size: opts.ring_size, written: Written::default() })
+        Ok(Self { ebpf, ring_size: opts.ring_size, written: Written::default(), generation: 0, counted: BTreeSet::new() })
     }
 
     /// Loads with every map pinned under `dir`. When `dir` holds a live XDP link on
@@ -318,6 +323,17 @@ impl Dataplane {
                 }
             }
         }
+        self.generation = w.ports.values().map(|n| n & !FLOW_CACHE_VALID).max().unwrap_or(0);
+        let mut counted: BTreeSet<u32> = w.reals.keys().copied().collect();
+        {
+            let stats: PerCpuArray<&MapData, Counters> = self.map_ref(names::REAL_STATS)?;
+            for id in 0..REAL_SLOTS {
+                if stats.get(&id, 0)?.iter().any(|c| c.packets != 0) {
+                    counted.insert(id);
+                }
+            }
+        }
+        self.counted = counted;
         self.written = w;
         Ok(())
     }
@@ -409,6 +425,7 @@ impl Dataplane {
                 if self.written.reals.get(&id) != Some(info) {
                     map.set(id, info, 0).with_context(|| format!("writing real {id}"))?;
                     self.written.reals.insert(id, *info);
+                    self.counted.insert(id);
                     report.reals_written += 1;
                 }
             }
@@ -477,23 +494,9 @@ impl Dataplane {
             report.flows_purged += self.purge_flows(key)?;
         }
 
-        // 4. Listener ports and VIPs (for fragments), counted from the listeners.
-        let mut ports: BTreeMap<u32, u32> = BTreeMap::new();
-        for (key, _) in self.written.listeners.values() {
-            *ports.entry(u32::from(key.port_be)).or_default() += 1;
-        }
-        {
-            let mut map: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, names::LISTEN_PORTS)?;
-            for (&slot, &n) in &ports {
-                if self.written.ports.get(&slot) != Some(&n) {
-                    map.set(slot, n, 0).context("writing a listener port")?;
-                }
-            }
-            for &slot in self.written.ports.keys().filter(|p| !ports.contains_key(p)) {
-                map.set(slot, 0, 0).context("clearing a listener port")?;
-            }
-        }
-        self.written.ports = ports;
+        // 4. Listener ports, tagged with the flow cache generation, and VIPs (for fragments).
+        let ports: BTreeSet<u32> = self.written.listeners.values().map(|(key, _)| u32::from(key.port_be)).collect();
+        self.write_ports(&ports)?;
         let mut vips: BTreeMap<u32, u32> = BTreeMap::new();
         for (key, _) in self.written.listeners.values() {
             *vips.entry(key.vip_be).or_default() += 1;
@@ -522,7 +525,33 @@ impl Dataplane {
                 report.reals_written += 1;
             }
         }
+        if report.reals_written > 0 || report.flows_purged > 0 {
+            // Every CPU's flow cache is stale now: a new generation invalidates it at once.
+            // Written after the reals and the purges, so an entry filled before sees the old tag.
+            self.generation = self.generation.wrapping_add(1) & !FLOW_CACHE_VALID;
+            let ports: BTreeSet<u32> = self.written.ports.keys().copied().collect();
+            self.write_ports(&ports)?;
+        }
         Ok(report)
+    }
+
+    /// Makes `LISTEN_PORTS` non-zero exactly at `ports`, each holding the current flow cache
+    /// tag (`FLOW_CACHE_VALID | generation`), which `FLOW_CACHE` entries must carry to be used.
+    fn write_ports(&mut self, ports: &BTreeSet<u32>) -> anyhow::Result<()> {
+        let tag = FLOW_CACHE_VALID | self.generation;
+        let mut map: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, names::LISTEN_PORTS)?;
+        for &slot in ports {
+            if self.written.ports.get(&slot) != Some(&tag) {
+                map.set(slot, tag, 0).context("writing a listener port")?;
+                self.written.ports.insert(slot, tag);
+            }
+        }
+        let unused: Vec<u32> = self.written.ports.keys().copied().filter(|p| !ports.contains(p)).collect();
+        for slot in unused {
+            map.set(slot, 0, 0).context("clearing a listener port")?;
+            self.written.ports.remove(&slot);
+        }
+        Ok(())
     }
 
     /// Deletes the flow entries of a listener that no longer exists at `key`: established
@@ -553,13 +582,20 @@ impl Dataplane {
         }
         let map: PerCpuArray<&MapData, Counters> = self.map_ref(names::REAL_STATS)?;
         let mut reals = BTreeMap::new();
-        for &id in self.written.reals.keys() {
+        let mut forwarded = 0;
+        for &id in &self.counted {
             let mut total = Counters::default();
             for c in map.get(&id, 0)?.iter() {
                 add(&mut total, c);
             }
-            reals.insert(id, total);
+            forwarded += total.packets;
+            if self.written.reals.contains_key(&id) {
+                reals.insert(id, total);
+            }
         }
+        // The program counts a forwarded frame once, against its real; the `tx` verdict is
+        // their sum (reals removed since included).
+        verdicts[reason::TX as usize] = forwarded;
         Ok(Stats { verdicts, reals })
     }
 
@@ -569,17 +605,21 @@ impl Dataplane {
     /// When the map read fails for a reason other than a missing key.
     pub fn flow(&self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> anyhow::Result<Option<FlowValue>> {
         let map: HashMap<&MapData, FlowKey, FlowValue> = self.map_ref(names::FLOWS)?;
-        let key = FlowKey {
-            src_be: u32::from_ne_bytes(src.octets()),
-            dst_be: u32::from_ne_bytes(dst.octets()),
-            sport_be: u16::from_ne_bytes(sport.to_be_bytes()),
-            dport_be: u16::from_ne_bytes(dport.to_be_bytes()),
-        };
-        match map.get(&key, 0) {
+        match map.get(&flow_key(src, sport, dst, dport), 0) {
             Ok(v) => Ok(Some(v)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e).context("reading the flow table"),
         }
+    }
+
+    /// Deletes one flow entry the way LRU eviction does: the per-CPU flow caches are left
+    /// alone. Tests use it to tell which of the two served a frame.
+    ///
+    /// # Errors
+    /// When the entry does not exist or the delete fails.
+    pub fn evict_flow(&mut self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> anyhow::Result<()> {
+        let mut map: HashMap<&mut MapData, FlowKey, FlowValue> = map_mut(&mut self.ebpf, names::FLOWS)?;
+        map.remove(&flow_key(src, sport, dst, dport)).context("deleting a flow entry")
     }
 
     /// Number of entries in the flow table, closing ones included (a full walk).
@@ -749,4 +789,14 @@ fn link_ifindex(pin: &std::path::Path) -> std::io::Result<u32> {
         return Err(std::io::Error::other(format!("{} is not an XDP link (type {})", pin.display(), info[0])));
     }
     Ok(info[4])
+}
+
+/// The `FLOWS` key of a client tuple.
+fn flow_key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> FlowKey {
+    FlowKey {
+        src_be: u32::from_ne_bytes(src.octets()),
+        dst_be: u32::from_ne_bytes(dst.octets()),
+        sport_be: u16::from_ne_bytes(sport.to_be_bytes()),
+        dport_be: u16::from_ne_bytes(dport.to_be_bytes()),
+    }
 }

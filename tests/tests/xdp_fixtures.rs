@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use lb_common::{flow_hash, reason, ring_slot, source_hash};
+use lb_common::{FLOW_CACHE_REVALIDATE, flow_hash, reason, ring_slot, source_hash};
 use lb_userspace::{
     config::{self, Config},
     dataplane::{Dataplane, Desired, LoadOptions},
@@ -448,4 +448,52 @@ fn removing_a_listener_stops_its_established_flows() {
     let (action, _) = lb.run(&Ipv4Frame::tcp(CLIENT, 43000, VIP, 8883, TCP_ACK).build());
     assert_eq!(action, XDP_PASS, "an established flow of a removed listener is still forwarded");
     assert_eq!(lb.run(&Ipv4Frame::tcp(CLIENT, 43000, VIP, 1883, TCP_ACK).build()).0, XDP_TX, "the other listener is untouched");
+}
+
+#[test]
+fn flow_cache_serves_established_frames_revalidates_and_follows_every_change() {
+    require_root!();
+    let mut lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100)]);
+    let ack = |dport: u16| Ipv4Frame::tcp(CLIENT, 44000, VIP, dport, TCP_ACK).build();
+    let new_flows = |lb: &Lb| lb.dp.stats().expect("stats").total().new_flows;
+    let first = lb.backend_of(&lb.run(&syn(44000)).1);
+    // The first established frame reads FLOWS and fills this CPU's cache slot.
+    assert_eq!(lb.backend_of(&lb.run(&ack(1883)).1), first);
+
+    // Evict the entry behind the cache's back, as the LRU would: the cache alone serves the
+    // flow (no miss, so no new flow), for exactly FLOW_CACHE_REVALIDATE frames ...
+    lb.dp.evict_flow(CLIENT, 44000, VIP, 1883).expect("evict");
+    let nf = new_flows(&lb);
+    for i in 0..FLOW_CACHE_REVALIDATE {
+        let (action, out) = lb.run(&ack(1883));
+        assert_eq!((action, lb.backend_of(&out)), (XDP_TX, first.clone()), "cached frame {i}");
+    }
+    assert_eq!(new_flows(&lb), nf, "cache hits never consult FLOWS");
+    assert!(lb.dp.flow(CLIENT, 44000, VIP, 1883).expect("read").is_none());
+    // ... then the next frame goes through FLOWS again: the miss re-inserts the flow.
+    assert_eq!(lb.backend_of(&lb.run(&ack(1883)).1), first);
+    assert_eq!(new_flows(&lb), nf + 1, "the revalidating frame missed FLOWS and re-inserted the flow");
+    assert!(lb.dp.flow(CLIENT, 44000, VIP, 1883).expect("read").is_some());
+
+    // A real changing (its MAC here) invalidates every cached entry at once.
+    assert_eq!(lb.backend_of(&lb.run(&ack(1883)).1), first, "refills the cache");
+    lb.runtime.get_mut(&first).expect("runtime").mac = mac_of(0x77);
+    lb.apply();
+    assert_eq!(lb.run(&ack(1883)).1[..6], mac_of(0x77), "a cached entry kept the old MAC");
+    lb.runtime.get_mut(&first).expect("runtime").mac = mac_of(if first == "b1" { 11 } else { 12 });
+    lb.apply();
+
+    // So does the real going down: the cached flow is re-picked at once.
+    assert_eq!(lb.backend_of(&lb.run(&ack(1883)).1), first);
+    lb.set_down(&first, true);
+    assert_ne!(lb.backend_of(&lb.run(&ack(1883)).1), first, "a cached flow stayed on a down backend");
+    lb.set_down(&first, false);
+
+    // And a listener that moves to another VIP (same id, same port, same reals): its flows are
+    // purged, and a cached one must not be forwarded any more.
+    assert_eq!(lb.run(&ack(8883)).0, XDP_TX);
+    assert_eq!(lb.run(&ack(8883)).0, XDP_TX, "cached");
+    lb.config.listeners.iter_mut().find(|l| l.name == "mqtts").expect("mqtts").vip = Ipv4Addr::new(192, 0, 2, 101);
+    lb.apply();
+    assert_eq!(lb.run(&ack(8883)).0, XDP_PASS, "a cached flow of a moved listener was still forwarded");
 }
