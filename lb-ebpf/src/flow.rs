@@ -27,15 +27,20 @@ fn listener(tcp: &Tcp4) -> Result<&'static ListenerInfo, Verdict> {
     unsafe { LISTENERS.get(&key) }.ok_or(Verdict::PassNoListener)
 }
 
+/// The real id in the listener's ring slot for this tuple (`NO_BACKEND` included).
 #[inline(always)]
-fn ring_pick(listener: &ListenerInfo, tcp: &Tcp4) -> Result<(u32, &'static RealInfo), Verdict> {
+fn ring_id(listener: &ListenerInfo, tcp: &Tcp4) -> Result<u32, Verdict> {
     let hash = if listener.flags & LISTENER_F_HASH_SOURCE != 0 {
         source_hash(tcp.src_be)
     } else {
         flow_hash(tcp.src_be, tcp.dst_be, tcp.sport_be, tcp.dport_be)
     };
     let slot = listener.ring_base.wrapping_add(ring_slot(hash, listener.ring_size));
-    let id = *RINGS.get(slot).ok_or(Verdict::DropInternal)?;
+    RINGS.get(slot).copied().ok_or(Verdict::DropInternal)
+}
+
+#[inline(always)]
+fn usable_real(id: u32) -> Result<(u32, &'static RealInfo), Verdict> {
     if id == NO_BACKEND {
         return Err(Verdict::DropNoBackend);
     }
@@ -44,6 +49,11 @@ fn ring_pick(listener: &ListenerInfo, tcp: &Tcp4) -> Result<(u32, &'static RealI
         return Err(Verdict::DropNoBackend);
     }
     Ok((id, real))
+}
+
+#[inline(always)]
+fn ring_pick(listener: &ListenerInfo, tcp: &Tcp4) -> Result<(u32, &'static RealInfo), Verdict> {
+    usable_real(ring_id(listener, tcp)?)
 }
 
 #[inline(always)]
@@ -71,6 +81,7 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
         let entry = unsafe { &mut *c };
         if entry.tag == tag && entry.key == key && entry.hits < FLOW_CACHE_REVALIDATE {
             entry.hits += 1;
+            
             return Ok(Pick { real_id: entry.real, real: &entry.info, new_flow: false });
         }
     }
@@ -89,6 +100,10 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
             }
         }
     };
+    // A new connection's ring slot is read before the flow table, though it is only used on a
+    // miss: both reads are usually cache misses, and issued back to back they overlap.
+    let syn = tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let early = if syn { ring_id(listener(tcp)?, tcp)? } else { NO_BACKEND };
     if let Some(entry) = FLOWS.get_ptr_mut(&key) {
         // SAFETY: the pointer is into the map's element, valid for this program run. Another
         // CPU may rewrite it concurrently with the same kind of value; either write is valid.
@@ -117,7 +132,7 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
     }
     // A miss: a new connection, or one whose entry was evicted or predates this balancer. Both
     // follow the ring, so a flow whose backend set did not change keeps its broker.
-    let (real_id, real) = ring_pick(listener(tcp)?, tcp)?;
+    let (real_id, real) = if syn { usable_real(early)? } else { ring_pick(listener(tcp)?, tcp)? };
     // A full LRU evicts, so the insert only fails on allocation failure; the frame is still
     // forwarded by the ring, which is what the next frame would do too.
     let _ = FLOWS.insert(&key, &FlowValue { real: real_id, flags: closing_flags(tcp) }, u64::from(BPF_ANY));

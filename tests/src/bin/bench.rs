@@ -404,6 +404,7 @@ fn machine() -> String {
     format!("{cores} cores ({cpu}), kernel {kernel}, {}", mem.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
 }
 
+#[expect(clippy::too_many_lines, reason = "the report, written top to bottom")]
 fn run() -> anyhow::Result<()> {
     let bin = std::env::current_exe()?.parent().context("bin dir")?.to_path_buf();
     let out = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "bench".into()));
