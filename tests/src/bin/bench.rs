@@ -445,8 +445,11 @@ fn run() -> anyhow::Result<()> {
             eprintln!("[bench]   {:.0} msgs/s ({:.3} delivered), held {:.0}, alive {:.0}", s.msgs, s.ratio, s.held, s.alive);
             loads.entry(path).or_default().push(s);
         }
-        // The load generator's own ceiling: straight at the broker, from its own namespace.
-        let c = ctx.loadgen(&ctx.lab.broker_ns(0), &["rate", "--target", "127.0.0.1:1883", "--workers", "64", "--secs", "5"].map(String::from))?;
+        // The load generator's own ceiling: straight at the broker, from its own namespace,
+        // spread over 16 loopback sources like the clients' 16 addresses (one source runs out
+        // of ports to TIME_WAIT within seconds at these rates).
+        let loopbacks = (2..18).map(|i| format!("127.0.0.{i}")).collect::<Vec<_>>().join(",");
+        let c = ctx.loadgen(&ctx.lab.broker_ns(0), &["rate", "--target", "127.0.0.1:1883", "--from", &loopbacks, "--workers", "64", "--secs", "5"].map(String::from))?;
         ceiling.push(c["rate"].as_f64().unwrap_or(0.0));
     }
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
