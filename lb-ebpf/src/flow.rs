@@ -1,5 +1,6 @@
-//! Real selection: this CPU's flow cache first, then the flow table, the listener's Maglev ring on a miss, when the
-//! recorded real is down, or for a new connection that reuses a closing flow's 4-tuple.
+//! Real selection: this CPU's flow cache first, then the flow table, then the listener's Maglev
+//! ring on a miss, when the recorded real is down, or for a new connection that reuses a
+//! closing flow's 4-tuple.
 
 use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
@@ -56,6 +57,12 @@ fn ring_pick(listener: &ListenerInfo, tcp: &Tcp4) -> Result<(u32, &'static RealI
     usable_real(ring_id(listener, tcp)?)
 }
 
+/// The ring's choice for `tcp`; for a new connection (`syn`) the id was already read (`early`).
+#[inline(always)]
+fn from_ring(tcp: &Tcp4, syn: bool, early: u32) -> Result<(u32, &'static RealInfo), Verdict> {
+    if syn { usable_real(early) } else { ring_pick(listener(tcp)?, tcp) }
+}
+
 #[inline(always)]
 const fn closing_flags(tcp: &Tcp4) -> u32 {
     if tcp.flags & (TCP_FIN | TCP_RST) != 0 { FLOW_F_CLOSING } else { 0 }
@@ -108,7 +115,7 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
         // SAFETY: the pointer is into the map's element, valid for this program run. Another
         // CPU may rewrite it concurrently with the same kind of value; either write is valid.
         let FlowValue { real: recorded, flags } = unsafe { *entry };
-        let reopened = flags & FLOW_F_CLOSING != 0 && tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let reopened = flags & FLOW_F_CLOSING != 0 && syn;
         // The established fast path: no listener lookup, no write unless the client closes.
         if !reopened
             && let Some(real) = REALS.get(recorded)
@@ -124,7 +131,7 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
         }
         // The recorded real went down (or was removed), or a new connection reuses the tuple
         // of a closed one: pick from the ring and repoint the entry.
-        let (real_id, real) = ring_pick(listener(tcp)?, tcp)?;
+        let (real_id, real) = from_ring(tcp, syn, early)?;
         // SAFETY: as above.
         unsafe { *entry = FlowValue { real: real_id, flags: closing_flags(tcp) } };
         fill(real_id, real);
@@ -132,7 +139,7 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
     }
     // A miss: a new connection, or one whose entry was evicted or predates this balancer. Both
     // follow the ring, so a flow whose backend set did not change keeps its broker.
-    let (real_id, real) = if syn { usable_real(early)? } else { ring_pick(listener(tcp)?, tcp)? };
+    let (real_id, real) = from_ring(tcp, syn, early)?;
     // A full LRU evicts, so the insert only fails on allocation failure; the frame is still
     // forwarded by the ring, which is what the next frame would do too.
     let _ = FLOWS.insert(&key, &FlowValue { real: real_id, flags: closing_flags(tcp) }, u64::from(BPF_ANY));
