@@ -125,6 +125,17 @@ impl Lab {
         self.state.join("ca.pem")
     }
 
+    /// [`Self::config`] with the TLS listener (8883) checked by `mqtt-tls` against the lab CA,
+    /// as a deployment with a TLS port would be: a plain MQTT probe of a TLS port fails.
+    #[must_use]
+    pub fn config_tls_checked(&self, health: &str) -> String {
+        let tls = format!(
+            "health = {{ check = \"mqtt-tls\", tls_ca = \"{}\", tls_server_name = \"{TLS_NAME}\" }}\n",
+            self.ca_pem().display()
+        );
+        self.config(health).replace("port = 8883\n", &format!("port = 8883\n{tls}"))
+    }
+
     /// Brings the lab up. Idempotent: a healthy lab is left as it is; anything else is torn
     /// down first and built anew.
     ///

@@ -254,12 +254,7 @@ fn an_invalid_reload_is_rejected_and_changes_nothing() {
 fn tls_listener_checked_with_mqtt_tls_fails_alone() {
     require_root!();
     let lab = LabGuard::up(2);
-    let tls_health = format!(
-        "health = {{ check = \"mqtt-tls\", tls_ca = \"{}\", tls_server_name = \"{}\" }}\n",
-        lab.ca_pem().display(),
-        lab::TLS_NAME
-    );
-    let config = lab.config(&health()).replace("port = 8883\n", &format!("port = 8883\n{tls_health}"));
+    let config = lab.config_tls_checked(&health());
     let lb = Balancer::start(&lab, &config);
     // The first TLS probe passes (its result names the TLS handshake).
     let deadline = Instant::now() + Duration::from_secs(3);

@@ -17,7 +17,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 fn demo(lab: &Lab, dsrlb: &str) -> anyhow::Result<()> {
     lab.up()?;
     let config = lab.state.join("dsrlb.toml");
-    std::fs::write(&config, lab.config("check = \"mqtt\""))?;
+    std::fs::write(&config, lab.config_tls_checked("check = \"mqtt\""))?;
     println!("lab up: {} brokers; config {}", lab.brokers, config.display());
     let client = lab.ns("client");
     println!("\nTry, in another terminal:");
