@@ -17,9 +17,9 @@ use aya::{
     },
 };
 use lb_common::{
-    Counters, FLOW_CACHE_VALID, FLOW_F_CLOSING, FlowKey, FlowValue, IPPROTO_TCP, LISTENER_F_HASH_SOURCE, ListenerInfo,
+    Counters, FLOW_CACHE_VALID, FLOW_F_CLOSING, FlowCacheEntry, FlowKey, FlowValue, IPPROTO_TCP, LISTENER_F_HASH_SOURCE, ListenerInfo,
     ListenerKey, MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND, REAL_F_ACTIVE, REAL_F_DOWN, REAL_SLOTS, RING_COPIES,
-    RealInfo, VipInfo, map_names as names, real_backend, real_id, real_listener, reason,
+    RealInfo, VipInfo, map_names as names, flow_cache_slot, real_backend, real_id, real_listener, reason,
 };
 
 use crate::EBPF_OBJ;
@@ -610,6 +610,18 @@ impl Dataplane {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e).context("reading the flow table"),
         }
+    }
+
+    /// Each CPU's `FLOW_CACHE` slot for a client tuple, when it holds that tuple (valid or
+    /// stale): which CPUs have the flow cached, and how many frames the entry has served.
+    ///
+    /// # Errors
+    /// When the map read fails.
+    pub fn cached_flow(&self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> anyhow::Result<Vec<FlowCacheEntry>> {
+        let map: PerCpuArray<&MapData, FlowCacheEntry> = self.map_ref(names::FLOW_CACHE)?;
+        let key = flow_key(src, sport, dst, dport);
+        let values = map.get(&flow_cache_slot(&key), 0).context("reading the flow cache")?;
+        Ok(values.iter().filter(|e| e.key == key).copied().collect())
     }
 
     /// Deletes one flow entry the way LRU eviction does: the per-CPU flow caches are left
