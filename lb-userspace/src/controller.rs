@@ -522,9 +522,10 @@ impl Controller {
         let lid = self.ids.listeners[&l.name];
         let name_of = |bid: u32| self.ids.backends.iter().find(|(_, v)| **v == bid).map(|(k, _)| k.clone());
         if let Some(v) = self.dp.flow(*client.ip(), client.port(), *vip.ip(), vip.port())? {
+            let cached = self.dp.cached_flow(*client.ip(), client.port(), *vip.ip(), vip.port())?.len();
             return Ok(json!({
                 "listener": l.name, "backend": name_of(real_backend(v.real)),
-                "source": "flow table", "closing": v.flags & FLOW_F_CLOSING != 0,
+                "source": "flow table", "closing": v.flags & FLOW_F_CLOSING != 0, "cached_cpus": cached,
             }));
         }
         let wire = |p: u16| u16::from_ne_bytes(p.to_be_bytes());

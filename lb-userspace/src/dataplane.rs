@@ -612,8 +612,8 @@ impl Dataplane {
         }
     }
 
-    /// Each CPU's `FLOW_CACHE` slot for a client tuple, when it holds that tuple (valid or
-    /// stale): which CPUs have the flow cached, and how many frames the entry has served.
+    /// The valid `FLOW_CACHE` entries of a client tuple, one per CPU that has it cached, with
+    /// the frames each has served since it was filled.
     ///
     /// # Errors
     /// When the map read fails.
@@ -621,7 +621,8 @@ impl Dataplane {
         let map: PerCpuArray<&MapData, FlowCacheEntry> = self.map_ref(names::FLOW_CACHE)?;
         let key = flow_key(src, sport, dst, dport);
         let values = map.get(&flow_cache_slot(&key), 0).context("reading the flow cache")?;
-        Ok(values.iter().filter(|e| e.key == key).copied().collect())
+        let tag = FLOW_CACHE_VALID | self.generation;
+        Ok(values.iter().filter(|e| e.key == key && e.tag == tag).copied().collect())
     }
 
     /// Deletes one flow entry the way LRU eviction does: the per-CPU flow caches are left

@@ -107,8 +107,12 @@ fn main() -> ExitCode {
             if json {
                 println!("{v}");
             } else {
+                let cached = match v["cached_cpus"].as_u64() {
+                    Some(0) | None => String::new(),
+                    Some(n) => format!("; in the flow cache of {n} CPU{}", if n == 1 { "" } else { "s" }),
+                };
                 println!(
-                    "{} -> {} ({}; listener {})",
+                    "{} -> {} ({}; listener {}{cached})",
                     v["backend"].as_str().unwrap_or("(no backend)"),
                     v["source"].as_str().unwrap_or(""),
                     if v["closing"].as_bool() == Some(true) { "closing" } else { "live" },

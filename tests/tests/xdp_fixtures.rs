@@ -453,6 +453,13 @@ fn removing_a_listener_stops_its_established_flows() {
 #[test]
 fn flow_cache_serves_established_frames_revalidates_and_follows_every_change() {
     require_root!();
+    // The cache is per CPU and `BPF_PROG_TEST_RUN` runs on the caller's CPU: stay on one.
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set), 0, "pinning to CPU 0");
+    }
     let mut lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100)]);
     let ack = |dport: u16| Ipv4Frame::tcp(CLIENT, 44000, VIP, dport, TCP_ACK).build();
     let new_flows = |lb: &Lb| lb.dp.stats().expect("stats").total().new_flows;
@@ -477,8 +484,11 @@ fn flow_cache_serves_established_frames_revalidates_and_follows_every_change() {
 
     // A real changing (its MAC here) invalidates every cached entry at once.
     assert_eq!(lb.backend_of(&lb.run(&ack(1883)).1), first, "refills the cache");
+    let cached = |lb: &Lb| lb.dp.cached_flow(CLIENT, 44000, VIP, 1883).expect("cache").len();
+    assert_eq!(cached(&lb), 1, "one CPU has the flow cached");
     lb.runtime.get_mut(&first).expect("runtime").mac = mac_of(0x77);
     lb.apply();
+    assert_eq!(cached(&lb), 0, "a new generation leaves no valid cache entry");
     assert_eq!(lb.run(&ack(1883)).1[..6], mac_of(0x77), "a cached entry kept the old MAC");
     lb.runtime.get_mut(&first).expect("runtime").mac = mac_of(if first == "b1" { 11 } else { 12 });
     lb.apply();
