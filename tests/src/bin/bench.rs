@@ -200,6 +200,12 @@ fn start(ctx: &Ctx, path: &str) -> anyhow::Result<Running> {
             Ok(Running::Haproxy { pid })
         }
         "floor" => {
+            // The floor bounces every frame, ARP included: make sure the clients know the
+            // balancer's MAC before it is attached (the paths before it usually taught them).
+            // A connection attempt to a closed port resolves it (the RST is the answer).
+            tests::netns::in_netns(&ctx.lab.ns("client"), || {
+                let _ = std::net::TcpStream::connect_timeout(&(lab::LB_ADDR, 9).into(), Duration::from_secs(1));
+            })?;
             let mac = broker_mac(ctx)?;
             let mut dp = Dataplane::load(&LoadOptions { ring_size: 3, flow_table_size: 1024, floor_dst_mac: mac })?;
             tests::netns::in_netns(&lb, || dp.attach_program("xdp_floor", "eth0", XdpMode::Driver))??;
