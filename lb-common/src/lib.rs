@@ -162,9 +162,9 @@ pub const FLOW_CACHE_VALID: u32 = 1 << 31;
 
 /// Value of `FLOW_CACHE` (per CPU). Valid when `tag` equals the flow's `LISTEN_PORTS` slot,
 /// `FLOW_CACHE_VALID | generation`. The controller bumps the generation (rewriting every used
-/// port slot) whenever it deletes flows or writes any real, which invalidates every cached entry on every CPU at once; so a
-/// valid entry's copy of the real (MACs, usable when cached) is current and a hit reads no
-/// other map.
+/// port slot) whenever it deletes flows or writes any real, which invalidates every cached
+/// entry on every CPU at once; so a valid entry's copy of the real (MACs, usable when cached)
+/// is current and a hit reads no other map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowCacheEntry {

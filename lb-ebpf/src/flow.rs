@@ -4,8 +4,9 @@
 
 use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
-    FLOW_CACHE_REVALIDATE, FLOW_F_CLOSING, FlowCacheEntry, FlowKey, FlowValue, IPPROTO_TCP, LISTENER_F_HASH_SOURCE, ListenerInfo, ListenerKey,
-    NO_BACKEND, RealInfo, flow_cache_slot, flow_hash, ring_slot, source_hash,
+    FLOW_CACHE_REVALIDATE, FLOW_F_CLOSING, FlowCacheEntry, FlowKey, FlowValue, IPPROTO_TCP,
+    LISTENER_F_HASH_SOURCE, ListenerInfo, ListenerKey, NO_BACKEND, RealInfo, flow_cache_slot, flow_hash,
+    ring_slot, source_hash,
 };
 
 use crate::{
@@ -88,7 +89,6 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
         let entry = unsafe { &mut *c };
         if entry.tag == tag && entry.key == key && entry.hits < FLOW_CACHE_REVALIDATE {
             entry.hits += 1;
-            
             return Ok(Pick { real_id: entry.real, real: &entry.info, new_flow: false });
         }
     }

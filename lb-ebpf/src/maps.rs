@@ -8,8 +8,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Counters, DEFAULT_FLOW_TABLE_SIZE, FLOW_CACHE_SLOTS, FlowCacheEntry, DEFAULT_RING_SIZE, FlowKey, FlowValue, ListenerInfo, ListenerKey,
-    MAX_LISTENERS, MAX_VIPS, PORT_SLOTS, REAL_SLOTS, RING_COPIES, RealInfo, VipInfo, reason,
+    Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FlowCacheEntry, FlowKey, FlowValue,
+    ListenerInfo, ListenerKey, MAX_LISTENERS, MAX_VIPS, PORT_SLOTS, REAL_SLOTS, RING_COPIES, RealInfo, VipInfo, reason,
 };
 
 /// (VIP, port, proto) to listener. A hash map: an update swaps the whole value atomically.

@@ -17,8 +17,9 @@ use aya::{
     },
 };
 use lb_common::{
-    Counters, FLOW_CACHE_VALID, FLOW_F_CLOSING, FlowCacheEntry, FlowKey, FlowValue, IPPROTO_TCP, LISTENER_F_HASH_SOURCE, ListenerInfo,
-    ListenerKey, MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND, REAL_F_ACTIVE, REAL_F_DOWN, REAL_SLOTS, RING_COPIES,
+    Counters, FLOW_CACHE_VALID, FLOW_F_CLOSING, FlowCacheEntry, FlowKey, FlowValue, IPPROTO_TCP,
+    LISTENER_F_HASH_SOURCE, ListenerInfo, ListenerKey, MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND, REAL_F_ACTIVE,
+    REAL_F_DOWN, REAL_SLOTS, RING_COPIES,
     RealInfo, VipInfo, map_names as names, flow_cache_slot, real_backend, real_id, real_listener, reason,
 };
 
