@@ -4,7 +4,6 @@
 //! integers for flags. Fields in network byte order end in `_be`.
 #![no_std]
 #![expect(clippy::inline_always, reason = "the XDP program needs these inlined into its hot path")]
-#![expect(clippy::pub_underscore_fields, reason = "explicit padding fields, so no map type has implicit padding")]
 
 /// Names of the maps in the object; also the file names of their pins.
 pub mod map_names {
@@ -25,7 +24,7 @@ pub const MAX_LISTENERS: u32 = 32;
 pub const MAX_BACKENDS: u32 = 256;
 pub const MAX_VIPS: u32 = 256;
 /// Each listener owns two ring copies (active and standby) so a rebuild never shows a
-/// half-written ring: see [`ListenerInfo::ring_base`].
+/// half-written ring: see [`ListenerInfo::ring_copy`].
 pub const RING_COPIES: u32 = 2;
 pub const DEFAULT_RING_SIZE: u32 = 65_537;
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
@@ -35,32 +34,66 @@ pub const NO_BACKEND: u32 = u32::MAX;
 
 pub const IPPROTO_TCP: u8 = 6;
 
-/// Key of `LISTENERS`: a TCP listener (VIP, port).
+/// Value of `LISTENERS`, indexed by listener id: where the listener is and which of its two
+/// ring copies is active. Eight bytes that the controller writes with one atomic store (the map
+/// is mmapable) and the program reads with one load, so a ring switch or a moved listener is
+/// never seen half-written. A slot no listener uses is all zero.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ListenerKey {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerInfo {
     pub vip_be: u32,
     pub port_be: u16,
-    pub proto: u8,
-    pub _pad: u8,
+    /// `LISTENER_F_*`.
+    pub flags: u8,
+    /// The active ring copy, 0 or 1: the ring starts at [`ring_base`] in `RINGS`.
+    pub ring_copy: u8,
 }
 
 /// `ListenerInfo::flags`: pick by the source address alone (`hash = "source"`).
-pub const LISTENER_F_HASH_SOURCE: u32 = 1;
+pub const LISTENER_F_HASH_SOURCE: u8 = 1;
 
-/// Value of `LISTENERS`. The map is a hash map, so replacing a value is atomic for readers:
-/// flipping `ring_base` to the standby copy switches the whole ring at once.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ListenerInfo {
-    /// Index into `LISTENER_STATS`.
-    pub id: u32,
-    pub flags: u32,
-    /// Index of slot 0 of this listener's active ring in `RINGS` (whose slots hold real ids).
-    pub ring_base: u32,
-    /// Number of slots (a prime).
-    pub ring_size: u32,
+/// Index of slot 0 of ring copy `copy` of listener `id` in `RINGS`.
+#[inline(always)]
+#[must_use]
+pub const fn ring_base(id: u32, copy: u32, ring_size: u32) -> u32 {
+    (id * RING_COPIES + copy) * ring_size
 }
+
+/// Value of `LISTEN_PORTS`, indexed by the port's wire value read as a native integer. Eight
+/// bytes, written and read whole like [`ListenerInfo`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortInfo {
+    /// The flow cache tag (`FLOW_CACHE_VALID | generation`, see [`FlowCacheEntry`]); 0 when no
+    /// listener uses the port.
+    pub tag: u32,
+    /// Bit `i` set: listener `i` uses the port.
+    pub listeners: u32,
+}
+const _: () = assert!(MAX_LISTENERS <= 32, "PortInfo::listeners holds one bit per listener");
+
+/// The 8-byte values that are written with one store and read with one load.
+macro_rules! word_value {
+    ($($t:ty),*) => {$(
+        impl $t {
+            /// The value as the 8-byte word it occupies in the map.
+            #[inline(always)]
+            #[must_use]
+            pub const fn to_word(self) -> u64 {
+                // SAFETY: 8 bytes of integers with no padding (asserted below).
+                unsafe { core::mem::transmute::<Self, u64>(self) }
+            }
+
+            #[inline(always)]
+            #[must_use]
+            pub const fn from_word(word: u64) -> Self {
+                // SAFETY: every bit pattern is a valid value of integers.
+                unsafe { core::mem::transmute::<u64, Self>(word) }
+            }
+        }
+    )*};
+}
+word_value!(ListenerInfo, PortInfo);
 
 /// Value of `VIPS` (key: the VIP address, network byte order). Only consulted for IP fragments,
 /// which carry no port.
@@ -190,10 +223,9 @@ pub const fn flow_cache_slot(key: &FlowKey) -> u32 {
 }
 const _: () = assert!(FLOW_CACHE_SLOTS.is_power_of_two());
 
-/// `LISTEN_PORTS` has one slot per port, indexed by the port's wire value read as a native
-/// integer; non-zero when some listener uses the port, and then the flow cache tag
-/// (`FLOW_CACHE_VALID | generation`, see [`FlowCacheEntry`]). An array lookup the verifier
-/// inlines, so TCP to other ports passes without a hash lookup, and the same load gives the tag.
+/// `LISTEN_PORTS` has one slot per port (see [`PortInfo`]): an array lookup the verifier
+/// inlines, so TCP to other ports passes without a hash lookup, and the same load gives the flow
+/// cache tag and the listeners to compare the destination with.
 pub const PORT_SLOTS: u32 = 1 << 16;
 
 /// Value of `REAL_STATS` (per CPU), one per real: a forwarded frame updates one counter, and
@@ -244,8 +276,8 @@ pub mod reason {
     ];
 }
 
-const _: () = assert!(core::mem::size_of::<ListenerKey>() == 8);
-const _: () = assert!(core::mem::size_of::<ListenerInfo>() == 16);
+const _: () = assert!(core::mem::size_of::<ListenerInfo>() == 8);
+const _: () = assert!(core::mem::size_of::<PortInfo>() == 8);
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 4);
 const _: () = assert!(core::mem::size_of::<RealInfo>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 12);
@@ -255,10 +287,10 @@ const _: () = assert!(core::mem::size_of::<FlowCacheEntry>() == 40);
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{Counters, FlowCacheEntry, FlowKey, FlowValue, ListenerInfo, ListenerKey, RealInfo, VipInfo};
+    use super::{Counters, FlowCacheEntry, FlowKey, FlowValue, ListenerInfo, PortInfo, RealInfo, VipInfo};
     // SAFETY: all of these are `#[repr(C)]`, made only of integers, with no padding (asserted
     // above), so every bit pattern is valid.
-    unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for PortInfo {}
     unsafe impl aya::Pod for ListenerInfo {}
     unsafe impl aya::Pod for VipInfo {}
     unsafe impl aya::Pod for RealInfo {}

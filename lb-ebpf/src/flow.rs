@@ -4,9 +4,8 @@
 
 use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
-    FLOW_CACHE_REVALIDATE, FLOW_F_CLOSING, FlowCacheEntry, FlowKey, FlowValue, IPPROTO_TCP,
-    LISTENER_F_HASH_SOURCE, ListenerInfo, ListenerKey, NO_BACKEND, RealInfo, flow_cache_slot, flow_hash,
-    ring_slot, source_hash,
+    FLOW_CACHE_REVALIDATE, FLOW_F_CLOSING, FlowKey, FlowValue, LISTENER_F_HASH_SOURCE, ListenerInfo,
+    MAX_LISTENERS, NO_BACKEND, PortInfo, RealInfo, flow_cache_slot, flow_hash, ring_base, ring_slot, source_hash,
 };
 
 use crate::{
@@ -22,22 +21,57 @@ pub struct Pick {
     pub new_flow: bool,
 }
 
+/// Slots per ring, the same for every listener; set by the loader.
+#[unsafe(no_mangle)]
+static RING_SIZE: u32 = lb_common::DEFAULT_RING_SIZE;
+
+/// A listener as the ring lookup needs it.
+#[derive(Clone, Copy)]
+struct Listener {
+    id: u32,
+    info: ListenerInfo,
+}
+
+/// Reads an 8-byte map value whole (see `lb_common::ListenerInfo`).
 #[inline(always)]
-fn listener(tcp: &Tcp4) -> Result<&'static ListenerInfo, Verdict> {
-    let key = ListenerKey { vip_be: tcp.dst_be, port_be: tcp.dport_be, proto: IPPROTO_TCP, _pad: 0 };
-    // SAFETY: read-only; the controller replaces listener values whole, never in place.
-    unsafe { LISTENERS.get(&key) }.ok_or(Verdict::PassNoListener)
+fn load_word<T>(value: &T) -> u64 {
+    // SAFETY: the values read this way are 8 bytes and 8-aligned (map values are).
+    unsafe { core::ptr::read_volatile((&raw const *value).cast::<u64>()) }
+}
+
+/// The listener at the frame's destination among those on its port.
+#[inline(always)]
+fn listener(tcp: &Tcp4, port: PortInfo) -> Result<Listener, Verdict> {
+    let mut rest = port.listeners;
+    let mut id = 0;
+    // At most MAX_LISTENERS rounds, usually one: a port is seldom shared between VIPs.
+    while rest != 0 && id < MAX_LISTENERS {
+        if rest & 1 != 0
+            && let Some(slot) = LISTENERS.get(id)
+        {
+            let info = ListenerInfo::from_word(load_word(slot));
+            if info.vip_be == tcp.dst_be && info.port_be == tcp.dport_be {
+                return Ok(Listener { id, info });
+            }
+        }
+        rest >>= 1;
+        id += 1;
+    }
+    Err(Verdict::PassNoListener)
 }
 
 /// The real id in the listener's ring slot for this tuple (`NO_BACKEND` included).
 #[inline(always)]
-fn ring_id(listener: &ListenerInfo, tcp: &Tcp4) -> Result<u32, Verdict> {
-    let hash = if listener.flags & LISTENER_F_HASH_SOURCE != 0 {
+fn ring_id(listener: Listener, tcp: &Tcp4) -> Result<u32, Verdict> {
+    let hash = if listener.info.flags & LISTENER_F_HASH_SOURCE != 0 {
         source_hash(tcp.src_be)
     } else {
         flow_hash(tcp.src_be, tcp.dst_be, tcp.sport_be, tcp.dport_be)
     };
-    let slot = listener.ring_base.wrapping_add(ring_slot(hash, listener.ring_size));
+    // SAFETY: a plain read of a loader-set constant; volatile so the compiler does not fold the
+    // default in.
+    let size = unsafe { core::ptr::read_volatile(&raw const RING_SIZE) };
+    let slot = ring_base(listener.id, u32::from(listener.info.ring_copy), size).wrapping_add(ring_slot(hash, size));
     RINGS.get(slot).copied().ok_or(Verdict::DropInternal)
 }
 
@@ -53,15 +87,10 @@ fn usable_real(id: u32) -> Result<(u32, &'static RealInfo), Verdict> {
     Ok((id, real))
 }
 
-#[inline(always)]
-fn ring_pick(listener: &ListenerInfo, tcp: &Tcp4) -> Result<(u32, &'static RealInfo), Verdict> {
-    usable_real(ring_id(listener, tcp)?)
-}
-
 /// The ring's choice for `tcp`; for a new connection (`syn`) the id was already read (`early`).
 #[inline(always)]
-fn from_ring(tcp: &Tcp4, syn: bool, early: u32) -> Result<(u32, &'static RealInfo), Verdict> {
-    if syn { usable_real(early) } else { ring_pick(listener(tcp)?, tcp) }
+fn from_ring(tcp: &Tcp4, port: PortInfo, syn: bool, early: u32) -> Result<(u32, &'static RealInfo), Verdict> {
+    usable_real(if syn { early } else { ring_id(listener(tcp, port)?, tcp)? })
 }
 
 #[inline(always)]
@@ -74,10 +103,14 @@ const fn closing_flags(tcp: &Tcp4) -> u32 {
 pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
     // Most TCP that is not ours goes to a port no listener uses: one inlined array read. A used
     // port's slot holds the tag that this CPU's cached flows must carry to be valid.
-    let tag = match LISTEN_PORTS.get(u32::from(tcp.dport_be)) {
-        Some(&tag) if tag != 0 => tag,
-        _ => return Err(Verdict::PassNoListener),
+    let port = match LISTEN_PORTS.get(u32::from(tcp.dport_be)) {
+        Some(slot) => PortInfo::from_word(load_word(slot)),
+        None => return Err(Verdict::PassNoListener),
     };
+    let tag = port.tag;
+    if tag == 0 {
+        return Err(Verdict::PassNoListener);
+    }
     let key = FlowKey { src_be: tcp.src_be, dst_be: tcp.dst_be, sport_be: tcp.sport_be, dport_be: tcp.dport_be };
     // The busiest path: an established frame of a flow this CPU saw recently. SYN, FIN and RST
     // always go to the flow table (new flows, reopened tuples, the closing mark).
@@ -110,7 +143,7 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
     // A new connection's ring slot is read before the flow table, though it is only used on a
     // miss: both reads are usually cache misses, and issued back to back they overlap.
     let syn = tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let early = if syn { ring_id(listener(tcp)?, tcp)? } else { NO_BACKEND };
+    let early = if syn { ring_id(listener(tcp, port)?, tcp)? } else { NO_BACKEND };
     if let Some(entry) = FLOWS.get_ptr_mut(&key) {
         // SAFETY: the pointer is into the map's element, valid for this program run. Another
         // CPU may rewrite it concurrently with the same kind of value; either write is valid.
@@ -131,7 +164,7 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
         }
         // The recorded real went down (or was removed), or a new connection reuses the tuple
         // of a closed one: pick from the ring and repoint the entry.
-        let (real_id, real) = from_ring(tcp, syn, early)?;
+        let (real_id, real) = from_ring(tcp, port, syn, early)?;
         // SAFETY: as above.
         unsafe { *entry = FlowValue { real: real_id, flags: closing_flags(tcp) } };
         fill(real_id, real);
@@ -139,7 +172,7 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
     }
     // A miss: a new connection, or one whose entry was evicted or predates this balancer. Both
     // follow the ring, so a flow whose backend set did not change keeps its broker.
-    let (real_id, real) = from_ring(tcp, syn, early)?;
+    let (real_id, real) = from_ring(tcp, port, syn, early)?;
     // A full LRU evicts, so the insert only fails on allocation failure; the frame is still
     // forwarded by the ring, which is what the next frame would do too.
     let _ = FLOWS.insert(&key, &FlowValue { real: real_id, flags: closing_flags(tcp) }, u64::from(BPF_ANY));

@@ -4,22 +4,25 @@
 //! `flow_table_size`; the sizes here are the defaults.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FlowCacheEntry, FlowKey, FlowValue,
-    ListenerInfo, ListenerKey, MAX_LISTENERS, MAX_VIPS, PORT_SLOTS, REAL_SLOTS, RING_COPIES, RealInfo, VipInfo, reason,
+    ListenerInfo, MAX_LISTENERS, MAX_VIPS, PORT_SLOTS, PortInfo, REAL_SLOTS, RING_COPIES, RealInfo, VipInfo, reason,
 };
 
-/// (VIP, port, proto) to listener. A hash map: an update swaps the whole value atomically.
-#[btf_map]
-pub static LISTENERS: HashMap<ListenerKey, ListenerInfo, { MAX_LISTENERS as usize }> =
-    HashMap::new();
+/// Map flags of the maps the controller writes through memory it maps (`lb_common::PortInfo`).
+const MMAPABLE: usize = BPF_F_MMAPABLE as usize;
 
-/// Ports some listener uses, with the flow cache tag (see `lb_common::PORT_SLOTS`).
+/// Listener id to where it listens and its active ring copy.
 #[btf_map]
-pub static LISTEN_PORTS: Array<u32, { PORT_SLOTS as usize }> = Array::new();
+pub static LISTENERS: Array<ListenerInfo, { MAX_LISTENERS as usize }, MMAPABLE> = Array::new();
+
+/// Port to the listeners on it and the flow cache tag (see `lb_common::PORT_SLOTS`).
+#[btf_map]
+pub static LISTEN_PORTS: Array<PortInfo, { PORT_SLOTS as usize }, MMAPABLE> = Array::new();
 
 /// VIP addresses, consulted only for fragments.
 #[btf_map]

@@ -17,13 +17,13 @@ use aya::{
     },
 };
 use lb_common::{
-    Counters, FLOW_CACHE_VALID, FLOW_F_CLOSING, FlowCacheEntry, FlowKey, FlowValue, IPPROTO_TCP,
-    LISTENER_F_HASH_SOURCE, ListenerInfo, ListenerKey, MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND, REAL_F_ACTIVE,
-    REAL_F_DOWN, REAL_SLOTS, RING_COPIES,
-    RealInfo, VipInfo, map_names as names, flow_cache_slot, real_backend, real_id, real_listener, reason,
+    Counters, FLOW_CACHE_VALID, FLOW_F_CLOSING, FlowCacheEntry, FlowKey, FlowValue, LISTENER_F_HASH_SOURCE,
+    ListenerInfo, MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND, PORT_SLOTS, PortInfo, REAL_F_ACTIVE, REAL_F_DOWN,
+    REAL_SLOTS, RING_COPIES, RealInfo, VipInfo, flow_cache_slot, map_names as names, real_backend, real_id,
+    real_listener, reason, ring_base,
 };
 
-use crate::EBPF_OBJ;
+use crate::{EBPF_OBJ, mapped::Mapped};
 
 /// Sizes fixed when the object is loaded.
 #[derive(Clone, Copy, Debug)]
@@ -147,17 +147,21 @@ pub enum Start {
 /// The maps' content as last written, so an apply writes only differences.
 #[derive(Default)]
 struct Written {
-    listeners: BTreeMap<u32, (ListenerKey, ListenerInfo)>,
+    /// Listener id to its `LISTENERS` value.
+    listeners: BTreeMap<u32, ListenerInfo>,
     /// Content of each ring copy, by copy number (`id * RING_COPIES + copy`).
     rings: BTreeMap<u32, Vec<u32>>,
     reals: BTreeMap<u32, RealInfo>,
     vips: BTreeMap<u32, u32>,
-    /// `LISTEN_PORTS` slot to the value written there (the flow cache tag).
-    ports: BTreeMap<u32, u32>,
+    /// Used `LISTEN_PORTS` slots and their values.
+    ports: BTreeMap<u32, PortInfo>,
 }
 
 pub struct Dataplane {
     ebpf: Ebpf,
+    /// `LISTENERS` and `LISTEN_PORTS`, mapped: each value is one word, written with one store.
+    listeners: Mapped,
+    ports: Mapped,
     ring_size: u32,
     written: Written,
     /// The flow cache generation, written into every used `LISTEN_PORTS` slot.
@@ -185,6 +189,7 @@ impl Dataplane {
         loader
             .map_max_entries(names::RINGS, ring_entries)
             .map_max_entries(names::FLOWS, opts.flow_table_size)
+            .override_global("RING_SIZE", &opts.ring_size, true)
             .override_global("FLOOR_DST_MAC", &opts.floor_dst_mac, true);
         if let Some(dir) = pin_dir {
             for name in MAP_NAMES {
@@ -215,7 +220,20 @@ impl Dataplane {
                 );
             }
         }
-        Ok(Self { ebpf, ring_size: opts.ring_size, written: Written::default(), generation: 0, counted: BTreeSet::new() })
+        let mapped = |name: &str| match ebpf.map(name) {
+            Some(aya::maps::Map::Array(m)) => Mapped::new(m, name),
+            _ => bail!("map {name} is missing or not an array"),
+        };
+        let (listeners, ports) = (mapped(names::LISTENERS)?, mapped(names::LISTEN_PORTS)?);
+        Ok(Self {
+            ebpf,
+            listeners,
+            ports,
+            ring_size: opts.ring_size,
+            written: Written::default(),
+            generation: 0,
+            counted: BTreeSet::new(),
+        })
     }
 
     /// Loads with every map pinned under `dir`. When `dir` holds a live XDP link on
@@ -282,11 +300,10 @@ impl Dataplane {
     fn read_back(&mut self) -> anyhow::Result<()> {
         let size = self.ring_size;
         let mut w = Written::default();
-        {
-            let map: HashMap<&MapData, ListenerKey, ListenerInfo> = self.map_ref(names::LISTENERS)?;
-            for entry in &map {
-                let (k, v) = entry?;
-                w.listeners.insert(v.id, (k, v));
+        for id in 0..MAX_LISTENERS {
+            let info = ListenerInfo::from_word(self.listeners.load(id, 0));
+            if info != ListenerInfo::default() {
+                w.listeners.insert(id, info);
             }
         }
         {
@@ -315,16 +332,13 @@ impl Dataplane {
                 w.vips.insert(k, v.listeners);
             }
         }
-        {
-            let ports: Array<&MapData, u32> = self.map_ref(names::LISTEN_PORTS)?;
-            for (i, n) in ports.iter().enumerate() {
-                let n = n?;
-                if n != 0 {
-                    w.ports.insert(u32::try_from(i).expect("< 65536"), n);
-                }
+        for slot in 0..PORT_SLOTS {
+            let port = PortInfo::from_word(self.ports.load(slot, 0));
+            if port != PortInfo::default() {
+                w.ports.insert(slot, port);
             }
         }
-        self.generation = w.ports.values().map(|n| n & !FLOW_CACHE_VALID).max().unwrap_or(0);
+        self.generation = w.ports.values().map(|p| p.tag & !FLOW_CACHE_VALID).max().unwrap_or(0);
         let mut counted: BTreeSet<u32> = w.reals.keys().copied().collect();
         {
             let stats: PerCpuArray<&MapData, Counters> = self.map_ref(names::REAL_STATS)?;
@@ -432,32 +446,24 @@ impl Dataplane {
             }
         }
 
-        // 2. Listeners: fill the standby copy, then switch.
+        // 2. Listeners: fill the standby copy, then switch to it in one store.
         for l in &want.listeners {
-            let key = ListenerKey {
-                vip_be: u32::from_ne_bytes(l.vip.octets()),
-                port_be: u16::from_ne_bytes(l.port.to_be_bytes()),
-                proto: IPPROTO_TCP,
-                _pad: 0,
-            };
+            let vip_be = u32::from_ne_bytes(l.vip.octets());
+            let port_be = u16::from_ne_bytes(l.port.to_be_bytes());
             let flags = if l.hash_source { LISTENER_F_HASH_SOURCE } else { 0 };
             let current = self.written.listeners.get(&l.id).copied();
-            // The copy number in use is where the active ring starts, in rings.
-            let active_copy = current.map(|(_, info)| info.ring_base / self.ring_size);
-            if let (Some((old_key, info)), Some(copy_no)) = (current, active_copy) {
-                let same_ring = self.written.rings.get(&copy_no).is_some_and(|r| {
-                    r.iter().zip(&l.ring).all(|(&w, &b)| w == if b == NO_BACKEND { NO_BACKEND } else { real_id(l.id, b) })
-                });
-                if old_key == key && info.flags == flags && same_ring {
+            let ring: Vec<u32> = l.ring.iter().map(|&b| if b == NO_BACKEND { NO_BACKEND } else { real_id(l.id, b) }).collect();
+            if let Some(info) = current {
+                let same_ring = self.written.rings.get(&(l.id * RING_COPIES + u32::from(info.ring_copy))) == Some(&ring);
+                if info.vip_be == vip_be && info.port_be == port_be && info.flags == flags && same_ring {
                     continue;
                 }
             }
-            let copy = active_copy.map_or(0, |c| (c + 1) % RING_COPIES);
+            let copy = current.map_or(0, |info| (u32::from(info.ring_copy) + 1) % RING_COPIES);
             let copy_no = l.id * RING_COPIES + copy;
-            let base = copy_no * self.ring_size;
+            let base = ring_base(l.id, copy, self.ring_size);
             {
                 let old = self.written.rings.entry(copy_no).or_insert_with(|| vec![0; size]).clone();
-                let ring: Vec<u32> = l.ring.iter().map(|&b| if b == NO_BACKEND { NO_BACKEND } else { real_id(l.id, b) }).collect();
                 let mut rings: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, names::RINGS)?;
                 for (i, (&new, &was)) in ring.iter().zip(&old).enumerate() {
                     if new != was {
@@ -468,39 +474,34 @@ impl Dataplane {
                 }
                 self.written.rings.insert(copy_no, ring);
             }
-            let info = ListenerInfo { id: l.id, flags, ring_base: base, ring_size: self.ring_size };
-            let mut map: HashMap<&mut MapData, ListenerKey, ListenerInfo> = map_mut(&mut self.ebpf, names::LISTENERS)?;
-            map.insert(key, info, 0).with_context(|| format!("writing listener {}", l.id))?;
-            let mut moved_from = None;
-            if let Some((old_key, _)) = current
-                && old_key != key
-            {
-                map.remove(&old_key).with_context(|| format!("removing the old key of listener {}", l.id))?;
-                moved_from = Some(old_key);
-            }
-            self.written.listeners.insert(l.id, (key, info));
+            #[expect(clippy::cast_possible_truncation, reason = "copy < RING_COPIES")]
+            let info = ListenerInfo { vip_be, port_be, flags, ring_copy: copy as u8 };
+            // A listener that moved stops matching frames to its old address with this store;
+            // its port bits follow in step 4.
+            self.listeners.store(l.id, 0, info.to_word());
+            self.written.listeners.insert(l.id, info);
             report.listeners_switched += 1;
-            if let Some(old_key) = moved_from {
-                report.flows_purged += self.purge_flows(old_key)?;
+            if let Some(old) = current
+                && (old.vip_be, old.port_be) != (vip_be, port_be)
+            {
+                report.flows_purged += self.purge_flows(old.vip_be, old.port_be)?;
             }
         }
 
         // 3. Listeners no longer wanted, and the flows that recorded them.
         let gone: Vec<u32> = self.written.listeners.keys().copied().filter(|id| !ids.contains(id)).collect();
         for id in gone {
-            let (key, _) = self.written.listeners[&id];
-            let mut map: HashMap<&mut MapData, ListenerKey, ListenerInfo> = map_mut(&mut self.ebpf, names::LISTENERS)?;
-            map.remove(&key).with_context(|| format!("removing listener {id}"))?;
+            let old = self.written.listeners[&id];
+            self.listeners.store(id, 0, ListenerInfo::default().to_word());
             self.written.listeners.remove(&id);
-            report.flows_purged += self.purge_flows(key)?;
+            report.flows_purged += self.purge_flows(old.vip_be, old.port_be)?;
         }
 
         // 4. Listener ports, tagged with the flow cache generation, and VIPs (for fragments).
-        let ports: BTreeSet<u32> = self.written.listeners.values().map(|(key, _)| u32::from(key.port_be)).collect();
-        self.write_ports(&ports)?;
+        self.write_ports();
         let mut vips: BTreeMap<u32, u32> = BTreeMap::new();
-        for (key, _) in self.written.listeners.values() {
-            *vips.entry(key.vip_be).or_default() += 1;
+        for info in self.written.listeners.values() {
+            *vips.entry(info.vip_be).or_default() += 1;
         }
         {
             let mut map: HashMap<&mut MapData, u32, VipInfo> = map_mut(&mut self.ebpf, names::VIPS)?;
@@ -530,40 +531,37 @@ impl Dataplane {
             // Every CPU's flow cache is stale now: a new generation invalidates it at once.
             // Written after the reals and the purges, so an entry filled before sees the old tag.
             self.generation = self.generation.wrapping_add(1) & !FLOW_CACHE_VALID;
-            let ports: BTreeSet<u32> = self.written.ports.keys().copied().collect();
-            self.write_ports(&ports)?;
+            self.write_ports();
         }
         Ok(report)
     }
 
-    /// Makes `LISTEN_PORTS` non-zero exactly at `ports`, each holding the current flow cache
-    /// tag (`FLOW_CACHE_VALID | generation`), which `FLOW_CACHE` entries must carry to be used.
-    fn write_ports(&mut self, ports: &BTreeSet<u32>) -> anyhow::Result<()> {
+    /// Makes `LISTEN_PORTS` say, for every port a listener uses, which listeners use it, with
+    /// the current flow cache tag (`FLOW_CACHE_VALID | generation`) that `FLOW_CACHE` entries
+    /// must carry to be used; every other slot is zero.
+    fn write_ports(&mut self) {
         let tag = FLOW_CACHE_VALID | self.generation;
-        let mut map: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, names::LISTEN_PORTS)?;
-        for &slot in ports {
-            if self.written.ports.get(&slot) != Some(&tag) {
-                map.set(slot, tag, 0).context("writing a listener port")?;
-                self.written.ports.insert(slot, tag);
+        let mut want: BTreeMap<u32, PortInfo> = BTreeMap::new();
+        for (&id, info) in &self.written.listeners {
+            want.entry(u32::from(info.port_be)).or_insert(PortInfo { tag, listeners: 0 }).listeners |= 1 << id;
+        }
+        for (&slot, &port) in &want {
+            if self.written.ports.get(&slot) != Some(&port) {
+                self.ports.store(slot, 0, port.to_word());
             }
         }
-        let unused: Vec<u32> = self.written.ports.keys().copied().filter(|p| !ports.contains(p)).collect();
-        for slot in unused {
-            map.set(slot, 0, 0).context("clearing a listener port")?;
-            self.written.ports.remove(&slot);
+        for &slot in self.written.ports.keys().filter(|p| !want.contains_key(p)) {
+            self.ports.store(slot, 0, PortInfo::default().to_word());
         }
-        Ok(())
+        self.written.ports = want;
     }
 
     /// Deletes the flow entries of a listener that no longer exists at `key`: established
     /// flows skip the listener lookup, so they would otherwise keep being forwarded.
-    fn purge_flows(&mut self, key: ListenerKey) -> anyhow::Result<usize> {
+    fn purge_flows(&mut self, vip_be: u32, port_be: u16) -> anyhow::Result<usize> {
         let mut map: HashMap<&mut MapData, FlowKey, FlowValue> = map_mut(&mut self.ebpf, names::FLOWS)?;
-        let stale: Vec<FlowKey> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.dst_be == key.vip_be && k.dport_be == key.port_be)
-            .collect();
+        let stale: Vec<FlowKey> =
+            map.keys().filter_map(Result::ok).filter(|k| k.dst_be == vip_be && k.dport_be == port_be).collect();
         for k in &stale {
             // Already gone (evicted meanwhile) is fine.
             let _ = map.remove(k);

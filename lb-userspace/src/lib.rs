@@ -6,6 +6,7 @@ pub mod controller;
 pub mod dataplane;
 pub mod health;
 pub mod maglev;
+pub mod mapped;
 pub mod metrics;
 pub mod mqtt;
 pub mod neigh;

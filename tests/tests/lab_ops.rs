@@ -160,7 +160,8 @@ fn bpftool_dumps_maps_with_field_names() {
     let _lb = Balancer::start(&lab, &lab.config("check = \"none\""));
     let _held = hold(&lab, "bt", 4);
     for (map, fields) in [
-        ("LISTENERS", &["vip_be", "port_be", "ring_base", "ring_size"][..]),
+        ("LISTENERS", &["vip_be", "port_be", "flags", "ring_copy"][..]),
+        ("LISTEN_PORTS", &["tag", "listeners"][..]),
         ("REALS", &["dst_mac", "src_mac", "flags"][..]),
         ("FLOWS", &["src_be", "dport_be", "real"][..]),
         ("REAL_STATS", &["packets", "bytes", "new_flows"][..]),

@@ -48,9 +48,13 @@ impl Lb {
     /// `backends`: (name, last MAC byte, weight). One listener VIP:1883 over all of them, plus
     /// VIP:8883 with `hash = "source"`.
     fn new(backends: &[(&str, u8, u32)]) -> Self {
+        Self::with_config(Self::config(backends))
+    }
+
+    fn with_config(config: Config) -> Self {
         let dp = Dataplane::load(&LoadOptions { ring_size: RING, flow_table_size: 65_536, floor_dst_mac: mac_of(0x11) })
             .expect("loading the XDP object");
-        let mut lb = Self { dp, config: Self::config(backends), ids: Ids::default(), runtime: BTreeMap::new(), down: DownSet::new(), desired: Desired::default() };
+        let mut lb = Self { dp, config, ids: Ids::default(), runtime: BTreeMap::new(), down: DownSet::new(), desired: Desired::default() };
         lb.apply();
         lb
     }
@@ -214,6 +218,44 @@ fn verdict_table() {
         }
     }
     assert_eq!(lb.dp.stats().expect("stats").verdicts, expected);
+}
+
+/// Listeners on one port at three VIPs, each over its own backend: `text` with `{VIP_A}` etc.
+fn shared_port_config(vips: [&str; 3]) -> Config {
+    let mut text = format!("interface = \"veth0\"\nring_size = {RING}\n");
+    for (i, vip) in vips.iter().enumerate() {
+        let _ = write!(text, "[[listener]]\nname = \"l{i}\"\nvip = \"{vip}\"\nport = 1883\nbackends = [\"b{i}\"]\n");
+    }
+    for i in 0..3u8 {
+        let n = 11 + i;
+        let _ = write!(text, "[[backend]]\nname = \"b{i}\"\naddress = \"192.0.2.{n}\"\nmac = \"{}\"\n", config::format_mac(mac_of(n)));
+    }
+    config::parse(&text, "fixture.toml").expect("fixture config is valid")
+}
+
+#[test]
+fn listeners_sharing_a_port_are_told_apart_by_vip_and_follow_a_move() {
+    require_root!();
+    let [a, b, c, d] = [100, 101, 102, 103].map(|n| Ipv4Addr::new(192, 0, 2, n));
+    let mut lb = Lb::with_config(shared_port_config(["192.0.2.100", "192.0.2.101", "192.0.2.102"]));
+    let to = |lb: &Lb, vip: Ipv4Addr, sport: u16| {
+        let (action, out) = lb.run(&Ipv4Frame::tcp(CLIENT, sport, vip, 1883, TCP_SYN).build());
+        (action == XDP_TX).then(|| lb.backend_of(&out))
+    };
+    // Each VIP reaches only its listener's backend, whatever its bit in the port's set.
+    for sport in (41000..41040).step_by(2) {
+        assert_eq!(to(&lb, a, sport).as_deref(), Some("b0"), "VIP a");
+        assert_eq!(to(&lb, b, sport).as_deref(), Some("b1"), "VIP b");
+        assert_eq!(to(&lb, c, sport).as_deref(), Some("b2"), "VIP c");
+        assert_eq!(to(&lb, d, sport), None, "VIP d has no listener on the port");
+    }
+    // Listener l1 moves from b to d: b stops being served at once, d starts, the others stay.
+    lb.config = shared_port_config(["192.0.2.100", "192.0.2.103", "192.0.2.102"]);
+    lb.apply();
+    assert_eq!(to(&lb, b, 42000), None, "the old address of a moved listener");
+    assert_eq!(to(&lb, d, 42000).as_deref(), Some("b1"), "the new address");
+    assert_eq!(to(&lb, a, 42000).as_deref(), Some("b0"));
+    assert_eq!(to(&lb, c, 42000).as_deref(), Some("b2"));
 }
 
 #[test]
