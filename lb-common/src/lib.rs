@@ -12,6 +12,7 @@ pub mod map_names {
     pub const REALS: &str = "REALS";
     pub const RINGS: &str = "RINGS";
     pub const FLOWS: &str = "FLOWS";
+    pub const FLOW_SEED: &str = "FLOW_SEED";
     pub const VERDICT_STATS: &str = "VERDICT_STATS";
     pub const REAL_STATS: &str = "REAL_STATS";
     pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
@@ -27,6 +28,7 @@ pub const MAX_VIPS: u32 = 256;
 /// half-written ring: see [`ListenerInfo::ring_copy`].
 pub const RING_COPIES: u32 = 2;
 pub const DEFAULT_RING_SIZE: u32 = 65_537;
+/// Flows the flow table holds by default (`flow_table_size`).
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
 
 /// A ring slot that holds no real: the listener has no usable backend.
@@ -154,8 +156,8 @@ pub const fn real_backend(real: u32) -> u32 {
     real & (MAX_BACKENDS - 1)
 }
 
-/// Key of `FLOWS`: the TCP 4-tuple as it appears on the wire (only TCP is balanced, so no
-/// protocol field; 12 bytes hash in one jhash round).
+/// A TCP 4-tuple as it appears on the wire (only TCP is balanced, so no protocol field): the
+/// key of a flow in `FLOWS` and `FLOW_CACHE`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -165,29 +167,132 @@ pub struct FlowKey {
     pub dport_be: u16,
 }
 
-/// Value of `FLOWS`. The real names the listener too, so an established flow needs no listener
-/// lookup; the controller deletes a listener's flows when it removes or moves the listener.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FlowValue {
-    pub real: u32,
-    pub flags: u32,
+impl FlowKey {
+    /// The key as the first word of a [`FlowSlot`] (addresses) and the low half of its second
+    /// (ports), in the slot's memory order.
+    #[inline(always)]
+    #[must_use]
+    pub const fn words(&self) -> (u64, u32) {
+        // SAFETY: integers to integers of the same size.
+        unsafe {
+            (
+                core::mem::transmute::<[u32; 2], u64>([self.src_be, self.dst_be]),
+                core::mem::transmute::<[u16; 2], u32>([self.sport_be, self.dport_be]),
+            )
+        }
+    }
+
+    /// The key of a slot's two words.
+    #[inline(always)]
+    #[must_use]
+    pub const fn from_words(addrs: u64, ports: u32) -> Self {
+        // SAFETY: as above.
+        let ([src_be, dst_be], [sport_be, dport_be]) =
+            unsafe { (core::mem::transmute::<u64, [u32; 2]>(addrs), core::mem::transmute::<u32, [u16; 2]>(ports)) };
+        Self { src_be, dst_be, sport_be, dport_be }
+    }
 }
 
-/// `FlowValue::flags`: the client sent FIN or RST. The entry still steers the rest of the
-/// close; a SYN that reuses the 4-tuple starts a new flow from the ring, and the controller
-/// does not count it as a live flow.
-pub const FLOW_F_CLOSING: u32 = 1;
+/// The flow table (`FLOWS`): buckets of [`FLOW_WAYS`] slots, one 64-byte cache line each, in
+/// two halves, [`FLOW_SLOTS_PER_FLOW`] slots per flow of `flow_table_size`. A flow lives in one
+/// of two buckets, one per half, picked by a seeded hash of its 4-tuple ([`flow_buckets`]); it
+/// is inserted into the emptier of the two (d-left hashing, which keeps buckets even), and when
+/// both are full it replaces the slot least recently used among the eight, closing flows first.
+/// A lookup reads two cache lines and nothing else.
+///
+/// A slot is two 8-byte words, each read and written whole: the addresses, then ports and
+/// `state`. The program reads a slot lock-free (state, addresses, state again) and writes one
+/// by compare-and-swap on the second word: a writer first swaps in [`FLOW_S_BUSY`], then
+/// writes the addresses, then the final state, so a reader that sees a live state sees the
+/// addresses written with it. This relies on the order in which x86-64 makes stores visible
+/// and performs loads (total store order); the controller refuses to run elsewhere.
+pub const FLOW_WAYS: usize = 4;
 
-/// Slots of `FLOW_CACHE` per CPU: a direct-mapped copy of recently used `FLOWS` entries, so a
-/// busy established flow costs an array read instead of a hash-table walk. A power of two;
+/// One slot of a [`FlowBucket`]. `state` is 0 when the slot is empty, [`FLOW_S_BUSY`] while a
+/// writer fills it, else [`flow_state`]: `FLOW_S_LIVE`, the real, `FLOW_S_CLOSING` and the age.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSlot {
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub state: u32,
+}
+
+/// Value of `FLOWS`, indexed by bucket number.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowBucket {
+    pub slots: [FlowSlot; FLOW_WAYS],
+}
+
+/// `FlowSlot::state`: the real (listener and backend) the flow is pinned to.
+pub const FLOW_S_REAL: u32 = 0x1fff;
+/// `FlowSlot::state`: the client sent FIN or RST. The entry still steers the rest of the
+/// close; a SYN that reuses the 4-tuple starts a new flow from the ring, the controller does
+/// not count it as a live flow, and it is the first to be replaced.
+pub const FLOW_S_CLOSING: u32 = 1 << 13;
+/// `FlowSlot::state`: set in every state of a slot in use. Bit 15 is clear in all of them.
+pub const FLOW_S_LIVE: u32 = 1 << 14;
+/// `FlowSlot::state` while a writer owns the slot.
+pub const FLOW_S_BUSY: u32 = u32::MAX;
+/// `FlowSlot::state` bits 16..32: when the flow was last looked up, in units of
+/// 2^[`FLOW_AGE_JIFFIES_SHIFT`] jiffies (1.024 s at 250 Hz), wrapping.
+pub const FLOW_S_AGE_SHIFT: u32 = 16;
+pub const FLOW_AGE_JIFFIES_SHIFT: u32 = 8;
+const _: () = assert!(REAL_SLOTS - 1 <= FLOW_S_REAL, "a real id fits FLOW_S_REAL");
+
+/// The state of a live slot.
+#[inline(always)]
+#[must_use]
+pub const fn flow_state(real: u32, closing: u32, age: u32) -> u32 {
+    FLOW_S_LIVE | (real & FLOW_S_REAL) | (closing & FLOW_S_CLOSING) | age << FLOW_S_AGE_SHIFT
+}
+
+/// The flow table age (see [`FLOW_S_AGE_SHIFT`]) at `jiffies`.
+#[inline(always)]
+#[must_use]
+pub const fn flow_age(jiffies: u64) -> u32 {
+    ((jiffies >> FLOW_AGE_JIFFIES_SHIFT) & 0xffff) as u32
+}
+
+/// Slots per flow the table is sized for: at half load, two-choice buckets of four hold every
+/// flow but about two in a million (at 80% load, one in a hundred would replace another).
+pub const FLOW_SLOTS_PER_FLOW: u32 = 2;
+
+/// Buckets for a `flow_table_size` of flows: a power of two, at least two (one per half).
+#[must_use]
+pub const fn flow_table_buckets(flows: u32) -> u32 {
+    let b = (flows as u64 * FLOW_SLOTS_PER_FLOW as u64).div_ceil(FLOW_WAYS as u64).next_power_of_two();
+    #[expect(clippy::cast_possible_truncation, reason = "2^32 flows make 2^31 buckets at most")]
+    if b < 2 { 2 } else { b as u32 }
+}
+
+/// The two buckets a flow may live in, one in each half of a table of `mask + 1` buckets.
+/// Seeded, so nobody outside can aim flows at the buckets of another (the ring hash is not:
+/// two balancers must pick the same backends).
+#[inline(always)]
+#[must_use]
+pub const fn flow_buckets(key: &FlowKey, seed: u64, mask: u32) -> [u32; 2] {
+    let (addrs, ports) = key.words();
+    let h = mix64((addrs ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ ports as u64);
+    let half = (mask >> 1) + 1;
+    #[expect(clippy::cast_possible_truncation, reason = "the low half of the hash")]
+    let left = (h as u32) & (half - 1);
+    let right = half | ((h >> 32) as u32 & (half - 1));
+    [left, right]
+}
+
+/// Slots of `FLOW_CACHE` per CPU: a direct-mapped copy of recently used `FLOWS` entries (with
+/// their real), so a busy established flow costs one read of memory this CPU alone writes. A power of two;
 /// 4,096 × 40 bytes stays within a core's L2 cache (16,384 measured slower under load in the
 /// lab, where every slot read is likelier a cache and TLB miss).
 pub const FLOW_CACHE_SLOTS: u32 = 1 << 12;
 
 /// A cache entry serves this many frames, then the next frame of the flow goes through
-/// `FLOWS` again: that refreshes the entry's LRU age (busy flows are not evicted for looking
-/// idle) and picks up any change another CPU or the controller made to it.
+/// `FLOWS` again: that refreshes the flow's age (busy flows are not replaced for looking idle)
+/// and picks up any change another CPU or the controller made to it.
 pub const FLOW_CACHE_REVALIDATE: u32 = 256;
 
 /// `FlowCacheEntry::tag` bit set in every valid entry, so zeroed slots never match.
@@ -281,13 +386,14 @@ const _: () = assert!(core::mem::size_of::<PortInfo>() == 8);
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 4);
 const _: () = assert!(core::mem::size_of::<RealInfo>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 12);
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 8);
+const _: () = assert!(core::mem::size_of::<FlowSlot>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowBucket>() == 64);
 const _: () = assert!(core::mem::size_of::<Counters>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowCacheEntry>() == 40);
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{Counters, FlowCacheEntry, FlowKey, FlowValue, ListenerInfo, PortInfo, RealInfo, VipInfo};
+    use super::{Counters, FlowBucket, FlowCacheEntry, FlowKey, ListenerInfo, PortInfo, RealInfo, VipInfo};
     // SAFETY: all of these are `#[repr(C)]`, made only of integers, with no padding (asserted
     // above), so every bit pattern is valid.
     unsafe impl aya::Pod for PortInfo {}
@@ -295,7 +401,7 @@ mod pod {
     unsafe impl aya::Pod for VipInfo {}
     unsafe impl aya::Pod for RealInfo {}
     unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for FlowBucket {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for FlowCacheEntry {}
 }

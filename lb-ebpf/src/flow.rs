@@ -2,16 +2,18 @@
 //! ring on a miss, when the recorded real is down, or for a new connection that reuses a
 //! closing flow's 4-tuple.
 
-use aya_ebpf::bindings::BPF_ANY;
+use aya_ebpf::helpers::bpf_jiffies64;
 use lb_common::{
-    FLOW_CACHE_REVALIDATE, FLOW_F_CLOSING, FlowKey, FlowValue, LISTENER_F_HASH_SOURCE, ListenerInfo,
-    MAX_LISTENERS, NO_BACKEND, PortInfo, RealInfo, flow_cache_slot, flow_hash, ring_base, ring_slot, source_hash,
+    FLOW_CACHE_REVALIDATE, FLOW_S_CLOSING, FLOW_S_REAL, FlowKey, LISTENER_F_HASH_SOURCE, ListenerInfo, MAX_LISTENERS,
+    NO_BACKEND, PortInfo, RealInfo, flow_age, flow_cache_slot, flow_hash, flow_state, ring_base, ring_slot,
+    source_hash,
 };
 
 use crate::{
     Verdict,
-    maps::{FLOW_CACHE, FLOWS, LISTEN_PORTS, LISTENERS, REALS, RINGS},
+    maps::{FLOW_CACHE, LISTEN_PORTS, LISTENERS, REALS, RINGS},
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tcp4},
+    table,
 };
 
 /// The real a frame goes to.
@@ -43,21 +45,33 @@ fn load_word<T>(value: &T) -> u64 {
 #[inline(always)]
 fn listener(tcp: &Tcp4, port: PortInfo) -> Result<Listener, Verdict> {
     let mut rest = port.listeners;
-    let mut id = 0;
-    // At most MAX_LISTENERS rounds, usually one: a port is seldom shared between VIPs.
-    while rest != 0 && id < MAX_LISTENERS {
-        if rest & 1 != 0
-            && let Some(slot) = LISTENERS.get(id)
-        {
+    // Usually one round: a port is seldom shared between VIPs. The id comes from the bit
+    // arithmetic, not from the round, so every way out of the loop looks the same to the
+    // verifier, which then checks the rest of the program once rather than once per round.
+    for _ in 0..MAX_LISTENERS {
+        if rest == 0 {
+            break;
+        }
+        let id = lowest_bit(rest);
+        rest &= rest - 1;
+        if let Some(slot) = LISTENERS.get(id) {
             let info = ListenerInfo::from_word(load_word(slot));
             if info.vip_be == tcp.dst_be && info.port_be == tcp.dport_be {
                 return Ok(Listener { id, info });
             }
         }
-        rest >>= 1;
-        id += 1;
     }
     Err(Verdict::PassNoListener)
+}
+
+/// The index of the lowest set bit of a non-zero `x`, by arithmetic alone (a population count
+/// of the bits below it).
+#[inline(always)]
+const fn lowest_bit(x: u32) -> u32 {
+    let mut v = (x & x.wrapping_neg()).wrapping_sub(1);
+    v -= (v >> 1) & 0x5555_5555;
+    v = (v & 0x3333_3333) + ((v >> 2) & 0x3333_3333);
+    ((v + (v >> 4)) & 0x0f0f_0f0f).wrapping_mul(0x0101_0101) >> 24
 }
 
 /// The real id in the listener's ring slot for this tuple (`NO_BACKEND` included).
@@ -87,15 +101,9 @@ fn usable_real(id: u32) -> Result<(u32, &'static RealInfo), Verdict> {
     Ok((id, real))
 }
 
-/// The ring's choice for `tcp`; for a new connection (`syn`) the id was already read (`early`).
 #[inline(always)]
-fn from_ring(tcp: &Tcp4, port: PortInfo, syn: bool, early: u32) -> Result<(u32, &'static RealInfo), Verdict> {
-    usable_real(if syn { early } else { ring_id(listener(tcp, port)?, tcp)? })
-}
-
-#[inline(always)]
-const fn closing_flags(tcp: &Tcp4) -> u32 {
-    if tcp.flags & (TCP_FIN | TCP_RST) != 0 { FLOW_F_CLOSING } else { 0 }
+const fn closing_flag(tcp: &Tcp4) -> u32 {
+    if tcp.flags & (TCP_FIN | TCP_RST) != 0 { FLOW_S_CLOSING } else { 0 }
 }
 
 /// Finds (or makes) the flow entry for `tcp`; `PassNoListener` when it is not for a listener.
@@ -140,41 +148,42 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
             }
         }
     };
-    // A new connection's ring slot is read before the flow table, though it is only used on a
-    // miss: both reads are usually cache misses, and issued back to back they overlap.
+    // The ring's choice is read before the flow table, though it is only used when the table
+    // has no usable entry (a new connection, mostly): both reads are usually cache misses, and
+    // issued back to back they overlap. One place for both keeps the program small for the
+    // verifier, which would otherwise walk the listener search once per way to each.
+    let ring = ring_id(listener(tcp, port)?, tcp)?;
     let syn = tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let early = if syn { ring_id(listener(tcp, port)?, tcp)? } else { NO_BACKEND };
-    if let Some(entry) = FLOWS.get_ptr_mut(&key) {
-        // SAFETY: the pointer is into the map's element, valid for this program run. Another
-        // CPU may rewrite it concurrently with the same kind of value; either write is valid.
-        let FlowValue { real: recorded, flags } = unsafe { *entry };
-        let reopened = flags & FLOW_F_CLOSING != 0 && syn;
-        // The established fast path: no listener lookup, no write unless the client closes.
+    let place = table::place(&key)?;
+    // SAFETY: a helper without arguments.
+    let now = flow_age(unsafe { bpf_jiffies64() });
+    let closing = closing_flag(tcp);
+    if let Some(found) = table::find(&place) {
+        let recorded = found.state & FLOW_S_REAL;
+        let reopened = found.state & FLOW_S_CLOSING != 0 && syn;
+        // The established path: a write only when the client closes or the age moves on
+        // (about once a second).
         if !reopened
             && let Some(real) = REALS.get(recorded)
             && real.usable()
         {
-            let closing = closing_flags(tcp);
-            if closing & !flags != 0 {
-                // SAFETY: as above.
-                unsafe { (*entry).flags = flags | closing };
+            let state = flow_state(recorded, found.state | closing, now);
+            if state != found.state {
+                table::set_state(&place, &found, state);
             }
             fill(recorded, real);
             return Ok(Pick { real_id: recorded, real, new_flow: false });
         }
         // The recorded real went down (or was removed), or a new connection reuses the tuple
-        // of a closed one: pick from the ring and repoint the entry.
-        let (real_id, real) = from_ring(tcp, port, syn, early)?;
-        // SAFETY: as above.
-        unsafe { *entry = FlowValue { real: real_id, flags: closing_flags(tcp) } };
+        // of a closed one: pick from the ring and repoint the slot.
+        let (real_id, real) = usable_real(ring)?;
+        table::set_state(&place, &found, flow_state(real_id, closing, now));
         fill(real_id, real);
         return Ok(Pick { real_id, real, new_flow: true });
     }
-    // A miss: a new connection, or one whose entry was evicted or predates this balancer. Both
+    // A miss: a new connection, or one whose slot was replaced or predates this balancer. Both
     // follow the ring, so a flow whose backend set did not change keeps its broker.
-    let (real_id, real) = from_ring(tcp, port, syn, early)?;
-    // A full LRU evicts, so the insert only fails on allocation failure; the frame is still
-    // forwarded by the ring, which is what the next frame would do too.
-    let _ = FLOWS.insert(&key, &FlowValue { real: real_id, flags: closing_flags(tcp) }, u64::from(BPF_ANY));
+    let (real_id, real) = usable_real(ring)?;
+    table::insert(&place, flow_state(real_id, closing, now), now);
     Ok(Pick { real_id, real, new_flow: true })
 }

@@ -1,13 +1,17 @@
-//! Entry points: the DSR balancer, the floor program benchmarks compare against, and a pass-all
-//! program that the receiving side of a veth pair needs for `XDP_TX` to reach it.
+//! Entry points: the DSR balancer, the floor program benchmarks compare against, a driver that
+//! makes every benchmark run a new flow, and a pass-all program that the receiving side of a
+//! veth pair needs for `XDP_TX` to reach it.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics, asm_experimental_arch)]
+#![expect(internal_features, reason = "the flow table's compare-and-swap: the BPF target has no AtomicU64::compare_exchange")]
 
 mod dsr;
 mod flow;
 mod maps;
 mod parse;
 mod stats;
+mod table;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::reason;
@@ -102,6 +106,39 @@ pub fn xdp_floor(ctx: XdpContext) -> u32 {
         }
     }
     xdp_action::XDP_TX
+}
+
+/// The program `xdp_new_flows` jumps to (slot 0), set by benchmarks and tests.
+#[aya_ebpf::macros::btf_map]
+static NEW_FLOWS_TARGET: aya_ebpf::btf_maps::ProgramArray<1> = aya_ebpf::btf_maps::ProgramArray::new();
+
+/// Runs of `xdp_new_flows` so far: the next client address.
+#[aya_ebpf::macros::btf_map]
+static NEW_FLOWS_SEQ: aya_ebpf::btf_maps::Array<u32, 1> = aya_ebpf::btf_maps::Array::new();
+
+/// A benchmark and test driver, never attached: gives each run's frame a client address no run
+/// had before (IPv4 source at offset 26: an untagged frame), then tail-calls
+/// `NEW_FLOWS_TARGET[0]`. So `BPF_PROG_TEST_RUN` with `repeat` makes every run of the balancer
+/// a new flow, and with the floor as target it measures the driver's own cost.
+#[xdp]
+pub fn xdp_new_flows(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + 30 > ctx.data_end() {
+        return xdp_action::XDP_ABORTED;
+    }
+    let Some(seq) = NEW_FLOWS_SEQ.get_ptr_mut(0) else { return xdp_action::XDP_ABORTED };
+    // SAFETY: bytes 26..30 are inside the frame (checked above), 2-aligned; the counter is a
+    // map value. Concurrent runs on two CPUs may share an address now and then: harmless.
+    unsafe {
+        let n = *seq;
+        *seq = n.wrapping_add(1);
+        let src = (start + 26) as *mut u16;
+        let addr = 0x0b00_0000_u32.wrapping_add(n).to_be_bytes();
+        *src = u16::from_ne_bytes([addr[0], addr[1]]);
+        *src.add(1) = u16::from_ne_bytes([addr[2], addr[3]]);
+        NEW_FLOWS_TARGET.tail_call(&ctx, 0);
+    }
+    xdp_action::XDP_ABORTED
 }
 
 /// Passes everything. Attached to the receiving peer of a veth pair, it makes the kernel deliver

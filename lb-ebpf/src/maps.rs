@@ -5,15 +5,17 @@
 
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FlowCacheEntry, FlowKey, FlowValue,
-    ListenerInfo, MAX_LISTENERS, MAX_VIPS, PORT_SLOTS, PortInfo, REAL_SLOTS, RING_COPIES, RealInfo, VipInfo, reason,
+    Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FlowBucket, FlowCacheEntry, ListenerInfo,
+    MAX_LISTENERS, MAX_VIPS, PORT_SLOTS, PortInfo, REAL_SLOTS, RING_COPIES, RealInfo, VipInfo, flow_table_buckets,
+    reason,
 };
 
-/// Map flags of the maps the controller writes through memory it maps (`lb_common::PortInfo`).
+/// Map flags of the maps the controller reads and writes through memory it maps
+/// (`lb_common::PortInfo`, `lb_common::FLOW_WAYS`).
 const MMAPABLE: usize = BPF_F_MMAPABLE as usize;
 
 /// Listener id to where it listens and its active ring copy.
@@ -39,12 +41,15 @@ pub static RINGS: Array<
     { (MAX_LISTENERS * RING_COPIES * DEFAULT_RING_SIZE) as usize },
 > = Array::new();
 
-/// Connection table: 4-tuple to real, shared by all CPUs (a flow seen on two CPUs has one
-/// backend). The common LRU: each CPU takes free entries from a local list refilled 128 at a
-/// time. The per-CPU LRU variant (`BPF_F_NO_COMMON_LRU`) rotates its lists on every insert,
-/// touching up to eight old entries, and measured twice the insert cost under load in the lab.
+/// The flow table (`lb_common::FLOW_WAYS`): 4-tuple to real, shared by all CPUs (a flow seen
+/// on two CPUs has one backend).
 #[btf_map]
-pub static FLOWS: LruHashMap<FlowKey, FlowValue, { DEFAULT_FLOW_TABLE_SIZE as usize }> = LruHashMap::new();
+pub static FLOWS: Array<FlowBucket, { flow_table_buckets(DEFAULT_FLOW_TABLE_SIZE) as usize }, MMAPABLE> = Array::new();
+
+/// The seed of the flow table's bucket hash (`lb_common::flow_buckets`), written by the
+/// controller when it makes the table and pinned with it.
+#[btf_map]
+pub static FLOW_SEED: Array<u64, 1> = Array::new();
 
 /// Per-CPU direct-mapped cache in front of `FLOWS` (see `lb_common::FlowCacheEntry`). Not
 /// pinned: each loaded program instance starts with an empty one.

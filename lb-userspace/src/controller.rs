@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use lb_common::{FLOW_F_CLOSING, NO_BACKEND, flow_hash, real_backend, real_id, reason, ring_slot, source_hash};
+use lb_common::{NO_BACKEND, flow_hash, real_backend, real_id, reason, ring_slot, source_hash};
 use serde_json::{Value, json};
 use tokio::{sync::mpsc, task::JoinHandle};
 
@@ -93,8 +93,9 @@ pub struct Controller {
     rates: BTreeMap<u32, (f64, f64)>,
     /// Set by `dsrlb stop`: detach and unpin on the way out.
     stopping: bool,
-    /// Live flows per real, from the last flow-table walk (a walk is one syscall per entry, so
-    /// metric scrapes reuse one up to [`FLOW_WALK_EVERY`] old; `dsrlb status` always walks).
+    /// Live flows per real, from the last flow-table walk (a walk reads the whole mapped table,
+    /// 16 MB at the default size, so metric scrapes reuse one up to [`FLOW_WALK_EVERY`] old;
+    /// `dsrlb status` always walks).
     live_flows: Option<(Instant, BTreeMap<u32, usize>)>,
 }
 
@@ -161,7 +162,7 @@ impl Controller {
                 h.restore(*state);
             }
         }
-        let before = if start == dataplane::Start::Adopted { c.dp.flow_count().ok() } else { None };
+        let before = if start == dataplane::Start::Adopted { Some(c.dp.flow_count()) } else { None };
         c.apply().context("filling the maps")?;
         c.dp.attach_pinned_link(&c.config.interface, dataplane::xdp_mode(c.config.xdp_mode), &c.opts.pin_dir)?;
         match start {
@@ -409,20 +410,20 @@ impl Controller {
     }
 
     /// Live flows per real: a fresh walk, or with `cached` one at most [`FLOW_WALK_EVERY`] old.
-    fn live_flows(&mut self, cached: bool) -> anyhow::Result<BTreeMap<u32, usize>> {
+    fn live_flows(&mut self, cached: bool) -> BTreeMap<u32, usize> {
         match &self.live_flows {
-            Some((at, flows)) if cached && at.elapsed() < FLOW_WALK_EVERY => Ok(flows.clone()),
+            Some((at, flows)) if cached && at.elapsed() < FLOW_WALK_EVERY => flows.clone(),
             _ => {
-                let flows = self.dp.flows_per_real()?;
+                let flows = self.dp.flows_per_real();
                 self.live_flows = Some((Instant::now(), flows.clone()));
-                Ok(flows)
+                flows
             }
         }
     }
 
     /// Everything `dsrlb status` shows.
     fn status(&mut self) -> anyhow::Result<Value> {
-        let flows = self.live_flows(false)?;
+        let flows = self.live_flows(false);
         let stats = &self.sample.1;
         let cfg = self.effective_config();
         let mut listeners = Vec::new();
@@ -480,9 +481,9 @@ impl Controller {
         }))
     }
 
-    fn metrics(&mut self) -> anyhow::Result<crate::metrics::Snapshot> {
+    fn metrics(&mut self) -> crate::metrics::Snapshot {
         use crate::metrics::{PairSample, Snapshot};
-        let flows = self.live_flows(true)?;
+        let flows = self.live_flows(true);
         let stats = &self.sample.1;
         let mut s = Snapshot { flow_table_entries: flows.values().sum::<usize>() as u64, ..Snapshot::default() };
         for l in &self.config.listeners {
@@ -506,7 +507,7 @@ impl Controller {
             }
         }
         s.verdicts = reason::LABELS.iter().zip(&stats.verdicts).map(|((v, r), n)| ((*v).to_owned(), (*r).to_owned(), *n)).collect();
-        Ok(s)
+        s
     }
 
     /// Which backend a flow is pinned to, or would get (Katran's getRealForFlow).
@@ -521,11 +522,12 @@ impl Controller {
             .with_context(|| format!("no listener on {vip}"))?;
         let lid = self.ids.listeners[&l.name];
         let name_of = |bid: u32| self.ids.backends.iter().find(|(_, v)| **v == bid).map(|(k, _)| k.clone());
-        if let Some(v) = self.dp.flow(*client.ip(), client.port(), *vip.ip(), vip.port())? {
+        let buckets = self.dp.flow_buckets(*client.ip(), client.port(), *vip.ip(), vip.port());
+        if let Some(f) = self.dp.flow(*client.ip(), client.port(), *vip.ip(), vip.port()) {
             let cached = self.dp.cached_flow(*client.ip(), client.port(), *vip.ip(), vip.port())?.len();
             return Ok(json!({
-                "listener": l.name, "backend": name_of(real_backend(v.real)),
-                "source": "flow table", "closing": v.flags & FLOW_F_CLOSING != 0, "cached_cpus": cached,
+                "listener": l.name, "backend": name_of(real_backend(f.real())),
+                "source": "flow table", "closing": f.closing(), "cached_cpus": cached, "buckets": buckets,
             }));
         }
         let wire = |p: u16| u16::from_ne_bytes(p.to_be_bytes());
@@ -549,7 +551,7 @@ impl Controller {
             Request::Weight { backend, weight } => self.set_weight(&backend, weight).map(Value::from),
             Request::Reload => self.reload_logged().map(Value::from),
             Request::Flow { client, vip } => self.flow(&client, &vip),
-            Request::Metrics => self.metrics().and_then(crate::metrics::render).map(Value::from),
+            Request::Metrics => crate::metrics::render(self.metrics()).map(Value::from),
             Request::Stop => {
                 self.stopping = true;
                 Ok(Value::from(format!("stopping: detaching and removing the pins in {}", self.opts.pin_dir.display())))

@@ -17,13 +17,17 @@ use aya::{
     },
 };
 use lb_common::{
-    Counters, FLOW_CACHE_VALID, FLOW_F_CLOSING, FlowCacheEntry, FlowKey, FlowValue, LISTENER_F_HASH_SOURCE,
+    Counters, FLOW_CACHE_VALID, FlowCacheEntry, FlowKey, LISTENER_F_HASH_SOURCE,
     ListenerInfo, MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND, PORT_SLOTS, PortInfo, REAL_F_ACTIVE, REAL_F_DOWN,
     REAL_SLOTS, RING_COPIES, RealInfo, VipInfo, flow_cache_slot, map_names as names, real_backend, real_id,
-    real_listener, reason, ring_base,
+    flow_table_buckets, real_listener, reason, ring_base,
 };
 
-use crate::{EBPF_OBJ, mapped::Mapped};
+use crate::{
+    EBPF_OBJ,
+    flow_table::{Flow, FlowTable},
+    mapped::Mapped,
+};
 
 /// Sizes fixed when the object is loaded.
 #[derive(Clone, Copy, Debug)]
@@ -121,13 +125,14 @@ impl Stats {
 }
 
 /// Every map of the object, in the order they are pinned and unpinned.
-pub const MAP_NAMES: [&str; 8] = [
+pub const MAP_NAMES: [&str; 9] = [
     names::LISTENERS,
     names::LISTEN_PORTS,
     names::VIPS,
     names::REALS,
     names::RINGS,
     names::FLOWS,
+    names::FLOW_SEED,
     names::VERDICT_STATS,
     names::REAL_STATS,
 ];
@@ -162,6 +167,7 @@ pub struct Dataplane {
     /// `LISTENERS` and `LISTEN_PORTS`, mapped: each value is one word, written with one store.
     listeners: Mapped,
     ports: Mapped,
+    flows: FlowTable,
     ring_size: u32,
     written: Written,
     /// The flow cache generation, written into every used `LISTEN_PORTS` slot.
@@ -185,10 +191,18 @@ impl Dataplane {
             .checked_mul(RING_COPIES)
             .and_then(|n| n.checked_mul(opts.ring_size))
             .context("ring_size too large for the rings map")?;
+        ensure!(
+            cfg!(target_arch = "x86_64"),
+            "the flow table's lock-free slot protocol relies on x86-64 memory ordering; this is {}",
+            std::env::consts::ARCH
+        );
+        let buckets = flow_table_buckets(opts.flow_table_size);
+        let bucket_mask = buckets - 1;
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(names::RINGS, ring_entries)
-            .map_max_entries(names::FLOWS, opts.flow_table_size)
+            .map_max_entries(names::FLOWS, buckets)
+            .override_global("FLOW_BUCKET_MASK", &bucket_mask, true)
             .override_global("RING_SIZE", &opts.ring_size, true)
             .override_global("FLOOR_DST_MAC", &opts.floor_dst_mac, true);
         if let Some(dir) = pin_dir {
@@ -198,7 +212,7 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(EBPF_OBJ).context("loading the XDP object (maps and programs)")?;
-        for name in ["dsrlb", "xdp_floor", "xdp_pass"] {
+        for name in ["dsrlb", "xdp_floor", "xdp_pass", "xdp_new_flows"] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
@@ -208,9 +222,9 @@ impl Dataplane {
         if pin_dir.is_some() {
             // Pinned maps keep the size they were made with; a different config size would be
             // silently ignored, so refuse it.
-            for (name, want) in [(names::RINGS, ring_entries), (names::FLOWS, opts.flow_table_size)] {
+            for (name, want) in [(names::RINGS, ring_entries), (names::FLOWS, buckets)] {
                 let have = match ebpf.map(name) {
-                    Some(aya::maps::Map::Array(m) | aya::maps::Map::LruHashMap(m)) => m.info()?.max_entries(),
+                    Some(aya::maps::Map::Array(m)) => m.info()?.max_entries(),
                     _ => bail!("map {name} has an unexpected type"),
                 };
                 ensure!(
@@ -225,10 +239,12 @@ impl Dataplane {
             _ => bail!("map {name} is missing or not an array"),
         };
         let (listeners, ports) = (mapped(names::LISTENERS)?, mapped(names::LISTEN_PORTS)?);
+        let flows = FlowTable::new(mapped(names::FLOWS)?, flow_seed(&mut ebpf)?);
         Ok(Self {
             ebpf,
             listeners,
             ports,
+            flows,
             ring_size: opts.ring_size,
             written: Written::default(),
             generation: 0,
@@ -358,10 +374,10 @@ impl Dataplane {
         self.ring_size
     }
 
-    /// One of `dsrlb`, `xdp_floor`, `xdp_pass`.
+    /// One of `dsrlb`, `xdp_floor`, `xdp_pass`, `xdp_new_flows`.
     ///
     /// # Panics
-    /// On another name: the three are always in the object.
+    /// On another name: the four are always in the object.
     #[must_use]
     pub fn program(&self, name: &str) -> &Xdp {
         self.ebpf.program(name).and_then(|p| p.try_into().ok()).expect("program in the object")
@@ -484,7 +500,7 @@ impl Dataplane {
             if let Some(old) = current
                 && (old.vip_be, old.port_be) != (vip_be, port_be)
             {
-                report.flows_purged += self.purge_flows(old.vip_be, old.port_be)?;
+                report.flows_purged += self.purge_flows(old.vip_be, old.port_be);
             }
         }
 
@@ -494,7 +510,7 @@ impl Dataplane {
             let old = self.written.listeners[&id];
             self.listeners.store(id, 0, ListenerInfo::default().to_word());
             self.written.listeners.remove(&id);
-            report.flows_purged += self.purge_flows(old.vip_be, old.port_be)?;
+            report.flows_purged += self.purge_flows(old.vip_be, old.port_be);
         }
 
         // 4. Listener ports, tagged with the flow cache generation, and VIPs (for fragments).
@@ -556,17 +572,10 @@ impl Dataplane {
         self.written.ports = want;
     }
 
-    /// Deletes the flow entries of a listener that no longer exists at `key`: established
-    /// flows skip the listener lookup, so they would otherwise keep being forwarded.
-    fn purge_flows(&mut self, vip_be: u32, port_be: u16) -> anyhow::Result<usize> {
-        let mut map: HashMap<&mut MapData, FlowKey, FlowValue> = map_mut(&mut self.ebpf, names::FLOWS)?;
-        let stale: Vec<FlowKey> =
-            map.keys().filter_map(Result::ok).filter(|k| k.dst_be == vip_be && k.dport_be == port_be).collect();
-        for k in &stale {
-            // Already gone (evicted meanwhile) is fine.
-            let _ = map.remove(k);
-        }
-        Ok(stale.len())
+    /// Deletes the flows of a listener that no longer exists at (`vip_be`, `port_be`):
+    /// established flows skip the listener lookup, so they would otherwise keep being forwarded.
+    fn purge_flows(&self, vip_be: u32, port_be: u16) -> usize {
+        self.flows.remove_where(|f| f.key.dst_be == vip_be && f.key.dport_be == port_be)
     }
 
     /// Reads every counter, summed over CPUs.
@@ -598,17 +607,39 @@ impl Dataplane {
         Ok(Stats { verdicts, reals })
     }
 
-    /// The real a flow is pinned to in the flow table, if any, with its flags.
+    /// Points the driver `xdp_new_flows` at program `target` (`dsrlb` or `xdp_floor`).
     ///
     /// # Errors
-    /// When the map read fails for a reason other than a missing key.
-    pub fn flow(&self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> anyhow::Result<Option<FlowValue>> {
-        let map: HashMap<&MapData, FlowKey, FlowValue> = self.map_ref(names::FLOWS)?;
-        match map.get(&flow_key(src, sport, dst, dport), 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e).context("reading the flow table"),
-        }
+    /// When the program array refuses the program.
+    pub fn new_flows_target(&mut self, target: &str) -> anyhow::Result<()> {
+        let fd = self.program(target).fd()?.try_clone()?;
+        let mut map: aya::maps::ProgramArray<&mut MapData> = map_mut(&mut self.ebpf, "NEW_FLOWS_TARGET")?;
+        map.set(0, &fd, 0).with_context(|| format!("pointing xdp_new_flows at {target}"))?;
+        Ok(())
+    }
+
+    /// The flow table's slot for a client tuple, if it holds one.
+    #[must_use]
+    pub fn flow(&self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Option<Flow> {
+        self.flows.find(&flow_key(src, sport, dst, dport))
+    }
+
+    /// The two flow table buckets a client tuple may live in.
+    #[must_use]
+    pub fn flow_buckets(&self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> [u32; 2] {
+        self.flows.buckets_of(&flow_key(src, sport, dst, dport))
+    }
+
+    /// Buckets in the flow table.
+    #[must_use]
+    pub const fn flow_table_buckets(&self) -> u32 {
+        self.flows.buckets()
+    }
+
+    /// The flow table, for tests that look at or set single slots.
+    #[must_use]
+    pub const fn flow_table(&self) -> &FlowTable {
+        &self.flows
     }
 
     /// The valid `FLOW_CACHE` entries of a client tuple, one per CPU that has it cached, with
@@ -624,42 +655,60 @@ impl Dataplane {
         Ok(values.iter().filter(|e| e.key == key && e.tag == tag).copied().collect())
     }
 
-    /// Deletes one flow entry the way LRU eviction does: the per-CPU flow caches are left
-    /// alone. Tests use it to tell which of the two served a frame.
+    /// Deletes one flow the way a replacement in the table does: the per-CPU flow caches are
+    /// left alone. Tests use it to tell which of the two served a frame.
     ///
     /// # Errors
-    /// When the entry does not exist or the delete fails.
+    /// When the table does not hold the flow.
     pub fn evict_flow(&mut self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> anyhow::Result<()> {
-        let mut map: HashMap<&mut MapData, FlowKey, FlowValue> = map_mut(&mut self.ebpf, names::FLOWS)?;
-        map.remove(&flow_key(src, sport, dst, dport)).context("deleting a flow entry")
+        ensure!(self.flows.remove(&flow_key(src, sport, dst, dport)), "no flow {src}:{sport} -> {dst}:{dport} in the table");
+        Ok(())
     }
 
-    /// Number of entries in the flow table, closing ones included (a full walk).
-    ///
-    /// # Errors
-    /// When the walk fails.
-    pub fn flow_count(&self) -> anyhow::Result<usize> {
-        let map: HashMap<&MapData, FlowKey, FlowValue> = self.map_ref(names::FLOWS)?;
-        Ok(map.keys().flatten().count())
+    /// Slots in use in the flow table, closing flows included (a walk of the table).
+    #[must_use]
+    pub fn flow_count(&self) -> usize {
+        let mut n = 0;
+        self.flows.walk(|_| n += 1);
+        n
     }
 
-    /// How many live (not closing) flow entries point at each real.
-    ///
-    /// # Errors
-    /// When the walk fails.
-    pub fn flows_per_real(&self) -> anyhow::Result<BTreeMap<u32, usize>> {
-        let map: HashMap<&MapData, FlowKey, FlowValue> = self.map_ref(names::FLOWS)?;
+    /// Every slot in use in the flow table (a walk of the table).
+    #[must_use]
+    pub fn flows(&self) -> Vec<Flow> {
+        let mut all = Vec::new();
+        self.flows.walk(|f| all.push(*f));
+        all
+    }
+
+    /// How many live (not closing) flows point at each real (a walk of the table).
+    #[must_use]
+    pub fn flows_per_real(&self) -> BTreeMap<u32, usize> {
         let mut out = BTreeMap::new();
-        for entry in &map {
-            // An entry evicted during the walk ends it early on some kernels; what was counted
-            // stands.
-            let Ok((_, v)) = entry else { break };
-            if v.flags & FLOW_F_CLOSING == 0 {
-                *out.entry(v.real).or_default() += 1;
+        self.flows.walk(|f| {
+            if !f.closing() {
+                *out.entry(f.real()).or_default() += 1;
             }
-        }
-        Ok(out)
+        });
+        out
     }
+}
+
+/// The flow table's hash seed: read from `FLOW_SEED`, or, for a table just made (the map holds
+/// zero), drawn from the kernel's random source and written there.
+fn flow_seed(ebpf: &mut Ebpf) -> anyhow::Result<u64> {
+    let mut map: Array<&mut MapData, u64> = map_mut(ebpf, names::FLOW_SEED)?;
+    let seed = map.get(&0, 0).context("reading FLOW_SEED")?;
+    if seed != 0 {
+        return Ok(seed);
+    }
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    ensure!(n == 8, "getrandom: {}", std::io::Error::last_os_error());
+    let seed = u64::from_ne_bytes(bytes) | 1;
+    map.set(0, seed, 0).context("writing FLOW_SEED")?;
+    Ok(seed)
 }
 
 fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<T>

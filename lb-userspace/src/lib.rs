@@ -4,6 +4,7 @@ pub mod config;
 pub mod control;
 pub mod controller;
 pub mod dataplane;
+pub mod flow_table;
 pub mod health;
 pub mod maglev;
 pub mod mapped;

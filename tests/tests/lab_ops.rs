@@ -52,6 +52,13 @@ fn churn(lab: &LabGuard, stop: &AtomicBool, made: &AtomicUsize, failed: &AtomicU
     .expect("client namespace");
 }
 
+/// `dsrlb flow --json` for a held session.
+fn flow_of(lb: &Balancer, c: &MqttConn) -> serde_json::Value {
+    let (ok, out, err) = lb.cli(&["flow", &c.local.to_string(), &format!("{VIP}:1883"), "--json"]);
+    assert!(ok, "{err}");
+    serde_json::from_str(&out).expect("flow JSON")
+}
+
 fn link_prog_id(lb: &Balancer) -> u64 {
     let out = Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(lb.pin_dir.join("link")).output().expect("bpftool");
     assert!(out.status.success(), "bpftool link show: {}", String::from_utf8_lossy(&out.stderr));
@@ -82,6 +89,9 @@ fn sessions_survive(replace: impl FnOnce(&mut Balancer, &LabGuard)) -> (u64, u64
     // (a fresh one would hold only the churn's), so nothing was re-hashed.
     let s = lb.status();
     assert!(s["flow_table_entries"].as_u64().expect("flows") >= 2000, "{s}");
+    // And it is still read with the seed it was filled with: a held flow is found in it.
+    let f = flow_of(&lb, &held[0]);
+    assert_eq!(f["source"], "flow table", "{f}");
     ping_all(&mut held);
     let prog_after = link_prog_id(&lb);
     (prog_before, prog_after)
@@ -125,10 +135,7 @@ fn cli_status_flow_and_its_errors() {
     let v = lb.status();
     assert_eq!(v["flows_per_backend"]["b1"].as_u64().unwrap_or(0) + v["flows_per_backend"]["b2"].as_u64().unwrap_or(0), 20);
     // `dsrlb flow` names the broker that really holds the session.
-    let c = &held[0];
-    let (ok, out, err) = lb.cli(&["flow", &c.local.to_string(), &format!("{VIP}:1883"), "--json"]);
-    assert!(ok, "{err}");
-    let f: serde_json::Value = serde_json::from_str(&out).expect("flow JSON");
+    let f = flow_of(&lb, &held[0]);
     let b = lab.broker_of("cli-0").expect("logged");
     assert_eq!(f["backend"], format!("b{}", b + 1), "{f}");
     assert_eq!(f["source"], "flow table");
@@ -157,23 +164,41 @@ fn cli_status_flow_and_its_errors() {
 fn bpftool_dumps_maps_with_field_names() {
     require_root!();
     let lab = LabGuard::up(2);
-    let _lb = Balancer::start(&lab, &lab.config("check = \"none\""));
-    let _held = hold(&lab, "bt", 4);
+    let lb = Balancer::start(&lab, &lab.config("check = \"none\""));
+    let held = hold(&lab, "bt", 4);
+    let bpftool = |args: &[&str]| {
+        let out = Command::new("bpftool").args(args).output().expect("bpftool");
+        assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
     for (map, fields) in [
         ("LISTENERS", &["vip_be", "port_be", "flags", "ring_copy"][..]),
         ("LISTEN_PORTS", &["tag", "listeners"][..]),
         ("REALS", &["dst_mac", "src_mac", "flags"][..]),
-        ("FLOWS", &["src_be", "dport_be", "real"][..]),
         ("REAL_STATS", &["packets", "bytes", "new_flows"][..]),
         ("VIPS", &["listeners"][..]),
     ] {
-        let out = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(lab.pin_dir().join(map)).output().expect("bpftool");
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "bpftool map dump {map}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = bpftool(&["map", "dump", "pinned", lab.pin_dir().join(map).to_str().expect("UTF-8")]);
         for f in fields {
             assert!(text.contains(&format!("\"{f}\"")), "{map}: no field {f} in\n{text}");
         }
     }
+    // The flow table is half a million buckets: look up the two a held flow may live in, as
+    // `dsrlb flow` names them, and find the flow's client port in one.
+    let f = flow_of(&lb, &held[0]);
+    let port_be = held[0].local.port().to_be();
+    let flows = lab.pin_dir().join("FLOWS");
+    let found = f["buckets"].as_array().expect("buckets").iter().any(|b| {
+        let key: Vec<String> = b.as_u64().expect("bucket").to_le_bytes()[..4].iter().map(u8::to_string).collect();
+        let mut args = vec!["map", "lookup", "pinned", flows.to_str().expect("UTF-8"), "key"];
+        args.extend(key.iter().map(String::as_str));
+        let text = bpftool(&args);
+        for field in ["slots", "src_be", "dst_be", "sport_be", "dport_be", "state"] {
+            assert!(text.contains(&format!("\"{field}\"")), "FLOWS: no field {field} in\n{text}");
+        }
+        text.contains(&format!("\"sport_be\": {port_be}"))
+    });
+    assert!(found, "the held flow is in neither of its buckets: {f}");
 }
 
 fn scrape(lab: &LabGuard) -> String {

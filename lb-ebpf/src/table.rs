@@ -1,0 +1,229 @@
+//! The flow table (`lb_common::FLOW_WAYS` says how it works): find a 4-tuple's slot in its two
+//! buckets, change a slot's state, insert a flow.
+
+use core::intrinsics::{
+    AtomicOrdering::{Relaxed, SeqCst},
+    atomic_cxchg,
+};
+
+use lb_common::{FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_LIVE, FLOW_WAYS, FlowBucket, FlowKey, flow_buckets};
+
+use crate::{
+    Verdict,
+    maps::{FLOW_SEED, FLOWS},
+};
+
+/// Buckets in the table less one; set by the loader from `flow_table_size`.
+#[unsafe(no_mangle)]
+static FLOW_BUCKET_MASK: u32 = lb_common::flow_table_buckets(lb_common::DEFAULT_FLOW_TABLE_SIZE) - 1;
+
+/// A flow's key as a slot holds it, and its two buckets.
+pub struct Place {
+    addrs: u64,
+    ports: u32,
+    buckets: [*mut FlowBucket; 2],
+}
+
+/// A slot that holds the key, and the state read there.
+pub struct Found {
+    meta: *mut u64,
+    pub state: u32,
+}
+
+/// The slot's two words: addresses, then ports and state.
+#[inline(always)]
+fn words(bucket: *mut FlowBucket, way: usize) -> (*mut u64, *mut u64) {
+    // SAFETY: `way < FLOW_WAYS`; a 16-byte slot is two 8-aligned words (bucket values are
+    // 8-aligned, and page-aligned in an mmapable map).
+    unsafe {
+        let word = (&raw mut (*bucket).slots).cast::<u64>().add(way * 2);
+        (word, word.add(1))
+    }
+}
+
+#[inline(always)]
+const fn meta_word(ports: u32, state: u32) -> u64 {
+    // SAFETY: integers to an integer of the same size, in the slot's memory order.
+    unsafe { core::mem::transmute::<[u32; 2], u64>([ports, state]) }
+}
+
+#[inline(always)]
+const fn split_meta(meta: u64) -> (u32, u32) {
+    // SAFETY: as above.
+    let [ports, state] = unsafe { core::mem::transmute::<u64, [u32; 2]>(meta) };
+    (ports, state)
+}
+
+/// Where `key` lives.
+#[inline(always)]
+pub fn place(key: &FlowKey) -> Result<Place, Verdict> {
+    let seed = FLOW_SEED.get(0).copied().ok_or(Verdict::DropInternal)?;
+    // SAFETY: a plain read of a loader-set constant; volatile so the default is not folded in.
+    let mask = unsafe { core::ptr::read_volatile(&raw const FLOW_BUCKET_MASK) };
+    let [left, right] = flow_buckets(key, seed, mask);
+    let (addrs, ports) = key.words();
+    Ok(Place {
+        addrs,
+        ports,
+        buckets: [
+            FLOWS.get_ptr_mut(left).ok_or(Verdict::DropInternal)?,
+            FLOWS.get_ptr_mut(right).ok_or(Verdict::DropInternal)?,
+        ],
+    })
+}
+
+/// `x`, hidden from the optimiser. The slot arithmetic below is branch-free, so the verifier
+/// walks one path through it whatever the slots hold and the CPU has no data-dependent jump to
+/// mispredict. Left alone, LLVM turns it back into compares and selects, and the BPF
+/// instruction set has no conditional move, so every select becomes a jump (measured: the
+/// verifier then processes 31,000 instructions of the program instead of 21,000).
+#[inline(always)]
+fn opaque(mut x: u64) -> u64 {
+    // SAFETY: one register move onto itself. (An empty sequence would leave two line-info
+    // records at one instruction, which the kernel refuses.)
+    unsafe { core::arch::asm!("{0} = {0}", inout(reg) x, options(pure, nomem, nostack, preserves_flags)) };
+    x
+}
+
+/// 1 when `x` is zero, else 0, without a branch.
+#[inline(always)]
+fn is_zero(x: u64) -> u64 {
+    (opaque(x | x.wrapping_neg()) >> 63) ^ 1
+}
+
+/// The way of the lowest set bit of a non-zero 4-bit mask, by table lookup in a constant (two
+/// bits per mask value) rather than by branches.
+#[inline(always)]
+const fn lowest_way(mask: u32) -> usize {
+    // ctz(m) for m = 0..16, two bits each: 0 (m=0, unused), 0, 1, 0, 2, 0, 1, 0, 3, 0, 1, 0, 2, 0, 1, 0.
+    const CTZ4: u32 = 0x1213_1210;
+    ((CTZ4 >> ((mask & 0xf) * 2)) & 3) as usize
+}
+
+/// Bits of a slot's second word that an update of the same flow changes: its age and its
+/// closing mark (`set_state` from the established path).
+const REFRESHED: u64 = ((0xffff << FLOW_S_AGE_SHIFT) | FLOW_S_CLOSING as u64) << 32;
+
+/// The slot in `bucket` holding the key. The four slots are compared by arithmetic, so the
+/// verifier sees one way through whatever they hold; only the slot found is read again.
+#[inline(always)]
+fn find_in(bucket: *mut FlowBucket, p: &Place) -> Option<Found> {
+    let mut hits = 0u32;
+    let mut first = [0u64; FLOW_WAYS];
+    for (way, seen) in first.iter_mut().enumerate() {
+        let (addrs, meta) = words(bucket, way);
+        // SAFETY: both words are inside the map value. Per slot: state, then addresses; for the
+        // slot found, the state once more below.
+        let (m, a) = unsafe { (core::ptr::read_volatile(meta), core::ptr::read_volatile(addrs)) };
+        *seen = m;
+        let (ports, state) = split_meta(m);
+        let differs = (a ^ p.addrs) | u64::from(ports ^ p.ports) | u64::from((state & FLOW_S_LIVE) ^ FLOW_S_LIVE) | is_zero(u64::from(!state));
+        #[expect(clippy::cast_possible_truncation, reason = "0 or 1")]
+        let hit = is_zero(differs) as u32;
+        hits |= hit << way;
+    }
+    if hits == 0 {
+        return None;
+    }
+    let way = lowest_way(hits);
+    let (_, meta) = words(bucket, way);
+    let m = first[0] & way_mask(way, 0) | first[1] & way_mask(way, 1) | first[2] & way_mask(way, 2) | first[3] & way_mask(way, 3);
+    // SAFETY: inside the map value. The slot held the key when its addresses were read if its
+    // state word is the same now, or differs only by what an update of this flow writes (another
+    // CPU refreshing its age meanwhile): a writer that replaces the flow swaps in BUSY first.
+    let again = unsafe { core::ptr::read_volatile(meta) };
+    if (again ^ m) & !REFRESHED != 0 {
+        return None;
+    }
+    Some(Found { meta, state: split_meta(again).1 })
+}
+
+/// All ones when `way == of`, else zero.
+#[inline(always)]
+fn way_mask(way: usize, of: usize) -> u64 {
+    is_zero((way ^ of) as u64).wrapping_neg()
+}
+
+/// The slot holding the key, if any.
+#[inline(always)]
+pub fn find(p: &Place) -> Option<Found> {
+    find_in(p.buckets[0], p).or_else(|| find_in(p.buckets[1], p))
+}
+
+/// Changes a found slot's state, unless another writer changed the slot since it was read (then
+/// theirs stands: a newer age, a replaced flow).
+#[inline(always)]
+pub fn set_state(p: &Place, found: &Found, state: u32) {
+    // SAFETY: an 8-aligned word inside the map value.
+    let _ = unsafe { atomic_cxchg::<u64, { SeqCst }, { Relaxed }>(found.meta, meta_word(p.ports, found.state), meta_word(p.ports, state)) };
+}
+
+/// How good a slot is to take, from its state word: a free one above all (more so in the
+/// emptier bucket, and the left on a tie: d-left hashing), then a closing flow, then an open
+/// one, older above newer; one a writer holds scores 0. By arithmetic, without branches.
+#[inline(always)]
+fn score(meta: u64, now: u32, free_in_bucket: u64, left: u64) -> u64 {
+    let st = split_meta(meta).1;
+    let live = ((st & FLOW_S_LIVE) >> FLOW_S_LIVE.trailing_zeros()) as u64;
+    let closing = ((st & FLOW_S_CLOSING) >> FLOW_S_CLOSING.trailing_zeros()) as u64;
+    let idle = (now.wrapping_sub(st >> FLOW_S_AGE_SHIFT) & 0xffff) as u64;
+    let taken = 1 + idle + (closing << 16);
+    let free = (1 << 20) + free_in_bucket * 2 + left;
+    (live * taken + (live ^ 1) * free) * (is_zero(!st as u64) ^ 1)
+}
+
+/// Inserts the flow with `state`: into a free slot of the emptier bucket, else over the least
+/// recently used slot of the eight, closing flows first. Gives up when another writer changes
+/// that slot first; the frame is forwarded all the same and the flow's next frame inserts it.
+#[inline(always)]
+pub fn insert(p: &Place, state: u32, now: u32) {
+    let mut metas = [[0u64; FLOW_WAYS]; 2];
+    for (half, row) in metas.iter_mut().enumerate() {
+        for (way, m) in row.iter_mut().enumerate() {
+            // SAFETY: inside the map value.
+            *m = unsafe { core::ptr::read_volatile(words(p.buckets[half], way).1) };
+        }
+    }
+    let free = |row: &[u64; FLOW_WAYS]| row.iter().map(|&m| u64::from((split_meta(m).1 >> FLOW_S_LIVE.trailing_zeros()) & 1 ^ 1)).sum::<u64>();
+    let frees = [free(&metas[0]), free(&metas[1])];
+    // The best (score, half, way), packed so that one maximum picks it; the maximum by
+    // arithmetic too, so the choice is one value rather than a path per slot.
+    let mut best = 0u64;
+    for (half, row) in metas.iter().enumerate() {
+        for (way, &m) in row.iter().enumerate() {
+            let candidate = score(m, now, frees[half], (half ^ 1) as u64) << 3 | (half << 2 | way) as u64;
+            let keep = (opaque(candidate.wrapping_sub(best)) >> 63).wrapping_neg();
+            best = best & keep | candidate & !keep;
+        }
+    }
+    if best >> 3 == 0 {
+        return;
+    }
+    let way = (best & 3) as usize;
+    if best & 4 == 0 {
+        claim(p, 0, way, best >> 3, frees[0], state, now);
+    } else {
+        claim(p, 1, way, best >> 3, frees[1], state, now);
+    }
+}
+
+/// Takes slot `way` of bucket `half` if it still scores what it was chosen for, and writes the
+/// flow there.
+#[inline(always)]
+fn claim(p: &Place, half: usize, way: usize, chosen: u64, free: u64, state: u32, now: u32) {
+    let (addrs, meta) = words(p.buckets[half], way);
+    // SAFETY: 8-aligned words inside the map value. Claim the slot (it must still hold what was
+    // read), write the addresses, then publish the state. A plain store publishes: x86-64 makes
+    // stores visible in program order, so no reader sees the state before the addresses.
+    unsafe {
+        let old = core::ptr::read_volatile(meta);
+        if score(old, now, free, (half ^ 1) as u64) != chosen {
+            return;
+        }
+        if !atomic_cxchg::<u64, { SeqCst }, { Relaxed }>(meta, old, meta_word(0, FLOW_S_BUSY)).1 {
+            return;
+        }
+        core::ptr::write_volatile(addrs, p.addrs);
+        core::ptr::write_volatile(meta, meta_word(p.ports, state));
+    }
+}
