@@ -54,11 +54,30 @@ pub struct ListenerInfo {
 /// `ListenerInfo::flags`: pick by the source address alone (`hash = "source"`).
 pub const LISTENER_F_HASH_SOURCE: u8 = 1;
 
-/// Index of slot 0 of ring copy `copy` of listener `id` in `RINGS`.
+/// Ring slots per `RINGS` entry: four 16-bit real ids in one 8-byte value. An array map
+/// spends at least 8 bytes on every value, so one 32-bit id per entry would take four times
+/// the memory, and four times the cache a new flow's ring read competes for.
+pub const RING_SLOTS_PER_ENTRY: u32 = 4;
+
+/// A `RINGS` entry: the real ids of four consecutive ring slots, [`RING_NONE`] for none.
+pub type RingEntry = [u16; RING_SLOTS_PER_ENTRY as usize];
+
+/// A ring slot that names no real: the listener has no usable backend.
+pub const RING_NONE: u16 = u16::MAX;
+const _: () = assert!(REAL_SLOTS <= RING_NONE as u32, "a real id fits a ring slot");
+
+/// `RINGS` entries of one ring copy.
+#[inline(always)]
+#[must_use]
+pub const fn ring_entries(ring_size: u32) -> u32 {
+    ring_size.div_ceil(RING_SLOTS_PER_ENTRY)
+}
+
+/// Index of the entry holding slot 0 of ring copy `copy` of listener `id` in `RINGS`.
 #[inline(always)]
 #[must_use]
 pub const fn ring_base(id: u32, copy: u32, ring_size: u32) -> u32 {
-    (id * RING_COPIES + copy) * ring_size
+    (id * RING_COPIES + copy) * ring_entries(ring_size)
 }
 
 /// Value of `LISTEN_PORTS`, indexed by the port's wire value read as a native integer. Eight

@@ -5,7 +5,8 @@
 use aya_ebpf::helpers::bpf_jiffies64;
 use lb_common::{
     FLOW_CACHE_REVALIDATE, FLOW_S_CLOSING, FLOW_S_REAL, FlowKey, LISTENER_F_HASH_SOURCE, ListenerInfo, MAX_LISTENERS,
-    NO_BACKEND, PortInfo, RealInfo, flow_age, flow_cache_slot, flow_hash, flow_state, ring_base, ring_slot,
+    NO_BACKEND, PortInfo, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo, flow_age, flow_cache_slot, flow_hash, flow_state,
+    ring_base, ring_slot,
     source_hash,
 };
 
@@ -85,8 +86,12 @@ fn ring_id(listener: Listener, tcp: &Tcp4) -> Result<u32, Verdict> {
     // SAFETY: a plain read of a loader-set constant; volatile so the compiler does not fold the
     // default in.
     let size = unsafe { core::ptr::read_volatile(&raw const RING_SIZE) };
-    let slot = ring_base(listener.id, u32::from(listener.info.ring_copy), size).wrapping_add(ring_slot(hash, size));
-    RINGS.get(slot).copied().ok_or(Verdict::DropInternal)
+    let slot = ring_slot(hash, size);
+    let entry = ring_base(listener.id, u32::from(listener.info.ring_copy), size).wrapping_add(slot / RING_SLOTS_PER_ENTRY);
+    let ids = RINGS.get(entry).ok_or(Verdict::DropInternal)?;
+    // SAFETY: the lane is below RING_SLOTS_PER_ENTRY, inside the entry.
+    let id = unsafe { *ids.as_ptr().add((slot % RING_SLOTS_PER_ENTRY) as usize) };
+    Ok(if id == RING_NONE { NO_BACKEND } else { u32::from(id) })
 }
 
 #[inline(always)]
@@ -122,9 +127,9 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
     let key = FlowKey { src_be: tcp.src_be, dst_be: tcp.dst_be, sport_be: tcp.sport_be, dport_be: tcp.dport_be };
     // The busiest path: an established frame of a flow this CPU saw recently. SYN, FIN and RST
     // always go to the flow table (new flows, reopened tuples, the closing mark).
-    let cached = FLOW_CACHE.get_ptr_mut(flow_cache_slot(&key));
-    if let Some(c) = cached
-        && tcp.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
+    let cache_slot = || FLOW_CACHE.get_ptr_mut(flow_cache_slot(&key));
+    if tcp.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
+        && let Some(c) = cache_slot()
     {
         // SAFETY: a per-CPU slot, read and written only by this CPU while the program runs.
         let entry = unsafe { &mut *c };
@@ -134,7 +139,7 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
         }
     }
     let fill = |real: u32, info: &RealInfo| {
-        if let Some(c) = cached {
+        if let Some(c) = cache_slot() {
             // SAFETY: as above. Field by field: a struct copy would call a memmove subprogram.
             unsafe {
                 (*c).key.src_be = key.src_be;
@@ -148,17 +153,19 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
             }
         }
     };
-    // The ring's choice is read before the flow table, though it is only used when the table
-    // has no usable entry (a new connection, mostly): both reads are usually cache misses, and
-    // issued back to back they overlap. One place for both keeps the program small for the
-    // verifier, which would otherwise walk the listener search once per way to each.
-    let ring = ring_id(listener(tcp, port)?, tcp)?;
+    // The listener is looked up here, once: the verifier walks its search (up to one round per
+    // listener) once per way into it, so one place keeps the program small.
+    let listener = listener(tcp, port)?;
+    // A new connection's ring slot is read before the flow table, though it is only used on a
+    // miss: both reads are usually cache misses, and issued back to back they overlap.
     let syn = tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let early = if syn { ring_id(listener, tcp)? } else { NO_BACKEND };
     let place = table::place(&key)?;
     // SAFETY: a helper without arguments.
     let now = flow_age(unsafe { bpf_jiffies64() });
     let closing = closing_flag(tcp);
-    if let Some(found) = table::find(&place) {
+    let found = table::find(&place);
+    if let Some(found) = &found {
         let recorded = found.state & FLOW_S_REAL;
         let reopened = found.state & FLOW_S_CLOSING != 0 && syn;
         // The established path: a write only when the client closes or the age moves on
@@ -169,21 +176,23 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
         {
             let state = flow_state(recorded, found.state | closing, now);
             if state != found.state {
-                table::set_state(&place, &found, state);
+                table::set_state(&place, found, state);
             }
             fill(recorded, real);
             return Ok(Pick { real_id: recorded, real, new_flow: false });
         }
-        // The recorded real went down (or was removed), or a new connection reuses the tuple
-        // of a closed one: pick from the ring and repoint the slot.
-        let (real_id, real) = usable_real(ring)?;
-        table::set_state(&place, &found, flow_state(real_id, closing, now));
-        fill(real_id, real);
-        return Ok(Pick { real_id, real, new_flow: true });
     }
-    // A miss: a new connection, or one whose slot was replaced or predates this balancer. Both
-    // follow the ring, so a flow whose backend set did not change keeps its broker.
-    let (real_id, real) = usable_real(ring)?;
-    table::insert(&place, flow_state(real_id, closing, now), now);
+    let (real_id, real) = usable_real(if syn { early } else { ring_id(listener, tcp)? })?;
+    match found {
+        // The recorded real went down (or was removed), or a new connection reuses the tuple
+        // of a closed one: repoint the slot.
+        Some(found) => {
+            table::set_state(&place, &found, flow_state(real_id, closing, now));
+            fill(real_id, real);
+        }
+        // A miss: a new connection, or one whose slot was replaced or predates this balancer.
+        // Both follow the ring, so a flow whose backend set did not change keeps its broker.
+        None => table::insert(&place, flow_state(real_id, closing, now), now),
+    }
     Ok(Pick { real_id, real, new_flow: true })
 }

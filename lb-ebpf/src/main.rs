@@ -1,6 +1,6 @@
 //! Entry points: the DSR balancer, the floor program benchmarks compare against, a driver that
-//! makes every benchmark run a new flow, and a pass-all program that the receiving side of a
-//! veth pair needs for `XDP_TX` to reach it.
+//! gives each benchmark run a flow of its own, and a pass-all program that the receiving side
+//! of a veth pair needs for `XDP_TX` to reach it.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics, asm_experimental_arch)]
@@ -108,35 +108,44 @@ pub fn xdp_floor(ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
-/// The program `xdp_new_flows` jumps to (slot 0), set by benchmarks and tests.
+/// The program `xdp_bench_flows` jumps to (slot 0), set by benchmarks and tests.
 #[aya_ebpf::macros::btf_map]
-static NEW_FLOWS_TARGET: aya_ebpf::btf_maps::ProgramArray<1> = aya_ebpf::btf_maps::ProgramArray::new();
+static BENCH_TARGET: aya_ebpf::btf_maps::ProgramArray<1> = aya_ebpf::btf_maps::ProgramArray::new();
 
-/// Runs of `xdp_new_flows` so far: the next client address.
+/// `xdp_bench_flows`' sequence: [next, wrap]. Run `next` is client 11.0.0.0 + `next` / 16384,
+/// port 1024 + 2 × (`next` % 16384), as Linux clients pick even ports; `next` goes back to 0 at
+/// `wrap` (0: never).
 #[aya_ebpf::macros::btf_map]
-static NEW_FLOWS_SEQ: aya_ebpf::btf_maps::Array<u32, 1> = aya_ebpf::btf_maps::Array::new();
+static BENCH_FLOWS: aya_ebpf::btf_maps::Array<u32, 2> = aya_ebpf::btf_maps::Array::new();
 
-/// A benchmark and test driver, never attached: gives each run's frame a client address no run
-/// had before (IPv4 source at offset 26: an untagged frame), then tail-calls
-/// `NEW_FLOWS_TARGET[0]`. So `BPF_PROG_TEST_RUN` with `repeat` makes every run of the balancer
-/// a new flow, and with the floor as target it measures the driver's own cost.
+/// A benchmark and test driver, never attached: gives each run's frame the next client address
+/// and port of a sequence (an untagged IPv4 frame without options: source at offset 26, TCP
+/// source port at 34), then tail-calls
+/// `BENCH_TARGET[0]`. So `BPF_PROG_TEST_RUN` with `repeat` runs the balancer on a new flow
+/// each time (or cycles over `wrap` flows), and with the floor as target measures its own cost.
 #[xdp]
-pub fn xdp_new_flows(ctx: XdpContext) -> u32 {
+pub fn xdp_bench_flows(ctx: XdpContext) -> u32 {
     let start = ctx.data();
-    if start + 30 > ctx.data_end() {
+    if start + 36 > ctx.data_end() {
         return xdp_action::XDP_ABORTED;
     }
-    let Some(seq) = NEW_FLOWS_SEQ.get_ptr_mut(0) else { return xdp_action::XDP_ABORTED };
-    // SAFETY: bytes 26..30 are inside the frame (checked above), 2-aligned; the counter is a
-    // map value. Concurrent runs on two CPUs may share an address now and then: harmless.
+    let (Some(next), Some(wrap)) = (BENCH_FLOWS.get_ptr_mut(0), BENCH_FLOWS.get(1)) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: bytes 26..30 and 34..36 are inside the frame (checked above), 2-aligned; `next`
+    // is a map value. Runs on two CPUs at once may share a tuple now and then: harmless.
     unsafe {
-        let n = *seq;
-        *seq = n.wrapping_add(1);
+        let n = *next;
+        let following = n.wrapping_add(1);
+        *next = if following == *wrap { 0 } else { following };
         let src = (start + 26) as *mut u16;
-        let addr = 0x0b00_0000_u32.wrapping_add(n).to_be_bytes();
+        let addr = 0x0b00_0000_u32.wrapping_add(n >> 14).to_be_bytes();
         *src = u16::from_ne_bytes([addr[0], addr[1]]);
         *src.add(1) = u16::from_ne_bytes([addr[2], addr[3]]);
-        NEW_FLOWS_TARGET.tail_call(&ctx, 0);
+        #[expect(clippy::cast_possible_truncation, reason = "below 2^15")]
+        let port = (1024 + 2 * (n & 0x3fff)) as u16;
+        *((start + 34) as *mut u16) = port.to_be();
+        BENCH_TARGET.tail_call(&ctx, 0);
     }
     xdp_action::XDP_ABORTED
 }

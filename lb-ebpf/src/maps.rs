@@ -10,8 +10,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FlowBucket, FlowCacheEntry, ListenerInfo,
-    MAX_LISTENERS, MAX_VIPS, PORT_SLOTS, PortInfo, REAL_SLOTS, RING_COPIES, RealInfo, VipInfo, flow_table_buckets,
-    reason,
+    MAX_LISTENERS, MAX_VIPS, PORT_SLOTS, PortInfo, REAL_SLOTS, RING_COPIES, RealInfo, RingEntry, VipInfo,
+    flow_table_buckets, reason, ring_entries,
 };
 
 /// Map flags of the maps the controller reads and writes through memory it maps
@@ -34,12 +34,10 @@ pub static VIPS: HashMap<u32, VipInfo, { MAX_VIPS as usize }> = HashMap::new();
 #[btf_map]
 pub static REALS: Array<RealInfo, { REAL_SLOTS as usize }> = Array::new();
 
-/// All Maglev rings, back to back: two copies per listener, each `ring_size` real ids.
+/// All Maglev rings, back to back: two copies per listener, each `ring_size` real ids packed
+/// four to an entry (`lb_common::RING_SLOTS_PER_ENTRY`).
 #[btf_map]
-pub static RINGS: Array<
-    u32,
-    { (MAX_LISTENERS * RING_COPIES * DEFAULT_RING_SIZE) as usize },
-> = Array::new();
+pub static RINGS: Array<RingEntry, { (MAX_LISTENERS * RING_COPIES * ring_entries(DEFAULT_RING_SIZE)) as usize }> = Array::new();
 
 /// The flow table (`lb_common::FLOW_WAYS`): 4-tuple to real, shared by all CPUs (a flow seen
 /// on two CPUs has one backend).

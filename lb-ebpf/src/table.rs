@@ -95,8 +95,15 @@ fn is_zero(x: u64) -> u64 {
 /// bits per mask value) rather than by branches.
 #[inline(always)]
 const fn lowest_way(mask: u32) -> usize {
-    // ctz(m) for m = 0..16, two bits each: 0 (m=0, unused), 0, 1, 0, 2, 0, 1, 0, 3, 0, 1, 0, 2, 0, 1, 0.
-    const CTZ4: u32 = 0x1213_1210;
+    const CTZ4: u32 = {
+        let mut table = 0;
+        let mut m = 1;
+        while m < 16 {
+            table |= (m as u32).trailing_zeros() << (2 * m);
+            m += 1;
+        }
+        table
+    };
     ((CTZ4 >> ((mask & 0xf) * 2)) & 3) as usize
 }
 
@@ -104,18 +111,34 @@ const fn lowest_way(mask: u32) -> usize {
 /// closing mark (`set_state` from the established path).
 const REFRESHED: u64 = ((0xffff << FLOW_S_AGE_SHIFT) | FLOW_S_CLOSING as u64) << 32;
 
+/// Whether any of the four state words carries `ports` in its low half: two 32-bit lanes per
+/// 64-bit word, each tested for zero at once. A new flow's ports are seldom in a bucket, so a
+/// miss costs four loads and a dozen instructions.
+#[inline(always)]
+fn ports_in(metas: &[u64; FLOW_WAYS], ports: u32) -> bool {
+    let lane = |m: u64| u64::from(split_meta(m).0 ^ ports);
+    let pairs = [lane(metas[0]) | lane(metas[1]) << 32, lane(metas[2]) | lane(metas[3]) << 32];
+    let zero = |v: u64| v.wrapping_sub(0x0000_0001_0000_0001) & !v & 0x8000_0000_8000_0000;
+    zero(pairs[0]) | zero(pairs[1]) != 0
+}
+
 /// The slot in `bucket` holding the key. The four slots are compared by arithmetic, so the
 /// verifier sees one way through whatever they hold; only the slot found is read again.
 #[inline(always)]
 fn find_in(bucket: *mut FlowBucket, p: &Place) -> Option<Found> {
-    let mut hits = 0u32;
     let mut first = [0u64; FLOW_WAYS];
-    for (way, seen) in first.iter_mut().enumerate() {
-        let (addrs, meta) = words(bucket, way);
-        // SAFETY: both words are inside the map value. Per slot: state, then addresses; for the
-        // slot found, the state once more below.
-        let (m, a) = unsafe { (core::ptr::read_volatile(meta), core::ptr::read_volatile(addrs)) };
-        *seen = m;
+    for (way, m) in first.iter_mut().enumerate() {
+        // SAFETY: inside the map value. Per slot: the state, then (below) the addresses; for the
+        // slot found, the state once more.
+        *m = unsafe { core::ptr::read_volatile(words(bucket, way).1) };
+    }
+    if !ports_in(&first, p.ports) {
+        return None;
+    }
+    let mut hits = 0u32;
+    for (way, &m) in first.iter().enumerate() {
+        // SAFETY: inside the map value.
+        let a = unsafe { core::ptr::read_volatile(words(bucket, way).0) };
         let (ports, state) = split_meta(m);
         let differs = (a ^ p.addrs) | u64::from(ports ^ p.ports) | u64::from((state & FLOW_S_LIVE) ^ FLOW_S_LIVE) | is_zero(u64::from(!state));
         #[expect(clippy::cast_possible_truncation, reason = "0 or 1")]
@@ -158,23 +181,42 @@ pub fn set_state(p: &Place, found: &Found, state: u32) {
     let _ = unsafe { atomic_cxchg::<u64, { SeqCst }, { Relaxed }>(found.meta, meta_word(p.ports, found.state), meta_word(p.ports, state)) };
 }
 
-/// How good a slot is to take, from its state word: a free one above all (more so in the
-/// emptier bucket, and the left on a tie: d-left hashing), then a closing flow, then an open
-/// one, older above newer; one a writer holds scores 0. By arithmetic, without branches.
+/// How good a taken slot is to replace, from its state word: a closing flow above any open one,
+/// older above newer. By arithmetic, without branches. (Only for slots that were taken when
+/// read; `claim` checks again that the slot is taken and no writer holds it.)
 #[inline(always)]
-fn score(meta: u64, now: u32, free_in_bucket: u64, left: u64) -> u64 {
+fn score(meta: u64, now: u32) -> u64 {
     let st = split_meta(meta).1;
-    let live = ((st & FLOW_S_LIVE) >> FLOW_S_LIVE.trailing_zeros()) as u64;
-    let closing = ((st & FLOW_S_CLOSING) >> FLOW_S_CLOSING.trailing_zeros()) as u64;
-    let idle = (now.wrapping_sub(st >> FLOW_S_AGE_SHIFT) & 0xffff) as u64;
-    let taken = 1 + idle + (closing << 16);
-    let free = (1 << 20) + free_in_bucket * 2 + left;
-    (live * taken + (live ^ 1) * free) * (is_zero(!st as u64) ^ 1)
+    let idle = u64::from(now.wrapping_sub(st >> FLOW_S_AGE_SHIFT) & 0xffff);
+    // The closing bit moved to bit 16, above any idle time.
+    1 + idle + (u64::from(st & FLOW_S_CLOSING) << (16 - FLOW_S_CLOSING.trailing_zeros()))
 }
 
-/// Inserts the flow with `state`: into a free slot of the emptier bucket, else over the least
-/// recently used slot of the eight, closing flows first. Gives up when another writer changes
-/// that slot first; the frame is forwarded all the same and the flow's next frame inserts it.
+/// The free slots of a bucket, one bit per way (the live bit of each state, inverted).
+#[inline(always)]
+fn free_ways(row: &[u64; FLOW_WAYS]) -> u32 {
+    row.iter().enumerate().map(|(way, &m)| ((split_meta(m).1 >> FLOW_S_LIVE.trailing_zeros()) & 1 ^ 1) << way).fold(0, |a, b| a | b)
+}
+
+/// Set bits of a 4-bit mask, by table lookup in a constant (three bits per mask value).
+#[inline(always)]
+const fn ways_in(mask: u32) -> u64 {
+    const POP4: u64 = {
+        let mut table = 0u64;
+        let mut m = 0;
+        while m < 16 {
+            table |= (m as u64).count_ones() as u64 * (1 << (3 * m));
+            m += 1;
+        }
+        table
+    };
+    (POP4 >> ((mask & 0xf) * 3)) & 7
+}
+
+/// Inserts the flow with `state`: into a free slot of the emptier bucket (the left on a tie:
+/// d-left hashing), else over the least recently used slot of the eight, closing flows first.
+/// Gives up when another writer changes that slot first; the frame is forwarded all the same
+/// and the flow's next frame inserts it.
 #[inline(always)]
 pub fn insert(p: &Place, state: u32, now: u32) {
     let mut metas = [[0u64; FLOW_WAYS]; 2];
@@ -184,43 +226,51 @@ pub fn insert(p: &Place, state: u32, now: u32) {
             *m = unsafe { core::ptr::read_volatile(words(p.buckets[half], way).1) };
         }
     }
-    let free = |row: &[u64; FLOW_WAYS]| row.iter().map(|&m| u64::from((split_meta(m).1 >> FLOW_S_LIVE.trailing_zeros()) & 1 ^ 1)).sum::<u64>();
-    let frees = [free(&metas[0]), free(&metas[1])];
-    // The best (score, half, way), packed so that one maximum picks it; the maximum by
-    // arithmetic too, so the choice is one value rather than a path per slot.
+    let free = [free_ways(&metas[0]), free_ways(&metas[1])];
+    if free[0] | free[1] != 0 {
+        if ways_in(free[1]) > ways_in(free[0]) {
+            claim(p, 1, lowest_way(free[1]), None, state);
+        } else {
+            claim(p, 0, lowest_way(free[0]), None, state);
+        }
+        return;
+    }
+    // Every slot taken. The best (score, half, way), packed so that one maximum picks it; the
+    // maximum by arithmetic too, so the choice is one value rather than a path per slot.
     let mut best = 0u64;
     for (half, row) in metas.iter().enumerate() {
         for (way, &m) in row.iter().enumerate() {
-            let candidate = score(m, now, frees[half], (half ^ 1) as u64) << 3 | (half << 2 | way) as u64;
+            let candidate = score(m, now) << 3 | (half << 2 | way) as u64;
             let keep = (opaque(candidate.wrapping_sub(best)) >> 63).wrapping_neg();
             best = best & keep | candidate & !keep;
         }
     }
-    if best >> 3 == 0 {
-        return;
-    }
     let way = (best & 3) as usize;
+    let chosen = Some((best >> 3, now));
     if best & 4 == 0 {
-        claim(p, 0, way, best >> 3, frees[0], state, now);
+        claim(p, 0, way, chosen, state);
     } else {
-        claim(p, 1, way, best >> 3, frees[1], state, now);
+        claim(p, 1, way, chosen, state);
     }
 }
 
-/// Takes slot `way` of bucket `half` if it still scores what it was chosen for, and writes the
-/// flow there.
+/// Takes slot `way` of bucket `half` if it is still what it was chosen as (free, or with
+/// `chosen` = (score, now) a flow scoring that, which no writer holds), and writes the flow
+/// there.
 #[inline(always)]
-fn claim(p: &Place, half: usize, way: usize, chosen: u64, free: u64, state: u32, now: u32) {
+fn claim(p: &Place, half: usize, way: usize, chosen: Option<(u64, u32)>, state: u32) {
     let (addrs, meta) = words(p.buckets[half], way);
     // SAFETY: 8-aligned words inside the map value. Claim the slot (it must still hold what was
     // read), write the addresses, then publish the state. A plain store publishes: x86-64 makes
     // stores visible in program order, so no reader sees the state before the addresses.
     unsafe {
         let old = core::ptr::read_volatile(meta);
-        if score(old, now, free, (half ^ 1) as u64) != chosen {
-            return;
-        }
-        if !atomic_cxchg::<u64, { SeqCst }, { Relaxed }>(meta, old, meta_word(0, FLOW_S_BUSY)).1 {
+        let st = split_meta(old).1;
+        let still = match chosen {
+            None => st & FLOW_S_LIVE == 0,
+            Some((score_was, now)) => st & FLOW_S_LIVE != 0 && st != FLOW_S_BUSY && score(old, now) == score_was,
+        };
+        if !still || !atomic_cxchg::<u64, { SeqCst }, { Relaxed }>(meta, old, meta_word(0, FLOW_S_BUSY)).1 {
             return;
         }
         core::ptr::write_volatile(addrs, p.addrs);

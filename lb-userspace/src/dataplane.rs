@@ -20,7 +20,7 @@ use lb_common::{
     Counters, FLOW_CACHE_VALID, FlowCacheEntry, FlowKey, LISTENER_F_HASH_SOURCE,
     ListenerInfo, MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND, PORT_SLOTS, PortInfo, REAL_F_ACTIVE, REAL_F_DOWN,
     REAL_SLOTS, RING_COPIES, RealInfo, VipInfo, flow_cache_slot, map_names as names, real_backend, real_id,
-    flow_table_buckets, real_listener, reason, ring_base,
+    RING_NONE, RING_SLOTS_PER_ENTRY, RingEntry, flow_table_buckets, real_listener, reason, ring_base, ring_entries,
 };
 
 use crate::{
@@ -189,7 +189,7 @@ impl Dataplane {
     fn load_with(opts: &LoadOptions, pin_dir: Option<&std::path::Path>) -> anyhow::Result<Self> {
         let ring_entries = MAX_LISTENERS
             .checked_mul(RING_COPIES)
-            .and_then(|n| n.checked_mul(opts.ring_size))
+            .and_then(|n| n.checked_mul(ring_entries(opts.ring_size)))
             .context("ring_size too large for the rings map")?;
         ensure!(
             cfg!(target_arch = "x86_64"),
@@ -212,7 +212,7 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(EBPF_OBJ).context("loading the XDP object (maps and programs)")?;
-        for name in ["dsrlb", "xdp_floor", "xdp_pass", "xdp_new_flows"] {
+        for name in ["dsrlb", "xdp_floor", "xdp_pass", "xdp_bench_flows"] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
@@ -323,12 +323,12 @@ impl Dataplane {
             }
         }
         {
-            let rings: Array<&MapData, u32> = self.map_ref(names::RINGS)?;
+            let rings: Array<&MapData, RingEntry> = self.map_ref(names::RINGS)?;
             for &id in w.listeners.keys() {
                 for copy in 0..RING_COPIES {
-                    let copy_no = id * RING_COPIES + copy;
-                    let ring = (0..size).map(|i| rings.get(&(copy_no * size + i), 0)).collect::<Result<Vec<u32>, _>>()?;
-                    w.rings.insert(copy_no, ring);
+                    let base = ring_base(id, copy, size);
+                    let entries = (0..ring_entries(size)).map(|e| rings.get(&(base + e), 0)).collect::<Result<Vec<RingEntry>, _>>()?;
+                    w.rings.insert(id * RING_COPIES + copy, unpack_ring(&entries, size));
                 }
             }
         }
@@ -374,7 +374,7 @@ impl Dataplane {
         self.ring_size
     }
 
-    /// One of `dsrlb`, `xdp_floor`, `xdp_pass`, `xdp_new_flows`.
+    /// One of `dsrlb`, `xdp_floor`, `xdp_pass`, `xdp_bench_flows`.
     ///
     /// # Panics
     /// On another name: the four are always in the object.
@@ -480,12 +480,12 @@ impl Dataplane {
             let base = ring_base(l.id, copy, self.ring_size);
             {
                 let old = self.written.rings.entry(copy_no).or_insert_with(|| vec![0; size]).clone();
-                let mut rings: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, names::RINGS)?;
-                for (i, (&new, &was)) in ring.iter().zip(&old).enumerate() {
+                report.ring_slots_written += ring.iter().zip(&old).filter(|(new, was)| new != was).count();
+                let (new_entries, old_entries) = (pack_ring(&ring), pack_ring(&old));
+                let mut rings: Array<&mut MapData, RingEntry> = map_mut(&mut self.ebpf, names::RINGS)?;
+                for (e, (new, was)) in (0..).zip(new_entries.iter().zip(&old_entries)) {
                     if new != was {
-                        #[expect(clippy::cast_possible_truncation, reason = "i < ring_size, a u32")]
-                        rings.set(base + i as u32, new, 0).with_context(|| format!("writing ring slot {i} of listener {}", l.id))?;
-                        report.ring_slots_written += 1;
+                        rings.set(base + e, new, 0).with_context(|| format!("writing ring entry {e} of listener {}", l.id))?;
                     }
                 }
                 self.written.rings.insert(copy_no, ring);
@@ -607,14 +607,19 @@ impl Dataplane {
         Ok(Stats { verdicts, reals })
     }
 
-    /// Points the driver `xdp_new_flows` at program `target` (`dsrlb` or `xdp_floor`).
+    /// Sets up the driver `xdp_bench_flows`: it jumps to program `target` (`dsrlb` or
+    /// `xdp_floor`), and its next run is the first of a sequence of client addresses that
+    /// starts again after `wrap` runs (0: never).
     ///
     /// # Errors
-    /// When the program array refuses the program.
-    pub fn new_flows_target(&mut self, target: &str) -> anyhow::Result<()> {
+    /// When the program array refuses the program or a map write fails.
+    pub fn bench_flows(&mut self, target: &str, wrap: u32) -> anyhow::Result<()> {
         let fd = self.program(target).fd()?.try_clone()?;
-        let mut map: aya::maps::ProgramArray<&mut MapData> = map_mut(&mut self.ebpf, "NEW_FLOWS_TARGET")?;
-        map.set(0, &fd, 0).with_context(|| format!("pointing xdp_new_flows at {target}"))?;
+        let mut map: aya::maps::ProgramArray<&mut MapData> = map_mut(&mut self.ebpf, "BENCH_TARGET")?;
+        map.set(0, &fd, 0).with_context(|| format!("pointing xdp_bench_flows at {target}"))?;
+        let mut seq: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, "BENCH_FLOWS")?;
+        seq.set(0, 0, 0).context("resetting the driver's sequence")?;
+        seq.set(1, wrap, 0).context("setting the driver's wrap")?;
         Ok(())
     }
 
@@ -679,6 +684,13 @@ impl Dataplane {
         let mut all = Vec::new();
         self.flows.walk(|f| all.push(*f));
         all
+    }
+
+    /// Empties the flow table (benchmarks start from an empty one); returns how many flows
+    /// it held.
+    #[expect(clippy::must_use_candidate, reason = "emptying is the point; the count is a bonus")]
+    pub fn clear_flows(&self) -> usize {
+        self.flows.remove_where(|_| true)
     }
 
     /// How many live (not closing) flows point at each real (a walk of the table).
@@ -850,6 +862,24 @@ fn link_ifindex(pin: &std::path::Path) -> std::io::Result<u32> {
         return Err(std::io::Error::other(format!("{} is not an XDP link (type {})", pin.display(), info[0])));
     }
     Ok(info[4])
+}
+
+/// A ring (real ids, `NO_BACKEND` for none) as `RINGS` entries, four slots each.
+fn pack_ring(ring: &[u32]) -> Vec<RingEntry> {
+    ring.chunks(RING_SLOTS_PER_ENTRY as usize)
+        .map(|chunk| {
+            let mut entry = [RING_NONE; RING_SLOTS_PER_ENTRY as usize];
+            for (lane, &id) in entry.iter_mut().zip(chunk) {
+                *lane = u16::try_from(id).unwrap_or(RING_NONE);
+            }
+            entry
+        })
+        .collect()
+}
+
+/// The ring of `ring_size` slots that `RINGS` entries hold.
+fn unpack_ring(entries: &[RingEntry], ring_size: u32) -> Vec<u32> {
+    entries.iter().flatten().take(ring_size as usize).map(|&id| if id == RING_NONE { NO_BACKEND } else { u32::from(id) }).collect()
 }
 
 /// The `FLOWS` key of a client tuple.

@@ -148,13 +148,18 @@ fn pin_to_cpu(cpu: usize) {
     }
 }
 
-/// Runs `xdp_new_flows` over `dsrlb` `runs` times on one SYN: `runs` new flows from
-/// 11.0.0.0 up (the driver's counter goes on from where the last call left it).
+/// The client tuple of run `n` of `xdp_bench_flows`.
+fn bench_tuple(n: u32) -> (Ipv4Addr, u16) {
+    (Ipv4Addr::from(0x0b00_0000 + (n >> 14)), u16::try_from(1024 + 2 * (n & 0x3fff)).expect("below 2^15"))
+}
+
+/// Runs `xdp_bench_flows` over `dsrlb` `runs` times on one SYN: `runs` new flows
+/// (`bench_tuple`; the driver's sequence goes on from where the last call left it).
 fn new_flows(lb: &Lb, runs: u32) -> u32 {
     let frame = Ipv4Frame::tcp(CLIENT, 50000, VIP, 1883, TCP_SYN).build();
     let mut out = vec![0u8; frame.len() + 256];
     let opts = TestRunOptions { data_in: Some(&frame), data_out: Some(&mut out), repeat: runs, ..TestRunOptions::default() };
-    lb.dp.program("xdp_new_flows").test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+    lb.dp.program("xdp_bench_flows").test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
 }
 
 fn syn(sport: u16) -> Vec<u8> {
@@ -575,17 +580,17 @@ fn flow_table_holds_its_size_in_flows() {
     // (one choice per flow would lose about 300 of them).
     let mut lb = Lb::with_table(Lb::config(&[("b1", 11, 100), ("b2", 12, 100), ("b3", 13, 100)]), 8192);
     assert_eq!(lb.dp.flow_table_buckets(), 4096);
-    lb.dp.new_flows_target("dsrlb").expect("driver");
+    lb.dp.bench_flows("dsrlb", 0).expect("driver");
     let before = lb.dp.stats().expect("stats").total().new_flows;
     assert_eq!(new_flows(&lb, 8192), XDP_TX);
     assert_eq!(lb.dp.stats().expect("stats").total().new_flows - before, 8192, "every run was a new flow");
     let mut kept = 0;
     for n in 0..8192u32 {
-        let src = Ipv4Addr::from(0x0b00_0000 + n);
-        if let Some(f) = lb.dp.flow(src, 50000, VIP, 1883) {
+        let (src, sport) = bench_tuple(n);
+        if let Some(f) = lb.dp.flow(src, sport, VIP, 1883) {
             kept += 1;
             let backend = lb.ids.backends.iter().find(|(_, id)| **id == lb_common::real_backend(f.real())).expect("known").0;
-            assert_eq!(*backend, lb.ring_choice(0, src, 50000, 1883), "flow {src} recorded another backend than its ring slot");
+            assert_eq!(*backend, lb.ring_choice(0, src, sport, 1883), "flow {src}:{sport} recorded another backend than its ring slot");
         }
     }
     // At this load losing more than a couple has a chance below one in ten thousand.
@@ -658,18 +663,19 @@ fn flow_table_slots_stay_whole_under_writers_on_two_cpus() {
     let spec: Vec<(&str, u8, u32)> = backends.iter().map(|(n, m)| (n.as_str(), *m, 100)).collect();
     let mut lb = Lb::with_table(Lb::config(&spec), 4);
     assert_eq!(lb.dp.flow_table_buckets(), 2);
-    lb.dp.new_flows_target("dsrlb").expect("driver");
+    lb.dp.bench_flows("dsrlb", 0).expect("driver");
     let (calls, runs) = (20, 50_000);
     let before = lb.dp.stats().expect("stats").verdict(reason::TX);
     let writing = std::sync::atomic::AtomicUsize::new(2);
     let check = |lb: &Lb| {
         let flows = lb.dp.flows();
         for f in &flows {
-            let src = Ipv4Addr::from(u32::from_be(f.key.src_be));
-            assert_eq!((f.key.dst_be, f.key.sport_be, f.key.dport_be), (u32::from_ne_bytes(VIP.octets()), 50000u16.to_be(), 1883u16.to_be()), "slot of {src}");
-            assert_eq!(src.octets()[0], 11, "a source no run sent: {src}");
+            let (src, sport) = (Ipv4Addr::from(u32::from_be(f.key.src_be)), u16::from_be(f.key.sport_be));
+            assert_eq!((f.key.dst_be, f.key.dport_be), (u32::from_ne_bytes(VIP.octets()), 1883u16.to_be()), "slot of {src}:{sport}");
+            let n = ((u32::from(src) - 0x0b00_0000) << 14) | ((u32::from(sport) - 1024) / 2);
+            assert_eq!(bench_tuple(n), (src, sport), "a tuple no run sent: {src}:{sport}");
             let backend = lb.ids.backends.iter().find(|(_, id)| **id == lb_common::real_backend(f.real())).expect("known").0;
-            assert_eq!(*backend, lb.ring_choice(0, src, 50000, 1883), "slot of {src} holds another flow's real");
+            assert_eq!(*backend, lb.ring_choice(0, src, sport, 1883), "slot of {src}:{sport} holds another flow's real");
         }
         flows.len()
     };
