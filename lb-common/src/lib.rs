@@ -12,7 +12,7 @@ pub mod map_names {
     pub const REALS: &str = "REALS";
     pub const RINGS: &str = "RINGS";
     pub const FLOWS: &str = "FLOWS";
-    pub const FLOW_SEED: &str = "FLOW_SEED";
+    pub const LAYOUT: &str = "LAYOUT";
     pub const VERDICT_STATS: &str = "VERDICT_STATS";
     pub const REAL_STATS: &str = "REAL_STATS";
     pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
@@ -280,6 +280,21 @@ pub const fn flow_age(jiffies: u64) -> u32 {
 /// flow but about two in a million (at 80% load, one in a hundred would replace another).
 pub const FLOW_SLOTS_PER_FLOW: u32 = 2;
 
+/// Value of `LAYOUT`, one entry pinned with the other maps: the version of the maps' layout,
+/// so a controller never adopts pinned maps it would misread, and the flow table's hash seed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// [`LAYOUT_VERSION`] of the controller that made the maps; 0 in maps just made.
+    pub version: u64,
+    /// The seed of [`flow_buckets`], drawn when the flow table is made.
+    pub flow_seed: u64,
+}
+
+/// The layout of the maps this build reads and writes. Version 1 had no `LAYOUT` map: an LRU
+/// hash flow table, a hash of listeners and a ring id per 8-byte entry.
+pub const LAYOUT_VERSION: u64 = 2;
+
 /// Buckets for a `flow_table_size` of flows: a power of two, at least two (one per half).
 #[must_use]
 pub const fn flow_table_buckets(flows: u32) -> u32 {
@@ -407,12 +422,13 @@ const _: () = assert!(core::mem::size_of::<RealInfo>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FlowSlot>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowBucket>() == 64);
+const _: () = assert!(core::mem::size_of::<Layout>() == 16);
 const _: () = assert!(core::mem::size_of::<Counters>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowCacheEntry>() == 40);
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{Counters, FlowBucket, FlowCacheEntry, FlowKey, ListenerInfo, PortInfo, RealInfo, VipInfo};
+    use super::{Counters, FlowBucket, FlowCacheEntry, FlowKey, Layout, ListenerInfo, PortInfo, RealInfo, VipInfo};
     // SAFETY: all of these are `#[repr(C)]`, made only of integers, with no padding (asserted
     // above), so every bit pattern is valid.
     unsafe impl aya::Pod for PortInfo {}
@@ -421,6 +437,7 @@ mod pod {
     unsafe impl aya::Pod for RealInfo {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowBucket {}
+    unsafe impl aya::Pod for Layout {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for FlowCacheEntry {}
 }

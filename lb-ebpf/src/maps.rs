@@ -9,7 +9,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FlowBucket, FlowCacheEntry, ListenerInfo,
+    Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FlowBucket, FlowCacheEntry, Layout, ListenerInfo,
     MAX_LISTENERS, MAX_VIPS, PORT_SLOTS, PortInfo, REAL_SLOTS, RING_COPIES, RealInfo, RingEntry, VipInfo,
     flow_table_buckets, reason, ring_entries,
 };
@@ -44,10 +44,10 @@ pub static RINGS: Array<RingEntry, { (MAX_LISTENERS * RING_COPIES * ring_entries
 #[btf_map]
 pub static FLOWS: Array<FlowBucket, { flow_table_buckets(DEFAULT_FLOW_TABLE_SIZE) as usize }, MMAPABLE> = Array::new();
 
-/// The seed of the flow table's bucket hash (`lb_common::flow_buckets`), written by the
-/// controller when it makes the table and pinned with it.
+/// The maps' layout version and the flow table's hash seed (`lb_common::Layout`), written by the
+/// controller when it makes the maps and pinned with them.
 #[btf_map]
-pub static FLOW_SEED: Array<u64, 1> = Array::new();
+pub static LAYOUT: Array<Layout, 1> = Array::new();
 
 /// Per-CPU direct-mapped cache in front of `FLOWS` (see `lb_common::FlowCacheEntry`). Not
 /// pinned: each loaded program instance starts with an empty one.

@@ -10,7 +10,7 @@ use lb_common::{FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_LIVE, FLOW
 
 use crate::{
     Verdict,
-    maps::{FLOW_SEED, FLOWS},
+    maps::{FLOWS, LAYOUT},
 };
 
 /// Buckets in the table less one; set by the loader from `flow_table_size`.
@@ -57,7 +57,7 @@ const fn split_meta(meta: u64) -> (u32, u32) {
 /// Where `key` lives.
 #[inline(always)]
 pub fn place(key: &FlowKey) -> Result<Place, Verdict> {
-    let seed = FLOW_SEED.get(0).copied().ok_or(Verdict::DropInternal)?;
+    let seed = LAYOUT.get(0).ok_or(Verdict::DropInternal)?.flow_seed;
     // SAFETY: a plain read of a loader-set constant; volatile so the default is not folded in.
     let mask = unsafe { core::ptr::read_volatile(&raw const FLOW_BUCKET_MASK) };
     let [left, right] = flow_buckets(key, seed, mask);

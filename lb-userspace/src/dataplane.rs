@@ -20,7 +20,8 @@ use lb_common::{
     Counters, FLOW_CACHE_VALID, FlowCacheEntry, FlowKey, LISTENER_F_HASH_SOURCE,
     ListenerInfo, MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND, PORT_SLOTS, PortInfo, REAL_F_ACTIVE, REAL_F_DOWN,
     REAL_SLOTS, RING_COPIES, RealInfo, VipInfo, flow_cache_slot, map_names as names, real_backend, real_id,
-    RING_NONE, RING_SLOTS_PER_ENTRY, RingEntry, flow_table_buckets, real_listener, reason, ring_base, ring_entries,
+    LAYOUT_VERSION, Layout, RING_NONE, RING_SLOTS_PER_ENTRY, RingEntry, flow_table_buckets, real_listener, reason,
+    ring_base, ring_entries,
 };
 
 use crate::{
@@ -132,7 +133,7 @@ pub const MAP_NAMES: [&str; 9] = [
     names::REALS,
     names::RINGS,
     names::FLOWS,
-    names::FLOW_SEED,
+    names::LAYOUT,
     names::VERDICT_STATS,
     names::REAL_STATS,
 ];
@@ -265,7 +266,14 @@ impl Dataplane {
         ensure!(on_bpffs(dir), "{} is not on a BPF filesystem: mount one there (mount -t bpf bpf DIR)", dir.display());
         let link = dir.join(LINK_PIN);
         let live = link.exists() && link_ifindex(&link).is_ok_and(|i| i != 0 && i == if_index(interface));
-        if !live {
+        if live {
+            // Before anything is loaded over them: maps of another layout would be misread.
+            let layout = dir.join(names::LAYOUT);
+            ensure!(layout.exists(), "{}", stale_layout("no LAYOUT map"));
+            let map = MapData::from_pin(&layout).with_context(|| format!("opening {}", layout.display()))?;
+            let version = Array::<MapData, Layout>::try_from(aya::maps::Map::Array(map))?.get(&0, 0)?.version;
+            ensure!(version == LAYOUT_VERSION, "{}", stale_layout(&format!("layout version {version}")));
+        } else {
             unpin_all(dir)?;
         }
         let mut dp = Self::load_with(opts, Some(dir))?;
@@ -706,21 +714,31 @@ impl Dataplane {
     }
 }
 
-/// The flow table's hash seed: read from `FLOW_SEED`, or, for a table just made (the map holds
-/// zero), drawn from the kernel's random source and written there.
+/// The flow table's hash seed: read from `LAYOUT`, or, for maps just made (version 0), drawn
+/// from the kernel's random source and written there with this build's layout version.
 fn flow_seed(ebpf: &mut Ebpf) -> anyhow::Result<u64> {
-    let mut map: Array<&mut MapData, u64> = map_mut(ebpf, names::FLOW_SEED)?;
-    let seed = map.get(&0, 0).context("reading FLOW_SEED")?;
-    if seed != 0 {
-        return Ok(seed);
+    let mut map: Array<&mut MapData, Layout> = map_mut(ebpf, names::LAYOUT)?;
+    let layout = map.get(&0, 0).context("reading LAYOUT")?;
+    if layout.version != 0 {
+        ensure!(layout.version == LAYOUT_VERSION, "{}", stale_layout(&format!("layout version {}", layout.version)));
+        return Ok(layout.flow_seed);
     }
     let mut bytes = [0u8; 8];
     // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
     let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
     ensure!(n == 8, "getrandom: {}", std::io::Error::last_os_error());
-    let seed = u64::from_ne_bytes(bytes) | 1;
-    map.set(0, seed, 0).context("writing FLOW_SEED")?;
-    Ok(seed)
+    let flow_seed = u64::from_ne_bytes(bytes) | 1;
+    map.set(0, Layout { version: LAYOUT_VERSION, flow_seed }, 0).context("writing LAYOUT")?;
+    Ok(flow_seed)
+}
+
+/// Why pinned maps are refused, and what to do.
+fn stale_layout(what: &str) -> String {
+    format!(
+        "the pinned maps were made by another dsrlb ({what}; this one reads layout version {LAYOUT_VERSION}): run \
+         `dsrlb stop` and start again (the flow table starts empty; connections keep their brokers as long as the \
+         backend set does not change meanwhile)"
+    )
 }
 
 fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<T>

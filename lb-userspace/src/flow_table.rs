@@ -51,7 +51,7 @@ const fn split_meta(meta: u64) -> (u32, u32) {
 }
 
 impl FlowTable {
-    /// `mem`: the mapped `FLOWS`; `seed`: its bucket hash seed (`FLOW_SEED`).
+    /// `mem`: the mapped `FLOWS`; `seed`: its bucket hash seed (`LAYOUT`).
     #[must_use]
     pub const fn new(mem: Mapped, seed: u64) -> Self {
         Self { mem, seed }

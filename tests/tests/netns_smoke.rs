@@ -193,6 +193,23 @@ fn dsrlb_run_attaches_serves_outlives_sigterm_and_dsrlb_stop_detaches() {
     assert!(xdp_attached(&lb, "lb0"), "SIGTERM detached the program");
     assert!(!syns_and_capture(&cl, 2, lb_mac).is_empty(), "no forwarding after the controller exited");
 
+    // Pinned maps of another layout (an older dsrlb's, say) are refused before anything is
+    // loaded over them, with what to do; forwarding goes on untouched.
+    let set_layout_version = |version: u64| {
+        use aya::maps::{Array, Map, MapData};
+        let map = MapData::from_pin(pins.join("LAYOUT")).expect("LAYOUT pin");
+        let mut layout: Array<MapData, lb_common::Layout> = Array::try_from(Map::Array(map)).expect("an array");
+        let mut value = layout.get(&0, 0).expect("read");
+        value.version = version;
+        layout.set(0, value, 0).expect("write");
+    };
+    set_layout_version(1);
+    let out = dsrlb_run(&good).output().expect("start dsrlb");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("layout version 1") && err.contains("dsrlb stop"), "{err}");
+    assert!(xdp_attached(&lb, "lb0") && !syns_and_capture(&cl, 2, lb_mac).is_empty(), "the refused controller changed the data plane");
+    set_layout_version(lb_common::LAYOUT_VERSION);
+
     // `dsrlb stop` with no controller running: detaches and removes the pins.
     let out = Command::new(dsrlb_bin()).arg("--socket").arg(&socket).arg("--pin-dir").arg(&pins).arg("stop").output().expect("dsrlb stop");
     assert!(out.status.success(), "dsrlb stop: {}", String::from_utf8_lossy(&out.stderr));

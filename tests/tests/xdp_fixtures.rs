@@ -532,8 +532,8 @@ fn flow_cache_serves_established_frames_revalidates_and_follows_every_change() {
     // The first established frame reads FLOWS and fills this CPU's cache slot.
     assert_eq!(lb.backend_of(&lb.run(&ack(1883)).1), first);
 
-    // Evict the entry behind the cache's back, as the LRU would: the cache alone serves the
-    // flow (no miss, so no new flow), for exactly FLOW_CACHE_REVALIDATE frames ...
+    // Remove the flow behind the cache's back, as a replacement in the table would: the cache
+    // alone serves the flow (no miss, so no new flow), for exactly FLOW_CACHE_REVALIDATE frames ...
     lb.dp.evict_flow(CLIENT, 44000, VIP, 1883).expect("evict");
     let nf = new_flows(&lb);
     for i in 0..FLOW_CACHE_REVALIDATE {
