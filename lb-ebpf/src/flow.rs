@@ -6,8 +6,7 @@ use aya_ebpf::helpers::bpf_jiffies64;
 use lb_common::{
     FLOW_CACHE_REVALIDATE, FLOW_S_CLOSING, FLOW_S_REAL, FlowKey, LISTENER_F_HASH_SOURCE, ListenerInfo, MAX_LISTENERS,
     NO_BACKEND, PortInfo, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo, flow_age, flow_cache_slot, flow_hash, flow_state,
-    ring_base, ring_slot,
-    source_hash,
+    ring_base, ring_slot, source_hash,
 };
 
 use crate::{
@@ -46,9 +45,7 @@ fn load_word<T>(value: &T) -> u64 {
 #[inline(always)]
 fn listener(tcp: &Tcp4, port: PortInfo) -> Result<Listener, Verdict> {
     let mut rest = port.listeners;
-    // Usually one round: a port is seldom shared between VIPs. The id comes from the bit
-    // arithmetic, not from the round, so every way out of the loop looks the same to the
-    // verifier, which then checks the rest of the program once rather than once per round.
+    // Usually one round: a port is seldom shared between VIPs.
     for _ in 0..MAX_LISTENERS {
         if rest == 0 {
             break;
@@ -139,6 +136,8 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
         }
     }
     let fill = |real: u32, info: &RealInfo| {
+        // The slot is found again rather than kept: a pointer held across the table code
+        // doubles what the verifier walks, and a new flow never gets here.
         if let Some(c) = cache_slot() {
             // SAFETY: as above. Field by field: a struct copy would call a memmove subprogram.
             unsafe {
