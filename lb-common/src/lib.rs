@@ -262,6 +262,24 @@ pub const FLOW_S_AGE_SHIFT: u32 = 16;
 pub const FLOW_AGE_JIFFIES_SHIFT: u32 = 8;
 const _: () = assert!(REAL_SLOTS - 1 <= FLOW_S_REAL, "a real id fits FLOW_S_REAL");
 
+/// A slot's second word: its ports (the low half of a [`FlowKey::words`] pair) and its state,
+/// in the slot's memory order.
+#[inline(always)]
+#[must_use]
+pub const fn flow_meta(ports: u32, state: u32) -> u64 {
+    // SAFETY: integers to an integer of the same size.
+    unsafe { core::mem::transmute::<[u32; 2], u64>([ports, state]) }
+}
+
+/// The ports and the state of a slot's second word.
+#[inline(always)]
+#[must_use]
+pub const fn flow_meta_split(meta: u64) -> (u32, u32) {
+    // SAFETY: an integer to integers of the same size.
+    let [ports, state] = unsafe { core::mem::transmute::<u64, [u32; 2]>(meta) };
+    (ports, state)
+}
+
 /// The state of a live slot.
 #[inline(always)]
 #[must_use]

@@ -6,7 +6,10 @@ use core::intrinsics::{
     atomic_cxchg,
 };
 
-use lb_common::{FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_LIVE, FLOW_WAYS, FlowBucket, FlowKey, flow_buckets};
+use lb_common::{
+    FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_LIVE, FLOW_WAYS, FlowBucket, FlowKey, flow_buckets, flow_meta,
+    flow_meta_split,
+};
 
 use crate::{
     Verdict,
@@ -39,19 +42,6 @@ fn words(bucket: *mut FlowBucket, way: usize) -> (*mut u64, *mut u64) {
         let word = (&raw mut (*bucket).slots).cast::<u64>().add(way * 2);
         (word, word.add(1))
     }
-}
-
-#[inline(always)]
-const fn meta_word(ports: u32, state: u32) -> u64 {
-    // SAFETY: integers to an integer of the same size, in the slot's memory order.
-    unsafe { core::mem::transmute::<[u32; 2], u64>([ports, state]) }
-}
-
-#[inline(always)]
-const fn split_meta(meta: u64) -> (u32, u32) {
-    // SAFETY: as above.
-    let [ports, state] = unsafe { core::mem::transmute::<u64, [u32; 2]>(meta) };
-    (ports, state)
 }
 
 /// Where `key` lives.
@@ -116,7 +106,7 @@ const REFRESHED: u64 = ((0xffff << FLOW_S_AGE_SHIFT) | FLOW_S_CLOSING as u64) <<
 /// miss costs four loads and a dozen instructions.
 #[inline(always)]
 fn ports_in(metas: &[u64; FLOW_WAYS], ports: u32) -> bool {
-    let lane = |m: u64| u64::from(split_meta(m).0 ^ ports);
+    let lane = |m: u64| u64::from(flow_meta_split(m).0 ^ ports);
     let pairs = [lane(metas[0]) | lane(metas[1]) << 32, lane(metas[2]) | lane(metas[3]) << 32];
     let zero = |v: u64| v.wrapping_sub(0x0000_0001_0000_0001) & !v & 0x8000_0000_8000_0000;
     zero(pairs[0]) | zero(pairs[1]) != 0
@@ -139,7 +129,7 @@ fn find_in(bucket: *mut FlowBucket, p: &Place) -> Option<Found> {
     for (way, &m) in first.iter().enumerate() {
         // SAFETY: inside the map value.
         let a = unsafe { core::ptr::read_volatile(words(bucket, way).0) };
-        let (ports, state) = split_meta(m);
+        let (ports, state) = flow_meta_split(m);
         let differs = (a ^ p.addrs) | u64::from(ports ^ p.ports) | u64::from((state & FLOW_S_LIVE) ^ FLOW_S_LIVE) | is_zero(u64::from(!state));
         #[expect(clippy::cast_possible_truncation, reason = "0 or 1")]
         let hit = is_zero(differs) as u32;
@@ -158,7 +148,7 @@ fn find_in(bucket: *mut FlowBucket, p: &Place) -> Option<Found> {
     if (again ^ m) & !REFRESHED != 0 {
         return None;
     }
-    Some(Found { meta, state: split_meta(again).1 })
+    Some(Found { meta, state: flow_meta_split(again).1 })
 }
 
 /// All ones when `way == of`, else zero.
@@ -178,7 +168,7 @@ pub fn find(p: &Place) -> Option<Found> {
 #[inline(always)]
 pub fn set_state(p: &Place, found: &Found, state: u32) {
     // SAFETY: an 8-aligned word inside the map value.
-    let _ = unsafe { atomic_cxchg::<u64, { SeqCst }, { Relaxed }>(found.meta, meta_word(p.ports, found.state), meta_word(p.ports, state)) };
+    let _ = unsafe { atomic_cxchg::<u64, { SeqCst }, { Relaxed }>(found.meta, flow_meta(p.ports, found.state), flow_meta(p.ports, state)) };
 }
 
 /// How good a taken slot is to replace, from its state word: a closing flow above any open one,
@@ -186,7 +176,7 @@ pub fn set_state(p: &Place, found: &Found, state: u32) {
 /// read; `claim` checks again that the slot is taken and no writer holds it.)
 #[inline(always)]
 fn score(meta: u64, now: u32) -> u64 {
-    let st = split_meta(meta).1;
+    let st = flow_meta_split(meta).1;
     let idle = u64::from(now.wrapping_sub(st >> FLOW_S_AGE_SHIFT) & 0xffff);
     // The closing bit moved to bit 16, above any idle time.
     1 + idle + (u64::from(st & FLOW_S_CLOSING) << (16 - FLOW_S_CLOSING.trailing_zeros()))
@@ -195,7 +185,7 @@ fn score(meta: u64, now: u32) -> u64 {
 /// The free slots of a bucket, one bit per way (the live bit of each state, inverted).
 #[inline(always)]
 fn free_ways(row: &[u64; FLOW_WAYS]) -> u32 {
-    row.iter().enumerate().map(|(way, &m)| ((split_meta(m).1 >> FLOW_S_LIVE.trailing_zeros()) & 1 ^ 1) << way).fold(0, |a, b| a | b)
+    row.iter().enumerate().map(|(way, &m)| ((flow_meta_split(m).1 >> FLOW_S_LIVE.trailing_zeros()) & 1 ^ 1) << way).fold(0, |a, b| a | b)
 }
 
 /// Set bits of a 4-bit mask, by table lookup in a constant (three bits per mask value).
@@ -265,15 +255,15 @@ fn claim(p: &Place, half: usize, way: usize, chosen: Option<(u64, u32)>, state: 
     // stores visible in program order, so no reader sees the state before the addresses.
     unsafe {
         let old = core::ptr::read_volatile(meta);
-        let st = split_meta(old).1;
+        let st = flow_meta_split(old).1;
         let still = match chosen {
             None => st & FLOW_S_LIVE == 0,
             Some((score_was, now)) => st & FLOW_S_LIVE != 0 && st != FLOW_S_BUSY && score(old, now) == score_was,
         };
-        if !still || !atomic_cxchg::<u64, { SeqCst }, { Relaxed }>(meta, old, meta_word(0, FLOW_S_BUSY)).1 {
+        if !still || !atomic_cxchg::<u64, { SeqCst }, { Relaxed }>(meta, old, flow_meta(0, FLOW_S_BUSY)).1 {
             return;
         }
         core::ptr::write_volatile(addrs, p.addrs);
-        core::ptr::write_volatile(meta, meta_word(p.ports, state));
+        core::ptr::write_volatile(meta, flow_meta(p.ports, state));
     }
 }

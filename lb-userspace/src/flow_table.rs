@@ -3,7 +3,7 @@
 //! program's slot protocol (a slot is read state, addresses, state; changed by
 //! compare-and-swap on its state word).
 
-use lb_common::{FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_LIVE, FLOW_S_REAL, FLOW_WAYS, FlowKey, flow_buckets};
+use lb_common::{FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_LIVE, FLOW_S_REAL, FLOW_WAYS, FlowKey, flow_buckets, flow_meta_split};
 
 use crate::mapped::Mapped;
 
@@ -44,12 +44,6 @@ pub struct FlowTable {
 /// Reads of a slot in flux before it is passed over.
 const SETTLE_TRIES: usize = 1000;
 
-const fn split_meta(meta: u64) -> (u32, u32) {
-    // SAFETY: an integer to integers of the same size, in the slot's memory order.
-    let [ports, state] = unsafe { std::mem::transmute::<u64, [u32; 2]>(meta) };
-    (ports, state)
-}
-
 impl FlowTable {
     /// `mem`: the mapped `FLOWS`; `seed`: its bucket hash seed (`LAYOUT`).
     #[must_use]
@@ -74,7 +68,7 @@ impl FlowTable {
     fn read(&self, bucket: u32, way: usize) -> Option<(Flow, Seen)> {
         for _ in 0..SETTLE_TRIES {
             let meta = self.mem.load(bucket, way * 2 + 1);
-            let (ports, state) = split_meta(meta);
+            let (ports, state) = flow_meta_split(meta);
             if state & FLOW_S_LIVE == 0 {
                 return None;
             }
