@@ -17,6 +17,11 @@ pub mod map_names {
     pub const REAL_STATS: &str = "REAL_STATS";
     pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
     pub const FLOW_CACHE: &str = "FLOW_CACHE";
+    pub const CLOCK: &str = "CLOCK";
+    pub const NODE: &str = "NODE";
+    pub const CONN_RATE: &str = "CONN_RATE";
+    pub const LISTENER_STATS: &str = "LISTENER_STATS";
+    pub const TABLE_STATS: &str = "TABLE_STATS";
 }
 
 /// Compile-time sizes of the fixed maps. The ring and flow maps are sized at load time from the
@@ -35,6 +40,7 @@ pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
 pub const NO_BACKEND: u32 = u32::MAX;
 
 pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_ICMP: u8 = 1;
 
 /// Value of `LISTENERS`, indexed by listener id: where the listener is and which of its two
 /// ring copies is active. Eight bytes that the controller writes with one atomic store (the map
@@ -53,6 +59,8 @@ pub struct ListenerInfo {
 
 /// `ListenerInfo::flags`: pick by the source address alone (`hash = "source"`).
 pub const LISTENER_F_HASH_SOURCE: u8 = 1;
+/// `ListenerInfo::flags`: new connections pass storm control (`CONN_RATE`, `max_conn_rate`).
+pub const LISTENER_F_CONN_RATE: u8 = 2;
 
 /// Ring slots per `RINGS` entry: four 16-bit real ids in one 8-byte value. An array map
 /// spends at least 8 bytes on every value, so one 32-bit id per entry would take four times
@@ -228,7 +236,8 @@ impl FlowKey {
 pub const FLOW_WAYS: usize = 4;
 
 /// One slot of a [`FlowBucket`]. `state` is 0 when the slot is empty, [`FLOW_S_BUSY`] while a
-/// writer fills it, else [`flow_state`]: `FLOW_S_LIVE`, the real, `FLOW_S_CLOSING` and the age.
+/// writer fills it, else [`flow_state`]: `FLOW_S_LIVE`, the real, `FLOW_S_CLOSING`,
+/// `FLOW_S_CONFIRMED` and the age.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowSlot {
@@ -252,14 +261,26 @@ pub const FLOW_S_REAL: u32 = 0x1fff;
 /// close; a SYN that reuses the 4-tuple starts a new flow from the ring, the controller does
 /// not count it as a live flow, and it is the first to be replaced.
 pub const FLOW_S_CLOSING: u32 = 1 << 13;
-/// `FlowSlot::state`: set in every state of a slot in use. Bit 15 is clear in all of them.
+/// `FlowSlot::state`: set in every state of a slot that holds a flow.
 pub const FLOW_S_LIVE: u32 = 1 << 14;
-/// `FlowSlot::state` while a writer owns the slot.
-pub const FLOW_S_BUSY: u32 = u32::MAX;
-/// `FlowSlot::state` bits 16..32: when the flow was last looked up, in units of
-/// 2^[`FLOW_AGE_JIFFIES_SHIFT`] jiffies (1.024 s at 250 Hz), wrapping.
+/// `FlowSlot::state`: the flow sent a frame without SYN after the one that recorded it (the
+/// handshake's ACK after a SYN; a second segment after a mid-flow miss). A flood of spoofed
+/// SYNs or made-up ACKs records flows that never confirm; a new flow replaces those, or a
+/// closing or expired one, but never a confirmed live flow (the flood guard).
+pub const FLOW_S_CONFIRMED: u32 = 1 << 15;
+/// `FlowSlot::state` while a writer owns the slot: neither empty (0) nor live.
+pub const FLOW_S_BUSY: u32 = !FLOW_S_LIVE;
+/// `FlowSlot::state` bits 16..32: when the flow last sent a frame, in units of
+/// 2^[`FLOW_AGE_NS_SHIFT`] ns of the shared clock ([`clock_ns`]; 1.07 s), wrapping after
+/// 2^16 units (19.5 hours): far beyond any accepted `flow_idle_timeout`, and the controller
+/// removes flows idle longer than their timeout well before (see `MAX_FLOW_IDLE_TIMEOUT_S`).
 pub const FLOW_S_AGE_SHIFT: u32 = 16;
-pub const FLOW_AGE_JIFFIES_SHIFT: u32 = 8;
+pub const FLOW_AGE_NS_SHIFT: u32 = 30;
+/// Ages a 16-bit field holds before it wraps.
+pub const FLOW_AGE_WRAP: u32 = 1 << 16;
+/// The longest `flow_idle_timeout` accepted, in seconds: 12 hours, well inside the age's wrap.
+pub const MAX_FLOW_IDLE_TIMEOUT_S: u64 = 12 * 3600;
+const _: () = assert!(age_units(MAX_FLOW_IDLE_TIMEOUT_S) < FLOW_AGE_WRAP * 2 / 3, "the longest timeout stays well inside the wrap");
 const _: () = assert!(REAL_SLOTS - 1 <= FLOW_S_REAL, "a real id fits FLOW_S_REAL");
 
 /// A slot's second word: its ports (the low half of a [`FlowKey::words`] pair) and its state,
@@ -280,18 +301,35 @@ pub const fn flow_meta_split(meta: u64) -> (u32, u32) {
     (ports, state)
 }
 
-/// The state of a live slot.
+/// The state of a live slot: `flags` is any of `FLOW_S_CLOSING` and `FLOW_S_CONFIRMED`.
 #[inline(always)]
 #[must_use]
-pub const fn flow_state(real: u32, closing: u32, age: u32) -> u32 {
-    FLOW_S_LIVE | (real & FLOW_S_REAL) | (closing & FLOW_S_CLOSING) | age << FLOW_S_AGE_SHIFT
+pub const fn flow_state(real: u32, flags: u32, age: u32) -> u32 {
+    FLOW_S_LIVE | (real & FLOW_S_REAL) | (flags & (FLOW_S_CLOSING | FLOW_S_CONFIRMED)) | age << FLOW_S_AGE_SHIFT
 }
 
-/// The flow table age (see [`FLOW_S_AGE_SHIFT`]) at `jiffies`.
+/// The flow table age (see [`FLOW_S_AGE_SHIFT`]) at `ns` of the shared clock ([`clock_ns`]).
 #[inline(always)]
 #[must_use]
-pub const fn flow_age(jiffies: u64) -> u32 {
-    ((jiffies >> FLOW_AGE_JIFFIES_SHIFT) & 0xffff) as u32
+pub const fn flow_age(ns: u64) -> u32 {
+    ((ns >> FLOW_AGE_NS_SHIFT) & 0xffff) as u32
+}
+
+/// Age units since `age` (a state's age field) at `now`, correct for any true idle time below
+/// [`FLOW_AGE_WRAP`] units.
+#[inline(always)]
+#[must_use]
+pub const fn flow_idle(now: u32, age: u32) -> u32 {
+    now.wrapping_sub(age) & 0xffff
+}
+
+/// Whole age units in `secs` seconds, rounded up (a timeout never fires early).
+#[must_use]
+pub const fn age_units(secs: u64) -> u32 {
+    let units = (secs * 1_000_000_000).div_ceil(1 << FLOW_AGE_NS_SHIFT);
+    #[expect(clippy::cast_possible_truncation, reason = "at most 0xffff")]
+    let units = if units > 0xffff { 0xffff } else { units as u32 };
+    units
 }
 
 /// Slots per flow the table is sized for: at half load, two-choice buckets of four hold every
@@ -310,8 +348,10 @@ pub struct Layout {
 }
 
 /// The layout of the maps this build reads and writes. Version 1 had no `LAYOUT` map: an LRU
-/// hash flow table, a hash of listeners and a ring id per 8-byte entry.
-pub const LAYOUT_VERSION: u64 = 2;
+/// hash flow table, a hash of listeners and a ring id per 8-byte entry. Version 2 had no
+/// `FLOW_S_CONFIRMED`, counted ages in jiffies and had no `NODE`, `CONN_RATE`,
+/// `LISTENER_STATS` or `TABLE_STATS`.
+pub const LAYOUT_VERSION: u64 = 3;
 
 /// Buckets for a `flow_table_size` of flows: a power of two, at least two (one per half).
 #[must_use]
@@ -343,9 +383,10 @@ pub const fn flow_buckets(key: &FlowKey, seed: u64, mask: u32) -> [u32; 2] {
 pub const FLOW_CACHE_SLOTS: u32 = 1 << 12;
 
 /// A cache entry serves this many frames, then the next frame of the flow goes through
-/// `FLOWS` again: that refreshes the flow's age (busy flows are not replaced for looking idle)
-/// and picks up any change another CPU or the controller made to it.
-pub const FLOW_CACHE_REVALIDATE: u32 = 256;
+/// `FLOWS` again, which picks up any change another CPU or the controller made to it. An entry
+/// also goes back to `FLOWS` as soon as the flow table's clock has moved on since it was filled,
+/// so the table's age of a flow is always that of its last frame (idle means idle).
+pub const FLOW_CACHE_REVALIDATE: u16 = 256;
 
 /// `FlowCacheEntry::tag` bit set in every valid entry, so zeroed slots never match.
 pub const FLOW_CACHE_VALID: u32 = 1 << 31;
@@ -362,7 +403,9 @@ pub struct FlowCacheEntry {
     pub real: u32,
     pub tag: u32,
     /// Frames served since the entry was filled from `FLOWS`.
-    pub hits: u32,
+    pub hits: u16,
+    /// The flow table age ([`flow_age`]) when the entry was filled: a hit needs the same now.
+    pub age: u16,
     pub info: RealInfo,
 }
 
@@ -379,6 +422,106 @@ pub const fn flow_cache_slot(key: &FlowKey) -> u32 {
     slot
 }
 const _: () = assert!(FLOW_CACHE_SLOTS.is_power_of_two());
+
+/// Destination MACs a node forwards frames for: its interface's own and up to six more
+/// (`accept_macs`, e.g. keepalived's virtual MAC).
+pub const MAX_NODE_MACS: usize = 7;
+
+/// A MAC as the 8-byte word [`NodeInfo::macs`] holds: the six bytes in wire order, read as a
+/// little-endian integer, the top two bytes zero.
+#[inline(always)]
+#[must_use]
+pub const fn mac_word(mac: [u8; 6]) -> u64 {
+    u64::from_le_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0])
+}
+
+/// A [`NodeInfo::macs`] entry that matches no frame (a 48-bit MAC never has the top bits).
+pub const NO_MAC: u64 = u64::MAX;
+
+/// Value of `NODE` (one entry, one cache line, mmapable): what the node is, written by the
+/// controller word by word (each word is read with one load).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Nanoseconds per jiffy (10^9 / the kernel's HZ, which the controller measures): the
+    /// program's clock is `bpf_jiffies64() * ns_per_jiffy`, one load where the kernel inlines
+    /// the helper (a coarse-clock helper call costs more than the whole flow cache hit).
+    pub ns_per_jiffy: u32,
+    /// Flows idle this many age units or more are expired: replaced before any open flow
+    /// even when confirmed. The longest of the listeners' timeouts (the controller removes
+    /// each listener's expired flows by its own).
+    pub idle_expire: u32,
+    /// Frames to a listener are forwarded only when their destination MAC is one of these
+    /// ([`mac_word`]; unused entries [`NO_MAC`]): never a flooded, broadcast or multicast
+    /// frame, nor one meant for another node of the segment.
+    pub macs: [u64; MAX_NODE_MACS],
+}
+
+impl Default for NodeInfo {
+    fn default() -> Self {
+        Self { ns_per_jiffy: 0, idle_expire: 0xffff, macs: [NO_MAC; MAX_NODE_MACS] }
+    }
+}
+
+impl NodeInfo {
+    /// The first word: `ns_per_jiffy` and `idle_expire`, in memory order.
+    #[must_use]
+    pub const fn head(&self) -> u64 {
+        flow_meta(self.ns_per_jiffy, self.idle_expire)
+    }
+}
+
+/// The clock both sides share: `jiffies` as nanoseconds ([`NodeInfo::ns_per_jiffy`]).
+#[inline(always)]
+#[must_use]
+pub const fn clock_ns(jiffies: u64, ns_per_jiffy: u32) -> u64 {
+    jiffies.wrapping_mul(ns_per_jiffy as u64)
+}
+
+/// Value of `CONN_RATE`, one per listener: storm control as a generic cell rate algorithm.
+/// A new connection (SYN without a live flow) at `now` is admitted when `tat_ns - now <=
+/// tolerance_ns`, and moves `tat_ns` to `max(tat_ns, now) + interval_ns` by compare-and-swap;
+/// so admissions stay within `1e9 / interval_ns` per second after a burst of `tolerance_ns /
+/// interval_ns + 1`. `interval_ns` 0: no limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnRate {
+    /// The theoretical arrival time of the next connection ([`clock_ns`]).
+    pub tat_ns: u64,
+    pub interval_ns: u64,
+    pub tolerance_ns: u64,
+    /// Zero.
+    pub pad: u64,
+}
+
+/// Value of `LISTENER_STATS` (per CPU), one per listener: what the listener's guards did.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerCounters {
+    /// SYNs dropped by `max_conn_rate`.
+    pub conn_rate_dropped: u64,
+    /// ICMP "fragmentation needed" forwarded to a broker by their inner tuple.
+    pub icmp_too_big: u64,
+}
+
+/// Indices of `TABLE_STATS` (per CPU, `u64`): what flow table inserts did.
+pub mod table_event {
+    /// A flow recorded in a free slot.
+    pub const INSERT_FREE: u32 = 0;
+    /// A flow recorded over a closing or expired one.
+    pub const REPLACE_STALE: u32 = 1;
+    /// A flow recorded over an unconfirmed one (a flood's flows replace each other).
+    pub const REPLACE_UNCONFIRMED: u32 = 2;
+    /// Not recorded: every slot of its two buckets holds a confirmed live flow. The flood
+    /// guard at work (or a table too small for its flows); the frame still follows the ring.
+    pub const REFUSED: u32 = 3;
+    /// A recorded flow confirmed by its next frame.
+    pub const CONFIRMED: u32 = 4;
+    /// Not recorded: another CPU changed the slot first (the flow's next frame tries again).
+    pub const RACED: u32 = 5;
+    pub const COUNT: u32 = 6;
+    pub const LABELS: [&str; COUNT as usize] = ["insert_free", "replace_stale", "replace_unconfirmed", "refused", "confirmed", "raced"];
+}
 
 /// `LISTEN_PORTS` has one slot per port (see [`PortInfo`]): an array lookup the verifier
 /// inlines, so TCP to other ports passes without a hash lookup, and the same load gives the flow
@@ -417,7 +560,16 @@ pub mod reason {
     pub const DROP_INTERNAL: u32 = 7;
     /// More than one VLAN tag, passed.
     pub const PASS_VLAN_STACKED: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// For a listener (or an ICMP error about one), but the destination MAC is not this
+    /// node's (`NodeInfo::macs`): flooded unknown unicast, broadcast, multicast, promiscuous
+    /// capture, another node's frame. Passed untouched (the kernel drops what is not its own).
+    pub const PASS_NOT_OUR_MAC: u32 = 9;
+    /// ICMP "fragmentation needed" about a listener's flow, forwarded to the broker of the
+    /// flow its inner header names (not counted in `REAL_STATS`).
+    pub const TX_ICMP_TOO_BIG: u32 = 10;
+    /// A new connection's SYN above the listener's `max_conn_rate`, dropped.
+    pub const DROP_CONN_RATE: u32 = 11;
+    pub const COUNT: u32 = 12;
 
     /// `(verdict, reason)` labels, indexed like the map.
     pub const LABELS: [(&str, &str); COUNT as usize] = [
@@ -430,6 +582,9 @@ pub mod reason {
         ("drop", "no_backend"),
         ("drop", "internal"),
         ("pass", "vlan_stacked"),
+        ("pass", "not_our_mac"),
+        ("tx", "icmp_too_big"),
+        ("drop", "conn_rate"),
     ];
 }
 
@@ -443,10 +598,16 @@ const _: () = assert!(core::mem::size_of::<FlowBucket>() == 64);
 const _: () = assert!(core::mem::size_of::<Layout>() == 16);
 const _: () = assert!(core::mem::size_of::<Counters>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowCacheEntry>() == 40);
+const _: () = assert!(core::mem::size_of::<NodeInfo>() == 64, "one cache line");
+const _: () = assert!(core::mem::size_of::<ConnRate>() == 32);
+const _: () = assert!(core::mem::size_of::<ListenerCounters>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{Counters, FlowBucket, FlowCacheEntry, FlowKey, Layout, ListenerInfo, PortInfo, RealInfo, VipInfo};
+    use super::{
+        ConnRate, Counters, FlowBucket, FlowCacheEntry, FlowKey, Layout, ListenerCounters, ListenerInfo, NodeInfo, PortInfo, RealInfo,
+        VipInfo,
+    };
     // SAFETY: all of these are `#[repr(C)]`, made only of integers, with no padding (asserted
     // above), so every bit pattern is valid.
     unsafe impl aya::Pod for PortInfo {}
@@ -458,6 +619,9 @@ mod pod {
     unsafe impl aya::Pod for Layout {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for FlowCacheEntry {}
+    unsafe impl aya::Pod for NodeInfo {}
+    unsafe impl aya::Pod for ConnRate {}
+    unsafe impl aya::Pod for ListenerCounters {}
 }
 
 /// 64-bit finaliser (murmur3's fmix64): every input bit affects every output bit.

@@ -1,19 +1,22 @@
 //! Real selection: this CPU's flow cache first, then the flow table, then the listener's Maglev
 //! ring on a miss, when the recorded real is down, or for a new connection that reuses a
-//! closing flow's 4-tuple.
+//! closing flow's 4-tuple. Only for frames addressed to this node; new connections pass the
+//! listener's storm control.
 
-use aya_ebpf::helpers::bpf_jiffies64;
+use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    FLOW_CACHE_REVALIDATE, FLOW_S_CLOSING, FLOW_S_REAL, FlowKey, LISTENER_F_HASH_SOURCE, ListenerInfo, MAX_LISTENERS,
-    NO_BACKEND, PortInfo, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo, flow_age, flow_cache_slot, flow_hash, flow_state,
-    ring_base, ring_slot, source_hash,
+    FLOW_CACHE_REVALIDATE, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_REAL, FlowKey, LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE,
+    ListenerInfo,
+    MAX_LISTENERS, NO_BACKEND, PortInfo, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo, flow_age, flow_cache_slot, flow_hash,
+    flow_state, ring_base, ring_slot, source_hash, table_event,
 };
 
 use crate::{
     Verdict,
     maps::{FLOW_CACHE, LISTEN_PORTS, LISTENERS, REALS, RINGS},
+    node,
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tcp4},
-    table,
+    stats, storm, table,
 };
 
 /// The real a frame goes to.
@@ -108,29 +111,60 @@ const fn closing_flag(tcp: &Tcp4) -> u32 {
     if tcp.flags & (TCP_FIN | TCP_RST) != 0 { FLOW_S_CLOSING } else { 0 }
 }
 
-/// Finds (or makes) the flow entry for `tcp`; `PassNoListener` when it is not for a listener.
+/// A frame to a listener's port, addressed to this node: the port's slot, and the node.
 #[inline(always)]
-pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
+fn arrival(ctx: &XdpContext, tcp: &Tcp4) -> Result<(PortInfo, node::Node), Verdict> {
     // Most TCP that is not ours goes to a port no listener uses: one inlined array read. A used
     // port's slot holds the tag that this CPU's cached flows must carry to be valid.
     let port = match LISTEN_PORTS.get(u32::from(tcp.dport_be)) {
         Some(slot) => PortInfo::from_word(load_word(slot)),
         None => return Err(Verdict::PassNoListener),
     };
-    let tag = port.tag;
-    if tag == 0 {
+    if port.tag == 0 {
         return Err(Verdict::PassNoListener);
     }
+    Ok((port, node::check(ctx)?))
+}
+
+/// The real for an ICMP error about the flow `tcp` (as its client sends it): found as the
+/// flow's own segments would be, in the flow table and else in the ring; nothing is recorded,
+/// refreshed or confirmed.
+#[inline(always)]
+pub fn pick_for_icmp(ctx: &XdpContext, tcp: &Tcp4) -> Result<Pick, Verdict> {
+    let (port, _) = arrival(ctx, tcp)?;
+    let listener = listener(tcp, port)?;
     let key = FlowKey { src_be: tcp.src_be, dst_be: tcp.dst_be, sport_be: tcp.sport_be, dport_be: tcp.dport_be };
-    // The busiest path: an established frame of a flow this CPU saw recently. SYN, FIN and RST
-    // always go to the flow table (new flows, reopened tuples, the closing mark).
+    let place = table::place(&key)?;
+    if let Some(found) = table::find(&place, &mut table::Seen::new())
+        && let Some(real) = REALS.get(found.state & FLOW_S_REAL)
+        && real.usable()
+    {
+        return Ok(Pick { real_id: found.state & FLOW_S_REAL, real, new_flow: false });
+    }
+    let (real_id, real) = usable_real(ring_id(listener, tcp)?)?;
+    Ok(Pick { real_id, real, new_flow: false })
+}
+
+/// Finds (or makes) the flow entry for the segment `tcp`; `PassNoListener` when it is not for
+/// a listener, `PassNotOurMac` when the frame is not addressed to this node.
+#[inline(always)]
+pub fn pick(ctx: &XdpContext, tcp: &Tcp4) -> Result<Pick, Verdict> {
+    let (port, node) = arrival(ctx, tcp)?;
+    let tag = port.tag;
+    let key = FlowKey { src_be: tcp.src_be, dst_be: tcp.dst_be, sport_be: tcp.sport_be, dport_be: tcp.dport_be };
+    let now = flow_age(node.now_ns);
+    #[expect(clippy::cast_possible_truncation, reason = "ages are 16 bits")]
+    let now16 = now as u16;
+    // The busiest path: an established frame of a flow this CPU saw recently, in the same unit
+    // of the table's clock (so the table's age of a flow is that of its last frame). SYN, FIN
+    // and RST always go to the flow table (new flows, reopened tuples, the closing mark).
     let cache_slot = || FLOW_CACHE.get_ptr_mut(flow_cache_slot(&key));
     if tcp.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
         && let Some(c) = cache_slot()
     {
         // SAFETY: a per-CPU slot, read and written only by this CPU while the program runs.
         let entry = unsafe { &mut *c };
-        if entry.tag == tag && entry.key == key && entry.hits < FLOW_CACHE_REVALIDATE {
+        if entry.tag == tag && entry.key == key && entry.hits < FLOW_CACHE_REVALIDATE && entry.age == now16 {
             entry.hits += 1;
             return Ok(Pick { real_id: entry.real, real: &entry.info, new_flow: false });
         }
@@ -148,6 +182,7 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
                 (*c).real = real;
                 (*c).tag = tag;
                 (*c).hits = 0;
+                (*c).age = now16;
                 (*c).info = *info;
             }
         }
@@ -160,38 +195,50 @@ pub fn pick(tcp: &Tcp4) -> Result<Pick, Verdict> {
     let syn = tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let early = if syn { ring_id(listener, tcp)? } else { NO_BACKEND };
     let place = table::place(&key)?;
-    // SAFETY: a helper without arguments.
-    let now = flow_age(unsafe { bpf_jiffies64() });
     let closing = closing_flag(tcp);
-    let found = table::find(&place);
+    // Any segment without SYN after the one that recorded the flow confirms it.
+    let confirm = if tcp.flags & TCP_SYN == 0 { FLOW_S_CONFIRMED } else { 0 };
+    let mut seen = table::Seen::new();
+    let found = table::find(&place, &mut seen);
     if let Some(found) = &found {
         let recorded = found.state & FLOW_S_REAL;
         let reopened = found.state & FLOW_S_CLOSING != 0 && syn;
-        // The established path: a write only when the client closes or the age moves on
-        // (about once a second).
         if !reopened
             && let Some(real) = REALS.get(recorded)
             && real.usable()
         {
-            let state = flow_state(recorded, found.state | closing, now);
-            if state != found.state {
-                table::set_state(&place, found, state);
+            // The established path: a write only when the client closes, the flow confirms or
+            // the age moves on (about once a second).
+            let state = flow_state(recorded, found.state | closing | confirm, now);
+            if state != found.state && table::set_state(&place, found, state) && confirm & !found.state != 0 {
+                stats::count_table(table_event::CONFIRMED);
             }
-            fill(recorded, real);
+            // Only confirmed flows are cached: an unconfirmed one's next segment must reach the
+            // table to confirm it.
+            if state & FLOW_S_CONFIRMED != 0 {
+                fill(recorded, real);
+            }
             return Ok(Pick { real_id: recorded, real, new_flow: false });
         }
     }
     let (real_id, real) = usable_real(if syn { early } else { ring_id(listener, tcp)? })?;
+    if syn && listener.info.flags & LISTENER_F_CONN_RATE != 0 {
+        storm::admit(listener.id, node.now_ns)?;
+    }
     match found {
-        // The recorded real went down (or was removed), or a new connection reuses the tuple
-        // of a closed one: repoint the slot.
+        // The recorded real went down (or was removed): repoint the slot, confirmed as it was.
+        // Or a new connection reuses the tuple of a closed one: it starts unconfirmed.
         Some(found) => {
-            table::set_state(&place, &found, flow_state(real_id, closing, now));
-            fill(real_id, real);
+            let kept = if syn { 0 } else { found.state & FLOW_S_CONFIRMED };
+            table::set_state(&place, &found, flow_state(real_id, closing | kept, now));
+            if kept != 0 {
+                fill(real_id, real);
+            }
         }
         // A miss: a new connection, or one whose slot was replaced or predates this balancer.
-        // Both follow the ring, so a flow whose backend set did not change keeps its broker.
-        None => table::insert(&place, flow_state(real_id, closing, now), now),
+        // Both follow the ring, so a flow whose backend set did not change keeps its broker. It
+        // is recorded unconfirmed, so a flood of them never displaces a confirmed flow.
+        None => stats::count_table(table::insert(&place, &seen, flow_state(real_id, closing, now), now, node.idle_expire)),
     }
     Ok(Pick { real_id, real, new_flow: true })
 }

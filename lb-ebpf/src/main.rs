@@ -1,6 +1,7 @@
-//! Entry points: the DSR balancer, the floor program benchmarks compare against, a driver that
-//! gives each benchmark run a flow of its own, and a pass-all program that the receiving side
-//! of a veth pair needs for `XDP_TX` to reach it.
+//! Entry points: the DSR balancer, the clock the controller reads flows' ages by, the floor
+//! program benchmarks compare against, a driver that gives each benchmark run a flow of its
+//! own, and a pass-all program that the receiving side of a veth pair needs for `XDP_TX` to
+//! reach it.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics, asm_experimental_arch)]
@@ -9,14 +10,19 @@
 mod dsr;
 mod flow;
 mod maps;
+mod node;
 mod parse;
 mod stats;
+mod storm;
 mod table;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::reason;
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_jiffies64, macros::xdp, programs::XdpContext};
+use lb_common::{real_listener, reason};
 
-use crate::{maps::VIPS, parse::Parsed};
+use crate::{
+    maps::{CLOCK, VIPS},
+    parse::Parsed,
+};
 
 /// Why a frame was not forwarded. Each maps to one XDP action and one counter.
 #[derive(Clone, Copy)]
@@ -27,9 +33,11 @@ pub enum Verdict {
     PassNoListener = reason::PASS_NO_LISTENER,
     PassMalformed = reason::PASS_MALFORMED,
     PassVlanStacked = reason::PASS_VLAN_STACKED,
+    PassNotOurMac = reason::PASS_NOT_OUR_MAC,
     DropFragment = reason::DROP_FRAGMENT,
     DropNoBackend = reason::DROP_NO_BACKEND,
     DropInternal = reason::DROP_INTERNAL,
+    DropConnRate = reason::DROP_CONN_RATE,
 }
 
 impl Verdict {
@@ -40,8 +48,9 @@ impl Verdict {
             | Self::PassNotTcp
             | Self::PassNoListener
             | Self::PassMalformed
-            | Self::PassVlanStacked => xdp_action::XDP_PASS,
-            Self::DropFragment | Self::DropNoBackend | Self::DropInternal => xdp_action::XDP_DROP,
+            | Self::PassVlanStacked
+            | Self::PassNotOurMac => xdp_action::XDP_PASS,
+            Self::DropFragment | Self::DropNoBackend | Self::DropInternal | Self::DropConnRate => xdp_action::XDP_DROP,
         }
     }
 }
@@ -61,17 +70,27 @@ pub fn dsrlb(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_dsrlb(ctx: &XdpContext) -> Result<(), Verdict> {
-    let tcp = match parse::parse(ctx)? {
-        Parsed::Tcp(tcp) => tcp,
+    let pick = match parse::parse(ctx)? {
+        Parsed::Tcp(tcp) => flow::pick(ctx, &tcp)?,
+        Parsed::IcmpTooBig(tcp) => {
+            let pick = flow::pick_for_icmp(ctx, &tcp)?;
+            if !dsr::rewrite(ctx, pick.real) {
+                return Err(Verdict::PassMalformed);
+            }
+            // Counted apart from the flow's own frames: forwarded, but not by the flow.
+            stats::count_verdict(reason::TX_ICMP_TOO_BIG);
+            stats::count_icmp_too_big(real_listener(pick.real_id));
+            return Ok(());
+        }
         Parsed::TcpFragment { dst_be } => {
             // SAFETY: read-only use of a map value.
-            return match unsafe { VIPS.get(&dst_be) } {
-                Some(_) => Err(Verdict::DropFragment),
-                None => Err(Verdict::PassNoListener),
-            };
+            if unsafe { VIPS.get(&dst_be) }.is_none() {
+                return Err(Verdict::PassNoListener);
+            }
+            node::check(ctx)?;
+            return Err(Verdict::DropFragment);
         }
     };
-    let pick = flow::pick(&tcp)?;
     if !dsr::rewrite(ctx, pick.real) {
         return Err(Verdict::PassMalformed);
     }
@@ -112,29 +131,45 @@ pub fn xdp_floor(ctx: XdpContext) -> u32 {
 #[aya_ebpf::macros::btf_map]
 static BENCH_TARGET: aya_ebpf::btf_maps::ProgramArray<1> = aya_ebpf::btf_maps::ProgramArray::new();
 
-/// `xdp_bench_flows`' sequence: [next, wrap]. Run `next` is client 11.0.0.0 + `next` / 16384,
-/// port 1024 + 2 × (`next` % 16384), as Linux clients pick even ports; `next` goes back to 0 at
-/// `wrap` (0: never).
+/// `xdp_bench_flows`' sequence: [next, wrap, MAC low, MAC high, keep]. Run `next` is client
+/// 11.0.0.0 + `next` / 16384, port 1024 + 2 × (`next` % 16384), as Linux clients pick even
+/// ports; `next` goes back to 0 at `wrap` (0: never). The MAC (its first four bytes, then its
+/// last two, as little-endian integers) is written as every run's destination: the balancer's
+/// own, so each run is addressed to it again after the last one rewrote the frame for a
+/// backend. `keep` non-zero: the frame keeps its addresses and ports (only the MAC is written).
 #[aya_ebpf::macros::btf_map]
-static BENCH_FLOWS: aya_ebpf::btf_maps::Array<u32, 2> = aya_ebpf::btf_maps::Array::new();
+static BENCH_FLOWS: aya_ebpf::btf_maps::Array<u32, 5> = aya_ebpf::btf_maps::Array::new();
 
-/// A benchmark and test driver, never attached: gives each run's frame the next client address
-/// and port of a sequence (an untagged IPv4 frame without options: source at offset 26, TCP
-/// source port at 34), then tail-calls
+/// A benchmark and test driver, never attached: gives each run's frame the balancer's MAC and
+/// (unless told to keep them) the next client address and port of a sequence (an untagged IPv4
+/// frame without options: source at offset 26, TCP source port at 34), then tail-calls
 /// `BENCH_TARGET[0]`. So `BPF_PROG_TEST_RUN` with `repeat` runs the balancer on a new flow
-/// each time (or cycles over `wrap` flows), and with the floor as target measures its own cost.
+/// each time (or cycles over `wrap` flows, or runs one frame again and again), and with the
+/// floor as target measures its own cost.
 #[xdp]
 pub fn xdp_bench_flows(ctx: XdpContext) -> u32 {
     let start = ctx.data();
     if start + 36 > ctx.data_end() {
         return xdp_action::XDP_ABORTED;
     }
-    let (Some(next), Some(wrap)) = (BENCH_FLOWS.get_ptr_mut(0), BENCH_FLOWS.get(1)) else {
+    let (Some(next), Some(wrap), Some(mac_lo), Some(mac_hi), Some(keep)) =
+        (BENCH_FLOWS.get_ptr_mut(0), BENCH_FLOWS.get(1), BENCH_FLOWS.get(2), BENCH_FLOWS.get(3), BENCH_FLOWS.get(4))
+    else {
         return xdp_action::XDP_ABORTED;
     };
-    // SAFETY: bytes 26..30 and 34..36 are inside the frame (checked above), 2-aligned; `next`
-    // is a map value. Runs on two CPUs at once may share a tuple now and then: harmless.
+    // SAFETY: bytes 0..6, 26..30 and 34..36 are inside the frame (checked above), 2-aligned;
+    // `next` is a map value. Runs on two CPUs at once may share a tuple now and then: harmless.
     unsafe {
+        let dst = start as *mut u16;
+        #[expect(clippy::cast_possible_truncation, reason = "the halves of a 32-bit word")]
+        let halves = [*mac_lo as u16, (*mac_lo >> 16) as u16, *mac_hi as u16];
+        for (i, h) in halves.iter().enumerate() {
+            *dst.add(i) = u16::from_le(*h);
+        }
+        if *keep != 0 {
+            BENCH_TARGET.tail_call(&ctx, 0);
+            return xdp_action::XDP_ABORTED;
+        }
         let n = *next;
         let following = n.wrapping_add(1);
         *next = if following == *wrap { 0 } else { following };
@@ -148,6 +183,17 @@ pub fn xdp_bench_flows(ctx: XdpContext) -> u32 {
         BENCH_TARGET.tail_call(&ctx, 0);
     }
     xdp_action::XDP_ABORTED
+}
+
+/// The clock flows are timed by, for the controller: `BPF_PROG_TEST_RUN` of this program (never
+/// attached) stores `bpf_jiffies64()` in `CLOCK`.
+#[xdp]
+pub fn dsrlb_clock(_ctx: XdpContext) -> u32 {
+    if let Some(c) = CLOCK.get_ptr_mut(0) {
+        // SAFETY: a map value; a helper without arguments.
+        unsafe { *c = bpf_jiffies64() };
+    }
+    xdp_action::XDP_PASS
 }
 
 /// Passes everything. Attached to the receiving peer of a veth pair, it makes the kernel deliver

@@ -9,9 +9,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FlowBucket, FlowCacheEntry, Layout, ListenerInfo,
-    MAX_LISTENERS, MAX_VIPS, PORT_SLOTS, PortInfo, REAL_SLOTS, RING_COPIES, RealInfo, RingEntry, VipInfo,
-    flow_table_buckets, reason, ring_entries,
+    ConnRate, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FlowBucket, FlowCacheEntry, Layout,
+    ListenerCounters, ListenerInfo, MAX_LISTENERS, MAX_VIPS, NodeInfo, PORT_SLOTS, PortInfo, REAL_SLOTS, RING_COPIES, RealInfo,
+    RingEntry, VipInfo, flow_table_buckets, reason, ring_entries, table_event,
 };
 
 /// Map flags of the maps the controller reads and writes through memory it maps
@@ -53,6 +53,26 @@ pub static LAYOUT: Array<Layout, 1> = Array::new();
 /// pinned: each loaded program instance starts with an empty one.
 #[btf_map]
 pub static FLOW_CACHE: PerCpuArray<FlowCacheEntry, { FLOW_CACHE_SLOTS as usize }> = PerCpuArray::new();
+
+/// This node's MACs and the flow table's expiry (`lb_common::NodeInfo`), written word by word.
+#[btf_map]
+pub static NODE: Array<NodeInfo, 1, MMAPABLE> = Array::new();
+
+/// `bpf_jiffies64()` when `dsrlb_clock` last ran (the controller runs it to read the clock).
+#[btf_map]
+pub static CLOCK: Array<u64, 1> = Array::new();
+
+/// Storm control per listener id (`lb_common::ConnRate`).
+#[btf_map]
+pub static CONN_RATE: Array<ConnRate, { MAX_LISTENERS as usize }> = Array::new();
+
+/// Per listener id: what its guards did (`lb_common::ListenerCounters`).
+#[btf_map]
+pub static LISTENER_STATS: PerCpuArray<ListenerCounters, { MAX_LISTENERS as usize }> = PerCpuArray::new();
+
+/// What flow table inserts did, see `lb_common::table_event`.
+#[btf_map]
+pub static TABLE_STATS: PerCpuArray<u64, { table_event::COUNT as usize }> = PerCpuArray::new();
 
 /// Packets per verdict and reason, see `lb_common::reason`.
 #[btf_map]

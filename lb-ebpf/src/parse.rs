@@ -1,7 +1,8 @@
-//! Bounds-checked header parsing: Ethernet, one optional VLAN tag, IPv4 (honouring IHL), TCP.
+//! Bounds-checked header parsing: Ethernet, one optional VLAN tag, IPv4 (honouring IHL), TCP,
+//! and ICMP "fragmentation needed" down to the ports of the TCP segment it quotes.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::IPPROTO_TCP;
+use lb_common::{IPPROTO_ICMP, IPPROTO_TCP};
 
 use crate::Verdict;
 
@@ -30,6 +31,19 @@ struct Ipv4Hdr {
     saddr: u32,
     daddr: u32,
 }
+
+/// The ICMP header of a "destination unreachable" message; the quoted datagram follows.
+#[repr(C)]
+struct IcmpHdr {
+    kind: u8,
+    code: u8,
+    check: u16,
+    unused: u16,
+    next_hop_mtu: u16,
+}
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
 
 /// The part of a TCP header the balancer reads, padded to the minimum header length so one
 /// bounds check covers a whole (option-less) header.
@@ -67,6 +81,10 @@ pub enum Parsed {
     Tcp(Tcp4),
     /// An IPv4 fragment with protocol TCP: no ports to look at, only the destination.
     TcpFragment { dst_be: u32 },
+    /// ICMP "fragmentation needed" sent to the source of a TCP segment it quotes: the flow of
+    /// that segment as its client sends it (the quoted destination is the client, the quoted
+    /// source, which is also this message's destination, the server), `flags` 0.
+    IcmpTooBig(Tcp4),
 }
 
 /// Returns a pointer to a `T` at `offset` in the frame, or `PassMalformed` when it would run
@@ -111,11 +129,16 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Verdict> {
     if ihl < core::mem::size_of::<Ipv4Hdr>() {
         return Err(Verdict::PassMalformed);
     }
-    if unsafe { (*ip).protocol } != IPPROTO_TCP {
+    let protocol = unsafe { (*ip).protocol };
+    let dst_be = unsafe { (*ip).daddr };
+    let fragment = unsafe { (*ip).frag_off } & IP_MF_OFFSET_MASK != 0;
+    if protocol == IPPROTO_ICMP && !fragment {
+        return too_big(ctx, dst_be, l3 + ihl);
+    }
+    if protocol != IPPROTO_TCP {
         return Err(Verdict::PassNotTcp);
     }
-    let dst_be = unsafe { (*ip).daddr };
-    if unsafe { (*ip).frag_off } & IP_MF_OFFSET_MASK != 0 {
+    if fragment {
         return Ok(Parsed::TcpFragment { dst_be });
     }
     let src_be = unsafe { (*ip).saddr };
@@ -128,5 +151,38 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Verdict> {
         sport_be: unsafe { (*tcp).source },
         dport_be: unsafe { (*tcp).dest },
         flags: unsafe { (*tcp).flags },
+    }))
+}
+
+/// An ICMP message at `l4` to `dst_be`: "fragmentation needed" about a whole TCP segment that
+/// `dst_be` sent, or the pass verdict that says why not. Other ICMP passes as not TCP; a
+/// quoted datagram that is not such a segment (UDP, a later fragment, another source) as no
+/// listener's; a quote cut short as malformed.
+#[inline(always)]
+fn too_big(ctx: &XdpContext, dst_be: u32, l4: usize) -> Result<Parsed, Verdict> {
+    // SAFETY (all derefs below): `ptr_at` checked that the whole header lies in the frame.
+    let icmp = ptr_at::<IcmpHdr>(ctx, l4)?;
+    if unsafe { (*icmp).kind } != ICMP_DEST_UNREACH || unsafe { (*icmp).code } != ICMP_FRAG_NEEDED {
+        return Err(Verdict::PassNotTcp);
+    }
+    let inner_l3 = l4 + core::mem::size_of::<IcmpHdr>();
+    let inner = ptr_at::<Ipv4Hdr>(ctx, inner_l3)?;
+    let ver_ihl = unsafe { (*inner).ver_ihl };
+    let ihl = usize::from(ver_ihl & 0x0f) * 4;
+    if ver_ihl >> 4 != 4 || ihl < core::mem::size_of::<Ipv4Hdr>() {
+        return Err(Verdict::PassMalformed);
+    }
+    let quoted_src = unsafe { (*inner).saddr };
+    if unsafe { (*inner).protocol } != IPPROTO_TCP || unsafe { (*inner).frag_off } & IP_MF_OFFSET_MASK != 0 || quoted_src != dst_be {
+        return Err(Verdict::PassNoListener);
+    }
+    // RFC 792 quotes at least 8 bytes of the datagram: the ports are the first four.
+    let ports = ptr_at::<[u16; 2]>(ctx, inner_l3 + ihl)?;
+    Ok(Parsed::IcmpTooBig(Tcp4 {
+        src_be: unsafe { (*inner).daddr },
+        dst_be: quoted_src,
+        sport_be: unsafe { (*ports)[1] },
+        dport_be: unsafe { (*ports)[0] },
+        flags: 0,
     }))
 }

@@ -1,5 +1,6 @@
 //! The flow table (`lb_common::FLOW_WAYS` says how it works): find a 4-tuple's slot in its two
-//! buckets, change a slot's state, insert a flow.
+//! buckets, change a slot's state, insert a flow (never over a confirmed live one: the flood
+//! guard, see `lb_common::FLOW_S_CONFIRMED`).
 
 use core::intrinsics::{
     AtomicOrdering::{Relaxed, SeqCst},
@@ -7,8 +8,8 @@ use core::intrinsics::{
 };
 
 use lb_common::{
-    FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_LIVE, FLOW_WAYS, FlowBucket, FlowKey, flow_buckets, flow_meta,
-    flow_meta_split,
+    FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_LIVE, FLOW_WAYS, FlowBucket, FlowKey, flow_buckets,
+    flow_meta, flow_meta_split, table_event,
 };
 
 use crate::{
@@ -97,9 +98,9 @@ const fn lowest_way(mask: u32) -> usize {
     ((CTZ4 >> ((mask & 0xf) * 2)) & 3) as usize
 }
 
-/// Bits of a slot's second word that an update of the same flow changes: its age and its
-/// closing mark (`set_state` from the established path).
-const REFRESHED: u64 = ((0xffff << FLOW_S_AGE_SHIFT) | FLOW_S_CLOSING as u64) << 32;
+/// Bits of a slot's second word that an update of the same flow changes: its age, its closing
+/// mark and its confirmation (`set_state` from the established path).
+const REFRESHED: u64 = ((0xffff << FLOW_S_AGE_SHIFT) | (FLOW_S_CLOSING | FLOW_S_CONFIRMED) as u64) << 32;
 
 /// Whether any of the four state words carries `ports` in its low half: two 32-bit lanes per
 /// 64-bit word, each tested for zero at once. A new flow's ports are seldom in a bucket, so a
@@ -115,14 +116,13 @@ fn ports_in(metas: &[u64; FLOW_WAYS], ports: u32) -> bool {
 /// The slot in `bucket` holding the key. The four slots are compared by arithmetic, so the
 /// verifier sees one way through whatever they hold; only the slot found is read again.
 #[inline(always)]
-fn find_in(bucket: *mut FlowBucket, p: &Place) -> Option<Found> {
-    let mut first = [0u64; FLOW_WAYS];
+fn find_in(bucket: *mut FlowBucket, p: &Place, first: &mut [u64; FLOW_WAYS]) -> Option<Found> {
     for (way, m) in first.iter_mut().enumerate() {
         // SAFETY: inside the map value. Per slot: the state, then (below) the addresses; for the
         // slot found, the state once more.
         *m = unsafe { core::ptr::read_volatile(words(bucket, way).1) };
     }
-    if !ports_in(&first, p.ports) {
+    if !ports_in(first, p.ports) {
         return None;
     }
     let mut hits = 0u32;
@@ -130,7 +130,8 @@ fn find_in(bucket: *mut FlowBucket, p: &Place) -> Option<Found> {
         // SAFETY: inside the map value.
         let a = unsafe { core::ptr::read_volatile(words(bucket, way).0) };
         let (ports, state) = flow_meta_split(m);
-        let differs = (a ^ p.addrs) | u64::from(ports ^ p.ports) | u64::from((state & FLOW_S_LIVE) ^ FLOW_S_LIVE) | is_zero(u64::from(!state));
+        // A slot a writer holds (`FLOW_S_BUSY`) is not live.
+        let differs = (a ^ p.addrs) | u64::from(ports ^ p.ports) | u64::from((state & FLOW_S_LIVE) ^ FLOW_S_LIVE);
         #[expect(clippy::cast_possible_truncation, reason = "0 or 1")]
         let hit = is_zero(differs) as u32;
         hits |= hit << way;
@@ -157,35 +158,58 @@ fn way_mask(way: usize, of: usize) -> u64 {
     is_zero((way ^ of) as u64).wrapping_neg()
 }
 
-/// The slot holding the key, if any.
+/// The slot holding the key, if any; `seen` gets the state words read.
 #[inline(always)]
-pub fn find(p: &Place) -> Option<Found> {
-    find_in(p.buckets[0], p).or_else(|| find_in(p.buckets[1], p))
+pub fn find(p: &Place, seen: &mut Seen) -> Option<Found> {
+    let [left, right] = &mut seen.0;
+    find_in(p.buckets[0], p, left).or_else(|| find_in(p.buckets[1], p, right))
+}
+
+/// The state words of both buckets as a lookup that found nothing read them: an insert
+/// starts from them rather than reading them again (it checks the slot it takes once more).
+pub struct Seen([[u64; FLOW_WAYS]; 2]);
+
+impl Seen {
+    #[inline(always)]
+    pub const fn new() -> Self {
+        Self([[0; FLOW_WAYS]; 2])
+    }
 }
 
 /// Changes a found slot's state, unless another writer changed the slot since it was read (then
-/// theirs stands: a newer age, a replaced flow).
+/// theirs stands: a newer age, a replaced flow). True when this write stands.
 #[inline(always)]
-pub fn set_state(p: &Place, found: &Found, state: u32) {
+pub fn set_state(p: &Place, found: &Found, state: u32) -> bool {
     // SAFETY: an 8-aligned word inside the map value.
-    let _ = unsafe { atomic_cxchg::<u64, { SeqCst }, { Relaxed }>(found.meta, flow_meta(p.ports, found.state), flow_meta(p.ports, state)) };
+    unsafe { atomic_cxchg::<u64, { SeqCst }, { Relaxed }>(found.meta, flow_meta(p.ports, found.state), flow_meta(p.ports, state)).1 }
 }
 
-/// How good a taken slot is to replace, from its state word: a closing flow above any open one,
-/// older above newer. By arithmetic, without branches. (Only for slots that were taken when
-/// read; `claim` checks again that the slot is taken and no writer holds it.)
+/// Score bits above any idle time: an unconfirmed flow before any confirmed one, a closing or
+/// expired one before all. A confirmed open flow scores below `UNCONFIRMED` (and a slot a
+/// writer holds 0): those are never replaced.
+const UNCONFIRMED: u64 = 1 << 16;
+const STALE: u64 = 1 << 17;
+
+/// How good a taken slot is to replace, from its state word: its kind (above), then how long
+/// it has been idle. By arithmetic, without branches: a few shifts and masks per slot.
+/// `expire_less_one`: one less than the idle units from which a flow is expired. A slot a
+/// writer holds (`FLOW_S_BUSY`) scores as stale; `claim` then finds it not live and gives up.
 #[inline(always)]
-fn score(meta: u64, now: u32) -> u64 {
-    let st = flow_meta_split(meta).1;
-    let idle = u64::from(now.wrapping_sub(st >> FLOW_S_AGE_SHIFT) & 0xffff);
-    // The closing bit moved to bit 16, above any idle time.
-    1 + idle + (u64::from(st & FLOW_S_CLOSING) << (16 - FLOW_S_CLOSING.trailing_zeros()))
+fn score(meta: u64, now: u32, expire_less_one: u64) -> u64 {
+    const _: () = assert!(FLOW_S_CONFIRMED << 1 == UNCONFIRMED as u32 && (FLOW_S_CLOSING as u64) << 4 == STALE);
+    let st = u64::from(flow_meta_split(meta).1);
+    let idle = u64::from(now).wrapping_sub(st >> FLOW_S_AGE_SHIFT) & 0xffff;
+    let expired = opaque(expire_less_one.wrapping_sub(idle)) >> 63 << STALE.trailing_zeros();
+    // The confirmed bit, inverted, moved to UNCONFIRMED; the closing bit moved to STALE.
+    idle | (!st << 1 & UNCONFIRMED) | (st << 4 & STALE) | expired
 }
 
-/// The free slots of a bucket, one bit per way (the live bit of each state, inverted).
+/// The free slots of a bucket, one bit per way (a state of 0).
 #[inline(always)]
 fn free_ways(row: &[u64; FLOW_WAYS]) -> u32 {
-    row.iter().enumerate().map(|(way, &m)| ((flow_meta_split(m).1 >> FLOW_S_LIVE.trailing_zeros()) & 1 ^ 1) << way).fold(0, |a, b| a | b)
+    #[expect(clippy::cast_possible_truncation, reason = "0 or 1")]
+    let free = |m: u64| is_zero(u64::from(flow_meta_split(m).1)) as u32;
+    row.iter().enumerate().map(|(way, &m)| free(m) << way).fold(0, |a, b| a | b)
 }
 
 /// Set bits of a 4-bit mask, by table lookup in a constant (three bits per mask value).
@@ -204,51 +228,54 @@ const fn ways_in(mask: u32) -> u64 {
 }
 
 /// Inserts the flow with `state`: into a free slot of the emptier bucket (the left on a tie:
-/// d-left hashing), else over the least recently used slot of the eight, closing flows first.
-/// Gives up when another writer changes that slot first; the frame is forwarded all the same
-/// and the flow's next frame inserts it.
+/// d-left hashing), else over the best slot of the eight to replace (see [`score`]), but never
+/// over a confirmed live flow. Gives up when another writer changes that slot first; the frame
+/// is forwarded all the same and the flow's next frame inserts it. Returns what it did
+/// (`lb_common::table_event`). `expire`: idle age units from which a flow is expired.
 #[inline(always)]
-pub fn insert(p: &Place, state: u32, now: u32) {
-    let mut metas = [[0u64; FLOW_WAYS]; 2];
-    for (half, row) in metas.iter_mut().enumerate() {
-        for (way, m) in row.iter_mut().enumerate() {
-            // SAFETY: inside the map value.
-            *m = unsafe { core::ptr::read_volatile(words(p.buckets[half], way).1) };
-        }
-    }
+pub fn insert(p: &Place, seen: &Seen, state: u32, now: u32, expire: u32) -> u32 {
+    let metas = &seen.0;
     let free = [free_ways(&metas[0]), free_ways(&metas[1])];
     if free[0] | free[1] != 0 {
-        if ways_in(free[1]) > ways_in(free[0]) {
-            claim(p, 1, lowest_way(free[1]), None, state);
+        let won = if ways_in(free[1]) > ways_in(free[0]) {
+            claim(p, 1, lowest_way(free[1]), None, state)
         } else {
-            claim(p, 0, lowest_way(free[0]), None, state);
-        }
-        return;
+            claim(p, 0, lowest_way(free[0]), None, state)
+        };
+        return if won { table_event::INSERT_FREE } else { table_event::RACED };
     }
     // Every slot taken. The best (score, half, way), packed so that one maximum picks it; the
     // maximum by arithmetic too, so the choice is one value rather than a path per slot.
+    let expire_less_one = u64::from(expire).wrapping_sub(1);
     let mut best = 0u64;
     for (half, row) in metas.iter().enumerate() {
         for (way, &m) in row.iter().enumerate() {
-            let candidate = score(m, now) << 3 | (half << 2 | way) as u64;
+            let candidate = score(m, now, expire_less_one) << 3 | (half << 2 | way) as u64;
             let keep = (opaque(candidate.wrapping_sub(best)) >> 63).wrapping_neg();
             best = best & keep | candidate & !keep;
         }
     }
+    let best_score = best >> 3;
+    if best_score < UNCONFIRMED {
+        return table_event::REFUSED;
+    }
     let way = (best & 3) as usize;
-    let chosen = Some((best >> 3, now));
-    if best & 4 == 0 {
-        claim(p, 0, way, chosen, state);
+    let chosen = Some((best_score, now, expire_less_one));
+    let won = if best & 4 == 0 { claim(p, 0, way, chosen, state) } else { claim(p, 1, way, chosen, state) };
+    if !won {
+        table_event::RACED
+    } else if best_score >= STALE {
+        table_event::REPLACE_STALE
     } else {
-        claim(p, 1, way, chosen, state);
+        table_event::REPLACE_UNCONFIRMED
     }
 }
 
 /// Takes slot `way` of bucket `half` if it is still what it was chosen as (free, or with
-/// `chosen` = (score, now) a flow scoring that, which no writer holds), and writes the flow
-/// there.
+/// `chosen` = (score, now, expire less one) a live flow scoring that), and writes the flow
+/// there. True when it did.
 #[inline(always)]
-fn claim(p: &Place, half: usize, way: usize, chosen: Option<(u64, u32)>, state: u32) {
+fn claim(p: &Place, half: usize, way: usize, chosen: Option<(u64, u32, u64)>, state: u32) -> bool {
     let (addrs, meta) = words(p.buckets[half], way);
     // SAFETY: 8-aligned words inside the map value. Claim the slot (it must still hold what was
     // read), write the addresses, then publish the state. A plain store publishes: x86-64 makes
@@ -257,13 +284,14 @@ fn claim(p: &Place, half: usize, way: usize, chosen: Option<(u64, u32)>, state: 
         let old = core::ptr::read_volatile(meta);
         let st = flow_meta_split(old).1;
         let still = match chosen {
-            None => st & FLOW_S_LIVE == 0,
-            Some((score_was, now)) => st & FLOW_S_LIVE != 0 && st != FLOW_S_BUSY && score(old, now) == score_was,
+            None => st == 0,
+            Some((score_was, now, expire_less_one)) => st & FLOW_S_LIVE != 0 && score(old, now, expire_less_one) == score_was,
         };
         if !still || !atomic_cxchg::<u64, { SeqCst }, { Relaxed }>(meta, old, flow_meta(0, FLOW_S_BUSY)).1 {
-            return;
+            return false;
         }
         core::ptr::write_volatile(addrs, p.addrs);
         core::ptr::write_volatile(meta, flow_meta(p.ports, state));
     }
+    true
 }

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use lb_common::{DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_LISTENERS};
+use lb_common::{DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_FLOW_IDLE_TIMEOUT_S, MAX_LISTENERS, MAX_NODE_MACS};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -19,6 +19,14 @@ pub const MIN_FLOW_TABLE_SIZE: u32 = 1024;
 pub const MAX_FLOW_TABLE_SIZE: u32 = 1 << 27;
 /// Largest backend weight (HAProxy allows 0..=256; we allow finer steps).
 pub const MAX_WEIGHT: u32 = 10_000;
+/// `flow_idle_timeout` by default: above 1.5 times the longest keepalive MQTT clients commonly
+/// use (20 minutes, as AWS IoT's maximum; most use 60 s to 5 min), so a healthy idle session
+/// always sends a PINGREQ before its flow expires.
+pub const DEFAULT_FLOW_IDLE_TIMEOUT: Duration = Duration::from_mins(30);
+/// The shortest `flow_idle_timeout`: a few units of the flow table's clock (1.07 s).
+pub const MIN_FLOW_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// `max_conn_rate` bounds (new connections per second).
+pub const MAX_CONN_RATE: u32 = 10_000_000;
 
 /// A config error: where it is and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -108,12 +116,24 @@ impl Default for Health {
     }
 }
 
+/// Storm control of a listener: new connections per second, and how many may come at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnRateLimit {
+    pub rate: u32,
+    /// Connections admitted at once after a quiet spell (at least 1).
+    pub burst: u32,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Listener {
     pub name: String,
     pub vip: Ipv4Addr,
     pub port: u16,
     pub hash: HashMode,
+    /// A flow idle this long is over (its client vanished): not live, replaced first, removed.
+    pub flow_idle_timeout: Duration,
+    /// `max_conn_rate` (and `max_conn_burst`); no limit when `None`.
+    pub conn_rate: Option<ConnRateLimit>,
     /// Backend names, sorted; all backends when the file names none.
     pub backends: Vec<String>,
     /// Effective health settings per backend name (defaults, then listener, then backend).
@@ -135,6 +155,10 @@ pub struct Config {
     pub xdp_mode: XdpModeCfg,
     pub ring_size: u32,
     pub flow_table_size: u32,
+    /// Destination MACs forwarded besides the interface's own (keepalived's `use_vmac`).
+    pub accept_macs: Vec<[u8; 6]>,
+    /// The default of every listener's `flow_idle_timeout`.
+    pub flow_idle_timeout: Duration,
     pub health: Health,
     pub listeners: Vec<Listener>,
     /// Sorted by name.
@@ -158,6 +182,8 @@ struct RawConfig {
     xdp_mode: XdpModeCfg,
     ring_size: Option<Spanned<u32>>,
     flow_table_size: Option<Spanned<u32>>,
+    accept_macs: Option<Spanned<Vec<Spanned<String>>>>,
+    flow_idle_timeout: Option<Spanned<String>>,
     #[serde(default)]
     health: Option<Spanned<RawHealth>>,
     #[serde(default, rename = "listener")]
@@ -196,6 +222,9 @@ struct RawListener {
     hash: HashMode,
     backends: Option<Vec<Spanned<String>>>,
     health: Option<Spanned<RawHealth>>,
+    flow_idle_timeout: Option<Spanned<String>>,
+    max_conn_rate: Option<Spanned<u32>>,
+    max_conn_burst: Option<Spanned<u32>>,
 }
 
 const fn default_hash() -> HashMode {
@@ -281,6 +310,23 @@ impl Validator<'_> {
             None => Health::default(),
             Some(h) => self.health(&Health::default(), h, "health")?,
         };
+        let mut accept_macs = Vec::new();
+        if let Some(list) = &raw.accept_macs {
+            if list.get_ref().len() >= MAX_NODE_MACS {
+                return Err(self.err(&list.span(), "accept_macs", format!("at most {} MACs besides the interface's own", MAX_NODE_MACS - 1)));
+            }
+            for (i, m) in list.get_ref().iter().enumerate() {
+                let mac = parse_mac(m.get_ref()).map_err(|msg| self.err(&m.span(), format!("accept_macs[{i}]"), msg))?;
+                if accept_macs.contains(&mac) {
+                    return Err(self.err(&m.span(), format!("accept_macs[{i}]"), format!("{} is listed twice", m.get_ref())));
+                }
+                accept_macs.push(mac);
+            }
+        }
+        let flow_idle_timeout = match &raw.flow_idle_timeout {
+            None => DEFAULT_FLOW_IDLE_TIMEOUT,
+            Some(s) => self.idle_timeout(s, "flow_idle_timeout")?,
+        };
 
         let backend_health: BTreeMap<String, Spanned<RawHealth>> = raw
             .backends
@@ -288,8 +334,42 @@ impl Validator<'_> {
             .filter_map(|b| Some((b.get_ref().name.get_ref().clone(), b.get_ref().health.clone()?)))
             .collect();
         let backends = self.backends(raw.backends)?;
-        let listeners = self.listeners(raw.listeners, &backends, &health, &backend_health)?;
-        Ok(Config { interface, xdp_mode: raw.xdp_mode, ring_size, flow_table_size, health, listeners, backends })
+        let listeners = self.listeners(raw.listeners, &backends, &health, &backend_health, flow_idle_timeout)?;
+        Ok(Config {
+            interface,
+            xdp_mode: raw.xdp_mode,
+            ring_size,
+            flow_table_size,
+            accept_macs,
+            flow_idle_timeout,
+            health,
+            listeners,
+            backends,
+        })
+    }
+
+    fn idle_timeout(&self, s: &Spanned<String>, field: &str) -> Result<Duration, ConfigError> {
+        parse_duration_within(s.get_ref(), MIN_FLOW_IDLE_TIMEOUT, Duration::from_secs(MAX_FLOW_IDLE_TIMEOUT_S))
+            .map_err(|m| self.err(&s.span(), field, m))
+    }
+
+    fn conn_rate(&self, rate: Option<&Spanned<u32>>, burst: Option<&Spanned<u32>>, f: &dyn Fn(&str) -> String) -> Result<Option<ConnRateLimit>, ConfigError> {
+        let Some(rate) = rate else {
+            return match burst {
+                Some(b) => Err(self.err(&b.span(), f("max_conn_burst"), "needs max_conn_rate")),
+                None => Ok(None),
+            };
+        };
+        let r = *rate.get_ref();
+        if !(1..=MAX_CONN_RATE).contains(&r) {
+            return Err(self.err(&rate.span(), f("max_conn_rate"), format!("must be between 1 and {MAX_CONN_RATE} new connections per second")));
+        }
+        let b = match burst {
+            None => (r / 10).max(1),
+            Some(b) if (1..=r.max(1)).contains(b.get_ref()) => *b.get_ref(),
+            Some(b) => return Err(self.err(&b.span(), f("max_conn_burst"), format!("must be between 1 and max_conn_rate ({r})"))),
+        };
+        Ok(Some(ConnRateLimit { rate: r, burst: b }))
     }
 
     fn health(&self, base: &Health, raw: &Spanned<RawHealth>, field: &str) -> Result<Health, ConfigError> {
@@ -390,6 +470,7 @@ impl Validator<'_> {
         backends: &[Backend],
         defaults: &Health,
         backend_health: &BTreeMap<String, Spanned<RawHealth>>,
+        flow_idle_timeout: Duration,
     ) -> Result<Vec<Listener>, ConfigError> {
         if raw.is_empty() {
             return Err(self.err(&(0..0), "listener", "at least one [[listener]] is needed"));
@@ -450,7 +531,12 @@ impl Validator<'_> {
                 };
                 health.insert(m.clone(), h);
             }
-            out.push(Listener { name, vip, port, hash: l.hash, backends: members, health });
+            let flow_idle_timeout = match &l.flow_idle_timeout {
+                None => flow_idle_timeout,
+                Some(s) => self.idle_timeout(s, &f("flow_idle_timeout"))?,
+            };
+            let conn_rate = self.conn_rate(l.max_conn_rate.as_ref(), l.max_conn_burst.as_ref(), &f)?;
+            out.push(Listener { name, vip, port, hash: l.hash, flow_idle_timeout, conn_rate, backends: members, health });
         }
         Ok(out)
     }
@@ -468,25 +554,49 @@ impl Validator<'_> {
     }
 }
 
-/// `"2s"`, `"500ms"`, `"1m"`; a bare number is milliseconds, as in HAProxy.
+/// `"2s"`, `"500ms"`, `"1m"`; a bare number is milliseconds, as in HAProxy. Between 1 ms and
+/// an hour (health check intervals and timeouts).
 ///
 /// # Errors
 /// A message saying what is wrong with `s`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    parse_duration_within(s, Duration::from_millis(1), Duration::from_hours(1))
+}
+
+/// A duration as [`parse_duration`] reads it (also `"2h"`), between `min` and `max`.
+///
+/// # Errors
+/// A message saying what is wrong with `s`.
+pub fn parse_duration_within(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like \"2s\" or \"500ms\""))?;
-    let d = match unit {
-        "" | "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+    let scale: u64 = match unit {
+        "" | "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
     };
-    if d.is_zero() || d > Duration::from_hours(1) {
-        return Err(format!("{s:?} must be more than 0 and at most 1h"));
+    let bounds = || format!("{s:?} must be between {} and {}", show_duration(min), show_duration(max));
+    let d = n.checked_mul(scale).map(Duration::from_millis).ok_or_else(bounds)?;
+    if d < min || d > max {
+        return Err(bounds());
     }
     Ok(d)
+}
+
+/// A duration as the config writes it: the largest unit that shows it whole.
+#[must_use]
+pub fn show_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        _ if ms >= 3_600_000 && ms.is_multiple_of(3_600_000) => format!("{}h", ms / 3_600_000),
+        _ if ms >= 60_000 && ms.is_multiple_of(60_000) => format!("{}m", ms / 60_000),
+        _ if ms >= 1000 && ms.is_multiple_of(1000) => format!("{}s", ms / 1000),
+        _ => format!("{ms}ms"),
+    }
 }
 
 /// `"02:00:00:00:00:11"`.
@@ -616,10 +726,49 @@ weight = 50
     }
 
     #[test]
+    fn edge_settings_parse_and_are_checked() {
+        let c = parse(GOOD, "t.toml").expect("valid");
+        assert_eq!(c.flow_idle_timeout, DEFAULT_FLOW_IDLE_TIMEOUT);
+        assert_eq!((c.listeners[0].flow_idle_timeout, c.listeners[0].conn_rate), (DEFAULT_FLOW_IDLE_TIMEOUT, None));
+        let text = GOOD
+            .replace("ring_size = 65537", "ring_size = 65537\naccept_macs = [\"00:00:5e:00:01:33\"]\nflow_idle_timeout = \"2h\"")
+            .replace("port = 1883", "port = 1883\nflow_idle_timeout = \"90s\"\nmax_conn_rate = 500\nmax_conn_burst = 50");
+        let c = parse(&text, "t.toml").expect("valid");
+        assert_eq!(c.accept_macs, vec![[0, 0, 0x5e, 0, 1, 0x33]]);
+        assert_eq!(c.flow_idle_timeout, Duration::from_hours(2));
+        assert_eq!(c.listeners[0].flow_idle_timeout, Duration::from_secs(90));
+        assert_eq!(c.listeners[0].conn_rate, Some(ConnRateLimit { rate: 500, burst: 50 }));
+        let defaulted = parse(&GOOD.replace("port = 1883", "port = 1883\nmax_conn_rate = 500"), "t.toml").expect("valid");
+        assert_eq!(defaulted.listeners[0].conn_rate, Some(ConnRateLimit { rate: 500, burst: 50 }));
+        for (bad, field) in [
+            ("accept_macs = [\"ff:ff:ff:ff:ff:ff\"]", "accept_macs[0]"),
+            ("accept_macs = [\"02:00:00:00:00:01\", \"02:00:00:00:00:01\"]", "accept_macs[1]"),
+            ("flow_idle_timeout = \"1s\"", "flow_idle_timeout"),
+            ("flow_idle_timeout = \"13h\"", "flow_idle_timeout"),
+            ("flow_idle_timeout = \"307445734561825861m\"", "flow_idle_timeout"),
+        ] {
+            let e = error_of(&GOOD.replace("ring_size = 65537", &format!("ring_size = 65537\n{bad}")));
+            assert!(e.starts_with("t.toml:4:") && e.contains(&format!(" {field}: ")), "{bad}: {e}");
+        }
+        for (bad, field) in [
+            ("max_conn_rate = 0", "listener[0].max_conn_rate"),
+            ("max_conn_rate = 10\nmax_conn_burst = 11", "listener[0].max_conn_burst"),
+            ("max_conn_burst = 5", "listener[0].max_conn_burst"),
+            ("flow_idle_timeout = \"soon\"", "listener[0].flow_idle_timeout"),
+        ] {
+            let e = error_of(&GOOD.replace("port = 1883", &format!("port = 1883\n{bad}")));
+            assert!(e.contains(&format!(" {field}: ")), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn durations_and_macs() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("2h").is_err(), "health durations stay within an hour");
+        let overflow = parse_duration("307445734561825861m").expect_err("an overflowing duration is refused");
+        assert!(overflow.contains("between 1ms and 1h"), "{overflow}");
         assert!(parse_mac("01:00:5e:00:00:01").is_err());
         assert_eq!(format_mac([2, 0, 0, 0, 0, 0x11]), "02:00:00:00:00:11");
     }

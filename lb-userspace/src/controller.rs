@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use lb_common::{NO_BACKEND, flow_hash, real_backend, real_id, reason, ring_slot, source_hash};
+use lb_common::{NO_BACKEND, flow_hash, real_backend, real_id, real_listener, reason, ring_slot, source_hash, table_event};
 use serde_json::{Value, json};
 use tokio::{sync::mpsc, task::JoinHandle};
 
@@ -97,6 +97,10 @@ pub struct Controller {
     /// 16 MB at the default size, so metric scrapes reuse one up to [`FLOW_WALK_EVERY`] old;
     /// `dsrlb status` always walks).
     live_flows: Option<(Instant, BTreeMap<u32, usize>)>,
+    /// Flows removed for idleness since start, and whether a sweep runs now.
+    expired_total: u64,
+    sweeping: bool,
+    swept: mpsc::Sender<usize>,
 }
 
 /// How old a flow-table walk may be before status or metrics walk again.
@@ -112,7 +116,7 @@ impl Controller {
     ///
     /// # Errors
     /// When any step fails.
-    pub fn start(opts: RunOptions, config: Config, reports: mpsc::Sender<Report>) -> anyhow::Result<Self> {
+    pub fn start(opts: RunOptions, config: Config, reports: mpsc::Sender<Report>, swept: mpsc::Sender<usize>) -> anyhow::Result<Self> {
         let src_mac = dataplane::interface_mac(&config.interface)?;
         let load = LoadOptions { ring_size: config.ring_size, flow_table_size: config.flow_table_size, floor_dst_mac: [0; 6] };
         let state_file = control::state_path(&opts.socket);
@@ -155,6 +159,9 @@ impl Controller {
             rates: BTreeMap::new(),
             stopping: false,
             live_flows: None,
+            expired_total: 0,
+            sweeping: false,
+            swept,
         };
         c.sync_health();
         for (l, b, state) in &saved.out {
@@ -320,9 +327,19 @@ impl Controller {
         }
     }
 
-    /// Re-reads MACs of backends without a configured one; applies changes.
+    /// Re-reads the interface's MAC and the MACs of backends without a configured one; applies
+    /// changes.
     fn refresh_macs(&mut self) {
         let mut changed = false;
+        match dataplane::interface_mac(&self.config.interface) {
+            Ok(mac) if mac != self.src_mac => {
+                tracing::info!(interface = %self.config.interface, old = %format_mac(self.src_mac), new = %format_mac(mac), "interface MAC changed");
+                self.src_mac = mac;
+                changed = true;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "reading the interface MAC failed"),
+        }
         for b in &self.config.backends {
             if b.mac.is_some() {
                 continue;
@@ -414,17 +431,64 @@ impl Controller {
         match &self.live_flows {
             Some((at, flows)) if cached && at.elapsed() < FLOW_WALK_EVERY => flows.clone(),
             _ => {
-                let flows = self.dp.flows_per_real();
+                let expire = self.expire_units();
+                let now = self.dp.now_age().unwrap_or_else(|e| {
+                    tracing::warn!(error = %format!("{e:#}"), "reading the flow clock failed; counting idle flows as live");
+                    0
+                });
+                let flows = self.dp.flows_per_real(now, |l| expire.get(&l).copied().unwrap_or(u32::MAX));
                 self.live_flows = Some((Instant::now(), flows.clone()));
                 flows
             }
         }
     }
 
+    /// Listener id to the idle age units from which its flows are over.
+    fn expire_units(&self) -> BTreeMap<u32, u32> {
+        self.config.listeners.iter().map(|l| (self.ids.listeners[&l.name], plan::expire_units(l.flow_idle_timeout))).collect()
+    }
+
+    /// How often expired flows are removed: an eighth of the shortest timeout, 1 s to 60 s.
+    fn sweep_every(&self) -> Duration {
+        let shortest = self.config.listeners.iter().map(|l| l.flow_idle_timeout).min().unwrap_or(config::DEFAULT_FLOW_IDLE_TIMEOUT);
+        (shortest / 8).clamp(Duration::from_secs(1), Duration::from_mins(1))
+    }
+
+    /// Starts removing flows idle past their listener's timeout, in a thread of its own (a
+    /// walk of the whole table); [`Self::swept`] takes the count. One sweep at a time.
+    fn sweep(&mut self) {
+        if self.sweeping {
+            return;
+        }
+        let now = match self.dp.now_age() {
+            Ok(now) => now,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "reading the flow clock failed; no expiry this round");
+                return;
+            }
+        };
+        self.sweeping = true;
+        let (table, expire, done) = (self.dp.flow_table_handle(), self.expire_units(), self.swept.clone());
+        tokio::task::spawn_blocking(move || {
+            let removed = table.remove_where(|f| f.idle(now) >= expire.get(&real_listener(f.real())).copied().unwrap_or(u32::MAX));
+            let _ = done.blocking_send(removed);
+        });
+    }
+
+    fn swept(&mut self, removed: usize) {
+        self.sweeping = false;
+        self.expired_total += removed as u64;
+        if removed > 0 {
+            tracing::debug!(removed, "expired idle flows");
+            self.live_flows = None;
+        }
+    }
+
     /// Everything `dsrlb status` shows.
     fn status(&mut self) -> anyhow::Result<Value> {
         let flows = self.live_flows(false);
-        let stats = &self.sample.1;
+        // Counters read now (the rates come from the last two samples).
+        let stats = &self.dp.stats()?;
         let cfg = self.effective_config();
         let mut listeners = Vec::new();
         for l in &cfg.listeners {
@@ -457,10 +521,15 @@ impl Controller {
                 }));
             }
             let c = stats.listener(lid);
+            let guards = stats.listeners.get(&lid).copied().unwrap_or_default();
             listeners.push(json!({
                 "name": l.name, "vip": l.vip.to_string(), "port": l.port,
                 "hash": if l.hash == HashMode::Source { "source" } else { "4tuple" },
                 "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows,
+                "flow_idle_timeout": config::show_duration(l.flow_idle_timeout),
+                "max_conn_rate": l.conn_rate.map(|r| r.rate), "max_conn_burst": l.conn_rate.map(|r| r.burst),
+                "conn_rate_dropped": guards.conn_rate_dropped,
+                "icmp_too_big": guards.icmp_too_big,
                 "backends": backends,
             }));
         }
@@ -472,11 +541,17 @@ impl Controller {
             .collect();
         let verdicts: BTreeMap<String, u64> =
             reason::LABELS.iter().zip(&stats.verdicts).map(|((v, r), n)| (format!("{v}/{r}"), *n)).collect();
+        let mut table: BTreeMap<String, u64> =
+            table_event::LABELS.iter().zip(&stats.table).map(|(e, n)| ((*e).to_owned(), *n)).collect();
+        table.insert("expired".to_owned(), self.expired_total);
         Ok(json!({
             "interface": cfg.interface,
+            "macs": self.dp.node_macs().into_iter().map(format_mac).collect::<Vec<_>>(),
+            "clock_tick_ns": self.dp.ns_per_jiffy(),
             "listeners": listeners,
             "flows_per_backend": per_backend,
             "flow_table_entries": flows.values().sum::<usize>(),
+            "flow_table": table,
             "verdicts": verdicts,
         }))
     }
@@ -484,12 +559,15 @@ impl Controller {
     fn metrics(&mut self) -> crate::metrics::Snapshot {
         use crate::metrics::{PairSample, Snapshot};
         let flows = self.live_flows(true);
-        let stats = &self.sample.1;
+        let fresh = self.dp.stats();
+        let stats = fresh.as_ref().unwrap_or(&self.sample.1);
         let mut s = Snapshot { flow_table_entries: flows.values().sum::<usize>() as u64, ..Snapshot::default() };
         for l in &self.config.listeners {
             let lid = self.ids.listeners[&l.name];
             let c = stats.listener(lid);
             s.listeners.push((l.name.clone(), c.packets, c.bytes, c.new_flows));
+            let guards = stats.listeners.get(&lid).copied().unwrap_or_default();
+            s.guards.push((l.name.clone(), guards.conn_rate_dropped, guards.icmp_too_big));
             for b in &l.backends {
                 let real = real_id(lid, self.ids.backends[b]);
                 let h = &self.health[&(l.name.clone(), b.clone())];
@@ -507,6 +585,8 @@ impl Controller {
             }
         }
         s.verdicts = reason::LABELS.iter().zip(&stats.verdicts).map(|((v, r), n)| ((*v).to_owned(), (*r).to_owned(), *n)).collect();
+        s.table_events = table_event::LABELS.iter().zip(&stats.table).map(|(e, n)| ((*e).to_owned(), *n)).collect();
+        s.table_events.push(("expired".to_owned(), self.expired_total));
         s
     }
 
@@ -523,11 +603,15 @@ impl Controller {
         let lid = self.ids.listeners[&l.name];
         let name_of = |bid: u32| self.ids.backends.iter().find(|(_, v)| **v == bid).map(|(k, _)| k.clone());
         let buckets = self.dp.flow_buckets(*client.ip(), client.port(), *vip.ip(), vip.port());
-        if let Some(f) = self.dp.flow(*client.ip(), client.port(), *vip.ip(), vip.port()) {
+        let expire = plan::expire_units(l.flow_idle_timeout);
+        // A flow idle past its timeout is over, whether or not a sweep removed it yet.
+        let now = self.dp.now_age()?;
+        if let Some(f) = self.dp.flow(*client.ip(), client.port(), *vip.ip(), vip.port()).filter(|f| f.idle(now) < expire) {
             let cached = self.dp.cached_flow(*client.ip(), client.port(), *vip.ip(), vip.port())?.len();
             return Ok(json!({
                 "listener": l.name, "backend": name_of(real_backend(f.real())),
-                "source": "flow table", "closing": f.closing(), "cached_cpus": cached, "buckets": buckets,
+                "source": "flow table", "closing": f.closing(), "confirmed": f.confirmed(), "idle_s": idle_secs(f.idle(now)),
+                "cached_cpus": cached, "buckets": buckets,
             }));
         }
         let wire = |p: u16| u16::from_ne_bytes(p.to_be_bytes());
@@ -591,8 +675,21 @@ impl Controller {
             c.flow_table_size,
             self.opts.socket.display()
         );
+        if !c.accept_macs.is_empty() {
+            let macs: Vec<String> = c.accept_macs.iter().map(|m| format_mac(*m)).collect();
+            let _ = writeln!(out, "also forwarding frames for {}", macs.join(", "));
+        }
         for (l, d) in c.listeners.iter().zip(&self.desired.listeners) {
-            let _ = writeln!(out, "listener {} {}:{} hash={:?}", l.name, l.vip, l.port, l.hash);
+            let storm = l.conn_rate.map_or_else(String::new, |r| format!(" max_conn_rate={}/s burst={}", r.rate, r.burst));
+            let _ = writeln!(
+                out,
+                "listener {} {}:{} hash={:?} flow_idle_timeout={}{storm}",
+                l.name,
+                l.vip,
+                l.port,
+                l.hash,
+                config::show_duration(l.flow_idle_timeout)
+            );
             let mut slots: BTreeMap<u32, usize> = BTreeMap::new();
             for &s in &d.ring {
                 *slots.entry(s).or_default() += 1;
@@ -640,6 +737,11 @@ impl Controller {
     }
 }
 
+/// Age units as seconds, roughly (a unit is 2^30 ns).
+fn idle_secs(units: u32) -> u64 {
+    (u64::from(units) << lb_common::FLOW_AGE_NS_SHIFT) / 1_000_000_000
+}
+
 fn same_target(a: &health::Target, b: &health::Target) -> bool {
     a.real == b.real && a.vip == b.vip && a.mark == b.mark && a.health == b.health
 }
@@ -656,6 +758,7 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let (report_tx, mut reports) = mpsc::channel::<Report>(1024);
+    let (swept_tx, mut swept) = mpsc::channel::<usize>(1);
     let (call_tx, mut calls) = mpsc::channel::<Call>(64);
     let server = control::serve(&opts.socket, call_tx.clone())?;
     let metrics = match opts.metrics {
@@ -673,7 +776,7 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     };
     let socket = opts.socket.clone();
     let stats_every = opts.stats_every;
-    let mut c = match Controller::start(opts, config, report_tx) {
+    let mut c = match Controller::start(opts, config, report_tx, swept_tx) {
         Ok(c) => c,
         Err(e) => {
             server.abort();
@@ -688,6 +791,7 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     let mut sample = tokio::time::interval(Duration::from_secs(1));
     let mut print = tokio::time::interval(stats_every.unwrap_or(Duration::from_hours(1)));
     let mut macs = tokio::time::interval(MAC_REFRESH);
+    let mut next_sweep = Instant::now() + c.sweep_every();
     let tty = std::io::stdout().is_terminal();
     loop {
         tokio::select! {
@@ -703,7 +807,12 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
                 if let Err(e) = c.sample_stats() {
                     tracing::warn!(error = %format!("{e:#}"), "reading counters failed");
                 }
+                if Instant::now() >= next_sweep {
+                    c.sweep();
+                    next_sweep = Instant::now() + c.sweep_every();
+                }
             }
+            Some(removed) = swept.recv() => c.swept(removed),
             _ = macs.tick() => c.refresh_macs(),
             _ = print.tick(), if stats_every.is_some() => {
                 let line = c.stats_line();

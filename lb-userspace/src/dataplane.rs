@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use anyhow::{Context as _, bail, ensure};
@@ -17,11 +18,11 @@ use aya::{
     },
 };
 use lb_common::{
-    Counters, FLOW_CACHE_VALID, FlowCacheEntry, FlowKey, LISTENER_F_HASH_SOURCE,
-    ListenerInfo, MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND, PORT_SLOTS, PortInfo, REAL_F_ACTIVE, REAL_F_DOWN,
-    REAL_SLOTS, RING_COPIES, RealInfo, VipInfo, flow_cache_slot, map_names as names, real_backend, real_id,
-    LAYOUT_VERSION, Layout, RING_NONE, RING_SLOTS_PER_ENTRY, RingEntry, flow_table_buckets, real_listener, reason,
-    ring_base, ring_entries,
+    ConnRate, Counters, FLOW_CACHE_VALID, FlowCacheEntry, FlowKey, LAYOUT_VERSION, LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE, Layout,
+    ListenerCounters, ListenerInfo, MAX_BACKENDS, MAX_LISTENERS, MAX_NODE_MACS, NO_BACKEND, NO_MAC, NodeInfo, PORT_SLOTS,
+    PortInfo, REAL_F_ACTIVE, REAL_F_DOWN, REAL_SLOTS, RING_COPIES, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo, RingEntry, VipInfo,
+    flow_cache_slot, flow_table_buckets, mac_word, map_names as names, real_backend, real_id, real_listener, reason,
+    ring_base, ring_entries, table_event,
 };
 
 use crate::{
@@ -43,8 +44,18 @@ pub struct LoadOptions {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub listeners: Vec<DesiredListener>,
-    /// The balancer interface's MAC: the source of every forwarded frame.
+    /// The balancer interface's MAC: the source of every forwarded frame, and the first
+    /// destination MAC it forwards frames for.
     pub src_mac: [u8; 6],
+    /// Further destination MACs it forwards frames for (`accept_macs`).
+    pub accept_macs: Vec<[u8; 6]>,
+}
+
+/// Storm control as `CONN_RATE` holds it (`lb_common::ConnRate`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnRateWanted {
+    pub interval_ns: u64,
+    pub tolerance_ns: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,6 +70,10 @@ pub struct DesiredListener {
     /// Every backend of the listener, in the ring or not (drained, down): flows may still
     /// point at them.
     pub reals: Vec<DesiredReal>,
+    /// `max_conn_rate`, if any.
+    pub conn_rate: Option<ConnRateWanted>,
+    /// Idle age units from which the listener's flows are over (`flow_idle_timeout`).
+    pub idle_expire: u32,
 }
 
 /// A backend as one listener uses it.
@@ -86,6 +101,10 @@ pub struct Stats {
     pub verdicts: Vec<u64>,
     /// Per real id.
     pub reals: BTreeMap<u32, Counters>,
+    /// Per listener id (listeners in use).
+    pub listeners: BTreeMap<u32, ListenerCounters>,
+    /// Flow table inserts, by `lb_common::table_event`.
+    pub table: Vec<u64>,
 }
 
 fn add(total: &mut Counters, c: &Counters) {
@@ -116,6 +135,12 @@ impl Stats {
         t
     }
 
+    /// Flow table inserts that did `event` (`lb_common::table_event`).
+    #[must_use]
+    pub fn table_event(&self, event: u32) -> u64 {
+        self.table.get(event as usize).copied().unwrap_or(0)
+    }
+
     /// Summed over everything forwarded.
     #[must_use]
     pub fn total(&self) -> Counters {
@@ -125,8 +150,8 @@ impl Stats {
     }
 }
 
-/// Every map of the object, in the order they are pinned and unpinned.
-pub const MAP_NAMES: [&str; 9] = [
+/// Every pinned map of the object, in the order they are pinned and unpinned.
+pub const MAP_NAMES: [&str; 13] = [
     names::LISTENERS,
     names::LISTEN_PORTS,
     names::VIPS,
@@ -134,8 +159,12 @@ pub const MAP_NAMES: [&str; 9] = [
     names::RINGS,
     names::FLOWS,
     names::LAYOUT,
+    names::NODE,
+    names::CONN_RATE,
     names::VERDICT_STATS,
     names::REAL_STATS,
+    names::LISTENER_STATS,
+    names::TABLE_STATS,
 ];
 
 /// The pin of the XDP link, beside the maps' pins.
@@ -161,14 +190,21 @@ struct Written {
     vips: BTreeMap<u32, u32>,
     /// Used `LISTEN_PORTS` slots and their values.
     ports: BTreeMap<u32, PortInfo>,
+    node: Option<NodeInfo>,
+    /// Listener id to its `CONN_RATE` settings (none: no limit).
+    conn_rates: BTreeMap<u32, ConnRateWanted>,
 }
 
 pub struct Dataplane {
     ebpf: Ebpf,
-    /// `LISTENERS` and `LISTEN_PORTS`, mapped: each value is one word, written with one store.
+    /// `LISTENERS`, `LISTEN_PORTS` and `NODE`, mapped: each word is written with one store.
     listeners: Mapped,
     ports: Mapped,
-    flows: FlowTable,
+    node: Mapped,
+    /// 10^9 / the kernel's HZ: the program's clock is jiffies times this (`NodeInfo`).
+    ns_per_jiffy: u32,
+    /// Shared with the controller's expiry sweep, which walks it off the event loop.
+    flows: Arc<FlowTable>,
     ring_size: u32,
     written: Written,
     /// The flow cache generation, written into every used `LISTEN_PORTS` slot.
@@ -213,7 +249,7 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(EBPF_OBJ).context("loading the XDP object (maps and programs)")?;
-        for name in ["dsrlb", "xdp_floor", "xdp_pass", "xdp_bench_flows"] {
+        for name in ["dsrlb", "dsrlb_clock", "xdp_floor", "xdp_pass", "xdp_bench_flows"] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
@@ -239,12 +275,20 @@ impl Dataplane {
             Some(aya::maps::Map::Array(m)) => Mapped::new(m, name),
             _ => bail!("map {name} is missing or not an array"),
         };
-        let (listeners, ports) = (mapped(names::LISTENERS)?, mapped(names::LISTEN_PORTS)?);
-        let flows = FlowTable::new(mapped(names::FLOWS)?, flow_seed(&mut ebpf)?);
+        let (listeners, ports, node) = (mapped(names::LISTENERS)?, mapped(names::LISTEN_PORTS)?, mapped(names::NODE)?);
+        let flows = Arc::new(FlowTable::new(mapped(names::FLOWS)?, flow_seed(&mut ebpf)?));
+        let ns_per_jiffy = if let Some(&n) = NS_PER_JIFFY.get() {
+            n
+        } else {
+            let n = measure_ns_per_jiffy(&ebpf).context("measuring the kernel's clock tick")?;
+            *NS_PER_JIFFY.get_or_init(|| n)
+        };
         Ok(Self {
             ebpf,
             listeners,
             ports,
+            node,
+            ns_per_jiffy,
             flows,
             ring_size: opts.ring_size,
             written: Written::default(),
@@ -363,6 +407,16 @@ impl Dataplane {
             }
         }
         self.generation = w.ports.values().map(|p| p.tag & !FLOW_CACHE_VALID).max().unwrap_or(0);
+        w.node = Some(self.read_node());
+        {
+            let rates: Array<&MapData, ConnRate> = self.map_ref(names::CONN_RATE)?;
+            for &id in w.listeners.keys() {
+                let r = rates.get(&id, 0)?;
+                if r.interval_ns != 0 {
+                    w.conn_rates.insert(id, ConnRateWanted { interval_ns: r.interval_ns, tolerance_ns: r.tolerance_ns });
+                }
+            }
+        }
         let mut counted: BTreeSet<u32> = w.reals.keys().copied().collect();
         {
             let stats: PerCpuArray<&MapData, Counters> = self.map_ref(names::REAL_STATS)?;
@@ -455,7 +509,19 @@ impl Dataplane {
             }
         }
 
+        ensure!(want.accept_macs.len() < MAX_NODE_MACS, "at most {} accepted MACs", MAX_NODE_MACS - 1);
+
         let mut report = ApplyReport::default();
+
+        // 0. The node's clock, MACs and the flows' expiry, before any listener can match.
+        let mut node = NodeInfo { ns_per_jiffy: self.ns_per_jiffy, ..NodeInfo::default() };
+        for (word, mac) in node.macs.iter_mut().zip(std::iter::once(&want.src_mac).chain(&want.accept_macs)) {
+            *word = mac_word(*mac);
+        }
+        node.idle_expire = want.listeners.iter().map(|l| l.idle_expire).max().unwrap_or(u32::from(u16::MAX));
+        if self.written.node != Some(node) {
+            self.write_node(&node);
+        }
 
         // 1. Reals that are new or changed.
         {
@@ -470,11 +536,28 @@ impl Dataplane {
             }
         }
 
-        // 2. Listeners: fill the standby copy, then switch to it in one store.
+        // 2. Storm control, before a listener it limits is switched on; a listener no longer
+        // limited (or gone) drops its settings.
+        {
+            let wanted: BTreeMap<u32, ConnRateWanted> = want.listeners.iter().filter_map(|l| Some((l.id, l.conn_rate?))).collect();
+            let mut map: Array<&mut MapData, ConnRate> = map_mut(&mut self.ebpf, names::CONN_RATE)?;
+            for (&id, r) in &wanted {
+                if self.written.conn_rates.get(&id) != Some(r) {
+                    let value = ConnRate { tat_ns: 0, interval_ns: r.interval_ns, tolerance_ns: r.tolerance_ns, pad: 0 };
+                    map.set(id, value, 0).with_context(|| format!("writing the storm control of listener {id}"))?;
+                }
+            }
+            for &id in self.written.conn_rates.keys().filter(|id| !wanted.contains_key(id)) {
+                map.set(id, ConnRate::default(), 0).with_context(|| format!("clearing the storm control of listener {id}"))?;
+            }
+            self.written.conn_rates = wanted;
+        }
+
+        // 3. Listeners: fill the standby copy, then switch to it in one store.
         for l in &want.listeners {
             let vip_be = u32::from_ne_bytes(l.vip.octets());
             let port_be = u16::from_ne_bytes(l.port.to_be_bytes());
-            let flags = if l.hash_source { LISTENER_F_HASH_SOURCE } else { 0 };
+            let flags = if l.hash_source { LISTENER_F_HASH_SOURCE } else { 0 } | if l.conn_rate.is_some() { LISTENER_F_CONN_RATE } else { 0 };
             let current = self.written.listeners.get(&l.id).copied();
             let ring: Vec<u32> = l.ring.iter().map(|&b| if b == NO_BACKEND { NO_BACKEND } else { real_id(l.id, b) }).collect();
             if let Some(info) = current {
@@ -512,7 +595,7 @@ impl Dataplane {
             }
         }
 
-        // 3. Listeners no longer wanted, and the flows that recorded them.
+        // 4. Listeners no longer wanted, and the flows that recorded them.
         let gone: Vec<u32> = self.written.listeners.keys().copied().filter(|id| !ids.contains(id)).collect();
         for id in gone {
             let old = self.written.listeners[&id];
@@ -521,7 +604,7 @@ impl Dataplane {
             report.flows_purged += self.purge_flows(old.vip_be, old.port_be);
         }
 
-        // 4. Listener ports, tagged with the flow cache generation, and VIPs (for fragments).
+        // 5. Listener ports, tagged with the flow cache generation, and VIPs (for fragments).
         self.write_ports();
         let mut vips: BTreeMap<u32, u32> = BTreeMap::new();
         for info in self.written.listeners.values() {
@@ -540,7 +623,7 @@ impl Dataplane {
         }
         self.written.vips = vips;
 
-        // 5. Reals no longer wanted: inactive, so flows still pinned to them are re-picked.
+        // 6. Reals no longer wanted: inactive, so flows still pinned to them are re-picked.
         let gone: Vec<u32> = self.written.reals.keys().copied().filter(|id| !reals.contains_key(id)).collect();
         if !gone.is_empty() {
             let mut map: Array<&mut MapData, RealInfo> = map_mut(&mut self.ebpf, names::REALS)?;
@@ -558,6 +641,50 @@ impl Dataplane {
             self.write_ports();
         }
         Ok(report)
+    }
+
+    /// `NODE` as it is.
+    fn read_node(&self) -> NodeInfo {
+        let (ns_per_jiffy, idle_expire) = lb_common::flow_meta_split(self.node.load(0, 0));
+        let mut node = NodeInfo { ns_per_jiffy, idle_expire, ..NodeInfo::default() };
+        for (i, word) in node.macs.iter_mut().enumerate() {
+            *word = self.node.load(0, 1 + i);
+        }
+        node
+    }
+
+    /// Writes `NODE` word by word: a frame sees each MAC whole, old or new.
+    fn write_node(&mut self, node: &NodeInfo) {
+        self.node.store(0, 0, node.head());
+        for (i, &word) in node.macs.iter().enumerate() {
+            self.node.store(0, 1 + i, word);
+        }
+        self.written.node = Some(*node);
+    }
+
+    /// Nanoseconds per jiffy of the program's clock (10^9 / the kernel's HZ, as measured).
+    #[must_use]
+    pub const fn ns_per_jiffy(&self) -> u32 {
+        self.ns_per_jiffy
+    }
+
+    /// The flow table's age now (`lb_common::flow_age` of the program's clock, read by running
+    /// `dsrlb_clock`).
+    ///
+    /// # Errors
+    /// When the clock program cannot run.
+    pub fn now_age(&self) -> anyhow::Result<u32> {
+        Ok(lb_common::flow_age(lb_common::clock_ns(jiffies(&self.ebpf)?, self.ns_per_jiffy)))
+    }
+
+    /// The MACs frames are forwarded for, as last written (the interface's first).
+    #[must_use]
+    pub fn node_macs(&self) -> Vec<[u8; 6]> {
+        let node = self.written.node.unwrap_or_default();
+        node.macs.iter().filter(|&&w| w != NO_MAC).map(|w| {
+            let b = w.to_le_bytes();
+            [b[0], b[1], b[2], b[3], b[4], b[5]]
+        }).collect()
     }
 
     /// Makes `LISTEN_PORTS` say, for every port a listener uses, which listeners use it, with
@@ -612,22 +739,60 @@ impl Dataplane {
         // The program counts a forwarded frame once, against its real; the `tx` verdict is
         // their sum (reals removed since included).
         verdicts[reason::TX as usize] = forwarded;
-        Ok(Stats { verdicts, reals })
+        let per_listener: PerCpuArray<&MapData, ListenerCounters> = self.map_ref(names::LISTENER_STATS)?;
+        let mut listeners = BTreeMap::new();
+        for &id in self.written.listeners.keys() {
+            let mut total = ListenerCounters::default();
+            for c in per_listener.get(&id, 0)?.iter() {
+                total.conn_rate_dropped += c.conn_rate_dropped;
+                total.icmp_too_big += c.icmp_too_big;
+            }
+            listeners.insert(id, total);
+        }
+        let table_map: PerCpuArray<&MapData, u64> = self.map_ref(names::TABLE_STATS)?;
+        let mut table = Vec::with_capacity(table_event::COUNT as usize);
+        for e in 0..table_event::COUNT {
+            table.push(table_map.get(&e, 0)?.iter().sum());
+        }
+        Ok(Stats { verdicts, reals, listeners, table })
     }
 
     /// Sets up the driver `xdp_bench_flows`: it jumps to program `target` (`dsrlb` or
-    /// `xdp_floor`), and its next run is the first of a sequence of client addresses that
-    /// starts again after `wrap` runs (0: never).
+    /// `xdp_floor`), addresses every run to this node's own MAC (as last applied), and its
+    /// next run is the first of a sequence of client addresses that starts again after `wrap`
+    /// runs (0: never).
     ///
     /// # Errors
     /// When the program array refuses the program or a map write fails.
     pub fn bench_flows(&mut self, target: &str, wrap: u32) -> anyhow::Result<()> {
+        self.bench_driver(target, 0, wrap, false)
+    }
+
+    /// Points the driver `xdp_bench_flows` at program `target`, its sequence left as it is.
+    ///
+    /// # Errors
+    /// When the program array refuses the program.
+    pub fn bench_target(&mut self, target: &str) -> anyhow::Result<()> {
         let fd = self.program(target).fd()?.try_clone()?;
+        let mut map: aya::maps::ProgramArray<&mut MapData> = map_mut(&mut self.ebpf, "BENCH_TARGET")?;
+        map.set(0, &fd, 0).with_context(|| format!("pointing xdp_bench_flows at {target}"))
+    }
+
+    /// As [`Self::bench_flows`], with the sequence's next run at `start`; with `keep` the
+    /// driver only writes the MAC, and every run is the frame given.
+    ///
+    /// # Errors
+    /// When the program array refuses the program or a map write fails.
+    pub fn bench_driver(&mut self, target: &str, start: u32, wrap: u32, keep: bool) -> anyhow::Result<()> {
+        let fd = self.program(target).fd()?.try_clone()?;
+        let mac = self.written.node.map_or(NO_MAC, |n| n.macs[0]).to_le_bytes();
         let mut map: aya::maps::ProgramArray<&mut MapData> = map_mut(&mut self.ebpf, "BENCH_TARGET")?;
         map.set(0, &fd, 0).with_context(|| format!("pointing xdp_bench_flows at {target}"))?;
         let mut seq: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, "BENCH_FLOWS")?;
-        seq.set(0, 0, 0).context("resetting the driver's sequence")?;
-        seq.set(1, wrap, 0).context("setting the driver's wrap")?;
+        let words = [start, wrap, u32::from_le_bytes([mac[0], mac[1], mac[2], mac[3]]), u32::from_le_bytes([mac[4], mac[5], 0, 0]), u32::from(keep)];
+        for (i, w) in (0..).zip(words) {
+            seq.set(i, w, 0).context("setting up the driver's sequence")?;
+        }
         Ok(())
     }
 
@@ -645,14 +810,20 @@ impl Dataplane {
 
     /// Buckets in the flow table.
     #[must_use]
-    pub const fn flow_table_buckets(&self) -> u32 {
+    pub fn flow_table_buckets(&self) -> u32 {
         self.flows.buckets()
     }
 
     /// The flow table, for tests that look at or set single slots.
     #[must_use]
-    pub const fn flow_table(&self) -> &FlowTable {
+    pub fn flow_table(&self) -> &FlowTable {
         &self.flows
+    }
+
+    /// The flow table, for walks made off the controller's event loop (expiry).
+    #[must_use]
+    pub fn flow_table_handle(&self) -> Arc<FlowTable> {
+        Arc::clone(&self.flows)
     }
 
     /// The valid `FLOW_CACHE` entries of a client tuple, one per CPU that has it cached, with
@@ -701,17 +872,47 @@ impl Dataplane {
         self.flows.remove_where(|_| true)
     }
 
-    /// How many live (not closing) flows point at each real (a walk of the table).
+    /// How many live flows point at each real (a walk of the table): not closing, and idle
+    /// less than `expire(listener id)` age units at age `now`.
     #[must_use]
-    pub fn flows_per_real(&self) -> BTreeMap<u32, usize> {
+    pub fn flows_per_real(&self, now: u32, expire: impl Fn(u32) -> u32) -> BTreeMap<u32, usize> {
         let mut out = BTreeMap::new();
         self.flows.walk(|f| {
-            if !f.closing() {
+            if !f.closing() && f.idle(now) < expire(real_listener(f.real())) {
                 *out.entry(f.real()).or_default() += 1;
             }
         });
         out
     }
+}
+
+/// 10^9 / HZ, measured once per process (the tick rate does not change while the kernel runs).
+static NS_PER_JIFFY: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// The kernel's `jiffies`, read by running `dsrlb_clock`.
+fn jiffies(ebpf: &Ebpf) -> anyhow::Result<u64> {
+    use aya::programs::{TestRun as _, TestRunOptions};
+    let prog: &Xdp = ebpf.program("dsrlb_clock").and_then(|p| p.try_into().ok()).context("program dsrlb_clock missing")?;
+    let frame = [0u8; 64];
+    prog.test_run(TestRunOptions { data_in: Some(&frame), ..TestRunOptions::default() }).context("running dsrlb_clock")?;
+    let map: Array<&MapData, u64> = Array::try_from(ebpf.map(names::CLOCK).context("map CLOCK missing")?)?;
+    map.get(&0, 0).context("reading CLOCK")
+}
+
+/// 10^9 / the kernel's HZ: jiffies counted over 200 ms of the monotonic clock, taken as the
+/// nearest common HZ (100, 250, 300, 1000) when within 10% of one.
+fn measure_ns_per_jiffy(ebpf: &Ebpf) -> anyhow::Result<u32> {
+    let (t0, j0) = (std::time::Instant::now(), jiffies(ebpf)?);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (t1, j1) = (std::time::Instant::now(), jiffies(ebpf)?);
+    let hz = (j1 - j0) as f64 / t1.duration_since(t0).as_secs_f64();
+    ensure!(hz >= 10.0, "the kernel's jiffies moved {} in {:?}", j1 - j0, t1 - t0);
+    let known = [100.0, 250.0, 300.0, 1000.0].into_iter().min_by(|a: &f64, b: &f64| (a - hz).abs().total_cmp(&(b - hz).abs())).unwrap_or(hz);
+    let hz = if (known - hz).abs() / known < 0.1 { known } else { hz.round() };
+    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "10^9 / HZ for HZ >= 10")]
+    let ns = (1e9 / hz).round() as u32;
+    tracing::debug!(hz, ns_per_jiffy = ns, "kernel clock tick");
+    Ok(ns)
 }
 
 /// The flow table's hash seed: read from `LAYOUT`, or, for maps just made (version 0), drawn

@@ -3,7 +3,10 @@
 //! program's slot protocol (a slot is read state, addresses, state; changed by
 //! compare-and-swap on its state word).
 
-use lb_common::{FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_LIVE, FLOW_S_REAL, FLOW_WAYS, FlowKey, flow_buckets, flow_meta_split};
+use lb_common::{
+    FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_LIVE, FLOW_S_REAL, FLOW_WAYS, FlowKey, flow_buckets,
+    flow_idle, flow_meta_split,
+};
 
 use crate::mapped::Mapped;
 
@@ -26,6 +29,24 @@ impl Flow {
     #[must_use]
     pub const fn closing(&self) -> bool {
         self.state & FLOW_S_CLOSING != 0
+    }
+
+    /// A segment after the recording one was seen (see `lb_common::FLOW_S_CONFIRMED`).
+    #[must_use]
+    pub const fn confirmed(&self) -> bool {
+        self.state & FLOW_S_CONFIRMED != 0
+    }
+
+    /// The age of its last frame (`lb_common::flow_age`).
+    #[must_use]
+    pub const fn age(&self) -> u32 {
+        self.state >> FLOW_S_AGE_SHIFT
+    }
+
+    /// Age units since its last frame, at age `now`.
+    #[must_use]
+    pub const fn idle(&self, now: u32) -> u32 {
+        flow_idle(now, self.age())
     }
 }
 
@@ -69,7 +90,7 @@ impl FlowTable {
         for _ in 0..SETTLE_TRIES {
             let meta = self.mem.load(bucket, way * 2 + 1);
             let (ports, state) = flow_meta_split(meta);
-            if state & FLOW_S_LIVE == 0 {
+            if state & FLOW_S_LIVE == 0 && state != FLOW_S_BUSY {
                 return None;
             }
             if state != FLOW_S_BUSY {

@@ -40,6 +40,10 @@ pub struct Snapshot {
     pub listeners: Vec<(String, u64, u64, u64)>,
     /// (verdict, reason, packets).
     pub verdicts: Vec<(String, String, u64)>,
+    /// (listener, SYNs dropped by `max_conn_rate`, ICMP too-big forwarded).
+    pub guards: Vec<(String, u64, u64)>,
+    /// (event, count): flow table inserts by outcome, and flows expired.
+    pub table_events: Vec<(String, u64)>,
     pub flow_table_entries: u64,
 }
 
@@ -47,6 +51,7 @@ type Labels = Vec<(&'static str, String)>;
 /// (name, help, value getter) of a counter family.
 type PairCounter = (&'static str, &'static str, fn(&PairSample) -> u64);
 type ListenerCounter = (&'static str, &'static str, fn(&(String, u64, u64, u64)) -> u64);
+type GuardCounter = (&'static str, &'static str, fn(&(String, u64, u64)) -> u64);
 
 fn pair_labels(p: &PairSample) -> Labels {
     vec![("listener", p.listener.clone()), ("backend", p.backend.clone())]
@@ -93,6 +98,23 @@ impl Collector for Snapshot {
             let mut m = e.encode_descriptor("dsrlb_xdp_verdicts", "Packets seen by the XDP program, by verdict and reason", None, MetricType::Counter)?;
             for (verdict, reason, n) in &self.verdicts {
                 ConstCounter::new(*n).encode(m.encode_family(&vec![("verdict", verdict.clone()), ("reason", reason.clone())])?)?;
+            }
+        }
+        let guards: [GuardCounter; 2] = [
+            ("dsrlb_listener_conn_rate_dropped", "SYNs of new connections dropped by the listener's max_conn_rate", |g| g.1),
+            ("dsrlb_listener_icmp_too_big", "ICMP fragmentation-needed forwarded to the broker of the flow they quote", |g| g.2),
+        ];
+        for (name, help, get) in guards {
+            let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for g in &self.guards {
+                ConstCounter::new(get(g)).encode(m.encode_family(&vec![("listener", g.0.clone())])?)?;
+            }
+        }
+        {
+            let help = "Flow table inserts by outcome (refused: the flood guard kept every confirmed flow), and flows expired for idleness";
+            let mut m = e.encode_descriptor("dsrlb_flow_table_events", help, None, MetricType::Counter)?;
+            for (event, n) in &self.table_events {
+                ConstCounter::new(*n).encode(m.encode_family(&vec![("event", event.clone())])?)?;
             }
         }
         let m = e.encode_descriptor("dsrlb_flow_table_entries", "Live entries in the flow table", None, MetricType::Gauge)?;
@@ -156,6 +178,8 @@ mod tests {
             pairs: vec![PairSample { listener: "mqtt".into(), backend: "b1".into(), up: true, packets: 7, ..PairSample::default() }],
             listeners: vec![("mqtt".into(), 7, 700, 1)],
             verdicts: vec![("tx".into(), "forwarded".into(), 7)],
+            guards: vec![("mqtt".into(), 3, 2)],
+            table_events: vec![("refused".into(), 5)],
             flow_table_entries: 1,
         };
         let text = render(s).expect("render");
@@ -166,6 +190,9 @@ mod tests {
             "dsrlb_listener_packets_total{listener=\"mqtt\"} 7",
             "dsrlb_xdp_verdicts_total{verdict=\"tx\",reason=\"forwarded\"} 7",
             "dsrlb_flow_table_entries 1",
+            "dsrlb_listener_conn_rate_dropped_total{listener=\"mqtt\"} 3",
+            "dsrlb_listener_icmp_too_big_total{listener=\"mqtt\"} 2",
+            "dsrlb_flow_table_events_total{event=\"refused\"} 5",
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }

@@ -4,11 +4,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context as _, bail};
-use lb_common::{MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND};
+use lb_common::{MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND, age_units};
 
 use crate::{
     config::{Config, HashMode},
-    dataplane::{Desired, DesiredListener, DesiredReal},
+    dataplane::{ConnRateWanted, Desired, DesiredListener, DesiredReal},
     maglev,
 };
 
@@ -92,7 +92,28 @@ pub fn desired(
             .into_iter()
             .map(|slot| if slot == maglev::EMPTY { NO_BACKEND } else { ids.backends[members[slot as usize].0] })
             .collect();
-        listeners.push(DesiredListener { id, vip: l.vip, port: l.port, hash_source: l.hash == HashMode::Source, ring, reals });
+        let conn_rate = l.conn_rate.map(|c| {
+            let interval_ns = 1_000_000_000 / u64::from(c.rate);
+            ConnRateWanted { interval_ns, tolerance_ns: interval_ns * u64::from(c.burst - 1) }
+        });
+        listeners.push(DesiredListener {
+            id,
+            vip: l.vip,
+            port: l.port,
+            hash_source: l.hash == HashMode::Source,
+            ring,
+            reals,
+            conn_rate,
+            idle_expire: expire_units(l.flow_idle_timeout),
+        });
     }
-    Ok(Desired { listeners, src_mac })
+    Ok(Desired { listeners, src_mac, accept_macs: config.accept_macs.clone() })
+}
+
+/// The idle age units from which a flow is over after `timeout`: an age only says which unit
+/// of the clock a frame came in, so one more than the timeout's units guarantees the whole
+/// timeout passed.
+#[must_use]
+pub fn expire_units(timeout: std::time::Duration) -> u32 {
+    age_units(timeout.as_secs().max(1)) + 1
 }

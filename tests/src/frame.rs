@@ -1,5 +1,6 @@
-//! Builds Ethernet frames for packet fixtures: IPv4 with TCP, UDP or ICMP, VLAN tags, IP options,
-//! fragments, ARP and IPv6. Checksums are real, so frames are what a wire would carry.
+//! Builds Ethernet frames for packet fixtures: IPv4 with TCP, UDP or ICMP (echo, and errors that
+//! quote a datagram), VLAN tags, IP options, fragments, ARP and IPv6. Checksums are real, so
+//! frames are what a wire would carry.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -12,7 +13,13 @@ pub enum L4 {
     Tcp { sport: u16, dport: u16, flags: u8 },
     Udp { sport: u16, dport: u16 },
     IcmpEcho,
+    /// An ICMP error (`kind`, `code`; `mtu` in the second half of the rest-of-header word) that
+    /// quotes `quoted`: the start of the offending datagram, from its IP header on.
+    IcmpError { kind: u8, code: u8, mtu: u16, quoted: Vec<u8> },
 }
+
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
 
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
@@ -71,7 +78,7 @@ impl Ipv4Frame {
         let proto = match self.l4 {
             L4::Tcp { .. } => 6u8,
             L4::Udp { .. } => 17,
-            L4::IcmpEcho => 1,
+            L4::IcmpEcho | L4::IcmpError { .. } => 1,
         };
         let mut ip = vec![0u8; 20];
         ip[0] = 0x40 | u8::try_from(ihl).expect("ihl fits");
@@ -110,12 +117,18 @@ impl Ipv4Frame {
                 u
             }
             L4::IcmpEcho => vec![8, 0, 0, 0, 0, 1, 0, 1],
+            L4::IcmpError { kind, code, mtu, ref quoted } => {
+                let mut m = vec![kind, code, 0, 0, 0, 0];
+                m.extend_from_slice(&mtu.to_be_bytes());
+                m.extend_from_slice(quoted);
+                m
+            }
         };
         seg.extend_from_slice(&self.payload);
         let (proto, csum_at) = match self.l4 {
             L4::Tcp { .. } => (6u8, 16),
             L4::Udp { .. } => (17, 6),
-            L4::IcmpEcho => (1, 2),
+            L4::IcmpEcho | L4::IcmpError { .. } => (1, 2),
         };
         let csum = if proto == 1 {
             checksum(&seg, 0)
@@ -129,6 +142,28 @@ impl Ipv4Frame {
         };
         seg[csum_at..csum_at + 2].copy_from_slice(&csum.to_be_bytes());
         seg
+    }
+}
+
+impl Ipv4Frame {
+    /// The IP datagram of this frame (no Ethernet header or VLAN tag).
+    #[must_use]
+    pub fn datagram(&self) -> Vec<u8> {
+        let f = self.build();
+        f[14 + if self.vlan.is_some() { 4 } else { 0 }..].to_vec()
+    }
+
+    /// ICMP "fragmentation needed" (next-hop MTU `mtu`) from `router` to the source of
+    /// `offending`, quoting its IP header and the first `quote` bytes after it, sent to the
+    /// balancer's MAC.
+    #[must_use]
+    pub fn frag_needed(router: Ipv4Addr, offending: &Self, mtu: u16, quote: usize) -> Self {
+        let datagram = offending.datagram();
+        let ihl = usize::from(datagram[0] & 0x0f) * 4;
+        let quoted = datagram[..(ihl + quote).min(datagram.len())].to_vec();
+        let mut f = Self::tcp(router, 0, offending.src, 0, 0);
+        f.l4 = L4::IcmpError { kind: ICMP_DEST_UNREACH, code: ICMP_FRAG_NEEDED, mtu, quoted };
+        f
     }
 }
 

@@ -3,6 +3,7 @@
 #![allow(clippy::must_use_candidate, reason = "helpers run commands for their effect; their output is optional")]
 
 pub mod client;
+pub mod fixture;
 pub mod frame;
 pub mod lab;
 pub mod netns;
@@ -33,9 +34,19 @@ macro_rules! require_root {
 /// When it has not been built.
 #[must_use]
 pub fn dsrlb_bin() -> std::path::PathBuf {
+    built_bin("dsrlb")
+}
+
+/// A binary of this build (`dsrlb`, or one of this crate's: `flood`, `loadgen`, ...), from
+/// the same profile as the running test.
+///
+/// # Panics
+/// When it has not been built.
+#[must_use]
+pub fn built_bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/dsrlb
-    let bin = exe.parent().and_then(std::path::Path::parent).expect("target dir").join("dsrlb");
-    assert!(bin.exists(), "{} is missing: build it with `cargo build -p lb-userspace` (cargo xtask test does)", bin.display());
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let bin = exe.parent().and_then(std::path::Path::parent).expect("target dir").join(name);
+    assert!(bin.exists(), "{} is missing: build it with `cargo build -p lb-userspace -p tests --bins` (cargo xtask test does)", bin.display());
     bin
 }

@@ -10,169 +10,16 @@ use std::{
 };
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use lb_common::{FLOW_CACHE_REVALIDATE, flow_hash, reason, ring_slot, source_hash};
-use lb_userspace::{
-    config::{self, Config},
-    dataplane::{Dataplane, Desired, LoadOptions},
-    plan::{self, BackendRuntime, DownSet, Ids},
-};
+use lb_common::{FLOW_CACHE_REVALIDATE, reason};
+use lb_userspace::config::{self, Config};
 use tests::{
-    frame::{self, Ipv4Frame, L4, LB_MAC, TCP_ACK, TCP_SYN},
+    fixture::{
+        CLIENT, Lb, RING, VIP, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, assert_dsr_rewrite, bench_tuple, live_flows, mac_of,
+        new_flows, pin_to_cpu, syn,
+    },
+    frame::{self, Ipv4Frame, L4, TCP_ACK, TCP_SYN},
     require_root,
 };
-
-const XDP_ABORTED: u32 = 0;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-
-const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-const RING: u32 = 65_537;
-
-fn mac_of(n: u8) -> [u8; 6] {
-    [0x02, 0, 0, 0, 0, n]
-}
-
-/// A balancer loaded with a config and its planning state, to change and re-apply.
-struct Lb {
-    dp: Dataplane,
-    config: Config,
-    ids: Ids,
-    runtime: BTreeMap<String, BackendRuntime>,
-    down: DownSet,
-    desired: Desired,
-}
-
-impl Lb {
-    /// `backends`: (name, last MAC byte, weight). One listener VIP:1883 over all of them, plus
-    /// VIP:8883 with `hash = "source"`.
-    fn new(backends: &[(&str, u8, u32)]) -> Self {
-        Self::with_config(Self::config(backends))
-    }
-
-    fn with_config(config: Config) -> Self {
-        Self::with_table(config, 65_536)
-    }
-
-    fn with_table(config: Config, flow_table_size: u32) -> Self {
-        let dp = Dataplane::load(&LoadOptions { ring_size: RING, flow_table_size, floor_dst_mac: mac_of(0x11) })
-            .expect("loading the XDP object");
-        let mut lb = Self { dp, config, ids: Ids::default(), runtime: BTreeMap::new(), down: DownSet::new(), desired: Desired::default() };
-        lb.apply();
-        lb
-    }
-
-    fn config(backends: &[(&str, u8, u32)]) -> Config {
-        let mut text = format!(
-            "interface = \"veth0\"\nring_size = {RING}\n\
-             [[listener]]\nname = \"mqtt\"\nvip = \"{VIP}\"\nport = 1883\n\
-             [[listener]]\nname = \"mqtts\"\nvip = \"{VIP}\"\nport = 8883\nhash = \"source\"\n"
-        );
-        for (name, n, w) in backends {
-            let _ = write!(
-                text,
-                "[[backend]]\nname = \"{name}\"\naddress = \"192.0.2.{n}\"\nmac = \"{}\"\nweight = {w}\n",
-                config::format_mac(mac_of(*n))
-            );
-        }
-        config::parse(&text, "fixture.toml").expect("fixture config is valid")
-    }
-
-    /// Re-plans from `self.config`, `self.runtime` and `self.down` and applies.
-    fn apply(&mut self) {
-        self.ids.update(&self.config).expect("ids");
-        for b in &self.config.backends {
-            self.runtime.entry(b.name.clone()).or_insert(BackendRuntime { mac: b.mac.expect("fixture MACs are set"), drained: false });
-        }
-        self.runtime.retain(|name, _| self.config.backend(name).is_some());
-        self.desired = plan::desired(&self.config, &self.ids, &self.runtime, &self.down, LB_MAC).expect("plan");
-        self.dp.apply(&self.desired).expect("apply");
-    }
-
-    fn set_backends(&mut self, backends: &[(&str, u8, u32)]) {
-        self.config = Self::config(backends);
-        self.apply();
-    }
-
-    /// Marks `name` down (or up) on every listener, as failed checks would.
-    fn set_down(&mut self, name: &str, down: bool) {
-        for l in &self.config.listeners {
-            let pair = (l.name.clone(), name.to_owned());
-            if down {
-                self.down.insert(pair);
-            } else {
-                self.down.remove(&pair);
-            }
-        }
-        self.apply();
-    }
-
-    /// Runs one frame; returns the action and the output frame.
-    fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; input.len() + 256];
-        let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..TestRunOptions::default() };
-        let r = self.dp.program("dsrlb").test_run(opts).expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
-    }
-
-    /// The backend name whose MAC a forwarded frame carries.
-    fn backend_of(&self, out: &[u8]) -> String {
-        let dst: [u8; 6] = out[..6].try_into().expect("6 bytes");
-        self.runtime.iter().find(|(_, rt)| rt.mac == dst).map_or_else(|| panic!("unknown dst MAC {dst:02x?}"), |(n, _)| n.clone())
-    }
-
-    /// What the ring of listener `index` says for this tuple (the controller's own view).
-    fn ring_choice(&self, index: usize, src: Ipv4Addr, sport: u16, dport: u16) -> String {
-        let l = &self.desired.listeners[index];
-        let h = if l.hash_source {
-            source_hash(u32::from_ne_bytes(src.octets()))
-        } else {
-            // Wire values as the program loads them into native integers.
-            let wire16 = |v: u16| u16::from_ne_bytes(v.to_be_bytes());
-            flow_hash(u32::from_ne_bytes(src.octets()), u32::from_ne_bytes(VIP.octets()), wire16(sport), wire16(dport))
-        };
-        let id = l.ring[ring_slot(h, RING) as usize];
-        self.ids.backends.iter().find(|(_, v)| **v == id).map(|(k, _)| k.clone()).expect("ring names a known backend")
-    }
-}
-
-/// Pins the calling thread to `cpu`: `BPF_PROG_TEST_RUN` runs the program on the caller's CPU.
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread (pid 0).
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set), 0, "pinning to CPU {cpu}");
-    }
-}
-
-/// The client tuple of run `n` of `xdp_bench_flows`.
-fn bench_tuple(n: u32) -> (Ipv4Addr, u16) {
-    (Ipv4Addr::from(0x0b00_0000 + (n >> 14)), u16::try_from(1024 + 2 * (n & 0x3fff)).expect("below 2^15"))
-}
-
-/// Runs `xdp_bench_flows` over `dsrlb` `runs` times on one SYN: `runs` new flows
-/// (`bench_tuple`; the driver's sequence goes on from where the last call left it).
-fn new_flows(lb: &Lb, runs: u32) -> u32 {
-    let frame = Ipv4Frame::tcp(CLIENT, 50000, VIP, 1883, TCP_SYN).build();
-    let mut out = vec![0u8; frame.len() + 256];
-    let opts = TestRunOptions { data_in: Some(&frame), data_out: Some(&mut out), repeat: runs, ..TestRunOptions::default() };
-    lb.dp.program("xdp_bench_flows").test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
-}
-
-fn syn(sport: u16) -> Vec<u8> {
-    Ipv4Frame::tcp(CLIENT, sport, VIP, 1883, TCP_SYN).build()
-}
-
-/// The forwarded frame must equal the input but for the two MACs.
-fn assert_dsr_rewrite(input: &[u8], out: &[u8], backend_mac: [u8; 6], what: &str) {
-    assert_eq!(out.len(), input.len(), "{what}: length changed");
-    assert_eq!(out[..6], backend_mac, "{what}: destination MAC");
-    assert_eq!(out[6..12], LB_MAC, "{what}: source MAC must be the balancer's");
-    assert_eq!(out[12..], input[12..], "{what}: bytes past the MACs changed");
-}
 
 /// A fixture row: what goes in, and which verdict (and reason) must come out.
 struct Case {
@@ -475,7 +322,7 @@ fn client_close_marks_the_flow_and_a_reused_tuple_starts_fresh() {
     for &p in &ports {
         assert_eq!(lb.run(&syn(p)).0, XDP_TX);
     }
-    let live = |lb: &Lb| lb.dp.flows_per_real().values().sum::<usize>();
+    let live = |lb: &Lb| live_flows(lb);
     assert_eq!(live(&lb), ports.len());
     // A backend joins: the ring moves some tuples, established flows stay where they are.
     lb.set_backends(&[("b1", 11, 100), ("b2", 12, 100), ("b3", 13, 100)]);
@@ -520,6 +367,16 @@ fn removing_a_listener_stops_its_established_flows() {
     assert_eq!(lb.run(&Ipv4Frame::tcp(CLIENT, 43000, VIP, 1883, TCP_ACK).build()).0, XDP_TX, "the other listener is untouched");
 }
 
+/// Waits for the flow table's clock to start a new unit.
+fn fresh_clock_unit(lb: &Lb) {
+    let now_age = || lb.dp.now_age().expect("clock");
+    let (at, deadline) = (now_age(), std::time::Instant::now() + std::time::Duration::from_secs(5));
+    while now_age() == at {
+        assert!(std::time::Instant::now() < deadline, "the flow table's clock did not move in 5 s");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 #[test]
 fn flow_cache_serves_established_frames_revalidates_and_follows_every_change() {
     require_root!();
@@ -529,7 +386,10 @@ fn flow_cache_serves_established_frames_revalidates_and_follows_every_change() {
     let ack = |dport: u16| Ipv4Frame::tcp(CLIENT, 44000, VIP, dport, TCP_ACK).build();
     let new_flows = |lb: &Lb| lb.dp.stats().expect("stats").total().new_flows;
     let first = lb.backend_of(&lb.run(&syn(44000)).1);
-    // The first established frame reads FLOWS and fills this CPU's cache slot.
+    // A cache entry serves only within the table clock's unit it was filled in (1.07 s): start
+    // at the beginning of one, so what follows runs well within it.
+    fresh_clock_unit(&lb);
+    // The first established frame reads FLOWS, confirms the flow and fills this CPU's cache slot.
     assert_eq!(lb.backend_of(&lb.run(&ack(1883)).1), first);
 
     // Remove the flow behind the cache's back, as a replacement in the table would: the cache

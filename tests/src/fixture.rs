@@ -1,0 +1,205 @@
+//! The packet-fixture harness: a balancer loaded from a config through the controller's own
+//! planning code (`config` → `plan` → `Dataplane::apply`), frames pushed through it with
+//! `BPF_PROG_TEST_RUN`, and the controller's view of where a tuple should go.
+#![allow(clippy::must_use_candidate, clippy::missing_panics_doc, reason = "test helpers")]
+
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use lb_common::{flow_hash, ring_slot, source_hash};
+use lb_userspace::{
+    config::{self, Config},
+    dataplane::{Dataplane, Desired, LoadOptions},
+    plan::{self, BackendRuntime, DownSet, Ids},
+};
+
+use crate::frame::{Ipv4Frame, LB_MAC, TCP_SYN};
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+pub const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const RING: u32 = 65_537;
+
+pub fn mac_of(n: u8) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0, n]
+}
+
+/// A balancer loaded with a config and its planning state, to change and re-apply.
+pub struct Lb {
+    pub dp: Dataplane,
+    pub config: Config,
+    pub ids: Ids,
+    pub runtime: BTreeMap<String, BackendRuntime>,
+    pub down: DownSet,
+    pub desired: Desired,
+    /// The balancer's own MAC: the source of forwarded frames, the destination it accepts.
+    pub src_mac: [u8; 6],
+}
+
+impl Lb {
+    /// `backends`: (name, last MAC byte, weight). One listener VIP:1883 over all of them, plus
+    /// VIP:8883 with `hash = "source"`.
+    pub fn new(backends: &[(&str, u8, u32)]) -> Self {
+        Self::with_config(Self::config(backends))
+    }
+
+    pub fn with_config(config: Config) -> Self {
+        Self::with_table(config, 65_536)
+    }
+
+    pub fn with_table(config: Config, flow_table_size: u32) -> Self {
+        let dp = Dataplane::load(&LoadOptions { ring_size: RING, flow_table_size, floor_dst_mac: mac_of(0x11) })
+            .expect("loading the XDP object");
+        let mut lb = Self {
+            dp,
+            config,
+            ids: Ids::default(),
+            runtime: BTreeMap::new(),
+            down: DownSet::new(),
+            desired: Desired::default(),
+            src_mac: LB_MAC,
+        };
+        lb.apply();
+        lb
+    }
+
+    pub fn config(backends: &[(&str, u8, u32)]) -> Config {
+        Self::parse(&Self::config_text(backends))
+    }
+
+    /// The text of [`Self::config`], for tests that add settings to it.
+    pub fn config_text(backends: &[(&str, u8, u32)]) -> String {
+        let mut text = format!(
+            "interface = \"veth0\"\nring_size = {RING}\n\
+             [[listener]]\nname = \"mqtt\"\nvip = \"{VIP}\"\nport = 1883\n\
+             [[listener]]\nname = \"mqtts\"\nvip = \"{VIP}\"\nport = 8883\nhash = \"source\"\n"
+        );
+        for (name, n, w) in backends {
+            let _ = write!(
+                text,
+                "[[backend]]\nname = \"{name}\"\naddress = \"192.0.2.{n}\"\nmac = \"{}\"\nweight = {w}\n",
+                config::format_mac(mac_of(*n))
+            );
+        }
+        text
+    }
+
+    pub fn parse(text: &str) -> Config {
+        config::parse(text, "fixture.toml").expect("fixture config is valid")
+    }
+
+    /// The name of the backend with id `id`.
+    pub fn backend_name(&self, id: u32) -> String {
+        self.ids.backends.iter().find(|(_, v)| **v == id).map(|(k, _)| k.clone()).expect("a known backend id")
+    }
+
+    /// Re-plans from `self.config`, `self.runtime` and `self.down` and applies.
+    pub fn apply(&mut self) {
+        self.ids.update(&self.config).expect("ids");
+        for b in &self.config.backends {
+            self.runtime.entry(b.name.clone()).or_insert(BackendRuntime { mac: b.mac.expect("fixture MACs are set"), drained: false });
+        }
+        self.runtime.retain(|name, _| self.config.backend(name).is_some());
+        self.desired = plan::desired(&self.config, &self.ids, &self.runtime, &self.down, self.src_mac).expect("plan");
+        self.dp.apply(&self.desired).expect("apply");
+    }
+
+    pub fn set_backends(&mut self, backends: &[(&str, u8, u32)]) {
+        self.config = Self::config(backends);
+        self.apply();
+    }
+
+    /// Marks `name` down (or up) on every listener, as failed checks would.
+    pub fn set_down(&mut self, name: &str, down: bool) {
+        for l in &self.config.listeners {
+            let pair = (l.name.clone(), name.to_owned());
+            if down {
+                self.down.insert(pair);
+            } else {
+                self.down.remove(&pair);
+            }
+        }
+        self.apply();
+    }
+
+    /// Runs one frame; returns the action and the output frame.
+    pub fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; input.len() + 256];
+        let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..TestRunOptions::default() };
+        let r = self.dp.program("dsrlb").test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    /// The backend name whose MAC a forwarded frame carries.
+    pub fn backend_of(&self, out: &[u8]) -> String {
+        let dst: [u8; 6] = out[..6].try_into().expect("6 bytes");
+        self.runtime.iter().find(|(_, rt)| rt.mac == dst).map_or_else(|| panic!("unknown dst MAC {dst:02x?}"), |(n, _)| n.clone())
+    }
+
+    /// What the ring of listener `index` says for this tuple (the controller's own view).
+    pub fn ring_choice(&self, index: usize, src: Ipv4Addr, sport: u16, dport: u16) -> String {
+        let l = &self.desired.listeners[index];
+        let h = if l.hash_source {
+            source_hash(u32::from_ne_bytes(src.octets()))
+        } else {
+            // Wire values as the program loads them into native integers.
+            let wire16 = |v: u16| u16::from_ne_bytes(v.to_be_bytes());
+            flow_hash(u32::from_ne_bytes(src.octets()), u32::from_ne_bytes(VIP.octets()), wire16(sport), wire16(dport))
+        };
+        let id = l.ring[ring_slot(h, RING) as usize];
+        self.ids.backends.iter().find(|(_, v)| **v == id).map(|(k, _)| k.clone()).expect("ring names a known backend")
+    }
+}
+
+/// Live flows in the table, as `dsrlb status` counts them (no timeout can pass in a test).
+pub fn live_flows(lb: &Lb) -> usize {
+    lb.dp.flows_per_real(lb.dp.now_age().expect("clock"), |_| u32::MAX).values().sum()
+}
+
+/// Pins the calling thread to `cpu`: `BPF_PROG_TEST_RUN` runs the program on the caller's CPU.
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set), 0, "pinning to CPU {cpu}");
+    }
+}
+
+/// The client tuple of run `n` of `xdp_bench_flows`.
+pub fn bench_tuple(n: u32) -> (Ipv4Addr, u16) {
+    (Ipv4Addr::from(0x0b00_0000 + (n >> 14)), u16::try_from(1024 + 2 * (n & 0x3fff)).expect("below 2^15"))
+}
+
+/// Runs `xdp_bench_flows` over `dsrlb` `runs` times on one SYN: `runs` new flows
+/// (`bench_tuple`; the driver's sequence goes on from where the last call left it).
+pub fn new_flows(lb: &Lb, runs: u32) -> u32 {
+    driver_runs(lb, TCP_SYN, runs)
+}
+
+/// Runs `xdp_bench_flows` over `dsrlb` `runs` times on a segment with TCP `flags`, each run
+/// from the next tuple of the driver's sequence; the last run's action.
+pub fn driver_runs(lb: &Lb, flags: u8, runs: u32) -> u32 {
+    let frame = Ipv4Frame::tcp(CLIENT, 50000, VIP, 1883, flags).build();
+    let mut out = vec![0u8; frame.len() + 256];
+    let opts = TestRunOptions { data_in: Some(&frame), data_out: Some(&mut out), repeat: runs, ..TestRunOptions::default() };
+    lb.dp.program("xdp_bench_flows").test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+}
+
+pub fn syn(sport: u16) -> Vec<u8> {
+    Ipv4Frame::tcp(CLIENT, sport, VIP, 1883, TCP_SYN).build()
+}
+
+/// The forwarded frame must equal the input but for the two MACs.
+pub fn assert_dsr_rewrite(input: &[u8], out: &[u8], backend_mac: [u8; 6], what: &str) {
+    assert_eq!(out.len(), input.len(), "{what}: length changed");
+    assert_eq!(out[..6], backend_mac, "{what}: destination MAC");
+    assert_eq!(out[6..12], LB_MAC, "{what}: source MAC must be the balancer's");
+    assert_eq!(out[12..], input[12..], "{what}: bytes past the MACs changed");
+}
+

@@ -1,0 +1,460 @@
+//! Packet fixtures for the edge: frames that are not this node's, ICMP "fragmentation needed"
+//! steered by the flow it quotes, the flood guard, idle flows, and storm control. Pushed
+//! through the loaded XDP program with `BPF_PROG_TEST_RUN`, like `xdp_fixtures`.
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use lb_common::{FLOW_S_AGE_SHIFT, FlowKey, flow_meta, flow_meta_split, reason, real_backend, table_event};
+use lb_userspace::plan;
+use tests::{
+    fixture::{
+        CLIENT, Lb, VIP, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, assert_dsr_rewrite, driver_runs, live_flows, mac_of, new_flows,
+        pin_to_cpu, syn,
+    },
+    frame::{ICMP_DEST_UNREACH, Ipv4Frame, L4, LB_MAC, TCP_ACK, TCP_SYN},
+    require_root,
+};
+
+const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 254);
+const VMAC: [u8; 6] = [0x00, 0x00, 0x5e, 0x00, 0x01, 0x33];
+
+fn ack(sport: u16) -> Vec<u8> {
+    Ipv4Frame::tcp(CLIENT, sport, VIP, 1883, TCP_ACK).build()
+}
+
+/// A frame built with another destination MAC.
+fn to_mac(mut f: Ipv4Frame, mac: [u8; 6]) -> Vec<u8> {
+    f.dst_mac = mac;
+    f.build()
+}
+
+/// The verdict counters that moved over `f`, and `f`'s result.
+fn moved<T>(lb: &Lb, f: impl FnOnce() -> T) -> (Vec<usize>, T) {
+    let before = lb.dp.stats().expect("stats").verdicts;
+    let r = f();
+    let after = lb.dp.stats().expect("stats").verdicts;
+    ((0..after.len()).filter(|&i| after[i] != before[i]).collect(), r)
+}
+
+fn table_events(lb: &Lb) -> Vec<u64> {
+    lb.dp.stats().expect("stats").table
+}
+
+#[test]
+fn only_frames_addressed_to_this_node_are_forwarded() {
+    require_root!();
+    let text = Lb::config_text(&[("b1", 11, 100), ("b2", 12, 100)])
+        .replace("ring_size", "accept_macs = [\"00:00:5e:00:01:33\"]\nring_size");
+    let mut lb = Lb::with_config(Lb::parse(&text));
+    let cases: [(&str, [u8; 6], u32, u32); 7] = [
+        ("the interface's own MAC", LB_MAC, XDP_TX, reason::TX),
+        ("keepalived's virtual MAC (accept_macs)", VMAC, XDP_TX, reason::TX),
+        ("another host's MAC (unknown unicast flooded by a switch)", mac_of(0x99), XDP_PASS, reason::PASS_NOT_OUR_MAC),
+        ("a backend's MAC (a frame seen in promiscuous mode)", mac_of(11), XDP_PASS, reason::PASS_NOT_OUR_MAC),
+        ("broadcast", [0xff; 6], XDP_PASS, reason::PASS_NOT_OUR_MAC),
+        ("IPv4 multicast", [0x01, 0x00, 0x5e, 0x00, 0x00, 0x01], XDP_PASS, reason::PASS_NOT_OUR_MAC),
+        ("another VRRP router's virtual MAC", [0x00, 0x00, 0x5e, 0x00, 0x01, 0x34], XDP_PASS, reason::PASS_NOT_OUR_MAC),
+    ];
+    for (i, (what, mac, action, why)) in cases.iter().enumerate() {
+        let sport = 40000 + 2 * u16::try_from(i).expect("few");
+        let input = to_mac(Ipv4Frame::tcp(CLIENT, sport, VIP, 1883, TCP_SYN), *mac);
+        let (moved, (got, out)) = moved(&lb, || lb.run(&input));
+        assert_eq!((got, moved), (*action, vec![*why as usize]), "{what}");
+        if got == XDP_TX {
+            let backend = lb.backend_of(&out);
+            assert_dsr_rewrite(&input, &out, lb.runtime[&backend].mac, what);
+        } else {
+            assert_eq!(out, input, "{what}: passed untouched");
+            assert!(lb.dp.flow(CLIENT, sport, VIP, 1883).is_none(), "{what}: a frame not for this node recorded a flow");
+        }
+    }
+    // An established flow, cached on this CPU: its frames for another MAC still pass.
+    pin_to_cpu(0);
+    assert_eq!(lb.run(&syn(41000)).0, XDP_TX);
+    assert_eq!(lb.run(&ack(41000)).0, XDP_TX);
+    assert_eq!(lb.run(&ack(41000)).0, XDP_TX);
+    let foreign = to_mac(Ipv4Frame::tcp(CLIENT, 41000, VIP, 1883, TCP_ACK), mac_of(0x99));
+    let (moved_by, (action, out)) = moved(&lb, || lb.run(&foreign));
+    assert_eq!((action, moved_by), (XDP_PASS, vec![reason::PASS_NOT_OUR_MAC as usize]), "a cached flow's frame for another MAC");
+    assert_eq!(out, foreign);
+    // A fragment to a VIP for another node passes (it is that node's to drop).
+    let mut frag = Ipv4Frame::tcp(CLIENT, 41002, VIP, 1883, TCP_SYN);
+    frag.frag = 0x2000;
+    let (moved_by, (action, _)) = moved(&lb, || lb.run(&to_mac(frag.clone(), mac_of(0x99))));
+    assert_eq!((action, moved_by), (XDP_PASS, vec![reason::PASS_NOT_OUR_MAC as usize]), "another node's fragment");
+    assert_eq!(lb.run(&frag.build()).0, XDP_DROP, "our own fragment is dropped");
+
+    // The interface's MAC changes (the controller follows it): the old one is foreign now,
+    // and forwarded frames carry the new one as their source.
+    lb.src_mac = mac_of(0x03);
+    lb.apply();
+    assert_eq!(lb.run(&syn(41004)).0, XDP_PASS, "the old MAC is no longer this node's");
+    let input = to_mac(Ipv4Frame::tcp(CLIENT, 41006, VIP, 1883, TCP_SYN), mac_of(0x03));
+    let (action, out) = lb.run(&input);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(out[6..12], mac_of(0x03), "forwarded with the new MAC as source");
+    assert_eq!(lb.dp.node_macs(), vec![mac_of(0x03), VMAC]);
+}
+
+/// A segment the broker sends for the flow `CLIENT:client_port -> VIP:1883` (the answer that a
+/// router on the way to the client finds too big).
+fn broker_segment(client_port: u16) -> Ipv4Frame {
+    let mut f = Ipv4Frame::tcp(VIP, 1883, CLIENT, client_port, TCP_ACK);
+    f.payload = vec![0x30; 1400];
+    f
+}
+
+fn too_big(client_port: u16) -> Ipv4Frame {
+    Ipv4Frame::frag_needed(ROUTER, &broker_segment(client_port), 1280, 8)
+}
+
+#[test]
+fn icmp_frag_needed_reaches_the_broker_of_the_flow_it_quotes() {
+    require_root!();
+    let mut lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100)]);
+    let ports: Vec<u16> = (20000..20400).step_by(2).collect();
+    for &p in &ports {
+        assert_eq!(lb.run(&syn(p)).0, XDP_TX);
+        assert_eq!(lb.run(&ack(p)).0, XDP_TX);
+    }
+    // A broker joins: the ring moves some tuples to it, their flows stay where they are.
+    lb.set_backends(&[("b1", 11, 100), ("b2", 12, 100), ("b3", 13, 100)]);
+    let flows_before = lb.dp.flows();
+    let stats_before = lb.dp.stats().expect("stats");
+    let mut moved_by_ring = 0;
+    for &p in &ports {
+        let recorded = lb.backend_name(real_backend(lb.dp.flow(CLIENT, p, VIP, 1883).expect("recorded").real()));
+        moved_by_ring += usize::from(lb.ring_choice(0, CLIENT, p, 1883) != recorded);
+        let input = too_big(p).build();
+        let (action, out) = lb.run(&input);
+        assert_eq!(action, XDP_TX, "port {p}");
+        assert_eq!(lb.backend_of(&out), recorded, "port {p}: the ICMP went elsewhere than its flow");
+        assert_dsr_rewrite(&input, &out, lb.runtime[&recorded].mac, "frag-needed");
+    }
+    assert!(moved_by_ring > 20, "only {moved_by_ring} flows differ from the new ring");
+    // Counted as ICMP, not as the flows' packets; nothing in the table changed.
+    let stats = lb.dp.stats().expect("stats");
+    let n = ports.len() as u64;
+    assert_eq!(stats.verdict(reason::TX_ICMP_TOO_BIG) - stats_before.verdict(reason::TX_ICMP_TOO_BIG), n);
+    assert_eq!(stats.listeners[&lb.ids.listeners["mqtt"]].icmp_too_big, n);
+    assert_eq!(stats.total(), stats_before.total(), "ICMP counted as the flows' own packets");
+    assert_eq!(lb.dp.flows(), flows_before, "an ICMP error refreshed, confirmed or recorded a flow");
+
+    // A longer quote (RFC 1812 routers quote as much as fits in 576 bytes) and a tagged frame.
+    let mut long = Ipv4Frame::frag_needed(ROUTER, &broker_segment(ports[0]), 1280, 548);
+    long.vlan = Some((0x8100, 7));
+    long.ip_options = vec![0x01; 4];
+    let recorded = lb.backend_name(real_backend(lb.dp.flow(CLIENT, ports[0], VIP, 1883).expect("recorded").real()));
+    let (action, out) = lb.run(&long.build());
+    assert_eq!((action, lb.backend_of(&out)), (XDP_TX, recorded), "a tagged frame with a long quote");
+}
+
+#[test]
+fn icmp_frag_needed_for_an_unseen_flow_goes_where_its_syn_goes_and_records_nothing() {
+    require_root!();
+    let lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100), ("b3", 13, 100)]);
+    for p in (30000..30200).step_by(2) {
+        let (action, out) = lb.run(&too_big(p).build());
+        assert_eq!(action, XDP_TX);
+        let via_icmp = lb.backend_of(&out);
+        assert_eq!(via_icmp, lb.ring_choice(0, CLIENT, p, 1883), "port {p}");
+        assert_eq!(lb.dp.flow_count(), 0, "port {p}: an ICMP error recorded a flow");
+        let (_, out) = lb.run(&syn(p));
+        assert_eq!(lb.backend_of(&out), via_icmp, "port {p}: the flow's SYN went elsewhere than its ICMP error");
+        lb.dp.clear_flows();
+    }
+}
+
+#[test]
+fn icmp_that_is_not_about_a_listener_flow_passes_untouched() {
+    require_root!();
+    let lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100)]);
+    let other = Ipv4Addr::new(192, 0, 2, 200);
+    let mut not_a_listener_port = broker_segment(20000);
+    if let L4::Tcp { sport, .. } = &mut not_a_listener_port.l4 {
+        *sport = 80;
+    }
+    let mut from_another_host = broker_segment(20000);
+    from_another_host.src = other;
+    let mut udp = broker_segment(20000);
+    udp.l4 = L4::Udp { sport: 1883, dport: 20000 };
+    let mut later_fragment = broker_segment(20000);
+    later_fragment.frag = 0x0010;
+    let mut port_unreachable = too_big(20000);
+    if let L4::IcmpError { code, .. } = &mut port_unreachable.l4 {
+        *code = 3;
+    }
+    // Sent to the VIP, but quoting a datagram from another source.
+    let mut misaddressed = Ipv4Frame::frag_needed(ROUTER, &from_another_host, 1280, 8);
+    misaddressed.dst = VIP;
+    let cases: Vec<(&str, Vec<u8>, u32)> = vec![
+        ("quotes a port no listener uses", Ipv4Frame::frag_needed(ROUTER, &not_a_listener_port, 1280, 8).build(), reason::PASS_NO_LISTENER),
+        ("quotes another host's segment", Ipv4Frame::frag_needed(ROUTER, &from_another_host, 1280, 8).build(), reason::PASS_NO_LISTENER),
+        ("to the VIP, quoting another host", misaddressed.build(), reason::PASS_NO_LISTENER),
+        ("quotes UDP", Ipv4Frame::frag_needed(ROUTER, &udp, 1280, 8).build(), reason::PASS_NO_LISTENER),
+        ("quotes a later fragment", Ipv4Frame::frag_needed(ROUTER, &later_fragment, 1280, 8).build(), reason::PASS_NO_LISTENER),
+        ("port unreachable (type 3 code 3)", port_unreachable.build(), reason::PASS_NOT_TCP),
+        ("for another node's MAC", to_mac(too_big(20000), mac_of(0x99)), reason::PASS_NOT_OUR_MAC),
+    ];
+    for (what, input, why) in cases {
+        let (moved_by, (action, out)) = moved(&lb, || lb.run(&input));
+        assert_eq!((action, moved_by), (XDP_PASS, vec![why as usize]), "{what}");
+        assert_eq!(out, input, "{what}: passed untouched");
+    }
+    let f = too_big(20000);
+    if let L4::IcmpError { kind, .. } = f.l4 {
+        assert_eq!(kind, ICMP_DEST_UNREACH);
+    }
+}
+
+#[test]
+fn every_truncation_of_an_icmp_frag_needed_is_safe() {
+    require_root!();
+    let lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100)]);
+    // Ethernet, IP, ICMP header, quoted IP header, quoted ports: the shortest frame forwarded.
+    let whole = 14 + 20 + 8 + 20 + 4;
+    for quote in [8, 28] {
+        let full = Ipv4Frame::frag_needed(ROUTER, &broker_segment(20000), 1280, quote).build();
+        for len in 14..=full.len() {
+            let input = &full[..len];
+            let mut out = vec![0u8; full.len() + 256];
+            let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..TestRunOptions::default() };
+            let r = lb.dp.program("dsrlb").test_run(opts).expect("BPF_PROG_TEST_RUN");
+            assert_ne!(r.return_value, XDP_ABORTED, "length {len}: aborted");
+            let want = if len >= whole { XDP_TX } else { XDP_PASS };
+            assert_eq!(r.return_value, want, "length {len} of {} (quote {quote})", full.len());
+            if want == XDP_PASS {
+                assert_eq!(&out[..r.data_size_out as usize], input, "length {len}: passed untouched");
+            }
+        }
+    }
+    assert!(lb.dp.stats().expect("stats").verdict(reason::PASS_MALFORMED) > 0);
+}
+
+/// Tuples from `net` (a /16 as its first two octets), `n` of them, distinct.
+fn tuples(net: [u8; 2], n: u32) -> Vec<(Ipv4Addr, u16)> {
+    (0..n).map(|i| (Ipv4Addr::new(net[0], net[1], u8::try_from(i >> 8).expect("< 2^16"), u8::try_from(i & 0xff).expect("byte")), 40000)).collect()
+}
+
+fn send(lb: &Lb, (src, sport): (Ipv4Addr, u16), flags: u8) -> u32 {
+    lb.run(&Ipv4Frame::tcp(src, sport, VIP, 1883, flags).build()).0
+}
+
+#[test]
+fn a_flood_of_unconfirmed_flows_never_displaces_confirmed_ones() {
+    require_root!();
+    // 2,048 slots; 1,300 connections whose handshake completed (SYN, then ACK) fill most.
+    let mut lb = Lb::with_table(Lb::config(&[("b1", 11, 100), ("b2", 12, 100), ("b3", 13, 100)]), 1024);
+    let sessions = tuples([10, 1], 1300);
+    for &t in &sessions {
+        assert_eq!(send(&lb, t, TCP_SYN), XDP_TX);
+        assert_eq!(send(&lb, t, TCP_ACK), XDP_TX);
+    }
+    let held: Vec<((Ipv4Addr, u16), u32)> = sessions
+        .iter()
+        .filter_map(|&(a, p)| lb.dp.flow(a, p, VIP, 1883).filter(lb_userspace::flow_table::Flow::confirmed).map(|f| ((a, p), f.real())))
+        .collect();
+    assert!(held.len() > 1200, "only {} of 1300 sessions recorded and confirmed", held.len());
+    let events0 = table_events(&lb);
+    assert_eq!(events0[table_event::CONFIRMED as usize], held.len() as u64, "one confirmation per held session");
+
+    // A spoofed SYN flood of 16 times the table's size, then as many made-up ACKs: every frame
+    // a new tuple, forwarded by the ring.
+    lb.dp.bench_flows("dsrlb", 0).expect("driver");
+    assert_eq!(new_flows(&lb, 16 * 1024), XDP_TX);
+    assert_eq!(driver_runs(&lb, TCP_ACK, 16 * 1024), XDP_TX);
+    for ((a, p), real) in &held {
+        let f = lb.dp.flow(*a, *p, VIP, 1883).unwrap_or_else(|| panic!("{a}:{p}: a confirmed session was displaced by the flood"));
+        assert_eq!((f.real(), f.confirmed()), (*real, true), "{a}:{p}");
+    }
+    let events = table_events(&lb);
+    let delta = |e: u32| events[e as usize] - events0[e as usize];
+    assert!(delta(table_event::REFUSED) > 0, "no insert found its buckets full of confirmed flows: {events:?}");
+    assert!(delta(table_event::REPLACE_UNCONFIRMED) > 10_000, "the flood's flows did not replace each other: {events:?}");
+    assert_eq!(delta(table_event::CONFIRMED), 0, "a flood frame confirmed a flow");
+    assert_eq!(
+        delta(table_event::INSERT_FREE) + delta(table_event::REPLACE_UNCONFIRMED) + delta(table_event::REFUSED) + delta(table_event::RACED),
+        2 * 16 * 1024,
+        "every flood frame is one insert outcome: {events:?}"
+    );
+}
+
+#[test]
+fn a_mid_flow_miss_is_recorded_and_its_next_segment_confirms_it() {
+    require_root!();
+    let lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100)]);
+    // After a failover to this node, a session arrives mid-flow: no SYN.
+    let (action, out) = lb.run(&ack(42000));
+    assert_eq!(action, XDP_TX);
+    assert_eq!(lb.backend_of(&out), lb.ring_choice(0, CLIENT, 42000, 1883), "a mid-flow miss follows the ring");
+    let f = lb.dp.flow(CLIENT, 42000, VIP, 1883).expect("recorded");
+    assert!(!f.confirmed(), "recorded unconfirmed");
+    assert_eq!(lb.run(&ack(42000)).0, XDP_TX);
+    assert!(lb.dp.flow(CLIENT, 42000, VIP, 1883).expect("kept").confirmed(), "its next segment confirms it");
+    // A new connection: its SYN (and a retransmitted SYN) leave it unconfirmed, its ACK confirms.
+    assert_eq!(lb.run(&syn(42002)).0, XDP_TX);
+    assert_eq!(lb.run(&syn(42002)).0, XDP_TX);
+    assert!(!lb.dp.flow(CLIENT, 42002, VIP, 1883).expect("recorded").confirmed(), "a SYN confirms nothing");
+    assert_eq!(lb.run(&ack(42002)).0, XDP_TX);
+    assert!(lb.dp.flow(CLIENT, 42002, VIP, 1883).expect("kept").confirmed());
+    assert_eq!(table_events(&lb)[table_event::CONFIRMED as usize], 2);
+}
+
+/// The slot (bucket, way) of a flow, read raw.
+fn slot_of(lb: &Lb, (a, p): (Ipv4Addr, u16)) -> (u32, usize) {
+    let key = FlowKey {
+        src_be: u32::from_ne_bytes(a.octets()),
+        dst_be: u32::from_ne_bytes(VIP.octets()),
+        sport_be: p.to_be(),
+        dport_be: 1883u16.to_be(),
+    };
+    let (addrs, ports) = key.words();
+    let t = lb.dp.flow_table();
+    (0..t.buckets())
+        .flat_map(|b| (0..4).map(move |w| (b, w)))
+        .find(|&(b, w)| {
+            let (a, m) = t.raw(b, w);
+            a == addrs && flow_meta_split(m).0 == ports && flow_meta_split(m).1 != 0
+        })
+        .expect("the flow's slot")
+}
+
+#[test]
+fn a_table_full_of_confirmed_flows_forwards_a_new_one_unrecorded_until_a_slot_is_stale() {
+    require_root!();
+    // Two buckets, eight slots: every tuple lives in one of the two.
+    let lb = Lb::with_table(Lb::config(&[("b1", 11, 100), ("b2", 12, 100)]), 4);
+    let held = tuples([10, 2], 8);
+    for &t in &held {
+        assert_eq!(send(&lb, t, TCP_SYN), XDP_TX);
+        assert_eq!(send(&lb, t, TCP_ACK), XDP_TX);
+    }
+    assert_eq!(lb.dp.flows().iter().filter(|f| f.confirmed()).count(), 8);
+    let newcomer = (Ipv4Addr::new(10, 3, 0, 1), 40000);
+    let before = table_events(&lb);
+    let new_flows_before = lb.dp.stats().expect("stats").total().new_flows;
+    let (action, out) = lb.run(&Ipv4Frame::tcp(newcomer.0, newcomer.1, VIP, 1883, TCP_SYN).build());
+    assert_eq!((action, lb.backend_of(&out)), (XDP_TX, lb.ring_choice(0, newcomer.0, newcomer.1, 1883)), "forwarded by the ring");
+    assert_eq!(lb.dp.stats().expect("stats").total().new_flows, new_flows_before + 1);
+    assert_eq!(table_events(&lb)[table_event::REFUSED as usize], before[table_event::REFUSED as usize] + 1);
+    assert!(lb.dp.flow(newcomer.0, newcomer.1, VIP, 1883).is_none());
+    for &(a, p) in &held {
+        assert!(lb.dp.flow(a, p, VIP, 1883).is_some(), "{a}:{p} displaced");
+    }
+    // One session closes: the newcomer's next segment takes its slot.
+    assert_eq!(send(&lb, held[3], TCP_ACK | 0x01), XDP_TX);
+    assert_eq!(send(&lb, newcomer, TCP_ACK), XDP_TX);
+    assert!(lb.dp.flow(newcomer.0, newcomer.1, VIP, 1883).is_some(), "recorded over the closing flow");
+    assert!(lb.dp.flow(held[3].0, held[3].1, VIP, 1883).is_none());
+    assert_eq!(table_events(&lb)[table_event::REPLACE_STALE as usize], before[table_event::REPLACE_STALE as usize] + 1);
+}
+
+#[test]
+fn flows_idle_past_their_timeout_are_not_live_and_go_first() {
+    require_root!();
+    let text = Lb::config_text(&[("b1", 11, 100), ("b2", 12, 100)]).replace("ring_size", "flow_idle_timeout = \"5s\"\nring_size");
+    let lb = Lb::with_table(Lb::parse(&text), 4);
+    let expire = plan::expire_units(Duration::from_secs(5));
+    assert_eq!(expire, 6, "5 s is five units of 1.07 s, and one more");
+    let held = tuples([10, 4], 8);
+    for &t in &held {
+        assert_eq!(send(&lb, t, TCP_SYN), XDP_TX);
+        assert_eq!(send(&lb, t, TCP_ACK), XDP_TX);
+    }
+    // One confirmed flow last sent a frame `expire` units ago (as if its client vanished).
+    let (bucket, way) = slot_of(&lb, held[5]);
+    let (addrs, meta) = lb.dp.flow_table().raw(bucket, way);
+    let (ports, state) = flow_meta_split(meta);
+    let aged = (state & 0xffff) | (lb.dp.now_age().expect("clock").wrapping_sub(expire) & 0xffff) << FLOW_S_AGE_SHIFT;
+    lb.dp.flow_table().set_raw(bucket, way, addrs, flow_meta(ports, aged));
+    let live = |lb: &Lb| lb.dp.flows_per_real(lb.dp.now_age().expect("clock"), |_| expire).values().sum::<usize>();
+    assert_eq!(live(&lb), 7, "an expired flow counts as live");
+    assert_eq!(live_flows(&lb), 8, "without a timeout it would");
+    // A new connection replaces it, confirmed as it was, rather than being refused.
+    let before = table_events(&lb);
+    let newcomer = (Ipv4Addr::new(10, 5, 0, 1), 40000);
+    assert_eq!(send(&lb, newcomer, TCP_SYN), XDP_TX);
+    assert!(lb.dp.flow(newcomer.0, newcomer.1, VIP, 1883).is_some(), "the newcomer was not recorded");
+    assert!(lb.dp.flow(held[5].0, held[5].1, VIP, 1883).is_none(), "the expired flow is still there");
+    assert_eq!(table_events(&lb)[table_event::REPLACE_STALE as usize], before[table_event::REPLACE_STALE as usize] + 1);
+}
+
+#[test]
+fn a_cached_flow_keeps_its_table_age_that_of_its_last_frame() {
+    require_root!();
+    pin_to_cpu(0);
+    let lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100)]);
+    assert_eq!(lb.run(&syn(43000)).0, XDP_TX);
+    assert_eq!(lb.run(&ack(43000)).0, XDP_TX);
+    assert_eq!(lb.run(&ack(43000)).0, XDP_TX);
+    assert_eq!(lb.dp.cached_flow(CLIENT, 43000, VIP, 1883).expect("cache").len(), 1, "the flow is cached");
+    let age = lb.dp.flow(CLIENT, 43000, VIP, 1883).expect("recorded").age();
+    // Wait for the table's clock to move on (one unit is 1.07 s).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lb.dp.now_age().expect("clock") == age {
+        assert!(Instant::now() < deadline, "the flow table's clock did not move in 5 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // One frame, well within the cache's frame budget: the table must see it.
+    let at = lb.dp.now_age().expect("clock");
+    assert_eq!(lb.run(&ack(43000)).0, XDP_TX);
+    let after = lb.dp.flow(CLIENT, 43000, VIP, 1883).expect("recorded").age();
+    assert!(after == at || after == lb.dp.now_age().expect("clock"), "the table's age of a flow stayed {after} (frame at {at}): a cached frame did not refresh it");
+}
+
+#[test]
+fn storm_control_admits_its_rate_and_never_limits_established_traffic() {
+    require_root!();
+    // 100 new connections a second, five at once: one every 10 ms after a burst of five.
+    let text = Lb::config_text(&[("b1", 11, 100), ("b2", 12, 100)]).replace("port = 1883\n", "port = 1883\nmax_conn_rate = 100\nmax_conn_burst = 5\n");
+    let lb = Lb::with_config(Lb::parse(&text));
+    let t0 = Instant::now();
+    let mut admitted = Vec::new();
+    let mut dropped = Vec::new();
+    for p in (44000..44080).step_by(2) {
+        let input = syn(p);
+        let (action, out) = lb.run(&input);
+        match action {
+            XDP_TX => admitted.push(p),
+            XDP_DROP => {
+                assert_eq!(out, input, "a dropped SYN is untouched");
+                dropped.push(p);
+            }
+            other => panic!("port {p}: action {other}"),
+        }
+    }
+    let elapsed_ms = u64::try_from(t0.elapsed().as_millis()).expect("short");
+    // The burst, plus one per 10 ms that passed, plus one clock tick (the clock is coarse).
+    let bound = 5 + usize::try_from(elapsed_ms / 10 + 2).expect("small");
+    assert!(admitted.len() >= 5 && admitted.len() <= bound, "{} admitted in {elapsed_ms} ms (bound {bound})", admitted.len());
+    assert!(!dropped.is_empty());
+    let stats = lb.dp.stats().expect("stats");
+    assert_eq!(stats.verdict(reason::DROP_CONN_RATE), dropped.len() as u64);
+    assert_eq!(stats.listeners[&lb.ids.listeners["mqtt"]].conn_rate_dropped, dropped.len() as u64);
+    assert_eq!(stats.total().new_flows, admitted.len() as u64, "only admitted SYNs made flows");
+
+    // Established traffic is never limited: the admitted flows' segments (and a retransmitted
+    // SYN of a live flow), and even a segment of a dropped tuple, which arrives mid-flow.
+    for &p in &admitted {
+        assert_eq!(lb.run(&ack(p)).0, XDP_TX, "port {p}");
+        assert_eq!(lb.run(&syn(p)).0, XDP_TX, "port {p}: a retransmitted SYN of a live flow");
+    }
+    assert_eq!(lb.run(&ack(dropped[0])).0, XDP_TX, "a segment without SYN is never limited");
+    // Another listener has no limit.
+    for p in (44000..44080).step_by(2) {
+        assert_eq!(lb.run(&Ipv4Frame::tcp(CLIENT, p, VIP, 8883, TCP_SYN).build()).0, XDP_TX);
+    }
+    // After a quiet spell new connections are admitted again.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut p = 45000;
+    while lb.run(&syn(p)).0 != XDP_TX {
+        assert!(Instant::now() < deadline, "no SYN admitted 2 s later");
+        std::thread::sleep(Duration::from_millis(5));
+        p += 2;
+    }
+}
+
