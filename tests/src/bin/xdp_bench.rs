@@ -2,12 +2,13 @@
 //! for the balancer's paths, each measured in rounds next to the floor program (one bounds
 //! check, a MAC swap, `XDP_TX`).
 //!
-//! `repeat` re-runs a program on the frame it rewrote. The balancer only rewrites MACs, so an
-//! established flow stays established and a pass stays a pass. A new flow would not stay new:
-//! the first run records it. New flows, and established flows that miss the per-CPU flow
-//! cache, therefore run behind the driver `xdp_bench_flows`, which gives every run the next
-//! client address and port of a sequence and tail-calls the balancer; the driver's own cost is
-//! measured by pointing it at the floor, and taken off. After every measurement the counters
+//! `repeat` re-runs a program on the frame it rewrote. A forwarded frame leaves addressed to a
+//! backend, and the balancer forwards only frames addressed to itself, so every forwarded row
+//! runs behind the driver `xdp_bench_flows`, which addresses each run to the balancer again and
+//! tail-calls it: for one flow or one ICMP error it keeps the frame's tuple, for new flows (and
+//! established flows that miss the per-CPU flow cache) it gives every run the next client
+//! address and port of a sequence. The driver's own cost, in the mode a row uses, is measured
+//! in each round by pointing it at the floor, and taken off. After every measurement the counters
 //! say which path ran: the forwarded count grew by the run count, and new flows by the run
 //! count (new flow rows) or by (next to) nothing (established rows).
 //!
@@ -26,7 +27,7 @@
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use lb_common::{DEFAULT_FLOW_TABLE_SIZE, flow_table_buckets, reason};
+use lb_common::{DEFAULT_FLOW_TABLE_SIZE, flow_table_buckets, reason, table_event};
 use lb_userspace::{
     config,
     dataplane::{Dataplane, LoadOptions, Stats},
@@ -91,10 +92,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// What the counters moved by over a measurement.
+#[derive(Default)]
 struct Moved {
     tx: u64,
     new_flows: u64,
     pass: u64,
+    icmp: u64,
+    refused: u64,
 }
 
 fn moved(before: &Stats, after: &Stats) -> Moved {
@@ -102,29 +106,42 @@ fn moved(before: &Stats, after: &Stats) -> Moved {
         tx: after.verdict(reason::TX) - before.verdict(reason::TX),
         new_flows: after.total().new_flows - before.total().new_flows,
         pass: after.verdict(reason::PASS_NO_LISTENER) - before.verdict(reason::PASS_NO_LISTENER),
+        icmp: after.verdict(reason::TX_ICMP_TOO_BIG) - before.verdict(reason::TX_ICMP_TOO_BIG),
+        refused: after.table_event(table_event::REFUSED) - before.table_event(table_event::REFUSED),
     }
 }
 
 /// A measured path: median ns per packet, the floor measured next to it, the median of the
-/// per-round ratios, and what the counters moved by.
+/// per-round ratios, the driver's cost taken off (0 without it), and what the counters moved by.
 struct Measured {
     ns: f64,
     floor: f64,
     ratio: f64,
+    driver: f64,
     moved: Moved,
 }
 
 /// `ROUNDS` rounds of: the floor, `repeat` runs of the floor on the established frame, then
-/// `prog` on `frame` `repeat` times (after `before`), each checked for `want`. Ratios are
-/// taken within a round, so the machine's drift between rounds cancels out. `less` is taken off
-/// each of the path's figures (the driver's own cost).
-fn measure(dp: &mut Dataplane, prog: &str, frame: &[u8], repeat: u32, want: u32, less: f64, mut before: impl FnMut(&mut Dataplane)) -> Measured {
+/// (`driven`: the program is the driver) the driver in front of the floor, then `prog` on
+/// `frame` `repeat` times (after `before`), each checked for `want`. Ratios are taken within a
+/// round, so the machine's drift between rounds cancels out; the driver's cost in the round
+/// (the driver in front of the floor, less the floor) is taken off the path's figure.
+fn measure(dp: &mut Dataplane, prog: &str, frame: &[u8], repeat: u32, want: u32, driven: bool, mut before: impl FnMut(&mut Dataplane)) -> Measured {
     let floor_frame = Ipv4Frame::tcp(CLIENT, 40000, VIP, 1883, TCP_ACK).build();
-    let (mut floors, mut nss, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    let mut moved_total = Moved { tx: 0, new_flows: 0, pass: 0 };
+    let (mut floors, mut nss, mut ratios, mut drivers) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut moved_total = Moved::default();
     for _ in 0..ROUNDS {
         let (action, floor) = run(dp, "xdp_floor", &floor_frame, REPEAT);
         assert_eq!(action, TX, "xdp_floor");
+        let less = if driven {
+            dp.bench_target("xdp_floor").expect("driver");
+            let (action, d) = run(dp, "xdp_bench_flows", &floor_frame, REPEAT);
+            assert_eq!(action, TX, "the driver in front of the floor");
+            dp.bench_target("dsrlb").expect("driver");
+            d - floor
+        } else {
+            0.0
+        };
         before(dp);
         let s0 = dp.stats().expect("stats");
         let (action, ns) = run(dp, prog, frame, repeat);
@@ -133,11 +150,14 @@ fn measure(dp: &mut Dataplane, prog: &str, frame: &[u8], repeat: u32, want: u32,
         moved_total.tx += m.tx;
         moved_total.new_flows += m.new_flows;
         moved_total.pass += m.pass;
+        moved_total.icmp += m.icmp;
+        moved_total.refused += m.refused;
         floors.push(floor);
+        drivers.push(less);
         nss.push(ns - less);
         ratios.push((ns - less) / floor);
     }
-    Measured { ns: median(nss), floor: median(floors), ratio: median(ratios), moved: moved_total }
+    Measured { ns: median(nss), floor: median(floors), ratio: median(ratios), driver: median(drivers), moved: moved_total }
 }
 
 fn runs(repeat: u32) -> u64 {
@@ -150,9 +170,9 @@ fn driver_frame(flags: u8) -> Vec<u8> {
 }
 
 /// New flows through the driver; `empty` first empties the table before every call.
-fn new_flows(dp: &mut Dataplane, repeat: u32, empty: bool, driver: f64) -> (Measured, String) {
+fn new_flows(dp: &mut Dataplane, repeat: u32, empty: bool) -> (Measured, String) {
     dp.bench_flows("dsrlb", 0).expect("driver");
-    let m = measure(dp, "xdp_bench_flows", &driver_frame(TCP_SYN), repeat, TX, driver, |dp| {
+    let m = measure(dp, "xdp_bench_flows", &driver_frame(TCP_SYN), repeat, TX, true, |dp| {
         if empty {
             dp.clear_flows();
         }
@@ -163,12 +183,12 @@ fn new_flows(dp: &mut Dataplane, repeat: u32, empty: bool, driver: f64) -> (Meas
 }
 
 /// Established flows through the driver, cycling over `flows` of them (recorded first).
-fn established_flows(dp: &mut Dataplane, flows: u32, driver: f64) -> (Measured, String) {
+fn established_flows(dp: &mut Dataplane, flows: u32) -> (Measured, String) {
     dp.bench_flows("dsrlb", 0).expect("driver");
     let (action, _) = run(dp, "xdp_bench_flows", &driver_frame(TCP_SYN), flows);
     assert_eq!(action, TX);
     dp.bench_flows("dsrlb", flows).expect("driver");
-    let m = measure(dp, "xdp_bench_flows", &driver_frame(TCP_ACK), REPEAT, TX, driver, |_| {});
+    let m = measure(dp, "xdp_bench_flows", &driver_frame(TCP_ACK), REPEAT, TX, true, |_| {});
     assert_eq!(m.moved.tx, runs(REPEAT), "every run forwarded");
     // The table keeps all but about two in a million flows at this load; a lost one is
     // recorded again, once, as a new flow.
@@ -229,60 +249,117 @@ fn pin_to_cpu(cpu: usize) {
     }
 }
 
+/// Runs the driver over `dsrlb` `runs` times on `frame`, from tuple `start` of the sequence.
+fn drive(dp: &mut Dataplane, frame: &[u8], start: u32, wrap: u32, runs: u32) {
+    dp.bench_driver("dsrlb", start, wrap, false).expect("driver");
+    let (action, _) = run(dp, "xdp_bench_flows", frame, runs);
+    assert_eq!(action, TX, "driving {runs} runs");
+}
+
 fn main() {
     let json = std::env::args().any(|a| a == "--json");
+    // Only the flow cache hit and a new flow in a full table in cache: for quick comparisons.
+    let quick = std::env::args().any(|a| a == "--quick");
     pin_to_cpu(1);
     let mut dp = setup(SMALL_TABLE);
     let established = Ipv4Frame::tcp(CLIENT, 40000, VIP, 1883, TCP_ACK).build();
     let pass = Ipv4Frame::tcp(CLIENT, 40000, VIP, 80, TCP_SYN).build();
     let mut rows = Vec::new();
 
-    // One busy flow: recorded, then served by this CPU's flow cache run after run.
+    // One busy flow: recorded and confirmed, then served by this CPU's flow cache run after
+    // run (the driver only addresses each run to the balancer again).
+    run(&dp, "dsrlb", &Ipv4Frame::tcp(CLIENT, 40000, VIP, 1883, TCP_SYN).build(), 1);
     run(&dp, "dsrlb", &established, 1);
-    let m = measure(&mut dp, "dsrlb", &established, REPEAT, TX, 0.0, |_| {});
+    dp.bench_driver("dsrlb", 0, 0, true).expect("driver");
+    let m = measure(&mut dp, "xdp_bench_flows", &established, REPEAT, TX, true, |_| {});
     assert_eq!((m.moved.tx, m.moved.new_flows), (runs(REPEAT), 0), "every run an established flow");
     assert!(!dp.cached_flow(CLIENT, 40000, VIP, 1883).expect("flow cache").is_empty(), "the runs left no flow-cache entry");
     rows.push(Row { path: "established, flow cache hit (one flow)".into(), m, check: "tx +runs, new_flows +0, flow cached".into() });
-    let m = measure(&mut dp, "dsrlb", &pass, REPEAT, PASS, 0.0, |_| {});
+    let m = measure(&mut dp, "dsrlb", &pass, REPEAT, PASS, false, |_| {});
     assert_eq!(m.moved.pass, runs(REPEAT), "every run passed, no listener");
     rows.push(Row { path: "pass, no listener on the port".into(), m, check: "pass/no_listener +runs".into() });
-
-    // The driver's own cost: the driver in front of the floor, less the floor next to it.
-    dp.bench_flows("xdp_floor", 0).expect("driver");
-    let d = measure(&mut dp, "xdp_bench_flows", &driver_frame(TCP_SYN), REPEAT, TX, 0.0, |_| {});
-    let driver = d.ns - d.floor;
+    // ICMP "fragmentation needed" quoting that flow's broker-to-client segment: found in the
+    // table (the cache serves only segments), forwarded, nothing written.
+    let mut answer = Ipv4Frame::tcp(VIP, 1883, CLIENT, 40000, TCP_ACK);
+    answer.payload = vec![0; 1400];
+    let too_big = Ipv4Frame::frag_needed(Ipv4Addr::new(198, 51, 100, 254), &answer, 1280, 8).build();
+    dp.bench_driver("dsrlb", 0, 0, true).expect("driver");
+    let m = measure(&mut dp, "xdp_bench_flows", &too_big, REPEAT, TX, true, |_| {});
+    assert_eq!((m.moved.icmp, m.moved.tx, m.moved.new_flows), (runs(REPEAT), 0, 0), "every run an ICMP error forwarded by its flow");
+    rows.push(Row { path: "ICMP frag-needed, flow in the table".into(), m, check: "tx/icmp_too_big +runs, tx +0, new_flows +0".into() });
 
     let small_kb = flow_table_buckets(SMALL_TABLE) * 64 / 1024;
-    let (m, check) = established_flows(&mut dp, SMALL_TABLE, driver);
+    if quick {
+        let (m, check) = new_flows(&mut setup(SMALL_TABLE), REPEAT, false);
+        rows.push(Row { path: format!("new flow, table in cache, full ({SMALL_TABLE} flows, {small_kb} KB)"), m, check });
+        for r in &rows {
+            println!("{:<58} {:>8.1} {:>7.1} {:>6.2}x {:>6.1}  {}", r.path, r.m.ns, r.m.floor, r.m.ratio, r.m.driver, r.check);
+        }
+        return;
+    }
+    let (m, check) = established_flows(&mut dp, SMALL_TABLE);
     rows.push(Row { path: format!("established, flow table hit ({SMALL_TABLE} flows, {small_kb} KB)"), m, check });
-    // Every slot holds an open flow after the first few thousand runs: each new flow replaces
-    // the least recently used of its eight, the dearest way in.
-    let (m, check) = new_flows(&mut setup(SMALL_TABLE), REPEAT, false, driver);
+    // Every slot holds an unconfirmed flow after the first few thousand runs (a SYN flood's
+    // state): each new flow replaces the least recently used of its eight, the dearest way in.
+    let (m, check) = new_flows(&mut setup(SMALL_TABLE), REPEAT, false);
     rows.push(Row { path: format!("new flow, table in cache, full ({SMALL_TABLE} flows, {small_kb} KB)"), m, check });
+    // Every slot holds a confirmed flow (SYN, then ACKs until each slot's flow confirmed): a
+    // flood's SYNs are refused by the flood guard and forwarded by the ring, recording nothing.
+    let mut guarded = setup(SMALL_TABLE);
+    let slots = flow_table_buckets(SMALL_TABLE) * 4;
+    let seq = 4 * slots;
+    drive(&mut guarded, &driver_frame(TCP_SYN), 0, seq, seq);
+    // Then an ACK of every flow the table holds confirms it.
+    for f in guarded.flows() {
+        let (src, sport) = (Ipv4Addr::from(u32::from_be(f.key.src_be)), u16::from_be(f.key.sport_be));
+        let (action, _) = run(&guarded, "dsrlb", &Ipv4Frame::tcp(src, sport, VIP, 1883, TCP_ACK).build(), 1);
+        assert_eq!(action, TX);
+    }
+    let confirmed = guarded.flows().iter().filter(|f| f.confirmed()).count();
+    assert_eq!(confirmed, slots as usize, "the table is not full of confirmed flows");
+    guarded.bench_driver("dsrlb", seq, 0, false).expect("driver");
+    let m = measure(&mut guarded, "xdp_bench_flows", &driver_frame(TCP_SYN), REPEAT, TX, true, |_| {});
+    assert_eq!((m.moved.tx, m.moved.new_flows, m.moved.refused), (runs(REPEAT), runs(REPEAT), runs(REPEAT)), "every run a refused new flow");
+    assert_eq!(guarded.flows().iter().filter(|f| f.confirmed()).count(), slots as usize, "a confirmed flow was displaced");
+    rows.push(Row {
+        path: format!("new SYN under the flood guard ({SMALL_TABLE} flows, all confirmed)"),
+        m,
+        check: "tx +runs, new_flows +runs, refused +runs, table unchanged".into(),
+    });
     // The default table, emptied before each call of 1M new flows: as full as it is sized for
     // at the end, with room throughout.
     let mut big = setup(DEFAULT_FLOW_TABLE_SIZE);
-    let (m, check) = new_flows(&mut big, DEFAULT_FLOW_TABLE_SIZE, true, driver);
+    let (m, check) = new_flows(&mut big, DEFAULT_FLOW_TABLE_SIZE, true);
     rows.push(Row { path: "new flow, default table with room (1M flows, 32 MB)".into(), m, check: format!("{check}, table emptied per call") });
     big.clear_flows();
-    let (m, check) = established_flows(&mut big, DEFAULT_FLOW_TABLE_SIZE, driver);
+    let (m, check) = established_flows(&mut big, DEFAULT_FLOW_TABLE_SIZE);
     rows.push(Row { path: "established, flow table hit (1M flows, 32 MB)".into(), m, check });
+    let verified = dp.program("dsrlb").info().ok().and_then(|i| i.verified_instruction_count()).unwrap_or(0);
     let (l2, dram) = (pointer_chase(256 << 10), pointer_chase(32 << 20));
 
     if json {
         let items: Vec<String> = rows
             .iter()
-            .map(|r| format!("{{\"path\":\"{}\",\"ns\":{:.1},\"floor_ns\":{:.1},\"ratio\":{:.2},\"check\":\"{}\"}}", r.path, r.m.ns, r.m.floor, r.m.ratio, r.check))
+            .map(|r| {
+                format!(
+                    "{{\"path\":\"{}\",\"ns\":{:.1},\"floor_ns\":{:.1},\"ratio\":{:.2},\"driver_ns\":{:.1},\"check\":\"{}\"}}",
+                    r.path, r.m.ns, r.m.floor, r.m.ratio, r.m.driver, r.check
+                )
+            })
             .collect();
-        println!("{{\"rows\":[{}],\"driver_ns\":{driver:.1},\"chase_256k_ns\":{l2:.1},\"chase_32m_ns\":{dram:.1}}}", items.join(","));
+        println!(
+            "{{\"rows\":[{}],\"verified_insns\":{verified},\"chase_256k_ns\":{l2:.1},\"chase_32m_ns\":{dram:.1}}}",
+            items.join(",")
+        );
         return;
     }
     println!("XDP data plane, BPF_PROG_TEST_RUN with repeat: {ROUNDS} rounds of (floor, path); medians; thread CPU time");
-    println!("{:<54} {:>8} {:>7} {:>7}  checked after the runs", "path", "ns/pkt", "floor", "ratio");
+    println!("{:<58} {:>8} {:>7} {:>7} {:>6}  checked after the runs", "path", "ns/pkt", "floor", "ratio", "driver");
     for r in &rows {
-        println!("{:<54} {:>8.1} {:>7.1} {:>6.2}x  {}", r.path, r.m.ns, r.m.floor, r.m.ratio, r.check);
+        println!("{:<58} {:>8.1} {:>7.1} {:>6.2}x {:>6.1}  {}", r.path, r.m.ns, r.m.floor, r.m.ratio, r.m.driver, r.check);
     }
-    println!("driver (xdp_bench_flows in front of the floor, less the floor): {driver:.1} ns, taken off the rows it ran in");
+    println!("driver: xdp_bench_flows in front of the floor, less the floor, in each round, taken off that round's figure");
+    println!("verifier: {verified} instructions processed for dsrlb");
     println!("memory, one dependent load per step in 4 KB pages: 256 KB {l2:.1} ns, 32 MB {dram:.1} ns");
     println!("targets: established <= 2x floor (flow cache hit), new flow <= 4x floor (table in cache)");
 }
