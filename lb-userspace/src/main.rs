@@ -154,14 +154,21 @@ fn status_table(v: &Value) -> String {
     for l in v["listeners"].as_array().unwrap_or(&empty) {
         let _ = writeln!(
             out,
-            "listener {} {}:{} hash={}  packets {}  new flows {}",
+            "listener {} {}:{} hash={}  packets {}  new flows {}  idle timeout {}",
             l["name"].as_str().unwrap_or(""),
             l["vip"].as_str().unwrap_or(""),
             l["port"],
             l["hash"].as_str().unwrap_or(""),
             l["packets"],
-            l["new_flows"]
+            l["new_flows"],
+            l["flow_idle_timeout"].as_str().unwrap_or("")
         );
+        if let Some(rate) = l["max_conn_rate"].as_u64() {
+            let _ = writeln!(out, "  max_conn_rate {rate}/s (burst {}): {} SYNs dropped", l["max_conn_burst"], l["conn_rate_dropped"]);
+        }
+        if l["icmp_too_big"].as_u64().is_some_and(|n| n > 0) {
+            let _ = writeln!(out, "  ICMP frag-needed forwarded: {}", l["icmp_too_big"]);
+        }
         let _ = writeln!(
             out,
             "  {:<12} {:<15} {:<18} {:>6} {:>8} {:>8} {:>10} {:>10}  last check",
@@ -188,6 +195,13 @@ fn status_table(v: &Value) -> String {
         }
     }
     let _ = writeln!(out, "flow table entries (live): {}", v["flow_table_entries"]);
+    if let Some(events) = v["flow_table"].as_object() {
+        let line: Vec<String> = events.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        let _ = writeln!(out, "flow table events: {}", line.join("  "));
+    }
+    if let Some(n) = v["verdicts"]["pass/not_our_mac"].as_u64().filter(|n| *n > 0) {
+        let _ = writeln!(out, "frames for another MAC passed: {n}");
+    }
     out
 }
 

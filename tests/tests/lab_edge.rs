@@ -132,9 +132,9 @@ fn flood(lab: &Lab, kind: &str, count: u64) -> (u64, f64) {
 fn a_spoofed_flood_neither_displaces_held_sessions_nor_stops_new_ones() {
     require_root!();
     let lab = LabGuard::up(3);
-    // Brokers b1 and b2 serve; b3 joins by reload afterwards. A table for 4,096 flows (8,192
-    // slots), flooded with many times that.
-    let full = lab.config(HEALTH).replace("xdp_mode", "flow_table_size = 4096\nxdp_mode");
+    // Brokers b1 and b2 serve; b3 joins by reload afterwards. A table for 2,048 flows (4,096
+    // slots: the held sessions fill half), flooded with a hundred times that.
+    let full = lab.config(HEALTH).replace("xdp_mode", "flow_table_size = 2048\nxdp_mode");
     let b3 = full.find("[[backend]]\nname = \"b3\"").expect("b3 in the config");
     let two = full[..b3].to_owned();
     let lb = Balancer::start(&lab, &two);
@@ -144,7 +144,7 @@ fn a_spoofed_flood_neither_displaces_held_sessions_nor_stops_new_ones() {
     }
     let s0 = lb.status();
     let (stop, made, failed) = (AtomicBool::new(false), AtomicUsize::new(0), AtomicUsize::new(0));
-    let frames = 50 * 4096;
+    let frames = 100 * 2048;
     let (syn, ack) = std::thread::scope(|s| {
         s.spawn(|| churn(&lab, &stop, &made, &failed));
         let syn = flood(&lab, "syn", frames);
@@ -155,7 +155,7 @@ fn a_spoofed_flood_neither_displaces_held_sessions_nor_stops_new_ones() {
     let s1 = lb.status();
     let delta = |k: &str| s1["flow_table"][k].as_u64().unwrap_or(0) - s0["flow_table"][k].as_u64().unwrap_or(0);
     eprintln!(
-        "flood: {} spoofed SYNs at {:.0}/s, then {} made-up ACKs at {:.0}/s (table: 4,096 flows); the guard: refused {}, \
+        "flood: {} spoofed SYNs at {:.0}/s, then {} made-up ACKs at {:.0}/s (table: 2,048 flows); the guard: refused {}, \
          replaced unconfirmed {}, inserted free {}, replaced stale {}, raced {}; new connections meanwhile: {} made, {} failed",
         syn.0,
         syn.1,

@@ -240,4 +240,16 @@ fn prometheus_counters_move_with_traffic() {
     assert_eq!(metric(&after, "dsrlb_backend_status{listener=\"mqtt\",backend=\"b1\"}"), 1);
     assert!(after.contains("dsrlb_backend_check_failures_total{listener=\"mqtt\",backend=\"b1\"}"));
     assert!(after.contains("dsrlb_backend_bytes_total{"));
+    // The edge's counters: every held session confirmed its flow; the guards are there at 0.
+    assert!(metric(&after, "dsrlb_flow_table_events_total{event=\"confirmed\"}") >= 50);
+    for name in [
+        "dsrlb_listener_conn_rate_dropped_total{listener=\"mqtt\"}",
+        "dsrlb_listener_icmp_too_big_total{listener=\"mqtt\"}",
+        "dsrlb_xdp_verdicts_total{verdict=\"pass\",reason=\"not_our_mac\"}",
+        "dsrlb_xdp_verdicts_total{verdict=\"drop\",reason=\"conn_rate\"}",
+        "dsrlb_flow_table_events_total{event=\"refused\"}",
+        "dsrlb_flow_table_events_total{event=\"expired\"}",
+    ] {
+        assert_eq!(metric(&after, name), 0, "{name}");
+    }
 }

@@ -524,23 +524,24 @@ fn run() -> anyhow::Result<()> {
     }
 
     let _ = writeln!(r, "\n## Data plane micro-benchmark (`BPF_PROG_TEST_RUN`)\n");
-    let _ = writeln!(r, "| path | ns/packet | floor ns | ratio | checked after the runs |\n| --- | --- | --- | --- | --- |");
+    let _ = writeln!(r, "| path | ns/packet | floor ns | ratio | driver ns | checked after the runs |\n| --- | --- | --- | --- | --- | --- |");
     for row in micro["rows"].as_array().into_iter().flatten() {
         let _ = writeln!(
             r,
-            "| {} | {:.1} | {:.1} | {:.2} | {} |",
+            "| {} | {:.1} | {:.1} | {:.2} | {:.1} | {} |",
             row["path"].as_str().unwrap_or(""),
             row["ns"].as_f64().unwrap_or(0.0),
             row["floor_ns"].as_f64().unwrap_or(0.0),
             row["ratio"].as_f64().unwrap_or(0.0),
+            row["driver_ns"].as_f64().unwrap_or(0.0),
             row["check"].as_str().unwrap_or("")
         );
     }
     let f = |k: &str| micro[k].as_f64().unwrap_or(0.0);
     let _ = writeln!(
         r,
-        "\nEvery row runs `BPF_PROG_TEST_RUN` with `repeat` 2,000,000 (1,048,576 for the default table with room), in 11 rounds of (floor, path); the ratio is the median of the per-round ratios, so the machine's drift between rounds cancels. Time is the benchmark thread's CPU time over the run count. `repeat` re-runs the program on the frame it rewrote, which leaves an established flow established and a pass a pass. New flows, and established flows that must miss the per-CPU flow cache, run behind `xdp_bench_flows`, a driver that gives every run the next client address and port of a sequence and tail-calls the balancer; its own cost ({:.1} ns, the driver in front of the floor less the floor) is taken off those rows. The counters after each row prove the path: forwarded +runs, new flows +runs for new-flow rows and (next to) +0 for established ones.\n\nThe small table (1,024 flows, 32 KB) stays in cache, so its rows measure the code; `full` means every slot holds an open flow, so each new flow takes the dearest way in, replacing the least recently used of its eight slots. In the default table (1M flows, 32 MB) a random flow's buckets are a cache and TLB miss: one dependent load over 32 MB of 4 KB pages costs {:.1} ns on this machine (over 256 KB: {:.1} ns), which is what those rows pay over the small table's.\n",
-        f("driver_ns"),
+        "\nEvery row runs `BPF_PROG_TEST_RUN` with `repeat` 2,000,000 (1,048,576 for the default table with room), in 11 rounds of (floor, path); the ratio is the median of the per-round ratios, so the machine's drift between rounds cancels. Time is the benchmark thread's CPU time over the run count. `repeat` re-runs the program on the frame it rewrote, and a forwarded frame leaves addressed to a backend, which the balancer does not forward (it forwards only frames for its own MACs). So every forwarded row runs behind `xdp_bench_flows`, a driver that addresses each run to the balancer again and tail-calls it: for one flow and for the ICMP error it keeps the frame's tuple, for new flows (and established flows that must miss the per-CPU flow cache) it gives every run the next client address and port of a sequence. Its own cost in the row's mode (the driver in front of the floor, less the floor, measured in every round) is taken off that round's figure and shown. The counters after each row prove the path: forwarded +runs, new flows +runs for new-flow rows and (next to) +0 for established ones, ICMP errors +runs, inserts refused +runs under the flood guard. The verifier processes {:.0} instructions of `dsrlb`.\n\nThe small table (1,024 flows, 32 KB) stays in cache, so its rows measure the code; `full` means every slot holds an unconfirmed flow (a SYN flood's state), so each new flow takes the dearest way in, replacing the least recently used unconfirmed flow of its eight slots; `all confirmed` means every slot holds a confirmed flow, so a new SYN is refused by the flood guard and forwarded by the ring. In the default table (1M flows, 32 MB) a random flow's buckets are a cache and TLB miss: one dependent load over 32 MB of 4 KB pages costs {:.1} ns on this machine (over 256 KB: {:.1} ns), which is what those rows pay over the small table's.\n",
+        f("verified_insns"),
         f("chase_32m_ns"),
         f("chase_256k_ns")
     );
