@@ -826,8 +826,9 @@ impl Dataplane {
         Arc::clone(&self.flows)
     }
 
-    /// The valid `FLOW_CACHE` entries of a client tuple, one per CPU that has it cached, with
-    /// the frames each has served since it was filled.
+    /// The usable `FLOW_CACHE` entries of a client tuple (current tag, filled in the clock's
+    /// current unit), one per CPU that has it cached, with the frames each has served since it
+    /// was filled.
     ///
     /// # Errors
     /// When the map read fails.
@@ -836,7 +837,8 @@ impl Dataplane {
         let key = flow_key(src, sport, dst, dport);
         let values = map.get(&flow_cache_slot(&key), 0).context("reading the flow cache")?;
         let tag = FLOW_CACHE_VALID | self.generation;
-        Ok(values.iter().filter(|e| e.key == key && e.tag == tag).copied().collect())
+        let now = self.now_age()?;
+        Ok(values.iter().filter(|e| e.key == key && e.tag == tag && u32::from(e.age) == now).copied().collect())
     }
 
     /// Deletes one flow the way a replacement in the table does: the per-CPU flow caches are
