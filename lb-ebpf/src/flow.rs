@@ -6,8 +6,7 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     FLOW_CACHE_REVALIDATE, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_REAL, FlowKey, LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE,
-    ListenerInfo,
-    MAX_LISTENERS, NO_BACKEND, PortInfo, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo, flow_age, flow_cache_slot, flow_hash,
+    ListenerInfo, MAX_LISTENERS, NO_BACKEND, PortInfo, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo, flow_age, flow_cache_slot, flow_hash,
     flow_state, ring_base, ring_slot, source_hash, table_event,
 };
 

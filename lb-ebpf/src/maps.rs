@@ -9,9 +9,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    ConnRate, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FlowBucket, FlowCacheEntry, Layout,
-    ListenerCounters, ListenerInfo, MAX_LISTENERS, MAX_VIPS, NodeInfo, PORT_SLOTS, PortInfo, REAL_SLOTS, RING_COPIES, RealInfo,
-    RingEntry, VipInfo, flow_table_buckets, reason, ring_entries, table_event,
+    ConnRate, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FlowBucket, FlowCacheEntry, Layout, ListenerCounters,
+    ListenerInfo, MAX_LISTENERS, MAX_VIPS, NodeInfo, PORT_SLOTS, PortInfo, REAL_SLOTS, RING_COPIES, RealInfo, RingEntry, VipInfo,
+    flow_table_buckets, reason, ring_entries, table_event,
 };
 
 /// Map flags of the maps the controller reads and writes through memory it maps

@@ -8,8 +8,8 @@ use core::intrinsics::{
 };
 
 use lb_common::{
-    FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_LIVE, FLOW_WAYS, FlowBucket, FlowKey, flow_buckets,
-    flow_meta, flow_meta_split, table_event,
+    FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_LIVE, FLOW_WAYS, FlowBucket, FlowKey, flow_buckets, flow_meta,
+    flow_meta_split, table_event,
 };
 
 use crate::{
@@ -56,10 +56,7 @@ pub fn place(key: &FlowKey) -> Result<Place, Verdict> {
     Ok(Place {
         addrs,
         ports,
-        buckets: [
-            FLOWS.get_ptr_mut(left).ok_or(Verdict::DropInternal)?,
-            FLOWS.get_ptr_mut(right).ok_or(Verdict::DropInternal)?,
-        ],
+        buckets: [FLOWS.get_ptr_mut(left).ok_or(Verdict::DropInternal)?, FLOWS.get_ptr_mut(right).ok_or(Verdict::DropInternal)?],
     })
 }
 

@@ -246,8 +246,7 @@ struct RawBackend {
 /// # Errors
 /// When the file cannot be read or is not a valid config; the error names line and field.
 pub fn load(path: &Path) -> Result<Config, LoadError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
     parse(&text, &path.display().to_string())
 }
 
@@ -256,8 +255,7 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
 /// # Errors
 /// When the text is not a valid config; the error names line and field.
 pub fn parse(text: &str, file: &str) -> Result<Config, LoadError> {
-    let raw: RawConfig = toml::from_str(text)
-        .map_err(|e| LoadError::Toml { file: file.to_owned(), message: e.to_string() })?;
+    let raw: RawConfig = toml::from_str(text).map_err(|e| LoadError::Toml { file: file.to_owned(), message: e.to_string() })?;
     Ok(Validator { text, file }.config(raw)?)
 }
 
@@ -271,19 +269,17 @@ impl Validator<'_> {
         let before = &self.text[..span.start.min(self.text.len())];
         let line = before.matches('\n').count() + 1;
         let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
-        ConfigError {
-            file: self.file.to_owned(),
-            line,
-            column,
-            field: field.to_string(),
-            message: message.to_string(),
-        }
+        ConfigError { file: self.file.to_owned(), line, column, field: field.to_string(), message: message.to_string() }
     }
 
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let interface = raw.interface.get_ref().trim().to_owned();
         if interface.is_empty() || interface.len() >= 16 || interface.contains(['/', ' ']) {
-            return Err(self.err(&raw.interface.span(), "interface", "must be a network interface name (1 to 15 characters, no '/' or space)"));
+            return Err(self.err(
+                &raw.interface.span(),
+                "interface",
+                "must be a network interface name (1 to 15 characters, no '/' or space)",
+            ));
         }
 
         let ring_size = match &raw.ring_size {
@@ -291,7 +287,11 @@ impl Validator<'_> {
             Some(s) => {
                 let n = *s.get_ref();
                 if !(3..=MAX_RING_SIZE).contains(&n) || !is_prime(n) {
-                    return Err(self.err(&s.span(), "ring_size", format!("{n} is not a prime between 3 and {MAX_RING_SIZE} (65537 is a good choice)")));
+                    return Err(self.err(
+                        &s.span(),
+                        "ring_size",
+                        format!("{n} is not a prime between 3 and {MAX_RING_SIZE} (65537 is a good choice)"),
+                    ));
                 }
                 n
             }
@@ -301,7 +301,11 @@ impl Validator<'_> {
             Some(s) => {
                 let n = *s.get_ref();
                 if !(MIN_FLOW_TABLE_SIZE..=MAX_FLOW_TABLE_SIZE).contains(&n) {
-                    return Err(self.err(&s.span(), "flow_table_size", format!("{n} is outside {MIN_FLOW_TABLE_SIZE}..={MAX_FLOW_TABLE_SIZE}")));
+                    return Err(self.err(
+                        &s.span(),
+                        "flow_table_size",
+                        format!("{n} is outside {MIN_FLOW_TABLE_SIZE}..={MAX_FLOW_TABLE_SIZE}"),
+                    ));
                 }
                 n
             }
@@ -313,7 +317,11 @@ impl Validator<'_> {
         let mut accept_macs = Vec::new();
         if let Some(list) = &raw.accept_macs {
             if list.get_ref().len() >= MAX_NODE_MACS {
-                return Err(self.err(&list.span(), "accept_macs", format!("at most {} MACs besides the interface's own", MAX_NODE_MACS - 1)));
+                return Err(self.err(
+                    &list.span(),
+                    "accept_macs",
+                    format!("at most {} MACs besides the interface's own", MAX_NODE_MACS - 1),
+                ));
             }
             for (i, m) in list.get_ref().iter().enumerate() {
                 let mac = parse_mac(m.get_ref()).map_err(|msg| self.err(&m.span(), format!("accept_macs[{i}]"), msg))?;
@@ -328,11 +336,8 @@ impl Validator<'_> {
             Some(s) => self.idle_timeout(s, "flow_idle_timeout")?,
         };
 
-        let backend_health: BTreeMap<String, Spanned<RawHealth>> = raw
-            .backends
-            .iter()
-            .filter_map(|b| Some((b.get_ref().name.get_ref().clone(), b.get_ref().health.clone()?)))
-            .collect();
+        let backend_health: BTreeMap<String, Spanned<RawHealth>> =
+            raw.backends.iter().filter_map(|b| Some((b.get_ref().name.get_ref().clone(), b.get_ref().health.clone()?))).collect();
         let backends = self.backends(raw.backends)?;
         let listeners = self.listeners(raw.listeners, &backends, &health, &backend_health, flow_idle_timeout)?;
         Ok(Config {
@@ -353,7 +358,12 @@ impl Validator<'_> {
             .map_err(|m| self.err(&s.span(), field, m))
     }
 
-    fn conn_rate(&self, rate: Option<&Spanned<u32>>, burst: Option<&Spanned<u32>>, f: &dyn Fn(&str) -> String) -> Result<Option<ConnRateLimit>, ConfigError> {
+    fn conn_rate(
+        &self,
+        rate: Option<&Spanned<u32>>,
+        burst: Option<&Spanned<u32>>,
+        f: &dyn Fn(&str) -> String,
+    ) -> Result<Option<ConnRateLimit>, ConfigError> {
         let Some(rate) = rate else {
             return match burst {
                 Some(b) => Err(self.err(&b.span(), f("max_conn_burst"), "needs max_conn_rate")),
@@ -362,7 +372,11 @@ impl Validator<'_> {
         };
         let r = *rate.get_ref();
         if !(1..=MAX_CONN_RATE).contains(&r) {
-            return Err(self.err(&rate.span(), f("max_conn_rate"), format!("must be between 1 and {MAX_CONN_RATE} new connections per second")));
+            return Err(self.err(
+                &rate.span(),
+                f("max_conn_rate"),
+                format!("must be between 1 and {MAX_CONN_RATE} new connections per second"),
+            ));
         }
         let b = match burst {
             None => (r / 10).max(1),
@@ -402,7 +416,11 @@ impl Validator<'_> {
             h.tls_ca = Some(path);
         }
         if h.check == CheckKind::MqttTls && h.tls_ca.is_none() {
-            return Err(self.err(&span, format!("{field}.tls_ca"), "check = \"mqtt-tls\" needs tls_ca, the CA that signs the brokers' certificates"));
+            return Err(self.err(
+                &span,
+                format!("{field}.tls_ca"),
+                "check = \"mqtt-tls\" needs tls_ca, the CA that signs the brokers' certificates",
+            ));
         }
         if let Some(s) = &raw.inter {
             h.inter = parse_duration(s.get_ref()).map_err(|m| self.err(&s.span(), format!("{field}.inter"), m))?;
@@ -439,9 +457,11 @@ impl Validator<'_> {
             if out.contains_key(&name) {
                 return Err(self.err(&b.name.span(), f("name"), format!("duplicate backend name {name:?}")));
             }
-            let address: Ipv4Addr = b.address.get_ref().parse().map_err(|_| {
-                self.err(&b.address.span(), f("address"), format!("{:?} is not an IPv4 address", b.address.get_ref()))
-            })?;
+            let address: Ipv4Addr = b
+                .address
+                .get_ref()
+                .parse()
+                .map_err(|_| self.err(&b.address.span(), f("address"), format!("{:?} is not an IPv4 address", b.address.get_ref())))?;
             if address.is_unspecified() || address.is_broadcast() || address.is_multicast() || address.is_loopback() {
                 return Err(self.err(&b.address.span(), f("address"), format!("{address} cannot be a backend address")));
             }
@@ -488,9 +508,11 @@ impl Validator<'_> {
             if !names.insert(name.clone()) {
                 return Err(self.err(&l.name.span(), f("name"), format!("duplicate listener name {name:?}")));
             }
-            let vip: Ipv4Addr = l.vip.get_ref().parse().map_err(|_| {
-                self.err(&l.vip.span(), f("vip"), format!("{:?} is not an IPv4 address", l.vip.get_ref()))
-            })?;
+            let vip: Ipv4Addr = l
+                .vip
+                .get_ref()
+                .parse()
+                .map_err(|_| self.err(&l.vip.span(), f("vip"), format!("{:?} is not an IPv4 address", l.vip.get_ref())))?;
             if vip.is_unspecified() || vip.is_broadcast() || vip.is_multicast() || vip.is_loopback() {
                 return Err(self.err(&l.vip.span(), f("vip"), format!("{vip} cannot be a VIP")));
             }
@@ -507,10 +529,18 @@ impl Validator<'_> {
                     let mut set = BTreeSet::new();
                     for (j, b) in list.iter().enumerate() {
                         if !backends.iter().any(|x| &x.name == b.get_ref()) {
-                            return Err(self.err(&b.span(), format!("listener[{i}].backends[{j}]"), format!("no [[backend]] is named {:?}", b.get_ref())));
+                            return Err(self.err(
+                                &b.span(),
+                                format!("listener[{i}].backends[{j}]"),
+                                format!("no [[backend]] is named {:?}", b.get_ref()),
+                            ));
                         }
                         if !set.insert(b.get_ref().clone()) {
-                            return Err(self.err(&b.span(), format!("listener[{i}].backends[{j}]"), format!("{:?} is listed twice", b.get_ref())));
+                            return Err(self.err(
+                                &b.span(),
+                                format!("listener[{i}].backends[{j}]"),
+                                format!("{:?} is listed twice", b.get_ref()),
+                            ));
                         }
                     }
                     set.into_iter().collect()
@@ -543,14 +573,8 @@ impl Validator<'_> {
 
     fn name(&self, s: &Spanned<String>, field: &str) -> Result<String, ConfigError> {
         let n = s.get_ref();
-        let ok = !n.is_empty()
-            && n.len() <= 64
-            && n.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if ok {
-            Ok(n.clone())
-        } else {
-            Err(self.err(&s.span(), field, format!("{n:?}: names are 1 to 64 of [A-Za-z0-9._-]")))
-        }
+        let ok = !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if ok { Ok(n.clone()) } else { Err(self.err(&s.span(), field, format!("{n:?}: names are 1 to 64 of [A-Za-z0-9._-]"))) }
     }
 }
 

@@ -23,11 +23,21 @@ pub const DEFAULT_SOCKET: &str = "/run/dsrlb/control.sock";
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Request {
     Status,
-    Drain { backend: String },
-    Undrain { backend: String },
-    Weight { backend: String, weight: u32 },
+    Drain {
+        backend: String,
+    },
+    Undrain {
+        backend: String,
+    },
+    Weight {
+        backend: String,
+        weight: u32,
+    },
     Reload,
-    Flow { client: String, vip: String },
+    Flow {
+        client: String,
+        vip: String,
+    },
     /// Detach, remove the pins, and exit.
     Stop,
     /// The Prometheus text (what `GET /metrics` serves).

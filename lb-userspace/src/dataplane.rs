@@ -19,10 +19,9 @@ use aya::{
 };
 use lb_common::{
     ConnRate, Counters, FLOW_CACHE_VALID, FlowCacheEntry, FlowKey, LAYOUT_VERSION, LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE, Layout,
-    ListenerCounters, ListenerInfo, MAX_BACKENDS, MAX_LISTENERS, MAX_NODE_MACS, NO_BACKEND, NO_MAC, NodeInfo, PORT_SLOTS,
-    PortInfo, REAL_F_ACTIVE, REAL_F_DOWN, REAL_SLOTS, RING_COPIES, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo, RingEntry, VipInfo,
-    flow_cache_slot, flow_table_buckets, mac_word, map_names as names, real_backend, real_id, real_listener, reason,
-    ring_base, ring_entries, table_event,
+    ListenerCounters, ListenerInfo, MAX_BACKENDS, MAX_LISTENERS, MAX_NODE_MACS, NO_BACKEND, NO_MAC, NodeInfo, PORT_SLOTS, PortInfo,
+    REAL_F_ACTIVE, REAL_F_DOWN, REAL_SLOTS, RING_COPIES, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo, RingEntry, VipInfo, flow_cache_slot,
+    flow_table_buckets, mac_word, map_names as names, real_backend, real_id, real_listener, reason, ring_base, ring_entries, table_event,
 };
 
 use crate::{
@@ -250,10 +249,7 @@ impl Dataplane {
         }
         let mut ebpf = loader.load(EBPF_OBJ).context("loading the XDP object (maps and programs)")?;
         for name in ["dsrlb", "dsrlb_clock", "xdp_floor", "xdp_pass", "xdp_bench_flows"] {
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()?;
+            let prog: &mut Xdp = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?.try_into()?;
             prog.load().with_context(|| format!("verifying program {name}"))?;
         }
         if pin_dir.is_some() {
@@ -460,8 +456,7 @@ impl Dataplane {
     /// When the interface is missing or the driver refuses the mode.
     pub fn attach_program(&mut self, name: &str, interface: &str, mode: XdpMode) -> anyhow::Result<()> {
         let prog: &mut Xdp = self.ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
-        prog.attach(interface, mode)
-            .with_context(|| format!("attaching XDP program {name} to {interface} in {mode:?} mode"))?;
+        prog.attach(interface, mode).with_context(|| format!("attaching XDP program {name} to {interface} in {mode:?} mode"))?;
         Ok(())
     }
 
@@ -493,11 +488,8 @@ impl Dataplane {
             ensure!(l.ring.len() == size, "listener {}: ring has {} slots, not {size}", l.id, l.ring.len());
             for r in &l.reals {
                 ensure!(r.backend < MAX_BACKENDS, "backend id {} out of range", r.backend);
-                let info = RealInfo {
-                    dst_mac: r.dst_mac,
-                    src_mac: want.src_mac,
-                    flags: REAL_F_ACTIVE | if r.down { REAL_F_DOWN } else { 0 },
-                };
+                let info =
+                    RealInfo { dst_mac: r.dst_mac, src_mac: want.src_mac, flags: REAL_F_ACTIVE | if r.down { REAL_F_DOWN } else { 0 } };
                 ensure!(reals.insert(real_id(l.id, r.backend), info).is_none(), "listener {}: backend {} twice", l.id, r.backend);
             }
             for &s in &l.ring {
@@ -557,7 +549,8 @@ impl Dataplane {
         for l in &want.listeners {
             let vip_be = u32::from_ne_bytes(l.vip.octets());
             let port_be = u16::from_ne_bytes(l.port.to_be_bytes());
-            let flags = if l.hash_source { LISTENER_F_HASH_SOURCE } else { 0 } | if l.conn_rate.is_some() { LISTENER_F_CONN_RATE } else { 0 };
+            let flags =
+                if l.hash_source { LISTENER_F_HASH_SOURCE } else { 0 } | if l.conn_rate.is_some() { LISTENER_F_CONN_RATE } else { 0 };
             let current = self.written.listeners.get(&l.id).copied();
             let ring: Vec<u32> = l.ring.iter().map(|&b| if b == NO_BACKEND { NO_BACKEND } else { real_id(l.id, b) }).collect();
             if let Some(info) = current {
@@ -628,8 +621,7 @@ impl Dataplane {
         if !gone.is_empty() {
             let mut map: Array<&mut MapData, RealInfo> = map_mut(&mut self.ebpf, names::REALS)?;
             for id in gone {
-                map.set(id, RealInfo { dst_mac: [0; 6], src_mac: [0; 6], flags: 0 }, 0)
-                    .with_context(|| format!("clearing real {id}"))?;
+                map.set(id, RealInfo { dst_mac: [0; 6], src_mac: [0; 6], flags: 0 }, 0).with_context(|| format!("clearing real {id}"))?;
                 self.written.reals.remove(&id);
                 report.reals_written += 1;
             }
@@ -681,10 +673,14 @@ impl Dataplane {
     #[must_use]
     pub fn node_macs(&self) -> Vec<[u8; 6]> {
         let node = self.written.node.unwrap_or_default();
-        node.macs.iter().filter(|&&w| w != NO_MAC).map(|w| {
-            let b = w.to_le_bytes();
-            [b[0], b[1], b[2], b[3], b[4], b[5]]
-        }).collect()
+        node.macs
+            .iter()
+            .filter(|&&w| w != NO_MAC)
+            .map(|w| {
+                let b = w.to_le_bytes();
+                [b[0], b[1], b[2], b[3], b[4], b[5]]
+            })
+            .collect()
     }
 
     /// Makes `LISTEN_PORTS` say, for every port a listener uses, which listeners use it, with
@@ -789,7 +785,13 @@ impl Dataplane {
         let mut map: aya::maps::ProgramArray<&mut MapData> = map_mut(&mut self.ebpf, "BENCH_TARGET")?;
         map.set(0, &fd, 0).with_context(|| format!("pointing xdp_bench_flows at {target}"))?;
         let mut seq: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, "BENCH_FLOWS")?;
-        let words = [start, wrap, u32::from_le_bytes([mac[0], mac[1], mac[2], mac[3]]), u32::from_le_bytes([mac[4], mac[5], 0, 0]), u32::from(keep)];
+        let words = [
+            start,
+            wrap,
+            u32::from_le_bytes([mac[0], mac[1], mac[2], mac[3]]),
+            u32::from_le_bytes([mac[4], mac[5], 0, 0]),
+            u32::from(keep),
+        ];
         for (i, w) in (0..).zip(words) {
             seq.set(i, w, 0).context("setting up the driver's sequence")?;
         }
@@ -909,7 +911,8 @@ fn measure_ns_per_jiffy(ebpf: &Ebpf) -> anyhow::Result<u32> {
     let (t1, j1) = (std::time::Instant::now(), jiffies(ebpf)?);
     let hz = (j1 - j0) as f64 / t1.duration_since(t0).as_secs_f64();
     ensure!(hz >= 10.0, "the kernel's jiffies moved {} in {:?}", j1 - j0, t1 - t0);
-    let known = [100.0, 250.0, 300.0, 1000.0].into_iter().min_by(|a: &f64, b: &f64| (a - hz).abs().total_cmp(&(b - hz).abs())).unwrap_or(hz);
+    let known =
+        [100.0, 250.0, 300.0, 1000.0].into_iter().min_by(|a: &f64, b: &f64| (a - hz).abs().total_cmp(&(b - hz).abs())).unwrap_or(hz);
     let hz = if (known - hz).abs() / known < 0.1 { known } else { hz.round() };
     #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "10^9 / HZ for HZ >= 10")]
     let ns = (1e9 / hz).round() as u32;

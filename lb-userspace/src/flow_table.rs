@@ -4,8 +4,8 @@
 //! compare-and-swap on its state word).
 
 use lb_common::{
-    FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_LIVE, FLOW_S_REAL, FLOW_WAYS, FlowKey, flow_buckets,
-    flow_idle, flow_meta_split,
+    FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_LIVE, FLOW_S_REAL, FLOW_WAYS, FlowKey, flow_buckets, flow_idle,
+    flow_meta_split,
 };
 
 use crate::mapped::Mapped;

@@ -246,10 +246,8 @@ async fn probe(t: &Target, addr: SocketAddrV4, mark: Option<u32>, suffix: &str) 
                     Some(n) => rustls_pki_types::ServerName::try_from(n.clone()).map_err(|e| format!("tls_server_name: {e}"))?,
                     None => rustls_pki_types::ServerName::IpAddress((*addr.ip()).into()),
                 };
-                let tls = tokio_rustls::TlsConnector::from(config)
-                    .connect(name, stream)
-                    .await
-                    .map_err(|e| format!("TLS handshake: {e}"))?;
+                let tls =
+                    tokio_rustls::TlsConnector::from(config).connect(name, stream).await.map_err(|e| format!("TLS handshake: {e}"))?;
                 mqtt_exchange(tls, &client_id, h).await.map(|d| format!("TLS, {d}"))
             }
         }

@@ -125,8 +125,7 @@ mod tests {
         for n in 2..=100 {
             let names = names(n);
             // Weights 1..=7 in a fixed pattern, so ratios up to 7:1 appear at every size.
-            let backends: Vec<(&str, u32)> =
-                names.iter().zip(0u32..).map(|(s, i)| (s.as_str(), (i * 5) % 7 + 1)).collect();
+            let backends: Vec<(&str, u32)> = names.iter().zip(0u32..).map(|(s, i)| (s.as_str(), (i * 5) % 7 + 1)).collect();
             let total: u32 = backends.iter().map(|b| b.1).sum();
             let table = build(&backends, M);
             for (i, share) in shares(&table, n).into_iter().enumerate() {
@@ -152,8 +151,7 @@ mod tests {
         let all: Vec<(&str, u32)> = names.iter().map(|s| (s.as_str(), 100)).collect();
         let before = build(&all, M);
         for removed in 0..10 {
-            let rest: Vec<(&str, u32)> =
-                all.iter().enumerate().filter(|&(i, _)| i != removed).map(|(_, b)| *b).collect();
+            let rest: Vec<(&str, u32)> = all.iter().enumerate().filter(|&(i, _)| i != removed).map(|(_, b)| *b).collect();
             let after = build(&rest, M);
             // Map the indices of `rest` back to those of `all`.
             let back = |i: u32| if (i as usize) < removed { i } else { i + 1 };

@@ -56,12 +56,7 @@ impl Mapped {
             "mapping map {name} into memory: {} (it must be created with BPF_F_MMAPABLE)",
             std::io::Error::last_os_error()
         );
-        Ok(Self {
-            base: NonNull::new(ptr.cast()).context("mmap returned null")?,
-            len,
-            stride: value_size / 8,
-            entries: info.max_entries(),
-        })
+        Ok(Self { base: NonNull::new(ptr.cast()).context("mmap returned null")?, len, stride: value_size / 8, entries: info.max_entries() })
     }
 
     #[must_use]

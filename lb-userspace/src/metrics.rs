@@ -60,7 +60,12 @@ fn pair_labels(p: &PairSample) -> Labels {
 impl Collector for Snapshot {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         {
-            let mut m = e.encode_descriptor("dsrlb_backend_status", "1 when the backend is up for the listener, 0 when down or vip-misconfigured", None, MetricType::Gauge)?;
+            let mut m = e.encode_descriptor(
+                "dsrlb_backend_status",
+                "1 when the backend is up for the listener, 0 when down or vip-misconfigured",
+                None,
+                MetricType::Gauge,
+            )?;
             for p in &self.pairs {
                 ConstGauge::new(i64::from(p.up)).encode(m.encode_family(&pair_labels(p))?)?;
             }
@@ -78,7 +83,12 @@ impl Collector for Snapshot {
             }
         }
         {
-            let mut m = e.encode_descriptor("dsrlb_backend_flows", "Live (not closing) flow-table entries of the backend", None, MetricType::Gauge)?;
+            let mut m = e.encode_descriptor(
+                "dsrlb_backend_flows",
+                "Live (not closing) flow-table entries of the backend",
+                None,
+                MetricType::Gauge,
+            )?;
             for p in &self.pairs {
                 ConstGauge::new(i64::try_from(p.flows).unwrap_or(i64::MAX)).encode(m.encode_family(&pair_labels(p))?)?;
             }
@@ -95,7 +105,12 @@ impl Collector for Snapshot {
             }
         }
         {
-            let mut m = e.encode_descriptor("dsrlb_xdp_verdicts", "Packets seen by the XDP program, by verdict and reason", None, MetricType::Counter)?;
+            let mut m = e.encode_descriptor(
+                "dsrlb_xdp_verdicts",
+                "Packets seen by the XDP program, by verdict and reason",
+                None,
+                MetricType::Counter,
+            )?;
             for (verdict, reason, n) in &self.verdicts {
                 ConstCounter::new(*n).encode(m.encode_family(&vec![("verdict", verdict.clone()), ("reason", reason.clone())])?)?;
             }
@@ -160,7 +175,10 @@ pub async fn serve(addr: SocketAddr, calls: mpsc::Sender<Call>) -> anyhow::Resul
                 } else {
                     ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
                 };
-                let resp = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
                 let _ = stream.write_all(resp.as_bytes()).await;
                 let _ = stream.shutdown().await;
             });

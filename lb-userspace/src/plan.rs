@@ -88,10 +88,8 @@ pub fn desired(
             reals.push(DesiredReal { backend, dst_mac: rt.mac, down: is_down });
         }
         let table = maglev::build(&members, config.ring_size);
-        let ring = table
-            .into_iter()
-            .map(|slot| if slot == maglev::EMPTY { NO_BACKEND } else { ids.backends[members[slot as usize].0] })
-            .collect();
+        let ring =
+            table.into_iter().map(|slot| if slot == maglev::EMPTY { NO_BACKEND } else { ids.backends[members[slot as usize].0] }).collect();
         let conn_rate = l.conn_rate.map(|c| {
             let interval_ns = 1_000_000_000 / u64::from(c.rate);
             ConnRateWanted { interval_ns, tolerance_ns: interval_ns * u64::from(c.burst - 1) }

@@ -58,11 +58,7 @@ impl MqttConn {
         self.stream.write_all(&mqtt::PINGREQ)?;
         let mut resp = [0u8; 2];
         self.stream.read_exact(&mut resp)?;
-        if resp == mqtt::PINGRESP {
-            Ok(())
-        } else {
-            Err(std::io::Error::other(format!("expected PINGRESP, got {resp:02x?}")))
-        }
+        if resp == mqtt::PINGRESP { Ok(()) } else { Err(std::io::Error::other(format!("expected PINGRESP, got {resp:02x?}"))) }
     }
 
     /// Sends DISCONNECT and closes.
@@ -268,7 +264,8 @@ impl MqttConn {
         body.extend_from_slice(topic.as_bytes());
         body.extend_from_slice(&packet_id.to_be_bytes());
         body.extend_from_slice(payload);
-        let len = u8::try_from(body.len()).ok().filter(|l| *l < 128).ok_or_else(|| std::io::Error::other("publish too long for this helper"))?;
+        let len =
+            u8::try_from(body.len()).ok().filter(|l| *l < 128).ok_or_else(|| std::io::Error::other("publish too long for this helper"))?;
         let mut packet = vec![0x32, len];
         packet.extend_from_slice(&body);
         self.stream.write_all(&packet)?;

@@ -202,4 +202,3 @@ pub fn assert_dsr_rewrite(input: &[u8], out: &[u8], backend_mac: [u8; 6], what: 
     assert_eq!(out[6..12], LB_MAC, "{what}: source MAC must be the balancer's");
     assert_eq!(out[12..], input[12..], "{what}: bytes past the MACs changed");
 }
-

@@ -10,12 +10,24 @@ pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 /// The L4 part of an IPv4 frame.
 #[derive(Clone, Debug)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16, flags: u8 },
-    Udp { sport: u16, dport: u16 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
     IcmpEcho,
     /// An ICMP error (`kind`, `code`; `mtu` in the second half of the rest-of-header word) that
     /// quotes `quoted`: the start of the offending datagram, from its IP header on.
-    IcmpError { kind: u8, code: u8, mtu: u16, quoted: Vec<u8> },
+    IcmpError {
+        kind: u8,
+        code: u8,
+        mtu: u16,
+        quoted: Vec<u8>,
+    },
 }
 
 pub const ICMP_DEST_UNREACH: u8 = 3;

@@ -129,10 +129,8 @@ impl Lab {
     /// as a deployment with a TLS port would be: a plain MQTT probe of a TLS port fails.
     #[must_use]
     pub fn config_tls_checked(&self, health: &str) -> String {
-        let tls = format!(
-            "health = {{ check = \"mqtt-tls\", tls_ca = \"{}\", tls_server_name = \"{TLS_NAME}\" }}\n",
-            self.ca_pem().display()
-        );
+        let tls =
+            format!("health = {{ check = \"mqtt-tls\", tls_ca = \"{}\", tls_server_name = \"{TLS_NAME}\" }}\n", self.ca_pem().display());
         self.config(health).replace("port = 8883\n", &format!("port = 8883\n{tls}"))
     }
 
@@ -275,7 +273,12 @@ impl Lab {
         let _ = writeln!(conf, "allow_anonymous true\nmax_keepalive 3600");
         let _ = writeln!(conf, "listener 1883\nlistener {INTERNAL_PORT}");
         if tls {
-            let _ = writeln!(conf, "listener 8883\ncertfile {}\nkeyfile {}", self.state.join("server.pem").display(), self.state.join("server.key").display());
+            let _ = writeln!(
+                conf,
+                "listener 8883\ncertfile {}\nkeyfile {}",
+                self.state.join("server.pem").display(),
+                self.state.join("server.key").display()
+            );
         }
         if i > 0 {
             // The brokers form one cluster, as EMQX nodes would: each bridges every topic to b1

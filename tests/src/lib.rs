@@ -47,6 +47,10 @@ pub fn built_bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let bin = exe.parent().and_then(std::path::Path::parent).expect("target dir").join(name);
-    assert!(bin.exists(), "{} is missing: build it with `cargo build -p lb-userspace -p tests --bins` (cargo xtask test does)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p lb-userspace -p tests --bins` (cargo xtask test does)",
+        bin.display()
+    );
     bin
 }

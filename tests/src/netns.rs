@@ -141,14 +141,19 @@ impl PacketSocket {
         addr.sll_protocol = proto;
         addr.sll_ifindex = i32::try_from(ifindex).expect("fits");
         // SAFETY: addr is a valid sockaddr_ll of the size given.
-        let rc = unsafe {
-            libc::bind(raw, (&raw const addr).cast(), u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).expect("fits"))
-        };
+        let rc =
+            unsafe { libc::bind(raw, (&raw const addr).cast(), u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).expect("fits")) };
         assert_eq!(rc, 0, "bind(AF_PACKET, {ifname}): {}", std::io::Error::last_os_error());
         let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
         // SAFETY: valid option pointer and size.
         unsafe {
-            libc::setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const tv).cast(), u32::try_from(std::mem::size_of::<libc::timeval>()).expect("fits"));
+            libc::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                u32::try_from(std::mem::size_of::<libc::timeval>()).expect("fits"),
+            );
         }
         Self { fd }
     }

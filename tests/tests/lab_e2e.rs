@@ -26,8 +26,8 @@ fn in_client<R: Send>(lab: &LabGuard, f: impl FnOnce() -> R + Send) -> R {
 fn sessions(lab: &LabGuard, from: Option<Ipv4Addr>, to: SocketAddrV4, prefix: &str, n: usize) {
     in_client(lab, || {
         for i in 0..n {
-            let c = MqttConn::connect(from, to, &format!("{prefix}-{i}"), T)
-                .unwrap_or_else(|e| panic!("session {prefix}-{i} to {to}: {e}"));
+            let c =
+                MqttConn::connect(from, to, &format!("{prefix}-{i}"), T).unwrap_or_else(|e| panic!("session {prefix}-{i} to {to}: {e}"));
             c.disconnect();
         }
     });
@@ -58,13 +58,7 @@ fn vip(port: u16) -> SocketAddrV4 {
 fn pubsub(lab: &LabGuard, v5: bool, tls: Option<Vec<u8>>, port: u16, topic: &str, n: usize) -> usize {
     in_client(lab, || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        rt.block_on(async {
-            if v5 {
-                pubsub_v5(port, topic, n).await
-            } else {
-                pubsub_v311(tls, port, topic, n).await
-            }
-        })
+        rt.block_on(async { if v5 { pubsub_v5(port, topic, n).await } else { pubsub_v311(tls, port, topic, n).await } })
     })
 }
 
@@ -118,7 +112,10 @@ async fn pubsub_v311(tls: Option<Vec<u8>>, port: u16, topic: &str, n: usize) -> 
 }
 
 async fn pubsub_v5(port: u16, topic: &str, n: usize) -> usize {
-    use rumqttc::v5::{AsyncClient, Event as E5, MqttOptions as O5, mqttbytes::{QoS as Q5, v5::Packet as P5}};
+    use rumqttc::v5::{
+        AsyncClient, Event as E5, MqttOptions as O5,
+        mqttbytes::{QoS as Q5, v5::Packet as P5},
+    };
     let (sub, mut sub_loop) = AsyncClient::new(O5::new("sub5", VIP.to_string(), port), 64);
     sub.subscribe(topic, Q5::AtLeastOnce).await.expect("subscribe");
     let deadline = tokio::time::Instant::now() + T;
@@ -280,7 +277,9 @@ fn several_listeners_each_with_its_own_ring() {
             o.set_transport(Transport::Tls(TlsConfiguration::Simple { ca, alpn: None, client_auth: None }));
             let (_c, mut ev) = rumqttc::AsyncClient::new(o, 8);
             loop {
-                if let Event::Incoming(Packet::ConnAck(_)) = tokio::time::timeout(T, ev.poll()).await.expect("CONNACK in time").expect("TLS connect") {
+                if let Event::Incoming(Packet::ConnAck(_)) =
+                    tokio::time::timeout(T, ev.poll()).await.expect("CONNACK in time").expect("TLS connect")
+                {
                     break;
                 }
             }

@@ -263,7 +263,10 @@ fn flows_of_vanished_clients_expire_and_a_drain_completes_while_active_ones_stay
         assert!(Instant::now() < deadline, "only {expired} flows removed as expired");
         std::thread::sleep(Duration::from_millis(200));
     };
-    eprintln!("idle flows: {} vanished clients' flows over {expired_after:?} after the drain (timeout {timeout:?}), {expired} removed; active ones stayed", idle.len());
+    eprintln!(
+        "idle flows: {} vanished clients' flows over {expired_after:?} after the drain (timeout {timeout:?}), {expired} removed; active ones stayed",
+        idle.len()
+    );
     // A vanished client that comes back (the ring unchanged) finds its broker again.
     let (ok, _, err) = lb.cli(&["undrain", "b1"]);
     assert!(ok, "{err}");
@@ -303,7 +306,8 @@ fn reconnect_storm(lab: &Lab, clients: usize, within: Duration) -> usize {
                             if tokio::time::Instant::now() > deadline {
                                 return None;
                             }
-                            if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(8), session(from, &format!("storm-{i}"))).await {
+                            if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(8), session(from, &format!("storm-{i}"))).await
+                            {
                                 return Some(stream);
                             }
                             seed ^= seed << 13;
@@ -358,7 +362,10 @@ fn storm_control_spreads_a_reconnect_storm_over_time() {
     let brokers: Vec<String> = (0..lab.brokers).map(|i| lab.broker_ns(i)).collect();
     let passive = || brokers.iter().map(|ns| tcp_counter(ns, "/proc/net/snmp", "Tcp:", "PassiveOpens")).sum::<u64>();
     let client = lab.ns("client");
-    let syns = || tcp_counter(&client, "/proc/net/snmp", "Tcp:", "ActiveOpens") + tcp_counter(&client, "/proc/net/netstat", "TcpExt:", "TCPSynRetrans");
+    let syns = || {
+        tcp_counter(&client, "/proc/net/snmp", "Tcp:", "ActiveOpens")
+            + tcp_counter(&client, "/proc/net/netstat", "TcpExt:", "TCPSynRetrans")
+    };
     let s0 = lb.status();
     let syns0 = syns();
     let done = AtomicBool::new(false);

@@ -214,7 +214,13 @@ fn clients_of_a_hung_broker_get_a_reset_instead_of_waiting() {
             c.stream.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
             let t = Instant::now();
             let err = c.ping().expect_err("a session on a hung broker cannot get PINGRESP");
-            assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{id}: {err} after {:?} (since hang {:?})", t.elapsed(), hung.elapsed());
+            assert_eq!(
+                err.kind(),
+                std::io::ErrorKind::ConnectionReset,
+                "{id}: {err} after {:?} (since hang {:?})",
+                t.elapsed(),
+                hung.elapsed()
+            );
         }
         assert_eq!(lb.state("mqtt", "b1"), "down");
     }));
@@ -291,7 +297,19 @@ fn a_changed_backend_mac_is_applied_without_a_restart() {
     assert!(Command::new("ip").args(["-n", &b1, "link", "set", "eth0", "address", new_mac]).status().expect("ip").success());
     assert!(
         Command::new("ip")
-            .args(["-n", &lab.ns("lb"), "neigh", "replace", &lab::broker_addr(0).to_string(), "lladdr", new_mac, "dev", "eth0", "nud", "stale"])
+            .args([
+                "-n",
+                &lab.ns("lb"),
+                "neigh",
+                "replace",
+                &lab::broker_addr(0).to_string(),
+                "lladdr",
+                new_mac,
+                "dev",
+                "eth0",
+                "nud",
+                "stale"
+            ])
             .status()
             .expect("ip")
             .success()

@@ -234,7 +234,8 @@ fn prometheus_counters_move_with_traffic() {
     for name in ["dsrlb_listener_packets_total{listener=\"mqtt\"}", "dsrlb_xdp_verdicts_total{verdict=\"tx\",reason=\"forwarded\"}"] {
         assert!(metric(&after, name) > metric(&before, name), "{name} did not move");
     }
-    let new_flows: u64 = ["b1", "b2"].iter().map(|b| metric(&after, &format!("dsrlb_backend_new_flows_total{{listener=\"mqtt\",backend=\"{b}\"}}"))).sum();
+    let new_flows: u64 =
+        ["b1", "b2"].iter().map(|b| metric(&after, &format!("dsrlb_backend_new_flows_total{{listener=\"mqtt\",backend=\"{b}\"}}"))).sum();
     assert!(new_flows >= 50, "{new_flows}");
     assert!(metric(&after, "dsrlb_flow_table_entries") >= 50);
     assert_eq!(metric(&after, "dsrlb_backend_status{listener=\"mqtt\",backend=\"b1\"}"), 1);

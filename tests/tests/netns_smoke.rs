@@ -103,11 +103,7 @@ fn syns_to_the_vip_bounce_with_a_backend_mac() {
     let lb_mac = lb.run(|| dataplane::interface_mac("lb0")).expect("lb0 MAC");
     let mut ids = Ids::default();
     ids.update(&cfg).expect("ids");
-    let runtime = cfg
-        .backends
-        .iter()
-        .map(|b| (b.name.clone(), BackendRuntime { mac: b.mac.expect("set"), drained: false }))
-        .collect();
+    let runtime = cfg.backends.iter().map(|b| (b.name.clone(), BackendRuntime { mac: b.mac.expect("set"), drained: false })).collect();
     dp.apply(&plan::desired(&cfg, &ids, &runtime, &DownSet::new(), lb_mac).expect("plan")).expect("apply");
     lb.run(|| dp.attach("lb0", XdpMode::Driver)).expect("attach to lb0");
     // The receiving side of a veth needs an XDP program of its own to get XDP_TX frames.
@@ -165,11 +161,7 @@ fn dsrlb_run_attaches_serves_outlives_sigterm_and_dsrlb_stop_detaches() {
 
     let good = dir.join("good.toml");
     std::fs::File::create(&good).and_then(|mut f| f.write_all(CONFIG.as_bytes())).expect("write");
-    let mut child = dsrlb_run(&good)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start dsrlb");
+    let mut child = dsrlb_run(&good).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start dsrlb");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !xdp_attached(&lb, "lb0") {
         assert!(Instant::now() < deadline, "dsrlb did not attach within 20s");

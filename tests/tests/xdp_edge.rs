@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use lb_common::{FLOW_S_AGE_SHIFT, FlowKey, flow_meta, flow_meta_split, reason, real_backend, table_event};
+use lb_common::{FLOW_S_AGE_SHIFT, FlowKey, flow_meta, flow_meta_split, real_backend, reason, table_event};
 use lb_userspace::plan;
 use tests::{
     fixture::{
@@ -47,8 +47,8 @@ fn table_events(lb: &Lb) -> Vec<u64> {
 #[test]
 fn only_frames_addressed_to_this_node_are_forwarded() {
     require_root!();
-    let text = Lb::config_text(&[("b1", 11, 100), ("b2", 12, 100)])
-        .replace("ring_size", "accept_macs = [\"00:00:5e:00:01:33\"]\nring_size");
+    let text =
+        Lb::config_text(&[("b1", 11, 100), ("b2", 12, 100)]).replace("ring_size", "accept_macs = [\"00:00:5e:00:01:33\"]\nring_size");
     let mut lb = Lb::with_config(Lb::parse(&text));
     let cases: [(&str, [u8; 6], u32, u32); 7] = [
         ("the interface's own MAC", LB_MAC, XDP_TX, reason::TX),
@@ -237,7 +237,9 @@ fn every_truncation_of_an_icmp_frag_needed_is_safe() {
 
 /// Tuples from `net` (a /16 as its first two octets), `n` of them, distinct.
 fn tuples(net: [u8; 2], n: u32) -> Vec<(Ipv4Addr, u16)> {
-    (0..n).map(|i| (Ipv4Addr::new(net[0], net[1], u8::try_from(i >> 8).expect("< 2^16"), u8::try_from(i & 0xff).expect("byte")), 40000)).collect()
+    (0..n)
+        .map(|i| (Ipv4Addr::new(net[0], net[1], u8::try_from(i >> 8).expect("< 2^16"), u8::try_from(i & 0xff).expect("byte")), 40000))
+        .collect()
 }
 
 fn send(lb: &Lb, (src, sport): (Ipv4Addr, u16), flags: u8) -> u32 {
@@ -403,14 +405,18 @@ fn a_cached_flow_keeps_its_table_age_that_of_its_last_frame() {
     let at = lb.dp.now_age().expect("clock");
     assert_eq!(lb.run(&ack(43000)).0, XDP_TX);
     let after = lb.dp.flow(CLIENT, 43000, VIP, 1883).expect("recorded").age();
-    assert!(after == at || after == lb.dp.now_age().expect("clock"), "the table's age of a flow stayed {after} (frame at {at}): a cached frame did not refresh it");
+    assert!(
+        after == at || after == lb.dp.now_age().expect("clock"),
+        "the table's age of a flow stayed {after} (frame at {at}): a cached frame did not refresh it"
+    );
 }
 
 #[test]
 fn storm_control_admits_its_rate_and_never_limits_established_traffic() {
     require_root!();
     // 100 new connections a second, five at once: one every 10 ms after a burst of five.
-    let text = Lb::config_text(&[("b1", 11, 100), ("b2", 12, 100)]).replace("port = 1883\n", "port = 1883\nmax_conn_rate = 100\nmax_conn_burst = 5\n");
+    let text = Lb::config_text(&[("b1", 11, 100), ("b2", 12, 100)])
+        .replace("port = 1883\n", "port = 1883\nmax_conn_rate = 100\nmax_conn_burst = 5\n");
     let lb = Lb::with_config(Lb::parse(&text));
     let t0 = Instant::now();
     let mut admitted = Vec::new();
@@ -457,4 +463,3 @@ fn storm_control_admits_its_rate_and_never_limits_established_traffic() {
         p += 2;
     }
 }
-

@@ -14,8 +14,8 @@ use lb_common::{FLOW_CACHE_REVALIDATE, reason};
 use lb_userspace::config::{self, Config};
 use tests::{
     fixture::{
-        CLIENT, Lb, RING, VIP, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, assert_dsr_rewrite, bench_tuple, live_flows, mac_of,
-        new_flows, pin_to_cpu, syn,
+        CLIENT, Lb, RING, VIP, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, assert_dsr_rewrite, bench_tuple, live_flows, mac_of, new_flows,
+        pin_to_cpu, syn,
     },
     frame::{self, Ipv4Frame, L4, TCP_ACK, TCP_SYN},
     require_root,
@@ -57,18 +57,43 @@ fn verdict_table() {
 
     let cases = vec![
         Case { what: "SYN to VIP:1883", input: syn(40000), action: XDP_TX, reason: reason::TX },
-        Case { what: "ACK to VIP:1883", input: Ipv4Frame::tcp(CLIENT, 40010, VIP, 1883, TCP_ACK).build(), action: XDP_TX, reason: reason::TX },
-        Case { what: "SYN to VIP:8883", input: Ipv4Frame::tcp(CLIENT, 40012, VIP, 8883, TCP_SYN).build(), action: XDP_TX, reason: reason::TX },
+        Case {
+            what: "ACK to VIP:1883",
+            input: Ipv4Frame::tcp(CLIENT, 40010, VIP, 1883, TCP_ACK).build(),
+            action: XDP_TX,
+            reason: reason::TX,
+        },
+        Case {
+            what: "SYN to VIP:8883",
+            input: Ipv4Frame::tcp(CLIENT, 40012, VIP, 8883, TCP_SYN).build(),
+            action: XDP_TX,
+            reason: reason::TX,
+        },
         Case { what: "802.1Q tagged SYN", input: dot1q.build(), action: XDP_TX, reason: reason::TX },
         Case { what: "802.1ad tagged SYN", input: qinq.build(), action: XDP_TX, reason: reason::TX },
         Case { what: "IP options (IHL 6)", input: opts.build(), action: XDP_TX, reason: reason::TX },
         Case { what: "IP options (IHL 15)", input: max_opts.build(), action: XDP_TX, reason: reason::TX },
         Case { what: "UDP to VIP:1883", input: udp.build(), action: XDP_PASS, reason: reason::PASS_NOT_TCP },
         Case { what: "ICMP echo to VIP", input: icmp.build(), action: XDP_PASS, reason: reason::PASS_NOT_TCP },
-        Case { what: "TCP to VIP:80", input: Ipv4Frame::tcp(CLIENT, 40014, VIP, 80, TCP_SYN).build(), action: XDP_PASS, reason: reason::PASS_NO_LISTENER },
-        Case { what: "TCP to another host:1883", input: Ipv4Frame::tcp(CLIENT, 40016, other, 1883, TCP_SYN).build(), action: XDP_PASS, reason: reason::PASS_NO_LISTENER },
+        Case {
+            what: "TCP to VIP:80",
+            input: Ipv4Frame::tcp(CLIENT, 40014, VIP, 80, TCP_SYN).build(),
+            action: XDP_PASS,
+            reason: reason::PASS_NO_LISTENER,
+        },
+        Case {
+            what: "TCP to another host:1883",
+            input: Ipv4Frame::tcp(CLIENT, 40016, other, 1883, TCP_SYN).build(),
+            action: XDP_PASS,
+            reason: reason::PASS_NO_LISTENER,
+        },
         Case { what: "ARP request for the VIP", input: frame::arp_request(CLIENT, VIP), action: XDP_PASS, reason: reason::PASS_NOT_IPV4 },
-        Case { what: "IPv6 SYN", input: frame::ipv6_tcp("2001:db8::1".parse().unwrap(), "2001:db8::100".parse().unwrap(), 1883), action: XDP_PASS, reason: reason::PASS_NOT_IPV4 },
+        Case {
+            what: "IPv6 SYN",
+            input: frame::ipv6_tcp("2001:db8::1".parse().unwrap(), "2001:db8::100".parse().unwrap(), 1883),
+            action: XDP_PASS,
+            reason: reason::PASS_NOT_IPV4,
+        },
         Case { what: "two VLAN tags", input: stacked, action: XDP_PASS, reason: reason::PASS_VLAN_STACKED },
         Case { what: "first fragment to VIP", input: first_frag.build(), action: XDP_DROP, reason: reason::DROP_FRAGMENT },
         Case { what: "later fragment to VIP", input: later_frag.build(), action: XDP_DROP, reason: reason::DROP_FRAGMENT },
@@ -572,7 +597,8 @@ fn flow_table_passes_over_slots_a_writer_holds() {
     let slots = |t: &lb_userspace::flow_table::FlowTable| (0..2).flat_map(|b| (0..4).map(move |w| t.raw(b, w))).collect::<Vec<_>>();
     let new_flows = |lb: &Lb| lb.dp.stats().expect("stats").total().new_flows;
     assert_eq!(lb.run(&syn(45000)).0, XDP_TX);
-    let (addrs, meta) = (0..2).flat_map(|b| (0..4).map(move |w| (b, w))).map(|(b, w)| table.raw(b, w)).find(|&(_, m)| m != 0).expect("the flow's slot");
+    let (addrs, meta) =
+        (0..2).flat_map(|b| (0..4).map(move |w| (b, w))).map(|(b, w)| table.raw(b, w)).find(|&(_, m)| m != 0).expect("the flow's slot");
     let at = (0..2).flat_map(|b| (0..4).map(move |w| (b, w))).find(|&(b, w)| table.raw(b, w) == (addrs, meta)).expect("slot");
     // The flow's own slot, held by a writer with the flow's addresses still in it: a lookup
     // must not take it (the flow counts as a miss and is inserted again elsewhere).

@@ -62,11 +62,7 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
 }
 
 fn exec(bin: &Path, args: &[String]) -> anyhow::Result<()> {
-    let status = Command::new(bin)
-        .args(args)
-        .current_dir(root())
-        .status()
-        .with_context(|| format!("starting {}", bin.display()))?;
+    let status = Command::new(bin).args(args).current_dir(root()).status().with_context(|| format!("starting {}", bin.display()))?;
     if !status.success() {
         bail!("{} {} failed ({status})", bin.display(), args.join(" "));
     }

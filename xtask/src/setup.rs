@@ -11,16 +11,7 @@ use anyhow::{Context as _, bail};
 /// The bpf-linker release the build is known to work with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages used by tests, the lab and the benchmarks.
-const DEBIAN_PACKAGES: &[&str] = &[
-    "iproute2",
-    "util-linux",
-    "ethtool",
-    "tcpdump",
-    "bpftool",
-    "mosquitto",
-    "mosquitto-clients",
-    "haproxy",
-];
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "util-linux", "ethtool", "tcpdump", "bpftool", "mosquitto", "mosquitto-clients", "haproxy"];
 
 fn step(what: &str) {
     eprintln!("[setup] {what}");
@@ -29,12 +20,7 @@ fn step(what: &str) {
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("{cmd:?} failed ({}):\n{}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -78,7 +78,19 @@ impl Ctx {
         for _ in 0..HOLD_PROCS {
             let per = (HOLD_TARGET / HOLD_PROCS).to_string();
             let child = Ctx::nsenter(&self.lab.ns("client"), &self.bin.join("loadgen"))
-                .args(["hold", "--target", target, "--from", &Self::client_addrs(), "--count", &per, "--parallel", "128", "--timeout-ms", "1500"])
+                .args([
+                    "hold",
+                    "--target",
+                    target,
+                    "--from",
+                    &Self::client_addrs(),
+                    "--count",
+                    &per,
+                    "--parallel",
+                    "128",
+                    "--timeout-ms",
+                    "1500",
+                ])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .spawn()
@@ -307,7 +319,8 @@ fn measure_rate(ctx: &Ctx, path: &str) -> anyhow::Result<Sample> {
         ctx.loadgen(&client, &["rate", "--target", &target, "--from", &from, "--workers", "64", "--secs", "1"].map(String::from))?;
         let (c0, x0, _) = running.cpu();
         let p0 = ctx.rx_packets();
-        let r = ctx.loadgen(&client, &["rate", "--target", &target, "--from", &from, "--workers", "64", "--secs", "5"].map(String::from))?;
+        let r =
+            ctx.loadgen(&client, &["rate", "--target", &target, "--from", &from, "--workers", "64", "--secs", "5"].map(String::from))?;
         let (c1, x1, _) = running.cpu();
         let p1 = ctx.rx_packets();
         let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
@@ -335,7 +348,10 @@ fn measure_load(ctx: &Ctx, path: &str) -> anyhow::Result<Sample> {
     let running = start(ctx, path)?;
     let result = (|| {
         let from = Ctx::client_addrs();
-        let ps = ctx.loadgen(&ctx.lab.ns("client"), &["pubsub", "--target", &target, "--from", &from, "--pubs", "4", "--subs", "4", "--secs", "4"].map(String::from))?;
+        let ps = ctx.loadgen(
+            &ctx.lab.ns("client"),
+            &["pubsub", "--target", &target, "--from", &from, "--pubs", "4", "--subs", "4", "--secs", "4"].map(String::from),
+        )?;
         let (held, alive) = ctx.hold(&target)?;
         let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
         Ok(Sample { msgs: f(&ps, "rate"), ratio: f(&ps, "ratio"), held: held as f64, alive: alive as f64, ..Sample::default() })
@@ -368,7 +384,8 @@ fn svg_bars(path: &Path, title: &str, ylabel: &str, groups: &[(&str, Vec<f64>)],
         .build_cartesian_2d(0.0..n as f64, 0.0..max)?;
     chart.configure_mesh().disable_x_mesh().x_labels(0).y_label_formatter(&|y| format!("{y:.0}")).y_desc(ylabel).draw()?;
     // Path names under each group, placed in pixels from the chart's own coordinates.
-    let label = TextStyle::from(("sans-serif", 16).into_font()).pos(plotters::style::text_anchor::Pos::new(plotters::style::text_anchor::HPos::Center, plotters::style::text_anchor::VPos::Top));
+    let label = TextStyle::from(("sans-serif", 16).into_font())
+        .pos(plotters::style::text_anchor::Pos::new(plotters::style::text_anchor::HPos::Center, plotters::style::text_anchor::VPos::Top));
     for (i, (name, _)) in groups.iter().enumerate() {
         let (x, y) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
         root.draw(&Text::new(*name, (x, y + 8), label.clone()))?;
@@ -456,7 +473,10 @@ fn run() -> anyhow::Result<()> {
         // spread over 16 loopback sources like the clients' 16 addresses (one source runs out
         // of ports to TIME_WAIT within seconds at these rates).
         let loopbacks = (2..18).map(|i| format!("127.0.0.{i}")).collect::<Vec<_>>().join(",");
-        let c = ctx.loadgen(&ctx.lab.broker_ns(0), &["rate", "--target", "127.0.0.1:1883", "--from", &loopbacks, "--workers", "64", "--secs", "5"].map(String::from))?;
+        let c = ctx.loadgen(
+            &ctx.lab.broker_ns(0),
+            &["rate", "--target", "127.0.0.1:1883", "--from", &loopbacks, "--workers", "64", "--secs", "5"].map(String::from),
+        )?;
         ceiling.push(c["rate"].as_f64().unwrap_or(0.0));
     }
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
@@ -468,7 +488,9 @@ fn run() -> anyhow::Result<()> {
     let per_mpkt = |p: &str| med(p, |s| if s.packets > 0.0 { s.cpu_s / s.packets * 1e6 } else { 0.0 });
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
     // Ratios within each round, then their median.
-    let per_round = |a: &str, b: &str, f: fn(&Sample) -> f64| -> Vec<f64> { samples[a].iter().zip(&samples[b]).map(|(x, y)| ratio(f(x), f(y))).collect() };
+    let per_round = |a: &str, b: &str, f: fn(&Sample) -> f64| -> Vec<f64> {
+        samples[a].iter().zip(&samples[b]).map(|(x, y)| ratio(f(x), f(y))).collect()
+    };
     let paired = |a: &str, b: &str, f: fn(&Sample) -> f64| median(per_round(a, b, f));
     let rate = |s: &Sample| s.rate;
     let p50 = |s: &Sample| s.p50_us;
@@ -477,21 +499,39 @@ fn run() -> anyhow::Result<()> {
     let mut r = String::new();
     let _ = writeln!(r, "# dsrlb benchmark report\n");
     let _ = writeln!(r, "Machine: {}. One run of `cargo xtask bench` ({:.0} s).\n", machine(), started.elapsed().as_secs_f64());
-    let _ = writeln!(r, "All four paths serve the same single mosquitto broker; clients, balancer and broker are network namespaces on this one 2-core machine, so every hop shares the CPUs with the load. `floor` is the cheapest possible XDP bounce (one bounds check, a MAC swap, `XDP_TX`) in the same place as dsrlb: the limit any XDP balancer can reach in this lab. haproxy's namespace is tuned as a proxy host at these rates must be (`net.ipv4.tcp_tw_reuse=1`, `ip_local_port_range` 1024-65535): its connections to the broker end in TIME_WAIT on its side, and untuned it falls to about 1,000 connections/s after the first 20,000.\n");
-    let _ = writeln!(r, "Connection rate and latency: {RATE_ROUNDS} rounds, the four paths back to back in alternating order (A B C D, then D C B A, ...), each started, warmed up for 1 s and measured for 5 s. A ratio is taken within each round, between neighbouring runs, and the headline is the median of the per-round ratios: whole runs on this shared VM drift by up to ±20%, far more than the paths differ. Publish throughput and held sessions: {LOAD_ROUNDS} rounds A B C D, medians.\n");
+    let _ = writeln!(
+        r,
+        "All four paths serve the same single mosquitto broker; clients, balancer and broker are network namespaces on this one 2-core machine, so every hop shares the CPUs with the load. `floor` is the cheapest possible XDP bounce (one bounds check, a MAC swap, `XDP_TX`) in the same place as dsrlb: the limit any XDP balancer can reach in this lab. haproxy's namespace is tuned as a proxy host at these rates must be (`net.ipv4.tcp_tw_reuse=1`, `ip_local_port_range` 1024-65535): its connections to the broker end in TIME_WAIT on its side, and untuned it falls to about 1,000 connections/s after the first 20,000.\n"
+    );
+    let _ = writeln!(
+        r,
+        "Connection rate and latency: {RATE_ROUNDS} rounds, the four paths back to back in alternating order (A B C D, then D C B A, ...), each started, warmed up for 1 s and measured for 5 s. A ratio is taken within each round, between neighbouring runs, and the headline is the median of the per-round ratios: whole runs on this shared VM drift by up to ±20%, far more than the paths differ. Publish throughput and held sessions: {LOAD_ROUNDS} rounds A B C D, medians.\n"
+    );
     let _ = writeln!(r, "## Headline\n");
-    let _ = writeln!(r, "| ratio (median of per-round ratios) | connection rate | p50 connect latency | p99 connect latency |\n| --- | --- | --- | --- |");
+    let _ = writeln!(
+        r,
+        "| ratio (median of per-round ratios) | connection rate | p50 connect latency | p99 connect latency |\n| --- | --- | --- | --- |"
+    );
     for (name, other) in [("dsrlb / floor", "floor"), ("dsrlb / haproxy", "haproxy"), ("dsrlb / direct", "direct")] {
-        let _ = writeln!(r, "| {name} | {:.2} | {:.2} | {:.2} |", paired("dsrlb", other, rate), paired("dsrlb", other, p50), paired("dsrlb", other, p99));
+        let _ = writeln!(
+            r,
+            "| {name} | {:.2} | {:.2} | {:.2} |",
+            paired("dsrlb", other, rate),
+            paired("dsrlb", other, p50),
+            paired("dsrlb", other, p99)
+        );
     }
     let cpu_ratio = ratio(per10k("dsrlb"), per10k("haproxy"));
     let _ = writeln!(r, "\nBalancer CPU per 10,000 connections, dsrlb / haproxy: **{cpu_ratio:.3}**.\n");
     let (rf, rh, lf) = (paired("dsrlb", "floor", rate), paired("dsrlb", "haproxy", rate), paired("dsrlb", "floor", p99));
-    let _ = writeln!(r, "Targets: connection rate >= 0.95 x floor ({}) and >= 1.3 x haproxy ({}); p99 connect latency <= 1.1 x floor ({}); balancer CPU per 10,000 connections <= 1/10 of haproxy's ({}).\n",
+    let _ = writeln!(
+        r,
+        "Targets: connection rate >= 0.95 x floor ({}) and >= 1.3 x haproxy ({}); p99 connect latency <= 1.1 x floor ({}); balancer CPU per 10,000 connections <= 1/10 of haproxy's ({}).\n",
         if rf >= 0.95 { "met" } else { "not met" },
         if rh >= 1.3 { "met" } else { "not met" },
         if lf <= 1.1 { "met" } else { "not met" },
-        if cpu_ratio <= 0.1 { "met" } else { "not met" });
+        if cpu_ratio <= 0.1 { "met" } else { "not met" }
+    );
     let fmt = |v: Vec<f64>| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
     let _ = writeln!(r, "Per-round ratios, in round order:\n");
     let _ = writeln!(r, "- dsrlb / floor, rate: {}", fmt(per_round("dsrlb", "floor", rate)));
@@ -500,22 +540,45 @@ fn run() -> anyhow::Result<()> {
     let _ = writeln!(r, "- dsrlb / direct, rate: {}\n", fmt(per_round("dsrlb", "direct", rate)));
 
     let _ = writeln!(r, "## Per path (medians)\n");
-    let _ = writeln!(r, "| path | conn/s | p50 us | p99 us | conn errors | QoS0 msgs/s delivered | delivered/sent | held (of {HOLD_TARGET}) | alive (PINGRESP) | balancer CPU s (proc + XDP) | CPU ms / 10k conns | CPU ms / M pkts |");
+    let _ = writeln!(
+        r,
+        "| path | conn/s | p50 us | p99 us | conn errors | QoS0 msgs/s delivered | delivered/sent | held (of {HOLD_TARGET}) | alive (PINGRESP) | balancer CPU s (proc + XDP) | CPU ms / 10k conns | CPU ms / M pkts |"
+    );
     let _ = writeln!(r, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for p in PATHS {
         let _ = writeln!(
             r,
             "| {p} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.3} | {:.0} | {:.0} | {:.3} ({:.3} + {:.4}) | {:.2} | {:.2} |",
-            med(p, |s| s.rate), med(p, |s| s.p50_us), med(p, |s| s.p99_us), med(p, |s| s.conn_errors),
-            load_med(p, |s| s.msgs), load_med(p, |s| s.ratio), load_med(p, |s| s.held), load_med(p, |s| s.alive),
-            med(p, |s| s.cpu_s), med(p, |s| s.proc_s), med(p, |s| s.xdp_s), per10k(p) * 1e3, per_mpkt(p) * 1e3
+            med(p, |s| s.rate),
+            med(p, |s| s.p50_us),
+            med(p, |s| s.p99_us),
+            med(p, |s| s.conn_errors),
+            load_med(p, |s| s.msgs),
+            load_med(p, |s| s.ratio),
+            load_med(p, |s| s.held),
+            load_med(p, |s| s.alive),
+            med(p, |s| s.cpu_s),
+            med(p, |s| s.proc_s),
+            med(p, |s| s.xdp_s),
+            per10k(p) * 1e3,
+            per_mpkt(p) * 1e3
         );
     }
     if load_med("haproxy", |s| s.held) < HOLD_TARGET as f64 {
-        let _ = writeln!(r, "\nhaproxy holds fewer sessions because a proxy spends two file descriptors per session (client and server side) and this machine's open-files hard limit is 20,000 and cannot be raised; its `maxconn` is set to 9500 to stay within it. Sessions beyond that time out (1.5 s) while connecting. The DR paths spend no descriptor on the balancer at all.");
+        let _ = writeln!(
+            r,
+            "\nhaproxy holds fewer sessions because a proxy spends two file descriptors per session (client and server side) and this machine's open-files hard limit is 20,000 and cannot be raised; its `maxconn` is set to 9500 to stay within it. Sessions beyond that time out (1.5 s) while connecting. The DR paths spend no descriptor on the balancer at all."
+        );
     }
-    let _ = writeln!(r, "\nLoad generator ceiling (straight at the broker from the broker's own namespace): {:.0} conn/s (median of {ceiling:.0?}).\n", median(ceiling.clone()));
-    let _ = writeln!(r, "Balancer CPU is measured during the connection-rate run: for haproxy, its process's CPU seconds (`/proc/PID/stat`); for dsrlb, the XDP program's own run time (`kernel.bpf_stats_enabled=1`, `run_time_ns`) plus the controller's CPU seconds; for floor, its XDP run time. Packets are those received on the balancer's interface in that run.\n");
+    let _ = writeln!(
+        r,
+        "\nLoad generator ceiling (straight at the broker from the broker's own namespace): {:.0} conn/s (median of {ceiling:.0?}).\n",
+        median(ceiling.clone())
+    );
+    let _ = writeln!(
+        r,
+        "Balancer CPU is measured during the connection-rate run: for haproxy, its process's CPU seconds (`/proc/PID/stat`); for dsrlb, the XDP program's own run time (`kernel.bpf_stats_enabled=1`, `run_time_ns`) plus the controller's CPU seconds; for floor, its XDP run time. Packets are those received on the balancer's interface in that run.\n"
+    );
     let _ = writeln!(r, "Rate rounds, every path (round order):\n");
     for p in PATHS {
         let rates: Vec<String> = samples[p].iter().map(|s| format!("{:.0}", s.rate)).collect();
@@ -524,7 +587,8 @@ fn run() -> anyhow::Result<()> {
     }
 
     let _ = writeln!(r, "\n## Data plane micro-benchmark (`BPF_PROG_TEST_RUN`)\n");
-    let _ = writeln!(r, "| path | ns/packet | floor ns | ratio | driver ns | checked after the runs |\n| --- | --- | --- | --- | --- | --- |");
+    let _ =
+        writeln!(r, "| path | ns/packet | floor ns | ratio | driver ns | checked after the runs |\n| --- | --- | --- | --- | --- | --- |");
     for row in micro["rows"].as_array().into_iter().flatten() {
         let _ = writeln!(
             r,
@@ -549,9 +613,27 @@ fn run() -> anyhow::Result<()> {
     std::fs::write(out.join("report.md"), &r)?;
 
     let groups = |f: &dyn Fn(&str) -> Vec<f64>| PATHS.iter().map(|p| (*p, f(p))).collect::<Vec<_>>();
-    svg_bars(&out.join("conn_rate.svg"), "MQTT connection rate (CONNECT, CONNACK, DISCONNECT)", "connections / s", &groups(&|p| vec![med(p, |s| s.rate)]), &["conn/s"])?;
-    svg_bars(&out.join("latency.svg"), "Connect latency (TCP + CONNACK)", "microseconds", &groups(&|p| vec![med(p, |s| s.p50_us), med(p, |s| s.p99_us)]), &["p50", "p99"])?;
-    svg_bars(&out.join("cpu.svg"), "Balancer CPU per 10,000 connections", "CPU milliseconds", &groups(&|p| vec![per10k(p) * 1e3]), &["CPU ms / 10k conns"])?;
+    svg_bars(
+        &out.join("conn_rate.svg"),
+        "MQTT connection rate (CONNECT, CONNACK, DISCONNECT)",
+        "connections / s",
+        &groups(&|p| vec![med(p, |s| s.rate)]),
+        &["conn/s"],
+    )?;
+    svg_bars(
+        &out.join("latency.svg"),
+        "Connect latency (TCP + CONNACK)",
+        "microseconds",
+        &groups(&|p| vec![med(p, |s| s.p50_us), med(p, |s| s.p99_us)]),
+        &["p50", "p99"],
+    )?;
+    svg_bars(
+        &out.join("cpu.svg"),
+        "Balancer CPU per 10,000 connections",
+        "CPU milliseconds",
+        &groups(&|p| vec![per10k(p) * 1e3]),
+        &["CPU ms / 10k conns"],
+    )?;
     print!("{r}");
     Ok(())
 }

@@ -102,7 +102,8 @@ fn main() {
             let tcp_sum = checksum(&f[34..], pseudo);
             f[50..52].copy_from_slice(&tcp_sum.to_be_bytes());
         }
-        let mut iov: Vec<libc::iovec> = frames[..n].iter_mut().map(|f| libc::iovec { iov_base: f.as_mut_ptr().cast(), iov_len: f.len() }).collect();
+        let mut iov: Vec<libc::iovec> =
+            frames[..n].iter_mut().map(|f| libc::iovec { iov_base: f.as_mut_ptr().cast(), iov_len: f.len() }).collect();
         // SAFETY: zeroed mmsghdrs pointing at live iovecs and `addr`, for the call below.
         let mut msgs: Vec<libc::mmsghdr> = iov
             .iter_mut()

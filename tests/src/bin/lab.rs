@@ -23,8 +23,16 @@ fn demo(lab: &Lab, dsrlb: &str) -> anyhow::Result<()> {
     println!("\nTry, in another terminal:");
     println!("  ip netns exec {client} mosquitto_sub -h {} -t 'demo/#' -v", lab::VIP);
     println!("  ip netns exec {client} mosquitto_pub -h {} -t demo/hello -m 'hi via DSR'", lab::VIP);
-    println!("  ip netns exec {client} mosquitto_pub -h {} -p 8883 --cafile {} -t demo/tls -m 'over TLS'", lab::VIP, lab.ca_pem().display());
-    println!("  ip netns exec {client} mosquitto_pub -h {} -p {} -t demo/internal -m 'internal listener'", lab::VIP_INTERNAL, lab::INTERNAL_PORT);
+    println!(
+        "  ip netns exec {client} mosquitto_pub -h {} -p 8883 --cafile {} -t demo/tls -m 'over TLS'",
+        lab::VIP,
+        lab.ca_pem().display()
+    );
+    println!(
+        "  ip netns exec {client} mosquitto_pub -h {} -p {} -t demo/internal -m 'internal listener'",
+        lab::VIP_INTERNAL,
+        lab::INTERNAL_PORT
+    );
     println!("Ctrl-C stops the balancer and tears the lab down.\n");
 
     // SAFETY: installing a handler that only stores to an atomic. The child resets it on exec

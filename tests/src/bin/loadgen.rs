@@ -104,7 +104,12 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }
-    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss, reason = "an index into a short vector")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "an index into a short vector"
+    )]
     let i = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[i]
 }
@@ -210,7 +215,8 @@ async fn pubsub(a: Arc<Args>) -> Result<String, String> {
         let (sent, payload) = (sent.clone(), a.payload);
         pubs.push(tokio::spawn(async move {
             // QoS 0 PUBLISH, written 64 at a time.
-            let mut one = vec![0x30, u8::try_from(2 + topic.len() + payload).expect("short payload"), 0, u8::try_from(topic.len()).expect("short")];
+            let mut one =
+                vec![0x30, u8::try_from(2 + topic.len() + payload).expect("short payload"), 0, u8::try_from(topic.len()).expect("short")];
             one.extend_from_slice(topic);
             one.extend(std::iter::repeat_n(b'x', payload));
             let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 64).collect();

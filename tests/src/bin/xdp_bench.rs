@@ -60,11 +60,8 @@ fn setup(flow_table_size: u32) -> Dataplane {
     .expect("loading the XDP object (run as root)");
     let mut ids = Ids::default();
     ids.update(&cfg).expect("ids");
-    let rt: BTreeMap<_, _> = cfg
-        .backends
-        .iter()
-        .map(|b| (b.name.clone(), BackendRuntime { mac: b.mac.expect("set"), drained: false }))
-        .collect();
+    let rt: BTreeMap<_, _> =
+        cfg.backends.iter().map(|b| (b.name.clone(), BackendRuntime { mac: b.mac.expect("set"), drained: false })).collect();
     dp.apply(&plan::desired(&cfg, &ids, &rt, &DownSet::new(), LB_MAC).expect("plan")).expect("apply");
     dp
 }
@@ -126,7 +123,15 @@ struct Measured {
 /// `frame` `repeat` times (after `before`), each checked for `want`. Ratios are taken within a
 /// round, so the machine's drift between rounds cancels out; the driver's cost in the round
 /// (the driver in front of the floor, less the floor) is taken off the path's figure.
-fn measure(dp: &mut Dataplane, prog: &str, frame: &[u8], repeat: u32, want: u32, driven: bool, mut before: impl FnMut(&mut Dataplane)) -> Measured {
+fn measure(
+    dp: &mut Dataplane,
+    prog: &str,
+    frame: &[u8],
+    repeat: u32,
+    want: u32,
+    driven: bool,
+    mut before: impl FnMut(&mut Dataplane),
+) -> Measured {
     let floor_frame = Ipv4Frame::tcp(CLIENT, 40000, VIP, 1883, TCP_ACK).build();
     let (mut floors, mut nss, mut ratios, mut drivers) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut moved_total = Moved::default();
@@ -319,7 +324,11 @@ fn main() {
     assert_eq!(confirmed, slots as usize, "the table is not full of confirmed flows");
     guarded.bench_driver("dsrlb", seq, 0, false).expect("driver");
     let m = measure(&mut guarded, "xdp_bench_flows", &driver_frame(TCP_SYN), REPEAT, TX, true, |_| {});
-    assert_eq!((m.moved.tx, m.moved.new_flows, m.moved.refused), (runs(REPEAT), runs(REPEAT), runs(REPEAT)), "every run a refused new flow");
+    assert_eq!(
+        (m.moved.tx, m.moved.new_flows, m.moved.refused),
+        (runs(REPEAT), runs(REPEAT), runs(REPEAT)),
+        "every run a refused new flow"
+    );
     assert_eq!(guarded.flows().iter().filter(|f| f.confirmed()).count(), slots as usize, "a confirmed flow was displaced");
     rows.push(Row {
         path: format!("new SYN under the flood guard ({SMALL_TABLE} flows, all confirmed)"),
@@ -330,7 +339,11 @@ fn main() {
     // at the end, with room throughout.
     let mut big = setup(DEFAULT_FLOW_TABLE_SIZE);
     let (m, check) = new_flows(&mut big, DEFAULT_FLOW_TABLE_SIZE, true);
-    rows.push(Row { path: "new flow, default table with room (1M flows, 32 MB)".into(), m, check: format!("{check}, table emptied per call") });
+    rows.push(Row {
+        path: "new flow, default table with room (1M flows, 32 MB)".into(),
+        m,
+        check: format!("{check}, table emptied per call"),
+    });
     big.clear_flows();
     let (m, check) = established_flows(&mut big, DEFAULT_FLOW_TABLE_SIZE);
     rows.push(Row { path: "established, flow table hit (1M flows, 32 MB)".into(), m, check });
@@ -347,10 +360,7 @@ fn main() {
                 )
             })
             .collect();
-        println!(
-            "{{\"rows\":[{}],\"verified_insns\":{verified},\"chase_256k_ns\":{l2:.1},\"chase_32m_ns\":{dram:.1}}}",
-            items.join(",")
-        );
+        println!("{{\"rows\":[{}],\"verified_insns\":{verified},\"chase_256k_ns\":{l2:.1},\"chase_32m_ns\":{dram:.1}}}", items.join(","));
         return;
     }
     println!("XDP data plane, BPF_PROG_TEST_RUN with repeat: {ROUNDS} rounds of (floor, path); medians; thread CPU time");
