@@ -266,12 +266,8 @@ impl Controller {
         if let Err(e) = self.routes.sync(&routes) {
             tracing::warn!(error = %format!("{e:#}"), "DSR-path probe routes incomplete: VIP checks of some backends will fail");
         }
-        let stale: Vec<Pair> = self
-            .probes
-            .iter()
-            .filter(|(p, (t, _))| wanted.get(*p).is_none_or(|w| !same_target(w, t)))
-            .map(|(p, _)| p.clone())
-            .collect();
+        let stale: Vec<Pair> =
+            self.probes.iter().filter(|(p, (t, _))| wanted.get(*p).is_none_or(|w| !same_target(w, t))).map(|(p, _)| p.clone()).collect();
         for p in stale {
             if let Some((_, task)) = self.probes.remove(&p) {
                 task.abort();
@@ -541,8 +537,7 @@ impl Controller {
             .collect();
         let verdicts: BTreeMap<String, u64> =
             reason::LABELS.iter().zip(&stats.verdicts).map(|((v, r), n)| (format!("{v}/{r}"), *n)).collect();
-        let mut table: BTreeMap<String, u64> =
-            table_event::LABELS.iter().zip(&stats.table).map(|(e, n)| ((*e).to_owned(), *n)).collect();
+        let mut table: BTreeMap<String, u64> = table_event::LABELS.iter().zip(&stats.table).map(|(e, n)| ((*e).to_owned(), *n)).collect();
         table.insert("expired".to_owned(), self.expired_total);
         Ok(json!({
             "interface": cfg.interface,
@@ -624,7 +619,9 @@ impl Controller {
         let d = self.desired.listeners.iter().find(|d| d.id == lid).context("listener planned")?;
         let slot = d.ring[ring_slot(hash, self.config.ring_size) as usize];
         let backend = if slot == NO_BACKEND { None } else { name_of(slot) };
-        Ok(json!({ "listener": l.name, "backend": backend, "source": "ring (not in the flow table)", "slot": ring_slot(hash, self.config.ring_size) }))
+        Ok(
+            json!({ "listener": l.name, "backend": backend, "source": "ring (not in the flow table)", "slot": ring_slot(hash, self.config.ring_size) }),
+        )
     }
 
     fn handle(&mut self, req: Request) -> Response {
@@ -722,16 +719,12 @@ impl Controller {
         let stats = &self.sample.1;
         for (name, &id) in &self.ids.backends {
             let c = stats.backend(id);
-            let (pps, nfps) = self
-                .rates
-                .iter()
-                .filter(|(r, _)| real_backend(**r) == id)
-                .fold((0.0, 0.0), |(a, b), (_, (p, n))| (a + p, b + n));
+            let (pps, nfps) =
+                self.rates.iter().filter(|(r, _)| real_backend(**r) == id).fold((0.0, 0.0), |(a, b), (_, (p, n))| (a + p, b + n));
             let _ = write!(line, "{name}: {} new ({nfps:.0}/s) {} pkts ({pps:.0}/s) | ", c.new_flows, c.packets);
         }
-        let sum = |verdict: &str| -> u64 {
-            reason::LABELS.iter().zip(&stats.verdicts).filter(|((v, _), _)| *v == verdict).map(|(_, n)| n).sum()
-        };
+        let sum =
+            |verdict: &str| -> u64 { reason::LABELS.iter().zip(&stats.verdicts).filter(|((v, _), _)| *v == verdict).map(|(_, n)| n).sum() };
         let _ = write!(line, "pass {} drop {}", sum("pass"), sum("drop"));
         line
     }
@@ -740,6 +733,12 @@ impl Controller {
 /// Age units as seconds, roughly (a unit is 2^30 ns).
 fn idle_secs(units: u32) -> u64 {
     (u64::from(units) << lb_common::FLOW_AGE_NS_SHIFT) / 1_000_000_000
+}
+
+/// Writes to stdout, ignoring a closed one: the controller serves whoever reads its output or not.
+fn show(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 fn same_target(a: &health::Target, b: &health::Target) -> bool {
@@ -784,8 +783,7 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    print!("{}", c.describe());
-    let _ = std::io::stdout().flush();
+    show(&c.describe());
     tracing::info!(interface = %c.config.interface, "serving");
 
     let mut sample = tokio::time::interval(Duration::from_secs(1));
@@ -816,12 +814,12 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
             _ = macs.tick() => c.refresh_macs(),
             _ = print.tick(), if stats_every.is_some() => {
                 let line = c.stats_line();
-                if tty { print!("\r\x1b[K{line}"); let _ = std::io::stdout().flush(); } else { println!("{line}"); }
+                if tty { show(&format!("\r\x1b[K{line}")); } else { show(&format!("{line}\n")); }
             }
         }
     }
     if tty && stats_every.is_some() {
-        println!();
+        show("\n");
     }
     server.abort();
     if let Some(m) = metrics {

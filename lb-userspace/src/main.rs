@@ -81,6 +81,12 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        // A CLI whose reader went away (`dsrlb status --json | head`) ends quietly, as Unix tools
+        // do, instead of panicking on the broken pipe. The controller keeps ignoring SIGPIPE.
+        // SAFETY: restoring the default disposition of one signal before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let socket = control::socket_path(cli.socket.as_ref());
     let result = match cli.command {
         Command::Check { config } => check(&config),
@@ -134,11 +140,7 @@ fn main() -> ExitCode {
 
 fn request(socket: &std::path::Path, req: &Request) -> anyhow::Result<Value> {
     let resp = control::call(socket, req)?;
-    if resp.ok {
-        Ok(resp.data)
-    } else {
-        anyhow::bail!("{}", resp.error.unwrap_or_else(|| "failed".into()))
-    }
+    if resp.ok { Ok(resp.data) } else { anyhow::bail!("{}", resp.error.unwrap_or_else(|| "failed".into())) }
 }
 
 fn message(socket: &std::path::Path, req: &Request) -> anyhow::Result<()> {
