@@ -14,6 +14,9 @@ use toml::Spanned;
 
 /// Largest accepted `ring_size`; the rings map holds two copies per listener.
 pub const MAX_RING_SIZE: u32 = 1 << 20;
+/// Ring slots per backend a listener's ring must have at least: Maglev's paper finds shares
+/// within about 1% of the weights at 100 slots per backend.
+pub const MIN_RING_SLOTS_PER_BACKEND: u32 = 100;
 /// `flow_table_size` bounds.
 pub const MIN_FLOW_TABLE_SIZE: u32 = 1024;
 pub const MAX_FLOW_TABLE_SIZE: u32 = 1 << 27;
@@ -220,7 +223,7 @@ struct RawListener {
     port: Spanned<u16>,
     #[serde(default = "default_hash")]
     hash: HashMode,
-    backends: Option<Vec<Spanned<String>>>,
+    backends: Option<Spanned<Vec<Spanned<String>>>>,
     health: Option<Spanned<RawHealth>>,
     flow_idle_timeout: Option<Spanned<String>>,
     max_conn_rate: Option<Spanned<u32>>,
@@ -340,6 +343,23 @@ impl Validator<'_> {
             raw.backends.iter().filter_map(|b| Some((b.get_ref().name.get_ref().clone(), b.get_ref().health.clone()?))).collect();
         let backends = self.backends(raw.backends)?;
         let listeners = self.listeners(raw.listeners, &backends, &health, &backend_health, flow_idle_timeout)?;
+        if let Some(l) = listeners.iter().max_by_key(|l| l.backends.len()) {
+            let need = MIN_RING_SLOTS_PER_BACKEND * u32::try_from(l.backends.len()).unwrap_or(u32::MAX);
+            if ring_size < need {
+                let span = raw.ring_size.as_ref().map_or(0..0, Spanned::span);
+                let prime = (need..).find(|&n| is_prime(n)).unwrap_or(DEFAULT_RING_SIZE);
+                return Err(self.err(
+                    &span,
+                    "ring_size",
+                    format!(
+                        "{ring_size} is too small for listener {:?}'s {} backends: Maglev keeps their shares within about 1% only \
+                         with at least {MIN_RING_SLOTS_PER_BACKEND} slots per backend; use a prime of at least {need}, e.g. {prime}",
+                        l.name,
+                        l.backends.len()
+                    ),
+                ));
+            }
+        }
         Ok(Config {
             interface,
             xdp_mode: raw.xdp_mode,
@@ -410,8 +430,8 @@ impl Validator<'_> {
         }
         if let Some(ca) = &raw.tls_ca {
             let path = PathBuf::from(ca.get_ref());
-            if let Err(e) = std::fs::metadata(&path) {
-                return Err(self.err(&ca.span(), format!("{field}.tls_ca"), format!("cannot read {}: {e}", path.display())));
+            if let Err(e) = crate::tls::client_config(&path) {
+                return Err(self.err(&ca.span(), format!("{field}.tls_ca"), format!("{e:#}")));
             }
             h.tls_ca = Some(path);
         }
@@ -527,7 +547,7 @@ impl Validator<'_> {
                 None => backends.iter().map(|b| b.name.clone()).collect(),
                 Some(list) => {
                     let mut set = BTreeSet::new();
-                    for (j, b) in list.iter().enumerate() {
+                    for (j, b) in list.get_ref().iter().enumerate() {
                         if !backends.iter().any(|x| &x.name == b.get_ref()) {
                             return Err(self.err(
                                 &b.span(),
@@ -546,6 +566,17 @@ impl Validator<'_> {
                     set.into_iter().collect()
                 }
             };
+            if members.is_empty() {
+                let span = l.backends.as_ref().map_or_else(|| l.name.span(), Spanned::span);
+                return Err(self.err(&span, f("backends"), "a listener needs at least one backend (a [[backend]] to name)"));
+            }
+            if let Some(b) = backends.iter().find(|b| b.address == vip) {
+                return Err(self.err(
+                    &l.vip.span(),
+                    f("vip"),
+                    format!("{vip} is backend {:?}'s own address: a VIP is an address the brokers hold on lo, not a real one", b.name),
+                ));
+            }
             let base = match &l.health {
                 None => defaults.clone(),
                 Some(h) => self.health(defaults, h, &f("health"))?,
@@ -783,6 +814,32 @@ weight = 50
             let e = error_of(&GOOD.replace("port = 1883", &format!("port = 1883\n{bad}")));
             assert!(e.contains(&format!(" {field}: ")), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn listeners_and_rings_that_cannot_work_are_refused() {
+        let e = error_of(&GOOD.replace("backends = [\"b2\", \"b1\"]", "backends = []"));
+        assert!(e.starts_with("t.toml:13:12: listener[0].backends: a listener needs at least one backend"), "{e}");
+        let e = error_of(&GOOD.replace("vip = \"192.0.2.100\"", "vip = \"192.0.2.12\""));
+        assert!(e.starts_with("t.toml:11:7: listener[0].vip: 192.0.2.12 is backend \"b2\"'s own address"), "{e}");
+        let e = error_of(&GOOD.replace("ring_size = 65537", "ring_size = 101"));
+        assert!(e.starts_with("t.toml:3:13: ring_size: 101 is too small for listener \"mqtt\"'s 2 backends"), "{e}");
+        assert!(e.contains("at least 200, e.g. 211"), "{e}");
+        assert!(parse(&GOOD.replace("ring_size = 65537", "ring_size = 211"), "t.toml").is_ok());
+        let dir = std::env::temp_dir().join(format!("dsrlb-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let not_a_cert = dir.join("ca.pem");
+        std::fs::write(&not_a_cert, "this is not a certificate\n").expect("write");
+        let text = GOOD.replace("check = \"tcp\"", &format!("check = \"mqtt-tls\"\ntls_ca = \"{}\"", not_a_cert.display()));
+        let e = error_of(&text);
+        assert!(e.starts_with("t.toml:7:10: health.tls_ca: ") && e.contains("holds no certificate"), "{e}");
+        let garbled = dir.join("garbled.pem");
+        std::fs::write(&garbled, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").expect("write");
+        let e = error_of(&text.replace("ca.pem", "garbled.pem"));
+        assert!(e.contains("health.tls_ca") && e.contains("does not parse"), "{e}");
+        let e = error_of(&text.replace("ca.pem", "missing.pem"));
+        assert!(e.contains("health.tls_ca") && e.contains("reading"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

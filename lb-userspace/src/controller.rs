@@ -118,6 +118,7 @@ impl Controller {
     /// When any step fails.
     pub fn start(opts: RunOptions, config: Config, reports: mpsc::Sender<Report>, swept: mpsc::Sender<usize>) -> anyhow::Result<Self> {
         let src_mac = dataplane::interface_mac(&config.interface)?;
+        vips_are_not_ours(&config)?;
         let load = LoadOptions { ring_size: config.ring_size, flow_table_size: config.flow_table_size, floor_dst_mac: [0; 6] };
         let state_file = control::state_path(&opts.socket);
         let (dp, start) = Dataplane::open_pinned(&load, &opts.pin_dir, &config.interface)?;
@@ -239,7 +240,7 @@ impl Controller {
                     Some(ca) if h.check == CheckKind::MqttTls => Some(if let Some(c) = tls_cache.get(ca) {
                         c.clone()
                     } else {
-                        let c = health::tls_config(ca)?;
+                        let c = crate::tls::client_config(ca)?;
                         tls_cache.insert(ca.clone(), c.clone());
                         c
                     }),
@@ -367,6 +368,7 @@ impl Controller {
                 bail!("{what} cannot change on reload (the maps and the attachment depend on it): restart the controller");
             }
         }
+        vips_are_not_ours(&new)?;
         let runtime = resolve_macs(&new, &self.runtime)?;
         let mut ids = self.ids.clone();
         ids.update(&new)?;
@@ -728,6 +730,23 @@ impl Controller {
         let _ = write!(line, "pass {} drop {}", sum("pass"), sum("drop"));
         line
     }
+}
+
+/// Refuses a listener whose VIP is an address of the balancer's interface: frames to it for the
+/// listener's port would be sent to a broker instead of this host.
+fn vips_are_not_ours(config: &Config) -> anyhow::Result<()> {
+    let own = dataplane::interface_ipv4s(&config.interface).with_context(|| format!("reading the addresses of {}", config.interface))?;
+    if let Some(l) = config.listeners.iter().find(|l| own.contains(&l.vip)) {
+        bail!(
+            "listener {}: VIP {} is an address of {} (the balancer's own): traffic for it to port {} would leave this host for a \
+             broker. The VIP is routed to the balancer (or its VRRP next hop), not held by it",
+            l.name,
+            l.vip,
+            config.interface,
+            l.port
+        );
+    }
+    Ok(())
 }
 
 /// Age units as seconds, roughly (a unit is 2^30 ns).

@@ -998,6 +998,34 @@ pub fn interface_mac(interface: &str) -> anyhow::Result<[u8; 6]> {
     Ok(mac)
 }
 
+/// The IPv4 addresses of `interface` (`getifaddrs`), in the calling thread's network namespace.
+///
+/// # Errors
+/// When the kernel's address list cannot be read.
+pub fn interface_ipv4s(interface: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list freed below.
+    ensure!(unsafe { libc::getifaddrs(&raw mut head) } == 0, "getifaddrs: {}", std::io::Error::last_os_error());
+    let mut out = Vec::new();
+    let mut at = head;
+    while !at.is_null() {
+        // SAFETY: a node of the list getifaddrs made; its name is a C string, its address (when
+        // not null) a sockaddr of the family it says, here AF_INET.
+        unsafe {
+            let ifa = &*at;
+            let name = std::ffi::CStr::from_ptr(ifa.ifa_name);
+            if name.to_bytes() == interface.as_bytes() && !ifa.ifa_addr.is_null() && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET {
+                let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+            at = ifa.ifa_next;
+        }
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
 /// Removes the link pin first (detaching the program, unless a process still holds the link),
 /// then the maps' pins. Missing pins are fine.
 ///

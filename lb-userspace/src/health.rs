@@ -12,7 +12,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
 use serde::Serialize;
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
@@ -142,26 +141,6 @@ pub struct Report {
     pub listener: String,
     pub backend: String,
     pub outcome: Outcome,
-}
-
-/// Builds the TLS client config for `mqtt-tls` from the CA file.
-///
-/// # Errors
-/// When the file holds no usable certificate.
-pub fn tls_config(ca: &std::path::Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    use rustls_pki_types::{CertificateDer, pem::PemObject as _};
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("reading {}", ca.display()))? {
-        roots.add(cert.with_context(|| format!("parsing {}", ca.display()))?).context("adding a CA")?;
-    }
-    anyhow::ensure!(!roots.is_empty(), "{} holds no certificate", ca.display());
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
 }
 
 /// A small xorshift for jitter; seeded per task so probes don't synchronise.

@@ -13,6 +13,7 @@ pub mod mqtt;
 pub mod neigh;
 pub mod plan;
 pub mod probe_route;
+pub mod tls;
 
 /// The XDP object built from `lb-ebpf` by `build.rs`.
 pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dsrlb"));

@@ -158,6 +158,13 @@ fn dsrlb_run_attaches_serves_outlives_sigterm_and_dsrlb_stop_detaches() {
     assert!(!out.status.success());
     assert!(err.contains("bad.toml:12:8: listener[0].port"), "unhelpful error: {err}");
     assert!(!xdp_attached(&lb, "lb0"), "a rejected config attached something");
+    // A VIP that is the balancer's own address: refused before anything is loaded.
+    let own = dir.join("own.toml");
+    std::fs::write(&own, CONFIG.replace("vip = \"192.0.2.100\"", "vip = \"192.0.2.2\"")).expect("write");
+    let out = dsrlb_run(&own).output().expect("start dsrlb");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("VIP 192.0.2.2 is an address of lb0"), "{err}");
+    assert!(!xdp_attached(&lb, "lb0") && !pins.join("link").exists(), "a refused VIP attached something");
 
     let good = dir.join("good.toml");
     std::fs::File::create(&good).and_then(|mut f| f.write_all(CONFIG.as_bytes())).expect("write");

@@ -100,7 +100,12 @@ fn lab(action: &str) -> anyhow::Result<()> {
 }
 
 fn test(args: &[String]) -> anyhow::Result<()> {
+    // The packet, netns and lab tests need root (BPF, namespaces): without it they could only
+    // be skipped, and a skipped test that reports "ok" would lie.
+    require_root("cargo xtask test")?;
     setup::setup()?;
+    // Formatting is a tool's job, checked like any test.
+    cargo(&["fmt", "--all", "--", "--check"]).context("the tree is not formatted: run `cargo fmt --all`")?;
     // Integration tests start the real binaries, from the same (debug) profile as themselves.
     cargo(&["build", "-p", "lb-userspace", "-p", "tests", "--bins"])?;
     // lb-ebpf builds for the BPF target only, through lb-userspace's build script.
