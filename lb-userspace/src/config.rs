@@ -347,7 +347,7 @@ impl Validator<'_> {
             let need = MIN_RING_SLOTS_PER_BACKEND * u32::try_from(l.backends.len()).unwrap_or(u32::MAX);
             if ring_size < need {
                 let span = raw.ring_size.as_ref().map_or(0..0, Spanned::span);
-                let prime = (need..).find(|&n| is_prime(n)).unwrap_or(DEFAULT_RING_SIZE);
+                let prime = (need..=need.saturating_mul(2)).find(|&n| is_prime(n)).unwrap_or(DEFAULT_RING_SIZE);
                 return Err(self.err(
                     &span,
                     "ring_size",

@@ -1015,7 +1015,7 @@ pub fn interface_ipv4s(interface: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
             let ifa = &*at;
             let name = std::ffi::CStr::from_ptr(ifa.ifa_name);
             if name.to_bytes() == interface.as_bytes() && !ifa.ifa_addr.is_null() && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET {
-                let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                let sin = std::ptr::read_unaligned(ifa.ifa_addr.cast::<libc::sockaddr_in>());
                 out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
             }
             at = ifa.ifa_next;
