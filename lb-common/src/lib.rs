@@ -18,6 +18,7 @@ pub mod map_names {
     pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
     pub const FLOW_CACHE: &str = "FLOW_CACHE";
     pub const CLOCK: &str = "CLOCK";
+    pub const CONTROL: &str = "CONTROL";
     pub const NODE: &str = "NODE";
     pub const CONN_RATE: &str = "CONN_RATE";
     pub const LISTENER_STATS: &str = "LISTENER_STATS";
@@ -350,7 +351,7 @@ pub struct Layout {
 /// The layout of the maps this build reads and writes. Version 1 had no `LAYOUT` map: an LRU
 /// hash flow table, a hash of listeners and a ring id per 8-byte entry. Version 2 had no
 /// `FLOW_S_CONFIRMED`, counted ages in jiffies and had no `NODE`, `CONN_RATE`,
-/// `LISTENER_STATS` or `TABLE_STATS`.
+/// `LISTENER_STATS`, `TABLE_STATS` or `CONTROL` (its controller kept its ids in a file).
 pub const LAYOUT_VERSION: u64 = 3;
 
 /// Buckets for a `flow_table_size` of flows: a power of two, at least two (one per half).
@@ -478,6 +479,35 @@ pub const fn clock_ns(jiffies: u64, ns_per_jiffy: u32) -> u64 {
     jiffies.wrapping_mul(ns_per_jiffy as u64)
 }
 
+/// Bytes a [`ControlState`] holds.
+pub const CONTROL_STATE_BYTES: usize = (1 << 18) - 24;
+
+/// Value of `CONTROL` (two entries, mmapable, pinned with the other maps; the program never
+/// reads it): what a controller needs to adopt the maps it did not make, kept exactly as long as
+/// they are. The controller writes the entry not holding the newest state, then publishes it by
+/// writing its `generation` last; a reader takes the valid entry with the highest generation.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ControlState {
+    /// 0: never written.
+    pub generation: u64,
+    /// Of `bytes[..len]` ([`control_checksum`]).
+    pub checksum: u64,
+    pub len: u64,
+    pub bytes: [u8; CONTROL_STATE_BYTES],
+}
+
+/// The checksum of a [`ControlState`]'s bytes (FNV-1a, 64 bits): a torn or foreign write is
+/// refused, not misread.
+#[must_use]
+pub fn control_checksum(bytes: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325_u64;
+    for &b in bytes {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
 /// Value of `CONN_RATE`, one per listener: storm control as a generic cell rate algorithm.
 /// A new connection (SYN without a live flow) at `now` is admitted when `tat_ns - now <=
 /// tolerance_ns`, and moves `tat_ns` to `max(tat_ns, now) + interval_ns` by compare-and-swap;
@@ -600,13 +630,14 @@ const _: () = assert!(core::mem::size_of::<Counters>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowCacheEntry>() == 40);
 const _: () = assert!(core::mem::size_of::<NodeInfo>() == 64, "one cache line");
 const _: () = assert!(core::mem::size_of::<ConnRate>() == 32);
+const _: () = assert!(core::mem::size_of::<ControlState>() == 1 << 18);
 const _: () = assert!(core::mem::size_of::<ListenerCounters>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        ConnRate, Counters, FlowBucket, FlowCacheEntry, FlowKey, Layout, ListenerCounters, ListenerInfo, NodeInfo, PortInfo, RealInfo,
-        VipInfo,
+        ConnRate, ControlState, Counters, FlowBucket, FlowCacheEntry, FlowKey, Layout, ListenerCounters, ListenerInfo, NodeInfo, PortInfo,
+        RealInfo, VipInfo,
     };
     // SAFETY: all of these are `#[repr(C)]`, made only of integers, with no padding (asserted
     // above), so every bit pattern is valid.
@@ -621,6 +652,7 @@ mod pod {
     unsafe impl aya::Pod for FlowCacheEntry {}
     unsafe impl aya::Pod for NodeInfo {}
     unsafe impl aya::Pod for ConnRate {}
+    unsafe impl aya::Pod for ControlState {}
     unsafe impl aya::Pod for ListenerCounters {}
 }
 

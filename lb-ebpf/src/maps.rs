@@ -9,9 +9,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    ConnRate, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FlowBucket, FlowCacheEntry, Layout, ListenerCounters,
-    ListenerInfo, MAX_LISTENERS, MAX_VIPS, NodeInfo, PORT_SLOTS, PortInfo, REAL_SLOTS, RING_COPIES, RealInfo, RingEntry, VipInfo,
-    flow_table_buckets, reason, ring_entries, table_event,
+    ConnRate, ControlState, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FlowBucket, FlowCacheEntry, Layout,
+    ListenerCounters, ListenerInfo, MAX_LISTENERS, MAX_VIPS, NodeInfo, PORT_SLOTS, PortInfo, REAL_SLOTS, RING_COPIES, RealInfo, RingEntry,
+    VipInfo, flow_table_buckets, reason, ring_entries, table_event,
 };
 
 /// Map flags of the maps the controller reads and writes through memory it maps
@@ -57,6 +57,11 @@ pub static FLOW_CACHE: PerCpuArray<FlowCacheEntry, { FLOW_CACHE_SLOTS as usize }
 /// This node's MACs and the flow table's expiry (`lb_common::NodeInfo`), written word by word.
 #[btf_map]
 pub static NODE: Array<NodeInfo, 1, MMAPABLE> = Array::new();
+
+/// The controller's state (`lb_common::ControlState`): never read by the programs, pinned with
+/// the other maps so a controller that adopts them finds the ids they are written by.
+#[btf_map]
+pub static CONTROL: Array<ControlState, 2, MMAPABLE> = Array::new();
 
 /// `bpf_jiffies64()` when `dsrlb_clock` last ran (the controller runs it to read the clock).
 #[btf_map]

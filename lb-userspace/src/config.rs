@@ -119,6 +119,49 @@ impl Default for Health {
     }
 }
 
+/// What happens to the established flows of a backend marked down (`on_down`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDown {
+    /// They stay on it (HAProxy's default): a false alarm under load resets nothing, but the
+    /// clients of a dead broker wait for their keepalive.
+    Keep,
+    /// After `on_down_grace`, they are re-picked from the ring: the new broker answers with an
+    /// RST and clients reconnect at once (HAProxy's `on-marked-down shutdown-sessions`).
+    Reset,
+}
+
+/// What a listener does when every one of its backends is marked down (`all_down`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllDown {
+    /// Fail open: new flows are spread over all of them, as if none were down (the checks
+    /// themselves may be what failed).
+    Forward,
+    /// New flows are dropped until one comes back.
+    Drop,
+}
+
+/// The failure policy of a listener: top level, overridable per listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FailurePolicy {
+    pub on_down: OnDown,
+    pub on_down_grace: Duration,
+    pub all_down: AllDown,
+}
+
+impl Default for FailurePolicy {
+    /// Reset after 20 s, fail open: see the README's "When backends fail".
+    fn default() -> Self {
+        Self { on_down: OnDown::Reset, on_down_grace: DEFAULT_ON_DOWN_GRACE, all_down: AllDown::Forward }
+    }
+}
+
+/// `on_down_grace` by default: longer than a health check false alarm lasts (a broker busy for
+/// a few seconds comes back after `rise` probes), shorter than a common MQTT keepalive (60 s),
+/// so clients of a dead broker reconnect before their keepalive would tell them.
+pub const DEFAULT_ON_DOWN_GRACE: Duration = Duration::from_secs(20);
+
 /// Storm control of a listener: new connections per second, and how many may come at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnRateLimit {
@@ -137,6 +180,8 @@ pub struct Listener {
     pub flow_idle_timeout: Duration,
     /// `max_conn_rate` (and `max_conn_burst`); no limit when `None`.
     pub conn_rate: Option<ConnRateLimit>,
+    /// `on_down`, `on_down_grace`, `all_down`.
+    pub failure: FailurePolicy,
     /// Backend names, sorted; all backends when the file names none.
     pub backends: Vec<String>,
     /// Effective health settings per backend name (defaults, then listener, then backend).
@@ -162,6 +207,8 @@ pub struct Config {
     pub accept_macs: Vec<[u8; 6]>,
     /// The default of every listener's `flow_idle_timeout`.
     pub flow_idle_timeout: Duration,
+    /// The default of every listener's failure policy.
+    pub failure: FailurePolicy,
     pub health: Health,
     pub listeners: Vec<Listener>,
     /// Sorted by name.
@@ -187,6 +234,9 @@ struct RawConfig {
     flow_table_size: Option<Spanned<u32>>,
     accept_macs: Option<Spanned<Vec<Spanned<String>>>>,
     flow_idle_timeout: Option<Spanned<String>>,
+    on_down: Option<OnDown>,
+    on_down_grace: Option<Spanned<String>>,
+    all_down: Option<AllDown>,
     #[serde(default)]
     health: Option<Spanned<RawHealth>>,
     #[serde(default, rename = "listener")]
@@ -228,6 +278,9 @@ struct RawListener {
     flow_idle_timeout: Option<Spanned<String>>,
     max_conn_rate: Option<Spanned<u32>>,
     max_conn_burst: Option<Spanned<u32>>,
+    on_down: Option<OnDown>,
+    on_down_grace: Option<Spanned<String>>,
+    all_down: Option<AllDown>,
 }
 
 const fn default_hash() -> HashMode {
@@ -338,11 +391,12 @@ impl Validator<'_> {
             None => DEFAULT_FLOW_IDLE_TIMEOUT,
             Some(s) => self.idle_timeout(s, "flow_idle_timeout")?,
         };
+        let failure = self.failure(&FailurePolicy::default(), raw.on_down, raw.on_down_grace.as_ref(), raw.all_down, "")?;
 
         let backend_health: BTreeMap<String, Spanned<RawHealth>> =
             raw.backends.iter().filter_map(|b| Some((b.get_ref().name.get_ref().clone(), b.get_ref().health.clone()?))).collect();
         let backends = self.backends(raw.backends)?;
-        let listeners = self.listeners(raw.listeners, &backends, &health, &backend_health, flow_idle_timeout)?;
+        let listeners = self.listeners(raw.listeners, &backends, &health, &backend_health, flow_idle_timeout, failure)?;
         if let Some(l) = listeners.iter().max_by_key(|l| l.backends.len()) {
             let need = MIN_RING_SLOTS_PER_BACKEND * u32::try_from(l.backends.len()).unwrap_or(u32::MAX);
             if ring_size < need {
@@ -367,10 +421,33 @@ impl Validator<'_> {
             flow_table_size,
             accept_macs,
             flow_idle_timeout,
+            failure,
             health,
             listeners,
             backends,
         })
+    }
+
+    fn failure(
+        &self,
+        base: &FailurePolicy,
+        on_down: Option<OnDown>,
+        grace: Option<&Spanned<String>>,
+        all_down: Option<AllDown>,
+        prefix: &str,
+    ) -> Result<FailurePolicy, ConfigError> {
+        let mut p = *base;
+        if let Some(o) = on_down {
+            p.on_down = o;
+        }
+        if let Some(a) = all_down {
+            p.all_down = a;
+        }
+        if let Some(g) = grace {
+            p.on_down_grace = parse_duration_within(g.get_ref(), Duration::ZERO, Duration::from_hours(1))
+                .map_err(|m| self.err(&g.span(), format!("{prefix}on_down_grace"), m))?;
+        }
+        Ok(p)
     }
 
     fn idle_timeout(&self, s: &Spanned<String>, field: &str) -> Result<Duration, ConfigError> {
@@ -511,6 +588,7 @@ impl Validator<'_> {
         defaults: &Health,
         backend_health: &BTreeMap<String, Spanned<RawHealth>>,
         flow_idle_timeout: Duration,
+        failure: FailurePolicy,
     ) -> Result<Vec<Listener>, ConfigError> {
         if raw.is_empty() {
             return Err(self.err(&(0..0), "listener", "at least one [[listener]] is needed"));
@@ -597,7 +675,8 @@ impl Validator<'_> {
                 Some(s) => self.idle_timeout(s, &f("flow_idle_timeout"))?,
             };
             let conn_rate = self.conn_rate(l.max_conn_rate.as_ref(), l.max_conn_burst.as_ref(), &f)?;
-            out.push(Listener { name, vip, port, hash: l.hash, flow_idle_timeout, conn_rate, backends: members, health });
+            let failure = self.failure(&failure, l.on_down, l.on_down_grace.as_ref(), l.all_down, &format!("listener[{i}]."))?;
+            out.push(Listener { name, vip, port, hash: l.hash, flow_idle_timeout, conn_rate, failure, backends: members, health });
         }
         Ok(out)
     }

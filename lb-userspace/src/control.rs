@@ -151,13 +151,6 @@ pub fn call(path: &Path, req: &Request) -> anyhow::Result<Response> {
     serde_json::from_str(&answer).with_context(|| format!("the controller answered {answer:?}"))
 }
 
-/// Where the controller keeps what it must know to adopt its pinned state (ids, drains,
-/// health): beside the socket.
-#[must_use]
-pub fn state_path(socket: &Path) -> PathBuf {
-    socket.parent().unwrap_or_else(|| Path::new("/run/dsrlb")).join("state.json")
-}
-
 /// The socket path from `--socket` or the default.
 #[must_use]
 pub fn socket_path(arg: Option<&PathBuf>) -> PathBuf {

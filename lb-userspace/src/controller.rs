@@ -17,17 +17,15 @@ use serde_json::{Value, json};
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
-    config::{self, CheckKind, Config, HashMode, format_mac},
+    config::{self, CheckKind, Config, HashMode, OnDown, format_mac},
     control::{self, Call, Request, Response},
     dataplane::{self, Dataplane, Desired, LoadOptions, Stats},
     health::{self, PairHealth, Report, State},
     neigh,
-    plan::{self, BackendRuntime, DownSet, Ids},
+    plan::{self, BackendRuntime, DownSet, Fresh, Ids, Out},
     probe_route::{self, ProbeRoutes},
 };
 
-/// How long resolving a backend's MAC may take.
-const RESOLVE_WAIT: Duration = Duration::from_secs(3);
 /// How often backend MACs are re-read from the neighbour table.
 const MAC_REFRESH: Duration = Duration::from_secs(5);
 
@@ -43,32 +41,60 @@ pub struct RunOptions {
     pub metrics: Option<std::net::SocketAddr>,
 }
 
-/// What a controller saves so the next one can adopt the pinned maps as they are.
+/// What a controller saves so the next one can adopt the pinned maps as they are: kept in the
+/// pinned `CONTROL` map itself, so it exists exactly as long as the maps do.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Saved {
     ids: Ids,
     drained: BTreeSet<String>,
     weights: BTreeMap<String, u32>,
-    /// (listener, backend, state) of every pair not up.
-    out: Vec<(String, String, State)>,
+    /// (listener id, backend id, state) of every pair not up.
+    out: Vec<(u32, u32, State)>,
 }
 
-/// Resolves every backend's MAC: configured, known from before, or from the neighbour table.
-///
-/// # Errors
-/// When a backend does not resolve.
-pub fn resolve_macs(config: &Config, old: &BTreeMap<String, BackendRuntime>) -> anyhow::Result<BTreeMap<String, BackendRuntime>> {
+/// Every backend's MAC: configured, known from before (`old`, then `adopted`: what the pinned
+/// maps hold), or from the neighbour table. One read of the table, nothing waited for: a
+/// backend that does not resolve now starts without a MAC (`no-mac`, out of every ring), and
+/// [`Controller::refresh_macs`] keeps asking.
+fn resolve_macs(
+    config: &Config,
+    old: &BTreeMap<String, BackendRuntime>,
+    adopted: &BTreeMap<String, [u8; 6]>,
+) -> BTreeMap<String, BackendRuntime> {
     let mut runtime = BTreeMap::new();
     for b in &config.backends {
         let drained = old.get(&b.name).is_some_and(|r| r.drained);
-        let mac = match (b.mac, old.get(&b.name)) {
-            (Some(mac), _) => mac,
-            (None, Some(rt)) => rt.mac,
-            (None, None) => neigh::resolve(b.address, &config.interface, RESOLVE_WAIT).with_context(|| format!("backend {}", b.name))?,
-        };
+        let mac = b
+            .mac
+            .or_else(|| old.get(&b.name).and_then(|rt| rt.mac))
+            .or_else(|| adopted.get(&b.name).copied())
+            .or_else(|| neigh::lookup(b.address, &config.interface).ok().flatten());
+        if mac.is_none() {
+            neigh::solicit(b.address);
+        }
         runtime.insert(b.name.clone(), BackendRuntime { mac, drained });
     }
-    Ok(runtime)
+    runtime
+}
+
+/// Ids for maps adopted without a saved controller state: listeners recognised by VIP and
+/// port, backends by the MAC their reals were written with; other names get fresh ids (and the
+/// flows of whatever held those ids are deleted before they are used).
+fn recover_ids(config: &Config, dp: &Dataplane) -> Ids {
+    let dataplane::MapIds { listeners: by_endpoint, backends: by_mac } = dp.ids_in_maps();
+    let mut ids = Ids::default();
+    for l in &config.listeners {
+        if let Some(&id) = by_endpoint.get(&(l.vip, l.port)) {
+            ids.listeners.insert(l.name.clone(), id);
+        }
+    }
+    for b in &config.backends {
+        let mac = b.mac.or_else(|| neigh::lookup(b.address, &config.interface).ok().flatten());
+        if let Some(&id) = mac.and_then(|m| by_mac.get(&m)) {
+            ids.backends.insert(b.name.clone(), id);
+        }
+    }
+    ids
 }
 
 type Pair = (String, String);
@@ -101,6 +127,11 @@ pub struct Controller {
     expired_total: u64,
     sweeping: bool,
     swept: mpsc::Sender<usize>,
+    /// Ids given to new names since the last apply (see `Desired::fresh_backends`).
+    fresh: Fresh,
+    /// The down set the maps were last written with: a pair whose grace ran out since changes
+    /// it, and the next tick applies.
+    applied_down: DownSet,
 }
 
 /// How old a flow-table walk may be before status or metrics walk again.
@@ -120,27 +151,31 @@ impl Controller {
         let src_mac = dataplane::interface_mac(&config.interface)?;
         vips_are_not_ours(&config)?;
         let load = LoadOptions { ring_size: config.ring_size, flow_table_size: config.flow_table_size, floor_dst_mac: [0; 6] };
-        let state_file = control::state_path(&opts.socket);
         let (dp, start) = Dataplane::open_pinned(&load, &opts.pin_dir, &config.interface)?;
         let saved = match start {
             dataplane::Start::Fresh => Saved::default(),
-            dataplane::Start::Adopted => {
-                let text = std::fs::read_to_string(&state_file).with_context(|| {
-                    format!(
-                        "{} holds a live balancer but {} is missing: run `dsrlb stop` to start afresh (forwarding stops meanwhile)",
-                        opts.pin_dir.display(),
-                        state_file.display()
-                    )
-                })?;
-                serde_json::from_str(&text).with_context(|| format!("parsing {}", state_file.display()))?
-            }
+            dataplane::Start::Adopted => match dp.load_control().map(|bytes| serde_json::from_slice::<Saved>(&bytes)) {
+                Some(Ok(saved)) => saved,
+                broken => {
+                    let problem = broken.map_or_else(|| "missing".to_owned(), |r| r.err().map(|e| e.to_string()).unwrap_or_default());
+                    tracing::warn!(
+                        pins = %opts.pin_dir.display(),
+                        %problem,
+                        "the pinned controller state is not usable: ids recovered from the maps (listeners by VIP and port, backends by MAC); drains, CLI weights and health start afresh"
+                    );
+                    Saved { ids: recover_ids(&config, &dp), ..Saved::default() }
+                }
+            },
         };
-        let mut runtime = resolve_macs(&config, &BTreeMap::new())?;
+        let backend_macs = dp.backend_macs();
+        let adopted: BTreeMap<String, [u8; 6]> =
+            saved.ids.backends.iter().filter_map(|(name, id)| backend_macs.get(id).map(|m| (name.clone(), *m))).collect();
+        let mut runtime = resolve_macs(&config, &BTreeMap::new(), &adopted);
         for (name, rt) in &mut runtime {
             rt.drained = saved.drained.contains(name);
         }
         let mut ids = saved.ids.clone();
-        ids.update(&config)?;
+        let fresh = ids.update(&config)?;
         let routes = ProbeRoutes::new(&config.interface);
         let mut c = Self {
             opts,
@@ -163,11 +198,14 @@ impl Controller {
             expired_total: 0,
             sweeping: false,
             swept,
+            fresh,
+            applied_down: DownSet::new(),
         };
         c.sync_health();
-        for (l, b, state) in &saved.out {
-            if let Some(h) = c.health.get_mut(&(l.clone(), b.clone())) {
-                h.restore(*state);
+        for &(lid, bid, state) in &saved.out {
+            let (l, b) = (name_of(&saved.ids.listeners, lid), name_of(&saved.ids.backends, bid));
+            if let Some(h) = l.zip(b).and_then(|pair| c.health.get_mut(&pair)) {
+                h.restore(state);
             }
         }
         let before = if start == dataplane::Start::Adopted { Some(c.dp.flow_count()) } else { None };
@@ -187,23 +225,22 @@ impl Controller {
         Ok(c)
     }
 
-    /// Writes what the next controller needs to adopt the pins (atomically: temp file, rename).
-    fn save(&self) {
+    /// Saves what the next controller needs to adopt the pins, in the pinned `CONTROL` map.
+    fn save(&mut self) -> anyhow::Result<()> {
+        let out = self
+            .health
+            .iter()
+            .filter(|(_, h)| h.state != State::Up)
+            .filter_map(|((l, b), h)| Some((*self.ids.listeners.get(l)?, *self.ids.backends.get(b)?, h.state)))
+            .collect();
         let saved = Saved {
             ids: self.ids.clone(),
             drained: self.runtime.iter().filter(|(_, r)| r.drained).map(|(n, _)| n.clone()).collect(),
             weights: self.weights.clone(),
-            out: self.health.iter().filter(|(_, h)| h.state != State::Up).map(|((l, b), h)| (l.clone(), b.clone(), h.state)).collect(),
+            out,
         };
-        let path = control::state_path(&self.opts.socket);
-        let tmp = path.with_extension("json.tmp");
-        let result = serde_json::to_vec_pretty(&saved)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = result {
-            tracing::error!(error = %e, path = %path.display(), "saving controller state failed; a restart may not adopt the pins");
-        }
+        let bytes = serde_json::to_vec(&saved).context("encoding the controller state")?;
+        self.dp.save_control(&bytes)
     }
 
     fn pairs(config: &Config) -> impl Iterator<Item = (Pair, &config::Health)> {
@@ -283,8 +320,21 @@ impl Controller {
         Ok(())
     }
 
+    /// The pairs out of their rings, and whether their flows are re-picked: a pair marked down
+    /// resets its flows only with `on_down = "reset"` and once `on_down_grace` has passed; a
+    /// refusing broker (CONNACK 3) keeps its sessions.
     fn down_set(&self) -> DownSet {
-        self.health.iter().filter(|(_, h)| h.state != State::Up).map(|(p, _)| p.clone()).collect()
+        let mut out = DownSet::new();
+        for l in &self.config.listeners {
+            for b in &l.backends {
+                let pair = (l.name.clone(), b.clone());
+                let Some(h) = self.health.get(&pair).filter(|h| h.state != State::Up) else { continue };
+                let grace_over = h.out_since.is_none_or(|t| t.elapsed() >= l.failure.on_down_grace);
+                let reset = h.state != State::Refusing && l.failure.on_down == OnDown::Reset && grace_over;
+                out.insert(pair, Out { reset });
+            }
+        }
+        out
     }
 
     /// The config with CLI weight overrides applied.
@@ -300,12 +350,33 @@ impl Controller {
 
     /// Plans from the current state and writes the difference.
     fn apply(&mut self) -> anyhow::Result<()> {
-        let desired = plan::desired(&self.effective_config(), &self.ids, &self.runtime, &self.down_set(), self.src_mac)?;
+        let down = self.down_set();
+        let mut desired = plan::desired(&self.effective_config(), &self.ids, &self.runtime, &down, self.src_mac)?;
+        desired.fresh_backends.clone_from(&self.fresh.backends);
+        desired.fresh_listeners.clone_from(&self.fresh.listeners);
         let report = self.dp.apply(&desired)?;
         tracing::debug!(?report, "maps written");
+        self.fresh = Fresh::default();
+        for (l, d) in self.config.listeners.iter().zip(&desired.listeners) {
+            let was = self.desired.listeners.iter().find(|w| w.id == d.id).is_some_and(|w| w.fail_open);
+            if d.fail_open && !was {
+                tracing::warn!(listener = %l.name, "every backend is marked down: failing open, new flows go to all of them (all_down = \"forward\")");
+            } else if was && !d.fail_open {
+                tracing::info!(listener = %l.name, "no longer failing open: a backend is up again");
+            }
+        }
         self.desired = desired;
-        self.save();
-        Ok(())
+        self.applied_down = down;
+        self.save()
+    }
+
+    /// Applies when a pair's `on_down_grace` has run out since the last apply.
+    fn apply_if_down_changed(&mut self) {
+        if self.down_set() != self.applied_down
+            && let Err(e) = self.apply()
+        {
+            tracing::error!(error = %format!("{e:#}"), "applying an on_down reset failed");
+        }
     }
 
     /// A health report: update the pair's state; a change rebuilds that listener's ring.
@@ -341,18 +412,26 @@ impl Controller {
             if b.mac.is_some() {
                 continue;
             }
-            if let Ok(Some(mac)) = neigh::lookup(b.address, &self.config.interface)
-                && let Some(rt) = self.runtime.get_mut(&b.name)
-                && rt.mac != mac
-            {
-                tracing::info!(backend = %b.name, old = %format_mac(rt.mac), new = %format_mac(mac), "backend MAC changed");
-                rt.mac = mac;
-                changed = true;
+            let Some(rt) = self.runtime.get_mut(&b.name) else { continue };
+            match neigh::lookup(b.address, &self.config.interface) {
+                Ok(Some(mac)) if rt.mac != Some(mac) => {
+                    let old = rt.mac.map_or_else(|| "none".to_owned(), format_mac);
+                    tracing::info!(backend = %b.name, %old, new = %format_mac(mac), "backend MAC resolved or changed: its rings follow");
+                    rt.mac = Some(mac);
+                    changed = true;
+                }
+                Ok(None) if rt.mac.is_none() => neigh::solicit(b.address),
+                _ => {}
             }
         }
         if changed && let Err(e) = self.apply() {
             tracing::error!(error = %format!("{e:#}"), "applying a MAC change failed");
         }
+    }
+
+    /// Whether any backend is still without a MAC (then MACs are looked for every second).
+    fn unresolved(&self) -> bool {
+        self.runtime.values().any(|rt| rt.mac.is_none())
     }
 
     /// Re-reads the config; applies only the difference, or changes nothing and says why.
@@ -369,20 +448,23 @@ impl Controller {
             }
         }
         vips_are_not_ours(&new)?;
-        let runtime = resolve_macs(&new, &self.runtime)?;
+        let runtime = resolve_macs(&new, &self.runtime, &BTreeMap::new());
         let mut ids = self.ids.clone();
-        ids.update(&new)?;
-        let down = self.down_set();
+        let fresh = ids.update(&new)?;
         // Plan before committing anything: an error here leaves everything as it was.
-        plan::desired(&new, &ids, &runtime, &down, self.src_mac)?;
+        plan::desired(&new, &ids, &runtime, &self.down_set(), self.src_mac)?;
         let added: Vec<String> = new.backends.iter().filter(|b| self.config.backend(&b.name).is_none()).map(|b| b.name.clone()).collect();
         let removed: Vec<String> = self.config.backends.iter().filter(|b| new.backend(&b.name).is_none()).map(|b| b.name.clone()).collect();
         self.config = new;
         self.ids = ids;
+        self.fresh.listeners.extend(fresh.listeners);
+        self.fresh.backends.extend(fresh.backends);
         self.runtime = runtime;
         self.weights.clear();
         self.sync_health();
         self.apply()?;
+        // A reload also repairs the probe routes (rules someone removed are put back).
+        self.routes.forget();
         self.sync_probes()?;
         Ok(format!("reload applied: backends added {added:?}, removed {removed:?}"))
     }
@@ -503,10 +585,11 @@ impl Controller {
                 backends.push(json!({
                     "name": b,
                     "address": backend.address.to_string(),
-                    "mac": format_mac(rt.mac),
+                    "mac": rt.mac.map_or_else(|| "unresolved".to_owned(), format_mac),
                     "weight": backend.weight,
                     "drained": rt.drained || backend.weight == 0,
-                    "state": h.state.as_str(),
+                    "state": if rt.mac.is_none() { "no-mac" } else { h.state.as_str() },
+                    "resetting_flows": self.applied_down.get(&(l.name.clone(), b.clone())).is_some_and(|o| o.reset),
                     "check": l.health[b].check,
                     "last_check": h.last,
                     "check_failures": h.failures_total,
@@ -528,6 +611,9 @@ impl Controller {
                 "max_conn_rate": l.conn_rate.map(|r| r.rate), "max_conn_burst": l.conn_rate.map(|r| r.burst),
                 "conn_rate_dropped": guards.conn_rate_dropped,
                 "icmp_too_big": guards.icmp_too_big,
+                "on_down": l.failure.on_down, "on_down_grace": config::show_duration(l.failure.on_down_grace),
+                "all_down": l.failure.all_down,
+                "fail_open": self.desired.listeners.iter().any(|d| d.id == lid && d.fail_open),
                 "backends": backends,
             }));
         }
@@ -565,6 +651,7 @@ impl Controller {
             s.listeners.push((l.name.clone(), c.packets, c.bytes, c.new_flows));
             let guards = stats.listeners.get(&lid).copied().unwrap_or_default();
             s.guards.push((l.name.clone(), guards.conn_rate_dropped, guards.icmp_too_big));
+            s.fail_open.push((l.name.clone(), self.desired.listeners.iter().any(|d| d.id == lid && d.fail_open)));
             for b in &l.backends {
                 let real = real_id(lid, self.ids.backends[b]);
                 let h = &self.health[&(l.name.clone(), b.clone())];
@@ -572,7 +659,7 @@ impl Controller {
                 s.pairs.push(PairSample {
                     listener: l.name.clone(),
                     backend: b.clone(),
-                    up: h.state == State::Up,
+                    up: h.state == State::Up && self.runtime.get(b).is_some_and(|rt| rt.mac.is_some()),
                     check_failures: h.failures_total,
                     packets: c.packets,
                     bytes: c.bytes,
@@ -705,7 +792,7 @@ impl Controller {
                     "  backend {:<12} {:<15} {}  weight {:>5}  ring share {share:5.1}%  check {:?}",
                     b.name,
                     b.address,
-                    format_mac(self.runtime[name].mac),
+                    self.runtime[name].mac.map_or_else(|| "no MAC yet".to_owned(), format_mac),
                     b.weight,
                     l.health[name].check
                 );
@@ -730,6 +817,11 @@ impl Controller {
         let _ = write!(line, "pass {} drop {}", sum("pass"), sum("drop"));
         line
     }
+}
+
+/// The name holding `id`.
+fn name_of(ids: &BTreeMap<String, u32>, id: u32) -> Option<String> {
+    ids.iter().find(|(_, v)| **v == id).map(|(k, _)| k.clone())
 }
 
 /// Refuses a listener whose VIP is an address of the balancer's interface: frames to it for the
@@ -809,6 +901,8 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     let mut print = tokio::time::interval(stats_every.unwrap_or(Duration::from_hours(1)));
     let mut macs = tokio::time::interval(MAC_REFRESH);
     let mut next_sweep = Instant::now() + c.sweep_every();
+    // Backends without a MAC are looked for more often: an ARP reply takes milliseconds.
+    let mut resolve = tokio::time::interval(Duration::from_millis(200));
     let tty = std::io::stdout().is_terminal();
     loop {
         tokio::select! {
@@ -828,9 +922,11 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
                     c.sweep();
                     next_sweep = Instant::now() + c.sweep_every();
                 }
+                c.apply_if_down_changed();
             }
             Some(removed) = swept.recv() => c.swept(removed),
             _ = macs.tick() => c.refresh_macs(),
+            _ = resolve.tick(), if c.unresolved() => c.refresh_macs(),
             _ = print.tick(), if stats_every.is_some() => {
                 let line = c.stats_line();
                 if tty { show(&format!("\r\x1b[K{line}")); } else { show(&format!("{line}\n")); }
@@ -849,12 +945,13 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
         task.abort();
     }
     let stop = c.stopping.then(|| c.opts.pin_dir.clone());
-    c.save();
+    if let Err(e) = c.save() {
+        tracing::error!(error = %format!("{e:#}"), "saving the controller state failed");
+    }
     // Our handles close here; the pins keep the attachment unless this is `dsrlb stop`.
     drop(c);
     if let Some(dir) = stop {
         dataplane::unpin_all(&dir)?;
-        let _ = std::fs::remove_file(control::state_path(&socket));
     }
     Ok(())
 }

@@ -48,6 +48,11 @@ pub struct Desired {
     pub src_mac: [u8; 6],
     /// Further destination MACs it forwards frames for (`accept_macs`).
     pub accept_macs: Vec<[u8; 6]>,
+    /// Backend and listener ids given to a name since the last apply: flows still pinned to
+    /// their reals (from whoever held the id before) are deleted and their counters start from
+    /// zero before anything is written for them.
+    pub fresh_backends: BTreeSet<u32>,
+    pub fresh_listeners: BTreeSet<u32>,
 }
 
 /// Storm control as `CONN_RATE` holds it (`lb_common::ConnRate`).
@@ -73,6 +78,9 @@ pub struct DesiredListener {
     pub conn_rate: Option<ConnRateWanted>,
     /// Idle age units from which the listener's flows are over (`flow_idle_timeout`).
     pub idle_expire: u32,
+    /// Every backend is marked down and the listener fails open (`all_down = "forward"`): the
+    /// ring spreads new flows over all of them. Written nowhere; for status and logs.
+    pub fail_open: bool,
 }
 
 /// A backend as one listener uses it.
@@ -82,6 +90,15 @@ pub struct DesiredReal {
     pub dst_mac: [u8; 6],
     /// Failed this listener's checks: flows pinned to it are re-picked.
     pub down: bool,
+}
+
+/// Ids the maps hold, as far as they can be recognised without names.
+#[derive(Clone, Debug, Default)]
+pub struct MapIds {
+    /// Listener id by (VIP, port).
+    pub listeners: BTreeMap<(Ipv4Addr, u16), u32>,
+    /// Backend id by the MAC its reals were written with.
+    pub backends: BTreeMap<[u8; 6], u32>,
 }
 
 /// What one [`Dataplane::apply`] wrote.
@@ -150,7 +167,7 @@ impl Stats {
 }
 
 /// Every pinned map of the object, in the order they are pinned and unpinned.
-pub const MAP_NAMES: [&str; 13] = [
+pub const MAP_NAMES: [&str; 14] = [
     names::LISTENERS,
     names::LISTEN_PORTS,
     names::VIPS,
@@ -158,6 +175,7 @@ pub const MAP_NAMES: [&str; 13] = [
     names::RINGS,
     names::FLOWS,
     names::LAYOUT,
+    names::CONTROL,
     names::NODE,
     names::CONN_RATE,
     names::VERDICT_STATS,
@@ -200,6 +218,8 @@ pub struct Dataplane {
     listeners: Mapped,
     ports: Mapped,
     node: Mapped,
+    /// `CONTROL`, mapped: the controller's state, kept with the pins.
+    control: Mapped,
     /// 10^9 / the kernel's HZ: the program's clock is jiffies times this (`NodeInfo`).
     ns_per_jiffy: u32,
     /// Shared with the controller's expiry sweep, which walks it off the event loop.
@@ -272,6 +292,7 @@ impl Dataplane {
             _ => bail!("map {name} is missing or not an array"),
         };
         let (listeners, ports, node) = (mapped(names::LISTENERS)?, mapped(names::LISTEN_PORTS)?, mapped(names::NODE)?);
+        let control = mapped(names::CONTROL)?;
         let flows = Arc::new(FlowTable::new(mapped(names::FLOWS)?, flow_seed(&mut ebpf)?));
         let ns_per_jiffy = if let Some(&n) = NS_PER_JIFFY.get() {
             n
@@ -284,6 +305,7 @@ impl Dataplane {
             listeners,
             ports,
             node,
+            control,
             ns_per_jiffy,
             flows,
             ring_size: opts.ring_size,
@@ -505,6 +527,20 @@ impl Dataplane {
 
         let mut report = ApplyReport::default();
 
+        // Ids given to new names: whatever the maps still hold for their reals belongs to a
+        // name that is gone. Delete its flows (they would move to the newcomer) and zero its
+        // counters before the newcomer's reals are written.
+        if !want.fresh_backends.is_empty() || !want.fresh_listeners.is_empty() {
+            let fresh =
+                |real: u32| want.fresh_backends.contains(&real_backend(real)) || want.fresh_listeners.contains(&real_listener(real));
+            report.flows_purged += self.flows.remove_where(|f| fresh(f.real()));
+            let stale: Vec<u32> = (0..REAL_SLOTS).filter(|&r| fresh(r)).collect();
+            self.zero_counters(&stale, &want.fresh_listeners)?;
+            for r in &stale {
+                self.written.reals.remove(r);
+            }
+        }
+
         // 0. The node's clock, MACs and the flows' expiry, before any listener can match.
         let mut node = NodeInfo { ns_per_jiffy: self.ns_per_jiffy, ..NodeInfo::default() };
         for (word, mac) in node.macs.iter_mut().zip(std::iter::once(&want.src_mac).chain(&want.accept_macs)) {
@@ -633,6 +669,84 @@ impl Dataplane {
             self.write_ports();
         }
         Ok(report)
+    }
+
+    /// Zeroes the per-CPU counters of `reals` and of `listeners`.
+    fn zero_counters(&mut self, reals: &[u32], listeners: &BTreeSet<u32>) -> anyhow::Result<()> {
+        use aya::maps::PerCpuValues;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        {
+            let mut map: PerCpuArray<&mut MapData, Counters> = map_mut(&mut self.ebpf, names::REAL_STATS)?;
+            for &r in reals.iter().filter(|r| self.counted.contains(r)) {
+                let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])?;
+                map.set(r, zero, 0).with_context(|| format!("zeroing the counters of real {r}"))?;
+            }
+        }
+        for r in reals {
+            self.counted.remove(r);
+        }
+        let mut map: PerCpuArray<&mut MapData, ListenerCounters> = map_mut(&mut self.ebpf, names::LISTENER_STATS)?;
+        for &l in listeners {
+            let zero = PerCpuValues::try_from(vec![ListenerCounters::default(); cpus])?;
+            map.set(l, zero, 0).with_context(|| format!("zeroing the counters of listener {l}"))?;
+        }
+        Ok(())
+    }
+
+    /// The controller state last saved with [`Self::save_control`] (the valid `CONTROL` entry
+    /// with the highest generation), if any.
+    #[must_use]
+    pub fn load_control(&self) -> Option<Vec<u8>> {
+        (0..2u32)
+            .filter_map(|slot| {
+                let generation = self.control.load(slot, 0);
+                let (checksum, len) = (self.control.load(slot, 1), usize::try_from(self.control.load(slot, 2)).ok()?);
+                if generation == 0 || len > lb_common::CONTROL_STATE_BYTES {
+                    return None;
+                }
+                let bytes: Vec<u8> = (0..len.div_ceil(8)).flat_map(|w| self.control.load(slot, 3 + w).to_le_bytes()).take(len).collect();
+                (lb_common::control_checksum(&bytes) == checksum).then_some((generation, bytes))
+            })
+            .max_by_key(|(generation, _)| *generation)
+            .map(|(_, bytes)| bytes)
+    }
+
+    /// Saves the controller state in the `CONTROL` entry not holding the newest one, and
+    /// publishes it by writing its generation last.
+    ///
+    /// # Errors
+    /// When `bytes` does not fit.
+    pub fn save_control(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        ensure!(bytes.len() <= lb_common::CONTROL_STATE_BYTES, "the controller state ({} bytes) does not fit CONTROL", bytes.len());
+        let newest = (0..2u32).max_by_key(|&slot| self.control.load(slot, 0)).unwrap_or(0);
+        let (slot, generation) = (1 - newest, self.control.load(newest, 0) + 1);
+        self.control.store(slot, 0, 0);
+        for (w, chunk) in bytes.chunks(8).enumerate() {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.control.store(slot, 3 + w, u64::from_le_bytes(word));
+        }
+        self.control.store(slot, 1, lb_common::control_checksum(bytes));
+        self.control.store(slot, 2, bytes.len() as u64);
+        self.control.store(slot, 0, generation);
+        Ok(())
+    }
+
+    /// Listener ids as the maps hold them, by (VIP, port); and backend ids by the MAC of any of
+    /// their reals: what a controller without its saved state can recognise.
+    #[must_use]
+    pub fn ids_in_maps(&self) -> MapIds {
+        let listeners =
+            self.written.listeners.iter().map(|(&id, l)| ((Ipv4Addr::from(l.vip_be.to_ne_bytes()), u16::from_be(l.port_be)), id)).collect();
+        let backends = self.written.reals.iter().map(|(&r, info)| (info.dst_mac, real_backend(r))).collect();
+        MapIds { listeners, backends }
+    }
+
+    /// The MAC each backend id's reals were last written with (for adoption: a broker that is
+    /// off when the controller restarts keeps the MAC it had).
+    #[must_use]
+    pub fn backend_macs(&self) -> BTreeMap<u32, [u8; 6]> {
+        self.written.reals.iter().map(|(&r, info)| (real_backend(r), info.dst_mac)).collect()
     }
 
     /// `NODE` as it is.

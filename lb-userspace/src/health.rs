@@ -33,6 +33,9 @@ pub enum State {
     Down,
     /// Answers on its real address, not through the VIP: no traffic.
     VipMisconfigured,
+    /// Answers MQTT with CONNACK 3 ("server unavailable"): alive, serving the sessions it has,
+    /// refusing new ones. No new flows; its flows stay.
+    Refusing,
 }
 
 impl State {
@@ -42,6 +45,7 @@ impl State {
             Self::Up => "up",
             Self::Down => "down",
             Self::VipMisconfigured => "vip-misconfigured",
+            Self::Refusing => "refusing",
         }
     }
 }
@@ -55,6 +59,8 @@ pub enum Outcome {
     Down(String),
     /// The real address passed, the VIP did not.
     VipMisconfigured(String),
+    /// The broker answered CONNACK 3: it refuses clients.
+    Refusing(String),
 }
 
 /// The state machine of one pair (HAProxy's: `fall` consecutive failures take an up server
@@ -67,6 +73,8 @@ pub struct PairHealth {
     /// The last probe's result, for status.
     pub last: String,
     pub failures_total: u64,
+    /// When the pair last left `Up` (for `on_down_grace`); `None` while up.
+    pub out_since: Option<std::time::Instant>,
 }
 
 impl PairHealth {
@@ -79,7 +87,8 @@ impl PairHealth {
         } else {
             (State::Up, "not probed yet".to_owned())
         };
-        Self { state, ok_streak: 0, fail_streak: 0, last, failures_total: 0 }
+        let out_since = (state != State::Up).then(std::time::Instant::now);
+        Self { state, ok_streak: 0, fail_streak: 0, last, failures_total: 0, out_since }
     }
 
     /// Restores a state saved by a previous controller: out-of-service pairs need `rise`
@@ -88,6 +97,7 @@ impl PairHealth {
         if state != State::Up {
             self.state = state;
             self.ok_streak = 0;
+            self.out_since = Some(std::time::Instant::now());
             "restored from the previous controller".clone_into(&mut self.last);
         }
     }
@@ -104,17 +114,26 @@ impl PairHealth {
                     self.state = State::Up;
                 }
             }
-            Outcome::Down(why) | Outcome::VipMisconfigured(why) => {
+            Outcome::Down(why) | Outcome::VipMisconfigured(why) | Outcome::Refusing(why) => {
                 self.last.clone_from(why);
                 self.failures_total += 1;
                 self.ok_streak = 0;
                 self.fail_streak = self.fail_streak.saturating_add(1);
-                let failed = if matches!(outcome, Outcome::Down(_)) { State::Down } else { State::VipMisconfigured };
+                let failed = match outcome {
+                    Outcome::Down(_) => State::Down,
+                    Outcome::VipMisconfigured(_) => State::VipMisconfigured,
+                    _ => State::Refusing,
+                };
                 // Already out of service: only the kind of failure may change.
                 if self.state != State::Up || self.fail_streak >= fall {
                     self.state = failed;
                 }
             }
+        }
+        if self.state == State::Up {
+            self.out_since = None;
+        } else if before == State::Up {
+            self.out_since = Some(std::time::Instant::now());
         }
         (self.state != before).then_some(self.state)
     }
@@ -189,14 +208,36 @@ pub async fn run(t: Target, tx: mpsc::Sender<Report>) {
 pub async fn round(t: &Target) -> Outcome {
     let real = match probe(t, t.real, None, "r").await {
         Ok(detail) => detail,
-        Err(e) => return Outcome::Down(format!("{}: {e}", t.real)),
+        Err(Failure::Refusing(detail)) => return Outcome::Refusing(format!("{}: {detail}", t.real)),
+        Err(Failure::Broken(e)) => return Outcome::Down(format!("{}: {e}", t.real)),
     };
     if !t.health.vip_check {
         return Outcome::Pass(real);
     }
     match probe(t, t.vip, Some(t.mark), "v").await {
         Ok(_) => Outcome::Pass(format!("{real}; VIP ok")),
-        Err(e) => Outcome::VipMisconfigured(format!("{} answers, {} via DSR does not: {e}", t.real, t.vip)),
+        Err(Failure::Refusing(detail)) => Outcome::Refusing(format!("{} via DSR: {detail}", t.vip)),
+        Err(Failure::Broken(e)) => Outcome::VipMisconfigured(format!("{} answers, {} via DSR does not: {e}", t.real, t.vip)),
+    }
+}
+
+/// Why a probe did not pass.
+enum Failure {
+    /// No (usable) answer.
+    Broken(String),
+    /// An MQTT broker that answered CONNACK 3: alive, refusing clients.
+    Refusing(String),
+}
+
+impl From<String> for Failure {
+    fn from(s: String) -> Self {
+        Self::Broken(s)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(s: &str) -> Self {
+        Self::Broken(s.to_owned())
     }
 }
 
@@ -211,7 +252,7 @@ async fn connect(addr: SocketAddrV4, mark: Option<u32>) -> std::io::Result<TcpSt
     sock.connect(SocketAddr::V4(addr)).await
 }
 
-async fn probe(t: &Target, addr: SocketAddrV4, mark: Option<u32>, suffix: &str) -> Result<String, String> {
+async fn probe(t: &Target, addr: SocketAddrV4, mark: Option<u32>, suffix: &str) -> Result<String, Failure> {
     let h = &t.health;
     let work = async {
         let stream = connect(addr, mark).await.map_err(|e| format!("connect: {e}"))?;
@@ -233,12 +274,15 @@ async fn probe(t: &Target, addr: SocketAddrV4, mark: Option<u32>, suffix: &str) 
     };
     match tokio::time::timeout(h.timeout, work).await {
         Ok(r) => r,
-        Err(_) => Err(format!("no answer within {:?}", h.timeout)),
+        Err(_) => Err(Failure::Broken(format!("no answer within {:?}", h.timeout))),
     }
 }
 
-/// CONNECT, CONNACK, DISCONNECT. Any CONNACK means alive; code 0 means ready.
-async fn mqtt_exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, client_id: &str, h: &Health) -> Result<String, String> {
+/// CONNECT, CONNACK, DISCONNECT. CONNACK 0 passes; 3 ("server unavailable") is a broker that
+/// refuses clients; 4 and 5 mean the check's own credentials are refused, so the broker is
+/// alive and passes, with a warning in its detail; 1 and 2 (a protocol version or client id it
+/// does not take) pass as alive.
+async fn mqtt_exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, client_id: &str, h: &Health) -> Result<String, Failure> {
     let connect = mqtt::connect(client_id, 10, h.username.as_deref(), h.password.as_deref());
     s.write_all(&connect).await.map_err(|e| format!("sending CONNECT: {e}"))?;
     let mut ack = [0u8; 4];
@@ -246,7 +290,26 @@ async fn mqtt_exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, client_id: &
     let code = mqtt::connack_code(ack).map_err(|e| e.to_string())?;
     let _ = s.write_all(&mqtt::DISCONNECT).await;
     let _ = s.shutdown().await;
-    Ok(if code == 0 { "CONNACK 0 (ready)".to_owned() } else { format!("CONNACK {code} (alive, not ready)") })
+    connack_verdict(code)
+}
+
+/// What a CONNACK code says about the broker (see [`mqtt_exchange`]).
+fn connack_verdict(code: u8) -> Result<String, Failure> {
+    match code {
+        0 => Ok("CONNACK 0 (ready)".to_owned()),
+        3 => Err(Failure::Refusing("CONNACK 3 (server unavailable): the broker refuses new clients".to_owned())),
+        4 | 5 => Ok(format!(
+            "CONNACK {code} ({}): the check's credentials are refused (health username/password); the broker is alive",
+            if code == 4 { "bad user name or password" } else { "not authorized" }
+        )),
+        _ => Ok(format!("CONNACK {code} (alive, refuses this check's CONNECT)")),
+    }
+}
+
+/// Whether a passing probe's detail carries a warning for the operator (refused credentials).
+#[must_use]
+pub fn warns(detail: &str) -> bool {
+    detail.contains("credentials are refused")
 }
 
 #[cfg(test)]
@@ -280,6 +343,25 @@ mod tests {
         assert_eq!(p.observe(&vip, 2, 2), None);
         assert_eq!(p.observe(&vip, 2, 2), Some(State::VipMisconfigured));
         assert_eq!(p.observe(&Outcome::Down("gone".into()), 2, 2), Some(State::Down));
+    }
+
+    #[test]
+    fn connack_codes_say_what_the_broker_does() {
+        assert!(matches!(connack_verdict(0), Ok(d) if d == "CONNACK 0 (ready)"));
+        assert!(matches!(connack_verdict(3), Err(Failure::Refusing(_))), "code 3: refusing clients, no new flows");
+        for code in [4, 5] {
+            let d = connack_verdict(code).unwrap_or_else(|_| panic!("code {code} passes: the broker is alive"));
+            assert!(warns(&d), "code {code} warns: {d}");
+        }
+        assert!(matches!(connack_verdict(2), Ok(d) if !warns(&d)));
+        let mut p = PairHealth::new(&h(false));
+        let refusing = Outcome::Refusing("CONNACK 3".into());
+        assert_eq!(p.observe(&refusing, 2, 2), None);
+        assert_eq!(p.observe(&refusing, 2, 2), Some(State::Refusing));
+        assert!(p.out_since.is_some());
+        assert_eq!(p.observe(&Outcome::Pass("ok".into()), 2, 2), None);
+        assert_eq!(p.observe(&Outcome::Pass("ok".into()), 2, 2), Some(State::Up));
+        assert!(p.out_since.is_none());
     }
 
     #[test]

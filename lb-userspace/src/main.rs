@@ -165,6 +165,9 @@ fn status_table(v: &Value) -> String {
             l["new_flows"],
             l["flow_idle_timeout"].as_str().unwrap_or("")
         );
+        if l["fail_open"].as_bool() == Some(true) {
+            let _ = writeln!(out, "  FAILING OPEN: every backend is marked down; new flows go to all of them (all_down = \"forward\")");
+        }
         if let Some(rate) = l["max_conn_rate"].as_u64() {
             let _ = writeln!(out, "  max_conn_rate {rate}/s (burst {}): {} SYNs dropped", l["max_conn_burst"], l["conn_rate_dropped"]);
         }
@@ -180,6 +183,9 @@ fn status_table(v: &Value) -> String {
             let mut state = b["state"].as_str().unwrap_or("?").to_owned();
             if b["drained"].as_bool() == Some(true) {
                 state += ",drained";
+            }
+            if b["resetting_flows"].as_bool() == Some(true) {
+                state += ",reset";
             }
             let _ = writeln!(
                 out,
@@ -256,7 +262,6 @@ fn stop(socket: &std::path::Path, pin_dir: &std::path::Path) -> anyhow::Result<(
         Ok(resp) => anyhow::bail!("{}", resp.error.unwrap_or_default()),
         Err(e) if e.to_string().starts_with("no controller is running") => {
             dataplane::unpin_all(pin_dir)?;
-            let _ = std::fs::remove_file(control::state_path(socket));
             println!("no controller was running; removed the pins in {}", pin_dir.display());
         }
         Err(e) => return Err(e),

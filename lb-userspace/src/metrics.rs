@@ -44,6 +44,8 @@ pub struct Snapshot {
     pub guards: Vec<(String, u64, u64)>,
     /// (event, count): flow table inserts by outcome, and flows expired.
     pub table_events: Vec<(String, u64)>,
+    /// (listener, every backend down and the listener failing open).
+    pub fail_open: Vec<(String, bool)>,
     pub flow_table_entries: u64,
 }
 
@@ -132,6 +134,13 @@ impl Collector for Snapshot {
                 ConstCounter::new(*n).encode(m.encode_family(&vec![("event", event.clone())])?)?;
             }
         }
+        {
+            let help = "1 when every backend of the listener is marked down and new flows go to all of them (all_down = \"forward\")";
+            let mut m = e.encode_descriptor("dsrlb_listener_fail_open", help, None, MetricType::Gauge)?;
+            for (l, open) in &self.fail_open {
+                ConstGauge::new(i64::from(*open)).encode(m.encode_family(&vec![("listener", l.clone())])?)?;
+            }
+        }
         let m = e.encode_descriptor("dsrlb_flow_table_entries", "Live entries in the flow table", None, MetricType::Gauge)?;
         ConstGauge::new(i64::try_from(self.flow_table_entries).unwrap_or(i64::MAX)).encode(m)?;
         Ok(())
@@ -198,6 +207,7 @@ mod tests {
             verdicts: vec![("tx".into(), "forwarded".into(), 7)],
             guards: vec![("mqtt".into(), 3, 2)],
             table_events: vec![("refused".into(), 5)],
+            fail_open: vec![("mqtt".into(), true)],
             flow_table_entries: 1,
         };
         let text = render(s).expect("render");
@@ -211,6 +221,7 @@ mod tests {
             "dsrlb_listener_conn_rate_dropped_total{listener=\"mqtt\"} 3",
             "dsrlb_listener_icmp_too_big_total{listener=\"mqtt\"} 2",
             "dsrlb_flow_table_events_total{event=\"refused\"} 5",
+            "dsrlb_listener_fail_open{listener=\"mqtt\"} 1",
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }

@@ -1,11 +1,8 @@
 //! Backend MAC resolution from the kernel's IPv4 neighbour table (`/proc/net/arp`).
 
-use std::{
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
-    time::{Duration, Instant},
-};
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 const ARP_TABLE: &str = "/proc/thread-self/net/arp";
 
@@ -36,33 +33,14 @@ fn parse_table(text: &str, addr: Ipv4Addr, interface: &str) -> Option<[u8; 6]> {
     })
 }
 
-/// Resolves `addr` on `interface`: the table first; on a miss, a UDP datagram to the discard
-/// port makes the kernel send an ARP request, and the table is polled until `wait` runs out.
-///
-/// # Errors
-/// When the address does not resolve in time; the message says what to check.
-pub fn resolve(addr: Ipv4Addr, interface: &str, wait: Duration) -> anyhow::Result<[u8; 6]> {
-    if let Some(mac) = lookup(addr, interface)? {
-        return Ok(mac);
+/// Makes the kernel resolve `addr` (send an ARP request, if it has no entry): a UDP datagram to
+/// the discard port. Does not wait; errors (no route, say) show up as the address staying
+/// unresolved.
+pub fn solicit(addr: Ipv4Addr) {
+    if let Ok(sock) = UdpSocket::bind("0.0.0.0:0") {
+        let _ = sock.set_nonblocking(true);
+        let _ = sock.send_to(&[0], SocketAddrV4::new(addr, 9));
     }
-    let deadline = Instant::now() + wait;
-    let sock = UdpSocket::bind("0.0.0.0:0").context("opening a UDP socket to trigger ARP")?;
-    let mut attempt = 0u32;
-    while Instant::now() < deadline {
-        if attempt.is_multiple_of(10) {
-            // Errors here (no route, say) show up as the timeout below, with the hint.
-            let _ = sock.send_to(&[0], SocketAddrV4::new(addr, 9));
-        }
-        attempt += 1;
-        std::thread::sleep(Duration::from_millis(50));
-        if let Some(mac) = lookup(addr, interface)? {
-            return Ok(mac);
-        }
-    }
-    bail!(
-        "no MAC for {addr} on {interface} after {wait:?}: is {addr} on the same segment as {interface}? \
-         Set `mac = \"..\"` for the backend, or add a neighbour entry (ip neigh replace {addr} lladdr MAC dev {interface})"
-    )
 }
 
 #[cfg(test)]

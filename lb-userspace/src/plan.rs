@@ -7,7 +7,7 @@ use anyhow::{Context as _, bail};
 use lb_common::{MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND, age_units};
 
 use crate::{
-    config::{Config, HashMode},
+    config::{AllDown, Config, HashMode},
     dataplane::{ConnRateWanted, Desired, DesiredListener, DesiredReal},
     maglev,
 };
@@ -20,46 +20,79 @@ pub struct Ids {
     pub backends: BTreeMap<String, u32>,
 }
 
-fn assign<'a>(ids: &mut BTreeMap<String, u32>, names: impl Iterator<Item = &'a str>, max: u32) -> anyhow::Result<()> {
+/// Keeps the ids of `names` that have one, forgets the rest, and gives the new names the
+/// lowest ids free. An id freed by this same call is given out only when no other is free (its
+/// flows are deleted before it is used again either way: see [`Fresh`]). Returns the ids given.
+fn assign<'a>(ids: &mut BTreeMap<String, u32>, names: impl Iterator<Item = &'a str>, max: u32) -> anyhow::Result<BTreeSet<u32>> {
     let wanted: BTreeSet<&str> = names.collect();
+    let freed: BTreeSet<u32> = ids.iter().filter(|(name, _)| !wanted.contains(name.as_str())).map(|(_, &id)| id).collect();
     ids.retain(|name, _| wanted.contains(name.as_str()));
+    let mut given = BTreeSet::new();
     for name in wanted {
         if ids.contains_key(name) {
             continue;
         }
         let used: BTreeSet<u32> = ids.values().copied().collect();
-        let Some(free) = (0..max).find(|i| !used.contains(i)) else {
+        let free = |avoid: &BTreeSet<u32>| (0..max).find(|i| !used.contains(i) && !avoid.contains(i));
+        let Some(id) = free(&freed).or_else(|| free(&BTreeSet::new())) else {
             bail!("no free id left for {name} (at most {max})");
         };
-        ids.insert(name.to_owned(), free);
+        ids.insert(name.to_owned(), id);
+        given.insert(id);
     }
-    Ok(())
+    Ok(given)
+}
+
+/// Ids an [`Ids::update`] gave to names that had none.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fresh {
+    pub listeners: BTreeSet<u32>,
+    pub backends: BTreeSet<u32>,
 }
 
 impl Ids {
     /// Keeps the ids of names still in `config`, gives new names the lowest free ids, forgets
-    /// the rest.
+    /// the rest; returns the ids given.
     ///
     /// # Errors
     /// When more names exist than ids (the config validator prevents that).
-    pub fn update(&mut self, config: &Config) -> anyhow::Result<()> {
-        assign(&mut self.listeners, config.listeners.iter().map(|l| l.name.as_str()), MAX_LISTENERS)?;
-        assign(&mut self.backends, config.backends.iter().map(|b| b.name.as_str()), MAX_BACKENDS)?;
-        Ok(())
+    pub fn update(&mut self, config: &Config) -> anyhow::Result<Fresh> {
+        Ok(Fresh {
+            listeners: assign(&mut self.listeners, config.listeners.iter().map(|l| l.name.as_str()), MAX_LISTENERS)?,
+            backends: assign(&mut self.backends, config.backends.iter().map(|b| b.name.as_str()), MAX_BACKENDS)?,
+        })
     }
 }
 
 /// Per-backend facts that are not in the config file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendRuntime {
-    pub mac: [u8; 6],
+    /// `None` until resolved (a broker powered off when the controller started): out of every
+    /// ring until it answers.
+    pub mac: Option<[u8; 6]>,
     /// Drained from the CLI: out of every ring, its flows stay.
     pub drained: bool,
 }
 
-/// (listener name, backend name) pairs whose checks failed: out of that listener's ring, and
-/// flows pinned to them move.
-pub type DownSet = BTreeSet<(String, String)>;
+/// How a (listener, backend) pair whose checks failed is treated: out of that listener's ring
+/// (no new flows); with `reset`, the flows pinned to it are re-picked too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Out {
+    pub reset: bool,
+}
+
+/// A backend of a listener as the plan weighs it.
+struct Candidate<'a> {
+    name: &'a str,
+    backend: u32,
+    /// Its weight, 0 when drained.
+    weight: u32,
+    mac: [u8; 6],
+    out: Option<Out>,
+}
+
+/// (listener name, backend name) pairs whose checks failed, and how each is treated.
+pub type DownSet = BTreeMap<(String, String), Out>;
 
 /// Builds the desired map content. `runtime` must hold every backend of `config`; `src_mac` is
 /// the balancer interface's MAC.
@@ -76,16 +109,28 @@ pub fn desired(
     let mut listeners = Vec::with_capacity(config.listeners.len());
     for l in &config.listeners {
         let id = *ids.listeners.get(&l.name).with_context(|| format!("listener {}: no id", l.name))?;
-        let mut members: Vec<(&str, u32)> = Vec::with_capacity(l.backends.len());
-        let mut reals = Vec::with_capacity(l.backends.len());
+        // Backends that can take flows at all: resolved, not drained, a weight above zero.
+        let mut candidates: Vec<Candidate> = Vec::with_capacity(l.backends.len());
         for name in &l.backends {
             let b = config.backend(name).with_context(|| format!("listener {}: no backend {name}", l.name))?;
-            let rt = runtime.get(name).with_context(|| format!("backend {name}: MAC not resolved"))?;
+            let rt = runtime.get(name).with_context(|| format!("backend {name}: no runtime facts"))?;
             let backend = *ids.backends.get(name).with_context(|| format!("backend {name}: no id"))?;
-            let is_down = down.contains(&(l.name.clone(), name.clone()));
-            let weight = if is_down || rt.drained { 0 } else { b.weight };
-            members.push((name.as_str(), weight));
-            reals.push(DesiredReal { backend, dst_mac: rt.mac, down: is_down });
+            let Some(mac) = rt.mac else { continue };
+            let weight = if rt.drained { 0 } else { b.weight };
+            candidates.push(Candidate { name, backend, weight, mac, out: down.get(&(l.name.clone(), name.clone())).copied() });
+        }
+        // Fail open: every backend that could serve is marked down. With `all_down = "forward"`
+        // the checks are as likely to be what failed (a probe route, a firewall): spread new
+        // flows over all of them, and reset nothing.
+        let fail_open = l.failure.all_down == AllDown::Forward
+            && candidates.iter().any(|c| c.weight > 0)
+            && candidates.iter().filter(|c| c.weight > 0).all(|c| c.out.is_some());
+        let mut members: Vec<(&str, u32)> = Vec::with_capacity(candidates.len());
+        let mut reals = Vec::with_capacity(candidates.len());
+        for c in &candidates {
+            let out = if fail_open { None } else { c.out };
+            members.push((c.name, if out.is_some() { 0 } else { c.weight }));
+            reals.push(DesiredReal { backend: c.backend, dst_mac: c.mac, down: out.is_some_and(|o| o.reset) });
         }
         let table = maglev::build(&members, config.ring_size);
         let ring =
@@ -103,9 +148,10 @@ pub fn desired(
             reals,
             conn_rate,
             idle_expire: expire_units(l.flow_idle_timeout),
+            fail_open,
         });
     }
-    Ok(Desired { listeners, src_mac, accept_macs: config.accept_macs.clone() })
+    Ok(Desired { listeners, src_mac, accept_macs: config.accept_macs.clone(), ..Desired::default() })
 }
 
 /// The idle age units from which a flow is over after `timeout`: an age only says which unit

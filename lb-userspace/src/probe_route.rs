@@ -102,6 +102,12 @@ impl ProbeRoutes {
         }
     }
 
+    /// Removes everything installed, so the next [`Self::sync`] installs every rule and route
+    /// again (whatever happened to them meanwhile).
+    pub fn forget(&mut self) {
+        self.clear();
+    }
+
     /// Removes everything installed.
     pub fn clear(&mut self) {
         let all: Vec<u32> = self.installed.keys().copied().collect();

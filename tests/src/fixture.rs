@@ -10,7 +10,7 @@ use lb_common::{flow_hash, ring_slot, source_hash};
 use lb_userspace::{
     config::{self, Config},
     dataplane::{Dataplane, Desired, LoadOptions},
-    plan::{self, BackendRuntime, DownSet, Ids},
+    plan::{self, BackendRuntime, DownSet, Ids, Out},
 };
 
 use crate::frame::{Ipv4Frame, LB_MAC, TCP_SYN};
@@ -92,6 +92,11 @@ impl Lb {
         config::parse(text, "fixture.toml").expect("fixture config is valid")
     }
 
+    /// Backend `name`'s MAC.
+    pub fn mac(&self, name: &str) -> [u8; 6] {
+        self.runtime[name].mac.expect("fixture MACs are set")
+    }
+
     /// The name of the backend with id `id`.
     pub fn backend_name(&self, id: u32) -> String {
         self.ids.backends.iter().find(|(_, v)| **v == id).map(|(k, _)| k.clone()).expect("a known backend id")
@@ -101,7 +106,9 @@ impl Lb {
     pub fn apply(&mut self) {
         self.ids.update(&self.config).expect("ids");
         for b in &self.config.backends {
-            self.runtime.entry(b.name.clone()).or_insert(BackendRuntime { mac: b.mac.expect("fixture MACs are set"), drained: false });
+            self.runtime
+                .entry(b.name.clone())
+                .or_insert(BackendRuntime { mac: Some(b.mac.expect("fixture MACs are set")), drained: false });
         }
         self.runtime.retain(|name, _| self.config.backend(name).is_some());
         self.desired = plan::desired(&self.config, &self.ids, &self.runtime, &self.down, self.src_mac).expect("plan");
@@ -113,12 +120,13 @@ impl Lb {
         self.apply();
     }
 
-    /// Marks `name` down (or up) on every listener, as failed checks would.
+    /// Marks `name` down (or up) on every listener, as failed checks would, its flows re-picked
+    /// (`on_down = "reset"` after its grace).
     pub fn set_down(&mut self, name: &str, down: bool) {
         for l in &self.config.listeners {
             let pair = (l.name.clone(), name.to_owned());
             if down {
-                self.down.insert(pair);
+                self.down.insert(pair, Out { reset: true });
             } else {
                 self.down.remove(&pair);
             }
@@ -138,7 +146,7 @@ impl Lb {
     /// The backend name whose MAC a forwarded frame carries.
     pub fn backend_of(&self, out: &[u8]) -> String {
         let dst: [u8; 6] = out[..6].try_into().expect("6 bytes");
-        self.runtime.iter().find(|(_, rt)| rt.mac == dst).map_or_else(|| panic!("unknown dst MAC {dst:02x?}"), |(n, _)| n.clone())
+        self.runtime.iter().find(|(_, rt)| rt.mac == Some(dst)).map_or_else(|| panic!("unknown dst MAC {dst:02x?}"), |(n, _)| n.clone())
     }
 
     /// What the ring of listener `index` says for this tuple (the controller's own view).

@@ -174,6 +174,8 @@ fn adding_a_broker_by_reload_breaks_no_session() {
     assert!(ok, "reload failed: {err}");
     assert!(out.contains("added [\"b3\"]"), "{out}");
     assert_eq!(assert_alive(&mut held, &at, &[0, 1]), 300, "sessions broke on reload");
+    // Its MAC is resolved and its checks pass without blocking the controller.
+    wait_state(&lb, "mqtt", "b3", "up", Duration::from_secs(10));
     let counts = fresh(&lab, "rl-new", 90);
     assert!(counts[2] > 10, "the added broker gets few new sessions: {counts:?}");
     assert_eq!(assert_alive(&mut held, &at, &[0, 1]), 300);
@@ -200,7 +202,8 @@ fn broker_without_the_vip_is_vip_misconfigured_and_gets_no_sessions() {
 fn clients_of_a_hung_broker_get_a_reset_instead_of_waiting() {
     require_root!();
     let lab = LabGuard::up(2);
-    let lb = Balancer::start(&lab, &lab.config(&health()));
+    // Reset at once (no grace): the operator prefers a fast failover to riding out false alarms.
+    let lb = Balancer::start(&lab, &lab.config(&health()).replace("xdp_mode", "on_down_grace = \"0s\"\nxdp_mode"));
     let mut held = hold_sessions(&lab, "hang", 40);
     let at = placement(&lab, held.iter().map(|(id, _)| id.clone()));
     // A hung broker: its process stops answering, its kernel keeps the connections open.
@@ -326,4 +329,105 @@ fn a_changed_backend_mac_is_applied_without_a_restart() {
     assert_eq!(lb.state("mqtt", "b1"), "up");
     // Sessions on b1 reach it at its new MAC.
     assert_eq!(assert_alive(&mut held, &at, &[0, 1]), 30);
+}
+
+#[test]
+fn a_false_alarm_shorter_than_the_grace_resets_no_session() {
+    require_root!();
+    let lab = LabGuard::up(2);
+    // The defaults: on_down = "reset" after on_down_grace = 20 s.
+    let lb = Balancer::start(&lab, &lab.config(&health()));
+    let mut held = hold_sessions(&lab, "alarm", 60);
+    let at = placement(&lab, held.iter().map(|(id, _)| id.clone()));
+    let on_b1 = at.values().filter(|b| **b == 0).count();
+    assert!(on_b1 > 5, "only {on_b1} sessions on b1");
+    // b1 stops answering for a few seconds (a GC pause, a CPU starved under load): its checks
+    // fail, it is marked down, and it comes back before the grace runs out.
+    let pid: i32 = std::fs::read_to_string(lab.state.join("b1/mosquitto.pid")).expect("pid").trim().parse().expect("pid");
+    // SAFETY: signals to the lab's own broker process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let marked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_state(&lb, "mqtt", "b1", "down", failover_window() + Duration::from_secs(1));
+        let s = lb.status();
+        let b1 = &s["listeners"][0]["backends"][0];
+        assert_eq!(b1["resetting_flows"], false, "flows reset inside the grace: {b1}");
+    }));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    marked.expect("b1 marked down without resetting its flows");
+    wait_state(&lb, "mqtt", "b1", "up", (INTER * (RISE + 1)).mul_f64(1.1) + Duration::from_secs(1));
+    // Every session of the paused broker is alive: nothing reset them.
+    assert_eq!(assert_alive(&mut held, &at, &[0, 1]), 60, "sessions were reset by a false alarm");
+}
+
+#[test]
+fn a_powered_off_broker_does_not_keep_the_balancer_from_starting() {
+    require_root!();
+    let lab = LabGuard::up(2);
+    let config = lab.config(&health());
+    let mut lb = Balancer::start(&lab, &config);
+    let mut held = hold_sessions(&lab, "off", 40);
+    let at = placement(&lab, held.iter().map(|(id, _)| id.clone()));
+    // b2 loses power: its link goes down and the balancer forgets its MAC.
+    let b2 = lab.broker_ns(1);
+    let b2_addr = tests::lab::broker_addr(1).to_string();
+    let ip = |args: &[&str]| assert!(Command::new("ip").args(args).status().expect("ip").success(), "ip {args:?}");
+    ip(&["-n", &b2, "link", "set", "eth0", "down"]);
+    let forget = || {
+        let _ = Command::new("ip").args(["-n", &lab.ns("lb"), "neigh", "del", &b2_addr, "dev", "eth0"]).status();
+    };
+    // The controller restarts (a reboot, an upgrade) while b2 is off: it adopts the pins, with
+    // b2's MAC as the maps hold it, and serves.
+    lb.kill9();
+    forget();
+    lb.restart(&lab);
+    wait_state(&lb, "mqtt", "b2", "down", failover_window() + Duration::from_secs(2));
+    assert_eq!(assert_alive(&mut held, &at, &[0]), at.values().filter(|b| **b == 0).count());
+    assert_eq!(fresh(&lab, "off-adopted", 30), vec![30, 0], "new sessions must go to b1");
+    // A fresh start (nothing pinned) while b2 is still off: b2 has no MAC at all. It starts as
+    // `no-mac`, out of every ring, and b1 serves.
+    lb.stop_for_good();
+    forget();
+    let lb = Balancer::start(&lab, &config);
+    assert_eq!(lb.state("mqtt", "b2"), "no-mac");
+    assert_eq!(fresh(&lab, "off-fresh", 30), vec![30, 0], "new sessions must go to b1");
+    // Power back: b2 answers ARP, joins its rings and takes new sessions.
+    ip(&["-n", &b2, "link", "set", "eth0", "up"]);
+    wait_state(&lb, "mqtt", "b2", "up", Duration::from_secs(15));
+    assert!(fresh(&lab, "off-back", 60)[1] > 10, "b2 takes no new sessions after it came back");
+}
+
+#[test]
+fn when_the_checks_themselves_break_the_listener_fails_open() {
+    require_root!();
+    let lab = LabGuard::up(2);
+    let lb = Balancer::start(&lab, &lab.config(&health()));
+    let mut held = hold_sessions(&lab, "open", 60);
+    let at = placement(&lab, held.iter().map(|(id, _)| id.clone()));
+    // The policy routing the DSR-path VIP probes need disappears (an operator's `ip rule flush`,
+    // say): every VIP probe fails and every backend looks vip-misconfigured.
+    let lb_ns = lab.ns("lb");
+    let rules = Command::new("ip").args(["-n", &lb_ns, "-4", "rule", "show"]).output().expect("ip rule");
+    for line in String::from_utf8_lossy(&rules.stdout).lines().filter(|l| l.starts_with("9130:")) {
+        let spec: Vec<&str> = line.split_whitespace().skip(1).collect();
+        let mut args = vec!["-n", lb_ns.as_str(), "-4", "rule", "del", "pref", "9130"];
+        args.extend(spec.iter().skip_while(|w| **w != "fwmark"));
+        assert!(Command::new("ip").args(&args).status().expect("ip").success(), "ip {args:?}");
+    }
+    for b in ["b1", "b2"] {
+        wait_state(&lb, "mqtt", b, "vip-misconfigured", failover_window() + Duration::from_secs(2));
+    }
+    let s = lb.status();
+    assert_eq!(s["listeners"][0]["fail_open"], true, "{s}");
+    // Failing open: the sessions are not reset, and new ones still reach both brokers.
+    assert_eq!(assert_alive(&mut held, &at, &[0, 1]), 60, "sessions were reset while failing open");
+    let counts = fresh(&lab, "open-new", 60);
+    assert!(counts.iter().all(|&n| n > 10), "new sessions did not reach both brokers while failing open: {counts:?}");
+    // A reload puts the probe routes back; the backends come up and the listener closes again.
+    let (ok, _, err) = lb.cli(&["reload"]);
+    assert!(ok, "{err}");
+    for b in ["b1", "b2"] {
+        wait_state(&lb, "mqtt", b, "up", (INTER * (RISE + 1)).mul_f64(1.1) + Duration::from_secs(2));
+    }
+    assert_eq!(lb.status()["listeners"][0]["fail_open"], false);
 }

@@ -66,7 +66,7 @@ fn only_frames_addressed_to_this_node_are_forwarded() {
         assert_eq!((got, moved), (*action, vec![*why as usize]), "{what}");
         if got == XDP_TX {
             let backend = lb.backend_of(&out);
-            assert_dsr_rewrite(&input, &out, lb.runtime[&backend].mac, what);
+            assert_dsr_rewrite(&input, &out, lb.mac(&backend), what);
         } else {
             assert_eq!(out, input, "{what}: passed untouched");
             assert!(lb.dp.flow(CLIENT, sport, VIP, 1883).is_none(), "{what}: a frame not for this node recorded a flow");
@@ -133,7 +133,7 @@ fn icmp_frag_needed_reaches_the_broker_of_the_flow_it_quotes() {
         let (action, out) = lb.run(&input);
         assert_eq!(action, XDP_TX, "port {p}");
         assert_eq!(lb.backend_of(&out), recorded, "port {p}: the ICMP went elsewhere than its flow");
-        assert_dsr_rewrite(&input, &out, lb.runtime[&recorded].mac, "frag-needed");
+        assert_dsr_rewrite(&input, &out, lb.mac(&recorded), "frag-needed");
     }
     assert!(moved_by_ring > 20, "only {moved_by_ring} flows differ from the new ring");
     // Counted as ICMP, not as the flows' packets; nothing in the table changed.

@@ -111,7 +111,7 @@ fn verdict_table() {
         expected[case.reason as usize] += 1;
         if action == XDP_TX {
             let name = lb.backend_of(&out);
-            let mac = lb.runtime[&name].mac;
+            let mac = lb.mac(&name);
             assert_dsr_rewrite(&case.input, &out, mac, case.what);
         } else {
             assert_eq!(out, case.input, "{}: passed or dropped frames are untouched", case.what);
@@ -317,12 +317,51 @@ fn no_usable_backend_drops_and_counts() {
     let (action, out) = lb.run(&syn(41002));
     assert_eq!(action, XDP_DROP);
     assert_eq!(out, syn(41002));
-    // Down: the existing flow is re-picked, finds nothing, and is dropped.
-    lb.set_backends(&[("b1", 11, 100)]);
+    // Down, with all_down = "drop": the existing flow is re-picked, finds nothing, and is dropped.
+    lb.config = Lb::parse(&Lb::config_text(&[("b1", 11, 100)]).replace("ring_size", "all_down = \"drop\"\nring_size"));
+    lb.apply();
     lb.set_down("b1", true);
     let (action, _) = lb.run(&Ipv4Frame::tcp(CLIENT, 41000, VIP, 1883, TCP_ACK).build());
     assert_eq!(action, XDP_DROP);
     assert_eq!(lb.dp.stats().expect("stats").verdict(reason::DROP_NO_BACKEND), 2);
+}
+
+#[test]
+fn every_backend_down_fails_open_and_keep_leaves_flows_where_they_are() {
+    require_root!();
+    let mut lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100)]);
+    let ports: Vec<u16> = (46000..46200).step_by(2).collect();
+    let before: Vec<String> = ports.iter().map(|&p| lb.backend_of(&lb.run(&syn(p)).1)).collect();
+    // Both marked down (a broken probe route marks every backend vip-misconfigured, say): by
+    // default the listener fails open. New flows still spread over both, established ones stay.
+    lb.set_down("b1", true);
+    lb.set_down("b2", true);
+    assert!(lb.desired.listeners.iter().all(|l| l.fail_open), "the listeners do not say they fail open");
+    for (p, b) in ports.iter().zip(&before) {
+        let (action, out) = lb.run(&Ipv4Frame::tcp(CLIENT, *p, VIP, 1883, TCP_ACK).build());
+        assert_eq!((action, &lb.backend_of(&out)), (XDP_TX, b), "port {p}: failing open moved or dropped an established flow");
+    }
+    let spread: BTreeSet<String> = (47000..47100).step_by(2).map(|p| lb.backend_of(&lb.run(&syn(p)).1)).collect();
+    assert_eq!(spread.len(), 2, "new flows did not go to both backends while failing open");
+    // One comes back: it takes every new flow; the other is out, its flows reset (re-picked).
+    lb.set_down("b2", false);
+    assert!(lb.desired.listeners.iter().all(|l| !l.fail_open));
+    for p in (48000..48100).step_by(2) {
+        assert_eq!(lb.backend_of(&lb.run(&syn(p)).1), "b2");
+    }
+    // With on_down = "keep", a down backend leaves the ring but keeps its flows.
+    let on_b1: Vec<u16> = ports.iter().zip(&before).filter(|(_, b)| *b == "b1").map(|(p, _)| *p).collect();
+    assert!(!on_b1.is_empty());
+    for l in &lb.config.listeners {
+        lb.down.insert((l.name.clone(), "b1".to_owned()), lb_userspace::plan::Out { reset: false });
+    }
+    lb.apply();
+    for p in &on_b1 {
+        assert_eq!(lb.backend_of(&lb.run(&Ipv4Frame::tcp(CLIENT, *p, VIP, 1883, TCP_ACK).build()).1), "b1", "port {p}: a kept flow moved");
+    }
+    for p in (49000..49100).step_by(2) {
+        assert_eq!(lb.backend_of(&lb.run(&syn(p)).1), "b2", "a new flow went to a backend marked down");
+    }
 }
 
 #[test]
@@ -436,11 +475,11 @@ fn flow_cache_serves_established_frames_revalidates_and_follows_every_change() {
     assert_eq!(lb.backend_of(&lb.run(&ack(1883)).1), first, "refills the cache");
     let cached = |lb: &Lb| lb.dp.cached_flow(CLIENT, 44000, VIP, 1883).expect("cache").len();
     assert_eq!(cached(&lb), 1, "one CPU has the flow cached");
-    lb.runtime.get_mut(&first).expect("runtime").mac = mac_of(0x77);
+    lb.runtime.get_mut(&first).expect("runtime").mac = Some(mac_of(0x77));
     lb.apply();
     assert_eq!(cached(&lb), 0, "a new generation leaves no valid cache entry");
     assert_eq!(lb.run(&ack(1883)).1[..6], mac_of(0x77), "a cached entry kept the old MAC");
-    lb.runtime.get_mut(&first).expect("runtime").mac = mac_of(if first == "b1" { 11 } else { 12 });
+    lb.runtime.get_mut(&first).expect("runtime").mac = Some(mac_of(if first == "b1" { 11 } else { 12 }));
     lb.apply();
 
     // So does the real going down: the cached flow is re-picked at once.

@@ -60,8 +60,7 @@ fn setup(flow_table_size: u32) -> Dataplane {
     .expect("loading the XDP object (run as root)");
     let mut ids = Ids::default();
     ids.update(&cfg).expect("ids");
-    let rt: BTreeMap<_, _> =
-        cfg.backends.iter().map(|b| (b.name.clone(), BackendRuntime { mac: b.mac.expect("set"), drained: false })).collect();
+    let rt: BTreeMap<_, _> = cfg.backends.iter().map(|b| (b.name.clone(), BackendRuntime { mac: b.mac, drained: false })).collect();
     dp.apply(&plan::desired(&cfg, &ids, &rt, &DownSet::new(), LB_MAC).expect("plan")).expect("apply");
     dp
 }
