@@ -110,6 +110,18 @@ fn kill_9_of_the_controller_drops_no_session() {
 }
 
 #[test]
+fn a_lost_controller_state_is_recovered_from_the_maps_and_drops_no_session() {
+    require_root!();
+    sessions_survive(|lb, lab| {
+        lb.kill9();
+        // The pinned controller state is gone (removed by hand, say): the next controller
+        // recognises listeners by VIP and port and backends by MAC, and adopts the rest.
+        std::fs::remove_file(lb.pin_dir.join("CONTROL")).expect("removing the CONTROL pin");
+        lb.restart(lab);
+    });
+}
+
+#[test]
 fn a_program_upgrade_replaces_it_atomically_and_drops_no_session() {
     require_root!();
     let (before, after) = sessions_survive(|lb, lab| {

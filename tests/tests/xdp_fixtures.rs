@@ -658,3 +658,43 @@ fn flow_table_passes_over_slots_a_writer_holds() {
     assert_eq!(slots(table), before, "an insert took a held slot");
     assert_eq!(lb.dp.flow_count(), 0);
 }
+
+#[test]
+fn a_reused_backend_id_starts_with_no_flows_and_zero_counters() {
+    require_root!();
+    let mut lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100)]);
+    for p in (50000..50200).step_by(2) {
+        assert_eq!(lb.run(&syn(p)).0, XDP_TX);
+    }
+    let b1 = lb.ids.backends["b1"];
+    let on = |lb: &Lb, id: u32| lb.dp.flows().iter().filter(|f| lb_common::real_backend(f.real()) == id).count();
+    assert!(on(&lb, b1) > 20);
+    // b1 leaves and b3 arrives in the same reload: b3 does not take b1's id.
+    lb.set_backends(&[("b2", 12, 100), ("b3", 13, 100)]);
+    assert_ne!(lb.ids.backends["b3"], b1, "an id freed by this reload was given out by it");
+    // When an id is given again (here: by hand, as when every other id is taken), nothing of its
+    // last holder stays: its flows are deleted and its counters start from zero.
+    let stats = lb.dp.stats().expect("stats");
+    assert!(stats.reals.iter().any(|(r, c)| lb_common::real_backend(*r) == lb.ids.backends["b2"] && c.packets > 0));
+    let b2 = lb.ids.backends["b2"];
+    lb.desired.fresh_backends.insert(b2);
+    let report = lb.dp.apply(&lb.desired).expect("apply");
+    assert!(report.flows_purged > 0, "{report:?}");
+    assert_eq!(on(&lb, b2), 0, "flows of the id's last holder remain");
+    let stats = lb.dp.stats().expect("stats");
+    assert!(stats.reals.iter().filter(|(r, _)| lb_common::real_backend(**r) == b2).all(|(_, c)| *c == lb_common::Counters::default()), "{stats:?}");
+}
+
+#[test]
+fn the_controller_state_is_kept_in_the_maps() {
+    require_root!();
+    let mut lb = Lb::new(&[("b1", 11, 100)]);
+    assert!(lb.dp.load_control().is_none(), "a new map holds a state");
+    lb.dp.save_control(b"{\"first\":1}").expect("save");
+    assert_eq!(lb.dp.load_control().as_deref(), Some(&b"{\"first\":1}"[..]));
+    lb.dp.save_control(b"{\"second\":2}").expect("save");
+    assert_eq!(lb.dp.load_control().as_deref(), Some(&b"{\"second\":2}"[..]), "the newest state wins");
+    let big = vec![b'x'; lb_common::CONTROL_STATE_BYTES + 1];
+    assert!(lb.dp.save_control(&big).is_err(), "a state larger than the map was accepted");
+    assert_eq!(lb.dp.load_control().as_deref(), Some(&b"{\"second\":2}"[..]), "a refused save changed the state");
+}
