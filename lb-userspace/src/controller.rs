@@ -99,6 +99,12 @@ fn recover_ids(config: &Config, dp: &Dataplane) -> Ids {
 
 type Pair = (String, String);
 
+/// Probe tasks and routes to start, with everything that can fail already done.
+struct ProbePlan {
+    targets: BTreeMap<Pair, health::Target>,
+    routes: BTreeMap<u32, (Ipv4Addr, BTreeSet<Ipv4Addr>)>,
+}
+
 pub struct Controller {
     opts: RunOptions,
     config: Config,
@@ -132,6 +138,16 @@ pub struct Controller {
     /// The down set the maps were last written with: a pair whose grace ran out since changes
     /// it, and the next tick applies.
     applied_down: DownSet,
+    reloads: Reloads,
+}
+
+/// Reloads since start (CLI or SIGHUP), for status.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct Reloads {
+    applied: u64,
+    rejected: u64,
+    /// Why the last reload was rejected, until one is applied.
+    last_error: Option<String>,
 }
 
 /// How old a flow-table walk may be before status or metrics walk again.
@@ -200,6 +216,7 @@ impl Controller {
             swept,
             fresh,
             applied_down: DownSet::new(),
+            reloads: Reloads::default(),
         };
         c.sync_health();
         for &(lid, bid, state) in &saved.out {
@@ -208,6 +225,8 @@ impl Controller {
                 h.restore(state);
             }
         }
+        // Everything that can fail before anything is written or attached.
+        let probes = c.plan_probes(&c.config, &c.ids)?;
         let before = if start == dataplane::Start::Adopted { Some(c.dp.flow_count()) } else { None };
         c.apply().context("filling the maps")?;
         c.dp.attach_pinned_link(&c.config.interface, dataplane::xdp_mode(c.config.xdp_mode), &c.opts.pin_dir)?;
@@ -220,7 +239,7 @@ impl Controller {
             ),
             dataplane::Start::Fresh => tracing::info!(pins = %c.opts.pin_dir.display(), "attached and pinned"),
         }
-        c.sync_probes()?;
+        c.start_probes(probes);
         c.sample = (Instant::now(), c.dp.stats()?);
         Ok(c)
     }
@@ -262,22 +281,24 @@ impl Controller {
 
     /// Probe tasks and DSR probe routes for every checked pair; changed settings restart a
     /// task, removed pairs stop theirs.
-    fn sync_probes(&mut self) -> anyhow::Result<()> {
-        let mut wanted: BTreeMap<Pair, health::Target> = BTreeMap::new();
+    /// Probe tasks and DSR probe routes for every checked pair of `config` (ids from `ids`),
+    /// with everything that can fail (TLS files) done: [`Self::start_probes`] then cannot fail.
+    fn plan_probes(&self, config: &Config, ids: &Ids) -> anyhow::Result<ProbePlan> {
+        let mut targets: BTreeMap<Pair, health::Target> = BTreeMap::new();
         let mut routes: BTreeMap<u32, (Ipv4Addr, BTreeSet<Ipv4Addr>)> = BTreeMap::new();
         let mut tls_cache: BTreeMap<PathBuf, std::sync::Arc<tokio_rustls::rustls::ClientConfig>> = BTreeMap::new();
-        for l in &self.config.listeners {
+        for l in &config.listeners {
             for (b, h) in &l.health {
                 if h.check == CheckKind::None {
                     continue;
                 }
-                let backend = self.config.backend(b).context("pair names a known backend")?;
-                let id = self.ids.backends[b];
+                let backend = config.backend(b).context("pair names a known backend")?;
+                let id = *ids.backends.get(b).with_context(|| format!("backend {b}: no id"))?;
                 let tls = match &h.tls_ca {
                     Some(ca) if h.check == CheckKind::MqttTls => Some(if let Some(c) = tls_cache.get(ca) {
                         c.clone()
                     } else {
-                        let c = crate::tls::client_config(ca)?;
+                        let c = crate::tls::client_config(ca).with_context(|| format!("listener {}: tls_ca", l.name))?;
                         tls_cache.insert(ca.clone(), c.clone());
                         c
                     }),
@@ -286,7 +307,7 @@ impl Controller {
                 if h.vip_check {
                     routes.entry(id).or_insert_with(|| (backend.address, BTreeSet::new())).1.insert(l.vip);
                 }
-                wanted.insert(
+                targets.insert(
                     (l.name.clone(), b.clone()),
                     health::Target {
                         listener: l.name.clone(),
@@ -301,6 +322,14 @@ impl Controller {
                 );
             }
         }
+        Ok(ProbePlan { targets, routes })
+    }
+
+    /// Starts the planned probes (changed settings restart a task, removed pairs stop theirs) and
+    /// installs their routes; a route the kernel refuses is a warning (the pair's VIP checks
+    /// fail, and the listener fails open if that takes every backend out).
+    fn start_probes(&mut self, plan: ProbePlan) {
+        let ProbePlan { targets: wanted, routes } = plan;
         if let Err(e) = self.routes.sync(&routes) {
             tracing::warn!(error = %format!("{e:#}"), "DSR-path probe routes incomplete: VIP checks of some backends will fail");
         }
@@ -317,7 +346,6 @@ impl Controller {
                 self.probes.insert(p, (t, task));
             }
         }
-        Ok(())
     }
 
     /// The pairs out of their rings, and whether their flows are re-picked: a pair marked down
@@ -453,8 +481,10 @@ impl Controller {
         let fresh = ids.update(&new)?;
         // Plan before committing anything: an error here leaves everything as it was.
         plan::desired(&new, &ids, &runtime, &self.down_set(), self.src_mac)?;
+        let probes = self.plan_probes(&new, &ids)?;
         let added: Vec<String> = new.backends.iter().filter(|b| self.config.backend(&b.name).is_none()).map(|b| b.name.clone()).collect();
         let removed: Vec<String> = self.config.backends.iter().filter(|b| new.backend(&b.name).is_none()).map(|b| b.name.clone()).collect();
+        let before = (self.config.clone(), self.ids.clone(), self.fresh.clone(), self.runtime.clone(), self.weights.clone(), self.health.clone());
         self.config = new;
         self.ids = ids;
         self.fresh.listeners.extend(fresh.listeners);
@@ -462,10 +492,18 @@ impl Controller {
         self.runtime = runtime;
         self.weights.clear();
         self.sync_health();
-        self.apply()?;
+        if let Err(e) = self.apply() {
+            // A map write failed part way (the plan itself was checked above): put the old state
+            // back, in memory and in the maps.
+            (self.config, self.ids, self.fresh, self.runtime, self.weights, self.health) = before;
+            if let Err(again) = self.apply() {
+                tracing::error!(error = %format!("{again:#}"), "restoring the maps after a failed reload failed too");
+            }
+            return Err(e);
+        }
         // A reload also repairs the probe routes (rules someone removed are put back).
         self.routes.forget();
-        self.sync_probes()?;
+        self.start_probes(probes);
         Ok(format!("reload applied: backends added {added:?}, removed {removed:?}"))
     }
 
@@ -636,6 +674,7 @@ impl Controller {
             "flow_table_entries": flows.values().sum::<usize>(),
             "flow_table": table,
             "verdicts": verdicts,
+            "reloads": self.reloads,
         }))
     }
 
@@ -737,10 +776,14 @@ impl Controller {
         match self.reload() {
             Ok(msg) => {
                 tracing::info!("{msg}");
+                self.reloads.applied += 1;
+                self.reloads.last_error = None;
                 Ok(msg)
             }
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "reload rejected; running state unchanged");
+                self.reloads.rejected += 1;
+                self.reloads.last_error = Some(format!("{e:#}"));
                 Err(e.context("reload rejected; the running state is unchanged"))
             }
         }

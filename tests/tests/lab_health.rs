@@ -233,30 +233,95 @@ fn clients_of_a_hung_broker_get_a_reset_instead_of_waiting() {
     assert_eq!(assert_alive(&mut held, &at, &[1]), at.values().filter(|b| **b == 1).count());
 }
 
+/// What a reload may change, as status shows it: listeners, their backends, states and weights.
+fn served(lb: &Balancer) -> Vec<String> {
+    let s = lb.status();
+    s["listeners"]
+        .as_array()
+        .expect("listeners")
+        .iter()
+        .flat_map(|l| {
+            let head = format!("{} {}:{}", l["name"], l["vip"], l["port"]);
+            l["backends"].as_array().expect("backends").iter().map(move |b| format!("{head} {} {} {}", b["name"], b["weight"], b["state"]))
+        })
+        .collect()
+}
+
 #[test]
 fn an_invalid_reload_is_rejected_and_changes_nothing() {
     require_root!();
     let lab = LabGuard::up(2);
-    let good = lab.config(&health());
+    let good = lab.config_tls_checked(&health());
     let lb = Balancer::start(&lab, &good);
     let mut held = hold_sessions(&lab, "inv", 100);
     let at = placement(&lab, held.iter().map(|(id, _)| id.clone()));
-    let bad = good.replace("port = 1883", "port = 1883\nhash = \"round-robin\"");
-    let line = bad.lines().position(|l| l.contains("round-robin")).expect("the bad line") + 1;
-    std::fs::write(&lb.config, &bad).expect("write");
-    let (ok, _, err) = lb.cli(&["reload"]);
-    assert!(!ok, "an invalid config was accepted");
-    assert!(err.contains(&format!("line {line}")) && err.contains("round-robin"), "the error must name the line and field: {err}");
-    assert!(err.contains("unchanged"), "{err}");
+    for l in ["mqtt", "mqtts", "internal"] {
+        for b in ["b1", "b2"] {
+            wait_state(&lb, l, b, "up", Duration::from_secs(5));
+        }
+    }
+    let before = served(&lb);
+    let not_a_cert = lab.state.join("not-a-cert.pem");
+    std::fs::write(&not_a_cert, "not a certificate\n").expect("write");
+    let tls = good.replace(&lab.ca_pem().display().to_string(), &not_a_cert.display().to_string());
+    // Each kind of bad input, and what the error must say.
+    let cases: Vec<(&str, String, Vec<String>)> = vec![
+        ("a value of the wrong kind", good.replace("port = 1883", "port = 1883\nhash = \"round-robin\""), vec!["round-robin".into()]),
+        ("an unknown field", good.replace("port = 1883", "port = 1883\nwieght = 3"), vec!["wieght".into()]),
+        ("no backends", good.replace("port = 1883", "port = 1883\nbackends = []"), vec!["listener[0].backends".into()]),
+        ("a VIP that is a backend's address", good.replacen("vip = \"192.0.2.100\"", "vip = \"192.0.2.11\"", 1), vec!["listener[0].vip".into()]),
+        ("a VIP that is the balancer's own address", good.replacen("vip = \"192.0.2.100\"", "vip = \"192.0.2.2\"", 1), vec!["VIP 192.0.2.2 is an address of eth0".into()]),
+        ("a tls_ca that is no certificate", tls, vec!["tls_ca".into(), "no certificate".into()]),
+        ("a changed ring_size", good.replace("xdp_mode", "ring_size = 65521\nxdp_mode"), vec!["ring_size cannot change on reload".into()]),
+    ];
+    for (what, text, says) in &cases {
+        std::fs::write(&lb.config, text).expect("write");
+        let (ok, _, err) = lb.cli(&["reload"]);
+        assert!(!ok, "{what}: accepted");
+        for s in says {
+            assert!(err.contains(s.as_str()), "{what}: the error does not say {s:?}: {err}");
+        }
+        assert!(err.contains("unchanged"), "{what}: {err}");
+        assert_eq!(served(&lb), before, "{what}: the running state changed");
+    }
+    let rejected = lb.status()["reloads"]["rejected"].as_u64().expect("rejected");
+    assert_eq!(rejected, cases.len() as u64);
     assert_eq!(assert_alive(&mut held, &at, &[0, 1]), 100);
     let counts = fresh(&lab, "inv-new", 40);
     assert!(counts[0] > 0 && counts[1] > 0, "{counts:?}");
-    // SIGHUP with the same bad file: also rejected, still serving.
+    // SIGHUP with a bad file: rejected too (the rejection is counted), still serving.
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(i32::try_from(lb.child.id()).expect("pid"), libc::SIGHUP) };
-    std::thread::sleep(Duration::from_millis(300));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lb.status()["reloads"]["rejected"].as_u64() != Some(rejected + 1) {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(lb.status()["reloads"]["last_error"].as_str().is_some_and(|e| e.contains("ring_size")), "the last error is not shown");
+    assert_eq!(served(&lb), before, "SIGHUP with a bad file changed the running state");
     assert_eq!(assert_alive(&mut held, &at, &[0, 1]), 100);
-    assert_eq!(lb.state("mqtt", "b1"), "up");
+    // A good reload that adds a TLS-checked listener: the pairs it adds are probed at once.
+    let added = format!(
+        "{good}\n[[listener]]\nname = \"mqtts-internal\"\nvip = \"{}\"\nport = 8883\n\
+         health = {{ check = \"mqtt-tls\", tls_ca = \"{}\", tls_server_name = \"{}\" }}\n",
+        tests::lab::VIP_INTERNAL,
+        lab.ca_pem().display(),
+        tests::lab::TLS_NAME
+    );
+    std::fs::write(&lb.config, added).expect("write");
+    let (ok, _, err) = lb.cli(&["reload"]);
+    assert!(ok, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = lb.status();
+        let l = s["listeners"].as_array().and_then(|ls| ls.iter().find(|l| l["name"] == "mqtts-internal").cloned()).unwrap_or_default();
+        let last = l["backends"][0]["last_check"].as_str().unwrap_or("").to_owned();
+        if last.starts_with("TLS, CONNACK 0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the TLS pairs the reload added were not probed: {last}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
