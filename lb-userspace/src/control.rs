@@ -42,6 +42,9 @@ pub enum Request {
     Stop,
     /// The Prometheus text (what `GET /metrics` serves).
     Metrics,
+    /// Whether the controller serves and its program is attached: cheap (no walk of the flow
+    /// table), for keepalived's health script.
+    Ping,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

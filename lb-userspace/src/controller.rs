@@ -14,7 +14,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use lb_common::{NO_BACKEND, flow_hash, real_backend, real_id, real_listener, reason, ring_slot, source_hash, table_event};
 use serde_json::{Value, json};
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
 
 use crate::{
     config::{self, CheckKind, Config, HashMode, OnDown, format_mac},
@@ -125,10 +128,12 @@ pub struct Controller {
     rates: BTreeMap<u32, (f64, f64)>,
     /// Set by `dsrlb stop`: detach and unpin on the way out.
     stopping: bool,
-    /// Live flows per real, from the last flow-table walk (a walk reads the whole mapped table,
-    /// 16 MB at the default size, so metric scrapes reuse one up to [`FLOW_WALK_EVERY`] old;
-    /// `dsrlb status` always walks).
+    /// Live flows per real, from the last flow-table walk, and when it ended.
     live_flows: Option<(Instant, BTreeMap<u32, usize>)>,
+    /// A walk runs; requests wait for it, with the way back; and where it reports.
+    walking: bool,
+    waiting: Vec<(Request, oneshot::Sender<Response>)>,
+    walked: mpsc::Sender<BTreeMap<u32, usize>>,
     /// Flows removed for idleness since start, and whether a sweep runs now.
     expired_total: u64,
     sweeping: bool,
@@ -163,7 +168,13 @@ impl Controller {
     ///
     /// # Errors
     /// When any step fails.
-    pub fn start(opts: RunOptions, config: Config, reports: mpsc::Sender<Report>, swept: mpsc::Sender<usize>) -> anyhow::Result<Self> {
+    pub fn start(
+        opts: RunOptions,
+        config: Config,
+        reports: mpsc::Sender<Report>,
+        swept: mpsc::Sender<usize>,
+        walked: mpsc::Sender<BTreeMap<u32, usize>>,
+    ) -> anyhow::Result<Self> {
         let src_mac = dataplane::interface_mac(&config.interface)?;
         vips_are_not_ours(&config)?;
         let load = LoadOptions { ring_size: config.ring_size, flow_table_size: config.flow_table_size, floor_dst_mac: [0; 6] };
@@ -211,6 +222,9 @@ impl Controller {
             rates: BTreeMap::new(),
             stopping: false,
             live_flows: None,
+            walking: false,
+            waiting: Vec::new(),
+            walked,
             expired_total: 0,
             sweeping: false,
             swept,
@@ -484,7 +498,8 @@ impl Controller {
         let probes = self.plan_probes(&new, &ids)?;
         let added: Vec<String> = new.backends.iter().filter(|b| self.config.backend(&b.name).is_none()).map(|b| b.name.clone()).collect();
         let removed: Vec<String> = self.config.backends.iter().filter(|b| new.backend(&b.name).is_none()).map(|b| b.name.clone()).collect();
-        let before = (self.config.clone(), self.ids.clone(), self.fresh.clone(), self.runtime.clone(), self.weights.clone(), self.health.clone());
+        let before =
+            (self.config.clone(), self.ids.clone(), self.fresh.clone(), self.runtime.clone(), self.weights.clone(), self.health.clone());
         self.config = new;
         self.ids = ids;
         self.fresh.listeners.extend(fresh.listeners);
@@ -544,20 +559,46 @@ impl Controller {
         Ok(())
     }
 
-    /// Live flows per real: a fresh walk, or with `cached` one at most [`FLOW_WALK_EVERY`] old.
-    fn live_flows(&mut self, cached: bool) -> BTreeMap<u32, usize> {
-        match &self.live_flows {
-            Some((at, flows)) if cached && at.elapsed() < FLOW_WALK_EVERY => flows.clone(),
-            _ => {
-                let expire = self.expire_units();
-                let now = self.dp.now_age().unwrap_or_else(|e| {
-                    tracing::warn!(error = %format!("{e:#}"), "reading the flow clock failed; counting idle flows as live");
-                    0
-                });
-                let flows = self.dp.flows_per_real(now, |l| expire.get(&l).copied().unwrap_or(u32::MAX));
-                self.live_flows = Some((Instant::now(), flows.clone()));
-                flows
+    /// Live flows per real from the last walk of the flow table (empty before the first).
+    fn live_flows(&self) -> BTreeMap<u32, usize> {
+        self.live_flows.as_ref().map(|(_, flows)| flows.clone()).unwrap_or_default()
+    }
+
+    /// A status or metrics request: answered from a walk of the flow table, which runs in a
+    /// thread of its own (a walk reads the whole table: 32 MB at the default size, up to 4 GiB)
+    /// so the loop keeps serving meanwhile. Metrics reuse a walk up to [`FLOW_WALK_EVERY`] old;
+    /// status waits for one that starts after it asked.
+    fn queue(&mut self, req: Request, reply: oneshot::Sender<Response>) {
+        let fresh = self.live_flows.as_ref().is_some_and(|(at, _)| at.elapsed() < FLOW_WALK_EVERY);
+        if req == Request::Metrics && fresh {
+            let _ = reply.send(self.handle(req));
+            return;
+        }
+        self.waiting.push((req, reply));
+        if self.walking {
+            return;
+        }
+        let now = match self.dp.now_age() {
+            Ok(now) => now,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "reading the flow clock failed; counting idle flows as live");
+                0
             }
+        };
+        self.walking = true;
+        let (table, expire, done) = (self.dp.flow_table_handle(), self.expire_units(), self.walked.clone());
+        tokio::task::spawn_blocking(move || {
+            let flows = table.live_per_real(now, |l| expire.get(&l).copied().unwrap_or(u32::MAX));
+            let _ = done.blocking_send(flows);
+        });
+    }
+
+    /// A walk finished: answer every request that waited for it.
+    fn walked(&mut self, flows: BTreeMap<u32, usize>) {
+        self.walking = false;
+        self.live_flows = Some((Instant::now(), flows));
+        for (req, reply) in std::mem::take(&mut self.waiting) {
+            let _ = reply.send(self.handle(req));
         }
     }
 
@@ -604,7 +645,7 @@ impl Controller {
 
     /// Everything `dsrlb status` shows.
     fn status(&mut self) -> anyhow::Result<Value> {
-        let flows = self.live_flows(false);
+        let flows = self.live_flows();
         // Counters read now (the rates come from the last two samples).
         let stats = &self.dp.stats()?;
         let cfg = self.effective_config();
@@ -680,7 +721,7 @@ impl Controller {
 
     fn metrics(&mut self) -> crate::metrics::Snapshot {
         use crate::metrics::{PairSample, Snapshot};
-        let flows = self.live_flows(true);
+        let flows = self.live_flows();
         let fresh = self.dp.stats();
         let stats = fresh.as_ref().unwrap_or(&self.sample.1);
         let mut s = Snapshot { flow_table_entries: flows.values().sum::<usize>() as u64, ..Snapshot::default() };
@@ -761,6 +802,7 @@ impl Controller {
             Request::Reload => self.reload_logged().map(Value::from),
             Request::Flow { client, vip } => self.flow(&client, &vip),
             Request::Metrics => crate::metrics::render(self.metrics()).map(Value::from),
+            Request::Ping => self.dp.program_id().map(|id| json!({ "serving": true, "program": id })),
             Request::Stop => {
                 self.stopping = true;
                 Ok(Value::from(format!("stopping: detaching and removing the pins in {}", self.opts.pin_dir.display())))
@@ -912,6 +954,7 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let (report_tx, mut reports) = mpsc::channel::<Report>(1024);
     let (swept_tx, mut swept) = mpsc::channel::<usize>(1);
+    let (walked_tx, mut walked) = mpsc::channel::<BTreeMap<u32, usize>>(1);
     let (call_tx, mut calls) = mpsc::channel::<Call>(64);
     let server = control::serve(&opts.socket, call_tx.clone())?;
     let metrics = match opts.metrics {
@@ -929,7 +972,7 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     };
     let socket = opts.socket.clone();
     let stats_every = opts.stats_every;
-    let mut c = match Controller::start(opts, config, report_tx, swept_tx) {
+    let mut c = match Controller::start(opts, config, report_tx, swept_tx, walked_tx) {
         Ok(c) => c,
         Err(e) => {
             server.abort();
@@ -954,9 +997,14 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
             _ = hup.recv() => { let _ = c.reload_logged(); }
             Some(r) = reports.recv() => c.on_report(&r),
             Some((req, reply)) = calls.recv() => {
-                let _ = reply.send(c.handle(req));
+                if matches!(req, Request::Status | Request::Metrics) {
+                    c.queue(req, reply);
+                } else {
+                    let _ = reply.send(c.handle(req));
+                }
                 if c.stopping { tracing::info!("dsrlb stop: detaching"); break; }
             }
+            Some(flows) = walked.recv() => c.walked(flows),
             _ = sample.tick() => {
                 if let Err(e) = c.sample_stats() {
                     tracing::warn!(error = %format!("{e:#}"), "reading counters failed");

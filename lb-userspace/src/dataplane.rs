@@ -994,13 +994,7 @@ impl Dataplane {
     /// less than `expire(listener id)` age units at age `now`.
     #[must_use]
     pub fn flows_per_real(&self, now: u32, expire: impl Fn(u32) -> u32) -> BTreeMap<u32, usize> {
-        let mut out = BTreeMap::new();
-        self.flows.walk(|f| {
-            if !f.closing() && f.idle(now) < expire(real_listener(f.real())) {
-                *out.entry(f.real()).or_default() += 1;
-            }
-        });
-        out
+        self.flows.live_per_real(now, expire)
     }
 }
 

@@ -164,6 +164,19 @@ impl FlowTable {
         self.mem.store(bucket, way * 2 + 1, meta);
     }
 
+    /// How many live flows point at each real (a walk of the table): not closing, and idle less
+    /// than `expire(listener id)` age units at age `now`.
+    #[must_use]
+    pub fn live_per_real(&self, now: u32, expire: impl Fn(u32) -> u32) -> std::collections::BTreeMap<u32, usize> {
+        let mut out = std::collections::BTreeMap::new();
+        self.walk(|f| {
+            if !f.closing() && f.idle(now) < expire(lb_common::real_listener(f.real())) {
+                *out.entry(f.real()).or_default() += 1;
+            }
+        });
+        out
+    }
+
     /// Removes one flow; false when the table does not hold it.
     #[must_use]
     pub fn remove(&self, key: &FlowKey) -> bool {

@@ -65,6 +65,9 @@ enum Command {
     },
     /// Detach the balancer and remove its pins (the only command that stops forwarding).
     Stop,
+    /// Exit 0 when a controller serves and its program is attached; cheap enough for
+    /// keepalived's `vrrp_script` (it reads no flow table).
+    Ping,
     /// Per-backend counters; `--watch` refreshes every second.
     Stats {
         #[arg(long)]
@@ -128,6 +131,7 @@ fn main() -> ExitCode {
         }),
         Command::Stats { watch, json } => stats(&socket, watch, json),
         Command::Stop => stop(&socket, &cli.pin_dir),
+        Command::Ping => request(&socket, &Request::Ping).map(|v| println!("ok: serving, program {}", v["program"])),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -269,8 +269,16 @@ fn an_invalid_reload_is_rejected_and_changes_nothing() {
         ("a value of the wrong kind", good.replace("port = 1883", "port = 1883\nhash = \"round-robin\""), vec!["round-robin".into()]),
         ("an unknown field", good.replace("port = 1883", "port = 1883\nwieght = 3"), vec!["wieght".into()]),
         ("no backends", good.replace("port = 1883", "port = 1883\nbackends = []"), vec!["listener[0].backends".into()]),
-        ("a VIP that is a backend's address", good.replacen("vip = \"192.0.2.100\"", "vip = \"192.0.2.11\"", 1), vec!["listener[0].vip".into()]),
-        ("a VIP that is the balancer's own address", good.replacen("vip = \"192.0.2.100\"", "vip = \"192.0.2.2\"", 1), vec!["VIP 192.0.2.2 is an address of eth0".into()]),
+        (
+            "a VIP that is a backend's address",
+            good.replacen("vip = \"192.0.2.100\"", "vip = \"192.0.2.11\"", 1),
+            vec!["listener[0].vip".into()],
+        ),
+        (
+            "a VIP that is the balancer's own address",
+            good.replacen("vip = \"192.0.2.100\"", "vip = \"192.0.2.2\"", 1),
+            vec!["VIP 192.0.2.2 is an address of eth0".into()],
+        ),
         ("a tls_ca that is no certificate", tls, vec!["tls_ca".into(), "no certificate".into()]),
         ("a changed ring_size", good.replace("xdp_mode", "ring_size = 65521\nxdp_mode"), vec!["ring_size cannot change on reload".into()]),
     ];

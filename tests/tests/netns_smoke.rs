@@ -246,3 +246,60 @@ fn backend_setup_script_applies_and_verifies_a_dr_backend() {
     let (ok, out) = run("verify");
     assert!(!ok && out.contains("FAIL  192.0.2.100/32 is not on lo"), "{out}");
 }
+
+#[test]
+fn a_walk_of_a_large_flow_table_does_not_block_the_control_socket() {
+    require_root!();
+    let (lb, _cl) = two_namespaces("walk");
+    let dir = std::env::temp_dir().join(format!("dsrlb-walk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    // 2^25 flows: a 1 GiB table, whose walk takes long enough to ask something meanwhile.
+    let config = dir.join("big.toml");
+    std::fs::write(&config, CONFIG.replace("flow_table_size = 65536", "flow_table_size = 33554432")).expect("write");
+    let (socket, pins) = (dir.join("control.sock"), std::path::PathBuf::from("/sys/fs/bpf/dsrlb-walk"));
+    let _ = dataplane::unpin_all(&pins);
+    let cli = |args: &[&str]| {
+        let mut c = Command::new(dsrlb_bin());
+        c.arg("--socket").arg(&socket).arg("--pin-dir").arg(&pins).args(args);
+        c
+    };
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lb.name))
+        .arg(dsrlb_bin())
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--pin-dir")
+        .arg(&pins)
+        .args(["run", "--metrics", "off", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start dsrlb");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cli(&["ping"]).output().is_ok_and(|o| o.status.success()) {
+        assert!(Instant::now() < deadline, "dsrlb did not serve within 30 s");
+        assert!(child.try_wait().expect("wait").is_none(), "dsrlb exited early");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A status (which walks the table) and, right behind it, a ping: the ping is answered
+    // first, because the walk runs beside the controller's loop, not on it.
+    let finished = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let out = cli(&["status", "--json"]).output().expect("status");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            finished.lock().expect("lock").push("status");
+        });
+        std::thread::sleep(Duration::from_millis(30));
+        let out = cli(&["ping"]).output().expect("ping");
+        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("ok"), "{out:?}");
+        finished.lock().expect("lock").push("ping");
+    });
+    assert_eq!(finished.into_inner().expect("lock"), vec!["ping", "status"], "the ping waited for the walk");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(i32::try_from(child.id()).expect("pid"), libc::SIGTERM) };
+    let _ = child.wait();
+    let _ = cli(&["stop"]).output();
+    let _ = std::fs::remove_dir_all(&dir);
+}

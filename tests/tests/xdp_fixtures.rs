@@ -682,7 +682,10 @@ fn a_reused_backend_id_starts_with_no_flows_and_zero_counters() {
     assert!(report.flows_purged > 0, "{report:?}");
     assert_eq!(on(&lb, b2), 0, "flows of the id's last holder remain");
     let stats = lb.dp.stats().expect("stats");
-    assert!(stats.reals.iter().filter(|(r, _)| lb_common::real_backend(**r) == b2).all(|(_, c)| *c == lb_common::Counters::default()), "{stats:?}");
+    assert!(
+        stats.reals.iter().filter(|(r, _)| lb_common::real_backend(**r) == b2).all(|(_, c)| *c == lb_common::Counters::default()),
+        "{stats:?}"
+    );
 }
 
 #[test]
