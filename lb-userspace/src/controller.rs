@@ -24,7 +24,7 @@ use crate::{
     control::{self, Call, Request, Response},
     dataplane::{self, Dataplane, Desired, LoadOptions, Stats},
     health::{self, PairHealth, Report, State},
-    neigh,
+    neigh::Neighbours,
     plan::{self, BackendRuntime, DownSet, Fresh, Ids, Out},
     probe_route::{self, ProbeRoutes},
 };
@@ -56,13 +56,14 @@ struct Saved {
 }
 
 /// Every backend's MAC: configured, known from before (`old`, then `adopted`: what the pinned
-/// maps hold), or from the neighbour table. One read of the table, nothing waited for: a
-/// backend that does not resolve now starts without a MAC (`no-mac`, out of every ring), and
-/// [`Controller::refresh_macs`] keeps asking.
+/// maps hold), or from the neighbour table's latest snapshot. Nothing waited for: a backend that
+/// does not resolve now starts without a MAC (`no-mac`, out of every ring); the neighbour
+/// watcher keeps asking the kernel, and [`Controller::refresh_macs`] takes its answer.
 fn resolve_macs(
     config: &Config,
     old: &BTreeMap<String, BackendRuntime>,
     adopted: &BTreeMap<String, [u8; 6]>,
+    neigh: &Neighbours,
 ) -> BTreeMap<String, BackendRuntime> {
     let mut runtime = BTreeMap::new();
     for b in &config.backends {
@@ -71,10 +72,7 @@ fn resolve_macs(
             .mac
             .or_else(|| old.get(&b.name).and_then(|rt| rt.mac))
             .or_else(|| adopted.get(&b.name).copied())
-            .or_else(|| neigh::lookup(b.address, &config.interface).ok().flatten());
-        if mac.is_none() {
-            neigh::solicit(b.address);
-        }
+            .or_else(|| neigh.mac(b.address));
         runtime.insert(b.name.clone(), BackendRuntime { mac, drained });
     }
     runtime
@@ -83,7 +81,7 @@ fn resolve_macs(
 /// Ids for maps adopted without a saved controller state: listeners recognised by VIP and
 /// port, backends by the MAC their reals were written with; other names get fresh ids (and the
 /// flows of whatever held those ids are deleted before they are used).
-fn recover_ids(config: &Config, dp: &Dataplane) -> Ids {
+fn recover_ids(config: &Config, dp: &Dataplane, neigh: &Neighbours) -> Ids {
     let dataplane::MapIds { listeners: by_endpoint, backends: by_mac } = dp.ids_in_maps();
     let mut ids = Ids::default();
     for l in &config.listeners {
@@ -92,7 +90,7 @@ fn recover_ids(config: &Config, dp: &Dataplane) -> Ids {
         }
     }
     for b in &config.backends {
-        let mac = b.mac.or_else(|| neigh::lookup(b.address, &config.interface).ok().flatten());
+        let mac = b.mac.or_else(|| neigh.mac(b.address));
         if let Some(&id) = mac.and_then(|m| by_mac.get(&m)) {
             ids.backends.insert(b.name.clone(), id);
         }
@@ -118,7 +116,9 @@ pub struct Controller {
     health: BTreeMap<Pair, PairHealth>,
     probes: BTreeMap<Pair, (health::Target, JoinHandle<()>)>,
     reports: mpsc::Sender<Report>,
-    routes: ProbeRoutes,
+    /// Taken on the way out, to clear.
+    routes: Option<ProbeRoutes>,
+    neigh: Neighbours,
     dp: Dataplane,
     src_mac: [u8; 6],
     desired: Desired,
@@ -174,6 +174,7 @@ impl Controller {
         reports: mpsc::Sender<Report>,
         swept: mpsc::Sender<usize>,
         walked: mpsc::Sender<BTreeMap<u32, usize>>,
+        (neigh, routes): (Neighbours, ProbeRoutes),
     ) -> anyhow::Result<Self> {
         let src_mac = dataplane::interface_mac(&config.interface)?;
         vips_are_not_ours(&config)?;
@@ -190,20 +191,20 @@ impl Controller {
                         %problem,
                         "the pinned controller state is not usable: ids recovered from the maps (listeners by VIP and port, backends by MAC); drains, CLI weights and health start afresh"
                     );
-                    Saved { ids: recover_ids(&config, &dp), ..Saved::default() }
+                    Saved { ids: recover_ids(&config, &dp, &neigh), ..Saved::default() }
                 }
             },
         };
         let backend_macs = dp.backend_macs();
         let adopted: BTreeMap<String, [u8; 6]> =
             saved.ids.backends.iter().filter_map(|(name, id)| backend_macs.get(id).map(|m| (name.clone(), *m))).collect();
-        let mut runtime = resolve_macs(&config, &BTreeMap::new(), &adopted);
+        let mut runtime = resolve_macs(&config, &BTreeMap::new(), &adopted, &neigh);
         for (name, rt) in &mut runtime {
             rt.drained = saved.drained.contains(name);
         }
         let mut ids = saved.ids.clone();
         let fresh = ids.update(&config)?;
-        let routes = ProbeRoutes::new(&config.interface);
+        neigh.want(wanted_neighbours(&config));
         let mut c = Self {
             opts,
             config,
@@ -213,7 +214,8 @@ impl Controller {
             health: BTreeMap::new(),
             probes: BTreeMap::new(),
             reports,
-            routes,
+            routes: Some(routes),
+            neigh,
             dp,
             src_mac,
             desired: Desired::default(),
@@ -344,8 +346,8 @@ impl Controller {
     /// fail, and the listener fails open if that takes every backend out).
     fn start_probes(&mut self, plan: ProbePlan) {
         let ProbePlan { targets: wanted, routes } = plan;
-        if let Err(e) = self.routes.sync(&routes) {
-            tracing::warn!(error = %format!("{e:#}"), "DSR-path probe routes incomplete: VIP checks of some backends will fail");
+        if let Some(r) = &self.routes {
+            r.set(routes);
         }
         let stale: Vec<Pair> =
             self.probes.iter().filter(|(p, (t, _))| wanted.get(*p).is_none_or(|w| !same_target(w, t))).map(|(p, _)| p.clone()).collect();
@@ -437,8 +439,8 @@ impl Controller {
         }
     }
 
-    /// Re-reads the interface's MAC and the MACs of backends without a configured one; applies
-    /// changes.
+    /// Re-reads the interface's MAC and takes the neighbour watcher's MACs of backends without a
+    /// configured one; applies changes.
     fn refresh_macs(&mut self) {
         let mut changed = false;
         match dataplane::interface_mac(&self.config.interface) {
@@ -455,25 +457,18 @@ impl Controller {
                 continue;
             }
             let Some(rt) = self.runtime.get_mut(&b.name) else { continue };
-            match neigh::lookup(b.address, &self.config.interface) {
-                Ok(Some(mac)) if rt.mac != Some(mac) => {
-                    let old = rt.mac.map_or_else(|| "none".to_owned(), format_mac);
-                    tracing::info!(backend = %b.name, %old, new = %format_mac(mac), "backend MAC resolved or changed: its rings follow");
-                    rt.mac = Some(mac);
-                    changed = true;
-                }
-                Ok(None) if rt.mac.is_none() => neigh::solicit(b.address),
-                _ => {}
+            if let Some(mac) = self.neigh.mac(b.address)
+                && rt.mac != Some(mac)
+            {
+                let old = rt.mac.map_or_else(|| "none".to_owned(), format_mac);
+                tracing::info!(backend = %b.name, %old, new = %format_mac(mac), "backend MAC resolved or changed: its rings follow");
+                rt.mac = Some(mac);
+                changed = true;
             }
         }
         if changed && let Err(e) = self.apply() {
             tracing::error!(error = %format!("{e:#}"), "applying a MAC change failed");
         }
-    }
-
-    /// Whether any backend is still without a MAC (then MACs are looked for every second).
-    fn unresolved(&self) -> bool {
-        self.runtime.values().any(|rt| rt.mac.is_none())
     }
 
     /// Re-reads the config; applies only the difference, or changes nothing and says why.
@@ -490,7 +485,7 @@ impl Controller {
             }
         }
         vips_are_not_ours(&new)?;
-        let runtime = resolve_macs(&new, &self.runtime, &BTreeMap::new());
+        let runtime = resolve_macs(&new, &self.runtime, &BTreeMap::new(), &self.neigh);
         let mut ids = self.ids.clone();
         let fresh = ids.update(&new)?;
         // Plan before committing anything: an error here leaves everything as it was.
@@ -505,6 +500,7 @@ impl Controller {
         self.fresh.listeners.extend(fresh.listeners);
         self.fresh.backends.extend(fresh.backends);
         self.runtime = runtime;
+        self.neigh.want(wanted_neighbours(&self.config));
         self.weights.clear();
         self.sync_health();
         if let Err(e) = self.apply() {
@@ -516,8 +512,7 @@ impl Controller {
             }
             return Err(e);
         }
-        // A reload also repairs the probe routes (rules someone removed are put back).
-        self.routes.forget();
+        // Setting the probe routes also repairs them (rules someone removed are put back).
         self.start_probes(probes);
         Ok(format!("reload applied: backends added {added:?}, removed {removed:?}"))
     }
@@ -904,6 +899,11 @@ impl Controller {
     }
 }
 
+/// The addresses whose MACs come from the neighbour table: backends without a configured one.
+fn wanted_neighbours(config: &Config) -> BTreeSet<Ipv4Addr> {
+    config.backends.iter().filter(|b| b.mac.is_none()).map(|b| b.address).collect()
+}
+
 /// The name holding `id`.
 fn name_of(ids: &BTreeMap<String, u32>, id: u32) -> Option<String> {
     ids.iter().find(|(_, v)| **v == id).map(|(k, _)| k.clone())
@@ -946,6 +946,7 @@ fn same_target(a: &health::Target, b: &health::Target) -> bool {
 ///
 /// # Errors
 /// When starting fails; nothing stays attached then.
+#[expect(clippy::too_many_lines, reason = "the controller's one event loop, its start and its end, read top to bottom")]
 pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     // Handlers first: a signal that arrives while loading must still mean "detach and exit".
@@ -972,7 +973,16 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     };
     let socket = opts.socket.clone();
     let stats_every = opts.stats_every;
-    let mut c = match Controller::start(opts, config, report_tx, swept_tx, walked_tx) {
+    let kernel = match (Neighbours::start(&config.interface).await, ProbeRoutes::start(&config.interface).await) {
+        (Ok(n), Ok(r)) => (n, r),
+        (Err(e), _) | (_, Err(e)) => {
+            server.abort();
+            let _ = std::fs::remove_file(&socket);
+            return Err(e.context(format!("watching {} over netlink", config.interface)));
+        }
+    };
+    let mut neighbour_changes = kernel.0.changes();
+    let mut c = match Controller::start(opts, config, report_tx, swept_tx, walked_tx, kernel) {
         Ok(c) => c,
         Err(e) => {
             server.abort();
@@ -987,8 +997,6 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     let mut print = tokio::time::interval(stats_every.unwrap_or(Duration::from_hours(1)));
     let mut macs = tokio::time::interval(MAC_REFRESH);
     let mut next_sweep = Instant::now() + c.sweep_every();
-    // Backends without a MAC are looked for more often: an ARP reply takes milliseconds.
-    let mut resolve = tokio::time::interval(Duration::from_millis(200));
     let tty = std::io::stdout().is_terminal();
     loop {
         tokio::select! {
@@ -1017,7 +1025,7 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
             }
             Some(removed) = swept.recv() => c.swept(removed),
             _ = macs.tick() => c.refresh_macs(),
-            _ = resolve.tick(), if c.unresolved() => c.refresh_macs(),
+            Ok(()) = neighbour_changes.changed() => c.refresh_macs(),
             _ = print.tick(), if stats_every.is_some() => {
                 let line = c.stats_line();
                 if tty { show(&format!("\r\x1b[K{line}")); } else { show(&format!("{line}\n")); }
@@ -1034,6 +1042,9 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     for (_, (_, task)) in std::mem::take(&mut c.probes) {
         task.abort();
+    }
+    if let Some(routes) = c.routes.take() {
+        routes.clear().await;
     }
     let stop = c.stopping.then(|| c.opts.pin_dir.clone());
     if let Err(e) = c.save() {

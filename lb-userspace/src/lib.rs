@@ -11,6 +11,7 @@ pub mod mapped;
 pub mod metrics;
 pub mod mqtt;
 pub mod neigh;
+pub mod netlink;
 pub mod plan;
 pub mod probe_route;
 pub mod tls;

@@ -1,60 +1,137 @@
-//! Backend MAC resolution from the kernel's IPv4 neighbour table (`/proc/net/arp`).
+//! Backend MACs from the kernel's IPv4 neighbour table, over rtnetlink: a watcher task dumps the
+//! table for the balancer's interface, asks the kernel to resolve the wanted addresses it lacks
+//! (as a packet to them would), and publishes what it found. The controller reads the latest
+//! snapshot and never waits for an answer.
 
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
 
-use anyhow::Context as _;
+use futures::TryStreamExt as _;
+use rtnetlink::{
+    Handle, IpVersion,
+    packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState},
+};
+use tokio::sync::watch;
 
-const ARP_TABLE: &str = "/proc/thread-self/net/arp";
+use crate::netlink;
 
-/// ATF_COM: the entry is complete (resolved).
-const ATF_COM: u32 = 0x2;
+/// Resolved neighbours of the interface: address to MAC.
+pub type Macs = BTreeMap<Ipv4Addr, [u8; 6]>;
 
-/// The complete entry for `addr` on `interface`, if the table has one.
-///
-/// # Errors
-/// When the table cannot be read.
-pub fn lookup(addr: Ipv4Addr, interface: &str) -> anyhow::Result<Option<[u8; 6]>> {
-    let text = std::fs::read_to_string(ARP_TABLE).context(ARP_TABLE)?;
-    Ok(parse_table(&text, addr, interface))
+/// States in which an entry holds a usable link-layer address (the kernel's `NUD_VALID`).
+const NUD_VALID: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
+
+/// How often the table is read while a wanted address is missing, and otherwise.
+const WHILE_MISSING: Duration = Duration::from_millis(200);
+const OTHERWISE: Duration = Duration::from_secs(5);
+
+/// The watcher's two ends: the latest snapshot, and the addresses to resolve.
+pub struct Neighbours {
+    macs: watch::Receiver<Macs>,
+    wanted: watch::Sender<BTreeSet<Ipv4Addr>>,
 }
 
-fn parse_table(text: &str, addr: Ipv4Addr, interface: &str) -> Option<[u8; 6]> {
-    // "IP address  HW type  Flags  HW address  Mask  Device"
-    text.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 6 || f[5] != interface || f[0].parse::<Ipv4Addr>().ok()? != addr {
-            return None;
-        }
-        let flags = u32::from_str_radix(f[2].trim_start_matches("0x"), 16).ok()?;
-        if flags & ATF_COM == 0 {
-            return None;
-        }
-        crate::config::parse_mac(f[3]).ok()
-    })
-}
+impl Neighbours {
+    /// Reads the table once and starts the watcher on the current tokio runtime.
+    ///
+    /// # Errors
+    /// When the interface does not exist or netlink fails.
+    pub async fn start(interface: &str) -> anyhow::Result<Self> {
+        let handle = netlink::connect()?;
+        let ifindex = netlink::ifindex(&handle, interface).await?;
+        let first = dump(&handle, ifindex).await?;
+        let (macs_tx, macs) = watch::channel(first);
+        let (wanted, wanted_rx) = watch::channel(BTreeSet::new());
+        tokio::spawn(watch_table(handle, ifindex, macs_tx, wanted_rx));
+        Ok(Self { macs, wanted })
+    }
 
-/// Makes the kernel resolve `addr` (send an ARP request, if it has no entry): a UDP datagram to
-/// the discard port. Does not wait; errors (no route, say) show up as the address staying
-/// unresolved.
-pub fn solicit(addr: Ipv4Addr) {
-    if let Ok(sock) = UdpSocket::bind("0.0.0.0:0") {
-        let _ = sock.set_nonblocking(true);
-        let _ = sock.send_to(&[0], SocketAddrV4::new(addr, 9));
+    /// The MAC of `addr`, if the latest snapshot has it.
+    #[must_use]
+    pub fn mac(&self, addr: Ipv4Addr) -> Option<[u8; 6]> {
+        self.macs.borrow().get(&addr).copied()
+    }
+
+    /// The addresses the watcher keeps resolved (every backend without a configured MAC).
+    pub fn want(&self, addrs: BTreeSet<Ipv4Addr>) {
+        self.wanted.send_if_modified(|w| {
+            let changed = *w != addrs;
+            *w = addrs;
+            changed
+        });
+    }
+
+    /// A receiver that wakes when a snapshot differs from the last.
+    #[must_use]
+    pub fn changes(&self) -> watch::Receiver<Macs> {
+        self.macs.clone()
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+async fn watch_table(handle: Handle, ifindex: u32, macs: watch::Sender<Macs>, mut wanted: watch::Receiver<BTreeSet<Ipv4Addr>>) {
+    loop {
+        let want = wanted.borrow_and_update().clone();
+        match dump(&handle, ifindex).await {
+            Ok(found) => {
+                for &addr in want.iter().filter(|a| !found.contains_key(a)) {
+                    solicit(&handle, ifindex, addr).await;
+                }
+                macs.send_if_modified(|m| {
+                    let changed = *m != found;
+                    *m = found;
+                    changed
+                });
+            }
+            Err(e) => tracing::debug!(error = %format!("{e:#}"), "reading the neighbour table failed"),
+        }
+        let missing = want.iter().any(|a| !macs.borrow().contains_key(a));
+        let pause = if missing { WHILE_MISSING } else { OTHERWISE };
+        tokio::select! {
+            r = wanted.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(pause) => {}
+        }
+        if macs.is_closed() {
+            return;
+        }
+    }
+}
 
-    #[test]
-    fn reads_complete_entries_of_the_interface_only() {
-        let t = "IP address       HW type     Flags       HW address            Mask     Device\n\
-                 192.0.2.11       0x1         0x2         02:00:00:00:00:11     *        eth0\n\
-                 192.0.2.12       0x1         0x0         00:00:00:00:00:00     *        eth0\n\
-                 192.0.2.13       0x1         0x2         02:00:00:00:00:13     *        eth1\n";
-        assert_eq!(parse_table(t, "192.0.2.11".parse().unwrap(), "eth0"), Some([2, 0, 0, 0, 0, 0x11]));
-        assert_eq!(parse_table(t, "192.0.2.12".parse().unwrap(), "eth0"), None);
-        assert_eq!(parse_table(t, "192.0.2.13".parse().unwrap(), "eth0"), None);
+/// The resolved IPv4 neighbours of interface `ifindex`.
+async fn dump(handle: &Handle, ifindex: u32) -> anyhow::Result<Macs> {
+    let mut stream = handle.neighbours().get().set_family(IpVersion::V4).execute();
+    let mut out = Macs::new();
+    while let Some(msg) = stream.try_next().await? {
+        if msg.header.ifindex != ifindex || u16::from(msg.header.state) & NUD_VALID == 0 {
+            continue;
+        }
+        let mut dst = None;
+        let mut mac = None;
+        for a in &msg.attributes {
+            match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => dst = Some(*ip),
+                NeighbourAttribute::LinkLocalAddress(l) => mac = <[u8; 6]>::try_from(l.as_slice()).ok(),
+                _ => {}
+            }
+        }
+        if let (Some(dst), Some(mac)) = (dst, mac.filter(|m| *m != [0; 6])) {
+            out.insert(dst, mac);
+        }
+    }
+    Ok(out)
+}
+
+/// Asks the kernel to resolve `addr` (an ARP request, as a packet to it would start): a
+/// neighbour entry added with `NTF_USE`. Should netlink refuse, a UDP datagram to the discard
+/// port does the same.
+async fn solicit(handle: &Handle, ifindex: u32, addr: Ipv4Addr) {
+    let asked =
+        handle.neighbours().add(ifindex, IpAddr::V4(addr)).flags(NeighbourFlags::Use).state(NeighbourState::None).replace().execute().await;
+    if asked.is_err()
+        && let Ok(sock) = tokio::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await
+    {
+        let _ = sock.send_to(&[0], (addr, 9)).await;
     }
 }

@@ -5,21 +5,37 @@
 //! resolves the backend's MAC and sends a frame with destination IP = VIP to that MAC: exactly
 //! what the XDP program does with client traffic. The broker accepts it only if it holds the
 //! VIP, and answers the balancer directly from the VIP.
+//!
+//! The rules and routes are kept over rtnetlink by a task that reconciles the kernel's with the
+//! wanted ones whenever they are set: what is missing is added (also when someone removed it),
+//! what is ours and not wanted is removed.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    process::Command,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
+use futures::TryStreamExt as _;
+use rtnetlink::{
+    Handle, IpVersion, RouteMessageBuilder,
+    packet_route::{
+        route::{RouteAddress, RouteAttribute, RouteMessage},
+        rule::{RuleAction, RuleAttribute, RuleMessage},
+    },
+};
+use tokio::sync::watch;
+
+use crate::netlink;
 
 /// Marks and tables live in a block of their own: `0x0d5b_0000 | backend id`.
 const MARK_BASE: u32 = 0x0d5b_0000;
 const MARK_MASK: u32 = 0xffff_0000;
 const TABLE_BASE: u32 = 0x000d_5b00;
+/// Tables `TABLE_BASE ..= TABLE_BASE + TABLE_SPAN - 1` are ours.
+const TABLE_SPAN: u32 = 0x100;
 /// Rule preference: before the main table (32766), after local (0).
-const RULE_PREF: &str = "9130";
+const RULE_PREF: u32 = 9130;
 
 #[must_use]
 pub const fn mark(backend: u32) -> u32 {
@@ -30,95 +46,152 @@ const fn table(backend: u32) -> u32 {
     TABLE_BASE + backend
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
+/// Backend id to its address and the VIPs probed through it.
+pub type Wanted = BTreeMap<u32, (Ipv4Addr, BTreeSet<Ipv4Addr>)>;
 
-/// Removes rules (and their tables) in our mark range that a previous run left.
-fn clear_leftovers() {
-    let Ok(rules) = ip(&["-4", "rule", "show"]) else { return };
-    for line in rules.lines() {
-        // "9130:	from all fwmark 0xd5b0003 lookup 875267"
-        let Some(mark) = line.split_whitespace().skip_while(|w| *w != "fwmark").nth(1) else { continue };
-        let Ok(m) = u32::from_str_radix(mark.trim_start_matches("0x"), 16) else { continue };
-        if m & MARK_MASK == MARK_BASE {
-            let backend = m & !MARK_MASK;
-            let _ = ip(&["-4", "rule", "del", "pref", RULE_PREF, "fwmark", &m.to_string(), "lookup", &table(backend).to_string()]);
-            let _ = ip(&["-4", "route", "flush", "table", &table(backend).to_string()]);
-        }
-    }
-}
-
-/// The rules and routes this controller installed, by backend id: (address, VIPs).
-#[derive(Default)]
+/// The reconciling task's end: set what is wanted; clear it all on the way out.
 pub struct ProbeRoutes {
-    interface: String,
-    installed: BTreeMap<u32, (Ipv4Addr, BTreeSet<Ipv4Addr>)>,
+    wanted: watch::Sender<Wanted>,
+    handle: Handle,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl ProbeRoutes {
-    /// Starts from a clean slate: removes rules and tables a previous run may have left.
-    #[must_use]
-    pub fn new(interface: &str) -> Self {
-        clear_leftovers();
-        Self { interface: interface.to_owned(), installed: BTreeMap::new() }
-    }
-
-    /// Makes the installed rules and routes match `wanted` (backend id to address and VIPs).
+    /// Starts the reconciler for `interface` on the current tokio runtime, beginning from a
+    /// clean slate (rules and tables a previous controller left are removed by the first round).
     ///
     /// # Errors
-    /// When `ip` refuses a rule or route (e.g. the backend is not on-link).
-    pub fn sync(&mut self, wanted: &BTreeMap<u32, (Ipv4Addr, BTreeSet<Ipv4Addr>)>) -> anyhow::Result<()> {
-        let gone: Vec<u32> = self.installed.keys().copied().filter(|b| !wanted.contains_key(b)).collect();
-        for b in gone {
-            self.remove(b);
-        }
-        for (&b, (addr, vips)) in wanted {
-            if self.installed.get(&b) == Some(&(*addr, vips.clone())) {
-                continue;
-            }
-            self.remove(b);
-            let t = table(b).to_string();
-            ip(&["-4", "rule", "add", "pref", RULE_PREF, "fwmark", &mark(b).to_string(), "lookup", &t])?;
-            self.installed.insert(b, (*addr, BTreeSet::new()));
-            for vip in vips {
-                ip(&["-4", "route", "replace", &format!("{vip}/32"), "via", &addr.to_string(), "dev", &self.interface, "table", &t])
-                    .with_context(|| format!("routing DSR probes for {vip} via backend {addr}"))?;
-            }
-            self.installed.insert(b, (*addr, vips.clone()));
-        }
-        Ok(())
+    /// When the interface does not exist or netlink fails.
+    pub async fn start(interface: &str) -> anyhow::Result<Self> {
+        let handle = netlink::connect()?;
+        let ifindex = netlink::ifindex(&handle, interface).await?;
+        let (wanted, rx) = watch::channel(Wanted::new());
+        let task = tokio::spawn(reconciler(handle.clone(), ifindex, rx));
+        Ok(Self { wanted, handle, task })
     }
 
-    fn remove(&mut self, backend: u32) {
-        if self.installed.remove(&backend).is_some() {
-            let t = table(backend).to_string();
-            let _ = ip(&["-4", "rule", "del", "pref", RULE_PREF, "fwmark", &mark(backend).to_string(), "lookup", &t]);
-            let _ = ip(&["-4", "route", "flush", "table", &t]);
-        }
+    /// What the kernel should hold; the reconciler makes it so (now, and again on every call,
+    /// which also puts back what someone removed). A route the kernel refuses is logged.
+    pub fn set(&self, wanted: Wanted) {
+        self.wanted.send_replace(wanted);
     }
 
-    /// Removes everything installed, so the next [`Self::sync`] installs every rule and route
-    /// again (whatever happened to them meanwhile).
-    pub fn forget(&mut self) {
-        self.clear();
-    }
-
-    /// Removes everything installed.
-    pub fn clear(&mut self) {
-        let all: Vec<u32> = self.installed.keys().copied().collect();
-        for b in all {
-            self.remove(b);
+    /// Stops the reconciler and removes every rule and route of ours.
+    pub async fn clear(self) {
+        self.task.abort();
+        if let Err(e) = reconcile(&self.handle, 0, &Wanted::new()).await {
+            tracing::warn!(error = %format!("{e:#}"), "removing the DSR-path probe routes failed");
         }
     }
 }
 
-impl Drop for ProbeRoutes {
-    fn drop(&mut self) {
-        self.clear();
+async fn reconciler(handle: Handle, ifindex: u32, mut wanted: watch::Receiver<Wanted>) {
+    loop {
+        let want = wanted.borrow_and_update().clone();
+        if let Err(e) = reconcile(&handle, ifindex, &want).await {
+            tracing::warn!(error = %format!("{e:#}"), "DSR-path probe routes incomplete: VIP checks of some backends will fail");
+        }
+        if wanted.changed().await.is_err() {
+            return;
+        }
     }
+}
+
+/// The fwmark, table and priority of a rule.
+fn rule_fields(r: &RuleMessage) -> (Option<u32>, u32, u32) {
+    let (mut fwmark, mut table, mut prio) = (None, u32::from(r.header.table), 0);
+    for a in &r.attributes {
+        match a {
+            RuleAttribute::FwMark(m) => fwmark = Some(*m),
+            RuleAttribute::Table(t) => table = *t,
+            RuleAttribute::Priority(p) => prio = *p,
+            _ => {}
+        }
+    }
+    (fwmark, table, prio)
+}
+
+/// A route's table, /32 destination and gateway.
+fn route_fields(r: &RouteMessage) -> (u32, Option<Ipv4Addr>, Option<Ipv4Addr>) {
+    let (mut table, mut dst, mut gw) = (u32::from(r.header.table), None, None);
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) if r.header.destination_prefix_length == 32 => dst = Some(*ip),
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gw = Some(*ip),
+            _ => {}
+        }
+    }
+    (table, dst, gw)
+}
+
+/// Makes our rules and routes exactly `want` (`ifindex`: the interface the routes go out of).
+async fn reconcile(handle: &Handle, ifindex: u32, want: &Wanted) -> anyhow::Result<()> {
+    let ours = |mark: u32| mark & MARK_MASK == MARK_BASE;
+    // Rules: one per wanted backend, `fwmark mark(b) lookup table(b)` at RULE_PREF.
+    let rules: Vec<RuleMessage> = handle.rule().get(IpVersion::V4).execute().try_collect().await.context("listing rules")?;
+    let mut have = BTreeSet::new();
+    for r in rules {
+        let (fwmark, t, prio) = rule_fields(&r);
+        let Some(m) = fwmark.filter(|&m| ours(m) && prio == RULE_PREF) else { continue };
+        let b = m & !MARK_MASK;
+        if want.contains_key(&b) && t == table(b) && have.insert(b) {
+            continue;
+        }
+        match handle.rule().del(r).execute().await {
+            Err(e) if netlink::errno(&e) != Some(netlink::ENOENT) => return Err(e).context("removing a stale probe rule"),
+            _ => {}
+        }
+    }
+    for &b in want.keys().filter(|b| !have.contains(b)) {
+        let add = handle.rule().add().v4().priority(RULE_PREF).fw_mark(mark(b)).table_id(table(b)).action(RuleAction::ToTable);
+        match add.execute().await {
+            Err(e) if netlink::errno(&e) != Some(netlink::EEXIST) => {
+                return Err(e).with_context(|| format!("adding the probe rule of backend {b}"));
+            }
+            _ => {}
+        }
+    }
+    // Routes: in each wanted backend's table, `VIP/32 via address dev interface`; nothing else
+    // in our tables.
+    let routes: Vec<RouteMessage> =
+        handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute().try_collect().await.context("listing routes")?;
+    let mut present = BTreeSet::new();
+    for r in routes {
+        let (t, dst, gw) = route_fields(&r);
+        if !(TABLE_BASE..TABLE_BASE + TABLE_SPAN).contains(&t) {
+            continue;
+        }
+        let b = t - TABLE_BASE;
+        let keep = match (want.get(&b), dst) {
+            (Some((addr, vips)), Some(vip)) => vips.contains(&vip) && gw == Some(*addr),
+            _ => false,
+        };
+        if keep {
+            present.insert((b, dst));
+            continue;
+        }
+        match handle.route().del(r).execute().await {
+            Err(e) if netlink::errno(&e) != Some(netlink::ESRCH) => return Err(e).context("removing a stale probe route"),
+            _ => {}
+        }
+    }
+    for (&b, (addr, vips)) in want {
+        for &vip in vips.iter().filter(|&&v| !present.contains(&(b, Some(v)))) {
+            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(vip, 32)
+                .gateway(*addr)
+                .output_interface(ifindex)
+                .table_id(table(b))
+                .build();
+            handle
+                .route()
+                .add(route)
+                .replace()
+                .execute()
+                .await
+                .with_context(|| format!("routing DSR probes for {vip} via backend {addr}"))?;
+        }
+    }
+    Ok(())
 }
