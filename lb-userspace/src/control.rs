@@ -1,5 +1,7 @@
-//! The control socket: a unix socket (mode 0600, owned by the controller's user) speaking one
-//! JSON request and one JSON response per line. The CLI is its client.
+//! The control socket: a unix socket (mode 0600, owned by the controller's user, or 0660 for a
+//! configured group) speaking one JSON request and one JSON response per line, for root, the
+//! controller's user and that group only (checked with the peer's credentials). The CLI is its
+//! client.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -71,51 +73,156 @@ impl Response {
 /// A request on its way to the controller's loop, with the way back.
 pub type Call = (Request, oneshot::Sender<Response>);
 
-/// Binds the socket (replacing a stale one), mode 0600, and serves it until the process ends.
+/// The longest request line the controller reads; a longer one is refused and the connection
+/// closed (a request is a few hundred bytes).
+pub const MAX_REQUEST_LINE: u64 = 64 * 1024;
+
+/// Who may talk to the controller besides root and the controller's own user.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    /// A group whose members may (the socket is then mode 0660, group-owned); none: mode 0600.
+    pub group: Option<u32>,
+}
+
+/// Refuses a socket directory someone else could plant things in: it must be a real directory
+/// (no symlink anywhere in its path), owned by this user, and writable by no one else.
+fn trusted_dir(dir: &Path) -> anyhow::Result<()> {
+    let real = std::fs::canonicalize(dir).with_context(|| format!("resolving {}", dir.display()))?;
+    let absolute = if dir.is_absolute() { dir.to_path_buf() } else { std::env::current_dir()?.join(dir) };
+    if real != absolute {
+        bail!("{} resolves to {} through a symlink: give the socket a directory without symlinks", dir.display(), real.display());
+    }
+    let meta = std::fs::metadata(&real).with_context(|| format!("reading {}", real.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me || meta.mode() & 0o022 != 0 {
+        bail!(
+            "{} is owned by uid {} with mode {:o}: the control socket's directory must be this user's (uid {me}) and writable by no one \
+             else, or others could replace the socket",
+            real.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        );
+    }
+    Ok(())
+}
+
+/// Whether the peer of `stream` may send requests: root, the controller's user, or a member of
+/// `access.group` (as its primary or a supplementary group, from `SO_PEERCRED` and
+/// `SO_PEERGROUPS`).
+fn allowed(stream: &tokio::net::UnixStream, access: Access) -> Result<(), String> {
+    let cred = stream.peer_cred().map_err(|e| format!("reading the peer's credentials: {e}"))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if cred.uid() == 0 || cred.uid() == me {
+        return Ok(());
+    }
+    if let Some(group) = access.group
+        && (cred.gid() == group || peer_groups(stream).contains(&group))
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "uid {} may not control this balancer (root, uid {me}{})",
+        cred.uid(),
+        access.group.map_or(String::new(), |g| format!(" or group {g}"))
+    ))
+}
+
+/// The peer's supplementary groups (`SO_PEERGROUPS`; empty when the kernel cannot say).
+fn peer_groups(stream: &tokio::net::UnixStream) -> Vec<u32> {
+    use std::os::fd::AsRawFd as _;
+    let mut groups = vec![0u32; 256];
+    let mut len = libc::socklen_t::try_from(groups.len() * 4).unwrap_or(0);
+    // SAFETY: getsockopt writes at most `len` bytes into `groups` and updates `len`.
+    let rc =
+        unsafe { libc::getsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERGROUPS, groups.as_mut_ptr().cast(), &raw mut len) };
+    if rc != 0 {
+        return Vec::new();
+    }
+    groups.truncate(len as usize / 4);
+    groups
+}
+
+/// Binds the socket (replacing a stale one) with no window in which it has looser permissions
+/// (the umask is set before `bind`), and serves it until the process ends.
 ///
 /// # Errors
-/// When the socket cannot be bound, e.g. another controller holds it.
-pub fn serve(path: &Path, calls: mpsc::Sender<Call>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    if path.exists() {
-        // A live controller answers; a stale socket from a crash does not.
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("{} is in use: another dsrlb controller is running", path.display());
+/// When the socket's directory is not trusted, the path is something other than a stale
+/// socket, another controller holds it, or binding fails.
+pub fn serve(path: &Path, access: Access, calls: mpsc::Sender<Call>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _};
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or_else(|| Path::new("."));
+    std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir).with_context(|| format!("creating {}", dir.display()))?;
+    trusted_dir(dir)?;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            // A live controller answers; a stale socket from a crash does not.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!("{} is in use: another dsrlb controller is running", path.display());
+            }
+            std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+        Ok(_) => bail!("{} exists and is not a socket: remove it, or give --socket another path", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).with_context(|| format!("chmod 0600 {}", path.display()))?;
+    let mode = if access.group.is_some() { 0o660 } else { 0o600 };
+    // SAFETY: umask swaps the process's file mode mask; the old one is put back right after.
+    let old = unsafe { libc::umask(0o777 & !mode) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound.with_context(|| format!("binding {}", path.display()))?;
+    if let Some(group) = access.group {
+        std::os::unix::fs::chown(path, None, Some(group)).with_context(|| format!("giving {} to group {group}", path.display()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {mode:o} {}", path.display()))?;
     Ok(tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
             let calls = calls.clone();
-            tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let mut lines = tokio::io::BufReader::new(read).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let resp = match serde_json::from_str::<Request>(&line) {
-                        Err(e) => Response::err(format!("bad request: {e}")),
-                        Ok(req) => {
-                            let (tx, rx) = oneshot::channel();
-                            if calls.send((req, tx)).await.is_err() {
-                                Response::err("the controller is shutting down")
-                            } else {
-                                rx.await.unwrap_or_else(|_| Response::err("the controller dropped the request"))
-                            }
-                        }
-                    };
-                    let mut out = serde_json::to_string(&resp).unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"));
-                    out.push('\n');
-                    if write.write_all(out.as_bytes()).await.is_err() {
-                        break;
-                    }
-                }
-            });
+            tokio::spawn(serve_one(stream, access, calls));
         }
     }))
+}
+
+/// One client: a request per line, each at most [`MAX_REQUEST_LINE`] bytes.
+async fn serve_one(stream: tokio::net::UnixStream, access: Access, calls: mpsc::Sender<Call>) {
+    use tokio::io::AsyncReadExt as _;
+    let refused = allowed(&stream, access).err();
+    let (read, mut write) = stream.into_split();
+    let mut reader = tokio::io::BufReader::new(read);
+    loop {
+        let mut line = Vec::new();
+        let n = match (&mut reader).take(MAX_REQUEST_LINE + 1).read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let too_long = n as u64 > MAX_REQUEST_LINE || (line.last() != Some(&b'\n') && n as u64 == MAX_REQUEST_LINE + 1);
+        let resp = if let Some(why) = &refused {
+            Response::err(why)
+        } else if too_long {
+            Response::err(format!("request longer than {MAX_REQUEST_LINE} bytes"))
+        } else {
+            match serde_json::from_slice::<Request>(&line) {
+                Err(e) => Response::err(format!("bad request: {e}")),
+                Ok(req) => {
+                    let (tx, rx) = oneshot::channel();
+                    if calls.send((req, tx)).await.is_err() {
+                        Response::err("the controller is shutting down")
+                    } else {
+                        rx.await.unwrap_or_else(|_| Response::err("the controller dropped the request"))
+                    }
+                }
+            }
+        };
+        let mut out = serde_json::to_string(&resp).unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"));
+        out.push('\n');
+        if write.write_all(out.as_bytes()).await.is_err() || refused.is_some() || too_long {
+            return;
+        }
+    }
 }
 
 /// The CLI side: one request, one response.
@@ -123,23 +230,20 @@ pub fn serve(path: &Path, calls: mpsc::Sender<Call>) -> anyhow::Result<tokio::ta
 /// # Errors
 /// With a message for the operator when no controller runs or the socket is not theirs.
 pub fn call(path: &Path, req: &Request) -> anyhow::Result<Response> {
-    let meta = match std::fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!("no controller is running: {} does not exist (start one with `dsrlb run --config FILE`)", path.display())
+    if let Err(e) = std::fs::symlink_metadata(path) {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            bail!("no controller is running: {} does not exist (start one with `dsrlb run --config FILE`)", path.display());
         }
-        Err(e) => bail!("cannot reach {}: {e}", path.display()),
-    };
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    if meta.uid() != me {
-        bail!("{} belongs to uid {}, not to you (uid {me}): run the CLI as that user (usually root)", path.display(), meta.uid());
+        bail!("cannot reach {}: {e}", path.display());
     }
     let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::ConnectionRefused {
             anyhow::anyhow!("no controller is running: {} is stale (dsrlb run removes it on start)", path.display())
         } else if e.kind() == std::io::ErrorKind::PermissionDenied {
-            anyhow::anyhow!("permission denied on {}: run the CLI as root", path.display())
+            anyhow::anyhow!(
+                "permission denied on {}: run the CLI as root, or as a member of the controller's --socket-group",
+                path.display()
+            )
         } else {
             anyhow::anyhow!("connecting to {}: {e}", path.display())
         }

@@ -42,6 +42,8 @@ pub struct RunOptions {
     pub stats_every: Option<Duration>,
     /// Where `GET /metrics` is served; `None` for no endpoint.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Who may use the control socket besides root and this user.
+    pub access: control::Access,
 }
 
 /// What a controller saves so the next one can adopt the pinned maps as they are: kept in the
@@ -957,7 +959,7 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     let (swept_tx, mut swept) = mpsc::channel::<usize>(1);
     let (walked_tx, mut walked) = mpsc::channel::<BTreeMap<u32, usize>>(1);
     let (call_tx, mut calls) = mpsc::channel::<Call>(64);
-    let server = control::serve(&opts.socket, call_tx.clone())?;
+    let server = control::serve(&opts.socket, opts.access, call_tx.clone())?;
     let metrics = match opts.metrics {
         None => None,
         Some(addr) => match crate::metrics::serve(addr, call_tx).await {

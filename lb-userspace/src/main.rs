@@ -37,6 +37,10 @@ enum Command {
         /// Prometheus endpoint address (`off` for none). Loopback unless you say otherwise.
         #[arg(long, default_value = "127.0.0.1:9877")]
         metrics: String,
+        /// A group whose members may use the control socket too (it is root's, mode 0600,
+        /// otherwise; with a group, mode 0660).
+        #[arg(long, value_name = "GROUP")]
+        socket_group: Option<String>,
     },
     /// Validate a config without touching the kernel.
     Check {
@@ -93,14 +97,24 @@ fn main() -> ExitCode {
     let socket = control::socket_path(cli.socket.as_ref());
     let result = match cli.command {
         Command::Check { config } => check(&config),
-        Command::Run { config, stats_interval, metrics } => match (config::load(&config), parse_metrics(&metrics)) {
-            (Err(e), _) => Err(anyhow::Error::new(e).context("invalid config; nothing was attached")),
-            (_, Err(e)) => Err(e),
-            (Ok(cfg), Ok(metrics)) => {
-                let opts = RunOptions { config_path: config, socket, pin_dir: cli.pin_dir.clone(), stats_every: stats_interval, metrics };
-                tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(controller::run(opts, cfg)))
+        Command::Run { config, stats_interval, metrics, socket_group } => {
+            match (config::load(&config), parse_metrics(&metrics), group_id(socket_group.as_deref())) {
+                (Err(e), _, _) => Err(anyhow::Error::new(e).context("invalid config; nothing was attached")),
+                (_, Err(e), _) | (_, _, Err(e)) => Err(e),
+                (Ok(cfg), Ok(metrics), Ok(group)) => {
+                    let access = control::Access { group };
+                    let opts = RunOptions {
+                        config_path: config,
+                        socket,
+                        pin_dir: cli.pin_dir.clone(),
+                        stats_every: stats_interval,
+                        metrics,
+                        access,
+                    };
+                    tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(controller::run(opts, cfg)))
+                }
             }
-        },
+        }
         Command::Status { json } => request(&socket, &Request::Status).map(|v| {
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -241,6 +255,20 @@ fn stats(socket: &std::path::Path, watch: bool, json: bool) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+/// The id of group `name` (a number is taken as an id).
+fn group_id(name: Option<&str>) -> anyhow::Result<Option<u32>> {
+    let Some(name) = name else { return Ok(None) };
+    if let Ok(id) = name.parse() {
+        return Ok(Some(id));
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| anyhow::anyhow!("--socket-group {name:?}: not a group name"))?;
+    // SAFETY: getgrnam with a valid C string; the result is read before any other call.
+    let group = unsafe { libc::getgrnam(c.as_ptr()) };
+    anyhow::ensure!(!group.is_null(), "--socket-group {name:?}: no such group");
+    // SAFETY: a non-null result of getgrnam.
+    Ok(Some(unsafe { (*group).gr_gid }))
 }
 
 fn parse_metrics(s: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
