@@ -921,6 +921,101 @@ weight = 50
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Lines a config is made of, valid or nearly so: fields the parser knows with values of
+        /// every kind, and some it does not.
+        fn line() -> impl Strategy<Value = String> {
+            let key = prop::sample::select(vec![
+                "interface",
+                "xdp_mode",
+                "ring_size",
+                "flow_table_size",
+                "flow_idle_timeout",
+                "accept_macs",
+                "on_down",
+                "on_down_grace",
+                "all_down",
+                "name",
+                "vip",
+                "port",
+                "hash",
+                "backends",
+                "address",
+                "mac",
+                "weight",
+                "check",
+                "inter",
+                "timeout",
+                "fall",
+                "rise",
+                "tls_ca",
+                "max_conn_rate",
+                "max_conn_burst",
+                "nonsense",
+            ]);
+            let value = prop::sample::select(vec![
+                "\"eth0\"",
+                "\"\"",
+                "0",
+                "1",
+                "-1",
+                "65537",
+                "4294967296",
+                "\"192.0.2.100\"",
+                "\"192.0.2.300\"",
+                "\"2s\"",
+                "\"307445734561825861m\"",
+                "\"0s\"",
+                "[]",
+                "[\"b1\"]",
+                "[\"02:00:00:00:00:11\"]",
+                "\"reset\"",
+                "\"forward\"",
+                "true",
+                "{}",
+                "{ check = \"tcp\" }",
+                "\"mqtt-tls\"",
+                "\"/nonexistent\"",
+                "1e9",
+                "\"ä\"",
+            ]);
+            let header = prop::sample::select(vec!["[health]", "[[listener]]", "[[backend]]", "[listener]", "[[nonsense]]"]);
+            prop_oneof![
+                3 => (key, value).prop_map(|(k, v)| format!("{k} = {v}")),
+                1 => header.prop_map(str::to_owned),
+                1 => "[ -~]{0,40}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+            /// Any text: parsed or refused with the file named, never a panic.
+            #[test]
+            fn any_config_text_is_parsed_or_refused_by_name(lines in prop::collection::vec(line(), 0..30)) {
+                let text = lines.join("\n");
+                if let Err(e) = parse(&text, "fuzz.toml") {
+                    prop_assert!(e.to_string().starts_with("fuzz.toml"), "{e}");
+                }
+            }
+
+            /// A valid config with one line replaced: parsed, or refused naming the file.
+            #[test]
+            fn a_valid_config_with_one_line_changed_is_parsed_or_refused_by_name(at in 0usize..22, new in line()) {
+                let mut lines: Vec<String> = GOOD.lines().map(str::to_owned).collect();
+                let at = at % lines.len();
+                lines[at] = new;
+                if let Err(e) = parse(&lines.join("\n"), "fuzz.toml") {
+                    prop_assert!(e.to_string().starts_with("fuzz.toml"), "{e}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn durations_and_macs() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));

@@ -263,3 +263,40 @@ pub fn call(path: &Path, req: &Request) -> anyhow::Result<Response> {
 pub fn socket_path(arg: Option<&PathBuf>) -> PathBuf {
     arg.cloned().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        /// Any bytes on the socket: a request, or an error to answer with; never a panic.
+        #[test]
+        fn any_request_line_parses_or_is_refused(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+            let _ = serde_json::from_slice::<Request>(&bytes);
+        }
+
+        /// Requests of the right shape with any field values.
+        #[test]
+        fn any_request_shaped_line_parses_or_is_refused(
+            cmd in prop::sample::select(vec!["status", "drain", "undrain", "weight", "reload", "flow", "stop", "metrics", "ping", "x"]),
+            backend in "[ -~]{0,20}",
+            weight in any::<i64>(),
+            extra in prop::option::of("[a-z]{1,8}"),
+        ) {
+            let mut v = serde_json::json!({ "cmd": cmd, "backend": backend, "weight": weight, "client": backend, "vip": backend });
+            if let Some(k) = extra {
+                v[k] = serde_json::json!(1);
+            }
+            let line = serde_json::to_vec(&v).expect("json");
+            if let Ok(req) = serde_json::from_slice::<Request>(&line) {
+                // What parses says again what it was.
+                let again: Request = serde_json::from_str(&serde_json::to_string(&req).expect("json")).expect("round trip");
+                prop_assert_eq!(again, req);
+            }
+        }
+    }
+}
