@@ -120,7 +120,7 @@ fn any_frame_is_forwarded_intact_or_left_alone_and_counted_once() {
     let mut out = vec![0u8; 4096];
     for n in 0..FRAMES {
         let mut f = seeds[rng.below(seeds.len())].clone();
-        for _ in 0..1 + rng.below(4) {
+        for _ in 0..=rng.below(4) {
             mutate(&mut f, &mut rng);
         }
         let opts = TestRunOptions { data_in: Some(&f), data_out: Some(&mut out), ..TestRunOptions::default() };
@@ -136,9 +136,9 @@ fn any_frame_is_forwarded_intact_or_left_alone_and_counted_once() {
             }
             XDP_PASS | XDP_DROP => {
                 if r.return_value == XDP_PASS {
-                    pass += 1
+                    pass += 1;
                 } else {
-                    drop += 1
+                    drop += 1;
                 }
                 assert_eq!(got, &f[..], "frame {n}: passed or dropped, but changed");
             }
