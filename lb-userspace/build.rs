@@ -11,6 +11,8 @@ fn main() -> anyhow::Result<()> {
     // compiler diagnostics, which are worth a warning; a failed build still fails with them.
     // SAFETY: the build script is single-threaded here; the variable is read by the child cargo.
     unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
-    aya_build::build_ebpf([Package { name: "lb-ebpf", root_dir: root, ..Package::default() }], Toolchain::Nightly)
+    println!("cargo:rerun-if-env-changed=CARGO_FEATURE_UPGRADE_TEST");
+    let features: &[&str] = if std::env::var_os("CARGO_FEATURE_UPGRADE_TEST").is_some() { &["upgrade-test"] } else { &[] };
+    aya_build::build_ebpf([Package { name: "lb-ebpf", root_dir: root, features, ..Package::default() }], Toolchain::Nightly)
         .context("building the XDP program (lb-ebpf); `cargo xtask setup` installs what it needs")
 }

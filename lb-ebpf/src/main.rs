@@ -55,8 +55,18 @@ impl Verdict {
     }
 }
 
+/// Frames the `upgrade-test` build has seen: what tells it apart from the production build.
+#[cfg(feature = "upgrade-test")]
+#[aya_ebpf::macros::btf_map]
+static UPGRADE: aya_ebpf::btf_maps::PerCpuArray<u64, 1> = aya_ebpf::btf_maps::PerCpuArray::new();
+
 #[xdp]
 pub fn dsrlb(ctx: XdpContext) -> u32 {
+    #[cfg(feature = "upgrade-test")]
+    if let Some(c) = UPGRADE.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot.
+        unsafe { *c += 1 };
+    }
     match try_dsrlb(&ctx) {
         // Forwarded frames are counted once, against their real (`stats::count_forward`); the
         // controller reports the `tx` verdict as the sum.

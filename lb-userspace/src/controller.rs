@@ -669,6 +669,7 @@ impl Controller {
                     "check": l.health[b].check,
                     "last_check": h.last,
                     "check_failures": h.failures_total,
+                    "checks": h.checks_total,
                     "flows": flows.get(&real).copied().unwrap_or(0),
                     "packets": c.packets,
                     "bytes": c.bytes,

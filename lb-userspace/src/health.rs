@@ -73,6 +73,8 @@ pub struct PairHealth {
     /// The last probe's result, for status.
     pub last: String,
     pub failures_total: u64,
+    /// Probe rounds reported, passed or not.
+    pub checks_total: u64,
     /// When the pair last left `Up` (for `on_down_grace`); `None` while up.
     pub out_since: Option<std::time::Instant>,
 }
@@ -88,7 +90,7 @@ impl PairHealth {
             (State::Up, "not probed yet".to_owned())
         };
         let out_since = (state != State::Up).then(std::time::Instant::now);
-        Self { state, ok_streak: 0, fail_streak: 0, last, failures_total: 0, out_since }
+        Self { state, ok_streak: 0, fail_streak: 0, last, failures_total: 0, checks_total: 0, out_since }
     }
 
     /// Restores a state saved by a previous controller: out-of-service pairs need `rise`
@@ -105,6 +107,7 @@ impl PairHealth {
     /// Applies one outcome; returns the new state when it changed.
     pub fn observe(&mut self, outcome: &Outcome, fall: u32, rise: u32) -> Option<State> {
         let before = self.state;
+        self.checks_total += 1;
         match outcome {
             Outcome::Pass(detail) => {
                 self.last.clone_from(detail);

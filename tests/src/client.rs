@@ -117,9 +117,13 @@ impl Balancer {
     }
 
     fn spawn(lab: &Lab, config: &std::path::Path, socket: &std::path::Path) -> Child {
+        Self::spawn_bin(lab, &crate::dsrlb_bin(), config, socket)
+    }
+
+    fn spawn_bin(lab: &Lab, bin: &std::path::Path, config: &std::path::Path, socket: &std::path::Path) -> Child {
         Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", lab.ns("lb")))
-            .arg(crate::dsrlb_bin())
+            .arg(bin)
             .arg("--socket")
             .arg(socket)
             .arg("--pin-dir")
@@ -146,7 +150,12 @@ impl Balancer {
     /// Starts a new controller process on the same config, socket and pins (after a crash or
     /// an upgrade) and waits until it serves.
     pub fn restart(&mut self, lab: &Lab) {
-        self.child = Self::spawn(lab, &self.config, &self.socket);
+        self.restart_with(lab, &crate::dsrlb_bin());
+    }
+
+    /// As [`Self::restart`], with another `dsrlb` binary (an upgrade).
+    pub fn restart_with(&mut self, lab: &Lab, bin: &std::path::Path) {
+        self.child = Self::spawn_bin(lab, bin, &self.config, &self.socket);
         self.wait_ready();
     }
 

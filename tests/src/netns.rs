@@ -158,6 +158,25 @@ impl PacketSocket {
         Self { fd }
     }
 
+    /// Makes [`Self::recv`] return at once when no frame waits.
+    pub fn set_nonblocking(&self) {
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe {
+            let flags = libc::fcntl(self.fd.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(self.fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+    }
+
+    /// Sends one whole frame out of the interface.
+    ///
+    /// # Panics
+    /// When the kernel refuses it.
+    pub fn send(&self, frame: &[u8]) {
+        // SAFETY: the frame is valid for its length; the socket is bound to its interface.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(usize::try_from(n).ok(), Some(frame.len()), "send: {}", std::io::Error::last_os_error());
+    }
+
     /// The next frame, or `None` after the receive timeout.
     #[must_use]
     pub fn recv(&self) -> Option<Vec<u8>> {

@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
@@ -171,22 +171,27 @@ fn tls_through_the_vip_verifies_the_lab_ca() {
     let ca = std::fs::read(lab.ca_pem()).expect("lab CA");
     let got = pubsub(&lab, false, Some(ca), 8883, "e2e/tls/#", 10);
     assert_eq!(got, 10, "TLS: messages lost");
-    // The balancer is given no key or certificate: its config has no TLS settings at all.
-    let config = std::fs::read_to_string(&lb.config).expect("config");
-    assert!(!config.contains("key") && !config.contains(".pem"));
+    // TLS is end to end: nothing in the balancer's namespace listens on 8883, so the handshake
+    // the client verified against the lab CA was a broker's.
+    let listening = lab.exec(&lab.ns("lb"), "ss", &["-Hltn", "sport = :8883"]).expect("ss");
+    assert!(listening.trim().is_empty(), "something in the balancer's namespace listens on 8883: {listening}");
+    assert!(lb.attached());
 }
 
 /// Frames on the balancer's wire, seen from its bridge port (`p-lb` in the switch namespace):
 /// every frame to or from the balancer crosses it, including those it bounces with XDP_TX.
+/// Frames seen on the balancer's bridge port so far: to the VIP, from the VIP.
+#[derive(Default)]
 struct WireCount {
-    to_vip: usize,
-    from_vip: usize,
+    ready: AtomicBool,
+    to_vip: AtomicUsize,
+    from_vip: AtomicUsize,
 }
 
-fn count_on_balancer_wire(lab: &LabGuard, stop: &AtomicBool) -> WireCount {
+fn count_on_balancer_wire(lab: &LabGuard, count: &WireCount, stop: &AtomicBool) {
     in_netns(&lab.ns("sw"), || {
         let sock = PacketSocket::open("p-lb");
-        let mut c = WireCount { to_vip: 0, from_vip: 0 };
+        count.ready.store(true, Ordering::SeqCst);
         let deadline = Instant::now() + Duration::from_mins(1);
         while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
             let Some(f) = sock.recv() else { continue };
@@ -194,15 +199,23 @@ fn count_on_balancer_wire(lab: &LabGuard, stop: &AtomicBool) -> WireCount {
                 continue;
             }
             if f[30..34] == VIP.octets() {
-                c.to_vip += 1;
+                count.to_vip.fetch_add(1, Ordering::SeqCst);
             }
             if f[26..30] == VIP.octets() {
-                c.from_vip += 1;
+                count.from_vip.fetch_add(1, Ordering::SeqCst);
             }
         }
-        c
     })
-    .expect("switch namespace")
+    .expect("switch namespace");
+}
+
+/// Waits until `done` holds (checking every 10 ms), at most `within`.
+fn wait_for(what: &str, within: Duration, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 #[test]
@@ -210,10 +223,10 @@ fn return_traffic_bypasses_the_balancer_and_brokers_see_the_client() {
     require_root!();
     let lab = LabGuard::up(2);
     let _lb = Balancer::start(&lab, &lab.config("check = \"none\""));
-    let stop = AtomicBool::new(false);
-    let wire = std::thread::scope(|s| {
-        let counter = s.spawn(|| count_on_balancer_wire(&lab, &stop));
-        std::thread::sleep(Duration::from_millis(300));
+    let (stop, wire) = (AtomicBool::new(false), WireCount::default());
+    std::thread::scope(|s| {
+        s.spawn(|| count_on_balancer_wire(&lab, &wire, &stop));
+        wait_for("the capture on the balancer's port", Duration::from_secs(5), || wire.ready.load(Ordering::SeqCst));
         in_client(&lab, || {
             for i in 0..10 {
                 let mut c = MqttConn::connect(None, vip(1883), &format!("dsr-{i}"), T).expect("connect via VIP");
@@ -223,12 +236,13 @@ fn return_traffic_bypasses_the_balancer_and_brokers_see_the_client() {
                 c.disconnect();
             }
         });
-        std::thread::sleep(Duration::from_millis(300));
+        // Every client frame has crossed the balancer's port by now; let the capture read them.
+        wait_for("the client's frames on the balancer's port", Duration::from_secs(5), || wire.to_vip.load(Ordering::SeqCst) >= 10 * 8);
         stop.store(true, Ordering::SeqCst);
-        counter.join().expect("counter")
     });
-    assert!(wire.to_vip >= 10 * 8, "client-to-VIP frames must cross the balancer: saw {}", wire.to_vip);
-    assert_eq!(wire.from_vip, 0, "broker-to-client frames crossed the balancer's wire");
+    let (to_vip, from_vip) = (wire.to_vip.into_inner(), wire.from_vip.into_inner());
+    assert!(to_vip >= 10 * 8, "client-to-VIP frames must cross the balancer: saw {to_vip}");
+    assert_eq!(from_vip, 0, "broker-to-client frames crossed the balancer's wire");
 
     // The brokers saw the client's own address, never the balancer's.
     let all: Vec<_> = (0..lab.brokers).flat_map(|b| lab.sessions(b)).filter(|s| s.client_id.starts_with("dsr-")).collect();

@@ -100,7 +100,7 @@ fn broker_failure_moves_new_flows_and_keeps_every_other_session_then_recovers() 
 
     lab.stop_broker(0).expect("stopping b1");
     let stopped = Instant::now();
-    std::thread::sleep(failover_window());
+    wait_state(&lb, "mqtt", "b1", "down", failover_window() + Duration::from_secs(1));
     let counts = fresh(&lab, "after-fail", 100);
     assert_eq!(counts[0], 0, "{:?} after b1 stopped: new sessions still reached it", stopped.elapsed());
     assert_eq!(lb.state("mqtt", "b1"), "down");
@@ -211,8 +211,8 @@ fn clients_of_a_hung_broker_get_a_reset_instead_of_waiting() {
     // SAFETY: signals to the lab's own broker process.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let hung = Instant::now();
-    std::thread::sleep(failover_window());
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_state(&lb, "mqtt", "b1", "down", failover_window() + Duration::from_secs(1));
         for (id, c) in held.iter_mut().filter(|(id, _)| at[id] == 0) {
             c.stream.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
             let t = Instant::now();
@@ -352,7 +352,13 @@ fn tls_listener_checked_with_mqtt_tls_fails_alone() {
     // b1 comes back without its TLS listener: 8883 fails, 1883 does not.
     lab.start_broker_with(0, false).expect("b1 without TLS");
     wait_state(&lb, "mqtts", "b1", "down", failover_window() + Duration::from_millis(400));
-    std::thread::sleep(INTER * 2);
+    // Two more rounds of the plain listener's checks, and it is still up.
+    let checks = |lb: &Balancer| lb.status()["listeners"][0]["backends"][0]["checks"].as_u64().expect("checks");
+    let (at, deadline) = (checks(&lb), Instant::now() + INTER * 4);
+    while checks(&lb) < at + 2 {
+        assert!(Instant::now() < deadline, "the plain listener's checks stopped");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(lb.state("mqtt", "b1"), "up", "the plain listener must stay up");
     assert_eq!(lb.state("mqtts", "b2"), "up");
 }

@@ -106,6 +106,10 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     setup::setup()?;
     // Formatting is a tool's job, checked like any test.
     cargo(&["fmt", "--all", "--", "--check"]).context("the tree is not formatted: run `cargo fmt --all`")?;
+    // The upgrade test swaps in a second, different build of the program: `dsrlb-upgrade`.
+    cargo(&["build", "-p", "lb-userspace", "--features", "upgrade-test", "--bin", "dsrlb"])?;
+    let debug = root().join("target/debug");
+    std::fs::copy(debug.join("dsrlb"), debug.join("dsrlb-upgrade")).context("keeping the upgrade-test build as dsrlb-upgrade")?;
     // Integration tests start the real binaries, from the same (debug) profile as themselves.
     cargo(&["build", "-p", "lb-userspace", "-p", "tests", "--bins"])?;
     // lb-ebpf builds for the BPF target only, through lb-userspace's build script.
