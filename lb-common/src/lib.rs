@@ -549,8 +549,12 @@ pub mod table_event {
     pub const CONFIRMED: u32 = 4;
     /// Not recorded: another CPU changed the slot first (the flow's next frame tries again).
     pub const RACED: u32 = 5;
-    pub const COUNT: u32 = 6;
-    pub const LABELS: [&str; COUNT as usize] = ["insert_free", "replace_stale", "replace_unconfirmed", "refused", "confirmed", "raced"];
+    /// A SYN of a flow the table holds open: a retransmit (its SYN-ACK was slow or lost),
+    /// forwarded on its flow, neither a new flow nor counted by storm control.
+    pub const SYN_AGAIN: u32 = 6;
+    pub const COUNT: u32 = 7;
+    pub const LABELS: [&str; COUNT as usize] =
+        ["insert_free", "replace_stale", "replace_unconfirmed", "refused", "confirmed", "raced", "syn_again"];
 }
 
 /// `LISTEN_PORTS` has one slot per port (see [`PortInfo`]): an array lookup the verifier

@@ -206,6 +206,9 @@ pub fn pick(ctx: &XdpContext, tcp: &Tcp4) -> Result<Pick, Verdict> {
             && let Some(real) = REALS.get(recorded)
             && real.usable()
         {
+            if syn {
+                stats::count_table(table_event::SYN_AGAIN);
+            }
             // The established path: a write only when the client closes, the flow confirms or
             // the age moves on (about once a second).
             let state = flow_state(recorded, found.state | closing | confirm, now);

@@ -390,9 +390,10 @@ fn storm_control_spreads_a_reconnect_storm_over_time() {
     let dropped = l1["conn_rate_dropped"].as_u64().expect("dropped") - l0["conn_rate_dropped"].as_u64().expect("dropped");
     let admitted = l1["new_flows"].as_u64().expect("new flows") - l0["new_flows"].as_u64().expect("new flows");
     let sent = syns() - syns0;
+    let again = s1["flow_table"]["syn_again"].as_u64().expect("syn_again") - s0["flow_table"]["syn_again"].as_u64().expect("syn_again");
     eprintln!(
         "storm: {connected} of {CLIENTS} clients connected; brokers' accepted connections per ~1 s sample: {:?}; limit {RATE}/s, burst \
-         {BURST}; SYNs sent {sent} (connects + SYN retransmits), admitted {admitted}, dropped {dropped}",
+         {BURST}; SYNs sent {sent} (connects + SYN retransmits), admitted {admitted}, dropped {dropped}, retransmits of admitted SYNs {again}",
         samples.iter().map(|(_, n)| *n).collect::<Vec<_>>()
     );
     assert_eq!(connected, CLIENTS, "not every client connected in the end");
@@ -405,9 +406,13 @@ fn storm_control_spreads_a_reconnect_storm_over_time() {
     // The storm was well above the limit: most of its SYNs were dropped (kernel retransmits
     // come in waves at 1, 3, 7 s, so between waves the limit has nothing to admit).
     assert!(dropped > CLIENTS as u64, "storm control dropped only {dropped} SYNs: the storm never exceeded the limit");
-    // Every SYN the clients sent was either admitted (a new flow) or dropped and counted; a
-    // SYN retransmitted after its first was admitted (a slow SYN-ACK) is neither, so allow a few.
-    let unaccounted = sent.abs_diff(admitted + dropped);
-    assert!(unaccounted <= sent / 100 + 10, "SYNs sent {sent}, admitted {admitted} + dropped {dropped}: {unaccounted} unaccounted");
+    // Every SYN the clients sent was admitted (a new flow), dropped by storm control, or a
+    // retransmit of one already admitted (its SYN-ACK was slow under the storm): each counted
+    // once. A few frames may be lost on the lab's wire.
+    let unaccounted = sent.abs_diff(admitted + dropped + again);
+    assert!(
+        unaccounted <= sent / 1000 + 5,
+        "SYNs sent {sent}, admitted {admitted} + dropped {dropped} + retransmits {again}: {unaccounted} unaccounted"
+    );
     assert_eq!(verdict(&s1, "drop/conn_rate") - verdict(&s0, "drop/conn_rate"), dropped, "the verdict and the listener's counter disagree");
 }
