@@ -1,7 +1,5 @@
-//! Entry points: the DSR balancer, the clock the controller reads flows' ages by, the floor
-//! program benchmarks compare against, a driver that gives each benchmark run a flow of its
-//! own, and a pass-all program that the receiving side of a veth pair needs for `XDP_TX` to
-//! reach it.
+//! Entry points of the production object: the DSR balancer, and the clock the controller reads
+//! flows' ages by. (Test and benchmark programs are in `dsrlb-test`, an object of their own.)
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics, asm_experimental_arch)]
@@ -109,92 +107,6 @@ fn try_dsrlb(ctx: &XdpContext) -> Result<(), Verdict> {
     Ok(())
 }
 
-/// The destination MAC the floor program writes; set by the loader. Aligned so it can be read
-/// as three u16, like the frame it is written to.
-#[repr(C, align(2))]
-struct Mac([u8; 6]);
-#[unsafe(no_mangle)]
-static FLOOR_DST_MAC: Mac = Mac([0; 6]);
-
-/// The cheapest possible bounce: one bounds check, a MAC swap, `XDP_TX`. No parsing, no maps.
-#[xdp]
-pub fn xdp_floor(ctx: XdpContext) -> u32 {
-    let start = ctx.data();
-    if start + 14 > ctx.data_end() {
-        return xdp_action::XDP_PASS;
-    }
-    let eth = start as *mut u16;
-    // SAFETY: the first 12 bytes are inside the frame (checked above); packet data is 2-byte
-    // aligned. The volatile read stops the compiler from folding the loader-set constant to
-    // its zero initialiser.
-    unsafe {
-        let new_dst = core::ptr::read_volatile((&raw const FLOOR_DST_MAC).cast::<[u16; 3]>());
-        for i in 0..3 {
-            *eth.add(i + 3) = *eth.add(i);
-            *eth.add(i) = new_dst[i];
-        }
-    }
-    xdp_action::XDP_TX
-}
-
-/// The program `xdp_bench_flows` jumps to (slot 0), set by benchmarks and tests.
-#[aya_ebpf::macros::btf_map]
-static BENCH_TARGET: aya_ebpf::btf_maps::ProgramArray<1> = aya_ebpf::btf_maps::ProgramArray::new();
-
-/// `xdp_bench_flows`' sequence: [next, wrap, MAC low, MAC high, keep]. Run `next` is client
-/// 11.0.0.0 + `next` / 16384, port 1024 + 2 × (`next` % 16384), as Linux clients pick even
-/// ports; `next` goes back to 0 at `wrap` (0: never). The MAC (its first four bytes, then its
-/// last two, as little-endian integers) is written as every run's destination: the balancer's
-/// own, so each run is addressed to it again after the last one rewrote the frame for a
-/// backend. `keep` non-zero: the frame keeps its addresses and ports (only the MAC is written).
-#[aya_ebpf::macros::btf_map]
-static BENCH_FLOWS: aya_ebpf::btf_maps::Array<u32, 5> = aya_ebpf::btf_maps::Array::new();
-
-/// A benchmark and test driver, never attached: gives each run's frame the balancer's MAC and
-/// (unless told to keep them) the next client address and port of a sequence (an untagged IPv4
-/// frame without options: source at offset 26, TCP source port at 34), then tail-calls
-/// `BENCH_TARGET[0]`. So `BPF_PROG_TEST_RUN` with `repeat` runs the balancer on a new flow
-/// each time (or cycles over `wrap` flows, or runs one frame again and again), and with the
-/// floor as target measures its own cost.
-#[xdp]
-pub fn xdp_bench_flows(ctx: XdpContext) -> u32 {
-    let start = ctx.data();
-    if start + 36 > ctx.data_end() {
-        return xdp_action::XDP_ABORTED;
-    }
-    let (Some(next), Some(wrap), Some(mac_lo), Some(mac_hi), Some(keep)) =
-        (BENCH_FLOWS.get_ptr_mut(0), BENCH_FLOWS.get(1), BENCH_FLOWS.get(2), BENCH_FLOWS.get(3), BENCH_FLOWS.get(4))
-    else {
-        return xdp_action::XDP_ABORTED;
-    };
-    // SAFETY: bytes 0..6, 26..30 and 34..36 are inside the frame (checked above), 2-aligned;
-    // `next` is a map value. Runs on two CPUs at once may share a tuple now and then: harmless.
-    unsafe {
-        let dst = start as *mut u16;
-        #[expect(clippy::cast_possible_truncation, reason = "the halves of a 32-bit word")]
-        let halves = [*mac_lo as u16, (*mac_lo >> 16) as u16, *mac_hi as u16];
-        for (i, h) in halves.iter().enumerate() {
-            *dst.add(i) = u16::from_le(*h);
-        }
-        if *keep != 0 {
-            BENCH_TARGET.tail_call(&ctx, 0);
-            return xdp_action::XDP_ABORTED;
-        }
-        let n = *next;
-        let following = n.wrapping_add(1);
-        *next = if following == *wrap { 0 } else { following };
-        let src = (start + 26) as *mut u16;
-        let addr = 0x0b00_0000_u32.wrapping_add(n >> 14).to_be_bytes();
-        *src = u16::from_ne_bytes([addr[0], addr[1]]);
-        *src.add(1) = u16::from_ne_bytes([addr[2], addr[3]]);
-        #[expect(clippy::cast_possible_truncation, reason = "below 2^15")]
-        let port = (1024 + 2 * (n & 0x3fff)) as u16;
-        *((start + 34) as *mut u16) = port.to_be();
-        BENCH_TARGET.tail_call(&ctx, 0);
-    }
-    xdp_action::XDP_ABORTED
-}
-
 /// The clock flows are timed by, for the controller: `BPF_PROG_TEST_RUN` of this program (never
 /// attached) stores `bpf_jiffies64()` in `CLOCK`.
 #[xdp]
@@ -203,13 +115,6 @@ pub fn dsrlb_clock(_ctx: XdpContext) -> u32 {
         // SAFETY: a map value; a helper without arguments.
         unsafe { *c = bpf_jiffies64() };
     }
-    xdp_action::XDP_PASS
-}
-
-/// Passes everything. Attached to the receiving peer of a veth pair, it makes the kernel deliver
-/// frames that the other side bounces with `XDP_TX`.
-#[xdp]
-pub fn xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 

@@ -180,7 +180,7 @@ impl Controller {
     ) -> anyhow::Result<Self> {
         let src_mac = dataplane::interface_mac(&config.interface)?;
         vips_are_not_ours(&config)?;
-        let load = LoadOptions { ring_size: config.ring_size, flow_table_size: config.flow_table_size, floor_dst_mac: [0; 6] };
+        let load = LoadOptions { ring_size: config.ring_size, flow_table_size: config.flow_table_size };
         let (dp, start) = Dataplane::open_pinned(&load, &opts.pin_dir, &config.interface)?;
         let saved = match start {
             dataplane::Start::Fresh => Saved::default(),

@@ -9,7 +9,7 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{flow_hash, ring_slot, source_hash};
 use lb_userspace::{
     config::{self, Config},
-    dataplane::{Dataplane, Desired, LoadOptions},
+    dataplane::{Dataplane, Desired, LoadOptions, testing::TestPrograms},
     plan::{self, BackendRuntime, DownSet, Ids, Out},
 };
 
@@ -38,6 +38,8 @@ pub struct Lb {
     pub desired: Desired,
     /// The balancer's own MAC: the source of forwarded frames, the destination it accepts.
     pub src_mac: [u8; 6],
+    /// The test object: the benchmark driver runs the balancer on a tuple per run.
+    pub test: TestPrograms,
 }
 
 impl Lb {
@@ -52,8 +54,8 @@ impl Lb {
     }
 
     pub fn with_table(config: Config, flow_table_size: u32) -> Self {
-        let dp = Dataplane::load(&LoadOptions { ring_size: RING, flow_table_size, floor_dst_mac: mac_of(0x11) })
-            .expect("loading the XDP object");
+        let dp = Dataplane::load(&LoadOptions { ring_size: RING, flow_table_size }).expect("loading the XDP object");
+        let test = TestPrograms::load(mac_of(0x11)).expect("loading the test object");
         let mut lb = Self {
             dp,
             config,
@@ -62,6 +64,7 @@ impl Lb {
             down: DownSet::new(),
             desired: Desired::default(),
             src_mac: LB_MAC,
+            test,
         };
         lb.apply();
         lb
@@ -90,6 +93,12 @@ impl Lb {
 
     pub fn parse(text: &str) -> Config {
         config::parse(text, "fixture.toml").expect("fixture config is valid")
+    }
+
+    /// Points the benchmark driver at the balancer, from the first tuple of its sequence, which
+    /// starts again after `wrap` runs (0: never).
+    pub fn bench_flows(&mut self, wrap: u32) {
+        self.test.drive(&self.dp, false, 0, wrap, false).expect("setting up the driver");
     }
 
     /// Backend `name`'s MAC.
@@ -138,7 +147,7 @@ impl Lb {
     pub fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; input.len() + 256];
         let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..TestRunOptions::default() };
-        let r = self.dp.program("dsrlb").test_run(opts).expect("BPF_PROG_TEST_RUN");
+        let r = self.dp.balancer().test_run(opts).expect("BPF_PROG_TEST_RUN");
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
     }
@@ -196,7 +205,7 @@ pub fn driver_runs(lb: &Lb, flags: u8, runs: u32) -> u32 {
     let frame = Ipv4Frame::tcp(CLIENT, 50000, VIP, 1883, flags).build();
     let mut out = vec![0u8; frame.len() + 256];
     let opts = TestRunOptions { data_in: Some(&frame), data_out: Some(&mut out), repeat: runs, ..TestRunOptions::default() };
-    lb.dp.program("xdp_bench_flows").test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+    lb.test.program("xdp_bench_flows").test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
 }
 
 pub fn syn(sport: u16) -> Vec<u8> {

@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::programs::XdpMode;
-use lb_userspace::dataplane::{Dataplane, LoadOptions};
+use lb_userspace::dataplane::testing::TestPrograms;
 
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
@@ -207,9 +207,9 @@ impl Lab {
         }
 
         // XDP_TX on a veth reaches the peer only if the peer runs an XDP program itself.
-        let mut dp = Dataplane::load(&LoadOptions { ring_size: 3, flow_table_size: 1024, floor_dst_mac: [2, 0, 0, 0, 0, 1] })?;
+        let mut test = TestPrograms::load([2, 0, 0, 0, 0, 1])?;
         let pin = self.link_pin("p-lb");
-        crate::netns::in_netns(&sw, || dp.attach_pinned("xdp_pass", "p-lb", XdpMode::Driver, &pin))
+        crate::netns::in_netns(&sw, || test.attach("xdp_pass", "p-lb", XdpMode::Driver, Some(&pin)))
             .context("attaching xdp_pass to the balancer's bridge port")??;
 
         self.write_certs()?;

@@ -13,7 +13,7 @@ use aya::programs::XdpMode;
 use lb_common::reason;
 use lb_userspace::{
     config,
-    dataplane::{self, Dataplane, LoadOptions},
+    dataplane::{self, Dataplane, LoadOptions, testing::TestPrograms},
     plan::{self, BackendRuntime, DownSet, Ids},
 };
 use tests::{
@@ -98,8 +98,7 @@ fn syns_to_the_vip_bounce_with_a_backend_mac() {
     require_root!();
     let (lb, cl) = two_namespaces("smoke");
     let cfg = config::parse(CONFIG, "smoke.toml").expect("valid");
-    let mut dp = Dataplane::load(&LoadOptions { ring_size: cfg.ring_size, flow_table_size: cfg.flow_table_size, floor_dst_mac: B1_MAC })
-        .expect("load");
+    let mut dp = Dataplane::load(&LoadOptions { ring_size: cfg.ring_size, flow_table_size: cfg.flow_table_size }).expect("load");
     let lb_mac = lb.run(|| dataplane::interface_mac("lb0")).expect("lb0 MAC");
     let mut ids = Ids::default();
     ids.update(&cfg).expect("ids");
@@ -107,7 +106,8 @@ fn syns_to_the_vip_bounce_with_a_backend_mac() {
     dp.apply(&plan::desired(&cfg, &ids, &runtime, &DownSet::new(), lb_mac).expect("plan")).expect("apply");
     lb.run(|| dp.attach("lb0", XdpMode::Driver)).expect("attach to lb0");
     // The receiving side of a veth needs an XDP program of its own to get XDP_TX frames.
-    cl.run(|| dp.attach_program("xdp_pass", "cl0", XdpMode::Driver)).expect("attach xdp_pass to cl0");
+    let mut pass = TestPrograms::load(B1_MAC).expect("load the test object");
+    cl.run(|| pass.attach("xdp_pass", "cl0", XdpMode::Driver, None)).expect("attach xdp_pass to cl0");
 
     let bounced = syns_and_capture(&cl, 12, lb_mac);
     assert!(!bounced.is_empty(), "no frame came back from the balancer");
@@ -177,8 +177,8 @@ fn dsrlb_run_attaches_serves_outlives_sigterm_and_dsrlb_stop_detaches() {
     }
     let lb_mac = lb.run(|| dataplane::interface_mac("lb0")).expect("lb0 MAC");
     // xdp_pass on the client side, from a separately loaded object owned by this test.
-    let mut pass = Dataplane::load(&LoadOptions { ring_size: 3, flow_table_size: 1024, floor_dst_mac: B1_MAC }).expect("load");
-    cl.run(|| pass.attach_program("xdp_pass", "cl0", XdpMode::Driver)).expect("xdp_pass on cl0");
+    let mut pass = TestPrograms::load(B1_MAC).expect("load the test object");
+    cl.run(|| pass.attach("xdp_pass", "cl0", XdpMode::Driver, None)).expect("xdp_pass on cl0");
     let bounced = syns_and_capture(&cl, 4, lb_mac);
     assert!(!bounced.is_empty(), "dsrlb run did not forward");
 

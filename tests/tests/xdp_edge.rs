@@ -223,7 +223,7 @@ fn every_truncation_of_an_icmp_frag_needed_is_safe() {
             let input = &full[..len];
             let mut out = vec![0u8; full.len() + 256];
             let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..TestRunOptions::default() };
-            let r = lb.dp.program("dsrlb").test_run(opts).expect("BPF_PROG_TEST_RUN");
+            let r = lb.dp.balancer().test_run(opts).expect("BPF_PROG_TEST_RUN");
             assert_ne!(r.return_value, XDP_ABORTED, "length {len}: aborted");
             let want = if len >= whole { XDP_TX } else { XDP_PASS };
             assert_eq!(r.return_value, want, "length {len} of {} (quote {quote})", full.len());
@@ -266,7 +266,7 @@ fn a_flood_of_unconfirmed_flows_never_displaces_confirmed_ones() {
 
     // A spoofed SYN flood of 16 times the table's size, then as many made-up ACKs: every frame
     // a new tuple, forwarded by the ring.
-    lb.dp.bench_flows("dsrlb", 0).expect("driver");
+    lb.bench_flows(0);
     assert_eq!(new_flows(&lb, 16 * 1024), XDP_TX);
     assert_eq!(driver_runs(&lb, TCP_ACK, 16 * 1024), XDP_TX);
     for ((a, p), real) in &held {

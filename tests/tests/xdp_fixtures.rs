@@ -170,7 +170,7 @@ fn every_truncation_is_handled_without_abort() {
             let input = &full[..len];
             let mut out = vec![0u8; full.len() + 256];
             let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..TestRunOptions::default() };
-            match lb.dp.program("dsrlb").test_run(opts) {
+            match lb.dp.balancer().test_run(opts) {
                 Ok(r) => {
                     assert_ne!(r.return_value, XDP_ABORTED, "length {len}: aborted");
                     let want = if len == full.len() { XDP_TX } else { XDP_PASS };
@@ -504,7 +504,7 @@ fn flow_table_holds_its_size_in_flows() {
     // (one choice per flow would lose about 300 of them).
     let mut lb = Lb::with_table(Lb::config(&[("b1", 11, 100), ("b2", 12, 100), ("b3", 13, 100)]), 8192);
     assert_eq!(lb.dp.flow_table_buckets(), 4096);
-    lb.dp.bench_flows("dsrlb", 0).expect("driver");
+    lb.bench_flows(0);
     let before = lb.dp.stats().expect("stats").total().new_flows;
     assert_eq!(new_flows(&lb, 8192), XDP_TX);
     assert_eq!(lb.dp.stats().expect("stats").total().new_flows - before, 8192, "every run was a new flow");
@@ -587,7 +587,7 @@ fn flow_table_slots_stay_whole_under_writers_on_two_cpus() {
     let spec: Vec<(&str, u8, u32)> = backends.iter().map(|(n, m)| (n.as_str(), *m, 100)).collect();
     let mut lb = Lb::with_table(Lb::config(&spec), 4);
     assert_eq!(lb.dp.flow_table_buckets(), 2);
-    lb.dp.bench_flows("dsrlb", 0).expect("driver");
+    lb.bench_flows(0);
     let (calls, runs) = (20, 50_000);
     let before = lb.dp.stats().expect("stats").verdict(reason::TX);
     let writing = std::sync::atomic::AtomicUsize::new(2);

@@ -124,7 +124,7 @@ fn any_frame_is_forwarded_intact_or_left_alone_and_counted_once() {
             mutate(&mut f, &mut rng);
         }
         let opts = TestRunOptions { data_in: Some(&f), data_out: Some(&mut out), ..TestRunOptions::default() };
-        let r = lb.dp.program("dsrlb").test_run(opts).unwrap_or_else(|e| panic!("frame {n} (seed {seed:#x}): test_run: {e}: {f:02x?}"));
+        let r = lb.dp.balancer().test_run(opts).unwrap_or_else(|e| panic!("frame {n} (seed {seed:#x}): test_run: {e}: {f:02x?}"));
         let got = &out[..r.data_size_out as usize];
         match r.return_value {
             XDP_TX => {

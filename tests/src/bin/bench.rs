@@ -30,7 +30,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::programs::XdpMode;
-use lb_userspace::dataplane::{Dataplane, LoadOptions};
+use lb_userspace::dataplane::testing::TestPrograms;
 use serde_json::Value;
 use tests::lab::{self, Lab, sh};
 
@@ -152,7 +152,7 @@ fn prog_stats(id: u32) -> (u64, u64) {
 enum Running {
     Direct,
     Haproxy { pid: u32 },
-    Floor { _dp: Box<Dataplane>, prog: u32 },
+    Floor { _dp: Box<TestPrograms>, prog: u32 },
     Dsrlb { child: Child, prog: u32 },
 }
 
@@ -220,8 +220,8 @@ fn start(ctx: &Ctx, path: &str) -> anyhow::Result<Running> {
                 let _ = std::net::TcpStream::connect_timeout(&(lab::LB_ADDR, 9).into(), Duration::from_secs(1));
             })?;
             let mac = broker_mac(ctx)?;
-            let mut dp = Dataplane::load(&LoadOptions { ring_size: 3, flow_table_size: 1024, floor_dst_mac: mac })?;
-            tests::netns::in_netns(&lb, || dp.attach_program("xdp_floor", "eth0", XdpMode::Driver))??;
+            let mut dp = TestPrograms::load(mac)?;
+            tests::netns::in_netns(&lb, || dp.attach("xdp_floor", "eth0", XdpMode::Driver, None))??;
             let prog = dp.program("xdp_floor").info()?.id();
             Ok(Running::Floor { _dp: Box::new(dp), prog })
         }

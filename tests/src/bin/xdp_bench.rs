@@ -26,13 +26,32 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
+use aya::programs::Xdp;
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{DEFAULT_FLOW_TABLE_SIZE, flow_table_buckets, reason, table_event};
 use lb_userspace::{
     config,
-    dataplane::{Dataplane, LoadOptions, Stats},
+    dataplane::{Dataplane, LoadOptions, Stats, testing::TestPrograms},
     plan::{self, BackendRuntime, DownSet, Ids},
 };
+
+/// A balancer and the test object whose driver and floor measure it.
+struct Bench {
+    dp: Dataplane,
+    test: TestPrograms,
+}
+
+impl Bench {
+    /// `dsrlb` (the balancer), or one of the test object's programs.
+    fn program(&self, name: &str) -> &Xdp {
+        if name == "dsrlb" { self.dp.balancer() } else { self.test.program(name) }
+    }
+
+    /// The driver in front of the balancer: see `TestPrograms::drive`.
+    fn drive(&mut self, start: u32, wrap: u32, keep: bool) {
+        self.test.drive(&self.dp, false, start, wrap, keep).expect("setting up the driver");
+    }
+}
 use tests::frame::{Ipv4Frame, LB_MAC, TCP_ACK, TCP_SYN};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
@@ -44,7 +63,7 @@ const SMALL_TABLE: u32 = 1024;
 const TX: u32 = 3;
 const PASS: u32 = 2;
 
-fn setup(flow_table_size: u32) -> Dataplane {
+fn setup(flow_table_size: u32) -> Bench {
     let mut text = format!(
         "interface = \"bench0\"\nflow_table_size = {flow_table_size}\n[[listener]]\nname = \"mqtt\"\nvip = \"{VIP}\"\nport = 1883\n"
     );
@@ -52,25 +71,22 @@ fn setup(flow_table_size: u32) -> Dataplane {
         let _ = write!(text, "[[backend]]\nname = \"b{i}\"\naddress = \"192.0.2.{}\"\nmac = \"02:00:00:00:00:{:02x}\"\n", 10 + i, 0x10 + i);
     }
     let cfg = config::parse(&text, "bench.toml").expect("bench config");
-    let mut dp = Dataplane::load(&LoadOptions {
-        ring_size: cfg.ring_size,
-        flow_table_size: cfg.flow_table_size,
-        floor_dst_mac: [0x02, 0, 0, 0, 0, 0x11],
-    })
-    .expect("loading the XDP object (run as root)");
+    let mut dp = Dataplane::load(&LoadOptions { ring_size: cfg.ring_size, flow_table_size: cfg.flow_table_size })
+        .expect("loading the XDP object (run as root)");
+    let programs = TestPrograms::load([0x02, 0, 0, 0, 0, 0x11]).expect("loading the test object");
     let mut ids = Ids::default();
     ids.update(&cfg).expect("ids");
     let rt: BTreeMap<_, _> = cfg.backends.iter().map(|b| (b.name.clone(), BackendRuntime { mac: b.mac, drained: false })).collect();
     dp.apply(&plan::desired(&cfg, &ids, &rt, &DownSet::new(), LB_MAC).expect("plan")).expect("apply");
-    dp
+    Bench { dp, test: programs }
 }
 
 /// Runs `prog` on `frame` `repeat` times: the action and this thread's CPU ns per run.
-fn run(dp: &Dataplane, prog: &str, frame: &[u8], repeat: u32) -> (u32, f64) {
+fn run(b: &Bench, prog: &str, frame: &[u8], repeat: u32) -> (u32, f64) {
     let mut out = vec![0u8; frame.len() + 256];
     let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat, ..TestRunOptions::default() };
     let cpu0 = thread_cpu_ns();
-    let r = dp.program(prog).test_run(opts).expect("BPF_PROG_TEST_RUN");
+    let r = b.program(prog).test_run(opts).expect("BPF_PROG_TEST_RUN");
     let cpu = thread_cpu_ns() - cpu0;
     (r.return_value, cpu as f64 / f64::from(repeat))
 }
@@ -122,35 +138,27 @@ struct Measured {
 /// `frame` `repeat` times (after `before`), each checked for `want`. Ratios are taken within a
 /// round, so the machine's drift between rounds cancels out; the driver's cost in the round
 /// (the driver in front of the floor, less the floor) is taken off the path's figure.
-fn measure(
-    dp: &mut Dataplane,
-    prog: &str,
-    frame: &[u8],
-    repeat: u32,
-    want: u32,
-    driven: bool,
-    mut before: impl FnMut(&mut Dataplane),
-) -> Measured {
+fn measure(b: &mut Bench, prog: &str, frame: &[u8], repeat: u32, want: u32, driven: bool, mut before: impl FnMut(&mut Bench)) -> Measured {
     let floor_frame = Ipv4Frame::tcp(CLIENT, 40000, VIP, 1883, TCP_ACK).build();
     let (mut floors, mut nss, mut ratios, mut drivers) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut moved_total = Moved::default();
     for _ in 0..ROUNDS {
-        let (action, floor) = run(dp, "xdp_floor", &floor_frame, REPEAT);
+        let (action, floor) = run(b, "xdp_floor", &floor_frame, REPEAT);
         assert_eq!(action, TX, "xdp_floor");
         let less = if driven {
-            dp.bench_target("xdp_floor").expect("driver");
-            let (action, d) = run(dp, "xdp_bench_flows", &floor_frame, REPEAT);
+            b.test.target(&b.dp, true).expect("driver");
+            let (action, d) = run(b, "xdp_bench_flows", &floor_frame, REPEAT);
             assert_eq!(action, TX, "the driver in front of the floor");
-            dp.bench_target("dsrlb").expect("driver");
+            b.test.target(&b.dp, false).expect("driver");
             d - floor
         } else {
             0.0
         };
-        before(dp);
-        let s0 = dp.stats().expect("stats");
-        let (action, ns) = run(dp, prog, frame, repeat);
+        before(b);
+        let s0 = b.dp.stats().expect("stats");
+        let (action, ns) = run(b, prog, frame, repeat);
         assert_eq!(action, want, "{prog}: unexpected action");
-        let m = moved(&s0, &dp.stats().expect("stats"));
+        let m = moved(&s0, &b.dp.stats().expect("stats"));
         moved_total.tx += m.tx;
         moved_total.new_flows += m.new_flows;
         moved_total.pass += m.pass;
@@ -174,11 +182,11 @@ fn driver_frame(flags: u8) -> Vec<u8> {
 }
 
 /// New flows through the driver; `empty` first empties the table before every call.
-fn new_flows(dp: &mut Dataplane, repeat: u32, empty: bool) -> (Measured, String) {
-    dp.bench_flows("dsrlb", 0).expect("driver");
-    let m = measure(dp, "xdp_bench_flows", &driver_frame(TCP_SYN), repeat, TX, true, |dp| {
+fn new_flows(b: &mut Bench, repeat: u32, empty: bool) -> (Measured, String) {
+    b.drive(0, 0, false);
+    let m = measure(b, "xdp_bench_flows", &driver_frame(TCP_SYN), repeat, TX, true, |b| {
         if empty {
-            dp.clear_flows();
+            b.dp.clear_flows();
         }
     });
     assert_eq!((m.moved.tx, m.moved.new_flows), (runs(repeat), runs(repeat)), "every run a forwarded new flow");
@@ -187,12 +195,12 @@ fn new_flows(dp: &mut Dataplane, repeat: u32, empty: bool) -> (Measured, String)
 }
 
 /// Established flows through the driver, cycling over `flows` of them (recorded first).
-fn established_flows(dp: &mut Dataplane, flows: u32) -> (Measured, String) {
-    dp.bench_flows("dsrlb", 0).expect("driver");
-    let (action, _) = run(dp, "xdp_bench_flows", &driver_frame(TCP_SYN), flows);
+fn established_flows(b: &mut Bench, flows: u32) -> (Measured, String) {
+    b.drive(0, 0, false);
+    let (action, _) = run(b, "xdp_bench_flows", &driver_frame(TCP_SYN), flows);
     assert_eq!(action, TX);
-    dp.bench_flows("dsrlb", flows).expect("driver");
-    let m = measure(dp, "xdp_bench_flows", &driver_frame(TCP_ACK), REPEAT, TX, true, |_| {});
+    b.drive(0, flows, false);
+    let m = measure(b, "xdp_bench_flows", &driver_frame(TCP_ACK), REPEAT, TX, true, |_| {});
     assert_eq!(m.moved.tx, runs(REPEAT), "every run forwarded");
     // The table keeps all but about two in a million flows at this load; a lost one is
     // recorded again, once, as a new flow.
@@ -254,9 +262,9 @@ fn pin_to_cpu(cpu: usize) {
 }
 
 /// Runs the driver over `dsrlb` `runs` times on `frame`, from tuple `start` of the sequence.
-fn drive(dp: &mut Dataplane, frame: &[u8], start: u32, wrap: u32, runs: u32) {
-    dp.bench_driver("dsrlb", start, wrap, false).expect("driver");
-    let (action, _) = run(dp, "xdp_bench_flows", frame, runs);
+fn drive(b: &mut Bench, frame: &[u8], start: u32, wrap: u32, runs: u32) {
+    b.drive(start, wrap, false);
+    let (action, _) = run(b, "xdp_bench_flows", frame, runs);
     assert_eq!(action, TX, "driving {runs} runs");
 }
 
@@ -274,10 +282,10 @@ fn main() {
     // run (the driver only addresses each run to the balancer again).
     run(&dp, "dsrlb", &Ipv4Frame::tcp(CLIENT, 40000, VIP, 1883, TCP_SYN).build(), 1);
     run(&dp, "dsrlb", &established, 1);
-    dp.bench_driver("dsrlb", 0, 0, true).expect("driver");
+    dp.drive(0, 0, true);
     let m = measure(&mut dp, "xdp_bench_flows", &established, REPEAT, TX, true, |_| {});
     assert_eq!((m.moved.tx, m.moved.new_flows), (runs(REPEAT), 0), "every run an established flow");
-    assert!(!dp.cached_flow(CLIENT, 40000, VIP, 1883).expect("flow cache").is_empty(), "the runs left no flow-cache entry");
+    assert!(!dp.dp.cached_flow(CLIENT, 40000, VIP, 1883).expect("flow cache").is_empty(), "the runs left no flow-cache entry");
     rows.push(Row { path: "established, flow cache hit (one flow)".into(), m, check: "tx +runs, new_flows +0, flow cached".into() });
     let m = measure(&mut dp, "dsrlb", &pass, REPEAT, PASS, false, |_| {});
     assert_eq!(m.moved.pass, runs(REPEAT), "every run passed, no listener");
@@ -287,7 +295,7 @@ fn main() {
     let mut answer = Ipv4Frame::tcp(VIP, 1883, CLIENT, 40000, TCP_ACK);
     answer.payload = vec![0; 1400];
     let too_big = Ipv4Frame::frag_needed(Ipv4Addr::new(198, 51, 100, 254), &answer, 1280, 8).build();
-    dp.bench_driver("dsrlb", 0, 0, true).expect("driver");
+    dp.drive(0, 0, true);
     let m = measure(&mut dp, "xdp_bench_flows", &too_big, REPEAT, TX, true, |_| {});
     assert_eq!((m.moved.icmp, m.moved.tx, m.moved.new_flows), (runs(REPEAT), 0, 0), "every run an ICMP error forwarded by its flow");
     rows.push(Row { path: "ICMP frag-needed, flow in the table".into(), m, check: "tx/icmp_too_big +runs, tx +0, new_flows +0".into() });
@@ -314,21 +322,21 @@ fn main() {
     let seq = 4 * slots;
     drive(&mut guarded, &driver_frame(TCP_SYN), 0, seq, seq);
     // Then an ACK of every flow the table holds confirms it.
-    for f in guarded.flows() {
+    for f in guarded.dp.flows() {
         let (src, sport) = (Ipv4Addr::from(u32::from_be(f.key.src_be)), u16::from_be(f.key.sport_be));
         let (action, _) = run(&guarded, "dsrlb", &Ipv4Frame::tcp(src, sport, VIP, 1883, TCP_ACK).build(), 1);
         assert_eq!(action, TX);
     }
-    let confirmed = guarded.flows().iter().filter(|f| f.confirmed()).count();
+    let confirmed = guarded.dp.flows().iter().filter(|f| f.confirmed()).count();
     assert_eq!(confirmed, slots as usize, "the table is not full of confirmed flows");
-    guarded.bench_driver("dsrlb", seq, 0, false).expect("driver");
+    guarded.drive(seq, 0, false);
     let m = measure(&mut guarded, "xdp_bench_flows", &driver_frame(TCP_SYN), REPEAT, TX, true, |_| {});
     assert_eq!(
         (m.moved.tx, m.moved.new_flows, m.moved.refused),
         (runs(REPEAT), runs(REPEAT), runs(REPEAT)),
         "every run a refused new flow"
     );
-    assert_eq!(guarded.flows().iter().filter(|f| f.confirmed()).count(), slots as usize, "a confirmed flow was displaced");
+    assert_eq!(guarded.dp.flows().iter().filter(|f| f.confirmed()).count(), slots as usize, "a confirmed flow was displaced");
     rows.push(Row {
         path: format!("new SYN under the flood guard ({SMALL_TABLE} flows, all confirmed)"),
         m,
@@ -343,7 +351,7 @@ fn main() {
         m,
         check: format!("{check}, table emptied per call"),
     });
-    big.clear_flows();
+    big.dp.clear_flows();
     let (m, check) = established_flows(&mut big, DEFAULT_FLOW_TABLE_SIZE);
     rows.push(Row { path: "established, flow table hit (1M flows, 32 MB)".into(), m, check });
     let verified = dp.program("dsrlb").info().ok().and_then(|i| i.verified_instruction_count()).unwrap_or(0);

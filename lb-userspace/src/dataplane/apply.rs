@@ -1,0 +1,282 @@
+//! Writing a desired state as the difference from what was written before, in the order that
+//! keeps packets in flight safe.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{Context as _, ensure};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use lb_common::{
+    ConnRate, Counters, FLOW_CACHE_VALID, LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE, ListenerCounters, ListenerInfo, MAX_BACKENDS,
+    MAX_LISTENERS, MAX_NODE_MACS, NO_BACKEND, NodeInfo, PortInfo, REAL_F_ACTIVE, REAL_F_DOWN, REAL_SLOTS, RING_COPIES, RING_NONE,
+    RING_SLOTS_PER_ENTRY, RealInfo, RingEntry, VipInfo, mac_word, map_names as names, real_backend, real_id, real_listener, ring_base,
+};
+
+use super::{ApplyReport, ConnRateWanted, Dataplane, Desired, map_mut};
+
+impl Dataplane {
+    /// Writes `want` as the difference from what was written before.
+    ///
+    /// Order matters for packets in flight: reals first (so no ring slot names an unset
+    /// real), then each changed listener's standby ring copy, then the listener entry that
+    /// switches to it in one update, and only then removals.
+    ///
+    /// # Errors
+    /// When `want` is inconsistent (ids out of range, ring of the wrong size) or a map write
+    /// fails. Validation happens before any write.
+    #[expect(clippy::too_many_lines, reason = "the steps read in the order that keeps packets in flight safe")]
+    pub fn apply(&mut self, want: &Desired) -> anyhow::Result<ApplyReport> {
+        let size = self.ring_size as usize;
+        let mut ids = BTreeSet::new();
+        let mut reals: BTreeMap<u32, RealInfo> = BTreeMap::new();
+        for l in &want.listeners {
+            ensure!(l.id < MAX_LISTENERS, "listener id {} out of range", l.id);
+            ensure!(ids.insert(l.id), "listener id {} used twice", l.id);
+            ensure!(l.ring.len() == size, "listener {}: ring has {} slots, not {size}", l.id, l.ring.len());
+            for r in &l.reals {
+                ensure!(r.backend < MAX_BACKENDS, "backend id {} out of range", r.backend);
+                let info =
+                    RealInfo { dst_mac: r.dst_mac, src_mac: want.src_mac, flags: REAL_F_ACTIVE | if r.down { REAL_F_DOWN } else { 0 } };
+                ensure!(reals.insert(real_id(l.id, r.backend), info).is_none(), "listener {}: backend {} twice", l.id, r.backend);
+            }
+            for &s in &l.ring {
+                ensure!(
+                    s == NO_BACKEND || l.reals.iter().any(|r| r.backend == s),
+                    "listener {}: ring names backend {s}, which is not among its reals",
+                    l.id
+                );
+            }
+        }
+
+        ensure!(want.accept_macs.len() < MAX_NODE_MACS, "at most {} accepted MACs", MAX_NODE_MACS - 1);
+
+        let mut report = ApplyReport::default();
+
+        // Ids given to new names: whatever the maps still hold for their reals belongs to a
+        // name that is gone. Delete its flows (they would move to the newcomer) and zero its
+        // counters before the newcomer's reals are written.
+        if !want.fresh_backends.is_empty() || !want.fresh_listeners.is_empty() {
+            let fresh =
+                |real: u32| want.fresh_backends.contains(&real_backend(real)) || want.fresh_listeners.contains(&real_listener(real));
+            report.flows_purged += self.flows.remove_where(|f| fresh(f.real()));
+            let stale: Vec<u32> = (0..REAL_SLOTS).filter(|&r| fresh(r)).collect();
+            self.zero_counters(&stale, &want.fresh_listeners)?;
+            for r in &stale {
+                self.written.reals.remove(r);
+            }
+        }
+
+        // 0. The node's clock, MACs and the flows' expiry, before any listener can match.
+        let mut node = NodeInfo { ns_per_jiffy: self.ns_per_jiffy, ..NodeInfo::default() };
+        for (word, mac) in node.macs.iter_mut().zip(std::iter::once(&want.src_mac).chain(&want.accept_macs)) {
+            *word = mac_word(*mac);
+        }
+        node.idle_expire = want.listeners.iter().map(|l| l.idle_expire).max().unwrap_or(u32::from(u16::MAX));
+        if self.written.node != Some(node) {
+            self.write_node(&node);
+        }
+
+        // 1. Reals that are new or changed.
+        {
+            let mut map: Array<&mut MapData, RealInfo> = map_mut(&mut self.ebpf, names::REALS)?;
+            for (&id, info) in &reals {
+                if self.written.reals.get(&id) != Some(info) {
+                    map.set(id, info, 0).with_context(|| format!("writing real {id}"))?;
+                    self.written.reals.insert(id, *info);
+                    self.counted.insert(id);
+                    report.reals_written += 1;
+                }
+            }
+        }
+
+        // 2. Storm control, before a listener it limits is switched on; a listener no longer
+        // limited (or gone) drops its settings.
+        {
+            let wanted: BTreeMap<u32, ConnRateWanted> = want.listeners.iter().filter_map(|l| Some((l.id, l.conn_rate?))).collect();
+            let mut map: Array<&mut MapData, ConnRate> = map_mut(&mut self.ebpf, names::CONN_RATE)?;
+            for (&id, r) in &wanted {
+                if self.written.conn_rates.get(&id) != Some(r) {
+                    let value = ConnRate { tat_ns: 0, interval_ns: r.interval_ns, tolerance_ns: r.tolerance_ns, pad: 0 };
+                    map.set(id, value, 0).with_context(|| format!("writing the storm control of listener {id}"))?;
+                }
+            }
+            for &id in self.written.conn_rates.keys().filter(|id| !wanted.contains_key(id)) {
+                map.set(id, ConnRate::default(), 0).with_context(|| format!("clearing the storm control of listener {id}"))?;
+            }
+            self.written.conn_rates = wanted;
+        }
+
+        // 3. Listeners: fill the standby copy, then switch to it in one store.
+        for l in &want.listeners {
+            let vip_be = u32::from_ne_bytes(l.vip.octets());
+            let port_be = u16::from_ne_bytes(l.port.to_be_bytes());
+            let flags =
+                if l.hash_source { LISTENER_F_HASH_SOURCE } else { 0 } | if l.conn_rate.is_some() { LISTENER_F_CONN_RATE } else { 0 };
+            let current = self.written.listeners.get(&l.id).copied();
+            let ring: Vec<u32> = l.ring.iter().map(|&b| if b == NO_BACKEND { NO_BACKEND } else { real_id(l.id, b) }).collect();
+            if let Some(info) = current {
+                let same_ring = self.written.rings.get(&(l.id * RING_COPIES + u32::from(info.ring_copy))) == Some(&ring);
+                if info.vip_be == vip_be && info.port_be == port_be && info.flags == flags && same_ring {
+                    continue;
+                }
+            }
+            let copy = current.map_or(0, |info| (u32::from(info.ring_copy) + 1) % RING_COPIES);
+            let copy_no = l.id * RING_COPIES + copy;
+            let base = ring_base(l.id, copy, self.ring_size);
+            {
+                let old = self.written.rings.entry(copy_no).or_insert_with(|| vec![0; size]).clone();
+                report.ring_slots_written += ring.iter().zip(&old).filter(|(new, was)| new != was).count();
+                let (new_entries, old_entries) = (pack_ring(&ring), pack_ring(&old));
+                let mut rings: Array<&mut MapData, RingEntry> = map_mut(&mut self.ebpf, names::RINGS)?;
+                for (e, (new, was)) in (0..).zip(new_entries.iter().zip(&old_entries)) {
+                    if new != was {
+                        rings.set(base + e, new, 0).with_context(|| format!("writing ring entry {e} of listener {}", l.id))?;
+                    }
+                }
+                self.written.rings.insert(copy_no, ring);
+            }
+            #[expect(clippy::cast_possible_truncation, reason = "copy < RING_COPIES")]
+            let info = ListenerInfo { vip_be, port_be, flags, ring_copy: copy as u8 };
+            // A listener that moved stops matching frames to its old address with this store;
+            // its port bits follow in step 4.
+            self.listeners.store(l.id, 0, info.to_word());
+            self.written.listeners.insert(l.id, info);
+            report.listeners_switched += 1;
+            if let Some(old) = current
+                && (old.vip_be, old.port_be) != (vip_be, port_be)
+            {
+                report.flows_purged += self.purge_flows(old.vip_be, old.port_be);
+            }
+        }
+
+        // 4. Listeners no longer wanted, and the flows that recorded them.
+        let gone: Vec<u32> = self.written.listeners.keys().copied().filter(|id| !ids.contains(id)).collect();
+        for id in gone {
+            let old = self.written.listeners[&id];
+            self.listeners.store(id, 0, ListenerInfo::default().to_word());
+            self.written.listeners.remove(&id);
+            report.flows_purged += self.purge_flows(old.vip_be, old.port_be);
+        }
+
+        // 5. Listener ports, tagged with the flow cache generation, and VIPs (for fragments).
+        self.write_ports();
+        let mut vips: BTreeMap<u32, u32> = BTreeMap::new();
+        for info in self.written.listeners.values() {
+            *vips.entry(info.vip_be).or_default() += 1;
+        }
+        {
+            let mut map: HashMap<&mut MapData, u32, VipInfo> = map_mut(&mut self.ebpf, names::VIPS)?;
+            for (&vip, &n) in &vips {
+                if self.written.vips.get(&vip) != Some(&n) {
+                    map.insert(vip, VipInfo { listeners: n }, 0).context("writing a VIP")?;
+                }
+            }
+            for vip in self.written.vips.keys().filter(|v| !vips.contains_key(v)) {
+                map.remove(vip).context("removing a VIP")?;
+            }
+        }
+        self.written.vips = vips;
+
+        // 6. Reals no longer wanted: inactive, so flows still pinned to them are re-picked.
+        let gone: Vec<u32> = self.written.reals.keys().copied().filter(|id| !reals.contains_key(id)).collect();
+        if !gone.is_empty() {
+            let mut map: Array<&mut MapData, RealInfo> = map_mut(&mut self.ebpf, names::REALS)?;
+            for id in gone {
+                map.set(id, RealInfo { dst_mac: [0; 6], src_mac: [0; 6], flags: 0 }, 0).with_context(|| format!("clearing real {id}"))?;
+                self.written.reals.remove(&id);
+                report.reals_written += 1;
+            }
+        }
+        if report.reals_written > 0 || report.flows_purged > 0 {
+            // Every CPU's flow cache is stale now: a new generation invalidates it at once.
+            // Written after the reals and the purges, so an entry filled before sees the old tag.
+            self.generation = self.generation.wrapping_add(1) & !FLOW_CACHE_VALID;
+            self.write_ports();
+        }
+        Ok(report)
+    }
+
+    /// Zeroes the per-CPU counters of `reals` and of `listeners`.
+    fn zero_counters(&mut self, reals: &[u32], listeners: &BTreeSet<u32>) -> anyhow::Result<()> {
+        use aya::maps::PerCpuValues;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        {
+            let mut map: PerCpuArray<&mut MapData, Counters> = map_mut(&mut self.ebpf, names::REAL_STATS)?;
+            for &r in reals.iter().filter(|r| self.counted.contains(r)) {
+                let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])?;
+                map.set(r, zero, 0).with_context(|| format!("zeroing the counters of real {r}"))?;
+            }
+        }
+        for r in reals {
+            self.counted.remove(r);
+        }
+        let mut map: PerCpuArray<&mut MapData, ListenerCounters> = map_mut(&mut self.ebpf, names::LISTENER_STATS)?;
+        for &l in listeners {
+            let zero = PerCpuValues::try_from(vec![ListenerCounters::default(); cpus])?;
+            map.set(l, zero, 0).with_context(|| format!("zeroing the counters of listener {l}"))?;
+        }
+        Ok(())
+    }
+
+    /// `NODE` as it is.
+    pub(super) fn read_node(&self) -> NodeInfo {
+        let (ns_per_jiffy, idle_expire) = lb_common::flow_meta_split(self.node.load(0, 0));
+        let mut node = NodeInfo { ns_per_jiffy, idle_expire, ..NodeInfo::default() };
+        for (i, word) in node.macs.iter_mut().enumerate() {
+            *word = self.node.load(0, 1 + i);
+        }
+        node
+    }
+
+    /// Writes `NODE` word by word: a frame sees each MAC whole, old or new.
+    fn write_node(&mut self, node: &NodeInfo) {
+        self.node.store(0, 0, node.head());
+        for (i, &word) in node.macs.iter().enumerate() {
+            self.node.store(0, 1 + i, word);
+        }
+        self.written.node = Some(*node);
+    }
+
+    /// Makes `LISTEN_PORTS` say, for every port a listener uses, which listeners use it, with
+    /// the current flow cache tag (`FLOW_CACHE_VALID | generation`) that `FLOW_CACHE` entries
+    /// must carry to be used; every other slot is zero.
+    fn write_ports(&mut self) {
+        let tag = FLOW_CACHE_VALID | self.generation;
+        let mut want: BTreeMap<u32, PortInfo> = BTreeMap::new();
+        for (&id, info) in &self.written.listeners {
+            want.entry(u32::from(info.port_be)).or_insert(PortInfo { tag, listeners: 0 }).listeners |= 1 << id;
+        }
+        for (&slot, &port) in &want {
+            if self.written.ports.get(&slot) != Some(&port) {
+                self.ports.store(slot, 0, port.to_word());
+            }
+        }
+        for &slot in self.written.ports.keys().filter(|p| !want.contains_key(p)) {
+            self.ports.store(slot, 0, PortInfo::default().to_word());
+        }
+        self.written.ports = want;
+    }
+
+    /// Deletes the flows of a listener that no longer exists at (`vip_be`, `port_be`):
+    /// established flows skip the listener lookup, so they would otherwise keep being forwarded.
+    fn purge_flows(&self, vip_be: u32, port_be: u16) -> usize {
+        self.flows.remove_where(|f| f.key.dst_be == vip_be && f.key.dport_be == port_be)
+    }
+}
+
+/// A ring (real ids, `NO_BACKEND` for none) as `RINGS` entries, four slots each.
+fn pack_ring(ring: &[u32]) -> Vec<RingEntry> {
+    ring.chunks(RING_SLOTS_PER_ENTRY as usize)
+        .map(|chunk| {
+            let mut entry = [RING_NONE; RING_SLOTS_PER_ENTRY as usize];
+            for (lane, &id) in entry.iter_mut().zip(chunk) {
+                *lane = u16::try_from(id).unwrap_or(RING_NONE);
+            }
+            entry
+        })
+        .collect()
+}
+
+/// The ring of `ring_size` slots that `RINGS` entries hold.
+pub(super) fn unpack_ring(entries: &[RingEntry], ring_size: u32) -> Vec<u32> {
+    entries.iter().flatten().take(ring_size as usize).map(|&id| if id == RING_NONE { NO_BACKEND } else { u32::from(id) }).collect()
+}

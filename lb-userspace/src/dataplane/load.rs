@@ -1,0 +1,400 @@
+//! Loading the object, pinning its maps, adopting pins a live balancer left, attaching through a
+//! pinned link, and the clock the program keeps.
+
+use std::{collections::BTreeSet, sync::Arc};
+
+use anyhow::{Context as _, bail, ensure};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use lb_common::{
+    ConnRate, Counters, FLOW_CACHE_VALID, LAYOUT_VERSION, Layout, ListenerInfo, MAX_LISTENERS, PORT_SLOTS, PortInfo, REAL_SLOTS,
+    RING_COPIES, RealInfo, RingEntry, VipInfo, flow_table_buckets, map_names as names, ring_base, ring_entries,
+};
+
+use super::{ConnRateWanted, Dataplane, LoadOptions, Written, apply::unpack_ring, map_mut};
+use crate::{EBPF_OBJ, flow_table::FlowTable, mapped::Mapped};
+
+/// Every pinned map of the object, in the order they are pinned and unpinned.
+pub const MAP_NAMES: [&str; 14] = [
+    names::LISTENERS,
+    names::LISTEN_PORTS,
+    names::VIPS,
+    names::REALS,
+    names::RINGS,
+    names::FLOWS,
+    names::LAYOUT,
+    names::CONTROL,
+    names::NODE,
+    names::CONN_RATE,
+    names::VERDICT_STATS,
+    names::REAL_STATS,
+    names::LISTENER_STATS,
+    names::TABLE_STATS,
+];
+
+/// The pin of the XDP link, beside the maps' pins.
+pub const LINK_PIN: &str = "link";
+
+/// How [`Dataplane::open_pinned`] found the pin directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Nothing usable was pinned: new maps, pinned now.
+    Fresh,
+    /// A live attachment and its maps were pinned: adopted, flow table and all.
+    Adopted,
+}
+
+impl Dataplane {
+    pub(super) fn load_with(opts: LoadOptions, pin_dir: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let ring_entries = MAX_LISTENERS
+            .checked_mul(RING_COPIES)
+            .and_then(|n| n.checked_mul(ring_entries(opts.ring_size)))
+            .context("ring_size too large for the rings map")?;
+        ensure!(
+            cfg!(target_arch = "x86_64"),
+            "the flow table's lock-free slot protocol relies on x86-64 memory ordering; this is {}",
+            std::env::consts::ARCH
+        );
+        let buckets = flow_table_buckets(opts.flow_table_size);
+        let bucket_mask = buckets - 1;
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(names::RINGS, ring_entries)
+            .map_max_entries(names::FLOWS, buckets)
+            .override_global("FLOW_BUCKET_MASK", &bucket_mask, true)
+            .override_global("RING_SIZE", &opts.ring_size, true);
+        if let Some(dir) = pin_dir {
+            for name in MAP_NAMES {
+                // An existing pin is opened; a missing one is created and pinned.
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJ).context("loading the XDP object (maps and programs)")?;
+        for name in ["dsrlb", "dsrlb_clock"] {
+            let prog: &mut Xdp = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?.try_into()?;
+            prog.load().with_context(|| format!("verifying program {name}"))?;
+        }
+        if pin_dir.is_some() {
+            // Pinned maps keep the size they were made with; a different config size would be
+            // silently ignored, so refuse it.
+            for (name, want) in [(names::RINGS, ring_entries), (names::FLOWS, buckets)] {
+                let have = match ebpf.map(name) {
+                    Some(aya::maps::Map::Array(m)) => m.info()?.max_entries(),
+                    _ => bail!("map {name} has an unexpected type"),
+                };
+                ensure!(
+                    have == want,
+                    "the pinned {name} map has {have} entries but the config asks for {want} (ring_size or \
+                     flow_table_size changed): run `dsrlb stop` to start afresh, or restore the old value"
+                );
+            }
+        }
+        let mapped = |name: &str| match ebpf.map(name) {
+            Some(aya::maps::Map::Array(m)) => Mapped::new(m, name),
+            _ => bail!("map {name} is missing or not an array"),
+        };
+        let (listeners, ports, node) = (mapped(names::LISTENERS)?, mapped(names::LISTEN_PORTS)?, mapped(names::NODE)?);
+        let control = mapped(names::CONTROL)?;
+        let flows = Arc::new(FlowTable::new(mapped(names::FLOWS)?, flow_seed(&mut ebpf)?));
+        let ns_per_jiffy = if let Some(&n) = NS_PER_JIFFY.get() {
+            n
+        } else {
+            let n = measure_ns_per_jiffy(&ebpf).context("measuring the kernel's clock tick")?;
+            *NS_PER_JIFFY.get_or_init(|| n)
+        };
+        Ok(Self {
+            ebpf,
+            listeners,
+            ports,
+            node,
+            control,
+            ns_per_jiffy,
+            flows,
+            ring_size: opts.ring_size,
+            written: Written::default(),
+            generation: 0,
+            counted: BTreeSet::new(),
+        })
+    }
+
+    /// Loads with every map pinned under `dir`. When `dir` holds a live XDP link on
+    /// `interface`, its maps are adopted (flow table included) and their content read back, so
+    /// the next [`Self::apply`] writes only what changed; anything else pinned there is removed
+    /// first and the maps start empty.
+    ///
+    /// # Errors
+    /// When bpffs is missing, the pins do not fit the config, or loading fails.
+    pub fn open_pinned(opts: &LoadOptions, dir: &std::path::Path, interface: &str) -> anyhow::Result<(Self, Start)> {
+        mount_bpffs_if_needed(dir)?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        ensure!(on_bpffs(dir), "{} is not on a BPF filesystem: mount one there (mount -t bpf bpf DIR)", dir.display());
+        let link = dir.join(LINK_PIN);
+        let live = link.exists() && link_ifindex(&link).is_ok_and(|i| i != 0 && i == if_index(interface));
+        if live {
+            // Before anything is loaded over them: maps of another layout would be misread.
+            let layout = dir.join(names::LAYOUT);
+            ensure!(layout.exists(), "{}", stale_layout("no LAYOUT map"));
+            let map = MapData::from_pin(&layout).with_context(|| format!("opening {}", layout.display()))?;
+            let version = Array::<MapData, Layout>::try_from(aya::maps::Map::Array(map))?.get(&0, 0)?.version;
+            ensure!(version == LAYOUT_VERSION, "{}", stale_layout(&format!("layout version {version}")));
+        } else {
+            unpin_all(dir)?;
+        }
+        let mut dp = Self::load_with(*opts, Some(dir))?;
+        if live {
+            dp.read_back().context("reading the adopted maps")?;
+        }
+        Ok((dp, if live { Start::Adopted } else { Start::Fresh }))
+    }
+
+    /// Attaches the balancer through a link pinned at `dir/link`; see [`Self::attach_pinned`].
+    ///
+    /// # Errors
+    /// When attaching, updating or pinning fails.
+    pub fn attach_pinned_link(&mut self, interface: &str, mode: XdpMode, dir: &std::path::Path) -> anyhow::Result<()> {
+        self.attach_pinned("dsrlb", interface, mode, &dir.join(LINK_PIN))
+    }
+
+    /// Attaches program `name` through a link pinned at `pin`, so the attachment outlives this
+    /// process (removing the pin detaches it). An existing pinned link gets this program
+    /// atomically (`bpf_link_update`): no packet sees a detached interface.
+    ///
+    /// # Errors
+    /// When attaching, updating or pinning fails.
+    pub fn attach_pinned(&mut self, name: &str, interface: &str, mode: XdpMode, pin: &std::path::Path) -> anyhow::Result<()> {
+        let prog: &mut Xdp = self.ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
+        if pin.exists() {
+            let pinned = PinnedLink::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).context("the pinned link is not an XDP link")?;
+            prog.attach_to_link(link).context("replacing the program on the pinned link")?;
+        } else {
+            let id = prog.attach(interface, mode).with_context(|| format!("attaching {name} to {interface} in {mode:?} mode"))?;
+            let fd_link = FdLink::try_from(prog.take_link(id)?).context("the kernel gave a netlink attachment, which cannot be pinned")?;
+            // Dropping the returned handle closes our fd; the pin keeps the link.
+            drop(fd_link.pin(pin).with_context(|| format!("pinning the link at {}", pin.display()))?);
+        }
+        Ok(())
+    }
+
+    /// Fills `written` from the maps, after adopting them.
+    fn read_back(&mut self) -> anyhow::Result<()> {
+        let size = self.ring_size;
+        let mut w = Written::default();
+        for id in 0..MAX_LISTENERS {
+            let info = ListenerInfo::from_word(self.listeners.load(id, 0));
+            if info != ListenerInfo::default() {
+                w.listeners.insert(id, info);
+            }
+        }
+        {
+            let rings: Array<&MapData, RingEntry> = self.map_ref(names::RINGS)?;
+            for &id in w.listeners.keys() {
+                for copy in 0..RING_COPIES {
+                    let base = ring_base(id, copy, size);
+                    let entries = (0..ring_entries(size)).map(|e| rings.get(&(base + e), 0)).collect::<Result<Vec<RingEntry>, _>>()?;
+                    w.rings.insert(id * RING_COPIES + copy, unpack_ring(&entries, size));
+                }
+            }
+        }
+        {
+            let reals: Array<&MapData, RealInfo> = self.map_ref(names::REALS)?;
+            for (i, r) in reals.iter().enumerate() {
+                let r = r?;
+                if r.flags != 0 {
+                    w.reals.insert(u32::try_from(i).expect("< REAL_SLOTS"), r);
+                }
+            }
+        }
+        {
+            let vips: HashMap<&MapData, u32, VipInfo> = self.map_ref(names::VIPS)?;
+            for entry in &vips {
+                let (k, v) = entry?;
+                w.vips.insert(k, v.listeners);
+            }
+        }
+        for slot in 0..PORT_SLOTS {
+            let port = PortInfo::from_word(self.ports.load(slot, 0));
+            if port != PortInfo::default() {
+                w.ports.insert(slot, port);
+            }
+        }
+        self.generation = w.ports.values().map(|p| p.tag & !FLOW_CACHE_VALID).max().unwrap_or(0);
+        w.node = Some(self.read_node());
+        {
+            let rates: Array<&MapData, ConnRate> = self.map_ref(names::CONN_RATE)?;
+            for &id in w.listeners.keys() {
+                let r = rates.get(&id, 0)?;
+                if r.interval_ns != 0 {
+                    w.conn_rates.insert(id, ConnRateWanted { interval_ns: r.interval_ns, tolerance_ns: r.tolerance_ns });
+                }
+            }
+        }
+        let mut counted: BTreeSet<u32> = w.reals.keys().copied().collect();
+        {
+            let stats: PerCpuArray<&MapData, Counters> = self.map_ref(names::REAL_STATS)?;
+            for id in 0..REAL_SLOTS {
+                if stats.get(&id, 0)?.iter().any(|c| c.packets != 0) {
+                    counted.insert(id);
+                }
+            }
+        }
+        self.counted = counted;
+        self.written = w;
+        Ok(())
+    }
+}
+
+/// 10^9 / HZ, measured once per process (the tick rate does not change while the kernel runs).
+static NS_PER_JIFFY: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// The kernel's `jiffies`, read by running `dsrlb_clock`.
+pub(super) fn jiffies(ebpf: &Ebpf) -> anyhow::Result<u64> {
+    use aya::programs::{TestRun as _, TestRunOptions};
+    let prog: &Xdp = ebpf.program("dsrlb_clock").and_then(|p| p.try_into().ok()).context("program dsrlb_clock missing")?;
+    let frame = [0u8; 64];
+    prog.test_run(TestRunOptions { data_in: Some(&frame), ..TestRunOptions::default() }).context("running dsrlb_clock")?;
+    let map: Array<&MapData, u64> = Array::try_from(ebpf.map(names::CLOCK).context("map CLOCK missing")?)?;
+    map.get(&0, 0).context("reading CLOCK")
+}
+
+/// 10^9 / the kernel's HZ: jiffies counted over 200 ms of the monotonic clock, taken as the
+/// nearest common HZ (100, 250, 300, 1000) when within 10% of one.
+fn measure_ns_per_jiffy(ebpf: &Ebpf) -> anyhow::Result<u32> {
+    let (t0, j0) = (std::time::Instant::now(), jiffies(ebpf)?);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (t1, j1) = (std::time::Instant::now(), jiffies(ebpf)?);
+    let hz = (j1 - j0) as f64 / t1.duration_since(t0).as_secs_f64();
+    ensure!(hz >= 10.0, "the kernel's jiffies moved {} in {:?}", j1 - j0, t1 - t0);
+    let known =
+        [100.0, 250.0, 300.0, 1000.0].into_iter().min_by(|a: &f64, b: &f64| (a - hz).abs().total_cmp(&(b - hz).abs())).unwrap_or(hz);
+    let hz = if (known - hz).abs() / known < 0.1 { known } else { hz.round() };
+    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "10^9 / HZ for HZ >= 10")]
+    let ns = (1e9 / hz).round() as u32;
+    tracing::debug!(hz, ns_per_jiffy = ns, "kernel clock tick");
+    Ok(ns)
+}
+
+/// The flow table's hash seed: read from `LAYOUT`, or, for maps just made (version 0), drawn
+/// from the kernel's random source and written there with this build's layout version.
+fn flow_seed(ebpf: &mut Ebpf) -> anyhow::Result<u64> {
+    let mut map: Array<&mut MapData, Layout> = map_mut(ebpf, names::LAYOUT)?;
+    let layout = map.get(&0, 0).context("reading LAYOUT")?;
+    if layout.version != 0 {
+        ensure!(layout.version == LAYOUT_VERSION, "{}", stale_layout(&format!("layout version {}", layout.version)));
+        return Ok(layout.flow_seed);
+    }
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    ensure!(n == 8, "getrandom: {}", std::io::Error::last_os_error());
+    let flow_seed = u64::from_ne_bytes(bytes) | 1;
+    map.set(0, Layout { version: LAYOUT_VERSION, flow_seed }, 0).context("writing LAYOUT")?;
+    Ok(flow_seed)
+}
+
+/// Why pinned maps are refused, and what to do.
+fn stale_layout(what: &str) -> String {
+    format!(
+        "the pinned maps were made by another dsrlb ({what}; this one reads layout version {LAYOUT_VERSION}): run \
+         `dsrlb stop` and start again (the flow table starts empty; connections keep their brokers as long as the \
+         backend set does not change meanwhile)"
+    )
+}
+
+/// Removes the link pin first (detaching the program, unless a process still holds the link),
+/// then the maps' pins. Missing pins are fine.
+///
+/// # Errors
+/// When a pin exists and cannot be removed.
+pub fn unpin_all(dir: &std::path::Path) -> anyhow::Result<()> {
+    for name in std::iter::once(LINK_PIN).chain(MAP_NAMES) {
+        let p = dir.join(name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", p.display())),
+        }
+    }
+    Ok(())
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// Mounts bpffs on /sys/fs/bpf when `dir` lives there and nothing is mounted yet.
+fn mount_bpffs_if_needed(dir: &std::path::Path) -> anyhow::Result<()> {
+    let root = std::path::Path::new(BPFFS);
+    if !dir.starts_with(root) || on_bpffs(root) {
+        return Ok(());
+    }
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let (src, target, fstype) = (c("bpf"), c(BPFFS), c("bpf"));
+    // SAFETY: valid NUL-terminated strings; no mount data.
+    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        bail!("mounting bpffs on {BPFFS}: {} (run as root, or mount -t bpf bpf {BPFFS})", std::io::Error::last_os_error());
+    }
+    tracing::info!("mounted bpffs on {BPFFS}");
+    Ok(())
+}
+
+fn on_bpffs(dir: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
+    // SAFETY: a zeroed statfs is a valid out-parameter; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statfs(c.as_ptr(), &raw mut st) } == 0) && st.f_type == BPF_FS_MAGIC
+}
+
+fn if_index(interface: &str) -> u32 {
+    // SAFETY: a valid C string.
+    std::ffi::CString::new(interface).map_or(0, |c| unsafe { libc::if_nametoindex(c.as_ptr()) })
+}
+
+/// The interface index a pinned XDP link is attached to; 0 once its interface is gone. aya
+/// does not expose it, so this asks the kernel directly (`BPF_OBJ_GET`, then
+/// `BPF_OBJ_GET_INFO_BY_FD`; `bpf_link_info.xdp.ifindex` sits at offset 16).
+fn link_ifindex(pin: &std::path::Path) -> std::io::Result<u32> {
+    use std::os::{
+        fd::{FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // union bpf_attr for BPF_OBJ_GET: pathname (u64), bpf_fd (u32), file_flags (u32).
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    // SAFETY: bpf(2) with a zero-padded attr of the size given.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd from the kernel.
+    let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).map_err(std::io::Error::other)?) };
+    let mut info = [0u32; 32];
+    // For BPF_OBJ_GET_INFO_BY_FD: bpf_fd (u32), info_len (u32), info (u64).
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd)).map_err(std::io::Error::other)?)
+        | (u64::try_from(std::mem::size_of_val(&info)).map_err(std::io::Error::other)? << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    // SAFETY: as above; the kernel writes at most info_len bytes into `info`.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // type (u32), id, prog_id, pad, then the union: xdp.ifindex.
+    const BPF_LINK_TYPE_XDP: u32 = 6;
+    if info[0] != BPF_LINK_TYPE_XDP {
+        return Err(std::io::Error::other(format!("{} is not an XDP link (type {})", pin.display(), info[0])));
+    }
+    Ok(info[4])
+}

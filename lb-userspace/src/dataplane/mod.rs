@@ -1,0 +1,328 @@
+//! The loaded XDP object and its maps, as the controller sees them: what the maps should say
+//! ([`Desired`]) and the handle that holds them ([`Dataplane`]). Loading, pinning and attaching
+//! are in `load`, writing a desired state as a diff in `apply`, counters in `stats`, the
+//! interface facts in `iface`; hooks for tests and benchmarks in `testing` (feature `testing`).
+
+mod apply;
+mod iface;
+mod load;
+mod stats;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::Arc,
+};
+
+use anyhow::{Context as _, ensure};
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuArray},
+};
+use lb_common::{
+    FLOW_CACHE_VALID, FlowCacheEntry, FlowKey, ListenerInfo, NO_MAC, NodeInfo, PortInfo, RealInfo, flow_cache_slot, map_names as names,
+    real_backend,
+};
+
+pub use self::{
+    iface::{interface_ipv4s, interface_mac, xdp_mode},
+    load::{LINK_PIN, MAP_NAMES, Start, unpin_all},
+    stats::Stats,
+};
+use crate::{
+    flow_table::{Flow, FlowTable},
+    mapped::Mapped,
+};
+
+/// Sizes fixed when the object is loaded.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    pub ring_size: u32,
+    pub flow_table_size: u32,
+}
+
+/// What the maps should say: produced by [`crate::plan`], written by [`Dataplane::apply`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub listeners: Vec<DesiredListener>,
+    /// The balancer interface's MAC: the source of every forwarded frame, and the first
+    /// destination MAC it forwards frames for.
+    pub src_mac: [u8; 6],
+    /// Further destination MACs it forwards frames for (`accept_macs`).
+    pub accept_macs: Vec<[u8; 6]>,
+    /// Backend and listener ids given to a name since the last apply: flows still pinned to
+    /// their reals (from whoever held the id before) are deleted and their counters start from
+    /// zero before anything is written for them.
+    pub fresh_backends: BTreeSet<u32>,
+    pub fresh_listeners: BTreeSet<u32>,
+}
+
+/// Storm control as `CONN_RATE` holds it (`lb_common::ConnRate`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnRateWanted {
+    pub interval_ns: u64,
+    pub tolerance_ns: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredListener {
+    /// Stable id: index of its reals and of its two ring copies.
+    pub id: u32,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub hash_source: bool,
+    /// `ring_size` backend ids, or [`NO_BACKEND`].
+    pub ring: Vec<u32>,
+    /// Every backend of the listener, in the ring or not (drained, down): flows may still
+    /// point at them.
+    pub reals: Vec<DesiredReal>,
+    /// `max_conn_rate`, if any.
+    pub conn_rate: Option<ConnRateWanted>,
+    /// Idle age units from which the listener's flows are over (`flow_idle_timeout`).
+    pub idle_expire: u32,
+    /// Every backend is marked down and the listener fails open (`all_down = "forward"`): the
+    /// ring spreads new flows over all of them. Written nowhere; for status and logs.
+    pub fail_open: bool,
+}
+
+/// A backend as one listener uses it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DesiredReal {
+    pub backend: u32,
+    pub dst_mac: [u8; 6],
+    /// Failed this listener's checks: flows pinned to it are re-picked.
+    pub down: bool,
+}
+
+/// Ids the maps hold, as far as they can be recognised without names.
+#[derive(Clone, Debug, Default)]
+pub struct MapIds {
+    /// Listener id by (VIP, port).
+    pub listeners: BTreeMap<(Ipv4Addr, u16), u32>,
+    /// Backend id by the MAC its reals were written with.
+    pub backends: BTreeMap<[u8; 6], u32>,
+}
+
+/// What one [`Dataplane::apply`] wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub ring_slots_written: usize,
+    pub listeners_switched: usize,
+    pub reals_written: usize,
+    /// Flow entries deleted because their listener was removed or moved.
+    pub flows_purged: usize,
+}
+
+/// The maps' content as last written, so an apply writes only differences.
+#[derive(Default)]
+struct Written {
+    /// Listener id to its `LISTENERS` value.
+    listeners: BTreeMap<u32, ListenerInfo>,
+    /// Content of each ring copy, by copy number (`id * RING_COPIES + copy`).
+    rings: BTreeMap<u32, Vec<u32>>,
+    reals: BTreeMap<u32, RealInfo>,
+    vips: BTreeMap<u32, u32>,
+    /// Used `LISTEN_PORTS` slots and their values.
+    ports: BTreeMap<u32, PortInfo>,
+    node: Option<NodeInfo>,
+    /// Listener id to its `CONN_RATE` settings (none: no limit).
+    conn_rates: BTreeMap<u32, ConnRateWanted>,
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    /// `LISTENERS`, `LISTEN_PORTS` and `NODE`, mapped: each word is written with one store.
+    listeners: Mapped,
+    ports: Mapped,
+    node: Mapped,
+    /// `CONTROL`, mapped: the controller's state, kept with the pins.
+    control: Mapped,
+    /// 10^9 / the kernel's HZ: the program's clock is jiffies times this (`NodeInfo`).
+    ns_per_jiffy: u32,
+    /// Shared with the controller's expiry sweep, which walks it off the event loop.
+    flows: Arc<FlowTable>,
+    ring_size: u32,
+    written: Written,
+    /// The flow cache generation, written into every used `LISTEN_PORTS` slot.
+    generation: u32,
+    /// Reals whose `REAL_STATS` slot may be non-zero (ever written, or found non-zero on
+    /// adoption): the forwarded total is summed over them.
+    counted: BTreeSet<u32>,
+}
+
+impl Dataplane {
+    #[must_use]
+    pub const fn ring_size(&self) -> u32 {
+        self.ring_size
+    }
+
+    /// The program id attached now (for logs and tests).
+    ///
+    /// # Errors
+    /// When the program is not loaded.
+    pub fn program_id(&self) -> anyhow::Result<u32> {
+        let prog: &aya::programs::Xdp = self.ebpf.program("dsrlb").and_then(|p| p.try_into().ok()).context("dsrlb is not in the object")?;
+        Ok(prog.info()?.id())
+    }
+
+    fn map_ref<'a, T>(&'a self, name: &str) -> anyhow::Result<T>
+    where
+        T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self.ebpf.map(name).with_context(|| format!("map {name} missing"))?;
+        T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+    }
+
+    /// Nanoseconds per jiffy of the program's clock (10^9 / the kernel's HZ, as measured).
+    #[must_use]
+    pub const fn ns_per_jiffy(&self) -> u32 {
+        self.ns_per_jiffy
+    }
+
+    /// The flow table's age now (`lb_common::flow_age` of the program's clock, read by running
+    /// `dsrlb_clock`).
+    ///
+    /// # Errors
+    /// When the clock program cannot run.
+    pub fn now_age(&self) -> anyhow::Result<u32> {
+        Ok(lb_common::flow_age(lb_common::clock_ns(load::jiffies(&self.ebpf)?, self.ns_per_jiffy)))
+    }
+
+    /// The MACs frames are forwarded for, as last written (the interface's first).
+    #[must_use]
+    pub fn node_macs(&self) -> Vec<[u8; 6]> {
+        let node = self.written.node.unwrap_or_default();
+        node.macs
+            .iter()
+            .filter(|&&w| w != NO_MAC)
+            .map(|w| {
+                let b = w.to_le_bytes();
+                [b[0], b[1], b[2], b[3], b[4], b[5]]
+            })
+            .collect()
+    }
+
+    /// The controller state last saved with [`Self::save_control`] (the valid `CONTROL` entry
+    /// with the highest generation), if any.
+    #[must_use]
+    pub fn load_control(&self) -> Option<Vec<u8>> {
+        (0..2u32)
+            .filter_map(|slot| {
+                let generation = self.control.load(slot, 0);
+                let (checksum, len) = (self.control.load(slot, 1), usize::try_from(self.control.load(slot, 2)).ok()?);
+                if generation == 0 || len > lb_common::CONTROL_STATE_BYTES {
+                    return None;
+                }
+                let bytes: Vec<u8> = (0..len.div_ceil(8)).flat_map(|w| self.control.load(slot, 3 + w).to_le_bytes()).take(len).collect();
+                (lb_common::control_checksum(&bytes) == checksum).then_some((generation, bytes))
+            })
+            .max_by_key(|(generation, _)| *generation)
+            .map(|(_, bytes)| bytes)
+    }
+
+    /// Saves the controller state in the `CONTROL` entry not holding the newest one, and
+    /// publishes it by writing its generation last.
+    ///
+    /// # Errors
+    /// When `bytes` does not fit.
+    pub fn save_control(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        ensure!(bytes.len() <= lb_common::CONTROL_STATE_BYTES, "the controller state ({} bytes) does not fit CONTROL", bytes.len());
+        let newest = (0..2u32).max_by_key(|&slot| self.control.load(slot, 0)).unwrap_or(0);
+        let (slot, generation) = (1 - newest, self.control.load(newest, 0) + 1);
+        self.control.store(slot, 0, 0);
+        for (w, chunk) in bytes.chunks(8).enumerate() {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.control.store(slot, 3 + w, u64::from_le_bytes(word));
+        }
+        self.control.store(slot, 1, lb_common::control_checksum(bytes));
+        self.control.store(slot, 2, bytes.len() as u64);
+        self.control.store(slot, 0, generation);
+        Ok(())
+    }
+
+    /// Listener ids as the maps hold them, by (VIP, port); and backend ids by the MAC of any of
+    /// their reals: what a controller without its saved state can recognise.
+    #[must_use]
+    pub fn ids_in_maps(&self) -> MapIds {
+        let listeners =
+            self.written.listeners.iter().map(|(&id, l)| ((Ipv4Addr::from(l.vip_be.to_ne_bytes()), u16::from_be(l.port_be)), id)).collect();
+        let backends = self.written.reals.iter().map(|(&r, info)| (info.dst_mac, real_backend(r))).collect();
+        MapIds { listeners, backends }
+    }
+
+    /// The MAC each backend id's reals were last written with (for adoption: a broker that is
+    /// off when the controller restarts keeps the MAC it had).
+    #[must_use]
+    pub fn backend_macs(&self) -> BTreeMap<u32, [u8; 6]> {
+        self.written.reals.iter().map(|(&r, info)| (real_backend(r), info.dst_mac)).collect()
+    }
+
+    /// The flow table's slot for a client tuple, if it holds one.
+    #[must_use]
+    pub fn flow(&self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Option<Flow> {
+        self.flows.find(&flow_key(src, sport, dst, dport))
+    }
+
+    /// The two flow table buckets a client tuple may live in.
+    #[must_use]
+    pub fn flow_buckets(&self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> [u32; 2] {
+        self.flows.buckets_of(&flow_key(src, sport, dst, dport))
+    }
+
+    /// The flow table, for walks made off the controller's event loop (expiry).
+    #[must_use]
+    pub fn flow_table_handle(&self) -> Arc<FlowTable> {
+        Arc::clone(&self.flows)
+    }
+
+    /// The usable `FLOW_CACHE` entries of a client tuple (current tag, filled in the clock's
+    /// current unit), one per CPU that has it cached, with the frames each has served since it
+    /// was filled.
+    ///
+    /// # Errors
+    /// When the map read fails.
+    pub fn cached_flow(&self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> anyhow::Result<Vec<FlowCacheEntry>> {
+        let map: PerCpuArray<&MapData, FlowCacheEntry> = self.map_ref(names::FLOW_CACHE)?;
+        let key = flow_key(src, sport, dst, dport);
+        let values = map.get(&flow_cache_slot(&key), 0).context("reading the flow cache")?;
+        let tag = FLOW_CACHE_VALID | self.generation;
+        let now = self.now_age()?;
+        Ok(values.iter().filter(|e| e.key == key && e.tag == tag && u32::from(e.age) == now).copied().collect())
+    }
+
+    /// Slots in use in the flow table, closing flows included (a walk of the table).
+    #[must_use]
+    pub fn flow_count(&self) -> usize {
+        let mut n = 0;
+        self.flows.walk(|_| n += 1);
+        n
+    }
+
+    /// How many live flows point at each real (a walk of the table): not closing, and idle
+    /// less than `expire(listener id)` age units at age `now`.
+    #[must_use]
+    pub fn flows_per_real(&self, now: u32, expire: impl Fn(u32) -> u32) -> BTreeMap<u32, usize> {
+        self.flows.live_per_real(now, expire)
+    }
+}
+
+fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<T>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// The `FLOWS` key of a client tuple.
+fn flow_key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> FlowKey {
+    FlowKey {
+        src_be: u32::from_ne_bytes(src.octets()),
+        dst_be: u32::from_ne_bytes(dst.octets()),
+        sport_be: u16::from_ne_bytes(sport.to_be_bytes()),
+        dport_be: u16::from_ne_bytes(dport.to_be_bytes()),
+    }
+}

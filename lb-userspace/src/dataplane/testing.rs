@@ -1,0 +1,167 @@
+//! Hooks for tests and benchmarks, not part of the production API (feature `testing`): a
+//! balancer loaded without pins, its programs by name, single flows evicted or read raw, and the
+//! test object (`dsrlb-test`: the floor program, the benchmark driver, a pass-all program).
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, ensure};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData},
+    programs::{Xdp, XdpMode},
+};
+
+use super::{Dataplane, LoadOptions, flow_key, map_mut};
+use crate::flow_table::{Flow, FlowTable};
+
+/// The test object loaded: the floor program (`xdp_floor`), the benchmark driver
+/// (`xdp_bench_flows`, which tail-calls a balancer's `dsrlb` or the floor) and `xdp_pass`.
+pub struct TestPrograms {
+    ebpf: Ebpf,
+}
+
+impl TestPrograms {
+    /// Loads the test object; the floor program writes `floor_dst_mac` as every frame's
+    /// destination.
+    ///
+    /// # Errors
+    /// When the kernel refuses it.
+    pub fn load(floor_dst_mac: [u8; 6]) -> anyhow::Result<Self> {
+        let mut ebpf =
+            EbpfLoader::new().override_global("FLOOR_DST_MAC", &floor_dst_mac, true).load(TEST_OBJ).context("loading dsrlb-test")?;
+        for name in ["xdp_floor", "xdp_pass", "xdp_bench_flows"] {
+            let prog: &mut Xdp = ebpf.program_mut(name).with_context(|| format!("program {name} missing"))?.try_into()?;
+            prog.load().with_context(|| format!("verifying program {name}"))?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// One of `xdp_floor`, `xdp_pass`, `xdp_bench_flows`.
+    ///
+    /// # Panics
+    /// On another name.
+    #[must_use]
+    pub fn program(&self, name: &str) -> &Xdp {
+        self.ebpf.program(name).and_then(|p| p.try_into().ok()).expect("program in dsrlb-test")
+    }
+
+    /// Attaches program `name` to `interface` in the calling thread's namespace, for as long as
+    /// `self` lives; or, with `pin`, through a link pinned there, which outlives it.
+    ///
+    /// # Errors
+    /// When attaching or pinning fails.
+    pub fn attach(&mut self, name: &str, interface: &str, mode: XdpMode, pin: Option<&std::path::Path>) -> anyhow::Result<()> {
+        let prog: &mut Xdp = self.ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
+        let id = prog.attach(interface, mode).with_context(|| format!("attaching {name} to {interface} in {mode:?} mode"))?;
+        if let Some(pin) = pin {
+            let link = aya::programs::links::FdLink::try_from(prog.take_link(id)?).context("the kernel gave a netlink attachment")?;
+            drop(link.pin(pin).with_context(|| format!("pinning the link at {}", pin.display()))?);
+        }
+        Ok(())
+    }
+
+    /// Sets up the driver `xdp_bench_flows`: it addresses every run to `dp`'s own MAC, jumps to
+    /// `dp`'s balancer (or, with `floor`, to the floor program), and its next run is tuple
+    /// `start` of its sequence, which starts again after `wrap` runs (0: never); with `keep` it
+    /// only writes the MAC, and every run is the frame given.
+    ///
+    /// # Errors
+    /// When the program array refuses the program or a map write fails.
+    pub fn drive(&mut self, dp: &Dataplane, floor: bool, start: u32, wrap: u32, keep: bool) -> anyhow::Result<()> {
+        self.target(dp, floor)?;
+        let mac = dp.own_mac();
+        let mut seq: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, "BENCH_FLOWS")?;
+        let words = [
+            start,
+            wrap,
+            u32::from_le_bytes([mac[0], mac[1], mac[2], mac[3]]),
+            u32::from_le_bytes([mac[4], mac[5], 0, 0]),
+            u32::from(keep),
+        ];
+        for (i, w) in (0..).zip(words) {
+            seq.set(i, w, 0).context("setting up the driver's sequence")?;
+        }
+        Ok(())
+    }
+
+    /// Points the driver at `dp`'s balancer, or at the floor; its sequence is left as it is.
+    ///
+    /// # Errors
+    /// When the program array refuses the program.
+    pub fn target(&mut self, dp: &Dataplane, floor: bool) -> anyhow::Result<()> {
+        let fd = if floor { self.program("xdp_floor").fd()?.try_clone()? } else { dp.balancer().fd()?.try_clone()? };
+        let mut map: aya::maps::ProgramArray<&mut MapData> = map_mut(&mut self.ebpf, "BENCH_TARGET")?;
+        map.set(0, &fd, 0).context("pointing xdp_bench_flows at its target")
+    }
+}
+
+/// The test object, built beside the production one.
+pub static TEST_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dsrlb-test"));
+
+impl Dataplane {
+    /// Loads the object and its programs into the kernel; nothing is attached.
+    ///
+    /// # Errors
+    /// When the kernel refuses the maps or a program.
+    pub fn load(opts: &LoadOptions) -> anyhow::Result<Self> {
+        Self::load_with(*opts, None)
+    }
+
+    /// The balancer program (`dsrlb`), to run frames through with `BPF_PROG_TEST_RUN`.
+    #[must_use]
+    pub fn balancer(&self) -> &Xdp {
+        self.ebpf.program("dsrlb").and_then(|p| p.try_into().ok()).expect("dsrlb is in the object")
+    }
+
+    /// Attaches the balancer to `interface` (no pin): the attachment lasts as long as `self`.
+    ///
+    /// # Errors
+    /// When the interface is missing or the driver refuses the mode.
+    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> anyhow::Result<()> {
+        let prog: &mut Xdp = self.ebpf.program_mut("dsrlb").context("no program dsrlb")?.try_into()?;
+        prog.attach(interface, mode).with_context(|| format!("attaching dsrlb to {interface} in {mode:?} mode"))?;
+        Ok(())
+    }
+
+    /// This node's own MAC as last applied (what the driver addresses its runs to).
+    fn own_mac(&self) -> [u8; 6] {
+        self.node_macs().first().copied().unwrap_or([0xff; 6])
+    }
+
+    /// Deletes one flow the way a replacement in the table does: the per-CPU flow caches are
+    /// left alone. Tests use it to tell which of the two served a frame.
+    ///
+    /// # Errors
+    /// When the table does not hold the flow.
+    pub fn evict_flow(&mut self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> anyhow::Result<()> {
+        ensure!(self.flows.remove(&flow_key(src, sport, dst, dport)), "no flow {src}:{sport} -> {dst}:{dport} in the table");
+        Ok(())
+    }
+
+    /// Every slot in use in the flow table (a walk of the table).
+    #[must_use]
+    pub fn flows(&self) -> Vec<Flow> {
+        let mut all = Vec::new();
+        self.flows.walk(|f| all.push(*f));
+        all
+    }
+
+    /// Empties the flow table (benchmarks start from an empty one); returns how many flows
+    /// it held.
+    #[expect(clippy::must_use_candidate, reason = "emptying is the point; the count is a bonus")]
+    pub fn clear_flows(&self) -> usize {
+        self.flows.remove_where(|_| true)
+    }
+
+    /// The flow table, for tests that look at or set single slots.
+    #[must_use]
+    pub fn flow_table(&self) -> &FlowTable {
+        &self.flows
+    }
+
+    /// Buckets in the flow table.
+    #[must_use]
+    pub fn flow_table_buckets(&self) -> u32 {
+        self.flows.buckets()
+    }
+}
