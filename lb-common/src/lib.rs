@@ -282,6 +282,8 @@ pub const FLOW_AGE_WRAP: u32 = 1 << 16;
 /// The longest `flow_idle_timeout` accepted, in seconds: 12 hours, well inside the age's wrap.
 pub const MAX_FLOW_IDLE_TIMEOUT_S: u64 = 12 * 3600;
 const _: () = assert!(age_units(MAX_FLOW_IDLE_TIMEOUT_S) < FLOW_AGE_WRAP * 2 / 3, "the longest timeout stays well inside the wrap");
+const _: () =
+    assert!(age_units(MAX_FLOW_IDLE_TIMEOUT_S) + 1 < 0xffff - FLOW_AGE_AHEAD, "the longest timeout is told apart from ages ahead");
 const _: () = assert!(REAL_SLOTS - 1 <= FLOW_S_REAL, "a real id fits FLOW_S_REAL");
 
 /// A slot's second word: its ports (the low half of a [`FlowKey::words`] pair) and its state,
@@ -316,12 +318,19 @@ pub const fn flow_age(ns: u64) -> u32 {
     ((ns >> FLOW_AGE_NS_SHIFT) & 0xffff) as u32
 }
 
+/// Ages this far ahead of a `now` are taken as now: a flow refreshed after `now` was read (by
+/// another CPU, or while the controller walks the table) has an age a unit or two ahead, which
+/// must read as idle 0, not as idle for 2^16 units.
+pub const FLOW_AGE_AHEAD: u32 = 1024;
+
 /// Age units since `age` (a state's age field) at `now`, correct for any true idle time below
-/// [`FLOW_AGE_WRAP`] units.
+/// `FLOW_AGE_WRAP - FLOW_AGE_AHEAD` units (19.2 hours); an age up to [`FLOW_AGE_AHEAD`] units
+/// ahead of `now` is idle 0.
 #[inline(always)]
 #[must_use]
 pub const fn flow_idle(now: u32, age: u32) -> u32 {
-    now.wrapping_sub(age) & 0xffff
+    let idle = now.wrapping_sub(age) & 0xffff;
+    if idle > 0xffff - FLOW_AGE_AHEAD { 0 } else { idle }
 }
 
 /// Whole age units in `secs` seconds, rounded up (a timeout never fires early).

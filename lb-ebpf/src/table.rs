@@ -8,8 +8,8 @@ use core::intrinsics::{
 };
 
 use lb_common::{
-    FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_LIVE, FLOW_WAYS, FlowBucket, FlowKey, flow_buckets, flow_meta,
-    flow_meta_split, table_event,
+    FLOW_AGE_AHEAD, FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_LIVE, FLOW_WAYS, FlowBucket, FlowKey,
+    flow_buckets, flow_meta, flow_meta_split, table_event,
 };
 
 use crate::{
@@ -196,6 +196,10 @@ fn score(meta: u64, now: u32, expire_less_one: u64) -> u64 {
     const _: () = assert!(FLOW_S_CONFIRMED << 1 == UNCONFIRMED as u32 && (FLOW_S_CLOSING as u64) << 4 == STALE);
     let st = u64::from(flow_meta_split(meta).1);
     let idle = u64::from(now).wrapping_sub(st >> FLOW_S_AGE_SHIFT) & 0xffff;
+    // An age ahead of `now` (another CPU refreshed the flow after this one read the clock) is
+    // idle 0 (`lb_common::flow_idle`).
+    let ahead = opaque(u64::from(0xffff - FLOW_AGE_AHEAD).wrapping_sub(idle)) >> 63;
+    let idle = idle & ahead.wrapping_sub(1);
     let expired = opaque(expire_less_one.wrapping_sub(idle)) >> 63 << STALE.trailing_zeros();
     // The confirmed bit, inverted, moved to UNCONFIRMED; the closing bit moved to STALE.
     idle | (!st << 1 & UNCONFIRMED) | (st << 4 & STALE) | expired

@@ -463,3 +463,32 @@ fn storm_control_admits_its_rate_and_never_limits_established_traffic() {
         p += 2;
     }
 }
+
+#[test]
+fn a_flow_refreshed_ahead_of_a_reader_is_not_idle() {
+    require_root!();
+    let text = Lb::config_text(&[("b1", 11, 100), ("b2", 12, 100)]).replace("ring_size", "flow_idle_timeout = \"5s\"\nring_size");
+    let lb = Lb::with_table(Lb::parse(&text), 4);
+    let expire = plan::expire_units(Duration::from_secs(5));
+    let held = tuples([10, 6], 8);
+    for &t in &held {
+        assert_eq!(send(&lb, t, TCP_SYN), XDP_TX);
+        assert_eq!(send(&lb, t, TCP_ACK), XDP_TX);
+    }
+    // A flow whose last frame came a unit or two after a reader took the time (another CPU, or
+    // the controller walking the table while a segment arrives): its age is ahead of `now`.
+    let now = lb.dp.now_age().expect("clock");
+    let (bucket, way) = slot_of(&lb, held[2]);
+    let (addrs, meta) = lb.dp.flow_table().raw(bucket, way);
+    let (ports, state) = flow_meta_split(meta);
+    let ahead = (state & 0xffff) | (now.wrapping_add(2) & 0xffff) << FLOW_S_AGE_SHIFT;
+    lb.dp.flow_table().set_raw(bucket, way, addrs, flow_meta(ports, ahead));
+    // Counted live, and not removed as expired, by the controller...
+    assert_eq!(lb.dp.flows_per_real(now, |_| expire).values().sum::<usize>(), 8, "a flow ahead of the reader counts as idle");
+    assert_eq!(lb.dp.flow_table().remove_where(|f| f.idle(now) >= expire), 0, "a sweep removed a flow refreshed during it");
+    // ... and not replaced as expired by the program: a newcomer finds only confirmed flows.
+    let before = table_events(&lb);
+    assert_eq!(send(&lb, (Ipv4Addr::new(10, 7, 0, 1), 40000), TCP_SYN), XDP_TX);
+    assert!(lb.dp.flow(held[2].0, held[2].1, VIP, 1883).is_some(), "the program replaced a flow refreshed ahead of it");
+    assert_eq!(table_events(&lb)[table_event::REFUSED as usize], before[table_event::REFUSED as usize] + 1);
+}
