@@ -3,7 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -196,6 +196,40 @@ pub struct Backend {
     pub weight: u32,
 }
 
+/// `[announce]`: this node announces its VIPs to routers (BGP, through a speaker such as BIRD)
+/// by keeping a route per announced VIP in a kernel routing table that the speaker exports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Announce {
+    /// The kernel routing table the VIP routes go into.
+    pub table: u32,
+    /// How long `dsrlb stop` waits, after withdrawing, for the routers to stop sending before
+    /// it detaches (it detaches sooner once the listeners saw no packet for a second).
+    pub withdraw_wait: Duration,
+}
+
+/// `table` by default: a table of its own, outside the kernel's (253-255) and the probe
+/// routes' (`0xd5b00..`).
+pub const DEFAULT_ANNOUNCE_TABLE: u32 = 213;
+pub const DEFAULT_WITHDRAW_WAIT: Duration = Duration::from_secs(10);
+
+/// `[cluster]`: the balancer nodes that share their flow-table exceptions (flows pinned to
+/// another broker than the current ring picks), so that any node can carry any live session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cluster {
+    /// Every node's sync address, this node's own included: the same list on every node.
+    pub nodes: Vec<SocketAddrV4>,
+    /// How often the flow table is walked for exceptions besides after every ring change.
+    pub sync_interval: Duration,
+    /// How long a starting node waits for the other nodes' exceptions before it announces its
+    /// VIPs and `dsrlb ping` answers (it stops waiting once every other node has sent them).
+    pub join_wait: Duration,
+}
+
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_JOIN_WAIT: Duration = Duration::from_secs(10);
+/// Nodes a cluster may list.
+pub const MAX_CLUSTER_NODES: usize = 16;
+
 /// A validated config.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -213,6 +247,8 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     /// Sorted by name.
     pub backends: Vec<Backend>,
+    pub announce: Option<Announce>,
+    pub cluster: Option<Cluster>,
 }
 
 impl Config {
@@ -243,6 +279,23 @@ struct RawConfig {
     listeners: Vec<Spanned<RawListener>>,
     #[serde(default, rename = "backend")]
     backends: Vec<Spanned<RawBackend>>,
+    announce: Option<Spanned<RawAnnounce>>,
+    cluster: Option<Spanned<RawCluster>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnnounce {
+    table: Option<Spanned<u32>>,
+    withdraw_wait: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    nodes: Spanned<Vec<Spanned<String>>>,
+    sync_interval: Option<Spanned<String>>,
+    join_wait: Option<Spanned<String>>,
 }
 
 const fn default_mode() -> XdpModeCfg {
@@ -414,6 +467,8 @@ impl Validator<'_> {
                 ));
             }
         }
+        let announce = raw.announce.as_ref().map(|a| self.announce(a.get_ref())).transpose()?;
+        let cluster = raw.cluster.as_ref().map(|c| self.cluster(c.get_ref())).transpose()?;
         Ok(Config {
             interface,
             xdp_mode: raw.xdp_mode,
@@ -425,7 +480,75 @@ impl Validator<'_> {
             health,
             listeners,
             backends,
+            announce,
+            cluster,
         })
+    }
+
+    fn announce(&self, raw: &RawAnnounce) -> Result<Announce, ConfigError> {
+        let table = match &raw.table {
+            None => DEFAULT_ANNOUNCE_TABLE,
+            Some(t) => {
+                let n = *t.get_ref();
+                if n == 0 || (253..=255).contains(&n) || (0xd_5b00..=0xd_5bff).contains(&n) {
+                    return Err(self.err(
+                        &t.span(),
+                        "announce.table",
+                        format!(
+                            "{n} is not a table of its own: 0 and 253-255 are the kernel's (default, main, local), 0xd5b00-0xd5bff \
+                             dsrlb's probe routes'"
+                        ),
+                    ));
+                }
+                n
+            }
+        };
+        let withdraw_wait = match &raw.withdraw_wait {
+            None => DEFAULT_WITHDRAW_WAIT,
+            Some(w) => parse_duration_within(w.get_ref(), Duration::ZERO, Duration::from_mins(5))
+                .map_err(|m| self.err(&w.span(), "announce.withdraw_wait", m))?,
+        };
+        Ok(Announce { table, withdraw_wait })
+    }
+
+    fn cluster(&self, raw: &RawCluster) -> Result<Cluster, ConfigError> {
+        let list = raw.nodes.get_ref();
+        if !(2..=MAX_CLUSTER_NODES).contains(&list.len()) {
+            return Err(self.err(
+                &raw.nodes.span(),
+                "cluster.nodes",
+                format!("list every node's sync address, this one's included: 2 to {MAX_CLUSTER_NODES}, not {}", list.len()),
+            ));
+        }
+        let mut nodes = Vec::with_capacity(list.len());
+        for (i, n) in list.iter().enumerate() {
+            let addr: SocketAddrV4 = n
+                .get_ref()
+                .parse()
+                .map_err(|_| self.err(&n.span(), format!("cluster.nodes[{i}]"), format!("{:?} is not IPv4:PORT", n.get_ref())))?;
+            if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_loopback() || addr.ip().is_multicast() {
+                return Err(self.err(
+                    &n.span(),
+                    format!("cluster.nodes[{i}]"),
+                    format!("{addr}: a node's address on the balancer network and a port other than 0"),
+                ));
+            }
+            if nodes.iter().any(|a: &SocketAddrV4| a.ip() == addr.ip()) {
+                return Err(self.err(&n.span(), format!("cluster.nodes[{i}]"), format!("{} is listed twice", addr.ip())));
+            }
+            nodes.push(addr);
+        }
+        let sync_interval = match &raw.sync_interval {
+            None => DEFAULT_SYNC_INTERVAL,
+            Some(w) => parse_duration_within(w.get_ref(), Duration::from_secs(1), Duration::from_mins(10))
+                .map_err(|m| self.err(&w.span(), "cluster.sync_interval", m))?,
+        };
+        let join_wait = match &raw.join_wait {
+            None => DEFAULT_JOIN_WAIT,
+            Some(w) => parse_duration_within(w.get_ref(), Duration::ZERO, Duration::from_mins(5))
+                .map_err(|m| self.err(&w.span(), "cluster.join_wait", m))?,
+        };
+        Ok(Cluster { nodes, sync_interval, join_wait })
     }
 
     fn failure(
@@ -840,6 +963,34 @@ weight = 50
     }
 
     #[test]
+    fn announce_and_cluster_sections() {
+        let c = parse(GOOD, "t.toml").expect("valid");
+        assert_eq!((c.announce, c.cluster), (None, None), "neither without its section");
+        let text = format!("{GOOD}\n[announce]\n\n[cluster]\nnodes = [\"192.0.2.2:9878\", \"192.0.2.3:9878\"]\n");
+        let c = parse(&text, "t.toml").expect("valid");
+        assert_eq!(c.announce, Some(Announce { table: DEFAULT_ANNOUNCE_TABLE, withdraw_wait: DEFAULT_WITHDRAW_WAIT }));
+        let cluster = c.cluster.expect("cluster");
+        assert_eq!(cluster.nodes, vec!["192.0.2.2:9878".parse().expect("addr"), "192.0.2.3:9878".parse().expect("addr")]);
+        assert_eq!((cluster.sync_interval, cluster.join_wait), (DEFAULT_SYNC_INTERVAL, DEFAULT_JOIN_WAIT));
+        let e = error_of(&format!("{GOOD}\n[announce]\ntable = 254\n"));
+        assert!(e.starts_with("t.toml:26:9: announce.table: 254 is not a table of its own"), "{e}");
+        let e = error_of(&format!("{GOOD}\n[announce]\nwithdraw_wait = \"1h\"\n"));
+        assert!(e.starts_with("t.toml:26:17: announce.withdraw_wait: "), "{e}");
+        let e = error_of(&format!("{GOOD}\n[cluster]\nnodes = [\"192.0.2.2:9878\"]\n"));
+        assert!(e.starts_with("t.toml:26:9: cluster.nodes: list every node's sync address, this one's included: 2 to 16, not 1"), "{e}");
+        let e = error_of(&format!("{GOOD}\n[cluster]\nnodes = [\"192.0.2.2:9878\", \"192.0.2.2:9879\"]\n"));
+        assert!(e.starts_with("t.toml:26:28: cluster.nodes[1]: 192.0.2.2 is listed twice"), "{e}");
+        let e = error_of(&format!("{GOOD}\n[cluster]\nnodes = [\"192.0.2.2\", \"192.0.2.3:9878\"]\n"));
+        assert!(e.starts_with("t.toml:26:10: cluster.nodes[0]: \"192.0.2.2\" is not IPv4:PORT"), "{e}");
+        let e = error_of(&format!("{GOOD}\n[cluster]\nnodes = [\"127.0.0.1:9878\", \"192.0.2.3:9878\"]\n"));
+        assert!(e.contains("cluster.nodes[0]: 127.0.0.1:9878: a node's address"), "{e}");
+        let e = error_of(&format!("{GOOD}\n[cluster]\nnodes = [\"192.0.2.2:1\", \"192.0.2.3:1\"]\nsync_interval = \"0s\"\n"));
+        assert!(e.starts_with("t.toml:27:17: cluster.sync_interval: "), "{e}");
+        let e = error_of(&format!("{GOOD}\n[cluster]\nnodes = [\"192.0.2.2:1\", \"192.0.2.3:1\"]\npeers = []\n"));
+        assert!(e.contains("unknown field `peers`"), "{e}");
+    }
+
+    #[test]
     fn errors_name_line_and_field() {
         let e = error_of(&GOOD.replace("192.0.2.100", "192.0.2.300"));
         assert!(e.starts_with("t.toml:11:7: listener[0].vip:"), "{e}");
@@ -955,6 +1106,11 @@ weight = 50
                 "tls_ca",
                 "max_conn_rate",
                 "max_conn_burst",
+                "table",
+                "withdraw_wait",
+                "nodes",
+                "sync_interval",
+                "join_wait",
                 "nonsense",
             ]);
             let value = prop::sample::select(vec![
@@ -973,6 +1129,8 @@ weight = 50
                 "[]",
                 "[\"b1\"]",
                 "[\"02:00:00:00:00:11\"]",
+                "[\"192.0.2.2:9878\", \"192.0.2.3:9878\"]",
+                "[\"192.0.2.2:9878\", \"192.0.2.2:9878\"]",
                 "\"reset\"",
                 "\"forward\"",
                 "true",
@@ -983,7 +1141,8 @@ weight = 50
                 "1e9",
                 "\"ä\"",
             ]);
-            let header = prop::sample::select(vec!["[health]", "[[listener]]", "[[backend]]", "[listener]", "[[nonsense]]"]);
+            let header =
+                prop::sample::select(vec!["[health]", "[[listener]]", "[[backend]]", "[listener]", "[announce]", "[cluster]", "[[nonsense]]"]);
             prop_oneof![
                 3 => (key, value).prop_map(|(k, v)| format!("{k} = {v}")),
                 1 => header.prop_map(str::to_owned),

@@ -5,7 +5,7 @@
 
 use lb_common::{
     FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_LIVE, FLOW_S_REAL, FLOW_WAYS, FlowKey, flow_buckets, flow_idle,
-    flow_meta_split,
+    flow_meta, flow_meta_split, flow_state,
 };
 
 use crate::mapped::Mapped;
@@ -48,6 +48,21 @@ impl Flow {
     pub const fn idle(&self, now: u32) -> u32 {
         flow_idle(now, self.age())
     }
+}
+
+/// What [`FlowTable::merge`] did with a flow another node holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Merged {
+    /// The table did not hold it: now it does.
+    Inserted,
+    /// The table held it, pinned to the same real: its age (and closing mark) brought up to date.
+    Refreshed,
+    /// The table holds an open confirmed flow of this node's with that key, pinned elsewhere:
+    /// this node's own traffic wins.
+    Kept,
+    /// Both buckets hold only open confirmed flows: nothing is replaced for it (the flood
+    /// guard's rule).
+    Full,
 }
 
 /// Where a slot is, and the state word read there (for a compare-and-swap).
@@ -175,6 +190,81 @@ impl FlowTable {
             }
         });
         out
+    }
+
+    /// Takes in a flow that another node of the cluster holds (see `crate::cluster`), pinned to
+    /// `real` (this node's id for the same listener and backend), its last frame at `age`,
+    /// closing or not. The table then forwards it as the other node does, whichever node the
+    /// routers send it to. With the same key pinned to the same real, the newer age stands and
+    /// a closing mark is kept; pinned to another real, an open confirmed flow of this node's
+    /// stays, and anything else (unconfirmed: a mid-flow miss recorded by the ring; closing or
+    /// expired: an older connection) is replaced. A new key goes into a free slot of the
+    /// emptier bucket, else over the best closing, expired or unconfirmed flow of the eight,
+    /// never over an open confirmed one. `now` and `expire`: the clock's age and the idle units
+    /// from which a flow is expired.
+    #[must_use]
+    pub fn merge(&self, key: &FlowKey, real: u32, closing: bool, age: u32, now: u32, expire: u32) -> Merged {
+        let flags = FLOW_S_CONFIRMED | if closing { FLOW_S_CLOSING } else { 0 };
+        let (_, ports) = key.words();
+        for _ in 0..SETTLE_TRIES {
+            let slots: Vec<(u32, usize)> = self.buckets_of(key).into_iter().flat_map(|b| (0..FLOW_WAYS).map(move |w| (b, w))).collect();
+            let found = slots.iter().find_map(|&(b, w)| self.read(b, w).filter(|(f, _)| f.key == *key));
+            if let Some((f, seen)) = found {
+                let stale = f.closing() || !f.confirmed() || f.idle(now) >= expire;
+                let new_state = if f.real() == real {
+                    // The newer of the two ages: the smaller idle time at `now`.
+                    let newer = if flow_idle(now, age) < f.idle(now) { age } else { f.age() };
+                    let same = (f.state & !(0xffff << FLOW_S_AGE_SHIFT)) | (newer << FLOW_S_AGE_SHIFT) | (flags & FLOW_S_CLOSING);
+                    if same == f.state {
+                        return Merged::Refreshed;
+                    }
+                    same
+                } else if stale {
+                    flow_state(real, flags, age)
+                } else {
+                    return Merged::Kept;
+                };
+                if self.mem.compare_exchange(seen.bucket, seen.way * 2 + 1, seen.meta, flow_meta(ports, new_state)).is_ok() {
+                    return if f.real() == real { Merged::Refreshed } else { Merged::Inserted };
+                }
+                continue; // changed under us: look again
+            }
+            // Not held: a free slot of the emptier bucket (the left one on a tie), else the best to
+            // replace: closing or expired first, then unconfirmed, the longest idle first.
+            let free = |b: u32| (0..FLOW_WAYS).filter(|&w| self.mem.load(b, w * 2 + 1) == 0).collect::<Vec<_>>();
+            let [left, right] = self.buckets_of(key);
+            let (fl, fr) = (free(left), free(right));
+            let target = if fr.len() > fl.len() {
+                Some((right, fr[0], 0))
+            } else if let Some(&w) = fl.first() {
+                Some((left, w, 0))
+            } else {
+                slots
+                    .iter()
+                    .filter_map(|&(b, w)| {
+                        let (f, seen) = self.read(b, w)?;
+                        let class = if f.closing() || f.idle(now) >= expire {
+                            2
+                        } else if f.confirmed() {
+                            return None;
+                        } else {
+                            1
+                        };
+                        Some(((class, f.idle(now)), (b, w, seen.meta)))
+                    })
+                    .max_by_key(|(score, _)| *score)
+                    .map(|(_, t)| t)
+            };
+            let Some((bucket, way, was)) = target else { return Merged::Full };
+            // Claim it as the program does (BUSY, addresses, state), unless it changed.
+            if self.mem.compare_exchange(bucket, way * 2 + 1, was, flow_meta(0, FLOW_S_BUSY)).is_ok() {
+                let (addrs, _) = key.words();
+                self.mem.store(bucket, way * 2, addrs);
+                self.mem.store(bucket, way * 2 + 1, flow_meta(ports, flow_state(real, flags, age)));
+                return Merged::Inserted;
+            }
+        }
+        Merged::Full
     }
 
     /// Removes one flow; false when the table does not hold it.

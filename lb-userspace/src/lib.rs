@@ -1,9 +1,12 @@
 //! The dsrlb controller: config, Maglev rings, and the XDP data plane they are written to.
 
+pub mod announce;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod controller;
 pub mod dataplane;
+pub mod exceptions;
 pub mod flow_table;
 pub mod health;
 pub mod maglev;

@@ -14,7 +14,7 @@ use serde_json::Value;
 #[derive(Parser)]
 #[command(name = "dsrlb", version, about = "XDP direct-server-return load balancer for MQTT brokers")]
 struct Cli {
-    /// The controller's control socket (its state file lives beside it).
+    /// The controller's control socket.
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// bpffs directory where the maps and the XDP link are pinned.
@@ -69,8 +69,8 @@ enum Command {
     },
     /// Detach the balancer and remove its pins (the only command that stops forwarding).
     Stop,
-    /// Exit 0 when a controller serves and its program is attached; cheap enough for
-    /// keepalived's `vrrp_script` (it reads no flow table).
+    /// Exit 0 when a controller serves, its program is attached and (with `[cluster]`) it has
+    /// joined; cheap enough for keepalived's `vrrp_script` (it reads no flow table).
     Ping,
     /// Per-backend counters; `--watch` refreshes every second.
     Stats {
@@ -233,7 +233,64 @@ fn status_table(v: &Value) -> String {
     if let Some(n) = v["verdicts"]["pass/not_our_mac"].as_u64().filter(|n| *n > 0) {
         let _ = writeln!(out, "frames for another MAC passed: {n}");
     }
+    ha_table(v, &mut out);
     out
+}
+
+/// The announcement and cluster lines of `dsrlb status`.
+fn ha_table(v: &Value, out: &mut String) {
+    use std::fmt::Write as _;
+    let empty = Vec::new();
+    if let Some(a) = v["announce"].as_object() {
+        let vips: Vec<String> = a["vips"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .map(|x| {
+                let state = if x["announced"].as_bool() == Some(true) { "announced" } else { "withdrawn" };
+                format!("{} {state} ({})", x["vip"].as_str().unwrap_or(""), x["why"].as_str().unwrap_or(""))
+            })
+            .collect();
+        let _ = writeln!(out, "announce (table {}): {}", a["table"], vips.join("; "));
+        if let Some(e) = a["error"].as_str() {
+            let _ = writeln!(out, "  ANNOUNCE FAILED: {e}");
+        }
+    }
+    if let Some(c) = v["cluster"].as_object() {
+        let joined = if c["joined"].as_bool() == Some(true) { "joined" } else { "JOINING (not announcing, ping fails)" };
+        let walk = c["last_walk"]
+            .as_object()
+            .map_or_else(|| "no walk yet".to_owned(), |w| format!("{} exceptions at the last walk ({} s ago)", w["exceptions"], w["ago_s"]));
+        let m = &c["merged"];
+        let _ = writeln!(
+            out,
+            "cluster: node {} {joined}; {walk}; received flows inserted {} refreshed {} kept {} full {} unknown {}",
+            c["me"].as_str().unwrap_or(""),
+            m["inserted"],
+            m["refreshed"],
+            m["kept"],
+            m["full"],
+            m["unknown"]
+        );
+        for p in c["peers"].as_array().unwrap_or(&empty) {
+            let dir = |up: &Value, err: &Value| match (up.as_bool(), err.as_str()) {
+                (Some(true), _) => "up".to_owned(),
+                (_, Some(e)) => format!("down ({e})"),
+                _ => "down".to_owned(),
+            };
+            let _ = writeln!(
+                out,
+                "  peer {:<21} out {}  in {}{}  config {}  flows sent {} received {}",
+                p["node"].as_str().unwrap_or(""),
+                dir(&p["out_connected"], &p["out_error"]),
+                dir(&p["in_connected"], &p["in_error"]),
+                if p["synced"].as_bool() == Some(true) { " synced" } else { "" },
+                p["config"].as_str().unwrap_or(""),
+                p["flows_sent"],
+                p["flows_received"]
+            );
+        }
+    }
 }
 
 fn stats(socket: &std::path::Path, watch: bool, json: bool) -> anyhow::Result<()> {
@@ -283,14 +340,23 @@ fn parse_metrics(s: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
     s.parse().map(Some).map_err(|_| anyhow::anyhow!("--metrics {s:?}: expected ADDRESS:PORT (e.g. 127.0.0.1:9877) or off"))
 }
 
-/// Asks a running controller to detach and unpin; with none running, removes the pins itself.
+/// Asks a running controller to withdraw its VIPs, detach and unpin; with none running,
+/// withdraws and removes the pins itself.
 fn stop(socket: &std::path::Path, pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    let link = pin_dir.join(dataplane::LINK_PIN);
     match control::call(socket, &Request::Stop) {
         Ok(resp) if resp.ok => {
             println!("{}", resp.data.as_str().unwrap_or("stopping"));
-            // Wait for it to finish: the link pin goes last.
-            for _ in 0..100 {
-                if !pin_dir.join(dataplane::LINK_PIN).exists() && !socket.exists() {
+            // Wait for it to finish: it withdraws the VIPs and waits for the traffic to go (at
+            // most `withdraw_wait`, 5 minutes at the most), then removes the pins, the link last.
+            let deadline = std::time::Instant::now() + Duration::from_secs(330);
+            let mut gone_since = None;
+            while link.exists() && std::time::Instant::now() < deadline {
+                // The controller removes its socket just before the pins; a socket gone for long
+                // with the link still pinned means it died on the way.
+                if socket.exists() {
+                    gone_since = None;
+                } else if gone_since.get_or_insert_with(std::time::Instant::now).elapsed() > Duration::from_secs(2) {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -298,6 +364,16 @@ fn stop(socket: &std::path::Path, pin_dir: &std::path::Path) -> anyhow::Result<(
         }
         Ok(resp) => anyhow::bail!("{}", resp.error.unwrap_or_default()),
         Err(e) if e.to_string().starts_with("no controller is running") => {
+            let withdrawn = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(controller::withdraw_without_controller()))?;
+            if withdrawn > 0 && link.exists() {
+                // No controller to watch the traffic stop: give the routers the time BGP needs.
+                println!("withdrew {withdrawn} VIP route(s); detaching in {} s", NO_CONTROLLER_WITHDRAW_WAIT.as_secs());
+                std::thread::sleep(NO_CONTROLLER_WITHDRAW_WAIT);
+            }
             dataplane::unpin_all(pin_dir)?;
             println!("no controller was running; removed the pins in {}", pin_dir.display());
         }
@@ -307,6 +383,9 @@ fn stop(socket: &std::path::Path, pin_dir: &std::path::Path) -> anyhow::Result<(
     println!("detached; nothing pinned in {}", pin_dir.display());
     Ok(())
 }
+
+/// `dsrlb stop` without a controller: how long after withdrawing the VIPs it detaches.
+const NO_CONTROLLER_WITHDRAW_WAIT: Duration = Duration::from_secs(3);
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let cfg = config::load(path)?;

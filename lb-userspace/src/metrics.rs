@@ -47,6 +47,13 @@ pub struct Snapshot {
     /// (listener, every backend down and the listener failing open).
     pub fail_open: Vec<(String, bool)>,
     pub flow_table_entries: u64,
+    /// `[announce]`: (VIP, announced).
+    pub announced: Vec<(String, bool)>,
+    /// `[cluster]`: the other nodes, the exceptions of the last walk, merges, joined.
+    pub peers: Vec<crate::cluster::PeerStatus>,
+    pub exceptions: Option<u64>,
+    pub merges: Option<crate::exceptions::MergeCounts>,
+    pub joined: Option<bool>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -54,6 +61,7 @@ type Labels = Vec<(&'static str, String)>;
 type PairCounter = (&'static str, &'static str, fn(&PairSample) -> u64);
 type ListenerCounter = (&'static str, &'static str, fn(&(String, u64, u64, u64)) -> u64);
 type GuardCounter = (&'static str, &'static str, fn(&(String, u64, u64)) -> u64);
+type PeerCounter = (&'static str, &'static str, fn(&crate::cluster::PeerStatus) -> u64);
 
 fn pair_labels(p: &PairSample) -> Labels {
     vec![("listener", p.listener.clone()), ("backend", p.backend.clone())]
@@ -143,6 +151,82 @@ impl Collector for Snapshot {
         }
         let m = e.encode_descriptor("dsrlb_flow_table_entries", "Live entries in the flow table", None, MetricType::Gauge)?;
         ConstGauge::new(i64::try_from(self.flow_table_entries).unwrap_or(i64::MAX)).encode(m)?;
+        self.encode_ha(&mut e)
+    }
+}
+
+impl Snapshot {
+    fn encode_ha(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if !self.announced.is_empty() {
+            let help = "1 while this node announces the VIP to the routers ([announce])";
+            let mut m = e.encode_descriptor("dsrlb_vip_announced", help, None, MetricType::Gauge)?;
+            for (vip, on) in &self.announced {
+                ConstGauge::new(i64::from(*on)).encode(m.encode_family(&vec![("vip", vip.clone())])?)?;
+            }
+        }
+        if let Some(joined) = self.joined {
+            let m = e.encode_descriptor(
+                "dsrlb_cluster_joined",
+                "1 once this node has the other nodes' exceptions (or join_wait passed)",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::from(joined)).encode(m)?;
+        }
+        if !self.peers.is_empty() {
+            let mut m = e.encode_descriptor(
+                "dsrlb_cluster_peer_up",
+                "1 while the connection to (out) or from (in) the node is up",
+                None,
+                MetricType::Gauge,
+            )?;
+            for p in &self.peers {
+                for (dir, up) in [("out", p.out_connected), ("in", p.in_connected)] {
+                    ConstGauge::new(i64::from(up)).encode(m.encode_family(&vec![("peer", p.node.clone()), ("direction", dir.to_owned())])?)?;
+                }
+            }
+            let mut m = e.encode_descriptor(
+                "dsrlb_cluster_peer_config_match",
+                "1 when the node builds its rings from the same listeners, backends, weights and ring_size",
+                None,
+                MetricType::Gauge,
+            )?;
+            for p in &self.peers {
+                ConstGauge::new(i64::from(p.config == "same")).encode(m.encode_family(&vec![("peer", p.node.clone())])?)?;
+            }
+            let counters: [PeerCounter; 2] = [
+                ("dsrlb_cluster_flows_sent", "Exception flows sent to the node", |p| p.flows_sent),
+                ("dsrlb_cluster_flows_received", "Exception flows received from the node", |p| p.flows_received),
+            ];
+            for (name, help, get) in counters {
+                let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+                for p in &self.peers {
+                    ConstCounter::new(get(p)).encode(m.encode_family(&vec![("peer", p.node.clone())])?)?;
+                }
+            }
+        }
+        if let Some(n) = self.exceptions {
+            let m = e.encode_descriptor(
+                "dsrlb_cluster_exceptions",
+                "Live flows pinned elsewhere than the current ring picks, at the last walk",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX)).encode(m)?;
+        }
+        if let Some(c) = self.merges {
+            let mut m = e.encode_descriptor(
+                "dsrlb_cluster_merges",
+                "Flows received from other nodes, by what the flow table did with them",
+                None,
+                MetricType::Counter,
+            )?;
+            for (result, n) in
+                [("inserted", c.inserted), ("refreshed", c.refreshed), ("kept", c.kept), ("full", c.full), ("unknown", c.unknown)]
+            {
+                ConstCounter::new(n).encode(m.encode_family(&vec![("result", result.to_owned())])?)?;
+            }
+        }
         Ok(())
     }
 }
@@ -209,6 +293,17 @@ mod tests {
             table_events: vec![("refused".into(), 5)],
             fail_open: vec![("mqtt".into(), true)],
             flow_table_entries: 1,
+            announced: vec![("192.0.2.100".into(), true)],
+            peers: vec![crate::cluster::PeerStatus {
+                node: "192.0.2.3:9878".into(),
+                out_connected: true,
+                config: "same",
+                flows_sent: 4,
+                ..crate::cluster::PeerStatus::default()
+            }],
+            exceptions: Some(9),
+            merges: Some(crate::exceptions::MergeCounts { inserted: 6, ..crate::exceptions::MergeCounts::default() }),
+            joined: Some(true),
         };
         let text = render(s).expect("render");
         for want in [
@@ -222,6 +317,14 @@ mod tests {
             "dsrlb_listener_icmp_too_big_total{listener=\"mqtt\"} 2",
             "dsrlb_flow_table_events_total{event=\"refused\"} 5",
             "dsrlb_listener_fail_open{listener=\"mqtt\"} 1",
+            "dsrlb_vip_announced{vip=\"192.0.2.100\"} 1",
+            "dsrlb_cluster_joined 1",
+            "dsrlb_cluster_peer_up{peer=\"192.0.2.3:9878\",direction=\"out\"} 1",
+            "dsrlb_cluster_peer_up{peer=\"192.0.2.3:9878\",direction=\"in\"} 0",
+            "dsrlb_cluster_peer_config_match{peer=\"192.0.2.3:9878\"} 1",
+            "dsrlb_cluster_flows_sent_total{peer=\"192.0.2.3:9878\"} 4",
+            "dsrlb_cluster_exceptions 9",
+            "dsrlb_cluster_merges_total{result=\"inserted\"} 6",
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }

@@ -135,8 +135,7 @@ impl Dataplane {
         mount_bpffs_if_needed(dir)?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         ensure!(on_bpffs(dir), "{} is not on a BPF filesystem: mount one there (mount -t bpf bpf DIR)", dir.display());
-        let link = dir.join(LINK_PIN);
-        let live = link.exists() && link_ifindex(&link).is_ok_and(|i| i != 0 && i == if_index(interface));
+        let live = link_live(dir, interface);
         if live {
             // Before anything is loaded over them: maps of another layout would be misread.
             let layout = dir.join(names::LAYOUT);
@@ -352,6 +351,14 @@ fn on_bpffs(dir: &std::path::Path) -> bool {
     // SAFETY: a zeroed statfs is a valid out-parameter; the path is NUL-terminated.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     (unsafe { libc::statfs(c.as_ptr(), &raw mut st) } == 0) && st.f_type == BPF_FS_MAGIC
+}
+
+/// Whether the link pinned in `dir` is attached to `interface` (a link whose interface went
+/// away, or that someone detached, is not).
+#[must_use]
+pub fn link_live(dir: &std::path::Path, interface: &str) -> bool {
+    let link = dir.join(LINK_PIN);
+    link.exists() && link_ifindex(&link).is_ok_and(|i| i != 0 && i == if_index(interface))
 }
 
 fn if_index(interface: &str) -> u32 {

@@ -29,6 +29,10 @@ use crate::{
     probe_route::{self, ProbeRoutes},
 };
 
+mod ha;
+
+pub use ha::{HaInbox, fingerprint, withdraw_without_controller};
+
 /// How often backend MACs are re-read from the neighbour table.
 const MAC_REFRESH: Duration = Duration::from_secs(5);
 
@@ -146,6 +150,8 @@ pub struct Controller {
     /// it, and the next tick applies.
     applied_down: DownSet,
     reloads: Reloads,
+    /// Announcements and the cluster (see `ha`).
+    ha: ha::Ha,
 }
 
 /// Reloads since start (CLI or SIGHUP), for status.
@@ -177,7 +183,7 @@ impl Controller {
         swept: mpsc::Sender<usize>,
         walked: mpsc::Sender<BTreeMap<u32, usize>>,
         (neigh, routes): (Neighbours, ProbeRoutes),
-    ) -> anyhow::Result<Self> {
+    ) -> anyhow::Result<(Self, HaInbox)> {
         let src_mac = dataplane::interface_mac(&config.interface)?;
         vips_are_not_ours(&config)?;
         let load = LoadOptions { ring_size: config.ring_size, flow_table_size: config.flow_table_size };
@@ -207,6 +213,7 @@ impl Controller {
         let mut ids = saved.ids.clone();
         let fresh = ids.update(&config)?;
         neigh.want(wanted_neighbours(&config));
+        let (ha, inbox) = ha::Ha::new(dp.flow_table_handle());
         let mut c = Self {
             opts,
             config,
@@ -235,6 +242,7 @@ impl Controller {
             fresh,
             applied_down: DownSet::new(),
             reloads: Reloads::default(),
+            ha,
         };
         c.sync_health();
         for &(lid, bid, state) in &saved.out {
@@ -247,6 +255,7 @@ impl Controller {
         let probes = c.plan_probes(&c.config, &c.ids)?;
         let before = if start == dataplane::Start::Adopted { Some(c.dp.flow_count()) } else { None };
         c.apply().context("filling the maps")?;
+        c.ha_start()?;
         c.dp.attach_pinned_link(&c.config.interface, dataplane::xdp_mode(c.config.xdp_mode), &c.opts.pin_dir)?;
         match start {
             dataplane::Start::Adopted => tracing::info!(
@@ -259,7 +268,7 @@ impl Controller {
         }
         c.start_probes(probes);
         c.sample = (Instant::now(), c.dp.stats()?);
-        Ok(c)
+        Ok((c, inbox))
     }
 
     /// Saves what the next controller needs to adopt the pins, in the pinned `CONTROL` map.
@@ -413,6 +422,7 @@ impl Controller {
         }
         self.desired = desired;
         self.applied_down = down;
+        self.ha_after_apply();
         self.save()
     }
 
@@ -493,6 +503,7 @@ impl Controller {
         // Plan before committing anything: an error here leaves everything as it was.
         plan::desired(&new, &ids, &runtime, &self.down_set(), self.src_mac)?;
         let probes = self.plan_probes(&new, &ids)?;
+        let cluster = ha::cluster_settings(&new)?;
         let added: Vec<String> = new.backends.iter().filter(|b| self.config.backend(&b.name).is_none()).map(|b| b.name.clone()).collect();
         let removed: Vec<String> = self.config.backends.iter().filter(|b| new.backend(&b.name).is_none()).map(|b| b.name.clone()).collect();
         let before =
@@ -505,9 +516,10 @@ impl Controller {
         self.neigh.want(wanted_neighbours(&self.config));
         self.weights.clear();
         self.sync_health();
-        if let Err(e) = self.apply() {
-            // A map write failed part way (the plan itself was checked above): put the old state
-            // back, in memory and in the maps.
+        if let Err(e) = self.apply().and_then(|()| self.ha_reconfigure(cluster)) {
+            // A map write failed part way (the plan itself was checked above), or the cluster
+            // sync could not start with the new settings: put the old state back, in memory and
+            // in the maps.
             (self.config, self.ids, self.fresh, self.runtime, self.weights, self.health) = before;
             if let Err(again) = self.apply() {
                 tracing::error!(error = %format!("{again:#}"), "restoring the maps after a failed reload failed too");
@@ -694,6 +706,7 @@ impl Controller {
                 "backends": backends,
             }));
         }
+        let ha = self.ha_status();
         let per_backend: BTreeMap<String, usize> = self
             .ids
             .backends
@@ -714,6 +727,8 @@ impl Controller {
             "flow_table": table,
             "verdicts": verdicts,
             "reloads": self.reloads,
+            "announce": ha["announce"],
+            "cluster": ha["cluster"],
         }))
     }
 
@@ -749,6 +764,7 @@ impl Controller {
         s.verdicts = reason::LABELS.iter().zip(&stats.verdicts).map(|((v, r), n)| ((*v).to_owned(), (*r).to_owned(), *n)).collect();
         s.table_events = table_event::LABELS.iter().zip(&stats.table).map(|(e, n)| ((*e).to_owned(), *n)).collect();
         s.table_events.push(("expired".to_owned(), self.expired_total));
+        self.ha_metrics(&mut s);
         s
     }
 
@@ -800,7 +816,10 @@ impl Controller {
             Request::Reload => self.reload_logged().map(Value::from),
             Request::Flow { client, vip } => self.flow(&client, &vip),
             Request::Metrics => crate::metrics::render(self.metrics()).map(Value::from),
-            Request::Ping => self.dp.program_id().map(|id| json!({ "serving": true, "program": id })),
+            Request::Ping => match self.ha_not_ready() {
+                Some(why) => Err(anyhow::anyhow!("not ready: {why}")),
+                None => self.dp.program_id().map(|id| json!({ "serving": true, "program": id })),
+            },
             Request::Stop => {
                 self.stopping = true;
                 Ok(Value::from(format!("stopping: detaching and removing the pins in {}", self.opts.pin_dir.display())))
@@ -847,6 +866,18 @@ impl Controller {
         if !c.accept_macs.is_empty() {
             let macs: Vec<String> = c.accept_macs.iter().map(|m| format_mac(*m)).collect();
             let _ = writeln!(out, "also forwarding frames for {}", macs.join(", "));
+        }
+        if let Some(a) = c.announce {
+            let _ = writeln!(
+                out,
+                "announcing usable VIPs as routes in table {} (proto {}) for this node's BGP speaker",
+                a.table,
+                crate::announce::RTPROT_DSRLB
+            );
+        }
+        if let Some(cl) = &c.cluster {
+            let nodes: Vec<String> = cl.nodes.iter().map(ToString::to_string).collect();
+            let _ = writeln!(out, "cluster of {} nodes ({}), sharing exceptions every {:?}", nodes.len(), nodes.join(", "), cl.sync_interval);
         }
         for (l, d) in c.listeners.iter().zip(&self.desired.listeners) {
             let storm = l.conn_rate.map_or_else(String::new, |r| format!(" max_conn_rate={}/s burst={}", r.rate, r.burst));
@@ -985,7 +1016,7 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
         }
     };
     let mut neighbour_changes = kernel.0.changes();
-    let mut c = match Controller::start(opts, config, report_tx, swept_tx, walked_tx, kernel) {
+    let (mut c, mut inbox) = match Controller::start(opts, config, report_tx, swept_tx, walked_tx, kernel) {
         Ok(c) => c,
         Err(e) => {
             server.abort();
@@ -1025,7 +1056,11 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
                     next_sweep = Instant::now() + c.sweep_every();
                 }
                 c.apply_if_down_changed();
+                c.ha_tick();
             }
+            Some(event) = inbox.events.recv() => c.on_cluster_event(event),
+            Some(found) = inbox.found.recv() => c.exceptions_found(found),
+            Some(done) = inbox.done.recv() => c.on_merge_done(done),
             Some(removed) = swept.recv() => c.swept(removed),
             _ = macs.tick() => c.refresh_macs(),
             Ok(()) = neighbour_changes.changed() => c.refresh_macs(),
@@ -1038,6 +1073,8 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     if tty && stats_every.is_some() {
         show("\n");
     }
+    // `dsrlb stop` withdraws the VIPs and waits for the traffic to go before anything else.
+    c.ha_shutdown().await;
     server.abort();
     if let Some(m) = metrics {
         m.abort();

@@ -1,0 +1,619 @@
+//! Flow-state sharing between the balancer nodes of a cluster (`[cluster]`).
+//!
+//! Every node builds the same Maglev rings from the same config, so a flow that follows its
+//! ring reaches the same broker through any node: when the routers move it (a node fails or
+//! joins), nothing is lost. The flows that do not follow the current ring are the
+//! *exceptions*: sessions opened before a ring change (a broker added, drained, back from a
+//! failure) whose slot now names another broker. Only the node that saw them knows where they
+//! go. Each node walks its flow table after every ring change and every `sync_interval`, and
+//! sends its exceptions to every other node, which takes them into its own table
+//! (`FlowTable::merge`). The data plane pays nothing: a synced flow is an ordinary entry.
+//!
+//! Design (IPVS's sync daemon, loxilb and vc5 share connection state too; GLB and Unimog use
+//! second-chance forwarding, which needs the backends' cooperation that unmodified MQTT brokers
+//! cannot give): one TCP connection from each node to each other node carries the sender's
+//! exceptions one way. Flows are named by listener (VIP:port) and backend *name*, never by id
+//! (ids depend on each node's reload history). A sender sends what the peer has not had yet
+//! (new, changed backend, newly closing) and, every `refresh`, again what is still live, with
+//! its idle time, so the peer's copy ages as the original does and expires when it does. After
+//! each round it sends a `SYNCED` mark, which also serves as a heartbeat. On a new connection
+//! the peer gets everything again: a restarted node catches up at once.
+//!
+//! Frames (big-endian): `u32 length` of what follows, `u8 kind`, body.
+//! - `HELLO` (1): `"DSRLBSYN"`, `u8 version`, `u64 config fingerprint`, `u32 node address`.
+//! - `FLOWS` (2): `u32 VIP`, `u16 port`, `u8 length`, backend name, `u32 count`, then per flow
+//!   `u32 client address`, `u16 client port`, `u16 idle units`, `u8 flags` (1: closing).
+//! - `SYNCED` (3): empty.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+
+/// One exception: a client's flow, its idle time in flow-clock units, whether it is closing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub client: SocketAddrV4,
+    pub idle: u16,
+    pub closing: bool,
+}
+
+/// A listener's (VIP:port) exceptions pinned to one backend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Group {
+    pub listener: Option<SocketAddrV4>,
+    pub backend: String,
+    pub entries: Vec<Entry>,
+}
+
+/// The exceptions of one walk of the flow table.
+#[derive(Clone, Debug, Default)]
+pub struct Exceptions {
+    pub groups: Vec<Group>,
+    /// Made by a walk (the value before the first walk is not, and is never sent).
+    pub complete: bool,
+}
+
+impl Exceptions {
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.groups.iter().map(|g| g.entries.len()).sum()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What the other nodes tell this one.
+#[derive(Debug)]
+pub enum Event {
+    /// Flows another node holds, to take in.
+    Flows { from: Ipv4Addr, group: Group },
+    /// That node has sent everything it holds (after each of its rounds).
+    Synced { from: Ipv4Addr },
+}
+
+/// The cluster as this node sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// This node's sync address (one of `nodes`).
+    pub me: SocketAddrV4,
+    /// Every node, this one included.
+    pub nodes: Vec<SocketAddrV4>,
+    /// A digest of what must be the same on every node (see `controller::fingerprint`).
+    pub fingerprint: u64,
+    pub sync_interval: Duration,
+    /// Live flows are sent again when last sent this long ago (well inside the idle timeout).
+    pub refresh: Duration,
+}
+
+/// One other node, as this one sees it (for status and metrics).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct PeerStatus {
+    pub node: String,
+    /// Our connection to it (our exceptions go this way).
+    pub out_connected: bool,
+    pub out_error: Option<String>,
+    /// Its connection to us (its exceptions come this way).
+    pub in_connected: bool,
+    /// It has sent a whole round since it connected.
+    pub synced: bool,
+    /// `same`, `differs` (its config's ring-relevant part is not ours) or `unknown`.
+    pub config: &'static str,
+    pub flows_sent: u64,
+    pub flows_received: u64,
+    pub in_error: Option<String>,
+    /// The newest incoming connection: an older one that ends does not mark the peer gone.
+    #[serde(skip)]
+    pub in_generation: u64,
+}
+
+type Peers = Arc<Mutex<BTreeMap<Ipv4Addr, PeerStatus>>>;
+
+pub struct Cluster {
+    settings: Settings,
+    exceptions: watch::Sender<Arc<Exceptions>>,
+    peers: Peers,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+const MAGIC: &[u8; 8] = b"DSRLBSYN";
+const VERSION: u8 = 1;
+const HELLO: u8 = 1;
+const FLOWS: u8 = 2;
+const SYNCED: u8 = 3;
+/// Flows per `FLOWS` frame, and the largest frame read.
+const FLOWS_PER_FRAME: usize = 65_536;
+const MAX_FRAME: usize = 1 + 4 + 2 + 1 + 255 + 4 + FLOWS_PER_FRAME * ENTRY_BYTES;
+const ENTRY_BYTES: usize = 4 + 2 + 2 + 1;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Unacknowledged data older than this closes the connection (a peer that died silently).
+const USER_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+impl Cluster {
+    /// Binds this node's sync address and starts talking to the others.
+    ///
+    /// # Errors
+    /// When the address cannot be bound.
+    pub fn start(settings: Settings, events: mpsc::Sender<Event>) -> anyhow::Result<Self> {
+        let listener = bind(settings.me).with_context(|| format!("listening for cluster sync on {}", settings.me))?;
+        let peers: Peers = Arc::new(Mutex::new(
+            settings
+                .nodes
+                .iter()
+                .filter(|n| **n != settings.me)
+                .map(|n| (*n.ip(), PeerStatus { node: n.to_string(), config: "unknown", ..PeerStatus::default() }))
+                .collect(),
+        ));
+        let (exceptions, rx) = watch::channel(Arc::new(Exceptions::default()));
+        let mut tasks = vec![tokio::spawn(accept(listener, settings.clone(), Arc::clone(&peers), events))];
+        for peer in settings.nodes.iter().filter(|n| **n != settings.me) {
+            tasks.push(tokio::spawn(send_to(*peer, settings.clone(), rx.clone(), Arc::clone(&peers))));
+        }
+        tracing::info!(me = %settings.me, nodes = settings.nodes.len(), "cluster sync started");
+        Ok(Self { settings, exceptions, peers, tasks })
+    }
+
+    #[must_use]
+    pub const fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The exceptions of the latest walk: every peer gets what it lacks.
+    pub fn publish(&self, exceptions: Exceptions) {
+        self.exceptions.send_replace(Arc::new(exceptions));
+    }
+
+    /// Every other node, as seen now.
+    #[must_use]
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        self.peers.lock().map(|p| p.values().cloned().collect()).unwrap_or_default()
+    }
+
+}
+
+impl Drop for Cluster {
+    /// Stops every task (connections close; the peers' copies age out on their own).
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The node among `nodes` whose address this host holds.
+///
+/// # Errors
+/// When none is, or more than one.
+pub fn find_me(nodes: &[SocketAddrV4], host: &[Ipv4Addr]) -> anyhow::Result<SocketAddrV4> {
+    let mine: Vec<SocketAddrV4> = nodes.iter().copied().filter(|n| host.contains(n.ip())).collect();
+    match mine.as_slice() {
+        [me] => Ok(*me),
+        [] => bail!(
+            "cluster.nodes: none of {} is an address of this host ({}): list this node's own sync address too (the same list goes \
+             on every node)",
+            nodes.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+            host.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        ),
+        more => bail!(
+            "cluster.nodes: {} are all addresses of this host: each node must appear once",
+            more.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// Every IPv4 address of this host (network namespace).
+///
+/// # Errors
+/// When the kernel cannot list them.
+pub fn host_ipv4s() -> anyhow::Result<Vec<Ipv4Addr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list freed below.
+    if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
+        bail!("listing this host's addresses: {}", std::io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut p = head;
+    while !p.is_null() {
+        // SAFETY: a node of the list getifaddrs returned; `ifa_addr` may be null.
+        let ifa = unsafe { &*p };
+        // SAFETY: a non-null `ifa_addr` points at a sockaddr of the family it names.
+        if !ifa.ifa_addr.is_null() && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET {
+            // SAFETY: AF_INET: a sockaddr_in, which the kernel aligns for its type (read
+            // unaligned all the same).
+            let sin = unsafe { ifa.ifa_addr.cast::<libc::sockaddr_in>().read_unaligned() };
+            out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+        }
+        p = ifa.ifa_next;
+    }
+    // SAFETY: the list getifaddrs returned, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+fn bind(me: SocketAddrV4) -> anyhow::Result<TcpListener> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(SocketAddr::V4(me))?;
+    Ok(socket.listen(64)?)
+}
+
+fn update(peers: &Peers, node: Ipv4Addr, f: impl FnOnce(&mut PeerStatus)) {
+    if let Ok(mut p) = peers.lock()
+        && let Some(s) = p.get_mut(&node)
+    {
+        f(s);
+    }
+}
+
+// ---- sending ----
+
+/// A flow as a peer was last told of it.
+struct Told {
+    backend: Arc<str>,
+    closing: bool,
+    at: Instant,
+    round: u64,
+}
+
+/// Our side of the connection to `peer`: connect (again and again), then send every round.
+async fn send_to(peer: SocketAddrV4, s: Settings, mut exceptions: watch::Receiver<Arc<Exceptions>>, peers: Peers) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match connect(s.me, peer).await {
+            Ok(mut stream) => {
+                backoff = Duration::from_millis(200);
+                update(&peers, *peer.ip(), |p| {
+                    p.out_connected = true;
+                    p.out_error = None;
+                });
+                tracing::info!(%peer, "cluster: connected");
+                let why = serve_peer(&mut stream, peer, &s, &mut exceptions, &peers).await;
+                tracing::warn!(%peer, error = %format!("{why:#}"), "cluster: connection lost");
+                update(&peers, *peer.ip(), |p| {
+                    p.out_connected = false;
+                    p.out_error = Some(format!("{why:#}"));
+                });
+            }
+            Err(e) => update(&peers, *peer.ip(), |p| {
+                p.out_connected = false;
+                p.out_error = Some(format!("{e:#}"));
+            }),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn connect(me: SocketAddrV4, peer: SocketAddrV4) -> anyhow::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    // From our own node address: the peer accepts only the nodes of its list.
+    socket.bind(SocketAddr::V4(SocketAddrV4::new(*me.ip(), 0)))?;
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(SocketAddr::V4(peer)))
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting to {peer}: no answer within {CONNECT_TIMEOUT:?}"))?
+        .with_context(|| format!("connecting to {peer}"))?;
+    stream.set_nodelay(true)?;
+    let sock = socket2::SockRef::from(&stream);
+    sock.set_tcp_user_timeout(Some(USER_TIMEOUT))?;
+    sock.set_keepalive(true)?;
+    Ok(stream)
+}
+
+/// Sends HELLO, then a round at once and after every change of the exceptions or every
+/// `sync_interval`, until a write fails.
+async fn serve_peer(
+    stream: &mut TcpStream,
+    peer: SocketAddrV4,
+    s: &Settings,
+    exceptions: &mut watch::Receiver<Arc<Exceptions>>,
+    peers: &Peers,
+) -> anyhow::Error {
+    let mut hello = Vec::with_capacity(32);
+    hello.extend_from_slice(MAGIC);
+    hello.push(VERSION);
+    hello.extend_from_slice(&s.fingerprint.to_be_bytes());
+    hello.extend_from_slice(&s.me.ip().octets());
+    if let Err(e) = write_frame(stream, HELLO, &hello).await {
+        return e;
+    }
+    // Nothing before this node's first walk: a SYNCED mark must mean "everything I hold".
+    if exceptions.wait_for(|e| e.complete).await.is_err() {
+        return anyhow::anyhow!("stopping");
+    }
+    let mut told: HashMap<(SocketAddrV4, SocketAddrV4), Told> = HashMap::new();
+    let mut round = 0u64;
+    loop {
+        round += 1;
+        let set = Arc::clone(&exceptions.borrow_and_update());
+        match send_round(stream, &set, &mut told, round, s.refresh).await {
+            Ok(n) => update(peers, *peer.ip(), |p| p.flows_sent += n),
+            Err(e) => return e,
+        }
+        tokio::select! {
+            changed = exceptions.changed() => if changed.is_err() { return anyhow::anyhow!("stopping"); },
+            () = tokio::time::sleep(s.sync_interval) => {}
+        }
+    }
+}
+
+/// One round: what the peer lacks or must hear again, then `SYNCED`. Returns the flows sent.
+async fn send_round(
+    stream: &mut TcpStream,
+    set: &Exceptions,
+    told: &mut HashMap<(SocketAddrV4, SocketAddrV4), Told>,
+    round: u64,
+    refresh: Duration,
+) -> anyhow::Result<u64> {
+    let now = Instant::now();
+    let mut count = 0u64;
+    for g in &set.groups {
+        let Some(listener) = g.listener else { continue };
+        let backend: Arc<str> = Arc::from(g.backend.as_str());
+        let mut due = Vec::new();
+        for e in &g.entries {
+            let t = told.entry((listener, e.client)).or_insert_with(|| Told { backend: Arc::clone(&backend), closing: false, at: now, round: 0 });
+            let fresh = t.round == 0 || *t.backend != *backend || t.closing != e.closing || now.duration_since(t.at) >= refresh;
+            if fresh {
+                *t = Told { backend: Arc::clone(&backend), closing: e.closing, at: now, round };
+                due.push(*e);
+            } else {
+                t.round = round;
+            }
+        }
+        for chunk in due.chunks(FLOWS_PER_FRAME) {
+            write_frame(stream, FLOWS, &encode_flows(listener, &g.backend, chunk)).await?;
+            count += chunk.len() as u64;
+        }
+    }
+    // Forget what is no longer an exception: if it becomes one again, it is sent again.
+    told.retain(|_, t| t.round == round);
+    write_frame(stream, SYNCED, &[]).await?;
+    Ok(count)
+}
+
+fn encode_flows(listener: SocketAddrV4, backend: &str, entries: &[Entry]) -> Vec<u8> {
+    let name = &backend.as_bytes()[..backend.len().min(255)];
+    let mut b = Vec::with_capacity(4 + 2 + 1 + name.len() + 4 + entries.len() * ENTRY_BYTES);
+    b.extend_from_slice(&listener.ip().octets());
+    b.extend_from_slice(&listener.port().to_be_bytes());
+    #[expect(clippy::cast_possible_truncation, reason = "at most 255")]
+    b.push(name.len() as u8);
+    b.extend_from_slice(name);
+    #[expect(clippy::cast_possible_truncation, reason = "at most FLOWS_PER_FRAME")]
+    b.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+    for e in entries {
+        b.extend_from_slice(&e.client.ip().octets());
+        b.extend_from_slice(&e.client.port().to_be_bytes());
+        b.extend_from_slice(&e.idle.to_be_bytes());
+        b.push(u8::from(e.closing));
+    }
+    b
+}
+
+async fn write_frame(stream: &mut TcpStream, kind: u8, body: &[u8]) -> anyhow::Result<()> {
+    let len = u32::try_from(body.len() + 1).context("frame too long")?;
+    let mut frame = Vec::with_capacity(5 + body.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.push(kind);
+    frame.extend_from_slice(body);
+    stream.write_all(&frame).await.context("writing to the peer")
+}
+
+// ---- receiving ----
+
+async fn accept(listener: TcpListener, s: Settings, peers: Peers, events: mpsc::Sender<Event>) {
+    // The readers go with this task: aborting it drops the set, which aborts them.
+    let mut readers = tokio::task::JoinSet::new();
+    loop {
+        while readers.try_join_next().is_some() {}
+        let (stream, from) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let node = match from {
+            SocketAddr::V4(a) if *a.ip() != *s.me.ip() && s.nodes.iter().any(|n| n.ip() == a.ip()) => *a.ip(),
+            other => {
+                tracing::warn!(from = %other, "cluster: refused a connection from an address that is not one of cluster.nodes");
+                continue;
+            }
+        };
+        let (s, peers, events) = (s.clone(), Arc::clone(&peers), events.clone());
+        readers.spawn(async move {
+            let mut generation = 0;
+            update(&peers, node, |p| {
+                p.in_generation += 1;
+                generation = p.in_generation;
+                p.in_connected = true;
+                p.synced = false;
+            });
+            let why = receive(stream, node, &s, &peers, &events).await;
+            tracing::warn!(peer = %node, error = %format!("{why:#}"), "cluster: incoming connection ended");
+            update(&peers, node, |p| {
+                if p.in_generation == generation {
+                    p.in_connected = false;
+                    p.synced = false;
+                }
+                p.in_error = Some(format!("{why:#}"));
+            });
+        });
+    }
+}
+
+/// Reads a peer's frames until the connection ends or breaks the protocol. A peer that sends
+/// nothing (not even its `SYNCED` heartbeat) for three rounds is taken for dead.
+async fn receive(mut stream: TcpStream, node: Ipv4Addr, s: &Settings, peers: &Peers, events: &mpsc::Sender<Event>) -> anyhow::Error {
+    let quiet = s.sync_interval * 3 + Duration::from_secs(5);
+    let mut greeted = false;
+    loop {
+        let (kind, body) = match tokio::time::timeout(quiet, read_frame(&mut stream)).await {
+            Err(_) => return anyhow::anyhow!("nothing received for {quiet:?}"),
+            Ok(Err(e)) => return e,
+            Ok(Ok(f)) => f,
+        };
+        let result = match (greeted, kind) {
+            (false, HELLO) => match decode_hello(&body) {
+                Ok((fingerprint, addr)) if addr == node => {
+                    greeted = true;
+                    let same = fingerprint == s.fingerprint;
+                    if !same {
+                        tracing::warn!(
+                            peer = %node,
+                            "cluster: this node's config differs from ours in what the rings are built from (listeners, backends, \
+                             weights, ring_size): after a failover, sessions may move to other brokers"
+                        );
+                    }
+                    update(peers, node, |p| {
+                        p.config = if same { "same" } else { "differs" };
+                        p.in_error = None;
+                    });
+                    Ok(())
+                }
+                Ok((_, addr)) => Err(anyhow::anyhow!("HELLO names node {addr}, but the connection comes from {node}")),
+                Err(e) => Err(e),
+            },
+            (false, k) => Err(anyhow::anyhow!("frame kind {k} before HELLO")),
+            (true, FLOWS) => match decode_flows(&body) {
+                Ok(group) => {
+                    let n = group.entries.len() as u64;
+                    update(peers, node, |p| p.flows_received += n);
+                    events.send(Event::Flows { from: node, group }).await.map_err(|_| anyhow::anyhow!("stopping"))
+                }
+                Err(e) => Err(e),
+            },
+            (true, SYNCED) => {
+                update(peers, node, |p| p.synced = true);
+                events.send(Event::Synced { from: node }).await.map_err(|_| anyhow::anyhow!("stopping"))
+            }
+            (true, k) => Err(anyhow::anyhow!("unknown frame kind {k}")),
+        };
+        if let Err(e) = result {
+            return e;
+        }
+    }
+}
+
+async fn read_frame(stream: &mut TcpStream) -> anyhow::Result<(u8, Vec<u8>)> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await.context("reading from the peer")?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len == 0 || len > MAX_FRAME {
+        bail!("a frame of {len} bytes (at most {MAX_FRAME})");
+    }
+    let mut frame = vec![0u8; len];
+    stream.read_exact(&mut frame).await.context("reading from the peer")?;
+    let body = frame.split_off(1);
+    Ok((frame[0], body))
+}
+
+/// A bounds-checked reader of a frame body.
+struct Body<'a>(&'a [u8]);
+
+impl Body<'_> {
+    fn take<const N: usize>(&mut self, what: &str) -> anyhow::Result<[u8; N]> {
+        if self.0.len() < N {
+            bail!("a frame cut short in {what}");
+        }
+        let (head, rest) = self.0.split_at(N);
+        self.0 = rest;
+        Ok(head.try_into().expect("N bytes"))
+    }
+}
+
+fn decode_hello(body: &[u8]) -> anyhow::Result<(u64, Ipv4Addr)> {
+    let mut b = Body(body);
+    if b.take::<8>("the magic")? != *MAGIC {
+        bail!("not a dsrlb cluster peer (bad HELLO)");
+    }
+    let version = b.take::<1>("the version")?[0];
+    if version != VERSION {
+        bail!("cluster protocol version {version}, this node speaks {VERSION}: upgrade every node to the same dsrlb");
+    }
+    let fingerprint = u64::from_be_bytes(b.take("the fingerprint")?);
+    let addr = Ipv4Addr::from(b.take::<4>("the node address")?);
+    Ok((fingerprint, addr))
+}
+
+fn decode_flows(body: &[u8]) -> anyhow::Result<Group> {
+    let mut b = Body(body);
+    let vip = Ipv4Addr::from(b.take::<4>("the VIP")?);
+    let port = u16::from_be_bytes(b.take("the port")?);
+    let name_len = usize::from(b.take::<1>("the backend name")?[0]);
+    if b.0.len() < name_len {
+        bail!("a frame cut short in the backend name");
+    }
+    let (name, rest) = b.0.split_at(name_len);
+    b.0 = rest;
+    let backend = std::str::from_utf8(name).context("a backend name that is not UTF-8")?.to_owned();
+    let count = u32::from_be_bytes(b.take("the count")?) as usize;
+    if b.0.len() != count * ENTRY_BYTES {
+        bail!("{count} flows announced, {} bytes follow", b.0.len());
+    }
+    let entries = b
+        .0
+        .chunks_exact(ENTRY_BYTES)
+        .map(|e| Entry {
+            client: SocketAddrV4::new(Ipv4Addr::new(e[0], e[1], e[2], e[3]), u16::from_be_bytes([e[4], e[5]])),
+            idle: u16::from_be_bytes([e[6], e[7]]),
+            closing: e[8] & 1 != 0,
+        })
+        .collect();
+    Ok(Group { listener: Some(SocketAddrV4::new(vip, port)), backend, entries })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flows_frames_round_trip_and_bad_ones_are_refused() {
+        let entries = vec![
+            Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false },
+            Entry { client: "198.51.100.8:40001".parse().expect("addr"), idle: 65535, closing: true },
+        ];
+        let listener: SocketAddrV4 = "192.0.2.100:1883".parse().expect("addr");
+        let body = encode_flows(listener, "b3", &entries);
+        let g = decode_flows(&body).expect("decodes");
+        assert_eq!(g, Group { listener: Some(listener), backend: "b3".to_owned(), entries });
+        for cut in 0..body.len() {
+            assert!(decode_flows(&body[..cut]).is_err(), "a frame cut at {cut} was accepted");
+        }
+        let mut long = body.clone();
+        long.push(0);
+        assert!(decode_flows(&long).is_err(), "a frame with a trailing byte was accepted");
+        let mut hello = MAGIC.to_vec();
+        hello.push(VERSION);
+        hello.extend_from_slice(&7u64.to_be_bytes());
+        hello.extend_from_slice(&[192, 0, 2, 3]);
+        assert_eq!(decode_hello(&hello).expect("hello"), (7, Ipv4Addr::new(192, 0, 2, 3)));
+        hello[8] = VERSION + 1;
+        assert!(decode_hello(&hello).expect_err("another version").to_string().contains("upgrade every node"));
+        assert!(decode_hello(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn this_node_is_the_one_whose_address_the_host_holds() {
+        let nodes: Vec<SocketAddrV4> = ["192.0.2.2:9878", "192.0.2.3:9878"].iter().map(|a| a.parse().expect("addr")).collect();
+        assert_eq!(find_me(&nodes, &[Ipv4Addr::new(192, 0, 2, 3), Ipv4Addr::LOCALHOST]).expect("found"), nodes[1]);
+        let e = find_me(&nodes, &[Ipv4Addr::new(192, 0, 2, 9)]).expect_err("none");
+        assert!(e.to_string().contains("none of 192.0.2.2:9878, 192.0.2.3:9878 is an address of this host"), "{e}");
+        assert!(find_me(&nodes, &[Ipv4Addr::new(192, 0, 2, 2), Ipv4Addr::new(192, 0, 2, 3)]).is_err());
+    }
+}

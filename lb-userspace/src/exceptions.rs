@@ -1,0 +1,201 @@
+//! The flows a node shares with the other nodes of its cluster (see `crate::cluster`): its
+//! exceptions, found by a walk of its flow table, and the other nodes' exceptions, merged into
+//! it by a worker thread of its own (in arrival order, so a peer's `SYNCED` mark is passed on
+//! only once every flow it sent before is in the table).
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+};
+
+use lb_common::{FlowKey, NO_BACKEND, flow_hash, real_backend, real_listener, ring_slot, source_hash};
+use tokio::sync::mpsc;
+
+use crate::{
+    cluster::{Entry, Exceptions, Group},
+    dataplane::Desired,
+    flow_table::{FlowTable, Merged},
+    plan::Ids,
+};
+
+/// What a walk needs to know of one listener.
+#[derive(Clone, Debug)]
+pub struct ListenerView {
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub hash_source: bool,
+    /// As written to the listener's active ring copy.
+    pub ring: Arc<Vec<u32>>,
+    /// Idle units from which a flow is over.
+    pub expire: u32,
+    /// The backends whose flows stay where they are pinned (in the listener, not reset after
+    /// a failure), by id, with their names.
+    pub backends: BTreeMap<u32, String>,
+}
+
+/// The rings as this node applies them now.
+#[derive(Clone, Debug, Default)]
+pub struct RingView {
+    pub ring_size: u32,
+    pub listeners: BTreeMap<u32, ListenerView>,
+}
+
+impl RingView {
+    /// From what the controller last wrote.
+    #[must_use]
+    pub fn new(desired: &Desired, ids: &Ids, ring_size: u32) -> Self {
+        let name_of: BTreeMap<u32, &String> = ids.backends.iter().map(|(n, id)| (*id, n)).collect();
+        let listeners = desired
+            .listeners
+            .iter()
+            .map(|l| {
+                let backends =
+                    l.reals.iter().filter(|r| !r.down).filter_map(|r| Some((r.backend, (*name_of.get(&r.backend)?).clone()))).collect();
+                let view = ListenerView {
+                    vip: l.vip,
+                    port: l.port,
+                    hash_source: l.hash_source,
+                    ring: Arc::new(l.ring.clone()),
+                    expire: l.idle_expire,
+                    backends,
+                };
+                (l.id, view)
+            })
+            .collect();
+        Self { ring_size, listeners }
+    }
+
+    /// The backend id the listener's ring gives a flow (as the program picks it), or
+    /// `NO_BACKEND`.
+    #[must_use]
+    pub fn pick(&self, l: &ListenerView, key: &FlowKey) -> u32 {
+        let hash =
+            if l.hash_source { source_hash(key.src_be) } else { flow_hash(key.src_be, key.dst_be, key.sport_be, key.dport_be) };
+        l.ring.get(ring_slot(hash, self.ring_size) as usize).copied().unwrap_or(NO_BACKEND)
+    }
+}
+
+/// The client end of a flow key.
+#[must_use]
+pub fn client_of(key: &FlowKey) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(key.src_be.to_ne_bytes()), u16::from_be_bytes(key.sport_be.to_ne_bytes()))
+}
+
+/// The key of a client's flow to a listener.
+#[must_use]
+pub fn key_of(client: SocketAddrV4, listener: SocketAddrV4) -> FlowKey {
+    FlowKey {
+        src_be: u32::from_ne_bytes(client.ip().octets()),
+        dst_be: u32::from_ne_bytes(listener.ip().octets()),
+        sport_be: u16::from_ne_bytes(client.port().to_be_bytes()),
+        dport_be: u16::from_ne_bytes(listener.port().to_be_bytes()),
+    }
+}
+
+/// The live confirmed flows of the table that the current ring would send elsewhere, grouped
+/// by listener and backend (`now`: the flow clock's age). Flows of a backend that is reset
+/// (down past its grace) or gone are left out: every node re-picks those anyway.
+#[must_use]
+pub fn find(table: &FlowTable, view: &RingView, now: u32) -> Exceptions {
+    let mut groups: BTreeMap<(u32, u32), Vec<Entry>> = BTreeMap::new();
+    table.walk(|f| {
+        let Some(l) = view.listeners.get(&real_listener(f.real())) else { return };
+        let backend = real_backend(f.real());
+        let idle = f.idle(now);
+        if idle >= l.expire || !f.confirmed() || !l.backends.contains_key(&backend) || view.pick(l, &f.key) == backend {
+            return;
+        }
+        let entry = Entry { client: client_of(&f.key), idle: u16::try_from(idle).unwrap_or(u16::MAX), closing: f.closing() };
+        groups.entry((real_listener(f.real()), backend)).or_default().push(entry);
+    });
+    let groups = groups
+        .into_iter()
+        .map(|((lid, bid), entries)| {
+            let l = &view.listeners[&lid];
+            Group { listener: Some(SocketAddrV4::new(l.vip, l.port)), backend: l.backends[&bid].clone(), entries }
+        })
+        .collect();
+    Exceptions { groups, complete: true }
+}
+
+/// Flows of one real to take in.
+#[derive(Debug)]
+pub struct Incoming {
+    pub real: u32,
+    /// Key, closing, age of its last frame.
+    pub flows: Vec<(FlowKey, bool, u32)>,
+    pub now: u32,
+    pub expire: u32,
+}
+
+/// Work for the merge thread, in arrival order.
+#[derive(Debug)]
+pub enum Job {
+    Merge(Incoming),
+    /// A peer's round is complete: report it once what came before is merged.
+    Synced(Ipv4Addr),
+}
+
+/// What the merge thread reports.
+#[derive(Debug)]
+pub enum Done {
+    Merged(MergeCounts),
+    Synced(Ipv4Addr),
+}
+
+/// Results of merges, by [`Merged`] kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MergeCounts {
+    pub inserted: u64,
+    pub refreshed: u64,
+    pub kept: u64,
+    pub full: u64,
+    /// Named a listener or backend this node does not have.
+    pub unknown: u64,
+}
+
+impl MergeCounts {
+    pub fn add(&mut self, o: &Self) {
+        self.inserted += o.inserted;
+        self.refreshed += o.refreshed;
+        self.kept += o.kept;
+        self.full += o.full;
+        self.unknown += o.unknown;
+    }
+}
+
+/// Starts the merge thread on `table`; it ends when the returned sender is dropped.
+///
+/// # Panics
+/// When the thread cannot be spawned.
+#[must_use]
+pub fn spawn_merger(table: Arc<FlowTable>, done: mpsc::Sender<Done>) -> std::sync::mpsc::Sender<Job> {
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("dsrlb-merge".to_owned())
+        .spawn(move || {
+            for job in rx {
+                let out = match job {
+                    Job::Merge(i) => {
+                        let mut c = MergeCounts::default();
+                        for (key, closing, age) in &i.flows {
+                            match table.merge(key, i.real, *closing, *age, i.now, i.expire) {
+                                Merged::Inserted => c.inserted += 1,
+                                Merged::Refreshed => c.refreshed += 1,
+                                Merged::Kept => c.kept += 1,
+                                Merged::Full => c.full += 1,
+                            }
+                        }
+                        Done::Merged(c)
+                    }
+                    Job::Synced(node) => Done::Synced(node),
+                };
+                if done.blocking_send(out).is_err() {
+                    return;
+                }
+            }
+        })
+        .expect("spawning the merge thread");
+    tx
+}
