@@ -182,7 +182,6 @@ impl Cluster {
     pub fn peers(&self) -> Vec<PeerStatus> {
         self.peers.lock().map(|p| p.values().cloned().collect()).unwrap_or_default()
     }
-
 }
 
 impl Drop for Cluster {
@@ -365,7 +364,12 @@ async fn send_round(
         let backend: Arc<str> = Arc::from(g.backend.as_str());
         let mut due = Vec::new();
         for e in &g.entries {
-            let t = told.entry((listener, e.client)).or_insert_with(|| Told { backend: Arc::clone(&backend), closing: false, at: now, round: 0 });
+            let t = told.entry((listener, e.client)).or_insert_with(|| Told {
+                backend: Arc::clone(&backend),
+                closing: false,
+                at: now,
+                round: 0,
+            });
             let fresh = t.round == 0 || *t.backend != *backend || t.closing != e.closing || now.duration_since(t.at) >= refresh;
             if fresh {
                 *t = Told { backend: Arc::clone(&backend), closing: e.closing, at: now, round };
@@ -566,15 +570,14 @@ fn decode_flows(body: &[u8]) -> anyhow::Result<Group> {
     if b.0.len() != count * ENTRY_BYTES {
         bail!("{count} flows announced, {} bytes follow", b.0.len());
     }
-    let entries = b
-        .0
-        .chunks_exact(ENTRY_BYTES)
-        .map(|e| Entry {
-            client: SocketAddrV4::new(Ipv4Addr::new(e[0], e[1], e[2], e[3]), u16::from_be_bytes([e[4], e[5]])),
-            idle: u16::from_be_bytes([e[6], e[7]]),
-            closing: e[8] & 1 != 0,
-        })
-        .collect();
+    let entries =
+        b.0.chunks_exact(ENTRY_BYTES)
+            .map(|e| Entry {
+                client: SocketAddrV4::new(Ipv4Addr::new(e[0], e[1], e[2], e[3]), u16::from_be_bytes([e[4], e[5]])),
+                idle: u16::from_be_bytes([e[6], e[7]]),
+                closing: e[8] & 1 != 0,
+            })
+            .collect();
     Ok(Group { listener: Some(SocketAddrV4::new(vip, port)), backend, entries })
 }
 

@@ -1141,8 +1141,15 @@ weight = 50
                 "1e9",
                 "\"ä\"",
             ]);
-            let header =
-                prop::sample::select(vec!["[health]", "[[listener]]", "[[backend]]", "[listener]", "[announce]", "[cluster]", "[[nonsense]]"]);
+            let header = prop::sample::select(vec![
+                "[health]",
+                "[[listener]]",
+                "[[backend]]",
+                "[listener]",
+                "[announce]",
+                "[cluster]",
+                "[[nonsense]]",
+            ]);
             prop_oneof![
                 3 => (key, value).prop_map(|(k, v)| format!("{k} = {v}")),
                 1 => header.prop_map(str::to_owned),

@@ -70,8 +70,7 @@ impl RingView {
     /// `NO_BACKEND`.
     #[must_use]
     pub fn pick(&self, l: &ListenerView, key: &FlowKey) -> u32 {
-        let hash =
-            if l.hash_source { source_hash(key.src_be) } else { flow_hash(key.src_be, key.dst_be, key.sport_be, key.dport_be) };
+        let hash = if l.hash_source { source_hash(key.src_be) } else { flow_hash(key.src_be, key.dst_be, key.sport_be, key.dport_be) };
         l.ring.get(ring_slot(hash, self.ring_size) as usize).copied().unwrap_or(NO_BACKEND)
     }
 }

@@ -182,7 +182,8 @@ impl Snapshot {
             )?;
             for p in &self.peers {
                 for (dir, up) in [("out", p.out_connected), ("in", p.in_connected)] {
-                    ConstGauge::new(i64::from(up)).encode(m.encode_family(&vec![("peer", p.node.clone()), ("direction", dir.to_owned())])?)?;
+                    ConstGauge::new(i64::from(up))
+                        .encode(m.encode_family(&vec![("peer", p.node.clone()), ("direction", dir.to_owned())])?)?;
                 }
             }
             let mut m = e.encode_descriptor(

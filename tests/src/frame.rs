@@ -33,6 +33,7 @@ pub enum L4 {
 pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_FRAG_NEEDED: u8 = 4;
 
+pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 

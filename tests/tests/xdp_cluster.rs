@@ -1,0 +1,161 @@
+//! Flow-state sharing between balancer nodes, through the programs themselves: two balancers
+//! loaded side by side (two nodes), the exceptions one node's walk finds, merged into the
+//! other's flow table, and frames pushed through both with `BPF_PROG_TEST_RUN`.
+
+use std::net::SocketAddrV4;
+
+use lb_common::real_id;
+use lb_userspace::{
+    cluster::Exceptions,
+    exceptions::{self, RingView},
+    flow_table::Merged,
+};
+use tests::{
+    fixture::{CLIENT, Lb, RING, VIP, XDP_TX, syn},
+    frame::{Ipv4Frame, TCP_ACK, TCP_FIN},
+    require_root,
+};
+
+fn ack(sport: u16) -> Vec<u8> {
+    Ipv4Frame::tcp(CLIENT, sport, VIP, 1883, TCP_ACK).build()
+}
+
+/// The backend a node sends the frame to.
+fn forwarded_to(lb: &Lb, frame: &[u8]) -> String {
+    let (action, out) = lb.run(frame);
+    assert_eq!(action, XDP_TX);
+    lb.backend_of(&out)
+}
+
+fn walk(lb: &Lb) -> Exceptions {
+    let now = lb.dp.now_age().expect("clock");
+    exceptions::find(lb.dp.flow_table(), &RingView::new(&lb.desired, &lb.ids, RING), now)
+}
+
+/// Takes `found` (another node's exceptions) into `lb`'s table, as the controller does: by
+/// listener VIP:port and backend name, as this node's ids. Returns the merge results.
+fn merge(lb: &Lb, found: &Exceptions) -> Vec<Merged> {
+    let now = lb.dp.now_age().expect("clock");
+    let mut out = Vec::new();
+    for g in &found.groups {
+        let at = g.listener.expect("a listener");
+        let l = lb.config.listeners.iter().find(|l| l.vip == *at.ip() && l.port == at.port()).expect("a listener of this node");
+        let real = real_id(lb.ids.listeners[&l.name], lb.ids.backends[&g.backend]);
+        for e in &g.entries {
+            let age = now.wrapping_sub(u32::from(e.idle)) & 0xffff;
+            out.push(lb.dp.flow_table().merge(&exceptions::key_of(e.client, at), real, e.closing, age, now, u32::MAX));
+        }
+    }
+    out
+}
+
+#[test]
+fn exceptions_of_one_node_are_forwarded_alike_by_another() {
+    require_root!();
+    let two = [("b1", 11, 100), ("b2", 12, 100)];
+    let three = [("b1", 11, 100), ("b2", 12, 100), ("b3", 13, 100)];
+    let mut a = Lb::new(&two);
+    let mut b = Lb::new(&two);
+    // Sessions opened on node A (SYN, then the handshake's ACK confirms them).
+    let ports: Vec<u16> = (20000..20600).step_by(2).collect();
+    let pinned: Vec<String> = ports
+        .iter()
+        .map(|&p| {
+            let got = forwarded_to(&a, &syn(p));
+            assert_eq!(forwarded_to(&a, &ack(p)), got);
+            got
+        })
+        .collect();
+    assert!(walk(&a).is_empty(), "no exceptions while the ring is the one the flows were made with");
+
+    // A broker is added on both nodes: a third of the ring moves to it.
+    a.set_backends(&three);
+    b.set_backends(&three);
+    let found = walk(&a);
+    let moved: Vec<(u16, &String)> =
+        ports.iter().zip(&pinned).filter(|&(&p, was)| a.ring_choice(0, CLIENT, p, 1883) != **was).map(|(p, w)| (*p, w)).collect();
+    assert!(moved.len() > 50, "only {} of {} sessions' slots moved to the new broker", moved.len(), ports.len());
+    assert_eq!(found.len(), moved.len(), "the walk finds exactly the sessions the ring would now send elsewhere");
+    for g in &found.groups {
+        assert_eq!(g.listener, Some(SocketAddrV4::new(VIP, 1883)));
+        for e in &g.entries {
+            let i = ports.iter().position(|&p| p == e.client.port()).expect("one of ours");
+            assert_eq!(g.backend, pinned[i], "port {}: an exception names the broker its session is on", e.client.port());
+            assert!(!e.closing);
+        }
+    }
+    // Node A still forwards every session to its broker; node B, which never saw them, sends
+    // the moved ones where the new ring says: to a broker that answers with a reset.
+    for (p, was) in ports.iter().zip(&pinned) {
+        assert_eq!(&forwarded_to(&a, &ack(*p)), was);
+    }
+    let lost_without = moved.iter().filter(|(p, was)| forwarded_to(&b, &ack(*p)) != **was).count();
+    assert_eq!(lost_without, moved.len(), "without the exceptions, node B sends every moved session to the wrong broker");
+
+    // With them: node B forwards every session as node A does, and now finds them as its own
+    // exceptions (it would pass them on to a third node).
+    let b2 = {
+        let mut fresh = Lb::new(&two);
+        fresh.set_backends(&three);
+        fresh
+    };
+    let results = merge(&b2, &found);
+    assert!(results.iter().all(|r| *r == Merged::Inserted), "{results:?}");
+    for (p, was) in ports.iter().zip(&pinned) {
+        assert_eq!(&forwarded_to(&b2, &ack(*p)), was, "port {p}: node B sends a synced session elsewhere than node A");
+    }
+    assert_eq!(walk(&b2).len(), moved.len(), "the merged flows are exceptions of node B too");
+    // A closing session is passed on as closing.
+    let (p, _) = moved[0];
+    forwarded_to(&a, &Ipv4Frame::tcp(CLIENT, p, VIP, 1883, TCP_FIN | TCP_ACK).build());
+    let again = walk(&a);
+    let closing: Vec<u16> = again.groups.iter().flat_map(|g| g.entries.iter().filter(|e| e.closing).map(|e| e.client.port())).collect();
+    assert_eq!(closing, vec![p]);
+    assert!(merge(&b2, &again).iter().all(|r| *r == Merged::Refreshed), "node B holds them all already");
+    assert!(b2.dp.flow(CLIENT, p, VIP, 1883).expect("held").closing());
+    drop(b);
+}
+
+#[test]
+fn a_merge_never_displaces_this_nodes_own_sessions() {
+    require_root!();
+    let config = Lb::config(&[("b1", 11, 100), ("b2", 12, 100)]);
+    let lb = Lb::with_table(config, 1024);
+    let at = SocketAddrV4::new(VIP, 1883);
+    let (b1, b2) = (lb.ids.backends["b1"], lb.ids.backends["b2"]);
+    let real = |b: u32| real_id(lb.ids.listeners["mqtt"], b);
+    let now = lb.dp.now_age().expect("clock");
+    let t = lb.dp.flow_table();
+    let key = |p: u16| exceptions::key_of(SocketAddrV4::new(CLIENT, p), at);
+
+    // A session of this node's own, confirmed: a peer's copy pinned elsewhere is refused...
+    let own = forwarded_to(&lb, &syn(40000));
+    forwarded_to(&lb, &ack(40000));
+    let other = if own == "b1" { b2 } else { b1 };
+    assert_eq!(t.merge(&key(40000), real(other), false, now, now, u32::MAX), Merged::Kept);
+    assert_eq!(forwarded_to(&lb, &ack(40000)), own);
+    // ... and the same pin refreshes it.
+    let mine = lb.ids.backends[&own];
+    assert_eq!(t.merge(&key(40000), real(mine), false, now, now, u32::MAX), Merged::Refreshed);
+
+    // A mid-flow miss recorded from the ring (unconfirmed) gives way to the peer's pin.
+    let guess = forwarded_to(&lb, &ack(40002));
+    let right = if guess == "b1" { b2 } else { b1 };
+    assert_eq!(t.merge(&key(40002), real(right), false, now, now, u32::MAX), Merged::Inserted);
+    assert_ne!(forwarded_to(&lb, &ack(40002)), guess, "the peer's pin was not taken");
+
+    // A table full of confirmed flows: merges fill it and then give up, displacing none.
+    let results: Vec<Merged> = (0..6000u16).map(|i| t.merge(&key(1000 + i), real(b1), false, now, now, u32::MAX)).collect();
+    let inserted = results.iter().filter(|r| **r == Merged::Inserted).count();
+    let full = results.iter().filter(|r| **r == Merged::Full).count();
+    assert!(full > 0, "6000 flows fit a table of 2048 slots?");
+    assert_eq!(inserted + full, 6000);
+    assert!(lb.dp.flow(CLIENT, 40000, VIP, 1883).is_some() && lb.dp.flow(CLIENT, 40002, VIP, 1883).is_some());
+    let mut held = 0;
+    t.walk(|_| held += 1);
+    assert_eq!(held, inserted + 2, "a merge replaced a confirmed flow");
+
+    // The same pin with a closing mark: taken in (the session is ending on the other node).
+    assert_eq!(t.merge(&key(40000), real(mine), true, now, now, u32::MAX), Merged::Refreshed);
+    assert!(lb.dp.flow(CLIENT, 40000, VIP, 1883).expect("held").closing());
+}
