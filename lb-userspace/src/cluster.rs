@@ -121,12 +121,18 @@ pub struct PeerStatus {
 }
 
 type Peers = Arc<Mutex<BTreeMap<Ipv4Addr, PeerStatus>>>;
+/// Per other node: wakes our connector when that node connects to us (it is up: no need to
+/// wait out the backoff).
+type Wakers = Arc<BTreeMap<Ipv4Addr, Arc<tokio::sync::Notify>>>;
 
 pub struct Cluster {
     settings: Settings,
     exceptions: watch::Sender<Arc<Exceptions>>,
     peers: Peers,
     tasks: Vec<JoinHandle<()>>,
+    /// Kept across [`Cluster::reconfigure`]: a new task takes the same socket over.
+    listener: Arc<TcpListener>,
+    events: mpsc::Sender<Event>,
 }
 
 const MAGIC: &[u8; 8] = b"DSRLBSYN";
@@ -149,22 +155,66 @@ impl Cluster {
     /// # Errors
     /// When the address cannot be bound.
     pub fn start(settings: Settings, events: mpsc::Sender<Event>) -> anyhow::Result<Self> {
-        let listener = bind(settings.me).with_context(|| format!("listening for cluster sync on {}", settings.me))?;
+        let listener = Arc::new(bind(settings.me).with_context(|| format!("listening for cluster sync on {}", settings.me))?);
+        let (exceptions, _) = watch::channel(Arc::new(Exceptions::default()));
+        let mut c = Self { settings, exceptions, peers: Arc::default(), tasks: Vec::new(), listener, events };
+        c.spawn();
+        tracing::info!(me = %c.settings.me, nodes = c.settings.nodes.len(), "cluster sync started");
+        Ok(c)
+    }
+
+    /// The tasks for the current settings: one accepting, one connector per other node.
+    fn spawn(&mut self) {
+        let s = &self.settings;
+        let old = self.peers.lock().map(|p| p.clone()).unwrap_or_default();
         let peers: Peers = Arc::new(Mutex::new(
-            settings
-                .nodes
+            s.nodes
                 .iter()
-                .filter(|n| **n != settings.me)
-                .map(|n| (*n.ip(), PeerStatus { node: n.to_string(), config: "unknown", ..PeerStatus::default() }))
+                .filter(|n| **n != s.me)
+                .map(|n| {
+                    // Counters carry over a reconfiguration; connection states start afresh.
+                    let was = old.get(n.ip());
+                    let status = PeerStatus {
+                        node: n.to_string(),
+                        config: "unknown",
+                        flows_sent: was.map_or(0, |p| p.flows_sent),
+                        flows_received: was.map_or(0, |p| p.flows_received),
+                        ..PeerStatus::default()
+                    };
+                    (*n.ip(), status)
+                })
                 .collect(),
         ));
-        let (exceptions, rx) = watch::channel(Arc::new(Exceptions::default()));
-        let mut tasks = vec![tokio::spawn(accept(listener, settings.clone(), Arc::clone(&peers), events))];
-        for peer in settings.nodes.iter().filter(|n| **n != settings.me) {
-            tasks.push(tokio::spawn(send_to(*peer, settings.clone(), rx.clone(), Arc::clone(&peers))));
+        let wakers: Wakers =
+            Arc::new(s.nodes.iter().filter(|n| **n != s.me).map(|n| (*n.ip(), Arc::new(tokio::sync::Notify::new()))).collect());
+        let accepting = accept(Arc::clone(&self.listener), s.clone(), Arc::clone(&peers), self.events.clone(), Arc::clone(&wakers));
+        let mut tasks = vec![tokio::spawn(accepting)];
+        for peer in s.nodes.iter().filter(|n| **n != s.me) {
+            let wake = Arc::clone(&wakers[peer.ip()]);
+            tasks.push(tokio::spawn(send_to(*peer, s.clone(), self.exceptions.subscribe(), Arc::clone(&peers), wake)));
         }
-        tracing::info!(me = %settings.me, nodes = settings.nodes.len(), "cluster sync started");
-        Ok(Self { settings, exceptions, peers, tasks })
+        for t in std::mem::replace(&mut self.tasks, tasks) {
+            t.abort();
+        }
+        self.peers = peers;
+    }
+
+    /// New settings (a reload): the connections start again with them (every peer gets
+    /// everything again), on the same listening socket when this node's address is the same.
+    ///
+    /// # Errors
+    /// When a new address cannot be bound; the old settings stay then.
+    pub fn reconfigure(&mut self, settings: Settings) -> anyhow::Result<()> {
+        if settings == self.settings {
+            return Ok(());
+        }
+        if settings.me != self.settings.me {
+            self.listener = Arc::new(bind(settings.me).with_context(|| format!("listening for cluster sync on {}", settings.me))?);
+        }
+        self.settings = settings;
+        self.spawn();
+        tracing::info!(me = %self.settings.me, nodes = self.settings.nodes.len(), "cluster sync reconfigured");
+        Ok(())
     }
 
     #[must_use]
@@ -269,7 +319,13 @@ struct Told {
 }
 
 /// Our side of the connection to `peer`: connect (again and again), then send every round.
-async fn send_to(peer: SocketAddrV4, s: Settings, mut exceptions: watch::Receiver<Arc<Exceptions>>, peers: Peers) {
+async fn send_to(
+    peer: SocketAddrV4,
+    s: Settings,
+    mut exceptions: watch::Receiver<Arc<Exceptions>>,
+    peers: Peers,
+    wake: Arc<tokio::sync::Notify>,
+) {
     let mut backoff = Duration::from_millis(200);
     loop {
         match connect(s.me, peer).await {
@@ -292,7 +348,10 @@ async fn send_to(peer: SocketAddrV4, s: Settings, mut exceptions: watch::Receive
                 p.out_error = Some(format!("{e:#}"));
             }),
         }
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = wake.notified() => {}
+        }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
@@ -419,7 +478,7 @@ async fn write_frame(stream: &mut TcpStream, kind: u8, body: &[u8]) -> anyhow::R
 
 // ---- receiving ----
 
-async fn accept(listener: TcpListener, s: Settings, peers: Peers, events: mpsc::Sender<Event>) {
+async fn accept(listener: Arc<TcpListener>, s: Settings, peers: Peers, events: mpsc::Sender<Event>, wakers: Wakers) {
     // The readers go with this task: aborting it drops the set, which aborts them.
     let mut readers = tokio::task::JoinSet::new();
     loop {
@@ -439,6 +498,9 @@ async fn accept(listener: TcpListener, s: Settings, peers: Peers, events: mpsc::
                 continue;
             }
         };
+        if let Some(w) = wakers.get(&node) {
+            w.notify_one();
+        }
         let (s, peers, events) = (s.clone(), Arc::clone(&peers), events.clone());
         readers.spawn(async move {
             let mut generation = 0;

@@ -221,7 +221,8 @@ pub struct Cluster {
     /// How often the flow table is walked for exceptions besides after every ring change.
     pub sync_interval: Duration,
     /// How long a starting node waits for the other nodes' exceptions before it announces its
-    /// VIPs and `dsrlb ping` answers (it stops waiting once every other node has sent them).
+    /// VIPs and `dsrlb ping` answers (it stops waiting once every other node that runs has sent
+    /// them; a node it cannot connect to is taken as down).
     pub join_wait: Duration,
 }
 

@@ -74,12 +74,12 @@ impl MqttConn {
 /// When a session cannot be opened.
 #[must_use]
 pub fn hold_sessions(lab: &Lab, prefix: &str, n: usize) -> Vec<(String, MqttConn)> {
-    use crate::lab::{CLIENT_EXTRA_BASE, CLIENT_EXTRA_COUNT, VIP};
+    use crate::lab::VIP;
+    let sources = lab.client_extra_addrs();
     crate::netns::in_netns(&lab.ns("client"), || {
         (0..n)
             .map(|i| {
-                let k = u8::try_from(i % usize::from(CLIENT_EXTRA_COUNT)).expect("fits");
-                let from = Ipv4Addr::new(192, 0, 2, CLIENT_EXTRA_BASE + k);
+                let from = sources[i % sources.len()];
                 let id = format!("{prefix}-{i}");
                 let c = MqttConn::connect(Some(from), SocketAddrV4::new(VIP, 1883), &id, Duration::from_secs(5))
                     .unwrap_or_else(|e| panic!("{id}: {e}"));
@@ -90,7 +90,8 @@ pub fn hold_sessions(lab: &Lab, prefix: &str, n: usize) -> Vec<(String, MqttConn
     .expect("client namespace")
 }
 
-/// `dsrlb run` in the lab's balancer namespace; stopped with SIGTERM on drop.
+/// `dsrlb run` in the lab's balancer namespace (or a routed lab's node); stopped with SIGTERM
+/// on drop.
 pub struct Balancer {
     pub child: Child,
     pub config: PathBuf,
@@ -110,31 +111,64 @@ impl Balancer {
         let path = lab.state.join("dsrlb-test.toml");
         std::fs::write(&path, config).expect("writing the config");
         let socket = lab.state.join("control.sock");
-        let child = Self::spawn(lab, &path, &socket);
-        let mut b = Self { child, config: path, socket, pin_dir: lab.pin_dir(), lb_ns: lab.ns("lb") };
+        let mut b = Self::spawned(&lab.ns("lb"), lab.pin_dir(), path, socket, &crate::dsrlb_bin());
         b.wait_ready();
         b
     }
 
-    fn spawn(lab: &Lab, config: &std::path::Path, socket: &std::path::Path) -> Child {
-        Self::spawn_bin(lab, &crate::dsrlb_bin(), config, socket)
+    /// `dsrlb run` on node `i` of a routed lab, with its own config file, socket and pins,
+    /// returning once its program is attached and its socket answers (it may still be joining
+    /// its cluster: see [`Self::wait_joined`]).
+    ///
+    /// # Panics
+    /// When it does not attach within 20 s or exits early.
+    #[must_use]
+    pub fn start_node(lab: &Lab, i: usize, config: &str) -> Self {
+        let dir = lab.node_dir(i);
+        std::fs::create_dir_all(&dir).expect("node directory");
+        let path = dir.join("dsrlb.toml");
+        std::fs::write(&path, config).expect("writing the config");
+        let mut b = Self::spawned(&lab.node_ns(i), lab.node_pin_dir(i), path, dir.join("control.sock"), &crate::dsrlb_bin());
+        b.wait_ready();
+        b
     }
 
-    fn spawn_bin(lab: &Lab, bin: &std::path::Path, config: &std::path::Path, socket: &std::path::Path) -> Child {
+    fn spawned(ns: &str, pin_dir: PathBuf, config: PathBuf, socket: PathBuf, bin: &std::path::Path) -> Self {
+        let child = Self::spawn_bin(ns, &pin_dir, bin, &config, &socket);
+        Self { child, config, socket, pin_dir, lb_ns: ns.to_owned() }
+    }
+
+    fn spawn_bin(ns: &str, pin_dir: &std::path::Path, bin: &std::path::Path, config: &std::path::Path, socket: &std::path::Path) -> Child {
         Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", lab.ns("lb")))
+            .arg(format!("--net=/run/netns/{ns}"))
             .arg(bin)
             .arg("--socket")
             .arg(socket)
             .arg("--pin-dir")
-            .arg(lab.pin_dir())
+            .arg(pin_dir)
             .args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("DSRLB_LAB_LOG").unwrap_or_else(|_| "warn".to_owned()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("starting dsrlb")
+    }
+
+    /// Waits until the controller has joined its cluster (`dsrlb ping` answers), at most `within`.
+    ///
+    /// # Panics
+    /// When it does not.
+    pub fn wait_joined(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let (ok, _, err) = self.cli(&["ping"]);
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{}: not ready within {within:?}: {err}", self.lb_ns);
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Waits until the program is attached and the control socket answers.
@@ -154,8 +188,8 @@ impl Balancer {
     }
 
     /// As [`Self::restart`], with another `dsrlb` binary (an upgrade).
-    pub fn restart_with(&mut self, lab: &Lab, bin: &std::path::Path) {
-        self.child = Self::spawn_bin(lab, bin, &self.config, &self.socket);
+    pub fn restart_with(&mut self, _lab: &Lab, bin: &std::path::Path) {
+        self.child = Self::spawn_bin(&self.lb_ns, &self.pin_dir, bin, &self.config, &self.socket);
         self.wait_ready();
     }
 
@@ -185,7 +219,11 @@ impl Balancer {
     /// When the CLI cannot start.
     #[must_use]
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(crate::dsrlb_bin())
+        // In the balancer's namespace, as an operator on that host would run it (`dsrlb stop`
+        // without a controller withdraws that namespace's routes).
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.lb_ns))
+            .arg(crate::dsrlb_bin())
             .arg("--socket")
             .arg(&self.socket)
             .arg("--pin-dir")
@@ -223,6 +261,23 @@ impl Balancer {
     #[must_use]
     pub fn attached(&self) -> bool {
         xdp_attached(&self.lb_ns)
+    }
+
+    /// The namespace it runs in.
+    #[must_use]
+    pub fn ns(&self) -> &str {
+        &self.lb_ns
+    }
+
+    /// The node dies: SIGKILL, and its program detached (its pins removed), as when the host
+    /// loses power. Nothing is withdrawn: the routers find out by BFD or the BGP hold time.
+    pub fn kill_node(&mut self) {
+        self.kill9();
+        let _ = lb_userspace::dataplane::unpin_all(&self.pin_dir);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.attached() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGTERM (the controller exits, forwarding continues from the pins), and the exit status.

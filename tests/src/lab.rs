@@ -13,6 +13,17 @@
 //!
 //! The brokers bridge all topics to b1, so they behave as one cluster for clients.
 //!
+//! A routed lab ([`Lab::routed`]) puts two or three balancer nodes on the segment and the
+//! client behind a router, as an edge would have them:
+//!
+//! ```text
+//! client 198.51.100.2 ── router 198.51.100.1 | 192.0.2.1 ── dsrlb-sw (bridge br0)
+//!                        (BIRD: ECMP over the      ├── node lb1 192.0.2.2  (dsrlb, BIRD or keepalived)
+//!                         nodes' BGP routes; or    ├── node lb2 192.0.2.3
+//!                         VIP via the VRRP         ├── (node lb3 192.0.2.4)
+//!                         next hop 192.0.2.9)      └── brokers 192.0.2.11 .. (default route via 192.0.2.1)
+//! ```
+//!
 //! Everything the lab starts is recorded in its state directory (pids, pinned links), so `down`
 //! removes it by PID even after the process that made it crashed.
 
@@ -41,6 +52,33 @@ pub const CLIENT_EXTRA_COUNT: u8 = 16;
 /// The name in the lab's server certificate (besides the VIPs' addresses).
 pub const TLS_NAME: &str = "mqtt.dsrlb.lab";
 
+/// Routed lab: the router's address on the segment and on the client's network, the client's.
+pub const ROUTER_LAN: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const ROUTER_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+pub const ROUTED_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+/// Routed lab, VRRP: the next hop the router sends the VIPs to, which keepalived moves.
+pub const VRRP_NEXT_HOP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 9);
+/// Routed lab: the port of the nodes' cluster sync.
+pub const SYNC_PORT: u16 = 9878;
+/// BGP: the router's AS and the nodes' (one AS for all nodes).
+pub const ROUTER_AS: u32 = 65000;
+pub const NODES_AS: u32 = 65001;
+
+/// Routed lab: node `i`'s (0-based) address.
+#[must_use]
+pub fn node_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 0, 2, 2 + u8::try_from(i).expect("few nodes"))
+}
+
+/// How the routed lab's router reaches the balancer nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routing {
+    /// BGP with BFD (BIRD on the router and on every node), ECMP over the nodes.
+    Bgp,
+    /// A static route via the VRRP next hop, which keepalived moves between the nodes.
+    Vrrp,
+}
+
 /// Broker `i` (0-based) address.
 #[must_use]
 pub fn broker_addr(i: usize) -> Ipv4Addr {
@@ -53,6 +91,8 @@ pub struct Lab {
     pub prefix: String,
     pub brokers: usize,
     pub state: PathBuf,
+    /// Balancer nodes behind a router (see the module's doc); `None`: the single-balancer lab.
+    pub routed: Option<(usize, Routing)>,
 }
 
 /// Runs a command; its stdout, or an error with its stderr.
@@ -70,7 +110,39 @@ pub fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
 impl Lab {
     #[must_use]
     pub fn new(prefix: &str, brokers: usize) -> Self {
-        Self { prefix: prefix.to_owned(), brokers, state: PathBuf::from(format!("/run/{prefix}-lab")) }
+        Self { prefix: prefix.to_owned(), brokers, state: PathBuf::from(format!("/run/{prefix}-lab")), routed: None }
+    }
+
+    /// A lab of `nodes` balancer nodes (2 or 3) behind a router.
+    #[must_use]
+    pub fn routed(prefix: &str, brokers: usize, nodes: usize, routing: Routing) -> Self {
+        assert!((2..=3).contains(&nodes), "2 or 3 nodes");
+        Self { routed: Some((nodes, routing)), ..Self::new(prefix, brokers) }
+    }
+
+    /// Balancer nodes of a routed lab (0 for the single-balancer lab).
+    #[must_use]
+    pub fn nodes(&self) -> usize {
+        self.routed.map_or(0, |(n, _)| n)
+    }
+
+    /// Node `i`'s namespace (routed lab).
+    #[must_use]
+    pub fn node_ns(&self, i: usize) -> String {
+        self.ns(&format!("lb{}", i + 1))
+    }
+
+    /// The client's addresses besides its first: where held sessions come from.
+    #[must_use]
+    pub fn client_extra_addrs(&self) -> Vec<Ipv4Addr> {
+        let net = if self.routed.is_some() { [198, 51, 100] } else { [192, 0, 2] };
+        (0..CLIENT_EXTRA_COUNT).map(|k| Ipv4Addr::new(net[0], net[1], net[2], CLIENT_EXTRA_BASE + k)).collect()
+    }
+
+    /// Node `i`'s state directory (its configs, sockets, logs, pids).
+    #[must_use]
+    pub fn node_dir(&self, i: usize) -> PathBuf {
+        self.state.join(format!("lb{}", i + 1))
     }
 
     #[must_use]
@@ -84,7 +156,13 @@ impl Lab {
     }
 
     fn namespaces(&self) -> Vec<String> {
-        let mut v = vec![self.ns("sw"), self.ns("client"), self.ns("lb")];
+        let mut v = vec![self.ns("sw"), self.ns("client")];
+        if self.routed.is_some() {
+            v.push(self.ns("router"));
+            v.extend((0..self.nodes()).map(|i| self.node_ns(i)));
+        } else {
+            v.push(self.ns("lb"));
+        }
         v.extend((0..self.brokers).map(|i| self.broker_ns(i)));
         v
     }
@@ -118,6 +196,12 @@ impl Lab {
     #[must_use]
     pub fn pin_dir(&self) -> PathBuf {
         PathBuf::from(format!("/sys/fs/bpf/{}", self.prefix))
+    }
+
+    /// Where node `i` of a routed lab pins its maps and link.
+    #[must_use]
+    pub fn node_pin_dir(&self, i: usize) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/{}-lb{}", self.prefix, i + 1))
     }
 
     #[must_use]
@@ -160,12 +244,16 @@ impl Lab {
         let sw = self.ns("sw");
         Self::ip(&sw, &["link", "add", "br0", "type", "bridge"])?;
         Self::ip(&sw, &["link", "set", "br0", "up"])?;
-        // Each host: veth `eth0` in its namespace, `p-ROLE` on the bridge.
-        let hosts: Vec<(String, String, Ipv4Addr)> = [("client", self.ns("client"), CLIENT_ADDR), ("lb", self.ns("lb"), LB_ADDR)]
-            .into_iter()
-            .map(|(r, n, a)| (r.to_owned(), n, a))
-            .chain((0..self.brokers).map(|i| (format!("b{}", i + 1), self.broker_ns(i), broker_addr(i))))
-            .collect();
+        // Each host on the segment: veth `eth0` in its namespace, `p-ROLE` on the bridge.
+        let front: Vec<(String, String, Ipv4Addr)> = if self.routed.is_some() {
+            std::iter::once(("router".to_owned(), self.ns("router"), ROUTER_LAN))
+                .chain((0..self.nodes()).map(|i| (format!("lb{}", i + 1), self.node_ns(i), node_addr(i))))
+                .collect()
+        } else {
+            vec![("client".to_owned(), self.ns("client"), CLIENT_ADDR), ("lb".to_owned(), self.ns("lb"), LB_ADDR)]
+        };
+        let hosts: Vec<(String, String, Ipv4Addr)> =
+            front.into_iter().chain((0..self.brokers).map(|i| (format!("b{}", i + 1), self.broker_ns(i), broker_addr(i)))).collect();
         for (role, ns, addr) in &hosts {
             let port = format!("p-{role}");
             sh("ip", &["link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &port, "netns", &sw])?;
@@ -175,18 +263,21 @@ impl Lab {
             Self::ip(ns, &["link", "set", "eth0", "up"])?;
         }
         let client = self.ns("client");
-        for i in 0..CLIENT_EXTRA_COUNT {
-            let a = Ipv4Addr::new(192, 0, 2, CLIENT_EXTRA_BASE + i);
-            Self::ip(&client, &["addr", "add", &format!("{a}/24"), "dev", "eth0"])?;
+        if self.routed.is_some() {
+            self.wire_router()?;
+        } else {
+            for a in self.client_extra_addrs() {
+                Self::ip(&client, &["addr", "add", &format!("{a}/24"), "dev", "eth0"])?;
+            }
+            // The client reaches the VIPs through the balancer.
+            for vip in [VIP, VIP_INTERNAL] {
+                Self::ip(&client, &["route", "add", &format!("{vip}/32"), "via", &LB_ADDR.to_string()])?;
+            }
+            // Bounced SYNs would carry partial checksums the brokers drop; GRO on the client's
+            // bridge port would merge segments into frames too big to bounce.
+            self.exec(&client, "ethtool", &["-K", "eth0", "tx", "off"])?;
+            self.exec(&sw, "ethtool", &["-K", "p-client", "gro", "off"])?;
         }
-        // The client reaches the VIPs through the balancer.
-        for vip in [VIP, VIP_INTERNAL] {
-            Self::ip(&client, &["route", "add", &format!("{vip}/32"), "via", &LB_ADDR.to_string()])?;
-        }
-        // Bounced SYNs would carry partial checksums the brokers drop; GRO on the client's
-        // bridge port would merge segments into frames too big to bounce.
-        self.exec(&client, "ethtool", &["-K", "eth0", "tx", "off"])?;
-        self.exec(&sw, "ethtool", &["-K", "p-client", "gro", "off"])?;
 
         // Brokers: VIPs on lo, ARP kept to the real address, loose reverse-path filter.
         for i in 0..self.brokers {
@@ -207,14 +298,69 @@ impl Lab {
         }
 
         // XDP_TX on a veth reaches the peer only if the peer runs an XDP program itself.
-        let mut test = TestPrograms::load([2, 0, 0, 0, 0, 1])?;
-        let pin = self.link_pin("p-lb");
-        crate::netns::in_netns(&sw, || test.attach("xdp_pass", "p-lb", XdpMode::Driver, Some(&pin)))
-            .context("attaching xdp_pass to the balancer's bridge port")??;
+        for port in self.balancer_ports() {
+            let mut test = TestPrograms::load([2, 0, 0, 0, 0, 1])?;
+            let pin = self.link_pin(&port);
+            crate::netns::in_netns(&sw, || test.attach("xdp_pass", &port, XdpMode::Driver, Some(&pin)))
+                .with_context(|| format!("attaching xdp_pass to the balancer's bridge port {port}"))??;
+        }
 
         self.write_certs()?;
         for i in 0..self.brokers {
+            if self.routed.is_some() {
+                // Brokers answer clients straight through the router (DSR).
+                Self::ip(&self.broker_ns(i), &["route", "add", "default", "via", &ROUTER_LAN.to_string()])?;
+            }
             self.start_broker(i)?;
+        }
+        if let Some((nodes, Routing::Bgp)) = self.routed {
+            self.start_bird_router()?;
+            for i in 0..nodes {
+                self.start_bird_node(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The bridge ports the balancers' frames come back through (each needs an XDP program).
+    fn balancer_ports(&self) -> Vec<String> {
+        if self.routed.is_some() { (0..self.nodes()).map(|i| format!("p-lb{}", i + 1)).collect() } else { vec!["p-lb".to_owned()] }
+    }
+
+    /// The routed lab's client side: the client behind the router, the router forwarding with
+    /// ECMP hashing on ports, and (VRRP) its static route to the VIPs via the VRRP next hop.
+    fn wire_router(&self) -> anyhow::Result<()> {
+        let (client, router, sw) = (self.ns("client"), self.ns("router"), self.ns("sw"));
+        sh("ip", &["link", "add", "eth0", "netns", &client, "type", "veth", "peer", "name", "eth1", "netns", &router])?;
+        Self::ip(&router, &["addr", "add", &format!("{ROUTER_CLIENT_SIDE}/24"), "dev", "eth1"])?;
+        Self::ip(&router, &["link", "set", "eth1", "up"])?;
+        Self::ip(&client, &["addr", "add", &format!("{ROUTED_CLIENT}/24"), "dev", "eth0"])?;
+        for a in self.client_extra_addrs() {
+            Self::ip(&client, &["addr", "add", &format!("{a}/24"), "dev", "eth0"])?;
+        }
+        Self::ip(&client, &["link", "set", "eth0", "up"])?;
+        Self::ip(&client, &["route", "add", "default", "via", &ROUTER_CLIENT_SIDE.to_string()])?;
+        for (k, v) in [
+            ("net.ipv4.ip_forward", "1"),
+            // ECMP by the 4-tuple, so one client's connections spread over the nodes.
+            ("net.ipv4.fib_multipath_hash_policy", "1"),
+            ("net.ipv4.conf.all.rp_filter", "2"),
+            ("net.ipv4.conf.eth0.rp_filter", "2"),
+            ("net.ipv4.conf.eth1.rp_filter", "2"),
+        ] {
+            self.sysctl(&router, k, v)?;
+        }
+        // As in the single-balancer lab: full checksums from the client, and no GRO on the way to
+        // the balancers (merged segments would be too big to bounce).
+        self.exec(&client, "ethtool", &["-K", "eth0", "tx", "off"])?;
+        for dev in ["eth0", "eth1"] {
+            self.exec(&router, "ethtool", &["-K", dev, "gro", "off"])?;
+        }
+        self.exec(&sw, "ethtool", &["-K", "p-router", "gro", "off"])?;
+        if let Some((_, Routing::Vrrp)) = self.routed {
+            for vip in [VIP, VIP_INTERNAL] {
+                Self::ip(&router, &["route", "add", &format!("{vip}/32"), "via", &VRRP_NEXT_HOP.to_string()])?;
+            }
         }
         Ok(())
     }
@@ -348,10 +494,15 @@ impl Lab {
                 }
             }
         }
-        let _ = std::fs::remove_file(self.link_pin("p-lb"));
-        // A balancer's pins outlive it by design; the lab's balancer goes with the lab.
-        let _ = lb_userspace::dataplane::unpin_all(&self.pin_dir());
-        let _ = std::fs::remove_dir(self.pin_dir());
+        for port in self.balancer_ports() {
+            let _ = std::fs::remove_file(self.link_pin(&port));
+        }
+        // A balancer's pins outlive it by design; the lab's balancers go with the lab.
+        let dirs = if self.routed.is_some() { (0..self.nodes()).map(|i| self.node_pin_dir(i)).collect() } else { vec![self.pin_dir()] };
+        for dir in dirs {
+            let _ = lb_userspace::dataplane::unpin_all(&dir);
+            let _ = std::fs::remove_dir(&dir);
+        }
         for ns in self.namespaces().into_iter().rev() {
             if Path::new("/run/netns").join(&ns).exists() {
                 sh("ip", &["netns", "del", &ns])?;
@@ -365,7 +516,7 @@ impl Lab {
     #[must_use]
     pub fn healthy(&self) -> bool {
         self.namespaces().iter().all(|ns| Path::new("/run/netns").join(ns).exists())
-            && self.link_pin("p-lb").exists()
+            && self.balancer_ports().iter().all(|p| self.link_pin(p).exists())
             && (0..self.brokers).all(|i| self.broker_pid(i).is_some_and(alive))
     }
 
@@ -385,8 +536,19 @@ impl Lab {
             };
             let _ = writeln!(out, "broker b{} {:<12} {state}", i + 1, broker_addr(i));
         }
-        let xdp = Self::ip(&self.ns("lb"), &["-d", "link", "show", "eth0"]).is_ok_and(|s| s.contains("prog/xdp"));
-        let _ = writeln!(out, "balancer {LB_ADDR} eth0: {}", if xdp { "XDP attached" } else { "no XDP program" });
+        let balancers: Vec<(String, Ipv4Addr)> = if self.routed.is_some() {
+            (0..self.nodes()).map(|i| (self.node_ns(i), node_addr(i))).collect()
+        } else {
+            vec![(self.ns("lb"), LB_ADDR)]
+        };
+        for (ns, addr) in balancers {
+            let xdp = Self::ip(&ns, &["-d", "link", "show", "eth0"]).is_ok_and(|s| s.contains("prog/xdp"));
+            let _ = writeln!(out, "balancer {ns} {addr} eth0: {}", if xdp { "XDP attached" } else { "no XDP program" });
+        }
+        if let Some((_, routing)) = self.routed {
+            let routes = Self::ip(&self.ns("router"), &["route", "show", &format!("{VIP}/32")]).unwrap_or_default();
+            let _ = writeln!(out, "router ({routing:?}): {VIP} {}", routes.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
         let _ = writeln!(out, "VIPs {VIP} (1883, 8883 TLS), {VIP_INTERNAL} ({INTERNAL_PORT}); lab CA {}", self.ca_pem().display());
         out
     }
@@ -403,8 +565,182 @@ impl Lab {
         for i in 0..self.brokers {
             let _ = writeln!(c, "[[backend]]\nname = \"b{}\"\naddress = \"{}\"\n", i + 1, broker_addr(i));
         }
+        if let Some((nodes, routing)) = self.routed {
+            if routing == Routing::Bgp {
+                let _ = writeln!(c, "[announce]\nwithdraw_wait = \"5s\"\n");
+            }
+            let list: Vec<String> = (0..nodes).map(|i| format!("\"{}:{SYNC_PORT}\"", node_addr(i))).collect();
+            let _ = writeln!(c, "[cluster]\nnodes = [{}]\nsync_interval = \"2s\"\njoin_wait = \"10s\"\n", list.join(", "));
+        }
         c
     }
+}
+
+/// The repository's `deploy/` directory (configs the routed lab runs as shipped).
+#[must_use]
+pub fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// `text` with each (from, to) replaced exactly `count` times, or an error naming what was
+/// not found: the lab runs the shipped configs, changing only what differs per node.
+fn substitute(text: &str, what: &str, edits: &[(&str, &str, usize)]) -> anyhow::Result<String> {
+    let mut out = text.to_owned();
+    for (from, to, count) in edits {
+        let n = out.matches(from).count();
+        anyhow::ensure!(n == *count, "{what}: {from:?} appears {n} times, the lab expects {count}");
+        out = out.replace(from, to);
+    }
+    Ok(out)
+}
+
+impl Lab {
+    fn router_dir(&self) -> PathBuf {
+        self.state.join("router")
+    }
+
+    /// BIRD on the router: eBGP with every node (BFD on), their VIP routes installed as one
+    /// ECMP route (`merge paths`).
+    fn start_bird_router(&self) -> anyhow::Result<()> {
+        let dir = self.router_dir();
+        std::fs::create_dir_all(&dir)?;
+        let mut conf = format!(
+            "router id {ROUTER_LAN};\nprotocol device {{}}\n\
+             protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
+             protocol bfd {{ interface \"eth0\" {{ min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }}; }}\n\
+             template bgp nodes {{ local {ROUTER_LAN} as {ROUTER_AS}; hold time 3; bfd on; error wait time 1, 10; connect delay time 1; \
+             connect retry time 5; ipv4 {{ import all; export none; }}; }}\n"
+        );
+        for i in 0..self.nodes() {
+            let _ = writeln!(conf, "protocol bgp lb{} from nodes {{ neighbor {} as {NODES_AS}; }}", i + 1, node_addr(i));
+        }
+        self.start_bird(&self.ns("router"), &dir, &conf)
+    }
+
+    /// BIRD on node `i`: `deploy/bird.conf` as shipped, with this node's address.
+    ///
+    /// # Errors
+    /// When the shipped config no longer has what the lab changes, or BIRD does not start.
+    pub fn start_bird_node(&self, i: usize) -> anyhow::Result<()> {
+        let shipped = std::fs::read_to_string(deploy_dir().join("bird.conf")).context("reading deploy/bird.conf")?;
+        let addr = node_addr(i).to_string();
+        let conf = substitute(&shipped, "deploy/bird.conf", &[("192.0.2.2", &addr, 2)])?;
+        let dir = self.node_dir(i);
+        std::fs::create_dir_all(&dir)?;
+        self.start_bird(&self.node_ns(i), &dir, &conf)
+    }
+
+    fn start_bird(&self, ns: &str, dir: &Path, conf: &str) -> anyhow::Result<()> {
+        let path = dir.join("bird.conf");
+        std::fs::write(&path, conf)?;
+        let (ctl, pid) = (dir.join("bird.ctl"), dir.join("bird.pid"));
+        let _ = std::fs::remove_file(&pid);
+        self.exec(ns, "bird", &["-c", &path.display().to_string(), "-s", &ctl.display().to_string(), "-P", &pid.display().to_string()])
+            .with_context(|| format!("starting BIRD in {ns}"))?;
+        Ok(())
+    }
+
+    /// Stops BIRD on node `i` (its BGP session goes down).
+    pub fn stop_bird_node(&self, i: usize) {
+        if let Some(pid) = read_pid(&self.node_dir(i).join("bird.pid")) {
+            kill_and_wait(pid);
+        }
+    }
+
+    /// `birdc show ...` on node `i` (`None`: the router).
+    ///
+    /// # Errors
+    /// When birdc fails.
+    pub fn birdc(&self, node: Option<usize>, args: &[&str]) -> anyhow::Result<String> {
+        let dir = node.map_or_else(|| self.router_dir(), |i| self.node_dir(i));
+        let mut full = vec!["-s".to_owned(), dir.join("bird.ctl").display().to_string()];
+        full.extend(args.iter().map(|a| (*a).to_owned()));
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        sh("birdc", &refs)
+    }
+
+    /// The next hops the router's kernel has for `vip` (one per node it routes the VIP to).
+    #[must_use]
+    pub fn router_next_hops(&self, vip: Ipv4Addr) -> Vec<Ipv4Addr> {
+        let text = Self::ip(&self.ns("router"), &["route", "show", &format!("{vip}/32")]).unwrap_or_default();
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let mut hops: Vec<Ipv4Addr> = words.windows(2).filter(|w| w[0] == "via").filter_map(|w| w[1].parse().ok()).collect();
+        hops.sort();
+        hops
+    }
+
+    /// keepalived on node `i`: `deploy/keepalived.conf` as shipped, with this node's router id
+    /// and priority, and the lab's `dsrlb` binary and socket in its check script. Its log goes
+    /// to the node's directory.
+    ///
+    /// # Errors
+    /// When the shipped config no longer has what the lab changes, or keepalived does not start.
+    pub fn start_keepalived(&self, i: usize, dsrlb: &Path, socket: &Path) -> anyhow::Result<()> {
+        let shipped = std::fs::read_to_string(deploy_dir().join("keepalived.conf")).context("reading deploy/keepalived.conf")?;
+        let dir = self.node_dir(i);
+        std::fs::create_dir_all(&dir)?;
+        // keepalived runs only scripts no one but root can change: a copy in the lab's own
+        // directory (the build tree may sit under a world-writable /tmp).
+        let bin = self.state.join("dsrlb-keepalived");
+        if !bin.exists() {
+            std::fs::copy(dsrlb, &bin).context("copying dsrlb for keepalived's check script")?;
+        }
+        let script = format!("script \"{} --socket {} ping\"", bin.display(), socket.display());
+        let router_id = format!("router_id dsrlb_{}", char::from(b'a' + u8::try_from(i).expect("few nodes")));
+        let priority = format!("priority {}", 150 - 50 * i);
+        let conf = substitute(
+            &shipped,
+            "deploy/keepalived.conf",
+            &[("script \"/usr/bin/dsrlb ping\"", &script, 1), ("router_id dsrlb_a", &router_id, 1), ("priority 150", &priority, 1)],
+        )?;
+        let path = dir.join("keepalived.conf");
+        std::fs::write(&path, conf)?;
+        let log = std::fs::File::create(dir.join("keepalived.log"))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node_ns(i)))
+            .args(["keepalived", "--dont-fork", "--log-console", "--log-detail", "--vrrp", "-f"])
+            .arg(&path)
+            .arg("-p")
+            .arg(dir.join("keepalived-main.pid"))
+            .arg("-r")
+            .arg(dir.join("keepalived-vrrp.pid"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting keepalived")?;
+        std::fs::write(dir.join("keepalived.pid"), child.id().to_string())?;
+        Ok(())
+    }
+
+    /// Stops keepalived on node `i`.
+    pub fn stop_keepalived(&self, i: usize) {
+        for f in ["keepalived.pid", "keepalived-vrrp.pid", "keepalived-main.pid"] {
+            if let Some(pid) = read_pid(&self.node_dir(i).join(f)) {
+                kill_and_wait(pid);
+            }
+        }
+    }
+
+    /// Whether node `i` holds the VRRP next hop (it is the master).
+    #[must_use]
+    pub fn holds_next_hop(&self, i: usize) -> bool {
+        Self::ip(&self.node_ns(i), &["-4", "addr", "show", "dev", "eth0"]).is_ok_and(|s| s.contains(&format!("{VRRP_NEXT_HOP}/")))
+    }
+
+    /// Cuts node `i` off the segment (its link goes down, as a failed host's would), or
+    /// connects it again.
+    ///
+    /// # Errors
+    /// When `ip link` fails.
+    pub fn set_node_link(&self, i: usize, up: bool) -> anyhow::Result<()> {
+        let state = if up { "up" } else { "down" };
+        Self::ip(&self.ns("sw"), &["link", "set", &format!("p-lb{}", i + 1), state])?;
+        Self::ip(&self.node_ns(i), &["link", "set", "eth0", state]).map(drop)
+    }
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// A lab for one test: up on creation, down on drop (also when the test panics).
@@ -415,9 +751,22 @@ impl LabGuard {
     /// When the lab cannot be brought up.
     #[must_use]
     pub fn up(brokers: usize) -> Self {
-        let lab = Lab::new("dsrlbt", brokers);
-        // A lab of another size may be left over from an aborted run.
+        Self::up_lab(Lab::new("dsrlbt", brokers))
+    }
+
+    /// A routed lab of `nodes` balancer nodes.
+    ///
+    /// # Panics
+    /// When the lab cannot be brought up.
+    #[must_use]
+    pub fn routed(brokers: usize, nodes: usize, routing: Routing) -> Self {
+        Self::up_lab(Lab::routed("dsrlbt", brokers, nodes, routing))
+    }
+
+    fn up_lab(lab: Lab) -> Self {
+        // A lab of another size or kind may be left over from an aborted run.
         let _ = Lab::new("dsrlbt", 4).down();
+        let _ = Lab::routed("dsrlbt", 4, 3, Routing::Bgp).down();
         lab.up().expect("bringing the test lab up");
         Self(lab)
     }

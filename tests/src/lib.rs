@@ -6,6 +6,7 @@ pub mod client;
 pub mod fixture;
 pub mod frame;
 pub mod lab;
+pub mod load;
 pub mod netns;
 
 /// True when the process may load BPF programs and make namespaces.

@@ -301,5 +301,6 @@ fn a_walk_of_a_large_flow_table_does_not_block_the_control_socket() {
     unsafe { libc::kill(i32::try_from(child.id()).expect("pid"), libc::SIGTERM) };
     let _ = child.wait();
     let _ = cli(&["stop"]).output();
+    let _ = std::fs::remove_dir(&pins);
     let _ = std::fs::remove_dir_all(&dir);
 }

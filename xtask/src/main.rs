@@ -25,14 +25,25 @@ enum Cmd {
     /// Build, bring up the demo lab, and run the balancer in it; or, with `-- --config FILE`,
     /// run the controller on this host as a deployment would.
     Run {
+        /// Balancer nodes in the demo lab: 1, or 2-3 behind a router (BGP and ECMP with BIRD).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+        nodes: u8,
+        /// With --nodes 2: active/standby with keepalived (VRRP) instead of BGP.
+        #[arg(long)]
+        vrrp: bool,
         /// Arguments for `dsrlb run` (e.g. `-- --config /etc/dsrlb.toml`).
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// The demo lab: network namespaces, a bridge, mosquitto brokers.
+    /// The demo lab: network namespaces, a bridge, mosquitto brokers (and with --nodes, a
+    /// router and balancer nodes).
     Lab {
         #[arg(value_parser = ["up", "down", "status"])]
         action: String,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+        nodes: u8,
+        #[arg(long)]
+        vrrp: bool,
     },
     /// Everything: unit tests, packet fixtures, netns and lab tests (root).
     Test {
@@ -77,14 +88,25 @@ fn require_root(what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(args: &[String]) -> anyhow::Result<()> {
+/// The lab binary's arguments for a lab of `nodes` (and VRRP).
+fn lab_kind(nodes: u8, vrrp: bool) -> Vec<String> {
+    let mut v = vec!["--nodes".to_owned(), nodes.to_string()];
+    if vrrp {
+        v.push("--vrrp".to_owned());
+    }
+    v
+}
+
+fn run(nodes: u8, vrrp: bool, args: &[String]) -> anyhow::Result<()> {
     setup::setup()?;
     require_root("cargo xtask run")?;
     cargo(&["build", "--release", "-p", "lb-userspace", "-p", "tests", "--bins"])?;
     let target = root().join("target/release");
     if args.is_empty() {
         // The demo: the lab binary brings the lab up, runs dsrlb in it, and tears down on Ctrl-C.
-        exec(&target.join("lab"), &["demo".to_owned(), "--dsrlb".to_owned(), target.join("dsrlb").display().to_string()])
+        let mut full = vec!["demo".to_owned(), "--dsrlb".to_owned(), target.join("dsrlb").display().to_string()];
+        full.extend(lab_kind(nodes, vrrp));
+        exec(&target.join("lab"), &full)
     } else {
         let mut full = vec!["run".to_owned()];
         full.extend_from_slice(args);
@@ -92,11 +114,13 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     }
 }
 
-fn lab(action: &str) -> anyhow::Result<()> {
+fn lab(action: &str, nodes: u8, vrrp: bool) -> anyhow::Result<()> {
     setup::setup()?;
     require_root("cargo xtask lab")?;
     cargo(&["build", "--release", "-p", "lb-userspace", "-p", "tests", "--bins"])?;
-    exec(&root().join("target/release/lab"), &[action.to_owned()])
+    let mut full = vec![action.to_owned()];
+    full.extend(lab_kind(nodes, vrrp));
+    exec(&root().join("target/release/lab"), &full)
 }
 
 fn test(args: &[String]) -> anyhow::Result<()> {
@@ -132,8 +156,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Setup => setup::setup(),
-        Cmd::Run { args } => run(&args),
-        Cmd::Lab { action } => lab(&action),
+        Cmd::Run { nodes, vrrp, args } => run(nodes, vrrp, &args),
+        Cmd::Lab { action, nodes, vrrp } => lab(&action, nodes, vrrp),
         Cmd::Test { args } => test(&args),
         Cmd::Bench => bench(),
     };

@@ -11,7 +11,19 @@ use anyhow::{Context as _, bail};
 /// The bpf-linker release the build is known to work with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages used by tests, the lab and the benchmarks.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "util-linux", "ethtool", "tcpdump", "bpftool", "mosquitto", "mosquitto-clients", "haproxy"];
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "util-linux",
+    "ethtool",
+    "tcpdump",
+    "bpftool",
+    "mosquitto",
+    "mosquitto-clients",
+    "haproxy",
+    // The multi-node lab: BGP with BFD on the router and the nodes, VRRP on the nodes.
+    "bird2",
+    "keepalived",
+];
 
 fn step(what: &str) {
     eprintln!("[setup] {what}");

@@ -181,6 +181,9 @@ impl Controller {
                 }
             }
         }
+        if self.ha.joining.is_some() && self.join_missing().is_empty() {
+            self.joined();
+        }
         if let (Some((since, _)), Some(cl)) = (&self.ha.joining, &self.config.cluster)
             && since.elapsed() >= cl.join_wait
         {
@@ -197,9 +200,19 @@ impl Controller {
         }
     }
 
+    /// The nodes a joining node still waits for: every other node that has not sent its
+    /// exceptions, unless it is down (our connection to it failed, and it has not connected to
+    /// us): a node that is not running holds no sessions.
     fn join_missing(&self) -> Vec<Ipv4Addr> {
         let (Some((_, have)), Some(c)) = (&self.ha.joining, &self.ha.cluster) else { return Vec::new() };
-        c.settings().nodes.iter().map(|n| *n.ip()).filter(|ip| ip != c.settings().me.ip() && !have.contains(ip)).collect()
+        let down: BTreeSet<String> =
+            c.peers().into_iter().filter(|p| !p.out_connected && !p.in_connected && p.out_error.is_some()).map(|p| p.node).collect();
+        c.settings()
+            .nodes
+            .iter()
+            .filter(|n| n.ip() != c.settings().me.ip() && !have.contains(n.ip()) && !down.contains(&n.to_string()))
+            .map(|n| *n.ip())
+            .collect()
     }
 
     fn joined(&mut self) {
@@ -369,24 +382,20 @@ impl Controller {
 
     /// Applies a reload's `[announce]` and `[cluster]` (the config is already the new one;
     /// `settings` were computed from it before anything changed). A cluster whose settings
-    /// changed restarts (its peers get everything again); on failure the old one is put back.
+    /// changed restarts its connections (its peers get everything again) on the same socket; a
+    /// new address that cannot be bound fails the reload, and the old settings stay.
     pub(super) fn ha_reconfigure(&mut self, settings: Option<cluster::Settings>) -> anyhow::Result<()> {
-        let same = self.ha.cluster.as_ref().map(|c| c.settings().clone()) == settings;
-        if !same {
-            let old = self.ha.cluster.take().map(|c| c.settings().clone());
-            if let Some(new) = settings {
-                match Cluster::start(new, self.ha.events.clone()) {
-                    Ok(c) => self.ha.cluster = Some(c),
-                    Err(e) => {
-                        if let Some(old) = old {
-                            self.ha.cluster = Cluster::start(old, self.ha.events.clone()).ok();
-                        }
-                        return Err(e.context("starting the cluster sync with the new settings"));
-                    }
-                }
-            } else {
+        let changed = self.ha.cluster.as_ref().map(|c| c.settings().clone()) != settings;
+        match (&mut self.ha.cluster, settings) {
+            (Some(c), Some(new)) => c.reconfigure(new).context("the cluster sync with the new settings")?,
+            (None, Some(new)) => self.ha.cluster = Some(Cluster::start(new, self.ha.events.clone())?),
+            (Some(_), None) => {
+                self.ha.cluster = None;
                 self.ha.joining = None;
             }
+            (None, None) => {}
+        }
+        if changed {
             self.ha.walks.due = true;
         }
         match (self.config.announce, self.ha.announcer.is_some()) {

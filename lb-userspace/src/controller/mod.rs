@@ -822,7 +822,14 @@ impl Controller {
             },
             Request::Stop => {
                 self.stopping = true;
-                Ok(Value::from(format!("stopping: detaching and removing the pins in {}", self.opts.pin_dir.display())))
+                Ok(Value::from(if self.config.announce.is_some() {
+                    format!(
+                        "stopping: withdrawing the VIPs, then detaching and removing the pins in {} once traffic stops",
+                        self.opts.pin_dir.display()
+                    )
+                } else {
+                    format!("stopping: detaching and removing the pins in {}", self.opts.pin_dir.display())
+                }))
             }
         };
         match result {

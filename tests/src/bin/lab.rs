@@ -1,17 +1,45 @@
-//! `lab up|down|status|demo`: the DSR lab for people (`cargo xtask lab`, `cargo xtask run`).
+//! `lab up|down|status|demo [--nodes N] [--vrrp]`: the DSR lab for people (`cargo xtask lab`,
+//! `cargo xtask run`). With `--nodes 2` (or 3) the balancers are nodes behind a router: BGP and
+//! ECMP (BIRD), or with `--vrrp` keepalived moving the VIPs' next hop.
 
 use std::{
-    process::{Command, ExitCode},
+    io::{BufRead as _, BufReader},
+    process::{Child, Command, ExitCode, Stdio},
     sync::atomic::{AtomicBool, Ordering},
 };
 
 use anyhow::Context as _;
-use tests::lab::{self, Lab};
+use tests::lab::{self, Lab, Routing};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// `dsrlb run` in namespace `ns`, its output prefixed with `tag` when it has one.
+fn spawn_dsrlb(dsrlb: &str, ns: &str, args: &[String], tag: Option<String>) -> anyhow::Result<Child> {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{ns}")).arg(dsrlb).args(args);
+    if tag.is_some() {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    }
+    let mut child = cmd.spawn().context("starting dsrlb")?;
+    if let Some(tag) = tag {
+        for stream in
+            [child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), child.stderr.take().map(|s| Box::new(s) as _)]
+                .into_iter()
+                .flatten()
+        {
+            let tag = tag.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    println!("[{tag}] {line}");
+                }
+            });
+        }
+    }
+    Ok(child)
 }
 
 fn demo(lab: &Lab, dsrlb: &str) -> anyhow::Result<()> {
@@ -33,45 +61,95 @@ fn demo(lab: &Lab, dsrlb: &str) -> anyhow::Result<()> {
         lab::VIP_INTERNAL,
         lab::INTERNAL_PORT
     );
-    println!("Ctrl-C stops the balancer and tears the lab down.\n");
+    if let Some((nodes, routing)) = lab.routed {
+        println!("  ip -n {} route show {}          # the router's path(s) to the VIP", lab.ns("router"), lab::VIP);
+        for i in 0..nodes {
+            println!("  dsrlb --socket {} status", lab.node_dir(i).join("control.sock").display());
+        }
+        if routing == Routing::Bgp {
+            println!("  birdc -s {} show protocols", lab.state.join("router/bird.ctl").display());
+        }
+    }
+    println!("Ctrl-C stops the balancers and tears the lab down.\n");
 
-    // SAFETY: installing a handler that only stores to an atomic. The child resets it on exec
-    // and gets the terminal's SIGINT itself.
+    // SAFETY: installing a handler that only stores to an atomic. The children reset it on
+    // exec and get the terminal's SIGINT themselves.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.ns("lb")))
-        .args([dsrlb, "run", "--stats-interval", "1s", "--config"])
-        .arg(&config)
-        .spawn()
-        .context("starting dsrlb")?;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
+    let mut children: Vec<(Child, Vec<String>)> = Vec::new();
+    if lab.routed.is_some() {
+        for i in 0..lab.nodes() {
+            let dir = lab.node_dir(i);
+            std::fs::create_dir_all(&dir)?;
+            let socket = dir.join("control.sock");
+            let common = vec![
+                "--socket".to_owned(),
+                socket.display().to_string(),
+                "--pin-dir".to_owned(),
+                lab.node_pin_dir(i).display().to_string(),
+            ];
+            let mut args = common.clone();
+            args.extend(["run", "--stats-interval", "1s", "--config"].map(str::to_owned));
+            args.push(config.display().to_string());
+            children.push((spawn_dsrlb(dsrlb, &lab.node_ns(i), &args, Some(format!("lb{}", i + 1)))?, common));
+            if let Some((_, Routing::Vrrp)) = lab.routed {
+                lab.start_keepalived(i, std::path::Path::new(dsrlb), &socket)?;
+            }
+        }
+    } else {
+        let args: Vec<String> =
+            ["run", "--stats-interval", "1s", "--config"].map(str::to_owned).into_iter().chain([config.display().to_string()]).collect();
+        children.push((spawn_dsrlb(dsrlb, &lab.ns("lb"), &args, None)?, Vec::new()));
+    }
+    let mut failed = None;
+    while children.iter_mut().any(|(c, _)| c.try_wait().ok().flatten().is_none()) {
+        if let Some((i, status)) = children.iter_mut().enumerate().find_map(|(i, (c, _))| c.try_wait().ok().flatten().map(|s| (i, s))) {
+            if !INTERRUPTED.load(Ordering::SeqCst) && failed.is_none() {
+                failed = Some(format!("dsrlb {} exited ({status})", i + 1));
+                INTERRUPTED.store(true, Ordering::SeqCst);
+            }
         }
         if INTERRUPTED.load(Ordering::SeqCst) {
-            // SAFETY: kill(2) on our own child.
-            unsafe { libc::kill(i32::try_from(child.id()).expect("pid"), libc::SIGTERM) };
+            for (c, _) in &children {
+                // SAFETY: kill(2) on our own child.
+                unsafe { libc::kill(i32::try_from(c.id()).expect("pid"), libc::SIGTERM) };
+            }
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
-    };
-    println!("\ndsrlb exited ({status}); detaching (dsrlb stop) and tearing the lab down");
-    let _ = Command::new(dsrlb).args(["stop"]).status();
+    }
+    println!("\ndsrlb exited; detaching (dsrlb stop) and tearing the lab down");
+    for (i, (_, common)) in children.iter().enumerate() {
+        let ns = if lab.routed.is_some() { lab.node_ns(i) } else { lab.ns("lb") };
+        let _ = Command::new("nsenter").arg(format!("--net=/run/netns/{ns}")).arg(dsrlb).args(common).arg("stop").status();
+    }
     lab.down()?;
-    if !INTERRUPTED.load(Ordering::SeqCst) && !status.success() {
-        anyhow::bail!("dsrlb failed ({status})");
+    if let Some(why) = failed {
+        anyhow::bail!(why);
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let lab = Lab::new("dsrlb", 2);
+    let nodes = args.iter().position(|a| a == "--nodes").and_then(|i| args.get(i + 1)).map(|n| n.parse::<usize>());
+    let routing = if args.iter().any(|a| a == "--vrrp") { Routing::Vrrp } else { Routing::Bgp };
+    let lab = match nodes {
+        None | Some(Ok(1)) => Lab::new("dsrlb", 2),
+        Some(Ok(n @ 2..=3)) => Lab::routed("dsrlb", 2, n, routing),
+        Some(_) => {
+            eprintln!("lab: --nodes takes 1, 2 or 3");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match args.first().map(String::as_str) {
         Some("up") => lab.up().map(|()| print!("{}", lab.status())),
-        Some("down") => lab.down().map(|()| println!("lab down")),
+        Some("down") => {
+            // Whatever kind of lab is up.
+            let _ = Lab::routed("dsrlb", 2, 3, Routing::Bgp).down();
+            Lab::new("dsrlb", 2).down().map(|()| println!("lab down"))
+        }
         Some("status") => {
             print!("{}", lab.status());
             Ok(())
@@ -80,7 +158,7 @@ fn main() -> ExitCode {
             Some(bin) => demo(&lab, bin),
             None => Err(anyhow::anyhow!("demo needs --dsrlb PATH")),
         },
-        _ => Err(anyhow::anyhow!("usage: lab up|down|status|demo --dsrlb PATH")),
+        _ => Err(anyhow::anyhow!("usage: lab up|down|status|demo --dsrlb PATH [--nodes 2|3] [--vrrp]")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
