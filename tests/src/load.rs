@@ -124,12 +124,12 @@ impl Load {
         let started = Instant::now();
         let shared = Arc::new(Shared { started: Some(started), ..Shared::default() });
         let held = sessions.len();
-        let mut shares: Vec<Vec<(String, MqttConn)>> = (0..WORKERS).map(|_| Vec::new()).collect();
+        let mut parts: Vec<Vec<(String, MqttConn)>> = (0..WORKERS).map(|_| Vec::new()).collect();
         for (i, s) in sessions.into_iter().enumerate() {
-            shares[i % WORKERS].push(s);
+            parts[i % WORKERS].push(s);
         }
         let mut threads = Vec::new();
-        for (w, share) in shares.into_iter().enumerate() {
+        for (w, share) in parts.into_iter().enumerate() {
             let shared = Arc::clone(&shared);
             threads.push(std::thread::Builder::new().name(format!("held-{w}")).spawn(move || drive(&shared, share)).expect("thread"));
         }
@@ -156,7 +156,7 @@ impl Load {
     /// Sessions lost so far.
     #[must_use]
     pub fn lost(&self) -> usize {
-        self.shared.lost.lock().map(|l| l.len()).unwrap_or(0)
+        self.shared.lost.lock().map_or(0, |l| l.len())
     }
 
     /// Waits until every held session still alive has made `n` more full passes (each a PING
@@ -180,7 +180,7 @@ impl Load {
     pub fn wait_made_after(&self, from: Duration, n: usize, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
-            let made = self.shared.attempts.lock().map(|a| a.iter().filter(|x| x.at >= from && x.error.is_none()).count()).unwrap_or(0);
+            let made = self.shared.attempts.lock().map_or(0, |a| a.iter().filter(|x| x.at >= from && x.error.is_none()).count());
             if made >= n {
                 return;
             }

@@ -141,11 +141,11 @@ fn ecmp_spreads_and_every_session_survives_a_node_dying_and_coming_back() {
     // (c) Node 2 comes back with an empty flow table; the router moves part of the traffic to it.
     let back_at = load.now();
     eprintln!("node 2 comes back at {back_at:?}");
-    let (node2, rejoined) = revive_bgp_node(&lab, 1, &config);
-    let took_back = forwarded(&node2);
+    let (revived, rejoined) = revive_bgp_node(&lab, 1, &config);
+    let took_back = forwarded(&revived);
     load.wait_passes(3, Duration::from_mins(2));
     load.wait_made_after(load.now(), 200, Duration::from_mins(1));
-    let moved_back = forwarded(&node2) - took_back;
+    let moved_back = forwarded(&revived) - took_back;
     let end = load.now();
     let report = load.finish();
 
@@ -173,7 +173,7 @@ fn ecmp_spreads_and_every_session_survives_a_node_dying_and_coming_back() {
     );
     assert!(report.lost.is_empty(), "sessions lost: {:?}", &report.lost[..report.lost.len().min(10)]);
     assert!(moved_back > 0, "the router sent node 2 nothing after it came back");
-    drop(node2);
+    drop(revived);
     drop(nodes);
 }
 
@@ -245,15 +245,15 @@ fn backend_change_then_node_changes(share: bool) -> Hard {
     let added_at = load.now();
     eprintln!("node 3 added at {added_at:?}");
     let t = Instant::now();
-    let node3 = Balancer::start_node(&lab, 2, &three);
-    node3.wait_joined(Duration::from_secs(30));
+    let added = Balancer::start_node(&lab, 2, &three);
+    added.wait_joined(Duration::from_secs(30));
     wait_next_hops(&lab, 3, Duration::from_secs(30));
     let joined = t.elapsed();
-    let took = forwarded(&node3);
+    let took = forwarded(&added);
     load.wait_passes(3, Duration::from_mins(2));
-    let node3_carried = forwarded(&node3) - took;
+    let node3_carried = forwarded(&added) - took;
     let lost_added = load.lost();
-    nodes.push(node3);
+    nodes.push(added);
 
     // Node 2 dies: its flows move to nodes 1 and 3.
     let died_at = load.now();
@@ -266,7 +266,7 @@ fn backend_change_then_node_changes(share: bool) -> Hard {
     // And comes back.
     let back_at = load.now();
     eprintln!("node 2 comes back at {back_at:?}");
-    let (node2, rejoined) = revive_bgp_node(&lab, 1, &three);
+    let (revived, rejoined) = revive_bgp_node(&lab, 1, &three);
     load.wait_passes(3, Duration::from_mins(2));
     load.wait_made_after(load.now(), 200, Duration::from_mins(1));
     let lost_back = load.lost() - lost_added - lost_died;
@@ -297,7 +297,7 @@ fn backend_change_then_node_changes(share: bool) -> Hard {
         report.made(),
         report.failed().len()
     );
-    drop(node2);
+    drop(revived);
     drop(nodes);
     Hard { added: lost_added, died: lost_died, back: lost_back, report }
 }

@@ -105,11 +105,12 @@ fn demo(lab: &Lab, dsrlb: &str) -> anyhow::Result<()> {
     }
     let mut failed = None;
     while children.iter_mut().any(|(c, _)| c.try_wait().ok().flatten().is_none()) {
-        if let Some((i, status)) = children.iter_mut().enumerate().find_map(|(i, (c, _))| c.try_wait().ok().flatten().map(|s| (i, s))) {
-            if !INTERRUPTED.load(Ordering::SeqCst) && failed.is_none() {
-                failed = Some(format!("dsrlb {} exited ({status})", i + 1));
-                INTERRUPTED.store(true, Ordering::SeqCst);
-            }
+        if let Some((i, status)) = children.iter_mut().enumerate().find_map(|(i, (c, _))| c.try_wait().ok().flatten().map(|s| (i, s)))
+            && !INTERRUPTED.load(Ordering::SeqCst)
+            && failed.is_none()
+        {
+            failed = Some(format!("dsrlb {} exited ({status})", i + 1));
+            INTERRUPTED.store(true, Ordering::SeqCst);
         }
         if INTERRUPTED.load(Ordering::SeqCst) {
             for (c, _) in &children {
