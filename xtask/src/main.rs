@@ -47,7 +47,8 @@ enum Cmd {
     },
     /// Everything: unit tests, packet fixtures, netns and lab tests (root).
     Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        /// Extra arguments for `cargo test` (a test name filter, `--test NAME`), then after
+        /// another `--` for the test harness (`--nocapture`).
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -138,9 +139,12 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     cargo(&["build", "-p", "lb-userspace", "-p", "tests", "--bins"])?;
     // lb-ebpf builds for the BPF target only, through lb-userspace's build script.
     let mut full: Vec<&str> = vec!["test", "--workspace", "--exclude", "lb-ebpf", "--no-fail-fast"];
-    full.extend(args.iter().map(String::as_str));
+    // `cargo xtask test -- CARGO_ARGS -- HARNESS_ARGS`, e.g. `-- --test lab_ha -- --nocapture`.
+    let split = args.iter().position(|a| a == "--").unwrap_or(args.len());
+    full.extend(args[..split].iter().map(String::as_str));
     // Netns and lab tests share names and the machine: one at a time.
     full.extend(["--", "--test-threads=1"]);
+    full.extend(args.get(split + 1..).unwrap_or_default().iter().map(String::as_str));
     cargo(&full)
 }
 
