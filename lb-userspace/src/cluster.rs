@@ -145,6 +145,9 @@ const FLOWS_PER_FRAME: usize = 65_536;
 const MAX_FRAME: usize = 1 + 4 + 2 + 1 + 255 + 4 + FLOWS_PER_FRAME * ENTRY_BYTES;
 const ENTRY_BYTES: usize = 4 + 2 + 2 + 1;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A connection's first frame, HELLO: its size at most, and how soon it must come.
+const HELLO_MAX: usize = 1 + 8 + 1 + 8 + 4;
+const HELLO_WAIT: Duration = Duration::from_secs(5);
 /// Unacknowledged data older than this closes the connection (a peer that died silently).
 const USER_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -336,7 +339,7 @@ async fn send_to(
                     p.out_error = None;
                 });
                 tracing::info!(%peer, "cluster: connected");
-                let why = serve_peer(&mut stream, peer, &s, &mut exceptions, &peers).await;
+                let why = serve_peer(&mut stream, peer, &s, &mut exceptions, &peers, &wake).await;
                 tracing::warn!(%peer, error = %format!("{why:#}"), "cluster: connection lost");
                 update(&peers, *peer.ip(), |p| {
                     p.out_connected = false;
@@ -379,6 +382,7 @@ async fn serve_peer(
     s: &Settings,
     exceptions: &mut watch::Receiver<Arc<Exceptions>>,
     peers: &Peers,
+    wake: &tokio::sync::Notify,
 ) -> anyhow::Error {
     let mut hello = Vec::with_capacity(32);
     hello.extend_from_slice(MAGIC);
@@ -401,9 +405,25 @@ async fn serve_peer(
             Ok(n) => update(peers, *peer.ip(), |p| p.flows_sent += n),
             Err(e) => return e,
         }
+        // The peer never writes on this connection: it becomes readable only when the peer
+        // closes it or its kernel resets it (a restarted node has no such connection). And
+        // when the peer connects to us, it may have restarted without our noticing (a node
+        // that died without a FIN): a round at once makes its kernel answer with a reset, so
+        // the restarted node gets everything on a new connection within a round trip, not
+        // after our next round.
         tokio::select! {
             changed = exceptions.changed() => if changed.is_err() { return anyhow::anyhow!("stopping"); },
             () = tokio::time::sleep(s.sync_interval) => {}
+            () = wake.notified() => {}
+            ready = stream.readable() => {
+                let mut byte = [0u8; 1];
+                match ready.map(|()| stream.try_read(&mut byte)) {
+                    Ok(Ok(0)) => return anyhow::anyhow!("the peer closed the connection"),
+                    Ok(Ok(_)) => return anyhow::anyhow!("the peer sent data on a connection that carries ours only"),
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Ok(Err(e)) | Err(e) => return anyhow::Error::from(e).context("the connection to the peer broke"),
+                }
+            }
         }
     }
 }
@@ -481,6 +501,8 @@ async fn write_frame(stream: &mut TcpStream, kind: u8, body: &[u8]) -> anyhow::R
 async fn accept(listener: Arc<TcpListener>, s: Settings, peers: Peers, events: mpsc::Sender<Event>, wakers: Wakers) {
     // The readers go with this task: aborting it drops the set, which aborts them.
     let mut readers = tokio::task::JoinSet::new();
+    // One reader per node: a node that connects again replaces its older connection.
+    let mut current: HashMap<Ipv4Addr, tokio::task::AbortHandle> = HashMap::new();
     loop {
         while readers.try_join_next().is_some() {}
         let (stream, from) = match listener.accept().await {
@@ -502,7 +524,7 @@ async fn accept(listener: Arc<TcpListener>, s: Settings, peers: Peers, events: m
             w.notify_one();
         }
         let (s, peers, events) = (s.clone(), Arc::clone(&peers), events.clone());
-        readers.spawn(async move {
+        let handle = readers.spawn(async move {
             let mut generation = 0;
             update(&peers, node, |p| {
                 p.in_generation += 1;
@@ -520,6 +542,9 @@ async fn accept(listener: Arc<TcpListener>, s: Settings, peers: Peers, events: m
                 p.in_error = Some(format!("{why:#}"));
             });
         });
+        if let Some(old) = current.insert(node, handle) {
+            old.abort();
+        }
     }
 }
 
@@ -529,8 +554,10 @@ async fn receive(mut stream: TcpStream, node: Ipv4Addr, s: &Settings, peers: &Pe
     let quiet = s.sync_interval * 3 + Duration::from_secs(5);
     let mut greeted = false;
     loop {
-        let (kind, body) = match tokio::time::timeout(quiet, read_frame(&mut stream)).await {
-            Err(_) => return anyhow::anyhow!("nothing received for {quiet:?}"),
+        // Until HELLO: a small frame, soon.
+        let (wait, max) = if greeted { (quiet, MAX_FRAME) } else { (HELLO_WAIT, HELLO_MAX) };
+        let (kind, body) = match tokio::time::timeout(wait, read_frame(&mut stream, max)).await {
+            Err(_) => return anyhow::anyhow!("nothing received for {wait:?}"),
             Ok(Err(e)) => return e,
             Ok(Ok(f)) => f,
         };
@@ -576,12 +603,12 @@ async fn receive(mut stream: TcpStream, node: Ipv4Addr, s: &Settings, peers: &Pe
     }
 }
 
-async fn read_frame(stream: &mut TcpStream) -> anyhow::Result<(u8, Vec<u8>)> {
+async fn read_frame(stream: &mut TcpStream, max: usize) -> anyhow::Result<(u8, Vec<u8>)> {
     let mut len = [0u8; 4];
     stream.read_exact(&mut len).await.context("reading from the peer")?;
     let len = u32::from_be_bytes(len) as usize;
-    if len == 0 || len > MAX_FRAME {
-        bail!("a frame of {len} bytes (at most {MAX_FRAME})");
+    if len == 0 || len > max {
+        bail!("a frame of {len} bytes (at most {max} here)");
     }
     let mut frame = vec![0u8; len];
     stream.read_exact(&mut frame).await.context("reading from the peer")?;

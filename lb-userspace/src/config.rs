@@ -469,7 +469,8 @@ impl Validator<'_> {
             }
         }
         let announce = raw.announce.as_ref().map(|a| self.announce(a.get_ref())).transpose()?;
-        let cluster = raw.cluster.as_ref().map(|c| self.cluster(c.get_ref())).transpose()?;
+        let shortest_idle = listeners.iter().map(|l| l.flow_idle_timeout).min().unwrap_or(flow_idle_timeout);
+        let cluster = raw.cluster.as_ref().map(|c| self.cluster(c, shortest_idle)).transpose()?;
         Ok(Config {
             interface,
             xdp_mode: raw.xdp_mode,
@@ -512,7 +513,8 @@ impl Validator<'_> {
         Ok(Announce { table, withdraw_wait })
     }
 
-    fn cluster(&self, raw: &RawCluster) -> Result<Cluster, ConfigError> {
+    fn cluster(&self, section: &Spanned<RawCluster>, shortest_idle: Duration) -> Result<Cluster, ConfigError> {
+        let raw = section.get_ref();
         let list = raw.nodes.get_ref();
         if !(2..=MAX_CLUSTER_NODES).contains(&list.len()) {
             return Err(self.err(
@@ -544,6 +546,22 @@ impl Validator<'_> {
             Some(w) => parse_duration_within(w.get_ref(), Duration::from_secs(1), Duration::from_mins(10))
                 .map_err(|m| self.err(&w.span(), "cluster.sync_interval", m))?,
         };
+        // A live flow is sent again at least every max(idle/4, sync_interval): twice per idle
+        // timeout at least, so the other nodes' copies never expire while it lives.
+        if sync_interval > shortest_idle / 2 {
+            let span = raw.sync_interval.as_ref().map_or_else(|| section.span(), Spanned::span);
+            return Err(self.err(
+                &span,
+                "cluster.sync_interval",
+                format!(
+                    "{} is more than half the shortest flow_idle_timeout ({}): the other nodes' copies of a live flow would expire \
+                     before it is sent again; use at most {}",
+                    show_duration(sync_interval),
+                    show_duration(shortest_idle),
+                    show_duration(shortest_idle / 2)
+                ),
+            ));
+        }
         let join_wait = match &raw.join_wait {
             None => DEFAULT_JOIN_WAIT,
             Some(w) => parse_duration_within(w.get_ref(), Duration::ZERO, Duration::from_mins(5))
@@ -987,6 +1005,16 @@ weight = 50
         assert!(e.contains("cluster.nodes[0]: 127.0.0.1:9878: a node's address"), "{e}");
         let e = error_of(&format!("{GOOD}\n[cluster]\nnodes = [\"192.0.2.2:1\", \"192.0.2.3:1\"]\nsync_interval = \"0s\"\n"));
         assert!(e.starts_with("t.toml:27:17: cluster.sync_interval: "), "{e}");
+        let e = error_of(&format!("{GOOD}\n[cluster]\nnodes = [\"192.0.2.2:1\", \"192.0.2.3:1\"]\nsync_interval = \"20m\"\n"));
+        assert!(e.starts_with("t.toml:27:17: cluster.sync_interval: "), "{e}");
+        let short = GOOD.replacen("port = 1883", "port = 1883\nflow_idle_timeout = \"10s\"", 1);
+        let e = error_of(&format!("{short}\n[cluster]\nnodes = [\"192.0.2.2:1\", \"192.0.2.3:1\"]\nsync_interval = \"6s\"\n"));
+        assert!(e.contains("cluster.sync_interval: 6s is more than half the shortest flow_idle_timeout (10s)"), "{e}");
+        assert!(e.contains("use at most 5s"), "{e}");
+        let e = error_of(&format!("{short}\n[cluster]\nnodes = [\"192.0.2.2:1\", \"192.0.2.3:1\"]\n"));
+        assert!(e.contains("cluster.sync_interval: 10s is more than half"), "the default too: {e}");
+        let ok = parse(&format!("{short}\n[cluster]\nnodes = [\"192.0.2.2:1\", \"192.0.2.3:1\"]\nsync_interval = \"5s\"\n"), "t.toml");
+        assert!(ok.is_ok(), "{ok:?}");
         let e = error_of(&format!("{GOOD}\n[cluster]\nnodes = [\"192.0.2.2:1\", \"192.0.2.3:1\"]\npeers = []\n"));
         assert!(e.contains("unknown field `peers`"), "{e}");
     }

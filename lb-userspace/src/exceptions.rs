@@ -14,8 +14,10 @@ use tokio::sync::mpsc;
 
 use crate::{
     cluster::{Entry, Exceptions, Group},
+    config::Config,
     dataplane::Desired,
     flow_table::{FlowTable, Merged},
+    maglev,
     plan::Ids,
 };
 
@@ -27,6 +29,10 @@ pub struct ListenerView {
     pub hash_source: bool,
     /// As written to the listener's active ring copy.
     pub ring: Arc<Vec<u32>>,
+    /// The ring the config alone gives (every backend up, the configured weights): what
+    /// another node whose checks or drains differ from ours may be using. Empty until
+    /// [`RingView::with_nominal`].
+    pub nominal: Arc<Vec<u32>>,
     /// Idle units from which a flow is over.
     pub expire: u32,
     /// The backends whose flows stay where they are pinned (in the listener, not reset after
@@ -57,6 +63,7 @@ impl RingView {
                     port: l.port,
                     hash_source: l.hash_source,
                     ring: Arc::new(l.ring.clone()),
+                    nominal: Arc::new(Vec::new()),
                     expire: l.idle_expire,
                     backends,
                 };
@@ -66,12 +73,39 @@ impl RingView {
         Self { ring_size, listeners }
     }
 
+    /// Adds each listener's nominal ring, built from `config` (Maglev: tens of milliseconds
+    /// for a large ring, so off the controller's loop).
+    #[must_use]
+    pub fn with_nominal(mut self, config: &Config, ids: &Ids) -> Self {
+        for c in &config.listeners {
+            let Some(l) = ids.listeners.get(&c.name).and_then(|id| self.listeners.get_mut(id)) else { continue };
+            let members: Vec<(&str, u32)> =
+                c.backends.iter().filter_map(|b| config.backend(b).map(|b| (b.name.as_str(), b.weight))).collect();
+            let ring = maglev::build(&members, config.ring_size)
+                .into_iter()
+                .map(|slot| members.get(slot as usize).and_then(|(name, _)| ids.backends.get(*name)).copied().unwrap_or(NO_BACKEND))
+                .collect();
+            l.nominal = Arc::new(ring);
+        }
+        self
+    }
+
     /// The backend id the listener's ring gives a flow (as the program picks it), or
     /// `NO_BACKEND`.
     #[must_use]
     pub fn pick(&self, l: &ListenerView, key: &FlowKey) -> u32 {
+        Self::pick_in(&l.ring, l, key, self.ring_size)
+    }
+
+    fn pick_in(ring: &[u32], l: &ListenerView, key: &FlowKey, ring_size: u32) -> u32 {
         let hash = if l.hash_source { source_hash(key.src_be) } else { flow_hash(key.src_be, key.dst_be, key.sport_be, key.dport_be) };
-        l.ring.get(ring_slot(hash, self.ring_size) as usize).copied().unwrap_or(NO_BACKEND)
+        ring.get(ring_slot(hash, ring_size) as usize).copied().unwrap_or(NO_BACKEND)
+    }
+
+    /// Whether every node would send this flow to `backend`: this node's ring does, and so
+    /// does the nominal ring (when built).
+    fn follows_rings(&self, l: &ListenerView, key: &FlowKey, backend: u32) -> bool {
+        self.pick(l, key) == backend && (l.nominal.is_empty() || Self::pick_in(&l.nominal, l, key, self.ring_size) == backend)
     }
 }
 
@@ -92,9 +126,10 @@ pub fn key_of(client: SocketAddrV4, listener: SocketAddrV4) -> FlowKey {
     }
 }
 
-/// The live confirmed flows of the table that the current ring would send elsewhere, grouped
-/// by listener and backend (`now`: the flow clock's age). Flows of a backend that is reset
-/// (down past its grace) or gone are left out: every node re-picks those anyway.
+/// The live confirmed flows of the table that the current ring (or the nominal ring, when the
+/// view has it: another node's checks may differ from ours) would send elsewhere, grouped by
+/// listener and backend (`now`: the flow clock's age). Flows of a backend that is reset (down
+/// past its grace) or gone are left out: every node re-picks those anyway.
 #[must_use]
 pub fn find(table: &FlowTable, view: &RingView, now: u32) -> Exceptions {
     let mut groups: BTreeMap<(u32, u32), Vec<Entry>> = BTreeMap::new();
@@ -102,7 +137,7 @@ pub fn find(table: &FlowTable, view: &RingView, now: u32) -> Exceptions {
         let Some(l) = view.listeners.get(&real_listener(f.real())) else { return };
         let backend = real_backend(f.real());
         let idle = f.idle(now);
-        if idle >= l.expire || !f.confirmed() || !l.backends.contains_key(&backend) || view.pick(l, &f.key) == backend {
+        if idle >= l.expire || !f.confirmed() || !l.backends.contains_key(&backend) || view.follows_rings(l, &f.key, backend) {
             return;
         }
         let entry = Entry { client: client_of(&f.key), idle: u16::try_from(idle).unwrap_or(u16::MAX), closing: f.closing() };

@@ -257,7 +257,11 @@ fn ha_table(v: &Value, out: &mut String) {
         }
     }
     if let Some(c) = v["cluster"].as_object() {
-        let joined = if c["joined"].as_bool() == Some(true) { "joined" } else { "JOINING (not announcing, ping fails)" };
+        let joined = if c["joined"].as_bool() == Some(true) {
+            format!("joined ({})", c["joined_how"].as_str().unwrap_or("without waiting"))
+        } else {
+            "JOINING (not announcing, ping fails)".to_owned()
+        };
         let walk = c["last_walk"].as_object().map_or_else(
             || "no walk yet".to_owned(),
             |w| format!("{} exceptions at the last walk ({} s ago)", w["exceptions"], w["ago_s"]),

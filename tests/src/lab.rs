@@ -570,7 +570,9 @@ impl Lab {
                 let _ = writeln!(c, "[announce]\nwithdraw_wait = \"5s\"\n");
             }
             let list: Vec<String> = (0..nodes).map(|i| format!("\"{}:{SYNC_PORT}\"", node_addr(i))).collect();
-            let _ = writeln!(c, "[cluster]\nnodes = [{}]\nsync_interval = \"2s\"\njoin_wait = \"10s\"\n", list.join(", "));
+            // A sync_interval longer than join_wait: a restarted node must get the others'
+            // exceptions at once, not at their next round (after join_wait gave up on them).
+            let _ = writeln!(c, "[cluster]\nnodes = [{}]\nsync_interval = \"30s\"\njoin_wait = \"10s\"\n", list.join(", "));
         }
         c
     }

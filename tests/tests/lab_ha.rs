@@ -92,8 +92,19 @@ fn revive_bgp_node(lab: &Lab, i: usize, config: &str) -> (Balancer, Duration) {
     let t = Instant::now();
     let node = Balancer::start_node(lab, i, config);
     node.wait_joined(Duration::from_secs(30));
+    assert_joined_with_all(&node);
     wait_next_hops(lab, lab.nodes(), Duration::from_secs(30));
     (node, t.elapsed())
+}
+
+/// A node that joined took in every running node's exceptions: the other nodes found out at
+/// once that it had (re)started, not only after `join_wait` gave up on them.
+fn assert_joined_with_all(node: &Balancer) {
+    let s = node.status();
+    if s["cluster"].is_null() {
+        return;
+    }
+    assert_eq!(s["cluster"]["joined_how"], "with every running node's exceptions", "{}: {}", node.ns(), s["cluster"]);
 }
 
 /// New connections from `from` (the event) to `to`: made, failed, delayed by a retransmitted
@@ -247,6 +258,7 @@ fn backend_change_then_node_changes(share: bool) -> Hard {
     let t = Instant::now();
     let added = Balancer::start_node(&lab, 2, &three);
     added.wait_joined(Duration::from_secs(30));
+    assert_joined_with_all(&added);
     wait_next_hops(&lab, 3, Duration::from_secs(30));
     let joined = t.elapsed();
     let took = forwarded(&added);
@@ -346,6 +358,7 @@ fn announcements_follow_the_controller_stop_and_usable_backends() {
     }
     nodes[1].restart(&lab);
     nodes[1].wait_joined(Duration::from_secs(30));
+    assert_joined_with_all(&nodes[1]);
     assert_eq!(lab.router_next_hops(VIP).len(), 2);
 
     // No usable backend on a node (both drained there): that node withdraws the VIP, so the

@@ -27,7 +27,14 @@ fn forwarded_to(lb: &Lb, frame: &[u8]) -> String {
     lb.backend_of(&out)
 }
 
+/// A walk as the controller makes it: against this node's ring and the config's.
 fn walk(lb: &Lb) -> Exceptions {
+    let now = lb.dp.now_age().expect("clock");
+    exceptions::find(lb.dp.flow_table(), &RingView::new(&lb.desired, &lb.ids, RING).with_nominal(&lb.config, &lb.ids), now)
+}
+
+/// A walk against this node's ring alone.
+fn walk_local(lb: &Lb) -> Exceptions {
     let now = lb.dp.now_age().expect("clock");
     exceptions::find(lb.dp.flow_table(), &RingView::new(&lb.desired, &lb.ids, RING), now)
 }
@@ -158,4 +165,33 @@ fn a_merge_never_displaces_this_nodes_own_sessions() {
     // The same pin with a closing mark: taken in (the session is ending on the other node).
     assert_eq!(t.merge(&key(40000), real(mine), true, now, now, u32::MAX), Merged::Refreshed);
     assert!(lb.dp.flow(CLIENT, 40000, VIP, 1883).expect("held").closing());
+}
+
+/// Nodes whose checks disagree build different rings: node A sees b2 down and sends every new
+/// session to b1, node B sees both up. A's sessions follow A's ring, but those whose slot the
+/// config's ring gives b2 are exceptions for B: the walk finds them, and B forwards them as A.
+#[test]
+fn sessions_made_while_this_nodes_checks_differ_are_shared() {
+    require_root!();
+    let two = [("b1", 11, 100), ("b2", 12, 100)];
+    let mut a = Lb::new(&two);
+    a.set_down("b2", true);
+    let ports: Vec<u16> = (30000..30400).step_by(2).collect();
+    for &p in &ports {
+        assert_eq!(forwarded_to(&a, &syn(p)), "b1");
+        assert_eq!(forwarded_to(&a, &ack(p)), "b1");
+    }
+    assert!(walk_local(&a).is_empty(), "every session follows node A's own ring");
+    let b = Lb::new(&two);
+    let elsewhere: Vec<u16> = ports.iter().copied().filter(|&p| b.ring_choice(0, CLIENT, p, 1883) != "b1").collect();
+    assert!(elsewhere.len() > 50, "only {} of {} sessions have a b2 slot in the config's ring", elsewhere.len(), ports.len());
+    let found = walk(&a);
+    let mut shared: Vec<u16> = found.groups.iter().flat_map(|g| g.entries.iter().map(|e| e.client.port())).collect();
+    shared.sort_unstable();
+    assert_eq!(shared, elsewhere, "the walk shares exactly the sessions the config's ring gives another broker");
+    assert!(found.groups.iter().all(|g| g.backend == "b1"));
+    assert!(merge(&b, &found).iter().all(|r| *r == Merged::Inserted));
+    for &p in &ports {
+        assert_eq!(forwarded_to(&b, &ack(p)), "b1", "port {p}: node B sends node A's session elsewhere");
+    }
 }

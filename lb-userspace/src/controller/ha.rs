@@ -34,7 +34,8 @@ const QUIET: Duration = Duration::from_secs(1);
 /// The receiving ends the controller's loop selects on.
 pub struct HaInbox {
     pub events: mpsc::Receiver<cluster::Event>,
-    pub found: mpsc::Receiver<Exceptions>,
+    /// A walk's exceptions; `None` when the walk failed.
+    pub found: mpsc::Receiver<Option<Exceptions>>,
     pub done: mpsc::Receiver<Done>,
 }
 
@@ -50,18 +51,33 @@ struct Walks {
     started: Instant,
 }
 
+/// A join that took in the exceptions of every node that runs.
+const JOINED_ALL: &str = "with every running node's exceptions";
+
+/// Merge jobs the controller hands the merge thread before it waits for some to be done: a
+/// peer that sends faster than the table takes its flows is slowed down through TCP.
+const MERGE_BACKLOG: usize = 16;
+
 pub struct Ha {
     announcer: Option<Announcer>,
-    /// Why nothing is announced although `[announce]` is configured (the link is gone).
+    /// The program is attached (announcing starts only then).
+    attached: bool,
+    /// Why this node does not forward although it runs (the link is gone, the interface down):
+    /// nothing is announced and `dsrlb ping` fails.
     unannounced: Option<String>,
+    /// Merge jobs handed to the merge thread and not done yet.
+    merges_pending: usize,
     next_repair: Instant,
     cluster: Option<Cluster>,
     events: mpsc::Sender<cluster::Event>,
-    found: mpsc::Sender<Exceptions>,
+    found: mpsc::Sender<Option<Exceptions>>,
     merger: std::sync::mpsc::Sender<Job>,
     /// Until every other node has sent its exceptions, or `join_wait` passed: since when, and
     /// who has. Nothing is announced meanwhile (nor withdrawn), and `dsrlb ping` fails.
     joining: Option<(Instant, BTreeSet<Ipv4Addr>)>,
+    /// How the last join ended: every running node's exceptions taken in, or `join_wait`
+    /// passed without some.
+    joined_how: Option<&'static str>,
     walks: Walks,
     merges: MergeCounts,
 }
@@ -75,13 +91,16 @@ impl Ha {
         let merger = exceptions::spawn_merger(table, done_tx);
         let ha = Self {
             announcer: None,
+            attached: false,
             unannounced: None,
+            merges_pending: 0,
             next_repair: Instant::now() + REPAIR_EVERY,
             cluster: None,
             events,
             found,
             merger,
             joining: None,
+            joined_how: None,
             walks: Walks { walking: false, due: true, next: Instant::now(), last: None, started: Instant::now() },
             merges: MergeCounts::default(),
         };
@@ -143,15 +162,30 @@ impl Controller {
         self.update_announcement();
     }
 
-    /// VIPs with a listener that can take new flows: a backend in its ring, and not failing
-    /// open (then this node's checks are likelier broken than every broker: let the nodes
-    /// whose checks pass take the traffic).
+    /// VIPs with a listener that can take new flows: a backend in its ring. A listener that
+    /// fails open (`all_down = "forward"`) counts: its ring then holds every backend with a
+    /// weight, as every node's does when all are up, and when every node's checks fail at
+    /// once (a shared cause), withdrawing everywhere would take the VIP off the network.
     fn usable_vips(&self) -> BTreeSet<Ipv4Addr> {
-        self.desired.listeners.iter().filter(|l| !l.fail_open && l.ring.iter().any(|&s| s != NO_BACKEND)).map(|l| l.vip).collect()
+        self.desired.listeners.iter().filter(|l| l.ring.iter().any(|&s| s != NO_BACKEND)).map(|l| l.vip).collect()
+    }
+
+    /// The program is attached: from now on, what is usable is announced.
+    pub(super) fn ha_attached(&mut self) {
+        self.ha.attached = true;
+        self.update_announcement();
+    }
+
+    /// Whether the loop may take another cluster event (the merge thread keeps up).
+    pub(super) const fn ha_takes_events(&self) -> bool {
+        self.ha.merges_pending < MERGE_BACKLOG
     }
 
     fn update_announcement(&self) {
         let (Some(a), Some(cfg)) = (&self.ha.announcer, self.config.announce) else { return };
+        if !self.ha.attached {
+            return;
+        }
         if self.ha.joining.is_some() {
             return; // the kernel keeps what it has (a restarting node stays announced)
         }
@@ -161,28 +195,38 @@ impl Controller {
 
     /// Every second: the link still attached, the join's deadline, a walk due, repairs.
     pub(super) fn ha_tick(&mut self) {
-        if self.ha.announcer.is_some() {
-            let live = dataplane::link_live(&self.opts.pin_dir, &self.config.interface);
-            if !live && self.ha.unannounced.is_none() {
-                let why = format!("the XDP link in {} is no longer attached to {}", self.opts.pin_dir.display(), self.config.interface);
-                tracing::error!(%why, "withdrawing every VIP: this node no longer forwards");
-                self.ha.unannounced = Some(why);
-                self.update_announcement();
-            } else if live && self.ha.unannounced.is_some() {
-                self.ha.unannounced = None;
-                self.update_announcement();
-            }
-            if Instant::now() >= self.ha.next_repair {
-                self.ha.next_repair = Instant::now() + REPAIR_EVERY;
-                if self.ha.joining.is_none()
-                    && let Some(a) = &self.ha.announcer
-                {
-                    a.repair();
+        if self.ha.attached {
+            let why = if !dataplane::link_live(&self.opts.pin_dir, &self.config.interface) {
+                Some(format!("the XDP link in {} is no longer attached to {}", self.opts.pin_dir.display(), self.config.interface))
+            } else if !dataplane::interface_running(&self.config.interface).unwrap_or(false) {
+                Some(format!("{} is down or has no carrier", self.config.interface))
+            } else {
+                None
+            };
+            match (&why, &self.ha.unannounced) {
+                (Some(w), None) => {
+                    tracing::error!(why = %w, "this node no longer forwards: every VIP withdrawn, dsrlb ping fails");
+                    self.ha.unannounced = why;
+                    self.update_announcement();
                 }
+                (None, Some(_)) => {
+                    tracing::info!("forwarding again: VIPs announced as usable, dsrlb ping answers");
+                    self.ha.unannounced = None;
+                    self.update_announcement();
+                }
+                _ => {}
+            }
+        }
+        if self.ha.announcer.is_some() && Instant::now() >= self.ha.next_repair {
+            self.ha.next_repair = Instant::now() + REPAIR_EVERY;
+            if self.ha.joining.is_none()
+                && let Some(a) = &self.ha.announcer
+            {
+                a.repair();
             }
         }
         if self.ha.joining.is_some() && self.join_missing().is_empty() {
-            self.joined();
+            self.joined(JOINED_ALL);
         }
         if let (Some((since, _)), Some(cl)) = (&self.ha.joining, &self.config.cluster)
             && since.elapsed() >= cl.join_wait
@@ -193,7 +237,7 @@ impl Controller {
                 "joined the cluster without every node's exceptions (join_wait passed): sessions those nodes pinned elsewhere than the \
                  ring may be reset if routed here"
             );
-            self.joined();
+            self.joined("join_wait passed without every node's exceptions");
         }
         if self.ha.cluster.is_some() && (self.ha.walks.due || Instant::now() >= self.ha.walks.next) {
             self.walk_exceptions();
@@ -215,9 +259,10 @@ impl Controller {
             .collect()
     }
 
-    fn joined(&mut self) {
+    fn joined(&mut self, how: &'static str) {
         if let Some((since, _)) = self.ha.joining.take() {
-            tracing::info!(after = ?since.elapsed(), "joined the cluster");
+            tracing::info!(after = ?since.elapsed(), how, "joined the cluster");
+            self.ha.joined_how = Some(how);
             self.update_announcement();
         }
     }
@@ -241,16 +286,23 @@ impl Controller {
         w.next = Instant::now() + interval;
         w.started = Instant::now();
         let view = RingView::new(&self.desired, &self.ids, self.config.ring_size);
+        let (config, ids) = (self.config.clone(), self.ids.clone());
         let (table, found) = (self.dp.flow_table_handle(), self.ha.found.clone());
         tokio::task::spawn_blocking(move || {
-            let _ = found.blocking_send(exceptions::find(&table, &view, now));
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exceptions::find(&table, &view.with_nominal(&config, &ids), now)));
+            let _ = found.blocking_send(result.ok());
         });
     }
 
     /// A walk ended: every peer gets what it lacks.
-    pub(super) fn exceptions_found(&mut self, e: Exceptions) {
+    pub(super) fn exceptions_found(&mut self, e: Option<Exceptions>) {
         let w = &mut self.ha.walks;
         w.walking = false;
+        let Some(e) = e else {
+            tracing::error!("the walk for exceptions failed (a bug: please report it); the next one is due in sync_interval");
+            return;
+        };
         w.last = Some((Instant::now(), e.len(), w.started.elapsed()));
         if let Some(c) = &self.ha.cluster {
             c.publish(e);
@@ -284,16 +336,21 @@ impl Controller {
                     .filter(|e| u32::from(e.idle) < expire)
                     .map(|e| (exceptions::key_of(e.client, at), e.closing, now.wrapping_sub(u32::from(e.idle)) & 0xffff))
                     .collect();
-                let _ = self.ha.merger.send(Job::Merge(Incoming { real, flows, now, expire }));
+                if self.ha.merger.send(Job::Merge(Incoming { real, flows, now, expire })).is_ok() {
+                    self.ha.merges_pending += 1;
+                }
             }
             cluster::Event::Synced { from } => {
-                let _ = self.ha.merger.send(Job::Synced(from));
+                if self.ha.merger.send(Job::Synced(from)).is_ok() {
+                    self.ha.merges_pending += 1;
+                }
             }
         }
     }
 
     #[expect(clippy::needless_pass_by_value, reason = "taken from the channel whole")]
     pub(super) fn on_merge_done(&mut self, done: Done) {
+        self.ha.merges_pending = self.ha.merges_pending.saturating_sub(1);
         match done {
             Done::Merged(c) => {
                 self.ha.merges.add(&c);
@@ -305,7 +362,7 @@ impl Controller {
                 if let Some((_, have)) = &mut self.ha.joining {
                     have.insert(from);
                     if self.join_missing().is_empty() {
-                        self.joined();
+                        self.joined(JOINED_ALL);
                     }
                 }
             }
@@ -356,6 +413,7 @@ impl Controller {
             json!({
                 "me": c.settings().me.to_string(),
                 "joined": self.ha.joining.is_none(),
+                "joined_how": self.ha.joined_how,
                 "fingerprint": format!("{:016x}", c.settings().fingerprint),
                 "last_walk": last,
                 "merged": self.ha.merges,

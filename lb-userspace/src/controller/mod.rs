@@ -257,6 +257,7 @@ impl Controller {
         c.apply().context("filling the maps")?;
         c.ha_start()?;
         c.dp.attach_pinned_link(&c.config.interface, dataplane::xdp_mode(c.config.xdp_mode), &c.opts.pin_dir)?;
+        c.ha_attached();
         match start {
             dataplane::Start::Adopted => tracing::info!(
                 pins = %c.opts.pin_dir.display(),
@@ -1066,7 +1067,7 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
                 c.apply_if_down_changed();
                 c.ha_tick();
             }
-            Some(event) = inbox.events.recv() => c.on_cluster_event(event),
+            Some(event) = inbox.events.recv(), if c.ha_takes_events() => c.on_cluster_event(event),
             Some(found) = inbox.found.recv() => c.exceptions_found(found),
             Some(done) = inbox.done.recv() => c.on_merge_done(done),
             Some(removed) = swept.recv() => c.swept(removed),

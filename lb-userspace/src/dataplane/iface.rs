@@ -16,13 +16,9 @@ pub const fn xdp_mode(mode: crate::config::XdpModeCfg) -> XdpMode {
     }
 }
 
-/// Reads an interface's MAC with `SIOCGIFHWADDR`, in the calling thread's network namespace
-/// (sysfs would show the namespace it was mounted in, which `nsenter --net` does not change).
-///
-/// # Errors
-/// When the interface does not exist or has no Ethernet address.
-pub fn interface_mac(interface: &str) -> anyhow::Result<[u8; 6]> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+/// An `ifreq` naming `interface`, and a socket to ask about it.
+fn ifreq(interface: &str) -> anyhow::Result<(std::os::fd::OwnedFd, libc::ifreq)> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
     ensure!(!interface.is_empty() && interface.len() < libc::IFNAMSIZ, "bad interface name {interface:?}");
     // SAFETY: plain socket(2); the fd is owned right away.
     let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -34,6 +30,35 @@ pub fn interface_mac(interface: &str) -> anyhow::Result<[u8; 6]> {
     for (dst, src) in req.ifr_name.iter_mut().zip(interface.bytes()) {
         *dst = libc::c_char::from_ne_bytes([src]);
     }
+    Ok((sock, req))
+}
+
+/// Whether `interface` is up and has its carrier (`IFF_UP` and `IFF_RUNNING`, from
+/// `SIOCGIFFLAGS`), in the calling thread's network namespace.
+///
+/// # Errors
+/// When the interface does not exist.
+pub fn interface_running(interface: &str) -> anyhow::Result<bool> {
+    use std::os::fd::AsRawFd as _;
+    let (sock, mut req) = ifreq(interface)?;
+    // SAFETY: `req` is a valid ifreq with a NUL-terminated name (checked length, zeroed rest).
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &raw mut req) };
+    if rc != 0 {
+        bail!("no interface {interface}: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    let flags = i32::from(unsafe { req.ifr_ifru.ifru_flags });
+    Ok(flags & libc::IFF_UP != 0 && flags & libc::IFF_RUNNING != 0)
+}
+
+/// Reads an interface's MAC with `SIOCGIFHWADDR`, in the calling thread's network namespace
+/// (sysfs would show the namespace it was mounted in, which `nsenter --net` does not change).
+///
+/// # Errors
+/// When the interface does not exist or has no Ethernet address.
+pub fn interface_mac(interface: &str) -> anyhow::Result<[u8; 6]> {
+    use std::os::fd::AsRawFd as _;
+    let (sock, mut req) = ifreq(interface)?;
     // SAFETY: `req` is a valid ifreq with a NUL-terminated name (checked length, zeroed rest).
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &raw mut req) };
     if rc != 0 {
