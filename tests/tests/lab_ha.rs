@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tests::{
     client::{Balancer, hold_sessions},
-    lab::{Lab, LabGuard, Routing, VIP, node_addr},
+    lab::{Lab, LabGuard, Routing, VIP, VIP_INTERNAL, node_addr},
     load::{Load, LoadReport},
     require_root,
 };
@@ -375,6 +375,21 @@ fn announcements_follow_the_controller_stop_and_usable_backends() {
     }
     let announced = wait_next_hops(&lab, 2, Duration::from_secs(10));
 
+    // Node 2 loses its carrier: its controller withdraws the VIPs (its own table, whatever
+    // BGP does) and `dsrlb ping` fails; with the carrier back, both return.
+    assert!(!lab.node_announced(1).is_empty(), "node 2 announces nothing");
+    lab.set_node_carrier(1, false).expect("carrier off");
+    let t = Instant::now();
+    while !(lab.node_announced(1).is_empty() && !nodes[1].cli(&["ping"]).0) {
+        assert!(t.elapsed() < Duration::from_secs(10), "node 2 still announces {:?} without its carrier", lab.node_announced(1));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let no_carrier = t.elapsed();
+    lab.set_node_carrier(1, true).expect("carrier on");
+    nodes[1].wait_joined(Duration::from_secs(10));
+    wait_next_hops(&lab, 2, Duration::from_secs(30));
+    assert_eq!(lab.node_announced(1), vec![VIP.to_string(), VIP_INTERNAL.to_string()]);
+
     // `dsrlb stop` withdraws first and detaches once the router has moved the traffic: no
     // session is lost to it.
     let t = Instant::now();
@@ -387,10 +402,11 @@ fn announcements_follow_the_controller_stop_and_usable_backends() {
     let report = load.finish();
     eprintln!(
         "announcements: a killed controller kept node 2 routed through BGP's hold time; draining every backend there withdrew its VIP in \
-         {} ms, undraining announced it in {} ms; dsrlb stop withdrew, waited for the traffic to stop and detached in {} ms; \
+         {} ms, undraining announced it in {} ms; without its carrier it withdrew in {} ms; dsrlb stop withdrew, waited for the traffic to stop and detached in {} ms; \
          held {}, lost {}; new connections made {}, failed {}",
         withdrawn.as_millis(),
         announced.as_millis(),
+        no_carrier.as_millis(),
         stopped.as_millis(),
         report.held,
         report.lost.len(),
