@@ -729,24 +729,28 @@ impl Lab {
         Self::ip(&self.node_ns(i), &["-4", "addr", "show", "dev", "eth0"]).is_ok_and(|s| s.contains(&format!("{VRRP_NEXT_HOP}/")))
     }
 
-    /// Cuts node `i` off the segment (its link goes down, as a failed host's would), or
-    /// connects it again.
+    /// Takes node `i`'s carrier away (its switch port down) or gives it back; its own
+    /// interface stays administratively up.
     ///
     /// # Errors
     /// When `ip link` fails.
-    /// Takes node `i`'s carrier away (its switch port down) or gives it back; its own
-    /// interface stays administratively up.
     pub fn set_node_carrier(&self, i: usize, up: bool) -> anyhow::Result<()> {
         Self::ip(&self.ns("sw"), &["link", "set", &format!("p-lb{}", i + 1), if up { "up" } else { "down" }]).map(drop)
     }
 
     /// The VIP routes dsrlb keeps for node `i`'s BGP speaker (table 213, protocol 213).
+    #[must_use]
     pub fn node_announced(&self, i: usize) -> Vec<String> {
         Self::ip(&self.node_ns(i), &["-4", "route", "show", "table", "213", "proto", "213"])
             .map(|out| out.lines().filter_map(|l| l.split_whitespace().find(|w| *w != "blackhole").map(str::to_owned)).collect())
             .unwrap_or_default()
     }
 
+    /// Cuts node `i` off the segment (its link goes down, as a failed host's would), or
+    /// connects it again.
+    ///
+    /// # Errors
+    /// When `ip link` fails.
     pub fn set_node_link(&self, i: usize, up: bool) -> anyhow::Result<()> {
         let state = if up { "up" } else { "down" };
         Self::ip(&self.ns("sw"), &["link", "set", &format!("p-lb{}", i + 1), state])?;

@@ -510,3 +510,106 @@ fn when_the_checks_themselves_break_the_listener_fails_open() {
     }
     assert_eq!(lb.status()["listeners"][0]["fail_open"], false);
 }
+
+/// A stand-in for a broker at its limit: accepts MQTT 3.1.1 sessions and answers PINGREQ
+/// while `refuse` is false; once it is set, answers every new CONNECT (the health check's
+/// too) with CONNACK 3 ("server unavailable") and keeps serving the sessions it has. Listens on
+/// every address of broker `i`'s namespace (its own and the VIP on `lo`); returns the client
+/// ids it accepted.
+fn refusing_broker(
+    lab: &LabGuard,
+    i: usize,
+    refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::{
+        io::{Read as _, Write as _},
+        net::TcpListener,
+        sync::{Arc, Mutex, atomic::Ordering},
+    };
+    let listener = tests::netns::in_netns(&lab.broker_ns(i), || TcpListener::bind("0.0.0.0:1883"))
+        .expect("broker namespace")
+        .expect("binding 1883 in the broker's namespace");
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        // Bounded: the test ends long before, and the lab's teardown ends the process's use.
+        for stream in listener.incoming().take(10_000) {
+            let Ok(mut s) = stream else { continue };
+            let (refuse, seen) = (Arc::clone(&refuse), Arc::clone(&seen));
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_mins(2)));
+                // One packet: the fixed header's type, the remaining length, the body.
+                let mut read_packet = |s: &mut std::net::TcpStream| -> Option<(u8, Vec<u8>)> {
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b).ok()?;
+                    let (mut len, mut shift) = (0usize, 0);
+                    loop {
+                        let mut l = [0u8; 1];
+                        s.read_exact(&mut l).ok()?;
+                        len |= usize::from(l[0] & 0x7f) << shift;
+                        shift += 7;
+                        if l[0] & 0x80 == 0 || shift > 21 {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    s.read_exact(&mut body).ok()?;
+                    Some((b[0] >> 4, body))
+                };
+                let Some((1, connect)) = read_packet(&mut s) else { return };
+                if refuse.load(Ordering::SeqCst) {
+                    let _ = s.write_all(&[0x20, 0x02, 0x00, 0x03]);
+                    return;
+                }
+                // MQTT 3.1.1 CONNECT: protocol name, level, flags, keepalive, then the client id.
+                let name = usize::from(u16::from_be_bytes([connect[0], connect[1]]));
+                let at = 2 + name + 4;
+                let id_len = usize::from(u16::from_be_bytes([connect[at], connect[at + 1]]));
+                let id = String::from_utf8_lossy(&connect[at + 2..at + 2 + id_len]).into_owned();
+                if s.write_all(&[0x20, 0x02, 0x00, 0x00]).is_err() {
+                    return;
+                }
+                seen.lock().expect("ids").push(id);
+                while let Some((kind, _)) = read_packet(&mut s) {
+                    match kind {
+                        12 if s.write_all(&[0xd0, 0x00]).is_ok() => {}
+                        _ => return,
+                    }
+                }
+            });
+        }
+    });
+    accepted
+}
+
+#[test]
+fn a_broker_answering_connack_3_gets_no_new_sessions_and_keeps_its_own() {
+    require_root!();
+    let lab = LabGuard::up(3);
+    // b2 is a broker that will reach its limit.
+    lab.stop_broker(1).expect("stopping b2's mosquitto");
+    let refuse = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let on_b2 = refusing_broker(&lab, 1, std::sync::Arc::clone(&refuse));
+    let lb = Balancer::start(&lab, &lab.config(&health()));
+    wait_state(&lb, "mqtt", "b2", "up", Duration::from_secs(15));
+    let mut held = hold_sessions(&lab, "limit", 90);
+    let kept: Vec<String> = on_b2.lock().expect("ids").clone();
+    assert!(kept.len() > 10, "only {} of 90 sessions reached b2", kept.len());
+
+    // b2 reaches its limit: CONNACK 3 to every new client and to the check.
+    refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_state(&lb, "mqtt", "b2", "refusing", failover_window() + Duration::from_secs(1));
+    let b2 = lb.status()["listeners"][0]["backends"].as_array().expect("backends").iter().find(|b| b["name"] == "b2").cloned();
+    let last = b2.map(|b| b["last_check"].to_string()).unwrap_or_default();
+    assert!(last.contains("CONNACK 3"), "status does not say why b2 is out: {last}");
+    // New sessions go to b1 and b3 only: one that reached b2 would get CONNACK 3 and fail.
+    let counts = fresh(&lab, "while-full", 60);
+    assert_eq!(counts[1], 0, "{counts:?}");
+    assert_eq!(counts[0] + counts[2], 60);
+    // The sessions b2 has keep working: its flows stay where they are.
+    for (id, c) in held.iter_mut().filter(|(id, _)| kept.contains(id)) {
+        c.ping().unwrap_or_else(|e| panic!("session {id} on the refusing b2 died: {e}"));
+    }
+    assert_eq!(lb.state("mqtt", "b2"), "refusing");
+    eprintln!("CONNACK 3: b2 refusing; {} of its sessions kept, 60 new sessions on b1/b3 {counts:?}", kept.len());
+}
