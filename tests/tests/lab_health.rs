@@ -539,7 +539,7 @@ fn refusing_broker(
             std::thread::spawn(move || {
                 let _ = s.set_read_timeout(Some(Duration::from_mins(2)));
                 // One packet: the fixed header's type, the remaining length, the body.
-                let mut read_packet = |s: &mut std::net::TcpStream| -> Option<(u8, Vec<u8>)> {
+                let read_packet = |s: &mut std::net::TcpStream| -> Option<(u8, Vec<u8>)> {
                     let mut b = [0u8; 1];
                     s.read_exact(&mut b).ok()?;
                     let (mut len, mut shift) = (0usize, 0);
