@@ -456,17 +456,11 @@ impl Controller {
         if changed {
             self.ha.walks.due = true;
         }
-        match (self.config.announce, self.ha.announcer.is_some()) {
-            (Some(_), false) => self.ha.announcer = Some(Announcer::start()?),
-            (None, true) => {
-                if let Some(a) = self.ha.announcer.take() {
-                    tokio::spawn(async move {
-                        if let Err(e) = a.withdraw_all().await {
-                            tracing::error!(error = %format!("{e:#}"), "withdrawing the VIPs after [announce] was removed failed");
-                        }
-                    });
-                }
-            }
+        match (self.config.announce, &self.ha.announcer) {
+            (Some(_), None) => self.ha.announcer = Some(Announcer::start()?),
+            // [announce] removed: the same reconciler withdraws everything (and would announce
+            // again in order if a later reload put the section back).
+            (None, Some(a)) => a.set(announce::Wanted { table: config::DEFAULT_ANNOUNCE_TABLE, vips: BTreeSet::new() }),
             _ => {}
         }
         self.update_announcement();

@@ -1,0 +1,246 @@
+//! What the controller shows: `dsrlb status`, the metrics, `dsrlb flow`, the description it
+//! prints at start and the stats line of `dsrlb run` on a terminal.
+
+use super::*;
+
+impl Controller {
+    /// Everything `dsrlb status` shows.
+    pub(super) fn status(&mut self) -> anyhow::Result<Value> {
+        let flows = self.live_flows();
+        // Counters read now (the rates come from the last two samples).
+        let stats = &self.dp.stats()?;
+        let cfg = self.effective_config();
+        let mut listeners = Vec::new();
+        for l in &cfg.listeners {
+            let lid = self.ids.listeners[&l.name];
+            let mut backends = Vec::new();
+            for b in &l.backends {
+                let backend = cfg.backend(b).context("known backend")?;
+                let bid = self.ids.backends[b];
+                let real = real_id(lid, bid);
+                let h = &self.health[&(l.name.clone(), b.clone())];
+                let rt = self.runtime[b];
+                let c = stats.reals.get(&real).copied().unwrap_or_default();
+                let (pps, nfps) = self.rates.get(&real).copied().unwrap_or_default();
+                backends.push(json!({
+                    "name": b,
+                    "address": backend.address.to_string(),
+                    "mac": rt.mac.map_or_else(|| "unresolved".to_owned(), format_mac),
+                    "weight": backend.weight,
+                    "drained": rt.drained || backend.weight == 0,
+                    "state": if rt.mac.is_none() { "no-mac" } else { h.state.as_str() },
+                    "resetting_flows": self.applied_down.get(&(l.name.clone(), b.clone())).is_some_and(|o| o.reset),
+                    "check": l.health[b].check,
+                    "last_check": h.last,
+                    "check_failures": h.failures_total,
+                    "checks": h.checks_total,
+                    "flows": flows.get(&real).copied().unwrap_or(0),
+                    "packets": c.packets,
+                    "bytes": c.bytes,
+                    "new_flows": c.new_flows,
+                    "packets_per_sec": pps,
+                    "new_flows_per_sec": nfps,
+                }));
+            }
+            let c = stats.listener(lid);
+            let guards = stats.listeners.get(&lid).copied().unwrap_or_default();
+            listeners.push(json!({
+                "name": l.name, "vip": l.vip.to_string(), "port": l.port,
+                "hash": if l.hash == HashMode::Source { "source" } else { "4tuple" },
+                "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows,
+                "flow_idle_timeout": config::show_duration(l.flow_idle_timeout),
+                "max_conn_rate": l.conn_rate.map(|r| r.rate), "max_conn_burst": l.conn_rate.map(|r| r.burst),
+                "conn_rate_dropped": guards.conn_rate_dropped,
+                "icmp_too_big": guards.icmp_too_big,
+                "on_down": l.failure.on_down, "on_down_grace": config::show_duration(l.failure.on_down_grace),
+                "all_down": l.failure.all_down,
+                "fail_open": self.desired.listeners.iter().any(|d| d.id == lid && d.fail_open),
+                "backends": backends,
+            }));
+        }
+        let ha = self.ha_status();
+        let per_backend: BTreeMap<String, usize> = self
+            .ids
+            .backends
+            .iter()
+            .map(|(name, &bid)| (name.clone(), flows.iter().filter(|(r, _)| real_backend(**r) == bid).map(|(_, n)| n).sum()))
+            .collect();
+        let verdicts: BTreeMap<String, u64> =
+            reason::LABELS.iter().zip(&stats.verdicts).map(|((v, r), n)| (format!("{v}/{r}"), *n)).collect();
+        let mut table: BTreeMap<String, u64> = table_event::LABELS.iter().zip(&stats.table).map(|(e, n)| ((*e).to_owned(), *n)).collect();
+        table.insert("expired".to_owned(), self.expired_total);
+        Ok(json!({
+            "interface": cfg.interface,
+            "macs": self.dp.node_macs().into_iter().map(format_mac).collect::<Vec<_>>(),
+            "clock_tick_ns": self.dp.ns_per_jiffy(),
+            "listeners": listeners,
+            "flows_per_backend": per_backend,
+            "flow_table_entries": flows.values().sum::<usize>(),
+            "flow_table": table,
+            "verdicts": verdicts,
+            "reloads": self.reloads,
+            "announce": ha["announce"],
+            "cluster": ha["cluster"],
+        }))
+    }
+
+    pub(super) fn metrics(&mut self) -> crate::metrics::Snapshot {
+        use crate::metrics::{PairSample, Snapshot};
+        let flows = self.live_flows();
+        let fresh = self.dp.stats();
+        let stats = fresh.as_ref().unwrap_or(&self.sample.1);
+        let mut s = Snapshot { flow_table_entries: flows.values().sum::<usize>() as u64, ..Snapshot::default() };
+        for l in &self.config.listeners {
+            let lid = self.ids.listeners[&l.name];
+            let c = stats.listener(lid);
+            s.listeners.push((l.name.clone(), c.packets, c.bytes, c.new_flows));
+            let guards = stats.listeners.get(&lid).copied().unwrap_or_default();
+            s.guards.push((l.name.clone(), guards.conn_rate_dropped, guards.icmp_too_big));
+            s.fail_open.push((l.name.clone(), self.desired.listeners.iter().any(|d| d.id == lid && d.fail_open)));
+            for b in &l.backends {
+                let real = real_id(lid, self.ids.backends[b]);
+                let h = &self.health[&(l.name.clone(), b.clone())];
+                let c = stats.reals.get(&real).copied().unwrap_or_default();
+                s.pairs.push(PairSample {
+                    listener: l.name.clone(),
+                    backend: b.clone(),
+                    up: h.state == State::Up && self.runtime.get(b).is_some_and(|rt| rt.mac.is_some()),
+                    check_failures: h.failures_total,
+                    packets: c.packets,
+                    bytes: c.bytes,
+                    new_flows: c.new_flows,
+                    flows: flows.get(&real).copied().unwrap_or(0) as u64,
+                });
+            }
+        }
+        s.verdicts = reason::LABELS.iter().zip(&stats.verdicts).map(|((v, r), n)| ((*v).to_owned(), (*r).to_owned(), *n)).collect();
+        s.table_events = table_event::LABELS.iter().zip(&stats.table).map(|(e, n)| ((*e).to_owned(), *n)).collect();
+        s.table_events.push(("expired".to_owned(), self.expired_total));
+        self.ha_metrics(&mut s);
+        s
+    }
+
+    /// Which backend a flow is pinned to, or would get (Katran's getRealForFlow).
+    pub(super) fn flow(&self, client: &str, vip: &str) -> anyhow::Result<Value> {
+        let client: SocketAddrV4 = client.parse().with_context(|| format!("client {client:?} is not IP:PORT"))?;
+        let vip: SocketAddrV4 = vip.parse().with_context(|| format!("vip {vip:?} is not IP:PORT"))?;
+        let l = self
+            .config
+            .listeners
+            .iter()
+            .find(|l| l.vip == *vip.ip() && l.port == vip.port())
+            .with_context(|| format!("no listener on {vip}"))?;
+        let lid = self.ids.listeners[&l.name];
+        let name_of = |bid: u32| self.ids.backends.iter().find(|(_, v)| **v == bid).map(|(k, _)| k.clone());
+        let buckets = self.dp.flow_buckets(*client.ip(), client.port(), *vip.ip(), vip.port());
+        let expire = plan::expire_units(l.flow_idle_timeout);
+        // A flow idle past its timeout is over, whether or not a sweep removed it yet.
+        let now = self.dp.now_age()?;
+        if let Some(f) = self.dp.flow(*client.ip(), client.port(), *vip.ip(), vip.port()).filter(|f| f.idle(now) < expire) {
+            let cached = self.dp.cached_flow(*client.ip(), client.port(), *vip.ip(), vip.port())?.len();
+            return Ok(json!({
+                "listener": l.name, "backend": name_of(real_backend(f.real())),
+                "source": "flow table", "closing": f.closing(), "confirmed": f.confirmed(), "idle_s": idle_secs(f.idle(now)),
+                "cached_cpus": cached, "buckets": buckets,
+            }));
+        }
+        let wire = |p: u16| u16::from_ne_bytes(p.to_be_bytes());
+        let src = u32::from_ne_bytes(client.ip().octets());
+        let hash = if l.hash == HashMode::Source {
+            source_hash(src)
+        } else {
+            flow_hash(src, u32::from_ne_bytes(vip.ip().octets()), wire(client.port()), wire(vip.port()))
+        };
+        let d = self.desired.listeners.iter().find(|d| d.id == lid).context("listener planned")?;
+        let slot = d.ring[ring_slot(hash, self.config.ring_size) as usize];
+        let backend = if slot == NO_BACKEND { None } else { name_of(slot) };
+        Ok(
+            json!({ "listener": l.name, "backend": backend, "source": "ring (not in the flow table)", "slot": ring_slot(hash, self.config.ring_size) }),
+        )
+    }
+
+    /// A human summary of what is being served.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        let c = &self.config;
+        let _ = writeln!(
+            out,
+            "interface {} ({}), xdp_mode {:?}, ring_size {}, flow_table_size {}, control socket {}",
+            c.interface,
+            format_mac(self.src_mac),
+            c.xdp_mode,
+            c.ring_size,
+            c.flow_table_size,
+            self.opts.socket.display()
+        );
+        if !c.accept_macs.is_empty() {
+            let macs: Vec<String> = c.accept_macs.iter().map(|m| format_mac(*m)).collect();
+            let _ = writeln!(out, "also forwarding frames for {}", macs.join(", "));
+        }
+        if let Some(a) = c.announce {
+            let _ = writeln!(
+                out,
+                "announcing usable VIPs as routes in table {} (proto {}) for this node's BGP speaker",
+                a.table,
+                crate::announce::RTPROT_DSRLB
+            );
+        }
+        if let Some(cl) = &c.cluster {
+            let nodes: Vec<String> = cl.nodes.iter().map(ToString::to_string).collect();
+            let _ =
+                writeln!(out, "cluster of {} nodes ({}), sharing exceptions every {:?}", nodes.len(), nodes.join(", "), cl.sync_interval);
+        }
+        for (l, d) in c.listeners.iter().zip(&self.desired.listeners) {
+            let storm = l.conn_rate.map_or_else(String::new, |r| format!(" max_conn_rate={}/s burst={}", r.rate, r.burst));
+            let _ = writeln!(
+                out,
+                "listener {} {}:{} hash={:?} flow_idle_timeout={}{storm}",
+                l.name,
+                l.vip,
+                l.port,
+                l.hash,
+                config::show_duration(l.flow_idle_timeout)
+            );
+            let mut slots: BTreeMap<u32, usize> = BTreeMap::new();
+            for &s in &d.ring {
+                *slots.entry(s).or_default() += 1;
+            }
+            if slots.contains_key(&NO_BACKEND) {
+                let _ = writeln!(out, "  (no backend with weight > 0: new connections are dropped)");
+            }
+            for name in &l.backends {
+                let b = c.backend(name).expect("validated");
+                let id = self.ids.backends[name];
+                let share = slots.get(&id).copied().unwrap_or(0) as f64 * 100.0 / d.ring.len() as f64;
+                let _ = writeln!(
+                    out,
+                    "  backend {:<12} {:<15} {}  weight {:>5}  ring share {share:5.1}%  check {:?}",
+                    b.name,
+                    b.address,
+                    self.runtime[name].mac.map_or_else(|| "no MAC yet".to_owned(), format_mac),
+                    b.weight,
+                    l.health[name].check
+                );
+            }
+        }
+        out
+    }
+
+    /// One stats line: per backend, new flows and packets (totals and per second).
+    #[must_use]
+    pub fn stats_line(&self) -> String {
+        let mut line = String::new();
+        let stats = &self.sample.1;
+        for (name, &id) in &self.ids.backends {
+            let c = stats.backend(id);
+            let (pps, nfps) =
+                self.rates.iter().filter(|(r, _)| real_backend(**r) == id).fold((0.0, 0.0), |(a, b), (_, (p, n))| (a + p, b + n));
+            let _ = write!(line, "{name}: {} new ({nfps:.0}/s) {} pkts ({pps:.0}/s) | ", c.new_flows, c.packets);
+        }
+        let sum =
+            |verdict: &str| -> u64 { reason::LABELS.iter().zip(&stats.verdicts).filter(|((v, _), _)| *v == verdict).map(|(_, n)| n).sum() };
+        let _ = write!(line, "pass {} drop {}", sum("pass"), sum("drop"));
+        line
+    }
+}
