@@ -674,6 +674,78 @@ fn decode_flows(body: &[u8]) -> anyhow::Result<Group> {
 mod tests {
     use super::*;
 
+    /// Waits (bounded) until `f` holds for the one peer.
+    async fn peer_until(c: &Cluster, what: &str, f: impl Fn(&PeerStatus) -> bool) -> PeerStatus {
+        for _ in 0..500 {
+            if let Some(p) = c.peers().into_iter().find(|p| f(p)) {
+                return p;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{what}: {:?}", c.peers());
+    }
+
+    /// A connection to `to` from `from` (a loopback address of its own).
+    async fn connect_from(from: Ipv4Addr, to: SocketAddr) -> TcpStream {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.bind(SocketAddr::from((from, 0))).expect("bind");
+        socket.connect(to).await.expect("connect")
+    }
+
+    /// Whether the other end closed (or reset) the connection within a second.
+    async fn closed(s: &mut TcpStream) -> bool {
+        let mut b = [0u8; 1];
+        matches!(tokio::time::timeout(Duration::from_secs(1), s.read(&mut b)).await, Ok(Ok(0) | Err(_)))
+    }
+
+    fn hello(fingerprint: u64, node: Ipv4Addr) -> Vec<u8> {
+        let mut body = MAGIC.to_vec();
+        body.push(VERSION);
+        body.extend_from_slice(&fingerprint.to_be_bytes());
+        body.extend_from_slice(&node.octets());
+        let mut frame = u32::try_from(body.len() + 1).expect("len").to_be_bytes().to_vec();
+        frame.push(HELLO);
+        frame.extend_from_slice(&body);
+        frame
+    }
+
+    /// What another node (or anything else) can make of this node's sync port: strangers are
+    /// refused, a first frame larger than a HELLO ends the connection before anything is
+    /// allocated for it, a HELLO tells the configs apart, and a node's new connection replaces
+    /// its old one.
+    #[tokio::test]
+    async fn the_sync_port_bounds_what_a_peer_can_do() {
+        let (me, peer) = (Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2));
+        let settings = Settings {
+            me: SocketAddrV4::new(me, 0),
+            // The peer's own port refuses connections: only its connections to us matter here.
+            nodes: vec![SocketAddrV4::new(me, 0), SocketAddrV4::new(peer, 1)],
+            fingerprint: 7,
+            sync_interval: Duration::from_secs(1),
+            refresh: Duration::from_secs(10),
+        };
+        let (events, _rx) = mpsc::channel(64);
+        let c = Cluster::start(settings, events).expect("start");
+        let at = c.listener.local_addr().expect("bound");
+
+        let mut stranger = connect_from(Ipv4Addr::new(127, 0, 0, 3), at).await;
+        assert!(closed(&mut stranger).await, "a connection from outside cluster.nodes was kept");
+
+        let mut big = connect_from(peer, at).await;
+        big.write_all(&1_000_000u32.to_be_bytes()).await.expect("write");
+        assert!(closed(&mut big).await, "a first frame of a megabyte was waited for");
+        peer_until(&c, "the refusal", |p| p.in_error.as_deref().is_some_and(|e| e.contains("at most 22"))).await;
+
+        let mut first = connect_from(peer, at).await;
+        first.write_all(&hello(8, peer)).await.expect("write");
+        peer_until(&c, "a HELLO of another config", |p| p.in_connected && p.config == "differs").await;
+        let mut second = connect_from(peer, at).await;
+        second.write_all(&hello(7, peer)).await.expect("write");
+        peer_until(&c, "a HELLO of the same config", |p| p.in_connected && p.config == "same").await;
+        assert!(closed(&mut first).await, "the node's older connection was kept beside its new one");
+        assert!(!closed(&mut second).await, "the node's new connection was closed");
+    }
+
     #[test]
     fn flows_frames_round_trip_and_bad_ones_are_refused() {
         let entries = vec![
