@@ -715,7 +715,7 @@ mod tests {
     /// its old one.
     #[tokio::test]
     async fn the_sync_port_bounds_what_a_peer_can_do() {
-        let (me, peer) = (Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2));
+        let (me, peer) = (Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 2));
         let settings = Settings {
             me: SocketAddrV4::new(me, 0),
             // The peer's own port refuses connections: only its connections to us matter here.
