@@ -375,9 +375,23 @@ fn stop(socket: &std::path::Path, pin_dir: &std::path::Path) -> anyhow::Result<(
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(controller::withdraw_without_controller()))?;
             if withdrawn > 0 && link.exists() {
-                // No controller to watch the traffic stop: give the routers the time BGP needs.
-                println!("withdrew {withdrawn} VIP route(s); detaching in {} s", NO_CONTROLLER_WITHDRAW_WAIT.as_secs());
-                std::thread::sleep(NO_CONTROLLER_WITHDRAW_WAIT);
+                // As the controller would: detach once the routers have moved the traffic away
+                // (no frame forwarded for a second), or after the default withdraw_wait.
+                println!("withdrew {withdrawn} VIP route(s); detaching once the traffic stops");
+                let started = std::time::Instant::now();
+                let (mut last, mut since) = (dataplane::pinned_forwarded(pin_dir).unwrap_or(0), std::time::Instant::now());
+                while started.elapsed() < config::DEFAULT_WITHDRAW_WAIT && since.elapsed() < Duration::from_secs(1) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    let now = dataplane::pinned_forwarded(pin_dir).unwrap_or(0);
+                    if now != last {
+                        (last, since) = (now, std::time::Instant::now());
+                    }
+                }
+                println!(
+                    "traffic {} after {:.1} s",
+                    if since.elapsed() >= Duration::from_secs(1) { "stopped" } else { "still came" },
+                    started.elapsed().as_secs_f64()
+                );
             }
             dataplane::unpin_all(pin_dir)?;
             println!("no controller was running; removed the pins in {}", pin_dir.display());
@@ -388,9 +402,6 @@ fn stop(socket: &std::path::Path, pin_dir: &std::path::Path) -> anyhow::Result<(
     println!("detached; nothing pinned in {}", pin_dir.display());
     Ok(())
 }
-
-/// `dsrlb stop` without a controller: how long after withdrawing the VIPs it detaches.
-const NO_CONTROLLER_WITHDRAW_WAIT: Duration = Duration::from_secs(3);
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let cfg = config::load(path)?;

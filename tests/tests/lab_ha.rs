@@ -399,15 +399,31 @@ fn announcements_follow_the_controller_stop_and_usable_backends() {
     assert_eq!(lab.router_next_hops(VIP), vec![node_addr(0)], "node 2 still announced after dsrlb stop");
     assert!(!nodes[1].attached(), "node 2 still attached after dsrlb stop");
     load.wait_passes(2, Duration::from_mins(1));
+
+    // Node 2 serves again; its controller is killed; `dsrlb stop` with no controller running
+    // withdraws, waits for the traffic to stop as the controller would, then detaches.
+    nodes[1].restart(&lab);
+    nodes[1].wait_joined(Duration::from_secs(30));
+    wait_next_hops(&lab, 2, Duration::from_secs(30));
+    load.wait_passes(1, Duration::from_mins(1));
+    nodes[1].kill9();
+    let t = Instant::now();
+    let (ok, out, err) = nodes[1].cli(&["stop"]);
+    assert!(ok && out.contains("no controller was running") && out.contains("traffic stopped"), "dsrlb stop: {out}{err}");
+    let stopped_alone = t.elapsed();
+    assert_eq!(lab.router_next_hops(VIP), vec![node_addr(0)], "node 2 still announced after dsrlb stop");
+    assert!(lab.node_announced(1).is_empty() && !nodes[1].attached(), "node 2 announced or attached after dsrlb stop");
+    load.wait_passes(2, Duration::from_mins(1));
     let report = load.finish();
     eprintln!(
         "announcements: a killed controller kept node 2 routed through BGP's hold time; draining every backend there withdrew its VIP in \
-         {} ms, undraining announced it in {} ms; without its carrier it withdrew in {} ms; dsrlb stop withdrew, waited for the traffic to stop and detached in {} ms; \
-         held {}, lost {}; new connections made {}, failed {}",
+         {} ms, undraining announced it in {} ms; without its carrier it withdrew in {} ms; dsrlb stop withdrew, waited for the traffic to stop and detached in {} ms \
+         ({} ms with no controller running); held {}, lost {}; new connections made {}, failed {}",
         withdrawn.as_millis(),
         announced.as_millis(),
         no_carrier.as_millis(),
         stopped.as_millis(),
+        stopped_alone.as_millis(),
         report.held,
         report.lost.len(),
         report.made(),

@@ -307,6 +307,22 @@ fn stale_layout(what: &str) -> String {
     )
 }
 
+/// Frames the pinned program has forwarded so far (every real's counters, all CPUs): how
+/// `dsrlb stop` without a controller sees the traffic stop after it withdrew the VIPs.
+///
+/// # Errors
+/// When the pinned counters cannot be read.
+pub fn pinned_forwarded(dir: &std::path::Path) -> anyhow::Result<u64> {
+    let path = dir.join(names::REAL_STATS);
+    let map = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let stats = PerCpuArray::<MapData, Counters>::try_from(aya::maps::Map::PerCpuArray(map))?;
+    let mut total = 0u64;
+    for i in 0..REAL_SLOTS {
+        total += stats.get(&i, 0)?.iter().map(|c| c.packets).sum::<u64>();
+    }
+    Ok(total)
+}
+
 /// Removes the link pin first (detaching the program, unless a process still holds the link),
 /// then the maps' pins. Missing pins are fine.
 ///

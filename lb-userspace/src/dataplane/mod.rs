@@ -28,7 +28,7 @@ use lb_common::{
 
 pub use self::{
     iface::{interface_ipv4s, interface_mac, interface_running, xdp_mode},
-    load::{LINK_PIN, MAP_NAMES, Start, link_live, unpin_all},
+    load::{LINK_PIN, MAP_NAMES, Start, link_live, pinned_forwarded, unpin_all},
     stats::Stats,
 };
 use crate::{
