@@ -20,7 +20,9 @@
 //! the peer gets everything again: a restarted node catches up at once.
 //!
 //! Frames (big-endian): `u32 length` of what follows, `u8 kind`, body.
-//! - `HELLO` (1): `"DSRLBSYN"`, `u8 version`, `u64 config fingerprint`, `u32 node address`.
+//! - `HELLO` (1): `"DSRLBSYN"`, `u8 version`, `u64 config fingerprint`, `u32 node address`;
+//!   with `cluster.key_file`, then `u64 unix time` and the HMAC-SHA256 of all that and the
+//!   receiver's address (good for one receiver, within two minutes).
 //! - `FLOWS` (2): `u32 VIP`, `u16 port`, `u8 length`, backend name, `u32 count`, then per flow
 //!   `u32 client address`, `u16 client port`, `u16 idle units`, `u8 flags` (1: closing).
 //! - `SYNCED` (3): empty.
@@ -97,6 +99,8 @@ pub struct Settings {
     pub sync_interval: Duration,
     /// Live flows are sent again when last sent this long ago (well inside the idle timeout).
     pub refresh: Duration,
+    /// The shared secret a peer's HELLO must prove it holds (`cluster.key_file`).
+    pub key: Option<crate::config::SyncKey>,
 }
 
 /// One other node, as this one sees it (for status and metrics).
@@ -145,8 +149,13 @@ const FLOWS_PER_FRAME: usize = 65_536;
 const MAX_FRAME: usize = 1 + 4 + 2 + 1 + 255 + 4 + FLOWS_PER_FRAME * ENTRY_BYTES;
 const ENTRY_BYTES: usize = 4 + 2 + 2 + 1;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// A connection's first frame, HELLO: its size at most, and how soon it must come.
-const HELLO_MAX: usize = 1 + 8 + 1 + 8 + 4;
+/// A connection's first frame, HELLO: its size at most (with a key's timestamp and MAC), and
+/// how soon it must come.
+const HELLO_MAX: usize = 1 + HELLO_BYTES + HELLO_AUTH_BYTES;
+const HELLO_BYTES: usize = 8 + 1 + 8 + 4;
+const HELLO_AUTH_BYTES: usize = 8 + 32;
+/// How far a keyed HELLO's timestamp may be from this node's clock.
+const HELLO_SKEW: u64 = 120;
 const HELLO_WAIT: Duration = Duration::from_secs(5);
 /// Unacknowledged data older than this closes the connection (a peer that died silently).
 const USER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -384,11 +393,7 @@ async fn serve_peer(
     peers: &Peers,
     wake: &tokio::sync::Notify,
 ) -> anyhow::Error {
-    let mut hello = Vec::with_capacity(32);
-    hello.extend_from_slice(MAGIC);
-    hello.push(VERSION);
-    hello.extend_from_slice(&s.fingerprint.to_be_bytes());
-    hello.extend_from_slice(&s.me.ip().octets());
+    let hello = encode_hello(s, *peer.ip(), unix_now());
     if let Err(e) = write_frame(stream, HELLO, &hello).await {
         return e;
     }
@@ -562,7 +567,7 @@ async fn receive(mut stream: TcpStream, node: Ipv4Addr, s: &Settings, peers: &Pe
             Ok(Ok(f)) => f,
         };
         let result = match (greeted, kind) {
-            (false, HELLO) => match decode_hello(&body) {
+            (false, HELLO) => match decode_hello(&body, s.key.as_ref(), *s.me.ip(), unix_now()) {
                 Ok((fingerprint, addr)) if addr == node => {
                     greeted = true;
                     let same = fingerprint == s.fingerprint;
@@ -630,7 +635,39 @@ impl Body<'_> {
     }
 }
 
-fn decode_hello(body: &[u8]) -> anyhow::Result<(u64, Ipv4Addr)> {
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The MAC of a keyed HELLO: over its fields, its timestamp and the receiver's address (a HELLO
+/// is good for one receiver, within [`HELLO_SKEW`] of its time).
+fn hello_mac(key: &crate::config::SyncKey, fields: &[u8], to: Ipv4Addr) -> ring::hmac::Tag {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key.0);
+    let mut ctx = ring::hmac::Context::with_key(&key);
+    ctx.update(fields);
+    ctx.update(&to.octets());
+    ctx.sign()
+}
+
+/// HELLO from this node to `to`: magic, version, fingerprint, this node's address, and with a
+/// key the time and the MAC.
+fn encode_hello(s: &Settings, to: Ipv4Addr, now: u64) -> Vec<u8> {
+    let mut hello = Vec::with_capacity(HELLO_BYTES + HELLO_AUTH_BYTES);
+    hello.extend_from_slice(MAGIC);
+    hello.push(VERSION);
+    hello.extend_from_slice(&s.fingerprint.to_be_bytes());
+    hello.extend_from_slice(&s.me.ip().octets());
+    if let Some(key) = &s.key {
+        hello.extend_from_slice(&now.to_be_bytes());
+        let tag = hello_mac(key, &hello, to);
+        hello.extend_from_slice(tag.as_ref());
+    }
+    hello
+}
+
+/// A peer's HELLO to this node (`me`): its fingerprint and address, once it proved it holds
+/// `key` (when this node has one).
+fn decode_hello(body: &[u8], key: Option<&crate::config::SyncKey>, me: Ipv4Addr, now: u64) -> anyhow::Result<(u64, Ipv4Addr)> {
     let mut b = Body(body);
     if b.take::<8>("the magic")? != *MAGIC {
         bail!("not a dsrlb cluster peer (bad HELLO)");
@@ -641,6 +678,28 @@ fn decode_hello(body: &[u8]) -> anyhow::Result<(u64, Ipv4Addr)> {
     }
     let fingerprint = u64::from_be_bytes(b.take("the fingerprint")?);
     let addr = Ipv4Addr::from(b.take::<4>("the node address")?);
+    match (key, b.0.len()) {
+        (None, 0) => {}
+        (None, _) => bail!("the peer proves a cluster key (cluster.key_file) and this node has none: give every node the same key"),
+        (Some(_), 0) => bail!("the peer proves no cluster key and this node has one (cluster.key_file): give every node the same key"),
+        (Some(key), _) => {
+            let at = u64::from_be_bytes(b.take("the time")?);
+            let tag = b.take::<32>("the MAC")?;
+            if !b.0.is_empty() {
+                bail!("a HELLO with {} bytes too many", b.0.len());
+            }
+            let signed = &body[..HELLO_BYTES + 8];
+            ring::hmac::verify(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key.0), &[signed, &me.octets()].concat(), &tag).map_err(
+                |_| anyhow::anyhow!("the peer's HELLO does not prove this node's cluster key: give every node the same key_file"),
+            )?;
+            if at.abs_diff(now) > HELLO_SKEW {
+                bail!(
+                    "the peer's HELLO is {} s from this node's clock (at most {HELLO_SKEW}): a replay, or clocks that need NTP",
+                    at.abs_diff(now)
+                );
+            }
+        }
+    }
     Ok((fingerprint, addr))
 }
 
@@ -723,6 +782,7 @@ mod tests {
             fingerprint: 7,
             sync_interval: Duration::from_secs(1),
             refresh: Duration::from_secs(10),
+            key: None,
         };
         let (events, _rx) = mpsc::channel(64);
         let c = Cluster::start(settings, events).expect("start");
@@ -734,7 +794,7 @@ mod tests {
         let mut big = connect_from(peer, at).await;
         big.write_all(&1_000_000u32.to_be_bytes()).await.expect("write");
         assert!(closed(&mut big).await, "a first frame of a megabyte was waited for");
-        peer_until(&c, "the refusal", |p| p.in_error.as_deref().is_some_and(|e| e.contains("at most 22"))).await;
+        peer_until(&c, "the refusal", |p| p.in_error.as_deref().is_some_and(|e| e.contains("at most 62"))).await;
 
         let mut first = connect_from(peer, at).await;
         first.write_all(&hello(8, peer)).await.expect("write");
@@ -766,10 +826,44 @@ mod tests {
         hello.push(VERSION);
         hello.extend_from_slice(&7u64.to_be_bytes());
         hello.extend_from_slice(&[192, 0, 2, 3]);
-        assert_eq!(decode_hello(&hello).expect("hello"), (7, Ipv4Addr::new(192, 0, 2, 3)));
+        let me = Ipv4Addr::new(192, 0, 2, 2);
+        assert_eq!(decode_hello(&hello, None, me, 0).expect("hello"), (7, Ipv4Addr::new(192, 0, 2, 3)));
         hello[8] = VERSION + 1;
-        assert!(decode_hello(&hello).expect_err("another version").to_string().contains("upgrade every node"));
-        assert!(decode_hello(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
+        assert!(decode_hello(&hello, None, me, 0).expect_err("another version").to_string().contains("upgrade every node"));
+        assert!(decode_hello(b"HTTP/1.1 200 OK\r\n\r\n", None, me, 0).is_err());
+    }
+
+    /// With `cluster.key_file`, a HELLO proves the key, for this receiver, near this time.
+    #[test]
+    fn a_keyed_hello_proves_the_key_to_its_receiver_only() {
+        let key = |k: &[u8]| Some(crate::config::SyncKey(Arc::from(k)));
+        let (a, b, c) = (Ipv4Addr::new(192, 0, 2, 2), Ipv4Addr::new(192, 0, 2, 3), Ipv4Addr::new(192, 0, 2, 4));
+        let settings = |k| Settings {
+            me: SocketAddrV4::new(a, 9878),
+            nodes: vec![SocketAddrV4::new(a, 9878), SocketAddrV4::new(b, 9878)],
+            fingerprint: 7,
+            sync_interval: Duration::from_secs(10),
+            refresh: Duration::from_secs(10),
+            key: k,
+        };
+        let secret = key(b"0123456789abcdef0123");
+        let now = 1_800_000_000;
+        let hello = encode_hello(&settings(secret.clone()), b, now);
+        assert_eq!(hello.len() + 1, HELLO_MAX);
+        assert_eq!(decode_hello(&hello, secret.as_ref(), b, now + 5).expect("the right key"), (7, a));
+        let err = |r: anyhow::Result<(u64, Ipv4Addr)>| r.expect_err("must be refused").to_string();
+        assert!(err(decode_hello(&hello, key(b"another key of 16+ bytes").as_ref(), b, now)).contains("does not prove"));
+        assert!(err(decode_hello(&hello, secret.as_ref(), c, now)).contains("does not prove"), "a HELLO for b taken by c");
+        assert!(err(decode_hello(&hello, secret.as_ref(), b, now + 600)).contains("s from this node's clock"));
+        assert!(err(decode_hello(&hello, None, b, now)).contains("this node has none"));
+        let plain = encode_hello(&settings(None), b, now);
+        assert!(err(decode_hello(&plain, secret.as_ref(), b, now)).contains("proves no cluster key"));
+        let mut flipped = hello.clone();
+        flipped[12] ^= 1;
+        assert!(err(decode_hello(&flipped, secret.as_ref(), b, now)).contains("does not prove"), "a changed fingerprint");
+        for cut in HELLO_BYTES + 1..hello.len() {
+            assert!(decode_hello(&hello[..cut], secret.as_ref(), b, now).is_err(), "a HELLO cut at {cut} was accepted");
+        }
     }
 
     #[test]

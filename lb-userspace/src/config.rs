@@ -224,6 +224,43 @@ pub struct Cluster {
     /// VIPs and `dsrlb ping` answers (it stops waiting once every other node that runs has sent
     /// them; a node it cannot connect to is taken as down).
     pub join_wait: Duration,
+    /// `key_file`'s content: the nodes prove to each other that they hold it (HMAC-SHA256 in
+    /// the sync's HELLO). None: peers are told apart by address alone.
+    pub key: Option<SyncKey>,
+}
+
+/// A cluster's shared secret; never shown (`Debug` prints its length only).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SyncKey(pub std::sync::Arc<[u8]>);
+
+impl std::fmt::Debug for SyncKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SyncKey({} bytes)", self.0.len())
+    }
+}
+
+/// The shortest `key_file` taken: 128 bits.
+pub const MIN_SYNC_KEY_BYTES: usize = 16;
+
+/// Reads a cluster key file: at least [`MIN_SYNC_KEY_BYTES`] bytes (surrounding whitespace
+/// ignored), readable by its owner alone.
+///
+/// # Errors
+/// When it cannot be read, is too short, or others may read it.
+pub fn read_sync_key(path: &Path) -> anyhow::Result<SyncKey> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let others = meta.permissions().mode() & 0o077;
+    anyhow::ensure!(others == 0, "{} may be read by others (mode {:o}): chmod 600 it", path.display(), meta.permissions().mode() & 0o777);
+    let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let key = bytes.trim_ascii();
+    anyhow::ensure!(
+        key.len() >= MIN_SYNC_KEY_BYTES,
+        "{} holds {} bytes: a key needs at least {MIN_SYNC_KEY_BYTES} (e.g. `head -c 32 /dev/urandom | base64 > FILE`)",
+        path.display(),
+        key.len()
+    );
+    Ok(SyncKey(std::sync::Arc::from(key)))
 }
 
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(10);
@@ -297,6 +334,7 @@ struct RawCluster {
     nodes: Spanned<Vec<Spanned<String>>>,
     sync_interval: Option<Spanned<String>>,
     join_wait: Option<Spanned<String>>,
+    key_file: Option<Spanned<String>>,
 }
 
 const fn default_mode() -> XdpModeCfg {
@@ -567,7 +605,11 @@ impl Validator<'_> {
             Some(w) => parse_duration_within(w.get_ref(), Duration::ZERO, Duration::from_mins(5))
                 .map_err(|m| self.err(&w.span(), "cluster.join_wait", m))?,
         };
-        Ok(Cluster { nodes, sync_interval, join_wait })
+        let key = match &raw.key_file {
+            None => None,
+            Some(k) => Some(read_sync_key(Path::new(k.get_ref())).map_err(|e| self.err(&k.span(), "cluster.key_file", format!("{e:#}")))?),
+        };
+        Ok(Cluster { nodes, sync_interval, join_wait, key })
     }
 
     fn failure(
@@ -1015,6 +1057,30 @@ weight = 50
         assert!(e.contains("cluster.sync_interval: 10s is more than half"), "the default too: {e}");
         let ok = parse(&format!("{short}\n[cluster]\nnodes = [\"192.0.2.2:1\", \"192.0.2.3:1\"]\nsync_interval = \"5s\"\n"), "t.toml");
         assert!(ok.is_ok(), "{ok:?}");
+        // key_file: read at load (and reload), owner-only, long enough; never shown.
+        let dir = std::env::temp_dir().join(format!("dsrlb-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let keyed =
+            |path: &std::path::Path| format!("{GOOD}\n[cluster]\nnodes = [\"192.0.2.2:1\", \"192.0.2.3:1\"]\nkey_file = {path:?}\n");
+        let write = |name: &str, content: &[u8], mode: u32| {
+            use std::os::unix::fs::PermissionsExt as _;
+            let p = dir.join(name);
+            std::fs::write(&p, content).expect("write");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            p
+        };
+        let good = write("good", b"  0123456789abcdef0123456789abcdef\n", 0o600);
+        let c = parse(&keyed(&good), "t.toml").expect("valid");
+        let key = c.cluster.expect("cluster").key.expect("key");
+        assert_eq!(&*key.0, b"0123456789abcdef0123456789abcdef");
+        assert_eq!(format!("{key:?}"), "SyncKey(32 bytes)", "the key itself is never shown");
+        let e = error_of(&keyed(&write("open", b"0123456789abcdef", 0o644)));
+        assert!(e.contains("cluster.key_file: ") && e.contains("may be read by others (mode 644)"), "{e}");
+        let e = error_of(&keyed(&write("short", b"0123456789", 0o600)));
+        assert!(e.contains("cluster.key_file: ") && e.contains("holds 10 bytes"), "{e}");
+        let e = error_of(&keyed(&dir.join("missing")));
+        assert!(e.contains("cluster.key_file: reading "), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
         let e = error_of(&format!("{GOOD}\n[cluster]\nnodes = [\"192.0.2.2:1\", \"192.0.2.3:1\"]\npeers = []\n"));
         assert!(e.contains("unknown field `peers`"), "{e}");
     }

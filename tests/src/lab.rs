@@ -572,7 +572,24 @@ impl Lab {
             let list: Vec<String> = (0..nodes).map(|i| format!("\"{}:{SYNC_PORT}\"", node_addr(i))).collect();
             // A sync_interval longer than join_wait: a restarted node must get the others'
             // exceptions at once, not at their next round (after join_wait gave up on them).
-            let _ = writeln!(c, "[cluster]\nnodes = [{}]\nsync_interval = \"30s\"\njoin_wait = \"10s\"\n", list.join(", "));
+            // The nodes prove a shared key to each other (owner-only, as dsrlb requires).
+            let key = self.state.join("cluster.key");
+            {
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&key)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, b"dsrlb lab cluster key, not a secret\n"));
+            }
+            let _ = writeln!(
+                c,
+                "[cluster]\nnodes = [{}]\nsync_interval = \"30s\"\njoin_wait = \"10s\"\nkey_file = \"{}\"\n",
+                list.join(", "),
+                key.display()
+            );
         }
         c
     }

@@ -136,7 +136,14 @@ pub fn cluster_settings(c: &Config) -> anyhow::Result<Option<cluster::Settings>>
     // A live flow is sent again well before the other node's copy would expire.
     let shortest = c.listeners.iter().map(|l| l.flow_idle_timeout).min().unwrap_or(config::DEFAULT_FLOW_IDLE_TIMEOUT);
     let refresh = (shortest / 4).max(cl.sync_interval);
-    Ok(Some(cluster::Settings { me, nodes: cl.nodes.clone(), fingerprint: fingerprint(c), sync_interval: cl.sync_interval, refresh }))
+    Ok(Some(cluster::Settings {
+        me,
+        nodes: cl.nodes.clone(),
+        fingerprint: fingerprint(c),
+        sync_interval: cl.sync_interval,
+        refresh,
+        key: cl.key.clone(),
+    }))
 }
 
 impl Controller {
