@@ -1206,6 +1206,7 @@ weight = 50
                 "nodes",
                 "sync_interval",
                 "join_wait",
+                "key_file",
                 "nonsense",
             ]);
             let value = prop::sample::select(vec![
