@@ -85,6 +85,9 @@ pub enum Event {
     Flows { from: Ipv4Addr, group: Group },
     /// That node has sent everything it holds (after each of its rounds).
     Synced { from: Ipv4Addr },
+    /// That node greeted this one: its config is the same as this one's in what the rings
+    /// are built from, or not.
+    Greeted { from: Ipv4Addr, same: bool },
 }
 
 /// The cluster as this node sees it.
@@ -582,7 +585,7 @@ async fn receive(mut stream: TcpStream, node: Ipv4Addr, s: &Settings, peers: &Pe
                         p.config = if same { "same" } else { "differs" };
                         p.in_error = None;
                     });
-                    Ok(())
+                    events.send(Event::Greeted { from: node, same }).await.map_err(|_| anyhow::anyhow!("stopping"))
                 }
                 Ok((_, addr)) => Err(anyhow::anyhow!("HELLO names node {addr}, but the connection comes from {node}")),
                 Err(e) => Err(e),

@@ -45,6 +45,10 @@ pub struct ListenerView {
 pub struct RingView {
     pub ring_size: u32,
     pub listeners: BTreeMap<u32, ListenerView>,
+    /// Share every live confirmed flow, not only the exceptions: while another node's config
+    /// differs from this one's (a reload that reached some nodes first), its rings differ too,
+    /// and no ring of ours says which flows it would send elsewhere.
+    pub share_all: bool,
 }
 
 impl RingView {
@@ -70,7 +74,7 @@ impl RingView {
                 (l.id, view)
             })
             .collect();
-        Self { ring_size, listeners }
+        Self { ring_size, listeners, share_all: false }
     }
 
     /// Adds each listener's nominal ring, built from `config` (Maglev: tens of milliseconds
@@ -137,7 +141,11 @@ pub fn find(table: &FlowTable, view: &RingView, now: u32) -> Exceptions {
         let Some(l) = view.listeners.get(&real_listener(f.real())) else { return };
         let backend = real_backend(f.real());
         let idle = f.idle(now);
-        if idle >= l.expire || !f.confirmed() || !l.backends.contains_key(&backend) || view.follows_rings(l, &f.key, backend) {
+        if idle >= l.expire
+            || !f.confirmed()
+            || !l.backends.contains_key(&backend)
+            || (!view.share_all && view.follows_rings(l, &f.key, backend))
+        {
             return;
         }
         let entry = Entry { client: client_of(&f.key), idle: u16::try_from(idle).unwrap_or(u16::MAX), closing: f.closing() };

@@ -199,6 +199,7 @@ struct Hard {
 /// (e): the backend set changes while sessions are held on nodes 1 and 2; then node 3 is
 /// added (the router moves a third of the flows to it), node 2 dies (its flows move to the
 /// others) and comes back. With `share`, the nodes share their exceptions ([cluster]).
+#[expect(clippy::too_many_lines, reason = "one scenario, its phases in order")]
 fn backend_change_then_node_changes(share: bool) -> Hard {
     let lab = LabGuard::routed(3, 3, Routing::Bgp);
     let two = config_with(&lab, 2);
@@ -216,10 +217,32 @@ fn backend_change_then_node_changes(share: bool) -> Hard {
 
     // A broker is added on both nodes: a third of the ring now names it, and the sessions
     // pinned elsewhere are known only to the node that carries them.
-    for n in &nodes {
+    for (i, n) in nodes.iter().enumerate() {
         std::fs::write(&n.config, &three).expect("writing the config");
         let (ok, out, err) = n.cli(&["reload"]);
         assert!(ok, "reload: {out}{err}");
+        if share && i == 0 {
+            // A rolling reload: node 1 has the new config, node 2 not yet. Node 2's sessions
+            // follow its own rings, but node 1's would move a third of them: node 2 sees the
+            // configs differ and shares every live flow with node 1 until they agree.
+            let deadline = Instant::now() + Duration::from_mins(1);
+            loop {
+                let st = nodes[1].status();
+                let peer = st["cluster"]["peers"]
+                    .as_array()
+                    .and_then(|p| p.iter().find(|p| p["node"] == format!("{}:{}", node_addr(0), tests::lab::SYNC_PORT)))
+                    .cloned();
+                let walked = st["cluster"]["last_walk"]["exceptions"].as_u64().unwrap_or(0);
+                let live = st["flow_table_entries"].as_u64().unwrap_or(u64::MAX);
+                let sent = peer.as_ref().and_then(|p| p["flows_sent"].as_u64()).unwrap_or(0);
+                if peer.as_ref().is_some_and(|p| p["config"] == "differs") && walked * 10 >= live * 9 && sent >= walked {
+                    eprintln!("  rolling reload: node 2 shared all {walked} of its live flows ({live}) while node 1's config differed");
+                    break;
+                }
+                assert!(Instant::now() < deadline, "node 2 did not share its flows while the configs differed: {}", st["cluster"]);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
     for n in &nodes {
         let deadline = Instant::now() + Duration::from_secs(30);

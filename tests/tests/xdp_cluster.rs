@@ -195,3 +195,37 @@ fn sessions_made_while_this_nodes_checks_differ_are_shared() {
         assert_eq!(forwarded_to(&b, &ack(p)), "b1", "port {p}: node B sends node A's session elsewhere");
     }
 }
+
+/// A reload that has reached node A (a third broker) but not yet node B: B's sessions follow
+/// B's ring, so B finds no exceptions, but A's ring would move a third of them. While a peer's
+/// config differs, B shares every live flow; A takes them in and forwards each as B does.
+#[test]
+fn while_configs_differ_every_flow_is_shared() {
+    require_root!();
+    let two = [("b1", 11, 100), ("b2", 12, 100)];
+    let three = [("b1", 11, 100), ("b2", 12, 100), ("b3", 13, 100)];
+    let b = Lb::new(&two);
+    let mut a = Lb::new(&two);
+    a.set_backends(&three);
+    let ports: Vec<u16> = (40000..40600).step_by(2).collect();
+    let pinned: Vec<String> = ports
+        .iter()
+        .map(|&p| {
+            let got = forwarded_to(&b, &syn(p));
+            assert_eq!(forwarded_to(&b, &ack(p)), got);
+            got
+        })
+        .collect();
+    assert!(walk(&b).is_empty(), "B's sessions all follow B's rings");
+    let moved = ports.iter().zip(&pinned).filter(|&(&p, was)| a.ring_choice(0, CLIENT, p, 1883) != *was).count();
+    assert!(moved > 50, "only {moved} of {} sessions would move on node A", ports.len());
+    let now = b.dp.now_age().expect("clock");
+    let mut view = RingView::new(&b.desired, &b.ids, RING).with_nominal(&b.config, &b.ids);
+    view.share_all = true;
+    let all = exceptions::find(b.dp.flow_table(), &view, now);
+    assert_eq!(all.len(), ports.len(), "every live flow is shared while the configs differ");
+    assert!(merge(&a, &all).iter().all(|r| *r == Merged::Inserted));
+    for (p, was) in ports.iter().zip(&pinned) {
+        assert_eq!(&forwarded_to(&a, &ack(*p)), was, "port {p}: node A sends node B's session elsewhere");
+    }
+}

@@ -292,7 +292,8 @@ impl Controller {
         w.due = false;
         w.next = Instant::now() + interval;
         w.started = Instant::now();
-        let view = RingView::new(&self.desired, &self.ids, self.config.ring_size);
+        let mut view = RingView::new(&self.desired, &self.ids, self.config.ring_size);
+        view.share_all = self.ha.cluster.as_ref().is_some_and(|c| c.peers().iter().any(|p| p.config == "differs"));
         let (config, ids) = (self.config.clone(), self.ids.clone());
         let (table, found) = (self.dp.flow_table_handle(), self.ha.found.clone());
         tokio::task::spawn_blocking(move || {
@@ -346,6 +347,14 @@ impl Controller {
                 if self.ha.merger.send(Job::Merge(Incoming { real, flows, now, expire })).is_ok() {
                     self.ha.merges_pending += 1;
                 }
+            }
+            // A peer whose config differs builds other rings: walk again, sharing every flow
+            // while it differs (see `RingView::share_all`), and only the exceptions after.
+            cluster::Event::Greeted { from, same } => {
+                if !same {
+                    tracing::warn!(peer = %from, "a node's config differs from this one's: sharing every live flow until they agree");
+                }
+                self.ha.walks.due = true;
             }
             cluster::Event::Synced { from } => {
                 if self.ha.merger.send(Job::Synced(from)).is_ok() {
