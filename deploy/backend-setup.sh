@@ -72,12 +72,14 @@ has_addr() {
 }
 # An IPv6 address written out whole (eight groups of four hex digits), to compare forms.
 canon6() {
-    local a=${1,,} head tail groups=() out="" i
+    local a=${1,,} head tail out="" i
+    local -a h=() t=() groups=()
     if [[ $a == *::* ]]; then head=${a%%::*}; tail=${a#*::}; else head=$a; tail=""; fi
     IFS=: read -r -a h <<<"$head"; IFS=: read -r -a t <<<"$tail"
-    groups=("${h[@]}")
+    # ${x[@]+...}: an empty array expands to nothing, also under `set -u` on bash < 4.4.
+    groups=(${h[@]+"${h[@]}"})
     for ((i = ${#h[@]} + ${#t[@]}; i < 8; i++)); do groups+=(0); done
-    groups+=("${t[@]}")
+    groups+=(${t[@]+"${t[@]}"})
     for i in "${groups[@]}"; do out+=$(printf '%04x' "0x${i:-0}"); done
     echo "$out"
 }

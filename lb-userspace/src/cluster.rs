@@ -509,11 +509,33 @@ async fn write_frame(stream: &mut TcpStream, kind: u8, body: &[u8]) -> anyhow::R
 async fn accept(listener: Arc<TcpListener>, s: Settings, peers: Peers, events: mpsc::Sender<Event>, wakers: Wakers) {
     // The readers go with this task: aborting it drops the set, which aborts them.
     let mut readers = tokio::task::JoinSet::new();
-    // One reader per node: a node that connects again replaces its older connection.
-    let mut current: HashMap<Ipv4Addr, tokio::task::AbortHandle> = HashMap::new();
+    // Every reader by its sequence number, and per node the one that greeted last: a node's
+    // connection replaces its older one once its HELLO is good, not before (a connection from
+    // the node's address that proves nothing must not push the real one out).
+    let mut started: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
+    let mut current: HashMap<Ipv4Addr, (u64, tokio::task::AbortHandle)> = HashMap::new();
+    let (greeted_tx, mut greeted) = mpsc::unbounded_channel::<(Ipv4Addr, u64)>();
+    let mut seq = 0u64;
     loop {
         while readers.try_join_next().is_some() {}
-        let (stream, from) = match listener.accept().await {
+        started.retain(|_, h| !h.is_finished());
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some((node, id)) = greeted.recv() => {
+                // The node is up (again): our connector need not wait out its backoff.
+                if let Some(w) = wakers.get(&node) {
+                    w.notify_one();
+                }
+                if let Some(handle) = started.remove(&id)
+                    && let Some((old, previous)) = current.insert(node, (id, handle))
+                    && old != id
+                {
+                    previous.abort();
+                }
+                continue;
+            }
+        };
+        let (stream, from) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "cluster: accepting a connection failed");
@@ -528,45 +550,50 @@ async fn accept(listener: Arc<TcpListener>, s: Settings, peers: Peers, events: m
                 continue;
             }
         };
-        if let Some(w) = wakers.get(&node) {
-            w.notify_one();
-        }
-        let (s, peers, events) = (s.clone(), Arc::clone(&peers), events.clone());
+        seq += 1;
+        let id = seq;
+        let (s, peers, events, greeted_tx) = (s.clone(), Arc::clone(&peers), events.clone(), greeted_tx.clone());
         let handle = readers.spawn(async move {
-            let mut generation = 0;
-            update(&peers, node, |p| {
-                p.in_generation += 1;
-                generation = p.in_generation;
-                p.in_connected = true;
-                p.synced = false;
-            });
-            let why = receive(stream, node, &s, &peers, &events).await;
+            let (why, generation) = receive(stream, node, &s, &peers, &events, || {
+                let _ = greeted_tx.send((node, id));
+            })
+            .await;
             tracing::warn!(peer = %node, error = %format!("{why:#}"), "cluster: incoming connection ended");
             update(&peers, node, |p| {
-                if p.in_generation == generation {
+                if generation.is_some_and(|g| g == p.in_generation) {
                     p.in_connected = false;
                     p.synced = false;
+                    p.config = "unknown";
                 }
                 p.in_error = Some(format!("{why:#}"));
             });
         });
-        if let Some(old) = current.insert(node, handle) {
-            old.abort();
-        }
+        started.insert(id, handle);
     }
 }
 
 /// Reads a peer's frames until the connection ends or breaks the protocol. A peer that sends
-/// nothing (not even its `SYNCED` heartbeat) for three rounds is taken for dead.
-async fn receive(mut stream: TcpStream, node: Ipv4Addr, s: &Settings, peers: &Peers, events: &mpsc::Sender<Event>) -> anyhow::Error {
+/// nothing (not even its `SYNCED` heartbeat) for three rounds is taken for dead. Once its HELLO
+/// is good, the peer counts as connected (under a new generation, returned) and `on_greeted`
+/// runs.
+async fn receive(
+    mut stream: TcpStream,
+    node: Ipv4Addr,
+    s: &Settings,
+    peers: &Peers,
+    events: &mpsc::Sender<Event>,
+    on_greeted: impl FnOnce(),
+) -> (anyhow::Error, Option<u64>) {
     let quiet = s.sync_interval * 3 + Duration::from_secs(5);
     let mut greeted = false;
+    let mut generation = None;
+    let mut on_greeted = Some(on_greeted);
     loop {
         // Until HELLO: a small frame, soon.
         let (wait, max) = if greeted { (quiet, MAX_FRAME) } else { (HELLO_WAIT, HELLO_MAX) };
         let (kind, body) = match tokio::time::timeout(wait, read_frame(&mut stream, max)).await {
-            Err(_) => return anyhow::anyhow!("nothing received for {wait:?}"),
-            Ok(Err(e)) => return e,
+            Err(_) => return (anyhow::anyhow!("nothing received for {wait:?}"), generation),
+            Ok(Err(e)) => return (e, generation),
             Ok(Ok(f)) => f,
         };
         let result = match (greeted, kind) {
@@ -582,9 +609,16 @@ async fn receive(mut stream: TcpStream, node: Ipv4Addr, s: &Settings, peers: &Pe
                         );
                     }
                     update(peers, node, |p| {
+                        p.in_generation += 1;
+                        generation = Some(p.in_generation);
+                        p.in_connected = true;
+                        p.synced = false;
                         p.config = if same { "same" } else { "differs" };
                         p.in_error = None;
                     });
+                    if let Some(f) = on_greeted.take() {
+                        f();
+                    }
                     events.send(Event::Greeted { from: node, same }).await.map_err(|_| anyhow::anyhow!("stopping"))
                 }
                 Ok((_, addr)) => Err(anyhow::anyhow!("HELLO names node {addr}, but the connection comes from {node}")),
@@ -606,7 +640,7 @@ async fn receive(mut stream: TcpStream, node: Ipv4Addr, s: &Settings, peers: &Pe
             (true, k) => Err(anyhow::anyhow!("unknown frame kind {k}")),
         };
         if let Err(e) = result {
-            return e;
+            return (e, generation);
         }
     }
 }
@@ -806,7 +840,13 @@ mod tests {
         second.write_all(&hello(7, peer)).await.expect("write");
         peer_until(&c, "a HELLO of the same config", |p| p.in_connected && p.config == "same").await;
         assert!(closed(&mut first).await, "the node's older connection was kept beside its new one");
-        assert!(!closed(&mut second).await, "the node's new connection was closed");
+        // A connection from the node's address that proves nothing does not push it out.
+        let mut intruder = connect_from(peer, at).await;
+        intruder.write_all(&[0, 0, 0, 3, HELLO, 0, 0]).await.expect("write");
+        assert!(closed(&mut intruder).await, "a bad HELLO was taken");
+        assert!(!closed(&mut second).await, "the node's good connection was closed");
+        let p = peer_until(&c, "the node still connected", |p| p.in_connected).await;
+        assert_eq!(p.config, "same");
     }
 
     #[test]

@@ -243,13 +243,17 @@ impl std::fmt::Debug for SyncKey {
 pub const MIN_SYNC_KEY_BYTES: usize = 16;
 
 /// Reads a cluster key file: at least [`MIN_SYNC_KEY_BYTES`] bytes (surrounding whitespace
-/// ignored), readable by its owner alone.
+/// ignored), owned by this process's user and readable by it alone.
 ///
 /// # Errors
 /// When it cannot be read, is too short, or others may read it.
 pub fn read_sync_key(path: &Path) -> anyhow::Result<SyncKey> {
     use std::os::unix::fs::PermissionsExt as _;
     let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: geteuid has no failure mode.
+    let me = unsafe { libc::geteuid() };
+    anyhow::ensure!(meta.uid() == me, "{} belongs to uid {}, not to this process's ({me}): chown it", path.display(), meta.uid());
     let others = meta.permissions().mode() & 0o077;
     anyhow::ensure!(others == 0, "{} may be read by others (mode {:o}): chmod 600 it", path.display(), meta.permissions().mode() & 0o777);
     let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;

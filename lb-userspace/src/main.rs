@@ -379,19 +379,32 @@ fn stop(socket: &std::path::Path, pin_dir: &std::path::Path) -> anyhow::Result<(
                 // (no frame forwarded for a second), or after the default withdraw_wait.
                 println!("withdrew {withdrawn} VIP route(s); detaching once the traffic stops");
                 let started = std::time::Instant::now();
-                let (mut last, mut since) = (dataplane::pinned_forwarded(pin_dir).unwrap_or(0), std::time::Instant::now());
-                while started.elapsed() < config::DEFAULT_WITHDRAW_WAIT && since.elapsed() < Duration::from_secs(1) {
-                    std::thread::sleep(Duration::from_millis(100));
-                    let now = dataplane::pinned_forwarded(pin_dir).unwrap_or(0);
-                    if now != last {
-                        (last, since) = (now, std::time::Instant::now());
+                match dataplane::pinned_forwarded(pin_dir) {
+                    Ok(first) => {
+                        let (mut last, mut since) = (first, std::time::Instant::now());
+                        while started.elapsed() < config::DEFAULT_WITHDRAW_WAIT && since.elapsed() < Duration::from_secs(1) {
+                            std::thread::sleep(Duration::from_millis(100));
+                            // A read that fails now counts as traffic: wait on, not detach early.
+                            let now = dataplane::pinned_forwarded(pin_dir).unwrap_or(u64::MAX);
+                            if now != last || now == u64::MAX {
+                                (last, since) = (now, std::time::Instant::now());
+                            }
+                        }
+                        let stopped = since.elapsed() >= Duration::from_secs(1);
+                        println!(
+                            "traffic {} after {:.1} s",
+                            if stopped { "stopped" } else { "still came" },
+                            started.elapsed().as_secs_f64()
+                        );
+                    }
+                    Err(e) => {
+                        println!(
+                            "cannot read the pinned counters ({e:#}): waiting {} s for the routers instead",
+                            config::DEFAULT_WITHDRAW_WAIT.as_secs()
+                        );
+                        std::thread::sleep(config::DEFAULT_WITHDRAW_WAIT);
                     }
                 }
-                println!(
-                    "traffic {} after {:.1} s",
-                    if since.elapsed() >= Duration::from_secs(1) { "stopped" } else { "still came" },
-                    started.elapsed().as_secs_f64()
-                );
             }
             dataplane::unpin_all(pin_dir)?;
             println!("no controller was running; removed the pins in {}", pin_dir.display());

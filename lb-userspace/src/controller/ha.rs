@@ -193,10 +193,15 @@ impl Controller {
         if !self.ha.attached {
             return;
         }
-        if self.ha.joining.is_some() {
-            return; // the kernel keeps what it has (a restarting node stays announced)
-        }
-        let vips = if self.ha.unannounced.is_some() { BTreeSet::new() } else { self.usable_vips() };
+        // Not forwarding (link or carrier gone): nothing, even while joining. Joining: the
+        // kernel keeps what it has (a restarting node stays announced).
+        let vips = if self.ha.unannounced.is_some() {
+            BTreeSet::new()
+        } else if self.ha.joining.is_some() {
+            return;
+        } else {
+            self.usable_vips()
+        };
         a.set(announce::Wanted { table: cfg.table, vips });
     }
 
@@ -441,7 +446,7 @@ impl Controller {
 
     /// For the metrics: (VIP, announced) and the peers, exceptions, merges.
     pub(super) fn ha_metrics(&self, s: &mut crate::metrics::Snapshot) {
-        if let Some(a) = &self.ha.announcer {
+        if let Some(a) = self.ha.announcer.as_ref().filter(|_| self.config.announce.is_some()) {
             let held = a.held();
             let vips: BTreeSet<Ipv4Addr> = self.config.listeners.iter().map(|l| l.vip).collect();
             s.announced = vips.into_iter().map(|v| (v.to_string(), held.vips.contains(&v))).collect();
@@ -492,6 +497,14 @@ impl Controller {
         let Some(a) = self.ha.announcer.take() else { return };
         if !self.stopping {
             a.leave();
+            return;
+        }
+        if self.config.announce.is_none() {
+            // [announce] was removed by a reload: its routes are withdrawn already, and no
+            // router steers traffic here by them, so there is nothing to wait for.
+            if let Err(e) = a.withdraw_all().await {
+                tracing::error!(error = %format!("{e:#}"), "dsrlb stop: withdrawing the VIPs failed");
+            }
             return;
         }
         match a.withdraw_all().await {
