@@ -510,3 +510,100 @@ fn vrrp_failover_keeps_every_session() {
     lab.stop_keepalived(1);
     assert!(report.lost.is_empty(), "sessions lost: {:?}", &report.lost[..report.lost.len().min(10)]);
 }
+
+/// The seed's setup, a keepalived pair, through a backend change: a broker is added by reload
+/// on both nodes while the master carries every session, so a third of them are pinned
+/// elsewhere than the new ring says; the master shares them with the backup; then the master
+/// dies. Every session keeps its broker through the backup.
+fn vrrp_failover_after_a_backend_change(share: bool) -> LoadReport {
+    let lab = LabGuard::routed(3, 2, Routing::Vrrp);
+    let (two, three) = (config_with(&lab, 2), config_with(&lab, 3));
+    let (two, three) = if share { (two, three) } else { (without_cluster(&two), without_cluster(&three)) };
+    let nodes = start_nodes(&lab, &two);
+    for (i, n) in nodes.iter().enumerate() {
+        lab.start_keepalived(i, &tests::dsrlb_bin(), &n.socket).expect("keepalived");
+    }
+    let t = Instant::now();
+    while !lab.holds_next_hop(0) {
+        assert!(t.elapsed() < Duration::from_secs(30), "node 1 did not become VRRP master");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sessions = hold_sessions(&lab, "vrrp-e", SESSIONS);
+    let load = Load::start(&lab, sessions, true);
+    load.wait_passes(1, Duration::from_mins(1));
+    for n in &nodes {
+        std::fs::write(&n.config, &three).expect("writing the config");
+        let (ok, out, err) = n.cli(&["reload"]);
+        assert!(ok, "reload: {out}{err}");
+    }
+    // The master's exceptions reach the backup.
+    let deadline = Instant::now() + Duration::from_mins(1);
+    let (found, received) = loop {
+        if !share {
+            while nodes.iter().any(|n| n.state("mqtt", "b3") != "up") {
+                assert!(Instant::now() < deadline, "b3 is not up");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            break (0, 0);
+        }
+        let found = nodes[0].status()["cluster"]["last_walk"]["exceptions"].as_u64().unwrap_or(0);
+        let received: u64 = nodes[1].status()["cluster"]["peers"]
+            .as_array()
+            .map_or(0, |p| p.iter().map(|p| p["flows_received"].as_u64().unwrap_or(0)).sum());
+        if nodes.iter().all(|n| n.state("mqtt", "b3") == "up") && found > 0 && received >= found {
+            break (found, received);
+        }
+        assert!(Instant::now() < deadline, "the backup did not get the master's exceptions: found {found}, received {received}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    load.wait_passes(2, Duration::from_mins(1));
+    assert_eq!(load.lost(), 0, "sessions lost across the reload");
+
+    let died_at = load.now();
+    let t = Instant::now();
+    lab.set_node_link(0, false).expect("link down");
+    lab.stop_keepalived(0);
+    let mut nodes = nodes;
+    nodes[0].kill_node();
+    while !lab.holds_next_hop(1) {
+        assert!(t.elapsed() < Duration::from_secs(30), "node 2 did not take over");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let failover = t.elapsed();
+    load.wait_passes(3, Duration::from_mins(2));
+    let end = load.now();
+    let report = load.finish();
+    eprintln!(
+        "VRRP after a broker added by reload, {}: the master found {found} exceptions, the backup received {received}; the master \
+         died, the backup took over in {} ms",
+        if share { "with [cluster]" } else { "without [cluster]" },
+        failover.as_millis()
+    );
+    print_phase("failover", &report, died_at, end);
+    eprintln!(
+        "  held {}, lost {}: {} PINGs and {} PUBLISHes answered; new connections made {}, failed {}",
+        report.held,
+        report.lost.len(),
+        report.pings,
+        report.publishes,
+        report.made(),
+        report.failed().len()
+    );
+    lab.stop_keepalived(1);
+    report
+}
+
+#[test]
+fn vrrp_failover_after_a_backend_change_keeps_every_session_with_shared_exceptions() {
+    require_root!();
+    let report = vrrp_failover_after_a_backend_change(true);
+    assert!(report.lost.is_empty(), "sessions lost: {:?}", &report.lost[..report.lost.len().min(10)]);
+}
+
+#[test]
+fn vrrp_failover_after_a_backend_change_loses_sessions_without_shared_exceptions() {
+    require_root!();
+    let report = vrrp_failover_after_a_backend_change(false);
+    eprintln!("  without sharing: {} of {SESSIONS} held sessions lost", report.lost.len());
+    assert!(!report.lost.is_empty(), "no session was lost without sharing: the scenario moved none");
+}
