@@ -107,6 +107,45 @@ fn assert_joined_with_all(node: &Balancer) {
     assert_eq!(s["cluster"]["joined_how"], "with every running node's exceptions", "{}: {}", node.ns(), s["cluster"]);
 }
 
+/// The totals of a load run.
+fn print_totals(report: &LoadReport) {
+    eprintln!(
+        "  held {}, lost {}: {} PINGs and {} PUBLISHes answered; new connections made {}, failed {}",
+        report.held,
+        report.lost.len(),
+        report.pings,
+        report.publishes,
+        report.made(),
+        report.failed().len()
+    );
+}
+
+/// keepalived on both nodes of a VRRP lab; returns once node 1 is master.
+fn start_vrrp(lab: &Lab, nodes: &[Balancer]) {
+    for (i, n) in nodes.iter().enumerate() {
+        lab.start_keepalived(i, &tests::dsrlb_bin(), &n.socket).expect("keepalived");
+    }
+    let t = Instant::now();
+    while !lab.holds_next_hop(0) {
+        assert!(t.elapsed() < Duration::from_secs(30), "node 1 did not become VRRP master");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The VRRP master (node 1) dies: link down, keepalived and dsrlb killed. Returns once node 2
+/// holds the next hop, and how long that took.
+fn kill_vrrp_master(lab: &Lab, nodes: &mut [Balancer]) -> Duration {
+    let t = Instant::now();
+    lab.set_node_link(0, false).expect("link down");
+    lab.stop_keepalived(0);
+    nodes[0].kill_node();
+    while !lab.holds_next_hop(1) {
+        assert!(t.elapsed() < Duration::from_secs(30), "node 2 did not take over");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    t.elapsed()
+}
+
 /// New connections from `from` (the event) to `to`: made, failed, delayed by a retransmitted
 /// SYN, the slowest, and the longest stretch without a prompt one.
 fn print_phase(what: &str, report: &LoadReport, from: Duration, to: Duration) {
@@ -173,15 +212,7 @@ fn ecmp_spreads_and_every_session_survives_a_node_dying_and_coming_back() {
         report.lost.len() - lost_died
     );
     print_phase("(c)", &report, back_at, end);
-    eprintln!(
-        "  held {}, lost {}: {} PINGs and {} PUBLISHes answered; {} new connections made, {} failed",
-        report.held,
-        report.lost.len(),
-        report.pings,
-        report.publishes,
-        report.made(),
-        report.failed().len()
-    );
+    print_totals(&report);
     assert!(report.lost.is_empty(), "sessions lost: {:?}", &report.lost[..report.lost.len().min(10)]);
     assert!(moved_back > 0, "the router sent node 2 nothing after it came back");
     drop(revived);
@@ -323,15 +354,7 @@ fn backend_change_then_node_changes(share: bool) -> Hard {
     print_phase("died", &report, died_at, back_at);
     eprintln!("  node 2 back (routed to again {} ms after its start): sessions lost {lost_back}", rejoined.as_millis());
     print_phase("back", &report, back_at, end);
-    eprintln!(
-        "  held {}, lost {}; {} PINGs and {} PUBLISHes answered; new connections made {}, failed {}",
-        report.held,
-        report.lost.len(),
-        report.pings,
-        report.publishes,
-        report.made(),
-        report.failed().len()
-    );
+    print_totals(&report);
     drop(revived);
     drop(nodes);
     Hard { added: lost_added, died: lost_died, back: lost_back, report }
@@ -461,14 +484,7 @@ fn vrrp_failover_keeps_every_session() {
     let lab = LabGuard::routed(2, 2, Routing::Vrrp);
     let config = lab.config(HEALTH);
     let mut nodes = start_nodes(&lab, &config);
-    for (i, n) in nodes.iter().enumerate() {
-        lab.start_keepalived(i, &tests::dsrlb_bin(), &n.socket).expect("keepalived");
-    }
-    let t = Instant::now();
-    while !lab.holds_next_hop(0) {
-        assert!(t.elapsed() < Duration::from_secs(30), "node 1 did not become VRRP master");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    start_vrrp(&lab, &nodes);
     assert!(!lab.holds_next_hop(1), "both nodes hold the next hop");
     let sessions = hold_sessions(&lab, "vrrp", SESSIONS);
     let load = Load::start(&lab, sessions, true);
@@ -478,15 +494,7 @@ fn vrrp_failover_keeps_every_session() {
 
     // The master dies.
     let died_at = load.now();
-    let t = Instant::now();
-    lab.set_node_link(0, false).expect("link down");
-    lab.stop_keepalived(0);
-    nodes[0].kill_node();
-    while !lab.holds_next_hop(1) {
-        assert!(t.elapsed() < Duration::from_secs(30), "node 2 did not take over");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let failover = t.elapsed();
+    let failover = kill_vrrp_master(&lab, &mut nodes);
     load.wait_passes(3, Duration::from_mins(2));
     load.wait_made_after(load.now(), 200, Duration::from_mins(1));
     let end = load.now();
@@ -498,15 +506,7 @@ fn vrrp_failover_keeps_every_session() {
         forwarded(&nodes[1])
     );
     print_phase("failover", &report, died_at, end);
-    eprintln!(
-        "  held {}, lost {}: {} PINGs and {} PUBLISHes answered; new connections made {}, failed {}",
-        report.held,
-        report.lost.len(),
-        report.pings,
-        report.publishes,
-        report.made(),
-        report.failed().len()
-    );
+    print_totals(&report);
     lab.stop_keepalived(1);
     assert!(report.lost.is_empty(), "sessions lost: {:?}", &report.lost[..report.lost.len().min(10)]);
 }
@@ -519,15 +519,8 @@ fn vrrp_failover_after_a_backend_change(share: bool) -> LoadReport {
     let lab = LabGuard::routed(3, 2, Routing::Vrrp);
     let (two, three) = (config_with(&lab, 2), config_with(&lab, 3));
     let (two, three) = if share { (two, three) } else { (without_cluster(&two), without_cluster(&three)) };
-    let nodes = start_nodes(&lab, &two);
-    for (i, n) in nodes.iter().enumerate() {
-        lab.start_keepalived(i, &tests::dsrlb_bin(), &n.socket).expect("keepalived");
-    }
-    let t = Instant::now();
-    while !lab.holds_next_hop(0) {
-        assert!(t.elapsed() < Duration::from_secs(30), "node 1 did not become VRRP master");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut nodes = start_nodes(&lab, &two);
+    start_vrrp(&lab, &nodes);
     let sessions = hold_sessions(&lab, "vrrp-e", SESSIONS);
     let load = Load::start(&lab, sessions, true);
     load.wait_passes(1, Duration::from_mins(1));
@@ -560,16 +553,7 @@ fn vrrp_failover_after_a_backend_change(share: bool) -> LoadReport {
     assert_eq!(load.lost(), 0, "sessions lost across the reload");
 
     let died_at = load.now();
-    let t = Instant::now();
-    lab.set_node_link(0, false).expect("link down");
-    lab.stop_keepalived(0);
-    let mut nodes = nodes;
-    nodes[0].kill_node();
-    while !lab.holds_next_hop(1) {
-        assert!(t.elapsed() < Duration::from_secs(30), "node 2 did not take over");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let failover = t.elapsed();
+    let failover = kill_vrrp_master(&lab, &mut nodes);
     load.wait_passes(3, Duration::from_mins(2));
     let end = load.now();
     let report = load.finish();
@@ -580,15 +564,7 @@ fn vrrp_failover_after_a_backend_change(share: bool) -> LoadReport {
         failover.as_millis()
     );
     print_phase("failover", &report, died_at, end);
-    eprintln!(
-        "  held {}, lost {}: {} PINGs and {} PUBLISHes answered; new connections made {}, failed {}",
-        report.held,
-        report.lost.len(),
-        report.pings,
-        report.publishes,
-        report.made(),
-        report.failed().len()
-    );
+    print_totals(&report);
     lab.stop_keepalived(1);
     report
 }
