@@ -23,6 +23,9 @@ pub mod map_names {
     pub const CONN_RATE: &str = "CONN_RATE";
     pub const LISTENER_STATS: &str = "LISTENER_STATS";
     pub const TABLE_STATS: &str = "TABLE_STATS";
+    pub const LISTENER_VIP6: &str = "LISTENER_VIP6";
+    pub const VIPS6: &str = "VIPS6";
+    pub const FLOW_ADDRS6: &str = "FLOW_ADDRS6";
 }
 
 /// Compile-time sizes of the fixed maps. The ring and flow maps are sized at load time from the
@@ -42,6 +45,7 @@ pub const NO_BACKEND: u32 = u32::MAX;
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// Value of `LISTENERS`, indexed by listener id: where the listener is and which of its two
 /// ring copies is active. Eight bytes that the controller writes with one atomic store (the map
@@ -50,6 +54,8 @@ pub const IPPROTO_ICMP: u8 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ListenerInfo {
+    /// The VIP; for an IPv6 listener ([`LISTENER_F_IPV6`]) its [`fold6`], and the address
+    /// itself in `LISTENER_VIP6` (written before this entry).
     pub vip_be: u32,
     pub port_be: u16,
     /// `LISTENER_F_*`.
@@ -62,6 +68,91 @@ pub struct ListenerInfo {
 pub const LISTENER_F_HASH_SOURCE: u8 = 1;
 /// `ListenerInfo::flags`: new connections pass storm control (`CONN_RATE`, `max_conn_rate`).
 pub const LISTENER_F_CONN_RATE: u8 = 2;
+/// `ListenerInfo::flags`: the VIP is an IPv6 address (`LISTENER_VIP6` holds it).
+pub const LISTENER_F_IPV6: u8 = 4;
+/// `ListenerInfo::flags`: with `LISTENER_F_HASH_SOURCE` on an IPv6 listener, hash only the
+/// source's first 64 bits (`source_prefix = 64`), so a client's privacy addresses share a broker.
+pub const LISTENER_F_SOURCE_PREFIX64: u8 = 8;
+
+/// An IPv6 address as the data plane holds it: its 16 wire bytes as two native `u64`
+/// (`u64::from_ne_bytes` of each half), so the program compares and hashes it in two words.
+pub type Addr6 = [u64; 2];
+
+/// An IPv6 address's unseeded 32-bit fold: what `ListenerInfo::vip_be` holds for an IPv6
+/// listener (a first, one-word compare before the full one).
+#[inline(always)]
+#[must_use]
+pub const fn fold6(a: &Addr6) -> u32 {
+    let x = a[0] ^ a[1];
+    #[expect(clippy::cast_possible_truncation, reason = "folding the halves")]
+    let w = (x ^ (x >> 32)) as u32;
+    w
+}
+
+/// An IPv6 address mixed down to the 32 bits the ring hashes take: the same on every balancer
+/// (like the IPv4 ring hash, it is not seeded). `prefix64`: the first 64 bits alone.
+#[inline(always)]
+#[must_use]
+pub const fn ring_word6(a: &Addr6, prefix64: bool) -> u32 {
+    let low = if prefix64 { 0 } else { a[1] };
+    let h = mix64(a[0] ^ low.wrapping_mul(0xc2b2_ae3d_27d4_eb4f));
+    #[expect(clippy::cast_possible_truncation, reason = "folding the halves")]
+    let w = (h ^ (h >> 32)) as u32;
+    w
+}
+
+/// The ring hash of an IPv6 4-tuple (the counterpart of [`flow_hash`]).
+#[inline(always)]
+#[must_use]
+pub const fn flow_hash6(src: &Addr6, dst: &Addr6, sport_be: u16, dport_be: u16) -> u64 {
+    flow_hash(ring_word6(src, false), ring_word6(dst, false), sport_be, dport_be)
+}
+
+/// The ring hash of an IPv6 client for `hash = "source"` (the counterpart of [`source_hash`]).
+#[inline(always)]
+#[must_use]
+pub const fn source_hash6(src: &Addr6, prefix64: bool) -> u64 {
+    source_hash(ring_word6(src, prefix64))
+}
+
+/// `FlowKey::dst_be` bits set in the key of every IPv6 flow: its first address byte is 0xf0 or
+/// more, an address in 240.0.0.0/4, which no IPv4 VIP may be (see [`flow_key6`]).
+pub const FLOW_KEY6_MARK: u32 = 0xf000_0000_u32.to_be();
+
+/// Whether a flow key is an IPv6 flow's ([`flow_key6`]).
+#[inline(always)]
+#[must_use]
+pub const fn is_key6(key: &FlowKey) -> bool {
+    key.dst_be & FLOW_KEY6_MARK == FLOW_KEY6_MARK
+}
+
+/// The 12-byte key an IPv6 flow has in `FLOWS` and `FLOW_CACHE`: its ports, and a 60-bit hash
+/// of its addresses seeded with the table's seed (`Layout::flow_seed`) in place of the two
+/// addresses, marked with [`FLOW_KEY6_MARK`]. The table keeps the full addresses of the slot in
+/// `FLOW_ADDRS6` and a lookup compares them, so two flows whose hashes collide never share a
+/// slot; a cache entry is only made after such a lookup (a collision there, which needs the
+/// seed to aim, would only send the colliding frame where the other flow goes).
+#[inline(always)]
+#[must_use]
+pub const fn flow_key6(src: &Addr6, dst: &Addr6, sport_be: u16, dport_be: u16, seed: u64) -> FlowKey {
+    // Four independent products, then one finaliser: a short dependency chain per frame.
+    let x = (src[0] ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (dst[1] ^ seed.rotate_left(17)).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+    let y = (src[1] ^ seed.rotate_left(32)).wrapping_mul(0xff51_afd7_ed55_8ccd) ^ (dst[0] ^ seed.rotate_left(47)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    let h = mix64(x ^ y.rotate_left(31));
+    #[expect(clippy::cast_possible_truncation, reason = "the two halves")]
+    let (lo, hi) = (h as u32, (h >> 32) as u32);
+    FlowKey { src_be: lo, dst_be: hi | FLOW_KEY6_MARK, sport_be, dport_be }
+}
+
+/// Value of `FLOW_ADDRS6`, indexed by flow table slot (bucket × [`FLOW_WAYS`] + way): the
+/// addresses of the IPv6 flow in that slot, written after the slot is claimed and before its
+/// state is published (see [`FLOW_WAYS`]). Meaningless for a slot holding an IPv4 flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowAddrs6 {
+    pub src: Addr6,
+    pub dst: Addr6,
+}
 
 /// Ring slots per `RINGS` entry: four 16-bit real ids in one 8-byte value. An array map
 /// spends at least 8 bytes on every value, so one 32-bit id per entry would take four times
@@ -361,6 +452,9 @@ pub struct Layout {
 /// hash flow table, a hash of listeners and a ring id per 8-byte entry. Version 2 had no
 /// `FLOW_S_CONFIRMED`, counted ages in jiffies and had no `NODE`, `CONN_RATE`,
 /// `LISTENER_STATS`, `TABLE_STATS` or `CONTROL` (its controller kept its ids in a file).
+/// Version 3 gained `LISTENER_VIP6`, `VIPS6` and `FLOW_ADDRS6` without a change to the maps it
+/// had: a controller adopting pins made before them creates them empty (every flow there is an
+/// IPv4 flow).
 pub const LAYOUT_VERSION: u64 = 3;
 
 /// Buckets for a `flow_table_size` of flows: a power of two, at least two (one per half).
@@ -587,15 +681,16 @@ pub mod reason {
     /// Forwarded to a backend (`XDP_TX`). The program leaves this slot at zero: it counts a
     /// forwarded frame once, in `REAL_STATS`, and the controller reports the sum here.
     pub const TX: u32 = 0;
-    /// Not IPv4 (ARP, IPv6, anything else), passed.
-    pub const PASS_NOT_IPV4: u32 = 1;
-    /// IPv4 but not TCP, passed.
+    /// Neither IPv4 nor IPv6 (ARP, anything else), passed.
+    pub const PASS_NOT_IP: u32 = 1;
+    /// IP but not TCP (ICMP and ICMPv6 other than "too big" about a listener's flow,
+    /// neighbour discovery, UDP, an IPv6 extension header chain too long to follow), passed.
     pub const PASS_NOT_TCP: u32 = 2;
     /// TCP to an address and port that is no listener, passed.
     pub const PASS_NO_LISTENER: u32 = 3;
     /// Too short or inconsistent headers, passed for the kernel to judge.
     pub const PASS_MALFORMED: u32 = 4;
-    /// A fragment to a VIP, dropped.
+    /// A fragment to a VIP (IPv4, or IPv6 with a fragment header), dropped.
     pub const DROP_FRAGMENT: u32 = 5;
     /// A listener hit whose ring has no usable backend, dropped.
     pub const DROP_NO_BACKEND: u32 = 6;
@@ -617,7 +712,7 @@ pub mod reason {
     /// `(verdict, reason)` labels, indexed like the map.
     pub const LABELS: [(&str, &str); COUNT as usize] = [
         ("tx", "forwarded"),
-        ("pass", "not_ipv4"),
+        ("pass", "not_ip"),
         ("pass", "not_tcp"),
         ("pass", "no_listener"),
         ("pass", "malformed"),
@@ -645,11 +740,12 @@ const _: () = assert!(core::mem::size_of::<NodeInfo>() == 64, "one cache line");
 const _: () = assert!(core::mem::size_of::<ConnRate>() == 32);
 const _: () = assert!(core::mem::size_of::<ControlState>() == 1 << 18);
 const _: () = assert!(core::mem::size_of::<ListenerCounters>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowAddrs6>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        ConnRate, ControlState, Counters, FlowBucket, FlowCacheEntry, FlowKey, Layout, ListenerCounters, ListenerInfo, NodeInfo, PortInfo,
+        ConnRate, ControlState, Counters, FlowAddrs6, FlowBucket, FlowCacheEntry, FlowKey, Layout, ListenerCounters, ListenerInfo, NodeInfo, PortInfo,
         RealInfo, VipInfo,
     };
     // SAFETY: all of these are `#[repr(C)]`, made only of integers, with no padding (asserted
@@ -667,6 +763,7 @@ mod pod {
     unsafe impl aya::Pod for ConnRate {}
     unsafe impl aya::Pod for ControlState {}
     unsafe impl aya::Pod for ListenerCounters {}
+    unsafe impl aya::Pod for FlowAddrs6 {}
 }
 
 /// 64-bit finaliser (murmur3's fmix64): every input bit affects every output bit.

@@ -6,17 +6,119 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     FLOW_CACHE_REVALIDATE, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_REAL, FlowKey, LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE,
-    ListenerInfo, MAX_LISTENERS, NO_BACKEND, PortInfo, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo, flow_age, flow_cache_slot, flow_hash,
-    flow_state, ring_base, ring_slot, source_hash, table_event,
+    LISTENER_F_IPV6, LISTENER_F_SOURCE_PREFIX64, ListenerInfo, MAX_LISTENERS, NO_BACKEND, PortInfo, RING_NONE, RING_SLOTS_PER_ENTRY,
+    RealInfo, flow_age, flow_cache_slot, flow_hash, flow_hash6, flow_key6, flow_state, ring_base, ring_slot, source_hash, source_hash6,
+    table_event,
 };
 
 use crate::{
     Verdict,
-    maps::{FLOW_CACHE, LISTEN_PORTS, LISTENERS, REALS, RINGS},
+    maps::{FLOW_ADDRS6, FLOW_CACHE, LISTEN_PORTS, LISTENER_VIP6, LISTENERS, REALS, RINGS},
     node,
-    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tcp4},
+    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tcp4, Tcp6},
     stats, storm, table,
 };
+
+/// A TCP segment of either family, as the flow code needs it. The IPv4 side compiles to what
+/// it was before IPv6; the IPv6 side adds the full-address checks.
+pub trait Segment {
+    /// Ports and flags; for IPv6 the addresses' folds (`lb_common::fold6`).
+    fn tcp(&self) -> &Tcp4;
+    /// The key in the flow table and cache (`lb_common::flow_key6` for IPv6).
+    fn key(&self, seed: u64) -> FlowKey;
+    /// Whether listener `id`, whose `vip_be` and port matched, is at this destination.
+    fn is_vip(&self, id: u32, info: ListenerInfo) -> bool;
+    /// The ring hash under the listener's hash mode.
+    fn ring_hash(&self, info: ListenerInfo) -> u64;
+    /// Whether flow table slot `slot`, whose key matched, holds this flow (IPv6: its addresses).
+    fn holds(&self, slot: u32) -> bool;
+    /// Records what [`Self::holds`] compares, in a slot being written.
+    fn record(&self, slot: u32);
+}
+
+impl Segment for Tcp4 {
+    #[inline(always)]
+    fn tcp(&self) -> &Tcp4 {
+        self
+    }
+
+    #[inline(always)]
+    fn key(&self, _seed: u64) -> FlowKey {
+        FlowKey { src_be: self.src_be, dst_be: self.dst_be, sport_be: self.sport_be, dport_be: self.dport_be }
+    }
+
+    #[inline(always)]
+    fn is_vip(&self, _id: u32, info: ListenerInfo) -> bool {
+        info.flags & LISTENER_F_IPV6 == 0
+    }
+
+    #[inline(always)]
+    fn ring_hash(&self, info: ListenerInfo) -> u64 {
+        if info.flags & LISTENER_F_HASH_SOURCE != 0 {
+            source_hash(self.src_be)
+        } else {
+            flow_hash(self.src_be, self.dst_be, self.sport_be, self.dport_be)
+        }
+    }
+
+    #[inline(always)]
+    fn holds(&self, _slot: u32) -> bool {
+        true
+    }
+
+    #[inline(always)]
+    fn record(&self, _slot: u32) {}
+}
+
+impl Segment for Tcp6 {
+    #[inline(always)]
+    fn tcp(&self) -> &Tcp4 {
+        &self.tcp
+    }
+
+    #[inline(always)]
+    fn key(&self, seed: u64) -> FlowKey {
+        flow_key6(&self.src, &self.dst, self.tcp.sport_be, self.tcp.dport_be, seed)
+    }
+
+    #[inline(always)]
+    fn is_vip(&self, id: u32, info: ListenerInfo) -> bool {
+        info.flags & LISTENER_F_IPV6 != 0 && LISTENER_VIP6.get(id).is_some_and(|vip| vip[0] == self.dst[0] && vip[1] == self.dst[1])
+    }
+
+    #[inline(always)]
+    fn ring_hash(&self, info: ListenerInfo) -> u64 {
+        if info.flags & LISTENER_F_HASH_SOURCE != 0 {
+            source_hash6(&self.src, info.flags & LISTENER_F_SOURCE_PREFIX64 != 0)
+        } else {
+            flow_hash6(&self.src, &self.dst, self.tcp.sport_be, self.tcp.dport_be)
+        }
+    }
+
+    #[inline(always)]
+    fn holds(&self, slot: u32) -> bool {
+        FLOW_ADDRS6.get_ptr_mut(slot).is_some_and(|a| {
+            // SAFETY: a map value, read word by word (the writer publishes the slot's state after
+            // writing these, see `table`).
+            let w = |i: usize| unsafe { core::ptr::read_volatile((&raw const *a).cast::<u64>().add(i)) };
+            (w(0) ^ self.src[0]) | (w(1) ^ self.src[1]) | (w(2) ^ self.dst[0]) | (w(3) ^ self.dst[1]) == 0
+        })
+    }
+
+    #[inline(always)]
+    fn record(&self, slot: u32) {
+        if let Some(a) = FLOW_ADDRS6.get_ptr_mut(slot) {
+            // SAFETY: a map value, written word by word while the slot is claimed.
+            unsafe {
+                let w = (&raw mut *a).cast::<u64>();
+                core::ptr::write_volatile(w, self.src[0]);
+                core::ptr::write_volatile(w.add(1), self.src[1]);
+                core::ptr::write_volatile(w.add(2), self.dst[0]);
+                core::ptr::write_volatile(w.add(3), self.dst[1]);
+            }
+        }
+    }
+}
 
 /// The real a frame goes to.
 pub struct Pick {
@@ -45,7 +147,8 @@ fn load_word<T>(value: &T) -> u64 {
 
 /// The listener at the frame's destination among those on its port.
 #[inline(always)]
-fn listener(tcp: &Tcp4, port: PortInfo) -> Result<Listener, Verdict> {
+fn listener(seg: &impl Segment, port: PortInfo) -> Result<Listener, Verdict> {
+    let tcp = seg.tcp();
     let mut rest = port.listeners;
     // Usually one round: a port is seldom shared between VIPs.
     for _ in 0..MAX_LISTENERS {
@@ -56,7 +159,7 @@ fn listener(tcp: &Tcp4, port: PortInfo) -> Result<Listener, Verdict> {
         rest &= rest - 1;
         if let Some(slot) = LISTENERS.get(id) {
             let info = ListenerInfo::from_word(load_word(slot));
-            if info.vip_be == tcp.dst_be && info.port_be == tcp.dport_be {
+            if info.vip_be == tcp.dst_be && info.port_be == tcp.dport_be && seg.is_vip(id, info) {
                 return Ok(Listener { id, info });
             }
         }
@@ -76,12 +179,8 @@ const fn lowest_bit(x: u32) -> u32 {
 
 /// The real id in the listener's ring slot for this tuple (`NO_BACKEND` included).
 #[inline(always)]
-fn ring_id(listener: Listener, tcp: &Tcp4) -> Result<u32, Verdict> {
-    let hash = if listener.info.flags & LISTENER_F_HASH_SOURCE != 0 {
-        source_hash(tcp.src_be)
-    } else {
-        flow_hash(tcp.src_be, tcp.dst_be, tcp.sport_be, tcp.dport_be)
-    };
+fn ring_id(listener: Listener, seg: &impl Segment) -> Result<u32, Verdict> {
+    let hash = seg.ring_hash(listener.info);
     // SAFETY: a plain read of a loader-set constant; volatile so the compiler does not fold the
     // default in.
     let size = unsafe { core::ptr::read_volatile(&raw const RING_SIZE) };
@@ -129,28 +228,32 @@ fn arrival(ctx: &XdpContext, tcp: &Tcp4) -> Result<(PortInfo, node::Node), Verdi
 /// flow's own segments would be, in the flow table and else in the ring; nothing is recorded,
 /// refreshed or confirmed.
 #[inline(always)]
-pub fn pick_for_icmp(ctx: &XdpContext, tcp: &Tcp4) -> Result<Pick, Verdict> {
+pub fn pick_for_icmp(ctx: &XdpContext, seg: &impl Segment) -> Result<Pick, Verdict> {
+    let tcp = seg.tcp();
     let (port, _) = arrival(ctx, tcp)?;
-    let listener = listener(tcp, port)?;
-    let key = FlowKey { src_be: tcp.src_be, dst_be: tcp.dst_be, sport_be: tcp.sport_be, dport_be: tcp.dport_be };
-    let place = table::place(&key)?;
-    if let Some(found) = table::find(&place, &mut table::Seen::new())
+    let listener = listener(seg, port)?;
+    let seed = table::seed()?;
+    let key = seg.key(seed);
+    let place = table::place(&key, seed)?;
+    if let Some(found) = table::find(&place, &mut table::Seen::new(), |slot| seg.holds(slot))
         && let Some(real) = REALS.get(found.state & FLOW_S_REAL)
         && real.usable()
     {
         return Ok(Pick { real_id: found.state & FLOW_S_REAL, real, new_flow: false });
     }
-    let (real_id, real) = usable_real(ring_id(listener, tcp)?)?;
+    let (real_id, real) = usable_real(ring_id(listener, seg)?)?;
     Ok(Pick { real_id, real, new_flow: false })
 }
 
 /// Finds (or makes) the flow entry for the segment `tcp`; `PassNoListener` when it is not for
 /// a listener, `PassNotOurMac` when the frame is not addressed to this node.
 #[inline(always)]
-pub fn pick(ctx: &XdpContext, tcp: &Tcp4) -> Result<Pick, Verdict> {
+pub fn pick(ctx: &XdpContext, seg: &impl Segment) -> Result<Pick, Verdict> {
+    let tcp = seg.tcp();
     let (port, node) = arrival(ctx, tcp)?;
     let tag = port.tag;
-    let key = FlowKey { src_be: tcp.src_be, dst_be: tcp.dst_be, sport_be: tcp.sport_be, dport_be: tcp.dport_be };
+    let seed = table::seed()?;
+    let key = seg.key(seed);
     let now = flow_age(node.now_ns);
     #[expect(clippy::cast_possible_truncation, reason = "ages are 16 bits")]
     let now16 = now as u16;
@@ -188,17 +291,17 @@ pub fn pick(ctx: &XdpContext, tcp: &Tcp4) -> Result<Pick, Verdict> {
     };
     // The listener is looked up here, once: the verifier walks its search (up to one round per
     // listener) once per way into it, so one place keeps the program small.
-    let listener = listener(tcp, port)?;
+    let listener = listener(seg, port)?;
     // A new connection's ring slot is read before the flow table, though it is only used on a
     // miss: both reads are usually cache misses, and issued back to back they overlap.
     let syn = tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let early = if syn { ring_id(listener, tcp)? } else { NO_BACKEND };
-    let place = table::place(&key)?;
+    let early = if syn { ring_id(listener, seg)? } else { NO_BACKEND };
+    let place = table::place(&key, seed)?;
     let closing = closing_flag(tcp);
     // Any segment without SYN after the one that recorded the flow confirms it.
     let confirm = if tcp.flags & TCP_SYN == 0 { FLOW_S_CONFIRMED } else { 0 };
     let mut seen = table::Seen::new();
-    let found = table::find(&place, &mut seen);
+    let found = table::find(&place, &mut seen, |slot| seg.holds(slot));
     if let Some(found) = &found {
         let recorded = found.state & FLOW_S_REAL;
         let reopened = found.state & FLOW_S_CLOSING != 0 && syn;
@@ -223,7 +326,7 @@ pub fn pick(ctx: &XdpContext, tcp: &Tcp4) -> Result<Pick, Verdict> {
             return Ok(Pick { real_id: recorded, real, new_flow: false });
         }
     }
-    let (real_id, real) = usable_real(if syn { early } else { ring_id(listener, tcp)? })?;
+    let (real_id, real) = usable_real(if syn { early } else { ring_id(listener, seg)? })?;
     if syn && listener.info.flags & LISTENER_F_CONN_RATE != 0 {
         storm::admit(listener.id, node.now_ns)?;
     }
@@ -240,7 +343,9 @@ pub fn pick(ctx: &XdpContext, tcp: &Tcp4) -> Result<Pick, Verdict> {
         // A miss: a new connection, or one whose slot was replaced or predates this balancer.
         // Both follow the ring, so a flow whose backend set did not change keeps its broker. It
         // is recorded unconfirmed, so a flood of them never displaces a confirmed flow.
-        None => stats::count_table(table::insert(&place, &seen, flow_state(real_id, closing, now), now, node.idle_expire)),
+        None => stats::count_table(table::insert(&place, &seen, flow_state(real_id, closing, now), now, node.idle_expire, |slot| {
+            seg.record(slot);
+        })),
     }
     Ok(Pick { real_id, real, new_flow: true })
 }

@@ -18,7 +18,7 @@ use aya_ebpf::{bindings::xdp_action, helpers::bpf_jiffies64, macros::xdp, progra
 use lb_common::{real_listener, reason};
 
 use crate::{
-    maps::{CLOCK, VIPS},
+    maps::{CLOCK, VIPS, VIPS6},
     parse::Parsed,
 };
 
@@ -26,7 +26,7 @@ use crate::{
 #[derive(Clone, Copy)]
 #[repr(u32)]
 pub enum Verdict {
-    PassNotIpv4 = reason::PASS_NOT_IPV4,
+    PassNotIp = reason::PASS_NOT_IP,
     PassNotTcp = reason::PASS_NOT_TCP,
     PassNoListener = reason::PASS_NO_LISTENER,
     PassMalformed = reason::PASS_MALFORMED,
@@ -42,7 +42,7 @@ impl Verdict {
     #[inline(always)]
     const fn action(self) -> u32 {
         match self {
-            Self::PassNotIpv4
+            Self::PassNotIp
             | Self::PassNotTcp
             | Self::PassNoListener
             | Self::PassMalformed
@@ -80,19 +80,20 @@ pub fn dsrlb(ctx: XdpContext) -> u32 {
 fn try_dsrlb(ctx: &XdpContext) -> Result<(), Verdict> {
     let pick = match parse::parse(ctx)? {
         Parsed::Tcp(tcp) => flow::pick(ctx, &tcp)?,
-        Parsed::IcmpTooBig(tcp) => {
-            let pick = flow::pick_for_icmp(ctx, &tcp)?;
-            if !dsr::rewrite(ctx, pick.real) {
-                return Err(Verdict::PassMalformed);
-            }
-            // Counted apart from the flow's own frames: forwarded, but not by the flow.
-            stats::count_verdict(reason::TX_ICMP_TOO_BIG);
-            stats::count_icmp_too_big(real_listener(pick.real_id));
-            return Ok(());
-        }
+        Parsed::Tcp6(tcp) => flow::pick(ctx, &tcp)?,
+        Parsed::IcmpTooBig(tcp) => return too_big(ctx, flow::pick_for_icmp(ctx, &tcp)?),
+        Parsed::IcmpTooBig6(tcp) => return too_big(ctx, flow::pick_for_icmp(ctx, &tcp)?),
         Parsed::TcpFragment { dst_be } => {
             // SAFETY: read-only use of a map value.
             if unsafe { VIPS.get(&dst_be) }.is_none() {
+                return Err(Verdict::PassNoListener);
+            }
+            node::check(ctx)?;
+            return Err(Verdict::DropFragment);
+        }
+        Parsed::Fragment6 { dst } => {
+            // SAFETY: read-only use of a map value.
+            if unsafe { VIPS6.get(&dst) }.is_none() {
                 return Err(Verdict::PassNoListener);
             }
             node::check(ctx)?;
@@ -104,6 +105,18 @@ fn try_dsrlb(ctx: &XdpContext) -> Result<(), Verdict> {
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     stats::count_forward(pick.real_id, bytes, pick.new_flow);
+    Ok(())
+}
+
+/// Forwards an ICMP error about a flow to the flow's real.
+#[inline(always)]
+fn too_big(ctx: &XdpContext, pick: flow::Pick) -> Result<(), Verdict> {
+    if !dsr::rewrite(ctx, pick.real) {
+        return Err(Verdict::PassMalformed);
+    }
+    // Counted apart from the flow's own frames: forwarded, but not by the flow.
+    stats::count_verdict(reason::TX_ICMP_TOO_BIG);
+    stats::count_icmp_too_big(real_listener(pick.real_id));
     Ok(())
 }
 

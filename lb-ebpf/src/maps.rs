@@ -9,7 +9,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    ConnRate, ControlState, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FlowBucket, FlowCacheEntry, Layout,
+    Addr6, ConnRate, ControlState, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FLOW_WAYS, FlowAddrs6,
+    FlowBucket, FlowCacheEntry, Layout,
     ListenerCounters, ListenerInfo, MAX_LISTENERS, MAX_VIPS, NodeInfo, PORT_SLOTS, PortInfo, REAL_SLOTS, RING_COPIES, RealInfo, RingEntry,
     VipInfo, flow_table_buckets, reason, ring_entries, table_event,
 };
@@ -30,6 +31,14 @@ pub static LISTEN_PORTS: Array<PortInfo, { PORT_SLOTS as usize }, MMAPABLE> = Ar
 #[btf_map]
 pub static VIPS: HashMap<u32, VipInfo, { MAX_VIPS as usize }> = HashMap::new();
 
+/// IPv6 VIP addresses (`lb_common::Addr6`), consulted only for fragments.
+#[btf_map]
+pub static VIPS6: HashMap<Addr6, VipInfo, { MAX_VIPS as usize }> = HashMap::new();
+
+/// Listener id to its IPv6 VIP (`lb_common::LISTENER_F_IPV6`; zero for an IPv4 listener).
+#[btf_map]
+pub static LISTENER_VIP6: Array<Addr6, { MAX_LISTENERS as usize }> = Array::new();
+
 /// Real id (`lb_common::real_id`) to MACs and state.
 #[btf_map]
 pub static REALS: Array<RealInfo, { REAL_SLOTS as usize }> = Array::new();
@@ -43,6 +52,12 @@ pub static RINGS: Array<RingEntry, { (MAX_LISTENERS * RING_COPIES * ring_entries
 /// on two CPUs has one backend).
 #[btf_map]
 pub static FLOWS: Array<FlowBucket, { flow_table_buckets(DEFAULT_FLOW_TABLE_SIZE) as usize }, MMAPABLE> = Array::new();
+
+/// Flow table slot to the addresses of the IPv6 flow it holds (`lb_common::FlowAddrs6`),
+/// resized with `FLOWS`.
+#[btf_map]
+pub static FLOW_ADDRS6: Array<FlowAddrs6, { flow_table_buckets(DEFAULT_FLOW_TABLE_SIZE) as usize * FLOW_WAYS }, MMAPABLE> =
+    Array::new();
 
 /// The maps' layout version and the flow table's hash seed (`lb_common::Layout`), written by the
 /// controller when it makes the maps and pinned with them.

@@ -1,8 +1,9 @@
-//! Bounds-checked header parsing: Ethernet, one optional VLAN tag, IPv4 (honouring IHL), TCP,
-//! and ICMP "fragmentation needed" down to the ports of the TCP segment it quotes.
+//! Bounds-checked header parsing: Ethernet, one optional VLAN tag, IPv4 (honouring IHL) or IPv6
+//! (with a bounded chain of extension headers), TCP, and ICMP "fragmentation needed" / ICMPv6
+//! "packet too big" down to the ports of the TCP segment it quotes.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{IPPROTO_ICMP, IPPROTO_TCP};
+use lb_common::{Addr6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, fold6};
 
 use crate::Verdict;
 
@@ -11,6 +12,7 @@ const VLAN_HLEN: usize = 4;
 
 // EtherTypes as they read from the wire into a native u16.
 const ETH_P_IP: u16 = 0x0800_u16.to_be();
+const ETH_P_IPV6: u16 = 0x86dd_u16.to_be();
 const ETH_P_8021Q: u16 = 0x8100_u16.to_be();
 const ETH_P_8021AD: u16 = 0x88a8_u16.to_be();
 
@@ -31,6 +33,35 @@ struct Ipv4Hdr {
     saddr: u32,
     daddr: u32,
 }
+
+/// The fixed IPv6 header; the addresses as [`Addr6`].
+#[repr(C)]
+struct Ipv6Hdr {
+    ver_tc_flow: u32,
+    payload_len: u16,
+    next_header: u8,
+    hop_limit: u8,
+    saddr: Addr6,
+    daddr: Addr6,
+}
+
+/// The two bytes that open every IPv6 extension header this parser follows.
+#[repr(C)]
+struct ExtHdr {
+    next_header: u8,
+    /// Length in 8-byte units, not counting the first 8.
+    len: u8,
+}
+
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DSTOPTS: u8 = 60;
+/// Extension headers followed before giving up (`PassNotTcp`): hop-by-hop, routing and two
+/// destination-options headers is the longest chain RFC 8200's order recommends before TCP.
+const IPV6_MAX_EXT: usize = 4;
+
+const ICMPV6_PKT_TOOBIG: u8 = 2;
 
 /// The ICMP header of a "destination unreachable" message; the quoted datagram follows.
 #[repr(C)]
@@ -75,7 +106,15 @@ pub struct Tcp4 {
     pub flags: u8,
 }
 
-/// A frame that the parser recognised as IPv4 to be looked at further.
+/// What the data plane needs from a TCP/IPv6 frame: the ports and flags as [`Tcp4`] holds
+/// them (its addresses the [`fold6`] of the real ones), and the addresses.
+pub struct Tcp6 {
+    pub tcp: Tcp4,
+    pub src: Addr6,
+    pub dst: Addr6,
+}
+
+/// A frame that the parser recognised as IPv4 or IPv6 to be looked at further.
 pub enum Parsed {
     /// A TCP segment (never a fragment).
     Tcp(Tcp4),
@@ -85,6 +124,12 @@ pub enum Parsed {
     /// that segment as its client sends it (the quoted destination is the client, the quoted
     /// source, which is also this message's destination, the server), `flags` 0.
     IcmpTooBig(Tcp4),
+    /// A TCP/IPv6 segment (no fragment header).
+    Tcp6(Tcp6),
+    /// An IPv6 packet with a fragment header: no ports to look at, only the destination.
+    Fragment6 { dst: Addr6 },
+    /// ICMPv6 "packet too big" about a TCP segment its destination sent, as `IcmpTooBig`.
+    IcmpTooBig6(Tcp6),
 }
 
 /// Returns a pointer to a `T` at `offset` in the frame, or `PassMalformed` when it would run
@@ -102,8 +147,8 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Verdict> {
     Ok((start + offset) as *const T)
 }
 
-/// Parses up to the TCP ports. Anything that is not TCP over IPv4 comes back as the pass verdict
-/// that says why.
+/// Parses up to the TCP ports. Anything that is not TCP over IPv4 or IPv6 comes back as the pass
+/// verdict that says why.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Parsed, Verdict> {
     let mut l3 = ETH_HLEN;
@@ -116,8 +161,11 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Verdict> {
             return Err(Verdict::PassVlanStacked);
         }
     }
+    if ethertype == ETH_P_IPV6 {
+        return parse6(ctx, l3);
+    }
     if ethertype != ETH_P_IP {
-        return Err(Verdict::PassNotIpv4);
+        return Err(Verdict::PassNotIp);
     }
 
     let ip = ptr_at::<Ipv4Hdr>(ctx, l3)?;
@@ -184,5 +232,94 @@ fn too_big(ctx: &XdpContext, dst_be: u32, l4: usize) -> Result<Parsed, Verdict> 
         sport_be: unsafe { (*ports)[1] },
         dport_be: unsafe { (*ports)[0] },
         flags: 0,
+    }))
+}
+
+/// An IPv6 packet at `l3`: its extension headers (hop-by-hop, routing, destination options) are
+/// skipped, at most [`IPV6_MAX_EXT`] of them; a fragment header ends the walk.
+#[inline(always)]
+fn parse6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
+    // SAFETY (all derefs below): `ptr_at` checked that the whole header lies in the frame.
+    let ip = ptr_at::<Ipv6Hdr>(ctx, l3)?;
+    if u32::from_be(unsafe { (*ip).ver_tc_flow }) >> 28 != 6 {
+        return Err(Verdict::PassMalformed);
+    }
+    let dst = unsafe { (*ip).daddr };
+    let (next, l4) = skip_ext(ctx, unsafe { (*ip).next_header }, l3 + core::mem::size_of::<Ipv6Hdr>())?;
+    match next {
+        IPPROTO_TCP => {
+            let src = unsafe { (*ip).saddr };
+            let tcp = ptr_at::<TcpHdr>(ctx, l4)?;
+            Ok(Parsed::Tcp6(Tcp6 {
+                tcp: Tcp4 {
+                    src_be: fold6(&src),
+                    dst_be: fold6(&dst),
+                    sport_be: unsafe { (*tcp).source },
+                    dport_be: unsafe { (*tcp).dest },
+                    flags: unsafe { (*tcp).flags },
+                },
+                src,
+                dst,
+            }))
+        }
+        IPV6_FRAGMENT => Ok(Parsed::Fragment6 { dst }),
+        IPPROTO_ICMPV6 => too_big6(ctx, &dst, l4),
+        _ => Err(Verdict::PassNotTcp),
+    }
+}
+
+/// Follows the extension headers from `next` at `off`: the first header that is not one to
+/// skip, and where it starts. A chain longer than [`IPV6_MAX_EXT`] passes as not TCP.
+#[inline(always)]
+fn skip_ext(ctx: &XdpContext, mut next: u8, mut off: usize) -> Result<(u8, usize), Verdict> {
+    for _ in 0..IPV6_MAX_EXT {
+        if next != IPV6_HOPOPTS && next != IPV6_ROUTING && next != IPV6_DSTOPTS {
+            return Ok((next, off));
+        }
+        // SAFETY: `ptr_at` checked that the two bytes lie in the frame.
+        let ext = ptr_at::<ExtHdr>(ctx, off)?;
+        next = unsafe { (*ext).next_header };
+        off += (usize::from(unsafe { (*ext).len }) + 1) * 8;
+    }
+    if next != IPV6_HOPOPTS && next != IPV6_ROUTING && next != IPV6_DSTOPTS {
+        return Ok((next, off));
+    }
+    Err(Verdict::PassNotTcp)
+}
+
+/// An ICMPv6 message at `l4` to `dst`: "packet too big" about a whole TCP segment that `dst`
+/// sent, as [`too_big`] for IPv4. Neighbour discovery and every other ICMPv6 message pass as
+/// not TCP.
+#[inline(always)]
+fn too_big6(ctx: &XdpContext, dst: &Addr6, l4: usize) -> Result<Parsed, Verdict> {
+    // SAFETY (all derefs below): `ptr_at` checked that the whole header lies in the frame.
+    // The ICMPv6 header has the same 8-byte shape (type, code, checksum, MTU).
+    let icmp = ptr_at::<IcmpHdr>(ctx, l4)?;
+    if unsafe { (*icmp).kind } != ICMPV6_PKT_TOOBIG || unsafe { (*icmp).code } != 0 {
+        return Err(Verdict::PassNotTcp);
+    }
+    let inner_l3 = l4 + core::mem::size_of::<IcmpHdr>();
+    let inner = ptr_at::<Ipv6Hdr>(ctx, inner_l3)?;
+    if u32::from_be(unsafe { (*inner).ver_tc_flow }) >> 28 != 6 {
+        return Err(Verdict::PassMalformed);
+    }
+    let quoted_src = unsafe { (*inner).saddr };
+    // Only a segment whose TCP header follows the fixed header directly: the balancer's own
+    // clients' segments, as a broker sends them, carry no extension headers.
+    if unsafe { (*inner).next_header } != IPPROTO_TCP || quoted_src[0] != dst[0] || quoted_src[1] != dst[1] {
+        return Err(Verdict::PassNoListener);
+    }
+    let client = unsafe { (*inner).daddr };
+    let ports = ptr_at::<[u16; 2]>(ctx, inner_l3 + core::mem::size_of::<Ipv6Hdr>())?;
+    Ok(Parsed::IcmpTooBig6(Tcp6 {
+        tcp: Tcp4 {
+            src_be: fold6(&client),
+            dst_be: fold6(&quoted_src),
+            sport_be: unsafe { (*ports)[1] },
+            dport_be: unsafe { (*ports)[0] },
+            flags: 0,
+        },
+        src: client,
+        dst: quoted_src,
     }))
 }

@@ -21,11 +21,12 @@ use crate::{
 #[unsafe(no_mangle)]
 static FLOW_BUCKET_MASK: u32 = lb_common::flow_table_buckets(lb_common::DEFAULT_FLOW_TABLE_SIZE) - 1;
 
-/// A flow's key as a slot holds it, and its two buckets.
+/// A flow's key as a slot holds it, and its two buckets (and their numbers).
 pub struct Place {
     addrs: u64,
     ports: u32,
     buckets: [*mut FlowBucket; 2],
+    index: [u32; 2],
 }
 
 /// A slot that holds the key, and the state read there.
@@ -45,10 +46,22 @@ fn words(bucket: *mut FlowBucket, way: usize) -> (*mut u64, *mut u64) {
     }
 }
 
-/// Where `key` lives.
+/// The table's hash seed (`lb_common::Layout::flow_seed`).
 #[inline(always)]
-pub fn place(key: &FlowKey) -> Result<Place, Verdict> {
-    let seed = LAYOUT.get(0).ok_or(Verdict::DropInternal)?.flow_seed;
+pub fn seed() -> Result<u64, Verdict> {
+    Ok(LAYOUT.get(0).ok_or(Verdict::DropInternal)?.flow_seed)
+}
+
+/// The `FLOW_ADDRS6` index of slot `way` of bucket `bucket`.
+#[inline(always)]
+#[expect(clippy::cast_possible_truncation, reason = "way < FLOW_WAYS")]
+const fn slot_index(bucket: u32, way: usize) -> u32 {
+    bucket.wrapping_mul(FLOW_WAYS as u32).wrapping_add(way as u32)
+}
+
+/// Where `key` lives, with the table's `seed`.
+#[inline(always)]
+pub fn place(key: &FlowKey, seed: u64) -> Result<Place, Verdict> {
     // SAFETY: a plain read of a loader-set constant; volatile so the default is not folded in.
     let mask = unsafe { core::ptr::read_volatile(&raw const FLOW_BUCKET_MASK) };
     let [left, right] = flow_buckets(key, seed, mask);
@@ -57,6 +70,7 @@ pub fn place(key: &FlowKey) -> Result<Place, Verdict> {
         addrs,
         ports,
         buckets: [FLOWS.get_ptr_mut(left).ok_or(Verdict::DropInternal)?, FLOWS.get_ptr_mut(right).ok_or(Verdict::DropInternal)?],
+        index: [left, right],
     })
 }
 
@@ -110,10 +124,13 @@ fn ports_in(metas: &[u64; FLOW_WAYS], ports: u32) -> bool {
     zero(pairs[0]) | zero(pairs[1]) != 0
 }
 
-/// The slot in `bucket` holding the key. The four slots are compared by arithmetic, so the
+/// The slot in bucket `half` holding the key. The four slots are compared by arithmetic, so the
 /// verifier sees one way through whatever they hold; only the slot found is read again.
+/// `holds` checks what the key alone does not (an IPv6 flow's addresses) in the slot found,
+/// before its state is read again.
 #[inline(always)]
-fn find_in(bucket: *mut FlowBucket, p: &Place, first: &mut [u64; FLOW_WAYS]) -> Option<Found> {
+fn find_in(half: usize, p: &Place, first: &mut [u64; FLOW_WAYS], holds: &impl Fn(u32) -> bool) -> Option<Found> {
+    let bucket = p.buckets[half];
     for (way, m) in first.iter_mut().enumerate() {
         // SAFETY: inside the map value. Per slot: the state, then (below) the addresses; for the
         // slot found, the state once more.
@@ -139,6 +156,9 @@ fn find_in(bucket: *mut FlowBucket, p: &Place, first: &mut [u64; FLOW_WAYS]) -> 
     let way = lowest_way(hits);
     let (_, meta) = words(bucket, way);
     let m = first[0] & way_mask(way, 0) | first[1] & way_mask(way, 1) | first[2] & way_mask(way, 2) | first[3] & way_mask(way, 3);
+    if !holds(slot_index(p.index[half], way)) {
+        return None;
+    }
     // SAFETY: inside the map value. The slot held the key when its addresses were read if its
     // state word is the same now, or differs only by what an update of this flow writes (another
     // CPU refreshing its age meanwhile): a writer that replaces the flow swaps in BUSY first.
@@ -155,11 +175,12 @@ fn way_mask(way: usize, of: usize) -> u64 {
     is_zero((way ^ of) as u64).wrapping_neg()
 }
 
-/// The slot holding the key, if any; `seen` gets the state words read.
+/// The slot holding the key, if any (and, by `holds`, the flow); `seen` gets the state words
+/// read.
 #[inline(always)]
-pub fn find(p: &Place, seen: &mut Seen) -> Option<Found> {
+pub fn find(p: &Place, seen: &mut Seen, holds: impl Fn(u32) -> bool) -> Option<Found> {
     let [left, right] = &mut seen.0;
-    find_in(p.buckets[0], p, left).or_else(|| find_in(p.buckets[1], p, right))
+    find_in(0, p, left, &holds).or_else(|| find_in(1, p, right, &holds))
 }
 
 /// The state words of both buckets as a lookup that found nothing read them: an insert
@@ -233,15 +254,16 @@ const fn ways_in(mask: u32) -> u64 {
 /// over a confirmed live flow. Gives up when another writer changes that slot first; the frame
 /// is forwarded all the same and the flow's next frame inserts it. Returns what it did
 /// (`lb_common::table_event`). `expire`: idle age units from which a flow is expired.
+/// `record` writes what else the slot needs (an IPv6 flow's addresses) while it is claimed.
 #[inline(always)]
-pub fn insert(p: &Place, seen: &Seen, state: u32, now: u32, expire: u32) -> u32 {
+pub fn insert(p: &Place, seen: &Seen, state: u32, now: u32, expire: u32, record: impl Fn(u32)) -> u32 {
     let metas = &seen.0;
     let free = [free_ways(&metas[0]), free_ways(&metas[1])];
     if free[0] | free[1] != 0 {
         let won = if ways_in(free[1]) > ways_in(free[0]) {
-            claim(p, 1, lowest_way(free[1]), None, state)
+            claim(p, 1, lowest_way(free[1]), None, state, &record)
         } else {
-            claim(p, 0, lowest_way(free[0]), None, state)
+            claim(p, 0, lowest_way(free[0]), None, state, &record)
         };
         return if won { table_event::INSERT_FREE } else { table_event::RACED };
     }
@@ -262,7 +284,7 @@ pub fn insert(p: &Place, seen: &Seen, state: u32, now: u32, expire: u32) -> u32 
     }
     let way = (best & 3) as usize;
     let chosen = Some((best_score, now, expire_less_one));
-    let won = if best & 4 == 0 { claim(p, 0, way, chosen, state) } else { claim(p, 1, way, chosen, state) };
+    let won = if best & 4 == 0 { claim(p, 0, way, chosen, state, &record) } else { claim(p, 1, way, chosen, state, &record) };
     if !won {
         table_event::RACED
     } else if best_score >= STALE {
@@ -276,7 +298,7 @@ pub fn insert(p: &Place, seen: &Seen, state: u32, now: u32, expire: u32) -> u32 
 /// `chosen` = (score, now, expire less one) a live flow scoring that), and writes the flow
 /// there. True when it did.
 #[inline(always)]
-fn claim(p: &Place, half: usize, way: usize, chosen: Option<(u64, u32, u64)>, state: u32) -> bool {
+fn claim(p: &Place, half: usize, way: usize, chosen: Option<(u64, u32, u64)>, state: u32, record: &impl Fn(u32)) -> bool {
     let (addrs, meta) = words(p.buckets[half], way);
     // SAFETY: 8-aligned words inside the map value. Claim the slot (it must still hold what was
     // read), write the addresses, then publish the state. A plain store publishes: x86-64 makes
@@ -292,6 +314,7 @@ fn claim(p: &Place, half: usize, way: usize, chosen: Option<(u64, u32, u64)>, st
             return false;
         }
         core::ptr::write_volatile(addrs, p.addrs);
+        record(slot_index(p.index[half], way));
         core::ptr::write_volatile(meta, flow_meta(p.ports, state));
     }
     true

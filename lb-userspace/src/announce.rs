@@ -9,7 +9,10 @@
 //! ECMP group), and a node that dies loses them with its BGP session (hold time, or BFD). The
 //! table is never consulted for forwarding on the node: no rule points at it.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
@@ -29,13 +32,13 @@ pub const RTPROT_DSRLB: u8 = 213;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Wanted {
     pub table: u32,
-    pub vips: BTreeSet<Ipv4Addr>,
+    pub vips: BTreeSet<IpAddr>,
 }
 
 /// What the kernel held after the last reconcile, and its error if it failed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Held {
-    pub vips: BTreeSet<Ipv4Addr>,
+    pub vips: BTreeSet<IpAddr>,
     pub error: Option<String>,
 }
 
@@ -126,31 +129,42 @@ async fn reconciler(handle: Handle, mut wanted: watch::Receiver<Wanted>, held: w
     }
 }
 
-/// The table and /32 destination of one of our routes, and the route.
-fn fields(r: &RouteMessage) -> Option<(u32, Ipv4Addr)> {
-    if r.header.protocol != RouteProtocol::Other(RTPROT_DSRLB) || r.header.destination_prefix_length != 32 {
+/// The table and host-route destination (/32, /128) of one of our routes.
+fn fields(r: &RouteMessage) -> Option<(u32, IpAddr)> {
+    if r.header.protocol != RouteProtocol::Other(RTPROT_DSRLB) {
         return None;
     }
+    let len = r.header.destination_prefix_length;
     let (mut table, mut dst) = (u32::from(r.header.table), None);
     for a in &r.attributes {
         match a {
             RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = Some(*ip),
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) if len == 32 => dst = Some(IpAddr::V4(*ip)),
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) if len == 128 => dst = Some(IpAddr::V6(*ip)),
             _ => {}
         }
     }
     Some((table, dst?))
 }
 
-/// Every IPv4 route of ours, in any table.
-async fn ours(handle: &Handle) -> anyhow::Result<Vec<(u32, Ipv4Addr, RouteMessage)>> {
-    let routes: Vec<RouteMessage> =
+/// Every route of ours (IPv4 and IPv6), in any table.
+async fn ours(handle: &Handle) -> anyhow::Result<Vec<(u32, IpAddr, RouteMessage)>> {
+    let mut routes: Vec<RouteMessage> =
         handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute().try_collect().await.context("listing routes")?;
+    routes.extend(
+        handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+            .execute()
+            .try_collect::<Vec<_>>()
+            .await
+            .context("listing IPv6 routes")?,
+    );
     Ok(routes.into_iter().filter_map(|r| fields(&r).map(|(t, v)| (t, v, r))).collect())
 }
 
 /// Makes our routes exactly `want`; returns the VIPs announced.
-async fn reconcile(handle: &Handle, want: &Wanted) -> anyhow::Result<BTreeSet<Ipv4Addr>> {
+async fn reconcile(handle: &Handle, want: &Wanted) -> anyhow::Result<BTreeSet<IpAddr>> {
     let mut present = BTreeSet::new();
     for (table, vip, r) in ours(handle).await? {
         if table == want.table && want.vips.contains(&vip) {
@@ -162,10 +176,13 @@ async fn reconcile(handle: &Handle, want: &Wanted) -> anyhow::Result<BTreeSet<Ip
             _ => tracing::info!(%vip, table, "VIP withdrawn"),
         }
     }
-    let missing: Vec<Ipv4Addr> = want.vips.difference(&present).copied().collect();
+    let missing: Vec<IpAddr> = want.vips.difference(&present).copied().collect();
     for vip in missing {
-        let route = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(vip, 32)
+        let len = if vip.is_ipv6() { 128 } else { 32 };
+        let route = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(vip, len)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))
+            .with_context(|| format!("a route for {vip}"))?
             .kind(RouteType::BlackHole)
             .protocol(RouteProtocol::Other(RTPROT_DSRLB))
             .table_id(want.table)

@@ -3,7 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -173,9 +173,13 @@ pub struct ConnRateLimit {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Listener {
     pub name: String,
-    pub vip: Ipv4Addr,
+    /// IPv4 or IPv6: the listener's backends all have an address of its family.
+    pub vip: IpAddr,
     pub port: u16,
     pub hash: HashMode,
+    /// `source_prefix = 64` (IPv6, `hash = "source"`): the client's first 64 bits pick the
+    /// broker, so its privacy addresses (RFC 8981) share one.
+    pub source_prefix64: bool,
     /// A flow idle this long is over (its client vanished): not live, replaced first, removed.
     pub flow_idle_timeout: Duration,
     /// `max_conn_rate` (and `max_conn_burst`); no limit when `None`.
@@ -191,9 +195,47 @@ pub struct Listener {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backend {
     pub name: String,
-    pub address: Ipv4Addr,
+    /// The broker's IPv4 address, if it has one (`address`).
+    pub address: Option<Ipv4Addr>,
+    /// The broker's IPv6 address, if it has one (`address6`, or an IPv6 `address`). A
+    /// dual-stack broker is one backend: one MAC, weight, drain, and health per listener.
+    pub address6: Option<Ipv6Addr>,
     pub mac: Option<[u8; 6]>,
     pub weight: u32,
+}
+
+impl Backend {
+    /// Its address of `vip`'s family (the validator makes sure a listener's backends have one).
+    #[must_use]
+    pub fn address_for(&self, vip: IpAddr) -> Option<IpAddr> {
+        match vip {
+            IpAddr::V4(_) => self.address.map(IpAddr::V4),
+            IpAddr::V6(_) => self.address6.map(IpAddr::V6),
+        }
+    }
+
+    /// The address its MAC is resolved by: the IPv4 one when it has both (ARP; one MAC serves
+    /// both families on one link).
+    #[must_use]
+    pub fn primary(&self) -> IpAddr {
+        match (self.address, self.address6) {
+            (Some(a), _) => IpAddr::V4(a),
+            (None, Some(a)) => IpAddr::V6(a),
+            (None, None) => unreachable!("the validator requires an address"),
+        }
+    }
+
+    /// Its addresses as the config writes them: `192.0.2.11`, `2001:db8::11`, or both with a
+    /// slash.
+    #[must_use]
+    pub fn addresses(&self) -> String {
+        match (self.address, self.address6) {
+            (Some(a), Some(b)) => format!("{a}/{b}"),
+            (Some(a), None) => a.to_string(),
+            (None, Some(b)) => b.to_string(),
+            (None, None) => String::new(),
+        }
+    }
 }
 
 /// `[announce]`: this node announces its VIPs to routers (BGP, through a speaker such as BIRD)
@@ -369,6 +411,7 @@ struct RawListener {
     port: Spanned<u16>,
     #[serde(default = "default_hash")]
     hash: HashMode,
+    source_prefix: Option<Spanned<u8>>,
     backends: Option<Spanned<Vec<Spanned<String>>>>,
     health: Option<Spanned<RawHealth>>,
     flow_idle_timeout: Option<Spanned<String>>,
@@ -388,6 +431,7 @@ const fn default_hash() -> HashMode {
 struct RawBackend {
     name: Spanned<String>,
     address: Spanned<String>,
+    address6: Option<Spanned<String>>,
     mac: Option<Spanned<String>>,
     weight: Option<Spanned<u32>>,
     health: Option<Spanned<RawHealth>>,
@@ -417,6 +461,10 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
+    fn line(&self, at: usize) -> usize {
+        self.text[..at.min(self.text.len())].matches('\n').count() + 1
+    }
+
     fn err(&self, span: &std::ops::Range<usize>, field: impl fmt::Display, message: impl fmt::Display) -> ConfigError {
         let before = &self.text[..span.start.min(self.text.len())];
         let line = before.matches('\n').count() + 1;
@@ -491,8 +539,8 @@ impl Validator<'_> {
 
         let backend_health: BTreeMap<String, Spanned<RawHealth>> =
             raw.backends.iter().filter_map(|b| Some((b.get_ref().name.get_ref().clone(), b.get_ref().health.clone()?))).collect();
-        let backends = self.backends(raw.backends)?;
-        let listeners = self.listeners(raw.listeners, &backends, &health, &backend_health, flow_idle_timeout, failure)?;
+        let (backends, places) = self.backends(raw.backends)?;
+        let listeners = self.listeners(raw.listeners, (&backends, &places), &health, &backend_health, flow_idle_timeout, failure)?;
         if let Some(l) = listeners.iter().max_by_key(|l| l.backends.len()) {
             let need = MIN_RING_SLOTS_PER_BACKEND * u32::try_from(l.backends.len()).unwrap_or(u32::MAX);
             if ring_size < need {
@@ -728,7 +776,10 @@ impl Validator<'_> {
         Ok(h)
     }
 
-    fn backends(&self, raw: Vec<Spanned<RawBackend>>) -> Result<Vec<Backend>, ConfigError> {
+    /// The backends, sorted by name, and where each is in the file: its index there and the
+    /// offset of its name.
+    fn backends(&self, raw: Vec<Spanned<RawBackend>>) -> Result<(Vec<Backend>, BTreeMap<String, (usize, usize)>), ConfigError> {
+        let mut places = BTreeMap::new();
         if raw.len() > MAX_BACKENDS as usize {
             let span = raw[MAX_BACKENDS as usize].span();
             return Err(self.err(&span, "backend", format!("at most {MAX_BACKENDS} backends")));
@@ -742,16 +793,36 @@ impl Validator<'_> {
             if out.contains_key(&name) {
                 return Err(self.err(&b.name.span(), f("name"), format!("duplicate backend name {name:?}")));
             }
-            let address: Ipv4Addr = b
-                .address
-                .get_ref()
-                .parse()
-                .map_err(|_| self.err(&b.address.span(), f("address"), format!("{:?} is not an IPv4 address", b.address.get_ref())))?;
-            if address.is_unspecified() || address.is_broadcast() || address.is_multicast() || address.is_loopback() {
-                return Err(self.err(&b.address.span(), f("address"), format!("{address} cannot be a backend address")));
+            let first: IpAddr = b.address.get_ref().parse().map_err(|_| {
+                self.err(&b.address.span(), f("address"), format!("{:?} is not an IPv4 or IPv6 address", b.address.get_ref()))
+            })?;
+            let mut given = vec![(first, b.address.span(), "address")];
+            if let Some(a6) = &b.address6 {
+                let second: Ipv6Addr = a6
+                    .get_ref()
+                    .parse()
+                    .map_err(|_| self.err(&a6.span(), f("address6"), format!("{:?} is not an IPv6 address", a6.get_ref())))?;
+                if first.is_ipv6() {
+                    return Err(self.err(
+                        &a6.span(),
+                        f("address6"),
+                        "address is already IPv6: give the IPv4 address as address and the IPv6 one as address6",
+                    ));
+                }
+                given.push((IpAddr::V6(second), a6.span(), "address6"));
             }
-            if let Some(other) = addresses.insert(address, name.clone()) {
-                return Err(self.err(&b.address.span(), f("address"), format!("{address} is already backend {other:?}'s address")));
+            let (mut address, mut address6) = (None, None);
+            for (a, span, field) in given {
+                if !host_address(a) {
+                    return Err(self.err(&span, f(field), format!("{a} cannot be a backend address")));
+                }
+                if let Some(other) = addresses.insert(a, name.clone()) {
+                    return Err(self.err(&span, f(field), format!("{a} is already backend {other:?}'s address")));
+                }
+                match a {
+                    IpAddr::V4(v4) => address = Some(v4),
+                    IpAddr::V6(v6) => address6 = Some(v6),
+                }
             }
             let mac = match &b.mac {
                 None => None,
@@ -764,15 +835,16 @@ impl Validator<'_> {
                 }
                 Some(w) => *w.get_ref(),
             };
-            out.insert(name.clone(), Backend { name, address, mac, weight });
+            places.insert(name.clone(), (i, b.name.span().start));
+            out.insert(name.clone(), Backend { name, address, address6, mac, weight });
         }
-        Ok(out.into_values().collect())
+        Ok((out.into_values().collect(), places))
     }
 
     fn listeners(
         &self,
         raw: Vec<Spanned<RawListener>>,
-        backends: &[Backend],
+        (backends, places): (&[Backend], &BTreeMap<String, (usize, usize)>),
         defaults: &Health,
         backend_health: &BTreeMap<String, Spanned<RawHealth>>,
         flow_idle_timeout: Duration,
@@ -794,14 +866,25 @@ impl Validator<'_> {
             if !names.insert(name.clone()) {
                 return Err(self.err(&l.name.span(), f("name"), format!("duplicate listener name {name:?}")));
             }
-            let vip: Ipv4Addr = l
+            let vip: IpAddr = l
                 .vip
                 .get_ref()
                 .parse()
-                .map_err(|_| self.err(&l.vip.span(), f("vip"), format!("{:?} is not an IPv4 address", l.vip.get_ref())))?;
-            if vip.is_unspecified() || vip.is_broadcast() || vip.is_multicast() || vip.is_loopback() {
+                .map_err(|_| self.err(&l.vip.span(), f("vip"), format!("{:?} is not an IPv4 or IPv6 address", l.vip.get_ref())))?;
+            if !host_address(vip) {
                 return Err(self.err(&l.vip.span(), f("vip"), format!("{vip} cannot be a VIP")));
             }
+            let source_prefix64 = match &l.source_prefix {
+                None => false,
+                Some(p) if !vip.is_ipv6() || l.hash != HashMode::Source => {
+                    return Err(self.err(&p.span(), f("source_prefix"), "only for an IPv6 VIP with hash = \"source\""));
+                }
+                Some(p) => match *p.get_ref() {
+                    64 => true,
+                    128 => false,
+                    n => return Err(self.err(&p.span(), f("source_prefix"), format!("{n}: must be 64 or 128"))),
+                },
+            };
             let port = *l.port.get_ref();
             if port == 0 {
                 return Err(self.err(&l.port.span(), f("port"), "must be between 1 and 65535"));
@@ -836,7 +919,25 @@ impl Validator<'_> {
                 let span = l.backends.as_ref().map_or_else(|| l.name.span(), Spanned::span);
                 return Err(self.err(&span, f("backends"), "a listener needs at least one backend (a [[backend]] to name)"));
             }
-            if let Some(b) = backends.iter().find(|b| b.address == vip) {
+            for (j, m) in members.iter().enumerate() {
+                let b = backends.iter().find(|b| &b.name == m).expect("member is a backend");
+                if b.address_for(vip).is_none() {
+                    let span = l.backends.as_ref().map_or_else(|| l.vip.span(), |list| list.get_ref()[j].span());
+                    let (family, field) = if vip.is_ipv6() { ("IPv6", "address6") } else { ("IPv4", "address") };
+                    let (index, at) = places[&b.name];
+                    return Err(self.err(
+                        &span,
+                        f("backends"),
+                        format!(
+                            "backend {:?} has no {family} address for VIP {vip}: give it one (backend[{index}].{field}, line {}), or \
+                             list this listener's backends without it",
+                            b.name,
+                            self.line(at)
+                        ),
+                    ));
+                }
+            }
+            if let Some(b) = backends.iter().find(|b| b.address.map(IpAddr::V4) == Some(vip) || b.address6.map(IpAddr::V6) == Some(vip)) {
                 return Err(self.err(
                     &l.vip.span(),
                     f("vip"),
@@ -864,7 +965,7 @@ impl Validator<'_> {
             };
             let conn_rate = self.conn_rate(l.max_conn_rate.as_ref(), l.max_conn_burst.as_ref(), &f)?;
             let failure = self.failure(&failure, l.on_down, l.on_down_grace.as_ref(), l.all_down, &format!("listener[{i}]."))?;
-            out.push(Listener { name, vip, port, hash: l.hash, flow_idle_timeout, conn_rate, failure, backends: members, health });
+            out.push(Listener { name, vip, port, hash: l.hash, source_prefix64, flow_idle_timeout, conn_rate, failure, backends: members, health });
         }
         Ok(out)
     }
@@ -873,6 +974,22 @@ impl Validator<'_> {
         let n = s.get_ref();
         let ok = !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
         if ok { Ok(n.clone()) } else { Err(self.err(&s.span(), field, format!("{n:?}: names are 1 to 64 of [A-Za-z0-9._-]"))) }
+    }
+}
+
+/// Whether `a` can be a VIP or a broker's address: a unicast address outside loopback, IPv4's
+/// 240.0.0.0/4 (reserved; the flow table marks IPv6 flows with it, see `lb_common::flow_key6`),
+/// IPv6 link-local and IPv4-mapped addresses.
+fn host_address(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_multicast() || v4.is_loopback() || v4.octets()[0] >= 240),
+        IpAddr::V6(v6) => {
+            !(v6.is_unspecified()
+                || v6.is_multicast()
+                || v6.is_loopback()
+                || v6.is_unicast_link_local()
+                || v6.to_ipv4_mapped().is_some())
+        }
     }
 }
 

@@ -52,18 +52,20 @@ pub struct RingView {
 }
 
 impl RingView {
-    /// From what the controller last wrote.
+    /// From what the controller last wrote. Only IPv4 listeners: the cluster's frames name
+    /// IPv4 clients and listeners, so IPv6 flows are not shared (yet).
     #[must_use]
     pub fn new(desired: &Desired, ids: &Ids, ring_size: u32) -> Self {
         let name_of: BTreeMap<u32, &String> = ids.backends.iter().map(|(n, id)| (*id, n)).collect();
         let listeners = desired
             .listeners
             .iter()
-            .map(|l| {
+            .filter_map(|l| {
+                let std::net::IpAddr::V4(vip) = l.vip else { return None };
                 let backends =
                     l.reals.iter().filter(|r| !r.down).filter_map(|r| Some((r.backend, (*name_of.get(&r.backend)?).clone()))).collect();
                 let view = ListenerView {
-                    vip: l.vip,
+                    vip,
                     port: l.port,
                     hash_source: l.hash_source,
                     ring: Arc::new(l.ring.clone()),
@@ -71,7 +73,7 @@ impl RingView {
                     expire: l.idle_expire,
                     backends,
                 };
-                (l.id, view)
+                Some((l.id, view))
             })
             .collect();
         Self { ring_size, listeners, share_all: false }
@@ -222,7 +224,7 @@ pub fn spawn_merger(table: Arc<FlowTable>, done: mpsc::Sender<Done>) -> std::syn
                     Job::Merge(i) => {
                         let mut c = MergeCounts::default();
                         for (key, closing, age) in &i.flows {
-                            match table.merge(key, i.real, *closing, *age, i.now, i.expire) {
+                            match table.merge(key, None, i.real, *closing, *age, i.now, i.expire) {
                                 Merged::Inserted => c.inserted += 1,
                                 Merged::Refreshed => c.refreshed += 1,
                                 Merged::Kept => c.kept += 1,

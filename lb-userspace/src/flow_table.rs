@@ -4,8 +4,8 @@
 //! compare-and-swap on its state word).
 
 use lb_common::{
-    FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_LIVE, FLOW_S_REAL, FLOW_WAYS, FlowKey, flow_buckets, flow_idle,
-    flow_meta, flow_meta_split, flow_state,
+    FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_LIVE, FLOW_S_REAL, FLOW_WAYS, FlowAddrs6, FlowKey, flow_buckets,
+    flow_idle, flow_meta, flow_meta_split, flow_state, is_key6,
 };
 
 use crate::mapped::Mapped;
@@ -16,6 +16,8 @@ pub struct Flow {
     pub key: FlowKey,
     /// `FlowSlot::state`.
     pub state: u32,
+    /// An IPv6 flow's addresses (`FLOW_ADDRS6`); `None` for an IPv4 flow.
+    pub addrs6: Option<FlowAddrs6>,
 }
 
 impl Flow {
@@ -74,17 +76,46 @@ struct Seen {
 
 pub struct FlowTable {
     mem: Mapped,
+    /// `FLOW_ADDRS6`, mapped: four words per slot.
+    addrs6: Mapped,
     seed: u64,
+}
+
+/// `FLOW_ADDRS6` index of a slot.
+#[expect(clippy::cast_possible_truncation, reason = "way < FLOW_WAYS")]
+const fn slot_index(bucket: u32, way: usize) -> u32 {
+    bucket * FLOW_WAYS as u32 + way as u32
 }
 
 /// Reads of a slot in flux before it is passed over.
 const SETTLE_TRIES: usize = 1000;
 
 impl FlowTable {
-    /// `mem`: the mapped `FLOWS`; `seed`: its bucket hash seed (`LAYOUT`).
+    /// `mem`: the mapped `FLOWS`; `addrs6`: the mapped `FLOW_ADDRS6`; `seed`: the table's
+    /// hash seed (`LAYOUT`).
     #[must_use]
-    pub const fn new(mem: Mapped, seed: u64) -> Self {
-        Self { mem, seed }
+    pub const fn new(mem: Mapped, addrs6: Mapped, seed: u64) -> Self {
+        Self { mem, addrs6, seed }
+    }
+
+    /// The table's hash seed (`lb_common::flow_key6` takes it too).
+    #[must_use]
+    pub const fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The IPv6 addresses recorded for a slot.
+    fn load_addrs6(&self, bucket: u32, way: usize) -> FlowAddrs6 {
+        let i = slot_index(bucket, way);
+        let w = |n: usize| self.addrs6.load(i, n);
+        FlowAddrs6 { src: [w(0), w(1)], dst: [w(2), w(3)] }
+    }
+
+    fn store_addrs6(&self, bucket: u32, way: usize, a: &FlowAddrs6) {
+        let i = slot_index(bucket, way);
+        for (n, w) in [a.src[0], a.src[1], a.dst[0], a.dst[1]].into_iter().enumerate() {
+            self.addrs6.store(i, n, w);
+        }
     }
 
     /// Buckets in the table.
@@ -110,8 +141,10 @@ impl FlowTable {
             }
             if state != FLOW_S_BUSY {
                 let addrs = self.mem.load(bucket, way * 2);
+                let key = FlowKey::from_words(addrs, ports);
+                let addrs6 = is_key6(&key).then(|| self.load_addrs6(bucket, way));
                 if self.mem.load(bucket, way * 2 + 1) == meta {
-                    return Some((Flow { key: FlowKey::from_words(addrs, ports), state }, Seen { bucket, way, meta }));
+                    return Some((Flow { key, state, addrs6 }, Seen { bucket, way, meta }));
                 }
             }
             std::hint::spin_loop();
@@ -119,13 +152,13 @@ impl FlowTable {
         None
     }
 
-    /// The flow's slot, if the table holds it.
+    /// The flow's slot, if the table holds it (an IPv6 flow: `addrs6` too).
     #[must_use]
-    pub fn find(&self, key: &FlowKey) -> Option<Flow> {
+    pub fn find(&self, key: &FlowKey, addrs6: Option<&FlowAddrs6>) -> Option<Flow> {
         self.buckets_of(key)
             .into_iter()
             .flat_map(|b| (0..FLOW_WAYS).map(move |w| (b, w)))
-            .find_map(|(b, w)| self.read(b, w).map(|(f, _)| f).filter(|f| f.key == *key))
+            .find_map(|(b, w)| self.read(b, w).map(|(f, _)| f).filter(|f| f.key == *key && f.addrs6.as_ref() == addrs6))
     }
 
     /// Calls `f` with every slot in use.
@@ -203,12 +236,12 @@ impl FlowTable {
     /// never over an open confirmed one. `now` and `expire`: the clock's age and the idle units
     /// from which a flow is expired.
     #[must_use]
-    pub fn merge(&self, key: &FlowKey, real: u32, closing: bool, age: u32, now: u32, expire: u32) -> Merged {
+    pub fn merge(&self, key: &FlowKey, addrs6: Option<&FlowAddrs6>, real: u32, closing: bool, age: u32, now: u32, expire: u32) -> Merged {
         let flags = FLOW_S_CONFIRMED | if closing { FLOW_S_CLOSING } else { 0 };
         let (_, ports) = key.words();
         for _ in 0..SETTLE_TRIES {
             let slots: Vec<(u32, usize)> = self.buckets_of(key).into_iter().flat_map(|b| (0..FLOW_WAYS).map(move |w| (b, w))).collect();
-            let found = slots.iter().find_map(|&(b, w)| self.read(b, w).filter(|(f, _)| f.key == *key));
+            let found = slots.iter().find_map(|&(b, w)| self.read(b, w).filter(|(f, _)| f.key == *key && f.addrs6.as_ref() == addrs6));
             if let Some((f, seen)) = found {
                 let stale = f.closing() || !f.confirmed() || f.idle(now) >= expire;
                 let new_state = if f.real() == real {
@@ -260,6 +293,9 @@ impl FlowTable {
             if self.mem.compare_exchange(bucket, way * 2 + 1, was, flow_meta(0, FLOW_S_BUSY)).is_ok() {
                 let (addrs, _) = key.words();
                 self.mem.store(bucket, way * 2, addrs);
+                if let Some(a) = addrs6 {
+                    self.store_addrs6(bucket, way, a);
+                }
                 self.mem.store(bucket, way * 2 + 1, flow_meta(ports, flow_state(real, flags, age)));
                 return Merged::Inserted;
             }
@@ -269,8 +305,8 @@ impl FlowTable {
 
     /// Removes one flow; false when the table does not hold it.
     #[must_use]
-    pub fn remove(&self, key: &FlowKey) -> bool {
-        let mut this = |f: &Flow| f.key == *key;
+    pub fn remove(&self, key: &FlowKey, addrs6: Option<&FlowAddrs6>) -> bool {
+        let mut this = |f: &Flow| f.key == *key && f.addrs6.as_ref() == addrs6;
         self.buckets_of(key).into_iter().any(|b| (0..FLOW_WAYS).any(|w| self.remove_from(b, w, &mut this)))
     }
 }

@@ -7,7 +7,7 @@
 //! the VIP is `vip-misconfigured`, not `down`.
 
 use std::{
-    net::{SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
@@ -147,8 +147,9 @@ impl PairHealth {
 pub struct Target {
     pub listener: String,
     pub backend: String,
-    pub real: SocketAddrV4,
-    pub vip: SocketAddrV4,
+    /// The broker's address of the VIP's family.
+    pub real: SocketAddr,
+    pub vip: SocketAddr,
     /// Socket mark that routes VIP probes to this backend.
     pub mark: u32,
     pub health: Health,
@@ -187,7 +188,7 @@ impl Jitter {
 /// Runs probes for `t` every `inter` (± 10%) until the receiver is gone or the task aborted.
 pub async fn run(t: Target, tx: mpsc::Sender<Report>) {
     let seed = lb_common::mix64(
-        u64::from(t.mark) ^ (u64::from(u32::from(*t.vip.ip())) << 16) ^ u64::from(t.vip.port()) ^ u64::from(std::process::id()) << 40,
+        u64::from(t.mark) ^ (ip_word(t.vip.ip()) << 16) ^ u64::from(t.vip.port()) ^ u64::from(std::process::id()) << 40,
     );
     let mut jitter = Jitter(seed | 1);
     // Spread the first probes over one interval.
@@ -244,18 +245,31 @@ impl From<&str> for Failure {
     }
 }
 
-async fn connect(addr: SocketAddrV4, mark: Option<u32>) -> std::io::Result<TcpStream> {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+/// An address folded into 64 bits (for a jitter seed).
+fn ip_word(ip: IpAddr) -> u64 {
+    match ip {
+        IpAddr::V4(a) => u64::from(u32::from(a)),
+        IpAddr::V6(a) => {
+            let n = u128::from(a);
+            #[expect(clippy::cast_possible_truncation, reason = "folding the halves")]
+            let w = (n ^ (n >> 64)) as u64;
+            w
+        }
+    }
+}
+
+async fn connect(addr: SocketAddr, mark: Option<u32>) -> std::io::Result<TcpStream> {
+    let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     if let Some(m) = mark {
         sock.set_mark(m)?;
     }
     sock.set_nonblocking(true)?;
     sock.set_nodelay(true)?;
     let sock = tokio::net::TcpSocket::from_std_stream(sock.into());
-    sock.connect(SocketAddr::V4(addr)).await
+    sock.connect(addr).await
 }
 
-async fn probe(t: &Target, addr: SocketAddrV4, mark: Option<u32>, suffix: &str) -> Result<String, Failure> {
+async fn probe(t: &Target, addr: SocketAddr, mark: Option<u32>, suffix: &str) -> Result<String, Failure> {
     let h = &t.health;
     let work = async {
         let stream = connect(addr, mark).await.map_err(|e| format!("connect: {e}"))?;
@@ -267,7 +281,7 @@ async fn probe(t: &Target, addr: SocketAddrV4, mark: Option<u32>, suffix: &str) 
                 let config = t.tls.clone().ok_or("no TLS config")?;
                 let name = match &h.tls_server_name {
                     Some(n) => rustls_pki_types::ServerName::try_from(n.clone()).map_err(|e| format!("tls_server_name: {e}"))?,
-                    None => rustls_pki_types::ServerName::IpAddress((*addr.ip()).into()),
+                    None => rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
                 };
                 let tls =
                     tokio_rustls::TlsConnector::from(config).connect(name, stream).await.map_err(|e| format!("TLS handshake: {e}"))?;

@@ -424,7 +424,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     }
     for b in &cfg.backends {
         let mac = b.mac.map_or_else(|| "(from neighbour table)".to_owned(), config::format_mac);
-        println!("backend {} {} {} weight {}", b.name, b.address, mac, b.weight);
+        println!("backend {} {} {} weight {}", b.name, b.addresses(), mac, b.weight);
     }
     Ok(())
 }

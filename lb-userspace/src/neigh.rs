@@ -1,11 +1,11 @@
-//! Backend MACs from the kernel's IPv4 neighbour table, over rtnetlink: a watcher task dumps the
+//! Backend MACs from the kernel's neighbour tables (ARP for IPv4, NDP for IPv6), over rtnetlink: a watcher task dumps the
 //! table for the balancer's interface, asks the kernel to resolve the wanted addresses it lacks
 //! (as a packet to them would), and publishes what it found. The controller reads the latest
 //! snapshot and never waits for an answer.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
 
@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use crate::netlink;
 
 /// Resolved neighbours of the interface: address to MAC.
-pub type Macs = BTreeMap<Ipv4Addr, [u8; 6]>;
+pub type Macs = BTreeMap<IpAddr, [u8; 6]>;
 
 /// States in which an entry holds a usable link-layer address (the kernel's `NUD_VALID`).
 const NUD_VALID: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
@@ -31,7 +31,7 @@ const OTHERWISE: Duration = Duration::from_secs(5);
 /// The watcher's two ends: the latest snapshot, and the addresses to resolve.
 pub struct Neighbours {
     macs: watch::Receiver<Macs>,
-    wanted: watch::Sender<BTreeSet<Ipv4Addr>>,
+    wanted: watch::Sender<BTreeSet<IpAddr>>,
 }
 
 impl Neighbours {
@@ -51,12 +51,12 @@ impl Neighbours {
 
     /// The MAC of `addr`, if the latest snapshot has it.
     #[must_use]
-    pub fn mac(&self, addr: Ipv4Addr) -> Option<[u8; 6]> {
+    pub fn mac(&self, addr: IpAddr) -> Option<[u8; 6]> {
         self.macs.borrow().get(&addr).copied()
     }
 
     /// The addresses the watcher keeps resolved (every backend without a configured MAC).
-    pub fn want(&self, addrs: BTreeSet<Ipv4Addr>) {
+    pub fn want(&self, addrs: BTreeSet<IpAddr>) {
         self.wanted.send_if_modified(|w| {
             let changed = *w != addrs;
             *w = addrs;
@@ -71,7 +71,7 @@ impl Neighbours {
     }
 }
 
-async fn watch_table(handle: Handle, ifindex: u32, macs: watch::Sender<Macs>, mut wanted: watch::Receiver<BTreeSet<Ipv4Addr>>) {
+async fn watch_table(handle: Handle, ifindex: u32, macs: watch::Sender<Macs>, mut wanted: watch::Receiver<BTreeSet<IpAddr>>) {
     loop {
         let want = wanted.borrow_and_update().clone();
         match dump(&handle, ifindex).await {
@@ -99,10 +99,16 @@ async fn watch_table(handle: Handle, ifindex: u32, macs: watch::Sender<Macs>, mu
     }
 }
 
-/// The resolved IPv4 neighbours of interface `ifindex`.
+/// The resolved IPv4 and IPv6 neighbours of interface `ifindex`.
 async fn dump(handle: &Handle, ifindex: u32) -> anyhow::Result<Macs> {
-    let mut stream = handle.neighbours().get().set_family(IpVersion::V4).execute();
     let mut out = Macs::new();
+    dump_family(handle, ifindex, IpVersion::V4, &mut out).await?;
+    dump_family(handle, ifindex, IpVersion::V6, &mut out).await?;
+    Ok(out)
+}
+
+async fn dump_family(handle: &Handle, ifindex: u32, family: IpVersion, out: &mut Macs) -> anyhow::Result<()> {
+    let mut stream = handle.neighbours().get().set_family(family).execute();
     while let Some(msg) = stream.try_next().await? {
         if msg.header.ifindex != ifindex || u16::from(msg.header.state) & NUD_VALID == 0 {
             continue;
@@ -111,7 +117,8 @@ async fn dump(handle: &Handle, ifindex: u32) -> anyhow::Result<Macs> {
         let mut mac = None;
         for a in &msg.attributes {
             match a {
-                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => dst = Some(*ip),
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => dst = Some(IpAddr::V4(*ip)),
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => dst = Some(IpAddr::V6(*ip)),
                 NeighbourAttribute::LinkLocalAddress(l) => mac = <[u8; 6]>::try_from(l.as_slice()).ok(),
                 _ => {}
             }
@@ -120,17 +127,17 @@ async fn dump(handle: &Handle, ifindex: u32) -> anyhow::Result<Macs> {
             out.insert(dst, mac);
         }
     }
-    Ok(out)
+    Ok(())
 }
 
-/// Asks the kernel to resolve `addr` (an ARP request, as a packet to it would start): a
-/// neighbour entry added with `NTF_USE`. Should netlink refuse, a UDP datagram to the discard
-/// port does the same.
-async fn solicit(handle: &Handle, ifindex: u32, addr: Ipv4Addr) {
-    let asked =
-        handle.neighbours().add(ifindex, IpAddr::V4(addr)).flags(NeighbourFlags::Use).state(NeighbourState::None).replace().execute().await;
+/// Asks the kernel to resolve `addr` (an ARP request or a neighbour solicitation, as a packet to
+/// it would start): a neighbour entry added with `NTF_USE`. Should netlink refuse, a UDP
+/// datagram to the discard port does the same.
+async fn solicit(handle: &Handle, ifindex: u32, addr: IpAddr) {
+    let asked = handle.neighbours().add(ifindex, addr).flags(NeighbourFlags::Use).state(NeighbourState::None).replace().execute().await;
+    let any: IpAddr = if addr.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
     if asked.is_err()
-        && let Ok(sock) = tokio::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await
+        && let Ok(sock) = tokio::net::UdpSocket::bind((any, 0)).await
     {
         let _ = sock.send_to(&[0], (addr, 9)).await;
     }

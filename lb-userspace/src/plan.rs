@@ -144,6 +144,7 @@ pub fn desired(
             vip: l.vip,
             port: l.port,
             hash_source: l.hash == HashMode::Source,
+            source_prefix64: l.source_prefix64,
             ring,
             reals,
             conn_rate,

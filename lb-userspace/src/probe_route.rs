@@ -12,7 +12,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use anyhow::Context as _;
@@ -46,8 +46,9 @@ const fn table(backend: u32) -> u32 {
     TABLE_BASE + backend
 }
 
-/// Backend id to its address and the VIPs probed through it.
-pub type Wanted = BTreeMap<u32, (Ipv4Addr, BTreeSet<Ipv4Addr>)>;
+/// Backend id to the (VIP, backend address) pairs probed through it: one per VIP, the address
+/// of the VIP's family. IPv4 and IPv6 each get the backend's rule and table.
+pub type Wanted = BTreeMap<u32, BTreeSet<(IpAddr, IpAddr)>>;
 
 /// The reconciling task's end: set what is wanted; clear it all on the way out.
 pub struct ProbeRoutes {
@@ -111,14 +112,17 @@ fn rule_fields(r: &RuleMessage) -> (Option<u32>, u32, u32) {
     (fwmark, table, prio)
 }
 
-/// A route's table, /32 destination and gateway.
-fn route_fields(r: &RouteMessage) -> (u32, Option<Ipv4Addr>, Option<Ipv4Addr>) {
+/// A route's table, host-route destination (/32 or /128) and gateway.
+fn route_fields(r: &RouteMessage) -> (u32, Option<IpAddr>, Option<IpAddr>) {
     let (mut table, mut dst, mut gw) = (u32::from(r.header.table), None, None);
+    let len = r.header.destination_prefix_length;
     for a in &r.attributes {
         match a {
             RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(RouteAddress::Inet(ip)) if r.header.destination_prefix_length == 32 => dst = Some(*ip),
-            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gw = Some(*ip),
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) if len == 32 => dst = Some(IpAddr::V4(*ip)),
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) if len == 128 => dst = Some(IpAddr::V6(*ip)),
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gw = Some(IpAddr::V4(*ip)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => gw = Some(IpAddr::V6(*ip)),
             _ => {}
         }
     }
@@ -128,34 +132,50 @@ fn route_fields(r: &RouteMessage) -> (u32, Option<Ipv4Addr>, Option<Ipv4Addr>) {
 /// Makes our rules and routes exactly `want` (`ifindex`: the interface the routes go out of).
 async fn reconcile(handle: &Handle, ifindex: u32, want: &Wanted) -> anyhow::Result<()> {
     let ours = |mark: u32| mark & MARK_MASK == MARK_BASE;
-    // Rules: one per wanted backend, `fwmark mark(b) lookup table(b)` at RULE_PREF.
-    let rules: Vec<RuleMessage> = handle.rule().get(IpVersion::V4).execute().try_collect().await.context("listing rules")?;
-    let mut have = BTreeSet::new();
-    for r in rules {
-        let (fwmark, t, prio) = rule_fields(&r);
-        let Some(m) = fwmark.filter(|&m| ours(m) && prio == RULE_PREF) else { continue };
-        let b = m & !MARK_MASK;
-        if want.contains_key(&b) && t == table(b) && have.insert(b) {
-            continue;
-        }
-        match handle.rule().del(r).execute().await {
-            Err(e) if netlink::errno(&e) != Some(netlink::ENOENT) => return Err(e).context("removing a stale probe rule"),
-            _ => {}
-        }
-    }
-    for &b in want.keys().filter(|b| !have.contains(b)) {
-        let add = handle.rule().add().v4().priority(RULE_PREF).fw_mark(mark(b)).table_id(table(b)).action(RuleAction::ToTable);
-        match add.execute().await {
-            Err(e) if netlink::errno(&e) != Some(netlink::EEXIST) => {
-                return Err(e).with_context(|| format!("adding the probe rule of backend {b}"));
+    // Rules: one per wanted backend and family, `fwmark mark(b) lookup table(b)` at RULE_PREF.
+    for (family, v6) in [(IpVersion::V4, false), (IpVersion::V6, true)] {
+        let wants = |b: u32| want.get(&b).is_some_and(|pairs| pairs.iter().any(|(vip, _)| vip.is_ipv6() == v6));
+        let rules: Vec<RuleMessage> = handle.rule().get(family).execute().try_collect().await.context("listing rules")?;
+        let mut have = BTreeSet::new();
+        for r in rules {
+            let (fwmark, t, prio) = rule_fields(&r);
+            let Some(m) = fwmark.filter(|&m| ours(m) && prio == RULE_PREF) else { continue };
+            let b = m & !MARK_MASK;
+            if wants(b) && t == table(b) && have.insert(b) {
+                continue;
             }
-            _ => {}
+            match handle.rule().del(r).execute().await {
+                Err(e) if netlink::errno(&e) != Some(netlink::ENOENT) => return Err(e).context("removing a stale probe rule"),
+                _ => {}
+            }
+        }
+        for &b in want.keys().filter(|&&b| wants(b) && !have.contains(&b)) {
+            let added = if v6 {
+                handle.rule().add().v6().priority(RULE_PREF).fw_mark(mark(b)).table_id(table(b)).action(RuleAction::ToTable).execute().await
+            } else {
+                handle.rule().add().v4().priority(RULE_PREF).fw_mark(mark(b)).table_id(table(b)).action(RuleAction::ToTable).execute().await
+            };
+            match added {
+                Err(e) if netlink::errno(&e) != Some(netlink::EEXIST) => {
+                    return Err(e).with_context(|| format!("adding the probe rule of backend {b}"));
+                }
+                _ => {}
+            }
         }
     }
-    // Routes: in each wanted backend's table, `VIP/32 via address dev interface`; nothing else
-    // in our tables.
-    let routes: Vec<RouteMessage> =
+    // Routes: in each wanted backend's table, `VIP/32 via address dev interface` (/128 for
+    // IPv6); nothing else in our tables.
+    let mut routes: Vec<RouteMessage> =
         handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute().try_collect().await.context("listing routes")?;
+    routes.extend(
+        handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+            .execute()
+            .try_collect::<Vec<_>>()
+            .await
+            .context("listing IPv6 routes")?,
+    );
     let mut present = BTreeSet::new();
     for r in routes {
         let (t, dst, gw) = route_fields(&r);
@@ -163,12 +183,12 @@ async fn reconcile(handle: &Handle, ifindex: u32, want: &Wanted) -> anyhow::Resu
             continue;
         }
         let b = t - TABLE_BASE;
-        let keep = match (want.get(&b), dst) {
-            (Some((addr, vips)), Some(vip)) => vips.contains(&vip) && gw == Some(*addr),
+        let keep = match (want.get(&b), dst, gw) {
+            (Some(pairs), Some(vip), Some(gw)) => pairs.contains(&(vip, gw)),
             _ => false,
         };
-        if keep {
-            present.insert((b, dst));
+        if keep && let (Some(vip), Some(gw)) = (dst, gw) {
+            present.insert((b, vip, gw));
             continue;
         }
         match handle.route().del(r).execute().await {
@@ -176,11 +196,14 @@ async fn reconcile(handle: &Handle, ifindex: u32, want: &Wanted) -> anyhow::Resu
             _ => {}
         }
     }
-    for (&b, (addr, vips)) in want {
-        for &vip in vips.iter().filter(|&&v| !present.contains(&(b, Some(v)))) {
-            let route = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(vip, 32)
-                .gateway(*addr)
+    for (&b, pairs) in want {
+        for &(vip, addr) in pairs.iter().filter(|&&(v, a)| !present.contains(&(b, v, a))) {
+            let len = if vip.is_ipv6() { 128 } else { 32 };
+            let route = RouteMessageBuilder::<IpAddr>::new()
+                .destination_prefix(vip, len)
+                .and_then(|r| r.gateway(addr))
+                .map_err(|e| anyhow::anyhow!("{e:?}"))
+                .with_context(|| format!("a probe route for {vip} via {addr}"))?
                 .output_interface(ifindex)
                 .table_id(table(b))
                 .build();

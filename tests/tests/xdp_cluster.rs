@@ -50,7 +50,7 @@ fn merge(lb: &Lb, found: &Exceptions) -> Vec<Merged> {
         let real = real_id(lb.ids.listeners[&l.name], lb.ids.backends[&g.backend]);
         for e in &g.entries {
             let age = now.wrapping_sub(u32::from(e.idle)) & 0xffff;
-            out.push(lb.dp.flow_table().merge(&exceptions::key_of(e.client, at), real, e.closing, age, now, u32::MAX));
+            out.push(lb.dp.flow_table().merge(&exceptions::key_of(e.client, at), None, real, e.closing, age, now, u32::MAX));
         }
     }
     out
@@ -139,20 +139,20 @@ fn a_merge_never_displaces_this_nodes_own_sessions() {
     let own = forwarded_to(&lb, &syn(40000));
     forwarded_to(&lb, &ack(40000));
     let other = if own == "b1" { b2 } else { b1 };
-    assert_eq!(t.merge(&key(40000), real(other), false, now, now, u32::MAX), Merged::Kept);
+    assert_eq!(t.merge(&key(40000), None, real(other), false, now, now, u32::MAX), Merged::Kept);
     assert_eq!(forwarded_to(&lb, &ack(40000)), own);
     // ... and the same pin refreshes it.
     let mine = lb.ids.backends[&own];
-    assert_eq!(t.merge(&key(40000), real(mine), false, now, now, u32::MAX), Merged::Refreshed);
+    assert_eq!(t.merge(&key(40000), None, real(mine), false, now, now, u32::MAX), Merged::Refreshed);
 
     // A mid-flow miss recorded from the ring (unconfirmed) gives way to the peer's pin.
     let guess = forwarded_to(&lb, &ack(40002));
     let right = if guess == "b1" { b2 } else { b1 };
-    assert_eq!(t.merge(&key(40002), real(right), false, now, now, u32::MAX), Merged::Inserted);
+    assert_eq!(t.merge(&key(40002), None, real(right), false, now, now, u32::MAX), Merged::Inserted);
     assert_ne!(forwarded_to(&lb, &ack(40002)), guess, "the peer's pin was not taken");
 
     // A table full of confirmed flows: merges fill it and then give up, displacing none.
-    let results: Vec<Merged> = (0..6000u16).map(|i| t.merge(&key(1000 + i), real(b1), false, now, now, u32::MAX)).collect();
+    let results: Vec<Merged> = (0..6000u16).map(|i| t.merge(&key(1000 + i), None, real(b1), false, now, now, u32::MAX)).collect();
     let inserted = results.iter().filter(|r| **r == Merged::Inserted).count();
     let full = results.iter().filter(|r| **r == Merged::Full).count();
     assert!(full > 0, "6000 flows fit a table of 2048 slots?");
@@ -163,7 +163,7 @@ fn a_merge_never_displaces_this_nodes_own_sessions() {
     assert_eq!(held, inserted + 2, "a merge replaced a confirmed flow");
 
     // The same pin with a closing mark: taken in (the session is ending on the other node).
-    assert_eq!(t.merge(&key(40000), real(mine), true, now, now, u32::MAX), Merged::Refreshed);
+    assert_eq!(t.merge(&key(40000), None, real(mine), true, now, now, u32::MAX), Merged::Refreshed);
     assert!(lb.dp.flow(CLIENT, 40000, VIP, 1883).expect("held").closing());
 }
 

@@ -87,12 +87,12 @@ fn verdict_table() {
             action: XDP_PASS,
             reason: reason::PASS_NO_LISTENER,
         },
-        Case { what: "ARP request for the VIP", input: frame::arp_request(CLIENT, VIP), action: XDP_PASS, reason: reason::PASS_NOT_IPV4 },
+        Case { what: "ARP request for the VIP", input: frame::arp_request(CLIENT, VIP), action: XDP_PASS, reason: reason::PASS_NOT_IP },
         Case {
-            what: "IPv6 SYN",
+            what: "IPv6 SYN to an address no listener has",
             input: frame::ipv6_tcp("2001:db8::1".parse().unwrap(), "2001:db8::100".parse().unwrap(), 1883),
             action: XDP_PASS,
-            reason: reason::PASS_NOT_IPV4,
+            reason: reason::PASS_NO_LISTENER,
         },
         Case { what: "two VLAN tags", input: stacked, action: XDP_PASS, reason: reason::PASS_VLAN_STACKED },
         Case { what: "first fragment to VIP", input: first_frag.build(), action: XDP_DROP, reason: reason::DROP_FRAGMENT },
@@ -492,7 +492,7 @@ fn flow_cache_serves_established_frames_revalidates_and_follows_every_change() {
     // purged, and a cached one must not be forwarded any more.
     assert_eq!(lb.run(&ack(8883)).0, XDP_TX);
     assert_eq!(lb.run(&ack(8883)).0, XDP_TX, "cached");
-    lb.config.listeners.iter_mut().find(|l| l.name == "mqtts").expect("mqtts").vip = Ipv4Addr::new(192, 0, 2, 101);
+    lb.config.listeners.iter_mut().find(|l| l.name == "mqtts").expect("mqtts").vip = Ipv4Addr::new(192, 0, 2, 101).into();
     lb.apply();
     assert_eq!(lb.run(&ack(8883)).0, XDP_PASS, "a cached flow of a moved listener was still forwarded");
 }

@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -173,7 +173,7 @@ impl Controller {
     /// fails open (`all_down = "forward"`) counts: its ring then holds every backend with a
     /// weight, as every node's does when all are up, and when every node's checks fail at
     /// once (a shared cause), withdrawing everywhere would take the VIP off the network.
-    fn usable_vips(&self) -> BTreeSet<Ipv4Addr> {
+    fn usable_vips(&self) -> BTreeSet<IpAddr> {
         self.desired.listeners.iter().filter(|l| l.ring.iter().any(|&s| s != NO_BACKEND)).map(|l| l.vip).collect()
     }
 
@@ -409,7 +409,7 @@ impl Controller {
         let announce = self.config.announce.map(|cfg| {
             let held = self.ha.announcer.as_ref().map(Announcer::held).unwrap_or_default();
             let usable = self.usable_vips();
-            let vips: BTreeSet<Ipv4Addr> = self.config.listeners.iter().map(|l| l.vip).collect();
+            let vips: BTreeSet<IpAddr> = self.config.listeners.iter().map(|l| l.vip).collect();
             let vips: Vec<Value> = vips
                 .into_iter()
                 .map(|vip| {
@@ -448,7 +448,7 @@ impl Controller {
     pub(super) fn ha_metrics(&self, s: &mut crate::metrics::Snapshot) {
         if let Some(a) = self.ha.announcer.as_ref().filter(|_| self.config.announce.is_some()) {
             let held = a.held();
-            let vips: BTreeSet<Ipv4Addr> = self.config.listeners.iter().map(|l| l.vip).collect();
+            let vips: BTreeSet<IpAddr> = self.config.listeners.iter().map(|l| l.vip).collect();
             s.announced = vips.into_iter().map(|v| (v.to_string(), held.vips.contains(&v))).collect();
         }
         if let Some(c) = &self.ha.cluster {

@@ -6,7 +6,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     io::{IsTerminal as _, Write as _},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -79,7 +79,7 @@ fn resolve_macs(
             .mac
             .or_else(|| old.get(&b.name).and_then(|rt| rt.mac))
             .or_else(|| adopted.get(&b.name).copied())
-            .or_else(|| neigh.mac(b.address));
+            .or_else(|| neigh.mac(b.primary()));
         runtime.insert(b.name.clone(), BackendRuntime { mac, drained });
     }
     runtime
@@ -97,7 +97,7 @@ fn recover_ids(config: &Config, dp: &Dataplane, neigh: &Neighbours) -> Ids {
         }
     }
     for b in &config.backends {
-        let mac = b.mac.or_else(|| neigh.mac(b.address));
+        let mac = b.mac.or_else(|| neigh.mac(b.primary()));
         if let Some(&id) = mac.and_then(|m| by_mac.get(&m)) {
             ids.backends.insert(b.name.clone(), id);
         }
@@ -110,7 +110,7 @@ type Pair = (String, String);
 /// Probe tasks and routes to start, with everything that can fail already done.
 struct ProbePlan {
     targets: BTreeMap<Pair, health::Target>,
-    routes: BTreeMap<u32, (Ipv4Addr, BTreeSet<Ipv4Addr>)>,
+    routes: probe_route::Wanted,
 }
 
 pub struct Controller {
@@ -314,7 +314,7 @@ impl Controller {
     /// with everything that can fail (TLS files) done: [`Self::start_probes`] then cannot fail.
     fn plan_probes(&self, config: &Config, ids: &Ids) -> anyhow::Result<ProbePlan> {
         let mut targets: BTreeMap<Pair, health::Target> = BTreeMap::new();
-        let mut routes: BTreeMap<u32, (Ipv4Addr, BTreeSet<Ipv4Addr>)> = BTreeMap::new();
+        let mut routes = probe_route::Wanted::new();
         let mut tls_cache: BTreeMap<PathBuf, std::sync::Arc<tokio_rustls::rustls::ClientConfig>> = BTreeMap::new();
         for l in &config.listeners {
             for (b, h) in &l.health {
@@ -333,16 +333,17 @@ impl Controller {
                     }),
                     _ => None,
                 };
+                let address = backend.address_for(l.vip).with_context(|| format!("backend {b}: no address of {}'s family", l.vip))?;
                 if h.vip_check {
-                    routes.entry(id).or_insert_with(|| (backend.address, BTreeSet::new())).1.insert(l.vip);
+                    routes.entry(id).or_insert_with(BTreeSet::new).insert((l.vip, address));
                 }
                 targets.insert(
                     (l.name.clone(), b.clone()),
                     health::Target {
                         listener: l.name.clone(),
                         backend: b.clone(),
-                        real: SocketAddrV4::new(backend.address, l.port),
-                        vip: SocketAddrV4::new(l.vip, l.port),
+                        real: SocketAddr::new(address, l.port),
+                        vip: SocketAddr::new(l.vip, l.port),
                         mark: probe_route::mark(id),
                         health: h.clone(),
                         client_id: format!("dsrlb-hc-{}-{}-{}", self.node, l.name, b),
@@ -471,7 +472,7 @@ impl Controller {
                 continue;
             }
             let Some(rt) = self.runtime.get_mut(&b.name) else { continue };
-            if let Some(mac) = self.neigh.mac(b.address)
+            if let Some(mac) = self.neigh.mac(b.primary())
                 && rt.mac != Some(mac)
             {
                 let old = rt.mac.map_or_else(|| "none".to_owned(), format_mac);
@@ -704,8 +705,8 @@ impl Controller {
 }
 
 /// The addresses whose MACs come from the neighbour table: backends without a configured one.
-fn wanted_neighbours(config: &Config) -> BTreeSet<Ipv4Addr> {
-    config.backends.iter().filter(|b| b.mac.is_none()).map(|b| b.address).collect()
+fn wanted_neighbours(config: &Config) -> BTreeSet<IpAddr> {
+    config.backends.iter().filter(|b| b.mac.is_none()).map(config::Backend::primary).collect()
 }
 
 /// The name holding `id`.
@@ -716,7 +717,7 @@ fn name_of(ids: &BTreeMap<String, u32>, id: u32) -> Option<String> {
 /// Refuses a listener whose VIP is an address of the balancer's interface: frames to it for the
 /// listener's port would be sent to a broker instead of this host.
 fn vips_are_not_ours(config: &Config) -> anyhow::Result<()> {
-    let own = dataplane::interface_ipv4s(&config.interface).with_context(|| format!("reading the addresses of {}", config.interface))?;
+    let own = dataplane::interface_ips(&config.interface).with_context(|| format!("reading the addresses of {}", config.interface))?;
     if let Some(l) = config.listeners.iter().find(|l| own.contains(&l.vip)) {
         bail!(
             "listener {}: VIP {} is an address of {} (the balancer's own): traffic for it to port {} would leave this host for a \

@@ -24,7 +24,8 @@ impl Controller {
                 let (pps, nfps) = self.rates.get(&real).copied().unwrap_or_default();
                 backends.push(json!({
                     "name": b,
-                    "address": backend.address.to_string(),
+                    "address": backend.address.map(|a| a.to_string()),
+                    "address6": backend.address6.map(|a| a.to_string()),
                     "mac": rt.mac.map_or_else(|| "unresolved".to_owned(), format_mac),
                     "weight": backend.weight,
                     "drained": rt.drained || backend.weight == 0,
@@ -217,7 +218,7 @@ impl Controller {
                     out,
                     "  backend {:<12} {:<15} {}  weight {:>5}  ring share {share:5.1}%  check {:?}",
                     b.name,
-                    b.address,
+                    b.addresses(),
                     self.runtime[name].mac.map_or_else(|| "no MAC yet".to_owned(), format_mac),
                     b.weight,
                     l.health[name].check

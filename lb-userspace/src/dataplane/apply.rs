@@ -6,12 +6,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::{Context as _, ensure};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use lb_common::{
-    ConnRate, Counters, FLOW_CACHE_VALID, LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE, ListenerCounters, ListenerInfo, MAX_BACKENDS,
+    Addr6, ConnRate, Counters, FLOW_CACHE_VALID, LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE, LISTENER_F_IPV6, LISTENER_F_SOURCE_PREFIX64,
+    ListenerCounters, ListenerInfo, MAX_BACKENDS,
     MAX_LISTENERS, MAX_NODE_MACS, NO_BACKEND, NodeInfo, PortInfo, REAL_F_ACTIVE, REAL_F_DOWN, REAL_SLOTS, RING_COPIES, RING_NONE,
     RING_SLOTS_PER_ENTRY, RealInfo, RingEntry, VipInfo, mac_word, map_names as names, real_backend, real_id, real_listener, ring_base,
 };
 
-use super::{ApplyReport, ConnRateWanted, Dataplane, Desired, map_mut};
+use super::{ApplyReport, ConnRateWanted, Dataplane, Desired, addr6, map_mut};
 
 impl Dataplane {
     /// Writes `want` as the difference from what was written before.
@@ -107,15 +108,24 @@ impl Dataplane {
 
         // 3. Listeners: fill the standby copy, then switch to it in one store.
         for l in &want.listeners {
-            let vip_be = u32::from_ne_bytes(l.vip.octets());
+            let (vip_be, vip6) = match l.vip {
+                std::net::IpAddr::V4(a) => (u32::from_ne_bytes(a.octets()), None),
+                std::net::IpAddr::V6(a) => {
+                    let a = addr6(&a);
+                    (lb_common::fold6(&a), Some(a))
+                }
+            };
             let port_be = u16::from_ne_bytes(l.port.to_be_bytes());
-            let flags =
-                if l.hash_source { LISTENER_F_HASH_SOURCE } else { 0 } | if l.conn_rate.is_some() { LISTENER_F_CONN_RATE } else { 0 };
+            let flags = if l.hash_source { LISTENER_F_HASH_SOURCE } else { 0 }
+                | if l.conn_rate.is_some() { LISTENER_F_CONN_RATE } else { 0 }
+                | if vip6.is_some() { LISTENER_F_IPV6 } else { 0 }
+                | if l.hash_source && l.source_prefix64 { LISTENER_F_SOURCE_PREFIX64 } else { 0 };
             let current = self.written.listeners.get(&l.id).copied();
+            let moved = self.written.vip6.get(&l.id) != vip6.as_ref();
             let ring: Vec<u32> = l.ring.iter().map(|&b| if b == NO_BACKEND { NO_BACKEND } else { real_id(l.id, b) }).collect();
             if let Some(info) = current {
                 let same_ring = self.written.rings.get(&(l.id * RING_COPIES + u32::from(info.ring_copy))) == Some(&ring);
-                if info.vip_be == vip_be && info.port_be == port_be && info.flags == flags && same_ring {
+                if info.vip_be == vip_be && info.port_be == port_be && info.flags == flags && same_ring && !moved {
                     continue;
                 }
             }
@@ -134,6 +144,21 @@ impl Dataplane {
                 }
                 self.written.rings.insert(copy_no, ring);
             }
+            if moved {
+                // The IPv6 address before the entry that points frames at it. A listener that
+                // was IPv6 and is no longer keeps a stale address here: its flags say IPv4.
+                if let Some(a) = &vip6 {
+                    let mut map: Array<&mut MapData, Addr6> = map_mut(&mut self.ebpf, names::LISTENER_VIP6)?;
+                    if current.is_some() {
+                        // Off first, so no frame matches the new address with the old entry.
+                        self.listeners.store(l.id, 0, ListenerInfo::default().to_word());
+                    }
+                    map.set(l.id, a, 0).with_context(|| format!("writing the IPv6 VIP of listener {}", l.id))?;
+                    self.written.vip6.insert(l.id, *a);
+                } else {
+                    self.written.vip6.remove(&l.id);
+                }
+            }
             #[expect(clippy::cast_possible_truncation, reason = "copy < RING_COPIES")]
             let info = ListenerInfo { vip_be, port_be, flags, ring_copy: copy as u8 };
             // A listener that moved stops matching frames to its old address with this store;
@@ -142,26 +167,30 @@ impl Dataplane {
             self.written.listeners.insert(l.id, info);
             report.listeners_switched += 1;
             if let Some(old) = current
-                && (old.vip_be, old.port_be) != (vip_be, port_be)
+                && ((old.vip_be, old.port_be) != (vip_be, port_be) || moved)
             {
-                report.flows_purged += self.purge_flows(old.vip_be, old.port_be);
+                report.flows_purged += self.purge_flows(l.id);
             }
         }
 
         // 4. Listeners no longer wanted, and the flows that recorded them.
         let gone: Vec<u32> = self.written.listeners.keys().copied().filter(|id| !ids.contains(id)).collect();
         for id in gone {
-            let old = self.written.listeners[&id];
             self.listeners.store(id, 0, ListenerInfo::default().to_word());
             self.written.listeners.remove(&id);
-            report.flows_purged += self.purge_flows(old.vip_be, old.port_be);
+            self.written.vip6.remove(&id);
+            report.flows_purged += self.purge_flows(id);
         }
 
         // 5. Listener ports, tagged with the flow cache generation, and VIPs (for fragments).
         self.write_ports();
         let mut vips: BTreeMap<u32, u32> = BTreeMap::new();
-        for info in self.written.listeners.values() {
-            *vips.entry(info.vip_be).or_default() += 1;
+        let mut vips6: BTreeMap<Addr6, u32> = BTreeMap::new();
+        for (id, info) in &self.written.listeners {
+            match self.written.vip6.get(id) {
+                Some(a) if info.flags & LISTENER_F_IPV6 != 0 => *vips6.entry(*a).or_default() += 1,
+                _ => *vips.entry(info.vip_be).or_default() += 1,
+            }
         }
         {
             let mut map: HashMap<&mut MapData, u32, VipInfo> = map_mut(&mut self.ebpf, names::VIPS)?;
@@ -175,6 +204,18 @@ impl Dataplane {
             }
         }
         self.written.vips = vips;
+        {
+            let mut map: HashMap<&mut MapData, Addr6, VipInfo> = map_mut(&mut self.ebpf, names::VIPS6)?;
+            for (vip, &n) in &vips6 {
+                if self.written.vips6.get(vip) != Some(&n) {
+                    map.insert(vip, VipInfo { listeners: n }, 0).context("writing an IPv6 VIP")?;
+                }
+            }
+            for vip in self.written.vips6.keys().filter(|v| !vips6.contains_key(*v)) {
+                map.remove(vip).context("removing an IPv6 VIP")?;
+            }
+        }
+        self.written.vips6 = vips6;
 
         // 6. Reals no longer wanted: inactive, so flows still pinned to them are re-picked.
         let gone: Vec<u32> = self.written.reals.keys().copied().filter(|id| !reals.contains_key(id)).collect();
@@ -258,8 +299,9 @@ impl Dataplane {
 
     /// Deletes the flows of a listener that no longer exists at (`vip_be`, `port_be`):
     /// established flows skip the listener lookup, so they would otherwise keep being forwarded.
-    fn purge_flows(&self, vip_be: u32, port_be: u16) -> usize {
-        self.flows.remove_where(|f| f.key.dst_be == vip_be && f.key.dport_be == port_be)
+    /// Removes the flows of listener `id` (it moved or is gone).
+    fn purge_flows(&self, id: u32) -> usize {
+        self.flows.remove_where(|f| real_listener(f.real()) == id)
     }
 }
 

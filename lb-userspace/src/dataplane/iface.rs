@@ -1,7 +1,7 @@
 //! Facts about the balancer's interface, from the kernel: its MAC, its IPv4 addresses; and the
 //! config's XDP mode as aya's.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{bail, ensure};
 use aya::programs::XdpMode;
@@ -74,11 +74,11 @@ pub fn interface_mac(interface: &str) -> anyhow::Result<[u8; 6]> {
     Ok(mac)
 }
 
-/// The IPv4 addresses of `interface` (`getifaddrs`), in the calling thread's network namespace.
+/// The IPv4 and IPv6 addresses of `interface` (`getifaddrs`), in the calling thread's network namespace.
 ///
 /// # Errors
 /// When the kernel's address list cannot be read.
-pub fn interface_ipv4s(interface: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
+pub fn interface_ips(interface: &str) -> anyhow::Result<Vec<IpAddr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list freed below.
     ensure!(unsafe { libc::getifaddrs(&raw mut head) } == 0, "getifaddrs: {}", std::io::Error::last_os_error());
@@ -90,9 +90,13 @@ pub fn interface_ipv4s(interface: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
         unsafe {
             let ifa = &*at;
             let name = std::ffi::CStr::from_ptr(ifa.ifa_name);
-            if name.to_bytes() == interface.as_bytes() && !ifa.ifa_addr.is_null() && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET {
+            let family = if ifa.ifa_addr.is_null() { -1 } else { i32::from((*ifa.ifa_addr).sa_family) };
+            if name.to_bytes() == interface.as_bytes() && family == libc::AF_INET {
                 let sin = std::ptr::read_unaligned(ifa.ifa_addr.cast::<libc::sockaddr_in>());
-                out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+                out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+            } else if name.to_bytes() == interface.as_bytes() && family == libc::AF_INET6 {
+                let sin6 = std::ptr::read_unaligned(ifa.ifa_addr.cast::<libc::sockaddr_in6>());
+                out.push(IpAddr::V6(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
             }
             at = ifa.ifa_next;
         }

@@ -14,7 +14,7 @@ use aya::{
     },
 };
 use lb_common::{
-    ConnRate, Counters, FLOW_CACHE_VALID, LAYOUT_VERSION, Layout, ListenerInfo, MAX_LISTENERS, PORT_SLOTS, PortInfo, REAL_SLOTS,
+    Addr6, ConnRate, Counters, FLOW_WAYS, LISTENER_F_IPV6, FLOW_CACHE_VALID, LAYOUT_VERSION, Layout, ListenerInfo, MAX_LISTENERS, PORT_SLOTS, PortInfo, REAL_SLOTS,
     RING_COPIES, RealInfo, RingEntry, VipInfo, flow_table_buckets, map_names as names, ring_base, ring_entries,
 };
 
@@ -22,7 +22,7 @@ use super::{ConnRateWanted, Dataplane, LoadOptions, Written, apply::unpack_ring,
 use crate::{EBPF_OBJ, flow_table::FlowTable, mapped::Mapped};
 
 /// Every pinned map of the object, in the order they are pinned and unpinned.
-pub const MAP_NAMES: [&str; 14] = [
+pub const MAP_NAMES: [&str; 17] = [
     names::LISTENERS,
     names::LISTEN_PORTS,
     names::VIPS,
@@ -37,6 +37,9 @@ pub const MAP_NAMES: [&str; 14] = [
     names::REAL_STATS,
     names::LISTENER_STATS,
     names::TABLE_STATS,
+    names::LISTENER_VIP6,
+    names::VIPS6,
+    names::FLOW_ADDRS6,
 ];
 
 /// The pin of the XDP link, beside the maps' pins.
@@ -64,10 +67,12 @@ impl Dataplane {
         );
         let buckets = flow_table_buckets(opts.flow_table_size);
         let bucket_mask = buckets - 1;
+        let flow_slots = buckets.checked_mul(FLOW_WAYS as u32).context("flow_table_size too large for the flow addresses map")?;
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(names::RINGS, ring_entries)
             .map_max_entries(names::FLOWS, buckets)
+            .map_max_entries(names::FLOW_ADDRS6, flow_slots)
             .override_global("FLOW_BUCKET_MASK", &bucket_mask, true)
             .override_global("RING_SIZE", &opts.ring_size, true);
         if let Some(dir) = pin_dir {
@@ -84,7 +89,7 @@ impl Dataplane {
         if pin_dir.is_some() {
             // Pinned maps keep the size they were made with; a different config size would be
             // silently ignored, so refuse it.
-            for (name, want) in [(names::RINGS, ring_entries), (names::FLOWS, buckets)] {
+            for (name, want) in [(names::RINGS, ring_entries), (names::FLOWS, buckets), (names::FLOW_ADDRS6, flow_slots)] {
                 let have = match ebpf.map(name) {
                     Some(aya::maps::Map::Array(m)) => m.info()?.max_entries(),
                     _ => bail!("map {name} has an unexpected type"),
@@ -102,7 +107,7 @@ impl Dataplane {
         };
         let (listeners, ports, node) = (mapped(names::LISTENERS)?, mapped(names::LISTEN_PORTS)?, mapped(names::NODE)?);
         let control = mapped(names::CONTROL)?;
-        let flows = Arc::new(FlowTable::new(mapped(names::FLOWS)?, flow_seed(&mut ebpf)?));
+        let flows = Arc::new(FlowTable::new(mapped(names::FLOWS)?, mapped(names::FLOW_ADDRS6)?, flow_seed(&mut ebpf)?));
         let ns_per_jiffy = if let Some(&n) = NS_PER_JIFFY.get() {
             n
         } else {
@@ -216,6 +221,19 @@ impl Dataplane {
             for entry in &vips {
                 let (k, v) = entry?;
                 w.vips.insert(k, v.listeners);
+            }
+        }
+        {
+            let vips: HashMap<&MapData, Addr6, VipInfo> = self.map_ref(names::VIPS6)?;
+            for entry in &vips {
+                let (k, v) = entry?;
+                w.vips6.insert(k, v.listeners);
+            }
+            let vip6: Array<&MapData, Addr6> = self.map_ref(names::LISTENER_VIP6)?;
+            for (&id, info) in &w.listeners {
+                if info.flags & LISTENER_F_IPV6 != 0 {
+                    w.vip6.insert(id, vip6.get(&id, 0)?);
+                }
             }
         }
         for slot in 0..PORT_SLOTS {

@@ -12,7 +12,7 @@ pub mod testing;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
@@ -22,12 +22,12 @@ use aya::{
     maps::{MapData, PerCpuArray},
 };
 use lb_common::{
-    FLOW_CACHE_VALID, FlowCacheEntry, FlowKey, ListenerInfo, NO_MAC, NodeInfo, PortInfo, RealInfo, flow_cache_slot, map_names as names,
-    real_backend,
+    Addr6, FLOW_CACHE_VALID, FlowAddrs6, FlowCacheEntry, FlowKey, LISTENER_F_IPV6, ListenerInfo, NO_MAC, NodeInfo, PortInfo, RealInfo,
+    flow_cache_slot, flow_key6, map_names as names, real_backend,
 };
 
 pub use self::{
-    iface::{interface_ipv4s, interface_mac, interface_running, xdp_mode},
+    iface::{interface_ips, interface_mac, interface_running, xdp_mode},
     load::{LINK_PIN, MAP_NAMES, Start, link_live, pinned_forwarded, unpin_all},
     stats::Stats,
 };
@@ -70,9 +70,11 @@ pub struct ConnRateWanted {
 pub struct DesiredListener {
     /// Stable id: index of its reals and of its two ring copies.
     pub id: u32,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     pub hash_source: bool,
+    /// With `hash_source` on an IPv6 VIP: hash the client's first 64 bits (`source_prefix = 64`).
+    pub source_prefix64: bool,
     /// `ring_size` backend ids, or [`NO_BACKEND`].
     pub ring: Vec<u32>,
     /// Every backend of the listener, in the ring or not (drained, down): flows may still
@@ -100,7 +102,7 @@ pub struct DesiredReal {
 #[derive(Clone, Debug, Default)]
 pub struct MapIds {
     /// Listener id by (VIP, port).
-    pub listeners: BTreeMap<(Ipv4Addr, u16), u32>,
+    pub listeners: BTreeMap<(IpAddr, u16), u32>,
     /// Backend id by the MAC its reals were written with.
     pub backends: BTreeMap<[u8; 6], u32>,
 }
@@ -124,6 +126,9 @@ struct Written {
     rings: BTreeMap<u32, Vec<u32>>,
     reals: BTreeMap<u32, RealInfo>,
     vips: BTreeMap<u32, u32>,
+    /// Listener id to its `LISTENER_VIP6` value (IPv6 listeners only).
+    vip6: BTreeMap<u32, Addr6>,
+    vips6: BTreeMap<Addr6, u32>,
     /// Used `LISTEN_PORTS` slots and their values.
     ports: BTreeMap<u32, PortInfo>,
     node: Option<NodeInfo>,
@@ -247,8 +252,18 @@ impl Dataplane {
     /// their reals: what a controller without its saved state can recognise.
     #[must_use]
     pub fn ids_in_maps(&self) -> MapIds {
-        let listeners =
-            self.written.listeners.iter().map(|(&id, l)| ((Ipv4Addr::from(l.vip_be.to_ne_bytes()), u16::from_be(l.port_be)), id)).collect();
+        let listeners = self
+            .written
+            .listeners
+            .iter()
+            .map(|(&id, l)| {
+                let vip = match self.written.vip6.get(&id) {
+                    Some(a) if l.flags & LISTENER_F_IPV6 != 0 => IpAddr::V6(ipv6_of(a)),
+                    _ => IpAddr::V4(Ipv4Addr::from(l.vip_be.to_ne_bytes())),
+                };
+                ((vip, u16::from_be(l.port_be)), id)
+            })
+            .collect();
         let backends = self.written.reals.iter().map(|(&r, info)| (info.dst_mac, real_backend(r))).collect();
         MapIds { listeners, backends }
     }
@@ -260,16 +275,24 @@ impl Dataplane {
         self.written.reals.iter().map(|(&r, info)| (real_backend(r), info.dst_mac)).collect()
     }
 
+    /// The flow table's key of a client tuple (either family; both addresses of one), and an
+    /// IPv6 flow's addresses.
+    #[must_use]
+    pub fn flow_key(&self, src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> (FlowKey, Option<FlowAddrs6>) {
+        flow_key_of(src.into(), sport, dst.into(), dport, self.flows.seed())
+    }
+
     /// The flow table's slot for a client tuple, if it holds one.
     #[must_use]
-    pub fn flow(&self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Option<Flow> {
-        self.flows.find(&flow_key(src, sport, dst, dport))
+    pub fn flow(&self, src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> Option<Flow> {
+        let (key, addrs6) = self.flow_key(src, sport, dst, dport);
+        self.flows.find(&key, addrs6.as_ref())
     }
 
     /// The two flow table buckets a client tuple may live in.
     #[must_use]
-    pub fn flow_buckets(&self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> [u32; 2] {
-        self.flows.buckets_of(&flow_key(src, sport, dst, dport))
+    pub fn flow_buckets(&self, src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> [u32; 2] {
+        self.flows.buckets_of(&self.flow_key(src, sport, dst, dport).0)
     }
 
     /// The flow table, for walks made off the controller's event loop (expiry).
@@ -284,9 +307,15 @@ impl Dataplane {
     ///
     /// # Errors
     /// When the map read fails.
-    pub fn cached_flow(&self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> anyhow::Result<Vec<FlowCacheEntry>> {
+    pub fn cached_flow(
+        &self,
+        src: impl Into<IpAddr>,
+        sport: u16,
+        dst: impl Into<IpAddr>,
+        dport: u16,
+    ) -> anyhow::Result<Vec<FlowCacheEntry>> {
         let map: PerCpuArray<&MapData, FlowCacheEntry> = self.map_ref(names::FLOW_CACHE)?;
-        let key = flow_key(src, sport, dst, dport);
+        let key = self.flow_key(src, sport, dst, dport).0;
         let values = map.get(&flow_cache_slot(&key), 0).context("reading the flow cache")?;
         let tag = FLOW_CACHE_VALID | self.generation;
         let now = self.now_age()?;
@@ -318,11 +347,39 @@ where
 }
 
 /// The `FLOWS` key of a client tuple.
-fn flow_key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> FlowKey {
-    FlowKey {
-        src_be: u32::from_ne_bytes(src.octets()),
-        dst_be: u32::from_ne_bytes(dst.octets()),
-        sport_be: u16::from_ne_bytes(sport.to_be_bytes()),
-        dport_be: u16::from_ne_bytes(dport.to_be_bytes()),
+/// An IPv6 address as the data plane holds it (`lb_common::Addr6`).
+#[must_use]
+pub fn addr6(a: &Ipv6Addr) -> Addr6 {
+    let o = a.octets();
+    let half = |i: usize| u64::from_ne_bytes(o[i..i + 8].try_into().expect("8 bytes"));
+    [half(0), half(8)]
+}
+
+/// The address an [`Addr6`] holds.
+#[must_use]
+pub fn ipv6_of(a: &Addr6) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    o[..8].copy_from_slice(&a[0].to_ne_bytes());
+    o[8..].copy_from_slice(&a[1].to_ne_bytes());
+    Ipv6Addr::from(o)
+}
+
+/// The flow table key of a tuple (an IPv6 one's with the table's `seed`), and an IPv6 flow's
+/// addresses. A tuple of mixed families has no flow: it gets an IPv4 key of the IPv4 halves.
+#[must_use]
+pub fn flow_key_of(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, seed: u64) -> (FlowKey, Option<FlowAddrs6>) {
+    let (sport_be, dport_be) = (u16::from_ne_bytes(sport.to_be_bytes()), u16::from_ne_bytes(dport.to_be_bytes()));
+    match (src, dst) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let a = FlowAddrs6 { src: addr6(&s), dst: addr6(&d) };
+            (flow_key6(&a.src, &a.dst, sport_be, dport_be, seed), Some(a))
+        }
+        _ => {
+            let v4 = |a: IpAddr| match a {
+                IpAddr::V4(a) => u32::from_ne_bytes(a.octets()),
+                IpAddr::V6(_) => 0,
+            };
+            (FlowKey { src_be: v4(src), dst_be: v4(dst), sport_be, dport_be }, None)
+        }
     }
 }

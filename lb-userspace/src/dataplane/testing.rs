@@ -2,7 +2,7 @@
 //! balancer loaded without pins, its programs by name, single flows evicted or read raw, and the
 //! test object (`dsrlb-test`: the floor program, the benchmark driver, a pass-all program).
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use anyhow::{Context as _, ensure};
 use aya::{
@@ -11,7 +11,7 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 
-use super::{Dataplane, LoadOptions, flow_key, map_mut};
+use super::{Dataplane, LoadOptions, map_mut};
 use crate::flow_table::{Flow, FlowTable};
 
 /// The test object loaded: the floor program (`xdp_floor`), the benchmark driver
@@ -133,8 +133,10 @@ impl Dataplane {
     ///
     /// # Errors
     /// When the table does not hold the flow.
-    pub fn evict_flow(&mut self, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> anyhow::Result<()> {
-        ensure!(self.flows.remove(&flow_key(src, sport, dst, dport)), "no flow {src}:{sport} -> {dst}:{dport} in the table");
+    pub fn evict_flow(&mut self, src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> anyhow::Result<()> {
+        let (src, dst) = (src.into(), dst.into());
+        let (key, addrs6) = self.flow_key(src, sport, dst, dport);
+        ensure!(self.flows.remove(&key, addrs6.as_ref()), "no flow {src}:{sport} -> {dst}:{dport} in the table");
         Ok(())
     }
 
