@@ -60,7 +60,8 @@ enum Command {
     Weight { backend: String, weight: u32 },
     /// Re-read the config and apply the difference (an invalid config changes nothing).
     Reload,
-    /// Which backend a flow is pinned to, or would get: `dsrlb flow 192.0.2.1:40000 192.0.2.100:1883`.
+    /// Which backend a flow is pinned to, or would get: `dsrlb flow 192.0.2.1:40000 192.0.2.100:1883`
+    /// (IPv6: `dsrlb flow [2001:db8::1]:40000 [2001:db8::100]:1883`).
     Flow {
         client: String,
         vip: String,
@@ -172,6 +173,11 @@ fn message(socket: &std::path::Path, req: &Request) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `VIP:PORT`, an IPv6 VIP in brackets.
+fn endpoint(vip: &str, port: &Value) -> String {
+    if vip.contains(':') { format!("[{vip}]:{port}") } else { format!("{vip}:{port}") }
+}
+
 fn status_table(v: &Value) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -179,10 +185,9 @@ fn status_table(v: &Value) -> String {
     for l in v["listeners"].as_array().unwrap_or(&empty) {
         let _ = writeln!(
             out,
-            "listener {} {}:{} hash={}  packets {}  new flows {}  idle timeout {}",
+            "listener {} {} hash={}  packets {}  new flows {}  idle timeout {}",
             l["name"].as_str().unwrap_or(""),
-            l["vip"].as_str().unwrap_or(""),
-            l["port"],
+            endpoint(l["vip"].as_str().unwrap_or(""), &l["port"]),
             l["hash"].as_str().unwrap_or(""),
             l["packets"],
             l["new_flows"],
@@ -420,7 +425,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let cfg = config::load(path)?;
     println!("{}: valid", path.display());
     for l in &cfg.listeners {
-        println!("listener {} {}:{} hash={:?} backends {:?}", l.name, l.vip, l.port, l.hash, l.backends);
+        println!("listener {} {} hash={:?} backends {:?}", l.name, std::net::SocketAddr::new(l.vip, l.port), l.hash, l.backends);
     }
     for b in &cfg.backends {
         let mac = b.mac.map_or_else(|| "(from neighbour table)".to_owned(), config::format_mac);

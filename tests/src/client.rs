@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -16,7 +16,7 @@ use crate::lab::Lab;
 /// A connected MQTT 3.1.1 session over plain TCP.
 pub struct MqttConn {
     pub stream: TcpStream,
-    pub local: SocketAddrV4,
+    pub local: SocketAddr,
 }
 
 impl MqttConn {
@@ -26,19 +26,24 @@ impl MqttConn {
     /// # Errors
     /// When the TCP connect, the CONNECT exchange, or the acceptance fails.
     pub fn connect(from: Option<Ipv4Addr>, to: SocketAddrV4, client_id: &str, timeout: Duration) -> std::io::Result<Self> {
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        Self::connect_ip(from.map(IpAddr::V4), SocketAddr::V4(to), client_id, timeout)
+    }
+
+    /// As [`Self::connect`], either family.
+    ///
+    /// # Errors
+    /// As [`Self::connect`].
+    pub fn connect_ip(from: Option<IpAddr>, to: SocketAddr, client_id: &str, timeout: Duration) -> std::io::Result<Self> {
+        let sock = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None)?;
         if let Some(addr) = from {
-            sock.bind(&SocketAddr::from((addr, 0)).into())?;
+            sock.bind(&SocketAddr::new(addr, 0).into())?;
         }
-        sock.connect_timeout(&SocketAddr::V4(to).into(), timeout)?;
+        sock.connect_timeout(&to.into(), timeout)?;
         let stream: TcpStream = sock.into();
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
-        let local = match stream.local_addr()? {
-            SocketAddr::V4(a) => a,
-            SocketAddr::V6(_) => unreachable!("IPv4 socket"),
-        };
+        let local = stream.local_addr()?;
         let mut conn = Self { stream, local };
         conn.stream.write_all(&mqtt::connect(client_id, 600, None, None))?;
         let mut ack = [0u8; 4];

@@ -13,6 +13,10 @@
 //!
 //! The brokers bridge all topics to b1, so they behave as one cluster for clients.
 //!
+//! This lab is dual-stack: the same hosts also hold 2001:db8::1 (client), ::2 (balancer),
+//! ::11.. (brokers) on the segment, and the brokers hold the IPv6 VIP 2001:db8::100 on `lo`
+//! (documentation prefixes, inside the namespaces only). The routed lab is IPv4 only.
+//!
 //! A routed lab ([`Lab::routed`]) puts two or three balancer nodes on the segment and the
 //! client behind a router, as an edge would have them:
 //!
@@ -29,7 +33,7 @@
 
 use std::{
     fmt::Write as _,
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -46,6 +50,18 @@ pub const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
 /// A second VIP with an internal listener, as EMQ's internal listener.
 pub const VIP_INTERNAL: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 101);
 pub const INTERNAL_PORT: u16 = 11883;
+/// The lab's IPv6 addresses: the client's, the balancer's, the IPv6 VIP (listeners on 1883 and
+/// 8883 in [`Lab::config_dual`]).
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+pub const LB6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
+
+/// Broker `i`'s (0-based) IPv6 address.
+#[must_use]
+pub fn broker_addr6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x11 + u16::try_from(i).expect("few brokers"))
+}
+
 /// Extra client addresses (192.0.2.50 ..) for tests and load that need several sources.
 pub const CLIENT_EXTRA_BASE: u8 = 50;
 pub const CLIENT_EXTRA_COUNT: u8 = 16;
@@ -240,6 +256,10 @@ impl Lab {
         for ns in self.namespaces() {
             sh("ip", &["netns", "add", &ns])?;
             Self::ip(&ns, &["link", "set", "lo", "up"])?;
+            // No duplicate address detection on the lab's segment: addresses work at once.
+            for k in ["net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"] {
+                self.sysctl(&ns, k, "0")?;
+            }
         }
         let sw = self.ns("sw");
         Self::ip(&sw, &["link", "add", "br0", "type", "bridge"])?;
@@ -254,12 +274,22 @@ impl Lab {
         };
         let hosts: Vec<(String, String, Ipv4Addr)> =
             front.into_iter().chain((0..self.brokers).map(|i| (format!("b{}", i + 1), self.broker_ns(i), broker_addr(i)))).collect();
+        let addr6 = |role: &str| match role {
+            "client" => Some(CLIENT6),
+            "lb" => Some(LB6),
+            _ => role.strip_prefix('b').and_then(|n| n.parse::<usize>().ok()).map(|n| broker_addr6(n - 1)),
+        };
         for (role, ns, addr) in &hosts {
             let port = format!("p-{role}");
             sh("ip", &["link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &port, "netns", &sw])?;
             Self::ip(&sw, &["link", "set", &port, "master", "br0"])?;
             Self::ip(&sw, &["link", "set", &port, "up"])?;
             Self::ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            if self.routed.is_none()
+                && let Some(a6) = addr6(role)
+            {
+                Self::ip(ns, &["-6", "addr", "add", &format!("{a6}/64"), "dev", "eth0", "nodad"])?;
+            }
             Self::ip(ns, &["link", "set", "eth0", "up"])?;
         }
         let client = self.ns("client");
@@ -273,6 +303,7 @@ impl Lab {
             for vip in [VIP, VIP_INTERNAL] {
                 Self::ip(&client, &["route", "add", &format!("{vip}/32"), "via", &LB_ADDR.to_string()])?;
             }
+            Self::ip(&client, &["-6", "route", "add", &format!("{VIP6}/128"), "via", &LB6.to_string()])?;
             // Bounced SYNs would carry partial checksums the brokers drop; GRO on the client's
             // bridge port would merge segments into frames too big to bounce.
             self.exec(&client, "ethtool", &["-K", "eth0", "tx", "off"])?;
@@ -284,6 +315,13 @@ impl Lab {
             let ns = self.broker_ns(i);
             for vip in [VIP, VIP_INTERNAL] {
                 Self::ip(&ns, &["addr", "add", &format!("{vip}/32"), "dev", "lo"])?;
+            }
+            if self.routed.is_none() {
+                // Linux answers a neighbour solicitation only for an address of the interface
+                // it came in on (or with proxy_ndp), so the VIP on lo stays silent on eth0.
+                Self::ip(&ns, &["-6", "addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"])?;
+                self.sysctl(&ns, "net.ipv6.conf.all.proxy_ndp", "0")?;
+                self.sysctl(&ns, "net.ipv6.conf.eth0.proxy_ndp", "0")?;
             }
             for (k, v) in [
                 ("net.ipv4.conf.all.arp_ignore", "1"),
@@ -378,6 +416,7 @@ impl Lab {
         for vip in [VIP, VIP_INTERNAL] {
             params.subject_alt_names.push(SanType::IpAddress(vip.into()));
         }
+        params.subject_alt_names.push(SanType::IpAddress(VIP6.into()));
         let cert = params.signed_by(&key, &ca_cert, &ca_key).context("signing the server certificate")?;
         std::fs::write(self.ca_pem(), ca_cert.pem())?;
         std::fs::write(self.state.join("server.pem"), cert.pem())?;
@@ -551,6 +590,34 @@ impl Lab {
         }
         let _ = writeln!(out, "VIPs {VIP} (1883, 8883 TLS), {VIP_INTERNAL} ({INTERNAL_PORT}); lab CA {}", self.ca_pem().display());
         out
+    }
+
+    /// [`Self::config`] with the brokers dual-stack (`address6`) and two IPv6 listeners,
+    /// `mqtt6` on VIP6:1883 and `mqtts6` on VIP6:8883.
+    #[must_use]
+    pub fn config_dual(&self, health: &str) -> String {
+        let mut c = self.config(health);
+        for i in 0..self.brokers {
+            let line = format!("address = \"{}\"\n", broker_addr(i));
+            c = c.replacen(&line, &format!("{line}address6 = \"{}\"\n", broker_addr6(i)), 1);
+        }
+        let _ = writeln!(c, "[[listener]]\nname = \"mqtt6\"\nvip = \"{VIP6}\"\nport = 1883\n");
+        let _ = writeln!(c, "[[listener]]\nname = \"mqtts6\"\nvip = \"{VIP6}\"\nport = 8883\n");
+        c
+    }
+
+    /// IPv6 only: the brokers by their IPv6 addresses alone (MACs from NDP), the two IPv6
+    /// listeners of [`Self::config_dual`].
+    #[must_use]
+    pub fn config_v6_only(&self, health: &str) -> String {
+        let mut c = String::new();
+        let _ = writeln!(c, "interface = \"eth0\"\nxdp_mode = \"native\"\n\n[health]\n{health}\n");
+        let _ = writeln!(c, "[[listener]]\nname = \"mqtt6\"\nvip = \"{VIP6}\"\nport = 1883\n");
+        let _ = writeln!(c, "[[listener]]\nname = \"mqtts6\"\nvip = \"{VIP6}\"\nport = 8883\n");
+        for i in 0..self.brokers {
+            let _ = writeln!(c, "[[backend]]\nname = \"b{}\"\naddress = \"{}\"\n", i + 1, broker_addr6(i));
+        }
+        c
     }
 
     /// A `dsrlb` config for this lab: interface `eth0` of the balancer namespace, MACs from the
@@ -826,8 +893,14 @@ impl Drop for LabGuard {
 /// One "New client connected" line of a mosquitto log: client address and id.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Session {
-    pub from: std::net::SocketAddrV4,
+    pub from: SocketAddr,
     pub client_id: String,
+}
+
+/// `192.0.2.1:40000` or `2001:db8::1:40000` (mosquitto writes IPv6 without brackets).
+fn parse_peer(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.rsplit_once(':')?;
+    Some(SocketAddr::new(ip.trim_matches(['[', ']']).parse().ok()?, port.parse().ok()?))
 }
 
 impl Lab {
@@ -840,7 +913,7 @@ impl Lab {
                 let rest = line.split_once("New client connected from ")?.1;
                 let (from, rest) = rest.split_once(" as ")?;
                 let id = rest.split_whitespace().next()?;
-                Some(Session { from: from.parse().ok()?, client_id: id.to_owned() })
+                Some(Session { from: parse_peer(from)?, client_id: id.to_owned() })
             })
             .collect()
     }

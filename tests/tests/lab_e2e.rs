@@ -247,7 +247,7 @@ fn return_traffic_bypasses_the_balancer_and_brokers_see_the_client() {
     // The brokers saw the client's own address, never the balancer's.
     let all: Vec<_> = (0..lab.brokers).flat_map(|b| lab.sessions(b)).filter(|s| s.client_id.starts_with("dsr-")).collect();
     assert_eq!(all.len(), 10, "{all:?}");
-    assert!(all.iter().all(|s| *s.from.ip() == lab::CLIENT_ADDR), "brokers saw {all:?}");
+    assert!(all.iter().all(|s| s.from.ip() == lab::CLIENT_ADDR), "brokers saw {all:?}");
 }
 
 #[test]

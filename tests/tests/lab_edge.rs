@@ -23,7 +23,7 @@ use tests::{
 const HEALTH: &str = "check = \"mqtt\"\ninter = \"2s\"\ntimeout = \"1s\"\nfall = 3\nrise = 2";
 
 /// `dsrlb flow --json` for a client address.
-fn flow_of(lb: &Balancer, client: SocketAddrV4) -> serde_json::Value {
+fn flow_of(lb: &Balancer, client: std::net::SocketAddr) -> serde_json::Value {
     let (ok, out, err) = lb.cli(&["flow", &client.to_string(), &format!("{VIP}:1883"), "--json"]);
     assert!(ok, "dsrlb flow {client}: {err}");
     serde_json::from_str(&out).expect("flow JSON")

@@ -118,7 +118,9 @@ pub fn fingerprint(c: &Config) -> u64 {
     let mut listeners: Vec<&config::Listener> = c.listeners.iter().collect();
     listeners.sort_by(|a, b| a.name.cmp(&b.name));
     for l in listeners {
-        let _ = writeln!(s, "listener {} {}:{} {:?} {:?}", l.name, l.vip, l.port, l.hash, l.backends);
+        // As an IPv4-only config always read (a rolling upgrade keeps its fingerprint).
+        let prefix = if l.source_prefix64 { " source_prefix 64" } else { "" };
+        let _ = writeln!(s, "listener {} {}:{} {:?}{prefix} {:?}", l.name, l.vip, l.port, l.hash, l.backends);
     }
     for b in &c.backends {
         let _ = writeln!(s, "backend {} {}", b.name, b.weight);

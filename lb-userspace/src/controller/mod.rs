@@ -6,13 +6,15 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     io::{IsTerminal as _, Write as _},
-    net::{IpAddr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use lb_common::{NO_BACKEND, flow_hash, real_backend, real_id, real_listener, reason, ring_slot, source_hash, table_event};
+use lb_common::{
+    NO_BACKEND, flow_hash, flow_hash6, real_backend, real_id, real_listener, reason, ring_slot, source_hash, source_hash6, table_event,
+};
 use serde_json::{Value, json};
 use tokio::{
     sync::{mpsc, oneshot},

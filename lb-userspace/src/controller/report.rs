@@ -123,22 +123,23 @@ impl Controller {
 
     /// Which backend a flow is pinned to, or would get (Katran's getRealForFlow).
     pub(super) fn flow(&self, client: &str, vip: &str) -> anyhow::Result<Value> {
-        let client: SocketAddrV4 = client.parse().with_context(|| format!("client {client:?} is not IP:PORT"))?;
-        let vip: SocketAddrV4 = vip.parse().with_context(|| format!("vip {vip:?} is not IP:PORT"))?;
+        let client: SocketAddr = client.parse().with_context(|| format!("client {client:?} is not IP:PORT ([IPv6]:PORT)"))?;
+        let vip: SocketAddr = vip.parse().with_context(|| format!("vip {vip:?} is not IP:PORT ([IPv6]:PORT)"))?;
+        anyhow::ensure!(client.is_ipv6() == vip.is_ipv6(), "client {client} and vip {vip} are of different families");
         let l = self
             .config
             .listeners
             .iter()
-            .find(|l| l.vip == *vip.ip() && l.port == vip.port())
+            .find(|l| l.vip == vip.ip() && l.port == vip.port())
             .with_context(|| format!("no listener on {vip}"))?;
         let lid = self.ids.listeners[&l.name];
         let name_of = |bid: u32| self.ids.backends.iter().find(|(_, v)| **v == bid).map(|(k, _)| k.clone());
-        let buckets = self.dp.flow_buckets(*client.ip(), client.port(), *vip.ip(), vip.port());
+        let buckets = self.dp.flow_buckets(client.ip(), client.port(), vip.ip(), vip.port());
         let expire = plan::expire_units(l.flow_idle_timeout);
         // A flow idle past its timeout is over, whether or not a sweep removed it yet.
         let now = self.dp.now_age()?;
-        if let Some(f) = self.dp.flow(*client.ip(), client.port(), *vip.ip(), vip.port()).filter(|f| f.idle(now) < expire) {
-            let cached = self.dp.cached_flow(*client.ip(), client.port(), *vip.ip(), vip.port())?.len();
+        if let Some(f) = self.dp.flow(client.ip(), client.port(), vip.ip(), vip.port()).filter(|f| f.idle(now) < expire) {
+            let cached = self.dp.cached_flow(client.ip(), client.port(), vip.ip(), vip.port())?.len();
             return Ok(json!({
                 "listener": l.name, "backend": name_of(real_backend(f.real())),
                 "source": "flow table", "closing": f.closing(), "confirmed": f.confirmed(), "idle_s": idle_secs(f.idle(now)),
@@ -146,11 +147,24 @@ impl Controller {
             }));
         }
         let wire = |p: u16| u16::from_ne_bytes(p.to_be_bytes());
-        let src = u32::from_ne_bytes(client.ip().octets());
-        let hash = if l.hash == HashMode::Source {
-            source_hash(src)
-        } else {
-            flow_hash(src, u32::from_ne_bytes(vip.ip().octets()), wire(client.port()), wire(vip.port()))
+        let hash = match (client.ip(), vip.ip()) {
+            (IpAddr::V6(c), IpAddr::V6(v)) => {
+                let (c, v) = (dataplane::addr6(&c), dataplane::addr6(&v));
+                if l.hash == HashMode::Source {
+                    source_hash6(&c, l.source_prefix64)
+                } else {
+                    flow_hash6(&c, &v, wire(client.port()), wire(vip.port()))
+                }
+            }
+            (IpAddr::V4(c), IpAddr::V4(v)) => {
+                let src = u32::from_ne_bytes(c.octets());
+                if l.hash == HashMode::Source {
+                    source_hash(src)
+                } else {
+                    flow_hash(src, u32::from_ne_bytes(v.octets()), wire(client.port()), wire(vip.port()))
+                }
+            }
+            _ => unreachable!("families checked above"),
         };
         let d = self.desired.listeners.iter().find(|d| d.id == lid).context("listener planned")?;
         let slot = d.ring[ring_slot(hash, self.config.ring_size) as usize];
@@ -196,10 +210,9 @@ impl Controller {
             let storm = l.conn_rate.map_or_else(String::new, |r| format!(" max_conn_rate={}/s burst={}", r.rate, r.burst));
             let _ = writeln!(
                 out,
-                "listener {} {}:{} hash={:?} flow_idle_timeout={}{storm}",
+                "listener {} {} hash={:?} flow_idle_timeout={}{storm}",
                 l.name,
-                l.vip,
-                l.port,
+                SocketAddr::new(l.vip, l.port),
                 l.hash,
                 config::show_duration(l.flow_idle_timeout)
             );

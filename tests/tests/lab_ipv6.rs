@@ -1,0 +1,355 @@
+//! IPv6 end to end in the dual-stack lab: IPv6 listeners (1883, and 8883 with TLS) beside the
+//! IPv4 ones, real mosquitto brokers listening on both families, health checks and the DSR-path
+//! VIP probe over IPv6, backends known by their IPv6 address alone (MACs from NDP), and brokers
+//! that hold the VIP on `lo` without answering neighbour solicitations for it.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use rumqttc::{Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use tests::{
+    client::{Balancer, MqttConn},
+    frame::checksum,
+    lab::{self, CLIENT6, LabGuard, TLS_NAME, VIP6, broker_addr6},
+    netns::{PacketSocket, in_netns},
+    require_root,
+};
+
+const T: Duration = Duration::from_secs(5);
+
+fn vip6(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(VIP6), port)
+}
+
+fn in_client<R: Send>(lab: &LabGuard, f: impl FnOnce() -> R + Send) -> R {
+    in_netns(&lab.ns("client"), f).expect("entering the client namespace")
+}
+
+/// Health checks over IPv6: MQTT on 1883, MQTT over TLS (against the lab CA) on 8883, both
+/// with the DSR-path VIP probe (on by default).
+fn health() -> String {
+    "check = \"mqtt\"\ninter = \"300ms\"\ntimeout = \"250ms\"\nfall = 2\nrise = 1".to_owned()
+}
+
+fn with_tls_checks(lab: &LabGuard, config: &str) -> String {
+    let tls =
+        format!("health = {{ check = \"mqtt-tls\", tls_ca = \"{}\", tls_server_name = \"{TLS_NAME}\" }}\n", lab.ca_pem().display());
+    config.replace("port = 8883\n", &format!("port = 8883\n{tls}"))
+}
+
+/// Waits until `done` holds (checking every 20 ms), at most `within`.
+fn wait_for(what: &str, within: Duration, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_state(lb: &Balancer, listener: &str, backend: &str, want: &str) {
+    wait_for(&format!("{listener}/{backend} {want}"), Duration::from_secs(15), || lb.state(listener, backend) == want);
+}
+
+/// Which broker (index) each of `{prefix}-0..n` landed on, from the brokers' logs.
+fn landed(lab: &LabGuard, prefix: &str, n: usize) -> Vec<usize> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut counts = vec![0usize; lab.brokers];
+        for (b, count) in counts.iter_mut().enumerate() {
+            let ids: BTreeSet<String> = lab.sessions(b).into_iter().map(|s| s.client_id).collect();
+            *count = (0..n).filter(|i| ids.contains(&format!("{prefix}-{i}"))).count();
+        }
+        if counts.iter().sum::<usize>() >= n || Instant::now() > deadline {
+            return counts;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Subscribes, publishes `n` QoS 1 messages with another client through `VIP6:port` (TLS when
+/// `ca` is given, verified against it by the VIP's address), returns how many arrived.
+fn pubsub6(lab: &LabGuard, ca: Option<Vec<u8>>, port: u16, topic: &str, n: usize) -> usize {
+    in_client(lab, || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let opts = |id: &str| {
+                let mut o = MqttOptions::new(id, VIP6.to_string(), port);
+                o.set_keep_alive(Duration::from_secs(30));
+                if let Some(ca) = &ca {
+                    o.set_transport(Transport::Tls(TlsConfiguration::Simple { ca: ca.clone(), alpn: None, client_auth: None }));
+                }
+                o
+            };
+            let (sub, mut sub_loop) = rumqttc::AsyncClient::new(opts(&format!("sub6-{port}")), 64);
+            sub.subscribe(topic, QoS::AtLeastOnce).await.expect("subscribe");
+            let deadline = tokio::time::Instant::now() + T;
+            loop {
+                if let Event::Incoming(Packet::SubAck(_)) =
+                    tokio::time::timeout_at(deadline, sub_loop.poll()).await.expect("SUBACK in time").expect("subscriber connection")
+                {
+                    break;
+                }
+            }
+            // The brokers' bridge to b1 needs a moment to learn the subscription.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let (publ, mut pub_loop) = rumqttc::AsyncClient::new(opts(&format!("pub6-{port}")), 64);
+            let base = topic.trim_end_matches("/#").to_owned();
+            let publisher = tokio::spawn(async move {
+                for i in 0..n {
+                    publ.publish(format!("{base}/{i}"), QoS::AtLeastOnce, false, format!("m{i}")).await.expect("publish");
+                }
+                let mut acked = 0;
+                while acked < n {
+                    if let Ok(Event::Incoming(Packet::PubAck(_))) = pub_loop.poll().await {
+                        acked += 1;
+                    }
+                }
+            });
+            let mut got = 0;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while got < n {
+                match tokio::time::timeout_at(deadline, sub_loop.poll()).await {
+                    Ok(Ok(Event::Incoming(Packet::Publish(_)))) => got += 1,
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => panic!("subscriber: {e}"),
+                    Err(_) => break,
+                }
+            }
+            tokio::time::timeout(T, publisher).await.expect("publisher finished").expect("publisher task");
+            got
+        })
+    })
+}
+
+/// IPv6/TCP frames on the balancer's bridge port: to the VIP6, from the VIP6.
+#[derive(Default)]
+struct WireCount {
+    ready: AtomicBool,
+    to_vip: AtomicUsize,
+    from_vip: AtomicUsize,
+}
+
+fn count_on_balancer_wire(lab: &LabGuard, count: &WireCount, stop: &AtomicBool) {
+    in_netns(&lab.ns("sw"), || {
+        let sock = PacketSocket::open("p-lb");
+        count.ready.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_mins(1);
+        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+            let Some(f) = sock.recv() else { continue };
+            if f.len() < 54 || f[12..14] != [0x86, 0xdd] || f[20] != 6 {
+                continue;
+            }
+            if f[38..54] == VIP6.octets() {
+                count.to_vip.fetch_add(1, Ordering::SeqCst);
+            }
+            if f[22..38] == VIP6.octets() {
+                count.from_vip.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    })
+    .expect("switch namespace");
+}
+
+#[test]
+fn ipv6_pubsub_tls_health_checks_and_direct_return() {
+    require_root!();
+    let lab = LabGuard::up(2);
+    let lb = Balancer::start(&lab, &with_tls_checks(&lab, &lab.config_dual(&health())));
+    // The checks reach the brokers over IPv6, by their own address and along the DSR path to
+    // the VIP6 (policy routing of the probe's mark).
+    for b in ["b1", "b2"] {
+        for l in ["mqtt6", "mqtts6", "mqtt"] {
+            wait_state(&lb, l, b, "up");
+        }
+    }
+    let status = lb.status();
+    let l6 = status["listeners"].as_array().and_then(|ls| ls.iter().find(|l| l["name"] == "mqtt6")).expect("mqtt6 in status");
+    assert_eq!(l6["vip"], VIP6.to_string(), "status shows the IPv6 VIP: {l6}");
+
+    assert_eq!(pubsub6(&lab, None, 1883, "v6/plain/#", 20), 20, "MQTT over the IPv6 VIP: messages lost");
+    let ca = std::fs::read(lab.ca_pem()).expect("lab CA");
+    assert_eq!(pubsub6(&lab, Some(ca), 8883, "v6/tls/#", 10), 10, "MQTT over TLS over the IPv6 VIP: messages lost");
+    // IPv4 still works beside it.
+    in_client(&lab, || {
+        MqttConn::connect(None, std::net::SocketAddrV4::new(lab::VIP, 1883), "v4-beside", T).expect("IPv4 VIP beside IPv6").disconnect();
+    });
+
+    // Direct return on the wire: the client's frames to the VIP6 cross the balancer's port,
+    // none from the VIP6 does.
+    let (stop, wire) = (AtomicBool::new(false), WireCount::default());
+    let held = std::thread::scope(|s| {
+        s.spawn(|| count_on_balancer_wire(&lab, &wire, &stop));
+        wait_for("the capture on the balancer's port", T, || wire.ready.load(Ordering::SeqCst));
+        let held = in_client(&lab, || {
+            let mut kept = None;
+            for i in 0..10 {
+                let mut c = MqttConn::connect_ip(None, vip6(1883), &format!("dsr6-{i}"), T).expect("connect via VIP6");
+                for _ in 0..5 {
+                    c.ping().expect("PINGRESP through DSR over IPv6");
+                }
+                if i == 0 {
+                    kept = Some(c);
+                } else {
+                    c.disconnect();
+                }
+            }
+            kept.expect("one session kept")
+        });
+        wait_for("the client's IPv6 frames on the balancer's port", T, || wire.to_vip.load(Ordering::SeqCst) >= 10 * 7);
+        stop.store(true, Ordering::SeqCst);
+        held
+    });
+    let (to_vip, from_vip) = (wire.to_vip.into_inner(), wire.from_vip.into_inner());
+    assert!(to_vip >= 10 * 7, "client-to-VIP6 frames must cross the balancer: saw {to_vip}");
+    assert_eq!(from_vip, 0, "broker-to-client IPv6 frames crossed the balancer's wire");
+    let all: Vec<_> = (0..lab.brokers).flat_map(|b| lab.sessions(b)).filter(|s| s.client_id.starts_with("dsr6-")).collect();
+    assert_eq!(all.len(), 10, "{all:?}");
+    assert!(all.iter().all(|s| s.from.ip() == CLIENT6), "brokers saw {all:?}");
+
+    // `dsrlb flow` names the held IPv6 flow readably, from the flow table.
+    let (ok, out, err) = lb.cli(&["flow", &held.local.to_string(), &vip6(1883).to_string(), "--json"]);
+    assert!(ok, "dsrlb flow over IPv6: {err}");
+    let flow: serde_json::Value = serde_json::from_str(&out).expect("flow JSON");
+    assert_eq!(flow["source"], "flow table", "{flow}");
+    assert_eq!(flow["listener"], "mqtt6", "{flow}");
+    let broker = lab.broker_of("dsr6-0").expect("dsr6-0 logged");
+    assert_eq!(flow["backend"], format!("b{}", broker + 1), "dsrlb flow names the broker that has the session: {flow}");
+    held.disconnect();
+}
+
+#[test]
+fn ipv6_connections_spread_over_brokers() {
+    require_root!();
+    let lab = LabGuard::up(2);
+    let _lb = Balancer::start(&lab, &lab.config_dual("check = \"none\""));
+    in_client(&lab, || {
+        for i in 0..200 {
+            MqttConn::connect_ip(None, vip6(1883), &format!("spread6-{i}"), T).unwrap_or_else(|e| panic!("spread6-{i}: {e}")).disconnect();
+        }
+    });
+    let counts = landed(&lab, "spread6", 200);
+    assert_eq!(counts.iter().sum::<usize>(), 200, "{counts:?}");
+    for (b, n) in counts.iter().enumerate() {
+        assert!(*n >= 60, "broker b{} got {n} of 200 IPv6 connections (< 30%): {counts:?}", b + 1);
+    }
+}
+
+#[test]
+fn ipv6_only_backends_resolve_by_ndp_and_a_broker_failure_keeps_the_others_sessions() {
+    require_root!();
+    let lab = LabGuard::up(2);
+    // Backends named by their IPv6 address alone: their MACs can only come from NDP.
+    let lb = Balancer::start(&lab, &with_tls_checks(&lab, &lab.config_v6_only(&health())));
+    for b in ["b1", "b2"] {
+        wait_state(&lb, "mqtt6", b, "up");
+    }
+    // "up" needs a MAC ("no-mac" before): here only NDP could have given it.
+    let status = lb.status();
+    let l6 = status["listeners"].as_array().and_then(|ls| ls.iter().find(|l| l["name"] == "mqtt6")).expect("mqtt6 in status");
+    for b in l6["backends"].as_array().expect("backends in status") {
+        assert!(b["mac"].as_str().is_some_and(|m| m.len() == 17 && m != "unresolved"), "backend resolved by NDP: {b}");
+        assert!(b["address"].is_null() && b["address6"].is_string(), "an IPv6-only backend: {b}");
+    }
+    let held: Vec<(String, MqttConn)> = in_client(&lab, || {
+        (0..40)
+            .map(|i| {
+                let id = format!("held6-{i}");
+                let c = MqttConn::connect_ip(None, vip6(1883), &id, T).unwrap_or_else(|e| panic!("{id}: {e}"));
+                (id, c)
+            })
+            .collect()
+    });
+    let counts = landed(&lab, "held6", 40);
+    assert!(counts.iter().all(|&n| n > 0), "held sessions on both brokers: {counts:?}");
+
+    // b2 dies: its listener pairs go down; every session on b1 lives on, and new sessions go
+    // to b1.
+    lab.stop_broker(1).expect("stopping b2");
+    wait_state(&lb, "mqtt6", "b2", "down");
+    let on_b1: Vec<&(String, MqttConn)> = held.iter().filter(|(id, _)| lab.broker_of(id) == Some(0)).collect();
+    assert_eq!(on_b1.len(), counts[0]);
+    in_client(&lab, || {
+        for (id, c) in &held {
+            if lab.broker_of(id) == Some(0) {
+                let mut s = c.stream.try_clone().expect("clone");
+                std::io::Write::write_all(&mut s, &lb_userspace::mqtt::PINGREQ).expect("PINGREQ");
+                let mut resp = [0u8; 2];
+                std::io::Read::read_exact(&mut s, &mut resp).unwrap_or_else(|e| panic!("{id} on b1 lost after b2 died: {e}"));
+                assert_eq!(resp, lb_userspace::mqtt::PINGRESP, "{id}");
+            }
+        }
+        for i in 0..20 {
+            MqttConn::connect_ip(None, vip6(1883), &format!("after6-{i}"), T)
+                .unwrap_or_else(|e| panic!("new session after6-{i} with b2 down: {e}"))
+                .disconnect();
+        }
+    });
+    assert_eq!(landed(&lab, "after6", 20)[0], 20, "new IPv6 sessions all go to the live broker");
+}
+
+/// A neighbour solicitation from `src` (MAC `src_mac`) for `target`, to its solicited-node
+/// multicast group.
+fn neighbour_solicitation(src_mac: [u8; 6], src: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
+    let t = target.octets();
+    let group = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00 | u16::from(t[13]), u16::from_be_bytes([t[14], t[15]]));
+    let mut icmp = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&t);
+    icmp.extend_from_slice(&[1, 1]);
+    icmp.extend_from_slice(&src_mac);
+    let mut pseudo = 0u32;
+    for w in src.octets().chunks(2).chain(group.octets().chunks(2)) {
+        pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    pseudo += u32::try_from(icmp.len()).expect("fits") + 58;
+    let csum = checksum(&icmp, pseudo);
+    icmp[2..4].copy_from_slice(&csum.to_be_bytes());
+    let mut f = vec![0x33, 0x33, 0xff, t[13], t[14], t[15]];
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend_from_slice(&u16::try_from(icmp.len()).expect("fits").to_be_bytes());
+    f.extend_from_slice(&[58, 255]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&group.octets());
+    f.extend_from_slice(&icmp);
+    f
+}
+
+#[test]
+fn brokers_do_not_answer_neighbour_solicitations_for_the_vip6() {
+    require_root!();
+    let lab = LabGuard::up(2);
+    let link = lab.exec(&lab.ns("client"), "ip", &["-j", "link", "show", "eth0"]).expect("ip link");
+    let link: serde_json::Value = serde_json::from_str(&link).expect("ip -j");
+    let mac: Vec<u8> = link[0]["address"]
+        .as_str()
+        .expect("client MAC")
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).expect("hex"))
+        .collect();
+    let mac: [u8; 6] = mac.try_into().expect("6 bytes");
+    // The solicitation for the VIP6 first, then one for b1's own address as the control: once
+    // b1's advertisement is back, one for the VIP6 would have been too.
+    let (vip_answers, control) = in_client(&lab, || {
+        let sock = PacketSocket::open("eth0");
+        sock.send(&neighbour_solicitation(mac, CLIENT6, VIP6));
+        sock.send(&neighbour_solicitation(mac, CLIENT6, broker_addr6(0)));
+        let (mut vip_answers, mut control) = (0, false);
+        let deadline = Instant::now() + T;
+        while !control && Instant::now() < deadline {
+            let Some(f) = sock.recv() else { continue };
+            if f.len() >= 78 && f[12..14] == [0x86, 0xdd] && f[20] == 58 && f[54] == 136 {
+                if f[62..78] == VIP6.octets() {
+                    vip_answers += 1;
+                }
+                control |= f[62..78] == broker_addr6(0).octets();
+            }
+        }
+        (vip_answers, control)
+    });
+    assert!(control, "b1 did not advertise its own address: the check cannot tell anything");
+    assert_eq!(vip_answers, 0, "a broker answered a neighbour solicitation for the VIP6 it holds on lo");
+}
