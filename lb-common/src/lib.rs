@@ -137,7 +137,8 @@ pub const fn is_key6(key: &FlowKey) -> bool {
 pub const fn flow_key6(src: &Addr6, dst: &Addr6, sport_be: u16, dport_be: u16, seed: u64) -> FlowKey {
     // Four independent products, then one finaliser: a short dependency chain per frame.
     let x = (src[0] ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (dst[1] ^ seed.rotate_left(17)).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
-    let y = (src[1] ^ seed.rotate_left(32)).wrapping_mul(0xff51_afd7_ed55_8ccd) ^ (dst[0] ^ seed.rotate_left(47)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    let y = (src[1] ^ seed.rotate_left(32)).wrapping_mul(0xff51_afd7_ed55_8ccd)
+        ^ (dst[0] ^ seed.rotate_left(47)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     let h = mix64(x ^ y.rotate_left(31));
     #[expect(clippy::cast_possible_truncation, reason = "the two halves")]
     let (lo, hi) = (h as u32, (h >> 32) as u32);
@@ -745,8 +746,8 @@ const _: () = assert!(core::mem::size_of::<FlowAddrs6>() == 32);
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        ConnRate, ControlState, Counters, FlowAddrs6, FlowBucket, FlowCacheEntry, FlowKey, Layout, ListenerCounters, ListenerInfo, NodeInfo, PortInfo,
-        RealInfo, VipInfo,
+        ConnRate, ControlState, Counters, FlowAddrs6, FlowBucket, FlowCacheEntry, FlowKey, Layout, ListenerCounters, ListenerInfo,
+        NodeInfo, PortInfo, RealInfo, VipInfo,
     };
     // SAFETY: all of these are `#[repr(C)]`, made only of integers, with no padding (asserted
     // above), so every bit pattern is valid.

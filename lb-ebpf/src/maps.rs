@@ -10,9 +10,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr6, ConnRate, ControlState, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FLOW_WAYS, FlowAddrs6,
-    FlowBucket, FlowCacheEntry, Layout,
-    ListenerCounters, ListenerInfo, MAX_LISTENERS, MAX_VIPS, NodeInfo, PORT_SLOTS, PortInfo, REAL_SLOTS, RING_COPIES, RealInfo, RingEntry,
-    VipInfo, flow_table_buckets, reason, ring_entries, table_event,
+    FlowBucket, FlowCacheEntry, Layout, ListenerCounters, ListenerInfo, MAX_LISTENERS, MAX_VIPS, NodeInfo, PORT_SLOTS, PortInfo,
+    REAL_SLOTS, RING_COPIES, RealInfo, RingEntry, VipInfo, flow_table_buckets, reason, ring_entries, table_event,
 };
 
 /// Map flags of the maps the controller reads and writes through memory it maps
@@ -56,8 +55,7 @@ pub static FLOWS: Array<FlowBucket, { flow_table_buckets(DEFAULT_FLOW_TABLE_SIZE
 /// Flow table slot to the addresses of the IPv6 flow it holds (`lb_common::FlowAddrs6`),
 /// resized with `FLOWS`.
 #[btf_map]
-pub static FLOW_ADDRS6: Array<FlowAddrs6, { flow_table_buckets(DEFAULT_FLOW_TABLE_SIZE) as usize * FLOW_WAYS }, MMAPABLE> =
-    Array::new();
+pub static FLOW_ADDRS6: Array<FlowAddrs6, { flow_table_buckets(DEFAULT_FLOW_TABLE_SIZE) as usize * FLOW_WAYS }, MMAPABLE> = Array::new();
 
 /// The maps' layout version and the flow table's hash seed (`lb_common::Layout`), written by the
 /// controller when it makes the maps and pinned with them.

@@ -50,7 +50,8 @@ static BENCH_FLOWS: aya_ebpf::btf_maps::Array<u32, 5> = aya_ebpf::btf_maps::Arra
 
 /// A benchmark and test driver, never attached: gives each run's frame the balancer's MAC and
 /// (unless told to keep them) the next client address and port of a sequence (an untagged IPv4
-/// frame without options: source at offset 26, TCP source port at 34), then tail-calls
+/// frame without options: source at offset 26, TCP source port at 34; an untagged IPv6 frame
+/// without extension headers: the source's last four bytes at 34, the port at 54), then tail-calls
 /// `BENCH_TARGET[0]`. So `BPF_PROG_TEST_RUN` with `repeat` runs the balancer on a new flow
 /// each time (or cycles over `wrap` flows, or runs one frame again and again), and with the
 /// floor as target measures its own cost.
@@ -65,7 +66,8 @@ pub fn xdp_bench_flows(ctx: XdpContext) -> u32 {
     else {
         return xdp_action::XDP_ABORTED;
     };
-    // SAFETY: bytes 0..6, 26..30 and 34..36 are inside the frame (checked above), 2-aligned;
+    // SAFETY: bytes 0..6, and the tuple's (IPv4: 26..30 and 34..36; IPv6: checked below) are
+    // inside the frame (checked above), 2-aligned;
     // `next` is a map value. Runs on two CPUs at once may share a tuple now and then: harmless.
     unsafe {
         let dst = start as *mut u16;
@@ -81,16 +83,36 @@ pub fn xdp_bench_flows(ctx: XdpContext) -> u32 {
         let n = *next;
         let following = n.wrapping_add(1);
         *next = if following == *wrap { 0 } else { following };
-        let src = (start + 26) as *mut u16;
-        let addr = 0x0b00_0000_u32.wrapping_add(n >> 14).to_be_bytes();
-        *src = u16::from_ne_bytes([addr[0], addr[1]]);
-        *src.add(1) = u16::from_ne_bytes([addr[2], addr[3]]);
-        #[expect(clippy::cast_possible_truncation, reason = "below 2^15")]
-        let port = (1024 + 2 * (n & 0x3fff)) as u16;
-        *((start + 34) as *mut u16) = port.to_be();
+        // An untagged IPv6 frame (EtherType 0x86dd, no extension headers): the last four
+        // bytes of the source address (offset 34) and the TCP source port (offset 54).
+        if *((start + 12) as *const u16) == 0x86dd_u16.to_be() {
+            if start + 56 > ctx.data_end() {
+                return xdp_action::XDP_ABORTED;
+            }
+            stamp((start + 34) as *mut u16, (start + 54) as *mut u16, n);
+        } else {
+            stamp((start + 26) as *mut u16, (start + 34) as *mut u16, n);
+        }
         BENCH_TARGET.tail_call(&ctx, 0);
     }
     xdp_action::XDP_ABORTED
+}
+
+/// Writes run `n`'s client address (its last four bytes, 11.0.0.0 + `n` / 16384) and port.
+///
+/// # Safety
+/// `src` must point at four writable bytes and `port` at two, inside the frame.
+#[inline(always)]
+unsafe fn stamp(src: *mut u16, port: *mut u16, n: u32) {
+    let addr = 0x0b00_0000_u32.wrapping_add(n >> 14).to_be_bytes();
+    #[expect(clippy::cast_possible_truncation, reason = "below 2^15")]
+    let p = (1024 + 2 * (n & 0x3fff)) as u16;
+    // SAFETY: as the caller promises.
+    unsafe {
+        *src = u16::from_ne_bytes([addr[0], addr[1]]);
+        *src.add(1) = u16::from_ne_bytes([addr[2], addr[3]]);
+        *port = p.to_be();
+    }
 }
 
 /// Passes everything. Attached to the receiving peer of a veth pair, it makes the kernel deliver

@@ -455,6 +455,10 @@ pub fn parse(text: &str, file: &str) -> Result<Config, LoadError> {
     Ok(Validator { text, file }.config(raw)?)
 }
 
+/// Backend name to where it is in the file: its index among the backends, and the offset of
+/// its name.
+type Places = BTreeMap<String, (usize, usize)>;
+
 struct Validator<'a> {
     text: &'a str,
     file: &'a str,
@@ -778,7 +782,7 @@ impl Validator<'_> {
 
     /// The backends, sorted by name, and where each is in the file: its index there and the
     /// offset of its name.
-    fn backends(&self, raw: Vec<Spanned<RawBackend>>) -> Result<(Vec<Backend>, BTreeMap<String, (usize, usize)>), ConfigError> {
+    fn backends(&self, raw: Vec<Spanned<RawBackend>>) -> Result<(Vec<Backend>, Places), ConfigError> {
         let mut places = BTreeMap::new();
         if raw.len() > MAX_BACKENDS as usize {
             let span = raw[MAX_BACKENDS as usize].span();
@@ -844,7 +848,7 @@ impl Validator<'_> {
     fn listeners(
         &self,
         raw: Vec<Spanned<RawListener>>,
-        (backends, places): (&[Backend], &BTreeMap<String, (usize, usize)>),
+        (backends, places): (&[Backend], &Places),
         defaults: &Health,
         backend_health: &BTreeMap<String, Spanned<RawHealth>>,
         flow_idle_timeout: Duration,
@@ -866,25 +870,8 @@ impl Validator<'_> {
             if !names.insert(name.clone()) {
                 return Err(self.err(&l.name.span(), f("name"), format!("duplicate listener name {name:?}")));
             }
-            let vip: IpAddr = l
-                .vip
-                .get_ref()
-                .parse()
-                .map_err(|_| self.err(&l.vip.span(), f("vip"), format!("{:?} is not an IPv4 or IPv6 address", l.vip.get_ref())))?;
-            if !host_address(vip) {
-                return Err(self.err(&l.vip.span(), f("vip"), format!("{vip} cannot be a VIP")));
-            }
-            let source_prefix64 = match &l.source_prefix {
-                None => false,
-                Some(p) if !vip.is_ipv6() || l.hash != HashMode::Source => {
-                    return Err(self.err(&p.span(), f("source_prefix"), "only for an IPv6 VIP with hash = \"source\""));
-                }
-                Some(p) => match *p.get_ref() {
-                    64 => true,
-                    128 => false,
-                    n => return Err(self.err(&p.span(), f("source_prefix"), format!("{n}: must be 64 or 128"))),
-                },
-            };
+            let vip = self.vip(&l.vip, &f("vip"))?;
+            let source_prefix64 = self.source_prefix(&l, i, vip)?;
             let port = *l.port.get_ref();
             if port == 0 {
                 return Err(self.err(&l.port.span(), f("port"), "must be between 1 and 65535"));
@@ -919,24 +906,7 @@ impl Validator<'_> {
                 let span = l.backends.as_ref().map_or_else(|| l.name.span(), Spanned::span);
                 return Err(self.err(&span, f("backends"), "a listener needs at least one backend (a [[backend]] to name)"));
             }
-            for (j, m) in members.iter().enumerate() {
-                let b = backends.iter().find(|b| &b.name == m).expect("member is a backend");
-                if b.address_for(vip).is_none() {
-                    let span = l.backends.as_ref().map_or_else(|| l.vip.span(), |list| list.get_ref()[j].span());
-                    let (family, field) = if vip.is_ipv6() { ("IPv6", "address6") } else { ("IPv4", "address") };
-                    let (index, at) = places[&b.name];
-                    return Err(self.err(
-                        &span,
-                        f("backends"),
-                        format!(
-                            "backend {:?} has no {family} address for VIP {vip}: give it one (backend[{index}].{field}, line {}), or \
-                             list this listener's backends without it",
-                            b.name,
-                            self.line(at)
-                        ),
-                    ));
-                }
-            }
+            self.families(&l, i, vip, &members, (backends, places))?;
             if let Some(b) = backends.iter().find(|b| b.address.map(IpAddr::V4) == Some(vip) || b.address6.map(IpAddr::V6) == Some(vip)) {
                 return Err(self.err(
                     &l.vip.span(),
@@ -965,9 +935,79 @@ impl Validator<'_> {
             };
             let conn_rate = self.conn_rate(l.max_conn_rate.as_ref(), l.max_conn_burst.as_ref(), &f)?;
             let failure = self.failure(&failure, l.on_down, l.on_down_grace.as_ref(), l.all_down, &format!("listener[{i}]."))?;
-            out.push(Listener { name, vip, port, hash: l.hash, source_prefix64, flow_idle_timeout, conn_rate, failure, backends: members, health });
+            out.push(Listener {
+                name,
+                vip,
+                port,
+                hash: l.hash,
+                source_prefix64,
+                flow_idle_timeout,
+                conn_rate,
+                failure,
+                backends: members,
+                health,
+            });
         }
         Ok(out)
+    }
+
+    /// A listener's `vip`: an address of either family that can be one.
+    fn vip(&self, raw: &Spanned<String>, field: &str) -> Result<IpAddr, ConfigError> {
+        let vip: IpAddr = raw
+            .get_ref()
+            .parse()
+            .map_err(|_| self.err(&raw.span(), field, format!("{:?} is not an IPv4 or IPv6 address", raw.get_ref())))?;
+        if !host_address(vip) {
+            return Err(self.err(&raw.span(), field, format!("{vip} cannot be a VIP")));
+        }
+        Ok(vip)
+    }
+
+    /// `source_prefix`: 64 (true) or 128, only for an IPv6 VIP with `hash = "source"`.
+    fn source_prefix(&self, listener: &RawListener, index: usize, vip: IpAddr) -> Result<bool, ConfigError> {
+        let f = |name: &str| format!("listener[{index}].{name}");
+        Ok(match &listener.source_prefix {
+            None => false,
+            Some(p) if !vip.is_ipv6() || listener.hash != HashMode::Source => {
+                return Err(self.err(&p.span(), f("source_prefix"), "only for an IPv6 VIP with hash = \"source\""));
+            }
+            Some(p) => match *p.get_ref() {
+                64 => true,
+                128 => false,
+                n => return Err(self.err(&p.span(), f("source_prefix"), format!("{n}: must be 64 or 128"))),
+            },
+        })
+    }
+
+    /// Every member of listener `i` has an address of its VIP's family.
+    fn families(
+        &self,
+        l: &RawListener,
+        i: usize,
+        vip: IpAddr,
+        members: &[String],
+        (backends, places): (&[Backend], &Places),
+    ) -> Result<(), ConfigError> {
+        let f = |name: &str| format!("listener[{i}].{name}");
+        for (j, m) in members.iter().enumerate() {
+            let b = backends.iter().find(|b| &b.name == m).expect("member is a backend");
+            if b.address_for(vip).is_none() {
+                let span = l.backends.as_ref().map_or_else(|| l.vip.span(), |list| list.get_ref()[j].span());
+                let (family, field) = if vip.is_ipv6() { ("IPv6", "address6") } else { ("IPv4", "address") };
+                let (index, at) = places[&b.name];
+                return Err(self.err(
+                    &span,
+                    f("backends"),
+                    format!(
+                        "backend {:?} has no {family} address for VIP {vip}: give it one (backend[{index}].{field}, line {}), or \
+                         list this listener's backends without it",
+                        b.name,
+                        self.line(at)
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn name(&self, s: &Spanned<String>, field: &str) -> Result<String, ConfigError> {
@@ -984,11 +1024,7 @@ fn host_address(a: IpAddr) -> bool {
     match a {
         IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_multicast() || v4.is_loopback() || v4.octets()[0] >= 240),
         IpAddr::V6(v6) => {
-            !(v6.is_unspecified()
-                || v6.is_multicast()
-                || v6.is_loopback()
-                || v6.is_unicast_link_local()
-                || v6.to_ipv4_mapped().is_some())
+            !(v6.is_unspecified() || v6.is_multicast() || v6.is_loopback() || v6.is_unicast_link_local() || v6.to_ipv4_mapped().is_some())
         }
     }
 }

@@ -4,8 +4,8 @@
 //! compare-and-swap on its state word).
 
 use lb_common::{
-    FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_LIVE, FLOW_S_REAL, FLOW_WAYS, FlowAddrs6, FlowKey, flow_buckets,
-    flow_idle, flow_meta, flow_meta_split, flow_state, is_key6,
+    FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_LIVE, FLOW_S_REAL, FLOW_WAYS, FlowAddrs6, FlowKey,
+    flow_buckets, flow_idle, flow_meta, flow_meta_split, flow_state, is_key6,
 };
 
 use crate::mapped::Mapped;
@@ -236,6 +236,7 @@ impl FlowTable {
     /// never over an open confirmed one. `now` and `expire`: the clock's age and the idle units
     /// from which a flow is expired.
     #[must_use]
+    #[expect(clippy::too_many_arguments, reason = "a flow (key, addresses), where it goes, and the clock")]
     pub fn merge(&self, key: &FlowKey, addrs6: Option<&FlowAddrs6>, real: u32, closing: bool, age: u32, now: u32, expire: u32) -> Merged {
         let flags = FLOW_S_CONFIRMED | if closing { FLOW_S_CLOSING } else { 0 };
         let (_, ports) = key.words();

@@ -187,9 +187,8 @@ impl Jitter {
 
 /// Runs probes for `t` every `inter` (± 10%) until the receiver is gone or the task aborted.
 pub async fn run(t: Target, tx: mpsc::Sender<Report>) {
-    let seed = lb_common::mix64(
-        u64::from(t.mark) ^ (ip_word(t.vip.ip()) << 16) ^ u64::from(t.vip.port()) ^ u64::from(std::process::id()) << 40,
-    );
+    let seed =
+        lb_common::mix64(u64::from(t.mark) ^ (ip_word(t.vip.ip()) << 16) ^ u64::from(t.vip.port()) ^ u64::from(std::process::id()) << 40);
     let mut jitter = Jitter(seed | 1);
     // Spread the first probes over one interval.
     let first = Duration::from_millis(jitter.next() % u64::try_from(t.health.inter.as_millis()).unwrap_or(1).max(1));

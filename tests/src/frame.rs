@@ -1,6 +1,7 @@
 //! Builds Ethernet frames for packet fixtures: IPv4 with TCP, UDP or ICMP (echo, and errors that
-//! quote a datagram), VLAN tags, IP options, fragments, ARP and IPv6. Checksums are real, so
-//! frames are what a wire would carry.
+//! quote a datagram), VLAN tags, IP options, fragments, ARP, and IPv6 with TCP, UDP or ICMPv6
+//! (echo, neighbour discovery, "packet too big" quoting a packet), extension headers and fragment
+//! headers. Checksums are real, so frames are what a wire would carry.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -226,4 +227,289 @@ pub fn ipv6_tcp(src: Ipv6Addr, dst: Ipv6Addr, dport: u16) -> Vec<u8> {
     t[13] = TCP_SYN;
     f.extend_from_slice(&t);
     f
+}
+
+/// ICMPv6 types the fixtures use.
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_NEIGHBOR_SOLICIT: u8 = 135;
+pub const ICMPV6_NEIGHBOR_ADVERT: u8 = 136;
+
+/// IPv6 extension header kinds (next header values) the builder can write.
+pub const IPV6_HOPOPTS: u8 = 0;
+pub const IPV6_ROUTING: u8 = 43;
+pub const IPV6_FRAGMENT: u8 = 44;
+pub const IPV6_DSTOPTS: u8 = 60;
+
+/// The L4 part of an IPv6 frame.
+#[derive(Clone, Debug)]
+pub enum L4v6 {
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    /// An ICMPv6 message: type, code, the 32-bit word after the checksum (the MTU of "packet too
+    /// big", identifier and sequence of an echo, the flags of a neighbour advertisement), and
+    /// the message body after it.
+    Icmp {
+        kind: u8,
+        code: u8,
+        mtu_or_rest: u32,
+        body: Vec<u8>,
+    },
+}
+
+/// One IPv6 extension header: its kind (hop-by-hop 0, routing 43 or destination options 60) and
+/// its length in 8-byte units not counting the first 8 (the header's own length field).
+#[derive(Clone, Copy, Debug)]
+pub struct ExtHeader {
+    pub kind: u8,
+    pub len: u8,
+}
+
+/// An IPv6 fragment header: the offset in 8-byte units and the "more fragments" flag.
+#[derive(Clone, Copy, Debug)]
+pub struct Fragment6 {
+    pub offset: u16,
+    pub more: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Ipv6Frame {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    /// (TPID, TCI) of one VLAN tag.
+    pub vlan: Option<(u16, u16)>,
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub hop_limit: u8,
+    /// Extension headers in order, before the fragment header (if any) and the L4 header.
+    pub ext: Vec<ExtHeader>,
+    pub frag: Option<Fragment6>,
+    pub l4: L4v6,
+    pub payload: Vec<u8>,
+}
+
+impl Ipv6Frame {
+    /// A TCP segment from `[src]:sport` to `[dst]:dport`, sent to the balancer's MAC.
+    #[must_use]
+    pub fn tcp(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: u8) -> Self {
+        Self {
+            dst_mac: LB_MAC,
+            src_mac: CLIENT_MAC,
+            vlan: None,
+            src,
+            dst,
+            hop_limit: 64,
+            ext: Vec::new(),
+            frag: None,
+            l4: L4v6::Tcp { sport, dport, flags },
+            payload: Vec::new(),
+        }
+    }
+
+    /// A UDP datagram, sent to the balancer's MAC.
+    #[must_use]
+    pub fn udp(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Self {
+        Self { l4: L4v6::Udp { sport, dport }, ..Self::tcp(src, sport, dst, dport, 0) }
+    }
+
+    /// An ICMPv6 message, sent to the balancer's MAC.
+    #[must_use]
+    pub fn icmp(src: Ipv6Addr, dst: Ipv6Addr, kind: u8, code: u8, mtu_or_rest: u32, body: Vec<u8>) -> Self {
+        Self { l4: L4v6::Icmp { kind, code, mtu_or_rest, body }, ..Self::tcp(src, 0, dst, 0, 0) }
+    }
+
+    /// An echo request (identifier 1, sequence 1).
+    #[must_use]
+    pub fn echo_request(src: Ipv6Addr, dst: Ipv6Addr) -> Self {
+        Self::icmp(src, dst, ICMPV6_ECHO_REQUEST, 0, 0x0001_0001, b"ping".to_vec())
+    }
+
+    /// A neighbour solicitation from `src` for `target`, to the target's solicited-node multicast
+    /// address and its multicast MAC (33:33:ff:xx:xx:xx), with a source link-layer option.
+    #[must_use]
+    pub fn neighbor_solicit(src: Ipv6Addr, target: Ipv6Addr) -> Self {
+        let t = target.octets();
+        let group = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00 | u16::from(t[13]), u16::from_be_bytes([t[14], t[15]]));
+        let mut body = t.to_vec();
+        body.extend_from_slice(&[1, 1]);
+        body.extend_from_slice(&CLIENT_MAC);
+        let mut f = Self::icmp(src, group, ICMPV6_NEIGHBOR_SOLICIT, 0, 0, body);
+        f.dst_mac = [0x33, 0x33, 0xff, t[13], t[14], t[15]];
+        f.hop_limit = 255;
+        f
+    }
+
+    /// A solicited neighbour advertisement from `src` (for its own address) to `dst`, with a
+    /// target link-layer option.
+    #[must_use]
+    pub fn neighbor_advert(src: Ipv6Addr, dst: Ipv6Addr, mac: [u8; 6]) -> Self {
+        let mut body = src.octets().to_vec();
+        body.extend_from_slice(&[2, 1]);
+        body.extend_from_slice(&mac);
+        let mut f = Self::icmp(src, dst, ICMPV6_NEIGHBOR_ADVERT, 0, 0x6000_0000, body); // solicited, override
+        f.hop_limit = 255;
+        f
+    }
+
+    /// ICMPv6 "packet too big" (MTU `mtu`) from `router` to the source of `offending`, quoting
+    /// its IPv6 header and the first `quote_bytes` after it, sent to the balancer's MAC.
+    #[must_use]
+    pub fn packet_too_big(router: Ipv6Addr, offending: &Self, mtu: u32, quote_bytes: usize) -> Self {
+        let packet = offending.datagram();
+        let quoted = packet[..(40 + quote_bytes).min(packet.len())].to_vec();
+        Self::icmp(router, offending.src, ICMPV6_PACKET_TOO_BIG, 0, mtu, quoted)
+    }
+
+    /// The IPv6 packet of this frame (no Ethernet header or VLAN tag).
+    #[must_use]
+    pub fn datagram(&self) -> Vec<u8> {
+        let f = self.build();
+        f[14 + if self.vlan.is_some() { 4 } else { 0 }..].to_vec()
+    }
+
+    /// The next header value of the L4 part.
+    const fn l4_proto(&self) -> u8 {
+        match self.l4 {
+            L4v6::Tcp { .. } => 6,
+            L4v6::Udp { .. } => 17,
+            L4v6::Icmp { .. } => 58,
+        }
+    }
+
+    #[must_use]
+    pub fn build(&self) -> Vec<u8> {
+        let mut f = Vec::with_capacity(128);
+        f.extend_from_slice(&self.dst_mac);
+        f.extend_from_slice(&self.src_mac);
+        if let Some((tpid, tci)) = self.vlan {
+            f.extend_from_slice(&tpid.to_be_bytes());
+            f.extend_from_slice(&tci.to_be_bytes());
+        }
+        f.extend_from_slice(&0x86ddu16.to_be_bytes());
+
+        // The chain: each header names the one after it.
+        let mut kinds: Vec<u8> = self.ext.iter().map(|e| e.kind).collect();
+        if self.frag.is_some() {
+            kinds.push(IPV6_FRAGMENT);
+        }
+        kinds.push(self.l4_proto());
+        let mut headers = Vec::new();
+        for (i, e) in self.ext.iter().enumerate() {
+            headers.extend_from_slice(&self.ext_bytes(*e, kinds[i + 1]));
+        }
+        if let Some(frag) = self.frag {
+            let next = kinds[kinds.len() - 1];
+            let word = (frag.offset << 3) | u16::from(frag.more);
+            headers.extend_from_slice(&[next, 0]);
+            headers.extend_from_slice(&word.to_be_bytes());
+            headers.extend_from_slice(&0x0bad_cafe_u32.to_be_bytes());
+        }
+        let l4 = self.l4_bytes();
+        let payload_len = u16::try_from(headers.len() + l4.len()).expect("packet fits");
+
+        f.extend_from_slice(&0x6000_0000_u32.to_be_bytes());
+        f.extend_from_slice(&payload_len.to_be_bytes());
+        f.push(kinds[0]);
+        f.push(self.hop_limit);
+        f.extend_from_slice(&self.src.octets());
+        f.extend_from_slice(&self.dst.octets());
+        f.extend_from_slice(&headers);
+        f.extend_from_slice(&l4);
+        f
+    }
+
+    /// One extension header, `(len + 1) * 8` bytes: options headers padded with PadN, a routing
+    /// header of type 4 (segment routing) with segments left 0 that lists the destination.
+    fn ext_bytes(&self, e: ExtHeader, next: u8) -> Vec<u8> {
+        let total = (usize::from(e.len) + 1) * 8;
+        let mut h = vec![next, e.len];
+        match e.kind {
+            IPV6_HOPOPTS | IPV6_DSTOPTS => {
+                let mut rest = total - 2;
+                while rest > 0 {
+                    if rest == 1 {
+                        h.push(0); // Pad1
+                        rest = 0;
+                    } else {
+                        let mut n = rest.min(257);
+                        if rest - n == 1 {
+                            n -= 1;
+                        }
+                        h.extend_from_slice(&[1, u8::try_from(n - 2).expect("PadN length")]);
+                        h.resize(h.len() + n - 2, 0);
+                        rest -= n;
+                    }
+                }
+            }
+            IPV6_ROUTING => {
+                let segments = usize::from(e.len / 2);
+                // Type 4, segments left 0, last entry, flags, tag.
+                h.extend_from_slice(&[4, 0, u8::try_from(segments.saturating_sub(1)).expect("fits"), 0, 0, 0]);
+                for _ in 0..segments {
+                    h.extend_from_slice(&self.dst.octets());
+                }
+                h.resize(total, 0);
+            }
+            other => panic!("extension header kind {other} is not one the builder writes"),
+        }
+        assert_eq!(h.len(), total);
+        h
+    }
+
+    fn l4_bytes(&self) -> Vec<u8> {
+        let mut seg = match &self.l4 {
+            L4v6::Tcp { sport, dport, flags } => {
+                let mut t = vec![0u8; 20];
+                t[0..2].copy_from_slice(&sport.to_be_bytes());
+                t[2..4].copy_from_slice(&dport.to_be_bytes());
+                t[4..8].copy_from_slice(&1000u32.to_be_bytes());
+                if flags & TCP_ACK != 0 {
+                    t[8..12].copy_from_slice(&2000u32.to_be_bytes());
+                }
+                t[12] = 5 << 4;
+                t[13] = *flags;
+                t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+                t
+            }
+            L4v6::Udp { sport, dport } => {
+                let mut u = vec![0u8; 8];
+                u[0..2].copy_from_slice(&sport.to_be_bytes());
+                u[2..4].copy_from_slice(&dport.to_be_bytes());
+                u[4..6].copy_from_slice(&u16::try_from(8 + self.payload.len()).expect("fits").to_be_bytes());
+                u
+            }
+            L4v6::Icmp { kind, code, mtu_or_rest, body } => {
+                let mut m = vec![*kind, *code, 0, 0];
+                m.extend_from_slice(&mtu_or_rest.to_be_bytes());
+                m.extend_from_slice(body);
+                m
+            }
+        };
+        seg.extend_from_slice(&self.payload);
+        let csum_at = match self.l4 {
+            L4v6::Tcp { .. } => 16,
+            L4v6::Udp { .. } => 6,
+            L4v6::Icmp { .. } => 2,
+        };
+        // The pseudo-header: source, destination, upper-layer length (32 bits), next header.
+        let mut pseudo = 0u32;
+        for w in self.src.octets().chunks(2).chain(self.dst.octets().chunks(2)) {
+            pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]));
+        }
+        let len = u32::try_from(seg.len()).expect("fits");
+        pseudo += (len >> 16) + (len & 0xffff) + u32::from(self.l4_proto());
+        let mut csum = checksum(&seg, pseudo);
+        if csum == 0 && matches!(self.l4, L4v6::Udp { .. }) {
+            csum = 0xffff; // zero means "no checksum", which IPv6 UDP may not use
+        }
+        seg[csum_at..csum_at + 2].copy_from_slice(&csum.to_be_bytes());
+        seg
+    }
 }

@@ -36,8 +36,7 @@ fn health() -> String {
 }
 
 fn with_tls_checks(lab: &LabGuard, config: &str) -> String {
-    let tls =
-        format!("health = {{ check = \"mqtt-tls\", tls_ca = \"{}\", tls_server_name = \"{TLS_NAME}\" }}\n", lab.ca_pem().display());
+    let tls = format!("health = {{ check = \"mqtt-tls\", tls_ca = \"{}\", tls_server_name = \"{TLS_NAME}\" }}\n", lab.ca_pem().display());
     config.replace("port = 8883\n", &format!("port = 8883\n{tls}"))
 }
 
@@ -72,15 +71,15 @@ fn landed(lab: &LabGuard, prefix: &str, n: usize) -> Vec<usize> {
 
 /// Subscribes, publishes `n` QoS 1 messages with another client through `VIP6:port` (TLS when
 /// `ca` is given, verified against it by the VIP's address), returns how many arrived.
-fn pubsub6(lab: &LabGuard, ca: Option<Vec<u8>>, port: u16, topic: &str, n: usize) -> usize {
+fn pubsub6(lab: &LabGuard, ca: Option<&[u8]>, port: u16, topic: &str, n: usize) -> usize {
     in_client(lab, || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         rt.block_on(async {
             let opts = |id: &str| {
                 let mut o = MqttOptions::new(id, VIP6.to_string(), port);
                 o.set_keep_alive(Duration::from_secs(30));
-                if let Some(ca) = &ca {
-                    o.set_transport(Transport::Tls(TlsConfiguration::Simple { ca: ca.clone(), alpn: None, client_auth: None }));
+                if let Some(ca) = ca {
+                    o.set_transport(Transport::Tls(TlsConfiguration::Simple { ca: ca.to_vec(), alpn: None, client_auth: None }));
                 }
                 o
             };
@@ -172,7 +171,7 @@ fn ipv6_pubsub_tls_health_checks_and_direct_return() {
 
     assert_eq!(pubsub6(&lab, None, 1883, "v6/plain/#", 20), 20, "MQTT over the IPv6 VIP: messages lost");
     let ca = std::fs::read(lab.ca_pem()).expect("lab CA");
-    assert_eq!(pubsub6(&lab, Some(ca), 8883, "v6/tls/#", 10), 10, "MQTT over TLS over the IPv6 VIP: messages lost");
+    assert_eq!(pubsub6(&lab, Some(&ca), 8883, "v6/tls/#", 10), 10, "MQTT over TLS over the IPv6 VIP: messages lost");
     // IPv4 still works beside it.
     in_client(&lab, || {
         MqttConn::connect(None, std::net::SocketAddrV4::new(lab::VIP, 1883), "v4-beside", T).expect("IPv4 VIP beside IPv6").disconnect();
@@ -324,12 +323,8 @@ fn brokers_do_not_answer_neighbour_solicitations_for_the_vip6() {
     let lab = LabGuard::up(2);
     let link = lab.exec(&lab.ns("client"), "ip", &["-j", "link", "show", "eth0"]).expect("ip link");
     let link: serde_json::Value = serde_json::from_str(&link).expect("ip -j");
-    let mac: Vec<u8> = link[0]["address"]
-        .as_str()
-        .expect("client MAC")
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16).expect("hex"))
-        .collect();
+    let mac: Vec<u8> =
+        link[0]["address"].as_str().expect("client MAC").split(':').map(|b| u8::from_str_radix(b, 16).expect("hex")).collect();
     let mac: [u8; 6] = mac.try_into().expect("6 bytes");
     // The solicitation for the VIP6 first, then one for b1's own address as the control: once
     // b1's advertisement is back, one for the VIP6 would have been too.

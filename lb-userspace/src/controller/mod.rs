@@ -337,7 +337,7 @@ impl Controller {
                 };
                 let address = backend.address_for(l.vip).with_context(|| format!("backend {b}: no address of {}'s family", l.vip))?;
                 if h.vip_check {
-                    routes.entry(id).or_insert_with(BTreeSet::new).insert((l.vip, address));
+                    routes.entry(id).or_default().insert((l.vip, address));
                 }
                 targets.insert(
                     (l.name.clone(), b.clone()),

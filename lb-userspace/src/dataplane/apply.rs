@@ -7,9 +7,9 @@ use anyhow::{Context as _, ensure};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use lb_common::{
     Addr6, ConnRate, Counters, FLOW_CACHE_VALID, LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE, LISTENER_F_IPV6, LISTENER_F_SOURCE_PREFIX64,
-    ListenerCounters, ListenerInfo, MAX_BACKENDS,
-    MAX_LISTENERS, MAX_NODE_MACS, NO_BACKEND, NodeInfo, PortInfo, REAL_F_ACTIVE, REAL_F_DOWN, REAL_SLOTS, RING_COPIES, RING_NONE,
-    RING_SLOTS_PER_ENTRY, RealInfo, RingEntry, VipInfo, mac_word, map_names as names, real_backend, real_id, real_listener, ring_base,
+    ListenerCounters, ListenerInfo, MAX_BACKENDS, MAX_LISTENERS, MAX_NODE_MACS, NO_BACKEND, NodeInfo, PortInfo, REAL_F_ACTIVE, REAL_F_DOWN,
+    REAL_SLOTS, RING_COPIES, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo, RingEntry, VipInfo, mac_word, map_names as names, real_backend,
+    real_id, real_listener, ring_base,
 };
 
 use super::{ApplyReport, ConnRateWanted, Dataplane, Desired, addr6, map_mut};

@@ -14,8 +14,9 @@ use aya::{
     },
 };
 use lb_common::{
-    Addr6, ConnRate, Counters, FLOW_WAYS, LISTENER_F_IPV6, FLOW_CACHE_VALID, LAYOUT_VERSION, Layout, ListenerInfo, MAX_LISTENERS, PORT_SLOTS, PortInfo, REAL_SLOTS,
-    RING_COPIES, RealInfo, RingEntry, VipInfo, flow_table_buckets, map_names as names, ring_base, ring_entries,
+    Addr6, ConnRate, Counters, FLOW_CACHE_VALID, FLOW_WAYS, LAYOUT_VERSION, LISTENER_F_IPV6, Layout, ListenerInfo, MAX_LISTENERS,
+    PORT_SLOTS, PortInfo, REAL_SLOTS, RING_COPIES, RealInfo, RingEntry, VipInfo, flow_table_buckets, map_names as names, ring_base,
+    ring_entries,
 };
 
 use super::{ConnRateWanted, Dataplane, LoadOptions, Written, apply::unpack_ring, map_mut};
@@ -67,7 +68,10 @@ impl Dataplane {
         );
         let buckets = flow_table_buckets(opts.flow_table_size);
         let bucket_mask = buckets - 1;
-        let flow_slots = buckets.checked_mul(FLOW_WAYS as u32).context("flow_table_size too large for the flow addresses map")?;
+        let flow_slots = u32::try_from(FLOW_WAYS)
+            .ok()
+            .and_then(|ways| buckets.checked_mul(ways))
+            .context("flow_table_size too large for the flow addresses map")?;
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(names::RINGS, ring_entries)
@@ -229,10 +233,10 @@ impl Dataplane {
                 let (k, v) = entry?;
                 w.vips6.insert(k, v.listeners);
             }
-            let vip6: Array<&MapData, Addr6> = self.map_ref(names::LISTENER_VIP6)?;
+            let listener_vip6: Array<&MapData, Addr6> = self.map_ref(names::LISTENER_VIP6)?;
             for (&id, info) in &w.listeners {
                 if info.flags & LISTENER_F_IPV6 != 0 {
-                    w.vip6.insert(id, vip6.get(&id, 0)?);
+                    w.vip6.insert(id, listener_vip6.get(&id, 0)?);
                 }
             }
         }

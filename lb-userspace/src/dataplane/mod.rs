@@ -369,17 +369,13 @@ pub fn ipv6_of(a: &Addr6) -> Ipv6Addr {
 #[must_use]
 pub fn flow_key_of(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, seed: u64) -> (FlowKey, Option<FlowAddrs6>) {
     let (sport_be, dport_be) = (u16::from_ne_bytes(sport.to_be_bytes()), u16::from_ne_bytes(dport.to_be_bytes()));
-    match (src, dst) {
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let a = FlowAddrs6 { src: addr6(&s), dst: addr6(&d) };
-            (flow_key6(&a.src, &a.dst, sport_be, dport_be, seed), Some(a))
-        }
-        _ => {
-            let v4 = |a: IpAddr| match a {
-                IpAddr::V4(a) => u32::from_ne_bytes(a.octets()),
-                IpAddr::V6(_) => 0,
-            };
-            (FlowKey { src_be: v4(src), dst_be: v4(dst), sport_be, dport_be }, None)
-        }
+    if let (IpAddr::V6(s), IpAddr::V6(d)) = (src, dst) {
+        let a = FlowAddrs6 { src: addr6(&s), dst: addr6(&d) };
+        return (flow_key6(&a.src, &a.dst, sport_be, dport_be, seed), Some(a));
     }
+    let v4 = |a: IpAddr| match a {
+        IpAddr::V4(a) => u32::from_ne_bytes(a.octets()),
+        IpAddr::V6(_) => 0,
+    };
+    (FlowKey { src_be: v4(src), dst_be: v4(dst), sport_be, dport_be }, None)
 }
