@@ -145,14 +145,38 @@ pub const fn flow_key6(src: &Addr6, dst: &Addr6, sport_be: u16, dport_be: u16, s
     FlowKey { src_be: lo, dst_be: hi | FLOW_KEY6_MARK, sport_be, dport_be }
 }
 
+/// An IPv6 address as the maps hold it: its 16 bytes in wire order (so `bpftool` shows them in
+/// order), 8-aligned so the program reads it as the two words of an [`Addr6`].
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ip6 {
+    pub octets: [u8; 16],
+}
+
+impl Ip6 {
+    #[inline(always)]
+    #[must_use]
+    pub const fn from_words(w: Addr6) -> Self {
+        // SAFETY: 16 bytes to 16 bytes, every bit pattern valid.
+        unsafe { core::mem::transmute::<Addr6, Self>(w) }
+    }
+
+    #[inline(always)]
+    #[must_use]
+    pub const fn words(self) -> Addr6 {
+        // SAFETY: as above.
+        unsafe { core::mem::transmute::<Self, Addr6>(self) }
+    }
+}
+
 /// Value of `FLOW_ADDRS6`, indexed by flow table slot (bucket × [`FLOW_WAYS`] + way): the
 /// addresses of the IPv6 flow in that slot, written after the slot is claimed and before its
 /// state is published (see [`FLOW_WAYS`]). Meaningless for a slot holding an IPv4 flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowAddrs6 {
-    pub src: Addr6,
-    pub dst: Addr6,
+    pub src: Ip6,
+    pub dst: Ip6,
 }
 
 /// Ring slots per `RINGS` entry: four 16-bit real ids in one 8-byte value. An array map
@@ -742,11 +766,12 @@ const _: () = assert!(core::mem::size_of::<ConnRate>() == 32);
 const _: () = assert!(core::mem::size_of::<ControlState>() == 1 << 18);
 const _: () = assert!(core::mem::size_of::<ListenerCounters>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowAddrs6>() == 32);
+const _: () = assert!(core::mem::size_of::<Ip6>() == 16 && core::mem::align_of::<Ip6>() == 8);
 
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        ConnRate, ControlState, Counters, FlowAddrs6, FlowBucket, FlowCacheEntry, FlowKey, Layout, ListenerCounters, ListenerInfo,
+        ConnRate, ControlState, Counters, FlowAddrs6, FlowBucket, FlowCacheEntry, FlowKey, Ip6, Layout, ListenerCounters, ListenerInfo,
         NodeInfo, PortInfo, RealInfo, VipInfo,
     };
     // SAFETY: all of these are `#[repr(C)]`, made only of integers, with no padding (asserted
@@ -765,6 +790,7 @@ mod pod {
     unsafe impl aya::Pod for ControlState {}
     unsafe impl aya::Pod for ListenerCounters {}
     unsafe impl aya::Pod for FlowAddrs6 {}
+    unsafe impl aya::Pod for Ip6 {}
 }
 
 /// 64-bit finaliser (murmur3's fmix64): every input bit affects every output bit.

@@ -83,7 +83,11 @@ impl Segment for Tcp6 {
 
     #[inline(always)]
     fn is_vip(&self, id: u32, info: ListenerInfo) -> bool {
-        info.flags & LISTENER_F_IPV6 != 0 && LISTENER_VIP6.get(id).is_some_and(|vip| vip[0] == self.dst[0] && vip[1] == self.dst[1])
+        info.flags & LISTENER_F_IPV6 != 0
+            && LISTENER_VIP6.get(id).is_some_and(|vip| {
+                let vip = vip.words();
+                vip[0] == self.dst[0] && vip[1] == self.dst[1]
+            })
     }
 
     #[inline(always)]

@@ -15,7 +15,7 @@ mod storm;
 mod table;
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_jiffies64, macros::xdp, programs::XdpContext};
-use lb_common::{real_listener, reason};
+use lb_common::{Ip6, real_listener, reason};
 
 use crate::{
     maps::{CLOCK, VIPS, VIPS6},
@@ -93,7 +93,7 @@ fn try_dsrlb(ctx: &XdpContext) -> Result<(), Verdict> {
         }
         Parsed::Fragment6 { dst } => {
             // SAFETY: read-only use of a map value.
-            if unsafe { VIPS6.get(&dst) }.is_none() {
+            if unsafe { VIPS6.get(&Ip6::from_words(dst)) }.is_none() {
                 return Err(Verdict::PassNoListener);
             }
             node::check(ctx)?;

@@ -9,9 +9,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Addr6, ConnRate, ControlState, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FLOW_WAYS, FlowAddrs6,
-    FlowBucket, FlowCacheEntry, Layout, ListenerCounters, ListenerInfo, MAX_LISTENERS, MAX_VIPS, NodeInfo, PORT_SLOTS, PortInfo,
-    REAL_SLOTS, RING_COPIES, RealInfo, RingEntry, VipInfo, flow_table_buckets, reason, ring_entries, table_event,
+    ConnRate, ControlState, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FLOW_WAYS, FlowAddrs6, FlowBucket,
+    FlowCacheEntry, Ip6, Layout, ListenerCounters, ListenerInfo, MAX_LISTENERS, MAX_VIPS, NodeInfo, PORT_SLOTS, PortInfo, REAL_SLOTS,
+    RING_COPIES, RealInfo, RingEntry, VipInfo, flow_table_buckets, reason, ring_entries, table_event,
 };
 
 /// Map flags of the maps the controller reads and writes through memory it maps
@@ -30,13 +30,13 @@ pub static LISTEN_PORTS: Array<PortInfo, { PORT_SLOTS as usize }, MMAPABLE> = Ar
 #[btf_map]
 pub static VIPS: HashMap<u32, VipInfo, { MAX_VIPS as usize }> = HashMap::new();
 
-/// IPv6 VIP addresses (`lb_common::Addr6`), consulted only for fragments.
+/// IPv6 VIP addresses, consulted only for fragments.
 #[btf_map]
-pub static VIPS6: HashMap<Addr6, VipInfo, { MAX_VIPS as usize }> = HashMap::new();
+pub static VIPS6: HashMap<Ip6, VipInfo, { MAX_VIPS as usize }> = HashMap::new();
 
 /// Listener id to its IPv6 VIP (`lb_common::LISTENER_F_IPV6`; zero for an IPv4 listener).
 #[btf_map]
-pub static LISTENER_VIP6: Array<Addr6, { MAX_LISTENERS as usize }> = Array::new();
+pub static LISTENER_VIP6: Array<Ip6, { MAX_LISTENERS as usize }> = Array::new();
 
 /// Real id (`lb_common::real_id`) to MACs and state.
 #[btf_map]

@@ -4,7 +4,7 @@
 //! compare-and-swap on its state word).
 
 use lb_common::{
-    FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_LIVE, FLOW_S_REAL, FLOW_WAYS, FlowAddrs6, FlowKey,
+    FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_LIVE, FLOW_S_REAL, FLOW_WAYS, FlowAddrs6, FlowKey, Ip6,
     flow_buckets, flow_idle, flow_meta, flow_meta_split, flow_state, is_key6,
 };
 
@@ -108,12 +108,13 @@ impl FlowTable {
     fn load_addrs6(&self, bucket: u32, way: usize) -> FlowAddrs6 {
         let i = slot_index(bucket, way);
         let w = |n: usize| self.addrs6.load(i, n);
-        FlowAddrs6 { src: [w(0), w(1)], dst: [w(2), w(3)] }
+        FlowAddrs6 { src: Ip6::from_words([w(0), w(1)]), dst: Ip6::from_words([w(2), w(3)]) }
     }
 
     fn store_addrs6(&self, bucket: u32, way: usize, a: &FlowAddrs6) {
         let i = slot_index(bucket, way);
-        for (n, w) in [a.src[0], a.src[1], a.dst[0], a.dst[1]].into_iter().enumerate() {
+        let (src, dst) = (a.src.words(), a.dst.words());
+        for (n, w) in [src[0], src[1], dst[0], dst[1]].into_iter().enumerate() {
             self.addrs6.store(i, n, w);
         }
     }

@@ -155,6 +155,12 @@ impl Lab {
         (0..CLIENT_EXTRA_COUNT).map(|k| Ipv4Addr::new(net[0], net[1], net[2], CLIENT_EXTRA_BASE + k)).collect()
     }
 
+    /// The client's IPv6 addresses besides its first (2001:db8::50 ..; single-balancer lab).
+    #[must_use]
+    pub fn client_extra_addrs6(&self) -> Vec<Ipv6Addr> {
+        (0..CLIENT_EXTRA_COUNT).map(|k| Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x50 + u16::from(k))).collect()
+    }
+
     /// Node `i`'s state directory (its configs, sockets, logs, pids).
     #[must_use]
     pub fn node_dir(&self, i: usize) -> PathBuf {
@@ -229,9 +235,15 @@ impl Lab {
     /// as a deployment with a TLS port would be: a plain MQTT probe of a TLS port fails.
     #[must_use]
     pub fn config_tls_checked(&self, health: &str) -> String {
+        self.tls_checked(&self.config(health))
+    }
+
+    /// `config` with every TLS listener (8883) checked by `mqtt-tls` against the lab CA.
+    #[must_use]
+    pub fn tls_checked(&self, config: &str) -> String {
         let tls =
             format!("health = {{ check = \"mqtt-tls\", tls_ca = \"{}\", tls_server_name = \"{TLS_NAME}\" }}\n", self.ca_pem().display());
-        self.config(health).replace("port = 8883\n", &format!("port = 8883\n{tls}"))
+        config.replace("port = 8883\n", &format!("port = 8883\n{tls}"))
     }
 
     /// Brings the lab up. Idempotent: a healthy lab is left as it is; anything else is torn
@@ -298,6 +310,9 @@ impl Lab {
         } else {
             for a in self.client_extra_addrs() {
                 Self::ip(&client, &["addr", "add", &format!("{a}/24"), "dev", "eth0"])?;
+            }
+            for a in self.client_extra_addrs6() {
+                Self::ip(&client, &["-6", "addr", "add", &format!("{a}/64"), "dev", "eth0", "nodad"])?;
             }
             // The client reaches the VIPs through the balancer.
             for vip in [VIP, VIP_INTERNAL] {

@@ -14,7 +14,7 @@ use rumqttc::{Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use tests::{
     client::{Balancer, MqttConn},
     frame::checksum,
-    lab::{self, CLIENT6, LabGuard, TLS_NAME, VIP6, broker_addr6},
+    lab::{self, CLIENT6, LabGuard, VIP6, broker_addr6},
     netns::{PacketSocket, in_netns},
     require_root,
 };
@@ -33,11 +33,6 @@ fn in_client<R: Send>(lab: &LabGuard, f: impl FnOnce() -> R + Send) -> R {
 /// with the DSR-path VIP probe (on by default).
 fn health() -> String {
     "check = \"mqtt\"\ninter = \"300ms\"\ntimeout = \"250ms\"\nfall = 2\nrise = 1".to_owned()
-}
-
-fn with_tls_checks(lab: &LabGuard, config: &str) -> String {
-    let tls = format!("health = {{ check = \"mqtt-tls\", tls_ca = \"{}\", tls_server_name = \"{TLS_NAME}\" }}\n", lab.ca_pem().display());
-    config.replace("port = 8883\n", &format!("port = 8883\n{tls}"))
 }
 
 /// Waits until `done` holds (checking every 20 ms), at most `within`.
@@ -157,7 +152,7 @@ fn count_on_balancer_wire(lab: &LabGuard, count: &WireCount, stop: &AtomicBool) 
 fn ipv6_pubsub_tls_health_checks_and_direct_return() {
     require_root!();
     let lab = LabGuard::up(2);
-    let lb = Balancer::start(&lab, &with_tls_checks(&lab, &lab.config_dual(&health())));
+    let lb = Balancer::start(&lab, &lab.tls_checked(&lab.config_dual(&health())));
     // The checks reach the brokers over IPv6, by their own address and along the DSR path to
     // the VIP6 (policy routing of the probe's mark).
     for b in ["b1", "b2"] {
@@ -242,7 +237,7 @@ fn ipv6_only_backends_resolve_by_ndp_and_a_broker_failure_keeps_the_others_sessi
     require_root!();
     let lab = LabGuard::up(2);
     // Backends named by their IPv6 address alone: their MACs can only come from NDP.
-    let lb = Balancer::start(&lab, &with_tls_checks(&lab, &lab.config_v6_only(&health())));
+    let lb = Balancer::start(&lab, &lab.tls_checked(&lab.config_v6_only(&health())));
     for b in ["b1", "b2"] {
         wait_state(&lb, "mqtt6", b, "up");
     }

@@ -13,7 +13,7 @@ use std::{
     net::{IpAddr, Ipv6Addr},
 };
 
-use lb_common::{FlowAddrs6, flow_hash6, is_key6, real_backend, reason, ring_slot, source_hash6};
+use lb_common::{FlowAddrs6, Ip6, flow_hash6, is_key6, real_backend, reason, ring_slot, source_hash6};
 use lb_userspace::{
     config::{self, LoadError},
     dataplane::addr6,
@@ -317,7 +317,11 @@ fn flows_are_recorded_with_their_addresses_and_stick() {
     assert_eq!(first, ring6(&lb, "mqtt6", CLIENT6, sport), "a new flow follows the ring");
 
     let flow = lb.dp.flow(CLIENT6, sport, VIP6, 1883).expect("the SYN recorded the IPv6 flow");
-    assert_eq!(flow.addrs6, Some(FlowAddrs6 { src: addr6(&CLIENT6), dst: addr6(&VIP6) }), "the flow's addresses (FLOW_ADDRS6)");
+    assert_eq!(
+        flow.addrs6,
+        Some(FlowAddrs6 { src: Ip6 { octets: CLIENT6.octets() }, dst: Ip6 { octets: VIP6.octets() } }),
+        "the flow's addresses (FLOW_ADDRS6)"
+    );
     assert!(is_key6(&flow.key), "an IPv6 flow's key carries the IPv6 mark: {:?}", flow.key);
     assert_eq!(real_backend(flow.real()), lb.ids.backends[&first], "the flow table records the backend the SYN went to");
     let neighbour = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 2);
@@ -361,7 +365,7 @@ fn flows_are_recorded_with_their_addresses_and_stick() {
     assert_ne!(moved, first, "the flow stayed on its down backend");
     let flow = lb.dp.flow(CLIENT6, sport, VIP6, 1883).expect("the re-picked flow is in the table");
     assert_eq!(real_backend(flow.real()), lb.ids.backends[&moved], "the table records the re-pick");
-    assert_eq!(flow.addrs6, Some(FlowAddrs6 { src: addr6(&CLIENT6), dst: addr6(&VIP6) }));
+    assert_eq!(flow.addrs6, Some(FlowAddrs6 { src: Ip6 { octets: CLIENT6.octets() }, dst: Ip6 { octets: VIP6.octets() } }));
     for _ in 0..3 {
         assert_eq!(lb.backend_of(&lb.run(&data).1), moved, "the re-picked flow moved again");
     }

@@ -6,10 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::{Context as _, ensure};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use lb_common::{
-    Addr6, ConnRate, Counters, FLOW_CACHE_VALID, LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE, LISTENER_F_IPV6, LISTENER_F_SOURCE_PREFIX64,
-    ListenerCounters, ListenerInfo, MAX_BACKENDS, MAX_LISTENERS, MAX_NODE_MACS, NO_BACKEND, NodeInfo, PortInfo, REAL_F_ACTIVE, REAL_F_DOWN,
-    REAL_SLOTS, RING_COPIES, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo, RingEntry, VipInfo, mac_word, map_names as names, real_backend,
-    real_id, real_listener, ring_base,
+    Addr6, ConnRate, Counters, FLOW_CACHE_VALID, Ip6, LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE, LISTENER_F_IPV6,
+    LISTENER_F_SOURCE_PREFIX64, ListenerCounters, ListenerInfo, MAX_BACKENDS, MAX_LISTENERS, MAX_NODE_MACS, NO_BACKEND, NodeInfo, PortInfo,
+    REAL_F_ACTIVE, REAL_F_DOWN, REAL_SLOTS, RING_COPIES, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo, RingEntry, VipInfo, mac_word,
+    map_names as names, real_backend, real_id, real_listener, ring_base,
 };
 
 use super::{ApplyReport, ConnRateWanted, Dataplane, Desired, addr6, map_mut};
@@ -148,12 +148,12 @@ impl Dataplane {
                 // The IPv6 address before the entry that points frames at it. A listener that
                 // was IPv6 and is no longer keeps a stale address here: its flags say IPv4.
                 if let Some(a) = &vip6 {
-                    let mut map: Array<&mut MapData, Addr6> = map_mut(&mut self.ebpf, names::LISTENER_VIP6)?;
+                    let mut map: Array<&mut MapData, Ip6> = map_mut(&mut self.ebpf, names::LISTENER_VIP6)?;
                     if current.is_some() {
                         // Off first, so no frame matches the new address with the old entry.
                         self.listeners.store(l.id, 0, ListenerInfo::default().to_word());
                     }
-                    map.set(l.id, a, 0).with_context(|| format!("writing the IPv6 VIP of listener {}", l.id))?;
+                    map.set(l.id, Ip6::from_words(*a), 0).with_context(|| format!("writing the IPv6 VIP of listener {}", l.id))?;
                     self.written.vip6.insert(l.id, *a);
                 } else {
                     self.written.vip6.remove(&l.id);
@@ -205,14 +205,14 @@ impl Dataplane {
         }
         self.written.vips = vips;
         {
-            let mut map: HashMap<&mut MapData, Addr6, VipInfo> = map_mut(&mut self.ebpf, names::VIPS6)?;
+            let mut map: HashMap<&mut MapData, Ip6, VipInfo> = map_mut(&mut self.ebpf, names::VIPS6)?;
             for (vip, &n) in &vips6 {
                 if self.written.vips6.get(vip) != Some(&n) {
-                    map.insert(vip, VipInfo { listeners: n }, 0).context("writing an IPv6 VIP")?;
+                    map.insert(Ip6::from_words(*vip), VipInfo { listeners: n }, 0).context("writing an IPv6 VIP")?;
                 }
             }
             for vip in self.written.vips6.keys().filter(|v| !vips6.contains_key(*v)) {
-                map.remove(vip).context("removing an IPv6 VIP")?;
+                map.remove(&Ip6::from_words(*vip)).context("removing an IPv6 VIP")?;
             }
         }
         self.written.vips6 = vips6;

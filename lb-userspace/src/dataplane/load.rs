@@ -14,9 +14,8 @@ use aya::{
     },
 };
 use lb_common::{
-    Addr6, ConnRate, Counters, FLOW_CACHE_VALID, FLOW_WAYS, LAYOUT_VERSION, LISTENER_F_IPV6, Layout, ListenerInfo, MAX_LISTENERS,
-    PORT_SLOTS, PortInfo, REAL_SLOTS, RING_COPIES, RealInfo, RingEntry, VipInfo, flow_table_buckets, map_names as names, ring_base,
-    ring_entries,
+    ConnRate, Counters, FLOW_CACHE_VALID, FLOW_WAYS, Ip6, LAYOUT_VERSION, LISTENER_F_IPV6, Layout, ListenerInfo, MAX_LISTENERS, PORT_SLOTS,
+    PortInfo, REAL_SLOTS, RING_COPIES, RealInfo, RingEntry, VipInfo, flow_table_buckets, map_names as names, ring_base, ring_entries,
 };
 
 use super::{ConnRateWanted, Dataplane, LoadOptions, Written, apply::unpack_ring, map_mut};
@@ -228,15 +227,15 @@ impl Dataplane {
             }
         }
         {
-            let vips: HashMap<&MapData, Addr6, VipInfo> = self.map_ref(names::VIPS6)?;
+            let vips: HashMap<&MapData, Ip6, VipInfo> = self.map_ref(names::VIPS6)?;
             for entry in &vips {
                 let (k, v) = entry?;
-                w.vips6.insert(k, v.listeners);
+                w.vips6.insert(k.words(), v.listeners);
             }
-            let listener_vip6: Array<&MapData, Addr6> = self.map_ref(names::LISTENER_VIP6)?;
+            let listener_vip6: Array<&MapData, Ip6> = self.map_ref(names::LISTENER_VIP6)?;
             for (&id, info) in &w.listeners {
                 if info.flags & LISTENER_F_IPV6 != 0 {
-                    w.vip6.insert(id, listener_vip6.get(&id, 0)?);
+                    w.vip6.insert(id, listener_vip6.get(&id, 0)?.words());
                 }
             }
         }

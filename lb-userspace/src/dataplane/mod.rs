@@ -22,7 +22,7 @@ use aya::{
     maps::{MapData, PerCpuArray},
 };
 use lb_common::{
-    Addr6, FLOW_CACHE_VALID, FlowAddrs6, FlowCacheEntry, FlowKey, LISTENER_F_IPV6, ListenerInfo, NO_MAC, NodeInfo, PortInfo, RealInfo,
+    Addr6, FLOW_CACHE_VALID, FlowAddrs6, FlowCacheEntry, FlowKey, Ip6, LISTENER_F_IPV6, ListenerInfo, NO_MAC, NodeInfo, PortInfo, RealInfo,
     flow_cache_slot, flow_key6, map_names as names, real_backend,
 };
 
@@ -370,8 +370,8 @@ pub fn ipv6_of(a: &Addr6) -> Ipv6Addr {
 pub fn flow_key_of(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, seed: u64) -> (FlowKey, Option<FlowAddrs6>) {
     let (sport_be, dport_be) = (u16::from_ne_bytes(sport.to_be_bytes()), u16::from_ne_bytes(dport.to_be_bytes()));
     if let (IpAddr::V6(s), IpAddr::V6(d)) = (src, dst) {
-        let a = FlowAddrs6 { src: addr6(&s), dst: addr6(&d) };
-        return (flow_key6(&a.src, &a.dst, sport_be, dport_be, seed), Some(a));
+        let a = FlowAddrs6 { src: Ip6 { octets: s.octets() }, dst: Ip6 { octets: d.octets() } };
+        return (flow_key6(&a.src.words(), &a.dst.words(), sport_be, dport_be, seed), Some(a));
     }
     let v4 = |a: IpAddr| match a {
         IpAddr::V4(a) => u32::from_ne_bytes(a.octets()),

@@ -11,8 +11,10 @@
 //! - `floor`: `xdp_floor` on the balancer's interface, swapping in b1's MAC, no lookups;
 //! - `dsrlb`: `dsrlb run` with b1 as its backend, MQTT health checks every 2 s.
 //!
-//! Paths run in alternating order. Connection rate and latency: fifteen rounds, A B C D then
-//! D C B A, each path started, warmed for a second, measured for five, stopped; ratios are
+//! - `floor6` and `dsrlb6`: the same two over IPv6 (connection rate and latency only).
+//!
+//! Paths run in alternating order. Connection rate and latency: fifteen rounds, A B C D E F then
+//! F E D C B A, each path started, warmed for a second, measured for five, stopped; ratios are
 //! taken within each round (neighbouring runs share the machine's state of the moment) and the
 //! headline is their median. On this shared 2-core VM whole runs drift by up to ±20%, far more
 //! than the balancers differ, so pairing is what makes the ratios mean something. Publish
@@ -42,6 +44,9 @@ const RATE_ROUNDS: usize = 15;
 /// Publish-throughput and held-sessions rounds (A B C D, three times).
 const LOAD_ROUNDS: usize = 3;
 const PATHS: [&str; 4] = ["direct", "haproxy", "floor", "dsrlb"];
+/// The connection-rate rounds also run the floor and dsrlb over IPv6 (clients and VIP on
+/// 2001:db8::/64, the same broker by its IPv6 address), next to each other.
+const RATE_PATHS: [&str; 6] = ["direct", "haproxy", "floor", "dsrlb", "dsrlb6", "floor6"];
 /// Just under the broker's open-files limit (20,000, which cannot be raised here).
 const HOLD_TARGET: usize = 19_800;
 const HOLD_PROCS: usize = 6;
@@ -70,6 +75,15 @@ impl Ctx {
 
     fn client_addrs() -> String {
         (0..lab::CLIENT_EXTRA_COUNT).map(|i| Ipv4Addr::new(192, 0, 2, lab::CLIENT_EXTRA_BASE + i).to_string()).collect::<Vec<_>>().join(",")
+    }
+
+    /// The client addresses a path's connections come from.
+    fn sources(&self, path: &str) -> String {
+        if path.ends_with('6') {
+            self.lab.client_extra_addrs6().iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+        } else {
+            Self::client_addrs()
+        }
     }
 
     /// Holds up to HOLD_TARGET sessions over several processes, then pings them all.
@@ -212,12 +226,20 @@ fn start(ctx: &Ctx, path: &str) -> anyhow::Result<Running> {
             let pid = std::fs::read_to_string(&pidfile)?.lines().next().unwrap_or("").trim().parse()?;
             Ok(Running::Haproxy { pid })
         }
-        "floor" => {
-            // The floor bounces every frame, ARP included: make sure the clients know the
-            // balancer's MAC before it is attached (the paths before it usually taught them).
-            // A connection attempt to a closed port resolves it (the RST is the answer).
+        "floor" | "floor6" => {
+            // The floor bounces every frame, ARP and NDP included: make sure the clients know
+            // the balancer's MAC before it is attached (the paths before it usually taught
+            // them). A connection attempt to a closed port resolves it (the RST is the answer).
             tests::netns::in_netns(&ctx.lab.ns("client"), || {
                 let _ = std::net::TcpStream::connect_timeout(&(lab::LB_ADDR, 9).into(), Duration::from_secs(1));
+                for from in ctx.lab.client_extra_addrs6() {
+                    let sock = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).ok();
+                    if let Some(sock) = sock
+                        && sock.bind(&std::net::SocketAddr::new(from.into(), 0).into()).is_ok()
+                    {
+                        let _ = sock.connect_timeout(&std::net::SocketAddr::new(lab::LB6.into(), 9).into(), Duration::from_secs(1));
+                    }
+                }
             })?;
             let mac = broker_mac(ctx)?;
             let mut dp = TestPrograms::load(mac)?;
@@ -225,15 +247,17 @@ fn start(ctx: &Ctx, path: &str) -> anyhow::Result<Running> {
             let prog = dp.program("xdp_floor").info()?.id();
             Ok(Running::Floor { _dp: Box::new(dp), prog })
         }
-        "dsrlb" => {
+        "dsrlb" | "dsrlb6" => {
             let cfg = ctx.out.join("dsrlb.toml");
+            let vip = if path == "dsrlb6" { lab::VIP6.to_string() } else { lab::VIP.to_string() };
             std::fs::write(
                 &cfg,
                 format!(
                     "interface = \"eth0\"\nxdp_mode = \"native\"\n[health]\ncheck = \"mqtt\"\ninter = \"2s\"\nfall = 3\nrise = 2\n\
-                     [[listener]]\nname = \"mqtt\"\nvip = \"{}\"\nport = 1883\n[[backend]]\nname = \"b1\"\naddress = \"{}\"\n",
-                    lab::VIP,
-                    lab::broker_addr(0)
+                     [[listener]]\nname = \"mqtt\"\nvip = \"{vip}\"\nport = 1883\n[[backend]]\nname = \"b1\"\naddress = \"{}\"\n\
+                     address6 = \"{}\"\n",
+                    lab::broker_addr(0),
+                    lab::broker_addr6(0)
                 ),
             )?;
             let child = Ctx::nsenter(&lb, &ctx.bin.join("dsrlb"))
@@ -315,7 +339,7 @@ fn measure_rate(ctx: &Ctx, path: &str) -> anyhow::Result<Sample> {
     let running = start(ctx, path)?;
     let result = (|| {
         let client = ctx.lab.ns("client");
-        let from = Ctx::client_addrs();
+        let from = ctx.sources(path);
         ctx.loadgen(&client, &["rate", "--target", &target, "--from", &from, "--workers", "64", "--secs", "1"].map(String::from))?;
         let (c0, x0, _) = running.cpu();
         let p0 = ctx.rx_packets();
@@ -361,7 +385,11 @@ fn measure_load(ctx: &Ctx, path: &str) -> anyhow::Result<Sample> {
 }
 
 fn target(path: &str) -> String {
-    if path == "direct" { format!("{}:1883", lab::broker_addr(0)) } else { format!("{}:1883", lab::VIP) }
+    match path {
+        "direct" => format!("{}:1883", lab::broker_addr(0)),
+        "dsrlb6" | "floor6" => format!("[{}]:1883", lab::VIP6),
+        _ => format!("{}:1883", lab::VIP),
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -452,7 +480,7 @@ fn run() -> anyhow::Result<()> {
 
     let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
     for round in 0..RATE_ROUNDS {
-        let order: Vec<&str> = if round % 2 == 0 { PATHS.to_vec() } else { PATHS.iter().rev().copied().collect() };
+        let order: Vec<&str> = if round % 2 == 0 { RATE_PATHS.to_vec() } else { RATE_PATHS.iter().rev().copied().collect() };
         for path in order {
             eprintln!("[bench] rate round {} of {RATE_ROUNDS}, {path}", round + 1);
             let s = measure_rate(&ctx, path)?;
@@ -505,7 +533,7 @@ fn run() -> anyhow::Result<()> {
     );
     let _ = writeln!(
         r,
-        "Connection rate and latency: {RATE_ROUNDS} rounds, the four paths back to back in alternating order (A B C D, then D C B A, ...), each started, warmed up for 1 s and measured for 5 s. A ratio is taken within each round, between neighbouring runs, and the headline is the median of the per-round ratios: whole runs on this shared VM drift by up to ±20%, far more than the paths differ. Publish throughput and held sessions: {LOAD_ROUNDS} rounds A B C D, medians.\n"
+        "Connection rate and latency: {RATE_ROUNDS} rounds, the six paths (the four, then dsrlb and floor over IPv6) back to back in alternating order (A B C D E F, then F E D C B A, ...), each started, warmed up for 1 s and measured for 5 s. A ratio is taken within each round, between neighbouring runs, and the headline is the median of the per-round ratios: whole runs on this shared VM drift by up to ±20%, far more than the paths differ. Publish throughput and held sessions: {LOAD_ROUNDS} rounds A B C D, medians.\n"
     );
     let _ = writeln!(r, "## Headline\n");
     let _ = writeln!(
@@ -521,6 +549,18 @@ fn run() -> anyhow::Result<()> {
             paired("dsrlb", other, p99)
         );
     }
+    let _ = writeln!(
+        r,
+        "\nOver IPv6 (clients, VIP and broker on 2001:db8::/64, the same broker): dsrlb6 / floor6 connection rate {:.2}, p50 {:.2}, p99 {:.2}; dsrlb6 / dsrlb (IPv4) connection rate {:.2}. Medians: dsrlb6 {:.0} conn/s, floor6 {:.0} conn/s, dsrlb {:.0} conn/s, floor {:.0} conn/s.",
+        paired("dsrlb6", "floor6", rate),
+        paired("dsrlb6", "floor6", p50),
+        paired("dsrlb6", "floor6", p99),
+        paired("dsrlb6", "dsrlb", rate),
+        med("dsrlb6", |s| s.rate),
+        med("floor6", |s| s.rate),
+        med("dsrlb", |s| s.rate),
+        med("floor", |s| s.rate)
+    );
     let cpu_ratio = ratio(per10k("dsrlb"), per10k("haproxy"));
     let _ = writeln!(r, "\nBalancer CPU per 10,000 connections, dsrlb / haproxy: **{cpu_ratio:.3}**.\n");
     let (rf, rh, lf) = (paired("dsrlb", "floor", rate), paired("dsrlb", "haproxy", rate), paired("dsrlb", "floor", p99));
@@ -580,7 +620,7 @@ fn run() -> anyhow::Result<()> {
         "Balancer CPU is measured during the connection-rate run: for haproxy, its process's CPU seconds (`/proc/PID/stat`); for dsrlb, the XDP program's own run time (`kernel.bpf_stats_enabled=1`, `run_time_ns`) plus the controller's CPU seconds; for floor, its XDP run time. Packets are those received on the balancer's interface in that run.\n"
     );
     let _ = writeln!(r, "Rate rounds, every path (round order):\n");
-    for p in PATHS {
+    for p in RATE_PATHS {
         let rates: Vec<String> = samples[p].iter().map(|s| format!("{:.0}", s.rate)).collect();
         let p99s: Vec<String> = samples[p].iter().map(|s| format!("{:.0}", s.p99_us)).collect();
         let _ = writeln!(r, "- {p}: conn/s {}; p99 us {}", rates.join(", "), p99s.join(", "));

@@ -45,7 +45,9 @@ fn spawn_dsrlb(dsrlb: &str, ns: &str, args: &[String], tag: Option<String>) -> a
 fn demo(lab: &Lab, dsrlb: &str) -> anyhow::Result<()> {
     lab.up()?;
     let config = lab.state.join("dsrlb.toml");
-    std::fs::write(&config, lab.config_tls_checked("check = \"mqtt\""))?;
+    // The single-balancer lab is dual-stack: IPv4 and IPv6 listeners, dual-stack brokers.
+    let text = if lab.routed.is_some() { lab.config("check = \"mqtt\"") } else { lab.config_dual("check = \"mqtt\"") };
+    std::fs::write(&config, lab.tls_checked(&text))?;
     println!("lab up: {} brokers; config {}", lab.brokers, config.display());
     let client = lab.ns("client");
     println!("\nTry, in another terminal:");
@@ -61,6 +63,9 @@ fn demo(lab: &Lab, dsrlb: &str) -> anyhow::Result<()> {
         lab::VIP_INTERNAL,
         lab::INTERNAL_PORT
     );
+    if lab.routed.is_none() {
+        println!("  ip netns exec {client} mosquitto_pub -h {} -t demo/hello -m 'hi over IPv6'", lab::VIP6);
+    }
     if let Some((nodes, routing)) = lab.routed {
         println!("  ip -n {} route show {}          # the router's path(s) to the VIP", lab.ns("router"), lab::VIP);
         for i in 0..nodes {

@@ -2,7 +2,7 @@
 //! several source addresses so ports never run out, and prints one JSON line of results.
 //!
 //! ```text
-//! loadgen rate   --target IP:PORT [--from A,B,..] [--workers 64] [--secs 4]
+//! loadgen rate   --target IP:PORT [--from A,B,..] [--workers 64] [--secs 4]   (IPv6: [IP]:PORT)
 //! loadgen pubsub --target IP:PORT [--from ..] [--pubs 4] [--subs 4] [--secs 4] [--payload 64]
 //! loadgen hold   --target IP:PORT [--from ..] --count N [--parallel 256] [--timeout-ms 5000]
 //!     prints "opened N", then on the line "ping" on stdin pings every session and prints JSON;
@@ -11,7 +11,7 @@
 
 use std::{
     io::BufRead as _,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -26,8 +26,8 @@ use tokio::{
 };
 
 struct Args {
-    target: SocketAddrV4,
-    from: Vec<Ipv4Addr>,
+    target: SocketAddr,
+    from: Vec<IpAddr>,
     workers: usize,
     secs: f64,
     pubs: usize,
@@ -40,7 +40,7 @@ struct Args {
 
 fn parse_args(raw: &[String]) -> Result<Args, String> {
     let mut a = Args {
-        target: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1883),
+        target: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1883),
         from: Vec::new(),
         workers: 64,
         secs: 4.0,
@@ -75,12 +75,12 @@ fn parse_args(raw: &[String]) -> Result<Args, String> {
 }
 
 async fn connect(a: &Args, i: usize) -> std::io::Result<TcpStream> {
-    let sock = TcpSocket::new_v4()?;
+    let sock = if a.target.is_ipv6() { TcpSocket::new_v6()? } else { TcpSocket::new_v4()? };
     if !a.from.is_empty() {
-        sock.bind(SocketAddr::from((a.from[i % a.from.len()], 0)))?;
+        sock.bind(SocketAddr::new(a.from[i % a.from.len()], 0))?;
     }
     sock.set_nodelay(true)?;
-    tokio::time::timeout(a.timeout, sock.connect(SocketAddr::V4(a.target)))
+    tokio::time::timeout(a.timeout, sock.connect(a.target))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }
