@@ -119,7 +119,7 @@ fn pubsub6(lab: &LabGuard, ca: Option<&[u8]>, port: u16, topic: &str, n: usize) 
     })
 }
 
-/// IPv6/TCP frames on the balancer's bridge port: to the VIP6, from the VIP6.
+/// IPv6/TCP frames on the balancer's bridge port: to the VIP6, from the VIP6 to the client.
 #[derive(Default)]
 struct WireCount {
     ready: AtomicBool,
@@ -140,7 +140,9 @@ fn count_on_balancer_wire(lab: &LabGuard, count: &WireCount, stop: &AtomicBool) 
             if f[38..54] == VIP6.octets() {
                 count.to_vip.fetch_add(1, Ordering::SeqCst);
             }
-            if f[22..38] == VIP6.octets() {
+            // To the client: the health checks' DSR-path probes from the balancer itself get
+            // their answers from the VIP6 on this port, as they must.
+            if f[22..38] == VIP6.octets() && f[38..54] == CLIENT6.octets() {
                 count.from_vip.fetch_add(1, Ordering::SeqCst);
             }
         }
@@ -181,7 +183,7 @@ fn ipv6_pubsub_tls_health_checks_and_direct_return() {
         let held = in_client(&lab, || {
             let mut kept = None;
             for i in 0..10 {
-                let mut c = MqttConn::connect_ip(None, vip6(1883), &format!("dsr6-{i}"), T).expect("connect via VIP6");
+                let mut c = MqttConn::connect_ip(Some(CLIENT6.into()), vip6(1883), &format!("dsr6-{i}"), T).expect("connect via VIP6");
                 for _ in 0..5 {
                     c.ping().expect("PINGRESP through DSR over IPv6");
                 }
