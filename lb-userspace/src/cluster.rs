@@ -29,7 +29,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -45,7 +45,8 @@ use tokio::{
 /// One exception: a client's flow, its idle time in flow-clock units, whether it is closing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
-    pub client: SocketAddrV4,
+    /// Of the family of its group's listener.
+    pub client: SocketAddr,
     pub idle: u16,
     pub closing: bool,
 }
@@ -53,7 +54,7 @@ pub struct Entry {
 /// A listener's (VIP:port) exceptions pinned to one backend.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Group {
-    pub listener: Option<SocketAddrV4>,
+    pub listener: Option<SocketAddr>,
     pub backend: String,
     pub entries: Vec<Entry>,
 }
@@ -147,10 +148,14 @@ const VERSION: u8 = 1;
 const HELLO: u8 = 1;
 const FLOWS: u8 = 2;
 const SYNCED: u8 = 3;
+/// `FLOWS` of an IPv6 listener: 16-byte addresses. A node that predates it closes the
+/// connection on one, so upgrade every node before adding IPv6 listeners.
+const FLOWS6: u8 = 4;
 /// Flows per `FLOWS` frame, and the largest frame read.
 const FLOWS_PER_FRAME: usize = 65_536;
-const MAX_FRAME: usize = 1 + 4 + 2 + 1 + 255 + 4 + FLOWS_PER_FRAME * ENTRY_BYTES;
+const MAX_FRAME: usize = 1 + 16 + 2 + 1 + 255 + 4 + FLOWS_PER_FRAME * ENTRY6_BYTES;
 const ENTRY_BYTES: usize = 4 + 2 + 2 + 1;
+const ENTRY6_BYTES: usize = 16 + 2 + 2 + 1;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A connection's first frame, HELLO: its size at most (with a key's timestamp and MAC), and
 /// how soon it must come.
@@ -404,7 +409,7 @@ async fn serve_peer(
     if exceptions.wait_for(|e| e.complete).await.is_err() {
         return anyhow::anyhow!("stopping");
     }
-    let mut told: HashMap<(SocketAddrV4, SocketAddrV4), Told> = HashMap::new();
+    let mut told: HashMap<(SocketAddr, SocketAddr), Told> = HashMap::new();
     let mut round = 0u64;
     loop {
         round += 1;
@@ -440,7 +445,7 @@ async fn serve_peer(
 async fn send_round(
     stream: &mut TcpStream,
     set: &Exceptions,
-    told: &mut HashMap<(SocketAddrV4, SocketAddrV4), Told>,
+    told: &mut HashMap<(SocketAddr, SocketAddr), Told>,
     round: u64,
     refresh: Duration,
 ) -> anyhow::Result<u64> {
@@ -466,7 +471,8 @@ async fn send_round(
             }
         }
         for chunk in due.chunks(FLOWS_PER_FRAME) {
-            write_frame(stream, FLOWS, &encode_flows(listener, &g.backend, chunk)).await?;
+            let kind = if listener.is_ipv6() { FLOWS6 } else { FLOWS };
+            write_frame(stream, kind, &encode_flows(listener, &g.backend, chunk)).await?;
             count += chunk.len() as u64;
         }
     }
@@ -476,10 +482,13 @@ async fn send_round(
     Ok(count)
 }
 
-fn encode_flows(listener: SocketAddrV4, backend: &str, entries: &[Entry]) -> Vec<u8> {
+/// The body of a `FLOWS` frame (an IPv4 listener's) or a `FLOWS6` one (an IPv6 listener's,
+/// 16-byte addresses); entries of the other family are left out.
+fn encode_flows(listener: SocketAddr, backend: &str, entries: &[Entry]) -> Vec<u8> {
     let name = &backend.as_bytes()[..backend.len().min(255)];
-    let mut b = Vec::with_capacity(4 + 2 + 1 + name.len() + 4 + entries.len() * ENTRY_BYTES);
-    b.extend_from_slice(&listener.ip().octets());
+    let entries: Vec<&Entry> = entries.iter().filter(|e| e.client.is_ipv6() == listener.is_ipv6()).collect();
+    let mut b = Vec::with_capacity(16 + 2 + 1 + name.len() + 4 + entries.len() * ENTRY6_BYTES);
+    push_ip(&mut b, listener.ip());
     b.extend_from_slice(&listener.port().to_be_bytes());
     #[expect(clippy::cast_possible_truncation, reason = "at most 255")]
     b.push(name.len() as u8);
@@ -487,12 +496,19 @@ fn encode_flows(listener: SocketAddrV4, backend: &str, entries: &[Entry]) -> Vec
     #[expect(clippy::cast_possible_truncation, reason = "at most FLOWS_PER_FRAME")]
     b.extend_from_slice(&(entries.len() as u32).to_be_bytes());
     for e in entries {
-        b.extend_from_slice(&e.client.ip().octets());
+        push_ip(&mut b, e.client.ip());
         b.extend_from_slice(&e.client.port().to_be_bytes());
         b.extend_from_slice(&e.idle.to_be_bytes());
         b.push(u8::from(e.closing));
     }
     b
+}
+
+fn push_ip(b: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(a) => b.extend_from_slice(&a.octets()),
+        IpAddr::V6(a) => b.extend_from_slice(&a.octets()),
+    }
 }
 
 async fn write_frame(stream: &mut TcpStream, kind: u8, body: &[u8]) -> anyhow::Result<()> {
@@ -625,7 +641,7 @@ async fn receive(
                 Err(e) => Err(e),
             },
             (false, k) => Err(anyhow::anyhow!("frame kind {k} before HELLO")),
-            (true, FLOWS) => match decode_flows(&body) {
+            (true, FLOWS | FLOWS6) => match decode_flows(&body, kind == FLOWS6) {
                 Ok(group) => {
                     let n = group.entries.len() as u64;
                     update(peers, node, |p| p.flows_received += n);
@@ -740,9 +756,9 @@ fn decode_hello(body: &[u8], key: Option<&crate::config::SyncKey>, me: Ipv4Addr,
     Ok((fingerprint, addr))
 }
 
-fn decode_flows(body: &[u8]) -> anyhow::Result<Group> {
+fn decode_flows(body: &[u8], ipv6: bool) -> anyhow::Result<Group> {
     let mut b = Body(body);
-    let vip = Ipv4Addr::from(b.take::<4>("the VIP")?);
+    let vip = if ipv6 { IpAddr::V6(Ipv6Addr::from(b.take::<16>("the VIP")?)) } else { IpAddr::V4(Ipv4Addr::from(b.take::<4>("the VIP")?)) };
     let port = u16::from_be_bytes(b.take("the port")?);
     let name_len = usize::from(b.take::<1>("the backend name")?[0]);
     if b.0.len() < name_len {
@@ -752,18 +768,26 @@ fn decode_flows(body: &[u8]) -> anyhow::Result<Group> {
     b.0 = rest;
     let backend = std::str::from_utf8(name).context("a backend name that is not UTF-8")?.to_owned();
     let count = u32::from_be_bytes(b.take("the count")?) as usize;
-    if b.0.len() != count * ENTRY_BYTES {
+    let (size, addr) = if ipv6 { (ENTRY6_BYTES, 16) } else { (ENTRY_BYTES, 4) };
+    if count > FLOWS_PER_FRAME || b.0.len() != count * size {
         bail!("{count} flows announced, {} bytes follow", b.0.len());
     }
     let entries =
-        b.0.chunks_exact(ENTRY_BYTES)
-            .map(|e| Entry {
-                client: SocketAddrV4::new(Ipv4Addr::new(e[0], e[1], e[2], e[3]), u16::from_be_bytes([e[4], e[5]])),
-                idle: u16::from_be_bytes([e[6], e[7]]),
-                closing: e[8] & 1 != 0,
+        b.0.chunks_exact(size)
+            .map(|e| {
+                let ip = if ipv6 {
+                    IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&e[..16]).expect("16 bytes")))
+                } else {
+                    IpAddr::V4(Ipv4Addr::new(e[0], e[1], e[2], e[3]))
+                };
+                Entry {
+                    client: SocketAddr::new(ip, u16::from_be_bytes([e[addr], e[addr + 1]])),
+                    idle: u16::from_be_bytes([e[addr + 2], e[addr + 3]]),
+                    closing: e[addr + 4] & 1 != 0,
+                }
             })
             .collect();
-    Ok(Group { listener: Some(SocketAddrV4::new(vip, port)), backend, entries })
+    Ok(Group { listener: Some(SocketAddr::new(vip, port)), backend, entries })
 }
 
 #[cfg(test)]
@@ -855,16 +879,24 @@ mod tests {
             Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false },
             Entry { client: "198.51.100.8:40001".parse().expect("addr"), idle: 65535, closing: true },
         ];
-        let listener: SocketAddrV4 = "192.0.2.100:1883".parse().expect("addr");
-        let body = encode_flows(listener, "b3", &entries);
-        let g = decode_flows(&body).expect("decodes");
-        assert_eq!(g, Group { listener: Some(listener), backend: "b3".to_owned(), entries });
-        for cut in 0..body.len() {
-            assert!(decode_flows(&body[..cut]).is_err(), "a frame cut at {cut} was accepted");
+        let listener: SocketAddr = "192.0.2.100:1883".parse().expect("addr");
+        let entries6 = vec![
+            Entry { client: "[2001:db8::7]:40000".parse().expect("addr"), idle: 3, closing: false },
+            Entry { client: "[2001:db8:1::8]:40001".parse().expect("addr"), idle: 65535, closing: true },
+        ];
+        let listener6: SocketAddr = "[2001:db8::100]:1883".parse().expect("addr");
+        for (listener, entries, ipv6) in [(listener, entries, false), (listener6, entries6, true)] {
+            let body = encode_flows(listener, "b3", &entries);
+            let g = decode_flows(&body, ipv6).expect("decodes");
+            assert_eq!(g, Group { listener: Some(listener), backend: "b3".to_owned(), entries });
+            for cut in 0..body.len() {
+                assert!(decode_flows(&body[..cut], ipv6).is_err(), "a frame cut at {cut} was accepted");
+            }
+            let mut long = body.clone();
+            long.push(0);
+            assert!(decode_flows(&long, ipv6).is_err(), "a frame with a trailing byte was accepted");
+            assert!(decode_flows(&body, !ipv6).is_err(), "a frame read as the other family was accepted");
         }
-        let mut long = body.clone();
-        long.push(0);
-        assert!(decode_flows(&long).is_err(), "a frame with a trailing byte was accepted");
         let mut hello = MAGIC.to_vec();
         hello.push(VERSION);
         hello.extend_from_slice(&7u64.to_be_bytes());

@@ -5,18 +5,20 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
 };
 
-use lb_common::{FlowKey, NO_BACKEND, flow_hash, real_backend, real_listener, ring_slot, source_hash};
+use lb_common::{
+    FlowAddrs6, FlowKey, NO_BACKEND, flow_hash, flow_hash6, real_backend, real_listener, ring_slot, source_hash, source_hash6,
+};
 use tokio::sync::mpsc;
 
 use crate::{
     cluster::{Entry, Exceptions, Group},
     config::Config,
-    dataplane::Desired,
-    flow_table::{FlowTable, Merged},
+    dataplane::{Desired, flow_key_of},
+    flow_table::{Flow, FlowTable, Merged},
     maglev,
     plan::Ids,
 };
@@ -24,9 +26,10 @@ use crate::{
 /// What a walk needs to know of one listener.
 #[derive(Clone, Debug)]
 pub struct ListenerView {
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     pub hash_source: bool,
+    pub source_prefix64: bool,
     /// As written to the listener's active ring copy.
     pub ring: Arc<Vec<u32>>,
     /// The ring the config alone gives (every backend up, the configured weights): what
@@ -52,8 +55,7 @@ pub struct RingView {
 }
 
 impl RingView {
-    /// From what the controller last wrote. Only IPv4 listeners: the cluster's frames name
-    /// IPv4 clients and listeners, so IPv6 flows are not shared (yet).
+    /// From what the controller last wrote.
     #[must_use]
     pub fn new(desired: &Desired, ids: &Ids, ring_size: u32) -> Self {
         let name_of: BTreeMap<u32, &String> = ids.backends.iter().map(|(n, id)| (*id, n)).collect();
@@ -61,13 +63,14 @@ impl RingView {
             .listeners
             .iter()
             .filter_map(|l| {
-                let std::net::IpAddr::V4(vip) = l.vip else { return None };
+                let vip = l.vip;
                 let backends =
                     l.reals.iter().filter(|r| !r.down).filter_map(|r| Some((r.backend, (*name_of.get(&r.backend)?).clone()))).collect();
                 let view = ListenerView {
                     vip,
                     port: l.port,
                     hash_source: l.hash_source,
+                    source_prefix64: l.source_prefix64,
                     ring: Arc::new(l.ring.clone()),
                     nominal: Arc::new(Vec::new()),
                     expire: l.idle_expire,
@@ -99,37 +102,43 @@ impl RingView {
     /// The backend id the listener's ring gives a flow (as the program picks it), or
     /// `NO_BACKEND`.
     #[must_use]
-    pub fn pick(&self, l: &ListenerView, key: &FlowKey) -> u32 {
-        Self::pick_in(&l.ring, l, key, self.ring_size)
+    pub fn pick(&self, l: &ListenerView, flow: &Flow) -> u32 {
+        Self::pick_in(&l.ring, l, flow, self.ring_size)
     }
 
-    fn pick_in(ring: &[u32], l: &ListenerView, key: &FlowKey, ring_size: u32) -> u32 {
-        let hash = if l.hash_source { source_hash(key.src_be) } else { flow_hash(key.src_be, key.dst_be, key.sport_be, key.dport_be) };
+    fn pick_in(ring: &[u32], l: &ListenerView, flow: &Flow, ring_size: u32) -> u32 {
+        let key = &flow.key;
+        let hash = match &flow.addrs6 {
+            Some(a) if l.hash_source => source_hash6(&a.src.words(), l.source_prefix64),
+            Some(a) => flow_hash6(&a.src.words(), &a.dst.words(), key.sport_be, key.dport_be),
+            None if l.hash_source => source_hash(key.src_be),
+            None => flow_hash(key.src_be, key.dst_be, key.sport_be, key.dport_be),
+        };
         ring.get(ring_slot(hash, ring_size) as usize).copied().unwrap_or(NO_BACKEND)
     }
 
     /// Whether every node would send this flow to `backend`: this node's ring does, and so
     /// does the nominal ring (when built).
-    fn follows_rings(&self, l: &ListenerView, key: &FlowKey, backend: u32) -> bool {
-        self.pick(l, key) == backend && (l.nominal.is_empty() || Self::pick_in(&l.nominal, l, key, self.ring_size) == backend)
+    fn follows_rings(&self, l: &ListenerView, flow: &Flow, backend: u32) -> bool {
+        self.pick(l, flow) == backend && (l.nominal.is_empty() || Self::pick_in(&l.nominal, l, flow, self.ring_size) == backend)
     }
 }
 
-/// The client end of a flow key.
+/// The client end of a flow (IPv4 or IPv6).
 #[must_use]
-pub fn client_of(key: &FlowKey) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(key.src_be.to_ne_bytes()), u16::from_be_bytes(key.sport_be.to_ne_bytes()))
+pub fn client_of(flow: &Flow) -> SocketAddr {
+    let port = u16::from_be_bytes(flow.key.sport_be.to_ne_bytes());
+    match &flow.addrs6 {
+        Some(a) => SocketAddr::new(IpAddr::V6(Ipv6Addr::from(a.src.octets)), port),
+        None => SocketAddr::new(IpAddr::V4(Ipv4Addr::from(flow.key.src_be.to_ne_bytes())), port),
+    }
 }
 
-/// The key of a client's flow to a listener.
+/// The flow table key of a client's flow to a listener (an IPv6 one's with the table's
+/// `seed`), and an IPv6 flow's addresses.
 #[must_use]
-pub fn key_of(client: SocketAddrV4, listener: SocketAddrV4) -> FlowKey {
-    FlowKey {
-        src_be: u32::from_ne_bytes(client.ip().octets()),
-        dst_be: u32::from_ne_bytes(listener.ip().octets()),
-        sport_be: u16::from_ne_bytes(client.port().to_be_bytes()),
-        dport_be: u16::from_ne_bytes(listener.port().to_be_bytes()),
-    }
+pub fn key_of(client: SocketAddr, listener: SocketAddr, seed: u64) -> (FlowKey, Option<FlowAddrs6>) {
+    flow_key_of(client.ip(), client.port(), listener.ip(), listener.port(), seed)
 }
 
 /// The live confirmed flows of the table that the current ring (or the nominal ring, when the
@@ -146,18 +155,18 @@ pub fn find(table: &FlowTable, view: &RingView, now: u32) -> Exceptions {
         if idle >= l.expire
             || !f.confirmed()
             || !l.backends.contains_key(&backend)
-            || (!view.share_all && view.follows_rings(l, &f.key, backend))
+            || (!view.share_all && view.follows_rings(l, f, backend))
         {
             return;
         }
-        let entry = Entry { client: client_of(&f.key), idle: u16::try_from(idle).unwrap_or(u16::MAX), closing: f.closing() };
+        let entry = Entry { client: client_of(f), idle: u16::try_from(idle).unwrap_or(u16::MAX), closing: f.closing() };
         groups.entry((real_listener(f.real()), backend)).or_default().push(entry);
     });
     let groups = groups
         .into_iter()
         .map(|((lid, bid), entries)| {
             let l = &view.listeners[&lid];
-            Group { listener: Some(SocketAddrV4::new(l.vip, l.port)), backend: l.backends[&bid].clone(), entries }
+            Group { listener: Some(SocketAddr::new(l.vip, l.port)), backend: l.backends[&bid].clone(), entries }
         })
         .collect();
     Exceptions { groups, complete: true }
@@ -167,8 +176,8 @@ pub fn find(table: &FlowTable, view: &RingView, now: u32) -> Exceptions {
 #[derive(Debug)]
 pub struct Incoming {
     pub real: u32,
-    /// Key, closing, age of its last frame.
-    pub flows: Vec<(FlowKey, bool, u32)>,
+    /// Key (and an IPv6 flow's addresses), closing, age of its last frame.
+    pub flows: Vec<(FlowKey, Option<FlowAddrs6>, bool, u32)>,
     pub now: u32,
     pub expire: u32,
 }
@@ -223,8 +232,8 @@ pub fn spawn_merger(table: Arc<FlowTable>, done: mpsc::Sender<Done>) -> std::syn
                 let out = match job {
                     Job::Merge(i) => {
                         let mut c = MergeCounts::default();
-                        for (key, closing, age) in &i.flows {
-                            match table.merge(key, None, i.real, *closing, *age, i.now, i.expire) {
+                        for (key, addrs6, closing, age) in &i.flows {
+                            match table.merge(key, addrs6.as_ref(), i.real, *closing, *age, i.now, i.expire) {
                                 Merged::Inserted => c.inserted += 1,
                                 Merged::Refreshed => c.refreshed += 1,
                                 Merged::Kept => c.kept += 1,

@@ -2,7 +2,7 @@
 //! loaded side by side (two nodes), the exceptions one node's walk finds, merged into the
 //! other's flow table, and frames pushed through both with `BPF_PROG_TEST_RUN`.
 
-use std::net::SocketAddrV4;
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4};
 
 use lb_common::real_id;
 use lb_userspace::{
@@ -12,7 +12,7 @@ use lb_userspace::{
 };
 use tests::{
     fixture::{CLIENT, Lb, RING, VIP, XDP_TX, syn},
-    frame::{Ipv4Frame, TCP_ACK, TCP_FIN},
+    frame::{Ipv4Frame, Ipv6Frame, TCP_ACK, TCP_FIN, TCP_SYN},
     require_root,
 };
 
@@ -46,11 +46,12 @@ fn merge(lb: &Lb, found: &Exceptions) -> Vec<Merged> {
     let mut out = Vec::new();
     for g in &found.groups {
         let at = g.listener.expect("a listener");
-        let l = lb.config.listeners.iter().find(|l| l.vip == *at.ip() && l.port == at.port()).expect("a listener of this node");
+        let l = lb.config.listeners.iter().find(|l| l.vip == at.ip() && l.port == at.port()).expect("a listener of this node");
         let real = real_id(lb.ids.listeners[&l.name], lb.ids.backends[&g.backend]);
         for e in &g.entries {
             let age = now.wrapping_sub(u32::from(e.idle)) & 0xffff;
-            out.push(lb.dp.flow_table().merge(&exceptions::key_of(e.client, at), None, real, e.closing, age, now, u32::MAX));
+            let (key, addrs6) = exceptions::key_of(e.client, at, lb.dp.flow_table().seed());
+            out.push(lb.dp.flow_table().merge(&key, addrs6.as_ref(), real, e.closing, age, now, u32::MAX));
         }
     }
     out
@@ -84,7 +85,7 @@ fn exceptions_of_one_node_are_forwarded_alike_by_another() {
     assert!(moved.len() > 50, "only {} of {} sessions' slots moved to the new broker", moved.len(), ports.len());
     assert_eq!(found.len(), moved.len(), "the walk finds exactly the sessions the ring would now send elsewhere");
     for g in &found.groups {
-        assert_eq!(g.listener, Some(SocketAddrV4::new(VIP, 1883)));
+        assert_eq!(g.listener, Some(SocketAddr::V4(SocketAddrV4::new(VIP, 1883))));
         for e in &g.entries {
             let i = ports.iter().position(|&p| p == e.client.port()).expect("one of ours");
             assert_eq!(g.backend, pinned[i], "port {}: an exception names the broker its session is on", e.client.port());
@@ -133,7 +134,7 @@ fn a_merge_never_displaces_this_nodes_own_sessions() {
     let real = |b: u32| real_id(lb.ids.listeners["mqtt"], b);
     let now = lb.dp.now_age().expect("clock");
     let t = lb.dp.flow_table();
-    let key = |p: u16| exceptions::key_of(SocketAddrV4::new(CLIENT, p), at);
+    let key = |p: u16| exceptions::key_of(SocketAddrV4::new(CLIENT, p).into(), at.into(), t.seed()).0;
 
     // A session of this node's own, confirmed: a peer's copy pinned elsewhere is refused...
     let own = forwarded_to(&lb, &syn(40000));
@@ -228,4 +229,88 @@ fn while_configs_differ_every_flow_is_shared() {
     for (p, was) in ports.iter().zip(&pinned) {
         assert_eq!(&forwarded_to(&a, &ack(*p)), was, "port {p}: node A sends node B's session elsewhere");
     }
+}
+
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
+
+/// A node with one IPv6 listener (VIP6:1883) over dual-stack backends (name, last byte, weight).
+fn node6(backends: &[(&str, u8, u32)]) -> Lb {
+    Lb::with_config(Lb::parse(&config6(backends)))
+}
+
+fn config6(backends: &[(&str, u8, u32)]) -> String {
+    use std::fmt::Write as _;
+    let mut text = format!("interface = \"veth0\"\nring_size = {RING}\n[[listener]]\nname = \"mqtt6\"\nvip = \"{VIP6}\"\nport = 1883\n");
+    for (name, n, w) in backends {
+        let _ = write!(
+            text,
+            "[[backend]]\nname = \"{name}\"\naddress = \"192.0.2.{n}\"\naddress6 = \"2001:db8::{n}\"\nmac = \"02:00:00:00:00:{n:02x}\"\nweight = {w}\n"
+        );
+    }
+    text
+}
+
+/// Client `i`'s IPv6 address: a different /64 each, so the flows spread.
+fn client6(i: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0x10, i, 0, 0, 0, 1)
+}
+
+fn seg6(i: u16, flags: u8) -> Vec<u8> {
+    Ipv6Frame::tcp(client6(i), 40000 + i, VIP6, 1883, flags).build()
+}
+
+#[test]
+fn ipv6_exceptions_of_one_node_are_forwarded_alike_by_another() {
+    require_root!();
+    let two = [("b1", 11, 100), ("b2", 12, 100)];
+    let three = [("b1", 11, 100), ("b2", 12, 100), ("b3", 13, 100)];
+    let mut a = node6(&two);
+    let clients: Vec<u16> = (0..300).collect();
+    let pinned: Vec<String> = clients
+        .iter()
+        .map(|&i| {
+            let got = forwarded_to(&a, &seg6(i, TCP_SYN));
+            assert_eq!(forwarded_to(&a, &seg6(i, TCP_ACK)), got);
+            got
+        })
+        .collect();
+    assert!(walk(&a).is_empty(), "no exceptions while the ring is the one the flows were made with");
+
+    // A broker is added: a third of the ring moves to it. Node A's walk finds the IPv6
+    // sessions it would now send elsewhere, named by their full addresses.
+    a.config = Lb::parse(&config6(&three));
+    a.apply();
+    let found = walk(&a);
+    let mut b = node6(&two);
+    b.config = Lb::parse(&config6(&three));
+    b.apply();
+    let moved: Vec<u16> = clients.iter().copied().filter(|&i| forwarded_to(&b, &seg6(i, TCP_ACK)) != pinned[usize::from(i)]).collect();
+    assert!(moved.len() > 50, "only {} of {} IPv6 sessions' slots moved", moved.len(), clients.len());
+    assert_eq!(found.len(), moved.len(), "the walk finds exactly the IPv6 sessions the ring now sends elsewhere");
+    for g in &found.groups {
+        assert_eq!(g.listener, Some(SocketAddr::new(VIP6.into(), 1883)));
+        for e in &g.entries {
+            let i = clients.iter().position(|&i| SocketAddr::new(client6(i).into(), 40000 + i) == e.client).expect("one of ours");
+            assert_eq!(g.backend, pinned[i], "{}: an exception names the broker its session is on", e.client);
+        }
+    }
+    // A fresh node B with the new ring takes them in and forwards every session as A does.
+    let b2 = {
+        let mut fresh = node6(&two);
+        fresh.config = Lb::parse(&config6(&three));
+        fresh.apply();
+        fresh
+    };
+    let results = merge(&b2, &found);
+    assert!(results.iter().all(|r| *r == Merged::Inserted), "{results:?}");
+    for &i in &clients {
+        assert_eq!(
+            forwarded_to(&b2, &seg6(i, TCP_ACK)),
+            pinned[usize::from(i)],
+            "client {i}: node B sends a synced IPv6 session elsewhere"
+        );
+    }
+    assert_eq!(walk(&b2).len(), moved.len(), "the merged IPv6 flows are exceptions of node B too");
+    let f = b2.dp.flow(client6(moved[0]), 40000 + moved[0], VIP6, 1883).expect("merged flow");
+    assert!(f.addrs6.is_some(), "merged with its addresses: {f:?}");
 }

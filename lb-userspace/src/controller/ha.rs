@@ -329,7 +329,7 @@ impl Controller {
         match event {
             cluster::Event::Flows { from, group } => {
                 let real = group.listener.and_then(|at| {
-                    let l = self.config.listeners.iter().find(|l| l.vip == *at.ip() && l.port == at.port())?;
+                    let l = self.config.listeners.iter().find(|l| l.vip == at.ip() && l.port == at.port())?;
                     l.backends.contains(&group.backend).then_some(())?;
                     Some((real_id(self.ids.listeners[&l.name], self.ids.backends[&group.backend]), plan_expire(l), at))
                 });
@@ -345,11 +345,15 @@ impl Controller {
                         return;
                     }
                 };
+                let seed = self.dp.flow_table_handle().seed();
                 let flows = group
                     .entries
                     .iter()
-                    .filter(|e| u32::from(e.idle) < expire)
-                    .map(|e| (exceptions::key_of(e.client, at), e.closing, now.wrapping_sub(u32::from(e.idle)) & 0xffff))
+                    .filter(|e| u32::from(e.idle) < expire && e.client.is_ipv6() == at.is_ipv6())
+                    .map(|e| {
+                        let (key, addrs6) = exceptions::key_of(e.client, at, seed);
+                        (key, addrs6, e.closing, now.wrapping_sub(u32::from(e.idle)) & 0xffff)
+                    })
                     .collect();
                 if self.ha.merger.send(Job::Merge(Incoming { real, flows, now, expire })).is_ok() {
                     self.ha.merges_pending += 1;
