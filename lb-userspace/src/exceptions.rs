@@ -62,12 +62,11 @@ impl RingView {
         let listeners = desired
             .listeners
             .iter()
-            .filter_map(|l| {
-                let vip = l.vip;
+            .map(|l| {
                 let backends =
                     l.reals.iter().filter(|r| !r.down).filter_map(|r| Some((r.backend, (*name_of.get(&r.backend)?).clone()))).collect();
                 let view = ListenerView {
-                    vip,
+                    vip: l.vip,
                     port: l.port,
                     hash_source: l.hash_source,
                     source_prefix64: l.source_prefix64,
@@ -76,7 +75,7 @@ impl RingView {
                     expire: l.idle_expire,
                     backends,
                 };
-                Some((l.id, view))
+                (l.id, view)
             })
             .collect();
         Self { ring_size, listeners, share_all: false }
