@@ -45,6 +45,19 @@ struct Ipv6Hdr {
     daddr: Addr6,
 }
 
+/// The IPv6 fragment header.
+#[repr(C)]
+struct FragHdr {
+    next_header: u8,
+    reserved: u8,
+    /// Offset (13 bits), two reserved bits, "more fragments", in wire order.
+    frag_off: u16,
+    id: u32,
+}
+
+/// `FragHdr::frag_off` bits, in wire order: the offset and "more fragments".
+const IP6_OFFSET_MF: u16 = 0xfff9_u16.to_be();
+
 /// The two bytes that open every IPv6 extension header this parser follows.
 #[repr(C)]
 struct ExtHdr {
@@ -126,7 +139,8 @@ pub enum Parsed {
     IcmpTooBig(Tcp4),
     /// A TCP/IPv6 segment (no fragment header).
     Tcp6(Tcp6),
-    /// An IPv6 packet with a fragment header: no ports to look at, only the destination.
+    /// A fragment of a TCP/IPv6 packet (not an atomic one): no ports to look at, only the
+    /// destination.
     Fragment6 { dst: Addr6 },
     /// ICMPv6 "packet too big" about a TCP segment its destination sent, as `IcmpTooBig`.
     IcmpTooBig6(Tcp6),
@@ -245,7 +259,20 @@ fn parse6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
         return Err(Verdict::PassMalformed);
     }
     let dst = unsafe { (*ip).daddr };
-    let (next, l4) = skip_ext(ctx, unsafe { (*ip).next_header }, l3 + core::mem::size_of::<Ipv6Hdr>())?;
+    let (mut next, mut l4) = skip_ext(ctx, unsafe { (*ip).next_header }, l3 + core::mem::size_of::<Ipv6Hdr>())?;
+    if next == IPV6_FRAGMENT {
+        let frag = ptr_at::<FragHdr>(ctx, l4)?;
+        if unsafe { (*frag).next_header } != IPPROTO_TCP {
+            // As for IPv4, only TCP fragments are dropped.
+            return Err(Verdict::PassNotTcp);
+        }
+        if unsafe { (*frag).frag_off } & IP6_OFFSET_MF != 0 {
+            return Ok(Parsed::Fragment6 { dst });
+        }
+        // An atomic fragment (offset 0, no more): a whole segment behind a fragment header.
+        next = IPPROTO_TCP;
+        l4 += core::mem::size_of::<FragHdr>();
+    }
     match next {
         IPPROTO_TCP => {
             let src = unsafe { (*ip).saddr };
@@ -262,7 +289,6 @@ fn parse6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Verdict> {
                 dst,
             }))
         }
-        IPV6_FRAGMENT => Ok(Parsed::Fragment6 { dst }),
         IPPROTO_ICMPV6 => too_big6(ctx, &dst, l4),
         _ => Err(Verdict::PassNotTcp),
     }

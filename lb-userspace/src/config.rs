@@ -877,7 +877,8 @@ impl Validator<'_> {
                 return Err(self.err(&l.port.span(), f("port"), "must be between 1 and 65535"));
             }
             if let Some(other) = endpoints.insert((vip, port), name.clone()) {
-                return Err(self.err(&l.port.span(), f("port"), format!("{vip}:{port} is already listener {other:?}")));
+                let at = std::net::SocketAddr::new(vip, port);
+                return Err(self.err(&l.port.span(), f("port"), format!("{at} is already listener {other:?}")));
             }
             let members: Vec<String> = match &l.backends {
                 None => backends.iter().map(|b| b.name.clone()).collect(),

@@ -184,6 +184,12 @@ fn cases() -> Vec<Case> {
     ext_frag.ext = vec![ext(IPV6_HOPOPTS, 0)];
     let mut frag_elsewhere = first_frag.clone();
     frag_elsewhere.dst = OTHER6;
+    // A UDP fragment to the VIP6 passes, as IPv4 drops only TCP fragments; an atomic fragment
+    // (offset 0, no more) is a whole segment and is balanced.
+    let mut udp_frag = Ipv6Frame::udp(CLIENT6, 40022, VIP6, 1883);
+    udp_frag.frag = Some(Fragment6 { offset: 0, more: true });
+    let mut atomic = syn6(CLIENT6, 40024);
+    atomic.frag = Some(Fragment6 { offset: 0, more: false });
     let mut multicast_mac = syn6(CLIENT6, 40030);
     multicast_mac.dst_mac = [0x33, 0x33, 0, 0, 0, 1];
     let mut version4 = syn6(CLIENT6, 40032).build();
@@ -226,6 +232,8 @@ fn cases() -> Vec<Case> {
         Case { what: "later fragment to VIP6", input: later_frag.build(), action: XDP_DROP, reason: reason::DROP_FRAGMENT },
         Case { what: "fragment after hop-by-hop to VIP6", input: ext_frag.build(), action: XDP_DROP, reason: reason::DROP_FRAGMENT },
         Case { what: "fragment to another address", input: frag_elsewhere.build(), action: XDP_PASS, reason: reason::PASS_NO_LISTENER },
+        Case { what: "UDP fragment to VIP6", input: udp_frag.build(), action: XDP_PASS, reason: reason::PASS_NOT_TCP },
+        Case { what: "atomic fragment (a whole SYN) to VIP6", input: atomic.build(), action: XDP_TX, reason: reason::TX },
         Case {
             what: "SYN to [VIP6]:80",
             input: Ipv6Frame::tcp(CLIENT6, 40022, VIP6, 80, TCP_SYN).build(),

@@ -144,15 +144,21 @@ impl Dataplane {
                 }
                 self.written.rings.insert(copy_no, ring);
             }
+            if current.is_some_and(|old| (old.vip_be, old.port_be) != (vip_be, port_be) || moved) {
+                // A listener that moves is switched off first: no frame matches its old address
+                // from here on, nor its new one with the old entry, and the flows recorded for
+                // the old address are gone before a flow for the new one can be made. Its port
+                // bits follow in step 4. Forgotten as written, so a failure below leaves it to
+                // be written whole by the next apply.
+                self.listeners.store(l.id, 0, ListenerInfo::default().to_word());
+                self.written.listeners.remove(&l.id);
+                report.flows_purged += self.purge_flows(l.id);
+            }
             if moved {
                 // The IPv6 address before the entry that points frames at it. A listener that
                 // was IPv6 and is no longer keeps a stale address here: its flags say IPv4.
                 if let Some(a) = &vip6 {
                     let mut map: Array<&mut MapData, Ip6> = map_mut(&mut self.ebpf, names::LISTENER_VIP6)?;
-                    if current.is_some() {
-                        // Off first, so no frame matches the new address with the old entry.
-                        self.listeners.store(l.id, 0, ListenerInfo::default().to_word());
-                    }
                     map.set(l.id, Ip6::from_words(*a), 0).with_context(|| format!("writing the IPv6 VIP of listener {}", l.id))?;
                     self.written.vip6.insert(l.id, *a);
                 } else {
@@ -161,16 +167,9 @@ impl Dataplane {
             }
             #[expect(clippy::cast_possible_truncation, reason = "copy < RING_COPIES")]
             let info = ListenerInfo { vip_be, port_be, flags, ring_copy: copy as u8 };
-            // A listener that moved stops matching frames to its old address with this store;
-            // its port bits follow in step 4.
             self.listeners.store(l.id, 0, info.to_word());
             self.written.listeners.insert(l.id, info);
             report.listeners_switched += 1;
-            if let Some(old) = current
-                && ((old.vip_be, old.port_be) != (vip_be, port_be) || moved)
-            {
-                report.flows_purged += self.purge_flows(l.id);
-            }
         }
 
         // 4. Listeners no longer wanted, and the flows that recorded them.
@@ -297,9 +296,8 @@ impl Dataplane {
         self.written.ports = want;
     }
 
-    /// Deletes the flows of a listener that no longer exists at (`vip_be`, `port_be`):
-    /// established flows skip the listener lookup, so they would otherwise keep being forwarded.
-    /// Removes the flows of listener `id` (it moved or is gone).
+    /// Deletes the flows of listener `id`, which moved or is gone: established flows skip the
+    /// listener lookup, so they would otherwise keep being forwarded.
     fn purge_flows(&self, id: u32) -> usize {
         self.flows.remove_where(|f| real_listener(f.real()) == id)
     }
