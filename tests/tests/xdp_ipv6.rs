@@ -163,6 +163,7 @@ struct Case {
 }
 
 /// The rows of [`verdict_table`].
+#[expect(clippy::too_many_lines, reason = "a table: one row per case")]
 fn cases() -> Vec<Case> {
     let with_ext = |sport: u16, chain: &[ExtHeader]| {
         let mut f = syn6(CLIENT6, sport);
