@@ -25,6 +25,8 @@ pub struct PairSample {
     pub listener: String,
     pub backend: String,
     pub up: bool,
+    /// As `dsrlb status` shows it: up, down, vip-misconfigured, refusing, no-mac.
+    pub state: &'static str,
     pub check_failures: u64,
     pub packets: u64,
     pub bytes: u64,
@@ -78,6 +80,19 @@ impl Collector for Snapshot {
             )?;
             for p in &self.pairs {
                 ConstGauge::new(i64::from(p.up)).encode(m.encode_family(&pair_labels(p))?)?;
+            }
+        }
+        {
+            let mut m = e.encode_descriptor(
+                "dsrlb_backend_state",
+                "1 for the pair's state as dsrlb status shows it (up, down, vip-misconfigured, refusing, no-mac)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for p in &self.pairs {
+                let mut labels = pair_labels(p);
+                labels.push(("state", p.state.to_owned()));
+                ConstGauge::new(1).encode(m.encode_family(&labels)?)?;
             }
         }
         let counters: [PairCounter; 4] = [
@@ -287,7 +302,14 @@ mod tests {
     #[test]
     fn renders_haproxy_like_names() {
         let s = Snapshot {
-            pairs: vec![PairSample { listener: "mqtt".into(), backend: "b1".into(), up: true, packets: 7, ..PairSample::default() }],
+            pairs: vec![PairSample {
+                listener: "mqtt".into(),
+                backend: "b1".into(),
+                up: true,
+                state: "up",
+                packets: 7,
+                ..PairSample::default()
+            }],
             listeners: vec![("mqtt".into(), 7, 700, 1)],
             verdicts: vec![("tx".into(), "forwarded".into(), 7)],
             guards: vec![("mqtt".into(), 3, 2)],
@@ -309,6 +331,7 @@ mod tests {
         let text = render(s).expect("render");
         for want in [
             "dsrlb_backend_status{listener=\"mqtt\",backend=\"b1\"} 1",
+            "dsrlb_backend_state{listener=\"mqtt\",backend=\"b1\",state=\"up\"} 1",
             "dsrlb_backend_packets_total{listener=\"mqtt\",backend=\"b1\"} 7",
             "dsrlb_backend_check_failures_total{listener=\"mqtt\",backend=\"b1\"} 0",
             "dsrlb_listener_packets_total{listener=\"mqtt\"} 7",

@@ -23,6 +23,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The multi-node lab: BGP with BFD on the router and the nodes, VRRP on the nodes.
     "bird2",
     "keepalived",
+    // promtool, which checks and unit-tests the alert rules in deploy/prometheus (the package's
+    // service is not started: no systemd here, and policy-rc.d where there is one).
+    "prometheus",
 ];
 
 fn step(what: &str) {
