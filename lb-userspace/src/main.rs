@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use lb_userspace::{
     config,
     control::{self, Request},
@@ -80,6 +80,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the shell completion script for SHELL (the package installs bash, zsh and fish's).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page; with `--dir`, write `dsrlb.1` and a page per subcommand there.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// The man pages, from the clap definitions.
+fn man(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    match dir {
+        None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()).context("writing the man page"),
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            clap_mangen::generate_to(Cli::command(), d).with_context(|| format!("writing the man pages to {}", d.display()))
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -103,6 +122,11 @@ fn main() -> ExitCode {
     let socket = control::socket_path(cli.socket.as_ref());
     let result = match cli.command {
         Command::Check { config } => check(&config),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "dsrlb", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { dir } => man(dir.as_deref()),
         Command::Run { config, stats_interval, metrics, socket_group } => {
             match (config::load(&config), parse_metrics(&metrics), group_id(socket_group.as_deref())) {
                 (Err(e), _, _) => Err(anyhow::Error::new(e).context("invalid config; nothing was attached")),

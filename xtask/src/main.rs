@@ -55,6 +55,8 @@ enum Cmd {
     /// Benchmarks: dsrlb, HAProxy, direct and the XDP floor in the lab, and the XDP data plane
     /// against the floor program; writes bench/report.md and plots.
     Bench,
+    /// The Debian package, target/debian/dsrlb_VERSION_amd64.deb (cargo-deb), checked by lintian.
+    Package,
 }
 
 fn root() -> PathBuf {
@@ -137,6 +139,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     std::fs::copy(debug.join("dsrlb"), debug.join("dsrlb-upgrade")).context("keeping the upgrade-test build as dsrlb-upgrade")?;
     // Integration tests start the real binaries, from the same (debug) profile as themselves.
     cargo(&["build", "-p", "lb-userspace", "-p", "tests", "--bins"])?;
+    // The package tests unpack the .deb and run what is in it.
+    package()?;
     // lb-ebpf builds for the BPF target only, through lb-userspace's build script.
     let mut full: Vec<&str> = vec!["test", "--workspace", "--exclude", "lb-ebpf", "--no-fail-fast"];
     // `cargo xtask test -- CARGO_ARGS -- HARNESS_ARGS`, e.g. `-- --test lab_ha -- --nocapture`.
@@ -146,6 +150,48 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     full.extend(["--", "--test-threads=1"]);
     full.extend(args.get(split + 1..).unwrap_or_default().iter().map(String::as_str));
     cargo(&full)
+}
+
+/// Builds the Debian package: the release binary (the XDP object inside), its man pages and
+/// completions (written by the binary from its own CLI definition), then `cargo deb`, then
+/// lintian, which must report no error. Returns the package's path.
+fn package() -> anyhow::Result<PathBuf> {
+    cargo(&["build", "--release", "-p", "lb-userspace", "--bin", "dsrlb"])?;
+    let root = root();
+    let dsrlb = root.join("target/release/dsrlb");
+    let assets = root.join("target/debian-assets");
+    let _ = std::fs::remove_dir_all(&assets);
+    let man = assets.join("man");
+    let status = Command::new(&dsrlb).arg("man").arg("--dir").arg(&man).status().context("running dsrlb man")?;
+    if !status.success() {
+        bail!("dsrlb man --dir {} failed", man.display());
+    }
+    let completions = assets.join("completions");
+    std::fs::create_dir_all(&completions)?;
+    for (shell, file) in [("bash", "dsrlb"), ("zsh", "_dsrlb"), ("fish", "dsrlb.fish")] {
+        let out = Command::new(&dsrlb).args(["completions", shell]).output().context("running dsrlb completions")?;
+        if !out.status.success() || out.stdout.is_empty() {
+            bail!("dsrlb completions {shell} failed");
+        }
+        std::fs::write(completions.join(file), out.stdout)?;
+    }
+    let debian = root.join("target/debian");
+    let _ = std::fs::remove_dir_all(&debian);
+    cargo(&["deb", "-p", "lb-userspace", "--no-build", "--output", &debian.display().to_string()])?;
+    let deb = std::fs::read_dir(&debian)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("cargo deb wrote no .deb")?;
+    let lintian =
+        Command::new("lintian").args(["--fail-on", "error", "--tag-display-limit", "0"]).arg(&deb).output().context("running lintian")?;
+    let report = format!("{}{}", String::from_utf8_lossy(&lintian.stdout), String::from_utf8_lossy(&lintian.stderr));
+    eprint!("{report}");
+    if !lintian.status.success() {
+        bail!("lintian reports errors on {}", deb.display());
+    }
+    eprintln!("xtask: {}", deb.display());
+    Ok(deb)
 }
 
 fn bench() -> anyhow::Result<()> {
@@ -164,6 +210,7 @@ fn main() -> ExitCode {
         Cmd::Lab { action, nodes, vrrp } => lab(&action, nodes, vrrp),
         Cmd::Test { args } => test(&args),
         Cmd::Bench => bench(),
+        Cmd::Package => setup::setup().and_then(|()| package()).map(drop),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

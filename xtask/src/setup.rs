@@ -26,7 +26,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // promtool, which checks and unit-tests the alert rules in deploy/prometheus (the package's
     // service is not started: no systemd here, and policy-rc.d where there is one).
     "prometheus",
+    // Checks the Debian package `cargo xtask package` builds.
+    "lintian",
 ];
+
+/// The cargo-deb release `cargo xtask package` is known to work with.
+const CARGO_DEB_VERSION: &str = "3.8.0";
 
 fn step(what: &str) {
     eprintln!("[setup] {what}");
@@ -140,6 +145,18 @@ fn debian_packages() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn cargo_deb() -> anyhow::Result<()> {
+    step(&format!("cargo-deb {CARGO_DEB_VERSION} (builds the Debian package)"));
+    let have = Command::new("cargo").args(["deb", "--version"]).output();
+    if have.is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_DEB_VERSION)) {
+        return Ok(());
+    }
+    step(&format!("building cargo-deb {CARGO_DEB_VERSION} (about a minute)"));
+    run(Command::new("cargo").args(["install", &format!("cargo-deb@{CARGO_DEB_VERSION}"), "--locked", "--force"]))
+        .context("cargo install cargo-deb failed")?;
+    Ok(())
+}
+
 fn bpffs() -> anyhow::Result<()> {
     step("bpffs on /sys/fs/bpf");
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
@@ -158,6 +175,7 @@ fn bpffs() -> anyhow::Result<()> {
 pub fn setup() -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
+    cargo_deb()?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         debian_packages()?;
