@@ -12,7 +12,7 @@ use lb_common::{
 };
 
 use crate::{
-    Verdict,
+    Verdict, events,
     maps::{FLOW_ADDRS6, FLOW_CACHE, LISTEN_PORTS, LISTENER_VIP6, LISTENERS, REALS, RINGS},
     node,
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tcp4, Tcp6},
@@ -332,7 +332,7 @@ pub fn pick(ctx: &XdpContext, seg: &impl Segment) -> Result<Pick, Verdict> {
     }
     let (real_id, real) = usable_real(if syn { early } else { ring_id(listener, seg)? })?;
     if syn && listener.info.flags & LISTENER_F_CONN_RATE != 0 {
-        storm::admit(listener.id, node.now_ns)?;
+        storm::admit(listener.id, node.now_ns).inspect_err(|_| events::storm(ctx, listener.id, node.now_ns))?;
     }
     match found {
         // The recorded real went down (or was removed): repoint the slot, confirmed as it was.
@@ -347,9 +347,15 @@ pub fn pick(ctx: &XdpContext, seg: &impl Segment) -> Result<Pick, Verdict> {
         // A miss: a new connection, or one whose slot was replaced or predates this balancer.
         // Both follow the ring, so a flow whose backend set did not change keeps its broker. It
         // is recorded unconfirmed, so a flood of them never displaces a confirmed flow.
-        None => stats::count_table(table::insert(&place, &seen, flow_state(real_id, closing, now), now, node.idle_expire, |slot| {
-            seg.record(slot);
-        })),
+        None => {
+            let event = table::insert(&place, &seen, flow_state(real_id, closing, now), now, node.idle_expire, |slot| seg.record(slot));
+            stats::count_table(event);
+            if event == table_event::REFUSED {
+                events::refused(ctx, listener.id, node.now_ns);
+            } else if event != table_event::RACED {
+                events::recorded(ctx, node.now_ns);
+            }
+        }
     }
     Ok(Pick { real_id, real, new_flow: true })
 }

@@ -6,6 +6,7 @@
 #![expect(internal_features, reason = "the flow table's compare-and-swap: the BPF target has no AtomicU64::compare_exchange")]
 
 mod dsr;
+mod events;
 mod flow;
 mod maps;
 mod node;
@@ -71,6 +72,9 @@ pub fn dsrlb(ctx: XdpContext) -> u32 {
         Ok(()) => xdp_action::XDP_TX,
         Err(verdict) => {
             stats::count_verdict(verdict as u32);
+            if matches!(verdict, Verdict::DropInternal) {
+                events::internal(&ctx);
+            }
             verdict.action()
         }
     }

@@ -92,6 +92,10 @@ pub static LISTENER_STATS: PerCpuArray<ListenerCounters, { MAX_LISTENERS as usiz
 #[btf_map]
 pub static TABLE_STATS: PerCpuArray<u64, { table_event::COUNT as usize }> = PerCpuArray::new();
 
+/// Per CPU: when each rare event was last logged, and the flood guard's state (see `events`).
+#[btf_map]
+pub static LOG_STATE: PerCpuArray<[u64; 4], 1> = PerCpuArray::new();
+
 /// Packets per verdict and reason, see `lb_common::reason`.
 #[btf_map]
 pub static VERDICT_STATS: PerCpuArray<u64, { reason::COUNT as usize }> = PerCpuArray::new();

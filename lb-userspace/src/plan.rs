@@ -152,7 +152,8 @@ pub fn desired(
             fail_open,
         });
     }
-    Ok(Desired { listeners, src_mac, accept_macs: config.accept_macs.clone(), ..Desired::default() })
+    let listener_names = config.listeners.iter().filter_map(|l| Some((*ids.listeners.get(&l.name)?, l.name.clone()))).collect();
+    Ok(Desired { listeners, listener_names, src_mac, accept_macs: config.accept_macs.clone(), ..Desired::default() })
 }
 
 /// The idle age units from which a flow is over after `timeout`: an age only says which unit

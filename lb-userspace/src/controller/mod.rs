@@ -821,6 +821,7 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
             }
             Some(flows) = walked.recv() => c.walked(flows),
             _ = sample.tick() => {
+                c.dp.flush_events();
                 if let Err(e) = c.sample_stats() {
                     tracing::warn!(error = %format!("{e:#}"), "reading counters failed");
                 }

@@ -232,6 +232,7 @@ impl Dataplane {
             self.generation = self.generation.wrapping_add(1) & !FLOW_CACHE_VALID;
             self.write_ports();
         }
+        *self.events.names.write().unwrap_or_else(std::sync::PoisonError::into_inner) = want.listener_names.clone();
         Ok(report)
     }
 

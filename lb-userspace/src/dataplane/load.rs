@@ -111,6 +111,9 @@ impl Dataplane {
         let (listeners, ports, node) = (mapped(names::LISTENERS)?, mapped(names::LISTEN_PORTS)?, mapped(names::NODE)?);
         let control = mapped(names::CONTROL)?;
         let flows = Arc::new(FlowTable::new(mapped(names::FLOWS)?, mapped(names::FLOW_ADDRS6)?, flow_seed(&mut ebpf)?));
+        let events = super::events::EventSink::default();
+        let logger =
+            aya_log::EbpfLogger::init_with_logger(&mut ebpf, events.clone()).context("opening the program's event log (AYA_LOGS)")?;
         let ns_per_jiffy = if let Some(&n) = NS_PER_JIFFY.get() {
             n
         } else {
@@ -129,6 +132,8 @@ impl Dataplane {
             written: Written::default(),
             generation: 0,
             counted: BTreeSet::new(),
+            logger,
+            events,
         })
     }
 

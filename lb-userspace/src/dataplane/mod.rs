@@ -4,6 +4,7 @@
 //! interface facts in `iface`; hooks for tests and benchmarks in `testing` (feature `testing`).
 
 mod apply;
+mod events;
 mod iface;
 mod load;
 mod stats;
@@ -47,6 +48,8 @@ pub struct LoadOptions {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub listeners: Vec<DesiredListener>,
+    /// Listener id to name, for the data plane's event log.
+    pub listener_names: BTreeMap<u32, String>,
     /// The balancer interface's MAC: the source of every forwarded frame, and the first
     /// destination MAC it forwards frames for.
     pub src_mac: [u8; 6],
@@ -155,9 +158,23 @@ pub struct Dataplane {
     /// Reals whose `REAL_STATS` slot may be non-zero (ever written, or found non-zero on
     /// adoption): the forwarded total is summed over them.
     counted: BTreeSet<u32>,
+    /// The program's event log (`AYA_LOGS`), read by [`Self::flush_events`].
+    logger: aya_log::EbpfLogger<events::EventSink>,
+    events: events::EventSink,
 }
 
 impl Dataplane {
+    /// Reads the data plane's rare events into the log (the controller does every second).
+    pub fn flush_events(&mut self) {
+        self.logger.flush();
+    }
+
+    /// The data plane's last events, oldest first, as logged (listener names for ids).
+    #[must_use]
+    pub fn recent_events(&self) -> Vec<String> {
+        self.events.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().cloned().collect()
+    }
+
     #[must_use]
     pub const fn ring_size(&self) -> u32 {
         self.ring_size

@@ -123,6 +123,22 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Overwrites every slot of listener `id`'s active ring with `real` as the program reads it
+    /// (a real id outside `REALS` makes the lookup that cannot fail fail: an internal drop).
+    ///
+    /// # Errors
+    /// When the listener was never written or the map write fails.
+    pub fn fill_ring(&mut self, id: u32, real: u16) -> anyhow::Result<()> {
+        use aya::maps::{Array, MapData};
+        let copy = u32::from(self.written.listeners.get(&id).context("no such listener")?.ring_copy);
+        let base = lb_common::ring_base(id, copy, self.ring_size);
+        let mut rings: Array<&mut MapData, lb_common::RingEntry> = super::map_mut(&mut self.ebpf, lb_common::map_names::RINGS)?;
+        for e in 0..lb_common::ring_entries(self.ring_size) {
+            rings.set(base + e, [real; lb_common::RING_SLOTS_PER_ENTRY as usize], 0)?;
+        }
+        Ok(())
+    }
+
     /// This node's own MAC as last applied (what the driver addresses its runs to).
     fn own_mac(&self) -> [u8; 6] {
         self.node_macs().first().copied().unwrap_or([0xff; 6])
