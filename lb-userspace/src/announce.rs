@@ -9,13 +9,9 @@
 //! ECMP group), and a node that dies loses them with its BGP session (hold time, or BFD). The
 //! table is never consulted for forwarding on the node: no rule points at it.
 
-use std::{
-    collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use anyhow::Context as _;
-use futures::TryStreamExt as _;
 use rtnetlink::{
     Handle, RouteMessageBuilder,
     packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType},
@@ -149,17 +145,7 @@ fn fields(r: &RouteMessage) -> Option<(u32, IpAddr)> {
 
 /// Every route of ours (IPv4 and IPv6), in any table.
 async fn ours(handle: &Handle) -> anyhow::Result<Vec<(u32, IpAddr, RouteMessage)>> {
-    let mut routes: Vec<RouteMessage> =
-        handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute().try_collect().await.context("listing routes")?;
-    routes.extend(
-        handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
-            .execute()
-            .try_collect::<Vec<_>>()
-            .await
-            .context("listing IPv6 routes")?,
-    );
+    let routes = netlink::all_routes(handle).await?;
     Ok(routes.into_iter().filter_map(|r| fields(&r).map(|(t, v)| (t, v, r))).collect())
 }
 

@@ -1,9 +1,11 @@
 //! The kernel's routing netlink (`rtnetlink`): one connection per user, run on the tokio
 //! runtime, and the few lookups every user needs.
 
+use std::net::{Ipv4Addr, Ipv6Addr};
+
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
-use rtnetlink::{Error, Handle};
+use rtnetlink::{Error, Handle, RouteMessageBuilder, packet_route::route::RouteMessage};
 
 pub const ENOENT: i32 = 2;
 pub const ESRCH: i32 = 3;
@@ -41,4 +43,23 @@ pub async fn ifindex(handle: &Handle, name: &str) -> anyhow::Result<u32> {
         Err(e) if errno(&e) == Some(ENODEV) => anyhow::bail!("no interface {name}"),
         Err(e) => Err(e).with_context(|| format!("looking up interface {name}")),
     }
+}
+
+/// Every IPv4 and IPv6 route, in every table.
+///
+/// # Errors
+/// When netlink fails.
+pub async fn all_routes(handle: &Handle) -> anyhow::Result<Vec<RouteMessage>> {
+    let mut routes: Vec<RouteMessage> =
+        handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute().try_collect().await.context("listing routes")?;
+    routes.extend(
+        handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+            .execute()
+            .try_collect::<Vec<_>>()
+            .await
+            .context("listing IPv6 routes")?,
+    );
+    Ok(routes)
 }

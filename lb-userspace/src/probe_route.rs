@@ -12,7 +12,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
 };
 
 use anyhow::Context as _;
@@ -165,17 +165,7 @@ async fn reconcile(handle: &Handle, ifindex: u32, want: &Wanted) -> anyhow::Resu
     }
     // Routes: in each wanted backend's table, `VIP/32 via address dev interface` (/128 for
     // IPv6); nothing else in our tables.
-    let mut routes: Vec<RouteMessage> =
-        handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute().try_collect().await.context("listing routes")?;
-    routes.extend(
-        handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
-            .execute()
-            .try_collect::<Vec<_>>()
-            .await
-            .context("listing IPv6 routes")?,
-    );
+    let routes = netlink::all_routes(handle).await?;
     let mut present = BTreeSet::new();
     for r in routes {
         let (t, dst, gw) = route_fields(&r);

@@ -919,6 +919,24 @@ fn parse_peer(s: &str) -> Option<SocketAddr> {
 }
 
 impl Lab {
+    /// `GET /metrics` from the balancer's controller (`127.0.0.1:9877` in its namespace): the
+    /// whole HTTP response.
+    ///
+    /// # Panics
+    /// When the endpoint does not answer.
+    #[must_use]
+    pub fn scrape_metrics(&self) -> String {
+        use std::io::{Read as _, Write as _};
+        crate::netns::in_netns(&self.ns("lb"), || {
+            let mut s = TcpStream::connect("127.0.0.1:9877").expect("metrics endpoint");
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+            let mut out = String::new();
+            s.read_to_string(&mut out).expect("response");
+            out
+        })
+        .expect("lb namespace")
+    }
+
     /// Sessions broker `i` has logged, oldest first.
     #[must_use]
     pub fn sessions(&self, i: usize) -> Vec<Session> {

@@ -7,6 +7,7 @@ pub mod fixture;
 pub mod frame;
 pub mod lab;
 pub mod load;
+pub mod mqtt;
 pub mod netns;
 
 /// True when the process may load BPF programs and make namespaces.

@@ -55,60 +55,14 @@ fn vip(port: u16) -> SocketAddrV4 {
 
 /// Subscribes with rumqttc (3.1.1 or 5), publishes `n` messages with another client, returns
 /// how many the subscriber got.
-fn pubsub(lab: &LabGuard, v5: bool, tls: Option<Vec<u8>>, port: u16, topic: &str, n: usize) -> usize {
+fn pubsub(lab: &LabGuard, v5: bool, tls: Option<&[u8]>, port: u16, topic: &str, n: usize) -> usize {
     in_client(lab, || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        rt.block_on(async { if v5 { pubsub_v5(port, topic, n).await } else { pubsub_v311(tls, port, topic, n).await } })
+        if v5 {
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(pubsub_v5(port, topic, n))
+        } else {
+            tests::mqtt::pubsub(&VIP.to_string(), port, tls, topic.trim_end_matches("/#"), topic, n)
+        }
     })
-}
-
-async fn pubsub_v311(tls: Option<Vec<u8>>, port: u16, topic: &str, n: usize) -> usize {
-    let opts = |id: &str| {
-        let mut o = MqttOptions::new(id, VIP.to_string(), port);
-        o.set_keep_alive(Duration::from_secs(30));
-        if let Some(ca) = &tls {
-            o.set_transport(Transport::Tls(TlsConfiguration::Simple { ca: ca.clone(), alpn: None, client_auth: None }));
-        }
-        o
-    };
-    let (sub, mut sub_loop) = rumqttc::AsyncClient::new(opts(&format!("sub-{topic}")), 64);
-    sub.subscribe(topic, QoS::AtLeastOnce).await.expect("subscribe");
-    // Wait for SUBACK before publishing.
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        if let Event::Incoming(Packet::SubAck(_)) =
-            tokio::time::timeout_at(deadline, sub_loop.poll()).await.expect("SUBACK in time").expect("subscriber connection")
-        {
-            break;
-        }
-    }
-    // The cluster bridge to b1 needs a moment to learn the subscription.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (publ, mut pub_loop) = rumqttc::AsyncClient::new(opts(&format!("pub-{topic}")), 64);
-    let base = topic.trim_end_matches("/#").to_owned();
-    let publisher = tokio::spawn(async move {
-        for i in 0..n {
-            publ.publish(format!("{base}/{i}"), QoS::AtLeastOnce, false, format!("m{i}")).await.expect("publish");
-        }
-        let mut acked = 0;
-        while acked < n {
-            if let Ok(Event::Incoming(Packet::PubAck(_))) = pub_loop.poll().await {
-                acked += 1;
-            }
-        }
-    });
-    let mut got = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while got < n {
-        match tokio::time::timeout_at(deadline, sub_loop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::Publish(_)))) => got += 1,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => panic!("subscriber: {e}"),
-            Err(_) => break,
-        }
-    }
-    tokio::time::timeout(T, publisher).await.expect("publisher finished").expect("publisher task");
-    got
 }
 
 async fn pubsub_v5(port: u16, topic: &str, n: usize) -> usize {
@@ -169,7 +123,7 @@ fn tls_through_the_vip_verifies_the_lab_ca() {
     let lab = LabGuard::up(2);
     let lb = Balancer::start(&lab, &lab.config("check = \"none\""));
     let ca = std::fs::read(lab.ca_pem()).expect("lab CA");
-    let got = pubsub(&lab, false, Some(ca), 8883, "e2e/tls/#", 10);
+    let got = pubsub(&lab, false, Some(&ca), 8883, "e2e/tls/#", 10);
     assert_eq!(got, 10, "TLS: messages lost");
     // TLS is end to end: nothing in the balancer's namespace listens on 8883, so the handshake
     // the client verified against the lab CA was a broker's.

@@ -10,7 +10,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rumqttc::{Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use tests::{
     client::{Balancer, MqttConn},
     frame::checksum,
@@ -64,59 +63,10 @@ fn landed(lab: &LabGuard, prefix: &str, n: usize) -> Vec<usize> {
     }
 }
 
-/// Subscribes, publishes `n` QoS 1 messages with another client through `VIP6:port` (TLS when
-/// `ca` is given, verified against it by the VIP's address), returns how many arrived.
+/// Publishes `n` QoS 1 messages through `VIP6:port` (TLS when `ca` is given, verified against
+/// it by the VIP's address) to a subscriber there; how many arrived.
 fn pubsub6(lab: &LabGuard, ca: Option<&[u8]>, port: u16, topic: &str, n: usize) -> usize {
-    in_client(lab, || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        rt.block_on(async {
-            let opts = |id: &str| {
-                let mut o = MqttOptions::new(id, VIP6.to_string(), port);
-                o.set_keep_alive(Duration::from_secs(30));
-                if let Some(ca) = ca {
-                    o.set_transport(Transport::Tls(TlsConfiguration::Simple { ca: ca.to_vec(), alpn: None, client_auth: None }));
-                }
-                o
-            };
-            let (sub, mut sub_loop) = rumqttc::AsyncClient::new(opts(&format!("sub6-{port}")), 64);
-            sub.subscribe(topic, QoS::AtLeastOnce).await.expect("subscribe");
-            let deadline = tokio::time::Instant::now() + T;
-            loop {
-                if let Event::Incoming(Packet::SubAck(_)) =
-                    tokio::time::timeout_at(deadline, sub_loop.poll()).await.expect("SUBACK in time").expect("subscriber connection")
-                {
-                    break;
-                }
-            }
-            // The brokers' bridge to b1 needs a moment to learn the subscription.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let (publ, mut pub_loop) = rumqttc::AsyncClient::new(opts(&format!("pub6-{port}")), 64);
-            let base = topic.trim_end_matches("/#").to_owned();
-            let publisher = tokio::spawn(async move {
-                for i in 0..n {
-                    publ.publish(format!("{base}/{i}"), QoS::AtLeastOnce, false, format!("m{i}")).await.expect("publish");
-                }
-                let mut acked = 0;
-                while acked < n {
-                    if let Ok(Event::Incoming(Packet::PubAck(_))) = pub_loop.poll().await {
-                        acked += 1;
-                    }
-                }
-            });
-            let mut got = 0;
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while got < n {
-                match tokio::time::timeout_at(deadline, sub_loop.poll()).await {
-                    Ok(Ok(Event::Incoming(Packet::Publish(_)))) => got += 1,
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => panic!("subscriber: {e}"),
-                    Err(_) => break,
-                }
-            }
-            tokio::time::timeout(T, publisher).await.expect("publisher finished").expect("publisher task");
-            got
-        })
-    })
+    in_client(lab, || tests::mqtt::pubsub(&VIP6.to_string(), port, ca, &format!("v6-{port}"), topic, n))
 }
 
 /// IPv6/TCP frames on the balancer's bridge port: to the VIP6, from the VIP6 to the client.

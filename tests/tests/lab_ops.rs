@@ -2,8 +2,7 @@
 //! the CLI and its errors, bpftool-readable maps, the Prometheus endpoint.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddrV4, TcpStream},
+    net::SocketAddrV4,
     os::unix::fs::PermissionsExt as _,
     process::Command,
     sync::atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -332,17 +331,6 @@ fn bpftool_dumps_maps_with_field_names() {
     assert!(found, "the held flow is in neither of its buckets: {f}");
 }
 
-fn scrape(lab: &LabGuard) -> String {
-    in_netns(&lab.ns("lb"), || {
-        let mut s = TcpStream::connect("127.0.0.1:9877").expect("metrics endpoint");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("response");
-        out
-    })
-    .expect("lb namespace")
-}
-
 fn metric(text: &str, line_start: &str) -> u64 {
     text.lines()
         .find(|l| l.starts_with(line_start))
@@ -355,12 +343,12 @@ fn prometheus_counters_move_with_traffic() {
     require_root!();
     let lab = LabGuard::up(2);
     let _lb = Balancer::start(&lab, &lab.config(HEALTH));
-    let before = scrape(&lab);
+    let before = lab.scrape_metrics();
     assert!(before.starts_with("HTTP/1.1 200"), "{before}");
     let mut held = hold(&lab, "prom", 50);
     ping_all(&mut held);
     // Counters are read at each scrape.
-    let after = scrape(&lab);
+    let after = lab.scrape_metrics();
     for name in ["dsrlb_listener_packets_total{listener=\"mqtt\"}", "dsrlb_xdp_verdicts_total{verdict=\"tx\",reason=\"forwarded\"}"] {
         assert!(metric(&after, name) > metric(&before, name), "{name} did not move");
     }
@@ -369,7 +357,7 @@ fn prometheus_counters_move_with_traffic() {
     assert!(new_flows >= 50, "{new_flows}");
     // Live flows come from a walk of the table that scrapes reuse for up to 2 s.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(&scrape(&lab), "dsrlb_flow_table_entries") < 50 {
+    while metric(&lab.scrape_metrics(), "dsrlb_flow_table_entries") < 50 {
         assert!(Instant::now() < deadline, "the held flows never showed in dsrlb_flow_table_entries");
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -2,13 +2,7 @@
 //! check rules` and their unit tests, and every dsrlb metric the rules and the Grafana dashboard
 //! (`deploy/grafana`) query is one a live controller in the lab exports.
 
-use std::{
-    collections::BTreeSet,
-    io::{Read as _, Write as _},
-    net::TcpStream,
-    path::PathBuf,
-    process::Command,
-};
+use std::{collections::BTreeSet, path::PathBuf, process::Command};
 
 use tests::{
     client::{Balancer, MqttConn},
@@ -74,17 +68,6 @@ fn rule_exprs() -> Vec<String> {
     text.lines().filter_map(|l| l.trim().strip_prefix("expr:")).map(|e| e.trim().to_owned()).collect()
 }
 
-fn scrape(lab: &LabGuard) -> String {
-    in_netns(&lab.ns("lb"), || {
-        let mut s = TcpStream::connect("127.0.0.1:9877").expect("metrics endpoint");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("response");
-        out
-    })
-    .expect("lb namespace")
-}
-
 #[test]
 fn every_metric_of_the_dashboard_and_the_rules_is_exported() {
     require_root!();
@@ -106,7 +89,7 @@ fn every_metric_of_the_dashboard_and_the_rules_is_exported() {
             .disconnect();
     })
     .expect("client namespace");
-    let text = scrape(&lab);
+    let text = lab.scrape_metrics();
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     let exported: BTreeSet<&str> = text.lines().filter(|l| l.starts_with("dsrlb_")).filter_map(|l| l.split(['{', ' ']).next()).collect();
     let missing: Vec<&String> = names.iter().filter(|n| !exported.contains(n.as_str())).collect();

@@ -56,7 +56,7 @@ impl Bench {
         self.test.drive(&self.dp, false, start, wrap, keep).expect("setting up the driver");
     }
 }
-use tests::frame::{CLIENT_MAC, Ipv4Frame, LB_MAC, TCP_ACK, TCP_SYN, checksum};
+use tests::frame::{Ipv4Frame, Ipv6Frame, LB_MAC, TCP_ACK, TCP_SYN};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -160,7 +160,7 @@ struct Measured {
 fn measure(b: &mut Bench, prog: &str, frame: &[u8], repeat: u32, want: u32, driven: bool, mut before: impl FnMut(&mut Bench)) -> Measured {
     // The floor bounces a frame of the row's family (it reads nothing past the MACs).
     let floor_frame = if frame[12..14] == [0x86, 0xdd] {
-        ipv6_segment(CLIENT6, 40000, VIP6, 1883, TCP_ACK)
+        Ipv6Frame::tcp(CLIENT6, 40000, VIP6, 1883, TCP_ACK).build()
     } else {
         Ipv4Frame::tcp(CLIENT, 40000, VIP, 1883, TCP_ACK).build()
     };
@@ -205,34 +205,9 @@ fn driver_frame(flags: u8) -> Vec<u8> {
     Ipv4Frame::tcp(CLIENT, 40_000, VIP, 1883, flags).build()
 }
 
-/// An untagged IPv6 TCP segment (no extension headers) to the balancer's MAC.
-fn ipv6_segment(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: u8) -> Vec<u8> {
-    let mut tcp = [0u8; 20];
-    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
-    tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = flags;
-    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    let mut pseudo = 6 + 20;
-    for w in src.octets().chunks(2).chain(dst.octets().chunks(2)) {
-        pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]));
-    }
-    let csum = checksum(&tcp, pseudo);
-    tcp[16..18].copy_from_slice(&csum.to_be_bytes());
-    let mut f = Vec::with_capacity(74);
-    f.extend_from_slice(&LB_MAC);
-    f.extend_from_slice(&CLIENT_MAC);
-    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0, 0, 20, 6, 64]);
-    f.extend_from_slice(&src.octets());
-    f.extend_from_slice(&dst.octets());
-    f.extend_from_slice(&tcp);
-    f
-}
-
 /// As [`driver_frame`], IPv6.
 fn driver_frame6(flags: u8) -> Vec<u8> {
-    ipv6_segment(CLIENT6, 40_000, VIP6, 1883, flags)
+    Ipv6Frame::tcp(CLIENT6, 40_000, VIP6, 1883, flags).build()
 }
 
 /// New flows through the driver; `empty` first empties the table before every call.
