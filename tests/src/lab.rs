@@ -1002,3 +1002,36 @@ pub fn kill_and_wait(pid: i32) {
         }
     }
 }
+
+/// Frames seen on the balancer's bridge port (`p-lb` in the switch namespace), where every
+/// frame to or from the balancer crosses, those it bounces with `XDP_TX` included: to the VIP,
+/// and from the VIP (as a test's classifier says).
+#[derive(Default)]
+pub struct WireCount {
+    pub ready: std::sync::atomic::AtomicBool,
+    pub to_vip: std::sync::atomic::AtomicUsize,
+    pub from_vip: std::sync::atomic::AtomicUsize,
+}
+
+impl WireCount {
+    /// Counts frames until `stop` (at most a minute); `classify` says of a frame whether it goes
+    /// to the VIP and whether it comes from it.
+    ///
+    /// # Panics
+    /// When the switch namespace cannot be entered.
+    pub fn count(&self, lab: &Lab, stop: &std::sync::atomic::AtomicBool, classify: impl Fn(&[u8]) -> (bool, bool) + Send + Sync) {
+        use std::sync::atomic::Ordering::SeqCst;
+        crate::netns::in_netns(&lab.ns("sw"), || {
+            let sock = crate::netns::PacketSocket::open("p-lb");
+            self.ready.store(true, SeqCst);
+            let deadline = Instant::now() + Duration::from_mins(1);
+            while !stop.load(SeqCst) && Instant::now() < deadline {
+                let Some(f) = sock.recv() else { continue };
+                let (to, from) = classify(&f);
+                self.to_vip.fetch_add(usize::from(to), SeqCst);
+                self.from_vip.fetch_add(usize::from(from), SeqCst);
+            }
+        })
+        .expect("switch namespace");
+    }
+}

@@ -4,15 +4,15 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
-    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use tests::{
     client::{Balancer, MqttConn, xdp_attached},
-    lab::{self, INTERNAL_PORT, LabGuard, VIP, VIP_INTERNAL},
-    netns::{PacketSocket, in_netns},
+    lab::{self, INTERNAL_PORT, LabGuard, VIP, VIP_INTERNAL, WireCount},
+    netns::in_netns,
     require_root,
 };
 
@@ -132,37 +132,6 @@ fn tls_through_the_vip_verifies_the_lab_ca() {
     assert!(lb.attached());
 }
 
-/// Frames on the balancer's wire, seen from its bridge port (`p-lb` in the switch namespace):
-/// every frame to or from the balancer crosses it, including those it bounces with XDP_TX.
-/// Frames seen on the balancer's bridge port so far: to the VIP, from the VIP.
-#[derive(Default)]
-struct WireCount {
-    ready: AtomicBool,
-    to_vip: AtomicUsize,
-    from_vip: AtomicUsize,
-}
-
-fn count_on_balancer_wire(lab: &LabGuard, count: &WireCount, stop: &AtomicBool) {
-    in_netns(&lab.ns("sw"), || {
-        let sock = PacketSocket::open("p-lb");
-        count.ready.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + Duration::from_mins(1);
-        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-            let Some(f) = sock.recv() else { continue };
-            if f.len() < 34 || f[12..14] != [0x08, 0x00] || f[23] != 6 {
-                continue;
-            }
-            if f[30..34] == VIP.octets() {
-                count.to_vip.fetch_add(1, Ordering::SeqCst);
-            }
-            if f[26..30] == VIP.octets() {
-                count.from_vip.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-    })
-    .expect("switch namespace");
-}
-
 /// Waits until `done` holds (checking every 10 ms), at most `within`.
 fn wait_for(what: &str, within: Duration, done: impl Fn() -> bool) {
     let deadline = Instant::now() + within;
@@ -179,7 +148,13 @@ fn return_traffic_bypasses_the_balancer_and_brokers_see_the_client() {
     let _lb = Balancer::start(&lab, &lab.config("check = \"none\""));
     let (stop, wire) = (AtomicBool::new(false), WireCount::default());
     std::thread::scope(|s| {
-        s.spawn(|| count_on_balancer_wire(&lab, &wire, &stop));
+        // TCP over IPv4 to the VIP, and from it.
+        s.spawn(|| {
+            wire.count(&lab, &stop, |f| {
+                let tcp4 = f.len() >= 34 && f[12..14] == [0x08, 0x00] && f[23] == 6;
+                (tcp4 && f[30..34] == VIP.octets(), tcp4 && f[26..30] == VIP.octets())
+            });
+        });
         wait_for("the capture on the balancer's port", Duration::from_secs(5), || wire.ready.load(Ordering::SeqCst));
         in_client(&lab, || {
             for i in 0..10 {

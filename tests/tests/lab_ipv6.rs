@@ -6,14 +6,14 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv6Addr, SocketAddr},
-    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use tests::{
     client::{Balancer, MqttConn},
     frame::checksum,
-    lab::{self, CLIENT6, LabGuard, VIP6, broker_addr6},
+    lab::{self, CLIENT6, LabGuard, VIP6, WireCount, broker_addr6},
     netns::{PacketSocket, in_netns},
     require_root,
 };
@@ -69,37 +69,6 @@ fn pubsub6(lab: &LabGuard, ca: Option<&[u8]>, port: u16, topic: &str, n: usize) 
     in_client(lab, || tests::mqtt::pubsub(&VIP6.to_string(), port, ca, &format!("v6-{port}"), topic, n))
 }
 
-/// IPv6/TCP frames on the balancer's bridge port: to the VIP6, from the VIP6 to the client.
-#[derive(Default)]
-struct WireCount {
-    ready: AtomicBool,
-    to_vip: AtomicUsize,
-    from_vip: AtomicUsize,
-}
-
-fn count_on_balancer_wire(lab: &LabGuard, count: &WireCount, stop: &AtomicBool) {
-    in_netns(&lab.ns("sw"), || {
-        let sock = PacketSocket::open("p-lb");
-        count.ready.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + Duration::from_mins(1);
-        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-            let Some(f) = sock.recv() else { continue };
-            if f.len() < 54 || f[12..14] != [0x86, 0xdd] || f[20] != 6 {
-                continue;
-            }
-            if f[38..54] == VIP6.octets() {
-                count.to_vip.fetch_add(1, Ordering::SeqCst);
-            }
-            // To the client: the health checks' DSR-path probes from the balancer itself get
-            // their answers from the VIP6 on this port, as they must.
-            if f[22..38] == VIP6.octets() && f[38..54] == CLIENT6.octets() {
-                count.from_vip.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-    })
-    .expect("switch namespace");
-}
-
 #[test]
 fn ipv6_pubsub_tls_health_checks_and_direct_return() {
     require_root!();
@@ -128,7 +97,15 @@ fn ipv6_pubsub_tls_health_checks_and_direct_return() {
     // none from the VIP6 does.
     let (stop, wire) = (AtomicBool::new(false), WireCount::default());
     let held = std::thread::scope(|s| {
-        s.spawn(|| count_on_balancer_wire(&lab, &wire, &stop));
+        // TCP over IPv6 to the VIP6, and from it to the client (the health checks' DSR-path
+        // probes from the balancer itself get their answers from the VIP6 on this port, as they
+        // must).
+        s.spawn(|| {
+            wire.count(&lab, &stop, |f| {
+                let tcp6 = f.len() >= 54 && f[12..14] == [0x86, 0xdd] && f[20] == 6;
+                (tcp6 && f[38..54] == VIP6.octets(), tcp6 && f[22..38] == VIP6.octets() && f[38..54] == CLIENT6.octets())
+            });
+        });
         wait_for("the capture on the balancer's port", T, || wire.ready.load(Ordering::SeqCst));
         let held = in_client(&lab, || {
             let mut kept = None;
