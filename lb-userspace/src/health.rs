@@ -77,6 +77,8 @@ pub struct PairHealth {
     pub checks_total: u64,
     /// When the pair last left `Up` (for `on_down_grace`); `None` while up.
     pub out_since: Option<std::time::Instant>,
+    /// How long the last probe round took (both probes, or up to the failure).
+    pub last_took: Option<Duration>,
 }
 
 impl PairHealth {
@@ -90,7 +92,7 @@ impl PairHealth {
             (State::Up, "not probed yet".to_owned())
         };
         let out_since = (state != State::Up).then(std::time::Instant::now);
-        Self { state, ok_streak: 0, fail_streak: 0, last, failures_total: 0, checks_total: 0, out_since }
+        Self { state, ok_streak: 0, fail_streak: 0, last, failures_total: 0, checks_total: 0, out_since, last_took: None }
     }
 
     /// Restores a state saved by a previous controller: out-of-service pairs need `rise`
@@ -164,6 +166,8 @@ pub struct Report {
     pub listener: String,
     pub backend: String,
     pub outcome: Outcome,
+    /// How long the round took.
+    pub took: Duration,
 }
 
 /// A small xorshift for jitter; seeded per task so probes don't synchronise.
@@ -199,8 +203,9 @@ pub async fn run(t: Target, tx: mpsc::Sender<Report>) {
         // next one back, so `fall` failures take at most `fall × inter + timeout`.
         tokio::time::sleep_until(next).await;
         next += jitter.around(t.health.inter);
+        let started = tokio::time::Instant::now();
         let outcome = round(&t).await;
-        let report = Report { listener: t.listener.clone(), backend: t.backend.clone(), outcome };
+        let report = Report { listener: t.listener.clone(), backend: t.backend.clone(), outcome, took: started.elapsed() };
         if tx.send(report).await.is_err() {
             return;
         }

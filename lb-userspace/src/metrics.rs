@@ -27,6 +27,8 @@ pub struct PairSample {
     pub up: bool,
     /// As `dsrlb status` shows it: up, down, vip-misconfigured, refusing, no-mac.
     pub state: &'static str,
+    /// How long its last health-check round took, in seconds (none before the first).
+    pub check_seconds: Option<f64>,
     pub check_failures: u64,
     pub packets: u64,
     pub bytes: u64,
@@ -69,8 +71,9 @@ fn pair_labels(p: &PairSample) -> Labels {
     vec![("listener", p.listener.clone()), ("backend", p.backend.clone())]
 }
 
-impl Collector for Snapshot {
-    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+impl Snapshot {
+    /// Per (listener, backend): up or not, the state, the last check round's time.
+    fn encode_pair_gauges(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         {
             let mut m = e.encode_descriptor(
                 "dsrlb_backend_status",
@@ -80,6 +83,19 @@ impl Collector for Snapshot {
             )?;
             for p in &self.pairs {
                 ConstGauge::new(i64::from(p.up)).encode(m.encode_family(&pair_labels(p))?)?;
+            }
+        }
+        {
+            let mut m = e.encode_descriptor(
+                "dsrlb_backend_check_duration_seconds",
+                "How long the pair's last health-check round took (the real address, then the VIP along the DSR path)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for p in &self.pairs {
+                if let Some(s) = p.check_seconds {
+                    ConstGauge::new(s).encode(m.encode_family(&pair_labels(p))?)?;
+                }
             }
         }
         {
@@ -95,6 +111,13 @@ impl Collector for Snapshot {
                 ConstGauge::new(1).encode(m.encode_family(&labels)?)?;
             }
         }
+        Ok(())
+    }
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.encode_pair_gauges(&mut e)?;
         let counters: [PairCounter; 4] = [
             ("dsrlb_backend_check_failures", "Failed health checks", |p| p.check_failures),
             ("dsrlb_backend_new_flows", "New flows steered to the backend", |p| p.new_flows),
@@ -307,6 +330,7 @@ mod tests {
                 backend: "b1".into(),
                 up: true,
                 state: "up",
+                check_seconds: Some(0.25),
                 packets: 7,
                 ..PairSample::default()
             }],
@@ -332,6 +356,7 @@ mod tests {
         for want in [
             "dsrlb_backend_status{listener=\"mqtt\",backend=\"b1\"} 1",
             "dsrlb_backend_state{listener=\"mqtt\",backend=\"b1\",state=\"up\"} 1",
+            "dsrlb_backend_check_duration_seconds{listener=\"mqtt\",backend=\"b1\"} 0.25",
             "dsrlb_backend_packets_total{listener=\"mqtt\",backend=\"b1\"} 7",
             "dsrlb_backend_check_failures_total{listener=\"mqtt\",backend=\"b1\"} 0",
             "dsrlb_listener_packets_total{listener=\"mqtt\"} 7",

@@ -448,6 +448,7 @@ impl Controller {
         };
         let (fall, rise) = (settings.fall, settings.rise);
         let Some(h) = self.health.get_mut(&pair) else { return };
+        h.last_took = Some(r.took);
         if let Some(state) = h.observe(&r.outcome, fall, rise) {
             tracing::info!(listener = %r.listener, backend = %r.backend, state = state.as_str(), detail = %h.last, "backend state changed");
             if let Err(e) = self.apply() {

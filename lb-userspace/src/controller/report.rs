@@ -107,6 +107,7 @@ impl Controller {
                     backend: b.clone(),
                     up: h.state == State::Up && self.runtime.get(b).is_some_and(|rt| rt.mac.is_some()),
                     state: if self.runtime.get(b).is_some_and(|rt| rt.mac.is_none()) { "no-mac" } else { h.state.as_str() },
+                    check_seconds: h.last_took.map(|d| d.as_secs_f64()),
                     check_failures: h.failures_total,
                     packets: c.packets,
                     bytes: c.bytes,
