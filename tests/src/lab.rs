@@ -951,6 +951,24 @@ impl Lab {
             .collect()
     }
 
+    /// How many of the client ids `{prefix}-0..n` each broker logged; waits up to 5 s for the
+    /// logs to catch up.
+    #[must_use]
+    pub fn landed(&self, prefix: &str, n: usize) -> Vec<usize> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut counts = vec![0usize; self.brokers];
+            for (b, count) in counts.iter_mut().enumerate() {
+                let ids: std::collections::BTreeSet<String> = self.sessions(b).into_iter().map(|s| s.client_id).collect();
+                *count = (0..n).filter(|i| ids.contains(&format!("{prefix}-{i}"))).count();
+            }
+            if counts.iter().sum::<usize>() >= n || Instant::now() > deadline {
+                return counts;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Which broker (index) logged client id `id`, if one did.
     #[must_use]
     pub fn broker_of(&self, id: &str) -> Option<usize> {

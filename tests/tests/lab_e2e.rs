@@ -33,22 +33,6 @@ fn sessions(lab: &LabGuard, from: Option<Ipv4Addr>, to: SocketAddrV4, prefix: &s
     });
 }
 
-/// How many of `{prefix}-0..n` each broker logged; waits briefly for the logs to catch up.
-fn landed(lab: &LabGuard, prefix: &str, n: usize) -> Vec<usize> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let mut counts = vec![0usize; lab.brokers];
-        for (b, count) in counts.iter_mut().enumerate() {
-            let ids: BTreeSet<String> = lab.sessions(b).into_iter().map(|s| s.client_id).collect();
-            *count = (0..n).filter(|i| ids.contains(&format!("{prefix}-{i}"))).count();
-        }
-        if counts.iter().sum::<usize>() >= n || Instant::now() > deadline {
-            return counts;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn vip(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(VIP, port)
 }
@@ -185,7 +169,7 @@ fn connections_spread_over_brokers() {
     let lab = LabGuard::up(2);
     let _lb = Balancer::start(&lab, &lab.config("check = \"none\""));
     sessions(&lab, None, vip(1883), "spread", 200);
-    let counts = landed(&lab, "spread", 200);
+    let counts = lab.landed("spread", 200);
     assert_eq!(counts.iter().sum::<usize>(), 200, "{counts:?}");
     for (b, n) in counts.iter().enumerate() {
         assert!(*n >= 60, "broker b{} got {n} of 200 (< 30%): {counts:?}", b + 1);
@@ -205,8 +189,8 @@ fn several_listeners_each_with_its_own_ring() {
     let _lb = Balancer::start(&lab, &config);
     sessions(&lab, None, vip(1883), "ext", 40);
     sessions(&lab, None, SocketAddrV4::new(VIP_INTERNAL, INTERNAL_PORT), "int", 40);
-    let ext = landed(&lab, "ext", 40);
-    let int = landed(&lab, "int", 40);
+    let ext = lab.landed("ext", 40);
+    let int = lab.landed("int", 40);
     assert_eq!(ext[2], 0, "external listener reached b3: {ext:?}");
     assert!(ext[0] > 0 && ext[1] > 0, "external listener used one broker only: {ext:?}");
     assert_eq!(int, vec![0, 0, 40], "internal listener must use b3 only");
@@ -243,7 +227,7 @@ fn source_hash_keeps_each_client_address_on_one_broker() {
         let from = Ipv4Addr::new(192, 0, 2, lab::CLIENT_EXTRA_BASE + k);
         let prefix = format!("src{k}");
         sessions(&lab, Some(from), vip(1883), &prefix, 15);
-        let counts = landed(&lab, &prefix, 15);
+        let counts = lab.landed(&prefix, 15);
         assert_eq!(counts.iter().sum::<usize>(), 15);
         per_addr.insert(from, counts.iter().enumerate().filter(|(_, n)| **n > 0).map(|(b, _)| b).collect());
     }
@@ -259,7 +243,7 @@ fn weights_three_to_one() {
     let config = lab.config("check = \"none\"").replace("name = \"b1\"\n", "name = \"b1\"\nweight = 300\n");
     let _lb = Balancer::start(&lab, &config);
     sessions(&lab, None, vip(1883), "w", 400);
-    let counts = landed(&lab, "w", 400);
+    let counts = lab.landed("w", 400);
     assert_eq!(counts.iter().sum::<usize>(), 400);
     let share = counts[0] as f64 / 400.0 * 100.0;
     assert!((65.0..=85.0).contains(&share), "b1 (weight 3) got {share:.1}% of 400: {counts:?}");

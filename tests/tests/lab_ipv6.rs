@@ -4,7 +4,6 @@
 //! that hold the VIP on `lo` without answering neighbour solicitations for it.
 
 use std::{
-    collections::BTreeSet,
     net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -45,22 +44,6 @@ fn wait_for(what: &str, within: Duration, done: impl Fn() -> bool) {
 
 fn wait_state(lb: &Balancer, listener: &str, backend: &str, want: &str) {
     wait_for(&format!("{listener}/{backend} {want}"), Duration::from_secs(15), || lb.state(listener, backend) == want);
-}
-
-/// Which broker (index) each of `{prefix}-0..n` landed on, from the brokers' logs.
-fn landed(lab: &LabGuard, prefix: &str, n: usize) -> Vec<usize> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let mut counts = vec![0usize; lab.brokers];
-        for (b, count) in counts.iter_mut().enumerate() {
-            let ids: BTreeSet<String> = lab.sessions(b).into_iter().map(|s| s.client_id).collect();
-            *count = (0..n).filter(|i| ids.contains(&format!("{prefix}-{i}"))).count();
-        }
-        if counts.iter().sum::<usize>() >= n || Instant::now() > deadline {
-            return counts;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Publishes `n` QoS 1 messages through `VIP6:port` (TLS when `ca` is given, verified against
@@ -154,7 +137,7 @@ fn ipv6_connections_spread_over_brokers() {
             MqttConn::connect_ip(None, vip6(1883), &format!("spread6-{i}"), T).unwrap_or_else(|e| panic!("spread6-{i}: {e}")).disconnect();
         }
     });
-    let counts = landed(&lab, "spread6", 200);
+    let counts = lab.landed("spread6", 200);
     assert_eq!(counts.iter().sum::<usize>(), 200, "{counts:?}");
     for (b, n) in counts.iter().enumerate() {
         assert!(*n >= 60, "broker b{} got {n} of 200 IPv6 connections (< 30%): {counts:?}", b + 1);
@@ -186,7 +169,7 @@ fn ipv6_only_backends_resolve_by_ndp_and_a_broker_failure_keeps_the_others_sessi
             })
             .collect()
     });
-    let counts = landed(&lab, "held6", 40);
+    let counts = lab.landed("held6", 40);
     assert!(counts.iter().all(|&n| n > 0), "held sessions on both brokers: {counts:?}");
 
     // b2 dies: its listener pairs go down; every session on b1 lives on, and new sessions go
@@ -211,7 +194,7 @@ fn ipv6_only_backends_resolve_by_ndp_and_a_broker_failure_keeps_the_others_sessi
                 .disconnect();
         }
     });
-    assert_eq!(landed(&lab, "after6", 20)[0], 20, "new IPv6 sessions all go to the live broker");
+    assert_eq!(lab.landed("after6", 20)[0], 20, "new IPv6 sessions all go to the live broker");
 }
 
 /// A neighbour solicitation from `src` (MAC `src_mac`) for `target`, to its solicited-node
