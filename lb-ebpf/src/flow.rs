@@ -8,7 +8,7 @@ use lb_common::{
     FLOW_CACHE_REVALIDATE, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_REAL, FlowKey, LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE,
     LISTENER_F_IPV6, LISTENER_F_SOURCE_PREFIX64, ListenerInfo, MAX_LISTENERS, NO_BACKEND, PortInfo, RING_NONE, RING_SLOTS_PER_ENTRY,
     RealInfo, flow_age, flow_cache_slot, flow_hash, flow_hash6, flow_key6, flow_state, ring_base, ring_slot, source_hash, source_hash6,
-    table_event,
+    table_event, trace_how,
 };
 
 use crate::{
@@ -129,6 +129,8 @@ pub struct Pick {
     pub real_id: u32,
     pub real: &'static RealInfo,
     pub new_flow: bool,
+    /// How the real was chosen (`lb_common::trace_how`), for `dsrlb trace`.
+    pub how: u32,
 }
 
 /// Slots per ring, the same for every listener; set by the loader.
@@ -232,10 +234,11 @@ fn arrival(ctx: &XdpContext, tcp: &Tcp4) -> Result<(PortInfo, node::Node), Verdi
 /// flow's own segments would be, in the flow table and else in the ring; nothing is recorded,
 /// refreshed or confirmed.
 #[inline(always)]
-pub fn pick_for_icmp(ctx: &XdpContext, seg: &impl Segment) -> Result<Pick, Verdict> {
+pub fn pick_for_icmp(ctx: &XdpContext, seg: &impl Segment, matched: &mut u32) -> Result<Pick, Verdict> {
     let tcp = seg.tcp();
     let (port, _) = arrival(ctx, tcp)?;
     let listener = listener(seg, port)?;
+    *matched = listener.id;
     let seed = table::seed()?;
     let key = seg.key(seed);
     let place = table::place(&key, seed)?;
@@ -243,16 +246,17 @@ pub fn pick_for_icmp(ctx: &XdpContext, seg: &impl Segment) -> Result<Pick, Verdi
         && let Some(real) = REALS.get(found.state & FLOW_S_REAL)
         && real.usable()
     {
-        return Ok(Pick { real_id: found.state & FLOW_S_REAL, real, new_flow: false });
+        return Ok(Pick { real_id: found.state & FLOW_S_REAL, real, new_flow: false, how: trace_how::ICMP_TABLE });
     }
     let (real_id, real) = usable_real(ring_id(listener, seg)?)?;
-    Ok(Pick { real_id, real, new_flow: false })
+    Ok(Pick { real_id, real, new_flow: false, how: trace_how::ICMP_RING })
 }
 
 /// Finds (or makes) the flow entry for the segment `tcp`; `PassNoListener` when it is not for
-/// a listener, `PassNotOurMac` when the frame is not addressed to this node.
+/// a listener, `PassNotOurMac` when the frame is not addressed to this node. `matched` gets the
+/// listener's id once it is known (for `dsrlb trace`).
 #[inline(always)]
-pub fn pick(ctx: &XdpContext, seg: &impl Segment) -> Result<Pick, Verdict> {
+pub fn pick(ctx: &XdpContext, seg: &impl Segment, matched: &mut u32) -> Result<Pick, Verdict> {
     let tcp = seg.tcp();
     let (port, node) = arrival(ctx, tcp)?;
     let tag = port.tag;
@@ -272,7 +276,7 @@ pub fn pick(ctx: &XdpContext, seg: &impl Segment) -> Result<Pick, Verdict> {
         let entry = unsafe { &mut *c };
         if entry.tag == tag && entry.key == key && entry.hits < FLOW_CACHE_REVALIDATE && entry.age == now16 {
             entry.hits += 1;
-            return Ok(Pick { real_id: entry.real, real: &entry.info, new_flow: false });
+            return Ok(Pick { real_id: entry.real, real: &entry.info, new_flow: false, how: trace_how::CACHE });
         }
     }
     let fill = |real: u32, info: &RealInfo| {
@@ -296,6 +300,7 @@ pub fn pick(ctx: &XdpContext, seg: &impl Segment) -> Result<Pick, Verdict> {
     // The listener is looked up here, once: the verifier walks its search (up to one round per
     // listener) once per way into it, so one place keeps the program small.
     let listener = listener(seg, port)?;
+    *matched = listener.id;
     // A new connection's ring slot is read before the flow table, though it is only used on a
     // miss: both reads are usually cache misses, and issued back to back they overlap.
     let syn = tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -327,13 +332,18 @@ pub fn pick(ctx: &XdpContext, seg: &impl Segment) -> Result<Pick, Verdict> {
             if state & FLOW_S_CONFIRMED != 0 {
                 fill(recorded, real);
             }
-            return Ok(Pick { real_id: recorded, real, new_flow: false });
+            return Ok(Pick { real_id: recorded, real, new_flow: false, how: trace_how::TABLE });
         }
     }
     let (real_id, real) = usable_real(if syn { early } else { ring_id(listener, seg)? })?;
     if syn && listener.info.flags & LISTENER_F_CONN_RATE != 0 {
         storm::admit(listener.id, node.now_ns).inspect_err(|_| events::storm(ctx, listener.id, node.now_ns))?;
     }
+    let how = match &found {
+        None => trace_how::RING,
+        Some(found) if syn && found.state & FLOW_S_CLOSING != 0 => trace_how::REOPENED,
+        Some(_) => trace_how::REPICK,
+    };
     match found {
         // The recorded real went down (or was removed): repoint the slot, confirmed as it was.
         // Or a new connection reuses the tuple of a closed one: it starts unconfirmed.
@@ -357,5 +367,5 @@ pub fn pick(ctx: &XdpContext, seg: &impl Segment) -> Result<Pick, Verdict> {
             }
         }
     }
-    Ok(Pick { real_id, real, new_flow: true })
+    Ok(Pick { real_id, real, new_flow: true, how })
 }

@@ -14,9 +14,10 @@ mod parse;
 mod stats;
 mod storm;
 mod table;
+mod trace;
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_jiffies64, macros::xdp, programs::XdpContext};
-use lb_common::{Ip6, real_listener, reason};
+use lb_common::{Ip6, TRACE_NONE, real_listener, reason, trace_how};
 
 use crate::{
     maps::{CLOCK, VIPS, VIPS6},
@@ -66,27 +67,33 @@ pub fn dsrlb(ctx: XdpContext) -> u32 {
         // SAFETY: a per-CPU slot.
         unsafe { *c += 1 };
     }
-    match try_dsrlb(&ctx) {
+    let mut listener = TRACE_NONE;
+    let decision = match try_dsrlb(&ctx, &mut listener) {
         // Forwarded frames are counted once, against their real (`stats::count_forward`); the
         // controller reports the `tx` verdict as the sum.
-        Ok(()) => xdp_action::XDP_TX,
+        Ok((reason, pick)) => {
+            trace::Decision { action: xdp_action::XDP_TX, reason, listener: real_listener(pick.real_id), real: pick.real_id, how: pick.how }
+        }
         Err(verdict) => {
             stats::count_verdict(verdict as u32);
             if matches!(verdict, Verdict::DropInternal) {
                 events::internal(&ctx);
             }
-            verdict.action()
+            trace::Decision { action: verdict.action(), reason: verdict as u32, listener, real: TRACE_NONE, how: trace_how::NONE }
         }
-    }
+    };
+    trace::emit(&ctx, &decision);
+    decision.action
 }
 
+/// The forwarding reason (`reason::TX` or `reason::TX_ICMP_TOO_BIG`) and the pick, or why not.
 #[inline(always)]
-fn try_dsrlb(ctx: &XdpContext) -> Result<(), Verdict> {
+fn try_dsrlb(ctx: &XdpContext, listener: &mut u32) -> Result<(u32, flow::Pick), Verdict> {
     let pick = match parse::parse(ctx)? {
-        Parsed::Tcp(tcp) => flow::pick(ctx, &tcp)?,
-        Parsed::Tcp6(tcp) => flow::pick(ctx, &tcp)?,
-        Parsed::IcmpTooBig(tcp) => return too_big(ctx, flow::pick_for_icmp(ctx, &tcp)?),
-        Parsed::IcmpTooBig6(tcp) => return too_big(ctx, flow::pick_for_icmp(ctx, &tcp)?),
+        Parsed::Tcp(tcp) => flow::pick(ctx, &tcp, listener)?,
+        Parsed::Tcp6(tcp) => flow::pick(ctx, &tcp, listener)?,
+        Parsed::IcmpTooBig(tcp) => return too_big(ctx, flow::pick_for_icmp(ctx, &tcp, listener)?),
+        Parsed::IcmpTooBig6(tcp) => return too_big(ctx, flow::pick_for_icmp(ctx, &tcp, listener)?),
         Parsed::TcpFragment { dst_be } => {
             // SAFETY: read-only use of a map value.
             if unsafe { VIPS.get(&dst_be) }.is_none() {
@@ -109,19 +116,19 @@ fn try_dsrlb(ctx: &XdpContext) -> Result<(), Verdict> {
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     stats::count_forward(pick.real_id, bytes, pick.new_flow);
-    Ok(())
+    Ok((reason::TX, pick))
 }
 
 /// Forwards an ICMP error about a flow to the flow's real.
 #[inline(always)]
-fn too_big(ctx: &XdpContext, pick: flow::Pick) -> Result<(), Verdict> {
+fn too_big(ctx: &XdpContext, pick: flow::Pick) -> Result<(u32, flow::Pick), Verdict> {
     if !dsr::rewrite(ctx, pick.real) {
         return Err(Verdict::PassMalformed);
     }
     // Counted apart from the flow's own frames: forwarded, but not by the flow.
     stats::count_verdict(reason::TX_ICMP_TOO_BIG);
     stats::count_icmp_too_big(real_listener(pick.real_id));
-    Ok(())
+    Ok((reason::TX_ICMP_TOO_BIG, pick))
 }
 
 /// The clock flows are timed by, for the controller: `BPF_PROG_TEST_RUN` of this program (never

@@ -5,13 +5,13 @@
 
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
-    btf_maps::{Array, HashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use lb_common::{
     ConnRate, ControlState, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FLOW_WAYS, FlowAddrs6, FlowBucket,
     FlowCacheEntry, Ip6, Layout, ListenerCounters, ListenerInfo, MAX_LISTENERS, MAX_VIPS, NodeInfo, PORT_SLOTS, PortInfo, REAL_SLOTS,
-    RING_COPIES, RealInfo, RingEntry, VipInfo, flow_table_buckets, reason, ring_entries, table_event,
+    RING_COPIES, RealInfo, RingEntry, TraceConf, TraceEvent, VipInfo, flow_table_buckets, reason, ring_entries, table_event,
 };
 
 /// Map flags of the maps the controller reads and writes through memory it maps
@@ -103,3 +103,16 @@ pub static VERDICT_STATS: PerCpuArray<u64, { reason::COUNT as usize }> = PerCpuA
 /// Per real.
 #[btf_map]
 pub static REAL_STATS: PerCpuArray<Counters, { REAL_SLOTS as usize }> = PerCpuArray::new();
+
+/// `dsrlb trace`'s switch and filters (`lb_common::TraceConf`). Not pinned: each loaded
+/// program instance has its own, off.
+#[btf_map]
+pub static TRACE_CONF: Array<TraceConf, 1> = Array::new();
+
+/// `dsrlb trace`'s events (`lb_common::TraceEvent`), read by the controller. Not pinned.
+#[btf_map]
+pub static TRACE: RingBuf<TraceEvent, { 1 << 20 }> = RingBuf::new();
+
+/// Per CPU: trace events lost because `TRACE` was full.
+#[btf_map]
+pub static TRACE_LOST: PerCpuArray<u64, 1> = PerCpuArray::new();

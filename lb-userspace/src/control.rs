@@ -7,9 +7,11 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
+use crate::dataplane::trace::{Filter, Session, TraceHub};
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 use tokio::{
@@ -47,6 +49,28 @@ pub enum Request {
     /// Whether the controller serves and its program is attached: cheap (no walk of the flow
     /// table), for keepalived's health script.
     Ping,
+    /// `dsrlb trace`: the controller answers with the names of listener and real ids, then the
+    /// socket streams the data plane's decisions ([`TraceLine`]) until the client closes it.
+    Trace {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        listener: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+        /// One frame in `sample` (0 or 1: all).
+        #[serde(default)]
+        sample: u32,
+    },
+}
+
+/// A line a trace streams after its first answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TraceLine {
+    Event(crate::trace::Event),
+    /// Events lost so far to a full buffer (sent when the number grows).
+    Lost {
+        lost: u64,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -150,7 +174,12 @@ fn peer_groups(stream: &tokio::net::UnixStream) -> Vec<u32> {
 /// # Errors
 /// When the socket's directory is not trusted, the path is something other than a stale
 /// socket, another controller holds it, or binding fails.
-pub fn serve(path: &Path, access: Access, calls: mpsc::Sender<Call>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+pub fn serve(
+    path: &Path,
+    access: Access,
+    calls: mpsc::Sender<Call>,
+    traces: Option<Arc<TraceHub>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _};
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or_else(|| Path::new("."));
     std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -182,13 +211,13 @@ pub fn serve(path: &Path, access: Access, calls: mpsc::Sender<Call>) -> anyhow::
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
             let calls = calls.clone();
-            tokio::spawn(serve_one(stream, access, calls));
+            tokio::spawn(serve_one(stream, access, calls, traces.clone()));
         }
     }))
 }
 
 /// One client: a request per line, each at most [`MAX_REQUEST_LINE`] bytes.
-async fn serve_one(stream: tokio::net::UnixStream, access: Access, calls: mpsc::Sender<Call>) {
+async fn serve_one(stream: tokio::net::UnixStream, access: Access, calls: mpsc::Sender<Call>, traces: Option<Arc<TraceHub>>) {
     use tokio::io::AsyncReadExt as _;
     let refused = allowed(&stream, access).err();
     let (read, mut write) = stream.into_split();
@@ -208,11 +237,33 @@ async fn serve_one(stream: tokio::net::UnixStream, access: Access, calls: mpsc::
             match serde_json::from_slice::<Request>(&line) {
                 Err(e) => Response::err(format!("bad request: {e}")),
                 Ok(req) => {
+                    let trace = match &req {
+                        Request::Trace { sample, .. } => Some(*sample),
+                        _ => None,
+                    };
                     let (tx, rx) = oneshot::channel();
-                    if calls.send((req, tx)).await.is_err() {
+                    let resp = if calls.send((req, tx)).await.is_err() {
                         Response::err("the controller is shutting down")
                     } else {
                         rx.await.unwrap_or_else(|_| Response::err("the controller dropped the request"))
+                    };
+                    match (trace, resp.ok) {
+                        (Some(sample), true) => {
+                            let listener = resp.data["listener_id"].as_u64().and_then(|l| u32::try_from(l).ok());
+                            match traces.as_ref().map(|hub| hub.start(Filter { sample, listener })) {
+                                Some(Ok(session)) => {
+                                    let mut out = serde_json::to_string(&resp).unwrap_or_default();
+                                    out.push('\n');
+                                    if write.write_all(out.as_bytes()).await.is_ok() {
+                                        stream_trace(session, &mut reader, &mut write).await;
+                                    }
+                                    return;
+                                }
+                                Some(Err(e)) => Response::err(format!("{e:#}")),
+                                None => Response::err("this controller serves no traces"),
+                            }
+                        }
+                        _ => resp,
                     }
                 }
             }
@@ -225,18 +276,80 @@ async fn serve_one(stream: tokio::net::UnixStream, access: Access, calls: mpsc::
     }
 }
 
+/// Events sent per write while a trace streams.
+const TRACE_BATCH: usize = 256;
+
+/// Streams a trace session's events to its client until the client closes the connection (or
+/// sends anything) or a write fails; dropping the session switches tracing off.
+async fn stream_trace(
+    mut session: Session,
+    reader: &mut tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+) {
+    use tokio::io::AsyncReadExt as _;
+    let clock = crate::trace::Clock::now();
+    let mut events = Vec::with_capacity(TRACE_BATCH);
+    let mut scratch = [0u8; 64];
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut lost_sent = 0;
+    loop {
+        let mut out = String::new();
+        tokio::select! {
+            // The client sends nothing: any read that returns means it is gone or done.
+            _ = reader.read(&mut scratch) => return,
+            got = session.next(&mut events, TRACE_BATCH) => {
+                if let Err(e) = got {
+                    tracing::warn!(error = %format!("{e:#}"), "trace stopped");
+                    return;
+                }
+                for ev in events.drain(..) {
+                    out.push_str(&serde_json::to_string(&TraceLine::Event(crate::trace::Event::from_raw(&ev, &clock))).unwrap_or_default());
+                    out.push('\n');
+                }
+            }
+            _ = tick.tick() => {
+                let lost = session.lost();
+                if lost != lost_sent {
+                    lost_sent = lost;
+                    out = serde_json::to_string(&TraceLine::Lost { lost }).unwrap_or_default();
+                    out.push('\n');
+                }
+            }
+        }
+        if !out.is_empty() && write.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// The CLI side: one request, one response.
 ///
 /// # Errors
 /// With a message for the operator when no controller runs or the socket is not theirs.
 pub fn call(path: &Path, req: &Request) -> anyhow::Result<Response> {
+    let mut stream = connect(path)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut reader = BufReader::new(stream);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).context("reading the controller's answer")?;
+    serde_json::from_str(&answer).with_context(|| format!("the controller answered {answer:?}"))
+}
+
+/// Connects to the controller's socket, with a message for the operator when it cannot.
+///
+/// # Errors
+/// When no controller is running or the socket is not theirs.
+pub fn connect(path: &Path) -> anyhow::Result<std::os::unix::net::UnixStream> {
     if let Err(e) = std::fs::symlink_metadata(path) {
         if e.kind() == std::io::ErrorKind::NotFound {
             bail!("no controller is running: {} does not exist (start one with `dsrlb run --config FILE`)", path.display());
         }
         bail!("cannot reach {}: {e}", path.display());
     }
-    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+    std::os::unix::net::UnixStream::connect(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::ConnectionRefused {
             anyhow::anyhow!("no controller is running: {} is stale (dsrlb run removes it on start)", path.display())
         } else if e.kind() == std::io::ErrorKind::PermissionDenied {
@@ -247,15 +360,7 @@ pub fn call(path: &Path, req: &Request) -> anyhow::Result<Response> {
         } else {
             anyhow::anyhow!("connecting to {}: {e}", path.display())
         }
-    })?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut line = serde_json::to_string(req)?;
-    line.push('\n');
-    stream.write_all(line.as_bytes())?;
-    let mut reader = BufReader::new(stream);
-    let mut answer = String::new();
-    reader.read_line(&mut answer).context("reading the controller's answer")?;
-    serde_json::from_str(&answer).with_context(|| format!("the controller answered {answer:?}"))
+    })
 }
 
 /// The socket path from `--socket` or the default.

@@ -18,6 +18,7 @@ pub mod netlink;
 pub mod plan;
 pub mod probe_route;
 pub mod tls;
+pub mod trace;
 
 /// The XDP object built from `lb-ebpf` by `build.rs`.
 pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dsrlb"));

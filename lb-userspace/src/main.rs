@@ -80,6 +80,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show, per frame, what the data plane decides: client > VIP, TCP flags, listener, backend,
+    /// how it was chosen (cache, table, ring, repick_down, reopened, icmp_table, icmp_ring) and the
+    /// verdict with its reason. Tracing is on only while this runs.
+    Trace {
+        /// Only frames matched to this listener (filtered in the data plane).
+        #[arg(long)]
+        listener: Option<String>,
+        /// Only frames from clients in this prefix (192.0.2.0/24, 2001:db8::/64 or an address).
+        #[arg(long, value_name = "CIDR")]
+        client: Option<lb_userspace::trace::Cidr>,
+        /// Only frames forwarded to this backend.
+        #[arg(long)]
+        backend: Option<String>,
+        /// Only this verdict (tx, pass, drop) or reason (no_listener, no_backend, not_our_mac, ...).
+        #[arg(long)]
+        verdict: Option<String>,
+        /// Trace one frame in N, at random (filtered in the data plane): `--sample 1/100`.
+        #[arg(long, value_name = "1/N", value_parser = lb_userspace::trace::parse_sample, default_value = "1")]
+        sample: u32,
+        /// Stop after this many frames.
+        #[arg(long, short = 'c')]
+        count: Option<u64>,
+        /// Also write the frames' first 128 bytes to FILE as pcapng, each with its decision as
+        /// the packet comment (`tcpdump -r FILE`, Wireshark).
+        #[arg(long, short = 'w', visible_alias = "write", value_name = "FILE")]
+        pcap: Option<PathBuf>,
+        /// One JSON object per frame.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the shell completion script for SHELL (the package installs bash, zsh and fish's).
     Completions { shell: clap_complete::Shell },
     /// Print the man page; with `--dir`, write `dsrlb.1` and a page per subcommand there.
@@ -174,6 +204,17 @@ fn main() -> ExitCode {
             }
         }),
         Command::Stats { watch, json } => stats(&socket, watch, json),
+        Command::Trace { listener, client, backend, verdict, sample, count, pcap, json } => {
+            let opts = lb_userspace::trace::Options { listener, backend, client, verdict, sample, count, pcap, json };
+            lb_userspace::trace::run(&socket, &opts, &mut std::io::stdout().lock()).map(|s| {
+                eprintln!(
+                    "dsrlb trace: {} frames shown, {} received{}",
+                    s.shown,
+                    s.received,
+                    if s.lost > 0 { format!(", {} lost to a full trace buffer", s.lost) } else { String::new() }
+                );
+            })
+        }
         Command::Stop => stop(&socket, &cli.pin_dir),
         Command::Ping => request(&socket, &Request::Ping).map(|v| println!("ok: serving, program {}", v["program"])),
     };

@@ -23,7 +23,7 @@ struct Server {
 fn serve(socket: &Path, access: Access) -> anyhow::Result<Server> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Call>(8);
-    rt.block_on(async { control::serve(socket, access, tx) })?;
+    rt.block_on(async { control::serve(socket, access, tx, None) })?;
     rt.spawn(async move {
         while let Some((_, reply)) = rx.recv().await {
             let _ = reply.send(Response::ok(serde_json::json!({ "serving": true, "program": 1 })));

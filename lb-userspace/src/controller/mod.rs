@@ -666,6 +666,7 @@ impl Controller {
             Request::Weight { backend, weight } => self.set_weight(&backend, weight).map(Value::from),
             Request::Reload => self.reload_logged().map(Value::from),
             Request::Flow { client, vip } => self.flow(&client, &vip),
+            Request::Trace { listener, backend, .. } => self.trace_names(listener.as_deref(), backend.as_deref()),
             Request::Metrics => crate::metrics::render(self.metrics()).map(Value::from),
             Request::Ping => match self.ha_not_ready() {
                 Some(why) => Err(anyhow::anyhow!("not ready: {why}")),
@@ -765,7 +766,8 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     let (swept_tx, mut swept) = mpsc::channel::<usize>(1);
     let (walked_tx, mut walked) = mpsc::channel::<BTreeMap<u32, usize>>(1);
     let (call_tx, mut calls) = mpsc::channel::<Call>(64);
-    let server = control::serve(&opts.socket, opts.access, call_tx.clone())?;
+    let traces = std::sync::Arc::new(dataplane::trace::TraceHub::default());
+    let server = control::serve(&opts.socket, opts.access, call_tx.clone(), Some(traces.clone()))?;
     let metrics = match opts.metrics {
         None => None,
         Some(addr) => match crate::metrics::serve(addr, call_tx).await {
@@ -798,6 +800,9 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
             return Err(e);
         }
     };
+    if let Some(tracer) = c.dp.take_tracer() {
+        traces.install(tracer);
+    }
     show(&c.describe());
     tracing::info!(interface = %c.config.interface, "serving");
 

@@ -123,6 +123,38 @@ impl Controller {
         s
     }
 
+    /// What `dsrlb trace` needs from the controller: its filters checked against the config, the
+    /// listener id the program filters by, and the names of listener and backend ids.
+    pub(super) fn trace_names(&self, listener: Option<&str>, backend: Option<&str>) -> anyhow::Result<Value> {
+        let known = |ids: &BTreeMap<String, u32>| ids.keys().cloned().collect::<Vec<_>>().join(", ");
+        let listener_id = match listener {
+            None => None,
+            Some(name) => Some(
+                *self
+                    .ids
+                    .listeners
+                    .get(name)
+                    .with_context(|| format!("--listener: no listener named {name:?} (listeners: {})", known(&self.ids.listeners)))?,
+            ),
+        };
+        if let Some(name) = backend {
+            anyhow::ensure!(
+                self.ids.backends.contains_key(name),
+                "--backend: no backend named {name:?} (backends: {})",
+                known(&self.ids.backends)
+            );
+        }
+        let by_id = |ids: &BTreeMap<String, u32>| {
+            ids.iter().map(|(n, id)| (id.to_string(), Value::from(n.clone()))).collect::<serde_json::Map<_, _>>()
+        };
+        Ok(json!({
+            "interface": self.config.interface,
+            "listener_id": listener_id,
+            "listeners": by_id(&self.ids.listeners),
+            "backends": by_id(&self.ids.backends),
+        }))
+    }
+
     /// Which backend a flow is pinned to, or would get (Katran's getRealForFlow).
     pub(super) fn flow(&self, client: &str, vip: &str) -> anyhow::Result<Value> {
         let client: SocketAddr = client.parse().with_context(|| format!("client {client:?} is not IP:PORT ([IPv6]:PORT)"))?;

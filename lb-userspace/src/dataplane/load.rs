@@ -111,6 +111,7 @@ impl Dataplane {
         let (listeners, ports, node) = (mapped(names::LISTENERS)?, mapped(names::LISTEN_PORTS)?, mapped(names::NODE)?);
         let control = mapped(names::CONTROL)?;
         let flows = Arc::new(FlowTable::new(mapped(names::FLOWS)?, mapped(names::FLOW_ADDRS6)?, flow_seed(&mut ebpf)?));
+        let tracer = Some(super::trace::Tracer::take(&mut ebpf)?);
         let events = super::events::EventSink::default();
         let logger =
             aya_log::EbpfLogger::init_with_logger(&mut ebpf, events.clone()).context("opening the program's event log (AYA_LOGS)")?;
@@ -134,6 +135,7 @@ impl Dataplane {
             counted: BTreeSet::new(),
             logger,
             events,
+            tracer,
         })
     }
 

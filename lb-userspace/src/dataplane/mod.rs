@@ -10,6 +10,7 @@ mod load;
 mod stats;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod trace;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -161,9 +162,16 @@ pub struct Dataplane {
     /// The program's event log (`AYA_LOGS`), read by [`Self::flush_events`].
     logger: aya_log::EbpfLogger<events::EventSink>,
     events: events::EventSink,
+    /// `dsrlb trace`'s maps, until the controller hands them to its control socket.
+    tracer: Option<trace::Tracer>,
 }
 
 impl Dataplane {
+    /// The trace maps, once (the controller lends them to `dsrlb trace` clients).
+    pub fn take_tracer(&mut self) -> Option<trace::Tracer> {
+        self.tracer.take()
+    }
+
     /// Reads the data plane's rare events into the log (the controller does every second).
     pub fn flush_events(&mut self) {
         self.logger.flush();

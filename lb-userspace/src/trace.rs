@@ -1,0 +1,607 @@
+//! `dsrlb trace`: the data plane's decisions as the control socket streams them ([`Event`]),
+//! decoded from the frames' first bytes, filtered, printed one line each like tcpdump, and
+//! written to a pcapng file with each decision as its frame's comment.
+
+use std::{
+    borrow::Cow,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use lb_common::{TRACE_NONE, TraceEvent, reason, trace_how};
+use serde::{Deserialize, Serialize};
+
+/// `bpf_ktime_get_ns()` to the wall clock: the offset of `CLOCK_REALTIME` from
+/// `CLOCK_MONOTONIC`, read once per trace.
+pub struct Clock {
+    offset_ns: i128,
+}
+
+fn clock_ns(id: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid clock id and a timespec to write.
+    unsafe { libc::clock_gettime(id, &raw mut ts) };
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
+impl Clock {
+    #[must_use]
+    pub fn now() -> Self {
+        Self { offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC) }
+    }
+
+    #[must_use]
+    pub fn wall_ns(&self, mono_ns: u64) -> u64 {
+        u64::try_from(i128::from(mono_ns) + self.offset_ns).unwrap_or(0)
+    }
+}
+
+/// One traced frame, as the control socket sends it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Nanoseconds since the Unix epoch.
+    pub ts_ns: u64,
+    pub cpu: u32,
+    pub ifindex: u32,
+    /// The frame's length; `frame` holds its first bytes.
+    pub len: u32,
+    /// `tx`, `pass` or `drop`.
+    pub verdict: String,
+    /// Why (`forwarded`, `icmp_too_big`, `no_listener`, ... as the metrics' `reason` label).
+    pub reason: String,
+    pub listener: Option<u32>,
+    pub real: Option<u32>,
+    /// How the real was chosen (`lb_common::trace_how::LABELS`).
+    pub how: String,
+    /// The frame's first bytes as they left the program, in hex.
+    pub frame: String,
+}
+
+impl Event {
+    #[must_use]
+    pub fn from_raw(ev: &TraceEvent, clock: &Clock) -> Self {
+        let (verdict, why) = reason::LABELS.get(ev.reason as usize).copied().unwrap_or(("?", "?"));
+        let caplen = (ev.caplen as usize).min(ev.frame.len());
+        let frame = ev.frame[..caplen].iter().fold(String::with_capacity(caplen * 2), |mut s, b| {
+            use std::fmt::Write as _;
+            let _ = write!(s, "{b:02x}");
+            s
+        });
+        let some = |v: u32| (v != TRACE_NONE).then_some(v);
+        Self {
+            ts_ns: clock.wall_ns(ev.ts_ns),
+            cpu: ev.cpu,
+            ifindex: ev.ifindex,
+            len: ev.len,
+            verdict: verdict.to_owned(),
+            reason: why.to_owned(),
+            listener: some(ev.listener),
+            real: some(ev.real),
+            how: trace_how::LABELS.get(ev.how as usize).copied().unwrap_or("?").to_owned(),
+            frame,
+        }
+    }
+
+    /// The frame bytes.
+    #[must_use]
+    pub fn bytes(&self) -> Vec<u8> {
+        (0..self.frame.len() / 2).filter_map(|i| u8::from_str_radix(self.frame.get(2 * i..2 * i + 2)?, 16).ok()).collect()
+    }
+}
+
+/// What a frame's headers say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Headers {
+    Tcp {
+        src: SocketAddr,
+        dst: SocketAddr,
+        flags: u8,
+    },
+    /// An ICMP "too big" (or ICMPv6 packet too big) from `from`, about the segment `about`
+    /// (as the broker sent it: VIP to client).
+    TooBig {
+        from: IpAddr,
+        about: (SocketAddr, SocketAddr),
+    },
+    /// Any other IP packet: the protocol number.
+    Ip {
+        src: IpAddr,
+        dst: IpAddr,
+        proto: u8,
+    },
+    /// Not IP: the EtherType.
+    Other {
+        ethertype: u16,
+    },
+    Truncated,
+}
+
+impl Headers {
+    /// The client's address, as `--client` matches it.
+    #[must_use]
+    pub fn client(&self) -> Option<IpAddr> {
+        match self {
+            Self::Tcp { src, .. } => Some(src.ip()),
+            Self::TooBig { about, .. } => Some(about.1.ip()),
+            Self::Ip { src, .. } => Some(*src),
+            Self::Other { .. } | Self::Truncated => None,
+        }
+    }
+}
+
+fn be16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
+}
+
+fn v4(b: &[u8], at: usize) -> Option<IpAddr> {
+    let o: [u8; 4] = b.get(at..at + 4)?.try_into().ok()?;
+    Some(IpAddr::from(o))
+}
+
+fn v6(b: &[u8], at: usize) -> Option<IpAddr> {
+    let o: [u8; 16] = b.get(at..at + 16)?.try_into().ok()?;
+    Some(IpAddr::from(o))
+}
+
+/// The network header: its source, destination, protocol and where its payload starts.
+fn network(b: &[u8], at: usize, ethertype: u16) -> Option<(IpAddr, IpAddr, u8, usize)> {
+    match ethertype {
+        0x0800 => {
+            let ihl = usize::from(b.get(at)? & 0x0f) * 4;
+            Some((v4(b, at + 12)?, v4(b, at + 16)?, *b.get(at + 9)?, at + ihl))
+        }
+        0x86dd => {
+            let (src, dst) = (v6(b, at + 8)?, v6(b, at + 24)?);
+            let (mut next, mut off) = (*b.get(at + 6)?, at + 40);
+            // Hop-by-hop, routing, fragment and destination options, as the program follows them.
+            for _ in 0..5 {
+                match next {
+                    0 | 43 | 60 => {
+                        let len = (usize::from(*b.get(off + 1)?) + 1) * 8;
+                        next = *b.get(off)?;
+                        off += len;
+                    }
+                    44 => {
+                        next = *b.get(off)?;
+                        off += 8;
+                    }
+                    _ => break,
+                }
+            }
+            Some((src, dst, next, off))
+        }
+        _ => None,
+    }
+}
+
+/// Decodes an Ethernet frame's headers (one VLAN tag at most, as the program does).
+#[must_use]
+pub fn decode(b: &[u8]) -> Headers {
+    let Some(mut ethertype) = be16(b, 12) else { return Headers::Truncated };
+    let mut at = 14;
+    if matches!(ethertype, 0x8100 | 0x88a8) {
+        let Some(inner) = be16(b, 16) else { return Headers::Truncated };
+        ethertype = inner;
+        at = 18;
+    }
+    if !matches!(ethertype, 0x0800 | 0x86dd) {
+        return Headers::Other { ethertype };
+    }
+    let Some((src, dst, proto, l4)) = network(b, at, ethertype) else { return Headers::Truncated };
+    let ports = |at: usize| Some((be16(b, at)?, be16(b, at + 2)?));
+    match proto {
+        6 => match (ports(l4), b.get(l4 + 13)) {
+            (Some((sp, dp)), Some(&flags)) => Headers::Tcp { src: SocketAddr::new(src, sp), dst: SocketAddr::new(dst, dp), flags },
+            _ => Headers::Truncated,
+        },
+        1 | 58 if matches!((proto, b.get(l4)), (1, Some(3)) | (58, Some(2))) => {
+            let inner = network(b, l4 + 8, ethertype).and_then(|(is, id, _, il4)| {
+                let (sp, dp) = ports(il4)?;
+                Some((SocketAddr::new(is, sp), SocketAddr::new(id, dp)))
+            });
+            inner.map_or(Headers::Truncated, |about| Headers::TooBig { from: src, about })
+        }
+        _ => Headers::Ip { src, dst, proto },
+    }
+}
+
+/// TCP flags as tcpdump writes them: `S`, `F`, `R`, `P`, `U`, `E`, `W`, and `.` for ACK.
+#[must_use]
+pub fn tcp_flags(flags: u8) -> String {
+    let mut s = String::new();
+    for (bit, c) in [(0x02, 'S'), (0x01, 'F'), (0x04, 'R'), (0x08, 'P'), (0x20, 'U'), (0x40, 'E'), (0x80, 'W'), (0x10, '.')] {
+        if flags & bit != 0 {
+            s.push(c);
+        }
+    }
+    if s.is_empty() { "none".to_owned() } else { s }
+}
+
+/// Listener and real ids to names, as the controller gave them when the trace started.
+#[derive(Clone, Debug, Default)]
+pub struct Names {
+    pub listeners: std::collections::BTreeMap<u32, String>,
+    pub backends: std::collections::BTreeMap<u32, String>,
+}
+
+impl Names {
+    /// From the controller's first answer (`{"listeners": {"0": "mqtt"}, "backends": {...}}`).
+    #[must_use]
+    pub fn from_json(v: &serde_json::Value) -> Self {
+        let table = |key: &str| {
+            v[key]
+                .as_object()
+                .map(|o| o.iter().filter_map(|(k, n)| Some((k.parse().ok()?, n.as_str()?.to_owned()))).collect())
+                .unwrap_or_default()
+        };
+        Self { listeners: table("listeners"), backends: table("backends") }
+    }
+
+    #[must_use]
+    pub fn listener(&self, id: Option<u32>) -> Option<String> {
+        id.map(|id| self.listeners.get(&id).cloned().unwrap_or_else(|| format!("#{id}")))
+    }
+
+    /// The backend of real `id` (`lb_common::real_backend`).
+    #[must_use]
+    pub fn backend(&self, real: Option<u32>) -> Option<String> {
+        real.map(|r| {
+            let b = lb_common::real_backend(r);
+            self.backends.get(&b).cloned().unwrap_or_else(|| format!("#{b}"))
+        })
+    }
+}
+
+/// An address prefix (`--client 192.0.2.0/24`, `2001:db8::/64`, or one address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    len: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        let (a, l) = s.split_once('/').map_or((s, None), |(a, l)| (a, Some(l)));
+        let addr: IpAddr = a.parse().with_context(|| format!("--client {s:?}: {a:?} is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match l {
+            None => max,
+            Some(l) => match l.parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => bail!("--client {s:?}: prefix length {l:?} is not 0..={max}"),
+            },
+        };
+        Ok(Self { addr, len })
+    }
+}
+
+impl Cidr {
+    #[must_use]
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let len = u32::from(self.len);
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+                a.to_bits() & mask == net.to_bits() & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+                a.to_bits() & mask == net.to_bits() & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `--sample 1/N` (or `N`).
+///
+/// # Errors
+/// When it is neither.
+pub fn parse_sample(s: &str) -> anyhow::Result<u32> {
+    let n = s.strip_prefix("1/").unwrap_or(s);
+    match n.parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => bail!("--sample {s:?}: give 1/N with N a whole number from 1 (every frame) up"),
+    }
+}
+
+/// The filters the CLI applies (the program applies `--listener` and `--sample`).
+#[derive(Clone, Debug, Default)]
+pub struct Filters {
+    pub client: Option<Cidr>,
+    pub backend: Option<String>,
+    /// A verdict (`tx`, `pass`, `drop`) or a reason (`no_backend`, `not_our_mac`, ...).
+    pub verdict: Option<String>,
+}
+
+/// Verdicts and reasons `--verdict` takes.
+#[must_use]
+pub fn verdict_words() -> Vec<&'static str> {
+    let mut w = vec!["tx", "pass", "drop"];
+    w.extend(reason::LABELS.iter().map(|(_, r)| *r));
+    w
+}
+
+impl Filters {
+    #[must_use]
+    pub fn keep(&self, ev: &Event, headers: &Headers, names: &Names) -> bool {
+        self.client.is_none_or(|c| headers.client().is_some_and(|ip| c.contains(ip)))
+            && self.backend.as_ref().is_none_or(|b| names.backend(ev.real).as_ref() == Some(b))
+            && self.verdict.as_ref().is_none_or(|v| *v == ev.verdict || *v == ev.reason)
+    }
+}
+
+/// The decision in words: `mqtt -> b1 (ring) tx`, `mqtt drop no_backend`, `pass no_listener`.
+#[must_use]
+pub fn decision(ev: &Event, names: &Names) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    if let Some(l) = names.listener(ev.listener) {
+        s.push_str(&l);
+        s.push(' ');
+    }
+    if let Some(b) = names.backend(ev.real) {
+        let _ = write!(s, "-> {b} ({}) ", ev.how);
+    }
+    s.push_str(&ev.verdict);
+    if ev.reason != "forwarded" {
+        s.push(' ');
+        s.push_str(&ev.reason);
+    }
+    s
+}
+
+/// The interface name of `ifindex` on this host.
+#[must_use]
+pub fn interface_name(ifindex: u32) -> String {
+    let mut buf = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: a buffer of IF_NAMESIZE bytes, as the call wants.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
+    if p.is_null() {
+        return format!("if{ifindex}");
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// One line per event, like tcpdump's: UTC time, CPU, interface, the headers, the decision.
+#[must_use]
+pub fn line(ev: &Event, headers: &Headers, names: &Names, interface: &str) -> String {
+    let secs = ev.ts_ns / 1_000_000_000;
+    let micros = ev.ts_ns % 1_000_000_000 / 1000;
+    let (h, m, s) = (secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    let what = match headers {
+        Headers::Tcp { src, dst, flags } => format!("{src} > {dst} [{}]", tcp_flags(*flags)),
+        Headers::TooBig { from, about } => format!("{from} too big about {} > {}", about.0, about.1),
+        Headers::Ip { src, dst, proto } => format!("{src} > {dst} proto {proto}"),
+        Headers::Other { ethertype } => format!("ethertype 0x{ethertype:04x}"),
+        Headers::Truncated => format!("truncated frame of {} bytes", ev.len),
+    };
+    format!("{h:02}:{m:02}:{s:02}.{micros:06} cpu{} {interface} {what} {}", ev.cpu, decision(ev, names))
+}
+
+/// A pcapng file of traced frames (their first bytes), each with its decision as the comment.
+pub struct Pcap<W: std::io::Write> {
+    writer: pcap_file::pcapng::PcapNgWriter<W>,
+    interfaces: Vec<u32>,
+}
+
+impl<W: std::io::Write> Pcap<W> {
+    /// # Errors
+    /// When the section header cannot be written.
+    pub fn new(out: W) -> anyhow::Result<Self> {
+        Ok(Self { writer: pcap_file::pcapng::PcapNgWriter::new(out).context("writing the pcapng header")?, interfaces: Vec::new() })
+    }
+
+    /// # Errors
+    /// When writing fails.
+    pub fn write(&mut self, ev: &Event, names: &Names) -> anyhow::Result<()> {
+        use pcap_file::pcapng::blocks::{
+            enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption},
+            interface_description::{InterfaceDescriptionBlock, InterfaceDescriptionOption},
+        };
+        let id = if let Some(id) = self.interfaces.iter().position(|&i| i == ev.ifindex) {
+            id
+        } else {
+            self.writer
+                .write_pcapng_block(InterfaceDescriptionBlock {
+                    linktype: pcap_file::DataLink::ETHERNET,
+                    snaplen: u32::try_from(lb_common::TRACE_SNAP).unwrap_or(u32::MAX),
+                    options: vec![
+                        InterfaceDescriptionOption::IfName(Cow::Owned(interface_name(ev.ifindex))),
+                        InterfaceDescriptionOption::IfTsResol(9),
+                    ],
+                })
+                .context("writing a pcapng interface block")?;
+            self.interfaces.push(ev.ifindex);
+            self.interfaces.len() - 1
+        };
+        let data = ev.bytes();
+        self.writer
+            .write_pcapng_block(EnhancedPacketBlock {
+                interface_id: u32::try_from(id).unwrap_or(0),
+                timestamp: Duration::from_nanos(ev.ts_ns),
+                original_len: ev.len.max(u32::try_from(data.len()).unwrap_or(0)),
+                data: Cow::Owned(data),
+                options: vec![EnhancedPacketOption::Comment(Cow::Owned(format!("dsrlb: cpu{} {}", ev.cpu, decision(ev, names))))],
+            })
+            .context("writing a pcapng packet block")?;
+        Ok(())
+    }
+
+    /// # Errors
+    /// When flushing fails.
+    pub fn flush(&mut self) -> anyhow::Result<()> {
+        self.writer.get_mut().flush().context("flushing the pcap file")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_matches_its_prefix_only() {
+        let c: Cidr = "192.0.2.0/24".parse().unwrap();
+        assert!(c.contains("192.0.2.77".parse().unwrap()));
+        assert!(!c.contains("192.0.3.1".parse().unwrap()));
+        assert!(!c.contains("2001:db8::1".parse().unwrap()));
+        let c: Cidr = "2001:db8::/64".parse().unwrap();
+        assert!(c.contains("2001:db8::50".parse().unwrap()));
+        assert!(!c.contains("2001:db8:0:1::50".parse().unwrap()));
+        let one: Cidr = "192.0.2.1".parse().unwrap();
+        assert!(one.contains("192.0.2.1".parse().unwrap()) && !one.contains("192.0.2.2".parse().unwrap()));
+        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains("198.51.100.1".parse().unwrap()));
+        assert!("192.0.2.0/33".parse::<Cidr>().unwrap_err().to_string().contains("prefix length"));
+        assert!("x/8".parse::<Cidr>().unwrap_err().to_string().contains("--client"));
+    }
+
+    #[test]
+    fn sample_takes_one_in_n() {
+        assert_eq!(parse_sample("1/100").unwrap(), 100);
+        assert_eq!(parse_sample("7").unwrap(), 7);
+        assert!(parse_sample("1/0").is_err() && parse_sample("2/3").is_err());
+    }
+
+    #[test]
+    fn flags_read_like_tcpdump() {
+        assert_eq!(tcp_flags(0x02), "S");
+        assert_eq!(tcp_flags(0x12), "S.");
+        assert_eq!(tcp_flags(0x18), "P.");
+        assert_eq!(tcp_flags(0x11), "F.");
+    }
+}
+
+/// What `dsrlb trace` was asked for.
+#[derive(Debug, Default)]
+pub struct Options {
+    pub listener: Option<String>,
+    pub backend: Option<String>,
+    pub client: Option<Cidr>,
+    pub verdict: Option<String>,
+    pub sample: u32,
+    /// Stop after this many frames shown.
+    pub count: Option<u64>,
+    pub pcap: Option<std::path::PathBuf>,
+    /// One JSON object per frame instead of a line.
+    pub json: bool,
+}
+
+/// What a trace saw.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub received: u64,
+    pub shown: u64,
+    pub lost: u64,
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Runs `dsrlb trace` against the controller at `socket`, printing to `out`, until `--count`
+/// frames are shown or SIGINT/SIGTERM; the pcap file is complete either way.
+///
+/// # Errors
+/// When a filter is invalid, the controller refuses the trace, or writing fails.
+pub fn run(socket: &std::path::Path, opts: &Options, out: &mut impl std::io::Write) -> anyhow::Result<Summary> {
+    use std::io::{BufRead as _, Write as _};
+    if let Some(v) = &opts.verdict {
+        let words = verdict_words();
+        anyhow::ensure!(words.contains(&v.as_str()), "--verdict {v:?}: give one of {}", words.join(", "));
+    }
+    let mut pcap = match &opts.pcap {
+        None => None,
+        Some(path) => {
+            let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+            Some(Pcap::new(std::io::BufWriter::new(file))?)
+        }
+    };
+    let mut stream = crate::control::connect(socket)?;
+    let req = crate::control::Request::Trace { listener: opts.listener.clone(), backend: opts.backend.clone(), sample: opts.sample };
+    let mut request = serde_json::to_string(&req)?;
+    request.push('\n');
+    stream.write_all(request.as_bytes())?;
+    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let mut reader = std::io::BufReader::new(stream);
+    let mut first = true;
+    let mut names = Names::default();
+    let mut interfaces = std::collections::BTreeMap::new();
+    let filters = Filters { client: opts.client, backend: opts.backend.clone(), verdict: opts.verdict.clone() };
+    let mut summary = Summary::default();
+    let mut buf = String::new();
+    while !STOP.load(std::sync::atomic::Ordering::Relaxed) && opts.count.is_none_or(|c| summary.shown < c) {
+        match reader.read_line(&mut buf) {
+            Ok(0) => {
+                if first {
+                    bail!("the controller closed the connection");
+                }
+                eprintln!("dsrlb trace: the controller went away");
+                break;
+            }
+            Ok(_) if !buf.ends_with('\n') => continue,
+            Ok(_) => {}
+            Err(e)
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(e).context("reading the trace"),
+        }
+        let text = std::mem::take(&mut buf);
+        if first {
+            first = false;
+            let resp: crate::control::Response =
+                serde_json::from_str(&text).with_context(|| format!("the controller answered {text:?}"))?;
+            if !resp.ok {
+                bail!("{}", resp.error.unwrap_or_else(|| "the controller refused the trace".into()));
+            }
+            names = Names::from_json(&resp.data);
+            eprintln!(
+                "dsrlb trace: tracing {}{}; Ctrl-C stops",
+                resp.data["interface"].as_str().unwrap_or("the balancer"),
+                if opts.sample > 1 { format!(", one frame in {}", opts.sample) } else { String::new() }
+            );
+            continue;
+        }
+        match serde_json::from_str::<crate::control::TraceLine>(&text) {
+            Ok(crate::control::TraceLine::Lost { lost }) => summary.lost = lost,
+            Ok(crate::control::TraceLine::Event(ev)) => {
+                summary.received += 1;
+                let headers = decode(&ev.bytes());
+                if !filters.keep(&ev, &headers, &names) {
+                    continue;
+                }
+                summary.shown += 1;
+                if let Some(p) = &mut pcap {
+                    p.write(&ev, &names)?;
+                }
+                if opts.json {
+                    let mut v = serde_json::to_value(&ev)?;
+                    v["listener_name"] = names.listener(ev.listener).into();
+                    v["backend"] = names.backend(ev.real).into();
+                    writeln!(out, "{v}")?;
+                } else {
+                    let iface = interfaces.entry(ev.ifindex).or_insert_with(|| interface_name(ev.ifindex));
+                    writeln!(out, "{}", line(&ev, &headers, &names, iface))?;
+                }
+            }
+            Err(e) => bail!("a trace line that does not parse ({e}): {text:?}"),
+        }
+    }
+    if let Some(p) = &mut pcap {
+        p.flush()?;
+    }
+    out.flush()?;
+    Ok(summary)
+}
