@@ -534,18 +534,38 @@ pub fn run(socket: &std::path::Path, opts: &Options, out: &mut impl std::io::Wri
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     let mut reader = std::io::BufReader::new(stream);
-    let mut first = true;
-    let mut names = Names::default();
+    let mut buf = String::new();
+    // The controller's answer first: the names, or why there is no trace.
+    loop {
+        match reader.read_line(&mut buf) {
+            Ok(0) => bail!("the controller closed the connection"),
+            Ok(_) if buf.ends_with('\n') => break,
+            Ok(_) => {}
+            Err(e)
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) =>
+            {
+                anyhow::ensure!(!STOP.load(std::sync::atomic::Ordering::Relaxed), "interrupted before the trace started");
+            }
+            Err(e) => return Err(e).context("reading the controller's answer"),
+        }
+    }
+    let resp: crate::control::Response = serde_json::from_str(&buf).with_context(|| format!("the controller answered {buf:?}"))?;
+    buf.clear();
+    if !resp.ok {
+        bail!("{}", resp.error.unwrap_or_else(|| "the controller refused the trace".into()));
+    }
+    let names = Names::from_json(&resp.data);
+    eprintln!(
+        "dsrlb trace: tracing {}{}; Ctrl-C stops",
+        resp.data["interface"].as_str().unwrap_or("the balancer"),
+        if opts.sample > 1 { format!(", one frame in {}", opts.sample) } else { String::new() }
+    );
     let mut interfaces = std::collections::BTreeMap::new();
     let filters = Filters { client: opts.client, backend: opts.backend.clone(), verdict: opts.verdict.clone() };
     let mut summary = Summary::default();
-    let mut buf = String::new();
     while !STOP.load(std::sync::atomic::Ordering::Relaxed) && opts.count.is_none_or(|c| summary.shown < c) {
         match reader.read_line(&mut buf) {
             Ok(0) => {
-                if first {
-                    bail!("the controller closed the connection");
-                }
                 eprintln!("dsrlb trace: the controller went away");
                 break;
             }
@@ -559,21 +579,6 @@ pub fn run(socket: &std::path::Path, opts: &Options, out: &mut impl std::io::Wri
             Err(e) => return Err(e).context("reading the trace"),
         }
         let text = std::mem::take(&mut buf);
-        if first {
-            first = false;
-            let resp: crate::control::Response =
-                serde_json::from_str(&text).with_context(|| format!("the controller answered {text:?}"))?;
-            if !resp.ok {
-                bail!("{}", resp.error.unwrap_or_else(|| "the controller refused the trace".into()));
-            }
-            names = Names::from_json(&resp.data);
-            eprintln!(
-                "dsrlb trace: tracing {}{}; Ctrl-C stops",
-                resp.data["interface"].as_str().unwrap_or("the balancer"),
-                if opts.sample > 1 { format!(", one frame in {}", opts.sample) } else { String::new() }
-            );
-            continue;
-        }
         match serde_json::from_str::<crate::control::TraceLine>(&text) {
             Ok(crate::control::TraceLine::Lost { lost }) => summary.lost = lost,
             Ok(crate::control::TraceLine::Event(ev)) => {
