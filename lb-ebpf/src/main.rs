@@ -20,7 +20,7 @@ use aya_ebpf::{bindings::xdp_action, helpers::bpf_jiffies64, macros::xdp, progra
 use lb_common::{Ip6, TRACE_NONE, real_listener, reason, trace_how};
 
 use crate::{
-    maps::{CLOCK, VIPS, VIPS6},
+    maps::{CLOCK, NEXT, VIPS, VIPS6},
     parse::Parsed,
 };
 
@@ -83,6 +83,12 @@ pub fn dsrlb(ctx: XdpContext) -> u32 {
         }
     };
     trace::emit(&ctx, &decision);
+    if decision.action == xdp_action::XDP_PASS {
+        // What is not ours goes to the next program when one is configured; without one (an
+        // empty slot) the tail call returns and the frame goes to the kernel.
+        // SAFETY: a tail call with this program's own context.
+        unsafe { NEXT.tail_call(&ctx, 0) };
+    }
     decision.action
 }
 

@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
-    btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, PerCpuArray, ProgramArray, RingBuf},
     macros::btf_map,
 };
 use lb_common::{
@@ -116,3 +116,9 @@ pub static TRACE: RingBuf<TraceEvent, { 1 << 20 }> = RingBuf::new();
 /// Per CPU: trace events lost because `TRACE` was full.
 #[btf_map]
 pub static TRACE_LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+/// The program that runs after this one on every frame it passes (`next_program`: another
+/// XDP program on the same interface, such as xdp-filter's), by tail call; empty: the frame
+/// goes to the kernel. Not pinned: the controller fills each loaded instance's before attaching.
+#[btf_map]
+pub static NEXT: ProgramArray<1> = ProgramArray::new();

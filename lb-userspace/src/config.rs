@@ -319,6 +319,8 @@ pub const MAX_CLUSTER_NODES: usize = 16;
 pub struct Config {
     pub interface: String,
     pub xdp_mode: XdpModeCfg,
+    /// A pinned XDP program that runs after the balancer on every frame it passes (chaining).
+    pub next_program: Option<std::path::PathBuf>,
     pub ring_size: u32,
     pub flow_table_size: u32,
     /// Destination MACs forwarded besides the interface's own (keepalived's `use_vmac`).
@@ -350,6 +352,7 @@ struct RawConfig {
     interface: Spanned<String>,
     #[serde(default = "default_mode")]
     xdp_mode: XdpModeCfg,
+    next_program: Option<Spanned<String>>,
     ring_size: Option<Spanned<u32>>,
     flow_table_size: Option<Spanned<u32>>,
     accept_macs: Option<Spanned<Vec<Spanned<String>>>>,
@@ -476,16 +479,29 @@ impl Validator<'_> {
         ConfigError { file: self.file.to_owned(), line, column, field: field.to_string(), message: message.to_string() }
     }
 
-    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let interface = raw.interface.get_ref().trim().to_owned();
+    fn interface(&self, raw: &Spanned<String>) -> Result<String, ConfigError> {
+        let interface = raw.get_ref().trim().to_owned();
         if interface.is_empty() || interface.len() >= 16 || interface.contains(['/', ' ']) {
-            return Err(self.err(
-                &raw.interface.span(),
-                "interface",
-                "must be a network interface name (1 to 15 characters, no '/' or space)",
-            ));
+            return Err(self.err(&raw.span(), "interface", "must be a network interface name (1 to 15 characters, no '/' or space)"));
         }
+        Ok(interface)
+    }
 
+    /// `next_program`: an absolute path (the pin is opened when the balancer starts).
+    fn next_program(&self, p: &Spanned<String>) -> Result<std::path::PathBuf, ConfigError> {
+        if p.get_ref().starts_with('/') && !p.get_ref().contains('\n') {
+            Ok(std::path::PathBuf::from(p.get_ref()))
+        } else {
+            Err(self.err(
+                &p.span(),
+                "next_program",
+                "must be the absolute path of a pinned XDP program on a BPF filesystem (e.g. /sys/fs/bpf/xdp-filter/programs/eth0/xdpfilt_alw_all)",
+            ))
+        }
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let interface = self.interface(&raw.interface)?;
         let ring_size = match &raw.ring_size {
             None => DEFAULT_RING_SIZE,
             Some(s) => {
@@ -565,9 +581,11 @@ impl Validator<'_> {
         let announce = raw.announce.as_ref().map(|a| self.announce(a.get_ref())).transpose()?;
         let shortest_idle = listeners.iter().map(|l| l.flow_idle_timeout).min().unwrap_or(flow_idle_timeout);
         let cluster = raw.cluster.as_ref().map(|c| self.cluster(c, shortest_idle)).transpose()?;
+        let next_program = raw.next_program.as_ref().map(|p| self.next_program(p)).transpose()?;
         Ok(Config {
             interface,
             xdp_mode: raw.xdp_mode,
+            next_program,
             ring_size,
             flow_table_size,
             accept_macs,
@@ -1179,6 +1197,16 @@ weight = 50
 
     fn error_of(text: &str) -> String {
         parse(text, "t.toml").expect_err("must be rejected").to_string()
+    }
+
+    #[test]
+    fn next_program_is_an_absolute_pin_path() {
+        assert_eq!(parse(GOOD, "t.toml").expect("valid").next_program, None);
+        let with = |v: &str| GOOD.replacen("interface = \"eth0\"\n", &format!("interface = \"eth0\"\nnext_program = {v}\n"), 1);
+        let c = parse(&with("\"/sys/fs/bpf/xdp-filter/programs/eth0/xdpfilt_alw_all\""), "t.toml").expect("valid");
+        assert_eq!(c.next_program, Some(std::path::PathBuf::from("/sys/fs/bpf/xdp-filter/programs/eth0/xdpfilt_alw_all")));
+        let e = error_of(&with("\"xdpfilt_alw_all\""));
+        assert!(e.starts_with("t.toml:3:16: next_program: must be the absolute path of a pinned XDP program"), "{e}");
     }
 
     #[test]

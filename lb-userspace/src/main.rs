@@ -296,6 +296,14 @@ fn status_table(v: &Value) -> String {
         }
     }
     let _ = writeln!(out, "flow table entries (live): {}", v["flow_table_entries"]);
+    if let Some(id) = v["next_program"]["id"].as_u64() {
+        let _ = writeln!(
+            out,
+            "next program: {id} ({}) at {}: every frame the balancer passes",
+            v["next_program"]["name"].as_str().unwrap_or(""),
+            v["next_program"]["path"].as_str().unwrap_or("")
+        );
+    }
     if let Some(events) = v["flow_table"].as_object() {
         let line: Vec<String> = events.iter().map(|(k, n)| format!("{k} {n}")).collect();
         let _ = writeln!(out, "flow table events: {}", line.join("  "));

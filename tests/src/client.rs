@@ -239,12 +239,6 @@ impl Balancer {
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
-    /// The controller's control socket.
-    #[must_use]
-    pub fn socket(&self) -> &std::path::Path {
-        &self.socket
-    }
-
     /// `dsrlb status --json`.
     ///
     /// # Panics

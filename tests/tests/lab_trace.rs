@@ -49,7 +49,7 @@ fn a_trace_of_100_connections_names_the_brokers_that_took_them_and_writes_a_pcap
         .arg(format!("--net=/run/netns/{}", lab.ns("lb")))
         .arg(tests::dsrlb_bin())
         .arg("--socket")
-        .arg(lb.socket())
+        .arg(&lb.socket)
         .args(["trace", "--listener", "mqtt", "--client", "192.0.2.0/24", "--verdict", "tx", "--json", "-w"])
         .arg(&pcap)
         .stdout(Stdio::piped())

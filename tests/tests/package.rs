@@ -163,6 +163,8 @@ fn the_packaged_binary_loads_and_attaches_its_xdp_program() {
     assert!(out.status.success(), "dsrlb stop: {}", String::from_utf8_lossy(&out.stderr));
     let _ = child.wait();
     assert!(!attached(), "still attached after dsrlb stop");
+    // `dsrlb stop` removes the pins; the directory is the test's.
+    let _ = std::fs::remove_dir(&pins);
     drop(cl);
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -28,6 +28,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "prometheus",
     // Checks the Debian package `cargo xtask package` builds.
     "lintian",
+    // xdp-filter, the other XDP program the chaining test runs beside the balancer.
+    "xdp-tools",
 ];
 
 /// The cargo-deb release `cargo xtask package` is known to work with.

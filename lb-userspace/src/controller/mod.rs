@@ -155,6 +155,8 @@ pub struct Controller {
     reloads: Reloads,
     /// Announcements and the cluster (see `ha`).
     ha: ha::Ha,
+    /// `next_program`, as found when it was last set.
+    next: Option<dataplane::chain::Next>,
 }
 
 /// Reloads since start (CLI or SIGHUP), for status.
@@ -246,6 +248,7 @@ impl Controller {
             applied_down: DownSet::new(),
             reloads: Reloads::default(),
             ha,
+            next: None,
         };
         c.sync_health();
         for &(lid, bid, state) in &saved.out {
@@ -256,10 +259,14 @@ impl Controller {
         }
         // Everything that can fail before anything is written or attached.
         let probes = c.plan_probes(&c.config, &c.ids)?;
+        c.next = c.dp.set_next(c.config.next_program.as_deref())?;
         let before = if start == dataplane::Start::Adopted { Some(c.dp.flow_count()) } else { None };
         c.apply().context("filling the maps")?;
         c.ha_start()?;
-        c.dp.attach_pinned_link(&c.config.interface, dataplane::xdp_mode(c.config.xdp_mode), &c.opts.pin_dir)?;
+        c.dp.attach_pinned_link(&c.config.interface, dataplane::xdp_mode(c.config.xdp_mode), &c.opts.pin_dir, c.next.as_ref())?;
+        if let Some(next) = &c.next {
+            tracing::info!(program = next.id, name = %next.name, pin = %next.path.display(), "frames the balancer passes go on to the next program");
+        }
         c.ha_attached();
         match start {
             dataplane::Start::Adopted => tracing::info!(
@@ -510,6 +517,14 @@ impl Controller {
         plan::desired(&new, &ids, &runtime, &self.down_set(), self.src_mac)?;
         let probes = self.plan_probes(&new, &ids)?;
         let cluster = ha::cluster_settings(&new)?;
+        // The next program first: a pin that is missing or refused changes nothing.
+        let next = if new.next_program == self.config.next_program {
+            self.next.clone()
+        } else {
+            let next = self.dp.set_next(new.next_program.as_deref())?;
+            tracing::info!(next = ?next, "next_program changed");
+            next
+        };
         let added: Vec<String> = new.backends.iter().filter(|b| self.config.backend(&b.name).is_none()).map(|b| b.name.clone()).collect();
         let removed: Vec<String> = self.config.backends.iter().filter(|b| new.backend(&b.name).is_none()).map(|b| b.name.clone()).collect();
         let before =
@@ -527,11 +542,17 @@ impl Controller {
             // sync could not start with the new settings: put the old state back, in memory and
             // in the maps.
             (self.config, self.ids, self.fresh, self.runtime, self.weights, self.health) = before;
+            if next != self.next
+                && let Err(again) = self.dp.set_next(self.config.next_program.as_deref())
+            {
+                tracing::error!(error = %format!("{again:#}"), "restoring next_program after a failed reload failed");
+            }
             if let Err(again) = self.apply() {
                 tracing::error!(error = %format!("{again:#}"), "restoring the maps after a failed reload failed too");
             }
             return Err(e);
         }
+        self.next = next;
         // Setting the probe routes also repairs them (rules someone removed are put back).
         self.start_probes(probes);
         Ok(format!("reload applied: backends added {added:?}, removed {removed:?}"))

@@ -77,6 +77,7 @@ impl Controller {
             "listeners": listeners,
             "flows_per_backend": per_backend,
             "flow_table_entries": flows.values().sum::<usize>(),
+            "next_program": self.next,
             "flow_table": table,
             "verdicts": verdicts,
             "reloads": self.reloads,
@@ -223,6 +224,9 @@ impl Controller {
             c.flow_table_size,
             self.opts.socket.display()
         );
+        if let Some(n) = &self.next {
+            let _ = writeln!(out, "frames not for a listener go on to XDP program {} ({}, pinned at {})", n.id, n.name, n.path.display());
+        }
         if !c.accept_macs.is_empty() {
             let macs: Vec<String> = c.accept_macs.iter().map(|m| format_mac(*m)).collect();
             let _ = writeln!(out, "also forwarding frames for {}", macs.join(", "));

@@ -172,8 +172,35 @@ impl Dataplane {
     ///
     /// # Errors
     /// When attaching, updating or pinning fails.
-    pub fn attach_pinned_link(&mut self, interface: &str, mode: XdpMode, dir: &std::path::Path) -> anyhow::Result<()> {
-        self.attach_pinned("dsrlb", interface, mode, &dir.join(LINK_PIN))
+    /// An interface that runs another XDP program is refused, unless that program is `next`
+    /// (attached through netlink, as xdp-filter does): it is detached, if it is still that
+    /// program, and the balancer attached in its place, passing it every frame it does not take.
+    /// Frames that arrive between the two see no program.
+    pub fn attach_pinned_link(
+        &mut self,
+        interface: &str,
+        mode: XdpMode,
+        dir: &std::path::Path,
+        next: Option<&super::chain::Next>,
+    ) -> anyhow::Result<()> {
+        let pin = dir.join(LINK_PIN);
+        if !pin.exists()
+            && let Some(there) = super::chain::attached(interface)?
+        {
+            match next {
+                Some(n) if n.id == there.prog_id => {
+                    super::chain::detach(interface, there)?;
+                    tracing::info!(program = n.id, name = %n.name, %interface, "took over the interface from the next program");
+                }
+                _ => bail!(
+                    "{interface} already runs XDP program {} ({}): to run it after the balancer, pin it and name the pin in \
+                     next_program; or unload it first",
+                    there.prog_id,
+                    program_name(there.prog_id)
+                ),
+            }
+        }
+        self.attach_pinned("dsrlb", interface, mode, &pin)
     }
 
     /// Attaches program `name` through a link pinned at `pin`, so the attachment outlives this
@@ -448,4 +475,13 @@ fn link_ifindex(pin: &std::path::Path) -> std::io::Result<u32> {
         return Err(std::io::Error::other(format!("{} is not an XDP link (type {})", pin.display(), info[0])));
     }
     Ok(info[4])
+}
+
+/// The name of loaded program `id`, for messages.
+fn program_name(id: u32) -> String {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .and_then(|p| p.name_as_str().map(str::to_owned))
+        .unwrap_or_else(|| "name unknown".to_owned())
 }

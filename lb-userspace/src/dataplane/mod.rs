@@ -4,6 +4,7 @@
 //! interface facts in `iface`; hooks for tests and benchmarks in `testing` (feature `testing`).
 
 mod apply;
+pub mod chain;
 mod events;
 mod iface;
 mod load;
