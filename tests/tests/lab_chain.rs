@@ -77,6 +77,12 @@ fn wait_for(what: &str, within: Duration, done: impl Fn() -> bool) {
     }
 }
 
+/// Whether TCP from the client reaches the balancer host's own `port`.
+fn reaches(lab: &LabGuard, port: u16) -> bool {
+    in_netns(&lab.ns("client"), || TcpStream::connect_timeout(&SocketAddr::from((LB_ADDR, port)), Duration::from_millis(700)).is_ok())
+        .expect("client namespace")
+}
+
 /// VIP traffic is balanced over both brokers; TCP to the balancer's own address reaches it on
 /// the port the filter allows and not on the one it blocks.
 fn check(lab: &LabGuard, round: &str) {
@@ -160,5 +166,24 @@ fn xdp_filter_runs_after_the_balancer_on_one_interface_and_both_survive_restarts
     lb.restart(&lab);
     check(&lab, "kill9");
     assert_eq!(lb.status()["next_program"]["id"].as_u64(), Some(u64::from(filter_id)));
+
+    // A reload without next_program: passed frames go to the kernel, the filter sees none.
+    let reload = |text: &str| {
+        std::fs::write(&lb.config, text).expect("config");
+        lb.cli(&["reload"])
+    };
+    let (ok, _, err) = reload(&plain);
+    assert!(ok, "reload: {err}");
+    assert!(lb.status()["next_program"].is_null());
+    assert!(reaches(&lab, BLOCKED), "without next_program the filter is not consulted");
+    // A pin that is not there: refused by name, nothing changes.
+    let (ok, out, err) = reload(&config.replace(&pin.display().to_string(), "/sys/fs/bpf/no-such-program"));
+    assert!(!ok && err.contains("next_program: no BPF program pinned at /sys/fs/bpf/no-such-program"), "{out}{err}");
+    assert!(lb.status()["next_program"].is_null());
+    assert!(reaches(&lab, BLOCKED), "the refused reload left the last good state");
+    // Back: the filter judges again.
+    let (ok, _, err) = reload(&config);
+    assert!(ok, "reload: {err}");
+    check(&lab, "reloaded");
     lb.stop_for_good();
 }
