@@ -466,6 +466,66 @@ mod tests {
         assert!(parse_sample("1/0").is_err() && parse_sample("2/3").is_err());
     }
 
+    /// Ethernet, an 802.1Q tag, IPv4 and TCP: 198.51.100.7:40312 > 192.0.2.100:1883 [S].
+    fn tagged_syn() -> Vec<u8> {
+        let mut f = vec![0u8; 12];
+        f.extend([0x81, 0x00, 0x00, 0x0a, 0x08, 0x00]);
+        let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+        ip.extend([198, 51, 100, 7, 192, 0, 2, 100]);
+        f.extend(ip);
+        let mut tcp = vec![0u8; 20];
+        tcp[..2].copy_from_slice(&40312u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&1883u16.to_be_bytes());
+        tcp[12] = 0x50;
+        tcp[13] = 0x02;
+        f.extend(tcp);
+        f
+    }
+
+    #[test]
+    fn a_traced_frame_reads_as_a_line() {
+        let frame = tagged_syn();
+        let headers = decode(&frame);
+        assert_eq!(
+            headers,
+            Headers::Tcp { src: "198.51.100.7:40312".parse().unwrap(), dst: "192.0.2.100:1883".parse().unwrap(), flags: 0x02 }
+        );
+        assert_eq!(decode(&frame[..frame.len() - 7]), Headers::Truncated, "cut inside the TCP header");
+        let mut raw = TraceEvent {
+            ts_ns: 0,
+            cpu: 1,
+            ifindex: 1,
+            len: u32::try_from(frame.len()).unwrap(),
+            caplen: u32::try_from(frame.len()).unwrap(),
+            action: 3,
+            reason: reason::TX,
+            listener: 0,
+            real: lb_common::real_id(0, 1),
+            how: trace_how::RING,
+            pad: 0,
+            frame: [0; lb_common::TRACE_SNAP],
+        };
+        raw.frame[..frame.len()].copy_from_slice(&frame);
+        let mut ev = Event::from_raw(&raw, &Clock { offset_ns: 0 });
+        ev.ts_ns = 45_296_000_123_000; // 12:34:56.000123 on 1 January 1970
+        assert_eq!(ev.bytes(), frame);
+        let names = Names { listeners: [(0, "mqtt".to_owned())].into(), backends: [(1, "b2".to_owned())].into() };
+        assert_eq!(
+            line(&ev, &headers, &names, "eth0"),
+            "12:34:56.000123 cpu1 eth0 198.51.100.7:40312 > 192.0.2.100:1883 [S] mqtt -> b2 (ring) tx"
+        );
+        let filters = |client: &str, backend: &str, verdict: &str| Filters {
+            client: Some(client.parse().unwrap()),
+            backend: Some(backend.to_owned()),
+            verdict: Some(verdict.to_owned()),
+        };
+        assert!(filters("198.51.100.0/24", "b2", "tx").keep(&ev, &headers, &names));
+        assert!(filters("198.51.100.0/24", "b2", "forwarded").keep(&ev, &headers, &names), "a reason matches too");
+        assert!(!filters("203.0.113.0/24", "b2", "tx").keep(&ev, &headers, &names));
+        assert!(!filters("198.51.100.0/24", "b1", "tx").keep(&ev, &headers, &names));
+        assert!(!filters("198.51.100.0/24", "b2", "drop").keep(&ev, &headers, &names));
+    }
+
     #[test]
     fn flags_read_like_tcpdump() {
         assert_eq!(tcp_flags(0x02), "S");
