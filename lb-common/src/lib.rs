@@ -26,6 +26,7 @@ pub mod map_names {
     pub const LISTENER_VIP6: &str = "LISTENER_VIP6";
     pub const VIPS6: &str = "VIPS6";
     pub const FLOW_ADDRS6: &str = "FLOW_ADDRS6";
+    pub const NEXT: &str = "NEXT";
 }
 
 /// Compile-time sizes of the fixed maps. The ring and flow maps are sized at load time from the
@@ -786,18 +787,23 @@ pub const TRACE_SNAP: usize = 128;
 /// No listener or real in a [`TraceEvent`]; in [`TraceConf::listener`], any.
 pub const TRACE_NONE: u32 = u32::MAX;
 
-/// The trace switch (one entry), set by the controller while a `dsrlb trace` client is
-/// connected and cleared when it leaves.
+/// The trace switch (one entry): a lease the controller renews every second while a `dsrlb
+/// trace` client is connected and clears when it leaves, so that tracing also stops a few
+/// seconds after a controller that died without clearing it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TraceConf {
-    /// Non-zero while tracing.
-    pub on: u32,
+    /// Tracing until this `bpf_ktime_get_ns()` (`CLOCK_MONOTONIC`); 0: off.
+    pub until_ns: u64,
     /// Trace one frame in `sample` (at random); 0 or 1 for every frame.
     pub sample: u32,
     /// Only frames matched to this listener id, or [`TRACE_NONE`] for all.
     pub listener: u32,
-    pub pad: u32,
+}
+
+impl TraceConf {
+    /// Off.
+    pub const OFF: Self = Self { until_ns: 0, sample: 0, listener: TRACE_NONE };
 }
 
 /// How a traced frame's real was chosen (`TraceEvent::how`).

@@ -25,17 +25,20 @@ pub struct Decision {
 pub fn emit(ctx: &XdpContext, d: &Decision) {
     let Some(conf) = TRACE_CONF.get(0) else { return };
     // SAFETY: a map value, read once per field.
-    let on = unsafe { core::ptr::read_volatile(&raw const conf.on) };
-    if on == 0 {
+    let until = unsafe { core::ptr::read_volatile(&raw const conf.until_ns) };
+    if until == 0 {
         return;
     }
-    record(ctx, d, conf.sample, conf.listener);
+    record(ctx, d, until, conf.sample, conf.listener);
 }
 
 /// The traced path, out of line: the verifier walks it once rather than once per verdict.
 #[inline(never)]
-fn record(ctx: &XdpContext, d: &Decision, sample: u32, listener: u32) {
-    if listener != TRACE_NONE && listener != d.listener {
+fn record(ctx: &XdpContext, d: &Decision, until: u64, sample: u32, listener: u32) {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // A lease nobody renewed: the controller that set it is gone.
+    if now > until || (listener != TRACE_NONE && listener != d.listener) {
         return;
     }
     // SAFETY: a helper without arguments.
@@ -55,7 +58,7 @@ fn record(ctx: &XdpContext, d: &Decision, sample: u32, listener: u32) {
     // SAFETY: `ev` is the reserved entry, written field by field before it is submitted; the
     // copy is at most `TRACE_SNAP` bytes into `frame`, and the helpers take what they are given.
     unsafe {
-        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).ts_ns = now;
         (*ev).cpu = bpf_get_smp_processor_id();
         (*ev).ifindex = (*ctx.ctx).ingress_ifindex;
         (*ev).len = len;

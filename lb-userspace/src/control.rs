@@ -279,6 +279,9 @@ async fn serve_one(stream: tokio::net::UnixStream, access: Access, calls: mpsc::
 /// Events sent per write while a trace streams.
 const TRACE_BATCH: usize = 256;
 
+/// How long a trace client may leave its events unread before its trace ends.
+const TRACE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Streams a trace session's events to its client until the client closes the connection (or
 /// sends anything) or a write fails; dropping the session switches tracing off.
 async fn stream_trace(
@@ -308,6 +311,10 @@ async fn stream_trace(
                 }
             }
             _ = tick.tick() => {
+                if let Err(e) = session.renew() {
+                    tracing::warn!(error = %format!("{e:#}"), "trace stopped: renewing its lease failed");
+                    return;
+                }
                 let lost = session.lost();
                 if lost != lost_sent {
                     lost_sent = lost;
@@ -316,7 +323,9 @@ async fn stream_trace(
                 }
             }
         }
-        if !out.is_empty() && write.write_all(out.as_bytes()).await.is_err() {
+        // A client that stops reading (a stopped terminal) ends its trace rather than holding
+        // tracing on.
+        if !out.is_empty() && !matches!(tokio::time::timeout(TRACE_WRITE_TIMEOUT, write.write_all(out.as_bytes())).await, Ok(Ok(()))) {
             return;
         }
     }

@@ -195,7 +195,8 @@ pub fn decode(b: &[u8]) -> Headers {
             (Some((sp, dp)), Some(&flags)) => Headers::Tcp { src: SocketAddr::new(src, sp), dst: SocketAddr::new(dst, dp), flags },
             _ => Headers::Truncated,
         },
-        1 | 58 if matches!((proto, b.get(l4)), (1, Some(3)) | (58, Some(2))) => {
+        // ICMP fragmentation needed (type 3 code 4), ICMPv6 packet too big (type 2).
+        1 | 58 if matches!((proto, b.get(l4), b.get(l4 + 1)), (1, Some(3), Some(4)) | (58, Some(2), Some(_))) => {
             let inner = network(b, l4 + 8, ethertype).and_then(|(is, id, _, il4)| {
                 let (sp, dp) = ports(il4)?;
                 Some((SocketAddr::new(is, sp), SocketAddr::new(id, dp)))
@@ -575,13 +576,6 @@ pub fn run(socket: &std::path::Path, opts: &Options, out: &mut impl std::io::Wri
         let words = verdict_words();
         anyhow::ensure!(words.contains(&v.as_str()), "--verdict {v:?}: give one of {}", words.join(", "));
     }
-    let mut pcap = match &opts.pcap {
-        None => None,
-        Some(path) => {
-            let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-            Some(Pcap::new(std::io::BufWriter::new(file))?)
-        }
-    };
     let mut stream = crate::control::connect(socket)?;
     let req = crate::control::Request::Trace { listener: opts.listener.clone(), backend: opts.backend.clone(), sample: opts.sample };
     let mut request = serde_json::to_string(&req)?;
@@ -615,6 +609,14 @@ pub fn run(socket: &std::path::Path, opts: &Options, out: &mut impl std::io::Wri
         bail!("{}", resp.error.unwrap_or_else(|| "the controller refused the trace".into()));
     }
     let names = Names::from_json(&resp.data);
+    // Created once the trace is accepted: a refused one leaves an existing file alone.
+    let mut pcap = match &opts.pcap {
+        None => None,
+        Some(path) => {
+            let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+            Some(Pcap::new(std::io::BufWriter::new(file))?)
+        }
+    };
     eprintln!(
         "dsrlb trace: tracing {}{}; Ctrl-C stops",
         resp.data["interface"].as_str().unwrap_or("the balancer"),

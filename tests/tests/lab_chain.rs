@@ -158,6 +158,8 @@ fn xdp_filter_runs_after_the_balancer_on_one_interface_and_both_survive_restarts
     // SAFETY: kill(2) on our child.
     unsafe { libc::kill(i32::try_from(lb.child.id()).expect("pid"), libc::SIGTERM) };
     let _ = lb.child.wait();
+    // No controller: forwarding goes on from the pins, and so does the chain.
+    check(&lab, "no-controller");
     lb.restart(&lab);
     wait_for("the restarted controller's program", Duration::from_secs(10), || attached_id(&ns) != before);
     check(&lab, "restarted");
@@ -185,5 +187,8 @@ fn xdp_filter_runs_after_the_balancer_on_one_interface_and_both_survive_restarts
     let (ok, _, err) = reload(&config);
     assert!(ok, "reload: {err}");
     check(&lab, "reloaded");
+    // `dsrlb stop` gives the interface back to the filter.
     lb.stop_for_good();
+    wait_for("the filter back on eth0", Duration::from_secs(5), || attached_id(&ns) == filter_id);
+    assert!(reaches(&lab, ALLOWED) && !reaches(&lab, BLOCKED), "the filter judges the host's traffic again");
 }

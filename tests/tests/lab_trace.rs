@@ -29,6 +29,23 @@ fn wait_for(what: &str, within: Duration, done: impl Fn() -> bool) {
     }
 }
 
+/// `TRACE_CONF`'s lease (`until_ns`) in every loaded program's map of that name, by bpftool.
+fn trace_leases(ns: &str) -> Vec<u64> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .args(["bpftool", "-j", "map", "dump", "name", "TRACE_CONF"])
+        .output()
+        .expect("bpftool");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    // One map: a list of entries; several: a list of lists.
+    let entries: Vec<&serde_json::Value> = match v.as_array() {
+        Some(a) if a.first().is_some_and(serde_json::Value::is_array) => a.iter().filter_map(|m| m.as_array()).flatten().collect(),
+        Some(a) => a.iter().collect(),
+        None => Vec::new(),
+    };
+    entries.iter().filter_map(|e| e["formatted"]["value"]["until_ns"].as_u64()).collect()
+}
+
 /// A traced frame as the test reads `dsrlb trace --json`.
 #[derive(Debug)]
 struct Seen {
@@ -145,7 +162,9 @@ fn a_trace_of_100_connections_names_the_brokers_that_took_them_and_writes_a_pcap
 
     check_pcap(&pcap, lines.lock().expect("lines").len());
 
-    // The trace is over: the data plane traces nothing now (a second trace may start).
+    // The trace is over: the controller switched tracing off in the program, and a second
+    // trace may start.
+    wait_for("tracing switched off", Duration::from_secs(5), || trace_leases(&lab.ns("lb")) == vec![0]);
     let (ok, _, err) = lb.cli(&["trace", "--count", "0"]);
     assert!(ok, "a second trace after the first ended: {err}");
 }

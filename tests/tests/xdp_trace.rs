@@ -16,8 +16,17 @@ use tests::{
 
 const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 254);
 
+/// `CLOCK_MONOTONIC` in nanoseconds, the program's `bpf_ktime_get_ns()`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid clock id and a timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).expect("time") * 1_000_000_000 + u64::try_from(ts.tv_nsec).expect("time")
+}
+
+/// Tracing on, with a lease of a minute.
 fn on(tracer: &mut Tracer, sample: u32, listener: u32) {
-    tracer.set(TraceConf { on: 1, sample, listener, pad: 0 }).expect("switching tracing on");
+    tracer.set(TraceConf { until_ns: monotonic_ns() + 60_000_000_000, sample, listener }).expect("switching tracing on");
 }
 
 fn drained(tracer: &mut Tracer) -> Vec<TraceEvent> {
@@ -113,9 +122,20 @@ fn each_decision_is_traced_with_how_the_real_was_chosen() {
     assert_eq!(trace::decision(&e, &names), "mqtt drop no_backend");
 
     // Off again: nothing more.
-    tracer.set(TraceConf { on: 0, sample: 0, listener: TRACE_NONE, pad: 0 }).expect("off");
+    tracer.set(TraceConf::OFF).expect("off");
     let _ = lb.run(&seg(30040, TCP_SYN));
     assert!(drained(&mut tracer).is_empty());
+
+    // A lease nobody renews (its controller died) ends by itself.
+    let until = monotonic_ns() + 200_000_000;
+    tracer.set(TraceConf { until_ns: until, sample: 1, listener: TRACE_NONE }).expect("a short lease");
+    let _ = lb.run(&seg(30042, TCP_SYN));
+    assert_eq!(drained(&mut tracer).len(), 1, "traced within the lease");
+    while monotonic_ns() <= until {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let _ = lb.run(&seg(30044, TCP_SYN));
+    assert!(drained(&mut tracer).is_empty(), "nothing traced once the lease ran out");
 }
 
 #[test]

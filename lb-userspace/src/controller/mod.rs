@@ -518,11 +518,15 @@ impl Controller {
         let probes = self.plan_probes(&new, &ids)?;
         let cluster = ha::cluster_settings(&new)?;
         // The next program first: a pin that is missing or refused changes nothing.
-        let next = if new.next_program == self.config.next_program {
-            self.next.clone()
+        // Looked up again even when the path is the same: the program pinned there may have been
+        // replaced (xdp-filter loaded anew).
+        let next = if new.next_program.is_none() && self.next.is_none() {
+            None
         } else {
             let next = self.dp.set_next(new.next_program.as_deref())?;
-            tracing::info!(next = ?next, "next_program changed");
+            if next != self.next {
+                tracing::info!(next = ?next, "next_program changed");
+            }
             next
         };
         let added: Vec<String> = new.backends.iter().filter(|b| self.config.backend(&b.name).is_none()).map(|b| b.name.clone()).collect();
@@ -888,6 +892,15 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
         routes.clear().await;
     }
     let stop = c.stopping.then(|| c.opts.pin_dir.clone());
+    // `dsrlb stop` gives the interface back to the next program, in the balancer's mode; the fd
+    // keeps it loaded until then.
+    let hand_back = match (&c.next, c.stopping) {
+        (Some(n), true) => dataplane::chain::program_fd(n.id)
+            .map(|fd| (fd, n.id, c.config.interface.clone(), dataplane::chain::mode_flag_of(&c.config.interface)))
+            .map_err(|e| tracing::error!(error = %format!("{e:#}"), "the next program cannot be given the interface back"))
+            .ok(),
+        _ => None,
+    };
     if let Err(e) = c.save() {
         tracing::error!(error = %format!("{e:#}"), "saving the controller state failed");
     }
@@ -895,6 +908,25 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     drop(c);
     if let Some(dir) = stop {
         dataplane::unpin_all(&dir)?;
+    }
+    if let Some((fd, id, interface, Some(mode))) = hand_back {
+        // The kernel releases the unpinned link from a work queue: busy until it has.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            match dataplane::chain::attach_fd(&interface, &fd, id, mode) {
+                Ok(()) => {
+                    tracing::info!(program = id, %interface, "the interface is back with the next program");
+                    break;
+                }
+                Err(e) if Instant::now() < deadline && dataplane::chain::is_busy(&e) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), program = id, %interface, "giving the interface back to the next program failed");
+                    break;
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -33,10 +33,12 @@ pub struct Attached {
     pub mode_flag: u32,
 }
 
+const XDP_FLAGS_UPDATE_IF_NOEXIST: u32 = 1;
 const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
 const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 const XDP_FLAGS_REPLACE: u32 = 1 << 4;
 const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_PROG_TYPE_EXT: u32 = 28;
 
 impl Dataplane {
     /// Points `NEXT` at the XDP program pinned at `path`, or empties it.
@@ -58,6 +60,12 @@ impl Dataplane {
         };
         let info = ProgramInfo::from_pin(path).with_context(|| format!("next_program: no BPF program pinned at {}", path.display()))?;
         let ty = info.program_type();
+        ensure!(
+            ty as u32 != BPF_PROG_TYPE_EXT,
+            "next_program: {} is an extension of libxdp's dispatcher (freplace), which cannot be tail-called: load \
+             that program without the dispatcher (LIBXDP_SKIP_DISPATCHER=1 xdp-filter load ...) and name its pin",
+            path.display()
+        );
         ensure!(ty as u32 == BPF_PROG_TYPE_XDP, "next_program: {} is a BPF program of type {ty:?}, not XDP", path.display());
         let fd = info.fd().with_context(|| format!("next_program: opening program {}", info.id()))?;
         next.set(0, &fd, 0).with_context(|| {
@@ -135,6 +143,66 @@ pub fn attached(interface: &str) -> anyhow::Result<Option<Attached>> {
     bail!("netlink said nothing about {interface}")
 }
 
+/// Attaches loaded program `prog_id` to `interface` through netlink in mode `mode_flag`
+/// (`XDP_FLAGS_DRV_MODE` or `XDP_FLAGS_SKB_MODE`), if nothing is attached there: gives the
+/// interface back to the next program after the balancer leaves it.
+///
+/// # Errors
+/// When the program is gone, something else is attached, or netlink fails.
+pub fn attach_id(interface: &str, prog_id: u32, mode_flag: u32) -> anyhow::Result<()> {
+    attach_fd(interface, &program_fd(prog_id)?, prog_id, mode_flag)
+}
+
+/// An fd of loaded program `prog_id` (which keeps it loaded).
+///
+/// # Errors
+/// When it is gone.
+pub fn program_fd(prog_id: u32) -> anyhow::Result<aya::programs::ProgramFd> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == prog_id)
+        .with_context(|| format!("program {prog_id} is gone"))?
+        .fd()
+        .with_context(|| format!("opening program {prog_id}"))
+}
+
+/// As [`attach_id`], with the program's fd.
+///
+/// # Errors
+/// As [`attach_id`].
+pub fn attach_fd(interface: &str, prog: &aya::programs::ProgramFd, prog_id: u32, mode_flag: u32) -> anyhow::Result<()> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let mut msg = LinkMessage::default();
+    msg.header.index = ifindex(interface)?;
+    msg.attributes
+        .push(LinkAttribute::Xdp(vec![LinkXdp::Fd(prog.as_fd().as_raw_fd()), LinkXdp::Flags(XDP_FLAGS_UPDATE_IF_NOEXIST | mode_flag)]));
+    acked(request(RouteNetlinkMessage::SetLink(msg), NLM_F_REQUEST | NLM_F_ACK)?, &format!("attaching program {prog_id} to {interface}"))
+}
+
+/// The mode flag of the XDP program on `interface` now (the balancer's, before it leaves).
+#[must_use]
+pub fn mode_flag_of(interface: &str) -> Option<u32> {
+    attached(interface).ok().flatten().map(|a| a.mode_flag)
+}
+
+/// Whether `e` is the kernel's `EBUSY`.
+#[must_use]
+pub fn is_busy(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.raw_os_error() == Some(libc::EBUSY)))
+}
+
+fn acked(answers: Vec<NetlinkPayload<RouteNetlinkMessage>>, what: &str) -> anyhow::Result<()> {
+    for payload in answers {
+        if let NetlinkPayload::Error(e) = payload {
+            return match e.code {
+                None => Ok(()),
+                Some(code) => Err(anyhow::Error::new(std::io::Error::from_raw_os_error(-code.get())).context(what.to_owned())),
+            };
+        }
+    }
+    bail!("netlink did not acknowledge {what}")
+}
+
 /// Detaches the netlink attachment `was` from `interface`, only if it is still that program
 /// (`XDP_FLAGS_REPLACE` with the expected program).
 ///
@@ -156,13 +224,8 @@ pub fn detach(interface: &str, was: Attached) -> anyhow::Result<()> {
         LinkXdp::ExpectedFd(expected),
         LinkXdp::Flags(XDP_FLAGS_REPLACE | was.mode_flag),
     ]));
-    for payload in request(RouteNetlinkMessage::SetLink(msg), NLM_F_REQUEST | NLM_F_ACK)? {
-        if let NetlinkPayload::Error(e) = payload {
-            return match e.code {
-                None => Ok(()),
-                Some(_) => Err(anyhow::anyhow!("detaching program {} from {interface}: {e}", was.prog_id)),
-            };
-        }
-    }
-    bail!("netlink did not acknowledge detaching program {} from {interface}", was.prog_id)
+    acked(
+        request(RouteNetlinkMessage::SetLink(msg), NLM_F_REQUEST | NLM_F_ACK)?,
+        &format!("detaching program {} from {interface}", was.prog_id),
+    )
 }

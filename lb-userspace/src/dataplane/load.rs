@@ -22,7 +22,7 @@ use super::{ConnRateWanted, Dataplane, LoadOptions, Written, apply::unpack_ring,
 use crate::{EBPF_OBJ, flow_table::FlowTable, mapped::Mapped};
 
 /// Every pinned map of the object, in the order they are pinned and unpinned.
-pub const MAP_NAMES: [&str; 17] = [
+pub const MAP_NAMES: [&str; 18] = [
     names::LISTENERS,
     names::LISTEN_PORTS,
     names::VIPS,
@@ -40,6 +40,9 @@ pub const MAP_NAMES: [&str; 17] = [
     names::LISTENER_VIP6,
     names::VIPS6,
     names::FLOW_ADDRS6,
+    // Pinned so that it outlives the controller: the kernel empties a program array when the
+    // last of its file descriptors and pins goes, and the program's own reference does not count.
+    names::NEXT,
 ];
 
 /// The pin of the XDP link, beside the maps' pins.
@@ -184,12 +187,14 @@ impl Dataplane {
         next: Option<&super::chain::Next>,
     ) -> anyhow::Result<()> {
         let pin = dir.join(LINK_PIN);
+        let mut taken = None;
         if !pin.exists()
             && let Some(there) = super::chain::attached(interface)?
         {
             match next {
                 Some(n) if n.id == there.prog_id => {
                     super::chain::detach(interface, there)?;
+                    taken = Some(there);
                     tracing::info!(program = n.id, name = %n.name, %interface, "took over the interface from the next program");
                 }
                 _ => bail!(
@@ -200,7 +205,21 @@ impl Dataplane {
                 ),
             }
         }
-        self.attach_pinned("dsrlb", interface, mode, &pin)
+        let attached = self.attach_pinned("dsrlb", interface, mode, &pin);
+        if attached.is_err()
+            && let Some(there) = taken
+        {
+            // The interface is not left without the program it had.
+            match super::chain::attach_id(interface, there.prog_id, there.mode_flag) {
+                Ok(()) => {
+                    tracing::warn!(program = there.prog_id, %interface, "attaching failed: the next program is back on the interface");
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), program = there.prog_id, %interface, "attaching failed, and putting the next program back failed too");
+                }
+            }
+        }
+        attached
     }
 
     /// Attaches program `name` through a link pinned at `pin`, so the attachment outlives this

@@ -118,7 +118,7 @@ impl TraceHub {
         // Events left from an earlier session are not this one's.
         let mut stale = Vec::new();
         tracer.drain(&mut stale, usize::MAX);
-        let conf = TraceConf { on: 1, sample: filter.sample.max(1), listener: filter.listener.unwrap_or(TRACE_NONE), pad: 0 };
+        let conf = TraceConf { until_ns: lease_end(), sample: filter.sample.max(1), listener: filter.listener.unwrap_or(TRACE_NONE) };
         let lost_before = tracer.lost();
         let idle = |tracer| *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = Slot::Idle(Box::new(tracer));
         if let Err(e) = tracer.set(conf) {
@@ -128,10 +128,10 @@ impl TraceHub {
         // SAFETY: the registered fd is the ring buffer map's, owned by the tracer the AsyncFd
         // owns: it stays open for as long as it is registered.
         match unsafe { AsyncFd::register(tracer) } {
-            Ok(fd) => Ok(Session { hub: self.clone(), fd: Some(fd), lost_before }),
+            Ok(fd) => Ok(Session { hub: self.clone(), fd: Some(fd), lost_before, conf }),
             Err(e) => {
                 let (mut tracer, err) = e.into_parts();
-                let _ = tracer.set(TraceConf { on: 0, sample: 0, listener: TRACE_NONE, pad: 0 });
+                let _ = tracer.set(TraceConf::OFF);
                 idle(tracer);
                 Err(anyhow::anyhow!("polling the trace buffer: {err}"))
             }
@@ -144,6 +144,19 @@ pub struct Session {
     hub: Arc<TraceHub>,
     fd: Option<AsyncFd<Tracer>>,
     lost_before: u64,
+    conf: TraceConf,
+}
+
+/// How long a trace lease lasts unrenewed; [`Session::renew`] runs every second.
+pub const LEASE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// `CLOCK_MONOTONIC` now, as `bpf_ktime_get_ns()` reads it, plus [`LEASE`].
+fn lease_end() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid clock id and a timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    let now = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0);
+    now + u64::try_from(LEASE.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Session {
@@ -167,6 +180,16 @@ impl Session {
         }
     }
 
+    /// Extends the lease (the controller does every second while the client is connected).
+    ///
+    /// # Errors
+    /// When the map write fails.
+    pub fn renew(&mut self) -> anyhow::Result<()> {
+        self.conf.until_ns = lease_end();
+        let conf = self.conf;
+        self.fd.as_mut().context("session ended")?.get_mut().set(conf)
+    }
+
     /// Events lost to a full buffer during this session.
     #[must_use]
     pub fn lost(&self) -> u64 {
@@ -178,7 +201,7 @@ impl Drop for Session {
     fn drop(&mut self) {
         if let Some(fd) = self.fd.take() {
             let mut tracer = fd.into_inner();
-            if let Err(e) = tracer.set(TraceConf { on: 0, sample: 0, listener: TRACE_NONE, pad: 0 }) {
+            if let Err(e) = tracer.set(TraceConf::OFF) {
                 tracing::error!(error = %format!("{e:#}"), "switching tracing off failed");
             }
             *self.hub.slot.lock().unwrap_or_else(PoisonError::into_inner) = Slot::Idle(Box::new(tracer));
