@@ -25,6 +25,12 @@ fn clock_ns(id: libc::clockid_t) -> i128 {
     i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds: what the program's `bpf_ktime_get_ns()` reads.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    u64::try_from(clock_ns(libc::CLOCK_MONOTONIC)).unwrap_or(0)
+}
+
 impl Clock {
     #[must_use]
     pub fn now() -> Self {

@@ -7,7 +7,10 @@
 use std::net::Ipv4Addr;
 
 use lb_common::{TRACE_NONE, TRACE_SNAP, TraceConf, TraceEvent, real_backend, reason, trace_how};
-use lb_userspace::{dataplane::trace::Tracer, trace};
+use lb_userspace::{
+    dataplane::trace::Tracer,
+    trace::{self, monotonic_ns},
+};
 use tests::{
     fixture::{CLIENT, Lb, VIP, XDP_DROP, XDP_PASS, XDP_TX, syn},
     frame::{Ipv4Frame, TCP_ACK, TCP_FIN, TCP_SYN},
@@ -15,14 +18,6 @@ use tests::{
 };
 
 const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 254);
-
-/// `CLOCK_MONOTONIC` in nanoseconds, the program's `bpf_ktime_get_ns()`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid clock id and a timespec to write.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    u64::try_from(ts.tv_sec).expect("time") * 1_000_000_000 + u64::try_from(ts.tv_nsec).expect("time")
-}
 
 /// Tracing on, with a lease of a minute.
 fn on(tracer: &mut Tracer, sample: u32, listener: u32) {

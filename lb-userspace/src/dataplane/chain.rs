@@ -158,12 +158,18 @@ pub fn attach_id(interface: &str, prog_id: u32, mode_flag: u32) -> anyhow::Resul
 /// # Errors
 /// When it is gone.
 pub fn program_fd(prog_id: u32) -> anyhow::Result<aya::programs::ProgramFd> {
+    program_info(prog_id)?.fd().with_context(|| format!("opening program {prog_id}"))
+}
+
+/// Loaded program `prog_id`.
+///
+/// # Errors
+/// When it is gone.
+pub fn program_info(prog_id: u32) -> anyhow::Result<ProgramInfo> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .find(|p| p.id() == prog_id)
-        .with_context(|| format!("program {prog_id} is gone"))?
-        .fd()
-        .with_context(|| format!("opening program {prog_id}"))
+        .with_context(|| format!("program {prog_id} is gone"))
 }
 
 /// As [`attach_id`], with the program's fd.
@@ -210,12 +216,7 @@ fn acked(answers: Vec<NetlinkPayload<RouteNetlinkMessage>>, what: &str) -> anyho
 /// When it changed, is a link (which netlink cannot detach), or netlink fails.
 pub fn detach(interface: &str, was: Attached) -> anyhow::Result<()> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
-    let prog = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| p.id() == was.prog_id)
-        .with_context(|| format!("program {} is gone", was.prog_id))?
-        .fd()
-        .with_context(|| format!("opening program {}", was.prog_id))?;
+    let prog = program_fd(was.prog_id)?;
     let mut msg = LinkMessage::default();
     msg.header.index = ifindex(interface)?;
     let expected = u32::try_from(prog.as_fd().as_raw_fd()).context("an fd")?;

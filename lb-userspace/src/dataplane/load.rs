@@ -498,9 +498,5 @@ fn link_ifindex(pin: &std::path::Path) -> std::io::Result<u32> {
 
 /// The name of loaded program `id`, for messages.
 fn program_name(id: u32) -> String {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| p.id() == id)
-        .and_then(|p| p.name_as_str().map(str::to_owned))
-        .unwrap_or_else(|| "name unknown".to_owned())
+    super::chain::program_info(id).ok().and_then(|p| p.name_as_str().map(str::to_owned)).unwrap_or_else(|| "name unknown".to_owned())
 }

@@ -152,11 +152,7 @@ pub const LEASE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// `CLOCK_MONOTONIC` now, as `bpf_ktime_get_ns()` reads it, plus [`LEASE`].
 fn lease_end() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid clock id and a timespec to write.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    let now = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0);
-    now + u64::try_from(LEASE.as_nanos()).unwrap_or(u64::MAX)
+    crate::trace::monotonic_ns() + u64::try_from(LEASE.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Session {
