@@ -342,7 +342,8 @@ impl FlowKey {
 /// two halves, [`FLOW_SLOTS_PER_FLOW`] slots per flow of `flow_table_size`. A flow lives in one
 /// of two buckets, one per half, picked by a seeded hash of its 4-tuple ([`flow_buckets`]); it
 /// is inserted into the emptier of the two (d-left hashing, which keeps buckets even), and when
-/// both are full it replaces the slot least recently used among the eight, closing flows first.
+/// both are full it replaces the best slot of the eight to replace: a closing or expired flow,
+/// else the least recently recorded unconfirmed one (see [`FLOW_K_CONFIRMED`]).
 /// A lookup reads two cache lines and nothing else.
 ///
 /// A slot is two 8-byte words, each read and written whole: the addresses, then ports and
@@ -354,8 +355,8 @@ impl FlowKey {
 pub const FLOW_WAYS: usize = 4;
 
 /// One slot of a [`FlowBucket`]. `state` is 0 when the slot is empty, [`FLOW_S_BUSY`] while a
-/// writer fills it, else [`flow_state`]: `FLOW_S_LIVE`, the real, `FLOW_S_CLOSING`,
-/// `FLOW_S_CONFIRMED` and the age.
+/// writer fills it, else [`flow_state`]: the real, `FLOW_S_CLOSING`, the kind (`FLOW_K_*`)
+/// and the age.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowSlot {
@@ -375,19 +376,52 @@ pub struct FlowBucket {
 
 /// `FlowSlot::state`: the real (listener and backend) the flow is pinned to.
 pub const FLOW_S_REAL: u32 = 0x1fff;
-/// `FlowSlot::state`: the client sent FIN or RST. The entry still steers the rest of the
-/// close; a SYN that reuses the 4-tuple starts a new flow from the ring, the controller does
-/// not count it as a live flow, and it is the first to be replaced.
+/// `FlowSlot::state`: the client sent FIN or RST, in the age unit the state's age names (a
+/// closing flow's age is that of the mark, not of its later frames). The entry still steers the
+/// rest of the close. A SYN that reuses the 4-tuple follows the ring only once the mark is
+/// [`FLOW_REOPEN_UNITS`] old; before, it goes where the flow went. A segment without SYN, FIN
+/// or RST [`FLOW_CONFIRM_UNITS`] or more after the mark clears it: the session is alive (a
+/// spoofed RST, or a close the client took back). The controller does not count a closing
+/// flow as live; a closing flow that is unconfirmed or past [`FLOW_REOPEN_UNITS`] is the first
+/// to be replaced.
 pub const FLOW_S_CLOSING: u32 = 1 << 13;
-/// `FlowSlot::state`: set in every state of a slot that holds a flow.
-pub const FLOW_S_LIVE: u32 = 1 << 14;
-/// `FlowSlot::state`: the flow sent a frame without SYN after the one that recorded it (the
-/// handshake's ACK after a SYN; a second segment after a mid-flow miss). A flood of spoofed
-/// SYNs or made-up ACKs records flows that never confirm; a new flow replaces those, or a
-/// closing or expired one, but never a confirmed live flow (the flood guard).
-pub const FLOW_S_CONFIRMED: u32 = 1 << 15;
-/// `FlowSlot::state` while a writer owns the slot: neither empty (0) nor live.
-pub const FLOW_S_BUSY: u32 = !FLOW_S_LIVE;
+/// `FlowSlot::state` bits 14..16: what the table knows of the flow (`FLOW_K_*`); 0 in a slot
+/// that holds none (empty, or [`FLOW_S_BUSY`]).
+pub const FLOW_S_KIND: u32 = 3 << 14;
+/// Kind: recorded by a segment without SYN (a miss in mid-flow: a session that predates this
+/// node's table, e.g. after a failover), not yet confirmed.
+pub const FLOW_K_MIDFLOW: u32 = 1 << 14;
+/// Kind: recorded by a SYN that storm control admitted, not yet confirmed. Its retransmitted
+/// SYNs are forwarded without being charged again.
+pub const FLOW_K_OPENED: u32 = 2 << 14;
+/// Kind: confirmed by time. The flow sent a segment without SYN [`FLOW_CONFIRM_UNITS`] or more
+/// after it was recorded: a real MQTT session does (its next PINGREQ or PUBLISH), a flood's
+/// made-up flow, which sends its frames back to back, never does. An unconfirmed flow keeps
+/// the age it was recorded at until it confirms. An insert replaces a closing or expired flow
+/// first, then the least recently recorded `MIDFLOW` one, then (for a SYN only) an `OPENED`
+/// one, but never a confirmed open flow (the flood guard).
+pub const FLOW_K_CONFIRMED: u32 = 3 << 14;
+/// `FlowSlot::state` while a writer owns the slot: no kind (not live), and not empty (0).
+pub const FLOW_S_BUSY: u32 = !FLOW_S_KIND;
+/// What layout version 3 wrote while a writer owned a slot (`!(1 << 14)`). A reader during an
+/// upgrade, while the old program may still run, takes it as busy too.
+pub const FLOW_S_BUSY_V3: u32 = !(1 << 14);
+/// Age units between a flow's recording and the segment that confirms it (at least one unit,
+/// 1.07 s, apart: the age is kept in whole units).
+pub const FLOW_CONFIRM_UNITS: u32 = 2;
+/// Age units a closing mark must be old before a SYN on the tuple re-picks by the ring: 56
+/// units, 60 s, as long as a client's TIME_WAIT. A client that closes first cannot reuse its
+/// tuple sooner; a session that a spoofed RST marked and that speaks within a minute (an MQTT
+/// keepalive of 60 s or less) clears the mark before a spoofed SYN can move it.
+pub const FLOW_REOPEN_UNITS: u32 = 56;
+
+/// Whether a state holds a flow (a kind; not empty, not a writer's).
+#[inline(always)]
+#[must_use]
+pub const fn flow_live(state: u32) -> bool {
+    state & FLOW_S_KIND != 0 && state != FLOW_S_BUSY_V3
+}
+
 /// `FlowSlot::state` bits 16..32: when the flow last sent a frame, in units of
 /// 2^[`FLOW_AGE_NS_SHIFT`] ns of the shared clock ([`clock_ns`]; 1.07 s), wrapping after
 /// 2^16 units (19.5 hours): far beyond any accepted `flow_idle_timeout`, and the controller
@@ -421,11 +455,83 @@ pub const fn flow_meta_split(meta: u64) -> (u32, u32) {
     (ports, state)
 }
 
-/// The state of a live slot: `flags` is any of `FLOW_S_CLOSING` and `FLOW_S_CONFIRMED`.
+/// The state of a live slot: `flags` is a kind (`FLOW_K_*`, not 0) and maybe `FLOW_S_CLOSING`.
 #[inline(always)]
 #[must_use]
 pub const fn flow_state(real: u32, flags: u32, age: u32) -> u32 {
-    FLOW_S_LIVE | (real & FLOW_S_REAL) | (flags & (FLOW_S_CLOSING | FLOW_S_CONFIRMED)) | age << FLOW_S_AGE_SHIFT
+    (real & FLOW_S_REAL) | (flags & (FLOW_S_CLOSING | FLOW_S_KIND)) | age << FLOW_S_AGE_SHIFT
+}
+
+/// A TCP segment as the flow table's states tell them apart ([`flow_step`]).
+pub mod segment {
+    /// SYN without ACK: a client opening a connection.
+    pub const SYN: u32 = 0;
+    /// FIN or RST without SYN: a client closing.
+    pub const CLOSE: u32 = 1;
+    /// Neither SYN, FIN nor RST: what a live session sends, and what confirms a flow.
+    pub const PLAIN: u32 = 2;
+    /// Anything else (SYN with ACK, SYN with FIN): forwarded where the flow goes, changes nothing.
+    pub const ODD: u32 = 3;
+}
+
+/// What a segment does to the flow the table holds for it ([`flow_step`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowStep {
+    /// The state to write; the old one when nothing changes. Its real is the recorded one even
+    /// when `repick` is set: the caller puts the ring's in.
+    pub state: u32,
+    /// A SYN that opens a connection: it passes storm control before anything is written.
+    pub charge: bool,
+    /// Picked again by the ring: the recorded real is not usable, or a SYN reuses the tuple of
+    /// a flow closing for [`FLOW_REOPEN_UNITS`] or more.
+    pub repick: bool,
+    /// A `table_event` to count, or `table_event::NONE`.
+    pub event: u32,
+}
+
+/// What the segment of class `seg` ([`segment`]) does to the flow in `state` at age `now`, its
+/// recorded real `usable` or not. The flow table's rules in one place, for the program and
+/// its tests: a flow confirms by time ([`FLOW_K_CONFIRMED`]); a closing mark keeps its age
+/// and is cleared by a later plain segment ([`FLOW_S_CLOSING`]); a SYN is charged by storm
+/// control unless it is a retransmit of one that was ([`FLOW_K_OPENED`]), and moves a flow
+/// only when its real is not usable or its close is old.
+#[inline(always)]
+#[must_use]
+pub const fn flow_step(state: u32, seg: u32, usable: bool, now: u32) -> FlowStep {
+    let kind = state & FLOW_S_KIND;
+    let closing = state & FLOW_S_CLOSING != 0;
+    let real = state & FLOW_S_REAL;
+    let idle = flow_idle(now, state >> FLOW_S_AGE_SHIFT);
+    let mut step = FlowStep { state, charge: false, repick: !usable, event: table_event::NONE };
+    if seg == segment::SYN {
+        let retransmit = kind == FLOW_K_OPENED && !closing;
+        step.charge = !retransmit;
+        step.repick |= closing && idle >= FLOW_REOPEN_UNITS;
+        if !retransmit && (step.repick || (kind == FLOW_K_MIDFLOW && !closing)) {
+            // A new connection on the tuple: recorded as an admitted SYN records one.
+            step.state = flow_state(real, FLOW_K_OPENED, now);
+        }
+        if !step.repick {
+            step.event = if retransmit { table_event::SYN_AGAIN } else { table_event::SYN_CHARGED };
+        }
+    } else if seg == segment::CLOSE {
+        if !closing {
+            step.state = flow_state(real, kind | FLOW_S_CLOSING, now);
+        }
+    } else if seg == segment::PLAIN {
+        if closing {
+            if idle >= FLOW_CONFIRM_UNITS {
+                step.state = flow_state(real, FLOW_K_CONFIRMED, now);
+                step.event = table_event::CLOSE_CLEARED;
+            }
+        } else if kind == FLOW_K_CONFIRMED {
+            step.state = flow_state(real, FLOW_K_CONFIRMED, now);
+        } else if idle >= FLOW_CONFIRM_UNITS {
+            step.state = flow_state(real, FLOW_K_CONFIRMED, now);
+            step.event = table_event::CONFIRMED;
+        }
+    }
+    step
 }
 
 /// The flow table age (see [`FLOW_S_AGE_SHIFT`]) at `ns` of the shared clock ([`clock_ns`]).
@@ -480,8 +586,14 @@ pub struct Layout {
 /// `LISTENER_STATS`, `TABLE_STATS` or `CONTROL` (its controller kept its ids in a file).
 /// Version 3 gained `LISTENER_VIP6`, `VIPS6` and `FLOW_ADDRS6` without a change to the maps it
 /// had: a controller adopting pins made before them creates them empty (every flow there is an
-/// IPv4 flow).
-pub const LAYOUT_VERSION: u64 = 3;
+/// IPv4 flow). Version 4 split the state's live and confirmed bits into a kind
+/// ([`FLOW_S_KIND`]): the states version 3 wrote read the same (unconfirmed as
+/// [`FLOW_K_MIDFLOW`], confirmed as [`FLOW_K_CONFIRMED`]), so a controller adopts version 3 maps
+/// and marks them 4; a version 3 controller refuses version 4 maps, whose `FLOW_K_OPENED` it
+/// would take for no flow.
+pub const LAYOUT_VERSION: u64 = 4;
+/// The oldest layout this build adopts (see [`LAYOUT_VERSION`]).
+pub const LAYOUT_VERSION_ADOPTED: u64 = 3;
 
 /// Buckets for a `flow_table_size` of flows: a power of two, at least two (one per half).
 #[must_use]
@@ -678,12 +790,33 @@ pub mod table_event {
     pub const CONFIRMED: u32 = 4;
     /// Not recorded: another CPU changed the slot first (the flow's next frame tries again).
     pub const RACED: u32 = 5;
-    /// A SYN of a flow the table holds open: a retransmit (its SYN-ACK was slow or lost),
-    /// forwarded on its flow, neither a new flow nor counted by storm control.
+    /// A SYN of a flow that an admitted SYN recorded and that has not confirmed: a retransmit
+    /// (its SYN-ACK was slow or lost), forwarded on its flow, neither a new flow nor charged
+    /// again by storm control.
     pub const SYN_AGAIN: u32 = 6;
-    pub const COUNT: u32 = 7;
-    pub const LABELS: [&str; COUNT as usize] =
-        ["insert_free", "replace_stale", "replace_unconfirmed", "refused", "confirmed", "raced", "syn_again"];
+    /// A SYN on a flow the table holds that no SYN of it recorded (a segment without SYN came
+    /// first), that is confirmed, or that is closing for less than `FLOW_REOPEN_UNITS`:
+    /// charged by storm control like a new connection, then forwarded where the flow goes,
+    /// which it does not move.
+    pub const SYN_CHARGED: u32 = 7;
+    /// A closing mark cleared: the flow sent a segment without SYN, FIN or RST
+    /// `FLOW_CONFIRM_UNITS` or more after its FIN or RST (a spoofed RST, or a close the client
+    /// took back). Its flow is confirmed and open again.
+    pub const CLOSE_CLEARED: u32 = 8;
+    pub const COUNT: u32 = 9;
+    pub const LABELS: [&str; COUNT as usize] = [
+        "insert_free",
+        "replace_stale",
+        "replace_unconfirmed",
+        "refused",
+        "confirmed",
+        "raced",
+        "syn_again",
+        "syn_charged",
+        "close_cleared",
+    ];
+    /// No event (`FlowStep::event`).
+    pub const NONE: u32 = u32::MAX;
 }
 
 /// `LISTEN_PORTS` has one slot per port (see [`PortInfo`]): an array lookup the verifier

@@ -1,14 +1,15 @@
 //! Real selection: this CPU's flow cache first, then the flow table, then the listener's Maglev
-//! ring on a miss, when the recorded real is down, or for a new connection that reuses a
-//! closing flow's 4-tuple. Only for frames addressed to this node; new connections pass the
-//! listener's storm control.
+//! ring on a miss, when the recorded real is down, or for a new connection that reuses the
+//! 4-tuple of a flow closed long enough (`lb_common::flow_step` has the table's rules). Only
+//! for frames addressed to this node; every SYN that opens a connection passes the listener's
+//! storm control once.
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    FLOW_CACHE_REVALIDATE, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_REAL, FlowKey, LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE,
-    LISTENER_F_IPV6, LISTENER_F_SOURCE_PREFIX64, ListenerInfo, MAX_LISTENERS, NO_BACKEND, PortInfo, RING_NONE, RING_SLOTS_PER_ENTRY,
-    RealInfo, flow_age, flow_cache_slot, flow_hash, flow_hash6, flow_key6, flow_state, ring_base, ring_slot, source_hash, source_hash6,
-    table_event, trace_how,
+    FLOW_CACHE_REVALIDATE, FLOW_K_CONFIRMED, FLOW_K_MIDFLOW, FLOW_K_OPENED, FLOW_S_CLOSING, FLOW_S_KIND, FLOW_S_REAL, FlowKey,
+    LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE, LISTENER_F_IPV6, LISTENER_F_SOURCE_PREFIX64, ListenerInfo, MAX_LISTENERS, NO_BACKEND,
+    PortInfo, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo, flow_age, flow_cache_slot, flow_hash, flow_hash6, flow_key6, flow_state,
+    flow_step, ring_base, ring_slot, segment, source_hash, source_hash6, table_event, trace_how,
 };
 
 use crate::{
@@ -210,9 +211,18 @@ fn usable_real(id: u32) -> Result<(u32, &'static RealInfo), Verdict> {
     Ok((id, real))
 }
 
+/// The segment's class for the flow table (`lb_common::segment`).
 #[inline(always)]
-const fn closing_flag(tcp: &Tcp4) -> u32 {
-    if tcp.flags & (TCP_FIN | TCP_RST) != 0 { FLOW_S_CLOSING } else { 0 }
+const fn segment_of(tcp: &Tcp4) -> u32 {
+    if tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        segment::SYN
+    } else if tcp.flags & TCP_SYN != 0 {
+        segment::ODD
+    } else if tcp.flags & (TCP_FIN | TCP_RST) != 0 {
+        segment::CLOSE
+    } else {
+        segment::PLAIN
+    }
 }
 
 /// A frame to a listener's port, addressed to this node: the port's slot, and the node.
@@ -303,69 +313,71 @@ pub fn pick(ctx: &XdpContext, seg: &impl Segment, matched: &mut u32) -> Result<P
     *matched = listener.id;
     // A new connection's ring slot is read before the flow table, though it is only used on a
     // miss: both reads are usually cache misses, and issued back to back they overlap.
-    let syn = tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let class = segment_of(tcp);
+    let syn = class == segment::SYN;
     let early = if syn { ring_id(listener, seg)? } else { NO_BACKEND };
     let place = table::place(&key, seed)?;
-    let closing = closing_flag(tcp);
-    // Any segment without SYN after the one that recorded the flow confirms it.
-    let confirm = if tcp.flags & TCP_SYN == 0 { FLOW_S_CONFIRMED } else { 0 };
     let mut seen = table::Seen::new();
     let found = table::find(&place, &mut seen, |slot| seg.holds(slot));
     if let Some(found) = &found {
         let recorded = found.state & FLOW_S_REAL;
-        let reopened = found.state & FLOW_S_CLOSING != 0 && syn;
-        if !reopened
-            && let Some(real) = REALS.get(recorded)
-            && real.usable()
+        let real = REALS.get(recorded).filter(|r| r.usable());
+        // What this segment does to the flow (`lb_common::flow_step` has the rules).
+        let step = flow_step(found.state, class, real.is_some(), now);
+        if !step.repick
+            && let Some(real) = real
         {
-            if syn {
-                stats::count_table(table_event::SYN_AGAIN);
+            if step.charge && listener.info.flags & LISTENER_F_CONN_RATE != 0 {
+                storm::admit(listener.id, node.now_ns).inspect_err(|_| events::storm(ctx, listener.id, node.now_ns))?;
             }
-            // The established path: a write only when the client closes, the flow confirms or
-            // the age moves on (about once a second).
-            let state = flow_state(recorded, found.state | closing | confirm, now);
-            if state != found.state && table::set_state(&place, found, state) && confirm & !found.state != 0 {
-                stats::count_table(table_event::CONFIRMED);
+            // The established path: a write only when the flow confirms, closes, clears its
+            // close or its age moves on (about once a second, and only for confirmed flows).
+            // A confirmation or a cleared close counts when its write stands; a SYN always.
+            let written = step.state != found.state && table::set_state(&place, found, step.state);
+            if written || step.state == found.state {
+                stats::count_table(step.event);
             }
-            // Only confirmed flows are cached: an unconfirmed one's next segment must reach the
-            // table to confirm it.
-            if state & FLOW_S_CONFIRMED != 0 {
+            // Only confirmed open flows are cached: an unconfirmed one's next segment must reach
+            // the table to confirm it, a closing one's to clear its mark.
+            if step.state & (FLOW_S_KIND | FLOW_S_CLOSING) == FLOW_K_CONFIRMED {
                 fill(recorded, real);
             }
             return Ok(Pick { real_id: recorded, real, new_flow: false, how: trace_how::TABLE });
         }
+        // The recorded real went down (or was removed), or a SYN reuses the tuple of a flow
+        // closed long enough (the recorded real is usable then): repoint the slot by the ring,
+        // in the state the step gives.
+        let how = if real.is_some() { trace_how::REOPENED } else { trace_how::REPICK };
+        let (real_id, real) = usable_real(if syn { early } else { ring_id(listener, seg)? })?;
+        if step.charge && listener.info.flags & LISTENER_F_CONN_RATE != 0 {
+            storm::admit(listener.id, node.now_ns).inspect_err(|_| events::storm(ctx, listener.id, node.now_ns))?;
+        }
+        let state = step.state & !FLOW_S_REAL | real_id;
+        table::set_state(&place, found, state);
+        if state & (FLOW_S_KIND | FLOW_S_CLOSING) == FLOW_K_CONFIRMED {
+            fill(real_id, real);
+        }
+        return Ok(Pick { real_id, real, new_flow: true, how });
     }
+    // A miss: a new connection, or one whose slot was replaced or predates this balancer. Both
+    // follow the ring, so a flow whose backend set did not change keeps its broker. It is
+    // recorded unconfirmed, so a flood of them never displaces a confirmed flow; and one
+    // recorded without SYN never displaces one an admitted SYN recorded.
     let (real_id, real) = usable_real(if syn { early } else { ring_id(listener, seg)? })?;
     if syn && listener.info.flags & LISTENER_F_CONN_RATE != 0 {
         storm::admit(listener.id, node.now_ns).inspect_err(|_| events::storm(ctx, listener.id, node.now_ns))?;
     }
-    let how = match &found {
-        None => trace_how::RING,
-        Some(found) if syn && found.state & FLOW_S_CLOSING != 0 => trace_how::REOPENED,
-        Some(_) => trace_how::REPICK,
+    let state = match class {
+        segment::SYN => flow_state(real_id, FLOW_K_OPENED, now),
+        segment::CLOSE => flow_state(real_id, FLOW_K_MIDFLOW | FLOW_S_CLOSING, now),
+        _ => flow_state(real_id, FLOW_K_MIDFLOW, now),
     };
-    match found {
-        // The recorded real went down (or was removed): repoint the slot, confirmed as it was.
-        // Or a new connection reuses the tuple of a closed one: it starts unconfirmed.
-        Some(found) => {
-            let kept = if syn { 0 } else { found.state & FLOW_S_CONFIRMED };
-            table::set_state(&place, &found, flow_state(real_id, closing | kept, now));
-            if kept != 0 {
-                fill(real_id, real);
-            }
-        }
-        // A miss: a new connection, or one whose slot was replaced or predates this balancer.
-        // Both follow the ring, so a flow whose backend set did not change keeps its broker. It
-        // is recorded unconfirmed, so a flood of them never displaces a confirmed flow.
-        None => {
-            let event = table::insert(&place, &seen, flow_state(real_id, closing, now), now, node.idle_expire, |slot| seg.record(slot));
-            stats::count_table(event);
-            if event == table_event::REFUSED {
-                events::refused(ctx, listener.id, node.now_ns);
-            } else if event != table_event::RACED {
-                events::recorded(ctx, node.now_ns);
-            }
-        }
+    let event = table::insert(&place, &seen, state, now, node.idle_expire, |slot| seg.record(slot));
+    stats::count_table(event);
+    if event == table_event::REFUSED {
+        events::refused(ctx, listener.id, node.now_ns);
+    } else if event != table_event::RACED {
+        events::recorded(ctx, node.now_ns);
     }
-    Ok(Pick { real_id, real, new_flow: true, how })
+    Ok(Pick { real_id, real, new_flow: true, how: trace_how::RING })
 }

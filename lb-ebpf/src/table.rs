@@ -1,6 +1,6 @@
 //! The flow table (`lb_common::FLOW_WAYS` says how it works): find a 4-tuple's slot in its two
 //! buckets, change a slot's state, insert a flow (never over a confirmed live one: the flood
-//! guard, see `lb_common::FLOW_S_CONFIRMED`).
+//! guard, see `lb_common::FLOW_K_CONFIRMED`).
 
 use core::intrinsics::{
     AtomicOrdering::{Relaxed, SeqCst},
@@ -8,8 +8,8 @@ use core::intrinsics::{
 };
 
 use lb_common::{
-    FLOW_AGE_AHEAD, FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_LIVE, FLOW_WAYS, FlowBucket, FlowKey,
-    flow_buckets, flow_meta, flow_meta_split, table_event,
+    FLOW_AGE_AHEAD, FLOW_REOPEN_UNITS, FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_KIND, FLOW_WAYS, FlowBucket, FlowKey,
+    flow_buckets, flow_live, flow_meta, flow_meta_split, table_event,
 };
 
 use crate::{
@@ -110,8 +110,9 @@ const fn lowest_way(mask: u32) -> usize {
 }
 
 /// Bits of a slot's second word that an update of the same flow changes: its age, its closing
-/// mark and its confirmation (`set_state` from the established path).
-const REFRESHED: u64 = ((0xffff << FLOW_S_AGE_SHIFT) | (FLOW_S_CLOSING | FLOW_S_CONFIRMED) as u64) << 32;
+/// mark and its kind (`set_state` from the established path). A slot emptied or taken by
+/// another flow changes its ports too (to 0, through `FLOW_S_BUSY`).
+const REFRESHED: u64 = ((0xffff << FLOW_S_AGE_SHIFT) | (FLOW_S_CLOSING | FLOW_S_KIND) as u64) << 32;
 
 /// Whether any of the four state words carries `ports` in its low half: two 32-bit lanes per
 /// 64-bit word, each tested for zero at once. A new flow's ports are seldom in a bucket, so a
@@ -127,7 +128,8 @@ fn ports_in(metas: &[u64; FLOW_WAYS], ports: u32) -> bool {
 /// The slot in bucket `half` holding the key. The four slots are compared by arithmetic, so the
 /// verifier sees one way through whatever they hold; only the slot found is read again.
 /// `holds` checks what the key alone does not (an IPv6 flow's addresses) in the slot found,
-/// before its state is read again.
+/// before its state is read again; a slot whose key matches but whose addresses do not (two
+/// IPv6 flows whose 60-bit keys collide) is passed over for the next that matches.
 #[inline(always)]
 fn find_in(half: usize, p: &Place, first: &mut [u64; FLOW_WAYS], holds: &impl Fn(u32) -> bool) -> Option<Found> {
     let bucket = p.buckets[half];
@@ -144,29 +146,36 @@ fn find_in(half: usize, p: &Place, first: &mut [u64; FLOW_WAYS], holds: &impl Fn
         // SAFETY: inside the map value.
         let a = unsafe { core::ptr::read_volatile(words(bucket, way).0) };
         let (ports, state) = flow_meta_split(m);
-        // A slot a writer holds (`FLOW_S_BUSY`) is not live.
-        let differs = (a ^ p.addrs) | u64::from(ports ^ p.ports) | u64::from((state & FLOW_S_LIVE) ^ FLOW_S_LIVE);
+        // A slot a writer holds (`FLOW_S_BUSY`, no kind) is not live.
+        let differs = (a ^ p.addrs) | u64::from(ports ^ p.ports) | is_zero(u64::from(state & FLOW_S_KIND));
         #[expect(clippy::cast_possible_truncation, reason = "0 or 1")]
         let hit = is_zero(differs) as u32;
         hits |= hit << way;
     }
-    if hits == 0 {
-        return None;
+    // One round per slot whose key matched; for IPv4, where `holds` is always true, the first
+    // round returns.
+    for _ in 0..FLOW_WAYS {
+        if hits == 0 {
+            return None;
+        }
+        let way = lowest_way(hits);
+        hits &= hits - 1;
+        if !holds(slot_index(p.index[half], way)) {
+            continue;
+        }
+        let (_, meta) = words(bucket, way);
+        let m = first[0] & way_mask(way, 0) | first[1] & way_mask(way, 1) | first[2] & way_mask(way, 2) | first[3] & way_mask(way, 3);
+        // SAFETY: inside the map value. The slot held the key when its addresses were read if
+        // its state word is the same now, or differs only by what an update of this flow writes
+        // (another CPU refreshing its age meanwhile): a writer that replaces the flow swaps in
+        // BUSY first.
+        let again = unsafe { core::ptr::read_volatile(meta) };
+        if (again ^ m) & !REFRESHED != 0 {
+            return None;
+        }
+        return Some(Found { meta, state: flow_meta_split(again).1 });
     }
-    let way = lowest_way(hits);
-    let (_, meta) = words(bucket, way);
-    let m = first[0] & way_mask(way, 0) | first[1] & way_mask(way, 1) | first[2] & way_mask(way, 2) | first[3] & way_mask(way, 3);
-    if !holds(slot_index(p.index[half], way)) {
-        return None;
-    }
-    // SAFETY: inside the map value. The slot held the key when its addresses were read if its
-    // state word is the same now, or differs only by what an update of this flow writes (another
-    // CPU refreshing its age meanwhile): a writer that replaces the flow swaps in BUSY first.
-    let again = unsafe { core::ptr::read_volatile(meta) };
-    if (again ^ m) & !REFRESHED != 0 {
-        return None;
-    }
-    Some(Found { meta, state: flow_meta_split(again).1 })
+    None
 }
 
 /// All ones when `way == of`, else zero.
@@ -202,28 +211,38 @@ pub fn set_state(p: &Place, found: &Found, state: u32) -> bool {
     unsafe { atomic_cxchg::<u64, { SeqCst }, { Relaxed }>(found.meta, flow_meta(p.ports, found.state), flow_meta(p.ports, state)).1 }
 }
 
-/// Score bits above any idle time: an unconfirmed flow before any confirmed one, a closing or
-/// expired one before all. A confirmed open flow scores below `UNCONFIRMED` (and a slot a
-/// writer holds 0): those are never replaced.
-const UNCONFIRMED: u64 = 1 << 16;
-const STALE: u64 = 1 << 17;
+/// Score bits above any idle time, by how a slot is to replace: a flow recorded by a SYN before
+/// any confirmed one, one recorded without SYN before that, a closing or expired one before
+/// all. A confirmed open flow (or one closing for less than `FLOW_REOPEN_UNITS`) scores below
+/// `OPENED`: those are never replaced.
+const OPENED: u64 = 1 << 16;
+const MIDFLOW: u64 = 1 << 17;
+const STALE: u64 = 1 << 18;
 
 /// How good a taken slot is to replace, from its state word: its kind (above), then how long
-/// it has been idle. By arithmetic, without branches: a few shifts and masks per slot.
+/// it has been idle (an unconfirmed flow: since it was recorded; a closing one: since its
+/// mark). By arithmetic, without branches: a few shifts and masks per slot.
 /// `expire_less_one`: one less than the idle units from which a flow is expired. A slot a
 /// writer holds (`FLOW_S_BUSY`) scores as stale; `claim` then finds it not live and gives up.
 #[inline(always)]
 fn score(meta: u64, now: u32, expire_less_one: u64) -> u64 {
-    const _: () = assert!(FLOW_S_CONFIRMED << 1 == UNCONFIRMED as u32 && (FLOW_S_CLOSING as u64) << 4 == STALE);
+    const _: () = assert!(FLOW_S_KIND == 3 << 14 && FLOW_S_CLOSING == 1 << 13);
     let st = u64::from(flow_meta_split(meta).1);
     let idle = u64::from(now).wrapping_sub(st >> FLOW_S_AGE_SHIFT) & 0xffff;
     // An age ahead of `now` (another CPU refreshed the flow after this one read the clock) is
     // idle 0 (`lb_common::flow_idle`).
     let ahead = opaque(u64::from(0xffff - FLOW_AGE_AHEAD).wrapping_sub(idle)) >> 63;
     let idle = idle & ahead.wrapping_sub(1);
-    let expired = opaque(expire_less_one.wrapping_sub(idle)) >> 63 << STALE.trailing_zeros();
-    // The confirmed bit, inverted, moved to UNCONFIRMED; the closing bit moved to STALE.
-    idle | (!st << 1 & UNCONFIRMED) | (st << 4 & STALE) | expired
+    let expired = opaque(expire_less_one.wrapping_sub(idle)) >> 63;
+    let kind = (st >> 14) & 3;
+    // Kind 3 (confirmed): 0; 2 (opened): OPENED; 1 (mid-flow): MIDFLOW; 0 (busy): both.
+    let class = (3 - kind) << OPENED.trailing_zeros();
+    // A closing flow is stale when unconfirmed, or closing for FLOW_REOPEN_UNITS or more.
+    let closing = (st >> 13) & 1;
+    let old = opaque(u64::from(FLOW_REOPEN_UNITS - 1).wrapping_sub(idle)) >> 63;
+    let unconfirmed = is_zero(kind ^ 3) ^ 1;
+    let stale = expired | closing & (unconfirmed | old);
+    idle | class | stale << STALE.trailing_zeros()
 }
 
 /// The free slots of a bucket, one bit per way (a state of 0).
@@ -251,9 +270,10 @@ const fn ways_in(mask: u32) -> u64 {
 
 /// Inserts the flow with `state`: into a free slot of the emptier bucket (the left on a tie:
 /// d-left hashing), else over the best slot of the eight to replace (see [`score`]), but never
-/// over a confirmed live flow. Gives up when another writer changes that slot first; the frame
-/// is forwarded all the same and the flow's next frame inserts it. Returns what it did
-/// (`lb_common::table_event`). `expire`: idle age units from which a flow is expired.
+/// over a confirmed live flow, and for a flow recorded without SYN (`FLOW_K_MIDFLOW`) never
+/// over one an admitted SYN recorded. Gives up when another writer changes that slot first;
+/// the frame is forwarded all the same and the flow's next frame inserts it. Returns what it
+/// did (`lb_common::table_event`). `expire`: idle age units from which a flow is expired.
 /// `record` writes what else the slot needs (an IPv6 flow's addresses) while it is claimed.
 #[inline(always)]
 pub fn insert(p: &Place, seen: &Seen, state: u32, now: u32, expire: u32, record: impl Fn(u32)) -> u32 {
@@ -279,7 +299,10 @@ pub fn insert(p: &Place, seen: &Seen, state: u32, now: u32, expire: u32, record:
         }
     }
     let best_score = best >> 3;
-    if best_score < UNCONFIRMED {
+    // What the new flow may replace: a SYN's, any unconfirmed flow; a mid-flow miss's, only
+    // another mid-flow miss (so made-up ACKs never push out a connection just opened).
+    let least = if state & FLOW_S_KIND == lb_common::FLOW_K_OPENED { OPENED } else { MIDFLOW };
+    if best_score < least {
         return table_event::REFUSED;
     }
     let way = (best & 3) as usize;
@@ -308,7 +331,7 @@ fn claim(p: &Place, half: usize, way: usize, chosen: Option<(u64, u32, u64)>, st
         let st = flow_meta_split(old).1;
         let still = match chosen {
             None => st == 0,
-            Some((score_was, now, expire_less_one)) => st & FLOW_S_LIVE != 0 && score(old, now, expire_less_one) == score_was,
+            Some((score_was, now, expire_less_one)) => flow_live(st) && score(old, now, expire_less_one) == score_was,
         };
         if !still || !atomic_cxchg::<u64, { SeqCst }, { Relaxed }>(meta, old, flow_meta(0, FLOW_S_BUSY)).1 {
             return false;

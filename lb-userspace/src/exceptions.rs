@@ -10,7 +10,7 @@ use std::{
 };
 
 use lb_common::{
-    FlowAddrs6, FlowKey, NO_BACKEND, flow_hash, flow_hash6, real_backend, real_listener, ring_slot, source_hash, source_hash6,
+    FLOW_WAYS, FlowAddrs6, FlowKey, NO_BACKEND, flow_hash, flow_hash6, real_backend, real_listener, ring_slot, source_hash, source_hash6,
 };
 use tokio::sync::mpsc;
 
@@ -18,7 +18,7 @@ use crate::{
     cluster::{Entry, Exceptions, Group},
     config::Config,
     dataplane::{Desired, flow_key_of},
-    flow_table::{Flow, FlowTable, Merged},
+    flow_table::{Flow, FlowTable, Merged, PeerFlow},
     maglev,
     plan::Ids,
 };
@@ -171,12 +171,11 @@ pub fn find(table: &FlowTable, view: &RingView, now: u32) -> Exceptions {
     Exceptions { groups, complete: true }
 }
 
-/// Flows of one real to take in.
+/// Flows of one real to take in, from one peer.
 #[derive(Debug)]
 pub struct Incoming {
-    pub real: u32,
-    /// Key (and an IPv6 flow's addresses), closing, age of its last frame.
-    pub flows: Vec<(FlowKey, Option<FlowAddrs6>, bool, u32)>,
+    pub from: Ipv4Addr,
+    pub flows: Vec<PeerFlow>,
     pub now: u32,
     pub expire: u32,
 }
@@ -205,6 +204,8 @@ pub struct MergeCounts {
     pub full: u64,
     /// Named a listener or backend this node does not have.
     pub unknown: u64,
+    /// New to the table, but the peer had inserted its share ([`PeerBudget`]).
+    pub capped: u64,
 }
 
 impl MergeCounts {
@@ -214,6 +215,47 @@ impl MergeCounts {
         self.kept += o.kept;
         self.full += o.full;
         self.unknown += o.unknown;
+        self.capped += o.capped;
+    }
+}
+
+/// How many flows one peer may insert into this node's table: as many as a quarter of its
+/// slots (half the flows the table is sized for) at once, refilled at that many per flow
+/// idle timeout. A peer shares its exceptions (after a ring change, the share of flows that
+/// moved) or, while configs differ, its live flows: within that. A peer that sends more (a
+/// bug, or a node in the wrong hands) cannot fill the table with flows it protects: what it
+/// inserts is confirmed, and confirmed flows are never replaced. Refreshing a flow the table
+/// holds costs nothing.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerBudget {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl PeerBudget {
+    /// A full budget for a table of `slots` slots.
+    #[must_use]
+    pub fn new(slots: u64, at: std::time::Instant) -> Self {
+        Self { tokens: Self::cap(slots), at }
+    }
+
+    fn cap(slots: u64) -> f64 {
+        (slots / 4) as f64
+    }
+
+    /// Whether an insert fits at `at`, with `expire` age units the flow idle timeout (the
+    /// budget refills meanwhile).
+    pub fn available(&mut self, slots: u64, expire: u32, at: std::time::Instant) -> bool {
+        let cap = Self::cap(slots);
+        let timeout_s = f64::from(expire.max(1)) * (1u64 << lb_common::FLOW_AGE_NS_SHIFT) as f64 / 1e9;
+        self.tokens = (self.tokens + at.saturating_duration_since(self.at).as_secs_f64() * cap / timeout_s).min(cap);
+        self.at = at;
+        self.tokens >= 1.0
+    }
+
+    /// One insert made.
+    pub fn spend(&mut self) {
+        self.tokens = (self.tokens - 1.0).max(0.0);
     }
 }
 
@@ -227,19 +269,13 @@ pub fn spawn_merger(table: Arc<FlowTable>, done: mpsc::Sender<Done>) -> std::syn
     std::thread::Builder::new()
         .name("dsrlb-merge".to_owned())
         .spawn(move || {
+            let slots = u64::from(table.buckets()) * FLOW_WAYS as u64;
+            let mut budgets: BTreeMap<Ipv4Addr, PeerBudget> = BTreeMap::new();
             for job in rx {
                 let out = match job {
                     Job::Merge(i) => {
-                        let mut c = MergeCounts::default();
-                        for (key, addrs6, closing, age) in &i.flows {
-                            match table.merge(key, addrs6.as_ref(), i.real, *closing, *age, i.now, i.expire) {
-                                Merged::Inserted => c.inserted += 1,
-                                Merged::Refreshed => c.refreshed += 1,
-                                Merged::Kept => c.kept += 1,
-                                Merged::Full => c.full += 1,
-                            }
-                        }
-                        Done::Merged(c)
+                        let budget = budgets.entry(i.from).or_insert_with(|| PeerBudget::new(slots, std::time::Instant::now()));
+                        Done::Merged(merge_all(&table, &i, budget, slots))
                     }
                     Job::Synced(node) => Done::Synced(node),
                 };
@@ -250,4 +286,24 @@ pub fn spawn_merger(table: Arc<FlowTable>, done: mpsc::Sender<Done>) -> std::syn
         })
         .expect("spawning the merge thread");
     tx
+}
+
+/// Merges one peer's flows, within its budget.
+#[must_use]
+pub fn merge_all(table: &FlowTable, i: &Incoming, budget: &mut PeerBudget, slots: u64) -> MergeCounts {
+    let mut c = MergeCounts::default();
+    let at = std::time::Instant::now();
+    for flow in &i.flows {
+        match table.merge(flow, i.now, i.expire, budget.available(slots, i.expire, at)) {
+            Merged::Inserted => {
+                c.inserted += 1;
+                budget.spend();
+            }
+            Merged::Refreshed => c.refreshed += 1,
+            Merged::Kept => c.kept += 1,
+            Merged::Full => c.full += 1,
+            Merged::Capped => c.capped += 1,
+        }
+    }
+    c
 }

@@ -4,8 +4,8 @@
 //! compare-and-swap on its state word).
 
 use lb_common::{
-    FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_CONFIRMED, FLOW_S_LIVE, FLOW_S_REAL, FLOW_WAYS, FlowAddrs6, FlowKey, Ip6,
-    flow_buckets, flow_idle, flow_meta, flow_meta_split, flow_state, is_key6,
+    FLOW_K_CONFIRMED, FLOW_K_MIDFLOW, FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_BUSY_V3, FLOW_S_CLOSING, FLOW_S_KIND, FLOW_S_REAL, FLOW_WAYS,
+    FlowAddrs6, FlowKey, Ip6, flow_buckets, flow_idle, flow_live, flow_meta, flow_meta_split, flow_state, is_key6,
 };
 
 use crate::mapped::Mapped;
@@ -33,10 +33,16 @@ impl Flow {
         self.state & FLOW_S_CLOSING != 0
     }
 
-    /// A segment after the recording one was seen (see `lb_common::FLOW_S_CONFIRMED`).
+    /// Confirmed by time (see `lb_common::FLOW_K_CONFIRMED`).
     #[must_use]
     pub const fn confirmed(&self) -> bool {
-        self.state & FLOW_S_CONFIRMED != 0
+        self.kind() == FLOW_K_CONFIRMED
+    }
+
+    /// `lb_common::FLOW_K_*`: how the table learnt of it.
+    #[must_use]
+    pub const fn kind(&self) -> u32 {
+        self.state & FLOW_S_KIND
     }
 
     /// The age of its last frame (`lb_common::flow_age`).
@@ -59,13 +65,35 @@ pub enum Merged {
     Inserted,
     /// The table held it, pinned to the same real: its age (and closing mark) brought up to date.
     Refreshed,
-    /// The table holds an open confirmed flow of this node's with that key, pinned elsewhere:
-    /// this node's own traffic wins.
+    /// The table holds the flow as this node's own: confirmed and open, pinned elsewhere; or
+    /// with a frame seen here within [`MERGE_IDLE_FLOOR`] (a peer never closes or repoints
+    /// it). This node's own traffic wins.
     Kept,
-    /// Both buckets hold only open confirmed flows: nothing is replaced for it (the flood
-    /// guard's rule).
+    /// Both buckets hold only flows a peer may not replace (open confirmed ones, connections
+    /// this node saw open): nothing is replaced for it (the flood guard's rule).
     Full,
+    /// The table does not hold it, and the peer has inserted its share already
+    /// (`exceptions::PeerBudget`): not taken.
+    Capped,
 }
+
+/// A flow another node of the cluster holds, to take in ([`FlowTable::merge`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerFlow {
+    pub key: FlowKey,
+    /// An IPv6 flow's addresses.
+    pub addrs6: Option<FlowAddrs6>,
+    /// This node's id for the peer's listener and backend.
+    pub real: u32,
+    pub closing: bool,
+    /// The age of its last frame on the peer (of its closing mark, when closing).
+    pub age: u32,
+}
+
+/// Age units a flow from a peer is taken to be idle at least: a peer's copy is never as fresh
+/// as a frame this node saw itself, so a flow idle less than this here has had a frame here
+/// (or was recorded, confirmed or marked closing here), and no peer closes or repoints it.
+pub const MERGE_IDLE_FLOOR: u32 = 2;
 
 /// Where a slot is, and the state word read there (for a compare-and-swap).
 struct Seen {
@@ -137,10 +165,11 @@ impl FlowTable {
         for _ in 0..SETTLE_TRIES {
             let meta = self.mem.load(bucket, way * 2 + 1);
             let (ports, state) = flow_meta_split(meta);
-            if state & FLOW_S_LIVE == 0 && state != FLOW_S_BUSY {
+            let busy = state == FLOW_S_BUSY || state == FLOW_S_BUSY_V3;
+            if !flow_live(state) && !busy {
                 return None;
             }
-            if state != FLOW_S_BUSY {
+            if !busy {
                 let addrs = self.mem.load(bucket, way * 2);
                 let key = FlowKey::from_words(addrs, ports);
                 let addrs6 = is_key6(&key).then(|| self.load_addrs6(bucket, way));
@@ -213,6 +242,30 @@ impl FlowTable {
         self.mem.store(bucket, way * 2 + 1, meta);
     }
 
+    /// Moves the age of every flow `which` picks `units` back, as if that much time had passed
+    /// since its last frame, mark or recording: for tests of what time does (a flow confirms by
+    /// a segment [`lb_common::FLOW_CONFIRM_UNITS`] after its recording). Returns the flows moved.
+    pub fn rewind(&self, units: u32, mut which: impl FnMut(&Flow) -> bool) -> usize {
+        let mut moved = 0;
+        for bucket in 0..self.buckets() {
+            for way in 0..FLOW_WAYS {
+                for _ in 0..SETTLE_TRIES {
+                    let Some((f, seen)) = self.read(bucket, way) else { break };
+                    if !which(&f) {
+                        break;
+                    }
+                    let (ports, _) = flow_meta_split(seen.meta);
+                    let state = f.state & !(0xffff << FLOW_S_AGE_SHIFT) | (f.age().wrapping_sub(units) & 0xffff) << FLOW_S_AGE_SHIFT;
+                    if self.mem.compare_exchange(bucket, way * 2 + 1, seen.meta, flow_meta(ports, state)).is_ok() {
+                        moved += 1;
+                        break;
+                    }
+                }
+            }
+        }
+        moved
+    }
+
     /// How many live flows point at each real (a walk of the table): not closing, and idle less
     /// than `expire(listener id)` age units at age `now`.
     #[must_use]
@@ -226,48 +279,72 @@ impl FlowTable {
         out
     }
 
-    /// Takes in a flow that another node of the cluster holds (see `crate::cluster`), pinned to
-    /// `real` (this node's id for the same listener and backend), its last frame at `age`,
-    /// closing or not. The table then forwards it as the other node does, whichever node the
-    /// routers send it to. With the same key pinned to the same real, the newer age stands and
-    /// a closing mark is kept; pinned to another real, an open confirmed flow of this node's
-    /// stays, and anything else (unconfirmed: a mid-flow miss recorded by the ring; closing or
-    /// expired: an older connection) is replaced. A new key goes into a free slot of the
-    /// emptier bucket, else over the best closing, expired or unconfirmed flow of the eight,
-    /// never over an open confirmed one. `now` and `expire`: the clock's age and the idle units
-    /// from which a flow is expired.
+    /// Takes in a flow that another node of the cluster holds (see `crate::cluster`). The
+    /// table then forwards it as the other node does, whichever node the routers send it to.
+    /// The peer's age counts as at least [`MERGE_IDLE_FLOOR`] units old. With the same key:
+    /// - pinned to the same real, the newer age stands and the flow is confirmed; a closing
+    ///   mark is taken unless this node saw the flow within the floor, or later than the mark;
+    /// - pinned to another real, a flow of this node's own stays: open and confirmed, or seen
+    ///   within the floor (a connection opened here, a close seen here). Anything else is
+    ///   repointed: a mid-flow miss that only the ring picked, a flow closed or expired.
+    ///
+    /// A new key, when `may_insert`, goes into a free slot of the emptier bucket, else over the
+    /// best closing, expired or mid-flow unconfirmed flow of the eight: never over an open
+    /// confirmed one, nor over a connection this node saw open (`FLOW_K_OPENED`). `now` and
+    /// `expire`: the clock's age and the idle units from which a flow is expired.
     #[must_use]
-    #[expect(clippy::too_many_arguments, reason = "a flow (key, addresses), where it goes, and the clock")]
-    pub fn merge(&self, key: &FlowKey, addrs6: Option<&FlowAddrs6>, real: u32, closing: bool, age: u32, now: u32, expire: u32) -> Merged {
-        let flags = FLOW_S_CONFIRMED | if closing { FLOW_S_CLOSING } else { 0 };
-        let (_, ports) = key.words();
+    pub fn merge(&self, flow: &PeerFlow, now: u32, expire: u32, may_insert: bool) -> Merged {
+        let PeerFlow { key, addrs6, real, closing, .. } = *flow;
+        let age = if flow_idle(now, flow.age) < MERGE_IDLE_FLOOR { now.wrapping_sub(MERGE_IDLE_FLOOR) & 0xffff } else { flow.age };
+        let peer_idle = flow_idle(now, age);
+        let flags = FLOW_K_CONFIRMED | if closing { FLOW_S_CLOSING } else { 0 };
+        let (addrs, ports) = key.words();
         for _ in 0..SETTLE_TRIES {
-            let slots: Vec<(u32, usize)> = self.buckets_of(key).into_iter().flat_map(|b| (0..FLOW_WAYS).map(move |w| (b, w))).collect();
-            let found = slots.iter().find_map(|&(b, w)| self.read(b, w).filter(|(f, _)| f.key == *key && f.addrs6.as_ref() == addrs6));
+            let slots: Vec<(u32, usize)> = self.buckets_of(&key).into_iter().flat_map(|b| (0..FLOW_WAYS).map(move |w| (b, w))).collect();
+            let found = slots.iter().find_map(|&(b, w)| self.read(b, w).filter(|(f, _)| f.key == key && f.addrs6 == addrs6));
             if let Some((f, seen)) = found {
-                let stale = f.closing() || !f.confirmed() || f.idle(now) >= expire;
+                let idle = f.idle(now);
+                let recent = idle < MERGE_IDLE_FLOOR;
                 let new_state = if f.real() == real {
-                    // The newer of the two ages: the smaller idle time at `now`.
-                    let newer = if flow_idle(now, age) < f.idle(now) { age } else { f.age() };
-                    let same = (f.state & !(0xffff << FLOW_S_AGE_SHIFT)) | (newer << FLOW_S_AGE_SHIFT) | (flags & FLOW_S_CLOSING);
-                    if same == f.state {
+                    let state = if f.closing() {
+                        // Closed here: open again only when the peer saw the flow well after the mark.
+                        if closing || idle < peer_idle + lb_common::FLOW_CONFIRM_UNITS {
+                            return Merged::Refreshed;
+                        }
+                        flow_state(real, FLOW_K_CONFIRMED, age)
+                    } else if closing {
+                        // Closed on the peer: taken when this node has seen nothing of it since.
+                        if recent || idle < peer_idle {
+                            return Merged::Kept;
+                        }
+                        flow_state(real, flags, age)
+                    } else {
+                        // The newer of the two ages: the smaller idle time at `now`.
+                        flow_state(real, FLOW_K_CONFIRMED, if peer_idle < idle { age } else { f.age() })
+                    };
+                    if state == f.state {
                         return Merged::Refreshed;
                     }
-                    same
-                } else if stale {
-                    flow_state(real, flags, age)
+                    state
                 } else {
-                    return Merged::Kept;
+                    let own = f.confirmed() && !f.closing() && idle < expire;
+                    if own || recent && f.kind() != FLOW_K_MIDFLOW {
+                        return Merged::Kept;
+                    }
+                    flow_state(real, flags, age)
                 };
                 if self.mem.compare_exchange(seen.bucket, seen.way * 2 + 1, seen.meta, flow_meta(ports, new_state)).is_ok() {
                     return if f.real() == real { Merged::Refreshed } else { Merged::Inserted };
                 }
                 continue; // changed under us: look again
             }
+            if !may_insert {
+                return Merged::Capped;
+            }
             // Not held: a free slot of the emptier bucket (the left one on a tie), else the best to
-            // replace: closing or expired first, then unconfirmed, the longest idle first.
+            // replace: closing or expired first, then mid-flow unconfirmed, the longest idle first.
             let free = |b: u32| (0..FLOW_WAYS).filter(|&w| self.mem.load(b, w * 2 + 1) == 0).collect::<Vec<_>>();
-            let [left, right] = self.buckets_of(key);
+            let [left, right] = self.buckets_of(&key);
             let (fl, fr) = (free(left), free(right));
             let target = if fr.len() > fl.len() {
                 Some((right, fr[0], 0))
@@ -278,14 +355,15 @@ impl FlowTable {
                     .iter()
                     .filter_map(|&(b, w)| {
                         let (f, seen) = self.read(b, w)?;
-                        let class = if f.closing() || f.idle(now) >= expire {
+                        let idle = f.idle(now);
+                        let class = if idle >= expire || f.closing() && (!f.confirmed() || idle >= lb_common::FLOW_REOPEN_UNITS) {
                             2
-                        } else if f.confirmed() {
-                            return None;
-                        } else {
+                        } else if f.kind() == FLOW_K_MIDFLOW {
                             1
+                        } else {
+                            return None;
                         };
-                        Some(((class, f.idle(now)), (b, w, seen.meta)))
+                        Some(((class, idle), (b, w, seen.meta)))
                     })
                     .max_by_key(|(score, _)| *score)
                     .map(|(_, t)| t)
@@ -293,9 +371,8 @@ impl FlowTable {
             let Some((bucket, way, was)) = target else { return Merged::Full };
             // Claim it as the program does (BUSY, addresses, state), unless it changed.
             if self.mem.compare_exchange(bucket, way * 2 + 1, was, flow_meta(0, FLOW_S_BUSY)).is_ok() {
-                let (addrs, _) = key.words();
                 self.mem.store(bucket, way * 2, addrs);
-                if let Some(a) = addrs6 {
+                if let Some(a) = &addrs6 {
                     self.store_addrs6(bucket, way, a);
                 }
                 self.mem.store(bucket, way * 2 + 1, flow_meta(ports, flow_state(real, flags, age)));

@@ -260,9 +260,14 @@ impl Snapshot {
                 None,
                 MetricType::Counter,
             )?;
-            for (result, n) in
-                [("inserted", c.inserted), ("refreshed", c.refreshed), ("kept", c.kept), ("full", c.full), ("unknown", c.unknown)]
-            {
+            for (result, n) in [
+                ("inserted", c.inserted),
+                ("refreshed", c.refreshed),
+                ("kept", c.kept),
+                ("full", c.full),
+                ("unknown", c.unknown),
+                ("capped", c.capped),
+            ] {
                 ConstCounter::new(n).encode(m.encode_family(&vec![("result", result.to_owned())])?)?;
             }
         }

@@ -13,7 +13,7 @@ use lb_userspace::{
     plan::{self, BackendRuntime, DownSet, Ids, Out},
 };
 
-use crate::frame::{Ipv4Frame, LB_MAC, TCP_SYN};
+use crate::frame::{Ipv4Frame, LB_MAC, TCP_ACK, TCP_SYN};
 
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
@@ -150,6 +150,35 @@ impl Lb {
         let r = self.dp.balancer().test_run(opts).expect("BPF_PROG_TEST_RUN");
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
+    }
+
+    /// Lets `units` of the flow table's clock pass for every flow it holds (their ages move
+    /// back): what a session's next segment needs to confirm its flow
+    /// (`lb_common::FLOW_CONFIRM_UNITS`), or a close to be old.
+    pub fn pass_time(&self, units: u32) {
+        self.dp.flow_table().rewind(units, |_| true);
+    }
+
+    /// Lets `units` pass for the one flow `src:sport -> VIP:dport`.
+    pub fn pass_time_for(&self, src: Ipv4Addr, sport: u16, dport: u16, units: u32) {
+        let (key, _) = self.dp.flow_key(src, sport, VIP, dport);
+        assert_eq!(self.dp.flow_table().rewind(units, |f| f.key == key), 1, "{src}:{sport} -> {VIP}:{dport} is not in the table");
+    }
+
+    /// A session as a client makes one: SYN, the handshake's ACK, and a segment a keepalive
+    /// later, which confirms its flow (only this flow's clock moves). The last frame's action
+    /// and output.
+    pub fn session(&self, src: Ipv4Addr, sport: u16, dport: u16) -> (u32, Vec<u8>) {
+        let frame = |flags| Ipv4Frame::tcp(src, sport, VIP, dport, flags).build();
+        let (action, out) = self.run(&frame(TCP_SYN));
+        if action != XDP_TX {
+            return (action, out);
+        }
+        self.run(&frame(TCP_ACK));
+        if self.dp.flow(src, sport, VIP, dport).is_some() {
+            self.pass_time_for(src, sport, dport, lb_common::FLOW_CONFIRM_UNITS);
+        }
+        self.run(&frame(TCP_ACK))
     }
 
     /// The backend name whose MAC a forwarded frame carries.

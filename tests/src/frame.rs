@@ -36,6 +36,7 @@ pub const ICMP_FRAG_NEEDED: u8 = 4;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 #[derive(Clone, Debug)]

@@ -4,11 +4,11 @@
 
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4};
 
-use lb_common::real_id;
+use lb_common::{FLOW_CONFIRM_UNITS, FlowKey, real_id};
 use lb_userspace::{
     cluster::Exceptions,
     exceptions::{self, RingView},
-    flow_table::Merged,
+    flow_table::{FlowTable, MERGE_IDLE_FLOOR, Merged, PeerFlow},
 };
 use tests::{
     fixture::{CLIENT, Lb, RING, VIP, XDP_TX, syn},
@@ -51,10 +51,24 @@ fn merge(lb: &Lb, found: &Exceptions) -> Vec<Merged> {
         for e in &g.entries {
             let age = now.wrapping_sub(u32::from(e.idle)) & 0xffff;
             let (key, addrs6) = exceptions::key_of(e.client, at, lb.dp.flow_table().seed());
-            out.push(lb.dp.flow_table().merge(&key, addrs6.as_ref(), real, e.closing, age, now, u32::MAX));
+            out.push(lb.dp.flow_table().merge(&PeerFlow { key, addrs6, real, closing: e.closing, age }, now, u32::MAX, true));
         }
     }
     out
+}
+
+/// A peer's IPv4 flow `key` pinned to `real`, idle `idle` units at `now`, merged into `t`.
+fn merge_one(t: &FlowTable, key: FlowKey, real: u32, closing: bool, idle: u32, now: u32) -> Merged {
+    t.merge(&PeerFlow { key, addrs6: None, real, closing, age: now.wrapping_sub(idle) & 0xffff }, now, u32::MAX, true)
+}
+
+/// The sessions' next segments, a keepalive after they opened: their flows confirm.
+fn confirm(lb: &Lb, ports: &[u16], pinned: &[String]) {
+    lb.pass_time(FLOW_CONFIRM_UNITS);
+    for (p, was) in ports.iter().zip(pinned) {
+        assert_eq!(&forwarded_to(lb, &ack(*p)), was);
+        assert!(lb.dp.flow(CLIENT, *p, VIP, 1883).expect("held").confirmed());
+    }
 }
 
 #[test]
@@ -64,7 +78,7 @@ fn exceptions_of_one_node_are_forwarded_alike_by_another() {
     let three = [("b1", 11, 100), ("b2", 12, 100), ("b3", 13, 100)];
     let mut a = Lb::new(&two);
     let mut b = Lb::new(&two);
-    // Sessions opened on node A (SYN, then the handshake's ACK confirms them).
+    // Sessions opened on node A (SYN, the handshake's ACK; their next segment confirms them).
     let ports: Vec<u16> = (20000..20600).step_by(2).collect();
     let pinned: Vec<String> = ports
         .iter()
@@ -74,6 +88,8 @@ fn exceptions_of_one_node_are_forwarded_alike_by_another() {
             got
         })
         .collect();
+    assert!(walk(&a).is_empty(), "unconfirmed flows are not shared");
+    confirm(&a, &ports, &pinned);
     assert!(walk(&a).is_empty(), "no exceptions while the ring is the one the flows were made with");
 
     // A broker is added on both nodes: a third of the ring moves to it.
@@ -113,7 +129,8 @@ fn exceptions_of_one_node_are_forwarded_alike_by_another() {
         assert_eq!(&forwarded_to(&b2, &ack(*p)), was, "port {p}: node B sends a synced session elsewhere than node A");
     }
     assert_eq!(walk(&b2).len(), moved.len(), "the merged flows are exceptions of node B too");
-    // A closing session is passed on as closing.
+    // A closing session is passed on as closing (node B has seen none of its frames since).
+    b2.pass_time(MERGE_IDLE_FLOOR + 1);
     let (p, _) = moved[0];
     forwarded_to(&a, &Ipv4Frame::tcp(CLIENT, p, VIP, 1883, TCP_FIN | TCP_ACK).build());
     let again = walk(&a);
@@ -137,23 +154,23 @@ fn a_merge_never_displaces_this_nodes_own_sessions() {
     let key = |p: u16| exceptions::key_of(SocketAddrV4::new(CLIENT, p).into(), at.into(), t.seed()).0;
 
     // A session of this node's own, confirmed: a peer's copy pinned elsewhere is refused...
-    let own = forwarded_to(&lb, &syn(40000));
-    forwarded_to(&lb, &ack(40000));
+    let (_, out) = lb.session(CLIENT, 40000, 1883);
+    let own = lb.backend_of(&out);
     let other = if own == "b1" { b2 } else { b1 };
-    assert_eq!(t.merge(&key(40000), None, real(other), false, now, now, u32::MAX), Merged::Kept);
+    assert_eq!(merge_one(t, key(40000), real(other), false, 0, now), Merged::Kept);
     assert_eq!(forwarded_to(&lb, &ack(40000)), own);
     // ... and the same pin refreshes it.
     let mine = lb.ids.backends[&own];
-    assert_eq!(t.merge(&key(40000), None, real(mine), false, now, now, u32::MAX), Merged::Refreshed);
+    assert_eq!(merge_one(t, key(40000), real(mine), false, 0, now), Merged::Refreshed);
 
     // A mid-flow miss recorded from the ring (unconfirmed) gives way to the peer's pin.
     let guess = forwarded_to(&lb, &ack(40002));
     let right = if guess == "b1" { b2 } else { b1 };
-    assert_eq!(t.merge(&key(40002), None, real(right), false, now, now, u32::MAX), Merged::Inserted);
+    assert_eq!(merge_one(t, key(40002), real(right), false, 0, now), Merged::Inserted);
     assert_ne!(forwarded_to(&lb, &ack(40002)), guess, "the peer's pin was not taken");
 
     // A table full of confirmed flows: merges fill it and then give up, displacing none.
-    let results: Vec<Merged> = (0..6000u16).map(|i| t.merge(&key(1000 + i), None, real(b1), false, now, now, u32::MAX)).collect();
+    let results: Vec<Merged> = (0..6000u16).map(|i| merge_one(t, key(1000 + i), real(b1), false, 0, now)).collect();
     let inserted = results.iter().filter(|r| **r == Merged::Inserted).count();
     let full = results.iter().filter(|r| **r == Merged::Full).count();
     assert!(full > 0, "6000 flows fit a table of 2048 slots?");
@@ -163,9 +180,68 @@ fn a_merge_never_displaces_this_nodes_own_sessions() {
     t.walk(|_| held += 1);
     assert_eq!(held, inserted + 2, "a merge replaced a confirmed flow");
 
-    // The same pin with a closing mark: taken in (the session is ending on the other node).
-    assert_eq!(t.merge(&key(40000), None, real(mine), true, now, now, u32::MAX), Merged::Refreshed);
+    // The same pin with a closing mark, while this node still sees the session's frames: a
+    // peer does not close what this node carries...
+    assert_eq!(forwarded_to(&lb, &ack(40000)), own);
+    assert_eq!(merge_one(t, key(40000), real(mine), true, 0, now), Merged::Kept);
+    assert!(!lb.dp.flow(CLIENT, 40000, VIP, 1883).expect("held").closing());
+    // ... but once its frames go elsewhere (a failover), the peer's close is taken in.
+    lb.pass_time(MERGE_IDLE_FLOOR + 1);
+    assert_eq!(merge_one(t, key(40000), real(mine), true, 0, now), Merged::Refreshed);
     assert!(lb.dp.flow(CLIENT, 40000, VIP, 1883).expect("held").closing());
+}
+
+/// What a peer must not do to this node's sessions (issue 21, the cluster sync): close or
+/// repoint a flow this node has just seen a frame of, keep its copies fresher than this node's
+/// own traffic, or insert without bound.
+#[test]
+fn a_peer_cannot_close_repoint_or_flood_what_this_node_carries() {
+    require_root!();
+    let lb = Lb::with_table(Lb::config(&[("b1", 11, 100), ("b2", 12, 100)]), 1024);
+    let at = SocketAddrV4::new(VIP, 1883);
+    let real = |b: &str| real_id(lb.ids.listeners["mqtt"], lb.ids.backends[b]);
+    let t = lb.dp.flow_table();
+    let now = lb.dp.now_age().expect("clock");
+    let key = |p: u16| exceptions::key_of(SocketAddrV4::new(CLIENT, p).into(), at.into(), t.seed()).0;
+    let other = |b: &str| if b == "b1" { "b2" } else { "b1" };
+
+    // A connection this node saw open (SYN, ACK: not yet confirmed) is neither closed nor
+    // repointed by a peer, however fresh the peer says its copy is.
+    let opened = forwarded_to(&lb, &syn(41000));
+    forwarded_to(&lb, &ack(41000));
+    assert_eq!(merge_one(t, key(41000), real(other(&opened)), false, 0, now), Merged::Kept, "a peer repointed a new connection");
+    assert_eq!(merge_one(t, key(41000), real(&opened), true, 0, now), Merged::Kept, "a peer closed a new connection");
+    let f = lb.dp.flow(CLIENT, 41000, VIP, 1883).expect("held");
+    assert!(!f.closing() && f.real() == real(&opened));
+    // A confirmed session with a frame just now: the same.
+    let (_, out) = lb.session(CLIENT, 41002, 1883);
+    let own = lb.backend_of(&out);
+    assert_eq!(merge_one(t, key(41002), real(other(&own)), false, 0, now), Merged::Kept);
+    assert_eq!(merge_one(t, key(41002), real(&own), true, 0, now), Merged::Kept);
+    assert_eq!(forwarded_to(&lb, &ack(41002)), own);
+    // A session closing here (its client's FIN went through this node) is not repointed either.
+    forwarded_to(&lb, &Ipv4Frame::tcp(CLIENT, 41002, VIP, 1883, TCP_FIN | TCP_ACK).build());
+    assert_eq!(merge_one(t, key(41002), real(other(&own)), false, 0, now), Merged::Kept);
+
+    // A peer's idle 0 counts as MERGE_IDLE_FLOOR: its copy is never fresher than a frame here.
+    assert_eq!(merge_one(t, key(41004), real("b1"), false, 0, now), Merged::Inserted);
+    let f = lb.dp.flow(CLIENT, 41004, VIP, 1883).expect("merged");
+    assert!(f.confirmed());
+    assert_eq!(f.idle(now), MERGE_IDLE_FLOOR, "a peer's idle 0 was taken as is");
+
+    // A peer inserts at most a quarter of the table's slots (2048 here) before it is capped.
+    let slots = u64::from(t.buckets()) * 4;
+    let mut budget = exceptions::PeerBudget::new(slots, std::time::Instant::now());
+    let flood = exceptions::Incoming {
+        from: std::net::Ipv4Addr::new(192, 0, 2, 3),
+        flows: (0..4000u16).map(|i| PeerFlow { key: key(1000 + i), addrs6: None, real: real("b1"), closing: false, age: now }).collect(),
+        now,
+        expire: u32::MAX,
+    };
+    let c = exceptions::merge_all(t, &flood, &mut budget, slots);
+    assert_eq!(c.inserted, slots / 4, "{c:?}");
+    assert_eq!(c.capped + c.inserted + c.full, 4000, "{c:?}");
+    assert!(c.capped > 0, "{c:?}");
 }
 
 /// Nodes whose checks disagree build different rings: node A sees b2 down and sends every new
@@ -182,6 +258,7 @@ fn sessions_made_while_this_nodes_checks_differ_are_shared() {
         assert_eq!(forwarded_to(&a, &syn(p)), "b1");
         assert_eq!(forwarded_to(&a, &ack(p)), "b1");
     }
+    confirm(&a, &ports, &vec!["b1".to_owned(); ports.len()]);
     assert!(walk_local(&a).is_empty(), "every session follows node A's own ring");
     let b = Lb::new(&two);
     let elsewhere: Vec<u16> = ports.iter().copied().filter(|&p| b.ring_choice(0, CLIENT, p, 1883) != "b1").collect();
@@ -217,6 +294,7 @@ fn while_configs_differ_every_flow_is_shared() {
             got
         })
         .collect();
+    confirm(&b, &ports, &pinned);
     assert!(walk(&b).is_empty(), "B's sessions all follow B's rings");
     let moved = ports.iter().zip(&pinned).filter(|&(&p, was)| a.ring_choice(0, CLIENT, p, 1883) != *was).count();
     assert!(moved > 50, "only {moved} of {} sessions would move on node A", ports.len());
@@ -274,6 +352,10 @@ fn ipv6_exceptions_of_one_node_are_forwarded_alike_by_another() {
             got
         })
         .collect();
+    a.pass_time(FLOW_CONFIRM_UNITS);
+    for &i in &clients {
+        assert_eq!(forwarded_to(&a, &seg6(i, TCP_ACK)), pinned[usize::from(i)]);
+    }
     assert!(walk(&a).is_empty(), "no exceptions while the ring is the one the flows were made with");
 
     // A broker is added: a third of the ring moves to it. Node A's walk finds the IPv6

@@ -15,7 +15,7 @@ use tests::{
         CLIENT, Lb, VIP, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, assert_dsr_rewrite, driver_runs, live_flows, mac_of, new_flows,
         pin_to_cpu, syn,
     },
-    frame::{ICMP_DEST_UNREACH, Ipv4Frame, L4, LB_MAC, TCP_ACK, TCP_SYN},
+    frame::{ICMP_DEST_UNREACH, Ipv4Frame, L4, LB_MAC, TCP_ACK, TCP_RST, TCP_SYN},
     require_root,
 };
 
@@ -252,10 +252,7 @@ fn a_flood_of_unconfirmed_flows_never_displaces_confirmed_ones() {
     // 2,048 slots; 1,300 connections whose handshake completed (SYN, then ACK) fill most.
     let mut lb = Lb::with_table(Lb::config(&[("b1", 11, 100), ("b2", 12, 100), ("b3", 13, 100)]), 1024);
     let sessions = tuples([10, 1], 1300);
-    for &t in &sessions {
-        assert_eq!(send(&lb, t, TCP_SYN), XDP_TX);
-        assert_eq!(send(&lb, t, TCP_ACK), XDP_TX);
-    }
+    open_and_confirm(&lb, &sessions);
     let held: Vec<((Ipv4Addr, u16), u32)> = sessions
         .iter()
         .filter_map(|&(a, p)| lb.dp.flow(a, p, VIP, 1883).filter(lb_userspace::flow_table::Flow::confirmed).map(|f| ((a, p), f.real())))
@@ -283,10 +280,46 @@ fn a_flood_of_unconfirmed_flows_never_displaces_confirmed_ones() {
         2 * 16 * 1024,
         "every flood frame is one insert outcome: {events:?}"
     );
+
+    // Two frames per made-up tuple, back to back (SYN then ACK, and ACK then ACK): the second
+    // finds its tuple recorded a moment ago, and confirms nothing.
+    for (first, second) in [(TCP_SYN, TCP_ACK), (TCP_ACK, TCP_ACK)] {
+        let before = table_events(&lb);
+        for round in 0..16u32 {
+            lb.test.drive(&lb.dp, false, round * 512, 0, false).expect("driver");
+            assert_eq!(driver_runs(&lb, first, 512), XDP_TX);
+            lb.test.drive(&lb.dp, false, round * 512, 0, false).expect("driver");
+            assert_eq!(driver_runs(&lb, second, 512), XDP_TX);
+        }
+        let after = table_events(&lb);
+        assert_eq!(
+            after[table_event::CONFIRMED as usize],
+            before[table_event::CONFIRMED as usize],
+            "a flood's second frame confirmed a flow"
+        );
+        assert!(lb.dp.flows().iter().filter(|f| f.confirmed()).count() == held.len(), "the table holds confirmed flows of the flood");
+    }
+    for ((a, p), real) in &held {
+        let f = lb.dp.flow(*a, *p, VIP, 1883).unwrap_or_else(|| panic!("{a}:{p}: a confirmed session was displaced by the flood"));
+        assert_eq!((f.real(), f.confirmed()), (*real, true), "{a}:{p}");
+    }
+}
+
+/// Sessions as clients make them: SYN and the handshake's ACK, then a segment a keepalive
+/// later, which confirms each flow (`lb_common::FLOW_CONFIRM_UNITS`).
+fn open_and_confirm(lb: &Lb, sessions: &[(Ipv4Addr, u16)]) {
+    for &t in sessions {
+        assert_eq!(send(lb, t, TCP_SYN), XDP_TX);
+        assert_eq!(send(lb, t, TCP_ACK), XDP_TX);
+    }
+    lb.pass_time(lb_common::FLOW_CONFIRM_UNITS);
+    for &t in sessions {
+        assert_eq!(send(lb, t, TCP_ACK), XDP_TX);
+    }
 }
 
 #[test]
-fn a_mid_flow_miss_is_recorded_and_its_next_segment_confirms_it() {
+fn a_flow_confirms_by_a_segment_a_second_or_more_after_it_was_recorded() {
     require_root!();
     let lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100)]);
     // After a failover to this node, a session arrives mid-flow: no SYN.
@@ -294,13 +327,26 @@ fn a_mid_flow_miss_is_recorded_and_its_next_segment_confirms_it() {
     assert_eq!(action, XDP_TX);
     assert_eq!(lb.backend_of(&out), lb.ring_choice(0, CLIENT, 42000, 1883), "a mid-flow miss follows the ring");
     let f = lb.dp.flow(CLIENT, 42000, VIP, 1883).expect("recorded");
-    assert!(!f.confirmed(), "recorded unconfirmed");
+    assert_eq!(f.kind(), lb_common::FLOW_K_MIDFLOW, "recorded unconfirmed, without SYN");
+    // Its next segment at once confirms nothing (a flood sends its frames back to back) ...
     assert_eq!(lb.run(&ack(42000)).0, XDP_TX);
-    assert!(lb.dp.flow(CLIENT, 42000, VIP, 1883).expect("kept").confirmed(), "its next segment confirms it");
-    // A new connection: its SYN (and a retransmitted SYN) leave it unconfirmed, its ACK confirms.
+    assert!(!lb.dp.flow(CLIENT, 42000, VIP, 1883).expect("kept").confirmed(), "a segment in the same second confirmed the flow");
+    // ... one a unit later does not either (it may be a few microseconds later) ...
+    lb.pass_time_for(CLIENT, 42000, 1883, lb_common::FLOW_CONFIRM_UNITS - 1);
+    assert_eq!(lb.run(&ack(42000)).0, XDP_TX);
+    assert!(!lb.dp.flow(CLIENT, 42000, VIP, 1883).expect("kept").confirmed(), "a segment one unit later confirmed the flow");
+    // ... and one FLOW_CONFIRM_UNITS after the recording does, as a keepalive does.
+    lb.pass_time_for(CLIENT, 42000, 1883, 1);
+    assert_eq!(lb.run(&ack(42000)).0, XDP_TX);
+    assert!(lb.dp.flow(CLIENT, 42000, VIP, 1883).expect("kept").confirmed(), "its segment a keepalive later confirms it");
+    // A new connection: its SYN, a retransmitted SYN and the handshake's ACK leave it
+    // unconfirmed; its first segment a keepalive later confirms it.
     assert_eq!(lb.run(&syn(42002)).0, XDP_TX);
     assert_eq!(lb.run(&syn(42002)).0, XDP_TX);
-    assert!(!lb.dp.flow(CLIENT, 42002, VIP, 1883).expect("recorded").confirmed(), "a SYN confirms nothing");
+    assert_eq!(lb.run(&ack(42002)).0, XDP_TX);
+    let f = lb.dp.flow(CLIENT, 42002, VIP, 1883).expect("recorded");
+    assert_eq!(f.kind(), lb_common::FLOW_K_OPENED, "recorded by its SYN, unconfirmed");
+    lb.pass_time_for(CLIENT, 42002, 1883, lb_common::FLOW_CONFIRM_UNITS);
     assert_eq!(lb.run(&ack(42002)).0, XDP_TX);
     assert!(lb.dp.flow(CLIENT, 42002, VIP, 1883).expect("kept").confirmed());
     assert_eq!(table_events(&lb)[table_event::CONFIRMED as usize], 2);
@@ -331,10 +377,7 @@ fn a_table_full_of_confirmed_flows_forwards_a_new_one_unrecorded_until_a_slot_is
     // Two buckets, eight slots: every tuple lives in one of the two.
     let lb = Lb::with_table(Lb::config(&[("b1", 11, 100), ("b2", 12, 100)]), 4);
     let held = tuples([10, 2], 8);
-    for &t in &held {
-        assert_eq!(send(&lb, t, TCP_SYN), XDP_TX);
-        assert_eq!(send(&lb, t, TCP_ACK), XDP_TX);
-    }
+    open_and_confirm(&lb, &held);
     assert_eq!(lb.dp.flows().iter().filter(|f| f.confirmed()).count(), 8);
     let newcomer = (Ipv4Addr::new(10, 3, 0, 1), 40000);
     let before = table_events(&lb);
@@ -347,8 +390,13 @@ fn a_table_full_of_confirmed_flows_forwards_a_new_one_unrecorded_until_a_slot_is
     for &(a, p) in &held {
         assert!(lb.dp.flow(a, p, VIP, 1883).is_some(), "{a}:{p} displaced");
     }
-    // One session closes: the newcomer's next segment takes its slot.
+    // One session closes. A confirmed flow closing for less than FLOW_REOPEN_UNITS is kept
+    // (a spoofed RST must not expose a live session to the next flood) ...
     assert_eq!(send(&lb, held[3], TCP_ACK | 0x01), XDP_TX);
+    assert_eq!(send(&lb, newcomer, TCP_ACK), XDP_TX);
+    assert!(lb.dp.flow(newcomer.0, newcomer.1, VIP, 1883).is_none(), "a session closing a moment ago was replaced");
+    // ... and once its close is old, the newcomer's next segment takes its slot.
+    lb.pass_time(lb_common::FLOW_REOPEN_UNITS);
     assert_eq!(send(&lb, newcomer, TCP_ACK), XDP_TX);
     assert!(lb.dp.flow(newcomer.0, newcomer.1, VIP, 1883).is_some(), "recorded over the closing flow");
     assert!(lb.dp.flow(held[3].0, held[3].1, VIP, 1883).is_none());
@@ -363,10 +411,7 @@ fn flows_idle_past_their_timeout_are_not_live_and_go_first() {
     let expire = plan::expire_units(Duration::from_secs(5));
     assert_eq!(expire, 6, "5 s is five units of 1.07 s, and one more");
     let held = tuples([10, 4], 8);
-    for &t in &held {
-        assert_eq!(send(&lb, t, TCP_SYN), XDP_TX);
-        assert_eq!(send(&lb, t, TCP_ACK), XDP_TX);
-    }
+    open_and_confirm(&lb, &held);
     // One confirmed flow last sent a frame `expire` units ago (as if its client vanished).
     let (bucket, way) = slot_of(&lb, held[5]);
     let (addrs, meta) = lb.dp.flow_table().raw(bucket, way);
@@ -390,8 +435,7 @@ fn a_cached_flow_keeps_its_table_age_that_of_its_last_frame() {
     require_root!();
     pin_to_cpu(0);
     let lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100)]);
-    assert_eq!(lb.run(&syn(43000)).0, XDP_TX);
-    assert_eq!(lb.run(&ack(43000)).0, XDP_TX);
+    assert_eq!(lb.session(CLIENT, 43000, 1883).0, XDP_TX);
     assert_eq!(lb.run(&ack(43000)).0, XDP_TX);
     assert_eq!(lb.dp.cached_flow(CLIENT, 43000, VIP, 1883).expect("cache").len(), 1, "the flow is cached");
     let age = lb.dp.flow(CLIENT, 43000, VIP, 1883).expect("recorded").age();
@@ -471,10 +515,7 @@ fn a_flow_refreshed_ahead_of_a_reader_is_not_idle() {
     let lb = Lb::with_table(Lb::parse(&text), 4);
     let expire = plan::expire_units(Duration::from_secs(5));
     let held = tuples([10, 6], 8);
-    for &t in &held {
-        assert_eq!(send(&lb, t, TCP_SYN), XDP_TX);
-        assert_eq!(send(&lb, t, TCP_ACK), XDP_TX);
-    }
+    open_and_confirm(&lb, &held);
     // A flow whose last frame came a unit or two after a reader took the time (another CPU, or
     // the controller walking the table while a segment arrives): its age is ahead of `now`.
     let now = lb.dp.now_age().expect("clock");
@@ -491,4 +532,99 @@ fn a_flow_refreshed_ahead_of_a_reader_is_not_idle() {
     assert_eq!(send(&lb, (Ipv4Addr::new(10, 7, 0, 1), 40000), TCP_SYN), XDP_TX);
     assert!(lb.dp.flow(held[2].0, held[2].1, VIP, 1883).is_some(), "the program replaced a flow refreshed ahead of it");
     assert_eq!(table_events(&lb)[table_event::REFUSED as usize], before[table_event::REFUSED as usize] + 1);
+}
+
+/// Storm control charges every SYN that opens a connection once, whatever came before it on
+/// its tuple: an ACK first (which records the flow mid-flow) used to make the SYN after it a
+/// "retransmit" of a live flow, forwarded uncharged (issue 21, the storm control back door).
+#[test]
+fn storm_control_charges_a_syn_after_an_ack_and_never_a_retransmit_twice() {
+    require_root!();
+    let text = Lb::config_text(&[("b1", 11, 100), ("b2", 12, 100)])
+        .replace("port = 1883\n", "port = 1883\nmax_conn_rate = 100\nmax_conn_burst = 5\n");
+    let lb = Lb::with_config(Lb::parse(&text));
+    // A client's session, opened before the attack.
+    let session = 48000;
+    assert_eq!(lb.session(CLIENT, session, 1883).0, XDP_TX);
+    let charged0 = table_events(&lb)[table_event::SYN_CHARGED as usize];
+    let drops0 = lb.dp.stats().expect("stats").verdict(reason::DROP_CONN_RATE);
+    // An attacker's tuples, each an ACK then a SYN, back to back.
+    let t0 = Instant::now();
+    let mut admitted = 0usize;
+    for p in (46000..46400).step_by(2) {
+        assert_eq!(lb.run(&ack(p)).0, XDP_TX, "port {p}: a segment without SYN is never limited");
+        match lb.run(&syn(p)).0 {
+            XDP_TX => admitted += 1,
+            XDP_DROP => {}
+            other => panic!("port {p}: action {other}"),
+        }
+    }
+    let elapsed_ms = u64::try_from(t0.elapsed().as_millis()).expect("short");
+    let bound = 5 + usize::try_from(elapsed_ms / 10 + 2).expect("small");
+    assert!(admitted <= bound, "{admitted} of 200 ACK-then-SYN tuples admitted in {elapsed_ms} ms (the limit allows {bound})");
+    let stats = lb.dp.stats().expect("stats");
+    assert_eq!(stats.verdict(reason::DROP_CONN_RATE) - drops0, 200 - admitted as u64);
+    assert_eq!(stats.table[table_event::SYN_CHARGED as usize] - charged0, admitted as u64, "each admitted SYN on a held flow is charged");
+
+    // A SYN admitted, then its retransmits while the limit is spent: forwarded, never charged.
+    let quiet = Instant::now() + Duration::from_secs(2);
+    let mut p = 47000;
+    while lb.run(&syn(p)).0 != XDP_TX {
+        assert!(Instant::now() < quiet, "no SYN admitted 2 s later");
+        std::thread::sleep(Duration::from_millis(5));
+        p += 2;
+    }
+    for q in (47500..47540).step_by(2) {
+        let _ = lb.run(&syn(q));
+    }
+    let drops = lb.dp.stats().expect("stats").verdict(reason::DROP_CONN_RATE);
+    for _ in 0..5 {
+        assert_eq!(lb.run(&syn(p)).0, XDP_TX, "port {p}: a retransmitted SYN of an admitted connection was dropped");
+    }
+    assert_eq!(lb.dp.stats().expect("stats").verdict(reason::DROP_CONN_RATE), drops, "a retransmit was charged");
+    // A SYN on a confirmed session (spoofed, or a client that rebooted onto the same port) is
+    // charged like a new connection, and dropped while the limit is spent; the session's own
+    // segments never are.
+    assert_eq!(lb.run(&syn(session)).0, XDP_DROP, "a SYN on a confirmed flow went uncharged");
+    assert_eq!(lb.run(&ack(session)).0, XDP_TX);
+    assert!(lb.dp.flow(CLIENT, session, VIP, 1883).expect("held").confirmed(), "a dropped SYN changed the session's flow");
+}
+
+/// A spoofed RST, then a spoofed SYN, on an exception flow (a session pinned to a broker the
+/// ring no longer names for its slot): the SYN used to re-pick by the ring and move the
+/// session to a broker that resets it (issue 21). A close alone never lets a SYN move a live
+/// session: the SYN goes where the flow goes, the session's own next segment clears the mark,
+/// and only a tuple silent for FLOW_REOPEN_UNITS after its close is picked again.
+#[test]
+fn a_spoofed_rst_then_syn_never_moves_an_exception_flow() {
+    require_root!();
+    let mut lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100)]);
+    let ports: Vec<u16> = (49000..49200).step_by(2).collect();
+    let pinned: Vec<String> = ports.iter().map(|&p| lb.backend_of(&lb.session(CLIENT, p, 1883).1)).collect();
+    lb.set_backends(&[("b1", 11, 100), ("b2", 12, 100), ("b3", 13, 100)]);
+    let exceptions: Vec<(u16, &String)> =
+        ports.iter().zip(&pinned).filter(|&(&p, _)| lb.ring_choice(0, CLIENT, p, 1883) == "b3").map(|(p, b)| (*p, b)).collect();
+    assert!(exceptions.len() > 10, "only {} sessions became exceptions", exceptions.len());
+    let rst = |p: u16| Ipv4Frame::tcp(CLIENT, p, VIP, 1883, TCP_RST).build();
+    for &(p, was) in &exceptions {
+        assert_eq!(lb.backend_of(&lb.run(&rst(p)).1), *was, "port {p}: the RST goes where the flow goes");
+        assert!(lb.dp.flow(CLIENT, p, VIP, 1883).expect("held").closing());
+        // The attacker's SYN, at once and a few seconds later: where the flow goes.
+        assert_eq!(lb.backend_of(&lb.run(&syn(p)).1), *was, "port {p}: RST then SYN moved the session");
+        lb.pass_time_for(CLIENT, p, 1883, 4);
+        assert_eq!(lb.backend_of(&lb.run(&syn(p)).1), *was, "port {p}: RST, then SYN 4 s later moved the session");
+        // The session speaks (its keepalive): the mark is cleared, the flow open and confirmed.
+        assert_eq!(lb.backend_of(&lb.run(&ack(p)).1), *was);
+        let f = lb.dp.flow(CLIENT, p, VIP, 1883).expect("held");
+        assert!(!f.closing() && f.confirmed(), "port {p}: the session's own segment did not clear the close: {f:?}");
+        assert_eq!(lb.backend_of(&lb.run(&syn(p)).1), *was, "port {p}: a SYN after the cleared close moved the session");
+    }
+    let events = table_events(&lb);
+    assert_eq!(events[table_event::CLOSE_CLEARED as usize], exceptions.len() as u64);
+    // A tuple whose close is older than FLOW_REOPEN_UNITS, and silent since, is a new
+    // connection reusing it: the ring picks.
+    let (p, was) = exceptions[0];
+    assert_eq!(lb.backend_of(&lb.run(&rst(p)).1), *was);
+    lb.pass_time_for(CLIENT, p, 1883, lb_common::FLOW_REOPEN_UNITS);
+    assert_eq!(lb.backend_of(&lb.run(&syn(p)).1), "b3", "a tuple closed a TIME_WAIT ago must start from the ring");
 }

@@ -39,8 +39,7 @@ fn the_flood_guard_engaging_and_releasing_are_logged() {
     let send = |lb: &Lb, a: Ipv4Addr, p: u16, flags: u8| lb.run(&Ipv4Frame::tcp(a, p, VIP, 1883, flags).build()).0;
     let held: Vec<Ipv4Addr> = (1..=8).map(|i| Ipv4Addr::new(10, 2, 0, i)).collect();
     for &a in &held {
-        assert_eq!(send(&lb, a, 40000, TCP_SYN), XDP_TX);
-        assert_eq!(send(&lb, a, 40000, TCP_ACK), XDP_TX);
+        assert_eq!(lb.session(a, 40000, 1883).0, XDP_TX);
     }
     assert_eq!(logged(&mut lb, "flood guard"), 0, "nothing refused yet");
     for i in 1..=20 {
@@ -53,6 +52,7 @@ fn the_flood_guard_engaging_and_releasing_are_logged() {
     for &a in &held {
         assert_eq!(send(&lb, a, 40000, TCP_ACK | 0x01), XDP_TX);
     }
+    lb.pass_time(lb_common::FLOW_REOPEN_UNITS);
     let released = "flood guard released: new flows are recorded again";
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut port = 41000;

@@ -408,7 +408,15 @@ fn client_close_marks_the_flow_and_a_reused_tuple_starts_fresh() {
         assert_ne!(lb.backend_of(&out), "b3", "port {p}: the last ACK goes where the flow was");
     }
     assert_eq!(live(&lb), ports.len() - moved.len(), "closing flows are not live");
-    // A new connection reusing a closed tuple follows the current ring.
+    // A SYN soon after the close (a spoofed RST or FIN, then a spoofed SYN; or a client that
+    // reuses its tuple at once) goes where the flow was: a close alone never moves a session.
+    for &p in &moved {
+        let (_, out) = lb.run(&syn(p));
+        assert_ne!(lb.backend_of(&out), "b3", "port {p}: a SYN right after a close moved the flow");
+        assert!(lb.dp.flow(CLIENT, p, VIP, 1883).expect("kept").closing(), "port {p}: the early SYN reopened the flow");
+    }
+    // A new connection reusing a tuple closed a TIME_WAIT ago follows the current ring.
+    lb.pass_time(lb_common::FLOW_REOPEN_UNITS);
     for &p in &moved {
         let (_, out) = lb.run(&syn(p));
         assert_eq!(lb.backend_of(&out), "b3", "port {p}: a reused tuple must start from the ring");
@@ -450,11 +458,14 @@ fn flow_cache_serves_established_frames_revalidates_and_follows_every_change() {
     let ack = |dport: u16| Ipv4Frame::tcp(CLIENT, 44000, VIP, dport, TCP_ACK).build();
     let new_flows = |lb: &Lb| lb.dp.stats().expect("stats").total().new_flows;
     let first = lb.backend_of(&lb.run(&syn(44000)).1);
+    // The session's next segment comes a keepalive later (its flow confirms then).
+    lb.pass_time_for(CLIENT, 44000, 1883, lb_common::FLOW_CONFIRM_UNITS);
     // A cache entry serves only within the table clock's unit it was filled in (1.07 s): start
     // at the beginning of one, so what follows runs well within it.
     fresh_clock_unit(&lb);
     // The first established frame reads FLOWS, confirms the flow and fills this CPU's cache slot.
     assert_eq!(lb.backend_of(&lb.run(&ack(1883)).1), first);
+    assert!(lb.dp.flow(CLIENT, 44000, VIP, 1883).expect("held").confirmed());
 
     // Remove the flow behind the cache's back, as a replacement in the table would: the cache
     // alone serves the flow (no miss, so no new flow), for exactly FLOW_CACHE_REVALIDATE frames ...
@@ -472,7 +483,9 @@ fn flow_cache_serves_established_frames_revalidates_and_follows_every_change() {
     assert!(lb.dp.flow(CLIENT, 44000, VIP, 1883).is_some());
 
     // A real changing (its MAC here) invalidates every cached entry at once.
-    assert_eq!(lb.backend_of(&lb.run(&ack(1883)).1), first, "refills the cache");
+    lb.pass_time_for(CLIENT, 44000, 1883, lb_common::FLOW_CONFIRM_UNITS);
+    fresh_clock_unit(&lb);
+    assert_eq!(lb.backend_of(&lb.run(&ack(1883)).1), first, "confirms the re-inserted flow and refills the cache");
     let cached = |lb: &Lb| lb.dp.cached_flow(CLIENT, 44000, VIP, 1883).expect("cache").len();
     assert_eq!(cached(&lb), 1, "one CPU has the flow cached");
     lb.runtime.get_mut(&first).expect("runtime").mac = Some(mac_of(0x77));
@@ -491,7 +504,10 @@ fn flow_cache_serves_established_frames_revalidates_and_follows_every_change() {
     // And a listener that moves to another VIP (same id, same port, same reals): its flows are
     // purged, and a cached one must not be forwarded any more.
     assert_eq!(lb.run(&ack(8883)).0, XDP_TX);
-    assert_eq!(lb.run(&ack(8883)).0, XDP_TX, "cached");
+    lb.pass_time_for(CLIENT, 44000, 8883, lb_common::FLOW_CONFIRM_UNITS);
+    fresh_clock_unit(&lb);
+    assert_eq!(lb.run(&ack(8883)).0, XDP_TX, "confirmed");
+    assert_eq!(lb.dp.cached_flow(CLIENT, 44000, VIP, 8883).expect("cache").len(), 1, "cached");
     lb.config.listeners.iter_mut().find(|l| l.name == "mqtts").expect("mqtts").vip = Ipv4Addr::new(192, 0, 2, 101).into();
     lb.apply();
     assert_eq!(lb.run(&ack(8883)).0, XDP_PASS, "a cached flow of a moved listener was still forwarded");
@@ -523,55 +539,46 @@ fn flow_table_holds_its_size_in_flows() {
 }
 
 #[test]
-fn flow_table_replaces_the_least_recently_used_of_eight_closing_flows_first() {
+fn flow_table_replaces_the_least_recently_recorded_of_eight_unconfirmed_flows_closing_first() {
     require_root!();
     pin_to_cpu(0);
     // 32 buckets: one tuple in 256 shares a given pair of them.
     let lb = Lb::with_table(Lb::config(&[("b1", 11, 100), ("b2", 12, 100)]), 64);
-    // Ten tuples whose two buckets are the same two: eight fill them, two more must replace.
+    // Eleven tuples whose two buckets are the same two: eight fill them, more must replace.
     let candidates = (0..100_000u32).map(|n| (Ipv4Addr::from(0x0a00_0000 + (n >> 8)), 1024 + 2 * (n & 0xff) as u16));
     let first = candidates.clone().next().expect("one");
     let home = lb.dp.flow_buckets(first.0, first.1, VIP, 1883);
-    let same: Vec<(Ipv4Addr, u16)> = candidates.filter(|&(a, p)| lb.dp.flow_buckets(a, p, VIP, 1883) == home).take(10).collect();
-    assert_eq!(same.len(), 10, "not enough tuples share two buckets");
+    let same: Vec<(Ipv4Addr, u16)> = candidates.filter(|&(a, p)| lb.dp.flow_buckets(a, p, VIP, 1883) == home).take(11).collect();
+    assert_eq!(same.len(), 11, "not enough tuples share two buckets");
     let send = |(a, p): (Ipv4Addr, u16), flags: u8| assert_eq!(lb.run(&Ipv4Frame::tcp(a, p, VIP, 1883, flags).build()).0, XDP_TX);
-    let age = |(a, p): (Ipv4Addr, u16)| lb.dp.flow(a, p, VIP, 1883).expect("in the table").state >> lb_common::FLOW_S_AGE_SHIFT;
     let present = |t: &[(Ipv4Addr, u16)]| t.iter().map(|&(a, p)| lb.dp.flow(a, p, VIP, 1883).is_some()).collect::<Vec<_>>();
-    for &t in &same[..8] {
+    // Eight connections opened one after the other (a unit apart): the first is the oldest.
+    // Their handshakes' ACKs come at once, which confirms nothing.
+    for (i, &t) in same[..8].iter().enumerate() {
         send(t, TCP_SYN);
+        send(t, TCP_ACK);
+        lb.pass_time_for(t.0, t.1, 1883, 8 - u32::try_from(i).expect("few"));
     }
     assert_eq!(present(&same[..8]), vec![true; 8]);
-    // Wait for the table's clock to move on (2^8 jiffies: about a second at 250 Hz), watching a
-    // probe flow that lives elsewhere; SYNs never use the flow cache.
-    let t0 = age(same[0]);
-    let probe = (1000..3000)
-        .map(|p| (Ipv4Addr::new(10, 200, 0, 1), p))
-        .find(|t| lb.dp.flow_buckets(t.0, t.1, VIP, 1883).iter().all(|b| !home.contains(b)))
-        .expect("a probe tuple in other buckets");
-    let mut moved = false;
-    for _ in 0..60 {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        send(probe, TCP_SYN);
-        moved = age(probe) != t0;
-        if moved {
-            break;
-        }
-    }
-    assert!(moved, "the flow table age did not move in 6 s");
-    // Seven of the eight are used again (their first ACK goes to the table): the eighth is now
-    // the least recently used, and the ninth flow takes its slot.
-    for &t in &same[1..8] {
-        send(t, TCP_ACK);
-        assert_ne!(age(t), t0, "a lookup refreshes the age");
-    }
+    assert!(lb.dp.flows().iter().all(|f| !f.confirmed()), "a handshake's ACK confirmed a flow");
     send(same[8], TCP_SYN);
-    assert_eq!(present(&same[..9]), [vec![false], vec![true; 8]].concat(), "the least recently used flow went");
+    assert_eq!(present(&same[..9]), [vec![false], vec![true; 8]].concat(), "the least recently recorded flow went");
     // A closing flow goes before any open one, however recent.
     send(same[4], TCP_ACK | 0x01);
     assert!(lb.dp.flow(same[4].0, same[4].1, VIP, 1883).expect("kept while closing").closing());
     send(same[9], TCP_SYN);
     let want: Vec<bool> = (0..10).map(|i| i != 0 && i != 4).collect();
-    assert_eq!(present(&same), want, "the closing flow went first");
+    assert_eq!(present(&same[..10]), want, "the closing flow went first");
+    // A confirmed flow is never replaced: with all eight confirmed, a newcomer is refused.
+    lb.pass_time(lb_common::FLOW_CONFIRM_UNITS);
+    for (i, &t) in same[..10].iter().enumerate() {
+        if want[i] {
+            send(t, TCP_ACK);
+        }
+    }
+    assert_eq!(lb.dp.flows().iter().filter(|f| f.confirmed()).count(), 8);
+    send(same[10], TCP_SYN);
+    assert_eq!(present(&same), [want, vec![false]].concat(), "a new connection displaced a confirmed session");
 }
 
 #[test]

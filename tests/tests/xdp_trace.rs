@@ -64,7 +64,11 @@ fn each_decision_is_traced_with_how_the_real_was_chosen() {
     assert_eq!(ev.len as usize, out.len());
     assert_eq!(ev.caplen as usize, out.len().min(TRACE_SNAP));
     assert_eq!(&ev.frame[..ev.caplen as usize], &out[..ev.caplen as usize], "the frame as it left, new MACs and all");
-    // The first ACK confirms the flow in the table; the next comes from this CPU's cache.
+    // The handshake's ACK goes by the table; a segment a keepalive later confirms the flow
+    // there; the next comes from this CPU's cache.
+    let (_, _, ev) = traced(&lb, &mut tracer, &seg(port, TCP_ACK));
+    assert_eq!((ev.how, lb.backend_name(real_backend(ev.real))), (trace_how::TABLE, backend.clone()));
+    lb.pass_time_for(CLIENT, port, 1883, lb_common::FLOW_CONFIRM_UNITS);
     let (_, _, ev) = traced(&lb, &mut tracer, &seg(port, TCP_ACK));
     assert_eq!((ev.how, lb.backend_name(real_backend(ev.real))), (trace_how::TABLE, backend.clone()));
     let (_, _, ev) = traced(&lb, &mut tracer, &seg(port, TCP_ACK));
@@ -84,11 +88,12 @@ fn each_decision_is_traced_with_how_the_real_was_chosen() {
     assert_ne!(lb.backend_of(&out), backend);
     lb.set_down(&backend, false);
 
-    // A closed flow's tuple reused by a new SYN.
+    // A closed flow's tuple reused by a new SYN, a TIME_WAIT after the close.
     let fin_port = 30010;
     for flags in [TCP_SYN, TCP_ACK, TCP_ACK | TCP_FIN] {
         assert_eq!(traced(&lb, &mut tracer, &seg(fin_port, flags)).0, XDP_TX);
     }
+    lb.pass_time_for(CLIENT, fin_port, 1883, lb_common::FLOW_REOPEN_UNITS);
     assert_eq!(traced(&lb, &mut tracer, &seg(fin_port, TCP_SYN)).2.how, trace_how::REOPENED);
 
     // Passed: no listener on the port, nothing chosen.

@@ -21,7 +21,7 @@ use crate::{
     config::{self, Config},
     dataplane,
     exceptions::{self, Done, Incoming, Job, MergeCounts, RingView},
-    flow_table::FlowTable,
+    flow_table::{FlowTable, PeerFlow},
 };
 
 /// How often the announced routes are put back if someone removed them.
@@ -352,10 +352,10 @@ impl Controller {
                     .filter(|e| u32::from(e.idle) < expire && e.client.is_ipv6() == at.is_ipv6())
                     .map(|e| {
                         let (key, addrs6) = exceptions::key_of(e.client, at, seed);
-                        (key, addrs6, e.closing, now.wrapping_sub(u32::from(e.idle)) & 0xffff)
+                        PeerFlow { key, addrs6, real, closing: e.closing, age: now.wrapping_sub(u32::from(e.idle)) & 0xffff }
                     })
                     .collect();
-                if self.ha.merger.send(Job::Merge(Incoming { real, flows, now, expire })).is_ok() {
+                if self.ha.merger.send(Job::Merge(Incoming { from, flows, now, expire })).is_ok() {
                     self.ha.merges_pending += 1;
                 }
             }

@@ -14,8 +14,9 @@ use aya::{
     },
 };
 use lb_common::{
-    ConnRate, Counters, FLOW_CACHE_VALID, FLOW_WAYS, Ip6, LAYOUT_VERSION, LISTENER_F_IPV6, Layout, ListenerInfo, MAX_LISTENERS, PORT_SLOTS,
-    PortInfo, REAL_SLOTS, RING_COPIES, RealInfo, RingEntry, VipInfo, flow_table_buckets, map_names as names, ring_base, ring_entries,
+    ConnRate, Counters, FLOW_CACHE_VALID, FLOW_WAYS, Ip6, LAYOUT_VERSION, LAYOUT_VERSION_ADOPTED, LISTENER_F_IPV6, Layout, ListenerInfo,
+    MAX_LISTENERS, PORT_SLOTS, PortInfo, REAL_SLOTS, RING_COPIES, RealInfo, RingEntry, VipInfo, flow_table_buckets, map_names as names,
+    ring_base, ring_entries,
 };
 
 use super::{ConnRateWanted, Dataplane, LoadOptions, Written, apply::unpack_ring, map_mut};
@@ -160,7 +161,7 @@ impl Dataplane {
             ensure!(layout.exists(), "{}", stale_layout("no LAYOUT map"));
             let map = MapData::from_pin(&layout).with_context(|| format!("opening {}", layout.display()))?;
             let version = Array::<MapData, Layout>::try_from(aya::maps::Map::Array(map))?.get(&0, 0)?.version;
-            ensure!(version == LAYOUT_VERSION, "{}", stale_layout(&format!("layout version {version}")));
+            ensure!(adoptable(version), "{}", stale_layout(&format!("layout version {version}")));
         } else {
             unpin_all(dir)?;
         }
@@ -360,7 +361,12 @@ fn flow_seed(ebpf: &mut Ebpf) -> anyhow::Result<u64> {
     let mut map: Array<&mut MapData, Layout> = map_mut(ebpf, names::LAYOUT)?;
     let layout = map.get(&0, 0).context("reading LAYOUT")?;
     if layout.version != 0 {
-        ensure!(layout.version == LAYOUT_VERSION, "{}", stale_layout(&format!("layout version {}", layout.version)));
+        ensure!(adoptable(layout.version), "{}", stale_layout(&format!("layout version {}", layout.version)));
+        if layout.version != LAYOUT_VERSION {
+            // Its states read the same here (`lb_common::LAYOUT_VERSION`); an older controller
+            // must now refuse the maps.
+            map.set(0, Layout { version: LAYOUT_VERSION, ..layout }, 0).context("writing LAYOUT")?;
+        }
         return Ok(layout.flow_seed);
     }
     let mut bytes = [0u8; 8];
@@ -370,6 +376,11 @@ fn flow_seed(ebpf: &mut Ebpf) -> anyhow::Result<u64> {
     let flow_seed = u64::from_ne_bytes(bytes) | 1;
     map.set(0, Layout { version: LAYOUT_VERSION, flow_seed }, 0).context("writing LAYOUT")?;
     Ok(flow_seed)
+}
+
+/// Whether this build adopts maps of layout `version`.
+const fn adoptable(version: u64) -> bool {
+    version >= LAYOUT_VERSION_ADOPTED && version <= LAYOUT_VERSION
 }
 
 /// Why pinned maps are refused, and what to do.

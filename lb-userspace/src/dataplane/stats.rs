@@ -100,9 +100,12 @@ impl Dataplane {
             listeners.insert(id, total);
         }
         let table_map: PerCpuArray<&MapData, u64> = self.map_ref(names::TABLE_STATS)?;
+        // Maps adopted from layout version 3 count fewer events (the pinned map keeps its size
+        // until `dsrlb stop`): the newer ones read 0 there.
+        let have = aya::maps::IterableMap::map(&table_map).info()?.max_entries();
         let mut table = Vec::with_capacity(table_event::COUNT as usize);
         for e in 0..table_event::COUNT {
-            table.push(table_map.get(&e, 0)?.iter().sum());
+            table.push(if e < have { table_map.get(&e, 0)?.iter().sum() } else { 0 });
         }
         Ok(Stats { verdicts, reals, listeners, table })
     }
