@@ -1048,3 +1048,60 @@ pub const fn ring_slot(hash: u64, ring_size: u32) -> u32 {
 pub const fn source_hash(src_be: u32) -> u64 {
     mix64((src_be as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5bd1_e995)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every rule of [`flow_step`], one row each: (what, kind and closing, age, segment,
+    /// usable) → (kind and closing written, age written, charged, re-picked, event).
+    #[test]
+    fn flow_step_rules() {
+        const NOW: u32 = 1000;
+        let (mid, opened, confirmed, closing) = (FLOW_K_MIDFLOW, FLOW_K_OPENED, FLOW_K_CONFIRMED, FLOW_S_CLOSING);
+        let (reopen, confirm) = (FLOW_REOPEN_UNITS, FLOW_CONFIRM_UNITS);
+        #[rustfmt::skip]
+        let rows: [(&str, u32, u32, u32, bool, u32, u32, bool, bool, u32); 22] = [
+            ("the handshake's ACK confirms nothing", opened, NOW, segment::PLAIN, true, opened, NOW, false, false, table_event::NONE),
+            ("a segment a unit later confirms nothing", opened, NOW - 1, segment::PLAIN, true, opened, NOW - 1, false, false, table_event::NONE),
+            ("a segment FLOW_CONFIRM_UNITS later confirms", opened, NOW - confirm, segment::PLAIN, true, confirmed, NOW, false, false, table_event::CONFIRMED),
+            ("a mid-flow miss confirms the same way", mid, NOW - confirm, segment::PLAIN, true, confirmed, NOW, false, false, table_event::CONFIRMED),
+            ("a confirmed flow's segment refreshes its age", confirmed, NOW - 5, segment::PLAIN, true, confirmed, NOW, false, false, table_event::NONE),
+            ("a retransmitted SYN: not charged", opened, NOW - 3, segment::SYN, true, opened, NOW - 3, false, false, table_event::SYN_AGAIN),
+            ("a SYN after an ACK: charged, and its retransmits are not", mid, NOW - 1, segment::SYN, true, opened, NOW, true, false, table_event::SYN_CHARGED),
+            ("a SYN on a confirmed flow: charged, the flow unchanged", confirmed, NOW - 1, segment::SYN, true, confirmed, NOW - 1, true, false, table_event::SYN_CHARGED),
+            ("FIN or RST marks the flow closing now", confirmed, NOW - 9, segment::CLOSE, true, confirmed | closing, NOW, false, false, table_event::NONE),
+            ("a second FIN keeps the mark's age", confirmed | closing, NOW - 9, segment::CLOSE, true, confirmed | closing, NOW - 9, false, false, table_event::NONE),
+            ("the close's last ACK keeps the mark", confirmed | closing, NOW - 1, segment::PLAIN, true, confirmed | closing, NOW - 1, false, false, table_event::NONE),
+            ("a segment 2 units after the mark clears it", mid | closing, NOW - confirm, segment::PLAIN, true, confirmed, NOW, false, false, table_event::CLOSE_CLEARED),
+            ("a SYN right after a close goes where the flow went", confirmed | closing, NOW, segment::SYN, true, confirmed | closing, NOW, true, false, table_event::SYN_CHARGED),
+            ("a SYN just under FLOW_REOPEN_UNITS after it too", confirmed | closing, NOW - reopen + 1, segment::SYN, true, confirmed | closing, NOW - reopen + 1, true, false, table_event::SYN_CHARGED),
+            ("a SYN FLOW_REOPEN_UNITS after a close reopens by the ring", confirmed | closing, NOW - reopen, segment::SYN, true, opened, NOW, true, true, table_event::NONE),
+            ("a down real: a segment re-picks, its flow as it was", confirmed, NOW - 1, segment::PLAIN, false, confirmed, NOW, false, true, table_event::NONE),
+            ("a down real: a new SYN is charged and re-picks", confirmed, NOW - 1, segment::SYN, false, opened, NOW, true, true, table_event::NONE),
+            ("a down real: a retransmit re-picks uncharged", opened, NOW - 1, segment::SYN, false, opened, NOW - 1, false, true, table_event::NONE),
+            ("a down real: a FIN re-picks and marks", mid, NOW - 1, segment::CLOSE, false, mid | closing, NOW, false, true, table_event::NONE),
+            ("SYN+ACK changes nothing", opened, NOW - 5, segment::ODD, true, opened, NOW - 5, false, false, table_event::NONE),
+            ("an age ahead of now is idle 0", opened, NOW + 3, segment::PLAIN, true, opened, NOW + 3, false, false, table_event::NONE),
+            ("a mid-flow flow's SYN just after its record", mid, NOW, segment::SYN, true, opened, NOW, true, false, table_event::SYN_CHARGED),
+        ];
+        for (what, flags, age, seg, usable, want_flags, want_age, charge, repick, event) in rows {
+            let step = flow_step(flow_state(7, flags, age), seg, usable, NOW);
+            assert_eq!(
+                (step.state, step.charge, step.repick, step.event),
+                (flow_state(7, want_flags, want_age), charge, repick, event),
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn live_states_and_busy_ones() {
+        assert!(flow_live(flow_state(0, FLOW_K_MIDFLOW, 0)), "a mid-flow flow of real 0, age 0 is live");
+        assert!(!flow_live(0) && !flow_live(FLOW_S_BUSY) && !flow_live(FLOW_S_BUSY_V3));
+        // Layout 3's live states read as this layout's kinds.
+        let (v3_live, v3_confirmed) = (1 << 14, 1 << 15);
+        assert_eq!(v3_live, FLOW_K_MIDFLOW);
+        assert_eq!(v3_live | v3_confirmed, FLOW_K_CONFIRMED);
+    }
+}

@@ -266,6 +266,12 @@ impl FlowTable {
         moved
     }
 
+    /// Overwrites the IPv6 addresses recorded for a slot, for tests that make two IPv6 flows
+    /// share a key (a 60-bit collision, which needs the seed to aim).
+    pub fn set_raw_addrs6(&self, bucket: u32, way: usize, a: &FlowAddrs6) {
+        self.store_addrs6(bucket, way, a);
+    }
+
     /// How many live flows point at each real (a walk of the table): not closing, and idle less
     /// than `expire(listener id)` age units at age `now`.
     #[must_use]

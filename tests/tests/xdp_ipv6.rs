@@ -691,3 +691,48 @@ fn config_rules_for_ipv6() {
     let text = format!("{head}[[listener]]\nname = \"l\"\nvip = \"223.255.255.1\"\nport = 1883\n{dual}");
     config::parse(&text, "t.toml").expect("a VIP just below 224/4");
 }
+
+/// Two IPv6 flows whose 60-bit keys collide (the seed is secret, so only someone who knows it
+/// could aim one) share a bucket: the lookup must pass over the slot whose addresses are not
+/// the frame's and find the frame's own flow behind it, as the controller's walk does. It used
+/// to end the search in that bucket: the flow's frames then missed, were recorded a second
+/// time, and an exception flow went where the ring said.
+#[test]
+fn a_slot_whose_key_collides_but_whose_addresses_differ_is_passed_over() {
+    require_root!();
+    let lb = lb6(false);
+    let sport = 43000;
+    assert_eq!(lb.run(&syn6(CLIENT6, sport).build()).0, XDP_TX);
+    let flow = lb.dp.flow(CLIENT6, sport, VIP6, 1883).expect("recorded");
+    let t = lb.dp.flow_table();
+    let (bucket, way) = (0..t.buckets())
+        .flat_map(|b| (0..4).map(move |w| (b, w)))
+        .find(|&(b, w)| {
+            let (a, m) = t.raw(b, w);
+            let (addrs, ports) = flow.key.words();
+            a == addrs && lb_common::flow_meta_split(m).0 == ports
+        })
+        .expect("the flow's slot");
+    // The flow moves one way up, pinned to another backend than its ring slot (an exception);
+    // a stranger with the same key takes its place, pinned elsewhere too.
+    let other = BACKENDS.iter().find(|b| lb.ids.backends[**b] != real_backend(flow.real())).expect("another backend");
+    let real_other = lb_common::real_id(lb.ids.listeners["mqtt6"], lb.ids.backends[*other]);
+    assert!(way < 3, "the SYN took the last way of an empty bucket");
+    let (addrs, meta) = t.raw(bucket, way);
+    let (ports, _) = lb_common::flow_meta_split(meta);
+    let pinned = lb_common::flow_state(real_other, lb_common::FLOW_K_CONFIRMED, lb.dp.now_age().expect("clock"));
+    let own = FlowAddrs6 { src: Ip6 { octets: CLIENT6.octets() }, dst: Ip6 { octets: VIP6.octets() } };
+    let stranger = FlowAddrs6 { src: Ip6 { octets: Ipv6Addr::new(0x2001, 0xdb8, 0xd, 0, 0, 0, 0, 9).octets() }, dst: own.dst };
+    t.set_raw(bucket, way + 1, addrs, lb_common::flow_meta(ports, pinned));
+    t.set_raw_addrs6(bucket, way + 1, &own);
+    t.set_raw(bucket, way, addrs, lb_common::flow_meta(ports, pinned));
+    t.set_raw_addrs6(bucket, way, &stranger);
+    let (new_flows, held) = (lb.dp.stats().expect("stats").total().new_flows, lb.dp.flows().len());
+    let ack = Ipv6Frame::tcp(CLIENT6, sport, VIP6, 1883, TCP_ACK).build();
+    for _ in 0..3 {
+        let (action, out) = lb.run(&ack);
+        assert_eq!((action, lb.backend_of(&out)), (XDP_TX, (*other).to_owned()), "the frame did not find its own flow behind the stranger");
+    }
+    assert_eq!(lb.dp.stats().expect("stats").total().new_flows, new_flows, "a frame of a held flow counted as a new flow");
+    assert_eq!(lb.dp.flows().len(), held, "the flow was recorded a second time");
+}
