@@ -399,7 +399,8 @@ pub const FLOW_K_OPENED: u32 = 2 << 14;
 /// made-up flow, which sends its frames back to back, never does. An unconfirmed flow keeps
 /// the age it was recorded at until it confirms. An insert replaces a closing or expired flow
 /// first, then the least recently recorded `MIDFLOW` one, then (for a SYN only) an `OPENED`
-/// one, but never a confirmed open flow (the flood guard).
+/// one, but never a confirmed open flow (the flood guard). An `OPENED` flow younger than
+/// [`FLOW_OPENED_GRACE_UNITS`] is replaced by a SYN's insert only.
 pub const FLOW_K_CONFIRMED: u32 = 3 << 14;
 /// `FlowSlot::state` while a writer owns the slot: no kind (not live), and not empty (0).
 pub const FLOW_S_BUSY: u32 = !FLOW_S_KIND;
@@ -414,6 +415,11 @@ pub const FLOW_CONFIRM_UNITS: u32 = 2;
 /// tuple sooner; a session that a spoofed RST marked and that speaks within a minute (an MQTT
 /// keepalive of 60 s or less) clears the mark before a spoofed SYN can move it.
 pub const FLOW_REOPEN_UNITS: u32 = 56;
+
+/// Age units for which a flow an admitted SYN recorded is replaced only by another SYN's: a
+/// connection just opened (its CONNECT, CONNACK and SUBSCRIBE take well under a second) is not
+/// pushed out by made-up ACKs, and a SYN flood's leftovers make way for mid-flow records soon.
+pub const FLOW_OPENED_GRACE_UNITS: u32 = 4;
 
 /// Whether a state holds a flow (a kind; not empty, not a writer's).
 #[inline(always)]

@@ -8,8 +8,8 @@ use core::intrinsics::{
 };
 
 use lb_common::{
-    FLOW_AGE_AHEAD, FLOW_REOPEN_UNITS, FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_KIND, FLOW_WAYS, FlowBucket, FlowKey,
-    flow_buckets, flow_live, flow_meta, flow_meta_split, table_event,
+    FLOW_AGE_AHEAD, FLOW_OPENED_GRACE_UNITS, FLOW_REOPEN_UNITS, FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_KIND, FLOW_WAYS,
+    FlowBucket, FlowKey, flow_buckets, flow_live, flow_meta, flow_meta_split, table_event,
 };
 
 use crate::{
@@ -211,19 +211,26 @@ pub fn set_state(p: &Place, found: &Found, state: u32) -> bool {
     unsafe { atomic_cxchg::<u64, { SeqCst }, { Relaxed }>(found.meta, flow_meta(p.ports, found.state), flow_meta(p.ports, state)).1 }
 }
 
-/// Score bits above any idle time, by how a slot is to replace: a flow recorded by a SYN before
-/// any confirmed one, one recorded without SYN before that, a closing or expired one before
-/// all. A confirmed open flow (or one closing for less than `FLOW_REOPEN_UNITS`) scores below
-/// `OPENED`: those are never replaced.
+/// Score classes above any idle time, by how a slot is to replace: a flow an admitted SYN
+/// recorded within `FLOW_OPENED_GRACE_UNITS` (only a SYN's insert takes it), then any other
+/// unconfirmed flow, then a stale one (expired; closing and unconfirmed; closing for
+/// `FLOW_REOPEN_UNITS` or more) before all. A confirmed open flow, or one closing for less than
+/// `FLOW_REOPEN_UNITS`, scores below `OPENED`: those are never replaced.
 const OPENED: u64 = 1 << 16;
-const MIDFLOW: u64 = 1 << 17;
-const STALE: u64 = 1 << 18;
+const UNCONFIRMED: u64 = 2 << 16;
+const STALE: u64 = 3 << 16;
 
-/// How good a taken slot is to replace, from its state word: its kind (above), then how long
+/// The class (0 to 3, `score`'s classes) of a slot by its closing bit and kind, `(state >> 13)
+/// & 7`, two bits each: no kind (a writer's slot) 3, 3; mid-flow 2, closing 3; opened 1,
+/// closing 3; confirmed 0, closing 0 (3 once old).
+const CLASS_OF: u64 = 3 | 3 << 2 | 2 << 4 | 3 << 6 | 1 << 8 | 3 << 10;
+
+/// How good a taken slot is to replace, from its state word: its class (above), then how long
 /// it has been idle (an unconfirmed flow: since it was recorded; a closing one: since its
-/// mark). By arithmetic, without branches: a few shifts and masks per slot.
-/// `expire_less_one`: one less than the idle units from which a flow is expired. A slot a
-/// writer holds (`FLOW_S_BUSY`) scores as stale; `claim` then finds it not live and gives up.
+/// mark). By arithmetic, without branches: a table lookup in a constant, a few compares by
+/// subtraction. `expire_less_one`: one less than the idle units from which a flow is expired.
+/// A slot a writer holds (`FLOW_S_BUSY`) scores as stale; `claim` then finds it not live and
+/// gives up.
 #[inline(always)]
 fn score(meta: u64, now: u32, expire_less_one: u64) -> u64 {
     const _: () = assert!(FLOW_S_KIND == 3 << 14 && FLOW_S_CLOSING == 1 << 13);
@@ -233,16 +240,16 @@ fn score(meta: u64, now: u32, expire_less_one: u64) -> u64 {
     // idle 0 (`lb_common::flow_idle`).
     let ahead = opaque(u64::from(0xffff - FLOW_AGE_AHEAD).wrapping_sub(idle)) >> 63;
     let idle = idle & ahead.wrapping_sub(1);
-    let expired = opaque(expire_less_one.wrapping_sub(idle)) >> 63;
-    let kind = (st >> 14) & 3;
-    // Kind 3 (confirmed): 0; 2 (opened): OPENED; 1 (mid-flow): MIDFLOW; 0 (busy): both.
-    let class = (3 - kind) << OPENED.trailing_zeros();
-    // A closing flow is stale when unconfirmed, or closing for FLOW_REOPEN_UNITS or more.
-    let closing = (st >> 13) & 1;
-    let old = opaque(u64::from(FLOW_REOPEN_UNITS - 1).wrapping_sub(idle)) >> 63;
-    let unconfirmed = is_zero(kind ^ 3) ^ 1;
-    let stale = expired | closing & (unconfirmed | old);
-    idle | class | stale << STALE.trailing_zeros()
+    // 1 when idle for `units` or more.
+    let past = |units: u64| opaque(units.wrapping_sub(1).wrapping_sub(idle)) >> 63;
+    let index = (st >> 13) & 7;
+    let mut class = (CLASS_OF >> (index * 2)) & 3;
+    // Opened (index 4) past its grace: unconfirmed like the rest. Confirmed and closing
+    // (index 7) for FLOW_REOPEN_UNITS: stale.
+    class += (((index ^ 3) + 1) >> 3) & past(u64::from(FLOW_OPENED_GRACE_UNITS));
+    class |= (((index + 1) >> 3) & past(u64::from(FLOW_REOPEN_UNITS))) * 3;
+    class |= (opaque(expire_less_one.wrapping_sub(idle)) >> 63) * 3;
+    idle | class << 16
 }
 
 /// The free slots of a bucket, one bit per way (a state of 0).
@@ -271,7 +278,7 @@ const fn ways_in(mask: u32) -> u64 {
 /// Inserts the flow with `state`: into a free slot of the emptier bucket (the left on a tie:
 /// d-left hashing), else over the best slot of the eight to replace (see [`score`]), but never
 /// over a confirmed live flow, and for a flow recorded without SYN (`FLOW_K_MIDFLOW`) never
-/// over one an admitted SYN recorded. Gives up when another writer changes that slot first;
+/// over one an admitted SYN recorded within `FLOW_OPENED_GRACE_UNITS`. Gives up when another writer changes that slot first;
 /// the frame is forwarded all the same and the flow's next frame inserts it. Returns what it
 /// did (`lb_common::table_event`). `expire`: idle age units from which a flow is expired.
 /// `record` writes what else the slot needs (an IPv6 flow's addresses) while it is claimed.
@@ -299,9 +306,9 @@ pub fn insert(p: &Place, seen: &Seen, state: u32, now: u32, expire: u32, record:
         }
     }
     let best_score = best >> 3;
-    // What the new flow may replace: a SYN's, any unconfirmed flow; a mid-flow miss's, only
-    // another mid-flow miss (so made-up ACKs never push out a connection just opened).
-    let least = if state & FLOW_S_KIND == lb_common::FLOW_K_OPENED { OPENED } else { MIDFLOW };
+    // What the new flow may replace: a SYN's, any unconfirmed flow; a mid-flow miss's, not a
+    // connection just opened (so made-up ACKs never push one out).
+    let least = if state & FLOW_S_KIND == lb_common::FLOW_K_OPENED { OPENED } else { UNCONFIRMED };
     if best_score < least {
         return table_event::REFUSED;
     }

@@ -4,8 +4,9 @@
 //! compare-and-swap on its state word).
 
 use lb_common::{
-    FLOW_K_CONFIRMED, FLOW_K_MIDFLOW, FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_BUSY_V3, FLOW_S_CLOSING, FLOW_S_KIND, FLOW_S_REAL, FLOW_WAYS,
-    FlowAddrs6, FlowKey, Ip6, flow_buckets, flow_idle, flow_live, flow_meta, flow_meta_split, flow_state, is_key6,
+    FLOW_K_CONFIRMED, FLOW_K_MIDFLOW, FLOW_K_OPENED, FLOW_OPENED_GRACE_UNITS, FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_BUSY_V3,
+    FLOW_S_CLOSING, FLOW_S_KIND, FLOW_S_REAL, FLOW_WAYS, FlowAddrs6, FlowKey, Ip6, flow_buckets, flow_idle, flow_live, flow_meta,
+    flow_meta_split, flow_state, is_key6,
 };
 
 use crate::mapped::Mapped;
@@ -295,8 +296,8 @@ impl FlowTable {
     ///   repointed: a mid-flow miss that only the ring picked, a flow closed or expired.
     ///
     /// A new key, when `may_insert`, goes into a free slot of the emptier bucket, else over the
-    /// best closing, expired or mid-flow unconfirmed flow of the eight: never over an open
-    /// confirmed one, nor over a connection this node saw open (`FLOW_K_OPENED`). `now` and
+    /// best closing, expired or unconfirmed flow of the eight: never over an open confirmed one,
+    /// nor over a connection this node saw open within `FLOW_OPENED_GRACE_UNITS`. `now` and
     /// `expire`: the clock's age and the idle units from which a flow is expired.
     #[must_use]
     pub fn merge(&self, flow: &PeerFlow, now: u32, expire: u32, may_insert: bool) -> Merged {
@@ -362,9 +363,11 @@ impl FlowTable {
                     .filter_map(|&(b, w)| {
                         let (f, seen) = self.read(b, w)?;
                         let idle = f.idle(now);
+                        // As the program scores slots (lb-ebpf's `table::score`), but a
+                        // connection just opened is no peer's to take.
                         let class = if idle >= expire || f.closing() && (!f.confirmed() || idle >= lb_common::FLOW_REOPEN_UNITS) {
                             2
-                        } else if f.kind() == FLOW_K_MIDFLOW {
+                        } else if f.kind() == FLOW_K_MIDFLOW || f.kind() == FLOW_K_OPENED && idle >= FLOW_OPENED_GRACE_UNITS {
                             1
                         } else {
                             return None;

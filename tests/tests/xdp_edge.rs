@@ -628,3 +628,38 @@ fn a_spoofed_rst_then_syn_never_moves_an_exception_flow() {
     lb.pass_time_for(CLIENT, p, 1883, lb_common::FLOW_REOPEN_UNITS);
     assert_eq!(lb.backend_of(&lb.run(&syn(p)).1), "b3", "a tuple closed a TIME_WAIT ago must start from the ring");
 }
+
+/// Made-up ACKs never push out a connection just opened: a segment without SYN that misses
+/// replaces only another mid-flow record, an expired or closed flow, or a connection opened
+/// FLOW_OPENED_GRACE_UNITS ago or more (a SYN flood's leftovers make way for mid-flow records
+/// soon). A SYN replaces any unconfirmed flow.
+#[test]
+fn an_ack_flood_does_not_push_out_a_connection_just_opened() {
+    require_root!();
+    // Two buckets, eight slots: every tuple lives in one of the two.
+    let lb = Lb::with_table(Lb::config(&[("b1", 11, 100), ("b2", 12, 100)]), 4);
+    let opened = tuples([10, 8], 8);
+    for &t in &opened {
+        assert_eq!(send(&lb, t, TCP_SYN), XDP_TX);
+        assert_eq!(send(&lb, t, TCP_ACK), XDP_TX);
+    }
+    let before = table_events(&lb);
+    for &t in &tuples([10, 9], 64) {
+        assert_eq!(send(&lb, t, TCP_ACK), XDP_TX, "a made-up ACK is forwarded by the ring");
+    }
+    let after = table_events(&lb);
+    assert_eq!(after[table_event::REFUSED as usize] - before[table_event::REFUSED as usize], 64, "{after:?}");
+    for &(a, p) in &opened {
+        assert!(lb.dp.flow(a, p, VIP, 1883).is_some(), "{a}:{p}: a made-up ACK pushed out a connection just opened");
+    }
+    // Past the grace, the oldest opened connection makes way for a mid-flow record ...
+    lb.pass_time_for(opened[0].0, opened[0].1, 1883, lb_common::FLOW_OPENED_GRACE_UNITS);
+    let late = (Ipv4Addr::new(10, 10, 0, 1), 40000);
+    assert_eq!(send(&lb, late, TCP_ACK), XDP_TX);
+    assert!(lb.dp.flow(late.0, late.1, VIP, 1883).is_some(), "a mid-flow record was refused a slot past its grace");
+    assert!(lb.dp.flow(opened[0].0, opened[0].1, VIP, 1883).is_none());
+    // ... and a new SYN replaces an unconfirmed flow at once.
+    let syn_new = (Ipv4Addr::new(10, 10, 0, 2), 40000);
+    assert_eq!(send(&lb, syn_new, TCP_SYN), XDP_TX);
+    assert!(lb.dp.flow(syn_new.0, syn_new.1, VIP, 1883).is_some(), "a SYN was refused among unconfirmed flows");
+}
