@@ -30,6 +30,8 @@ pub struct PairSample {
     /// How long its last health-check round took, in seconds (none before the first).
     pub check_seconds: Option<f64>,
     pub check_failures: u64,
+    /// Probe rounds that could not be made on the balancer's side (not the broker's failure).
+    pub local_errors: u64,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
@@ -118,8 +120,13 @@ impl Snapshot {
 impl Collector for Snapshot {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         self.encode_pair_gauges(&mut e)?;
-        let counters: [PairCounter; 4] = [
+        let counters: [PairCounter; 5] = [
             ("dsrlb_backend_check_failures", "Failed health checks", |p| p.check_failures),
+            (
+                "dsrlb_health_local_errors",
+                "Health probes that could not be made on the balancer's side (descriptors, buffers, routes, a probe task that ended): the pair keeps its state",
+                |p| p.local_errors,
+            ),
             ("dsrlb_backend_new_flows", "New flows steered to the backend", |p| p.new_flows),
             ("dsrlb_backend_packets", "Packets forwarded to the backend", |p| p.packets),
             ("dsrlb_backend_bytes", "Bytes forwarded to the backend", |p| p.bytes),
@@ -331,6 +338,7 @@ mod tests {
                 up: true,
                 state: "up",
                 check_seconds: Some(0.25),
+                local_errors: 2,
                 packets: 7,
                 ..PairSample::default()
             }],
@@ -359,6 +367,7 @@ mod tests {
             "dsrlb_backend_check_duration_seconds{listener=\"mqtt\",backend=\"b1\"} 0.25",
             "dsrlb_backend_packets_total{listener=\"mqtt\",backend=\"b1\"} 7",
             "dsrlb_backend_check_failures_total{listener=\"mqtt\",backend=\"b1\"} 0",
+            "dsrlb_health_local_errors_total{listener=\"mqtt\",backend=\"b1\"} 2",
             "dsrlb_listener_packets_total{listener=\"mqtt\"} 7",
             "dsrlb_xdp_verdicts_total{verdict=\"tx\",reason=\"forwarded\"} 7",
             "dsrlb_flow_table_entries 1",
