@@ -7,8 +7,7 @@
 //! the VIP is `vip-misconfigured`, not `down`.
 //!
 //! A probe that cannot be made for a reason of this host's (no descriptor or buffer for a
-//! socket, no route, a local firewall, a CONNECT the config cannot encode, a probe task that
-//! ended) is [`Outcome::Local`]: the broker gave no answer either way, so it counts neither
+//! socket, no route, a CONNECT the config cannot encode, a probe task that ended) is [`Outcome::Local`]: the broker gave no answer either way, so it counts neither
 //! toward `fall` nor toward `rise`, and the pair keeps its state, shown as unchecked.
 
 use std::{
@@ -358,7 +357,8 @@ impl From<String> for Failure {
 }
 
 /// Errors that only this host gives, at any step of a probe: no descriptor, no memory or
-/// buffer, a local firewall (netfilter's verdict on an outgoing segment is `EPERM`).
+/// buffer, a permission this process lacks or a `prohibit` route. (A local firewall that drops
+/// the SYN does not show: TCP retries it, and the probe times out as if the broker were gone.)
 fn local_errno(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPERM | libc::EACCES))
 }
@@ -383,8 +383,8 @@ fn ip_word(ip: IpAddr) -> u64 {
 }
 
 /// A TCP connection to `addr`. Everything before the SYN leaves is this host's: the socket and
-/// its options, and what `connect` refuses at once (no route or an `unreachable` one, no
-/// source address or port left, a local firewall, no buffer). A refusal is the broker's, even
+/// its options, and what `connect` refuses at once (no route, an `unreachable`, `prohibit` or
+/// `blackhole` one, no source address or port left, no buffer). A refusal is the broker's, even
 /// at once (loopback answers within the call), and so is whatever comes back later: no
 /// answer, a reset, an ICMP unreachable from the path, a neighbour that does not resolve.
 async fn connect(addr: SocketAddr, mark: Option<u32>) -> Result<TcpStream, Failure> {
