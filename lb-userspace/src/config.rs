@@ -400,10 +400,10 @@ struct RawHealth {
     rise: Option<Spanned<u32>>,
     alpha: Option<bool>,
     vip_check: Option<bool>,
-    username: Option<String>,
-    password: Option<String>,
+    username: Option<Spanned<String>>,
+    password: Option<Spanned<String>>,
     tls_ca: Option<Spanned<String>>,
-    tls_server_name: Option<String>,
+    tls_server_name: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -754,14 +754,27 @@ impl Validator<'_> {
         if let Some(v) = raw.vip_check {
             h.vip_check = v;
         }
-        if raw.username.is_some() {
-            h.username.clone_from(&raw.username);
+        // The probe's CONNECT carries them as MQTT strings: a 16-bit length, and no U+0000 in
+        // a user name (MQTT 3.1.1, 1.5.3: a broker closes the connection), else every probe
+        // would fail on the balancer's own config.
+        for (value, name, target) in [(&raw.username, "username", &mut h.username), (&raw.password, "password", &mut h.password)] {
+            if let Some(s) = value {
+                let len = s.get_ref().len();
+                if len > crate::mqtt::MAX_STRING {
+                    let message = format!("{len} bytes; an MQTT CONNECT carries at most {}", crate::mqtt::MAX_STRING);
+                    return Err(self.err(&s.span(), format!("{field}.{name}"), message));
+                }
+                if name == "username" && s.get_ref().contains('\0') {
+                    return Err(self.err(&s.span(), format!("{field}.{name}"), "holds U+0000, which MQTT 3.1.1 refuses in a string"));
+                }
+                *target = Some(s.get_ref().clone());
+            }
         }
-        if raw.password.is_some() {
-            h.password.clone_from(&raw.password);
-        }
-        if raw.tls_server_name.is_some() {
-            h.tls_server_name.clone_from(&raw.tls_server_name);
+        if let Some(s) = &raw.tls_server_name {
+            if let Err(e) = rustls_pki_types::ServerName::try_from(s.get_ref().as_str()) {
+                return Err(self.err(&s.span(), format!("{field}.tls_server_name"), format!("{:?}: {e}", s.get_ref())));
+            }
+            h.tls_server_name = Some(s.get_ref().clone());
         }
         if let Some(ca) = &raw.tls_ca {
             let path = PathBuf::from(ca.get_ref());
@@ -942,7 +955,7 @@ impl Validator<'_> {
                 let h = match backend_health.get(m.as_str()) {
                     None => base.clone(),
                     Some(h) => {
-                        let index = backends.iter().position(|b| &b.name == m).expect("member is a backend");
+                        let index = places.get(m.as_str()).map(|p| p.0).expect("member is a backend");
                         self.health(&base, h, &format!("backend[{index}].health (for listener {name})"))?
                     }
                 };
@@ -1193,6 +1206,29 @@ weight = 50
         assert_eq!((h2.check, h2.fall, h2.rise), (CheckKind::Tcp, 2, 2));
         let e = error_of(&GOOD.replace("check = \"tcp\"", "check = \"mqtt-tls\""));
         assert!(e.contains("health.tls_ca"), "{e}");
+    }
+
+    #[test]
+    fn probe_credentials_and_the_tls_name_must_fit_the_probe() {
+        let with = |extra: &str| GOOD.replacen("inter = \"2s\"\n", &format!("inter = \"2s\"\n{extra}\n"), 1);
+        let max = "u".repeat(crate::mqtt::MAX_STRING);
+        let c = parse(&with(&format!("username = \"{max}\"\npassword = \"{max}\"")), "t.toml").expect("65535 bytes fit");
+        let h = &c.listeners[0].health["b1"];
+        assert_eq!((h.username.as_ref().map(String::len), h.password.as_ref().map(String::len)), (Some(65_535), Some(65_535)));
+        let over = "p".repeat(crate::mqtt::MAX_STRING + 1);
+        let e = error_of(&with(&format!("password = \"{over}\"")));
+        assert_eq!(e, "t.toml:8:12: health.password: 65536 bytes; an MQTT CONNECT carries at most 65535");
+        let e = error_of(&with(&format!("username = \"u{max}\"")));
+        assert_eq!(e, "t.toml:8:12: health.username: 65536 bytes; an MQTT CONNECT carries at most 65535");
+        let e = error_of(&format!("{GOOD}health = {{ password = \"{over}\" }}\n"));
+        assert_eq!(e, "t.toml:24:23: backend[1].health (for listener mqtt).password: 65536 bytes; an MQTT CONNECT carries at most 65535");
+        let e = error_of(&with("username = \"hc\\u0000\""));
+        assert_eq!(e, "t.toml:8:12: health.username: holds U+0000, which MQTT 3.1.1 refuses in a string");
+        assert!(parse(&with("password = \"p\\u0000\""), "t.toml").is_ok(), "a password is binary data");
+        let e = error_of(&with("tls_server_name = \"not a name!\""));
+        assert!(e.starts_with("t.toml:8:19: health.tls_server_name: \"not a name!\": "), "{e}");
+        let c = parse(&with("tls_server_name = \"mqtt.example\""), "t.toml").expect("a DNS name");
+        assert_eq!(c.health.tls_server_name.as_deref(), Some("mqtt.example"));
     }
 
     fn error_of(text: &str) -> String {

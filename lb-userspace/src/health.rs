@@ -5,6 +5,10 @@
 //! probes VIP:port along the DSR path (a socket mark that policy routing sends to this one
 //! backend's MAC, see [`crate::probe_route`]). A broker that answers on its address but not on
 //! the VIP is `vip-misconfigured`, not `down`.
+//!
+//! A probe that cannot be made for a reason of this host's (no descriptor or buffer for a
+//! socket, no route, a CONNECT the config cannot encode, a probe task that ended) is [`Outcome::Local`]: the broker gave no answer either way, so it counts neither
+//! toward `fall` nor toward `rise`, and the pair keeps its state, shown as unchecked.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -61,6 +65,8 @@ pub enum Outcome {
     VipMisconfigured(String),
     /// The broker answered CONNACK 3: it refuses clients.
     Refusing(String),
+    /// The round could not be made, for a reason of this host's: the state is kept.
+    Local(String),
 }
 
 /// The state machine of one pair (HAProxy's: `fall` consecutive failures take an up server
@@ -79,6 +85,10 @@ pub struct PairHealth {
     pub out_since: Option<std::time::Instant>,
     /// How long the last probe round took (both probes, or up to the failure).
     pub last_took: Option<Duration>,
+    /// Rounds that could not be made on this host's side ([`Outcome::Local`]).
+    pub local_errors_total: u64,
+    /// Why the last round could not be made, while the state is not refreshed by the broker.
+    pub unchecked: Option<String>,
 }
 
 impl PairHealth {
@@ -92,7 +102,18 @@ impl PairHealth {
             (State::Up, "not probed yet".to_owned())
         };
         let out_since = (state != State::Up).then(std::time::Instant::now);
-        Self { state, ok_streak: 0, fail_streak: 0, last, failures_total: 0, checks_total: 0, out_since, last_took: None }
+        Self {
+            state,
+            ok_streak: 0,
+            fail_streak: 0,
+            last,
+            failures_total: 0,
+            checks_total: 0,
+            out_since,
+            last_took: None,
+            local_errors_total: 0,
+            unchecked: None,
+        }
     }
 
     /// Restores a state saved by a previous controller: out-of-service pairs need `rise`
@@ -106,11 +127,16 @@ impl PairHealth {
         }
     }
 
-    /// Applies one outcome; returns the new state when it changed.
+    /// Applies one outcome; returns the new state when it changed. A local error changes no
+    /// state and no streak: the pair is unchecked until a round reaches the broker again.
     pub fn observe(&mut self, outcome: &Outcome, fall: u32, rise: u32) -> Option<State> {
         let before = self.state;
-        self.checks_total += 1;
         match outcome {
+            Outcome::Local(why) => {
+                self.local_errors_total += 1;
+                self.unchecked = Some(why.clone());
+                return None;
+            }
             Outcome::Pass(detail) => {
                 self.last.clone_from(detail);
                 self.fail_streak = 0;
@@ -135,6 +161,8 @@ impl PairHealth {
                 }
             }
         }
+        self.checks_total += 1;
+        self.unchecked = None;
         if self.state == State::Up {
             self.out_since = None;
         } else if before == State::Up {
@@ -212,12 +240,93 @@ pub async fn run(t: Target, tx: mpsc::Sender<Report>) {
     }
 }
 
+/// A probe task that ran this long has its restarts counted afresh.
+const RESTART_RESET: Duration = Duration::from_mins(1);
+/// The longest wait before a probe task that ended is started again.
+const RESTART_MAX_WAIT: Duration = Duration::from_mins(1);
+
+/// Runs [`run`] for `t`, and starts it again whenever it ends while the controller still
+/// listens (a panic, say): the end is logged at error and reported as a local error (the pair
+/// keeps its state, shown unchecked), and the task starts again after `inter`, twice as long
+/// each time it ends again within a minute, at most a minute. Aborting this task aborts the
+/// probe task with it.
+pub async fn supervise(t: Target, tx: mpsc::Sender<Report>) {
+    supervise_with(t, tx, run).await;
+}
+
+async fn supervise_with<F, Fut>(t: Target, tx: mpsc::Sender<Report>, body: F)
+where
+    F: Fn(Target, mpsc::Sender<Report>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut restarts = 0u32;
+    loop {
+        // Dropped, with the task in it, when this task is aborted.
+        let mut task = tokio::task::JoinSet::new();
+        task.spawn(body(t.clone(), tx.clone()));
+        let started = tokio::time::Instant::now();
+        let why = match task.join_next().await {
+            _ if tx.is_closed() => return,
+            Some(Ok(())) | None => "ended".to_owned(),
+            Some(Err(e)) if e.is_panic() => format!("panicked: {}", panic_text(&*e.into_panic())),
+            Some(Err(e)) => format!("stopped: {e}"),
+        };
+        if started.elapsed() >= RESTART_RESET {
+            restarts = 0;
+        }
+        let wait = t.health.inter.saturating_mul(1 << restarts.min(16)).min(RESTART_MAX_WAIT);
+        restarts += 1;
+        tracing::error!(listener = %t.listener, backend = %t.backend, restarts, "the probe task {why}; starting it again in {wait:?}");
+        let outcome = Outcome::Local(format!("the probe task {why}; started again in {wait:?}"));
+        if tx.send(Report { listener: t.listener.clone(), backend: t.backend.clone(), outcome, took: Duration::ZERO }).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// A panic's message.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
+}
+
+/// At most one log line per `every`, counting the lines held back: for events that can come
+/// from every pair at once (a controller out of descriptors fails every probe).
+#[derive(Debug)]
+pub struct LogLimit {
+    every: Duration,
+    last: Option<std::time::Instant>,
+    held: u64,
+}
+
+impl LogLimit {
+    #[must_use]
+    pub const fn new(every: Duration) -> Self {
+        Self { every, last: None, held: 0 }
+    }
+
+    /// Whether a line may be logged at `now`, with how many were held back since the last.
+    pub fn allow(&mut self, now: std::time::Instant) -> Option<u64> {
+        if self.last.is_some_and(|t| now.saturating_duration_since(t) < self.every) {
+            self.held += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held))
+    }
+}
+
 /// One round: the real address, then the VIP.
 pub async fn round(t: &Target) -> Outcome {
     let real = match probe(t, t.real, None, "r").await {
         Ok(detail) => detail,
         Err(Failure::Refusing(detail)) => return Outcome::Refusing(format!("{}: {detail}", t.real)),
         Err(Failure::Broken(e)) => return Outcome::Down(format!("{}: {e}", t.real)),
+        Err(Failure::Local(e)) => return Outcome::Local(format!("{}: {e}", t.real)),
     };
     if !t.health.vip_check {
         return Outcome::Pass(real);
@@ -226,15 +335,19 @@ pub async fn round(t: &Target) -> Outcome {
         Ok(_) => Outcome::Pass(format!("{real}; VIP ok")),
         Err(Failure::Refusing(detail)) => Outcome::Refusing(format!("{} via DSR: {detail}", t.vip)),
         Err(Failure::Broken(e)) => Outcome::VipMisconfigured(format!("{} answers, {} via DSR does not: {e}", t.real, t.vip)),
+        Err(Failure::Local(e)) => Outcome::Local(format!("{} via DSR: {e}", t.vip)),
     }
 }
 
 /// Why a probe did not pass.
+#[derive(Debug)]
 enum Failure {
     /// No (usable) answer.
     Broken(String),
     /// An MQTT broker that answered CONNACK 3: alive, refusing clients.
     Refusing(String),
+    /// The probe could not be made: this host's fault, not the broker's.
+    Local(String),
 }
 
 impl From<String> for Failure {
@@ -243,10 +356,17 @@ impl From<String> for Failure {
     }
 }
 
-impl From<&str> for Failure {
-    fn from(s: &str) -> Self {
-        Self::Broken(s.to_owned())
-    }
+/// Errors that only this host gives, at any step of a probe: no descriptor, no memory or
+/// buffer, a permission this process lacks or a `prohibit` route. (A local firewall that drops
+/// the SYN does not show: TCP retries it, and the probe times out as if the broker were gone.)
+fn local_errno(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPERM | libc::EACCES))
+}
+
+/// An I/O error of the exchange with the broker: its fault, unless only this host gives it.
+fn io_failure(what: &str, e: &std::io::Error) -> Failure {
+    let text = format!("{what}: {e}");
+    if local_errno(e) { Failure::Local(text) } else { Failure::Broken(text) }
 }
 
 /// An address folded into 64 bits (for a jitter seed).
@@ -262,33 +382,52 @@ fn ip_word(ip: IpAddr) -> u64 {
     }
 }
 
-async fn connect(addr: SocketAddr, mark: Option<u32>) -> std::io::Result<TcpStream> {
-    let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+/// A TCP connection to `addr`. Everything before the SYN leaves is this host's: the socket and
+/// its options, and what `connect` refuses at once (no route, an `unreachable`, `prohibit` or
+/// `blackhole` one, no source address or port left, no buffer). A refusal is the broker's, even
+/// at once (loopback answers within the call), and so is whatever comes back later: no
+/// answer, a reset, an ICMP unreachable from the path, a neighbour that does not resolve.
+async fn connect(addr: SocketAddr, mark: Option<u32>) -> Result<TcpStream, Failure> {
+    let local = |what: &'static str| move |e: std::io::Error| Failure::Local(format!("{what}: {e}"));
+    let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).map_err(local("socket"))?;
     if let Some(m) = mark {
-        sock.set_mark(m)?;
+        sock.set_mark(m).map_err(local("SO_MARK"))?;
     }
-    sock.set_nonblocking(true)?;
-    sock.set_nodelay(true)?;
-    let sock = tokio::net::TcpSocket::from_std_stream(sock.into());
-    sock.connect(addr).await
+    sock.set_nonblocking(true).map_err(local("O_NONBLOCK"))?;
+    sock.set_nodelay(true).map_err(local("TCP_NODELAY"))?;
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => return Err(Failure::Broken(format!("connect: {e}"))),
+        Err(e) => return Err(Failure::Local(format!("connect: {e}"))),
+    }
+    let stream = TcpStream::from_std(sock.into()).map_err(local("registering the socket"))?;
+    // Writable once the handshake ended, either way; the socket's error says which.
+    stream.writable().await.map_err(|e| io_failure("connect", &e))?;
+    match stream.take_error().map_err(local("SO_ERROR"))? {
+        Some(e) => Err(io_failure("connect", &e)),
+        None => Ok(stream),
+    }
 }
 
 async fn probe(t: &Target, addr: SocketAddr, mark: Option<u32>, suffix: &str) -> Result<String, Failure> {
     let h = &t.health;
     let work = async {
-        let stream = connect(addr, mark).await.map_err(|e| format!("connect: {e}"))?;
+        let stream = connect(addr, mark).await?;
         let client_id = format!("{}-{suffix}", t.client_id);
         match h.check {
             CheckKind::None | CheckKind::Tcp => Ok("TCP connect".to_owned()),
             CheckKind::Mqtt => mqtt_exchange(stream, &client_id, h).await,
             CheckKind::MqttTls => {
-                let config = t.tls.clone().ok_or("no TLS config")?;
+                let config = t.tls.clone().ok_or_else(|| Failure::Local("no TLS client config".to_owned()))?;
                 let name = match &h.tls_server_name {
-                    Some(n) => rustls_pki_types::ServerName::try_from(n.clone()).map_err(|e| format!("tls_server_name: {e}"))?,
+                    Some(n) => {
+                        rustls_pki_types::ServerName::try_from(n.clone()).map_err(|e| Failure::Local(format!("tls_server_name: {e}")))?
+                    }
                     None => rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
                 };
                 let tls =
-                    tokio_rustls::TlsConnector::from(config).connect(name, stream).await.map_err(|e| format!("TLS handshake: {e}"))?;
+                    tokio_rustls::TlsConnector::from(config).connect(name, stream).await.map_err(|e| io_failure("TLS handshake", &e))?;
                 mqtt_exchange(tls, &client_id, h).await.map(|d| format!("TLS, {d}"))
             }
         }
@@ -302,12 +441,13 @@ async fn probe(t: &Target, addr: SocketAddr, mark: Option<u32>, suffix: &str) ->
 /// CONNECT, CONNACK, DISCONNECT. CONNACK 0 passes; 3 ("server unavailable") is a broker that
 /// refuses clients; 4 and 5 mean the check's own credentials are refused, so the broker is
 /// alive and passes, with a warning in its detail; 1 and 2 (a protocol version or client id it
-/// does not take) pass as alive.
+/// does not take) pass as alive. A CONNECT that cannot be encoded is this host's failure (the
+/// config refuses the credentials that would make one).
 async fn mqtt_exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, client_id: &str, h: &Health) -> Result<String, Failure> {
-    let connect = mqtt::connect(client_id, 10, h.username.as_deref(), h.password.as_deref());
-    s.write_all(&connect).await.map_err(|e| format!("sending CONNECT: {e}"))?;
+    let connect = mqtt::connect(client_id, 10, h.username.as_deref(), h.password.as_deref()).map_err(|e| Failure::Local(e.to_string()))?;
+    s.write_all(&connect).await.map_err(|e| io_failure("sending CONNECT", &e))?;
     let mut ack = [0u8; 4];
-    s.read_exact(&mut ack).await.map_err(|e| format!("reading CONNACK: {e}"))?;
+    s.read_exact(&mut ack).await.map_err(|e| io_failure("reading CONNACK", &e))?;
     let code = mqtt::connack_code(ack).map_err(|e| e.to_string())?;
     let _ = s.write_all(&mqtt::DISCONNECT).await;
     let _ = s.shutdown().await;
@@ -391,6 +531,175 @@ mod tests {
         assert_eq!(p.state, State::Down);
         assert_eq!(p.observe(&Outcome::Pass("ok".into()), 3, 2), None);
         assert_eq!(p.observe(&Outcome::Pass("ok".into()), 3, 2), Some(State::Up));
+    }
+
+    #[test]
+    fn a_local_error_counts_neither_toward_fall_nor_rise() {
+        let mut p = PairHealth::new(&h(false));
+        let local = Outcome::Local("socket: Too many open files (os error 24)".into());
+        let fail = Outcome::Down("connect: Connection refused".into());
+        let pass = Outcome::Pass("ok".into());
+        for _ in 0..10 {
+            assert_eq!(p.observe(&local, 3, 2), None, "a local error takes no pair down");
+        }
+        assert_eq!((p.state, p.failures_total, p.checks_total, p.local_errors_total), (State::Up, 0, 0, 10));
+        assert_eq!(p.unchecked.as_deref(), Some("socket: Too many open files (os error 24)"));
+        assert_eq!(p.observe(&fail, 3, 2), None);
+        assert!(p.unchecked.is_none(), "a round that reached the broker checks the pair again");
+        assert_eq!(p.observe(&local, 3, 2), None);
+        assert_eq!(p.observe(&fail, 3, 2), None, "nor does it break the broker's streak of failures");
+        assert_eq!(p.observe(&fail, 3, 2), Some(State::Down));
+        assert_eq!(p.observe(&pass, 3, 2), None);
+        for _ in 0..10 {
+            assert_eq!(p.observe(&local, 3, 2), None, "a local error brings no pair up");
+        }
+        assert_eq!(p.observe(&pass, 3, 2), Some(State::Up));
+        assert_eq!((p.failures_total, p.local_errors_total), (3, 21));
+    }
+
+    fn target(real: SocketAddr, health: Health) -> Target {
+        Target {
+            listener: "mqtt".into(),
+            backend: "b1".into(),
+            real,
+            vip: real,
+            mark: 0,
+            health,
+            client_id: "dsrlb-hc-test".into(),
+            tls: None,
+        }
+    }
+
+    /// Set in the process [`a_probe_without_descriptors_is_a_local_error_and_a_refusal_is_the_brokers`]
+    /// starts for itself.
+    const NO_DESCRIPTORS: &str = "DSRLB_TEST_NO_DESCRIPTORS";
+
+    #[test]
+    fn a_probe_without_descriptors_is_a_local_error_and_a_refusal_is_the_brokers() {
+        if std::env::var_os(NO_DESCRIPTORS).is_some() {
+            probe_without_descriptors();
+            return;
+        }
+        // In a process of its own: the descriptor limit is the process's, and the tests beside
+        // this one need descriptors.
+        let name = "health::tests::a_probe_without_descriptors_is_a_local_error_and_a_refusal_is_the_brokers";
+        let out = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+            .args([name, "--exact", "--nocapture", "--test-threads=1"])
+            .env(NO_DESCRIPTORS, "1")
+            .output()
+            .expect("running the test binary");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && text.contains("1 passed"), "{text}");
+    }
+
+    /// The lowest free descriptor becomes the limit, so none can be opened; returns the old one.
+    fn exhaust_descriptors() -> libc::rlimit {
+        let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: `old` is a valid rlimit to write to.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut old) }, 0);
+        // SAFETY: dup and close of descriptors this process owns.
+        let lowest = unsafe { libc::dup(2) };
+        assert!(lowest > 2, "dup: {}", std::io::Error::last_os_error());
+        // SAFETY: `lowest` was just opened here.
+        unsafe { libc::close(lowest) };
+        let none_left = libc::rlimit { rlim_cur: libc::rlim_t::try_from(lowest).expect("positive"), rlim_max: old.rlim_max };
+        // SAFETY: a valid rlimit, no higher than the hard limit.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const none_left) }, 0);
+        old
+    }
+
+    fn probe_without_descriptors() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let broker = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
+            let health = Health { check: CheckKind::Tcp, vip_check: false, ..Health::default() };
+            let t = target(broker.local_addr().expect("its address"), health);
+            let (fall, rise) = (t.health.fall, t.health.rise);
+            let mut p = PairHealth::new(&t.health);
+            assert!(matches!(round(&t).await, Outcome::Pass(_)), "the broker answers");
+            let limit = exhaust_descriptors();
+            for _ in 0..fall + 2 {
+                let outcome = round(&t).await;
+                assert!(matches!(&outcome, Outcome::Local(e) if e.contains("socket: Too many open files")), "{outcome:?}");
+                assert_eq!(p.observe(&outcome, fall, rise), None);
+            }
+            assert_eq!((p.state, p.failures_total, p.local_errors_total), (State::Up, 0, u64::from(fall) + 2));
+            assert!(p.unchecked.is_some());
+            // SAFETY: the limit read before.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) }, 0);
+            // The broker's own failure: its port refuses. That takes the pair down as before.
+            drop(broker);
+            let mut changed = None;
+            for _ in 0..fall {
+                let outcome = round(&t).await;
+                assert!(matches!(&outcome, Outcome::Down(e) if e.contains("Connection refused")), "{outcome:?}");
+                changed = p.observe(&outcome, fall, rise);
+            }
+            assert_eq!(changed, Some(State::Down));
+            assert!(p.unchecked.is_none());
+        });
+    }
+
+    #[tokio::test]
+    async fn a_probe_task_that_panics_is_reported_and_started_again() {
+        let health = Health { inter: Duration::from_millis(20), timeout: Duration::from_millis(10), fall: 2, ..Health::default() };
+        let t = target("127.0.0.1:1".parse().expect("addr"), health);
+        let (tx, mut rx) = mpsc::channel(16);
+        let starts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = starts.clone();
+        // The first run panics, the ones after report the broker down every `inter`.
+        let body = move |t: Target, tx: mpsc::Sender<Report>| {
+            let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                assert!(n > 0, "a bug in the probe");
+                loop {
+                    let outcome = Outcome::Down("connect: Connection refused".into());
+                    let report = Report { listener: t.listener.clone(), backend: t.backend.clone(), outcome, took: Duration::ZERO };
+                    if tx.send(report).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(t.health.inter).await;
+                }
+            }
+        };
+        let supervisor = tokio::spawn(supervise_with(t.clone(), tx, body));
+        let mut p = PairHealth::new(&t.health);
+        let next = async |rx: &mut mpsc::Receiver<Report>| {
+            tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("a report within 5 s").expect("the channel is open")
+        };
+        let first = next(&mut rx).await;
+        assert!(
+            matches!(&first.outcome, Outcome::Local(e) if e.starts_with("the probe task panicked: a bug in the probe")),
+            "{:?}",
+            first.outcome
+        );
+        assert_eq!(p.observe(&first.outcome, 2, 2), None);
+        assert!(p.unchecked.is_some(), "the pair shows it is not checked");
+        let started_again = std::time::Instant::now();
+        let mut changed = None;
+        while changed.is_none() {
+            let r = next(&mut rx).await;
+            changed = p.observe(&r.outcome, 2, 2);
+        }
+        assert_eq!(changed, Some(State::Down), "the restarted task's reports move the pair");
+        assert!(p.unchecked.is_none());
+        assert!(started_again.elapsed() < Duration::from_secs(5));
+        assert_eq!(starts.load(std::sync::atomic::Ordering::SeqCst), 2);
+        // Aborting the supervisor stops the probe task it runs: every sender is gone.
+        supervisor.abort();
+        let closed = async { while rx.recv().await.is_some() {} };
+        tokio::time::timeout(Duration::from_secs(5), closed).await.expect("the probe task outlived its supervisor");
+    }
+
+    #[test]
+    fn log_limit_lets_one_line_through_per_period_and_counts_the_rest() {
+        let mut l = LogLimit::new(Duration::from_secs(10));
+        let t0 = std::time::Instant::now();
+        assert_eq!(l.allow(t0), Some(0));
+        assert_eq!(l.allow(t0 + Duration::from_secs(1)), None);
+        assert_eq!(l.allow(t0 + Duration::from_secs(9)), None);
+        assert_eq!(l.allow(t0 + Duration::from_secs(10)), Some(2));
+        assert_eq!(l.allow(t0 + Duration::from_secs(11)), None);
     }
 
     #[test]

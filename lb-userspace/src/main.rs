@@ -280,6 +280,9 @@ fn status_table(v: &Value) -> String {
             if b["resetting_flows"].as_bool() == Some(true) {
                 state += ",reset";
             }
+            if b["unchecked"].is_string() {
+                state += ",unchecked";
+            }
             let _ = writeln!(
                 out,
                 "  {:<12} {:<15} {:<18} {:>6} {:>8} {:>8.0} {:>10.1} {:>10}  {}",
@@ -293,6 +296,13 @@ fn status_table(v: &Value) -> String {
                 b["packets"].as_u64().unwrap_or(0),
                 b["last_check"].as_str().unwrap_or("")
             );
+            if let Some(why) = b["unchecked"].as_str() {
+                let _ = writeln!(
+                    out,
+                    "    UNCHECKED: {why} (this host's fault, not the broker's: its state is kept; {} such rounds)",
+                    b["local_errors"]
+                );
+            }
         }
     }
     let _ = writeln!(out, "flow table entries (live): {}", v["flow_table_entries"]);

@@ -1,8 +1,12 @@
 //! The Prometheus endpoint: `GET /metrics` in the OpenMetrics text format, built with
 //! `prometheus-client`. Names follow HAProxy's so dashboards carry over
 //! (`dsrlb_backend_status{listener,backend}`, `..._check_failures_total`, ...).
+//!
+//! The endpoint serves that one path, to a few clients at once, each within deadlines (see
+//! [`Limits`]): a client that sends nothing, sends too much or never reads its answer is cut
+//! and holds nothing after.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use prometheus_client::{
@@ -13,8 +17,8 @@ use prometheus_client::{
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpListener,
-    sync::{mpsc, oneshot},
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, mpsc, oneshot},
 };
 
 use crate::control::{Call, Request};
@@ -30,6 +34,8 @@ pub struct PairSample {
     /// How long its last health-check round took, in seconds (none before the first).
     pub check_seconds: Option<f64>,
     pub check_failures: u64,
+    /// Probe rounds that could not be made on the balancer's side (not the broker's failure).
+    pub local_errors: u64,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
@@ -118,8 +124,13 @@ impl Snapshot {
 impl Collector for Snapshot {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         self.encode_pair_gauges(&mut e)?;
-        let counters: [PairCounter; 4] = [
+        let counters: [PairCounter; 5] = [
             ("dsrlb_backend_check_failures", "Failed health checks", |p| p.check_failures),
+            (
+                "dsrlb_health_local_errors",
+                "Health probes that could not be made on the balancer's side (descriptors, buffers, routes, a probe task that ended): the pair keeps its state",
+                |p| p.local_errors,
+            ),
             ("dsrlb_backend_new_flows", "New flows steered to the backend", |p| p.new_flows),
             ("dsrlb_backend_packets", "Packets forwarded to the backend", |p| p.packets),
             ("dsrlb_backend_bytes", "Bytes forwarded to the backend", |p| p.bytes),
@@ -287,45 +298,360 @@ pub fn render(s: Snapshot) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// Serves `GET /metrics` on `addr`, asking the controller for each scrape.
+/// How the endpoint bounds what a client may take: a scrape is one small request and one
+/// response, and Prometheus reads it at once.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Exchanges served at once; a connection beyond them is answered 503 and closed.
+    pub concurrent: usize,
+    /// The longest request head (request line and headers) read: 414 or 431 beyond it.
+    pub head_bytes: usize,
+    /// To receive the request head.
+    pub read: Duration,
+    /// To write the whole response.
+    pub write: Duration,
+    /// For the whole exchange, the controller's answer included.
+    pub exchange: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            concurrent: 8,
+            head_bytes: 8192,
+            read: Duration::from_secs(5),
+            write: Duration::from_secs(10),
+            exchange: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serves `GET /metrics` on `addr`, asking the controller for each scrape, within
+/// [`Limits::default`].
 ///
 /// # Errors
 /// When the address cannot be bound.
 pub async fn serve(addr: SocketAddr, calls: mpsc::Sender<Call>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the metrics endpoint {addr}"))?;
-    Ok(tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else { continue };
-            let calls = calls.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 2048];
-                let Ok(Ok(n)) = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf)).await else { return };
-                let head = String::from_utf8_lossy(&buf[..n]);
-                let (status, ctype, body) = if head.starts_with("GET /metrics") {
-                    let (tx, rx) = oneshot::channel();
-                    let body = if calls.send((Request::Metrics, tx)).await.is_ok() {
-                        rx.await.ok().and_then(|r| r.data.as_str().map(str::to_owned)).unwrap_or_default()
-                    } else {
-                        String::new()
-                    };
-                    ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
-                } else {
-                    ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
-                };
-                let resp = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(resp.as_bytes()).await;
-                let _ = stream.shutdown().await;
+    Ok(tokio::spawn(serve_on(listener, calls, Limits::default())))
+}
+
+async fn serve_on(listener: TcpListener, calls: mpsc::Sender<Call>, limits: Limits) {
+    let permits = Arc::new(Semaphore::new(limits.concurrent));
+    // The answer to a connection beyond the limit: it fits any socket buffer, so it is written
+    // without waiting for the client.
+    let busy = response("503 Service Unavailable", "text/plain", "Retry-After: 1\r\n", "too many scrapes at once\n");
+    let mut accept_log = crate::health::LogLimit::new(Duration::from_secs(10));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: the error repeats until one is free, so wait a little
+                // instead of spinning on it.
+                if let Some(held_back) = accept_log.allow(std::time::Instant::now()) {
+                    tracing::warn!(error = %e, held_back, "the metrics endpoint cannot accept a connection");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            let _ = stream.try_write(&busy);
+            continue;
+        };
+        let calls = calls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut stream = stream;
+            let cut = match tokio::time::timeout(limits.exchange, exchange(&mut stream, &calls, limits)).await {
+                Ok(Ok(())) => return,
+                Ok(Err(cut)) => cut,
+                Err(_) => Cut::Slow,
+            };
+            tracing::debug!(?cut, "a metrics exchange was cut");
+            // A reset, so the kernel drops at once what a client that does not read left
+            // queued, rather than keeping it for retransmission.
+            let _ = stream.set_zero_linger();
+        });
+    }
+}
+
+/// Why an exchange ended without its response written.
+#[derive(Debug)]
+enum Cut {
+    /// The client closed, or its socket failed.
+    Gone,
+    /// A deadline ran out.
+    Slow,
+}
+
+/// One request, one response, each within its deadline.
+async fn exchange(stream: &mut TcpStream, calls: &mpsc::Sender<Call>, limits: Limits) -> Result<(), Cut> {
+    let head = tokio::time::timeout(limits.read, read_head(stream, limits.head_bytes)).await.map_err(|_| Cut::Slow)??;
+    let response = match head {
+        Head::Request { method, path } => respond(&method, &path, calls).await,
+        Head::Refused(status, why) => plain(status, why),
+    };
+    let write = async {
+        stream.write_all(&response).await?;
+        stream.shutdown().await
+    };
+    tokio::time::timeout(limits.write, write).await.map_err(|_| Cut::Slow)?.map_err(|_| Cut::Gone)
+}
+
+/// A request head, read.
+#[derive(Debug, PartialEq, Eq)]
+enum Head {
+    Request {
+        method: String,
+        path: String,
+    },
+    /// A status and why: answered, not served.
+    Refused(&'static str, &'static str),
+}
+
+/// Reads up to the blank line that ends a request head, at most `max` bytes.
+async fn read_head(stream: &mut TcpStream, max: usize) -> Result<Head, Cut> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(end) = head_end(&buf) {
+            return Ok(parse_head(&buf[..end]));
+        }
+        if buf.len() >= max {
+            return Ok(if buf.contains(&b'\n') {
+                Head::Refused("431 Request Header Fields Too Large", "the request head is too long\n")
+            } else {
+                Head::Refused("414 URI Too Long", "the request line is too long\n")
             });
         }
-    }))
+        let room = (max - buf.len()).min(chunk.len());
+        match stream.read(&mut chunk[..room]).await {
+            Ok(0) | Err(_) => return Err(Cut::Gone),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Where the head ends: at its first empty line (CRLF, or LF alone from a hand-typed request).
+fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\n\n").or_else(|| buf.windows(3).position(|w| w == b"\n\r\n"))
+}
+
+/// The request line: `METHOD TARGET HTTP/1.x`; the target's path, its query left out.
+fn parse_head(head: &[u8]) -> Head {
+    const BAD: Head = Head::Refused("400 Bad Request", "not an HTTP/1 request\n");
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let Ok(line) = std::str::from_utf8(line.strip_suffix(b"\r").unwrap_or(line)) else { return BAD };
+    let mut words = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) = (words.next(), words.next(), words.next(), words.next()) else {
+        return BAD;
+    };
+    if !matches!(version, "HTTP/1.0" | "HTTP/1.1") {
+        return BAD;
+    }
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    Head::Request { method: method.to_owned(), path: path.to_owned() }
+}
+
+/// The response to a request: `GET /metrics` asks the controller; `HEAD /metrics` answers the
+/// headers alone without asking it; other methods get 405, other paths 404.
+async fn respond(method: &str, path: &str, calls: &mpsc::Sender<Call>) -> Vec<u8> {
+    const METRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    if path != "/metrics" {
+        return plain("404 Not Found", "try /metrics\n");
+    }
+    match method {
+        "GET" => {
+            let (tx, rx) = oneshot::channel();
+            let answer = if calls.send((Request::Metrics, tx)).await.is_ok() { rx.await.ok() } else { None };
+            match answer {
+                Some(r) if r.ok => match r.data.as_str() {
+                    Some(body) => response("200 OK", METRICS, "", body),
+                    None => plain("500 Internal Server Error", "the controller's answer holds no metrics\n"),
+                },
+                Some(r) => plain("500 Internal Server Error", &format!("{}\n", r.error.unwrap_or_default())),
+                None => plain("503 Service Unavailable", "the controller is not answering\n"),
+            }
+        }
+        "HEAD" => format!("HTTP/1.1 200 OK\r\nContent-Type: {METRICS}\r\nConnection: close\r\n\r\n").into_bytes(),
+        _ => response("405 Method Not Allowed", "text/plain", "Allow: GET, HEAD\r\n", "only GET and HEAD\n"),
+    }
+}
+
+fn plain(status: &str, body: &str) -> Vec<u8> {
+    response(status, "text/plain", "", body)
+}
+
+/// A response with `body`; `extra` holds more header lines, each ending in CRLF.
+fn response(status: &str, ctype: &str, extra: &str, body: &str) -> Vec<u8> {
+    format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}", body.len())
+        .into_bytes()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A controller that answers every metrics call with `body`.
+    fn controller(body: String) -> mpsc::Sender<Call> {
+        let (tx, mut rx) = mpsc::channel::<Call>(8);
+        tokio::spawn(async move {
+            while let Some((_, reply)) = rx.recv().await {
+                let _ = reply.send(crate::control::Response::ok(serde_json::Value::from(body.clone())));
+            }
+        });
+        tx
+    }
+
+    /// An endpoint on a port of its own, serving `body`.
+    async fn endpoint(limits: Limits, body: String) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+        let addr = listener.local_addr().expect("its address");
+        tokio::spawn(serve_on(listener, controller(body), limits));
+        addr
+    }
+
+    /// Sends `request` (while reading, so a server that stops reading cannot block it) and
+    /// reads the response until the server closes.
+    async fn ask(addr: SocketAddr, request: Vec<u8>) -> String {
+        let (mut r, mut w) = TcpStream::connect(addr).await.expect("connect").into_split();
+        let writer = tokio::spawn(async move {
+            let _ = w.write_all(&request).await;
+            w
+        });
+        let mut out = Vec::new();
+        // A server that refuses a request it did not read whole resets the connection after
+        // its answer: what came before the reset is the answer.
+        let _ = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(&mut out)).await.expect("an answer within 5 s");
+        drop(writer.await);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    const BODY: &str = "# HELP dsrlb_flow_table_entries Live entries in the flow table\n";
+
+    #[tokio::test]
+    async fn only_get_and_head_of_the_exact_path_are_served() {
+        let addr = endpoint(Limits::default(), BODY.to_owned()).await;
+        for (request, status) in [
+            ("GET /metrics HTTP/1.1\r\nHost: lb1\r\nAccept: */*\r\n\r\n", "200 OK"),
+            ("GET /metrics?job=dsrlb HTTP/1.0\r\n\r\n", "200 OK"),
+            ("GET /metrics HTTP/1.1\n\n", "200 OK"),
+            ("GET /metricsx HTTP/1.1\r\n\r\n", "404 Not Found"),
+            ("GET /metrics/ HTTP/1.1\r\n\r\n", "404 Not Found"),
+            ("GET /metrics/../metrics HTTP/1.1\r\n\r\n", "404 Not Found"),
+            ("GET / HTTP/1.1\r\n\r\n", "404 Not Found"),
+            ("POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", "405 Method Not Allowed"),
+            ("GET /metrics\r\n\r\n", "400 Bad Request"),
+            ("GET  /metrics HTTP/1.1\r\n\r\n", "400 Bad Request"),
+            ("GET /metrics HTTP/2.0\r\n\r\n", "400 Bad Request"),
+        ] {
+            let answer = ask(addr, request.as_bytes().to_vec()).await;
+            assert!(answer.starts_with(&format!("HTTP/1.1 {status}\r\n")), "{request:?}: {answer}");
+            assert_eq!(answer.contains(BODY), status == "200 OK", "{request:?}: {answer}");
+        }
+        let answer = ask(addr, b"PUT /metrics HTTP/1.1\r\n\r\n".to_vec()).await;
+        assert!(answer.contains("\r\nAllow: GET, HEAD\r\n"), "{answer}");
+        let answer = ask(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n".to_vec()).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\n"), "HEAD answers the headers alone: {answer}");
+    }
+
+    #[tokio::test]
+    async fn a_request_head_longer_than_the_limit_is_refused() {
+        let addr = endpoint(Limits::default(), BODY.to_owned()).await;
+        let long_line = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(100_000));
+        let answer = ask(addr, long_line.into_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 414 URI Too Long\r\n"), "{answer}");
+        let many_headers = format!("GET /metrics HTTP/1.1\r\n{}\r\n", "X-Filler: aaaaaaaaaaaaaaaa\r\n".repeat(1000));
+        let answer = ask(addr, many_headers.into_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"), "{answer}");
+        let answer = ask(addr, b"GET /metrics HTTP/1.1\r\n\r\n".to_vec()).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "still serving: {answer}");
+    }
+
+    /// Waits until a scrape is served (200), asking every 20 ms; how long that took.
+    async fn served_within(addr: SocketAddr, limit: Duration) -> Duration {
+        let start = std::time::Instant::now();
+        loop {
+            let answer = ask(addr, b"GET /metrics HTTP/1.1\r\n\r\n".to_vec()).await;
+            if answer.starts_with("HTTP/1.1 200 OK\r\n") {
+                return start.elapsed();
+            }
+            assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+            assert!(start.elapsed() < limit, "no scrape served within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_reads_is_cut_at_the_write_deadline() {
+        let limits = Limits { concurrent: 1, write: Duration::from_millis(300), exchange: Duration::from_secs(30), ..Limits::default() };
+        // More than the kernel's buffers on both sides hold, so the write has to wait for it.
+        let addr = endpoint(limits, "x".repeat(32 << 20)).await;
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+        sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        sock.connect(&addr.into()).expect("connect");
+        let mut idle = std::net::TcpStream::from(sock);
+        std::io::Write::write_all(&mut idle, b"GET /metrics HTTP/1.1\r\n\r\n").expect("request");
+        let asked = std::time::Instant::now();
+        // It holds the one exchange, then loses it at the write deadline.
+        let answer = ask(addr, b"GET /metrics HTTP/1.1\r\n\r\n".to_vec()).await;
+        assert!(answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{answer}");
+        let took = served_within(addr, Duration::from_secs(3)).await;
+        assert!(asked.elapsed() >= Duration::from_millis(300), "served before the deadline: {took:?}");
+        // Its connection was reset, not finished: what it gets is a part of the response.
+        let mut got = Vec::new();
+        let end = tokio::task::spawn_blocking(move || std::io::Read::read_to_end(&mut idle, &mut got).map(|_| got.len()))
+            .await
+            .expect("the reader");
+        assert!(matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{end:?}");
+    }
+
+    #[tokio::test]
+    async fn clients_beyond_the_limit_are_refused_at_once_and_silent_ones_cut_at_the_read_deadline() {
+        let limits = Limits { concurrent: 3, read: Duration::from_millis(500), ..Limits::default() };
+        let addr = endpoint(limits, BODY.to_owned()).await;
+        let mut silent = Vec::new();
+        for _ in 0..3 {
+            silent.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        let start = std::time::Instant::now();
+        let answer = ask(addr, b"GET /metrics HTTP/1.1\r\n\r\n".to_vec()).await;
+        assert!(answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{answer}");
+        assert!(answer.contains("\r\nRetry-After: 1\r\n"), "{answer}");
+        assert!(start.elapsed() < Duration::from_millis(400), "refused at once, not after a deadline: {:?}", start.elapsed());
+        // Each silent client is cut at the read deadline.
+        for s in &mut silent {
+            let mut buf = [0u8; 64];
+            let end = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await.expect("cut within 3 s");
+            assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+        }
+        assert!(start.elapsed() >= Duration::from_millis(450), "cut before the deadline: {:?}", start.elapsed());
+        served_within(addr, Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn a_scrape_the_controller_does_not_answer_is_cut_at_the_exchange_deadline() {
+        let limits = Limits { concurrent: 1, exchange: Duration::from_millis(300), ..Limits::default() };
+        // A controller that takes calls and never answers them.
+        let (calls, mut taken) = mpsc::channel::<Call>(8);
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(call) = taken.recv().await {
+                held.push(call);
+            }
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+        let addr = listener.local_addr().expect("its address");
+        tokio::spawn(serve_on(listener, calls, limits));
+        let start = std::time::Instant::now();
+        let answer = ask(addr, b"GET /metrics HTTP/1.1\r\n\r\n".to_vec()).await;
+        assert_eq!(answer, "", "cut without an answer");
+        assert!((Duration::from_millis(300)..Duration::from_secs(3)).contains(&start.elapsed()), "{:?}", start.elapsed());
+        let answer = ask(addr, b"GET /nothing HTTP/1.1\r\n\r\n".to_vec()).await;
+        assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "the exchange is free again: {answer}");
+    }
 
     #[test]
     fn renders_haproxy_like_names() {
@@ -336,6 +662,7 @@ mod tests {
                 up: true,
                 state: "up",
                 check_seconds: Some(0.25),
+                local_errors: 2,
                 packets: 7,
                 ..PairSample::default()
             }],
@@ -364,6 +691,7 @@ mod tests {
             "dsrlb_backend_check_duration_seconds{listener=\"mqtt\",backend=\"b1\"} 0.25",
             "dsrlb_backend_packets_total{listener=\"mqtt\",backend=\"b1\"} 7",
             "dsrlb_backend_check_failures_total{listener=\"mqtt\",backend=\"b1\"} 0",
+            "dsrlb_health_local_errors_total{listener=\"mqtt\",backend=\"b1\"} 2",
             "dsrlb_listener_packets_total{listener=\"mqtt\"} 7",
             "dsrlb_xdp_verdicts_total{verdict=\"tx\",reason=\"forwarded\"} 7",
             "dsrlb_flow_table_entries 1",

@@ -45,7 +45,7 @@ impl MqttConn {
         stream.set_nodelay(true)?;
         let local = stream.local_addr()?;
         let mut conn = Self { stream, local };
-        conn.stream.write_all(&mqtt::connect(client_id, 600, None, None))?;
+        conn.stream.write_all(&mqtt::connect(client_id, 600, None, None).map_err(std::io::Error::other)?)?;
         let mut ack = [0u8; 4];
         conn.stream.read_exact(&mut ack)?;
         match mqtt::connack_code(ack) {

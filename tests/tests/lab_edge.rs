@@ -365,7 +365,7 @@ async fn session(from: Ipv4Addr, id: &str) -> std::io::Result<tokio::net::TcpStr
     let sock = tokio::net::TcpSocket::new_v4()?;
     sock.bind(SocketAddr::from((from, 0)))?;
     let mut stream = sock.connect(SocketAddr::from((VIP, 1883))).await?;
-    stream.write_all(&mqtt::connect(id, 600, None, None)).await?;
+    stream.write_all(&mqtt::connect(id, 600, None, None).map_err(std::io::Error::other)?).await?;
     let mut ack = [0u8; 4];
     stream.read_exact(&mut ack).await?;
     match mqtt::connack_code(ack) {

@@ -613,3 +613,47 @@ fn a_broker_answering_connack_3_gets_no_new_sessions_and_keeps_its_own() {
     assert_eq!(lb.state("mqtt", "b2"), "refusing");
     eprintln!("CONNACK 3: b2 refusing; {} of its sessions kept, 60 new sessions on b1/b3 {counts:?}", kept.len());
 }
+
+#[test]
+fn a_probe_the_balancer_cannot_make_leaves_the_broker_up_and_says_why() {
+    require_root!();
+    let lab = LabGuard::up(2);
+    let lb = Balancer::start(&lab, &lab.config(&health()));
+    let b1 = |s: &serde_json::Value| {
+        let l = s["listeners"].as_array().and_then(|ls| ls.iter().find(|l| l["name"] == "mqtt")).cloned().expect("listener mqtt");
+        l["backends"].as_array().and_then(|bs| bs.iter().find(|b| b["name"] == "b1")).cloned().expect("backend b1")
+    };
+    let wait = |what: &str, ok: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = Instant::now() + failover_window() * 3;
+        loop {
+            let b = b1(&lb.status());
+            if ok(&b) {
+                return b;
+            }
+            assert!(Instant::now() < deadline, "{what}: {b}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait("b1 checked", &|b| b["checks"].as_u64() > Some(0) && b["state"] == "up");
+    // The balancer's own routing table says b1 cannot be reached: its probes fail before a SYN
+    // leaves (EHOSTUNREACH from connect itself). Client traffic, forwarded by XDP, is not routed.
+    let route = ["-n", &lab.ns("lb"), "route", "add", "unreachable", &format!("{}/32", lab::broker_addr(0))];
+    assert!(Command::new("ip").args(route).status().expect("ip").success());
+    let b = wait("b1 unchecked for more than fall rounds", &|b| {
+        b["unchecked"].is_string() && b["local_errors"].as_u64() > Some(u64::from(FALL) + 1)
+    });
+    assert_eq!(b["state"], "up", "a local error takes no broker down: {b}");
+    assert!(b["unchecked"].as_str().unwrap_or("").contains("No route to host"), "{b}");
+    assert_eq!(fresh(&lab, "local-error", 40).iter().filter(|n| **n > 0).count(), 2, "both brokers take new sessions");
+    let (ok, text, err) = lb.cli(&["status"]);
+    assert!(ok, "{err}");
+    assert!(text.contains("up,unchecked") && text.contains("UNCHECKED: 192.0.2.11:1883: connect: No route to host"), "{text}");
+    let metrics = lab.scrape_metrics();
+    let line = metrics.lines().find(|l| l.starts_with("dsrlb_health_local_errors_total{listener=\"mqtt\",backend=\"b1\"}"));
+    assert!(line.is_some_and(|l| !l.ends_with(" 0")), "{metrics}");
+    // The route goes: the probes reach b1 again.
+    let route = ["-n", &lab.ns("lb"), "route", "del", "unreachable", &format!("{}/32", lab::broker_addr(0))];
+    assert!(Command::new("ip").args(route).status().expect("ip").success());
+    let b = wait("b1 checked again", &|b| b["unchecked"].is_null());
+    assert_eq!(b["state"], "up", "{b}");
+}

@@ -157,6 +157,8 @@ pub struct Controller {
     ha: ha::Ha,
     /// `next_program`, as found when it was last set.
     next: Option<dataplane::chain::Next>,
+    /// Probes that could not be made on this host's side, logged at most this often.
+    local_errors_log: health::LogLimit,
 }
 
 /// Reloads since start (CLI or SIGHUP), for status.
@@ -167,6 +169,10 @@ struct Reloads {
     /// Why the last reload was rejected, until one is applied.
     last_error: Option<String>,
 }
+
+/// At most one log line this often for probes that fail on this host's side (status and the
+/// metrics count every one).
+const LOCAL_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// How old a flow-table walk may be before status or metrics walk again.
 const FLOW_WALK_EVERY: Duration = Duration::from_secs(2);
@@ -249,6 +255,7 @@ impl Controller {
             reloads: Reloads::default(),
             ha,
             next: None,
+            local_errors_log: health::LogLimit::new(LOCAL_ERROR_LOG_EVERY),
         };
         c.sync_health();
         for &(lid, bid, state) in &saved.out {
@@ -381,7 +388,7 @@ impl Controller {
         }
         for (p, t) in wanted {
             if !self.probes.contains_key(&p) {
-                let task = tokio::spawn(health::run(t.clone(), self.reports.clone()));
+                let task = tokio::spawn(health::supervise(t.clone(), self.reports.clone()));
                 self.probes.insert(p, (t, task));
             }
         }
@@ -447,7 +454,9 @@ impl Controller {
         }
     }
 
-    /// A health report: update the pair's state; a change rebuilds that listener's ring.
+    /// A health report: update the pair's state; a change rebuilds that listener's ring. A
+    /// local error (the probe could not be made) changes no state: it is counted, shown and
+    /// logged, at most every [`LOCAL_ERROR_LOG_EVERY`] over all pairs.
     fn on_report(&mut self, r: &Report) {
         let pair = (r.listener.clone(), r.backend.clone());
         let Some(settings) = self.config.listeners.iter().find(|l| l.name == r.listener).and_then(|l| l.health.get(&r.backend)) else {
@@ -455,6 +464,16 @@ impl Controller {
         };
         let (fall, rise) = (settings.fall, settings.rise);
         let Some(h) = self.health.get_mut(&pair) else { return };
+        if let health::Outcome::Local(why) = &r.outcome {
+            h.observe(&r.outcome, fall, rise);
+            if let Some(held_back) = self.local_errors_log.allow(Instant::now()) {
+                tracing::warn!(
+                    listener = %r.listener, backend = %r.backend, state = h.state.as_str(), error = %why, held_back,
+                    "a health probe could not be made on this host's side: not the broker's failure, its state is kept (unchecked)"
+                );
+            }
+            return;
+        }
         h.last_took = Some(r.took);
         if let Some(state) = h.observe(&r.outcome, fall, rise) {
             tracing::info!(listener = %r.listener, backend = %r.backend, state = state.as_str(), detail = %h.last, "backend state changed");

@@ -88,7 +88,7 @@ async fn connect(a: &Args, i: usize) -> std::io::Result<TcpStream> {
 /// TCP connect, CONNECT, CONNACK 0.
 async fn session(a: &Args, i: usize, id: &str) -> std::io::Result<TcpStream> {
     let mut s = connect(a, i).await?;
-    s.write_all(&mqtt::connect(id, 600, None, None)).await?;
+    s.write_all(&mqtt::connect(id, 600, None, None).map_err(std::io::Error::other)?).await?;
     let mut ack = [0u8; 4];
     tokio::time::timeout(a.timeout, s.read_exact(&mut ack))
         .await
