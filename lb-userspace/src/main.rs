@@ -345,9 +345,14 @@ fn ha_table(v: &Value, out: &mut String) {
             |w| format!("{} exceptions at the last walk ({} s ago)", w["exceptions"], w["ago_s"]),
         );
         let m = &c["merged"];
+        let auth = if c["insecure"].as_bool() == Some(true) {
+            "INSECURE (no key_file: peers are not authenticated)"
+        } else {
+            "authenticated (key_file)"
+        };
         let _ = writeln!(
             out,
-            "cluster: node {} {joined}; {walk}; received flows inserted {} refreshed {} kept {} full {} unknown {}",
+            "cluster: node {} {auth} {joined}; {walk}; received flows inserted {} refreshed {} kept {} full {} unknown {}",
             c["me"].as_str().unwrap_or(""),
             m["inserted"],
             m["refreshed"],

@@ -470,6 +470,8 @@ impl Controller {
             });
             json!({
                 "me": c.settings().me.to_string(),
+                // `insecure = true`: peers are not authenticated (no key_file).
+                "insecure": c.settings().key.is_none(),
                 "joined": self.ha.joining.is_none(),
                 "joined_how": self.ha.joined_how,
                 "fingerprint": format!("{:016x}", c.settings().fingerprint),
@@ -493,6 +495,7 @@ impl Controller {
             s.exceptions = self.ha.walks.last.map(|(_, n, _)| n as u64);
             s.merges = Some(self.ha.merges);
             s.joined = Some(self.ha.joining.is_none());
+            s.cluster_insecure = Some(c.settings().key.is_none());
         }
     }
 
