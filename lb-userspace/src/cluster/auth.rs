@@ -61,7 +61,6 @@ const CONNECTOR_LABEL: &[u8] = b"dsrlb sync v2: the connector proves the key";
 const FRAMES_LABEL: &[u8] = b"dsrlb sync v2: frames from the connector to the acceptor";
 
 /// What both ends must hold: the cluster key, or with `insecure = true` a well-known one.
-#[derive(Clone)]
 struct Secret {
     key: hmac::Key,
     bytes: std::sync::Arc<[u8]>,
