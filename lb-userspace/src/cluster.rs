@@ -19,13 +19,21 @@
 //! each round it sends a `SYNCED` mark, which also serves as a heartbeat. On a new connection
 //! the peer gets everything again: a restarted node catches up at once.
 //!
-//! Frames (big-endian): `u32 length` of what follows, `u8 kind`, body.
-//! - `HELLO` (1): `"DSRLBSYN"`, `u8 version`, `u64 config fingerprint`, `u32 node address`;
-//!   with `cluster.key_file`, then `u64 unix time` and the HMAC-SHA256 of all that and the
-//!   receiver's address (good for one receiver, within two minutes).
+//! Who may take part: connections are made from and accepted for the listed node addresses
+//! only, and each opens with a handshake in which both ends prove they hold the cluster key
+//! (`cluster.key_file`) for this connection (see [`auth`]); every frame after it carries a MAC
+//! over its place in the stream. Until its handshake is done a connection is *pending*: at most
+//! [`PENDING_PER_SOURCE`] per node address and [`PENDING_TOTAL`] in all, for at most
+//! [`HANDSHAKE_WAIT`], and it replaces no connection.
+//!
+//! Frames (big-endian): `u32 length` of what follows, `u8 kind`, body; after the handshake
+//! (`HELLO` 1, `REPLY` 5, `PROOF` 6, in [`auth`]), the body ends with the frame's MAC.
 //! - `FLOWS` (2): `u32 VIP`, `u16 port`, `u8 length`, backend name, `u32 count`, then per flow
 //!   `u32 client address`, `u16 client port`, `u16 idle units`, `u8 flags` (1: closing).
+//! - `FLOWS6` (4): the same for an IPv6 listener, with 16-byte addresses.
 //! - `SYNCED` (3): empty.
+
+mod auth;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -35,6 +43,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use auth::{Body, Frames, HELLO, HELLO_READ_MAX, Incoming, Outgoing, PROOF, PROOF_BYTES, REPLY, REPLY_BYTES, TAG_BYTES};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpSocket, TcpStream},
@@ -103,7 +112,8 @@ pub struct Settings {
     pub sync_interval: Duration,
     /// Live flows are sent again when last sent this long ago (well inside the idle timeout).
     pub refresh: Duration,
-    /// The shared secret a peer's HELLO must prove it holds (`cluster.key_file`).
+    /// The shared secret both ends of a connection prove they hold (`cluster.key_file`); none
+    /// with `insecure = true` (the same handshake with a key everyone knows).
     pub key: Option<crate::config::SyncKey>,
 }
 
@@ -143,9 +153,6 @@ pub struct Cluster {
     events: mpsc::Sender<Event>,
 }
 
-const MAGIC: &[u8; 8] = b"DSRLBSYN";
-const VERSION: u8 = 1;
-const HELLO: u8 = 1;
 const FLOWS: u8 = 2;
 const SYNCED: u8 = 3;
 /// `FLOWS` of an IPv6 listener: 16-byte addresses. A node that predates it closes the
@@ -153,18 +160,16 @@ const SYNCED: u8 = 3;
 const FLOWS6: u8 = 4;
 /// Flows per `FLOWS` frame, and the largest frame read.
 const FLOWS_PER_FRAME: usize = 65_536;
-const MAX_FRAME: usize = 1 + 16 + 2 + 1 + 255 + 4 + FLOWS_PER_FRAME * ENTRY6_BYTES;
+const MAX_FRAME: usize = 1 + 16 + 2 + 1 + 255 + 4 + FLOWS_PER_FRAME * ENTRY6_BYTES + TAG_BYTES;
 const ENTRY_BYTES: usize = 4 + 2 + 2 + 1;
 const ENTRY6_BYTES: usize = 16 + 2 + 2 + 1;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// A connection's first frame, HELLO: its size at most (with a key's timestamp and MAC), and
-/// how soon it must come.
-const HELLO_MAX: usize = 1 + HELLO_BYTES + HELLO_AUTH_BYTES;
-const HELLO_BYTES: usize = 8 + 1 + 8 + 4;
-const HELLO_AUTH_BYTES: usize = 8 + 32;
-/// How far a keyed HELLO's timestamp may be from this node's clock.
-const HELLO_SKEW: u64 = 120;
-const HELLO_WAIT: Duration = Duration::from_secs(5);
+/// A connection's handshake must be done this soon, on either end.
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(5);
+/// Accepted connections whose handshake is not done yet, from one node address and in all:
+/// more are closed at once. A node makes one at a time.
+const PENDING_PER_SOURCE: usize = 4;
+const PENDING_TOTAL: usize = 32;
 /// Unacknowledged data older than this closes the connection (a peer that died silently).
 const USER_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -180,6 +185,7 @@ impl Cluster {
         let mut c = Self { settings, exceptions, peers: Arc::default(), tasks: Vec::new(), listener, events };
         c.spawn();
         tracing::info!(me = %c.settings.me, nodes = c.settings.nodes.len(), "cluster sync started");
+        warn_if_insecure(&c.settings);
         Ok(c)
     }
 
@@ -234,6 +240,7 @@ impl Cluster {
         self.settings = settings;
         self.spawn();
         tracing::info!(me = %self.settings.me, nodes = self.settings.nodes.len(), "cluster sync reconfigured");
+        warn_if_insecure(&self.settings);
         Ok(())
     }
 
@@ -260,6 +267,17 @@ impl Drop for Cluster {
         for t in &self.tasks {
             t.abort();
         }
+    }
+}
+
+/// `insecure = true`, said at every start: the sync then trusts whoever can reach it.
+fn warn_if_insecure(s: &Settings) {
+    if s.key.is_none() {
+        tracing::warn!(
+            me = %s.me,
+            "cluster sync WITHOUT a key (cluster.insecure = true): any process that can reach a node's sync port from a node's address \
+             can send flows that move live sessions to other brokers, and receive this node's exceptions; set cluster.key_file"
+        );
     }
 }
 
@@ -338,7 +356,8 @@ struct Told {
     round: u64,
 }
 
-/// Our side of the connection to `peer`: connect (again and again), then send every round.
+/// Our side of the connection to `peer`: connect and shake hands (again and again), then send
+/// every round.
 async fn send_to(
     peer: SocketAddrV4,
     s: Settings,
@@ -348,15 +367,22 @@ async fn send_to(
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match connect(s.me, peer).await {
-            Ok(mut stream) => {
+        let linked = async {
+            let mut stream = connect(s.me, peer).await?;
+            let frames = tokio::time::timeout(HANDSHAKE_WAIT, handshake_out(&mut stream, *peer.ip(), &s))
+                .await
+                .map_err(|_| anyhow::anyhow!("{peer} did not answer HELLO within {HANDSHAKE_WAIT:?}"))??;
+            anyhow::Ok((stream, frames))
+        };
+        match linked.await {
+            Ok((mut stream, mut frames)) => {
                 backoff = Duration::from_millis(200);
                 update(&peers, *peer.ip(), |p| {
                     p.out_connected = true;
                     p.out_error = None;
                 });
                 tracing::info!(%peer, "cluster: connected");
-                let why = serve_peer(&mut stream, peer, &s, &mut exceptions, &peers, &wake).await;
+                let why = serve_peer(&mut stream, &mut frames, peer, &s, &mut exceptions, &peers, &wake).await;
                 tracing::warn!(%peer, error = %format!("{why:#}"), "cluster: connection lost");
                 update(&peers, *peer.ip(), |p| {
                     p.out_connected = false;
@@ -391,20 +417,33 @@ async fn connect(me: SocketAddrV4, peer: SocketAddrV4) -> anyhow::Result<TcpStre
     Ok(stream)
 }
 
-/// Sends HELLO, then a round at once and after every change of the exceptions or every
-/// `sync_interval`, until a write fails.
+/// The connector's handshake (see [`auth`]): `HELLO`, the peer's `REPLY` checked, `PROOF`.
+/// Nothing else is sent before the peer has proved the key for this connection.
+async fn handshake_out(stream: &mut TcpStream, peer: Ipv4Addr, s: &Settings) -> anyhow::Result<Frames> {
+    let out = Outgoing::new(s.key.as_ref(), s.fingerprint, *s.me.ip(), peer)?;
+    write_raw(stream, HELLO, out.hello()).await?;
+    let (kind, reply) = read_frame(stream, 1 + REPLY_BYTES)
+        .await
+        .context("no answer to HELLO (the node's log says why: another key_file or insecure, another version, another nodes list)")?;
+    if kind != REPLY {
+        bail!("frame kind {kind} in answer to HELLO: not a dsrlb node of this version");
+    }
+    let (proof, frames) = out.finish(&reply)?;
+    write_raw(stream, PROOF, &proof).await?;
+    Ok(frames)
+}
+
+/// Sends a round at once and after every change of the exceptions or every `sync_interval`,
+/// until a write fails.
 async fn serve_peer(
     stream: &mut TcpStream,
+    frames: &mut Frames,
     peer: SocketAddrV4,
     s: &Settings,
     exceptions: &mut watch::Receiver<Arc<Exceptions>>,
     peers: &Peers,
     wake: &tokio::sync::Notify,
 ) -> anyhow::Error {
-    let hello = encode_hello(s, *peer.ip(), unix_now());
-    if let Err(e) = write_frame(stream, HELLO, &hello).await {
-        return e;
-    }
     // Nothing before this node's first walk: a SYNCED mark must mean "everything I hold".
     if exceptions.wait_for(|e| e.complete).await.is_err() {
         return anyhow::anyhow!("stopping");
@@ -414,7 +453,7 @@ async fn serve_peer(
     loop {
         round += 1;
         let set = Arc::clone(&exceptions.borrow_and_update());
-        match send_round(stream, &set, &mut told, round, s.refresh).await {
+        match send_round(stream, frames, &set, &mut told, round, s.refresh).await {
             Ok(n) => update(peers, *peer.ip(), |p| p.flows_sent += n),
             Err(e) => return e,
         }
@@ -444,6 +483,7 @@ async fn serve_peer(
 /// One round: what the peer lacks or must hear again, then `SYNCED`. Returns the flows sent.
 async fn send_round(
     stream: &mut TcpStream,
+    frames: &mut Frames,
     set: &Exceptions,
     told: &mut HashMap<(SocketAddr, SocketAddr), Told>,
     round: u64,
@@ -472,13 +512,13 @@ async fn send_round(
         }
         for chunk in due.chunks(FLOWS_PER_FRAME) {
             let kind = if listener.is_ipv6() { FLOWS6 } else { FLOWS };
-            write_frame(stream, kind, &encode_flows(listener, &g.backend, chunk)).await?;
+            write_frame(stream, frames, kind, &encode_flows(listener, &g.backend, chunk)).await?;
             count += chunk.len() as u64;
         }
     }
     // Forget what is no longer an exception: if it becomes one again, it is sent again.
     told.retain(|_, t| t.round == round);
-    write_frame(stream, SYNCED, &[]).await?;
+    write_frame(stream, frames, SYNCED, &[]).await?;
     Ok(count)
 }
 
@@ -511,13 +551,24 @@ fn push_ip(b: &mut Vec<u8>, ip: IpAddr) {
     }
 }
 
-async fn write_frame(stream: &mut TcpStream, kind: u8, body: &[u8]) -> anyhow::Result<()> {
-    let len = u32::try_from(body.len() + 1).context("frame too long")?;
+/// A frame after the handshake, with its MAC.
+async fn write_frame(stream: &mut TcpStream, frames: &mut Frames, kind: u8, body: &[u8]) -> anyhow::Result<()> {
+    let frame = frames.seal(kind, body)?;
+    stream.write_all(&frame).await.context("writing to the peer")
+}
+
+/// A frame of the handshake (no MAC of its own).
+async fn write_raw(stream: &mut TcpStream, kind: u8, body: &[u8]) -> anyhow::Result<()> {
+    stream.write_all(&raw_frame(kind, body)).await.context("writing to the peer")
+}
+
+fn raw_frame(kind: u8, body: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(body.len() + 1).expect("a handshake frame is small");
     let mut frame = Vec::with_capacity(5 + body.len());
     frame.extend_from_slice(&len.to_be_bytes());
     frame.push(kind);
     frame.extend_from_slice(body);
-    stream.write_all(&frame).await.context("writing to the peer")
+    frame
 }
 
 // ---- receiving ----
@@ -525,16 +576,16 @@ async fn write_frame(stream: &mut TcpStream, kind: u8, body: &[u8]) -> anyhow::R
 async fn accept(listener: Arc<TcpListener>, s: Settings, peers: Peers, events: mpsc::Sender<Event>, wakers: Wakers) {
     // The readers go with this task: aborting it drops the set, which aborts them.
     let mut readers = tokio::task::JoinSet::new();
-    // Every reader by its sequence number, and per node the one that greeted last: a node's
-    // connection replaces its older one once its HELLO is good, not before (a connection from
-    // the node's address that proves nothing must not push the real one out).
-    let mut started: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
+    // The readers whose handshake is not done (pending), by sequence number, and per node the
+    // one that shook hands last: a node's connection replaces its older one once its handshake
+    // is done, not before (a connection from the node's address that proves nothing, or
+    // replays a recorded handshake, must not push the real one out).
+    let mut pending: HashMap<u64, (Ipv4Addr, tokio::task::AbortHandle)> = HashMap::new();
     let mut current: HashMap<Ipv4Addr, (u64, tokio::task::AbortHandle)> = HashMap::new();
     let (greeted_tx, mut greeted) = mpsc::unbounded_channel::<(Ipv4Addr, u64)>();
     let mut seq = 0u64;
     loop {
         while readers.try_join_next().is_some() {}
-        started.retain(|_, h| !h.is_finished());
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             Some((node, id)) = greeted.recv() => {
@@ -542,7 +593,7 @@ async fn accept(listener: Arc<TcpListener>, s: Settings, peers: Peers, events: m
                 if let Some(w) = wakers.get(&node) {
                     w.notify_one();
                 }
-                if let Some(handle) = started.remove(&id)
+                if let Some((_, handle)) = pending.remove(&id)
                     && let Some((old, previous)) = current.insert(node, (id, handle))
                     && old != id
                 {
@@ -566,6 +617,18 @@ async fn accept(listener: Arc<TcpListener>, s: Settings, peers: Peers, events: m
                 continue;
             }
         };
+        pending.retain(|_, (_, h)| !h.is_finished());
+        let from_node = pending.values().filter(|(n, _)| *n == node).count();
+        if from_node >= PENDING_PER_SOURCE || pending.len() >= PENDING_TOTAL {
+            tracing::warn!(
+                peer = %node,
+                from_node,
+                pending = pending.len(),
+                "cluster: refused a connection: too many without a handshake yet (at most {PENDING_PER_SOURCE} per node, \
+                 {PENDING_TOTAL} in all)"
+            );
+            continue;
+        }
         seq += 1;
         let id = seq;
         let (s, peers, events, greeted_tx) = (s.clone(), Arc::clone(&peers), events.clone(), greeted_tx.clone());
@@ -584,14 +647,30 @@ async fn accept(listener: Arc<TcpListener>, s: Settings, peers: Peers, events: m
                 p.in_error = Some(format!("{why:#}"));
             });
         });
-        started.insert(id, handle);
+        pending.insert(id, (node, handle));
     }
 }
 
-/// Reads a peer's frames until the connection ends or breaks the protocol. A peer that sends
-/// nothing (not even its `SYNCED` heartbeat) for three rounds is taken for dead. Once its HELLO
-/// is good, the peer counts as connected (under a new generation, returned) and `on_greeted`
-/// runs.
+/// The acceptor's handshake (see [`auth`]): `HELLO` checked, `REPLY`, the peer's `PROOF`
+/// checked. Returns the peer's config fingerprint and the key of its frames.
+async fn handshake_in(stream: &mut TcpStream, node: Ipv4Addr, s: &Settings) -> anyhow::Result<(u64, Frames)> {
+    let (kind, hello) = read_frame(stream, HELLO_READ_MAX).await?;
+    if kind != HELLO {
+        bail!("frame kind {kind} before HELLO");
+    }
+    let incoming = Incoming::new(&hello, s.key.as_ref(), node, *s.me.ip())?;
+    write_raw(stream, REPLY, incoming.reply()).await?;
+    let (kind, proof) = read_frame(stream, 1 + PROOF_BYTES).await?;
+    if kind != PROOF {
+        bail!("frame kind {kind} in answer to REPLY");
+    }
+    Ok((incoming.fingerprint, incoming.finish(&proof)?))
+}
+
+/// Shakes hands, then reads a peer's frames until the connection ends or breaks the protocol.
+/// A peer that sends nothing (not even its `SYNCED` heartbeat) for three rounds is taken for
+/// dead. Once the handshake is done, the peer counts as connected (under a new generation,
+/// returned) and `on_greeted` runs.
 async fn receive(
     mut stream: TcpStream,
     node: Ipv4Addr,
@@ -600,48 +679,45 @@ async fn receive(
     events: &mpsc::Sender<Event>,
     on_greeted: impl FnOnce(),
 ) -> (anyhow::Error, Option<u64>) {
-    let quiet = s.sync_interval * 3 + Duration::from_secs(5);
-    let mut greeted = false;
+    let (fingerprint, mut frames) = match tokio::time::timeout(HANDSHAKE_WAIT, handshake_in(&mut stream, node, s)).await {
+        Err(_) => return (anyhow::anyhow!("no handshake within {HANDSHAKE_WAIT:?}"), None),
+        Ok(Err(e)) => return (e, None),
+        Ok(Ok(h)) => h,
+    };
+    let same = fingerprint == s.fingerprint;
+    if !same {
+        tracing::warn!(
+            peer = %node,
+            "cluster: this node's config differs from ours in what the rings are built from (listeners, backends, weights, \
+             ring_size): after a failover, sessions may move to other brokers"
+        );
+    }
     let mut generation = None;
-    let mut on_greeted = Some(on_greeted);
+    update(peers, node, |p| {
+        p.in_generation += 1;
+        generation = Some(p.in_generation);
+        p.in_connected = true;
+        p.synced = false;
+        p.config = if same { "same" } else { "differs" };
+        p.in_error = None;
+    });
+    on_greeted();
+    if events.send(Event::Greeted { from: node, same }).await.is_err() {
+        return (anyhow::anyhow!("stopping"), generation);
+    }
+    let quiet = s.sync_interval * 3 + Duration::from_secs(5);
     loop {
-        // Until HELLO: a small frame, soon.
-        let (wait, max) = if greeted { (quiet, MAX_FRAME) } else { (HELLO_WAIT, HELLO_MAX) };
-        let (kind, body) = match tokio::time::timeout(wait, read_frame(&mut stream, max)).await {
-            Err(_) => return (anyhow::anyhow!("nothing received for {wait:?}"), generation),
+        let (kind, rest) = match tokio::time::timeout(quiet, read_frame(&mut stream, MAX_FRAME)).await {
+            Err(_) => return (anyhow::anyhow!("nothing received for {quiet:?}"), generation),
             Ok(Err(e)) => return (e, generation),
             Ok(Ok(f)) => f,
         };
-        let result = match (greeted, kind) {
-            (false, HELLO) => match decode_hello(&body, s.key.as_ref(), *s.me.ip(), unix_now()) {
-                Ok((fingerprint, addr)) if addr == node => {
-                    greeted = true;
-                    let same = fingerprint == s.fingerprint;
-                    if !same {
-                        tracing::warn!(
-                            peer = %node,
-                            "cluster: this node's config differs from ours in what the rings are built from (listeners, backends, \
-                             weights, ring_size): after a failover, sessions may move to other brokers"
-                        );
-                    }
-                    update(peers, node, |p| {
-                        p.in_generation += 1;
-                        generation = Some(p.in_generation);
-                        p.in_connected = true;
-                        p.synced = false;
-                        p.config = if same { "same" } else { "differs" };
-                        p.in_error = None;
-                    });
-                    if let Some(f) = on_greeted.take() {
-                        f();
-                    }
-                    events.send(Event::Greeted { from: node, same }).await.map_err(|_| anyhow::anyhow!("stopping"))
-                }
-                Ok((_, addr)) => Err(anyhow::anyhow!("HELLO names node {addr}, but the connection comes from {node}")),
-                Err(e) => Err(e),
-            },
-            (false, k) => Err(anyhow::anyhow!("frame kind {k} before HELLO")),
-            (true, FLOWS | FLOWS6) => match decode_flows(&body, kind == FLOWS6) {
+        let body = match frames.open(kind, &rest) {
+            Ok(body) => body,
+            Err(e) => return (e, generation),
+        };
+        let result = match kind {
+            FLOWS | FLOWS6 => match decode_flows(body, kind == FLOWS6) {
                 Ok(group) => {
                     let n = group.entries.len() as u64;
                     update(peers, node, |p| p.flows_received += n);
@@ -649,11 +725,11 @@ async fn receive(
                 }
                 Err(e) => Err(e),
             },
-            (true, SYNCED) => {
+            SYNCED if body.is_empty() => {
                 update(peers, node, |p| p.synced = true);
                 events.send(Event::Synced { from: node }).await.map_err(|_| anyhow::anyhow!("stopping"))
             }
-            (true, k) => Err(anyhow::anyhow!("unknown frame kind {k}")),
+            k => Err(anyhow::anyhow!("unexpected frame kind {k} of {} bytes", body.len())),
         };
         if let Err(e) = result {
             return (e, generation);
@@ -672,88 +748,6 @@ async fn read_frame(stream: &mut TcpStream, max: usize) -> anyhow::Result<(u8, V
     stream.read_exact(&mut frame).await.context("reading from the peer")?;
     let body = frame.split_off(1);
     Ok((frame[0], body))
-}
-
-/// A bounds-checked reader of a frame body.
-struct Body<'a>(&'a [u8]);
-
-impl Body<'_> {
-    fn take<const N: usize>(&mut self, what: &str) -> anyhow::Result<[u8; N]> {
-        if self.0.len() < N {
-            bail!("a frame cut short in {what}");
-        }
-        let (head, rest) = self.0.split_at(N);
-        self.0 = rest;
-        Ok(head.try_into().expect("N bytes"))
-    }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// The MAC of a keyed HELLO: over its fields, its timestamp and the receiver's address (a HELLO
-/// is good for one receiver, within [`HELLO_SKEW`] of its time).
-fn hello_mac(key: &crate::config::SyncKey, fields: &[u8], to: Ipv4Addr) -> ring::hmac::Tag {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key.0);
-    let mut ctx = ring::hmac::Context::with_key(&key);
-    ctx.update(fields);
-    ctx.update(&to.octets());
-    ctx.sign()
-}
-
-/// HELLO from this node to `to`: magic, version, fingerprint, this node's address, and with a
-/// key the time and the MAC.
-fn encode_hello(s: &Settings, to: Ipv4Addr, now: u64) -> Vec<u8> {
-    let mut hello = Vec::with_capacity(HELLO_BYTES + HELLO_AUTH_BYTES);
-    hello.extend_from_slice(MAGIC);
-    hello.push(VERSION);
-    hello.extend_from_slice(&s.fingerprint.to_be_bytes());
-    hello.extend_from_slice(&s.me.ip().octets());
-    if let Some(key) = &s.key {
-        hello.extend_from_slice(&now.to_be_bytes());
-        let tag = hello_mac(key, &hello, to);
-        hello.extend_from_slice(tag.as_ref());
-    }
-    hello
-}
-
-/// A peer's HELLO to this node (`me`): its fingerprint and address, once it proved it holds
-/// `key` (when this node has one).
-fn decode_hello(body: &[u8], key: Option<&crate::config::SyncKey>, me: Ipv4Addr, now: u64) -> anyhow::Result<(u64, Ipv4Addr)> {
-    let mut b = Body(body);
-    if b.take::<8>("the magic")? != *MAGIC {
-        bail!("not a dsrlb cluster peer (bad HELLO)");
-    }
-    let version = b.take::<1>("the version")?[0];
-    if version != VERSION {
-        bail!("cluster protocol version {version}, this node speaks {VERSION}: upgrade every node to the same dsrlb");
-    }
-    let fingerprint = u64::from_be_bytes(b.take("the fingerprint")?);
-    let addr = Ipv4Addr::from(b.take::<4>("the node address")?);
-    match (key, b.0.len()) {
-        (None, 0) => {}
-        (None, _) => bail!("the peer proves a cluster key (cluster.key_file) and this node has none: give every node the same key"),
-        (Some(_), 0) => bail!("the peer proves no cluster key and this node has one (cluster.key_file): give every node the same key"),
-        (Some(key), _) => {
-            let at = u64::from_be_bytes(b.take("the time")?);
-            let tag = b.take::<32>("the MAC")?;
-            if !b.0.is_empty() {
-                bail!("a HELLO with {} bytes too many", b.0.len());
-            }
-            let signed = &body[..HELLO_BYTES + 8];
-            ring::hmac::verify(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key.0), &[signed, &me.octets()].concat(), &tag).map_err(
-                |_| anyhow::anyhow!("the peer's HELLO does not prove this node's cluster key: give every node the same key_file"),
-            )?;
-            if at.abs_diff(now) > HELLO_SKEW {
-                bail!(
-                    "the peer's HELLO is {} s from this node's clock (at most {HELLO_SKEW}): a replay, or clocks that need NTP",
-                    at.abs_diff(now)
-                );
-            }
-        }
-    }
-    Ok((fingerprint, addr))
 }
 
 fn decode_flows(body: &[u8], ipv6: bool) -> anyhow::Result<Group> {
@@ -793,6 +787,37 @@ fn decode_flows(body: &[u8], ipv6: bool) -> anyhow::Result<Group> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SyncKey;
+
+    const KEY: &[u8] = b"0123456789abcdef0123";
+    const PEER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
+    fn key(k: &[u8]) -> SyncKey {
+        SyncKey(Arc::from(k))
+    }
+
+    /// This node on 127.0.0.1 (a port the kernel picks) with fingerprint 7, and `others` on
+    /// loopback addresses of their own whose sync ports refuse connections: only their
+    /// connections to us matter.
+    fn settings(key: Option<SyncKey>, others: &[Ipv4Addr]) -> Settings {
+        let me = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0);
+        Settings {
+            me,
+            nodes: std::iter::once(me).chain(others.iter().map(|o| SocketAddrV4::new(*o, 1))).collect(),
+            fingerprint: 7,
+            sync_interval: Duration::from_secs(1),
+            refresh: Duration::from_secs(10),
+            key,
+        }
+    }
+
+    /// A cluster node as `settings` say, and where it listens.
+    fn start(settings: Settings) -> (Cluster, SocketAddr, mpsc::Receiver<Event>) {
+        let (events, rx) = mpsc::channel(64);
+        let c = Cluster::start(settings, events).expect("start");
+        let at = c.listener.local_addr().expect("bound");
+        (c, at, rx)
+    }
 
     /// Waits (bounded) until `f` holds for the one peer.
     async fn peer_until(c: &Cluster, what: &str, f: impl Fn(&PeerStatus) -> bool) -> PeerStatus {
@@ -812,65 +837,292 @@ mod tests {
         socket.connect(to).await.expect("connect")
     }
 
-    /// Whether the other end closed (or reset) the connection within a second.
+    /// Whether the other end closed (or reset) the connection within a second; what it sent
+    /// before (a `REPLY`) is skipped.
     async fn closed(s: &mut TcpStream) -> bool {
-        let mut b = [0u8; 1];
-        matches!(tokio::time::timeout(Duration::from_secs(1), s.read(&mut b)).await, Ok(Ok(0) | Err(_)))
+        let mut b = [0u8; 256];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            match tokio::time::timeout_at(deadline, s.read(&mut b)).await {
+                Err(_) => return false,
+                Ok(Ok(0) | Err(_)) => return true,
+                Ok(Ok(_)) => {}
+            }
+        }
     }
 
-    fn hello(fingerprint: u64, node: Ipv4Addr) -> Vec<u8> {
-        let mut body = MAGIC.to_vec();
-        body.push(VERSION);
-        body.extend_from_slice(&fingerprint.to_be_bytes());
-        body.extend_from_slice(&node.octets());
-        let mut frame = u32::try_from(body.len() + 1).expect("len").to_be_bytes().to_vec();
-        frame.push(HELLO);
-        frame.extend_from_slice(&body);
-        frame
+    /// Whether the connection is open as far as this end knows now (nothing to read, no FIN).
+    fn open_now(s: &TcpStream) -> bool {
+        let mut b = [0u8; 1];
+        matches!(s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    async fn next_event(rx: &mut mpsc::Receiver<Event>) -> Event {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("an event within 5 s").expect("the channel open")
+    }
+
+    /// A node's side of the sync, by hand: its connection after the handshake, the key of its
+    /// frames, and the handshake's frames as it sent them (to replay).
+    struct Shaken {
+        stream: TcpStream,
+        frames: Frames,
+        hello: Vec<u8>,
+        proof: Vec<u8>,
+    }
+
+    impl Shaken {
+        /// Sends a frame with its MAC, as the node would.
+        async fn send(&mut self, kind: u8, body: &[u8]) {
+            let frame = self.frames.seal(kind, body).expect("seal");
+            self.stream.write_all(&frame).await.expect("write");
+        }
+    }
+
+    /// Connects from `from` to the node at `at` and shakes hands as a node with `key` and
+    /// `fingerprint` would.
+    async fn shake_hands(key: Option<&SyncKey>, fingerprint: u64, from: Ipv4Addr, at: SocketAddr) -> anyhow::Result<Shaken> {
+        let mut stream = connect_from(from, at).await;
+        let SocketAddr::V4(to) = at else { unreachable!("an IPv4 node") };
+        let out = Outgoing::new(key, fingerprint, from, *to.ip())?;
+        let hello = raw_frame(HELLO, out.hello());
+        stream.write_all(&hello).await?;
+        let (kind, reply) = read_frame(&mut stream, 1 + REPLY_BYTES).await?;
+        anyhow::ensure!(kind == REPLY, "kind {kind}");
+        let (proof, frames) = out.finish(&reply)?;
+        let proof = raw_frame(PROOF, &proof);
+        stream.write_all(&proof).await?;
+        Ok(Shaken { stream, frames, hello, proof })
+    }
+
+    fn flows_body() -> Vec<u8> {
+        let entry = Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false };
+        encode_flows("192.0.2.100:1883".parse().expect("addr"), "b3", &[entry])
     }
 
     /// What another node (or anything else) can make of this node's sync port: strangers are
     /// refused, a first frame larger than a HELLO ends the connection before anything is
-    /// allocated for it, a HELLO tells the configs apart, and a node's new connection replaces
-    /// its old one.
+    /// allocated for it, a handshake tells the configs apart, and a node's new connection
+    /// replaces its old one once it has shaken hands, not before.
     #[tokio::test]
     async fn the_sync_port_bounds_what_a_peer_can_do() {
-        let (me, peer) = (Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 2));
-        let settings = Settings {
-            me: SocketAddrV4::new(me, 0),
-            // The peer's own port refuses connections: only its connections to us matter here.
-            nodes: vec![SocketAddrV4::new(me, 0), SocketAddrV4::new(peer, 1)],
-            fingerprint: 7,
-            sync_interval: Duration::from_secs(1),
-            refresh: Duration::from_secs(10),
-            key: None,
-        };
-        let (events, _rx) = mpsc::channel(64);
-        let c = Cluster::start(settings, events).expect("start");
-        let at = c.listener.local_addr().expect("bound");
-
+        let (c, at, mut rx) = start(settings(Some(key(KEY)), &[PEER]));
         let mut stranger = connect_from(Ipv4Addr::new(127, 0, 0, 3), at).await;
         assert!(closed(&mut stranger).await, "a connection from outside cluster.nodes was kept");
 
-        let mut big = connect_from(peer, at).await;
+        let mut big = connect_from(PEER, at).await;
         big.write_all(&1_000_000u32.to_be_bytes()).await.expect("write");
         assert!(closed(&mut big).await, "a first frame of a megabyte was waited for");
-        peer_until(&c, "the refusal", |p| p.in_error.as_deref().is_some_and(|e| e.contains("at most 62"))).await;
+        peer_until(&c, "the refusal", |p| p.in_error.as_deref().is_some_and(|e| e.contains("at most 64"))).await;
 
-        let mut first = connect_from(peer, at).await;
-        first.write_all(&hello(8, peer)).await.expect("write");
-        peer_until(&c, "a HELLO of another config", |p| p.in_connected && p.config == "differs").await;
-        let mut second = connect_from(peer, at).await;
-        second.write_all(&hello(7, peer)).await.expect("write");
-        peer_until(&c, "a HELLO of the same config", |p| p.in_connected && p.config == "same").await;
-        assert!(closed(&mut first).await, "the node's older connection was kept beside its new one");
+        let mut first = shake_hands(Some(&key(KEY)), 8, PEER, at).await.expect("a handshake");
+        peer_until(&c, "a node of another config", |p| p.in_connected && p.config == "differs").await;
+        assert!(matches!(next_event(&mut rx).await, Event::Greeted { from: PEER, same: false }));
+        let mut second = shake_hands(Some(&key(KEY)), 7, PEER, at).await.expect("a handshake");
+        peer_until(&c, "a node of the same config", |p| p.in_connected && p.config == "same").await;
+        assert!(matches!(next_event(&mut rx).await, Event::Greeted { from: PEER, same: true }));
+        assert!(closed(&mut first.stream).await, "the node's older connection was kept beside its new one");
         // A connection from the node's address that proves nothing does not push it out.
-        let mut intruder = connect_from(peer, at).await;
+        let mut intruder = connect_from(PEER, at).await;
         intruder.write_all(&[0, 0, 0, 3, HELLO, 0, 0]).await.expect("write");
         assert!(closed(&mut intruder).await, "a bad HELLO was taken");
-        assert!(!closed(&mut second).await, "the node's good connection was closed");
+        assert!(!closed(&mut second.stream).await, "the node's good connection was closed");
         let p = peer_until(&c, "the node still connected", |p| p.in_connected).await;
         assert_eq!(p.config, "same");
+        second.send(SYNCED, &[]).await;
+        assert!(matches!(next_event(&mut rx).await, Event::Synced { from: PEER }), "the good connection still carries");
+    }
+
+    /// A handshake recorded on the wire and played again, from the node's address: this node
+    /// answers with a fresh nonce, the recorded PROOF does not cover it, and the live
+    /// connection stays.
+    #[tokio::test]
+    async fn a_replayed_handshake_is_refused_and_does_not_push_the_live_connection_out() {
+        let (c, at, mut rx) = start(settings(Some(key(KEY)), &[PEER]));
+        let mut live = shake_hands(Some(&key(KEY)), 7, PEER, at).await.expect("a handshake");
+        assert!(matches!(next_event(&mut rx).await, Event::Greeted { from: PEER, same: true }));
+        let synced = live.frames.seal(SYNCED, &[]).expect("seal");
+        live.stream.write_all(&synced).await.expect("write");
+        assert!(matches!(next_event(&mut rx).await, Event::Synced { from: PEER }));
+
+        let mut replay = connect_from(PEER, at).await;
+        replay.write_all(&live.hello).await.expect("write");
+        let (kind, _) = read_frame(&mut replay, 1 + REPLY_BYTES).await.expect("a REPLY (to anyone who sends a good HELLO)");
+        assert_eq!(kind, REPLY);
+        // The recorded PROOF, and the frame the recorded stream carried next.
+        replay.write_all(&live.proof).await.expect("write");
+        replay.write_all(&synced).await.expect("write");
+        assert!(closed(&mut replay).await, "a replayed handshake was taken");
+        peer_until(&c, "the refusal", |p| p.in_error.as_deref().is_some_and(|e| e.contains("does not prove the cluster key"))).await;
+        assert!(rx.try_recv().is_err(), "a replayed handshake made an event");
+
+        assert!(open_now(&live.stream), "the live connection was pushed out by a replay");
+        live.send(FLOWS, &flows_body()).await;
+        assert!(matches!(next_event(&mut rx).await, Event::Flows { from: PEER, .. }), "the live connection no longer carries");
+        assert!(peer_until(&c, "connected", |p| p.in_connected).await.in_connected);
+    }
+
+    /// Frames written into a node's stream by someone else after its handshake (on the path,
+    /// or a process that can forge its segments): without the frame key their MAC fails; a
+    /// frame of the node's own played again is out of its place; a frame of another
+    /// connection is under another key. Each closes the connection and makes no event.
+    #[tokio::test]
+    async fn a_frame_injected_after_the_handshake_is_refused_and_makes_no_event() {
+        let (c, at, mut rx) = start(settings(Some(key(KEY)), &[PEER]));
+        let mut node = shake_hands(Some(&key(KEY)), 7, PEER, at).await.expect("a handshake");
+        assert!(matches!(next_event(&mut rx).await, Event::Greeted { from: PEER, .. }));
+        node.send(FLOWS, &flows_body()).await;
+        assert!(matches!(next_event(&mut rx).await, Event::Flows { from: PEER, .. }), "a node's own frame is taken");
+        // A FLOWS frame as version 1 sent it, without a MAC.
+        node.stream.write_all(&raw_frame(FLOWS, &flows_body())).await.expect("write");
+        assert!(closed(&mut node.stream).await, "a frame without a MAC was taken");
+        peer_until(&c, "the refusal", |p| p.in_error.as_deref().is_some_and(|e| e.contains("MAC"))).await;
+        assert!(rx.try_recv().is_err(), "a frame without a MAC made an event");
+
+        // The node's own FLOWS frame, played again later in its stream.
+        let mut node = shake_hands(Some(&key(KEY)), 7, PEER, at).await.expect("a handshake");
+        assert!(matches!(next_event(&mut rx).await, Event::Greeted { from: PEER, .. }));
+        let flows = node.frames.seal(FLOWS, &flows_body()).expect("seal");
+        node.stream.write_all(&flows).await.expect("write");
+        assert!(matches!(next_event(&mut rx).await, Event::Flows { from: PEER, .. }));
+        node.stream.write_all(&flows).await.expect("write");
+        assert!(closed(&mut node.stream).await, "a replayed frame was taken");
+        assert!(rx.try_recv().is_err(), "a replayed frame made an event");
+
+        // A frame recorded on another connection of the node, at the same place in its stream.
+        let mut other = shake_hands(Some(&key(KEY)), 7, PEER, at).await.expect("a handshake");
+        assert!(matches!(next_event(&mut rx).await, Event::Greeted { from: PEER, .. }));
+        let mut node = shake_hands(Some(&key(KEY)), 7, PEER, at).await.expect("a handshake");
+        assert!(matches!(next_event(&mut rx).await, Event::Greeted { from: PEER, .. }));
+        let elsewhere = other.frames.seal(FLOWS, &flows_body()).expect("seal");
+        node.stream.write_all(&elsewhere).await.expect("write");
+        assert!(closed(&mut node.stream).await, "a frame of another connection was taken");
+        assert!(rx.try_recv().is_err(), "a frame of another connection made an event");
+        assert!(closed(&mut other.stream).await, "the older connection was replaced");
+    }
+
+    /// A joining node waits for a SYNCED from each peer; one forged into the stream (any tag
+    /// but the frame key's) must not end the join.
+    #[tokio::test]
+    async fn a_forged_synced_makes_no_event_and_ends_no_join() {
+        let (c, at, mut rx) = start(settings(Some(key(KEY)), &[PEER]));
+        let mut node = shake_hands(Some(&key(KEY)), 7, PEER, at).await.expect("a handshake");
+        assert!(matches!(next_event(&mut rx).await, Event::Greeted { from: PEER, .. }));
+        // SYNCED with a MAC under the cluster key itself (what a node that does not hold the
+        // handshake's frame key could best make) instead of the frame key.
+        let forged = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, KEY), &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 33, SYNCED]);
+        node.stream.write_all(&raw_frame(SYNCED, forged.as_ref())).await.expect("write");
+        assert!(closed(&mut node.stream).await, "a forged SYNCED was taken");
+        assert!(rx.try_recv().is_err(), "a forged SYNCED made an event");
+        let p = peer_until(&c, "the refusal", |p| p.in_error.as_deref().is_some_and(|e| e.contains("fails its MAC"))).await;
+        assert!(!p.synced, "a forged SYNCED marked the peer synced");
+    }
+
+    /// This node connects to an impostor on a peer's address and port (a host that took the
+    /// address, a local process that bound the port first): it does not hold the key, or it
+    /// plays back an answer the real node gave before. Nothing after the HELLO reaches it: no
+    /// PROOF, no exception.
+    #[tokio::test]
+    async fn a_connector_that_reaches_an_impostor_sends_it_nothing() {
+        let impostor = TcpListener::bind((PEER, 0)).await.expect("bind");
+        let SocketAddr::V4(peer) = impostor.local_addr().expect("bound") else { unreachable!("IPv4") };
+        let mut s = settings(Some(key(KEY)), &[]);
+        s.nodes.push(peer);
+        let (events, _rx) = mpsc::channel(64);
+        let c = Cluster::start(s, events).expect("start");
+        let entry = Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false };
+        let group = Group { listener: Some("192.0.2.100:1883".parse().expect("addr")), backend: "b3".to_owned(), entries: vec![entry] };
+        c.publish(Exceptions { groups: vec![group], complete: true });
+
+        // Answers with another key; then with the real node's answer to an earlier HELLO.
+        let mut earlier = None;
+        for (answer_key, why) in [(b"not the cluster key, 16+".as_slice(), "another key"), (KEY, "a replayed answer")] {
+            let (mut conn, _) = impostor.accept().await.expect("the node connects");
+            let (kind, hello) = read_frame(&mut conn, HELLO_READ_MAX).await.expect("HELLO");
+            assert_eq!(kind, HELLO);
+            let answered = earlier.get_or_insert_with(|| hello.clone());
+            let reply = Incoming::new(answered, Some(&key(answer_key)), Ipv4Addr::LOCALHOST, PEER).expect("a HELLO to answer");
+            conn.write_all(&raw_frame(REPLY, reply.reply())).await.expect("write");
+            let mut after = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut after)).await.expect("closed").expect("read");
+            assert!(after.is_empty(), "{why}: the impostor received {} bytes after its REPLY", after.len());
+            peer_until(&c, why, |p| {
+                !p.out_connected && p.out_error.as_deref().is_some_and(|e| e.contains("does not prove the cluster key"))
+            })
+            .await;
+        }
+        assert_eq!(c.peers()[0].flows_sent, 0);
+    }
+
+    /// Connections that have not shaken hands yet are few: at most 4 from a node's address and
+    /// 32 in all; more are closed at once (not after the 5 s deadline), and the ones held stay.
+    #[tokio::test]
+    async fn pending_connections_are_capped_per_node_and_in_total() {
+        let nodes: Vec<Ipv4Addr> = (2..=10).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+        let (c, at, _rx) = start(settings(Some(key(KEY)), &nodes));
+        let mut held = Vec::new();
+        for _ in 0..PENDING_PER_SOURCE {
+            held.push(connect_from(nodes[0], at).await);
+        }
+        let mut one_more = connect_from(nodes[0], at).await;
+        assert!(closed(&mut one_more).await, "a fifth pending connection from one node was kept");
+        assert!(held.iter().all(open_now), "a pending connection within the cap was closed");
+        for n in &nodes[1..8] {
+            for _ in 0..PENDING_PER_SOURCE {
+                held.push(connect_from(*n, at).await);
+            }
+        }
+        assert_eq!(held.len(), PENDING_TOTAL);
+        let mut one_more = connect_from(nodes[8], at).await;
+        assert!(closed(&mut one_more).await, "a pending connection beyond the total was kept");
+        assert!(held.iter().all(open_now), "a pending connection within the cap was closed");
+        // Once they are gone, a node shakes hands again.
+        drop(held);
+        let mut shaken = None;
+        for _ in 0..100 {
+            if let Ok(s) = shake_hands(Some(&key(KEY)), 7, nodes[8], at).await {
+                shaken = Some(s);
+                break;
+            }
+        }
+        assert!(shaken.is_some(), "no handshake once the pending connections were gone");
+        peer_until(&c, "connected", |p| p.node.starts_with("127.0.0.10:") && p.in_connected).await;
+    }
+
+    /// Two nodes that run the whole protocol, with a key and with `insecure = true`: each
+    /// connects to the other, and the exceptions of one arrive at the other as `Flows`, then
+    /// `Synced`. A node with a key and one without do not talk, and say why.
+    #[tokio::test]
+    async fn two_nodes_share_their_exceptions_over_the_handshake() {
+        for (key_a, key_b) in [(Some(key(KEY)), Some(key(KEY))), (None, None), (Some(key(KEY)), None)] {
+            let agree = key_a == key_b;
+            // Free ports, known before either node starts (each lists the other's).
+            let free = |ip: Ipv4Addr| {
+                let l = std::net::TcpListener::bind((ip, 0)).expect("bind");
+                SocketAddrV4::new(ip, l.local_addr().expect("bound").port())
+            };
+            let (a, b) = (free(Ipv4Addr::LOCALHOST), free(PEER));
+            let node = |me: SocketAddrV4, key: Option<SyncKey>| Settings { me, nodes: vec![a, b], ..settings(key, &[]) };
+            let (tx_a, _rx_a) = mpsc::channel(64);
+            let (tx_b, mut rx_b) = mpsc::channel(64);
+            let node_a = Cluster::start(node(a, key_a), tx_a).expect("start a");
+            let node_b = Cluster::start(node(b, key_b), tx_b).expect("start b");
+            let entry = Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false };
+            let group = Group { listener: Some("192.0.2.100:1883".parse().expect("addr")), backend: "b3".to_owned(), entries: vec![entry] };
+            node_a.publish(Exceptions { groups: vec![group.clone()], complete: true });
+            if agree {
+                assert!(matches!(next_event(&mut rx_b).await, Event::Greeted { from, same: true } if from == *a.ip()));
+                assert!(matches!(next_event(&mut rx_b).await, Event::Flows { from, group: g } if from == *a.ip() && g == group));
+                assert!(matches!(next_event(&mut rx_b).await, Event::Synced { from } if from == *a.ip()));
+                peer_until(&node_b, "b's connection to a", |p| p.out_connected && p.in_connected).await;
+                peer_until(&node_a, "a's connection to b", |p| p.out_connected && p.in_connected && p.flows_sent == 1).await;
+            } else {
+                // Each refuses the other's HELLO and says why; the connector is pointed there.
+                peer_until(&node_a, "a refused", |p| p.in_error.as_deref().is_some_and(|e| e.contains("runs without a cluster key"))).await;
+                peer_until(&node_b, "b refused", |p| p.in_error.as_deref().is_some_and(|e| e.contains("this node has none"))).await;
+                peer_until(&node_b, "b told", |p| p.out_error.as_deref().is_some_and(|e| e.contains("the node's log says why"))).await;
+                assert!(rx_b.try_recv().is_err(), "a node with a key and one without talked");
+            }
+        }
     }
 
     #[test]
@@ -896,48 +1148,6 @@ mod tests {
             long.push(0);
             assert!(decode_flows(&long, ipv6).is_err(), "a frame with a trailing byte was accepted");
             assert!(decode_flows(&body, !ipv6).is_err(), "a frame read as the other family was accepted");
-        }
-        let mut hello = MAGIC.to_vec();
-        hello.push(VERSION);
-        hello.extend_from_slice(&7u64.to_be_bytes());
-        hello.extend_from_slice(&[192, 0, 2, 3]);
-        let me = Ipv4Addr::new(192, 0, 2, 2);
-        assert_eq!(decode_hello(&hello, None, me, 0).expect("hello"), (7, Ipv4Addr::new(192, 0, 2, 3)));
-        hello[8] = VERSION + 1;
-        assert!(decode_hello(&hello, None, me, 0).expect_err("another version").to_string().contains("upgrade every node"));
-        assert!(decode_hello(b"HTTP/1.1 200 OK\r\n\r\n", None, me, 0).is_err());
-    }
-
-    /// With `cluster.key_file`, a HELLO proves the key, for this receiver, near this time.
-    #[test]
-    fn a_keyed_hello_proves_the_key_to_its_receiver_only() {
-        let key = |k: &[u8]| Some(crate::config::SyncKey(Arc::from(k)));
-        let (a, b, c) = (Ipv4Addr::new(192, 0, 2, 2), Ipv4Addr::new(192, 0, 2, 3), Ipv4Addr::new(192, 0, 2, 4));
-        let settings = |k| Settings {
-            me: SocketAddrV4::new(a, 9878),
-            nodes: vec![SocketAddrV4::new(a, 9878), SocketAddrV4::new(b, 9878)],
-            fingerprint: 7,
-            sync_interval: Duration::from_secs(10),
-            refresh: Duration::from_secs(10),
-            key: k,
-        };
-        let secret = key(b"0123456789abcdef0123");
-        let now = 1_800_000_000;
-        let hello = encode_hello(&settings(secret.clone()), b, now);
-        assert_eq!(hello.len() + 1, HELLO_MAX);
-        assert_eq!(decode_hello(&hello, secret.as_ref(), b, now + 5).expect("the right key"), (7, a));
-        let err = |r: anyhow::Result<(u64, Ipv4Addr)>| r.expect_err("must be refused").to_string();
-        assert!(err(decode_hello(&hello, key(b"another key of 16+ bytes").as_ref(), b, now)).contains("does not prove"));
-        assert!(err(decode_hello(&hello, secret.as_ref(), c, now)).contains("does not prove"), "a HELLO for b taken by c");
-        assert!(err(decode_hello(&hello, secret.as_ref(), b, now + 600)).contains("s from this node's clock"));
-        assert!(err(decode_hello(&hello, None, b, now)).contains("this node has none"));
-        let plain = encode_hello(&settings(None), b, now);
-        assert!(err(decode_hello(&plain, secret.as_ref(), b, now)).contains("proves no cluster key"));
-        let mut flipped = hello.clone();
-        flipped[12] ^= 1;
-        assert!(err(decode_hello(&flipped, secret.as_ref(), b, now)).contains("does not prove"), "a changed fingerprint");
-        for cut in HELLO_BYTES + 1..hello.len() {
-            assert!(decode_hello(&hello[..cut], secret.as_ref(), b, now).is_err(), "a HELLO cut at {cut} was accepted");
         }
     }
 

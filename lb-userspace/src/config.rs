@@ -266,8 +266,9 @@ pub struct Cluster {
     /// VIPs and `dsrlb ping` answers (it stops waiting once every other node that runs has sent
     /// them; a node it cannot connect to is taken as down).
     pub join_wait: Duration,
-    /// `key_file`'s content: the nodes prove to each other that they hold it (HMAC-SHA256 in
-    /// the sync's HELLO). None: peers are told apart by address alone.
+    /// `key_file`'s content: the nodes prove to each other that they hold it, and every frame
+    /// of the sync carries a MAC under a key derived from it (see `crate::cluster`). None only
+    /// with `insecure = true`: peers are then told apart by address alone.
     pub key: Option<SyncKey>,
 }
 
@@ -283,22 +284,67 @@ impl std::fmt::Debug for SyncKey {
 
 /// The shortest `key_file` taken: 128 bits.
 pub const MIN_SYNC_KEY_BYTES: usize = 16;
+/// The largest `key_file` read: a key is tens of bytes, and nothing larger is read into memory.
+pub const MAX_SYNC_KEY_FILE_BYTES: u64 = 4096;
 
-/// Reads a cluster key file: at least [`MIN_SYNC_KEY_BYTES`] bytes (surrounding whitespace
-/// ignored), owned by this process's user and readable by it alone.
+/// Reads a cluster key file: a regular file (not a symbolic link) of at most
+/// [`MAX_SYNC_KEY_FILE_BYTES`], owned by this process's user and readable by it alone, holding
+/// at least [`MIN_SYNC_KEY_BYTES`] bytes (surrounding whitespace ignored). Read through one
+/// descriptor: what is checked is what is read, even if the path is changed meanwhile.
 ///
 /// # Errors
-/// When it cannot be read, is too short, or others may read it.
+/// When it cannot be opened, is a link or not a regular file, is too long or too short, or
+/// others may read it.
 pub fn read_sync_key(path: &Path) -> anyhow::Result<SyncKey> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-    use std::os::unix::fs::MetadataExt as _;
+    use std::{
+        io::Read as _,
+        os::unix::fs::{FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    };
+    // O_NONBLOCK: a FIFO is refused below rather than waited on for a writer.
+    let file =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC).open(path).map_err(
+            |e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    anyhow::anyhow!("{} is a symbolic link, which is not followed: name the key file itself", path.display())
+                } else {
+                    anyhow::anyhow!("reading {}: {e}", path.display())
+                }
+            },
+        )?;
+    let meta = file.metadata().map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        anyhow::bail!("{} is {what}: a key file must be a regular file", path.display());
+    }
+    anyhow::ensure!(
+        meta.len() <= MAX_SYNC_KEY_FILE_BYTES,
+        "{} holds {} bytes: a key file holds at most {MAX_SYNC_KEY_FILE_BYTES} (a key of 32 bytes is plenty)",
+        path.display(),
+        meta.len()
+    );
     // SAFETY: geteuid has no failure mode.
     let me = unsafe { libc::geteuid() };
     anyhow::ensure!(meta.uid() == me, "{} belongs to uid {}, not to this process's ({me}): chown it", path.display(), meta.uid());
     let others = meta.permissions().mode() & 0o077;
     anyhow::ensure!(others == 0, "{} may be read by others (mode {:o}): chmod 600 it", path.display(), meta.permissions().mode() & 0o777);
-    let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SYNC_KEY_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    anyhow::ensure!(
+        bytes.len() as u64 <= MAX_SYNC_KEY_FILE_BYTES,
+        "{} grew past {MAX_SYNC_KEY_FILE_BYTES} bytes while it was read",
+        path.display()
+    );
     let key = bytes.trim_ascii();
     anyhow::ensure!(
         key.len() >= MIN_SYNC_KEY_BYTES,
@@ -384,6 +430,7 @@ struct RawCluster {
     sync_interval: Option<Spanned<String>>,
     join_wait: Option<Spanned<String>>,
     key_file: Option<Spanned<String>>,
+    insecure: Option<Spanned<bool>>,
 }
 
 const fn default_mode() -> XdpModeCfg {
@@ -679,9 +726,30 @@ impl Validator<'_> {
             Some(w) => parse_duration_within(w.get_ref(), Duration::ZERO, Duration::from_mins(5))
                 .map_err(|m| self.err(&w.span(), "cluster.join_wait", m))?,
         };
-        let key = match &raw.key_file {
-            None => None,
-            Some(k) => Some(read_sync_key(Path::new(k.get_ref())).map_err(|e| self.err(&k.span(), "cluster.key_file", format!("{e:#}")))?),
+        let insecure = raw.insecure.as_ref().filter(|i| *i.get_ref());
+        let key = match (&raw.key_file, insecure) {
+            (Some(_), Some(i)) => {
+                return Err(self.err(
+                    &i.span(),
+                    "cluster.insecure",
+                    "true beside a key_file: with a key the sync is authenticated; remove insecure (or the key_file)",
+                ));
+            }
+            (Some(k), None) => {
+                Some(read_sync_key(Path::new(k.get_ref())).map_err(|e| self.err(&k.span(), "cluster.key_file", format!("{e:#}")))?)
+            }
+            (None, Some(_)) => None,
+            (None, None) => {
+                return Err(self.err(
+                    &section.span(),
+                    "cluster.key_file",
+                    "missing: without a key, anything that can reach a node's sync port (another user on a node, a host that takes \
+                     over a node's address) can send flows that move live sessions to other brokers, and can receive this node's \
+                     exceptions (which client goes to which broker). Give every node the same key_file (`head -c 32 /dev/urandom | \
+                     base64 > /etc/dsrlb/cluster.key; chmod 600`), or, where only the balancers can reach the sync port, set \
+                     cluster.insecure = true",
+                ));
+            }
         };
         Ok(Cluster { nodes, sync_interval, join_wait, key })
     }
@@ -1249,12 +1317,12 @@ weight = 50
     fn announce_and_cluster_sections() {
         let c = parse(GOOD, "t.toml").expect("valid");
         assert_eq!((c.announce, c.cluster), (None, None), "neither without its section");
-        let text = format!("{GOOD}\n[announce]\n\n[cluster]\nnodes = [\"192.0.2.2:9878\", \"192.0.2.3:9878\"]\n");
+        let text = format!("{GOOD}\n[announce]\n\n[cluster]\nnodes = [\"192.0.2.2:9878\", \"192.0.2.3:9878\"]\ninsecure = true\n");
         let c = parse(&text, "t.toml").expect("valid");
         assert_eq!(c.announce, Some(Announce { table: DEFAULT_ANNOUNCE_TABLE, withdraw_wait: DEFAULT_WITHDRAW_WAIT }));
         let cluster = c.cluster.expect("cluster");
         assert_eq!(cluster.nodes, vec!["192.0.2.2:9878".parse().expect("addr"), "192.0.2.3:9878".parse().expect("addr")]);
-        assert_eq!((cluster.sync_interval, cluster.join_wait), (DEFAULT_SYNC_INTERVAL, DEFAULT_JOIN_WAIT));
+        assert_eq!((cluster.sync_interval, cluster.join_wait, cluster.key), (DEFAULT_SYNC_INTERVAL, DEFAULT_JOIN_WAIT, None));
         let e = error_of(&format!("{GOOD}\n[announce]\ntable = 254\n"));
         assert!(e.starts_with("t.toml:26:9: announce.table: 254 is not a table of its own"), "{e}");
         let e = error_of(&format!("{GOOD}\n[announce]\nwithdraw_wait = \"1h\"\n"));
@@ -1277,10 +1345,39 @@ weight = 50
         assert!(e.contains("use at most 5s"), "{e}");
         let e = error_of(&format!("{short}\n[cluster]\nnodes = [\"192.0.2.2:1\", \"192.0.2.3:1\"]\n"));
         assert!(e.contains("cluster.sync_interval: 10s is more than half"), "the default too: {e}");
-        let ok = parse(&format!("{short}\n[cluster]\nnodes = [\"192.0.2.2:1\", \"192.0.2.3:1\"]\nsync_interval = \"5s\"\n"), "t.toml");
+        let ok = parse(
+            &format!("{short}\n[cluster]\nnodes = [\"192.0.2.2:1\", \"192.0.2.3:1\"]\nsync_interval = \"5s\"\ninsecure = true\n"),
+            "t.toml",
+        );
         assert!(ok.is_ok(), "{ok:?}");
-        // key_file: read at load (and reload), owner-only, long enough; never shown.
+        let e = error_of(&format!("{GOOD}\n[cluster]\nnodes = [\"192.0.2.2:1\", \"192.0.2.3:1\"]\npeers = []\n"));
+        assert!(e.contains("unknown field `peers`"), "{e}");
+    }
+
+    /// A cluster whose sync anyone on the network could feed is not started by accident: no
+    /// key_file is an error that says why, unless the config says `insecure = true`.
+    #[test]
+    fn a_cluster_without_a_key_is_refused_unless_it_says_insecure() {
+        let cluster = |extra: &str| format!("{GOOD}\n[cluster]\nnodes = [\"192.0.2.2:1\", \"192.0.2.3:1\"]\n{extra}");
+        for extra in ["", "insecure = false\n"] {
+            let e = error_of(&cluster(extra));
+            assert!(e.starts_with("t.toml:25:1: cluster.key_file: missing: without a key"), "{e}");
+            assert!(e.contains("move live sessions to other brokers") && e.contains("cluster.insecure = true"), "{e}");
+        }
+        let c = parse(&cluster("insecure = true\n"), "t.toml").expect("insecure, as said");
+        assert_eq!(c.cluster.expect("cluster").key, None);
+        let e = error_of(&cluster("insecure = true\nkey_file = \"/etc/dsrlb/cluster.key\"\n"));
+        assert!(e.starts_with("t.toml:27:12: cluster.insecure: true beside a key_file"), "{e}");
+        let e = error_of(&cluster("insecure = \"yes\"\n"));
+        assert!(e.contains("insecure"), "{e}");
+    }
+
+    /// key_file: read at load (and reload) through one descriptor: a regular file, not a link,
+    /// at most 4 KiB, owner-only, long enough; never shown.
+    #[test]
+    fn the_key_file_is_one_small_regular_file_of_its_owner() {
         let dir = std::env::temp_dir().join(format!("dsrlb-key-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
         let keyed =
             |path: &std::path::Path| format!("{GOOD}\n[cluster]\nnodes = [\"192.0.2.2:1\", \"192.0.2.3:1\"]\nkey_file = {path:?}\n");
@@ -1302,9 +1399,29 @@ weight = 50
         assert!(e.contains("cluster.key_file: ") && e.contains("holds 10 bytes"), "{e}");
         let e = error_of(&keyed(&dir.join("missing")));
         assert!(e.contains("cluster.key_file: reading "), "{e}");
+        // A link to a good key is not followed (it could be swapped for one to any file).
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&good, &link).expect("symlink");
+        let e = error_of(&keyed(&link));
+        assert!(e.contains("cluster.key_file: ") && e.contains("is a symbolic link, which is not followed"), "{e}");
+        // Only a regular file: a directory, and a FIFO (refused at once, not waited on).
+        let sub = dir.join("sub");
+        std::fs::create_dir(&sub).expect("dir");
+        std::fs::set_permissions(&sub, std::os::unix::fs::PermissionsExt::from_mode(0o700)).expect("chmod");
+        let e = error_of(&keyed(&sub));
+        assert!(e.contains("cluster.key_file: ") && e.contains("is a directory: a key file must be a regular file"), "{e}");
+        let fifo = dir.join("fifo");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+        let e = error_of(&keyed(&fifo));
+        assert!(e.contains("cluster.key_file: ") && e.contains("is a FIFO: a key file must be a regular file"), "{e}");
+        // At most 4 KiB, checked before anything is read.
+        let big = write("big", &[b'k'; 4097], 0o600);
+        let e = error_of(&keyed(&big));
+        assert!(e.contains("cluster.key_file: ") && e.contains("holds 4097 bytes: a key file holds at most 4096"), "{e}");
+        assert!(parse(&keyed(&write("max", &[b'k'; 4096], 0o600)), "t.toml").is_ok(), "4096 bytes are taken");
         let _ = std::fs::remove_dir_all(&dir);
-        let e = error_of(&format!("{GOOD}\n[cluster]\nnodes = [\"192.0.2.2:1\", \"192.0.2.3:1\"]\npeers = []\n"));
-        assert!(e.contains("unknown field `peers`"), "{e}");
     }
 
     #[test]

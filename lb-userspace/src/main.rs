@@ -355,9 +355,14 @@ fn ha_table(v: &Value, out: &mut String) {
             |w| format!("{} exceptions at the last walk ({} s ago)", w["exceptions"], w["ago_s"]),
         );
         let m = &c["merged"];
+        let auth = if c["insecure"].as_bool() == Some(true) {
+            "INSECURE (no key_file: peers are not authenticated)"
+        } else {
+            "authenticated (key_file)"
+        };
         let _ = writeln!(
             out,
-            "cluster: node {} {joined}; {walk}; received flows inserted {} refreshed {} kept {} full {} unknown {}",
+            "cluster: node {} {auth} {joined}; {walk}; received flows inserted {} refreshed {} kept {} full {} unknown {}",
             c["me"].as_str().unwrap_or(""),
             m["inserted"],
             m["refreshed"],
@@ -515,4 +520,27 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         println!("backend {} {} {} weight {}", b.name, b.addresses(), mac, b.weight);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `dsrlb status` says whether the cluster sync authenticates its peers.
+    #[test]
+    fn the_status_says_when_the_cluster_sync_is_insecure() {
+        let status = |insecure: bool| {
+            let v = serde_json::json!({ "cluster": {
+                "me": "192.0.2.2:9878", "insecure": insecure, "joined": true, "joined_how": "with every running node's exceptions",
+                "last_walk": null, "merged": {}, "peers": [],
+            }});
+            let mut out = String::new();
+            ha_table(&v, &mut out);
+            out
+        };
+        let out = status(true);
+        assert!(out.starts_with("cluster: node 192.0.2.2:9878 INSECURE (no key_file: peers are not authenticated) joined"), "{out}");
+        let out = status(false);
+        assert!(out.starts_with("cluster: node 192.0.2.2:9878 authenticated (key_file) joined"), "{out}");
+    }
 }

@@ -64,6 +64,8 @@ pub struct Snapshot {
     pub exceptions: Option<u64>,
     pub merges: Option<crate::exceptions::MergeCounts>,
     pub joined: Option<bool>,
+    /// `[cluster]` with `insecure = true`: the sync authenticates no peer.
+    pub cluster_insecure: Option<bool>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -221,6 +223,15 @@ impl Snapshot {
                 MetricType::Gauge,
             )?;
             ConstGauge::new(i64::from(joined)).encode(m)?;
+        }
+        if let Some(insecure) = self.cluster_insecure {
+            let m = e.encode_descriptor(
+                "dsrlb_cluster_insecure",
+                "1 when the cluster sync runs without a key (insecure = true): any process that reaches it from a node's address is trusted",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::from(insecure)).encode(m)?;
         }
         if !self.peers.is_empty() {
             let mut m = e.encode_descriptor(
@@ -683,6 +694,7 @@ mod tests {
             exceptions: Some(9),
             merges: Some(crate::exceptions::MergeCounts { inserted: 6, ..crate::exceptions::MergeCounts::default() }),
             joined: Some(true),
+            cluster_insecure: Some(true),
         };
         let text = render(s).expect("render");
         for want in [
@@ -701,6 +713,7 @@ mod tests {
             "dsrlb_listener_fail_open{listener=\"mqtt\"} 1",
             "dsrlb_vip_announced{vip=\"192.0.2.100\"} 1",
             "dsrlb_cluster_joined 1",
+            "dsrlb_cluster_insecure 1",
             "dsrlb_cluster_peer_up{peer=\"192.0.2.3:9878\",direction=\"out\"} 1",
             "dsrlb_cluster_peer_up{peer=\"192.0.2.3:9878\",direction=\"in\"} 0",
             "dsrlb_cluster_peer_config_match{peer=\"192.0.2.3:9878\"} 1",

@@ -98,13 +98,15 @@ fn revive_bgp_node(lab: &Lab, i: usize, config: &str) -> (Balancer, Duration) {
 }
 
 /// A node that joined took in every running node's exceptions: the other nodes found out at
-/// once that it had (re)started, not only after `join_wait` gave up on them.
+/// once that it had (re)started, not only after `join_wait` gave up on them. Over the
+/// authenticated sync (the lab's nodes share a key_file).
 fn assert_joined_with_all(node: &Balancer) {
     let s = node.status();
     if s["cluster"].is_null() {
         return;
     }
     assert_eq!(s["cluster"]["joined_how"], "with every running node's exceptions", "{}: {}", node.ns(), s["cluster"]);
+    assert_eq!(s["cluster"]["insecure"], false, "{}: the lab's sync runs with its key_file", node.ns());
 }
 
 /// The totals of a load run.

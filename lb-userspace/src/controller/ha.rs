@@ -3,7 +3,7 @@
 //! (`[cluster]`, see `crate::cluster` and `crate::exceptions`).
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr},
     sync::Arc,
     time::{Duration, Instant},
@@ -51,6 +51,32 @@ struct Walks {
     started: Instant,
 }
 
+/// Walks that peers' greetings call for. A peer whose config differs builds other rings, and
+/// this node then shares every live flow with it (`RingView::share_all`), so a greeting calls
+/// for a walk when the peer's sameness changed, not for each connection: at most one per peer
+/// per `sync_interval`, and the regular walk takes in what that holds back. A peer that
+/// reconnects in a loop cannot make this node walk its table in a loop.
+#[derive(Debug, Default)]
+struct Greetings {
+    /// Per peer: whether its config was the same at its last greeting, and when a greeting of
+    /// it last called for a walk.
+    seen: HashMap<Ipv4Addr, (bool, Option<Instant>)>,
+}
+
+impl Greetings {
+    /// A greeting from `from` at `now`: whether it calls for a walk now.
+    fn walk_due(&mut self, from: Ipv4Addr, same: bool, now: Instant, interval: Duration) -> bool {
+        // A peer not heard from yet counts as the same: it adds nothing to share.
+        let (was_same, forced) = self.seen.entry(from).or_insert((true, None));
+        let changed = std::mem::replace(was_same, same) != same;
+        if !changed || forced.is_some_and(|at| now.saturating_duration_since(at) < interval) {
+            return false;
+        }
+        *forced = Some(now);
+        true
+    }
+}
+
 /// A join that took in the exceptions of every node that runs.
 const JOINED_ALL: &str = "with every running node's exceptions";
 
@@ -79,6 +105,7 @@ pub struct Ha {
     /// passed without some.
     joined_how: Option<&'static str>,
     walks: Walks,
+    greetings: Greetings,
     merges: MergeCounts,
 }
 
@@ -102,6 +129,7 @@ impl Ha {
             joining: None,
             joined_how: None,
             walks: Walks { walking: false, due: true, next: Instant::now(), last: None, started: Instant::now() },
+            greetings: Greetings::default(),
             merges: MergeCounts::default(),
         };
         (ha, HaInbox { events: events_rx, found: found_rx, done })
@@ -365,7 +393,10 @@ impl Controller {
                 if !same {
                     tracing::warn!(peer = %from, "a node's config differs from this one's: sharing every live flow until they agree");
                 }
-                self.ha.walks.due = true;
+                let interval = self.config.cluster.as_ref().map_or(config::DEFAULT_SYNC_INTERVAL, |c| c.sync_interval);
+                if self.ha.greetings.walk_due(from, same, Instant::now(), interval) {
+                    self.ha.walks.due = true;
+                }
             }
             cluster::Event::Synced { from } => {
                 if self.ha.merger.send(Job::Synced(from)).is_ok() {
@@ -439,6 +470,8 @@ impl Controller {
             });
             json!({
                 "me": c.settings().me.to_string(),
+                // `insecure = true`: peers are not authenticated (no key_file).
+                "insecure": c.settings().key.is_none(),
                 "joined": self.ha.joining.is_none(),
                 "joined_how": self.ha.joined_how,
                 "fingerprint": format!("{:016x}", c.settings().fingerprint),
@@ -462,6 +495,7 @@ impl Controller {
             s.exceptions = self.ha.walks.last.map(|(_, n, _)| n as u64);
             s.merges = Some(self.ha.merges);
             s.joined = Some(self.ha.joining.is_none());
+            s.cluster_insecure = Some(c.settings().key.is_none());
         }
     }
 
@@ -544,4 +578,30 @@ fn plan_expire(l: &config::Listener) -> u32 {
 pub async fn withdraw_without_controller() -> anyhow::Result<usize> {
     let handle = crate::netlink::connect()?;
     announce::withdraw_all(&handle).await.context("withdrawing the VIPs")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Greetings call for walks by what changed, not by how many came: a peer that reconnects
+    /// in a loop (with its config the same, or flipping between same and different) makes
+    /// this node walk its flow table once per `sync_interval` at most.
+    #[test]
+    fn a_peer_that_reconnects_in_a_loop_cannot_make_the_cluster_walk_in_a_loop() {
+        let (a, b) = (Ipv4Addr::new(192, 0, 2, 3), Ipv4Addr::new(192, 0, 2, 4));
+        let interval = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let mut g = Greetings::default();
+        let walks = |g: &mut Greetings, from, same: &dyn Fn(u32) -> bool, at: Instant| {
+            (0..1000).filter(|i| g.walk_due(from, same(*i), at + Duration::from_millis(u64::from(*i)), interval)).count()
+        };
+        assert_eq!(walks(&mut g, a, &|_| true, t0), 0, "greetings of the same config call for no walk");
+        assert_eq!(walks(&mut g, a, &|_| false, t0), 1, "a config that turned different calls for one walk");
+        assert_eq!(walks(&mut g, a, &|i| i % 2 == 0, t0 + Duration::from_secs(1)), 0, "flipping within sync_interval: none more");
+        assert_eq!(walks(&mut g, b, &|_| false, t0), 1, "another peer's change is its own");
+        let later = t0 + interval + Duration::from_secs(1);
+        assert_eq!(walks(&mut g, a, &|_| true, later), 1, "agreeing again, after sync_interval: one walk");
+        assert_eq!(walks(&mut g, a, &|i| i % 2 == 1, later + interval), 1, "flipping for another sync_interval: one walk");
+    }
 }

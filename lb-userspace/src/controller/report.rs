@@ -244,8 +244,14 @@ impl Controller {
         }
         if let Some(cl) = &c.cluster {
             let nodes: Vec<String> = cl.nodes.iter().map(ToString::to_string).collect();
-            let _ =
-                writeln!(out, "cluster of {} nodes ({}), sharing exceptions every {:?}", nodes.len(), nodes.join(", "), cl.sync_interval);
+            let auth = if cl.key.is_some() { "authenticated with key_file" } else { "INSECURE: no key_file (insecure = true)" };
+            let _ = writeln!(
+                out,
+                "cluster of {} nodes ({}), sharing exceptions every {:?}, {auth}",
+                nodes.len(),
+                nodes.join(", "),
+                cl.sync_interval
+            );
         }
         for (l, d) in c.listeners.iter().zip(&self.desired.listeners) {
             let storm = l.conn_rate.map_or_else(String::new, |r| format!(" max_conn_rate={}/s burst={}", r.rate, r.burst));
