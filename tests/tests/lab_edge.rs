@@ -14,7 +14,7 @@ use lb_userspace::mqtt;
 use tests::{
     built_bin,
     client::{Balancer, MqttConn, hold_sessions},
-    lab::{CLIENT_EXTRA_BASE, CLIENT_EXTRA_COUNT, LB_ADDR, Lab, LabGuard, VIP},
+    lab::{self, CLIENT_EXTRA_BASE, CLIENT_EXTRA_COUNT, LB_ADDR, Lab, LabGuard, VIP},
     netns::in_netns,
     require_root,
 };
@@ -117,15 +117,48 @@ fn churn(lab: &Lab, stop: &AtomicBool, made: &AtomicUsize, failed: &AtomicUsize)
 
 /// Runs the `flood` binary in the client namespace: (frames sent, frames per second).
 fn flood(lab: &Lab, kind: &str, count: u64) -> (u64, f64) {
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.ns("client")))
-        .arg(built_bin("flood"))
-        .args(["eth0", &mac_in(&lab.ns("lb")), &VIP.to_string(), "1883", "198.18.0.0/15", kind, &count.to_string(), "60"])
-        .output()
-        .expect("starting flood");
-    assert!(out.status.success(), "flood {kind}: {}", String::from_utf8_lossy(&out.stderr));
+    flood_at(lab, &VIP.to_string(), "198.18.0.0/15", kind, count, None)
+}
+
+/// The `flood` binary in the client namespace, to `vip`:1883 from `sources`, at most `pps`
+/// frames a second: (frames sent, frames per second).
+fn flood_at(lab: &Lab, vip: &str, sources: &str, kind: &str, count: u64, pps: Option<u32>) -> (u64, f64) {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", lab.ns("client"))).arg(built_bin("flood")).args([
+        "eth0",
+        &mac_in(&lab.ns("lb")),
+        vip,
+        "1883",
+        sources,
+        kind,
+        &count.to_string(),
+        "120",
+    ]);
+    if let Some(pps) = pps {
+        cmd.arg(pps.to_string());
+    }
+    let out = cmd.output().expect("starting flood");
+    assert!(out.status.success(), "flood {kind} from {sources}: {}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("flood JSON");
     (v["sent"].as_u64().expect("sent"), v["pps"].as_f64().expect("pps"))
+}
+
+/// A session's keepalive: MQTT clients send a PINGREQ when they have sent nothing for their
+/// keepalive (60 s by default; the tests use a few seconds), which is what confirms their flow.
+fn keepalive(sessions: &mut [(String, MqttConn)], what: &str) {
+    for (id, c) in sessions {
+        c.ping().unwrap_or_else(|e| panic!("{what}: {id} lost: {e}"));
+    }
+}
+
+/// Waits out FLOW_CONFIRM_UNITS of the flow clock (2^30 ns each), and a little more.
+fn a_keepalive_later() {
+    std::thread::sleep(Duration::from_nanos(u64::from(lb_common::FLOW_CONFIRM_UNITS + 1) << lb_common::FLOW_AGE_NS_SHIFT));
+}
+
+/// The flow table's event counters in a status.
+fn table_counters(s: &serde_json::Value) -> BTreeMap<String, u64> {
+    s["flow_table"].as_object().map(|o| o.iter().filter_map(|(k, v)| Some((k.clone(), v.as_u64()?))).collect()).unwrap_or_default()
 }
 
 #[test]
@@ -148,6 +181,9 @@ fn a_spoofed_flood_neither_displaces_held_sessions_nor_stops_new_ones() {
     for (_, c) in unrecorded {
         c.disconnect();
     }
+    // A keepalive later, every held session has spoken twice, a second apart: confirmed.
+    a_keepalive_later();
+    keepalive(&mut held, "the keepalive before the flood");
     let s0 = lb.status();
     let (stop, made, failed) = (AtomicBool::new(false), AtomicUsize::new(0), AtomicUsize::new(0));
     let frames = 100 * 2048;
@@ -452,4 +488,176 @@ fn storm_control_spreads_a_reconnect_storm_over_time() {
         sent - counted
     );
     assert_eq!(verdict(&s1, "drop/conn_rate") - verdict(&s0, "drop/conn_rate"), dropped, "the verdict and the listener's counter disagree");
+}
+
+/// Opens sessions until `flood_over` (two every 100 ms, up to `max`), each pinging every
+/// `every` as an MQTT client's keepalive does, until `stop`; returns them, and the sessions
+/// that could not be opened or were lost.
+fn sessions_meanwhile(
+    lab: &Lab,
+    flood_over: &AtomicBool,
+    stop: &AtomicBool,
+    max: usize,
+    every: Duration,
+) -> (Vec<(String, MqttConn)>, Vec<String>) {
+    let sources = lab.client_extra_addrs();
+    in_netns(&lab.ns("client"), || {
+        let mut open: Vec<(String, MqttConn, Instant)> = Vec::new();
+        let mut failed = Vec::new();
+        let deadline = Instant::now() + Duration::from_mins(4);
+        let mut i = 0;
+        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+            if !flood_over.load(Ordering::SeqCst) && i < max {
+                for _ in 0..2 {
+                    let id = format!("meanwhile-{i}");
+                    match MqttConn::connect(Some(sources[i % sources.len()]), SocketAddrV4::new(VIP, 1883), &id, Duration::from_secs(5)) {
+                        Ok(c) => open.push((id, c, Instant::now())),
+                        Err(e) => failed.push(format!("{id}: connect: {e}")),
+                    }
+                    i += 1;
+                }
+            }
+            let mut alive = Vec::with_capacity(open.len());
+            for (id, mut c, last) in open {
+                if last.elapsed() < every {
+                    alive.push((id, c, last));
+                    continue;
+                }
+                match c.ping() {
+                    Ok(()) => alive.push((id, c, Instant::now())),
+                    Err(e) => failed.push(format!("{id}: lost: {e}")),
+                }
+            }
+            open = alive;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (open.into_iter().map(|(id, c, _)| (id, c)).collect(), failed)
+    })
+    .expect("client namespace")
+}
+
+/// The config without backend `name`.
+fn without_backend(config: &str, name: &str) -> String {
+    let start = config.find(&format!("[[backend]]\nname = \"{name}\"")).unwrap_or_else(|| panic!("{name} in the config"));
+    let end = config[start + 1..].find("\n[").map_or(config.len(), |e| start + 1 + e + 1);
+    format!("{}{}", &config[..start], &config[end..])
+}
+
+/// Floods whose made-up flows try to look confirmed (issue 21): two frames per tuple, back to
+/// back (SYN then ACK, and ACK then ACK), four times the table's size in tuples each, from
+/// spoofed IPv4 sources, from a few real client addresses across every port, and from one IPv6
+/// /64. Sessions held before the flood, opened during it and opened after it must all stay
+/// pinned through a ring change afterwards (a broker added), and every new connection during
+/// the flood must succeed. On main before the fix the table filled with confirmed junk: new
+/// sessions could not be recorded, and the ring change reset them.
+#[test]
+fn floods_of_two_frame_tuples_confirm_nothing_and_no_session_is_lost_to_a_ring_change() {
+    require_root!();
+    const TABLE: u64 = 4096;
+    let lab = LabGuard::up(3);
+    let full = lab.config_dual(HEALTH).replace("xdp_mode", &format!("flow_table_size = {TABLE}\nxdp_mode"));
+    let two = without_backend(&full, "b3");
+    let lb = Balancer::start(&lab, &two);
+
+    // 2,000 held sessions: opened, then idle but for a keepalive a few seconds later.
+    let mut held = hold_sessions(&lab, "held", 2000);
+    a_keepalive_later();
+    keepalive(&mut held, "held, before the flood");
+    let s0 = lb.status();
+    let c0 = table_counters(&s0);
+    assert!(c0["confirmed"] >= 2000, "the held sessions did not confirm: {c0:?}");
+
+    // The floods, with new connections all along (one every 10 ms, opened and closed) and
+    // sessions opened meanwhile that stay, pinging every 3 s.
+    let tuples = 4 * TABLE;
+    let (flood_over, stop, made, failed) = (AtomicBool::new(false), AtomicBool::new(false), AtomicUsize::new(0), AtomicUsize::new(0));
+    let extra = lab.client_extra_addrs();
+    let few = format!("{}/30", Ipv4Addr::new(extra[4].octets()[0], extra[4].octets()[1], extra[4].octets()[2], extra[4].octets()[3] & !3));
+    let floods: Vec<(&str, String, String, &str)> = vec![
+        ("spoofed IPv4", VIP.to_string(), "198.18.0.0/15".to_owned(), "syn-ack"),
+        ("spoofed IPv4", VIP.to_string(), "198.18.0.0/15".to_owned(), "ack-ack"),
+        ("4 real client addresses", VIP.to_string(), few.clone(), "syn-ack"),
+        ("4 real client addresses", VIP.to_string(), few, "ack-ack"),
+        ("one IPv6 /64", lab::VIP6.to_string(), "2001:db8:f:1::/64".to_owned(), "syn-ack"),
+        ("one IPv6 /64", lab::VIP6.to_string(), "2001:db8:f:1::/64".to_owned(), "ack-ack"),
+    ];
+    let (sent, (mut meanwhile, lost_meanwhile), c1) = std::thread::scope(|s| {
+        s.spawn(|| churn(&lab, &flood_over, &made, &failed));
+        let during = s.spawn(|| sessions_meanwhile(&lab, &flood_over, &stop, 200, Duration::from_secs(3)));
+        let mut sent = Vec::new();
+        for (from, vip, src, kind) in &floods {
+            let (n, pps) = flood_at(&lab, vip, src, kind, 2 * tuples, Some(20_000));
+            assert_eq!(n, 2 * tuples, "the {kind} flood from {from} sent less than asked");
+            sent.push(format!("{kind} from {from}: {n} frames at {pps:.0}/s"));
+        }
+        flood_over.store(true, Ordering::SeqCst);
+        let c1 = table_counters(&lb.status());
+        // The sessions opened meanwhile keep their keepalive while the table recovers: two
+        // rounds, so that each has spoken twice a second apart since the flood.
+        std::thread::sleep(Duration::from_secs(7));
+        stop.store(true, Ordering::SeqCst);
+        (sent, during.join().expect("sessions meanwhile"), c1)
+    });
+    let delta = |c: &BTreeMap<String, u64>, k: &str| c.get(k).copied().unwrap_or(0) - c0.get(k).copied().unwrap_or(0);
+    eprintln!("floods ({tuples} tuples each, table of {TABLE} flows): {}", sent.join("; "));
+    eprintln!(
+        "during the floods: confirmed {}, refused {}, replaced unconfirmed {}, inserted free {}, replaced stale {}, raced {}, \
+         SYNs charged on held flows {}, closes cleared {}; new connections {} made, {} failed; {} sessions opened and held meanwhile",
+        delta(&c1, "confirmed"),
+        delta(&c1, "refused"),
+        delta(&c1, "replace_unconfirmed"),
+        delta(&c1, "insert_free"),
+        delta(&c1, "replace_stale"),
+        delta(&c1, "raced"),
+        delta(&c1, "syn_charged"),
+        delta(&c1, "close_cleared"),
+        made.load(Ordering::SeqCst),
+        failed.load(Ordering::SeqCst),
+        meanwhile.len()
+    );
+    assert!(lost_meanwhile.is_empty(), "sessions opened during the flood failed: {lost_meanwhile:?}");
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "new connections failed during the flood");
+    assert!(made.load(Ordering::SeqCst) > 100 && meanwhile.len() >= 100, "too few new connections to prove anything");
+    // Only real sessions confirm: at most the ones opened meanwhile, twice each (once, and again
+    // if the flood pushed them out before their keepalive), against 6 x 16,384 made-up tuples.
+    assert!(
+        delta(&c1, "confirmed") <= 2 * meanwhile.len() as u64,
+        "the flood confirmed flows: {} confirmations with {} real sessions opened",
+        delta(&c1, "confirmed"),
+        meanwhile.len()
+    );
+
+    // 500 sessions after the flood: every one recorded (the flood's flows give way).
+    let mut after = hold_sessions(&lab, "after", 500);
+    for (id, c) in after.iter().step_by(10) {
+        let f = flow_of(&lb, c.local);
+        assert_eq!(f["source"], "flow table", "{id}, opened after the flood, is not in the flow table: {f}");
+    }
+
+    // The ring changes: a broker is added. Every session, held, opened meanwhile or after,
+    // stays with its broker.
+    reload(&lb, &full);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lb.state("mqtt", "b3") != "up" {
+        assert!(Instant::now() < deadline, "b3 did not come up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut lost = Vec::new();
+    for (what, sessions) in [("held", &mut held), ("opened during the flood", &mut meanwhile), ("opened after", &mut after)] {
+        for (id, c) in sessions.iter_mut() {
+            if let Err(e) = c.ping() {
+                lost.push(format!("{what} {id}: {e}"));
+            }
+        }
+    }
+    let c2 = table_counters(&lb.status());
+    eprintln!(
+        "after a broker was added: {} of {} sessions lost; flow table now: confirmed {}, refused {}, expired {}",
+        lost.len(),
+        held.len() + meanwhile.len() + after.len(),
+        c2.get("confirmed").copied().unwrap_or(0),
+        c2.get("refused").copied().unwrap_or(0),
+        c2.get("expired").copied().unwrap_or(0)
+    );
+    assert!(lost.is_empty(), "{} sessions lost to the ring change: {:?}", lost.len(), &lost[..lost.len().min(10)]);
 }

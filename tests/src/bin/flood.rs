@@ -4,8 +4,9 @@
 //! namespace; the source network must exist nowhere (the lab uses 198.18.0.0/15 and a /64 of
 //! 2001:db8:f::/48), or be the namespace's own addresses, so no answer can leave the lab.
 //!
-//! `flood IFACE DST_MAC VIP PORT SRC_NET/LEN KIND COUNT SECONDS` prints one JSON line: frames
-//! sent, seconds, frames per second. VIP and SRC_NET are both IPv4 or both IPv6. KIND:
+//! `flood IFACE DST_MAC VIP PORT SRC_NET/LEN KIND COUNT SECONDS [PPS]` prints one JSON line:
+//! frames sent, seconds, frames per second. VIP and SRC_NET are both IPv4 or both IPv6; PPS,
+//! when given, is the most frames a second it sends. KIND:
 //! - `syn`, `ack`: one frame per made-up tuple (a SYN, or an ACK of a made-up flow);
 //! - `syn-ack`, `ack-ack`: two frames per made-up tuple, back to back (a SYN then an ACK, or
 //!   two ACKs): what a flood sends to make its flows look like ones whose handshake completed.
@@ -30,7 +31,7 @@ impl Rng {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: flood IFACE DST_MAC VIP PORT SRC_NET/LEN syn|ack|syn-ack|ack-ack COUNT SECONDS");
+    eprintln!("usage: flood IFACE DST_MAC VIP PORT SRC_NET/LEN syn|ack|syn-ack|ack-ack COUNT SECONDS [PPS]");
     std::process::exit(2)
 }
 
@@ -92,7 +93,7 @@ fn stamp(f: &mut [u8], l: &Layout, src: u128, bytes: usize, sport: u16, seq: u32
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.len() != 8 {
+    if args.len() != 8 && args.len() != 9 {
         usage();
     }
     let iface = &args[0];
@@ -111,6 +112,7 @@ fn main() {
     };
     let count: u64 = args[6].parse().expect("COUNT");
     let seconds: f64 = args[7].parse().expect("SECONDS");
+    let pps: Option<f64> = args.get(8).map(|a| a.parse().expect("PPS"));
 
     let (template, layout, net, bytes) = match (vip, net) {
         (IpAddr::V4(vip), IpAddr::V4(net)) => {
@@ -149,6 +151,13 @@ fn main() {
     // The tuple of the frame being written, and which of its frames it is.
     let (mut src, mut sport, mut seq, mut nth) = (0u128, 0u16, 0u32, flags.len());
     while sent < count && started.elapsed().as_secs_f64() < seconds {
+        if let Some(pps) = pps {
+            // Ahead of the rate: wait until the frames sent are due.
+            let due = std::time::Duration::from_secs_f64(sent as f64 / pps);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
         let n = usize::try_from((count - sent).min(BATCH as u64)).expect("small");
         for f in &mut frames[..n] {
             if nth == flags.len() {
