@@ -355,8 +355,7 @@ impl FlowKey {
 pub const FLOW_WAYS: usize = 4;
 
 /// One slot of a [`FlowBucket`]. `state` is 0 when the slot is empty, [`FLOW_S_BUSY`] while a
-/// writer fills it, else [`flow_state`]: the real, `FLOW_S_CLOSING`, the kind (`FLOW_K_*`)
-/// and the age.
+/// writer fills it, else [`flow_state`]: the real, the kind (`FLOW_K_*`) and the age.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowSlot {
@@ -376,32 +375,49 @@ pub struct FlowBucket {
 
 /// `FlowSlot::state`: the real (listener and backend) the flow is pinned to.
 pub const FLOW_S_REAL: u32 = 0x1fff;
-/// `FlowSlot::state`: the client sent FIN or RST, in the age unit the state's age names (a
-/// closing flow's age is that of the mark, not of its later frames). The entry still steers the
-/// rest of the close. A SYN that reuses the 4-tuple follows the ring only once the mark is
-/// [`FLOW_REOPEN_UNITS`] old; before, it goes where the flow went. A segment without SYN, FIN
-/// or RST [`FLOW_CONFIRM_UNITS`] or more after the mark clears it: the session is alive (a
-/// spoofed RST, or a close the client took back). The controller does not count a closing
-/// flow as live; a closing flow that is unconfirmed or past [`FLOW_REOPEN_UNITS`] is the first
-/// to be replaced.
-pub const FLOW_S_CLOSING: u32 = 1 << 13;
-/// `FlowSlot::state` bits 14..16: what the table knows of the flow (`FLOW_K_*`); 0 in a slot
-/// that holds none (empty, or [`FLOW_S_BUSY`]).
-pub const FLOW_S_KIND: u32 = 3 << 14;
-/// Kind: recorded by a segment without SYN (a miss in mid-flow: a session that predates this
-/// node's table, e.g. after a failover), not yet confirmed.
-pub const FLOW_K_MIDFLOW: u32 = 1 << 14;
+/// `FlowSlot::state` bits 13..16: the kind of flow the slot holds, `FLOW_K_*` (0: none; the
+/// slot is empty, or [`FLOW_S_BUSY`]). What the table knows of a flow:
+/// - how it was recorded: by a SYN that storm control admitted (`OPENED`), or by a segment
+///   without SYN (`MIDFLOW`: a miss in mid-flow, a session that predates this node's table,
+///   e.g. after a failover);
+/// - whether it is confirmed: it sent a segment without SYN [`FLOW_CONFIRM_UNITS`] or more
+///   after it was recorded. A real MQTT session does (its next PINGREQ or PUBLISH); a flood
+///   that sends its frames back to back never does. An unconfirmed flow keeps the age it was
+///   recorded at until it confirms;
+/// - whether it is closing: the client sent FIN or RST, in the age unit the state's age names
+///   (a closing flow's age is that of the mark, not of its later frames).
+///
+/// Which flow an insert replaces (the flood guard): a stale one first (expired, closing and
+/// unconfirmed, or closing for [`FLOW_REOPEN_UNITS`]), then the least recently recorded
+/// unconfirmed one; a SYN's insert then also takes a flow confirmed mid-flow
+/// ([`FLOW_K_MIDFLOW_CONFIRMED`]) that has been silent for [`FLOW_MIDFLOW_QUIET_UNITS`], then
+/// an `OPENED` flow younger than [`FLOW_OPENED_GRACE_UNITS`]. Any
+/// other confirmed flow is never replaced: one that opened through this node
+/// ([`FLOW_K_CONFIRMED`], also what a cluster peer's copy is), one confirmed mid-flow that
+/// talks, one closing for less than [`FLOW_REOPEN_UNITS`].
+pub const FLOW_S_KIND: u32 = 7 << 13;
+/// Kind: confirmed, recorded mid-flow. A flood can make these (made-up ACKs to the same tuples
+/// a few seconds apart), so once one has been silent for [`FLOW_MIDFLOW_QUIET_UNITS`] a SYN's
+/// insert may replace it.
+pub const FLOW_K_MIDFLOW_CONFIRMED: u32 = 1 << 13;
+/// Kind: recorded by a segment without SYN, not yet confirmed.
+pub const FLOW_K_MIDFLOW: u32 = 2 << 13;
+/// Kind: closing and unconfirmed.
+pub const FLOW_K_UNCONFIRMED_CLOSING: u32 = 3 << 13;
 /// Kind: recorded by a SYN that storm control admitted, not yet confirmed. Its retransmitted
-/// SYNs are forwarded without being charged again.
-pub const FLOW_K_OPENED: u32 = 2 << 14;
-/// Kind: confirmed by time. The flow sent a segment without SYN [`FLOW_CONFIRM_UNITS`] or more
-/// after it was recorded: a real MQTT session does (its next PINGREQ or PUBLISH), a flood's
-/// made-up flow, which sends its frames back to back, never does. An unconfirmed flow keeps
-/// the age it was recorded at until it confirms. An insert replaces a closing or expired flow
-/// first, then the least recently recorded `MIDFLOW` one, then (for a SYN only) an `OPENED`
-/// one, but never a confirmed open flow (the flood guard). An `OPENED` flow younger than
-/// [`FLOW_OPENED_GRACE_UNITS`] is replaced by a SYN's insert only.
-pub const FLOW_K_CONFIRMED: u32 = 3 << 14;
+/// SYNs within [`FLOW_SYN_RETRY_UNITS`] are charged to storm control's retransmit budget, not
+/// its connection budget.
+pub const FLOW_K_OPENED: u32 = 4 << 13;
+/// Kind: closing, confirmed mid-flow.
+pub const FLOW_K_MIDFLOW_CONFIRMED_CLOSING: u32 = 5 << 13;
+/// Kind: confirmed, opened through this node (or a peer's copy).
+pub const FLOW_K_CONFIRMED: u32 = 6 << 13;
+/// Kind: closing, confirmed. A closing flow still steers the rest of the close. A SYN on its
+/// tuple follows the ring only once the mark is [`FLOW_REOPEN_UNITS`] old; before, it goes
+/// where the flow went. A segment without SYN, FIN or RST [`FLOW_CONFIRM_UNITS`] or more after
+/// the mark clears it: the session is alive (a spoofed RST, or a close the client took back).
+/// The controller does not count a closing flow as live.
+pub const FLOW_K_CONFIRMED_CLOSING: u32 = 7 << 13;
 /// `FlowSlot::state` while a writer owns the slot: no kind (not live), and not empty (0).
 pub const FLOW_S_BUSY: u32 = !FLOW_S_KIND;
 /// What layout version 3 wrote while a writer owned a slot (`!(1 << 14)`). A reader during an
@@ -410,16 +426,67 @@ pub const FLOW_S_BUSY_V3: u32 = !(1 << 14);
 /// Age units between a flow's recording and the segment that confirms it (at least one unit,
 /// 1.07 s, apart: the age is kept in whole units).
 pub const FLOW_CONFIRM_UNITS: u32 = 2;
-/// Age units a closing mark must be old before a SYN on the tuple re-picks by the ring: 56
-/// units, 60 s, as long as a client's TIME_WAIT. A client that closes first cannot reuse its
-/// tuple sooner; a session that a spoofed RST marked and that speaks within a minute (an MQTT
-/// keepalive of 60 s or less) clears the mark before a spoofed SYN can move it.
-pub const FLOW_REOPEN_UNITS: u32 = 56;
+/// Age units a closing mark must be old before a SYN on the tuple re-picks by the ring: 57
+/// units, over 61 s (a mark is the unit it was made in), a client's TIME_WAIT. A client that
+/// closes first cannot reuse its tuple sooner; a session that a spoofed RST marked and that
+/// speaks within a minute (an MQTT keepalive of 60 s or less) clears the mark before a spoofed
+/// SYN can move it. A confirmed flow closing for less than this is not replaced either.
+pub const FLOW_REOPEN_UNITS: u32 = 57;
+/// Age units after its recording in which a SYN on an `OPENED` flow is a retransmit (Linux
+/// retries a SYN after 1, 3 and 7 s): charged to storm control's retransmit budget. Later, it
+/// is a new connection's, charged like one.
+pub const FLOW_SYN_RETRY_UNITS: u32 = 8;
+
+/// Age units a flow confirmed mid-flow must be silent before a SYN's insert may replace it (8:
+/// more than 8.6 s). Under pressure (both buckets of a new connection full), a session picked
+/// up mid-flow that is idle between its keepalives gives way to a new connection, and is
+/// recorded again by its next segment, by the ring; a flood's flows confirmed mid-flow keep
+/// new connections out only while the flood sends to each of them every few seconds.
+pub const FLOW_MIDFLOW_QUIET_UNITS: u32 = 8;
 
 /// Age units for which a flow an admitted SYN recorded is replaced only by another SYN's: a
 /// connection just opened (its CONNECT, CONNACK and SUBSCRIBE take well under a second) is not
 /// pushed out by made-up ACKs, and a SYN flood's leftovers make way for mid-flow records soon.
 pub const FLOW_OPENED_GRACE_UNITS: u32 = 4;
+
+/// Whether a state's flow is closing.
+#[inline(always)]
+#[must_use]
+pub const fn flow_closing(state: u32) -> bool {
+    let k = state & FLOW_S_KIND;
+    k == FLOW_K_UNCONFIRMED_CLOSING || k == FLOW_K_MIDFLOW_CONFIRMED_CLOSING || k == FLOW_K_CONFIRMED_CLOSING
+}
+
+/// Whether a state's flow is confirmed (closing or not).
+#[inline(always)]
+#[must_use]
+pub const fn flow_confirmed(state: u32) -> bool {
+    let k = state & FLOW_S_KIND;
+    k == FLOW_K_MIDFLOW_CONFIRMED || k == FLOW_K_MIDFLOW_CONFIRMED_CLOSING || k == FLOW_K_CONFIRMED || k == FLOW_K_CONFIRMED_CLOSING
+}
+
+/// The closing kind of an open one (a closing kind stays).
+#[inline(always)]
+#[must_use]
+pub const fn kind_closing(kind: u32) -> u32 {
+    match kind {
+        FLOW_K_MIDFLOW_CONFIRMED | FLOW_K_MIDFLOW_CONFIRMED_CLOSING => FLOW_K_MIDFLOW_CONFIRMED_CLOSING,
+        FLOW_K_CONFIRMED | FLOW_K_CONFIRMED_CLOSING => FLOW_K_CONFIRMED_CLOSING,
+        _ => FLOW_K_UNCONFIRMED_CLOSING,
+    }
+}
+
+/// The confirmed open kind a flow of `kind` becomes when it confirms, or when its close is
+/// cleared: one recorded mid-flow stays marked so (an unconfirmed close, whose origin is not
+/// kept, counts as mid-flow).
+#[inline(always)]
+#[must_use]
+pub const fn kind_confirmed(kind: u32) -> u32 {
+    match kind {
+        FLOW_K_OPENED | FLOW_K_CONFIRMED | FLOW_K_CONFIRMED_CLOSING => FLOW_K_CONFIRMED,
+        _ => FLOW_K_MIDFLOW_CONFIRMED,
+    }
+}
 
 /// Whether a state holds a flow (a kind; not empty, not a writer's).
 #[inline(always)]
@@ -461,11 +528,11 @@ pub const fn flow_meta_split(meta: u64) -> (u32, u32) {
     (ports, state)
 }
 
-/// The state of a live slot: `flags` is a kind (`FLOW_K_*`, not 0) and maybe `FLOW_S_CLOSING`.
+/// The state of a live slot: `kind` is a `FLOW_K_*` (not 0).
 #[inline(always)]
 #[must_use]
-pub const fn flow_state(real: u32, flags: u32, age: u32) -> u32 {
-    (real & FLOW_S_REAL) | (flags & (FLOW_S_CLOSING | FLOW_S_KIND)) | age << FLOW_S_AGE_SHIFT
+pub const fn flow_state(real: u32, kind: u32, age: u32) -> u32 {
+    (real & FLOW_S_REAL) | (kind & FLOW_S_KIND) | age << FLOW_S_AGE_SHIFT
 }
 
 /// A TCP segment as the flow table's states tell them apart ([`flow_step`]).
@@ -486,8 +553,8 @@ pub struct FlowStep {
     /// The state to write; the old one when nothing changes. Its real is the recorded one even
     /// when `repick` is set: the caller puts the ring's in.
     pub state: u32,
-    /// A SYN that opens a connection: it passes storm control before anything is written.
-    pub charge: bool,
+    /// What a SYN is charged to in storm control before anything is written ([`charge`]).
+    pub charge: u32,
     /// Picked again by the ring: the recorded real is not usable, or a SYN reuses the tuple of
     /// a flow closing for [`FLOW_REOPEN_UNITS`] or more.
     pub repick: bool,
@@ -495,25 +562,36 @@ pub struct FlowStep {
     pub event: u32,
 }
 
+/// What storm control charges a SYN to ([`FlowStep::charge`]).
+pub mod charge {
+    /// Nothing: not a SYN.
+    pub const NONE: u32 = 0;
+    /// The listener's connection budget (`max_conn_rate`): a SYN that opens a connection.
+    pub const CONNECTION: u32 = 1;
+    /// The listener's retransmit budget (as large): a SYN retransmitted within
+    /// `FLOW_SYN_RETRY_UNITS` of the admitted one.
+    pub const RETRANSMIT: u32 = 2;
+}
+
 /// What the segment of class `seg` ([`segment`]) does to the flow in `state` at age `now`, its
 /// recorded real `usable` or not. The flow table's rules in one place, for the program and
-/// its tests: a flow confirms by time ([`FLOW_K_CONFIRMED`]); a closing mark keeps its age
-/// and is cleared by a later plain segment ([`FLOW_S_CLOSING`]); a SYN is charged by storm
-/// control unless it is a retransmit of one that was ([`FLOW_K_OPENED`]), and moves a flow
-/// only when its real is not usable or its close is old.
+/// its tests: a flow confirms by time ([`FLOW_S_KIND`]); a closing mark keeps its age and is
+/// cleared by a later plain segment ([`FLOW_K_CONFIRMED_CLOSING`]); every SYN is charged by
+/// storm control, a retransmit to its own budget ([`FLOW_K_OPENED`]); a SYN moves a flow only
+/// when its real is not usable or its close is old.
 #[inline(always)]
 #[must_use]
 pub const fn flow_step(state: u32, seg: u32, usable: bool, now: u32) -> FlowStep {
     let kind = state & FLOW_S_KIND;
-    let closing = state & FLOW_S_CLOSING != 0;
+    let closing = flow_closing(state);
     let real = state & FLOW_S_REAL;
     let idle = flow_idle(now, state >> FLOW_S_AGE_SHIFT);
-    let mut step = FlowStep { state, charge: false, repick: !usable, event: table_event::NONE };
+    let mut step = FlowStep { state, charge: charge::NONE, repick: !usable, event: table_event::NONE };
     if seg == segment::SYN {
-        let retransmit = kind == FLOW_K_OPENED && !closing;
-        step.charge = !retransmit;
+        let retransmit = kind == FLOW_K_OPENED && idle < FLOW_SYN_RETRY_UNITS;
+        step.charge = if retransmit { charge::RETRANSMIT } else { charge::CONNECTION };
         step.repick |= closing && idle >= FLOW_REOPEN_UNITS;
-        if !retransmit && (step.repick || (kind == FLOW_K_MIDFLOW && !closing)) {
+        if !retransmit && (step.repick || kind == FLOW_K_MIDFLOW || kind == FLOW_K_OPENED) {
             // A new connection on the tuple: recorded as an admitted SYN records one.
             step.state = flow_state(real, FLOW_K_OPENED, now);
         }
@@ -522,18 +600,18 @@ pub const fn flow_step(state: u32, seg: u32, usable: bool, now: u32) -> FlowStep
         }
     } else if seg == segment::CLOSE {
         if !closing {
-            step.state = flow_state(real, kind | FLOW_S_CLOSING, now);
+            step.state = flow_state(real, kind_closing(kind), now);
         }
     } else if seg == segment::PLAIN {
         if closing {
             if idle >= FLOW_CONFIRM_UNITS {
-                step.state = flow_state(real, FLOW_K_CONFIRMED, now);
+                step.state = flow_state(real, kind_confirmed(kind), now);
                 step.event = table_event::CLOSE_CLEARED;
             }
-        } else if kind == FLOW_K_CONFIRMED {
-            step.state = flow_state(real, FLOW_K_CONFIRMED, now);
+        } else if flow_confirmed(state) {
+            step.state = flow_state(real, kind, now);
         } else if idle >= FLOW_CONFIRM_UNITS {
-            step.state = flow_state(real, FLOW_K_CONFIRMED, now);
+            step.state = flow_state(real, kind_confirmed(kind), now);
             step.event = table_event::CONFIRMED;
         }
     }
@@ -756,7 +834,7 @@ pub fn control_checksum(bytes: &[u8]) -> u64 {
 }
 
 /// Value of `CONN_RATE`, one per listener: storm control as a generic cell rate algorithm.
-/// A new connection (SYN without a live flow) at `now` is admitted when `tat_ns - now <=
+/// A new connection (a SYN, see `flow_step`) at `now` is admitted when `tat_ns - now <=
 /// tolerance_ns`, and moves `tat_ns` to `max(tat_ns, now) + interval_ns` by compare-and-swap;
 /// so admissions stay within `1e9 / interval_ns` per second after a burst of `tolerance_ns /
 /// interval_ns + 1`. `interval_ns` 0: no limit.
@@ -767,8 +845,10 @@ pub struct ConnRate {
     pub tat_ns: u64,
     pub interval_ns: u64,
     pub tolerance_ns: u64,
-    /// Zero.
-    pub pad: u64,
+    /// The same for retransmitted SYNs of admitted connections (`charge::RETRANSMIT`): their
+    /// own budget, as large, so a retransmit is never charged to the connection budget twice
+    /// and SYNs repeated on an admitted tuple still reach the brokers at a bounded rate.
+    pub retry_tat_ns: u64,
 }
 
 /// Value of `LISTENER_STATS` (per CPU), one per listener: what the listener's guards did.
@@ -796,9 +876,9 @@ pub mod table_event {
     pub const CONFIRMED: u32 = 4;
     /// Not recorded: another CPU changed the slot first (the flow's next frame tries again).
     pub const RACED: u32 = 5;
-    /// A SYN of a flow that an admitted SYN recorded and that has not confirmed: a retransmit
-    /// (its SYN-ACK was slow or lost), forwarded on its flow, neither a new flow nor charged
-    /// again by storm control.
+    /// A SYN of a flow that an admitted SYN recorded less than `FLOW_SYN_RETRY_UNITS` ago and
+    /// that has not confirmed: a retransmit (its SYN-ACK was slow or lost), forwarded on its
+    /// flow, not a new flow, charged to storm control's retransmit budget only.
     pub const SYN_AGAIN: u32 = 6;
     /// A SYN on a flow the table holds that no SYN of it recorded (a segment without SYN came
     /// first), that is confirmed, or that is closing for less than `FLOW_REOPEN_UNITS`:
@@ -809,7 +889,11 @@ pub mod table_event {
     /// `FLOW_CONFIRM_UNITS` or more after its FIN or RST (a spoofed RST, or a close the client
     /// took back). Its flow is confirmed and open again.
     pub const CLOSE_CLEARED: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// A new connection recorded over a flow confirmed mid-flow (`FLOW_K_MIDFLOW_CONFIRMED`):
+    /// its buckets held nothing less: a flood of made-up ACKs sent to the same tuples seconds
+    /// apart, or many sessions picked up mid-flow after a failover.
+    pub const REPLACE_MIDFLOW: u32 = 9;
+    pub const COUNT: u32 = 10;
     pub const LABELS: [&str; COUNT as usize] = [
         "insert_free",
         "replace_stale",
@@ -820,6 +904,7 @@ pub mod table_event {
         "syn_again",
         "syn_charged",
         "close_cleared",
+        "replace_midflow",
     ];
     /// No event (`FlowStep::event`).
     pub const NONE: u32 = u32::MAX;
@@ -1059,43 +1144,52 @@ pub const fn source_hash(src_be: u32) -> u64 {
 mod tests {
     use super::*;
 
-    /// Every rule of [`flow_step`], one row each: (what, kind and closing, age, segment,
-    /// usable) → (kind and closing written, age written, charged, re-picked, event).
+    /// Every rule of [`flow_step`], one row each: (what, kind, age, segment, usable) → (kind
+    /// written, age written, charged to, re-picked, event).
     #[test]
     fn flow_step_rules() {
         const NOW: u32 = 1000;
-        let (mid, opened, confirmed, closing) = (FLOW_K_MIDFLOW, FLOW_K_OPENED, FLOW_K_CONFIRMED, FLOW_S_CLOSING);
-        let (reopen, confirm) = (FLOW_REOPEN_UNITS, FLOW_CONFIRM_UNITS);
+        let (mid, opened, confirmed) = (FLOW_K_MIDFLOW, FLOW_K_OPENED, FLOW_K_CONFIRMED);
+        let (mid_confirmed, unconfirmed_closing) = (FLOW_K_MIDFLOW_CONFIRMED, FLOW_K_UNCONFIRMED_CLOSING);
+        let (confirmed_closing, mid_closing) = (FLOW_K_CONFIRMED_CLOSING, FLOW_K_MIDFLOW_CONFIRMED_CLOSING);
+        let (reopen, confirm, retry) = (FLOW_REOPEN_UNITS, FLOW_CONFIRM_UNITS, FLOW_SYN_RETRY_UNITS);
+        let (conn, again, none) = (charge::CONNECTION, charge::RETRANSMIT, charge::NONE);
         #[rustfmt::skip]
-        let rows: [(&str, u32, u32, u32, bool, u32, u32, bool, bool, u32); 22] = [
-            ("the handshake's ACK confirms nothing", opened, NOW, segment::PLAIN, true, opened, NOW, false, false, table_event::NONE),
-            ("a segment a unit later confirms nothing", opened, NOW - 1, segment::PLAIN, true, opened, NOW - 1, false, false, table_event::NONE),
-            ("a segment FLOW_CONFIRM_UNITS later confirms", opened, NOW - confirm, segment::PLAIN, true, confirmed, NOW, false, false, table_event::CONFIRMED),
-            ("a mid-flow miss confirms the same way", mid, NOW - confirm, segment::PLAIN, true, confirmed, NOW, false, false, table_event::CONFIRMED),
-            ("a confirmed flow's segment refreshes its age", confirmed, NOW - 5, segment::PLAIN, true, confirmed, NOW, false, false, table_event::NONE),
-            ("a retransmitted SYN: not charged", opened, NOW - 3, segment::SYN, true, opened, NOW - 3, false, false, table_event::SYN_AGAIN),
-            ("a SYN after an ACK: charged, and its retransmits are not", mid, NOW - 1, segment::SYN, true, opened, NOW, true, false, table_event::SYN_CHARGED),
-            ("a SYN on a confirmed flow: charged, the flow unchanged", confirmed, NOW - 1, segment::SYN, true, confirmed, NOW - 1, true, false, table_event::SYN_CHARGED),
-            ("FIN or RST marks the flow closing now", confirmed, NOW - 9, segment::CLOSE, true, confirmed | closing, NOW, false, false, table_event::NONE),
-            ("a second FIN keeps the mark's age", confirmed | closing, NOW - 9, segment::CLOSE, true, confirmed | closing, NOW - 9, false, false, table_event::NONE),
-            ("the close's last ACK keeps the mark", confirmed | closing, NOW - 1, segment::PLAIN, true, confirmed | closing, NOW - 1, false, false, table_event::NONE),
-            ("a segment 2 units after the mark clears it", mid | closing, NOW - confirm, segment::PLAIN, true, confirmed, NOW, false, false, table_event::CLOSE_CLEARED),
-            ("a SYN right after a close goes where the flow went", confirmed | closing, NOW, segment::SYN, true, confirmed | closing, NOW, true, false, table_event::SYN_CHARGED),
-            ("a SYN just under FLOW_REOPEN_UNITS after it too", confirmed | closing, NOW - reopen + 1, segment::SYN, true, confirmed | closing, NOW - reopen + 1, true, false, table_event::SYN_CHARGED),
-            ("a SYN FLOW_REOPEN_UNITS after a close reopens by the ring", confirmed | closing, NOW - reopen, segment::SYN, true, opened, NOW, true, true, table_event::NONE),
-            ("a down real: a segment re-picks, its flow as it was", confirmed, NOW - 1, segment::PLAIN, false, confirmed, NOW, false, true, table_event::NONE),
-            ("a down real: a new SYN is charged and re-picks", confirmed, NOW - 1, segment::SYN, false, opened, NOW, true, true, table_event::NONE),
-            ("a down real: a retransmit re-picks uncharged", opened, NOW - 1, segment::SYN, false, opened, NOW - 1, false, true, table_event::NONE),
-            ("a down real: a FIN re-picks and marks", mid, NOW - 1, segment::CLOSE, false, mid | closing, NOW, false, true, table_event::NONE),
-            ("SYN+ACK changes nothing", opened, NOW - 5, segment::ODD, true, opened, NOW - 5, false, false, table_event::NONE),
-            ("an age ahead of now is idle 0", opened, NOW + 3, segment::PLAIN, true, opened, NOW + 3, false, false, table_event::NONE),
-            ("a mid-flow flow's SYN just after its record", mid, NOW, segment::SYN, true, opened, NOW, true, false, table_event::SYN_CHARGED),
+        let rows: [(&str, u32, u32, u32, bool, u32, u32, u32, bool, u32); 28] = [
+            ("the handshake's ACK confirms nothing", opened, NOW, segment::PLAIN, true, opened, NOW, none, false, table_event::NONE),
+            ("a segment a unit later confirms nothing", opened, NOW - 1, segment::PLAIN, true, opened, NOW - 1, none, false, table_event::NONE),
+            ("a segment FLOW_CONFIRM_UNITS later confirms", opened, NOW - confirm, segment::PLAIN, true, confirmed, NOW, none, false, table_event::CONFIRMED),
+            ("a mid-flow miss confirms, marked mid-flow", mid, NOW - confirm, segment::PLAIN, true, mid_confirmed, NOW, none, false, table_event::CONFIRMED),
+            ("a confirmed flow's segment refreshes its age", confirmed, NOW - 5, segment::PLAIN, true, confirmed, NOW, none, false, table_event::NONE),
+            ("so does one confirmed mid-flow's, which stays so", mid_confirmed, NOW - 5, segment::PLAIN, true, mid_confirmed, NOW, none, false, table_event::NONE),
+            ("a retransmitted SYN: the retransmit budget", opened, NOW - 3, segment::SYN, true, opened, NOW - 3, again, false, table_event::SYN_AGAIN),
+            ("a SYN on an opened flow after the retries: a new connection", opened, NOW - retry, segment::SYN, true, opened, NOW, conn, false, table_event::SYN_CHARGED),
+            ("a SYN after an ACK: charged, and its retransmits are retransmits", mid, NOW - 1, segment::SYN, true, opened, NOW, conn, false, table_event::SYN_CHARGED),
+            ("a SYN on a confirmed flow: charged, the flow unchanged", confirmed, NOW - 1, segment::SYN, true, confirmed, NOW - 1, conn, false, table_event::SYN_CHARGED),
+            ("a SYN on a flow confirmed mid-flow: the same", mid_confirmed, NOW - 1, segment::SYN, true, mid_confirmed, NOW - 1, conn, false, table_event::SYN_CHARGED),
+            ("FIN or RST marks the flow closing now", confirmed, NOW - 9, segment::CLOSE, true, confirmed_closing, NOW, none, false, table_event::NONE),
+            ("on a flow confirmed mid-flow, it stays marked so", mid_confirmed, NOW - 9, segment::CLOSE, true, mid_closing, NOW, none, false, table_event::NONE),
+            ("on an unconfirmed flow", opened, NOW - 1, segment::CLOSE, true, unconfirmed_closing, NOW, none, false, table_event::NONE),
+            ("a second FIN keeps the mark's age", confirmed_closing, NOW - 9, segment::CLOSE, true, confirmed_closing, NOW - 9, none, false, table_event::NONE),
+            ("the close's last ACK keeps the mark", confirmed_closing, NOW - 1, segment::PLAIN, true, confirmed_closing, NOW - 1, none, false, table_event::NONE),
+            ("a segment 2 units after the mark clears it", confirmed_closing, NOW - confirm, segment::PLAIN, true, confirmed, NOW, none, false, table_event::CLOSE_CLEARED),
+            ("an unconfirmed close cleared: confirmed mid-flow", unconfirmed_closing, NOW - confirm, segment::PLAIN, true, mid_confirmed, NOW, none, false, table_event::CLOSE_CLEARED),
+            ("a mid-flow close cleared stays mid-flow", mid_closing, NOW - confirm, segment::PLAIN, true, mid_confirmed, NOW, none, false, table_event::CLOSE_CLEARED),
+            ("a SYN right after a close goes where the flow went", confirmed_closing, NOW, segment::SYN, true, confirmed_closing, NOW, conn, false, table_event::SYN_CHARGED),
+            ("a SYN just under FLOW_REOPEN_UNITS after it too", confirmed_closing, NOW - reopen + 1, segment::SYN, true, confirmed_closing, NOW - reopen + 1, conn, false, table_event::SYN_CHARGED),
+            ("a SYN FLOW_REOPEN_UNITS after a close reopens by the ring", confirmed_closing, NOW - reopen, segment::SYN, true, opened, NOW, conn, true, table_event::NONE),
+            ("a down real: a segment re-picks, its flow as it was", confirmed, NOW - 1, segment::PLAIN, false, confirmed, NOW, none, true, table_event::NONE),
+            ("a down real: a new SYN is charged and re-picks", confirmed, NOW - 1, segment::SYN, false, opened, NOW, conn, true, table_event::NONE),
+            ("a down real: a retransmit re-picks on its budget", opened, NOW - 1, segment::SYN, false, opened, NOW - 1, again, true, table_event::NONE),
+            ("a down real: a FIN re-picks and marks", mid, NOW - 1, segment::CLOSE, false, unconfirmed_closing, NOW, none, true, table_event::NONE),
+            ("SYN+ACK changes nothing", opened, NOW - 5, segment::ODD, true, opened, NOW - 5, none, false, table_event::NONE),
+            ("an age ahead of now is idle 0", opened, NOW + 3, segment::PLAIN, true, opened, NOW + 3, none, false, table_event::NONE),
         ];
-        for (what, flags, age, seg, usable, want_flags, want_age, charge, repick, event) in rows {
-            let step = flow_step(flow_state(7, flags, age), seg, usable, NOW);
+        for (what, kind, age, seg, usable, want_kind, want_age, charged, repick, event) in rows {
+            let step = flow_step(flow_state(7, kind, age), seg, usable, NOW);
             assert_eq!(
                 (step.state, step.charge, step.repick, step.event),
-                (flow_state(7, want_flags, want_age), charge, repick, event),
+                (flow_state(7, want_kind, want_age), charged, repick, event),
                 "{what}"
             );
         }
@@ -1103,11 +1197,23 @@ mod tests {
 
     #[test]
     fn live_states_and_busy_ones() {
-        assert!(flow_live(flow_state(0, FLOW_K_MIDFLOW, 0)), "a mid-flow flow of real 0, age 0 is live");
+        assert!(flow_live(flow_state(0, FLOW_K_MIDFLOW_CONFIRMED, 0)), "a flow of real 0, age 0 is live");
         assert!(!flow_live(0) && !flow_live(FLOW_S_BUSY) && !flow_live(FLOW_S_BUSY_V3));
-        // Layout 3's live states read as this layout's kinds.
-        let (v3_live, v3_confirmed) = (1 << 14, 1 << 15);
+        // Layout 3's live states read as this layout's kinds: unconfirmed, confirmed, and
+        // both closing.
+        let (v3_closing, v3_live, v3_confirmed) = (1 << 13, 1 << 14, 1 << 15);
         assert_eq!(v3_live, FLOW_K_MIDFLOW);
         assert_eq!(v3_live | v3_confirmed, FLOW_K_CONFIRMED);
+        assert_eq!(v3_live | v3_closing, FLOW_K_UNCONFIRMED_CLOSING);
+        assert_eq!(v3_live | v3_confirmed | v3_closing, FLOW_K_CONFIRMED_CLOSING);
+        for kind in [1, 2, 3, 4, 5, 6, 7].map(|k| k << 13) {
+            let s = flow_state(0, kind, 0);
+            assert_eq!(flow_closing(s), [3, 5, 7].contains(&(kind >> 13)), "{kind:#x}");
+            assert_eq!(flow_confirmed(s), [1, 5, 6, 7].contains(&(kind >> 13)), "{kind:#x}");
+            assert!(
+                flow_closing(flow_state(0, kind_closing(kind), 0))
+                    && flow_confirmed(s) == flow_confirmed(flow_state(0, kind_closing(kind), 0))
+            );
+        }
     }
 }

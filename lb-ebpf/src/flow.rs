@@ -6,10 +6,11 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    FLOW_CACHE_REVALIDATE, FLOW_K_CONFIRMED, FLOW_K_MIDFLOW, FLOW_K_OPENED, FLOW_S_CLOSING, FLOW_S_KIND, FLOW_S_REAL, FlowKey,
-    LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE, LISTENER_F_IPV6, LISTENER_F_SOURCE_PREFIX64, ListenerInfo, MAX_LISTENERS, NO_BACKEND,
-    PortInfo, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo, flow_age, flow_cache_slot, flow_hash, flow_hash6, flow_key6, flow_state,
-    flow_step, ring_base, ring_slot, segment, source_hash, source_hash6, table_event, trace_how,
+    FLOW_CACHE_REVALIDATE, FLOW_K_CONFIRMED, FLOW_K_MIDFLOW, FLOW_K_MIDFLOW_CONFIRMED, FLOW_K_OPENED, FLOW_K_UNCONFIRMED_CLOSING,
+    FLOW_S_KIND, FLOW_S_REAL, FlowKey, LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE, LISTENER_F_IPV6, LISTENER_F_SOURCE_PREFIX64,
+    ListenerInfo, MAX_LISTENERS, NO_BACKEND, PortInfo, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo, charge, flow_age, flow_cache_slot,
+    flow_hash, flow_hash6, flow_key6, flow_state, flow_step, ring_base, ring_slot, segment, source_hash, source_hash6, table_event,
+    trace_how,
 };
 
 use crate::{
@@ -211,10 +212,20 @@ fn usable_real(id: u32) -> Result<(u32, &'static RealInfo), Verdict> {
     Ok((id, real))
 }
 
-/// The segment's class for the flow table (`lb_common::segment`).
+/// Whether a flow in `state` goes into this CPU's flow cache: confirmed and open. An
+/// unconfirmed one's next segment must reach the table to confirm it, a closing one's to clear
+/// its mark.
+#[inline(always)]
+const fn cached_kind(state: u32) -> bool {
+    let kind = state & FLOW_S_KIND;
+    kind == FLOW_K_CONFIRMED || kind == FLOW_K_MIDFLOW_CONFIRMED
+}
+
+/// The segment's class for the flow table (`lb_common::segment`): a SYN with ACK, FIN or RST
+/// is no client's opening.
 #[inline(always)]
 const fn segment_of(tcp: &Tcp4) -> u32 {
-    if tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+    if tcp.flags & (TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST) == TCP_SYN {
         segment::SYN
     } else if tcp.flags & TCP_SYN != 0 {
         segment::ODD
@@ -327,8 +338,8 @@ pub fn pick(ctx: &XdpContext, seg: &impl Segment, matched: &mut u32) -> Result<P
         if !step.repick
             && let Some(real) = real
         {
-            if step.charge && listener.info.flags & LISTENER_F_CONN_RATE != 0 {
-                storm::admit(listener.id, node.now_ns).inspect_err(|_| events::storm(ctx, listener.id, node.now_ns))?;
+            if step.charge != charge::NONE && listener.info.flags & LISTENER_F_CONN_RATE != 0 {
+                storm::admit(listener.id, node.now_ns, step.charge).inspect_err(|_| events::storm(ctx, listener.id, node.now_ns))?;
             }
             // The established path: a write only when the flow confirms, closes, clears its
             // close or its age moves on (about once a second, and only for confirmed flows).
@@ -337,9 +348,7 @@ pub fn pick(ctx: &XdpContext, seg: &impl Segment, matched: &mut u32) -> Result<P
             if written || step.state == found.state {
                 stats::count_table(step.event);
             }
-            // Only confirmed open flows are cached: an unconfirmed one's next segment must reach
-            // the table to confirm it, a closing one's to clear its mark.
-            if step.state & (FLOW_S_KIND | FLOW_S_CLOSING) == FLOW_K_CONFIRMED {
+            if cached_kind(step.state) {
                 fill(recorded, real);
             }
             return Ok(Pick { real_id: recorded, real, new_flow: false, how: trace_how::TABLE });
@@ -349,12 +358,12 @@ pub fn pick(ctx: &XdpContext, seg: &impl Segment, matched: &mut u32) -> Result<P
         // in the state the step gives.
         let how = if real.is_some() { trace_how::REOPENED } else { trace_how::REPICK };
         let (real_id, real) = usable_real(if syn { early } else { ring_id(listener, seg)? })?;
-        if step.charge && listener.info.flags & LISTENER_F_CONN_RATE != 0 {
-            storm::admit(listener.id, node.now_ns).inspect_err(|_| events::storm(ctx, listener.id, node.now_ns))?;
+        if step.charge != charge::NONE && listener.info.flags & LISTENER_F_CONN_RATE != 0 {
+            storm::admit(listener.id, node.now_ns, step.charge).inspect_err(|_| events::storm(ctx, listener.id, node.now_ns))?;
         }
         let state = step.state & !FLOW_S_REAL | real_id;
         table::set_state(&place, found, state);
-        if state & (FLOW_S_KIND | FLOW_S_CLOSING) == FLOW_K_CONFIRMED {
+        if cached_kind(state) {
             fill(real_id, real);
         }
         return Ok(Pick { real_id, real, new_flow: true, how });
@@ -365,11 +374,11 @@ pub fn pick(ctx: &XdpContext, seg: &impl Segment, matched: &mut u32) -> Result<P
     // recorded without SYN never displaces one an admitted SYN recorded.
     let (real_id, real) = usable_real(if syn { early } else { ring_id(listener, seg)? })?;
     if syn && listener.info.flags & LISTENER_F_CONN_RATE != 0 {
-        storm::admit(listener.id, node.now_ns).inspect_err(|_| events::storm(ctx, listener.id, node.now_ns))?;
+        storm::admit(listener.id, node.now_ns, charge::CONNECTION).inspect_err(|_| events::storm(ctx, listener.id, node.now_ns))?;
     }
     let state = match class {
         segment::SYN => flow_state(real_id, FLOW_K_OPENED, now),
-        segment::CLOSE => flow_state(real_id, FLOW_K_MIDFLOW | FLOW_S_CLOSING, now),
+        segment::CLOSE => flow_state(real_id, FLOW_K_UNCONFIRMED_CLOSING, now),
         _ => flow_state(real_id, FLOW_K_MIDFLOW, now),
     };
     let event = table::insert(&place, &seen, state, now, node.idle_expire, |slot| seg.record(slot));

@@ -8,8 +8,8 @@ use core::intrinsics::{
 };
 
 use lb_common::{
-    FLOW_AGE_AHEAD, FLOW_OPENED_GRACE_UNITS, FLOW_REOPEN_UNITS, FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_CLOSING, FLOW_S_KIND, FLOW_WAYS,
-    FlowBucket, FlowKey, flow_buckets, flow_live, flow_meta, flow_meta_split, table_event,
+    FLOW_AGE_AHEAD, FLOW_MIDFLOW_QUIET_UNITS, FLOW_OPENED_GRACE_UNITS, FLOW_REOPEN_UNITS, FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_KIND,
+    FLOW_WAYS, FlowBucket, FlowKey, flow_buckets, flow_live, flow_meta, flow_meta_split, table_event,
 };
 
 use crate::{
@@ -112,7 +112,7 @@ const fn lowest_way(mask: u32) -> usize {
 /// Bits of a slot's second word that an update of the same flow changes: its age, its closing
 /// mark and its kind (`set_state` from the established path). A slot emptied or taken by
 /// another flow changes its ports too (to 0, through `FLOW_S_BUSY`).
-const REFRESHED: u64 = ((0xffff << FLOW_S_AGE_SHIFT) | (FLOW_S_CLOSING | FLOW_S_KIND) as u64) << 32;
+const REFRESHED: u64 = ((0xffff << FLOW_S_AGE_SHIFT) | FLOW_S_KIND as u64) << 32;
 
 /// Whether any of the four state words carries `ports` in its low half: two 32-bit lanes per
 /// 64-bit word, each tested for zero at once. A new flow's ports are seldom in a bucket, so a
@@ -211,19 +211,24 @@ pub fn set_state(p: &Place, found: &Found, state: u32) -> bool {
     unsafe { atomic_cxchg::<u64, { SeqCst }, { Relaxed }>(found.meta, flow_meta(p.ports, found.state), flow_meta(p.ports, state)).1 }
 }
 
-/// Score classes above any idle time, by how a slot is to replace: a flow an admitted SYN
-/// recorded within `FLOW_OPENED_GRACE_UNITS` (only a SYN's insert takes it), then any other
-/// unconfirmed flow, then a stale one (expired; closing and unconfirmed; closing for
-/// `FLOW_REOPEN_UNITS` or more) before all. A confirmed open flow, or one closing for less than
-/// `FLOW_REOPEN_UNITS`, scores below `OPENED`: those are never replaced.
+/// Score classes above any idle time, by how a slot is to replace (the order
+/// `lb_common::FLOW_S_KIND` gives): a flow an admitted SYN recorded within
+/// `FLOW_OPENED_GRACE_UNITS` (only a SYN's insert takes it), then one confirmed mid-flow and
+/// silent for `FLOW_MIDFLOW_QUIET_UNITS` (the same: a new connection goes before a flood's
+/// leftovers),
+/// then any other unconfirmed flow, then a stale one (expired; closing and unconfirmed; closing
+/// for `FLOW_REOPEN_UNITS` or more) before all. Any other confirmed flow scores below
+/// `OPENED`: those are never replaced.
 const OPENED: u64 = 1 << 16;
-const UNCONFIRMED: u64 = 2 << 16;
-const STALE: u64 = 3 << 16;
+const MIDFLOW_CONFIRMED: u64 = 2 << 16;
+const UNCONFIRMED: u64 = 3 << 16;
+const STALE: u64 = 4 << 16;
 
-/// The class (0 to 3, `score`'s classes) of a slot by its closing bit and kind, `(state >> 13)
-/// & 7`, two bits each: no kind (a writer's slot) 3, 3; mid-flow 2, closing 3; opened 1,
-/// closing 3; confirmed 0, closing 0 (3 once old).
-const CLASS_OF: u64 = 3 | 3 << 2 | 2 << 4 | 3 << 6 | 1 << 8 | 3 << 10;
+/// The class (0 to 4, `score`'s classes) of a slot by its kind, `(state >> 13) & 7`, three
+/// bits each, before its age: no kind (a writer's slot) 4; confirmed mid-flow 0 (2 once
+/// quiet); mid-flow 3; closing and unconfirmed 4; opened 1 (3 past its grace); closing,
+/// confirmed mid-flow 0 (4 once old); confirmed 0; closing and confirmed 0 (4 once old).
+const CLASS_OF: u64 = 4 | 3 << 6 | 4 << 9 | 1 << 12;
 
 /// How good a taken slot is to replace, from its state word: its class (above), then how long
 /// it has been idle (an unconfirmed flow: since it was recorded; a closing one: since its
@@ -233,7 +238,7 @@ const CLASS_OF: u64 = 3 | 3 << 2 | 2 << 4 | 3 << 6 | 1 << 8 | 3 << 10;
 /// gives up.
 #[inline(always)]
 fn score(meta: u64, now: u32, expire_less_one: u64) -> u64 {
-    const _: () = assert!(FLOW_S_KIND == 3 << 14 && FLOW_S_CLOSING == 1 << 13);
+    const _: () = assert!(FLOW_S_KIND == 7 << 13);
     let st = u64::from(flow_meta_split(meta).1);
     let idle = u64::from(now).wrapping_sub(st >> FLOW_S_AGE_SHIFT) & 0xffff;
     // An age ahead of `now` (another CPU refreshed the flow after this one read the clock) is
@@ -242,13 +247,15 @@ fn score(meta: u64, now: u32, expire_less_one: u64) -> u64 {
     let idle = idle & ahead.wrapping_sub(1);
     // 1 when idle for `units` or more.
     let past = |units: u64| opaque(units.wrapping_sub(1).wrapping_sub(idle)) >> 63;
-    let index = (st >> 13) & 7;
-    let mut class = (CLASS_OF >> (index * 2)) & 3;
-    // Opened (index 4) past its grace: unconfirmed like the rest. Confirmed and closing
-    // (index 7) for FLOW_REOPEN_UNITS: stale.
-    class += (((index ^ 3) + 1) >> 3) & past(u64::from(FLOW_OPENED_GRACE_UNITS));
-    class |= (((index + 1) >> 3) & past(u64::from(FLOW_REOPEN_UNITS))) * 3;
-    class |= (opaque(expire_less_one.wrapping_sub(idle)) >> 63) * 3;
+    let kind = (st >> 13) & 7;
+    let mut class = (CLASS_OF >> (kind * 3)) & 7;
+    // Opened (kind 4) past its grace: unconfirmed like the rest. Confirmed mid-flow (kind 1)
+    // and quiet: a SYN's to take. Closing and confirmed (kinds 5 and 7) for FLOW_REOPEN_UNITS:
+    // stale. Expired: stale.
+    class += ((((kind ^ 3) + 1) >> 3) & past(u64::from(FLOW_OPENED_GRACE_UNITS))) << 1;
+    class += ((((kind ^ 6) + 1) >> 3) & past(u64::from(FLOW_MIDFLOW_QUIET_UNITS))) << 1;
+    class |= ((((kind & 5) + 3) >> 3) & past(u64::from(FLOW_REOPEN_UNITS))) << 2;
+    class |= (opaque(expire_less_one.wrapping_sub(idle)) >> 63) << 2;
     idle | class << 16
 }
 
@@ -277,8 +284,9 @@ const fn ways_in(mask: u32) -> u64 {
 
 /// Inserts the flow with `state`: into a free slot of the emptier bucket (the left on a tie:
 /// d-left hashing), else over the best slot of the eight to replace (see [`score`]), but never
-/// over a confirmed live flow, and for a flow recorded without SYN (`FLOW_K_MIDFLOW`) never
-/// over one an admitted SYN recorded within `FLOW_OPENED_GRACE_UNITS`. Gives up when another writer changes that slot first;
+/// over a confirmed flow that opened through this node, and for a flow recorded without SYN
+/// (`FLOW_K_MIDFLOW`) never over one an admitted SYN recorded within
+/// `FLOW_OPENED_GRACE_UNITS` nor one confirmed mid-flow. Gives up when another writer changes that slot first;
 /// the frame is forwarded all the same and the flow's next frame inserts it. Returns what it
 /// did (`lb_common::table_event`). `expire`: idle age units from which a flow is expired.
 /// `record` writes what else the slot needs (an IPv6 flow's addresses) while it is claimed.
@@ -306,8 +314,9 @@ pub fn insert(p: &Place, seen: &Seen, state: u32, now: u32, expire: u32, record:
         }
     }
     let best_score = best >> 3;
-    // What the new flow may replace: a SYN's, any unconfirmed flow; a mid-flow miss's, not a
-    // connection just opened (so made-up ACKs never push one out).
+    // What the new flow may replace: a SYN's, any unconfirmed flow and one confirmed mid-flow
+    // but silent for long; a mid-flow miss's, neither a connection just opened nor a confirmed
+    // flow (so made-up ACKs never push those out).
     let least = if state & FLOW_S_KIND == lb_common::FLOW_K_OPENED { OPENED } else { UNCONFIRMED };
     if best_score < least {
         return table_event::REFUSED;
@@ -319,6 +328,8 @@ pub fn insert(p: &Place, seen: &Seen, state: u32, now: u32, expire: u32, record:
         table_event::RACED
     } else if best_score >= STALE {
         table_event::REPLACE_STALE
+    } else if best_score >> 16 == MIDFLOW_CONFIRMED >> 16 {
+        table_event::REPLACE_MIDFLOW
     } else {
         table_event::REPLACE_UNCONFIRMED
     }

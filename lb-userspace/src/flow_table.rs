@@ -4,9 +4,9 @@
 //! compare-and-swap on its state word).
 
 use lb_common::{
-    FLOW_K_CONFIRMED, FLOW_K_MIDFLOW, FLOW_K_OPENED, FLOW_OPENED_GRACE_UNITS, FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_BUSY_V3,
-    FLOW_S_CLOSING, FLOW_S_KIND, FLOW_S_REAL, FLOW_WAYS, FlowAddrs6, FlowKey, Ip6, flow_buckets, flow_idle, flow_live, flow_meta,
-    flow_meta_split, flow_state, is_key6,
+    FLOW_K_CONFIRMED, FLOW_K_CONFIRMED_CLOSING, FLOW_K_MIDFLOW, FLOW_K_OPENED, FLOW_OPENED_GRACE_UNITS, FLOW_REOPEN_UNITS,
+    FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_BUSY_V3, FLOW_S_KIND, FLOW_S_REAL, FLOW_WAYS, FlowAddrs6, FlowKey, Ip6, flow_buckets,
+    flow_closing, flow_confirmed, flow_idle, flow_live, flow_meta, flow_meta_split, flow_state, is_key6, kind_closing,
 };
 
 use crate::mapped::Mapped;
@@ -31,16 +31,17 @@ impl Flow {
     /// The client sent FIN or RST.
     #[must_use]
     pub const fn closing(&self) -> bool {
-        self.state & FLOW_S_CLOSING != 0
+        flow_closing(self.state)
     }
 
-    /// Confirmed by time (see `lb_common::FLOW_K_CONFIRMED`).
+    /// Confirmed by time (see `lb_common::FLOW_S_KIND`), closing or not.
     #[must_use]
     pub const fn confirmed(&self) -> bool {
-        self.kind() == FLOW_K_CONFIRMED
+        flow_confirmed(self.state)
     }
 
-    /// `lb_common::FLOW_K_*`: how the table learnt of it.
+    /// `lb_common::FLOW_K_*`: how the table learnt of it, and whether it is confirmed or
+    /// closing.
     #[must_use]
     pub const fn kind(&self) -> u32 {
         self.state & FLOW_S_KIND
@@ -78,6 +79,13 @@ pub enum Merged {
     Capped,
 }
 
+/// Whether a state's flow is one an insert never replaces: confirmed, opened through this node
+/// or a peer's copy (closing or not; closing ones only until they are old).
+const fn protected(state: u32) -> bool {
+    let kind = state & FLOW_S_KIND;
+    kind == FLOW_K_CONFIRMED || kind == FLOW_K_CONFIRMED_CLOSING
+}
+
 /// A flow another node of the cluster holds, to take in ([`FlowTable::merge`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerFlow {
@@ -91,10 +99,12 @@ pub struct PeerFlow {
     pub age: u32,
 }
 
-/// Age units a flow from a peer is taken to be idle at least: a peer's copy is never as fresh
-/// as a frame this node saw itself, so a flow idle less than this here has had a frame here
-/// (or was recorded, confirmed or marked closing here), and no peer closes or repoints it.
-pub const MERGE_IDLE_FLOOR: u32 = 2;
+/// Age units a flow from a peer is taken to be idle at least (half the flow idle timeout when
+/// that is shorter): a peer's copy is never as fresh as a frame this node saw within a
+/// keepalive of 60 s, so a flow idle less than this here had a frame here (or was recorded,
+/// confirmed or marked closing here), and no peer closes or repoints it. A copy expires this
+/// much before the original would, at most.
+pub const MERGE_IDLE_FLOOR: u32 = FLOW_REOPEN_UNITS + 3;
 
 /// Where a slot is, and the state word read there (for a compare-and-swap).
 struct Seen {
@@ -288,33 +298,41 @@ impl FlowTable {
 
     /// Takes in a flow that another node of the cluster holds (see `crate::cluster`). The
     /// table then forwards it as the other node does, whichever node the routers send it to.
-    /// The peer's age counts as at least [`MERGE_IDLE_FLOOR`] units old. With the same key:
-    /// - pinned to the same real, the newer age stands and the flow is confirmed; a closing
-    ///   mark is taken unless this node saw the flow within the floor, or later than the mark;
-    /// - pinned to another real, a flow of this node's own stays: open and confirmed, or seen
-    ///   within the floor (a connection opened here, a close seen here). Anything else is
-    ///   repointed: a mid-flow miss that only the ring picked, a flow closed or expired.
+    /// The peer's age counts as at least [`MERGE_IDLE_FLOOR`] units old (half of `expire` when
+    /// that is less): "recent" below means this node saw a frame of the flow since. With the
+    /// same key:
+    /// - pinned to the same real: the newer age stands; a closing mark is taken unless the
+    ///   flow is recent here or this node saw it after the mark; a flow closing here opens
+    ///   again when the peer saw it well after the mark;
+    /// - pinned to another real: repointed only when this node's copy is a mid-flow miss that
+    ///   only the ring picked, or is stale (expired, closed and unconfirmed, closed long ago),
+    ///   or is an unconfirmed connection or a close that is not recent. A confirmed open flow,
+    ///   or anything recent, stays.
     ///
-    /// A new key, when `may_insert`, goes into a free slot of the emptier bucket, else over the
-    /// best closing, expired or unconfirmed flow of the eight: never over an open confirmed one,
-    /// nor over a connection this node saw open within `FLOW_OPENED_GRACE_UNITS`. `now` and
-    /// `expire`: the clock's age and the idle units from which a flow is expired.
+    /// A new key goes into a free slot of the emptier bucket, else over the best stale or
+    /// unconfirmed flow of the eight: never over a confirmed one, nor over a connection this
+    /// node saw open within `FLOW_OPENED_GRACE_UNITS`. A flow the merge confirms, repoints or
+    /// inserts is confirmed as one opened here (`FLOW_K_CONFIRMED`), and needs `may_insert`
+    /// (the peer's budget): without it, `Capped`. `now` and `expire`: the clock's age and the
+    /// idle units from which a flow is expired.
     #[must_use]
     pub fn merge(&self, flow: &PeerFlow, now: u32, expire: u32, may_insert: bool) -> Merged {
         let PeerFlow { key, addrs6, real, closing, .. } = *flow;
-        let age = if flow_idle(now, flow.age) < MERGE_IDLE_FLOOR { now.wrapping_sub(MERGE_IDLE_FLOOR) & 0xffff } else { flow.age };
+        let floor = MERGE_IDLE_FLOOR.min(expire / 2);
+        let age = if flow_idle(now, flow.age) < floor { now.wrapping_sub(floor) & 0xffff } else { flow.age };
         let peer_idle = flow_idle(now, age);
-        let flags = FLOW_K_CONFIRMED | if closing { FLOW_S_CLOSING } else { 0 };
+        let kind = if closing { FLOW_K_CONFIRMED_CLOSING } else { FLOW_K_CONFIRMED };
         let (addrs, ports) = key.words();
         for _ in 0..SETTLE_TRIES {
             let slots: Vec<(u32, usize)> = self.buckets_of(&key).into_iter().flat_map(|b| (0..FLOW_WAYS).map(move |w| (b, w))).collect();
             let found = slots.iter().find_map(|&(b, w)| self.read(b, w).filter(|(f, _)| f.key == key && f.addrs6 == addrs6));
             if let Some((f, seen)) = found {
                 let idle = f.idle(now);
-                let recent = idle < MERGE_IDLE_FLOOR;
+                let recent = idle < floor;
                 let new_state = if f.real() == real {
                     let state = if f.closing() {
-                        // Closed here: open again only when the peer saw the flow well after the mark.
+                        // Closed here: open again only when the peer saw the flow well after
+                        // the mark.
                         if closing || idle < peer_idle + lb_common::FLOW_CONFIRM_UNITS {
                             return Merged::Refreshed;
                         }
@@ -324,7 +342,7 @@ impl FlowTable {
                         if recent || idle < peer_idle {
                             return Merged::Kept;
                         }
-                        flow_state(real, flags, age)
+                        flow_state(real, kind_closing(f.kind()), age)
                     } else {
                         // The newer of the two ages: the smaller idle time at `now`.
                         flow_state(real, FLOW_K_CONFIRMED, if peer_idle < idle { age } else { f.age() })
@@ -332,16 +350,30 @@ impl FlowTable {
                     if state == f.state {
                         return Merged::Refreshed;
                     }
+                    // Making a flow one the table never replaces (confirmed as opened here) costs
+                    // the peer's budget.
+                    if protected(state) && !protected(f.state) && !may_insert {
+                        return Merged::Capped;
+                    }
                     state
                 } else {
-                    let own = f.confirmed() && !f.closing() && idle < expire;
-                    if own || recent && f.kind() != FLOW_K_MIDFLOW {
+                    let stale = idle >= expire || f.closing() && (!f.confirmed() || idle >= FLOW_REOPEN_UNITS);
+                    let guess = f.kind() == FLOW_K_MIDFLOW;
+                    let loose = !recent && (f.kind() == FLOW_K_OPENED || f.closing());
+                    if !(stale || guess || loose) {
                         return Merged::Kept;
                     }
-                    flow_state(real, flags, age)
+                    if !may_insert {
+                        return Merged::Capped;
+                    }
+                    flow_state(real, kind, age)
                 };
                 if self.mem.compare_exchange(seen.bucket, seen.way * 2 + 1, seen.meta, flow_meta(ports, new_state)).is_ok() {
-                    return if f.real() == real { Merged::Refreshed } else { Merged::Inserted };
+                    return if f.real() == real && !(protected(new_state) && !protected(f.state)) {
+                        Merged::Refreshed
+                    } else {
+                        Merged::Inserted
+                    };
                 }
                 continue; // changed under us: look again
             }
@@ -349,7 +381,7 @@ impl FlowTable {
                 return Merged::Capped;
             }
             // Not held: a free slot of the emptier bucket (the left one on a tie), else the best to
-            // replace: closing or expired first, then mid-flow unconfirmed, the longest idle first.
+            // replace: stale first, then unconfirmed, the longest idle first.
             let free = |b: u32| (0..FLOW_WAYS).filter(|&w| self.mem.load(b, w * 2 + 1) == 0).collect::<Vec<_>>();
             let [left, right] = self.buckets_of(&key);
             let (fl, fr) = (free(left), free(right));
@@ -363,9 +395,9 @@ impl FlowTable {
                     .filter_map(|&(b, w)| {
                         let (f, seen) = self.read(b, w)?;
                         let idle = f.idle(now);
-                        // As the program scores slots (lb-ebpf's `table::score`), but a
-                        // connection just opened is no peer's to take.
-                        let class = if idle >= expire || f.closing() && (!f.confirmed() || idle >= lb_common::FLOW_REOPEN_UNITS) {
+                        // As the program scores slots (lb-ebpf's `table::score`), but nothing
+                        // confirmed is a peer's to take.
+                        let class = if idle >= expire || f.closing() && (!f.confirmed() || idle >= FLOW_REOPEN_UNITS) {
                             2
                         } else if f.kind() == FLOW_K_MIDFLOW || f.kind() == FLOW_K_OPENED && idle >= FLOW_OPENED_GRACE_UNITS {
                             1
@@ -384,7 +416,7 @@ impl FlowTable {
                 if let Some(a) = &addrs6 {
                     self.store_addrs6(bucket, way, a);
                 }
-                self.mem.store(bucket, way * 2 + 1, flow_meta(ports, flow_state(real, flags, age)));
+                self.mem.store(bucket, way * 2 + 1, flow_meta(ports, flow_state(real, kind, age)));
                 return Merged::Inserted;
             }
         }

@@ -663,3 +663,84 @@ fn an_ack_flood_does_not_push_out_a_connection_just_opened() {
     assert_eq!(send(&lb, syn_new, TCP_SYN), XDP_TX);
     assert!(lb.dp.flow(syn_new.0, syn_new.1, VIP, 1883).is_some(), "a SYN was refused among unconfirmed flows");
 }
+
+/// A flood that sends made-up ACKs to the same tuples seconds apart makes flows that confirm
+/// (`FLOW_K_MIDFLOW_CONFIRMED`): a real session picked up mid-flow looks the same. Those never
+/// displace a session that opened through this node, and never keep a new connection out: a
+/// SYN's insert replaces them (made-up ACKs cannot).
+#[test]
+fn flows_confirmed_mid_flow_give_way_to_new_connections_but_not_to_made_up_acks() {
+    require_root!();
+    // Two buckets, eight slots: every tuple lives in one of the two.
+    let lb = Lb::with_table(Lb::config(&[("b1", 11, 100), ("b2", 12, 100)]), 4);
+    let session = (Ipv4Addr::new(10, 11, 0, 1), 40000);
+    open_and_confirm(&lb, &[session]);
+    let spaced = tuples([10, 12], 7);
+    for &t in &spaced {
+        assert_eq!(send(&lb, t, TCP_ACK), XDP_TX);
+    }
+    lb.pass_time(lb_common::FLOW_CONFIRM_UNITS);
+    for &t in &spaced {
+        assert_eq!(send(&lb, t, TCP_ACK), XDP_TX);
+    }
+    let kinds: Vec<u32> = spaced.iter().map(|&(a, p)| lb.dp.flow(a, p, VIP, 1883).expect("recorded").kind()).collect();
+    assert_eq!(kinds, vec![lb_common::FLOW_K_MIDFLOW_CONFIRMED; 7], "the spaced ACKs confirmed their flows, marked mid-flow");
+    // More made-up ACKs: refused, nothing displaced.
+    let before = table_events(&lb);
+    for &t in &tuples([10, 13], 32) {
+        assert_eq!(send(&lb, t, TCP_ACK), XDP_TX);
+    }
+    let after = table_events(&lb);
+    assert_eq!(after[table_event::REFUSED as usize] - before[table_event::REFUSED as usize], 32);
+    assert_eq!(lb.dp.flows().len(), 8);
+    // While they talk (a keepalive or more often), they are sessions like any: a new
+    // connection finds no room ...
+    let newcomer = (Ipv4Addr::new(10, 14, 0, 1), 40000);
+    assert_eq!(send(&lb, newcomer, TCP_SYN), XDP_TX);
+    assert!(lb.dp.flow(newcomer.0, newcomer.1, VIP, 1883).is_none(), "a flow confirmed mid-flow and talking was replaced");
+    // ... but silent for FLOW_MIDFLOW_QUIET_UNITS, they give way: a new connection takes the
+    // slot of the least recently used of them.
+    lb.pass_time(lb_common::FLOW_MIDFLOW_QUIET_UNITS);
+    assert_eq!(send(&lb, session, TCP_ACK), XDP_TX);
+    assert_eq!(send(&lb, newcomer, TCP_SYN), XDP_TX);
+    assert!(lb.dp.flow(newcomer.0, newcomer.1, VIP, 1883).is_some(), "a new connection was refused among silent flows confirmed mid-flow");
+    assert_eq!(table_events(&lb)[table_event::REPLACE_MIDFLOW as usize], 1);
+    // Seven more (the first takes the newcomer's slot: unconfirmed for long): each replaces
+    // one, and the session that opened here, silent as long, is never one of them.
+    lb.pass_time(lb_common::FLOW_MIDFLOW_QUIET_UNITS);
+    for &t in &tuples([10, 15], 7) {
+        assert_eq!(send(&lb, t, TCP_SYN), XDP_TX);
+    }
+    let s = lb.dp.flow(session.0, session.1, VIP, 1883).expect("the session that opened here was displaced");
+    assert_eq!(s.kind(), lb_common::FLOW_K_CONFIRMED);
+    assert!(spaced.iter().all(|&(a, p)| lb.dp.flow(a, p, VIP, 1883).is_none()), "a flow confirmed mid-flow outlived new connections");
+}
+
+/// SYNs repeated on an admitted tuple are retransmits for FLOW_SYN_RETRY_UNITS: charged to the
+/// retransmit budget (as large as the connection budget), so an attacker who got one SYN
+/// admitted cannot pass unlimited SYNs on its tuple (each a new request to the broker when
+/// its sequence number changes).
+#[test]
+fn syns_repeated_on_an_admitted_tuple_are_bounded_by_the_retransmit_budget() {
+    require_root!();
+    let text = Lb::config_text(&[("b1", 11, 100), ("b2", 12, 100)])
+        .replace("port = 1883\n", "port = 1883\nmax_conn_rate = 100\nmax_conn_burst = 5\n");
+    let lb = Lb::with_config(Lb::parse(&text));
+    assert_eq!(lb.run(&syn(50000)).0, XDP_TX);
+    let t0 = Instant::now();
+    let passed = (0..200).filter(|_| lb.run(&syn(50000)).0 == XDP_TX).count();
+    let elapsed_ms = u64::try_from(t0.elapsed().as_millis()).expect("short");
+    let bound = 5 + usize::try_from(elapsed_ms / 10 + 2).expect("small");
+    assert!(
+        passed >= 5 && passed <= bound,
+        "{passed} of 200 repeated SYNs passed in {elapsed_ms} ms (the retransmit budget allows {bound})"
+    );
+    assert_eq!(table_events(&lb)[table_event::SYN_AGAIN as usize], passed as u64);
+    // The connection budget was not touched: a new connection is admitted at once.
+    assert_eq!(lb.run(&syn(50002)).0, XDP_TX, "retransmits were charged to the connection budget");
+    // A SYN on the tuple after FLOW_SYN_RETRY_UNITS is a new connection's: charged as one.
+    lb.pass_time_for(CLIENT, 50000, 1883, lb_common::FLOW_SYN_RETRY_UNITS);
+    let charged = table_events(&lb)[table_event::SYN_CHARGED as usize];
+    let _ = lb.run(&syn(50000));
+    assert_eq!(table_events(&lb)[table_event::SYN_CHARGED as usize], charged + 1);
+}

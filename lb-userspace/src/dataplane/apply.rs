@@ -96,7 +96,7 @@ impl Dataplane {
             let mut map: Array<&mut MapData, ConnRate> = map_mut(&mut self.ebpf, names::CONN_RATE)?;
             for (&id, r) in &wanted {
                 if self.written.conn_rates.get(&id) != Some(r) {
-                    let value = ConnRate { tat_ns: 0, interval_ns: r.interval_ns, tolerance_ns: r.tolerance_ns, pad: 0 };
+                    let value = ConnRate { tat_ns: 0, interval_ns: r.interval_ns, tolerance_ns: r.tolerance_ns, retry_tat_ns: 0 };
                     map.set(id, value, 0).with_context(|| format!("writing the storm control of listener {id}"))?;
                 }
             }

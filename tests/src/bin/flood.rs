@@ -9,7 +9,9 @@
 //! when given, is the most frames a second it sends. KIND:
 //! - `syn`, `ack`: one frame per made-up tuple (a SYN, or an ACK of a made-up flow);
 //! - `syn-ack`, `ack-ack`: two frames per made-up tuple, back to back (a SYN then an ACK, or
-//!   two ACKs): what a flood sends to make its flows look like ones whose handshake completed.
+//!   two ACKs): what a flood sends to make its flows look like ones whose handshake completed;
+//! - `ack-ack-spaced`: an ACK to each of COUNT/2 made-up tuples, then, 3.3 s later (more than
+//!   the flow table's two age units), an ACK to each again: flows that confirm mid-flow.
 
 use std::{net::IpAddr, time::Instant};
 
@@ -103,11 +105,12 @@ fn main() {
     let (net, len) = args[4].split_once('/').unwrap_or_else(|| usage());
     let net: IpAddr = net.parse().expect("SRC_NET");
     let len: u32 = len.parse().expect("SRC_NET length");
-    let flags: &[u8] = match args[5].as_str() {
-        "syn" => &[TCP_SYN],
-        "ack" => &[TCP_ACK],
-        "syn-ack" => &[TCP_SYN, TCP_ACK],
-        "ack-ack" => &[TCP_ACK, TCP_ACK],
+    let (flags, passes): (&[u8], u64) = match args[5].as_str() {
+        "syn" => (&[TCP_SYN], 1),
+        "ack" => (&[TCP_ACK], 1),
+        "syn-ack" => (&[TCP_SYN, TCP_ACK], 1),
+        "ack-ack" => (&[TCP_ACK, TCP_ACK], 1),
+        "ack-ack-spaced" => (&[TCP_ACK], 2),
         _ => usage(),
     };
     let count: u64 = args[6].parse().expect("COUNT");
@@ -144,58 +147,69 @@ fn main() {
     addr.sll_halen = 6;
     addr.sll_addr[..6].copy_from_slice(&dst_mac);
 
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()));
+    let seed = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
     let mut frames = vec![template; BATCH];
     let started = Instant::now();
     let mut sent = 0u64;
-    // The tuple of the frame being written, and which of its frames it is.
-    let (mut src, mut sport, mut seq, mut nth) = (0u128, 0u16, 0u32, flags.len());
-    while sent < count && started.elapsed().as_secs_f64() < seconds {
-        if let Some(pps) = pps {
-            // Ahead of the rate: wait until the frames sent are due.
-            let due = std::time::Duration::from_secs_f64(sent as f64 / pps);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                std::thread::sleep(wait);
-            }
+    for pass in 0..passes {
+        if pass > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(3300));
         }
-        let n = usize::try_from((count - sent).min(BATCH as u64)).expect("small");
-        for f in &mut frames[..n] {
-            if nth == flags.len() {
-                src = net.pick(&mut rng);
-                let r = rng.next();
-                #[expect(clippy::cast_possible_truncation, reason = "random bits")]
-                let (p, s) = (1024 + ((r >> 32) as u16 % 60000), (r >> 16) as u32);
-                (sport, seq, nth) = (p, s, 0);
+        // Every pass goes over the same tuples (a second pass's frames follow the first's in
+        // sequence space).
+        let mut rng = Rng(seed);
+        let count = count * (pass + 1) / passes;
+        let seq_step = u32::try_from(pass).expect("few");
+        let (pass_started, pass_base) = (Instant::now(), sent);
+        // The tuple of the frame being written, and which of its frames it is.
+        let (mut src, mut sport, mut seq, mut nth) = (0u128, 0u16, 0u32, flags.len());
+        while sent < count && started.elapsed().as_secs_f64() < seconds {
+            if let Some(pps) = pps {
+                // Ahead of the rate: wait until the frames sent are due.
+                let due = std::time::Duration::from_secs_f64((sent - pass_base) as f64 / pps);
+                if let Some(wait) = due.checked_sub(pass_started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
             }
-            // A second frame follows the first in sequence space, as a handshake's ACK does.
-            stamp(f, &layout, src, bytes, sport, seq.wrapping_add(u32::from(nth > 0)), flags[nth]);
-            nth += 1;
-        }
-        let mut iov: Vec<libc::iovec> =
-            frames[..n].iter_mut().map(|f| libc::iovec { iov_base: f.as_mut_ptr().cast(), iov_len: f.len() }).collect();
-        // SAFETY: zeroed mmsghdrs pointing at live iovecs and `addr`, for the call below.
-        let mut msgs: Vec<libc::mmsghdr> = iov
-            .iter_mut()
-            .map(|v| {
-                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                m.msg_hdr.msg_name = (&raw mut addr).cast();
-                m.msg_hdr.msg_namelen = u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).expect("small");
-                m.msg_hdr.msg_iov = v;
-                m.msg_hdr.msg_iovlen = 1;
-                m
-            })
-            .collect();
-        // SAFETY: `msgs` holds `n` valid headers.
-        let rc = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), u32::try_from(n).expect("small"), 0) };
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::ENOBUFS) {
-                std::thread::yield_now();
-                continue;
+            let n = usize::try_from((count - sent).min(BATCH as u64)).expect("small");
+            for f in &mut frames[..n] {
+                if nth == flags.len() {
+                    src = net.pick(&mut rng);
+                    let r = rng.next();
+                    #[expect(clippy::cast_possible_truncation, reason = "random bits")]
+                    let (p, s) = (1024 + ((r >> 32) as u16 % 60000), (r >> 16) as u32);
+                    (sport, seq, nth) = (p, s, 0);
+                }
+                // A second frame follows the first in sequence space, as a handshake's ACK does.
+                stamp(f, &layout, src, bytes, sport, seq.wrapping_add(u32::from(nth > 0) + seq_step), flags[nth]);
+                nth += 1;
             }
-            panic!("sendmmsg: {e}");
+            let mut iov: Vec<libc::iovec> =
+                frames[..n].iter_mut().map(|f| libc::iovec { iov_base: f.as_mut_ptr().cast(), iov_len: f.len() }).collect();
+            // SAFETY: zeroed mmsghdrs pointing at live iovecs and `addr`, for the call below.
+            let mut msgs: Vec<libc::mmsghdr> = iov
+                .iter_mut()
+                .map(|v| {
+                    let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                    m.msg_hdr.msg_name = (&raw mut addr).cast();
+                    m.msg_hdr.msg_namelen = u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).expect("small");
+                    m.msg_hdr.msg_iov = v;
+                    m.msg_hdr.msg_iovlen = 1;
+                    m
+                })
+                .collect();
+            // SAFETY: `msgs` holds `n` valid headers.
+            let rc = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), u32::try_from(n).expect("small"), 0) };
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::ENOBUFS) {
+                    std::thread::yield_now();
+                    continue;
+                }
+                panic!("sendmmsg: {e}");
+            }
+            sent += u64::try_from(rc).expect("non-negative");
         }
-        sent += u64::try_from(rc).expect("non-negative");
     }
     let secs = started.elapsed().as_secs_f64();
     println!("{{\"sent\":{sent},\"seconds\":{secs:.3},\"pps\":{:.0}}}", sent as f64 / secs);
