@@ -322,6 +322,8 @@ pub struct Config {
     /// A pinned XDP program that runs after the balancer on every frame it passes (chaining).
     pub next_program: Option<std::path::PathBuf>,
     pub ring_size: u32,
+    /// `ring_seed_file`'s secret, which keys the Maglev permutations; none: the unseeded rings.
+    pub ring_seed: Option<crate::maglev::RingSeed>,
     pub flow_table_size: u32,
     /// Destination MACs forwarded besides the interface's own (keepalived's `use_vmac`).
     pub accept_macs: Vec<[u8; 6]>,
@@ -354,6 +356,7 @@ struct RawConfig {
     xdp_mode: XdpModeCfg,
     next_program: Option<Spanned<String>>,
     ring_size: Option<Spanned<u32>>,
+    ring_seed_file: Option<Spanned<String>>,
     flow_table_size: Option<Spanned<u32>>,
     accept_macs: Option<Spanned<Vec<Spanned<String>>>>,
     flow_idle_timeout: Option<Spanned<String>>,
@@ -500,6 +503,14 @@ impl Validator<'_> {
         }
     }
 
+    /// `ring_seed_file`: read at load (and reload) with the cluster key's rules (owner-only, long
+    /// enough).
+    fn ring_seed(&self, f: &Spanned<String>) -> Result<crate::maglev::RingSeed, ConfigError> {
+        read_sync_key(Path::new(f.get_ref()))
+            .map(|k| crate::maglev::RingSeed::new(&k.0))
+            .map_err(|e| self.err(&f.span(), "ring_seed_file", format!("{e:#}")))
+    }
+
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let interface = self.interface(&raw.interface)?;
         let ring_size = match &raw.ring_size {
@@ -516,6 +527,7 @@ impl Validator<'_> {
                 n
             }
         };
+        let ring_seed = raw.ring_seed_file.as_ref().map(|f| self.ring_seed(f)).transpose()?;
         let flow_table_size = match &raw.flow_table_size {
             None => DEFAULT_FLOW_TABLE_SIZE,
             Some(s) => {
@@ -587,6 +599,7 @@ impl Validator<'_> {
             xdp_mode: raw.xdp_mode,
             next_program,
             ring_size,
+            ring_seed,
             flow_table_size,
             accept_macs,
             flow_idle_timeout,
@@ -1269,6 +1282,35 @@ weight = 50
         let _ = std::fs::remove_dir_all(&dir);
         let e = error_of(&format!("{GOOD}\n[cluster]\nnodes = [\"192.0.2.2:1\", \"192.0.2.3:1\"]\npeers = []\n"));
         assert!(e.contains("unknown field `peers`"), "{e}");
+    }
+
+    /// `ring_seed_file`: read at load (and reload) with the cluster key's rules, never shown;
+    /// absent, the rings are unseeded.
+    #[test]
+    fn ring_seed_file_is_a_secret_read_at_load() {
+        assert_eq!(parse(GOOD, "t.toml").expect("valid").ring_seed, None);
+        let dir = std::env::temp_dir().join(format!("dsrlb-ring-seed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let seeded =
+            |path: &std::path::Path| GOOD.replacen("ring_size = 65537\n", &format!("ring_size = 65537\nring_seed_file = {path:?}\n"), 1);
+        let write = |name: &str, content: &[u8], mode: u32| {
+            use std::os::unix::fs::PermissionsExt as _;
+            let p = dir.join(name);
+            std::fs::write(&p, content).expect("write");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            p
+        };
+        let good = write("good", b"0123456789abcdef0123456789abcdef\n", 0o600);
+        let seed = parse(&seeded(&good), "t.toml").expect("valid").ring_seed.expect("a seed");
+        assert_eq!(seed, crate::maglev::RingSeed::new(b"0123456789abcdef0123456789abcdef"), "surrounding whitespace ignored");
+        assert_eq!(format!("{seed:?}"), "RingSeed(32 bytes)", "the seed itself is never shown");
+        let e = error_of(&seeded(&write("open", b"0123456789abcdef", 0o640)));
+        assert!(e.starts_with("t.toml:4:18: ring_seed_file: ") && e.contains("may be read by others (mode 640)"), "{e}");
+        let e = error_of(&seeded(&write("short", b"0123456789", 0o600)));
+        assert!(e.contains("ring_seed_file: ") && e.contains("holds 10 bytes"), "{e}");
+        let e = error_of(&seeded(&dir.join("missing")));
+        assert!(e.contains("ring_seed_file: reading "), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -497,6 +497,10 @@ fn stop(socket: &std::path::Path, pin_dir: &std::path::Path) -> anyhow::Result<(
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let cfg = config::load(path)?;
     println!("{}: valid", path.display());
+    if let Some(seed) = &cfg.ring_seed {
+        // The digest, never the seed: the same on every node that holds the same seed.
+        println!("ring seeded (ring_seed_file), seed digest {:016x}", seed.digest());
+    }
     for l in &cfg.listeners {
         println!("listener {} {} hash={:?} backends {:?}", l.name, std::net::SocketAddr::new(l.vip, l.port), l.hash, l.backends);
     }

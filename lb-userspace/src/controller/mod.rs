@@ -531,6 +531,9 @@ impl Controller {
         };
         let added: Vec<String> = new.backends.iter().filter(|b| self.config.backend(&b.name).is_none()).map(|b| b.name.clone()).collect();
         let removed: Vec<String> = self.config.backends.iter().filter(|b| new.backend(&b.name).is_none()).map(|b| b.name.clone()).collect();
+        // A new ring seed is a ring change like any other, for every slot at once: flows stay where
+        // the flow table pins them (and are shared as exceptions), new flows follow the new rings.
+        let reseeded = new.ring_seed != self.config.ring_seed;
         let before =
             (self.config.clone(), self.ids.clone(), self.fresh.clone(), self.runtime.clone(), self.weights.clone(), self.health.clone());
         self.config = new;
@@ -559,7 +562,13 @@ impl Controller {
         self.next = next;
         // Setting the probe routes also repairs them (rules someone removed are put back).
         self.start_probes(probes);
-        Ok(format!("reload applied: backends added {added:?}, removed {removed:?}"))
+        if reseeded {
+            tracing::warn!(
+                "ring_seed_file changed: every ring was rebuilt; open flows stay on their brokers, new flows follow the new rings"
+            );
+        }
+        let seed_note = if reseeded { "; the ring seed changed: every ring was rebuilt, open flows stay where they are" } else { "" };
+        Ok(format!("reload applied: backends added {added:?}, removed {removed:?}{seed_note}"))
     }
 
     fn set_drained(&mut self, name: &str, drained: bool) -> anyhow::Result<String> {
