@@ -59,6 +59,10 @@ pub enum Request {
         /// One frame in `sample` (0 or 1: all).
         #[serde(default)]
         sample: u32,
+        /// Keep MQTT CONNECT credentials in the frames (root and the controller's user only);
+        /// by default the controller masks them before they leave it (`crate::redact`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        raw: bool,
     },
 }
 
@@ -133,18 +137,18 @@ fn trusted_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// Whether the peer of `stream` may send requests: root, the controller's user, or a member of
 /// `access.group` (as its primary or a supplementary group, from `SO_PEERCRED` and
-/// `SO_PEERGROUPS`).
-fn allowed(stream: &tokio::net::UnixStream, access: Access) -> Result<(), String> {
+/// `SO_PEERGROUPS`). `Ok(true)` for root and the controller's user.
+fn allowed(stream: &tokio::net::UnixStream, access: Access) -> Result<bool, String> {
     let cred = stream.peer_cred().map_err(|e| format!("reading the peer's credentials: {e}"))?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
     if cred.uid() == 0 || cred.uid() == me {
-        return Ok(());
+        return Ok(true);
     }
     if let Some(group) = access.group
         && (cred.gid() == group || peer_groups(stream).contains(&group))
     {
-        return Ok(());
+        return Ok(false);
     }
     Err(format!(
         "uid {} may not control this balancer (root, uid {me}{})",
@@ -219,7 +223,10 @@ pub fn serve(
 /// One client: a request per line, each at most [`MAX_REQUEST_LINE`] bytes.
 async fn serve_one(stream: tokio::net::UnixStream, access: Access, calls: mpsc::Sender<Call>, traces: Option<Arc<TraceHub>>) {
     use tokio::io::AsyncReadExt as _;
-    let refused = allowed(&stream, access).err();
+    let (privileged, refused) = match allowed(&stream, access) {
+        Ok(p) => (p, None),
+        Err(why) => (false, Some(why)),
+    };
     let (read, mut write) = stream.into_split();
     let mut reader = tokio::io::BufReader::new(read);
     loop {
@@ -236,9 +243,13 @@ async fn serve_one(stream: tokio::net::UnixStream, access: Access, calls: mpsc::
         } else {
             match serde_json::from_slice::<Request>(&line) {
                 Err(e) => Response::err(format!("bad request: {e}")),
+                Ok(Request::Trace { raw: true, .. }) if !privileged => Response::err(
+                    "dsrlb trace --raw shows MQTT usernames and passwords: only root and the controller's user may ask for it \
+                     (without --raw, CONNECT credentials are masked)",
+                ),
                 Ok(req) => {
                     let trace = match &req {
-                        Request::Trace { sample, .. } => Some(*sample),
+                        Request::Trace { sample, raw, .. } => Some((*sample, *raw)),
                         _ => None,
                     };
                     let (tx, rx) = oneshot::channel();
@@ -248,14 +259,14 @@ async fn serve_one(stream: tokio::net::UnixStream, access: Access, calls: mpsc::
                         rx.await.unwrap_or_else(|_| Response::err("the controller dropped the request"))
                     };
                     match (trace, resp.ok) {
-                        (Some(sample), true) => {
+                        (Some((sample, raw)), true) => {
                             let listener = resp.data["listener_id"].as_u64().and_then(|l| u32::try_from(l).ok());
                             match traces.as_ref().map(|hub| hub.start(Filter { sample, listener })) {
                                 Some(Ok(session)) => {
                                     let mut out = serde_json::to_string(&resp).unwrap_or_default();
                                     out.push('\n');
                                     if write.write_all(out.as_bytes()).await.is_ok() {
-                                        stream_trace(session, &mut reader, &mut write).await;
+                                        stream_trace(session, &mut reader, &mut write, raw).await;
                                     }
                                     return;
                                 }
@@ -283,14 +294,17 @@ const TRACE_BATCH: usize = 256;
 const TRACE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Streams a trace session's events to its client until the client closes the connection (or
-/// sends anything) or a write fails; dropping the session switches tracing off.
+/// sends anything) or a write fails; dropping the session switches tracing off. Unless `raw`,
+/// MQTT CONNECT credentials are masked in each frame before it is sent.
 async fn stream_trace(
     mut session: Session,
     reader: &mut tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
     write: &mut tokio::net::unix::OwnedWriteHalf,
+    raw: bool,
 ) {
     use tokio::io::AsyncReadExt as _;
     let clock = crate::trace::Clock::now();
+    let mut redactor = (!raw).then(crate::redact::Redactor::default);
     let mut events = Vec::with_capacity(TRACE_BATCH);
     let mut scratch = [0u8; 64];
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -305,8 +319,11 @@ async fn stream_trace(
                     tracing::warn!(error = %format!("{e:#}"), "trace stopped");
                     return;
                 }
-                for ev in events.drain(..) {
-                    out.push_str(&serde_json::to_string(&TraceLine::Event(crate::trace::Event::from_raw(&ev, &clock))).unwrap_or_default());
+                for mut ev in events.drain(..) {
+                    let caplen = (ev.caplen as usize).min(ev.frame.len());
+                    let masked = redactor.as_mut().and_then(|r| r.mask(&mut ev.frame[..caplen]));
+                    let event = crate::trace::Event { masked, ..crate::trace::Event::from_raw(&ev, &clock) };
+                    out.push_str(&serde_json::to_string(&TraceLine::Event(event)).unwrap_or_default());
                     out.push('\n');
                 }
             }

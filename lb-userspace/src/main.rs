@@ -109,6 +109,11 @@ enum Command {
         /// One JSON object per frame.
         #[arg(long)]
         json: bool,
+        /// Keep MQTT CONNECT usernames, passwords and wills in the frames (root only). By
+        /// default the controller zeroes everything after a CONNECT's client id, and the whole
+        /// payload of a CONNECT it cannot read with confidence, before the frames leave it.
+        #[arg(long)]
+        raw: bool,
     },
     /// Print the shell completion script for SHELL (the package installs bash, zsh and fish's).
     Completions { shell: clap_complete::Shell },
@@ -204,8 +209,8 @@ fn main() -> ExitCode {
             }
         }),
         Command::Stats { watch, json } => stats(&socket, watch, json),
-        Command::Trace { listener, client, backend, verdict, sample, count, pcap, json } => {
-            let opts = lb_userspace::trace::Options { listener, backend, client, verdict, sample, count, pcap, json };
+        Command::Trace { listener, client, backend, verdict, sample, count, pcap, json, raw } => {
+            let opts = lb_userspace::trace::Options { listener, backend, client, verdict, sample, count, pcap, json, raw };
             lb_userspace::trace::run(&socket, &opts, &mut std::io::stdout().lock()).map(|s| {
                 eprintln!(
                     "dsrlb trace: {} frames shown, {} received{}",

@@ -56,8 +56,14 @@ fn public_dsrlb() -> PathBuf {
 
 /// `dsrlb --socket S ping` as `uid` with primary group `gid` and supplementary `groups`.
 fn ping_as(socket: &Path, uid: u32, gid: u32, groups: &'static [u32]) -> (bool, String) {
+    cli_as(socket, uid, gid, groups, &["ping"])
+}
+
+/// `dsrlb --socket S ARGS` as `uid` with primary group `gid` and supplementary `groups`:
+/// whether it succeeded, and its output.
+fn cli_as(socket: &Path, uid: u32, gid: u32, groups: &'static [u32], args: &[&str]) -> (bool, String) {
     let mut c = Command::new(public_dsrlb());
-    c.arg("--socket").arg(socket).arg("ping");
+    c.arg("--socket").arg(socket).args(args);
     // SAFETY: in the child before exec, async-signal-safe calls only: the groups, then the
     // group, then the user (root's rights are gone after the last).
     unsafe {
@@ -68,7 +74,7 @@ fn ping_as(socket: &Path, uid: u32, gid: u32, groups: &'static [u32]) -> (bool, 
             Ok(())
         });
     }
-    let out = c.output().expect("dsrlb ping");
+    let out = c.output().expect("the dsrlb CLI");
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
@@ -151,5 +157,24 @@ fn a_request_line_longer_than_the_bound_is_refused() {
     let mut answer = String::new();
     BufReader::new(&stream).read_line(&mut answer).expect("read");
     assert!(answer.contains("\"ok\":true"), "{answer}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `dsrlb trace --raw` shows MQTT passwords: the socket refuses it to the group, which may
+/// trace with the credentials masked, and lets root ask (the stand-in then has no trace to
+/// give).
+#[test]
+fn a_raw_trace_is_for_root_and_the_controllers_user_only() {
+    require_root!();
+    let dir = temp("raw");
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let socket = dir.join("control.sock");
+    let _server = serve(&socket, Access { group: Some(TEST_GROUP) }).expect("serve");
+    let (ok, out) = cli_as(&socket, NOBODY, TEST_GROUP, &[], &["trace", "--raw"]);
+    assert!(!ok && out.contains("dsrlb trace --raw shows MQTT usernames and passwords: only root"), "{out}");
+    let (ok, out) = cli_as(&socket, NOBODY, TEST_GROUP, &[], &["trace"]);
+    assert!(!ok && out.contains("this controller serves no traces"), "the group's masked trace was refused: {out}");
+    let (ok, out) = cli_as(&socket, 0, 0, &[], &["trace", "--raw"]);
+    assert!(!ok && out.contains("this controller serves no traces"), "root's raw trace was refused: {out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
