@@ -337,6 +337,33 @@ pub struct Config {
     pub backends: Vec<Backend>,
     pub announce: Option<Announce>,
     pub cluster: Option<Cluster>,
+    /// Whose members may read the balancer's state through the read-only control socket.
+    pub read_only_group: Option<Group>,
+}
+
+/// A group, by the name the config gives and its id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    pub gid: u32,
+}
+
+/// The id of group `name` (a number is taken as an id).
+///
+/// # Errors
+/// When no such group exists.
+pub fn group_id(name: &str) -> Result<u32, String> {
+    if let Ok(id) = name.parse() {
+        return Ok(id);
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| format!("{name:?} is not a group name"))?;
+    // SAFETY: getgrnam with a valid C string; the result is read before any other call.
+    let group = unsafe { libc::getgrnam(c.as_ptr()) };
+    if group.is_null() {
+        return Err(format!("no group is named {name:?} (give a group of /etc/group, or a gid)"));
+    }
+    // SAFETY: a non-null result of getgrnam.
+    Ok(unsafe { (*group).gr_gid })
 }
 
 impl Config {
@@ -371,6 +398,7 @@ struct RawConfig {
     backends: Vec<Spanned<RawBackend>>,
     announce: Option<Spanned<RawAnnounce>>,
     cluster: Option<Spanned<RawCluster>>,
+    read_only_group: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -503,6 +531,11 @@ impl Validator<'_> {
         }
     }
 
+    /// A group of this host, by name or gid.
+    fn group(&self, g: &Spanned<String>, field: &str) -> Result<Group, ConfigError> {
+        group_id(g.get_ref()).map(|gid| Group { name: g.get_ref().clone(), gid }).map_err(|m| self.err(&g.span(), field, m))
+    }
+
     /// `ring_seed_file`: read at load (and reload) with the cluster key's rules (owner-only, long
     /// enough).
     fn ring_seed(&self, f: &Spanned<String>) -> Result<crate::maglev::RingSeed, ConfigError> {
@@ -594,6 +627,7 @@ impl Validator<'_> {
         let shortest_idle = listeners.iter().map(|l| l.flow_idle_timeout).min().unwrap_or(flow_idle_timeout);
         let cluster = raw.cluster.as_ref().map(|c| self.cluster(c, shortest_idle)).transpose()?;
         let next_program = raw.next_program.as_ref().map(|p| self.next_program(p)).transpose()?;
+        let read_only_group = raw.read_only_group.as_ref().map(|g| self.group(g, "read_only_group")).transpose()?;
         Ok(Config {
             interface,
             xdp_mode: raw.xdp_mode,
@@ -609,6 +643,7 @@ impl Validator<'_> {
             backends,
             announce,
             cluster,
+            read_only_group,
         })
     }
 
@@ -1311,6 +1346,17 @@ weight = 50
         let e = error_of(&seeded(&dir.join("missing")));
         assert!(e.contains("ring_seed_file: reading "), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn read_only_group_is_a_group_of_this_host() {
+        assert_eq!(parse(GOOD, "t.toml").expect("valid").read_only_group, None);
+        let with = |g: &str| GOOD.replacen("ring_size = 65537\n", &format!("ring_size = 65537\nread_only_group = {g:?}\n"), 1);
+        let c = parse(&with("root"), "t.toml").expect("valid");
+        assert_eq!(c.read_only_group, Some(Group { name: "root".to_owned(), gid: 0 }));
+        assert_eq!(parse(&with("60123"), "t.toml").expect("valid").read_only_group.map(|g| g.gid), Some(60123), "a gid");
+        let e = error_of(&with("no-such-group-here"));
+        assert!(e.starts_with("t.toml:4:19: read_only_group: no group is named \"no-such-group-here\""), "{e}");
     }
 
     #[test]

@@ -167,7 +167,7 @@ fn main() -> ExitCode {
                 (Err(e), _, _) => Err(anyhow::Error::new(e).context("invalid config; nothing was attached")),
                 (_, Err(e), _) | (_, _, Err(e)) => Err(e),
                 (Ok(cfg), Ok(metrics), Ok(group)) => {
-                    let access = control::Access { group };
+                    let access = control::Access { group, read_only: false };
                     let opts = RunOptions {
                         config_path: config,
                         socket,
@@ -407,18 +407,9 @@ fn stats(socket: &std::path::Path, watch: bool, json: bool) -> anyhow::Result<()
     Ok(())
 }
 
-/// The id of group `name` (a number is taken as an id).
+/// The id of `--socket-group` `name` (a number is taken as an id).
 fn group_id(name: Option<&str>) -> anyhow::Result<Option<u32>> {
-    let Some(name) = name else { return Ok(None) };
-    if let Ok(id) = name.parse() {
-        return Ok(Some(id));
-    }
-    let c = std::ffi::CString::new(name).map_err(|_| anyhow::anyhow!("--socket-group {name:?}: not a group name"))?;
-    // SAFETY: getgrnam with a valid C string; the result is read before any other call.
-    let group = unsafe { libc::getgrnam(c.as_ptr()) };
-    anyhow::ensure!(!group.is_null(), "--socket-group {name:?}: no such group");
-    // SAFETY: a non-null result of getgrnam.
-    Ok(Some(unsafe { (*group).gr_gid }))
+    name.map(|n| config::group_id(n).map_err(|e| anyhow::anyhow!("--socket-group: {e}"))).transpose()
 }
 
 fn parse_metrics(s: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {

@@ -509,6 +509,12 @@ impl Controller {
                 bail!("{what} cannot change on reload (the maps and the attachment depend on it): restart the controller");
             }
         }
+        if new.read_only_group != self.config.read_only_group {
+            bail!(
+                "read_only_group cannot change on reload (the read-only socket is made at start): restart the controller (it adopts \
+                 the running balancer; no flow is lost)"
+            );
+        }
         vips_are_not_ours(&new)?;
         let runtime = resolve_macs(&new, &self.runtime, &BTreeMap::new(), &self.neigh);
         let mut ids = self.ids.clone();
@@ -801,7 +807,8 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     let (walked_tx, mut walked) = mpsc::channel::<BTreeMap<u32, usize>>(1);
     let (call_tx, mut calls) = mpsc::channel::<Call>(64);
     let traces = std::sync::Arc::new(dataplane::trace::TraceHub::default());
-    let server = control::serve(&opts.socket, opts.access, call_tx.clone(), Some(traces.clone()))?;
+    let read_only_group = config.read_only_group.as_ref().map(|g| g.gid);
+    let server = control::Sockets::serve(&opts.socket, opts.access, read_only_group, call_tx.clone(), Some(traces.clone()))?;
     let metrics = match opts.metrics {
         None => None,
         Some(addr) => match crate::metrics::serve(addr, call_tx).await {
@@ -815,13 +822,11 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
             }
         },
     };
-    let socket = opts.socket.clone();
     let stats_every = opts.stats_every;
     let kernel = match (Neighbours::start(&config.interface).await, ProbeRoutes::start(&config.interface).await) {
         (Ok(n), Ok(r)) => (n, r),
         (Err(e), _) | (_, Err(e)) => {
-            server.abort();
-            let _ = std::fs::remove_file(&socket);
+            server.close();
             return Err(e.context(format!("watching {} over netlink", config.interface)));
         }
     };
@@ -829,8 +834,7 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     let (mut c, mut inbox) = match Controller::start(opts, config, report_tx, swept_tx, walked_tx, kernel) {
         Ok(c) => c,
         Err(e) => {
-            server.abort();
-            let _ = std::fs::remove_file(&socket);
+            server.close();
             return Err(e);
         }
     };
@@ -889,11 +893,10 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     }
     // `dsrlb stop` withdraws the VIPs and waits for the traffic to go before anything else.
     c.ha_shutdown().await;
-    server.abort();
+    server.close();
     if let Some(m) = metrics {
         m.abort();
     }
-    let _ = std::fs::remove_file(&socket);
     for (_, (_, task)) in std::mem::take(&mut c.probes) {
         task.abort();
     }
