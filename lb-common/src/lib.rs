@@ -1154,8 +1154,10 @@ mod tests {
         let (confirmed_closing, mid_closing) = (FLOW_K_CONFIRMED_CLOSING, FLOW_K_MIDFLOW_CONFIRMED_CLOSING);
         let (reopen, confirm, retry) = (FLOW_REOPEN_UNITS, FLOW_CONFIRM_UNITS, FLOW_SYN_RETRY_UNITS);
         let (conn, again, none) = (charge::CONNECTION, charge::RETRANSMIT, charge::NONE);
+        /// (what, kind, age, segment, usable, kind written, age written, charged to, re-picked, event)
+        type Row = (&'static str, u32, u32, u32, bool, u32, u32, u32, bool, u32);
         #[rustfmt::skip]
-        let rows: [(&str, u32, u32, u32, bool, u32, u32, u32, bool, u32); 28] = [
+        let rows: [Row; 28] = [
             ("the handshake's ACK confirms nothing", opened, NOW, segment::PLAIN, true, opened, NOW, none, false, table_event::NONE),
             ("a segment a unit later confirms nothing", opened, NOW - 1, segment::PLAIN, true, opened, NOW - 1, none, false, table_event::NONE),
             ("a segment FLOW_CONFIRM_UNITS later confirms", opened, NOW - confirm, segment::PLAIN, true, confirmed, NOW, none, false, table_event::CONFIRMED),

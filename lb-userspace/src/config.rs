@@ -368,6 +368,8 @@ pub struct Config {
     /// A pinned XDP program that runs after the balancer on every frame it passes (chaining).
     pub next_program: Option<std::path::PathBuf>,
     pub ring_size: u32,
+    /// `ring_seed_file`'s secret, which keys the Maglev permutations; none: the unseeded rings.
+    pub ring_seed: Option<crate::maglev::RingSeed>,
     pub flow_table_size: u32,
     /// Destination MACs forwarded besides the interface's own (keepalived's `use_vmac`).
     pub accept_macs: Vec<[u8; 6]>,
@@ -381,6 +383,33 @@ pub struct Config {
     pub backends: Vec<Backend>,
     pub announce: Option<Announce>,
     pub cluster: Option<Cluster>,
+    /// Whose members may read the balancer's state through the read-only control socket.
+    pub read_only_group: Option<Group>,
+}
+
+/// A group, by the name the config gives and its id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    pub gid: u32,
+}
+
+/// The id of group `name` (a number is taken as an id).
+///
+/// # Errors
+/// When no such group exists.
+pub fn group_id(name: &str) -> Result<u32, String> {
+    if let Ok(id) = name.parse() {
+        return Ok(id);
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| format!("{name:?} is not a group name"))?;
+    // SAFETY: getgrnam with a valid C string; the result is read before any other call.
+    let group = unsafe { libc::getgrnam(c.as_ptr()) };
+    if group.is_null() {
+        return Err(format!("no group is named {name:?} (give a group of /etc/group, or a gid)"));
+    }
+    // SAFETY: a non-null result of getgrnam.
+    Ok(unsafe { (*group).gr_gid })
 }
 
 impl Config {
@@ -400,6 +429,7 @@ struct RawConfig {
     xdp_mode: XdpModeCfg,
     next_program: Option<Spanned<String>>,
     ring_size: Option<Spanned<u32>>,
+    ring_seed_file: Option<Spanned<String>>,
     flow_table_size: Option<Spanned<u32>>,
     accept_macs: Option<Spanned<Vec<Spanned<String>>>>,
     flow_idle_timeout: Option<Spanned<String>>,
@@ -414,6 +444,7 @@ struct RawConfig {
     backends: Vec<Spanned<RawBackend>>,
     announce: Option<Spanned<RawAnnounce>>,
     cluster: Option<Spanned<RawCluster>>,
+    read_only_group: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -547,6 +578,19 @@ impl Validator<'_> {
         }
     }
 
+    /// A group of this host, by name or gid.
+    fn group(&self, g: &Spanned<String>, field: &str) -> Result<Group, ConfigError> {
+        group_id(g.get_ref()).map(|gid| Group { name: g.get_ref().clone(), gid }).map_err(|m| self.err(&g.span(), field, m))
+    }
+
+    /// `ring_seed_file`: read at load (and reload) with the cluster key's rules (owner-only, long
+    /// enough).
+    fn ring_seed(&self, f: &Spanned<String>) -> Result<crate::maglev::RingSeed, ConfigError> {
+        read_sync_key(Path::new(f.get_ref()))
+            .map(|k| crate::maglev::RingSeed::new(&k.0))
+            .map_err(|e| self.err(&f.span(), "ring_seed_file", format!("{e:#}")))
+    }
+
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let interface = self.interface(&raw.interface)?;
         let ring_size = match &raw.ring_size {
@@ -563,6 +607,7 @@ impl Validator<'_> {
                 n
             }
         };
+        let ring_seed = raw.ring_seed_file.as_ref().map(|f| self.ring_seed(f)).transpose()?;
         let flow_table_size = match &raw.flow_table_size {
             None => DEFAULT_FLOW_TABLE_SIZE,
             Some(s) => {
@@ -629,11 +674,13 @@ impl Validator<'_> {
         let shortest_idle = listeners.iter().map(|l| l.flow_idle_timeout).min().unwrap_or(flow_idle_timeout);
         let cluster = raw.cluster.as_ref().map(|c| self.cluster(c, shortest_idle)).transpose()?;
         let next_program = raw.next_program.as_ref().map(|p| self.next_program(p)).transpose()?;
+        let read_only_group = raw.read_only_group.as_ref().map(|g| self.group(g, "read_only_group")).transpose()?;
         Ok(Config {
             interface,
             xdp_mode: raw.xdp_mode,
             next_program,
             ring_size,
+            ring_seed,
             flow_table_size,
             accept_macs,
             flow_idle_timeout,
@@ -643,6 +690,7 @@ impl Validator<'_> {
             backends,
             announce,
             cluster,
+            read_only_group,
         })
     }
 
@@ -1422,6 +1470,46 @@ weight = 50
         assert!(e.contains("cluster.key_file: ") && e.contains("holds 4097 bytes: a key file holds at most 4096"), "{e}");
         assert!(parse(&keyed(&write("max", &[b'k'; 4096], 0o600)), "t.toml").is_ok(), "4096 bytes are taken");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `ring_seed_file`: read at load (and reload) with the cluster key's rules, never shown;
+    /// absent, the rings are unseeded.
+    #[test]
+    fn ring_seed_file_is_a_secret_read_at_load() {
+        assert_eq!(parse(GOOD, "t.toml").expect("valid").ring_seed, None);
+        let dir = std::env::temp_dir().join(format!("dsrlb-ring-seed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let seeded =
+            |path: &std::path::Path| GOOD.replacen("ring_size = 65537\n", &format!("ring_size = 65537\nring_seed_file = {path:?}\n"), 1);
+        let write = |name: &str, content: &[u8], mode: u32| {
+            use std::os::unix::fs::PermissionsExt as _;
+            let p = dir.join(name);
+            std::fs::write(&p, content).expect("write");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            p
+        };
+        let good = write("good", b"0123456789abcdef0123456789abcdef\n", 0o600);
+        let seed = parse(&seeded(&good), "t.toml").expect("valid").ring_seed.expect("a seed");
+        assert_eq!(seed, crate::maglev::RingSeed::new(b"0123456789abcdef0123456789abcdef"), "surrounding whitespace ignored");
+        assert_eq!(format!("{seed:?}"), "RingSeed(32 bytes)", "the seed itself is never shown");
+        let e = error_of(&seeded(&write("open", b"0123456789abcdef", 0o640)));
+        assert!(e.starts_with("t.toml:4:18: ring_seed_file: ") && e.contains("may be read by others (mode 640)"), "{e}");
+        let e = error_of(&seeded(&write("short", b"0123456789", 0o600)));
+        assert!(e.contains("ring_seed_file: ") && e.contains("holds 10 bytes"), "{e}");
+        let e = error_of(&seeded(&dir.join("missing")));
+        assert!(e.contains("ring_seed_file: reading "), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn read_only_group_is_a_group_of_this_host() {
+        assert_eq!(parse(GOOD, "t.toml").expect("valid").read_only_group, None);
+        let with = |g: &str| GOOD.replacen("ring_size = 65537\n", &format!("ring_size = 65537\nread_only_group = {g:?}\n"), 1);
+        let c = parse(&with("root"), "t.toml").expect("valid");
+        assert_eq!(c.read_only_group, Some(Group { name: "root".to_owned(), gid: 0 }));
+        assert_eq!(parse(&with("60123"), "t.toml").expect("valid").read_only_group.map(|g| g.gid), Some(60123), "a gid");
+        let e = error_of(&with("no-such-group-here"));
+        assert!(e.starts_with("t.toml:4:19: read_only_group: no group is named \"no-such-group-here\""), "{e}");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The control socket: a unix socket (mode 0600, owned by the controller's user, or 0660 for a
 //! configured group) speaking one JSON request and one JSON response per line, for root, the
-//! controller's user and that group only (checked with the peer's credentials). The CLI is its
-//! client.
+//! controller's user and that group only (checked with the peer's credentials). Beside it, with
+//! `read_only_group`, the read-only socket (mode 0660, that group's) serves only the requests
+//! that change nothing and show no client traffic. The CLI is their client: it uses the
+//! control socket, or the read-only one when the control socket is not its user's.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -22,6 +24,14 @@ use tokio::{
 
 /// Where `dsrlb run` listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/dsrlb/control.sock";
+
+/// The read-only socket beside the control socket `socket`: `control.sock` → `control-ro.sock`.
+#[must_use]
+pub fn read_only_path(socket: &Path) -> PathBuf {
+    let name = socket.file_name().map_or_else(|| "control.sock".into(), |n| n.to_string_lossy().into_owned());
+    let ro = name.strip_suffix(".sock").map_or_else(|| format!("{name}-ro"), |stem| format!("{stem}-ro.sock"));
+    socket.with_file_name(ro)
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
@@ -59,7 +69,42 @@ pub enum Request {
         /// One frame in `sample` (0 or 1: all).
         #[serde(default)]
         sample: u32,
+        /// Keep MQTT CONNECT credentials in the frames (root and the controller's user only);
+        /// by default the controller masks them before they leave it (`crate::redact`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        raw: bool,
     },
+}
+
+impl Request {
+    /// The request as the CLI names it.
+    #[must_use]
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Self::Status => "status",
+            Self::Drain { .. } => "drain",
+            Self::Undrain { .. } => "undrain",
+            Self::Weight { .. } => "weight",
+            Self::Reload => "reload",
+            Self::Flow { .. } => "flow",
+            Self::Stop => "stop",
+            Self::Metrics => "metrics",
+            Self::Ping => "ping",
+            Self::Trace { .. } => "trace",
+        }
+    }
+
+    /// Why the read-only socket refuses it; `None` for the requests it serves (status and
+    /// stats, flow, metrics, ping).
+    #[must_use]
+    pub const fn not_read_only(&self) -> Option<&'static str> {
+        match self {
+            Self::Status | Self::Flow { .. } | Self::Metrics | Self::Ping => None,
+            Self::Drain { .. } | Self::Undrain { .. } | Self::Weight { .. } | Self::Reload => Some("it changes the balancer"),
+            Self::Stop => Some("it stops the balancer"),
+            Self::Trace { .. } => Some("a trace shows the clients' traffic"),
+        }
+    }
 }
 
 /// A line a trace streams after its first answer.
@@ -101,11 +146,14 @@ pub type Call = (Request, oneshot::Sender<Response>);
 /// closed (a request is a few hundred bytes).
 pub const MAX_REQUEST_LINE: u64 = 64 * 1024;
 
-/// Who may talk to the controller besides root and the controller's own user.
+/// Who may talk to the controller besides root and the controller's own user, and what about.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Access {
     /// A group whose members may (the socket is then mode 0660, group-owned); none: mode 0600.
     pub group: Option<u32>,
+    /// Serve only the requests that change nothing and show no client traffic, to everyone
+    /// who may connect ([`Request::not_read_only`]).
+    pub read_only: bool,
 }
 
 /// Refuses a socket directory someone else could plant things in: it must be a real directory
@@ -133,18 +181,18 @@ fn trusted_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// Whether the peer of `stream` may send requests: root, the controller's user, or a member of
 /// `access.group` (as its primary or a supplementary group, from `SO_PEERCRED` and
-/// `SO_PEERGROUPS`).
-fn allowed(stream: &tokio::net::UnixStream, access: Access) -> Result<(), String> {
+/// `SO_PEERGROUPS`). `Ok(true)` for root and the controller's user.
+fn allowed(stream: &tokio::net::UnixStream, access: Access) -> Result<bool, String> {
     let cred = stream.peer_cred().map_err(|e| format!("reading the peer's credentials: {e}"))?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
     if cred.uid() == 0 || cred.uid() == me {
-        return Ok(());
+        return Ok(true);
     }
     if let Some(group) = access.group
         && (cred.gid() == group || peer_groups(stream).contains(&group))
     {
-        return Ok(());
+        return Ok(false);
     }
     Err(format!(
         "uid {} may not control this balancer (root, uid {me}{})",
@@ -166,6 +214,48 @@ fn peer_groups(stream: &tokio::net::UnixStream) -> Vec<u32> {
     }
     groups.truncate(len as usize / 4);
     groups
+}
+
+/// The sockets a controller serves: the control socket, and the read-only one beside it when
+/// a group is given; [`Sockets::close`] stops serving them and removes them.
+pub struct Sockets {
+    served: Vec<(tokio::task::JoinHandle<()>, PathBuf)>,
+}
+
+impl Sockets {
+    /// Serves the control socket at `socket` for `access`, and with `read_only_group`, the
+    /// read-only socket beside it ([`read_only_path`]) for that group.
+    ///
+    /// # Errors
+    /// As [`serve`], for either socket; neither is left behind then.
+    pub fn serve(
+        socket: &Path,
+        access: Access,
+        read_only_group: Option<u32>,
+        calls: mpsc::Sender<Call>,
+        traces: Option<Arc<TraceHub>>,
+    ) -> anyhow::Result<Self> {
+        let mut sockets = Self { served: vec![(serve(socket, access, calls.clone(), traces)?, socket.to_path_buf())] };
+        if let Some(group) = read_only_group {
+            let ro = read_only_path(socket);
+            match serve(&ro, Access { group: Some(group), read_only: true }, calls, None) {
+                Ok(task) => sockets.served.push((task, ro)),
+                Err(e) => {
+                    sockets.close();
+                    return Err(e.context("serving the read-only control socket"));
+                }
+            }
+        }
+        Ok(sockets)
+    }
+
+    /// Stops serving and removes the sockets.
+    pub fn close(self) {
+        for (task, path) in self.served {
+            task.abort();
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// Binds the socket (replacing a stale one) with no window in which it has looser permissions
@@ -219,7 +309,10 @@ pub fn serve(
 /// One client: a request per line, each at most [`MAX_REQUEST_LINE`] bytes.
 async fn serve_one(stream: tokio::net::UnixStream, access: Access, calls: mpsc::Sender<Call>, traces: Option<Arc<TraceHub>>) {
     use tokio::io::AsyncReadExt as _;
-    let refused = allowed(&stream, access).err();
+    let (privileged, refused) = match allowed(&stream, access) {
+        Ok(p) => (p, None),
+        Err(why) => (false, Some(why)),
+    };
     let (read, mut write) = stream.into_split();
     let mut reader = tokio::io::BufReader::new(read);
     loop {
@@ -236,9 +329,20 @@ async fn serve_one(stream: tokio::net::UnixStream, access: Access, calls: mpsc::
         } else {
             match serde_json::from_slice::<Request>(&line) {
                 Err(e) => Response::err(format!("bad request: {e}")),
+                Ok(req) if access.read_only && req.not_read_only().is_some() => Response::err(format!(
+                    "dsrlb {} is not served on the read-only control socket ({}): it serves status, stats, flow, metrics and ping; \
+                     run dsrlb {} as root or as a member of the controller's --socket-group",
+                    req.name(),
+                    req.not_read_only().unwrap_or_default(),
+                    req.name()
+                )),
+                Ok(Request::Trace { raw: true, .. }) if !privileged => Response::err(
+                    "dsrlb trace --raw shows MQTT usernames and passwords: only root and the controller's user may ask for it \
+                     (without --raw, CONNECT credentials are masked)",
+                ),
                 Ok(req) => {
                     let trace = match &req {
-                        Request::Trace { sample, .. } => Some(*sample),
+                        Request::Trace { sample, raw, .. } => Some((*sample, *raw)),
                         _ => None,
                     };
                     let (tx, rx) = oneshot::channel();
@@ -248,14 +352,14 @@ async fn serve_one(stream: tokio::net::UnixStream, access: Access, calls: mpsc::
                         rx.await.unwrap_or_else(|_| Response::err("the controller dropped the request"))
                     };
                     match (trace, resp.ok) {
-                        (Some(sample), true) => {
+                        (Some((sample, raw)), true) => {
                             let listener = resp.data["listener_id"].as_u64().and_then(|l| u32::try_from(l).ok());
                             match traces.as_ref().map(|hub| hub.start(Filter { sample, listener })) {
                                 Some(Ok(session)) => {
                                     let mut out = serde_json::to_string(&resp).unwrap_or_default();
                                     out.push('\n');
                                     if write.write_all(out.as_bytes()).await.is_ok() {
-                                        stream_trace(session, &mut reader, &mut write).await;
+                                        stream_trace(session, &mut reader, &mut write, raw).await;
                                     }
                                     return;
                                 }
@@ -283,14 +387,17 @@ const TRACE_BATCH: usize = 256;
 const TRACE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Streams a trace session's events to its client until the client closes the connection (or
-/// sends anything) or a write fails; dropping the session switches tracing off.
+/// sends anything) or a write fails; dropping the session switches tracing off. Unless `raw`,
+/// MQTT CONNECT credentials are masked in each frame before it is sent.
 async fn stream_trace(
     mut session: Session,
     reader: &mut tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
     write: &mut tokio::net::unix::OwnedWriteHalf,
+    raw: bool,
 ) {
     use tokio::io::AsyncReadExt as _;
     let clock = crate::trace::Clock::now();
+    let mut redactor = (!raw).then(crate::redact::Redactor::default);
     let mut events = Vec::with_capacity(TRACE_BATCH);
     let mut scratch = [0u8; 64];
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -305,8 +412,11 @@ async fn stream_trace(
                     tracing::warn!(error = %format!("{e:#}"), "trace stopped");
                     return;
                 }
-                for ev in events.drain(..) {
-                    out.push_str(&serde_json::to_string(&TraceLine::Event(crate::trace::Event::from_raw(&ev, &clock))).unwrap_or_default());
+                for mut ev in events.drain(..) {
+                    let caplen = (ev.caplen as usize).min(ev.frame.len());
+                    let masked = redactor.as_mut().and_then(|r| r.mask(&mut ev.frame[..caplen]));
+                    let event = crate::trace::Event { masked, ..crate::trace::Event::from_raw(&ev, &clock) };
+                    out.push_str(&serde_json::to_string(&TraceLine::Event(event)).unwrap_or_default());
                     out.push('\n');
                 }
             }
@@ -347,29 +457,34 @@ pub fn call(path: &Path, req: &Request) -> anyhow::Result<Response> {
     serde_json::from_str(&answer).with_context(|| format!("the controller answered {answer:?}"))
 }
 
-/// Connects to the controller's socket, with a message for the operator when it cannot.
+/// Connects to the controller's socket `path`, or to the read-only socket beside it when `path`
+/// is not this user's; with a message for the operator when it cannot.
 ///
 /// # Errors
-/// When no controller is running or the socket is not theirs.
+/// When no controller is running or neither socket is theirs.
 pub fn connect(path: &Path) -> anyhow::Result<std::os::unix::net::UnixStream> {
-    if let Err(e) = std::fs::symlink_metadata(path) {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            bail!("no controller is running: {} does not exist (start one with `dsrlb run --config FILE`)", path.display());
+    use std::io::ErrorKind;
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(stream) => Ok(stream),
+        Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+            let ro = read_only_path(path);
+            std::os::unix::net::UnixStream::connect(&ro).map_err(|_| {
+                anyhow::anyhow!(
+                    "permission denied on {}: run the CLI as root, or as a member of the controller's --socket-group (or, for \
+                     status, stats, flow and ping, of its read_only_group, through {})",
+                    path.display(),
+                    ro.display()
+                )
+            })
         }
-        bail!("cannot reach {}: {e}", path.display());
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            bail!("no controller is running: {} does not exist (start one with `dsrlb run --config FILE`)", path.display())
+        }
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+            bail!("no controller is running: {} is stale (dsrlb run removes it on start)", path.display())
+        }
+        Err(e) => bail!("connecting to {}: {e}", path.display()),
     }
-    std::os::unix::net::UnixStream::connect(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::ConnectionRefused {
-            anyhow::anyhow!("no controller is running: {} is stale (dsrlb run removes it on start)", path.display())
-        } else if e.kind() == std::io::ErrorKind::PermissionDenied {
-            anyhow::anyhow!(
-                "permission denied on {}: run the CLI as root, or as a member of the controller's --socket-group",
-                path.display()
-            )
-        } else {
-            anyhow::anyhow!("connecting to {}: {e}", path.display())
-        }
-    })
 }
 
 /// The socket path from `--socket` or the default.
@@ -383,6 +498,12 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn the_read_only_socket_sits_beside_the_control_socket() {
+        assert_eq!(read_only_path(Path::new(DEFAULT_SOCKET)), Path::new("/run/dsrlb/control-ro.sock"));
+        assert_eq!(read_only_path(Path::new("/tmp/x/dsrlb")), Path::new("/tmp/x/dsrlb-ro"));
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]

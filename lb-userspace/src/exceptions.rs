@@ -89,7 +89,7 @@ impl RingView {
             let Some(l) = ids.listeners.get(&c.name).and_then(|id| self.listeners.get_mut(id)) else { continue };
             let members: Vec<(&str, u32)> =
                 c.backends.iter().filter_map(|b| config.backend(b).map(|b| (b.name.as_str(), b.weight))).collect();
-            let ring = maglev::build(&members, config.ring_size)
+            let ring = maglev::build(&members, config.ring_size, config.ring_seed.as_ref())
                 .into_iter()
                 .map(|slot| members.get(slot as usize).and_then(|(name, _)| ids.backends.get(*name)).copied().unwrap_or(NO_BACKEND))
                 .collect();

@@ -369,11 +369,8 @@ impl FlowTable {
                     flow_state(real, kind, age)
                 };
                 if self.mem.compare_exchange(seen.bucket, seen.way * 2 + 1, seen.meta, flow_meta(ports, new_state)).is_ok() {
-                    return if f.real() == real && !(protected(new_state) && !protected(f.state)) {
-                        Merged::Refreshed
-                    } else {
-                        Merged::Inserted
-                    };
+                    let upgraded = protected(new_state) && !protected(f.state);
+                    return if f.real() == real && !upgraded { Merged::Refreshed } else { Merged::Inserted };
                 }
                 continue; // changed under us: look again
             }

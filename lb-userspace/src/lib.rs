@@ -17,6 +17,7 @@ pub mod neigh;
 pub mod netlink;
 pub mod plan;
 pub mod probe_route;
+pub mod redact;
 pub mod tls;
 pub mod trace;
 

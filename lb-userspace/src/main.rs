@@ -109,6 +109,11 @@ enum Command {
         /// One JSON object per frame.
         #[arg(long)]
         json: bool,
+        /// Keep MQTT CONNECT usernames, passwords and wills in the frames (root only). By
+        /// default the controller zeroes everything after a CONNECT's client id, and the whole
+        /// payload of a CONNECT it cannot read with confidence, before the frames leave it.
+        #[arg(long)]
+        raw: bool,
     },
     /// Print the shell completion script for SHELL (the package installs bash, zsh and fish's).
     Completions { shell: clap_complete::Shell },
@@ -162,7 +167,7 @@ fn main() -> ExitCode {
                 (Err(e), _, _) => Err(anyhow::Error::new(e).context("invalid config; nothing was attached")),
                 (_, Err(e), _) | (_, _, Err(e)) => Err(e),
                 (Ok(cfg), Ok(metrics), Ok(group)) => {
-                    let access = control::Access { group };
+                    let access = control::Access { group, read_only: false };
                     let opts = RunOptions {
                         config_path: config,
                         socket,
@@ -204,8 +209,8 @@ fn main() -> ExitCode {
             }
         }),
         Command::Stats { watch, json } => stats(&socket, watch, json),
-        Command::Trace { listener, client, backend, verdict, sample, count, pcap, json } => {
-            let opts = lb_userspace::trace::Options { listener, backend, client, verdict, sample, count, pcap, json };
+        Command::Trace { listener, client, backend, verdict, sample, count, pcap, json, raw } => {
+            let opts = lb_userspace::trace::Options { listener, backend, client, verdict, sample, count, pcap, json, raw };
             lb_userspace::trace::run(&socket, &opts, &mut std::io::stdout().lock()).map(|s| {
                 eprintln!(
                     "dsrlb trace: {} frames shown, {} received{}",
@@ -417,18 +422,9 @@ fn stats(socket: &std::path::Path, watch: bool, json: bool) -> anyhow::Result<()
     Ok(())
 }
 
-/// The id of group `name` (a number is taken as an id).
+/// The id of `--socket-group` `name` (a number is taken as an id).
 fn group_id(name: Option<&str>) -> anyhow::Result<Option<u32>> {
-    let Some(name) = name else { return Ok(None) };
-    if let Ok(id) = name.parse() {
-        return Ok(Some(id));
-    }
-    let c = std::ffi::CString::new(name).map_err(|_| anyhow::anyhow!("--socket-group {name:?}: not a group name"))?;
-    // SAFETY: getgrnam with a valid C string; the result is read before any other call.
-    let group = unsafe { libc::getgrnam(c.as_ptr()) };
-    anyhow::ensure!(!group.is_null(), "--socket-group {name:?}: no such group");
-    // SAFETY: a non-null result of getgrnam.
-    Ok(Some(unsafe { (*group).gr_gid }))
+    name.map(|n| config::group_id(n).map_err(|e| anyhow::anyhow!("--socket-group: {e}"))).transpose()
 }
 
 fn parse_metrics(s: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
@@ -512,6 +508,10 @@ fn stop(socket: &std::path::Path, pin_dir: &std::path::Path) -> anyhow::Result<(
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let cfg = config::load(path)?;
     println!("{}: valid", path.display());
+    if let Some(seed) = &cfg.ring_seed {
+        // The digest, never the seed: the same on every node that holds the same seed.
+        println!("ring seeded (ring_seed_file), seed digest {:016x}", seed.digest());
+    }
     for l in &cfg.listeners {
         println!("listener {} {} hash={:?} backends {:?}", l.name, std::net::SocketAddr::new(l.vip, l.port), l.hash, l.backends);
     }

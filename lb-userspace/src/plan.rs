@@ -132,7 +132,7 @@ pub fn desired(
             members.push((c.name, if out.is_some() { 0 } else { c.weight }));
             reals.push(DesiredReal { backend: c.backend, dst_mac: c.mac, down: out.is_some_and(|o| o.reset) });
         }
-        let table = maglev::build(&members, config.ring_size);
+        let table = maglev::build(&members, config.ring_size, config.ring_seed.as_ref());
         let ring =
             table.into_iter().map(|slot| if slot == maglev::EMPTY { NO_BACKEND } else { ids.backends[members[slot as usize].0] }).collect();
         let conn_rate = l.conn_rate.map(|c| {
@@ -162,4 +162,50 @@ pub fn desired(
 #[must_use]
 pub fn expire_units(timeout: std::time::Duration) -> u32 {
     age_units(timeout.as_secs().max(1)) + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ring the data plane gets and the nominal ring the cluster walk compares flows with
+    /// are built with the same seed: with every backend up they are the same ring, and not the
+    /// unseeded one.
+    #[test]
+    fn the_planned_and_the_nominal_ring_share_the_seed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("dsrlb-plan-seed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let seed = dir.join("ring.seed");
+        std::fs::write(&seed, "0123456789abcdef0123456789abcdef").expect("write");
+        std::fs::set_permissions(&seed, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let text = |seeded: bool| {
+            let seed_line = if seeded { format!("ring_seed_file = {seed:?}\n") } else { String::new() };
+            format!(
+                "interface = \"eth0\"\nring_size = 1009\n{seed_line}[[listener]]\nname = \"mqtt\"\nvip = \"192.0.2.100\"\nport = 1883\n\
+                 [[backend]]\nname = \"b1\"\naddress = \"192.0.2.11\"\n[[backend]]\nname = \"b2\"\naddress = \"192.0.2.12\"\n\
+                 [[backend]]\nname = \"b3\"\naddress = \"192.0.2.13\"\n"
+            )
+        };
+        let ring_of = |config: &Config| {
+            let mut ids = Ids::default();
+            ids.update(config).expect("ids");
+            let runtime = config
+                .backends
+                .iter()
+                .map(|b| (b.name.clone(), BackendRuntime { mac: Some([2, 0, 0, 0, 0, 1]), drained: false }))
+                .collect();
+            let desired = desired(config, &ids, &runtime, &DownSet::new(), [2, 0, 0, 0, 0, 9]).expect("plan");
+            let view = crate::exceptions::RingView::new(&desired, &ids, config.ring_size).with_nominal(config, &ids);
+            let l = &view.listeners[&ids.listeners["mqtt"]];
+            ((*l.ring).clone(), (*l.nominal).clone())
+        };
+        let seeded = crate::config::parse(&text(true), "t.toml").expect("valid");
+        let (ring, nominal) = ring_of(&seeded);
+        assert_eq!(ring, nominal, "the nominal ring is not built with the seed");
+        let (unseeded, unseeded_nominal) = ring_of(&crate::config::parse(&text(false), "t.toml").expect("valid"));
+        assert_eq!(unseeded, unseeded_nominal);
+        assert_ne!(ring, unseeded, "the seed changed nothing");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -60,8 +60,12 @@ pub struct Event {
     pub real: Option<u32>,
     /// How the real was chosen (`lb_common::trace_how::LABELS`).
     pub how: String,
-    /// The frame's first bytes as they left the program, in hex.
+    /// The frame's first bytes as they left the program, in hex (MQTT CONNECT credentials
+    /// masked by the controller, unless the trace asked for `--raw`).
     pub frame: String,
+    /// What the controller masked in `frame`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masked: Option<crate::redact::Masked>,
 }
 
 impl Event {
@@ -86,6 +90,7 @@ impl Event {
             real: some(ev.real),
             how: trace_how::LABELS.get(ev.how as usize).copied().unwrap_or("?").to_owned(),
             frame,
+            masked: None,
         }
     }
 
@@ -361,6 +366,11 @@ pub fn decision(ev: &Event, names: &Names) -> String {
     s
 }
 
+/// What the controller masked, for the end of a line or comment: `; payload masked`.
+fn masked_note(ev: &Event) -> String {
+    ev.masked.map_or_else(String::new, |m| format!("; {}", m.words()))
+}
+
 /// The interface name of `ifindex` on this host.
 #[must_use]
 pub fn interface_name(ifindex: u32) -> String {
@@ -387,7 +397,7 @@ pub fn line(ev: &Event, headers: &Headers, names: &Names, interface: &str) -> St
         Headers::Other { ethertype } => format!("ethertype 0x{ethertype:04x}"),
         Headers::Truncated => format!("truncated frame of {} bytes", ev.len),
     };
-    format!("{h:02}:{m:02}:{s:02}.{micros:06} cpu{} {interface} {what} {}", ev.cpu, decision(ev, names))
+    format!("{h:02}:{m:02}:{s:02}.{micros:06} cpu{} {interface} {what} {}{}", ev.cpu, decision(ev, names), masked_note(ev))
 }
 
 /// A pcapng file of traced frames (their first bytes), each with its decision as the comment.
@@ -433,7 +443,12 @@ impl<W: std::io::Write> Pcap<W> {
                 timestamp: Duration::from_nanos(ev.ts_ns),
                 original_len: ev.len.max(u32::try_from(data.len()).unwrap_or(0)),
                 data: Cow::Owned(data),
-                options: vec![EnhancedPacketOption::Comment(Cow::Owned(format!("dsrlb: cpu{} {}", ev.cpu, decision(ev, names))))],
+                options: vec![EnhancedPacketOption::Comment(Cow::Owned(format!(
+                    "dsrlb: cpu{} {}{}",
+                    ev.cpu,
+                    decision(ev, names),
+                    masked_note(ev)
+                )))],
             })
             .context("writing a pcapng packet block")?;
         Ok(())
@@ -521,6 +536,8 @@ mod tests {
             line(&ev, &headers, &names, "eth0"),
             "12:34:56.000123 cpu1 eth0 198.51.100.7:40312 > 192.0.2.100:1883 [S] mqtt -> b2 (ring) tx"
         );
+        let masked = Event { masked: Some(crate::redact::Masked::Connect), ..ev.clone() };
+        assert!(line(&masked, &headers, &names, "eth0").ends_with(" tx; MQTT CONNECT masked after the client id"));
         let filters = |client: &str, backend: &str, verdict: &str| Filters {
             client: Some(client.parse().unwrap()),
             backend: Some(backend.to_owned()),
@@ -555,6 +572,8 @@ pub struct Options {
     pub pcap: Option<std::path::PathBuf>,
     /// One JSON object per frame instead of a line.
     pub json: bool,
+    /// Ask the controller to leave MQTT CONNECT credentials in the frames.
+    pub raw: bool,
 }
 
 /// What a trace saw.
@@ -571,19 +590,19 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Runs `dsrlb trace` against the controller at `socket`, printing to `out`, until `--count`
-/// frames are shown or SIGINT/SIGTERM; the pcap file is complete either way.
-///
-/// # Errors
-/// When a filter is invalid, the controller refuses the trace, or writing fails.
-pub fn run(socket: &std::path::Path, opts: &Options, out: &mut impl std::io::Write) -> anyhow::Result<Summary> {
+/// Asks the controller for the trace; returns the connection and its answer (the names).
+fn start(
+    socket: &std::path::Path,
+    opts: &Options,
+) -> anyhow::Result<(std::io::BufReader<std::os::unix::net::UnixStream>, crate::control::Response)> {
     use std::io::{BufRead as _, Write as _};
-    if let Some(v) = &opts.verdict {
-        let words = verdict_words();
-        anyhow::ensure!(words.contains(&v.as_str()), "--verdict {v:?}: give one of {}", words.join(", "));
-    }
     let mut stream = crate::control::connect(socket)?;
-    let req = crate::control::Request::Trace { listener: opts.listener.clone(), backend: opts.backend.clone(), sample: opts.sample };
+    let req = crate::control::Request::Trace {
+        listener: opts.listener.clone(),
+        backend: opts.backend.clone(),
+        sample: opts.sample,
+        raw: opts.raw,
+    };
     let mut request = serde_json::to_string(&req)?;
     request.push('\n');
     stream.write_all(request.as_bytes())?;
@@ -610,10 +629,25 @@ pub fn run(socket: &std::path::Path, opts: &Options, out: &mut impl std::io::Wri
         }
     }
     let resp: crate::control::Response = serde_json::from_str(&buf).with_context(|| format!("the controller answered {buf:?}"))?;
-    buf.clear();
     if !resp.ok {
         bail!("{}", resp.error.unwrap_or_else(|| "the controller refused the trace".into()));
     }
+    Ok((reader, resp))
+}
+
+/// Runs `dsrlb trace` against the controller at `socket`, printing to `out`, until `--count`
+/// frames are shown or SIGINT/SIGTERM; the pcap file is complete either way.
+///
+/// # Errors
+/// When a filter is invalid, the controller refuses the trace, or writing fails.
+pub fn run(socket: &std::path::Path, opts: &Options, out: &mut impl std::io::Write) -> anyhow::Result<Summary> {
+    use std::io::BufRead as _;
+    if let Some(v) = &opts.verdict {
+        let words = verdict_words();
+        anyhow::ensure!(words.contains(&v.as_str()), "--verdict {v:?}: give one of {}", words.join(", "));
+    }
+    let (mut reader, resp) = start(socket, opts)?;
+    let mut buf = String::new();
     let names = Names::from_json(&resp.data);
     // Created once the trace is accepted: a refused one leaves an existing file alone.
     let mut pcap = match &opts.pcap {

@@ -136,13 +136,18 @@ impl Ha {
     }
 }
 
-/// A digest of what the rings are built from (listeners, their backends, weights, ring size):
-/// nodes whose digests differ build different rings, and sessions move when the routers move
-/// them between such nodes.
+/// A digest of what the rings are built from (listeners, their backends, weights, ring size,
+/// ring seed): nodes whose digests differ build different rings, and sessions move when the
+/// routers move them between such nodes.
 #[must_use]
 pub fn fingerprint(c: &Config) -> u64 {
     use std::fmt::Write as _;
     let mut s = format!("ring_size {}\n", c.ring_size);
+    // The seed's digest, not the seed (the fingerprint crosses the network); none when unseeded,
+    // so an unseeded config keeps the fingerprint it had before seeds.
+    if let Some(seed) = &c.ring_seed {
+        let _ = writeln!(s, "ring_seed {:016x}", seed.digest());
+    }
     let mut listeners: Vec<&config::Listener> = c.listeners.iter().collect();
     listeners.sort_by(|a, b| a.name.cmp(&b.name));
     for l in listeners {
@@ -603,5 +608,31 @@ mod tests {
         let later = t0 + interval + Duration::from_secs(1);
         assert_eq!(walks(&mut g, a, &|_| true, later), 1, "agreeing again, after sync_interval: one walk");
         assert_eq!(walks(&mut g, a, &|i| i % 2 == 1, later + interval), 1, "flipping for another sync_interval: one walk");
+    }
+
+    const CONFIG: &str = "interface = \"eth0\"\n[[listener]]\nname = \"mqtt\"\nvip = \"192.0.2.100\"\nport = 1883\n\
+                          [[backend]]\nname = \"b1\"\naddress = \"192.0.2.11\"\n[[backend]]\nname = \"b2\"\naddress = \"192.0.2.12\"\n";
+
+    /// Nodes with different ring seeds build different rings: their fingerprints differ, so each
+    /// sees the other's config differ. Unseeded, the fingerprint is the one dsrlb computed before
+    /// seeds (a rolling upgrade keeps "config same").
+    #[test]
+    fn the_fingerprint_covers_the_ring_seed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("dsrlb-fingerprint-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let seeded = |secret: &str| {
+            let p = dir.join(secret);
+            std::fs::write(&p, secret).expect("write");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+            config::parse(&format!("ring_seed_file = {p:?}\n{CONFIG}"), "t.toml").expect("valid")
+        };
+        let unseeded = config::parse(CONFIG, "t.toml").expect("valid");
+        assert_eq!(fingerprint(&unseeded), 0x1157_597f_ca88_e77e, "the unseeded fingerprint changed");
+        let (a, a_again, b) = (seeded("seed-a-0123456789abcdef"), seeded("seed-a-0123456789abcdef"), seeded("seed-b-0123456789abcdef"));
+        assert_eq!(fingerprint(&a), fingerprint(&a_again), "the same seed");
+        assert_ne!(fingerprint(&a), fingerprint(&b), "two seeds");
+        assert_ne!(fingerprint(&a), fingerprint(&unseeded), "a seed and none");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

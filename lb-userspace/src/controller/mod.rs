@@ -528,6 +528,12 @@ impl Controller {
                 bail!("{what} cannot change on reload (the maps and the attachment depend on it): restart the controller");
             }
         }
+        if new.read_only_group != self.config.read_only_group {
+            bail!(
+                "read_only_group cannot change on reload (the read-only socket is made at start): restart the controller (it adopts \
+                 the running balancer; no flow is lost)"
+            );
+        }
         vips_are_not_ours(&new)?;
         let runtime = resolve_macs(&new, &self.runtime, &BTreeMap::new(), &self.neigh);
         let mut ids = self.ids.clone();
@@ -550,6 +556,9 @@ impl Controller {
         };
         let added: Vec<String> = new.backends.iter().filter(|b| self.config.backend(&b.name).is_none()).map(|b| b.name.clone()).collect();
         let removed: Vec<String> = self.config.backends.iter().filter(|b| new.backend(&b.name).is_none()).map(|b| b.name.clone()).collect();
+        // A new ring seed is a ring change like any other, for every slot at once: flows stay where
+        // the flow table pins them (and are shared as exceptions), new flows follow the new rings.
+        let reseeded = new.ring_seed != self.config.ring_seed;
         let before =
             (self.config.clone(), self.ids.clone(), self.fresh.clone(), self.runtime.clone(), self.weights.clone(), self.health.clone());
         self.config = new;
@@ -578,7 +587,13 @@ impl Controller {
         self.next = next;
         // Setting the probe routes also repairs them (rules someone removed are put back).
         self.start_probes(probes);
-        Ok(format!("reload applied: backends added {added:?}, removed {removed:?}"))
+        if reseeded {
+            tracing::warn!(
+                "ring_seed_file changed: every ring was rebuilt; open flows stay on their brokers, new flows follow the new rings"
+            );
+        }
+        let seed_note = if reseeded { "; the ring seed changed: every ring was rebuilt, open flows stay where they are" } else { "" };
+        Ok(format!("reload applied: backends added {added:?}, removed {removed:?}{seed_note}"))
     }
 
     fn set_drained(&mut self, name: &str, drained: bool) -> anyhow::Result<String> {
@@ -811,7 +826,8 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     let (walked_tx, mut walked) = mpsc::channel::<BTreeMap<u32, usize>>(1);
     let (call_tx, mut calls) = mpsc::channel::<Call>(64);
     let traces = std::sync::Arc::new(dataplane::trace::TraceHub::default());
-    let server = control::serve(&opts.socket, opts.access, call_tx.clone(), Some(traces.clone()))?;
+    let read_only_group = config.read_only_group.as_ref().map(|g| g.gid);
+    let server = control::Sockets::serve(&opts.socket, opts.access, read_only_group, call_tx.clone(), Some(traces.clone()))?;
     let metrics = match opts.metrics {
         None => None,
         Some(addr) => match crate::metrics::serve(addr, call_tx).await {
@@ -825,13 +841,11 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
             }
         },
     };
-    let socket = opts.socket.clone();
     let stats_every = opts.stats_every;
     let kernel = match (Neighbours::start(&config.interface).await, ProbeRoutes::start(&config.interface).await) {
         (Ok(n), Ok(r)) => (n, r),
         (Err(e), _) | (_, Err(e)) => {
-            server.abort();
-            let _ = std::fs::remove_file(&socket);
+            server.close();
             return Err(e.context(format!("watching {} over netlink", config.interface)));
         }
     };
@@ -839,8 +853,7 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     let (mut c, mut inbox) = match Controller::start(opts, config, report_tx, swept_tx, walked_tx, kernel) {
         Ok(c) => c,
         Err(e) => {
-            server.abort();
-            let _ = std::fs::remove_file(&socket);
+            server.close();
             return Err(e);
         }
     };
@@ -899,11 +912,10 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     }
     // `dsrlb stop` withdraws the VIPs and waits for the traffic to go before anything else.
     c.ha_shutdown().await;
-    server.abort();
+    server.close();
     if let Some(m) = metrics {
         m.abort();
     }
-    let _ = std::fs::remove_file(&socket);
     for (_, (_, task)) in std::mem::take(&mut c.probes) {
         task.abort();
     }

@@ -93,6 +93,24 @@ fn stamp(f: &mut [u8], l: &Layout, src: u128, bytes: usize, sport: u16, seq: u32
     f[t + 16..t + 18].copy_from_slice(&sum.to_be_bytes());
 }
 
+/// An `AF_PACKET` socket and the address that sends its frames out of `iface` to `dst_mac`.
+fn packet_socket(iface: &str, dst_mac: [u8; 6]) -> (i32, libc::sockaddr_ll) {
+    // SAFETY: plain socket(2); the fd is closed at exit.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    let name = std::ffi::CString::new(iface).expect("interface name");
+    // SAFETY: a valid C string.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert!(ifindex != 0, "no interface {iface}");
+    // SAFETY: an all-zero sockaddr_ll is valid; the fields are filled below.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = u16::try_from(libc::AF_PACKET).expect("small");
+    addr.sll_ifindex = i32::try_from(ifindex).expect("index");
+    addr.sll_halen = 6;
+    addr.sll_addr[..6].copy_from_slice(&dst_mac);
+    (fd, addr)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() != 8 && args.len() != 9 {
@@ -133,19 +151,7 @@ fn main() {
         _ => panic!("VIP and SRC_NET must be of one family"),
     };
 
-    // SAFETY: plain socket(2); the fd is closed at exit.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-    let name = std::ffi::CString::new(iface.as_str()).expect("interface name");
-    // SAFETY: a valid C string.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    assert!(ifindex != 0, "no interface {iface}");
-    // SAFETY: an all-zero sockaddr_ll is valid; the fields are filled below.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = u16::try_from(libc::AF_PACKET).expect("small");
-    addr.sll_ifindex = i32::try_from(ifindex).expect("index");
-    addr.sll_halen = 6;
-    addr.sll_addr[..6].copy_from_slice(&dst_mac);
+    let (fd, mut addr) = packet_socket(iface, dst_mac);
 
     let seed = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
     let mut frames = vec![template; BATCH];

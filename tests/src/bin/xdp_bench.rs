@@ -227,6 +227,18 @@ fn new_flows_of(b: &mut Bench, syn: &[u8], repeat: u32, empty: bool) -> (Measure
     (m, check)
 }
 
+/// ICMP "fragmentation needed" quoting the busy flow's broker-to-client segment: found in the
+/// table (the cache serves only segments), forwarded, nothing written.
+fn icmp_row(dp: &mut Bench) -> Row {
+    let mut answer = Ipv4Frame::tcp(VIP, 1883, CLIENT, 40000, TCP_ACK);
+    answer.payload = vec![0; 1400];
+    let too_big = Ipv4Frame::frag_needed(Ipv4Addr::new(198, 51, 100, 254), &answer, 1280, 8).build();
+    dp.drive(0, 0, true);
+    let m = measure(dp, "xdp_bench_flows", &too_big, REPEAT, TX, true, |_| {});
+    assert_eq!((m.moved.icmp, m.moved.tx, m.moved.new_flows), (runs(REPEAT), 0, 0), "every run an ICMP error forwarded by its flow");
+    Row { path: "ICMP frag-needed, flow in the table".into(), m, check: "tx/icmp_too_big +runs, tx +0, new_flows +0".into() }
+}
+
 /// Established flows through the driver, cycling over `flows` of them (recorded first).
 fn established_flows(b: &mut Bench, flows: u32) -> (Measured, String) {
     established_flows_of(b, &driver_frame(TCP_SYN), &driver_frame(TCP_ACK), flows)
@@ -351,15 +363,7 @@ fn main() {
     let m = measure(&mut dp, "dsrlb", &pass, REPEAT, PASS, false, |_| {});
     assert_eq!(m.moved.pass, runs(REPEAT), "every run passed, no listener");
     rows.push(Row { path: "pass, no listener on the port".into(), m, check: "pass/no_listener +runs".into() });
-    // ICMP "fragmentation needed" quoting that flow's broker-to-client segment: found in the
-    // table (the cache serves only segments), forwarded, nothing written.
-    let mut answer = Ipv4Frame::tcp(VIP, 1883, CLIENT, 40000, TCP_ACK);
-    answer.payload = vec![0; 1400];
-    let too_big = Ipv4Frame::frag_needed(Ipv4Addr::new(198, 51, 100, 254), &answer, 1280, 8).build();
-    dp.drive(0, 0, true);
-    let m = measure(&mut dp, "xdp_bench_flows", &too_big, REPEAT, TX, true, |_| {});
-    assert_eq!((m.moved.icmp, m.moved.tx, m.moved.new_flows), (runs(REPEAT), 0, 0), "every run an ICMP error forwarded by its flow");
-    rows.push(Row { path: "ICMP frag-needed, flow in the table".into(), m, check: "tx/icmp_too_big +runs, tx +0, new_flows +0".into() });
+    rows.push(icmp_row(&mut dp));
 
     let small_kb = flow_table_buckets(SMALL_TABLE) * 64 / 1024;
     ipv6_rows(&mut rows, small_kb);
