@@ -40,7 +40,11 @@ pub fn refused(ctx: &XdpContext, listener: u32, now_ns: u64) {
     state[REFUSED_AT] = now_ns;
     if state[GUARD_ON] == 0 {
         state[GUARD_ON] = 1;
-        warn!(ctx, "flood guard engaged: a new flow of listener #{} found only confirmed live flows in its buckets", listener);
+        warn!(
+            ctx,
+            "flood guard engaged: a new flow of listener #{} found no flow in its buckets it may replace (confirmed flows, connections just opened)",
+            listener
+        );
     }
 }
 

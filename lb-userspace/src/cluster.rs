@@ -29,7 +29,8 @@
 //! Frames (big-endian): `u32 length` of what follows, `u8 kind`, body; after the handshake
 //! (`HELLO` 1, `REPLY` 5, `PROOF` 6, in [`auth`]), the body ends with the frame's MAC.
 //! - `FLOWS` (2): `u32 VIP`, `u16 port`, `u8 length`, backend name, `u32 count`, then per flow
-//!   `u32 client address`, `u16 client port`, `u16 idle units`, `u8 flags` (1: closing).
+//!   `u32 client address`, `u16 client port`, `u16 idle units`, `u8 flags` (1: closing, 2: opened
+//!   and not yet confirmed).
 //! - `FLOWS6` (4): the same for an IPv6 listener, with 16-byte addresses.
 //! - `SYNCED` (3): empty.
 
@@ -51,13 +52,17 @@ use tokio::{
     task::JoinHandle,
 };
 
-/// One exception: a client's flow, its idle time in flow-clock units, whether it is closing.
+/// One exception: a client's flow, its idle time in flow-clock units, whether it is closing,
+/// and whether it is a connection just opened (recorded by an admitted SYN, not yet confirmed
+/// by its first keepalive): its copy stays unconfirmed, and confirms on the receiver by its
+/// own next segment there, or when the sender says it confirmed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
     /// Of the family of its group's listener.
     pub client: SocketAddr,
     pub idle: u16,
     pub closing: bool,
+    pub opened: bool,
 }
 
 /// A listener's (VIP:port) exceptions pinned to one backend.
@@ -352,6 +357,7 @@ fn update(peers: &Peers, node: Ipv4Addr, f: impl FnOnce(&mut PeerStatus)) {
 struct Told {
     backend: Arc<str>,
     closing: bool,
+    opened: bool,
     at: Instant,
     round: u64,
 }
@@ -499,12 +505,17 @@ async fn send_round(
             let t = told.entry((listener, e.client)).or_insert_with(|| Told {
                 backend: Arc::clone(&backend),
                 closing: false,
+                opened: false,
                 at: now,
                 round: 0,
             });
-            let fresh = t.round == 0 || *t.backend != *backend || t.closing != e.closing || now.duration_since(t.at) >= refresh;
+            let fresh = t.round == 0
+                || *t.backend != *backend
+                || t.closing != e.closing
+                || t.opened != e.opened
+                || now.duration_since(t.at) >= refresh;
             if fresh {
-                *t = Told { backend: Arc::clone(&backend), closing: e.closing, at: now, round };
+                *t = Told { backend: Arc::clone(&backend), closing: e.closing, opened: e.opened, at: now, round };
                 due.push(*e);
             } else {
                 t.round = round;
@@ -539,7 +550,7 @@ fn encode_flows(listener: SocketAddr, backend: &str, entries: &[Entry]) -> Vec<u
         push_ip(&mut b, e.client.ip());
         b.extend_from_slice(&e.client.port().to_be_bytes());
         b.extend_from_slice(&e.idle.to_be_bytes());
-        b.push(u8::from(e.closing));
+        b.push(u8::from(e.closing) | u8::from(e.opened) << 1);
     }
     b
 }
@@ -778,6 +789,7 @@ fn decode_flows(body: &[u8], ipv6: bool) -> anyhow::Result<Group> {
                     client: SocketAddr::new(ip, u16::from_be_bytes([e[addr], e[addr + 1]])),
                     idle: u16::from_be_bytes([e[addr + 2], e[addr + 3]]),
                     closing: e[addr + 4] & 1 != 0,
+                    opened: e[addr + 4] & 2 != 0,
                 }
             })
             .collect();
@@ -895,7 +907,7 @@ mod tests {
     }
 
     fn flows_body() -> Vec<u8> {
-        let entry = Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false };
+        let entry = Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false, opened: false };
         encode_flows("192.0.2.100:1883".parse().expect("addr"), "b3", &[entry])
     }
 
@@ -1029,7 +1041,7 @@ mod tests {
         s.nodes.push(peer);
         let (events, _rx) = mpsc::channel(64);
         let c = Cluster::start(s, events).expect("start");
-        let entry = Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false };
+        let entry = Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false, opened: false };
         let group = Group { listener: Some("192.0.2.100:1883".parse().expect("addr")), backend: "b3".to_owned(), entries: vec![entry] };
         c.publish(Exceptions { groups: vec![group], complete: true });
 
@@ -1106,7 +1118,7 @@ mod tests {
             let (tx_b, mut rx_b) = mpsc::channel(64);
             let node_a = Cluster::start(node(a, key_a), tx_a).expect("start a");
             let node_b = Cluster::start(node(b, key_b), tx_b).expect("start b");
-            let entry = Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false };
+            let entry = Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false, opened: false };
             let group = Group { listener: Some("192.0.2.100:1883".parse().expect("addr")), backend: "b3".to_owned(), entries: vec![entry] };
             node_a.publish(Exceptions { groups: vec![group.clone()], complete: true });
             if agree {
@@ -1128,13 +1140,13 @@ mod tests {
     #[test]
     fn flows_frames_round_trip_and_bad_ones_are_refused() {
         let entries = vec![
-            Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false },
-            Entry { client: "198.51.100.8:40001".parse().expect("addr"), idle: 65535, closing: true },
+            Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false, opened: false },
+            Entry { client: "198.51.100.8:40001".parse().expect("addr"), idle: 65535, closing: true, opened: false },
         ];
         let listener: SocketAddr = "192.0.2.100:1883".parse().expect("addr");
         let entries6 = vec![
-            Entry { client: "[2001:db8::7]:40000".parse().expect("addr"), idle: 3, closing: false },
-            Entry { client: "[2001:db8:1::8]:40001".parse().expect("addr"), idle: 65535, closing: true },
+            Entry { client: "[2001:db8::7]:40000".parse().expect("addr"), idle: 3, closing: false, opened: false },
+            Entry { client: "[2001:db8:1::8]:40001".parse().expect("addr"), idle: 65535, closing: true, opened: false },
         ];
         let listener6: SocketAddr = "[2001:db8::100]:1883".parse().expect("addr");
         for (listener, entries, ipv6) in [(listener, entries, false), (listener6, entries6, true)] {

@@ -140,10 +140,13 @@ pub fn key_of(client: SocketAddr, listener: SocketAddr, seed: u64) -> (FlowKey, 
     flow_key_of(client.ip(), client.port(), listener.ip(), listener.port(), seed)
 }
 
-/// The live confirmed flows of the table that the current ring (or the nominal ring, when the
-/// view has it: another node's checks may differ from ours) would send elsewhere, grouped by
-/// listener and backend (`now`: the flow clock's age). Flows of a backend that is reset (down
-/// past its grace) or gone are left out: every node re-picks those anyway.
+/// The live confirmed flows of the table, and the connections an admitted SYN opened that have
+/// not confirmed yet (their first keepalive may be a minute away, and a failover before it
+/// must not lose them), that the current ring (or the nominal ring, when the view has it:
+/// another node's checks may differ from ours) would send elsewhere, grouped by listener and
+/// backend (`now`: the flow clock's age). Flows recorded mid-flow and not confirmed (what a
+/// flood of made-up segments records) are not shared, nor flows of a backend that is reset
+/// (down past its grace) or gone: every node re-picks those anyway.
 #[must_use]
 pub fn find(table: &FlowTable, view: &RingView, now: u32) -> Exceptions {
     let mut groups: BTreeMap<(u32, u32), Vec<Entry>> = BTreeMap::new();
@@ -151,14 +154,15 @@ pub fn find(table: &FlowTable, view: &RingView, now: u32) -> Exceptions {
         let Some(l) = view.listeners.get(&real_listener(f.real())) else { return };
         let backend = real_backend(f.real());
         let idle = f.idle(now);
+        let opened = f.kind() == lb_common::FLOW_K_OPENED;
         if idle >= l.expire
-            || !f.confirmed()
+            || !(f.confirmed() || opened)
             || !l.backends.contains_key(&backend)
             || (!view.share_all && view.follows_rings(l, f, backend))
         {
             return;
         }
-        let entry = Entry { client: client_of(f), idle: u16::try_from(idle).unwrap_or(u16::MAX), closing: f.closing() };
+        let entry = Entry { client: client_of(f), idle: u16::try_from(idle).unwrap_or(u16::MAX), closing: f.closing(), opened };
         groups.entry((real_listener(f.real()), backend)).or_default().push(entry);
     });
     let groups = groups

@@ -4,9 +4,9 @@
 //! compare-and-swap on its state word).
 
 use lb_common::{
-    FLOW_K_CONFIRMED, FLOW_K_CONFIRMED_CLOSING, FLOW_K_MIDFLOW, FLOW_K_OPENED, FLOW_OPENED_GRACE_UNITS, FLOW_REOPEN_UNITS,
-    FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_BUSY_V3, FLOW_S_KIND, FLOW_S_REAL, FLOW_WAYS, FlowAddrs6, FlowKey, Ip6, flow_buckets,
-    flow_closing, flow_confirmed, flow_idle, flow_live, flow_meta, flow_meta_split, flow_state, is_key6, kind_closing,
+    FLOW_K_CONFIRMED, FLOW_K_CONFIRMED_CLOSING, FLOW_K_MIDFLOW, FLOW_K_OPENED, FLOW_K_UNCONFIRMED_CLOSING, FLOW_OPENED_GRACE_UNITS,
+    FLOW_REOPEN_UNITS, FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_BUSY_V3, FLOW_S_KIND, FLOW_S_REAL, FLOW_WAYS, FlowAddrs6, FlowKey, Ip6,
+    flow_buckets, flow_closing, flow_confirmed, flow_idle, flow_live, flow_meta, flow_meta_split, flow_state, is_key6, kind_closing,
 };
 
 use crate::mapped::Mapped;
@@ -95,7 +95,12 @@ pub struct PeerFlow {
     /// This node's id for the peer's listener and backend.
     pub real: u32,
     pub closing: bool,
-    /// The age of its last frame on the peer (of its closing mark, when closing).
+    /// A connection an admitted SYN opened on the peer, not confirmed yet: its copy here is
+    /// not confirmed either (`FLOW_K_OPENED`), until its own next segment here or the peer's
+    /// word that it confirmed.
+    pub opened: bool,
+    /// The age of its last frame on the peer (of its closing mark, when closing; of its
+    /// recording, when opened).
     pub age: u32,
 }
 
@@ -312,16 +317,22 @@ impl FlowTable {
     /// A new key goes into a free slot of the emptier bucket, else over the best stale or
     /// unconfirmed flow of the eight: never over a confirmed one, nor over a connection this
     /// node saw open within `FLOW_OPENED_GRACE_UNITS`. A flow the merge confirms, repoints or
-    /// inserts is confirmed as one opened here (`FLOW_K_CONFIRMED`), and needs `may_insert`
-    /// (the peer's budget): without it, `Capped`. `now` and `expire`: the clock's age and the
+    /// inserts is confirmed as one opened here (`FLOW_K_CONFIRMED`), or, when the peer has not
+    /// confirmed it either, kept as a connection opened (`FLOW_K_OPENED`); either needs
+    /// `may_insert` (the peer's budget): without it, `Capped`. `now` and `expire`: the clock's age and the
     /// idle units from which a flow is expired.
     #[must_use]
     pub fn merge(&self, flow: &PeerFlow, now: u32, expire: u32, may_insert: bool) -> Merged {
-        let PeerFlow { key, addrs6, real, closing, .. } = *flow;
+        let PeerFlow { key, addrs6, real, closing, opened, .. } = *flow;
         let floor = MERGE_IDLE_FLOOR.min(expire / 2);
         let age = if flow_idle(now, flow.age) < floor { now.wrapping_sub(floor) & 0xffff } else { flow.age };
         let peer_idle = flow_idle(now, age);
-        let kind = if closing { FLOW_K_CONFIRMED_CLOSING } else { FLOW_K_CONFIRMED };
+        let kind = match (opened, closing) {
+            (false, false) => FLOW_K_CONFIRMED,
+            (false, true) => FLOW_K_CONFIRMED_CLOSING,
+            (true, false) => FLOW_K_OPENED,
+            (true, true) => FLOW_K_UNCONFIRMED_CLOSING,
+        };
         let (addrs, ports) = key.words();
         for _ in 0..SETTLE_TRIES {
             let slots: Vec<(u32, usize)> = self.buckets_of(&key).into_iter().flat_map(|b| (0..FLOW_WAYS).map(move |w| (b, w))).collect();
@@ -343,6 +354,9 @@ impl FlowTable {
                             return Merged::Kept;
                         }
                         flow_state(real, kind_closing(f.kind()), age)
+                    } else if opened {
+                        // Not confirmed on the peer either: nothing to learn from it.
+                        return Merged::Refreshed;
                     } else {
                         // The newer of the two ages: the smaller idle time at `now`.
                         flow_state(real, FLOW_K_CONFIRMED, if peer_idle < idle { age } else { f.age() })

@@ -224,10 +224,12 @@ impl Snapshot {
             )?;
             ConstGauge::new(i64::from(joined)).encode(m)?;
         }
-        if let Some(insecure) = self.cluster_insecure {
+        {
+            // Always exported (0 without [cluster]), so the alert on it has a series to read.
+            let insecure = self.cluster_insecure.unwrap_or(false);
             let m = e.encode_descriptor(
                 "dsrlb_cluster_insecure",
-                "1 when the cluster sync runs without a key (insecure = true): any process that reaches it from a node's address is trusted",
+                "1 when the cluster sync runs without a key (insecure = true): any process that reaches it from a node's address is trusted; 0 with a key, or without [cluster]",
                 None,
                 MetricType::Gauge,
             )?;

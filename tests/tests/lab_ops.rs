@@ -347,6 +347,9 @@ fn prometheus_counters_move_with_traffic() {
     assert!(before.starts_with("HTTP/1.1 200"), "{before}");
     let mut held = hold(&lab, "prom", 50);
     ping_all(&mut held);
+    // A keepalive later (more than FLOW_CONFIRM_UNITS of the flow clock), each flow confirms.
+    std::thread::sleep(Duration::from_nanos(u64::from(lb_common::FLOW_CONFIRM_UNITS + 1) << lb_common::FLOW_AGE_NS_SHIFT));
+    ping_all(&mut held);
     // Counters are read at each scrape.
     let after = lab.scrape_metrics();
     for name in ["dsrlb_listener_packets_total{listener=\"mqtt\"}", "dsrlb_xdp_verdicts_total{verdict=\"tx\",reason=\"forwarded\"}"] {

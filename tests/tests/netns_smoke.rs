@@ -202,12 +202,31 @@ fn dsrlb_run_attaches_serves_outlives_sigterm_and_dsrlb_stop_detaches() {
         value.version = version;
         layout.set(0, value, 0).expect("write");
     };
+    let layout_version = || {
+        use aya::maps::{Array, Map, MapData};
+        let map = MapData::from_pin(pins.join("LAYOUT")).expect("LAYOUT pin");
+        let layout: Array<MapData, lb_common::Layout> = Array::try_from(Map::Array(map)).expect("an array");
+        layout.get(&0, 0).expect("read").version
+    };
     set_layout_version(1);
     let out = dsrlb_run(&good).output().expect("start dsrlb");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("layout version 1") && err.contains("dsrlb stop"), "{err}");
     assert!(xdp_attached(&lb, "lb0") && !syns_and_capture(&cl, 2, lb_mac).is_empty(), "the refused controller changed the data plane");
-    set_layout_version(lb_common::LAYOUT_VERSION);
+    // Maps of layout version 3 (before flows confirmed by time) read the same: adopted, and
+    // marked this layout's once this build's program runs on them.
+    set_layout_version(lb_common::LAYOUT_VERSION_ADOPTED);
+    let mut child = dsrlb_run(&good).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start dsrlb");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while layout_version() != lb_common::LAYOUT_VERSION {
+        assert!(Instant::now() < deadline, "maps of layout {} were not adopted and marked within 20 s", lb_common::LAYOUT_VERSION_ADOPTED);
+        assert!(child.try_wait().expect("wait").is_none(), "dsrlb refused maps of layout {}", lb_common::LAYOUT_VERSION_ADOPTED);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!syns_and_capture(&cl, 2, lb_mac).is_empty(), "no forwarding after adopting the older layout");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(i32::try_from(child.id()).expect("pid"), libc::SIGTERM) };
+    assert!(child.wait().expect("wait").success());
 
     // `dsrlb stop` with no controller running: detaches and removes the pins.
     let out = Command::new(dsrlb_bin()).arg("--socket").arg(&socket).arg("--pin-dir").arg(&pins).arg("stop").output().expect("dsrlb stop");

@@ -51,7 +51,12 @@ fn merge(lb: &Lb, found: &Exceptions) -> Vec<Merged> {
         for e in &g.entries {
             let age = now.wrapping_sub(u32::from(e.idle)) & 0xffff;
             let (key, addrs6) = exceptions::key_of(e.client, at, lb.dp.flow_table().seed());
-            out.push(lb.dp.flow_table().merge(&PeerFlow { key, addrs6, real, closing: e.closing, age }, now, u32::MAX, true));
+            out.push(lb.dp.flow_table().merge(
+                &PeerFlow { key, addrs6, real, closing: e.closing, opened: e.opened, age },
+                now,
+                u32::MAX,
+                true,
+            ));
         }
     }
     out
@@ -59,7 +64,7 @@ fn merge(lb: &Lb, found: &Exceptions) -> Vec<Merged> {
 
 /// A peer's IPv4 flow `key` pinned to `real`, idle `idle` units at `now`, merged into `t`.
 fn merge_one(t: &FlowTable, key: FlowKey, real: u32, closing: bool, idle: u32, now: u32) -> Merged {
-    t.merge(&PeerFlow { key, addrs6: None, real, closing, age: now.wrapping_sub(idle) & 0xffff }, now, u32::MAX, true)
+    t.merge(&PeerFlow { key, addrs6: None, real, closing, opened: false, age: now.wrapping_sub(idle) & 0xffff }, now, u32::MAX, true)
 }
 
 /// The sessions' next segments, a keepalive after they opened: their flows confirm.
@@ -88,7 +93,7 @@ fn exceptions_of_one_node_are_forwarded_alike_by_another() {
             got
         })
         .collect();
-    assert!(walk(&a).is_empty(), "unconfirmed flows are not shared");
+    assert!(walk(&a).is_empty(), "connections that follow the ring are not shared");
     confirm(&a, &ports, &pinned);
     assert!(walk(&a).is_empty(), "no exceptions while the ring is the one the flows were made with");
 
@@ -234,7 +239,9 @@ fn a_peer_cannot_close_repoint_or_flood_what_this_node_carries() {
     let mut budget = exceptions::PeerBudget::new(slots, std::time::Instant::now());
     let flood = exceptions::Incoming {
         from: std::net::Ipv4Addr::new(192, 0, 2, 3),
-        flows: (0..4000u16).map(|i| PeerFlow { key: key(1000 + i), addrs6: None, real: real("b1"), closing: false, age: now }).collect(),
+        flows: (0..4000u16)
+            .map(|i| PeerFlow { key: key(1000 + i), addrs6: None, real: real("b1"), closing: false, opened: false, age: now })
+            .collect(),
         now,
         expire: u32::MAX,
     };
@@ -395,4 +402,46 @@ fn ipv6_exceptions_of_one_node_are_forwarded_alike_by_another() {
     assert_eq!(walk(&b2).len(), moved.len(), "the merged IPv6 flows are exceptions of node B too");
     let f = b2.dp.flow(client6(moved[0]), 40000 + moved[0], VIP6, 1883).expect("merged flow");
     assert!(f.addrs6.is_some(), "merged with its addresses: {f:?}");
+}
+
+/// A connection just opened (its first keepalive not come yet) that the ring now sends elsewhere
+/// is shared too, as not confirmed: a failover before its keepalive must not lose it (the VRRP
+/// lab test did, when only confirmed flows were shared). The peer keeps it unconfirmed until the
+/// session's own next segment there. A flow recorded mid-flow and unconfirmed (what made-up
+/// segments record) is not shared.
+#[test]
+fn connections_just_opened_are_shared_unconfirmed_and_mid_flow_guesses_not_at_all() {
+    require_root!();
+    let two = [("b1", 11, 100), ("b2", 12, 100)];
+    let three = [("b1", 11, 100), ("b2", 12, 100), ("b3", 13, 100)];
+    let mut a = Lb::new(&two);
+    let ports: Vec<u16> = (50000..50600).step_by(2).collect();
+    let pinned: Vec<String> = ports.iter().map(|&p| forwarded_to(&a, &syn(p))).collect();
+    let guesses: Vec<u16> = (51000..51600).step_by(2).collect();
+    for &p in &guesses {
+        forwarded_to(&a, &ack(p));
+    }
+    a.set_backends(&three);
+    let found = walk(&a);
+    let moved: Vec<u16> =
+        ports.iter().zip(&pinned).filter(|&(&p, was)| a.ring_choice(0, CLIENT, p, 1883) != *was).map(|(p, _)| *p).collect();
+    assert!(moved.len() > 50, "only {} connections moved", moved.len());
+    let shared: Vec<u16> = found.groups.iter().flat_map(|g| g.entries.iter().map(|e| e.client.port())).collect();
+    assert_eq!(shared.len(), moved.len(), "the walk shares exactly the opened connections the ring moved, and no mid-flow guess");
+    assert!(found.groups.iter().all(|g| g.entries.iter().all(|e| e.opened && !e.closing)));
+    let mut b = Lb::new(&two);
+    b.set_backends(&three);
+    assert!(merge(&b, &found).iter().all(|r| *r == Merged::Inserted));
+    for &p in &moved {
+        let f = b.dp.flow(CLIENT, p, VIP, 1883).expect("merged");
+        assert_eq!(f.kind(), lb_common::FLOW_K_OPENED, "port {p}: a copy of an unconfirmed connection came confirmed");
+    }
+    // After a failover to node B, each session's next segment there goes to its broker and
+    // confirms the copy.
+    for (p, was) in ports.iter().zip(&pinned) {
+        assert_eq!(&forwarded_to(&b, &ack(*p)), was, "port {p}: node B sent a shared connection elsewhere");
+    }
+    for &p in &moved {
+        assert!(b.dp.flow(CLIENT, p, VIP, 1883).expect("held").confirmed(), "port {p}: the session's segment did not confirm the copy");
+    }
 }

@@ -385,7 +385,14 @@ impl Controller {
                     .filter(|e| u32::from(e.idle) < expire && e.client.is_ipv6() == at.is_ipv6())
                     .map(|e| {
                         let (key, addrs6) = exceptions::key_of(e.client, at, seed);
-                        PeerFlow { key, addrs6, real, closing: e.closing, age: now.wrapping_sub(u32::from(e.idle)) & 0xffff }
+                        PeerFlow {
+                            key,
+                            addrs6,
+                            real,
+                            closing: e.closing,
+                            opened: e.opened,
+                            age: now.wrapping_sub(u32::from(e.idle)) & 0xffff,
+                        }
                     })
                     .collect();
                 if self.ha.merger.send(Job::Merge(Incoming { from, flows, now, expire })).is_ok() {

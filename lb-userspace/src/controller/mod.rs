@@ -271,6 +271,7 @@ impl Controller {
         c.apply().context("filling the maps")?;
         c.ha_start()?;
         c.dp.attach_pinned_link(&c.config.interface, dataplane::xdp_mode(c.config.xdp_mode), &c.opts.pin_dir, c.next.as_ref())?;
+        c.dp.mark_layout()?;
         if let Some(next) = &c.next {
             tracing::info!(program = next.id, name = %next.name, pin = %next.path.display(), "frames the balancer passes go on to the next program");
         }

@@ -361,12 +361,10 @@ fn flow_seed(ebpf: &mut Ebpf) -> anyhow::Result<u64> {
     let mut map: Array<&mut MapData, Layout> = map_mut(ebpf, names::LAYOUT)?;
     let layout = map.get(&0, 0).context("reading LAYOUT")?;
     if layout.version != 0 {
+        // An older layout's states read the same here (`lb_common::LAYOUT_VERSION`); the maps
+        // are marked this layout's once this build's program runs on them
+        // (`Dataplane::mark_layout`), so a failed upgrade can still go back.
         ensure!(adoptable(layout.version), "{}", stale_layout(&format!("layout version {}", layout.version)));
-        if layout.version != LAYOUT_VERSION {
-            // Its states read the same here (`lb_common::LAYOUT_VERSION`); an older controller
-            // must now refuse the maps.
-            map.set(0, Layout { version: LAYOUT_VERSION, ..layout }, 0).context("writing LAYOUT")?;
-        }
         return Ok(layout.flow_seed);
     }
     let mut bytes = [0u8; 8];
@@ -376,6 +374,24 @@ fn flow_seed(ebpf: &mut Ebpf) -> anyhow::Result<u64> {
     let flow_seed = u64::from_ne_bytes(bytes) | 1;
     map.set(0, Layout { version: LAYOUT_VERSION, flow_seed }, 0).context("writing LAYOUT")?;
     Ok(flow_seed)
+}
+
+impl Dataplane {
+    /// Marks the maps this build's layout (`lb_common::LAYOUT_VERSION`), once its program is
+    /// attached: an older controller refuses them from then on, whose program would misread
+    /// the states this one writes.
+    ///
+    /// # Errors
+    /// When `LAYOUT` cannot be read or written.
+    pub fn mark_layout(&mut self) -> anyhow::Result<()> {
+        let mut map: Array<&mut MapData, Layout> = map_mut(&mut self.ebpf, names::LAYOUT)?;
+        let layout = map.get(&0, 0).context("reading LAYOUT")?;
+        if layout.version != LAYOUT_VERSION {
+            map.set(0, Layout { version: LAYOUT_VERSION, ..layout }, 0).context("writing LAYOUT")?;
+            tracing::info!(from = layout.version, to = LAYOUT_VERSION, "the adopted maps now carry this build's layout version");
+        }
+        Ok(())
+    }
 }
 
 /// Whether this build adopts maps of layout `version`.
