@@ -447,22 +447,23 @@ pub const FLOW_MIDFLOW_QUIET_UNITS: u32 = 8;
 /// Age units for which a flow an admitted SYN recorded is replaced only by another SYN's: a
 /// connection just opened (its CONNECT, CONNACK and SUBSCRIBE take well under a second) is not
 /// pushed out by made-up ACKs, and a SYN flood's leftovers make way for mid-flow records soon.
-pub const FLOW_OPENED_GRACE_UNITS: u32 = 4;
+/// The same as [`FLOW_MIDFLOW_QUIET_UNITS`]: the program tells both apart with one compare.
+pub const FLOW_OPENED_GRACE_UNITS: u32 = FLOW_MIDFLOW_QUIET_UNITS;
 
 /// Whether a state's flow is closing.
 #[inline(always)]
 #[must_use]
 pub const fn flow_closing(state: u32) -> bool {
-    let k = state & FLOW_S_KIND;
-    k == FLOW_K_UNCONFIRMED_CLOSING || k == FLOW_K_MIDFLOW_CONFIRMED_CLOSING || k == FLOW_K_CONFIRMED_CLOSING
+    // One bit per kind: 3, 5 and 7.
+    (0b1010_1000 >> ((state & FLOW_S_KIND) >> 13)) & 1 != 0
 }
 
 /// Whether a state's flow is confirmed (closing or not).
 #[inline(always)]
 #[must_use]
 pub const fn flow_confirmed(state: u32) -> bool {
-    let k = state & FLOW_S_KIND;
-    k == FLOW_K_MIDFLOW_CONFIRMED || k == FLOW_K_MIDFLOW_CONFIRMED_CLOSING || k == FLOW_K_CONFIRMED || k == FLOW_K_CONFIRMED_CLOSING
+    // One bit per kind: 1, 5, 6 and 7.
+    (0b1110_0010 >> ((state & FLOW_S_KIND) >> 13)) & 1 != 0
 }
 
 /// The closing kind of an open one (a closing kind stays).

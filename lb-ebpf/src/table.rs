@@ -225,37 +225,39 @@ const UNCONFIRMED: u64 = 3 << 16;
 const STALE: u64 = 4 << 16;
 
 /// The class (0 to 4, `score`'s classes) of a slot by its kind, `(state >> 13) & 7`, three
-/// bits each, before its age: no kind (a writer's slot) 4; confirmed mid-flow 0 (2 once
-/// quiet); mid-flow 3; closing and unconfirmed 4; opened 1 (3 past its grace); closing,
-/// confirmed mid-flow 0 (4 once old); confirmed 0; closing and confirmed 0 (4 once old).
+/// bits each: no kind (a writer's slot) 4; confirmed mid-flow 0; mid-flow 3; closing and
+/// unconfirmed 4; opened 1; closing, confirmed mid-flow 0; confirmed 0; closing and confirmed 0.
 const CLASS_OF: u64 = 4 | 3 << 6 | 4 << 9 | 1 << 12;
+/// What a kind's class is ORed with once quiet for `FLOW_MIDFLOW_QUIET_UNITS` (which is
+/// `FLOW_OPENED_GRACE_UNITS`): confirmed mid-flow 2 (a SYN's to take), opened 2 (1 | 2 = 3:
+/// unconfirmed like the rest).
+const QUIET_CLASS_OF: u64 = 2 << 3 | 2 << 12;
+/// What a kind's class is ORed with once idle for `FLOW_REOPEN_UNITS`: closing and confirmed
+/// (mid-flow or not), 4 (stale).
+const OLD_CLASS_OF: u64 = 4 << 15 | 4 << 21;
 
 /// How good a taken slot is to replace, from its state word: its class (above), then how long
 /// it has been idle (an unconfirmed flow: since it was recorded; a closing one: since its
-/// mark). By arithmetic, without branches: a table lookup in a constant, a few compares by
-/// subtraction. `expire_less_one`: one less than the idle units from which a flow is expired.
-/// A slot a writer holds (`FLOW_S_BUSY`) scores as stale; `claim` then finds it not live and
-/// gives up.
+/// mark). By arithmetic, without branches: lookups in three constants by the slot's kind,
+/// masked by three compares (by subtraction) of its idle time. `expire_less_one`: one less
+/// than the idle units from which a flow is expired. A slot a writer holds (`FLOW_S_BUSY`)
+/// scores as stale; `claim` then finds it not live and gives up.
 #[inline(always)]
 fn score(meta: u64, now: u32, expire_less_one: u64) -> u64 {
-    const _: () = assert!(FLOW_S_KIND == 7 << 13);
+    const _: () = assert!(FLOW_S_KIND == 7 << 13 && FLOW_OPENED_GRACE_UNITS == FLOW_MIDFLOW_QUIET_UNITS);
     let st = u64::from(flow_meta_split(meta).1);
     let idle = u64::from(now).wrapping_sub(st >> FLOW_S_AGE_SHIFT) & 0xffff;
     // An age ahead of `now` (another CPU refreshed the flow after this one read the clock) is
     // idle 0 (`lb_common::flow_idle`).
     let ahead = opaque(u64::from(0xffff - FLOW_AGE_AHEAD).wrapping_sub(idle)) >> 63;
     let idle = idle & ahead.wrapping_sub(1);
-    // 1 when idle for `units` or more.
-    let past = |units: u64| opaque(units.wrapping_sub(1).wrapping_sub(idle)) >> 63;
-    let kind = (st >> 13) & 7;
-    let mut class = (CLASS_OF >> (kind * 3)) & 7;
-    // Opened (kind 4) past its grace: unconfirmed like the rest. Confirmed mid-flow (kind 1)
-    // and quiet: a SYN's to take. Closing and confirmed (kinds 5 and 7) for FLOW_REOPEN_UNITS:
-    // stale. Expired: stale.
-    class += ((((kind ^ 3) + 1) >> 3) & past(u64::from(FLOW_OPENED_GRACE_UNITS))) << 1;
-    class += ((((kind ^ 6) + 1) >> 3) & past(u64::from(FLOW_MIDFLOW_QUIET_UNITS))) << 1;
-    class |= ((((kind & 5) + 3) >> 3) & past(u64::from(FLOW_REOPEN_UNITS))) << 2;
-    class |= (opaque(expire_less_one.wrapping_sub(idle)) >> 63) << 2;
+    // All ones when idle for `units` or more, else 0.
+    let past = |units: u64| (opaque(units.wrapping_sub(1).wrapping_sub(idle)) >> 63).wrapping_neg();
+    let shift = ((st >> 13) & 7) * 3;
+    let class = (CLASS_OF >> shift) & 7
+        | (QUIET_CLASS_OF >> shift) & 7 & past(u64::from(FLOW_MIDFLOW_QUIET_UNITS))
+        | (OLD_CLASS_OF >> shift) & 7 & past(u64::from(FLOW_REOPEN_UNITS))
+        | (opaque(expire_less_one.wrapping_sub(idle)) >> 63) << 2;
     idle | class << 16
 }
 
