@@ -58,8 +58,7 @@ pub fn errno(e: &Error) -> Option<i32> {
 
 /// A kernel refusal as the `std::io::Error` of its errno (so that callers can tell `EBUSY`),
 /// with `what` as context; anything else as it is.
-#[must_use]
-pub fn refusal(e: Error, what: String) -> anyhow::Error {
+fn refusal(e: Error, what: String) -> anyhow::Error {
     match errno(&e) {
         Some(code) => anyhow::Error::new(std::io::Error::from_raw_os_error(code)).context(what),
         None => anyhow::Error::new(e).context(what),

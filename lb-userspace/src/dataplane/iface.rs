@@ -49,3 +49,25 @@ pub fn interface_mac(interface: &str) -> anyhow::Result<[u8; 6]> {
 pub fn interface_ips(interface: &str) -> anyhow::Result<Vec<IpAddr>> {
     netlink::blocking(|h| async move { netlink::addresses(&h, interface).await })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{interface_ips, interface_mac, interface_running};
+
+    #[test]
+    fn the_loopback_interface_as_netlink_reports_it() {
+        assert!(interface_running("lo").expect("lo"), "lo is up and running");
+        assert!(interface_ips("lo").expect("lo").contains(&"127.0.0.1".parse().expect("an address")), "lo holds 127.0.0.1");
+        let not_ethernet = interface_mac("lo").expect_err("lo has no Ethernet address");
+        assert!(not_ethernet.to_string().contains("is not Ethernet"), "{not_ethernet:#}");
+        let missing = interface_running("nosuchif0").expect_err("no such interface");
+        assert_eq!(missing.to_string(), "no interface nosuchif0");
+    }
+
+    /// The controller asks from its tokio runtime, where a runtime of netlink's own could not
+    /// wait.
+    #[tokio::test]
+    async fn interface_facts_can_be_read_from_async_code() {
+        assert!(interface_running("lo").expect("lo"));
+    }
+}
