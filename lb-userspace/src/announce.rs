@@ -158,7 +158,7 @@ async fn reconcile(handle: &Handle, want: &Wanted) -> anyhow::Result<BTreeSet<Ip
             continue;
         }
         match handle.route().del(r).execute().await {
-            Err(e) if netlink::errno(&e) != Some(netlink::ESRCH) => return Err(e).with_context(|| format!("withdrawing {vip}")),
+            Err(e) if netlink::errno(&e) != Some(libc::ESRCH) => return Err(e).with_context(|| format!("withdrawing {vip}")),
             _ => tracing::info!(%vip, table, "VIP withdrawn"),
         }
     }
@@ -194,7 +194,7 @@ pub async fn withdraw_all(handle: &Handle) -> anyhow::Result<usize> {
     let mut n = 0;
     for (table, vip, r) in ours(handle).await? {
         match handle.route().del(r).execute().await {
-            Err(e) if netlink::errno(&e) != Some(netlink::ESRCH) => return Err(e).with_context(|| format!("withdrawing {vip}")),
+            Err(e) if netlink::errno(&e) != Some(libc::ESRCH) => return Err(e).with_context(|| format!("withdrawing {vip}")),
             _ => {
                 tracing::info!(%vip, table, "VIP withdrawn");
                 n += 1;

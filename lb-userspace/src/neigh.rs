@@ -22,7 +22,7 @@ use crate::netlink;
 pub type Macs = BTreeMap<IpAddr, [u8; 6]>;
 
 /// States in which an entry holds a usable link-layer address (the kernel's `NUD_VALID`).
-const NUD_VALID: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
+const NUD_VALID: u16 = libc::NUD_PERMANENT | libc::NUD_NOARP | libc::NUD_REACHABLE | libc::NUD_PROBE | libc::NUD_STALE | libc::NUD_DELAY;
 
 /// How often the table is read while a wanted address is missing, and otherwise.
 const WHILE_MISSING: Duration = Duration::from_millis(200);

@@ -1,16 +1,20 @@
-//! The kernel's routing netlink (`rtnetlink`): one connection per user, run on the tokio
-//! runtime, and the few lookups every user needs.
+//! The kernel's routing netlink (`rtnetlink`), the one way this crate asks the kernel about
+//! interfaces, their addresses and XDP attachment, routes, rules and neighbours: a connection
+//! per user, run on the tokio runtime, [`blocking`] for callers outside async code, and the
+//! lookups every user needs. Errors are the kernel's errno, as `libc` names them.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use futures::TryStreamExt as _;
-use rtnetlink::{Error, Handle, RouteMessageBuilder, packet_route::route::RouteMessage};
-
-pub const ENOENT: i32 = 2;
-pub const ESRCH: i32 = 3;
-pub const EEXIST: i32 = 17;
-pub const ENODEV: i32 = 19;
+use rtnetlink::{
+    Error, Handle, RouteMessageBuilder,
+    packet_route::{
+        address::AddressAttribute,
+        link::{LinkAttribute, LinkMessage, LinkXdp},
+        route::RouteMessage,
+    },
+};
 
 /// A connection whose task runs on the current tokio runtime.
 ///
@@ -22,6 +26,27 @@ pub fn connect() -> anyhow::Result<Handle> {
     Ok(handle)
 }
 
+/// Runs `f` on a connection of its own and waits for it: for synchronous callers, inside a
+/// tokio runtime or not. It runs on a thread of its own (a runtime cannot wait inside
+/// another), which shares the calling thread's network namespace.
+///
+/// # Errors
+/// When the socket cannot be opened, or as `f`.
+pub fn blocking<T, F, Fut>(f: F) -> anyhow::Result<T>
+where
+    T: Send,
+    F: FnOnce(Handle) -> Fut + Send,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    std::thread::scope(|s| {
+        let run = s.spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().context("starting a runtime for netlink")?;
+            runtime.block_on(async { f(connect()?).await })
+        });
+        run.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
 /// The positive errno of a kernel refusal.
 #[must_use]
 pub fn errno(e: &Error) -> Option<i32> {
@@ -31,18 +56,72 @@ pub fn errno(e: &Error) -> Option<i32> {
     }
 }
 
-/// The index of interface `name`, in the calling thread's network namespace.
+/// A kernel refusal as the `std::io::Error` of its errno (so that callers can tell `EBUSY`),
+/// with `what` as context; anything else as it is.
+fn refusal(e: Error, what: String) -> anyhow::Error {
+    match errno(&e) {
+        Some(code) => anyhow::Error::new(std::io::Error::from_raw_os_error(code)).context(what),
+        None => anyhow::Error::new(e).context(what),
+    }
+}
+
+/// Interface `name` as the kernel describes it (flags, type, MAC, XDP attachment), in the
+/// connection's network namespace.
+///
+/// # Errors
+/// When there is no such interface or netlink fails.
+pub async fn link(handle: &Handle, name: &str) -> anyhow::Result<LinkMessage> {
+    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+    match links.try_next().await {
+        Ok(Some(link)) => Ok(link),
+        Ok(None) => bail!("no interface {name}"),
+        Err(e) if errno(&e) == Some(libc::ENODEV) => bail!("no interface {name}"),
+        Err(e) => Err(e).with_context(|| format!("looking up interface {name}")),
+    }
+}
+
+/// The index of interface `name`, in the connection's network namespace.
 ///
 /// # Errors
 /// When there is no such interface or netlink fails.
 pub async fn ifindex(handle: &Handle, name: &str) -> anyhow::Result<u32> {
-    let mut links = handle.link().get().match_name(name.to_owned()).execute();
-    match links.try_next().await {
-        Ok(Some(link)) => Ok(link.header.index),
-        Ok(None) => anyhow::bail!("no interface {name}"),
-        Err(e) if errno(&e) == Some(ENODEV) => anyhow::bail!("no interface {name}"),
-        Err(e) => Err(e).with_context(|| format!("looking up interface {name}")),
-    }
+    Ok(link(handle, name).await?.header.index)
+}
+
+/// The IPv4 and IPv6 addresses of interface `name` (each address's local one, as
+/// `getifaddrs` gives them).
+///
+/// # Errors
+/// When there is no such interface or netlink fails.
+pub async fn addresses(handle: &Handle, name: &str) -> anyhow::Result<Vec<IpAddr>> {
+    let index = ifindex(handle, name).await?;
+    let messages: Vec<_> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .with_context(|| format!("listing the addresses of {name}"))?;
+    Ok(messages
+        .iter()
+        .filter_map(|m| {
+            let local = m.attributes.iter().find_map(|a| if let AddressAttribute::Local(ip) = a { Some(*ip) } else { None });
+            local.or_else(|| m.attributes.iter().find_map(|a| if let AddressAttribute::Address(ip) = a { Some(*ip) } else { None }))
+        })
+        .collect())
+}
+
+/// Sets the XDP attributes `xdp` on interface `name` (attaching or detaching a program).
+///
+/// # Errors
+/// When there is no such interface or the kernel refuses, as the `std::io::Error` of its errno
+/// with `what` as context.
+pub async fn set_xdp(handle: &Handle, name: &str, xdp: Vec<LinkXdp>, what: String) -> anyhow::Result<()> {
+    let mut msg = LinkMessage::default();
+    msg.header.index = ifindex(handle, name).await?;
+    msg.attributes.push(LinkAttribute::Xdp(xdp));
+    handle.link().set(msg).execute().await.map_err(|e| refusal(e, what))
 }
 
 /// Every IPv4 and IPv6 route, in every table.

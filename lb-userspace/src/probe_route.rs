@@ -145,7 +145,7 @@ async fn reconcile(handle: &Handle, ifindex: u32, want: &Wanted) -> anyhow::Resu
                 continue;
             }
             match handle.rule().del(r).execute().await {
-                Err(e) if netlink::errno(&e) != Some(netlink::ENOENT) => return Err(e).context("removing a stale probe rule"),
+                Err(e) if netlink::errno(&e) != Some(libc::ENOENT) => return Err(e).context("removing a stale probe rule"),
                 _ => {}
             }
         }
@@ -156,7 +156,7 @@ async fn reconcile(handle: &Handle, ifindex: u32, want: &Wanted) -> anyhow::Resu
                 handle.rule().add().v4().priority(RULE_PREF).fw_mark(mark(b)).table_id(table(b)).action(RuleAction::ToTable).execute().await
             };
             match added {
-                Err(e) if netlink::errno(&e) != Some(netlink::EEXIST) => {
+                Err(e) if netlink::errno(&e) != Some(libc::EEXIST) => {
                     return Err(e).with_context(|| format!("adding the probe rule of backend {b}"));
                 }
                 _ => {}
@@ -182,7 +182,7 @@ async fn reconcile(handle: &Handle, ifindex: u32, want: &Wanted) -> anyhow::Resu
             continue;
         }
         match handle.route().del(r).execute().await {
-            Err(e) if netlink::errno(&e) != Some(netlink::ESRCH) => return Err(e).context("removing a stale probe route"),
+            Err(e) if netlink::errno(&e) != Some(libc::ESRCH) => return Err(e).context("removing a stale probe route"),
             _ => {}
         }
     }

@@ -9,7 +9,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
         Xdp, XdpMode,
-        links::{FdLink, PinnedLink},
+        links::{FdLink, LinkType, PinnedLink},
         xdp::XdpLink,
     },
 };
@@ -368,9 +368,8 @@ fn flow_seed(ebpf: &mut Ebpf) -> anyhow::Result<u64> {
         return Ok(layout.flow_seed);
     }
     let mut bytes = [0u8; 8];
-    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    ensure!(n == 8, "getrandom: {}", std::io::Error::last_os_error());
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| anyhow::anyhow!("the kernel's random source gave no bytes"))?;
     let flow_seed = u64::from_ne_bytes(bytes) | 1;
     map.set(0, Layout { version: LAYOUT_VERSION, flow_seed }, 0).context("writing LAYOUT")?;
     Ok(flow_seed)
@@ -441,8 +440,6 @@ pub fn unpin_all(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 const BPFFS: &str = "/sys/fs/bpf";
 
 /// Mounts bpffs on /sys/fs/bpf when `dir` lives there and nothing is mounted yet.
@@ -467,60 +464,21 @@ fn on_bpffs(dir: &std::path::Path) -> bool {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
     // SAFETY: a zeroed statfs is a valid out-parameter; the path is NUL-terminated.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    (unsafe { libc::statfs(c.as_ptr(), &raw mut st) } == 0) && st.f_type == BPF_FS_MAGIC
+    (unsafe { libc::statfs(c.as_ptr(), &raw mut st) } == 0) && st.f_type == libc::BPF_FS_MAGIC
 }
 
-/// Whether the link pinned in `dir` is attached to `interface` (a link whose interface went
-/// away, or that someone detached, is not).
+/// Whether the link pinned in `dir` is attached to `interface`: an XDP link whose program is
+/// the one the interface runs (a link whose interface went away, or that someone detached, is
+/// not: the interface runs no program, or another).
 #[must_use]
 pub fn link_live(dir: &std::path::Path, interface: &str) -> bool {
-    let link = dir.join(LINK_PIN);
-    link.exists() && link_ifindex(&link).is_ok_and(|i| i != 0 && i == if_index(interface))
-}
-
-fn if_index(interface: &str) -> u32 {
-    // SAFETY: a valid C string.
-    std::ffi::CString::new(interface).map_or(0, |c| unsafe { libc::if_nametoindex(c.as_ptr()) })
-}
-
-/// The interface index a pinned XDP link is attached to; 0 once its interface is gone. aya
-/// does not expose it, so this asks the kernel directly (`BPF_OBJ_GET`, then
-/// `BPF_OBJ_GET_INFO_BY_FD`; `bpf_link_info.xdp.ifindex` sits at offset 16).
-fn link_ifindex(pin: &std::path::Path) -> std::io::Result<u32> {
-    use std::os::{
-        fd::{FromRawFd as _, OwnedFd},
-        unix::ffi::OsStrExt as _,
-    };
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    // union bpf_attr for BPF_OBJ_GET: pathname (u64), bpf_fd (u32), file_flags (u32).
-    let mut attr = [0u64; 16];
-    attr[0] = path.as_ptr() as u64;
-    // SAFETY: bpf(2) with a zero-padded attr of the size given.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
+    let pin = dir.join(LINK_PIN);
+    if !pin.exists() {
+        return false;
     }
-    // SAFETY: a fresh fd from the kernel.
-    let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).map_err(std::io::Error::other)?) };
-    let mut info = [0u32; 32];
-    // For BPF_OBJ_GET_INFO_BY_FD: bpf_fd (u32), info_len (u32), info (u64).
-    let mut attr = [0u64; 16];
-    attr[0] = u64::from(u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd)).map_err(std::io::Error::other)?)
-        | (u64::try_from(std::mem::size_of_val(&info)).map_err(std::io::Error::other)? << 32);
-    attr[1] = info.as_mut_ptr() as u64;
-    // SAFETY: as above; the kernel writes at most info_len bytes into `info`.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // type (u32), id, prog_id, pad, then the union: xdp.ifindex.
-    const BPF_LINK_TYPE_XDP: u32 = 6;
-    if info[0] != BPF_LINK_TYPE_XDP {
-        return Err(std::io::Error::other(format!("{} is not an XDP link (type {})", pin.display(), info[0])));
-    }
-    Ok(info[4])
+    let Ok(info) = PinnedLink::from_pin(&pin).map(FdLink::from).and_then(|link| link.info()) else { return false };
+    matches!(info.link_type(), Ok(LinkType::Xdp))
+        && super::chain::attached(interface).ok().flatten().is_some_and(|there| there.prog_id == info.program_id())
 }
 
 /// The name of loaded program `id`, for messages.

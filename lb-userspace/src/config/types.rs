@@ -1,0 +1,321 @@
+//! The config as the controller uses it, validated, with its bounds and defaults.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4},
+    path::PathBuf,
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+/// Largest accepted `ring_size`; the rings map holds two copies per listener.
+pub const MAX_RING_SIZE: u32 = 1 << 20;
+/// Ring slots per backend a listener's ring must have at least: Maglev's paper finds shares
+/// within about 1% of the weights at 100 slots per backend.
+pub const MIN_RING_SLOTS_PER_BACKEND: u32 = 100;
+/// `flow_table_size` bounds.
+pub const MIN_FLOW_TABLE_SIZE: u32 = 1024;
+pub const MAX_FLOW_TABLE_SIZE: u32 = 1 << 27;
+/// Largest backend weight (HAProxy allows 0..=256; we allow finer steps).
+pub const MAX_WEIGHT: u32 = 10_000;
+/// `flow_idle_timeout` by default: above 1.5 times the longest keepalive MQTT clients commonly
+/// use (20 minutes, as AWS IoT's maximum; most use 60 s to 5 min), so a healthy idle session
+/// always sends a PINGREQ before its flow expires.
+pub const DEFAULT_FLOW_IDLE_TIMEOUT: Duration = Duration::from_mins(30);
+/// The shortest `flow_idle_timeout`: a few units of the flow table's clock (1.07 s).
+pub const MIN_FLOW_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// `max_conn_rate` bounds (new connections per second).
+pub const MAX_CONN_RATE: u32 = 10_000_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeCfg {
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HashMode {
+    #[serde(rename = "4tuple")]
+    FourTuple,
+    Source,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckKind {
+    None,
+    Tcp,
+    Mqtt,
+    MqttTls,
+}
+
+/// How one (listener, backend) pair is checked: `[health]`, overridden by the listener's
+/// `health` table, then by the backend's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    pub check: CheckKind,
+    pub inter: Duration,
+    pub timeout: Duration,
+    pub fall: u32,
+    pub rise: u32,
+    /// Start as down until `rise` probes pass (keepalived's `alpha`).
+    pub alpha: bool,
+    /// Also probe through the VIP along the DSR path, to catch a broker without the VIP.
+    pub vip_check: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// PEM file with the CA(s) that sign the brokers' certificates (`mqtt-tls`).
+    pub tls_ca: Option<PathBuf>,
+    /// Name to verify the certificate against; the probed address when absent.
+    pub tls_server_name: Option<String>,
+}
+
+impl Default for Health {
+    /// HAProxy's defaults: `inter 2s`, `fall 3`, `rise 2`; a probe times out after 1s.
+    fn default() -> Self {
+        Self {
+            check: CheckKind::Mqtt,
+            inter: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            fall: 3,
+            rise: 2,
+            alpha: false,
+            vip_check: true,
+            username: None,
+            password: None,
+            tls_ca: None,
+            tls_server_name: None,
+        }
+    }
+}
+
+/// What happens to the established flows of a backend marked down (`on_down`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDown {
+    /// They stay on it (HAProxy's default): a false alarm under load resets nothing, but the
+    /// clients of a dead broker wait for their keepalive.
+    Keep,
+    /// After `on_down_grace`, they are re-picked from the ring: the new broker answers with an
+    /// RST and clients reconnect at once (HAProxy's `on-marked-down shutdown-sessions`).
+    Reset,
+}
+
+/// What a listener does when every one of its backends is marked down (`all_down`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllDown {
+    /// Fail open: new flows are spread over all of them, as if none were down (the checks
+    /// themselves may be what failed).
+    Forward,
+    /// New flows are dropped until one comes back.
+    Drop,
+}
+
+/// The failure policy of a listener: top level, overridable per listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FailurePolicy {
+    pub on_down: OnDown,
+    pub on_down_grace: Duration,
+    pub all_down: AllDown,
+}
+
+impl Default for FailurePolicy {
+    /// Reset after 20 s, fail open: see the README's "When backends fail".
+    fn default() -> Self {
+        Self { on_down: OnDown::Reset, on_down_grace: DEFAULT_ON_DOWN_GRACE, all_down: AllDown::Forward }
+    }
+}
+
+/// `on_down_grace` by default: longer than a health check false alarm lasts (a broker busy for
+/// a few seconds comes back after `rise` probes), shorter than a common MQTT keepalive (60 s),
+/// so clients of a dead broker reconnect before their keepalive would tell them.
+pub const DEFAULT_ON_DOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Storm control of a listener: new connections per second, and how many may come at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnRateLimit {
+    pub rate: u32,
+    /// Connections admitted at once after a quiet spell (at least 1).
+    pub burst: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub name: String,
+    /// IPv4 or IPv6: the listener's backends all have an address of its family.
+    pub vip: IpAddr,
+    pub port: u16,
+    pub hash: HashMode,
+    /// `source_prefix = 64` (IPv6, `hash = "source"`): the client's first 64 bits pick the
+    /// broker, so its privacy addresses (RFC 8981) share one.
+    pub source_prefix64: bool,
+    /// A flow idle this long is over (its client vanished): not live, replaced first, removed.
+    pub flow_idle_timeout: Duration,
+    /// `max_conn_rate` (and `max_conn_burst`); no limit when `None`.
+    pub conn_rate: Option<ConnRateLimit>,
+    /// `on_down`, `on_down_grace`, `all_down`.
+    pub failure: FailurePolicy,
+    /// Backend names, sorted; all backends when the file names none.
+    pub backends: Vec<String>,
+    /// Effective health settings per backend name (defaults, then listener, then backend).
+    pub health: BTreeMap<String, Health>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub name: String,
+    /// The broker's IPv4 address, if it has one (`address`).
+    pub address: Option<Ipv4Addr>,
+    /// The broker's IPv6 address, if it has one (`address6`, or an IPv6 `address`). A
+    /// dual-stack broker is one backend: one MAC, weight, drain, and health per listener.
+    pub address6: Option<Ipv6Addr>,
+    pub mac: Option<[u8; 6]>,
+    pub weight: u32,
+}
+
+impl Backend {
+    /// Its address of `vip`'s family (the validator makes sure a listener's backends have one).
+    #[must_use]
+    pub fn address_for(&self, vip: IpAddr) -> Option<IpAddr> {
+        match vip {
+            IpAddr::V4(_) => self.address.map(IpAddr::V4),
+            IpAddr::V6(_) => self.address6.map(IpAddr::V6),
+        }
+    }
+
+    /// The address its MAC is resolved by: the IPv4 one when it has both (ARP; one MAC serves
+    /// both families on one link).
+    #[must_use]
+    pub fn primary(&self) -> IpAddr {
+        match (self.address, self.address6) {
+            (Some(a), _) => IpAddr::V4(a),
+            (None, Some(a)) => IpAddr::V6(a),
+            (None, None) => unreachable!("the validator requires an address"),
+        }
+    }
+
+    /// Its addresses as the config writes them: `192.0.2.11`, `2001:db8::11`, or both with a
+    /// slash.
+    #[must_use]
+    pub fn addresses(&self) -> String {
+        match (self.address, self.address6) {
+            (Some(a), Some(b)) => format!("{a}/{b}"),
+            (Some(a), None) => a.to_string(),
+            (None, Some(b)) => b.to_string(),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+/// `[announce]`: this node announces its VIPs to routers (BGP, through a speaker such as BIRD)
+/// by keeping a route per announced VIP in a kernel routing table that the speaker exports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Announce {
+    /// The kernel routing table the VIP routes go into.
+    pub table: u32,
+    /// How long `dsrlb stop` waits, after withdrawing, for the routers to stop sending before
+    /// it detaches (it detaches sooner once the listeners saw no packet for a second).
+    pub withdraw_wait: Duration,
+}
+
+/// `table` by default: a table of its own, outside the kernel's (253-255) and the probe
+/// routes' (`0xd5b00..`).
+pub const DEFAULT_ANNOUNCE_TABLE: u32 = 213;
+pub const DEFAULT_WITHDRAW_WAIT: Duration = Duration::from_secs(10);
+
+/// `[cluster]`: the balancer nodes that share their flow-table exceptions (flows pinned to
+/// another broker than the current ring picks), so that any node can carry any live session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cluster {
+    /// Every node's sync address, this node's own included: the same list on every node.
+    pub nodes: Vec<SocketAddrV4>,
+    /// How often the flow table is walked for exceptions besides after every ring change.
+    pub sync_interval: Duration,
+    /// How long a starting node waits for the other nodes' exceptions before it announces its
+    /// VIPs and `dsrlb ping` answers (it stops waiting once every other node that runs has sent
+    /// them; a node it cannot connect to is taken as down).
+    pub join_wait: Duration,
+    /// `key_file`'s content: the nodes prove to each other that they hold it, and every frame
+    /// of the sync carries a MAC under a key derived from it (see `crate::cluster`). None only
+    /// with `insecure = true`: peers are then told apart by address alone.
+    pub key: Option<SyncKey>,
+}
+
+/// A cluster's shared secret; never shown (`Debug` prints its length only).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SyncKey(pub std::sync::Arc<[u8]>);
+
+impl std::fmt::Debug for SyncKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SyncKey({} bytes)", self.0.len())
+    }
+}
+
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_JOIN_WAIT: Duration = Duration::from_secs(10);
+/// Nodes a cluster may list.
+pub const MAX_CLUSTER_NODES: usize = 16;
+
+/// A validated config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub interface: String,
+    pub xdp_mode: XdpModeCfg,
+    /// A pinned XDP program that runs after the balancer on every frame it passes (chaining).
+    pub next_program: Option<std::path::PathBuf>,
+    pub ring_size: u32,
+    /// `ring_seed_file`'s secret, which keys the Maglev permutations; none: the unseeded rings.
+    pub ring_seed: Option<crate::maglev::RingSeed>,
+    pub flow_table_size: u32,
+    /// Destination MACs forwarded besides the interface's own (keepalived's `use_vmac`).
+    pub accept_macs: Vec<[u8; 6]>,
+    /// The default of every listener's `flow_idle_timeout`.
+    pub flow_idle_timeout: Duration,
+    /// The default of every listener's failure policy.
+    pub failure: FailurePolicy,
+    pub health: Health,
+    pub listeners: Vec<Listener>,
+    /// Sorted by name.
+    pub backends: Vec<Backend>,
+    pub announce: Option<Announce>,
+    pub cluster: Option<Cluster>,
+    /// Whose members may read the balancer's state through the read-only control socket.
+    pub read_only_group: Option<Group>,
+}
+
+/// A group, by the name the config gives and its id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    pub gid: u32,
+}
+
+/// The id of group `name` (a number is taken as an id).
+///
+/// # Errors
+/// When no such group exists.
+pub fn group_id(name: &str) -> Result<u32, String> {
+    if let Ok(id) = name.parse() {
+        return Ok(id);
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| format!("{name:?} is not a group name"))?;
+    // SAFETY: getgrnam with a valid C string; the result is read before any other call.
+    let group = unsafe { libc::getgrnam(c.as_ptr()) };
+    if group.is_null() {
+        return Err(format!("no group is named {name:?} (give a group of /etc/group, or a gid)"));
+    }
+    // SAFETY: a non-null result of getgrnam.
+    Ok(unsafe { (*group).gr_gid })
+}
+
+impl Config {
+    #[must_use]
+    pub fn backend(&self, name: &str) -> Option<&Backend> {
+        self.backends.iter().find(|b| b.name == name)
+    }
+}
