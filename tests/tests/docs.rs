@@ -284,21 +284,31 @@ fn config_with(extra: &BTreeMap<&str, String>, key_file: &Path) -> String {
     )
 }
 
-/// A key file the cluster section can name: this user's, mode 0600.
-fn key_file() -> PathBuf {
-    use std::os::unix::fs::PermissionsExt as _;
-    let path = std::env::temp_dir().join(format!("dsrlb-docs-test-{}.key", std::process::id()));
-    std::fs::write(&path, "0123456789abcdef0123456789abcdef\n").expect("writing a key file");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
-    path
+/// A key file the cluster section can name: this user's, mode 0600; removed when dropped.
+struct KeyFile(PathBuf);
+
+impl KeyFile {
+    fn new() -> Self {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = std::env::temp_dir().join(format!("dsrlb-docs-test-{}.key", std::process::id()));
+        std::fs::write(&path, "0123456789abcdef0123456789abcdef\n").expect("writing a key file");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+        Self(path)
+    }
+}
+
+impl Drop for KeyFile {
+    fn drop(&mut self) {
+        std::fs::remove_file(&self.0).ok();
+    }
 }
 
 #[test]
 fn the_documented_defaults_are_the_defaults() {
     let docs = doc_schema();
-    let key = key_file();
+    let key = KeyFile::new();
     let parse = |extra: &BTreeMap<&str, String>| {
-        let text = config_with(extra, &key);
+        let text = config_with(extra, &key.0);
         lb_userspace::config::parse(&text, "defaults.toml").unwrap_or_else(|e| panic!("{e}\n{text}"))
     };
     let base = parse(&BTreeMap::new());
@@ -316,7 +326,6 @@ fn the_documented_defaults_are_the_defaults() {
             checked += 1;
         }
     }
-    std::fs::remove_file(&key).ok();
     assert!(checked >= 20, "only {checked} defaults were checked");
 }
 
