@@ -1,0 +1,13 @@
+//! The control socket: its protocol ([`proto`]), the controller's side ([`server`]) and the
+//! CLI's ([`client`]). The server depends on the protocol and the data plane's trace buffer; the
+//! client on the protocol only.
+
+pub mod client;
+pub mod proto;
+pub mod server;
+
+pub use self::{
+    client::{call, connect, socket_path},
+    proto::{DEFAULT_SOCKET, MAX_REQUEST_LINE, Request, Response, TraceLine, read_only_path},
+    server::{Access, Call, Sockets, serve},
+};
