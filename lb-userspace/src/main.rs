@@ -2,10 +2,11 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
+use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser, Subcommand};
 use lb_userspace::{
     config,
-    control::{self, Request},
+    control::{self, Request, status::Status},
     controller::{self, RunOptions},
     dataplane,
 };
@@ -128,7 +129,6 @@ enum Command {
 
 /// The man pages, from the clap definitions.
 fn man(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
-    use anyhow::Context as _;
     match dir {
         None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()).context("writing the man page"),
         Some(d) => {
@@ -182,11 +182,11 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status { json } => request(&socket, &Request::Status).map(|v| {
+        Command::Status { json } => status(&socket).map(|s| {
             if json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                println!("{}", serde_json::to_value(&s).and_then(|v| serde_json::to_string_pretty(&v)).unwrap_or_default());
             } else {
-                print!("{}", cli::status::table(&v));
+                print!("{}", cli::status::table(&s));
             }
         }),
         Command::Drain { backend } => message(&socket, &Request::Drain { backend }),
@@ -245,21 +245,24 @@ fn message(socket: &std::path::Path, req: &Request) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The controller's status.
+fn status(socket: &std::path::Path) -> anyhow::Result<Status> {
+    serde_json::from_value(request(socket, &Request::Status)?).context("the controller's status")
+}
+
 fn stats(socket: &std::path::Path, watch: bool, json: bool) -> anyhow::Result<()> {
     // Bounded even with --watch: a day of refreshes at most.
     for i in 0..86_400u32 {
-        let v = request(socket, &Request::Status)?;
+        let s = status(socket)?;
         if json {
-            println!("{}", serde_json::json!({ "listeners": v["listeners"], "verdicts": v["verdicts"] }));
+            println!("{}", serde_json::json!({ "listeners": s.listeners, "verdicts": s.verdicts }));
         } else {
             if watch {
                 print!("\x1b[2J\x1b[H");
             }
-            print!("{}", cli::status::table(&v));
-            if let Some(verdicts) = v["verdicts"].as_object() {
-                let line: Vec<String> = verdicts.iter().filter(|(_, n)| n.as_u64() != Some(0)).map(|(k, n)| format!("{k} {n}")).collect();
-                println!("verdicts: {}", line.join("  "));
-            }
+            print!("{}", cli::status::table(&s));
+            let line: Vec<String> = s.verdicts.iter().filter(|(_, n)| **n != 0).map(|(k, n)| format!("{k} {n}")).collect();
+            println!("verdicts: {}", line.join("  "));
         }
         if !watch {
             break;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use lb_userspace::{
-    control::{self, Request, Response, TraceLine},
+    control::{self, Request, Response, TraceLine, TraceStart},
     trace::{Cidr, Filters, Names, Pcap, decode, interface_name, line, verdict_words},
 };
 
@@ -90,7 +90,8 @@ pub fn run(socket: &std::path::Path, opts: &Options, out: &mut impl std::io::Wri
     }
     let (mut reader, resp) = start(socket, opts)?;
     let mut buf = String::new();
-    let names = Names::from_json(&resp.data);
+    let answer: TraceStart = resp.data_as().context("the controller's answer to the trace")?;
+    let names = Names { listeners: answer.listeners, backends: answer.backends };
     // Created once the trace is accepted: a refused one leaves an existing file alone.
     let mut pcap = match &opts.pcap {
         None => None,
@@ -101,7 +102,7 @@ pub fn run(socket: &std::path::Path, opts: &Options, out: &mut impl std::io::Wri
     };
     eprintln!(
         "dsrlb trace: tracing {}{}; Ctrl-C stops",
-        resp.data["interface"].as_str().unwrap_or("the balancer"),
+        answer.interface,
         if opts.sample > 1 { format!(", one frame in {}", opts.sample) } else { String::new() }
     );
     let mut interfaces = std::collections::BTreeMap::new();

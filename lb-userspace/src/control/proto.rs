@@ -2,7 +2,10 @@
 //! line, and the lines a trace streams after its first answer ([`TraceLine`]). Both sides, the
 //! controller's [`super::server`] and the CLI's [`super::client`], speak it through these types.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -121,6 +124,25 @@ impl Response {
     pub fn err(e: impl std::fmt::Display) -> Self {
         Self { ok: false, error: Some(e.to_string()), data: serde_json::Value::Null }
     }
+
+    /// The answer's data as the type its request answers with ([`Status`](super::status::Status)
+    /// for [`Request::Status`], [`TraceStart`] for [`Request::Trace`], ...).
+    ///
+    /// # Errors
+    /// When the data is not of that shape.
+    pub fn data_as<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        T::deserialize(&self.data)
+    }
+}
+
+/// The controller's first answer to [`Request::Trace`]: its filters checked, the listener id
+/// the program filters by, and the names of listener and backend ids.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceStart {
+    pub interface: String,
+    pub listener_id: Option<u32>,
+    pub listeners: BTreeMap<u32, String>,
+    pub backends: BTreeMap<u32, String>,
 }
 
 /// The longest request line the controller reads; a longer one is refused and the connection

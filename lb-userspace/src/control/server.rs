@@ -19,7 +19,7 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use super::proto::{MAX_REQUEST_LINE, Request, Response, TraceLine, read_only_path};
+use super::proto::{MAX_REQUEST_LINE, Request, Response, TraceLine, TraceStart, read_only_path};
 use crate::{
     dataplane::{
         clock::Clock,
@@ -239,7 +239,7 @@ async fn serve_one(stream: tokio::net::UnixStream, access: Access, calls: mpsc::
                     };
                     match (trace, resp.ok) {
                         (Some((sample, raw)), true) => {
-                            let listener = resp.data["listener_id"].as_u64().and_then(|l| u32::try_from(l).ok());
+                            let listener = resp.data_as::<TraceStart>().ok().and_then(|t| t.listener_id);
                             match traces.as_ref().map(|hub| hub.start(Filter { sample, listener })) {
                                 Some(Ok(session)) => {
                                     let mut out = serde_json::to_string(&resp).unwrap_or_default();

@@ -11,7 +11,6 @@ use std::{
 
 use anyhow::Context as _;
 use lb_common::{NO_BACKEND, real_id};
-use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::Controller;
@@ -19,6 +18,7 @@ use crate::{
     announce::{self, Announcer},
     cluster::{self, Cluster, Exceptions},
     config::{self, Config},
+    control::status::{AnnounceStatus, ClusterStatus, LastWalk, VipStatus},
     dataplane,
     exceptions::{self, Done, Incoming, Job, MergeCounts, RingView},
     flow_table::{FlowTable, PeerFlow},
@@ -333,7 +333,7 @@ impl Controller {
         w.next = Instant::now() + interval;
         w.started = Instant::now();
         let mut view = RingView::new(&self.desired, &self.ids, self.config.ring_size);
-        view.share_all = self.ha.cluster.as_ref().is_some_and(|c| c.peers().iter().any(|p| p.config == "differs"));
+        view.share_all = self.ha.cluster.as_ref().is_some_and(|c| c.peers().iter().any(|p| p.config == cluster::PeerConfig::Differs));
         let (config, ids) = (self.config.clone(), self.ids.clone());
         let (table, found) = (self.dp.flow_table_handle(), self.ha.found.clone());
         tokio::task::spawn_blocking(move || {
@@ -454,12 +454,12 @@ impl Controller {
     }
 
     /// `announce` and `cluster` for `dsrlb status`.
-    pub(super) fn ha_status(&self) -> Value {
+    pub(super) fn ha_status(&self) -> (Option<AnnounceStatus>, Option<ClusterStatus>) {
         let announce = self.config.announce.map(|cfg| {
             let held = self.ha.announcer.as_ref().map(Announcer::held).unwrap_or_default();
             let usable = self.usable_vips();
             let vips: BTreeSet<IpAddr> = self.config.listeners.iter().map(|l| l.vip).collect();
-            let vips: Vec<Value> = vips
+            let vips = vips
                 .into_iter()
                 .map(|vip| {
                     let why = if let Some(u) = &self.ha.unannounced {
@@ -471,44 +471,26 @@ impl Controller {
                     } else {
                         "no listener on it has a usable backend".to_owned()
                     };
-                    json!({ "vip": vip.to_string(), "announced": held.vips.contains(&vip), "why": why })
+                    VipStatus { vip, announced: held.vips.contains(&vip), why }
                 })
                 .collect();
-            json!({ "table": cfg.table, "vips": vips, "error": held.error })
+            AnnounceStatus { table: cfg.table, vips, error: held.error }
         });
-        let cluster = self.ha.cluster.as_ref().map(|c| {
-            let last = self.ha.walks.last.map(|(at, n, took)| {
-                json!({ "exceptions": n, "ago_s": at.elapsed().as_secs(), "took_ms": u64::try_from(took.as_millis()).unwrap_or(u64::MAX) })
-            });
-            json!({
-                "me": c.settings().me.to_string(),
-                // `insecure = true`: peers are not authenticated (no key_file).
-                "insecure": c.settings().key.is_none(),
-                "joined": self.ha.joining.is_none(),
-                "joined_how": self.ha.joined_how,
-                "fingerprint": format!("{:016x}", c.settings().fingerprint),
-                "last_walk": last,
-                "merged": self.ha.merges,
-                "peers": c.peers(),
-            })
+        let cluster = self.ha.cluster.as_ref().map(|c| ClusterStatus {
+            me: c.settings().me.to_string(),
+            insecure: c.settings().key.is_none(),
+            joined: self.ha.joining.is_none(),
+            joined_how: self.ha.joined_how.map(str::to_owned),
+            fingerprint: format!("{:016x}", c.settings().fingerprint),
+            last_walk: self.ha.walks.last.map(|(at, n, took)| LastWalk {
+                exceptions: n,
+                ago_s: at.elapsed().as_secs(),
+                took_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+            }),
+            merged: self.ha.merges,
+            peers: c.peers(),
         });
-        json!({ "announce": announce, "cluster": cluster })
-    }
-
-    /// For the metrics: (VIP, announced) and the peers, exceptions, merges.
-    pub(super) fn ha_metrics(&self, s: &mut crate::metrics::Snapshot) {
-        if let Some(a) = self.ha.announcer.as_ref().filter(|_| self.config.announce.is_some()) {
-            let held = a.held();
-            let vips: BTreeSet<IpAddr> = self.config.listeners.iter().map(|l| l.vip).collect();
-            s.announced = vips.into_iter().map(|v| (v.to_string(), held.vips.contains(&v))).collect();
-        }
-        if let Some(c) = &self.ha.cluster {
-            s.peers = c.peers();
-            s.exceptions = self.ha.walks.last.map(|(_, n, _)| n as u64);
-            s.merges = Some(self.ha.merges);
-            s.joined = Some(self.ha.joining.is_none());
-            s.cluster_insecure = Some(c.settings().key.is_none());
-        }
+        (announce, cluster)
     }
 
     /// Applies a reload's `[announce]` and `[cluster]` (the config is already the new one;

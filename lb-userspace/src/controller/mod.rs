@@ -23,7 +23,7 @@ use tokio::{
 
 use crate::{
     config::{self, CheckKind, Config, HashMode, OnDown, format_mac},
-    control::{self, Call, Request, Response},
+    control::{self, Call, Request, Response, status::Reloads},
     dataplane::{self, Dataplane, Desired, LoadOptions, Stats},
     health::{self, PairHealth, Report, State},
     neigh::Neighbours,
@@ -159,15 +159,6 @@ pub struct Controller {
     next: Option<dataplane::chain::Next>,
     /// Probes that could not be made on this host's side, logged at most this often.
     local_errors_log: health::LogLimit,
-}
-
-/// Reloads since start (CLI or SIGHUP), for status.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-struct Reloads {
-    applied: u64,
-    rejected: u64,
-    /// Why the last reload was rejected, until one is applied.
-    last_error: Option<String>,
 }
 
 /// At most one log line this often for probes that fail on this host's side (status and the
@@ -720,14 +711,14 @@ impl Controller {
 
     fn handle(&mut self, req: Request) -> Response {
         let result = match req {
-            Request::Status => self.status(),
+            Request::Status => self.dp.stats().and_then(|stats| self.status(&stats)).and_then(to_value),
             Request::Drain { backend } => self.set_drained(&backend, true).map(Value::from),
             Request::Undrain { backend } => self.set_drained(&backend, false).map(Value::from),
             Request::Weight { backend, weight } => self.set_weight(&backend, weight).map(Value::from),
             Request::Reload => self.reload_logged().map(Value::from),
             Request::Flow { client, vip } => self.flow(&client, &vip),
-            Request::Trace { listener, backend, .. } => self.trace_names(listener.as_deref(), backend.as_deref()),
-            Request::Metrics => crate::metrics::render(self.metrics()).map(Value::from),
+            Request::Trace { listener, backend, .. } => self.trace_names(listener.as_deref(), backend.as_deref()).and_then(to_value),
+            Request::Metrics => self.metrics().map(Value::from),
             Request::Ping => match self.ha_not_ready() {
                 Some(why) => Err(anyhow::anyhow!("not ready: {why}")),
                 None => self.dp.program_id().map(|id| json!({ "serving": true, "program": id })),
@@ -771,6 +762,11 @@ impl Controller {
 /// The addresses whose MACs come from the neighbour table: backends without a configured one.
 fn wanted_neighbours(config: &Config) -> BTreeSet<IpAddr> {
     config.backends.iter().filter(|b| b.mac.is_none()).map(config::Backend::primary).collect()
+}
+
+/// An answer's data as JSON.
+fn to_value(data: impl serde::Serialize) -> anyhow::Result<Value> {
+    serde_json::to_value(data).context("encoding the answer")
 }
 
 /// The name holding `id`.

@@ -145,18 +145,6 @@ pub struct Names {
 }
 
 impl Names {
-    /// From the controller's first answer (`{"listeners": {"0": "mqtt"}, "backends": {...}}`).
-    #[must_use]
-    pub fn from_json(v: &serde_json::Value) -> Self {
-        let table = |key: &str| {
-            v[key]
-                .as_object()
-                .map(|o| o.iter().filter_map(|(k, n)| Some((k.parse().ok()?, n.as_str()?.to_owned()))).collect())
-                .unwrap_or_default()
-        };
-        Self { listeners: table("listeners"), backends: table("backends") }
-    }
-
     #[must_use]
     pub fn listener(&self, id: Option<u32>) -> Option<String> {
         id.map(|id| self.listeners.get(&id).cloned().unwrap_or_else(|| format!("#{id}")))
