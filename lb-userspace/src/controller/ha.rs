@@ -425,7 +425,7 @@ impl Controller {
             Done::Merged(c) => {
                 self.ha.merges.add(&c);
                 if c.inserted > 0 {
-                    self.live_flows = None;
+                    self.flows.forget();
                 }
             }
             Done::Synced(from) => {

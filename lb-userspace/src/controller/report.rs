@@ -11,7 +11,7 @@ impl Controller {
     /// Everything `dsrlb status` shows, from the counters in `stats` (the rates come from the
     /// last two samples). The metrics are rendered from the same.
     pub(super) fn status(&self, stats: &Stats) -> anyhow::Result<Status> {
-        let flows = self.live_flows();
+        let flows = self.flows.live_flows();
         let cfg = self.effective_config();
         let mut listeners = Vec::new();
         for l in &cfg.listeners {
@@ -20,7 +20,7 @@ impl Controller {
             for b in &l.backends {
                 let backend = cfg.backend(b).context("known backend")?;
                 let real = real_id(lid, self.ids.backends[b]);
-                let h = &self.health[&(l.name.clone(), b.clone())];
+                let h = self.health.get(&(l.name.clone(), b.clone())).context("a pair of the config")?;
                 let rt = self.runtime[b];
                 let c = stats.reals.get(&real).copied().unwrap_or_default();
                 let (packets_per_sec, new_flows_per_sec) = self.rates.get(&real).copied().unwrap_or_default();
@@ -32,7 +32,7 @@ impl Controller {
                     weight: backend.weight,
                     drained: rt.drained || backend.weight == 0,
                     state: if rt.mac.is_none() { "no-mac" } else { h.state.as_str() }.to_owned(),
-                    resetting_flows: self.applied_down.get(&(l.name.clone(), b.clone())).is_some_and(|o| o.reset),
+                    resetting_flows: self.health.applied_down().get(&(l.name.clone(), b.clone())).is_some_and(|o| o.reset),
                     check: l.health[b].check,
                     last_check: h.last.clone(),
                     check_failures: h.failures_total,
@@ -79,7 +79,7 @@ impl Controller {
             .collect();
         let mut flow_table: BTreeMap<String, u64> =
             table_event::LABELS.iter().zip(&stats.table).map(|(e, n)| ((*e).to_owned(), *n)).collect();
-        flow_table.insert("expired".to_owned(), self.expired_total);
+        flow_table.insert("expired".to_owned(), self.flows.expired_total());
         Ok(Status {
             interface: cfg.interface.clone(),
             macs: self.dp.node_macs().into_iter().map(format_mac).collect(),
