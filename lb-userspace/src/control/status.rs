@@ -16,8 +16,10 @@ use crate::{
     exceptions::MergeCounts,
 };
 
-/// Everything `dsrlb status` shows.
+/// Everything `dsrlb status` shows. A field the controller does not send reads as empty: a CLI
+/// can show what a controller of another version answers (and a stand-in's answer).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Status {
     /// The balancer's interface.
     pub interface: String,
@@ -365,5 +367,7 @@ mod tests {
         let bare = Status { announce: None, cluster: None, next_program: None, ..s };
         let v = serde_json::to_value(&bare).expect("json");
         assert!(v["announce"].is_null() && v["cluster"].is_null() && v["next_program"].is_null(), "sections without config are null");
+        let other: Status = serde_json::from_value(json!({ "serving": true })).expect("any object reads");
+        assert_eq!(other, Status::default(), "with every field empty");
     }
 }
