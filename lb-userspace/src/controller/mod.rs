@@ -17,6 +17,8 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
 use self::{
+    announcing::Announcing,
+    cluster_link::{ClusterInbox, ClusterLink},
     health_set::HealthSet,
     walker::{FlowWalker, WalkerInbox},
 };
@@ -30,13 +32,15 @@ use crate::{
     probe_route::ProbeRoutes,
 };
 
+mod announcing;
+mod cluster_link;
 mod ha;
 mod health_set;
 mod report;
 mod shutdown;
 mod walker;
 
-pub use ha::{HaInbox, fingerprint, withdraw_without_controller};
+pub use self::{announcing::withdraw_without_controller, cluster_link::fingerprint};
 
 /// How often backend MACs are re-read from the neighbour table.
 const MAC_REFRESH: Duration = Duration::from_secs(5);
@@ -135,8 +139,9 @@ pub struct Controller {
     stopping: bool,
     flows: FlowWalker,
     reloads: Reloads,
-    /// Announcements and the cluster (see `ha`).
-    ha: ha::Ha,
+    /// What this node announces to the routers, and its link to the other nodes (see `ha`).
+    announcing: Announcing,
+    link: ClusterLink,
     /// `next_program`, as found when it was last set.
     next: Option<dataplane::chain::Next>,
 }
@@ -146,7 +151,7 @@ struct Inbox {
     calls: mpsc::Receiver<Call>,
     reports: mpsc::Receiver<Report>,
     walker: WalkerInbox,
-    ha: HaInbox,
+    cluster: ClusterInbox,
     neighbours: watch::Receiver<neigh::Macs>,
 }
 
@@ -219,10 +224,10 @@ impl Controller {
         let mut ids = saved.ids.clone();
         let fresh = ids.update(&config)?;
         neigh.want(wanted_neighbours(&config));
-        let (ha, ha_inbox) = ha::Ha::new(dp.flow_table_handle());
+        let (link, cluster_inbox) = ClusterLink::new(dp.flow_table_handle());
         let (flows, walker_inbox) = FlowWalker::new();
         let (reports, reports_rx) = mpsc::channel::<Report>(1024);
-        let inbox = Inbox { calls, reports: reports_rx, walker: walker_inbox, ha: ha_inbox, neighbours: neigh.changes() };
+        let inbox = Inbox { calls, reports: reports_rx, walker: walker_inbox, cluster: cluster_inbox, neighbours: neigh.changes() };
         let mut c = Self {
             opts,
             config,
@@ -241,7 +246,8 @@ impl Controller {
             stopping: false,
             flows,
             reloads: Reloads::default(),
-            ha,
+            announcing: Announcing::new(),
+            link,
             next: None,
         };
         c.health.sync(&c.config);
@@ -405,7 +411,7 @@ impl Controller {
         // was) and written after.
         let planned = Planned::new(&new, &ids, &fresh, &runtime, health_set::down_set(&health, &new), self.src_mac)?;
         let probes = HealthSet::plan(&new, &ids, &self.node)?;
-        let cluster = ha::cluster_settings(&new)?;
+        let cluster = cluster_link::cluster_settings(&new)?;
         // The next program first: a pin that is missing or refused changes nothing.
         // Looked up again even when the path is the same: the program pinned there may have been
         // replaced (xdp-filter loaded anew).
@@ -736,9 +742,9 @@ impl Controller {
                 Some(flows) = inbox.walker.walked.recv() => self.on_walked(flows),
                 Some(removed) = inbox.walker.swept.recv() => self.flows.swept(removed),
                 _ = sample.tick() => self.tick(),
-                Some(event) = inbox.ha.events.recv(), if self.ha_takes_events() => self.on_cluster_event(event),
-                Some(found) = inbox.ha.found.recv() => self.exceptions_found(found),
-                Some(done) = inbox.ha.done.recv() => self.on_merge_done(done),
+                Some(event) = inbox.cluster.events.recv(), if self.ha_takes_events() => self.on_cluster_event(event),
+                Some(found) = inbox.cluster.found.recv() => self.exceptions_found(found),
+                Some(done) = inbox.cluster.done.recv() => self.on_merge_done(done),
                 _ = macs.tick() => self.refresh_macs(),
                 Ok(()) = inbox.neighbours.changed() => self.refresh_macs(),
                 _ = print.tick(), if stats_every.is_some() => {
