@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser, Subcommand};
 use lb_userspace::{
     config,
-    control::{self, Request, status::Status},
+    control::{self, FlowAnswer, Pong, Request, status::Status},
     controller::{self, RunOptions},
     dataplane,
 };
@@ -193,21 +193,11 @@ fn main() -> ExitCode {
         Command::Undrain { backend } => message(&socket, &Request::Undrain { backend }),
         Command::Weight { backend, weight } => message(&socket, &Request::Weight { backend, weight }),
         Command::Reload => message(&socket, &Request::Reload),
-        Command::Flow { client, vip, json } => request(&socket, &Request::Flow { client, vip }).map(|v| {
+        Command::Flow { client, vip, json } => answer::<FlowAnswer>(&socket, &Request::Flow { client, vip }).map(|a| {
             if json {
-                println!("{v}");
+                println!("{}", serde_json::to_value(&a).unwrap_or_default());
             } else {
-                let cached = match v["cached_cpus"].as_u64() {
-                    Some(0) | None => String::new(),
-                    Some(n) => format!("; in the flow cache of {n} CPU{}", if n == 1 { "" } else { "s" }),
-                };
-                println!(
-                    "{} -> {} ({}; listener {}{cached})",
-                    v["backend"].as_str().unwrap_or("(no backend)"),
-                    v["source"].as_str().unwrap_or(""),
-                    if v["closing"].as_bool() == Some(true) { "closing" } else { "live" },
-                    v["listener"].as_str().unwrap_or("")
-                );
+                println!("{}", cli::flow(&a));
             }
         }),
         Command::Stats { watch, json } => stats(&socket, watch, json),
@@ -223,7 +213,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Stop => stop(&socket, &cli.pin_dir),
-        Command::Ping => request(&socket, &Request::Ping).map(|v| println!("ok: serving, program {}", v["program"])),
+        Command::Ping => answer::<Pong>(&socket, &Request::Ping).map(|p| println!("ok: serving, program {}", p.program)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -245,9 +235,14 @@ fn message(socket: &std::path::Path, req: &Request) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The controller's answer to `req`, as the type that request answers with.
+fn answer<T: serde::de::DeserializeOwned>(socket: &std::path::Path, req: &Request) -> anyhow::Result<T> {
+    serde_json::from_value(request(socket, req)?).with_context(|| format!("the controller's answer to dsrlb {}", req.name()))
+}
+
 /// The controller's status.
 fn status(socket: &std::path::Path) -> anyhow::Result<Status> {
-    serde_json::from_value(request(socket, &Request::Status)?).context("the controller's status")
+    answer(socket, &Request::Status)
 }
 
 fn stats(socket: &std::path::Path, watch: bool, json: bool) -> anyhow::Result<()> {

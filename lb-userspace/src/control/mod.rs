@@ -9,6 +9,6 @@ pub mod status;
 
 pub use self::{
     client::{call, connect, socket_path},
-    proto::{DEFAULT_SOCKET, MAX_REQUEST_LINE, Request, Response, TraceLine, TraceStart, read_only_path},
+    proto::{DEFAULT_SOCKET, FlowAnswer, MAX_REQUEST_LINE, Pong, Request, Response, TraceLine, TraceStart, read_only_path},
     server::{Access, Call, Sockets, serve},
 };

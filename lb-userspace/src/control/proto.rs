@@ -125,14 +125,55 @@ impl Response {
         Self { ok: false, error: Some(e.to_string()), data: serde_json::Value::Null }
     }
 
-    /// The answer's data as the type its request answers with ([`Status`](super::status::Status)
-    /// for [`Request::Status`], [`TraceStart`] for [`Request::Trace`], ...).
+    /// The answer's data as the type its request answers with: [`Status`](super::status::Status)
+    /// for [`Request::Status`], [`FlowAnswer`], [`Pong`], [`TraceStart`], and a message (a
+    /// `String`) for the requests that change something.
     ///
     /// # Errors
     /// When the data is not of that shape.
     pub fn data_as<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
         T::deserialize(&self.data)
     }
+}
+
+/// The answer to [`Request::Flow`]: the backend a flow is pinned to, or the one the ring would
+/// give it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FlowAnswer {
+    /// In the flow table (`source`: `flow table`).
+    Pinned {
+        listener: String,
+        backend: Option<String>,
+        source: String,
+        closing: bool,
+        confirmed: bool,
+        idle_s: u64,
+        /// CPUs whose flow cache holds it.
+        cached_cpus: usize,
+        /// The flow table buckets it may be in.
+        buckets: [u32; 2],
+    },
+    /// Not in the table: what its listener's ring gives (`source`: `ring (not in the flow
+    /// table)`). A field not sent reads as empty, as in [`Status`](super::status::Status).
+    Ring {
+        #[serde(default)]
+        listener: String,
+        #[serde(default)]
+        backend: Option<String>,
+        #[serde(default)]
+        source: String,
+        #[serde(default)]
+        slot: u32,
+    },
+}
+
+/// The answer to [`Request::Ping`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    pub serving: bool,
+    /// The attached XDP program's id.
+    pub program: u32,
 }
 
 /// The controller's first answer to [`Request::Trace`]: its filters checked, the listener id
@@ -154,6 +195,28 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// Both shapes of a flow's answer read back as what they were.
+    #[test]
+    fn flow_answers_keep_their_shape() {
+        let pinned = FlowAnswer::Pinned {
+            listener: "mqtt".into(),
+            backend: Some("b1".into()),
+            source: "flow table".into(),
+            closing: false,
+            confirmed: true,
+            idle_s: 3,
+            cached_cpus: 1,
+            buckets: [4, 5],
+        };
+        let ring = FlowAnswer::Ring { listener: "mqtt".into(), backend: None, source: "ring (not in the flow table)".into(), slot: 9 };
+        for a in [pinned, ring] {
+            let v = serde_json::to_value(&a).expect("json");
+            assert_eq!(serde_json::from_value::<FlowAnswer>(v).expect("reads"), a);
+        }
+        let v = serde_json::to_value(FlowAnswer::Ring { listener: "l".into(), backend: None, source: "s".into(), slot: 2 }).expect("json");
+        assert_eq!(v, serde_json::json!({ "listener": "l", "backend": null, "source": "s", "slot": 2 }), "as before");
+    }
 
     #[test]
     fn the_read_only_socket_sits_beside_the_control_socket() {

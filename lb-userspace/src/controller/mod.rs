@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use lb_common::{NO_BACKEND, flow_hash, flow_hash6, real_backend, real_id, reason, ring_slot, source_hash, source_hash6, table_event};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
 use self::{
@@ -24,7 +24,7 @@ use self::{
 };
 use crate::{
     config::{self, Config, HashMode, format_mac},
-    control::{self, Call, Request, Response, status::Reloads},
+    control::{self, Call, Pong, Request, Response, status::Reloads},
     dataplane::{self, Dataplane, Desired, LoadOptions, Stats},
     health::{Report, State},
     neigh::{self, Neighbours},
@@ -580,12 +580,12 @@ impl Controller {
             Request::Undrain { backend } => self.set_drained(&backend, false).map(Value::from),
             Request::Weight { backend, weight } => self.set_weight(&backend, weight).map(Value::from),
             Request::Reload => self.reload_logged().map(Value::from),
-            Request::Flow { client, vip } => self.flow(&client, &vip),
+            Request::Flow { client, vip } => self.flow(&client, &vip).and_then(to_value),
             Request::Trace { listener, backend, .. } => self.trace_names(listener.as_deref(), backend.as_deref()).and_then(to_value),
             Request::Metrics => self.metrics().map(Value::from),
             Request::Ping => match self.ha_not_ready() {
                 Some(why) => Err(anyhow::anyhow!("not ready: {why}")),
-                None => self.dp.program_id().map(|id| json!({ "serving": true, "program": id })),
+                None => self.dp.program_id().map(|program| Pong { serving: true, program }).and_then(to_value),
             },
             Request::Stop => {
                 self.stopping = true;

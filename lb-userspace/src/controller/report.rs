@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::control::{
-    proto::TraceStart,
+    proto::{FlowAnswer, TraceStart},
     status::{BackendStatus, Hash, ListenerStatus, NextProgram, Status},
 };
 
@@ -135,7 +135,7 @@ impl Controller {
     }
 
     /// Which backend a flow is pinned to, or would get (Katran's getRealForFlow).
-    pub(super) fn flow(&self, client: &str, vip: &str) -> anyhow::Result<Value> {
+    pub(super) fn flow(&self, client: &str, vip: &str) -> anyhow::Result<FlowAnswer> {
         let client: SocketAddr = client.parse().with_context(|| format!("client {client:?} is not IP:PORT ([IPv6]:PORT)"))?;
         let vip: SocketAddr = vip.parse().with_context(|| format!("vip {vip:?} is not IP:PORT ([IPv6]:PORT)"))?;
         anyhow::ensure!(client.is_ipv6() == vip.is_ipv6(), "client {client} and vip {vip} are of different families");
@@ -153,11 +153,16 @@ impl Controller {
         let now = self.dp.now_age()?;
         if let Some(f) = self.dp.flow(client.ip(), client.port(), vip.ip(), vip.port()).filter(|f| f.idle(now) < expire) {
             let cached = self.dp.cached_flow(client.ip(), client.port(), vip.ip(), vip.port())?.len();
-            return Ok(json!({
-                "listener": l.name, "backend": name_of(real_backend(f.real())),
-                "source": "flow table", "closing": f.closing(), "confirmed": f.confirmed(), "idle_s": idle_secs(f.idle(now)),
-                "cached_cpus": cached, "buckets": buckets,
-            }));
+            return Ok(FlowAnswer::Pinned {
+                listener: l.name.clone(),
+                backend: name_of(real_backend(f.real())),
+                source: "flow table".to_owned(),
+                closing: f.closing(),
+                confirmed: f.confirmed(),
+                idle_s: idle_secs(f.idle(now)),
+                cached_cpus: cached,
+                buckets,
+            });
         }
         let wire = |p: u16| u16::from_ne_bytes(p.to_be_bytes());
         let hash = match (client.ip(), vip.ip()) {
@@ -182,9 +187,12 @@ impl Controller {
         let d = self.desired.listeners.iter().find(|d| d.id == lid).context("listener planned")?;
         let slot = d.ring[ring_slot(hash, self.config.ring_size) as usize];
         let backend = if slot == NO_BACKEND { None } else { name_of(slot) };
-        Ok(
-            json!({ "listener": l.name, "backend": backend, "source": "ring (not in the flow table)", "slot": ring_slot(hash, self.config.ring_size) }),
-        )
+        Ok(FlowAnswer::Ring {
+            listener: l.name.clone(),
+            backend,
+            source: "ring (not in the flow table)".to_owned(),
+            slot: ring_slot(hash, self.config.ring_size),
+        })
     }
 
     /// A human summary of what is being served.
