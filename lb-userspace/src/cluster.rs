@@ -123,7 +123,7 @@ pub struct Settings {
 }
 
 /// One other node, as this one sees it (for status and metrics).
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PeerStatus {
     pub node: String,
     /// Our connection to it (our exceptions go this way).
@@ -133,14 +133,38 @@ pub struct PeerStatus {
     pub in_connected: bool,
     /// It has sent a whole round since it connected.
     pub synced: bool,
-    /// `same`, `differs` (its config's ring-relevant part is not ours) or `unknown`.
-    pub config: &'static str,
+    pub config: PeerConfig,
     pub flows_sent: u64,
     pub flows_received: u64,
     pub in_error: Option<String>,
     /// The newest incoming connection: an older one that ends does not mark the peer gone.
     #[serde(skip)]
     pub in_generation: u64,
+}
+
+/// Whether another node builds its rings from the same config as this one (by their
+/// fingerprints).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerConfig {
+    Same,
+    /// Its config's ring-relevant part is not ours.
+    Differs,
+    /// Not heard from yet.
+    #[default]
+    Unknown,
+}
+
+impl PeerConfig {
+    /// As status and its JSON name it.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Same => "same",
+            Self::Differs => "differs",
+            Self::Unknown => "unknown",
+        }
+    }
 }
 
 type Peers = Arc<Mutex<BTreeMap<Ipv4Addr, PeerStatus>>>;
@@ -207,7 +231,7 @@ impl Cluster {
                     let was = old.get(n.ip());
                     let status = PeerStatus {
                         node: n.to_string(),
-                        config: "unknown",
+                        config: PeerConfig::Unknown,
                         flows_sent: was.map_or(0, |p| p.flows_sent),
                         flows_received: was.map_or(0, |p| p.flows_received),
                         ..PeerStatus::default()
@@ -653,7 +677,7 @@ async fn accept(listener: Arc<TcpListener>, s: Settings, peers: Peers, events: m
                 if generation.is_some_and(|g| g == p.in_generation) {
                     p.in_connected = false;
                     p.synced = false;
-                    p.config = "unknown";
+                    p.config = PeerConfig::Unknown;
                 }
                 p.in_error = Some(format!("{why:#}"));
             });
@@ -709,7 +733,7 @@ async fn receive(
         generation = Some(p.in_generation);
         p.in_connected = true;
         p.synced = false;
-        p.config = if same { "same" } else { "differs" };
+        p.config = if same { PeerConfig::Same } else { PeerConfig::Differs };
         p.in_error = None;
     });
     on_greeted();
@@ -927,10 +951,10 @@ mod tests {
         peer_until(&c, "the refusal", |p| p.in_error.as_deref().is_some_and(|e| e.contains("at most 64"))).await;
 
         let mut first = shake_hands(Some(&key(KEY)), 8, PEER, at).await.expect("a handshake");
-        peer_until(&c, "a node of another config", |p| p.in_connected && p.config == "differs").await;
+        peer_until(&c, "a node of another config", |p| p.in_connected && p.config == PeerConfig::Differs).await;
         assert!(matches!(next_event(&mut rx).await, Event::Greeted { from: PEER, same: false }));
         let mut second = shake_hands(Some(&key(KEY)), 7, PEER, at).await.expect("a handshake");
-        peer_until(&c, "a node of the same config", |p| p.in_connected && p.config == "same").await;
+        peer_until(&c, "a node of the same config", |p| p.in_connected && p.config == PeerConfig::Same).await;
         assert!(matches!(next_event(&mut rx).await, Event::Greeted { from: PEER, same: true }));
         assert!(closed(&mut first.stream).await, "the node's older connection was kept beside its new one");
         // A connection from the node's address that proves nothing does not push it out.
@@ -939,7 +963,7 @@ mod tests {
         assert!(closed(&mut intruder).await, "a bad HELLO was taken");
         assert!(!closed(&mut second.stream).await, "the node's good connection was closed");
         let p = peer_until(&c, "the node still connected", |p| p.in_connected).await;
-        assert_eq!(p.config, "same");
+        assert_eq!(p.config, PeerConfig::Same);
         second.send(SYNCED, &[]).await;
         assert!(matches!(next_event(&mut rx).await, Event::Synced { from: PEER }), "the good connection still carries");
     }

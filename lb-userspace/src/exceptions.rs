@@ -200,7 +200,7 @@ pub enum Done {
 }
 
 /// Results of merges, by [`Merged`] kind.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MergeCounts {
     pub inserted: u64,
     pub refreshed: u64,

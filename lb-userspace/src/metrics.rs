@@ -21,65 +21,33 @@ use tokio::{
     sync::{Semaphore, mpsc, oneshot},
 };
 
-use crate::control::{Call, Request};
+use crate::{
+    cluster::{PeerConfig, PeerStatus},
+    control::{
+        Call, Request,
+        status::{BackendStatus, ListenerStatus, Status},
+    },
+};
 
-/// One (listener, backend) pair's numbers.
-#[derive(Clone, Debug, Default)]
-pub struct PairSample {
-    pub listener: String,
-    pub backend: String,
-    pub up: bool,
-    /// As `dsrlb status` shows it: up, down, vip-misconfigured, refusing, no-mac.
-    pub state: &'static str,
-    /// How long its last health-check round took, in seconds (none before the first).
-    pub check_seconds: Option<f64>,
-    pub check_failures: u64,
-    /// Probe rounds that could not be made on the balancer's side (not the broker's failure).
-    pub local_errors: u64,
-    pub packets: u64,
-    pub bytes: u64,
-    pub new_flows: u64,
-    pub flows: u64,
-}
-
-/// Everything one scrape shows, taken by the controller.
-#[derive(Clone, Debug, Default)]
-pub struct Snapshot {
-    pub pairs: Vec<PairSample>,
-    /// (listener, packets, bytes, new flows).
-    pub listeners: Vec<(String, u64, u64, u64)>,
-    /// (verdict, reason, packets).
-    pub verdicts: Vec<(String, String, u64)>,
-    /// (listener, SYNs dropped by `max_conn_rate`, ICMP too-big forwarded).
-    pub guards: Vec<(String, u64, u64)>,
-    /// (event, count): flow table inserts by outcome, and flows expired.
-    pub table_events: Vec<(String, u64)>,
-    /// (listener, every backend down and the listener failing open).
-    pub fail_open: Vec<(String, bool)>,
-    pub flow_table_entries: u64,
-    /// `[announce]`: (VIP, announced).
-    pub announced: Vec<(String, bool)>,
-    /// `[cluster]`: the other nodes, the exceptions of the last walk, merges, joined.
-    pub peers: Vec<crate::cluster::PeerStatus>,
-    pub exceptions: Option<u64>,
-    pub merges: Option<crate::exceptions::MergeCounts>,
-    pub joined: Option<bool>,
-    /// `[cluster]` with `insecure = true`: the sync authenticates no peer.
-    pub cluster_insecure: Option<bool>,
-}
+/// One scrape: the status the controller built, as the registry's collector.
+#[derive(Debug)]
+struct Scrape(Status);
 
 type Labels = Vec<(&'static str, String)>;
 /// (name, help, value getter) of a counter family.
-type PairCounter = (&'static str, &'static str, fn(&PairSample) -> u64);
-type ListenerCounter = (&'static str, &'static str, fn(&(String, u64, u64, u64)) -> u64);
-type GuardCounter = (&'static str, &'static str, fn(&(String, u64, u64)) -> u64);
-type PeerCounter = (&'static str, &'static str, fn(&crate::cluster::PeerStatus) -> u64);
+type PairCounter = (&'static str, &'static str, fn(&BackendStatus) -> u64);
+type ListenerCounter = (&'static str, &'static str, fn(&ListenerStatus) -> u64);
+type PeerCounter = (&'static str, &'static str, fn(&PeerStatus) -> u64);
 
-fn pair_labels(p: &PairSample) -> Labels {
-    vec![("listener", p.listener.clone()), ("backend", p.backend.clone())]
-}
+impl Scrape {
+    /// Every (listener, backend) pair with its labels.
+    fn pairs(&self) -> impl Iterator<Item = (Labels, &BackendStatus)> {
+        self.0
+            .listeners
+            .iter()
+            .flat_map(|l| l.backends.iter().map(move |b| (vec![("listener", l.name.clone()), ("backend", b.name.clone())], b)))
+    }
 
-impl Snapshot {
     /// Per (listener, backend): up or not, the state, the last check round's time.
     fn encode_pair_gauges(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         {
@@ -89,8 +57,8 @@ impl Snapshot {
                 None,
                 MetricType::Gauge,
             )?;
-            for p in &self.pairs {
-                ConstGauge::new(i64::from(p.up)).encode(m.encode_family(&pair_labels(p))?)?;
+            for (labels, p) in self.pairs() {
+                ConstGauge::new(i64::from(p.up())).encode(m.encode_family(&labels)?)?;
             }
         }
         {
@@ -100,9 +68,9 @@ impl Snapshot {
                 None,
                 MetricType::Gauge,
             )?;
-            for p in &self.pairs {
+            for (labels, p) in self.pairs() {
                 if let Some(s) = p.check_seconds {
-                    ConstGauge::new(s).encode(m.encode_family(&pair_labels(p))?)?;
+                    ConstGauge::new(s).encode(m.encode_family(&labels)?)?;
                 }
             }
         }
@@ -113,9 +81,8 @@ impl Snapshot {
                 None,
                 MetricType::Gauge,
             )?;
-            for p in &self.pairs {
-                let mut labels = pair_labels(p);
-                labels.push(("state", p.state.to_owned()));
+            for (mut labels, p) in self.pairs() {
+                labels.push(("state", p.state.clone()));
                 ConstGauge::new(1).encode(m.encode_family(&labels)?)?;
             }
         }
@@ -123,8 +90,9 @@ impl Snapshot {
     }
 }
 
-impl Collector for Snapshot {
+impl Collector for Scrape {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
         self.encode_pair_gauges(&mut e)?;
         let counters: [PairCounter; 5] = [
             ("dsrlb_backend_check_failures", "Failed health checks", |p| p.check_failures),
@@ -139,8 +107,8 @@ impl Collector for Snapshot {
         ];
         for (name, help, get) in counters {
             let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for p in &self.pairs {
-                ConstCounter::new(get(p)).encode(m.encode_family(&pair_labels(p))?)?;
+            for (labels, p) in self.pairs() {
+                ConstCounter::new(get(p)).encode(m.encode_family(&labels)?)?;
             }
         }
         {
@@ -150,19 +118,24 @@ impl Collector for Snapshot {
                 None,
                 MetricType::Gauge,
             )?;
-            for p in &self.pairs {
-                ConstGauge::new(i64::try_from(p.flows).unwrap_or(i64::MAX)).encode(m.encode_family(&pair_labels(p))?)?;
+            for (labels, p) in self.pairs() {
+                ConstGauge::new(i64::try_from(p.flows).unwrap_or(i64::MAX)).encode(m.encode_family(&labels)?)?;
             }
         }
-        let listener: [ListenerCounter; 3] = [
-            ("dsrlb_listener_packets", "Packets forwarded for the listener", |l| l.1),
-            ("dsrlb_listener_bytes", "Bytes forwarded for the listener", |l| l.2),
-            ("dsrlb_listener_new_flows", "New flows of the listener", |l| l.3),
+        let listener: [ListenerCounter; 5] = [
+            ("dsrlb_listener_packets", "Packets forwarded for the listener", |l| l.packets),
+            ("dsrlb_listener_bytes", "Bytes forwarded for the listener", |l| l.bytes),
+            ("dsrlb_listener_new_flows", "New flows of the listener", |l| l.new_flows),
+            ("dsrlb_listener_conn_rate_dropped", "SYNs of new connections dropped by the listener's max_conn_rate", |l| {
+                l.conn_rate_dropped
+            }),
+            ("dsrlb_listener_icmp_too_big", "ICMP fragmentation-needed forwarded to the broker of the flow they quote", |l| l.icmp_too_big),
         ];
-        for (name, help, get) in listener {
+        let (traffic, guards) = listener.split_at(3);
+        for (name, help, get) in traffic {
             let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for l in &self.listeners {
-                ConstCounter::new(get(l)).encode(m.encode_family(&vec![("listener", l.0.clone())])?)?;
+            for l in &s.listeners {
+                ConstCounter::new(get(l)).encode(m.encode_family(&vec![("listener", l.name.clone())])?)?;
             }
         }
         {
@@ -172,61 +145,65 @@ impl Collector for Snapshot {
                 None,
                 MetricType::Counter,
             )?;
-            for (verdict, reason, n) in &self.verdicts {
-                ConstCounter::new(*n).encode(m.encode_family(&vec![("verdict", verdict.clone()), ("reason", reason.clone())])?)?;
+            for (label, n) in &s.verdicts {
+                let (verdict, reason) = label.split_once('/').unwrap_or((label, ""));
+                ConstCounter::new(*n).encode(m.encode_family(&vec![("verdict", verdict.to_owned()), ("reason", reason.to_owned())])?)?;
             }
         }
-        let guards: [GuardCounter; 2] = [
-            ("dsrlb_listener_conn_rate_dropped", "SYNs of new connections dropped by the listener's max_conn_rate", |g| g.1),
-            ("dsrlb_listener_icmp_too_big", "ICMP fragmentation-needed forwarded to the broker of the flow they quote", |g| g.2),
-        ];
         for (name, help, get) in guards {
             let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for g in &self.guards {
-                ConstCounter::new(get(g)).encode(m.encode_family(&vec![("listener", g.0.clone())])?)?;
+            for l in &s.listeners {
+                ConstCounter::new(get(l)).encode(m.encode_family(&vec![("listener", l.name.clone())])?)?;
             }
         }
         {
             let help = "Flow table inserts by outcome (refused: the flood guard kept every confirmed flow), and flows expired for idleness";
             let mut m = e.encode_descriptor("dsrlb_flow_table_events", help, None, MetricType::Counter)?;
-            for (event, n) in &self.table_events {
+            for (event, n) in &s.flow_table {
                 ConstCounter::new(*n).encode(m.encode_family(&vec![("event", event.clone())])?)?;
             }
         }
         {
             let help = "1 when every backend of the listener is marked down and new flows go to all of them (all_down = \"forward\")";
             let mut m = e.encode_descriptor("dsrlb_listener_fail_open", help, None, MetricType::Gauge)?;
-            for (l, open) in &self.fail_open {
-                ConstGauge::new(i64::from(*open)).encode(m.encode_family(&vec![("listener", l.clone())])?)?;
+            for l in &s.listeners {
+                ConstGauge::new(i64::from(l.fail_open)).encode(m.encode_family(&vec![("listener", l.name.clone())])?)?;
             }
         }
         let m = e.encode_descriptor("dsrlb_flow_table_entries", "Live entries in the flow table", None, MetricType::Gauge)?;
-        ConstGauge::new(i64::try_from(self.flow_table_entries).unwrap_or(i64::MAX)).encode(m)?;
-        self.encode_ha(&mut e)
+        ConstGauge::new(i64::try_from(s.flow_table_entries).unwrap_or(i64::MAX)).encode(m)?;
+        self.encode_announce(&mut e)?;
+        self.encode_cluster(&mut e)
     }
 }
 
-impl Snapshot {
-    fn encode_ha(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        if !self.announced.is_empty() {
+impl Scrape {
+    fn encode_announce(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(a) = &self.0.announce else { return Ok(()) };
+        if !a.vips.is_empty() {
             let help = "1 while this node announces the VIP to the routers ([announce])";
             let mut m = e.encode_descriptor("dsrlb_vip_announced", help, None, MetricType::Gauge)?;
-            for (vip, on) in &self.announced {
-                ConstGauge::new(i64::from(*on)).encode(m.encode_family(&vec![("vip", vip.clone())])?)?;
+            for v in &a.vips {
+                ConstGauge::new(i64::from(v.announced)).encode(m.encode_family(&vec![("vip", v.vip.to_string())])?)?;
             }
         }
-        if let Some(joined) = self.joined {
+        Ok(())
+    }
+
+    fn encode_cluster(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let cluster = self.0.cluster.as_ref();
+        if let Some(c) = cluster {
             let m = e.encode_descriptor(
                 "dsrlb_cluster_joined",
                 "1 once this node has the other nodes' exceptions (or join_wait passed)",
                 None,
                 MetricType::Gauge,
             )?;
-            ConstGauge::new(i64::from(joined)).encode(m)?;
+            ConstGauge::new(i64::from(c.joined)).encode(m)?;
         }
         {
             // Always exported (0 without [cluster]), so the alert on it has a series to read.
-            let insecure = self.cluster_insecure.unwrap_or(false);
+            let insecure = cluster.is_some_and(|c| c.insecure);
             let m = e.encode_descriptor(
                 "dsrlb_cluster_insecure",
                 "1 when the cluster sync runs without a key (insecure = true): any process that reaches it from a node's address is trusted; 0 with a key, or without [cluster]",
@@ -235,14 +212,15 @@ impl Snapshot {
             )?;
             ConstGauge::new(i64::from(insecure)).encode(m)?;
         }
-        if !self.peers.is_empty() {
+        let Some(c) = cluster else { return Ok(()) };
+        if !c.peers.is_empty() {
             let mut m = e.encode_descriptor(
                 "dsrlb_cluster_peer_up",
                 "1 while the connection to (out) or from (in) the node is up",
                 None,
                 MetricType::Gauge,
             )?;
-            for p in &self.peers {
+            for p in &c.peers {
                 for (dir, up) in [("out", p.out_connected), ("in", p.in_connected)] {
                     ConstGauge::new(i64::from(up))
                         .encode(m.encode_family(&vec![("peer", p.node.clone()), ("direction", dir.to_owned())])?)?;
@@ -254,8 +232,8 @@ impl Snapshot {
                 None,
                 MetricType::Gauge,
             )?;
-            for p in &self.peers {
-                ConstGauge::new(i64::from(p.config == "same")).encode(m.encode_family(&vec![("peer", p.node.clone())])?)?;
+            for p in &c.peers {
+                ConstGauge::new(i64::from(p.config == PeerConfig::Same)).encode(m.encode_family(&vec![("peer", p.node.clone())])?)?;
             }
             let counters: [PeerCounter; 2] = [
                 ("dsrlb_cluster_flows_sent", "Exception flows sent to the node", |p| p.flows_sent),
@@ -263,49 +241,48 @@ impl Snapshot {
             ];
             for (name, help, get) in counters {
                 let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
-                for p in &self.peers {
+                for p in &c.peers {
                     ConstCounter::new(get(p)).encode(m.encode_family(&vec![("peer", p.node.clone())])?)?;
                 }
             }
         }
-        if let Some(n) = self.exceptions {
+        if let Some(w) = c.last_walk {
             let m = e.encode_descriptor(
                 "dsrlb_cluster_exceptions",
                 "Live flows pinned elsewhere than the current ring picks, at the last walk",
                 None,
                 MetricType::Gauge,
             )?;
-            ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX)).encode(m)?;
+            ConstGauge::new(i64::try_from(w.exceptions).unwrap_or(i64::MAX)).encode(m)?;
         }
-        if let Some(c) = self.merges {
-            let mut m = e.encode_descriptor(
-                "dsrlb_cluster_merges",
-                "Flows received from other nodes, by what the flow table did with them",
-                None,
-                MetricType::Counter,
-            )?;
-            for (result, n) in [
-                ("inserted", c.inserted),
-                ("refreshed", c.refreshed),
-                ("kept", c.kept),
-                ("full", c.full),
-                ("unknown", c.unknown),
-                ("capped", c.capped),
-            ] {
-                ConstCounter::new(n).encode(m.encode_family(&vec![("result", result.to_owned())])?)?;
-            }
+        let mut m = e.encode_descriptor(
+            "dsrlb_cluster_merges",
+            "Flows received from other nodes, by what the flow table did with them",
+            None,
+            MetricType::Counter,
+        )?;
+        let n = c.merged;
+        for (result, n) in [
+            ("inserted", n.inserted),
+            ("refreshed", n.refreshed),
+            ("kept", n.kept),
+            ("full", n.full),
+            ("unknown", n.unknown),
+            ("capped", n.capped),
+        ] {
+            ConstCounter::new(n).encode(m.encode_family(&vec![("result", result.to_owned())])?)?;
         }
         Ok(())
     }
 }
 
-/// The OpenMetrics text of a snapshot.
+/// The OpenMetrics text of a status.
 ///
 /// # Errors
 /// Only if formatting fails.
-pub fn render(s: Snapshot) -> anyhow::Result<String> {
+pub fn render(status: Status) -> anyhow::Result<String> {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(s));
+    registry.register_collector(Box::new(Scrape(status)));
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &registry).context("encoding metrics")?;
     Ok(out)
@@ -668,36 +645,22 @@ mod tests {
 
     #[test]
     fn renders_haproxy_like_names() {
-        let s = Snapshot {
-            pairs: vec![PairSample {
-                listener: "mqtt".into(),
-                backend: "b1".into(),
-                up: true,
-                state: "up",
-                check_seconds: Some(0.25),
-                local_errors: 2,
-                packets: 7,
-                ..PairSample::default()
-            }],
-            listeners: vec![("mqtt".into(), 7, 700, 1)],
-            verdicts: vec![("tx".into(), "forwarded".into(), 7)],
-            guards: vec![("mqtt".into(), 3, 2)],
-            table_events: vec![("refused".into(), 5)],
-            fail_open: vec![("mqtt".into(), true)],
-            flow_table_entries: 1,
-            announced: vec![("192.0.2.100".into(), true)],
-            peers: vec![crate::cluster::PeerStatus {
-                node: "192.0.2.3:9878".into(),
-                out_connected: true,
-                config: "same",
-                flows_sent: 4,
-                ..crate::cluster::PeerStatus::default()
-            }],
-            exceptions: Some(9),
-            merges: Some(crate::exceptions::MergeCounts { inserted: 6, ..crate::exceptions::MergeCounts::default() }),
-            joined: Some(true),
-            cluster_insecure: Some(true),
+        use crate::control::status::{LastWalk, sample};
+        let mut s = sample::status();
+        let (l, c) = (&mut s.listeners[0], s.cluster.as_mut().expect("a cluster"));
+        (l.packets, l.bytes, l.new_flows, l.conn_rate_dropped, l.icmp_too_big, l.fail_open) = (7, 700, 1, 3, 2, true);
+        l.backends[0] = BackendStatus {
+            state: "up".into(),
+            check_seconds: Some(0.25),
+            check_failures: 0,
+            local_errors: 2,
+            packets: 7,
+            ..sample::backend()
         };
+        s.verdicts = [("tx/forwarded".to_owned(), 7)].into();
+        s.flow_table = [("refused".to_owned(), 5)].into();
+        s.flow_table_entries = 1;
+        (c.insecure, c.joined, c.last_walk) = (true, true, Some(LastWalk { exceptions: 9, ago_s: 0, took_ms: 0 }));
         let text = render(s).expect("render");
         for want in [
             "dsrlb_backend_status{listener=\"mqtt\",backend=\"b1\"} 1",

@@ -12,29 +12,35 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use lb_common::{
-    NO_BACKEND, flow_hash, flow_hash6, real_backend, real_id, real_listener, reason, ring_slot, source_hash, source_hash6, table_event,
-};
-use serde_json::{Value, json};
-use tokio::{
-    sync::{mpsc, oneshot},
-    task::JoinHandle,
-};
+use lb_common::{NO_BACKEND, flow_hash, flow_hash6, real_backend, real_id, reason, ring_slot, source_hash, source_hash6, table_event};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
 
+use self::{
+    announcing::Announcing,
+    cluster_link::{ClusterInbox, ClusterLink},
+    health_set::HealthSet,
+    walker::{FlowWalker, WalkerInbox},
+};
 use crate::{
-    config::{self, CheckKind, Config, HashMode, OnDown, format_mac},
-    control::{self, Call, Request, Response},
+    config::{self, Config, HashMode, format_mac},
+    control::{self, Call, Pong, Request, Response, status::Reloads},
     dataplane::{self, Dataplane, Desired, LoadOptions, Stats},
-    health::{self, PairHealth, Report, State},
-    neigh::Neighbours,
-    plan::{self, BackendRuntime, DownSet, Fresh, Ids, Out},
-    probe_route::{self, ProbeRoutes},
+    health::{Report, State},
+    neigh::{self, Neighbours},
+    plan::{self, BackendRuntime, DownSet, Fresh, Ids},
+    probe_route::ProbeRoutes,
 };
 
+mod announcing;
+mod cluster_link;
 mod ha;
+mod health_set;
 mod report;
+mod shutdown;
+mod walker;
 
-pub use ha::{HaInbox, fingerprint, withdraw_without_controller};
+pub use self::{announcing::withdraw_without_controller, cluster_link::fingerprint};
 
 /// How often backend MACs are re-read from the neighbour table.
 const MAC_REFRESH: Duration = Duration::from_secs(5);
@@ -107,14 +113,9 @@ fn recover_ids(config: &Config, dp: &Dataplane, neigh: &Neighbours) -> Ids {
     ids
 }
 
-type Pair = (String, String);
-
-/// Probe tasks and routes to start, with everything that can fail already done.
-struct ProbePlan {
-    targets: BTreeMap<Pair, health::Target>,
-    routes: probe_route::Wanted,
-}
-
+/// The balancer's controller: the config and the ids, MACs, weights and drains it runs with,
+/// the maps' desired state, and its parts: the health checks ([`HealthSet`]), the flow-table
+/// walks ([`FlowWalker`]) and the announcements and cluster link (`ha`).
 pub struct Controller {
     opts: RunOptions,
     config: Config,
@@ -122,14 +123,13 @@ pub struct Controller {
     runtime: BTreeMap<String, BackendRuntime>,
     /// Weights set from the CLI; a reload drops them.
     weights: BTreeMap<String, u32>,
-    health: BTreeMap<Pair, PairHealth>,
-    probes: BTreeMap<Pair, (health::Target, JoinHandle<()>)>,
-    reports: mpsc::Sender<Report>,
-    /// Taken on the way out, to clear.
-    routes: Option<ProbeRoutes>,
+    /// Ids given to new names since the last apply (see `Desired::fresh_backends`).
+    fresh: Fresh,
+    health: HealthSet,
     neigh: Neighbours,
     dp: Dataplane,
     src_mac: [u8; 6],
+    /// What the maps were last written with.
     desired: Desired,
     node: String,
     /// The last counter sample, and rates (packets/s, new flows/s) per real from the two last.
@@ -137,45 +137,47 @@ pub struct Controller {
     rates: BTreeMap<u32, (f64, f64)>,
     /// Set by `dsrlb stop`: detach and unpin on the way out.
     stopping: bool,
-    /// Live flows per real, from the last flow-table walk, and when it ended.
-    live_flows: Option<(Instant, BTreeMap<u32, usize>)>,
-    /// A walk runs; requests wait for it, with the way back; and where it reports.
-    walking: bool,
-    waiting: Vec<(Request, oneshot::Sender<Response>)>,
-    walked: mpsc::Sender<BTreeMap<u32, usize>>,
-    /// Flows removed for idleness since start, and whether a sweep runs now.
-    expired_total: u64,
-    sweeping: bool,
-    swept: mpsc::Sender<usize>,
-    /// Ids given to new names since the last apply (see `Desired::fresh_backends`).
-    fresh: Fresh,
-    /// The down set the maps were last written with: a pair whose grace ran out since changes
-    /// it, and the next tick applies.
-    applied_down: DownSet,
+    flows: FlowWalker,
     reloads: Reloads,
-    /// Announcements and the cluster (see `ha`).
-    ha: ha::Ha,
+    /// What this node announces to the routers, and its link to the other nodes (see `ha`).
+    announcing: Announcing,
+    link: ClusterLink,
     /// `next_program`, as found when it was last set.
     next: Option<dataplane::chain::Next>,
-    /// Probes that could not be made on this host's side, logged at most this often.
-    local_errors_log: health::LogLimit,
 }
 
-/// Reloads since start (CLI or SIGHUP), for status.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-struct Reloads {
-    applied: u64,
-    rejected: u64,
-    /// Why the last reload was rejected, until one is applied.
-    last_error: Option<String>,
+/// The receiving ends the controller's loop selects on, besides the signals.
+struct Inbox {
+    calls: mpsc::Receiver<Call>,
+    reports: mpsc::Receiver<Report>,
+    walker: WalkerInbox,
+    cluster: ClusterInbox,
+    neighbours: watch::Receiver<neigh::Macs>,
 }
 
-/// At most one log line this often for probes that fail on this host's side (status and the
-/// metrics count every one).
-const LOCAL_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+/// What a plan says the maps should hold, and the down set it was made with.
+struct Planned {
+    desired: Desired,
+    down: DownSet,
+}
 
-/// How old a flow-table walk may be before status or metrics walk again.
-const FLOW_WALK_EVERY: Duration = Duration::from_secs(2);
+impl Planned {
+    /// Plans the maps for `config` (with CLI weights applied), `ids` (`fresh` given since the
+    /// last write), the backends' `runtime` and the pairs `down`.
+    fn new(
+        config: &Config,
+        ids: &Ids,
+        fresh: &Fresh,
+        runtime: &BTreeMap<String, BackendRuntime>,
+        down: DownSet,
+        src_mac: [u8; 6],
+    ) -> anyhow::Result<Self> {
+        let mut desired = plan::desired(config, ids, runtime, &down, src_mac)?;
+        desired.fresh_backends.clone_from(&fresh.backends);
+        desired.fresh_listeners.clone_from(&fresh.listeners);
+        Ok(Self { desired, down })
+    }
+}
 
 fn node_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "node".to_owned(), |h| h.trim().to_owned())
@@ -187,14 +189,12 @@ impl Controller {
     ///
     /// # Errors
     /// When any step fails.
-    pub fn start(
+    fn start(
         opts: RunOptions,
         config: Config,
-        reports: mpsc::Sender<Report>,
-        swept: mpsc::Sender<usize>,
-        walked: mpsc::Sender<BTreeMap<u32, usize>>,
+        calls: mpsc::Receiver<Call>,
         (neigh, routes): (Neighbours, ProbeRoutes),
-    ) -> anyhow::Result<(Self, HaInbox)> {
+    ) -> anyhow::Result<(Self, Inbox)> {
         let src_mac = dataplane::interface_mac(&config.interface)?;
         vips_are_not_ours(&config)?;
         let load = LoadOptions { ring_size: config.ring_size, flow_table_size: config.flow_table_size };
@@ -224,17 +224,18 @@ impl Controller {
         let mut ids = saved.ids.clone();
         let fresh = ids.update(&config)?;
         neigh.want(wanted_neighbours(&config));
-        let (ha, inbox) = ha::Ha::new(dp.flow_table_handle());
+        let (link, cluster_inbox) = ClusterLink::new(dp.flow_table_handle());
+        let (flows, walker_inbox) = FlowWalker::new();
+        let (reports, reports_rx) = mpsc::channel::<Report>(1024);
+        let inbox = Inbox { calls, reports: reports_rx, walker: walker_inbox, cluster: cluster_inbox, neighbours: neigh.changes() };
         let mut c = Self {
             opts,
             config,
             ids,
             runtime,
             weights: saved.weights.clone(),
-            health: BTreeMap::new(),
-            probes: BTreeMap::new(),
-            reports,
-            routes: Some(routes),
+            fresh,
+            health: HealthSet::new(reports, Some(routes)),
             neigh,
             dp,
             src_mac,
@@ -243,29 +244,16 @@ impl Controller {
             sample: (Instant::now(), Stats::default()),
             rates: BTreeMap::new(),
             stopping: false,
-            live_flows: None,
-            walking: false,
-            waiting: Vec::new(),
-            walked,
-            expired_total: 0,
-            sweeping: false,
-            swept,
-            fresh,
-            applied_down: DownSet::new(),
+            flows,
             reloads: Reloads::default(),
-            ha,
+            announcing: Announcing::new(),
+            link,
             next: None,
-            local_errors_log: health::LogLimit::new(LOCAL_ERROR_LOG_EVERY),
         };
-        c.sync_health();
-        for &(lid, bid, state) in &saved.out {
-            let (l, b) = (name_of(&saved.ids.listeners, lid), name_of(&saved.ids.backends, bid));
-            if let Some(h) = l.zip(b).and_then(|pair| c.health.get_mut(&pair)) {
-                h.restore(state);
-            }
-        }
+        c.health.sync(&c.config);
+        c.health.restore(&saved.out, &saved.ids);
         // Everything that can fail before anything is written or attached.
-        let probes = c.plan_probes(&c.config, &c.ids)?;
+        let probes = HealthSet::plan(&c.config, &c.ids, &c.node)?;
         c.next = c.dp.set_next(c.config.next_program.as_deref())?;
         let before = if start == dataplane::Start::Adopted { Some(c.dp.flow_count()) } else { None };
         c.apply().context("filling the maps")?;
@@ -285,19 +273,14 @@ impl Controller {
             ),
             dataplane::Start::Fresh => tracing::info!(pins = %c.opts.pin_dir.display(), "attached and pinned"),
         }
-        c.start_probes(probes);
+        c.health.start(probes);
         c.sample = (Instant::now(), c.dp.stats()?);
         Ok((c, inbox))
     }
 
     /// Saves what the next controller needs to adopt the pins, in the pinned `CONTROL` map.
     fn save(&mut self) -> anyhow::Result<()> {
-        let out = self
-            .health
-            .iter()
-            .filter(|(_, h)| h.state != State::Up)
-            .filter_map(|((l, b), h)| Some((*self.ids.listeners.get(l)?, *self.ids.backends.get(b)?, h.state)))
-            .collect();
+        let out = self.health.out(&self.ids);
         let saved = Saved {
             ids: self.ids.clone(),
             drained: self.runtime.iter().filter(|(_, r)| r.drained).map(|(n, _)| n.clone()).collect(),
@@ -306,110 +289,6 @@ impl Controller {
         };
         let bytes = serde_json::to_vec(&saved).context("encoding the controller state")?;
         self.dp.save_control(&bytes)
-    }
-
-    fn pairs(config: &Config) -> impl Iterator<Item = (Pair, &config::Health)> {
-        config.listeners.iter().flat_map(|l| l.health.iter().map(move |(b, h)| ((l.name.clone(), b.clone()), h)))
-    }
-
-    /// Health entries for every pair of the config: existing ones keep their state.
-    fn sync_health(&mut self) {
-        let wanted: BTreeMap<Pair, config::Health> = Self::pairs(&self.config).map(|(p, h)| (p, h.clone())).collect();
-        self.health.retain(|p, _| wanted.contains_key(p));
-        for (p, h) in &wanted {
-            self.health.entry(p.clone()).or_insert_with(|| PairHealth::new(h));
-            if h.check == CheckKind::None {
-                // Unchecked pairs are always up.
-                self.health.insert(p.clone(), PairHealth::new(h));
-            }
-        }
-    }
-
-    /// Probe tasks and DSR probe routes for every checked pair; changed settings restart a
-    /// task, removed pairs stop theirs.
-    /// Probe tasks and DSR probe routes for every checked pair of `config` (ids from `ids`),
-    /// with everything that can fail (TLS files) done: [`Self::start_probes`] then cannot fail.
-    fn plan_probes(&self, config: &Config, ids: &Ids) -> anyhow::Result<ProbePlan> {
-        let mut targets: BTreeMap<Pair, health::Target> = BTreeMap::new();
-        let mut routes = probe_route::Wanted::new();
-        let mut tls_cache: BTreeMap<PathBuf, std::sync::Arc<tokio_rustls::rustls::ClientConfig>> = BTreeMap::new();
-        for l in &config.listeners {
-            for (b, h) in &l.health {
-                if h.check == CheckKind::None {
-                    continue;
-                }
-                let backend = config.backend(b).context("pair names a known backend")?;
-                let id = *ids.backends.get(b).with_context(|| format!("backend {b}: no id"))?;
-                let tls = match &h.tls_ca {
-                    Some(ca) if h.check == CheckKind::MqttTls => Some(if let Some(c) = tls_cache.get(ca) {
-                        c.clone()
-                    } else {
-                        let c = crate::tls::client_config(ca).with_context(|| format!("listener {}: tls_ca", l.name))?;
-                        tls_cache.insert(ca.clone(), c.clone());
-                        c
-                    }),
-                    _ => None,
-                };
-                let address = backend.address_for(l.vip).with_context(|| format!("backend {b}: no address of {}'s family", l.vip))?;
-                if h.vip_check {
-                    routes.entry(id).or_default().insert((l.vip, address));
-                }
-                targets.insert(
-                    (l.name.clone(), b.clone()),
-                    health::Target {
-                        listener: l.name.clone(),
-                        backend: b.clone(),
-                        real: SocketAddr::new(address, l.port),
-                        vip: SocketAddr::new(l.vip, l.port),
-                        mark: probe_route::mark(id),
-                        health: h.clone(),
-                        client_id: format!("dsrlb-hc-{}-{}-{}", self.node, l.name, b),
-                        tls,
-                    },
-                );
-            }
-        }
-        Ok(ProbePlan { targets, routes })
-    }
-
-    /// Starts the planned probes (changed settings restart a task, removed pairs stop theirs) and
-    /// installs their routes; a route the kernel refuses is a warning (the pair's VIP checks
-    /// fail, and the listener fails open if that takes every backend out).
-    fn start_probes(&mut self, plan: ProbePlan) {
-        let ProbePlan { targets: wanted, routes } = plan;
-        if let Some(r) = &self.routes {
-            r.set(routes);
-        }
-        let stale: Vec<Pair> =
-            self.probes.iter().filter(|(p, (t, _))| wanted.get(*p).is_none_or(|w| !same_target(w, t))).map(|(p, _)| p.clone()).collect();
-        for p in stale {
-            if let Some((_, task)) = self.probes.remove(&p) {
-                task.abort();
-            }
-        }
-        for (p, t) in wanted {
-            if !self.probes.contains_key(&p) {
-                let task = tokio::spawn(health::supervise(t.clone(), self.reports.clone()));
-                self.probes.insert(p, (t, task));
-            }
-        }
-    }
-
-    /// The pairs out of their rings, and whether their flows are re-picked: a pair marked down
-    /// resets its flows only with `on_down = "reset"` and once `on_down_grace` has passed; a
-    /// refusing broker (CONNACK 3) keeps its sessions.
-    fn down_set(&self) -> DownSet {
-        let mut out = DownSet::new();
-        for l in &self.config.listeners {
-            for b in &l.backends {
-                let pair = (l.name.clone(), b.clone());
-                let Some(h) = self.health.get(&pair).filter(|h| h.state != State::Up) else { continue };
-                let grace_over = h.out_since.is_none_or(|t| t.elapsed() >= l.failure.on_down_grace);
-                let reset = h.state != State::Refusing && l.failure.on_down == OnDown::Reset && grace_over;
-                out.insert(pair, Out { reset });
-            }
-        }
-        out
     }
 
     /// The config with CLI weight overrides applied.
@@ -425,10 +304,15 @@ impl Controller {
 
     /// Plans from the current state and writes the difference.
     fn apply(&mut self) -> anyhow::Result<()> {
-        let down = self.down_set();
-        let mut desired = plan::desired(&self.effective_config(), &self.ids, &self.runtime, &down, self.src_mac)?;
-        desired.fresh_backends.clone_from(&self.fresh.backends);
-        desired.fresh_listeners.clone_from(&self.fresh.listeners);
+        let down = self.health.down_set(&self.config);
+        let planned = Planned::new(&self.effective_config(), &self.ids, &self.fresh, &self.runtime, down, self.src_mac)?;
+        self.write(planned)
+    }
+
+    /// Writes a plan to the maps (the difference from the last), then tells the parts that
+    /// follow it (the announcements) and saves the state for the next controller.
+    fn write(&mut self, planned: Planned) -> anyhow::Result<()> {
+        let Planned { desired, down } = planned;
         let report = self.dp.apply(&desired)?;
         tracing::debug!(?report, "maps written");
         self.fresh = Fresh::default();
@@ -441,46 +325,26 @@ impl Controller {
             }
         }
         self.desired = desired;
-        self.applied_down = down;
+        self.health.applied(down);
         self.ha_after_apply();
         self.save()
     }
 
     /// Applies when a pair's `on_down_grace` has run out since the last apply.
     fn apply_if_down_changed(&mut self) {
-        if self.down_set() != self.applied_down
+        if self.health.down_changed(&self.config)
             && let Err(e) = self.apply()
         {
             tracing::error!(error = %format!("{e:#}"), "applying an on_down reset failed");
         }
     }
 
-    /// A health report: update the pair's state; a change rebuilds that listener's ring. A
-    /// local error (the probe could not be made) changes no state: it is counted, shown and
-    /// logged, at most every [`LOCAL_ERROR_LOG_EVERY`] over all pairs.
+    /// A health report: a pair's state that changed rebuilds its listener's ring.
     fn on_report(&mut self, r: &Report) {
-        let pair = (r.listener.clone(), r.backend.clone());
-        let Some(settings) = self.config.listeners.iter().find(|l| l.name == r.listener).and_then(|l| l.health.get(&r.backend)) else {
-            return; // a report from a pair removed by a reload
-        };
-        let (fall, rise) = (settings.fall, settings.rise);
-        let Some(h) = self.health.get_mut(&pair) else { return };
-        if let health::Outcome::Local(why) = &r.outcome {
-            h.observe(&r.outcome, fall, rise);
-            if let Some(held_back) = self.local_errors_log.allow(Instant::now()) {
-                tracing::warn!(
-                    listener = %r.listener, backend = %r.backend, state = h.state.as_str(), error = %why, held_back,
-                    "a health probe could not be made on this host's side: not the broker's failure, its state is kept (unchecked)"
-                );
-            }
-            return;
-        }
-        h.last_took = Some(r.took);
-        if let Some(state) = h.observe(&r.outcome, fall, rise) {
-            tracing::info!(listener = %r.listener, backend = %r.backend, state = state.as_str(), detail = %h.last, "backend state changed");
-            if let Err(e) = self.apply() {
-                tracing::error!(error = %format!("{e:#}"), "applying a health change failed");
-            }
+        if self.health.on_report(&self.config, r)
+            && let Err(e) = self.apply()
+        {
+            tracing::error!(error = %format!("{e:#}"), "applying a health change failed");
         }
     }
 
@@ -538,11 +402,16 @@ impl Controller {
         vips_are_not_ours(&new)?;
         let runtime = resolve_macs(&new, &self.runtime, &BTreeMap::new(), &self.neigh);
         let mut ids = self.ids.clone();
-        let fresh = ids.update(&new)?;
-        // Plan before committing anything: an error here leaves everything as it was.
-        plan::desired(&new, &ids, &runtime, &self.down_set(), self.src_mac)?;
-        let probes = self.plan_probes(&new, &ids)?;
-        let cluster = ha::cluster_settings(&new)?;
+        let mut fresh = self.fresh.clone();
+        let given = ids.update(&new)?;
+        fresh.listeners.extend(given.listeners);
+        fresh.backends.extend(given.backends);
+        let health = self.health.synced(&new);
+        // The one plan, made before committing anything (an error here leaves everything as it
+        // was) and written after.
+        let planned = Planned::new(&new, &ids, &fresh, &runtime, health_set::down_set(&health, &new), self.src_mac)?;
+        let probes = HealthSet::plan(&new, &ids, &self.node)?;
+        let cluster = cluster_link::cluster_settings(&new)?;
         // The next program first: a pin that is missing or refused changes nothing.
         // Looked up again even when the path is the same: the program pinned there may have been
         // replaced (xdp-filter loaded anew).
@@ -561,20 +430,21 @@ impl Controller {
         // the flow table pins them (and are shared as exceptions), new flows follow the new rings.
         let reseeded = new.ring_seed != self.config.ring_seed;
         let before =
-            (self.config.clone(), self.ids.clone(), self.fresh.clone(), self.runtime.clone(), self.weights.clone(), self.health.clone());
+            (self.config.clone(), self.ids.clone(), self.fresh.clone(), self.runtime.clone(), self.weights.clone(), self.health.keep());
         self.config = new;
         self.ids = ids;
-        self.fresh.listeners.extend(fresh.listeners);
-        self.fresh.backends.extend(fresh.backends);
+        self.fresh = fresh;
         self.runtime = runtime;
         self.neigh.want(wanted_neighbours(&self.config));
         self.weights.clear();
-        self.sync_health();
-        if let Err(e) = self.apply().and_then(|()| self.ha_reconfigure(cluster)) {
-            // A map write failed part way (the plan itself was checked above), or the cluster
+        self.health.put_back(health);
+        if let Err(e) = self.write(planned).and_then(|()| self.ha_reconfigure(cluster)) {
+            // A map write failed part way (the plan itself was made above), or the cluster
             // sync could not start with the new settings: put the old state back, in memory and
             // in the maps.
-            (self.config, self.ids, self.fresh, self.runtime, self.weights, self.health) = before;
+            let health;
+            (self.config, self.ids, self.fresh, self.runtime, self.weights, health) = before;
+            self.health.put_back(health);
             if next != self.next
                 && let Err(again) = self.dp.set_next(self.config.next_program.as_deref())
             {
@@ -587,7 +457,7 @@ impl Controller {
         }
         self.next = next;
         // Setting the probe routes also repairs them (rules someone removed are put back).
-        self.start_probes(probes);
+        self.health.start(probes);
         if reseeded {
             tracing::warn!(
                 "ring_seed_file changed: every ring was rebuilt; open flows stay on their brokers, new flows follow the new rings"
@@ -634,45 +504,39 @@ impl Controller {
         Ok(())
     }
 
-    /// Live flows per real from the last walk of the flow table (empty before the first).
-    fn live_flows(&self) -> BTreeMap<u32, usize> {
-        self.live_flows.as_ref().map(|(_, flows)| flows.clone()).unwrap_or_default()
+    /// A request from the control socket or the metrics endpoint; whether it was `dsrlb stop`.
+    fn on_call(&mut self, (req, reply): Call) -> bool {
+        if matches!(req, Request::Status | Request::Metrics) {
+            self.queue((req, reply));
+        } else {
+            let _ = reply.send(self.handle(req));
+        }
+        if self.stopping {
+            tracing::info!("dsrlb stop: detaching");
+        }
+        self.stopping
     }
 
-    /// A status or metrics request: answered from a walk of the flow table, which runs in a
-    /// thread of its own (a walk reads the whole table: 32 MB at the default size, up to 4 GiB)
-    /// so the loop keeps serving meanwhile. Metrics reuse a walk up to [`FLOW_WALK_EVERY`] old;
-    /// status waits for one that starts after it asked.
-    fn queue(&mut self, req: Request, reply: oneshot::Sender<Response>) {
-        let fresh = self.live_flows.as_ref().is_some_and(|(at, _)| at.elapsed() < FLOW_WALK_EVERY);
-        if req == Request::Metrics && fresh {
+    /// A status or metrics request: answered from a walk of the flow table ([`FlowWalker`]),
+    /// so the loop keeps serving while the walk runs.
+    fn queue(&mut self, call: Call) {
+        if let Some((req, reply)) = self.flows.ask(call) {
             let _ = reply.send(self.handle(req));
             return;
         }
-        self.waiting.push((req, reply));
-        if self.walking {
+        if !self.flows.walk_wanted() {
             return;
         }
-        let now = match self.dp.now_age() {
-            Ok(now) => now,
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "reading the flow clock failed; counting idle flows as live");
-                0
-            }
-        };
-        self.walking = true;
-        let (table, expire, done) = (self.dp.flow_table_handle(), self.expire_units(), self.walked.clone());
-        tokio::task::spawn_blocking(move || {
-            let flows = table.live_per_real(now, |l| expire.get(&l).copied().unwrap_or(u32::MAX));
-            let _ = done.blocking_send(flows);
+        let now = self.dp.now_age().unwrap_or_else(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "reading the flow clock failed; counting idle flows as live");
+            0
         });
+        self.flows.walk(self.dp.flow_table_handle(), now, self.expire_units());
     }
 
     /// A walk finished: answer every request that waited for it.
-    fn walked(&mut self, flows: BTreeMap<u32, usize>) {
-        self.walking = false;
-        self.live_flows = Some((Instant::now(), flows));
-        for (req, reply) in std::mem::take(&mut self.waiting) {
+    fn on_walked(&mut self, flows: walker::LiveFlows) {
+        for (req, reply) in self.flows.walked(flows) {
             let _ = reply.send(self.handle(req));
         }
     }
@@ -688,49 +552,40 @@ impl Controller {
         (shortest / 8).clamp(Duration::from_secs(1), Duration::from_mins(1))
     }
 
-    /// Starts removing flows idle past their listener's timeout, in a thread of its own (a
-    /// walk of the whole table); [`Self::swept`] takes the count. One sweep at a time.
-    fn sweep(&mut self) {
-        if self.sweeping {
-            return;
+    /// Every second: the data plane's events, a counter sample, a sweep when due, a down set
+    /// whose grace ran out, and the announcements and cluster link.
+    fn tick(&mut self) {
+        self.dp.flush_events();
+        if let Err(e) = self.sample_stats() {
+            tracing::warn!(error = %format!("{e:#}"), "reading counters failed");
         }
-        let now = match self.dp.now_age() {
-            Ok(now) => now,
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "reading the flow clock failed; no expiry this round");
-                return;
+        if self.flows.sweep_due(Instant::now()) {
+            let every = self.sweep_every();
+            match self.dp.now_age() {
+                Ok(now) => self.flows.sweep(self.dp.flow_table_handle(), now, self.expire_units(), every),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "reading the flow clock failed; no expiry this round");
+                    self.flows.next_sweep_in(every);
+                }
             }
-        };
-        self.sweeping = true;
-        let (table, expire, done) = (self.dp.flow_table_handle(), self.expire_units(), self.swept.clone());
-        tokio::task::spawn_blocking(move || {
-            let removed = table.remove_where(|f| f.idle(now) >= expire.get(&real_listener(f.real())).copied().unwrap_or(u32::MAX));
-            let _ = done.blocking_send(removed);
-        });
-    }
-
-    fn swept(&mut self, removed: usize) {
-        self.sweeping = false;
-        self.expired_total += removed as u64;
-        if removed > 0 {
-            tracing::debug!(removed, "expired idle flows");
-            self.live_flows = None;
         }
+        self.apply_if_down_changed();
+        self.ha_tick();
     }
 
     fn handle(&mut self, req: Request) -> Response {
         let result = match req {
-            Request::Status => self.status(),
+            Request::Status => self.dp.stats().and_then(|stats| self.status(&stats)).and_then(to_value),
             Request::Drain { backend } => self.set_drained(&backend, true).map(Value::from),
             Request::Undrain { backend } => self.set_drained(&backend, false).map(Value::from),
             Request::Weight { backend, weight } => self.set_weight(&backend, weight).map(Value::from),
             Request::Reload => self.reload_logged().map(Value::from),
-            Request::Flow { client, vip } => self.flow(&client, &vip),
-            Request::Trace { listener, backend, .. } => self.trace_names(listener.as_deref(), backend.as_deref()),
-            Request::Metrics => crate::metrics::render(self.metrics()).map(Value::from),
+            Request::Flow { client, vip } => self.flow(&client, &vip).and_then(to_value),
+            Request::Trace { listener, backend, .. } => self.trace_names(listener.as_deref(), backend.as_deref()).and_then(to_value),
+            Request::Metrics => self.metrics().map(Value::from),
             Request::Ping => match self.ha_not_ready() {
                 Some(why) => Err(anyhow::anyhow!("not ready: {why}")),
-                None => self.dp.program_id().map(|id| json!({ "serving": true, "program": id })),
+                None => self.dp.program_id().map(|program| Pong { serving: true, program }).and_then(to_value),
             },
             Request::Stop => {
                 self.stopping = true;
@@ -773,9 +628,9 @@ fn wanted_neighbours(config: &Config) -> BTreeSet<IpAddr> {
     config.backends.iter().filter(|b| b.mac.is_none()).map(config::Backend::primary).collect()
 }
 
-/// The name holding `id`.
-fn name_of(ids: &BTreeMap<String, u32>, id: u32) -> Option<String> {
-    ids.iter().find(|(_, v)| **v == id).map(|(k, _)| k.clone())
+/// An answer's data as JSON.
+fn to_value(data: impl serde::Serialize) -> anyhow::Result<Value> {
+    serde_json::to_value(data).context("encoding the answer")
 }
 
 /// Refuses a listener whose VIP is an address of the balancer's interface: frames to it for the
@@ -806,52 +661,24 @@ fn show(text: &str) {
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
-fn same_target(a: &health::Target, b: &health::Target) -> bool {
-    a.real == b.real && a.vip == b.vip && a.mark == b.mark && a.health == b.health
-}
-
 /// `dsrlb run`: starts (or adopts) the balancer and serves until SIGINT or SIGTERM, which leave
 /// forwarding running from the pins; SIGHUP reloads; `dsrlb stop` detaches and unpins.
 ///
 /// # Errors
 /// When starting fails; nothing stays attached then.
-#[expect(clippy::too_many_lines, reason = "the controller's one event loop, its start and its end, read top to bottom")]
 pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
     // Handlers first: a signal that arrives while loading must still mean "detach and exit".
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let (report_tx, mut reports) = mpsc::channel::<Report>(1024);
-    let (swept_tx, mut swept) = mpsc::channel::<usize>(1);
-    let (walked_tx, mut walked) = mpsc::channel::<BTreeMap<u32, usize>>(1);
-    let (call_tx, mut calls) = mpsc::channel::<Call>(64);
+    let mut signals = Signals::new()?;
+    let (call_tx, calls) = mpsc::channel::<Call>(64);
     let traces = std::sync::Arc::new(dataplane::trace::TraceHub::default());
     let read_only_group = config.read_only_group.as_ref().map(|g| g.gid);
     let server = control::Sockets::serve(&opts.socket, opts.access, read_only_group, call_tx.clone(), Some(traces.clone()))?;
-    let metrics = match opts.metrics {
-        None => None,
-        Some(addr) => match crate::metrics::serve(addr, call_tx).await {
-            Ok(task) => {
-                tracing::info!(%addr, "metrics at http://{addr}/metrics");
-                Some(task)
-            }
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "no metrics endpoint");
-                None
-            }
-        },
+    let metrics = serve_metrics(opts.metrics, call_tx).await;
+    let started = match (Neighbours::start(&config.interface).await, ProbeRoutes::start(&config.interface).await) {
+        (Ok(n), Ok(r)) => Controller::start(opts, config, calls, (n, r)),
+        (Err(e), _) | (_, Err(e)) => Err(e.context(format!("watching {} over netlink", config.interface))),
     };
-    let stats_every = opts.stats_every;
-    let kernel = match (Neighbours::start(&config.interface).await, ProbeRoutes::start(&config.interface).await) {
-        (Ok(n), Ok(r)) => (n, r),
-        (Err(e), _) | (_, Err(e)) => {
-            server.close();
-            return Err(e.context(format!("watching {} over netlink", config.interface)));
-        }
-    };
-    let mut neighbour_changes = kernel.0.changes();
-    let (mut c, mut inbox) = match Controller::start(opts, config, report_tx, swept_tx, walked_tx, kernel) {
+    let (mut c, mut inbox) = match started {
         Ok(c) => c,
         Err(e) => {
             server.close();
@@ -863,102 +690,71 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     }
     show(&c.describe());
     tracing::info!(interface = %c.config.interface, "serving");
+    c.serve(&mut inbox, &mut signals).await;
+    c.shut_down(server, metrics).await
+}
 
-    let mut sample = tokio::time::interval(Duration::from_secs(1));
-    let mut print = tokio::time::interval(stats_every.unwrap_or(Duration::from_hours(1)));
-    let mut macs = tokio::time::interval(MAC_REFRESH);
-    let mut next_sweep = Instant::now() + c.sweep_every();
-    let tty = std::io::stdout().is_terminal();
-    loop {
-        tokio::select! {
-            _ = int.recv() => { tracing::info!("SIGINT: exiting; forwarding continues from the pins (dsrlb stop detaches)"); break; }
-            _ = term.recv() => { tracing::info!("SIGTERM: exiting; forwarding continues from the pins (dsrlb stop detaches)"); break; }
-            _ = hup.recv() => { let _ = c.reload_logged(); }
-            Some(r) = reports.recv() => c.on_report(&r),
-            Some((req, reply)) = calls.recv() => {
-                if matches!(req, Request::Status | Request::Metrics) {
-                    c.queue(req, reply);
-                } else {
-                    let _ = reply.send(c.handle(req));
-                }
-                if c.stopping { tracing::info!("dsrlb stop: detaching"); break; }
-            }
-            Some(flows) = walked.recv() => c.walked(flows),
-            _ = sample.tick() => {
-                c.dp.flush_events();
-                if let Err(e) = c.sample_stats() {
-                    tracing::warn!(error = %format!("{e:#}"), "reading counters failed");
-                }
-                if Instant::now() >= next_sweep {
-                    c.sweep();
-                    next_sweep = Instant::now() + c.sweep_every();
-                }
-                c.apply_if_down_changed();
-                c.ha_tick();
-            }
-            Some(event) = inbox.events.recv(), if c.ha_takes_events() => c.on_cluster_event(event),
-            Some(found) = inbox.found.recv() => c.exceptions_found(found),
-            Some(done) = inbox.done.recv() => c.on_merge_done(done),
-            Some(removed) = swept.recv() => c.swept(removed),
-            _ = macs.tick() => c.refresh_macs(),
-            Ok(()) = neighbour_changes.changed() => c.refresh_macs(),
-            _ = print.tick(), if stats_every.is_some() => {
-                let line = c.stats_line();
-                if tty { show(&format!("\r\x1b[K{line}")); } else { show(&format!("{line}\n")); }
-            }
+/// The signals `dsrlb run` acts on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())?, hup: signal(SignalKind::hangup())? })
+    }
+}
+
+/// Serves `GET /metrics` at `addr`, if one is given; a failure to bind is a warning.
+async fn serve_metrics(addr: Option<SocketAddr>, calls: mpsc::Sender<Call>) -> Option<tokio::task::JoinHandle<()>> {
+    let addr = addr?;
+    match crate::metrics::serve(addr, calls).await {
+        Ok(task) => {
+            tracing::info!(%addr, "metrics at http://{addr}/metrics");
+            Some(task)
+        }
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "no metrics endpoint");
+            None
         }
     }
-    if tty && stats_every.is_some() {
-        show("\n");
-    }
-    // `dsrlb stop` withdraws the VIPs and waits for the traffic to go before anything else.
-    c.ha_shutdown().await;
-    server.close();
-    if let Some(m) = metrics {
-        m.abort();
-    }
-    for (_, (_, task)) in std::mem::take(&mut c.probes) {
-        task.abort();
-    }
-    if let Some(routes) = c.routes.take() {
-        routes.clear().await;
-    }
-    let stop = c.stopping.then(|| c.opts.pin_dir.clone());
-    // `dsrlb stop` gives the interface back to the next program, in the balancer's mode; the fd
-    // keeps it loaded until then.
-    let hand_back = match (&c.next, c.stopping) {
-        (Some(n), true) => dataplane::chain::program_fd(n.id)
-            .map(|fd| (fd, n.id, c.config.interface.clone(), dataplane::chain::mode_flag_of(&c.config.interface)))
-            .map_err(|e| tracing::error!(error = %format!("{e:#}"), "the next program cannot be given the interface back"))
-            .ok(),
-        _ => None,
-    };
-    if let Err(e) = c.save() {
-        tracing::error!(error = %format!("{e:#}"), "saving the controller state failed");
-    }
-    // Our handles close here; the pins keep the attachment unless this is `dsrlb stop`.
-    drop(c);
-    if let Some(dir) = stop {
-        dataplane::unpin_all(&dir)?;
-    }
-    if let Some((fd, id, interface, Some(mode))) = hand_back {
-        // The kernel releases the unpinned link from a work queue: busy until it has.
-        let deadline = Instant::now() + Duration::from_secs(3);
+}
+
+impl Controller {
+    /// The event loop: each event goes to the part it is for, until a signal or `dsrlb stop`.
+    async fn serve(&mut self, inbox: &mut Inbox, signals: &mut Signals) {
+        let stats_every = self.opts.stats_every;
+        let mut sample = tokio::time::interval(Duration::from_secs(1));
+        let mut print = tokio::time::interval(stats_every.unwrap_or(Duration::from_hours(1)));
+        let mut macs = tokio::time::interval(MAC_REFRESH);
+        self.flows.next_sweep_in(self.sweep_every());
+        let tty = std::io::stdout().is_terminal();
         loop {
-            match dataplane::chain::attach_fd(&interface, &fd, id, mode) {
-                Ok(()) => {
-                    tracing::info!(program = id, %interface, "the interface is back with the next program");
-                    break;
-                }
-                Err(e) if Instant::now() < deadline && dataplane::chain::is_busy(&e) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), program = id, %interface, "giving the interface back to the next program failed");
-                    break;
+            tokio::select! {
+                _ = signals.int.recv() => { tracing::info!("SIGINT: exiting; forwarding continues from the pins (dsrlb stop detaches)"); break; }
+                _ = signals.term.recv() => { tracing::info!("SIGTERM: exiting; forwarding continues from the pins (dsrlb stop detaches)"); break; }
+                _ = signals.hup.recv() => { let _ = self.reload_logged(); }
+                Some(call) = inbox.calls.recv() => if self.on_call(call) { break },
+                Some(r) = inbox.reports.recv() => self.on_report(&r),
+                Some(flows) = inbox.walker.walked.recv() => self.on_walked(flows),
+                Some(removed) = inbox.walker.swept.recv() => self.flows.swept(removed),
+                _ = sample.tick() => self.tick(),
+                Some(event) = inbox.cluster.events.recv(), if self.ha_takes_events() => self.on_cluster_event(event),
+                Some(found) = inbox.cluster.found.recv() => self.exceptions_found(found),
+                Some(done) = inbox.cluster.done.recv() => self.on_merge_done(done),
+                _ = macs.tick() => self.refresh_macs(),
+                Ok(()) = inbox.neighbours.changed() => self.refresh_macs(),
+                _ = print.tick(), if stats_every.is_some() => {
+                    let line = self.stats_line();
+                    if tty { show(&format!("\r\x1b[K{line}")); } else { show(&format!("{line}\n")); }
                 }
             }
         }
+        if tty && stats_every.is_some() {
+            show("\n");
+        }
     }
-    Ok(())
 }

@@ -2,13 +2,16 @@
 //! prints at start and the stats line of `dsrlb run` on a terminal.
 
 use super::*;
+use crate::control::{
+    proto::{FlowAnswer, TraceStart},
+    status::{BackendStatus, Hash, ListenerStatus, NextProgram, Status},
+};
 
 impl Controller {
-    /// Everything `dsrlb status` shows.
-    pub(super) fn status(&mut self) -> anyhow::Result<Value> {
-        let flows = self.live_flows();
-        // Counters read now (the rates come from the last two samples).
-        let stats = &self.dp.stats()?;
+    /// Everything `dsrlb status` shows, from the counters in `stats` (the rates come from the
+    /// last two samples). The metrics are rendered from the same.
+    pub(super) fn status(&self, stats: &Stats) -> anyhow::Result<Status> {
+        let flows = self.flows.live_flows();
         let cfg = self.effective_config();
         let mut listeners = Vec::new();
         for l in &cfg.listeners {
@@ -16,120 +19,94 @@ impl Controller {
             let mut backends = Vec::new();
             for b in &l.backends {
                 let backend = cfg.backend(b).context("known backend")?;
-                let bid = self.ids.backends[b];
-                let real = real_id(lid, bid);
-                let h = &self.health[&(l.name.clone(), b.clone())];
+                let real = real_id(lid, self.ids.backends[b]);
+                let h = self.health.get(&(l.name.clone(), b.clone())).context("a pair of the config")?;
                 let rt = self.runtime[b];
                 let c = stats.reals.get(&real).copied().unwrap_or_default();
-                let (pps, nfps) = self.rates.get(&real).copied().unwrap_or_default();
-                backends.push(json!({
-                    "name": b,
-                    "address": backend.address.map(|a| a.to_string()),
-                    "address6": backend.address6.map(|a| a.to_string()),
-                    "mac": rt.mac.map_or_else(|| "unresolved".to_owned(), format_mac),
-                    "weight": backend.weight,
-                    "drained": rt.drained || backend.weight == 0,
-                    "state": if rt.mac.is_none() { "no-mac" } else { h.state.as_str() },
-                    "resetting_flows": self.applied_down.get(&(l.name.clone(), b.clone())).is_some_and(|o| o.reset),
-                    "check": l.health[b].check,
-                    "last_check": h.last,
-                    "check_failures": h.failures_total,
-                    "checks": h.checks_total,
-                    "unchecked": h.unchecked,
-                    "local_errors": h.local_errors_total,
-                    "flows": flows.get(&real).copied().unwrap_or(0),
-                    "packets": c.packets,
-                    "bytes": c.bytes,
-                    "new_flows": c.new_flows,
-                    "packets_per_sec": pps,
-                    "new_flows_per_sec": nfps,
-                }));
+                let (packets_per_sec, new_flows_per_sec) = self.rates.get(&real).copied().unwrap_or_default();
+                backends.push(BackendStatus {
+                    name: b.clone(),
+                    address: backend.address,
+                    address6: backend.address6,
+                    mac: rt.mac.map_or_else(|| "unresolved".to_owned(), format_mac),
+                    weight: backend.weight,
+                    drained: rt.drained || backend.weight == 0,
+                    state: if rt.mac.is_none() { "no-mac" } else { h.state.as_str() }.to_owned(),
+                    resetting_flows: self.health.applied_down().get(&(l.name.clone(), b.clone())).is_some_and(|o| o.reset),
+                    check: l.health[b].check,
+                    last_check: h.last.clone(),
+                    check_failures: h.failures_total,
+                    checks: h.checks_total,
+                    unchecked: h.unchecked.clone(),
+                    local_errors: h.local_errors_total,
+                    flows: flows.get(&real).copied().unwrap_or(0),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                    new_flows: c.new_flows,
+                    packets_per_sec,
+                    new_flows_per_sec,
+                    check_seconds: h.last_took.map(|d| d.as_secs_f64()),
+                });
             }
             let c = stats.listener(lid);
             let guards = stats.listeners.get(&lid).copied().unwrap_or_default();
-            listeners.push(json!({
-                "name": l.name, "vip": l.vip.to_string(), "port": l.port,
-                "hash": if l.hash == HashMode::Source { "source" } else { "4tuple" },
-                "packets": c.packets, "bytes": c.bytes, "new_flows": c.new_flows,
-                "flow_idle_timeout": config::show_duration(l.flow_idle_timeout),
-                "max_conn_rate": l.conn_rate.map(|r| r.rate), "max_conn_burst": l.conn_rate.map(|r| r.burst),
-                "conn_rate_dropped": guards.conn_rate_dropped,
-                "icmp_too_big": guards.icmp_too_big,
-                "on_down": l.failure.on_down, "on_down_grace": config::show_duration(l.failure.on_down_grace),
-                "all_down": l.failure.all_down,
-                "fail_open": self.desired.listeners.iter().any(|d| d.id == lid && d.fail_open),
-                "backends": backends,
-            }));
+            listeners.push(ListenerStatus {
+                name: l.name.clone(),
+                vip: l.vip,
+                port: l.port,
+                hash: if l.hash == HashMode::Source { Hash::Source } else { Hash::FourTuple },
+                packets: c.packets,
+                bytes: c.bytes,
+                new_flows: c.new_flows,
+                flow_idle_timeout: config::show_duration(l.flow_idle_timeout),
+                max_conn_rate: l.conn_rate.map(|r| r.rate),
+                max_conn_burst: l.conn_rate.map(|r| r.burst),
+                conn_rate_dropped: guards.conn_rate_dropped,
+                icmp_too_big: guards.icmp_too_big,
+                on_down: l.failure.on_down,
+                on_down_grace: config::show_duration(l.failure.on_down_grace),
+                all_down: l.failure.all_down,
+                fail_open: self.desired.listeners.iter().any(|d| d.id == lid && d.fail_open),
+                backends,
+            });
         }
-        let ha = self.ha_status();
-        let per_backend: BTreeMap<String, usize> = self
+        let (announce, cluster) = self.ha_status();
+        let flows_per_backend = self
             .ids
             .backends
             .iter()
             .map(|(name, &bid)| (name.clone(), flows.iter().filter(|(r, _)| real_backend(**r) == bid).map(|(_, n)| n).sum()))
             .collect();
-        let verdicts: BTreeMap<String, u64> =
-            reason::LABELS.iter().zip(&stats.verdicts).map(|((v, r), n)| (format!("{v}/{r}"), *n)).collect();
-        let mut table: BTreeMap<String, u64> = table_event::LABELS.iter().zip(&stats.table).map(|(e, n)| ((*e).to_owned(), *n)).collect();
-        table.insert("expired".to_owned(), self.expired_total);
-        Ok(json!({
-            "interface": cfg.interface,
-            "macs": self.dp.node_macs().into_iter().map(format_mac).collect::<Vec<_>>(),
-            "clock_tick_ns": self.dp.ns_per_jiffy(),
-            "listeners": listeners,
-            "flows_per_backend": per_backend,
-            "flow_table_entries": flows.values().sum::<usize>(),
-            "next_program": self.next,
-            "flow_table": table,
-            "verdicts": verdicts,
-            "reloads": self.reloads,
-            "announce": ha["announce"],
-            "cluster": ha["cluster"],
-        }))
+        let mut flow_table: BTreeMap<String, u64> =
+            table_event::LABELS.iter().zip(&stats.table).map(|(e, n)| ((*e).to_owned(), *n)).collect();
+        flow_table.insert("expired".to_owned(), self.flows.expired_total());
+        Ok(Status {
+            interface: cfg.interface.clone(),
+            macs: self.dp.node_macs().into_iter().map(format_mac).collect(),
+            clock_tick_ns: self.dp.ns_per_jiffy(),
+            listeners,
+            flows_per_backend,
+            flow_table_entries: flows.values().sum(),
+            next_program: self.next.as_ref().map(|n| NextProgram { path: n.path.clone(), id: n.id, name: n.name.clone() }),
+            flow_table,
+            verdicts: reason::LABELS.iter().zip(&stats.verdicts).map(|((v, r), n)| (format!("{v}/{r}"), *n)).collect(),
+            reloads: self.reloads.clone(),
+            announce,
+            cluster,
+        })
     }
 
-    pub(super) fn metrics(&mut self) -> crate::metrics::Snapshot {
-        use crate::metrics::{PairSample, Snapshot};
-        let flows = self.live_flows();
+    /// The Prometheus text: the status, from counters read now (the last sample's when reading
+    /// fails).
+    pub(super) fn metrics(&self) -> anyhow::Result<String> {
         let fresh = self.dp.stats();
-        let stats = fresh.as_ref().unwrap_or(&self.sample.1);
-        let mut s = Snapshot { flow_table_entries: flows.values().sum::<usize>() as u64, ..Snapshot::default() };
-        for l in &self.config.listeners {
-            let lid = self.ids.listeners[&l.name];
-            let c = stats.listener(lid);
-            s.listeners.push((l.name.clone(), c.packets, c.bytes, c.new_flows));
-            let guards = stats.listeners.get(&lid).copied().unwrap_or_default();
-            s.guards.push((l.name.clone(), guards.conn_rate_dropped, guards.icmp_too_big));
-            s.fail_open.push((l.name.clone(), self.desired.listeners.iter().any(|d| d.id == lid && d.fail_open)));
-            for b in &l.backends {
-                let real = real_id(lid, self.ids.backends[b]);
-                let h = &self.health[&(l.name.clone(), b.clone())];
-                let c = stats.reals.get(&real).copied().unwrap_or_default();
-                s.pairs.push(PairSample {
-                    listener: l.name.clone(),
-                    backend: b.clone(),
-                    up: h.state == State::Up && self.runtime.get(b).is_some_and(|rt| rt.mac.is_some()),
-                    state: if self.runtime.get(b).is_some_and(|rt| rt.mac.is_none()) { "no-mac" } else { h.state.as_str() },
-                    check_seconds: h.last_took.map(|d| d.as_secs_f64()),
-                    check_failures: h.failures_total,
-                    local_errors: h.local_errors_total,
-                    packets: c.packets,
-                    bytes: c.bytes,
-                    new_flows: c.new_flows,
-                    flows: flows.get(&real).copied().unwrap_or(0) as u64,
-                });
-            }
-        }
-        s.verdicts = reason::LABELS.iter().zip(&stats.verdicts).map(|((v, r), n)| ((*v).to_owned(), (*r).to_owned(), *n)).collect();
-        s.table_events = table_event::LABELS.iter().zip(&stats.table).map(|(e, n)| ((*e).to_owned(), *n)).collect();
-        s.table_events.push(("expired".to_owned(), self.expired_total));
-        self.ha_metrics(&mut s);
-        s
+        let status = self.status(fresh.as_ref().unwrap_or(&self.sample.1))?;
+        crate::metrics::render(status)
     }
 
     /// What `dsrlb trace` needs from the controller: its filters checked against the config, the
     /// listener id the program filters by, and the names of listener and backend ids.
-    pub(super) fn trace_names(&self, listener: Option<&str>, backend: Option<&str>) -> anyhow::Result<Value> {
+    pub(super) fn trace_names(&self, listener: Option<&str>, backend: Option<&str>) -> anyhow::Result<TraceStart> {
         let known = |ids: &BTreeMap<String, u32>| ids.keys().cloned().collect::<Vec<_>>().join(", ");
         let listener_id = match listener {
             None => None,
@@ -148,19 +125,17 @@ impl Controller {
                 known(&self.ids.backends)
             );
         }
-        let by_id = |ids: &BTreeMap<String, u32>| {
-            ids.iter().map(|(n, id)| (id.to_string(), Value::from(n.clone()))).collect::<serde_json::Map<_, _>>()
-        };
-        Ok(json!({
-            "interface": self.config.interface,
-            "listener_id": listener_id,
-            "listeners": by_id(&self.ids.listeners),
-            "backends": by_id(&self.ids.backends),
-        }))
+        let by_id = |ids: &BTreeMap<String, u32>| ids.iter().map(|(n, id)| (*id, n.clone())).collect();
+        Ok(TraceStart {
+            interface: self.config.interface.clone(),
+            listener_id,
+            listeners: by_id(&self.ids.listeners),
+            backends: by_id(&self.ids.backends),
+        })
     }
 
     /// Which backend a flow is pinned to, or would get (Katran's getRealForFlow).
-    pub(super) fn flow(&self, client: &str, vip: &str) -> anyhow::Result<Value> {
+    pub(super) fn flow(&self, client: &str, vip: &str) -> anyhow::Result<FlowAnswer> {
         let client: SocketAddr = client.parse().with_context(|| format!("client {client:?} is not IP:PORT ([IPv6]:PORT)"))?;
         let vip: SocketAddr = vip.parse().with_context(|| format!("vip {vip:?} is not IP:PORT ([IPv6]:PORT)"))?;
         anyhow::ensure!(client.is_ipv6() == vip.is_ipv6(), "client {client} and vip {vip} are of different families");
@@ -178,11 +153,16 @@ impl Controller {
         let now = self.dp.now_age()?;
         if let Some(f) = self.dp.flow(client.ip(), client.port(), vip.ip(), vip.port()).filter(|f| f.idle(now) < expire) {
             let cached = self.dp.cached_flow(client.ip(), client.port(), vip.ip(), vip.port())?.len();
-            return Ok(json!({
-                "listener": l.name, "backend": name_of(real_backend(f.real())),
-                "source": "flow table", "closing": f.closing(), "confirmed": f.confirmed(), "idle_s": idle_secs(f.idle(now)),
-                "cached_cpus": cached, "buckets": buckets,
-            }));
+            return Ok(FlowAnswer::Pinned {
+                listener: l.name.clone(),
+                backend: name_of(real_backend(f.real())),
+                source: "flow table".to_owned(),
+                closing: f.closing(),
+                confirmed: f.confirmed(),
+                idle_s: idle_secs(f.idle(now)),
+                cached_cpus: cached,
+                buckets,
+            });
         }
         let wire = |p: u16| u16::from_ne_bytes(p.to_be_bytes());
         let hash = match (client.ip(), vip.ip()) {
@@ -207,9 +187,12 @@ impl Controller {
         let d = self.desired.listeners.iter().find(|d| d.id == lid).context("listener planned")?;
         let slot = d.ring[ring_slot(hash, self.config.ring_size) as usize];
         let backend = if slot == NO_BACKEND { None } else { name_of(slot) };
-        Ok(
-            json!({ "listener": l.name, "backend": backend, "source": "ring (not in the flow table)", "slot": ring_slot(hash, self.config.ring_size) }),
-        )
+        Ok(FlowAnswer::Ring {
+            listener: l.name.clone(),
+            backend,
+            source: "ring (not in the flow table)".to_owned(),
+            slot: ring_slot(hash, self.config.ring_size),
+        })
     }
 
     /// A human summary of what is being served.

@@ -12,20 +12,41 @@ use lb_common::{
     map_names as names, real_backend, real_id, real_listener, ring_base,
 };
 
-use super::{ApplyReport, ConnRateWanted, Dataplane, Desired, addr6, map_mut};
+use super::{ApplyReport, ConnRateWanted, Dataplane, Desired, DesiredListener, addr6, map_mut};
 
 impl Dataplane {
     /// Writes `want` as the difference from what was written before.
     ///
     /// Order matters for packets in flight: reals first (so no ring slot names an unset
     /// real), then each changed listener's standby ring copy, then the listener entry that
-    /// switches to it in one update, and only then removals.
+    /// switches to it in one update, and only then removals. Each step below is one of them.
     ///
     /// # Errors
     /// When `want` is inconsistent (ids out of range, ring of the wrong size) or a map write
     /// fails. Validation happens before any write.
-    #[expect(clippy::too_many_lines, reason = "the steps read in the order that keeps packets in flight safe")]
     pub fn apply(&mut self, want: &Desired) -> anyhow::Result<ApplyReport> {
+        let reals = self.check(want)?;
+        let mut report = ApplyReport::default();
+        self.forget_fresh_ids(want, &mut report)?;
+        self.write_node_of(want);
+        self.write_reals(&reals, &mut report)?;
+        self.write_conn_rates(want)?;
+        for l in &want.listeners {
+            self.switch_listener(l, &mut report)?;
+        }
+        self.remove_listeners(want, &mut report);
+        self.write_vips()?;
+        self.retire_reals(&reals, &mut report)?;
+        if report.reals_written > 0 || report.flows_purged > 0 {
+            self.invalidate_flow_caches();
+        }
+        *self.events.names.write().unwrap_or_else(std::sync::PoisonError::into_inner) = want.listener_names.clone();
+        Ok(report)
+    }
+
+    /// Validates `want` before anything is written: ids in range and used once, rings of the
+    /// loaded size naming only the listener's reals. Returns every real it wants.
+    fn check(&self, want: &Desired) -> anyhow::Result<BTreeMap<u32, RealInfo>> {
         let size = self.ring_size as usize;
         let mut ids = BTreeSet::new();
         let mut reals: BTreeMap<u32, RealInfo> = BTreeMap::new();
@@ -47,26 +68,29 @@ impl Dataplane {
                 );
             }
         }
-
         ensure!(want.accept_macs.len() < MAX_NODE_MACS, "at most {} accepted MACs", MAX_NODE_MACS - 1);
+        Ok(reals)
+    }
 
-        let mut report = ApplyReport::default();
-
-        // Ids given to new names: whatever the maps still hold for their reals belongs to a
-        // name that is gone. Delete its flows (they would move to the newcomer) and zero its
-        // counters before the newcomer's reals are written.
-        if !want.fresh_backends.is_empty() || !want.fresh_listeners.is_empty() {
-            let fresh =
-                |real: u32| want.fresh_backends.contains(&real_backend(real)) || want.fresh_listeners.contains(&real_listener(real));
-            report.flows_purged += self.flows.remove_where(|f| fresh(f.real()));
-            let stale: Vec<u32> = (0..REAL_SLOTS).filter(|&r| fresh(r)).collect();
-            self.zero_counters(&stale, &want.fresh_listeners)?;
-            for r in &stale {
-                self.written.reals.remove(r);
-            }
+    /// Ids given to new names: whatever the maps still hold for their reals belongs to a name
+    /// that is gone. Deletes its flows (they would move to the newcomer) and zeroes its
+    /// counters before the newcomer's reals are written.
+    fn forget_fresh_ids(&mut self, want: &Desired, report: &mut ApplyReport) -> anyhow::Result<()> {
+        if want.fresh_backends.is_empty() && want.fresh_listeners.is_empty() {
+            return Ok(());
         }
+        let fresh = |real: u32| want.fresh_backends.contains(&real_backend(real)) || want.fresh_listeners.contains(&real_listener(real));
+        report.flows_purged += self.flows.remove_where(|f| fresh(f.real()));
+        let stale: Vec<u32> = (0..REAL_SLOTS).filter(|&r| fresh(r)).collect();
+        self.zero_counters(&stale, &want.fresh_listeners)?;
+        for r in &stale {
+            self.written.reals.remove(r);
+        }
+        Ok(())
+    }
 
-        // 0. The node's clock, MACs and the flows' expiry, before any listener can match.
+    /// Step 0: the node's clock, MACs and the flows' expiry, before any listener can match.
+    fn write_node_of(&mut self, want: &Desired) {
         let mut node = NodeInfo { ns_per_jiffy: self.ns_per_jiffy, ..NodeInfo::default() };
         for (word, mac) in node.macs.iter_mut().zip(std::iter::once(&want.src_mac).chain(&want.accept_macs)) {
             *word = mac_word(*mac);
@@ -75,113 +99,127 @@ impl Dataplane {
         if self.written.node != Some(node) {
             self.write_node(&node);
         }
+    }
 
-        // 1. Reals that are new or changed.
-        {
-            let mut map: Array<&mut MapData, RealInfo> = map_mut(&mut self.ebpf, names::REALS)?;
-            for (&id, info) in &reals {
-                if self.written.reals.get(&id) != Some(info) {
-                    map.set(id, info, 0).with_context(|| format!("writing real {id}"))?;
-                    self.written.reals.insert(id, *info);
-                    self.counted.insert(id);
-                    report.reals_written += 1;
-                }
+    /// Step 1: reals that are new or changed.
+    fn write_reals(&mut self, reals: &BTreeMap<u32, RealInfo>, report: &mut ApplyReport) -> anyhow::Result<()> {
+        let mut map: Array<&mut MapData, RealInfo> = map_mut(&mut self.ebpf, names::REALS)?;
+        for (&id, info) in reals {
+            if self.written.reals.get(&id) != Some(info) {
+                map.set(id, info, 0).with_context(|| format!("writing real {id}"))?;
+                self.written.reals.insert(id, *info);
+                self.counted.insert(id);
+                report.reals_written += 1;
             }
         }
+        Ok(())
+    }
 
-        // 2. Storm control, before a listener it limits is switched on; a listener no longer
-        // limited (or gone) drops its settings.
-        {
-            let wanted: BTreeMap<u32, ConnRateWanted> = want.listeners.iter().filter_map(|l| Some((l.id, l.conn_rate?))).collect();
-            let mut map: Array<&mut MapData, ConnRate> = map_mut(&mut self.ebpf, names::CONN_RATE)?;
-            for (&id, r) in &wanted {
-                if self.written.conn_rates.get(&id) != Some(r) {
-                    let value = ConnRate { tat_ns: 0, interval_ns: r.interval_ns, tolerance_ns: r.tolerance_ns, retry_tat_ns: 0 };
-                    map.set(id, value, 0).with_context(|| format!("writing the storm control of listener {id}"))?;
-                }
+    /// Step 2: storm control, before a listener it limits is switched on; a listener no longer
+    /// limited (or gone) drops its settings.
+    fn write_conn_rates(&mut self, want: &Desired) -> anyhow::Result<()> {
+        let wanted: BTreeMap<u32, ConnRateWanted> = want.listeners.iter().filter_map(|l| Some((l.id, l.conn_rate?))).collect();
+        let mut map: Array<&mut MapData, ConnRate> = map_mut(&mut self.ebpf, names::CONN_RATE)?;
+        for (&id, r) in &wanted {
+            if self.written.conn_rates.get(&id) != Some(r) {
+                let value = ConnRate { tat_ns: 0, interval_ns: r.interval_ns, tolerance_ns: r.tolerance_ns, retry_tat_ns: 0 };
+                map.set(id, value, 0).with_context(|| format!("writing the storm control of listener {id}"))?;
             }
-            for &id in self.written.conn_rates.keys().filter(|id| !wanted.contains_key(id)) {
-                map.set(id, ConnRate::default(), 0).with_context(|| format!("clearing the storm control of listener {id}"))?;
-            }
-            self.written.conn_rates = wanted;
         }
-
-        // 3. Listeners: fill the standby copy, then switch to it in one store.
-        for l in &want.listeners {
-            let (vip_be, vip6) = match l.vip {
-                std::net::IpAddr::V4(a) => (u32::from_ne_bytes(a.octets()), None),
-                std::net::IpAddr::V6(a) => {
-                    let a = addr6(&a);
-                    (lb_common::fold6(&a), Some(a))
-                }
-            };
-            let port_be = u16::from_ne_bytes(l.port.to_be_bytes());
-            let flags = if l.hash_source { LISTENER_F_HASH_SOURCE } else { 0 }
-                | if l.conn_rate.is_some() { LISTENER_F_CONN_RATE } else { 0 }
-                | if vip6.is_some() { LISTENER_F_IPV6 } else { 0 }
-                | if l.hash_source && l.source_prefix64 { LISTENER_F_SOURCE_PREFIX64 } else { 0 };
-            let current = self.written.listeners.get(&l.id).copied();
-            let moved = self.written.vip6.get(&l.id) != vip6.as_ref();
-            let ring: Vec<u32> = l.ring.iter().map(|&b| if b == NO_BACKEND { NO_BACKEND } else { real_id(l.id, b) }).collect();
-            if let Some(info) = current {
-                let same_ring = self.written.rings.get(&(l.id * RING_COPIES + u32::from(info.ring_copy))) == Some(&ring);
-                if info.vip_be == vip_be && info.port_be == port_be && info.flags == flags && same_ring && !moved {
-                    continue;
-                }
-            }
-            let copy = current.map_or(0, |info| (u32::from(info.ring_copy) + 1) % RING_COPIES);
-            let copy_no = l.id * RING_COPIES + copy;
-            let base = ring_base(l.id, copy, self.ring_size);
-            {
-                let old = self.written.rings.entry(copy_no).or_insert_with(|| vec![0; size]).clone();
-                report.ring_slots_written += ring.iter().zip(&old).filter(|(new, was)| new != was).count();
-                let (new_entries, old_entries) = (pack_ring(&ring), pack_ring(&old));
-                let mut rings: Array<&mut MapData, RingEntry> = map_mut(&mut self.ebpf, names::RINGS)?;
-                for (e, (new, was)) in (0..).zip(new_entries.iter().zip(&old_entries)) {
-                    if new != was {
-                        rings.set(base + e, new, 0).with_context(|| format!("writing ring entry {e} of listener {}", l.id))?;
-                    }
-                }
-                self.written.rings.insert(copy_no, ring);
-            }
-            if current.is_some_and(|old| (old.vip_be, old.port_be) != (vip_be, port_be) || moved) {
-                // A listener that moves is switched off first: no frame matches its old address
-                // from here on, nor its new one with the old entry, and the flows recorded for
-                // the old address are gone before a flow for the new one can be made. Its port
-                // bits follow in step 4. Forgotten as written, so a failure below leaves it to
-                // be written whole by the next apply.
-                self.listeners.store(l.id, 0, ListenerInfo::default().to_word());
-                self.written.listeners.remove(&l.id);
-                report.flows_purged += self.purge_flows(l.id);
-            }
-            if moved {
-                // The IPv6 address before the entry that points frames at it. A listener that
-                // was IPv6 and is no longer keeps a stale address here: its flags say IPv4.
-                if let Some(a) = &vip6 {
-                    let mut map: Array<&mut MapData, Ip6> = map_mut(&mut self.ebpf, names::LISTENER_VIP6)?;
-                    map.set(l.id, Ip6::from_words(*a), 0).with_context(|| format!("writing the IPv6 VIP of listener {}", l.id))?;
-                    self.written.vip6.insert(l.id, *a);
-                } else {
-                    self.written.vip6.remove(&l.id);
-                }
-            }
-            #[expect(clippy::cast_possible_truncation, reason = "copy < RING_COPIES")]
-            let info = ListenerInfo { vip_be, port_be, flags, ring_copy: copy as u8 };
-            self.listeners.store(l.id, 0, info.to_word());
-            self.written.listeners.insert(l.id, info);
-            report.listeners_switched += 1;
+        for &id in self.written.conn_rates.keys().filter(|id| !wanted.contains_key(id)) {
+            map.set(id, ConnRate::default(), 0).with_context(|| format!("clearing the storm control of listener {id}"))?;
         }
+        self.written.conn_rates = wanted;
+        Ok(())
+    }
 
-        // 4. Listeners no longer wanted, and the flows that recorded them.
-        let gone: Vec<u32> = self.written.listeners.keys().copied().filter(|id| !ids.contains(id)).collect();
+    /// Step 3, for one listener: fill its standby ring copy, then switch to it in one store.
+    /// A listener whose address or family changed is switched off first, and its flows purged.
+    fn switch_listener(&mut self, l: &DesiredListener, report: &mut ApplyReport) -> anyhow::Result<()> {
+        let (vip_be, vip6) = match l.vip {
+            std::net::IpAddr::V4(a) => (u32::from_ne_bytes(a.octets()), None),
+            std::net::IpAddr::V6(a) => {
+                let a = addr6(&a);
+                (lb_common::fold6(&a), Some(a))
+            }
+        };
+        let port_be = u16::from_ne_bytes(l.port.to_be_bytes());
+        let flags = if l.hash_source { LISTENER_F_HASH_SOURCE } else { 0 }
+            | if l.conn_rate.is_some() { LISTENER_F_CONN_RATE } else { 0 }
+            | if vip6.is_some() { LISTENER_F_IPV6 } else { 0 }
+            | if l.hash_source && l.source_prefix64 { LISTENER_F_SOURCE_PREFIX64 } else { 0 };
+        let current = self.written.listeners.get(&l.id).copied();
+        let moved = self.written.vip6.get(&l.id) != vip6.as_ref();
+        let ring: Vec<u32> = l.ring.iter().map(|&b| if b == NO_BACKEND { NO_BACKEND } else { real_id(l.id, b) }).collect();
+        if let Some(info) = current {
+            let same_ring = self.written.rings.get(&(l.id * RING_COPIES + u32::from(info.ring_copy))) == Some(&ring);
+            if info.vip_be == vip_be && info.port_be == port_be && info.flags == flags && same_ring && !moved {
+                return Ok(());
+            }
+        }
+        let copy = current.map_or(0, |info| (u32::from(info.ring_copy) + 1) % RING_COPIES);
+        report.ring_slots_written += self.write_ring(l.id, copy, ring)?;
+        if current.is_some_and(|old| (old.vip_be, old.port_be) != (vip_be, port_be) || moved) {
+            // A listener that moves is switched off first: no frame matches its old address
+            // from here on, nor its new one with the old entry, and the flows recorded for
+            // the old address are gone before a flow for the new one can be made. Its port
+            // bits follow in step 5. Forgotten as written, so a failure below leaves it to
+            // be written whole by the next apply.
+            self.listeners.store(l.id, 0, ListenerInfo::default().to_word());
+            self.written.listeners.remove(&l.id);
+            report.flows_purged += self.purge_flows(l.id);
+        }
+        if moved {
+            // The IPv6 address before the entry that points frames at it. A listener that
+            // was IPv6 and is no longer keeps a stale address here: its flags say IPv4.
+            if let Some(a) = &vip6 {
+                let mut map: Array<&mut MapData, Ip6> = map_mut(&mut self.ebpf, names::LISTENER_VIP6)?;
+                map.set(l.id, Ip6::from_words(*a), 0).with_context(|| format!("writing the IPv6 VIP of listener {}", l.id))?;
+                self.written.vip6.insert(l.id, *a);
+            } else {
+                self.written.vip6.remove(&l.id);
+            }
+        }
+        #[expect(clippy::cast_possible_truncation, reason = "copy < RING_COPIES")]
+        let info = ListenerInfo { vip_be, port_be, flags, ring_copy: copy as u8 };
+        self.listeners.store(l.id, 0, info.to_word());
+        self.written.listeners.insert(l.id, info);
+        report.listeners_switched += 1;
+        Ok(())
+    }
+
+    /// Writes `ring` (real ids) to copy `copy` of listener `id`'s ring, entry by entry where it
+    /// differs from what that copy held; returns the slots that changed.
+    fn write_ring(&mut self, id: u32, copy: u32, ring: Vec<u32>) -> anyhow::Result<usize> {
+        let copy_no = id * RING_COPIES + copy;
+        let base = ring_base(id, copy, self.ring_size);
+        let size = self.ring_size as usize;
+        let old = self.written.rings.entry(copy_no).or_insert_with(|| vec![0; size]).clone();
+        let changed = ring.iter().zip(&old).filter(|(new, was)| new != was).count();
+        let (new_entries, old_entries) = (pack_ring(&ring), pack_ring(&old));
+        let mut rings: Array<&mut MapData, RingEntry> = map_mut(&mut self.ebpf, names::RINGS)?;
+        for (e, (new, was)) in (0..).zip(new_entries.iter().zip(&old_entries)) {
+            if new != was {
+                rings.set(base + e, new, 0).with_context(|| format!("writing ring entry {e} of listener {id}"))?;
+            }
+        }
+        self.written.rings.insert(copy_no, ring);
+        Ok(changed)
+    }
+
+    /// Step 4: listeners no longer wanted, and the flows that recorded them.
+    fn remove_listeners(&mut self, want: &Desired, report: &mut ApplyReport) {
+        let gone: Vec<u32> = self.written.listeners.keys().copied().filter(|id| want.listeners.iter().all(|l| l.id != *id)).collect();
         for id in gone {
             self.listeners.store(id, 0, ListenerInfo::default().to_word());
             self.written.listeners.remove(&id);
             self.written.vip6.remove(&id);
             report.flows_purged += self.purge_flows(id);
         }
+    }
 
-        // 5. Listener ports, tagged with the flow cache generation, and VIPs (for fragments).
+    /// Step 5: listener ports, tagged with the flow cache generation, and VIPs (for fragments).
+    fn write_vips(&mut self) -> anyhow::Result<()> {
         self.write_ports();
         let mut vips: BTreeMap<u32, u32> = BTreeMap::new();
         let mut vips6: BTreeMap<Addr6, u32> = BTreeMap::new();
@@ -215,25 +253,31 @@ impl Dataplane {
             }
         }
         self.written.vips6 = vips6;
+        Ok(())
+    }
 
-        // 6. Reals no longer wanted: inactive, so flows still pinned to them are re-picked.
+    /// Step 6: reals no longer wanted, made inactive, so flows still pinned to them are
+    /// re-picked.
+    fn retire_reals(&mut self, reals: &BTreeMap<u32, RealInfo>, report: &mut ApplyReport) -> anyhow::Result<()> {
         let gone: Vec<u32> = self.written.reals.keys().copied().filter(|id| !reals.contains_key(id)).collect();
-        if !gone.is_empty() {
-            let mut map: Array<&mut MapData, RealInfo> = map_mut(&mut self.ebpf, names::REALS)?;
-            for id in gone {
-                map.set(id, RealInfo { dst_mac: [0; 6], src_mac: [0; 6], flags: 0 }, 0).with_context(|| format!("clearing real {id}"))?;
-                self.written.reals.remove(&id);
-                report.reals_written += 1;
-            }
+        if gone.is_empty() {
+            return Ok(());
         }
-        if report.reals_written > 0 || report.flows_purged > 0 {
-            // Every CPU's flow cache is stale now: a new generation invalidates it at once.
-            // Written after the reals and the purges, so an entry filled before sees the old tag.
-            self.generation = self.generation.wrapping_add(1) & !FLOW_CACHE_VALID;
-            self.write_ports();
+        let mut map: Array<&mut MapData, RealInfo> = map_mut(&mut self.ebpf, names::REALS)?;
+        for id in gone {
+            map.set(id, RealInfo { dst_mac: [0; 6], src_mac: [0; 6], flags: 0 }, 0).with_context(|| format!("clearing real {id}"))?;
+            self.written.reals.remove(&id);
+            report.reals_written += 1;
         }
-        *self.events.names.write().unwrap_or_else(std::sync::PoisonError::into_inner) = want.listener_names.clone();
-        Ok(report)
+        Ok(())
+    }
+
+    /// Step 7, when a real changed or flows were purged: every CPU's flow cache is stale, and a
+    /// new generation invalidates it at once. Written after the reals and the purges, so an
+    /// entry filled before sees the old tag.
+    fn invalidate_flow_caches(&mut self) {
+        self.generation = self.generation.wrapping_add(1) & !FLOW_CACHE_VALID;
+        self.write_ports();
     }
 
     /// Zeroes the per-CPU counters of `reals` and of `listeners`.

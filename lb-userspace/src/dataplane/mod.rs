@@ -5,6 +5,7 @@
 
 mod apply;
 pub mod chain;
+pub mod clock;
 mod events;
 mod iface;
 mod load;

@@ -152,7 +152,7 @@ pub const LEASE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// `CLOCK_MONOTONIC` now, as `bpf_ktime_get_ns()` reads it, plus [`LEASE`].
 fn lease_end() -> u64 {
-    crate::trace::monotonic_ns() + u64::try_from(LEASE.as_nanos()).unwrap_or(u64::MAX)
+    super::clock::monotonic_ns() + u64::try_from(LEASE.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Session {

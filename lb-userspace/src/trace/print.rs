@@ -1,105 +1,12 @@
-//! `dsrlb trace`: the data plane's decisions as the control socket streams them ([`Event`]),
-//! decoded from the frames' first bytes, filtered, printed one line each like tcpdump, and
-//! written to a pcapng file with each decision as its frame's comment.
+//! `dsrlb trace`'s reading of an [`Event`]: the frame's headers decoded ([`decode`]), the
+//! CLI's filters ([`Filters`]), and one line per frame like tcpdump's ([`line`]).
 
-use std::{
-    borrow::Cow,
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context as _, bail};
-use lb_common::{TRACE_NONE, TraceEvent, reason, trace_how};
-use serde::{Deserialize, Serialize};
+use lb_common::reason;
 
-/// `bpf_ktime_get_ns()` to the wall clock: the offset of `CLOCK_REALTIME` from
-/// `CLOCK_MONOTONIC`, read once per trace.
-pub struct Clock {
-    offset_ns: i128,
-}
-
-fn clock_ns(id: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid clock id and a timespec to write.
-    unsafe { libc::clock_gettime(id, &raw mut ts) };
-    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds: what the program's `bpf_ktime_get_ns()` reads.
-#[must_use]
-pub fn monotonic_ns() -> u64 {
-    u64::try_from(clock_ns(libc::CLOCK_MONOTONIC)).unwrap_or(0)
-}
-
-impl Clock {
-    #[must_use]
-    pub fn now() -> Self {
-        Self { offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC) }
-    }
-
-    #[must_use]
-    pub fn wall_ns(&self, mono_ns: u64) -> u64 {
-        u64::try_from(i128::from(mono_ns) + self.offset_ns).unwrap_or(0)
-    }
-}
-
-/// One traced frame, as the control socket sends it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Event {
-    /// Nanoseconds since the Unix epoch.
-    pub ts_ns: u64,
-    pub cpu: u32,
-    pub ifindex: u32,
-    /// The frame's length; `frame` holds its first bytes.
-    pub len: u32,
-    /// `tx`, `pass` or `drop`.
-    pub verdict: String,
-    /// Why (`forwarded`, `icmp_too_big`, `no_listener`, ... as the metrics' `reason` label).
-    pub reason: String,
-    pub listener: Option<u32>,
-    pub real: Option<u32>,
-    /// How the real was chosen (`lb_common::trace_how::LABELS`).
-    pub how: String,
-    /// The frame's first bytes as they left the program, in hex (MQTT CONNECT credentials
-    /// masked by the controller, unless the trace asked for `--raw`).
-    pub frame: String,
-    /// What the controller masked in `frame`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub masked: Option<crate::redact::Masked>,
-}
-
-impl Event {
-    #[must_use]
-    pub fn from_raw(ev: &TraceEvent, clock: &Clock) -> Self {
-        let (verdict, why) = reason::LABELS.get(ev.reason as usize).copied().unwrap_or(("?", "?"));
-        let caplen = (ev.caplen as usize).min(ev.frame.len());
-        let frame = ev.frame[..caplen].iter().fold(String::with_capacity(caplen * 2), |mut s, b| {
-            use std::fmt::Write as _;
-            let _ = write!(s, "{b:02x}");
-            s
-        });
-        let some = |v: u32| (v != TRACE_NONE).then_some(v);
-        Self {
-            ts_ns: clock.wall_ns(ev.ts_ns),
-            cpu: ev.cpu,
-            ifindex: ev.ifindex,
-            len: ev.len,
-            verdict: verdict.to_owned(),
-            reason: why.to_owned(),
-            listener: some(ev.listener),
-            real: some(ev.real),
-            how: trace_how::LABELS.get(ev.how as usize).copied().unwrap_or("?").to_owned(),
-            frame,
-            masked: None,
-        }
-    }
-
-    /// The frame bytes.
-    #[must_use]
-    pub fn bytes(&self) -> Vec<u8> {
-        (0..self.frame.len() / 2).filter_map(|i| u8::from_str_radix(self.frame.get(2 * i..2 * i + 2)?, 16).ok()).collect()
-    }
-}
+use super::event::Event;
 
 /// What a frame's headers say.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -238,18 +145,6 @@ pub struct Names {
 }
 
 impl Names {
-    /// From the controller's first answer (`{"listeners": {"0": "mqtt"}, "backends": {...}}`).
-    #[must_use]
-    pub fn from_json(v: &serde_json::Value) -> Self {
-        let table = |key: &str| {
-            v[key]
-                .as_object()
-                .map(|o| o.iter().filter_map(|(k, n)| Some((k.parse().ok()?, n.as_str()?.to_owned()))).collect())
-                .unwrap_or_default()
-        };
-        Self { listeners: table("listeners"), backends: table("backends") }
-    }
-
     #[must_use]
     pub fn listener(&self, id: Option<u32>) -> Option<String> {
         id.map(|id| self.listeners.get(&id).cloned().unwrap_or_else(|| format!("#{id}")))
@@ -367,7 +262,7 @@ pub fn decision(ev: &Event, names: &Names) -> String {
 }
 
 /// What the controller masked, for the end of a line or comment: `; payload masked`.
-fn masked_note(ev: &Event) -> String {
+pub(super) fn masked_note(ev: &Event) -> String {
     ev.masked.map_or_else(String::new, |m| format!("; {}", m.words()))
 }
 
@@ -400,70 +295,12 @@ pub fn line(ev: &Event, headers: &Headers, names: &Names, interface: &str) -> St
     format!("{h:02}:{m:02}:{s:02}.{micros:06} cpu{} {interface} {what} {}{}", ev.cpu, decision(ev, names), masked_note(ev))
 }
 
-/// A pcapng file of traced frames (their first bytes), each with its decision as the comment.
-pub struct Pcap<W: std::io::Write> {
-    writer: pcap_file::pcapng::PcapNgWriter<W>,
-    interfaces: Vec<u32>,
-}
-
-impl<W: std::io::Write> Pcap<W> {
-    /// # Errors
-    /// When the section header cannot be written.
-    pub fn new(out: W) -> anyhow::Result<Self> {
-        Ok(Self { writer: pcap_file::pcapng::PcapNgWriter::new(out).context("writing the pcapng header")?, interfaces: Vec::new() })
-    }
-
-    /// # Errors
-    /// When writing fails.
-    pub fn write(&mut self, ev: &Event, names: &Names) -> anyhow::Result<()> {
-        use pcap_file::pcapng::blocks::{
-            enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption},
-            interface_description::{InterfaceDescriptionBlock, InterfaceDescriptionOption},
-        };
-        let id = if let Some(id) = self.interfaces.iter().position(|&i| i == ev.ifindex) {
-            id
-        } else {
-            self.writer
-                .write_pcapng_block(InterfaceDescriptionBlock {
-                    linktype: pcap_file::DataLink::ETHERNET,
-                    snaplen: u32::try_from(lb_common::TRACE_SNAP).unwrap_or(u32::MAX),
-                    options: vec![
-                        InterfaceDescriptionOption::IfName(Cow::Owned(interface_name(ev.ifindex))),
-                        InterfaceDescriptionOption::IfTsResol(9),
-                    ],
-                })
-                .context("writing a pcapng interface block")?;
-            self.interfaces.push(ev.ifindex);
-            self.interfaces.len() - 1
-        };
-        let data = ev.bytes();
-        self.writer
-            .write_pcapng_block(EnhancedPacketBlock {
-                interface_id: u32::try_from(id).unwrap_or(0),
-                timestamp: Duration::from_nanos(ev.ts_ns),
-                original_len: ev.len.max(u32::try_from(data.len()).unwrap_or(0)),
-                data: Cow::Owned(data),
-                options: vec![EnhancedPacketOption::Comment(Cow::Owned(format!(
-                    "dsrlb: cpu{} {}{}",
-                    ev.cpu,
-                    decision(ev, names),
-                    masked_note(ev)
-                )))],
-            })
-            .context("writing a pcapng packet block")?;
-        Ok(())
-    }
-
-    /// # Errors
-    /// When flushing fails.
-    pub fn flush(&mut self) -> anyhow::Result<()> {
-        self.writer.get_mut().flush().context("flushing the pcap file")
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use lb_common::{TraceEvent, reason, trace_how};
+
     use super::*;
+    use crate::dataplane::clock::Clock;
 
     #[test]
     fn cidr_matches_its_prefix_only() {
@@ -528,7 +365,7 @@ mod tests {
             frame: [0; lb_common::TRACE_SNAP],
         };
         raw.frame[..frame.len()].copy_from_slice(&frame);
-        let mut ev = Event::from_raw(&raw, &Clock { offset_ns: 0 });
+        let mut ev = Event::from_raw(&raw, &Clock::unshifted());
         ev.ts_ns = 45_296_000_123_000; // 12:34:56.000123 on 1 January 1970
         assert_eq!(ev.bytes(), frame);
         let names = Names { listeners: [(0, "mqtt".to_owned())].into(), backends: [(1, "b2".to_owned())].into() };
@@ -557,158 +394,4 @@ mod tests {
         assert_eq!(tcp_flags(0x18), "P.");
         assert_eq!(tcp_flags(0x11), "F.");
     }
-}
-
-/// What `dsrlb trace` was asked for.
-#[derive(Debug, Default)]
-pub struct Options {
-    pub listener: Option<String>,
-    pub backend: Option<String>,
-    pub client: Option<Cidr>,
-    pub verdict: Option<String>,
-    pub sample: u32,
-    /// Stop after this many frames shown.
-    pub count: Option<u64>,
-    pub pcap: Option<std::path::PathBuf>,
-    /// One JSON object per frame instead of a line.
-    pub json: bool,
-    /// Ask the controller to leave MQTT CONNECT credentials in the frames.
-    pub raw: bool,
-}
-
-/// What a trace saw.
-#[derive(Debug, Default)]
-pub struct Summary {
-    pub received: u64,
-    pub shown: u64,
-    pub lost: u64,
-}
-
-static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Asks the controller for the trace; returns the connection and its answer (the names).
-fn start(
-    socket: &std::path::Path,
-    opts: &Options,
-) -> anyhow::Result<(std::io::BufReader<std::os::unix::net::UnixStream>, crate::control::Response)> {
-    use std::io::{BufRead as _, Write as _};
-    let mut stream = crate::control::connect(socket)?;
-    let req = crate::control::Request::Trace {
-        listener: opts.listener.clone(),
-        backend: opts.backend.clone(),
-        sample: opts.sample,
-        raw: opts.raw,
-    };
-    let mut request = serde_json::to_string(&req)?;
-    request.push('\n');
-    stream.write_all(request.as_bytes())?;
-    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
-    // SAFETY: installing a handler that only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
-    let mut reader = std::io::BufReader::new(stream);
-    let mut buf = String::new();
-    // The controller's answer first: the names, or why there is no trace.
-    loop {
-        match reader.read_line(&mut buf) {
-            Ok(0) => bail!("the controller closed the connection"),
-            Ok(_) if buf.ends_with('\n') => break,
-            Ok(_) => {}
-            Err(e)
-                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) =>
-            {
-                anyhow::ensure!(!STOP.load(std::sync::atomic::Ordering::Relaxed), "interrupted before the trace started");
-            }
-            Err(e) => return Err(e).context("reading the controller's answer"),
-        }
-    }
-    let resp: crate::control::Response = serde_json::from_str(&buf).with_context(|| format!("the controller answered {buf:?}"))?;
-    if !resp.ok {
-        bail!("{}", resp.error.unwrap_or_else(|| "the controller refused the trace".into()));
-    }
-    Ok((reader, resp))
-}
-
-/// Runs `dsrlb trace` against the controller at `socket`, printing to `out`, until `--count`
-/// frames are shown or SIGINT/SIGTERM; the pcap file is complete either way.
-///
-/// # Errors
-/// When a filter is invalid, the controller refuses the trace, or writing fails.
-pub fn run(socket: &std::path::Path, opts: &Options, out: &mut impl std::io::Write) -> anyhow::Result<Summary> {
-    use std::io::BufRead as _;
-    if let Some(v) = &opts.verdict {
-        let words = verdict_words();
-        anyhow::ensure!(words.contains(&v.as_str()), "--verdict {v:?}: give one of {}", words.join(", "));
-    }
-    let (mut reader, resp) = start(socket, opts)?;
-    let mut buf = String::new();
-    let names = Names::from_json(&resp.data);
-    // Created once the trace is accepted: a refused one leaves an existing file alone.
-    let mut pcap = match &opts.pcap {
-        None => None,
-        Some(path) => {
-            let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-            Some(Pcap::new(std::io::BufWriter::new(file))?)
-        }
-    };
-    eprintln!(
-        "dsrlb trace: tracing {}{}; Ctrl-C stops",
-        resp.data["interface"].as_str().unwrap_or("the balancer"),
-        if opts.sample > 1 { format!(", one frame in {}", opts.sample) } else { String::new() }
-    );
-    let mut interfaces = std::collections::BTreeMap::new();
-    let filters = Filters { client: opts.client, backend: opts.backend.clone(), verdict: opts.verdict.clone() };
-    let mut summary = Summary::default();
-    while !STOP.load(std::sync::atomic::Ordering::Relaxed) && opts.count.is_none_or(|c| summary.shown < c) {
-        match reader.read_line(&mut buf) {
-            Ok(0) => {
-                eprintln!("dsrlb trace: the controller went away");
-                break;
-            }
-            Ok(_) if !buf.ends_with('\n') => continue,
-            Ok(_) => {}
-            Err(e)
-                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) =>
-            {
-                continue;
-            }
-            Err(e) => return Err(e).context("reading the trace"),
-        }
-        let text = std::mem::take(&mut buf);
-        match serde_json::from_str::<crate::control::TraceLine>(&text) {
-            Ok(crate::control::TraceLine::Lost { lost }) => summary.lost = lost,
-            Ok(crate::control::TraceLine::Event(ev)) => {
-                summary.received += 1;
-                let headers = decode(&ev.bytes());
-                if !filters.keep(&ev, &headers, &names) {
-                    continue;
-                }
-                summary.shown += 1;
-                if let Some(p) = &mut pcap {
-                    p.write(&ev, &names)?;
-                }
-                if opts.json {
-                    let mut v = serde_json::to_value(&ev)?;
-                    v["listener_name"] = names.listener(ev.listener).into();
-                    v["backend"] = names.backend(ev.real).into();
-                    writeln!(out, "{v}")?;
-                } else {
-                    let iface = interfaces.entry(ev.ifindex).or_insert_with(|| interface_name(ev.ifindex));
-                    writeln!(out, "{}", line(&ev, &headers, &names, iface))?;
-                }
-            }
-            Err(e) => bail!("a trace line that does not parse ({e}): {text:?}"),
-        }
-    }
-    if let Some(p) = &mut pcap {
-        p.flush()?;
-    }
-    out.flush()?;
-    Ok(summary)
 }

@@ -1,150 +1,36 @@
-//! The control socket: a unix socket (mode 0600, owned by the controller's user, or 0660 for a
-//! configured group) speaking one JSON request and one JSON response per line, for root, the
-//! controller's user and that group only (checked with the peer's credentials). Beside it, with
-//! `read_only_group`, the read-only socket (mode 0660, that group's) serves only the requests
-//! that change nothing and show no client traffic. The CLI is their client: it uses the
-//! control socket, or the read-only one when the control socket is not its user's.
+//! The controller's side of the control socket: a unix socket (mode 0600, owned by the
+//! controller's user, or 0660 for a configured group) for root, the controller's user and that
+//! group only (checked with the peer's credentials). Beside it, with `read_only_group`, the
+//! read-only socket (mode 0660, that group's) serves only the requests that change nothing and
+//! show no client traffic. Each request goes to the controller's loop as a [`Call`]; a trace
+//! then streams the data plane's decisions from the [`TraceHub`].
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
 
-use crate::dataplane::trace::{Filter, Session, TraceHub};
 use anyhow::{Context as _, bail};
-use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _},
     net::UnixListener,
     sync::{mpsc, oneshot},
 };
 
-/// Where `dsrlb run` listens unless told otherwise.
-pub const DEFAULT_SOCKET: &str = "/run/dsrlb/control.sock";
-
-/// The read-only socket beside the control socket `socket`: `control.sock` → `control-ro.sock`.
-#[must_use]
-pub fn read_only_path(socket: &Path) -> PathBuf {
-    let name = socket.file_name().map_or_else(|| "control.sock".into(), |n| n.to_string_lossy().into_owned());
-    let ro = name.strip_suffix(".sock").map_or_else(|| format!("{name}-ro"), |stem| format!("{stem}-ro.sock"));
-    socket.with_file_name(ro)
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "lowercase")]
-pub enum Request {
-    Status,
-    Drain {
-        backend: String,
+use super::proto::{MAX_REQUEST_LINE, Request, Response, TraceLine, TraceStart, read_only_path};
+use crate::{
+    dataplane::{
+        clock::Clock,
+        trace::{Filter, Session, TraceHub},
     },
-    Undrain {
-        backend: String,
-    },
-    Weight {
-        backend: String,
-        weight: u32,
-    },
-    Reload,
-    Flow {
-        client: String,
-        vip: String,
-    },
-    /// Detach, remove the pins, and exit.
-    Stop,
-    /// The Prometheus text (what `GET /metrics` serves).
-    Metrics,
-    /// Whether the controller serves and its program is attached: cheap (no walk of the flow
-    /// table), for keepalived's health script.
-    Ping,
-    /// `dsrlb trace`: the controller answers with the names of listener and real ids, then the
-    /// socket streams the data plane's decisions ([`TraceLine`]) until the client closes it.
-    Trace {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        listener: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        backend: Option<String>,
-        /// One frame in `sample` (0 or 1: all).
-        #[serde(default)]
-        sample: u32,
-        /// Keep MQTT CONNECT credentials in the frames (root and the controller's user only);
-        /// by default the controller masks them before they leave it (`crate::redact`).
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        raw: bool,
-    },
-}
-
-impl Request {
-    /// The request as the CLI names it.
-    #[must_use]
-    pub const fn name(&self) -> &'static str {
-        match self {
-            Self::Status => "status",
-            Self::Drain { .. } => "drain",
-            Self::Undrain { .. } => "undrain",
-            Self::Weight { .. } => "weight",
-            Self::Reload => "reload",
-            Self::Flow { .. } => "flow",
-            Self::Stop => "stop",
-            Self::Metrics => "metrics",
-            Self::Ping => "ping",
-            Self::Trace { .. } => "trace",
-        }
-    }
-
-    /// Why the read-only socket refuses it; `None` for the requests it serves (status and
-    /// stats, flow, metrics, ping).
-    #[must_use]
-    pub const fn not_read_only(&self) -> Option<&'static str> {
-        match self {
-            Self::Status | Self::Flow { .. } | Self::Metrics | Self::Ping => None,
-            Self::Drain { .. } | Self::Undrain { .. } | Self::Weight { .. } | Self::Reload => Some("it changes the balancer"),
-            Self::Stop => Some("it stops the balancer"),
-            Self::Trace { .. } => Some("a trace shows the clients' traffic"),
-        }
-    }
-}
-
-/// A line a trace streams after its first answer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum TraceLine {
-    Event(crate::trace::Event),
-    /// Events lost so far to a full buffer (sent when the number grows).
-    Lost {
-        lost: u64,
-    },
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Response {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
-    pub data: serde_json::Value,
-}
-
-impl Response {
-    #[must_use]
-    pub fn ok(data: serde_json::Value) -> Self {
-        Self { ok: true, error: None, data }
-    }
-
-    #[must_use]
-    pub fn err(e: impl std::fmt::Display) -> Self {
-        Self { ok: false, error: Some(e.to_string()), data: serde_json::Value::Null }
-    }
-}
+    redact::Redactor,
+    trace::Event,
+};
 
 /// A request on its way to the controller's loop, with the way back.
 pub type Call = (Request, oneshot::Sender<Response>);
-
-/// The longest request line the controller reads; a longer one is refused and the connection
-/// closed (a request is a few hundred bytes).
-pub const MAX_REQUEST_LINE: u64 = 64 * 1024;
 
 /// Who may talk to the controller besides root and the controller's own user, and what about.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -353,7 +239,7 @@ async fn serve_one(stream: tokio::net::UnixStream, access: Access, calls: mpsc::
                     };
                     match (trace, resp.ok) {
                         (Some((sample, raw)), true) => {
-                            let listener = resp.data["listener_id"].as_u64().and_then(|l| u32::try_from(l).ok());
+                            let listener = resp.data_as::<TraceStart>().ok().and_then(|t| t.listener_id);
                             match traces.as_ref().map(|hub| hub.start(Filter { sample, listener })) {
                                 Some(Ok(session)) => {
                                     let mut out = serde_json::to_string(&resp).unwrap_or_default();
@@ -396,8 +282,8 @@ async fn stream_trace(
     raw: bool,
 ) {
     use tokio::io::AsyncReadExt as _;
-    let clock = crate::trace::Clock::now();
-    let mut redactor = (!raw).then(crate::redact::Redactor::default);
+    let clock = Clock::now();
+    let mut redactor = (!raw).then(Redactor::default);
     let mut events = Vec::with_capacity(TRACE_BATCH);
     let mut scratch = [0u8; 64];
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -415,7 +301,7 @@ async fn stream_trace(
                 for mut ev in events.drain(..) {
                     let caplen = (ev.caplen as usize).min(ev.frame.len());
                     let masked = redactor.as_mut().and_then(|r| r.mask(&mut ev.frame[..caplen]));
-                    let event = crate::trace::Event { masked, ..crate::trace::Event::from_raw(&ev, &clock) };
+                    let event = Event { masked, ..Event::from_raw(&ev, &clock) };
                     out.push_str(&serde_json::to_string(&TraceLine::Event(event)).unwrap_or_default());
                     out.push('\n');
                 }
@@ -437,101 +323,6 @@ async fn stream_trace(
         // tracing on.
         if !out.is_empty() && !matches!(tokio::time::timeout(TRACE_WRITE_TIMEOUT, write.write_all(out.as_bytes())).await, Ok(Ok(()))) {
             return;
-        }
-    }
-}
-
-/// The CLI side: one request, one response.
-///
-/// # Errors
-/// With a message for the operator when no controller runs or the socket is not theirs.
-pub fn call(path: &Path, req: &Request) -> anyhow::Result<Response> {
-    let mut stream = connect(path)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut line = serde_json::to_string(req)?;
-    line.push('\n');
-    stream.write_all(line.as_bytes())?;
-    let mut reader = BufReader::new(stream);
-    let mut answer = String::new();
-    reader.read_line(&mut answer).context("reading the controller's answer")?;
-    serde_json::from_str(&answer).with_context(|| format!("the controller answered {answer:?}"))
-}
-
-/// Connects to the controller's socket `path`, or to the read-only socket beside it when `path`
-/// is not this user's; with a message for the operator when it cannot.
-///
-/// # Errors
-/// When no controller is running or neither socket is theirs.
-pub fn connect(path: &Path) -> anyhow::Result<std::os::unix::net::UnixStream> {
-    use std::io::ErrorKind;
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(stream) => Ok(stream),
-        Err(e) if e.kind() == ErrorKind::PermissionDenied => {
-            let ro = read_only_path(path);
-            std::os::unix::net::UnixStream::connect(&ro).map_err(|_| {
-                anyhow::anyhow!(
-                    "permission denied on {}: run the CLI as root, or as a member of the controller's --socket-group (or, for \
-                     status, stats, flow and ping, of its read_only_group, through {})",
-                    path.display(),
-                    ro.display()
-                )
-            })
-        }
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            bail!("no controller is running: {} does not exist (start one with `dsrlb run --config FILE`)", path.display())
-        }
-        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-            bail!("no controller is running: {} is stale (dsrlb run removes it on start)", path.display())
-        }
-        Err(e) => bail!("connecting to {}: {e}", path.display()),
-    }
-}
-
-/// The socket path from `--socket` or the default.
-#[must_use]
-pub fn socket_path(arg: Option<&PathBuf>) -> PathBuf {
-    arg.cloned().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
-}
-
-#[cfg(test)]
-mod tests {
-    use proptest::prelude::*;
-
-    use super::*;
-
-    #[test]
-    fn the_read_only_socket_sits_beside_the_control_socket() {
-        assert_eq!(read_only_path(Path::new(DEFAULT_SOCKET)), Path::new("/run/dsrlb/control-ro.sock"));
-        assert_eq!(read_only_path(Path::new("/tmp/x/dsrlb")), Path::new("/tmp/x/dsrlb-ro"));
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
-
-        /// Any bytes on the socket: a request, or an error to answer with; never a panic.
-        #[test]
-        fn any_request_line_parses_or_is_refused(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
-            let _ = serde_json::from_slice::<Request>(&bytes);
-        }
-
-        /// Requests of the right shape with any field values.
-        #[test]
-        fn any_request_shaped_line_parses_or_is_refused(
-            cmd in prop::sample::select(vec!["status", "drain", "undrain", "weight", "reload", "flow", "stop", "metrics", "ping", "x"]),
-            backend in "[ -~]{0,20}",
-            weight in any::<i64>(),
-            extra in prop::option::of("[a-z]{1,8}"),
-        ) {
-            let mut v = serde_json::json!({ "cmd": cmd, "backend": backend, "weight": weight, "client": backend, "vip": backend });
-            if let Some(k) = extra {
-                v[k] = serde_json::json!(1);
-            }
-            let line = serde_json::to_vec(&v).expect("json");
-            if let Ok(req) = serde_json::from_slice::<Request>(&line) {
-                // What parses says again what it was.
-                let again: Request = serde_json::from_str(&serde_json::to_string(&req).expect("json")).expect("round trip");
-                prop_assert_eq!(again, req);
-            }
         }
     }
 }
