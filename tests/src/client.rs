@@ -6,12 +6,12 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use lb_userspace::mqtt;
 
-use crate::lab::Lab;
+use crate::{lab::Lab, wait};
 
 /// A connected MQTT 3.1.1 session over plain TCP.
 pub struct MqttConn {
@@ -144,9 +144,7 @@ impl Balancer {
     }
 
     fn spawn_bin(ns: &str, pin_dir: &std::path::Path, bin: &std::path::Path, config: &std::path::Path, socket: &std::path::Path) -> Child {
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{ns}"))
-            .arg(bin)
+        crate::netns::nsenter(ns, bin)
             .arg("--socket")
             .arg(socket)
             .arg("--pin-dir")
@@ -165,25 +163,22 @@ impl Balancer {
     /// # Panics
     /// When it does not.
     pub fn wait_joined(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
+        wait::until_every(format!("{}: ready (dsrlb ping answers)", self.lb_ns), within, Duration::from_millis(50), || {
             let (ok, _, err) = self.cli(&["ping"]);
-            if ok {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{}: not ready within {within:?}: {err}", self.lb_ns);
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            if ok { Ok(()) } else { Err(err) }
+        });
     }
 
     /// Waits until the program is attached and the control socket answers.
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !(self.attached() && self.cli(&["status", "--json"]).0) {
-            assert!(self.child.try_wait().expect("wait").is_none(), "dsrlb exited before it was ready");
-            assert!(Instant::now() < deadline, "dsrlb was not ready within 20 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let (ns, socket, pin_dir) = (&self.lb_ns, &self.socket, &self.pin_dir);
+        wait::until_up(
+            "dsrlb ready (program attached, status answered)",
+            &mut self.child,
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            || xdp_attached(ns) && run_cli(ns, socket, pin_dir, &["status", "--json"]).0,
+        );
     }
 
     /// Starts a new controller process on the same config, socket and pins (after a crash or
@@ -211,11 +206,7 @@ impl Balancer {
     pub fn stop_for_good(&mut self) {
         let (ok, out, err) = self.cli(&["stop"]);
         assert!(ok, "dsrlb stop failed: {out}{err}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait().expect("wait").is_none() {
-            assert!(Instant::now() < deadline, "dsrlb did not exit after dsrlb stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait::until("dsrlb to exit after dsrlb stop", Duration::from_secs(10), || self.child.try_wait().expect("wait"));
     }
 
     /// Runs `dsrlb --socket S ARGS...` (the CLI) and returns (success, stdout, stderr).
@@ -224,19 +215,7 @@ impl Balancer {
     /// When the CLI cannot start.
     #[must_use]
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        // In the balancer's namespace, as an operator on that host would run it (`dsrlb stop`
-        // without a controller withdraws that namespace's routes).
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.lb_ns))
-            .arg(crate::dsrlb_bin())
-            .arg("--socket")
-            .arg(&self.socket)
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .args(args)
-            .output()
-            .expect("starting the dsrlb CLI");
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        run_cli(&self.lb_ns, &self.socket, &self.pin_dir, args)
     }
 
     /// `dsrlb status --json`.
@@ -279,10 +258,7 @@ impl Balancer {
     pub fn kill_node(&mut self) {
         self.kill9();
         let _ = lb_userspace::dataplane::unpin_all(&self.pin_dir);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.attached() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let _ = wait::within(Duration::from_secs(5), wait::EVERY, || !self.attached());
     }
 
     /// SIGTERM (the controller exits, forwarding continues from the pins), and the exit status.
@@ -292,14 +268,7 @@ impl Balancer {
     pub fn stop(&mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(i32::try_from(self.child.id()).expect("pid"), libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "dsrlb did not exit within 10 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait::until("dsrlb to exit after SIGTERM", Duration::from_secs(10), || self.child.try_wait().expect("wait"))
     }
 }
 
@@ -311,6 +280,21 @@ impl Drop for Balancer {
             let _ = self.stop();
         }
     }
+}
+
+/// `dsrlb --socket S --pin-dir P ARGS...` in namespace `ns`, as an operator on that host would
+/// run it (`dsrlb stop` without a controller withdraws that namespace's routes): (success,
+/// stdout, stderr).
+fn run_cli(ns: &str, socket: &std::path::Path, pin_dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = crate::netns::nsenter(ns, crate::dsrlb_bin())
+        .arg("--socket")
+        .arg(socket)
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .args(args)
+        .output()
+        .expect("starting the dsrlb CLI");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// Whether `eth0` in namespace `ns` carries an XDP program.

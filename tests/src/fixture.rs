@@ -3,7 +3,7 @@
 //! `BPF_PROG_TEST_RUN`, and the controller's view of where a tuple should go.
 #![allow(clippy::must_use_candidate, clippy::missing_panics_doc, reason = "test helpers")]
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, time::Duration};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{flow_hash, ring_slot, source_hash};
@@ -13,7 +13,10 @@ use lb_userspace::{
     plan::{self, BackendRuntime, DownSet, Ids, Out},
 };
 
-use crate::frame::{Ipv4Frame, LB_MAC, TCP_ACK, TCP_SYN};
+use crate::{
+    frame::{Ipv4Frame, LB_MAC, TCP_ACK, TCP_SYN},
+    wait,
+};
 
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
@@ -150,6 +153,20 @@ impl Lb {
         let r = self.dp.balancer().test_run(opts).expect("BPF_PROG_TEST_RUN");
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
+    }
+
+    /// Waits until the flow table's clock reads another unit than `age` (one unit is 1.07 s);
+    /// the new reading.
+    pub fn wait_clock_past(&self, age: u32) -> u32 {
+        let now_age = || self.dp.now_age().expect("clock");
+        wait::until_every("the flow table's clock to move on", Duration::from_secs(5), Duration::from_millis(1), || {
+            Some(now_age()).filter(|&now| now != age)
+        })
+    }
+
+    /// Waits for the flow table's clock to start a new unit: what follows runs well within one.
+    pub fn fresh_clock_unit(&self) {
+        self.wait_clock_past(self.dp.now_age().expect("clock"));
     }
 
     /// Lets `units` of the flow table's clock pass for every flow it holds (their ages move

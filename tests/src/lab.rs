@@ -36,12 +36,14 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 use aya::programs::XdpMode;
 use lb_userspace::dataplane::testing::TestPrograms;
+
+use crate::wait;
 
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
@@ -116,9 +118,17 @@ pub struct Lab {
 /// # Errors
 /// When the command cannot start or fails.
 pub fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(cmd).args(args).output().with_context(|| format!("starting {cmd}"))?;
+    output(Command::new(cmd).args(args))
+}
+
+/// Runs a command; its stdout, or an error with its stderr.
+///
+/// # Errors
+/// When the command cannot start or fails.
+pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("starting {}", cmd.get_program().display()))?;
     if !out.status.success() {
-        bail!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -189,15 +199,13 @@ impl Lab {
         v
     }
 
-    /// `nsenter --net=... CMD ARGS`: network namespace only, so bpffs pins stay visible.
+    /// `CMD ARGS` in namespace `ns` ([`crate::netns::nsenter`]: network namespace only, so
+    /// bpffs pins stay visible); its stdout.
     ///
     /// # Errors
     /// When the command fails.
     pub fn exec(&self, ns: &str, cmd: &str, args: &[&str]) -> anyhow::Result<String> {
-        let net = format!("--net=/run/netns/{ns}");
-        let mut full = vec![net.as_str(), cmd];
-        full.extend_from_slice(args);
-        sh("nsenter", &full)
+        output(crate::netns::nsenter(ns, cmd).args(args))
     }
 
     fn ip(ns: &str, args: &[&str]) -> anyhow::Result<String> {
@@ -492,21 +500,17 @@ impl Lab {
         let ns = self.broker_ns(i);
         self.exec(&ns, "mosquitto", &["-d", "-c", &conf_path.display().to_string()])
             .with_context(|| format!("starting mosquitto in {ns}"))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let up = pid.exists()
+        let up = || {
+            pid.exists()
                 && crate::netns::in_netns(&self.ns("client"), || {
                     TcpStream::connect_timeout(&SocketAddr::from((broker_addr(i), 1883)), Duration::from_millis(200)).is_ok()
                 })
-                .unwrap_or(false);
-            if up {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("mosquitto in {ns} did not come up within 10 s; see {}", self.broker_log(i).display());
-            }
-            std::thread::sleep(Duration::from_millis(50));
+                .unwrap_or(false)
+        };
+        if wait::within(Duration::from_secs(10), Duration::from_millis(50), up).is_none() {
+            bail!("mosquitto in {ns} did not come up within 10 s; see {}", self.broker_log(i).display());
         }
+        Ok(())
     }
 
     fn broker_pid(&self, i: usize) -> Option<i32> {
@@ -797,9 +801,8 @@ impl Lab {
         let path = dir.join("keepalived.conf");
         std::fs::write(&path, conf)?;
         let log = std::fs::File::create(dir.join("keepalived.log"))?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.node_ns(i)))
-            .args(["keepalived", "--dont-fork", "--log-console", "--log-detail", "--vrrp", "-f"])
+        let child = crate::netns::nsenter(&self.node_ns(i), "keepalived")
+            .args(["--dont-fork", "--log-console", "--log-detail", "--vrrp", "-f"])
             .arg(&path)
             .arg("-p")
             .arg(dir.join("keepalived-main.pid"))
@@ -955,18 +958,16 @@ impl Lab {
     /// logs to catch up.
     #[must_use]
     pub fn landed(&self, prefix: &str, n: usize) -> Vec<usize> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
+        let counts = || {
             let mut counts = vec![0usize; self.brokers];
             for (b, count) in counts.iter_mut().enumerate() {
                 let ids: std::collections::BTreeSet<String> = self.sessions(b).into_iter().map(|s| s.client_id).collect();
                 *count = (0..n).filter(|i| ids.contains(&format!("{prefix}-{i}"))).count();
             }
-            if counts.iter().sum::<usize>() >= n || Instant::now() > deadline {
-                return counts;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            counts
+        };
+        wait::within(Duration::from_secs(5), Duration::from_millis(100), || Some(counts()).filter(|c| c.iter().sum::<usize>() >= n))
+            .unwrap_or_else(counts)
     }
 
     /// Which broker (index) logged client id `id`, if one did.
@@ -1005,14 +1006,13 @@ pub fn kill_and_wait(pid: i32) {
     }
     // SAFETY: kill(2) on a recorded pid.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while alive(pid) && Instant::now() < deadline {
+    let gone = wait::within(Duration::from_secs(3), wait::EVERY, || {
         // Reap it if it is our child (a zombie still answers signal 0).
         // SAFETY: non-blocking waitpid.
         unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    if alive(pid) {
+        !alive(pid)
+    });
+    if gone.is_none() {
         // SAFETY: as above.
         unsafe {
             libc::kill(pid, libc::SIGKILL);
@@ -1042,13 +1042,13 @@ impl WireCount {
         crate::netns::in_netns(&lab.ns("sw"), || {
             let sock = crate::netns::PacketSocket::open("p-lb");
             self.ready.store(true, SeqCst);
-            let deadline = Instant::now() + Duration::from_mins(1);
-            while !stop.load(SeqCst) && Instant::now() < deadline {
-                let Some(f) = sock.recv() else { continue };
-                let (to, from) = classify(&f);
-                self.to_vip.fetch_add(usize::from(to), SeqCst);
-                self.from_vip.fetch_add(usize::from(from), SeqCst);
-            }
+            wait::repeat(Duration::from_mins(1), stop, || {
+                if let Some(f) = sock.recv() {
+                    let (to, from) = classify(&f);
+                    self.to_vip.fetch_add(usize::from(to), SeqCst);
+                    self.from_vip.fetch_add(usize::from(from), SeqCst);
+                }
+            });
         })
         .expect("switch namespace");
     }

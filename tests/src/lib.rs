@@ -9,6 +9,7 @@ pub mod lab;
 pub mod load;
 pub mod mqtt;
 pub mod netns;
+pub mod wait;
 
 /// True when the process may load BPF programs and make namespaces.
 #[must_use]

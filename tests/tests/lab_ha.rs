@@ -10,7 +10,7 @@ use tests::{
     client::{Balancer, hold_sessions},
     lab::{Lab, LabGuard, Routing, VIP, VIP_INTERNAL, node_addr},
     load::{Load, LoadReport},
-    require_root,
+    require_root, wait,
 };
 
 const SESSIONS: usize = 2000;
@@ -19,14 +19,11 @@ const HEALTH: &str = "check = \"mqtt\"\ninter = \"1s\"\ntimeout = \"500ms\"\nfal
 /// Waits until the router routes the VIP over exactly `n` nodes; how long that took.
 fn wait_next_hops(lab: &Lab, n: usize, within: Duration) -> Duration {
     let t = Instant::now();
-    loop {
+    wait::until_every(format!("the router routing {VIP} over {n} nodes"), within, Duration::from_millis(10), || {
         let hops = lab.router_next_hops(VIP);
-        if hops.len() == n {
-            return t.elapsed();
-        }
-        assert!(t.elapsed() < within, "the router routes {VIP} via {hops:?}, not over {n} nodes, after {within:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        if hops.len() == n { Ok(()) } else { Err(format!("routes via {hops:?}")) }
+    });
+    t.elapsed()
 }
 
 fn listener(status: &Value, name: &str) -> Value {
@@ -127,11 +124,7 @@ fn start_vrrp(lab: &Lab, nodes: &[Balancer]) {
     for (i, n) in nodes.iter().enumerate() {
         lab.start_keepalived(i, &tests::dsrlb_bin(), &n.socket).expect("keepalived");
     }
-    let t = Instant::now();
-    while !lab.holds_next_hop(0) {
-        assert!(t.elapsed() < Duration::from_secs(30), "node 1 did not become VRRP master");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait::until_every("node 1 to become VRRP master", Duration::from_secs(30), Duration::from_millis(50), || lab.holds_next_hop(0));
 }
 
 /// The VRRP master (node 1) dies: link down, keepalived and dsrlb killed. Returns once node 2
@@ -141,10 +134,7 @@ fn kill_vrrp_master(lab: &Lab, nodes: &mut [Balancer]) -> Duration {
     lab.set_node_link(0, false).expect("link down");
     lab.stop_keepalived(0);
     nodes[0].kill_node();
-    while !lab.holds_next_hop(1) {
-        assert!(t.elapsed() < Duration::from_secs(30), "node 2 did not take over");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait::until_every("node 2 to take over the next hop", Duration::from_secs(30), Duration::from_millis(10), || lab.holds_next_hop(1));
     t.elapsed()
 }
 
@@ -258,8 +248,8 @@ fn backend_change_then_node_changes(share: bool) -> Hard {
             // A rolling reload: node 1 has the new config, node 2 not yet. Node 2's sessions
             // follow its own rings, but node 1's would move a third of them: node 2 sees the
             // configs differ and shares every live flow with node 1 until they agree.
-            let deadline = Instant::now() + Duration::from_mins(1);
-            loop {
+            let what = "node 2 to share its flows while the configs differ";
+            let (walked, live) = wait::until_every(what, Duration::from_mins(1), Duration::from_millis(100), || {
                 let st = nodes[1].status();
                 let peer = st["cluster"]["peers"]
                     .as_array()
@@ -268,41 +258,37 @@ fn backend_change_then_node_changes(share: bool) -> Hard {
                 let walked = st["cluster"]["last_walk"]["exceptions"].as_u64().unwrap_or(0);
                 let live = st["flow_table_entries"].as_u64().unwrap_or(u64::MAX);
                 let sent = peer.as_ref().and_then(|p| p["flows_sent"].as_u64()).unwrap_or(0);
-                if peer.as_ref().is_some_and(|p| p["config"] == "differs") && walked * 10 >= live * 9 && sent >= walked {
-                    eprintln!("  rolling reload: node 2 shared all {walked} of its live flows ({live}) while node 1's config differed");
-                    break;
-                }
-                assert!(Instant::now() < deadline, "node 2 did not share its flows while the configs differed: {}", st["cluster"]);
-                std::thread::sleep(Duration::from_millis(100));
-            }
+                let shared = peer.as_ref().is_some_and(|p| p["config"] == "differs") && walked * 10 >= live * 9 && sent >= walked;
+                if shared { Ok((walked, live)) } else { Err(st["cluster"].clone()) }
+            });
+            eprintln!("  rolling reload: node 2 shared all {walked} of its live flows ({live}) while node 1's config differed");
         }
     }
     for n in &nodes {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while n.state("mqtt", "b3") != "up" {
-            assert!(Instant::now() < deadline, "b3 is not up on {}", n.ns());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait::until_every(format!("b3 up on {}", n.ns()), Duration::from_secs(30), Duration::from_millis(50), || {
+            n.state("mqtt", "b3") == "up"
+        });
     }
     let mut exceptions = Vec::new();
     if share {
         // Wait until each node holds the other's exceptions (walked after the ring change,
         // sent, merged).
-        let deadline = Instant::now() + Duration::from_mins(1);
-        loop {
-            let s: Vec<Value> = nodes.iter().map(Balancer::status).collect();
-            let found: Vec<u64> = s.iter().map(|x| x["cluster"]["last_walk"]["exceptions"].as_u64().unwrap_or(0)).collect();
-            let received: Vec<u64> = s
-                .iter()
-                .map(|x| x["cluster"]["peers"].as_array().map_or(0, |p| p.iter().map(|p| p["flows_received"].as_u64().unwrap_or(0)).sum()))
-                .collect();
-            if found.iter().all(|&f| f > 0) && received.iter().all(|&r| r > 0) {
-                exceptions = found;
-                break;
-            }
-            assert!(Instant::now() < deadline, "the nodes did not exchange their exceptions: found {found:?}, received {received:?}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        exceptions =
+            wait::until_every("the nodes to exchange their exceptions", Duration::from_mins(1), Duration::from_millis(100), || {
+                let s: Vec<Value> = nodes.iter().map(Balancer::status).collect();
+                let found: Vec<u64> = s.iter().map(|x| x["cluster"]["last_walk"]["exceptions"].as_u64().unwrap_or(0)).collect();
+                let received: Vec<u64> = s
+                    .iter()
+                    .map(|x| {
+                        x["cluster"]["peers"].as_array().map_or(0, |p| p.iter().map(|p| p["flows_received"].as_u64().unwrap_or(0)).sum())
+                    })
+                    .collect();
+                if found.iter().all(|&f| f > 0) && received.iter().all(|&r| r > 0) {
+                    Ok(found)
+                } else {
+                    Err(format!("found {found:?}, received {received:?}"))
+                }
+            });
     }
     load.wait_passes(2, Duration::from_mins(1));
     let lost_reload = load.lost();
@@ -399,11 +385,10 @@ fn announcements_follow_the_controller_stop_and_usable_backends() {
     // A killed controller keeps the node announced (forwarding goes on from the pins): BGP's
     // hold time (3 s) passes and the router still routes to it; a new controller adopts.
     nodes[1].kill9();
-    let killed = Instant::now();
-    while killed.elapsed() < Duration::from_secs(4) {
-        assert_eq!(lab.router_next_hops(VIP).len(), 2, "the router dropped node 2 when only its controller died");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait::holds("the router routing to node 2 when only its controller died", Duration::from_secs(4), Duration::from_millis(100), || {
+        let hops = lab.router_next_hops(VIP);
+        if hops.len() == 2 { Ok(()) } else { Err(format!("routes via {hops:?}")) }
+    });
     nodes[1].restart(&lab);
     nodes[1].wait_joined(Duration::from_secs(30));
     assert_joined_with_all(&nodes[1]);
@@ -428,10 +413,11 @@ fn announcements_follow_the_controller_stop_and_usable_backends() {
     assert!(!lab.node_announced(1).is_empty(), "node 2 announces nothing");
     lab.set_node_carrier(1, false).expect("carrier off");
     let t = Instant::now();
-    while !lab.node_announced(1).is_empty() || nodes[1].cli(&["ping"]).0 {
-        assert!(t.elapsed() < Duration::from_secs(10), "node 2 still announces {:?} without its carrier", lab.node_announced(1));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let what = "node 2 to withdraw without its carrier (and dsrlb ping to fail)";
+    wait::until_every(what, Duration::from_secs(10), Duration::from_millis(50), || {
+        let announced = lab.node_announced(1);
+        if announced.is_empty() && !nodes[1].cli(&["ping"]).0 { Ok(()) } else { Err(format!("announces {announced:?}")) }
+    });
     let no_carrier = t.elapsed();
     lab.set_node_carrier(1, true).expect("carrier on");
     nodes[1].wait_joined(Duration::from_secs(10));
@@ -532,24 +518,22 @@ fn vrrp_failover_after_a_backend_change(share: bool) -> LoadReport {
         assert!(ok, "reload: {out}{err}");
     }
     // The master's exceptions reach the backup.
-    let deadline = Instant::now() + Duration::from_mins(1);
-    let (found, received) = loop {
-        if !share {
-            while nodes.iter().any(|n| n.state("mqtt", "b3") != "up") {
-                assert!(Instant::now() < deadline, "b3 is not up");
-                std::thread::sleep(Duration::from_millis(100));
+    let b3_up = || nodes.iter().all(|n| n.state("mqtt", "b3") == "up");
+    let (found, received) = if share {
+        wait::until_every("the backup to get the master's exceptions", Duration::from_mins(1), Duration::from_millis(100), || {
+            let found = nodes[0].status()["cluster"]["last_walk"]["exceptions"].as_u64().unwrap_or(0);
+            let received: u64 = nodes[1].status()["cluster"]["peers"]
+                .as_array()
+                .map_or(0, |p| p.iter().map(|p| p["flows_received"].as_u64().unwrap_or(0)).sum());
+            if b3_up() && found > 0 && received >= found {
+                Ok((found, received))
+            } else {
+                Err(format!("found {found}, received {received}"))
             }
-            break (0, 0);
-        }
-        let found = nodes[0].status()["cluster"]["last_walk"]["exceptions"].as_u64().unwrap_or(0);
-        let received: u64 = nodes[1].status()["cluster"]["peers"]
-            .as_array()
-            .map_or(0, |p| p.iter().map(|p| p["flows_received"].as_u64().unwrap_or(0)).sum());
-        if nodes.iter().all(|n| n.state("mqtt", "b3") == "up") && found > 0 && received >= found {
-            break (found, received);
-        }
-        assert!(Instant::now() < deadline, "the backup did not get the master's exceptions: found {found}, received {received}");
-        std::thread::sleep(Duration::from_millis(100));
+        })
+    } else {
+        wait::until_every("b3 up", Duration::from_mins(1), Duration::from_millis(100), b3_up);
+        (0, 0)
     };
     load.wait_passes(2, Duration::from_mins(1));
     assert_eq!(load.lost(), 0, "sessions lost across the reload");

@@ -13,7 +13,7 @@ use tests::{
     client::{Balancer, MqttConn, hold_sessions},
     lab::{LabGuard, VIP},
     netns::in_netns,
-    require_root,
+    require_root, wait,
 };
 
 const HEALTH: &str = "check = \"mqtt\"\ninter = \"500ms\"\ntimeout = \"300ms\"\nfall = 2\nrise = 2";
@@ -31,9 +31,8 @@ fn ping_all(held: &mut [MqttConn]) {
 /// New sessions, one every 10 ms, while `stop` is false: (made, failed).
 fn churn(lab: &LabGuard, stop: &AtomicBool, made: &AtomicUsize, failed: &AtomicUsize) {
     in_netns(&lab.ns("client"), || {
-        let deadline = Instant::now() + Duration::from_mins(2);
         let mut i = 0;
-        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+        wait::repeat(Duration::from_mins(2), stop, || {
             match MqttConn::connect(None, SocketAddrV4::new(VIP, 1883), &format!("churn-{i}"), Duration::from_secs(3)) {
                 Ok(c) => {
                     c.disconnect();
@@ -46,18 +45,17 @@ fn churn(lab: &LabGuard, stop: &AtomicBool, made: &AtomicUsize, failed: &AtomicU
             }
             i += 1;
             std::thread::sleep(Duration::from_millis(10));
-        }
+        });
     })
     .expect("client namespace");
 }
 
 /// Waits until the churn has made `n` connections (at most a minute).
 fn wait_made(made: &AtomicUsize, n: usize) {
-    let deadline = Instant::now() + Duration::from_mins(1);
-    while made.load(Ordering::SeqCst) < n {
-        assert!(Instant::now() < deadline, "the churn made only {} connections", made.load(Ordering::SeqCst));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait::until(format!("the churn making {n} connections"), Duration::from_mins(1), || match made.load(Ordering::SeqCst) {
+        m if m >= n => Ok(()),
+        m => Err(format!("only {m}")),
+    });
 }
 
 /// `dsrlb flow --json` for a held session.
@@ -155,17 +153,17 @@ fn probe_every_ms(lab: &LabGuard, stop: &AtomicBool) -> u32 {
         f.dst_mac = lb_mac;
         let template = f.build();
         let (mut n, start) = (0u32, Instant::now());
-        while !stop.load(Ordering::SeqCst) && start.elapsed() < Duration::from_mins(1) {
+        wait::repeat(Duration::from_mins(1), stop, || {
             let mut frame = template.clone();
             frame[38..42].copy_from_slice(&n.to_be_bytes());
             sock.send(&frame);
             n += 1;
             // The next at 1 ms after the start of this one.
             let next = start + Duration::from_millis(u64::from(n));
-            if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
+            if let Some(rest) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(rest);
             }
-        }
+        });
         n
     })
     .expect("client namespace")
@@ -178,12 +176,11 @@ fn probes_seen(lab: &LabGuard, ready: &AtomicBool, count: &AtomicUsize, stop: &A
         ready.store(true, Ordering::SeqCst);
         let probe = std::net::Ipv4Addr::new(192, 0, 2, 65).octets();
         let mut seen = Vec::new();
-        let deadline = Instant::now() + Duration::from_mins(1);
         // Both ports in turn, without blocking on the idle one.
         for s in &socks {
             s.set_nonblocking();
         }
-        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+        wait::repeat(Duration::from_mins(1), stop, || {
             let mut any = false;
             for s in &socks {
                 while let Some(f) = s.recv() {
@@ -197,7 +194,7 @@ fn probes_seen(lab: &LabGuard, ready: &AtomicBool, count: &AtomicUsize, stop: &A
             if !any {
                 std::thread::sleep(Duration::from_micros(200));
             }
-        }
+        });
         seen
     })
     .expect("switch namespace")
@@ -216,17 +213,18 @@ fn a_program_upgrade_replaces_it_atomically_and_drops_no_session() {
         // adopts the pins and swaps its own program into the link.
         let (ready, stop, count) = (AtomicBool::new(false), AtomicBool::new(false), AtomicUsize::new(0));
         let seen_at_least = |n: usize| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while count.load(Ordering::SeqCst) < n {
-                assert!(Instant::now() < deadline, "only {} probes arrived", count.load(Ordering::SeqCst));
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            wait::until_every(format!("{n} probes to arrive"), Duration::from_secs(10), Duration::from_millis(5), || {
+                match count.load(Ordering::SeqCst) {
+                    c if c >= n => Ok(()),
+                    c => Err(format!("only {c}")),
+                }
+            });
         };
         let (sent, seen) = std::thread::scope(|s| {
             let seen = s.spawn(|| probes_seen(lab, &ready, &count, &stop));
-            while !ready.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            wait::until_every("the capture on the brokers' ports", Duration::from_secs(10), Duration::from_millis(5), || {
+                ready.load(Ordering::SeqCst)
+            });
             let sent = s.spawn(|| probe_every_ms(lab, &stop));
             // Probes arrive before, during and after the swap.
             seen_at_least(200);
@@ -359,11 +357,9 @@ fn prometheus_counters_move_with_traffic() {
         ["b1", "b2"].iter().map(|b| metric(&after, &format!("dsrlb_backend_new_flows_total{{listener=\"mqtt\",backend=\"{b}\"}}"))).sum();
     assert!(new_flows >= 50, "{new_flows}");
     // Live flows come from a walk of the table that scrapes reuse for up to 2 s.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(&lab.scrape_metrics(), "dsrlb_flow_table_entries") < 50 {
-        assert!(Instant::now() < deadline, "the held flows never showed in dsrlb_flow_table_entries");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait::until_every("the held flows in dsrlb_flow_table_entries", Duration::from_secs(5), Duration::from_millis(100), || {
+        metric(&lab.scrape_metrics(), "dsrlb_flow_table_entries") >= 50
+    });
     assert_eq!(metric(&after, "dsrlb_backend_status{listener=\"mqtt\",backend=\"b1\"}"), 1);
     assert!(after.contains("dsrlb_backend_check_failures_total{listener=\"mqtt\",backend=\"b1\"}"));
     assert!(after.contains("dsrlb_backend_bytes_total{"));

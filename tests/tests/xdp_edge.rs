@@ -16,7 +16,7 @@ use tests::{
         pin_to_cpu, syn,
     },
     frame::{ICMP_DEST_UNREACH, Ipv4Frame, L4, LB_MAC, TCP_ACK, TCP_RST, TCP_SYN},
-    require_root,
+    require_root, wait,
 };
 
 const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 254);
@@ -440,19 +440,27 @@ fn a_cached_flow_keeps_its_table_age_that_of_its_last_frame() {
     assert_eq!(lb.dp.cached_flow(CLIENT, 43000, VIP, 1883).expect("cache").len(), 1, "the flow is cached");
     let age = lb.dp.flow(CLIENT, 43000, VIP, 1883).expect("recorded").age();
     // Wait for the table's clock to move on (one unit is 1.07 s).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while lb.dp.now_age().expect("clock") == age {
-        assert!(Instant::now() < deadline, "the flow table's clock did not move in 5 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let at = lb.wait_clock_past(age);
     // One frame, well within the cache's frame budget: the table must see it.
-    let at = lb.dp.now_age().expect("clock");
     assert_eq!(lb.run(&ack(43000)).0, XDP_TX);
     let after = lb.dp.flow(CLIENT, 43000, VIP, 1883).expect("recorded").age();
     assert!(
         after == at || after == lb.dp.now_age().expect("clock"),
         "the table's age of a flow stayed {after} (frame at {at}): a cached frame did not refresh it"
     );
+}
+
+/// SYNs from port `from` on, one every 5 ms, until one is admitted (at most 2 s: the limit's
+/// quiet spell); the admitted one's port.
+fn first_admitted(lb: &Lb, from: u16) -> u16 {
+    let mut p = from;
+    wait::until_every("a SYN admitted after a quiet spell", Duration::from_secs(2), Duration::from_millis(5), || {
+        if lb.run(&syn(p)).0 == XDP_TX {
+            return Some(p);
+        }
+        p += 2;
+        None
+    })
 }
 
 #[test]
@@ -499,13 +507,7 @@ fn storm_control_admits_its_rate_and_never_limits_established_traffic() {
         assert_eq!(lb.run(&Ipv4Frame::tcp(CLIENT, p, VIP, 8883, TCP_SYN).build()).0, XDP_TX);
     }
     // After a quiet spell new connections are admitted again.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let mut p = 45000;
-    while lb.run(&syn(p)).0 != XDP_TX {
-        assert!(Instant::now() < deadline, "no SYN admitted 2 s later");
-        std::thread::sleep(Duration::from_millis(5));
-        p += 2;
-    }
+    first_admitted(&lb, 45000);
 }
 
 #[test]
@@ -567,13 +569,7 @@ fn storm_control_charges_a_syn_after_an_ack_and_never_a_retransmit_twice() {
     assert_eq!(stats.table[table_event::SYN_CHARGED as usize] - charged0, admitted as u64, "each admitted SYN on a held flow is charged");
 
     // A SYN admitted, then its retransmits while the limit is spent: forwarded, never charged.
-    let quiet = Instant::now() + Duration::from_secs(2);
-    let mut p = 47000;
-    while lb.run(&syn(p)).0 != XDP_TX {
-        assert!(Instant::now() < quiet, "no SYN admitted 2 s later");
-        std::thread::sleep(Duration::from_millis(5));
-        p += 2;
-    }
+    let p = first_admitted(&lb, 47000);
     for q in (47500..47540).step_by(2) {
         let _ = lb.run(&syn(q));
     }

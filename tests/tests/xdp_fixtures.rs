@@ -439,16 +439,6 @@ fn removing_a_listener_stops_its_established_flows() {
     assert_eq!(lb.run(&Ipv4Frame::tcp(CLIENT, 43000, VIP, 1883, TCP_ACK).build()).0, XDP_TX, "the other listener is untouched");
 }
 
-/// Waits for the flow table's clock to start a new unit.
-fn fresh_clock_unit(lb: &Lb) {
-    let now_age = || lb.dp.now_age().expect("clock");
-    let (at, deadline) = (now_age(), std::time::Instant::now() + std::time::Duration::from_secs(5));
-    while now_age() == at {
-        assert!(std::time::Instant::now() < deadline, "the flow table's clock did not move in 5 s");
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-}
-
 #[test]
 fn flow_cache_serves_established_frames_revalidates_and_follows_every_change() {
     require_root!();
@@ -462,7 +452,7 @@ fn flow_cache_serves_established_frames_revalidates_and_follows_every_change() {
     lb.pass_time_for(CLIENT, 44000, 1883, lb_common::FLOW_CONFIRM_UNITS);
     // A cache entry serves only within the table clock's unit it was filled in (1.07 s): start
     // at the beginning of one, so what follows runs well within it.
-    fresh_clock_unit(&lb);
+    lb.fresh_clock_unit();
     // The first established frame reads FLOWS, confirms the flow and fills this CPU's cache slot.
     assert_eq!(lb.backend_of(&lb.run(&ack(1883)).1), first);
     assert!(lb.dp.flow(CLIENT, 44000, VIP, 1883).expect("held").confirmed());
@@ -484,7 +474,7 @@ fn flow_cache_serves_established_frames_revalidates_and_follows_every_change() {
 
     // A real changing (its MAC here) invalidates every cached entry at once.
     lb.pass_time_for(CLIENT, 44000, 1883, lb_common::FLOW_CONFIRM_UNITS);
-    fresh_clock_unit(&lb);
+    lb.fresh_clock_unit();
     assert_eq!(lb.backend_of(&lb.run(&ack(1883)).1), first, "confirms the re-inserted flow and refills the cache");
     let cached = |lb: &Lb| lb.dp.cached_flow(CLIENT, 44000, VIP, 1883).expect("cache").len();
     assert_eq!(cached(&lb), 1, "one CPU has the flow cached");
@@ -505,7 +495,7 @@ fn flow_cache_serves_established_frames_revalidates_and_follows_every_change() {
     // purged, and a cached one must not be forwarded any more.
     assert_eq!(lb.run(&ack(8883)).0, XDP_TX);
     lb.pass_time_for(CLIENT, 44000, 8883, lb_common::FLOW_CONFIRM_UNITS);
-    fresh_clock_unit(&lb);
+    lb.fresh_clock_unit();
     assert_eq!(lb.run(&ack(8883)).0, XDP_TX, "confirmed");
     assert_eq!(lb.dp.cached_flow(CLIENT, 44000, VIP, 8883).expect("cache").len(), 1, "cached");
     lb.config.listeners.iter_mut().find(|l| l.name == "mqtts").expect("mqtts").vip = Ipv4Addr::new(192, 0, 2, 101).into();
