@@ -2,6 +2,7 @@
 //! drop.
 #![allow(clippy::must_use_candidate, reason = "helpers run commands for their effect; their output is optional")]
 
+pub mod balancer;
 pub mod client;
 pub mod fixture;
 pub mod frame;

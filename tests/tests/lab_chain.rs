@@ -12,7 +12,8 @@ use std::{
 };
 
 use tests::{
-    client::{Balancer, MqttConn},
+    balancer::Balancer,
+    client::MqttConn,
     lab::{LB_ADDR, LabGuard, VIP},
     netns::{in_netns, nsenter},
     require_root, wait,

@@ -10,7 +10,8 @@ use std::{
 
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use tests::{
-    client::{Balancer, MqttConn, xdp_attached},
+    balancer::{Balancer, xdp_attached},
+    client::MqttConn,
     lab::{self, INTERNAL_PORT, LabGuard, VIP, VIP_INTERNAL, WireCount},
     netns::in_netns,
     require_root, wait,

@@ -12,8 +12,9 @@ use std::{
 
 use lb_userspace::mqtt;
 use tests::{
+    balancer::Balancer,
     built_bin,
-    client::{Balancer, MqttConn, hold_sessions},
+    client::{MqttConn, hold_sessions},
     lab::{self, CLIENT_EXTRA_BASE, CLIENT_EXTRA_COUNT, LB_ADDR, Lab, LabGuard, VIP},
     netns::{in_netns, nsenter},
     require_root, wait,

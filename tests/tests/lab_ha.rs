@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tests::{
-    client::{Balancer, hold_sessions},
+    balancer::Balancer,
+    client::hold_sessions,
     lab::{Lab, LabGuard, Routing, VIP, VIP_INTERNAL, node_addr},
     load::{Load, LoadReport},
     require_root, wait,

@@ -9,7 +9,8 @@ use std::{
 };
 
 use tests::{
-    client::{Balancer, MqttConn, hold_sessions},
+    balancer::Balancer,
+    client::{MqttConn, hold_sessions},
     lab::{self, LabGuard},
     require_root, wait,
 };

@@ -10,7 +10,8 @@ use std::{
 };
 
 use tests::{
-    client::{Balancer, MqttConn},
+    balancer::Balancer,
+    client::MqttConn,
     frame::checksum,
     lab::{self, CLIENT6, LabGuard, VIP6, WireCount, broker_addr6},
     netns::{PacketSocket, in_netns},

@@ -10,7 +10,8 @@ use std::{
 };
 
 use tests::{
-    client::{Balancer, MqttConn, hold_sessions},
+    balancer::Balancer,
+    client::{MqttConn, hold_sessions},
     lab::{LabGuard, VIP},
     netns::in_netns,
     require_root, wait,

@@ -16,7 +16,8 @@ use std::{
 };
 
 use tests::{
-    client::{Balancer, MqttConn},
+    balancer::Balancer,
+    client::MqttConn,
     lab::{Lab, LabGuard, VIP},
     netns::{in_netns, nsenter},
     require_root, wait,

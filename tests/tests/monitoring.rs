@@ -5,7 +5,8 @@
 use std::{collections::BTreeSet, path::PathBuf, process::Command};
 
 use tests::{
-    client::{Balancer, MqttConn},
+    balancer::Balancer,
+    client::MqttConn,
     lab::{self, LabGuard},
     netns::in_netns,
     require_root, wait,
