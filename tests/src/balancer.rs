@@ -3,8 +3,10 @@
 //! SIGKILL, a node that dies).
 
 use std::{
+    io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -18,6 +20,8 @@ pub struct Balancer {
     pub socket: PathBuf,
     pub pin_dir: PathBuf,
     lb_ns: String,
+    /// What its controllers (this one and those before it) logged, in order.
+    log: Arc<Mutex<String>>,
 }
 
 impl Balancer {
@@ -54,12 +58,14 @@ impl Balancer {
     }
 
     fn spawned(ns: &str, pin_dir: PathBuf, config: PathBuf, socket: PathBuf, bin: &Path) -> Self {
-        let child = Self::spawn_bin(ns, &pin_dir, bin, &config, &socket);
-        Self { child, config, socket, pin_dir, lb_ns: ns.to_owned() }
+        let log = Arc::default();
+        let child = Self::spawn_bin(ns, &pin_dir, bin, &config, &socket, &log);
+        Self { child, config, socket, pin_dir, lb_ns: ns.to_owned(), log }
     }
 
-    fn spawn_bin(ns: &str, pin_dir: &Path, bin: &Path, config: &Path, socket: &Path) -> Child {
-        nsenter(ns, bin)
+    /// `dsrlb run`; its log goes to the test's stderr, as it comes, and into `log`.
+    fn spawn_bin(ns: &str, pin_dir: &Path, bin: &Path, config: &Path, socket: &Path, log: &Arc<Mutex<String>>) -> Child {
+        let mut child = nsenter(ns, bin)
             .arg("--socket")
             .arg(socket)
             .arg("--pin-dir")
@@ -68,9 +74,31 @@ impl Balancer {
             .arg(config)
             .env("RUST_LOG", std::env::var("DSRLB_LAB_LOG").unwrap_or_else(|_| "warn".to_owned()))
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
-            .expect("starting dsrlb")
+            .expect("starting dsrlb");
+        let (stderr, log) = (child.stderr.take().expect("piped stderr"), Arc::clone(log));
+        // Ends when the controller does (its end of the pipe closes).
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = writeln!(std::io::stderr(), "{line}");
+                if let Ok(mut log) = log.lock() {
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            }
+        });
+        child
+    }
+
+    /// What its controllers logged so far (at `DSRLB_LAB_LOG`'s level, warn by default), the
+    /// current one's last.
+    ///
+    /// # Panics
+    /// When a thread that reads the log panicked.
+    #[must_use]
+    pub fn log(&self) -> String {
+        self.log.lock().expect("the controller's log").clone()
     }
 
     /// Waits until the controller has joined its cluster (`dsrlb ping` answers), at most `within`.
@@ -104,7 +132,7 @@ impl Balancer {
 
     /// As [`Self::restart`], with another `dsrlb` binary (an upgrade).
     pub fn restart_with(&mut self, _lab: &Lab, bin: &Path) {
-        self.child = Self::spawn_bin(&self.lb_ns, &self.pin_dir, bin, &self.config, &self.socket);
+        self.child = Self::spawn_bin(&self.lb_ns, &self.pin_dir, bin, &self.config, &self.socket, &self.log);
         self.wait_ready();
     }
 

@@ -2,6 +2,7 @@
 //! the CLI and its errors, bpftool-readable maps, the Prometheus endpoint.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddrV4,
     os::unix::fs::PermissionsExt as _,
     process::Command,
@@ -12,7 +13,7 @@ use std::{
 use tests::{
     balancer::Balancer,
     client::{MqttConn, hold_sessions},
-    lab::{LabGuard, VIP},
+    lab::{LabGuard, VIP, broker_addr},
     netns::in_netns,
     require_root, wait,
 };
@@ -23,11 +24,14 @@ fn hold(lab: &LabGuard, prefix: &str, n: usize) -> Vec<MqttConn> {
     hold_sessions(lab, prefix, n).into_iter().map(|(_, c)| c).collect()
 }
 
-fn ping_all(held: &mut [MqttConn]) {
-    for (i, c) in held.iter_mut().enumerate() {
+fn ping_all<'a>(held: impl IntoIterator<Item = &'a mut MqttConn>) {
+    for (i, c) in held.into_iter().enumerate() {
         c.ping().unwrap_or_else(|e| panic!("held session {i} ({}) died: {e}", c.local));
     }
 }
+
+/// What a controller logs when it adopts pinned maps without a usable saved state.
+const RECOVERED: &str = "ids recovered from the maps (listeners by VIP and port, backends by MAC)";
 
 /// New sessions, one every 10 ms, while `stop` is false: (made, failed).
 fn churn(lab: &LabGuard, stop: &AtomicBool, made: &AtomicUsize, failed: &AtomicUsize) {
@@ -74,11 +78,12 @@ fn link_prog_id(lb: &Balancer) -> u64 {
 }
 
 /// Holds 2000 sessions, replaces the controller with `replace`, and proves every session and
-/// every new connection made meanwhile survived; returns the link's program ids before/after.
+/// every new connection made meanwhile survived, and that the new controller knows each held
+/// flow's broker by the name its config gives it; returns the link's program ids before/after.
 fn sessions_survive(replace: impl FnOnce(&mut Balancer, &LabGuard, &AtomicUsize)) -> (u64, u64) {
     let lab = LabGuard::up(2);
     let mut lb = Balancer::start(&lab, &lab.config(HEALTH));
-    let mut held = hold(&lab, "keep", 2000);
+    let mut held = hold_sessions(&lab, "keep", 2000);
     let flows_before = lb.status()["flow_table_entries"].as_u64().expect("flows");
     assert!(flows_before >= 2000);
     let prog_before = link_prog_id(&lb);
@@ -99,9 +104,23 @@ fn sessions_survive(replace: impl FnOnce(&mut Balancer, &LabGuard, &AtomicUsize)
     let s = lb.status();
     assert!(s["flow_table_entries"].as_u64().expect("flows") >= 2000, "{s}");
     // And it is still read with the seed it was filled with: a held flow is found in it.
-    let f = flow_of(&lb, &held[0]);
+    let f = flow_of(&lb, &held[0].1);
     assert_eq!(f["source"], "flow table", "{f}");
-    ping_all(&mut held);
+    // The new controller's ids are the ones the held flows were recorded with: the backend it
+    // names for a flow (by its config's names, found by address) is the broker that logged the
+    // session.
+    let names: BTreeMap<String, String> = s["listeners"][0]["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| (b["address"].as_str().expect("address").to_owned(), b["name"].as_str().expect("name").to_owned()))
+        .collect();
+    for (id, c) in held.iter().step_by(40) {
+        let broker = lab.broker_of(id).unwrap_or_else(|| panic!("no broker logged {id}"));
+        let f = flow_of(&lb, c);
+        assert_eq!(f["backend"].as_str(), Some(names[&broker_addr(broker).to_string()].as_str()), "{id}, on b{}: {f}", broker + 1);
+    }
+    ping_all(held.iter_mut().map(|(_, c)| c));
     let prog_after = link_prog_id(&lb);
     (prog_before, prog_after)
 }
@@ -116,6 +135,7 @@ fn kill_9_of_the_controller_drops_no_session() {
         assert!(lb.attached(), "the program went with the controller");
         wait_made(made, made.load(Ordering::SeqCst) + 20);
         lb.restart(lab);
+        assert!(!lb.log().contains(RECOVERED), "the saved controller state was not used:\n{}", lb.log());
     });
 }
 
@@ -127,7 +147,19 @@ fn a_lost_controller_state_is_recovered_from_the_maps_and_drops_no_session() {
         // The pinned controller state is gone (removed by hand, say): the next controller
         // recognises listeners by VIP and port and backends by MAC, and adopts the rest.
         std::fs::remove_file(lb.pin_dir.join("CONTROL")).expect("removing the CONTROL pin");
+        // And its config names the brokers anew, so that names order them the other way round:
+        // ids given afresh by name (or kept from a saved state) would swap the brokers of every
+        // held flow, where ids recovered from the maps by MAC keep them. (sessions_survive then
+        // checks each held flow's broker by these names.)
+        let config = std::fs::read_to_string(&lb.config).expect("the config");
+        let renamed = config.replace("name = \"b1\"", "name = \"z1\"").replace("name = \"b2\"", "name = \"a2\"");
+        assert!(renamed.contains("\"z1\"") && renamed.contains("\"a2\""), "{renamed}");
+        std::fs::write(&lb.config, renamed).expect("writing the config");
         lb.restart(lab);
+        // (Logged before it serves; read from its stderr by a thread of ours.)
+        wait::until("the controller saying it recovered the ids from the maps", Duration::from_secs(5), || lb.log().contains(RECOVERED));
+        let names: Vec<String> = lb.status()["flows_per_backend"].as_object().expect("flows_per_backend").keys().cloned().collect();
+        assert_eq!(names, ["a2", "z1"], "the new names are the controller's");
     });
 }
 
