@@ -1,5 +1,7 @@
-//! Test support: a small Ethernet frame builder, and network-namespace fixtures that clean up on
-//! drop.
+//! Test support: a small Ethernet frame builder (`frame`), the packet-fixture harness and its
+//! case tables (`fixture`), network namespaces that clean up on drop (`netns`), the DSR lab
+//! (`lab`) and the balancer process in it (`balancer`), MQTT clients and load (`client`,
+//! `mqtt`, `load`), and the one way to wait for something (`wait`).
 #![allow(clippy::must_use_candidate, reason = "helpers run commands for their effect; their output is optional")]
 
 pub mod balancer;
