@@ -3,7 +3,7 @@
 //! `BPF_PROG_TEST_RUN`, and the controller's view of where a tuple should go.
 #![allow(clippy::must_use_candidate, clippy::missing_panics_doc, reason = "test helpers")]
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, time::Duration};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{flow_hash, ring_slot, source_hash};
@@ -13,7 +13,10 @@ use lb_userspace::{
     plan::{self, BackendRuntime, DownSet, Ids, Out},
 };
 
-use crate::frame::{Ipv4Frame, LB_MAC, TCP_ACK, TCP_SYN};
+use crate::{
+    frame::{Ipv4Frame, LB_MAC, TCP_ACK, TCP_SYN},
+    wait,
+};
 
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
@@ -152,6 +155,20 @@ impl Lb {
         (r.return_value, out)
     }
 
+    /// Waits until the flow table's clock reads another unit than `age` (one unit is 1.07 s);
+    /// the new reading.
+    pub fn wait_clock_past(&self, age: u32) -> u32 {
+        let now_age = || self.dp.now_age().expect("clock");
+        wait::until_every("the flow table's clock to move on", Duration::from_secs(5), Duration::from_millis(1), || {
+            Some(now_age()).filter(|&now| now != age)
+        })
+    }
+
+    /// Waits for the flow table's clock to start a new unit: what follows runs well within one.
+    pub fn fresh_clock_unit(&self) {
+        self.wait_clock_past(self.dp.now_age().expect("clock"));
+    }
+
     /// Lets `units` of the flow table's clock pass for every flow it holds (their ages move
     /// back): what a session's next segment needs to confirm its flow
     /// (`lb_common::FLOW_CONFIRM_UNITS`), or a close to be old.
@@ -199,6 +216,152 @@ impl Lb {
         };
         let id = l.ring[ring_slot(h, RING) as usize];
         self.ids.backends.iter().find(|(_, v)| **v == id).map(|(k, _)| k.clone()).expect("ring names a known backend")
+    }
+}
+
+/// What a fixture row's output frame must be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Passed or dropped: the frame comes back as it went in.
+    Unchanged,
+    /// Forwarded: the input with its two MACs rewritten (a backend's, the balancer's as the
+    /// source), to whichever backend the balancer picked.
+    Dsr,
+    /// Forwarded to this backend, with the DSR rewrite.
+    DsrTo(String),
+    /// Exactly these bytes, as Katran's fixtures carry the expected frame.
+    Frame(Vec<u8>),
+}
+
+/// A fixture row, as Katran's are: what goes in, the verdict (the action, and the reason whose
+/// counter must move, once), and what must come out. Rows are data; [`Lb::check_table`] runs
+/// them.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub what: String,
+    pub input: Vec<u8>,
+    pub action: u32,
+    pub reason: u32,
+    pub out: Expect,
+    /// Built broken on purpose (a wrong version, no checksum): not checked to be what a wire
+    /// would carry ([`crate::frame::check_wire`]) before it is run.
+    pub malformed: bool,
+}
+
+impl Case {
+    /// A row with `action` and `reason`; its output the DSR rewrite when forwarded, the input
+    /// unchanged otherwise.
+    pub fn new(what: impl Into<String>, input: Vec<u8>, action: u32, reason: u32) -> Self {
+        let out = if action == XDP_TX { Expect::Dsr } else { Expect::Unchanged };
+        Self { what: what.into(), input, action, reason, out, malformed: false }
+    }
+
+    /// Forwarded (counted as `reason::TX`) with the DSR rewrite.
+    pub fn tx(what: impl Into<String>, input: Vec<u8>) -> Self {
+        Self::new(what, input, XDP_TX, lb_common::reason::TX)
+    }
+
+    /// Passed to the kernel untouched, counted under `reason`.
+    pub fn pass(what: impl Into<String>, input: Vec<u8>, reason: u32) -> Self {
+        Self::new(what, input, XDP_PASS, reason)
+    }
+
+    /// Dropped, counted under `reason`.
+    pub fn drop(what: impl Into<String>, input: Vec<u8>, reason: u32) -> Self {
+        Self::new(what, input, XDP_DROP, reason)
+    }
+
+    /// Counted under `reason` instead (a forwarded ICMP error, say).
+    #[must_use]
+    pub fn counted(self, reason: u32) -> Self {
+        Self { reason, ..self }
+    }
+
+    /// Forwarded to `backend`.
+    #[must_use]
+    pub fn to(self, backend: &str) -> Self {
+        Self { out: Expect::DsrTo(backend.to_owned()), ..self }
+    }
+
+    /// Comes out as exactly `frame`.
+    #[must_use]
+    pub fn frame(self, frame: Vec<u8>) -> Self {
+        Self { out: Expect::Frame(frame), ..self }
+    }
+
+    /// Built broken on purpose: no wire check.
+    #[must_use]
+    pub fn malformed(self) -> Self {
+        Self { malformed: true, ..self }
+    }
+}
+
+impl Lb {
+    /// Runs one row and checks it: the input is what a wire would carry (unless the row is
+    /// malformed on purpose), the action, exactly the row's reason counter moving and by one,
+    /// and the output frame. Returns the output frame.
+    pub fn check_case(&self, case: &Case) -> Vec<u8> {
+        let what = case.what.as_str();
+        if !case.malformed {
+            crate::frame::check_wire(&case.input, what);
+        }
+        let before = self.dp.stats().expect("stats").verdicts;
+        let (action, out) = self.run(&case.input);
+        assert_eq!(action, case.action, "{what}: action");
+        let after = self.dp.stats().expect("stats").verdicts;
+        let moved: Vec<usize> = (0..after.len()).filter(|&i| after[i] != before[i]).collect();
+        let why = case.reason as usize;
+        assert_eq!(moved, vec![why], "{what}: exactly its reason counter moves ({before:?} -> {after:?})");
+        assert_eq!(after[why] - before[why], 1, "{what}: counted once");
+        match &case.out {
+            Expect::Unchanged => assert_eq!(out, case.input, "{what}: passed or dropped frames are untouched"),
+            Expect::Dsr => assert_dsr_rewrite(&case.input, &out, self.mac(&self.backend_of(&out)), what),
+            Expect::DsrTo(backend) => assert_dsr_rewrite(&case.input, &out, self.mac(backend), what),
+            Expect::Frame(want) => assert_frame_eq(&out, want, what),
+        }
+        out
+    }
+
+    /// Runs the rows in order ([`Self::check_case`]), then checks that the verdict counters
+    /// moved by exactly the table. Returns the output frames.
+    pub fn check_table(&self, cases: &[Case]) -> Vec<Vec<u8>> {
+        let mut expected = self.dp.stats().expect("stats").verdicts;
+        let outs = cases
+            .iter()
+            .map(|case| {
+                expected[case.reason as usize] += 1;
+                self.check_case(case)
+            })
+            .collect();
+        assert_eq!(self.dp.stats().expect("stats").verdicts, expected, "the counters add up to the table");
+        outs
+    }
+
+    /// Index of listener `name` in `self.desired.listeners` (for [`Self::ring_choice`]).
+    pub fn listener_index(&self, name: &str) -> usize {
+        let id = self.ids.listeners[name];
+        self.desired.listeners.iter().position(|l| l.id == id).expect("the listener is planned")
+    }
+
+    /// The whole frame the balancer must send for a new TCP flow `f` to listener `listener`:
+    /// `f` addressed to the backend the listener's ring names for it, from the balancer's MAC,
+    /// nothing else changed.
+    pub fn forwarded(&self, f: &Ipv4Frame, listener: &str) -> Vec<u8> {
+        let crate::frame::L4::Tcp { sport, dport, .. } = f.l4 else { panic!("not a TCP frame: {f:?}") };
+        let backend = self.ring_choice(self.listener_index(listener), f.src, sport, dport);
+        Ipv4Frame { dst_mac: self.mac(&backend), src_mac: self.src_mac, ..f.clone() }.build()
+    }
+}
+
+/// `got` must be `want`, byte for byte; the message says where they part.
+pub fn assert_frame_eq(got: &[u8], want: &[u8], what: &str) {
+    if got != want {
+        let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+        panic!(
+            "{what}: the output frame differs from the expected one at byte {at} (lengths {} and {}):\n got  {got:02x?}\n want {want:02x?}",
+            got.len(),
+            want.len()
+        );
     }
 }
 

@@ -211,25 +211,6 @@ pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     f
 }
 
-/// An IPv6 TCP SYN (the balancer passes IPv6 for now).
-#[must_use]
-pub fn ipv6_tcp(src: Ipv6Addr, dst: Ipv6Addr, dport: u16) -> Vec<u8> {
-    let mut f = Vec::with_capacity(74);
-    f.extend_from_slice(&LB_MAC);
-    f.extend_from_slice(&CLIENT_MAC);
-    f.extend_from_slice(&0x86ddu16.to_be_bytes());
-    f.extend_from_slice(&[0x60, 0, 0, 0, 0, 20, 6, 64]);
-    f.extend_from_slice(&src.octets());
-    f.extend_from_slice(&dst.octets());
-    let mut t = [0u8; 20];
-    t[0..2].copy_from_slice(&40000u16.to_be_bytes());
-    t[2..4].copy_from_slice(&dport.to_be_bytes());
-    t[12] = 5 << 4;
-    t[13] = TCP_SYN;
-    f.extend_from_slice(&t);
-    f
-}
-
 /// ICMPv6 types the fixtures use.
 pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 pub const ICMPV6_ECHO_REQUEST: u8 = 128;
@@ -512,5 +493,76 @@ impl Ipv6Frame {
         }
         seg[csum_at..csum_at + 2].copy_from_slice(&csum.to_be_bytes());
         seg
+    }
+}
+
+/// Checks a frame the way a receiver would: for IPv4, the header checksum and the total length;
+/// for IPv6, the payload length and an extension header chain that leads to the L4 header; for
+/// either, unless it is a fragment, the L4 checksum (over the pseudo-header for TCP, UDP and
+/// ICMPv6). Frames of other kinds (ARP) are not looked into. Up to two VLAN tags.
+///
+/// # Panics
+/// When the frame is not what a wire would carry, naming `what`.
+pub fn check_wire(f: &[u8], what: &str) {
+    let mut l3 = 14;
+    while matches!(f[l3 - 2..l3], [0x81, 0x00] | [0x88, 0xa8]) {
+        l3 += 4;
+    }
+    match f[l3 - 2..l3] {
+        [0x08, 0x00] => check_wire4(f, l3, what),
+        [0x86, 0xdd] => check_wire6(f, l3, what),
+        _ => {}
+    }
+}
+
+/// The sum of 16-bit words of `bytes` (an even number of them), for a pseudo-header.
+fn word_sum(bytes: &[u8]) -> u32 {
+    bytes.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum()
+}
+
+fn check_wire4(f: &[u8], l3: usize, what: &str) {
+    assert_eq!(f[l3] >> 4, 4, "{what}: version");
+    let ihl = usize::from(f[l3] & 0x0f) * 4;
+    assert!(ihl >= 20, "{what}: IHL {ihl}");
+    assert_eq!(checksum(&f[l3..l3 + ihl], 0), 0, "{what}: IPv4 header checksum");
+    let total = usize::from(u16::from_be_bytes([f[l3 + 2], f[l3 + 3]]));
+    assert_eq!(total, f.len() - l3, "{what}: total length");
+    let fragment = u16::from_be_bytes([f[l3 + 6], f[l3 + 7]]) & 0x3fff != 0;
+    let (proto, seg) = (f[l3 + 9], &f[l3 + ihl..]);
+    if !fragment {
+        let pseudo = word_sum(&f[l3 + 12..l3 + 20]) + u32::from(proto) + u32::try_from(seg.len()).expect("fits");
+        match proto {
+            6 | 17 => assert_eq!(checksum(seg, pseudo), 0, "{what}: L4 checksum"),
+            1 => assert_eq!(checksum(seg, 0), 0, "{what}: ICMP checksum"),
+            _ => {}
+        }
+    }
+}
+
+fn check_wire6(f: &[u8], l3: usize, what: &str) {
+    assert_eq!(f[l3] >> 4, 6, "{what}: version");
+    let payload = usize::from(u16::from_be_bytes([f[l3 + 4], f[l3 + 5]]));
+    assert_eq!(payload, f.len() - l3 - 40, "{what}: payload length");
+    let (mut next, mut off) = (f[l3 + 6], l3 + 40);
+    let mut fragment = false;
+    while matches!(next, IPV6_HOPOPTS | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_DSTOPTS) {
+        fragment |= next == IPV6_FRAGMENT;
+        let len = if next == IPV6_FRAGMENT { 8 } else { (usize::from(f[off + 1]) + 1) * 8 };
+        if next != IPV6_FRAGMENT && next != IPV6_ROUTING {
+            // Options: Pad1 and PadN only, filling the header exactly.
+            let mut o = off + 2;
+            while o < off + len {
+                o += if f[o] == 0 { 1 } else { 2 + usize::from(f[o + 1]) };
+            }
+            assert_eq!(o, off + len, "{what}: options fill the header");
+        }
+        next = f[off];
+        off += len;
+        assert!(off <= f.len(), "{what}: extension header past the end");
+    }
+    if !fragment {
+        let seg = &f[off..];
+        let pseudo = word_sum(&f[l3 + 8..l3 + 40]) + u32::try_from(seg.len()).expect("fits") + u32::from(next);
+        assert_eq!(checksum(seg, pseudo), 0, "{what}: L4 checksum");
     }
 }

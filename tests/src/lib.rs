@@ -1,7 +1,10 @@
-//! Test support: a small Ethernet frame builder, and network-namespace fixtures that clean up on
-//! drop.
+//! Test support: a small Ethernet frame builder (`frame`), the packet-fixture harness and its
+//! case tables (`fixture`), network namespaces that clean up on drop (`netns`), the DSR lab
+//! (`lab`) and the balancer process in it (`balancer`), MQTT clients and load (`client`,
+//! `mqtt`, `load`), and the one way to wait for something (`wait`).
 #![allow(clippy::must_use_candidate, reason = "helpers run commands for their effect; their output is optional")]
 
+pub mod balancer;
 pub mod client;
 pub mod fixture;
 pub mod frame;
@@ -9,6 +12,7 @@ pub mod lab;
 pub mod load;
 pub mod mqtt;
 pub mod netns;
+pub mod wait;
 
 /// True when the process may load BPF programs and make namespaces.
 #[must_use]

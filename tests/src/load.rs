@@ -16,6 +16,7 @@ use std::{
 use crate::{
     client::MqttConn,
     lab::{Lab, VIP},
+    wait,
 };
 
 /// How long a held session waits for an answer: longer than any failover the tests cause
@@ -166,11 +167,9 @@ impl Load {
     /// When they do not.
     pub fn wait_passes(&self, n: u64, within: Duration) {
         let target = self.shared.passes.load(Ordering::SeqCst) + n * WORKERS as u64;
-        let deadline = Instant::now() + within;
-        while self.shared.passes.load(Ordering::SeqCst) < target {
-            assert!(Instant::now() < deadline, "held sessions did not complete {n} passes within {within:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait::until_every(format!("held sessions completing {n} passes"), within, Duration::from_millis(50), || {
+            self.shared.passes.load(Ordering::SeqCst) >= target
+        });
     }
 
     /// Waits until at least `n` new connections succeeded after `from`, at most `within`.
@@ -178,15 +177,10 @@ impl Load {
     /// # Panics
     /// When they do not.
     pub fn wait_made_after(&self, from: Duration, n: usize, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
+        wait::until_every(format!("{n} new connections made after {from:?}"), within, Duration::from_millis(50), || {
             let made = self.shared.attempts.lock().map_or(0, |a| a.iter().filter(|x| x.at >= from && x.error.is_none()).count());
-            if made >= n {
-                return;
-            }
-            assert!(Instant::now() < deadline, "only {made} new connections succeeded within {within:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            if made >= n { Ok(()) } else { Err(format!("only {made} succeeded")) }
+        });
     }
 
     /// Stops everything (held sessions are closed) and reports.

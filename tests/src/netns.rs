@@ -2,6 +2,7 @@
 //! run commands or code inside one.
 
 use std::{
+    ffi::OsStr,
     fs::File,
     os::fd::AsRawFd,
     process::{Command, Output},
@@ -12,15 +13,27 @@ use std::{
 /// # Panics
 /// When the command cannot start or exits non-zero.
 pub fn sh(cmd: &str, args: &[&str]) -> Output {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("starting {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {} failed: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run(Command::new(cmd).args(args))
+}
+
+/// Runs a command, panicking with its output when it fails.
+///
+/// # Panics
+/// When the command cannot start or exits non-zero.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     out
+}
+
+/// `program` to run in the named network namespace (`/run/netns/NS`), by `nsenter --net`: the
+/// network namespace only, so the host's bpffs (and the pins in it) stay visible. Add its
+/// arguments, then run or spawn it.
+#[must_use]
+pub fn nsenter(ns: &str, program: impl AsRef<OsStr>) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{ns}")).arg(program);
+    c
 }
 
 /// A named network namespace (`/run/netns/NAME`), deleted on drop.
@@ -52,15 +65,18 @@ impl Netns {
         sh("ip", &full)
     }
 
-    /// Runs a command inside the namespace (network namespace only, like `nsenter --net`).
+    /// Runs a command inside the namespace (network namespace only: [`nsenter`]).
     ///
     /// # Panics
     /// When the command fails.
     pub fn exec(&self, cmd: &str, args: &[&str]) -> Output {
-        let path = format!("--net=/run/netns/{}", self.name);
-        let mut full = vec![path.as_str(), cmd];
-        full.extend_from_slice(args);
-        sh("nsenter", &full)
+        run(self.command(cmd).args(args))
+    }
+
+    /// `program` to run inside the namespace ([`nsenter`]), to add arguments to and run.
+    #[must_use]
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        nsenter(&self.name, program)
     }
 
     /// Runs `f` on a thread that has entered this namespace, and returns its result.

@@ -10,7 +10,7 @@ use std::{
 };
 
 use lb_userspace::control::{self, Access, Call, MAX_REQUEST_LINE, Response};
-use tests::{dsrlb_bin, netns::Netns, require_root};
+use tests::{dsrlb_bin, netns::Netns, require_root, wait};
 
 /// An unprivileged user and a group of its own for the tests.
 const NOBODY: u32 = 65534;
@@ -312,9 +312,8 @@ fn a_controller_serves_its_read_only_group_from_the_config_and_keeps_it_on_reloa
         let out = Command::new(dsrlb_bin()).arg("--socket").arg(&socket).arg("--pin-dir").arg(&pins).args(args).output().expect("dsrlb");
         (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     };
-    let child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", ns.name))
-        .arg(dsrlb_bin())
+    let child = ns
+        .command(dsrlb_bin())
         .arg("--socket")
         .arg(&socket)
         .arg("--pin-dir")
@@ -326,12 +325,8 @@ fn a_controller_serves_its_read_only_group_from_the_config_and_keeps_it_on_reloa
         .spawn()
         .expect("dsrlb run");
     let mut lb = Controller { child, pins: pins.clone() };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !root(&["ping"]).0 {
-        assert!(lb.child.try_wait().expect("wait").is_none(), "dsrlb run exited");
-        assert!(std::time::Instant::now() < deadline, "dsrlb run did not serve within 20 s");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let (twenty, every) = (std::time::Duration::from_secs(20), std::time::Duration::from_millis(50));
+    wait::until_up("dsrlb run serving (ping answers)", &mut lb.child, twenty, every, || root(&["ping"]).0);
     let meta = std::fs::metadata(&ro).expect("the read-only socket");
     assert_eq!((meta.gid(), meta.mode() & 0o777), (TEST_GROUP, 0o660));
 

@@ -7,15 +7,16 @@
 use std::{
     net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Command, Output},
-    time::{Duration, Instant},
+    process::Output,
+    time::Duration,
 };
 
 use tests::{
-    client::{Balancer, MqttConn},
+    balancer::Balancer,
+    client::MqttConn,
     lab::{LB_ADDR, LabGuard, VIP},
-    netns::in_netns,
-    require_root,
+    netns::{in_netns, nsenter},
+    require_root, wait,
 };
 
 const BLOCKED: u16 = 2222;
@@ -24,12 +25,7 @@ const FILTER_PINS: &str = "/sys/fs/bpf/xdp-filter";
 
 /// `xdp-filter ARGS` in the balancer's namespace, with the host's bpffs (where it pins).
 fn xdp_filter(ns: &str, args: &[&str]) -> Output {
-    Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{ns}"))
-        .arg("xdp-filter")
-        .args(args)
-        .output()
-        .expect("xdp-filter runs (cargo xtask setup installs xdp-tools)")
+    nsenter(ns, "xdp-filter").args(args).output().expect("xdp-filter runs (cargo xtask setup installs xdp-tools)")
 }
 
 /// libxdp's lock directory, made by xdp-filter's first run.
@@ -67,14 +63,6 @@ fn filter_program() -> PathBuf {
 /// The id of the XDP program on the balancer's `eth0`.
 fn attached_id(ns: &str) -> u32 {
     in_netns(ns, || lb_userspace::dataplane::chain::attached("eth0")).expect("lb namespace").expect("netlink").map_or(0, |a| a.prog_id)
-}
-
-fn wait_for(what: &str, within: Duration, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Whether TCP from the client reaches the balancer host's own `port`.
@@ -131,8 +119,8 @@ fn xdp_filter_runs_after_the_balancer_on_one_interface_and_both_survive_restarts
     let plain = lab.config("check = \"none\"");
     let path = lab.state.join("chain-refused.toml");
     std::fs::write(&path, &plain).expect("config");
-    let refused = Command::new("timeout")
-        .args(["20", "nsenter", &format!("--net=/run/netns/{ns}")])
+    let refused = nsenter(&ns, "timeout")
+        .arg("20")
         .arg(tests::dsrlb_bin())
         .args(["--socket"])
         .arg(lab.state.join("refused.sock"))
@@ -161,7 +149,7 @@ fn xdp_filter_runs_after_the_balancer_on_one_interface_and_both_survive_restarts
     // No controller: forwarding goes on from the pins, and so does the chain.
     check(&lab, "no-controller");
     lb.restart(&lab);
-    wait_for("the restarted controller's program", Duration::from_secs(10), || attached_id(&ns) != before);
+    wait::until("the restarted controller's program", Duration::from_secs(10), || attached_id(&ns) != before);
     check(&lab, "restarted");
 
     lb.kill9();
@@ -189,6 +177,6 @@ fn xdp_filter_runs_after_the_balancer_on_one_interface_and_both_survive_restarts
     check(&lab, "reloaded");
     // `dsrlb stop` gives the interface back to the filter.
     lb.stop_for_good();
-    wait_for("the filter back on eth0", Duration::from_secs(5), || attached_id(&ns) == filter_id);
+    wait::until("the filter back on eth0", Duration::from_secs(5), || attached_id(&ns) == filter_id);
     assert!(reaches(&lab, ALLOWED) && !reaches(&lab, BLOCKED), "the filter judges the host's traffic again");
 }

@@ -5,15 +5,16 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
     sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use tests::{
-    client::{Balancer, MqttConn, xdp_attached},
+    balancer::{Balancer, xdp_attached},
+    client::MqttConn,
     lab::{self, INTERNAL_PORT, LabGuard, VIP, VIP_INTERNAL, WireCount},
     netns::in_netns,
-    require_root,
+    require_root, wait,
 };
 
 const T: Duration = Duration::from_secs(5);
@@ -116,15 +117,6 @@ fn tls_through_the_vip_verifies_the_lab_ca() {
     assert!(lb.attached());
 }
 
-/// Waits until `done` holds (checking every 10 ms), at most `within`.
-fn wait_for(what: &str, within: Duration, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn return_traffic_bypasses_the_balancer_and_brokers_see_the_client() {
     require_root!();
@@ -139,7 +131,7 @@ fn return_traffic_bypasses_the_balancer_and_brokers_see_the_client() {
                 (tcp4 && f[30..34] == VIP.octets(), tcp4 && f[26..30] == VIP.octets())
             });
         });
-        wait_for("the capture on the balancer's port", Duration::from_secs(5), || wire.ready.load(Ordering::SeqCst));
+        wait::until("the capture on the balancer's port", Duration::from_secs(5), || wire.ready.load(Ordering::SeqCst));
         in_client(&lab, || {
             for i in 0..10 {
                 let mut c = MqttConn::connect(None, vip(1883), &format!("dsr-{i}"), T).expect("connect via VIP");
@@ -150,7 +142,7 @@ fn return_traffic_bypasses_the_balancer_and_brokers_see_the_client() {
             }
         });
         // Every client frame has crossed the balancer's port by now; let the capture read them.
-        wait_for("the client's frames on the balancer's port", Duration::from_secs(5), || wire.to_vip.load(Ordering::SeqCst) >= 10 * 8);
+        wait::until("the client's frames on the balancer's port", Duration::from_secs(5), || wire.to_vip.load(Ordering::SeqCst) >= 10 * 8);
         stop.store(true, Ordering::SeqCst);
     });
     let (to_vip, from_vip) = (wire.to_vip.into_inner(), wire.from_vip.into_inner());

@@ -12,11 +12,12 @@ use std::{
 
 use lb_userspace::mqtt;
 use tests::{
+    balancer::Balancer,
     built_bin,
-    client::{Balancer, MqttConn, hold_sessions},
+    client::{MqttConn, hold_sessions},
     lab::{self, CLIENT_EXTRA_BASE, CLIENT_EXTRA_COUNT, LB_ADDR, Lab, LabGuard, VIP},
-    netns::in_netns,
-    require_root,
+    netns::{in_netns, nsenter},
+    require_root, wait,
 };
 
 /// Tolerant health checks: a flood or a storm must not make a healthy broker look down.
@@ -95,9 +96,8 @@ fn frames_for_another_mac_pass_and_an_accepted_virtual_mac_is_forwarded() {
 /// New sessions, one every 10 ms, while `stop` is false, counting successes and failures.
 fn churn(lab: &Lab, stop: &AtomicBool, made: &AtomicUsize, failed: &AtomicUsize) {
     in_netns(&lab.ns("client"), || {
-        let deadline = Instant::now() + Duration::from_mins(3);
         let mut i = 0;
-        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+        wait::repeat(Duration::from_mins(3), stop, || {
             match MqttConn::connect(None, SocketAddrV4::new(VIP, 1883), &format!("churn-{i}"), Duration::from_secs(5)) {
                 Ok(c) => {
                     c.disconnect();
@@ -110,7 +110,7 @@ fn churn(lab: &Lab, stop: &AtomicBool, made: &AtomicUsize, failed: &AtomicUsize)
             }
             i += 1;
             std::thread::sleep(Duration::from_millis(10));
-        }
+        });
     })
     .expect("client namespace");
 }
@@ -123,17 +123,8 @@ fn flood(lab: &Lab, kind: &str, count: u64) -> (u64, f64) {
 /// The `flood` binary in the client namespace, to `vip`:1883 from `sources`, at most `pps`
 /// frames a second: (frames sent, frames per second).
 fn flood_at(lab: &Lab, vip: &str, sources: &str, kind: &str, count: u64, pps: Option<u32>) -> (u64, f64) {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/run/netns/{}", lab.ns("client"))).arg(built_bin("flood")).args([
-        "eth0",
-        &mac_in(&lab.ns("lb")),
-        vip,
-        "1883",
-        sources,
-        kind,
-        &count.to_string(),
-        "120",
-    ]);
+    let mut cmd = nsenter(&lab.ns("client"), built_bin("flood"));
+    cmd.args(["eth0", &mac_in(&lab.ns("lb")), vip, "1883", sources, kind, &count.to_string(), "120"]);
     if let Some(pps) = pps {
         cmd.arg(pps.to_string());
     }
@@ -222,11 +213,7 @@ fn a_spoofed_flood_neither_displaces_held_sessions_nor_stops_new_ones() {
     }
     // ... so a broker added now moves none of them, though the ring moves a third of the tuples.
     reload(&lb, &full);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while lb.state("mqtt", "b3") != "up" {
-        assert!(Instant::now() < deadline, "b3 did not come up");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait::until_every("b3 up", Duration::from_secs(20), Duration::from_millis(200), || lb.state("mqtt", "b3") == "up");
     for (id, c) in &mut held {
         c.ping().unwrap_or_else(|e| panic!("{id} was reset after the flood and a broker added: {e}"));
     }
@@ -236,13 +223,12 @@ fn a_spoofed_flood_neither_displaces_held_sessions_nor_stops_new_ones() {
 
 /// Pings every session every second until `stop`; panics naming the first that fails.
 fn keep_pinging(sessions: &mut [(String, MqttConn)], stop: &AtomicBool) {
-    let deadline = Instant::now() + Duration::from_mins(1);
-    while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+    wait::repeat(Duration::from_mins(1), stop, || {
         for (id, c) in sessions.iter_mut() {
             c.ping().unwrap_or_else(|e| panic!("active session {id} died: {e}"));
         }
         std::thread::sleep(Duration::from_secs(1));
-    }
+    });
 }
 
 #[test]
@@ -271,17 +257,13 @@ fn flows_of_vanished_clients_expire_and_a_drain_completes_while_active_ones_stay
     let flows = |s: &serde_json::Value, b: &str| s["flows_per_backend"][b].as_u64().expect("flows");
     let expired_after = std::thread::scope(|s| {
         s.spawn(|| keep_pinging(&mut active, &stop));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let waited = loop {
+        let what = "flows to come down to the active sessions'";
+        let waited = wait::until_every(what, Duration::from_secs(30), Duration::from_millis(200), || {
             let st = lb.status();
             let live: Vec<u64> = ["b1", "b2"].iter().map(|b| flows(&st, b)).collect();
             let want: Vec<u64> = ["b1", "b2"].iter().map(|b| active_on.get(*b).copied().unwrap_or(0) as u64).collect();
-            if live == want {
-                break started.elapsed();
-            }
-            assert!(Instant::now() < deadline, "flows never came down to the active sessions': {live:?} vs {want:?}: {st}");
-            std::thread::sleep(Duration::from_millis(200));
-        };
+            if live == want { Ok(started.elapsed()) } else { Err(format!("{live:?} vs {want:?}: {st}")) }
+        });
         // The active sessions are still in the table, the idle ones are not.
         for (id, c) in &idle {
             let f = flow_of(&lb, c.local);
@@ -296,15 +278,10 @@ fn flows_of_vanished_clients_expire_and_a_drain_completes_while_active_ones_stay
     }
     assert!(expired_after >= timeout, "flows expired after {expired_after:?}, before the {timeout:?} timeout");
     // The sweep removes them (status stops counting them as soon as they are over).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let expired = loop {
+    let expired = wait::until_every("the idle flows removed as expired", Duration::from_secs(10), Duration::from_millis(200), || {
         let expired = lb.status()["flow_table"]["expired"].as_u64().expect("expired");
-        if expired >= idle.len() as u64 {
-            break expired;
-        }
-        assert!(Instant::now() < deadline, "only {expired} flows removed as expired");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+        if expired >= idle.len() as u64 { Ok(expired) } else { Err(format!("only {expired} removed")) }
+    });
     eprintln!(
         "idle flows: {} vanished clients' flows over {expired_after:?} after the drain (timeout {timeout:?}), {expired} removed; active ones stayed",
         idle.len()
@@ -323,7 +300,7 @@ fn flows_of_vanished_clients_expire_and_a_drain_completes_while_active_ones_stay
 /// Sums a counter over `/proc/net/snmp` (`Tcp:` lines) or `/proc/net/netstat` (`TcpExt:`) of
 /// namespace `ns`.
 fn tcp_counter(ns: &str, file: &str, prefix: &str, name: &str) -> u64 {
-    let out = Command::new("nsenter").arg(format!("--net=/run/netns/{ns}")).args(["cat", file]).output().expect("nsenter cat");
+    let out = nsenter(ns, "cat").arg(file).output().expect("nsenter cat");
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(prefix)).collect();
     let (names, values) = (lines[0].split_whitespace(), lines[1].split_whitespace());
@@ -504,9 +481,8 @@ fn sessions_meanwhile(
     in_netns(&lab.ns("client"), || {
         let mut open: Vec<(String, MqttConn, Instant)> = Vec::new();
         let mut failed = Vec::new();
-        let deadline = Instant::now() + Duration::from_mins(4);
         let mut i = 0;
-        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+        wait::repeat(Duration::from_mins(4), stop, || {
             if !flood_over.load(Ordering::SeqCst) && i < max {
                 for _ in 0..2 {
                     let id = format!("meanwhile-{i}");
@@ -518,7 +494,7 @@ fn sessions_meanwhile(
                 }
             }
             let mut alive = Vec::with_capacity(open.len());
-            for (id, mut c, last) in open {
+            for (id, mut c, last) in std::mem::take(&mut open) {
                 if last.elapsed() < every {
                     alive.push((id, c, last));
                     continue;
@@ -530,7 +506,7 @@ fn sessions_meanwhile(
             }
             open = alive;
             std::thread::sleep(Duration::from_millis(100));
-        }
+        });
         (open.into_iter().map(|(id, c, _)| (id, c)).collect(), failed)
     })
     .expect("client namespace")
@@ -641,11 +617,7 @@ fn floods_of_two_frame_tuples_confirm_nothing_and_no_session_is_lost_to_a_ring_c
     // The ring changes: a broker is added. Every session, held, opened meanwhile or after,
     // stays with its broker.
     reload(&lb, &full);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while lb.state("mqtt", "b3") != "up" {
-        assert!(Instant::now() < deadline, "b3 did not come up");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait::until_every("b3 up", Duration::from_secs(20), Duration::from_millis(200), || lb.state("mqtt", "b3") == "up");
     let mut lost = Vec::new();
     for (what, sessions) in [("held", &mut held), ("opened during the flood", &mut meanwhile), ("opened after", &mut after)] {
         for (id, c) in sessions.iter_mut() {

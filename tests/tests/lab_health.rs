@@ -9,9 +9,10 @@ use std::{
 };
 
 use tests::{
-    client::{Balancer, MqttConn, hold_sessions},
+    balancer::Balancer,
+    client::{MqttConn, hold_sessions},
     lab::{self, LabGuard},
-    require_root,
+    require_root, wait,
 };
 
 const INTER: Duration = Duration::from_millis(500);
@@ -30,20 +31,17 @@ fn health() -> String {
 /// Client id to broker index, from the brokers' logs (waits until all `ids` are logged).
 fn placement(lab: &LabGuard, ids: impl Iterator<Item = String>) -> BTreeMap<String, usize> {
     let ids: Vec<String> = ids.collect();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let found = || {
         let mut at = BTreeMap::new();
         for b in 0..lab.brokers {
             for s in lab.sessions(b) {
                 at.insert(s.client_id, b);
             }
         }
-        let found: BTreeMap<String, usize> = ids.iter().filter_map(|id| at.get(id).map(|b| (id.clone(), *b))).collect();
-        if found.len() == ids.len() || Instant::now() > deadline {
-            return found;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        ids.iter().filter_map(|id| at.get(id).map(|b| (id.clone(), *b))).collect::<BTreeMap<String, usize>>()
+    };
+    wait::within(Duration::from_secs(5), Duration::from_millis(100), || Some(found()).filter(|f| f.len() == ids.len()))
+        .unwrap_or_else(found)
 }
 
 /// Opens and closes `n` new sessions; returns how many landed on each broker. Every one must
@@ -71,16 +69,14 @@ fn assert_alive(held: &mut [(String, MqttConn)], at: &BTreeMap<String, usize>, b
     n
 }
 
+/// Waits until `listener`/`backend` is in state `want`; how long that took.
 fn wait_state(lb: &Balancer, listener: &str, backend: &str, want: &str, within: Duration) -> Duration {
     let start = Instant::now();
-    loop {
+    wait::until_every(format!("{listener}/{backend} {want}"), within, Duration::from_millis(50), || {
         let got = lb.state(listener, backend);
-        if got == want {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < within, "{listener}/{backend} is {got}, not {want}, after {within:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        if got == want { Ok(()) } else { Err(format!("{listener}/{backend} is {got}")) }
+    });
+    start.elapsed()
 }
 
 fn flows_of(lb: &Balancer, backend: &str) -> u64 {
@@ -147,11 +143,12 @@ fn drain_keeps_sessions_stops_new_ones_and_counts_down_to_zero() {
             rest.push((id, c));
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while flows_of(&lb, "b1") != 0 {
-        assert!(Instant::now() < deadline, "b1 still has {} flows after its clients left", flows_of(&lb, "b1"));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait::until_every("b1 without flows after its clients left", Duration::from_secs(5), Duration::from_millis(100), || {
+        match flows_of(&lb, "b1") {
+            0 => Ok(()),
+            n => Err(format!("b1 still has {n} flows")),
+        }
+    });
     assert_eq!(assert_alive(&mut rest, &at, &[1]), 100 - on_b1);
     let (ok, _, err) = lb.cli(&["undrain", "b1"]);
     assert!(ok, "{err}");
@@ -300,11 +297,9 @@ fn an_invalid_reload_is_rejected_and_changes_nothing() {
     // SIGHUP with a bad file: rejected too (the rejection is counted), still serving.
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(i32::try_from(lb.child.id()).expect("pid"), libc::SIGHUP) };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while lb.status()["reloads"]["rejected"].as_u64() != Some(rejected + 1) {
-        assert!(Instant::now() < deadline, "SIGHUP did not reload");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait::until("SIGHUP to reload (and the rejection counted)", Duration::from_secs(5), || {
+        lb.status()["reloads"]["rejected"].as_u64() == Some(rejected + 1)
+    });
     assert!(lb.status()["reloads"]["last_error"].as_str().is_some_and(|e| e.contains("ring_size")), "the last error is not shown");
     assert_eq!(served(&lb), before, "SIGHUP with a bad file changed the running state");
     assert_eq!(assert_alive(&mut held, &at, &[0, 1]), 100);
@@ -319,17 +314,12 @@ fn an_invalid_reload_is_rejected_and_changes_nothing() {
     std::fs::write(&lb.config, added).expect("write");
     let (ok, _, err) = lb.cli(&["reload"]);
     assert!(ok, "{err}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    wait::until_every("the TLS pairs the reload added probed", Duration::from_secs(5), Duration::from_millis(50), || {
         let s = lb.status();
         let l = s["listeners"].as_array().and_then(|ls| ls.iter().find(|l| l["name"] == "mqtts-internal").cloned()).unwrap_or_default();
         let last = l["backends"][0]["last_check"].as_str().unwrap_or("").to_owned();
-        if last.starts_with("TLS, CONNACK 0") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the TLS pairs the reload added were not probed: {last}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        if last.starts_with("TLS, CONNACK 0") { Ok(()) } else { Err(last) }
+    });
 }
 
 #[test]
@@ -339,26 +329,18 @@ fn tls_listener_checked_with_mqtt_tls_fails_alone() {
     let config = lab.config_tls_checked(&health());
     let lb = Balancer::start(&lab, &config);
     // The first TLS probe passes (its result names the TLS handshake).
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
+    wait::until_every("a passing TLS probe", Duration::from_secs(3), Duration::from_millis(50), || {
         let s = lb.status();
         let last = s["listeners"][1]["backends"][0]["last_check"].as_str().unwrap_or("").to_owned();
-        if last.starts_with("TLS, CONNACK 0") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no passing TLS probe: {last}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        if last.starts_with("TLS, CONNACK 0") { Ok(()) } else { Err(last) }
+    });
     // b1 comes back without its TLS listener: 8883 fails, 1883 does not.
     lab.start_broker_with(0, false).expect("b1 without TLS");
     wait_state(&lb, "mqtts", "b1", "down", failover_window() + Duration::from_millis(400));
     // Two more rounds of the plain listener's checks, and it is still up.
     let checks = |lb: &Balancer| lb.status()["listeners"][0]["backends"][0]["checks"].as_u64().expect("checks");
-    let (at, deadline) = (checks(&lb), Instant::now() + INTER * 4);
-    while checks(&lb) < at + 2 {
-        assert!(Instant::now() < deadline, "the plain listener's checks stopped");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let at = checks(&lb);
+    wait::until_every("two more rounds of the plain listener's checks", INTER * 4, Duration::from_millis(50), || checks(&lb) >= at + 2);
     assert_eq!(lb.state("mqtt", "b1"), "up", "the plain listener must stay up");
     assert_eq!(lb.state("mqtts", "b2"), "up");
 }
@@ -396,15 +378,10 @@ fn a_changed_backend_mac_is_applied_without_a_restart() {
             .expect("ip")
             .success()
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    wait::until_every("the controller using the new MAC", Duration::from_secs(10), Duration::from_millis(200), || {
         let s = lb.status();
-        if s["listeners"][0]["backends"][0]["mac"] == new_mac {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the controller still uses the old MAC: {s}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        if s["listeners"][0]["backends"][0]["mac"] == new_mac { Ok(()) } else { Err(s) }
+    });
     assert_eq!(lb.state("mqtt", "b1"), "up");
     // Sessions on b1 reach it at its new MAC.
     assert_eq!(assert_alive(&mut held, &at, &[0, 1]), 30);
@@ -624,15 +601,10 @@ fn a_probe_the_balancer_cannot_make_leaves_the_broker_up_and_says_why() {
         l["backends"].as_array().and_then(|bs| bs.iter().find(|b| b["name"] == "b1")).cloned().expect("backend b1")
     };
     let wait = |what: &str, ok: &dyn Fn(&serde_json::Value) -> bool| {
-        let deadline = Instant::now() + failover_window() * 3;
-        loop {
+        wait::until_every(what, failover_window() * 3, Duration::from_millis(50), || {
             let b = b1(&lb.status());
-            if ok(&b) {
-                return b;
-            }
-            assert!(Instant::now() < deadline, "{what}: {b}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            if ok(&b) { Ok(b) } else { Err(b) }
+        })
     };
     wait("b1 checked", &|b| b["checks"].as_u64() > Some(0) && b["state"] == "up");
     // The balancer's own routing table says b1 cannot be reached: its probes fail before a SYN

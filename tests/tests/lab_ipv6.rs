@@ -6,15 +6,16 @@
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tests::{
-    client::{Balancer, MqttConn},
+    balancer::Balancer,
+    client::MqttConn,
     frame::checksum,
     lab::{self, CLIENT6, LabGuard, VIP6, WireCount, broker_addr6},
     netns::{PacketSocket, in_netns},
-    require_root,
+    require_root, wait,
 };
 
 const T: Duration = Duration::from_secs(5);
@@ -33,17 +34,8 @@ fn health() -> String {
     "check = \"mqtt\"\ninter = \"300ms\"\ntimeout = \"250ms\"\nfall = 2\nrise = 1".to_owned()
 }
 
-/// Waits until `done` holds (checking every 20 ms), at most `within`.
-fn wait_for(what: &str, within: Duration, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn wait_state(lb: &Balancer, listener: &str, backend: &str, want: &str) {
-    wait_for(&format!("{listener}/{backend} {want}"), Duration::from_secs(15), || lb.state(listener, backend) == want);
+    wait::until(format!("{listener}/{backend} {want}"), Duration::from_secs(15), || lb.state(listener, backend) == want);
 }
 
 /// Publishes `n` QoS 1 messages through `VIP6:port` (TLS when `ca` is given, verified against
@@ -89,7 +81,7 @@ fn ipv6_pubsub_tls_health_checks_and_direct_return() {
                 (tcp6 && f[38..54] == VIP6.octets(), tcp6 && f[22..38] == VIP6.octets() && f[38..54] == CLIENT6.octets())
             });
         });
-        wait_for("the capture on the balancer's port", T, || wire.ready.load(Ordering::SeqCst));
+        wait::until("the capture on the balancer's port", T, || wire.ready.load(Ordering::SeqCst));
         let held = in_client(&lab, || {
             let mut kept = None;
             for i in 0..10 {
@@ -105,7 +97,7 @@ fn ipv6_pubsub_tls_health_checks_and_direct_return() {
             }
             kept.expect("one session kept")
         });
-        wait_for("the client's IPv6 frames on the balancer's port", T, || wire.to_vip.load(Ordering::SeqCst) >= 10 * 7);
+        wait::until("the client's IPv6 frames on the balancer's port", T, || wire.to_vip.load(Ordering::SeqCst) >= 10 * 7);
         stop.store(true, Ordering::SeqCst);
         held
     });
@@ -240,16 +232,21 @@ fn brokers_do_not_answer_neighbour_solicitations_for_the_vip6() {
         sock.send(&neighbour_solicitation(mac, CLIENT6, VIP6));
         sock.send(&neighbour_solicitation(mac, CLIENT6, broker_addr6(0)));
         let (mut vip_answers, mut control) = (0, false);
-        let deadline = Instant::now() + T;
-        while !control && Instant::now() < deadline {
-            let Some(f) = sock.recv() else { continue };
-            if f.len() >= 78 && f[12..14] == [0x86, 0xdd] && f[20] == 58 && f[54] == 136 {
+        // Each receive waits up to 200 ms on its own.
+        let _ = wait::within(T, Duration::ZERO, || {
+            if let Some(f) = sock.recv()
+                && f.len() >= 78
+                && f[12..14] == [0x86, 0xdd]
+                && f[20] == 58
+                && f[54] == 136
+            {
                 if f[62..78] == VIP6.octets() {
                     vip_answers += 1;
                 }
                 control |= f[62..78] == broker_addr6(0).octets();
             }
-        }
+            control
+        });
         (vip_answers, control)
     });
     assert!(control, "b1 did not advertise its own address: the check cannot tell anything");

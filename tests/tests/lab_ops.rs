@@ -2,6 +2,7 @@
 //! the CLI and its errors, bpftool-readable maps, the Prometheus endpoint.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddrV4,
     os::unix::fs::PermissionsExt as _,
     process::Command,
@@ -10,10 +11,11 @@ use std::{
 };
 
 use tests::{
-    client::{Balancer, MqttConn, hold_sessions},
-    lab::{LabGuard, VIP},
+    balancer::Balancer,
+    client::{MqttConn, hold_sessions},
+    lab::{LabGuard, VIP, broker_addr},
     netns::in_netns,
-    require_root,
+    require_root, wait,
 };
 
 const HEALTH: &str = "check = \"mqtt\"\ninter = \"500ms\"\ntimeout = \"300ms\"\nfall = 2\nrise = 2";
@@ -22,18 +24,20 @@ fn hold(lab: &LabGuard, prefix: &str, n: usize) -> Vec<MqttConn> {
     hold_sessions(lab, prefix, n).into_iter().map(|(_, c)| c).collect()
 }
 
-fn ping_all(held: &mut [MqttConn]) {
-    for (i, c) in held.iter_mut().enumerate() {
+fn ping_all<'a>(held: impl IntoIterator<Item = &'a mut MqttConn>) {
+    for (i, c) in held.into_iter().enumerate() {
         c.ping().unwrap_or_else(|e| panic!("held session {i} ({}) died: {e}", c.local));
     }
 }
 
+/// What a controller logs when it adopts pinned maps without a usable saved state.
+const RECOVERED: &str = "ids recovered from the maps (listeners by VIP and port, backends by MAC)";
+
 /// New sessions, one every 10 ms, while `stop` is false: (made, failed).
 fn churn(lab: &LabGuard, stop: &AtomicBool, made: &AtomicUsize, failed: &AtomicUsize) {
     in_netns(&lab.ns("client"), || {
-        let deadline = Instant::now() + Duration::from_mins(2);
         let mut i = 0;
-        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+        wait::repeat(Duration::from_mins(2), stop, || {
             match MqttConn::connect(None, SocketAddrV4::new(VIP, 1883), &format!("churn-{i}"), Duration::from_secs(3)) {
                 Ok(c) => {
                     c.disconnect();
@@ -46,18 +50,17 @@ fn churn(lab: &LabGuard, stop: &AtomicBool, made: &AtomicUsize, failed: &AtomicU
             }
             i += 1;
             std::thread::sleep(Duration::from_millis(10));
-        }
+        });
     })
     .expect("client namespace");
 }
 
 /// Waits until the churn has made `n` connections (at most a minute).
 fn wait_made(made: &AtomicUsize, n: usize) {
-    let deadline = Instant::now() + Duration::from_mins(1);
-    while made.load(Ordering::SeqCst) < n {
-        assert!(Instant::now() < deadline, "the churn made only {} connections", made.load(Ordering::SeqCst));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait::until(format!("the churn making {n} connections"), Duration::from_mins(1), || match made.load(Ordering::SeqCst) {
+        m if m >= n => Ok(()),
+        m => Err(format!("only {m}")),
+    });
 }
 
 /// `dsrlb flow --json` for a held session.
@@ -75,11 +78,12 @@ fn link_prog_id(lb: &Balancer) -> u64 {
 }
 
 /// Holds 2000 sessions, replaces the controller with `replace`, and proves every session and
-/// every new connection made meanwhile survived; returns the link's program ids before/after.
+/// every new connection made meanwhile survived, and that the new controller knows each held
+/// flow's broker by the name its config gives it; returns the link's program ids before/after.
 fn sessions_survive(replace: impl FnOnce(&mut Balancer, &LabGuard, &AtomicUsize)) -> (u64, u64) {
     let lab = LabGuard::up(2);
     let mut lb = Balancer::start(&lab, &lab.config(HEALTH));
-    let mut held = hold(&lab, "keep", 2000);
+    let mut held = hold_sessions(&lab, "keep", 2000);
     let flows_before = lb.status()["flow_table_entries"].as_u64().expect("flows");
     assert!(flows_before >= 2000);
     let prog_before = link_prog_id(&lb);
@@ -100,9 +104,23 @@ fn sessions_survive(replace: impl FnOnce(&mut Balancer, &LabGuard, &AtomicUsize)
     let s = lb.status();
     assert!(s["flow_table_entries"].as_u64().expect("flows") >= 2000, "{s}");
     // And it is still read with the seed it was filled with: a held flow is found in it.
-    let f = flow_of(&lb, &held[0]);
+    let f = flow_of(&lb, &held[0].1);
     assert_eq!(f["source"], "flow table", "{f}");
-    ping_all(&mut held);
+    // The new controller's ids are the ones the held flows were recorded with: the backend it
+    // names for a flow (by its config's names, found by address) is the broker that logged the
+    // session.
+    let names: BTreeMap<String, String> = s["listeners"][0]["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| (b["address"].as_str().expect("address").to_owned(), b["name"].as_str().expect("name").to_owned()))
+        .collect();
+    for (id, c) in held.iter().step_by(40) {
+        let broker = lab.broker_of(id).unwrap_or_else(|| panic!("no broker logged {id}"));
+        let f = flow_of(&lb, c);
+        assert_eq!(f["backend"].as_str(), Some(names[&broker_addr(broker).to_string()].as_str()), "{id}, on b{}: {f}", broker + 1);
+    }
+    ping_all(held.iter_mut().map(|(_, c)| c));
     let prog_after = link_prog_id(&lb);
     (prog_before, prog_after)
 }
@@ -117,6 +135,7 @@ fn kill_9_of_the_controller_drops_no_session() {
         assert!(lb.attached(), "the program went with the controller");
         wait_made(made, made.load(Ordering::SeqCst) + 20);
         lb.restart(lab);
+        assert!(!lb.log().contains(RECOVERED), "the saved controller state was not used:\n{}", lb.log());
     });
 }
 
@@ -128,7 +147,19 @@ fn a_lost_controller_state_is_recovered_from_the_maps_and_drops_no_session() {
         // The pinned controller state is gone (removed by hand, say): the next controller
         // recognises listeners by VIP and port and backends by MAC, and adopts the rest.
         std::fs::remove_file(lb.pin_dir.join("CONTROL")).expect("removing the CONTROL pin");
+        // And its config names the brokers anew, so that names order them the other way round:
+        // ids given afresh by name (or kept from a saved state) would swap the brokers of every
+        // held flow, where ids recovered from the maps by MAC keep them. (sessions_survive then
+        // checks each held flow's broker by these names.)
+        let config = std::fs::read_to_string(&lb.config).expect("the config");
+        let renamed = config.replace("name = \"b1\"", "name = \"z1\"").replace("name = \"b2\"", "name = \"a2\"");
+        assert!(renamed.contains("\"z1\"") && renamed.contains("\"a2\""), "{renamed}");
+        std::fs::write(&lb.config, renamed).expect("writing the config");
         lb.restart(lab);
+        // (Logged before it serves; read from its stderr by a thread of ours.)
+        wait::until("the controller saying it recovered the ids from the maps", Duration::from_secs(5), || lb.log().contains(RECOVERED));
+        let names: Vec<String> = lb.status()["flows_per_backend"].as_object().expect("flows_per_backend").keys().cloned().collect();
+        assert_eq!(names, ["a2", "z1"], "the new names are the controller's");
     });
 }
 
@@ -155,17 +186,17 @@ fn probe_every_ms(lab: &LabGuard, stop: &AtomicBool) -> u32 {
         f.dst_mac = lb_mac;
         let template = f.build();
         let (mut n, start) = (0u32, Instant::now());
-        while !stop.load(Ordering::SeqCst) && start.elapsed() < Duration::from_mins(1) {
+        wait::repeat(Duration::from_mins(1), stop, || {
             let mut frame = template.clone();
             frame[38..42].copy_from_slice(&n.to_be_bytes());
             sock.send(&frame);
             n += 1;
             // The next at 1 ms after the start of this one.
             let next = start + Duration::from_millis(u64::from(n));
-            if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
+            if let Some(rest) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(rest);
             }
-        }
+        });
         n
     })
     .expect("client namespace")
@@ -178,12 +209,11 @@ fn probes_seen(lab: &LabGuard, ready: &AtomicBool, count: &AtomicUsize, stop: &A
         ready.store(true, Ordering::SeqCst);
         let probe = std::net::Ipv4Addr::new(192, 0, 2, 65).octets();
         let mut seen = Vec::new();
-        let deadline = Instant::now() + Duration::from_mins(1);
         // Both ports in turn, without blocking on the idle one.
         for s in &socks {
             s.set_nonblocking();
         }
-        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+        wait::repeat(Duration::from_mins(1), stop, || {
             let mut any = false;
             for s in &socks {
                 while let Some(f) = s.recv() {
@@ -197,7 +227,7 @@ fn probes_seen(lab: &LabGuard, ready: &AtomicBool, count: &AtomicUsize, stop: &A
             if !any {
                 std::thread::sleep(Duration::from_micros(200));
             }
-        }
+        });
         seen
     })
     .expect("switch namespace")
@@ -216,17 +246,18 @@ fn a_program_upgrade_replaces_it_atomically_and_drops_no_session() {
         // adopts the pins and swaps its own program into the link.
         let (ready, stop, count) = (AtomicBool::new(false), AtomicBool::new(false), AtomicUsize::new(0));
         let seen_at_least = |n: usize| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while count.load(Ordering::SeqCst) < n {
-                assert!(Instant::now() < deadline, "only {} probes arrived", count.load(Ordering::SeqCst));
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            wait::until_every(format!("{n} probes to arrive"), Duration::from_secs(10), Duration::from_millis(5), || {
+                match count.load(Ordering::SeqCst) {
+                    c if c >= n => Ok(()),
+                    c => Err(format!("only {c}")),
+                }
+            });
         };
         let (sent, seen) = std::thread::scope(|s| {
             let seen = s.spawn(|| probes_seen(lab, &ready, &count, &stop));
-            while !ready.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            wait::until_every("the capture on the brokers' ports", Duration::from_secs(10), Duration::from_millis(5), || {
+                ready.load(Ordering::SeqCst)
+            });
             let sent = s.spawn(|| probe_every_ms(lab, &stop));
             // Probes arrive before, during and after the swap.
             seen_at_least(200);
@@ -359,11 +390,9 @@ fn prometheus_counters_move_with_traffic() {
         ["b1", "b2"].iter().map(|b| metric(&after, &format!("dsrlb_backend_new_flows_total{{listener=\"mqtt\",backend=\"{b}\"}}"))).sum();
     assert!(new_flows >= 50, "{new_flows}");
     // Live flows come from a walk of the table that scrapes reuse for up to 2 s.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(&lab.scrape_metrics(), "dsrlb_flow_table_entries") < 50 {
-        assert!(Instant::now() < deadline, "the held flows never showed in dsrlb_flow_table_entries");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait::until_every("the held flows in dsrlb_flow_table_entries", Duration::from_secs(5), Duration::from_millis(100), || {
+        metric(&lab.scrape_metrics(), "dsrlb_flow_table_entries") >= 50
+    });
     assert_eq!(metric(&after, "dsrlb_backend_status{listener=\"mqtt\",backend=\"b1\"}"), 1);
     assert!(after.contains("dsrlb_backend_check_failures_total{listener=\"mqtt\",backend=\"b1\"}"));
     assert!(after.contains("dsrlb_backend_bytes_total{"));

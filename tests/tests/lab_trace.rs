@@ -12,33 +12,22 @@ use std::{
     process::{Child, ChildStderr, Command, Stdio},
     sync::{Arc, Mutex},
     thread::JoinHandle,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tests::{
-    client::{Balancer, MqttConn},
+    balancer::Balancer,
+    client::MqttConn,
     lab::{Lab, LabGuard, VIP},
-    netns::in_netns,
-    require_root,
+    netns::{in_netns, nsenter},
+    require_root, wait,
 };
 
 const CONNECTIONS: usize = 100;
 
-fn wait_for(what: &str, within: Duration, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// `TRACE_CONF`'s lease (`until_ns`) in every loaded program's map of that name, by bpftool.
 fn trace_leases(ns: &str) -> Vec<u64> {
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{ns}"))
-        .args(["bpftool", "-j", "map", "dump", "name", "TRACE_CONF"])
-        .output()
-        .expect("bpftool");
+    let out = nsenter(ns, "bpftool").args(["-j", "map", "dump", "name", "TRACE_CONF"]).output().expect("bpftool");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     // One map: a list of entries; several: a list of lists.
     let entries: Vec<&serde_json::Value> = match v.as_array() {
@@ -71,9 +60,7 @@ impl Trace {
     /// Starts it and returns once tracing is on (the controller switches it on before it
     /// answers, and the CLI says so).
     fn start(lab: &Lab, lb: &Balancer, args: &[&std::ffi::OsStr]) -> Self {
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", lab.ns("lb")))
-            .arg(tests::dsrlb_bin())
+        let mut child = nsenter(&lab.ns("lb"), tests::dsrlb_bin())
             .arg("--socket")
             .arg(&lb.socket)
             .args(["trace", "--json"])
@@ -99,8 +86,8 @@ impl Trace {
         Self { child, stderr, lines, reader }
     }
 
-    fn wait_for(&self, what: &str, done: impl Fn(&[serde_json::Value]) -> bool) {
-        wait_for(what, Duration::from_secs(10), || done(&self.lines.lock().expect("lines")));
+    fn until(&self, what: &str, done: impl Fn(&[serde_json::Value]) -> bool) {
+        wait::until(what, Duration::from_secs(10), || done(&self.lines.lock().expect("lines")));
     }
 
     /// SIGINT, as Ctrl-C: the pcap is complete and the summary printed. Returns every line.
@@ -160,14 +147,14 @@ fn a_trace_of_100_connections_names_the_brokers_that_took_them_and_writes_a_pcap
             .collect()
     };
     let syns = |lines: &[serde_json::Value]| seen(lines).iter().filter(|s| s.flags & 0x02 != 0).count();
-    trace.wait_for("a traced SYN per connection", |lines| syns(lines) >= CONNECTIONS);
+    trace.until("a traced SYN per connection", |lines| syns(lines) >= CONNECTIONS);
     let lines = trace.stop();
 
     let events = seen(&lines);
     assert!(events.iter().all(|e| e.verdict == "tx"), "--verdict tx");
     // Which broker logged each connection, by the client's address and port.
     let mut accepted: BTreeMap<SocketAddr, String> = BTreeMap::new();
-    wait_for("every connection in a broker's log", Duration::from_secs(5), || {
+    wait::until("every connection in a broker's log", Duration::from_secs(5), || {
         (0..2).flat_map(|b| lab.sessions(b)).filter(|s| s.client_id.starts_with("trace-")).count() >= CONNECTIONS
     });
     for b in 0..2 {
@@ -195,7 +182,7 @@ fn a_trace_of_100_connections_names_the_brokers_that_took_them_and_writes_a_pcap
 
     // The trace is over: the controller switched tracing off in the program, and a second
     // trace may start.
-    wait_for("tracing switched off", Duration::from_secs(5), || trace_leases(&lab.ns("lb")) == vec![0]);
+    wait::until("tracing switched off", Duration::from_secs(5), || trace_leases(&lab.ns("lb")) == vec![0]);
     let (ok, _, err) = lb.cli(&["trace", "--count", "0"]);
     assert!(ok, "a second trace after the first ended: {err}");
 }
@@ -283,7 +270,7 @@ fn a_trace_masks_connect_credentials_unless_raw_is_asked() {
     );
     send_connect(&lab, &connect5("masked-v5"));
     let connects = |lines: &[serde_json::Value]| lines.iter().filter(|v| v["masked"] == "connect").count();
-    trace.wait_for("both CONNECTs traced", |lines| connects(lines) >= 2);
+    trace.until("both CONNECTs traced", |lines| connects(lines) >= 2);
     let lines = trace.stop();
     for v in &lines {
         let frame = frame_of(v);
@@ -325,7 +312,7 @@ fn a_trace_masks_connect_credentials_unless_raw_is_asked() {
     );
     send_connect(&lab, &connect5("raw-v5"));
     let traced = |lines: &[serde_json::Value], id: &[u8]| lines.iter().find(|v| has(&frame_of(v), id)).cloned();
-    trace.wait_for("the raw CONNECTs traced", |lines| traced(lines, b"raw-v311").is_some() && traced(lines, b"raw-v5").is_some());
+    trace.until("the raw CONNECTs traced", |lines| traced(lines, b"raw-v311").is_some() && traced(lines, b"raw-v5").is_some());
     let lines = trace.stop();
     let (v311, v5) = (traced(&lines, b"raw-v311").expect("traced"), traced(&lines, b"raw-v5").expect("traced"));
     assert!(has(&frame_of(&v311), PASSWORD) && has(&frame_of(&v311), b"alice"), "--raw masked: {v311}");

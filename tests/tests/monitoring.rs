@@ -5,10 +5,11 @@
 use std::{collections::BTreeSet, path::PathBuf, process::Command};
 
 use tests::{
-    client::{Balancer, MqttConn},
+    balancer::Balancer,
+    client::MqttConn,
     lab::{self, LabGuard},
     netns::in_netns,
-    require_root,
+    require_root, wait,
 };
 
 fn deploy() -> PathBuf {
@@ -94,17 +95,17 @@ fn every_metric_of_the_dashboard_and_the_rules_is_exported() {
     })
     .expect("client namespace");
     // The check round times appear with the first rounds (within an `inter`).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let (text, missing) = loop {
+    let scrape = || {
         let text = lab.scrape_metrics();
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
         let missing: Vec<String> =
             names.iter().filter(|n| !text.lines().any(|l| l.split(['{', ' ']).next() == Some(n.as_str()))).cloned().collect();
-        if missing.is_empty() || std::time::Instant::now() > deadline {
-            break (text, missing);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        (text, missing)
     };
+    let (text, missing) = wait::within(std::time::Duration::from_secs(5), std::time::Duration::from_millis(100), || {
+        Some(scrape()).filter(|(_, m)| m.is_empty())
+    })
+    .unwrap_or_else(scrape);
     let exported: BTreeSet<&str> = text.lines().filter(|l| l.starts_with("dsrlb_")).filter_map(|l| l.split(['{', ' ']).next()).collect();
     assert!(missing.is_empty(), "queried by the dashboard or the rules but not exported: {missing:?}\nexported: {exported:?}");
     assert!(

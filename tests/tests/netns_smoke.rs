@@ -6,7 +6,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr, TcpStream},
     process::{Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use aya::programs::XdpMode;
@@ -19,7 +19,7 @@ use lb_userspace::{
 use tests::{
     dsrlb_bin,
     netns::{Netns, PacketSocket, veth},
-    require_root,
+    require_root, wait,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
@@ -80,14 +80,15 @@ fn syns_and_capture(cl: &Netns, n: usize, lb_mac: [u8; 6]) -> Vec<Vec<u8>> {
                 done.store(true, Ordering::SeqCst);
             });
             let mut bounced = Vec::new();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                match sock.recv() {
-                    Some(f) if f.len() >= 34 && f[6..12] == lb_mac && f[12..14] == [0x08, 0x00] => bounced.push(f),
-                    None if done.load(Ordering::SeqCst) => break,
-                    Some(_) | None => {}
+            // Each receive waits up to 200 ms on its own; done once the SYNs are sent and quiet.
+            let _ = wait::within(Duration::from_secs(30), Duration::ZERO, || match sock.recv() {
+                Some(f) if f.len() >= 34 && f[6..12] == lb_mac && f[12..14] == [0x08, 0x00] => {
+                    bounced.push(f);
+                    false
                 }
-            }
+                None => done.load(Ordering::SeqCst),
+                Some(_) => false,
+            });
             bounced
         })
     })
@@ -148,8 +149,8 @@ fn dsrlb_run_attaches_serves_outlives_sigterm_and_dsrlb_stop_detaches() {
     let _ = lb_userspace::dataplane::unpin_all(&pins);
     // `dsrlb run --config FILE` in the balancer's namespace, on this test's socket and pins.
     let dsrlb_run = |config: &std::path::Path| {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", lb.name)).arg(dsrlb_bin()).arg("--socket").arg(&socket).arg("--pin-dir").arg(&pins);
+        let mut c = lb.command(dsrlb_bin());
+        c.arg("--socket").arg(&socket).arg("--pin-dir").arg(&pins);
         c.args(["run", "--metrics", "off", "--config"]).arg(config);
         c
     };
@@ -169,12 +170,7 @@ fn dsrlb_run_attaches_serves_outlives_sigterm_and_dsrlb_stop_detaches() {
     let good = dir.join("good.toml");
     std::fs::File::create(&good).and_then(|mut f| f.write_all(CONFIG.as_bytes())).expect("write");
     let mut child = dsrlb_run(&good).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start dsrlb");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !xdp_attached(&lb, "lb0") {
-        assert!(Instant::now() < deadline, "dsrlb did not attach within 20s");
-        assert!(child.try_wait().expect("wait").is_none(), "dsrlb exited early");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait::until_up("dsrlb attached", &mut child, Duration::from_secs(20), Duration::from_millis(100), || xdp_attached(&lb, "lb0"));
     let lb_mac = lb.run(|| dataplane::interface_mac("lb0")).expect("lb0 MAC");
     // xdp_pass on the client side, from a separately loaded object owned by this test.
     let mut pass = TestPrograms::load(B1_MAC).expect("load the test object");
@@ -217,12 +213,8 @@ fn dsrlb_run_attaches_serves_outlives_sigterm_and_dsrlb_stop_detaches() {
     // marked this layout's once this build's program runs on them.
     set_layout_version(lb_common::LAYOUT_VERSION_ADOPTED);
     let mut child = dsrlb_run(&good).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start dsrlb");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while layout_version() != lb_common::LAYOUT_VERSION {
-        assert!(Instant::now() < deadline, "maps of layout {} were not adopted and marked within 20 s", lb_common::LAYOUT_VERSION_ADOPTED);
-        assert!(child.try_wait().expect("wait").is_none(), "dsrlb refused maps of layout {}", lb_common::LAYOUT_VERSION_ADOPTED);
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let what = format!("maps of layout {} adopted and marked", lb_common::LAYOUT_VERSION_ADOPTED);
+    wait::until_up(what, &mut child, Duration::from_secs(20), Duration::from_millis(100), || layout_version() == lb_common::LAYOUT_VERSION);
     assert!(!syns_and_capture(&cl, 2, lb_mac).is_empty(), "no forwarding after adopting the older layout");
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(i32::try_from(child.id()).expect("pid"), libc::SIGTERM) };
@@ -244,9 +236,8 @@ fn backend_setup_script_applies_and_verifies_a_dr_backend() {
     let (_lb, broker) = two_namespaces("bk");
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/backend-setup.sh");
     let run = |action: &str| {
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", broker.name))
-            .arg("bash")
+        let out = broker
+            .command("bash")
             .arg(&script)
             .args([action, "--dev", "cl0", "192.0.2.100", "192.0.2.101"])
             .output()
@@ -277,14 +268,7 @@ fn backend_setup_script_covers_ipv6_vips() {
     other.ip(&["-6", "addr", "add", "2001:db8::2/64", "dev", "lb0", "nodad"]);
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/backend-setup.sh");
     let run = |action: &str, vips: &[&str]| {
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", broker.name))
-            .arg("bash")
-            .arg(&script)
-            .args([action, "--dev", "cl0"])
-            .args(vips)
-            .output()
-            .expect("running backend-setup.sh");
+        let out = broker.command("bash").arg(&script).args([action, "--dev", "cl0"]).args(vips).output().expect("running backend-setup.sh");
         (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     };
     let vips = ["2001:db8::100", "192.0.2.100"];
@@ -341,9 +325,8 @@ fn a_walk_of_a_large_flow_table_does_not_block_the_control_socket() {
         c.arg("--socket").arg(&socket).arg("--pin-dir").arg(&pins).args(args);
         c
     };
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lb.name))
-        .arg(dsrlb_bin())
+    let mut child = lb
+        .command(dsrlb_bin())
         .arg("--socket")
         .arg(&socket)
         .arg("--pin-dir")
@@ -354,12 +337,9 @@ fn a_walk_of_a_large_flow_table_does_not_block_the_control_socket() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start dsrlb");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !cli(&["ping"]).output().is_ok_and(|o| o.status.success()) {
-        assert!(Instant::now() < deadline, "dsrlb did not serve within 30 s");
-        assert!(child.try_wait().expect("wait").is_none(), "dsrlb exited early");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait::until_up("dsrlb serving (ping answers)", &mut child, Duration::from_secs(30), Duration::from_millis(100), || {
+        cli(&["ping"]).output().is_ok_and(|o| o.status.success())
+    });
     // A status (which walks the table) and, right behind it, a ping: the ping is answered
     // first, because the walk runs beside the controller's loop, not on it.
     let finished = std::sync::Mutex::new(Vec::new());

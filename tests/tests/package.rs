@@ -5,12 +5,12 @@
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tests::{
     netns::{Netns, veth},
-    require_root,
+    require_root, wait,
 };
 
 /// The package in `target/debian`.
@@ -132,34 +132,27 @@ fn the_packaged_binary_loads_and_attaches_its_xdp_program() {
     .expect("config");
     let (socket, pins) = (root.join("control.sock"), PathBuf::from("/sys/fs/bpf/dsrlb-pkg-test"));
     let _ = lb_userspace::dataplane::unpin_all(&pins);
-    let with_paths = |c: &mut Command| {
-        c.arg(format!("--net=/run/netns/{}", lb.name)).arg(&bin).arg("--socket").arg(&socket).arg("--pin-dir").arg(&pins);
+    // The packaged dsrlb in the balancer's namespace, on this test's socket and pins.
+    let dsrlb = |args: &[&str]| {
+        let mut c = lb.command(&bin);
+        c.arg("--socket").arg(&socket).arg("--pin-dir").arg(&pins).args(args);
+        c
     };
-    let mut start = Command::new("nsenter");
-    with_paths(&mut start);
-    let mut child = start
-        .args(["run", "--metrics", "off", "--config"])
+    let mut child = dsrlb(&["run", "--metrics", "off", "--config"])
         .arg(&config)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start the packaged dsrlb");
     let attached = || String::from_utf8_lossy(&lb.ip(&["-d", "link", "show", "lb0"]).stdout).contains("prog/xdp");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !(attached() && socket.exists()) {
-        assert!(Instant::now() < deadline, "the packaged dsrlb did not attach within 20 s");
-        assert!(child.try_wait().expect("wait").is_none(), "the packaged dsrlb exited early");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let mut status = Command::new("nsenter");
-    with_paths(&mut status);
-    let out = status.args(["status", "--json"]).output().expect("dsrlb status");
+    wait::until_up("the packaged dsrlb attached", &mut child, Duration::from_secs(20), Duration::from_millis(100), || {
+        attached() && socket.exists()
+    });
+    let out = dsrlb(&["status", "--json"]).output().expect("dsrlb status");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
     let names: Vec<&str> = v["listeners"].as_array().expect("listeners").iter().filter_map(|l| l["name"].as_str()).collect();
     assert_eq!(names, ["mqtt", "mqtt6"], "{v}");
-    let mut stop = Command::new("nsenter");
-    with_paths(&mut stop);
-    let out = stop.arg("stop").output().expect("dsrlb stop");
+    let out = dsrlb(&["stop"]).output().expect("dsrlb stop");
     assert!(out.status.success(), "dsrlb stop: {}", String::from_utf8_lossy(&out.stderr));
     let _ = child.wait();
     assert!(!attached(), "still attached after dsrlb stop");

@@ -12,11 +12,11 @@ use lb_common::{FLOW_S_AGE_SHIFT, FlowKey, flow_meta, flow_meta_split, real_back
 use lb_userspace::plan;
 use tests::{
     fixture::{
-        CLIENT, Lb, VIP, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, assert_dsr_rewrite, driver_runs, live_flows, mac_of, new_flows,
+        CLIENT, Case, Lb, VIP, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, assert_dsr_rewrite, driver_runs, live_flows, mac_of, new_flows,
         pin_to_cpu, syn,
     },
     frame::{ICMP_DEST_UNREACH, Ipv4Frame, L4, LB_MAC, TCP_ACK, TCP_RST, TCP_SYN},
-    require_root,
+    require_root, wait,
 };
 
 const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 254);
@@ -32,14 +32,6 @@ fn to_mac(mut f: Ipv4Frame, mac: [u8; 6]) -> Vec<u8> {
     f.build()
 }
 
-/// The verdict counters that moved over `f`, and `f`'s result.
-fn moved<T>(lb: &Lb, f: impl FnOnce() -> T) -> (Vec<usize>, T) {
-    let before = lb.dp.stats().expect("stats").verdicts;
-    let r = f();
-    let after = lb.dp.stats().expect("stats").verdicts;
-    ((0..after.len()).filter(|&i| after[i] != before[i]).collect(), r)
-}
-
 fn table_events(lb: &Lb) -> Vec<u64> {
     lb.dp.stats().expect("stats").table
 }
@@ -50,27 +42,21 @@ fn only_frames_addressed_to_this_node_are_forwarded() {
     let text =
         Lb::config_text(&[("b1", 11, 100), ("b2", 12, 100)]).replace("ring_size", "accept_macs = [\"00:00:5e:00:01:33\"]\nring_size");
     let mut lb = Lb::with_config(Lb::parse(&text));
-    let cases: [(&str, [u8; 6], u32, u32); 7] = [
-        ("the interface's own MAC", LB_MAC, XDP_TX, reason::TX),
-        ("keepalived's virtual MAC (accept_macs)", VMAC, XDP_TX, reason::TX),
-        ("another host's MAC (unknown unicast flooded by a switch)", mac_of(0x99), XDP_PASS, reason::PASS_NOT_OUR_MAC),
-        ("a backend's MAC (a frame seen in promiscuous mode)", mac_of(11), XDP_PASS, reason::PASS_NOT_OUR_MAC),
-        ("broadcast", [0xff; 6], XDP_PASS, reason::PASS_NOT_OUR_MAC),
-        ("IPv4 multicast", [0x01, 0x00, 0x5e, 0x00, 0x00, 0x01], XDP_PASS, reason::PASS_NOT_OUR_MAC),
-        ("another VRRP router's virtual MAC", [0x00, 0x00, 0x5e, 0x00, 0x01, 0x34], XDP_PASS, reason::PASS_NOT_OUR_MAC),
+    // One SYN per row, each from its own port, to the MAC the row names.
+    let syn_to = |i: u16, mac: [u8; 6]| to_mac(Ipv4Frame::tcp(CLIENT, 40000 + 2 * i, VIP, 1883, TCP_SYN), mac);
+    let not_ours = |i: u16, what: &str, mac: [u8; 6]| Case::pass(what, syn_to(i, mac), reason::PASS_NOT_OUR_MAC);
+    let cases = [
+        Case::tx("the interface's own MAC", syn_to(0, LB_MAC)),
+        Case::tx("keepalived's virtual MAC (accept_macs)", syn_to(1, VMAC)),
+        not_ours(2, "another host's MAC (unknown unicast flooded by a switch)", mac_of(0x99)),
+        not_ours(3, "a backend's MAC (a frame seen in promiscuous mode)", mac_of(11)),
+        not_ours(4, "broadcast", [0xff; 6]),
+        not_ours(5, "IPv4 multicast", [0x01, 0x00, 0x5e, 0x00, 0x00, 0x01]),
+        not_ours(6, "another VRRP router's virtual MAC", [0x00, 0x00, 0x5e, 0x00, 0x01, 0x34]),
     ];
-    for (i, (what, mac, action, why)) in cases.iter().enumerate() {
-        let sport = 40000 + 2 * u16::try_from(i).expect("few");
-        let input = to_mac(Ipv4Frame::tcp(CLIENT, sport, VIP, 1883, TCP_SYN), *mac);
-        let (moved, (got, out)) = moved(&lb, || lb.run(&input));
-        assert_eq!((got, moved), (*action, vec![*why as usize]), "{what}");
-        if got == XDP_TX {
-            let backend = lb.backend_of(&out);
-            assert_dsr_rewrite(&input, &out, lb.mac(&backend), what);
-        } else {
-            assert_eq!(out, input, "{what}: passed untouched");
-            assert!(lb.dp.flow(CLIENT, sport, VIP, 1883).is_none(), "{what}: a frame not for this node recorded a flow");
-        }
+    lb.check_table(&cases);
+    for (i, case) in (0..).zip(&cases).filter(|(_, c)| c.action == XDP_PASS) {
+        assert!(lb.dp.flow(CLIENT, 40000 + 2 * i, VIP, 1883).is_none(), "{}: a frame not for this node recorded a flow", case.what);
     }
     // An established flow, cached on this CPU: its frames for another MAC still pass.
     pin_to_cpu(0);
@@ -78,14 +64,11 @@ fn only_frames_addressed_to_this_node_are_forwarded() {
     assert_eq!(lb.run(&ack(41000)).0, XDP_TX);
     assert_eq!(lb.run(&ack(41000)).0, XDP_TX);
     let foreign = to_mac(Ipv4Frame::tcp(CLIENT, 41000, VIP, 1883, TCP_ACK), mac_of(0x99));
-    let (moved_by, (action, out)) = moved(&lb, || lb.run(&foreign));
-    assert_eq!((action, moved_by), (XDP_PASS, vec![reason::PASS_NOT_OUR_MAC as usize]), "a cached flow's frame for another MAC");
-    assert_eq!(out, foreign);
+    lb.check_case(&Case::pass("a cached flow's frame for another MAC", foreign, reason::PASS_NOT_OUR_MAC));
     // A fragment to a VIP for another node passes (it is that node's to drop).
     let mut frag = Ipv4Frame::tcp(CLIENT, 41002, VIP, 1883, TCP_SYN);
     frag.frag = 0x2000;
-    let (moved_by, (action, _)) = moved(&lb, || lb.run(&to_mac(frag.clone(), mac_of(0x99))));
-    assert_eq!((action, moved_by), (XDP_PASS, vec![reason::PASS_NOT_OUR_MAC as usize]), "another node's fragment");
+    lb.check_case(&Case::pass("another node's fragment", to_mac(frag.clone(), mac_of(0x99)), reason::PASS_NOT_OUR_MAC));
     assert_eq!(lb.run(&frag.build()).0, XDP_DROP, "our own fragment is dropped");
 
     // The interface's MAC changes (the controller follows it): the old one is foreign now,
@@ -191,20 +174,18 @@ fn icmp_that_is_not_about_a_listener_flow_passes_untouched() {
     // Sent to the VIP, but quoting a datagram from another source.
     let mut misaddressed = Ipv4Frame::frag_needed(ROUTER, &from_another_host, 1280, 8);
     misaddressed.dst = VIP;
-    let cases: Vec<(&str, Vec<u8>, u32)> = vec![
-        ("quotes a port no listener uses", Ipv4Frame::frag_needed(ROUTER, &not_a_listener_port, 1280, 8).build(), reason::PASS_NO_LISTENER),
-        ("quotes another host's segment", Ipv4Frame::frag_needed(ROUTER, &from_another_host, 1280, 8).build(), reason::PASS_NO_LISTENER),
-        ("to the VIP, quoting another host", misaddressed.build(), reason::PASS_NO_LISTENER),
-        ("quotes UDP", Ipv4Frame::frag_needed(ROUTER, &udp, 1280, 8).build(), reason::PASS_NO_LISTENER),
-        ("quotes a later fragment", Ipv4Frame::frag_needed(ROUTER, &later_fragment, 1280, 8).build(), reason::PASS_NO_LISTENER),
-        ("port unreachable (type 3 code 3)", port_unreachable.build(), reason::PASS_NOT_TCP),
-        ("for another node's MAC", to_mac(too_big(20000), mac_of(0x99)), reason::PASS_NOT_OUR_MAC),
-    ];
-    for (what, input, why) in cases {
-        let (moved_by, (action, out)) = moved(&lb, || lb.run(&input));
-        assert_eq!((action, moved_by), (XDP_PASS, vec![why as usize]), "{what}");
-        assert_eq!(out, input, "{what}: passed untouched");
-    }
+    let quoting = |what: &str, quoted: &Ipv4Frame| {
+        Case::pass(what, Ipv4Frame::frag_needed(ROUTER, quoted, 1280, 8).build(), reason::PASS_NO_LISTENER)
+    };
+    lb.check_table(&[
+        quoting("quotes a port no listener uses", &not_a_listener_port),
+        quoting("quotes another host's segment", &from_another_host),
+        Case::pass("to the VIP, quoting another host", misaddressed.build(), reason::PASS_NO_LISTENER),
+        quoting("quotes UDP", &udp),
+        quoting("quotes a later fragment", &later_fragment),
+        Case::pass("port unreachable (type 3 code 3)", port_unreachable.build(), reason::PASS_NOT_TCP),
+        Case::pass("for another node's MAC", to_mac(too_big(20000), mac_of(0x99)), reason::PASS_NOT_OUR_MAC),
+    ]);
     let f = too_big(20000);
     if let L4::IcmpError { kind, .. } = f.l4 {
         assert_eq!(kind, ICMP_DEST_UNREACH);
@@ -440,19 +421,27 @@ fn a_cached_flow_keeps_its_table_age_that_of_its_last_frame() {
     assert_eq!(lb.dp.cached_flow(CLIENT, 43000, VIP, 1883).expect("cache").len(), 1, "the flow is cached");
     let age = lb.dp.flow(CLIENT, 43000, VIP, 1883).expect("recorded").age();
     // Wait for the table's clock to move on (one unit is 1.07 s).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while lb.dp.now_age().expect("clock") == age {
-        assert!(Instant::now() < deadline, "the flow table's clock did not move in 5 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let at = lb.wait_clock_past(age);
     // One frame, well within the cache's frame budget: the table must see it.
-    let at = lb.dp.now_age().expect("clock");
     assert_eq!(lb.run(&ack(43000)).0, XDP_TX);
     let after = lb.dp.flow(CLIENT, 43000, VIP, 1883).expect("recorded").age();
     assert!(
         after == at || after == lb.dp.now_age().expect("clock"),
         "the table's age of a flow stayed {after} (frame at {at}): a cached frame did not refresh it"
     );
+}
+
+/// SYNs from port `from` on, one every 5 ms, until one is admitted (at most 2 s: the limit's
+/// quiet spell); the admitted one's port.
+fn first_admitted(lb: &Lb, from: u16) -> u16 {
+    let mut p = from;
+    wait::until_every("a SYN admitted after a quiet spell", Duration::from_secs(2), Duration::from_millis(5), || {
+        if lb.run(&syn(p)).0 == XDP_TX {
+            return Some(p);
+        }
+        p += 2;
+        None
+    })
 }
 
 #[test]
@@ -499,13 +488,7 @@ fn storm_control_admits_its_rate_and_never_limits_established_traffic() {
         assert_eq!(lb.run(&Ipv4Frame::tcp(CLIENT, p, VIP, 8883, TCP_SYN).build()).0, XDP_TX);
     }
     // After a quiet spell new connections are admitted again.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let mut p = 45000;
-    while lb.run(&syn(p)).0 != XDP_TX {
-        assert!(Instant::now() < deadline, "no SYN admitted 2 s later");
-        std::thread::sleep(Duration::from_millis(5));
-        p += 2;
-    }
+    first_admitted(&lb, 45000);
 }
 
 #[test]
@@ -567,13 +550,7 @@ fn storm_control_charges_a_syn_after_an_ack_and_never_a_retransmit_twice() {
     assert_eq!(stats.table[table_event::SYN_CHARGED as usize] - charged0, admitted as u64, "each admitted SYN on a held flow is charged");
 
     // A SYN admitted, then its retransmits while the limit is spent: forwarded, never charged.
-    let quiet = Instant::now() + Duration::from_secs(2);
-    let mut p = 47000;
-    while lb.run(&syn(p)).0 != XDP_TX {
-        assert!(Instant::now() < quiet, "no SYN admitted 2 s later");
-        std::thread::sleep(Duration::from_millis(5));
-        p += 2;
-    }
+    let p = first_admitted(&lb, 47000);
     for q in (47500..47540).step_by(2) {
         let _ = lb.run(&syn(q));
     }

@@ -2,15 +2,12 @@
 //! each is made to happen through `BPF_PROG_TEST_RUN` and found among the logged records, at
 //! most once per second for a kind that repeats.
 
-use std::{
-    net::Ipv4Addr,
-    time::{Duration, Instant},
-};
+use std::{net::Ipv4Addr, time::Duration};
 
 use tests::{
     fixture::{Lb, VIP, XDP_DROP, XDP_TX, pin_to_cpu, syn},
     frame::{Ipv4Frame, TCP_ACK, TCP_SYN},
-    require_root,
+    require_root, wait,
 };
 
 /// The events logged so far that contain `text`.
@@ -56,14 +53,15 @@ fn the_flood_guard_engaging_and_releasing_are_logged() {
     }
     lb.pass_time(lb_common::FLOW_REOPEN_UNITS);
     let released = "flood guard released: new flows are recorded again";
-    let deadline = Instant::now() + Duration::from_secs(5);
     let mut port = 41000;
-    while logged(&mut lb, released) == 0 {
-        assert!(Instant::now() < deadline, "no release logged within 5 s: {:?}", lb.dp.recent_events());
+    wait::until_every("a release logged", Duration::from_secs(5), Duration::from_millis(50), || {
+        if logged(&mut lb, released) > 0 {
+            return Ok(());
+        }
         assert_eq!(send(&lb, Ipv4Addr::new(10, 4, 0, 1), port, TCP_SYN), XDP_TX);
         port += 2;
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        Err(format!("{:?}", lb.dp.recent_events()))
+    });
     assert_eq!(logged(&mut lb, released), 1);
     assert_eq!(logged(&mut lb, engaged), 1);
 }

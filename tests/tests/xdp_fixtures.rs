@@ -14,20 +14,11 @@ use lb_common::{FLOW_CACHE_REVALIDATE, reason};
 use lb_userspace::config::{self, Config};
 use tests::{
     fixture::{
-        CLIENT, Lb, RING, VIP, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, assert_dsr_rewrite, bench_tuple, live_flows, mac_of, new_flows,
-        pin_to_cpu, syn,
+        CLIENT, Case, Lb, RING, VIP, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, bench_tuple, live_flows, mac_of, new_flows, pin_to_cpu, syn,
     },
-    frame::{self, Ipv4Frame, L4, TCP_ACK, TCP_SYN},
+    frame::{self, Ipv4Frame, Ipv6Frame, L4, TCP_ACK, TCP_SYN},
     require_root,
 };
-
-/// A fixture row: what goes in, and which verdict (and reason) must come out.
-struct Case {
-    what: &'static str,
-    input: Vec<u8>,
-    action: u32,
-    reason: u32,
-}
 
 #[test]
 fn verdict_table() {
@@ -54,70 +45,34 @@ fn verdict_table() {
     frag_elsewhere.dst = other;
     let mut stacked = dot1q.build();
     stacked.splice(16..16, [0x81, 0x00, 0x00, 0x05]);
+    // Forwarded rows carry the whole frame that must come out: the DSR rewrite of the input,
+    // to the backend the listener's ring names.
+    let forwarded = |what: &str, f: &Ipv4Frame, listener: &str| Case::tx(what, f.build()).frame(lb.forwarded(f, listener));
 
     let cases = vec![
-        Case { what: "SYN to VIP:1883", input: syn(40000), action: XDP_TX, reason: reason::TX },
-        Case {
-            what: "ACK to VIP:1883",
-            input: Ipv4Frame::tcp(CLIENT, 40010, VIP, 1883, TCP_ACK).build(),
-            action: XDP_TX,
-            reason: reason::TX,
-        },
-        Case {
-            what: "SYN to VIP:8883",
-            input: Ipv4Frame::tcp(CLIENT, 40012, VIP, 8883, TCP_SYN).build(),
-            action: XDP_TX,
-            reason: reason::TX,
-        },
-        Case { what: "802.1Q tagged SYN", input: dot1q.build(), action: XDP_TX, reason: reason::TX },
-        Case { what: "802.1ad tagged SYN", input: qinq.build(), action: XDP_TX, reason: reason::TX },
-        Case { what: "IP options (IHL 6)", input: opts.build(), action: XDP_TX, reason: reason::TX },
-        Case { what: "IP options (IHL 15)", input: max_opts.build(), action: XDP_TX, reason: reason::TX },
-        Case { what: "UDP to VIP:1883", input: udp.build(), action: XDP_PASS, reason: reason::PASS_NOT_TCP },
-        Case { what: "ICMP echo to VIP", input: icmp.build(), action: XDP_PASS, reason: reason::PASS_NOT_TCP },
-        Case {
-            what: "TCP to VIP:80",
-            input: Ipv4Frame::tcp(CLIENT, 40014, VIP, 80, TCP_SYN).build(),
-            action: XDP_PASS,
-            reason: reason::PASS_NO_LISTENER,
-        },
-        Case {
-            what: "TCP to another host:1883",
-            input: Ipv4Frame::tcp(CLIENT, 40016, other, 1883, TCP_SYN).build(),
-            action: XDP_PASS,
-            reason: reason::PASS_NO_LISTENER,
-        },
-        Case { what: "ARP request for the VIP", input: frame::arp_request(CLIENT, VIP), action: XDP_PASS, reason: reason::PASS_NOT_IP },
-        Case {
-            what: "IPv6 SYN to an address no listener has",
-            input: frame::ipv6_tcp("2001:db8::1".parse().unwrap(), "2001:db8::100".parse().unwrap(), 1883),
-            action: XDP_PASS,
-            reason: reason::PASS_NO_LISTENER,
-        },
-        Case { what: "two VLAN tags", input: stacked, action: XDP_PASS, reason: reason::PASS_VLAN_STACKED },
-        Case { what: "first fragment to VIP", input: first_frag.build(), action: XDP_DROP, reason: reason::DROP_FRAGMENT },
-        Case { what: "later fragment to VIP", input: later_frag.build(), action: XDP_DROP, reason: reason::DROP_FRAGMENT },
-        Case { what: "fragment to another host", input: frag_elsewhere.build(), action: XDP_PASS, reason: reason::PASS_NO_LISTENER },
+        forwarded("SYN to VIP:1883", &Ipv4Frame::tcp(CLIENT, 40000, VIP, 1883, TCP_SYN), "mqtt"),
+        forwarded("ACK to VIP:1883", &Ipv4Frame::tcp(CLIENT, 40010, VIP, 1883, TCP_ACK), "mqtt"),
+        forwarded("SYN to VIP:8883", &Ipv4Frame::tcp(CLIENT, 40012, VIP, 8883, TCP_SYN), "mqtts"),
+        forwarded("802.1Q tagged SYN", &dot1q, "mqtt"),
+        forwarded("802.1ad tagged SYN", &qinq, "mqtt"),
+        forwarded("IP options (IHL 6)", &opts, "mqtt"),
+        forwarded("IP options (IHL 15)", &max_opts, "mqtt"),
+        Case::pass("UDP to VIP:1883", udp.build(), reason::PASS_NOT_TCP),
+        Case::pass("ICMP echo to VIP", icmp.build(), reason::PASS_NOT_TCP),
+        Case::pass("TCP to VIP:80", Ipv4Frame::tcp(CLIENT, 40014, VIP, 80, TCP_SYN).build(), reason::PASS_NO_LISTENER),
+        Case::pass("TCP to another host:1883", Ipv4Frame::tcp(CLIENT, 40016, other, 1883, TCP_SYN).build(), reason::PASS_NO_LISTENER),
+        Case::pass("ARP request for the VIP", frame::arp_request(CLIENT, VIP), reason::PASS_NOT_IP),
+        Case::pass(
+            "IPv6 SYN to an address no listener has",
+            Ipv6Frame::tcp("2001:db8::1".parse().unwrap(), 40000, "2001:db8::100".parse().unwrap(), 1883, TCP_SYN).build(),
+            reason::PASS_NO_LISTENER,
+        ),
+        Case::pass("two VLAN tags", stacked, reason::PASS_VLAN_STACKED),
+        Case::drop("first fragment to VIP", first_frag.build(), reason::DROP_FRAGMENT),
+        Case::drop("later fragment to VIP", later_frag.build(), reason::DROP_FRAGMENT),
+        Case::pass("fragment to another host", frag_elsewhere.build(), reason::PASS_NO_LISTENER),
     ];
-
-    let mut expected = vec![0u64; reason::COUNT as usize];
-    for case in &cases {
-        let before = lb.dp.stats().expect("stats").verdicts;
-        let (action, out) = lb.run(&case.input);
-        assert_eq!(action, case.action, "{}: action", case.what);
-        let after = lb.dp.stats().expect("stats").verdicts;
-        let moved: Vec<usize> = (0..after.len()).filter(|&i| after[i] != before[i]).collect();
-        assert_eq!(moved, vec![case.reason as usize], "{}: exactly its reason counter moves", case.what);
-        expected[case.reason as usize] += 1;
-        if action == XDP_TX {
-            let name = lb.backend_of(&out);
-            let mac = lb.mac(&name);
-            assert_dsr_rewrite(&case.input, &out, mac, case.what);
-        } else {
-            assert_eq!(out, case.input, "{}: passed or dropped frames are untouched", case.what);
-        }
-    }
-    assert_eq!(lb.dp.stats().expect("stats").verdicts, expected);
+    lb.check_table(&cases);
 }
 
 /// Listeners on one port at three VIPs, each over its own backend: `text` with `{VIP_A}` etc.
@@ -439,16 +394,6 @@ fn removing_a_listener_stops_its_established_flows() {
     assert_eq!(lb.run(&Ipv4Frame::tcp(CLIENT, 43000, VIP, 1883, TCP_ACK).build()).0, XDP_TX, "the other listener is untouched");
 }
 
-/// Waits for the flow table's clock to start a new unit.
-fn fresh_clock_unit(lb: &Lb) {
-    let now_age = || lb.dp.now_age().expect("clock");
-    let (at, deadline) = (now_age(), std::time::Instant::now() + std::time::Duration::from_secs(5));
-    while now_age() == at {
-        assert!(std::time::Instant::now() < deadline, "the flow table's clock did not move in 5 s");
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-}
-
 #[test]
 fn flow_cache_serves_established_frames_revalidates_and_follows_every_change() {
     require_root!();
@@ -462,7 +407,7 @@ fn flow_cache_serves_established_frames_revalidates_and_follows_every_change() {
     lb.pass_time_for(CLIENT, 44000, 1883, lb_common::FLOW_CONFIRM_UNITS);
     // A cache entry serves only within the table clock's unit it was filled in (1.07 s): start
     // at the beginning of one, so what follows runs well within it.
-    fresh_clock_unit(&lb);
+    lb.fresh_clock_unit();
     // The first established frame reads FLOWS, confirms the flow and fills this CPU's cache slot.
     assert_eq!(lb.backend_of(&lb.run(&ack(1883)).1), first);
     assert!(lb.dp.flow(CLIENT, 44000, VIP, 1883).expect("held").confirmed());
@@ -484,7 +429,7 @@ fn flow_cache_serves_established_frames_revalidates_and_follows_every_change() {
 
     // A real changing (its MAC here) invalidates every cached entry at once.
     lb.pass_time_for(CLIENT, 44000, 1883, lb_common::FLOW_CONFIRM_UNITS);
-    fresh_clock_unit(&lb);
+    lb.fresh_clock_unit();
     assert_eq!(lb.backend_of(&lb.run(&ack(1883)).1), first, "confirms the re-inserted flow and refills the cache");
     let cached = |lb: &Lb| lb.dp.cached_flow(CLIENT, 44000, VIP, 1883).expect("cache").len();
     assert_eq!(cached(&lb), 1, "one CPU has the flow cached");
@@ -505,7 +450,7 @@ fn flow_cache_serves_established_frames_revalidates_and_follows_every_change() {
     // purged, and a cached one must not be forwarded any more.
     assert_eq!(lb.run(&ack(8883)).0, XDP_TX);
     lb.pass_time_for(CLIENT, 44000, 8883, lb_common::FLOW_CONFIRM_UNITS);
-    fresh_clock_unit(&lb);
+    lb.fresh_clock_unit();
     assert_eq!(lb.run(&ack(8883)).0, XDP_TX, "confirmed");
     assert_eq!(lb.dp.cached_flow(CLIENT, 44000, VIP, 8883).expect("cache").len(), 1, "cached");
     lb.config.listeners.iter_mut().find(|l| l.name == "mqtts").expect("mqtts").vip = Ipv4Addr::new(192, 0, 2, 101).into();

@@ -61,7 +61,7 @@ fn seeds() -> Vec<Vec<u8>> {
     v.push(Ipv4Frame::frag_needed(Ipv4Addr::new(198, 51, 100, 254), &answer, 1280, 8).build());
     v.push(Ipv4Frame::frag_needed(Ipv4Addr::new(198, 51, 100, 254), &answer, 1280, 548).build());
     v.push(frame::arp_request(CLIENT, VIP));
-    v.push(frame::ipv6_tcp("2001:db8::1".parse().expect("v6"), "2001:db8::100".parse().expect("v6"), 1883));
+    v.push(frame::Ipv6Frame::tcp("2001:db8::1".parse().expect("v6"), 40000, "2001:db8::100".parse().expect("v6"), 1883, TCP_SYN).build());
     let mut foreign = Ipv4Frame::tcp(CLIENT, 40008, VIP, 1883, TCP_SYN);
     foreign.dst_mac = mac_of(0x99);
     v.push(foreign.build());

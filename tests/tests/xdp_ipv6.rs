@@ -19,8 +19,8 @@ use lb_userspace::{
     dataplane::addr6,
 };
 use tests::{
-    fixture::{CLIENT, Lb, RING, VIP, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, assert_dsr_rewrite, mac_of},
-    frame::{ExtHeader, Fragment6, IPV6_DSTOPTS, IPV6_HOPOPTS, IPV6_ROUTING, Ipv4Frame, Ipv6Frame, L4v6, TCP_ACK, TCP_SYN, checksum},
+    fixture::{CLIENT, Case, Lb, RING, VIP, XDP_ABORTED, XDP_PASS, XDP_TX, mac_of},
+    frame::{ExtHeader, Fragment6, IPV6_DSTOPTS, IPV6_HOPOPTS, IPV6_ROUTING, Ipv4Frame, Ipv6Frame, L4v6, TCP_ACK, TCP_SYN},
     require_root,
 };
 
@@ -76,12 +76,6 @@ fn ring6(lb: &Lb, name: &str, src: Ipv6Addr, sport: u16) -> String {
     lb.backend_name(l.ring[ring_slot(h, RING) as usize])
 }
 
-/// Index of listener `name` in `lb.desired.listeners`, for `Lb::ring_choice`.
-fn index_of(lb: &Lb, name: &str) -> usize {
-    let id = lb.ids.listeners[name];
-    lb.desired.listeners.iter().position(|l| l.id == id).expect("the listener is planned")
-}
-
 fn syn6(src: Ipv6Addr, sport: u16) -> Ipv6Frame {
     Ipv6Frame::tcp(src, sport, VIP6, 1883, TCP_SYN)
 }
@@ -90,80 +84,17 @@ fn verdicts(lb: &Lb) -> Vec<u64> {
     lb.dp.stats().expect("stats").verdicts
 }
 
-/// Runs `input`, checks that it gets `action` and that exactly the counter of `why` moves (the
-/// `tx` one for forwarded frames: the controller sums it from `REAL_STATS`); the output frame.
+/// Runs `input` as a row of its own ([`Lb::check_case`]): the action, exactly the counter of
+/// `why` moving, and the DSR rewrite for forwarded frames; the output frame.
 fn run_expect(lb: &Lb, input: &[u8], action: u32, why: u32, what: &str) -> Vec<u8> {
-    let before = verdicts(lb);
-    let (got, out) = lb.run(input);
-    assert_eq!(got, action, "{what}: action");
-    let after = verdicts(lb);
-    let moved: Vec<usize> = (0..after.len()).filter(|&i| after[i] != before[i]).collect();
-    assert_eq!(moved, vec![why as usize], "{what}: exactly its reason counter moves ({before:?} -> {after:?})");
-    assert_eq!(after[why as usize] - before[why as usize], 1, "{what}: counted once");
-    if action == XDP_TX {
-        let name = lb.backend_of(&out);
-        assert_dsr_rewrite(input, &out, lb.mac(&name), what);
-    } else {
-        assert_eq!(out, input, "{what}: passed or dropped frames are untouched");
-    }
-    out
-}
-
-/// Checks a built frame the way a receiver would: the payload length covers the rest of the
-/// frame, the extension header chain leads to the L4 header, whose checksum over the IPv6
-/// pseudo-header is right. Returns the L4 protocol.
-fn check_wire(f: &[u8], what: &str) -> u8 {
-    let mut l3 = 14;
-    if f[12..14] == [0x81, 0x00] || f[12..14] == [0x88, 0xa8] {
-        l3 += 4;
-    }
-    assert_eq!(f[l3 - 2..l3], [0x86, 0xdd], "{what}: EtherType");
-    assert_eq!(f[l3] >> 4, 6, "{what}: version");
-    let payload = usize::from(u16::from_be_bytes([f[l3 + 4], f[l3 + 5]]));
-    assert_eq!(payload, f.len() - l3 - 40, "{what}: payload length");
-    let (mut next, mut off) = (f[l3 + 6], l3 + 40);
-    let mut fragment = false;
-    while matches!(next, 0 | 43 | 44 | 60) {
-        fragment |= next == 44;
-        let len = if next == 44 { 8 } else { (usize::from(f[off + 1]) + 1) * 8 };
-        if next != 44 && next != 43 {
-            // Options: Pad1 and PadN only, filling the header exactly.
-            let mut o = off + 2;
-            while o < off + len {
-                o += if f[o] == 0 { 1 } else { 2 + usize::from(f[o + 1]) };
-            }
-            assert_eq!(o, off + len, "{what}: options fill the header");
-        }
-        next = f[off];
-        off += len;
-        assert!(off <= f.len(), "{what}: extension header past the end");
-    }
-    if !fragment {
-        let seg = &f[off..];
-        let mut pseudo = 0u32;
-        for w in f[l3 + 8..l3 + 40].chunks(2) {
-            pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]));
-        }
-        pseudo += u32::try_from(seg.len()).unwrap() + u32::from(next);
-        assert_eq!(checksum(seg, pseudo), 0, "{what}: L4 checksum");
-    }
-    next
+    lb.check_case(&Case::new(what, input.to_vec(), action, why))
 }
 
 const fn ext(kind: u8, len: u8) -> ExtHeader {
     ExtHeader { kind, len }
 }
 
-/// A fixture row: what goes in, and which verdict (and reason) must come out.
-struct Case {
-    what: &'static str,
-    input: Vec<u8>,
-    action: u32,
-    reason: u32,
-}
-
 /// The rows of [`verdict_table`].
-#[expect(clippy::too_many_lines, reason = "a table: one row per case")]
 fn cases() -> Vec<Case> {
     let with_ext = |sport: u16, chain: &[ExtHeader]| {
         let mut f = syn6(CLIENT6, sport);
@@ -204,90 +135,43 @@ fn cases() -> Vec<Case> {
     let ptb = Ipv6Frame::packet_too_big(ROUTER6, &broker_seg, 1280, 20);
 
     vec![
-        Case { what: "SYN to [VIP6]:1883", input: syn6(CLIENT6, 40000).build(), action: XDP_TX, reason: reason::TX },
-        Case {
-            what: "ACK to [VIP6]:1883",
-            input: Ipv6Frame::tcp(CLIENT6, 40001, VIP6, 1883, TCP_ACK).build(),
-            action: XDP_TX,
-            reason: reason::TX,
-        },
-        Case {
-            what: "SYN to [VIP6]:8883",
-            input: Ipv6Frame::tcp(CLIENT6, 40003, VIP6, 8883, TCP_SYN).build(),
-            action: XDP_TX,
-            reason: reason::TX,
-        },
-        Case { what: "802.1Q tagged SYN", input: dot1q.build(), action: XDP_TX, reason: reason::TX },
-        Case { what: "802.1ad tagged SYN", input: qinq.build(), action: XDP_TX, reason: reason::TX },
-        Case { what: "hop-by-hop before TCP", input: with_ext(40006, &[ext(IPV6_HOPOPTS, 0)]), action: XDP_TX, reason: reason::TX },
-        Case { what: "routing header before TCP", input: with_ext(40008, &[ext(IPV6_ROUTING, 2)]), action: XDP_TX, reason: reason::TX },
-        Case {
-            what: "destination options before TCP",
-            input: with_ext(40010, &[ext(IPV6_DSTOPTS, 3)]),
-            action: XDP_TX,
-            reason: reason::TX,
-        },
-        Case { what: "a chain of 4 extension headers", input: with_ext(40012, &four), action: XDP_TX, reason: reason::TX },
-        Case { what: "a chain of 5 extension headers", input: with_ext(40014, &five), action: XDP_PASS, reason: reason::PASS_NOT_TCP },
-        Case { what: "first fragment to VIP6", input: first_frag.build(), action: XDP_DROP, reason: reason::DROP_FRAGMENT },
-        Case { what: "later fragment to VIP6", input: later_frag.build(), action: XDP_DROP, reason: reason::DROP_FRAGMENT },
-        Case { what: "fragment after hop-by-hop to VIP6", input: ext_frag.build(), action: XDP_DROP, reason: reason::DROP_FRAGMENT },
-        Case { what: "fragment to another address", input: frag_elsewhere.build(), action: XDP_PASS, reason: reason::PASS_NO_LISTENER },
-        Case { what: "UDP fragment to VIP6", input: udp_frag.build(), action: XDP_PASS, reason: reason::PASS_NOT_TCP },
-        Case { what: "atomic fragment (a whole SYN) to VIP6", input: atomic.build(), action: XDP_TX, reason: reason::TX },
-        Case {
-            what: "SYN to [VIP6]:80",
-            input: Ipv6Frame::tcp(CLIENT6, 40022, VIP6, 80, TCP_SYN).build(),
-            action: XDP_PASS,
-            reason: reason::PASS_NO_LISTENER,
-        },
-        Case {
-            what: "SYN to another IPv6 address on 1883",
-            input: Ipv6Frame::tcp(CLIENT6, 40024, OTHER6, 1883, TCP_SYN).build(),
-            action: XDP_PASS,
-            reason: reason::PASS_NO_LISTENER,
-        },
-        Case {
-            what: "UDP to [VIP6]:1883",
-            input: Ipv6Frame::udp(CLIENT6, 40026, VIP6, 1883).build(),
-            action: XDP_PASS,
-            reason: reason::PASS_NOT_TCP,
-        },
-        Case { what: "neighbour solicitation for VIP6", input: ns.build(), action: XDP_PASS, reason: reason::PASS_NOT_TCP },
-        Case { what: "neighbour advertisement", input: na.build(), action: XDP_PASS, reason: reason::PASS_NOT_TCP },
-        Case {
-            what: "ICMPv6 echo to VIP6",
-            input: Ipv6Frame::echo_request(CLIENT6, VIP6).build(),
-            action: XDP_PASS,
-            reason: reason::PASS_NOT_TCP,
-        },
-        Case { what: "SYN to VIP6 to a multicast MAC", input: multicast_mac.build(), action: XDP_PASS, reason: reason::PASS_NOT_OUR_MAC },
-        Case { what: "version nibble 4 under EtherType IPv6", input: version4, action: XDP_PASS, reason: reason::PASS_MALFORMED },
-        Case { what: "packet too big about a listener's flow", input: ptb.build(), action: XDP_TX, reason: reason::TX_ICMP_TOO_BIG },
-        Case {
-            what: "IPv4 SYN to VIP:1883 beside them",
-            input: Ipv4Frame::tcp(CLIENT, 40050, VIP, 1883, TCP_SYN).build(),
-            action: XDP_TX,
-            reason: reason::TX,
-        },
+        Case::tx("SYN to [VIP6]:1883", syn6(CLIENT6, 40000).build()),
+        Case::tx("ACK to [VIP6]:1883", Ipv6Frame::tcp(CLIENT6, 40001, VIP6, 1883, TCP_ACK).build()),
+        Case::tx("SYN to [VIP6]:8883", Ipv6Frame::tcp(CLIENT6, 40003, VIP6, 8883, TCP_SYN).build()),
+        Case::tx("802.1Q tagged SYN", dot1q.build()),
+        Case::tx("802.1ad tagged SYN", qinq.build()),
+        Case::tx("hop-by-hop before TCP", with_ext(40006, &[ext(IPV6_HOPOPTS, 0)])),
+        Case::tx("routing header before TCP", with_ext(40008, &[ext(IPV6_ROUTING, 2)])),
+        Case::tx("destination options before TCP", with_ext(40010, &[ext(IPV6_DSTOPTS, 3)])),
+        Case::tx("a chain of 4 extension headers", with_ext(40012, &four)),
+        Case::pass("a chain of 5 extension headers", with_ext(40014, &five), reason::PASS_NOT_TCP),
+        Case::drop("first fragment to VIP6", first_frag.build(), reason::DROP_FRAGMENT),
+        Case::drop("later fragment to VIP6", later_frag.build(), reason::DROP_FRAGMENT),
+        Case::drop("fragment after hop-by-hop to VIP6", ext_frag.build(), reason::DROP_FRAGMENT),
+        Case::pass("fragment to another address", frag_elsewhere.build(), reason::PASS_NO_LISTENER),
+        Case::pass("UDP fragment to VIP6", udp_frag.build(), reason::PASS_NOT_TCP),
+        Case::tx("atomic fragment (a whole SYN) to VIP6", atomic.build()),
+        Case::pass("SYN to [VIP6]:80", Ipv6Frame::tcp(CLIENT6, 40022, VIP6, 80, TCP_SYN).build(), reason::PASS_NO_LISTENER),
+        Case::pass(
+            "SYN to another IPv6 address on 1883",
+            Ipv6Frame::tcp(CLIENT6, 40024, OTHER6, 1883, TCP_SYN).build(),
+            reason::PASS_NO_LISTENER,
+        ),
+        Case::pass("UDP to [VIP6]:1883", Ipv6Frame::udp(CLIENT6, 40026, VIP6, 1883).build(), reason::PASS_NOT_TCP),
+        Case::pass("neighbour solicitation for VIP6", ns.build(), reason::PASS_NOT_TCP),
+        Case::pass("neighbour advertisement", na.build(), reason::PASS_NOT_TCP),
+        Case::pass("ICMPv6 echo to VIP6", Ipv6Frame::echo_request(CLIENT6, VIP6).build(), reason::PASS_NOT_TCP),
+        Case::pass("SYN to VIP6 to a multicast MAC", multicast_mac.build(), reason::PASS_NOT_OUR_MAC),
+        Case::pass("version nibble 4 under EtherType IPv6", version4, reason::PASS_MALFORMED).malformed(),
+        Case::tx("packet too big about a listener's flow", ptb.build()).counted(reason::TX_ICMP_TOO_BIG),
+        Case::tx("IPv4 SYN to VIP:1883 beside them", Ipv4Frame::tcp(CLIENT, 40050, VIP, 1883, TCP_SYN).build()),
     ]
 }
 
 #[test]
 fn verdict_table() {
     require_root!();
-    let lb = lb6(false);
-    let mut expected = vec![0u64; reason::COUNT as usize];
-    for case in &cases() {
-        // Every IPv6 input is what a wire would carry (lengths, chain, checksums), but the one
-        // whose version is broken on purpose and the IPv4 neighbour.
-        if !case.what.starts_with("version") && !case.what.starts_with("IPv4") {
-            check_wire(&case.input, case.what);
-        }
-        run_expect(&lb, &case.input, case.action, case.reason, case.what);
-        expected[case.reason as usize] += 1;
-    }
-    assert_eq!(verdicts(&lb), expected, "the counters add up to the table");
+    lb6(false).check_table(&cases());
 }
 
 #[test]
@@ -352,7 +236,7 @@ fn flows_are_recorded_with_their_addresses_and_stick() {
     let (action, out) = lb.run(&v4);
     assert_eq!(action, XDP_TX, "IPv4 SYN");
     let first4 = lb.backend_of(&out);
-    assert_eq!(first4, lb.ring_choice(index_of(&lb, "mqtt4"), CLIENT, sport, 1883), "the IPv4 flow goes by the IPv4 ring and hash");
+    assert_eq!(first4, lb.ring_choice(lb.listener_index("mqtt4"), CLIENT, sport, 1883), "the IPv4 flow goes by the IPv4 ring and hash");
     let flow4 = lb.dp.flow(CLIENT, sport, VIP, 1883).expect("the IPv4 flow is recorded");
     assert!(flow4.addrs6.is_none() && !is_key6(&flow4.key), "an IPv4 flow is not an IPv6 one: {flow4:?}");
     assert_eq!(real_backend(flow4.real()), lb.ids.backends[&first4]);
@@ -451,7 +335,7 @@ fn source_hash_keeps_a_client_and_with_prefix_64_its_network_on_one_backend() {
     drop(lb);
 
     let lb = lb6(true);
-    let l = &lb.desired.listeners[index_of(&lb, "mqtts6")];
+    let l = &lb.desired.listeners[lb.listener_index("mqtts6")];
     assert!(l.hash_source && l.source_prefix64, "source_prefix = 64 reaches the plan");
     let mut used = BTreeSet::new();
     for (a, b) in &pairs {
@@ -483,7 +367,6 @@ fn packet_too_big_follows_the_flow_table_then_the_ring() {
     assert_eq!(action, XDP_TX);
     let first = lb.backend_of(&out);
     let ptb = Ipv6Frame::packet_too_big(ROUTER6, &broker_seg(CLIENT6, sport), 1280, 64).build();
-    check_wire(&ptb, "packet too big");
     let (tb, fw) = (too_big(&lb), forwarded(&lb));
     let out = run_expect(&lb, &ptb, XDP_TX, reason::TX_ICMP_TOO_BIG, "packet too big about a held flow");
     assert_eq!(lb.backend_of(&out), first, "packet too big went elsewhere than its flow");

@@ -14,7 +14,7 @@ use lb_userspace::{
 use tests::{
     fixture::{CLIENT, Lb, VIP, XDP_DROP, XDP_PASS, XDP_TX, syn},
     frame::{Ipv4Frame, TCP_ACK, TCP_FIN, TCP_SYN},
-    require_root,
+    require_root, wait,
 };
 
 const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 254);
@@ -131,9 +131,9 @@ fn each_decision_is_traced_with_how_the_real_was_chosen() {
     tracer.set(TraceConf { until_ns: until, sample: 1, listener: TRACE_NONE }).expect("a short lease");
     let _ = lb.run(&seg(30042, TCP_SYN));
     assert_eq!(drained(&mut tracer).len(), 1, "traced within the lease");
-    while monotonic_ns() <= until {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    wait::until_every("the lease to run out", std::time::Duration::from_secs(1), std::time::Duration::from_millis(10), || {
+        monotonic_ns() > until
+    });
     let _ = lb.run(&seg(30044, TCP_SYN));
     assert!(drained(&mut tracer).is_empty(), "nothing traced once the lease ran out");
 }

@@ -34,7 +34,11 @@ use anyhow::{Context as _, bail};
 use aya::programs::XdpMode;
 use lb_userspace::dataplane::testing::TestPrograms;
 use serde_json::Value;
-use tests::lab::{self, Lab, sh};
+use tests::{
+    lab::{self, Lab, sh},
+    netns::nsenter,
+    wait,
+};
 
 /// Connection-rate rounds. Each runs the four paths back to back, in reverse order every
 /// other round (A B C D, D C B A, ...), so `floor` and `dsrlb` are always neighbours and each
@@ -58,14 +62,8 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn nsenter(ns: &str, program: &Path) -> Command {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{ns}")).arg(program);
-        c
-    }
-
     fn loadgen(&self, ns: &str, args: &[String]) -> anyhow::Result<Value> {
-        let out = Self::nsenter(ns, &self.bin.join("loadgen")).args(args).output().context("starting loadgen")?;
+        let out = nsenter(ns, self.bin.join("loadgen")).args(args).output().context("starting loadgen")?;
         if !out.status.success() {
             bail!("loadgen {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
         }
@@ -91,7 +89,7 @@ impl Ctx {
         let mut procs: Vec<Child> = Vec::new();
         for _ in 0..HOLD_PROCS {
             let per = (HOLD_TARGET / HOLD_PROCS).to_string();
-            let child = Ctx::nsenter(&self.lab.ns("client"), &self.bin.join("loadgen"))
+            let child = nsenter(&self.lab.ns("client"), self.bin.join("loadgen"))
                 .args([
                     "hold",
                     "--target",
@@ -212,7 +210,7 @@ fn start(ctx: &Ctx, path: &str) -> anyhow::Result<Running> {
                 ),
             )?;
             let _ = std::fs::remove_file(&pidfile);
-            let out = Ctx::nsenter(&lb, Path::new("/usr/sbin/haproxy"))
+            let out = nsenter(&lb, Path::new("/usr/sbin/haproxy"))
                 .args(["-D", "-f"])
                 .arg(&cfg)
                 .arg("-p")
@@ -260,7 +258,7 @@ fn start(ctx: &Ctx, path: &str) -> anyhow::Result<Running> {
                     lab::broker_addr6(0)
                 ),
             )?;
-            let child = Ctx::nsenter(&lb, &ctx.bin.join("dsrlb"))
+            let child = nsenter(&lb, ctx.bin.join("dsrlb"))
                 .arg("--socket")
                 .arg(ctx.lab.state.join("control.sock"))
                 .arg("--pin-dir")
@@ -272,12 +270,12 @@ fn start(ctx: &Ctx, path: &str) -> anyhow::Result<Running> {
                 .spawn()
                 .context("starting dsrlb")?;
             let link = ctx.lab.pin_dir().join("link");
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while !link.exists() || !ctx.lab.state.join("control.sock").exists() {
-                if Instant::now() > deadline {
-                    bail!("dsrlb did not come up");
-                }
-                std::thread::sleep(Duration::from_millis(50));
+            if wait::within(Duration::from_secs(20), Duration::from_millis(50), || {
+                link.exists() && ctx.lab.state.join("control.sock").exists()
+            })
+            .is_none()
+            {
+                bail!("dsrlb did not come up");
             }
             let text = sh("bpftool", &["-j", "link", "show", "pinned", &link.display().to_string()])?;
             let prog = serde_json::from_str::<Value>(&text)?["prog_id"].as_u64().context("prog_id")?;

@@ -4,12 +4,15 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    process::{Child, Command, ExitCode, Stdio},
+    process::{Child, ExitCode, Stdio},
     sync::atomic::{AtomicBool, Ordering},
 };
 
 use anyhow::Context as _;
-use tests::lab::{self, Lab, Routing};
+use tests::{
+    lab::{self, Lab, Routing},
+    netns::nsenter,
+};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -19,8 +22,8 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 /// `dsrlb run` in namespace `ns`, its output prefixed with `tag` when it has one.
 fn spawn_dsrlb(dsrlb: &str, ns: &str, args: &[String], tag: Option<String>) -> anyhow::Result<Child> {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/run/netns/{ns}")).arg(dsrlb).args(args);
+    let mut cmd = nsenter(ns, dsrlb);
+    cmd.args(args);
     if tag.is_some() {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     }
@@ -128,7 +131,7 @@ fn demo(lab: &Lab, dsrlb: &str) -> anyhow::Result<()> {
     println!("\ndsrlb exited; detaching (dsrlb stop) and tearing the lab down");
     for (i, (_, common)) in children.iter().enumerate() {
         let ns = if lab.routed.is_some() { lab.node_ns(i) } else { lab.ns("lb") };
-        let _ = Command::new("nsenter").arg(format!("--net=/run/netns/{ns}")).arg(dsrlb).args(common).arg("stop").status();
+        let _ = nsenter(&ns, dsrlb).args(common).arg("stop").status();
     }
     lab.down()?;
     if let Some(why) = failed {
