@@ -42,25 +42,45 @@ fn serve_with(start: impl FnOnce(tokio::sync::mpsc::Sender<Call>) -> anyhow::Res
     Ok(Server { _rt: rt })
 }
 
-fn temp(name: &str) -> PathBuf {
+/// A directory of the test's own under the temp dir, removed when the test ends (also when it
+/// fails: it drops as the panic unwinds).
+struct Temp(PathBuf);
+
+impl std::ops::Deref for Temp {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Temp {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Temp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp(name: &str) -> Temp {
     let dir = std::env::temp_dir().join(format!("dsrlb-sock-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+    Temp(dir)
 }
 
-/// A copy of the `dsrlb` binary that every user may run (the build's own may sit under a
-/// directory only root can enter).
-fn public_dsrlb() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("dsrlb-sock-bin-{}", std::process::id()));
+/// The `dsrlb` binary where every user may run it: linked into `dir` (the build's own may sit
+/// under a directory only root can enter), which goes with the test's [`Temp`]. A link, not a
+/// copy: the debug binary is large.
+fn public_dsrlb(dir: &Path) -> PathBuf {
     let bin = dir.join("dsrlb");
-    if !bin.exists() {
-        std::fs::create_dir_all(&dir).expect("mkdir");
+    if !bin.exists() && std::fs::hard_link(dsrlb_bin(), &bin).is_err() {
         std::fs::copy(dsrlb_bin(), &bin).expect("copying dsrlb");
-        for p in [&dir, &bin] {
-            std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
-        }
     }
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
     bin
 }
 
@@ -72,7 +92,7 @@ fn ping_as(socket: &Path, uid: u32, gid: u32, groups: &'static [u32]) -> (bool, 
 /// `dsrlb --socket S ARGS` as `uid` with primary group `gid` and supplementary `groups`:
 /// whether it succeeded, and its output.
 fn cli_as(socket: &Path, uid: u32, gid: u32, groups: &'static [u32], args: &[&str]) -> (bool, String) {
-    let mut c = Command::new(public_dsrlb());
+    let mut c = Command::new(public_dsrlb(socket.parent().expect("the socket's directory")));
     c.arg("--socket").arg(socket).args(args);
     // SAFETY: in the child before exec, async-signal-safe calls only: the groups, then the
     // group, then the user (root's rights are gone after the last).
