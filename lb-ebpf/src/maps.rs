@@ -119,6 +119,7 @@ pub static TRACE_LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 /// The program that runs after this one on every frame it passes (`next_program`: another
 /// XDP program on the same interface, such as xdp-filter's), by tail call; empty: the frame
-/// goes to the kernel. Not pinned: the controller fills each loaded instance's before attaching.
+/// goes to the kernel. Pinned like the others (the kernel empties a program array when its last
+/// descriptor and pin go); the controller fills it before attaching.
 #[btf_map]
 pub static NEXT: ProgramArray<1> = ProgramArray::new();
