@@ -13,7 +13,7 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use anyhow::Context as _;
 use rtnetlink::{
-    Handle, RouteMessageBuilder,
+    Handle,
     packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType},
 };
 use tokio::sync::watch;
@@ -164,22 +164,13 @@ async fn reconcile(handle: &Handle, want: &Wanted) -> anyhow::Result<BTreeSet<Ip
     }
     let missing: Vec<IpAddr> = want.vips.difference(&present).copied().collect();
     for vip in missing {
-        let len = if vip.is_ipv6() { 128 } else { 32 };
-        let route = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(vip, len)
-            .map_err(|e| anyhow::anyhow!("{e:?}"))
+        let route = netlink::host_route(vip, None)
             .with_context(|| format!("a route for {vip}"))?
             .kind(RouteType::BlackHole)
             .protocol(RouteProtocol::Other(RTPROT_DSRLB))
             .table_id(want.table)
             .build();
-        handle
-            .route()
-            .add(route)
-            .replace()
-            .execute()
-            .await
-            .with_context(|| format!("announcing {vip} (a route in table {})", want.table))?;
+        netlink::replace_route(handle, route).await.with_context(|| format!("announcing {vip} (a route in table {})", want.table))?;
         tracing::info!(%vip, table = want.table, "VIP announced");
         present.insert(vip);
     }

@@ -124,6 +124,29 @@ pub async fn set_xdp(handle: &Handle, name: &str, xdp: Vec<LinkXdp>, what: Strin
     handle.link().set(msg).execute().await.map_err(|e| refusal(e, what))
 }
 
+/// A route to `addr` alone (/32 or /128), through `gateway` if one is given, for the caller to
+/// finish (kind, protocol, table, interface) and [`replace_route`].
+///
+/// # Errors
+/// When the kernel's message cannot hold it (a gateway of the other family).
+pub fn host_route(addr: IpAddr, gateway: Option<IpAddr>) -> anyhow::Result<RouteMessageBuilder<IpAddr>> {
+    let len = if addr.is_ipv6() { 128 } else { 32 };
+    let route = RouteMessageBuilder::<IpAddr>::new().destination_prefix(addr, len);
+    let route = match gateway {
+        Some(g) => route.and_then(|r| r.gateway(g)),
+        None => route,
+    };
+    route.map_err(|e| anyhow::anyhow!("{e:?}"))
+}
+
+/// Adds `route`, or replaces the route to the same destination in its table.
+///
+/// # Errors
+/// When netlink fails.
+pub async fn replace_route(handle: &Handle, route: RouteMessage) -> Result<(), Error> {
+    handle.route().add(route).replace().execute().await
+}
+
 /// Every IPv4 and IPv6 route, in every table.
 ///
 /// # Errors

@@ -18,7 +18,7 @@ use std::{
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
 use rtnetlink::{
-    Handle, IpVersion, RouteMessageBuilder,
+    Handle, IpVersion,
     packet_route::{
         route::{RouteAddress, RouteAttribute, RouteMessage},
         rule::{RuleAction, RuleAttribute, RuleMessage},
@@ -188,22 +188,12 @@ async fn reconcile(handle: &Handle, ifindex: u32, want: &Wanted) -> anyhow::Resu
     }
     for (&b, pairs) in want {
         for &(vip, addr) in pairs.iter().filter(|&&(v, a)| !present.contains(&(b, v, a))) {
-            let len = if vip.is_ipv6() { 128 } else { 32 };
-            let route = RouteMessageBuilder::<IpAddr>::new()
-                .destination_prefix(vip, len)
-                .and_then(|r| r.gateway(addr))
-                .map_err(|e| anyhow::anyhow!("{e:?}"))
+            let route = netlink::host_route(vip, Some(addr))
                 .with_context(|| format!("a probe route for {vip} via {addr}"))?
                 .output_interface(ifindex)
                 .table_id(table(b))
                 .build();
-            handle
-                .route()
-                .add(route)
-                .replace()
-                .execute()
-                .await
-                .with_context(|| format!("routing DSR probes for {vip} via backend {addr}"))?;
+            netlink::replace_route(handle, route).await.with_context(|| format!("routing DSR probes for {vip} via backend {addr}"))?;
         }
     }
     Ok(())
