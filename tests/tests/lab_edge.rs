@@ -16,6 +16,7 @@ use tests::{
     built_bin,
     client::{MqttConn, hold_sessions},
     lab::{self, CLIENT_EXTRA_BASE, CLIENT_EXTRA_COUNT, LB_ADDR, Lab, LabGuard, VIP},
+    load::churn,
     netns::{in_netns, nsenter},
     require_root, wait,
 };
@@ -93,28 +94,6 @@ fn frames_for_another_mac_pass_and_an_accepted_virtual_mac_is_forwarded() {
     connect_once(&lab, "direct-again", Duration::from_secs(3)).expect("through the balancer's own MAC again");
 }
 
-/// New sessions, one every 10 ms, while `stop` is false, counting successes and failures.
-fn churn(lab: &Lab, stop: &AtomicBool, made: &AtomicUsize, failed: &AtomicUsize) {
-    in_netns(&lab.ns("client"), || {
-        let mut i = 0;
-        wait::repeat(Duration::from_mins(3), stop, || {
-            match MqttConn::connect(None, SocketAddrV4::new(VIP, 1883), &format!("churn-{i}"), Duration::from_secs(5)) {
-                Ok(c) => {
-                    c.disconnect();
-                    made.fetch_add(1, Ordering::SeqCst);
-                }
-                Err(e) => {
-                    eprintln!("churn-{i}: {e}");
-                    failed.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-            i += 1;
-            std::thread::sleep(Duration::from_millis(10));
-        });
-    })
-    .expect("client namespace");
-}
-
 /// Runs the `flood` binary in the client namespace: (frames sent, frames per second).
 fn flood(lab: &Lab, kind: &str, count: u64) -> (u64, f64) {
     flood_at(lab, &VIP.to_string(), "198.18.0.0/15", kind, count, None)
@@ -179,7 +158,7 @@ fn a_spoofed_flood_neither_displaces_held_sessions_nor_stops_new_ones() {
     let (stop, made, failed) = (AtomicBool::new(false), AtomicUsize::new(0), AtomicUsize::new(0));
     let frames = 100 * 2048;
     let (syn, ack) = std::thread::scope(|s| {
-        s.spawn(|| churn(&lab, &stop, &made, &failed));
+        s.spawn(|| churn(&lab, &stop, &made, &failed, Duration::from_mins(3), Duration::from_secs(5)));
         let syn = flood(&lab, "syn", frames);
         let ack = flood(&lab, "ack", frames);
         stop.store(true, Ordering::SeqCst);
@@ -559,7 +538,7 @@ fn floods_of_two_frame_tuples_confirm_nothing_and_no_session_is_lost_to_a_ring_c
         ("one IPv6 /64", lab::VIP6.to_string(), "2001:db8:f:1::/64".to_owned(), "ack-ack"),
     ];
     let (sent, (mut meanwhile, lost_meanwhile), c1) = std::thread::scope(|s| {
-        s.spawn(|| churn(&lab, &flood_over, &made, &failed));
+        s.spawn(|| churn(&lab, &flood_over, &made, &failed, Duration::from_mins(3), Duration::from_secs(5)));
         let during = s.spawn(|| sessions_meanwhile(&lab, &flood_over, &stop, 200, Duration::from_secs(3)));
         let mut sent = Vec::new();
         for (from, vip, src, kind) in &floods {

@@ -3,7 +3,6 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddrV4,
     os::unix::fs::PermissionsExt as _,
     process::Command,
     sync::atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -14,6 +13,7 @@ use tests::{
     balancer::Balancer,
     client::{MqttConn, hold_sessions},
     lab::{LabGuard, VIP, broker_addr},
+    load::churn,
     netns::in_netns,
     require_root, wait,
 };
@@ -32,28 +32,6 @@ fn ping_all<'a>(held: impl IntoIterator<Item = &'a mut MqttConn>) {
 
 /// What a controller logs when it adopts pinned maps without a usable saved state.
 const RECOVERED: &str = "ids recovered from the maps (listeners by VIP and port, backends by MAC)";
-
-/// New sessions, one every 10 ms, while `stop` is false: (made, failed).
-fn churn(lab: &LabGuard, stop: &AtomicBool, made: &AtomicUsize, failed: &AtomicUsize) {
-    in_netns(&lab.ns("client"), || {
-        let mut i = 0;
-        wait::repeat(Duration::from_mins(2), stop, || {
-            match MqttConn::connect(None, SocketAddrV4::new(VIP, 1883), &format!("churn-{i}"), Duration::from_secs(3)) {
-                Ok(c) => {
-                    c.disconnect();
-                    made.fetch_add(1, Ordering::SeqCst);
-                }
-                Err(e) => {
-                    eprintln!("churn-{i}: {e}");
-                    failed.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-            i += 1;
-            std::thread::sleep(Duration::from_millis(10));
-        });
-    })
-    .expect("client namespace");
-}
 
 /// Waits until the churn has made `n` connections (at most a minute).
 fn wait_made(made: &AtomicUsize, n: usize) {
@@ -89,7 +67,7 @@ fn sessions_survive(replace: impl FnOnce(&mut Balancer, &LabGuard, &AtomicUsize)
     let prog_before = link_prog_id(&lb);
     let (stop, made, failed) = (AtomicBool::new(false), AtomicUsize::new(0), AtomicUsize::new(0));
     std::thread::scope(|s| {
-        s.spawn(|| churn(&lab, &stop, &made, &failed));
+        s.spawn(|| churn(&lab, &stop, &made, &failed, Duration::from_mins(2), Duration::from_secs(3)));
         // New connections before, during and after the replacement.
         wait_made(&made, 20);
         replace(&mut lb, &lab, &made);
