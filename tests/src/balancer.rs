@@ -10,6 +10,8 @@ use std::{
     time::Duration,
 };
 
+use lb_userspace::control::status::{BackendStatus, ListenerStatus, Status};
+
 use crate::{lab::Lab, netns::nsenter, wait};
 
 /// `dsrlb run` in the lab's balancer namespace (or a routed lab's node); stopped with SIGTERM
@@ -161,27 +163,25 @@ impl Balancer {
         run_cli(&self.lb_ns, &self.socket, &self.pin_dir, args)
     }
 
-    /// `dsrlb status --json`.
+    /// `dsrlb status --json`, as the controller's [`Status`].
     ///
     /// # Panics
-    /// When the CLI fails.
+    /// When the CLI fails or its JSON is not a status.
     #[must_use]
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> Status {
         let (ok, out, err) = self.cli(&["status", "--json"]);
         assert!(ok, "dsrlb status failed: {err}");
         serde_json::from_str(&out).expect("status JSON")
     }
 
     /// The state of (listener, backend) from `dsrlb status`.
+    ///
+    /// # Panics
+    /// When the status has no such pair.
     #[must_use]
     pub fn state(&self, listener: &str, backend: &str) -> String {
         let s = self.status();
-        s["listeners"]
-            .as_array()
-            .and_then(|ls| ls.iter().find(|l| l["name"] == listener))
-            .and_then(|l| l["backends"].as_array()?.iter().find(|b| b["name"] == backend).cloned())
-            .and_then(|b| b["state"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| panic!("no {listener}/{backend} in status: {s}"))
+        s.backend(listener, backend).unwrap_or_else(|| panic!("no {listener}/{backend} in status: {s:?}")).state.clone()
     }
 
     /// Whether the balancer's `eth0` carries an XDP program.
@@ -247,4 +247,34 @@ pub fn xdp_attached(ns: &str) -> bool {
         .args(["-n", ns, "-d", "link", "show", "eth0"])
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("prog/xdp"))
+}
+
+/// Lookups by name in a [`Status`], for what the tests read of it.
+pub trait StatusExt {
+    /// The listener named `name`.
+    fn listener(&self, name: &str) -> Option<&ListenerStatus>;
+    /// Backend `backend` of listener `listener`.
+    fn backend(&self, listener: &str, backend: &str) -> Option<&BackendStatus>;
+}
+
+impl StatusExt for Status {
+    fn listener(&self, name: &str) -> Option<&ListenerStatus> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+
+    fn backend(&self, listener: &str, backend: &str) -> Option<&BackendStatus> {
+        self.listener(listener)?.backend(backend)
+    }
+}
+
+/// Lookups by name in a [`ListenerStatus`].
+pub trait ListenerExt {
+    /// The backend named `name`.
+    fn backend(&self, name: &str) -> Option<&BackendStatus>;
+}
+
+impl ListenerExt for ListenerStatus {
+    fn backend(&self, name: &str) -> Option<&BackendStatus> {
+        self.backends.iter().find(|b| b.name == name)
+    }
 }

@@ -298,3 +298,30 @@ fn churn_loop(shared: &Arc<Shared>, started: Instant) {
         let _ = h.join();
     }
 }
+
+/// New sessions through the VIP from the client namespace, one every 10 ms, each connected
+/// (within `timeout`) and closed again, while `stop` is false and for at most `cap`: counts
+/// those `made` and those that `failed` (each failure is printed on stderr).
+///
+/// # Panics
+/// When the client namespace cannot be entered.
+pub fn churn(lab: &Lab, stop: &AtomicBool, made: &AtomicUsize, failed: &AtomicUsize, cap: Duration, timeout: Duration) {
+    crate::netns::in_netns(&lab.ns("client"), || {
+        let mut i = 0;
+        wait::repeat(cap, stop, || {
+            match MqttConn::connect(None, SocketAddrV4::new(VIP, 1883), &format!("churn-{i}"), timeout) {
+                Ok(c) => {
+                    c.disconnect();
+                    made.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(e) => {
+                    eprintln!("churn-{i}: {e}");
+                    failed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            i += 1;
+            std::thread::sleep(Duration::from_millis(10));
+        });
+    })
+    .expect("client namespace");
+}

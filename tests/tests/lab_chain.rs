@@ -137,7 +137,7 @@ fn xdp_filter_runs_after_the_balancer_on_one_interface_and_both_survive_restarts
     let config = plain.replacen("xdp_mode = \"native\"\n", &format!("xdp_mode = \"native\"\nnext_program = \"{}\"\n", pin.display()), 1);
     let mut lb = Balancer::start(&lab, &config);
     let status = lb.status();
-    assert_eq!(status["next_program"]["id"].as_u64(), Some(u64::from(filter_id)), "{status}");
+    assert_eq!(status.next_program.as_ref().map(|p| p.id), Some(filter_id), "{status:?}");
     assert_ne!(attached_id(&ns), filter_id, "dsrlb runs on eth0 now");
     check(&lab, "first");
 
@@ -155,7 +155,7 @@ fn xdp_filter_runs_after_the_balancer_on_one_interface_and_both_survive_restarts
     lb.kill9();
     lb.restart(&lab);
     check(&lab, "kill9");
-    assert_eq!(lb.status()["next_program"]["id"].as_u64(), Some(u64::from(filter_id)));
+    assert_eq!(lb.status().next_program.map(|p| p.id), Some(filter_id));
 
     // A reload without next_program: passed frames go to the kernel, the filter sees none.
     let reload = |text: &str| {
@@ -164,12 +164,12 @@ fn xdp_filter_runs_after_the_balancer_on_one_interface_and_both_survive_restarts
     };
     let (ok, _, err) = reload(&plain);
     assert!(ok, "reload: {err}");
-    assert!(lb.status()["next_program"].is_null());
+    assert!(lb.status().next_program.is_none());
     assert!(reaches(&lab, BLOCKED), "without next_program the filter is not consulted");
     // A pin that is not there: refused by name, nothing changes.
     let (ok, out, err) = reload(&config.replace(&pin.display().to_string(), "/sys/fs/bpf/no-such-program"));
     assert!(!ok && err.contains("next_program: no BPF program pinned at /sys/fs/bpf/no-such-program"), "{out}{err}");
-    assert!(lb.status()["next_program"].is_null());
+    assert!(lb.status().next_program.is_none());
     assert!(reaches(&lab, BLOCKED), "the refused reload left the last good state");
     // Back: the filter judges again.
     let (ok, _, err) = reload(&config);

@@ -10,12 +10,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_userspace::mqtt;
+use lb_userspace::{
+    control::status::{ListenerStatus, Status},
+    mqtt,
+};
 use tests::{
-    balancer::Balancer,
+    balancer::{Balancer, StatusExt as _},
     built_bin,
     client::{MqttConn, hold_sessions},
     lab::{self, CLIENT_EXTRA_BASE, CLIENT_EXTRA_COUNT, LB_ADDR, Lab, LabGuard, VIP},
+    load::churn,
     netns::{in_netns, nsenter},
     require_root, wait,
 };
@@ -30,12 +34,12 @@ fn flow_of(lb: &Balancer, client: std::net::SocketAddr) -> serde_json::Value {
     serde_json::from_str(&out).expect("flow JSON")
 }
 
-fn verdict(status: &serde_json::Value, name: &str) -> u64 {
-    status["verdicts"][name].as_u64().unwrap_or_else(|| panic!("no verdict {name} in {status}"))
+fn verdict(status: &Status, name: &str) -> u64 {
+    status.verdicts.get(name).copied().unwrap_or_else(|| panic!("no verdict {name} in {status:?}"))
 }
 
-fn listener<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    status["listeners"].as_array().and_then(|ls| ls.iter().find(|l| l["name"] == name)).unwrap_or_else(|| panic!("no listener {name}"))
+fn listener<'a>(status: &'a Status, name: &str) -> &'a ListenerStatus {
+    status.listener(name).unwrap_or_else(|| panic!("no listener {name}"))
 }
 
 /// One new session through the VIP from the client namespace, closed again.
@@ -87,32 +91,10 @@ fn frames_for_another_mac_pass_and_an_accepted_virtual_mac_is_forwarded() {
     // With that MAC accepted (keepalived's use_vmac on the owner), the same frames are forwarded.
     reload(&lb, &config.replace("xdp_mode", &format!("accept_macs = [\"{vmac}\"]\nxdp_mode")));
     let s = lb.status();
-    assert!(s["macs"].as_array().expect("macs").iter().any(|m| m == vmac), "{s}");
+    assert!(s.macs.iter().any(|m| m == vmac), "{s:?}");
     connect_once(&lab, "via-vmac", Duration::from_secs(3)).expect("through the accepted virtual MAC");
     neigh(&lab, &mac_in(&lab.ns("lb")));
     connect_once(&lab, "direct-again", Duration::from_secs(3)).expect("through the balancer's own MAC again");
-}
-
-/// New sessions, one every 10 ms, while `stop` is false, counting successes and failures.
-fn churn(lab: &Lab, stop: &AtomicBool, made: &AtomicUsize, failed: &AtomicUsize) {
-    in_netns(&lab.ns("client"), || {
-        let mut i = 0;
-        wait::repeat(Duration::from_mins(3), stop, || {
-            match MqttConn::connect(None, SocketAddrV4::new(VIP, 1883), &format!("churn-{i}"), Duration::from_secs(5)) {
-                Ok(c) => {
-                    c.disconnect();
-                    made.fetch_add(1, Ordering::SeqCst);
-                }
-                Err(e) => {
-                    eprintln!("churn-{i}: {e}");
-                    failed.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-            i += 1;
-            std::thread::sleep(Duration::from_millis(10));
-        });
-    })
-    .expect("client namespace");
 }
 
 /// Runs the `flood` binary in the client namespace: (frames sent, frames per second).
@@ -148,8 +130,8 @@ fn a_keepalive_later() {
 }
 
 /// The flow table's event counters in a status.
-fn table_counters(s: &serde_json::Value) -> BTreeMap<String, u64> {
-    s["flow_table"].as_object().map(|o| o.iter().filter_map(|(k, v)| Some((k.clone(), v.as_u64()?))).collect()).unwrap_or_default()
+fn table_counters(s: &Status) -> BTreeMap<String, u64> {
+    s.flow_table.clone()
 }
 
 #[test]
@@ -179,14 +161,14 @@ fn a_spoofed_flood_neither_displaces_held_sessions_nor_stops_new_ones() {
     let (stop, made, failed) = (AtomicBool::new(false), AtomicUsize::new(0), AtomicUsize::new(0));
     let frames = 100 * 2048;
     let (syn, ack) = std::thread::scope(|s| {
-        s.spawn(|| churn(&lab, &stop, &made, &failed));
+        s.spawn(|| churn(&lab, &stop, &made, &failed, Duration::from_mins(3), Duration::from_secs(5)));
         let syn = flood(&lab, "syn", frames);
         let ack = flood(&lab, "ack", frames);
         stop.store(true, Ordering::SeqCst);
         (syn, ack)
     });
     let s1 = lb.status();
-    let delta = |k: &str| s1["flow_table"][k].as_u64().unwrap_or(0) - s0["flow_table"][k].as_u64().unwrap_or(0);
+    let delta = |k: &str| s1.flow_table.get(k).copied().unwrap_or(0) - s0.flow_table.get(k).copied().unwrap_or(0);
     eprintln!(
         "flood: {} spoofed SYNs at {:.0}/s, then {} made-up ACKs at {:.0}/s (table: 2,048 flows); the guard: refused {}, \
          replaced unconfirmed {}, inserted free {}, replaced stale {}, raced {}; new connections meanwhile: {} made, {} failed",
@@ -203,7 +185,7 @@ fn a_spoofed_flood_neither_displaces_held_sessions_nor_stops_new_ones() {
         failed.load(Ordering::SeqCst)
     );
     assert_eq!((syn.0, ack.0), (frames, frames), "the flood sent less than asked");
-    assert!(delta("replace_unconfirmed") > frames, "the flood's flows did not churn among themselves: {s1}");
+    assert!(delta("replace_unconfirmed") > frames, "the flood's flows did not churn among themselves: {s1:?}");
     assert_eq!(failed.load(Ordering::SeqCst), 0, "new connections failed during the flood");
     assert!(made.load(Ordering::SeqCst) > 20, "too few new connections to prove anything");
     // Every held session is still in the table...
@@ -254,7 +236,7 @@ fn flows_of_vanished_clients_expire_and_a_drain_completes_while_active_ones_stay
     let (ok, _, err) = lb.cli(&["drain", "b1"]);
     assert!(ok, "{err}");
     let stop = AtomicBool::new(false);
-    let flows = |s: &serde_json::Value, b: &str| s["flows_per_backend"][b].as_u64().expect("flows");
+    let flows = |s: &Status, b: &str| s.flows_per_backend.get(b).copied().expect("flows") as u64;
     let expired_after = std::thread::scope(|s| {
         s.spawn(|| keep_pinging(&mut active, &stop));
         let what = "flows to come down to the active sessions'";
@@ -262,7 +244,7 @@ fn flows_of_vanished_clients_expire_and_a_drain_completes_while_active_ones_stay
             let st = lb.status();
             let live: Vec<u64> = ["b1", "b2"].iter().map(|b| flows(&st, b)).collect();
             let want: Vec<u64> = ["b1", "b2"].iter().map(|b| active_on.get(*b).copied().unwrap_or(0) as u64).collect();
-            if live == want { Ok(started.elapsed()) } else { Err(format!("{live:?} vs {want:?}: {st}")) }
+            if live == want { Ok(started.elapsed()) } else { Err(format!("{live:?} vs {want:?}: {st:?}")) }
         });
         // The active sessions are still in the table, the idle ones are not.
         for (id, c) in &idle {
@@ -279,7 +261,7 @@ fn flows_of_vanished_clients_expire_and_a_drain_completes_while_active_ones_stay
     assert!(expired_after >= timeout, "flows expired after {expired_after:?}, before the {timeout:?} timeout");
     // The sweep removes them (status stops counting them as soon as they are over).
     let expired = wait::until_every("the idle flows removed as expired", Duration::from_secs(10), Duration::from_millis(200), || {
-        let expired = lb.status()["flow_table"]["expired"].as_u64().expect("expired");
+        let expired = lb.status().flow_table.get("expired").copied().expect("expired");
         if expired >= idle.len() as u64 { Ok(expired) } else { Err(format!("only {expired} removed")) }
     });
     eprintln!(
@@ -428,11 +410,11 @@ fn storm_control_spreads_a_reconnect_storm_over_time() {
     });
     let s1 = lb.status();
     let (l0, l1) = (listener(&s0, "mqtt"), listener(&s1, "mqtt"));
-    let dropped = l1["conn_rate_dropped"].as_u64().expect("dropped") - l0["conn_rate_dropped"].as_u64().expect("dropped");
-    let admitted = l1["new_flows"].as_u64().expect("new flows") - l0["new_flows"].as_u64().expect("new flows");
+    let dropped = l1.conn_rate_dropped - l0.conn_rate_dropped;
+    let admitted = l1.new_flows - l0.new_flows;
     let sent = syns() - syns0;
     let lost = wire_drops(&lab) - lost0;
-    let again = s1["flow_table"]["syn_again"].as_u64().expect("syn_again") - s0["flow_table"]["syn_again"].as_u64().expect("syn_again");
+    let again = s1.flow_table.get("syn_again").copied().expect("syn_again") - s0.flow_table.get("syn_again").copied().expect("syn_again");
     eprintln!(
         "storm: {connected} of {CLIENTS} clients connected; brokers' accepted connections per ~1 s sample: {:?}; limit {RATE}/s, burst \
          {BURST}; SYNs sent {sent} (connects + SYN retransmits), admitted {admitted}, dropped {dropped}, retransmits of admitted SYNs {again}; \
@@ -559,7 +541,7 @@ fn floods_of_two_frame_tuples_confirm_nothing_and_no_session_is_lost_to_a_ring_c
         ("one IPv6 /64", lab::VIP6.to_string(), "2001:db8:f:1::/64".to_owned(), "ack-ack"),
     ];
     let (sent, (mut meanwhile, lost_meanwhile), c1) = std::thread::scope(|s| {
-        s.spawn(|| churn(&lab, &flood_over, &made, &failed));
+        s.spawn(|| churn(&lab, &flood_over, &made, &failed, Duration::from_mins(3), Duration::from_secs(5)));
         let during = s.spawn(|| sessions_meanwhile(&lab, &flood_over, &stop, 200, Duration::from_secs(3)));
         let mut sent = Vec::new();
         for (from, vip, src, kind) in &floods {

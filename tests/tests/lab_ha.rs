@@ -5,9 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use lb_userspace::{cluster::PeerConfig, control::status::Status};
 use tests::{
-    balancer::Balancer,
+    balancer::{Balancer, StatusExt as _},
     client::hold_sessions,
     lab::{Lab, LabGuard, Routing, VIP, VIP_INTERNAL, node_addr},
     load::{Load, LoadReport},
@@ -27,17 +27,24 @@ fn wait_next_hops(lab: &Lab, n: usize, within: Duration) -> Duration {
     t.elapsed()
 }
 
-fn listener(status: &Value, name: &str) -> Value {
-    status["listeners"].as_array().and_then(|ls| ls.iter().find(|l| l["name"] == name)).cloned().unwrap_or(Value::Null)
-}
-
 /// Packets the node forwarded for VIP:1883.
 fn forwarded(lb: &Balancer) -> u64 {
-    listener(&lb.status(), "mqtt")["packets"].as_u64().expect("packets")
+    lb.status().listener("mqtt").expect("listener mqtt").packets
 }
 
 fn new_flows(lb: &Balancer) -> u64 {
-    listener(&lb.status(), "mqtt")["new_flows"].as_u64().expect("new flows")
+    lb.status().listener("mqtt").expect("listener mqtt").new_flows
+}
+
+/// The exceptions the node's last walk of its flow table found (0 before one, or without
+/// `[cluster]`).
+fn exceptions_found(s: &Status) -> u64 {
+    s.cluster.as_ref().and_then(|c| c.last_walk).map_or(0, |w| w.exceptions as u64)
+}
+
+/// The flows the node received from its peers, summed (0 without `[cluster]`).
+fn flows_received(s: &Status) -> u64 {
+    s.cluster.as_ref().map_or(0, |c| c.peers.iter().map(|p| p.flows_received).sum())
 }
 
 /// A routed lab's config with the brokers `b1..=bN` only (the lab may run more).
@@ -99,12 +106,11 @@ fn revive_bgp_node(lab: &Lab, i: usize, config: &str) -> (Balancer, Duration) {
 /// once that it had (re)started, not only after `join_wait` gave up on them. Over the
 /// authenticated sync (the lab's nodes share a key_file).
 fn assert_joined_with_all(node: &Balancer) {
-    let s = node.status();
-    if s["cluster"].is_null() {
+    let Some(cluster) = node.status().cluster else {
         return;
-    }
-    assert_eq!(s["cluster"]["joined_how"], "with every running node's exceptions", "{}: {}", node.ns(), s["cluster"]);
-    assert_eq!(s["cluster"]["insecure"], false, "{}: the lab's sync runs with its key_file", node.ns());
+    };
+    assert_eq!(cluster.joined_how.as_deref(), Some("with every running node's exceptions"), "{}: {cluster:?}", node.ns());
+    assert!(!cluster.insecure, "{}: the lab's sync runs with its key_file", node.ns());
 }
 
 /// The totals of a load run.
@@ -335,15 +341,13 @@ impl Scenario for BackendChangeThenNodeChanges {
                 let what = "node 2 to share its flows while the configs differ";
                 let (walked, live) = wait::until_every(what, Duration::from_mins(1), Duration::from_millis(100), || {
                     let st = nodes[1].status();
-                    let peer = st["cluster"]["peers"]
-                        .as_array()
-                        .and_then(|p| p.iter().find(|p| p["node"] == format!("{}:{}", node_addr(0), tests::lab::SYNC_PORT)))
-                        .cloned();
-                    let walked = st["cluster"]["last_walk"]["exceptions"].as_u64().unwrap_or(0);
-                    let live = st["flow_table_entries"].as_u64().unwrap_or(u64::MAX);
-                    let sent = peer.as_ref().and_then(|p| p["flows_sent"].as_u64()).unwrap_or(0);
-                    let shared = peer.as_ref().is_some_and(|p| p["config"] == "differs") && walked * 10 >= live * 9 && sent >= walked;
-                    if shared { Ok((walked, live)) } else { Err(st["cluster"].clone()) }
+                    let node0 = format!("{}:{}", node_addr(0), tests::lab::SYNC_PORT);
+                    let peer = st.cluster.as_ref().and_then(|c| c.peers.iter().find(|p| p.node == node0));
+                    let walked = exceptions_found(&st);
+                    let live = st.flow_table_entries as u64;
+                    let sent = peer.map_or(0, |p| p.flows_sent);
+                    let shared = peer.is_some_and(|p| p.config == PeerConfig::Differs) && walked * 10 >= live * 9 && sent >= walked;
+                    if shared { Ok((walked, live)) } else { Err(format!("{:?}", st.cluster)) }
                 });
                 eprintln!("  rolling reload: node 2 shared all {walked} of its live flows ({live}) while node 1's config differed");
             }
@@ -359,16 +363,9 @@ impl Scenario for BackendChangeThenNodeChanges {
             // sent, merged).
             exceptions =
                 wait::until_every("the nodes to exchange their exceptions", Duration::from_mins(1), Duration::from_millis(100), || {
-                    let s: Vec<Value> = nodes.iter().map(Balancer::status).collect();
-                    let found: Vec<u64> = s.iter().map(|x| x["cluster"]["last_walk"]["exceptions"].as_u64().unwrap_or(0)).collect();
-                    let received: Vec<u64> = s
-                        .iter()
-                        .map(|x| {
-                            x["cluster"]["peers"]
-                                .as_array()
-                                .map_or(0, |p| p.iter().map(|p| p["flows_received"].as_u64().unwrap_or(0)).sum())
-                        })
-                        .collect();
+                    let s: Vec<Status> = nodes.iter().map(Balancer::status).collect();
+                    let found: Vec<u64> = s.iter().map(exceptions_found).collect();
+                    let received: Vec<u64> = s.iter().map(flows_received).collect();
                     if found.iter().all(|&f| f > 0) && received.iter().all(|&r| r > 0) {
                         Ok(found)
                     } else {
@@ -514,7 +511,7 @@ impl Scenario for Announcements {
         let withdrawn = wait_next_hops(&lab, 1, Duration::from_secs(10));
         assert_eq!(lab.router_next_hops(VIP), vec![node_addr(0)]);
         let s = nodes[1].status();
-        assert_eq!(s["announce"]["vips"][0]["announced"], false, "{}", s["announce"]);
+        assert_eq!(s.announce.as_ref().and_then(|a| a.vips.first()).map(|v| v.announced), Some(false), "{:?}", s.announce);
         for b in ["b1", "b2"] {
             assert!(nodes[1].cli(&["undrain", b]).0);
         }
@@ -678,10 +675,8 @@ impl Scenario for VrrpFailoverAfterABackendChange {
         let b3_up = || nodes.iter().all(|n| n.state("mqtt", "b3") == "up");
         let (found, received) = if share {
             wait::until_every("the backup to get the master's exceptions", Duration::from_mins(1), Duration::from_millis(100), || {
-                let found = nodes[0].status()["cluster"]["last_walk"]["exceptions"].as_u64().unwrap_or(0);
-                let received: u64 = nodes[1].status()["cluster"]["peers"]
-                    .as_array()
-                    .map_or(0, |p| p.iter().map(|p| p["flows_received"].as_u64().unwrap_or(0)).sum());
+                let found = exceptions_found(&nodes[0].status());
+                let received = flows_received(&nodes[1].status());
                 if b3_up() && found > 0 && received >= found {
                     Ok((found, received))
                 } else {

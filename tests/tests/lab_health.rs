@@ -8,8 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lb_userspace::control::status::{BackendStatus, Status};
 use tests::{
-    balancer::Balancer,
+    balancer::{Balancer, ListenerExt as _, StatusExt as _},
     client::{MqttConn, hold_sessions},
     lab::{self, LabGuard},
     require_root, wait,
@@ -80,7 +81,7 @@ fn wait_state(lb: &Balancer, listener: &str, backend: &str, want: &str, within: 
 }
 
 fn flows_of(lb: &Balancer, backend: &str) -> u64 {
-    lb.status()["flows_per_backend"][backend].as_u64().expect("flows_per_backend")
+    lb.status().flows_per_backend.get(backend).copied().expect("flows_per_backend") as u64
 }
 
 #[test]
@@ -187,8 +188,8 @@ fn broker_without_the_vip_is_vip_misconfigured_and_gets_no_sessions() {
     let took = wait_state(&lb, "mqtt", "b1", "vip-misconfigured", failover_window() + Duration::from_millis(400));
     eprintln!("vip-misconfigured after {took:?}");
     let s = lb.status();
-    let b1 = &s["listeners"][0]["backends"][0];
-    assert!(b1["last_check"].as_str().unwrap_or("").contains("answers"), "the state says the real address answers: {b1}");
+    let b1 = &s.listeners[0].backends[0];
+    assert!(b1.last_check.contains("answers"), "the state says the real address answers: {b1:?}");
     let counts = fresh(&lab, "novip", 60);
     assert_eq!(counts, vec![0, 60]);
     lab.set_broker_vip(0, true).expect("restoring the VIP");
@@ -233,13 +234,11 @@ fn clients_of_a_hung_broker_get_a_reset_instead_of_waiting() {
 /// What a reload may change, as status shows it: listeners, their backends, states and weights.
 fn served(lb: &Balancer) -> Vec<String> {
     let s = lb.status();
-    s["listeners"]
-        .as_array()
-        .expect("listeners")
+    s.listeners
         .iter()
         .flat_map(|l| {
-            let head = format!("{} {}:{}", l["name"], l["vip"], l["port"]);
-            l["backends"].as_array().expect("backends").iter().map(move |b| format!("{head} {} {} {}", b["name"], b["weight"], b["state"]))
+            let head = format!("{} {}:{}", l.name, l.vip, l.port);
+            l.backends.iter().map(move |b| format!("{head} {} {} {}", b.name, b.weight, b.state))
         })
         .collect()
 }
@@ -289,7 +288,7 @@ fn an_invalid_reload_is_rejected_and_changes_nothing() {
         assert!(err.contains("unchanged"), "{what}: {err}");
         assert_eq!(served(&lb), before, "{what}: the running state changed");
     }
-    let rejected = lb.status()["reloads"]["rejected"].as_u64().expect("rejected");
+    let rejected = lb.status().reloads.rejected;
     assert_eq!(rejected, cases.len() as u64);
     assert_eq!(assert_alive(&mut held, &at, &[0, 1]), 100);
     let counts = fresh(&lab, "inv-new", 40);
@@ -297,10 +296,8 @@ fn an_invalid_reload_is_rejected_and_changes_nothing() {
     // SIGHUP with a bad file: rejected too (the rejection is counted), still serving.
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(i32::try_from(lb.child.id()).expect("pid"), libc::SIGHUP) };
-    wait::until("SIGHUP to reload (and the rejection counted)", Duration::from_secs(5), || {
-        lb.status()["reloads"]["rejected"].as_u64() == Some(rejected + 1)
-    });
-    assert!(lb.status()["reloads"]["last_error"].as_str().is_some_and(|e| e.contains("ring_size")), "the last error is not shown");
+    wait::until("SIGHUP to reload (and the rejection counted)", Duration::from_secs(5), || lb.status().reloads.rejected == rejected + 1);
+    assert!(lb.status().reloads.last_error.is_some_and(|e| e.contains("ring_size")), "the last error is not shown");
     assert_eq!(served(&lb), before, "SIGHUP with a bad file changed the running state");
     assert_eq!(assert_alive(&mut held, &at, &[0, 1]), 100);
     // A good reload that adds a TLS-checked listener: the pairs it adds are probed at once.
@@ -316,8 +313,8 @@ fn an_invalid_reload_is_rejected_and_changes_nothing() {
     assert!(ok, "{err}");
     wait::until_every("the TLS pairs the reload added probed", Duration::from_secs(5), Duration::from_millis(50), || {
         let s = lb.status();
-        let l = s["listeners"].as_array().and_then(|ls| ls.iter().find(|l| l["name"] == "mqtts-internal").cloned()).unwrap_or_default();
-        let last = l["backends"][0]["last_check"].as_str().unwrap_or("").to_owned();
+        let b = s.listener("mqtts-internal").and_then(|l| l.backends.first());
+        let last = b.map_or("", |b| b.last_check.as_str()).to_owned();
         if last.starts_with("TLS, CONNACK 0") { Ok(()) } else { Err(last) }
     });
 }
@@ -331,14 +328,15 @@ fn tls_listener_checked_with_mqtt_tls_fails_alone() {
     // The first TLS probe passes (its result names the TLS handshake).
     wait::until_every("a passing TLS probe", Duration::from_secs(3), Duration::from_millis(50), || {
         let s = lb.status();
-        let last = s["listeners"][1]["backends"][0]["last_check"].as_str().unwrap_or("").to_owned();
+        let b = s.listeners.get(1).and_then(|l| l.backends.first());
+        let last = b.map_or("", |b| b.last_check.as_str()).to_owned();
         if last.starts_with("TLS, CONNACK 0") { Ok(()) } else { Err(last) }
     });
     // b1 comes back without its TLS listener: 8883 fails, 1883 does not.
     lab.start_broker_with(0, false).expect("b1 without TLS");
     wait_state(&lb, "mqtts", "b1", "down", failover_window() + Duration::from_millis(400));
     // Two more rounds of the plain listener's checks, and it is still up.
-    let checks = |lb: &Balancer| lb.status()["listeners"][0]["backends"][0]["checks"].as_u64().expect("checks");
+    let checks = |lb: &Balancer| lb.status().listeners[0].backends[0].checks;
     let at = checks(&lb);
     wait::until_every("two more rounds of the plain listener's checks", INTER * 4, Duration::from_millis(50), || checks(&lb) >= at + 2);
     assert_eq!(lb.state("mqtt", "b1"), "up", "the plain listener must stay up");
@@ -380,7 +378,7 @@ fn a_changed_backend_mac_is_applied_without_a_restart() {
     );
     wait::until_every("the controller using the new MAC", Duration::from_secs(10), Duration::from_millis(200), || {
         let s = lb.status();
-        if s["listeners"][0]["backends"][0]["mac"] == new_mac { Ok(()) } else { Err(s) }
+        if s.listeners.first().and_then(|l| l.backends.first()).is_some_and(|b| b.mac == new_mac) { Ok(()) } else { Err(format!("{s:?}")) }
     });
     assert_eq!(lb.state("mqtt", "b1"), "up");
     // Sessions on b1 reach it at its new MAC.
@@ -405,8 +403,8 @@ fn a_false_alarm_shorter_than_the_grace_resets_no_session() {
     let marked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         wait_state(&lb, "mqtt", "b1", "down", failover_window() + Duration::from_secs(1));
         let s = lb.status();
-        let b1 = &s["listeners"][0]["backends"][0];
-        assert_eq!(b1["resetting_flows"], false, "flows reset inside the grace: {b1}");
+        let b1 = &s.listeners[0].backends[0];
+        assert!(!b1.resetting_flows, "flows reset inside the grace: {b1:?}");
     }));
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
@@ -474,7 +472,7 @@ fn when_the_checks_themselves_break_the_listener_fails_open() {
         wait_state(&lb, "mqtt", b, "vip-misconfigured", failover_window() + Duration::from_secs(2));
     }
     let s = lb.status();
-    assert_eq!(s["listeners"][0]["fail_open"], true, "{s}");
+    assert!(s.listeners[0].fail_open, "{s:?}");
     // Failing open: the sessions are not reset, and new ones still reach both brokers.
     assert_eq!(assert_alive(&mut held, &at, &[0, 1]), 60, "sessions were reset while failing open");
     let counts = fresh(&lab, "open-new", 60);
@@ -485,7 +483,7 @@ fn when_the_checks_themselves_break_the_listener_fails_open() {
     for b in ["b1", "b2"] {
         wait_state(&lb, "mqtt", b, "up", (INTER * (RISE + 1)).mul_f64(1.1) + Duration::from_secs(2));
     }
-    assert_eq!(lb.status()["listeners"][0]["fail_open"], false);
+    assert!(!lb.status().listeners[0].fail_open);
 }
 
 /// A stand-in for a broker at its limit: accepts MQTT 3.1.1 sessions and answers PINGREQ
@@ -576,8 +574,8 @@ fn a_broker_answering_connack_3_gets_no_new_sessions_and_keeps_its_own() {
     // b2 reaches its limit: CONNACK 3 to every new client and to the check.
     refuse.store(true, std::sync::atomic::Ordering::SeqCst);
     wait_state(&lb, "mqtt", "b2", "refusing", failover_window() + Duration::from_secs(1));
-    let b2 = lb.status()["listeners"][0]["backends"].as_array().expect("backends").iter().find(|b| b["name"] == "b2").cloned();
-    let last = b2.map(|b| b["last_check"].to_string()).unwrap_or_default();
+    let b2 = lb.status().listeners[0].backend("b2").cloned();
+    let last = b2.map(|b| b.last_check).unwrap_or_default();
     assert!(last.contains("CONNACK 3"), "status does not say why b2 is out: {last}");
     // New sessions go to b1 and b3 only: one that reached b2 would get CONNACK 3 and fail.
     let counts = fresh(&lab, "while-full", 60);
@@ -596,26 +594,24 @@ fn a_probe_the_balancer_cannot_make_leaves_the_broker_up_and_says_why() {
     require_root!();
     let lab = LabGuard::up(2);
     let lb = Balancer::start(&lab, &lab.config(&health()));
-    let b1 = |s: &serde_json::Value| {
-        let l = s["listeners"].as_array().and_then(|ls| ls.iter().find(|l| l["name"] == "mqtt")).cloned().expect("listener mqtt");
-        l["backends"].as_array().and_then(|bs| bs.iter().find(|b| b["name"] == "b1")).cloned().expect("backend b1")
+    let b1 = |s: &Status| {
+        let l = s.listener("mqtt").expect("listener mqtt");
+        l.backend("b1").cloned().expect("backend b1")
     };
-    let wait = |what: &str, ok: &dyn Fn(&serde_json::Value) -> bool| {
+    let wait = |what: &str, ok: &dyn Fn(&BackendStatus) -> bool| {
         wait::until_every(what, failover_window() * 3, Duration::from_millis(50), || {
             let b = b1(&lb.status());
-            if ok(&b) { Ok(b) } else { Err(b) }
+            if ok(&b) { Ok(b) } else { Err(format!("{b:?}")) }
         })
     };
-    wait("b1 checked", &|b| b["checks"].as_u64() > Some(0) && b["state"] == "up");
+    wait("b1 checked", &|b| b.checks > 0 && b.state == "up");
     // The balancer's own routing table says b1 cannot be reached: its probes fail before a SYN
     // leaves (EHOSTUNREACH from connect itself). Client traffic, forwarded by XDP, is not routed.
     let route = ["-n", &lab.ns("lb"), "route", "add", "unreachable", &format!("{}/32", lab::broker_addr(0))];
     assert!(Command::new("ip").args(route).status().expect("ip").success());
-    let b = wait("b1 unchecked for more than fall rounds", &|b| {
-        b["unchecked"].is_string() && b["local_errors"].as_u64() > Some(u64::from(FALL) + 1)
-    });
-    assert_eq!(b["state"], "up", "a local error takes no broker down: {b}");
-    assert!(b["unchecked"].as_str().unwrap_or("").contains("No route to host"), "{b}");
+    let b = wait("b1 unchecked for more than fall rounds", &|b| b.unchecked.is_some() && b.local_errors > u64::from(FALL) + 1);
+    assert_eq!(b.state, "up", "a local error takes no broker down: {b:?}");
+    assert!(b.unchecked.as_deref().unwrap_or("").contains("No route to host"), "{b:?}");
     assert_eq!(fresh(&lab, "local-error", 40).iter().filter(|n| **n > 0).count(), 2, "both brokers take new sessions");
     let (ok, text, err) = lb.cli(&["status"]);
     assert!(ok, "{err}");
@@ -626,6 +622,6 @@ fn a_probe_the_balancer_cannot_make_leaves_the_broker_up_and_says_why() {
     // The route goes: the probes reach b1 again.
     let route = ["-n", &lab.ns("lb"), "route", "del", "unreachable", &format!("{}/32", lab::broker_addr(0))];
     assert!(Command::new("ip").args(route).status().expect("ip").success());
-    let b = wait("b1 checked again", &|b| b["unchecked"].is_null());
-    assert_eq!(b["state"], "up", "{b}");
+    let b = wait("b1 checked again", &|b| b.unchecked.is_none());
+    assert_eq!(b.state, "up", "{b:?}");
 }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use tests::{
-    balancer::Balancer,
+    balancer::{Balancer, StatusExt as _},
     client::MqttConn,
     frame::checksum,
     lab::{self, CLIENT6, LabGuard, VIP6, WireCount, broker_addr6},
@@ -57,8 +57,8 @@ fn ipv6_pubsub_tls_health_checks_and_direct_return() {
         }
     }
     let status = lb.status();
-    let l6 = status["listeners"].as_array().and_then(|ls| ls.iter().find(|l| l["name"] == "mqtt6")).expect("mqtt6 in status");
-    assert_eq!(l6["vip"], VIP6.to_string(), "status shows the IPv6 VIP: {l6}");
+    let l6 = status.listener("mqtt6").expect("mqtt6 in status");
+    assert_eq!(l6.vip, IpAddr::V6(VIP6), "status shows the IPv6 VIP: {l6:?}");
 
     assert_eq!(pubsub6(&lab, None, 1883, "v6/plain/#", 20), 20, "MQTT over the IPv6 VIP: messages lost");
     let ca = std::fs::read(lab.ca_pem()).expect("lab CA");
@@ -147,10 +147,10 @@ fn ipv6_only_backends_resolve_by_ndp_and_a_broker_failure_keeps_the_others_sessi
     }
     // "up" needs a MAC ("no-mac" before): here only NDP could have given it.
     let status = lb.status();
-    let l6 = status["listeners"].as_array().and_then(|ls| ls.iter().find(|l| l["name"] == "mqtt6")).expect("mqtt6 in status");
-    for b in l6["backends"].as_array().expect("backends in status") {
-        assert!(b["mac"].as_str().is_some_and(|m| m.len() == 17 && m != "unresolved"), "backend resolved by NDP: {b}");
-        assert!(b["address"].is_null() && b["address6"].is_string(), "an IPv6-only backend: {b}");
+    let l6 = status.listener("mqtt6").expect("mqtt6 in status");
+    for b in &l6.backends {
+        assert!(b.mac.len() == 17 && b.mac != "unresolved", "backend resolved by NDP: {b:?}");
+        assert!(b.address.is_none() && b.address6.is_some(), "an IPv6-only backend: {b:?}");
     }
     let held: Vec<(String, MqttConn)> = in_client(&lab, || {
         (0..40)

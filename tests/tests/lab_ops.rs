@@ -3,7 +3,6 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddrV4,
     os::unix::fs::PermissionsExt as _,
     process::Command,
     sync::atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -14,6 +13,7 @@ use tests::{
     balancer::Balancer,
     client::{MqttConn, hold_sessions},
     lab::{LabGuard, VIP, broker_addr},
+    load::churn,
     netns::in_netns,
     require_root, wait,
 };
@@ -32,28 +32,6 @@ fn ping_all<'a>(held: impl IntoIterator<Item = &'a mut MqttConn>) {
 
 /// What a controller logs when it adopts pinned maps without a usable saved state.
 const RECOVERED: &str = "ids recovered from the maps (listeners by VIP and port, backends by MAC)";
-
-/// New sessions, one every 10 ms, while `stop` is false: (made, failed).
-fn churn(lab: &LabGuard, stop: &AtomicBool, made: &AtomicUsize, failed: &AtomicUsize) {
-    in_netns(&lab.ns("client"), || {
-        let mut i = 0;
-        wait::repeat(Duration::from_mins(2), stop, || {
-            match MqttConn::connect(None, SocketAddrV4::new(VIP, 1883), &format!("churn-{i}"), Duration::from_secs(3)) {
-                Ok(c) => {
-                    c.disconnect();
-                    made.fetch_add(1, Ordering::SeqCst);
-                }
-                Err(e) => {
-                    eprintln!("churn-{i}: {e}");
-                    failed.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-            i += 1;
-            std::thread::sleep(Duration::from_millis(10));
-        });
-    })
-    .expect("client namespace");
-}
 
 /// Waits until the churn has made `n` connections (at most a minute).
 fn wait_made(made: &AtomicUsize, n: usize) {
@@ -84,12 +62,12 @@ fn sessions_survive(replace: impl FnOnce(&mut Balancer, &LabGuard, &AtomicUsize)
     let lab = LabGuard::up(2);
     let mut lb = Balancer::start(&lab, &lab.config(HEALTH));
     let mut held = hold_sessions(&lab, "keep", 2000);
-    let flows_before = lb.status()["flow_table_entries"].as_u64().expect("flows");
+    let flows_before = lb.status().flow_table_entries;
     assert!(flows_before >= 2000);
     let prog_before = link_prog_id(&lb);
     let (stop, made, failed) = (AtomicBool::new(false), AtomicUsize::new(0), AtomicUsize::new(0));
     std::thread::scope(|s| {
-        s.spawn(|| churn(&lab, &stop, &made, &failed));
+        s.spawn(|| churn(&lab, &stop, &made, &failed, Duration::from_mins(2), Duration::from_secs(3)));
         // New connections before, during and after the replacement.
         wait_made(&made, 20);
         replace(&mut lb, &lab, &made);
@@ -102,19 +80,15 @@ fn sessions_survive(replace: impl FnOnce(&mut Balancer, &LabGuard, &AtomicUsize)
     // Before any held session sends again: the adopted flow table still has every held flow
     // (a fresh one would hold only the churn's), so nothing was re-hashed.
     let s = lb.status();
-    assert!(s["flow_table_entries"].as_u64().expect("flows") >= 2000, "{s}");
+    assert!(s.flow_table_entries >= 2000, "{s:?}");
     // And it is still read with the seed it was filled with: a held flow is found in it.
     let f = flow_of(&lb, &held[0].1);
     assert_eq!(f["source"], "flow table", "{f}");
     // The new controller's ids are the ones the held flows were recorded with: the backend it
     // names for a flow (by its config's names, found by address) is the broker that logged the
     // session.
-    let names: BTreeMap<String, String> = s["listeners"][0]["backends"]
-        .as_array()
-        .expect("backends")
-        .iter()
-        .map(|b| (b["address"].as_str().expect("address").to_owned(), b["name"].as_str().expect("name").to_owned()))
-        .collect();
+    let names: BTreeMap<String, String> =
+        s.listeners[0].backends.iter().map(|b| (b.address.expect("address").to_string(), b.name.clone())).collect();
     for (id, c) in held.iter().step_by(40) {
         let broker = lab.broker_of(id).unwrap_or_else(|| panic!("no broker logged {id}"));
         let f = flow_of(&lb, c);
@@ -158,7 +132,7 @@ fn a_lost_controller_state_is_recovered_from_the_maps_and_drops_no_session() {
         lb.restart(lab);
         // (Logged before it serves; read from its stderr by a thread of ours.)
         wait::until("the controller saying it recovered the ids from the maps", Duration::from_secs(5), || lb.log().contains(RECOVERED));
-        let names: Vec<String> = lb.status()["flows_per_backend"].as_object().expect("flows_per_backend").keys().cloned().collect();
+        let names: Vec<String> = lb.status().flows_per_backend.into_keys().collect();
         assert_eq!(names, ["a2", "z1"], "the new names are the controller's");
     });
 }
@@ -296,7 +270,7 @@ fn cli_status_flow_and_its_errors() {
         assert!(table.contains(col), "status table lacks {col}:\n{table}");
     }
     let v = lb.status();
-    assert_eq!(v["flows_per_backend"]["b1"].as_u64().unwrap_or(0) + v["flows_per_backend"]["b2"].as_u64().unwrap_or(0), 20);
+    assert_eq!(v.flows_per_backend.get("b1").copied().unwrap_or(0) + v.flows_per_backend.get("b2").copied().unwrap_or(0), 20);
     // `dsrlb flow` names the broker that really holds the session.
     let f = flow_of(&lb, &held[0]);
     let b = lab.broker_of("cli-0").expect("logged");

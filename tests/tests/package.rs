@@ -8,6 +8,7 @@ use std::{
     time::Duration,
 };
 
+use lb_userspace::control::status::Status;
 use tests::{
     netns::{Netns, veth},
     require_root, wait,
@@ -149,9 +150,9 @@ fn the_packaged_binary_loads_and_attaches_its_xdp_program() {
         attached() && socket.exists()
     });
     let out = dsrlb(&["status", "--json"]).output().expect("dsrlb status");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
-    let names: Vec<&str> = v["listeners"].as_array().expect("listeners").iter().filter_map(|l| l["name"].as_str()).collect();
-    assert_eq!(names, ["mqtt", "mqtt6"], "{v}");
+    let v: Status = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let names: Vec<&str> = v.listeners.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["mqtt", "mqtt6"], "{v:?}");
     let out = dsrlb(&["stop"]).output().expect("dsrlb stop");
     assert!(out.status.success(), "dsrlb stop: {}", String::from_utf8_lossy(&out.stderr));
     let _ = child.wait();
