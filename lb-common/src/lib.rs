@@ -8,12 +8,14 @@
 #![no_std]
 #![expect(clippy::inline_always, reason = "the XDP program needs these inlined into its hot path")]
 
+mod decap;
 mod flow;
 mod hash;
 mod maps;
 pub mod reason;
 mod trace;
 
+pub use decap::*;
 pub use flow::*;
 pub use hash::*;
 pub use maps::*;

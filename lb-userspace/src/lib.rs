@@ -8,7 +8,7 @@
 //! 1. Foundations, no kernel: [`maglev`], [`mapped`], [`mqtt`], [`netlink`] (the handle),
 //!    [`redact`], [`tls`], then [`config`].
 //! 2. The kernel: [`flow_table`], [`dataplane`] (the loaded program, its maps and its clock),
-//!    [`neigh`], [`probe_route`], [`announce`].
+//!    [`decap`] (the brokers' decapsulation program), [`neigh`], [`probe_route`], [`announce`].
 //! 3. What the controller decides: [`health`] (probes), [`cluster`] (the sync with other
 //!    nodes), [`plan`] (config to desired maps), [`exceptions`] (flows the rings do not hold).
 //! 4. What crosses the control socket: [`trace`] (a traced frame, its printing and pcap), then
@@ -26,6 +26,7 @@ pub mod config;
 pub mod control;
 pub mod controller;
 pub mod dataplane;
+pub mod decap;
 pub mod exceptions;
 pub mod flow_table;
 pub mod health;
@@ -48,7 +49,7 @@ pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 mod tests {
     /// The modules in the order of the layers (see the crate's documentation): each may use only
     /// those before it.
-    const ORDER: [&str; 22] = [
+    const ORDER: [&str; 23] = [
         "maglev",
         "mapped",
         "mqtt",
@@ -58,6 +59,7 @@ mod tests {
         "config",
         "flow_table",
         "dataplane",
+        "decap",
         "neigh",
         "probe_route",
         "announce",

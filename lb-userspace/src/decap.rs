@@ -1,0 +1,397 @@
+//! `dsrlb decap`: the brokers' side of tunnelled forwarding. Loads the decapsulation program
+//! (lb-ebpf's `dsrlb-decap`, see `lb_common::decap_reason` for what it does with each frame),
+//! fills its maps with the VIPs this host holds and the balancers allowed to send to them,
+//! attaches it through a pinned link so it outlives the command, and reads it back.
+//!
+//! Pins: `PIN_ROOT/IFACE/` holds `link` and the four maps. Attaching again to an interface that
+//! has the program updates its settings in place; `detach` removes the pins, and with the link's
+//! pin the attachment.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+    },
+};
+use lb_common::{DECAP_GUE_PORT, DECAP_MAX_ADDRS, DecapConf, Ip6, decap_reason};
+use serde::{Deserialize, Serialize};
+
+use crate::dataplane;
+
+/// The decapsulation object built from `lb-ebpf` by `build.rs`.
+pub static DECAP_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dsrlb-decap"));
+
+/// Where the pins of each interface's program live, one directory per interface.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/dsrlb-decap";
+
+const PROGRAM: &str = "dsrlb_decap";
+const VIPS: &str = "DECAP_VIPS";
+const SOURCES: &str = "DECAP_SOURCES";
+const CONF: &str = "DECAP_CONF";
+const STATS: &str = "DECAP_STATS";
+const MAPS: [&str; 4] = [VIPS, SOURCES, CONF, STATS];
+const LINK: &str = "link";
+
+/// What a decap program is told.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    /// The VIPs this host holds (on `lo`): tunnel frames for them are unwrapped.
+    pub vips: BTreeSet<IpAddr>,
+    /// The outer sources allowed to send them (the balancers' tunnel sources); `None`: any.
+    pub sources: Option<BTreeSet<IpAddr>>,
+    /// The UDP port GUE arrives on.
+    pub gue_port: u16,
+}
+
+impl Settings {
+    /// # Errors
+    /// Naming the option that is wrong: no VIP, too many addresses, no source (without
+    /// `--any-source`), GUE port 0.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let max = DECAP_MAX_ADDRS as usize;
+        ensure!(!self.vips.is_empty(), "--vip: at least one VIP is needed (the VIPs this host holds on lo)");
+        ensure!(self.vips.len() <= max, "--vip: {} VIPs, at most {max}", self.vips.len());
+        for v in &self.vips {
+            ensure!(!(v.is_unspecified() || v.is_multicast()), "--vip {v}: not a unicast address");
+        }
+        match &self.sources {
+            Some(s) if s.is_empty() => {
+                bail!("--source: name the balancers allowed to send tunnel frames (their tunnel_source), or give --any-source")
+            }
+            Some(s) => ensure!(s.len() <= max, "--source: {} sources, at most {max}", s.len()),
+            None => {}
+        }
+        ensure!(self.gue_port != 0, "--gue-port: 0 is no port");
+        Ok(())
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self { vips: BTreeSet::new(), sources: Some(BTreeSet::new()), gue_port: DECAP_GUE_PORT }
+    }
+}
+
+/// An address as the program's maps hold it.
+fn key(a: IpAddr) -> Ip6 {
+    let v6 = match a {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    Ip6 { octets: v6.octets() }
+}
+
+fn addr(k: Ip6) -> IpAddr {
+    let v6 = Ipv6Addr::from(k.octets);
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+}
+
+/// The program's maps, from a loaded object or from pins.
+pub struct Maps {
+    vips: HashMap<MapData, Ip6, u8>,
+    sources: HashMap<MapData, Ip6, u8>,
+    conf: Array<MapData, DecapConf>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl Maps {
+    fn from(mut take: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
+        Ok(Self {
+            vips: HashMap::try_from(take(VIPS)?)?,
+            sources: HashMap::try_from(take(SOURCES)?)?,
+            conf: Array::try_from(take(CONF)?)?,
+            stats: PerCpuArray::try_from(take(STATS)?)?,
+        })
+    }
+
+    /// The maps pinned in `dir`.
+    ///
+    /// # Errors
+    /// When a pin is missing or of another kind.
+    pub fn pinned(dir: &Path) -> anyhow::Result<Self> {
+        Self::from(|name| {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+            Ok(match name {
+                VIPS | SOURCES => Map::HashMap(data),
+                CONF => Map::Array(data),
+                _ => Map::PerCpuArray(data),
+            })
+        })
+    }
+
+    /// Writes `s`: the new addresses first, then the old ones that go, then the settings.
+    ///
+    /// # Errors
+    /// When a map write fails.
+    pub fn write(&mut self, s: &Settings) -> anyhow::Result<()> {
+        let any = s.sources.is_none();
+        let sources = s.sources.clone().unwrap_or_default();
+        for (map, want, what) in [(&mut self.vips, &s.vips, "VIP"), (&mut self.sources, &sources, "source")] {
+            let want: BTreeSet<Ip6> = want.iter().copied().map(key).collect();
+            for k in &want {
+                map.insert(k, 1, 0).with_context(|| format!("writing {what} {}", addr(*k)))?;
+            }
+            let old: Vec<Ip6> = map.keys().filter_map(Result::ok).filter(|k| !want.contains(k)).collect();
+            for k in old {
+                map.remove(&k).with_context(|| format!("removing {what} {}", addr(k)))?;
+            }
+        }
+        let conf = DecapConf { gue_port_be: s.gue_port.to_be(), any_source: u8::from(any), pad: [0; 5] };
+        self.conf.set(0, conf, 0).context("writing DECAP_CONF")?;
+        Ok(())
+    }
+
+    /// What the maps say.
+    ///
+    /// # Errors
+    /// When a map read fails.
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        let conf = self.conf.get(&0, 0).context("reading DECAP_CONF")?;
+        let vips = self.vips.keys().map(|k| k.map(addr)).collect::<Result<_, _>>().context("reading DECAP_VIPS")?;
+        let sources = self.sources.keys().map(|k| k.map(addr)).collect::<Result<_, _>>().context("reading DECAP_SOURCES")?;
+        Ok(Settings { vips, sources: (conf.any_source == 0).then_some(sources), gue_port: u16::from_be(conf.gue_port_be) })
+    }
+
+    /// Frames by reason (`decap_reason::NAMES`), summed over CPUs.
+    ///
+    /// # Errors
+    /// When a map read fails.
+    pub fn counters(&self) -> anyhow::Result<BTreeMap<String, u64>> {
+        let mut out = BTreeMap::new();
+        for (i, name) in (0u32..).zip(decap_reason::NAMES) {
+            let n: u64 = self.stats.get(&i, 0).context("reading DECAP_STATS")?.iter().sum();
+            out.insert(name.to_owned(), n);
+        }
+        Ok(out)
+    }
+}
+
+/// The program loaded, not attached: for attaching, and for tests (`BPF_PROG_TEST_RUN`).
+pub struct Loaded {
+    ebpf: Ebpf,
+    pub maps: Maps,
+}
+
+impl Loaded {
+    /// Loads the object and its program into the kernel.
+    ///
+    /// # Errors
+    /// When the kernel refuses the object or the program.
+    pub fn load() -> anyhow::Result<Self> {
+        Self::load_pinned(None)
+    }
+
+    /// As [`Self::load`], its maps pinned in `pin_dir` if given.
+    fn load_pinned(pin_dir: Option<&Path>) -> anyhow::Result<Self> {
+        let mut ebpf = Ebpf::load(DECAP_OBJ).context("loading the decap object")?;
+        let prog: &mut Xdp = ebpf.program_mut(PROGRAM).context("no decap program in the object")?.try_into()?;
+        prog.load().context("the kernel refused the decap program")?;
+        if let Some(dir) = pin_dir {
+            for name in MAPS {
+                let map = ebpf.map(name).with_context(|| format!("no map {name} in the decap object"))?;
+                map.pin(dir.join(name)).with_context(|| format!("pinning {name} in {}", dir.display()))?;
+            }
+        }
+        let maps = Maps::from(|name| ebpf.take_map(name).with_context(|| format!("no map {name} in the decap object")))?;
+        Ok(Self { ebpf, maps })
+    }
+
+    /// Attaches the program to `interface` through a link pinned in `dir`.
+    fn attach_pinned(&mut self, dir: &Path, interface: &str, mode: XdpMode) -> anyhow::Result<()> {
+        let prog: &mut Xdp = self.ebpf.program_mut(PROGRAM).context("no decap program")?.try_into()?;
+        let id = prog.attach(interface, mode).with_context(|| format!("attaching the decap program to {interface} in {mode:?} mode"))?;
+        let link = FdLink::try_from(prog.take_link(id)?).context("the kernel gave a netlink attachment, which cannot be pinned")?;
+        drop(link.pin(dir.join(LINK)).with_context(|| format!("pinning the link in {}", dir.display()))?);
+        Ok(())
+    }
+
+    /// The program, for `BPF_PROG_TEST_RUN`.
+    ///
+    /// # Panics
+    /// Never: `load` found it.
+    #[must_use]
+    pub fn program(&self) -> &Xdp {
+        self.ebpf.program(PROGRAM).and_then(|p| p.try_into().ok()).expect("loaded")
+    }
+}
+
+/// The pin directory of `interface`'s program.
+#[must_use]
+pub fn pin_dir(root: &Path, interface: &str) -> PathBuf {
+    root.join(interface)
+}
+
+fn check_interface_name(interface: &str) -> anyhow::Result<()> {
+    ensure!(
+        !interface.is_empty()
+            && interface.len() < 16
+            && !interface.starts_with('.')
+            && interface.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)),
+        "interface {interface:?}: not an interface name"
+    );
+    Ok(())
+}
+
+/// Attaches the program to `interface` with `settings`, or updates the settings of the one
+/// attached there. Every option is checked before anything changes; a failed first attach
+/// leaves no pin behind. What it did, in words.
+///
+/// # Errors
+/// When an option is wrong, the interface is missing or runs another XDP program, or the
+/// kernel refuses.
+pub fn attach(root: &Path, interface: &str, settings: &Settings, mode: XdpMode) -> anyhow::Result<String> {
+    settings.check()?;
+    check_interface_name(interface)?;
+    let dir = pin_dir(root, interface);
+    if dir.join(LINK).exists() {
+        ensure!(
+            dataplane::link_live(&dir, interface),
+            "{} is pinned but no longer attached to {interface}: dsrlb decap detach {interface} first",
+            dir.join(LINK).display()
+        );
+        Maps::pinned(&dir)?.write(settings)?;
+        return Ok(format!("updated the decap program on {interface}"));
+    }
+    if let Some(there) = dataplane::chain::attached(interface)? {
+        bail!("{interface} already runs XDP program {}: detach it first", there.prog_id);
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let attached = Loaded::load_pinned(Some(&dir)).and_then(|mut loaded| {
+        loaded.maps.write(settings)?;
+        loaded.attach_pinned(&dir, interface, mode)
+    });
+    if attached.is_err() {
+        let _ = unpin(&dir);
+    }
+    attached?;
+    Ok(format!("attached the decap program to {interface} ({} VIPs)", settings.vips.len()))
+}
+
+/// Removes `dir`'s pins, the link's first (which detaches the program), then the directory.
+fn unpin(dir: &Path) -> anyhow::Result<()> {
+    for name in std::iter::once(LINK).chain(MAPS) {
+        let p = dir.join(name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", p.display())),
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("removing {}", dir.display())),
+        _ => Ok(()),
+    }
+}
+
+/// Detaches `interface`'s program and removes its pins.
+///
+/// # Errors
+/// When nothing is pinned for it, or a pin cannot be removed.
+pub fn detach(root: &Path, interface: &str) -> anyhow::Result<String> {
+    check_interface_name(interface)?;
+    let dir = pin_dir(root, interface);
+    ensure!(dir.join(LINK).exists() || dir.exists(), "no decap program is attached to {interface} (nothing in {})", dir.display());
+    unpin(&dir)?;
+    Ok(format!("detached the decap program from {interface}"))
+}
+
+/// One interface's program, as `dsrlb decap status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub interface: String,
+    /// Whether the pinned link still holds the program on the interface.
+    pub attached: bool,
+    /// The program's id, when attached.
+    pub program: Option<u32>,
+    pub settings: Settings,
+    /// Frames by reason, since it was attached.
+    pub frames: BTreeMap<String, u64>,
+}
+
+/// The status of every interface with a pinned program (or of `only`).
+///
+/// # Errors
+/// When `only` has no program, or pins cannot be read.
+pub fn status(root: &Path, only: Option<&str>) -> anyhow::Result<Vec<Status>> {
+    let names: Vec<String> = match only {
+        Some(i) => {
+            check_interface_name(i)?;
+            ensure!(pin_dir(root, i).exists(), "no decap program is attached to {i} (nothing in {})", pin_dir(root, i).display());
+            vec![i.to_owned()]
+        }
+        None => match std::fs::read_dir(root) {
+            Ok(d) => {
+                let mut v: Vec<String> = d.filter_map(Result::ok).filter_map(|e| e.file_name().into_string().ok()).collect();
+                v.sort();
+                v
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", root.display())),
+        },
+    };
+    names
+        .into_iter()
+        .map(|interface| {
+            let dir = pin_dir(root, &interface);
+            let maps = Maps::pinned(&dir)?;
+            let attached = dataplane::link_live(&dir, &interface);
+            let program = if attached {
+                PinnedLink::from_pin(dir.join(LINK)).map(FdLink::from).and_then(|l| l.info()).ok().map(|i| i.program_id())
+            } else {
+                None
+            };
+            Ok(Status { attached, program, settings: maps.settings()?, frames: maps.counters()?, interface })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(vips: &[&str], sources: Option<&[&str]>) -> Settings {
+        Settings {
+            vips: vips.iter().map(|v| v.parse().expect("address")).collect(),
+            sources: sources.map(|s| s.iter().map(|v| v.parse().expect("address")).collect()),
+            gue_port: DECAP_GUE_PORT,
+        }
+    }
+
+    #[test]
+    fn bad_options_are_named() {
+        let cases = [
+            (settings(&[], None), "--vip: at least one VIP"),
+            (settings(&["192.0.2.100"], Some(&[])), "--source: name the balancers"),
+            (settings(&["0.0.0.0"], None), "--vip 0.0.0.0: not a unicast address"),
+            (settings(&["ff02::1"], None), "--vip ff02::1: not a unicast address"),
+            (Settings { gue_port: 0, ..settings(&["192.0.2.100"], None) }, "--gue-port: 0 is no port"),
+        ];
+        for (s, want) in cases {
+            let e = s.check().expect_err(want).to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        assert!(settings(&["192.0.2.100", "2001:db8::100"], Some(&["192.0.2.2"])).check().is_ok());
+        assert!(check_interface_name("eth0").is_ok());
+        for bad in ["", ".", "..", "../etc", "a/b", "a b", "averyveryverylongname"] {
+            assert!(check_interface_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn addresses_keep_their_family_through_the_maps() {
+        for a in ["192.0.2.100", "2001:db8::100", "::1"] {
+            let a: IpAddr = a.parse().expect("address");
+            assert_eq!(addr(key(a)), a);
+        }
+    }
+}

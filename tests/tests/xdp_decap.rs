@@ -1,0 +1,291 @@
+//! The brokers' decapsulation program (`dsrlb-decap`) through `BPF_PROG_TEST_RUN`: tunnel
+//! frames for a VIP held here lose their outer header and come out as the client's own frame,
+//! byte for byte (IPIP, IPv6 in IPv6, GUE version 1 over either family, GUE version 0 with
+//! options); everything else passes untouched: frames that are no tunnel, tunnel frames for
+//! addresses that are no VIP here, outer fragments and every truncation short of the inner
+//! header; tunnel frames from a source that is not a balancer, and nested ones, are dropped.
+//! Each frame moves one counter, its reason's. The outer frames are built here by hand, not by
+//! the code under test.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use lb_common::{DECAP_GUE_PORT, decap_reason as why};
+use lb_userspace::decap::{Loaded, Settings};
+use tests::{
+    frame::{Ipv4Frame, Ipv6Frame, TCP_ACK, TCP_SYN, checksum},
+    require_root,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+const BROKER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 7);
+/// The balancer's tunnel source, and the broker's own address (the outer destination).
+const LB: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+const LB6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 2);
+const BROKER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
+const BROKER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 11);
+const STRANGER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 66);
+
+fn settings(any_source: bool) -> Settings {
+    Settings {
+        vips: [IpAddr::V4(VIP), IpAddr::V6(VIP6)].into_iter().collect(),
+        sources: (!any_source).then(|| [IpAddr::V4(LB), IpAddr::V6(LB6)].into_iter().collect()),
+        gue_port: DECAP_GUE_PORT,
+    }
+}
+
+/// A client's frame to `dst`, addressed as it will leave the decap program.
+fn inner4(dst: Ipv4Addr, flags: u8) -> Ipv4Frame {
+    let mut f = Ipv4Frame::tcp(CLIENT, 40000, dst, 1883, flags);
+    f.dst_mac = BROKER_MAC;
+    f.src_mac = ROUTER_MAC;
+    f.payload = b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c".to_vec();
+    f
+}
+
+fn inner6(dst: Ipv6Addr) -> Ipv6Frame {
+    let mut f = Ipv6Frame::tcp(CLIENT6, 40000, dst, 1883, TCP_SYN);
+    f.dst_mac = BROKER_MAC;
+    f.src_mac = ROUTER_MAC;
+    f
+}
+
+fn eth(ethertype: u16) -> Vec<u8> {
+    let mut f = BROKER_MAC.to_vec();
+    f.extend_from_slice(&ROUTER_MAC);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f
+}
+
+/// An outer IPv4 header (DF, TTL 64, its checksum) before `payload` of `protocol`.
+fn outer4(src: Ipv4Addr, protocol: u8, frag: u16, payload: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(20 + payload.len()).expect("small");
+    let mut h = vec![0x45, 0];
+    h.extend_from_slice(&len.to_be_bytes());
+    h.extend_from_slice(&[0x12, 0x34]);
+    h.extend_from_slice(&frag.to_be_bytes());
+    h.extend_from_slice(&[64, protocol, 0, 0]);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&BROKER.octets());
+    let c = checksum(&h, 0);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = eth(0x0800);
+    f.extend_from_slice(&h);
+    f.extend_from_slice(payload);
+    f
+}
+
+fn outer6(src: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = eth(0x86dd);
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&u16::try_from(payload.len()).expect("small").to_be_bytes());
+    f.extend_from_slice(&[next, 64]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&BROKER6.octets());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A UDP header to `dport` (checksum zero, allowed for IPv4 and for IPv6 tunnels) before `payload`.
+fn udp(dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = 51_234u16.to_be_bytes().to_vec();
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&u16::try_from(8 + payload.len()).expect("small").to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+/// GUE version 0: a data message of `protocol` with `options` (a multiple of 4 bytes).
+fn gue0(protocol: u8, options: &[u8], control: bool, payload: &[u8]) -> Vec<u8> {
+    let hlen = u8::try_from(options.len() / 4).expect("small");
+    let mut g = vec![if control { 0x20 } else { 0 } | hlen, protocol, 0, 0];
+    g.extend_from_slice(options);
+    g.extend_from_slice(payload);
+    g
+}
+
+struct Row {
+    what: &'static str,
+    input: Vec<u8>,
+    action: u32,
+    reason: u32,
+    /// The output frame; `None`: the input, untouched.
+    output: Option<Vec<u8>>,
+}
+
+fn row(what: &'static str, input: Vec<u8>, action: u32, reason: u32, output: Option<Vec<u8>>) -> Row {
+    Row { what, input, action, reason, output }
+}
+
+fn run(d: &Loaded, input: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; input.len() + 64];
+    let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..TestRunOptions::default() };
+    let r = d.program().test_run(opts).expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+/// Runs `r`, checking action, output and that exactly its reason's counter moved by one.
+fn check(d: &Loaded, r: &Row) {
+    let before = d.maps.counters().expect("counters");
+    let (action, out) = run(d, &r.input);
+    let after = d.maps.counters().expect("counters");
+    assert_eq!(action, r.action, "{}: action", r.what);
+    assert_eq!(out, *r.output.as_ref().unwrap_or(&r.input), "{}: output frame", r.what);
+    let moved: Vec<(&String, u64)> = after.iter().map(|(k, v)| (k, v - before[k])).filter(|&(_, n)| n != 0).collect();
+    let want = why::NAMES[r.reason as usize];
+    assert_eq!(moved, [(&want.to_owned(), 1)], "{}: counters", r.what);
+}
+
+fn rows() -> Vec<Row> {
+    let syn = inner4(VIP, TCP_SYN);
+    let (syn_dg, syn_out) = (syn.datagram(), syn.build());
+    let v6 = inner6(VIP6);
+    let (v6_dg, v6_out) = (v6.datagram(), v6.build());
+    let other = inner4(Ipv4Addr::new(192, 0, 2, 99), TCP_ACK).datagram();
+    let other6 = inner6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x99)).datagram();
+    let gue_port = DECAP_GUE_PORT;
+    vec![
+        row("IPIP from the balancer", outer4(LB, 4, 0x4000, &syn_dg), XDP_PASS, why::DECAPSULATED, Some(syn_out.clone())),
+        row("IPv6 in IPv6 from the balancer", outer6(LB6, 41, &v6_dg), XDP_PASS, why::DECAPSULATED, Some(v6_out.clone())),
+        row("GUE 1 over IPv4", outer4(LB, 17, 0x4000, &udp(gue_port, &syn_dg)), XDP_PASS, why::DECAPSULATED, Some(syn_out.clone())),
+        row("GUE 1 over IPv6", outer6(LB6, 17, &udp(gue_port, &v6_dg)), XDP_PASS, why::DECAPSULATED, Some(v6_out.clone())),
+        row(
+            "GUE 0, protocol 4, one word of options",
+            outer4(LB, 17, 0, &udp(gue_port, &gue0(4, &[1, 2, 3, 4], false, &syn_dg))),
+            XDP_PASS,
+            why::DECAPSULATED,
+            Some(syn_out.clone()),
+        ),
+        row(
+            "GUE 0, protocol 41, IPv6 inside IPv4",
+            outer4(LB, 17, 0, &udp(gue_port, &gue0(41, &[], false, &v6_dg))),
+            XDP_PASS,
+            why::DECAPSULATED,
+            Some(v6_out),
+        ),
+        row("the client's frame itself (no tunnel)", syn_out.clone(), XDP_PASS, why::PASS_NOT_TUNNEL, None),
+        row("UDP to another port", outer4(LB, 17, 0, &udp(gue_port + 1, &syn_dg)), XDP_PASS, why::PASS_NOT_TUNNEL, None),
+        row("a GUE control message", outer4(LB, 17, 0, &udp(gue_port, &gue0(4, &[], true, &syn_dg))), XDP_PASS, why::PASS_NOT_TUNNEL, None),
+        row(
+            "GUE 0 of another protocol",
+            outer4(LB, 17, 0, &udp(gue_port, &gue0(47, &[], false, &syn_dg))),
+            XDP_PASS,
+            why::PASS_NOT_TUNNEL,
+            None,
+        ),
+        row("IPIP for an address that is no VIP here", outer4(LB, 4, 0, &other), XDP_PASS, why::PASS_NOT_OURS, None),
+        row("IPv6 in IPv6 for an address that is no VIP here", outer6(LB6, 41, &other6), XDP_PASS, why::PASS_NOT_OURS, None),
+        row("IPIP from a source that is no balancer", outer4(STRANGER, 4, 0, &syn_dg), XDP_DROP, why::DROP_FOREIGN_SOURCE, None),
+        row(
+            "GUE from a source that is no balancer",
+            outer4(STRANGER, 17, 0, &udp(gue_port, &syn_dg)),
+            XDP_DROP,
+            why::DROP_FOREIGN_SOURCE,
+            None,
+        ),
+        row("IPIP in IPIP", outer4(LB, 4, 0, &nested4(&syn_dg)), XDP_DROP, why::DROP_NESTED, None),
+        row("GUE in IPIP", outer4(LB, 4, 0, &inner_udp_to_vip(gue_port)), XDP_DROP, why::DROP_NESTED, None),
+        row("the first fragment of an IPIP frame", outer4(LB, 4, 0x2000, &syn_dg), XDP_PASS, why::PASS_FRAGMENT, None),
+        row("a later fragment of an IPIP frame", outer4(LB, 4, 0x0010, &syn_dg), XDP_PASS, why::PASS_FRAGMENT, None),
+        row(
+            "IPIP whose inner header is not IPv4",
+            outer4(LB, 4, 0, &{
+                let mut d = syn_dg.clone();
+                d[0] = 0x65;
+                d
+            }),
+            XDP_PASS,
+            why::PASS_MALFORMED,
+            None,
+        ),
+        row(
+            "an outer IPv4 header with IHL 4",
+            {
+                let mut f = outer4(LB, 4, 0, &syn_dg);
+                f[14] = 0x44;
+                f
+            },
+            XDP_PASS,
+            why::PASS_MALFORMED,
+            None,
+        ),
+    ]
+}
+
+/// An IPv4 datagram to the VIP that is itself IPIP (protocol 4) carrying `inner`.
+fn nested4(inner: &[u8]) -> Vec<u8> {
+    let mut d = outer4(CLIENT, 4, 0, inner)[14..].to_vec();
+    d[16..20].copy_from_slice(&VIP.octets());
+    d[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&d[..20], 0);
+    d[10..12].copy_from_slice(&c.to_be_bytes());
+    d
+}
+
+/// An IPv4 datagram to the VIP that is UDP to the GUE port.
+fn inner_udp_to_vip(port: u16) -> Vec<u8> {
+    let mut d = nested4(&udp(port, &inner4(VIP, TCP_SYN).datagram()));
+    d[9] = 17;
+    d[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&d[..20], 0);
+    d[10..12].copy_from_slice(&c.to_be_bytes());
+    d
+}
+
+#[test]
+fn tunnel_frames_for_held_vips_come_out_as_the_clients_frames_and_nothing_else_changes() {
+    require_root!();
+    let mut d = Loaded::load().expect("loading dsrlb-decap");
+    d.maps.write(&settings(false)).expect("settings");
+    assert_eq!(d.maps.settings().expect("read back"), settings(false), "the maps give back what was written");
+    for r in rows() {
+        check(&d, &r);
+    }
+    // --any-source: the stranger's frame is unwrapped too.
+    d.maps.write(&settings(true)).expect("settings");
+    let syn = inner4(VIP, TCP_SYN);
+    check(
+        &d,
+        &row("IPIP from anyone, --any-source", outer4(STRANGER, 4, 0, &syn.datagram()), XDP_PASS, why::DECAPSULATED, Some(syn.build())),
+    );
+}
+
+/// Every prefix of each good frame: short of the inner header it passes untouched (as
+/// malformed); from the inner header on it is unwrapped, and the output is the same prefix of
+/// the client's frame.
+#[test]
+fn every_truncation_passes_untouched_until_the_inner_header_is_whole() {
+    require_root!();
+    let mut d = Loaded::load().expect("loading dsrlb-decap");
+    d.maps.write(&settings(false)).expect("settings");
+    let syn = inner4(VIP, TCP_SYN);
+    let v6 = inner6(VIP6);
+    let cases: [(&str, Vec<u8>, Vec<u8>, usize); 4] = [
+        ("IPIP", outer4(LB, 4, 0, &syn.datagram()), syn.build(), 20),
+        ("IPv6 in IPv6", outer6(LB6, 41, &v6.datagram()), v6.build(), 40),
+        ("GUE 1 over IPv4", outer4(LB, 17, 0, &udp(DECAP_GUE_PORT, &syn.datagram())), syn.build(), 28),
+        ("GUE 0 over IPv6", outer6(LB6, 17, &udp(DECAP_GUE_PORT, &gue0(41, &[9, 9, 9, 9], false, &v6.datagram()))), v6.build(), 56),
+    ];
+    for (what, frame, client, strip) in cases {
+        let inner_header = if client[12..14] == [0x86, 0xdd] { 40 } else { 20 };
+        for len in 14..frame.len() {
+            let cut = &frame[..len];
+            let (action, out) = run(&d, cut);
+            assert_eq!(action, XDP_PASS, "{what} cut to {len}");
+            if len < 14 + strip + inner_header {
+                assert_eq!(out, cut, "{what} cut to {len}: touched");
+            } else {
+                assert_eq!(out, client[..len - strip], "{what} cut to {len}: not the client's frame, cut");
+            }
+        }
+    }
+}
