@@ -118,6 +118,12 @@ enum Command {
         #[arg(long)]
         raw: bool,
     },
+    /// On a broker host: the program that unwraps tunnelled frames (IPIP, IPv6 in IPv6, GUE)
+    /// from balancers for the VIPs this host holds.
+    Decap {
+        #[command(subcommand)]
+        command: cli::decap::Command,
+    },
     /// Print the shell completion script for SHELL (the package installs bash, zsh and fish's).
     Completions { shell: clap_complete::Shell },
     /// Print the man page; with `--dir`, write `dsrlb.1` and a page per subcommand there.
@@ -164,6 +170,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Man { dir } => man(dir.as_deref()),
+        Command::Decap { command } => cli::decap::run(command),
         Command::Run { config, stats_interval, metrics, socket_group } => {
             match (config::load(&config), parse_metrics(&metrics), group_id(socket_group.as_deref())) {
                 (Err(e), _, _) => Err(anyhow::Error::new(e).context("invalid config; nothing was attached")),

@@ -410,20 +410,37 @@ fn cli() -> BTreeMap<String, BTreeSet<String>> {
             continue;
         }
         let sub = dsrlb(&[name, "--help"]);
-        let mut opts: BTreeSet<String> = help_section(&sub, "Options:")
+        // A command of commands (`dsrlb decap`): each of its commands, as `decap attach`.
+        let nested: Vec<String> = help_section(&sub, "Commands:")
             .iter()
-            // The option itself and its aliases, not the options its description mentions.
-            .flat_map(|l| {
-                let spec = l.trim_start().split("  ").next().unwrap_or("");
-                let aliases = l.rfind("[alias").map_or("", |i| &l[i..]);
-                long_options(spec).into_iter().chain(long_options(aliases))
-            })
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| *n != "help")
+            .map(str::to_owned)
             .collect();
-        opts.remove("--help");
-        out.insert(name.to_owned(), opts);
+        if nested.is_empty() {
+            out.insert(name.to_owned(), options(&sub));
+        }
+        for n in nested {
+            out.insert(format!("{name} {n}"), options(&dsrlb(&[name, &n, "--help"])));
+        }
     }
     assert!(out.len() >= 10, "dsrlb --help lists only {:?}", out.keys());
     out
+}
+
+/// The long options a command's `--help` lists, with their aliases, but not `--help`.
+fn options(help: &str) -> BTreeSet<String> {
+    let mut opts: BTreeSet<String> = help_section(help, "Options:")
+        .iter()
+        // The option itself and its aliases, not the options its description mentions.
+        .flat_map(|l| {
+            let spec = l.trim_start().split("  ").next().unwrap_or("");
+            let aliases = l.rfind("[alias").map_or("", |i| &l[i..]);
+            long_options(spec).into_iter().chain(long_options(aliases))
+        })
+        .collect();
+    opts.remove("--help");
+    opts
 }
 
 /// The body of `## title` in `md`.
@@ -451,7 +468,7 @@ fn every_command_and_option_is_in_the_cli_list_and_the_man_pages() {
     let dir = std::env::temp_dir().join(format!("dsrlb-docs-man-{}", std::process::id()));
     dsrlb(&["man", "--dir", dir.to_str().expect("UTF-8 path")]);
     for (cmd, opts) in &cli {
-        let page = std::fs::read_to_string(dir.join(format!("dsrlb-{cmd}.1"))).unwrap_or_default();
+        let page = std::fs::read_to_string(dir.join(format!("dsrlb-{}.1", cmd.replace(' ', "-")))).unwrap_or_default();
         for o in opts.iter().filter(|o| !page.contains(&o.replace('-', "\\-"))) {
             if *o != "--write" {
                 problems.push(format!("man page dsrlb-{cmd}.1 does not name {o}"));
@@ -471,7 +488,15 @@ fn shown_commands(md: &str) -> Vec<(String, String)> {
         let text = text.trim_start();
         let text = text.strip_prefix("$ ").or_else(|| text.strip_prefix("# ")).unwrap_or(text);
         let rest = text.strip_prefix("dsrlb ")?;
-        let cmd: String = rest.chars().take_while(char::is_ascii_lowercase).collect();
+        let mut cmd: String = rest.chars().take_while(char::is_ascii_lowercase).collect();
+        // A second lowercase word may be a command of a command (`dsrlb decap attach`), or an
+        // argument (`dsrlb drain b1`): the caller tells them apart.
+        if let Some(next) = rest[cmd.len()..].strip_prefix(' ') {
+            let word: String = next.chars().take_while(char::is_ascii_lowercase).collect();
+            if !word.is_empty() && next[word.len()..].chars().next().is_none_or(|c| c == ' ') {
+                cmd = format!("{cmd} {word}");
+            }
+        }
         let tail = rest[cmd.len()..].split(['#', '|', ';']).next().unwrap_or("");
         Some((cmd, tail.to_owned()))
     }
@@ -512,7 +537,13 @@ fn the_docs_show_only_commands_and_options_dsrlb_has() {
     for file in &files {
         let md = read(file);
         for (cmd, tail) in shown_commands(&md) {
-            let opts = if cmd.is_empty() || cmd == "help" {
+            // Two words: a command of commands (`decap attach`), or a command and its argument.
+            let (cmd, tail) = match cmd.split_once(' ') {
+                Some((first, word)) if !cli.contains_key(&cmd) => (first.to_owned(), format!(" {word}{tail}")),
+                _ => (cmd, tail),
+            };
+            let group = cli.keys().any(|k| k.starts_with(&format!("{cmd} ")));
+            let opts = if cmd.is_empty() || cmd == "help" || group {
                 &global
             } else if let Some(o) = cli.get(&cmd) {
                 o

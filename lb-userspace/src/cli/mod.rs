@@ -2,6 +2,7 @@
 //! `lb_userspace::control::client` and show what it answers. Nothing in the library depends on
 //! them.
 
+pub mod decap;
 pub mod status;
 pub mod trace;
 

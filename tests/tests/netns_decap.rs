@@ -1,0 +1,231 @@
+//! `dsrlb decap` on a real veth: a broker namespace with the VIPs on `lo` and a listener on
+//! them, and a namespace in front of it that plays the balancer, sending tunnel frames (IPIP,
+//! IPv6 in IPv6, GUE) that carry a client's SYN. Without the decap program the broker's kernel
+//! (no ipip module) never answers; with it, the broker answers the client directly, from the
+//! VIP. The CLI attaches, shows, updates and detaches it, and refuses bad options by name.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener},
+    time::Duration,
+};
+
+use aya::programs::XdpMode;
+
+use lb_common::DECAP_GUE_PORT;
+use lb_userspace::dataplane::testing::TestPrograms;
+use tests::{
+    dsrlb_bin,
+    frame::{Ipv4Frame, Ipv6Frame, TCP_SYN, checksum},
+    netns::{Netns, PacketSocket, veth},
+    require_root, wait,
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 7);
+const LB: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+const LB6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 2);
+const BROKER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
+const BROKER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 11);
+const STRANGER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 66);
+
+struct Lab {
+    lb: Netns,
+    broker: Netns,
+    lb_mac: [u8; 6],
+    broker_mac: [u8; 6],
+    pin_root: std::path::PathBuf,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.dsrlb(&["detach", "br0"]);
+        let _ = std::fs::remove_dir(&self.pin_root);
+    }
+}
+
+fn mac_of(ns: &Netns, ifname: &str) -> [u8; 6] {
+    ns.run(|| lb_userspace::dataplane::interface_mac(ifname)).expect("the interface's MAC")
+}
+
+impl Lab {
+    fn new() -> Self {
+        let lb = Netns::new("dsrlb-t-dc-lb");
+        let broker = Netns::new("dsrlb-t-dc-br");
+        veth(&lb, "lb0", &broker, "br0");
+        lb.ip(&["addr", "add", "203.0.113.2/24", "dev", "lb0"]);
+        lb.ip(&["addr", "add", "2001:db8:f::2/64", "dev", "lb0", "nodad"]);
+        broker.ip(&["addr", "add", "203.0.113.11/24", "dev", "br0"]);
+        broker.ip(&["addr", "add", "2001:db8:f::11/64", "dev", "br0", "nodad"]);
+        broker.ip(&["addr", "add", "192.0.2.100/32", "dev", "lo"]);
+        broker.ip(&["addr", "add", "2001:db8::100/128", "dev", "lo"]);
+        // Replies go straight to the clients, through the router (here: the other namespace).
+        broker.ip(&["route", "add", "198.51.100.0/24", "via", "203.0.113.2"]);
+        broker.ip(&["-6", "route", "add", "2001:db8:c::/64", "via", "2001:db8:f::2"]);
+        let (lb_mac, broker_mac) = (mac_of(&lb, "lb0"), mac_of(&broker, "br0"));
+        let pin_root = std::path::PathBuf::from(format!("/sys/fs/bpf/dsrlb-decap-test-{}", std::process::id()));
+        Self { lb, broker, lb_mac, broker_mac, pin_root }
+    }
+
+    /// `dsrlb decap ARGS --pin-root ROOT` in the broker's namespace: success and output.
+    fn dsrlb(&self, args: &[&str]) -> (bool, String) {
+        let out =
+            self.broker.command(dsrlb_bin()).arg("decap").args(args).arg("--pin-root").arg(&self.pin_root).output().expect("dsrlb decap");
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let (ok, out) = self.dsrlb(&["status", "br0", "--json"]);
+        assert!(ok, "{out}");
+        let all: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+        all[0].clone()
+    }
+
+    fn eth(&self, ethertype: u16) -> Vec<u8> {
+        let mut f = self.broker_mac.to_vec();
+        f.extend_from_slice(&self.lb_mac);
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f
+    }
+
+    fn ipip(&self, src: Ipv4Addr, protocol: u8, payload: &[u8]) -> Vec<u8> {
+        let mut h = vec![0x45, 0];
+        h.extend_from_slice(&u16::try_from(20 + payload.len()).expect("small").to_be_bytes());
+        h.extend_from_slice(&[0, 0, 0x40, 0, 64, protocol, 0, 0]);
+        h.extend_from_slice(&src.octets());
+        h.extend_from_slice(&BROKER.octets());
+        let c = checksum(&h, 0);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut f = self.eth(0x0800);
+        f.extend_from_slice(&h);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn ip6ip6(&self, payload: &[u8]) -> Vec<u8> {
+        let mut f = self.eth(0x86dd);
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&u16::try_from(payload.len()).expect("small").to_be_bytes());
+        f.extend_from_slice(&[41, 64]);
+        f.extend_from_slice(&LB6.octets());
+        f.extend_from_slice(&BROKER6.octets());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// Sends `frame` from the balancer's side `tries` times (a first frame may go before the
+    /// broker's neighbour entry exists) and whether a SYN-ACK from `vip` to `client` port `port`
+    /// comes back on that link.
+    fn answered(&self, frame: &[u8], vip: IpAddr, port: u16) -> bool {
+        self.lb.run(|| {
+            let sock = PacketSocket::open("lb0");
+            (0..3).any(|_| {
+                sock.send(frame);
+                wait::within(Duration::from_secs(1), Duration::ZERO, || sock.recv().is_some_and(|f| is_syn_ack(&f, vip, port))).is_some()
+            })
+        })
+    }
+}
+
+/// A SYN-ACK from `vip` to the client's port `port`.
+fn is_syn_ack(f: &[u8], vip: IpAddr, port: u16) -> bool {
+    let (l4, src_ok) = match vip {
+        IpAddr::V4(v) => (14 + 20, f.len() >= 54 && f[12..14] == [0x08, 0x00] && f[9 + 14] == 6 && f[26..30] == v.octets()),
+        IpAddr::V6(v) => (14 + 40, f.len() >= 74 && f[12..14] == [0x86, 0xdd] && f[6 + 14] == 6 && f[22..38] == v.octets()),
+    };
+    src_ok && f[l4 + 2..l4 + 4] == port.to_be_bytes() && f[l4 + 13] & 0x12 == 0x12
+}
+
+fn syn4(port: u16) -> Vec<u8> {
+    Ipv4Frame::tcp(CLIENT, port, VIP, 1883, TCP_SYN).datagram()
+}
+
+fn syn6(port: u16) -> Vec<u8> {
+    Ipv6Frame::tcp(CLIENT6, port, VIP6, 1883, TCP_SYN).datagram()
+}
+
+fn udp(dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = 40_001u16.to_be_bytes().to_vec();
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&u16::try_from(8 + payload.len()).expect("small").to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+#[test]
+fn a_broker_answers_tunnelled_clients_directly_once_decap_is_attached() {
+    require_root!();
+    let lab = Lab::new();
+    let _listeners: Vec<TcpListener> = lab.broker.run(|| {
+        vec![TcpListener::bind((VIP, 1883)).expect("listen on the VIP"), TcpListener::bind((VIP6, 1883)).expect("listen on the VIP6")]
+    });
+    let ipip = |port| lab.ipip(LB, 4, &syn4(port));
+
+    // Without the program the broker's kernel cannot unwrap IPIP: no answer.
+    assert!(!lab.answered(&ipip(41_000), IpAddr::V4(VIP), 41_000), "answered without decap: the test proves nothing");
+
+    // Bad options are refused by name, and attach nothing.
+    for (args, want) in [
+        (vec!["attach", "br0", "--vip", "192.0.2.100"], "--source"),
+        (vec!["attach", "br0", "--vip", "192.0.2.100", "--source", "203.0.113.2", "--any-source"], "cannot be used with"),
+        (vec!["attach", "nosuch0", "--vip", "192.0.2.100", "--source", "203.0.113.2"], "nosuch0"),
+        (vec!["attach", "..", "--vip", "192.0.2.100", "--source", "203.0.113.2"], "not an interface name"),
+        (vec!["attach", "br0", "--vip", "ff02::1", "--source", "203.0.113.2"], "--vip ff02::1: not a unicast address"),
+        (vec!["detach", "br0"], "no decap program is attached to br0"),
+    ] {
+        let (ok, out) = lab.dsrlb(&args);
+        assert!(!ok && out.contains(want), "{args:?}: {out}");
+    }
+    assert!(!lab.pin_root.join("br0").exists() && !lab.pin_root.join("nosuch0").exists(), "a refused attach left pins");
+
+    let (ok, out) = lab.dsrlb(&[
+        "attach",
+        "br0",
+        "--vip",
+        "192.0.2.100",
+        "--vip",
+        "2001:db8::100",
+        "--source",
+        "203.0.113.2",
+        "--source",
+        "2001:db8:f::2",
+    ]);
+    assert!(ok && out.contains("attached the decap program to br0"), "{out}");
+    assert!(lab.answered(&ipip(41_001), IpAddr::V4(VIP), 41_001), "IPIP: the broker did not answer the client");
+    assert!(lab.answered(&lab.ip6ip6(&syn6(41_002)), IpAddr::V6(VIP6), 41_002), "IPv6 in IPv6: no answer");
+    assert!(lab.answered(&lab.ipip(LB, 17, &udp(DECAP_GUE_PORT, &syn4(41_003))), IpAddr::V4(VIP), 41_003), "GUE: no answer");
+    // A source that is no balancer is dropped, and counted.
+    assert!(!lab.answered(&lab.ipip(STRANGER, 4, &syn4(41_004)), IpAddr::V4(VIP), 41_004), "a stranger's IPIP was answered");
+    let s = lab.status();
+    assert_eq!(s["attached"], true, "{s}");
+    assert!(s["frames"]["decapsulated"].as_u64() >= Some(3), "{s}");
+    assert!(s["frames"]["drop_foreign_source"].as_u64() >= Some(1), "{s}");
+    assert_eq!(s["settings"]["vips"], serde_json::json!(["192.0.2.100", "2001:db8::100"]), "{s}");
+    let (ok, text) = lab.dsrlb(&["status"]);
+    assert!(ok && text.contains("br0: attached, program") && text.contains("sources  203.0.113.2 2001:db8:f::2"), "{text}");
+
+    // Attaching again updates in place: --any-source lets the stranger in, the program stays.
+    let program = s["program"].clone();
+    let (ok, out) = lab.dsrlb(&["attach", "br0", "--vip", "192.0.2.100", "--any-source"]);
+    assert!(ok && out.contains("updated the decap program on br0"), "{out}");
+    assert!(lab.answered(&lab.ipip(STRANGER, 4, &syn4(41_005)), IpAddr::V4(VIP), 41_005), "--any-source: no answer");
+    let s = lab.status();
+    assert_eq!((s["program"].clone(), s["settings"]["vips"].clone()), (program, serde_json::json!(["192.0.2.100"])), "{s}");
+    assert!(!lab.answered(&lab.ip6ip6(&syn6(41_006)), IpAddr::V6(VIP6), 41_006), "a VIP no longer held was unwrapped");
+
+    let (ok, out) = lab.dsrlb(&["detach", "br0"]);
+    assert!(ok && out.contains("detached"), "{out}");
+    assert!(!lab.pin_root.join("br0").exists(), "pins left after detach");
+    let link = lab.broker.exec("ip", &["-d", "link", "show", "br0"]);
+    assert!(!String::from_utf8_lossy(&link.stdout).contains("prog/xdp"), "still attached after detach");
+    assert!(!lab.answered(&ipip(41_007), IpAddr::V4(VIP), 41_007), "answered after detach");
+
+    // Another XDP program on the interface is not replaced.
+    let mut other = TestPrograms::load([0; 6]).expect("the test object");
+    lab.broker.run(|| other.attach("xdp_pass", "br0", XdpMode::Driver, None)).expect("xdp_pass on br0");
+    let (ok, out) = lab.dsrlb(&["attach", "br0", "--vip", "192.0.2.100", "--source", "203.0.113.2"]);
+    assert!(!ok && out.contains("br0 already runs XDP program"), "{out}");
+    assert!(!lab.pin_root.join("br0").exists(), "a refused attach left pins");
+}
