@@ -20,6 +20,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{DECAP_MAX_ADDRS, DecapConf, Ip6, decap_reason as why};
+use lb_ebpf::hdr::{IP_MF_OFFSET_MASK, Ipv4Hdr, Ipv6Hdr};
 
 /// VIPs this host holds (IPv4 as IPv4-mapped IPv6): a tunnel frame for one is decapsulated.
 #[btf_map]
@@ -43,8 +44,6 @@ const ETH_P_IPV6: u16 = 0x86dd_u16.to_be();
 const IPPROTO_IPIP: u8 = 4;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_IPV6: u8 = 41;
-/// IPv4 `frag_off` bits, in wire order: "more fragments" and the offset.
-const IP_MF_OFFSET_MASK: u16 = 0x3fff_u16.to_be();
 const IPV6_HLEN: usize = 40;
 const UDP_HLEN: usize = 8;
 /// GUE version 0's fixed header.
@@ -55,31 +54,6 @@ struct EthHdr {
     dst: [u8; 6],
     src: [u8; 6],
     proto: u16,
-}
-
-/// The fixed part of an IPv4 header; multi-byte fields in wire order.
-#[repr(C)]
-struct Ipv4Hdr {
-    ver_ihl: u8,
-    tos: u8,
-    tot_len: u16,
-    id: u16,
-    frag_off: u16,
-    ttl: u8,
-    protocol: u8,
-    check: u16,
-    saddr: u32,
-    daddr: u32,
-}
-
-#[repr(C)]
-struct Ipv6Hdr {
-    ver_tc_flow: u32,
-    payload_len: u16,
-    next_header: u8,
-    hop_limit: u8,
-    saddr: [u8; 16],
-    daddr: [u8; 16],
 }
 
 #[repr(C)]
@@ -153,7 +127,7 @@ fn outer(ctx: &XdpContext, conf: &DecapConf) -> Result<Tunnel, u32> {
         if ver != 6 {
             return Err(why::PASS_MALFORMED);
         }
-        (Ip6 { octets: saddr }, IPV6_HLEN, protocol)
+        (Ip6::from_words(saddr), IPV6_HLEN, protocol)
     } else {
         return Err(why::PASS_NOT_TUNNEL);
     };
@@ -207,7 +181,7 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
         if ver != 6 {
             return (xdp_action::XDP_PASS, why::PASS_MALFORMED);
         }
-        (Ip6 { octets: daddr }, next, inner + IPV6_HLEN)
+        (Ip6::from_words(daddr), next, inner + IPV6_HLEN)
     } else {
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, inner) else { return (xdp_action::XDP_PASS, why::PASS_MALFORMED) };
         // SAFETY: inside the frame.
@@ -262,12 +236,4 @@ pub fn dsrlb_decap(ctx: XdpContext) -> u32 {
     action
 }
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
+lb_ebpf::object_end!();

@@ -4,6 +4,7 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{Addr6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, fold6};
+use lb_ebpf::hdr::{IP_MF_OFFSET_MASK, Ipv4Hdr, Ipv6Hdr};
 
 use crate::Verdict;
 
@@ -15,35 +16,6 @@ const ETH_P_IP: u16 = 0x0800_u16.to_be();
 const ETH_P_IPV6: u16 = 0x86dd_u16.to_be();
 const ETH_P_8021Q: u16 = 0x8100_u16.to_be();
 const ETH_P_8021AD: u16 = 0x88a8_u16.to_be();
-
-/// IPv4 `frag_off` bits, in wire order: "more fragments" and the 13-bit offset.
-const IP_MF_OFFSET_MASK: u16 = 0x3fff_u16.to_be();
-
-/// The fixed part of an IPv4 header; multi-byte fields keep wire order.
-#[repr(C)]
-struct Ipv4Hdr {
-    ver_ihl: u8,
-    tos: u8,
-    tot_len: u16,
-    id: u16,
-    frag_off: u16,
-    ttl: u8,
-    protocol: u8,
-    check: u16,
-    saddr: u32,
-    daddr: u32,
-}
-
-/// The fixed IPv6 header; the addresses as [`Addr6`].
-#[repr(C)]
-struct Ipv6Hdr {
-    ver_tc_flow: u32,
-    payload_len: u16,
-    next_header: u8,
-    hop_limit: u8,
-    saddr: Addr6,
-    daddr: Addr6,
-}
 
 /// The IPv6 fragment header.
 #[repr(C)]

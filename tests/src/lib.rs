@@ -1,7 +1,8 @@
 //! Test support: a small Ethernet frame builder (`frame`), the packet-fixture harness and its
 //! case tables (`fixture`), network namespaces that clean up on drop (`netns`), the DSR lab
 //! (`lab`) and the balancer process in it (`balancer`), MQTT clients and load (`client`,
-//! `mqtt`, `load`), and the one way to wait for something (`wait`).
+//! `mqtt`, `load`), tunnel frames for the decap tests (`tunnel`), the one way to wait for
+//! something (`wait`), and a small deterministic generator ([`XorShift`]).
 #![allow(clippy::must_use_candidate, reason = "helpers run commands for their effect; their output is optional")]
 
 pub mod balancer;
@@ -12,7 +13,35 @@ pub mod lab;
 pub mod load;
 pub mod mqtt;
 pub mod netns;
+pub mod tunnel;
 pub mod wait;
+
+/// A small deterministic generator (xorshift64): a run that fails can be run again from its
+/// seed.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    #[allow(clippy::should_implement_trait, reason = "an infinite generator, not an iterator")]
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number below `n`.
+    ///
+    /// # Panics
+    /// When `n` is 0.
+    pub fn below(&mut self, n: usize) -> usize {
+        usize::try_from(self.next() % n as u64).expect("below n")
+    }
+
+    /// A byte.
+    pub fn byte(&mut self) -> u8 {
+        self.next().to_le_bytes()[0]
+    }
+}
 
 /// True when the process may load BPF programs and make namespaces.
 #[must_use]

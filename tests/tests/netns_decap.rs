@@ -5,7 +5,7 @@
 //! VIP. The CLI attaches, shows, updates and detaches it, and refuses bad options by name.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener},
+    net::{IpAddr, Ipv4Addr, TcpListener},
     time::Duration,
 };
 
@@ -15,20 +15,12 @@ use lb_common::DECAP_GUE_PORT;
 use lb_userspace::dataplane::testing::TestPrograms;
 use tests::{
     dsrlb_bin,
-    frame::{Ipv4Frame, Ipv6Frame, TCP_SYN, checksum},
+    frame::{Ipv4Frame, Ipv6Frame, TCP_SYN},
     netns::{Netns, PacketSocket, veth},
-    require_root, wait,
+    require_root,
+    tunnel::{BROKER, BROKER6, CLIENT, CLIENT6, LB, LB6, STRANGER, VIP, VIP6, eth, ipv4, ipv6, udp},
+    wait,
 };
-
-const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
-const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 7);
-const LB: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
-const LB6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 2);
-const BROKER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
-const BROKER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 11);
-const STRANGER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 66);
 
 struct Lab {
     lb: Netns,
@@ -82,35 +74,15 @@ impl Lab {
         all[0].clone()
     }
 
-    fn eth(&self, ethertype: u16) -> Vec<u8> {
-        let mut f = self.broker_mac.to_vec();
-        f.extend_from_slice(&self.lb_mac);
-        f.extend_from_slice(&ethertype.to_be_bytes());
-        f
-    }
-
     fn ipip(&self, src: Ipv4Addr, protocol: u8, payload: &[u8]) -> Vec<u8> {
-        let mut h = vec![0x45, 0];
-        h.extend_from_slice(&u16::try_from(20 + payload.len()).expect("small").to_be_bytes());
-        h.extend_from_slice(&[0, 0, 0x40, 0, 64, protocol, 0, 0]);
-        h.extend_from_slice(&src.octets());
-        h.extend_from_slice(&BROKER.octets());
-        let c = checksum(&h, 0);
-        h[10..12].copy_from_slice(&c.to_be_bytes());
-        let mut f = self.eth(0x0800);
-        f.extend_from_slice(&h);
-        f.extend_from_slice(payload);
+        let mut f = eth(self.broker_mac, self.lb_mac, 0x0800);
+        f.extend_from_slice(&ipv4(src, BROKER, protocol, 0x4000, payload));
         f
     }
 
     fn ip6ip6(&self, payload: &[u8]) -> Vec<u8> {
-        let mut f = self.eth(0x86dd);
-        f.extend_from_slice(&[0x60, 0, 0, 0]);
-        f.extend_from_slice(&u16::try_from(payload.len()).expect("small").to_be_bytes());
-        f.extend_from_slice(&[41, 64]);
-        f.extend_from_slice(&LB6.octets());
-        f.extend_from_slice(&BROKER6.octets());
-        f.extend_from_slice(payload);
+        let mut f = eth(self.broker_mac, self.lb_mac, 0x86dd);
+        f.extend_from_slice(&ipv6(LB6, BROKER6, 41, payload));
         f
     }
 
@@ -143,15 +115,6 @@ fn syn4(port: u16) -> Vec<u8> {
 
 fn syn6(port: u16) -> Vec<u8> {
     Ipv6Frame::tcp(CLIENT6, port, VIP6, 1883, TCP_SYN).datagram()
-}
-
-fn udp(dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut u = 40_001u16.to_be_bytes().to_vec();
-    u.extend_from_slice(&dport.to_be_bytes());
-    u.extend_from_slice(&u16::try_from(8 + payload.len()).expect("small").to_be_bytes());
-    u.extend_from_slice(&[0, 0]);
-    u.extend_from_slice(payload);
-    u
 }
 
 #[test]

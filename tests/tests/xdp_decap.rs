@@ -15,6 +15,7 @@ use lb_userspace::decap::{Loaded, Settings};
 use tests::{
     frame::{Ipv4Frame, Ipv6Frame, TCP_ACK, TCP_SYN, checksum},
     require_root,
+    tunnel::{BROKER, BROKER6, CLIENT, CLIENT6, LB, LB6, STRANGER, VIP, VIP6, eth, gue0, ipv4, ipv6, udp},
 };
 
 const XDP_DROP: u32 = 1;
@@ -22,17 +23,6 @@ const XDP_PASS: u32 = 2;
 
 const BROKER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
 const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
-const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
-const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 7);
-/// The balancer's tunnel source, and the broker's own address (the outer destination).
-const LB: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
-const LB6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 2);
-const BROKER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
-const BROKER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 11);
-const STRANGER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 66);
-
 fn settings(any_source: bool) -> Settings {
     Settings {
         vips: [IpAddr::V4(VIP), IpAddr::V6(VIP6)].into_iter().collect(),
@@ -57,59 +47,17 @@ fn inner6(dst: Ipv6Addr) -> Ipv6Frame {
     f
 }
 
-fn eth(ethertype: u16) -> Vec<u8> {
-    let mut f = BROKER_MAC.to_vec();
-    f.extend_from_slice(&ROUTER_MAC);
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f
-}
-
-/// An outer IPv4 header (DF, TTL 64, its checksum) before `payload` of `protocol`.
+/// An IPv4 tunnel frame from `src` to the broker.
 fn outer4(src: Ipv4Addr, protocol: u8, frag: u16, payload: &[u8]) -> Vec<u8> {
-    let len = u16::try_from(20 + payload.len()).expect("small");
-    let mut h = vec![0x45, 0];
-    h.extend_from_slice(&len.to_be_bytes());
-    h.extend_from_slice(&[0x12, 0x34]);
-    h.extend_from_slice(&frag.to_be_bytes());
-    h.extend_from_slice(&[64, protocol, 0, 0]);
-    h.extend_from_slice(&src.octets());
-    h.extend_from_slice(&BROKER.octets());
-    let c = checksum(&h, 0);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut f = eth(0x0800);
-    f.extend_from_slice(&h);
-    f.extend_from_slice(payload);
+    let mut f = eth(BROKER_MAC, ROUTER_MAC, 0x0800);
+    f.extend_from_slice(&ipv4(src, BROKER, protocol, frag, payload));
     f
 }
 
 fn outer6(src: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = eth(0x86dd);
-    f.extend_from_slice(&[0x60, 0, 0, 0]);
-    f.extend_from_slice(&u16::try_from(payload.len()).expect("small").to_be_bytes());
-    f.extend_from_slice(&[next, 64]);
-    f.extend_from_slice(&src.octets());
-    f.extend_from_slice(&BROKER6.octets());
-    f.extend_from_slice(payload);
+    let mut f = eth(BROKER_MAC, ROUTER_MAC, 0x86dd);
+    f.extend_from_slice(&ipv6(src, BROKER6, next, payload));
     f
-}
-
-/// A UDP header to `dport` (checksum zero, allowed for IPv4 and for IPv6 tunnels) before `payload`.
-fn udp(dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut u = 51_234u16.to_be_bytes().to_vec();
-    u.extend_from_slice(&dport.to_be_bytes());
-    u.extend_from_slice(&u16::try_from(8 + payload.len()).expect("small").to_be_bytes());
-    u.extend_from_slice(&[0, 0]);
-    u.extend_from_slice(payload);
-    u
-}
-
-/// GUE version 0: a data message of `protocol` with `options` (a multiple of 4 bytes).
-fn gue0(protocol: u8, options: &[u8], control: bool, payload: &[u8]) -> Vec<u8> {
-    let hlen = u8::try_from(options.len() / 4).expect("small");
-    let mut g = vec![if control { 0x20 } else { 0 } | hlen, protocol, 0, 0];
-    g.extend_from_slice(options);
-    g.extend_from_slice(payload);
-    g
 }
 
 struct Row {

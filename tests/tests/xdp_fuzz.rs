@@ -9,6 +9,7 @@ use std::net::Ipv4Addr;
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::reason;
 use tests::{
+    XorShift as Rng,
     fixture::{CLIENT, Lb, VIP, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, mac_of},
     frame::{self, Ipv4Frame, L4, LB_MAC, TCP_ACK, TCP_SYN},
     require_root,
@@ -16,26 +17,6 @@ use tests::{
 
 /// Frames generated per run (and mutated from the seeds below).
 const FRAMES: usize = 6000;
-
-/// A small deterministic generator (xorshift): a failure names its seed and frame.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        usize::try_from(self.next() % n as u64).expect("small")
-    }
-
-    fn byte(&mut self) -> u8 {
-        self.next().to_le_bytes()[0]
-    }
-}
 
 /// The frames mutations start from: every kind the balancer tells apart.
 fn seeds() -> Vec<Vec<u8>> {

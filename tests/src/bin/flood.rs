@@ -16,21 +16,13 @@
 use std::{net::IpAddr, time::Instant};
 
 use lb_userspace::config::parse_mac;
-use tests::frame::{Ipv4Frame, Ipv6Frame, TCP_ACK, TCP_SYN, checksum};
+use tests::{
+    XorShift as Rng,
+    frame::{Ipv4Frame, Ipv6Frame, TCP_ACK, TCP_SYN, checksum},
+};
 
 /// Frames per `sendmmsg`.
 const BATCH: usize = 64;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 fn usage() -> ! {
     eprintln!("usage: flood IFACE DST_MAC VIP PORT SRC_NET/LEN syn|ack|syn-ack|ack-ack COUNT SECONDS [PPS]");
