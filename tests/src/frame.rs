@@ -74,14 +74,7 @@ impl Ipv4Frame {
 
     #[must_use]
     pub fn build(&self) -> Vec<u8> {
-        let mut f = Vec::with_capacity(128);
-        f.extend_from_slice(&self.dst_mac);
-        f.extend_from_slice(&self.src_mac);
-        if let Some((tpid, tci)) = self.vlan {
-            f.extend_from_slice(&tpid.to_be_bytes());
-            f.extend_from_slice(&tci.to_be_bytes());
-        }
-        f.extend_from_slice(&0x0800u16.to_be_bytes());
+        let mut f = ethernet(self.dst_mac, self.src_mac, self.vlan, 0x0800);
 
         let mut opts = self.ip_options.clone();
         while !opts.len().is_multiple_of(4) {
@@ -180,6 +173,20 @@ impl Ipv4Frame {
         f.l4 = L4::IcmpError { kind: ICMP_DEST_UNREACH, code: ICMP_FRAG_NEEDED, mtu, quoted };
         f
     }
+}
+
+/// An Ethernet header, with one VLAN tag (TPID, TCI) if given.
+#[must_use]
+pub fn ethernet(dst: [u8; 6], src: [u8; 6], vlan: Option<(u16, u16)>, ethertype: u16) -> Vec<u8> {
+    let mut f = Vec::with_capacity(128);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    if let Some((tpid, tci)) = vlan {
+        f.extend_from_slice(&tpid.to_be_bytes());
+        f.extend_from_slice(&tci.to_be_bytes());
+    }
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f
 }
 
 /// The Internet checksum of `data`, starting from a partial sum.
@@ -367,14 +374,7 @@ impl Ipv6Frame {
 
     #[must_use]
     pub fn build(&self) -> Vec<u8> {
-        let mut f = Vec::with_capacity(128);
-        f.extend_from_slice(&self.dst_mac);
-        f.extend_from_slice(&self.src_mac);
-        if let Some((tpid, tci)) = self.vlan {
-            f.extend_from_slice(&tpid.to_be_bytes());
-            f.extend_from_slice(&tci.to_be_bytes());
-        }
-        f.extend_from_slice(&0x86ddu16.to_be_bytes());
+        let mut f = ethernet(self.dst_mac, self.src_mac, self.vlan, 0x86dd);
 
         // The chain: each header names the one after it.
         let mut kinds: Vec<u8> = self.ext.iter().map(|e| e.kind).collect();

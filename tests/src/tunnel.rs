@@ -21,10 +21,7 @@ pub const STRANGER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 66);
 /// The MACs and EtherType of a frame.
 #[must_use]
 pub fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> Vec<u8> {
-    let mut f = dst.to_vec();
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f
+    crate::frame::ethernet(dst, src, None, ethertype)
 }
 
 /// An IPv4 header from `src` to the broker (TTL 64, `frag` as the flags and offset field,
