@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # Prepare a broker host for dsrlb's direct server return, or check that it is prepared.
 #
-#   backend-setup.sh apply  [--dev IFACE] VIP [VIP...]
-#   backend-setup.sh verify [--dev IFACE] VIP [VIP...]
+#   backend-setup.sh apply  [--dev IFACE] [--decap (--source ADDR)... | --decap --any-source] VIP [VIP...]
+#   backend-setup.sh verify [--dev IFACE] [--decap ...] VIP [VIP...]
+#
+# With --decap the broker is one the balancer reaches through a tunnel (IPIP, IPv6 in IPv6 or
+# GUE): `apply` also attaches `dsrlb decap` to IFACE for the VIPs, accepting tunnel frames from
+# the balancers' --source addresses (or --any-source), and `verify` checks it is attached with
+# every VIP. The loose rp_filter below also lets the unwrapped packets in: their source is a
+# client's, reached through the router rather than the balancer. `dsrlb` must be on PATH (the
+# package installs it; set DSRLB to use another path, and DSRLB_DECAP_PIN_ROOT for another
+# pin root than dsrlb decap's default).
 #
 # A DR backend must (1) hold every VIP on lo as a /32, so it accepts frames the balancer
 # rewrote to its MAC; (2) never answer ARP for a VIP (arp_ignore=1) nor use a VIP as ARP source
@@ -19,12 +27,29 @@
 # for its VIP and accepts frames for it sent to its MAC.)
 set -euo pipefail
 
-usage() { echo "usage: $0 apply|verify [--dev IFACE] VIP [VIP...]" >&2; exit 2; }
+usage() { echo "usage: $0 apply|verify [--dev IFACE] [--decap (--source ADDR)... | --decap --any-source] VIP [VIP...]" >&2; exit 2; }
 [ $# -ge 2 ] || usage
 action=$1; shift
 dev=""
-if [ "${1:-}" = "--dev" ]; then dev=${2:?--dev needs an interface}; shift 2; fi
+decap=0
+decap_from=()
+while [ $# -gt 0 ]; do
+    case $1 in
+    --dev) dev=${2:?--dev needs an interface}; shift 2 ;;
+    --decap) decap=1; shift ;;
+    --source) decap_from+=(--source "${2:?--source needs an address}"); shift 2 ;;
+    --any-source) decap_from+=(--any-source); shift ;;
+    --*) echo "unknown option $1" >&2; usage ;;
+    *) break ;;
+    esac
+done
 [ $# -ge 1 ] || usage
+if [ $decap = 0 ] && [ ${#decap_from[@]} -gt 0 ]; then echo "--source and --any-source go with --decap" >&2; exit 2; fi
+if [ $decap = 1 ] && [ ${#decap_from[@]} -eq 0 ]; then
+    echo "--decap needs the balancers' tunnel sources (--source ADDR, repeated) or --any-source" >&2; exit 2
+fi
+dsrlb=${DSRLB:-dsrlb}
+pin_root=(); if [ -n "${DSRLB_DECAP_PIN_ROOT:-}" ]; then pin_root=(--pin-root "$DSRLB_DECAP_PIN_ROOT"); fi
 if [ -z "$dev" ]; then
     # (awk reads all its input: exiting early would SIGPIPE `ip`, which pipefail reports)
     dev=$(ip -4 route show default | awk '!d {for (i=1;i<NF;i++) if ($i=="dev") {d=$(i+1)}} END {print d}')
@@ -89,9 +114,14 @@ case $action in
 apply)
     for s in "${sysctls[@]}"; do sysctl -qw "$s"; done
     for vip in "$@"; do has_vip "$vip" || ip "$(fam "$vip")" addr add "$vip/$(plen "$vip")" dev lo; done
+    if [ $decap = 1 ]; then
+        vip_args=(); for vip in "$@"; do vip_args+=(--vip "$vip"); done
+        "$dsrlb" decap attach "$dev" "${vip_args[@]}" "${decap_from[@]}" ${pin_root[@]+"${pin_root[@]}"}
+    fi
     echo "applied on $dev. To persist:"
     printf '  /etc/sysctl.d/90-dsrlb.conf:\n'; printf '    %s\n' "${sysctls[@]}"
     for vip in "$@"; do echo "  ip $(fam "$vip") addr add $vip/$(plen "$vip") dev lo   (in the host's network configuration)"; done
+    if [ $decap = 1 ]; then echo "  the same dsrlb decap attach, once the interface is up (it is pinned, but not across a reboot)"; fi
     ;&
 verify)
     bad=0
@@ -108,6 +138,22 @@ verify)
             echo "FAIL  $vip is on $dev too: the broker would answer $what for it"; bad=1
         fi
     done
+    if [ $decap = 1 ]; then
+        if status=$("$dsrlb" decap status "$dev" ${pin_root[@]+"${pin_root[@]}"} 2>&1) && grep -q "^$dev: attached" <<<"$status"; then
+            echo "ok    dsrlb decap attached to $dev"
+            held=$(awk '$1 == "VIPs" {for (i = 2; i <= NF; i++) print $i}' <<<"$status")
+            for vip in "$@"; do
+                found=0
+                for h in $held; do
+                    if is_v6 "$vip" && is_v6 "$h"; then [ "$(canon6 "$vip")" = "$(canon6 "$h")" ] && found=1
+                    elif [ "$vip" = "$h" ]; then found=1; fi
+                done
+                if [ $found = 1 ]; then echo "ok    dsrlb decap holds $vip"; else echo "FAIL  dsrlb decap on $dev does not hold $vip: attach it again with every VIP"; bad=1; fi
+            done
+        else
+            echo "FAIL  dsrlb decap is not attached to $dev: ${status//$'\n'/ }"; bad=1
+        fi
+    fi
     exit $bad
     ;;
 *) usage ;;

@@ -42,21 +42,28 @@ fn mac_of(ns: &Netns, ifname: &str) -> [u8; 6] {
 }
 
 impl Lab {
+    /// The two namespaces, the broker with the VIPs on lo.
     fn new() -> Self {
-        let lb = Netns::new("dsrlb-t-dc-lb");
-        let broker = Netns::new("dsrlb-t-dc-br");
+        let lab = Self::new_bare("dc");
+        lab.broker.ip(&["addr", "add", "192.0.2.100/32", "dev", "lo"]);
+        lab.broker.ip(&["addr", "add", "2001:db8::100/128", "dev", "lo"]);
+        lab
+    }
+
+    /// The two namespaces (`dsrlb-t-TAG-lb`, `-br`), linked and routed, no VIP anywhere.
+    fn new_bare(tag: &str) -> Self {
+        let lb = Netns::new(&format!("dsrlb-t-{tag}-lb"));
+        let broker = Netns::new(&format!("dsrlb-t-{tag}-br"));
         veth(&lb, "lb0", &broker, "br0");
         lb.ip(&["addr", "add", "203.0.113.2/24", "dev", "lb0"]);
         lb.ip(&["addr", "add", "2001:db8:f::2/64", "dev", "lb0", "nodad"]);
         broker.ip(&["addr", "add", "203.0.113.11/24", "dev", "br0"]);
         broker.ip(&["addr", "add", "2001:db8:f::11/64", "dev", "br0", "nodad"]);
-        broker.ip(&["addr", "add", "192.0.2.100/32", "dev", "lo"]);
-        broker.ip(&["addr", "add", "2001:db8::100/128", "dev", "lo"]);
         // Replies go straight to the clients, through the router (here: the other namespace).
         broker.ip(&["route", "add", "198.51.100.0/24", "via", "203.0.113.2"]);
         broker.ip(&["-6", "route", "add", "2001:db8:c::/64", "via", "2001:db8:f::2"]);
         let (lb_mac, broker_mac) = (mac_of(&lb, "lb0"), mac_of(&broker, "br0"));
-        let pin_root = std::path::PathBuf::from(format!("/sys/fs/bpf/dsrlb-decap-test-{}", std::process::id()));
+        let pin_root = std::path::PathBuf::from(format!("/sys/fs/bpf/dsrlb-decap-test-{tag}-{}", std::process::id()));
         Self { lb, broker, lb_mac, broker_mac, pin_root }
     }
 
@@ -191,4 +198,42 @@ fn a_broker_answers_tunnelled_clients_directly_once_decap_is_attached() {
     let (ok, out) = lab.dsrlb(&["attach", "br0", "--vip", "192.0.2.100", "--source", "203.0.113.2"]);
     assert!(!ok && out.contains("br0 already runs XDP program"), "{out}");
     assert!(!lab.pin_root.join("br0").exists(), "a refused attach left pins");
+}
+
+/// `backend-setup.sh --decap`: `apply` puts the VIPs on lo and attaches the program with them,
+/// after which the broker answers tunnelled clients; `verify` finds it, and fails (naming it)
+/// once it is gone; `--decap` without a source is refused.
+#[test]
+fn the_backend_script_sets_up_decap_and_verifies_it() {
+    require_root!();
+    let lab = Lab::new_bare("dc2");
+    let _listener = lab.broker.run(|| TcpListener::bind(("0.0.0.0", 1883)).expect("listen"));
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/backend-setup.sh");
+    let run = |args: &[&str]| {
+        let out = lab
+            .broker
+            .command("bash")
+            .arg(&script)
+            .args(args)
+            .env("DSRLB", dsrlb_bin())
+            .env("DSRLB_DECAP_PIN_ROOT", &lab.pin_root)
+            .output()
+            .expect("running backend-setup.sh");
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let (ok, out) = run(&["apply", "--dev", "br0", "--decap", "192.0.2.100"]);
+    assert!(!ok && out.contains("--decap needs the balancers' tunnel sources"), "{out}");
+    let (ok, out) = run(&["verify", "--dev", "br0", "--decap", "--source", "203.0.113.2", "192.0.2.100"]);
+    assert!(!ok && out.contains("FAIL  dsrlb decap is not attached to br0"), "{out}");
+    assert!(!lab.answered(&lab.ipip(LB, 4, &syn4(42_000)), IpAddr::V4(VIP), 42_000), "answered before the script ran");
+
+    let (ok, out) = run(&["apply", "--dev", "br0", "--decap", "--source", "203.0.113.2", "192.0.2.100", "2001:db8::100"]);
+    assert!(ok, "apply then verify failed:\n{out}");
+    assert!(out.contains("ok    dsrlb decap holds 192.0.2.100") && out.contains("ok    dsrlb decap holds 2001:db8::100"), "{out}");
+    assert!(lab.answered(&lab.ipip(LB, 4, &syn4(42_001)), IpAddr::V4(VIP), 42_001), "no answer after the script's apply");
+
+    let (ok, out) = lab.dsrlb(&["detach", "br0"]);
+    assert!(ok, "{out}");
+    let (ok, out) = run(&["verify", "--dev", "br0", "--decap", "--source", "203.0.113.2", "192.0.2.100"]);
+    assert!(!ok && out.contains("FAIL  dsrlb decap is not attached to br0") && out.contains("ok    192.0.2.100/32 on lo"), "{out}");
 }
