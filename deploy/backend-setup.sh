@@ -142,6 +142,21 @@ verify)
         if status=$("$dsrlb" decap status "$dev" ${pin_root[@]+"${pin_root[@]}"} 2>&1) && grep -q "^$dev: attached" <<<"$status"; then
             echo "ok    dsrlb decap attached to $dev"
             held=$(awk '$1 == "VIPs" {for (i = 2; i <= NF; i++) print $i}' <<<"$status")
+            senders=$(awk '$1 == "sources" {for (i = 2; i <= NF; i++) print $i}' <<<"$status")
+            if [ "${decap_from[0]}" = "--any-source" ]; then
+                if [[ $senders == any* ]]; then echo "ok    dsrlb decap takes any source"; else echo "FAIL  dsrlb decap takes only $(echo $senders), not any source"; bad=1; fi
+            elif [[ $senders == any* ]]; then
+                echo "FAIL  dsrlb decap on $dev takes tunnel frames from any source: attach it again with --source"; bad=1
+            else
+                for ((i = 1; i < ${#decap_from[@]}; i += 2)); do
+                    src=${decap_from[i]} found=0
+                    for h in $senders; do
+                        if is_v6 "$src" && is_v6 "$h"; then [ "$(canon6 "$src")" = "$(canon6 "$h")" ] && found=1
+                        elif [ "$src" = "$h" ]; then found=1; fi
+                    done
+                    if [ $found = 1 ]; then echo "ok    dsrlb decap takes $src"; else echo "FAIL  dsrlb decap on $dev does not take $src"; bad=1; fi
+                done
+            fi
             for vip in "$@"; do
                 found=0
                 for h in $held; do

@@ -7,8 +7,8 @@
 //! hardened broker hosts do not load them, and the machines dsrlb is tested on have none.
 //!
 //! GUE: version 1 (the inner IP header straight after the UDP header, as Katran sends it), and
-//! version 0 with a header of protocol 4 or 41 (its optional fields skipped); control messages
-//! pass untouched.
+//! version 0 with a header of protocol 4 or 41 and no flags; control messages and flagged
+//! headers pass untouched.
 #![no_std]
 #![no_main]
 
@@ -44,9 +44,12 @@ const ETH_P_IPV6: u16 = 0x86dd_u16.to_be();
 const IPPROTO_IPIP: u8 = 4;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_IPV6: u8 = 41;
+const IPPROTO_FRAGMENT: u8 = 44;
+/// IPv4 `frag_off`'s offset bits, in wire order.
+const IP_OFFSET_MASK: u16 = 0x1fff_u16.to_be();
 const IPV6_HLEN: usize = 40;
 const UDP_HLEN: usize = 8;
-/// GUE version 0's fixed header.
+/// GUE version 0's header (with no optional fields: no flags).
 const GUE_HLEN: usize = 4;
 
 #[repr(C)]
@@ -90,77 +93,137 @@ fn mapped(v4_be: u32) -> Ip6 {
 /// What the outer headers say: the outer source, how many bytes to strip after the Ethernet
 /// header, and the inner family (`true`: IPv6).
 struct Tunnel {
-    source: Ip6,
+    source: Source,
     strip: usize,
     inner6: bool,
 }
 
-/// The tunnel frame's outer headers, or the reason it is none of ours to unwrap.
+/// An outer source as `DECAP_SOURCES` keys it; an IPv4-mapped IPv6 source is none of them (it
+/// would match the IPv4 source it maps, from a family the balancer's anti-spoofing may not
+/// cover).
+#[derive(Clone, Copy)]
+enum Source {
+    Key(Ip6),
+    Mapped6,
+}
+
+/// Whether `source` may send tunnel frames for the VIPs.
 #[inline(always)]
-fn outer(ctx: &XdpContext, conf: &DecapConf) -> Result<Tunnel, u32> {
-    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(why::PASS_MALFORMED)?;
-    // SAFETY: inside the frame (checked by `ptr_at`).
-    let proto = unsafe { (*eth).proto };
-    let (source, l4, protocol) = if proto == ETH_P_IP {
-        let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(why::PASS_MALFORMED)?;
-        // SAFETY: as above.
-        let (ver_ihl, frag_off, protocol, saddr) = unsafe { ((*ip).ver_ihl, (*ip).frag_off, (*ip).protocol, (*ip).saddr) };
-        if protocol != IPPROTO_IPIP && protocol != IPPROTO_UDP && protocol != IPPROTO_IPV6 {
-            return Err(why::PASS_NOT_TUNNEL);
+fn allowed(conf: &DecapConf, source: Source) -> bool {
+    conf.any_source != 0
+        || match source {
+            // SAFETY: a map lookup, read only for presence.
+            Source::Key(k) => unsafe { DECAP_SOURCES.get(&k) }.is_some(),
+            Source::Mapped6 => false,
         }
-        let ihl = usize::from(ver_ihl & 0x0f) * 4;
-        if ver_ihl >> 4 != 4 || ihl < 20 {
-            return Err(why::PASS_MALFORMED);
-        }
-        if frag_off & IP_MF_OFFSET_MASK != 0 {
-            return Err(why::PASS_FRAGMENT);
-        }
-        (mapped(saddr), ihl, protocol)
-    } else if proto == ETH_P_IPV6 {
-        let ip: *const Ipv6Hdr = ptr_at(ctx, ETH_HLEN).ok_or(why::PASS_MALFORMED)?;
-        // SAFETY: as above.
-        let (ver, protocol, saddr) = unsafe { (u32::from_be((*ip).ver_tc_flow) >> 28, (*ip).next_header, (*ip).saddr) };
-        if protocol != IPPROTO_IPIP && protocol != IPPROTO_UDP && protocol != IPPROTO_IPV6 {
-            // Extension headers included: a balancer sends none.
-            return Err(why::PASS_NOT_TUNNEL);
-        }
-        if ver != 6 {
-            return Err(why::PASS_MALFORMED);
-        }
-        (Ip6::from_words(saddr), IPV6_HLEN, protocol)
+}
+
+#[inline(always)]
+fn is_mapped6(a: &Ip6) -> bool {
+    let o = &a.octets;
+    o[0] | o[1] | o[2] | o[3] | o[4] | o[5] | o[6] | o[7] | o[8] | o[9] == 0 && o[10] == 0xff && o[11] == 0xff
+}
+
+/// Neither a tunnel frame for us nor one to drop: passed untouched under this reason.
+type Pass = u32;
+
+/// A fragmented tunnel frame (outer protocol 4 or 41) cannot be unwrapped, but its source is
+/// known: a foreign one is dropped, so that a kernel tunnel device cannot be handed it after
+/// reassembly; other fragments pass.
+#[inline(always)]
+fn fragment(conf: &DecapConf, protocol: u8, source: Source) -> (u32, u32) {
+    if (protocol == IPPROTO_IPIP || protocol == IPPROTO_IPV6) && !allowed(conf, source) {
+        (xdp_action::XDP_DROP, why::DROP_FOREIGN_SOURCE)
     } else {
-        return Err(why::PASS_NOT_TUNNEL);
-    };
-    if protocol != IPPROTO_UDP {
-        return Ok(Tunnel { source, strip: l4, inner6: protocol == IPPROTO_IPV6 });
-    }
-    let udp: *const UdpHdr = ptr_at(ctx, ETH_HLEN + l4).ok_or(why::PASS_MALFORMED)?;
-    // SAFETY: as above.
-    if conf.gue_port_be == 0 || unsafe { (*udp).dest } != conf.gue_port_be {
-        return Err(why::PASS_NOT_TUNNEL);
-    }
-    let gue = ETH_HLEN + l4 + UDP_HLEN;
-    let first: *const [u8; 2] = ptr_at(ctx, gue).ok_or(why::PASS_MALFORMED)?;
-    // SAFETY: as above.
-    let [b0, b1] = unsafe { *first };
-    match b0 >> 6 {
-        // Version 1: the inner IP header itself; its version says the family.
-        1 => Ok(Tunnel { source, strip: l4 + UDP_HLEN, inner6: b0 >> 4 == 6 }),
-        // Version 0: a data message (C clear) of protocol 4 or 41, after `hlen` words of options.
-        0 if b0 & 0x20 == 0 && (b1 == IPPROTO_IPIP || b1 == IPPROTO_IPV6) => {
-            Ok(Tunnel { source, strip: l4 + UDP_HLEN + GUE_HLEN + usize::from(b0 & 0x1f) * 4, inner6: b1 == IPPROTO_IPV6 })
-        }
-        _ => Err(why::PASS_NOT_TUNNEL),
+        (xdp_action::XDP_PASS, why::PASS_FRAGMENT)
     }
 }
 
-/// Whether an inner packet of `protocol` (and, for UDP, to `dest_be`) is a tunnel frame again.
+/// The tunnel frame's outer headers, or what to do with a frame that is none to unwrap.
 #[inline(always)]
-fn nested(ctx: &XdpContext, protocol: u8, l4: usize, conf: &DecapConf) -> bool {
-    match protocol {
-        IPPROTO_IPIP | IPPROTO_IPV6 => true,
+fn outer(ctx: &XdpContext, conf: &DecapConf) -> Result<Tunnel, (u32, Pass)> {
+    let pass = |reason| (xdp_action::XDP_PASS, reason);
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(pass(why::PASS_MALFORMED))?;
+    // SAFETY: inside the frame (checked by `ptr_at`).
+    let (proto, dst0) = unsafe { ((*eth).proto, (*eth).dst[0]) };
+    let (source, l4, protocol) = if proto == ETH_P_IP {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(pass(why::PASS_MALFORMED))?;
+        // SAFETY: as above.
+        let (ver_ihl, frag_off, protocol, saddr) = unsafe { ((*ip).ver_ihl, (*ip).frag_off, (*ip).protocol, (*ip).saddr) };
+        if protocol != IPPROTO_IPIP && protocol != IPPROTO_UDP && protocol != IPPROTO_IPV6 {
+            return Err(pass(why::PASS_NOT_TUNNEL));
+        }
+        let ihl = usize::from(ver_ihl & 0x0f) * 4;
+        if ver_ihl >> 4 != 4 || ihl < 20 {
+            return Err(pass(why::PASS_MALFORMED));
+        }
+        let source = Source::Key(mapped(saddr));
+        if frag_off & IP_MF_OFFSET_MASK != 0 {
+            return Err(fragment(conf, protocol, source));
+        }
+        (source, ihl, protocol)
+    } else if proto == ETH_P_IPV6 {
+        let ip: *const Ipv6Hdr = ptr_at(ctx, ETH_HLEN).ok_or(pass(why::PASS_MALFORMED))?;
+        // SAFETY: as above.
+        let (ver, mut protocol, saddr) = unsafe { (u32::from_be((*ip).ver_tc_flow) >> 28, (*ip).next_header, (*ip).saddr) };
+        if ver != 6 {
+            return Err(pass(why::PASS_MALFORMED));
+        }
+        let saddr = Ip6::from_words(saddr);
+        let source = if is_mapped6(&saddr) { Source::Mapped6 } else { Source::Key(saddr) };
+        if protocol == IPPROTO_FRAGMENT {
+            let frag: *const [u8; 8] = ptr_at(ctx, ETH_HLEN + IPV6_HLEN).ok_or(pass(why::PASS_MALFORMED))?;
+            // SAFETY: as above.
+            protocol = unsafe { (*frag)[0] };
+            return Err(fragment(conf, protocol, source));
+        }
+        if protocol != IPPROTO_IPIP && protocol != IPPROTO_UDP && protocol != IPPROTO_IPV6 {
+            // Other extension headers included: a balancer sends none.
+            return Err(pass(why::PASS_NOT_TUNNEL));
+        }
+        (source, IPV6_HLEN, protocol)
+    } else {
+        return Err(pass(why::PASS_NOT_TUNNEL));
+    };
+    // A tunnel frame is unicast to this host: broadcast and multicast ones are not ours.
+    if dst0 & 1 != 0 {
+        return Err(pass(why::PASS_NOT_OURS));
+    }
+    if protocol != IPPROTO_UDP {
+        return Ok(Tunnel { source, strip: l4, inner6: protocol == IPPROTO_IPV6 });
+    }
+    let udp: *const UdpHdr = ptr_at(ctx, ETH_HLEN + l4).ok_or(pass(why::PASS_MALFORMED))?;
+    // SAFETY: as above.
+    if conf.gue_port_be == 0 || unsafe { (*udp).dest } != conf.gue_port_be {
+        return Err(pass(why::PASS_NOT_TUNNEL));
+    }
+    let gue = ETH_HLEN + l4 + UDP_HLEN;
+    let first: *const [u8; 4] = ptr_at(ctx, gue).ok_or(pass(why::PASS_MALFORMED))?;
+    // SAFETY: as above.
+    let [b0, b1, f0, f1] = unsafe { *first };
+    match b0 >> 6 {
+        // Version 1: the inner IP header itself; its version says the family.
+        1 => Ok(Tunnel { source, strip: l4 + UDP_HLEN, inner6: b0 >> 4 == 6 }),
+        // Version 0: a data message of protocol 4 or 41 with no flags and so no optional fields.
+        // Flags (remote checksum offload and others) would ask this end to do what it does not:
+        // such frames, and control messages, pass untouched.
+        0 if b0 == 0 && f0 | f1 == 0 && (b1 == IPPROTO_IPIP || b1 == IPPROTO_IPV6) => {
+            Ok(Tunnel { source, strip: l4 + UDP_HLEN + GUE_HLEN, inner6: b1 == IPPROTO_IPV6 })
+        }
+        _ => Err(pass(why::PASS_NOT_TUNNEL)),
+    }
+}
+
+/// Whether an inner packet of `protocol` at `l4` is a tunnel frame again: IPIP or IPv6 in IPv6,
+/// or UDP to the GUE port (a first fragment too short to show the port counts as one).
+#[inline(always)]
+fn nested(ctx: &XdpContext, protocol: u8, l4: Option<usize>, conf: &DecapConf) -> bool {
+    match (protocol, l4) {
+        (IPPROTO_IPIP | IPPROTO_IPV6, _) => true,
         // SAFETY: inside the frame (checked by `ptr_at`).
-        IPPROTO_UDP => ptr_at::<UdpHdr>(ctx, l4).is_some_and(|u| conf.gue_port_be != 0 && unsafe { (*u).dest } == conf.gue_port_be),
+        (IPPROTO_UDP, Some(l4)) => {
+            ptr_at::<UdpHdr>(ctx, l4).is_none_or(|u| conf.gue_port_be != 0 && unsafe { (*u).dest } == conf.gue_port_be)
+        }
         _ => false,
     }
 }
@@ -171,9 +234,11 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
     let Some(conf) = DECAP_CONF.get(0) else { return (xdp_action::XDP_PASS, why::PASS_NOT_TUNNEL) };
     let t = match outer(ctx, conf) {
         Ok(t) => t,
-        Err(reason) => return (xdp_action::XDP_PASS, reason),
+        Err(verdict) => return verdict,
     };
     let inner = ETH_HLEN + t.strip;
+    // The inner destination, protocol and where its transport header is (`None` in a later
+    // fragment, which has none).
     let (dst, protocol, l4) = if t.inner6 {
         let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, inner) else { return (xdp_action::XDP_PASS, why::PASS_MALFORMED) };
         // SAFETY: inside the frame.
@@ -181,22 +246,27 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
         if ver != 6 {
             return (xdp_action::XDP_PASS, why::PASS_MALFORMED);
         }
-        (Ip6::from_words(daddr), next, inner + IPV6_HLEN)
+        let daddr = Ip6::from_words(daddr);
+        // An IPv4-mapped destination would match the IPv4 VIP it maps.
+        if is_mapped6(&daddr) {
+            return (xdp_action::XDP_PASS, why::PASS_NOT_OURS);
+        }
+        (daddr, next, Some(inner + IPV6_HLEN))
     } else {
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, inner) else { return (xdp_action::XDP_PASS, why::PASS_MALFORMED) };
         // SAFETY: inside the frame.
-        let (ver_ihl, protocol, daddr) = unsafe { ((*ip).ver_ihl, (*ip).protocol, (*ip).daddr) };
+        let (ver_ihl, protocol, daddr, frag_off) = unsafe { ((*ip).ver_ihl, (*ip).protocol, (*ip).daddr, (*ip).frag_off) };
         if ver_ihl >> 4 != 4 || ver_ihl & 0x0f < 5 {
             return (xdp_action::XDP_PASS, why::PASS_MALFORMED);
         }
-        (mapped(daddr), protocol, inner + usize::from(ver_ihl & 0x0f) * 4)
+        let later_fragment = frag_off & IP_OFFSET_MASK != 0;
+        (mapped(daddr), protocol, (!later_fragment).then(|| inner + usize::from(ver_ihl & 0x0f) * 4))
     };
-    // SAFETY: map lookups; the values are read only for presence.
+    // SAFETY: a map lookup; the value is read only for presence.
     if unsafe { DECAP_VIPS.get(&dst) }.is_none() {
         return (xdp_action::XDP_PASS, why::PASS_NOT_OURS);
     }
-    // SAFETY: as above.
-    if conf.any_source == 0 && unsafe { DECAP_SOURCES.get(&t.source) }.is_none() {
+    if !allowed(conf, t.source) {
         return (xdp_action::XDP_DROP, why::DROP_FOREIGN_SOURCE);
     }
     if nested(ctx, protocol, l4, conf) {
@@ -212,10 +282,10 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
         return (xdp_action::XDP_PASS, why::PASS_MALFORMED);
     }
-    // After the helper every packet pointer is new, and checked again (it cannot fail: the inner
-    // header, read above, is longer than an Ethernet header; the frame is beheaded now, so a
-    // failure could only drop it).
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return (xdp_action::XDP_DROP, why::PASS_MALFORMED) };
+    // After the helper every packet pointer is new, and checked again. It cannot fail (the inner
+    // header, read above, is longer than an Ethernet header); were it to, the frame is beheaded
+    // and can only be aborted (which the xdp_exception tracepoint shows).
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return (xdp_action::XDP_ABORTED, why::PASS_MALFORMED) };
     let eth = eth.cast_mut();
     // SAFETY: inside the frame (checked above).
     unsafe {

@@ -61,13 +61,18 @@ impl Settings {
         ensure!(!self.vips.is_empty(), "--vip: at least one VIP is needed (the VIPs this host holds on lo)");
         ensure!(self.vips.len() <= max, "--vip: {} VIPs, at most {max}", self.vips.len());
         for v in &self.vips {
-            ensure!(!(v.is_unspecified() || v.is_multicast()), "--vip {v}: not a unicast address");
+            unicast("--vip", *v)?;
         }
         match &self.sources {
             Some(s) if s.is_empty() => {
                 bail!("--source: name the balancers allowed to send tunnel frames (their tunnel_source), or give --any-source")
             }
-            Some(s) => ensure!(s.len() <= max, "--source: {} sources, at most {max}", s.len()),
+            Some(s) => {
+                ensure!(s.len() <= max, "--source: {} sources, at most {max}", s.len());
+                for a in s {
+                    unicast("--source", *a)?;
+                }
+            }
             None => {}
         }
         ensure!(self.gue_port != 0, "--gue-port: 0 is no port");
@@ -75,10 +80,32 @@ impl Settings {
     }
 }
 
+/// A host's unicast address: not unspecified, loopback, multicast, broadcast or link-local,
+/// and not IPv4-mapped IPv6 (which would stand for the IPv4 address in the maps' one key space).
+fn unicast(option: &str, a: IpAddr) -> anyhow::Result<()> {
+    let bad = match a {
+        IpAddr::V4(v) => v.is_unspecified() || v.is_loopback() || v.is_multicast() || v.is_broadcast() || v.is_link_local(),
+        IpAddr::V6(v) => {
+            v.is_unspecified() || v.is_loopback() || v.is_multicast() || v.is_unicast_link_local() || v.to_ipv4_mapped().is_some()
+        }
+    };
+    ensure!(!bad, "{option} {a}: not a host's unicast address");
+    Ok(())
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self { vips: BTreeSet::new(), sources: Some(BTreeSet::new()), gue_port: DECAP_GUE_PORT }
     }
+}
+
+/// Removes the keys of `map` that are not in `keep`.
+fn remove_others(map: &mut HashMap<MapData, Ip6, u8>, keep: &BTreeSet<Ip6>, what: &str) -> anyhow::Result<()> {
+    let old: Vec<Ip6> = map.keys().filter_map(Result::ok).filter(|k| !keep.contains(k)).collect();
+    for k in old {
+        map.remove(&k).with_context(|| format!("removing {what} {}", addr(k)))?;
+    }
+    Ok(())
 }
 
 /// An address as the program's maps hold it.
@@ -129,25 +156,35 @@ impl Maps {
         })
     }
 
-    /// Writes `s`: the new addresses first, then the old ones that go, then the settings.
+    /// Writes `s`, in an order that never admits more than the old or the new settings do:
+    /// VIPs that go are removed first and new ones added last, once the sources are the new
+    /// ones; the sources change so that no balancer of both is refused meanwhile. Old and new
+    /// each fit the maps, so removing first also keeps an update from filling them half-way.
     ///
     /// # Errors
     /// When a map write fails.
     pub fn write(&mut self, s: &Settings) -> anyhow::Result<()> {
-        let any = s.sources.is_none();
-        let sources = s.sources.clone().unwrap_or_default();
-        for (map, want, what) in [(&mut self.vips, &s.vips, "VIP"), (&mut self.sources, &sources, "source")] {
-            let want: BTreeSet<Ip6> = want.iter().copied().map(key).collect();
-            for k in &want {
-                map.insert(k, 1, 0).with_context(|| format!("writing {what} {}", addr(*k)))?;
+        let vips: BTreeSet<Ip6> = s.vips.iter().copied().map(key).collect();
+        let sources: BTreeSet<Ip6> = s.sources.iter().flatten().copied().map(key).collect();
+        remove_others(&mut self.vips, &vips, "VIP")?;
+        let conf = DecapConf { gue_port_be: s.gue_port.to_be(), any_source: u8::from(s.sources.is_none()), pad: [0; 5] };
+        if s.sources.is_none() {
+            // To any source: the rule first (while it still says "a list", clearing the list
+            // would drop every balancer's frames), then the list goes.
+            self.conf.set(0, conf, 0).context("writing DECAP_CONF")?;
+            remove_others(&mut self.sources, &sources, "source")?;
+        } else {
+            // To a list: the sources that go first, then the new ones, then the rule (while the
+            // old rule holds, these changes admit no more than it, or than the new list, does).
+            remove_others(&mut self.sources, &sources, "source")?;
+            for k in &sources {
+                self.sources.insert(k, 1, 0).with_context(|| format!("writing source {}", addr(*k)))?;
             }
-            let old: Vec<Ip6> = map.keys().filter_map(Result::ok).filter(|k| !want.contains(k)).collect();
-            for k in old {
-                map.remove(&k).with_context(|| format!("removing {what} {}", addr(k)))?;
-            }
+            self.conf.set(0, conf, 0).context("writing DECAP_CONF")?;
         }
-        let conf = DecapConf { gue_port_be: s.gue_port.to_be(), any_source: u8::from(any), pad: [0; 5] };
-        self.conf.set(0, conf, 0).context("writing DECAP_CONF")?;
+        for k in &vips {
+            self.vips.insert(k, 1, 0).with_context(|| format!("writing VIP {}", addr(*k)))?;
+        }
         Ok(())
     }
 
@@ -252,6 +289,7 @@ fn check_interface_name(interface: &str) -> anyhow::Result<()> {
 pub fn attach(root: &Path, interface: &str, settings: &Settings, mode: XdpMode) -> anyhow::Result<String> {
     settings.check()?;
     check_interface_name(interface)?;
+    let _lock = Lock::take(root, true)?;
     let dir = pin_dir(root, interface);
     if dir.join(LINK).exists() {
         ensure!(
@@ -260,12 +298,23 @@ pub fn attach(root: &Path, interface: &str, settings: &Settings, mode: XdpMode) 
             dir.join(LINK).display()
         );
         Maps::pinned(&dir)?.write(settings)?;
-        return Ok(format!("updated the decap program on {interface}"));
+        return Ok(format!(
+            "updated the decap program on {interface} (its settings only: the program and its XDP mode stay; detach and \
+             attach to load another dsrlb's)"
+        ));
     }
     if let Some(there) = dataplane::chain::attached(interface)? {
-        bail!("{interface} already runs XDP program {}: detach it first", there.prog_id);
+        let name = dataplane::chain::program_info(there.prog_id).ok().and_then(|p| p.name_as_str().map(str::to_owned));
+        bail!("{interface} already runs XDP program {} ({}): detach it first", there.prog_id, name.as_deref().unwrap_or("name unknown"));
     }
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            bail!("{} holds pins of a decap program no longer attached: dsrlb decap detach {interface} first", dir.display())
+        }
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    // The directory is this run's (made above, under the lock): on failure, all of it goes.
     let attached = Loaded::load_pinned(Some(&dir)).and_then(|mut loaded| {
         loaded.maps.write(settings)?;
         loaded.attach_pinned(&dir, interface, mode)
@@ -275,6 +324,25 @@ pub fn attach(root: &Path, interface: &str, settings: &Settings, mode: XdpMode) 
     }
     attached?;
     Ok(format!("attached the decap program to {interface} ({} VIPs)", settings.vips.len()))
+}
+
+/// A lock on the pin root for one command, so that two `dsrlb decap` commands never
+/// interleave (`flock` on the directory; shared for `status`).
+struct Lock {
+    _dir: std::fs::File,
+}
+
+impl Lock {
+    fn take(root: &Path, exclusive: bool) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        let dir = std::fs::File::open(root).with_context(|| format!("opening {}", root.display()))?;
+        let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
+        // SAFETY: flock on a descriptor this function owns; it is released when the file closes.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&dir), op) } != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", root.display()));
+        }
+        Ok(Self { _dir: dir })
+    }
 }
 
 /// Removes `dir`'s pins, the link's first (which detaches the program), then the directory.
@@ -299,6 +367,7 @@ fn unpin(dir: &Path) -> anyhow::Result<()> {
 /// When nothing is pinned for it, or a pin cannot be removed.
 pub fn detach(root: &Path, interface: &str) -> anyhow::Result<String> {
     check_interface_name(interface)?;
+    let _lock = Lock::take(root, true)?;
     let dir = pin_dir(root, interface);
     ensure!(dir.join(LINK).exists() || dir.exists(), "no decap program is attached to {interface} (nothing in {})", dir.display());
     unpin(&dir)?;
@@ -323,6 +392,7 @@ pub struct Status {
 /// # Errors
 /// When `only` has no program, or pins cannot be read.
 pub fn status(root: &Path, only: Option<&str>) -> anyhow::Result<Vec<Status>> {
+    let _lock = if root.exists() { Some(Lock::take(root, false)?) } else { None };
     let names: Vec<String> = match only {
         Some(i) => {
             check_interface_name(i)?;
@@ -372,8 +442,12 @@ mod tests {
         let cases = [
             (settings(&[], None), "--vip: at least one VIP"),
             (settings(&["192.0.2.100"], Some(&[])), "--source: name the balancers"),
-            (settings(&["0.0.0.0"], None), "--vip 0.0.0.0: not a unicast address"),
-            (settings(&["ff02::1"], None), "--vip ff02::1: not a unicast address"),
+            (settings(&["0.0.0.0"], None), "--vip 0.0.0.0: not a host's unicast address"),
+            (settings(&["ff02::1"], None), "--vip ff02::1: not a host's unicast address"),
+            (settings(&["127.0.0.1"], None), "--vip 127.0.0.1: not a host's unicast address"),
+            (settings(&["::ffff:192.0.2.100"], None), "--vip ::ffff:192.0.2.100: not a host's unicast address"),
+            (settings(&["192.0.2.100"], Some(&["255.255.255.255"])), "--source 255.255.255.255: not a host's unicast address"),
+            (settings(&["192.0.2.100"], Some(&["fe80::1"])), "--source fe80::1: not a host's unicast address"),
             (Settings { gue_port: 0, ..settings(&["192.0.2.100"], None) }, "--gue-port: 0 is no port"),
         ];
         for (s, want) in cases {

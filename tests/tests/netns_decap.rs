@@ -142,7 +142,7 @@ fn a_broker_answers_tunnelled_clients_directly_once_decap_is_attached() {
         (vec!["attach", "br0", "--vip", "192.0.2.100", "--source", "203.0.113.2", "--any-source"], "cannot be used with"),
         (vec!["attach", "nosuch0", "--vip", "192.0.2.100", "--source", "203.0.113.2"], "nosuch0"),
         (vec!["attach", "..", "--vip", "192.0.2.100", "--source", "203.0.113.2"], "not an interface name"),
-        (vec!["attach", "br0", "--vip", "ff02::1", "--source", "203.0.113.2"], "--vip ff02::1: not a unicast address"),
+        (vec!["attach", "br0", "--vip", "ff02::1", "--source", "203.0.113.2"], "--vip ff02::1: not a host's unicast address"),
         (vec!["detach", "br0"], "no decap program is attached to br0"),
     ] {
         let (ok, out) = lab.dsrlb(&args);
@@ -183,7 +183,17 @@ fn a_broker_answers_tunnelled_clients_directly_once_decap_is_attached() {
     assert!(lab.answered(&lab.ipip(STRANGER, 4, &syn4(41_005)), IpAddr::V4(VIP), 41_005), "--any-source: no answer");
     let s = lab.status();
     assert_eq!((s["program"].clone(), s["settings"]["vips"].clone()), (program, serde_json::json!(["192.0.2.100"])), "{s}");
+    let not_ours = s["frames"]["pass_not_ours"].as_u64().expect("pass_not_ours");
     assert!(!lab.answered(&lab.ip6ip6(&syn6(41_006)), IpAddr::V6(VIP6), 41_006), "a VIP no longer held was unwrapped");
+    let s = lab.status();
+    assert!(s["frames"]["pass_not_ours"].as_u64() >= Some(not_ours + 1), "the frame for the VIP no longer held was not counted: {s}");
+
+    // Narrowed again to the balancer: the stranger is refused at once, the balancer is not.
+    let (ok, out) = lab.dsrlb(&["attach", "br0", "--vip", "192.0.2.100", "--source", "203.0.113.2"]);
+    assert!(ok && out.contains("updated the decap program on br0"), "{out}");
+    assert!(!lab.answered(&lab.ipip(STRANGER, 4, &syn4(41_008)), IpAddr::V4(VIP), 41_008), "the stranger still answered after narrowing");
+    assert!(lab.answered(&ipip(41_009), IpAddr::V4(VIP), 41_009), "the balancer refused after narrowing");
+    assert_eq!(lab.status()["settings"]["sources"], serde_json::json!(["203.0.113.2"]));
 
     let (ok, out) = lab.dsrlb(&["detach", "br0"]);
     assert!(ok && out.contains("detached"), "{out}");
@@ -229,7 +239,14 @@ fn the_backend_script_sets_up_decap_and_verifies_it() {
 
     let (ok, out) = run(&["apply", "--dev", "br0", "--decap", "--source", "203.0.113.2", "192.0.2.100", "2001:db8::100"]);
     assert!(ok, "apply then verify failed:\n{out}");
-    assert!(out.contains("ok    dsrlb decap holds 192.0.2.100") && out.contains("ok    dsrlb decap holds 2001:db8::100"), "{out}");
+    assert!(
+        out.contains("ok    dsrlb decap holds 192.0.2.100")
+            && out.contains("ok    dsrlb decap holds 2001:db8::100")
+            && out.contains("ok    dsrlb decap takes 203.0.113.2"),
+        "{out}"
+    );
+    let (ok, out) = run(&["verify", "--dev", "br0", "--decap", "--any-source", "192.0.2.100"]);
+    assert!(!ok && out.contains("FAIL  dsrlb decap takes only 203.0.113.2, not any source"), "{out}");
     assert!(lab.answered(&lab.ipip(LB, 4, &syn4(42_001)), IpAddr::V4(VIP), 42_001), "no answer after the script's apply");
 
     let (ok, out) = lab.dsrlb(&["detach", "br0"]);
