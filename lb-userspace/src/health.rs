@@ -418,7 +418,8 @@ async fn probe(t: &Target, addr: SocketAddr, mark: Option<u32>, suffix: &str) ->
         match h.check {
             CheckKind::None | CheckKind::Tcp => Ok("TCP connect".to_owned()),
             CheckKind::Mqtt => mqtt_exchange(stream, &client_id, h).await,
-            CheckKind::MqttTls => {
+            CheckKind::Mqtt5 => mqtt5_exchange(stream, &client_id, h).await,
+            CheckKind::MqttTls | CheckKind::Mqtt5Tls => {
                 let config = t.tls.clone().ok_or_else(|| Failure::Local("no TLS client config".to_owned()))?;
                 let name = match &h.tls_server_name {
                     Some(n) => {
@@ -428,7 +429,12 @@ async fn probe(t: &Target, addr: SocketAddr, mark: Option<u32>, suffix: &str) ->
                 };
                 let tls =
                     tokio_rustls::TlsConnector::from(config).connect(name, stream).await.map_err(|e| io_failure("TLS handshake", &e))?;
-                mqtt_exchange(tls, &client_id, h).await.map(|d| format!("TLS, {d}"))
+                let done = if h.check == CheckKind::MqttTls {
+                    mqtt_exchange(tls, &client_id, h).await
+                } else {
+                    mqtt5_exchange(tls, &client_id, h).await
+                };
+                done.map(|d| format!("TLS, {d}"))
             }
         }
     };
@@ -464,6 +470,84 @@ fn connack_verdict(code: u8) -> Result<String, Failure> {
             if code == 4 { "bad user name or password" } else { "not authorized" }
         )),
         _ => Ok(format!("CONNACK {code} (alive, refuses this check's CONNECT)")),
+    }
+}
+
+/// MQTT 5: CONNECT (Session Expiry 0, Receive Maximum 1), CONNACK with its properties (at most
+/// [`mqtt::MAX_CONNACK`] bytes), DISCONNECT. See [`connack5_verdict`] for what each reason code
+/// says.
+async fn mqtt5_exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, client_id: &str, h: &Health) -> Result<String, Failure> {
+    let connect = mqtt::connect5(client_id, 10, h.username.as_deref(), h.password.as_deref()).map_err(|e| Failure::Local(e.to_string()))?;
+    s.write_all(&connect).await.map_err(|e| io_failure("sending CONNECT", &e))?;
+    // The fixed header a byte at a time (its length takes one to four), then the rest.
+    let mut head = Vec::with_capacity(5);
+    let (len, _) = loop {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.map_err(|e| io_failure("reading CONNACK", &e))?;
+        head.push(b[0]);
+        if let Some(l) = mqtt::connack5_length(&head).map_err(|e| e.to_string())? {
+            break l;
+        }
+    };
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.map_err(|e| io_failure("reading CONNACK", &e))?;
+    let ack = mqtt::connack5(&body).map_err(|e| e.to_string())?;
+    let _ = s.write_all(&mqtt::DISCONNECT).await;
+    let _ = s.shutdown().await;
+    connack5_verdict(&ack)
+}
+
+/// An MQTT 5 CONNACK reason code's name.
+const fn reason_name(code: u8) -> &'static str {
+    match code {
+        0x00 => "success",
+        0x01 => "unacceptable protocol version (an MQTT 3.1.1 broker)",
+        0x80 => "unspecified error",
+        0x81 => "malformed packet",
+        0x82 => "protocol error",
+        0x83 => "implementation specific error",
+        0x84 => "unsupported protocol version",
+        0x85 => "client identifier not valid",
+        0x86 => "bad user name or password",
+        0x87 => "not authorized",
+        0x88 => "server unavailable",
+        0x89 => "server busy",
+        0x8a => "banned",
+        0x8c => "bad authentication method",
+        0x95 => "packet too large",
+        0x97 => "quota exceeded",
+        0x9c => "use another server",
+        0x9d => "server moved",
+        0x9f => "connection rate exceeded",
+        _ => "another reason",
+    }
+}
+
+/// A broker's text for the status line: at most 120 characters, printable ones only.
+fn shown(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control()).take(120).collect()
+}
+
+/// What an MQTT 5 CONNACK says about the broker: 0x00 is up; server unavailable (0x88), busy
+/// (0x89), use another server (0x9C), server moved (0x9D) and connection rate exceeded (0x9F)
+/// are a broker that refuses new clients, with its server reference and reason shown; bad user
+/// name or password (0x86) and not authorized (0x87) refuse the check's credentials, so the
+/// broker is alive and passes with a warning; any other code is alive, the code shown.
+fn connack5_verdict(a: &mqtt::Connack5) -> Result<String, Failure> {
+    let code = a.reason;
+    let reference = a.server_reference.as_deref().map(|r| format!(", server reference {:?}", shown(r)));
+    let reason = a.reason_string.as_deref().map(|r| format!(", reason {:?}", shown(r)));
+    let said = format!("{}{}", reference.unwrap_or_default(), reason.unwrap_or_default());
+    let name = reason_name(code);
+    match code {
+        0x00 => Ok(format!("CONNACK 0x00 (success, MQTT 5){said}")),
+        0x88 | 0x89 | 0x9c | 0x9d | 0x9f => {
+            Err(Failure::Refusing(format!("CONNACK 0x{code:02x} ({name}){said}: the broker refuses new clients")))
+        }
+        0x86 | 0x87 => Ok(format!(
+            "CONNACK 0x{code:02x} ({name}){said}: the check's credentials are refused (health username/password); the broker is alive"
+        )),
+        _ => Ok(format!("CONNACK 0x{code:02x} ({name}){said} (alive, refuses this check's CONNECT)")),
     }
 }
 
@@ -523,6 +607,72 @@ mod tests {
         assert_eq!(p.observe(&Outcome::Pass("ok".into()), 2, 2), None);
         assert_eq!(p.observe(&Outcome::Pass("ok".into()), 2, 2), Some(State::Up));
         assert!(p.out_since.is_none());
+    }
+
+    #[test]
+    fn mqtt5_reason_codes_say_what_the_broker_does() {
+        let ack = |reason: u8| mqtt::Connack5 { reason, ..mqtt::Connack5::default() };
+        assert!(matches!(connack5_verdict(&ack(0)), Ok(d) if d == "CONNACK 0x00 (success, MQTT 5)"));
+        for code in [0x88, 0x89, 0x9c, 0x9d, 0x9f] {
+            assert!(matches!(connack5_verdict(&ack(code)), Err(Failure::Refusing(_))), "0x{code:02x}: refusing clients");
+        }
+        for code in [0x86, 0x87] {
+            let d = connack5_verdict(&ack(code)).unwrap_or_else(|_| panic!("0x{code:02x} passes: the broker is alive"));
+            assert!(warns(&d), "0x{code:02x} warns: {d}");
+        }
+        for code in [0x01, 0x80, 0x85, 0x8a, 0x97] {
+            let d = connack5_verdict(&ack(code)).unwrap_or_else(|_| panic!("0x{code:02x}: alive"));
+            assert!(!warns(&d) && d.contains(&format!("0x{code:02x}")), "{d}");
+        }
+        // The server reference and reason are shown, without control characters, bounded.
+        let moved = mqtt::Connack5 {
+            reason: 0x9d,
+            server_reference: Some("b2.example:1883\n\u{1b}[31m".into()),
+            reason_string: Some("x".repeat(500)),
+        };
+        let Err(Failure::Refusing(d)) = connack5_verdict(&moved) else { panic!("0x9d refuses") };
+        assert!(d.contains("(server moved), server reference \"b2.example:1883[31m\"") && !d.contains('\u{1b}'), "{d}");
+        assert!(d.len() < 300, "an unbounded reason string: {} bytes", d.len());
+    }
+
+    /// A stand-in MQTT 5 broker that answers every CONNECT with `connack`, for `round`.
+    async fn stand_in(connack: Vec<u8>) -> SocketAddr {
+        let broker = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
+        let addr = broker.local_addr().expect("its address");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = broker.accept().await {
+                let mut connect = [0u8; 64];
+                let _ = s.read(&mut connect).await;
+                let _ = s.write_all(&connack).await;
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_mqtt5_probe_reads_the_brokers_connack() {
+        let health = Health { check: CheckKind::Mqtt5, vip_check: false, ..Health::default() };
+        // Use another server, with its reference: refusing, and where it sends its clients.
+        let mut body = vec![0, 0x9c, 12, 0x1c, 0, 9];
+        body.extend_from_slice(b"b2.lan:18");
+        let mut busy = vec![0x20, u8::try_from(body.len()).expect("small")];
+        busy.extend_from_slice(&body);
+        let t = target(stand_in(busy).await, health.clone());
+        match round(&t).await {
+            Outcome::Refusing(d) => assert!(d.contains("CONNACK 0x9c (use another server), server reference \"b2.lan:18\""), "{d}"),
+            other => panic!("0x9c: {other:?}"),
+        }
+        // Success with properties.
+        let t = target(stand_in(vec![0x20, 6, 0, 0, 3, 0x21, 0, 5]).await, health.clone());
+        assert!(matches!(round(&t).await, Outcome::Pass(d) if d.starts_with("CONNACK 0x00")));
+        // An MQTT 3.1.1 broker's answer: alive, the code shown.
+        let t = target(stand_in(vec![0x20, 2, 0, 1]).await, health.clone());
+        assert!(matches!(round(&t).await, Outcome::Pass(d) if d.contains("0x01 (unacceptable protocol version")));
+        // Not a CONNACK, and a length past the bound: the broker is broken.
+        let t = target(stand_in(vec![0x30, 2, 0, 0]).await, health.clone());
+        assert!(matches!(round(&t).await, Outcome::Down(d) if d.contains("expected CONNACK")));
+        let t = target(stand_in(vec![0x20, 0xff, 0xff, 0x7f]).await, health);
+        assert!(matches!(round(&t).await, Outcome::Down(d) if d.contains("over 4096 bytes")));
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The few MQTT 3.1.1 packets a health check or a held test connection needs: CONNECT, CONNACK,
-//! PINGREQ/PINGRESP, DISCONNECT.
+//! The few MQTT packets a health check or a held test connection needs: CONNECT, CONNACK,
+//! PINGREQ/PINGRESP, DISCONNECT, in MQTT 3.1.1 and (CONNECT and CONNACK) MQTT 5.
 
 /// PINGREQ (fixed header only).
 pub const PINGREQ: [u8; 2] = [0xc0, 0x00];
@@ -59,19 +59,8 @@ pub fn connect(client_id: &str, keepalive_secs: u16, username: Option<&str>, pas
         put_str(&mut body, "password", p.as_bytes())?;
     }
     let mut packet = vec![0x10];
-    // Remaining length, variable-length encoded (at most 3 strings of 65537 bytes: 3 bytes).
-    let mut len = body.len();
-    loop {
-        let mut byte = u8::try_from(len % 128).expect("< 128");
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        packet.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
+    // Remaining length (at most 3 strings of 65537 bytes: 3 bytes).
+    put_varint(&mut packet, body.len());
     packet.extend_from_slice(&body);
     Ok(packet)
 }
@@ -85,6 +74,175 @@ pub fn connack_code(buf: [u8; 4]) -> Result<u8, ConnackError> {
         return Err(ConnackError::NotConnack(buf));
     }
     Ok(buf[3])
+}
+
+/// Remaining length, variable-length encoded, appended to `out`.
+fn put_varint(out: &mut Vec<u8>, mut len: usize) {
+    loop {
+        let mut byte = u8::try_from(len % 128).expect("< 128");
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+}
+
+/// An MQTT 5 CONNECT with a clean start, a Session Expiry Interval of 0 (the session ends with
+/// the connection) and a Receive Maximum of 1: what a health check needs and no more.
+///
+/// # Errors
+/// When a field is longer than [`MAX_STRING`] bytes.
+pub fn connect5(client_id: &str, keepalive_secs: u16, username: Option<&str>, password: Option<&str>) -> Result<Vec<u8>, TooLong> {
+    let mut body = Vec::with_capacity(40 + client_id.len());
+    put_str(&mut body, "protocol name", b"MQTT")?;
+    body.push(5); // protocol level 5
+    let mut flags = 0x02; // clean start
+    if username.is_some() {
+        flags |= 0x80;
+    }
+    if password.is_some() {
+        flags |= 0x40;
+    }
+    body.push(flags);
+    body.extend_from_slice(&keepalive_secs.to_be_bytes());
+    // Properties: Session Expiry Interval 0 (0x11, four bytes), Receive Maximum 1 (0x21, two).
+    let props = [0x11, 0, 0, 0, 0, 0x21, 0, 1];
+    put_varint(&mut body, props.len());
+    body.extend_from_slice(&props);
+    put_str(&mut body, "client id", client_id.as_bytes())?;
+    if let Some(u) = username {
+        put_str(&mut body, "username", u.as_bytes())?;
+    }
+    if let Some(p) = password {
+        put_str(&mut body, "password", p.as_bytes())?;
+    }
+    let mut packet = vec![0x10];
+    put_varint(&mut packet, body.len());
+    packet.extend_from_slice(&body);
+    Ok(packet)
+}
+
+/// The most a CONNACK may be for a health check to read it (the fixed header's remaining
+/// length): reason string and server reference included, a broker has no need for more.
+pub const MAX_CONNACK: usize = 4096;
+
+/// An MQTT 5 CONNACK as a health check reads it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Connack5 {
+    pub reason: u8,
+    /// The Server Reference property: where the broker sends its clients instead.
+    pub server_reference: Option<String>,
+    /// The Reason String property.
+    pub reason_string: Option<String>,
+}
+
+/// What is wrong with an MQTT 5 CONNACK.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Connack5Error {
+    #[error("expected CONNACK (0x20), got packet type 0x{0:02x}")]
+    NotConnack(u8),
+    #[error("the CONNACK's remaining length is malformed or over {MAX_CONNACK} bytes")]
+    Length,
+    #[error("the CONNACK is cut short")]
+    Short,
+    #[error("the CONNACK's property 0x{0:02x} is unknown or malformed")]
+    Property(u8),
+}
+
+/// Reads a variable byte integer at `b[*at..]` (at most four bytes).
+fn varint(b: &[u8], at: &mut usize) -> Option<usize> {
+    let mut value = 0usize;
+    for shift in 0..4 {
+        let byte = *b.get(*at)?;
+        *at += 1;
+        value |= usize::from(byte & 0x7f) << (7 * shift);
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// The remaining length of a packet whose fixed header opens `head` (the type byte, then up
+/// to four length bytes): the length, and how many bytes of `head` the header took.
+///
+/// # Errors
+/// When the header is not a CONNACK's, or its length is malformed or over [`MAX_CONNACK`].
+pub fn connack5_length(head: &[u8]) -> Result<Option<(usize, usize)>, Connack5Error> {
+    let Some(&kind) = head.first() else { return Ok(None) };
+    if kind != 0x20 {
+        return Err(Connack5Error::NotConnack(kind));
+    }
+    let mut at = 1;
+    match varint(head, &mut at) {
+        Some(len) if len <= MAX_CONNACK => Ok(Some((len, at))),
+        Some(_) => Err(Connack5Error::Length),
+        None if head.len() >= 5 => Err(Connack5Error::Length),
+        None => Ok(None),
+    }
+}
+
+/// Parses a CONNACK's variable header and properties (`body`: the remaining length's bytes). A
+/// body of two bytes (no properties) is read too: what a 3.1.1 broker answers an MQTT 5
+/// CONNECT with.
+///
+/// # Errors
+/// When the body is cut short or a property is malformed.
+pub fn connack5(body: &[u8]) -> Result<Connack5, Connack5Error> {
+    if body.len() < 2 {
+        return Err(Connack5Error::Short);
+    }
+    let mut ack = Connack5 { reason: body[1], ..Connack5::default() };
+    if body.len() == 2 {
+        return Ok(ack);
+    }
+    let mut at = 2;
+    let len = varint(body, &mut at).ok_or(Connack5Error::Short)?;
+    let end = at.checked_add(len).filter(|&e| e <= body.len()).ok_or(Connack5Error::Short)?;
+    while at < end {
+        let id = body[at];
+        at += 1;
+        let fixed = match id {
+            0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2a => Some(1),
+            0x13 | 0x21 | 0x22 | 0x23 => Some(2),
+            0x02 | 0x11 | 0x18 | 0x27 => Some(4),
+            _ => None,
+        };
+        if let Some(n) = fixed {
+            at += n;
+        } else {
+            let string = |at: &mut usize| -> Result<String, Connack5Error> {
+                let n = usize::from(u16::from_be_bytes([
+                    *body.get(*at).ok_or(Connack5Error::Property(id))?,
+                    *body.get(*at + 1).ok_or(Connack5Error::Property(id))?,
+                ]));
+                let s = body.get(*at + 2..*at + 2 + n).ok_or(Connack5Error::Property(id))?;
+                *at += 2 + n;
+                Ok(String::from_utf8_lossy(s).into_owned())
+            };
+            match id {
+                0x0b => {
+                    varint(body, &mut at).ok_or(Connack5Error::Property(id))?;
+                }
+                0x1c => ack.server_reference = Some(string(&mut at)?),
+                0x1f => ack.reason_string = Some(string(&mut at)?),
+                0x03 | 0x08 | 0x09 | 0x12 | 0x15 | 0x16 | 0x1a => drop(string(&mut at)?),
+                0x26 => {
+                    string(&mut at)?;
+                    string(&mut at)?;
+                }
+                _ => return Err(Connack5Error::Property(id)),
+            }
+        }
+        if at > end {
+            return Err(Connack5Error::Property(id));
+        }
+    }
+    Ok(ack)
 }
 
 #[cfg(test)]
@@ -123,5 +281,44 @@ mod tests {
         assert_eq!(connack_code([0x20, 2, 0, 0]), Ok(0));
         assert_eq!(connack_code([0x20, 2, 0, 5]), Ok(5));
         assert!(connack_code([0x30, 2, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn connect5_carries_level_5_and_the_two_properties() {
+        let p = connect5("hc", 10, Some("u"), None).expect("encodes");
+        let want: Vec<u8> = [
+            &[0x10, 26][..],
+            &[0, 4, b'M', b'Q', b'T', b'T', 5, 0x82, 0, 10],
+            &[8, 0x11, 0, 0, 0, 0, 0x21, 0, 1],
+            &[0, 2, b'h', b'c', 0, 1, b'u'],
+        ]
+        .concat();
+        assert_eq!(p, want);
+    }
+
+    #[test]
+    fn connack5_reads_reason_and_references_and_refuses_what_it_cannot_read() {
+        // Reason 0x9c with a server reference, a reason string and a receive maximum.
+        let mut props = vec![0x21, 0, 10, 0x1c, 0, 9];
+        props.extend_from_slice(b"b2.lan:18");
+        props.extend_from_slice(&[0x1f, 0, 4]);
+        props.extend_from_slice(b"full");
+        let mut body = vec![0, 0x9c, u8::try_from(props.len()).expect("small")];
+        body.extend_from_slice(&props);
+        let a = connack5(&body).expect("reads");
+        assert_eq!((a.reason, a.server_reference.as_deref(), a.reason_string.as_deref()), (0x9c, Some("b2.lan:18"), Some("full")));
+        // A 3.1.1 broker's answer to an MQTT 5 CONNECT: two bytes, no properties.
+        assert_eq!(connack5(&[0, 1]).expect("reads").reason, 1);
+        // Cut short, a property past the end, an unknown property.
+        assert_eq!(connack5(&[0]), Err(Connack5Error::Short));
+        assert_eq!(connack5(&[0, 0, 5, 0x21]), Err(Connack5Error::Short));
+        assert_eq!(connack5(&[0, 0, 3, 0x1c, 0, 9]), Err(Connack5Error::Property(0x1c)));
+        assert_eq!(connack5(&[0, 0, 1, 0x7f]), Err(Connack5Error::Property(0x7f)));
+        // The fixed header: another packet, an endless or too long length, not yet whole.
+        assert_eq!(connack5_length(&[0x30, 2]), Err(Connack5Error::NotConnack(0x30)));
+        assert_eq!(connack5_length(&[0x20, 0xff, 0xff, 0xff, 0xff]), Err(Connack5Error::Length));
+        assert_eq!(connack5_length(&[0x20, 0x81, 0x40]), Err(Connack5Error::Length));
+        assert_eq!(connack5_length(&[0x20, 0x80]), Ok(None));
+        assert_eq!(connack5_length(&[0x20, 0x03]), Ok(Some((3, 2))));
     }
 }

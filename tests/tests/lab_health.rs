@@ -343,6 +343,28 @@ fn tls_listener_checked_with_mqtt_tls_fails_alone() {
     assert_eq!(lb.state("mqtts", "b2"), "up");
 }
 
+/// MQTT 5 checks against mosquitto (which speaks MQTT 5): the plain and the TLS listener's
+/// pairs come up on CONNACK 0x00, read through the DSR path too.
+#[test]
+fn mqtt5_checks_read_mosquittos_mqtt5_connack() {
+    require_root!();
+    let lab = LabGuard::up(2);
+    let config =
+        lab.config_tls_checked(&health().replace("check = \"mqtt\"", "check = \"mqtt5\"")).replace("\"mqtt-tls\"", "\"mqtt5-tls\"");
+    assert!(config.contains("check = \"mqtt5\"") && config.contains("check = \"mqtt5-tls\""), "{config}");
+    let lb = Balancer::start(&lab, &config);
+    for (listener, want) in [("mqtt", "CONNACK 0x00 (success, MQTT 5); VIP ok"), ("mqtts", "TLS, CONNACK 0x00 (success, MQTT 5); VIP ok")] {
+        for b in ["b1", "b2"] {
+            wait::until_every(format!("{listener}/{b} up on an MQTT 5 CONNACK"), Duration::from_secs(5), Duration::from_millis(50), || {
+                let s = lb.status();
+                let be = s.backend(listener, b);
+                let (state, last) = be.map_or((String::new(), String::new()), |be| (be.state.clone(), be.last_check.clone()));
+                if state == "up" && last == want { Ok(()) } else { Err(format!("{state}: {last}")) }
+            });
+        }
+    }
+}
+
 #[test]
 fn a_changed_backend_mac_is_applied_without_a_restart() {
     require_root!();

@@ -56,6 +56,10 @@ fn health_overrides_merge_defaults_listener_backend() {
     assert_eq!((h2.check, h2.fall, h2.rise), (CheckKind::Tcp, 2, 2));
     let e = error_of(&GOOD.replace("check = \"tcp\"", "check = \"mqtt-tls\""));
     assert!(e.contains("health.tls_ca"), "{e}");
+    let e = error_of(&GOOD.replace("check = \"tcp\"", "check = \"mqtt5-tls\""));
+    assert!(e.contains("health.tls_ca") && e.contains("check = \"mqtt5-tls\" needs tls_ca"), "{e}");
+    let c = parse(&GOOD.replace("check = \"tcp\"", "check = \"mqtt5\""), "t.toml").expect("mqtt5 is a check");
+    assert_eq!(c.health.check, CheckKind::Mqtt5);
 }
 
 #[test]

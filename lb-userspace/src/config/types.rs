@@ -51,6 +51,18 @@ pub enum CheckKind {
     Tcp,
     Mqtt,
     MqttTls,
+    /// An MQTT 5 CONNECT: a broker's CONNACK reason codes say more (server busy, use another
+    /// server, ...).
+    Mqtt5,
+    Mqtt5Tls,
+}
+
+impl CheckKind {
+    /// Whether the check runs over TLS (and so needs `tls_ca`).
+    #[must_use]
+    pub const fn tls(self) -> bool {
+        matches!(self, Self::MqttTls | Self::Mqtt5Tls)
+    }
 }
 
 /// How one (listener, backend) pair is checked: `[health]`, overridden by the listener's

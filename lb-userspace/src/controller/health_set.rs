@@ -130,7 +130,7 @@ impl HealthSet {
                 let backend = config.backend(b).context("pair names a known backend")?;
                 let id = *ids.backends.get(b).with_context(|| format!("backend {b}: no id"))?;
                 let tls = match &h.tls_ca {
-                    Some(ca) if h.check == CheckKind::MqttTls => Some(if let Some(c) = tls_cache.get(ca) {
+                    Some(ca) if h.check.tls() => Some(if let Some(c) = tls_cache.get(ca) {
                         c.clone()
                     } else {
                         let c = crate::tls::client_config(ca).with_context(|| format!("listener {}: tls_ca", l.name))?;

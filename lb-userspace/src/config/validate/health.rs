@@ -50,11 +50,12 @@ impl Validator<'_> {
             }
             h.tls_ca = Some(path);
         }
-        if h.check == CheckKind::MqttTls && h.tls_ca.is_none() {
+        if h.check.tls() && h.tls_ca.is_none() {
+            let name = if h.check == CheckKind::MqttTls { "mqtt-tls" } else { "mqtt5-tls" };
             return Err(self.err(
                 &span,
                 format!("{field}.tls_ca"),
-                "check = \"mqtt-tls\" needs tls_ca, the CA that signs the brokers' certificates",
+                format!("check = \"{name}\" needs tls_ca, the CA that signs the brokers' certificates"),
             ));
         }
         if let Some(s) = &raw.inter {
