@@ -51,17 +51,25 @@ fn listener(l: &ListenerStatus, out: &mut String) {
     if l.icmp_too_big > 0 {
         let _ = writeln!(out, "  ICMP frag-needed forwarded: {}", l.icmp_too_big);
     }
+    // The address each backend has for this listener's family.
+    let v6 = l.vip.is_ipv6();
+    let width = l.backends.iter().map(|b| address(b, v6).len()).max().unwrap_or(0).max(15);
     let _ = writeln!(
         out,
-        "  {:<12} {:<15} {:<18} {:>6} {:>8} {:>8} {:>10} {:>10}  last check",
+        "  {:<12} {:<width$} {:<18} {:>6} {:>8} {:>8} {:>10} {:>10}  last check",
         "backend", "address", "state", "weight", "flows", "pkts/s", "new/s", "packets"
     );
     for b in &l.backends {
-        backend(b, out);
+        backend(b, &address(b, v6), width, out);
     }
 }
 
-fn backend(b: &BackendStatus, out: &mut String) {
+/// The backend's address for a listener of that family (`address6` for an IPv6 VIP).
+fn address(b: &BackendStatus, v6: bool) -> String {
+    if v6 { b.address6.map(|a| a.to_string()) } else { b.address.map(|a| a.to_string()) }.unwrap_or_default()
+}
+
+fn backend(b: &BackendStatus, address: &str, width: usize, out: &mut String) {
     let mut state = b.state.clone();
     if b.drained {
         state += ",drained";
@@ -74,16 +82,8 @@ fn backend(b: &BackendStatus, out: &mut String) {
     }
     let _ = writeln!(
         out,
-        "  {:<12} {:<15} {:<18} {:>6} {:>8} {:>8.0} {:>10.1} {:>10}  {}",
-        b.name,
-        b.address.map(|a| a.to_string()).unwrap_or_default(),
-        state,
-        b.weight,
-        b.flows,
-        b.packets_per_sec,
-        b.new_flows_per_sec,
-        b.packets,
-        b.last_check
+        "  {:<12} {address:<width$} {:<18} {:>6} {:>8} {:>8.0} {:>10.1} {:>10}  {}",
+        b.name, state, b.weight, b.flows, b.packets_per_sec, b.new_flows_per_sec, b.packets, b.last_check
     );
     if let Some(why) = &b.unchecked {
         let _ =
@@ -166,5 +166,64 @@ mod tests {
         assert!(out.starts_with("cluster: node 192.0.2.2:9878 INSECURE (no key_file: peers are not authenticated) joined"), "{out}");
         let out = status(false);
         assert!(out.starts_with("cluster: node 192.0.2.2:9878 authenticated (key_file) joined"), "{out}");
+    }
+
+    /// A listener's backends show the address of its family: an IPv6 listener's, `address6`.
+    #[test]
+    fn each_listener_shows_the_backends_address_of_its_family() {
+        use lb_userspace::{
+            config::{AllDown, CheckKind, OnDown},
+            control::status::Hash,
+        };
+        let b1 = BackendStatus {
+            name: "b1".to_owned(),
+            address: Some("192.0.2.11".parse().expect("v4")),
+            address6: Some("2001:db8::11".parse().expect("v6")),
+            mac: "02:00:00:00:00:0b".to_owned(),
+            weight: 100,
+            drained: false,
+            state: "up".to_owned(),
+            resetting_flows: false,
+            check: CheckKind::Mqtt,
+            last_check: String::new(),
+            check_failures: 0,
+            checks: 0,
+            unchecked: None,
+            local_errors: 0,
+            flows: 0,
+            packets: 0,
+            bytes: 0,
+            new_flows: 0,
+            packets_per_sec: 0.0,
+            new_flows_per_sec: 0.0,
+            check_seconds: None,
+        };
+        let listener = |name: &str, vip: &str| ListenerStatus {
+            name: name.to_owned(),
+            vip: vip.parse().expect("VIP"),
+            port: 1883,
+            hash: Hash::FourTuple,
+            packets: 0,
+            bytes: 0,
+            new_flows: 0,
+            flow_idle_timeout: "30m".to_owned(),
+            max_conn_rate: None,
+            max_conn_burst: None,
+            conn_rate_dropped: 0,
+            icmp_too_big: 0,
+            on_down: OnDown::Keep,
+            on_down_grace: "20s".to_owned(),
+            all_down: AllDown::Forward,
+            fail_open: false,
+            backends: vec![b1.clone()],
+        };
+        let s = Status { listeners: vec![listener("mqtt", "192.0.2.100"), listener("mqtt6", "2001:db8::100")], ..Status::default() };
+        let text = table(&s);
+        let line = |name: &str| {
+            let from = text.find(&format!("listener {name} ")).unwrap_or_else(|| panic!("{name} in {text}"));
+            text[from..].lines().find(|l| l.trim_start().starts_with("b1 ")).expect("the b1 line").to_owned()
+        };
+        assert!(line("mqtt").contains("192.0.2.11") && !line("mqtt").contains("2001:db8::11"), "{text}");
+        assert!(line("mqtt6").contains("2001:db8::11") && !line("mqtt6").contains("192.0.2.11"), "{text}");
     }
 }

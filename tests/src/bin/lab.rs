@@ -68,11 +68,16 @@ fn demo(lab: &Lab, dsrlb: &str) -> anyhow::Result<()> {
     );
     if lab.routed.is_none() {
         println!("  ip netns exec {client} mosquitto_pub -h {} -t demo/hello -m 'hi over IPv6'", lab::VIP6);
+        println!("Look at the balancer (the dsrlb this demo runs; as root):");
+        println!("  {dsrlb} status                       # listeners, brokers, their state and flows");
+        println!("  {dsrlb} stats --watch                # the counters, live");
+        println!("  {dsrlb} flow {}:40000 {}:1883   # the broker a flow is pinned to, or would get", lab::CLIENT_ADDR, lab::VIP);
+        println!("  {dsrlb} trace --listener mqtt -c 20  # what the data plane decides, frame by frame");
     }
     if let Some((nodes, routing)) = lab.routed {
         println!("  ip -n {} route show {}          # the router's path(s) to the VIP", lab.ns("router"), lab::VIP);
         for i in 0..nodes {
-            println!("  dsrlb --socket {} status", lab.node_dir(i).join("control.sock").display());
+            println!("  {dsrlb} --socket {} status", lab.node_dir(i).join("control.sock").display());
         }
         if routing == Routing::Bgp {
             println!("  birdc -s {} show protocols", lab.state.join("router/bird.ctl").display());
