@@ -296,45 +296,99 @@ impl Case {
     }
 }
 
-impl Lb {
-    /// Runs one row and checks it: the input is what a wire would carry (unless the row is
-    /// malformed on purpose), the action, exactly the row's reason counter moving and by one,
-    /// and the output frame. Returns the output frame.
-    pub fn check_case(&self, case: &Case) -> Vec<u8> {
-        let what = case.what.as_str();
-        if !case.malformed {
-            crate::frame::check_wire(&case.input, what);
-        }
-        let before = self.dp.stats().expect("stats").verdicts;
-        let (action, out) = self.run(&case.input);
-        assert_eq!(action, case.action, "{what}: action");
-        let after = self.dp.stats().expect("stats").verdicts;
-        let moved: Vec<usize> = (0..after.len()).filter(|&i| after[i] != before[i]).collect();
-        let why = case.reason as usize;
-        assert_eq!(moved, vec![why], "{what}: exactly its reason counter moves ({before:?} -> {after:?})");
-        assert_eq!(after[why] - before[why], 1, "{what}: counted once");
-        match &case.out {
-            Expect::Unchanged => assert_eq!(out, case.input, "{what}: passed or dropped frames are untouched"),
-            Expect::Dsr => assert_dsr_rewrite(&case.input, &out, self.mac(&self.backend_of(&out)), what),
-            Expect::DsrTo(backend) => assert_dsr_rewrite(&case.input, &out, self.mac(backend), what),
-            Expect::Frame(want) => assert_frame_eq(&out, want, what),
-        }
-        out
+/// A program fixture rows run against: a frame in, an action and a frame out, and counters by
+/// reason that each frame moves once. The balancer ([`Lb`]) and the brokers' decap program are.
+pub trait UnderTest {
+    /// Runs one frame through `BPF_PROG_TEST_RUN`.
+    fn run_frame(&self, input: &[u8]) -> (u32, Vec<u8>);
+    /// The counters, indexed by reason.
+    fn counters(&self) -> Vec<u64>;
+    /// The MAC of `backend`, or of the backend a forwarded frame `out` went to (for
+    /// [`Expect::Dsr`] and [`Expect::DsrTo`]; a program without backends has none).
+    fn backend_mac(&self, out: &[u8], backend: Option<&str>) -> [u8; 6] {
+        let _ = (out, backend);
+        panic!("this program forwards to no backend: expect a whole frame instead")
+    }
+}
+
+impl UnderTest for Lb {
+    fn run_frame(&self, input: &[u8]) -> (u32, Vec<u8>) {
+        self.run(input)
     }
 
-    /// Runs the rows in order ([`Self::check_case`]), then checks that the verdict counters
-    /// moved by exactly the table. Returns the output frames.
+    fn counters(&self) -> Vec<u64> {
+        self.dp.stats().expect("stats").verdicts
+    }
+
+    fn backend_mac(&self, out: &[u8], backend: Option<&str>) -> [u8; 6] {
+        self.mac(&backend.map_or_else(|| self.backend_of(out), str::to_owned))
+    }
+}
+
+impl UnderTest for lb_userspace::decap::Loaded {
+    fn run_frame(&self, input: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; input.len() + 256];
+        let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..TestRunOptions::default() };
+        let r = self.program().test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    fn counters(&self) -> Vec<u64> {
+        let by_name = self.maps.counters().expect("counters");
+        lb_common::decap_reason::NAMES.iter().map(|n| by_name[*n]).collect()
+    }
+}
+
+/// Runs one row against `p` and checks it: the input is what a wire would carry (unless the
+/// row is malformed on purpose), the action, exactly the row's reason counter moving and by
+/// one, and the output frame. Returns the output frame.
+pub fn check_case(p: &impl UnderTest, case: &Case) -> Vec<u8> {
+    let what = case.what.as_str();
+    if !case.malformed {
+        crate::frame::check_wire(&case.input, what);
+    }
+    let before = p.counters();
+    let (action, out) = p.run_frame(&case.input);
+    assert_eq!(action, case.action, "{what}: action");
+    let after = p.counters();
+    let moved: Vec<usize> = (0..after.len()).filter(|&i| after[i] != before[i]).collect();
+    let why = case.reason as usize;
+    assert_eq!(moved, vec![why], "{what}: exactly its reason counter moves ({before:?} -> {after:?})");
+    assert_eq!(after[why] - before[why], 1, "{what}: counted once");
+    match &case.out {
+        Expect::Unchanged => assert_eq!(out, case.input, "{what}: passed or dropped frames are untouched"),
+        Expect::Dsr => assert_dsr_rewrite(&case.input, &out, p.backend_mac(&out, None), what),
+        Expect::DsrTo(backend) => assert_dsr_rewrite(&case.input, &out, p.backend_mac(&out, Some(backend)), what),
+        Expect::Frame(want) => assert_frame_eq(&out, want, what),
+    }
+    out
+}
+
+/// Runs the rows in order ([`check_case`]), then checks that the counters moved by exactly the
+/// table. Returns the output frames.
+pub fn check_table(p: &impl UnderTest, cases: &[Case]) -> Vec<Vec<u8>> {
+    let mut expected = p.counters();
+    let outs = cases
+        .iter()
+        .map(|case| {
+            expected[case.reason as usize] += 1;
+            check_case(p, case)
+        })
+        .collect();
+    assert_eq!(p.counters(), expected, "the counters add up to the table");
+    outs
+}
+
+impl Lb {
+    /// [`check_case`] against this balancer.
+    pub fn check_case(&self, case: &Case) -> Vec<u8> {
+        check_case(self, case)
+    }
+
+    /// [`check_table`] against this balancer.
     pub fn check_table(&self, cases: &[Case]) -> Vec<Vec<u8>> {
-        let mut expected = self.dp.stats().expect("stats").verdicts;
-        let outs = cases
-            .iter()
-            .map(|case| {
-                expected[case.reason as usize] += 1;
-                self.check_case(case)
-            })
-            .collect();
-        assert_eq!(self.dp.stats().expect("stats").verdicts, expected, "the counters add up to the table");
-        outs
+        check_table(self, cases)
     }
 
     /// Index of listener `name` in `self.desired.listeners` (for [`Self::ring_choice`]).

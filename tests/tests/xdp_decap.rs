@@ -9,10 +9,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{DECAP_GUE_PORT, decap_reason as why};
 use lb_userspace::decap::{Loaded, Settings};
 use tests::{
+    fixture::{Case, UnderTest as _, check_case, check_table},
     frame::{Ipv4Frame, Ipv6Frame, TCP_ACK, TCP_SYN, checksum},
     require_root,
     tunnel::{BROKER, BROKER6, CLIENT, CLIENT6, LB, LB6, STRANGER, VIP, VIP6, eth, gue0, ipv4, ipv6, udp},
@@ -60,40 +60,16 @@ fn outer6(src: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
     f
 }
 
-struct Row {
-    what: &'static str,
-    input: Vec<u8>,
-    action: u32,
-    reason: u32,
-    /// The output frame; `None`: the input, untouched.
-    output: Option<Vec<u8>>,
+/// A row: `output` is the whole frame that must come out; `None`, the input untouched.
+fn row(what: &str, input: Vec<u8>, action: u32, reason: u32, output: Option<Vec<u8>>) -> Case {
+    let case = Case::new(what, input, action, reason);
+    match output {
+        Some(frame) => case.frame(frame),
+        None => case,
+    }
 }
 
-fn row(what: &'static str, input: Vec<u8>, action: u32, reason: u32, output: Option<Vec<u8>>) -> Row {
-    Row { what, input, action, reason, output }
-}
-
-fn run(d: &Loaded, input: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; input.len() + 64];
-    let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..TestRunOptions::default() };
-    let r = d.program().test_run(opts).expect("BPF_PROG_TEST_RUN");
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
-}
-
-/// Runs `r`, checking action, output and that exactly its reason's counter moved by one.
-fn check(d: &Loaded, r: &Row) {
-    let before = d.maps.counters().expect("counters");
-    let (action, out) = run(d, &r.input);
-    let after = d.maps.counters().expect("counters");
-    assert_eq!(action, r.action, "{}: action", r.what);
-    assert_eq!(out, *r.output.as_ref().unwrap_or(&r.input), "{}: output frame", r.what);
-    let moved: Vec<(&String, u64)> = after.iter().map(|(k, v)| (k, v - before[k])).filter(|&(_, n)| n != 0).collect();
-    let want = why::NAMES[r.reason as usize];
-    assert_eq!(moved, [(&want.to_owned(), 1)], "{}: counters", r.what);
-}
-
-fn rows() -> Vec<Row> {
+fn rows() -> Vec<Case> {
     let syn = inner4(VIP, TCP_SYN);
     let (syn_dg, syn_out) = (syn.datagram(), syn.build());
     let v6 = inner6(VIP6);
@@ -154,7 +130,8 @@ fn rows() -> Vec<Row> {
             XDP_PASS,
             why::PASS_MALFORMED,
             None,
-        ),
+        )
+        .malformed(),
         row(
             "an outer IPv4 header with IHL 4",
             {
@@ -165,13 +142,14 @@ fn rows() -> Vec<Row> {
             XDP_PASS,
             why::PASS_MALFORMED,
             None,
-        ),
+        )
+        .malformed(),
     ]
 }
 
 /// What an attacker or an odd sender may try: headers of other shapes, sources that are no
 /// balancer, fragments, nesting, broadcast, tags.
-fn odd_rows() -> Vec<Row> {
+fn odd_rows() -> Vec<Case> {
     let syn = inner4(VIP, TCP_SYN);
     let (syn_dg, syn_out) = (syn.datagram(), syn.build());
     let v6_dg = inner6(VIP6).datagram();
@@ -192,7 +170,8 @@ fn odd_rows() -> Vec<Row> {
             why::PASS_NOT_TUNNEL,
             None,
         ),
-        row("GUE 1 whose inner header is version 5", outer4(LB, 17, 0, &udp(gue_port, &version5)), XDP_PASS, why::PASS_MALFORMED, None),
+        row("GUE 1 whose inner header is version 5", outer4(LB, 17, 0, &udp(gue_port, &version5)), XDP_PASS, why::PASS_MALFORMED, None)
+            .malformed(),
         row(
             "an outer IPv4 header with options",
             with_options(&outer4(LB, 4, 0, &syn_dg)),
@@ -215,7 +194,8 @@ fn odd_rows() -> Vec<Row> {
             why::DROP_FOREIGN_SOURCE,
             None,
         ),
-        row("an inner IPv6 packet to the IPv4 VIP, IPv4-mapped", outer6(LB6, 41, &mapped_vip), XDP_PASS, why::PASS_NOT_OURS, None),
+        row("an inner IPv6 packet to the IPv4 VIP, IPv4-mapped", outer6(LB6, 41, &mapped_vip), XDP_PASS, why::PASS_NOT_OURS, None)
+            .malformed(),
         row("IPv6 in IPv6 in IPv6", outer6(LB6, 41, &ipv6(CLIENT6, VIP6, 41, &v6_dg)), XDP_DROP, why::DROP_NESTED, None),
         row(
             "an IPv4 fragment of IPIP from a source that is no balancer",
@@ -311,13 +291,12 @@ fn tunnel_frames_for_held_vips_come_out_as_the_clients_frames_and_nothing_else_c
     let mut d = Loaded::load().expect("loading dsrlb-decap");
     d.maps.write(&settings(false)).expect("settings");
     assert_eq!(d.maps.settings().expect("read back"), settings(false), "the maps give back what was written");
-    for r in rows().into_iter().chain(odd_rows()) {
-        check(&d, &r);
-    }
+    check_table(&d, &rows());
+    check_table(&d, &odd_rows());
     // --any-source: the stranger's frame is unwrapped too.
     d.maps.write(&settings(true)).expect("settings");
     let syn = inner4(VIP, TCP_SYN);
-    check(
+    check_case(
         &d,
         &row("IPIP from anyone, --any-source", outer4(STRANGER, 4, 0, &syn.datagram()), XDP_PASS, why::DECAPSULATED, Some(syn.build())),
     );
@@ -343,7 +322,7 @@ fn every_truncation_passes_untouched_until_the_inner_header_is_whole() {
         let inner_header = if client[12..14] == [0x86, 0xdd] { 40 } else { 20 };
         for len in 14..frame.len() {
             let cut = &frame[..len];
-            let (action, out) = run(&d, cut);
+            let (action, out) = d.run_frame(cut);
             assert_eq!(action, XDP_PASS, "{what} cut to {len}");
             if len < 14 + strip + inner_header {
                 assert_eq!(out, cut, "{what} cut to {len}: touched");
