@@ -39,10 +39,23 @@ fn put_str(out: &mut Vec<u8>, field: &'static str, s: &[u8]) -> Result<(), TooLo
 /// # Errors
 /// When a field is longer than [`MAX_STRING`] bytes.
 pub fn connect(client_id: &str, keepalive_secs: u16, username: Option<&str>, password: Option<&str>) -> Result<Vec<u8>, TooLong> {
-    let mut body = Vec::with_capacity(32 + client_id.len());
+    connect_packet(4, None, client_id, keepalive_secs, username, password)
+}
+
+/// A CONNECT of protocol `level` (4: 3.1.1, 5: MQTT 5, with `properties`) and a clean
+/// session (clean start).
+fn connect_packet(
+    level: u8,
+    properties: Option<&[u8]>,
+    client_id: &str,
+    keepalive_secs: u16,
+    username: Option<&str>,
+    password: Option<&str>,
+) -> Result<Vec<u8>, TooLong> {
+    let mut body = Vec::with_capacity(40 + client_id.len());
     put_str(&mut body, "protocol name", b"MQTT")?;
-    body.push(4); // protocol level 3.1.1
-    let mut flags = 0x02; // clean session
+    body.push(level);
+    let mut flags = 0x02; // clean session, clean start
     if username.is_some() {
         flags |= 0x80;
     }
@@ -51,6 +64,10 @@ pub fn connect(client_id: &str, keepalive_secs: u16, username: Option<&str>, pas
     }
     body.push(flags);
     body.extend_from_slice(&keepalive_secs.to_be_bytes());
+    if let Some(p) = properties {
+        put_varint(&mut body, p.len());
+        body.extend_from_slice(p);
+    }
     put_str(&mut body, "client id", client_id.as_bytes())?;
     if let Some(u) = username {
         put_str(&mut body, "username", u.as_bytes())?;
@@ -59,7 +76,7 @@ pub fn connect(client_id: &str, keepalive_secs: u16, username: Option<&str>, pas
         put_str(&mut body, "password", p.as_bytes())?;
     }
     let mut packet = vec![0x10];
-    // Remaining length (at most 3 strings of 65537 bytes: 3 bytes).
+    // Remaining length (at most 3 strings of 65537 bytes and the properties: 3 bytes).
     put_varint(&mut packet, body.len());
     packet.extend_from_slice(&body);
     Ok(packet)
@@ -97,33 +114,8 @@ fn put_varint(out: &mut Vec<u8>, mut len: usize) {
 /// # Errors
 /// When a field is longer than [`MAX_STRING`] bytes.
 pub fn connect5(client_id: &str, keepalive_secs: u16, username: Option<&str>, password: Option<&str>) -> Result<Vec<u8>, TooLong> {
-    let mut body = Vec::with_capacity(40 + client_id.len());
-    put_str(&mut body, "protocol name", b"MQTT")?;
-    body.push(5); // protocol level 5
-    let mut flags = 0x02; // clean start
-    if username.is_some() {
-        flags |= 0x80;
-    }
-    if password.is_some() {
-        flags |= 0x40;
-    }
-    body.push(flags);
-    body.extend_from_slice(&keepalive_secs.to_be_bytes());
-    // Properties: Session Expiry Interval 0 (0x11, four bytes), Receive Maximum 1 (0x21, two).
-    let props = [0x11, 0, 0, 0, 0, 0x21, 0, 1];
-    put_varint(&mut body, props.len());
-    body.extend_from_slice(&props);
-    put_str(&mut body, "client id", client_id.as_bytes())?;
-    if let Some(u) = username {
-        put_str(&mut body, "username", u.as_bytes())?;
-    }
-    if let Some(p) = password {
-        put_str(&mut body, "password", p.as_bytes())?;
-    }
-    let mut packet = vec![0x10];
-    put_varint(&mut packet, body.len());
-    packet.extend_from_slice(&body);
-    Ok(packet)
+    // Session Expiry Interval 0 (0x11, four bytes), Receive Maximum 1 (0x21, two).
+    connect_packet(5, Some(&[0x11, 0, 0, 0, 0, 0x21, 0, 1]), client_id, keepalive_secs, username, password)
 }
 
 /// The most a CONNACK may be for a health check to read it (the fixed header's remaining
