@@ -109,6 +109,15 @@ canon6() {
     echo "$out"
 }
 has_vip() { has_addr lo "$1" "$(plen "$1")"; }
+# Whether address $1 is among the rest (IPv6 in any of its written forms).
+listed() {
+    local a=$1 h; shift
+    for h in "$@"; do
+        if is_v6 "$a" && is_v6 "$h"; then [ "$(canon6 "$a")" = "$(canon6 "$h")" ] && return 0
+        elif [ "$a" = "$h" ]; then return 0; fi
+    done
+    return 1
+}
 
 case $action in
 apply)
@@ -149,21 +158,14 @@ verify)
                 echo "FAIL  dsrlb decap on $dev takes tunnel frames from any source: attach it again with --source"; bad=1
             else
                 for ((i = 1; i < ${#decap_from[@]}; i += 2)); do
-                    src=${decap_from[i]} found=0
-                    for h in $senders; do
-                        if is_v6 "$src" && is_v6 "$h"; then [ "$(canon6 "$src")" = "$(canon6 "$h")" ] && found=1
-                        elif [ "$src" = "$h" ]; then found=1; fi
-                    done
-                    if [ $found = 1 ]; then echo "ok    dsrlb decap takes $src"; else echo "FAIL  dsrlb decap on $dev does not take $src"; bad=1; fi
+                    src=${decap_from[i]}
+                    # shellcheck disable=SC2086 # the list is words
+                    if listed "$src" $senders; then echo "ok    dsrlb decap takes $src"; else echo "FAIL  dsrlb decap on $dev does not take $src"; bad=1; fi
                 done
             fi
             for vip in "$@"; do
-                found=0
-                for h in $held; do
-                    if is_v6 "$vip" && is_v6 "$h"; then [ "$(canon6 "$vip")" = "$(canon6 "$h")" ] && found=1
-                    elif [ "$vip" = "$h" ]; then found=1; fi
-                done
-                if [ $found = 1 ]; then echo "ok    dsrlb decap holds $vip"; else echo "FAIL  dsrlb decap on $dev does not hold $vip: attach it again with every VIP"; bad=1; fi
+                # shellcheck disable=SC2086 # the list is words
+                if listed "$vip" $held; then echo "ok    dsrlb decap holds $vip"; else echo "FAIL  dsrlb decap on $dev does not hold $vip: attach it again with every VIP"; bad=1; fi
             done
         else
             echo "FAIL  dsrlb decap is not attached to $dev: ${status//$'\n'/ }"; bad=1
