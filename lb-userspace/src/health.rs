@@ -412,14 +412,22 @@ async fn connect(addr: SocketAddr, mark: Option<u32>) -> Result<TcpStream, Failu
 
 async fn probe(t: &Target, addr: SocketAddr, mark: Option<u32>, suffix: &str) -> Result<String, Failure> {
     let h = &t.health;
+    // An HTTP check asks the broker's API port at its own address; its VIP probe (`mark`: along
+    // the DSR path) is a TCP connect to VIP:port, which is what shows a missing VIP.
+    let (addr, check) = match (h.check, mark, h.http_port) {
+        (CheckKind::Http | CheckKind::Https, Some(_), _) => (addr, CheckKind::Tcp),
+        (CheckKind::Http | CheckKind::Https, None, Some(port)) => (SocketAddr::new(addr.ip(), port), h.check),
+        (kind, ..) => (addr, kind),
+    };
     let work = async {
         let stream = connect(addr, mark).await?;
         let client_id = format!("{}-{suffix}", t.client_id);
-        match h.check {
+        match check {
             CheckKind::None | CheckKind::Tcp => Ok("TCP connect".to_owned()),
             CheckKind::Mqtt => mqtt_exchange(stream, &client_id, h).await,
             CheckKind::Mqtt5 => mqtt5_exchange(stream, &client_id, h).await,
-            CheckKind::MqttTls | CheckKind::Mqtt5Tls => {
+            CheckKind::Http => http_exchange(stream, addr, h).await,
+            CheckKind::MqttTls | CheckKind::Mqtt5Tls | CheckKind::Https => {
                 let config = t.tls.clone().ok_or_else(|| Failure::Local("no TLS client config".to_owned()))?;
                 let name = match &h.tls_server_name {
                     Some(n) => {
@@ -429,10 +437,10 @@ async fn probe(t: &Target, addr: SocketAddr, mark: Option<u32>, suffix: &str) ->
                 };
                 let tls =
                     tokio_rustls::TlsConnector::from(config).connect(name, stream).await.map_err(|e| io_failure("TLS handshake", &e))?;
-                let done = if h.check == CheckKind::MqttTls {
-                    mqtt_exchange(tls, &client_id, h).await
-                } else {
-                    mqtt5_exchange(tls, &client_id, h).await
+                let done = match check {
+                    CheckKind::MqttTls => mqtt_exchange(tls, &client_id, h).await,
+                    CheckKind::Mqtt5Tls => mqtt5_exchange(tls, &client_id, h).await,
+                    _ => http_exchange(tls, addr, h).await,
                 };
                 done.map(|d| format!("TLS, {d}"))
             }
@@ -495,6 +503,67 @@ async fn mqtt5_exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, client_id: 
     let _ = s.write_all(&mqtt::DISCONNECT).await;
     let _ = s.shutdown().await;
     connack5_verdict(&ack)
+}
+
+/// The most of an HTTP answer read for its status line.
+const MAX_STATUS_LINE: usize = 4096;
+
+/// `GET http_path` with the Host header (`http_host`, else the probed address), basic
+/// authentication if configured and `Connection: close`; the status line read (bounded to
+/// [`MAX_STATUS_LINE`] bytes) and judged by [`http_verdict`].
+async fn http_exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, addr: SocketAddr, h: &Health) -> Result<String, Failure> {
+    let host = h.http_host.clone().unwrap_or_else(|| addr.to_string());
+    let auth = h.http_auth.as_deref().map_or_else(String::new, |a| {
+        use base64::Engine as _;
+        format!("Authorization: Basic {}\r\n", base64::engine::general_purpose::STANDARD.encode(a))
+    });
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: dsrlb-health\r\nAccept: */*\r\n{auth}Connection: close\r\n\r\n",
+        h.http_path
+    );
+    s.write_all(request.as_bytes()).await.map_err(|e| io_failure("sending the HTTP request", &e))?;
+    let mut got = Vec::with_capacity(256);
+    let mut buf = [0u8; 512];
+    let line = loop {
+        if let Some(end) = got.windows(2).position(|w| w == b"\r\n") {
+            break got[..end].to_vec();
+        }
+        if got.len() >= MAX_STATUS_LINE {
+            return Err(Failure::Broken(format!("no HTTP status line in the first {MAX_STATUS_LINE} bytes")));
+        }
+        let n = s.read(&mut buf).await.map_err(|e| io_failure("reading the HTTP answer", &e))?;
+        if n == 0 {
+            return Err(Failure::Broken("the connection closed before an HTTP status line".to_owned()));
+        }
+        got.extend_from_slice(&buf[..n]);
+    };
+    let _ = s.shutdown().await;
+    let code = status_code(&line)
+        .ok_or_else(|| Failure::Broken(format!("not an HTTP status line: {:?}", shown(&String::from_utf8_lossy(&line)))))?;
+    http_verdict(code, h)
+}
+
+/// The status of an HTTP/1.x status line (`HTTP/1.1 200 OK`).
+fn status_code(line: &[u8]) -> Option<u16> {
+    let rest = line.strip_prefix(b"HTTP/1.1 ").or_else(|| line.strip_prefix(b"HTTP/1.0 "))?;
+    let digits = rest.get(..3)?;
+    if !digits.iter().all(u8::is_ascii_digit) || rest.get(3).is_some_and(|&b| b != b' ') {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// An HTTP status: one of `http_expect` is ready; one of `http_refusing` is a broker alive but
+/// taking no new clients (EMQX's availability check during an evacuation); any other is a failed
+/// check.
+fn http_verdict(code: u16, h: &Health) -> Result<String, Failure> {
+    if h.http_expect.contains(&code) {
+        Ok(format!("HTTP {code}"))
+    } else if h.http_refusing.contains(&code) {
+        Err(Failure::Refusing(format!("HTTP {code}: the broker takes no new clients")))
+    } else {
+        Err(Failure::Broken(format!("HTTP {code}")))
+    }
 }
 
 /// An MQTT 5 CONNACK reason code's name.
@@ -673,6 +742,71 @@ mod tests {
         assert!(matches!(round(&t).await, Outcome::Down(d) if d.contains("expected CONNACK")));
         let t = target(stand_in(vec![0x20, 0xff, 0xff, 0x7f]).await, health);
         assert!(matches!(round(&t).await, Outcome::Down(d) if d.contains("over 4096 bytes")));
+    }
+
+    #[test]
+    fn http_status_lines_and_what_each_status_says() {
+        assert_eq!(status_code(b"HTTP/1.1 200 OK"), Some(200));
+        assert_eq!(status_code(b"HTTP/1.0 503"), Some(503));
+        for bad in [&b"HTTP/2 200"[..], b"HTTP/1.1 20", b"HTTP/1.1 2000 OK", b"http/1.1 200 OK", b"SSH-2.0-OpenSSH", b""] {
+            assert_eq!(status_code(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+        let h = Health { check: CheckKind::Http, http_port: Some(18083), ..Health::default() };
+        assert!(matches!(http_verdict(200, &h), Ok(d) if d == "HTTP 200"));
+        assert!(matches!(http_verdict(503, &h), Err(Failure::Refusing(d)) if d.contains("takes no new clients")));
+        assert!(matches!(http_verdict(404, &h), Err(Failure::Broken(d)) if d == "HTTP 404"));
+    }
+
+    /// A stand-in broker API: answers every request with `answer`, and hands the requests it
+    /// read to the test.
+    async fn http_stand_in(answer: Vec<u8>) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
+        let addr = api.local_addr().expect("its address");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = api.accept().await {
+                let mut req = vec![0u8; 2048];
+                let n = s.read(&mut req).await.unwrap_or(0);
+                let _ = tx.send(String::from_utf8_lossy(&req[..n]).into_owned());
+                let _ = s.write_all(&answer).await;
+            }
+        });
+        (addr, rx)
+    }
+
+    #[tokio::test]
+    async fn an_http_probe_asks_the_api_port_and_reads_the_status() {
+        let health = |port: u16| Health {
+            check: CheckKind::Http,
+            vip_check: false,
+            http_port: Some(port),
+            http_path: "/api/v5/load_rebalance/availability_check".to_owned(),
+            http_auth: Some("dsrlb:secret".to_owned()),
+            ..Health::default()
+        };
+        // The target's address names the MQTT port; the probe goes to http_port instead.
+        let mqtt_port = |api: SocketAddr| SocketAddr::new(api.ip(), 1);
+        let (api, mut requests) = http_stand_in(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec()).await;
+        let t = target(mqtt_port(api), health(api.port()));
+        assert!(matches!(round(&t).await, Outcome::Pass(d) if d == "HTTP 200"));
+        let req = requests.recv().await.expect("a request");
+        assert!(req.starts_with("GET /api/v5/load_rebalance/availability_check HTTP/1.1\r\n"), "{req}");
+        assert!(req.contains(&format!("Host: {}\r\n", mqtt_port(api))) || req.contains(&format!("Host: {api}\r\n")), "{req}");
+        assert!(req.contains("Authorization: Basic ZHNybGI6c2VjcmV0\r\n") && req.ends_with("\r\n\r\n"), "{req}");
+        // An evacuating EMQX: 503, refusing.
+        let (api, _r) = http_stand_in(b"HTTP/1.1 503 Service Unavailable\r\n\r\n".to_vec()).await;
+        let t = target(mqtt_port(api), health(api.port()));
+        assert!(matches!(round(&t).await, Outcome::Refusing(d) if d.contains("HTTP 503")));
+        // Another status, no status line, an endless line: down.
+        for (answer, want) in [
+            (b"HTTP/1.1 404 Not Found\r\n\r\n".to_vec(), "HTTP 404"),
+            (b"SSH-2.0-OpenSSH_9\r\n".to_vec(), "not an HTTP status line"),
+            (vec![b'H'; 5000], "no HTTP status line in the first 4096 bytes"),
+        ] {
+            let (api, _r) = http_stand_in(answer).await;
+            let t = target(mqtt_port(api), health(api.port()));
+            assert!(matches!(round(&t).await, Outcome::Down(ref d) if d.contains(want)), "{want}");
+        }
     }
 
     #[test]

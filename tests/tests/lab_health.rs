@@ -343,6 +343,99 @@ fn tls_listener_checked_with_mqtt_tls_fails_alone() {
     assert_eq!(lb.state("mqtts", "b2"), "up");
 }
 
+/// A stand-in for a broker's API (EMQX's availability check) in its namespace, on 18083: it
+/// answers every request with the status the test sets, until dropped.
+struct Api {
+    status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Api {
+    fn start(lab: &LabGuard, broker: usize) -> Self {
+        use std::{
+            io::{Read as _, Write as _},
+            sync::{
+                Arc,
+                atomic::{AtomicBool, AtomicU16, Ordering},
+            },
+        };
+        let listener = tests::netns::in_netns(&lab.broker_ns(broker), || std::net::TcpListener::bind("0.0.0.0:18083"))
+            .expect("the broker's namespace")
+            .expect("listening on 18083");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let (status, stop) = (Arc::new(AtomicU16::new(200)), Arc::new(AtomicBool::new(false)));
+        let (st, sp) = (Arc::clone(&status), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            wait::repeat(Duration::from_mins(5), &sp, || match listener.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                    let mut req = [0u8; 1024];
+                    let _ = s.read(&mut req);
+                    let _ = write!(s, "HTTP/1.1 {} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", st.load(Ordering::SeqCst));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            });
+        });
+        Self { status, stop, thread: Some(thread) }
+    }
+
+    fn set(&self, status: u16) {
+        self.status.store(status, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `check = "http"` against a stand-in of EMQX's availability check: a broker whose check turns
+/// 503 (an evacuation starting) is `refusing` within `fall` rounds, gets no new session while its
+/// own sessions keep working, and comes back on 200. The VIP probe still runs on the MQTT port.
+#[test]
+fn an_http_check_takes_a_refusing_broker_out_of_the_ring_and_keeps_its_sessions() {
+    require_root!();
+    let lab = LabGuard::up(2);
+    let apis = [Api::start(&lab, 0), Api::start(&lab, 1)];
+    let http = health()
+        .replace("check = \"mqtt\"", "check = \"http\"\nhttp_port = 18083\nhttp_path = \"/api/v5/load_rebalance/availability_check\"");
+    let lb = Balancer::start(&lab, &lab.config(&http));
+    for b in ["b1", "b2"] {
+        wait::until_every(format!("{b} up on HTTP 200"), Duration::from_secs(5), Duration::from_millis(50), || {
+            let s = lb.status();
+            let be = s.backend("mqtt", b);
+            let (state, last) = be.map_or((String::new(), String::new()), |be| (be.state.clone(), be.last_check.clone()));
+            if state == "up" && last == "HTTP 200; VIP ok" { Ok(()) } else { Err(format!("{state}: {last}")) }
+        });
+    }
+    let mut held = hold_sessions(&lab, "http", 60);
+    let at = placement(&lab, held.iter().map(|(id, _)| id.clone()));
+    assert!(at.values().any(|b| *b == 0), "no held session on b1: {at:?}");
+
+    // b1's node starts an evacuation: its availability check answers 503.
+    let turned = Instant::now();
+    apis[0].set(503);
+    wait_state(&lb, "mqtt", "b1", "refusing", failover_window() + INTER);
+    let took = turned.elapsed();
+    let last = lb.status().backend("mqtt", "b1").map(|b| b.last_check.clone()).unwrap_or_default();
+    assert!(last.contains("HTTP 503: the broker takes no new clients"), "{last}");
+    eprintln!("b1 refusing {took:?} after its check turned 503 (fall {FALL} x inter {INTER:?})");
+    let counts = fresh(&lab, "http-new", 40);
+    assert_eq!(counts[0], 0, "a refusing broker got new sessions: {counts:?}");
+    assert_eq!(assert_alive(&mut held, &at, &[0, 1]), 60, "a held session died");
+
+    // The evacuation ends: 200 again, and b1 takes new sessions.
+    apis[0].set(200);
+    wait_state(&lb, "mqtt", "b1", "up", INTER * (RISE + 2));
+    assert!(fresh(&lab, "http-back", 40)[0] > 0, "b1 back up gets no new sessions");
+}
+
 /// MQTT 5 checks against mosquitto (which speaks MQTT 5): the plain and the TLS listener's
 /// pairs come up on CONNACK 0x00, read through the DSR path too.
 #[test]

@@ -1,4 +1,5 @@
-//! The cluster's key file, read once at load: a secret only its owner may read.
+//! Secret files, read once at load, that only their owner may read: the cluster's key file and
+//! an HTTP check's credentials.
 
 use std::path::Path;
 
@@ -18,6 +19,38 @@ pub const MAX_SYNC_KEY_FILE_BYTES: u64 = 4096;
 /// When it cannot be opened, is a link or not a regular file, is too long or too short, or
 /// others may read it.
 pub fn read_sync_key(path: &Path) -> anyhow::Result<SyncKey> {
+    let bytes = read_secret(path, "key file")?;
+    let key = bytes.trim_ascii();
+    anyhow::ensure!(
+        key.len() >= MIN_SYNC_KEY_BYTES,
+        "{} holds {} bytes: a key needs at least {MIN_SYNC_KEY_BYTES} (e.g. `head -c 32 /dev/urandom | base64 > FILE`)",
+        path.display(),
+        key.len()
+    );
+    Ok(SyncKey(std::sync::Arc::from(key)))
+}
+
+/// An HTTP check's credentials (`http_auth_file`): one line `user:password`, in a file read as
+/// a key file is.
+///
+/// # Errors
+/// As [`read_sync_key`]'s checks of the file; when it holds no `user:password` line, or control
+/// characters.
+pub fn read_http_auth(path: &Path) -> anyhow::Result<String> {
+    let bytes = read_secret(path, "credentials file")?;
+    let text = std::str::from_utf8(bytes.trim_ascii()).map_err(|_| anyhow::anyhow!("{} is not UTF-8", path.display()))?;
+    anyhow::ensure!(
+        text.contains(':') && !text.chars().any(char::is_control),
+        "{} must hold one line, user:password (for HTTP basic authentication)",
+        path.display()
+    );
+    Ok(text.to_owned())
+}
+
+/// A secret file's bytes: a regular file (not a symbolic link) of at most
+/// [`MAX_SYNC_KEY_FILE_BYTES`], owned by this process's user and readable by it alone, read
+/// through one descriptor.
+fn read_secret(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
     use std::{
         io::Read as _,
         os::unix::fs::{FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
@@ -27,7 +60,7 @@ pub fn read_sync_key(path: &Path) -> anyhow::Result<SyncKey> {
         std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC).open(path).map_err(
             |e| {
                 if e.raw_os_error() == Some(libc::ELOOP) {
-                    anyhow::anyhow!("{} is a symbolic link, which is not followed: name the key file itself", path.display())
+                    anyhow::anyhow!("{} is a symbolic link, which is not followed: name the {what} itself", path.display())
                 } else {
                     anyhow::anyhow!("reading {}: {e}", path.display())
                 }
@@ -36,7 +69,7 @@ pub fn read_sync_key(path: &Path) -> anyhow::Result<SyncKey> {
     let meta = file.metadata().map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
     let kind = meta.file_type();
     if !kind.is_file() {
-        let what = if kind.is_dir() {
+        let kind_is = if kind.is_dir() {
             "a directory"
         } else if kind.is_fifo() {
             "a FIFO"
@@ -47,11 +80,11 @@ pub fn read_sync_key(path: &Path) -> anyhow::Result<SyncKey> {
         } else {
             "not a regular file"
         };
-        anyhow::bail!("{} is {what}: a key file must be a regular file", path.display());
+        anyhow::bail!("{} is {kind_is}: a {what} must be a regular file", path.display());
     }
     anyhow::ensure!(
         meta.len() <= MAX_SYNC_KEY_FILE_BYTES,
-        "{} holds {} bytes: a key file holds at most {MAX_SYNC_KEY_FILE_BYTES} (a key of 32 bytes is plenty)",
+        "{} holds {} bytes: a {what} holds at most {MAX_SYNC_KEY_FILE_BYTES}",
         path.display(),
         meta.len()
     );
@@ -67,12 +100,5 @@ pub fn read_sync_key(path: &Path) -> anyhow::Result<SyncKey> {
         "{} grew past {MAX_SYNC_KEY_FILE_BYTES} bytes while it was read",
         path.display()
     );
-    let key = bytes.trim_ascii();
-    anyhow::ensure!(
-        key.len() >= MIN_SYNC_KEY_BYTES,
-        "{} holds {} bytes: a key needs at least {MIN_SYNC_KEY_BYTES} (e.g. `head -c 32 /dev/urandom | base64 > FILE`)",
-        path.display(),
-        key.len()
-    );
-    Ok(SyncKey(std::sync::Arc::from(key)))
+    Ok(bytes)
 }

@@ -67,6 +67,12 @@ pub(super) struct RawHealth {
     pub(super) password: Option<Spanned<String>>,
     pub(super) tls_ca: Option<Spanned<String>>,
     pub(super) tls_server_name: Option<Spanned<String>>,
+    pub(super) http_port: Option<Spanned<u16>>,
+    pub(super) http_path: Option<Spanned<String>>,
+    pub(super) http_host: Option<Spanned<String>>,
+    pub(super) http_expect: Option<Spanned<Vec<u16>>>,
+    pub(super) http_refusing: Option<Spanned<Vec<u16>>>,
+    pub(super) http_auth_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -446,3 +446,49 @@ fn durations_and_macs() {
     assert!(parse_mac("01:00:5e:00:00:01").is_err());
     assert_eq!(format_mac([2, 0, 0, 0, 0, 0x11]), "02:00:00:00:00:11");
 }
+
+/// `check = "http"`: the API port is required; path, Host and statuses cannot break the request
+/// or mean two things; credentials come from a file only its owner reads.
+#[test]
+fn http_checks_are_checked_before_they_probe() {
+    let http = |extra: &str| GOOD.replace("check = \"tcp\"", &format!("check = \"http\"\n{extra}"));
+    let e = error_of(&http(""));
+    assert!(e.contains("health.http_port") && e.contains("needs http_port"), "{e}");
+    let c = parse(&http("http_port = 18083\nhttp_path = \"/api/v5/load_rebalance/availability_check\""), "t.toml").expect("valid");
+    assert_eq!(
+        (c.health.check, c.health.http_port, c.health.http_path.as_str(), &c.health.http_expect[..], &c.health.http_refusing[..]),
+        (CheckKind::Http, Some(18083), "/api/v5/load_rebalance/availability_check", &[200][..], &[503][..])
+    );
+    for (extra, field, want) in [
+        ("http_port = 0", "http_port", "0 is no port"),
+        ("http_port = 1\nhttp_path = \"status\"", "http_path", "must start with /"),
+        ("http_port = 1\nhttp_path = \"/a b\"", "http_path", "no spaces"),
+        ("http_port = 1\nhttp_path = \"/a\\r\\nX-Evil: 1\"", "http_path", "printable ASCII"),
+        ("http_port = 1\nhttp_host = \"a\\nb\"", "http_host", "printable ASCII"),
+        ("http_port = 1\nhttp_expect = [200, 700]", "http_expect", "100 to 599"),
+        ("http_port = 1\nhttp_expect = []", "http_expect", "at least one status"),
+        ("http_port = 1\nhttp_expect = [200, 503]", "http_refusing", "503 is in http_expect too"),
+    ] {
+        let e = error_of(&http(extra));
+        assert!(e.contains(&format!("health.{field}")) && e.contains(want), "{extra}: {e}");
+    }
+    let e = error_of(&GOOD.replace("check = \"tcp\"", "check = \"https\"\nhttp_port = 8443"));
+    assert!(e.contains("check = \"https\" needs tls_ca"), "{e}");
+    // Credentials: owner-only, one user:password line.
+    let dir = std::env::temp_dir().join(format!("dsrlb-http-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = |name: &str, text: &str, mode: u32| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write");
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode)).expect("chmod");
+        p
+    };
+    let with = |p: &std::path::Path| http(&format!("http_port = 18083\nhttp_auth_file = \"{}\"", p.display()));
+    let good = file("good", "dsrlb:s3cret\n", 0o600);
+    assert_eq!(parse(&with(&good), "t.toml").expect("valid").health.http_auth.as_deref(), Some("dsrlb:s3cret"));
+    let e = error_of(&with(&file("open", "dsrlb:s3cret\n", 0o644)));
+    assert!(e.contains("health.http_auth_file") && e.contains("may be read by others"), "{e}");
+    let e = error_of(&with(&file("nocolon", "dsrlb\n", 0o600)));
+    assert!(e.contains("health.http_auth_file") && e.contains("user:password"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

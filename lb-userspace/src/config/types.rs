@@ -55,13 +55,23 @@ pub enum CheckKind {
     /// server, ...).
     Mqtt5,
     Mqtt5Tls,
+    /// An HTTP GET of `http_path` on the broker's API port (`http_port`), as HAProxy checks
+    /// EMQX's availability check or HiveMQ's readiness.
+    Http,
+    Https,
 }
 
 impl CheckKind {
     /// Whether the check runs over TLS (and so needs `tls_ca`).
     #[must_use]
     pub const fn tls(self) -> bool {
-        matches!(self, Self::MqttTls | Self::Mqtt5Tls)
+        matches!(self, Self::MqttTls | Self::Mqtt5Tls | Self::Https)
+    }
+
+    /// Whether the check is an HTTP one (its VIP probe is then a TCP connect to VIP:port).
+    #[must_use]
+    pub const fn http(self) -> bool {
+        matches!(self, Self::Http | Self::Https)
     }
 }
 
@@ -84,6 +94,15 @@ pub struct Health {
     pub tls_ca: Option<PathBuf>,
     /// Name to verify the certificate against; the probed address when absent.
     pub tls_server_name: Option<String>,
+    /// `http`, `https`: the broker's API port, the path, the Host header (the probed address
+    /// when absent), the statuses that mean ready and those that mean alive but taking no new
+    /// clients, and `user:password` for basic authentication.
+    pub http_port: Option<u16>,
+    pub http_path: String,
+    pub http_host: Option<String>,
+    pub http_expect: Vec<u16>,
+    pub http_refusing: Vec<u16>,
+    pub http_auth: Option<String>,
 }
 
 impl Default for Health {
@@ -101,6 +120,12 @@ impl Default for Health {
             password: None,
             tls_ca: None,
             tls_server_name: None,
+            http_port: None,
+            http_path: "/".to_owned(),
+            http_host: None,
+            http_expect: vec![200],
+            http_refusing: vec![503],
+            http_auth: None,
         }
     }
 }

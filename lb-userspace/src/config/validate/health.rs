@@ -1,6 +1,6 @@
 //! `[health]`, and the `health` tables of listeners and backends that override it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use toml::Spanned;
 
@@ -50,8 +50,16 @@ impl Validator<'_> {
             }
             h.tls_ca = Some(path);
         }
+        self.http(&mut h, raw, field)?;
+        if h.check.http() && h.http_port.is_none() {
+            return Err(self.err(&span, format!("{field}.http_port"), "an HTTP check needs http_port, the broker's API port"));
+        }
         if h.check.tls() && h.tls_ca.is_none() {
-            let name = if h.check == CheckKind::MqttTls { "mqtt-tls" } else { "mqtt5-tls" };
+            let name = match h.check {
+                CheckKind::MqttTls => "mqtt-tls",
+                CheckKind::Https => "https",
+                _ => "mqtt5-tls",
+            };
             return Err(self.err(
                 &span,
                 format!("{field}.tls_ca"),
@@ -77,5 +85,53 @@ impl Validator<'_> {
             return Err(self.err(&span, format!("{field}.timeout"), format!("{:?} is longer than inter ({:?})", h.timeout, h.inter)));
         }
         Ok(h)
+    }
+
+    /// The `http_*` settings: a path and Host that cannot break the request's lines, statuses
+    /// that are HTTP's and mean one thing each, credentials from a file only its owner reads.
+    fn http(&self, h: &mut Health, raw: &RawHealth, field: &str) -> Result<(), ConfigError> {
+        if let Some(p) = &raw.http_port {
+            if *p.get_ref() == 0 {
+                return Err(self.err(&p.span(), format!("{field}.http_port"), "0 is no port"));
+            }
+            h.http_port = Some(*p.get_ref());
+        }
+        let plain = |s: &str| !s.is_empty() && s.len() <= 1024 && s.chars().all(|c| c.is_ascii_graphic());
+        if let Some(p) = &raw.http_path {
+            if !p.get_ref().starts_with('/') || !plain(p.get_ref()) {
+                let message = "must start with / and hold printable ASCII only, no spaces (at most 1,024 bytes)";
+                return Err(self.err(&p.span(), format!("{field}.http_path"), message));
+            }
+            h.http_path.clone_from(p.get_ref());
+        }
+        if let Some(v) = &raw.http_host {
+            if !plain(v.get_ref()) {
+                return Err(self.err(&v.span(), format!("{field}.http_host"), "must hold printable ASCII only, no spaces"));
+            }
+            h.http_host = Some(v.get_ref().clone());
+        }
+        for (value, name, target) in
+            [(&raw.http_expect, "http_expect", &mut h.http_expect), (&raw.http_refusing, "http_refusing", &mut h.http_refusing)]
+        {
+            if let Some(v) = value {
+                if v.get_ref().iter().any(|c| !(100..=599).contains(c)) {
+                    return Err(self.err(&v.span(), format!("{field}.{name}"), "HTTP statuses are 100 to 599"));
+                }
+                target.clone_from(v.get_ref());
+            }
+        }
+        if h.http_expect.is_empty() {
+            let span = raw.http_expect.as_ref().map_or(0..0, Spanned::span);
+            return Err(self.err(&span, format!("{field}.http_expect"), "at least one status must mean ready"));
+        }
+        if let Some(c) = h.http_expect.iter().find(|c| h.http_refusing.contains(c)) {
+            let span = raw.http_refusing.as_ref().or(raw.http_expect.as_ref()).map_or(0..0, Spanned::span);
+            return Err(self.err(&span, format!("{field}.http_refusing"), format!("{c} is in http_expect too: a status means one thing")));
+        }
+        if let Some(f) = &raw.http_auth_file {
+            let auth = crate::config::key::read_http_auth(Path::new(f.get_ref()));
+            h.http_auth = Some(auth.map_err(|e| self.err(&f.span(), format!("{field}.http_auth_file"), format!("{e:#}")))?);
+        }
+        Ok(())
     }
 }
