@@ -436,6 +436,89 @@ fn an_http_check_takes_a_refusing_broker_out_of_the_ring_and_keeps_its_sessions(
     assert!(fresh(&lab, "http-back", 40)[0] > 0, "b1 back up gets no new sessions");
 }
 
+/// Evacuation as EMQX does it, end to end, with a stand-in for its availability check beside
+/// each of three mosquittos: 2,000 sessions held; one broker's check turns 503; once the
+/// balancer has it `refusing`, that broker's client connections are closed at 200/s (RSTs, as
+/// `ss -K` sends them) and their clients reconnect at once. Every one reconnects on its first
+/// try, none lands on the evacuating broker, and no session of the other brokers drops. Then
+/// the broker returns: 200, `rise` passes, and new connections reach it again.
+#[test]
+fn an_evacuation_moves_every_client_on_its_first_reconnect() {
+    require_root!();
+    const SESSIONS: usize = 2000;
+    let lab = LabGuard::up(3);
+    let apis = [Api::start(&lab, 0), Api::start(&lab, 1), Api::start(&lab, 2)];
+    let http = health()
+        .replace("check = \"mqtt\"", "check = \"http\"\nhttp_port = 18083\nhttp_path = \"/api/v5/load_rebalance/availability_check\"");
+    let lb = Balancer::start(&lab, &lab.config(&http));
+    for b in ["b1", "b2", "b3"] {
+        wait_state(&lb, "mqtt", b, "up", Duration::from_secs(5));
+    }
+    let start = Instant::now();
+    let mut held = hold_sessions(&lab, "ev", SESSIONS);
+    let at = placement(&lab, held.iter().map(|(id, _)| id.clone()));
+    assert_eq!(at.len(), SESSIONS, "not every held session was logged by a broker");
+    let on_b1: Vec<usize> = (0..SESSIONS).filter(|i| at[&held[*i].0] == 0).collect();
+    eprintln!("{:>6.1?} {SESSIONS} sessions held, {} on b1", start.elapsed(), on_b1.len());
+    assert!(on_b1.len() > 300, "too few sessions on b1 to evacuate: {}", on_b1.len());
+
+    // 1. b1's availability check turns 503; the balancer must mark it refusing within fall
+    //    rounds and one more.
+    let turned = Instant::now();
+    apis[0].set(503);
+    wait_state(&lb, "mqtt", "b1", "refusing", INTER * (FALL + 1) + INTER / 2);
+    eprintln!("{:>6.1?} b1 refusing, {:?} after its check turned 503", start.elapsed(), turned.elapsed());
+
+    // 2. The evacuation: b1 closes its clients' connections at 200/s.
+    let b1 = lab.broker_ns(0);
+    let out = lab.exec(&b1, "ss", &["-Htn", "state", "established", "( sport = :1883 )"]).expect("ss on b1");
+    let ports: Vec<String> =
+        out.lines().filter_map(|l| l.split_whitespace().nth(3).and_then(|peer| peer.rsplit(':').next()).map(str::to_owned)).collect();
+    assert!(ports.len() >= on_b1.len(), "b1 holds {} connections, {} sessions were placed on it", ports.len(), on_b1.len());
+    // The closes run at 200/s (four every 20 ms) while the clients reconnect as they notice.
+    let kills = Instant::now();
+    let mut reconnected = Vec::new();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for (k, batch) in ports.chunks(4).enumerate() {
+                let when = Duration::from_millis(20) * u32::try_from(k).expect("few batches");
+                if let Some(wait) = when.checked_sub(kills.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+                let peers: Vec<String> = batch.iter().map(|p| format!("dport = :{p}")).collect();
+                let filter = format!("( sport = :1883 and ( {} ) )", peers.join(" or "));
+                lab.exec(&b1, "ss", &["-K", "-t", "state", "established", &filter]).expect("ss -K on b1");
+            }
+            eprintln!("{:>6.1?} {} connections on b1 closed in {:?}", start.elapsed(), ports.len(), kills.elapsed());
+        });
+        // 3. Each client reconnects as soon as its connection is gone: on its first try, not to b1.
+        for &i in &on_b1 {
+            let (id, c) = &mut held[i];
+            wait::until(format!("{id} on b1 closed by the evacuation"), Duration::from_secs(30), || c.ping().is_err());
+            let again = format!("{id}-again");
+            let c = tests::netns::in_netns(&lab.ns("client"), || {
+                MqttConn::connect(None, std::net::SocketAddrV4::new(lab::VIP, 1883), &again, Duration::from_secs(5))
+            })
+            .expect("client namespace")
+            .unwrap_or_else(|e| panic!("{again}: the first reconnect failed: {e}"));
+            reconnected.push((again, c));
+        }
+    });
+    let moved = placement(&lab, reconnected.iter().map(|(id, _)| id.clone()));
+    assert_eq!(moved.len(), on_b1.len(), "not every reconnect was logged by a broker");
+    let back_on_b1 = moved.values().filter(|b| **b == 0).count();
+    assert_eq!(back_on_b1, 0, "{back_on_b1} reconnects landed on the evacuating broker");
+    eprintln!("{:>6.1?} {} clients reconnected on their first try, none to b1", start.elapsed(), moved.len());
+    // The other brokers' sessions never dropped.
+    assert_eq!(assert_alive(&mut held, &at, &[1, 2]), SESSIONS - on_b1.len());
+
+    // 4. b1 returns: 200, `rise` passes, new connections reach it.
+    apis[0].set(200);
+    wait_state(&lb, "mqtt", "b1", "up", INTER * (RISE + 2));
+    assert!(fresh(&lab, "ev-back", 60)[0] > 0, "b1 back gets no new sessions");
+    eprintln!("{:>6.1?} b1 up and taking new sessions again", start.elapsed());
+}
+
 /// MQTT 5 checks against mosquitto (which speaks MQTT 5): the plain and the TLS listener's
 /// pairs come up on CONNACK 0x00, read through the DSR path too.
 #[test]
