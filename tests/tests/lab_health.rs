@@ -436,6 +436,65 @@ fn an_http_check_takes_a_refusing_broker_out_of_the_ring_and_keeps_its_sessions(
     assert!(fresh(&lab, "http-back", 40)[0] > 0, "b1 back up gets no new sessions");
 }
 
+/// `check = "https"`: the API over TLS, verified against the lab's CA (a stand-in: `openssl
+/// s_server -www`, which answers every GET with 200, in each broker's namespace with the lab's
+/// certificate); the pairs come up on `TLS, HTTP 200`. Without `tls_server_name` the probed
+/// address is verified, which the certificate does not name: down.
+#[test]
+fn an_https_check_verifies_the_api_and_reads_its_status() {
+    require_root!();
+    let lab = LabGuard::up(2);
+    let state = lab.ca_pem().parent().expect("the lab's state directory").to_path_buf();
+    let _servers = Children(
+        (0..2)
+            .map(|i| {
+                tests::netns::nsenter(&lab.broker_ns(i), "openssl")
+                    .args(["s_server", "-quiet", "-www", "-accept", "18443", "-cert"])
+                    .arg(state.join("server.pem"))
+                    .arg("-key")
+                    .arg(state.join("server.key"))
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("openssl s_server")
+            })
+            .collect(),
+    );
+    let https = |name: &str| {
+        health()
+            .replace("check = \"mqtt\"", &format!("check = \"https\"\nhttp_port = 18443\ntls_ca = \"{}\"{name}", lab.ca_pem().display()))
+    };
+    let lb = Balancer::start(&lab, &lab.config(&https(&format!("\ntls_server_name = \"{}\"", lab::TLS_NAME))));
+    for b in ["b1", "b2"] {
+        wait::until_every(format!("{b} up on an HTTPS 200"), Duration::from_secs(10), Duration::from_millis(50), || {
+            let s = lb.status();
+            let be = s.backend("mqtt", b);
+            let (state, last) = be.map_or((String::new(), String::new()), |be| (be.state.clone(), be.last_check.clone()));
+            if state == "up" && last == "TLS, HTTP 200; VIP ok" { Ok(()) } else { Err(format!("{state}: {last}")) }
+        });
+    }
+    // The same without the name: the broker's address is not in its certificate.
+    std::fs::write(&lb.config, lab.config(&https(""))).expect("config");
+    let (ok, _, err) = lb.cli(&["reload"]);
+    assert!(ok, "{err}");
+    wait_state(&lb, "mqtt", "b1", "down", failover_window() + INTER);
+    let last = lb.status().backend("mqtt", "b1").map(|b| b.last_check.clone()).unwrap_or_default();
+    assert!(last.contains("TLS handshake"), "{last}");
+}
+
+/// Processes a test started, killed when it ends (also when it fails).
+struct Children(Vec<std::process::Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Evacuation as EMQX does it, end to end, with a stand-in for its availability check beside
 /// each of three mosquittos: 2,000 sessions held; one broker's check turns 503; once the
 /// balancer has it `refusing`, that broker's client connections are closed at 200/s (RSTs, as

@@ -30,6 +30,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "lintian",
     // xdp-filter, the other XDP program the chaining test runs beside the balancer.
     "xdp-tools",
+    // openssl s_server: a stand-in HTTPS API for the https health check's lab test.
+    "openssl",
 ];
 
 /// The cargo-deb release `cargo xtask package` is known to work with.
