@@ -414,9 +414,11 @@ async fn probe(t: &Target, addr: SocketAddr, mark: Option<u32>, suffix: &str) ->
     let h = &t.health;
     // An HTTP check asks the broker's API port at its own address; its VIP probe (`mark`: along
     // the DSR path) is a TCP connect to VIP:port, which is what shows a missing VIP.
+    let mqtt_port = addr;
     let (addr, check) = match (h.check, mark, h.http_port) {
         (CheckKind::Http | CheckKind::Https, Some(_), _) => (addr, CheckKind::Tcp),
         (CheckKind::Http | CheckKind::Https, None, Some(port)) => (SocketAddr::new(addr.ip(), port), h.check),
+        (CheckKind::Http | CheckKind::Https, None, None) => return Err(Failure::Local("an HTTP check without http_port".to_owned())),
         (kind, ..) => (addr, kind),
     };
     let work = async {
@@ -445,6 +447,18 @@ async fn probe(t: &Target, addr: SocketAddr, mark: Option<u32>, suffix: &str) ->
                 done.map(|d| format!("TLS, {d}"))
             }
         }
+    };
+    // An API that answers says nothing of the MQTT listener: its port at the broker's own
+    // address must take a connection too.
+    let work = async {
+        let detail = work.await?;
+        if check.http() {
+            drop(connect(mqtt_port, None).await.map_err(|f| match f {
+                Failure::Broken(e) => Failure::Broken(format!("the API answers, the MQTT port {mqtt_port} does not: {e}")),
+                other => other,
+            })?);
+        }
+        Ok(detail)
     };
     match tokio::time::timeout(h.timeout, work).await {
         Ok(r) => r,
@@ -524,9 +538,18 @@ async fn http_exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, addr: Socket
     s.write_all(request.as_bytes()).await.map_err(|e| io_failure("sending the HTTP request", &e))?;
     let mut got = Vec::with_capacity(256);
     let mut buf = [0u8; 512];
+    // Where the status line starts: past any interim (1xx) responses, which end with a blank line.
+    let mut start = 0;
     let line = loop {
-        if let Some(end) = got.windows(2).position(|w| w == b"\r\n") {
-            break got[..end].to_vec();
+        if let Some(end) = got[start..].windows(2).position(|w| w == b"\r\n") {
+            let line = &got[start..start + end];
+            if !matches!(status_code(line), Some(100..=199)) {
+                break line.to_vec();
+            }
+            if let Some(blank) = got[start..].windows(4).position(|w| w == b"\r\n\r\n") {
+                start += blank + 4;
+                continue;
+            }
         }
         if got.len() >= MAX_STATUS_LINE {
             return Err(Failure::Broken(format!("no HTTP status line in the first {MAX_STATUS_LINE} bytes")));
@@ -592,9 +615,10 @@ const fn reason_name(code: u8) -> &'static str {
     }
 }
 
-/// A broker's text for the status line: at most 120 characters, printable ones only.
+/// A broker's text for the status line: at most 120 characters, printable ASCII only (others,
+/// control and format characters included, become `?`).
 fn shown(text: &str) -> String {
-    text.chars().filter(|c| !c.is_control()).take(120).collect()
+    text.chars().take(120).map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).collect()
 }
 
 /// What an MQTT 5 CONNACK says about the broker: 0x00 is up; server unavailable (0x88), busy
@@ -607,6 +631,10 @@ fn connack5_verdict(a: &mqtt::Connack5) -> Result<String, Failure> {
     let reference = a.server_reference.as_deref().map(|r| format!(", server reference {:?}", shown(r)));
     let reason = a.reason_string.as_deref().map(|r| format!(", reason {:?}", shown(r)));
     let said = format!("{}{}", reference.unwrap_or_default(), reason.unwrap_or_default());
+    if a.v311 {
+        // A 3.1.1 broker's answer: its codes are 3.1.1's, and it will never say more.
+        return connack_verdict(code).map(|d| format!("{d}; {ONLY_311}"));
+    }
     let name = reason_name(code);
     match code {
         0x00 => Ok(format!("CONNACK 0x00 (success, MQTT 5){said}")),
@@ -620,10 +648,14 @@ fn connack5_verdict(a: &mqtt::Connack5) -> Result<String, Failure> {
     }
 }
 
-/// Whether a passing probe's detail carries a warning for the operator (refused credentials).
+/// What a passing `mqtt5` probe of an MQTT 3.1.1-only broker adds to its detail.
+const ONLY_311: &str = "the broker speaks MQTT 3.1.1 only: use check = \"mqtt\"";
+
+/// Whether a passing probe's detail carries a warning for the operator (refused credentials, or
+/// an `mqtt5` check of a broker that cannot answer it).
 #[must_use]
 pub fn warns(detail: &str) -> bool {
-    detail.contains("credentials are refused")
+    detail.contains("credentials are refused") || detail.contains(ONLY_311)
 }
 
 #[cfg(test)]
@@ -698,9 +730,18 @@ mod tests {
             reason: 0x9d,
             server_reference: Some("b2.example:1883\n\u{1b}[31m".into()),
             reason_string: Some("x".repeat(500)),
+            v311: false,
         };
         let Err(Failure::Refusing(d)) = connack5_verdict(&moved) else { panic!("0x9d refuses") };
-        assert!(d.contains("(server moved), server reference \"b2.example:1883[31m\"") && !d.contains('\u{1b}'), "{d}");
+        assert!(d.contains("(server moved), server reference \"b2.example:1883??[31m\"") && !d.contains('\u{1b}'), "{d}");
+        // Format characters (a right-to-left override) cannot dress up the text either.
+        let spoof = mqtt::Connack5 { reason: 0x9c, server_reference: Some("good\u{202e}dab".into()), ..mqtt::Connack5::default() };
+        let Err(Failure::Refusing(d)) = connack5_verdict(&spoof) else { panic!("0x9c refuses") };
+        assert!(d.contains("\"good?dab\""), "{d}");
+        // A 3.1.1 broker's two-byte answers, as 3.1.1 reads them, with a warning to use mqtt.
+        let v311 = |reason: u8| mqtt::Connack5 { reason, v311: true, ..mqtt::Connack5::default() };
+        assert!(matches!(connack5_verdict(&v311(1)), Ok(d) if warns(&d) && d.contains("speaks MQTT 3.1.1 only")));
+        assert!(matches!(connack5_verdict(&v311(3)), Err(Failure::Refusing(_))));
         assert!(d.len() < 300, "an unbounded reason string: {} bytes", d.len());
     }
 
@@ -734,9 +775,9 @@ mod tests {
         // Success with properties.
         let t = target(stand_in(vec![0x20, 6, 0, 0, 3, 0x21, 0, 5]).await, health.clone());
         assert!(matches!(round(&t).await, Outcome::Pass(d) if d.starts_with("CONNACK 0x00")));
-        // An MQTT 3.1.1 broker's answer: alive, the code shown.
+        // An MQTT 3.1.1 broker's answer: alive, and a warning that mqtt5 cannot say more of it.
         let t = target(stand_in(vec![0x20, 2, 0, 1]).await, health.clone());
-        assert!(matches!(round(&t).await, Outcome::Pass(d) if d.contains("0x01 (unacceptable protocol version")));
+        assert!(matches!(round(&t).await, Outcome::Pass(d) if d.contains("CONNACK 1") && warns(&d)));
         // Not a CONNACK, and a length past the bound: the broker is broken.
         let t = target(stand_in(vec![0x30, 2, 0, 0]).await, health.clone());
         assert!(matches!(round(&t).await, Outcome::Down(d) if d.contains("expected CONNACK")));
@@ -784,8 +825,11 @@ mod tests {
             http_auth: Some("dsrlb:secret".to_owned()),
             ..Health::default()
         };
-        // The target's address names the MQTT port; the probe goes to http_port instead.
-        let mqtt_port = |api: SocketAddr| SocketAddr::new(api.ip(), 1);
+        // The target's address names the MQTT port (listening: the probe checks it takes a
+        // connection); the HTTP request goes to http_port.
+        let mqtt = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
+        let mqtt_at = mqtt.local_addr().expect("its address");
+        let mqtt_port = |_api: SocketAddr| mqtt_at;
         let (api, mut requests) = http_stand_in(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec()).await;
         let t = target(mqtt_port(api), health(api.port()));
         assert!(matches!(round(&t).await, Outcome::Pass(d) if d == "HTTP 200"));
@@ -797,6 +841,18 @@ mod tests {
         let (api, _r) = http_stand_in(b"HTTP/1.1 503 Service Unavailable\r\n\r\n".to_vec()).await;
         let t = target(mqtt_port(api), health(api.port()));
         assert!(matches!(round(&t).await, Outcome::Refusing(d) if d.contains("HTTP 503")));
+        // Interim responses are read past.
+        let (api, _r) = http_stand_in(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\n\r\n".to_vec()).await;
+        let t = target(mqtt_port(api), health(api.port()));
+        assert!(matches!(round(&t).await, Outcome::Pass(d) if d == "HTTP 200"));
+        // The API answers but the MQTT port takes no connection: down, saying so.
+        let (api, _r) = http_stand_in(b"HTTP/1.1 200 OK\r\n\r\n".to_vec()).await;
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+            l.local_addr().expect("its address")
+        };
+        let t = target(closed, health(api.port()));
+        assert!(matches!(round(&t).await, Outcome::Down(d) if d.contains("the API answers, the MQTT port")));
         // Another status, no status line, an endless line: down.
         for (answer, want) in [
             (b"HTTP/1.1 404 Not Found\r\n\r\n".to_vec(), "HTTP 404"),

@@ -130,6 +130,8 @@ pub struct Connack5 {
     pub server_reference: Option<String>,
     /// The Reason String property.
     pub reason_string: Option<String>,
+    /// A two-byte CONNACK: an MQTT 3.1.1 broker's answer (its return code in `reason`).
+    pub v311: bool,
 }
 
 /// What is wrong with an MQTT 5 CONNACK.
@@ -190,6 +192,7 @@ pub fn connack5(body: &[u8]) -> Result<Connack5, Connack5Error> {
     }
     let mut ack = Connack5 { reason: body[1], ..Connack5::default() };
     if body.len() == 2 {
+        ack.v311 = true;
         return Ok(ack);
     }
     let mut at = 2;

@@ -360,14 +360,17 @@ impl Api {
                 atomic::{AtomicBool, AtomicU16, Ordering},
             },
         };
-        let listener = tests::netns::in_netns(&lab.broker_ns(broker), || std::net::TcpListener::bind("0.0.0.0:18083"))
+        // On the broker's own address only: a VIP probe sent to the API port would find nothing.
+        let at = std::net::SocketAddr::from((lab::broker_addr(broker), 18083));
+        let listener = tests::netns::in_netns(&lab.broker_ns(broker), || std::net::TcpListener::bind(at))
             .expect("the broker's namespace")
             .expect("listening on 18083");
         listener.set_nonblocking(true).expect("nonblocking");
         let (status, stop) = (Arc::new(AtomicU16::new(200)), Arc::new(AtomicBool::new(false)));
         let (st, sp) = (Arc::clone(&status), Arc::clone(&stop));
         let thread = std::thread::spawn(move || {
-            wait::repeat(Duration::from_mins(5), &sp, || match listener.accept() {
+            // A cap far beyond any test's length: the stand-in serves until the test drops it.
+            wait::repeat(Duration::from_hours(1), &sp, || match listener.accept() {
                 Ok((mut s, _)) => {
                     let _ = s.set_nonblocking(false);
                     let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
@@ -445,22 +448,22 @@ fn an_https_check_verifies_the_api_and_reads_its_status() {
     require_root!();
     let lab = LabGuard::up(2);
     let state = lab.ca_pem().parent().expect("the lab's state directory").to_path_buf();
-    let _servers = Children(
-        (0..2)
-            .map(|i| {
-                tests::netns::nsenter(&lab.broker_ns(i), "openssl")
-                    .args(["s_server", "-quiet", "-www", "-accept", "18443", "-cert"])
-                    .arg(state.join("server.pem"))
-                    .arg("-key")
-                    .arg(state.join("server.key"))
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-                    .expect("openssl s_server")
-            })
-            .collect(),
-    );
+    // Each server is the guard's as soon as it runs: killed when the test ends, however.
+    let mut servers = Children(Vec::new());
+    for i in 0..2 {
+        servers.0.push(
+            tests::netns::nsenter(&lab.broker_ns(i), "openssl")
+                .args(["s_server", "-quiet", "-www", "-accept", "18443", "-cert"])
+                .arg(state.join("server.pem"))
+                .arg("-key")
+                .arg(state.join("server.key"))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("openssl s_server"),
+        );
+    }
     let https = |name: &str| {
         health()
             .replace("check = \"mqtt\"", &format!("check = \"https\"\nhttp_port = 18443\ntls_ca = \"{}\"{name}", lab.ca_pem().display()))
@@ -525,7 +528,7 @@ fn an_evacuation_moves_every_client_on_its_first_reconnect() {
     //    rounds and one more.
     let turned = Instant::now();
     apis[0].set(503);
-    wait_state(&lb, "mqtt", "b1", "refusing", INTER * (FALL + 1) + INTER / 2);
+    wait_state(&lb, "mqtt", "b1", "refusing", failover_window() + INTER);
     eprintln!("{:>6.1?} b1 refusing, {:?} after its check turned 503", start.elapsed(), turned.elapsed());
 
     // 2. The evacuation: b1 closes its clients' connections at 200/s.

@@ -483,12 +483,18 @@ fn http_checks_are_checked_before_they_probe() {
         std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode)).expect("chmod");
         p
     };
-    let with = |p: &std::path::Path| http(&format!("http_port = 18083\nhttp_auth_file = \"{}\"", p.display()));
     let good = file("good", "dsrlb:s3cret\n", 0o600);
-    assert_eq!(parse(&with(&good), "t.toml").expect("valid").health.http_auth.as_deref(), Some("dsrlb:s3cret"));
-    let e = error_of(&with(&file("open", "dsrlb:s3cret\n", 0o644)));
-    assert!(e.contains("health.http_auth_file") && e.contains("may be read by others"), "{e}");
-    let e = error_of(&with(&file("nocolon", "dsrlb\n", 0o600)));
-    assert!(e.contains("health.http_auth_file") && e.contains("user:password"), "{e}");
+    assert_eq!(key::read_http_auth(&good).expect("valid"), "dsrlb:s3cret");
+    let e = format!("{:#}", key::read_http_auth(&file("open", "dsrlb:s3cret\n", 0o644)).expect_err("mode 644"));
+    assert!(e.contains("may be read by others"), "{e}");
+    let e = format!("{:#}", key::read_http_auth(&file("nocolon", "dsrlb\n", 0o600)).expect_err("no colon"));
+    assert!(e.contains("user:password"), "{e}");
+    // Over plain HTTP the credentials would cross the network in cleartext: refused.
+    let e = error_of(&http(&format!("http_port = 18083\nhttp_auth_file = \"{}\"", good.display())));
+    assert!(e.contains("health.http_auth_file") && e.contains("cleartext"), "{e}");
+    // Never shown by Debug.
+    let h = Health { password: Some("mqtt-s3cret".into()), http_auth: Some("dsrlb:s3cret".into()), ..Health::default() };
+    let shown = format!("{h:?}");
+    assert!(!shown.contains("s3cret") && shown.contains("(hidden)"), "{shown}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -76,8 +76,9 @@ impl CheckKind {
 }
 
 /// How one (listener, backend) pair is checked: `[health]`, overridden by the listener's
-/// `health` table, then by the backend's.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// `health` table, then by the backend's. Its `Debug` hides the secrets (`password`,
+/// `http_auth`).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Health {
     pub check: CheckKind,
     pub inter: Duration,
@@ -103,6 +104,31 @@ pub struct Health {
     pub http_expect: Vec<u16>,
     pub http_refusing: Vec<u16>,
     pub http_auth: Option<String>,
+}
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |s: &Option<String>| s.as_ref().map(|_| "(hidden)");
+        f.debug_struct("Health")
+            .field("check", &self.check)
+            .field("inter", &self.inter)
+            .field("timeout", &self.timeout)
+            .field("fall", &self.fall)
+            .field("rise", &self.rise)
+            .field("alpha", &self.alpha)
+            .field("vip_check", &self.vip_check)
+            .field("username", &self.username)
+            .field("password", &hidden(&self.password))
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_server_name", &self.tls_server_name)
+            .field("http_port", &self.http_port)
+            .field("http_path", &self.http_path)
+            .field("http_host", &self.http_host)
+            .field("http_expect", &self.http_expect)
+            .field("http_refusing", &self.http_refusing)
+            .field("http_auth", &hidden(&self.http_auth))
+            .finish()
+    }
 }
 
 impl Default for Health {

@@ -129,6 +129,11 @@ impl Validator<'_> {
             return Err(self.err(&span, format!("{field}.http_refusing"), format!("{c} is in http_expect too: a status means one thing")));
         }
         if let Some(f) = &raw.http_auth_file {
+            if h.check == CheckKind::Http {
+                let message = "with check = \"http\" the credentials would cross the network in cleartext: use check = \"https\" \
+                               (EMQX's availability check needs none)";
+                return Err(self.err(&f.span(), format!("{field}.http_auth_file"), message));
+            }
             let auth = crate::config::key::read_http_auth(Path::new(f.get_ref()));
             h.http_auth = Some(auth.map_err(|e| self.err(&f.span(), format!("{field}.http_auth_file"), format!("{e:#}")))?);
         }
