@@ -527,7 +527,8 @@ const MAX_STATUS_LINE: usize = 4096;
 /// [`MAX_STATUS_LINE`] bytes) and judged by [`http_verdict`].
 async fn http_exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, addr: SocketAddr, h: &Health) -> Result<String, Failure> {
     let host = h.http_host.clone().unwrap_or_else(|| addr.to_string());
-    let auth = h.http_auth.as_deref().map_or_else(String::new, |a| {
+    // Credentials only inside TLS: never in cleartext, whatever the config let through.
+    let auth = h.http_auth.as_deref().filter(|_| h.check == CheckKind::Https).map_or_else(String::new, |a| {
         use base64::Engine as _;
         format!("Authorization: Basic {}\r\n", base64::engine::general_purpose::STANDARD.encode(a))
     });
@@ -836,7 +837,8 @@ mod tests {
         let req = requests.recv().await.expect("a request");
         assert!(req.starts_with("GET /api/v5/load_rebalance/availability_check HTTP/1.1\r\n"), "{req}");
         assert!(req.contains(&format!("Host: {}\r\n", mqtt_port(api))) || req.contains(&format!("Host: {api}\r\n")), "{req}");
-        assert!(req.contains("Authorization: Basic ZHNybGI6c2VjcmV0\r\n") && req.ends_with("\r\n\r\n"), "{req}");
+        // Plain HTTP never carries the credentials, even were they configured.
+        assert!(!req.contains("Authorization") && req.ends_with("\r\n\r\n"), "{req}");
         // An evacuating EMQX: 503, refusing.
         let (api, _r) = http_stand_in(b"HTTP/1.1 503 Service Unavailable\r\n\r\n".to_vec()).await;
         let t = target(mqtt_port(api), health(api.port()));

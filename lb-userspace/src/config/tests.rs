@@ -492,6 +492,13 @@ fn http_checks_are_checked_before_they_probe() {
     // Over plain HTTP the credentials would cross the network in cleartext: refused.
     let e = error_of(&http(&format!("http_port = 18083\nhttp_auth_file = \"{}\"", good.display())));
     assert!(e.contains("health.http_auth_file") && e.contains("cleartext"), "{e}");
+    // Nor inherited from an https [health] by a listener that checks over http.
+    let inherited = GOOD
+        .replace("check = \"tcp\"", &format!("check = \"tcp\"\nhttp_port = 18083\nhttp_auth_file = \"{}\"", good.display()))
+        .replace("port = 1883\n", "port = 1883\nhealth = { check = \"http\" }\n");
+    let e = error_of(&inherited);
+    assert!(e.contains(".health.check"), "{e}");
+    assert!(e.contains("here or inherited") && e.contains("cleartext"), "{e}");
     // Never shown by Debug.
     let h = Health { password: Some("mqtt-s3cret".into()), http_auth: Some("dsrlb:s3cret".into()), ..Health::default() };
     let shown = format!("{h:?}");

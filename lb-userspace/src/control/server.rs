@@ -185,7 +185,11 @@ pub fn serve(
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {mode:o} {}", path.display()))?;
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                // Out of descriptors, say: wait rather than spin, as the metrics endpoint does.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            };
             let calls = calls.clone();
             tokio::spawn(serve_one(stream, access, calls, traces.clone()));
         }

@@ -51,6 +51,12 @@ impl Validator<'_> {
             h.tls_ca = Some(path);
         }
         self.http(&mut h, raw, field)?;
+        if h.check == CheckKind::Http && h.http_auth.is_some() {
+            // Inherited from a table that checks over https: refused here too.
+            let message = "check = \"http\" with http_auth_file (here or inherited): the credentials would cross the network in \
+                           cleartext; use check = \"https\"";
+            return Err(self.err(&span, format!("{field}.check"), message));
+        }
         if h.check.http() && h.http_port.is_none() {
             return Err(self.err(&span, format!("{field}.http_port"), "an HTTP check needs http_port, the broker's API port"));
         }
