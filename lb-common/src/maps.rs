@@ -25,6 +25,7 @@ pub mod map_names {
     pub const VIPS6: &str = "VIPS6";
     pub const FLOW_ADDRS6: &str = "FLOW_ADDRS6";
     pub const NEXT: &str = "NEXT";
+    pub const REAL_TUNNELS: &str = "REAL_TUNNELS";
 }
 
 /// Compile-time sizes of the fixed maps. The ring and flow maps are sized at load time from the
@@ -190,6 +191,80 @@ impl RealInfo {
     pub const fn usable(&self) -> bool {
         self.flags & (REAL_F_ACTIVE | REAL_F_DOWN) == REAL_F_ACTIVE
     }
+}
+
+/// `RealInfo::flags`: frames to the real go inside an outer IP header ([`RealTunnel`], mode
+/// [`TUNNEL_IPIP`]: IPv4 in IPv4 or IPv6 in IPv6); `dst_mac` is then the next hop's MAC.
+pub const REAL_F_IPIP: u32 = 4;
+/// `RealInfo::flags`: as [`REAL_F_IPIP`], inside UDP (GUE, mode [`TUNNEL_GUE`]).
+pub const REAL_F_GUE: u32 = 8;
+/// Either tunnel flag.
+pub const REAL_F_TUNNEL: u32 = REAL_F_IPIP | REAL_F_GUE;
+
+/// `RealTunnel::mode`: no tunnel (the MAC rewrite, `forward = "l2"`).
+pub const TUNNEL_L2: u8 = 0;
+/// `RealTunnel::mode`: IP in IP of the client's family (protocol 4 or 41).
+pub const TUNNEL_IPIP: u8 = 1;
+/// `RealTunnel::mode`: GUE variant 1 (the client's IP packet straight after a UDP header).
+pub const TUNNEL_GUE: u8 = 2;
+
+/// Bytes a tunnel adds in front of the client's IP packet, by mode and by whether the client
+/// (and so the outer header) is IPv6: 20 or 40 for IP in IP, 28 or 48 for GUE.
+#[inline(always)]
+#[must_use]
+pub const fn tunnel_overhead(mode: u8, ipv6: bool) -> u32 {
+    let ip = if ipv6 { 40 } else { 20 };
+    if mode == TUNNEL_GUE { ip + 8 } else { ip }
+}
+
+/// The smallest path MTU a tunnel may be configured with: IPv6's minimum link MTU plus the
+/// largest overhead, so a client's packet of 1,280 bytes always fits.
+pub const TUNNEL_MIN_MTU: u32 = 1280 + 48;
+
+/// Value of `REAL_TUNNELS`, indexed by real id like `REALS`: where a tunnelled real's frames
+/// go (`REAL_F_IPIP`, `REAL_F_GUE`). Written by the controller before the real's `REALS` entry
+/// names a tunnel, zero for every other real. The outer header has the family of the client's
+/// packet (a listener's family; IPv4 in IPv6 and IPv6 in IPv4 are not supported), so the
+/// addresses are IPv6 for an IPv6 listener's reals and IPv4-mapped (`::ffff:a.b.c.d`, the
+/// IPv4 address in the last four bytes) for an IPv4 listener's. `bpftool map dump` shows
+/// each field by name.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RealTunnel {
+    /// The broker's address: the outer destination.
+    pub dst: Ip6,
+    /// The balancer's `tunnel_source` (or `tunnel_source6`): the outer source.
+    pub src: Ip6,
+    /// [`TUNNEL_IPIP`] or [`TUNNEL_GUE`] ([`TUNNEL_L2`] in an unused entry).
+    pub mode: u8,
+    pub pad: u8,
+    /// The largest client IP packet that fits the path once wrapped (`tunnel_mtu` less
+    /// [`tunnel_overhead`]). A larger one is answered with ICMP "fragmentation needed" or
+    /// ICMPv6 "packet too big" naming this MTU (IPv4 without DF: dropped).
+    pub max_inner: u16,
+    /// GUE's destination port, in wire order (`gue_port`).
+    pub gue_port_be: u16,
+    pub pad2: u16,
+}
+
+/// The outer IPv6 header's flow label of a tunnelled flow (RFC 6438): 20 bits of its hash, for
+/// routers that spread by the label.
+#[inline(always)]
+#[must_use]
+#[expect(clippy::cast_possible_truncation, reason = "20 bits of the hash are kept")]
+pub const fn tunnel_flow_label(hash: u64) -> u32 {
+    (hash ^ (hash >> 20) ^ (hash >> 40)) as u32 & 0x000f_ffff
+}
+
+/// The outer GUE source port of a flow: its hash spread over the dynamic ports
+/// (49152–65535), so ECMP routers and the brokers' receive queues spread the flows.
+#[inline(always)]
+#[must_use]
+#[expect(clippy::cast_possible_truncation, reason = "14 bits of the hash are kept")]
+pub const fn gue_source_port(hash: u64) -> u16 {
+    let h = (hash ^ (hash >> 32)) as u32;
+    let h = h ^ (h >> 16);
+    0xc000 | (h as u16 & 0x3fff)
 }
 
 /// Entries of `REALS` and `REAL_STATS`.
@@ -383,10 +458,13 @@ const _: () = assert!(core::mem::size_of::<ConnRate>() == 32);
 const _: () = assert!(core::mem::size_of::<ControlState>() == 1 << 18);
 const _: () = assert!(core::mem::size_of::<ListenerCounters>() == 16);
 const _: () = assert!(core::mem::size_of::<Ip6>() == 16 && core::mem::align_of::<Ip6>() == 8);
+const _: () = assert!(core::mem::size_of::<RealTunnel>() == 40);
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{ConnRate, ControlState, Counters, Ip6, Layout, ListenerCounters, ListenerInfo, NodeInfo, PortInfo, RealInfo, VipInfo};
+    use super::{
+        ConnRate, ControlState, Counters, Ip6, Layout, ListenerCounters, ListenerInfo, NodeInfo, PortInfo, RealInfo, RealTunnel, VipInfo,
+    };
     // SAFETY: all of these are `#[repr(C)]`, made only of integers, with no padding (asserted
     // above), so every bit pattern is valid.
     unsafe impl aya::Pod for PortInfo {}
@@ -400,4 +478,5 @@ mod pod {
     unsafe impl aya::Pod for ControlState {}
     unsafe impl aya::Pod for ListenerCounters {}
     unsafe impl aya::Pod for Ip6 {}
+    unsafe impl aya::Pod for RealTunnel {}
 }

@@ -30,7 +30,14 @@ pub const PASS_NOT_OUR_MAC: u32 = 9;
 pub const TX_ICMP_TOO_BIG: u32 = 10;
 /// A new connection's SYN above the listener's `max_conn_rate`, dropped.
 pub const DROP_CONN_RATE: u32 = 11;
-pub const COUNT: u32 = 12;
+/// For a tunnelled real but larger than the tunnel's path takes (`RealTunnel::max_inner`):
+/// answered with ICMP "fragmentation needed" (IPv4 with DF) or ICMPv6 "packet too big" to the
+/// client, from the VIP, with the MTU that fits (`XDP_TX` of the answer).
+pub const TX_TOO_BIG_ANSWERED: u32 = 12;
+/// For a tunnelled real, too large for its path and IPv4 without DF (which the balancer cannot
+/// fragment), dropped.
+pub const DROP_TOO_BIG: u32 = 13;
+pub const COUNT: u32 = 14;
 
 /// `(verdict, reason)` labels, indexed like the map.
 pub const LABELS: [(&str, &str); COUNT as usize] = [
@@ -46,4 +53,6 @@ pub const LABELS: [(&str, &str); COUNT as usize] = [
     ("pass", "not_our_mac"),
     ("tx", "icmp_too_big"),
     ("drop", "conn_rate"),
+    ("tx", "too_big_answered"),
+    ("drop", "too_big"),
 ];

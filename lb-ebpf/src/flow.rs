@@ -36,6 +36,11 @@ pub trait Segment {
     fn holds(&self, slot: u32) -> bool;
     /// Records what [`Self::holds`] compares, in a slot being written.
     fn record(&self, slot: u32);
+    /// Whether it is IPv6.
+    fn ipv6(&self) -> bool;
+    /// The 4-tuple's hash, whatever the listener's hash mode (a tunnel's GUE port and flow
+    /// label).
+    fn tuple_hash(&self) -> u64;
 }
 
 impl Segment for Tcp4 {
@@ -70,6 +75,16 @@ impl Segment for Tcp4 {
 
     #[inline(always)]
     fn record(&self, _slot: u32) {}
+
+    #[inline(always)]
+    fn ipv6(&self) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    fn tuple_hash(&self) -> u64 {
+        flow_hash(self.src_be, self.dst_be, self.sport_be, self.dport_be)
+    }
 }
 
 impl Segment for Tcp6 {
@@ -123,6 +138,16 @@ impl Segment for Tcp6 {
                 core::ptr::write_volatile(w.add(3), self.dst[1]);
             }
         }
+    }
+
+    #[inline(always)]
+    fn ipv6(&self) -> bool {
+        true
+    }
+
+    #[inline(always)]
+    fn tuple_hash(&self) -> u64 {
+        flow_hash6(&self.src, &self.dst, self.tcp.sport_be, self.tcp.dport_be)
     }
 }
 

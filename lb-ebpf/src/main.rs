@@ -15,13 +15,16 @@ mod stats;
 mod storm;
 mod table;
 mod trace;
+mod tunnel;
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_jiffies64, macros::xdp, programs::XdpContext};
-use lb_common::{Ip6, TRACE_NONE, real_listener, reason, trace_how};
+use lb_common::{Ip6, REAL_F_TUNNEL, TRACE_NONE, real_listener, reason, trace_how};
 
 use crate::{
+    flow::Segment,
     maps::{CLOCK, NEXT, VIPS, VIPS6},
     parse::Parsed,
+    tunnel::Sent,
 };
 
 /// Why a frame was not forwarded. Each maps to one XDP action and one counter.
@@ -38,6 +41,7 @@ pub enum Verdict {
     DropNoBackend = reason::DROP_NO_BACKEND,
     DropInternal = reason::DROP_INTERNAL,
     DropConnRate = reason::DROP_CONN_RATE,
+    DropTooBig = reason::DROP_TOO_BIG,
 }
 
 impl Verdict {
@@ -50,7 +54,7 @@ impl Verdict {
             | Self::PassMalformed
             | Self::PassVlanStacked
             | Self::PassNotOurMac => xdp_action::XDP_PASS,
-            Self::DropFragment | Self::DropNoBackend | Self::DropInternal | Self::DropConnRate => xdp_action::XDP_DROP,
+            Self::DropFragment | Self::DropNoBackend | Self::DropInternal | Self::DropConnRate | Self::DropTooBig => xdp_action::XDP_DROP,
         }
     }
 }
@@ -92,21 +96,22 @@ pub fn dsrlb(ctx: XdpContext) -> u32 {
     decision.action
 }
 
-/// The forwarding reason (`reason::TX` or `reason::TX_ICMP_TOO_BIG`) and the pick, or why not.
+/// The forwarding reason (`reason::TX`, `reason::TX_ICMP_TOO_BIG` or
+/// `reason::TX_TOO_BIG_ANSWERED`) and the pick, or why not.
 #[inline(always)]
 fn try_dsrlb(ctx: &XdpContext, listener: &mut u32) -> Result<(u32, flow::Pick), Verdict> {
-    let pick = match parse::parse(ctx)? {
-        Parsed::Tcp(tcp) => flow::pick(ctx, &tcp, listener)?,
-        Parsed::Tcp6(tcp) => flow::pick(ctx, &tcp, listener)?,
-        Parsed::IcmpTooBig(tcp) => return too_big(ctx, flow::pick_for_icmp(ctx, &tcp, listener)?),
-        Parsed::IcmpTooBig6(tcp) => return too_big(ctx, flow::pick_for_icmp(ctx, &tcp, listener)?),
+    match parse::parse(ctx)? {
+        Parsed::Tcp(tcp) => send(ctx, flow::pick(ctx, &tcp, listener)?, &tcp, false),
+        Parsed::Tcp6(tcp) => send(ctx, flow::pick(ctx, &tcp, listener)?, &tcp, false),
+        Parsed::IcmpTooBig(tcp) => send(ctx, flow::pick_for_icmp(ctx, &tcp, listener)?, &tcp, true),
+        Parsed::IcmpTooBig6(tcp) => send(ctx, flow::pick_for_icmp(ctx, &tcp, listener)?, &tcp, true),
         Parsed::TcpFragment { dst_be } => {
             // SAFETY: read-only use of a map value.
             if unsafe { VIPS.get(&dst_be) }.is_none() {
                 return Err(Verdict::PassNoListener);
             }
             node::check(ctx)?;
-            return Err(Verdict::DropFragment);
+            Err(Verdict::DropFragment)
         }
         Parsed::Fragment6 { dst } => {
             // SAFETY: read-only use of a map value.
@@ -114,27 +119,38 @@ fn try_dsrlb(ctx: &XdpContext, listener: &mut u32) -> Result<(u32, flow::Pick), 
                 return Err(Verdict::PassNoListener);
             }
             node::check(ctx)?;
-            return Err(Verdict::DropFragment);
+            Err(Verdict::DropFragment)
         }
-    };
-    if !dsr::rewrite(ctx, pick.real) {
-        return Err(Verdict::PassMalformed);
     }
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
-    stats::count_forward(pick.real_id, bytes, pick.new_flow);
-    Ok((reason::TX, pick))
 }
 
-/// Forwards an ICMP error about a flow to the flow's real.
+/// Sends a frame to its real: the MAC rewrite, or the tunnel (`tunnel`). `icmp`: the frame is
+/// an ICMP error about the flow `seg` names, forwarded to the flow's real and counted apart
+/// from the flow's own frames.
 #[inline(always)]
-fn too_big(ctx: &XdpContext, pick: flow::Pick) -> Result<(u32, flow::Pick), Verdict> {
-    if !dsr::rewrite(ctx, pick.real) {
-        return Err(Verdict::PassMalformed);
+fn send(ctx: &XdpContext, pick: flow::Pick, seg: &impl Segment, icmp: bool) -> Result<(u32, flow::Pick), Verdict> {
+    let bytes = if pick.real.flags & REAL_F_TUNNEL == 0 {
+        if !dsr::rewrite(ctx, pick.real) {
+            return Err(Verdict::PassMalformed);
+        }
+        (ctx.data_end() - ctx.data()) as u64
+    } else {
+        match tunnel::send(ctx, pick.real_id, pick.real, seg.ipv6(), seg.tuple_hash(), !icmp)? {
+            Sent::Forwarded(bytes) => bytes,
+            Sent::Answered => {
+                stats::count_verdict(reason::TX_TOO_BIG_ANSWERED);
+                return Ok((reason::TX_TOO_BIG_ANSWERED, pick));
+            }
+        }
+    };
+    if icmp {
+        // Counted apart from the flow's own frames: forwarded, but not by the flow.
+        stats::count_verdict(reason::TX_ICMP_TOO_BIG);
+        stats::count_icmp_too_big(real_listener(pick.real_id));
+        return Ok((reason::TX_ICMP_TOO_BIG, pick));
     }
-    // Counted apart from the flow's own frames: forwarded, but not by the flow.
-    stats::count_verdict(reason::TX_ICMP_TOO_BIG);
-    stats::count_icmp_too_big(real_listener(pick.real_id));
-    Ok((reason::TX_ICMP_TOO_BIG, pick))
+    stats::count_forward(pick.real_id, bytes, pick.new_flow);
+    Ok((reason::TX, pick))
 }
 
 /// The clock flows are timed by, for the controller: `BPF_PROG_TEST_RUN` of this program (never

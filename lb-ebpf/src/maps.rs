@@ -11,7 +11,7 @@ use aya_ebpf::{
 use lb_common::{
     ConnRate, ControlState, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FLOW_WAYS, FlowAddrs6, FlowBucket,
     FlowCacheEntry, Ip6, Layout, ListenerCounters, ListenerInfo, MAX_LISTENERS, MAX_VIPS, NodeInfo, PORT_SLOTS, PortInfo, REAL_SLOTS,
-    RING_COPIES, RealInfo, RingEntry, TraceConf, TraceEvent, VipInfo, flow_table_buckets, reason, ring_entries, table_event,
+    RING_COPIES, RealInfo, RealTunnel, RingEntry, TraceConf, TraceEvent, VipInfo, flow_table_buckets, reason, ring_entries, table_event,
 };
 
 /// Map flags of the maps the controller reads and writes through memory it maps
@@ -41,6 +41,11 @@ pub static LISTENER_VIP6: Array<Ip6, { MAX_LISTENERS as usize }> = Array::new();
 /// Real id (`lb_common::real_id`) to MACs and state.
 #[btf_map]
 pub static REALS: Array<RealInfo, { REAL_SLOTS as usize }> = Array::new();
+
+/// Real id to where a tunnelled real's frames go (`lb_common::RealTunnel`); zero for the
+/// others.
+#[btf_map]
+pub static REAL_TUNNELS: Array<RealTunnel, { REAL_SLOTS as usize }> = Array::new();
 
 /// All Maglev rings, back to back: two copies per listener, each `ring_size` real ids packed
 /// four to an entry (`lb_common::RING_SLOTS_PER_ENTRY`).

@@ -2,6 +2,13 @@
 //! table for the balancer's interface, asks the kernel to resolve the wanted addresses it lacks
 //! (as a packet to them would), and publishes what it found. The controller reads the latest
 //! snapshot and never waits for an answer.
+//!
+//! A tunnelled backend (`forward = "ipip"` or `"gue"`) is reached through the next hop of its
+//! route: the watcher asks the kernel for that route each time it reads the table (`ip route
+//! get`, so policy routing counts), resolves the gateway (or the address itself when the route
+//! has none), and publishes the gateway's MAC under the backend's address. A route that leaves
+//! by another interface gives no MAC: the backend is `no-mac`, out of every ring, until it
+//! comes back.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -28,10 +35,19 @@ const NUD_VALID: u16 = libc::NUD_PERMANENT | libc::NUD_NOARP | libc::NUD_REACHAB
 const WHILE_MISSING: Duration = Duration::from_millis(200);
 const OTHERWISE: Duration = Duration::from_secs(5);
 
+/// The addresses the watcher keeps resolved.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Wanted {
+    /// On the link: their own MACs.
+    pub direct: BTreeSet<IpAddr>,
+    /// Tunnelled backends: the MAC of their route's next hop.
+    pub routed: BTreeSet<IpAddr>,
+}
+
 /// The watcher's two ends: the latest snapshot, and the addresses to resolve.
 pub struct Neighbours {
     macs: watch::Receiver<Macs>,
-    wanted: watch::Sender<BTreeSet<IpAddr>>,
+    wanted: watch::Sender<Wanted>,
 }
 
 impl Neighbours {
@@ -44,7 +60,7 @@ impl Neighbours {
         let ifindex = netlink::ifindex(&handle, interface).await?;
         let first = dump(&handle, ifindex).await?;
         let (macs_tx, macs) = watch::channel(first);
-        let (wanted, wanted_rx) = watch::channel(BTreeSet::new());
+        let (wanted, wanted_rx) = watch::channel(Wanted::default());
         tokio::spawn(watch_table(handle, ifindex, macs_tx, wanted_rx));
         Ok(Self { macs, wanted })
     }
@@ -56,7 +72,7 @@ impl Neighbours {
     }
 
     /// The addresses the watcher keeps resolved (every backend without a configured MAC).
-    pub fn want(&self, addrs: BTreeSet<IpAddr>) {
+    pub fn want(&self, addrs: Wanted) {
         self.wanted.send_if_modified(|w| {
             let changed = *w != addrs;
             *w = addrs;
@@ -71,13 +87,42 @@ impl Neighbours {
     }
 }
 
-async fn watch_table(handle: Handle, ifindex: u32, macs: watch::Sender<Macs>, mut wanted: watch::Receiver<BTreeSet<IpAddr>>) {
+async fn watch_table(handle: Handle, ifindex: u32, macs: watch::Sender<Macs>, mut wanted: watch::Receiver<Wanted>) {
+    // The last next hop (or why none) of each routed address, to log changes once.
+    let mut hops: BTreeMap<IpAddr, Result<IpAddr, String>> = BTreeMap::new();
     loop {
         let want = wanted.borrow_and_update().clone();
+        let mut next_hops = BTreeMap::new();
+        for &addr in &want.routed {
+            let hop = match netlink::route_get(&handle, addr).await {
+                Ok((oif, gateway)) if oif == ifindex => Ok(gateway.unwrap_or(addr)),
+                Ok((oif, _)) => Err(format!("its route leaves by interface index {oif}, not the balancer's")),
+                Err(e) => Err(format!("{e:#}")),
+            };
+            if hops.get(&addr) != Some(&hop) {
+                match &hop {
+                    Ok(h) => tracing::info!(backend = %addr, next_hop = %h, "tunnelled backend's next hop"),
+                    Err(why) => tracing::warn!(backend = %addr, why = %why, "tunnelled backend unreachable from the balancer's interface"),
+                }
+                hops.insert(addr, hop.clone());
+            }
+            if let Ok(h) = hop {
+                next_hops.insert(addr, h);
+            }
+        }
+        hops.retain(|a, _| want.routed.contains(a));
+        let needed: BTreeSet<IpAddr> = want.direct.iter().copied().chain(next_hops.values().copied()).collect();
         match dump(&handle, ifindex).await {
-            Ok(found) => {
-                for &addr in want.iter().filter(|a| !found.contains_key(a)) {
+            Ok(mut found) => {
+                for &addr in needed.iter().filter(|a| !found.contains_key(a)) {
                     solicit(&handle, ifindex, addr).await;
+                }
+                for (&addr, hop) in &next_hops {
+                    if let Some(&mac) = found.get(hop) {
+                        found.insert(addr, mac);
+                    } else {
+                        found.remove(&addr);
+                    }
                 }
                 macs.send_if_modified(|m| {
                     let changed = *m != found;
@@ -87,7 +132,7 @@ async fn watch_table(handle: Handle, ifindex: u32, macs: watch::Sender<Macs>, mu
             }
             Err(e) => tracing::debug!(error = %format!("{e:#}"), "reading the neighbour table failed"),
         }
-        let missing = want.iter().any(|a| !macs.borrow().contains_key(a));
+        let missing = want.direct.iter().chain(&want.routed).any(|a| !macs.borrow().contains_key(a));
         let pause = if missing { WHILE_MISSING } else { OTHERWISE };
         tokio::select! {
             r = wanted.changed() => if r.is_err() { return },

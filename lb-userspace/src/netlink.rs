@@ -165,3 +165,54 @@ pub async fn all_routes(handle: &Handle) -> anyhow::Result<Vec<RouteMessage>> {
     );
     Ok(routes)
 }
+
+/// Where the kernel would send a packet to `addr` (`ip route get`): the outgoing interface's
+/// index and the gateway, if the route has one (none: `addr` is on the link).
+///
+/// # Errors
+/// When there is no route or netlink fails.
+pub async fn route_get(handle: &Handle, addr: IpAddr) -> anyhow::Result<(u32, Option<IpAddr>)> {
+    use futures::StreamExt as _;
+    use rtnetlink::{
+        packet_core::{NLM_F_REQUEST, NetlinkMessage, NetlinkPayload},
+        packet_route::{
+            AddressFamily, RouteNetlinkMessage,
+            route::{RouteAddress, RouteAttribute},
+        },
+    };
+    let mut msg = RouteMessage::default();
+    let (family, len, dst) = match addr {
+        IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
+        IpAddr::V6(a) => (AddressFamily::Inet6, 128, RouteAddress::Inet6(a)),
+    };
+    msg.header.address_family = family;
+    msg.header.destination_prefix_length = len;
+    msg.attributes.push(RouteAttribute::Destination(dst));
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetRoute(msg));
+    req.header.flags = NLM_F_REQUEST;
+    let mut answers = handle.clone().request(req).map_err(|e| anyhow::anyhow!("asking for the route to {addr}: {e}"))?;
+    while let Some(m) = answers.next().await {
+        match m.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) => {
+                let mut oif = None;
+                let mut gateway = None;
+                for a in &r.attributes {
+                    match a {
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(IpAddr::V4(*g)),
+                        RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gateway = Some(IpAddr::V6(*g)),
+                        _ => {}
+                    }
+                }
+                let oif = oif.with_context(|| format!("the route to {addr} names no interface"))?;
+                return Ok((oif, gateway));
+            }
+            NetlinkPayload::Error(e) => {
+                let errno = e.code.map_or(0, |c| -c.get());
+                bail!("no route to {addr}: {}", std::io::Error::from_raw_os_error(errno));
+            }
+            _ => {}
+        }
+    }
+    bail!("no answer for the route to {addr}")
+}

@@ -1,13 +1,16 @@
 //! From config (and health state) to the [`Desired`] content of the maps: stable ids, Maglev
 //! rings per listener.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use anyhow::{Context as _, bail};
-use lb_common::{MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND, age_units};
+use lb_common::{Ip6, MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND, RealTunnel, age_units, tunnel_overhead};
 
 use crate::{
-    config::{AllDown, Config, HashMode},
+    config::{AllDown, Backend, Config, Forward, HashMode},
     dataplane::{ConnRateWanted, Desired, DesiredListener, DesiredReal},
     maglev,
 };
@@ -89,6 +92,7 @@ struct Candidate<'a> {
     weight: u32,
     mac: [u8; 6],
     out: Option<Out>,
+    tunnel: Option<RealTunnel>,
 }
 
 /// (listener name, backend name) pairs whose checks failed, and how each is treated.
@@ -117,7 +121,8 @@ pub fn desired(
             let backend = *ids.backends.get(name).with_context(|| format!("backend {name}: no id"))?;
             let Some(mac) = rt.mac else { continue };
             let weight = if rt.drained { 0 } else { b.weight };
-            candidates.push(Candidate { name, backend, weight, mac, out: down.get(&(l.name.clone(), name.clone())).copied() });
+            let tunnel = real_tunnel(config, l.vip, b)?;
+            candidates.push(Candidate { name, backend, weight, mac, out: down.get(&(l.name.clone(), name.clone())).copied(), tunnel });
         }
         // Fail open: every backend that could serve is marked down. With `all_down = "forward"`
         // the checks are as likely to be what failed (a probe route, a firewall): spread new
@@ -130,7 +135,7 @@ pub fn desired(
         for c in &candidates {
             let out = if fail_open { None } else { c.out };
             members.push((c.name, if out.is_some() { 0 } else { c.weight }));
-            reals.push(DesiredReal { backend: c.backend, dst_mac: c.mac, down: out.is_some_and(|o| o.reset) });
+            reals.push(DesiredReal { backend: c.backend, dst_mac: c.mac, down: out.is_some_and(|o| o.reset), tunnel: c.tunnel });
         }
         let table = maglev::build(&members, config.ring_size, config.ring_seed.as_ref());
         let ring =
@@ -154,6 +159,49 @@ pub fn desired(
     }
     let listener_names = config.listeners.iter().filter_map(|l| Some((*ids.listeners.get(&l.name)?, l.name.clone()))).collect();
     Ok(Desired { listeners, listener_names, src_mac, accept_macs: config.accept_macs.clone(), ..Desired::default() })
+}
+
+/// Where backend `b`'s frames for a listener at `vip` go when it is tunnelled: the outer header
+/// has the listener's family. `None` for `forward = "l2"`.
+///
+/// # Errors
+/// When the tunnel source or MTU of that family is unknown (the controller fills them from the
+/// interface; an interface without an address of the family leaves them unset).
+pub fn real_tunnel(config: &Config, vip: IpAddr, b: &Backend) -> anyhow::Result<Option<RealTunnel>> {
+    if b.forward == Forward::L2 {
+        return Ok(None);
+    }
+    let t = &config.tunnel;
+    let dst = b.address_for(vip).with_context(|| format!("backend {}: no address of {vip}'s family", b.name))?;
+    let src: IpAddr = match vip {
+        IpAddr::V4(_) => t.source.with_context(|| {
+            format!("backend {} is tunnelled (forward = {:?}) but there is no tunnel_source (the interface has no IPv4 address): set one", b.name, b.forward.name())
+        })?.into(),
+        IpAddr::V6(_) => t.source6.with_context(|| {
+            format!("backend {} is tunnelled (forward = {:?}) but there is no tunnel_source6 (the interface has no global IPv6 address): set one", b.name, b.forward.name())
+        })?.into(),
+    };
+    let mtu = t.mtu.with_context(|| format!("backend {}: the tunnel MTU is unknown: set tunnel_mtu", b.name))?;
+    let max_inner = mtu.saturating_sub(tunnel_overhead(b.forward.mode(), vip.is_ipv6()));
+    Ok(Some(RealTunnel {
+        dst: ip6_of(dst),
+        src: ip6_of(src),
+        mode: b.forward.mode(),
+        pad: 0,
+        max_inner: u16::try_from(max_inner).unwrap_or(u16::MAX),
+        gue_port_be: t.gue_port.to_be(),
+        pad2: 0,
+    }))
+}
+
+/// An address as `RealTunnel` holds it: IPv6 as it is, IPv4 mapped.
+#[must_use]
+pub fn ip6_of(a: IpAddr) -> Ip6 {
+    let v6 = match a {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    Ip6 { octets: v6.octets() }
 }
 
 /// The idle age units from which a flow is over after `timeout`: an age only says which unit

@@ -27,6 +27,10 @@ pub const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub const RING: u32 = 65_537;
 
+/// The MAC the fixtures give a tunnelled backend's next hop (the controller resolves it from the
+/// route).
+pub const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+
 pub fn mac_of(n: u8) -> [u8; 6] {
     [0x02, 0, 0, 0, 0, n]
 }
@@ -118,9 +122,7 @@ impl Lb {
     pub fn apply(&mut self) {
         self.ids.update(&self.config).expect("ids");
         for b in &self.config.backends {
-            self.runtime
-                .entry(b.name.clone())
-                .or_insert(BackendRuntime { mac: Some(b.mac.expect("fixture MACs are set")), drained: false });
+            self.runtime.entry(b.name.clone()).or_insert(BackendRuntime { mac: Some(b.mac.unwrap_or(NEXT_HOP_MAC)), drained: false });
         }
         self.runtime.retain(|name, _| self.config.backend(name).is_some());
         self.desired = plan::desired(&self.config, &self.ids, &self.runtime, &self.down, self.src_mac).expect("plan");

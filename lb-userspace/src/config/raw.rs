@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{AllDown, CheckKind, HashMode, OnDown, XdpModeCfg};
+use super::{AllDown, CheckKind, Forward, HashMode, OnDown, XdpModeCfg};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +30,10 @@ pub(super) struct RawConfig {
     pub(super) announce: Option<Spanned<RawAnnounce>>,
     pub(super) cluster: Option<Spanned<RawCluster>>,
     pub(super) read_only_group: Option<Spanned<String>>,
+    pub(super) tunnel_source: Option<Spanned<String>>,
+    pub(super) tunnel_source6: Option<Spanned<String>>,
+    pub(super) tunnel_mtu: Option<Spanned<u32>>,
+    pub(super) gue_port: Option<Spanned<u16>>,
 }
 
 #[derive(Deserialize)]
@@ -107,4 +111,5 @@ pub(super) struct RawBackend {
     pub(super) mac: Option<Spanned<String>>,
     pub(super) weight: Option<Spanned<u32>>,
     pub(super) health: Option<Spanned<RawHealth>>,
+    pub(super) forward: Option<Spanned<Forward>>,
 }

@@ -44,6 +44,62 @@ pub enum HashMode {
     Source,
 }
 
+/// How frames reach a backend (`forward`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forward {
+    /// The broker is on the balancer's segment: the destination MAC is rewritten.
+    #[default]
+    L2,
+    /// IP in IP of the client's family (protocol 4 or 41), to the broker's address through the
+    /// next hop.
+    Ipip,
+    /// GUE (the client's IP packet in UDP to `gue_port`), likewise.
+    Gue,
+}
+
+impl Forward {
+    /// The data plane's `RealTunnel::mode`.
+    #[must_use]
+    pub const fn mode(self) -> u8 {
+        match self {
+            Self::L2 => lb_common::TUNNEL_L2,
+            Self::Ipip => lb_common::TUNNEL_IPIP,
+            Self::Gue => lb_common::TUNNEL_GUE,
+        }
+    }
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::L2 => "l2",
+            Self::Ipip => "ipip",
+            Self::Gue => "gue",
+        }
+    }
+}
+
+/// The tunnels' settings (top level: `tunnel_source`, `tunnel_source6`, `tunnel_mtu`,
+/// `gue_port`). Unset sources and MTU are the interface's, filled in by the controller when it
+/// starts or reloads ([`Tunnel::resolve`](crate::controller)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tunnel {
+    /// The outer source of IPv4 tunnels.
+    pub source: Option<Ipv4Addr>,
+    /// The outer source of IPv6 tunnels.
+    pub source6: Option<Ipv6Addr>,
+    /// The path MTU towards the brokers: outer packets are at most this long.
+    pub mtu: Option<u32>,
+    /// GUE's destination port.
+    pub gue_port: u16,
+}
+
+impl Default for Tunnel {
+    fn default() -> Self {
+        Self { source: None, source6: None, mtu: None, gue_port: lb_common::DECAP_GUE_PORT }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CheckKind {
@@ -239,6 +295,8 @@ pub struct Backend {
     pub address6: Option<Ipv6Addr>,
     pub mac: Option<[u8; 6]>,
     pub weight: u32,
+    /// `l2` (the default), `ipip` or `gue`.
+    pub forward: Forward,
 }
 
 impl Backend {
@@ -349,6 +407,7 @@ pub struct Config {
     pub cluster: Option<Cluster>,
     /// Whose members may read the balancer's state through the read-only control socket.
     pub read_only_group: Option<Group>,
+    pub tunnel: Tunnel,
 }
 
 /// A group, by the name the config gives and its id.

@@ -3,12 +3,12 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr, path::Path, time::Duration};
 
-use lb_common::{DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, MAX_FLOW_IDLE_TIMEOUT_S, MAX_NODE_MACS};
+use lb_common::{DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, MAX_FLOW_IDLE_TIMEOUT_S, MAX_NODE_MACS, TUNNEL_MIN_MTU};
 use toml::Spanned;
 
 use super::{
     Config, ConfigError, DEFAULT_FLOW_IDLE_TIMEOUT, FailurePolicy, Group, Health, MAX_FLOW_TABLE_SIZE, MAX_RING_SIZE,
-    MIN_FLOW_IDLE_TIMEOUT, MIN_FLOW_TABLE_SIZE, MIN_RING_SLOTS_PER_BACKEND, group_id, is_prime, parse_duration_within, parse_mac,
+    MIN_FLOW_IDLE_TIMEOUT, MIN_FLOW_TABLE_SIZE, MIN_RING_SLOTS_PER_BACKEND, Tunnel, group_id, is_prime, parse_duration_within, parse_mac,
     raw::{RawConfig, RawHealth},
     read_sync_key,
 };
@@ -108,28 +108,13 @@ impl Validator<'_> {
             None => Health::default(),
             Some(h) => self.health(&Health::default(), h, "health")?,
         };
-        let mut accept_macs = Vec::new();
-        if let Some(list) = &raw.accept_macs {
-            if list.get_ref().len() >= MAX_NODE_MACS {
-                return Err(self.err(
-                    &list.span(),
-                    "accept_macs",
-                    format!("at most {} MACs besides the interface's own", MAX_NODE_MACS - 1),
-                ));
-            }
-            for (i, m) in list.get_ref().iter().enumerate() {
-                let mac = parse_mac(m.get_ref()).map_err(|msg| self.err(&m.span(), format!("accept_macs[{i}]"), msg))?;
-                if accept_macs.contains(&mac) {
-                    return Err(self.err(&m.span(), format!("accept_macs[{i}]"), format!("{} is listed twice", m.get_ref())));
-                }
-                accept_macs.push(mac);
-            }
-        }
+        let accept_macs = self.accept_macs(raw.accept_macs.as_ref())?;
         let flow_idle_timeout = match &raw.flow_idle_timeout {
             None => DEFAULT_FLOW_IDLE_TIMEOUT,
             Some(s) => self.idle_timeout(s, "flow_idle_timeout")?,
         };
         let failure = self.failure(&FailurePolicy::default(), raw.on_down, raw.on_down_grace.as_ref(), raw.all_down, "")?;
+        let tunnel = self.tunnel(&raw)?;
 
         let backend_health: BTreeMap<String, Spanned<RawHealth>> =
             raw.backends.iter().filter_map(|b| Some((b.get_ref().name.get_ref().clone(), b.get_ref().health.clone()?))).collect();
@@ -173,7 +158,67 @@ impl Validator<'_> {
             announce,
             cluster,
             read_only_group,
+            tunnel,
         })
+    }
+
+    /// `accept_macs`: at most `MAX_NODE_MACS - 1`, none twice.
+    fn accept_macs(&self, raw: Option<&Spanned<Vec<Spanned<String>>>>) -> Result<Vec<[u8; 6]>, ConfigError> {
+        let mut accept_macs = Vec::new();
+        if let Some(list) = raw {
+            if list.get_ref().len() >= MAX_NODE_MACS {
+                return Err(self.err(
+                    &list.span(),
+                    "accept_macs",
+                    format!("at most {} MACs besides the interface's own", MAX_NODE_MACS - 1),
+                ));
+            }
+            for (i, m) in list.get_ref().iter().enumerate() {
+                let mac = parse_mac(m.get_ref()).map_err(|msg| self.err(&m.span(), format!("accept_macs[{i}]"), msg))?;
+                if accept_macs.contains(&mac) {
+                    return Err(self.err(&m.span(), format!("accept_macs[{i}]"), format!("{} is listed twice", m.get_ref())));
+                }
+                accept_macs.push(mac);
+            }
+        }
+        Ok(accept_macs)
+    }
+
+    /// `tunnel_source`, `tunnel_source6`, `tunnel_mtu` and `gue_port`.
+    fn tunnel(&self, raw: &RawConfig) -> Result<Tunnel, ConfigError> {
+        let mut t = Tunnel::default();
+        if let Some(s) = &raw.tunnel_source {
+            match s.get_ref().parse::<IpAddr>() {
+                Ok(IpAddr::V4(a)) if host_address(IpAddr::V4(a)) => t.source = Some(a),
+                _ => return Err(self.err(&s.span(), "tunnel_source", format!("{:?} is not a unicast IPv4 address", s.get_ref()))),
+            }
+        }
+        if let Some(s) = &raw.tunnel_source6 {
+            match s.get_ref().parse::<IpAddr>() {
+                Ok(IpAddr::V6(a)) if host_address(IpAddr::V6(a)) => t.source6 = Some(a),
+                _ => {
+                    return Err(self.err(&s.span(), "tunnel_source6", format!("{:?} is not a global unicast IPv6 address", s.get_ref())));
+                }
+            }
+        }
+        if let Some(m) = &raw.tunnel_mtu {
+            let mtu = *m.get_ref();
+            if !(TUNNEL_MIN_MTU..=u32::from(u16::MAX)).contains(&mtu) {
+                return Err(self.err(
+                    &m.span(),
+                    "tunnel_mtu",
+                    format!("{mtu} is outside {TUNNEL_MIN_MTU}..=65535 (IPv6's 1280 plus the largest tunnel header must fit)"),
+                ));
+            }
+            t.mtu = Some(mtu);
+        }
+        if let Some(p) = &raw.gue_port {
+            if *p.get_ref() == 0 {
+                return Err(self.err(&p.span(), "gue_port", "must be a UDP port between 1 and 65535"));
+            }
+            t.gue_port = *p.get_ref();
+        }
+        Ok(t)
     }
 
     fn idle_timeout(&self, s: &Spanned<String>, field: &str) -> Result<Duration, ConfigError> {

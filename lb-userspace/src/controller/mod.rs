@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 use lb_common::{NO_BACKEND, flow_hash, flow_hash6, real_backend, real_id, reason, ring_slot, source_hash, source_hash6, table_event};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
@@ -97,7 +97,7 @@ fn resolve_macs(
 /// port, backends by the MAC their reals were written with; other names get fresh ids (and the
 /// flows of whatever held those ids are deleted before they are used).
 fn recover_ids(config: &Config, dp: &Dataplane, neigh: &Neighbours) -> Ids {
-    let dataplane::MapIds { listeners: by_endpoint, backends: by_mac } = dp.ids_in_maps();
+    let dataplane::MapIds { listeners: by_endpoint, backends: by_mac, tunnelled } = dp.ids_in_maps();
     let mut ids = Ids::default();
     for l in &config.listeners {
         if let Some(&id) = by_endpoint.get(&(l.vip, l.port)) {
@@ -105,8 +105,12 @@ fn recover_ids(config: &Config, dp: &Dataplane, neigh: &Neighbours) -> Ids {
         }
     }
     for b in &config.backends {
-        let mac = b.mac.or_else(|| neigh.mac(b.primary()));
-        if let Some(&id) = mac.and_then(|m| by_mac.get(&m)) {
+        let id = if b.forward == config::Forward::L2 {
+            b.mac.or_else(|| neigh.mac(b.primary())).and_then(|m| by_mac.get(&m))
+        } else {
+            [b.address.map(IpAddr::V4), b.address6.map(IpAddr::V6)].into_iter().flatten().find_map(|a| tunnelled.get(&a))
+        };
+        if let Some(&id) = id {
             ids.backends.insert(b.name.clone(), id);
         }
     }
@@ -191,12 +195,13 @@ impl Controller {
     /// When any step fails.
     fn start(
         opts: RunOptions,
-        config: Config,
+        mut config: Config,
         calls: mpsc::Receiver<Call>,
         (neigh, routes): (Neighbours, ProbeRoutes),
     ) -> anyhow::Result<(Self, Inbox)> {
         let src_mac = dataplane::interface_mac(&config.interface)?;
         vips_are_not_ours(&config)?;
+        resolve_tunnel(&mut config)?;
         let load = LoadOptions { ring_size: config.ring_size, flow_table_size: config.flow_table_size };
         let (dp, start) = Dataplane::open_pinned(&load, &opts.pin_dir, &config.interface)?;
         let saved = match start {
@@ -382,7 +387,7 @@ impl Controller {
 
     /// Re-reads the config; applies only the difference, or changes nothing and says why.
     fn reload(&mut self) -> anyhow::Result<String> {
-        let new = config::load(&self.opts.config_path).map_err(anyhow::Error::new)?;
+        let mut new = config::load(&self.opts.config_path).map_err(anyhow::Error::new)?;
         for (what, same) in [
             ("interface", new.interface == self.config.interface),
             ("xdp_mode", new.xdp_mode == self.config.xdp_mode),
@@ -400,6 +405,7 @@ impl Controller {
             );
         }
         vips_are_not_ours(&new)?;
+        resolve_tunnel(&mut new)?;
         let runtime = resolve_macs(&new, &self.runtime, &BTreeMap::new(), &self.neigh);
         let mut ids = self.ids.clone();
         let mut fresh = self.fresh.clone();
@@ -623,9 +629,70 @@ impl Controller {
     }
 }
 
-/// The addresses whose MACs come from the neighbour table: backends without a configured one.
-fn wanted_neighbours(config: &Config) -> BTreeSet<IpAddr> {
-    config.backends.iter().filter(|b| b.mac.is_none()).map(config::Backend::primary).collect()
+/// The addresses whose MACs come from the neighbour table: backends without a configured one,
+/// on the link or (tunnelled) through their route's next hop.
+fn wanted_neighbours(config: &Config) -> neigh::Wanted {
+    let unset = || config.backends.iter().filter(|b| b.mac.is_none());
+    neigh::Wanted {
+        direct: unset().filter(|b| b.forward == config::Forward::L2).map(config::Backend::primary).collect(),
+        routed: unset().filter(|b| b.forward != config::Forward::L2).map(config::Backend::primary).collect(),
+    }
+}
+
+/// Fills the tunnel settings the config leaves unset from the interface (its first IPv4 and
+/// global IPv6 address, its MTU), and refuses a tunnelled backend whose route leaves by another
+/// interface: the program sends every frame back out of the one it came in by (`XDP_TX`).
+fn resolve_tunnel(config: &mut Config) -> anyhow::Result<()> {
+    let tunnelled: Vec<&config::Backend> = config.backends.iter().filter(|b| b.forward != config::Forward::L2).collect();
+    if tunnelled.is_empty() {
+        return Ok(());
+    }
+    let interface = config.interface.clone();
+    let own = dataplane::interface_ips(&interface).with_context(|| format!("reading the addresses of {interface}"))?;
+    let t = &mut config.tunnel;
+    if t.source.is_none() {
+        t.source = own.iter().find_map(|a| match a {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        });
+    }
+    if t.source6.is_none() {
+        t.source6 = own.iter().find_map(|a| match a {
+            IpAddr::V6(v6) if !v6.is_unicast_link_local() && !v6.is_loopback() => Some(*v6),
+            _ => None,
+        });
+    }
+    if t.mtu.is_none() {
+        let path = format!("/sys/class/net/{interface}/mtu");
+        let mtu: u32 = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {path}"))?
+            .trim()
+            .parse()
+            .with_context(|| format!("reading {path}"))?;
+        ensure!(
+            mtu >= lb_common::TUNNEL_MIN_MTU,
+            "{interface}'s MTU is {mtu}: tunnelled backends need a path MTU of at least {} (set tunnel_mtu if the path allows more)",
+            lb_common::TUNNEL_MIN_MTU
+        );
+        t.mtu = Some(mtu);
+    }
+    let addrs: Vec<(String, IpAddr)> = tunnelled
+        .iter()
+        .flat_map(|b| [b.address.map(IpAddr::V4), b.address6.map(IpAddr::V6)].into_iter().flatten().map(|a| (b.name.clone(), a)))
+        .collect();
+    let interface2 = interface.clone();
+    crate::netlink::blocking(move |h| async move {
+        let ifindex = crate::netlink::ifindex(&h, &interface2).await?;
+        for (name, a) in &addrs {
+            let (oif, _) = crate::netlink::route_get(&h, *a).await.with_context(|| format!("backend {name} ({a}) is tunnelled"))?;
+            ensure!(
+                oif == ifindex,
+                "backend {name} ({a}): its route leaves by interface index {oif}, not {interface2} (index {ifindex}); the balancer \
+                 sends tunnelled frames out of {interface2} only: route {a} through a gateway on {interface2}"
+            );
+        }
+        Ok(())
+    })
 }
 
 /// An answer's data as JSON.

@@ -3,13 +3,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use anyhow::{Context as _, ensure};
+use anyhow::{Context as _, bail, ensure};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use lb_common::{
     Addr6, ConnRate, Counters, FLOW_CACHE_VALID, Ip6, LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE, LISTENER_F_IPV6,
     LISTENER_F_SOURCE_PREFIX64, ListenerCounters, ListenerInfo, MAX_BACKENDS, MAX_LISTENERS, MAX_NODE_MACS, NO_BACKEND, NodeInfo, PortInfo,
-    REAL_F_ACTIVE, REAL_F_DOWN, REAL_SLOTS, RING_COPIES, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo, RingEntry, VipInfo, mac_word,
-    map_names as names, real_backend, real_id, real_listener, ring_base,
+    REAL_F_ACTIVE, REAL_F_DOWN, REAL_F_GUE, REAL_F_IPIP, REAL_F_TUNNEL, REAL_SLOTS, RING_COPIES, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo,
+    RealTunnel, RingEntry, TUNNEL_GUE, TUNNEL_IPIP, VipInfo, mac_word, map_names as names, real_backend, real_id, real_listener, ring_base,
 };
 
 use super::{ApplyReport, ConnRateWanted, Dataplane, Desired, DesiredListener, addr6, map_mut};
@@ -46,19 +46,29 @@ impl Dataplane {
 
     /// Validates `want` before anything is written: ids in range and used once, rings of the
     /// loaded size naming only the listener's reals. Returns every real it wants.
-    fn check(&self, want: &Desired) -> anyhow::Result<BTreeMap<u32, RealInfo>> {
+    fn check(&self, want: &Desired) -> anyhow::Result<BTreeMap<u32, (RealInfo, RealTunnel)>> {
         let size = self.ring_size as usize;
         let mut ids = BTreeSet::new();
-        let mut reals: BTreeMap<u32, RealInfo> = BTreeMap::new();
+        let mut reals: BTreeMap<u32, (RealInfo, RealTunnel)> = BTreeMap::new();
         for l in &want.listeners {
             ensure!(l.id < MAX_LISTENERS, "listener id {} out of range", l.id);
             ensure!(ids.insert(l.id), "listener id {} used twice", l.id);
             ensure!(l.ring.len() == size, "listener {}: ring has {} slots, not {size}", l.id, l.ring.len());
             for r in &l.reals {
                 ensure!(r.backend < MAX_BACKENDS, "backend id {} out of range", r.backend);
-                let info =
-                    RealInfo { dst_mac: r.dst_mac, src_mac: want.src_mac, flags: REAL_F_ACTIVE | if r.down { REAL_F_DOWN } else { 0 } };
-                ensure!(reals.insert(real_id(l.id, r.backend), info).is_none(), "listener {}: backend {} twice", l.id, r.backend);
+                let forward = match r.tunnel.map(|t| t.mode) {
+                    None => 0,
+                    Some(TUNNEL_IPIP) => REAL_F_IPIP,
+                    Some(TUNNEL_GUE) => REAL_F_GUE,
+                    Some(m) => bail!("listener {}: backend {}: tunnel mode {m} unknown", l.id, r.backend),
+                };
+                let info = RealInfo {
+                    dst_mac: r.dst_mac,
+                    src_mac: want.src_mac,
+                    flags: REAL_F_ACTIVE | forward | if r.down { REAL_F_DOWN } else { 0 },
+                };
+                let tunnel = r.tunnel.unwrap_or_default();
+                ensure!(reals.insert(real_id(l.id, r.backend), (info, tunnel)).is_none(), "listener {}: backend {} twice", l.id, r.backend);
             }
             for &s in &l.ring {
                 ensure!(
@@ -102,15 +112,31 @@ impl Dataplane {
     }
 
     /// Step 1: reals that are new or changed.
-    fn write_reals(&mut self, reals: &BTreeMap<u32, RealInfo>, report: &mut ApplyReport) -> anyhow::Result<()> {
+    fn write_reals(&mut self, reals: &BTreeMap<u32, (RealInfo, RealTunnel)>, report: &mut ApplyReport) -> anyhow::Result<()> {
+        // A real's tunnel before the real that names it; a tunnel no longer named after it.
+        let mut tunnels: Array<&mut MapData, RealTunnel> = map_mut(&mut self.ebpf, names::REAL_TUNNELS)?;
+        for (&id, (info, tunnel)) in reals {
+            if info.flags & REAL_F_TUNNEL != 0 && self.written.tunnels.get(&id) != Some(tunnel) {
+                tunnels.set(id, tunnel, 0).with_context(|| format!("writing the tunnel of real {id}"))?;
+                self.written.tunnels.insert(id, *tunnel);
+            }
+        }
         let mut map: Array<&mut MapData, RealInfo> = map_mut(&mut self.ebpf, names::REALS)?;
-        for (&id, info) in reals {
+        for (&id, (info, _)) in reals {
             if self.written.reals.get(&id) != Some(info) {
                 map.set(id, info, 0).with_context(|| format!("writing real {id}"))?;
                 self.written.reals.insert(id, *info);
                 self.counted.insert(id);
                 report.reals_written += 1;
             }
+        }
+        // Reals now forwarded by MAC (gone ones: `retire_reals`).
+        let mut tunnels: Array<&mut MapData, RealTunnel> = map_mut(&mut self.ebpf, names::REAL_TUNNELS)?;
+        let untunnelled: Vec<u32> =
+            self.written.tunnels.keys().copied().filter(|id| reals.get(id).is_some_and(|(i, _)| i.flags & REAL_F_TUNNEL == 0)).collect();
+        for id in untunnelled {
+            tunnels.set(id, RealTunnel::default(), 0).with_context(|| format!("clearing the tunnel of real {id}"))?;
+            self.written.tunnels.remove(&id);
         }
         Ok(())
     }
@@ -258,7 +284,7 @@ impl Dataplane {
 
     /// Step 6: reals no longer wanted, made inactive, so flows still pinned to them are
     /// re-picked.
-    fn retire_reals(&mut self, reals: &BTreeMap<u32, RealInfo>, report: &mut ApplyReport) -> anyhow::Result<()> {
+    fn retire_reals(&mut self, reals: &BTreeMap<u32, (RealInfo, RealTunnel)>, report: &mut ApplyReport) -> anyhow::Result<()> {
         let gone: Vec<u32> = self.written.reals.keys().copied().filter(|id| !reals.contains_key(id)).collect();
         if gone.is_empty() {
             return Ok(());
@@ -268,6 +294,12 @@ impl Dataplane {
             map.set(id, RealInfo { dst_mac: [0; 6], src_mac: [0; 6], flags: 0 }, 0).with_context(|| format!("clearing real {id}"))?;
             self.written.reals.remove(&id);
             report.reals_written += 1;
+        }
+        let mut tunnels: Array<&mut MapData, RealTunnel> = map_mut(&mut self.ebpf, names::REAL_TUNNELS)?;
+        let gone: Vec<u32> = self.written.tunnels.keys().copied().filter(|id| !reals.contains_key(id)).collect();
+        for id in gone {
+            tunnels.set(id, RealTunnel::default(), 0).with_context(|| format!("clearing the tunnel of real {id}"))?;
+            self.written.tunnels.remove(&id);
         }
         Ok(())
     }

@@ -15,15 +15,15 @@ use aya::{
 };
 use lb_common::{
     ConnRate, Counters, FLOW_CACHE_VALID, FLOW_WAYS, Ip6, LAYOUT_VERSION, LAYOUT_VERSION_ADOPTED, LISTENER_F_IPV6, Layout, ListenerInfo,
-    MAX_LISTENERS, PORT_SLOTS, PortInfo, REAL_SLOTS, RING_COPIES, RealInfo, RingEntry, VipInfo, flow_table_buckets, map_names as names,
-    ring_base, ring_entries,
+    MAX_LISTENERS, PORT_SLOTS, PortInfo, REAL_SLOTS, RING_COPIES, RealInfo, RealTunnel, RingEntry, VipInfo, flow_table_buckets,
+    map_names as names, reason, ring_base, ring_entries,
 };
 
 use super::{ConnRateWanted, Dataplane, LoadOptions, Written, apply::unpack_ring, map_mut};
 use crate::{EBPF_OBJ, flow_table::FlowTable, mapped::Mapped};
 
 /// Every pinned map of the object, in the order they are pinned and unpinned.
-pub const MAP_NAMES: [&str; 18] = [
+pub const MAP_NAMES: [&str; 19] = [
     names::LISTENERS,
     names::LISTEN_PORTS,
     names::VIPS,
@@ -41,6 +41,7 @@ pub const MAP_NAMES: [&str; 18] = [
     names::LISTENER_VIP6,
     names::VIPS6,
     names::FLOW_ADDRS6,
+    names::REAL_TUNNELS,
     // Pinned so that it outlives the controller: the kernel empties a program array when the
     // last of its file descriptors and pins goes, and the program's own reference does not count.
     names::NEXT,
@@ -162,6 +163,7 @@ impl Dataplane {
             let map = MapData::from_pin(&layout).with_context(|| format!("opening {}", layout.display()))?;
             let version = Array::<MapData, Layout>::try_from(aya::maps::Map::Array(map))?.get(&0, 0)?.version;
             ensure!(adoptable(version), "{}", stale_layout(&format!("layout version {version}")));
+            drop_outgrown_counters(dir)?;
         } else {
             unpin_all(dir)?;
         }
@@ -270,6 +272,15 @@ impl Dataplane {
                 let r = r?;
                 if r.flags != 0 {
                     w.reals.insert(u32::try_from(i).expect("< REAL_SLOTS"), r);
+                }
+            }
+        }
+        {
+            let tunnels: Array<&MapData, RealTunnel> = self.map_ref(names::REAL_TUNNELS)?;
+            for (i, t) in tunnels.iter().enumerate() {
+                let t = t?;
+                if t != RealTunnel::default() {
+                    w.tunnels.insert(u32::try_from(i).expect("< REAL_SLOTS"), t);
                 }
             }
         }
@@ -391,6 +402,23 @@ impl Dataplane {
         }
         Ok(())
     }
+}
+
+/// Removes the pin of a counters map made by an older build with fewer entries than this one
+/// counts (`VERDICT_STATS` grows with each new reason): the new map starts from zero, and the
+/// running program keeps counting into the old one until it is replaced. Nothing else is lost.
+fn drop_outgrown_counters(dir: &std::path::Path) -> anyhow::Result<()> {
+    let pin = dir.join(names::VERDICT_STATS);
+    if !pin.exists() {
+        return Ok(());
+    }
+    let map = MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+    let have = map.info().context("reading the pinned counters' size")?.max_entries();
+    if have < reason::COUNT {
+        tracing::info!(have, want = reason::COUNT, "the pinned verdict counters are of an older build: they start again from zero");
+        std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+    }
+    Ok(())
 }
 
 /// Whether this build adopts maps of layout `version`.

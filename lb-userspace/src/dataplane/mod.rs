@@ -102,6 +102,8 @@ pub struct DesiredReal {
     pub dst_mac: [u8; 6],
     /// Failed this listener's checks: flows pinned to it are re-picked.
     pub down: bool,
+    /// Tunnelled (`forward = "ipip"` or `"gue"`): where to; `dst_mac` is the next hop's.
+    pub tunnel: Option<lb_common::RealTunnel>,
 }
 
 /// Ids the maps hold, as far as they can be recognised without names.
@@ -109,8 +111,11 @@ pub struct DesiredReal {
 pub struct MapIds {
     /// Listener id by (VIP, port).
     pub listeners: BTreeMap<(IpAddr, u16), u32>,
-    /// Backend id by the MAC its reals were written with.
+    /// Backend id by the MAC its reals were written with (forwarded by MAC only: tunnelled
+    /// backends share their next hop's).
     pub backends: BTreeMap<[u8; 6], u32>,
+    /// Tunnelled backend id by its address.
+    pub tunnelled: BTreeMap<IpAddr, u32>,
 }
 
 /// What one [`Dataplane::apply`] wrote.
@@ -131,6 +136,8 @@ struct Written {
     /// Content of each ring copy, by copy number (`id * RING_COPIES + copy`).
     rings: BTreeMap<u32, Vec<u32>>,
     reals: BTreeMap<u32, RealInfo>,
+    /// `REAL_TUNNELS` entries that are not zero.
+    tunnels: BTreeMap<u32, lb_common::RealTunnel>,
     vips: BTreeMap<u32, u32>,
     /// Listener id to its `LISTENER_VIP6` value (IPv6 listeners only).
     vip6: BTreeMap<u32, Addr6>,
@@ -291,8 +298,23 @@ impl Dataplane {
                 ((vip, u16::from_be(l.port_be)), id)
             })
             .collect();
-        let backends = self.written.reals.iter().map(|(&r, info)| (info.dst_mac, real_backend(r))).collect();
-        MapIds { listeners, backends }
+        let backends = self
+            .written
+            .reals
+            .iter()
+            .filter(|(_, info)| info.flags & lb_common::REAL_F_TUNNEL == 0)
+            .map(|(&r, info)| (info.dst_mac, real_backend(r)))
+            .collect();
+        let tunnelled = self
+            .written
+            .tunnels
+            .iter()
+            .map(|(&r, t)| {
+                let a = Ipv6Addr::from(t.dst.octets);
+                (a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4), real_backend(r))
+            })
+            .collect();
+        MapIds { listeners, backends, tunnelled }
     }
 
     /// The MAC each backend id's reals were last written with (for adoption: a broker that is

@@ -9,7 +9,7 @@ use lb_common::MAX_BACKENDS;
 use toml::Spanned;
 
 use super::{Places, Validator, host_address};
-use crate::config::{Backend, ConfigError, MAX_WEIGHT, parse_mac, raw::RawBackend};
+use crate::config::{Backend, ConfigError, Forward, MAX_WEIGHT, parse_mac, raw::RawBackend};
 
 impl Validator<'_> {
     /// The backends, sorted by name, and where each is in the file: its index there and the
@@ -71,8 +71,22 @@ impl Validator<'_> {
                 }
                 Some(w) => *w.get_ref(),
             };
+            let forward = b.forward.as_ref().map_or(Forward::L2, |f| *f.get_ref());
+            if forward != Forward::L2
+                && let Some(m) = &b.mac
+            {
+                return Err(self.err(
+                    &m.span(),
+                    f("mac"),
+                    format!(
+                        "a backend with forward = \"{}\" is reached through the next hop of its route, whose MAC the balancer \
+                         resolves; mac is for forward = \"l2\" only",
+                        forward.name()
+                    ),
+                ));
+            }
             places.insert(name.clone(), (i, b.name.span().start));
-            out.insert(name.clone(), Backend { name, address, address6, mac, weight });
+            out.insert(name.clone(), Backend { name, address, address6, mac, weight, forward });
         }
         Ok((out.into_values().collect(), places))
     }
