@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # Prepare a broker host for dsrlb's direct server return, or check that it is prepared.
 #
-#   backend-setup.sh apply  [--dev IFACE] [--decap (--source ADDR)... | --decap --any-source] VIP [VIP...]
-#   backend-setup.sh verify [--dev IFACE] [--decap ...] VIP [VIP...]
+#   backend-setup.sh apply  [--dev IFACE] [--decap (--source ADDR)... | --decap --any-source] [--advmss MSS] VIP [VIP...]
+#   backend-setup.sh verify [--dev IFACE] [--decap ...] [--advmss MSS] VIP [VIP...]
+#
+# With --advmss the TCP segment size the broker advertises is clamped on its default routes
+# (the way its replies go): MSS for IPv4, MSS - 40 for IPv6 (whose IP header and tunnel header
+# are each 20 bytes longer). Clients then send segments that fit a tunnel without the
+# balancer's ICMP "fragmentation needed" round trip: 1440 for IPIP on a 1500-byte path, 1432 for
+# GUE (which also covers IPIP).
 #
 # With --decap the broker is one the balancer reaches through a tunnel (IPIP, IPv6 in IPv6 or
 # GUE): `apply` also attaches `dsrlb decap` to IFACE for the VIPs, accepting tunnel frames from
@@ -27,18 +33,20 @@
 # for its VIP and accepts frames for it sent to its MAC.)
 set -euo pipefail
 
-usage() { echo "usage: $0 apply|verify [--dev IFACE] [--decap (--source ADDR)... | --decap --any-source] VIP [VIP...]" >&2; exit 2; }
+usage() { echo "usage: $0 apply|verify [--dev IFACE] [--decap (--source ADDR)... | --decap --any-source] [--advmss MSS] VIP [VIP...]" >&2; exit 2; }
 [ $# -ge 2 ] || usage
 action=$1; shift
 dev=""
 decap=0
 decap_from=()
+advmss=""
 while [ $# -gt 0 ]; do
     case $1 in
     --dev) dev=${2:?--dev needs an interface}; shift 2 ;;
     --decap) decap=1; shift ;;
     --source) decap_from+=(--source "${2:?--source needs an address}"); shift 2 ;;
     --any-source) decap_from+=(--any-source); shift ;;
+    --advmss) advmss=${2:?--advmss needs a segment size}; shift 2 ;;
     --*) echo "unknown option $1" >&2; usage ;;
     *) break ;;
     esac
@@ -47,6 +55,9 @@ done
 if [ $decap = 0 ] && [ ${#decap_from[@]} -gt 0 ]; then echo "--source and --any-source go with --decap" >&2; exit 2; fi
 if [ $decap = 1 ] && [ ${#decap_from[@]} -eq 0 ]; then
     echo "--decap needs the balancers' tunnel sources (--source ADDR, repeated) or --any-source" >&2; exit 2
+fi
+if [ -n "$advmss" ] && ! { [[ $advmss =~ ^[0-9]+$ ]] && [ "$advmss" -ge 536 ] && [ "$advmss" -le 65495 ]; }; then
+    echo "--advmss must be a segment size between 536 and 65495, not $advmss" >&2; exit 2
 fi
 dsrlb=${DSRLB:-dsrlb}
 pin_root=(); if [ -n "${DSRLB_DECAP_PIN_ROOT:-}" ]; then pin_root=(--pin-root "$DSRLB_DECAP_PIN_ROOT"); fi
@@ -119,10 +130,34 @@ listed() {
     return 1
 }
 
+# The default route of family $1 (-4 or -6) as `ip route change` takes it back: its gateway,
+# device and metric (whatever else `ip` prints, such as an advmss, is dropped).
+default_route() {
+    ip "$1" route show default | awk 'NR == 1 {
+        out = "default"
+        for (i = 2; i < NF; i++) if ($i == "via" || $i == "dev" || $i == "metric") out = out " " $i " " $(i + 1)
+        print out
+    }'
+}
+# The advmss of the default route of family $1, or nothing.
+default_advmss() {
+    ip "$1" route show default | awk 'NR == 1 { for (i = 1; i < NF; i++) if ($i == "advmss") print $(i + 1) }'
+}
+mss_of() { if [ "$1" = -6 ]; then echo $((advmss - 40)); else echo "$advmss"; fi; }
+
 case $action in
 apply)
     for s in "${sysctls[@]}"; do sysctl -qw "$s"; done
     for vip in "$@"; do has_vip "$vip" || ip "$(fam "$vip")" addr add "$vip/$(plen "$vip")" dev lo; done
+    if [ -n "$advmss" ]; then
+        for f in -4 -6; do
+            route=$(default_route "$f")
+            if [ -n "$route" ]; then
+                # shellcheck disable=SC2086 # the route's words, as `ip` printed them
+                ip "$f" route change $route advmss "$(mss_of "$f")"
+            fi
+        done
+    fi
     if [ $decap = 1 ]; then
         vip_args=(); for vip in "$@"; do vip_args+=(--vip "$vip"); done
         "$dsrlb" decap attach "$dev" "${vip_args[@]}" "${decap_from[@]}" ${pin_root[@]+"${pin_root[@]}"}
@@ -131,6 +166,7 @@ apply)
     printf '  /etc/sysctl.d/90-dsrlb.conf:\n'; printf '    %s\n' "${sysctls[@]}"
     for vip in "$@"; do echo "  ip $(fam "$vip") addr add $vip/$(plen "$vip") dev lo   (in the host's network configuration)"; done
     if [ $decap = 1 ]; then echo "  the same dsrlb decap attach, once the interface is up (it is pinned, but not across a reboot)"; fi
+    if [ -n "$advmss" ]; then echo "  advmss $advmss on the default route (advmss $((advmss - 40)) on the IPv6 one), in the host's network configuration"; fi
     ;&
 verify)
     bad=0
@@ -170,6 +206,13 @@ verify)
         else
             echo "FAIL  dsrlb decap is not attached to $dev: ${status//$'\n'/ }"; bad=1
         fi
+    fi
+    if [ -n "$advmss" ]; then
+        for f in -4 -6; do
+            [ -n "$(default_route "$f")" ] || { [ $f = -6 ] && continue; echo "FAIL  no default route to clamp advmss on"; bad=1; continue; }
+            have=$(default_advmss "$f")
+            if [ "$have" = "$(mss_of "$f")" ]; then echo "ok    advmss $have on the $f default route"; else echo "FAIL  the $f default route has advmss ${have:-unset} (want $(mss_of "$f"))"; bad=1; fi
+        done
     fi
     exit $bad
     ;;

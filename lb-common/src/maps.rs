@@ -26,6 +26,7 @@ pub mod map_names {
     pub const FLOW_ADDRS6: &str = "FLOW_ADDRS6";
     pub const NEXT: &str = "NEXT";
     pub const REAL_TUNNELS: &str = "REAL_TUNNELS";
+    pub const PROBE_TUNNELS: &str = "PROBE_TUNNELS";
 }
 
 /// Compile-time sizes of the fixed maps. The ring and flow maps are sized at load time from the
@@ -245,6 +246,22 @@ pub struct RealTunnel {
     /// GUE's destination port, in wire order (`gue_port`).
     pub gue_port_be: u16,
     pub pad2: u16,
+}
+
+/// Health probes along the DSR path carry the socket mark `PROBE_MARK_BASE | backend id`
+/// (the controller's policy routing, and the probe encapsulation of tunnelled backends).
+pub const PROBE_MARK_BASE: u32 = 0x0d5b_0000;
+/// The bits of a probe mark that say it is one.
+pub const PROBE_MARK_MASK: u32 = 0xffff_0000;
+
+/// Entries of `PROBE_TUNNELS`: one per backend and family.
+pub const PROBE_TUNNEL_SLOTS: u32 = MAX_BACKENDS * 2;
+
+/// The `PROBE_TUNNELS` index of backend `backend`'s tunnel for `ipv6` packets.
+#[inline(always)]
+#[must_use]
+pub const fn probe_tunnel_slot(backend: u32, ipv6: bool) -> u32 {
+    (backend & (MAX_BACKENDS - 1)) * 2 + ipv6 as u32
 }
 
 /// The outer IPv6 header's flow label of a tunnelled flow (RFC 6438): 20 bits of its hash, for

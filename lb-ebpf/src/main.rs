@@ -11,6 +11,7 @@ mod flow;
 mod maps;
 mod node;
 mod parse;
+mod probe;
 mod stats;
 mod storm;
 mod table;
@@ -151,6 +152,13 @@ fn send(ctx: &XdpContext, pick: flow::Pick, seg: &impl Segment, icmp: bool) -> R
     }
     stats::count_forward(pick.real_id, bytes, pick.new_flow);
     Ok((reason::TX, pick))
+}
+
+/// Wraps the controller's health probes to tunnelled backends (`probe`); attached to the
+/// interface's TC egress while the config has tunnelled backends.
+#[aya_ebpf::macros::classifier]
+pub fn dsrlb_probe_encap(ctx: aya_ebpf::programs::TcContext) -> i32 {
+    probe::encap(&ctx)
 }
 
 /// The clock flows are timed by, for the controller: `BPF_PROG_TEST_RUN` of this program (never

@@ -10,8 +10,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     ConnRate, ControlState, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_RING_SIZE, FLOW_CACHE_SLOTS, FLOW_WAYS, FlowAddrs6, FlowBucket,
-    FlowCacheEntry, Ip6, Layout, ListenerCounters, ListenerInfo, MAX_LISTENERS, MAX_VIPS, NodeInfo, PORT_SLOTS, PortInfo, REAL_SLOTS,
-    RING_COPIES, RealInfo, RealTunnel, RingEntry, TraceConf, TraceEvent, VipInfo, flow_table_buckets, reason, ring_entries, table_event,
+    FlowCacheEntry, Ip6, Layout, ListenerCounters, ListenerInfo, MAX_LISTENERS, MAX_VIPS, NodeInfo, PORT_SLOTS, PROBE_TUNNEL_SLOTS,
+    PortInfo, REAL_SLOTS, RING_COPIES, RealInfo, RealTunnel, RingEntry, TraceConf, TraceEvent, VipInfo, flow_table_buckets, reason,
+    ring_entries, table_event,
 };
 
 /// Map flags of the maps the controller reads and writes through memory it maps
@@ -46,6 +47,12 @@ pub static REALS: Array<RealInfo, { REAL_SLOTS as usize }> = Array::new();
 /// others.
 #[btf_map]
 pub static REAL_TUNNELS: Array<RealTunnel, { REAL_SLOTS as usize }> = Array::new();
+
+/// `probe_tunnel_slot(backend, ipv6)` to the tunnel a tunnelled backend's health probes along
+/// the DSR path are wrapped in (`probe::encap`); zero for the others. Not pinned: the
+/// controller fills it when it starts.
+#[btf_map]
+pub static PROBE_TUNNELS: Array<RealTunnel, { PROBE_TUNNEL_SLOTS as usize }> = Array::new();
 
 /// All Maglev rings, back to back: two copies per listener, each `ring_size` real ids packed
 /// four to an entry (`lb_common::RING_SLOTS_PER_ENTRY`).

@@ -158,7 +158,18 @@ pub fn desired(
         });
     }
     let listener_names = config.listeners.iter().filter_map(|l| Some((*ids.listeners.get(&l.name)?, l.name.clone()))).collect();
-    Ok(Desired { listeners, listener_names, src_mac, accept_macs: config.accept_macs.clone(), ..Desired::default() })
+    let mut probe_tunnels = BTreeMap::new();
+    for b in config.backends.iter().filter(|b| b.forward != Forward::L2) {
+        let Some(&id) = ids.backends.get(&b.name) else { continue };
+        for any in [IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)] {
+            // A family without an address or a tunnel source has no listener either (the plan
+            // of the listeners above refuses that).
+            if let Ok(Some(t)) = real_tunnel(config, any, b) {
+                probe_tunnels.insert(lb_common::probe_tunnel_slot(id, any.is_ipv6()), t);
+            }
+        }
+    }
+    Ok(Desired { listeners, listener_names, src_mac, accept_macs: config.accept_macs.clone(), probe_tunnels, ..Desired::default() })
 }
 
 /// Where backend `b`'s frames for a listener at `vip` go when it is tunnelled: the outer header

@@ -6,6 +6,11 @@
 //! what the XDP program does with client traffic. The broker accepts it only if it holds the
 //! VIP, and answers the balancer directly from the VIP.
 //!
+//! A tunnelled backend (`forward = "ipip"` or `"gue"`) is probed the same way, through the next
+//! hop of its route (`ip route get` of its address, resolved when the routes are set): the
+//! balancer's TC egress program (`dsrlb_probe_encap`) wraps the marked packets as the XDP
+//! program wraps client traffic, so the probe reaches VIP:port only through the broker's decap.
+//!
 //! The rules and routes are kept over rtnetlink by a task that reconciles the kernel's with the
 //! wanted ones whenever they are set: what is missing is added (also when someone removed it),
 //! what is ours and not wanted is removed.
@@ -29,8 +34,8 @@ use tokio::sync::watch;
 use crate::netlink;
 
 /// Marks and tables live in a block of their own: `0x0d5b_0000 | backend id`.
-const MARK_BASE: u32 = 0x0d5b_0000;
-const MARK_MASK: u32 = 0xffff_0000;
+const MARK_BASE: u32 = lb_common::PROBE_MARK_BASE;
+const MARK_MASK: u32 = lb_common::PROBE_MARK_MASK;
 const TABLE_BASE: u32 = 0x000d_5b00;
 /// Tables `TABLE_BASE ..= TABLE_BASE + TABLE_SPAN - 1` are ours.
 const TABLE_SPAN: u32 = 0x100;
@@ -46,9 +51,10 @@ const fn table(backend: u32) -> u32 {
     TABLE_BASE + backend
 }
 
-/// Backend id to the (VIP, backend address) pairs probed through it: one per VIP, the address
-/// of the VIP's family. IPv4 and IPv6 each get the backend's rule and table.
-pub type Wanted = BTreeMap<u32, BTreeSet<(IpAddr, IpAddr)>>;
+/// Backend id to the (VIP, backend address, tunnelled) it is probed through: one per VIP, the
+/// address of the VIP's family; a tunnelled backend's probes go to its route's next hop. IPv4
+/// and IPv6 each get the backend's rule and table.
+pub type Wanted = BTreeMap<u32, BTreeSet<(IpAddr, IpAddr, bool)>>;
 
 /// The reconciling task's end: set what is wanted; clear it all on the way out.
 pub struct ProbeRoutes {
@@ -134,7 +140,7 @@ async fn reconcile(handle: &Handle, ifindex: u32, want: &Wanted) -> anyhow::Resu
     let ours = |mark: u32| mark & MARK_MASK == MARK_BASE;
     // Rules: one per wanted backend and family, `fwmark mark(b) lookup table(b)` at RULE_PREF.
     for (family, v6) in [(IpVersion::V4, false), (IpVersion::V6, true)] {
-        let wants = |b: u32| want.get(&b).is_some_and(|pairs| pairs.iter().any(|(vip, _)| vip.is_ipv6() == v6));
+        let wants = |b: u32| want.get(&b).is_some_and(|pairs| pairs.iter().any(|(vip, _, _)| vip.is_ipv6() == v6));
         let rules: Vec<RuleMessage> = handle.rule().get(family).execute().try_collect().await.context("listing rules")?;
         let mut have = BTreeSet::new();
         for r in rules {
@@ -164,7 +170,26 @@ async fn reconcile(handle: &Handle, ifindex: u32, want: &Wanted) -> anyhow::Resu
         }
     }
     // Routes: in each wanted backend's table, `VIP/32 via address dev interface` (/128 for
-    // IPv6); nothing else in our tables.
+    // IPv6), or via the next hop towards a tunnelled backend's address; nothing else in our
+    // tables.
+    let mut want_via: BTreeMap<u32, BTreeSet<(IpAddr, IpAddr)>> = BTreeMap::new();
+    for (&b, pairs) in want {
+        for &(vip, addr, tunnelled) in pairs {
+            let via = if tunnelled {
+                match netlink::route_get(handle, addr).await {
+                    Ok((_, gateway)) => gateway.unwrap_or(addr),
+                    Err(e) => {
+                        tracing::warn!(backend = %addr, error = %format!("{e:#}"), "no route to a tunnelled backend: its VIP checks will fail");
+                        continue;
+                    }
+                }
+            } else {
+                addr
+            };
+            want_via.entry(b).or_default().insert((vip, via));
+        }
+    }
+    let want = &want_via;
     let routes = netlink::all_routes(handle).await?;
     let mut present = BTreeSet::new();
     for r in routes {

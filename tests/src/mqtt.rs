@@ -15,14 +15,24 @@ const T: Duration = Duration::from_secs(5);
 /// When a client cannot connect, subscribe or publish in time.
 #[must_use]
 pub fn pubsub(host: &str, port: u16, ca: Option<&[u8]>, id: &str, topic: &str, n: usize) -> usize {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    rt.block_on(pubsub_async(host, port, ca, id, topic, n))
+    pubsub_sized(host, port, ca, id, topic, n, 0)
 }
 
-async fn pubsub_async(host: &str, port: u16, ca: Option<&[u8]>, id: &str, topic: &str, n: usize) -> usize {
+/// As [`pubsub`], each message `size` bytes long (at least its own short text).
+///
+/// # Panics
+/// As [`pubsub`].
+#[must_use]
+pub fn pubsub_sized(host: &str, port: u16, ca: Option<&[u8]>, id: &str, topic: &str, n: usize, size: usize) -> usize {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(pubsub_async(host, port, ca, id, topic, n, size))
+}
+
+async fn pubsub_async(host: &str, port: u16, ca: Option<&[u8]>, id: &str, topic: &str, n: usize, size: usize) -> usize {
     let opts = |client: &str| {
         let mut o = MqttOptions::new(client, host, port);
         o.set_keep_alive(Duration::from_secs(30));
+        o.set_max_packet_size(size + 1024 * 16, size + 1024 * 16);
         if let Some(ca) = ca {
             o.set_transport(Transport::Tls(TlsConfiguration::Simple { ca: ca.to_vec(), alpn: None, client_auth: None }));
         }
@@ -45,7 +55,9 @@ async fn pubsub_async(host: &str, port: u16, ca: Option<&[u8]>, id: &str, topic:
     let base = topic.trim_end_matches("/#").to_owned();
     let publisher = tokio::spawn(async move {
         for i in 0..n {
-            publ.publish(format!("{base}/{i}"), QoS::AtLeastOnce, false, format!("m{i}")).await.expect("publish");
+            let mut payload = format!("m{i}").into_bytes();
+            payload.resize(payload.len().max(size), b'.');
+            publ.publish(format!("{base}/{i}"), QoS::AtLeastOnce, false, payload).await.expect("publish");
         }
         let mut acked = 0;
         while acked < n {
@@ -58,7 +70,7 @@ async fn pubsub_async(host: &str, port: u16, ca: Option<&[u8]>, id: &str, topic:
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while got < n {
         match tokio::time::timeout_at(deadline, sub_loop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::Publish(_)))) => got += 1,
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => got += usize::from(p.payload.len() >= size),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => panic!("subscriber: {e}"),
             Err(_) => break,

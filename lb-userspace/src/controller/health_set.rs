@@ -141,7 +141,7 @@ impl HealthSet {
                 };
                 let address = backend.address_for(l.vip).with_context(|| format!("backend {b}: no address of {}'s family", l.vip))?;
                 if h.vip_check {
-                    routes.entry(id).or_default().insert((l.vip, address));
+                    routes.entry(id).or_default().insert((l.vip, address, backend.forward != crate::config::Forward::L2));
                 }
                 targets.insert(
                     (l.name.clone(), b.clone()),

@@ -318,6 +318,10 @@ impl Controller {
     /// follow it (the announcements) and saves the state for the next controller.
     fn write(&mut self, planned: Planned) -> anyhow::Result<()> {
         let Planned { desired, down } = planned;
+        if !desired.probe_tunnels.is_empty() {
+            // Before the maps name a tunnelled backend: its probes are wrapped from the start.
+            self.dp.attach_probe_encap(&self.config.interface)?;
+        }
         let report = self.dp.apply(&desired)?;
         tracing::debug!(?report, "maps written");
         self.fresh = Fresh::default();

@@ -30,6 +30,7 @@ impl Dataplane {
         self.forget_fresh_ids(want, &mut report)?;
         self.write_node_of(want);
         self.write_reals(&reals, &mut report)?;
+        self.write_probe_tunnels(want)?;
         self.write_conn_rates(want)?;
         for l in &want.listeners {
             self.switch_listener(l, &mut report)?;
@@ -137,6 +138,23 @@ impl Dataplane {
         for id in untunnelled {
             tunnels.set(id, RealTunnel::default(), 0).with_context(|| format!("clearing the tunnel of real {id}"))?;
             self.written.tunnels.remove(&id);
+        }
+        Ok(())
+    }
+
+    /// Step 1b: how the health probes of tunnelled backends are wrapped.
+    fn write_probe_tunnels(&mut self, want: &Desired) -> anyhow::Result<()> {
+        let mut map: Array<&mut MapData, RealTunnel> = map_mut(&mut self.ebpf, names::PROBE_TUNNELS)?;
+        for (&slot, t) in &want.probe_tunnels {
+            if self.written.probe_tunnels.get(&slot) != Some(t) {
+                map.set(slot, t, 0).with_context(|| format!("writing probe tunnel {slot}"))?;
+                self.written.probe_tunnels.insert(slot, *t);
+            }
+        }
+        let gone: Vec<u32> = self.written.probe_tunnels.keys().copied().filter(|s| !want.probe_tunnels.contains_key(s)).collect();
+        for slot in gone {
+            map.set(slot, RealTunnel::default(), 0).with_context(|| format!("clearing probe tunnel {slot}"))?;
+            self.written.probe_tunnels.remove(&slot);
         }
         Ok(())
     }

@@ -136,6 +136,7 @@ impl Dataplane {
             flows,
             ring_size: opts.ring_size,
             written: Written::default(),
+            probe_encap: None,
             generation: 0,
             counted: BTreeSet::new(),
             logger,
@@ -172,6 +173,30 @@ impl Dataplane {
             dp.read_back().context("reading the adopted maps")?;
         }
         Ok((dp, if live { Start::Adopted } else { Start::Fresh }))
+    }
+
+    /// Attaches `dsrlb_probe_encap` to `interface`'s TC egress (TCX), once: the health probes of
+    /// tunnelled backends are wrapped there (see the program's module). The link lives as long
+    /// as this `Dataplane` (the controller): probes need it only while it runs.
+    ///
+    /// # Errors
+    /// When the program does not verify or the kernel refuses the attachment (TCX needs Linux
+    /// 6.6).
+    pub fn attach_probe_encap(&mut self, interface: &str) -> anyhow::Result<()> {
+        use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions};
+        if self.probe_encap.as_deref() == Some(interface) {
+            return Ok(());
+        }
+        let prog: &mut SchedClassifier =
+            self.ebpf.program_mut("dsrlb_probe_encap").context("program dsrlb_probe_encap missing from the object")?.try_into()?;
+        if prog.fd().is_err() {
+            prog.load().context("verifying program dsrlb_probe_encap")?;
+        }
+        prog.attach_with_options(interface, TcAttachType::Egress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .with_context(|| format!("attaching the probe encapsulation to {interface}'s TC egress (TCX, Linux 6.6 or later)"))?;
+        tracing::info!(%interface, "health probes to tunnelled backends are wrapped on TC egress");
+        self.probe_encap = Some(interface.to_owned());
+        Ok(())
     }
 
     /// Attaches the balancer through a link pinned at `dir/link`; see [`Self::attach_pinned`].

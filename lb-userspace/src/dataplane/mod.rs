@@ -63,6 +63,9 @@ pub struct Desired {
     /// zero before anything is written for them.
     pub fresh_backends: BTreeSet<u32>,
     pub fresh_listeners: BTreeSet<u32>,
+    /// `PROBE_TUNNELS` entries (`lb_common::probe_tunnel_slot`): how the health probes of
+    /// tunnelled backends are wrapped.
+    pub probe_tunnels: BTreeMap<u32, lb_common::RealTunnel>,
 }
 
 /// Storm control as `CONN_RATE` holds it (`lb_common::ConnRate`).
@@ -138,6 +141,8 @@ struct Written {
     reals: BTreeMap<u32, RealInfo>,
     /// `REAL_TUNNELS` entries that are not zero.
     tunnels: BTreeMap<u32, lb_common::RealTunnel>,
+    /// `PROBE_TUNNELS` entries that are not zero (not pinned: empty in a new load).
+    probe_tunnels: BTreeMap<u32, lb_common::RealTunnel>,
     vips: BTreeMap<u32, u32>,
     /// Listener id to its `LISTENER_VIP6` value (IPv6 listeners only).
     vip6: BTreeMap<u32, Addr6>,
@@ -173,6 +178,8 @@ pub struct Dataplane {
     events: events::EventSink,
     /// `dsrlb trace`'s maps, until the controller hands them to its control socket.
     tracer: Option<trace::Tracer>,
+    /// The interface whose TC egress runs `dsrlb_probe_encap`, once attached.
+    probe_encap: Option<String>,
 }
 
 impl Dataplane {

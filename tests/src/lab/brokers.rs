@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{INTERNAL_PORT, Lab, TLS_NAME, VIP, VIP_INTERNAL, VIP6, broker_addr, kill_and_wait};
+use super::{INTERNAL_PORT, Lab, TLS_NAME, VIP, VIP_GUE, VIP_INTERNAL, VIP_IPIP, VIP6, VIP6_GUE, VIP6_IPIP, kill_and_wait};
 use crate::wait;
 
 impl Lab {
@@ -25,10 +25,12 @@ impl Lab {
         let key = KeyPair::generate().context("server key")?;
         let mut params = CertificateParams::new(vec![TLS_NAME.to_owned()]).context("server params")?;
         params.distinguished_name.push(DnType::CommonName, TLS_NAME);
-        for vip in [VIP, VIP_INTERNAL] {
+        for vip in [VIP, VIP_INTERNAL, VIP_IPIP, VIP_GUE] {
             params.subject_alt_names.push(SanType::IpAddress(vip.into()));
         }
-        params.subject_alt_names.push(SanType::IpAddress(VIP6.into()));
+        for vip in [VIP6, VIP6_IPIP, VIP6_GUE] {
+            params.subject_alt_names.push(SanType::IpAddress(vip.into()));
+        }
         let cert = params.signed_by(&key, &ca_cert, &ca_key).context("signing the server certificate")?;
         std::fs::write(self.ca_pem(), ca_cert.pem())?;
         std::fs::write(self.state.join("server.pem"), cert.pem())?;
@@ -81,7 +83,7 @@ impl Lab {
             // The brokers form one cluster, as EMQX nodes would: each bridges every topic to b1
             // (a star; mosquitto does not echo a message back over the bridge it came from), so
             // a subscriber and a publisher that land on different brokers still meet.
-            let _ = writeln!(conf, "connection cluster-b{}\naddress {}:1883\ntopic # both 0", i + 1, broker_addr(0));
+            let _ = writeln!(conf, "connection cluster-b{}\naddress {}:1883\ntopic # both 0", i + 1, self.broker_ip(0));
             let _ = writeln!(conf, "try_private true\nnotifications false\ncleansession true\nrestart_timeout 1 5");
         }
         let conf_path = dir.join("mosquitto.conf");
@@ -92,7 +94,7 @@ impl Lab {
         let up = || {
             pid.exists()
                 && crate::netns::in_netns(&self.ns("client"), || {
-                    TcpStream::connect_timeout(&SocketAddr::from((broker_addr(i), 1883)), Duration::from_millis(200)).is_ok()
+                    TcpStream::connect_timeout(&SocketAddr::from((self.broker_ip(i), 1883)), Duration::from_millis(200)).is_ok()
                 })
                 .unwrap_or(false)
         };

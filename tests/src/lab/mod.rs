@@ -28,6 +28,19 @@
 //!                         next hop 192.0.2.9)      └── brokers 192.0.2.11 .. (default route via 192.0.2.1)
 //! ```
 //!
+//! A tunnelled lab ([`Lab::tunnelled`]) keeps the single balancer and moves the brokers but
+//! the first into another subnet behind a router, as brokers in another rack or zone are: the
+//! balancer reaches them only through the router, over IPIP (b2) or GUE (b3), and they answer
+//! the clients directly through the router. Each runs `dsrlb decap` (set up by
+//! `deploy/backend-setup.sh --decap`).
+//!
+//! ```text
+//! client 192.0.2.1 ─┬─ dsrlb-sw br0 ─┬─ balancer 192.0.2.2 (tunnels to b2, b3)
+//!                   │                ├─ b1 192.0.2.11 (l2)
+//!                   │                └─ router dc 192.0.2.254 | 198.18.1.1 ── br1 ─┬─ b2 198.18.1.12 (ipip)
+//!                   ◀──────── replies from b2, b3 through the router ─────────────└─ b3 198.18.1.13 (gue)
+//! ```
+//!
 //! Everything the lab starts is recorded in its state directory (pids, pinned links), so `down`
 //! removes it by PID even after the process that made it crashed.
 //!
@@ -109,6 +122,19 @@ pub enum Routing {
     Vrrp,
 }
 
+/// Tunnelled lab: the brokers' router, on the segment and on the brokers' network; the
+/// brokers' network.
+pub const DC_ROUTER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 254);
+pub const DC_ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xfe);
+pub const DC_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+pub const DC_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xb, 0, 0, 0, 0, 1);
+/// Tunnelled lab: VIPs served by one tunnelled broker each (b2 over IPIP, b3 over GUE), both
+/// families, listeners on 1883 and 8883.
+pub const VIP_IPIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 102);
+pub const VIP_GUE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 103);
+pub const VIP6_IPIP: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x102);
+pub const VIP6_GUE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x103);
+
 /// Broker `i` (0-based) address.
 #[must_use]
 pub fn broker_addr(i: usize) -> Ipv4Addr {
@@ -123,6 +149,8 @@ pub struct Lab {
     pub state: PathBuf,
     /// Balancer nodes behind a router (see the module's doc); `None`: the single-balancer lab.
     pub routed: Option<(usize, Routing)>,
+    /// The brokers but the first behind a router, reached over tunnels (single balancer).
+    pub tunnelled: bool,
 }
 
 /// Runs a command; its stdout, or an error with its stderr.
@@ -148,7 +176,54 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
 impl Lab {
     #[must_use]
     pub fn new(prefix: &str, brokers: usize) -> Self {
-        Self { prefix: prefix.to_owned(), brokers, state: PathBuf::from(format!("/run/{prefix}-lab")), routed: None }
+        Self { prefix: prefix.to_owned(), brokers, state: PathBuf::from(format!("/run/{prefix}-lab")), routed: None, tunnelled: false }
+    }
+
+    /// The single-balancer lab with broker b2 and after behind a router (see the module's doc).
+    #[must_use]
+    pub fn tunnelled(prefix: &str, brokers: usize) -> Self {
+        Self { tunnelled: true, ..Self::new(prefix, brokers) }
+    }
+
+    /// Whether broker `i` sits behind the tunnelled lab's router.
+    #[must_use]
+    pub const fn behind_router(&self, i: usize) -> bool {
+        self.tunnelled && i > 0
+    }
+
+    /// Broker `i`'s own address in this lab.
+    #[must_use]
+    pub fn broker_ip(&self, i: usize) -> Ipv4Addr {
+        if self.behind_router(i) { Ipv4Addr::new(198, 18, 1, 11 + u8::try_from(i).expect("few brokers")) } else { broker_addr(i) }
+    }
+
+    /// Broker `i`'s own IPv6 address in this lab.
+    #[must_use]
+    pub fn broker_ip6(&self, i: usize) -> Ipv6Addr {
+        if self.behind_router(i) {
+            Ipv6Addr::new(0x2001, 0xdb8, 0xb, 0, 0, 0, 0, 0x11 + u16::try_from(i).expect("few brokers"))
+        } else {
+            broker_addr6(i)
+        }
+    }
+
+    /// Where broker `i`'s decap program is pinned (tunnelled lab).
+    #[must_use]
+    pub fn decap_pin_root(&self, i: usize) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/{}-decap-b{}", self.prefix, i + 1))
+    }
+
+    /// The VIPs every broker holds on `lo`.
+    #[must_use]
+    pub fn vips(&self) -> Vec<std::net::IpAddr> {
+        let mut v: Vec<std::net::IpAddr> = vec![VIP.into(), VIP_INTERNAL.into()];
+        if self.routed.is_none() {
+            v.push(VIP6.into());
+        }
+        if self.tunnelled {
+            v.extend::<[std::net::IpAddr; 4]>([VIP_IPIP.into(), VIP_GUE.into(), VIP6_IPIP.into(), VIP6_GUE.into()]);
+        }
+        v
     }
 
     /// A lab of `nodes` balancer nodes (2 or 3) behind a router.
@@ -201,6 +276,9 @@ impl Lab {
 
     fn namespaces(&self) -> Vec<String> {
         let mut v = vec![self.ns("sw"), self.ns("client")];
+        if self.tunnelled {
+            v.push(self.ns("dc"));
+        }
         if self.routed.is_some() {
             v.push(self.ns("router"));
             v.extend((0..self.nodes()).map(|i| self.node_ns(i)));
@@ -294,6 +372,42 @@ impl Lab {
         c
     }
 
+    /// The tunnelled lab's config: b1 on the segment, b2 over IPIP and b3 over GUE (both
+    /// families); `mqtt`/`mqtts` (VIP:1883, 8883; `mqtt6`, VIP6:1883) over all three, and one
+    /// VIP per tunnel mode with listeners on 1883 and 8883 (TLS, checked by `mqtt-tls`) in both
+    /// families over its broker alone.
+    #[must_use]
+    pub fn config_tunnelled(&self, health: &str) -> String {
+        let mut c = String::new();
+        let _ = writeln!(c, "interface = \"eth0\"\nxdp_mode = \"native\"\n\n[health]\n{health}\n");
+        let _ = writeln!(c, "[[listener]]\nname = \"mqtt\"\nvip = \"{VIP}\"\nport = 1883\n");
+        let _ = writeln!(c, "[[listener]]\nname = \"mqtts\"\nvip = \"{VIP}\"\nport = 8883\n");
+        let _ = writeln!(c, "[[listener]]\nname = \"mqtt6\"\nvip = \"{VIP6}\"\nport = 1883\n");
+        for (mode, backend, vip, vip6) in [("ipip", "b2", VIP_IPIP, VIP6_IPIP), ("gue", "b3", VIP_GUE, VIP6_GUE)] {
+            for (suffix, port) in [("", 1883), ("-tls", 8883)] {
+                let _ =
+                    writeln!(c, "[[listener]]\nname = \"{mode}{suffix}\"\nvip = \"{vip}\"\nport = {port}\nbackends = [\"{backend}\"]\n");
+                let _ =
+                    writeln!(c, "[[listener]]\nname = \"{mode}6{suffix}\"\nvip = \"{vip6}\"\nport = {port}\nbackends = [\"{backend}\"]\n");
+            }
+        }
+        for i in 0..self.brokers {
+            let forward = match i {
+                0 => "l2",
+                1 => "ipip",
+                _ => "gue",
+            };
+            let _ = writeln!(
+                c,
+                "[[backend]]\nname = \"b{}\"\naddress = \"{}\"\naddress6 = \"{}\"\nforward = \"{forward}\"\n",
+                i + 1,
+                self.broker_ip(i),
+                self.broker_ip6(i)
+            );
+        }
+        self.tls_checked(&c)
+    }
+
     /// A `dsrlb` config for this lab: interface `eth0` of the balancer namespace, MACs from the
     /// neighbour table, three listeners; `health` is the `[health]` table's body.
     #[must_use]
@@ -360,8 +474,18 @@ impl LabGuard {
         Self::up_lab(Lab::routed("dsrlbt", brokers, nodes, routing))
     }
 
+    /// The tunnelled lab (see [`Lab::tunnelled`]).
+    ///
+    /// # Panics
+    /// When the lab cannot be brought up.
+    #[must_use]
+    pub fn tunnelled(brokers: usize) -> Self {
+        Self::up_lab(Lab::tunnelled("dsrlbt", brokers))
+    }
+
     fn up_lab(lab: Lab) -> Self {
         // A lab of another size or kind may be left over from an aborted run.
+        let _ = Lab::tunnelled("dsrlbt", 4).down();
         let _ = Lab::new("dsrlbt", 4).down();
         let _ = Lab::routed("dsrlbt", 4, 3, Routing::Bgp).down();
         lab.up().expect("bringing the test lab up");

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use super::{INTERNAL_PORT, LB_ADDR, Lab, VIP, VIP_INTERNAL, alive, broker_addr, node_addr};
+use super::{INTERNAL_PORT, LB_ADDR, Lab, VIP, VIP_INTERNAL, alive, node_addr};
 use crate::wait;
 
 impl Lab {
@@ -26,7 +26,8 @@ impl Lab {
                 Some(pid) => format!("mosquitto pid {pid} (dead)"),
                 None => "no mosquitto".to_owned(),
             };
-            let _ = writeln!(out, "broker b{} {:<12} {state}", i + 1, broker_addr(i));
+            let how = if self.behind_router(i) { if i == 1 { " (ipip)" } else { " (gue)" } } else { "" };
+            let _ = writeln!(out, "broker b{} {:<12}{how} {state}", i + 1, self.broker_ip(i));
         }
         let balancers: Vec<(String, Ipv4Addr)> = if self.routed.is_some() {
             (0..self.nodes()).map(|i| (self.node_ns(i), node_addr(i))).collect()

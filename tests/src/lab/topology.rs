@@ -1,15 +1,18 @@
 //! The lab's namespaces, links and addresses: built in one go, checked, and torn down by what
 //! the state directory recorded.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+};
 
 use anyhow::Context as _;
 use aya::programs::XdpMode;
 use lb_userspace::dataplane::testing::TestPrograms;
 
 use super::{
-    CLIENT_ADDR, CLIENT6, LB_ADDR, LB6, Lab, ROUTER_LAN, Routing, VIP, VIP_INTERNAL, VIP6, alive, broker_addr, broker_addr6, kill_and_wait,
-    node_addr, sh, walk,
+    CLIENT_ADDR, CLIENT6, DC_GATEWAY, DC_GATEWAY6, DC_ROUTER, DC_ROUTER6, LB_ADDR, LB6, Lab, ROUTER_LAN, Routing, VIP, VIP_GUE,
+    VIP_INTERNAL, VIP_IPIP, VIP6, VIP6_GUE, VIP6_IPIP, alive, kill_and_wait, node_addr, sh, walk,
 };
 
 impl Lab {
@@ -41,8 +44,10 @@ impl Lab {
             }
         }
         let sw = self.ns("sw");
-        Self::ip(&sw, &["link", "add", "br0", "type", "bridge"])?;
-        Self::ip(&sw, &["link", "set", "br0", "up"])?;
+        for br in if self.tunnelled { &["br0", "br1"][..] } else { &["br0"][..] } {
+            Self::ip(&sw, &["link", "add", br, "type", "bridge"])?;
+            Self::ip(&sw, &["link", "set", br, "up"])?;
+        }
         // Each host on the segment: veth `eth0` in its namespace, `p-ROLE` on the bridge.
         let front: Vec<(String, String, Ipv4Addr)> = if self.routed.is_some() {
             std::iter::once(("router".to_owned(), self.ns("router"), ROUTER_LAN))
@@ -52,16 +57,18 @@ impl Lab {
             vec![("client".to_owned(), self.ns("client"), CLIENT_ADDR), ("lb".to_owned(), self.ns("lb"), LB_ADDR)]
         };
         let hosts: Vec<(String, String, Ipv4Addr)> =
-            front.into_iter().chain((0..self.brokers).map(|i| (format!("b{}", i + 1), self.broker_ns(i), broker_addr(i)))).collect();
+            front.into_iter().chain((0..self.brokers).map(|i| (format!("b{}", i + 1), self.broker_ns(i), self.broker_ip(i)))).collect();
+        let broker_of = |role: &str| role.strip_prefix('b').and_then(|n| n.parse::<usize>().ok()).map(|n| n - 1);
         let addr6 = |role: &str| match role {
             "client" => Some(CLIENT6),
             "lb" => Some(LB6),
-            _ => role.strip_prefix('b').and_then(|n| n.parse::<usize>().ok()).map(|n| broker_addr6(n - 1)),
+            _ => broker_of(role).map(|i| self.broker_ip6(i)),
         };
         for (role, ns, addr) in &hosts {
             let port = format!("p-{role}");
+            let bridge = if broker_of(role).is_some_and(|i| self.behind_router(i)) { "br1" } else { "br0" };
             sh("ip", &["link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &port, "netns", &sw])?;
-            Self::ip(&sw, &["link", "set", &port, "master", "br0"])?;
+            Self::ip(&sw, &["link", "set", &port, "master", bridge])?;
             Self::ip(&sw, &["link", "set", &port, "up"])?;
             Self::ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
             if self.routed.is_none()
@@ -92,16 +99,22 @@ impl Lab {
             self.exec(&sw, "ethtool", &["-K", "p-client", "gro", "off"])?;
         }
 
+        if self.tunnelled {
+            self.wire_dc_router()?;
+        }
+
         // Brokers: VIPs on lo, ARP kept to the real address, loose reverse-path filter.
         for i in 0..self.brokers {
             let ns = self.broker_ns(i);
-            for vip in [VIP, VIP_INTERNAL] {
-                Self::ip(&ns, &["addr", "add", &format!("{vip}/32"), "dev", "lo"])?;
+            for vip in self.vips() {
+                match vip {
+                    IpAddr::V4(v) => Self::ip(&ns, &["addr", "add", &format!("{v}/32"), "dev", "lo"])?,
+                    IpAddr::V6(v) => Self::ip(&ns, &["-6", "addr", "add", &format!("{v}/128"), "dev", "lo", "nodad"])?,
+                };
             }
             if self.routed.is_none() {
                 // Linux answers a neighbour solicitation only for an address of the interface
                 // it came in on (or with proxy_ndp), so the VIP on lo stays silent on eth0.
-                Self::ip(&ns, &["-6", "addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"])?;
                 self.sysctl(&ns, "net.ipv6.conf.all.proxy_ndp", "0")?;
                 self.sysctl(&ns, "net.ipv6.conf.eth0.proxy_ndp", "0")?;
             }
@@ -132,6 +145,9 @@ impl Lab {
                 Self::ip(&self.broker_ns(i), &["route", "add", "default", "via", &ROUTER_LAN.to_string()])?;
             }
             self.start_broker(i)?;
+            if self.behind_router(i) {
+                self.setup_tunnelled_broker(i, &[])?;
+            }
         }
         if let Some((nodes, Routing::Bgp)) = self.routed {
             self.start_bird_router()?;
@@ -140,6 +156,80 @@ impl Lab {
             }
         }
         Ok(())
+    }
+
+    /// The tunnelled lab's router: `eth0` on the segment, `eth1` on the brokers' network,
+    /// forwarding both families; the balancer and the client reach the brokers through it, the
+    /// brokers everything else.
+    fn wire_dc_router(&self) -> anyhow::Result<()> {
+        let (sw, dc) = (self.ns("sw"), self.ns("dc"));
+        for (dev, port, bridge, a4, a6) in
+            [("eth0", "p-dc", "br0", DC_ROUTER, DC_ROUTER6), ("eth1", "p-dcnet", "br1", DC_GATEWAY, DC_GATEWAY6)]
+        {
+            sh("ip", &["link", "add", dev, "netns", &dc, "type", "veth", "peer", "name", port, "netns", &sw])?;
+            Self::ip(&sw, &["link", "set", port, "master", bridge])?;
+            Self::ip(&sw, &["link", "set", port, "up"])?;
+            Self::ip(&dc, &["addr", "add", &format!("{a4}/24"), "dev", dev])?;
+            Self::ip(&dc, &["-6", "addr", "add", &format!("{a6}/64"), "dev", dev, "nodad"])?;
+            Self::ip(&dc, &["link", "set", dev, "up"])?;
+        }
+        for (k, v) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv6.conf.all.forwarding", "1"),
+            // Replies from the VIPs arrive on eth1, though the VIPs' subnet is on eth0.
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.eth0.rp_filter", "0"),
+            ("net.ipv4.conf.eth1.rp_filter", "0"),
+        ] {
+            self.sysctl(&dc, k, v)?;
+        }
+        let client = self.ns("client");
+        for vip in [VIP_IPIP, VIP_GUE] {
+            Self::ip(&client, &["route", "add", &format!("{vip}/32"), "via", &LB_ADDR.to_string()])?;
+        }
+        for vip in [VIP6_IPIP, VIP6_GUE] {
+            Self::ip(&client, &["-6", "route", "add", &format!("{vip}/128"), "via", &LB6.to_string()])?;
+        }
+        for ns in [self.ns("lb"), self.ns("client")] {
+            Self::ip(&ns, &["route", "add", "198.18.1.0/24", "via", &DC_ROUTER.to_string()])?;
+            Self::ip(&ns, &["-6", "route", "add", "2001:db8:b::/64", "via", &DC_ROUTER6.to_string()])?;
+        }
+        for i in (0..self.brokers).filter(|&i| self.behind_router(i)) {
+            let ns = self.broker_ns(i);
+            Self::ip(&ns, &["route", "add", "default", "via", &DC_GATEWAY.to_string()])?;
+            Self::ip(&ns, &["-6", "route", "add", "default", "via", &DC_GATEWAY6.to_string()])?;
+        }
+        Ok(())
+    }
+
+    /// `deploy/backend-setup.sh apply --decap` on tunnelled broker `i`: the VIPs on `lo`, the
+    /// sysctls, and `dsrlb decap` taking tunnel frames from the balancer's addresses, with
+    /// `extra` options (`--advmss 1432`).
+    ///
+    /// # Errors
+    /// When the script fails.
+    pub fn setup_tunnelled_broker(&self, i: usize, extra: &[&str]) -> anyhow::Result<String> {
+        let script = super::routing::deploy_dir().join("backend-setup.sh");
+        let bin = crate::dsrlb_bin();
+        let root = self.decap_pin_root(i);
+        let mut args: Vec<String> = vec![
+            format!("DSRLB={}", bin.display()),
+            format!("DSRLB_DECAP_PIN_ROOT={}", root.display()),
+            "bash".into(),
+            script.display().to_string(),
+            "apply".into(),
+            "--dev".into(),
+            "eth0".into(),
+            "--decap".into(),
+            "--source".into(),
+            LB_ADDR.to_string(),
+            "--source".into(),
+            LB6.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args.extend(self.vips().iter().map(ToString::to_string));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.exec(&self.broker_ns(i), "env", &refs).with_context(|| format!("backend-setup.sh on b{}", i + 1))
     }
 
     /// The bridge ports the balancers' frames come back through (each needs an XDP program).
@@ -163,6 +253,10 @@ impl Lab {
         }
         for port in self.balancer_ports() {
             let _ = std::fs::remove_file(self.link_pin(&port));
+        }
+        // The brokers' decap programs (removing a link's pin detaches it).
+        for i in 0..self.brokers.max(4) {
+            let _ = std::fs::remove_dir_all(self.decap_pin_root(i));
         }
         // A balancer's pins outlive it by design; the lab's balancers go with the lab.
         let dirs = if self.routed.is_some() { (0..self.nodes()).map(|i| self.node_pin_dir(i)).collect() } else { vec![self.pin_dir()] };

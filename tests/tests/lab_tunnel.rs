@@ -1,0 +1,201 @@
+//! L3 direct server return in the tunnelled lab: broker b1 on the balancer's segment, b2 (IPIP)
+//! and b3 (GUE) in another subnet behind a router, each with `dsrlb decap` set up by
+//! `deploy/backend-setup.sh --decap`. The balancer reaches b2 and b3 only through the router;
+//! they answer the clients directly through it.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use tests::{
+    balancer::Balancer,
+    lab::{CLIENT_ADDR, CLIENT6, LabGuard, VIP, VIP_GUE, VIP_IPIP, VIP6, VIP6_GUE, VIP6_IPIP},
+    netns::{PacketSocket, in_netns},
+    require_root, wait,
+};
+
+const T: Duration = Duration::from_secs(5);
+
+fn health() -> String {
+    "check = \"mqtt\"\ninter = \"300ms\"\ntimeout = \"250ms\"\nfall = 2\nrise = 1".to_owned()
+}
+
+fn in_client<R: Send>(lab: &LabGuard, f: impl FnOnce() -> R + Send) -> R {
+    in_netns(&lab.ns("client"), f).expect("entering the client namespace")
+}
+
+fn wait_state(lb: &Balancer, listener: &str, backend: &str, want: &str) {
+    wait::until(format!("{listener}/{backend} {want}"), Duration::from_secs(20), || lb.state(listener, backend) == want);
+}
+
+/// Every pair of the tunnelled config up.
+fn wait_all_up(lb: &Balancer) {
+    for l in ["mqtt", "mqtts", "mqtt6"] {
+        for b in ["b1", "b2", "b3"] {
+            wait_state(lb, l, b, "up");
+        }
+    }
+    for (mode, b) in [("ipip", "b2"), ("gue", "b3")] {
+        for l in [mode.to_owned(), format!("{mode}-tls"), format!("{mode}6"), format!("{mode}6-tls")] {
+            wait_state(lb, &l, b, "up");
+        }
+    }
+}
+
+fn pubsub(lab: &LabGuard, host: IpAddr, port: u16, ca: Option<&[u8]>, id: &str, n: usize, size: usize) -> usize {
+    in_client(lab, || tests::mqtt::pubsub_sized(&host.to_string(), port, ca, id, &format!("{id}/#"), n, size))
+}
+
+/// The MAC of the router's interface on the segment.
+fn router_mac(lab: &LabGuard) -> [u8; 6] {
+    // (`ip`, not sysfs: the lab enters network namespaces only, and /sys is the host's.)
+    let text = lab.exec(&lab.ns("dc"), "ip", &["-br", "link", "show", "eth0"]).expect("router MAC");
+    let mac = text.split_whitespace().nth(2).expect("ip -br link: name, state, MAC");
+    let bytes: Vec<u8> = mac.split(':').map(|h| u8::from_str_radix(h, 16).expect("hex")).collect();
+    bytes.try_into().expect("six bytes")
+}
+
+/// What crossed the balancer's bridge port.
+#[derive(Default)]
+struct Wire {
+    ready: AtomicBool,
+    /// Frames to the router that are tunnel frames (IPIP, IPv6 in IPv6, UDP to the GUE port).
+    tunnelled: AtomicUsize,
+    /// Frames to the router that are TCP to a VIP, unwrapped: must be none.
+    bare: AtomicUsize,
+    /// TCP from a VIP to the client: must be none (the brokers answer through the router).
+    from_vip: AtomicUsize,
+    /// UDP source ports of GUE frames.
+    gue_ports: std::sync::Mutex<BTreeSet<u16>>,
+}
+
+const VIPS4: [Ipv4Addr; 3] = [VIP, VIP_IPIP, VIP_GUE];
+const VIPS6: [Ipv6Addr; 3] = [VIP6, VIP6_IPIP, VIP6_GUE];
+
+impl Wire {
+    fn classify(&self, f: &[u8], router: [u8; 6]) {
+        let to_router = f.get(..6) == Some(&router[..]);
+        let v4 = f.len() >= 38 && f[12..14] == [0x08, 0x00];
+        let v6 = f.len() >= 58 && f[12..14] == [0x86, 0xdd];
+        let vip4 = |a: &[u8]| VIPS4.iter().any(|v| v.octets() == a);
+        let vip6 = |a: &[u8]| VIPS6.iter().any(|v| v.octets() == a);
+        let (proto, l4) = if v4 {
+            (f[23], 14 + usize::from(f[14] & 0x0f) * 4)
+        } else if v6 {
+            (f[20], 54)
+        } else {
+            return;
+        };
+        let gue = proto == 17 && f.len() >= l4 + 8 && f[l4 + 2..l4 + 4] == 6080u16.to_be_bytes();
+        if to_router && (proto == 4 || proto == 41 || gue) {
+            self.tunnelled.fetch_add(1, Ordering::SeqCst);
+            if gue {
+                self.gue_ports.lock().expect("ports").insert(u16::from_be_bytes([f[l4], f[l4 + 1]]));
+            }
+        }
+        if proto == 6 {
+            let (to_vip, from_vip_to_client) = if v4 {
+                (vip4(&f[30..34]), vip4(&f[26..30]) && f[30..34] == CLIENT_ADDR.octets())
+            } else {
+                (vip6(&f[38..54]), vip6(&f[22..38]) && f[38..54] == CLIENT6.octets())
+            };
+            if to_router && to_vip {
+                self.bare.fetch_add(1, Ordering::SeqCst);
+            }
+            if from_vip_to_client {
+                self.from_vip.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Counts until `stop`, on the balancer's bridge port.
+    fn count(&self, lab: &LabGuard, stop: &AtomicBool) {
+        let router = router_mac(lab);
+        in_netns(&lab.ns("sw"), || {
+            let sock = PacketSocket::open("p-lb");
+            self.ready.store(true, Ordering::SeqCst);
+            wait::repeat(Duration::from_mins(2), stop, || {
+                if let Some(f) = sock.recv() {
+                    self.classify(&f, router);
+                }
+            });
+        })
+        .expect("switch namespace");
+    }
+}
+
+/// Publish/subscribe and TLS through IPIP and GUE in both families; every frame the balancer
+/// sends towards the router is a tunnel frame, no reply crosses the balancer; sessions land on
+/// the broker of their tunnel; `bpftool` shows each tunnelled real's mode and address.
+#[test]
+fn pubsub_and_tls_over_ipip_and_gue_in_both_families_return_directly() {
+    require_root!();
+    let lab = LabGuard::tunnelled(3);
+    let lb = Balancer::start(&lab, &lab.config_tunnelled(&health()));
+    // Every pair up: the VIP probes of b2 and b3 went through their tunnels (a bare probe
+    // would reach no VIP: the brokers are not on the balancer's segment).
+    let started = std::time::Instant::now();
+    wait_all_up(&lb);
+    eprintln!("every pair up after {:?}", started.elapsed());
+    let ca = std::fs::read(lab.ca_pem()).expect("lab CA");
+    let (stop, wire) = (AtomicBool::new(false), Wire::default());
+    std::thread::scope(|s| {
+        s.spawn(|| wire.count(&lab, &stop));
+        wait::until("the capture on the balancer's port", T, || wire.ready.load(Ordering::SeqCst));
+        for (host, port, tls, id) in [
+            (IpAddr::V4(VIP_IPIP), 1883, false, "ipip4"),
+            (IpAddr::V4(VIP_GUE), 1883, false, "gue4"),
+            (IpAddr::V6(VIP6_IPIP), 1883, false, "ipip6"),
+            (IpAddr::V6(VIP6_GUE), 1883, false, "gue6"),
+            (IpAddr::V4(VIP_IPIP), 8883, true, "ipip4-tls"),
+            (IpAddr::V4(VIP_GUE), 8883, true, "gue4-tls"),
+            (IpAddr::V6(VIP6_IPIP), 8883, true, "ipip6-tls"),
+            (IpAddr::V6(VIP6_GUE), 8883, true, "gue6-tls"),
+        ] {
+            let got = pubsub(&lab, host, port, tls.then_some(ca.as_slice()), id, 20, 0);
+            assert_eq!(got, 20, "{id}: messages lost through {host}:{port}");
+        }
+        stop.store(true, Ordering::SeqCst);
+    });
+    for (prefix, broker) in [("ipip", 1), ("gue", 2)] {
+        for id in [format!("{prefix}4-sub"), format!("{prefix}6-pub"), format!("{prefix}4-tls-pub"), format!("{prefix}6-tls-sub")] {
+            assert_eq!(lab.broker_of(&id), Some(broker), "{id} must land on b{}", broker + 1);
+        }
+    }
+    // The brokers see the clients' own addresses (the client's first, or one of its others).
+    let sessions: Vec<_> = (1..3).flat_map(|b| lab.sessions(b)).filter(|s| !s.client_id.starts_with("dsrlb-hc-")).collect();
+    assert_eq!(sessions.len(), 16, "{sessions:?}");
+    let clients: Vec<IpAddr> = std::iter::once(IpAddr::V4(CLIENT_ADDR))
+        .chain(std::iter::once(IpAddr::V6(CLIENT6)))
+        .chain(lab.client_extra_addrs6().into_iter().map(IpAddr::V6))
+        .collect();
+    assert!(sessions.iter().all(|s| clients.contains(&s.from.ip())), "{sessions:?}");
+    let (tunnelled, bare, from_vip) = (wire.tunnelled.into_inner(), wire.bare.into_inner(), wire.from_vip.into_inner());
+    assert!(tunnelled >= 8 * 10, "client frames to b2 and b3 must leave the balancer wrapped: saw {tunnelled}");
+    assert_eq!(bare, 0, "a frame to a VIP went to the router unwrapped");
+    assert_eq!(from_vip, 0, "broker replies crossed the balancer's port");
+
+    // bpftool shows each tunnelled real's mode and broker address.
+    let dump = lab
+        .exec(&lab.ns("lb"), "bpftool", &["-j", "map", "dump", "pinned", &lab.pin_dir().join("REAL_TUNNELS").display().to_string()])
+        .expect("bpftool map dump");
+    let entries: serde_json::Value = serde_json::from_str(&dump).expect("bpftool JSON");
+    let tunnels: Vec<(u64, Vec<u64>)> = entries
+        .as_array()
+        .expect("an array")
+        .iter()
+        .filter_map(|e| {
+            let v = &e["formatted"]["value"];
+            let mode = v["mode"].as_u64().filter(|&m| m != 0)?;
+            let octets = v["dst"]["octets"].as_array()?.iter().filter_map(serde_json::Value::as_u64).collect();
+            Some((mode, octets))
+        })
+        .collect();
+    let has = |mode: u64, last: &[u64]| tunnels.iter().any(|(m, o)| *m == mode && o.ends_with(last));
+    assert!(has(1, &[198, 18, 1, 12]), "b2's IPIP tunnel (mode 1 to ::ffff:198.18.1.12) in the dump: {tunnels:?}");
+    assert!(has(2, &[198, 18, 1, 13]), "b3's GUE tunnel (mode 2 to ::ffff:198.18.1.13) in the dump: {tunnels:?}");
+    assert!(has(2, &[0, 0x13]), "b3's IPv6 tunnel in the dump: {tunnels:?}");
+}
