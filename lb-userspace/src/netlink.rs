@@ -88,6 +88,20 @@ pub async fn ifindex(handle: &Handle, name: &str) -> anyhow::Result<u32> {
     Ok(link(handle, name).await?.header.index)
 }
 
+/// The MTU of interface `name` (from netlink: sysfs shows the interfaces of the network
+/// namespace it was mounted in, which need not be this process's).
+///
+/// # Errors
+/// When there is no such interface or netlink fails.
+pub async fn mtu(handle: &Handle, name: &str) -> anyhow::Result<u32> {
+    link(handle, name)
+        .await?
+        .attributes
+        .iter()
+        .find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None })
+        .with_context(|| format!("{name} reports no MTU"))
+}
+
 /// The IPv4 and IPv6 addresses of interface `name` (each address's local one, as
 /// `getifaddrs` gives them).
 ///

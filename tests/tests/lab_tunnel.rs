@@ -5,13 +5,14 @@
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4},
     sync::atomic::{AtomicBool, AtomicUsize, Ordering},
     time::Duration,
 };
 
 use tests::{
     balancer::Balancer,
+    client::{MqttConn, hold_sessions},
     lab::{CLIENT_ADDR, CLIENT6, LabGuard, VIP, VIP_GUE, VIP_IPIP, VIP6, VIP6_GUE, VIP6_IPIP},
     netns::{PacketSocket, in_netns},
     require_root, wait,
@@ -19,8 +20,10 @@ use tests::{
 
 const T: Duration = Duration::from_secs(5);
 
+/// Pairs start down (`alpha`) until a probe passes: "up" then proves the probe along the
+/// tunnel got through.
 fn health() -> String {
-    "check = \"mqtt\"\ninter = \"300ms\"\ntimeout = \"250ms\"\nfall = 2\nrise = 1".to_owned()
+    "check = \"mqtt\"\ninter = \"300ms\"\ntimeout = \"250ms\"\nfall = 2\nrise = 1\nalpha = true".to_owned()
 }
 
 fn in_client<R: Send>(lab: &LabGuard, f: impl FnOnce() -> R + Send) -> R {
@@ -198,4 +201,160 @@ fn pubsub_and_tls_over_ipip_and_gue_in_both_families_return_directly() {
     assert!(has(1, &[198, 18, 1, 12]), "b2's IPIP tunnel (mode 1 to ::ffff:198.18.1.12) in the dump: {tunnels:?}");
     assert!(has(2, &[198, 18, 1, 13]), "b3's GUE tunnel (mode 2 to ::ffff:198.18.1.13) in the dump: {tunnels:?}");
     assert!(has(2, &[0, 0x13]), "b3's IPv6 tunnel in the dump: {tunnels:?}");
+}
+
+fn verdict(lb: &Balancer, name: &str) -> u64 {
+    let status = lb.status();
+    status.verdicts.get(name).copied().unwrap_or_else(|| panic!("no verdict {name} in {status:?}"))
+}
+
+/// `n` connections (client ids `{prefix}-0..n`) to `vip`:1883, closed at once.
+fn connect_many(lab: &LabGuard, vip: Ipv4Addr, prefix: &str, n: usize) {
+    in_client(lab, || {
+        for i in 0..n {
+            MqttConn::connect(None, SocketAddrV4::new(vip, 1883), &format!("{prefix}-{i}"), T)
+                .unwrap_or_else(|e| panic!("{prefix}-{i}: {e}"))
+                .disconnect();
+        }
+    });
+}
+
+/// 200 connections spread over the L2 broker and the two tunnelled ones; GUE source ports follow
+/// the flows; a tunnelled broker that fails is out within the usual bound and the others'
+/// sessions live on; a drained tunnelled broker keeps its sessions and takes no new one.
+#[test]
+fn spread_gue_ports_failure_and_drain() {
+    require_root!();
+    let lab = LabGuard::tunnelled(3);
+    let lb = Balancer::start(&lab, &lab.config_tunnelled(&health()));
+    wait_all_up(&lb);
+
+    connect_many(&lab, VIP, "spread", 200);
+    let counts = lab.landed("spread", 200);
+    assert_eq!(counts.iter().sum::<usize>(), 200, "{counts:?}");
+    assert!(counts.iter().all(|&n| n >= 40), "200 connections over b1 (l2), b2 (ipip), b3 (gue): {counts:?}");
+
+    let (stop, wire) = (AtomicBool::new(false), Wire::default());
+    std::thread::scope(|s| {
+        s.spawn(|| wire.count(&lab, &stop));
+        wait::until("the capture on the balancer's port", T, || wire.ready.load(Ordering::SeqCst));
+        connect_many(&lab, VIP_GUE, "gue-ports", 200);
+        stop.store(true, Ordering::SeqCst);
+    });
+    let ports = wire.gue_ports.into_inner().expect("ports");
+    eprintln!("{} distinct GUE source ports over 200 flows", ports.len());
+    assert!(ports.len() >= 32, "GUE source ports must vary by flow: {} distinct over 200 flows", ports.len());
+
+    // Sessions held on every broker; then b3 (GUE) fails.
+    let mut held = hold_sessions(&lab, "held", 60);
+    let on = |b: usize| held.iter().filter(|(id, _)| lab.broker_of(id) == Some(b)).count();
+    assert!((0..3).all(|b| on(b) > 0), "held sessions on every broker: {:?}", (0..3).map(on).collect::<Vec<_>>());
+    let failed = std::time::Instant::now();
+    lab.stop_broker(2).expect("stopping b3");
+    wait::until("mqtt/b3 down", Duration::from_secs(5), || lb.state("mqtt", "b3") != "up");
+    eprintln!("tunnelled broker b3 out after {:?}", failed.elapsed());
+    let mut lost = Vec::new();
+    for (id, c) in &mut held {
+        if lab.broker_of(id) != Some(2) && c.ping().is_err() {
+            lost.push(id.clone());
+        }
+    }
+    assert!(lost.is_empty(), "sessions on b1 and b2 lost when b3 failed: {lost:?}");
+    lab.start_broker(2).expect("restarting b3");
+    wait_state(&lb, "mqtt", "b3", "up");
+
+    // Drain b2 (IPIP): its sessions stay, new connections go elsewhere.
+    let (ok, _, err) = lb.cli(&["drain", "b2"]);
+    assert!(ok, "dsrlb drain b2: {err}");
+    for (id, c) in held.iter_mut().filter(|(id, _)| lab.broker_of(id) == Some(1)) {
+        c.ping().unwrap_or_else(|e| panic!("{id} on drained b2: {e}"));
+    }
+    connect_many(&lab, VIP, "after-drain", 60);
+    let counts = lab.landed("after-drain", 60);
+    assert_eq!(counts[1], 0, "a drained tunnelled broker took new connections: {counts:?}");
+    for (_, c) in held {
+        c.disconnect();
+    }
+}
+
+/// A tunnelled broker without the decap program, or without the VIP, answers the plain probe
+/// but not the probe through its tunnel: `vip-misconfigured`, and it gets no session.
+#[test]
+fn tunnelled_brokers_without_decap_or_vip_are_vip_misconfigured() {
+    require_root!();
+    let lab = LabGuard::tunnelled(3);
+    let lb = Balancer::start(&lab, &lab.config_tunnelled(&health()));
+    wait_all_up(&lb);
+
+    // b2 without decap.
+    let root = lab.decap_pin_root(1).display().to_string();
+    lab.exec(&lab.broker_ns(1), &tests::dsrlb_bin().display().to_string(), &["decap", "detach", "eth0", "--pin-root", &root])
+        .expect("dsrlb decap detach on b2");
+    wait_state(&lb, "mqtt", "b2", "vip-misconfigured");
+    connect_many(&lab, VIP, "no-decap", 40);
+    let counts = lab.landed("no-decap", 40);
+    assert_eq!((counts.iter().sum::<usize>(), counts[1]), (40, 0), "b2 without decap got sessions: {counts:?}");
+    lab.setup_tunnelled_broker(1, &[]).expect("decap back on b2");
+    wait_state(&lb, "mqtt", "b2", "up");
+
+    // b3 without the VIP.
+    lab.set_broker_vip(2, false).expect("removing the VIP from b3");
+    wait_state(&lb, "mqtt", "b3", "vip-misconfigured");
+    assert_eq!(lb.state("gue", "b3"), "up", "b3 still holds its own listener's VIP");
+    connect_many(&lab, VIP, "no-vip", 40);
+    let counts = lab.landed("no-vip", 40);
+    assert_eq!((counts.iter().sum::<usize>(), counts[2]), (40, 0), "b3 without the VIP got sessions: {counts:?}");
+    lab.set_broker_vip(2, true).expect("the VIP back on b3");
+    wait_state(&lb, "mqtt", "b3", "up");
+}
+
+/// Publishes through each tunnel: one 1,400-byte and one 256 KB message; all must arrive.
+fn big_publishes(lab: &LabGuard, round: &str) {
+    for (host, name) in
+        [(IpAddr::V4(VIP_IPIP), "ipip4"), (IpAddr::V4(VIP_GUE), "gue4"), (IpAddr::V6(VIP6_IPIP), "ipip6"), (IpAddr::V6(VIP6_GUE), "gue6")]
+    {
+        for size in [1400, 256 * 1024] {
+            let id = format!("{round}-{name}-{size}");
+            assert_eq!(pubsub(lab, host, 1883, None, &id, 1, size), 1, "{id}: a {size}-byte PUBLISH through {host} was lost");
+        }
+    }
+}
+
+/// Forgets what the client learned of the paths (its PMTU exceptions).
+fn flush_client_paths(lab: &LabGuard) {
+    for fam in ["-4", "-6"] {
+        lab.exec(&lab.ns("client"), "ip", &[fam, "route", "flush", "cache"]).expect("ip route flush cache");
+    }
+}
+
+/// The path MTU: full-size segments from the client do not fit a 1500-byte path once wrapped.
+/// Without a clamp the balancer answers them with ICMP "fragmentation needed" / "packet too
+/// big" and big messages still arrive; with `backend-setup.sh --advmss 1432` on the brokers the
+/// clients never send a segment that needs it.
+#[test]
+fn path_mtu_by_icmp_and_by_the_advmss_clamp() {
+    require_root!();
+    let lab = LabGuard::tunnelled(3);
+    let lb = Balancer::start(&lab, &lab.config_tunnelled(&health()));
+    wait_all_up(&lb);
+
+    flush_client_paths(&lab);
+    let before = verdict(&lb, "tx/too_big_answered");
+    big_publishes(&lab, "icmp");
+    let answered = verdict(&lb, "tx/too_big_answered") - before;
+    eprintln!("without the clamp: {answered} frames answered with ICMP too big");
+    assert!(answered > 0, "full-size segments must have met the tunnel's MTU and been answered");
+    assert_eq!(verdict(&lb, "drop/too_big"), 0, "the clients set DF: nothing is dropped");
+
+    for b in [1, 2] {
+        let out = lab.setup_tunnelled_broker(b, &["--advmss", "1432"]).expect("backend-setup.sh --advmss");
+        assert!(
+            out.contains("ok    advmss 1432 on the -4 default route") && out.contains("ok    advmss 1392 on the -6 default route"),
+            "{out}"
+        );
+    }
+    flush_client_paths(&lab);
+    let before = verdict(&lb, "tx/too_big_answered");
+    big_publishes(&lab, "clamped");
+    assert_eq!(verdict(&lb, "tx/too_big_answered"), before, "with advmss clamped no segment may need the ICMP answer");
 }

@@ -667,12 +667,8 @@ fn resolve_tunnel(config: &mut Config) -> anyhow::Result<()> {
         });
     }
     if t.mtu.is_none() {
-        let path = format!("/sys/class/net/{interface}/mtu");
-        let mtu: u32 = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {path}"))?
-            .trim()
-            .parse()
-            .with_context(|| format!("reading {path}"))?;
+        let name = interface.clone();
+        let mtu = crate::netlink::blocking(move |h| async move { crate::netlink::mtu(&h, &name).await })?;
         ensure!(
             mtu >= lb_common::TUNNEL_MIN_MTU,
             "{interface}'s MTU is {mtu}: tunnelled backends need a path MTU of at least {} (set tunnel_mtu if the path allows more)",
