@@ -77,8 +77,13 @@ pub fn dsrlb_bin() -> std::path::PathBuf {
 #[must_use]
 pub fn built_bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let bin = exe.parent().and_then(std::path::Path::parent).expect("target dir").join(name);
+    // target/<profile>/deps/<test> (a test) or target/<profile>/<bin> (this crate's binaries,
+    // such as `lab`) -> target/<profile>/<name>
+    let mut dir = exe.parent().expect("the executable's directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target dir");
+    }
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
         "{} is missing: build it with `cargo build -p lb-userspace -p tests --bins` (cargo xtask test does)",

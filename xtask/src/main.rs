@@ -31,6 +31,10 @@ enum Cmd {
         /// With --nodes 2: active/standby with keepalived (VRRP) instead of BGP.
         #[arg(long)]
         vrrp: bool,
+        /// Brokers in another subnet behind a router: b1 on the balancer's segment, b2 over
+        /// IPIP and b3 over GUE, each with `dsrlb decap` (L3 direct server return).
+        #[arg(long, conflicts_with_all = ["nodes", "vrrp"])]
+        routed: bool,
         /// Arguments for `dsrlb run` (e.g. `-- --config /etc/dsrlb.toml`).
         #[arg(last = true)]
         args: Vec<String>,
@@ -44,6 +48,9 @@ enum Cmd {
         nodes: u8,
         #[arg(long)]
         vrrp: bool,
+        /// The brokers but the first behind a router, over IPIP and GUE (see `run --routed`).
+        #[arg(long, conflicts_with_all = ["nodes", "vrrp"])]
+        routed: bool,
     },
     /// Everything: unit tests, packet fixtures, netns and lab tests (root).
     Test {
@@ -91,16 +98,19 @@ fn require_root(what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The lab binary's arguments for a lab of `nodes` (and VRRP).
-fn lab_kind(nodes: u8, vrrp: bool) -> Vec<String> {
+/// The lab binary's arguments for a lab of `nodes` (and VRRP), or the routed brokers' lab.
+fn lab_kind(nodes: u8, vrrp: bool, routed: bool) -> Vec<String> {
     let mut v = vec!["--nodes".to_owned(), nodes.to_string()];
     if vrrp {
         v.push("--vrrp".to_owned());
     }
+    if routed {
+        v.push("--routed".to_owned());
+    }
     v
 }
 
-fn run(nodes: u8, vrrp: bool, args: &[String]) -> anyhow::Result<()> {
+fn run(nodes: u8, vrrp: bool, routed: bool, args: &[String]) -> anyhow::Result<()> {
     setup::setup()?;
     require_root("cargo xtask run")?;
     cargo(&["build", "--release", "-p", "lb-userspace", "-p", "tests", "--bins"])?;
@@ -108,7 +118,7 @@ fn run(nodes: u8, vrrp: bool, args: &[String]) -> anyhow::Result<()> {
     if args.is_empty() {
         // The demo: the lab binary brings the lab up, runs dsrlb in it, and tears down on Ctrl-C.
         let mut full = vec!["demo".to_owned(), "--dsrlb".to_owned(), target.join("dsrlb").display().to_string()];
-        full.extend(lab_kind(nodes, vrrp));
+        full.extend(lab_kind(nodes, vrrp, routed));
         exec(&target.join("lab"), &full)
     } else {
         let mut full = vec!["run".to_owned()];
@@ -117,12 +127,12 @@ fn run(nodes: u8, vrrp: bool, args: &[String]) -> anyhow::Result<()> {
     }
 }
 
-fn lab(action: &str, nodes: u8, vrrp: bool) -> anyhow::Result<()> {
+fn lab(action: &str, nodes: u8, vrrp: bool, routed: bool) -> anyhow::Result<()> {
     setup::setup()?;
     require_root("cargo xtask lab")?;
     cargo(&["build", "--release", "-p", "lb-userspace", "-p", "tests", "--bins"])?;
     let mut full = vec![action.to_owned()];
-    full.extend(lab_kind(nodes, vrrp));
+    full.extend(lab_kind(nodes, vrrp, routed));
     exec(&root().join("target/release/lab"), &full)
 }
 
@@ -206,8 +216,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Setup => setup::setup(),
-        Cmd::Run { nodes, vrrp, args } => run(nodes, vrrp, &args),
-        Cmd::Lab { action, nodes, vrrp } => lab(&action, nodes, vrrp),
+        Cmd::Run { nodes, vrrp, routed, args } => run(nodes, vrrp, routed, &args),
+        Cmd::Lab { action, nodes, vrrp, routed } => lab(&action, nodes, vrrp, routed),
         Cmd::Test { args } => test(&args),
         Cmd::Bench => bench(),
         Cmd::Package => setup::setup().and_then(|()| package()).map(drop),

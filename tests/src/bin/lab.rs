@@ -1,6 +1,7 @@
-//! `lab up|down|status|demo [--nodes N] [--vrrp]`: the DSR lab for people (`cargo xtask lab`,
-//! `cargo xtask run`). With `--nodes 2` (or 3) the balancers are nodes behind a router: BGP and
-//! ECMP (BIRD), or with `--vrrp` keepalived moving the VIPs' next hop.
+//! `lab up|down|status|demo [--nodes N] [--vrrp] [--routed]`: the DSR lab for people (`cargo
+//! xtask lab`, `cargo xtask run`). With `--nodes 2` (or 3) the balancers are nodes behind a
+//! router: BGP and ECMP (BIRD), or with `--vrrp` keepalived moving the VIPs' next hop. With
+//! `--routed` the brokers but the first sit behind a router, reached over IPIP and GUE.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -49,8 +50,15 @@ fn demo(lab: &Lab, dsrlb: &str) -> anyhow::Result<()> {
     lab.up()?;
     let config = lab.state.join("dsrlb.toml");
     // The single-balancer lab is dual-stack: IPv4 and IPv6 listeners, dual-stack brokers.
-    let text = if lab.routed.is_some() { lab.config("check = \"mqtt\"") } else { lab.config_dual("check = \"mqtt\"") };
-    std::fs::write(&config, lab.tls_checked(&text))?;
+    // (The tunnelled lab's config checks its TLS listeners already.)
+    let text = if lab.tunnelled {
+        lab.config_tunnelled("check = \"mqtt\"")
+    } else if lab.routed.is_some() {
+        lab.tls_checked(&lab.config("check = \"mqtt\""))
+    } else {
+        lab.tls_checked(&lab.config_dual("check = \"mqtt\""))
+    };
+    std::fs::write(&config, text)?;
     println!("lab up: {} brokers; config {}", lab.brokers, config.display());
     let client = lab.ns("client");
     println!("\nTry, in another terminal:");
@@ -73,6 +81,22 @@ fn demo(lab: &Lab, dsrlb: &str) -> anyhow::Result<()> {
         println!("  {dsrlb} stats --watch                # the counters, live");
         println!("  {dsrlb} flow {}:40000 {}:1883   # the broker a flow is pinned to, or would get", lab::CLIENT_ADDR, lab::VIP);
         println!("  {dsrlb} trace --listener mqtt -c 20  # what the data plane decides, frame by frame");
+    }
+    if lab.tunnelled {
+        println!("Brokers b2 (IPIP) and b3 (GUE) sit behind the router {} (198.18.1.0/24):", lab::DC_ROUTER);
+        println!("  ip netns exec {client} mosquitto_pub -h {} -t demo/ipip -m 'through IPIP to b2'", lab::VIP_IPIP);
+        println!("  ip netns exec {client} mosquitto_pub -h {} -t demo/gue -m 'through GUE to b3'", lab::VIP_GUE);
+        println!("  ip netns exec {client} mosquitto_pub -h {} -t demo/gue6 -m 'GUE over IPv6'", lab::VIP6_GUE);
+        println!("  bpftool map dump pinned {}/REAL_TUNNELS   # each tunnelled real: broker, mode, MTU", lab.pin_dir().display());
+        for i in 1..lab.brokers {
+            println!(
+                "  nsenter --net=/run/netns/{} {dsrlb} decap status --pin-root {}   # b{}'s decap counters",
+                lab.broker_ns(i),
+                lab.decap_pin_root(i).display(),
+                i + 1
+            );
+        }
+        println!("  ip netns exec {} tcpdump -ni eth1 'ip proto 4 or udp port 6080'   # the tunnels on the router", lab.ns("dc"));
     }
     if let Some((nodes, routing)) = lab.routed {
         println!("  ip -n {} route show {}          # the router's path(s) to the VIP", lab.ns("router"), lab::VIP);
@@ -150,6 +174,7 @@ fn main() -> ExitCode {
     let nodes = args.iter().position(|a| a == "--nodes").and_then(|i| args.get(i + 1)).map(|n| n.parse::<usize>());
     let routing = if args.iter().any(|a| a == "--vrrp") { Routing::Vrrp } else { Routing::Bgp };
     let lab = match nodes {
+        _ if args.iter().any(|a| a == "--routed") => Lab::tunnelled("dsrlb", 3),
         None | Some(Ok(1)) => Lab::new("dsrlb", 2),
         Some(Ok(n @ 2..=3)) => Lab::routed("dsrlb", 2, n, routing),
         Some(_) => {
@@ -162,6 +187,7 @@ fn main() -> ExitCode {
         Some("down") => {
             // Whatever kind of lab is up.
             let _ = Lab::routed("dsrlb", 2, 3, Routing::Bgp).down();
+            let _ = Lab::tunnelled("dsrlb", 3).down();
             Lab::new("dsrlb", 2).down().map(|()| println!("lab down"))
         }
         Some("status") => {
@@ -172,7 +198,7 @@ fn main() -> ExitCode {
             Some(bin) => demo(&lab, bin),
             None => Err(anyhow::anyhow!("demo needs --dsrlb PATH")),
         },
-        _ => Err(anyhow::anyhow!("usage: lab up|down|status|demo --dsrlb PATH [--nodes 2|3] [--vrrp]")),
+        _ => Err(anyhow::anyhow!("usage: lab up|down|status|demo --dsrlb PATH [--nodes 2|3] [--vrrp] [--routed]")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
