@@ -79,15 +79,9 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
 
 #[inline(always)]
 fn mapped(v4_be: u32) -> Ip6 {
-    let mut octets = [0u8; 16];
-    octets[10] = 0xff;
-    octets[11] = 0xff;
+    // Built as two words: a zeroed byte array would become a call to a `memset` subprogram.
     let b = v4_be.to_ne_bytes();
-    octets[12] = b[0];
-    octets[13] = b[1];
-    octets[14] = b[2];
-    octets[15] = b[3];
-    Ip6 { octets }
+    Ip6::from_words([0, u64::from_ne_bytes([0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]])])
 }
 
 /// What the outer headers say: the outer source, how many bytes to strip after the Ethernet

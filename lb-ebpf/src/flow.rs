@@ -38,8 +38,8 @@ pub trait Segment {
     fn record(&self, slot: u32);
     /// Whether it is IPv6.
     fn ipv6(&self) -> bool;
-    /// The 4-tuple's hash, whatever the listener's hash mode (a tunnel's GUE port and flow
-    /// label).
+    /// A hash of the 4-tuple for a tunnel's GUE source port and IPv6 flow label
+    /// (`lb_common::tunnel_hash`): spread, not a ring's choice.
     fn tuple_hash(&self) -> u64;
 }
 
@@ -83,7 +83,7 @@ impl Segment for Tcp4 {
 
     #[inline(always)]
     fn tuple_hash(&self) -> u64 {
-        flow_hash(self.src_be, self.dst_be, self.sport_be, self.dport_be)
+        lb_common::tunnel_hash(u64::from(self.src_be) << 32 | u64::from(self.dst_be), self.sport_be, self.dport_be)
     }
 }
 
@@ -147,7 +147,8 @@ impl Segment for Tcp6 {
 
     #[inline(always)]
     fn tuple_hash(&self) -> u64 {
-        flow_hash6(&self.src, &self.dst, self.tcp.sport_be, self.tcp.dport_be)
+        let words = self.src[0] ^ self.src[1].rotate_left(17) ^ self.dst[0].rotate_left(31) ^ self.dst[1].rotate_left(47);
+        lb_common::tunnel_hash(words, self.tcp.sport_be, self.tcp.dport_be)
     }
 }
 

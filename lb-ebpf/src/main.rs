@@ -136,7 +136,7 @@ fn send(ctx: &XdpContext, pick: flow::Pick, seg: &impl Segment, icmp: bool) -> R
         }
         (ctx.data_end() - ctx.data()) as u64
     } else {
-        match tunnel::send(ctx, pick.real_id, pick.real, seg.ipv6(), seg.tuple_hash(), !icmp)? {
+        match tunnel::send(ctx, pick.real_id, pick.real, seg.ipv6(), || seg.tuple_hash(), !icmp)? {
             Sent::Forwarded(bytes) => bytes,
             Sent::Answered => {
                 stats::count_verdict(reason::TX_TOO_BIG_ANSWERED);

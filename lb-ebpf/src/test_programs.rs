@@ -17,6 +17,12 @@ static FLOOR_DST_MAC: Mac = Mac([0; 6]);
 /// The cheapest possible bounce: one bounds check, a MAC swap, `XDP_TX`. No parsing, no maps.
 #[xdp]
 pub fn xdp_floor(ctx: XdpContext) -> u32 {
+    bounce(&ctx)
+}
+
+/// The floor's bounce.
+#[inline(always)]
+fn bounce(ctx: &XdpContext) -> u32 {
     let start = ctx.data();
     if start + 14 > ctx.data_end() {
         return xdp_action::XDP_PASS;
@@ -35,18 +41,98 @@ pub fn xdp_floor(ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
+/// The floor with a round trip of the frame's start (`bpf_xdp_adjust_head` 20 bytes out and
+/// back) before its bounce: what one such call costs, which the tunnel rows' driver adds.
+#[xdp]
+pub fn xdp_floor_adjust(ctx: XdpContext) -> u32 {
+    use aya_ebpf::helpers::bpf_xdp_adjust_head;
+    // SAFETY: the helper checks the bounds.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -20) } != 0 || unsafe { bpf_xdp_adjust_head(ctx.ctx, 20) } != 0 {
+        return xdp_action::XDP_ABORTED;
+    }
+    bounce(&ctx)
+}
+
 /// The program `xdp_bench_flows` jumps to (slot 0), set by benchmarks and tests.
 #[aya_ebpf::macros::btf_map]
 static BENCH_TARGET: aya_ebpf::btf_maps::ProgramArray<1> = aya_ebpf::btf_maps::ProgramArray::new();
 
-/// `xdp_bench_flows`' sequence: [next, wrap, MAC low, MAC high, keep]. Run `next` is client
+/// `xdp_bench_flows`' sequence: [next, wrap, MAC low, MAC high, keep, restore, bytes, started].
+/// Run `next` is client
 /// 11.0.0.0 + `next` / 16384, port 1024 + 2 × (`next` % 16384), as Linux clients pick even
 /// ports; `next` goes back to 0 at `wrap` (0: never). The MAC (its first four bytes, then its
 /// last two, as little-endian integers) is written as every run's destination: the balancer's
 /// own, so each run is addressed to it again after the last one rewrote the frame for a
 /// backend. `keep` non-zero: the frame keeps its addresses and ports (only the MAC is written).
+/// `restore` undoes what the last run did to the frame's length, since `BPF_PROG_TEST_RUN`
+/// runs each repeat on the previous run's output: [`RESTORE_UNWRAP`] strips the `bytes` a
+/// tunnel added in front (keeping the Ethernet header), [`RESTORE_REWRAP`] puts back the
+/// Ethernet header and `bytes` of outer headers of `BENCH_WRAP` that a decap removed; not
+/// before the first run (`started` 0; the driver sets it).
 #[aya_ebpf::macros::btf_map]
-static BENCH_FLOWS: aya_ebpf::btf_maps::Array<u32, 5> = aya_ebpf::btf_maps::Array::new();
+static BENCH_FLOWS: aya_ebpf::btf_maps::Array<u32, 8> = aya_ebpf::btf_maps::Array::new();
+
+/// `BENCH_FLOWS[5]`: nothing to undo.
+const RESTORE_NONE: u32 = 0;
+/// `BENCH_FLOWS[5]`: the last run wrapped the frame in `bytes` of outer headers.
+const RESTORE_UNWRAP: u32 = 1;
+/// `BENCH_FLOWS[5]`: the last run stripped `bytes` of outer headers.
+const RESTORE_REWRAP: u32 = 2;
+
+/// The Ethernet header and outer headers `RESTORE_REWRAP` puts back (14 + `bytes` bytes).
+#[aya_ebpf::macros::btf_map]
+static BENCH_WRAP: aya_ebpf::btf_maps::Array<[u16; 32], 1> = aya_ebpf::btf_maps::Array::new();
+
+/// Undoes the last run's change of length (see `BENCH_FLOWS`); false when it cannot.
+#[inline(always)]
+fn restore(ctx: &XdpContext, mode: u32, bytes: u32) -> bool {
+    match (mode, bytes) {
+        (RESTORE_UNWRAP, 20) => unwrap::<20>(ctx),
+        (RESTORE_UNWRAP, 28) => unwrap::<28>(ctx),
+        (RESTORE_UNWRAP, 40) => unwrap::<40>(ctx),
+        (RESTORE_UNWRAP, 48) => unwrap::<48>(ctx),
+        (RESTORE_REWRAP, 20) => rewrap::<20>(ctx),
+        (RESTORE_REWRAP, 28) => rewrap::<28>(ctx),
+        (RESTORE_REWRAP, 40) => rewrap::<40>(ctx),
+        (RESTORE_REWRAP, 48) => rewrap::<48>(ctx),
+        _ => mode == RESTORE_NONE,
+    }
+}
+
+/// Strips the `N` bytes of outer headers after the Ethernet header, keeping its EtherType.
+#[inline(always)]
+fn unwrap<const N: usize>(ctx: &XdpContext) -> bool {
+    use aya_ebpf::helpers::bpf_xdp_adjust_head;
+    let start = ctx.data();
+    if start + 14 + N > ctx.data_end() {
+        return false;
+    }
+    // SAFETY: both EtherType fields are inside the frame (checked above).
+    unsafe { *((start + 12 + N) as *mut u16) = *((start + 12) as *const u16) };
+    // SAFETY: the helper checks the bounds.
+    unsafe { bpf_xdp_adjust_head(ctx.ctx, N as i32) == 0 }
+}
+
+/// Puts back the Ethernet header and `N` bytes of outer headers from `BENCH_WRAP`.
+#[inline(always)]
+fn rewrap<const N: usize>(ctx: &XdpContext) -> bool {
+    use aya_ebpf::helpers::bpf_xdp_adjust_head;
+    // SAFETY: the helper checks the bounds.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(N as i32)) } != 0 {
+        return false;
+    }
+    let Some(wrap) = BENCH_WRAP.get(0) else { return false };
+    let start = ctx.data();
+    if start + 14 + N > ctx.data_end() {
+        return false;
+    }
+    let dst = start as *mut u16;
+    for i in 0..(14 + N) / 2 {
+        // SAFETY: 14 + N bytes are inside the frame (checked above).
+        unsafe { *dst.add(i) = wrap[i] };
+    }
+    true
+}
 
 /// A benchmark and test driver, never attached: gives each run's frame the balancer's MAC and
 /// (unless told to keep them) the next client address and port of a sequence (an untagged IPv4
@@ -57,6 +143,18 @@ static BENCH_FLOWS: aya_ebpf::btf_maps::Array<u32, 5> = aya_ebpf::btf_maps::Arra
 /// floor as target measures its own cost.
 #[xdp]
 pub fn xdp_bench_flows(ctx: XdpContext) -> u32 {
+    let (Some(mode), Some(bytes), Some(started)) = (BENCH_FLOWS.get(5), BENCH_FLOWS.get(6), BENCH_FLOWS.get_ptr_mut(7)) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: a map value.
+    if unsafe { *started } != 0 {
+        if !restore(&ctx, *mode, *bytes) {
+            return xdp_action::XDP_ABORTED;
+        }
+    } else {
+        // SAFETY: as above.
+        unsafe { *started = 1 };
+    }
     let start = ctx.data();
     if start + 36 > ctx.data_end() {
         return xdp_action::XDP_ABORTED;

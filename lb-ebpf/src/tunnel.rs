@@ -89,6 +89,21 @@ fn v4(a: &lb_common::Ip6) -> u32 {
     u32::from_ne_bytes([o[12], o[13], o[14], o[15]])
 }
 
+/// Copies an IPv6 address, as two 8-byte words: a plain 16-byte assignment becomes a call to
+/// a `memmove` subprogram.
+///
+/// # Safety
+/// 16 bytes at `from` and at `to` must be readable and writable (`to` in the frame).
+#[inline(always)]
+unsafe fn copy6(to: *mut lb_common::Addr6, from: *const lb_common::Addr6) {
+    let (to, from) = (to.cast::<u64>(), from.cast::<u64>());
+    // SAFETY: the caller's.
+    unsafe {
+        core::ptr::write_volatile(to, core::ptr::read_volatile(from));
+        core::ptr::write_volatile(to.add(1), core::ptr::read_volatile(from.add(1)));
+    }
+}
+
 /// The ones' complement sum of `n` 16-bit words at `p` (unfolded; `n` at most a few hundred).
 ///
 /// # Safety
@@ -112,11 +127,12 @@ const fn fold(s: u32) -> u16 {
 }
 
 /// Sends a frame for tunnelled real `real_id` (`real` has `REAL_F_IPIP` or `REAL_F_GUE`).
-/// `hash` is the flow's, for the GUE source port and the IPv6 flow label; `answer`: a frame
+/// `hash` gives the flow's, for the GUE source port and the IPv6 flow label (computed only
+/// when one is written); `answer`: a frame
 /// too big for the path is answered with an ICMP error (false for an ICMP error being
 /// forwarded, which is dropped instead).
 #[inline(always)]
-pub fn send(ctx: &XdpContext, real_id: u32, real: &RealInfo, ipv6: bool, hash: u64, answer: bool) -> Result<Sent, Verdict> {
+pub fn send(ctx: &XdpContext, real_id: u32, real: &RealInfo, ipv6: bool, hash: impl Fn() -> u64, answer: bool) -> Result<Sent, Verdict> {
     let Some(t) = REAL_TUNNELS.get(real_id) else {
         return Err(Verdict::DropInternal);
     };
@@ -128,10 +144,10 @@ pub fn send(ctx: &XdpContext, real_id: u32, real: &RealInfo, ipv6: bool, hash: u
     let ethertype = unsafe { *ptr_at::<u16>(ctx, ETH_HLEN - 2)? };
     let tagged = ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD;
     match (tagged, ipv6) {
-        (false, false) => send4::<ETH_HLEN>(ctx, real, t, hash, answer),
-        (true, false) => send4::<{ ETH_HLEN + VLAN_HLEN }>(ctx, real, t, hash, answer),
-        (false, true) => send6::<ETH_HLEN>(ctx, real, t, hash, answer),
-        (true, true) => send6::<{ ETH_HLEN + VLAN_HLEN }>(ctx, real, t, hash, answer),
+        (false, false) => send4::<ETH_HLEN>(ctx, real, t, &hash, answer),
+        (true, false) => send4::<{ ETH_HLEN + VLAN_HLEN }>(ctx, real, t, &hash, answer),
+        (false, true) => send6::<ETH_HLEN>(ctx, real, t, &hash, answer),
+        (true, true) => send6::<{ ETH_HLEN + VLAN_HLEN }>(ctx, real, t, &hash, answer),
     }
 }
 
@@ -153,21 +169,30 @@ fn adjust_head(ctx: &XdpContext, by: i32) -> Result<(), Verdict> {
 #[inline(always)]
 unsafe fn write_eth<const L2: usize>(start: usize, moved: usize, dst: *const u16, src: *const u16) {
     let eth = start as *mut u16;
+    let old = (start + moved) as *const u16;
+    // Word by word, volatile: a plain loop is turned into a call to a `memmove` subprogram
+    // (the regions could overlap, as far as the compiler knows), which costs more than the
+    // whole copy.
     // SAFETY: the caller's.
     unsafe {
         for i in 0..ETH_ALEN / 2 {
-            *eth.add(i) = *dst.add(i);
-            *eth.add(ETH_ALEN / 2 + i) = *src.add(i);
+            core::ptr::write_volatile(eth.add(i), core::ptr::read_volatile(dst.add(i)));
+            core::ptr::write_volatile(eth.add(ETH_ALEN / 2 + i), core::ptr::read_volatile(src.add(i)));
         }
-        let old = (start + moved) as *const u16;
         for i in (2 * ETH_ALEN) / 2..L2 / 2 {
-            *eth.add(i) = *old.add(i);
+            core::ptr::write_volatile(eth.add(i), core::ptr::read_volatile(old.add(i)));
         }
     }
 }
 
 #[inline(always)]
-fn send4<const L2: usize>(ctx: &XdpContext, real: &RealInfo, t: &RealTunnel, hash: u64, answer: bool) -> Result<Sent, Verdict> {
+fn send4<const L2: usize>(
+    ctx: &XdpContext,
+    real: &RealInfo,
+    t: &RealTunnel,
+    hash: impl Fn() -> u64,
+    answer: bool,
+) -> Result<Sent, Verdict> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, L2)?;
     // SAFETY (every deref below): inside the frame, checked by `ptr_at` since the last
     // adjustment.
@@ -205,7 +230,7 @@ fn send4<const L2: usize>(ctx: &XdpContext, real: &RealInfo, t: &RealTunnel, has
         (*outer).check = fold(sum16(outer.cast(), 10));
         if gue {
             let udp = outer.cast::<u8>().add(20).cast::<UdpHdr>();
-            (*udp).source = gue_source_port(hash).to_be();
+            (*udp).source = gue_source_port(hash()).to_be();
             (*udp).dest = t.gue_port_be;
             (*udp).len = (tot_len + 8).to_be();
             // Zero: no checksum (RFC 768); the inner packet carries its own.
@@ -216,7 +241,13 @@ fn send4<const L2: usize>(ctx: &XdpContext, real: &RealInfo, t: &RealTunnel, has
 }
 
 #[inline(always)]
-fn send6<const L2: usize>(ctx: &XdpContext, real: &RealInfo, t: &RealTunnel, hash: u64, answer: bool) -> Result<Sent, Verdict> {
+fn send6<const L2: usize>(
+    ctx: &XdpContext,
+    real: &RealInfo,
+    t: &RealTunnel,
+    hash: impl Fn() -> u64,
+    answer: bool,
+) -> Result<Sent, Verdict> {
     let ip = ptr_at::<Ipv6Hdr>(ctx, L2)?;
     // SAFETY (every deref below): inside the frame, checked by `ptr_at` since the last
     // adjustment.
@@ -239,14 +270,15 @@ fn send6<const L2: usize>(ctx: &XdpContext, real: &RealInfo, t: &RealTunnel, has
     unsafe { write_eth::<L2>(start, over, (&raw const real.dst_mac).cast(), (&raw const real.src_mac).cast()) };
     // Version 6, the client's traffic class, and a flow label from the flow's hash (RFC 6438),
     // for routers that spread by it.
+    let hash = hash();
     let label = tunnel_flow_label(hash);
     unsafe {
         (*outer).ver_tc_flow = (6 << 28 | (vtf & 0x0ff0_0000) | label).to_be();
         (*outer).payload_len = ((inner + over as u32 - 40) as u16).to_be();
         (*outer).next_header = if gue { IPPROTO_UDP } else { IPPROTO_IPV6 };
         (*outer).hop_limit = OUTER_TTL;
-        (*outer).saddr = t.src.words();
-        (*outer).daddr = t.dst.words();
+        copy6(&raw mut (*outer).saddr, (&raw const t.src).cast());
+        copy6(&raw mut (*outer).daddr, (&raw const t.dst).cast());
         if gue {
             let udp = outer.cast::<u8>().add(40).cast::<UdpHdr>();
             (*udp).source = gue_source_port(hash).to_be();
@@ -312,14 +344,14 @@ fn answer6<const L2: usize>(ctx: &XdpContext, mtu: u16) -> Result<Sent, Verdict>
         let (client_mac, our_mac) = (*((old + ETH_ALEN) as *const [u16; 3]), *(old as *const [u16; 3]));
         write_eth::<L2>(start, ADD, client_mac.as_ptr(), our_mac.as_ptr());
         let quoted = (old + L2) as *const Ipv6Hdr;
-        let (client, vip) = ((*quoted).saddr, (*quoted).daddr);
         let len = (ICMP_HLEN + QUOTE6) as u16;
         (*ip).ver_tc_flow = (6_u32 << 28).to_be();
         (*ip).payload_len = len.to_be();
         (*ip).next_header = IPPROTO_ICMPV6;
         (*ip).hop_limit = OUTER_TTL;
-        (*ip).saddr = vip;
-        (*ip).daddr = client;
+        // (The quoted header starts after the new one: the copies do not overlap.)
+        copy6(&raw mut (*ip).saddr, &raw const (*quoted).daddr);
+        copy6(&raw mut (*ip).daddr, &raw const (*quoted).saddr);
         let icmp = ip.cast::<u8>().add(40);
         *icmp = ICMPV6_PKT_TOOBIG;
         *icmp.add(1) = 0;

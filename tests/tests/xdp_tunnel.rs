@@ -11,7 +11,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use lb_common::{DECAP_GUE_PORT, flow_hash, flow_hash6, gue_source_port, reason, tunnel_flow_label};
+use lb_common::{DECAP_GUE_PORT, gue_source_port, reason, tunnel_flow_label, tunnel_hash};
 use lb_userspace::{config, dataplane::addr6};
 use tests::{
     fixture::{CLIENT, Case, Lb, NEXT_HOP_MAC, RING, VIP, XDP_TX, mac_of},
@@ -53,12 +53,15 @@ fn wire16(v: u16) -> u16 {
     u16::from_ne_bytes(v.to_be_bytes())
 }
 
+/// The tunnel hash as the program computes it: addresses as loaded into native words.
 fn hash4(src: Ipv4Addr, sport: u16, dport: u16) -> u64 {
-    flow_hash(u32::from_ne_bytes(src.octets()), u32::from_ne_bytes(VIP.octets()), wire16(sport), wire16(dport))
+    let addrs = u64::from(u32::from_ne_bytes(src.octets())) << 32 | u64::from(u32::from_ne_bytes(VIP.octets()));
+    tunnel_hash(addrs, wire16(sport), wire16(dport))
 }
 
 fn hash6(src: Ipv6Addr, sport: u16, dport: u16) -> u64 {
-    flow_hash6(&addr6(&src), &addr6(&VIP6), wire16(sport), wire16(dport))
+    let (s, d) = (addr6(&src), addr6(&VIP6));
+    tunnel_hash(s[0] ^ s[1].rotate_left(17) ^ d[0].rotate_left(31) ^ d[1].rotate_left(47), wire16(sport), wire16(dport))
 }
 
 /// The outer IPv4 header the balancer writes (no options, ID 0, DF, TTL 64) before `payload`.

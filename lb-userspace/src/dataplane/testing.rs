@@ -29,14 +29,14 @@ impl TestPrograms {
     pub fn load(floor_dst_mac: [u8; 6]) -> anyhow::Result<Self> {
         let mut ebpf =
             EbpfLoader::new().override_global("FLOOR_DST_MAC", &floor_dst_mac, true).load(TEST_OBJ).context("loading dsrlb-test")?;
-        for name in ["xdp_floor", "xdp_pass", "xdp_bench_flows"] {
+        for name in ["xdp_floor", "xdp_floor_adjust", "xdp_pass", "xdp_bench_flows"] {
             let prog: &mut Xdp = ebpf.program_mut(name).with_context(|| format!("program {name} missing"))?.try_into()?;
             prog.load().with_context(|| format!("verifying program {name}"))?;
         }
         Ok(Self { ebpf })
     }
 
-    /// One of `xdp_floor`, `xdp_pass`, `xdp_bench_flows`.
+    /// One of `xdp_floor`, `xdp_floor_adjust`, `xdp_pass`, `xdp_bench_flows`.
     ///
     /// # Panics
     /// On another name.
@@ -77,11 +77,56 @@ impl TestPrograms {
             u32::from_le_bytes([mac[0], mac[1], mac[2], mac[3]]),
             u32::from_le_bytes([mac[4], mac[5], 0, 0]),
             u32::from(keep),
+            RESTORE_NONE,
+            0,
+            0,
         ];
         for (i, w) in (0..).zip(words) {
             seq.set(i, w, 0).context("setting up the driver's sequence")?;
         }
         Ok(())
+    }
+
+    /// Makes the driver undo, before every run but the first, what the last run did to the
+    /// frame's length (`BPF_PROG_TEST_RUN` runs each repeat on the previous output): `Unwrap`
+    /// strips the `bytes` of outer headers a tunnel added; `Rewrap(header)` puts back the
+    /// Ethernet and outer headers (14 + `bytes`) a decap removed; `None` undoes nothing. The next
+    /// run is a first run again.
+    ///
+    /// # Errors
+    /// When a map write fails or `bytes` is no tunnel's overhead.
+    pub fn restore(&mut self, how: Restore<'_>) -> anyhow::Result<()> {
+        let (mode, bytes) = match how {
+            Restore::None => (RESTORE_NONE, 0),
+            Restore::Unwrap(bytes) => (RESTORE_UNWRAP, bytes),
+            Restore::Rewrap(header) => {
+                let bytes = u32::try_from(header.len()).unwrap_or(0).saturating_sub(14);
+                ensure!(matches!(bytes, 20 | 28 | 40 | 48), "a rewrap header of {} bytes", header.len());
+                let mut words = [0u16; 32];
+                for (w, pair) in words.iter_mut().zip(header.chunks(2)) {
+                    *w = u16::from_ne_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+                }
+                let mut wrap: Array<&mut MapData, [u16; 32]> = map_mut(&mut self.ebpf, "BENCH_WRAP")?;
+                wrap.set(0, words, 0).context("storing the rewrap header")?;
+                (RESTORE_REWRAP, bytes)
+            }
+        };
+        ensure!(mode == RESTORE_NONE || matches!(bytes, 20 | 28 | 40 | 48), "{bytes} bytes is no tunnel's overhead");
+        let mut seq: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, "BENCH_FLOWS")?;
+        for (i, w) in [(5, mode), (6, bytes), (7, 0)] {
+            seq.set(i, w, 0).context("setting up the driver's restore")?;
+        }
+        Ok(())
+    }
+
+    /// Points the driver at `program` (say, the decap program) instead of a balancer.
+    ///
+    /// # Errors
+    /// When the program array refuses the program.
+    pub fn target_program(&mut self, program: &Xdp) -> anyhow::Result<()> {
+        let fd = program.fd()?.try_clone()?;
+        let mut map: aya::maps::ProgramArray<&mut MapData> = map_mut(&mut self.ebpf, "BENCH_TARGET")?;
+        map.set(0, &fd, 0).context("pointing xdp_bench_flows at its target")
     }
 
     /// Points the driver at `dp`'s balancer, or at the floor; its sequence is left as it is.
@@ -94,6 +139,18 @@ impl TestPrograms {
         map.set(0, &fd, 0).context("pointing xdp_bench_flows at its target")
     }
 }
+
+/// What the driver undoes before each run (see [`TestPrograms::restore`]).
+#[derive(Clone, Copy, Debug)]
+pub enum Restore<'a> {
+    None,
+    Unwrap(u32),
+    Rewrap(&'a [u8]),
+}
+
+const RESTORE_NONE: u32 = 0;
+const RESTORE_UNWRAP: u32 = 1;
+const RESTORE_REWRAP: u32 = 2;
 
 /// The test object, built beside the production one.
 pub static TEST_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dsrlb-test"));

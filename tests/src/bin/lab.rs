@@ -46,20 +46,8 @@ fn spawn_dsrlb(dsrlb: &str, ns: &str, args: &[String], tag: Option<String>) -> a
     Ok(child)
 }
 
-fn demo(lab: &Lab, dsrlb: &str) -> anyhow::Result<()> {
-    lab.up()?;
-    let config = lab.state.join("dsrlb.toml");
-    // The single-balancer lab is dual-stack: IPv4 and IPv6 listeners, dual-stack brokers.
-    // (The tunnelled lab's config checks its TLS listeners already.)
-    let text = if lab.tunnelled {
-        lab.config_tunnelled("check = \"mqtt\"")
-    } else if lab.routed.is_some() {
-        lab.tls_checked(&lab.config("check = \"mqtt\""))
-    } else {
-        lab.tls_checked(&lab.config_dual("check = \"mqtt\""))
-    };
-    std::fs::write(&config, text)?;
-    println!("lab up: {} brokers; config {}", lab.brokers, config.display());
+/// What to try in the lab.
+fn print_tips(lab: &Lab, dsrlb: &str) {
     let client = lab.ns("client");
     println!("\nTry, in another terminal:");
     println!("  ip netns exec {client} mosquitto_sub -h {} -t 'demo/#' -v", lab::VIP);
@@ -107,6 +95,23 @@ fn demo(lab: &Lab, dsrlb: &str) -> anyhow::Result<()> {
             println!("  birdc -s {} show protocols", lab.state.join("router/bird.ctl").display());
         }
     }
+}
+
+fn demo(lab: &Lab, dsrlb: &str) -> anyhow::Result<()> {
+    lab.up()?;
+    let config = lab.state.join("dsrlb.toml");
+    // The single-balancer lab is dual-stack: IPv4 and IPv6 listeners, dual-stack brokers.
+    // (The tunnelled lab's config checks its TLS listeners already.)
+    let text = if lab.tunnelled {
+        lab.config_tunnelled("check = \"mqtt\"")
+    } else if lab.routed.is_some() {
+        lab.tls_checked(&lab.config("check = \"mqtt\""))
+    } else {
+        lab.tls_checked(&lab.config_dual("check = \"mqtt\""))
+    };
+    std::fs::write(&config, text)?;
+    println!("lab up: {} brokers; config {}", lab.brokers, config.display());
+    print_tips(lab, dsrlb);
     println!("Ctrl-C stops the balancers and tears the lab down.\n");
 
     // SAFETY: installing a handler that only stores to an atomic. The children reset it on

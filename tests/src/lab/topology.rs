@@ -103,32 +103,7 @@ impl Lab {
             self.wire_dc_router()?;
         }
 
-        // Brokers: VIPs on lo, ARP kept to the real address, loose reverse-path filter.
-        for i in 0..self.brokers {
-            let ns = self.broker_ns(i);
-            for vip in self.vips() {
-                match vip {
-                    IpAddr::V4(v) => Self::ip(&ns, &["addr", "add", &format!("{v}/32"), "dev", "lo"])?,
-                    IpAddr::V6(v) => Self::ip(&ns, &["-6", "addr", "add", &format!("{v}/128"), "dev", "lo", "nodad"])?,
-                };
-            }
-            if self.routed.is_none() {
-                // Linux answers a neighbour solicitation only for an address of the interface
-                // it came in on (or with proxy_ndp), so the VIP on lo stays silent on eth0.
-                self.sysctl(&ns, "net.ipv6.conf.all.proxy_ndp", "0")?;
-                self.sysctl(&ns, "net.ipv6.conf.eth0.proxy_ndp", "0")?;
-            }
-            for (k, v) in [
-                ("net.ipv4.conf.all.arp_ignore", "1"),
-                ("net.ipv4.conf.all.arp_announce", "2"),
-                ("net.ipv4.conf.eth0.arp_ignore", "1"),
-                ("net.ipv4.conf.eth0.arp_announce", "2"),
-                ("net.ipv4.conf.all.rp_filter", "2"),
-                ("net.ipv4.conf.eth0.rp_filter", "2"),
-            ] {
-                self.sysctl(&ns, k, v)?;
-            }
-        }
+        self.configure_brokers()?;
 
         // XDP_TX on a veth reaches the peer only if the peer runs an XDP program itself.
         for port in self.balancer_ports() {
@@ -155,6 +130,37 @@ impl Lab {
                 self.start_bird_node(i)?;
             }
         }
+        Ok(())
+    }
+
+    /// The brokers' VIPs on `lo`, ARP kept to their own addresses, loose reverse-path filter.
+    fn configure_brokers(&self) -> anyhow::Result<()> {
+        for i in 0..self.brokers {
+            let ns = self.broker_ns(i);
+            for vip in self.vips() {
+                match vip {
+                    IpAddr::V4(v) => Self::ip(&ns, &["addr", "add", &format!("{v}/32"), "dev", "lo"])?,
+                    IpAddr::V6(v) => Self::ip(&ns, &["-6", "addr", "add", &format!("{v}/128"), "dev", "lo", "nodad"])?,
+                };
+            }
+            if self.routed.is_none() {
+                // Linux answers a neighbour solicitation only for an address of the interface
+                // it came in on (or with proxy_ndp), so the VIP on lo stays silent on eth0.
+                self.sysctl(&ns, "net.ipv6.conf.all.proxy_ndp", "0")?;
+                self.sysctl(&ns, "net.ipv6.conf.eth0.proxy_ndp", "0")?;
+            }
+            for (k, v) in [
+                ("net.ipv4.conf.all.arp_ignore", "1"),
+                ("net.ipv4.conf.all.arp_announce", "2"),
+                ("net.ipv4.conf.eth0.arp_ignore", "1"),
+                ("net.ipv4.conf.eth0.arp_announce", "2"),
+                ("net.ipv4.conf.all.rp_filter", "2"),
+                ("net.ipv4.conf.eth0.rp_filter", "2"),
+            ] {
+                self.sysctl(&ns, k, v)?;
+            }
+        }
+
         Ok(())
     }
 
