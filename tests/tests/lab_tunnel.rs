@@ -10,8 +10,9 @@ use std::{
     time::Duration,
 };
 
+use lb_userspace::config::Forward;
 use tests::{
-    balancer::Balancer,
+    balancer::{Balancer, StatusExt as _},
     client::{MqttConn, hold_sessions},
     lab::{CLIENT_ADDR, CLIENT6, LabGuard, VIP, VIP_GUE, VIP_IPIP, VIP6, VIP6_GUE, VIP6_IPIP},
     netns::{PacketSocket, in_netns},
@@ -140,9 +141,17 @@ fn pubsub_and_tls_over_ipip_and_gue_in_both_families_return_directly() {
     let lb = Balancer::start(&lab, &lab.config_tunnelled(&health()));
     // Every pair up: the VIP probes of b2 and b3 went through their tunnels (a bare probe
     // would reach no VIP: the brokers are not on the balancer's segment).
-    let started = std::time::Instant::now();
     wait_all_up(&lb);
-    eprintln!("every pair up after {:?}", started.elapsed());
+    // `dsrlb status` says how each broker is reached.
+    let status = lb.status();
+    let forward = |l: &str, b: &str| status.backend(l, b).map(|s| s.forward);
+    assert_eq!(
+        (forward("mqtt", "b1"), forward("mqtt", "b2"), forward("mqtt", "b3")),
+        (Some(Forward::L2), Some(Forward::Ipip), Some(Forward::Gue)),
+        "{status:?}"
+    );
+    let (ok, text, _) = lb.cli(&["status"]);
+    assert!(ok && text.contains("198.18.1.12 (ipip)") && text.contains("198.18.1.13 (gue)"), "{text}");
     let ca = std::fs::read(lab.ca_pem()).expect("lab CA");
     let (stop, wire) = (AtomicBool::new(false), Wire::default());
     std::thread::scope(|s| {

@@ -64,9 +64,14 @@ fn listener(l: &ListenerStatus, out: &mut String) {
     }
 }
 
-/// The backend's address for a listener of that family (`address6` for an IPv6 VIP).
+/// The backend's address for a listener of that family (`address6` for an IPv6 VIP), and how
+/// it is reached when that is a tunnel.
 fn address(b: &BackendStatus, v6: bool) -> String {
-    if v6 { b.address6.map(|a| a.to_string()) } else { b.address.map(|a| a.to_string()) }.unwrap_or_default()
+    let a = if v6 { b.address6.map(|a| a.to_string()) } else { b.address.map(|a| a.to_string()) }.unwrap_or_default();
+    match b.forward {
+        crate::config::Forward::L2 => a,
+        f => format!("{a} ({})", f.name()),
+    }
 }
 
 fn backend(b: &BackendStatus, address: &str, width: usize, out: &mut String) {
@@ -180,6 +185,7 @@ mod tests {
             address: Some("192.0.2.11".parse().expect("v4")),
             address6: Some("2001:db8::11".parse().expect("v6")),
             mac: "02:00:00:00:00:0b".to_owned(),
+            forward: lb_userspace::config::Forward::Gue,
             weight: 100,
             drained: false,
             state: "up".to_owned(),
@@ -225,5 +231,6 @@ mod tests {
         };
         assert!(line("mqtt").contains("192.0.2.11") && !line("mqtt").contains("2001:db8::11"), "{text}");
         assert!(line("mqtt6").contains("2001:db8::11") && !line("mqtt6").contains("192.0.2.11"), "{text}");
+        assert!(line("mqtt").contains("192.0.2.11 (gue)"), "a tunnelled backend shows how it is reached: {text}");
     }
 }

@@ -96,8 +96,11 @@ pub struct BackendStatus {
     pub name: String,
     pub address: Option<Ipv4Addr>,
     pub address6: Option<Ipv6Addr>,
-    /// Its MAC, or `unresolved`.
+    /// Its MAC (a tunnelled backend's: its next hop's), or `unresolved`.
     pub mac: String,
+    /// `l2`, `ipip` or `gue` (absent from an older controller's answer: `l2`).
+    #[serde(default)]
+    pub forward: crate::config::Forward,
     pub weight: u32,
     /// Drained, or of weight 0: no new flows.
     pub drained: bool,
@@ -204,6 +207,7 @@ pub(crate) mod sample {
             address: Some(Ipv4Addr::new(192, 0, 2, 11)),
             address6: None,
             mac: "02:00:00:00:00:0b".to_owned(),
+            forward: crate::config::Forward::L2,
             weight: 100,
             drained: false,
             state: "up".to_owned(),

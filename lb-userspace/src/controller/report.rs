@@ -29,6 +29,7 @@ impl Controller {
                     address: backend.address,
                     address6: backend.address6,
                     mac: rt.mac.map_or_else(|| "unresolved".to_owned(), format_mac),
+                    forward: backend.forward,
                     weight: backend.weight,
                     drained: rt.drained || backend.weight == 0,
                     state: if rt.mac.is_none() { "no-mac" } else { h.state.as_str() }.to_owned(),
