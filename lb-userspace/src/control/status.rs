@@ -301,7 +301,7 @@ mod tests {
             "name": "b1",
             "address": "192.0.2.11",
             "address6": null,
-            "mac": "02:00:00:00:00:0b",
+            "mac": "02:00:00:00:00:0b", "forward": "l2",
             "weight": 100,
             "drained": false,
             "state": "up",
