@@ -315,6 +315,18 @@ fn tunnelled_brokers_without_decap_or_vip_are_vip_misconfigured() {
     assert_eq!((counts.iter().sum::<usize>(), counts[2]), (40, 0), "b3 without the VIP got sessions: {counts:?}");
     lab.set_broker_vip(2, true).expect("the VIP back on b3");
     wait_state(&lb, "mqtt", "b3", "up");
+
+    // A tunnelled broker whose route leaves by another interface than the balancer's: a reload
+    // that adds one is refused, naming it, and changes nothing.
+    lab.exec(&lab.ns("lb"), "ip", &["route", "add", "203.0.113.0/24", "dev", "lo"]).expect("a route out of lo");
+    lab.exec(&lab.ns("lb"), "ip", &["-6", "route", "add", "2001:db8:ffff::/48", "dev", "lo"]).expect("an IPv6 route out of lo");
+    let config = std::fs::read_to_string(&lb.config).expect("config");
+    let bad = format!("{config}\n[[backend]]\nname = \"b9\"\naddress = \"203.0.113.9\"\naddress6 = \"2001:db8:ffff::9\"\nforward = \"ipip\"\n");
+    std::fs::write(&lb.config, bad).expect("writing the config");
+    let (ok, _, err) = lb.cli(&["reload"]);
+    assert!(!ok && err.contains("backend b9 (203.0.113.9)") && err.contains("not eth0"), "{err}");
+    assert!(lb.status().listeners.iter().all(|l| l.backends.iter().all(|b| b.name != "b9")), "half-applied");
+    assert_eq!(lb.state("mqtt", "b2"), "up", "the running state is unchanged");
 }
 
 /// Publishes through each tunnel: one 1,400-byte and one 256 KB message; all must arrive.
