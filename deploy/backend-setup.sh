@@ -56,8 +56,9 @@ if [ $decap = 0 ] && [ ${#decap_from[@]} -gt 0 ]; then echo "--source and --any-
 if [ $decap = 1 ] && [ ${#decap_from[@]} -eq 0 ]; then
     echo "--decap needs the balancers' tunnel sources (--source ADDR, repeated) or --any-source" >&2; exit 2
 fi
-if [ -n "$advmss" ] && ! { [[ $advmss =~ ^[0-9]+$ ]] && [ "$advmss" -ge 536 ] && [ "$advmss" -le 65495 ]; }; then
-    echo "--advmss must be a segment size between 536 and 65495, not $advmss" >&2; exit 2
+# (IPv6 gets 40 less, and its minimum path MTU of 1280 carries a segment of 1220.)
+if [ -n "$advmss" ] && ! { [[ $advmss =~ ^[0-9]+$ ]] && [ "$advmss" -ge 1260 ] && [ "$advmss" -le 65495 ]; }; then
+    echo "--advmss must be a segment size between 1260 and 65495, not $advmss" >&2; exit 2
 fi
 dsrlb=${DSRLB:-dsrlb}
 pin_root=(); if [ -n "${DSRLB_DECAP_PIN_ROOT:-}" ]; then pin_root=(--pin-root "$DSRLB_DECAP_PIN_ROOT"); fi
@@ -130,12 +131,19 @@ listed() {
     return 1
 }
 
-# The default route of family $1 (-4 or -6) as `ip route change` takes it back: its gateway,
-# device and metric (whatever else `ip` prints, such as an advmss, is dropped).
+# The default route of family $1 (-4 or -6) as `ip route change` takes it back: the line `ip`
+# prints, less what it reports but does not take back (`expires`, the advmss being replaced).
+# A multipath route or one through a nexthop object is not rewritten: nothing is printed, and
+# apply says so.
 default_route() {
-    ip "$1" route show default | awk 'NR == 1 {
-        out = "default"
-        for (i = 2; i < NF; i++) if ($i == "via" || $i == "dev" || $i == "metric") out = out " " $i " " $(i + 1)
+    ip -o "$1" route show default | awk 'NR == 1 {
+        if ($0 ~ /nexthop|nhid/) { print "multipath"; exit }
+        out = ""
+        for (i = 1; i <= NF; i++) {
+            if ($i == "expires" || $i == "advmss") { i++; continue }
+            if ($i == "linkdown" || $i == "dead") continue
+            out = out (out == "" ? "" : " ") $i
+        }
         print out
     }'
 }
@@ -152,7 +160,9 @@ apply)
     if [ -n "$advmss" ]; then
         for f in -4 -6; do
             route=$(default_route "$f")
-            if [ -n "$route" ]; then
+            if [ "$route" = multipath ]; then
+                echo "the $f default route is multipath (or a nexthop object): add advmss $(mss_of "$f") to it yourself" >&2; exit 1
+            elif [ -n "$route" ]; then
                 # shellcheck disable=SC2086 # the route's words, as `ip` printed them
                 ip "$f" route change $route advmss "$(mss_of "$f")"
             fi
@@ -209,7 +219,8 @@ verify)
     fi
     if [ -n "$advmss" ]; then
         for f in -4 -6; do
-            [ -n "$(default_route "$f")" ] || { [ $f = -6 ] && continue; echo "FAIL  no default route to clamp advmss on"; bad=1; continue; }
+            route=$(default_route "$f")
+            [ -n "$route" ] || { [ $f = -6 ] && continue; echo "FAIL  no default route to clamp advmss on"; bad=1; continue; }
             have=$(default_advmss "$f")
             if [ "$have" = "$(mss_of "$f")" ]; then echo "ok    advmss $have on the $f default route"; else echo "FAIL  the $f default route has advmss ${have:-unset} (want $(mss_of "$f"))"; bad=1; fi
         done

@@ -54,6 +54,10 @@ pub static REAL_TUNNELS: Array<RealTunnel, { REAL_SLOTS as usize }> = Array::new
 #[btf_map]
 pub static PROBE_TUNNELS: Array<RealTunnel, { PROBE_TUNNEL_SLOTS as usize }> = Array::new();
 
+/// Per CPU: the rate limit of ICMP "too big" answers (`tunnel::answer_allowed`). Not pinned.
+#[btf_map]
+pub static ANSWER_TOKENS: PerCpuArray<u64, 1> = PerCpuArray::new();
+
 /// All Maglev rings, back to back: two copies per listener, each `ring_size` real ids packed
 /// four to an entry (`lb_common::RING_SLOTS_PER_ENTRY`).
 #[btf_map]

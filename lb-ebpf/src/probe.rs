@@ -12,7 +12,7 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, TC_ACT_OK, TC_ACT_SHOT,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, TC_ACT_SHOT,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     programs::TcContext,
@@ -21,6 +21,10 @@ use lb_common::{PROBE_MARK_BASE, PROBE_MARK_MASK, RealTunnel, TUNNEL_GUE, TUNNEL
 use lb_ebpf::hdr::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::maps::PROBE_TUNNELS;
+
+/// TCX's "next": the packet goes on to the programs and filters after this one (`TC_ACT_OK`
+/// would end the chain, and the legacy `tc` filters would not see it either).
+const TCX_NEXT: i32 = -1;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u32 = 0x0800;
@@ -50,21 +54,21 @@ pub fn encap(ctx: &TcContext) -> i32 {
     // SAFETY: the context the kernel passed.
     let (mark, protocol) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).protocol) };
     if mark & PROBE_MARK_MASK != PROBE_MARK_BASE {
-        return TC_ACT_OK as i32;
+        return TCX_NEXT;
     }
     let ipv6 = match u32::from(u16::from_be(protocol as u16)) {
         ETH_P_IP => false,
         ETH_P_IPV6 => true,
-        _ => return TC_ACT_OK as i32,
+        _ => return TCX_NEXT,
     };
     let Some(t) = PROBE_TUNNELS.get(probe_tunnel_slot(mark & !PROBE_MARK_MASK, ipv6)) else {
-        return TC_ACT_OK as i32;
+        return TCX_NEXT;
     };
     if t.mode == TUNNEL_L2 {
-        return TC_ACT_OK as i32;
+        return TCX_NEXT;
     }
     match wrap(ctx, t, ipv6) {
-        Ok(()) => TC_ACT_OK as i32,
+        Ok(()) => TCX_NEXT,
         // A probe that cannot be wrapped must not leave bare: it would reach the broker as if it
         // held the VIP on its segment.
         Err(()) => TC_ACT_SHOT as i32,

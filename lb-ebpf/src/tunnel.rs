@@ -28,9 +28,14 @@ use lb_common::{
 };
 use lb_ebpf::hdr::{Ipv4Hdr, Ipv6Hdr};
 
-use crate::{Verdict, maps::REAL_TUNNELS};
+use crate::{
+    Verdict,
+    maps::{ANSWER_TOKENS, REAL_TUNNELS},
+};
 
 const ETH_ALEN: usize = 6;
+/// The shortest Ethernet frame without its FCS: shorter packets are padded to it.
+const ETH_MIN_FRAME: usize = 60;
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
 const ETH_P_8021Q: u16 = 0x8100_u16.to_be();
@@ -151,6 +156,54 @@ pub fn send(ctx: &XdpContext, real_id: u32, real: &RealInfo, ipv6: bool, hash: i
     }
 }
 
+/// Whether a frame whose IP packet claims to end at byte `end` really does: the frame holds
+/// it, and holds nothing after it but the padding of a minimum-size Ethernet frame.
+#[inline(always)]
+fn claim_fits(ctx: &XdpContext, end: usize) -> bool {
+    let len = ctx.data_end() - ctx.data();
+    end <= len && (end == len || len <= ETH_MIN_FRAME)
+}
+
+/// Whether an IPv4 source may be sent an ICMP error: unicast (not 0/8, loopback, multicast,
+/// reserved or broadcast), as RFC 1812 asks of routers.
+#[inline(always)]
+fn answerable4(src_be: u32) -> bool {
+    let first = src_be.to_ne_bytes()[0];
+    first != 0 && first != 127 && first < 224
+}
+
+/// Whether an IPv6 source may be sent an ICMPv6 error: not unspecified, loopback or multicast.
+#[inline(always)]
+fn answerable6(src: &lb_common::Addr6) -> bool {
+    let b = src[0].to_ne_bytes();
+    let unspecified_or_loopback = src[0] == 0 && (src[1] == 0 || src[1] == u64::from_ne_bytes([0, 0, 0, 0, 0, 0, 0, 1]));
+    b[0] != 0xff && !unspecified_or_loopback
+}
+
+/// Answers each CPU may send per second, and at once after a quiet spell: what Linux allows
+/// its own ICMP errors by default (`icmp_msgs_per_sec`, `icmp_msgs_burst`), per CPU here. An
+/// attacker who spoofs a victim's address gets no more reflected at it than that, and never
+/// more bytes than it sent.
+const ANSWERS_PER_SEC: u64 = 1000;
+const ANSWER_BURST: u64 = 50;
+
+/// Takes a token from this CPU's bucket of ICMP answers (`ANSWER_TOKENS`: the time the
+/// bucket was last full, in ns; a token every 1/`ANSWERS_PER_SEC` s up to `ANSWER_BURST`).
+#[inline(always)]
+fn answer_allowed() -> bool {
+    const EVERY_NS: u64 = 1_000_000_000 / ANSWERS_PER_SEC;
+    let Some(tat) = ANSWER_TOKENS.get_ptr_mut(0) else { return false };
+    // SAFETY: a helper without arguments; this CPU's slot of a per-CPU map.
+    let (now, tat) = (unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }, unsafe { &mut *tat });
+    // A generic cell rate algorithm, as storm control's: `tat` runs at most a burst ahead.
+    let next = if *tat > now { *tat } else { now };
+    if next - now > EVERY_NS * (ANSWER_BURST - 1) {
+        return false;
+    }
+    *tat = next + EVERY_NS;
+    true
+}
+
 /// Moves the frame's start `by` bytes earlier (`by` < 0) or later.
 #[inline(always)]
 fn adjust_head(ctx: &XdpContext, by: i32) -> Result<(), Verdict> {
@@ -197,13 +250,15 @@ fn send4<const L2: usize>(
     // SAFETY (every deref below): inside the frame, checked by `ptr_at` since the last
     // adjustment.
     let (tos, tot_len, frag_off) = unsafe { ((*ip).tos, u16::from_be((*ip).tot_len), (*ip).frag_off) };
-    // The outer length is the client's claim: a claim longer than the frame (Ethernet padding
-    // makes frames longer, never shorter) is refused before anything is written.
-    if usize::from(tot_len) + L2 > ctx.data_end() - ctx.data() || tot_len < 20 {
+    // The outer length is the client's claim, checked against the frame before anything is
+    // written: no longer than it, and no shorter unless the rest is Ethernet padding (the frame
+    // at its minimum size), so bytes past the claim never ride out over the path MTU.
+    if !claim_fits(ctx, L2 + usize::from(tot_len)) || tot_len < 20 {
         return Err(Verdict::PassMalformed);
     }
     if tot_len > t.max_inner {
-        if !answer || frag_off & IP_DF == 0 {
+        // (SAFETY: the header is inside the frame, as above.)
+        if !answer || frag_off & IP_DF == 0 || !answerable4(unsafe { (*ip).saddr }) || !answer_allowed() {
             return Err(Verdict::DropTooBig);
         }
         return answer4::<L2>(ctx, t.max_inner);
@@ -253,11 +308,12 @@ fn send6<const L2: usize>(
     // adjustment.
     let (vtf, payload) = unsafe { (u32::from_be((*ip).ver_tc_flow), u32::from(u16::from_be((*ip).payload_len))) };
     let inner = payload + 40;
-    if inner as usize + L2 > ctx.data_end() - ctx.data() {
+    if !claim_fits(ctx, L2 + inner as usize) {
         return Err(Verdict::PassMalformed);
     }
     if inner > u32::from(t.max_inner) {
-        if !answer {
+        // (SAFETY: the header is inside the frame, as above.)
+        if !answer || !answerable6(unsafe { &(*ip).saddr }) || !answer_allowed() {
             return Err(Verdict::DropTooBig);
         }
         return answer6::<L2>(ctx, t.max_inner);

@@ -48,6 +48,8 @@ pub struct Wanted {
 pub struct Neighbours {
     macs: watch::Receiver<Macs>,
     wanted: watch::Sender<Wanted>,
+    /// Routed addresses whose route does not leave by the interface (or that have none).
+    unroutable: watch::Receiver<BTreeSet<IpAddr>>,
 }
 
 impl Neighbours {
@@ -61,14 +63,21 @@ impl Neighbours {
         let first = dump(&handle, ifindex).await?;
         let (macs_tx, macs) = watch::channel(first);
         let (wanted, wanted_rx) = watch::channel(Wanted::default());
-        tokio::spawn(watch_table(handle, ifindex, macs_tx, wanted_rx));
-        Ok(Self { macs, wanted })
+        let (unroutable_tx, unroutable) = watch::channel(BTreeSet::new());
+        tokio::spawn(watch_table(handle, ifindex, macs_tx, wanted_rx, unroutable_tx));
+        Ok(Self { macs, wanted, unroutable })
     }
 
     /// The MAC of `addr`, if the latest snapshot has it.
     #[must_use]
     pub fn mac(&self, addr: IpAddr) -> Option<[u8; 6]> {
         self.macs.borrow().get(&addr).copied()
+    }
+
+    /// Whether routed address `addr` has no route out of the interface (as last looked up).
+    #[must_use]
+    pub fn unroutable(&self, addr: IpAddr) -> bool {
+        self.unroutable.borrow().contains(&addr)
     }
 
     /// The addresses the watcher keeps resolved (every backend without a configured MAC).
@@ -87,7 +96,13 @@ impl Neighbours {
     }
 }
 
-async fn watch_table(handle: Handle, ifindex: u32, macs: watch::Sender<Macs>, mut wanted: watch::Receiver<Wanted>) {
+async fn watch_table(
+    handle: Handle,
+    ifindex: u32,
+    macs: watch::Sender<Macs>,
+    mut wanted: watch::Receiver<Wanted>,
+    unroutable: watch::Sender<BTreeSet<IpAddr>>,
+) {
     // The last next hop (or why none) of each routed address, to log changes once.
     let mut hops: BTreeMap<IpAddr, Result<IpAddr, String>> = BTreeMap::new();
     loop {
@@ -111,18 +126,31 @@ async fn watch_table(handle: Handle, ifindex: u32, macs: watch::Sender<Macs>, mu
             }
         }
         hops.retain(|a, _| want.routed.contains(a));
+        // Before the MACs that follow from it: a reader woken by those finds it current.
+        let lost: BTreeSet<IpAddr> = want.routed.iter().copied().filter(|a| !next_hops.contains_key(a)).collect();
+        unroutable.send_if_modified(|u| {
+            let changed = *u != lost;
+            *u = lost;
+            changed
+        });
         let needed: BTreeSet<IpAddr> = want.direct.iter().copied().chain(next_hops.values().copied()).collect();
         match dump(&handle, ifindex).await {
             Ok(mut found) => {
                 for &addr in needed.iter().filter(|a| !found.contains_key(a)) {
                     solicit(&handle, ifindex, addr).await;
                 }
-                for (&addr, hop) in &next_hops {
-                    if let Some(&mac) = found.get(hop) {
-                        found.insert(addr, mac);
-                    } else {
-                        found.remove(&addr);
-                    }
+                for &addr in &want.routed {
+                    let mac = match next_hops.get(&addr) {
+                        // The hop's MAC; while it is being resolved again, the last one known.
+                        Some(hop) => found.get(hop).copied().or_else(|| macs.borrow().get(&addr).copied()),
+                        // No route out of the interface: no MAC (not the address's own
+                        // neighbour entry, should it have one).
+                        None => None,
+                    };
+                    match mac {
+                        Some(mac) => found.insert(addr, mac),
+                        None => found.remove(&addr),
+                    };
                 }
                 macs.send_if_modified(|m| {
                     let changed = *m != found;

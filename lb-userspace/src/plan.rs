@@ -68,11 +68,14 @@ impl Ids {
 }
 
 /// Per-backend facts that are not in the config file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendRuntime {
     /// `None` until resolved (a broker powered off when the controller started): out of every
-    /// ring until it answers.
+    /// ring until it answers. A tunnelled backend's is its route's next hop's.
     pub mac: Option<[u8; 6]>,
+    /// A dual-stack tunnelled backend's IPv6 next hop's MAC (its IPv6 route may leave through
+    /// another router); `None` for every other backend, or until resolved.
+    pub mac6: Option<[u8; 6]>,
     /// Drained from the CLI: out of every ring, its flows stay.
     pub drained: bool,
 }
@@ -119,7 +122,10 @@ pub fn desired(
             let b = config.backend(name).with_context(|| format!("listener {}: no backend {name}", l.name))?;
             let rt = runtime.get(name).with_context(|| format!("backend {name}: no runtime facts"))?;
             let backend = *ids.backends.get(name).with_context(|| format!("backend {name}: no id"))?;
-            let Some(mac) = rt.mac else { continue };
+            // A dual-stack tunnelled backend reaches IPv6 listeners' clients' packets through its
+            // IPv6 route.
+            let mac = if l.vip.is_ipv6() && b.forward != Forward::L2 && b.address.is_some() { rt.mac6 } else { rt.mac };
+            let Some(mac) = mac else { continue };
             let weight = if rt.drained { 0 } else { b.weight };
             let tunnel = real_tunnel(config, l.vip, b)?;
             candidates.push(Candidate { name, backend, weight, mac, out: down.get(&(l.name.clone(), name.clone())).copied(), tunnel });
@@ -252,7 +258,7 @@ mod tests {
             let runtime = config
                 .backends
                 .iter()
-                .map(|b| (b.name.clone(), BackendRuntime { mac: Some([2, 0, 0, 0, 0, 1]), drained: false }))
+                .map(|b| (b.name.clone(), BackendRuntime { mac: Some([2, 0, 0, 0, 0, 1]), ..BackendRuntime::default() }))
                 .collect();
             let desired = desired(config, &ids, &runtime, &DownSet::new(), [2, 0, 0, 0, 0, 9]).expect("plan");
             let view = crate::exceptions::RingView::new(&desired, &ids, config.ring_size).with_nominal(config, &ids);

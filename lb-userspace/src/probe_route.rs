@@ -177,7 +177,11 @@ async fn reconcile(handle: &Handle, ifindex: u32, want: &Wanted) -> anyhow::Resu
         for &(vip, addr, tunnelled) in pairs {
             let via = if tunnelled {
                 match netlink::route_get(handle, addr).await {
-                    Ok((_, gateway)) => gateway.unwrap_or(addr),
+                    Ok((oif, gateway)) if oif == ifindex => gateway.unwrap_or(addr),
+                    Ok(_) => {
+                        tracing::warn!(backend = %addr, "the route to a tunnelled backend leaves by another interface: its VIP checks will fail");
+                        continue;
+                    }
                     Err(e) => {
                         tracing::warn!(backend = %addr, error = %format!("{e:#}"), "no route to a tunnelled backend: its VIP checks will fail");
                         continue;
@@ -218,7 +222,10 @@ async fn reconcile(handle: &Handle, ifindex: u32, want: &Wanted) -> anyhow::Resu
                 .output_interface(ifindex)
                 .table_id(table(b))
                 .build();
-            netlink::replace_route(handle, route).await.with_context(|| format!("routing DSR probes for {vip} via backend {addr}"))?;
+            // One route the kernel refuses leaves the others in place.
+            if let Err(e) = netlink::replace_route(handle, route).await {
+                tracing::warn!(%vip, via = %addr, error = %e, "a DSR-path probe route was refused: that backend's VIP checks will fail");
+            }
         }
     }
     Ok(())

@@ -122,7 +122,11 @@ impl Lb {
     pub fn apply(&mut self) {
         self.ids.update(&self.config).expect("ids");
         for b in &self.config.backends {
-            self.runtime.entry(b.name.clone()).or_insert(BackendRuntime { mac: Some(b.mac.unwrap_or(NEXT_HOP_MAC)), drained: false });
+            self.runtime.entry(b.name.clone()).or_insert(BackendRuntime {
+                mac: Some(b.mac.unwrap_or(NEXT_HOP_MAC)),
+                mac6: Some(NEXT_HOP_MAC),
+                drained: false,
+            });
         }
         self.runtime.retain(|name, _| self.config.backend(name).is_some());
         self.desired = plan::desired(&self.config, &self.ids, &self.runtime, &self.down, self.src_mac).expect("plan");

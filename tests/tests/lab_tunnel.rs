@@ -321,7 +321,8 @@ fn tunnelled_brokers_without_decap_or_vip_are_vip_misconfigured() {
     lab.exec(&lab.ns("lb"), "ip", &["route", "add", "203.0.113.0/24", "dev", "lo"]).expect("a route out of lo");
     lab.exec(&lab.ns("lb"), "ip", &["-6", "route", "add", "2001:db8:ffff::/48", "dev", "lo"]).expect("an IPv6 route out of lo");
     let config = std::fs::read_to_string(&lb.config).expect("config");
-    let bad = format!("{config}\n[[backend]]\nname = \"b9\"\naddress = \"203.0.113.9\"\naddress6 = \"2001:db8:ffff::9\"\nforward = \"ipip\"\n");
+    let bad =
+        format!("{config}\n[[backend]]\nname = \"b9\"\naddress = \"203.0.113.9\"\naddress6 = \"2001:db8:ffff::9\"\nforward = \"ipip\"\n");
     std::fs::write(&lb.config, bad).expect("writing the config");
     let (ok, _, err) = lb.cli(&["reload"]);
     assert!(!ok && err.contains("backend b9 (203.0.113.9)") && err.contains("not eth0"), "{err}");

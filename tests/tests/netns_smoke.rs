@@ -103,7 +103,7 @@ fn syns_to_the_vip_bounce_with_a_backend_mac() {
     let lb_mac = lb.run(|| dataplane::interface_mac("lb0")).expect("lb0 MAC");
     let mut ids = Ids::default();
     ids.update(&cfg).expect("ids");
-    let runtime = cfg.backends.iter().map(|b| (b.name.clone(), BackendRuntime { mac: b.mac, drained: false })).collect();
+    let runtime = cfg.backends.iter().map(|b| (b.name.clone(), BackendRuntime { mac: b.mac, ..BackendRuntime::default() })).collect();
     dp.apply(&plan::desired(&cfg, &ids, &runtime, &DownSet::new(), lb_mac).expect("plan")).expect("apply");
     lb.run(|| dp.attach("lb0", XdpMode::Driver)).expect("attach to lb0");
     // The receiving side of a veth needs an XDP program of its own to get XDP_TX frames.

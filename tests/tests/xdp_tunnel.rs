@@ -344,3 +344,45 @@ fn config_rules() {
     assert_eq!(ok.backend("g").map(|b| b.forward), Some(config::Forward::Gue));
     assert_eq!(ok.backend("l").map(|b| b.forward), Some(config::Forward::L2));
 }
+
+/// A frame longer than its IP packet claims (more than Ethernet padding) is refused before
+/// anything is written; too-big frames from sources no ICMP error may go to are dropped, not
+/// answered; and answers are rate-limited per CPU (a burst of 50, then 1,000 a second).
+#[test]
+fn trailing_bytes_unanswerable_sources_and_the_answer_rate() {
+    require_root!();
+    let lb = lb();
+    // 200 bytes of frame, the IPv4 header claiming 100 (its checksum fixed: only the claim lies).
+    let mut long = sized4(44000, 1883, 186, true).build();
+    long[16..18].copy_from_slice(&100u16.to_be_bytes());
+    long[24..26].copy_from_slice(&[0, 0]);
+    let c = checksum(&long[14..34], 0);
+    long[24..26].copy_from_slice(&c.to_be_bytes());
+    lb.check_case(&Case::pass("a claim 100 bytes short of the frame", long, reason::PASS_MALFORMED).malformed());
+    // Minimum-size frames carry padding past the claim: still forwarded.
+    let mut padded = syn4(44001, 1883).build();
+    let claim = padded.len() - 14;
+    padded.resize(60, 0);
+    let mut want = frame(0x0800, &outer4(4, 0, BROKER_I, &padded[14..14 + claim]));
+    want.extend_from_slice(&[0; 6]);
+    lb.check_case(&Case::tx("a SYN padded to 60 bytes", padded).frame(want).malformed());
+
+    for (what, src) in [("multicast", Ipv4Addr::new(224, 0, 0, 9)), ("loopback", Ipv4Addr::LOCALHOST), ("zero", Ipv4Addr::UNSPECIFIED)] {
+        let mut f = sized4(44002, 1883, 1481, true);
+        f.src = src;
+        lb.check_case(&Case::drop(format!("too big from a {what} source"), f.build(), reason::DROP_TOO_BIG));
+    }
+    let mut f6 = sized6(44003, 1883, 1461);
+    f6.src = "ff02::1".parse().expect("v6");
+    lb.check_case(&Case::drop("IPv6 too big from a multicast source", f6.build(), reason::DROP_TOO_BIG));
+
+    // 200 too-big frames back to back on this CPU: the burst is answered, the rest dropped.
+    tests::fixture::pin_to_cpu(0);
+    let big = sized4(44004, 1883, 1481, true).build();
+    let started = std::time::Instant::now();
+    let answered = (0..200).filter(|_| lb.run(&big).0 == XDP_TX).count();
+    let took_ms = started.elapsed().as_millis();
+    assert!(took_ms < 100, "200 runs took {took_ms} ms: too slow to see the limit");
+    let bound = 50 + usize::try_from(took_ms).expect("small") + 1;
+    assert!((50..=bound).contains(&answered), "answered {answered} of 200 in {took_ms} ms (at most {bound})");
+}

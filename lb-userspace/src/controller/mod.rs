@@ -88,9 +88,16 @@ fn resolve_macs(
             .or_else(|| old.get(&b.name).and_then(|rt| rt.mac))
             .or_else(|| adopted.get(&b.name).copied())
             .or_else(|| neigh.mac(b.primary()));
-        runtime.insert(b.name.clone(), BackendRuntime { mac, drained });
+        let mac6 = tunnel6(b).and_then(|a6| old.get(&b.name).and_then(|rt| rt.mac6).or_else(|| neigh.mac(a6)));
+        runtime.insert(b.name.clone(), BackendRuntime { mac, mac6, drained });
     }
     runtime
+}
+
+/// A dual-stack tunnelled backend's IPv6 address: its IPv6 tunnel frames go to that route's next
+/// hop, resolved apart from the IPv4 one (`BackendRuntime::mac6`).
+fn tunnel6(b: &config::Backend) -> Option<IpAddr> {
+    (b.forward != config::Forward::L2 && b.address.is_some()).then_some(b.address6.map(IpAddr::V6)).flatten()
 }
 
 /// Ids for maps adopted without a saved controller state: listeners recognised by VIP and
@@ -219,9 +226,19 @@ impl Controller {
                 }
             },
         };
+        // A MAC the maps hold is kept only for a backend forwarded the same way: a tunnelled
+        // real's is its router's, which a broker now on the segment must not inherit.
         let backend_macs = dp.backend_macs();
-        let adopted: BTreeMap<String, [u8; 6]> =
-            saved.ids.backends.iter().filter_map(|(name, id)| backend_macs.get(id).map(|m| (name.clone(), *m))).collect();
+        let adopted: BTreeMap<String, [u8; 6]> = saved
+            .ids
+            .backends
+            .iter()
+            .filter_map(|(name, id)| {
+                let (mac, tunnelled) = backend_macs.get(id)?;
+                let forward = config.backend(name)?.forward;
+                (*tunnelled == (forward != config::Forward::L2)).then(|| (name.clone(), *mac))
+            })
+            .collect();
         let mut runtime = resolve_macs(&config, &BTreeMap::new(), &adopted, &neigh);
         for (name, rt) in &mut runtime {
             rt.drained = saved.drained.contains(name);
@@ -383,6 +400,29 @@ impl Controller {
                 rt.mac = Some(mac);
                 changed = true;
             }
+            if let Some(a6) = tunnel6(b)
+                && let Some(mac) = self.neigh.mac(a6)
+                && rt.mac6 != Some(mac)
+            {
+                tracing::info!(backend = %b.name, new = %format_mac(mac), "IPv6 next hop's MAC resolved or changed: its IPv6 rings follow");
+                rt.mac6 = Some(mac);
+                changed = true;
+            }
+            // A tunnelled backend whose route no longer leaves by the interface (or is gone) has
+            // no next hop: out of every ring (`no-mac`) until it has one again. (A backend on the
+            // segment keeps the MAC it had while its neighbour entry is briefly missing.)
+            if b.forward != config::Forward::L2 {
+                for (addr, mac) in [(Some(b.primary()), &mut rt.mac), (tunnel6(b), &mut rt.mac6)] {
+                    if let Some(addr) = addr
+                        && mac.is_some()
+                        && self.neigh.unroutable(addr)
+                    {
+                        tracing::warn!(backend = %b.name, %addr, "tunnelled backend has no next hop on the interface: out of its rings");
+                        *mac = None;
+                        changed = true;
+                    }
+                }
+            }
         }
         if changed && let Err(e) = self.apply() {
             tracing::error!(error = %format!("{e:#}"), "applying a MAC change failed");
@@ -410,7 +450,15 @@ impl Controller {
         }
         vips_are_not_ours(&new)?;
         resolve_tunnel(&mut new)?;
-        let runtime = resolve_macs(&new, &self.runtime, &BTreeMap::new(), &self.neigh);
+        // A backend forwarded another way now keeps none of its old MACs: a tunnelled one's was
+        // its router's (and the other way round).
+        let mut old = self.runtime.clone();
+        for (name, rt) in &mut old {
+            if self.config.backend(name).map(|b| b.forward) != new.backend(name).map(|b| b.forward) {
+                (rt.mac, rt.mac6) = (None, None);
+            }
+        }
+        let runtime = resolve_macs(&new, &old, &BTreeMap::new(), &self.neigh);
         let mut ids = self.ids.clone();
         let mut fresh = self.fresh.clone();
         let given = ids.update(&new)?;
@@ -639,7 +687,7 @@ fn wanted_neighbours(config: &Config) -> neigh::Wanted {
     let unset = || config.backends.iter().filter(|b| b.mac.is_none());
     neigh::Wanted {
         direct: unset().filter(|b| b.forward == config::Forward::L2).map(config::Backend::primary).collect(),
-        routed: unset().filter(|b| b.forward != config::Forward::L2).map(config::Backend::primary).collect(),
+        routed: unset().filter(|b| b.forward != config::Forward::L2).flat_map(|b| std::iter::once(b.primary()).chain(tunnel6(b))).collect(),
     }
 }
 
@@ -666,15 +714,18 @@ fn resolve_tunnel(config: &mut Config) -> anyhow::Result<()> {
             _ => None,
         });
     }
-    if t.mtu.is_none() {
-        let name = interface.clone();
-        let mtu = crate::netlink::blocking(move |h| async move { crate::netlink::mtu(&h, &name).await })?;
+    let name = interface.clone();
+    let link_mtu = crate::netlink::blocking(move |h| async move { crate::netlink::mtu(&h, &name).await })?;
+    if let Some(mtu) = t.mtu {
+        // Wrapped frames leave by the interface: the path cannot take more than it does.
+        ensure!(mtu <= link_mtu, "tunnel_mtu {mtu} is larger than {interface}'s MTU {link_mtu}: wrapped frames would not fit the link");
+    } else {
         ensure!(
-            mtu >= lb_common::TUNNEL_MIN_MTU,
-            "{interface}'s MTU is {mtu}: tunnelled backends need a path MTU of at least {} (set tunnel_mtu if the path allows more)",
+            link_mtu >= lb_common::TUNNEL_MIN_MTU,
+            "{interface}'s MTU is {link_mtu}: tunnelled backends need a path MTU of at least {}",
             lb_common::TUNNEL_MIN_MTU
         );
-        t.mtu = Some(mtu);
+        t.mtu = Some(link_mtu);
     }
     let addrs: Vec<(String, IpAddr)> = tunnelled
         .iter()
@@ -684,7 +735,16 @@ fn resolve_tunnel(config: &mut Config) -> anyhow::Result<()> {
     crate::netlink::blocking(move |h| async move {
         let ifindex = crate::netlink::ifindex(&h, &interface2).await?;
         for (name, a) in &addrs {
-            let (oif, _) = crate::netlink::route_get(&h, *a).await.with_context(|| format!("backend {name} ({a}) is tunnelled"))?;
+            // No route yet (the routing daemon not up, say) is no reason to refuse: the backend
+            // waits without a next hop (`no-mac`) until it has one. A route by another interface
+            // is a config the program cannot serve.
+            let oif = match crate::netlink::route_get(&h, *a).await {
+                Ok((oif, _)) => oif,
+                Err(e) => {
+                    tracing::warn!(backend = %name, address = %a, error = %format!("{e:#}"), "tunnelled backend has no route yet");
+                    continue;
+                }
+            };
             ensure!(
                 oif == ifindex,
                 "backend {name} ({a}): its route leaves by interface index {oif}, not {interface2} (index {ifindex}); the balancer \

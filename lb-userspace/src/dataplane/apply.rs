@@ -41,6 +41,7 @@ impl Dataplane {
         if report.reals_written > 0 || report.flows_purged > 0 {
             self.invalidate_flow_caches();
         }
+        self.clear_stale_tunnels(&reals)?;
         *self.events.names.write().unwrap_or_else(std::sync::PoisonError::into_inner) = want.listener_names.clone();
         Ok(report)
     }
@@ -130,14 +131,6 @@ impl Dataplane {
                 self.counted.insert(id);
                 report.reals_written += 1;
             }
-        }
-        // Reals now forwarded by MAC (gone ones: `retire_reals`).
-        let mut tunnels: Array<&mut MapData, RealTunnel> = map_mut(&mut self.ebpf, names::REAL_TUNNELS)?;
-        let untunnelled: Vec<u32> =
-            self.written.tunnels.keys().copied().filter(|id| reals.get(id).is_some_and(|(i, _)| i.flags & REAL_F_TUNNEL == 0)).collect();
-        for id in untunnelled {
-            tunnels.set(id, RealTunnel::default(), 0).with_context(|| format!("clearing the tunnel of real {id}"))?;
-            self.written.tunnels.remove(&id);
         }
         Ok(())
     }
@@ -313,9 +306,19 @@ impl Dataplane {
             self.written.reals.remove(&id);
             report.reals_written += 1;
         }
+        Ok(())
+    }
+
+    /// Step 8: the tunnels of reals no longer tunnelled (or gone), once no `REALS` entry and no
+    /// flow cache entry (invalidated in step 7) names them.
+    fn clear_stale_tunnels(&mut self, reals: &BTreeMap<u32, (RealInfo, RealTunnel)>) -> anyhow::Result<()> {
+        let stale: Vec<u32> =
+            self.written.tunnels.keys().copied().filter(|id| reals.get(id).is_none_or(|(i, _)| i.flags & REAL_F_TUNNEL == 0)).collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
         let mut tunnels: Array<&mut MapData, RealTunnel> = map_mut(&mut self.ebpf, names::REAL_TUNNELS)?;
-        let gone: Vec<u32> = self.written.tunnels.keys().copied().filter(|id| !reals.contains_key(id)).collect();
-        for id in gone {
+        for id in stale {
             tunnels.set(id, RealTunnel::default(), 0).with_context(|| format!("clearing the tunnel of real {id}"))?;
             self.written.tunnels.remove(&id);
         }

@@ -324,11 +324,21 @@ impl Dataplane {
         MapIds { listeners, backends, tunnelled }
     }
 
-    /// The MAC each backend id's reals were last written with (for adoption: a broker that is
-    /// off when the controller restarts keeps the MAC it had).
+    /// The MAC each backend id's reals were last written with, and whether they were tunnelled
+    /// (for adoption: a broker that is off when the controller restarts keeps the MAC it had).
+    /// An IPv4 listener's real says it when there is one: a dual-stack tunnelled backend's IPv6
+    /// reals hold its IPv6 next hop's MAC.
     #[must_use]
-    pub fn backend_macs(&self) -> BTreeMap<u32, [u8; 6]> {
-        self.written.reals.iter().map(|(&r, info)| (real_backend(r), info.dst_mac)).collect()
+    pub fn backend_macs(&self) -> BTreeMap<u32, ([u8; 6], bool)> {
+        let mut out = BTreeMap::new();
+        for v6 in [true, false] {
+            for (&r, info) in &self.written.reals {
+                if self.written.vip6.contains_key(&lb_common::real_listener(r)) == v6 {
+                    out.insert(real_backend(r), (info.dst_mac, info.flags & lb_common::REAL_F_TUNNEL != 0));
+                }
+            }
+        }
+        out
     }
 
     /// The flow table's key of a client tuple (either family; both addresses of one), and an

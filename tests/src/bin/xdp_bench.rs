@@ -127,7 +127,8 @@ fn setup_family(flow_table_size: u32, ipv6: bool) -> Bench {
     let programs = TestPrograms::load([0x02, 0, 0, 0, 0, 0x11]).expect("loading the test object");
     let mut ids = Ids::default();
     ids.update(&cfg).expect("ids");
-    let rt: BTreeMap<_, _> = cfg.backends.iter().map(|b| (b.name.clone(), BackendRuntime { mac: b.mac, drained: false })).collect();
+    let rt: BTreeMap<_, _> =
+        cfg.backends.iter().map(|b| (b.name.clone(), BackendRuntime { mac: b.mac, ..BackendRuntime::default() })).collect();
     dp.apply(&plan::desired(&cfg, &ids, &rt, &DownSet::new(), LB_MAC).expect("plan")).expect("apply");
     Bench { dp, test: programs, restore: RowRestore::None, decap: None }
 }
@@ -155,7 +156,8 @@ fn setup_tunnel(forward: &str, ipv6: bool) -> Bench {
     let mut ids = Ids::default();
     ids.update(&cfg).expect("ids");
     let next_hop = Some([0x02, 0, 0, 0, 0, 0xfe]);
-    let rt: BTreeMap<_, _> = cfg.backends.iter().map(|b| (b.name.clone(), BackendRuntime { mac: next_hop, drained: false })).collect();
+    let rt: BTreeMap<_, _> =
+        cfg.backends.iter().map(|b| (b.name.clone(), BackendRuntime { mac: next_hop, mac6: next_hop, drained: false })).collect();
     dp.apply(&plan::desired(&cfg, &ids, &rt, &DownSet::new(), LB_MAC).expect("plan")).expect("apply");
     Bench { dp, test: programs, restore: RowRestore::None, decap: None }
 }
