@@ -57,7 +57,8 @@ pub fn xdp_floor_adjust(ctx: XdpContext) -> u32 {
 #[aya_ebpf::macros::btf_map]
 static BENCH_TARGET: aya_ebpf::btf_maps::ProgramArray<1> = aya_ebpf::btf_maps::ProgramArray::new();
 
-/// `xdp_bench_flows`' sequence: [next, wrap, MAC low, MAC high, keep, restore, bytes, started].
+/// `xdp_bench_flows`' sequence: [next, wrap, MAC low, MAC high, keep, restore, bytes, started,
+/// per_cpu].
 /// Run `next` is client
 /// 11.0.0.0 + `next` / 16384, port 1024 + 2 × (`next` % 16384), as Linux clients pick even
 /// ports; `next` goes back to 0 at `wrap` (0: never). The MAC (its first four bytes, then its
@@ -68,9 +69,16 @@ static BENCH_TARGET: aya_ebpf::btf_maps::ProgramArray<1> = aya_ebpf::btf_maps::P
 /// runs each repeat on the previous run's output: [`RESTORE_UNWRAP`] strips the `bytes` a
 /// tunnel added in front (keeping the Ethernet header), [`RESTORE_REWRAP`] puts back the
 /// Ethernet header and `bytes` of outer headers of `BENCH_WRAP` that a decap removed; not
-/// before the first run (`started` 0; the driver sets it).
+/// before the first run (`started` 0; the driver sets it). `per_cpu` non-zero: each CPU runs a
+/// sequence of its own (`BENCH_CPU`), so CPUs running at once neither share tuples nor write
+/// a shared counter.
 #[aya_ebpf::macros::btf_map]
-static BENCH_FLOWS: aya_ebpf::btf_maps::Array<u32, 8> = aya_ebpf::btf_maps::Array::new();
+static BENCH_FLOWS: aya_ebpf::btf_maps::Array<u32, 9> = aya_ebpf::btf_maps::Array::new();
+
+/// Per CPU, with `BENCH_FLOWS[8]`: [next, base]: this CPU's run `next` stamps tuple `base +
+/// next` (`next` wraps at `BENCH_FLOWS[1]`).
+#[aya_ebpf::macros::btf_map]
+static BENCH_CPU: aya_ebpf::btf_maps::PerCpuArray<[u32; 2], 1> = aya_ebpf::btf_maps::PerCpuArray::new();
 
 /// `BENCH_FLOWS[5]`: nothing to undo.
 const RESTORE_NONE: u32 = 0;
@@ -178,9 +186,15 @@ pub fn xdp_bench_flows(ctx: XdpContext) -> u32 {
             BENCH_TARGET.tail_call(&ctx, 0);
             return xdp_action::XDP_ABORTED;
         }
+        let per_cpu = BENCH_FLOWS.get(8).is_some_and(|p| *p != 0);
+        let (next, base) = match BENCH_CPU.get_ptr_mut(0) {
+            Some(cpu) if per_cpu => ((&raw mut (*cpu)[0]), (*cpu)[1]),
+            _ => (next, 0),
+        };
         let n = *next;
         let following = n.wrapping_add(1);
         *next = if following == *wrap { 0 } else { following };
+        let n = base.wrapping_add(n);
         // An untagged IPv6 frame (EtherType 0x86dd, no extension headers): the last four
         // bytes of the source address (offset 34) and the TCP source port (offset 54).
         if *((start + 12) as *const u16) == 0x86dd_u16.to_be() {

@@ -80,11 +80,30 @@ impl TestPrograms {
             RESTORE_NONE,
             0,
             0,
+            0,
         ];
         for (i, w) in (0..).zip(words) {
             seq.set(i, w, 0).context("setting up the driver's sequence")?;
         }
         Ok(())
+    }
+
+    /// As [`Self::drive`] with a sequence per CPU: CPU `i` runs tuples `bases[i]` onwards (its
+    /// `next` back to 0 after `wrap` runs, 0: never), so CPUs driven at once share no tuple
+    /// and no counter.
+    ///
+    /// # Errors
+    /// When a map write fails or `bases` does not name every CPU.
+    pub fn drive_per_cpu(&mut self, dp: &Dataplane, bases: &[u32], wrap: u32) -> anyhow::Result<()> {
+        use aya::maps::{PerCpuArray, PerCpuValues};
+        self.drive(dp, false, 0, wrap, false)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        ensure!(bases.len() >= cpus, "{} bases for {cpus} CPUs", bases.len());
+        let values = PerCpuValues::try_from(bases[..cpus].iter().map(|&b| [0, b]).collect::<Vec<[u32; 2]>>())?;
+        let mut per: PerCpuArray<&mut MapData, [u32; 2]> = map_mut(&mut self.ebpf, "BENCH_CPU")?;
+        per.set(0, values, 0).context("setting the per-CPU sequences")?;
+        let mut seq: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, "BENCH_FLOWS")?;
+        seq.set(8, 1, 0).context("switching the driver to per-CPU sequences")
     }
 
     /// Makes the driver undo, before every run but the first, what the last run did to the

@@ -647,6 +647,21 @@ fn run() -> anyhow::Result<()> {
             row["check"].as_str().unwrap_or("")
         );
     }
+    let _ = writeln!(
+        r,
+        "\nEvery CPU at once (one thread pinned per CPU, each its own `BPF_PROG_TEST_RUN` loop of 2,000,000 driver runs; million packets per second over the slowest CPU's wall time, the driver included; medians of 5 rounds):\n\n| path | 1 CPU | every CPU | ratio | checked after the runs |\n| --- | --- | --- | --- | --- |"
+    );
+    for row in micro["multicore"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            r,
+            "| {} | {:.2} M | {:.2} M | {:.2} | {} |",
+            row["path"].as_str().unwrap_or(""),
+            row["one_mpps"].as_f64().unwrap_or(0.0),
+            row["all_mpps"].as_f64().unwrap_or(0.0),
+            row["ratio"].as_f64().unwrap_or(0.0),
+            row["check"].as_str().unwrap_or("")
+        );
+    }
     let f = |k: &str| micro[k].as_f64().unwrap_or(0.0);
     let _ = writeln!(
         r,
