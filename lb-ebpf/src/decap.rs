@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{DECAP_MAX_ADDRS, DecapConf, Ip6, decap_reason as why};
-use lb_ebpf::hdr::{IP_MF_OFFSET_MASK, Ipv4Hdr, Ipv6Hdr};
+use lb_ebpf::hdr::{ETH_HLEN, IP_MF_OFFSET_MASK, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, Ipv4Hdr, Ipv6Hdr, UdpHdr};
 
 /// VIPs this host holds (IPv4 as IPv4-mapped IPv6): a tunnel frame for one is decapsulated.
 #[btf_map]
@@ -38,12 +38,8 @@ static DECAP_CONF: Array<DecapConf, 1> = Array::new();
 #[btf_map]
 static DECAP_STATS: PerCpuArray<u64, { why::COUNT as usize }> = PerCpuArray::new();
 
-const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800_u16.to_be();
 const ETH_P_IPV6: u16 = 0x86dd_u16.to_be();
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_IPV6: u8 = 41;
 const IPPROTO_FRAGMENT: u8 = 44;
 /// IPv4 `frag_off`'s offset bits, in wire order.
 const IP_OFFSET_MASK: u16 = 0x1fff_u16.to_be();
@@ -57,14 +53,6 @@ struct EthHdr {
     dst: [u8; 6],
     src: [u8; 6],
     proto: u16,
-}
-
-#[repr(C)]
-struct UdpHdr {
-    source: u16,
-    dest: u16,
-    len: u16,
-    check: u16,
 }
 
 /// A pointer to a `T` at `offset`, or `None` when it would reach past the frame.

@@ -36,6 +36,35 @@ pub mod hdr {
 
     /// IPv4 `frag_off` bits, in wire order: "more fragments" and the 13-bit offset.
     pub const IP_MF_OFFSET_MASK: u16 = 0x3fff_u16.to_be();
+    /// IPv4 "don't fragment", in wire order.
+    pub const IP_DF: u16 = 0x4000_u16.to_be();
+
+    /// An untagged Ethernet header's length.
+    pub const ETH_HLEN: usize = 14;
+
+    /// The protocols a tunnel carries (IPv4 `protocol`, IPv6 `next_header`).
+    pub const IPPROTO_IPIP: u8 = 4;
+    pub const IPPROTO_UDP: u8 = 17;
+    pub const IPPROTO_IPV6: u8 = 41;
+
+    /// A UDP header (GUE's outer transport), fields in wire order.
+    #[repr(C)]
+    pub struct UdpHdr {
+        pub source: u16,
+        pub dest: u16,
+        pub len: u16,
+        pub check: u16,
+    }
+
+    /// The IPv4 address an `Ip6` holds IPv4-mapped (in its last four bytes), as the wire-order
+    /// word a header holds.
+    #[inline(always)]
+    #[expect(clippy::inline_always, reason = "the XDP and TC programs need it inlined into their paths")]
+    #[must_use]
+    pub fn mapped_v4(a: &lb_common::Ip6) -> u32 {
+        let o = &a.octets;
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]])
+    }
 
     const _: () = assert!(core::mem::size_of::<Ipv4Hdr>() == 20 && core::mem::size_of::<Ipv6Hdr>() == 40);
 }

@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{PROBE_MARK_BASE, PROBE_MARK_MASK, RealTunnel, TUNNEL_GUE, TUNNEL_L2, gue_source_port, probe_tunnel_slot, tunnel_overhead};
-use lb_ebpf::hdr::{Ipv4Hdr, Ipv6Hdr};
+use lb_ebpf::hdr::{ETH_HLEN, IP_DF, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, Ipv4Hdr, Ipv6Hdr, UdpHdr, mapped_v4};
 
 use crate::maps::PROBE_TUNNELS;
 
@@ -26,28 +26,8 @@ use crate::maps::PROBE_TUNNELS;
 /// would end the chain, and the legacy `tc` filters would not see it either).
 const TCX_NEXT: i32 = -1;
 
-const ETH_HLEN: usize = 14;
 const ETH_P_IP: u32 = 0x0800;
 const ETH_P_IPV6: u32 = 0x86dd;
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_IPV6: u8 = 41;
-const IP_DF: u16 = 0x4000_u16.to_be();
-
-#[repr(C)]
-struct UdpHdr {
-    source: u16,
-    dest: u16,
-    len: u16,
-    check: u16,
-}
-
-/// The IPv4 address in the last four bytes of a `RealTunnel` address, as a wire-order word.
-#[inline(always)]
-fn v4(a: &lb_common::Ip6) -> u32 {
-    let o = &a.octets;
-    u32::from_ne_bytes([o[12], o[13], o[14], o[15]])
-}
 
 #[inline(always)]
 pub fn encap(ctx: &TcContext) -> i32 {
@@ -107,8 +87,8 @@ fn wrap(ctx: &TcContext, t: &RealTunnel, ipv6: bool) -> Result<(), ()> {
             ttl: 64,
             protocol: if gue { IPPROTO_UDP } else { IPPROTO_IPIP },
             check: 0,
-            saddr: v4(&t.src),
-            daddr: v4(&t.dst),
+            saddr: mapped_v4(&t.src),
+            daddr: mapped_v4(&t.dst),
         };
         let words = (&raw const h).cast::<u16>();
         let mut sum = 0u32;

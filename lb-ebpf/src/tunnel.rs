@@ -26,7 +26,7 @@ use aya_ebpf::{
 use lb_common::{
     IPPROTO_ICMP, IPPROTO_ICMPV6, RealInfo, RealTunnel, TUNNEL_GUE, TUNNEL_L2, gue_source_port, tunnel_flow_label, tunnel_overhead,
 };
-use lb_ebpf::hdr::{Ipv4Hdr, Ipv6Hdr};
+use lb_ebpf::hdr::{ETH_HLEN, IP_DF, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, Ipv4Hdr, Ipv6Hdr, UdpHdr, mapped_v4};
 
 use crate::{
     Verdict,
@@ -36,15 +36,9 @@ use crate::{
 const ETH_ALEN: usize = 6;
 /// The shortest Ethernet frame without its FCS: shorter packets are padded to it.
 const ETH_MIN_FRAME: usize = 60;
-const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
 const ETH_P_8021Q: u16 = 0x8100_u16.to_be();
 const ETH_P_8021AD: u16 = 0x88a8_u16.to_be();
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_IPV6: u8 = 41;
-/// IPv4 "don't fragment", in wire order.
-const IP_DF: u16 = 0x4000_u16.to_be();
 /// The outer header's TTL or hop limit.
 const OUTER_TTL: u8 = 64;
 
@@ -68,14 +62,6 @@ pub enum Sent {
     Answered,
 }
 
-#[repr(C)]
-struct UdpHdr {
-    source: u16,
-    dest: u16,
-    len: u16,
-    check: u16,
-}
-
 /// A pointer to a `T` at `offset`, or `PassMalformed` when it would reach past the frame.
 #[inline(always)]
 fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Verdict> {
@@ -84,14 +70,6 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Verdict> {
         return Err(Verdict::PassMalformed);
     }
     Ok((start + offset) as *mut T)
-}
-
-/// The IPv4 address an [`RealTunnel`] address holds in its last four bytes, as a wire-order
-/// word.
-#[inline(always)]
-fn v4(a: &lb_common::Ip6) -> u32 {
-    let o = &a.octets;
-    u32::from_ne_bytes([o[12], o[13], o[14], o[15]])
 }
 
 /// Copies an IPv6 address, as two 8-byte words: a plain 16-byte assignment becomes a call to
@@ -280,8 +258,8 @@ fn send4<const L2: usize>(
         (*outer).ttl = OUTER_TTL;
         (*outer).protocol = if gue { IPPROTO_UDP } else { IPPROTO_IPIP };
         (*outer).check = 0;
-        (*outer).saddr = v4(&t.src);
-        (*outer).daddr = v4(&t.dst);
+        (*outer).saddr = mapped_v4(&t.src);
+        (*outer).daddr = mapped_v4(&t.dst);
         (*outer).check = fold(sum16(outer.cast(), 10));
         if gue {
             let udp = outer.cast::<u8>().add(20).cast::<UdpHdr>();

@@ -108,46 +108,30 @@ fn setup(flow_table_size: u32) -> Bench {
 /// The balancer with one listener on 1883 over eight backends: on the IPv4 VIP, or (`ipv6`) on
 /// the IPv6 one.
 fn setup_family(flow_table_size: u32, ipv6: bool) -> Bench {
-    let vip = if ipv6 { VIP6.to_string() } else { VIP.to_string() };
-    let mut text = format!(
-        "interface = \"bench0\"\nflow_table_size = {flow_table_size}\n[[listener]]\nname = \"mqtt\"\nvip = \"{vip}\"\nport = 1883\n"
-    );
-    for i in 1..=8 {
-        let _ = write!(
-            text,
-            "[[backend]]\nname = \"b{i}\"\naddress = \"192.0.2.{}\"\naddress6 = \"2001:db8::{}\"\nmac = \"02:00:00:00:00:{:02x}\"\n",
-            10 + i,
-            10 + i,
-            0x10 + i
-        );
-    }
-    let cfg = config::parse(&text, "bench.toml").expect("bench config");
-    let mut dp = Dataplane::load(&LoadOptions { ring_size: cfg.ring_size, flow_table_size: cfg.flow_table_size })
-        .expect("loading the XDP object (run as root)");
-    let programs = TestPrograms::load([0x02, 0, 0, 0, 0, 0x11]).expect("loading the test object");
-    let mut ids = Ids::default();
-    ids.update(&cfg).expect("ids");
-    let rt: BTreeMap<_, _> =
-        cfg.backends.iter().map(|b| (b.name.clone(), BackendRuntime { mac: b.mac, ..BackendRuntime::default() })).collect();
-    dp.apply(&plan::desired(&cfg, &ids, &rt, &DownSet::new(), LB_MAC).expect("plan")).expect("apply");
-    Bench { dp, test: programs, restore: RowRestore::None, decap: None }
+    setup_with(flow_table_size, ipv6, None)
 }
 
-/// The balancer with one listener on 1883 over eight backends forwarded by `forward` (`ipip`
-/// or `gue`), on the IPv4 VIP or (`ipv6`) the IPv6 one; the next hop's MAC as resolved.
+/// As [`setup_family`] with the backends forwarded by `forward` (`ipip` or `gue`) in another
+/// subnet; the next hop's MAC as resolved.
 fn setup_tunnel(forward: &str, ipv6: bool) -> Bench {
+    setup_with(SMALL_TABLE, ipv6, Some(forward))
+}
+
+fn setup_with(flow_table_size: u32, ipv6: bool, forward: Option<&str>) -> Bench {
     let vip = if ipv6 { VIP6.to_string() } else { VIP.to_string() };
+    let tunnel =
+        if forward.is_some() { "tunnel_source = \"203.0.113.2\"\ntunnel_source6 = \"2001:db8:f::2\"\ntunnel_mtu = 1500\n" } else { "" };
     let mut text = format!(
-        "interface = \"bench0\"\nflow_table_size = {SMALL_TABLE}\ntunnel_source = \"203.0.113.2\"\ntunnel_source6 = \"2001:db8:f::2\"\n\
-         tunnel_mtu = 1500\n[[listener]]\nname = \"mqtt\"\nvip = \"{vip}\"\nport = 1883\n"
+        "interface = \"bench0\"\nflow_table_size = {flow_table_size}\n{tunnel}[[listener]]\nname = \"mqtt\"\nvip = \"{vip}\"\nport = 1883\n"
     );
     for i in 1..=8 {
-        let _ = write!(
-            text,
-            "[[backend]]\nname = \"b{i}\"\naddress = \"198.18.1.{}\"\naddress6 = \"2001:db8:b::{}\"\nforward = \"{forward}\"\n",
-            10 + i,
-            10 + i
-        );
+        let how = match forward {
+            None => {
+                format!("address = \"192.0.2.{}\"\naddress6 = \"2001:db8::{}\"\nmac = \"02:00:00:00:00:{:02x}\"", 10 + i, 10 + i, 0x10 + i)
+            }
+            Some(f) => format!("address = \"198.18.1.{}\"\naddress6 = \"2001:db8:b::{}\"\nforward = \"{f}\"", 10 + i, 10 + i),
+        };
+        let _ = write!(text, "[[backend]]\nname = \"b{i}\"\n{how}\n");
     }
     let cfg = config::parse(&text, "bench.toml").expect("bench config");
     let mut dp = Dataplane::load(&LoadOptions { ring_size: cfg.ring_size, flow_table_size: cfg.flow_table_size })
@@ -156,8 +140,18 @@ fn setup_tunnel(forward: &str, ipv6: bool) -> Bench {
     let mut ids = Ids::default();
     ids.update(&cfg).expect("ids");
     let next_hop = Some([0x02, 0, 0, 0, 0, 0xfe]);
-    let rt: BTreeMap<_, _> =
-        cfg.backends.iter().map(|b| (b.name.clone(), BackendRuntime { mac: next_hop, mac6: next_hop, drained: false })).collect();
+    let rt: BTreeMap<_, _> = cfg
+        .backends
+        .iter()
+        .map(|b| {
+            let rt = if forward.is_some() {
+                BackendRuntime { mac: next_hop, mac6: next_hop, drained: false }
+            } else {
+                BackendRuntime { mac: b.mac, ..BackendRuntime::default() }
+            };
+            (b.name.clone(), rt)
+        })
+        .collect();
     dp.apply(&plan::desired(&cfg, &ids, &rt, &DownSet::new(), LB_MAC).expect("plan")).expect("apply");
     Bench { dp, test: programs, restore: RowRestore::None, decap: None }
 }
@@ -600,15 +594,7 @@ fn multicore_rows() -> Vec<McRow> {
     ));
 
     // SYNs under the flood guard: every slot a confirmed flow, each SYN refused.
-    let mut guarded = setup(SMALL_TABLE);
-    let slots = flow_table_buckets(SMALL_TABLE) * 4;
-    let seq = 4 * slots;
-    drive(&mut guarded, &driver_frame(TCP_SYN), 0, seq, seq);
-    guarded.dp.flow_table().rewind(FLOW_CONFIRM_UNITS, |_| true);
-    for f in guarded.dp.flows() {
-        let (src, sport) = (Ipv4Addr::from(u32::from_be(f.key.src_be)), u16::from_be(f.key.sport_be));
-        assert_eq!(run(&guarded, "dsrlb", &Ipv4Frame::tcp(src, sport, VIP, 1883, TCP_ACK).build(), 1).0, TX);
-    }
+    let (mut guarded, slots, seq) = guarded_table();
     let guard_bases: Vec<u32> = bases.iter().map(|b| b + seq).collect();
     let mut k = 0;
     rows.push(mc_row(
@@ -623,6 +609,23 @@ fn multicore_rows() -> Vec<McRow> {
     ));
     assert_eq!(guarded.dp.flows().iter().filter(|f| f.confirmed()).count(), slots as usize, "a confirmed flow was displaced");
     rows
+}
+
+/// The small table with every slot a confirmed flow (SYNs of a sequence of `seq` tuples, then
+/// an ACK of each flow the table kept, a keepalive later); its slots and `seq`.
+fn guarded_table() -> (Bench, u32, u32) {
+    let mut guarded = setup(SMALL_TABLE);
+    let slots = flow_table_buckets(SMALL_TABLE) * 4;
+    let seq = 4 * slots;
+    drive(&mut guarded, &driver_frame(TCP_SYN), 0, seq, seq);
+    guarded.dp.flow_table().rewind(FLOW_CONFIRM_UNITS, |_| true);
+    for f in guarded.dp.flows() {
+        let (src, sport) = (Ipv4Addr::from(u32::from_be(f.key.src_be)), u16::from_be(f.key.sport_be));
+        assert_eq!(run(&guarded, "dsrlb", &Ipv4Frame::tcp(src, sport, VIP, 1883, TCP_ACK).build(), 1).0, TX);
+    }
+    let confirmed = guarded.dp.flows().iter().filter(|f| f.confirmed()).count();
+    assert_eq!(confirmed, slots as usize, "the table is not full of confirmed flows");
+    (guarded, slots, seq)
 }
 
 fn print_mc_rows(rows: &[McRow]) {
@@ -701,19 +704,7 @@ fn main() {
     rows.push(Row { path: format!("new flow, table in cache, full ({SMALL_TABLE} flows, {small_kb} KB)"), m, check });
     // Every slot holds a confirmed flow (SYN, then ACKs until each slot's flow confirmed): a
     // flood's SYNs are refused by the flood guard and forwarded by the ring, recording nothing.
-    let mut guarded = setup(SMALL_TABLE);
-    let slots = flow_table_buckets(SMALL_TABLE) * 4;
-    let seq = 4 * slots;
-    drive(&mut guarded, &driver_frame(TCP_SYN), 0, seq, seq);
-    // Then an ACK of every flow the table holds, a keepalive later, confirms it.
-    guarded.dp.flow_table().rewind(FLOW_CONFIRM_UNITS, |_| true);
-    for f in guarded.dp.flows() {
-        let (src, sport) = (Ipv4Addr::from(u32::from_be(f.key.src_be)), u16::from_be(f.key.sport_be));
-        let (action, _) = run(&guarded, "dsrlb", &Ipv4Frame::tcp(src, sport, VIP, 1883, TCP_ACK).build(), 1);
-        assert_eq!(action, TX);
-    }
-    let confirmed = guarded.dp.flows().iter().filter(|f| f.confirmed()).count();
-    assert_eq!(confirmed, slots as usize, "the table is not full of confirmed flows");
+    let (mut guarded, slots, seq) = guarded_table();
     guarded.drive(seq, 0, false);
     let m = measure(&mut guarded, "xdp_bench_flows", &driver_frame(TCP_SYN), REPEAT, TX, true, |_| {});
     assert_eq!(
