@@ -124,13 +124,14 @@ pub enum Parsed {
 /// Headers are read through plain (not unaligned) loads, as C XDP programs do: packet data is
 /// at least 2-byte aligned, and the kernel only allows programs with unaligned packet access on
 /// CPUs that handle it. Unaligned reads would make LLVM split every load into bytes.
+/// (Mutable, for `tunnel`, which writes headers through it.)
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Verdict> {
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Verdict> {
     let start = ctx.data();
     if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
         return Err(Verdict::PassMalformed);
     }
-    Ok((start + offset) as *const T)
+    Ok((start + offset) as *mut T)
 }
 
 /// Parses up to the TCP ports. Anything that is not TCP over IPv4 or IPv6 comes back as the pass

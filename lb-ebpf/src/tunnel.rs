@@ -31,6 +31,7 @@ use lb_ebpf::hdr::{ETH_HLEN, IP_DF, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, Ipv
 use crate::{
     Verdict,
     maps::{ANSWER_TOKENS, REAL_TUNNELS},
+    parse::ptr_at,
 };
 
 const ETH_ALEN: usize = 6;
@@ -60,16 +61,6 @@ pub enum Sent {
     Forwarded(u64),
     /// Too big for the tunnel: answered with an ICMP error to the client.
     Answered,
-}
-
-/// A pointer to a `T` at `offset`, or `PassMalformed` when it would reach past the frame.
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Verdict> {
-    let start = ctx.data();
-    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
-        return Err(Verdict::PassMalformed);
-    }
-    Ok((start + offset) as *mut T)
 }
 
 /// Copies an IPv6 address, as two 8-byte words: a plain 16-byte assignment becomes a call to
