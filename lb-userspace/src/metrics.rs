@@ -172,6 +172,16 @@ impl Collector for Scrape {
         }
         let m = e.encode_descriptor("dsrlb_flow_table_entries", "Live entries in the flow table", None, MetricType::Gauge)?;
         ConstGauge::new(i64::try_from(s.flow_table_entries).unwrap_or(i64::MAX)).encode(m)?;
+        for (name, help, ms) in [
+            ("dsrlb_flow_table_walk_seconds", "How long the last walk of the flow table for live flows took", s.flow_walk_ms),
+            ("dsrlb_flow_table_sweep_seconds", "How long the last expiry sweep of the flow table took", s.flow_sweep_ms),
+        ] {
+            if let Some(ms) = ms {
+                let m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                #[expect(clippy::cast_precision_loss, reason = "milliseconds of a walk")]
+                ConstGauge::new(ms as f64 / 1000.0).encode(m)?;
+            }
+        }
         self.encode_announce(&mut e)?;
         self.encode_cluster(&mut e)
     }
@@ -660,6 +670,7 @@ mod tests {
         s.verdicts = [("tx/forwarded".to_owned(), 7)].into();
         s.flow_table = [("refused".to_owned(), 5)].into();
         s.flow_table_entries = 1;
+        s.flow_walk_ms = Some(250);
         (c.insecure, c.joined, c.last_walk) = (true, true, Some(LastWalk { exceptions: 9, ago_s: 0, took_ms: 0 }));
         let text = render(s).expect("render");
         for want in [
@@ -672,6 +683,7 @@ mod tests {
             "dsrlb_listener_packets_total{listener=\"mqtt\"} 7",
             "dsrlb_xdp_verdicts_total{verdict=\"tx\",reason=\"forwarded\"} 7",
             "dsrlb_flow_table_entries 1",
+            "dsrlb_flow_table_walk_seconds 0.25",
             "dsrlb_listener_conn_rate_dropped_total{listener=\"mqtt\"} 3",
             "dsrlb_listener_icmp_too_big_total{listener=\"mqtt\"} 2",
             "dsrlb_flow_table_events_total{event=\"refused\"} 5",

@@ -11,7 +11,15 @@ pub fn table(s: &Status) -> String {
     for l in &s.listeners {
         listener(l, &mut out);
     }
-    let _ = writeln!(out, "flow table entries (live): {}", s.flow_table_entries);
+    let _ = write!(out, "flow table entries (live): {}", s.flow_table_entries);
+    let took = |what: &str, ms: Option<u64>| ms.map(|ms| format!("{what} {ms} ms")).unwrap_or_default();
+    let walks: Vec<String> =
+        [took("walk", s.flow_walk_ms), took("expiry sweep", s.flow_sweep_ms)].into_iter().filter(|t| !t.is_empty()).collect();
+    if walks.is_empty() {
+        let _ = writeln!(out);
+    } else {
+        let _ = writeln!(out, " (last {})", walks.join(", "));
+    }
     if let Some(n) = &s.next_program {
         let _ = writeln!(out, "next program: {} ({}) at {}: every frame the balancer passes", n.id, n.name, n.path.display());
     }

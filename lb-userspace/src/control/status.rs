@@ -36,6 +36,11 @@ pub struct Status {
     pub next_program: Option<NextProgram>,
     /// Flow table inserts by outcome, and `expired`: flows removed for idleness.
     pub flow_table: BTreeMap<String, u64>,
+    /// How long the last walk of the flow table for live flows took, in milliseconds (the walk
+    /// behind `flow_table_entries`; `None` before the first).
+    pub flow_walk_ms: Option<u64>,
+    /// How long the last expiry sweep of the flow table took, in milliseconds.
+    pub flow_sweep_ms: Option<u64>,
     /// Frames by `verdict/reason`.
     pub verdicts: BTreeMap<String, u64>,
     pub reloads: Reloads,
@@ -256,6 +261,8 @@ pub(crate) mod sample {
             flow_table_entries: 3,
             next_program: Some(NextProgram { path: "/sys/fs/bpf/xdp-filter".into(), id: 17, name: "xdpfilt".to_owned() }),
             flow_table: [("inserted".to_owned(), 8), ("expired".to_owned(), 1)].into(),
+            flow_walk_ms: Some(31),
+            flow_sweep_ms: Some(40),
             verdicts: [("tx/forwarded".to_owned(), 40)].into(),
             reloads: Reloads { applied: 1, rejected: 2, last_error: Some("bad".to_owned()) },
             announce: Some(AnnounceStatus {
@@ -353,6 +360,8 @@ mod tests {
             "flow_table_entries": 3,
             "next_program": { "path": "/sys/fs/bpf/xdp-filter", "id": 17, "name": "xdpfilt" },
             "flow_table": { "inserted": 8, "expired": 1 },
+            "flow_walk_ms": 31,
+            "flow_sweep_ms": 40,
             "verdicts": { "tx/forwarded": 40 },
             "reloads": { "applied": 1, "rejected": 2, "last_error": "bad" },
             "announce": {

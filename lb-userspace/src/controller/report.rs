@@ -81,6 +81,8 @@ impl Controller {
         let mut flow_table: BTreeMap<String, u64> =
             table_event::LABELS.iter().zip(&stats.table).map(|(e, n)| ((*e).to_owned(), *n)).collect();
         flow_table.insert("expired".to_owned(), self.flows.expired_total());
+        let ms = |d: Option<std::time::Duration>| d.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let (walk, sweep) = self.flows.last_took();
         Ok(Status {
             interface: cfg.interface.clone(),
             macs: self.dp.node_macs().into_iter().map(format_mac).collect(),
@@ -90,6 +92,8 @@ impl Controller {
             flow_table_entries: flows.values().sum(),
             next_program: self.next.as_ref().map(|n| NextProgram { path: n.path.clone(), id: n.id, name: n.name.clone() }),
             flow_table,
+            flow_walk_ms: ms(walk),
+            flow_sweep_ms: ms(sweep),
             verdicts: reason::LABELS.iter().zip(&stats.verdicts).map(|((v, r), n)| (format!("{v}/{r}"), *n)).collect(),
             reloads: self.reloads.clone(),
             announce,

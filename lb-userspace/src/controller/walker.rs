@@ -38,6 +38,11 @@ pub struct FlowWalker {
     walking: bool,
     waiting: Vec<Call>,
     walked: mpsc::Sender<LiveFlows>,
+    /// When the running walk and sweep started, and how long the last of each took.
+    walk_started: Instant,
+    sweep_started: Instant,
+    last_walk: Option<Duration>,
+    last_sweep: Option<Duration>,
     /// Flows removed for idleness since start, whether a sweep runs now, where it reports, and
     /// when the next is due.
     expired_total: u64,
@@ -55,6 +60,10 @@ impl FlowWalker {
             walking: false,
             waiting: Vec::new(),
             walked,
+            walk_started: Instant::now(),
+            sweep_started: Instant::now(),
+            last_walk: None,
+            last_sweep: None,
             expired_total: 0,
             sweeping: false,
             swept,
@@ -71,6 +80,12 @@ impl FlowWalker {
     /// Flows removed for idleness since start.
     pub const fn expired_total(&self) -> u64 {
         self.expired_total
+    }
+
+    /// How long the last walk for live flows and the last expiry sweep took, from their start
+    /// to the loop taking their result (`None` before the first).
+    pub const fn last_took(&self) -> (Option<Duration>, Option<Duration>) {
+        (self.last_walk, self.last_sweep)
     }
 
     /// The table changed (flows removed or merged in): the next request walks again.
@@ -97,6 +112,7 @@ impl FlowWalker {
             return;
         }
         self.walking = true;
+        self.walk_started = Instant::now();
         let done = self.walked.clone();
         tokio::task::spawn_blocking(move || {
             let flows = table.live_per_real(now, |l| expire.get(&l).copied().unwrap_or(u32::MAX));
@@ -112,6 +128,7 @@ impl FlowWalker {
     /// A walk finished: the requests that waited for it, to answer now.
     pub fn walked(&mut self, flows: LiveFlows) -> Vec<Call> {
         self.walking = false;
+        self.last_walk = Some(self.walk_started.elapsed());
         self.live = Some((Instant::now(), flows));
         std::mem::take(&mut self.waiting)
     }
@@ -130,6 +147,7 @@ impl FlowWalker {
             return;
         }
         self.sweeping = true;
+        self.sweep_started = Instant::now();
         let done = self.swept.clone();
         tokio::task::spawn_blocking(move || {
             let removed = table.remove_where(|f| f.idle(now) >= expire.get(&real_listener(f.real())).copied().unwrap_or(u32::MAX));
@@ -146,6 +164,7 @@ impl FlowWalker {
     /// A sweep finished, having removed `removed` flows.
     pub fn swept(&mut self, removed: usize) {
         self.sweeping = false;
+        self.last_sweep = Some(self.sweep_started.elapsed());
         self.expired_total += removed as u64;
         if removed > 0 {
             tracing::debug!(removed, "expired idle flows");
