@@ -259,3 +259,20 @@ impl Dataplane {
         self.flows.buckets()
     }
 }
+
+/// The flow table of a balancer whose maps are pinned in `dir` (a running controller's),
+/// mapped into this process: benchmarks fill it through [`FlowTable::merge`] and read it as the
+/// controller does.
+///
+/// # Errors
+/// When a pin is missing or the maps cannot be mapped.
+pub fn pinned_flow_table(dir: &std::path::Path) -> anyhow::Result<FlowTable> {
+    use aya::maps::{Array, MapData};
+    let open = |name: &str| MapData::from_pin(dir.join(name)).with_context(|| format!("opening {}", dir.join(name).display()));
+    let layout: Array<MapData, lb_common::Layout> = Array::try_from(aya::maps::Map::Array(open(lb_common::map_names::LAYOUT)?))?;
+    let seed = layout.get(&0, 0).context("reading LAYOUT")?.flow_seed;
+    ensure!(seed != 0, "LAYOUT holds no seed yet");
+    let flows = crate::mapped::Mapped::new(&open(lb_common::map_names::FLOWS)?, "FLOWS")?;
+    let addrs6 = crate::mapped::Mapped::new(&open(lb_common::map_names::FLOW_ADDRS6)?, "FLOW_ADDRS6")?;
+    Ok(FlowTable::new(flows, addrs6, seed))
+}

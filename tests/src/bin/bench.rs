@@ -22,7 +22,10 @@
 //! taken within each round (neighbouring runs share the machine's state of the moment) and the
 //! headline is their median. On this shared 2-core VM whole runs drift by up to ±20%, far more
 //! than the balancers differ, so pairing is what makes the ratios mean something. Publish
-//! throughput and held sessions: three rounds A B C D; the report gives medians.
+//! throughput and held sessions: three rounds A B C D; the report gives medians. Memory per
+//! held session (haproxy and dsrlb): in those rounds, 9,000 sessions through a fresh balancer
+//! on a quiet kernel, its RSS, sockets and the kernel's slab before and after (`bench held` runs
+//! only this part).
 
 use std::{
     collections::BTreeMap,
@@ -58,6 +61,8 @@ const RATE_PATHS: [&str; 6] = ["direct", "haproxy", "floor", "dsrlb", "dsrlb6", 
 /// Just under the broker's open-files limit (20,000, which cannot be raised here).
 const HOLD_TARGET: usize = 19_800;
 const HOLD_PROCS: usize = 6;
+/// Sessions held for the memory figures, haproxy and dsrlb alike: under haproxy's `maxconn`.
+const MEM_HOLD: usize = 9_000;
 
 struct Ctx {
     lab: Lab,
@@ -88,11 +93,14 @@ impl Ctx {
         }
     }
 
-    /// Holds up to HOLD_TARGET sessions over several processes, then pings them all.
-    fn hold(&self, target: &str) -> anyhow::Result<(u64, u64)> {
+    /// Holds up to `count` sessions over several processes, then pings them all; the
+    /// balancer process `pid`'s memory and the kernel's before the sessions open and once they
+    /// all answered.
+    fn hold(&self, target: &str, count: usize, pid: Option<u32>) -> anyhow::Result<(u64, u64, Mem, Mem)> {
+        let before = Mem::of(pid);
         let mut procs: Vec<Child> = Vec::new();
         for _ in 0..HOLD_PROCS {
-            let per = (HOLD_TARGET / HOLD_PROCS).to_string();
+            let per = (count / HOLD_PROCS).to_string();
             let child = nsenter(&self.lab.ns("client"), self.bin.join("loadgen"))
                 .args([
                     "hold",
@@ -133,17 +141,67 @@ impl Ctx {
             held += v["held"].as_u64().unwrap_or(0);
             alive += v["alive"].as_u64().unwrap_or(0);
         }
+        let after = Mem::of(pid);
         for c in &mut procs {
             let _ = writeln!(c.stdin.as_mut().expect("stdin"), "exit");
             let _ = c.wait();
         }
-        Ok((held, alive))
+        Ok((held, alive, before, after))
+    }
+
+    /// Waits (up to 90 s) until the lab's namespaces hold under 200 TCP sockets, TIME_WAIT
+    /// included: the last run's connections gone, so that the kernel's memory is at rest.
+    fn settle(&self) -> anyhow::Result<()> {
+        let namespaces = [self.lab.ns("client"), self.lab.ns("lb"), self.lab.broker_ns(0)];
+        let sockets = |ns: &str| -> u64 {
+            let text = nsenter(ns, "cat").arg("/proc/net/sockstat").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            let text = text.unwrap_or_default();
+            let tcp = text.lines().find_map(|l| l.strip_prefix("TCP:")).unwrap_or("");
+            let words: Vec<&str> = tcp.split_whitespace().collect();
+            let field = |name: &str| {
+                words.iter().position(|w| *w == name).and_then(|i| words.get(i + 1)?.parse::<u64>().ok()).unwrap_or(u64::MAX / 4)
+            };
+            field("inuse") + field("tw")
+        };
+        wait::within(Duration::from_secs(90), Duration::from_millis(500), || namespaces.iter().all(|ns| sockets(ns) < 200))
+            .map(drop)
+            .with_context(|| {
+                format!("TCP sockets did not fall under 200 in 90 s: {:?}", namespaces.iter().map(|ns| sockets(ns)).collect::<Vec<_>>())
+            })
     }
 
     fn rx_packets(&self) -> u64 {
         let text = sh("ip", &["-n", &self.lab.ns("lb"), "-j", "-s", "link", "show", "eth0"]).unwrap_or_default();
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         v[0]["stats64"]["rx"]["packets"].as_u64().unwrap_or(0)
+    }
+}
+
+/// A balancer process's memory and sockets, and the kernel's slab memory (all sockets of
+/// every namespace are in it).
+#[derive(Clone, Copy, Debug, Default)]
+struct Mem {
+    rss_kb: f64,
+    sockets: f64,
+    slab_kb: f64,
+}
+
+impl Mem {
+    fn of(pid: Option<u32>) -> Self {
+        let kb = |text: &str, field: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0.0)
+        };
+        let slab_kb = kb(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default(), "Slab:");
+        let Some(pid) = pid else { return Self { slab_kb, ..Self::default() } };
+        let rss_kb = kb(&std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default(), "VmRSS:");
+        let sockets = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| {
+            d.flatten().filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))).count()
+        });
+        #[expect(clippy::cast_precision_loss, reason = "a count of sockets")]
+        Self { rss_kb, sockets: sockets as f64, slab_kb }
     }
 }
 
@@ -173,6 +231,15 @@ enum Running {
 }
 
 impl Running {
+    /// The balancer's process, if the path has one.
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Self::Direct | Self::Floor { .. } => None,
+            Self::Haproxy { pid } => Some(*pid),
+            Self::Dsrlb { child, .. } => Some(child.id()),
+        }
+    }
+
     /// (process CPU seconds, XDP run ns, XDP runs).
     fn cpu(&self) -> (f64, u64, u64) {
         match self {
@@ -327,6 +394,11 @@ struct Sample {
     ratio: f64,
     held: f64,
     alive: f64,
+    /// While the sessions are held: the balancer process's RSS and sockets, and the kernel's
+    /// slab memory (every namespace's sockets), per held session.
+    rss_b_per_session: f64,
+    sockets_per_session: f64,
+    slab_b_per_session: f64,
     /// Balancer CPU seconds (process + XDP) during the connection-rate run, and its packets.
     cpu_s: f64,
     xdp_s: f64,
@@ -373,17 +445,80 @@ fn measure_load(ctx: &Ctx, path: &str) -> anyhow::Result<Sample> {
     let target = target(path);
     let running = start(ctx, path)?;
     let result = (|| {
+        // Memory first, on a fresh balancer and a quiet kernel: a count every balancer holds
+        // (haproxy's maxconn is 9,500), so that no attempt beyond it counts against the sessions.
+        let mem = if matches!(running, Running::Haproxy { .. } | Running::Dsrlb { .. }) {
+            ctx.settle()?;
+            let (n, _, before, after) = ctx.hold(&target, MEM_HOLD, running.pid())?;
+            let per = |a: f64, b: f64| if n > 0 { (a - b) / n as f64 } else { 0.0 };
+            Sample {
+                rss_b_per_session: per(after.rss_kb, before.rss_kb) * 1024.0,
+                sockets_per_session: per(after.sockets, before.sockets),
+                slab_b_per_session: per(after.slab_kb, before.slab_kb) * 1024.0,
+                ..Sample::default()
+            }
+        } else {
+            Sample::default()
+        };
+        let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
         let from = Ctx::client_addrs();
         let ps = ctx.loadgen(
             &ctx.lab.ns("client"),
             &["pubsub", "--target", &target, "--from", &from, "--pubs", "4", "--subs", "4", "--secs", "4"].map(String::from),
         )?;
-        let (held, alive) = ctx.hold(&target)?;
-        let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
-        Ok(Sample { msgs: f(&ps, "rate"), ratio: f(&ps, "ratio"), held: held as f64, alive: alive as f64, ..Sample::default() })
+        let (held, alive, _, _) = ctx.hold(&target, HOLD_TARGET, None)?;
+        Ok(Sample { msgs: f(&ps, "rate"), ratio: f(&ps, "ratio"), held: held as f64, alive: alive as f64, ..mem })
     })();
     stop(ctx, running);
     result
+}
+
+/// Memory per held session, haproxy against dsrlb (issue 25, part 5), from the held-sessions
+/// rounds.
+fn memory_section(loads: &BTreeMap<&str, Vec<Sample>>) -> String {
+    let load_med = |p: &str, f: fn(&Sample) -> f64| median(loads.get(p).into_iter().flatten().map(f).collect());
+    let mut r = String::new();
+    let slot = (lb_common::FLOW_SLOTS_PER_FLOW as usize * std::mem::size_of::<lb_common::FlowSlot>()) as f64;
+    let (h_rss, h_sockets, h_slab) = (
+        load_med("haproxy", |s| s.rss_b_per_session),
+        load_med("haproxy", |s| s.sockets_per_session),
+        load_med("haproxy", |s| s.slab_b_per_session),
+    );
+    let (d_rss, d_sockets, d_slab) = (
+        load_med("dsrlb", |s| s.rss_b_per_session),
+        load_med("dsrlb", |s| s.sockets_per_session),
+        load_med("dsrlb", |s| s.slab_b_per_session),
+    );
+    // The kernel's slab grows by every socket of the session: client and broker on both
+    // paths, and haproxy's two between them. The difference per session is haproxy's.
+    let h_kernel = (h_slab - d_slab).max(0.0);
+    let haproxy = h_rss.max(0.0) + h_kernel;
+    let dsrlb = slot + d_rss.max(0.0);
+    let ratio = if haproxy > 0.0 { dsrlb / haproxy } else { f64::NAN };
+    let _ = writeln!(r, "\n### Memory per held session\n");
+    let _ = writeln!(
+        r,
+        "Measured in the held-sessions rounds (`bench held` runs only these), each on a freshly started balancer once the lab's namespaces hold under 200 TCP sockets: the balancer's process before the sessions open and once every session answered its PINGREQ (`/proc/PID/status` VmRSS, socket descriptors in `/proc/PID/fd`), and the kernel's slab memory (`/proc/meminfo` Slab, which holds every socket of every namespace), divided by the sessions held: {MEM_HOLD} through each balancer, under haproxy's `maxconn` (medians of {LOAD_ROUNDS} rounds).\n"
+    );
+    let _ = writeln!(
+        r,
+        "| balancer | process RSS B/session | sockets/session | kernel slab B/session (all sockets) | balancer's kernel B/session | flow table B/session | total B/session |"
+    );
+    let _ = writeln!(r, "| --- | --- | --- | --- | --- | --- | --- |");
+    let _ = writeln!(
+        r,
+        "| haproxy | {h_rss:.0} | {h_sockets:.2} | {h_slab:.0} | {h_kernel:.0} (its share: haproxy's slab less dsrlb's) | 0 | {haproxy:.0} |"
+    );
+    let _ = writeln!(
+        r,
+        "| dsrlb | {d_rss:.0} | {d_sockets:.2} | {d_slab:.0} | 0 | {slot:.0} (two 16-byte slots per flow, preallocated) | {dsrlb:.0} |"
+    );
+    let _ = writeln!(
+        r,
+        "\ndsrlb / haproxy per held session: **{ratio:.4}**. Target <= 1/100: {}. dsrlb's column counts its controller's RSS change while the sessions opened (about zero: it holds nothing per session) and the flow table's slots for one flow; the table is allocated whole at start (32 MB for the default 1M flows), so a held session takes a slot and no memory.\n",
+        if ratio <= 0.01 { "met" } else { "not met" }
+    );
+    r
 }
 
 fn target(path: &str) -> String {
@@ -614,6 +749,7 @@ fn run() -> anyhow::Result<()> {
             "\nhaproxy holds fewer sessions because a proxy spends two file descriptors per session (client and server side) and this machine's open-files hard limit is 20,000 and cannot be raised; its `maxconn` is set to 9500 to stay within it. Sessions beyond that time out (1.5 s) while connecting. The DR paths spend no descriptor on the balancer at all."
         );
     }
+    r.push_str(&memory_section(&loads));
     let _ = writeln!(
         r,
         "\nLoad generator ceiling (straight at the broker from the broker's own namespace): {:.0} conn/s (median of {ceiling:.0?}).\n",
@@ -810,7 +946,44 @@ fn routed(bin: &Path) -> anyhow::Result<String> {
     result
 }
 
+/// `bench held`: the held-sessions rounds of haproxy and dsrlb alone, and the memory section.
+fn held(bin: &Path) -> anyhow::Result<String> {
+    let out = std::env::temp_dir().join("dsrlb-bench-held");
+    std::fs::create_dir_all(&out)?;
+    let ctx = Ctx { lab: Lab::new("dsrlbb", 1), bin: bin.to_path_buf(), out };
+    ctx.lab.up()?;
+    let result = (|| {
+        let mut loads: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
+        for round in 0..LOAD_ROUNDS {
+            for path in ["haproxy", "dsrlb"] {
+                eprintln!("[bench] held round {} of {LOAD_ROUNDS}, {path}", round + 1);
+                let s = measure_load(&ctx, path)?;
+                eprintln!(
+                    "[bench]   held {:.0}, RSS {:.0} B, sockets {:.2}, slab {:.0} B per session",
+                    s.held, s.rss_b_per_session, s.sockets_per_session, s.slab_b_per_session
+                );
+                loads.entry(path).or_default().push(s);
+            }
+        }
+        Ok(memory_section(&loads))
+    })();
+    let _ = ctx.lab.down();
+    result
+}
+
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("held") {
+        let bin = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)).unwrap_or_default();
+        match held(&bin) {
+            Ok(section) => print!("{section}"),
+            Err(e) => {
+                eprintln!("bench held: {e:#}");
+                let _ = Lab::new("dsrlbb", 1).down();
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     if std::env::args().nth(1).as_deref() == Some("routed") {
         let bin = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)).unwrap_or_default();
         match routed(&bin) {
