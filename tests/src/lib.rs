@@ -1,12 +1,13 @@
 //! Test support: a small Ethernet frame builder (`frame`), the packet-fixture harness and its
 //! case tables (`fixture`), network namespaces that clean up on drop (`netns`), the DSR lab
-//! (`lab`) and the balancer process in it (`balancer`), MQTT clients and load (`client`,
+//! (`lab`) and the balancer process in it (`balancer`), a full flow table (`fill`), MQTT clients and load (`client`,
 //! `mqtt`, `load`), tunnel frames for the decap tests (`tunnel`), the one way to wait for
 //! something (`wait`), and a small deterministic generator ([`XorShift`]).
 #![allow(clippy::must_use_candidate, reason = "helpers run commands for their effect; their output is optional")]
 
 pub mod balancer;
 pub mod client;
+pub mod fill;
 pub mod fixture;
 pub mod frame;
 pub mod lab;

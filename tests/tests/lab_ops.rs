@@ -383,3 +383,57 @@ fn prometheus_counters_move_with_traffic() {
         assert_eq!(metric(&after, name), 0, "{name}");
     }
 }
+
+/// A full table (issue 25): a million confirmed flows, put in through the controller's merge
+/// path, are what status and `/metrics` count and what `dsrlb flow` finds; they survive a
+/// restart that adopts the pins and a `kill -9`; aged past their timeout, one sweep expires
+/// them all, and a held session goes on. Status reports how long its walk and the sweep took.
+#[test]
+fn a_million_flows_are_counted_kept_over_restarts_and_expired_together() {
+    require_root!();
+    const FLOWS: u32 = 1_000_000;
+    let lab = LabGuard::up(2);
+    // Merged flows count as a minute idle: a 3-minute timeout leaves them two minutes to live,
+    // and sweeps run every 22.5 s.
+    let config = lab.config(HEALTH).replacen("port = 1883\n", "port = 1883\nflow_idle_timeout = \"3m\"\n", 1);
+    let mut lb = Balancer::start(&lab, &config);
+    for b in ["b1", "b2"] {
+        wait::until(format!("mqtt/{b} up"), Duration::from_secs(20), || lb.state("mqtt", b) == "up");
+    }
+    let mut held = hold(&lab, "full", 1);
+    let table = lb_userspace::dataplane::testing::pinned_flow_table(&lb.pin_dir).expect("the pinned table");
+    let vip_be = u32::from_ne_bytes(VIP.octets());
+    let live = tests::fill::live_flow(&table, |f| f.key.dst_be == vip_be && f.key.dport_be == 1883u16.to_be());
+    let expire = lb_userspace::plan::expire_units(Duration::from_mins(3));
+    let filled = tests::fill::fill(&table, FLOWS, VIP.into(), 1883, live.real(), live.age(), expire);
+    assert_eq!(filled, tests::fill::Filled { inserted: FLOWS as usize, other: 0 });
+
+    let all = FLOWS as usize + 1;
+    let s = lb.status();
+    assert_eq!(s.flow_table_entries, all);
+    assert!(s.flow_walk_ms.is_some(), "status does not say how long its walk took");
+    assert_eq!(metric(&lab.scrape_metrics(), "dsrlb_flow_table_entries"), all as u64);
+    let (client, sport) = tests::fill::client(FLOWS - 1);
+    let (ok, out, err) = lb.cli(&["flow", &format!("{client}:{sport}"), &format!("{VIP}:1883"), "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).expect("flow JSON")["source"], "flow table", "{out}");
+
+    lb.stop();
+    lb.restart(&lab);
+    assert_eq!(lb.status().flow_table_entries, all, "after a restart");
+    lb.kill9();
+    lb.restart(&lab);
+    assert_eq!(lb.status().flow_table_entries, all, "after kill -9 and a restart");
+
+    let expired_before = lb.status().flow_table.get("expired").copied().unwrap_or(0);
+    assert_eq!(table.rewind(expire + 2, |_| true), all);
+    let s = wait::until("one sweep to expire every aged flow", Duration::from_mins(1), || {
+        let s = lb.status();
+        let expired = s.flow_table.get("expired").copied().unwrap_or(0) - expired_before;
+        if expired >= all as u64 { Ok(s) } else { Err(format!("{expired} expired")) }
+    });
+    assert_eq!(s.flow_table_entries, 0);
+    assert!(s.flow_sweep_ms.is_some(), "status does not say how long the sweep took");
+    // The held session's flow went with them; its next segment is forwarded as before.
+    ping_all(&mut held);
+}

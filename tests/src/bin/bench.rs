@@ -27,6 +27,9 @@
 //! on a quiet kernel, its RSS, sockets and the kernel's slab before and after (`bench held` runs
 //! only this part).
 
+#[path = "bench/scale.rs"]
+mod scale;
+
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -972,6 +975,18 @@ fn held(bin: &Path) -> anyhow::Result<String> {
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("scale") {
+        match scale::scale().and_then(|a| Ok(a + &scale::cluster()?)) {
+            Ok(section) => print!("{section}"),
+            Err(e) => {
+                eprintln!("bench scale: {e:#}");
+                let _ = Lab::new("dsrlbs", 2).down();
+                let _ = Lab::routed("dsrlbc", 2, 2, tests::lab::Routing::Bgp).down();
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     if std::env::args().nth(1).as_deref() == Some("held") {
         let bin = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)).unwrap_or_default();
         match held(&bin) {
