@@ -13,6 +13,9 @@
 //!
 //! - `floor6` and `dsrlb6`: the same two over IPv6 (connection rate and latency only).
 //!
+//! - the controller with a full table (`bench scale` runs only this part): a million flows
+//!   merged into the default table, then status, metrics, restarts, sweeps, and a cluster node
+//!   that must receive them all (`scale.rs`);
 //! - routed brokers (L3 DSR): the tunnelled lab, dsrlb in front of b1 on its segment (`l2`), b2
 //!   behind a router over IPIP and b3 over GUE, each listener on a VIP of its own; connection
 //!   rate in five rounds of the three, alternating (`bench routed` runs only this part).
@@ -651,6 +654,8 @@ fn run() -> anyhow::Result<()> {
     ctx.lab.down()?;
     eprintln!("[bench] routed brokers");
     let routed_section = routed(&ctx.bin)?;
+    eprintln!("[bench] the controller with a full table");
+    let scale_section = scale::scale()? + &scale::cluster()?;
 
     let med = |p: &str, f: fn(&Sample) -> f64| median(samples[p].iter().map(f).collect());
     let load_med = |p: &str, f: fn(&Sample) -> f64| median(loads[p].iter().map(f).collect());
@@ -771,6 +776,7 @@ fn run() -> anyhow::Result<()> {
 
     let _ = writeln!(r);
     r.push_str(&routed_section);
+    r.push_str(&scale_section);
     let _ = writeln!(r, "\n## Data plane micro-benchmark (`BPF_PROG_TEST_RUN`)\n");
     let _ =
         writeln!(r, "| path | ns/packet | floor ns | ratio | driver ns | checked after the runs |\n| --- | --- | --- | --- | --- | --- |");
