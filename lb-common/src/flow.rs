@@ -97,8 +97,24 @@ impl FlowKey {
 /// `state`. The program reads a slot lock-free (state, addresses, state again) and writes one
 /// by compare-and-swap on the second word: a writer first swaps in [`FLOW_S_BUSY`], then
 /// writes the addresses, then the final state, so a reader that sees a live state sees the
-/// addresses written with it. This relies on the order in which x86-64 makes stores visible
-/// and performs loads (total store order); the controller refuses to run elsewhere.
+/// addresses written with it.
+///
+/// The ordering edges this relies on (`FLOW_ADDRS6` is written and read where the addresses
+/// are), for the program and the controller alike:
+/// 1. the claim is a compare-and-swap that is fully ordered (a BPF atomic with fetch; the
+///    controller's `AcqRel`): [`FLOW_S_BUSY`] is visible before anything stored after it;
+/// 2. the publishing state store is a release: the addresses are visible before it;
+/// 3. the reader's first state load is an acquire: the addresses are read after it;
+/// 4. the reader's address loads are acquires: the state is read again after them.
+///
+/// `tests/model/flow_slot.pml` models it for spin with two writers, a refresher and a reader:
+/// no reader accepts addresses written with another state, and with any one of 2 to 4 relaxed
+/// spin finds one that does (`tests/tests/model.rs`; the model's header says what it leaves
+/// out). The controller's mapped words are Rust atomics with exactly these orderings. In the
+/// program, x86-64's total store order makes every load an acquire and every store a release,
+/// so its plain (volatile) loads and stores give 2 to 4; a weakly ordered CPU needs BPF's
+/// load-acquire and store-release instructions there (kernel 6.15), which the program does not
+/// use yet, and the controller refuses to run elsewhere.
 pub const FLOW_WAYS: usize = 4;
 
 /// One slot of a [`FlowBucket`]. `state` is 0 when the slot is empty, [`FLOW_S_BUSY`] while a

@@ -32,6 +32,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "xdp-tools",
     // openssl s_server: a stand-in HTTPS API for the https health check's lab test.
     "openssl",
+    // The model check of the flow table's slot protocol (tests/model): spin writes a C
+    // verifier, gcc builds it.
+    "spin",
+    "gcc",
 ];
 
 /// The cargo-deb release `cargo xtask package` is known to work with.
