@@ -12,7 +12,37 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: the build script is single-threaded here; the variable is read by the child cargo.
     unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     println!("cargo:rerun-if-env-changed=CARGO_FEATURE_UPGRADE_TEST");
-    let features: &[&str] = if std::env::var_os("CARGO_FEATURE_UPGRADE_TEST").is_some() { &["upgrade-test"] } else { &[] };
+    let upgrade = std::env::var_os("CARGO_FEATURE_UPGRADE_TEST").is_some();
+    let features: &[&str] = if upgrade { &["upgrade-test"] } else { &[] };
     aya_build::build_ebpf([Package { name: "lb-ebpf", root_dir: root, features, ..Package::default() }], Toolchain::Nightly)
-        .context("building the XDP program (lb-ebpf); `cargo xtask setup` installs what it needs")
+        .context("building the XDP program (lb-ebpf); `cargo xtask setup` installs what it needs")?;
+    build_ordered(root, upgrade).context("building the ordered XDP program (lb-ebpf, feature ordered)")
+}
+
+/// The balancer for weakly ordered CPUs, `dsrlb-ordered`: `lb-ebpf` with feature `ordered` for
+/// BPF ISA v4, with load-acquire and store-release (LLVM selects them from v4 on). aya-build sets the nested build's flags itself, with no way to
+/// add the target CPU, so this build is run here: the same command and flags, and
+/// `-C target-cpu=v4`, which rustc hands to bpf-linker.
+fn build_ordered(root: &str, upgrade: bool) -> anyhow::Result<()> {
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR")?);
+    let arch = std::env::var("CARGO_CFG_TARGET_ARCH").context("CARGO_CFG_TARGET_ARCH")?;
+    let target_dir = out.join("ordered-target");
+    let features = if upgrade { "ordered,upgrade-test" } else { "ordered" };
+    let flags = [&format!("--cfg=bpf_target_arch=\"{arch}\""), "-Cdebuginfo=2", "-Clink-arg=--btf", "-Ctarget-cpu=v4"]
+        .map(std::string::ToString::to_string);
+    let status = std::process::Command::new("rustup")
+        .args(["run", "nightly", "cargo", "build", "--package", "lb-ebpf", "--bins", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core", "--features", features])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .current_dir(root)
+        .env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f"))
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .status()
+        .context("running cargo for lb-ebpf")?;
+    anyhow::ensure!(status.success(), "cargo build of lb-ebpf --features {features} failed: {status}");
+    let built = target_dir.join("bpfel-unknown-none/release/dsrlb");
+    std::fs::copy(&built, out.join("dsrlb-ordered")).with_context(|| format!("copying {}", built.display()))?;
+    Ok(())
 }

@@ -120,8 +120,8 @@ impl Segment for Tcp6 {
     fn holds(&self, slot: u32) -> bool {
         FLOW_ADDRS6.get_ptr_mut(slot).is_some_and(|a| {
             // SAFETY: a map value, read word by word (the writer publishes the slot's state after
-            // writing these, see `table`).
-            let w = |i: usize| unsafe { core::ptr::read_volatile((&raw const *a).cast::<u64>().add(i)) };
+            // writing these, see `table`), each an acquire: the slot's state is read again after.
+            let w = |i: usize| unsafe { lb_ebpf::order::load_acquire((&raw const *a).cast::<u64>().add(i)) };
             (w(0) ^ self.src[0]) | (w(1) ^ self.src[1]) | (w(2) ^ self.dst[0]) | (w(3) ^ self.dst[1]) == 0
         })
     }
@@ -172,11 +172,13 @@ struct Listener {
     info: ListenerInfo,
 }
 
-/// Reads an 8-byte map value whole (see `lb_common::ListenerInfo`).
+/// Reads an 8-byte map value whole (see `lb_common::ListenerInfo`), with an acquire: the
+/// controller writes the rings and reals a listener or port word points to before it (with a
+/// release), and they are read after it.
 #[inline(always)]
 fn load_word<T>(value: &T) -> u64 {
     // SAFETY: the values read this way are 8 bytes and 8-aligned (map values are).
-    unsafe { core::ptr::read_volatile((&raw const *value).cast::<u64>()) }
+    unsafe { lb_ebpf::order::load_acquire((&raw const *value).cast::<u64>()) }
 }
 
 /// The listener at the frame's destination among those on its port.

@@ -69,6 +69,49 @@ pub mod hdr {
     const _: () = assert!(core::mem::size_of::<Ipv4Hdr>() == 20 && core::mem::size_of::<Ipv6Hdr>() == 40);
 }
 
+/// The loads and stores that order what one CPU writes for another to read (the flow table's
+/// slot protocol, `lb_common::FLOW_WAYS`, and the controller's published words, `LISTENERS`
+/// and `LISTEN_PORTS`). In the default build they are plain (volatile) loads and stores: x86-64
+/// orders every load as an acquire and every store as a release (total store order), and the
+/// object loads on any kernel the balancer supports. With the `ordered` feature (the
+/// `dsrlb-ordered` object, built for BPF ISA v4) they are BPF load-acquire and store-release
+/// instructions (Linux 6.15; LDAR and STLR on arm64, plain moves on x86-64): the object for
+/// weakly ordered CPUs.
+pub mod order {
+    /// Loads `p`; nothing after it in program order is performed before it.
+    ///
+    /// # Safety
+    /// `p` is valid and 8-aligned (a map value's word).
+    #[inline(always)]
+    #[expect(clippy::inline_always, reason = "on every packet's path")]
+    #[must_use]
+    pub unsafe fn load_acquire(p: *const u64) -> u64 {
+        #[cfg(feature = "ordered")]
+        // SAFETY: valid and aligned (the caller's promise); other CPUs change it only atomically.
+        return unsafe { core::sync::atomic::AtomicU64::from_ptr(p.cast_mut()) }.load(core::sync::atomic::Ordering::Acquire);
+        #[cfg(not(feature = "ordered"))]
+        // SAFETY: as above.
+        return unsafe { core::ptr::read_volatile(p) };
+    }
+
+    /// Stores `v` at `p`; everything before it in program order is visible before it.
+    ///
+    /// # Safety
+    /// As [`load_acquire`].
+    #[inline(always)]
+    #[expect(clippy::inline_always, reason = "on every new flow's path")]
+    pub unsafe fn store_release(p: *mut u64, v: u64) {
+        #[cfg(feature = "ordered")]
+        // SAFETY: valid and aligned (the caller's promise).
+        unsafe { core::sync::atomic::AtomicU64::from_ptr(p) }.store(v, core::sync::atomic::Ordering::Release);
+        #[cfg(not(feature = "ordered"))]
+        // SAFETY: as above.
+        unsafe {
+            core::ptr::write_volatile(p, v);
+        }
+    }
+}
+
 /// The end of every object: its panic handler (the verifier proves no panic is reachable) and
 /// its licence (GPL: the helpers the programs call require it).
 #[macro_export]

@@ -161,8 +161,8 @@ fn find_in(half: usize, p: &Place, first: &[u64; FLOW_WAYS], holds: &impl Fn(u32
     }
     let mut hits = 0u32;
     for (way, &m) in first.iter().enumerate() {
-        // SAFETY: inside the map value.
-        let a = unsafe { core::ptr::read_volatile(words(bucket, way).0) };
+        // SAFETY: inside the map value. An acquire: the state is read again after it.
+        let a = unsafe { lb_ebpf::order::load_acquire(words(bucket, way).0) };
         let (ports, state) = flow_meta_split(m);
         // A slot a writer holds (`FLOW_S_BUSY`, no kind) is not live.
         let differs = (a ^ p.addrs) | u64::from(ports ^ p.ports) | is_zero(u64::from(state & FLOW_S_KIND));
@@ -212,9 +212,10 @@ pub fn find(p: &Place, seen: &mut Seen, holds: impl Fn(u32) -> bool) -> Option<F
     // (a lookup or insert in the default 1M-flow table: two misses in a row).
     for (half, row) in seen.0.iter_mut().enumerate() {
         for (way, m) in row.iter_mut().enumerate() {
-            // SAFETY: inside the map value. Per slot: the state, then (in `find_in`) the
-            // addresses; for the slot found, the state once more.
-            *m = unsafe { core::ptr::read_volatile(words(p.buckets[half], way).1) };
+            // SAFETY: inside the map value. Per slot: the state (an acquire: the addresses are
+            // read after it), then (in `find_in`) the addresses; for the slot found, the state
+            // once more.
+            *m = unsafe { lb_ebpf::order::load_acquire(words(p.buckets[half], way).1) };
         }
     }
     let [left, right] = &seen.0;
@@ -373,8 +374,8 @@ pub fn insert(p: &Place, seen: &Seen, state: u32, now: u32, expire: u32, record:
 fn claim(p: &Place, half: usize, way: usize, chosen: Option<(u64, u32, u64)>, state: u32, record: &impl Fn(u32)) -> bool {
     let (addrs, meta) = words(p.buckets[half], way);
     // SAFETY: 8-aligned words inside the map value. Claim the slot (it must still hold what was
-    // read), write the addresses, then publish the state. A plain store publishes: x86-64 makes
-    // stores visible in program order, so no reader sees the state before the addresses.
+    // read; the compare-and-swap is fully ordered), write the addresses, then publish the state
+    // with a release: no reader sees the state before the addresses (`lb_common::FLOW_WAYS`).
     unsafe {
         let old = core::ptr::read_volatile(meta);
         let st = flow_meta_split(old).1;
@@ -387,7 +388,7 @@ fn claim(p: &Place, half: usize, way: usize, chosen: Option<(u64, u32, u64)>, st
         }
         core::ptr::write_volatile(addrs, p.addrs);
         record(slot_index(p.index[half], way));
-        core::ptr::write_volatile(meta, flow_meta(p.ports, state));
+        lb_ebpf::order::store_release(meta, flow_meta(p.ports, state));
     }
     true
 }

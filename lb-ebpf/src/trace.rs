@@ -3,7 +3,7 @@
 //! pays one inlined array read and a branch.
 
 use aya_ebpf::{
-    helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_xdp_load_bytes},
+    helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
     programs::XdpContext,
 };
 use lb_common::{TRACE_NONE, TRACE_SNAP};
@@ -58,7 +58,12 @@ fn record(ctx: &XdpContext, d: &Decision, until: u64, sample: u32, listener: u32
         return;
     };
     let ev = entry.as_mut_ptr();
-    let len = (ctx.data_end() - ctx.data()) as u32;
+    // The frame's length from the kernel rather than `data_end - data`: LLVM may narrow that
+    // subtraction to 32 bits and keep `data` in a 32-bit stack slot across the calls below,
+    // which the verifier refuses for a packet pointer (the ISA v4 build does).
+    // SAFETY: the program's own context.
+    #[expect(clippy::cast_possible_truncation, reason = "a frame is far below 4 GB")]
+    let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as u32;
     let cap = if len > TRACE_SNAP as u32 { TRACE_SNAP as u32 } else { len };
     // SAFETY: `ev` is the reserved entry, written field by field before it is submitted; the
     // copy is at most `TRACE_SNAP` bytes into `frame`, and the helpers take what they are given.

@@ -9,7 +9,7 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{flow_hash, ring_slot, source_hash};
 use lb_userspace::{
     config::{self, Config},
-    dataplane::{Dataplane, Desired, LoadOptions, testing::TestPrograms},
+    dataplane::{Dataplane, Desired, LoadOptions, Object, testing::TestPrograms},
     plan::{self, BackendRuntime, DownSet, Ids, Out},
 };
 
@@ -61,7 +61,10 @@ impl Lb {
     }
 
     pub fn with_table(config: Config, flow_table_size: u32) -> Self {
-        let dp = Dataplane::load(&LoadOptions { ring_size: RING, flow_table_size }).expect("loading the XDP object");
+        // `DSRLB_TEST_OBJECT=ordered`: the fixtures run against the object for weakly ordered
+        // CPUs (`cargo xtask test` runs them both ways).
+        let object = if std::env::var("DSRLB_TEST_OBJECT").as_deref() == Ok("ordered") { Object::Ordered } else { Object::Plain };
+        let dp = Dataplane::load(&LoadOptions { object, ..LoadOptions::new(RING, flow_table_size) }).expect("loading the XDP object");
         let test = TestPrograms::load(mac_of(0x11)).expect("loading the test object");
         let mut lb = Self {
             dp,

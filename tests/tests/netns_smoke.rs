@@ -99,7 +99,7 @@ fn syns_to_the_vip_bounce_with_a_backend_mac() {
     require_root!();
     let (lb, cl) = two_namespaces("smoke");
     let cfg = config::parse(CONFIG, "smoke.toml").expect("valid");
-    let mut dp = Dataplane::load(&LoadOptions { ring_size: cfg.ring_size, flow_table_size: cfg.flow_table_size }).expect("load");
+    let mut dp = Dataplane::load(&LoadOptions::new(cfg.ring_size, cfg.flow_table_size)).expect("load");
     let lb_mac = lb.run(|| dataplane::interface_mac("lb0")).expect("lb0 MAC");
     let mut ids = Ids::default();
     ids.update(&cfg).expect("ids");

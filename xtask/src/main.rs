@@ -159,7 +159,30 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     // Netns and lab tests share names and the machine: one at a time.
     full.extend(["--", "--test-threads=1"]);
     full.extend(args.get(split + 1..).unwrap_or_default().iter().map(String::as_str));
-    cargo(&full)
+    let all = cargo(&full);
+    // The packet fixtures once more, against the object for weakly ordered CPUs (BPF ISA v4,
+    // load-acquire and store-release): it verifies and behaves alike on this kernel.
+    let ordered = if args.is_empty() { ordered_fixtures() } else { Ok(()) };
+    all.and(ordered)
+}
+
+/// The packet fixtures with `DSRLB_TEST_OBJECT=ordered` (see `tests/src/fixture.rs`).
+fn ordered_fixtures() -> anyhow::Result<()> {
+    let mut args = vec!["test", "-p", "tests"];
+    for t in ["xdp_fixtures", "xdp_ipv6", "xdp_edge", "xdp_fuzz", "xdp_cluster", "xdp_tunnel", "xdp_events", "xdp_trace", "xdp_ring_seed"] {
+        args.extend(["--test", t]);
+    }
+    args.extend(["--", "--test-threads=1"]);
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(&args)
+        .env("DSRLB_TEST_OBJECT", "ordered")
+        .current_dir(root())
+        .status()
+        .context("starting cargo test for the ordered object")?;
+    if !status.success() {
+        bail!("the packet fixtures against the ordered object failed ({status})");
+    }
+    Ok(())
 }
 
 /// Builds the Debian package: the release binary (the XDP object inside), its man pages and

@@ -209,7 +209,7 @@ impl Controller {
         let src_mac = dataplane::interface_mac(&config.interface)?;
         vips_are_not_ours(&config)?;
         resolve_tunnel(&mut config)?;
-        let load = LoadOptions { ring_size: config.ring_size, flow_table_size: config.flow_table_size };
+        let load = LoadOptions::new(config.ring_size, config.flow_table_size);
         let (dp, start) = Dataplane::open_pinned(&load, &opts.pin_dir, &config.interface)?;
         let saved = match start {
             dataplane::Start::Fresh => Saved::default(),

@@ -19,8 +19,8 @@ use lb_common::{
     map_names as names, reason, ring_base, ring_entries,
 };
 
-use super::{ConnRateWanted, Dataplane, LoadOptions, Written, apply::unpack_ring, map_mut};
-use crate::{EBPF_OBJ, flow_table::FlowTable, mapped::Mapped};
+use super::{ConnRateWanted, Dataplane, LoadOptions, Object, Written, apply::unpack_ring, map_mut};
+use crate::{EBPF_OBJ, EBPF_OBJ_ORDERED, flow_table::FlowTable, mapped::Mapped};
 
 /// Every pinned map of the object, in the order they are pinned and unpinned.
 pub const MAP_NAMES: [&str; 19] = [
@@ -65,11 +65,7 @@ impl Dataplane {
             .checked_mul(RING_COPIES)
             .and_then(|n| n.checked_mul(ring_entries(opts.ring_size)))
             .context("ring_size too large for the rings map")?;
-        ensure!(
-            cfg!(target_arch = "x86_64"),
-            "the flow table's lock-free slot protocol relies on x86-64 memory ordering; this is {}",
-            std::env::consts::ARCH
-        );
+        let object = object_for(opts.object, std::env::consts::ARCH, &kernel_release())?;
         let buckets = flow_table_buckets(opts.flow_table_size);
         let bucket_mask = buckets - 1;
         let flow_slots = u32::try_from(FLOW_WAYS)
@@ -89,7 +85,7 @@ impl Dataplane {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
-        let mut ebpf = loader.load(EBPF_OBJ).context("loading the XDP object (maps and programs)")?;
+        let mut ebpf = loader.load(object).with_context(|| format!("loading the XDP object {} (maps and programs)", opts.object.name()))?;
         for name in ["dsrlb", "dsrlb_clock"] {
             let prog: &mut Xdp = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?.try_into()?;
             prog.load().with_context(|| format!("verifying program {name}"))?;
@@ -537,4 +533,62 @@ pub fn link_live(dir: &std::path::Path, interface: &str) -> bool {
 /// The name of loaded program `id`, for messages.
 fn program_name(id: u32) -> String {
     super::chain::program_info(id).ok().and_then(|p| p.name_as_str().map(str::to_owned)).unwrap_or_else(|| "name unknown".to_owned())
+}
+
+/// The kernel's release (`uname -r`), or "" when it cannot be read.
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
+/// The first kernel with BPF load-acquire and store-release (the ordered object's).
+const ORDERED_KERNEL: (u32, u32) = (6, 15);
+
+/// The object `want` for this CPU (`arch`) and kernel (`release`), or why it cannot run: the
+/// plain object's flow table protocol relies on x86-64's memory ordering, and the ordered
+/// object's instructions need Linux 6.15.
+fn object_for(want: Object, arch: &str, release: &str) -> anyhow::Result<&'static [u8]> {
+    match want {
+        Object::Plain => {
+            ensure!(
+                arch == "x86_64",
+                "the plain XDP object's flow table relies on x86-64 memory ordering and this CPU is {arch}: it takes the ordered object"
+            );
+            Ok(EBPF_OBJ)
+        }
+        Object::Ordered => {
+            let mut parts = release.split(|c: char| !c.is_ascii_digit()).map(|p| p.parse::<u32>().ok());
+            let version = parts.next().flatten().zip(parts.next().flatten());
+            let why = if arch == "x86_64" { String::new() } else { format!("this CPU ({arch}) orders memory weakly: ") };
+            ensure!(
+                version.is_some_and(|v| v >= ORDERED_KERNEL),
+                "{why}the ordered XDP object needs BPF load-acquire and store-release, which Linux {}.{} brought; this kernel is {}",
+                ORDERED_KERNEL.0,
+                ORDERED_KERNEL.1,
+                if release.is_empty() { "of an unknown release" } else { release }
+            );
+            Ok(EBPF_OBJ_ORDERED)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// x86-64 takes either object; any other CPU only the ordered one, from Linux 6.15, and is
+    /// told why otherwise.
+    #[test]
+    fn the_object_fits_the_cpu_and_kernel() {
+        assert!(std::ptr::eq(object_for(Object::Plain, "x86_64", "5.10.0-28-amd64").unwrap(), EBPF_OBJ));
+        assert!(std::ptr::eq(object_for(Object::Ordered, "x86_64", "6.18.44-fc-v1045").unwrap(), EBPF_OBJ_ORDERED));
+        assert!(std::ptr::eq(object_for(Object::Ordered, "aarch64", "7.2.0-1-arm64").unwrap(), EBPF_OBJ_ORDERED));
+        assert!(std::ptr::eq(object_for(Object::Ordered, "aarch64", "6.15.0").unwrap(), EBPF_OBJ_ORDERED));
+        let plain = object_for(Object::Plain, "aarch64", "7.2.0").unwrap_err().to_string();
+        assert!(plain.contains("aarch64") && plain.contains("ordered object"), "{plain}");
+        let old = object_for(Object::Ordered, "aarch64", "6.14.11-arm64").unwrap_err().to_string();
+        assert!(old.contains("aarch64") && old.contains("6.15") && old.contains("6.14.11-arm64"), "{old}");
+        let unknown = object_for(Object::Ordered, "aarch64", "").unwrap_err().to_string();
+        assert!(unknown.contains("unknown release"), "{unknown}");
+        assert_eq!(Object::native(), Object::Plain, "this is an x86-64 build");
+    }
 }

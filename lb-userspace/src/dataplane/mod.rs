@@ -40,11 +40,46 @@ use crate::{
     mapped::Mapped,
 };
 
-/// Sizes fixed when the object is loaded.
+/// Sizes fixed when the object is loaded, and which object.
 #[derive(Clone, Copy, Debug)]
 pub struct LoadOptions {
     pub ring_size: u32,
     pub flow_table_size: u32,
+    pub object: Object,
+}
+
+impl LoadOptions {
+    /// These sizes, with the object for this CPU ([`Object::native`]).
+    #[must_use]
+    pub const fn new(ring_size: u32, flow_table_size: u32) -> Self {
+        Self { ring_size, flow_table_size, object: Object::native() }
+    }
+}
+
+/// Which build of the XDP program is loaded (`lb_ebpf::order`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Object {
+    /// Plain loads and stores: correct where every load is an acquire and every store a release
+    /// (x86-64), on any kernel.
+    Plain,
+    /// BPF ISA v4 with load-acquire and store-release: correct on any CPU, from Linux 6.15.
+    Ordered,
+}
+
+impl Object {
+    /// The plain object on x86-64, the ordered one elsewhere.
+    #[must_use]
+    pub const fn native() -> Self {
+        if cfg!(target_arch = "x86_64") { Self::Plain } else { Self::Ordered }
+    }
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Plain => "dsrlb",
+            Self::Ordered => "dsrlb-ordered",
+        }
+    }
 }
 
 /// What the maps should say: produced by [`crate::plan`], written by [`Dataplane::apply`].

@@ -36,7 +36,7 @@ use lb_common::{DEFAULT_FLOW_TABLE_SIZE, FLOW_CONFIRM_UNITS, flow_table_buckets,
 use lb_userspace::{
     config,
     dataplane::{
-        Dataplane, LoadOptions, Stats,
+        Dataplane, LoadOptions, Object, Stats,
         testing::{Restore, TestPrograms},
     },
     plan::{self, BackendRuntime, DownSet, Ids},
@@ -134,7 +134,10 @@ fn setup_with(flow_table_size: u32, ipv6: bool, forward: Option<&str>) -> Bench 
         let _ = write!(text, "[[backend]]\nname = \"b{i}\"\n{how}\n");
     }
     let cfg = config::parse(&text, "bench.toml").expect("bench config");
-    let mut dp = Dataplane::load(&LoadOptions { ring_size: cfg.ring_size, flow_table_size: cfg.flow_table_size })
+    // `--ordered`: the object for weakly ordered CPUs (on x86-64 its load-acquires and
+    // store-releases are plain moves once JIT-compiled).
+    let object = if std::env::args().any(|a| a == "--ordered") { Object::Ordered } else { Object::Plain };
+    let mut dp = Dataplane::load(&LoadOptions { object, ..LoadOptions::new(cfg.ring_size, cfg.flow_table_size) })
         .expect("loading the XDP object (run as root)");
     let programs = TestPrograms::load([0x02, 0, 0, 0, 0, 0x11]).expect("loading the test object");
     let mut ids = Ids::default();
