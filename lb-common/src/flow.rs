@@ -112,9 +112,9 @@ impl FlowKey {
 /// spin finds one that does (`tests/tests/model.rs`; the model's header says what it leaves
 /// out). The controller's mapped words are Rust atomics with exactly these orderings. In the
 /// program, x86-64's total store order makes every load an acquire and every store a release,
-/// so its plain (volatile) loads and stores give 2 to 4; a weakly ordered CPU needs BPF's
-/// load-acquire and store-release instructions there (kernel 6.15), which the program does not
-/// use yet, and the controller refuses to run elsewhere.
+/// so the default object's plain (volatile) loads and stores give 2 to 4; on other CPUs the
+/// controller loads the `ordered` build (`lb_ebpf::order`), whose loads and stores there are
+/// BPF load-acquire and store-release (Linux 6.15).
 pub const FLOW_WAYS: usize = 4;
 
 /// One slot of a [`FlowBucket`]. `state` is 0 when the slot is empty, [`FLOW_S_BUSY`] while a
