@@ -16,27 +16,38 @@ use tests::{
 
 /// The package in `target/debian`.
 fn deb() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debian");
+    deb_of("debian", "amd64")
+}
+
+/// The package for `arch` in `target/DIR`.
+fn deb_of(dir: &str, arch: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target").join(dir);
+    let tail = format!("_{arch}.deb");
     std::fs::read_dir(&dir)
         .ok()
         .into_iter()
         .flatten()
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("dsrlb_") && n.ends_with("_amd64.deb")))
-        .unwrap_or_else(|| panic!("no dsrlb_*_amd64.deb in {}: run `cargo xtask package` (`cargo xtask test` does)", dir.display()))
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("dsrlb_") && n.ends_with(&tail)))
+        .unwrap_or_else(|| {
+            panic!("no dsrlb_*{tail} in {}: run `cargo xtask package --arch {arch}` (`cargo xtask test` does)", dir.display())
+        })
 }
 
 /// The package unpacked (`dpkg-deb -x`, and its control files under `DEBIAN`) into a fresh
 /// directory.
 fn unpacked(tag: &str) -> PathBuf {
+    unpacked_of(tag, &deb())
+}
+
+fn unpacked_of(tag: &str, deb: &Path) -> PathBuf {
     let root = std::env::temp_dir().join(format!("dsrlb-pkg-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root).expect("temp root");
-    let deb = deb();
     for args in [vec!["-x"], vec!["-e"]] {
         let target = if args[0] == "-e" { root.join("DEBIAN") } else { root.clone() };
-        let out = Command::new("dpkg-deb").args(&args).arg(&deb).arg(&target).output().expect("dpkg-deb");
+        let out = Command::new("dpkg-deb").args(&args).arg(deb).arg(&target).output().expect("dpkg-deb");
         assert!(out.status.success(), "dpkg-deb {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
     root
@@ -103,14 +114,55 @@ fn the_package_holds_everything_and_its_binary_runs_from_it_alone() {
 
 #[test]
 fn lintian_reports_no_error() {
-    let out = Command::new("lintian")
-        .args(["--fail-on", "error", "--tag-display-limit", "0"])
-        .arg(deb())
-        .output()
-        .expect("lintian (cargo xtask setup installs it)");
-    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "lintian:\n{report}");
-    assert!(!report.lines().any(|l| l.starts_with("E: ")), "lintian errors:\n{report}");
+    for deb in [deb(), deb_of("debian-arm64", "arm64")] {
+        let out = Command::new("lintian")
+            .args(["--fail-on", "error", "--tag-display-limit", "0"])
+            .arg(&deb)
+            .output()
+            .expect("lintian (cargo xtask setup installs it)");
+        let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "lintian on {}:\n{report}", deb.display());
+        assert!(!report.lines().any(|l| l.starts_with("E: ")), "lintian errors on {}:\n{report}", deb.display());
+    }
+}
+
+/// The arm64 package (issue 26): an arm64 binary, with the same files as the amd64 one, that
+/// runs under qemu's user-mode emulator and checks its packaged config. (qemu-user has no
+/// `bpf()`: loading the program on an arm64 kernel is not tested here.)
+#[test]
+fn the_arm64_package_holds_an_arm64_binary_that_runs() {
+    use object::Object as _;
+    let arm = deb_of("debian-arm64", "arm64");
+    let out = Command::new("dpkg-deb").args(["-f"]).arg(&arm).arg("Architecture").output().expect("dpkg-deb");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "arm64");
+    let list = |deb: &Path| -> Vec<String> {
+        let out = Command::new("dpkg-deb").arg("-c").arg(deb).output().expect("dpkg-deb -c");
+        let mut files: Vec<String> =
+            String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_whitespace().last().map(str::to_owned)).collect();
+        files.sort();
+        files
+    };
+    assert_eq!(list(&arm), list(&deb()), "the arm64 package holds other files than the amd64 one");
+    let root = unpacked_of("arm64", &arm);
+    let bin = root.join("usr/bin/dsrlb");
+    let bytes = std::fs::read(&bin).expect("the binary");
+    let file = object::File::parse(&*bytes).expect("an ELF binary");
+    assert_eq!(file.architecture(), object::Architecture::Aarch64);
+    let qemu = |args: &[&str]| {
+        let out = Command::new("qemu-aarch64-static")
+            .args(["-L", "/usr/aarch64-linux-gnu"])
+            .arg(&bin)
+            .args(args)
+            .output()
+            .expect("qemu-aarch64-static (cargo xtask setup installs qemu-user-static)");
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let (ok, out) = qemu(&["--version"]);
+    assert!(ok && out.starts_with("dsrlb "), "{out}");
+    let config = root.join("etc/dsrlb/dsrlb.toml");
+    let (ok, out) = qemu(&["check", "--config", &config.display().to_string()]);
+    assert!(ok && out.contains("valid"), "dsrlb check under qemu-aarch64: {out}");
+    let _ = std::fs::remove_dir_all(&root);
 }
 
 #[test]

@@ -62,8 +62,12 @@ enum Cmd {
     /// Benchmarks: dsrlb, HAProxy, direct and the XDP floor in the lab, and the XDP data plane
     /// against the floor program; writes bench/report.md and plots.
     Bench,
-    /// The Debian package, target/debian/dsrlb_VERSION_amd64.deb (cargo-deb), checked by lintian.
-    Package,
+    /// The Debian package, target/debian/dsrlb_VERSION_amd64.deb (cargo-deb), checked by lintian;
+    /// with `--arch arm64`, target/debian-arm64/dsrlb_VERSION_arm64.deb, cross-built.
+    Package {
+        #[arg(long, default_value = "amd64", value_parser = ["amd64", "arm64"])]
+        arch: String,
+    },
 }
 
 fn root() -> PathBuf {
@@ -150,7 +154,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     // Integration tests start the real binaries, from the same (debug) profile as themselves.
     cargo(&["build", "-p", "lb-userspace", "-p", "tests", "--bins"])?;
     // The package tests unpack the .deb and run what is in it.
-    package()?;
+    package_arm64()?;
     // lb-ebpf builds for the BPF target only, through lb-userspace's build script.
     let mut full: Vec<&str> = vec!["test", "--workspace", "--exclude", "lb-ebpf", "--no-fail-fast"];
     // `cargo xtask test -- CARGO_ARGS -- HARNESS_ARGS`, e.g. `-- --test lab_ha -- --nocapture`.
@@ -208,10 +212,45 @@ fn package() -> anyhow::Result<PathBuf> {
         }
         std::fs::write(completions.join(file), out.stdout)?;
     }
-    let debian = root.join("target/debian");
-    let _ = std::fs::remove_dir_all(&debian);
-    cargo(&["deb", "-p", "lb-userspace", "--no-build", "--output", &debian.display().to_string()])?;
-    let deb = std::fs::read_dir(&debian)?
+    deb_and_lintian(&root.join("target/debian"), None)
+}
+
+/// The Rust target of the arm64 package, and the Debian cross tools it is built with.
+const ARM64_TARGET: &str = "aarch64-unknown-linux-gnu";
+
+/// The arm64 package: the userspace binary cross-built with the nightly toolchain's
+/// `-Z build-std` (no other target's std can be fetched here) and Debian's
+/// `gcc-aarch64-linux-gnu` as linker and C compiler; the XDP objects inside are the same
+/// bytes as on amd64 (BPF is architecture-neutral; on arm64 the controller loads
+/// `dsrlb-ordered`). Man pages and completions come from the host build: the CLI is the same.
+fn package_arm64() -> anyhow::Result<PathBuf> {
+    package()?;
+    let status = Command::new("rustup")
+        .args(["run", "nightly", "cargo", "build", "--release", "-p", "lb-userspace", "--bin", "dsrlb", "--target", ARM64_TARGET])
+        .args(["-Z", "build-std=std,panic_abort"])
+        .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER", "aarch64-linux-gnu-gcc")
+        .env("CC_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-gcc")
+        .env("AR_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-ar")
+        .current_dir(root())
+        .status()
+        .context("starting the arm64 cross-build")?;
+    if !status.success() {
+        bail!("cross-building dsrlb for {ARM64_TARGET} failed ({status})");
+    }
+    deb_and_lintian(&root().join("target/debian-arm64"), Some(ARM64_TARGET))
+}
+
+/// `cargo deb` of the built binary into `debian` (for `target`, or the host), then lintian,
+/// which must report no error. Returns the package's path.
+fn deb_and_lintian(debian: &Path, target: Option<&str>) -> anyhow::Result<PathBuf> {
+    let _ = std::fs::remove_dir_all(debian);
+    let out = debian.display().to_string();
+    let mut args = vec!["deb", "-p", "lb-userspace", "--no-build", "--output", &out];
+    if let Some(t) = target {
+        args.extend(["--target", t]);
+    }
+    cargo(&args)?;
+    let deb = std::fs::read_dir(debian)?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
@@ -243,7 +282,7 @@ fn main() -> ExitCode {
         Cmd::Lab { action, nodes, vrrp, routed } => lab(&action, nodes, vrrp, routed),
         Cmd::Test { args } => test(&args),
         Cmd::Bench => bench(),
-        Cmd::Package => setup::setup().and_then(|()| package()).map(drop),
+        Cmd::Package { arch } => setup::setup().and_then(|()| if arch == "arm64" { package_arm64() } else { package() }).map(drop),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

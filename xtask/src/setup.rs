@@ -36,6 +36,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // verifier, gcc builds it.
     "spin",
     "gcc",
+    // The arm64 package: the cross linker and C compiler, and qemu's user-mode emulator, which
+    // runs the arm64 binary in the package test.
+    "gcc-aarch64-linux-gnu",
+    "qemu-user-static",
 ];
 
 /// The cargo-deb release `cargo xtask package` is known to work with.
