@@ -101,8 +101,9 @@ impl FlowKey {
 ///
 /// The ordering edges this relies on (`FLOW_ADDRS6` is written and read where the addresses
 /// are), for the program and the controller alike:
-/// 1. the claim is a compare-and-swap that is fully ordered (a BPF atomic with fetch; the
-///    controller's `AcqRel`): [`FLOW_S_BUSY`] is visible before anything stored after it;
+/// 1. the claim is a compare-and-swap that is fully ordered (a BPF atomic with fetch; in the
+///    controller an `AcqRel` one, and every store after it a release): [`FLOW_S_BUSY`] is
+///    visible before anything stored after it;
 /// 2. the publishing state store is a release: the addresses are visible before it;
 /// 3. the reader's first state load is an acquire: the addresses are read after it;
 /// 4. the reader's address loads are acquires: the state is read again after them.

@@ -226,12 +226,13 @@ impl MergeCounts {
 /// How many flows one peer may insert into this node's table: as many as the table is sized
 /// for (half its slots) at once, refilled at that many per flow idle timeout. A peer shares its
 /// exceptions (after a ring change, the share of flows that moved) or, while configs differ,
-/// every live flow it holds: a peer with a full table of the same size shares them all within
-/// that (`bench scale` measured a quarter of the slots, the cap before, taking 525,291 of a
-/// million). A peer that sends more (a bug, or a node in the wrong hands) cannot fill the
-/// table with flows it protects: what it inserts is confirmed, and confirmed flows are never
-/// replaced, but half the slots stay this node's. Refreshing a flow the table holds costs
-/// nothing.
+/// every live flow it holds: a node joining with an empty table takes a full peer's flows in
+/// one go (`bench scale` measured a quarter of the slots, the cap before, taking 525,291 of a
+/// million). This is a rate, not a share of the table: what a peer inserts is confirmed, never
+/// replaced, and kept alive by its refreshes, which cost nothing, so a holder of the cluster
+/// key that keeps sending new flows fills the table in time (twice as fast as with the old
+/// cap), and budgets are per peer address. The cluster key is the trust boundary
+/// (`docs/ha.md`); the budget keeps a bug or a misconfigured peer from filling the table at once.
 #[derive(Clone, Copy, Debug)]
 pub struct PeerBudget {
     tokens: f64,

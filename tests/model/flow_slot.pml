@@ -18,15 +18,17 @@
  * tests/tests/model.rs checks that spin finds no violation as written, and finds one with each
  * edge weakened.
  *
- * What the model leaves out: the same state word published twice around another flow (ABA).
- * A reader between whose two state loads the slot's flow is replaced and then inserted again
- * (the same ports and real: the re-read ignores age and kind, as a refresh changes those)
- * could take the addresses of the flow in between: let a writer publish one flow twice and
- * spin finds exactly that. It needs two whole replacements of a slot within a reader's three
- * loads, the second putting back the flow the first took out, and the flow in between must
- * have the same ports as the one looked up; the frame would go by the other flow's pin, once
- * (the next frame looks again). The protocol does not prevent it, on x86 either: the state
- * word has no room for a version. Here each writer publishes two different flows.
+ * What the model leaves out: a state word that reads the same around another flow (ABA).
+ * The re-read ignores age and kind (a refresh changes those), so two states with the same ports
+ * and real read as the same. A reader between whose two state loads the slot's flow is
+ * replaced by a flow with the addresses it looks up, then by one with the first state's ports
+ * and real again, matches those addresses against a state that was never written with them:
+ * let a writer publish one flow twice and spin finds exactly that. It needs two whole
+ * replacements of a slot within a reader's three loads. The frame would go by the other
+ * flow's real; this CPU's flow cache would keep that for the rest of the clock's unit, and the
+ * segment's step (a confirmation, a closing mark) would be written into the other flow's slot.
+ * The protocol does not prevent it, on x86 either: the state word has no room for a version.
+ * Here every publish is of another flow.
  */
 
 #ifndef ACQ_STATE

@@ -220,9 +220,10 @@ const ARM64_TARGET: &str = "aarch64-unknown-linux-gnu";
 
 /// The arm64 package: the userspace binary cross-built with the nightly toolchain's
 /// `-Z build-std` (no other target's std can be fetched here) and Debian's
-/// `gcc-aarch64-linux-gnu` as linker and C compiler; the XDP objects inside are the same
-/// bytes as on amd64 (BPF is architecture-neutral; on arm64 the controller loads
-/// `dsrlb-ordered`). Man pages and completions come from the host build: the CLI is the same.
+/// `gcc-aarch64-linux-gnu` as linker and C compiler; the XDP objects inside are built from the
+/// same source (BPF is architecture-neutral; aya's `bpf_target_arch` is aarch64 there, and on
+/// arm64 the controller loads `dsrlb-ordered`). Man pages and completions come from the host
+/// build: the CLI is the same.
 fn package_arm64() -> anyhow::Result<PathBuf> {
     package()?;
     let status = Command::new("rustup")

@@ -521,7 +521,7 @@ fn memory_section(loads: &BTreeMap<&str, Vec<Sample>>) -> String {
     );
     let _ = writeln!(
         r,
-        "\ndsrlb / haproxy per held session: **{ratio:.4}**. Target <= 1/100: {}. dsrlb's column counts its controller's RSS change while the sessions opened (about zero: it holds nothing per session) and the flow table's slots for one flow; the table is allocated whole at start (32 MB for the default 1M flows), so a held session takes a slot and no memory.\n",
+        "\ndsrlb / haproxy per held session: **{ratio:.4}**. Target <= 1/100: {}. dsrlb's column counts its controller's RSS change while the sessions opened (about zero: it holds nothing per session) and the flow table's slots for one flow; the table is allocated whole at start (for the default 1M flows, 32 MB of `FLOWS` and 64 MB of `FLOW_ADDRS6`, the IPv6 flows' addresses), so a held session takes a slot and no memory; spread over only {MEM_HOLD} sessions that fixed 96 MB would be about 10.7 KB each.\n",
         if ratio <= 0.01 { "met" } else { "not met" }
     );
     r
