@@ -980,47 +980,31 @@ fn held(bin: &Path) -> anyhow::Result<String> {
     result
 }
 
+/// Takes down every lab a part of the bench brings up (after a failure, one may be left up).
+fn labs_down() {
+    let _ = Lab::new("dsrlbb", 1).down();
+    let _ = Lab::tunnelled("dsrlbr", 3).down();
+    let _ = Lab::new("dsrlbs", 2).down();
+    let _ = Lab::routed("dsrlbc", 2, 2, tests::lab::Routing::Bgp).down();
+}
+
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some("scale") {
-        match scale::scale().and_then(|a| Ok(a + &scale::cluster()?)) {
-            Ok(section) => print!("{section}"),
-            Err(e) => {
-                eprintln!("bench scale: {e:#}");
-                let _ = Lab::new("dsrlbs", 2).down();
-                let _ = Lab::routed("dsrlbc", 2, 2, tests::lab::Routing::Bgp).down();
-                std::process::exit(1);
-            }
-        }
-        return;
-    }
-    if std::env::args().nth(1).as_deref() == Some("held") {
-        let bin = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)).unwrap_or_default();
-        match held(&bin) {
-            Ok(section) => print!("{section}"),
-            Err(e) => {
-                eprintln!("bench held: {e:#}");
-                let _ = Lab::new("dsrlbb", 1).down();
-                std::process::exit(1);
-            }
-        }
-        return;
-    }
-    if std::env::args().nth(1).as_deref() == Some("routed") {
-        let bin = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)).unwrap_or_default();
-        match routed(&bin) {
-            Ok(section) => print!("{section}"),
-            Err(e) => {
-                eprintln!("bench routed: {e:#}");
-                let _ = Lab::tunnelled("dsrlbr", 3).down();
-                std::process::exit(1);
-            }
-        }
-        return;
-    }
-    if let Err(e) = run() {
-        eprintln!("bench: {e:#}");
-        let _ = Lab::new("dsrlbb", 1).down();
-        let _ = Lab::tunnelled("dsrlbr", 3).down();
+    let bin = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)).unwrap_or_default();
+    // `bench scale`, `bench held`, `bench routed`: one part alone, its section printed.
+    let part = std::env::args().nth(1);
+    let section = match part.as_deref() {
+        Some("scale") => Some(scale::scale().and_then(|a| Ok(a + &scale::cluster()?))),
+        Some("held") => Some(held(&bin)),
+        Some("routed") => Some(routed(&bin)),
+        _ => None,
+    };
+    let result = match section {
+        Some(section) => section.map(|s| print!("{s}")),
+        None => run(),
+    };
+    if let Err(e) = result {
+        eprintln!("bench {}: {e:#}", part.as_deref().unwrap_or(""));
+        labs_down();
         std::process::exit(1);
     }
 }
