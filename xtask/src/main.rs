@@ -1,6 +1,7 @@
 //! `cargo xtask`: set-up, run, lab, test and bench. It orchestrates cargo and the lab; it does
 //! not depend on the crates it builds, so `setup` works before bpf-linker exists.
 
+mod arm64;
 mod setup;
 
 use std::{
@@ -59,6 +60,10 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The packet fixtures, the flow table's tests, the controller's unit tests and a small netns
+    /// lab on an arm64 kernel (Debian unstable's) in qemu-system-aarch64, with two vCPUs (root;
+    /// `cargo xtask test` runs it).
+    TestArm64,
     /// Benchmarks: dsrlb, HAProxy, direct and the XDP floor in the lab, and the XDP data plane
     /// against the floor program; writes bench/report.md and plots.
     Bench,
@@ -167,7 +172,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     // The packet fixtures once more, against the object for weakly ordered CPUs (BPF ISA v4,
     // load-acquire and store-release): it verifies and behaves alike on this kernel.
     let ordered = if args.is_empty() { ordered_fixtures() } else { Ok(()) };
-    all.and(ordered)
+    // And on an arm64 kernel, emulated.
+    let arm64 = if args.is_empty() { arm64::test_arm64() } else { Ok(()) };
+    all.and(ordered).and(arm64)
 }
 
 /// The packet fixtures with `DSRLB_TEST_OBJECT=ordered` (see `tests/src/fixture.rs`).
@@ -282,6 +289,7 @@ fn main() -> ExitCode {
         Cmd::Run { nodes, vrrp, routed, args } => run(nodes, vrrp, routed, &args),
         Cmd::Lab { action, nodes, vrrp, routed } => lab(&action, nodes, vrrp, routed),
         Cmd::Test { args } => test(&args),
+        Cmd::TestArm64 => require_root("cargo xtask test-arm64").and_then(|()| setup::setup()).and_then(|()| arm64::test_arm64()),
         Cmd::Bench => bench(),
         Cmd::Package { arch } => setup::setup().and_then(|()| if arch == "arm64" { package_arm64() } else { package() }).map(drop),
     };

@@ -40,6 +40,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // runs the arm64 binary in the package test.
     "gcc-aarch64-linux-gnu",
     "qemu-user-static",
+    // `cargo xtask test-arm64`: the emulated arm64 machine, and cpio and xz for its initramfs
+    // and the kernel's modules (the kernel and the guest's userland come from Debian's
+    // unstable suite for arm64, fetched by that command with its own apt lists).
+    "qemu-system-arm",
+    "cpio",
+    "xz-utils",
 ];
 
 /// The cargo-deb release `cargo xtask package` is known to work with.
