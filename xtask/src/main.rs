@@ -64,6 +64,15 @@ enum Cmd {
     /// lab on an arm64 kernel (Debian unstable's) in qemu-system-aarch64, with two vCPUs (root;
     /// `cargo xtask test` runs it).
     TestArm64,
+    /// The soak: 100,000 MQTT sessions held through the VIP for 60 minutes while brokers are
+    /// added, drained, killed and the controller restarted and reloaded; writes bench/soak.md
+    /// and bench/soak.svg (root; not part of `test`, which runs a 2-minute smoke of it).
+    Soak {
+        /// Arguments for `bench soak` (`--sessions N --minutes M --processes P --ping-secs A-B
+        /// --sample-secs S --reload-minutes R`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Benchmarks: dsrlb, HAProxy, direct and the XDP floor in the lab, and the XDP data plane
     /// against the floor program; writes bench/report.md and plots.
     Bench,
@@ -282,6 +291,15 @@ fn bench() -> anyhow::Result<()> {
     exec(&root().join("target/release/bench"), &[out.display().to_string()])
 }
 
+fn soak(args: &[String]) -> anyhow::Result<()> {
+    setup::setup()?;
+    require_root("cargo xtask soak")?;
+    cargo(&["build", "--release", "-p", "lb-userspace", "-p", "tests", "--bins"])?;
+    let mut full = vec!["soak".to_owned(), "--out".to_owned(), root().join("bench").display().to_string()];
+    full.extend_from_slice(args);
+    exec(&root().join("target/release/bench"), &full)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -290,6 +308,7 @@ fn main() -> ExitCode {
         Cmd::Lab { action, nodes, vrrp, routed } => lab(&action, nodes, vrrp, routed),
         Cmd::Test { args } => test(&args),
         Cmd::TestArm64 => require_root("cargo xtask test-arm64").and_then(|()| setup::setup()).and_then(|()| arm64::test_arm64()),
+        Cmd::Soak { args } => soak(&args),
         Cmd::Bench => bench(),
         Cmd::Package { arch } => setup::setup().and_then(|()| if arch == "arm64" { package_arm64() } else { package() }).map(drop),
     };

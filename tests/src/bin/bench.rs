@@ -32,6 +32,8 @@
 
 #[path = "bench/scale.rs"]
 mod scale;
+#[path = "bench/soak.rs"]
+mod soak;
 
 use std::{
     collections::BTreeMap,
@@ -985,7 +987,45 @@ fn labs_down() {
     let _ = Lab::new("dsrlbb", 1).down();
     let _ = Lab::tunnelled("dsrlbr", 3).down();
     let _ = Lab::new("dsrlbs", 2).down();
+    let _ = Lab::new("dsrlbk", 7).down();
     let _ = Lab::routed("dsrlbc", 2, 2, tests::lab::Routing::Bgp).down();
+}
+
+/// `bench soak [--sessions N] [--minutes M] [--processes P] [--ping-secs MIN-MAX]
+/// [--sample-secs S] [--reload-minutes R] [--out DIR]`: writes `DIR/soak.md` and `DIR/soak.svg`
+/// when `--out` is given.
+fn soak_part(bin: &Path) -> anyhow::Result<String> {
+    let mut o = soak::Options::full();
+    let mut out = None;
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let v = it.next().with_context(|| format!("{flag} needs a value"))?;
+        let num = |v: &str| {
+            v.parse::<f64>().ok().filter(|x| x.is_finite() && *x > 0.0).with_context(|| format!("{flag}: {v} is not a positive number"))
+        };
+        match flag.as_str() {
+            #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "a positive count")]
+            "--sessions" => o.sessions = num(v)? as usize,
+            "--minutes" => o.duration = Duration::from_secs_f64(num(v)? * 60.0),
+            #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "a positive count")]
+            "--processes" => o.processes = num(v)? as usize,
+            "--ping-secs" => {
+                let (a, b) = v.split_once('-').with_context(|| format!("--ping-secs: {v} is not MIN-MAX"))?;
+                o.ping = (Duration::from_secs_f64(num(a)?), Duration::from_secs_f64(num(b)?));
+            }
+            "--sample-secs" => o.sample_every = Duration::from_secs_f64(num(v)?),
+            "--reload-minutes" => o.reload_every = Duration::from_secs_f64(num(v)? * 60.0),
+            "--churn-per-sec" => o.churn_per_sec = num(v)?,
+            "--out" => out = Some(PathBuf::from(v)),
+            _ => bail!("bench soak: unknown flag {flag}"),
+        }
+    }
+    let section = soak::soak(bin, &o, out.as_deref())?;
+    if let Some(dir) = &out {
+        std::fs::write(dir.join("soak.md"), &section)?;
+    }
+    Ok(section)
 }
 
 fn main() {
@@ -996,6 +1036,7 @@ fn main() {
         Some("scale") => Some(scale::scale().and_then(|a| Ok(a + &scale::cluster()?))),
         Some("held") => Some(held(&bin)),
         Some("routed") => Some(routed(&bin)),
+        Some("soak") => Some(soak_part(&bin)),
         _ => None,
     };
     let result = match section {

@@ -7,6 +7,12 @@
 //! loadgen hold   --target IP:PORT [--from ..] --count N [--parallel 256] [--timeout-ms 5000]
 //!     prints "opened N", then on the line "ping" on stdin pings every session and prints JSON;
 //!     exits on "exit" or end of input
+//! loadgen soak   --target IP:PORT [--from ..] --count N [--parallel 256] [--ping-min-ms 30000]
+//!                [--ping-max-ms 120000] [--report-ms 10000] [--churn-per-sec 2]
+//!     holds N sessions, each pinging at its own random interval in [min, max]; while a
+//!     background of short sessions (connect, CONNECT, DISCONNECT) runs, prints a JSON line of
+//!     counts every report interval: sessions alive, lost by how (reset, eof: the broker closed,
+//!     timeout: no PINGRESP in 10 s), pings, churn. Exits on "exit" or end of input.
 //! ```
 
 use std::{
@@ -36,6 +42,10 @@ struct Args {
     count: usize,
     parallel: usize,
     timeout: Duration,
+    ping_min: Duration,
+    ping_max: Duration,
+    report: Duration,
+    churn_per_sec: f64,
 }
 
 fn parse_args(raw: &[String]) -> Result<Args, String> {
@@ -50,6 +60,10 @@ fn parse_args(raw: &[String]) -> Result<Args, String> {
         count: 0,
         parallel: 256,
         timeout: Duration::from_secs(5),
+        ping_min: Duration::from_secs(30),
+        ping_max: Duration::from_mins(2),
+        report: Duration::from_secs(10),
+        churn_per_sec: 2.0,
     };
     let mut it = raw.iter();
     while let Some(flag) = it.next() {
@@ -68,8 +82,15 @@ fn parse_args(raw: &[String]) -> Result<Args, String> {
             "--count" => a.count = num(v)?,
             "--parallel" => a.parallel = num(v)?,
             "--timeout-ms" => a.timeout = Duration::from_millis(u64::try_from(num(v)?).unwrap_or(u64::MAX)),
+            "--ping-min-ms" => a.ping_min = Duration::from_millis(u64::try_from(num(v)?).unwrap_or(u64::MAX)),
+            "--ping-max-ms" => a.ping_max = Duration::from_millis(u64::try_from(num(v)?).unwrap_or(u64::MAX)),
+            "--report-ms" => a.report = Duration::from_millis(u64::try_from(num(v)?).unwrap_or(u64::MAX).max(100)),
+            "--churn-per-sec" => a.churn_per_sec = v.parse().map_err(|_| format!("--churn-per-sec: {v}"))?,
             _ => return Err(format!("unknown flag {flag}")),
         }
+    }
+    if a.ping_min > a.ping_max || a.ping_min.is_zero() {
+        return Err(format!("--ping-min-ms {:?} must be above zero and not above --ping-max-ms {:?}", a.ping_min, a.ping_max));
     }
     Ok(a)
 }
@@ -315,10 +336,155 @@ async fn hold(a: Arc<Args>) {
     drop(alive);
 }
 
+/// What `soak` counts: sessions and how they ended, pings, and the churn of short sessions.
+#[derive(Default)]
+struct SoakCounts {
+    opened: AtomicU64,
+    open_failed: AtomicU64,
+    lost_reset: AtomicU64,
+    lost_eof: AtomicU64,
+    lost_timeout: AtomicU64,
+    lost_other: AtomicU64,
+    pings: AtomicU64,
+    churn_ok: AtomicU64,
+    churn_failed: AtomicU64,
+}
+
+impl SoakCounts {
+    fn json(&self, started: Instant) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let lost = g(&self.lost_reset) + g(&self.lost_eof) + g(&self.lost_timeout) + g(&self.lost_other);
+        format!(
+            "{{\"t\":{:.1},\"opened\":{},\"open_failed\":{},\"alive\":{},\"lost_reset\":{},\"lost_eof\":{},\"lost_timeout\":{},\"lost_other\":{},\"pings\":{},\"churn_ok\":{},\"churn_failed\":{}}}",
+            started.elapsed().as_secs_f64(),
+            g(&self.opened),
+            g(&self.open_failed),
+            g(&self.opened).saturating_sub(lost),
+            g(&self.lost_reset),
+            g(&self.lost_eof),
+            g(&self.lost_timeout),
+            g(&self.lost_other),
+            g(&self.pings),
+            g(&self.churn_ok),
+            g(&self.churn_failed),
+        )
+    }
+}
+
+/// One held session: pings at its own random interval until it fails, then says how.
+async fn soak_session(a: Arc<Args>, counts: Arc<SoakCounts>, mut s: TcpStream, seed: u64) {
+    let c = &counts;
+    let mut rng = tests::XorShift(seed | 1);
+    let span = u64::try_from(a.ping_max.saturating_sub(a.ping_min).as_millis()).unwrap_or(u64::MAX).max(1);
+    loop {
+        let wait = a.ping_min + Duration::from_millis(rng.next() % span);
+        tokio::time::sleep(wait).await;
+        let mut answer = [0u8; 2];
+        let outcome = match s.write_all(&mqtt::PINGREQ).await {
+            Ok(()) => match tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut answer)).await {
+                Err(_) => Err(&c.lost_timeout),
+                Ok(Ok(_)) if answer == mqtt::PINGRESP => Ok(()),
+                Ok(Ok(_)) => Err(&c.lost_other),
+                Ok(Err(e)) => Err(loss_of(c, &e)),
+            },
+            Err(e) => Err(loss_of(c, &e)),
+        };
+        match outcome {
+            Ok(()) => {
+                c.pings.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(counter) => {
+                counter.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+}
+
+/// Which loss counter an I/O error belongs to: a reset (a broker that does not know the
+/// connection answers with RST), the broker's close (EOF), or anything else.
+fn loss_of<'a>(c: &'a SoakCounts, e: &std::io::Error) -> &'a AtomicU64 {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionAborted => &c.lost_reset,
+        std::io::ErrorKind::UnexpectedEof => &c.lost_eof,
+        std::io::ErrorKind::TimedOut => &c.lost_timeout,
+        _ => &c.lost_other,
+    }
+}
+
+async fn soak(a: Arc<Args>) {
+    let started = Instant::now();
+    let c = Arc::new(SoakCounts::default());
+    let tag = std::process::id();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The reporter.
+    let reporter = {
+        let (a, c, stop) = (a.clone(), c.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(a.report);
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                println!("{}", c.json(started));
+            }
+        })
+    };
+    // The sessions, opened `parallel` at a time.
+    let sem = Arc::new(tokio::sync::Semaphore::new(a.parallel.max(1)));
+    for i in 0..a.count {
+        let (a, c, sem) = (a.clone(), c.clone(), sem.clone());
+        let permit = sem.acquire_owned().await.expect("semaphore");
+        tokio::spawn(async move {
+            let opened = session(&a, i, &format!("soak-{tag}-{i}")).await;
+            drop(permit);
+            match opened {
+                Ok(s) => {
+                    c.opened.fetch_add(1, Ordering::Relaxed);
+                    soak_session(a, c, s, (u64::from(tag) << 32) ^ u64::try_from(i).unwrap_or(0)).await;
+                }
+                Err(_) => {
+                    c.open_failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    // The churn: short sessions, one after another at the given rate, from the same addresses.
+    if a.churn_per_sec > 0.0 {
+        let (a, c, stop) = (a.clone(), c.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / a.churn_per_sec));
+            let mut n = a.count;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                n += 1;
+                match session(&a, n, &format!("churn-{tag}-{n}")).await {
+                    Ok(mut s) => {
+                        let ok = s.write_all(&mqtt::DISCONNECT).await.is_ok();
+                        (if ok { &c.churn_ok } else { &c.churn_failed }).fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        c.churn_failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+    }
+    let _ = tokio::task::spawn_blocking(|| {
+        for line in std::io::stdin().lock().lines() {
+            if line.map_or(true, |l| l == "exit") {
+                break;
+            }
+        }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    reporter.abort();
+    println!("{}", c.json(started));
+}
+
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let Some((mode, rest)) = argv.split_first() else {
-        eprintln!("usage: loadgen rate|pubsub|hold --target IP:PORT [...]");
+        eprintln!("usage: loadgen rate|pubsub|hold|soak --target IP:PORT [...]");
         std::process::exit(2);
     };
     let opts = match parse_args(rest) {
@@ -340,6 +506,7 @@ fn main() {
                 }
             },
             "hold" => hold(opts).await,
+            "soak" => soak(opts).await,
             _ => {
                 eprintln!("loadgen: unknown mode {mode}");
                 std::process::exit(2);
