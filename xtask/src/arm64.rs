@@ -1,12 +1,14 @@
 //! `cargo xtask test-arm64`: the packet fixtures, the flow table's tests (its concurrent stress
 //! test on two vCPUs among them), the controller's unit tests and a small netns lab, run on a
 //! real arm64 kernel in `qemu-system-aarch64` (TCG, two vCPUs on their own host threads, so that
-//! the guest's memory accesses can really be reordered).
+//! the two writers really run at once).
 //!
 //! - **Kernel**: whatever `linux-image-arm64` depends on in Debian's unstable suite for arm64
-//!   (7.2 on 2026-12-06), fetched with apt under `target/arm64-vm/apt`: its own sources, lists
-//!   and cache, nothing of the host's apt changed. The kernel is booted as it is, its modules
-//!   (bridge, veth) are loaded from its own package.
+//!   (7.2 on 2026-12-06), fetched with apt under `target/arm64-vm/apt`: its own configuration,
+//!   sources, lists and cache (`APT_CONFIG` and `Dir::Etc::*` point there, so neither the host's
+//!   apt state nor its apt.conf.d settings and hooks are used), signed lists only. The version
+//!   used is printed; the suite moves, so a later run may boot a later kernel. The kernel is booted as it is; its modules
+//!   (llc, stp, bridge, veth) are loaded from its own package.
 //! - **Userland**: an initramfs made here: Debian's arm64 `busybox-static` for the shell and
 //!   `nsenter`, `iproute2` and `ethtool` with the libraries they and the test binaries link
 //!   (`libc6`, `libgcc-s1`, ...), all from the same suite; then the test binaries, cross-built
@@ -15,7 +17,9 @@
 //!   and counter the fixtures check on arm64; the table's slots stay whole under two writers;
 //!   the controller attaches, checks and forwards there. **What it cannot**: that no race
 //!   exists under load on real weakly ordered hardware (TCG is not a Neoverse core); the model
-//!   check (`tests/model`) covers the protocol for every interleaving.
+//!   check (`tests/model`) covers the protocol for every interleaving. On an x86-64 host, TCG
+//!   runs the guest's loads and stores as the host's, in x86's order: a missing acquire or
+//!   release would most likely pass here.
 
 use std::{
     collections::BTreeMap,
@@ -66,7 +70,7 @@ const APPLETS: &[&str] = &["sh", "mount", "mkdir", "cat", "echo", "insmod", "pow
 /// The kernel's modules the lab needs, in load order (paths under `kernel/`).
 const MODULES: &[&str] = &["net/llc/llc", "net/802/stp", "net/bridge/bridge", "drivers/net/veth"];
 
-/// How long the guest may run, boot to power-off. It takes about 4 minutes here.
+/// How long the guest may run, boot to power-off. It takes about 2 minutes here.
 const GUEST_LIMIT: Duration = Duration::from_mins(20);
 
 /// What the guest's init prints before each result, so that the kernel's own lines cannot be
@@ -94,12 +98,17 @@ impl Apt {
             "deb [arch=arm64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian unstable main\n",
         )?;
         std::fs::write(dir.join("status"), "")?;
+        // apt's own configuration: none of the host's (its apt.conf.d hooks and settings).
+        std::fs::write(dir.join("apt.conf"), "")?;
+        std::fs::create_dir_all(dir.join("apt.conf.d"))?;
         Ok(Self { dir })
     }
 
     fn options(&self) -> Vec<String> {
         let d = |p: &str| self.dir.join(p).display().to_string();
         [
+            ("Dir::Etc::main", d("apt.conf")),
+            ("Dir::Etc::Parts", d("apt.conf.d")),
             ("Dir::Etc::SourceList", d("sources.list")),
             ("Dir::Etc::SourceParts", "/dev/null".to_owned()),
             ("Dir::Etc::Preferences", "/dev/null".to_owned()),
@@ -111,6 +120,9 @@ impl Apt {
             ("APT::Architectures", "arm64".to_owned()),
             // Downloads land in a directory of ours, which apt's sandbox user cannot write.
             ("APT::Sandbox::User", "root".to_owned()),
+            // Signed lists and hashed packages only, whatever anything else says.
+            ("Acquire::AllowInsecureRepositories", "false".to_owned()),
+            ("APT::Get::AllowUnauthenticated", "false".to_owned()),
         ]
         .into_iter()
         .flat_map(|(k, v)| ["-o".to_owned(), format!("{k}={v}")])
@@ -292,58 +304,96 @@ fn initramfs(debs: &BTreeMap<String, PathBuf>, modules: &Path, bins: &BTreeMap<S
     Ok(cpio)
 }
 
-/// Boots the guest and follows its console to the end. Returns the results by test.
-fn boot(kernel: &Path, initramfs: &Path) -> anyhow::Result<BTreeMap<String, i32>> {
+/// What the guest's console said: each test's exit code, the kernel line, and anything marked
+/// that is not one of those (a module that did not load, a result given twice).
+#[derive(Default)]
+struct Console {
+    results: BTreeMap<String, i32>,
+    kernel: Option<String>,
+    problems: Vec<String>,
+    finished: bool,
+}
+
+impl Console {
+    fn line(&mut self, line: &str) {
+        let Some(rest) = line.trim_end_matches('\r').strip_prefix(MARK).map(str::trim) else { return };
+        if rest == "done" {
+            self.finished = true;
+        } else if let Some(kernel) = rest.strip_prefix("kernel ") {
+            self.kernel = Some(kernel.to_owned());
+        } else if let Some((name, code)) = rest.rsplit_once(" exit ") {
+            let code = code.trim().parse().unwrap_or(-1);
+            if self.results.insert(name.to_owned(), code).is_some() {
+                self.problems.push(format!("{name} reported twice"));
+            }
+        } else {
+            self.problems.push(rest.to_owned());
+        }
+    }
+}
+
+/// qemu, killed when dropped before it exited (an early return, a panic).
+struct Guest(std::process::Child);
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Boots the guest and follows its console to the end.
+fn boot(kernel: &Path, initramfs: &Path) -> anyhow::Result<Console> {
     let log_path = vm_dir().join("console.log");
     let mut log = std::fs::File::create(&log_path)?;
-    let mut child = Command::new("qemu-system-aarch64")
-        .args(["-M", "virt", "-smp", "2", "-m", "3072", "-nographic", "-no-reboot", "-nic", "none"])
-        // Pointer authentication with QEMU's own algorithm: the architected QARMA is many times
-        // slower under TCG, and Debian's kernel signs every return address.
-        .args(["-cpu", "max,pauth-impdef=on", "-accel", "tcg,thread=multi"])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initramfs)
-        .args(["-append", "console=ttyAMA0 panic=-1 quiet"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting qemu-system-aarch64 (Debian's qemu-system-arm; `cargo xtask setup` installs it)")?;
-    let stdout = child.stdout.take().context("qemu's console")?;
-    let pid = child.id();
+    let mut guest = Guest(
+        Command::new("qemu-system-aarch64")
+            .args(["-M", "virt", "-smp", "2", "-m", "3072", "-nographic", "-no-reboot", "-nic", "none"])
+            // Pointer authentication with QEMU's own algorithm: the architected QARMA is many
+            // times slower under TCG, and Debian's kernel signs every return address.
+            .args(["-cpu", "max,pauth-impdef=on", "-accel", "tcg,thread=multi"])
+            .arg("-kernel")
+            .arg(kernel)
+            .arg("-initrd")
+            .arg(initramfs)
+            // Only the kernel's emergencies on the console: its warnings would cut result lines.
+            .args(["-append", "console=ttyAMA0 panic=-1 quiet loglevel=1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting qemu-system-aarch64 (Debian's qemu-system-arm; `cargo xtask setup` installs it)")?,
+    );
+    let stdout = guest.0.stdout.take().context("qemu's console")?;
+    let pid = guest.0.id();
     let started = Instant::now();
-    // A watchdog: the guest is killed when it runs past its limit.
+    // A watchdog: the guest is killed when it runs past its limit. It is told to stand down
+    // (and joined) before qemu is reaped, so its pid cannot be another process's by then.
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
         if done_rx.recv_timeout(GUEST_LIMIT) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
-            // SAFETY: kill(2) on our own child.
+            // SAFETY: kill(2) on our own child, not yet reaped.
             unsafe { libc::kill(i32::try_from(pid).unwrap_or(i32::MAX), libc::SIGKILL) };
             return true;
         }
         false
     });
-    let mut results = BTreeMap::new();
-    let mut finished = false;
+    let mut console = Console::default();
     for line in BufReader::new(stdout).lines() {
         let line = line.unwrap_or_default();
-        writeln!(log, "{line}")?;
+        let _ = writeln!(log, "{line}");
         eprintln!("[arm64] {line}");
-        let Some(rest) = line.trim_end_matches('\r').split_once(MARK).map(|(_, r)| r.trim()) else { continue };
-        if rest == "done" {
-            finished = true;
-        } else if let Some((name, code)) = rest.rsplit_once(" exit ") {
-            results.insert(name.to_owned(), code.trim().parse().unwrap_or(-1));
-        }
+        console.line(&line);
     }
-    let status = child.wait()?;
     let _ = done_tx.send(());
     let killed = watchdog.join().unwrap_or(true);
+    let status = guest.0.wait()?;
     eprintln!("xtask: the arm64 guest ran {:.0} s ({status}); its console is in {}", started.elapsed().as_secs_f64(), log_path.display());
     ensure!(!killed, "the arm64 guest ran past {} min and was killed; see {}", GUEST_LIMIT.as_secs() / 60, log_path.display());
-    ensure!(finished, "the arm64 guest stopped before its tests finished ({status}); see {}", log_path.display());
-    Ok(results)
+    ensure!(console.finished, "the arm64 guest stopped before its tests finished ({status}); see {}", log_path.display());
+    Ok(console)
 }
 
 pub fn test_arm64() -> anyhow::Result<()> {
@@ -365,14 +415,23 @@ pub fn test_arm64() -> anyhow::Result<()> {
     let vmlinuz = modules.join("vmlinuz");
     ensure!(vmlinuz.exists(), "{} is missing from the kernel's package", vmlinuz.display());
     let initramfs = initramfs(&userland, &modules, &bins)?;
-    let results = boot(&vmlinuz, &initramfs)?;
-    let mut failed = Vec::new();
+    let console = boot(&vmlinuz, &initramfs)?;
+    let results = &console.results;
+    let mut failed = console.problems.clone();
+    // The guest must be what it claims: an arm64 kernel on two CPUs, with the BPF JIT on.
+    match &console.kernel {
+        Some(k) if k.contains(" aarch64 ") && k.contains("cpus 2 ") && k.ends_with("bpf_jit_enable 1") => {}
+        other => failed.push(format!("the guest's kernel line is {other:?}, not aarch64 with 2 CPUs and the BPF JIT on")),
+    }
     for name in std::iter::once("lb_userspace").chain(TESTS.iter().map(|(t, _)| *t)) {
         match results.get(name) {
             Some(0) => {}
             Some(code) => failed.push(format!("{name} (exit {code})")),
             None => failed.push(format!("{name} (no result)")),
         }
+    }
+    if let Some(extra) = results.keys().find(|k| *k != "lb_userspace" && !TESTS.iter().any(|(t, _)| t == k)) {
+        failed.push(format!("a result for {extra}, which the guest was not given"));
     }
     if !failed.is_empty() {
         bail!("on the arm64 guest, failed: {}", failed.join(", "));

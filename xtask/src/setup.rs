@@ -44,6 +44,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // and the kernel's modules (the kernel and the guest's userland come from Debian's
     // unstable suite for arm64, fetched by that command with its own apt lists).
     "qemu-system-arm",
+    "debian-archive-keyring",
     "cpio",
     "xz-utils",
 ];
