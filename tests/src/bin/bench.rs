@@ -992,7 +992,8 @@ fn labs_down() {
 }
 
 /// `bench soak [--sessions N] [--minutes M] [--processes P] [--ping-secs MIN-MAX]
-/// [--sample-secs S] [--reload-minutes R] [--out DIR]`: writes `DIR/soak.md` and `DIR/soak.svg`
+/// [--sample-secs S] [--reload-minutes R] [--churn-per-sec C] [--vanish N] [--lab NAME]
+/// [--out DIR]`: writes `DIR/soak.md` (with its verdict, also when it failed) and `DIR/soak.svg`
 /// when `--out` is given.
 fn soak_part(bin: &Path) -> anyhow::Result<String> {
     let mut o = soak::Options::full();
@@ -1017,15 +1018,23 @@ fn soak_part(bin: &Path) -> anyhow::Result<String> {
             "--sample-secs" => o.sample_every = Duration::from_secs_f64(num(v)?),
             "--reload-minutes" => o.reload_every = Duration::from_secs_f64(num(v)? * 60.0),
             "--churn-per-sec" => o.churn_per_sec = num(v)?,
+            #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "a positive count")]
+            "--vanish" => o.vanish = num(v)? as usize,
+            "--lab" => o.lab.clone_from(v),
             "--out" => out = Some(PathBuf::from(v)),
             _ => bail!("bench soak: unknown flag {flag}"),
         }
     }
-    let section = soak::soak(bin, &o, out.as_deref())?;
+    let outcome = soak::soak(bin, &o, out.as_deref())?;
+    // The report is written whatever the verdict (it is in it).
     if let Some(dir) = &out {
-        std::fs::write(dir.join("soak.md"), &section)?;
+        std::fs::write(dir.join("soak.md"), &outcome.report)?;
     }
-    Ok(section)
+    if !outcome.failures.is_empty() {
+        eprint!("{}", outcome.report);
+        bail!("the soak did not hold: {}", outcome.failures.join("; "));
+    }
+    Ok(outcome.report)
 }
 
 fn main() {

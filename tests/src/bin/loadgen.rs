@@ -9,10 +9,12 @@
 //!     exits on "exit" or end of input
 //! loadgen soak   --target IP:PORT [--from ..] --count N [--parallel 256] [--ping-min-ms 30000]
 //!                [--ping-max-ms 120000] [--report-ms 10000] [--churn-per-sec 2]
-//!     holds N sessions, each pinging at its own random interval in [min, max]; while a
-//!     background of short sessions (connect, CONNECT, DISCONNECT) runs, prints a JSON line of
-//!     counts every report interval: sessions alive, lost by how (reset, eof: the broker closed,
-//!     timeout: no PINGRESP in 10 s), pings, churn. Exits on "exit" or end of input.
+//!     holds N sessions, each pinging at its own random interval in [min, max] and reconnecting
+//!     when lost; while a background of short sessions (connect, CONNECT, DISCONNECT) runs,
+//!     prints a JSON line of counts every report interval: sessions alive, lost by how (reset,
+//!     eof: the broker closed, timeout: no PINGRESP in 10 s), reconnects, pings, churn. On
+//!     "exit" or end of input every session pings once more, and a last line (`"last":true`)
+//!     says how many answered (`final_ok`).
 //! ```
 
 use std::{
@@ -336,7 +338,8 @@ async fn hold(a: Arc<Args>) {
     drop(alive);
 }
 
-/// What `soak` counts: sessions and how they ended, pings, and the churn of short sessions.
+/// What `soak` counts: sessions and how they ended, reconnects, pings, the final check of
+/// every session, and the churn of short sessions.
 #[derive(Default)]
 struct SoakCounts {
     opened: AtomicU64,
@@ -345,57 +348,95 @@ struct SoakCounts {
     lost_eof: AtomicU64,
     lost_timeout: AtomicU64,
     lost_other: AtomicU64,
+    reconnected: AtomicU64,
+    reconnect_failed: AtomicU64,
     pings: AtomicU64,
+    /// Sessions that answered the last ping, sent to every session on "exit".
+    final_ok: AtomicU64,
     churn_ok: AtomicU64,
     churn_failed: AtomicU64,
 }
 
 impl SoakCounts {
-    fn json(&self, started: Instant) -> String {
+    fn json(&self, started: Instant, is_last: bool) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let lost = g(&self.lost_reset) + g(&self.lost_eof) + g(&self.lost_timeout) + g(&self.lost_other);
         format!(
-            "{{\"t\":{:.1},\"opened\":{},\"open_failed\":{},\"alive\":{},\"lost_reset\":{},\"lost_eof\":{},\"lost_timeout\":{},\"lost_other\":{},\"pings\":{},\"churn_ok\":{},\"churn_failed\":{}}}",
+            "{{\"t\":{:.1},\"last\":{is_last},\"opened\":{},\"open_failed\":{},\"alive\":{},\"lost_reset\":{},\"lost_eof\":{},\"lost_timeout\":{},\"lost_other\":{},\"reconnected\":{},\"reconnect_failed\":{},\"pings\":{},\"final_ok\":{},\"churn_ok\":{},\"churn_failed\":{}}}",
             started.elapsed().as_secs_f64(),
             g(&self.opened),
             g(&self.open_failed),
-            g(&self.opened).saturating_sub(lost),
+            (g(&self.opened) + g(&self.reconnected)).saturating_sub(lost),
             g(&self.lost_reset),
             g(&self.lost_eof),
             g(&self.lost_timeout),
             g(&self.lost_other),
+            g(&self.reconnected),
+            g(&self.reconnect_failed),
             g(&self.pings),
+            g(&self.final_ok),
             g(&self.churn_ok),
             g(&self.churn_failed),
         )
     }
 }
 
-/// One held session: pings at its own random interval until it fails, then says how.
-async fn soak_session(a: Arc<Args>, counts: Arc<SoakCounts>, mut s: TcpStream, seed: u64) {
+/// PINGREQ, and PINGRESP within 10 s; the loss counter an error belongs to.
+async fn ping<'a>(c: &'a SoakCounts, s: &mut TcpStream) -> Result<(), &'a AtomicU64> {
+    let mut answer = [0u8; 2];
+    match s.write_all(&mqtt::PINGREQ).await {
+        Ok(()) => match tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut answer)).await {
+            Err(_) => Err(&c.lost_timeout),
+            Ok(Ok(_)) if answer == mqtt::PINGRESP => Ok(()),
+            Ok(Ok(_)) => Err(&c.lost_other),
+            Ok(Err(e)) => Err(loss_of(c, &e)),
+        },
+        Err(e) => Err(loss_of(c, &e)),
+    }
+}
+
+/// One held session: pings at its own random interval; when it is lost, says how and
+/// reconnects after 1 to 5 s (as an MQTT client would), every 5 s until it is back. On "exit"
+/// (`last` turns true) it pings once more and says whether that answered.
+async fn soak_session(a: Arc<Args>, counts: Arc<SoakCounts>, mut s: TcpStream, i: usize, mut last: tokio::sync::watch::Receiver<bool>) {
     let c = &counts;
-    let mut rng = tests::XorShift(seed | 1);
+    let tag = std::process::id();
+    let mut rng = tests::XorShift(((u64::from(tag) << 32) ^ u64::try_from(i).unwrap_or(0)) | 1);
     let span = u64::try_from(a.ping_max.saturating_sub(a.ping_min).as_millis()).unwrap_or(u64::MAX).max(1);
+    let mut reconnects = 0usize;
     loop {
         let wait = a.ping_min + Duration::from_millis(rng.next() % span);
-        tokio::time::sleep(wait).await;
-        let mut answer = [0u8; 2];
-        let outcome = match s.write_all(&mqtt::PINGREQ).await {
-            Ok(()) => match tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut answer)).await {
-                Err(_) => Err(&c.lost_timeout),
-                Ok(Ok(_)) if answer == mqtt::PINGRESP => Ok(()),
-                Ok(Ok(_)) => Err(&c.lost_other),
-                Ok(Err(e)) => Err(loss_of(c, &e)),
-            },
-            Err(e) => Err(loss_of(c, &e)),
+        let ending = tokio::select! {
+            () = tokio::time::sleep(wait) => false,
+            _ = last.wait_for(|l| *l) => true,
         };
+        let outcome = ping(c, &mut s).await;
+        if ending {
+            if outcome.is_ok() {
+                c.final_ok.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
         match outcome {
             Ok(()) => {
                 c.pings.fetch_add(1, Ordering::Relaxed);
             }
             Err(counter) => {
                 counter.fetch_add(1, Ordering::Relaxed);
-                return;
+                tokio::time::sleep(Duration::from_millis(1000 + rng.next() % 4000)).await;
+                loop {
+                    if *last.borrow() {
+                        return;
+                    }
+                    reconnects += 1;
+                    if let Ok(fresh) = session(&a, i + reconnects, &format!("soak-{tag}-{i}-r{reconnects}")).await {
+                        c.reconnected.fetch_add(1, Ordering::Relaxed);
+                        s = fresh;
+                        break;
+                    }
+                    c.reconnect_failed.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
             }
         }
     }
@@ -417,42 +458,44 @@ async fn soak(a: Arc<Args>) {
     let c = Arc::new(SoakCounts::default());
     let tag = std::process::id();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (last_tx, last_rx) = tokio::sync::watch::channel(false);
     // The reporter.
     let reporter = {
-        let (a, c, stop) = (a.clone(), c.clone(), stop.clone());
+        let (a, c) = (a.clone(), c.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(a.report);
-            while !stop.load(Ordering::Relaxed) {
+            loop {
                 tick.tick().await;
-                println!("{}", c.json(started));
+                println!("{}", c.json(started, false));
             }
         })
     };
     // The sessions, opened `parallel` at a time.
     let sem = Arc::new(tokio::sync::Semaphore::new(a.parallel.max(1)));
+    let mut held = Vec::with_capacity(a.count);
     for i in 0..a.count {
-        let (a, c, sem) = (a.clone(), c.clone(), sem.clone());
+        let (a, c, sem, last) = (a.clone(), c.clone(), sem.clone(), last_rx.clone());
         let permit = sem.acquire_owned().await.expect("semaphore");
-        tokio::spawn(async move {
+        held.push(tokio::spawn(async move {
             let opened = session(&a, i, &format!("soak-{tag}-{i}")).await;
             drop(permit);
             match opened {
                 Ok(s) => {
                     c.opened.fetch_add(1, Ordering::Relaxed);
-                    soak_session(a, c, s, (u64::from(tag) << 32) ^ u64::try_from(i).unwrap_or(0)).await;
+                    soak_session(a, c, s, i, last).await;
                 }
                 Err(_) => {
                     c.open_failed.fetch_add(1, Ordering::Relaxed);
                 }
             }
-        });
+        }));
     }
     // The churn: short sessions, one after another at the given rate, from the same addresses.
     if a.churn_per_sec > 0.0 {
         let (a, c, stop) = (a.clone(), c.clone(), stop.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / a.churn_per_sec));
-            let mut n = a.count;
+            let mut n = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
                 n += 1;
@@ -476,9 +519,18 @@ async fn soak(a: Arc<Args>) {
         }
     })
     .await;
+    // The end: the churn stops, every session pings once more (at most 30 s for all), then the
+    // last line.
     stop.store(true, Ordering::Relaxed);
+    let _ = last_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(30), async {
+        for h in held {
+            let _ = h.await;
+        }
+    })
+    .await;
     reporter.abort();
-    println!("{}", c.json(started));
+    println!("{}", c.json(started, true));
 }
 
 fn main() {
