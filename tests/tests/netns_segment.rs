@@ -95,14 +95,7 @@ fn segment() -> Segment {
     // Direct server return: the VIP on `lo`, ARP kept to the servers' own addresses.
     for s in &servers {
         s.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
-        for (k, v) in [
-            ("net.ipv4.conf.all.arp_ignore", "1"),
-            ("net.ipv4.conf.all.arp_announce", "2"),
-            ("net.ipv4.conf.eth0.arp_ignore", "1"),
-            ("net.ipv4.conf.eth0.arp_announce", "2"),
-            ("net.ipv4.conf.all.rp_filter", "2"),
-            ("net.ipv4.conf.eth0.rp_filter", "2"),
-        ] {
+        for (k, v) in tests::lab::DSR_BACKEND_SYSCTLS {
             sysctl(s, k, v);
         }
     }

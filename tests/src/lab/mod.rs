@@ -70,6 +70,17 @@ pub use self::{
 };
 use crate::wait;
 
+/// What a DSR backend whose VIPs are on `lo` sets on its `eth0`: it answers ARP only for its own
+/// addresses (never for a VIP), and accepts frames whose source it would not route back the
+/// same way (loose reverse-path filter).
+pub const DSR_BACKEND_SYSCTLS: &[(&str, &str)] = &[
+    ("net.ipv4.conf.all.arp_ignore", "1"),
+    ("net.ipv4.conf.all.arp_announce", "2"),
+    ("net.ipv4.conf.eth0.arp_ignore", "1"),
+    ("net.ipv4.conf.eth0.arp_announce", "2"),
+    ("net.ipv4.conf.all.rp_filter", "2"),
+    ("net.ipv4.conf.eth0.rp_filter", "2"),
+];
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 /// The VIP of the external listeners (1883, 8883).

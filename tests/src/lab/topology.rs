@@ -149,14 +149,7 @@ impl Lab {
                 self.sysctl(&ns, "net.ipv6.conf.all.proxy_ndp", "0")?;
                 self.sysctl(&ns, "net.ipv6.conf.eth0.proxy_ndp", "0")?;
             }
-            for (k, v) in [
-                ("net.ipv4.conf.all.arp_ignore", "1"),
-                ("net.ipv4.conf.all.arp_announce", "2"),
-                ("net.ipv4.conf.eth0.arp_ignore", "1"),
-                ("net.ipv4.conf.eth0.arp_announce", "2"),
-                ("net.ipv4.conf.all.rp_filter", "2"),
-                ("net.ipv4.conf.eth0.rp_filter", "2"),
-            ] {
+            for (k, v) in super::DSR_BACKEND_SYSCTLS {
                 self.sysctl(&ns, k, v)?;
             }
         }
