@@ -15,7 +15,8 @@ fn a_two_minute_soak_loses_no_session_to_the_balancer() {
     require_root!();
     let out = Command::new(built_bin("bench"))
         .args(["soak", "--sessions", "3000", "--minutes", "2", "--processes", "3", "--ping-secs", "5-10"])
-        .args(["--sample-secs", "5", "--reload-minutes", "0.5", "--vanish", "600"])
+        // A lab of its own name: `cargo xtask soak`'s (`dsrlbk`) may be running beside it.
+        .args(["--sample-secs", "5", "--reload-minutes", "0.5", "--vanish", "600", "--lab", "dsrlbq"])
         .output()
         .expect("starting bench soak");
     let report = String::from_utf8_lossy(&out.stdout);
