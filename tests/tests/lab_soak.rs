@@ -1,10 +1,11 @@
 //! The soak's smoke run: the same code as `cargo xtask soak` (`bench soak`), small and short:
 //! 3,000 sessions over 3 client processes for 2 minutes, pinging every 5 to 10 s, while b7 is
-//! added, b2 drained, b3 killed and started, the controller restarted (SIGTERM) and killed
+//! added, b2 drained, b3 stopped and started, the controller restarted (SIGTERM) and killed
 //! (`kill -9`), 600 of the sessions vanish without a FIN, and reloads run every 30 s. It fails
-//! when a session is lost to the balancer, the live flow count strays more than 1% from the
-//! clients' own, the vanished clients' flows do not go at their timeout, or the controller's
-//! memory grows.
+//! when any check of the soak fails (see `tests/src/bin/bench/soak.rs`): a session lost to the
+//! balancer, a session that does not answer at the end, live flows more than 1% off the
+//! clients' own count, the vanished clients' flows not going at their timeout, and the rest.
+//! (Its window for the controller's memory is short: about 40 s.)
 
 use std::process::Command;
 
@@ -23,11 +24,12 @@ fn a_two_minute_soak_loses_no_session_to_the_balancer() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "the soak did not hold:\n{report}\n{log}");
     for must in [
-        "Lost to the balancer (reset, timeout, other): **0**",
+        "- Lost to the balancer: **0** (",
         "(0 failed to open)",
+        "| stop b3 |",
         "| kill -9 controller |",
-        "| kill b3 |",
-        "Vanished clients: ",
+        "- Vanished clients: 600 sessions",
+        "**Verdict: everything held.**",
     ] {
         assert!(report.contains(must), "the report lacks {must:?}:\n{report}");
     }
