@@ -303,6 +303,10 @@ fn open_and_confirm(lb: &Lb, sessions: &[(Ipv4Addr, u16)]) {
 fn a_flow_confirms_by_a_segment_a_second_or_more_after_it_was_recorded() {
     require_root!();
     let lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100)]);
+    // The steps below count in the program's clock units (1.07 s), moving only this flow's
+    // clock; the real one must not tick between them. Start just after it ticked.
+    let unit = lb.dp.now_age().expect("clock");
+    wait::until("the flow clock's next unit", Duration::from_secs(3), || lb.dp.now_age().expect("clock") != unit);
     // After a failover to this node, a session arrives mid-flow: no SYN.
     let (action, out) = lb.run(&ack(42000));
     assert_eq!(action, XDP_TX);
