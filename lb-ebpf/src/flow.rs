@@ -7,7 +7,7 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     FLOW_CACHE_REVALIDATE, FLOW_K_CONFIRMED, FLOW_K_MIDFLOW, FLOW_K_MIDFLOW_CONFIRMED, FLOW_K_OPENED, FLOW_K_UNCONFIRMED_CLOSING,
-    FLOW_S_KIND, FLOW_S_REAL, FlowKey, LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE, LISTENER_F_IPV6, LISTENER_F_SOURCE_PREFIX64,
+    FLOW_S_AGE_SHIFT, FLOW_S_KIND, FLOW_S_REAL, FlowKey, LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE, LISTENER_F_IPV6, LISTENER_F_SOURCE_PREFIX64,
     ListenerInfo, MAX_LISTENERS, NO_BACKEND, PortInfo, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo, charge, flow_age, flow_cache_slot,
     flow_hash, flow_hash6, flow_key6, flow_state, flow_step, ring_base, ring_slot, segment, source_hash, source_hash6, table_event,
     trace_how,
@@ -373,10 +373,15 @@ pub fn pick(ctx: &XdpContext, seg: &impl Segment, matched: &mut u32) -> Result<P
             // close or its age moves on (about once a second, and only for confirmed flows).
             // A confirmation or a cleared close counts when its write stands; a SYN always.
             let written = step.state != found.state && table::set_state(&place, found, step.state);
-            if written || step.state == found.state {
+            let stands = written || step.state == found.state;
+            if stands {
                 stats::count_table(step.event);
             }
-            if cached_kind(step.state) {
+            // The cache stands for "the table's age of this flow is now": filled only when it
+            // is. A SYN on a confirmed flow leaves its old age; had it filled the cache, the
+            // handshake that follows would never reach the table and the sweep would expire
+            // the new session under it.
+            if stands && cached_kind(step.state) && step.state >> FLOW_S_AGE_SHIFT == now {
                 fill(recorded, real);
             }
             return Ok(Pick { real_id: recorded, real, new_flow: false, how: trace_how::TABLE });
@@ -390,8 +395,7 @@ pub fn pick(ctx: &XdpContext, seg: &impl Segment, matched: &mut u32) -> Result<P
             storm::admit(listener.id, node.now_ns, step.charge).inspect_err(|_| events::storm(ctx, listener.id, node.now_ns))?;
         }
         let state = step.state & !FLOW_S_REAL | real_id;
-        table::set_state(&place, found, state);
-        if cached_kind(state) {
+        if table::set_state(&place, found, state) && cached_kind(state) && state >> FLOW_S_AGE_SHIFT == now {
             fill(real_id, real);
         }
         return Ok(Pick { real_id, real, new_flow: true, how });

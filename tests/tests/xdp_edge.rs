@@ -435,6 +435,41 @@ fn a_cached_flow_keeps_its_table_age_that_of_its_last_frame() {
     );
 }
 
+/// Found by the soak: a client that lost its connection without a word to the balancer (its
+/// broker reset it) reconnects from a source port its old flow still holds. The SYN leaves the
+/// confirmed flow as it was, old age included; if it still cached the flow as "seen now", the
+/// handshake's ACK and CONNECT were served from the cache, the table kept the old age, the
+/// sweep expired the flow under the live session, and its next ping (a minute later) took the
+/// ring, to another broker once the ring had changed: a reset.
+#[test]
+fn a_syn_on_a_confirmed_flow_does_not_hide_the_next_frames_from_the_table() {
+    require_root!();
+    pin_to_cpu(0);
+    let lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100)]);
+    assert_eq!(lb.session(CLIENT, 43100, 1883).0, XDP_TX);
+    let flow = lb.dp.flow(CLIENT, 43100, VIP, 1883).expect("recorded");
+    assert!(flow.confirmed());
+    // Start just after a tick, so the SYN and the ACK below share one unit of the clock (the
+    // cache serves only frames in the unit it was filled in).
+    let now = lb.wait_clock_past(lb.dp.now_age().expect("clock"));
+    // The old connection's last frame was long ago: just under the idle timeout.
+    let old = 30;
+    lb.pass_time_for(CLIENT, 43100, 1883, old);
+    let rewound = lb.dp.flow(CLIENT, 43100, VIP, 1883).expect("recorded").age();
+    assert!(lb_common::flow_idle(now, rewound) >= old, "the flow's age {rewound} is not {old} units before {now}");
+    // The reconnect: SYN, then the handshake's ACK.
+    assert_eq!(lb.run(&Ipv4Frame::tcp(CLIENT, 43100, VIP, 1883, TCP_SYN).build()).0, XDP_TX);
+    assert_eq!(lb.run(&ack(43100)).0, XDP_TX);
+    let after = lb.dp.flow(CLIENT, 43100, VIP, 1883).expect("recorded");
+    assert!(after.confirmed());
+    assert!(
+        after.age() == now || after.age() == lb.dp.now_age().expect("clock"),
+        "after a SYN and an ACK at age {now}, the table still has the flow's old age {} (rewound to {rewound}): \
+         the ACK was served from a cache the SYN filled, and the sweep would expire this live session",
+        after.age()
+    );
+}
+
 /// SYNs from port `from` on, one every 5 ms, until one is admitted (at most 2 s: the limit's
 /// quiet spell); the admitted one's port.
 fn first_admitted(lb: &Lb, from: u16) -> u16 {
