@@ -7,10 +7,10 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     FLOW_CACHE_REVALIDATE, FLOW_K_CONFIRMED, FLOW_K_MIDFLOW, FLOW_K_MIDFLOW_CONFIRMED, FLOW_K_OPENED, FLOW_K_UNCONFIRMED_CLOSING,
-    FLOW_S_AGE_SHIFT, FLOW_S_KIND, FLOW_S_REAL, FlowKey, LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE, LISTENER_F_IPV6, LISTENER_F_SOURCE_PREFIX64,
-    ListenerInfo, MAX_LISTENERS, NO_BACKEND, PortInfo, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo, charge, flow_age, flow_cache_slot,
-    flow_hash, flow_hash6, flow_key6, flow_state, flow_step, ring_base, ring_slot, segment, source_hash, source_hash6, table_event,
-    trace_how,
+    FLOW_S_AGE_SHIFT, FLOW_S_KIND, FLOW_S_REAL, FlowKey, LISTENER_F_CONN_RATE, LISTENER_F_HASH_SOURCE, LISTENER_F_IPV6,
+    LISTENER_F_SOURCE_PREFIX64, ListenerInfo, MAX_LISTENERS, NO_BACKEND, PortInfo, RING_NONE, RING_SLOTS_PER_ENTRY, RealInfo, charge,
+    flow_age, flow_cache_slot, flow_hash, flow_hash6, flow_key6, flow_state, flow_step, ring_base, ring_slot, segment, source_hash,
+    source_hash6, table_event, trace_how,
 };
 
 use crate::{
