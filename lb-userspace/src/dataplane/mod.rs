@@ -415,12 +415,29 @@ impl Dataplane {
         dst: impl Into<IpAddr>,
         dport: u16,
     ) -> anyhow::Result<Vec<FlowCacheEntry>> {
+        self.cached_flow_within(src, sport, dst, dport, 0)
+    }
+
+    /// As [`Self::cached_flow`], with entries filled up to `units` of the clock before its
+    /// current one: a check made after frames ran must not depend on the clock not ticking in
+    /// between (an entry of the last unit was usable when the frames ran).
+    ///
+    /// # Errors
+    /// When the map read fails.
+    pub fn cached_flow_within(
+        &self,
+        src: impl Into<IpAddr>,
+        sport: u16,
+        dst: impl Into<IpAddr>,
+        dport: u16,
+        units: u32,
+    ) -> anyhow::Result<Vec<FlowCacheEntry>> {
         let map: PerCpuArray<&MapData, FlowCacheEntry> = self.map_ref(names::FLOW_CACHE)?;
         let key = self.flow_key(src, sport, dst, dport).0;
         let values = map.get(&flow_cache_slot(&key), 0).context("reading the flow cache")?;
         let tag = FLOW_CACHE_VALID | self.generation;
         let now = self.now_age()?;
-        Ok(values.iter().filter(|e| e.key == key && e.tag == tag && u32::from(e.age) == now).copied().collect())
+        Ok(values.iter().filter(|e| e.key == key && e.tag == tag && lb_common::flow_idle(now, e.age.into()) <= units).copied().collect())
     }
 
     /// Slots in use in the flow table, closing flows included (a walk of the table).
