@@ -64,12 +64,13 @@ enum Cmd {
     /// lab on an arm64 kernel (Debian unstable's) in qemu-system-aarch64, with two vCPUs (root;
     /// `cargo xtask test` runs it).
     TestArm64,
-    /// The soak: 100,000 MQTT sessions held through the VIP for 60 minutes while brokers are
-    /// added, drained, killed and the controller restarted and reloaded; writes bench/soak.md
-    /// and bench/soak.svg (root; not part of `test`, which runs a 2-minute smoke of it).
+    /// The soak: 100,000 MQTT sessions held through the VIP for 60 minutes while a broker is
+    /// added, one drained, one stopped and started again, 10,000 clients vanish without a FIN,
+    /// and the controller is restarted, killed and reloaded; writes bench/soak.md and
+    /// bench/soak.svg (root; not part of `test`, which runs a 2-minute smoke of it).
     Soak {
         /// Arguments for `bench soak` (`--sessions N --minutes M --processes P --ping-secs A-B
-        /// --sample-secs S --reload-minutes R`).
+        /// --sample-secs S --reload-minutes R --churn-per-sec C --vanish N --lab NAME`).
         #[arg(last = true)]
         args: Vec<String>,
     },

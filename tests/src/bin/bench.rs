@@ -1018,8 +1018,8 @@ fn soak_part(bin: &Path) -> anyhow::Result<String> {
             "--sample-secs" => o.sample_every = Duration::from_secs_f64(num(v)?),
             "--reload-minutes" => o.reload_every = Duration::from_secs_f64(num(v)? * 60.0),
             "--churn-per-sec" => o.churn_per_sec = num(v)?,
-            #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "a positive count")]
-            "--vanish" => o.vanish = num(v)? as usize,
+            // 0 is allowed: no client vanishes.
+            "--vanish" => o.vanish = v.parse().ok().with_context(|| format!("{flag}: {v} is not a count"))?,
             "--lab" => o.lab.clone_from(v),
             "--out" => out = Some(PathBuf::from(v)),
             _ => bail!("bench soak: unknown flag {flag}"),
