@@ -375,7 +375,12 @@ pub const fn flow_step(state: u32, seg: u32, usable: bool, now: u32) -> FlowStep
                 step.event = table_event::CLOSE_CLEARED;
             }
         } else if flow_confirmed(state) {
-            step.state = flow_state(real, kind, now);
+            // Refreshed to now. An age at or ahead of now (written by another CPU that read the
+            // clock after a tick this one has not seen) stays: moving it back would leave the
+            // table older than that CPU's flow cache says the flow is.
+            if idle != 0 {
+                step.state = flow_state(real, kind, now);
+            }
         } else if idle >= FLOW_CONFIRM_UNITS {
             step.state = flow_state(real, kind_confirmed(kind), now);
             step.event = table_event::CONFIRMED;
@@ -460,9 +465,12 @@ pub const FLOW_CACHE_VALID: u32 = 1 << 31;
 
 /// Value of `FLOW_CACHE` (per CPU). Valid when `tag` equals the flow's `LISTEN_PORTS` slot,
 /// `FLOW_CACHE_VALID | generation`. The controller bumps the generation (rewriting every used
-/// port slot) whenever it deletes flows or writes any real, which invalidates every cached
+/// port slot) whenever it purges flows or writes any real, which invalidates every cached
 /// entry on every CPU at once; so a valid entry's copy of the real (MACs, usable when cached)
-/// is current and a hit reads no other map.
+/// is current and a hit reads no other map. The expiry sweep deletes without a bump: it
+/// removes only flows idle past their timeout, and an entry is served only in the clock unit
+/// it was filled in, in which the table holds the flow at that age (the program fills an
+/// entry only then).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowCacheEntry {
@@ -573,13 +581,15 @@ mod tests {
         /// (what, kind, age, segment, usable, kind written, age written, charged to, re-picked, event)
         type Row = (&'static str, u32, u32, u32, bool, u32, u32, u32, bool, u32);
         #[rustfmt::skip]
-        let rows: [Row; 28] = [
+        let rows: [Row; 30] = [
             ("the handshake's ACK confirms nothing", opened, NOW, segment::PLAIN, true, opened, NOW, none, false, table_event::NONE),
             ("a segment a unit later confirms nothing", opened, NOW - 1, segment::PLAIN, true, opened, NOW - 1, none, false, table_event::NONE),
             ("a segment FLOW_CONFIRM_UNITS later confirms", opened, NOW - confirm, segment::PLAIN, true, confirmed, NOW, none, false, table_event::CONFIRMED),
             ("a mid-flow miss confirms, marked mid-flow", mid, NOW - confirm, segment::PLAIN, true, mid_confirmed, NOW, none, false, table_event::CONFIRMED),
             ("a confirmed flow's segment refreshes its age", confirmed, NOW - 5, segment::PLAIN, true, confirmed, NOW, none, false, table_event::NONE),
             ("so does one confirmed mid-flow's, which stays so", mid_confirmed, NOW - 5, segment::PLAIN, true, mid_confirmed, NOW, none, false, table_event::NONE),
+            ("a confirmed flow's age ahead of now stays (another CPU saw the tick)", confirmed, NOW + 1, segment::PLAIN, true, confirmed, NOW + 1, none, false, table_event::NONE),
+            ("a confirmed flow seen this unit is not written", confirmed, NOW, segment::PLAIN, true, confirmed, NOW, none, false, table_event::NONE),
             ("a retransmitted SYN: the retransmit budget", opened, NOW - 3, segment::SYN, true, opened, NOW - 3, again, false, table_event::SYN_AGAIN),
             ("a SYN on an opened flow after the retries: a new connection", opened, NOW - retry, segment::SYN, true, opened, NOW, conn, false, table_event::SYN_CHARGED),
             ("a SYN after an ACK: charged, and its retransmits are retransmits", mid, NOW - 1, segment::SYN, true, opened, NOW, conn, false, table_event::SYN_CHARGED),

@@ -440,34 +440,44 @@ fn a_cached_flow_keeps_its_table_age_that_of_its_last_frame() {
 /// confirmed flow as it was, old age included; if it still cached the flow as "seen now", the
 /// handshake's ACK and CONNECT were served from the cache, the table kept the old age, the
 /// sweep expired the flow under the live session, and its next ping (a minute later) took the
-/// ring, to another broker once the ring had changed: a reset.
+/// ring, to another broker once the ring had changed: a reset. A SYN with ACK (which nothing
+/// charges, and which anyone can spoof) leaves the flow as it was too.
 #[test]
 fn a_syn_on_a_confirmed_flow_does_not_hide_the_next_frames_from_the_table() {
     require_root!();
     pin_to_cpu(0);
     let lb = Lb::new(&[("b1", 11, 100), ("b2", 12, 100)]);
-    assert_eq!(lb.session(CLIENT, 43100, 1883).0, XDP_TX);
-    let flow = lb.dp.flow(CLIENT, 43100, VIP, 1883).expect("recorded");
-    assert!(flow.confirmed());
-    // Start just after a tick, so the SYN and the ACK below share one unit of the clock (the
-    // cache serves only frames in the unit it was filled in).
-    let now = lb.wait_clock_past(lb.dp.now_age().expect("clock"));
-    // The old connection's last frame was long ago: just under the idle timeout.
-    let old = 30;
-    lb.pass_time_for(CLIENT, 43100, 1883, old);
-    let rewound = lb.dp.flow(CLIENT, 43100, VIP, 1883).expect("recorded").age();
-    assert!(lb_common::flow_idle(now, rewound) >= old, "the flow's age {rewound} is not {old} units before {now}");
-    // The reconnect: SYN, then the handshake's ACK.
-    assert_eq!(lb.run(&Ipv4Frame::tcp(CLIENT, 43100, VIP, 1883, TCP_SYN).build()).0, XDP_TX);
-    assert_eq!(lb.run(&ack(43100)).0, XDP_TX);
-    let after = lb.dp.flow(CLIENT, 43100, VIP, 1883).expect("recorded");
-    assert!(after.confirmed());
-    assert!(
-        after.age() == now || after.age() == lb.dp.now_age().expect("clock"),
-        "after a SYN and an ACK at age {now}, the table still has the flow's old age {} (rewound to {rewound}): \
-         the ACK was served from a cache the SYN filled, and the sweep would expire this live session",
-        after.age()
-    );
+    for (port, flags) in [(43100, TCP_SYN), (43102, TCP_SYN | TCP_ACK)] {
+        assert_eq!(lb.session(CLIENT, port, 1883).0, XDP_TX);
+        assert!(lb.dp.flow(CLIENT, port, VIP, 1883).expect("recorded").confirmed());
+        // Start just after a tick, so the SYN and the ACK below share one unit of the clock
+        // (the cache serves only frames in the unit it was filled in).
+        let now = lb.wait_clock_past(lb.dp.now_age().expect("clock"));
+        // The old connection's last frame was a while ago (30 units, about 32 s: a ping's
+        // silence).
+        let old = 30;
+        lb.pass_time_for(CLIENT, port, 1883, old);
+        let rewound = lb.dp.flow(CLIENT, port, VIP, 1883).expect("recorded").age();
+        assert!(lb_common::flow_idle(now, rewound) >= old, "the flow's age {rewound} is not {old} units before {now}");
+        // The reconnect's SYN (or a spoofed SYN-ACK): it must not cache the flow as seen now
+        // (the session's own entry is of an earlier unit, and no longer served).
+        assert_eq!(lb.run(&Ipv4Frame::tcp(CLIENT, port, VIP, 1883, flags).build()).0, XDP_TX);
+        assert!(
+            lb.dp.cached_flow(CLIENT, port, VIP, 1883).expect("cache").is_empty(),
+            "flags {flags:#x}: the flow was cached though the table kept its age {rewound}"
+        );
+        // The handshake's ACK reaches the table and refreshes it.
+        assert_eq!(lb.run(&ack(port)).0, XDP_TX);
+        let after = lb.dp.flow(CLIENT, port, VIP, 1883).expect("recorded");
+        assert!(after.confirmed());
+        let end = lb.dp.now_age().expect("clock");
+        assert!(
+            lb_common::flow_idle(end, after.age()) <= lb_common::flow_idle(end, now),
+            "flags {flags:#x}: after it and an ACK at age {now}, the table has the flow's age {} (rewound to {rewound}): the ACK \
+             was served from a cache, and the sweep would expire this live session",
+            after.age()
+        );
+    }
 }
 
 /// SYNs from port `from` on, one every 5 ms, until one is admitted (at most 2 s: the limit's
