@@ -13,11 +13,17 @@
 //!
 //! The rules and routes are kept over rtnetlink by a task that reconciles the kernel's with the
 //! wanted ones whenever they are set: what is missing is added (also when someone removed it),
-//! what is ours and not wanted is removed.
+//! what is ours and not wanted is removed. While a tunnelled backend is wanted, the task also
+//! asks again every [`NEXT_HOP_EVERY`] for the next hops towards the tunnelled backends, as the
+//! data path's neighbour watcher does, and reconciles when one moved: the probes follow the
+//! route the clients' frames follow (a probe left on a gateway that went away would mark a
+//! healthy broker `vip-misconfigured`). The whole routing table is listed only then, never
+//! on the timer alone: an edge node may hold a full BGP table.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -86,22 +92,80 @@ impl ProbeRoutes {
     /// Stops the reconciler and removes every rule and route of ours.
     pub async fn clear(self) {
         self.task.abort();
-        if let Err(e) = reconcile(&self.handle, 0, &Wanted::new()).await {
+        if let Err(e) = reconcile(&self.handle, 0, &Via::new()).await {
             tracing::warn!(error = %format!("{e:#}"), "removing the DSR-path probe routes failed");
         }
     }
 }
 
+/// How often the next hops towards tunnelled backends are asked for again (the data path's
+/// neighbour watcher asks as often).
+pub const NEXT_HOP_EVERY: Duration = Duration::from_secs(5);
+
 async fn reconciler(handle: Handle, ifindex: u32, mut wanted: watch::Receiver<Wanted>) {
+    let mut want = wanted.borrow_and_update().clone();
+    let mut via = resolve(&handle, ifindex, &want, true).await;
     loop {
-        let want = wanted.borrow_and_update().clone();
-        if let Err(e) = reconcile(&handle, ifindex, &want).await {
+        if let Err(e) = reconcile(&handle, ifindex, &via).await {
             tracing::warn!(error = %format!("{e:#}"), "DSR-path probe routes incomplete: VIP checks of some backends will fail");
         }
-        if wanted.changed().await.is_err() {
-            return;
+        // Until the wanted set changes, or (with tunnelled backends) a next hop moves.
+        loop {
+            let tunnelled = want.values().flatten().any(|&(_, _, t)| t);
+            tokio::select! {
+                changed = wanted.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    want = wanted.borrow_and_update().clone();
+                    via = resolve(&handle, ifindex, &want, true).await;
+                    break;
+                }
+                () = tokio::time::sleep(NEXT_HOP_EVERY), if tunnelled => {
+                    // Quietly: a route that stays wrong was warned of when it became so.
+                    if resolve(&handle, ifindex, &want, false).await != via {
+                        tracing::info!("the route to a tunnelled backend moved: its probe route follows");
+                        via = resolve(&handle, ifindex, &want, true).await;
+                        break;
+                    }
+                }
+            }
         }
     }
+}
+
+/// Backend id to the (VIP, gateway) pairs of its table: the backend's own address, or for a
+/// tunnelled backend the next hop of its route (left out, with a warning when `warn`, when its
+/// route leaves by another interface or there is none).
+type Via = BTreeMap<u32, BTreeSet<(IpAddr, IpAddr)>>;
+
+async fn resolve(handle: &Handle, ifindex: u32, want: &Wanted, warn: bool) -> Via {
+    let mut via = Via::new();
+    for (&b, pairs) in want {
+        for &(vip, addr, tunnelled) in pairs {
+            let gateway = if tunnelled {
+                match netlink::route_get(handle, addr).await {
+                    Ok((oif, gateway)) if oif == ifindex => gateway.unwrap_or(addr),
+                    Ok(_) => {
+                        if warn {
+                            tracing::warn!(backend = %addr, "the route to a tunnelled backend leaves by another interface: its VIP checks will fail");
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        if warn {
+                            tracing::warn!(backend = %addr, error = %format!("{e:#}"), "no route to a tunnelled backend: its VIP checks will fail");
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                addr
+            };
+            via.entry(b).or_default().insert((vip, gateway));
+        }
+    }
+    via
 }
 
 /// The fwmark, table and priority of a rule.
@@ -136,11 +200,11 @@ fn route_fields(r: &RouteMessage) -> (u32, Option<IpAddr>, Option<IpAddr>) {
 }
 
 /// Makes our rules and routes exactly `want` (`ifindex`: the interface the routes go out of).
-async fn reconcile(handle: &Handle, ifindex: u32, want: &Wanted) -> anyhow::Result<()> {
+async fn reconcile(handle: &Handle, ifindex: u32, want: &Via) -> anyhow::Result<()> {
     let ours = |mark: u32| mark & MARK_MASK == MARK_BASE;
     // Rules: one per wanted backend and family, `fwmark mark(b) lookup table(b)` at RULE_PREF.
     for (family, v6) in [(IpVersion::V4, false), (IpVersion::V6, true)] {
-        let wants = |b: u32| want.get(&b).is_some_and(|pairs| pairs.iter().any(|(vip, _, _)| vip.is_ipv6() == v6));
+        let wants = |b: u32| want.get(&b).is_some_and(|pairs| pairs.iter().any(|(vip, _)| vip.is_ipv6() == v6));
         let rules: Vec<RuleMessage> = handle.rule().get(family).execute().try_collect().await.context("listing rules")?;
         let mut have = BTreeSet::new();
         for r in rules {
@@ -172,28 +236,6 @@ async fn reconcile(handle: &Handle, ifindex: u32, want: &Wanted) -> anyhow::Resu
     // Routes: in each wanted backend's table, `VIP/32 via address dev interface` (/128 for
     // IPv6), or via the next hop towards a tunnelled backend's address; nothing else in our
     // tables.
-    let mut want_via: BTreeMap<u32, BTreeSet<(IpAddr, IpAddr)>> = BTreeMap::new();
-    for (&b, pairs) in want {
-        for &(vip, addr, tunnelled) in pairs {
-            let via = if tunnelled {
-                match netlink::route_get(handle, addr).await {
-                    Ok((oif, gateway)) if oif == ifindex => gateway.unwrap_or(addr),
-                    Ok(_) => {
-                        tracing::warn!(backend = %addr, "the route to a tunnelled backend leaves by another interface: its VIP checks will fail");
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::warn!(backend = %addr, error = %format!("{e:#}"), "no route to a tunnelled backend: its VIP checks will fail");
-                        continue;
-                    }
-                }
-            } else {
-                addr
-            };
-            want_via.entry(b).or_default().insert((vip, via));
-        }
-    }
-    let want = &want_via;
     let routes = netlink::all_routes(handle).await?;
     let mut present = BTreeSet::new();
     for r in routes {

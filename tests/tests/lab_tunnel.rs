@@ -330,6 +330,81 @@ fn tunnelled_brokers_without_decap_or_vip_are_vip_misconfigured() {
     assert_eq!(lb.state("mqtt", "b2"), "up", "the running state is unchanged");
 }
 
+/// The gateways named by dsrlb's probe tables in the balancer's namespace (`ip route show table
+/// all`, tables `0xd5b00..0xd5c00`), of one family.
+fn probe_gateways(lab: &LabGuard, v6: bool) -> BTreeSet<String> {
+    let family = if v6 { "-6" } else { "-4" };
+    let text = lab.exec(&lab.ns("lb"), "ip", &[family, "route", "show", "table", "all"]).expect("ip route show table all");
+    let mut gateways = BTreeSet::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let after = |w: &str| words.iter().position(|x| *x == w).and_then(|i| words.get(i + 1)).copied();
+        let ours = after("table").and_then(|t| t.parse::<u32>().ok()).is_some_and(|t| (0xd5b00..0xd5c00).contains(&t));
+        if let (true, Some(gw)) = (ours, after("via")) {
+            gateways.insert(gw.to_owned());
+        }
+    }
+    gateways
+}
+
+/// The route to the tunnelled brokers' network moves to another gateway, then the old one goes
+/// away: the probes follow the new next hop, as the clients' frames do, so the tunnelled brokers
+/// stay up and keep taking sessions.
+#[test]
+fn probes_follow_a_tunnelled_brokers_route_to_a_new_next_hop() {
+    require_root!();
+    let lab = LabGuard::tunnelled(3);
+    let lb = Balancer::start(&lab, &lab.config_tunnelled(&health()));
+    wait_all_up(&lb);
+    let (dc, lbns) = (lab.ns("dc"), lab.ns("lb"));
+    let (old4, old6) = (tests::lab::DC_ROUTER.to_string(), tests::lab::DC_ROUTER6.to_string());
+    let (new4, new6) = ("192.0.2.253", "2001:db8::fd");
+    assert!(probe_gateways(&lab, false).contains(&old4) && probe_gateways(&lab, true).contains(&old6), "no probe route via the router");
+    // A second address on the router, and the balancer's routes to the brokers' network move
+    // to it. (Kept when the first goes: without `promote_secondaries` the kernel removes an
+    // IPv4 subnet's secondary addresses with its primary.)
+    lab.exec(&dc, "sysctl", &["-qw", "net.ipv4.conf.eth0.promote_secondaries=1"]).expect("promote_secondaries");
+    lab.exec(&dc, "ip", &["addr", "add", &format!("{new4}/24"), "dev", "eth0"]).expect("a second router address");
+    lab.exec(&dc, "ip", &["-6", "addr", "add", &format!("{new6}/64"), "dev", "eth0", "nodad"]).expect("a second router address");
+    lab.exec(&lbns, "ip", &["route", "replace", "198.18.1.0/24", "via", new4]).expect("moving the route");
+    lab.exec(&lbns, "ip", &["-6", "route", "replace", "2001:db8:b::/64", "via", new6]).expect("moving the IPv6 route");
+    // The probe routes follow within the 5 s the next hops are asked for again.
+    wait::until_every("the probe routes to follow the new next hop", Duration::from_secs(20), Duration::from_millis(200), || {
+        let (g4, g6) = (probe_gateways(&lab, false), probe_gateways(&lab, true));
+        if g4.contains(new4) && !g4.contains(&old4) && g6.contains(new6) && !g6.contains(&old6) {
+            Ok(())
+        } else {
+            Err(format!("probe gateways {g4:?} {g6:?}"))
+        }
+    });
+    // The old gateway goes away: a probe still sent there would fail.
+    lab.exec(&dc, "ip", &["addr", "del", &format!("{old4}/24"), "dev", "eth0"]).expect("removing the old address");
+    lab.exec(&dc, "ip", &["-6", "addr", "del", &format!("{old6}/64"), "dev", "eth0"]).expect("removing the old address");
+    for (family, addr) in [("-4", old4.as_str()), ("-6", old6.as_str())] {
+        let _ = lab.exec(&lbns, "ip", &[family, "neigh", "del", addr, "dev", "eth0"]);
+    }
+    // Ten more probes of each tunnelled pair, none failing.
+    let pairs = [("mqtt", "b2"), ("mqtt", "b3"), ("mqtt6", "b2"), ("mqtt6", "b3")];
+    let counts = |lb: &Balancer| {
+        let s = lb.status();
+        pairs.map(|(l, b)| s.backend(l, b).map_or_else(|| panic!("no {l}/{b}"), |b| (b.checks, b.check_failures)))
+    };
+    let before = counts(&lb);
+    let after = wait::until_every("ten more probes of each pair", Duration::from_secs(30), Duration::from_millis(200), || {
+        let now = counts(&lb);
+        if now.iter().zip(&before).all(|(n, b)| n.0 >= b.0 + 10) { Ok(now) } else { Err(format!("{now:?}")) }
+    });
+    for (((l, b), n), was) in pairs.iter().zip(&after).zip(&before) {
+        assert_eq!(n.1, was.1, "{l}/{b}: probes failed after the old gateway went away");
+        assert_eq!(lb.state(l, b), "up", "{l}/{b}");
+    }
+    // And the clients' frames took the new gateway too.
+    connect_many(&lab, VIP_IPIP, "moved-ipip", 10);
+    assert_eq!(lab.landed("moved-ipip", 10)[1], 10, "sessions through IPIP after the move");
+    connect_many(&lab, VIP_GUE, "moved-gue", 10);
+    assert_eq!(lab.landed("moved-gue", 10)[2], 10, "sessions through GUE after the move");
+}
+
 /// Publishes through each tunnel: one 1,400-byte and one 256 KB message; all must arrive.
 fn big_publishes(lab: &LabGuard, round: &str) {
     for (host, name) in
