@@ -7,18 +7,19 @@
 //! VIP, and answers the balancer directly from the VIP.
 //!
 //! A tunnelled backend (`forward = "ipip"` or `"gue"`) is probed the same way, through the next
-//! hop of its route (`ip route get` of its address, resolved when the routes are set): the
+//! hop of its route (`ip route get` of its address, asked again every 5 s): the
 //! balancer's TC egress program (`dsrlb_probe_encap`) wraps the marked packets as the XDP
 //! program wraps client traffic, so the probe reaches VIP:port only through the broker's decap.
 //!
 //! The rules and routes are kept over rtnetlink by a task that reconciles the kernel's with the
 //! wanted ones whenever they are set: what is missing is added (also when someone removed it),
 //! what is ours and not wanted is removed. While a tunnelled backend is wanted, the task also
-//! asks again every [`NEXT_HOP_EVERY`] for the next hops towards the tunnelled backends, as the
-//! data path's neighbour watcher does, and reconciles when one moved: the probes follow the
-//! route the clients' frames follow (a probe left on a gateway that went away would mark a
-//! healthy broker `vip-misconfigured`). The whole routing table is listed only then, never
-//! on the timer alone: an edge node may hold a full BGP table.
+//! asks again every [`NEXT_HOP_EVERY`] for the next hops towards the tunnelled backends (as the
+//! data path's neighbour watcher does, on its own timer) and replaces the probe routes whose
+//! next hop moved: the probes follow the route the clients' frames follow (a probe left on a
+//! gateway that went away would mark a healthy broker `vip-misconfigured`). The routing table
+//! is never listed on the timer (an edge node may hold a full BGP table), unless the last
+//! reconcile failed and is being retried.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -99,17 +100,23 @@ impl ProbeRoutes {
 }
 
 /// How often the next hops towards tunnelled backends are asked for again (the data path's
-/// neighbour watcher asks as often).
+/// neighbour watcher, on a timer of its own, asks as often).
 pub const NEXT_HOP_EVERY: Duration = Duration::from_secs(5);
 
 async fn reconciler(handle: Handle, ifindex: u32, mut wanted: watch::Receiver<Wanted>) {
     let mut want = wanted.borrow_and_update().clone();
-    let mut via = resolve(&handle, ifindex, &want, true).await;
+    let mut problems = Problems::new();
+    let mut via = resolve(&handle, ifindex, &want, &mut problems).await;
     loop {
-        if let Err(e) = reconcile(&handle, ifindex, &via).await {
-            tracing::warn!(error = %format!("{e:#}"), "DSR-path probe routes incomplete: VIP checks of some backends will fail");
-        }
-        // Until the wanted set changes, or (with tunnelled backends) a next hop moves.
+        // The whole set, listing what the kernel holds: at the start, when the wanted set
+        // changes, and again on the timer while the last attempt failed.
+        let mut failed = match reconcile(&handle, ifindex, &via).await {
+            Ok(()) => false,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "DSR-path probe routes incomplete: VIP checks of some backends will fail");
+                true
+            }
+        };
         loop {
             let tunnelled = want.values().flatten().any(|&(_, _, t)| t);
             tokio::select! {
@@ -118,15 +125,21 @@ async fn reconciler(handle: Handle, ifindex: u32, mut wanted: watch::Receiver<Wa
                         return;
                     }
                     want = wanted.borrow_and_update().clone();
-                    via = resolve(&handle, ifindex, &want, true).await;
+                    via = resolve(&handle, ifindex, &want, &mut problems).await;
                     break;
                 }
-                () = tokio::time::sleep(NEXT_HOP_EVERY), if tunnelled => {
-                    // Quietly: a route that stays wrong was warned of when it became so.
-                    if resolve(&handle, ifindex, &want, false).await != via {
-                        tracing::info!("the route to a tunnelled backend moved: its probe route follows");
-                        via = resolve(&handle, ifindex, &want, true).await;
+                () = tokio::time::sleep(NEXT_HOP_EVERY), if tunnelled || failed => {
+                    if failed {
+                        via = resolve(&handle, ifindex, &want, &mut problems).await;
                         break;
+                    }
+                    let now = resolve(&handle, ifindex, &want, &mut problems).await;
+                    // A wanted set that changed meanwhile is reconciled whole on the next turn.
+                    if now != via && !wanted.has_changed().unwrap_or(true) {
+                        // Only the routes that moved are written: no listing of the routing
+                        // table (an edge node may hold a full BGP table) on the timer.
+                        failed = follow(&handle, ifindex, &via, &now).await.is_err();
+                        via = now;
                     }
                 }
             }
@@ -135,37 +148,78 @@ async fn reconciler(handle: Handle, ifindex: u32, mut wanted: watch::Receiver<Wa
 }
 
 /// Backend id to the (VIP, gateway) pairs of its table: the backend's own address, or for a
-/// tunnelled backend the next hop of its route (left out, with a warning when `warn`, when its
-/// route leaves by another interface or there is none).
+/// tunnelled backend the next hop of its route (left out when its route leaves by another
+/// interface or there is none: its VIP checks fail, and it shows `vip-misconfigured`).
 type Via = BTreeMap<u32, BTreeSet<(IpAddr, IpAddr)>>;
 
-async fn resolve(handle: &Handle, ifindex: u32, want: &Wanted, warn: bool) -> Via {
+/// Tunnelled backends' addresses whose next hop is unusable, and why: warned of when that
+/// starts or changes, told when it ends, never repeated.
+type Problems = BTreeMap<IpAddr, String>;
+
+async fn resolve(handle: &Handle, ifindex: u32, want: &Wanted, problems: &mut Problems) -> Via {
+    // One question per address, however many VIPs it is probed for.
+    let mut hops: BTreeMap<IpAddr, Result<IpAddr, String>> = BTreeMap::new();
+    for &(_, addr, _) in want.values().flatten().filter(|&&(_, _, t)| t) {
+        if hops.contains_key(&addr) {
+            continue;
+        }
+        let hop = match netlink::route_get(handle, addr).await {
+            Ok((oif, gateway)) if oif == ifindex => Ok(gateway.unwrap_or(addr)),
+            Ok(_) => Err("the route to a tunnelled backend leaves by another interface: its VIP checks will fail".to_owned()),
+            Err(e) => Err(format!("no route to a tunnelled backend ({e:#}): its VIP checks will fail")),
+        };
+        hops.insert(addr, hop);
+    }
+    let now: Problems = hops.iter().filter_map(|(a, h)| h.as_ref().err().map(|e| (*a, e.clone()))).collect();
+    for (addr, why) in &now {
+        if problems.get(addr) != Some(why) {
+            tracing::warn!(backend = %addr, "{why}");
+        }
+    }
+    for addr in problems.keys().filter(|a| !now.contains_key(a) && hops.contains_key(a)) {
+        tracing::info!(backend = %addr, "the route to a tunnelled backend is usable again");
+    }
+    *problems = now;
     let mut via = Via::new();
     for (&b, pairs) in want {
         for &(vip, addr, tunnelled) in pairs {
-            let gateway = if tunnelled {
-                match netlink::route_get(handle, addr).await {
-                    Ok((oif, gateway)) if oif == ifindex => gateway.unwrap_or(addr),
-                    Ok(_) => {
-                        if warn {
-                            tracing::warn!(backend = %addr, "the route to a tunnelled backend leaves by another interface: its VIP checks will fail");
-                        }
-                        continue;
-                    }
-                    Err(e) => {
-                        if warn {
-                            tracing::warn!(backend = %addr, error = %format!("{e:#}"), "no route to a tunnelled backend: its VIP checks will fail");
-                        }
-                        continue;
-                    }
-                }
-            } else {
-                addr
-            };
-            via.entry(b).or_default().insert((vip, gateway));
+            let gateway = if tunnelled { hops.get(&addr).and_then(|h| h.as_ref().ok().copied()) } else { Some(addr) };
+            if let Some(g) = gateway {
+                via.entry(b).or_default().insert((vip, g));
+            }
         }
     }
     via
+}
+
+/// Moves the probe routes from `old` to `new` (the same backends and VIPs, some through another
+/// gateway or none): each moved route replaced in place, each that lost its gateway removed.
+async fn follow(handle: &Handle, ifindex: u32, old: &Via, new: &Via) -> anyhow::Result<()> {
+    let gateway = |v: &Via, b: u32, vip: IpAddr| v.get(&b).and_then(|p| p.iter().find(|(x, _)| *x == vip).map(|&(_, g)| g));
+    let mut result = Ok(());
+    let routes: BTreeSet<(u32, IpAddr)> = old.iter().chain(new).flat_map(|(&b, p)| p.iter().map(move |&(vip, _)| (b, vip))).collect();
+    for (b, vip) in routes {
+        let (from, to) = (gateway(old, b, vip), gateway(new, b, vip));
+        if from == to {
+            continue;
+        }
+        let done = if let Some(g) = to {
+            tracing::info!(%vip, from = ?from, to = %g, backend = b, "a tunnelled backend's next hop moved: its probe route follows");
+            let route = netlink::host_route(vip, Some(g))?.output_interface(ifindex).table_id(table(b)).build();
+            netlink::replace_route(handle, route).await.map_err(anyhow::Error::from)
+        } else {
+            let route = netlink::host_route(vip, from)?.output_interface(ifindex).table_id(table(b)).build();
+            match handle.route().del(route).execute().await {
+                Err(e) if netlink::errno(&e) != Some(libc::ESRCH) => Err(e.into()),
+                _ => Ok(()),
+            }
+        };
+        if let Err(e) = done {
+            tracing::warn!(%vip, backend = b, error = %format!("{e:#}"), "moving a DSR-path probe route failed: retried");
+            result = Err(e);
+        }
+    }
+    result
 }
 
 /// The fwmark, table and priority of a rule.
