@@ -347,9 +347,10 @@ fn probe_gateways(lab: &LabGuard, v6: bool) -> BTreeSet<String> {
     gateways
 }
 
-/// The route to the tunnelled brokers' network moves to another gateway, then the old one goes
-/// away: the probes follow the new next hop, as the clients' frames do, so the tunnelled brokers
-/// stay up and keep taking sessions.
+/// The route to the tunnelled brokers' network moves to another gateway (another interface of
+/// the router, with a MAC of its own), then the old one goes away: the data path sends the
+/// tunnelled brokers' frames to the new gateway's MAC, and the probes follow the new next hop
+/// too, so the tunnelled brokers stay up and keep taking sessions.
 #[test]
 fn probes_follow_a_tunnelled_brokers_route_to_a_new_next_hop() {
     require_root!();
@@ -360,24 +361,32 @@ fn probes_follow_a_tunnelled_brokers_route_to_a_new_next_hop() {
     let (old4, old6) = (tests::lab::DC_ROUTER.to_string(), tests::lab::DC_ROUTER6.to_string());
     let (new4, new6) = ("192.0.2.253", "2001:db8::fd");
     assert!(probe_gateways(&lab, false).contains(&old4) && probe_gateways(&lab, true).contains(&old6), "no probe route via the router");
-    // A second address on the router, and the balancer's routes to the brokers' network move
-    // to it. (Kept when the first goes: without `promote_secondaries` the kernel removes an
-    // IPv4 subnet's secondary addresses with its primary.)
-    lab.exec(&dc, "sysctl", &["-qw", "net.ipv4.conf.eth0.promote_secondaries=1"]).expect("promote_secondaries");
-    lab.exec(&dc, "ip", &["addr", "add", &format!("{new4}/24"), "dev", "eth0"]).expect("a second router address");
-    lab.exec(&dc, "ip", &["-6", "addr", "add", &format!("{new6}/64"), "dev", "eth0", "nodad"]).expect("a second router address");
+    let old_mac = lb_userspace::config::format_mac(router_mac(&lab));
+    assert_eq!(lb.status().backend("mqtt", "b2").expect("mqtt/b2").mac, old_mac, "b2's frames go to the router");
+    // A second gateway on the router: a macvlan on its segment port, and the balancer's routes
+    // to the brokers' network move to it. (ARP for it answered by it alone: by default Linux
+    // answers for any of its addresses on any interface, here with the old gateway's MAC.)
+    lab.exec(&dc, "sysctl", &["-qw", "net.ipv4.conf.all.arp_ignore=1"]).expect("arp_ignore");
+    lab.exec(&dc, "ip", &["link", "add", "gw2", "link", "eth0", "type", "macvlan", "mode", "bridge"]).expect("a second gateway");
+    lab.exec(&dc, "ip", &["addr", "add", &format!("{new4}/24"), "dev", "gw2"]).expect("its address");
+    lab.exec(&dc, "ip", &["-6", "addr", "add", &format!("{new6}/64"), "dev", "gw2", "nodad"]).expect("its IPv6 address");
+    lab.exec(&dc, "ip", &["link", "set", "gw2", "up"]).expect("gw2 up");
+    let text = lab.exec(&dc, "ip", &["-br", "link", "show", "gw2"]).expect("gw2's MAC");
+    let new_mac = text.split_whitespace().nth(2).expect("ip -br link: name, state, MAC").to_owned();
     lab.exec(&lbns, "ip", &["route", "replace", "198.18.1.0/24", "via", new4]).expect("moving the route");
     lab.exec(&lbns, "ip", &["-6", "route", "replace", "2001:db8:b::/64", "via", new6]).expect("moving the IPv6 route");
-    // The probe routes follow within the 5 s the next hops are asked for again.
-    wait::until_every("the probe routes to follow the new next hop", Duration::from_secs(20), Duration::from_millis(200), || {
+    // Both follow within the 5 s the next hops are asked for again: the data path (the MAC in
+    // use) and the probe routes.
+    wait::until_every("the data path and the probe routes to follow", Duration::from_secs(20), Duration::from_millis(200), || {
         let (g4, g6) = (probe_gateways(&lab, false), probe_gateways(&lab, true));
-        if g4.contains(new4) && !g4.contains(&old4) && g6.contains(new6) && !g6.contains(&old6) {
+        let mac = lb.status().backend("mqtt", "b2").expect("mqtt/b2").mac.clone();
+        if g4.contains(new4) && !g4.contains(&old4) && g6.contains(new6) && !g6.contains(&old6) && mac == new_mac {
             Ok(())
         } else {
-            Err(format!("probe gateways {g4:?} {g6:?}"))
+            Err(format!("probe gateways {g4:?} {g6:?}, b2's MAC {mac} (new gateway's {new_mac})"))
         }
     });
-    // The old gateway goes away: a probe still sent there would fail.
+    // The old gateway goes away: a probe or a frame still sent there would be lost.
     lab.exec(&dc, "ip", &["addr", "del", &format!("{old4}/24"), "dev", "eth0"]).expect("removing the old address");
     lab.exec(&dc, "ip", &["-6", "addr", "del", &format!("{old6}/64"), "dev", "eth0"]).expect("removing the old address");
     for (family, addr) in [("-4", old4.as_str()), ("-6", old6.as_str())] {
@@ -399,9 +408,7 @@ fn probes_follow_a_tunnelled_brokers_route_to_a_new_next_hop() {
         assert!(n.1 <= was.1 + 1, "{l}/{b}: {} of {} probes failed after the old gateway went away", n.1 - was.1, n.0 - was.0);
         assert_eq!(lb.state(l, b), "up", "{l}/{b}");
     }
-    // And the clients still reach the tunnelled brokers. (The new gateway is the same router
-    // port, with the same MAC: this shows nothing broke, not that the data path moved; the
-    // neighbour watcher's following of a route is its own matter.)
+    // And the clients' sessions reach the tunnelled brokers through the new gateway.
     connect_many(&lab, VIP_IPIP, "moved-ipip", 10);
     assert_eq!(lab.landed("moved-ipip", 10)[1], 10, "sessions through IPIP after the move");
     connect_many(&lab, VIP_GUE, "moved-gue", 10);
