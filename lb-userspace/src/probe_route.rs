@@ -107,18 +107,27 @@ async fn reconciler(handle: Handle, ifindex: u32, mut wanted: watch::Receiver<Wa
     let mut want = wanted.borrow_and_update().clone();
     let mut problems = Problems::new();
     let mut via = resolve(&handle, ifindex, &want, &mut problems).await;
+    // How long to wait before retrying a failed reconcile: doubled on each failure in a row (a
+    // route the kernel keeps refusing must not list the routing table every 5 s), reset on
+    // success.
+    let mut retry = NEXT_HOP_EVERY;
     loop {
         // The whole set, listing what the kernel holds: at the start, when the wanted set
-        // changes, and again on the timer while the last attempt failed.
+        // changes, when a backend's table gains or loses its rule, and again on the timer while
+        // the last attempt failed.
         let mut failed = match reconcile(&handle, ifindex, &via).await {
-            Ok(()) => false,
+            Ok(()) => {
+                retry = NEXT_HOP_EVERY;
+                false
+            }
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "DSR-path probe routes incomplete: VIP checks of some backends will fail");
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?retry, "DSR-path probe routes incomplete: VIP checks of some backends will fail");
                 true
             }
         };
         loop {
             let tunnelled = want.values().flatten().any(|&(_, _, t)| t);
+            let pause = if failed { retry } else { NEXT_HOP_EVERY };
             tokio::select! {
                 changed = wanted.changed() => {
                     if changed.is_err() {
@@ -128,23 +137,39 @@ async fn reconciler(handle: Handle, ifindex: u32, mut wanted: watch::Receiver<Wa
                     via = resolve(&handle, ifindex, &want, &mut problems).await;
                     break;
                 }
-                () = tokio::time::sleep(NEXT_HOP_EVERY), if tunnelled || failed => {
+                () = tokio::time::sleep(pause), if tunnelled || failed => {
+                    let now = resolve(&handle, ifindex, &want, &mut problems).await;
                     if failed {
-                        via = resolve(&handle, ifindex, &want, &mut problems).await;
+                        retry = (retry * 2).min(MAX_RETRY);
+                        via = now;
                         break;
                     }
-                    let now = resolve(&handle, ifindex, &want, &mut problems).await;
                     // A wanted set that changed meanwhile is reconciled whole on the next turn.
-                    if now != via && !wanted.has_changed().unwrap_or(true) {
-                        // Only the routes that moved are written: no listing of the routing
-                        // table (an edge node may hold a full BGP table) on the timer.
-                        failed = follow(&handle, ifindex, &via, &now).await.is_err();
-                        via = now;
+                    if now == via || wanted.has_changed().unwrap_or(true) {
+                        continue;
                     }
+                    // A backend's table that gains its first route of a family, or loses its
+                    // last, needs its rule added or removed: the whole set.
+                    if rules_of(&now) != rules_of(&via) {
+                        via = now;
+                        break;
+                    }
+                    // Otherwise only the routes that moved are written: no listing of the
+                    // routing table (an edge node may hold a full BGP table) on the timer.
+                    failed = follow(&handle, ifindex, &via, &now).await.is_err();
+                    via = now;
                 }
             }
         }
     }
+}
+
+/// The longest wait between retries of a failed reconcile.
+const MAX_RETRY: Duration = Duration::from_secs(80);
+
+/// The (backend, IPv6) rules a set of probe routes needs.
+fn rules_of(via: &Via) -> BTreeSet<(u32, bool)> {
+    via.iter().flat_map(|(&b, pairs)| pairs.iter().map(move |(vip, _)| (b, vip.is_ipv6()))).collect()
 }
 
 /// Backend id to the (VIP, gateway) pairs of its table: the backend's own address, or for a
@@ -311,6 +336,7 @@ async fn reconcile(handle: &Handle, ifindex: u32, want: &Via) -> anyhow::Result<
             _ => {}
         }
     }
+    let mut refused = 0;
     for (&b, pairs) in want {
         for &(vip, addr) in pairs.iter().filter(|&&(v, a)| !present.contains(&(b, v, a))) {
             let route = netlink::host_route(vip, Some(addr))
@@ -318,11 +344,14 @@ async fn reconcile(handle: &Handle, ifindex: u32, want: &Via) -> anyhow::Result<
                 .output_interface(ifindex)
                 .table_id(table(b))
                 .build();
-            // One route the kernel refuses leaves the others in place.
+            // One route the kernel refuses leaves the others in place, and the whole is tried
+            // again later.
             if let Err(e) = netlink::replace_route(handle, route).await {
                 tracing::warn!(%vip, via = %addr, error = %e, "a DSR-path probe route was refused: that backend's VIP checks will fail");
+                refused += 1;
             }
         }
     }
+    anyhow::ensure!(refused == 0, "{refused} probe routes refused");
     Ok(())
 }

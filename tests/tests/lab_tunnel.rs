@@ -350,12 +350,13 @@ fn probe_gateways(lab: &LabGuard, v6: bool) -> BTreeSet<String> {
 /// The route to the tunnelled brokers' network moves to another gateway (another interface of
 /// the router, with a MAC of its own), then the old one goes away: the data path sends the
 /// tunnelled brokers' frames to the new gateway's MAC, and the probes follow the new next hop
-/// too, so the tunnelled brokers stay up and keep taking sessions.
+/// too, so the tunnelled brokers stay up and keep taking sessions. And a controller started
+/// while that route is missing probes them along it once it comes.
 #[test]
 fn probes_follow_a_tunnelled_brokers_route_to_a_new_next_hop() {
     require_root!();
     let lab = LabGuard::tunnelled(3);
-    let lb = Balancer::start(&lab, &lab.config_tunnelled(&health()));
+    let mut lb = Balancer::start(&lab, &lab.config_tunnelled(&health()));
     wait_all_up(&lb);
     let (dc, lbns) = (lab.ns("dc"), lab.ns("lb"));
     let (old4, old6) = (tests::lab::DC_ROUTER.to_string(), tests::lab::DC_ROUTER6.to_string());
@@ -413,6 +414,19 @@ fn probes_follow_a_tunnelled_brokers_route_to_a_new_next_hop() {
     assert_eq!(lab.landed("moved-ipip", 10)[1], 10, "sessions through IPIP after the move");
     connect_many(&lab, VIP_GUE, "moved-gue", 10);
     assert_eq!(lab.landed("moved-gue", 10)[2], 10, "sessions through GUE after the move");
+
+    // A controller that starts while the route to the brokers' network is missing (BGP not
+    // settled yet): the tunnelled brokers get no probe route then, nor a rule; once the route
+    // comes, the probes get both, and every pair comes up.
+    lab.exec(&lbns, "ip", &["route", "del", "198.18.1.0/24"]).expect("removing the route");
+    lab.exec(&lbns, "ip", &["-6", "route", "del", "2001:db8:b::/64"]).expect("removing the IPv6 route");
+    assert!(lb.stop().success(), "dsrlb exited with an error on SIGTERM");
+    lb.restart(&lab);
+    wait_state(&lb, "mqtt", "b2", "no-mac");
+    assert!(!probe_gateways(&lab, false).contains(new4), "a probe route via the gateway of a route that is gone");
+    lab.exec(&lbns, "ip", &["route", "add", "198.18.1.0/24", "via", new4]).expect("the route back");
+    lab.exec(&lbns, "ip", &["-6", "route", "add", "2001:db8:b::/64", "via", new6]).expect("the IPv6 route back");
+    wait_all_up(&lb);
 }
 
 /// Publishes through each tunnel: one 1,400-byte and one 256 KB message; all must arrive.
