@@ -184,7 +184,7 @@ impl Apt {
 
 /// Cross-builds the test binaries and `dsrlb` for arm64, as the arm64 package is built. Returns
 /// the test binaries by name.
-fn cross_build() -> anyhow::Result<BTreeMap<String, PathBuf>> {
+pub fn cross_build() -> anyhow::Result<BTreeMap<String, PathBuf>> {
     let cross = |args: &[&str]| {
         let mut c = Command::new("rustup");
         c.args(["run", "nightly", "cargo"])

@@ -9,7 +9,7 @@ use std::{
     process::{Command, ExitCode},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -83,6 +83,10 @@ enum Cmd {
         #[arg(long, default_value = "amd64", value_parser = ["amd64", "arm64"])]
         arch: String,
     },
+    /// `test`'s release builds (both packages, the arm64 test binaries), run by `test` itself at
+    /// the lowest CPU priority beside the x86 tests.
+    #[command(hide = true)]
+    ReleaseBuilds,
 }
 
 fn root() -> PathBuf {
@@ -168,23 +172,121 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     std::fs::copy(debug.join("dsrlb"), debug.join("dsrlb-upgrade")).context("keeping the upgrade-test build as dsrlb-upgrade")?;
     // Integration tests start the real binaries, from the same (debug) profile as themselves.
     cargo(&["build", "-p", "lb-userspace", "-p", "tests", "--bins"])?;
-    // The package tests unpack the .deb and run what is in it.
-    package_arm64()?;
+    if !args.is_empty() {
+        // `cargo xtask test -- CARGO_ARGS -- HARNESS_ARGS`, e.g. `-- --test lab_ha -- --nocapture`.
+        // The package tests unpack the .deb and run what is in it.
+        package_arm64()?;
+        let split = args.iter().position(|a| a == "--").unwrap_or(args.len());
+        let mut full: Vec<&str> = vec!["test", "--workspace", "--exclude", "lb-ebpf", "--no-fail-fast"];
+        full.extend(args[..split].iter().map(String::as_str));
+        // Netns and lab tests share names and the machine: one at a time.
+        full.extend(["--", "--test-threads=1"]);
+        full.extend(args.get(split + 1..).unwrap_or_default().iter().map(String::as_str));
+        return cargo(&full);
+    }
+    // The release builds (both packages and the arm64 test binaries, 13 minutes of compiling
+    // on two CPUs) run beside the x86 tests, which mostly wait on namespaces, daemons and
+    // timers; at nice 19 they take only the CPU the tests leave.
+    let release = ReleaseBuilds::start()?;
     // lb-ebpf builds for the BPF target only, through lb-userspace's build script.
-    let mut full: Vec<&str> = vec!["test", "--workspace", "--exclude", "lb-ebpf", "--no-fail-fast"];
-    // `cargo xtask test -- CARGO_ARGS -- HARNESS_ARGS`, e.g. `-- --test lab_ha -- --nocapture`.
-    let split = args.iter().position(|a| a == "--").unwrap_or(args.len());
-    full.extend(args[..split].iter().map(String::as_str));
+    let units = cargo(&["test", "--workspace", "--exclude", "lb-ebpf", "--exclude", "tests", "--no-fail-fast", "--", "--test-threads=1"]);
+    // The tests crate's tests but the package's, which need the packages.
+    let mut tests: Vec<String> = ["test", "-p", "tests", "--lib", "--bins", "--no-fail-fast"].map(String::from).to_vec();
+    for t in test_targets()?.into_iter().filter(|t| t != "package") {
+        tests.extend(["--test".to_owned(), t]);
+    }
     // Netns and lab tests share names and the machine: one at a time.
-    full.extend(["--", "--test-threads=1"]);
-    full.extend(args.get(split + 1..).unwrap_or_default().iter().map(String::as_str));
-    let all = cargo(&full);
+    tests.extend(["--".to_owned(), "--test-threads=1".to_owned()]);
+    let lab = cargo(&tests.iter().map(String::as_str).collect::<Vec<_>>());
+    let doc = cargo(&["test", "-p", "tests", "--doc"]);
     // The packet fixtures once more, against the object for weakly ordered CPUs (BPF ISA v4,
     // load-acquire and store-release): it verifies and behaves alike on this kernel.
-    let ordered = if args.is_empty() { ordered_fixtures() } else { Ok(()) };
-    // And on an arm64 kernel, emulated.
-    let arm64 = if args.is_empty() { arm64::test_arm64() } else { Ok(()) };
-    all.and(ordered).and(arm64)
+    let ordered = ordered_fixtures();
+    let built = release.wait();
+    // The package tests unpack the .debs and run what is in them; then, on an arm64 kernel,
+    // emulated, the tests cross-built above.
+    let packaged = built.as_ref().map_err(|e| anyhow::anyhow!("{e:#}")).and_then(|()| cargo(&["test", "-p", "tests", "--test", "package"]));
+    let arm64 = built.and_then(|()| arm64::test_arm64());
+    units.and(lab).and(doc).and(ordered).and(packaged).and(arm64)
+}
+
+/// The integration tests' names: `tests/tests/*.rs`.
+fn test_targets() -> anyhow::Result<Vec<String>> {
+    let dir = root().join("tests/tests");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "rs") {
+            names.extend(path.file_stem().and_then(|s| s.to_str()).map(str::to_owned));
+        }
+    }
+    names.sort();
+    ensure!(names.iter().any(|n| n == "package"), "no tests/tests/package.rs in {}", dir.display());
+    Ok(names)
+}
+
+/// `cargo xtask release-builds`, started by `test` in its own process group at nice 19, its
+/// output in `target/release-builds.log`. Dropped before `wait`, it stops the whole group.
+struct ReleaseBuilds {
+    child: Option<std::process::Child>,
+    log: PathBuf,
+    started: std::time::Instant,
+}
+
+impl ReleaseBuilds {
+    fn start() -> anyhow::Result<Self> {
+        use std::os::unix::process::CommandExt as _;
+        let log = root().join("target/release-builds.log");
+        std::fs::create_dir_all(root().join("target"))?;
+        let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut cmd = Command::new(std::env::current_exe().context("this xtask's own path")?);
+        cmd.arg("release-builds").current_dir(root()).stdin(std::process::Stdio::null()).stdout(out.try_clone()?).stderr(out);
+        // SAFETY: setpgid and setpriority are async-signal-safe and touch only the new process.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setpgid(0, 0) != 0 || libc::setpriority(libc::PRIO_PROCESS, 0, 19) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().context("starting the release builds")?;
+        eprintln!("xtask: the release builds run beside the tests at nice 19 (pid {}; log {})", child.id(), log.display());
+        Ok(Self { child: Some(child), log, started: std::time::Instant::now() })
+    }
+
+    fn wait(mut self) -> anyhow::Result<()> {
+        let mut child = self.child.take().expect("waited once");
+        let status = child.wait().context("waiting for the release builds")?;
+        let secs = self.started.elapsed().as_secs();
+        if !status.success() {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            eprintln!("{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            bail!("the release builds failed after {secs} s ({status}); their log is {}", self.log.display());
+        }
+        eprintln!("xtask: the release builds finished in {secs} s; their log is {}", self.log.display());
+        Ok(())
+    }
+}
+
+impl Drop for ReleaseBuilds {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            // The child leads its own group: cargo and rustc go with it.
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // SAFETY: kill has no memory preconditions.
+                unsafe { libc::kill(-pid, libc::SIGTERM) };
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+/// What `ReleaseBuilds` runs: the packages, then the arm64 test binaries.
+fn release_builds() -> anyhow::Result<()> {
+    package_arm64()?;
+    arm64::cross_build().map(drop)
 }
 
 /// The packet fixtures with `DSRLB_TEST_OBJECT=ordered` (see `tests/src/fixture.rs`).
@@ -311,6 +413,7 @@ fn main() -> ExitCode {
         Cmd::TestArm64 => require_root("cargo xtask test-arm64").and_then(|()| setup::setup()).and_then(|()| arm64::test_arm64()),
         Cmd::Soak { args } => soak(&args),
         Cmd::Bench => bench(),
+        Cmd::ReleaseBuilds => release_builds(),
         Cmd::Package { arch } => setup::setup().and_then(|()| if arch == "arm64" { package_arm64() } else { package() }).map(drop),
     };
     match result {
