@@ -379,3 +379,41 @@ fn a_controller_serves_its_read_only_group_from_the_config_and_keeps_it_on_reloa
     assert!(!socket.exists() && !ro.exists(), "a socket left behind");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `dsrlb stop` is answered and the controller exits right after: the answer handed to the
+/// socket's task must still be written before the runtime (the process) ends. On a runtime with
+/// one thread the task runs only when the controller's side waits, so without the wait for
+/// the answers on their way, the client reads nothing, every time.
+#[test]
+fn the_last_answer_is_written_before_the_controller_exits() {
+    require_root!();
+    let dir = temp("last-answer");
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let socket = dir.join("control.sock");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let (tx, mut calls) = tokio::sync::mpsc::channel::<Call>(4);
+    let sockets = rt.block_on(async { control::Sockets::serve(&socket, Access::default(), None, tx, None) }).expect("serve");
+    let client = std::thread::spawn({
+        let socket = socket.clone();
+        move || {
+            let mut stream = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+            stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("timeout");
+            let mut line = serde_json::to_string(&control::Request::Stop).expect("request");
+            line.push('\n');
+            stream.write_all(line.as_bytes()).expect("request");
+            let mut answer = String::new();
+            let _ = BufReader::new(stream).read_line(&mut answer);
+            answer
+        }
+    });
+    let written = rt.block_on(async {
+        let (_, reply) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), calls.recv()).await.expect("no request").expect("a request");
+        let _ = reply.send(Response::ok(serde_json::json!({ "stopping": true })));
+        sockets.close().written(std::time::Duration::from_secs(5)).await
+    });
+    drop(rt);
+    let answer = client.join().expect("client");
+    assert!(written, "the answer was not written within 5 s");
+    assert!(answer.contains("\"stopping\":true"), "the client read {answer:?}");
+}

@@ -106,6 +106,48 @@ fn peer_groups(stream: &tokio::net::UnixStream) -> Vec<u32> {
 /// a group is given; [`Sockets::close`] stops serving them and removes them.
 pub struct Sockets {
     served: Vec<(tokio::task::JoinHandle<()>, PathBuf)>,
+    replies: Replies,
+}
+
+/// Requests handed to the controller whose answers are not yet written back: counted so that
+/// the controller's last answers (`dsrlb stop`'s own) reach their clients before the process
+/// exits, which would otherwise end the tasks that write them.
+#[derive(Clone, Default)]
+pub struct Replies(Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)>);
+
+/// One request's answer on its way back; counted in [`Replies`] until dropped.
+struct Pending(Replies);
+
+impl Replies {
+    fn enter(&self) -> Pending {
+        self.0.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Pending(self.clone())
+    }
+
+    /// Waits until every answer handed over has been written (or its client has gone), for at
+    /// most `bound`; whether they all were.
+    pub async fn written(&self, bound: Duration) -> bool {
+        tokio::time::timeout(bound, async {
+            loop {
+                // Made before the check, so that a decrement to zero in between still wakes it.
+                let notified = self.0.1.notified();
+                if self.0.0.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .is_ok()
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.0.0.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.0.0.1.notify_waiters();
+        }
+    }
 }
 
 impl Sockets {
@@ -121,10 +163,12 @@ impl Sockets {
         calls: mpsc::Sender<Call>,
         traces: Option<Arc<TraceHub>>,
     ) -> anyhow::Result<Self> {
-        let mut sockets = Self { served: vec![(serve(socket, access, calls.clone(), traces)?, socket.to_path_buf())] };
+        let replies = Replies::default();
+        let mut sockets =
+            Self { served: vec![(serve_counted(socket, access, calls.clone(), traces, replies.clone())?, socket.to_path_buf())], replies };
         if let Some(group) = read_only_group {
             let ro = read_only_path(socket);
-            match serve(&ro, Access { group: Some(group), read_only: true }, calls, None) {
+            match serve_counted(&ro, Access { group: Some(group), read_only: true }, calls, None, sockets.replies.clone()) {
                 Ok(task) => sockets.served.push((task, ro)),
                 Err(e) => {
                     sockets.close();
@@ -135,12 +179,14 @@ impl Sockets {
         Ok(sockets)
     }
 
-    /// Stops serving and removes the sockets.
-    pub fn close(self) {
+    /// Stops serving (no new connections) and removes the sockets; the answers still on their
+    /// way are counted in what it returns.
+    pub fn close(self) -> Replies {
         for (task, path) in self.served {
             task.abort();
             let _ = std::fs::remove_file(path);
         }
+        self.replies
     }
 }
 
@@ -155,6 +201,17 @@ pub fn serve(
     access: Access,
     calls: mpsc::Sender<Call>,
     traces: Option<Arc<TraceHub>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    serve_counted(path, access, calls, traces, Replies::default())
+}
+
+/// [`serve`], its answers on their way counted in `replies`.
+fn serve_counted(
+    path: &Path,
+    access: Access,
+    calls: mpsc::Sender<Call>,
+    traces: Option<Arc<TraceHub>>,
+    replies: Replies,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _};
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or_else(|| Path::new("."));
@@ -191,13 +248,19 @@ pub fn serve(
                 continue;
             };
             let calls = calls.clone();
-            tokio::spawn(serve_one(stream, access, calls, traces.clone()));
+            tokio::spawn(serve_one(stream, access, calls, traces.clone(), replies.clone()));
         }
     }))
 }
 
 /// One client: a request per line, each at most [`MAX_REQUEST_LINE`] bytes.
-async fn serve_one(stream: tokio::net::UnixStream, access: Access, calls: mpsc::Sender<Call>, traces: Option<Arc<TraceHub>>) {
+async fn serve_one(
+    stream: tokio::net::UnixStream,
+    access: Access,
+    calls: mpsc::Sender<Call>,
+    traces: Option<Arc<TraceHub>>,
+    replies: Replies,
+) {
     use tokio::io::AsyncReadExt as _;
     let (privileged, refused) = match allowed(&stream, access) {
         Ok(p) => (p, None),
@@ -212,6 +275,7 @@ async fn serve_one(stream: tokio::net::UnixStream, access: Access, calls: mpsc::
             Ok(n) => n,
         };
         let too_long = n as u64 > MAX_REQUEST_LINE || (line.last() != Some(&b'\n') && n as u64 == MAX_REQUEST_LINE + 1);
+        let pending = replies.enter();
         let resp = if let Some(why) = &refused {
             Response::err(why)
         } else if too_long {
@@ -248,7 +312,9 @@ async fn serve_one(stream: tokio::net::UnixStream, access: Access, calls: mpsc::
                                 Some(Ok(session)) => {
                                     let mut out = serde_json::to_string(&resp).unwrap_or_default();
                                     out.push('\n');
-                                    if write.write_all(out.as_bytes()).await.is_ok() {
+                                    let started = write.write_all(out.as_bytes()).await.is_ok();
+                                    drop(pending);
+                                    if started {
                                         stream_trace(session, &mut reader, &mut write, raw).await;
                                     }
                                     return;
@@ -264,7 +330,9 @@ async fn serve_one(stream: tokio::net::UnixStream, access: Access, calls: mpsc::
         };
         let mut out = serde_json::to_string(&resp).unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"));
         out.push('\n');
-        if write.write_all(out.as_bytes()).await.is_err() || refused.is_some() || too_long {
+        let written = write.write_all(out.as_bytes()).await.is_ok();
+        drop(pending);
+        if !written || refused.is_some() || too_long {
             return;
         }
     }

@@ -12,6 +12,10 @@ use aya::programs::ProgramFd;
 use super::Controller;
 use crate::{control::Sockets, dataplane};
 
+/// How long the last answers on the control socket may take to be written before the process
+/// exits anyway.
+const REPLIES_WRITTEN_WITHIN: Duration = Duration::from_secs(2);
+
 /// What is left to do once the controller's handles are closed.
 struct Shutdown {
     /// `dsrlb stop`: the pins to remove.
@@ -37,7 +41,7 @@ impl Controller {
     pub(super) async fn shut_down(mut self, server: Sockets, metrics: Option<tokio::task::JoinHandle<()>>) -> anyhow::Result<()> {
         // `dsrlb stop` withdraws the VIPs and waits for the traffic to go before anything else.
         self.ha_shutdown().await;
-        server.close();
+        let replies = server.close();
         if let Some(m) = metrics {
             m.abort();
         }
@@ -53,6 +57,11 @@ impl Controller {
         }
         if let Some(h) = shutdown.hand_back {
             h.give_back().await;
+        }
+        // The answers still on their way (`dsrlb stop`'s): the process's end would cut them off.
+        // With the controller gone, every request is answered or refused by now.
+        if !replies.written(REPLIES_WRITTEN_WITHIN).await {
+            tracing::warn!("exiting with control-socket answers unwritten after {REPLIES_WRITTEN_WITHIN:?}");
         }
         Ok(())
     }
