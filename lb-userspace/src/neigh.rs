@@ -28,6 +28,11 @@ use crate::netlink;
 /// Resolved neighbours of the interface: address to MAC.
 pub type Macs = BTreeMap<IpAddr, [u8; 6]>;
 
+/// Tunnelled backends' next hops, as last looked up: the gateway of the backend's route (or the
+/// backend itself, on the link), or why there is none usable. A backend not yet looked up is
+/// absent. The probes' routes follow these (see `probe_route`): one source for both paths.
+pub type NextHops = BTreeMap<IpAddr, Result<IpAddr, String>>;
+
 /// States in which an entry holds a usable link-layer address (the kernel's `NUD_VALID`).
 const NUD_VALID: u16 = libc::NUD_PERMANENT | libc::NUD_NOARP | libc::NUD_REACHABLE | libc::NUD_PROBE | libc::NUD_STALE | libc::NUD_DELAY;
 
@@ -50,6 +55,7 @@ pub struct Neighbours {
     wanted: watch::Sender<Wanted>,
     /// Routed addresses whose route does not leave by the interface (or that have none).
     unroutable: watch::Receiver<BTreeSet<IpAddr>>,
+    next_hops: watch::Receiver<NextHops>,
 }
 
 impl Neighbours {
@@ -64,8 +70,15 @@ impl Neighbours {
         let (macs_tx, macs) = watch::channel(first);
         let (wanted, wanted_rx) = watch::channel(Wanted::default());
         let (unroutable_tx, unroutable) = watch::channel(BTreeSet::new());
-        tokio::spawn(watch_table(handle, ifindex, macs_tx, wanted_rx, unroutable_tx));
-        Ok(Self { macs, wanted, unroutable })
+        let (next_hops_tx, next_hops) = watch::channel(NextHops::new());
+        tokio::spawn(watch_table(handle, ifindex, macs_tx, wanted_rx, (unroutable_tx, next_hops_tx)));
+        Ok(Self { macs, wanted, unroutable, next_hops })
+    }
+
+    /// The tunnelled backends' next hops, as the watcher last looked them up; wakes on a change.
+    #[must_use]
+    pub fn next_hops(&self) -> watch::Receiver<NextHops> {
+        self.next_hops.clone()
     }
 
     /// The MAC of `addr`, if the latest snapshot has it.
@@ -101,10 +114,10 @@ async fn watch_table(
     ifindex: u32,
     macs: watch::Sender<Macs>,
     mut wanted: watch::Receiver<Wanted>,
-    unroutable: watch::Sender<BTreeSet<IpAddr>>,
+    (unroutable, published): (watch::Sender<BTreeSet<IpAddr>>, watch::Sender<NextHops>),
 ) {
     // The last next hop (or why none) of each routed address, to log changes once.
-    let mut hops: BTreeMap<IpAddr, Result<IpAddr, String>> = BTreeMap::new();
+    let mut hops = NextHops::new();
     loop {
         let want = wanted.borrow_and_update().clone();
         let mut next_hops = BTreeMap::new();
@@ -126,6 +139,11 @@ async fn watch_table(
             }
         }
         hops.retain(|a, _| want.routed.contains(a));
+        published.send_if_modified(|p| {
+            let changed = *p != hops;
+            p.clone_from(&hops);
+            changed
+        });
         // Before the MACs that follow from it: a reader woken by those finds it current.
         let lost: BTreeSet<IpAddr> = want.routed.iter().copied().filter(|a| !next_hops.contains_key(a)).collect();
         unroutable.send_if_modified(|u| {

@@ -7,19 +7,19 @@
 //! VIP, and answers the balancer directly from the VIP.
 //!
 //! A tunnelled backend (`forward = "ipip"` or `"gue"`) is probed the same way, through the next
-//! hop of its route (`ip route get` of its address, asked again every 5 s): the
-//! balancer's TC egress program (`dsrlb_probe_encap`) wraps the marked packets as the XDP
-//! program wraps client traffic, so the probe reaches VIP:port only through the broker's decap.
+//! hop of its route: the balancer's TC egress program (`dsrlb_probe_encap`) wraps the marked
+//! packets as the XDP program wraps client traffic, so the probe reaches VIP:port only through
+//! the broker's decap.
 //!
 //! The rules and routes are kept over rtnetlink by a task that reconciles the kernel's with the
 //! wanted ones whenever they are set: what is missing is added (also when someone removed it),
-//! what is ours and not wanted is removed. While a tunnelled backend is wanted, the task also
-//! asks again every [`NEXT_HOP_EVERY`] for the next hops towards the tunnelled backends (as the
-//! data path's neighbour watcher does, on its own timer) and replaces the probe routes whose
-//! next hop moved: the probes follow the route the clients' frames follow (a probe left on a
-//! gateway that went away would mark a healthy broker `vip-misconfigured`). The routing table
-//! is never listed on the timer (an edge node may hold a full BGP table), unless the last
-//! reconcile failed and is being retried.
+//! what is ours and not wanted is removed. The next hops towards tunnelled backends are the
+//! data path's own: the neighbour watcher (`neigh`) looks them up (`ip route get`, every 5 s)
+//! for the MACs it writes, and publishes them; whenever one moves, the task replaces the probe
+//! routes through it, so the probes follow the route the clients' frames follow, at the same
+//! moment (a probe left on a gateway that went away would mark a healthy broker
+//! `vip-misconfigured`). A move never lists the routing table (an edge node may hold a full
+//! BGP table); only a change of the wanted set, or the retry of a failed reconcile, does.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -38,7 +38,7 @@ use rtnetlink::{
 };
 use tokio::sync::watch;
 
-use crate::netlink;
+use crate::{neigh::NextHops, netlink};
 
 /// Marks and tables live in a block of their own: `0x0d5b_0000 | backend id`.
 const MARK_BASE: u32 = lb_common::PROBE_MARK_BASE;
@@ -72,15 +72,16 @@ pub struct ProbeRoutes {
 
 impl ProbeRoutes {
     /// Starts the reconciler for `interface` on the current tokio runtime, beginning from a
-    /// clean slate (rules and tables a previous controller left are removed by the first round).
+    /// clean slate (rules and tables a previous controller left are removed by the first round);
+    /// tunnelled backends are probed through `next_hops` (the neighbour watcher's).
     ///
     /// # Errors
     /// When the interface does not exist or netlink fails.
-    pub async fn start(interface: &str) -> anyhow::Result<Self> {
+    pub async fn start(interface: &str, next_hops: watch::Receiver<NextHops>) -> anyhow::Result<Self> {
         let handle = netlink::connect()?;
         let ifindex = netlink::ifindex(&handle, interface).await?;
         let (wanted, rx) = watch::channel(Wanted::new());
-        let task = tokio::spawn(reconciler(handle.clone(), ifindex, rx));
+        let task = tokio::spawn(reconciler(handle.clone(), ifindex, rx, next_hops));
         Ok(Self { wanted, handle, task })
     }
 
@@ -99,53 +100,61 @@ impl ProbeRoutes {
     }
 }
 
-/// How often the next hops towards tunnelled backends are asked for again (the data path's
-/// neighbour watcher, on a timer of its own, asks as often).
-pub const NEXT_HOP_EVERY: Duration = Duration::from_secs(5);
+/// The first wait before a failed reconcile is retried; doubled on each failure in a row, up to
+/// [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_secs(5);
 
-async fn reconciler(handle: Handle, ifindex: u32, mut wanted: watch::Receiver<Wanted>) {
+/// The longest wait between retries of a failed reconcile.
+const MAX_RETRY: Duration = Duration::from_secs(80);
+
+async fn reconciler(handle: Handle, ifindex: u32, mut wanted: watch::Receiver<Wanted>, mut hops: watch::Receiver<NextHops>) {
     let mut want = wanted.borrow_and_update().clone();
     let mut problems = Problems::new();
-    let mut via = resolve(&handle, ifindex, &want, &mut problems).await;
+    let mut via = resolve(&want, &hops.borrow_and_update(), &mut problems);
+    // Without the watcher (it ended), the probe routes keep the last next hops.
+    let mut watched = true;
     // How long to wait before retrying a failed reconcile: doubled on each failure in a row (a
     // route the kernel keeps refusing must not list the routing table every 5 s), reset on
     // success.
-    let mut retry = NEXT_HOP_EVERY;
+    let mut retry = FIRST_RETRY;
     loop {
         // The whole set, listing what the kernel holds: at the start, when the wanted set
-        // changes, when a backend's table gains or loses its rule, and again on the timer while
+        // changes, when a backend's table gains or loses its rule, and again after a wait while
         // the last attempt failed.
-        let mut failed = match reconcile(&handle, ifindex, &via).await {
+        let mut retry_at = match reconcile(&handle, ifindex, &via).await {
             Ok(()) => {
-                retry = NEXT_HOP_EVERY;
-                false
+                retry = FIRST_RETRY;
+                None
             }
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), retry_in = ?retry, "DSR-path probe routes incomplete: VIP checks of some backends will fail");
-                true
+                Some(tokio::time::Instant::now() + retry)
             }
         };
         loop {
-            let tunnelled = want.values().flatten().any(|&(_, _, t)| t);
-            let pause = if failed { retry } else { NEXT_HOP_EVERY };
             tokio::select! {
                 changed = wanted.changed() => {
                     if changed.is_err() {
                         return;
                     }
                     want = wanted.borrow_and_update().clone();
-                    via = resolve(&handle, ifindex, &want, &mut problems).await;
+                    via = resolve(&want, &hops.borrow_and_update(), &mut problems);
                     break;
                 }
-                () = tokio::time::sleep(pause), if tunnelled || failed => {
-                    let now = resolve(&handle, ifindex, &want, &mut problems).await;
-                    if failed {
-                        retry = (retry * 2).min(MAX_RETRY);
-                        via = now;
-                        break;
+                moved = hops.changed(), if watched => {
+                    if moved.is_err() {
+                        watched = false;
+                        continue;
                     }
-                    // A wanted set that changed meanwhile is reconciled whole on the next turn.
+                    let now = resolve(&want, &hops.borrow_and_update(), &mut problems);
+                    // Nothing moved; or the wanted set changed meanwhile, and its branch redoes
+                    // the whole set with the next hops as they are then.
                     if now == via || wanted.has_changed().unwrap_or(true) {
+                        continue;
+                    }
+                    if retry_at.is_some() {
+                        // The retry reconciles the whole set, with these.
+                        via = now;
                         continue;
                     }
                     // A backend's table that gains its first route of a family, or loses its
@@ -155,17 +164,20 @@ async fn reconciler(handle: Handle, ifindex: u32, mut wanted: watch::Receiver<Wa
                         break;
                     }
                     // Otherwise only the routes that moved are written: no listing of the
-                    // routing table (an edge node may hold a full BGP table) on the timer.
-                    failed = follow(&handle, ifindex, &via, &now).await.is_err();
+                    // routing table (an edge node may hold a full BGP table).
+                    if follow(&handle, ifindex, &via, &now).await.is_err() {
+                        retry_at = Some(tokio::time::Instant::now() + retry);
+                    }
                     via = now;
+                }
+                () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
+                    retry = (retry * 2).min(MAX_RETRY);
+                    break;
                 }
             }
         }
     }
 }
-
-/// The longest wait between retries of a failed reconcile.
-const MAX_RETRY: Duration = Duration::from_secs(80);
 
 /// The (backend, IPv6) rules a set of probe routes needs.
 fn rules_of(via: &Via) -> BTreeSet<(u32, bool)> {
@@ -181,20 +193,20 @@ type Via = BTreeMap<u32, BTreeSet<(IpAddr, IpAddr)>>;
 /// starts or changes, told when it ends, never repeated.
 type Problems = BTreeMap<IpAddr, String>;
 
-async fn resolve(handle: &Handle, ifindex: u32, want: &Wanted, problems: &mut Problems) -> Via {
-    // One question per address, however many VIPs it is probed for.
-    let mut hops: BTreeMap<IpAddr, Result<IpAddr, String>> = BTreeMap::new();
-    for &(_, addr, _) in want.values().flatten().filter(|&&(_, _, t)| t) {
-        if hops.contains_key(&addr) {
-            continue;
-        }
-        let hop = match netlink::route_get(handle, addr).await {
-            Ok((oif, gateway)) if oif == ifindex => Ok(gateway.unwrap_or(addr)),
-            Ok(_) => Err("the route to a tunnelled backend leaves by another interface: its VIP checks will fail".to_owned()),
-            Err(e) => Err(format!("no route to a tunnelled backend ({e:#}): its VIP checks will fail")),
-        };
-        hops.insert(addr, hop);
-    }
+/// The probe routes `want` needs through the next hops the neighbour watcher last found. A
+/// tunnelled backend it has not looked up yet gets no route until it has (the watcher's
+/// publication wakes the reconciler).
+fn resolve(want: &Wanted, next_hops: &NextHops, problems: &mut Problems) -> Via {
+    let hops: BTreeMap<IpAddr, Result<IpAddr, String>> = want
+        .values()
+        .flatten()
+        .filter(|&&(_, _, t)| t)
+        .filter_map(|&(_, addr, _)| {
+            next_hops.get(&addr).map(|h| {
+                (addr, h.clone().map_err(|why| format!("no usable route to a tunnelled backend ({why}): its VIP checks will fail")))
+            })
+        })
+        .collect();
     let now: Problems = hops.iter().filter_map(|(a, h)| h.as_ref().err().map(|e| (*a, e.clone()))).collect();
     for (addr, why) in &now {
         if problems.get(addr) != Some(why) {

@@ -171,7 +171,7 @@ impl Sockets {
             match serve_counted(&ro, Access { group: Some(group), read_only: true }, calls, None, sockets.replies.clone()) {
                 Ok(task) => sockets.served.push((task, ro)),
                 Err(e) => {
-                    sockets.close();
+                    drop(sockets.close());
                     return Err(e.context("serving the read-only control socket"));
                 }
             }
@@ -181,6 +181,7 @@ impl Sockets {
 
     /// Stops serving (no new connections) and removes the sockets; the answers still on their
     /// way are counted in what it returns.
+    #[must_use]
     pub fn close(self) -> Replies {
         for (task, path) in self.served {
             task.abort();

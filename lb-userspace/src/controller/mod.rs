@@ -801,14 +801,19 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     let read_only_group = config.read_only_group.as_ref().map(|g| g.gid);
     let server = control::Sockets::serve(&opts.socket, opts.access, read_only_group, call_tx.clone(), Some(traces.clone()))?;
     let metrics = serve_metrics(opts.metrics, call_tx).await;
-    let started = match (Neighbours::start(&config.interface).await, ProbeRoutes::start(&config.interface).await) {
-        (Ok(n), Ok(r)) => Controller::start(opts, config, calls, (n, r)),
-        (Err(e), _) | (_, Err(e)) => Err(e.context(format!("watching {} over netlink", config.interface))),
+    // The probes' routes follow the neighbour watcher's next hops: one source for both paths.
+    let watched = match Neighbours::start(&config.interface).await {
+        Ok(n) => ProbeRoutes::start(&config.interface, n.next_hops()).await.map(|r| (n, r)),
+        Err(e) => Err(e),
+    };
+    let started = match watched {
+        Ok(watchers) => Controller::start(opts, config, calls, watchers),
+        Err(e) => Err(e.context(format!("watching {} over netlink", config.interface))),
     };
     let (mut c, mut inbox) = match started {
         Ok(c) => c,
         Err(e) => {
-            server.close();
+            drop(server.close());
             return Err(e);
         }
     };
