@@ -16,9 +16,9 @@
 //! what is ours and not wanted is removed. The next hops towards tunnelled backends are the
 //! data path's own: the neighbour watcher (`neigh`) looks them up (`ip route get`, every 5 s)
 //! for the MACs it writes, and publishes them; whenever one moves, the task replaces the probe
-//! routes through it, so the probes follow the route the clients' frames follow, at the same
-//! moment (a probe left on a gateway that went away would mark a healthy broker
-//! `vip-misconfigured`). A move never lists the routing table (an edge node may hold a full
+//! routes through it, so the probes follow the route the clients' frames follow (the frames
+//! once the new gateway's MAC is resolved; a probe left on a gateway that went away would mark
+//! a healthy broker `vip-misconfigured`). A move never lists the routing table (an edge node may hold a full
 //! BGP table); only a change of the wanted set, or the retry of a failed reconcile, does.
 
 use std::{
@@ -138,6 +138,7 @@ async fn reconciler(handle: Handle, ifindex: u32, mut wanted: watch::Receiver<Wa
                         return;
                     }
                     want = wanted.borrow_and_update().clone();
+                    settle(&want, &mut hops, &mut watched).await;
                     via = resolve(&want, &hops.borrow_and_update(), &mut problems);
                     break;
                 }
@@ -175,6 +176,29 @@ async fn reconciler(handle: Handle, ifindex: u32, mut wanted: watch::Receiver<Wa
                     break;
                 }
             }
+        }
+    }
+}
+
+/// How long a new wanted set waits for the watcher's first look at its tunnelled backends.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// Waits, for at most [`SETTLE`], until the watcher has published a next hop (or why there is
+/// none) for every tunnelled backend `want` names, so that the reconcile, which lists the
+/// routing table, is made once with them all rather than once without and again with them.
+async fn settle(want: &Wanted, hops: &mut watch::Receiver<NextHops>, watched: &mut bool) {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while *watched {
+        let missing = {
+            let known = hops.borrow();
+            want.values().flatten().any(|&(_, addr, tunnelled)| tunnelled && !known.contains_key(&addr))
+        };
+        if !missing {
+            return;
+        }
+        tokio::select! {
+            changed = hops.changed() => if changed.is_err() { *watched = false },
+            () = tokio::time::sleep_until(deadline) => return,
         }
     }
 }

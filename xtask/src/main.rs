@@ -186,7 +186,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     }
     // The release builds (both packages and the arm64 test binaries, 13 minutes of compiling
     // on two CPUs) run beside the x86 tests, which mostly wait on namespaces, daemons and
-    // timers; at nice 19 they take only the CPU the tests leave.
+    // timers; at the idle priority they take only the CPU the tests leave.
     let release = ReleaseBuilds::start()?;
     // lb-ebpf builds for the BPF target only, through lb-userspace's build script.
     let units = cargo(&["test", "--workspace", "--exclude", "lb-ebpf", "--exclude", "tests", "--no-fail-fast", "--", "--test-threads=1"]);
@@ -198,7 +198,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     // Netns and lab tests share names and the machine: one at a time.
     tests.extend(["--".to_owned(), "--test-threads=1".to_owned()]);
     let lab = cargo(&tests.iter().map(String::as_str).collect::<Vec<_>>());
-    let doc = cargo(&["test", "-p", "tests", "--doc"]);
+    let doc = cargo(&["test", "-p", "tests", "--doc", "--", "--test-threads=1"]);
     // The packet fixtures once more, against the object for weakly ordered CPUs (BPF ISA v4,
     // load-acquire and store-release): it verifies and behaves alike on this kernel.
     let ordered = ordered_fixtures();
@@ -210,23 +210,63 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     units.and(lab).and(doc).and(ordered).and(packaged).and(arm64)
 }
 
-/// The integration tests' names: `tests/tests/*.rs`.
+/// The tests crate's integration tests, by name, as cargo sees them (`cargo metadata`).
 fn test_targets() -> anyhow::Result<Vec<String>> {
-    let dir = root().join("tests/tests");
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "rs") {
-            names.extend(path.file_stem().and_then(|s| s.to_str()).map(str::to_owned));
-        }
-    }
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .current_dir(root())
+        .output()
+        .context("running cargo metadata")?;
+    ensure!(out.status.success(), "cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).context("reading cargo metadata")?;
+    let tests = meta["packages"].as_array().into_iter().flatten().find(|p| p["name"] == "tests").context("no package `tests`")?;
+    let mut names: Vec<String> = tests["targets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "test")))
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect();
     names.sort();
-    ensure!(names.iter().any(|n| n == "package"), "no tests/tests/package.rs in {}", dir.display());
+    ensure!(names.iter().any(|n| n == "package"), "the tests crate has no `package` test: {names:?}");
     Ok(names)
 }
 
-/// `cargo xtask release-builds`, started by `test` in its own process group at nice 19, its
-/// output in `target/release-builds.log`. Dropped before `wait`, it stops the whole group.
+/// The release builds' process group, while they run: `test`'s signal handler stops it.
+static RELEASE_GROUP: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// On SIGINT, SIGTERM or SIGHUP: stops the release builds' group ([`RELEASE_GROUP`], when one
+/// runs), then ends the process as the signal would have (the handler is reset as it runs).
+extern "C" fn stop_release_group(signal: libc::c_int) {
+    let group = RELEASE_GROUP.load(std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: kill and raise are async-signal-safe.
+    unsafe {
+        // Never `kill(0, ..)` or `kill(-1, ..)`: only a group of our own making.
+        if group > 1 {
+            libc::kill(-group, libc::SIGTERM);
+        }
+        libc::raise(signal);
+    }
+}
+
+/// Installs [`stop_release_group`] for SIGINT, SIGTERM and SIGHUP, once each.
+fn on_termination_stop_release_group() {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: a zeroed sigaction is valid; the handler only calls async-signal-safe functions.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = stop_release_group as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESETHAND;
+            libc::sigemptyset(&raw mut action.sa_mask);
+            libc::sigaction(signal, &raw const action, std::ptr::null_mut());
+        }
+    }
+}
+
+/// `cargo xtask release-builds`, started by `test` in a process group of its own at the idle
+/// CPU priority, its output in `target/release-builds.log`. It stops with `test`: on a signal
+/// to `test` (its handler stops the group), when `test` dies (the child's parent-death signal,
+/// which it passes on to its group), and when dropped before `wait`.
 struct ReleaseBuilds {
     child: Option<std::process::Child>,
     log: PathBuf,
@@ -241,29 +281,45 @@ impl ReleaseBuilds {
         let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = Command::new(std::env::current_exe().context("this xtask's own path")?);
         cmd.arg("release-builds").current_dir(root()).stdin(std::process::Stdio::null()).stdout(out.try_clone()?).stderr(out);
-        // SAFETY: setpgid and setpriority are async-signal-safe and touch only the new process.
+        // SAFETY: setpgid, setpriority, sched_setscheduler and prctl are async-signal-safe and
+        // touch only the new process.
         unsafe {
             cmd.pre_exec(|| {
-                if libc::setpgid(0, 0) != 0 || libc::setpriority(libc::PRIO_PROCESS, 0, 19) != 0 {
+                if libc::setpgid(0, 0) != 0
+                    || libc::setpriority(libc::PRIO_PROCESS, 0, 19) != 0
+                    || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
+                // Only the CPU no other task wants; nice 19 alone, should the kernel refuse.
+                let param = libc::sched_param { sched_priority: 0 };
+                libc::sched_setscheduler(0, libc::SCHED_IDLE, &raw const param);
                 Ok(())
             });
         }
         let child = cmd.spawn().context("starting the release builds")?;
-        eprintln!("xtask: the release builds run beside the tests at nice 19 (pid {}; log {})", child.id(), log.display());
+        RELEASE_GROUP.store(i32::try_from(child.id()).unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
+        on_termination_stop_release_group();
+        eprintln!("xtask: the release builds run beside the tests at the idle priority (pid {}; log {})", child.id(), log.display());
         Ok(Self { child: Some(child), log, started: std::time::Instant::now() })
     }
 
     fn wait(mut self) -> anyhow::Result<()> {
         let mut child = self.child.take().expect("waited once");
         let status = child.wait().context("waiting for the release builds")?;
+        RELEASE_GROUP.store(0, std::sync::atomic::Ordering::SeqCst);
         let secs = self.started.elapsed().as_secs();
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         if !status.success() {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(60).collect();
             eprintln!("{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
             bail!("the release builds failed after {secs} s ({status}); their log is {}", self.log.display());
+        }
+        // What lintian said of the packages, and where they are.
+        for line in
+            text.lines().filter(|l| l.starts_with("xtask: ") || l.get(..3).is_some_and(|t| matches!(t, "E: " | "W: " | "I: " | "N: ")))
+        {
+            eprintln!("{line}");
         }
         eprintln!("xtask: the release builds finished in {secs} s; their log is {}", self.log.display());
         Ok(())
@@ -279,12 +335,21 @@ impl Drop for ReleaseBuilds {
                 unsafe { libc::kill(-pid, libc::SIGTERM) };
             }
             let _ = child.wait();
+            RELEASE_GROUP.store(0, std::sync::atomic::Ordering::SeqCst);
         }
     }
 }
 
-/// What `ReleaseBuilds` runs: the packages, then the arm64 test binaries.
+/// What `ReleaseBuilds` runs: the packages, then the arm64 test binaries. A termination signal
+/// (also `test`'s death, through the parent-death signal) stops its whole group.
 fn release_builds() -> anyhow::Result<()> {
+    // The group is this process's own: `test` made it lead one.
+    // SAFETY: getpid and getpgrp have no preconditions.
+    let (pid, group) = unsafe { (libc::getpid(), libc::getpgrp()) };
+    if pid == group {
+        RELEASE_GROUP.store(group, std::sync::atomic::Ordering::SeqCst);
+        on_termination_stop_release_group();
+    }
     package_arm64()?;
     arm64::cross_build().map(drop)
 }

@@ -823,6 +823,12 @@ pub async fn run(opts: RunOptions, config: Config) -> anyhow::Result<()> {
     show(&c.describe());
     tracing::info!(interface = %c.config.interface, "serving");
     c.serve(&mut inbox, &mut signals).await;
+    // The loop has ended: a request sent from now on is refused at once, and those queued are
+    // answered so, rather than left waiting for an answer that would never come.
+    inbox.calls.close();
+    while let Ok((_, reply)) = inbox.calls.try_recv() {
+        let _ = reply.send(control::Response::err("the controller is shutting down"));
+    }
     c.shut_down(server, metrics).await
 }
 

@@ -52,18 +52,17 @@ impl Controller {
         }
         // Our handles close here; the pins keep the attachment unless this is `dsrlb stop`.
         drop(self);
-        if let Some(dir) = shutdown.unpin {
-            dataplane::unpin_all(&dir)?;
-        }
-        if let Some(h) = shutdown.hand_back {
+        let unpinned = shutdown.unpin.map_or(Ok(()), |dir| dataplane::unpin_all(&dir));
+        if let (Ok(()), Some(h)) = (&unpinned, shutdown.hand_back) {
             h.give_back().await;
         }
         // The answers still on their way (`dsrlb stop`'s): the process's end would cut them off.
-        // With the controller gone, every request is answered or refused by now.
+        // With the loop ended and the controller gone, every request is answered or refused by
+        // now; only a client that does not read its answer can hold this up, for the bound.
         if !replies.written(REPLIES_WRITTEN_WITHIN).await {
             tracing::warn!("exiting with control-socket answers unwritten after {REPLIES_WRITTEN_WITHIN:?}");
         }
-        Ok(())
+        unpinned
     }
 
     /// `dsrlb stop` gives the interface back to the next program, in the balancer's mode; the
