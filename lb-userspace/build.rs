@@ -14,6 +14,9 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=CARGO_FEATURE_UPGRADE_TEST");
     let upgrade = std::env::var_os("CARGO_FEATURE_UPGRADE_TEST").is_some();
     let features: &[&str] = if upgrade { &["upgrade-test"] } else { &[] };
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR")?);
+    let arch = std::env::var("CARGO_CFG_TARGET_ARCH").context("CARGO_CFG_TARGET_ARCH")?;
+    share_aya_build_dir(&out, &shared_bpf_dir(&out, &format!("{arch}-plain{}", if upgrade { "-upgrade-test" } else { "" })))?;
     aya_build::build_ebpf([Package { name: "lb-ebpf", root_dir: root, features, ..Package::default() }], Toolchain::Nightly)
         .context("building the XDP program (lb-ebpf); `cargo xtask setup` installs what it needs")?;
     build_ordered(root, upgrade).context("building the ordered XDP program (lb-ebpf, feature ordered)")
@@ -26,7 +29,7 @@ fn main() -> anyhow::Result<()> {
 fn build_ordered(root: &str, upgrade: bool) -> anyhow::Result<()> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR")?);
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").context("CARGO_CFG_TARGET_ARCH")?;
-    let target_dir = out.join("ordered-target");
+    let target_dir = shared_bpf_dir(&out, &format!("{arch}-ordered{}", if upgrade { "-upgrade-test" } else { "" }));
     let features = if upgrade { "ordered,upgrade-test" } else { "ordered" };
     let flags = [&format!("--cfg=bpf_target_arch=\"{arch}\""), "-Cdebuginfo=2", "-Clink-arg=--btf", "-Ctarget-cpu=v4"]
         .map(std::string::ToString::to_string);
@@ -45,4 +48,35 @@ fn build_ordered(root: &str, upgrade: bool) -> anyhow::Result<()> {
     let built = target_dir.join("bpfel-unknown-none/release/dsrlb");
     std::fs::copy(&built, out.join("dsrlb-ordered")).with_context(|| format!("copying {}", built.display()))?;
     Ok(())
+}
+
+/// Where the nested BPF builds of one flavour (the host architecture, plain or ordered, with or
+/// without `upgrade-test`) keep their target directory: `bpf/FLAVOUR` in the workspace's target
+/// directory, shared by every build of lb-userspace there, whatever its profile, target or
+/// features (each of those has an `OUT_DIR` of its own, and would otherwise build core and the
+/// program from nothing: a minute of a CI run each time). Cargo's lock on that directory keeps
+/// two builds at once apart. Without a recognisable target directory, `OUT_DIR` as before.
+fn shared_bpf_dir(out: &std::path::Path, flavour: &str) -> std::path::PathBuf {
+    out.ancestors()
+        .find(|d| d.join("CACHEDIR.TAG").is_file())
+        .map_or_else(|| out.join("bpf").join(flavour), |target| target.join("bpf").join(flavour))
+}
+
+/// aya-build builds in `OUT_DIR/aya-build/target/lb-ebpf`, with no option for another place:
+/// that path becomes a link to `shared`.
+fn share_aya_build_dir(out: &std::path::Path, shared: &std::path::Path) -> anyhow::Result<()> {
+    let link = out.join("aya-build/target/lb-ebpf");
+    std::fs::create_dir_all(shared).with_context(|| format!("creating {}", shared.display()))?;
+    if std::fs::read_link(&link).is_ok_and(|to| to == shared) {
+        return Ok(());
+    }
+    match std::fs::symlink_metadata(&link) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&link),
+        Ok(_) => std::fs::remove_file(&link),
+        Err(_) => Ok(()),
+    }
+    .with_context(|| format!("removing {}", link.display()))?;
+    let parent = link.parent().ok_or_else(|| anyhow!("{} has no parent", link.display()))?;
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    std::os::unix::fs::symlink(shared, &link).with_context(|| format!("linking {} to {}", link.display(), shared.display()))
 }
