@@ -16,9 +16,15 @@ fn main() -> anyhow::Result<()> {
     let features: &[&str] = if upgrade { &["upgrade-test"] } else { &[] };
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR")?);
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").context("CARGO_CFG_TARGET_ARCH")?;
-    share_aya_build_dir(&out, &shared_bpf_dir(&out, &format!("{arch}-plain{}", if upgrade { "-upgrade-test" } else { "" })))?;
-    aya_build::build_ebpf([Package { name: "lb-ebpf", root_dir: root, features, ..Package::default() }], Toolchain::Nightly)
-        .context("building the XDP program (lb-ebpf); `cargo xtask setup` installs what it needs")?;
+    let shared = shared_bpf_dir(&out, &format!("{arch}-plain{}", if upgrade { "-upgrade-test" } else { "" }));
+    share_aya_build_dir(&out, &shared)?;
+    {
+        // Held over the nested build and aya-build's copy out of it (cargo's own lock ends
+        // with the nested cargo, before the copy).
+        let _lock = lock(&shared)?;
+        aya_build::build_ebpf([Package { name: "lb-ebpf", root_dir: root, features, ..Package::default() }], Toolchain::Nightly)
+            .context("building the XDP program (lb-ebpf); `cargo xtask setup` installs what it needs")?;
+    }
     build_ordered(root, upgrade).context("building the ordered XDP program (lb-ebpf, feature ordered)")
 }
 
@@ -30,6 +36,11 @@ fn build_ordered(root: &str, upgrade: bool) -> anyhow::Result<()> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR")?);
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").context("CARGO_CFG_TARGET_ARCH")?;
     let target_dir = shared_bpf_dir(&out, &format!("{arch}-ordered{}", if upgrade { "-upgrade-test" } else { "" }));
+    // Where this build was made before the directory was shared.
+    let _ = std::fs::remove_dir_all(out.join("ordered-target"));
+    std::fs::create_dir_all(&target_dir).with_context(|| format!("creating {}", target_dir.display()))?;
+    // Held over the nested build and the copy out of it, as for the plain build.
+    let _lock = lock(&target_dir)?;
     let features = if upgrade { "ordered,upgrade-test" } else { "ordered" };
     let flags = [&format!("--cfg=bpf_target_arch=\"{arch}\""), "-Cdebuginfo=2", "-Clink-arg=--btf", "-Ctarget-cpu=v4"]
         .map(std::string::ToString::to_string);
@@ -57,9 +68,26 @@ fn build_ordered(root: &str, upgrade: bool) -> anyhow::Result<()> {
 /// program from nothing: a minute of a CI run each time). Cargo's lock on that directory keeps
 /// two builds at once apart. Without a recognisable target directory, `OUT_DIR` as before.
 fn shared_bpf_dir(out: &std::path::Path, flavour: &str) -> std::path::PathBuf {
-    out.ancestors()
+    // OUT_DIR is TARGET/[TRIPLE/]PROFILE/build/lb-userspace-HASH/out: the target directory is
+    // five levels up for a cross build, four otherwise (cargo tags both it and TARGET/TRIPLE).
+    [5, 4]
+        .into_iter()
+        .filter_map(|up| out.ancestors().nth(up))
         .find(|d| d.join("CACHEDIR.TAG").is_file())
         .map_or_else(|| out.join("bpf").join(flavour), |target| target.join("bpf").join(flavour))
+}
+
+/// An exclusive lock on `dir` (its `.dsrlb-lock` file) for as long as the file is held.
+fn lock(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join(".dsrlb-lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    file.lock().with_context(|| format!("locking {}", path.display()))?;
+    Ok(file)
 }
 
 /// aya-build builds in `OUT_DIR/aya-build/target/lb-ebpf`, with no option for another place:

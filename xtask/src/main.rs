@@ -257,7 +257,11 @@ fn on_termination_stop_release_group() {
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = stop_release_group as *const () as libc::sighandler_t;
             action.sa_flags = libc::SA_RESETHAND;
+            // The others wait while one is handled: the process ends by the first.
             libc::sigemptyset(&raw mut action.sa_mask);
+            for other in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::sigaddset(&raw mut action.sa_mask, other);
+            }
             libc::sigaction(signal, &raw const action, std::ptr::null_mut());
         }
     }
@@ -281,15 +285,21 @@ impl ReleaseBuilds {
         let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = Command::new(std::env::current_exe().context("this xtask's own path")?);
         cmd.arg("release-builds").current_dir(root()).stdin(std::process::Stdio::null()).stdout(out.try_clone()?).stderr(out);
-        // SAFETY: setpgid, setpriority, sched_setscheduler and prctl are async-signal-safe and
-        // touch only the new process.
+        // SAFETY: getpid has no preconditions.
+        let parent = unsafe { libc::getpid() };
+        // SAFETY: setpgid, setpriority, sched_setscheduler, prctl and getppid are
+        // async-signal-safe and touch only the new process.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::setpgid(0, 0) != 0
                     || libc::setpriority(libc::PRIO_PROCESS, 0, 19) != 0
                     || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0
                 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // A parent gone before the death signal was set would never send it.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other("xtask test ended while starting the release builds"));
                 }
                 // Only the CPU no other task wants; nice 19 alone, should the kernel refuse.
                 let param = libc::sched_param { sched_priority: 0 };
@@ -306,8 +316,15 @@ impl ReleaseBuilds {
 
     fn wait(mut self) -> anyhow::Result<()> {
         let mut child = self.child.take().expect("waited once");
-        let status = child.wait().context("waiting for the release builds")?;
+        // Ended but not reaped (its group id is still ours): the handler stops signalling it
+        // before the id can be reused.
+        // SAFETY: a zeroed siginfo is valid for waitid to fill.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(libc::P_PID, child.id(), &raw mut info, libc::WEXITED | libc::WNOWAIT);
+        }
         RELEASE_GROUP.store(0, std::sync::atomic::Ordering::SeqCst);
+        let status = child.wait().context("waiting for the release builds")?;
         let secs = self.started.elapsed().as_secs();
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         if !status.success() {
@@ -329,13 +346,13 @@ impl ReleaseBuilds {
 impl Drop for ReleaseBuilds {
     fn drop(&mut self) {
         if let Some(child) = &mut self.child {
+            RELEASE_GROUP.store(0, std::sync::atomic::Ordering::SeqCst);
             // The child leads its own group: cargo and rustc go with it.
             if let Ok(pid) = i32::try_from(child.id()) {
                 // SAFETY: kill has no memory preconditions.
                 unsafe { libc::kill(-pid, libc::SIGTERM) };
             }
             let _ = child.wait();
-            RELEASE_GROUP.store(0, std::sync::atomic::Ordering::SeqCst);
         }
     }
 }
