@@ -65,8 +65,9 @@ fn build_ordered(root: &str, upgrade: bool) -> anyhow::Result<()> {
 /// without `upgrade-test`) keep their target directory: `bpf/FLAVOUR` in the workspace's target
 /// directory, shared by every build of lb-userspace there, whatever its profile, target or
 /// features (each of those has an `OUT_DIR` of its own, and would otherwise build core and the
-/// program from nothing: a minute of a CI run each time). Cargo's lock on that directory keeps
-/// two builds at once apart. Without a recognisable target directory, `OUT_DIR` as before.
+/// program from nothing: a minute of a CI run each time). Two builds at once are kept apart by
+/// [`lock`], held over the nested build and the copy out of it. Without a recognisable target
+/// directory, a directory in `OUT_DIR`, as before.
 fn shared_bpf_dir(out: &std::path::Path, flavour: &str) -> std::path::PathBuf {
     // OUT_DIR is TARGET/[TRIPLE/]PROFILE/build/lb-userspace-HASH/out: the target directory is
     // five levels up for a cross build, four otherwise (cargo tags both it and TARGET/TRIPLE).
