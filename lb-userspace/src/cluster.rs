@@ -79,6 +79,10 @@ pub struct Exceptions {
     pub groups: Vec<Group>,
     /// Made by a walk (the value before the first walk is not, and is never sent).
     pub complete: bool,
+    /// When the walk read the clock its idle times count from: a flow is sent as idle as it is
+    /// when it is sent (an idle time from an older walk would make the peer's copy younger than
+    /// the flow, and copies passed back and forth would keep each other alive).
+    pub walked: Option<Instant>,
 }
 
 impl Exceptions {
@@ -572,6 +576,11 @@ async fn send_round(
     refresh: Duration,
 ) -> anyhow::Result<u64> {
     let now = told.tenths(Instant::now());
+    // Whole units of the flow clock since the walk: added to every idle time sent.
+    let since_walk = set.walked.map_or(0, |w| {
+        let units = w.elapsed().as_nanos() >> lb_common::FLOW_AGE_NS_SHIFT;
+        u16::try_from(units).unwrap_or(u16::MAX)
+    });
     // Rounded up: a flow is sent again no sooner than `refresh` after it was (at most a tenth
     // of a second sooner, by where the clock's tenths fall).
     let refresh = u32::try_from(refresh.as_millis().div_ceil(100)).unwrap_or(u32::MAX);
@@ -597,7 +606,8 @@ async fn send_round(
         }
         for chunk in due.chunks(FLOWS_PER_FRAME) {
             let kind = if listener.is_ipv6() { FLOWS6 } else { FLOWS };
-            write_frame(stream, frames, kind, &encode_flows(listener, &g.backend, chunk)).await?;
+            let aged: Vec<Entry> = chunk.iter().map(|e| Entry { idle: e.idle.saturating_add(since_walk), ..*e }).collect();
+            write_frame(stream, frames, kind, &encode_flows(listener, &g.backend, &aged)).await?;
             count += chunk.len() as u64;
         }
     }
@@ -1136,7 +1146,7 @@ mod tests {
         let c = Cluster::start(s, events).expect("start");
         let entry = Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false, opened: false };
         let group = Group { listener: Some("192.0.2.100:1883".parse().expect("addr")), backend: "b3".to_owned(), entries: vec![entry] };
-        c.publish(Exceptions { groups: vec![group], complete: true });
+        c.publish(Exceptions { groups: vec![group], complete: true, walked: None });
 
         // Answers with another key; then with the real node's answer to an earlier HELLO.
         let mut earlier = None;
@@ -1213,7 +1223,7 @@ mod tests {
             let node_b = Cluster::start(node(b, key_b), tx_b).expect("start b");
             let entry = Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false, opened: false };
             let group = Group { listener: Some("192.0.2.100:1883".parse().expect("addr")), backend: "b3".to_owned(), entries: vec![entry] };
-            node_a.publish(Exceptions { groups: vec![group.clone()], complete: true });
+            node_a.publish(Exceptions { groups: vec![group.clone()], complete: true, walked: None });
             if agree {
                 assert!(matches!(next_event(&mut rx_b).await, Event::Greeted { from, same: true } if from == *a.ip()));
                 assert!(matches!(next_event(&mut rx_b).await, Event::Flows { from, group: g } if from == *a.ip() && g == group));

@@ -149,19 +149,22 @@ pub fn key_of(client: SocketAddr, listener: SocketAddr, seed: u64) -> (FlowKey, 
 /// (down past its grace) or gone: every node re-picks those anyway.
 #[must_use]
 pub fn find(table: &FlowTable, view: &RingView, now: u32) -> Exceptions {
+    let walked = std::time::Instant::now();
     let mut groups: BTreeMap<(u32, u32), Vec<Entry>> = BTreeMap::new();
+    // A peer's copy is shared while it lives (`Idle::of`: the peer's refresh lag counts), with
+    // the idle time its peer last told (`Idle::known`).
+    let idle_at = table.idle_at(now);
     table.walk(|f| {
         let Some(l) = view.listeners.get(&real_listener(f.real())) else { return };
         let backend = real_backend(f.real());
-        let idle = f.idle(now);
         let opened = f.kind() == lb_common::FLOW_K_OPENED;
-        if idle >= l.expire
-            || !(f.confirmed() || opened)
-            || !l.backends.contains_key(&backend)
-            || (!view.share_all && view.follows_rings(l, f, backend))
-        {
+        if !(f.confirmed() || opened) || !l.backends.contains_key(&backend) || (!view.share_all && view.follows_rings(l, f, backend)) {
             return;
         }
+        if idle_at.of(f) >= l.expire {
+            return;
+        }
+        let idle = idle_at.known(f);
         let entry = Entry { client: client_of(f), idle: u16::try_from(idle).unwrap_or(u16::MAX), closing: f.closing(), opened };
         groups.entry((real_listener(f.real()), backend)).or_default().push(entry);
     });
@@ -172,7 +175,7 @@ pub fn find(table: &FlowTable, view: &RingView, now: u32) -> Exceptions {
             Group { listener: Some(SocketAddr::new(l.vip, l.port)), backend: l.backends[&bid].clone(), entries }
         })
         .collect();
-    Exceptions { groups, complete: true }
+    Exceptions { groups, complete: true, walked: Some(walked) }
 }
 
 /// Flows of one real to take in, from one peer.

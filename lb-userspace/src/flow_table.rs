@@ -2,11 +2,34 @@
 //! flow up, walk the slots in use, remove flows, through the mapped `FLOWS` map and with the
 //! program's slot protocol (a slot is read state, addresses, state; changed by
 //! compare-and-swap on its state word).
+//!
+//! A peer's copy of a flow must live as long as the original may: when the peer fails, the
+//! session's next frame comes here, a keepalive later. Two things make the age in the slot
+//! older than that:
+//! - a merge writes a copy older than the peer's last frame when that frame is recent
+//!   ([`MERGE_IDLE_FLOOR`]), so that "idle less than the floor" means a frame seen here, which
+//!   no peer overrides;
+//! - the peer sends a live flow's idle time again only every `refresh` (see `crate::cluster`):
+//!   the original may have had frames since, up to `refresh` ago when the peer fails.
+//!
+//! So the table also remembers, in this process, the peers' open copies it wrote ([`Idle`]):
+//! while such a slot keeps the age the merge wrote (no frame here since), its flow counts as
+//! idle as on the peer, less the peer's refresh lag ([`FlowTable::set_peer_lag`]), for expiry,
+//! the live count and what this node shares in turn. A copy of a flow that ended without a
+//! FIN or RST (a vanished client) thus goes up to `refresh` after the original.
 
 use lb_common::{
     FLOW_K_CONFIRMED, FLOW_K_CONFIRMED_CLOSING, FLOW_K_MIDFLOW, FLOW_K_OPENED, FLOW_K_UNCONFIRMED_CLOSING, FLOW_OPENED_GRACE_UNITS,
     FLOW_REOPEN_UNITS, FLOW_S_AGE_SHIFT, FLOW_S_BUSY, FLOW_S_BUSY_V3, FLOW_S_KIND, FLOW_S_REAL, FLOW_WAYS, FlowAddrs6, FlowKey, Ip6,
     flow_buckets, flow_closing, flow_confirmed, flow_idle, flow_live, flow_meta, flow_meta_split, flow_state, is_key6, kind_closing,
+};
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU32, Ordering},
+    },
 };
 
 use crate::mapped::Mapped;
@@ -111,6 +134,73 @@ pub struct PeerFlow {
 /// much before the original would, at most.
 pub const MERGE_IDLE_FLOOR: u32 = FLOW_REOPEN_UNITS + 3;
 
+/// The age a merge writes for a peer's flow of age `peer` at `now` (floored: see
+/// [`MERGE_IDLE_FLOOR`]).
+const fn merged_age(now: u32, peer: u32, floor: u32) -> u32 {
+    if flow_idle(now, peer) < floor { now.wrapping_sub(floor) & 0xffff } else { peer }
+}
+
+/// A peer's open copy as a merge left it: its real, a tag of its IPv6 addresses, the age in
+/// the slot, and the peer's own age of the flow (16 bytes, and the 12 of its key).
+#[derive(Clone, Copy, Debug)]
+struct PeerCopy {
+    real: u32,
+    written: u16,
+    peer: u16,
+    addrs6: u64,
+}
+
+/// A tag of an IPv6 flow's addresses (0 for IPv4): tells apart two flows whose keys collide.
+fn addrs6_tag(a: Option<&FlowAddrs6>) -> u64 {
+    a.map_or(0, |a| {
+        let (s, d) = (a.src.words(), a.dst.words());
+        s[0] ^ s[1].rotate_left(17) ^ d[0].rotate_left(31) ^ d[1].rotate_left(47) | 1
+    })
+}
+
+/// Idle times at one age of the clock, with the peers' copies ([`FlowTable::idle_at`]). Merges
+/// wait while it is held.
+pub struct Idle<'a> {
+    copies: MutexGuard<'a, HashMap<FlowKey, PeerCopy>>,
+    now: u32,
+    lag: u32,
+}
+
+impl Idle<'_> {
+    /// For a peer's copy that has seen no frame here since a merge wrote it: age units since
+    /// the peer's last frame, as the peer last told it.
+    fn on_peer(&self, f: &Flow) -> Option<u32> {
+        let c = self.copies.get(&f.key)?;
+        (u32::from(c.written) == f.age() && c.real == f.real() && c.addrs6 == addrs6_tag(f.addrs6.as_ref()) && !f.closing())
+            .then(|| flow_idle(self.now, u32::from(c.peer)))
+    }
+
+    /// Age units the flow counts as idle, for its expiry and the live count: a peer's copy
+    /// (see [`Self::on_peer`]) as idle as on the peer less the peer's refresh lag (its frames
+    /// since its last word may be that recent).
+    #[must_use]
+    pub fn of(&self, f: &Flow) -> u32 {
+        let here = f.idle(self.now);
+        self.on_peer(f).map_or(here, |p| p.saturating_sub(self.lag).min(here))
+    }
+
+    /// Age units since the flow's last frame that this node knows of, to share: a peer's copy
+    /// as idle as the peer last told (never less: copies passed back and forth must not make
+    /// each other younger).
+    #[must_use]
+    pub fn known(&self, f: &Flow) -> u32 {
+        let here = f.idle(self.now);
+        self.on_peer(f).map_or(here, |p| p.min(here))
+    }
+
+    /// Forgets the copies that are over (idle `expire(listener id)` or more, as [`Self::of`]
+    /// counts): gone from the table, or soon.
+    fn prune(&mut self, expire: impl Fn(u32) -> u32) {
+        let (now, lag) = (self.now, self.lag);
+        self.copies.retain(|_, c| flow_idle(now, u32::from(c.peer)).saturating_sub(lag) < expire(lb_common::real_listener(c.real)));
+    }
+}
+
 /// Where a slot is, and the state word read there (for a compare-and-swap).
 struct Seen {
     bucket: u32,
@@ -123,6 +213,10 @@ pub struct FlowTable {
     /// `FLOW_ADDRS6`, mapped: four words per slot.
     addrs6: Mapped,
     seed: u64,
+    /// The peers' open copies (see the module's doc), by key.
+    copies: Mutex<HashMap<FlowKey, PeerCopy>>,
+    /// Age units a peer's frames may be more recent than its last word on them: its `refresh`.
+    peer_lag: AtomicU32,
 }
 
 /// `FLOW_ADDRS6` index of a slot.
@@ -138,8 +232,38 @@ impl FlowTable {
     /// `mem`: the mapped `FLOWS`; `addrs6`: the mapped `FLOW_ADDRS6`; `seed`: the table's
     /// hash seed (`LAYOUT`).
     #[must_use]
-    pub const fn new(mem: Mapped, addrs6: Mapped, seed: u64) -> Self {
-        Self { mem, addrs6, seed }
+    pub fn new(mem: Mapped, addrs6: Mapped, seed: u64) -> Self {
+        Self { mem, addrs6, seed, copies: Mutex::default(), peer_lag: AtomicU32::new(0) }
+    }
+
+    /// How long after their last word on a flow the peers may have seen frames of it (their
+    /// `refresh`, in age units): a copy lives that much longer than its last word says.
+    pub fn set_peer_lag(&self, units: u32) {
+        self.peer_lag.store(units, Ordering::Relaxed);
+    }
+
+    /// The peers' refresh lag ([`Self::set_peer_lag`]).
+    #[must_use]
+    pub fn peer_lag(&self) -> u32 {
+        self.peer_lag.load(Ordering::Relaxed)
+    }
+
+    /// Idle times at age `now` ([`Idle::of`]); merges wait until it is dropped.
+    #[must_use]
+    pub fn idle_at(&self, now: u32) -> Idle<'_> {
+        Idle { copies: self.copies.lock().unwrap_or_else(PoisonError::into_inner), now, lag: self.peer_lag.load(Ordering::Relaxed) }
+    }
+
+    /// Removes the flows idle `expire(listener id)` age units or more at age `now` (a peer's
+    /// copy: idle that long on its peer, see [`Idle::of`]); returns how many were removed.
+    pub fn remove_idle(&self, now: u32, expire: impl Fn(u32) -> u32) -> usize {
+        let mut idle = self.idle_at(now);
+        let removed = self.remove_where(|f| {
+            let e = expire(lb_common::real_listener(f.real()));
+            f.idle(now) >= e && idle.of(f) >= e
+        });
+        idle.prune(expire);
+        removed
     }
 
     /// The table's hash seed (`lb_common::flow_key6` takes it too).
@@ -293,8 +417,10 @@ impl FlowTable {
     #[must_use]
     pub fn live_per_real(&self, now: u32, expire: impl Fn(u32) -> u32) -> std::collections::BTreeMap<u32, usize> {
         let mut out = std::collections::BTreeMap::new();
+        let idle = self.idle_at(now);
         self.walk(|f| {
-            if !f.closing() && f.idle(now) < expire(lb_common::real_listener(f.real())) {
+            let e = expire(lb_common::real_listener(f.real()));
+            if !f.closing() && (f.idle(now) < e || idle.of(f) < e) {
                 *out.entry(f.real()).or_default() += 1;
             }
         });
@@ -321,11 +447,42 @@ impl FlowTable {
     /// confirmed it either, kept as a connection opened (`FLOW_K_OPENED`); either needs
     /// `may_insert` (the peer's budget): without it, `Capped`. `now` and `expire`: the clock's age and the
     /// idle units from which a flow is expired.
+    ///
+    /// The open copy the slot then holds is remembered with the peer's age (see [`Idle`]).
     #[must_use]
     pub fn merge(&self, flow: &PeerFlow, now: u32, expire: u32, may_insert: bool) -> Merged {
+        let merged = self.merge_slot(flow, now, expire, may_insert);
+        if matches!(merged, Merged::Inserted | Merged::Refreshed) {
+            // Remembered when the slot holds the peer's age; left as it was when the slot kept
+            // an age of its own (a frame seen here, or an earlier word of a peer, newer than this
+            // one); forgotten when the slot no longer holds the flow open on that real.
+            let written = merged_age(now, flow.age, MERGE_IDLE_FLOOR.min(expire / 2));
+            let held = self.find(&flow.key, flow.addrs6.as_ref()).filter(|f| f.real() == flow.real && !f.closing() && !flow.closing);
+            let tag = addrs6_tag(flow.addrs6.as_ref());
+            let mut copies = self.copies.lock().unwrap_or_else(PoisonError::into_inner);
+            #[expect(clippy::cast_possible_truncation, reason = "ages are 16 bits")]
+            match held {
+                Some(f) if f.age() == written => {
+                    copies.insert(
+                        flow.key,
+                        PeerCopy { real: flow.real, written: written as u16, peer: (flow.age & 0xffff) as u16, addrs6: tag },
+                    );
+                }
+                Some(_) => {}
+                None => {
+                    if copies.get(&flow.key).is_some_and(|c| c.addrs6 == tag) {
+                        copies.remove(&flow.key);
+                    }
+                }
+            }
+        }
+        merged
+    }
+
+    fn merge_slot(&self, flow: &PeerFlow, now: u32, expire: u32, may_insert: bool) -> Merged {
         let PeerFlow { key, addrs6, real, closing, opened, .. } = *flow;
         let floor = MERGE_IDLE_FLOOR.min(expire / 2);
-        let age = if flow_idle(now, flow.age) < floor { now.wrapping_sub(floor) & 0xffff } else { flow.age };
+        let age = merged_age(now, flow.age, floor);
         let peer_idle = flow_idle(now, age);
         let kind = match (opened, closing) {
             (false, false) => FLOW_K_CONFIRMED,

@@ -446,3 +446,67 @@ fn connections_just_opened_are_shared_unconfirmed_and_mid_flow_guesses_not_at_al
         assert!(b.dp.flow(CLIENT, p, VIP, 1883).expect("held").confirmed(), "port {p}: the session's segment did not confirm the copy");
     }
 }
+
+/// A peer's copy lives as long as the original may (`FlowTable::idle_at`), or a node that fails
+/// takes with it the sessions whose next frame comes after their copies went. A merge writes the
+/// copy of a recent frame `MERGE_IDLE_FLOOR` old (so that "recent" here means a frame seen here),
+/// and the peer tells a flow's idle time again only every `refresh`: the copy counts as idle as
+/// on the peer, less the peer's refresh lag. A frame here makes the flow this node's own again,
+/// and what this node shares of a copy is as idle as the peer told (copies passed back and forth
+/// make each other no younger).
+#[test]
+fn a_peers_copy_lives_as_long_as_the_original_may() {
+    require_root!();
+    let lb = Lb::with_table(Lb::config(&[("b1", 11, 100), ("b2", 12, 100)]), 1024);
+    let at = SocketAddrV4::new(VIP, 1883);
+    let real = real_id(lb.ids.listeners["mqtt"], lb.ids.backends["b1"]);
+    let t = lb.dp.flow_table();
+    let now = lb.dp.now_age().expect("clock");
+    let later = |units: u32| (now + units) & 0xffff;
+    let key = |p: u16| exceptions::key_of(SocketAddrV4::new(CLIENT, p).into(), at.into(), t.seed()).0;
+    let held = |p: u16| t.find(&key(p), None).is_some();
+    // Units: the flows expire at 100 idle, the floor is 50 (half of that), the peer's lag 20.
+    let (expire, lag) = (100, 20);
+    t.set_peer_lag(lag);
+    let copy = |p: u16, idle: u32| PeerFlow {
+        key: key(p),
+        addrs6: None,
+        real,
+        closing: false,
+        opened: false,
+        age: later(0).wrapping_sub(idle) & 0xffff,
+    };
+    // A flow with a frame on the peer just now: its copy is written 50 old.
+    assert_eq!(t.merge(&copy(42000, 0), now, expire, true), Merged::Inserted);
+    assert_eq!(t.find(&key(42000), None).expect("merged").idle(now), 50, "the floor");
+    // One idle 70 on the peer: written as it is.
+    assert_eq!(t.merge(&copy(42001, 70), now, expire, true), Merged::Inserted);
+    // One with a frame on the peer just now, and then one here.
+    assert_eq!(t.merge(&copy(42002, 0), now, expire, true), Merged::Inserted);
+    assert_eq!(forwarded_to(&lb, &ack(42002)), "b1");
+
+    // 49 units on: the second is 119 idle on the peer, 99 with the lag: it stays; so does the
+    // first, 50 units past its written age and its last frame 49 ago.
+    t.remove_idle(later(49), |_| expire);
+    assert!(held(42000) && held(42001) && held(42002));
+    // 51 on: the second is over (101 with the lag); the first is not (31), though 101 units
+    // past the age in its slot.
+    t.remove_idle(later(51), |_| expire);
+    assert!(held(42000), "a peer's copy went 50 units (the floor) before the original");
+    assert!(!held(42001), "a peer's copy outlived the original and the lag");
+    assert!(held(42002));
+    // 101 on: the flow with a frame here is over as any flow of this node's own.
+    t.remove_idle(later(101), |_| expire);
+    assert!(!held(42002), "a frame here left the flow counted as a peer's copy");
+    // 110 on: the first copy counts as live (90 with the lag), and is shared as idle as its peer
+    // said (110), not younger.
+    assert_eq!(t.live_per_real(later(110), |_| expire).get(&real).copied(), Some(1));
+    let mut view = RingView::new(&lb.desired, &lb.ids, RING);
+    view.share_all = true;
+    let shared = exceptions::find(t, &view, later(110));
+    let entry = shared.groups.iter().flat_map(|g| &g.entries).find(|e| e.client.port() == 42000).expect("the copy is shared");
+    assert_eq!(entry.idle, 110, "a copy was shared younger than its peer said");
+    // 121 on: over (101 with the lag).
+    t.remove_idle(later(121), |_| expire);
+    assert!(!held(42000), "a peer's copy outlived the original and the lag");
+}

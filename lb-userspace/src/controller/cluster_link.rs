@@ -75,6 +75,8 @@ const MERGE_BACKLOG: usize = 16;
 
 /// The cluster sync, while `[cluster]` asks for one, and the walks, merges and join around it.
 pub struct ClusterLink {
+    /// The flow table the merge thread writes (and whose copies' lag the settings give).
+    table: Arc<FlowTable>,
     cluster: Option<Cluster>,
     events: mpsc::Sender<cluster::Event>,
     found: mpsc::Sender<Option<Exceptions>>,
@@ -98,8 +100,9 @@ impl ClusterLink {
         let (events, events_rx) = mpsc::channel(64);
         let (found, found_rx) = mpsc::channel(1);
         let (done_tx, done) = mpsc::channel(64);
-        let merger = exceptions::spawn_merger(table, done_tx);
+        let merger = exceptions::spawn_merger(Arc::clone(&table), done_tx);
         let link = Self {
+            table,
             cluster: None,
             events,
             found,
@@ -117,6 +120,7 @@ impl ClusterLink {
     /// Starts the sync with `settings` (none without `[cluster]`); a node joins, waiting up to
     /// `join_wait` for the others' exceptions.
     pub fn start(&mut self, settings: Option<cluster::Settings>, join_wait: Duration) -> anyhow::Result<()> {
+        self.table.set_peer_lag(peer_lag(settings.as_ref()));
         if let Some(settings) = settings {
             self.cluster = Some(Cluster::start(settings, self.events.clone())?);
             self.joining = (!join_wait.is_zero()).then(|| (Instant::now(), BTreeSet::new()));
@@ -302,6 +306,7 @@ impl ClusterLink {
     /// reload, and the old settings stay.
     pub fn reconfigure(&mut self, settings: Option<cluster::Settings>) -> anyhow::Result<()> {
         let changed = self.cluster.as_ref().map(|c| c.settings().clone()) != settings;
+        let lag = peer_lag(settings.as_ref());
         match (&mut self.cluster, settings) {
             (Some(c), Some(new)) => anyhow::Context::context(c.reconfigure(new), "the cluster sync with the new settings")?,
             (None, Some(new)) => self.cluster = Some(Cluster::start(new, self.events.clone())?),
@@ -314,6 +319,7 @@ impl ClusterLink {
         if changed {
             self.walks.due = true;
         }
+        self.table.set_peer_lag(lag);
         Ok(())
     }
 
@@ -346,6 +352,16 @@ pub fn fingerprint(c: &Config) -> u64 {
         let _ = writeln!(s, "backend {} {}", b.name, b.weight);
     }
     lb_common::control_checksum(s.as_bytes())
+}
+
+/// How much more recent than a peer's last word on a flow its frames may be, in flow-clock
+/// units (0 without a cluster): a live flow is sent again `refresh` after it was, in the first
+/// round after that (rounds are `sync_interval` apart), from a walk up to `sync_interval` old.
+fn peer_lag(settings: Option<&cluster::Settings>) -> u32 {
+    settings.map_or(0, |s| {
+        let lag = s.refresh + s.sync_interval * 2;
+        lb_common::age_units(lag.as_secs() + u64::from(lag.subsec_nanos() > 0)) + 1
+    })
 }
 
 /// This node's cluster settings for `c`, if it has a `[cluster]`.

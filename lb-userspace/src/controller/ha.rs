@@ -130,11 +130,15 @@ impl Controller {
                         return;
                     }
                 };
-                let seed = self.dp.flow_table_handle().seed();
+                let table = self.dp.flow_table_handle();
+                let seed = table.seed();
+                // A peer keeps its copies of others' flows the refresh lag past their last word
+                // (`FlowTable::idle_at`): so may this node.
+                let live = expire.saturating_add(table.peer_lag());
                 let flows = group
                     .entries
                     .iter()
-                    .filter(|e| u32::from(e.idle) < expire && e.client.is_ipv6() == at.is_ipv6())
+                    .filter(|e| u32::from(e.idle) < live && e.client.is_ipv6() == at.is_ipv6())
                     .map(|e| {
                         let (key, addrs6) = exceptions::key_of(e.client, at, seed);
                         PeerFlow {

@@ -156,7 +156,12 @@ impl Controller {
         let expire = plan::expire_units(l.flow_idle_timeout);
         // A flow idle past its timeout is over, whether or not a sweep removed it yet.
         let now = self.dp.now_age()?;
-        if let Some(f) = self.dp.flow(client.ip(), client.port(), vip.ip(), vip.port()).filter(|f| f.idle(now) < expire) {
+        // A peer's copy: idle as on its peer (`FlowTable::idle_at`).
+        let table = self.dp.flow_table_handle();
+        let idle_of = |f: &crate::flow_table::Flow| table.idle_at(now).of(f);
+        if let Some((f, idle)) =
+            self.dp.flow(client.ip(), client.port(), vip.ip(), vip.port()).map(|f| (f, idle_of(&f))).filter(|(_, i)| *i < expire)
+        {
             let cached = self.dp.cached_flow(client.ip(), client.port(), vip.ip(), vip.port())?.len();
             return Ok(FlowAnswer::Pinned {
                 listener: l.name.clone(),
@@ -164,7 +169,7 @@ impl Controller {
                 source: "flow table".to_owned(),
                 closing: f.closing(),
                 confirmed: f.confirmed(),
-                idle_s: idle_secs(f.idle(now)),
+                idle_s: idle_secs(idle),
                 cached_cpus: cached,
                 buckets,
             });

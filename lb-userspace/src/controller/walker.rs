@@ -9,7 +9,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::real_listener;
 use tokio::sync::mpsc;
 
 use crate::{
@@ -150,7 +149,7 @@ impl FlowWalker {
         self.sweep_started = Instant::now();
         let done = self.swept.clone();
         tokio::task::spawn_blocking(move || {
-            let removed = table.remove_where(|f| f.idle(now) >= expire.get(&real_listener(f.real())).copied().unwrap_or(u32::MAX));
+            let removed = table.remove_idle(now, |l| expire.get(&l).copied().unwrap_or(u32::MAX));
             let _ = done.blocking_send(removed);
         });
     }
