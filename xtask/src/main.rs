@@ -64,13 +64,16 @@ enum Cmd {
     /// lab on an arm64 kernel (Debian unstable's) in qemu-system-aarch64, with two vCPUs (root;
     /// `cargo xtask test` runs it).
     TestArm64,
-    /// The soak: 100,000 MQTT sessions held through the VIP for 60 minutes while a broker is
-    /// added, one drained, one stopped and started again, 10,000 clients vanish without a FIN,
-    /// and the controller is restarted, killed and reloaded; writes bench/soak.md and
-    /// bench/soak.svg (root; not part of `test`, which runs a 2-minute smoke of it).
+    /// The soak: 100,000 MQTT sessions held for 60 minutes through two dsrlb nodes with
+    /// `[cluster]` (ECMP over BGP) while a broker is added, one drained, one stopped and started
+    /// again, 10,000 clients vanish without a FIN, a controller is restarted, killed and
+    /// reloaded, and node 2 fails and comes back; writes bench/soak.md and bench/soak.svg
+    /// (`--nodes 1`: one balancer, bench/soak-1node.*; root; not part of `test`, which runs
+    /// 2-minute smokes of it).
     Soak {
         /// Arguments for `bench soak` (`--sessions N --minutes M --processes P --ping-secs A-B
-        /// --sample-secs S --reload-minutes R --churn-per-sec C --vanish N --lab NAME`).
+        /// --sample-secs S --reload-minutes R --churn-per-sec C --vanish N --lab NAME
+        /// --nodes 1|2`).
         #[arg(last = true)]
         args: Vec<String>,
     },

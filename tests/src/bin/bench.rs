@@ -993,8 +993,8 @@ fn labs_down() {
 
 /// `bench soak [--sessions N] [--minutes M] [--processes P] [--ping-secs MIN-MAX]
 /// [--sample-secs S] [--reload-minutes R] [--churn-per-sec C] [--vanish N] [--lab NAME]
-/// [--out DIR]`: writes `DIR/soak.md` (with its verdict, also when it failed) and `DIR/soak.svg`
-/// when `--out` is given.
+/// [--nodes 1|2] [--out DIR]`: writes `DIR/soak.md` (with its verdict, also when it failed) and
+/// `DIR/soak.svg` when `--out` is given (`soak-1node.*` for one node).
 fn soak_part(bin: &Path) -> anyhow::Result<String> {
     let mut o = soak::Options::full();
     let mut out = None;
@@ -1021,6 +1021,9 @@ fn soak_part(bin: &Path) -> anyhow::Result<String> {
             // 0 is allowed: no client vanishes.
             "--vanish" => o.vanish = v.parse().ok().with_context(|| format!("{flag}: {v} is not a count"))?,
             "--lab" => o.lab.clone_from(v),
+            "--nodes" => {
+                o.nodes = v.parse().ok().filter(|n| (1..=2).contains(n)).with_context(|| format!("{flag}: {v} is not 1 or 2"))?;
+            }
             "--out" => out = Some(PathBuf::from(v)),
             _ => bail!("bench soak: unknown flag {flag}"),
         }
@@ -1028,7 +1031,7 @@ fn soak_part(bin: &Path) -> anyhow::Result<String> {
     let outcome = soak::soak(bin, &o, out.as_deref())?;
     // The report is written whatever the verdict (it is in it).
     if let Some(dir) = &out {
-        std::fs::write(dir.join("soak.md"), &outcome.report)?;
+        std::fs::write(dir.join(if o.nodes == 1 { "soak-1node.md" } else { "soak.md" }), &outcome.report)?;
     }
     if !outcome.failures.is_empty() {
         eprint!("{}", outcome.report);

@@ -431,6 +431,15 @@ impl Lab {
         for i in 0..self.brokers {
             let _ = writeln!(c, "[[backend]]\nname = \"b{}\"\naddress = \"{}\"\n", i + 1, broker_addr(i));
         }
+        c.push_str(&self.cluster_config());
+        c
+    }
+
+    /// A routed lab's `[announce]` (BGP) and `[cluster]` sections: the nodes' sync addresses and
+    /// the shared key (written to the state directory, owner-only); empty for the other labs.
+    #[must_use]
+    pub fn cluster_config(&self) -> String {
+        let mut c = String::new();
         if let Some((nodes, routing)) = self.routed {
             if routing == Routing::Bgp {
                 let _ = writeln!(c, "[announce]\nwithdraw_wait = \"5s\"\n");

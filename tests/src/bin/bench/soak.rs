@@ -2,34 +2,43 @@
 //! while the operator's and the fleet's events happen, sampled every few seconds.
 //!
 //! - The lab: dsrlb in front of six mosquitto brokers (a seventh is added during the run), MQTT
-//!   health checks every 2 s. Sessions come from several `loadgen soak` processes in the
-//!   client's namespace (no process may hold 20,000 files here), over the client's 16
-//!   addresses. Each session pings at its own random interval (30 to 120 s by default); a lost
+//!   health checks every 2 s. With `nodes = 2` (the default), two dsrlb nodes with `[cluster]`
+//!   behind a router that spreads the flows over them by ECMP (BIRD, BGP with BFD: the routed
+//!   lab); with `nodes = 1`, one balancer on the clients' segment. Sessions come from several
+//!   `loadgen soak` processes in the client's namespace (no process may hold 20,000 files
+//!   here), over the client's 16 addresses. Each session pings at its own random interval (30 to 120 s by default); a lost
 //!   one says how it ended and reconnects after 1 to 5 s, as an MQTT client would. A background
 //!   of short sessions (connect, CONNECT, DISCONNECT) runs in every process.
 //! - The events, at fixed fractions of the run: b7 added (a reload), b2 drained, b3 stopped
 //!   (SIGTERM, SIGKILL after 3 s) and started again 15 s later, the controller restarted
 //!   (SIGTERM), 10,000 sessions (from a client namespace of their own) vanishing without a FIN,
 //!   the controller killed (`kill -9`) and started again, and a reload every `reload_every`.
-//! - Every sample: sessions alive, lost (by how) and reconnected, live flows in the table,
-//!   expired flows (the controller's count since it started), the controller's RSS and CPU,
-//!   the frames the program sent (its `tx` counters, summed over CPUs).
+//!   These happen to node 1's controller; the reloads, b7 and the drain to every node. With
+//!   two nodes, node 2 then fails (its link down, its controller killed and its program gone
+//!   with its pins, BIRD stopped: the router moves its flows to node 1) and comes back with an
+//!   empty table (drained as node 1 is before BIRD announces it, as an operator would).
+//! - Every sample: sessions alive, lost (by how) and reconnected, live flows in the table (two
+//!   nodes: the distinct flows of both nodes' tables, closing ones left out, read from their
+//!   pins), expired flows (the controllers' count since they started), each node's controller's
+//!   RSS and CPU, the frames each node's program sent (its `tx` counters, summed over CPUs).
 //! - What must hold:
 //!   - no session lost to the balancer: no loss before b3's stop, none after its sessions had
-//!     their next ping (`ping_max` and 20 s after), and no more in between than b3 held;
+//!     their next ping (`ping_max` and 20 s after), and no more in between than b3 held (its
+//!     established MQTT connections when it stopped, counted on b3); none to node 2's failure;
 //!   - every session answers a last ping at the end;
 //!   - no short session failing outside the 30 s after b3's stop;
 //!   - live flows within 1% of the sessions the clients hold (outside events, and outside the
 //!     windows in which the flows of b3's and the vanished clients' sessions wait out
-//!     `flow_idle_timeout`);
+//!     `flow_idle_timeout`, and until node 2's flows have had their next ping through node 1);
 //!   - the vanished clients' flows kept until `flow_idle_timeout`, gone one sweep after it;
-//!   - the last controller's RSS flat after a warm-up (within 10%);
-//!   - the program's frame counters never going back.
+//!   - each node's last controller's RSS flat after a warm-up (within 10%);
+//!   - the programs' frame counters never going back (per node, over the life of its pins).
 //!
-//! Not here yet: the two-node cluster with a node failure. Flow ages are 16 bits of 1.07 s
-//! units, so they wrap after about 19.5 hours: an hour cannot show that.
+//! Flow ages are 16 bits of 1.07 s units, so they wrap after about 19.5 hours: an hour cannot
+//! show that.
 
 use std::{
+    collections::HashSet,
     fmt::Write as _,
     io::{BufRead as _, BufReader, Write as _},
     path::Path,
@@ -39,11 +48,12 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
+use lb_common::FlowKey;
 use lb_userspace::{dataplane::testing::pinned_flow_table, flow_table::FlowTable};
 use serde_json::Value;
 use tests::{
     balancer::Balancer,
-    lab::{self, Lab},
+    lab::{self, Lab, Routing},
     netns::nsenter,
     wait,
 };
@@ -70,6 +80,9 @@ pub struct Options {
     pub vanish: usize,
     /// The lab's name (its namespaces are `LAB-*`).
     pub lab: String,
+    /// Balancer nodes: 1 (the single-balancer lab) or 2 (the routed lab, ECMP over BGP, with
+    /// `[cluster]`, and node 2's failure among the events).
+    pub nodes: usize,
 }
 
 impl Options {
@@ -85,38 +98,56 @@ impl Options {
             churn_per_sec: 2.0,
             vanish: 10_000,
             lab: "dsrlbk".to_owned(),
+            nodes: 2,
         }
     }
 }
 
-/// The vanishing clients' address, on the lab's segment.
-const GONE_ADDR: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 90);
+/// The vanishing clients' address: on the lab's segment, or (routed lab) on a network of its
+/// own behind the router, as a second site of clients.
+fn gone_addr(lab: &Lab) -> std::net::Ipv4Addr {
+    if lab.routed.is_some() { std::net::Ipv4Addr::new(198, 51, 101, 90) } else { std::net::Ipv4Addr::new(192, 0, 2, 90) }
+}
 
-/// The vanishing clients' namespace, on the lab's bridge like the client's, removed on drop.
+/// The vanishing clients' namespace, on the lab's bridge like the client's (or behind the
+/// routed lab's router, on its own link), removed on drop.
 struct Gone {
     ns: String,
+    addr: std::net::Ipv4Addr,
 }
 
 impl Gone {
     fn new(lab: &Lab) -> anyhow::Result<Self> {
-        let gone = Self { ns: format!("{}-gone", lab.ns("client").trim_end_matches("-client")) };
-        let sw = lab.ns("sw");
+        let gone = Self { ns: lab.ns("gone"), addr: gone_addr(lab) };
         let _ = lab::sh("ip", &["netns", "del", &gone.ns]);
         lab::sh("ip", &["netns", "add", &gone.ns])?;
-        lab::sh("ip", &["link", "add", "eth0", "netns", &gone.ns, "type", "veth", "peer", "name", "p-gone", "netns", &sw])?;
-        lab::sh("ip", &["-n", &sw, "link", "set", "p-gone", "master", "br0"])?;
-        lab::sh("ip", &["-n", &sw, "link", "set", "p-gone", "up"])?;
-        for args in
-            [vec!["link", "set", "lo", "up"], vec!["addr", "add", "192.0.2.90/24", "dev", "eth0"], vec!["link", "set", "eth0", "up"]]
-        {
-            let mut full = vec!["-n", gone.ns.as_str()];
-            full.extend(args);
-            lab::sh("ip", &full)?;
+        let cidr = format!("{}/24", gone.addr);
+        lab::sh("ip", &["-n", &gone.ns, "link", "set", "lo", "up"])?;
+        if lab.routed.is_some() {
+            // The router's third port: 198.51.101.1, the clients' default gateway.
+            let router = lab.ns("router");
+            lab::sh("ip", &["link", "add", "eth0", "netns", &gone.ns, "type", "veth", "peer", "name", "eth2", "netns", &router])?;
+            lab::sh("ip", &["-n", &router, "addr", "add", "198.51.101.1/24", "dev", "eth2"])?;
+            lab::sh("ip", &["-n", &router, "link", "set", "eth2", "up"])?;
+            lab::sh("ip", &["-n", &gone.ns, "addr", "add", &cidr, "dev", "eth0"])?;
+            lab::sh("ip", &["-n", &gone.ns, "link", "set", "eth0", "up"])?;
+            lab::sh("ip", &["-n", &gone.ns, "route", "add", "default", "via", "198.51.101.1"])?;
+            // No GRO where the router takes the clients' frames: merged segments would be too
+            // big to bounce.
+            lab.exec(&router, "ethtool", &["-K", "eth2", "gro", "off"])?;
+        } else {
+            let sw = lab.ns("sw");
+            lab::sh("ip", &["link", "add", "eth0", "netns", &gone.ns, "type", "veth", "peer", "name", "p-gone", "netns", &sw])?;
+            lab::sh("ip", &["-n", &sw, "link", "set", "p-gone", "master", "br0"])?;
+            lab::sh("ip", &["-n", &sw, "link", "set", "p-gone", "up"])?;
+            lab::sh("ip", &["-n", &gone.ns, "addr", "add", &cidr, "dev", "eth0"])?;
+            lab::sh("ip", &["-n", &gone.ns, "link", "set", "eth0", "up"])?;
+            lab::sh("ip", &["-n", &gone.ns, "route", "add", &format!("{}/32", lab::VIP), "via", &lab::LB_ADDR.to_string()])?;
+            // As for the lab's client: no GRO on its port.
+            lab.exec(&sw, "ethtool", &["-K", "p-gone", "gro", "off"])?;
         }
-        lab::sh("ip", &["-n", &gone.ns, "route", "add", &format!("{}/32", lab::VIP), "via", &lab::LB_ADDR.to_string()])?;
-        // As for the lab's client: no partial checksums in bounced frames, no GRO on its port.
+        // As for the lab's client: no partial checksums in bounced frames.
         lab.exec(&gone.ns, "ethtool", &["-K", "eth0", "tx", "off"])?;
-        lab.exec(&sw, "ethtool", &["-K", "p-gone", "gro", "off"])?;
         Ok(gone)
     }
 }
@@ -134,6 +165,29 @@ impl Drop for LabDown<'_> {
     fn drop(&mut self) {
         let _ = self.0.down();
     }
+}
+
+/// A balancer node of the soak: its controller and its table (mapped from its pins), both
+/// `None` while the node is down. `life` counts its starts from empty pins: its program's
+/// counters only grow within one life.
+struct Node {
+    lb: Option<Balancer>,
+    table: Option<FlowTable>,
+    life: u32,
+}
+
+/// What a sample saw of one node.
+#[derive(Clone, Debug, Default)]
+struct NodeSample {
+    up: bool,
+    life: u32,
+    pid: u32,
+    rss_kb: u64,
+    cpu_s: f64,
+    /// Frames its program sent (`tx/*` verdicts, summed over CPUs).
+    tx: u64,
+    /// Flows its controller expired since it started.
+    expired: u64,
 }
 
 /// One sample of the run.
@@ -155,17 +209,17 @@ struct Sample {
     live_flows: u64,
     /// Flows in the table from the vanishing clients' address, closing ones left out.
     gone_flows: u64,
-    expired: u64,
-    pid: u32,
-    rss_kb: u64,
-    cpu_s: f64,
-    tx: u64,
+    nodes: Vec<NodeSample>,
     event: String,
 }
 
 impl Sample {
     const fn lost(&self) -> u64 {
         self.lost_reset + self.lost_eof + self.lost_timeout + self.lost_other
+    }
+
+    fn expired(&self) -> u64 {
+        self.nodes.iter().map(|n| n.expired).sum()
     }
 }
 
@@ -198,7 +252,7 @@ impl Clients {
             .collect();
         if let Some(g) = gone {
             // No short sessions from there: its flows are its held sessions'.
-            groups.push((g.ns.clone(), GONE_ADDR.to_string(), o.vanish, 0.0));
+            groups.push((g.ns.clone(), g.addr.to_string(), o.vanish, 0.0));
         }
         let report_every = o.sample_every.min(Duration::from_secs(5));
         let latest: Latest = Arc::new(Mutex::new(vec![(Value::Null, Instant::now()); groups.len()]));
@@ -336,22 +390,48 @@ fn proc_usage(pid: u32) -> (u64, f64) {
     (rss, ticks as f64 / hz as f64)
 }
 
-/// Flows from the vanishing clients' address that are not closing, read from the pinned table.
-fn gone_flows(table: &FlowTable) -> u64 {
-    let src = u32::from_ne_bytes(GONE_ADDR.octets());
-    let mut n = 0;
-    table.walk(|f| {
-        if f.key.src_be == src && !f.closing() {
-            n += 1;
-        }
-    });
-    n
+/// The distinct flows of the nodes' tables that are not closing (a flow both nodes hold counts
+/// once): all of them, and those from the vanishing clients' address.
+fn distinct_flows(nodes: &[Node], gone: std::net::Ipv4Addr) -> (u64, u64) {
+    let src = u32::from_ne_bytes(gone.octets());
+    let mut seen: HashSet<FlowKey> = HashSet::new();
+    for table in nodes.iter().filter_map(|n| n.table.as_ref()) {
+        table.walk(|f| {
+            if !f.closing() {
+                seen.insert(f.key);
+            }
+        });
+    }
+    let from_gone = seen.iter().filter(|k| k.src_be == src).count();
+    (u64::try_from(seen.len()).unwrap_or(u64::MAX), u64::try_from(from_gone).unwrap_or(u64::MAX))
 }
 
-fn take(lb: &Balancer, table: &FlowTable, clients: &Clients, started: Instant, event: &str) -> Sample {
-    let status = lb.status();
-    let pid = lb.child.id();
-    let (rss_kb, cpu_s) = proc_usage(pid);
+/// A sample: the clients' latest counts, and each node's status, usage and table. With one
+/// node, live flows are its status's count (what an operator reads); with two, the distinct
+/// flows of both tables.
+fn take(lab: &Lab, nodes: &[Node], clients: &Clients, started: Instant, event: &str) -> Sample {
+    let mut node_samples = Vec::new();
+    let mut entries = 0u64;
+    for n in nodes {
+        let Some(lb) = &n.lb else {
+            node_samples.push(NodeSample { life: n.life, ..NodeSample::default() });
+            continue;
+        };
+        let status = lb.status();
+        let pid = lb.child.id();
+        let (rss_kb, cpu_s) = proc_usage(pid);
+        entries += u64::try_from(status.flow_table_entries).unwrap_or(u64::MAX);
+        node_samples.push(NodeSample {
+            up: true,
+            life: n.life,
+            pid,
+            rss_kb,
+            cpu_s,
+            tx: status.verdicts.iter().filter(|(k, _)| k.starts_with("tx/")).map(|(_, v)| *v).sum(),
+            expired: status.flow_table.get("expired").copied().unwrap_or(0),
+        });
+    }
+    let (distinct, gone_flows) = distinct_flows(nodes, gone_addr(lab));
     Sample {
         t: started.elapsed().as_secs_f64(),
         opened: clients.sum("opened"),
@@ -366,13 +446,9 @@ fn take(lb: &Balancer, table: &FlowTable, clients: &Clients, started: Instant, e
         pings: clients.sum("pings"),
         churn_ok: clients.sum("churn_ok"),
         churn_failed: clients.sum("churn_failed"),
-        live_flows: u64::try_from(status.flow_table_entries).unwrap_or(u64::MAX),
-        gone_flows: gone_flows(table),
-        expired: status.flow_table.get("expired").copied().unwrap_or(0),
-        pid,
-        rss_kb,
-        cpu_s,
-        tx: status.verdicts.iter().filter(|(k, _)| k.starts_with("tx/")).map(|(_, v)| *v).sum(),
+        live_flows: if nodes.len() == 1 { entries } else { distinct },
+        gone_flows,
+        nodes: node_samples,
         event: event.to_owned(),
     }
 }
@@ -382,6 +458,27 @@ fn take(lb: &Balancer, table: &FlowTable, clients: &Clients, started: Instant, e
 fn idle_timeout(o: &Options) -> Duration {
     Duration::from_secs((o.ping.1.as_millis() * 3 / 2).div_ceil(1000).max(20).try_into().unwrap_or(u64::MAX))
 }
+
+/// The cluster's `sync_interval` (two nodes): a quarter of the flows' timeout, at most the lab's
+/// 30 s.
+fn sync_interval(o: &Options) -> Duration {
+    Duration::from_secs((idle_timeout(o).as_secs() / 4).clamp(1, 30))
+}
+
+/// How much longer than the original a peer's copy of a flow may stay (two nodes): dsrlb keeps
+/// a copy for the peer's refresh lag past the peer's last word on it (`refresh`, a quarter of
+/// the timeout or `sync_interval`, and two rounds), plus a unit of the flow clock.
+fn copy_lag(o: &Options) -> f64 {
+    if o.nodes < 2 {
+        return 0.0;
+    }
+    let sync = sync_interval(o).as_secs_f64();
+    (idle_timeout(o).as_secs_f64() / 4.0).max(sync) + 2.0 * sync + 2.2
+}
+
+/// The events of node 2's failure and return (two nodes).
+const NODE_FAILS: &str = "node 2 fails";
+const NODE_BACK: &str = "node 2 back";
 
 /// The events of a run, at fractions of its length, and the reloads.
 fn timeline(o: &Options) -> Vec<(Duration, &'static str)> {
@@ -396,6 +493,12 @@ fn timeline(o: &Options) -> Vec<(Duration, &'static str)> {
     ];
     if o.vanish > 0 {
         ev.push((at(0.55), "clients vanish"));
+    }
+    if o.nodes > 1 {
+        // After the vanished clients' flows had to be kept (`flow_idle_timeout - ping_max`
+        // after they vanished), and early enough for node 2's new controller to show its
+        // memory over the rest of the run.
+        ev.extend([(at(0.65), NODE_FAILS), (at(0.70), NODE_BACK)]);
     }
     let mut r = o.reload_every;
     while r < o.duration {
@@ -419,7 +522,8 @@ pub struct Outcome {
 pub fn soak(bin: &Path, o: &Options, out_dir: Option<&Path>) -> anyhow::Result<Outcome> {
     ensure!(o.vanish < o.sessions, "--vanish {} must be below --sessions {}", o.vanish, o.sessions);
     ensure!(o.processes > 0 && o.sessions >= o.processes, "--processes {} for --sessions {}", o.processes, o.sessions);
-    let lab = Lab::new(&o.lab, BROKERS);
+    ensure!((1..=2).contains(&o.nodes), "--nodes {}: 1 or 2", o.nodes);
+    let lab = if o.nodes == 1 { Lab::new(&o.lab, BROKERS) } else { Lab::routed(&o.lab, BROKERS, o.nodes, Routing::Bgp) };
     let _down = LabDown(&lab);
     lab.up()?;
     run(&lab, bin, o, out_dir)
@@ -429,11 +533,11 @@ pub fn soak(bin: &Path, o: &Options, out_dir: Option<&Path>) -> anyhow::Result<O
 struct Run {
     samples: Vec<Sample>,
     opened_in: Duration,
-    on_b3: usize,
+    on_b3: u64,
     vanished: u64,
 }
 
-fn config(o: &Options) -> String {
+fn config(o: &Options, lab: &Lab) -> String {
     // One listener. Flows idle past `idle` expire: longer than the longest ping interval (a
     // session's flow must outlive its silences), short enough that flows whose clients are gone
     // without a FIN through the balancer (b3's, the vanished ones) leave within the run.
@@ -446,23 +550,121 @@ fn config(o: &Options) -> String {
     for i in 0..BROKERS {
         let _ = writeln!(full, "[[backend]]\nname = \"b{}\"\naddress = \"{}\"\n", i + 1, lab::broker_addr(i));
     }
+    // Two nodes: `[announce]` for BIRD and `[cluster]` (shared key), its rounds longer than
+    // its join wait.
+    let sync = sync_interval(o).as_secs();
+    let cluster = lab.cluster_config();
+    let tuned = cluster
+        .replace("sync_interval = \"30s\"", &format!("sync_interval = \"{sync}s\""))
+        .replace("join_wait = \"10s\"", &format!("join_wait = \"{}s\"", (sync / 2).min(10)));
+    assert!(cluster.is_empty() || tuned != cluster, "the lab's [cluster] no longer sets sync_interval and join_wait");
+    full.push_str(&tuned);
     full
 }
 
+/// MQTT connections broker `i` holds (established, to its port 1883), counted on the broker.
+fn sessions_on(lab: &Lab, i: usize) -> anyhow::Result<u64> {
+    let out = lab.exec(&lab.broker_ns(i), "ss", &["-Htn", "state", "established", "sport", "=", ":1883"])?;
+    Ok(u64::try_from(out.lines().filter(|l| !l.trim().is_empty()).count()).unwrap_or(u64::MAX))
+}
+
+/// Waits until the routed lab's router sends the VIP over `n` nodes, at most `within`.
+fn wait_next_hops(lab: &Lab, n: usize, within: Duration) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    wait::within(within, Duration::from_millis(20), || lab.router_next_hops(lab::VIP).len() == n)
+        .with_context(|| format!("the router did not route {} over {n} nodes within {within:?}", lab::VIP))?;
+    Ok(t.elapsed())
+}
+
+/// Starts the controllers: one balancer, or every node of the routed lab (joined, and routed to
+/// by the router).
+fn start_nodes(lab: &Lab, config: &str) -> anyhow::Result<Vec<Node>> {
+    let mut nodes = Vec::new();
+    if lab.routed.is_none() {
+        nodes.push(Node { lb: Some(Balancer::start(lab, config)), table: None, life: 0 });
+    } else {
+        for i in 0..lab.nodes() {
+            nodes.push(Node { lb: Some(Balancer::start_node(lab, i, config)), table: None, life: 0 });
+        }
+        for n in nodes.iter().filter_map(|n| n.lb.as_ref()) {
+            n.wait_joined(Duration::from_secs(30));
+        }
+        wait_next_hops(lab, lab.nodes(), Duration::from_secs(30))?;
+    }
+    for n in &mut nodes {
+        // The table the node's controllers share (its pins outlive them), mapped here.
+        let pins = n.lb.as_ref().map(|lb| lb.pin_dir.clone()).context("a node just started")?;
+        n.table = Some(pinned_flow_table(&pins)?);
+    }
+    Ok(nodes)
+}
+
+/// The running controllers.
+fn up(nodes: &mut [Node]) -> impl Iterator<Item = &mut Balancer> {
+    nodes.iter_mut().filter_map(|n| n.lb.as_mut())
+}
+
+/// Node 2 dies as a host does: its link goes down, its controller is killed and its program
+/// goes with its pins (its table too), BIRD stops. Returns when the router no longer routes to
+/// it, and how long that took.
+fn fail_node(lab: &Lab, node: &mut Node, i: usize) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    node.table = None;
+    lab.set_node_link(i, false)?;
+    if let Some(mut lb) = node.lb.take() {
+        lb.kill_node();
+    }
+    lab.stop_bird_node(i);
+    wait_next_hops(lab, lab.nodes() - 1, Duration::from_secs(20))?;
+    Ok(t.elapsed())
+}
+
+/// Node 2 comes back with empty pins: link up, a new controller on the current config, joined
+/// (it takes the other node's exceptions), `drains` applied, then BIRD, so that the router
+/// sends it flows only once it forwards as the other node does. Returns when the router routes
+/// to it again, and how long that took.
+fn revive_node(lab: &Lab, node: &mut Node, i: usize, config: &str, drains: &[&str]) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    lab.set_node_link(i, true)?;
+    let lb = Balancer::start_node(lab, i, config);
+    lb.wait_joined(Duration::from_secs(30));
+    for b in drains {
+        let (ok, _, err) = lb.cli(&["drain", b]);
+        ensure!(ok, "drain {b} on node {}: {err}", i + 1);
+    }
+    node.table = Some(pinned_flow_table(&lb.pin_dir)?);
+    node.life += 1;
+    node.lb = Some(lb);
+    lab.start_bird_node(i)?;
+    wait_next_hops(lab, lab.nodes(), Duration::from_secs(30))?;
+    Ok(t.elapsed())
+}
+
+/// An operator's command on every running node.
+fn on_every_node(nodes: &mut [Node], args: &[&str]) -> anyhow::Result<()> {
+    for lb in up(nodes) {
+        let (ok, _, err) = lb.cli(args);
+        ensure!(ok, "dsrlb {} on {}: {err}", args.join(" "), lb.ns());
+    }
+    Ok(())
+}
+
+#[expect(clippy::too_many_lines, reason = "the run's events, one after another")]
 fn run(lab: &Lab, bin: &Path, o: &Options, out_dir: Option<&Path>) -> anyhow::Result<Outcome> {
-    let full = config(o);
+    let full = config(o, lab);
     let b7 = format!("[[backend]]\nname = \"b7\"\naddress = \"{}\"\n", lab::broker_addr(BROKERS - 1));
     let without_b7 = full.replace(&b7, "");
-    let mut lb = Balancer::start(lab, &without_b7);
-    wait::until("every broker of the config up", Duration::from_mins(1), || {
-        let s = lb.status();
-        s.listeners
-            .iter()
-            .find(|l| l.name == "mqtt")
-            .is_some_and(|l| l.backends.len() == BROKERS - 1 && l.backends.iter().all(|b| b.state == "up"))
+    let mut current = without_b7.clone();
+    let mut nodes = start_nodes(lab, &without_b7)?;
+    wait::until("every broker of the config up on every node", Duration::from_mins(1), || {
+        nodes.iter().filter_map(|n| n.lb.as_ref()).all(|lb| {
+            lb.status()
+                .listeners
+                .iter()
+                .find(|l| l.name == "mqtt")
+                .is_some_and(|l| l.backends.len() == BROKERS - 1 && l.backends.iter().all(|b| b.state == "up"))
+        })
     });
-    // The table the controllers share (its pins outlive them), mapped into this process.
-    let table = pinned_flow_table(&lab.pin_dir())?;
     let gone = if o.vanish > 0 { Some(Gone::new(lab)?) } else { None };
     let mut clients = Clients::start(lab, bin, o, gone.as_ref())?;
     let started = Instant::now();
@@ -471,10 +673,11 @@ fn run(lab: &Lab, bin: &Path, o: &Options, out_dir: Option<&Path>) -> anyhow::Re
         clients.sum("opened") + clients.sum("open_failed") >= u64::try_from(o.sessions).unwrap_or(u64::MAX)
     });
     let opened_in = started.elapsed();
-    let mut samples = vec![take(&lb, &table, &clients, started, "opened")];
+    let mut samples = vec![take(lab, &nodes, &clients, started, "opened")];
     let soak_start = Instant::now();
     let mut events = timeline(o).into_iter().peekable();
-    let (mut on_b3, mut vanished) = (0usize, 0u64);
+    let (mut on_b3, mut vanished) = (0u64, 0u64);
+    let mut drains: Vec<&str> = Vec::new();
     let mut next_sample = o.sample_every;
     while soak_start.elapsed() < o.duration {
         let mut label = String::new();
@@ -482,45 +685,55 @@ fn run(lab: &Lab, bin: &Path, o: &Options, out_dir: Option<&Path>) -> anyhow::Re
             && at <= soak_start.elapsed()
         {
             events.next();
-            match what {
+            let mut what = what.to_owned();
+            match what.as_str() {
                 "add b7" => {
-                    std::fs::write(&lb.config, &full)?;
-                    let (ok, _, err) = lb.cli(&["reload"]);
-                    ensure!(ok, "reload with b7: {err}");
+                    current.clone_from(&full);
+                    for lb in up(&mut nodes) {
+                        std::fs::write(&lb.config, &full)?;
+                    }
+                    on_every_node(&mut nodes, &["reload"])?;
                 }
                 "drain b2" => {
-                    let (ok, _, err) = lb.cli(&["drain", "b2"]);
-                    ensure!(ok, "drain b2: {err}");
+                    on_every_node(&mut nodes, &["drain", "b2"])?;
+                    drains.push("b2");
                 }
                 "stop b3" => {
-                    on_b3 = lb.status().flows_per_backend.get("b3").copied().unwrap_or(0);
+                    on_b3 = sessions_on(lab, 2)?;
                     lab.stop_broker(2)?;
                 }
                 "start b3" => lab.start_broker(2)?,
                 "restart controller (SIGTERM)" => {
+                    let lb = nodes[0].lb.as_mut().context("node 1 runs")?;
                     let status = lb.stop();
                     ensure!(status.success(), "the controller exited with {status} on SIGTERM");
                     lb.restart(lab);
                 }
                 "clients vanish" => vanished = clients.vanish(gone.as_ref().context("no vanishing clients")?)?,
                 "kill -9 controller" => {
+                    let lb = nodes[0].lb.as_mut().context("node 1 runs")?;
                     lb.kill9();
                     lb.restart(lab);
                 }
-                "reload" => {
-                    let (ok, _, err) = lb.cli(&["reload"]);
-                    ensure!(ok, "reload: {err}");
+                "reload" => on_every_node(&mut nodes, &["reload"])?,
+                NODE_FAILS => {
+                    let took = fail_node(lab, &mut nodes[1], 1)?;
+                    what = format!("{NODE_FAILS} (router on 1 node after {:.1} s)", took.as_secs_f64());
+                }
+                NODE_BACK => {
+                    let took = revive_node(lab, &mut nodes[1], 1, &current, &drains)?;
+                    what = format!("{NODE_BACK} (routed to after {:.1} s)", took.as_secs_f64());
                 }
                 _ => bail!("unknown event {what}"),
             }
             if !label.is_empty() {
                 label.push_str("; ");
             }
-            label.push_str(what);
+            label.push_str(&what);
         }
         if !label.is_empty() {
             clients.check()?;
-            samples.push(take(&lb, &table, &clients, started, &label));
+            samples.push(take(lab, &nodes, &clients, started, &label));
             continue;
         }
         let left = next_sample.saturating_sub(soak_start.elapsed());
@@ -528,25 +741,29 @@ fn run(lab: &Lab, bin: &Path, o: &Options, out_dir: Option<&Path>) -> anyhow::Re
         std::thread::sleep(left.min(until_event).min(Duration::from_secs(1)));
         if soak_start.elapsed() >= next_sample {
             clients.check()?;
-            samples.push(take(&lb, &table, &clients, started, ""));
+            samples.push(take(lab, &nodes, &clients, started, ""));
             // After a slow event, on from now: no samples taken back to back to catch up.
             next_sample = (next_sample + o.sample_every).max(soak_start.elapsed());
         }
     }
     // The end: every session pings once more; the last lines count it.
-    let status = lb.status();
+    let live_before = take(lab, &nodes, &clients, started, "").live_flows;
     clients.finish()?;
-    let mut last = take(&lb, &table, &clients, started, "end (every session pinged)");
-    last.live_flows = u64::try_from(status.flow_table_entries).unwrap_or(u64::MAX);
+    let mut last = take(lab, &nodes, &clients, started, "end (every session pinged)");
+    last.live_flows = live_before;
     let final_ok = clients.sum("final_ok");
     samples.push(last);
-    let _ = lb.stop();
+    for lb in up(&mut nodes) {
+        let _ = lb.stop();
+    }
+    drop(nodes);
     let ran = Run { samples, opened_in, on_b3, vanished };
     let (report, mut failures) = report(o, &ran, final_ok)?;
     let mut report = report;
     if let Some(dir) = out_dir {
-        plot(&dir.join("soak.svg"), &ran.samples)?;
-        report.push_str("![sessions and live flows](soak.svg)\n\n");
+        let svg = if o.nodes == 1 { "soak-1node.svg" } else { "soak.svg" };
+        plot(&dir.join(svg), &ran.samples)?;
+        let _ = writeln!(report, "![sessions and live flows]({svg})\n");
     }
     failures.retain(|f| !f.is_empty());
     let verdict = if failures.is_empty() { "everything held".to_owned() } else { format!("did not hold: {}", failures.join("; ")) };
@@ -560,14 +777,19 @@ fn table(o: &Options, samples: &[Sample]) -> String {
     let mut r = String::new();
     let _ = writeln!(
         r,
-        "| t (s) | event | alive | lost: reset | eof | timeout | reconnected | live flows | live/alive | vanished clients' flows | expired | RSS MB | frames sent (tx) |"
+        "| t (s) | event | alive | lost: reset | eof | timeout | reconnected | live flows | live/alive | vanished clients' flows | expired | RSS MB{} | frames sent (tx){} |",
+        if o.nodes > 1 { " (node 1 / 2)" } else { "" },
+        if o.nodes > 1 { " (node 1 / 2)" } else { "" },
     );
     let _ = writeln!(r, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let per_node = |s: &Sample, f: &dyn Fn(&NodeSample) -> String| {
+        s.nodes.iter().map(|n| if n.up { f(n) } else { "down".to_owned() }).collect::<Vec<_>>().join(" / ")
+    };
     for s in samples.iter().filter(|s| !s.event.is_empty() || s.t.rem_euclid(60.0) < o.sample_every.as_secs_f64()) {
         let ratio = if s.alive > 0 { s.live_flows as f64 / s.alive as f64 } else { 0.0 };
         let _ = writeln!(
             r,
-            "| {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.4} | {} | {} | {:.1} | {} |",
+            "| {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.4} | {} | {} | {} | {} |",
             s.t,
             s.event,
             s.alive,
@@ -578,9 +800,9 @@ fn table(o: &Options, samples: &[Sample]) -> String {
             s.live_flows,
             ratio,
             s.gone_flows,
-            s.expired,
-            s.rss_kb as f64 / 1024.0,
-            s.tx
+            s.expired(),
+            per_node(s, &|n| format!("{:.1}", n.rss_kb as f64 / 1024.0)),
+            per_node(s, &|n| n.tx.to_string()),
         );
     }
     r
@@ -600,10 +822,13 @@ fn report(o: &Options, ran: &Run, final_ok: u64) -> anyhow::Result<(String, Vec<
     let mut failures = Vec::new();
     let _ = writeln!(
         r,
-        "## Soak: {} sessions for {:.0} min\n\nCommand: `cargo xtask soak` (`target/release/bench soak`). {} client processes and one \
-         that vanishes ({} sessions), pings every {}-{} s, {} short sessions/s per process, a sample every {} s. Opening took {:.0} s.\n",
+        "## Soak: {} sessions for {:.0} min, {}\n\nCommand: `cargo xtask soak{}` (`target/release/bench soak`). {} client processes and \
+         one that vanishes ({} sessions), pings every {}-{} s, {} short sessions/s per process, a sample every {} s. Opening took \
+         {:.0} s.\n",
         o.sessions,
         o.duration.as_secs_f64() / 60.0,
+        if o.nodes == 1 { "one balancer".to_owned() } else { format!("{} nodes with `[cluster]` (ECMP over BGP)", o.nodes) },
+        if o.nodes == 1 { " -- --nodes 1" } else { "" },
         o.processes,
         o.vanish,
         o.ping.0.as_secs(),
@@ -622,7 +847,7 @@ fn report(o: &Options, ran: &Run, final_ok: u64) -> anyhow::Result<(String, Vec<
     let before = at(samples, stop_at - 0.5, Sample::lost);
     let during = at(samples, b3_until, Sample::lost).saturating_sub(before);
     let after = last.lost().saturating_sub(before + during);
-    let on_b3 = u64::try_from(ran.on_b3).unwrap_or(u64::MAX);
+    let on_b3 = ran.on_b3;
     let to_balancer = before + after + during.saturating_sub(on_b3);
     let unanswered = last.alive.saturating_sub(final_ok);
     let churn_outside =
@@ -632,7 +857,7 @@ fn report(o: &Options, ran: &Run, final_ok: u64) -> anyhow::Result<(String, Vec<
         r,
         "\n- Sessions opened: {} ({} failed to open); alive at the end: {}, of which {final_ok} answered the last ping. Fewest held \
          after b3's sessions reconnected: {}.\n- Lost to the balancer: **{to_balancer}** ({before} before b3's stop, {after} after its \
-         sessions' next ping, {} beyond the {on_b3} flows b3 held, in between). b3's: {during} (reset {}, EOF {}, timeout {}), all \
+         sessions' next ping, {} beyond the {on_b3} sessions b3 held, in between). b3's: {during} (reset {}, EOF {}, timeout {}), all \
          reconnected: {} reconnects in all, {} attempts refused while b3 was stopped and not yet marked down.\n- Short sessions: {} \
          made, {} failed ({churn_outside} outside the 30 s after b3's stop).",
         last.opened,
@@ -665,7 +890,14 @@ fn report(o: &Options, ran: &Run, final_ok: u64) -> anyhow::Result<(String, Vec<
     // sessions' flows wait out their timeout.
     let sweep = (idle / 8.0).max(1.0);
     let vanish_at = samples.iter().find(|s| s.event.contains("clients vanish")).map(|s| s.t);
-    let waits = [(stop_at, b3_until + idle + sweep + 5.0), vanish_at.map_or((f64::MAX, f64::MAX), |t| (t, t + idle + sweep + 5.0))];
+    // Node 2's flows are gone with its table; node 1 takes each in at its next frame.
+    let failed_at = samples.iter().find(|s| s.event.contains(NODE_FAILS)).map(|s| s.t);
+    let never = (f64::MAX, f64::MAX);
+    let waits = [
+        (stop_at, b3_until + idle + sweep + 5.0),
+        vanish_at.map_or(never, |t| (t, t + idle + copy_lag(o) + sweep + 5.0)),
+        failed_at.map_or(never, |t| (t, t + o.ping.1.as_secs_f64() + 20.0)),
+    ];
     let worst = samples
         .iter()
         .filter(|s| s.alive > 0 && s.event.is_empty() && !waits.iter().any(|(a, b)| (*a..*b).contains(&s.t)))
@@ -674,7 +906,8 @@ fn report(o: &Options, ran: &Run, final_ok: u64) -> anyhow::Result<(String, Vec<
     let _ = writeln!(
         r,
         "- Live flows against the clients' count, worst sample outside events and the waits for flows of gone sessions to time out \
-         (`flow_idle_timeout` {idle:.0} s, a sweep every {sweep:.0} s): {:.2}% off.",
+         (`flow_idle_timeout` {idle:.0} s, a sweep every {sweep:.0} s){}: {:.2}% off.",
+        if failed_at.is_some() { ", and until node 2's flows had their next ping through node 1" } else { "" },
         worst * 100.0
     );
     if worst > 0.01 {
@@ -684,43 +917,73 @@ fn report(o: &Options, ran: &Run, final_ok: u64) -> anyhow::Result<(String, Vec<
         failures.extend(vanished_flows(&mut r, o, samples, t, ran.vanished));
     }
 
-    failures.extend(controllers(&mut r, o, samples, last));
-    // The program's counters are pinned and outlive the controllers: they only ever grow.
-    if let Some(w) = samples.windows(2).find(|w| w[1].tx < w[0].tx || w[1].pings < w[0].pings) {
-        failures.push(format!("a counter went back between {:.0} s and {:.0} s (frames sent or pings)", w[0].t, w[1].t));
+    failures.extend(node_failure(&mut r, samples));
+    for i in 0..o.nodes {
+        failures.extend(controllers(&mut r, o, samples, last, i));
     }
+    failures.extend(counters_went_back(samples));
     r.push('\n');
     Ok((r, failures))
 }
 
-/// The last controller's memory after its warm-up, and the CPU of every controller. Writes them
-/// to `r`; returns what did not hold.
-#[expect(clippy::cast_precision_loss, reason = "ratios for a report")]
-fn controllers(r: &mut String, o: &Options, samples: &[Sample], last: &Sample) -> Option<String> {
-    let last_start = samples.iter().rev().find(|s| s.pid != last.pid).map_or(0.0, |s| s.t);
-    let warm = (o.duration.as_secs_f64() * 0.05).min(120.0);
-    let rss: Vec<u64> =
-        samples.iter().filter(|s| s.pid == last.pid && s.t > last_start + warm && s.event.is_empty()).map(|s| s.rss_kb).collect();
-    let (lo, hi) = (rss.iter().copied().min().unwrap_or(0), rss.iter().copied().max().unwrap_or(0));
-    let mut pids: Vec<u32> = samples.iter().map(|s| s.pid).collect();
-    pids.dedup();
-    let cpu: f64 = pids.iter().map(|p| samples.iter().filter(|s| s.pid == *p).map(|s| s.cpu_s).fold(0.0, f64::max)).sum();
-    let spread = if lo > 0 { (hi - lo) as f64 / lo as f64 } else { f64::INFINITY };
+/// Whether a counter went back: the programs' are pinned and outlive the controllers, so they
+/// only ever grow over the life of a node's pins; the clients' pings only grow.
+fn counters_went_back(samples: &[Sample]) -> Option<String> {
+    let went_back = |a: &Sample, b: &Sample| {
+        b.pings < a.pings || a.nodes.iter().zip(&b.nodes).any(|(x, y)| x.up && y.up && x.life == y.life && y.tx < x.tx)
+    };
+    let w = samples.windows(2).find(|w| went_back(&w[0], &w[1]))?;
+    Some(format!("a counter went back between {:.0} s and {:.0} s (frames sent or pings)", w[0].t, w[1].t))
+}
+
+/// Node 2's failure and return, when the run had them. Writes them to `r`; returns what did
+/// not hold (sessions lost to it count with the balancer's).
+fn node_failure(r: &mut String, samples: &[Sample]) -> Option<String> {
+    let s = samples.iter().find(|s| s.event.contains(NODE_FAILS))?;
+    let back = samples.iter().find(|s| s.event.contains(NODE_BACK));
     let _ = writeln!(
         r,
-        "- The last controller's RSS, {} samples from {warm:.0} s after its start: {:.1}-{:.1} MB ({:.1}% spread). CPU of the {} \
-         controllers: {cpu:.1} s in all. Expired flows: {} by the last controller.",
+        "- Node 2's failure at {:.0} s: {}; back at {}. Sessions lost to it: counted with the balancer's above.",
+        s.t,
+        s.event,
+        back.map_or_else(|| "never, within the run".to_owned(), |b| format!("{:.0} s ({})", b.t, b.event))
+    );
+    back.is_none().then(|| "node 2 did not come back".to_owned())
+}
+
+/// Node `i`'s last controller's memory after its warm-up, and the CPU of all its controllers.
+/// Writes them to `r`; returns what did not hold.
+#[expect(clippy::cast_precision_loss, reason = "ratios for a report")]
+fn controllers(r: &mut String, o: &Options, samples: &[Sample], last: &Sample, i: usize) -> Option<String> {
+    let node = |s: &Sample| s.nodes.get(i).cloned().unwrap_or_default();
+    let Some(pid) = last.nodes.get(i).filter(|n| n.up).map(|n| n.pid) else {
+        return Some(format!("node {} was not running at the end", i + 1));
+    };
+    let last_start = samples.iter().rev().find(|s| node(s).pid != pid).map_or(0.0, |s| s.t);
+    let warm = (o.duration.as_secs_f64() * 0.05).min(120.0);
+    let rss: Vec<u64> =
+        samples.iter().filter(|s| node(s).pid == pid && s.t > last_start + warm && s.event.is_empty()).map(|s| node(s).rss_kb).collect();
+    let (lo, hi) = (rss.iter().copied().min().unwrap_or(0), rss.iter().copied().max().unwrap_or(0));
+    let mut pids: Vec<u32> = samples.iter().map(|s| node(s).pid).filter(|p| *p != 0).collect();
+    pids.dedup();
+    let cpu: f64 = pids.iter().map(|p| samples.iter().filter(|s| node(s).pid == *p).map(|s| node(s).cpu_s).fold(0.0, f64::max)).sum();
+    let spread = if lo > 0 { (hi - lo) as f64 / lo as f64 } else { f64::INFINITY };
+    let whose = if o.nodes == 1 { "The".to_owned() } else { format!("Node {}'s", i + 1) };
+    let _ = writeln!(
+        r,
+        "- {whose} last controller's RSS, {} samples from {warm:.0} s after its start: {:.1}-{:.1} MB ({:.1}% spread). CPU of \
+         the {} controllers: {cpu:.1} s in all. Expired flows: {} by the last controller.",
         rss.len(),
         lo as f64 / 1024.0,
         hi as f64 / 1024.0,
         spread * 100.0,
         pids.len(),
-        last.expired
+        node(last).expired
     );
     if rss.len() < 3 || lo == 0 {
-        return Some(format!("{} RSS samples of the last controller (a zero among them: {})", rss.len(), lo == 0));
+        return Some(format!("{whose} last controller: {} RSS samples (a zero among them: {})", rss.len(), lo == 0));
     } else if spread > 0.10 {
-        return Some(format!("the controller's RSS grew {:.1}% after warm-up", spread * 100.0));
+        return Some(format!("{whose} last controller's RSS grew {:.1}% after warm-up", spread * 100.0));
     }
     None
 }
@@ -734,18 +997,29 @@ fn vanished_flows(r: &mut String, o: &Options, samples: &[Sample], at: f64, vani
     let earliest = idle - o.ping.1.as_secs_f64();
     let held = samples.iter().filter(|s| s.t > at + 2.0 && s.t < at + earliest - 2.0).map(|s| s.gone_flows).min();
     let fell = samples.iter().find(|s| s.t > at && s.gone_flows <= vanished / 100).map(|s| s.t - at);
+    let half = samples.iter().find(|s| s.t > at && s.gone_flows <= vanished / 2).map(|s| s.t - at);
+    // With two nodes, the other node's copies of those that were exceptions stay up to the
+    // peers' refresh lag longer.
+    let lag = copy_lag(o);
     let _ = writeln!(
         r,
         "- Vanished clients: {vanished} sessions dropped without a FIN at {at:.0} s. Their flows in the table until {earliest:.0} s \
-         after (`flow_idle_timeout` {idle:.0} s after the earliest last ping): at least {} (before: {}); all gone after {}.",
+         after (`flow_idle_timeout` {idle:.0} s after the earliest last ping): at least {} (before: {}); half gone after {}, all \
+         after {}{}.",
         held.map_or_else(|| "no sample".to_owned(), |h| h.to_string()),
         samples.iter().rev().find(|s| s.t < at).map_or(0, |s| s.gone_flows),
+        half.map_or_else(|| "never".to_owned(), |f| format!("{f:.0} s")),
         fell.map_or_else(|| "never, within the run".to_owned(), |f| format!("{f:.0} s")),
+        if lag > 0.0 {
+            format!(" (a copy on the other node may stay {lag:.0} s longer than the original: the peers' refresh lag)")
+        } else {
+            String::new()
+        },
     );
     match (held, fell) {
         (Some(h), _) if h < vanished - vanished / 100 => Some(format!("the vanished clients' flows went early ({h} of {vanished} left)")),
         (_, None) => Some("the vanished clients' flows never expired".to_owned()),
-        (_, Some(f)) if f < earliest - 2.0 || f > idle + idle / 8.0 + o.sample_every.as_secs_f64() + 5.0 => {
+        (_, Some(f)) if f < earliest - 2.0 || f > idle + lag + idle / 8.0 + o.sample_every.as_secs_f64() + 5.0 => {
             Some(format!("the vanished clients' flows went after {f:.0} s, not at the {idle:.0} s timeout"))
         }
         _ => None,
