@@ -15,7 +15,8 @@
 //! exceptions one way. Flows are named by listener (VIP:port) and backend *name*, never by id
 //! (ids depend on each node's reload history). A sender sends what the peer has not had yet
 //! (new, changed backend, newly closing) and, every `refresh`, again what is still live, with
-//! its idle time, so the peer's copy ages as the original does and expires when it does. After
+//! its idle time as it is when sent, so the peer's copy ages as the original does; the peer
+//! keeps it the refresh lag longer, for the frames since (`crate::flow_table`'s doc). After
 //! each round it sends a `SYNCED` mark, which also serves as a heartbeat. On a new connection
 //! the peer gets everything again: a restarted node catches up at once.
 //!
@@ -576,9 +577,11 @@ async fn send_round(
     refresh: Duration,
 ) -> anyhow::Result<u64> {
     let now = told.tenths(Instant::now());
-    // Whole units of the flow clock since the walk: added to every idle time sent.
+    // Units of the flow clock since the walk, rounded up: added to every idle time sent (a
+    // copy made a little older than the flow is what the peer's lag is for; one made younger,
+    // passed back, would make the original younger).
     let since_walk = set.walked.map_or(0, |w| {
-        let units = w.elapsed().as_nanos() >> lb_common::FLOW_AGE_NS_SHIFT;
+        let units = w.elapsed().as_nanos().div_ceil(1 << lb_common::FLOW_AGE_NS_SHIFT);
         u16::try_from(units).unwrap_or(u16::MAX)
     });
     // Rounded up: a flow is sent again no sooner than `refresh` after it was (at most a tenth

@@ -9,14 +9,20 @@
 //! - a merge writes a copy older than the peer's last frame when that frame is recent
 //!   ([`MERGE_IDLE_FLOOR`]), so that "idle less than the floor" means a frame seen here, which
 //!   no peer overrides;
-//! - the peer sends a live flow's idle time again only every `refresh` (see `crate::cluster`):
-//!   the original may have had frames since, up to `refresh` ago when the peer fails.
+//! - the peer sends a live flow's idle time again only every `refresh` (see `crate::cluster`),
+//!   in its next round, from its last walk: the original may have had frames since, up to that
+//!   lag before the peer fails ([`FlowTable::set_peer_lag`]).
 //!
 //! So the table also remembers, in this process, the peers' open copies it wrote ([`Idle`]):
 //! while such a slot keeps the age the merge wrote (no frame here since), its flow counts as
-//! idle as on the peer, less the peer's refresh lag ([`FlowTable::set_peer_lag`]), for expiry,
-//! the live count and what this node shares in turn. A copy of a flow that ended without a
-//! FIN or RST (a vanished client) thus goes up to `refresh` after the original.
+//! idle as on the peer less the lag, for expiry, the live count and whether this node shares
+//! it in turn (as idle as the peer said). A flow that ended without a FIN or RST (a vanished
+//! client) and was an exception thus goes up to the lag after its timeout, on every node (a
+//! copy passed back to its own node counts as a copy there too).
+//!
+//! Limits: a copy in its lag window looks expired to the program and to a merge of another
+//! real, so in a full bucket it is the first replaced; a restarted controller forgets the
+//! copies until its peers send them again (at once, on their new connections).
 
 use lb_common::{
     FLOW_K_CONFIRMED, FLOW_K_CONFIRMED_CLOSING, FLOW_K_MIDFLOW, FLOW_K_OPENED, FLOW_K_UNCONFIRMED_CLOSING, FLOW_OPENED_GRACE_UNITS,
@@ -27,7 +33,7 @@ use lb_common::{
 use std::{
     collections::HashMap,
     sync::{
-        Mutex, MutexGuard, PoisonError,
+        PoisonError, RwLock, RwLockReadGuard,
         atomic::{AtomicU32, Ordering},
     },
 };
@@ -130,8 +136,8 @@ pub struct PeerFlow {
 /// Age units a flow from a peer is taken to be idle at least (half the flow idle timeout when
 /// that is shorter): a peer's copy is never as fresh as a frame this node saw within a
 /// keepalive of 60 s, so a flow idle less than this here had a frame here (or was recorded,
-/// confirmed or marked closing here), and no peer closes or repoints it. A copy expires this
-/// much before the original would, at most.
+/// confirmed or marked closing here), and no peer closes or repoints it. The table remembers
+/// the peer's own age of such a copy ([`Idle`]), so that it does not expire before the original.
 pub const MERGE_IDLE_FLOOR: u32 = FLOW_REOPEN_UNITS + 3;
 
 /// The age a merge writes for a peer's flow of age `peer` at `now` (floored: see
@@ -141,7 +147,8 @@ const fn merged_age(now: u32, peer: u32, floor: u32) -> u32 {
 }
 
 /// A peer's open copy as a merge left it: its real, a tag of its IPv6 addresses, the age in
-/// the slot, and the peer's own age of the flow (16 bytes, and the 12 of its key).
+/// the slot, and the peer's own age of the flow (16 bytes, the 12 of its key, and the hash
+/// table's own: about 50 bytes a copy).
 #[derive(Clone, Copy, Debug)]
 struct PeerCopy {
     real: u32,
@@ -159,9 +166,9 @@ fn addrs6_tag(a: Option<&FlowAddrs6>) -> u64 {
 }
 
 /// Idle times at one age of the clock, with the peers' copies ([`FlowTable::idle_at`]). Merges
-/// wait while it is held.
+/// wait while it is held (walks need not).
 pub struct Idle<'a> {
-    copies: MutexGuard<'a, HashMap<FlowKey, PeerCopy>>,
+    copies: RwLockReadGuard<'a, HashMap<FlowKey, PeerCopy>>,
     now: u32,
     lag: u32,
 }
@@ -192,13 +199,6 @@ impl Idle<'_> {
         let here = f.idle(self.now);
         self.on_peer(f).map_or(here, |p| p.min(here))
     }
-
-    /// Forgets the copies that are over (idle `expire(listener id)` or more, as [`Self::of`]
-    /// counts): gone from the table, or soon.
-    fn prune(&mut self, expire: impl Fn(u32) -> u32) {
-        let (now, lag) = (self.now, self.lag);
-        self.copies.retain(|_, c| flow_idle(now, u32::from(c.peer)).saturating_sub(lag) < expire(lb_common::real_listener(c.real)));
-    }
 }
 
 /// Where a slot is, and the state word read there (for a compare-and-swap).
@@ -214,8 +214,9 @@ pub struct FlowTable {
     addrs6: Mapped,
     seed: u64,
     /// The peers' open copies (see the module's doc), by key.
-    copies: Mutex<HashMap<FlowKey, PeerCopy>>,
-    /// Age units a peer's frames may be more recent than its last word on them: its `refresh`.
+    copies: RwLock<HashMap<FlowKey, PeerCopy>>,
+    /// Age units a peer's frames may be more recent than its last word on them (its `refresh`
+    /// and two rounds).
     peer_lag: AtomicU32,
 }
 
@@ -233,11 +234,12 @@ impl FlowTable {
     /// hash seed (`LAYOUT`).
     #[must_use]
     pub fn new(mem: Mapped, addrs6: Mapped, seed: u64) -> Self {
-        Self { mem, addrs6, seed, copies: Mutex::default(), peer_lag: AtomicU32::new(0) }
+        Self { mem, addrs6, seed, copies: RwLock::default(), peer_lag: AtomicU32::new(0) }
     }
 
     /// How long after their last word on a flow the peers may have seen frames of it (their
-    /// `refresh`, in age units): a copy lives that much longer than its last word says.
+    /// `refresh` and two rounds, in age units): a copy lives that much longer than its last
+    /// word says.
     pub fn set_peer_lag(&self, units: u32) {
         self.peer_lag.store(units, Ordering::Relaxed);
     }
@@ -251,18 +253,31 @@ impl FlowTable {
     /// Idle times at age `now` ([`Idle::of`]); merges wait until it is dropped.
     #[must_use]
     pub fn idle_at(&self, now: u32) -> Idle<'_> {
-        Idle { copies: self.copies.lock().unwrap_or_else(PoisonError::into_inner), now, lag: self.peer_lag.load(Ordering::Relaxed) }
+        Idle { copies: self.copies.read().unwrap_or_else(PoisonError::into_inner), now, lag: self.peer_lag.load(Ordering::Relaxed) }
     }
 
     /// Removes the flows idle `expire(listener id)` age units or more at age `now` (a peer's
-    /// copy: idle that long on its peer, see [`Idle::of`]); returns how many were removed.
+    /// copy: idle that long on its peer, see [`Idle::of`]); returns how many were removed. Then
+    /// forgets the copies that are over (gone from the table, or soon) or of a listener that
+    /// is gone (`expire` gives it `u32::MAX`).
     pub fn remove_idle(&self, now: u32, expire: impl Fn(u32) -> u32) -> usize {
-        let mut idle = self.idle_at(now);
-        let removed = self.remove_where(|f| {
-            let e = expire(lb_common::real_listener(f.real()));
-            f.idle(now) >= e && idle.of(f) >= e
+        let removed = {
+            let idle = self.idle_at(now);
+            self.remove_where(|f| {
+                let e = expire(lb_common::real_listener(f.real()));
+                f.idle(now) >= e && idle.of(f) >= e
+            })
+        };
+        let lag = self.peer_lag();
+        let mut copies = self.copies.write().unwrap_or_else(PoisonError::into_inner);
+        copies.retain(|_, c| {
+            let e = expire(lb_common::real_listener(c.real));
+            e != u32::MAX && flow_idle(now, u32::from(c.peer)).saturating_sub(lag) < e
         });
-        idle.prune(expire);
+        // Memory back once a burst of copies (a joining node's, configs that differed) is over.
+        if copies.capacity() > 4 * copies.len().max(1024) {
+            copies.shrink_to_fit();
+        }
         removed
     }
 
@@ -451,6 +466,8 @@ impl FlowTable {
     /// The open copy the slot then holds is remembered with the peer's age (see [`Idle`]).
     #[must_use]
     pub fn merge(&self, flow: &PeerFlow, now: u32, expire: u32, may_insert: bool) -> Merged {
+        // Held over the write and its record: a sweep never sees one without the other.
+        let mut copies = self.copies.write().unwrap_or_else(PoisonError::into_inner);
         let merged = self.merge_slot(flow, now, expire, may_insert);
         if matches!(merged, Merged::Inserted | Merged::Refreshed) {
             // Remembered when the slot holds the peer's age; left as it was when the slot kept
@@ -459,7 +476,6 @@ impl FlowTable {
             let written = merged_age(now, flow.age, MERGE_IDLE_FLOOR.min(expire / 2));
             let held = self.find(&flow.key, flow.addrs6.as_ref()).filter(|f| f.real() == flow.real && !f.closing() && !flow.closing);
             let tag = addrs6_tag(flow.addrs6.as_ref());
-            let mut copies = self.copies.lock().unwrap_or_else(PoisonError::into_inner);
             #[expect(clippy::cast_possible_truncation, reason = "ages are 16 bits")]
             match held {
                 Some(f) if f.age() == written => {
