@@ -358,6 +358,12 @@ struct SoakCounts {
 }
 
 impl SoakCounts {
+    /// A loss counter's name, as its field is named in the counts' line.
+    fn name_of(&self, counter: &AtomicU64) -> &'static str {
+        let named = [(&self.lost_reset, "reset"), (&self.lost_eof, "eof"), (&self.lost_timeout, "timeout")];
+        named.into_iter().find(|(c, _)| std::ptr::eq(*c, counter)).map_or("other", |(_, n)| n)
+    }
+
     fn json(&self, started: Instant, is_last: bool) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let lost = g(&self.lost_reset) + g(&self.lost_eof) + g(&self.lost_timeout) + g(&self.lost_other);
@@ -423,6 +429,10 @@ async fn soak_session(a: Arc<Args>, counts: Arc<SoakCounts>, mut s: TcpStream, i
             }
             Err(counter) => {
                 counter.fetch_add(1, Ordering::Relaxed);
+                // Which session, and how: the soak looks its flow up in the balancers' tables.
+                if let Ok(me) = s.local_addr() {
+                    println!("{{\"lost\":\"{me}\",\"how\":\"{}\"}}", c.name_of(counter));
+                }
                 tokio::time::sleep(Duration::from_millis(1000 + rng.next() % 4000)).await;
                 loop {
                     if *last.borrow() {

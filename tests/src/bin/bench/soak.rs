@@ -38,7 +38,7 @@
 //! show that.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fmt::Write as _,
     io::{BufRead as _, BufReader, Write as _},
     path::Path,
@@ -226,12 +226,17 @@ impl Sample {
 /// A client process's latest line, and when it came.
 type Latest = Arc<Mutex<Vec<(Value, Instant)>>>;
 
+/// The sessions the client processes said they lost (the client's address and port, how), and
+/// when the line came, in the order they came.
+type Losses = Arc<Mutex<Vec<(String, String, Instant)>>>;
+
 /// The client processes and the latest line each printed; the last process is the vanishing
 /// clients' (when there are any), whose counts freeze when they vanish.
 struct Clients {
     procs: Vec<Child>,
     readers: Vec<std::thread::JoinHandle<()>>,
     latest: Latest,
+    losses: Losses,
     gone: Option<usize>,
     /// The vanishing process's last line before it vanished.
     vanished: Option<Value>,
@@ -257,8 +262,15 @@ impl Clients {
         let report_every = o.sample_every.min(Duration::from_secs(5));
         let latest: Latest = Arc::new(Mutex::new(vec![(Value::Null, Instant::now()); groups.len()]));
         // Built first, so that the processes started before a failure are stopped by its drop.
-        let mut clients =
-            Self { procs: Vec::new(), readers: Vec::new(), latest, gone: gone.map(|_| o.processes), vanished: None, report_every };
+        let mut clients = Self {
+            procs: Vec::new(),
+            readers: Vec::new(),
+            latest,
+            losses: Losses::default(),
+            gone: gone.map(|_| o.processes),
+            vanished: None,
+            report_every,
+        };
         for (p, (ns, from, count, churn)) in groups.iter().enumerate() {
             let mut child = nsenter(ns, bin.join("loadgen"))
                 .args(["soak", "--target", &format!("{}:1883", lab::VIP), "--from", from])
@@ -271,12 +283,15 @@ impl Clients {
                 .context("starting loadgen soak")?;
             let out = child.stdout.take().context("loadgen's stdout")?;
             clients.procs.push(child);
-            let latest = Arc::clone(&clients.latest);
+            let (latest, losses) = (Arc::clone(&clients.latest), Arc::clone(&clients.losses));
             clients.readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if let Ok(v) = serde_json::from_str::<Value>(&line)
-                        && let Ok(mut l) = latest.lock()
-                    {
+                    let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+                    if let Some(who) = v["lost"].as_str() {
+                        if let Ok(mut l) = losses.lock() {
+                            l.push((who.to_owned(), v["how"].as_str().unwrap_or("?").to_owned(), Instant::now()));
+                        }
+                    } else if let Ok(mut l) = latest.lock() {
                         l[p] = (v, Instant::now());
                     }
                 }
@@ -406,6 +421,146 @@ fn distinct_flows(nodes: &[Node], gone: std::net::Ipv4Addr) -> (u64, u64) {
     (u64::try_from(seen.len()).unwrap_or(u64::MAX), u64::try_from(from_gone).unwrap_or(u64::MAX))
 }
 
+/// Every flow of the running nodes' tables (closing ones too), and each table's clock as its
+/// freshest flow tells it (within a frame's gap): where the soak looks up a lost session's flow.
+#[derive(Default)]
+struct Tables {
+    /// When it was read (s from the start).
+    t: f64,
+    /// Per node: the age of its freshest flow, `None` while the node is down.
+    now: Vec<Option<u32>>,
+    flows: HashMap<FlowKey, Vec<(usize, u32)>>,
+}
+
+impl Tables {
+    fn read(nodes: &[Node], t: f64) -> Self {
+        let mut me = Self { t, now: vec![None; nodes.len()], flows: HashMap::new() };
+        for (i, n) in nodes.iter().enumerate() {
+            let Some(table) = &n.table else { continue };
+            let mut newest: Option<u32> = None;
+            table.walk(|f| {
+                me.flows.entry(f.key).or_default().push((i, f.state));
+                let age = f.age();
+                // Newer: ahead of the newest so far by less than half the clock's wrap.
+                newest = Some(newest.map_or(age, |m| if age.wrapping_sub(m) & 0xffff < 0x8000 { age } else { m }));
+            });
+            me.now[i] = newest;
+        }
+        me
+    }
+
+    /// What each node's table held for `key`: its backend id, kind and idle time.
+    fn describe(&self, key: &FlowKey) -> String {
+        let Some(held) = self.flows.get(key) else { return format!("{:.0} s: in no table", self.t) };
+        let each: Vec<String> = held
+            .iter()
+            .map(|&(i, state)| {
+                let f = lb_userspace::flow_table::Flow { key: *key, state, addrs6: None };
+                let idle = self.now[i].map_or(0, |now| f.idle(now));
+                #[expect(clippy::cast_precision_loss, reason = "seconds for a report")]
+                let secs = f64::from(idle) * (1u64 << lb_common::FLOW_AGE_NS_SHIFT) as f64 / 1e9;
+                format!("node {} backend id {} {} idle {secs:.0} s", i + 1, lb_common::real_backend(f.real()), kind_name(f.kind()))
+            })
+            .collect();
+        format!("{:.0} s: {}", self.t, each.join(", "))
+    }
+}
+
+/// The sessions the clients lost outside b3's window (b3's own end with it), each looked up in
+/// the tables: the sample's before the loss, just before node 2 failed, and the sample's after.
+#[derive(Default)]
+struct LossLog {
+    /// Client lines taken so far.
+    taken: usize,
+    prev: Tables,
+    at_fail: Option<Tables>,
+    b3_window: Option<(Instant, Instant)>,
+    lines: Vec<String>,
+}
+
+impl LossLog {
+    /// At most this many losses looked up (each is a line of the report).
+    const MAX: usize = 40;
+
+    fn update(&mut self, nodes: &[Node], clients: &Clients, started: Instant) {
+        let after = Tables::read(nodes, started.elapsed().as_secs_f64());
+        let new: Vec<(String, String, Instant)> =
+            clients.losses.lock().map(|l| l.iter().skip(self.taken).cloned().collect()).unwrap_or_default();
+        self.taken += new.len();
+        for (who, how, at) in new {
+            if self.b3_window.is_some_and(|(a, b)| (a..b).contains(&at)) || self.lines.len() >= Self::MAX {
+                continue;
+            }
+            let Some(key) = session_key(&who) else { continue };
+            let line = format!(
+                "{:.0} s, {who}, {how}. Before: {}.{} After: {}.",
+                at.duration_since(started).as_secs_f64(),
+                self.prev.describe(&key),
+                self.at_fail.as_ref().map_or_else(String::new, |t| format!(" Before node 2 failed: {}.", t.describe(&key))),
+                after.describe(&key)
+            );
+            eprintln!("soak: lost {line}");
+            self.lines.push(line);
+        }
+        self.prev = after;
+    }
+}
+
+/// Diagnostics (`SOAK_CLUSTER_LOG`): flows node 1 holds idle over 150 s while node 2 saw them
+/// within a minute, and what each node's `dsrlb flow` says of a few.
+fn old_copies(t: &Tables, nodes: &[Node]) {
+    let secs = |i: usize, state: u32| {
+        let f = lb_userspace::flow_table::Flow { key: FlowKey::default(), state, addrs6: None };
+        #[expect(clippy::cast_precision_loss, reason = "seconds for a log")]
+        let s = f64::from(t.now[i].map_or(0, |now| f.idle(now))) * (1u64 << lb_common::FLOW_AGE_NS_SHIFT) as f64 / 1e9;
+        s
+    };
+    let old: Vec<&FlowKey> = t
+        .flows
+        .iter()
+        .filter(|(_, held)| {
+            held.iter().any(|&(i, st)| i == 0 && secs(0, st) > 150.0) && held.iter().any(|&(i, st)| i == 1 && secs(1, st) < 60.0)
+        })
+        .map(|(k, _)| k)
+        .collect();
+    eprintln!("soak: {} flows node 1 holds idle over 150 s that node 2 saw within 60 s", old.len());
+    for k in old.iter().take(6) {
+        let client = format!("{}:{}", std::net::Ipv4Addr::from(k.src_be.to_ne_bytes()), u16::from_be_bytes(k.sport_be.to_ne_bytes()));
+        for (i, n) in nodes.iter().enumerate() {
+            if let Some(lb) = &n.lb {
+                let (_, out, err) = lb.cli(&["flow", &client, &format!("{}:1883", lab::VIP)]);
+                eprintln!("soak: node {} flow {client}: {} {}", i + 1, out.trim().replace('\n', " | "), err.trim());
+            }
+        }
+    }
+}
+
+/// A flow kind's name (`lb_common::FLOW_K_*`).
+const fn kind_name(kind: u32) -> &'static str {
+    match kind {
+        lb_common::FLOW_K_MIDFLOW_CONFIRMED => "midflow-confirmed",
+        lb_common::FLOW_K_MIDFLOW => "midflow",
+        lb_common::FLOW_K_UNCONFIRMED_CLOSING => "unconfirmed-closing",
+        lb_common::FLOW_K_OPENED => "opened",
+        lb_common::FLOW_K_MIDFLOW_CONFIRMED_CLOSING => "midflow-closing",
+        lb_common::FLOW_K_CONFIRMED => "confirmed",
+        lb_common::FLOW_K_CONFIRMED_CLOSING => "confirmed-closing",
+        _ => "?",
+    }
+}
+
+/// The flow key of a client's session to the VIP's port 1883, from the client's "IP:PORT".
+fn session_key(client: &str) -> Option<FlowKey> {
+    let a: std::net::SocketAddrV4 = client.parse().ok()?;
+    let vip = lab::VIP;
+    Some(FlowKey {
+        src_be: u32::from_ne_bytes(a.ip().octets()),
+        dst_be: u32::from_ne_bytes(vip.octets()),
+        sport_be: u16::from_ne_bytes(a.port().to_be_bytes()),
+        dport_be: u16::from_ne_bytes(1883u16.to_be_bytes()),
+    })
+}
+
 /// A sample: the clients' latest counts, and each node's status, usage and table. With one
 /// node, live flows are its status's count (what an operator reads); with two, the distinct
 /// flows of both tables.
@@ -418,6 +573,21 @@ fn take(lab: &Lab, nodes: &[Node], clients: &Clients, started: Instant, event: &
             continue;
         };
         let status = lb.status();
+        if std::env::var_os("SOAK_CLUSTER_LOG").is_some()
+            && let Some(c) = &status.cluster
+        {
+            let peers: Vec<String> = c
+                .peers
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{} sent {} received {} out {} in {} synced {}",
+                        p.node, p.flows_sent, p.flows_received, p.out_connected, p.in_connected, p.synced
+                    )
+                })
+                .collect();
+            eprintln!("soak: {} cluster: walk {:?}; merged {:?}; {}", lb.ns(), c.last_walk, c.merged, peers.join("; "));
+        }
         let pid = lb.child.id();
         let (rss_kb, cpu_s) = proc_usage(pid);
         entries += u64::try_from(status.flow_table_entries).unwrap_or(u64::MAX);
@@ -467,13 +637,14 @@ fn sync_interval(o: &Options) -> Duration {
 
 /// How much longer than the original a peer's copy of a flow may stay (two nodes): dsrlb keeps
 /// a copy for the peer's refresh lag past the peer's last word on it (`refresh`, a quarter of
-/// the timeout or `sync_interval`, and two rounds), plus a unit of the flow clock.
+/// the timeout or `sync_interval`, and two rounds, plus a unit of the flow clock), and a relayed
+/// copy two lags (a copy passed back to its node after the original there went is one).
 fn copy_lag(o: &Options) -> f64 {
     if o.nodes < 2 {
         return 0.0;
     }
     let sync = sync_interval(o).as_secs_f64();
-    (idle_timeout(o).as_secs_f64() / 4.0).max(sync) + 2.0 * sync + 2.2
+    2.0 * ((idle_timeout(o).as_secs_f64() / 4.0).max(sync) + 2.0 * sync + 2.2)
 }
 
 /// The events of node 2's failure and return (two nodes).
@@ -535,6 +706,8 @@ struct Run {
     opened_in: Duration,
     on_b3: u64,
     vanished: u64,
+    /// The sessions lost outside b3's window, with what the tables held for them.
+    losses: Vec<String>,
 }
 
 fn config(o: &Options, lab: &Lab) -> String {
@@ -677,6 +850,7 @@ fn run(lab: &Lab, bin: &Path, o: &Options, out_dir: Option<&Path>) -> anyhow::Re
     });
     let opened_in = started.elapsed();
     let mut samples = vec![take(lab, &nodes, &clients, started, "opened")];
+    let mut losses = LossLog { prev: Tables::read(&nodes, started.elapsed().as_secs_f64()), ..LossLog::default() };
     let soak_start = Instant::now();
     let mut events = timeline(o).into_iter().peekable();
     let (mut on_b3, mut vanished) = (0u64, 0u64);
@@ -702,6 +876,8 @@ fn run(lab: &Lab, bin: &Path, o: &Options, out_dir: Option<&Path>) -> anyhow::Re
                     drains.push("b2");
                 }
                 "stop b3" => {
+                    let now = Instant::now();
+                    losses.b3_window = Some((now, now + o.ping.1 + Duration::from_secs(20)));
                     on_b3 = sessions_on(lab, 2)?;
                     lab.stop_broker(2)?;
                 }
@@ -720,6 +896,11 @@ fn run(lab: &Lab, bin: &Path, o: &Options, out_dir: Option<&Path>) -> anyhow::Re
                 }
                 "reload" => on_every_node(&mut nodes, &["reload"])?,
                 NODE_FAILS => {
+                    let before = Tables::read(&nodes, started.elapsed().as_secs_f64());
+                    if std::env::var_os("SOAK_CLUSTER_LOG").is_some() {
+                        old_copies(&before, &nodes);
+                    }
+                    losses.at_fail = Some(before);
                     let took = fail_node(lab, &mut nodes[1], 1)?;
                     what = format!("{NODE_FAILS} (router on 1 node after {:.1} s)", took.as_secs_f64());
                 }
@@ -737,6 +918,7 @@ fn run(lab: &Lab, bin: &Path, o: &Options, out_dir: Option<&Path>) -> anyhow::Re
         if !label.is_empty() {
             clients.check()?;
             samples.push(take(lab, &nodes, &clients, started, &label));
+            losses.update(&nodes, &clients, started);
             continue;
         }
         let left = next_sample.saturating_sub(soak_start.elapsed());
@@ -745,6 +927,7 @@ fn run(lab: &Lab, bin: &Path, o: &Options, out_dir: Option<&Path>) -> anyhow::Re
         if soak_start.elapsed() >= next_sample {
             clients.check()?;
             samples.push(take(lab, &nodes, &clients, started, ""));
+            losses.update(&nodes, &clients, started);
             // After a slow event, on from now: no samples taken back to back to catch up.
             next_sample = (next_sample + o.sample_every).max(soak_start.elapsed());
         }
@@ -756,11 +939,12 @@ fn run(lab: &Lab, bin: &Path, o: &Options, out_dir: Option<&Path>) -> anyhow::Re
     last.live_flows = live_before;
     let final_ok = clients.sum("final_ok");
     samples.push(last);
+    losses.update(&nodes, &clients, started);
     for lb in up(&mut nodes) {
         let _ = lb.stop();
     }
     drop(nodes);
-    let ran = Run { samples, opened_in, on_b3, vanished };
+    let ran = Run { samples, opened_in, on_b3, vanished, losses: losses.lines };
     let (report, mut failures) = report(o, &ran, final_ok)?;
     let mut report = report;
     if let Some(dir) = out_dir {
@@ -876,15 +1060,14 @@ fn report(o: &Options, ran: &Run, final_ok: u64) -> anyhow::Result<(String, Vec<
         last.churn_ok,
         last.churn_failed,
     );
+    lost_sessions(&mut r, &ran.losses);
     if to_balancer > 0 {
         failures.push(format!("{to_balancer} sessions lost to the balancer"));
     }
     if unanswered > 0 {
         failures.push(format!("{unanswered} sessions did not answer the last ping"));
     }
-    if last.open_failed > 0 {
-        failures.push(format!("{} sessions failed to open", last.open_failed));
-    }
+    failures.extend((last.open_failed > 0).then(|| format!("{} sessions failed to open", last.open_failed)));
     if churn_outside > 0 {
         failures.push(format!("{churn_outside} short sessions failed outside b3's stop"));
     }
@@ -896,8 +1079,9 @@ fn report(o: &Options, ran: &Run, final_ok: u64) -> anyhow::Result<(String, Vec<
     // Node 2's flows are gone with its table; node 1 takes each in at its next frame.
     let failed_at = samples.iter().find(|s| s.event.contains(NODE_FAILS)).map(|s| s.t);
     let never = (f64::MAX, f64::MAX);
+    // b3's reset sessions send no FIN through the balancer: their flows wait as the vanished ones'.
     let waits = [
-        (stop_at, b3_until + idle + sweep + 5.0),
+        (stop_at, b3_until + idle + copy_lag(o) + sweep + 5.0),
         vanish_at.map_or(never, |t| (t, t + idle + copy_lag(o) + sweep + 5.0)),
         failed_at.map_or(never, |t| (t, t + o.ping.1.as_secs_f64() + 20.0)),
     ];
@@ -927,6 +1111,22 @@ fn report(o: &Options, ran: &Run, final_ok: u64) -> anyhow::Result<(String, Vec<
     failures.extend(counters_went_back(samples));
     r.push('\n');
     Ok((r, failures))
+}
+
+/// The sessions lost outside b3's window, with what the tables held for them, as a list.
+fn lost_sessions(r: &mut String, losses: &[String]) {
+    if losses.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        r,
+        "- Sessions lost outside b3's window (at most {}), each with what the tables held for its flow (backend id, kind, idle) in \
+         the sample before, just before node 2 failed, and in the sample after:",
+        LossLog::MAX
+    );
+    for l in losses {
+        let _ = writeln!(r, "  - {l}");
+    }
 }
 
 /// Whether a counter went back: the programs' are pinned and outlive the controllers, so they
@@ -1014,7 +1214,7 @@ fn vanished_flows(r: &mut String, o: &Options, samples: &[Sample], at: f64, vani
         half.map_or_else(|| "never".to_owned(), |f| format!("{f:.0} s")),
         fell.map_or_else(|| "never, within the run".to_owned(), |f| format!("{f:.0} s")),
         if lag > 0.0 {
-            format!(" (a copy on the other node may stay {lag:.0} s longer than the original: the peers' refresh lag)")
+            format!(" (a copy may stay {lag:.0} s longer than the original: two of the peers' refresh lags)")
         } else {
             String::new()
         },
