@@ -31,7 +31,8 @@
 //! (`HELLO` 1, `REPLY` 5, `PROOF` 6, in [`auth`]), the body ends with the frame's MAC.
 //! - `FLOWS` (2): `u32 VIP`, `u16 port`, `u8 length`, backend name, `u32 count`, then per flow
 //!   `u32 client address`, `u16 client port`, `u16 idle units`, `u8 flags` (1: closing, 2: opened
-//!   and not yet confirmed).
+//!   and not yet confirmed, 4: relayed, the sender's copy of another node's word; a node before
+//!   this flag ignores it, and keeps such a copy a lag less).
 //! - `FLOWS6` (4): the same for an IPv6 listener, with 16-byte addresses.
 //! - `SYNCED` (3): empty.
 
@@ -64,6 +65,9 @@ pub struct Entry {
     pub idle: u16,
     pub closing: bool,
     pub opened: bool,
+    /// The sender holds it as another node's copy, and `idle` is that node's word: the flow
+    /// may have had frames a refresh lag more recent there (`FlowTable`'s `Idle::shared`).
+    pub relayed: bool,
 }
 
 /// A listener's (VIP:port) exceptions pinned to one backend.
@@ -645,7 +649,7 @@ fn encode_flows(listener: SocketAddr, backend: &str, entries: &[Entry]) -> Vec<u
         push_ip(&mut b, e.client.ip());
         b.extend_from_slice(&e.client.port().to_be_bytes());
         b.extend_from_slice(&e.idle.to_be_bytes());
-        b.push(u8::from(e.closing) | u8::from(e.opened) << 1);
+        b.push(u8::from(e.closing) | u8::from(e.opened) << 1 | u8::from(e.relayed) << 2);
     }
     b
 }
@@ -885,6 +889,7 @@ fn decode_flows(body: &[u8], ipv6: bool) -> anyhow::Result<Group> {
                     idle: u16::from_be_bytes([e[addr + 2], e[addr + 3]]),
                     closing: e[addr + 4] & 1 != 0,
                     opened: e[addr + 4] & 2 != 0,
+                    relayed: e[addr + 4] & 4 != 0,
                 }
             })
             .collect();
@@ -1002,7 +1007,7 @@ mod tests {
     }
 
     fn flows_body() -> Vec<u8> {
-        let entry = Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false, opened: false };
+        let entry = Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false, opened: false, relayed: false };
         encode_flows("192.0.2.100:1883".parse().expect("addr"), "b3", &[entry])
     }
 
@@ -1147,7 +1152,7 @@ mod tests {
         s.nodes.push(peer);
         let (events, _rx) = mpsc::channel(64);
         let c = Cluster::start(s, events).expect("start");
-        let entry = Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false, opened: false };
+        let entry = Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false, opened: false, relayed: false };
         let group = Group { listener: Some("192.0.2.100:1883".parse().expect("addr")), backend: "b3".to_owned(), entries: vec![entry] };
         c.publish(Exceptions { groups: vec![group], complete: true, walked: None });
 
@@ -1224,7 +1229,8 @@ mod tests {
             let (tx_b, mut rx_b) = mpsc::channel(64);
             let node_a = Cluster::start(node(a, key_a), tx_a).expect("start a");
             let node_b = Cluster::start(node(b, key_b), tx_b).expect("start b");
-            let entry = Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false, opened: false };
+            let entry =
+                Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false, opened: false, relayed: false };
             let group = Group { listener: Some("192.0.2.100:1883".parse().expect("addr")), backend: "b3".to_owned(), entries: vec![entry] };
             node_a.publish(Exceptions { groups: vec![group.clone()], complete: true, walked: None });
             if agree {
@@ -1246,13 +1252,13 @@ mod tests {
     #[test]
     fn flows_frames_round_trip_and_bad_ones_are_refused() {
         let entries = vec![
-            Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false, opened: false },
-            Entry { client: "198.51.100.8:40001".parse().expect("addr"), idle: 65535, closing: true, opened: false },
+            Entry { client: "198.51.100.7:40000".parse().expect("addr"), idle: 3, closing: false, opened: false, relayed: false },
+            Entry { client: "198.51.100.8:40001".parse().expect("addr"), idle: 65535, closing: true, opened: true, relayed: true },
         ];
         let listener: SocketAddr = "192.0.2.100:1883".parse().expect("addr");
         let entries6 = vec![
-            Entry { client: "[2001:db8::7]:40000".parse().expect("addr"), idle: 3, closing: false, opened: false },
-            Entry { client: "[2001:db8:1::8]:40001".parse().expect("addr"), idle: 65535, closing: true, opened: false },
+            Entry { client: "[2001:db8::7]:40000".parse().expect("addr"), idle: 3, closing: false, opened: false, relayed: false },
+            Entry { client: "[2001:db8:1::8]:40001".parse().expect("addr"), idle: 65535, closing: true, opened: false, relayed: true },
         ];
         let listener6: SocketAddr = "[2001:db8::100]:1883".parse().expect("addr");
         for (listener, entries, ipv6) in [(listener, entries, false), (listener6, entries6, true)] {

@@ -152,7 +152,7 @@ pub fn find(table: &FlowTable, view: &RingView, now: u32) -> Exceptions {
     let walked = std::time::Instant::now();
     let mut groups: BTreeMap<(u32, u32), Vec<Entry>> = BTreeMap::new();
     // A peer's copy is shared while it lives (`Idle::of`: the peer's refresh lag counts), with
-    // the idle time its peer last told (`Idle::known`).
+    // the idle time its peer last told, marked relayed (`Idle::shared`).
     let idle_at = table.idle_at(now);
     table.walk(|f| {
         let Some(l) = view.listeners.get(&real_listener(f.real())) else { return };
@@ -164,8 +164,8 @@ pub fn find(table: &FlowTable, view: &RingView, now: u32) -> Exceptions {
         if idle_at.of(f) >= l.expire {
             return;
         }
-        let idle = idle_at.known(f);
-        let entry = Entry { client: client_of(f), idle: u16::try_from(idle).unwrap_or(u16::MAX), closing: f.closing(), opened };
+        let (idle, relayed) = idle_at.shared(f);
+        let entry = Entry { client: client_of(f), idle: u16::try_from(idle).unwrap_or(u16::MAX), closing: f.closing(), opened, relayed };
         groups.entry((real_listener(f.real()), backend)).or_default().push(entry);
     });
     let groups = groups

@@ -20,9 +20,14 @@
 //! client) and was an exception thus goes up to the lag after its timeout, on every node (a
 //! copy passed back to its own node counts as a copy there too).
 //!
+//! A copy a peer passes on (its copy of a third node's flow, or of this node's from before a
+//! restart: [`PeerFlow::relayed`]) lives two lags past the word: that node's frames may be a lag
+//! more recent, and the peer's own frames since come with its next refresh.
+//!
 //! Limits: a copy in its lag window looks expired to the program and to a merge of another
 //! real, so in a full bucket it is the first replaced; a restarted controller forgets the
-//! copies until its peers send them again (at once, on their new connections).
+//! copies until its peers send them again (at once, on their new connections), and then
+//! remembers them even where a slot keeps its own age (`FlowTable::merge`).
 
 use lb_common::{
     FLOW_K_CONFIRMED, FLOW_K_CONFIRMED_CLOSING, FLOW_K_MIDFLOW, FLOW_K_OPENED, FLOW_K_UNCONFIRMED_CLOSING, FLOW_OPENED_GRACE_UNITS,
@@ -131,6 +136,10 @@ pub struct PeerFlow {
     /// The age of its last frame on the peer (of its closing mark, when closing; of its
     /// recording, when opened).
     pub age: u32,
+    /// The peer holds it as a copy of a third node's word (or of this node's, from before a
+    /// restart): its last frame may be up to that node's refresh lag more recent than `age`,
+    /// and the peer's own frames since its word another lag more ([`Idle::of`]).
+    pub relayed: bool,
 }
 
 /// Age units a flow from a peer is taken to be idle at least (half the flow idle timeout when
@@ -147,14 +156,29 @@ const fn merged_age(now: u32, peer: u32, floor: u32) -> u32 {
 }
 
 /// A peer's open copy as a merge left it: its real, a tag of its IPv6 addresses, the age in
-/// the slot, and the peer's own age of the flow (16 bytes, the 12 of its key, and the hash
-/// table's own: about 50 bytes a copy).
+/// the slot, the newest age of the flow a peer told, and whether that word was relayed (24
+/// bytes, the 12 of its key, and the hash table's own: about 60 bytes a copy).
 #[derive(Clone, Copy, Debug)]
 struct PeerCopy {
     real: u32,
     written: u16,
     peer: u16,
     addrs6: u64,
+    relayed: bool,
+}
+
+impl PeerCopy {
+    /// The lag units its word may be behind the flow's last frame: one peer's refresh lag, two
+    /// for a relayed word.
+    const fn lag(&self, lag: u32) -> u32 {
+        if self.relayed { lag.saturating_mul(2) } else { lag }
+    }
+}
+
+/// Whether age `a` is more recent than age `b` (by less than half the clock's wrap).
+const fn newer(a: u32, b: u32) -> bool {
+    let d = a.wrapping_sub(b) & 0xffff;
+    d != 0 && d < 0x8000
 }
 
 /// A tag of an IPv6 flow's addresses (0 for IPv4): tells apart two flows whose keys collide.
@@ -175,20 +199,20 @@ pub struct Idle<'a> {
 
 impl Idle<'_> {
     /// For a peer's copy that has seen no frame here since a merge wrote it: age units since
-    /// the peer's last frame, as the peer last told it.
-    fn on_peer(&self, f: &Flow) -> Option<u32> {
+    /// the flow's last frame, as a peer last told it, and its record.
+    fn on_peer(&self, f: &Flow) -> Option<(u32, &PeerCopy)> {
         let c = self.copies.get(&f.key)?;
         (u32::from(c.written) == f.age() && c.real == f.real() && c.addrs6 == addrs6_tag(f.addrs6.as_ref()) && !f.closing())
-            .then(|| flow_idle(self.now, u32::from(c.peer)))
+            .then(|| (flow_idle(self.now, u32::from(c.peer)), c))
     }
 
     /// Age units the flow counts as idle, for its expiry and the live count: a peer's copy
-    /// (see [`Self::on_peer`]) as idle as on the peer less the peer's refresh lag (its frames
-    /// since its last word may be that recent).
+    /// (see [`Self::on_peer`]) as idle as a peer told less the peer's refresh lag (its frames
+    /// since its last word may be that recent), less two lags for a relayed word.
     #[must_use]
     pub fn of(&self, f: &Flow) -> u32 {
         let here = f.idle(self.now);
-        self.on_peer(f).map_or(here, |p| p.saturating_sub(self.lag).min(here))
+        self.on_peer(f).map_or(here, |(p, c)| p.saturating_sub(c.lag(self.lag)).min(here))
     }
 
     /// Age units since the flow's last frame that this node knows of, to share: a peer's copy
@@ -196,8 +220,21 @@ impl Idle<'_> {
     /// each other younger).
     #[must_use]
     pub fn known(&self, f: &Flow) -> u32 {
+        self.shared(f).0
+    }
+
+    /// [`Self::known`], and whether it is a peer's word passed on (relayed): a node that takes
+    /// it then keeps its copy a lag longer than of a word of the node's own frames, as the
+    /// flow may have had frames a lag more recent on that peer, and this node's frames since
+    /// reach it only with this node's next refresh. (A relayed word passed on again stays
+    /// relayed, with no more than that lag: with two nodes a chain is never longer.)
+    #[must_use]
+    pub fn shared(&self, f: &Flow) -> (u32, bool) {
         let here = f.idle(self.now);
-        self.on_peer(f).map_or(here, |p| p.min(here))
+        match self.on_peer(f) {
+            Some((p, _)) if p <= here => (p, true),
+            _ => (here, false),
+        }
     }
 }
 
@@ -250,6 +287,13 @@ impl FlowTable {
         self.peer_lag.load(Ordering::Relaxed)
     }
 
+    /// Forgets the peers' copies, as a restarted controller has (tests: its records are in this
+    /// process only).
+    #[doc(hidden)]
+    pub fn forget_copies(&self) {
+        self.copies.write().unwrap_or_else(PoisonError::into_inner).clear();
+    }
+
     /// Idle times at age `now` ([`Idle::of`]); merges wait until it is dropped.
     #[must_use]
     pub fn idle_at(&self, now: u32) -> Idle<'_> {
@@ -272,7 +316,7 @@ impl FlowTable {
         let mut copies = self.copies.write().unwrap_or_else(PoisonError::into_inner);
         copies.retain(|_, c| {
             let e = expire(lb_common::real_listener(c.real));
-            e != u32::MAX && flow_idle(now, u32::from(c.peer)).saturating_sub(lag) < e
+            e != u32::MAX && flow_idle(now, u32::from(c.peer)).saturating_sub(c.lag(lag)) < e
         });
         // Memory back once a burst of copies (a joining node's, configs that differed) is over.
         if copies.capacity() > 4 * copies.len().max(1024) {
@@ -468,23 +512,21 @@ impl FlowTable {
     pub fn merge(&self, flow: &PeerFlow, now: u32, expire: u32, may_insert: bool) -> Merged {
         // Held over the write and its record: a sweep never sees one without the other.
         let mut copies = self.copies.write().unwrap_or_else(PoisonError::into_inner);
+        // The slot's age before: whether this merge wrote the peer's word into it.
+        let before = self.find(&flow.key, flow.addrs6.as_ref()).map(|f| f.state);
         let merged = self.merge_slot(flow, now, expire, may_insert);
         if matches!(merged, Merged::Inserted | Merged::Refreshed) {
-            // Remembered when the slot holds the peer's age; left as it was when the slot kept
-            // an age of its own (a frame seen here, or an earlier word of a peer, newer than this
-            // one); forgotten when the slot no longer holds the flow open on that real.
-            let written = merged_age(now, flow.age, MERGE_IDLE_FLOOR.min(expire / 2));
+            // Remembered while the slot holds the flow open on that real, with the age in the
+            // slot and the newest word of a peer on it; forgotten when the slot no longer holds
+            // it so. See `record`.
             let held = self.find(&flow.key, flow.addrs6.as_ref()).filter(|f| f.real() == flow.real && !f.closing() && !flow.closing);
             let tag = addrs6_tag(flow.addrs6.as_ref());
-            #[expect(clippy::cast_possible_truncation, reason = "ages are 16 bits")]
             match held {
-                Some(f) if f.age() == written => {
-                    copies.insert(
-                        flow.key,
-                        PeerCopy { real: flow.real, written: written as u16, peer: (flow.age & 0xffff) as u16, addrs6: tag },
-                    );
+                Some(f) => {
+                    if let Some(c) = self.record(copies.get(&flow.key), flow, &f, before != Some(f.state)) {
+                        copies.insert(flow.key, c);
+                    }
                 }
-                Some(_) => {}
                 None => {
                     if copies.get(&flow.key).is_some_and(|c| c.addrs6 == tag) {
                         copies.remove(&flow.key);
@@ -493,6 +535,36 @@ impl FlowTable {
             }
         }
         merged
+    }
+
+    /// The record a merge of `flow` leaves for the slot `f` now holds open on its real
+    /// (`wrote`: the merge wrote the peer's word into it), or `None` to leave the standing one.
+    /// - A word written into the slot is recorded, relayed or not.
+    /// - A slot that kept its age (as recent as the word, or more) keeps a standing record for
+    ///   that age, unless this word lasts longer; without one (a restart forgot them), the word
+    ///   is recorded unless the slot is more recent than it by more than the units of rounding
+    ///   two words of one frame may differ by (then it had a frame here: the flow is this
+    ///   node's own). Such a word adds nothing this node did not know: not relayed.
+    fn record(&self, standing: Option<&PeerCopy>, flow: &PeerFlow, f: &Flow, wrote: bool) -> Option<PeerCopy> {
+        /// Units two words of one frame may differ by (each rounds the time since its walk up).
+        const ROUNDING: u32 = 2;
+        let peer = flow.age & 0xffff;
+        #[expect(clippy::cast_possible_truncation, reason = "ages are 16 bits")]
+        let word = PeerCopy {
+            real: flow.real,
+            written: f.age() as u16,
+            peer: peer as u16,
+            addrs6: addrs6_tag(flow.addrs6.as_ref()),
+            relayed: wrote && flow.relayed,
+        };
+        let standing = standing.filter(|c| c.written == word.written && c.real == word.real && c.addrs6 == word.addrs6);
+        let lag = self.peer_lag();
+        let lasts = |c: &PeerCopy| u32::from(c.peer).wrapping_add(c.lag(lag)) & 0xffff;
+        let keep = match standing {
+            Some(c) => !wrote && !newer(lasts(&word), lasts(c)),
+            None => !wrote && newer(f.age(), peer.wrapping_add(ROUNDING) & 0xffff),
+        };
+        (!keep).then_some(word)
     }
 
     fn merge_slot(&self, flow: &PeerFlow, now: u32, expire: u32, may_insert: bool) -> Merged {

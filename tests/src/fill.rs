@@ -50,7 +50,7 @@ pub fn fill(table: &FlowTable, n: u32, vip: IpAddr, port: u16, real: u32, now: u
     for i in 0..n {
         let (ip, sport) = client(i);
         let (key, addrs6) = flow_key_of(ip.into(), sport, vip, port, table.seed());
-        let flow = PeerFlow { key, addrs6, real, closing: false, opened: false, age: now };
+        let flow = PeerFlow { key, addrs6, real, closing: false, opened: false, age: now, relayed: false };
         match table.merge(&flow, now, expire, true) {
             Merged::Inserted => out.inserted += 1,
             _ => out.other += 1,

@@ -52,7 +52,7 @@ fn merge(lb: &Lb, found: &Exceptions) -> Vec<Merged> {
             let age = now.wrapping_sub(u32::from(e.idle)) & 0xffff;
             let (key, addrs6) = exceptions::key_of(e.client, at, lb.dp.flow_table().seed());
             out.push(lb.dp.flow_table().merge(
-                &PeerFlow { key, addrs6, real, closing: e.closing, opened: e.opened, age },
+                &PeerFlow { key, addrs6, real, closing: e.closing, opened: e.opened, age, relayed: e.relayed },
                 now,
                 u32::MAX,
                 true,
@@ -64,7 +64,12 @@ fn merge(lb: &Lb, found: &Exceptions) -> Vec<Merged> {
 
 /// A peer's IPv4 flow `key` pinned to `real`, idle `idle` units at `now`, merged into `t`.
 fn merge_one(t: &FlowTable, key: FlowKey, real: u32, closing: bool, idle: u32, now: u32) -> Merged {
-    t.merge(&PeerFlow { key, addrs6: None, real, closing, opened: false, age: now.wrapping_sub(idle) & 0xffff }, now, u32::MAX, true)
+    t.merge(
+        &PeerFlow { key, addrs6: None, real, closing, opened: false, age: now.wrapping_sub(idle) & 0xffff, relayed: false },
+        now,
+        u32::MAX,
+        true,
+    )
 }
 
 /// The sessions' next segments, a keepalive after they opened: their flows confirm.
@@ -241,7 +246,15 @@ fn a_peer_cannot_close_repoint_or_flood_what_this_node_carries() {
     let flood = exceptions::Incoming {
         from: std::net::Ipv4Addr::new(192, 0, 2, 3),
         flows: (0..6000u16)
-            .map(|i| PeerFlow { key: key(1000 + i), addrs6: None, real: real("b1"), closing: false, opened: false, age: now })
+            .map(|i| PeerFlow {
+                key: key(1000 + i),
+                addrs6: None,
+                real: real("b1"),
+                closing: false,
+                opened: false,
+                age: now,
+                relayed: false,
+            })
             .collect(),
         now,
         expire: u32::MAX,
@@ -447,6 +460,74 @@ fn connections_just_opened_are_shared_unconfirmed_and_mid_flow_guesses_not_at_al
     }
 }
 
+/// A node's table for the tests of peers' copies: flows expire at [`EXPIRE`] idle units (the
+/// merge floor is half that), the peers' lag is [`LAG`]; one client's flows to b1, by port.
+struct Copies {
+    lb: Lb,
+    real: u32,
+    now: u32,
+}
+
+const EXPIRE: u32 = 100;
+const LAG: u32 = 20;
+
+impl Copies {
+    fn new() -> Self {
+        let lb = Lb::with_table(Lb::config(&[("b1", 11, 100), ("b2", 12, 100)]), 1024);
+        let real = real_id(lb.ids.listeners["mqtt"], lb.ids.backends["b1"]);
+        lb.dp.flow_table().set_peer_lag(LAG);
+        let now = lb.dp.now_age().expect("clock");
+        Self { lb, real, now }
+    }
+
+    fn table(&self) -> &FlowTable {
+        self.lb.dp.flow_table()
+    }
+
+    fn later(&self, units: u32) -> u32 {
+        (self.now + units) & 0xffff
+    }
+
+    fn key(&self, p: u16) -> FlowKey {
+        exceptions::key_of(SocketAddrV4::new(CLIENT, p).into(), SocketAddrV4::new(VIP, 1883).into(), self.table().seed()).0
+    }
+
+    fn held(&self, p: u16) -> bool {
+        self.table().find(&self.key(p), None).is_some()
+    }
+
+    /// A peer's word on port `p`: idle `idle` units now, relayed or not.
+    fn merge(&self, p: u16, idle: u32, relayed: bool) -> Merged {
+        let flow = PeerFlow {
+            key: self.key(p),
+            addrs6: None,
+            real: self.real,
+            closing: false,
+            opened: false,
+            age: self.now.wrapping_sub(idle) & 0xffff,
+            relayed,
+        };
+        self.table().merge(&flow, self.now, EXPIRE, true)
+    }
+
+    /// A sweep `units` from now.
+    fn sweep(&self, units: u32) {
+        self.table().remove_idle(self.later(units), |_| EXPIRE);
+    }
+
+    /// This node's exceptions `units` from now, every flow shared: port to entry.
+    fn shared(&self, units: u32) -> std::collections::BTreeMap<u16, lb_userspace::cluster::Entry> {
+        let mut view = RingView::new(&self.lb.desired, &self.lb.ids, RING);
+        view.share_all = true;
+        exceptions::find(self.table(), &view, self.later(units))
+            .groups
+            .iter()
+            .flat_map(|g| &g.entries)
+            .map(|e| (e.client.port(), *e))
+            .collect()
+    }
+}
+
 /// A peer's copy lives as long as the original may (`FlowTable::idle_at`), or a node that fails
 /// takes with it the sessions whose next frame comes after their copies went. A merge writes the
 /// copy of a recent frame `MERGE_IDLE_FLOOR` old (so that "recent" here means a frame seen here),
@@ -457,56 +538,84 @@ fn connections_just_opened_are_shared_unconfirmed_and_mid_flow_guesses_not_at_al
 #[test]
 fn a_peers_copy_lives_as_long_as_the_original_may() {
     require_root!();
-    let lb = Lb::with_table(Lb::config(&[("b1", 11, 100), ("b2", 12, 100)]), 1024);
-    let at = SocketAddrV4::new(VIP, 1883);
-    let real = real_id(lb.ids.listeners["mqtt"], lb.ids.backends["b1"]);
-    let t = lb.dp.flow_table();
-    let now = lb.dp.now_age().expect("clock");
-    let later = |units: u32| (now + units) & 0xffff;
-    let key = |p: u16| exceptions::key_of(SocketAddrV4::new(CLIENT, p).into(), at.into(), t.seed()).0;
-    let held = |p: u16| t.find(&key(p), None).is_some();
-    // Units: the flows expire at 100 idle, the floor is 50 (half of that), the peer's lag 20.
-    let (expire, lag) = (100, 20);
-    t.set_peer_lag(lag);
-    let copy = |p: u16, idle: u32| PeerFlow {
-        key: key(p),
-        addrs6: None,
-        real,
-        closing: false,
-        opened: false,
-        age: later(0).wrapping_sub(idle) & 0xffff,
-    };
-    // A flow with a frame on the peer just now: its copy is written 50 old.
-    assert_eq!(t.merge(&copy(42000, 0), now, expire, true), Merged::Inserted);
-    assert_eq!(t.find(&key(42000), None).expect("merged").idle(now), 50, "the floor");
+    let c = Copies::new();
+    // A flow with a frame on the peer just now: its copy is written 50 old (the floor).
+    assert_eq!(c.merge(42000, 0, false), Merged::Inserted);
+    assert_eq!(c.table().find(&c.key(42000), None).expect("merged").idle(c.now), 50, "the floor");
     // One idle 70 on the peer: written as it is.
-    assert_eq!(t.merge(&copy(42001, 70), now, expire, true), Merged::Inserted);
+    assert_eq!(c.merge(42001, 70, false), Merged::Inserted);
     // One with a frame on the peer just now, and then one here.
-    assert_eq!(t.merge(&copy(42002, 0), now, expire, true), Merged::Inserted);
-    assert_eq!(forwarded_to(&lb, &ack(42002)), "b1");
+    assert_eq!(c.merge(42002, 0, false), Merged::Inserted);
+    assert_eq!(forwarded_to(&c.lb, &ack(42002)), "b1");
 
     // 49 units on: the second is 119 idle on the peer, 99 with the lag: it stays; so does the
     // first, 50 units past its written age and its last frame 49 ago.
-    t.remove_idle(later(49), |_| expire);
-    assert!(held(42000) && held(42001) && held(42002));
+    c.sweep(49);
+    assert!(c.held(42000) && c.held(42001) && c.held(42002));
     // 51 on: the second is over (101 with the lag); the first is not (31), though 101 units
     // past the age in its slot.
-    t.remove_idle(later(51), |_| expire);
-    assert!(held(42000), "a peer's copy went 50 units (the floor) before the original");
-    assert!(!held(42001), "a peer's copy outlived the original and the lag");
-    assert!(held(42002));
+    c.sweep(51);
+    assert!(c.held(42000), "a peer's copy went 50 units (the floor) before the original");
+    assert!(!c.held(42001), "a peer's copy outlived the original and the lag");
+    assert!(c.held(42002));
     // 101 on: the flow with a frame here is over as any flow of this node's own.
-    t.remove_idle(later(101), |_| expire);
-    assert!(!held(42002), "a frame here left the flow counted as a peer's copy");
+    c.sweep(101);
+    assert!(!c.held(42002), "a frame here left the flow counted as a peer's copy");
     // 110 on: the first copy counts as live (90 with the lag), and is shared as idle as its peer
     // said (110), not younger.
-    assert_eq!(t.live_per_real(later(110), |_| expire).get(&real).copied(), Some(1));
-    let mut view = RingView::new(&lb.desired, &lb.ids, RING);
-    view.share_all = true;
-    let shared = exceptions::find(t, &view, later(110));
-    let entry = shared.groups.iter().flat_map(|g| &g.entries).find(|e| e.client.port() == 42000).expect("the copy is shared");
-    assert_eq!(entry.idle, 110, "a copy was shared younger than its peer said");
+    assert_eq!(c.table().live_per_real(c.later(110), |_| EXPIRE).get(&c.real).copied(), Some(1));
+    assert_eq!(c.shared(110).get(&42000).expect("the copy is shared").idle, 110, "a copy was shared younger than its peer said");
     // 121 on: over (101 with the lag).
-    t.remove_idle(later(121), |_| expire);
-    assert!(!held(42000), "a peer's copy outlived the original and the lag");
+    c.sweep(121);
+    assert!(!c.held(42000), "a peer's copy outlived the original and the lag");
+}
+
+/// A restarted controller has no records of the peers' copies; the peers send every flow again.
+/// A word that leaves the slot's age as it was (a unit older than the word that wrote it, as two
+/// words of one frame may be) is still recorded: else the copy would count by its slot's age
+/// alone and go up to the lag before the original (what the two-node soak lost sessions to,
+/// when the peer failed in that window).
+#[test]
+fn a_restarted_node_remembers_copies_whose_slot_kept_its_age() {
+    require_root!();
+    let c = Copies::new();
+    assert_eq!(c.merge(42010, 70, false), Merged::Inserted);
+    c.table().forget_copies();
+    // The same frame told again, a unit older: the slot keeps its age.
+    assert_eq!(c.merge(42010, 71, false), Merged::Refreshed);
+    assert_eq!(c.table().find(&c.key(42010), None).expect("held").idle(c.now), 70);
+    // 31 on: 101 units past the slot's age, 82 on the peer with the lag: kept.
+    c.sweep(31);
+    assert!(c.held(42010), "a copy whose slot kept its age after a restart counted by the slot alone");
+    // 50 on: 121 on the peer, 101 with the lag: over.
+    c.sweep(50);
+    assert!(!c.held(42010), "a peer's copy outlived the original and the lag");
+}
+
+/// A node passes on its copy of a peer's flow (the peer failed, this node came back with an
+/// empty table): the word is the third node's, whose frames may be a lag more recent, and this
+/// node's own frames since reach the taker only with its next refresh. The taker keeps such a
+/// relayed copy two lags past the word; a relayed word the slot already knew (its own flow told
+/// back to it) adds nothing, and a copy shared again is marked relayed.
+#[test]
+fn a_relayed_copy_lives_a_lag_longer() {
+    require_root!();
+    let c = Copies::new();
+    assert_eq!(c.merge(42020, 70, true), Merged::Inserted);
+    assert_eq!(c.merge(42021, 70, false), Merged::Inserted);
+    // Its own flow told back to it, relayed: the slot knew that age already.
+    assert_eq!(c.merge(42022, 70, false), Merged::Inserted);
+    assert_eq!(c.merge(42022, 70, true), Merged::Refreshed);
+    // Shared on as relayed, as idle as told.
+    let shared = c.shared(10);
+    assert!(shared[&42020].relayed && shared[&42021].relayed, "a copy was shared as if its frames were this node's");
+    assert_eq!(shared[&42020].idle, 80);
+    // 51 on: 121 idle as told; 81 with two lags, 101 with one.
+    c.sweep(51);
+    assert!(c.held(42020), "a relayed copy went a lag early");
+    assert!(!c.held(42021), "a copy outlived the original and the lag");
+    assert!(!c.held(42022), "a flow told back to its node relayed lived a lag longer");
+    // 71 on: 141, 101 with two lags: over.
+    c.sweep(71);
+    assert!(!c.held(42020), "a relayed copy outlived two lags");
 }

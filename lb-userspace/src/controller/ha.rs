@@ -133,12 +133,13 @@ impl Controller {
                 let table = self.dp.flow_table_handle();
                 let seed = table.seed();
                 // A peer keeps its copies of others' flows the refresh lag past their last word
-                // (`FlowTable::idle_at`): so may this node.
-                let live = expire.saturating_add(table.peer_lag());
+                // (`FlowTable::idle_at`), two for a relayed word: so may this node.
+                let lag = table.peer_lag();
+                let live = |relayed: bool| expire.saturating_add(if relayed { lag.saturating_mul(2) } else { lag });
                 let flows = group
                     .entries
                     .iter()
-                    .filter(|e| u32::from(e.idle) < live && e.client.is_ipv6() == at.is_ipv6())
+                    .filter(|e| u32::from(e.idle) < live(e.relayed) && e.client.is_ipv6() == at.is_ipv6())
                     .map(|e| {
                         let (key, addrs6) = exceptions::key_of(e.client, at, seed);
                         PeerFlow {
@@ -148,6 +149,7 @@ impl Controller {
                             closing: e.closing,
                             opened: e.opened,
                             age: now.wrapping_sub(u32::from(e.idle)) & 0xffff,
+                            relayed: e.relayed,
                         }
                     })
                     .collect();
