@@ -512,8 +512,11 @@ impl FlowTable {
     pub fn merge(&self, flow: &PeerFlow, now: u32, expire: u32, may_insert: bool) -> Merged {
         // Held over the write and its record: a sweep never sees one without the other.
         let mut copies = self.copies.write().unwrap_or_else(PoisonError::into_inner);
-        // The slot's age before: whether this merge wrote the peer's word into it.
-        let before = self.find(&flow.key, flow.addrs6.as_ref()).map(|f| f.state);
+        // The slot's age before: whether this merge wrote the peer's word into it (the slot then
+        // holds the word's age, and did not before; a kind changed alone, or a frame here in
+        // between, is not the word's).
+        let before = self.find(&flow.key, flow.addrs6.as_ref()).map(|f| f.age());
+        let word_age = merged_age(now, flow.age, MERGE_IDLE_FLOOR.min(expire / 2));
         let merged = self.merge_slot(flow, now, expire, may_insert);
         if matches!(merged, Merged::Inserted | Merged::Refreshed) {
             // Remembered while the slot holds the flow open on that real, with the age in the
@@ -523,7 +526,8 @@ impl FlowTable {
             let tag = addrs6_tag(flow.addrs6.as_ref());
             match held {
                 Some(f) => {
-                    if let Some(c) = self.record(copies.get(&flow.key), flow, &f, before != Some(f.state)) {
+                    let wrote = f.age() == word_age && before != Some(word_age);
+                    if let Some(c) = self.record(copies.get(&flow.key), flow, &f, wrote) {
                         copies.insert(flow.key, c);
                     }
                 }

@@ -497,8 +497,8 @@ impl Copies {
     }
 
     /// A peer's word on port `p`: idle `idle` units now, relayed or not.
-    fn merge(&self, p: u16, idle: u32, relayed: bool) -> Merged {
-        let flow = PeerFlow {
+    fn word(&self, p: u16, idle: u32, relayed: bool) -> PeerFlow {
+        PeerFlow {
             key: self.key(p),
             addrs6: None,
             real: self.real,
@@ -506,8 +506,11 @@ impl Copies {
             opened: false,
             age: self.now.wrapping_sub(idle) & 0xffff,
             relayed,
-        };
-        self.table().merge(&flow, self.now, EXPIRE, true)
+        }
+    }
+
+    fn merge(&self, p: u16, idle: u32, relayed: bool) -> Merged {
+        self.table().merge(&self.word(p, idle, relayed), self.now, EXPIRE, true)
     }
 
     /// A sweep `units` from now.
@@ -606,6 +609,10 @@ fn a_relayed_copy_lives_a_lag_longer() {
     // Its own flow told back to it, relayed: the slot knew that age already.
     assert_eq!(c.merge(42022, 70, false), Merged::Inserted);
     assert_eq!(c.merge(42022, 70, true), Merged::Refreshed);
+    // A connection the peer opened, then its word that it confirmed, relayed: the kind changed,
+    // the age did not, so the word told nothing new of its frames.
+    assert_eq!(c.table().merge(&PeerFlow { opened: true, ..c.word(42023, 70, false) }, c.now, EXPIRE, true), Merged::Inserted);
+    assert_eq!(c.merge(42023, 70, true), Merged::Inserted, "confirmed by the peer's word");
     // Shared on as relayed, as idle as told.
     let shared = c.shared(10);
     assert!(shared[&42020].relayed && shared[&42021].relayed, "a copy was shared as if its frames were this node's");
@@ -615,6 +622,7 @@ fn a_relayed_copy_lives_a_lag_longer() {
     assert!(c.held(42020), "a relayed copy went a lag early");
     assert!(!c.held(42021), "a copy outlived the original and the lag");
     assert!(!c.held(42022), "a flow told back to its node relayed lived a lag longer");
+    assert!(!c.held(42023), "a relayed word that only confirmed a copy made it live a lag longer");
     // 71 on: 141, 101 with two lags: over.
     c.sweep(71);
     assert!(!c.held(42020), "a relayed copy outlived two lags");
