@@ -39,6 +39,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The arm64 package: the cross linker and C compiler, and qemu's user-mode emulator, which
     // runs the arm64 binary in the package test.
     "gcc-aarch64-linux-gnu",
+    // Its C library's headers and objects (only recommended by the compiler, and recommends are
+    // not installed): ring's C code in the arm64 build includes them.
+    "libc6-dev-arm64-cross",
     "qemu-user-static",
     // `cargo xtask test-arm64`: the emulated arm64 machine, and cpio and xz for its initramfs
     // and the kernel's modules (the kernel and the guest's userland come from Debian's
