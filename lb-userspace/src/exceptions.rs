@@ -191,8 +191,9 @@ pub struct Incoming {
 #[derive(Debug)]
 pub enum Job {
     Merge(Incoming),
-    /// A peer's round is complete: report it once what came before is merged.
-    Synced(Ipv4Addr),
+    /// A peer's round is complete: note it in the table (at the flow clock's age then, when it
+    /// could be read) and report it, once what came before is merged.
+    Synced(Ipv4Addr, Option<u32>),
 }
 
 /// What the merge thread reports.
@@ -287,7 +288,12 @@ pub fn spawn_merger(table: Arc<FlowTable>, done: mpsc::Sender<Done>) -> std::syn
                         let budget = budgets.entry(i.from).or_insert_with(|| PeerBudget::new(slots, std::time::Instant::now()));
                         Done::Merged(merge_all(&table, &i, budget, slots))
                     }
-                    Job::Synced(node) => Done::Synced(node),
+                    Job::Synced(node, now) => {
+                        if let Some(now) = now {
+                            table.peer_synced(node, now);
+                        }
+                        Done::Synced(node)
+                    }
                 };
                 if done.blocking_send(out).is_err() {
                     return;
@@ -304,7 +310,7 @@ pub fn merge_all(table: &FlowTable, i: &Incoming, budget: &mut PeerBudget, slots
     let mut c = MergeCounts::default();
     let at = std::time::Instant::now();
     for flow in &i.flows {
-        match table.merge(flow, i.now, i.expire, budget.available(slots, i.expire, at)) {
+        match table.merge(flow, i.from, i.now, i.expire, budget.available(slots, i.expire, at)) {
             Merged::Inserted => {
                 c.inserted += 1;
                 budget.spend();

@@ -20,6 +20,15 @@
 //! client) and was an exception thus goes up to the lag after its timeout, on every node (a
 //! copy passed back to its own node counts as a copy there too).
 //!
+//! The told frame is not the last one the peer may have seen: a peer tells a live flow again
+//! only every `refresh`, from its last walk, so the frame before its failure may be a lag
+//! after its last word, and that word may tell a frame a keepalive older. So until the peer
+//! ends a round (its `SYNCED` mark, [`FlowTable::peer_synced`]) a lag or more after its last
+//! word on a copy without telling it again, the copy counts as idle from that word, less
+//! the lag: a peer that failed leaves its copies here a lag and a timeout past its last word
+//! on each; a peer that is up and no longer holds the flow (it expired or closed there) ends a
+//! round without it within a lag, and the copy then counts from the told frame again.
+//!
 //! A copy a peer passes on (its copy of a third node's flow, or of this node's from before a
 //! restart: [`PeerFlow::relayed`]) lives two lags past the word: that node's frames may be a lag
 //! more recent, and the peer's own frames since come with its next refresh.
@@ -27,7 +36,11 @@
 //! Limits: a copy in its lag window looks expired to the program and to a merge of another
 //! real, so in a full bucket it is the first replaced; a restarted controller forgets the
 //! copies until its peers send them again (at once, on their new connections), and then
-//! remembers them even where a slot keeps its own age (`FlowTable::merge`).
+//! remembers them even where a slot keeps its own age (`FlowTable::merge`). A round is taken
+//! to have started after the words received a lag before its mark (a lag is the refresh and
+//! two rounds): a round that takes longer than two `sync_interval`s to reach this node can
+//! end a copy's count from its last word early, and then it counts from the told frame, as
+//! before that rule.
 
 use lb_common::{
     FLOW_K_CONFIRMED, FLOW_K_CONFIRMED_CLOSING, FLOW_K_MIDFLOW, FLOW_K_OPENED, FLOW_K_UNCONFIRMED_CLOSING, FLOW_OPENED_GRACE_UNITS,
@@ -37,8 +50,9 @@ use lb_common::{
 
 use std::{
     collections::HashMap,
+    net::Ipv4Addr,
     sync::{
-        PoisonError, RwLock, RwLockReadGuard,
+        Mutex, PoisonError, RwLock, RwLockReadGuard,
         atomic::{AtomicU32, Ordering},
     },
 };
@@ -156,16 +170,29 @@ const fn merged_age(now: u32, peer: u32, floor: u32) -> u32 {
 }
 
 /// A peer's open copy as a merge left it: its real, a tag of its IPv6 addresses, the age in
-/// the slot, the newest age of the flow a peer told, and whether that word was relayed (24
-/// bytes, the 12 of its key, and the hash table's own: about 60 bytes a copy).
+/// the slot, the newest age of the flow a peer told, whether that word was relayed, and when
+/// and from which peer the last word on it came (24 bytes, the 12 of its key, and the hash
+/// table's own: about 60 bytes a copy).
 #[derive(Clone, Copy, Debug)]
 struct PeerCopy {
     real: u32,
     written: u16,
     peer: u16,
+    /// The age at which the last word on it was taken in (that counts: see `FlowTable::merge`).
+    heard: u16,
+    /// Who said it (an IPv4 address, as a number).
+    from: u32,
     addrs6: u64,
     relayed: bool,
+    /// The slot's age is a peer's word (a merge wrote it): the flow's frames are elsewhere.
+    /// Else the slot kept its own age (this node's flow told back to it, or a copy from
+    /// before a restart): it counts from the told frame only, and is shared as this node's.
+    wrote: bool,
 }
+
+/// When each peer's last round was taken in (its `SYNCED` mark, after the words before it),
+/// by address: age units.
+type Rounds = HashMap<u32, u16>;
 
 impl PeerCopy {
     /// The lag units its word may be behind the flow's last frame: one peer's refresh lag, two
@@ -173,6 +200,23 @@ impl PeerCopy {
     const fn lag(&self, lag: u32) -> u32 {
         if self.relayed { lag.saturating_mul(2) } else { lag }
     }
+
+    /// Age units it counts as idle at `now` while its slot keeps the written age: since the
+    /// told frame, or, for a slot a peer's word wrote, until its peer ends a round a lag or
+    /// more after its last word on it without saying it again, since that word (see the
+    /// module's doc); less its lag.
+    fn idle(&self, now: u32, lag: u32, rounds: &Rounds) -> u32 {
+        let told = flow_idle(now, u32::from(self.peer));
+        let heard = flow_idle(now, u32::from(self.heard));
+        let dropped = !self.wrote || rounds.get(&self.from).is_some_and(|&r| heard >= flow_idle(now, u32::from(r)).saturating_add(lag));
+        if dropped { told } else { told.min(heard) }.saturating_sub(self.lag(lag))
+    }
+}
+
+/// A slot's age, as a record keeps it.
+#[expect(clippy::cast_possible_truncation, reason = "ages are 16 bits")]
+const fn word_written(f: &Flow) -> u16 {
+    f.age() as u16
 }
 
 /// Whether age `a` is more recent than age `b` (by less than half the clock's wrap).
@@ -193,6 +237,7 @@ fn addrs6_tag(a: Option<&FlowAddrs6>) -> u64 {
 /// wait while it is held (walks need not).
 pub struct Idle<'a> {
     copies: RwLockReadGuard<'a, HashMap<FlowKey, PeerCopy>>,
+    rounds: Rounds,
     now: u32,
     lag: u32,
 }
@@ -207,12 +252,13 @@ impl Idle<'_> {
     }
 
     /// Age units the flow counts as idle, for its expiry and the live count: a peer's copy
-    /// (see [`Self::on_peer`]) as idle as a peer told less the peer's refresh lag (its frames
+    /// (see [`Self::on_peer`]) as idle as a peer told (or since the peer's last word on it,
+    /// until the peer has ended a round without it) less the peer's refresh lag (its frames
     /// since its last word may be that recent), less two lags for a relayed word.
     #[must_use]
     pub fn of(&self, f: &Flow) -> u32 {
         let here = f.idle(self.now);
-        self.on_peer(f).map_or(here, |(p, c)| p.saturating_sub(c.lag(self.lag)).min(here))
+        self.on_peer(f).map_or(here, |(_, c)| c.idle(self.now, self.lag, &self.rounds).min(here))
     }
 
     /// Age units since the flow's last frame that this node knows of, to share: a peer's copy
@@ -232,7 +278,7 @@ impl Idle<'_> {
     pub fn shared(&self, f: &Flow) -> (u32, bool) {
         let here = f.idle(self.now);
         match self.on_peer(f) {
-            Some((p, _)) if p <= here => (p, true),
+            Some((p, c)) if p <= here => (p, c.wrote),
             _ => (here, false),
         }
     }
@@ -252,6 +298,8 @@ pub struct FlowTable {
     seed: u64,
     /// The peers' open copies (see the module's doc), by key.
     copies: RwLock<HashMap<FlowKey, PeerCopy>>,
+    /// When each peer last ended a round ([`Self::peer_synced`]).
+    rounds: Mutex<Rounds>,
     /// Age units a peer's frames may be more recent than its last word on them (its `refresh`
     /// and two rounds).
     peer_lag: AtomicU32,
@@ -263,6 +311,10 @@ const fn slot_index(bucket: u32, way: usize) -> u32 {
     bucket * FLOW_WAYS as u32 + way as u32
 }
 
+/// Age units a peer's last round is remembered (a quarter of the clock's wrap, about 4.8 hours):
+/// longer than any copy lives, which a round older than this no longer concerns.
+const ROUND_KEPT: u32 = 0x4000;
+
 /// Reads of a slot in flux before it is passed over.
 const SETTLE_TRIES: usize = 1000;
 
@@ -271,7 +323,7 @@ impl FlowTable {
     /// hash seed (`LAYOUT`).
     #[must_use]
     pub fn new(mem: Mapped, addrs6: Mapped, seed: u64) -> Self {
-        Self { mem, addrs6, seed, copies: RwLock::default(), peer_lag: AtomicU32::new(0) }
+        Self { mem, addrs6, seed, copies: RwLock::default(), rounds: Mutex::default(), peer_lag: AtomicU32::new(0) }
     }
 
     /// How long after their last word on a flow the peers may have seen frames of it (their
@@ -287,17 +339,31 @@ impl FlowTable {
         self.peer_lag.load(Ordering::Relaxed)
     }
 
-    /// Forgets the peers' copies, as a restarted controller has (tests: its records are in this
-    /// process only).
+    /// Forgets the peers' copies and rounds, as a restarted controller has (tests: its records
+    /// are in this process only).
     #[doc(hidden)]
     pub fn forget_copies(&self) {
         self.copies.write().unwrap_or_else(PoisonError::into_inner).clear();
+        self.rounds.lock().unwrap_or_else(PoisonError::into_inner).clear();
+    }
+
+    /// Peer `from` ended a round at age `now` (its `SYNCED` mark, once the flows it sent before
+    /// are merged): it has said again every flow it still holds and last said a refresh ago,
+    /// so its copies it last told a lag or more before now count from their told frames again
+    /// (see the module's doc).
+    pub fn peer_synced(&self, from: Ipv4Addr, now: u32) {
+        self.rounds.lock().unwrap_or_else(PoisonError::into_inner).insert(u32::from(from), (now & 0xffff) as u16);
+    }
+
+    fn rounds(&self) -> Rounds {
+        self.rounds.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Idle times at age `now` ([`Idle::of`]); merges wait until it is dropped.
     #[must_use]
     pub fn idle_at(&self, now: u32) -> Idle<'_> {
-        Idle { copies: self.copies.read().unwrap_or_else(PoisonError::into_inner), now, lag: self.peer_lag.load(Ordering::Relaxed) }
+        let rounds = self.rounds();
+        Idle { copies: self.copies.read().unwrap_or_else(PoisonError::into_inner), rounds, now, lag: self.peer_lag.load(Ordering::Relaxed) }
     }
 
     /// Removes the flows idle `expire(listener id)` age units or more at age `now` (a peer's
@@ -313,10 +379,17 @@ impl FlowTable {
             })
         };
         let lag = self.peer_lag();
+        let rounds = {
+            // A round older than any copy's word is of no use, and would read as recent once
+            // the clock wraps.
+            let mut r = self.rounds.lock().unwrap_or_else(PoisonError::into_inner);
+            r.retain(|_, at| flow_idle(now, u32::from(*at)) < ROUND_KEPT);
+            r.clone()
+        };
         let mut copies = self.copies.write().unwrap_or_else(PoisonError::into_inner);
         copies.retain(|_, c| {
             let e = expire(lb_common::real_listener(c.real));
-            e != u32::MAX && flow_idle(now, u32::from(c.peer)).saturating_sub(c.lag(lag)) < e
+            e != u32::MAX && c.idle(now, lag, &rounds) < e
         });
         // Memory back once a burst of copies (a joining node's, configs that differed) is over.
         if copies.capacity() > 4 * copies.len().max(1024) {
@@ -507,9 +580,10 @@ impl FlowTable {
     /// `may_insert` (the peer's budget): without it, `Capped`. `now` and `expire`: the clock's age and the
     /// idle units from which a flow is expired.
     ///
-    /// The open copy the slot then holds is remembered with the peer's age (see [`Idle`]).
+    /// The open copy the slot then holds is remembered with the peer's age, and when and from
+    /// which peer (`from`) the word came (see [`Idle`]).
     #[must_use]
-    pub fn merge(&self, flow: &PeerFlow, now: u32, expire: u32, may_insert: bool) -> Merged {
+    pub fn merge(&self, flow: &PeerFlow, from: Ipv4Addr, now: u32, expire: u32, may_insert: bool) -> Merged {
         // Held over the write and its record: a sweep never sees one without the other.
         let mut copies = self.copies.write().unwrap_or_else(PoisonError::into_inner);
         // The slot's age before: whether this merge wrote the peer's word into it (the slot then
@@ -527,8 +601,24 @@ impl FlowTable {
             match held {
                 Some(f) => {
                     let wrote = f.age() == word_age && before != Some(word_age);
-                    if let Some(c) = self.record(copies.get(&flow.key), flow, &f, wrote) {
-                        copies.insert(flow.key, c);
+                    let (heard, from) = ((now & 0xffff) as u16, u32::from(from));
+                    match self.record(copies.get(&flow.key), flow, &f, wrote) {
+                        Some(c) => {
+                            copies.insert(flow.key, PeerCopy { heard, from, ..c });
+                        }
+                        // The standing record, said again by a peer of its own frames: they may
+                        // be a lag more recent than this word. (A relayed word is not counted:
+                        // two nodes telling each other their copies would keep both alive.)
+                        None if !flow.relayed => {
+                            if let Some(c) = copies
+                                .get_mut(&flow.key)
+                                .filter(|c| c.wrote && c.written == word_written(&f) && c.real == f.real() && c.addrs6 == tag)
+                            {
+                                c.heard = heard;
+                                c.from = from;
+                            }
+                        }
+                        None => {}
                     }
                 }
                 None => {
@@ -553,15 +643,19 @@ impl FlowTable {
         /// Units two words of one frame may differ by (each rounds the time since its walk up).
         const ROUNDING: u32 = 2;
         let peer = flow.age & 0xffff;
-        #[expect(clippy::cast_possible_truncation, reason = "ages are 16 bits")]
         let word = PeerCopy {
             real: flow.real,
-            written: f.age() as u16,
+            written: word_written(f),
             peer: peer as u16,
+            heard: 0,
+            from: 0,
             addrs6: addrs6_tag(flow.addrs6.as_ref()),
             relayed: wrote && flow.relayed,
+            wrote,
         };
         let standing = standing.filter(|c| c.written == word.written && c.real == word.real && c.addrs6 == word.addrs6);
+        // The slot still holds the age a peer's word wrote.
+        let word = PeerCopy { wrote: wrote || standing.is_some_and(|c| c.wrote), ..word };
         let lag = self.peer_lag();
         let lasts = |c: &PeerCopy| u32::from(c.peer).wrapping_add(c.lag(lag)) & 0xffff;
         let keep = match standing {

@@ -41,6 +41,9 @@ pub struct Filled {
     pub other: usize,
 }
 
+/// The peer [`fill`]'s flows come from.
+pub const PEER: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 200);
+
 /// Merges `n` confirmed flows to `vip:port`, pinned to `real` with age `now` (a live flow's),
 /// into `table`, whose listener expires flows idle `expire` age units. A merged flow counts as
 /// idle `flow_table::MERGE_IDLE_FLOOR` units at least (about a minute; a peer's copy is never
@@ -51,7 +54,7 @@ pub fn fill(table: &FlowTable, n: u32, vip: IpAddr, port: u16, real: u32, now: u
         let (ip, sport) = client(i);
         let (key, addrs6) = flow_key_of(ip.into(), sport, vip, port, table.seed());
         let flow = PeerFlow { key, addrs6, real, closing: false, opened: false, age: now, relayed: false };
-        match table.merge(&flow, now, expire, true) {
+        match table.merge(&flow, PEER, now, expire, true) {
             Merged::Inserted => out.inserted += 1,
             _ => out.other += 1,
         }

@@ -2,7 +2,7 @@
 //! loaded side by side (two nodes), the exceptions one node's walk finds, merged into the
 //! other's flow table, and frames pushed through both with `BPF_PROG_TEST_RUN`.
 
-use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 
 use lb_common::{FLOW_CONFIRM_UNITS, FlowKey, real_id};
 use lb_userspace::{
@@ -53,6 +53,7 @@ fn merge(lb: &Lb, found: &Exceptions) -> Vec<Merged> {
             let (key, addrs6) = exceptions::key_of(e.client, at, lb.dp.flow_table().seed());
             out.push(lb.dp.flow_table().merge(
                 &PeerFlow { key, addrs6, real, closing: e.closing, opened: e.opened, age, relayed: e.relayed },
+                PEER,
                 now,
                 u32::MAX,
                 true,
@@ -66,6 +67,7 @@ fn merge(lb: &Lb, found: &Exceptions) -> Vec<Merged> {
 fn merge_one(t: &FlowTable, key: FlowKey, real: u32, closing: bool, idle: u32, now: u32) -> Merged {
     t.merge(
         &PeerFlow { key, addrs6: None, real, closing, opened: false, age: now.wrapping_sub(idle) & 0xffff, relayed: false },
+        PEER,
         now,
         u32::MAX,
         true,
@@ -470,6 +472,9 @@ struct Copies {
 
 const EXPIRE: u32 = 100;
 const LAG: u32 = 20;
+/// The peers the copies' words come from.
+const PEER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
+const PEER2: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 4);
 
 impl Copies {
     fn new() -> Self {
@@ -510,7 +515,19 @@ impl Copies {
     }
 
     fn merge(&self, p: u16, idle: u32, relayed: bool) -> Merged {
-        self.table().merge(&self.word(p, idle, relayed), self.now, EXPIRE, true)
+        self.table().merge(&self.word(p, idle, relayed), PEER, self.now, EXPIRE, true)
+    }
+
+    /// `from`'s word on port `p` `units` from now, idle `idle` units then.
+    fn merge_at(&self, from: Ipv4Addr, units: u32, p: u16, idle: u32, relayed: bool) -> Merged {
+        let now = self.later(units);
+        let word = PeerFlow { age: now.wrapping_sub(idle) & 0xffff, ..self.word(p, 0, relayed) };
+        self.table().merge(&word, from, now, EXPIRE, true)
+    }
+
+    /// `from` ends a round `units` from now.
+    fn synced(&self, from: Ipv4Addr, units: u32) {
+        self.table().peer_synced(from, self.later(units));
     }
 
     /// A sweep `units` from now.
@@ -534,10 +551,11 @@ impl Copies {
 /// A peer's copy lives as long as the original may (`FlowTable::idle_at`), or a node that fails
 /// takes with it the sessions whose next frame comes after their copies went. A merge writes the
 /// copy of a recent frame `MERGE_IDLE_FLOOR` old (so that "recent" here means a frame seen here),
-/// and the peer tells a flow's idle time again only every `refresh`: the copy counts as idle as
-/// on the peer, less the peer's refresh lag. A frame here makes the flow this node's own again,
-/// and what this node shares of a copy is as idle as the peer told (copies passed back and forth
-/// make each other no younger).
+/// and the peer tells a flow's idle time again only every `refresh`: once the peer has ended a
+/// round without it (the flow ended there), the copy counts as idle as on the peer, less the
+/// peer's refresh lag. A frame here makes the flow this node's own again, and what this node
+/// shares of a copy is as idle as the peer told (copies passed back and forth make each other no
+/// younger).
 #[test]
 fn a_peers_copy_lives_as_long_as_the_original_may() {
     require_root!();
@@ -550,6 +568,8 @@ fn a_peers_copy_lives_as_long_as_the_original_may() {
     // One with a frame on the peer just now, and then one here.
     assert_eq!(c.merge(42002, 0, false), Merged::Inserted);
     assert_eq!(forwarded_to(&c.lb, &ack(42002)), "b1");
+    // The peer ends a round a lag later without them: it no longer holds them.
+    c.synced(PEER, LAG);
 
     // 49 units on: the second is 119 idle on the peer, 99 with the lag: it stays; so does the
     // first, 50 units past its written age and its last frame 49 ago.
@@ -611,8 +631,10 @@ fn a_relayed_copy_lives_a_lag_longer() {
     assert_eq!(c.merge(42022, 70, true), Merged::Refreshed);
     // A connection the peer opened, then its word that it confirmed, relayed: the kind changed,
     // the age did not, so the word told nothing new of its frames.
-    assert_eq!(c.table().merge(&PeerFlow { opened: true, ..c.word(42023, 70, false) }, c.now, EXPIRE, true), Merged::Inserted);
+    assert_eq!(c.table().merge(&PeerFlow { opened: true, ..c.word(42023, 70, false) }, PEER, c.now, EXPIRE, true), Merged::Inserted);
     assert_eq!(c.merge(42023, 70, true), Merged::Inserted, "confirmed by the peer's word");
+    // The peer ends a round a lag later without them.
+    c.synced(PEER, LAG);
     // Shared on as relayed, as idle as told.
     let shared = c.shared(10);
     assert!(shared[&42020].relayed && shared[&42021].relayed, "a copy was shared as if its frames were this node's");
@@ -626,4 +648,59 @@ fn a_relayed_copy_lives_a_lag_longer() {
     // 71 on: 141, 101 with two lags: over.
     c.sweep(71);
     assert!(!c.held(42020), "a relayed copy outlived two lags");
+}
+
+/// The told frame is not the last one the peer may have seen: it tells a live flow again only
+/// every refresh, so when it fails the flow's last frame may be a lag after its last word, and
+/// that word may tell a frame a keepalive older (the two-node soak lost sessions so). A copy
+/// counts from the peer's last word on it, less the lag, until that peer ends a round a lag
+/// after the word without saying it again; from then on (the flow ended there) it counts from
+/// the told frame. A word the peer relays does not renew it (two nodes telling each other their
+/// copies would keep both alive), nor does a word on this node's own flow told back to it.
+#[test]
+fn a_copy_lives_a_lag_and_a_timeout_past_its_peers_last_word() {
+    require_root!();
+    let c = Copies::new();
+    // A session idle 70 on PEER2, told again 40 units later (the same frame, idle 110): the peer
+    // then fails, and ends no round.
+    assert_eq!(c.merge_at(PEER2, 0, 42030, 70, false), Merged::Inserted);
+    assert_eq!(c.merge_at(PEER2, 40, 42030, 110, false), Merged::Refreshed);
+    // The same on PEER, which then ends rounds: 10 units after its last word (too soon to say
+    // anything), then a lag after it without the flow.
+    assert_eq!(c.merge_at(PEER, 0, 42031, 70, false), Merged::Inserted);
+    assert_eq!(c.merge_at(PEER, 40, 42031, 110, false), Merged::Refreshed);
+    // A relayed copy, said again relayed: only its first word counts (two lags).
+    assert_eq!(c.merge_at(PEER2, 0, 42032, 70, true), Merged::Inserted);
+    assert_eq!(c.merge_at(PEER2, 40, 42032, 110, true), Merged::Refreshed);
+    // This node's own flow, told back: it counts from its frame (and the lag), as before.
+    assert_eq!(forwarded_to(&c.lb, &ack(42033)), "b1", "a new flow of this node's own");
+    let own = c.table().find(&c.key(42033), None).expect("recorded");
+    let own_idle = own.idle(c.now);
+    assert!(matches!(c.merge_at(PEER2, 40, 42033, own_idle + 40, true), Merged::Inserted | Merged::Refreshed));
+    assert_eq!(c.merge_at(PEER2, 60, 42033, own_idle + 60, false), Merged::Refreshed);
+
+    c.synced(PEER, 50);
+    // 61 on: 131 idle as told, less the lag 111: over by the told frame, but not 21 units past
+    // the last word, less the lag.
+    c.sweep(61);
+    assert!(c.held(42030), "a copy went when its told frame was a timeout and a lag old, its peer's last word not");
+    assert!(c.held(42031), "a peer's round 10 units after its last word ended the copy's count from it");
+    assert!(c.held(42032), "a relayed copy went before two lags past its first word");
+    assert!(c.held(42033));
+    // PEER ends a round a lag after its last word: that copy counts from its told frame.
+    c.synced(PEER, 61);
+    c.sweep(62);
+    assert!(!c.held(42031), "a copy outlived its told frame and the lag after its peer's round without it");
+    assert!(c.held(42030));
+    // 120 on: the flow told back is over, a lag and a timeout past its last frame here; 141 on,
+    // the relayed copy, two lags and a timeout past its first word.
+    c.sweep(120 - own_idle.min(100));
+    assert!(!c.held(42033), "a flow told back to its node lived past its frame, the lag and the timeout");
+    c.sweep(141);
+    assert!(!c.held(42032), "a relayed word renewed a copy");
+    // 159 on: 119 units past PEER2's last word, 99 with the lag: kept; 161: over.
+    c.sweep(159);
+    assert!(c.held(42030), "a copy went before a lag and a timeout past its peer's last word");
+    c.sweep(161);
+    assert!(!c.held(42030), "a copy outlived a lag and a timeout past its peer's last word");
 }

@@ -247,9 +247,10 @@ impl ClusterLink {
         }
     }
 
-    /// A peer has sent a whole round (after the merges before it).
-    pub fn synced(&mut self, from: Ipv4Addr) {
-        if self.merger.send(Job::Synced(from)).is_ok() {
+    /// A peer has sent a whole round (after the merges before it), taken in at flow clock age
+    /// `now` (`None`: the clock could not be read; the round is not noted in the table).
+    pub fn synced(&mut self, from: Ipv4Addr, now: Option<u32>) {
+        if self.merger.send(Job::Synced(from, now)).is_ok() {
             self.merges_pending += 1;
         }
     }

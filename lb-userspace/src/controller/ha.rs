@@ -159,7 +159,16 @@ impl Controller {
                 let interval = self.sync_interval();
                 self.link.greeted(from, same, interval);
             }
-            cluster::Event::Synced { from } => self.link.synced(from),
+            cluster::Event::Synced { from } => {
+                let now = self
+                    .dp
+                    .now_age()
+                    .inspect_err(
+                        |e| tracing::warn!(error = %format!("{e:#}"), "reading the flow clock failed; {from}'s round is not noted"),
+                    )
+                    .ok();
+                self.link.synced(from, now);
+            }
         }
     }
 

@@ -635,16 +635,17 @@ fn sync_interval(o: &Options) -> Duration {
     Duration::from_secs((idle_timeout(o).as_secs() / 4).clamp(1, 30))
 }
 
-/// How much longer than the original a peer's copy of a flow may stay (two nodes): dsrlb keeps
-/// a copy for the peer's refresh lag past the peer's last word on it (`refresh`, a quarter of
-/// the timeout or `sync_interval`, and two rounds, plus a unit of the flow clock), and a relayed
-/// copy two lags (a copy passed back to its node after the original there went is one).
+/// How much longer than the original a peer's copy of a flow may stay (two nodes): the flow
+/// told back to its own node lives the peer's refresh lag past its frame there (`refresh`, a
+/// quarter of the timeout or `sync_interval`, and two rounds, plus a unit of the flow clock),
+/// and that node tells it until then; the other node's copy counts from that last word until
+/// a round of that node's a lag later (within one more `sync_interval`) leaves it out.
 fn copy_lag(o: &Options) -> f64 {
     if o.nodes < 2 {
         return 0.0;
     }
     let sync = sync_interval(o).as_secs_f64();
-    2.0 * ((idle_timeout(o).as_secs_f64() / 4.0).max(sync) + 2.0 * sync + 2.2)
+    2.0 * ((idle_timeout(o).as_secs_f64() / 4.0).max(sync) + 2.0 * sync + 2.2) + sync
 }
 
 /// The events of node 2's failure and return (two nodes).
@@ -1214,7 +1215,7 @@ fn vanished_flows(r: &mut String, o: &Options, samples: &[Sample], at: f64, vani
         half.map_or_else(|| "never".to_owned(), |f| format!("{f:.0} s")),
         fell.map_or_else(|| "never, within the run".to_owned(), |f| format!("{f:.0} s")),
         if lag > 0.0 {
-            format!(" (a copy may stay {lag:.0} s longer than the original: two of the peers' refresh lags)")
+            format!(" (a copy may stay {lag:.0} s longer than the original: two of the peers' refresh lags and a round)")
         } else {
             String::new()
         },
