@@ -161,7 +161,7 @@ pub fn find(table: &FlowTable, view: &RingView, now: u32) -> Exceptions {
         if !(f.confirmed() || opened) || !l.backends.contains_key(&backend) || (!view.share_all && view.follows_rings(l, f, backend)) {
             return;
         }
-        if idle_at.of(f) >= l.expire {
+        if idle_at.of(f, l.expire) >= l.expire {
             return;
         }
         let (idle, relayed) = idle_at.shared(f);
@@ -194,6 +194,9 @@ pub enum Job {
     /// A peer's round is complete: note it in the table (at the flow clock's age then, when it
     /// could be read) and report it, once what came before is merged.
     Synced(Ipv4Addr, Option<u32>),
+    /// A peer connected (greeted) at that age: note it in the table once what came before is
+    /// merged (`FlowTable::peer_connected`); nothing is reported.
+    Connected(Ipv4Addr, u32),
 }
 
 /// What the merge thread reports.
@@ -293,6 +296,10 @@ pub fn spawn_merger(table: Arc<FlowTable>, done: mpsc::Sender<Done>) -> std::syn
                             table.peer_synced(node, now);
                         }
                         Done::Synced(node)
+                    }
+                    Job::Connected(node, now) => {
+                        table.peer_connected(node, now);
+                        continue;
                     }
                 };
                 if done.blocking_send(out).is_err() {

@@ -22,12 +22,17 @@
 //!
 //! The told frame is not the last one the peer may have seen: a peer tells a live flow again
 //! only every `refresh`, from its last walk, so the frame before its failure may be a lag
-//! after its last word, and that word may tell a frame a keepalive older. So until the peer
-//! ends a round (its `SYNCED` mark, [`FlowTable::peer_synced`]) a lag or more after its last
-//! word on a copy without telling it again, the copy counts as idle from that word, less
-//! the lag: a peer that failed leaves its copies here a lag and a timeout past its last word
-//! on each; a peer that is up and no longer holds the flow (it expired or closed there) ends a
-//! round without it within a lag, and the copy then counts from the told frame again.
+//! after its last word, and that word may tell a frame a keepalive older. So a copy whose slot
+//! a peer's word wrote also counts as idle from the last word of its holder (a word of the
+//! peer's own frames, not one it relays), less the lag, until that peer ends a round (its
+//! `SYNCED` mark, [`FlowTable::peer_synced`]) on the same connection a lag or more after that
+//! word without telling it again: a peer that failed leaves its copies here a lag and a timeout
+//! past its last word on each, even after it comes back (with an empty table, its new
+//! connection's rounds say nothing of them); a peer that is up and no longer holds the flow (it
+//! expired or closed there) ends a round without it within a lag, and the copy then counts from
+//! the told frame again. It counts so no longer than a timeout past the told frame: a peer that
+//! holds a flow by its own frames has stopped telling it by then (a keepalive is shorter than
+//! the timeout), so copies two nodes keep telling each other end.
 //!
 //! A copy a peer passes on (its copy of a third node's flow, or of this node's from before a
 //! restart: [`PeerFlow::relayed`]) lives two lags past the word: that node's frames may be a lag
@@ -36,11 +41,12 @@
 //! Limits: a copy in its lag window looks expired to the program and to a merge of another
 //! real, so in a full bucket it is the first replaced; a restarted controller forgets the
 //! copies until its peers send them again (at once, on their new connections), and then
-//! remembers them even where a slot keeps its own age (`FlowTable::merge`). A round is taken
-//! to have started after the words received a lag before its mark (a lag is the refresh and
-//! two rounds): a round that takes longer than two `sync_interval`s to reach this node can
-//! end a copy's count from its last word early, and then it counts from the told frame, as
-//! before that rule.
+//! remembers them even where a slot keeps its own age (`FlowTable::merge`), as copies when the
+//! word is unrelayed (a peer tells its own frames so, and this node's flows relayed, unless it
+//! restarted too). A round is taken to have started after the words received a lag before its
+//! mark (a lag is the refresh and two rounds): a round that takes longer than two
+//! `sync_interval`s to reach this node can end a copy's count from its last word early, and
+//! then it counts from the told frame, as before that rule.
 
 use lb_common::{
     FLOW_K_CONFIRMED, FLOW_K_CONFIRMED_CLOSING, FLOW_K_MIDFLOW, FLOW_K_OPENED, FLOW_K_UNCONFIRMED_CLOSING, FLOW_OPENED_GRACE_UNITS,
@@ -178,9 +184,11 @@ struct PeerCopy {
     real: u32,
     written: u16,
     peer: u16,
-    /// The age at which the last word on it was taken in (that counts: see `FlowTable::merge`).
+    /// The age at which its holder's last word on it was taken in (a word of the peer's own
+    /// frames: see `FlowTable::merge`).
     heard: u16,
-    /// Who said it (an IPv4 address, as a number).
+    /// Who said it (an IPv4 address, as a number); 0: no holder's word (a relayed word made
+    /// the record), the copy counts from the told frame.
     from: u32,
     addrs6: u64,
     relayed: bool,
@@ -190,9 +198,28 @@ struct PeerCopy {
     wrote: bool,
 }
 
-/// When each peer's last round was taken in (its `SYNCED` mark, after the words before it),
-/// by address: age units.
-type Rounds = HashMap<u32, u16>;
+/// A peer's connection as the table knows it: when it began (its greeting, after the words
+/// before it), and when its last round ended (its `SYNCED` mark, after the words before it),
+/// in age units.
+#[derive(Clone, Copy, Debug)]
+struct PeerRounds {
+    since: u16,
+    synced: Option<u16>,
+}
+
+impl PeerRounds {
+    /// Whether the peer has ended a round, on the connection a word at `heard` came by, a lag
+    /// or more after that word (all idle units at one age): it says again every flow it holds
+    /// within a lag, so the flow is no longer one it holds. A round of a later connection
+    /// says nothing of it: a node that came back with an empty table holds nothing.
+    fn ended(self, now: u32, heard: u32, lag: u32) -> bool {
+        self.synced
+            .is_some_and(|r| heard <= flow_idle(now, u32::from(self.since)) && heard >= flow_idle(now, u32::from(r)).saturating_add(lag))
+    }
+}
+
+/// The peers' connections, by address.
+type Rounds = HashMap<u32, PeerRounds>;
 
 impl PeerCopy {
     /// The lag units its word may be behind the flow's last frame: one peer's refresh lag, two
@@ -201,15 +228,17 @@ impl PeerCopy {
         if self.relayed { lag.saturating_mul(2) } else { lag }
     }
 
-    /// Age units it counts as idle at `now` while its slot keeps the written age: since the
-    /// told frame, or, for a slot a peer's word wrote, until its peer ends a round a lag or
-    /// more after its last word on it without saying it again, since that word (see the
-    /// module's doc); less its lag.
-    fn idle(&self, now: u32, lag: u32, rounds: &Rounds) -> u32 {
+    /// Age units it counts as idle at `now` while its slot keeps the written age (`expire`:
+    /// its listener's timeout): since the told frame, or, for a slot a peer's word wrote, until
+    /// its peer ends a round a lag or more after its last word on it without saying it again,
+    /// since that word, but no more than a timeout after the told frame (see the module's doc);
+    /// less its lag.
+    fn idle(&self, now: u32, lag: u32, expire: u32, rounds: &Rounds) -> u32 {
         let told = flow_idle(now, u32::from(self.peer));
         let heard = flow_idle(now, u32::from(self.heard));
-        let dropped = !self.wrote || rounds.get(&self.from).is_some_and(|&r| heard >= flow_idle(now, u32::from(r)).saturating_add(lag));
-        if dropped { told } else { told.min(heard) }.saturating_sub(self.lag(lag))
+        let ended = !self.wrote || self.from == 0 || rounds.get(&self.from).is_some_and(|r| r.ended(now, heard, lag));
+        let since = if ended { told } else { heard.min(told).max(told.saturating_sub(expire)) };
+        since.saturating_sub(self.lag(lag))
     }
 }
 
@@ -251,14 +280,15 @@ impl Idle<'_> {
             .then(|| (flow_idle(self.now, u32::from(c.peer)), c))
     }
 
-    /// Age units the flow counts as idle, for its expiry and the live count: a peer's copy
-    /// (see [`Self::on_peer`]) as idle as a peer told (or since the peer's last word on it,
-    /// until the peer has ended a round without it) less the peer's refresh lag (its frames
-    /// since its last word may be that recent), less two lags for a relayed word.
+    /// Age units the flow counts as idle, for its expiry (after `expire` units) and the live
+    /// count: a peer's copy (see [`Self::on_peer`]) as idle as a peer told (or since the peer's
+    /// last word on it, until the peer has ended a round without it, at most `expire` less)
+    /// less the peer's refresh lag (its frames since its last word may be that recent), less
+    /// two lags for a relayed word.
     #[must_use]
-    pub fn of(&self, f: &Flow) -> u32 {
+    pub fn of(&self, f: &Flow, expire: u32) -> u32 {
         let here = f.idle(self.now);
-        self.on_peer(f).map_or(here, |(_, c)| c.idle(self.now, self.lag, &self.rounds).min(here))
+        self.on_peer(f).map_or(here, |(_, c)| c.idle(self.now, self.lag, expire, &self.rounds).min(here))
     }
 
     /// Age units since the flow's last frame that this node knows of, to share: a peer's copy
@@ -273,14 +303,13 @@ impl Idle<'_> {
     /// it then keeps its copy a lag longer than of a word of the node's own frames, as the
     /// flow may have had frames a lag more recent on that peer, and this node's frames since
     /// reach it only with this node's next refresh. (A relayed word passed on again stays
-    /// relayed, with no more than that lag: with two nodes a chain is never longer.)
+    /// relayed, with no more than that lag: with two nodes a chain is never longer.) Only a
+    /// copy whose slot a peer's word wrote is relayed: this node's own flow told back to it is
+    /// shared as its own.
     #[must_use]
     pub fn shared(&self, f: &Flow) -> (u32, bool) {
         let here = f.idle(self.now);
-        match self.on_peer(f) {
-            Some((p, c)) if p <= here => (p, c.wrote),
-            _ => (here, false),
-        }
+        self.on_peer(f).map_or((here, false), |(p, c)| (p.min(here), c.wrote))
     }
 }
 
@@ -311,9 +340,9 @@ const fn slot_index(bucket: u32, way: usize) -> u32 {
     bucket * FLOW_WAYS as u32 + way as u32
 }
 
-/// Age units a peer's last round is remembered (a quarter of the clock's wrap, about 4.8 hours):
-/// longer than any copy lives, which a round older than this no longer concerns.
-const ROUND_KEPT: u32 = 0x4000;
+/// Age units a connection's start or a round is told apart by (about 17.5 hours, below
+/// `flow_idle`'s limit of 19.2).
+const ROUND_KEPT: u32 = 0xf000;
 
 /// Reads of a slot in flux before it is passed over.
 const SETTLE_TRIES: usize = 1000;
@@ -347,12 +376,22 @@ impl FlowTable {
         self.rounds.lock().unwrap_or_else(PoisonError::into_inner).clear();
     }
 
+    /// Peer `from` connected at age `now` (its greeting, once the flows it sent before are
+    /// merged): its rounds from now on end only the copies it said on this connection.
+    pub fn peer_connected(&self, from: Ipv4Addr, now: u32) {
+        let r = PeerRounds { since: (now & 0xffff) as u16, synced: None };
+        self.rounds.lock().unwrap_or_else(PoisonError::into_inner).insert(u32::from(from), r);
+    }
+
     /// Peer `from` ended a round at age `now` (its `SYNCED` mark, once the flows it sent before
     /// are merged): it has said again every flow it still holds and last said a refresh ago,
-    /// so its copies it last told a lag or more before now count from their told frames again
-    /// (see the module's doc).
+    /// so its copies it last told on this connection a lag or more before now count from their
+    /// told frames again (see the module's doc). Not noted for a peer whose connection's start
+    /// is not ([`Self::peer_connected`]).
     pub fn peer_synced(&self, from: Ipv4Addr, now: u32) {
-        self.rounds.lock().unwrap_or_else(PoisonError::into_inner).insert(u32::from(from), (now & 0xffff) as u16);
+        if let Some(r) = self.rounds.lock().unwrap_or_else(PoisonError::into_inner).get_mut(&u32::from(from)) {
+            r.synced = Some((now & 0xffff) as u16);
+        }
     }
 
     fn rounds(&self) -> Rounds {
@@ -375,21 +414,29 @@ impl FlowTable {
             let idle = self.idle_at(now);
             self.remove_where(|f| {
                 let e = expire(lb_common::real_listener(f.real()));
-                f.idle(now) >= e && idle.of(f) >= e
+                f.idle(now) >= e && idle.of(f, e) >= e
             })
         };
         let lag = self.peer_lag();
         let rounds = {
-            // A round older than any copy's word is of no use, and would read as recent once
-            // the clock wraps.
+            // Ages older than the clock can tell apart would read as recent once it wraps: a
+            // connection's start stays at most that old (it then began before any word that
+            // counts), a round that old is forgotten (its peer's copies then count from their
+            // last words, which are older than any copy lives).
             let mut r = self.rounds.lock().unwrap_or_else(PoisonError::into_inner);
-            r.retain(|_, at| flow_idle(now, u32::from(*at)) < ROUND_KEPT);
+            let oldest = (now.wrapping_sub(ROUND_KEPT) & 0xffff) as u16;
+            for p in r.values_mut() {
+                if flow_idle(now, u32::from(p.since)) > ROUND_KEPT {
+                    p.since = oldest;
+                }
+                p.synced = p.synced.filter(|&s| flow_idle(now, u32::from(s)) <= ROUND_KEPT);
+            }
             r.clone()
         };
         let mut copies = self.copies.write().unwrap_or_else(PoisonError::into_inner);
         copies.retain(|_, c| {
             let e = expire(lb_common::real_listener(c.real));
-            e != u32::MAX && c.idle(now, lag, &rounds) < e
+            e != u32::MAX && c.idle(now, lag, e, &rounds) < e
         });
         // Memory back once a burst of copies (a joining node's, configs that differed) is over.
         if copies.capacity() > 4 * copies.len().max(1024) {
@@ -552,7 +599,7 @@ impl FlowTable {
         let idle = self.idle_at(now);
         self.walk(|f| {
             let e = expire(lb_common::real_listener(f.real()));
-            if !f.closing() && (f.idle(now) < e || idle.of(f) < e) {
+            if !f.closing() && (f.idle(now) < e || idle.of(f, e) < e) {
                 *out.entry(f.real()).or_default() += 1;
             }
         });
@@ -603,6 +650,14 @@ impl FlowTable {
                     let wrote = f.age() == word_age && before != Some(word_age);
                     let (heard, from) = ((now & 0xffff) as u16, u32::from(from));
                     match self.record(copies.get(&flow.key), flow, &f, wrote) {
+                        // A relayed word tells of another node's frames, not of its sender's: the
+                        // copy keeps counting from its holder's last word, if it had one, else
+                        // from the told frame (two lags).
+                        Some(c) if flow.relayed => {
+                            let old = copies.get(&flow.key).filter(|o| o.wrote && o.real == c.real && o.addrs6 == tag);
+                            let (heard, from) = old.map_or((0, 0), |o| (o.heard, o.from));
+                            copies.insert(flow.key, PeerCopy { heard, from, ..c });
+                        }
                         Some(c) => {
                             copies.insert(flow.key, PeerCopy { heard, from, ..c });
                         }
@@ -662,6 +717,10 @@ impl FlowTable {
             Some(c) => !wrote && !newer(lasts(&word), lasts(c)),
             None => !wrote && newer(f.age(), peer.wrapping_add(ROUNDING) & 0xffff),
         };
+        // Without a record, a slot that kept its age is a copy this node forgot (a restart), or
+        // this node's own flow told back to it. A peer tells its own frames unrelayed, and this
+        // node's flow only as a copy, relayed (unless it too forgot its records).
+        let word = if standing.is_none() && !wrote && !flow.relayed { PeerCopy { wrote: true, ..word } } else { word };
         (!keep).then_some(word)
     }
 

@@ -475,6 +475,7 @@ const LAG: u32 = 20;
 /// The peers the copies' words come from.
 const PEER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
 const PEER2: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 4);
+const PEER3: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 5);
 
 impl Copies {
     fn new() -> Self {
@@ -482,6 +483,9 @@ impl Copies {
         let real = real_id(lb.ids.listeners["mqtt"], lb.ids.backends["b1"]);
         lb.dp.flow_table().set_peer_lag(LAG);
         let now = lb.dp.now_age().expect("clock");
+        for p in [PEER, PEER2, PEER3] {
+            lb.dp.flow_table().peer_connected(p, now);
+        }
         Self { lb, real, now }
     }
 
@@ -528,6 +532,11 @@ impl Copies {
     /// `from` ends a round `units` from now.
     fn synced(&self, from: Ipv4Addr, units: u32) {
         self.table().peer_synced(from, self.later(units));
+    }
+
+    /// `from` connects (again) `units` from now.
+    fn connected(&self, from: Ipv4Addr, units: u32) {
+        self.table().peer_connected(from, self.later(units));
     }
 
     /// A sweep `units` from now.
@@ -604,9 +613,14 @@ fn a_restarted_node_remembers_copies_whose_slot_kept_its_age() {
     let c = Copies::new();
     assert_eq!(c.merge(42010, 70, false), Merged::Inserted);
     c.table().forget_copies();
-    // The same frame told again, a unit older: the slot keeps its age.
+    // The peer connects again and tells the same frame, a unit older: the slot keeps its age.
+    c.connected(PEER, 0);
     assert_eq!(c.merge(42010, 71, false), Merged::Refreshed);
     assert_eq!(c.table().find(&c.key(42010), None).expect("held").idle(c.now), 70);
+    // It is the peer's flow, and shared as its (relayed), not as this node's own.
+    assert!(c.shared(1)[&42010].relayed, "a copy remembered after a restart was shared as this node's own flow");
+    // The peer ends a round a lag later without it.
+    c.synced(PEER, LAG);
     // 31 on: 101 units past the slot's age, 82 on the peer with the lag: kept.
     c.sweep(31);
     assert!(c.held(42010), "a copy whose slot kept its age after a restart counted by the slot alone");
@@ -653,52 +667,76 @@ fn a_relayed_copy_lives_a_lag_longer() {
 /// The told frame is not the last one the peer may have seen: it tells a live flow again only
 /// every refresh, so when it fails the flow's last frame may be a lag after its last word, and
 /// that word may tell a frame a keepalive older (the two-node soak lost sessions so). A copy
-/// counts from the peer's last word on it, less the lag, until that peer ends a round a lag
-/// after the word without saying it again; from then on (the flow ended there) it counts from
-/// the told frame. A word the peer relays does not renew it (two nodes telling each other their
-/// copies would keep both alive), nor does a word on this node's own flow told back to it.
+/// counts from the peer's last word on it (at most a timeout past the told frame), less the lag,
+/// until that peer ends a round, on the connection the word came by, a lag after the word
+/// without saying it again; from then on (the flow ended there) it counts from the told frame.
+/// A relayed word does not renew it, nor take it over (two nodes telling each other their
+/// copies would keep both alive; the relaying node's round says nothing of the holder's
+/// frames), nor does a word on this node's own flow told back to it.
 #[test]
 fn a_copy_lives_a_lag_and_a_timeout_past_its_peers_last_word() {
     require_root!();
     let c = Copies::new();
-    // A session idle 70 on PEER2, told again 40 units later (the same frame, idle 110): the peer
+    // A session idle 30 on PEER2 (its last frame told), told again 40 units later (idle 70): PEER2
     // then fails, and ends no round.
-    assert_eq!(c.merge_at(PEER2, 0, 42030, 70, false), Merged::Inserted);
-    assert_eq!(c.merge_at(PEER2, 40, 42030, 110, false), Merged::Refreshed);
+    assert_eq!(c.merge_at(PEER2, 0, 42030, 30, false), Merged::Inserted);
     // The same on PEER, which then ends rounds: 10 units after its last word (too soon to say
-    // anything), then a lag after it without the flow.
-    assert_eq!(c.merge_at(PEER, 0, 42031, 70, false), Merged::Inserted);
-    assert_eq!(c.merge_at(PEER, 40, 42031, 110, false), Merged::Refreshed);
-    // A relayed copy, said again relayed: only its first word counts (two lags).
+    // anything), then a lag after it.
+    assert_eq!(c.merge_at(PEER, 0, 42031, 30, false), Merged::Inserted);
+    // A relayed copy, said again relayed: it counts from its told frame (two lags).
     assert_eq!(c.merge_at(PEER2, 0, 42032, 70, true), Merged::Inserted);
-    assert_eq!(c.merge_at(PEER2, 40, 42032, 110, true), Merged::Refreshed);
     // This node's own flow, told back: it counts from its frame (and the lag), as before.
     assert_eq!(forwarded_to(&c.lb, &ack(42033)), "b1", "a new flow of this node's own");
-    let own = c.table().find(&c.key(42033), None).expect("recorded");
-    let own_idle = own.idle(c.now);
+    let own_idle = c.table().find(&c.key(42033), None).expect("recorded").idle(c.now);
+    // A session idle 30 on PEER3, which then connects again (it came back with an empty table)
+    // and ends a round on its new connection.
+    assert_eq!(c.merge_at(PEER3, 0, 42034, 30, false), Merged::Inserted);
+    // A session on PEER2, of which PEER relays a newer frame (three nodes), and the same again.
+    assert_eq!(c.merge_at(PEER2, 0, 42035, 70, false), Merged::Inserted);
+    // A copy PEER2 says again and again with the same frame (as two nodes telling each other a
+    // flow would): it lives at most a timeout past the frame, the lag and the timeout.
+    assert_eq!(c.merge_at(PEER2, 0, 42036, 70, false), Merged::Inserted);
+
+    c.connected(PEER3, 30);
+    assert_eq!(c.merge_at(PEER, 30, 42035, 40, true), Merged::Refreshed);
+    assert_eq!(c.merge_at(PEER2, 40, 42030, 70, false), Merged::Refreshed);
+    assert_eq!(c.merge_at(PEER, 40, 42031, 70, false), Merged::Refreshed);
+    assert_eq!(c.merge_at(PEER2, 40, 42032, 110, true), Merged::Refreshed);
     assert!(matches!(c.merge_at(PEER2, 40, 42033, own_idle + 40, true), Merged::Inserted | Merged::Refreshed));
+    assert_eq!(c.merge_at(PEER2, 40, 42036, 110, false), Merged::Refreshed);
+    c.synced(PEER, 50);
+    c.synced(PEER3, 55);
     assert_eq!(c.merge_at(PEER2, 60, 42033, own_idle + 60, false), Merged::Refreshed);
 
-    c.synced(PEER, 50);
-    // 61 on: 131 idle as told, less the lag 111: over by the told frame, but not 21 units past
-    // the last word, less the lag.
     c.sweep(61);
-    assert!(c.held(42030), "a copy went when its told frame was a timeout and a lag old, its peer's last word not");
-    assert!(c.held(42031), "a peer's round 10 units after its last word ended the copy's count from it");
-    assert!(c.held(42032), "a relayed copy went before two lags past its first word");
-    assert!(c.held(42033));
+    assert!([42030, 42031, 42032, 42033, 42034, 42035, 42036].iter().all(|&p| c.held(p)));
+    assert_eq!(c.merge_at(PEER, 61, 42035, 71, true), Merged::Refreshed);
     // PEER ends a round a lag after its last word: that copy counts from its told frame.
     c.synced(PEER, 61);
-    c.sweep(62);
+    assert_eq!(c.merge_at(PEER2, 80, 42036, 150, false), Merged::Refreshed);
+    // 91 on: 121 past their told frames, 101 with the lag.
+    c.sweep(91);
     assert!(!c.held(42031), "a copy outlived its told frame and the lag after its peer's round without it");
-    assert!(c.held(42030));
-    // 120 on: the flow told back is over, a lag and a timeout past its last frame here; 141 on,
-    // the relayed copy, two lags and a timeout past its first word.
+    assert!(c.held(42030), "a copy went when its told frame was a timeout and a lag old, its peer's last word not");
+    assert!(c.held(42034), "a round of its peer's next connection ended a copy it said before");
+    assert!(!c.held(42032), "a copy a relayed word made lived past its told frame and two lags");
+    // 120 on: the flow told back is over, a lag and a timeout past its last frame here.
+    assert_eq!(c.merge_at(PEER2, 120, 42036, 190, false), Merged::Refreshed);
     c.sweep(120 - own_idle.min(100));
     assert!(!c.held(42033), "a flow told back to its node lived past its frame, the lag and the timeout");
+    c.sweep(121);
+    assert!(!c.held(42034), "a copy outlived a lag and a timeout past its peer's last word");
+    // 131 on: the copy PEER relayed a newer frame of counts from PEER2's word, with two lags.
+    c.sweep(131);
+    assert!(c.held(42035), "a relayed word took a copy over: its relayer's round ended it");
     c.sweep(141);
-    assert!(!c.held(42032), "a relayed word renewed a copy");
-    // 159 on: 119 units past PEER2's last word, 99 with the lag: kept; 161: over.
+    assert!(!c.held(42035), "a relayed word renewed a copy, or it outlived two lags and a timeout past its holder's last word");
+    // 149 on: 219 past the frame said again and again, less the timeout and the lag: 99.
+    c.sweep(149);
+    assert!(c.held(42036));
+    c.sweep(151);
+    assert!(!c.held(42036), "a copy said again and again lived past its frame, a timeout, the lag and the timeout");
+    // 159 on: 119 units past PEER2's last word on the first, 99 with the lag: kept; 161: over.
     c.sweep(159);
     assert!(c.held(42030), "a copy went before a lag and a timeout past its peer's last word");
     c.sweep(161);

@@ -132,8 +132,10 @@ impl Controller {
                 };
                 let table = self.dp.flow_table_handle();
                 let seed = table.seed();
-                // A peer keeps its copies of others' flows the refresh lag past their last word
-                // (`FlowTable::idle_at`), two for a relayed word: so may this node.
+                // A peer keeps its copies of others' flows the refresh lag past the frame it told
+                // (`FlowTable::idle_at`), two for a relayed word: so may this node. (It keeps them
+                // longer while their holder may still be telling them: a session then has its
+                // next frame within a keepalive, well inside this.)
                 let lag = table.peer_lag();
                 let live = |relayed: bool| expire.saturating_add(if relayed { lag.saturating_mul(2) } else { lag });
                 let flows = group
@@ -157,7 +159,14 @@ impl Controller {
             }
             cluster::Event::Greeted { from, same } => {
                 let interval = self.sync_interval();
-                self.link.greeted(from, same, interval);
+                let now = self
+                    .dp
+                    .now_age()
+                    .inspect_err(
+                        |e| tracing::warn!(error = %format!("{e:#}"), "reading the flow clock failed; {from}'s connection is not noted"),
+                    )
+                    .ok();
+                self.link.greeted(from, same, interval, now);
             }
             cluster::Event::Synced { from } => {
                 let now = self

@@ -158,7 +158,7 @@ impl Controller {
         let now = self.dp.now_age()?;
         // A peer's copy: idle as on its peer (`FlowTable::idle_at`).
         let table = self.dp.flow_table_handle();
-        let idle_of = |f: &crate::flow_table::Flow| table.idle_at(now).of(f);
+        let idle_of = |f: &crate::flow_table::Flow| table.idle_at(now).of(f, expire);
         if let Some((f, idle)) =
             self.dp.flow(client.ip(), client.port(), vip.ip(), vip.port()).map(|f| (f, idle_of(&f))).filter(|(_, i)| *i < expire)
         {
