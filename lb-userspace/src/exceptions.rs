@@ -194,9 +194,10 @@ pub enum Job {
     /// A peer's round is complete: note it in the table (at the flow clock's age then, when it
     /// could be read) and report it, once what came before is merged.
     Synced(Ipv4Addr, Option<u32>),
-    /// A peer connected (greeted) at that age: note it in the table once what came before is
-    /// merged (`FlowTable::peer_connected`); nothing is reported.
-    Connected(Ipv4Addr, u32),
+    /// A peer connected (greeted) at that age (`None`: the clock could not be read): note it in
+    /// the table once what came before is merged (`FlowTable::peer_connected`); nothing is
+    /// reported.
+    Connected(Ipv4Addr, Option<u32>),
 }
 
 /// What the merge thread reports.

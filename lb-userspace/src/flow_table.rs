@@ -192,9 +192,10 @@ struct PeerCopy {
     from: u32,
     addrs6: u64,
     relayed: bool,
-    /// The slot's age is a peer's word (a merge wrote it): the flow's frames are elsewhere.
-    /// Else the slot kept its own age (this node's flow told back to it, or a copy from
-    /// before a restart): it counts from the told frame only, and is shared as this node's.
+    /// The slot's age is a peer's word (a merge wrote it, or, after a restart, an unrelayed
+    /// word found it there): the flow's frames are elsewhere, and it is shared relayed. Else
+    /// the slot kept its own age (this node's flow told back to it): it counts from the told
+    /// frame only, and is shared as this node's.
     wrote: bool,
 }
 
@@ -235,6 +236,11 @@ impl PeerCopy {
     /// less its lag.
     fn idle(&self, now: u32, lag: u32, expire: u32, rounds: &Rounds) -> u32 {
         let told = flow_idle(now, u32::from(self.peer));
+        // Over, whatever else: its ages must not reach the clock's wrap, where they would read
+        // as fresh (with the longest timeout, two timeouts and a lag would).
+        if told >= COPY_IDLE_MAX {
+            return u32::MAX;
+        }
         let heard = flow_idle(now, u32::from(self.heard));
         let ended = !self.wrote || self.from == 0 || rounds.get(&self.from).is_some_and(|r| r.ended(now, heard, lag));
         let since = if ended { told } else { heard.min(told).max(told.saturating_sub(expire)) };
@@ -281,10 +287,10 @@ impl Idle<'_> {
     }
 
     /// Age units the flow counts as idle, for its expiry (after `expire` units) and the live
-    /// count: a peer's copy (see [`Self::on_peer`]) as idle as a peer told (or since the peer's
-    /// last word on it, until the peer has ended a round without it, at most `expire` less)
-    /// less the peer's refresh lag (its frames since its last word may be that recent), less
-    /// two lags for a relayed word.
+    /// count: a peer's copy (see [`Self::on_peer`]) as idle as a peer told, or since its
+    /// holder's last word on it until that peer has ended a round without it (but not from
+    /// later than `expire` after the told frame), less the peer's refresh lag (its frames since
+    /// its last word may be that recent), less two lags for a relayed word.
     #[must_use]
     pub fn of(&self, f: &Flow, expire: u32) -> u32 {
         let here = f.idle(self.now);
@@ -327,7 +333,8 @@ pub struct FlowTable {
     seed: u64,
     /// The peers' open copies (see the module's doc), by key.
     copies: RwLock<HashMap<FlowKey, PeerCopy>>,
-    /// When each peer last ended a round ([`Self::peer_synced`]).
+    /// Each peer's connection: when it began and when it last ended a round
+    /// ([`Self::peer_connected`], [`Self::peer_synced`]).
     rounds: Mutex<Rounds>,
     /// Age units a peer's frames may be more recent than its last word on them (its `refresh`
     /// and two rounds).
@@ -340,9 +347,14 @@ const fn slot_index(bucket: u32, way: usize) -> u32 {
     bucket * FLOW_WAYS as u32 + way as u32
 }
 
-/// Age units a connection's start or a round is told apart by (about 17.5 hours, below
+/// Age units a connection's start or a round is told apart by (about 18.3 hours, below
 /// `flow_idle`'s limit of 19.2).
 const ROUND_KEPT: u32 = 0xf000;
+
+/// Age units past its told frame at which a copy is over, whatever its holder's word says
+/// (about 18.6 hours: two of the longest timeouts and a lag would reach the clock's wrap,
+/// where its ages would read as fresh; sweeps, a minute apart at most, remove it first).
+const COPY_IDLE_MAX: u32 = 0xf400;
 
 /// Reads of a slot in flux before it is passed over.
 const SETTLE_TRIES: usize = 1000;
@@ -377,10 +389,14 @@ impl FlowTable {
     }
 
     /// Peer `from` connected at age `now` (its greeting, once the flows it sent before are
-    /// merged): its rounds from now on end only the copies it said on this connection.
-    pub fn peer_connected(&self, from: Ipv4Addr, now: u32) {
-        let r = PeerRounds { since: (now & 0xffff) as u16, synced: None };
-        self.rounds.lock().unwrap_or_else(PoisonError::into_inner).insert(u32::from(from), r);
+    /// merged): its rounds from now on end only the copies it said on this connection. `None`
+    /// (the clock could not be read): none of its rounds ends a copy until it connects again.
+    pub fn peer_connected(&self, from: Ipv4Addr, now: Option<u32>) {
+        let mut rounds = self.rounds.lock().unwrap_or_else(PoisonError::into_inner);
+        match now {
+            Some(now) => rounds.insert(u32::from(from), PeerRounds { since: (now & 0xffff) as u16, synced: None }),
+            None => rounds.remove(&u32::from(from)),
+        };
     }
 
     /// Peer `from` ended a round at age `now` (its `SYNCED` mark, once the flows it sent before

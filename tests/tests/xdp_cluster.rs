@@ -484,7 +484,7 @@ impl Copies {
         lb.dp.flow_table().set_peer_lag(LAG);
         let now = lb.dp.now_age().expect("clock");
         for p in [PEER, PEER2, PEER3] {
-            lb.dp.flow_table().peer_connected(p, now);
+            lb.dp.flow_table().peer_connected(p, Some(now));
         }
         Self { lb, real, now }
     }
@@ -536,7 +536,7 @@ impl Copies {
 
     /// `from` connects (again) `units` from now.
     fn connected(&self, from: Ipv4Addr, units: u32) {
-        self.table().peer_connected(from, self.later(units));
+        self.table().peer_connected(from, Some(self.later(units)));
     }
 
     /// A sweep `units` from now.

@@ -236,15 +236,13 @@ impl ClusterLink {
         self.merges.unknown += flows as u64;
     }
 
-    /// A peer greeted (at flow clock age `now`, noted in the table after the merges before it,
-    /// when the clock could be read); a peer whose config differs builds other rings: walk
-    /// again, sharing every flow while it differs (see `RingView::share_all`), and only the
-    /// exceptions after.
+    /// A peer greeted (at flow clock age `now`, `None` when the clock could not be read: noted
+    /// in the table after the merges before it); a peer whose config differs builds other
+    /// rings: walk again, sharing every flow while it differs (see `RingView::share_all`), and
+    /// only the exceptions after.
     pub fn greeted(&mut self, from: Ipv4Addr, same: bool, interval: Duration, now: Option<u32>) {
-        if let Some(now) = now {
-            // Not counted as pending: the merge thread reports nothing for it.
-            let _ = self.merger.send(Job::Connected(from, now));
-        }
+        // Not counted as pending: the merge thread reports nothing for it.
+        let _ = self.merger.send(Job::Connected(from, now));
         if !same {
             tracing::warn!(peer = %from, "a node's config differs from this one's: sharing every live flow until they agree");
         }
