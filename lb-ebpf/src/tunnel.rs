@@ -44,10 +44,14 @@ const ETH_P_8021AD: u16 = 0x88a8_u16.to_be();
 const OUTER_TTL: u8 = 64;
 
 /// Bytes of the client's packet an ICMP answer quotes: its IPv4 header with the longest options
-/// and the 8 bytes after it (RFC 792), or its IPv6 header and 48 bytes (the TCP header and
-/// options). Fixed sizes keep the checksum loops bounded; a too-big packet is always longer.
+/// and the 8 bytes after it (RFC 792), or as much of its IPv6 packet as fits the minimum MTU of
+/// 1,280 bytes with the answer's own 48 (RFC 4443 2.4): whatever extension headers it carries,
+/// the quote reaches its TCP ports, which the client's kernel needs to find the connection.
+/// Fixed sizes keep the checksum loops bounded; a too-big packet is always longer (a tunnel's
+/// path MTU is at least `TUNNEL_MIN_MTU`, so an IPv6 packet too big for it has over 1,280
+/// bytes).
 const QUOTE4: usize = 68;
-const QUOTE6: usize = 88;
+const QUOTE6: usize = 1280 - 40 - ICMP_HLEN;
 /// ICMP header: type, code, checksum, and a 32-bit field (IPv4: unused and the next-hop MTU;
 /// IPv6: the MTU).
 const ICMP_HLEN: usize = 8;

@@ -15,7 +15,7 @@ use lb_common::{DECAP_GUE_PORT, gue_source_port, reason, tunnel_flow_label, tunn
 use lb_userspace::{config, dataplane::addr6};
 use tests::{
     fixture::{CLIENT, Case, Lb, NEXT_HOP_MAC, RING, VIP, XDP_TX, mac_of},
-    frame::{CLIENT_MAC, Ipv4Frame, Ipv6Frame, LB_MAC, TCP_ACK, TCP_SYN, checksum, ethernet},
+    frame::{CLIENT_MAC, ExtHeader, IPV6_DSTOPTS, Ipv4Frame, Ipv6Frame, LB_MAC, TCP_ACK, TCP_SYN, checksum, ethernet},
     require_root,
 };
 
@@ -151,12 +151,12 @@ fn frag_needed_answer(offending: &[u8], mtu: u16) -> Vec<u8> {
     f
 }
 
-/// ICMPv6 "packet too big" from the VIP to the client, naming `mtu` and quoting the first 88
-/// bytes of `offending`'s packet.
+/// ICMPv6 "packet too big" from the VIP to the client, naming `mtu` and quoting the first 1,232
+/// bytes of `offending`'s packet (the answer fills IPv6's minimum MTU, 1,280 bytes).
 fn too_big6_answer(offending: &[u8], mtu: u32) -> Vec<u8> {
     let mut icmp = vec![2, 0, 0, 0];
     icmp.extend_from_slice(&mtu.to_be_bytes());
-    icmp.extend_from_slice(&offending[..88]);
+    icmp.extend_from_slice(&offending[..1232]);
     let len = u32::try_from(icmp.len()).expect("small");
     let mut pseudo: u32 =
         VIP6.octets().chunks(2).chain(CLIENT6.octets().chunks(2)).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
@@ -205,6 +205,10 @@ fn cases() -> Vec<Case> {
     let big4_no_df = sized4(40016, 1883, MTU - 19, false);
     let big6 = sized6(40017, 1883, MTU - 39);
     let big_gue6 = sized6(40018, 1884, MTU - 47);
+    // 64 bytes of destination options before the TCP header: the ports are past byte 88.
+    let mut big6_ext = sized6(40019, 1883, MTU - 39 - 64);
+    big6_ext.ext = vec![ExtHeader { kind: IPV6_DSTOPTS, len: 7 }];
+    assert_eq!(big6_ext.datagram().len(), MTU - 39);
     vec![
         Case::tx("IPIP, IPv4", ipip4.build()).frame(frame(0x0800, &outer4(4, 0, BROKER_I, &ipip4.datagram()))),
         Case::tx("GUE, IPv4", gue4.build())
@@ -236,6 +240,13 @@ fn cases() -> Vec<Case> {
             .frame(too_big6_answer(&big6.datagram(), 1460)),
         Case::new("IPv6 GUE, 1453 bytes: MTU 1452", big_gue6.build(), XDP_TX, reason::TX_TOO_BIG_ANSWERED)
             .frame(too_big6_answer(&big_gue6.datagram(), 1452)),
+        Case::new(
+            "IPv6 with 64 bytes of options, 1461 bytes: the quote reaches its ports",
+            big6_ext.build(),
+            XDP_TX,
+            reason::TX_TOO_BIG_ANSWERED,
+        )
+        .frame(too_big6_answer(&big6_ext.datagram(), 1460)),
     ]
 }
 
