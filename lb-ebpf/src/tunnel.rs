@@ -82,7 +82,8 @@ unsafe fn copy6(to: *mut lb_common::Addr6, from: *const lb_common::Addr6) {
     }
 }
 
-/// The ones' complement sum of `n` 16-bit words at `p` (unfolded; `n` at most a few hundred).
+/// The ones' complement sum of `n` 16-bit words at `p` (unfolded; `n` at most 620, the
+/// ICMPv6 answer's header and quote).
 ///
 /// # Safety
 /// `n` words at `p` must be inside the frame.

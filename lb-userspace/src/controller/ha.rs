@@ -159,26 +159,23 @@ impl Controller {
             }
             cluster::Event::Greeted { from, same } => {
                 let interval = self.sync_interval();
-                let now = self
-                    .dp
-                    .now_age()
-                    .inspect_err(
-                        |e| tracing::warn!(error = %format!("{e:#}"), "reading the flow clock failed; {from}'s connection is not noted"),
-                    )
-                    .ok();
+                let now = self.clock_or_warn(from, "connection");
                 self.link.greeted(from, same, interval, now);
             }
             cluster::Event::Synced { from } => {
-                let now = self
-                    .dp
-                    .now_age()
-                    .inspect_err(
-                        |e| tracing::warn!(error = %format!("{e:#}"), "reading the flow clock failed; {from}'s round is not noted"),
-                    )
-                    .ok();
+                let now = self.clock_or_warn(from, "round");
                 self.link.synced(from, now);
             }
         }
+    }
+
+    /// The flow clock for noting a peer's `what` (its connection, or a round it ended), or
+    /// `None` with a warning when it cannot be read: the peer's word is then not noted.
+    fn clock_or_warn(&self, from: std::net::Ipv4Addr, what: &str) -> Option<u32> {
+        self.dp
+            .now_age()
+            .inspect_err(|e| tracing::warn!(error = %format!("{e:#}"), "reading the flow clock failed; {from}'s {what} is not noted"))
+            .ok()
     }
 
     #[expect(clippy::needless_pass_by_value, reason = "taken from the channel whole")]

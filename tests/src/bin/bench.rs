@@ -1028,10 +1028,18 @@ fn soak_part(bin: &Path) -> anyhow::Result<String> {
             _ => bail!("bench soak: unknown flag {flag}"),
         }
     }
-    let outcome = soak::soak(bin, &o, out.as_deref())?;
-    // The report is written whatever the verdict (it is in it).
+    // Made (or found wanting) before the hour, not after it.
     if let Some(dir) = &out {
-        std::fs::write(dir.join(if o.nodes == 1 { "soak-1node.md" } else { "soak.md" }), &outcome.report)?;
+        std::fs::create_dir_all(dir).with_context(|| format!("--out: creating {}", dir.display()))?;
+    }
+    let outcome = soak::soak(bin, &o, out.as_deref())?;
+    // The report is written whatever the verdict (it is in it); if it cannot be, it is printed.
+    if let Some(dir) = &out {
+        let path = dir.join(if o.nodes == 1 { "soak-1node.md" } else { "soak.md" });
+        if let Err(e) = std::fs::write(&path, &outcome.report) {
+            eprint!("{}", outcome.report);
+            return Err(e).with_context(|| format!("writing {}", path.display()));
+        }
     }
     if !outcome.failures.is_empty() {
         eprint!("{}", outcome.report);
