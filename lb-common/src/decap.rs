@@ -18,10 +18,39 @@ pub struct DecapConf {
     /// 1: tunnelled frames from any outer source are decapsulated (`--any-source`); 0: only
     /// from the sources in `DECAP_SOURCES`.
     pub any_source: u8,
-    pub pad: [u8; 5],
+    /// Where the program finds the VIPs: 0, in `DECAP_VIPS` (a set too large for a list); 1
+    /// or 2, in `DECAP_LISTS[DECAP_LIST_VIPS + n - 1]` (which then holds what `DECAP_VIPS`
+    /// holds).
+    pub vip_list: u8,
+    /// As `vip_list`, for the sources: `DECAP_SOURCES`, or `DECAP_LISTS[DECAP_LIST_SOURCES +
+    /// n - 1]`.
+    pub source_list: u8,
+    pub pad: [u8; 3],
 }
 
 const _: () = assert!(core::mem::size_of::<DecapConf>() == 8);
+
+/// Addresses a [`DecapList`] holds at most.
+pub const DECAP_LIST_LEN: usize = 8;
+/// `DECAP_LISTS` slots of the VIPs (this one and the next) and of the sources.
+pub const DECAP_LIST_VIPS: u32 = 0;
+pub const DECAP_LIST_SOURCES: u32 = 2;
+pub const DECAP_LIST_SLOTS: u32 = 4;
+
+/// A small set of addresses (a host's VIPs, the balancers' tunnel sources), matched by
+/// comparing words: a hash map's lookup of a 16-byte key costs more than the rest of a decap.
+/// Each set has two slots: the writer fills the one not in use, then names it in
+/// [`DecapConf`], so the program never reads a list being written.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecapList {
+    /// Addresses in use, from the first; at most [`DECAP_LIST_LEN`].
+    pub count: u32,
+    pub pad: u32,
+    pub addrs: [crate::Ip6; DECAP_LIST_LEN],
+}
+
+const _: () = assert!(core::mem::size_of::<DecapList>() == 8 + 16 * DECAP_LIST_LEN);
 
 /// Indices of `DECAP_STATS` (per CPU, `u64` frames): every frame the program sees is counted
 /// once, under the reason for what it did.
@@ -54,4 +83,6 @@ pub mod decap_reason {
 mod pod {
     // SAFETY: `#[repr(C)]`, integers only, no padding (asserted above).
     unsafe impl aya::Pod for super::DecapConf {}
+    // SAFETY: `#[repr(C)]`, integers and byte arrays only, no padding (asserted above).
+    unsafe impl aya::Pod for super::DecapList {}
 }

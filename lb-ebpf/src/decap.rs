@@ -6,6 +6,11 @@
 //! Hosts whose kernels have the `ipip` or `fou` modules could use a tunnel device instead; many
 //! hardened broker hosts do not load them, and the machines dsrlb is tested on have none.
 //!
+//! The VIPs and the allowed sources are each a hash map, and, while a set has at most
+//! `DECAP_LIST_LEN` addresses (a host's VIPs and its balancers are a few), also a list in
+//! `DECAP_LISTS` that the program compares word by word instead: a hash lookup of a 16-byte key
+//! cost more than all the rest of a decap (`xdp_bench`).
+//!
 //! GUE: version 1 (the inner IP header straight after the UDP header, as Katran sends it), and
 //! version 0 with a header of protocol 4 or 41 and no flags; control messages and flagged
 //! headers pass untouched.
@@ -19,7 +24,9 @@ use aya_ebpf::{
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
-use lb_common::{DECAP_MAX_ADDRS, DecapConf, Ip6, decap_reason as why};
+use lb_common::{
+    DECAP_LIST_LEN, DECAP_LIST_SLOTS, DECAP_LIST_SOURCES, DECAP_LIST_VIPS, DECAP_MAX_ADDRS, DecapConf, DecapList, Ip6, decap_reason as why,
+};
 use lb_ebpf::hdr::{ETH_HLEN, IP_MF_OFFSET_MASK, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, Ipv4Hdr, Ipv6Hdr, UdpHdr};
 
 /// VIPs this host holds (IPv4 as IPv4-mapped IPv6): a tunnel frame for one is decapsulated.
@@ -33,6 +40,11 @@ static DECAP_SOURCES: HashMap<Ip6, u8, { DECAP_MAX_ADDRS as usize }> = HashMap::
 
 #[btf_map]
 static DECAP_CONF: Array<DecapConf, 1> = Array::new();
+
+/// The VIPs and the sources again, as lists, when they are few (`DecapConf::vip_list`,
+/// `source_list`): two slots each, one in use.
+#[btf_map]
+static DECAP_LISTS: Array<DecapList, { DECAP_LIST_SLOTS as usize }> = Array::new();
 
 /// Frames by [`why`], per CPU.
 #[btf_map]
@@ -89,13 +101,38 @@ enum Source {
     Mapped6,
 }
 
+/// Whether `key` is in a set: its list `DECAP_LISTS[base + list - 1]` when `list` names one
+/// (1 or 2), else its hash map. Another value names nothing: not in the set.
+#[inline(always)]
+fn listed(list: u8, base: u32, map: &HashMap<Ip6, u8, { DECAP_MAX_ADDRS as usize }>, key: &Ip6) -> bool {
+    if list == 0 {
+        // SAFETY: a map lookup, read only for presence.
+        return unsafe { map.get(key) }.is_some();
+    }
+    if list > 2 {
+        return false;
+    }
+    let Some(l) = DECAP_LISTS.get(base + u32::from(list) - 1) else { return false };
+    let [k0, k1] = key.words();
+    let n = l.count as usize;
+    for i in 0..DECAP_LIST_LEN {
+        if i >= n {
+            break;
+        }
+        let [a0, a1] = l.addrs[i].words();
+        if a0 == k0 && a1 == k1 {
+            return true;
+        }
+    }
+    false
+}
+
 /// Whether `source` may send tunnel frames for the VIPs.
 #[inline(always)]
 fn allowed(conf: &DecapConf, source: Source) -> bool {
     conf.any_source != 0
         || match source {
-            // SAFETY: a map lookup, read only for presence.
-            Source::Key(k) => unsafe { DECAP_SOURCES.get(&k) }.is_some(),
+            Source::Key(k) => listed(conf.source_list, DECAP_LIST_SOURCES, &DECAP_SOURCES, &k),
             Source::Mapped6 => false,
         }
 }
@@ -244,8 +281,7 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
         let later_fragment = frag_off & IP_OFFSET_MASK != 0;
         (mapped(daddr), protocol, (!later_fragment).then(|| inner + usize::from(ver_ihl & 0x0f) * 4))
     };
-    // SAFETY: a map lookup; the value is read only for presence.
-    if unsafe { DECAP_VIPS.get(&dst) }.is_none() {
+    if !listed(conf.vip_list, DECAP_LIST_VIPS, &DECAP_VIPS, &dst) {
         return (xdp_action::XDP_PASS, why::PASS_NOT_OURS);
     }
     if !allowed(conf, t.source) {

@@ -142,6 +142,30 @@ fn rewrap<const N: usize>(ctx: &XdpContext) -> bool {
     true
 }
 
+/// The benchmarks' control for the driver's undo: what a row's target does to the frame's
+/// length, and nothing else (`bpf_xdp_adjust_head` by `BENCH_FLOWS[6]` bytes, out for
+/// [`RESTORE_UNWRAP`], in for [`RESTORE_REWRAP`]), then `XDP_TX`. Behind the driver it costs
+/// the floor, the driver's undo and one `bpf_xdp_adjust_head`: so a tunnel or decap row can be
+/// given net of the undo, measured.
+#[xdp]
+pub fn xdp_bench_redo(ctx: XdpContext) -> u32 {
+    use aya_ebpf::helpers::bpf_xdp_adjust_head;
+    let (Some(mode), Some(bytes)) = (BENCH_FLOWS.get(5), BENCH_FLOWS.get(6)) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let Ok(by) = i32::try_from(*bytes) else { return xdp_action::XDP_ABORTED };
+    let by = match *mode {
+        RESTORE_UNWRAP => -by,
+        RESTORE_REWRAP => by,
+        _ => return xdp_action::XDP_ABORTED,
+    };
+    // SAFETY: the helper checks the bounds.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, by) } != 0 {
+        return xdp_action::XDP_ABORTED;
+    }
+    xdp_action::XDP_TX
+}
+
 /// A benchmark and test driver, never attached: gives each run's frame the balancer's MAC and
 /// (unless told to keep them) the next client address and port of a sequence (an untagged IPv4
 /// frame without options: source at offset 26, TCP source port at 34; an untagged IPv6 frame

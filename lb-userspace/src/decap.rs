@@ -3,7 +3,7 @@
 //! fills its maps with the VIPs this host holds and the balancers allowed to send to them,
 //! attaches it through a pinned link so it outlives the command, and reads it back.
 //!
-//! Pins: `PIN_ROOT/IFACE/` holds `link` and the four maps. Attaching again to an interface that
+//! Pins: `PIN_ROOT/IFACE/` holds `link` and the five maps. Attaching again to an interface that
 //! has the program updates its settings in place; `detach` removes the pins, and with the link's
 //! pin the attachment.
 
@@ -22,7 +22,9 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use lb_common::{DECAP_GUE_PORT, DECAP_MAX_ADDRS, DecapConf, Ip6, decap_reason};
+use lb_common::{
+    DECAP_GUE_PORT, DECAP_LIST_LEN, DECAP_LIST_SOURCES, DECAP_LIST_VIPS, DECAP_MAX_ADDRS, DecapConf, DecapList, Ip6, decap_reason,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::dataplane;
@@ -38,7 +40,8 @@ const VIPS: &str = "DECAP_VIPS";
 const SOURCES: &str = "DECAP_SOURCES";
 const CONF: &str = "DECAP_CONF";
 const STATS: &str = "DECAP_STATS";
-const MAPS: [&str; 4] = [VIPS, SOURCES, CONF, STATS];
+const LISTS: &str = "DECAP_LISTS";
+const MAPS: [&str; 5] = [VIPS, SOURCES, CONF, STATS, LISTS];
 const LINK: &str = "link";
 
 /// What a decap program is told.
@@ -128,32 +131,77 @@ pub struct Maps {
     sources: HashMap<MapData, Ip6, u8>,
     conf: Array<MapData, DecapConf>,
     stats: PerCpuArray<MapData, u64>,
+    lists: Array<MapData, DecapList>,
+}
+
+/// One of the two sets a decap program holds.
+#[derive(Clone, Copy)]
+enum Set {
+    Vips,
+    Sources,
 }
 
 impl Maps {
     fn from(mut take: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
+        let kind = |name: &str| format!("{name} is not the map this dsrlb expects");
         Ok(Self {
-            vips: HashMap::try_from(take(VIPS)?)?,
-            sources: HashMap::try_from(take(SOURCES)?)?,
-            conf: Array::try_from(take(CONF)?)?,
-            stats: PerCpuArray::try_from(take(STATS)?)?,
+            vips: HashMap::try_from(take(VIPS)?).with_context(|| kind(VIPS))?,
+            sources: HashMap::try_from(take(SOURCES)?).with_context(|| kind(SOURCES))?,
+            conf: Array::try_from(take(CONF)?).with_context(|| kind(CONF))?,
+            stats: PerCpuArray::try_from(take(STATS)?).with_context(|| kind(STATS))?,
+            lists: Array::try_from(take(LISTS)?).with_context(|| kind(LISTS))?,
         })
     }
 
     /// The maps pinned in `dir`.
     ///
     /// # Errors
-    /// When a pin is missing or of another kind.
+    /// When a pin is missing or of another kind: pinned by another dsrlb's program, which this
+    /// one cannot update (detach it and attach again).
     pub fn pinned(dir: &Path) -> anyhow::Result<Self> {
         Self::from(|name| {
             let path = dir.join(name);
             let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
             Ok(match name {
                 VIPS | SOURCES => Map::HashMap(data),
-                CONF => Map::Array(data),
+                CONF | LISTS => Map::Array(data),
                 _ => Map::PerCpuArray(data),
             })
         })
+        .with_context(|| {
+            format!("the decap program pinned in {} is not this dsrlb's (another version?): detach it and attach again", dir.display())
+        })
+    }
+
+    /// Makes the program's `set` exactly `want`: its hash map first (which the program reads
+    /// only while no list is named), then, if `want` fits a list, the list slot not in use,
+    /// named in `conf` (the rule in force, which keeps all else it says), written last. Each
+    /// call must only shrink the set or only grow it: then whatever the program reads at any
+    /// instant, map or list, lies between the set before and `want`.
+    fn stage(&mut self, set: Set, want: &BTreeSet<Ip6>, conf: &mut DecapConf) -> anyhow::Result<()> {
+        let (map, what, base, list) = match set {
+            Set::Vips => (&mut self.vips, "VIP", DECAP_LIST_VIPS, &mut conf.vip_list),
+            Set::Sources => (&mut self.sources, "source", DECAP_LIST_SOURCES, &mut conf.source_list),
+        };
+        remove_others(map, want, what)?;
+        for k in want {
+            map.insert(k, 1, 0).with_context(|| format!("writing {what} {}", addr(*k)))?;
+        }
+        if want.len() > DECAP_LIST_LEN {
+            if *list == 0 {
+                return Ok(());
+            }
+            *list = 0;
+        } else {
+            let next = if *list == 1 { 2 } else { 1 };
+            let mut l = DecapList { count: u32::try_from(want.len())?, ..DecapList::default() };
+            for (slot, k) in l.addrs.iter_mut().zip(want) {
+                *slot = *k;
+            }
+            self.lists.set(base + u32::from(next) - 1, l, 0).with_context(|| format!("writing the {what} list"))?;
+            *list = next;
+        }
+        self.conf.set(0, *conf, 0).context("writing DECAP_CONF")
     }
 
     /// Writes `s`, in an order that never admits more than the old or the new settings do:
@@ -166,26 +214,29 @@ impl Maps {
     pub fn write(&mut self, s: &Settings) -> anyhow::Result<()> {
         let vips: BTreeSet<Ip6> = s.vips.iter().copied().map(key).collect();
         let sources: BTreeSet<Ip6> = s.sources.iter().flatten().copied().map(key).collect();
-        remove_others(&mut self.vips, &vips, "VIP")?;
-        let conf = DecapConf { gue_port_be: s.gue_port.to_be(), any_source: u8::from(s.sources.is_none()), pad: [0; 5] };
+        let held = |map: &HashMap<MapData, Ip6, u8>, want: &BTreeSet<Ip6>| {
+            map.keys().filter_map(Result::ok).filter(|k| want.contains(k)).collect::<BTreeSet<Ip6>>()
+        };
+        let mut conf = self.conf.get(&0, 0).context("reading DECAP_CONF")?;
+        let kept = held(&self.vips, &vips);
+        self.stage(Set::Vips, &kept, &mut conf)?;
+        let rule = |conf: DecapConf| DecapConf { gue_port_be: s.gue_port.to_be(), any_source: u8::from(s.sources.is_none()), ..conf };
         if s.sources.is_none() {
             // To any source: the rule first (while it still says "a list", clearing the list
             // would drop every balancer's frames), then the list goes.
+            conf = rule(conf);
             self.conf.set(0, conf, 0).context("writing DECAP_CONF")?;
-            remove_others(&mut self.sources, &sources, "source")?;
+            self.stage(Set::Sources, &sources, &mut conf)?;
         } else {
             // To a list: the sources that go first, then the new ones, then the rule (while the
             // old rule holds, these changes admit no more than it, or than the new list, does).
-            remove_others(&mut self.sources, &sources, "source")?;
-            for k in &sources {
-                self.sources.insert(k, 1, 0).with_context(|| format!("writing source {}", addr(*k)))?;
-            }
+            let kept = held(&self.sources, &sources);
+            self.stage(Set::Sources, &kept, &mut conf)?;
+            self.stage(Set::Sources, &sources, &mut conf)?;
+            conf = rule(conf);
             self.conf.set(0, conf, 0).context("writing DECAP_CONF")?;
         }
-        for k in &vips {
-            self.vips.insert(k, 1, 0).with_context(|| format!("writing VIP {}", addr(*k)))?;
-        }
-        Ok(())
+        self.stage(Set::Vips, &vips, &mut conf)
     }
 
     /// What the maps say.

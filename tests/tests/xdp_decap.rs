@@ -332,3 +332,46 @@ fn every_truncation_passes_untouched_until_the_inner_header_is_whole() {
         }
     }
 }
+
+/// More VIPs and sources than a list holds (`DECAP_LIST_LEN`): the program reads its hash
+/// maps, and every frame is treated as with a few; back to a few, it reads a list again, which
+/// holds only the new set (an address that went is no longer served), whichever of its two
+/// slots was last in use.
+#[test]
+fn sets_too_large_for_a_list_work_from_the_maps_and_lists_follow_every_change() {
+    require_root!();
+    let mut d = Loaded::load().expect("loading dsrlb-decap");
+    let many = |third: u8| (1..=20).map(move |i| IpAddr::V4(Ipv4Addr::new(198, 18, third, i)));
+    let mut large = settings(false);
+    large.vips.extend(many(1));
+    large.sources.as_mut().expect("a source list").extend(many(2));
+    let far_vip = Ipv4Addr::new(198, 18, 1, 20);
+    let far_source = Ipv4Addr::new(198, 18, 2, 20);
+    let to_far = inner4(far_vip, TCP_SYN);
+    let syn = inner4(VIP, TCP_SYN);
+    let decapsulated = |what: &str, src: Ipv4Addr, inner: &Ipv4Frame| {
+        row(what, outer4(src, 4, 0, &inner.datagram()), XDP_PASS, why::DECAPSULATED, Some(inner.build()))
+    };
+    let untouched = |what: &str, src: Ipv4Addr, inner: &Ipv4Frame, action: u32, reason: u32| {
+        row(what, outer4(src, 4, 0, &inner.datagram()), action, reason, None)
+    };
+    for round in 0..2 {
+        d.maps.write(&large).expect("settings");
+        assert_eq!(d.maps.settings().expect("read back"), large, "round {round}: the large sets read back");
+        check_table(&d, &rows());
+        check_case(&d, &decapsulated("the 20th extra VIP, from the 20th extra source", far_source, &to_far));
+        check_case(&d, &untouched("IPIP from a stranger", STRANGER, &to_far, XDP_DROP, why::DROP_FOREIGN_SOURCE));
+        d.maps.write(&settings(false)).expect("settings");
+        assert_eq!(d.maps.settings().expect("read back"), settings(false), "round {round}: the small sets read back");
+        check_table(&d, &rows());
+        check_case(&d, &untouched("a VIP that went", LB, &to_far, XDP_PASS, why::PASS_NOT_OURS));
+        check_case(&d, &untouched("from a source that went", far_source, &syn, XDP_DROP, why::DROP_FOREIGN_SOURCE));
+        // A few again, one fewer: the list is rewritten in its other slot, without it.
+        let mut fewer = settings(false);
+        fewer.vips.remove(&IpAddr::V4(VIP));
+        d.maps.write(&fewer).expect("settings");
+        check_case(&d, &untouched("the VIP that went from the list", LB, &syn, XDP_PASS, why::PASS_NOT_OURS));
+        d.maps.write(&settings(false)).expect("settings");
+        check_case(&d, &decapsulated("the VIP back in the list", LB, &syn));
+    }
+}

@@ -29,14 +29,14 @@ impl TestPrograms {
     pub fn load(floor_dst_mac: [u8; 6]) -> anyhow::Result<Self> {
         let mut ebpf =
             EbpfLoader::new().override_global("FLOOR_DST_MAC", &floor_dst_mac, true).load(TEST_OBJ).context("loading dsrlb-test")?;
-        for name in ["xdp_floor", "xdp_floor_adjust", "xdp_pass", "xdp_bench_flows"] {
+        for name in ["xdp_floor", "xdp_floor_adjust", "xdp_pass", "xdp_bench_flows", "xdp_bench_redo"] {
             let prog: &mut Xdp = ebpf.program_mut(name).with_context(|| format!("program {name} missing"))?.try_into()?;
             prog.load().with_context(|| format!("verifying program {name}"))?;
         }
         Ok(Self { ebpf })
     }
 
-    /// One of `xdp_floor`, `xdp_floor_adjust`, `xdp_pass`, `xdp_bench_flows`.
+    /// One of `xdp_floor`, `xdp_floor_adjust`, `xdp_pass`, `xdp_bench_flows`, `xdp_bench_redo`.
     ///
     /// # Panics
     /// On another name.
@@ -144,6 +144,16 @@ impl TestPrograms {
     /// When the program array refuses the program.
     pub fn target_program(&mut self, program: &Xdp) -> anyhow::Result<()> {
         let fd = program.fd()?.try_clone()?;
+        let mut map: aya::maps::ProgramArray<&mut MapData> = map_mut(&mut self.ebpf, "BENCH_TARGET")?;
+        map.set(0, &fd, 0).context("pointing xdp_bench_flows at its target")
+    }
+
+    /// Points the driver at the test object's `xdp_bench_redo`: the control for its undo.
+    ///
+    /// # Errors
+    /// When the program array refuses the program.
+    pub fn target_redo(&mut self) -> anyhow::Result<()> {
+        let fd = self.program("xdp_bench_redo").fd()?.try_clone()?;
         let mut map: aya::maps::ProgramArray<&mut MapData> = map_mut(&mut self.ebpf, "BENCH_TARGET")?;
         map.set(0, &fd, 0).context("pointing xdp_bench_flows at its target")
     }
