@@ -9,7 +9,8 @@ pub const DECAP_GUE_PORT: u16 = 6080;
 /// VIPs, and allowed outer sources, a decap program holds at most (each).
 pub const DECAP_MAX_ADDRS: u32 = 256;
 
-/// `DECAP_CONF[0]`: set by `dsrlb decap attach`.
+/// `DECAP_CONF[0]`: set by `dsrlb decap attach`. While `rule` names a [`DecapRule`], the whole
+/// rule is that one, and the other fields and the hash maps are not read.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DecapConf {
@@ -18,39 +19,42 @@ pub struct DecapConf {
     /// 1: tunnelled frames from any outer source are decapsulated (`--any-source`); 0: only
     /// from the sources in `DECAP_SOURCES`.
     pub any_source: u8,
-    /// Where the program finds the VIPs: 0, in `DECAP_VIPS` (a set too large for a list); 1
-    /// or 2, in `DECAP_LISTS[DECAP_LIST_VIPS + n - 1]` (which then holds what `DECAP_VIPS`
-    /// holds).
-    pub vip_list: u8,
-    /// As `vip_list`, for the sources: `DECAP_SOURCES`, or `DECAP_LISTS[DECAP_LIST_SOURCES +
-    /// n - 1]`.
-    pub source_list: u8,
-    pub pad: [u8; 3],
+    /// 0: the rule is this and the hash maps `DECAP_VIPS` and `DECAP_SOURCES` (sets too large
+    /// for a [`DecapRule`]); 1 or 2: it is `DECAP_RULES[rule - 1]`. Older programs, which had
+    /// no rules, read this byte as padding, and older controllers write it 0.
+    pub rule: u8,
+    pub pad: [u8; 4],
 }
 
 const _: () = assert!(core::mem::size_of::<DecapConf>() == 8);
 
-/// Addresses a [`DecapList`] holds at most.
-pub const DECAP_LIST_LEN: usize = 8;
-/// `DECAP_LISTS` slots of the VIPs (this one and the next) and of the sources.
-pub const DECAP_LIST_VIPS: u32 = 0;
-pub const DECAP_LIST_SOURCES: u32 = 2;
-pub const DECAP_LIST_SLOTS: u32 = 4;
+/// VIPs, and sources, a [`DecapRule`] holds at most.
+pub const DECAP_RULE_ADDRS: usize = 8;
+/// `DECAP_RULES` entries: the one in use, and the one the next settings are written to.
+pub const DECAP_RULE_SLOTS: u32 = 2;
 
-/// A small set of addresses (a host's VIPs, the balancers' tunnel sources), matched by
-/// comparing words: a hash map's lookup of a 16-byte key costs more than the rest of a decap.
-/// Each set has two slots: the writer fills the one not in use, then names it in
-/// [`DecapConf`], so the program never reads a list being written.
+/// The whole rule, when its sets are small (a host's VIPs and its balancers are a few), matched
+/// by comparing words: a hash map's lookup of a 16-byte key costs more than all the rest of a
+/// decap. The writer fills the entry not in use, then names it in [`DecapConf::rule`] (a
+/// single byte changes): the program reads the old rule or the new one, whole, never one being
+/// written (an entry is written again only by a later `dsrlb decap attach`, long after any
+/// program that read it has ended).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DecapList {
-    /// Addresses in use, from the first; at most [`DECAP_LIST_LEN`].
-    pub count: u32,
-    pub pad: u32,
-    pub addrs: [crate::Ip6; DECAP_LIST_LEN],
+pub struct DecapRule {
+    /// As [`DecapConf`]'s.
+    pub gue_port_be: u16,
+    /// As [`DecapConf`]'s.
+    pub any_source: u8,
+    /// VIPs and sources in use, from the first of each; at most [`DECAP_RULE_ADDRS`].
+    pub vip_count: u8,
+    pub source_count: u8,
+    pub pad: [u8; 3],
+    pub vips: [crate::Ip6; DECAP_RULE_ADDRS],
+    pub sources: [crate::Ip6; DECAP_RULE_ADDRS],
 }
 
-const _: () = assert!(core::mem::size_of::<DecapList>() == 8 + 16 * DECAP_LIST_LEN);
+const _: () = assert!(core::mem::size_of::<DecapRule>() == 8 + 32 * DECAP_RULE_ADDRS);
 
 /// Indices of `DECAP_STATS` (per CPU, `u64` frames): every frame the program sees is counted
 /// once, under the reason for what it did.
@@ -84,5 +88,5 @@ mod pod {
     // SAFETY: `#[repr(C)]`, integers only, no padding (asserted above).
     unsafe impl aya::Pod for super::DecapConf {}
     // SAFETY: `#[repr(C)]`, integers and byte arrays only, no padding (asserted above).
-    unsafe impl aya::Pod for super::DecapList {}
+    unsafe impl aya::Pod for super::DecapRule {}
 }

@@ -6,10 +6,10 @@
 //! Hosts whose kernels have the `ipip` or `fou` modules could use a tunnel device instead; many
 //! hardened broker hosts do not load them, and the machines dsrlb is tested on have none.
 //!
-//! The VIPs and the allowed sources are each a hash map, and, while a set has at most
-//! `DECAP_LIST_LEN` addresses (a host's VIPs and its balancers are a few), also a list in
-//! `DECAP_LISTS` that the program compares word by word instead: a hash lookup of a 16-byte key
-//! cost more than all the rest of a decap (`xdp_bench`).
+//! The VIPs and the allowed sources are each a hash map; while both sets have at most
+//! `DECAP_RULE_ADDRS` addresses (a host's VIPs and its balancers are a few), the whole rule is
+//! instead one `DECAP_RULES` entry, whose lists the program compares word by word: a hash
+//! lookup of a 16-byte key cost more than all the rest of a decap (`xdp_bench`).
 //!
 //! GUE: version 1 (the inner IP header straight after the UDP header, as Katran sends it), and
 //! version 0 with a header of protocol 4 or 41 and no flags; control messages and flagged
@@ -24,9 +24,7 @@ use aya_ebpf::{
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
-use lb_common::{
-    DECAP_LIST_LEN, DECAP_LIST_SLOTS, DECAP_LIST_SOURCES, DECAP_LIST_VIPS, DECAP_MAX_ADDRS, DecapConf, DecapList, Ip6, decap_reason as why,
-};
+use lb_common::{DECAP_MAX_ADDRS, DECAP_RULE_ADDRS, DECAP_RULE_SLOTS, DecapConf, DecapRule, Ip6, decap_reason as why};
 use lb_ebpf::hdr::{ETH_HLEN, IP_MF_OFFSET_MASK, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, Ipv4Hdr, Ipv6Hdr, UdpHdr};
 
 /// VIPs this host holds (IPv4 as IPv4-mapped IPv6): a tunnel frame for one is decapsulated.
@@ -41,10 +39,9 @@ static DECAP_SOURCES: HashMap<Ip6, u8, { DECAP_MAX_ADDRS as usize }> = HashMap::
 #[btf_map]
 static DECAP_CONF: Array<DecapConf, 1> = Array::new();
 
-/// The VIPs and the sources again, as lists, when they are few (`DecapConf::vip_list`,
-/// `source_list`): two slots each, one in use.
+/// The whole rule, when its sets are small (`DecapConf::rule` names the entry in use).
 #[btf_map]
-static DECAP_LISTS: Array<DecapList, { DECAP_LIST_SLOTS as usize }> = Array::new();
+static DECAP_RULES: Array<DecapRule, { DECAP_RULE_SLOTS as usize }> = Array::new();
 
 /// Frames by [`why`], per CPU.
 #[btf_map]
@@ -101,25 +98,41 @@ enum Source {
     Mapped6,
 }
 
-/// Whether `key` is in a set: its list `DECAP_LISTS[base + list - 1]` when `list` names one
-/// (1 or 2), else its hash map. Another value names nothing: not in the set.
+/// The rule in force: `DECAP_CONF` with the hash maps, or the small rule it names.
+#[derive(Clone, Copy)]
+struct Rule {
+    gue_port_be: u16,
+    any_source: bool,
+    /// The sets as lists, or `None`: in the hash maps.
+    small: Option<&'static DecapRule>,
+}
+
+/// The rule in force; `None` when the program is not set (or names no rule it has).
 #[inline(always)]
-fn listed(list: u8, base: u32, map: &HashMap<Ip6, u8, { DECAP_MAX_ADDRS as usize }>, key: &Ip6) -> bool {
-    if list == 0 {
-        // SAFETY: a map lookup, read only for presence.
-        return unsafe { map.get(key) }.is_some();
+fn rule() -> Option<Rule> {
+    let conf: &DecapConf = DECAP_CONF.get(0)?;
+    // Read once: the rule named, whole, or the conf's own.
+    let which = conf.rule;
+    match which {
+        0 => Some(Rule { gue_port_be: conf.gue_port_be, any_source: conf.any_source != 0, small: None }),
+        1 | 2 => {
+            let r = DECAP_RULES.get(u32::from(which) - 1)?;
+            Some(Rule { gue_port_be: r.gue_port_be, any_source: r.any_source != 0, small: Some(r) })
+        }
+        _ => None,
     }
-    if list > 2 {
-        return false;
-    }
-    let Some(l) = DECAP_LISTS.get(base + u32::from(list) - 1) else { return false };
+}
+
+/// Whether `key` is one of the first `count` of `addrs`.
+#[inline(always)]
+fn among(addrs: &[Ip6; DECAP_RULE_ADDRS], count: u8, key: &Ip6) -> bool {
     let [k0, k1] = key.words();
-    let n = l.count as usize;
-    for i in 0..DECAP_LIST_LEN {
+    let n = usize::from(count);
+    for (i, a) in addrs.iter().enumerate() {
         if i >= n {
             break;
         }
-        let [a0, a1] = l.addrs[i].words();
+        let [a0, a1] = a.words();
         if a0 == k0 && a1 == k1 {
             return true;
         }
@@ -127,13 +140,25 @@ fn listed(list: u8, base: u32, map: &HashMap<Ip6, u8, { DECAP_MAX_ADDRS as usize
     false
 }
 
+/// Whether `dst` is a VIP held here.
+#[inline(always)]
+fn held(rule: &Rule, dst: &Ip6) -> bool {
+    match rule.small {
+        Some(r) => among(&r.vips, r.vip_count, dst),
+        // SAFETY: a map lookup, read only for presence.
+        None => unsafe { DECAP_VIPS.get(dst) }.is_some(),
+    }
+}
+
 /// Whether `source` may send tunnel frames for the VIPs.
 #[inline(always)]
-fn allowed(conf: &DecapConf, source: Source) -> bool {
-    conf.any_source != 0
-        || match source {
-            Source::Key(k) => listed(conf.source_list, DECAP_LIST_SOURCES, &DECAP_SOURCES, &k),
-            Source::Mapped6 => false,
+fn allowed(rule: &Rule, source: Source) -> bool {
+    rule.any_source
+        || match (source, rule.small) {
+            (Source::Key(k), Some(r)) => among(&r.sources, r.source_count, &k),
+            // SAFETY: a map lookup, read only for presence.
+            (Source::Key(k), None) => unsafe { DECAP_SOURCES.get(&k) }.is_some(),
+            (Source::Mapped6, _) => false,
         }
 }
 
@@ -150,8 +175,8 @@ type Pass = u32;
 /// known: a foreign one is dropped, so that a kernel tunnel device cannot be handed it after
 /// reassembly; other fragments pass.
 #[inline(always)]
-fn fragment(conf: &DecapConf, protocol: u8, source: Source) -> (u32, u32) {
-    if (protocol == IPPROTO_IPIP || protocol == IPPROTO_IPV6) && !allowed(conf, source) {
+fn fragment(rule: &Rule, protocol: u8, source: Source) -> (u32, u32) {
+    if (protocol == IPPROTO_IPIP || protocol == IPPROTO_IPV6) && !allowed(rule, source) {
         (xdp_action::XDP_DROP, why::DROP_FOREIGN_SOURCE)
     } else {
         (xdp_action::XDP_PASS, why::PASS_FRAGMENT)
@@ -160,7 +185,7 @@ fn fragment(conf: &DecapConf, protocol: u8, source: Source) -> (u32, u32) {
 
 /// The tunnel frame's outer headers, or what to do with a frame that is none to unwrap.
 #[inline(always)]
-fn outer(ctx: &XdpContext, conf: &DecapConf) -> Result<Tunnel, (u32, Pass)> {
+fn outer(ctx: &XdpContext, rule: &Rule) -> Result<Tunnel, (u32, Pass)> {
     let pass = |reason| (xdp_action::XDP_PASS, reason);
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(pass(why::PASS_MALFORMED))?;
     // SAFETY: inside the frame (checked by `ptr_at`).
@@ -178,7 +203,7 @@ fn outer(ctx: &XdpContext, conf: &DecapConf) -> Result<Tunnel, (u32, Pass)> {
         }
         let source = Source::Key(mapped(saddr));
         if frag_off & IP_MF_OFFSET_MASK != 0 {
-            return Err(fragment(conf, protocol, source));
+            return Err(fragment(rule, protocol, source));
         }
         (source, ihl, protocol)
     } else if proto == ETH_P_IPV6 {
@@ -194,7 +219,7 @@ fn outer(ctx: &XdpContext, conf: &DecapConf) -> Result<Tunnel, (u32, Pass)> {
             let frag: *const [u8; 8] = ptr_at(ctx, ETH_HLEN + IPV6_HLEN).ok_or(pass(why::PASS_MALFORMED))?;
             // SAFETY: as above.
             protocol = unsafe { (*frag)[0] };
-            return Err(fragment(conf, protocol, source));
+            return Err(fragment(rule, protocol, source));
         }
         if protocol != IPPROTO_IPIP && protocol != IPPROTO_UDP && protocol != IPPROTO_IPV6 {
             // Other extension headers included: a balancer sends none.
@@ -213,7 +238,7 @@ fn outer(ctx: &XdpContext, conf: &DecapConf) -> Result<Tunnel, (u32, Pass)> {
     }
     let udp: *const UdpHdr = ptr_at(ctx, ETH_HLEN + l4).ok_or(pass(why::PASS_MALFORMED))?;
     // SAFETY: as above.
-    if conf.gue_port_be == 0 || unsafe { (*udp).dest } != conf.gue_port_be {
+    if rule.gue_port_be == 0 || unsafe { (*udp).dest } != rule.gue_port_be {
         return Err(pass(why::PASS_NOT_TUNNEL));
     }
     let gue = ETH_HLEN + l4 + UDP_HLEN;
@@ -236,12 +261,12 @@ fn outer(ctx: &XdpContext, conf: &DecapConf) -> Result<Tunnel, (u32, Pass)> {
 /// Whether an inner packet of `protocol` at `l4` is a tunnel frame again: IPIP or IPv6 in IPv6,
 /// or UDP to the GUE port (a first fragment too short to show the port counts as one).
 #[inline(always)]
-fn nested(ctx: &XdpContext, protocol: u8, l4: Option<usize>, conf: &DecapConf) -> bool {
+fn nested(ctx: &XdpContext, protocol: u8, l4: Option<usize>, rule: &Rule) -> bool {
     match (protocol, l4) {
         (IPPROTO_IPIP | IPPROTO_IPV6, _) => true,
         // SAFETY: inside the frame (checked by `ptr_at`).
         (IPPROTO_UDP, Some(l4)) => {
-            ptr_at::<UdpHdr>(ctx, l4).is_none_or(|u| conf.gue_port_be != 0 && unsafe { (*u).dest } == conf.gue_port_be)
+            ptr_at::<UdpHdr>(ctx, l4).is_none_or(|u| rule.gue_port_be != 0 && unsafe { (*u).dest } == rule.gue_port_be)
         }
         _ => false,
     }
@@ -250,8 +275,8 @@ fn nested(ctx: &XdpContext, protocol: u8, l4: Option<usize>, conf: &DecapConf) -
 /// Decapsulates or passes: the action and the reason it is counted under.
 #[inline(always)]
 fn decap(ctx: &XdpContext) -> (u32, u32) {
-    let Some(conf) = DECAP_CONF.get(0) else { return (xdp_action::XDP_PASS, why::PASS_NOT_TUNNEL) };
-    let t = match outer(ctx, conf) {
+    let Some(rule) = rule() else { return (xdp_action::XDP_PASS, why::PASS_NOT_TUNNEL) };
+    let t = match outer(ctx, &rule) {
         Ok(t) => t,
         Err(verdict) => return verdict,
     };
@@ -281,13 +306,13 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
         let later_fragment = frag_off & IP_OFFSET_MASK != 0;
         (mapped(daddr), protocol, (!later_fragment).then(|| inner + usize::from(ver_ihl & 0x0f) * 4))
     };
-    if !listed(conf.vip_list, DECAP_LIST_VIPS, &DECAP_VIPS, &dst) {
+    if !held(&rule, &dst) {
         return (xdp_action::XDP_PASS, why::PASS_NOT_OURS);
     }
-    if !allowed(conf, t.source) {
+    if !allowed(&rule, t.source) {
         return (xdp_action::XDP_DROP, why::DROP_FOREIGN_SOURCE);
     }
-    if nested(ctx, protocol, l4, conf) {
+    if nested(ctx, protocol, l4, &rule) {
         return (xdp_action::XDP_DROP, why::DROP_NESTED);
     }
     // The Ethernet header moves forward over the outer headers: its MACs stay, the EtherType

@@ -145,8 +145,9 @@ fn rewrap<const N: usize>(ctx: &XdpContext) -> bool {
 /// The benchmarks' control for the driver's undo: what a row's target does to the frame's
 /// length, and nothing else (`bpf_xdp_adjust_head` by `BENCH_FLOWS[6]` bytes, out for
 /// [`RESTORE_UNWRAP`], in for [`RESTORE_REWRAP`]), then `XDP_TX`. Behind the driver it costs
-/// the floor, the driver's undo and one `bpf_xdp_adjust_head`: so a tunnel or decap row can be
-/// given net of the undo, measured.
+/// about the floor (its two array reads stand in for the floor's MAC swap), the driver's undo
+/// and one `bpf_xdp_adjust_head`: so a tunnel or decap row can be given net of the undo,
+/// measured.
 #[xdp]
 pub fn xdp_bench_redo(ctx: XdpContext) -> u32 {
     use aya_ebpf::helpers::bpf_xdp_adjust_head;

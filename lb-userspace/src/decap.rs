@@ -22,9 +22,7 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use lb_common::{
-    DECAP_GUE_PORT, DECAP_LIST_LEN, DECAP_LIST_SOURCES, DECAP_LIST_VIPS, DECAP_MAX_ADDRS, DecapConf, DecapList, Ip6, decap_reason,
-};
+use lb_common::{DECAP_GUE_PORT, DECAP_MAX_ADDRS, DECAP_RULE_ADDRS, DecapConf, DecapRule, Ip6, decap_reason};
 use serde::{Deserialize, Serialize};
 
 use crate::dataplane;
@@ -40,8 +38,8 @@ const VIPS: &str = "DECAP_VIPS";
 const SOURCES: &str = "DECAP_SOURCES";
 const CONF: &str = "DECAP_CONF";
 const STATS: &str = "DECAP_STATS";
-const LISTS: &str = "DECAP_LISTS";
-const MAPS: [&str; 5] = [VIPS, SOURCES, CONF, STATS, LISTS];
+const RULES: &str = "DECAP_RULES";
+const MAPS: [&str; 5] = [VIPS, SOURCES, CONF, STATS, RULES];
 const LINK: &str = "link";
 
 /// What a decap program is told.
@@ -111,6 +109,14 @@ fn remove_others(map: &mut HashMap<MapData, Ip6, u8>, keep: &BTreeSet<Ip6>, what
     Ok(())
 }
 
+/// Inserts every key of `want` into `map`.
+fn insert_all(map: &mut HashMap<MapData, Ip6, u8>, want: &BTreeSet<Ip6>, what: &str) -> anyhow::Result<()> {
+    for k in want {
+        map.insert(k, 1, 0).with_context(|| format!("writing {what} {}", addr(*k)))?;
+    }
+    Ok(())
+}
+
 /// An address as the program's maps hold it.
 fn key(a: IpAddr) -> Ip6 {
     let v6 = match a {
@@ -131,112 +137,106 @@ pub struct Maps {
     sources: HashMap<MapData, Ip6, u8>,
     conf: Array<MapData, DecapConf>,
     stats: PerCpuArray<MapData, u64>,
-    lists: Array<MapData, DecapList>,
-}
-
-/// One of the two sets a decap program holds.
-#[derive(Clone, Copy)]
-enum Set {
-    Vips,
-    Sources,
+    /// `None` in the pins of an older dsrlb's program, which has no small rules: it is then
+    /// set through the hash maps, as that dsrlb did.
+    rules: Option<Array<MapData, DecapRule>>,
 }
 
 impl Maps {
-    fn from(mut take: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
+    fn from(mut take: impl FnMut(&str) -> anyhow::Result<Option<Map>>) -> anyhow::Result<Self> {
         let kind = |name: &str| format!("{name} is not the map this dsrlb expects");
+        let mut need = |name: &str| take(name)?.with_context(|| format!("no map {name}"));
         Ok(Self {
-            vips: HashMap::try_from(take(VIPS)?).with_context(|| kind(VIPS))?,
-            sources: HashMap::try_from(take(SOURCES)?).with_context(|| kind(SOURCES))?,
-            conf: Array::try_from(take(CONF)?).with_context(|| kind(CONF))?,
-            stats: PerCpuArray::try_from(take(STATS)?).with_context(|| kind(STATS))?,
-            lists: Array::try_from(take(LISTS)?).with_context(|| kind(LISTS))?,
+            vips: HashMap::try_from(need(VIPS)?).with_context(|| kind(VIPS))?,
+            sources: HashMap::try_from(need(SOURCES)?).with_context(|| kind(SOURCES))?,
+            conf: Array::try_from(need(CONF)?).with_context(|| kind(CONF))?,
+            stats: PerCpuArray::try_from(need(STATS)?).with_context(|| kind(STATS))?,
+            rules: take(RULES)?.map(Array::try_from).transpose().with_context(|| kind(RULES))?,
         })
     }
 
-    /// The maps pinned in `dir`.
+    /// The maps pinned in `dir` (an older dsrlb's program has no `DECAP_RULES`).
     ///
     /// # Errors
-    /// When a pin is missing or of another kind: pinned by another dsrlb's program, which this
-    /// one cannot update (detach it and attach again).
+    /// When a pin is missing or of another kind.
     pub fn pinned(dir: &Path) -> anyhow::Result<Self> {
         Self::from(|name| {
             let path = dir.join(name);
+            if name == RULES && !path.exists() {
+                return Ok(None);
+            }
             let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-            Ok(match name {
+            Ok(Some(match name {
                 VIPS | SOURCES => Map::HashMap(data),
-                CONF | LISTS => Map::Array(data),
+                CONF | RULES => Map::Array(data),
                 _ => Map::PerCpuArray(data),
-            })
+            }))
         })
-        .with_context(|| {
-            format!("the decap program pinned in {} is not this dsrlb's (another version?): detach it and attach again", dir.display())
-        })
+        .with_context(|| format!("the decap program pinned in {} is not one this dsrlb can read", dir.display()))
     }
 
-    /// Makes the program's `set` exactly `want`: its hash map first (which the program reads
-    /// only while no list is named), then, if `want` fits a list, the list slot not in use,
-    /// named in `conf` (the rule in force, which keeps all else it says), written last. Each
-    /// call must only shrink the set or only grow it: then whatever the program reads at any
-    /// instant, map or list, lies between the set before and `want`.
-    fn stage(&mut self, set: Set, want: &BTreeSet<Ip6>, conf: &mut DecapConf) -> anyhow::Result<()> {
-        let (map, what, base, list) = match set {
-            Set::Vips => (&mut self.vips, "VIP", DECAP_LIST_VIPS, &mut conf.vip_list),
-            Set::Sources => (&mut self.sources, "source", DECAP_LIST_SOURCES, &mut conf.source_list),
-        };
-        remove_others(map, want, what)?;
-        for k in want {
-            map.insert(k, 1, 0).with_context(|| format!("writing {what} {}", addr(*k)))?;
-        }
-        if want.len() > DECAP_LIST_LEN {
-            if *list == 0 {
-                return Ok(());
-            }
-            *list = 0;
-        } else {
-            let next = if *list == 1 { 2 } else { 1 };
-            let mut l = DecapList { count: u32::try_from(want.len())?, ..DecapList::default() };
-            for (slot, k) in l.addrs.iter_mut().zip(want) {
-                *slot = *k;
-            }
-            self.lists.set(base + u32::from(next) - 1, l, 0).with_context(|| format!("writing the {what} list"))?;
-            *list = next;
-        }
-        self.conf.set(0, *conf, 0).context("writing DECAP_CONF")
-    }
-
-    /// Writes `s`, in an order that never admits more than the old or the new settings do:
-    /// VIPs that go are removed first and new ones added last, once the sources are the new
-    /// ones; the sources change so that no balancer of both is refused meanwhile. Old and new
-    /// each fit the maps, so removing first also keeps an update from filling them half-way.
+    /// Writes `s`, in an order that never admits more than the old or the new settings do.
+    ///
+    /// Sets small enough for a rule (each at most `DECAP_RULE_ADDRS`): the new rule goes into
+    /// the `DECAP_RULES` entry not in use, then `DECAP_CONF` names it, a single byte changing, so
+    /// the program goes from the old rule to the new one whole; the hash maps then follow, unread.
+    ///
+    /// Larger sets, from a rule: the hash maps take them while unread, then `DECAP_CONF` stops
+    /// naming the rule. From the hash maps: VIPs that go are removed first and new ones added
+    /// last, once the sources are the new ones; the sources change so that no balancer of both
+    /// is refused meanwhile. Old and new each fit the maps, so removing first also keeps an
+    /// update from filling them half-way.
     ///
     /// # Errors
     /// When a map write fails.
     pub fn write(&mut self, s: &Settings) -> anyhow::Result<()> {
         let vips: BTreeSet<Ip6> = s.vips.iter().copied().map(key).collect();
         let sources: BTreeSet<Ip6> = s.sources.iter().flatten().copied().map(key).collect();
-        let held = |map: &HashMap<MapData, Ip6, u8>, want: &BTreeSet<Ip6>| {
-            map.keys().filter_map(Result::ok).filter(|k| want.contains(k)).collect::<BTreeSet<Ip6>>()
-        };
-        let mut conf = self.conf.get(&0, 0).context("reading DECAP_CONF")?;
-        let kept = held(&self.vips, &vips);
-        self.stage(Set::Vips, &kept, &mut conf)?;
-        let rule = |conf: DecapConf| DecapConf { gue_port_be: s.gue_port.to_be(), any_source: u8::from(s.sources.is_none()), ..conf };
+        let now = self.conf.get(&0, 0).context("reading DECAP_CONF")?;
+        let new = DecapConf { gue_port_be: s.gue_port.to_be(), any_source: u8::from(s.sources.is_none()), ..now };
+        let small = vips.len() <= DECAP_RULE_ADDRS && sources.len() <= DECAP_RULE_ADDRS;
+        if let (true, Some(rules)) = (small, self.rules.as_mut()) {
+            let next = if now.rule == 1 { 2 } else { 1 };
+            let mut rule = DecapRule { gue_port_be: new.gue_port_be, any_source: new.any_source, ..DecapRule::default() };
+            for (slot, k) in rule.vips.iter_mut().zip(&vips) {
+                *slot = *k;
+            }
+            for (slot, k) in rule.sources.iter_mut().zip(&sources) {
+                *slot = *k;
+            }
+            (rule.vip_count, rule.source_count) = (u8::try_from(vips.len())?, u8::try_from(sources.len())?);
+            rules.set(u32::from(next) - 1, rule, 0).context("writing DECAP_RULES")?;
+            self.conf.set(0, DecapConf { rule: next, ..now }, 0).context("writing DECAP_CONF")?;
+            self.follow(&vips, &sources)?;
+            return self.conf.set(0, DecapConf { rule: next, ..new }, 0).context("writing DECAP_CONF");
+        }
+        if now.rule != 0 {
+            self.follow(&vips, &sources)?;
+            self.conf.set(0, DecapConf { rule: now.rule, ..new }, 0).context("writing DECAP_CONF")?;
+            return self.conf.set(0, DecapConf { rule: 0, ..new }, 0).context("writing DECAP_CONF");
+        }
+        remove_others(&mut self.vips, &vips, "VIP")?;
         if s.sources.is_none() {
             // To any source: the rule first (while it still says "a list", clearing the list
             // would drop every balancer's frames), then the list goes.
-            conf = rule(conf);
-            self.conf.set(0, conf, 0).context("writing DECAP_CONF")?;
-            self.stage(Set::Sources, &sources, &mut conf)?;
+            self.conf.set(0, new, 0).context("writing DECAP_CONF")?;
+            remove_others(&mut self.sources, &sources, "source")?;
         } else {
             // To a list: the sources that go first, then the new ones, then the rule (while the
             // old rule holds, these changes admit no more than it, or than the new list, does).
-            let kept = held(&self.sources, &sources);
-            self.stage(Set::Sources, &kept, &mut conf)?;
-            self.stage(Set::Sources, &sources, &mut conf)?;
-            conf = rule(conf);
-            self.conf.set(0, conf, 0).context("writing DECAP_CONF")?;
+            remove_others(&mut self.sources, &sources, "source")?;
+            insert_all(&mut self.sources, &sources, "source")?;
+            self.conf.set(0, new, 0).context("writing DECAP_CONF")?;
         }
-        self.stage(Set::Vips, &vips, &mut conf)
+        insert_all(&mut self.vips, &vips, "VIP")
+    }
+
+    /// Makes the hash maps hold `vips` and `sources` (while the program reads a rule instead).
+    fn follow(&mut self, vips: &BTreeSet<Ip6>, sources: &BTreeSet<Ip6>) -> anyhow::Result<()> {
+        remove_others(&mut self.vips, vips, "VIP")?;
+        insert_all(&mut self.vips, vips, "VIP")?;
+        remove_others(&mut self.sources, sources, "source")?;
+        insert_all(&mut self.sources, sources, "source")
     }
 
     /// What the maps say.
@@ -245,6 +245,14 @@ impl Maps {
     /// When a map read fails.
     pub fn settings(&self) -> anyhow::Result<Settings> {
         let conf = self.conf.get(&0, 0).context("reading DECAP_CONF")?;
+        if conf.rule != 0 {
+            // The rule named is what the program enforces.
+            let rules = self.rules.as_ref().context("DECAP_CONF names a rule, and there is no DECAP_RULES")?;
+            let r = rules.get(&(u32::from(conf.rule) - 1), 0).with_context(|| format!("reading DECAP_RULES[{}]", conf.rule - 1))?;
+            let vips = r.vips.iter().take(usize::from(r.vip_count)).map(|k| addr(*k)).collect();
+            let sources = r.sources.iter().take(usize::from(r.source_count)).map(|k| addr(*k)).collect();
+            return Ok(Settings { vips, sources: (r.any_source == 0).then_some(sources), gue_port: u16::from_be(r.gue_port_be) });
+        }
         let vips = self.vips.keys().map(|k| k.map(addr)).collect::<Result<_, _>>().context("reading DECAP_VIPS")?;
         let sources = self.sources.keys().map(|k| k.map(addr)).collect::<Result<_, _>>().context("reading DECAP_SOURCES")?;
         Ok(Settings { vips, sources: (conf.any_source == 0).then_some(sources), gue_port: u16::from_be(conf.gue_port_be) })
@@ -290,7 +298,7 @@ impl Loaded {
                 map.pin(dir.join(name)).with_context(|| format!("pinning {name} in {}", dir.display()))?;
             }
         }
-        let maps = Maps::from(|name| ebpf.take_map(name).with_context(|| format!("no map {name} in the decap object")))?;
+        let maps = Maps::from(|name| ebpf.take_map(name).map(Some).with_context(|| format!("no map {name} in the decap object")))?;
         Ok(Self { ebpf, maps })
     }
 

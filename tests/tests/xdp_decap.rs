@@ -333,21 +333,22 @@ fn every_truncation_passes_untouched_until_the_inner_header_is_whole() {
     }
 }
 
-/// More VIPs and sources than a list holds (`DECAP_LIST_LEN`): the program reads its hash
-/// maps, and every frame is treated as with a few; back to a few, it reads a list again, which
-/// holds only the new set (an address that went is no longer served), whichever of its two
-/// slots was last in use.
+/// More VIPs and sources than a small rule holds (`DECAP_RULE_ADDRS`): the program reads its
+/// hash maps, and every frame is treated as with a few; back to a few, it reads a rule again,
+/// which holds only the new sets (an address that went is no longer served), whichever of its
+/// two entries was last in use. At the boundary (8 and 9 addresses) the last one counts, and an
+/// IPv6 address is matched on both its halves.
 #[test]
-fn sets_too_large_for_a_list_work_from_the_maps_and_lists_follow_every_change() {
+fn sets_too_large_for_a_rule_work_from_the_maps_and_rules_follow_every_change() {
     require_root!();
     let mut d = Loaded::load().expect("loading dsrlb-decap");
-    let many = |third: u8| (1..=20).map(move |i| IpAddr::V4(Ipv4Addr::new(198, 18, third, i)));
-    let mut large = settings(false);
-    large.vips.extend(many(1));
-    large.sources.as_mut().expect("a source list").extend(many(2));
-    let far_vip = Ipv4Addr::new(198, 18, 1, 20);
-    let far_source = Ipv4Addr::new(198, 18, 2, 20);
-    let to_far = inner4(far_vip, TCP_SYN);
+    let extra = |third: u8, n: u8| (1..=n).map(move |i| IpAddr::V4(Ipv4Addr::new(198, 18, third, i)));
+    let with = |n: u8| {
+        let mut s = settings(false);
+        s.vips.extend(extra(1, n));
+        s.sources.as_mut().expect("a source list").extend(extra(2, n));
+        s
+    };
     let syn = inner4(VIP, TCP_SYN);
     let decapsulated = |what: &str, src: Ipv4Addr, inner: &Ipv4Frame| {
         row(what, outer4(src, 4, 0, &inner.datagram()), XDP_PASS, why::DECAPSULATED, Some(inner.build()))
@@ -355,23 +356,45 @@ fn sets_too_large_for_a_list_work_from_the_maps_and_lists_follow_every_change() 
     let untouched = |what: &str, src: Ipv4Addr, inner: &Ipv4Frame, action: u32, reason: u32| {
         row(what, outer4(src, 4, 0, &inner.datagram()), action, reason, None)
     };
-    for round in 0..2 {
-        d.maps.write(&large).expect("settings");
-        assert_eq!(d.maps.settings().expect("read back"), large, "round {round}: the large sets read back");
+    // The VIP and the balancer sort after the extra addresses (198.18/15), so they are last.
+    // 6 extra: 8 of each (a rule); 7: 9 (the maps); 20: 22 (the maps).
+    for (round, n) in [6u8, 7, 20, 6, 20, 7, 6].into_iter().enumerate() {
+        let s = with(n);
+        d.maps.write(&s).expect("settings");
+        assert_eq!(d.maps.settings().expect("read back"), s, "round {round} ({n} extra): the sets read back");
         check_table(&d, &rows());
-        check_case(&d, &decapsulated("the 20th extra VIP, from the 20th extra source", far_source, &to_far));
-        check_case(&d, &untouched("IPIP from a stranger", STRANGER, &to_far, XDP_DROP, why::DROP_FOREIGN_SOURCE));
-        d.maps.write(&settings(false)).expect("settings");
-        assert_eq!(d.maps.settings().expect("read back"), settings(false), "round {round}: the small sets read back");
-        check_table(&d, &rows());
-        check_case(&d, &untouched("a VIP that went", LB, &to_far, XDP_PASS, why::PASS_NOT_OURS));
-        check_case(&d, &untouched("from a source that went", far_source, &syn, XDP_DROP, why::DROP_FOREIGN_SOURCE));
-        // A few again, one fewer: the list is rewritten in its other slot, without it.
+        let (far_vip, far_source) = (Ipv4Addr::new(198, 18, 1, n), Ipv4Addr::new(198, 18, 2, n));
+        let to_far = inner4(far_vip, TCP_SYN);
+        check_case(&d, &decapsulated(&format!("round {round}: the last extra VIP, from the last extra source"), far_source, &to_far));
+        let gone = Ipv4Addr::new(198, 18, 1, n + 1);
+        check_case(&d, &untouched(&format!("round {round}: a VIP not held"), LB, &inner4(gone, TCP_SYN), XDP_PASS, why::PASS_NOT_OURS));
+        check_case(
+            &d,
+            &untouched(
+                &format!("round {round}: from a source not allowed"),
+                Ipv4Addr::new(198, 18, 2, n + 1),
+                &syn,
+                XDP_DROP,
+                why::DROP_FOREIGN_SOURCE,
+            ),
+        );
+        check_case(&d, &untouched(&format!("round {round}: from a stranger"), STRANGER, &to_far, XDP_DROP, why::DROP_FOREIGN_SOURCE));
+        // IPv6 destinations that share one half of the VIP's address, not the other.
+        let [hi, lo] = [VIP6.segments()[0], VIP6.segments()[7]];
+        for (what, dst) in [
+            ("the VIP's second half only", Ipv6Addr::new(hi ^ 1, 0xdb8, 0, 0, 0, 0, 0, lo)),
+            ("the VIP's first half only", Ipv6Addr::new(hi, 0xdb8, 0, 0, 0, 0, 0, lo ^ 1)),
+        ] {
+            let v6 = inner6(dst);
+            check_case(&d, &row(&format!("round {round}: to {what}"), outer6(LB6, 41, &v6.datagram()), XDP_PASS, why::PASS_NOT_OURS, None));
+        }
+        // A few again, without the VIP: written to the other entry, which must not serve it.
         let mut fewer = settings(false);
         fewer.vips.remove(&IpAddr::V4(VIP));
         d.maps.write(&fewer).expect("settings");
-        check_case(&d, &untouched("the VIP that went from the list", LB, &syn, XDP_PASS, why::PASS_NOT_OURS));
+        assert_eq!(d.maps.settings().expect("read back"), fewer, "round {round}: the VIP went");
+        check_case(&d, &untouched(&format!("round {round}: the VIP that went"), LB, &syn, XDP_PASS, why::PASS_NOT_OURS));
         d.maps.write(&settings(false)).expect("settings");
-        check_case(&d, &decapsulated("the VIP back in the list", LB, &syn));
+        check_case(&d, &decapsulated(&format!("round {round}: the VIP back"), LB, &syn));
     }
 }

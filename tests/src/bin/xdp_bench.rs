@@ -897,7 +897,7 @@ fn report(rows: &[Row], mc: &[McRow], json: bool, verified: u32, (l2, dram): (f6
     println!("         and say what they cost net of it (the driver in front of xdp_bench_redo, less the floor and one adjust_head)");
     println!("memory, one dependent load per step in 4 KB pages: 256 KB {l2:.1} ns, 32 MB {dram:.1} ns");
     println!("targets: established <= 2x floor (flow cache hit), new flow <= 4x floor (table in cache); IPv6 <= 2.5x and <= 4.5x");
-    println!("         IPIP and GUE established <= 2.5x floor; decap <= 1.5x floor");
+    println!("         IPIP and GUE established <= 2.5x floor; decap <= 1.5x floor (each row gives both figures)");
     println!("         tracing: <= 3x floor with sample 1; within noise of the plain flow-cache hit with sample 1000");
     println!();
     print_mc_rows(mc);
