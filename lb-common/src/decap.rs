@@ -17,11 +17,11 @@ pub struct DecapConf {
     /// The GUE UDP port, in wire order; zero: no GUE (the program is loaded but not set).
     pub gue_port_be: u16,
     /// 1: tunnelled frames from any outer source are decapsulated (`--any-source`); 0: only
-    /// from the sources in `DECAP_SOURCES`.
+    /// from the sources in `DECAP_SOURCES` (or the rule's own list, as below).
     pub any_source: u8,
     /// 0: the rule is this and the hash maps `DECAP_VIPS` and `DECAP_SOURCES` (sets too large
     /// for a [`DecapRule`]); 1 or 2: it is `DECAP_RULES[rule - 1]`. Older programs, which had
-    /// no rules, read this byte as padding, and older controllers write it 0.
+    /// no rules, read this byte as padding, and their dsrlb wrote it 0.
     pub rule: u8,
     pub pad: [u8; 4],
 }
@@ -37,8 +37,9 @@ pub const DECAP_RULE_SLOTS: u32 = 2;
 /// by comparing words: a hash map's lookup of a 16-byte key costs more than all the rest of a
 /// decap. The writer fills the entry not in use, then names it in [`DecapConf::rule`] (a
 /// single byte changes): the program reads the old rule or the new one, whole, never one being
-/// written (an entry is written again only by a later `dsrlb decap attach`, long after any
-/// program that read it has ended).
+/// written (an entry is written again only by a later `dsrlb decap attach`, a process start
+/// away: a run of the program takes microseconds, in a section the kernel does not preempt
+/// except on real-time kernels).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DecapRule {

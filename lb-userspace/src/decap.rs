@@ -183,9 +183,9 @@ impl Maps {
     ///
     /// Larger sets, from a rule: the hash maps take them while unread, then `DECAP_CONF` stops
     /// naming the rule. From the hash maps: VIPs that go are removed first and new ones added
-    /// last, once the sources are the new ones; the sources change so that no balancer of both
-    /// is refused meanwhile. Old and new each fit the maps, so removing first also keeps an
-    /// update from filling them half-way.
+    /// last; the sources that go are removed, the rule and port change, then new sources are
+    /// added; no balancer of both is refused meanwhile. Old and new each fit the maps, so
+    /// removing first also keeps an update from filling them half-way.
     ///
     /// # Errors
     /// When a map write fails.
@@ -216,17 +216,23 @@ impl Maps {
             return self.conf.set(0, DecapConf { rule: 0, ..new }, 0).context("writing DECAP_CONF");
         }
         remove_others(&mut self.vips, &vips, "VIP")?;
+        // DECAP_CONF changes one field per write (the program reads them one by one): the GUE
+        // port and the any-source rule, in the order that keeps what is admitted within the
+        // old or the new settings.
+        let (port, any) = (DecapConf { gue_port_be: new.gue_port_be, ..now }, DecapConf { any_source: new.any_source, ..now });
         if s.sources.is_none() {
-            // To any source: the rule first (while it still says "a list", clearing the list
-            // would drop every balancer's frames), then the list goes.
+            // To any source: the port, then the rule (while it still says "a list", clearing the
+            // list would drop every balancer's frames), then the list goes.
+            self.conf.set(0, port, 0).context("writing DECAP_CONF")?;
             self.conf.set(0, new, 0).context("writing DECAP_CONF")?;
             remove_others(&mut self.sources, &sources, "source")?;
         } else {
-            // To a list: the sources that go first, then the new ones, then the rule (while the
-            // old rule holds, these changes admit no more than it, or than the new list, does).
+            // To a list: the sources that go first, then the rule (to a list first, then the
+            // port), then the new sources.
             remove_others(&mut self.sources, &sources, "source")?;
-            insert_all(&mut self.sources, &sources, "source")?;
+            self.conf.set(0, any, 0).context("writing DECAP_CONF")?;
             self.conf.set(0, new, 0).context("writing DECAP_CONF")?;
+            insert_all(&mut self.sources, &sources, "source")?;
         }
         insert_all(&mut self.vips, &vips, "VIP")
     }

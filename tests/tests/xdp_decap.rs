@@ -356,8 +356,8 @@ fn sets_too_large_for_a_rule_work_from_the_maps_and_rules_follow_every_change() 
     let untouched = |what: &str, src: Ipv4Addr, inner: &Ipv4Frame, action: u32, reason: u32| {
         row(what, outer4(src, 4, 0, &inner.datagram()), action, reason, None)
     };
-    // The VIP and the balancer sort after the extra addresses (198.18/15), so they are last.
-    // 6 extra: 8 of each (a rule); 7: 9 (the maps); 20: 22 (the maps).
+    // 6 extra: 8 of each (a rule); 7: 9 (the maps); 20: 22 (the maps). In order (IPv4 as
+    // IPv4-mapped IPv6, before the rest) VIP6 and LB6 come last: `rows()` checks both.
     for (round, n) in [6u8, 7, 20, 6, 20, 7, 6].into_iter().enumerate() {
         let s = with(n);
         d.maps.write(&s).expect("settings");
