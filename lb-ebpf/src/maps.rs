@@ -133,6 +133,11 @@ pub static TRACE: RingBuf<TraceEvent, { 1 << 20 }> = RingBuf::new();
 #[btf_map]
 pub static TRACE_LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
 
+/// Per CPU: frames left before `dsrlb trace --sample` takes one (`trace::sampled_in`). Not
+/// pinned.
+#[btf_map]
+pub static TRACE_SAMPLE: PerCpuArray<u32, 1> = PerCpuArray::new();
+
 /// The program that runs after this one on every frame it passes (`next_program`: another
 /// XDP program on the same interface, such as xdp-filter's), by tail call; empty: the frame
 /// goes to the kernel. Pinned like the others (the kernel empties a program array when its last

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{TRACE_NONE, TRACE_SNAP};
 
-use crate::maps::{TRACE, TRACE_CONF, TRACE_LOST};
+use crate::maps::{TRACE, TRACE_CONF, TRACE_LOST, TRACE_SAMPLE};
 
 /// What the program decided for a frame.
 #[derive(Clone, Copy)]
@@ -29,21 +29,47 @@ pub fn emit(ctx: &XdpContext, d: &Decision) {
     if until == 0 {
         return;
     }
-    record(ctx, d, until, conf.sample, conf.listener);
+    // The filters here, so that a frame they leave out pays neither the call below nor the
+    // clock (which costs more than the rest of a sampled-out frame: tens of ns in a VM).
+    let (sample, listener) = (conf.sample, conf.listener);
+    if listener != TRACE_NONE && listener != d.listener {
+        return;
+    }
+    if sample > 1 && !sampled_in(sample) {
+        return;
+    }
+    record(ctx, d, until);
+}
+
+/// Whether this frame is the one in `sample` this CPU traces. Each CPU counts down a gap drawn
+/// at random, 1 to 2 × `sample` - 1 frames (`sample` on average, and no period for traffic to
+/// beat against): a frame left out costs a read and a write of this CPU's own word, where a
+/// random number for every frame cost as much as the rest of a sampled-out frame. A gap left
+/// from another trace's larger `sample` is drawn again.
+#[inline(always)]
+fn sampled_in(sample: u32) -> bool {
+    let Some(left) = TRACE_SAMPLE.get_ptr_mut(0) else { return false };
+    // SAFETY: this CPU's slot of a per-CPU map, and the program runs on one CPU at a time.
+    let left = unsafe { &mut *left };
+    let span = u64::from(sample) * 2 - 1;
+    let n = if *left == 0 || u64::from(*left) > span {
+        // A random 32-bit number times `span`, shifted down 32 bits: 0 to `span` - 1 (a multiply;
+        // `%` would be a division).
+        // SAFETY: a helper without arguments.
+        let r = u64::from(unsafe { bpf_get_prandom_u32() });
+        #[expect(clippy::cast_possible_truncation, reason = "below `span`, which is below 2^33: below 2^32 once shifted")]
+        let gap = ((r * span.min(u64::from(u32::MAX))) >> 32) as u32 + 1;
+        gap
+    } else {
+        *left
+    };
+    *left = n - 1;
+    n == 1
 }
 
 /// The traced path, out of line: the verifier walks it once rather than once per verdict.
 #[inline(never)]
-fn record(ctx: &XdpContext, d: &Decision, until: u64, sample: u32, listener: u32) {
-    // The filters first, the clock only for a frame they take: reading it costs more than the
-    // rest of a sampled-out frame (tens of ns in a VM).
-    if listener != TRACE_NONE && listener != d.listener {
-        return;
-    }
-    // SAFETY: a helper without arguments.
-    if sample > 1 && unsafe { bpf_get_prandom_u32() } % sample != 0 {
-        return;
-    }
+fn record(ctx: &XdpContext, d: &Decision, until: u64) {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     // A lease nobody renewed: the controller that set it is gone.
