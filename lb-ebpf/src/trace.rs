@@ -43,9 +43,11 @@ pub fn emit(ctx: &XdpContext, d: &Decision) {
 
 /// Whether this frame is the one in `sample` this CPU traces. Each CPU counts down a gap drawn
 /// at random, 1 to 2 × `sample` - 1 frames (`sample` on average, and no period for traffic to
-/// beat against): a frame left out costs a read and a write of this CPU's own word, where a
-/// random number for every frame cost as much as the rest of a sampled-out frame. A gap left
-/// from another trace's larger `sample` is drawn again.
+/// beat against; a `sample` of 2^31 or more gets gaps of at most 2^32 - 1): a frame left out
+/// costs a lookup, a read and a write of this CPU's own word, where a random number and a
+/// division for every frame cost as much as the rest of a sampled-out frame. The next gap is
+/// drawn by the frame after a traced one, and by one that finds a gap left from another trace's
+/// larger `sample`.
 #[inline(always)]
 fn sampled_in(sample: u32) -> bool {
     let Some(left) = TRACE_SAMPLE.get_ptr_mut(0) else { return false };
@@ -57,7 +59,7 @@ fn sampled_in(sample: u32) -> bool {
         // `%` would be a division).
         // SAFETY: a helper without arguments.
         let r = u64::from(unsafe { bpf_get_prandom_u32() });
-        #[expect(clippy::cast_possible_truncation, reason = "below `span`, which is below 2^33: below 2^32 once shifted")]
+        #[expect(clippy::cast_possible_truncation, reason = "the product is below 2^64 (both factors below 2^32): below 2^32 once shifted")]
         let gap = ((r * span.min(u64::from(u32::MAX))) >> 32) as u32 + 1;
         gap
     } else {
