@@ -406,9 +406,12 @@ fn a_million_flows_are_counted_kept_over_restarts_and_expired_together() {
     let live = tests::fill::live_flow(&table, |f| f.key.dst_be == vip_be && f.key.dport_be == 1883u16.to_be());
     let expire = lb_userspace::plan::expire_units(Duration::from_mins(3));
     let filled = tests::fill::fill(&table, FLOWS, VIP.into(), 1883, live.real(), live.age(), expire);
-    assert_eq!(filled, tests::fill::Filled { inserted: FLOWS as usize, other: 0 });
+    // At 95% of the table's slots a new flow may, rarely, find no free slot among those its key
+    // may take: the table refuses it (`Merged::Full`), as it must (one in a million was, in one
+    // CI run). Everything below counts what went in.
+    assert!(filled.inserted + filled.other == FLOWS as usize && filled.other <= 16, "{filled:?}");
 
-    let all = FLOWS as usize + 1;
+    let all = filled.inserted + 1;
     let s = lb.status();
     assert_eq!(s.flow_table_entries, all);
     assert!(s.flow_walk_ms.is_some(), "status does not say how long its walk took");
