@@ -880,7 +880,8 @@ fn run(lab: &Lab, bin: &Path, o: &Options, out_dir: Option<&Path>) -> anyhow::Re
     let mut next_sample = o.sample_every;
     // The run lasts until the vanished clients' flows have had their time to go.
     let mut end = o.duration;
-    while soak_start.elapsed() < end {
+    // (A vanish held past the run's length still comes, and the run then waits for its flows.)
+    while soak_start.elapsed() < end || events.iter().any(|&(_, what)| what == VANISH) {
         let mut label = String::new();
         while let Some(i) = events.iter().position(|&(at, what)| when(at, what, vanish_from) <= soak_start.elapsed()) {
             let (_, what) = events.remove(i);
