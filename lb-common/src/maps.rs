@@ -333,6 +333,13 @@ pub struct Layout {
 /// [`FLOW_K_CONFIRMED`](crate::FLOW_K_CONFIRMED)), so a controller adopts version 3 maps and
 /// marks them 4; a version 3 controller refuses version 4 maps, whose `FLOW_K_OPENED` it would
 /// take for no flow.
+///
+/// A controller that adopts maps puts its program on the link before it writes its config
+/// into them, so that the program it replaces never runs on a config it may misread; this
+/// build's program, in turn, runs for a moment on whatever a newer build left. So the version
+/// goes up with every change a program of the version before would misread: a map's layout,
+/// and also a new meaning in one it reads (a flag, a state, a mode). (Tunnels, which gave
+/// `RealInfo::flags` two flags, came in version 4 without a new version: this rule came after.)
 pub const LAYOUT_VERSION: u64 = 4;
 /// The oldest layout this build adopts (see [`LAYOUT_VERSION`]).
 pub const LAYOUT_VERSION_ADOPTED: u64 = 3;

@@ -1,7 +1,8 @@
 //! The test and benchmark object (`dsrlb-test`), never loaded by `dsrlb run`: the floor program
 //! benchmarks compare against, a driver that gives each benchmark run a flow of its own (and
 //! tail-calls the balancer of the production object), and a pass-all program that the receiving
-//! side of a veth pair needs for `XDP_TX` to reach it.
+//! side of a veth pair needs for `XDP_TX` to reach it; and a witness that stands for an older
+//! balancer's program while a controller adopts its pins (`xdp_adopt_witness`).
 #![no_std]
 #![no_main]
 
@@ -257,6 +258,38 @@ unsafe fn stamp(src: *mut u16, port: *mut u16, n: u32) {
 #[xdp]
 pub fn xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// The balancer's real map, for `xdp_adopt_witness`: the test that loads it opens the pinned
+/// one of a running balancer in its place.
+#[aya_ebpf::macros::btf_map]
+static REALS: aya_ebpf::btf_maps::Array<lb_common::RealInfo, { lb_common::REAL_SLOTS as usize }> = aya_ebpf::btf_maps::Array::new();
+
+/// `xdp_adopt_witness`' real id to watch.
+#[aya_ebpf::macros::btf_map]
+static ADOPT_WATCH: aya_ebpf::btf_maps::Array<u32, 1> = aya_ebpf::btf_maps::Array::new();
+
+/// `xdp_adopt_witness`' counts, per CPU: [frames seen, frames that found the real tunnelled].
+#[aya_ebpf::macros::btf_map]
+static ADOPT_SEEN: aya_ebpf::btf_maps::PerCpuArray<u64, 2> = aya_ebpf::btf_maps::PerCpuArray::new();
+
+/// Stands for an older balancer's program on a pinned link while a controller adopts it: it
+/// drops every frame and counts it, and counts apart those that found the watched real marked
+/// tunnelled (a change an older program would misread) in the balancer's `REALS`.
+#[xdp]
+pub fn xdp_adopt_witness(_ctx: XdpContext) -> u32 {
+    let count = |i: u32| {
+        if let Some(n) = ADOPT_SEEN.get_ptr_mut(i) {
+            // SAFETY: this CPU's slot of a per-CPU map.
+            unsafe { *n += 1 };
+        }
+    };
+    count(0);
+    let watched = ADOPT_WATCH.get(0).map_or(u32::MAX, |&id| id);
+    if REALS.get(watched).is_some_and(|r| r.flags & lb_common::REAL_F_TUNNEL != 0) {
+        count(1);
+    }
+    xdp_action::XDP_DROP
 }
 
 lb_ebpf::object_end!();

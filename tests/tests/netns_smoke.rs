@@ -230,6 +230,98 @@ fn dsrlb_run_attaches_serves_outlives_sigterm_and_dsrlb_stop_detaches() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A child process killed (and reaped) when dropped, a failed assertion included.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An upgrade that changes the maps' meaning: a controller that adopts the pins puts its own
+/// program on the link before it writes anything, so the program it replaces (an older build's,
+/// which would send a tunnelled real's frames on as L2 frames) never sees the new config. The
+/// witness, put on the link in place of the balancer's program, stands for that older program:
+/// it counts every frame of a flood, and those that found b1 already marked tunnelled.
+#[test]
+fn an_adopting_controller_replaces_the_program_before_it_changes_a_map() {
+    require_root!();
+    let (lb, cl) = two_namespaces("adopt");
+    let dir = std::env::temp_dir().join(format!("dsrlb-adopt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let socket = dir.join("control.sock");
+    let pins = std::path::PathBuf::from("/sys/fs/bpf/dsrlb-adopt");
+    let _ = lb_userspace::dataplane::unpin_all(&pins);
+    let dsrlb_run = |config: &std::path::Path| {
+        let mut c = lb.command(dsrlb_bin());
+        c.arg("--socket").arg(&socket).arg("--pin-dir").arg(&pins);
+        c.args(["run", "--metrics", "off", "--config"]).arg(config);
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+        c
+    };
+    let sigterm = |child: &mut std::process::Child| {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(i32::try_from(child.id()).expect("pid"), libc::SIGTERM) };
+        let status = child.wait().expect("wait");
+        assert!(status.success(), "dsrlb exited with {status}");
+    };
+    // b1 sits on the segment: tunnelled, its next hop is itself.
+    for (ip, mac) in [("192.0.2.11", "02:00:00:00:00:11"), ("192.0.2.12", "02:00:00:00:00:12")] {
+        lb.ip(&["neigh", "replace", ip, "lladdr", mac, "dev", "lb0", "nud", "permanent"]);
+    }
+    let (l2, tunnelled) = (dir.join("l2.toml"), dir.join("ipip.toml"));
+    std::fs::write(&l2, CONFIG).expect("write");
+    let ipip = CONFIG.replace("mac = \"02:00:00:00:00:11\"", "forward = \"ipip\"");
+    assert_ne!(ipip, CONFIG);
+    std::fs::write(&tunnelled, ipip).expect("write");
+
+    let mut child = dsrlb_run(&l2).spawn().expect("start dsrlb");
+    wait::until_up("dsrlb attached", &mut child, Duration::from_secs(20), Duration::from_millis(100), || xdp_attached(&lb, "lb0"));
+    sigterm(&mut child);
+    let reals = || {
+        use aya::maps::{Array, Map, MapData};
+        let map = MapData::from_pin(pins.join("REALS")).expect("REALS pin");
+        let reals: Array<MapData, lb_common::RealInfo> = Array::try_from(Map::Array(map)).expect("an array");
+        reals.iter().map(|r| r.expect("read")).collect::<Vec<_>>()
+    };
+    let b1: Vec<u32> = (0..).zip(reals()).filter(|(_, r)| r.flags != 0 && r.dst_mac == B1_MAC).map(|(i, _)| i).collect();
+    let [b1] = b1[..] else { panic!("b1's real: {b1:?}") };
+    let tunnelled_now = || reals()[b1 as usize].flags & lb_common::REAL_F_TUNNEL != 0;
+    assert!(!tunnelled_now());
+
+    let witness = lb_userspace::dataplane::testing::AdoptWitness::replace(&pins, b1).expect("the witness on the pinned link");
+    let lb_mac = lb.run(|| dataplane::interface_mac("lb0")).expect("lb0 MAC");
+    let mac = lb_mac.map(|b| format!("{b:02x}")).join(":");
+    // Bounded: at most 50 million frames or 60 s; stopped once the controller has adopted.
+    let mut flood = Killed(
+        cl.command(tests::built_bin("flood"))
+            .args(["cl0", &mac, "192.0.2.100", "1883", "198.18.0.0/15", "ack", "50000000", "60"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the flood"),
+    );
+    wait::until("the flood reaches the witness", Duration::from_secs(10), || witness.counts().expect("counts").0 > 10_000);
+
+    let mut child = Killed(dsrlb_run(&tunnelled).spawn().expect("start dsrlb"));
+    wait::until_up("b1 tunnelled in the adopted maps", &mut child.0, Duration::from_secs(30), Duration::from_millis(20), tunnelled_now);
+    let (seen, saw_new) = witness.counts().expect("counts");
+    assert!(flood.0.try_wait().expect("wait").is_none(), "the flood ended before the adoption: nothing was watched");
+    eprintln!("the witness saw {seen} frames, {saw_new} of them with b1 tunnelled");
+    assert_eq!(saw_new, 0, "the replaced program ran on the new config ({saw_new} of the {seen} frames it saw)");
+    // The control: a witness put on the link now reads b1 tunnelled in the balancer's REALS.
+    let control = lb_userspace::dataplane::testing::AdoptWitness::replace(&pins, b1).expect("a second witness");
+    wait::until("the second witness sees b1 tunnelled", Duration::from_secs(10), || control.counts().expect("counts").1 > 0);
+    drop(flood);
+    sigterm(&mut child.0);
+
+    let out = Command::new(dsrlb_bin()).arg("--socket").arg(&socket).arg("--pin-dir").arg(&pins).arg("stop").output().expect("dsrlb stop");
+    assert!(out.status.success(), "dsrlb stop: {}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir(&pins);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn backend_setup_script_applies_and_verifies_a_dr_backend() {
     require_root!();

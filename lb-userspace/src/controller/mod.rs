@@ -278,10 +278,26 @@ impl Controller {
         let probes = HealthSet::plan(&c.config, &c.ids, &c.node)?;
         c.next = c.dp.set_next(c.config.next_program.as_deref())?;
         let before = if start == dataplane::Start::Adopted { Some(c.dp.flow_count()) } else { None };
+        // Attached, the maps are marked this build's layout at once: an older controller refuses
+        // them from then on.
+        let attach = |c: &mut Self| {
+            c.dp.attach_pinned_link(&c.config.interface, dataplane::xdp_mode(c.config.xdp_mode), &c.opts.pin_dir, c.next.as_ref())?;
+            c.dp.mark_layout()
+        };
+        // Adopted, this build's program takes over the maps as they are, and only then are they
+        // changed to this config: the program it replaces (an older build's, in an upgrade)
+        // never runs on maps it may misread, such as a real newly marked tunnelled, which a
+        // program from before tunnels would send on as an L2 frame. The maps as they are keep
+        // serving: this build adopts only layouts it reads (`lb_common::LAYOUT_VERSION`). A
+        // fresh program is attached once its maps are filled.
+        if start == dataplane::Start::Adopted {
+            attach(&mut c)?;
+        }
         c.apply().context("filling the maps")?;
         c.ha_start()?;
-        c.dp.attach_pinned_link(&c.config.interface, dataplane::xdp_mode(c.config.xdp_mode), &c.opts.pin_dir, c.next.as_ref())?;
-        c.dp.mark_layout()?;
+        if start == dataplane::Start::Fresh {
+            attach(&mut c)?;
+        }
         if let Some(next) = &c.next {
             tracing::info!(program = next.id, name = %next.name, pin = %next.path.display(), "frames the balancer passes go on to the next program");
         }

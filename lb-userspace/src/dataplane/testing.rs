@@ -1,6 +1,7 @@
 //! Hooks for tests and benchmarks, not part of the production API (feature `testing`): a
 //! balancer loaded without pins, its programs by name, single flows evicted or read raw, and the
-//! test object (`dsrlb-test`: the floor program, the benchmark driver, a pass-all program).
+//! test object (`dsrlb-test`: the floor program, the benchmark driver, a pass-all program, the
+//! adoption witness).
 
 use std::net::IpAddr;
 
@@ -166,6 +167,53 @@ impl TestPrograms {
         let fd = if floor { self.program("xdp_floor").fd()?.try_clone()? } else { dp.balancer().fd()?.try_clone()? };
         let mut map: aya::maps::ProgramArray<&mut MapData> = map_mut(&mut self.ebpf, "BENCH_TARGET")?;
         map.set(0, &fd, 0).context("pointing xdp_bench_flows at its target")
+    }
+}
+
+/// The test object's `xdp_adopt_witness` on a running balancer's pinned link, in place of its
+/// program, reading its pinned `REALS`: what an older build's program would see while a
+/// controller adopts the pins.
+pub struct AdoptWitness {
+    ebpf: Ebpf,
+}
+
+impl AdoptWitness {
+    /// Puts the witness on the link pinned in `pins`, watching real `real`.
+    ///
+    /// # Errors
+    /// When `pins` holds no link or `REALS`, or the kernel refuses the program.
+    pub fn replace(pins: &std::path::Path, real: u32) -> anyhow::Result<Self> {
+        use aya::programs::{
+            links::{FdLink, PinnedLink},
+            xdp::XdpLink,
+        };
+        let reals = pins.join(lb_common::map_names::REALS);
+        ensure!(reals.exists(), "no REALS pinned in {}", pins.display());
+        let mut ebpf = EbpfLoader::new()
+            .override_global("FLOOR_DST_MAC", &[0u8; 6], true)
+            .map_pin_path(lb_common::map_names::REALS, &reals)
+            .load(TEST_OBJ)
+            .context("loading dsrlb-test")?;
+        let mut watch: Array<&mut MapData, u32> = map_mut(&mut ebpf, "ADOPT_WATCH")?;
+        watch.set(0, real, 0).context("writing ADOPT_WATCH")?;
+        let prog: &mut Xdp = ebpf.program_mut("xdp_adopt_witness").context("program xdp_adopt_witness missing")?.try_into()?;
+        prog.load().context("verifying xdp_adopt_witness")?;
+        let pin = pins.join(super::LINK_PIN);
+        let link = XdpLink::try_from(FdLink::from(PinnedLink::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?))
+            .context("the pinned link is not an XDP link")?;
+        prog.attach_to_link(link).context("replacing the program on the pinned link")?;
+        Ok(Self { ebpf })
+    }
+
+    /// Frames the witness saw, and those of them that found the watched real tunnelled.
+    ///
+    /// # Errors
+    /// When the counters cannot be read.
+    pub fn counts(&self) -> anyhow::Result<(u64, u64)> {
+        let map: aya::maps::PerCpuArray<&MapData, u64> =
+            aya::maps::PerCpuArray::try_from(self.ebpf.map("ADOPT_SEEN").context("map ADOPT_SEEN")?)?;
+        let sum = |i: u32| map.get(&i, 0).map(|v| v.iter().sum::<u64>());
+        Ok((sum(0)?, sum(1)?))
     }
 }
 
