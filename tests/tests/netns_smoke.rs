@@ -134,26 +134,65 @@ fn xdp_attached(ns: &Netns, ifname: &str) -> bool {
     String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
 }
 
+/// A test's own directory, control socket and pins for `dsrlb`; both go when it is dropped.
+struct Own {
+    dir: std::path::PathBuf,
+    socket: std::path::PathBuf,
+    pins: std::path::PathBuf,
+}
+
+impl Own {
+    /// Named by `tag` (the directory with this process's id); pins an earlier run left go.
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("dsrlb-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/dsrlb-{tag}"));
+        let _ = dataplane::unpin_all(&pins);
+        Self { socket: dir.join("control.sock"), dir, pins }
+    }
+
+    /// `dsrlb ARGS` here, on this test's socket and pins.
+    fn cli(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(dsrlb_bin());
+        c.arg("--socket").arg(&self.socket).arg("--pin-dir").arg(&self.pins).args(args);
+        c
+    }
+
+    /// `dsrlb run --config CONFIG` in `ns` (metrics off), on this test's socket and pins.
+    fn run(&self, ns: &Netns, config: &std::path::Path) -> Command {
+        let mut c = ns.command(dsrlb_bin());
+        c.arg("--socket").arg(&self.socket).arg("--pin-dir").arg(&self.pins);
+        c.args(["run", "--metrics", "off", "--config"]).arg(config);
+        c
+    }
+}
+
+impl Drop for Own {
+    fn drop(&mut self) {
+        let _ = self.cli(&["stop"]).output();
+        let _ = std::fs::remove_dir(&self.pins);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// SIGTERM to a controller; how it exited.
+fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(i32::try_from(child.id()).expect("pid"), libc::SIGTERM) };
+    child.wait().expect("wait")
+}
+
 #[test]
 fn dsrlb_run_attaches_serves_outlives_sigterm_and_dsrlb_stop_detaches() {
     require_root!();
     let (lb, cl) = two_namespaces("run");
-    let dir = std::env::temp_dir().join(format!("dsrlb-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mine = Own::new("smoke");
+    let (dir, pins) = (&mine.dir, &mine.pins);
 
     // A bad config: the error names line and field, and nothing is attached.
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, CONFIG.replace("port = 1883", "port = 0")).expect("write");
-    let socket = dir.join("control.sock");
-    let pins = std::path::PathBuf::from("/sys/fs/bpf/dsrlb-smoke");
-    let _ = lb_userspace::dataplane::unpin_all(&pins);
-    // `dsrlb run --config FILE` in the balancer's namespace, on this test's socket and pins.
-    let dsrlb_run = |config: &std::path::Path| {
-        let mut c = lb.command(dsrlb_bin());
-        c.arg("--socket").arg(&socket).arg("--pin-dir").arg(&pins);
-        c.args(["run", "--metrics", "off", "--config"]).arg(config);
-        c
-    };
+    let dsrlb_run = |config: &std::path::Path| mine.run(&lb, config);
     let out = dsrlb_run(&bad).output().expect("start dsrlb");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -179,9 +218,7 @@ fn dsrlb_run_attaches_serves_outlives_sigterm_and_dsrlb_stop_detaches() {
     assert!(!bounced.is_empty(), "dsrlb run did not forward");
 
     // SIGTERM: the controller exits cleanly; forwarding goes on from the pins.
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(i32::try_from(child.id()).expect("pid"), libc::SIGTERM) };
-    let status = child.wait().expect("wait");
+    let status = sigterm(&mut child);
     assert!(status.success(), "dsrlb exited with {status}");
     let stdout = std::io::read_to_string(child.stdout.take().expect("stdout")).expect("read");
     assert!(stdout.contains("listener mqtt 192.0.2.100:1883"), "it prints what it serves: {stdout}");
@@ -216,18 +253,14 @@ fn dsrlb_run_attaches_serves_outlives_sigterm_and_dsrlb_stop_detaches() {
     let what = format!("maps of layout {} adopted and marked", lb_common::LAYOUT_VERSION_ADOPTED);
     wait::until_up(what, &mut child, Duration::from_secs(20), Duration::from_millis(100), || layout_version() == lb_common::LAYOUT_VERSION);
     assert!(!syns_and_capture(&cl, 2, lb_mac).is_empty(), "no forwarding after adopting the older layout");
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(i32::try_from(child.id()).expect("pid"), libc::SIGTERM) };
-    assert!(child.wait().expect("wait").success());
+    assert!(sigterm(&mut child).success());
 
     // `dsrlb stop` with no controller running: detaches and removes the pins.
-    let out = Command::new(dsrlb_bin()).arg("--socket").arg(&socket).arg("--pin-dir").arg(&pins).arg("stop").output().expect("dsrlb stop");
+    let out = mine.cli(&["stop"]).output().expect("dsrlb stop");
     assert!(out.status.success(), "dsrlb stop: {}", String::from_utf8_lossy(&out.stderr));
     assert!(!xdp_attached(&lb, "lb0"), "still attached after dsrlb stop");
     assert!(syns_and_capture(&cl, 2, lb_mac).is_empty(), "frames still bounced after dsrlb stop");
-    assert!(std::fs::read_dir(&pins).map_or(0, Iterator::count) == 0, "pins left in {}", pins.display());
-    let _ = std::fs::remove_dir(&pins);
-    let _ = std::fs::remove_dir_all(&dir);
+    assert!(std::fs::read_dir(pins).map_or(0, Iterator::count) == 0, "pins left in {}", pins.display());
 }
 
 /// A child process killed (and reaped) when dropped, a failed assertion included.
@@ -249,22 +282,15 @@ impl Drop for Killed {
 fn an_adopting_controller_replaces_the_program_before_it_changes_a_map() {
     require_root!();
     let (lb, cl) = two_namespaces("adopt");
-    let dir = std::env::temp_dir().join(format!("dsrlb-adopt-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let socket = dir.join("control.sock");
-    let pins = std::path::PathBuf::from("/sys/fs/bpf/dsrlb-adopt");
-    let _ = lb_userspace::dataplane::unpin_all(&pins);
+    let own = Own::new("adopt");
+    let (dir, pins) = (&own.dir, &own.pins);
     let dsrlb_run = |config: &std::path::Path| {
-        let mut c = lb.command(dsrlb_bin());
-        c.arg("--socket").arg(&socket).arg("--pin-dir").arg(&pins);
-        c.args(["run", "--metrics", "off", "--config"]).arg(config);
+        let mut c = own.run(&lb, config);
         c.stdout(Stdio::null()).stderr(Stdio::null());
         c
     };
-    let sigterm = |child: &mut std::process::Child| {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(i32::try_from(child.id()).expect("pid"), libc::SIGTERM) };
-        let status = child.wait().expect("wait");
+    let stopped = |child: &mut std::process::Child| {
+        let status = sigterm(child);
         assert!(status.success(), "dsrlb exited with {status}");
     };
     // b1 sits on the segment: tunnelled, its next hop is itself.
@@ -279,7 +305,7 @@ fn an_adopting_controller_replaces_the_program_before_it_changes_a_map() {
 
     let mut child = dsrlb_run(&l2).spawn().expect("start dsrlb");
     wait::until_up("dsrlb attached", &mut child, Duration::from_secs(20), Duration::from_millis(100), || xdp_attached(&lb, "lb0"));
-    sigterm(&mut child);
+    stopped(&mut child);
     let reals = || {
         use aya::maps::{Array, Map, MapData};
         let map = MapData::from_pin(pins.join("REALS")).expect("REALS pin");
@@ -291,7 +317,7 @@ fn an_adopting_controller_replaces_the_program_before_it_changes_a_map() {
     let tunnelled_now = || reals()[b1 as usize].flags & lb_common::REAL_F_TUNNEL != 0;
     assert!(!tunnelled_now());
 
-    let witness = lb_userspace::dataplane::testing::AdoptWitness::replace(&pins, b1).expect("the witness on the pinned link");
+    let witness = lb_userspace::dataplane::testing::AdoptWitness::replace(pins, b1).expect("the witness on the pinned link");
     let lb_mac = lb.run(|| dataplane::interface_mac("lb0")).expect("lb0 MAC");
     let mac = lb_mac.map(|b| format!("{b:02x}")).join(":");
     // Bounded: at most 50 million frames or 60 s; stopped once the controller has adopted.
@@ -311,15 +337,10 @@ fn an_adopting_controller_replaces_the_program_before_it_changes_a_map() {
     eprintln!("the witness saw {seen} frames, {saw_new} of them with b1 tunnelled");
     assert_eq!(saw_new, 0, "the replaced program ran on the new config ({saw_new} of the {seen} frames it saw)");
     // The control: a witness put on the link now reads b1 tunnelled in the balancer's REALS.
-    let control = lb_userspace::dataplane::testing::AdoptWitness::replace(&pins, b1).expect("a second witness");
+    let control = lb_userspace::dataplane::testing::AdoptWitness::replace(pins, b1).expect("a second witness");
     wait::until("the second witness sees b1 tunnelled", Duration::from_secs(10), || control.counts().expect("counts").1 > 0);
     drop(flood);
-    sigterm(&mut child.0);
-
-    let out = Command::new(dsrlb_bin()).arg("--socket").arg(&socket).arg("--pin-dir").arg(&pins).arg("stop").output().expect("dsrlb stop");
-    assert!(out.status.success(), "dsrlb stop: {}", String::from_utf8_lossy(&out.stderr));
-    let _ = std::fs::remove_dir(&pins);
-    let _ = std::fs::remove_dir_all(&dir);
+    stopped(&mut child.0);
 }
 
 #[test]
@@ -405,30 +426,12 @@ fn backend_setup_script_covers_ipv6_vips() {
 fn a_walk_of_a_large_flow_table_does_not_block_the_control_socket() {
     require_root!();
     let (lb, _cl) = two_namespaces("walk");
-    let dir = std::env::temp_dir().join(format!("dsrlb-walk-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let own = Own::new("walk");
     // 2^25 flows: a 1 GiB table, whose walk takes long enough to ask something meanwhile.
-    let config = dir.join("big.toml");
+    let config = own.dir.join("big.toml");
     std::fs::write(&config, CONFIG.replace("flow_table_size = 65536", "flow_table_size = 33554432")).expect("write");
-    let (socket, pins) = (dir.join("control.sock"), std::path::PathBuf::from("/sys/fs/bpf/dsrlb-walk"));
-    let _ = dataplane::unpin_all(&pins);
-    let cli = |args: &[&str]| {
-        let mut c = Command::new(dsrlb_bin());
-        c.arg("--socket").arg(&socket).arg("--pin-dir").arg(&pins).args(args);
-        c
-    };
-    let mut child = lb
-        .command(dsrlb_bin())
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--pin-dir")
-        .arg(&pins)
-        .args(["run", "--metrics", "off", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start dsrlb");
+    let cli = |args: &[&str]| own.cli(args);
+    let mut child = own.run(&lb, &config).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start dsrlb");
     wait::until_up("dsrlb serving (ping answers)", &mut child, Duration::from_secs(30), Duration::from_millis(100), || {
         cli(&["ping"]).output().is_ok_and(|o| o.status.success())
     });
@@ -447,10 +450,5 @@ fn a_walk_of_a_large_flow_table_does_not_block_the_control_socket() {
         finished.lock().expect("lock").push("ping");
     });
     assert_eq!(finished.into_inner().expect("lock"), vec!["ping", "status"], "the ping waited for the walk");
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(i32::try_from(child.id()).expect("pid"), libc::SIGTERM) };
-    let _ = child.wait();
-    let _ = cli(&["stop"]).output();
-    let _ = std::fs::remove_dir(&pins);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = sigterm(&mut child);
 }
