@@ -184,7 +184,8 @@ impl Maps {
     /// Larger sets, from a rule: the hash maps take them while unread, then `DECAP_CONF` stops
     /// naming the rule. From the hash maps: VIPs that go are removed first and new ones added
     /// last; the sources that go are removed, the rule and port change, then new sources are
-    /// added; no balancer of both is refused meanwhile. Old and new each fit the maps, so
+    /// added (from any source, before the rule changes); no balancer of both is refused
+    /// meanwhile. Old and new each fit the maps, so
     /// removing first also keeps an update from filling them half-way.
     ///
     /// # Errors
@@ -228,11 +229,18 @@ impl Maps {
             remove_others(&mut self.sources, &sources, "source")?;
         } else {
             // To a list: the sources that go first, then the rule (to a list first, then the
-            // port), then the new sources.
+            // port). From any source, the list is filled before the rule says "a list" (any
+            // source admits its balancers already; an empty list would refuse them all); from a
+            // list, the new sources come last (one with the old port is in neither setting).
             remove_others(&mut self.sources, &sources, "source")?;
+            if now.any_source != 0 {
+                insert_all(&mut self.sources, &sources, "source")?;
+            }
             self.conf.set(0, any, 0).context("writing DECAP_CONF")?;
             self.conf.set(0, new, 0).context("writing DECAP_CONF")?;
-            insert_all(&mut self.sources, &sources, "source")?;
+            if now.any_source == 0 {
+                insert_all(&mut self.sources, &sources, "source")?;
+            }
         }
         insert_all(&mut self.vips, &vips, "VIP")
     }
@@ -315,6 +323,11 @@ impl Loaded {
         let link = FdLink::try_from(prog.take_link(id)?).context("the kernel gave a netlink attachment, which cannot be pinned")?;
         drop(link.pin(dir.join(LINK)).with_context(|| format!("pinning the link in {}", dir.display()))?);
         Ok(())
+    }
+
+    /// The program and the maps, apart: to run frames while the maps change.
+    pub fn parts(&mut self) -> (&Xdp, &mut Maps) {
+        (self.ebpf.program(PROGRAM).and_then(|p| p.try_into().ok()).expect("loaded"), &mut self.maps)
     }
 
     /// The program, for `BPF_PROG_TEST_RUN`.

@@ -398,3 +398,54 @@ fn sets_too_large_for_a_rule_work_from_the_maps_and_rules_follow_every_change() 
         check_case(&d, &decapsulated(&format!("round {round}: the VIP back"), LB, &syn));
     }
 }
+
+/// From any source to a list of balancers, through the hash maps (more VIPs than a rule
+/// holds), while frames from a balancer in the list run through the program beside the
+/// writer: none is refused on the way. Its source sorts after the 200 others, so an empty list
+/// in force would meet many runs.
+#[test]
+fn a_balancer_both_settings_admit_is_never_refused_while_they_change() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use aya::programs::TestRun as _;
+    require_root!();
+    let mut d = Loaded::load().expect("loading dsrlb-decap");
+    let extra = |third: u8, n: u8| (1..=n).map(move |i| IpAddr::V4(Ipv4Addr::new(198, 18, third, i)));
+    let mut any = settings(true);
+    any.vips.extend(extra(1, 20));
+    let mut list = any.clone();
+    list.sources = Some([IpAddr::V4(LB), IpAddr::V6(LB6)].into_iter().chain(extra(2, 200)).collect());
+    let frame = outer4(LB, 4, 0, &inner4(VIP, TCP_SYN).datagram());
+    for round in 0..10 {
+        d.maps.write(&any).expect("any source");
+        let (prog, maps) = d.parts();
+        let (done, runs, refused) = (AtomicBool::new(false), AtomicU64::new(0), AtomicU64::new(0));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // Bounded: the writer is done within milliseconds; at most 10 million runs.
+                for _ in 0..10_000_000 {
+                    if done.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let mut out = vec![0u8; frame.len() + 256];
+                    let opts = aya::programs::TestRunOptions { data_in: Some(&frame), data_out: Some(&mut out), ..Default::default() };
+                    if prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value == XDP_DROP {
+                        refused.fetch_add(1, Ordering::SeqCst);
+                    }
+                    runs.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+            // The reader runs before the change starts.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while runs.load(Ordering::SeqCst) == 0 {
+                assert!(std::time::Instant::now() < deadline, "the reader never ran");
+                std::hint::spin_loop();
+            }
+            maps.write(&list).expect("a list");
+            done.store(true, Ordering::SeqCst);
+        });
+        let (runs, refused) = (runs.into_inner(), refused.into_inner());
+        assert_eq!(refused, 0, "round {round}: {refused} of {runs} frames from a balancer both settings admit were refused");
+        assert_eq!(d.maps.settings().expect("read back"), list, "round {round}");
+    }
+}
