@@ -111,8 +111,10 @@ struct Rule {
 #[inline(always)]
 fn rule() -> Option<Rule> {
     let conf: &DecapConf = DECAP_CONF.get(0)?;
-    // Read once: the rule named, whole, or the conf's own.
-    let which = conf.rule;
+    // Read once (a volatile read: the compiler may not load it again): the rule named, whole,
+    // or the conf's own.
+    // SAFETY: a map value, read as a byte.
+    let which = unsafe { core::ptr::read_volatile(&raw const conf.rule) };
     match which {
         0 => Some(Rule { gue_port_be: conf.gue_port_be, any_source: conf.any_source != 0, small: None }),
         1 | 2 => {

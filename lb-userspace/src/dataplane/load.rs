@@ -395,7 +395,7 @@ fn flow_seed(ebpf: &mut Ebpf) -> anyhow::Result<u64> {
     if layout.version != 0 {
         // An older layout's states read the same here (`lb_common::LAYOUT_VERSION`); the maps
         // are marked this layout's once this build's program runs on them
-        // (`Dataplane::mark_layout`), so a failed upgrade can still go back.
+        // (`Dataplane::mark_layout`): an upgrade that fails before then can still go back.
         ensure!(adoptable(layout.version), "{}", stale_layout(&format!("layout version {}", layout.version)));
         return Ok(layout.flow_seed);
     }
