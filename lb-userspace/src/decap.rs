@@ -185,8 +185,8 @@ impl Maps {
     /// naming the rule. From the hash maps: VIPs that go are removed first and new ones added
     /// last; the sources that go are removed, the rule and port change, then new sources are
     /// added (from any source, before the rule changes); no balancer of both is refused
-    /// meanwhile. Old and new each fit the maps, so
-    /// removing first also keeps an update from filling them half-way.
+    /// meanwhile. Old and new each fit the maps, so removing first also keeps an update from
+    /// filling them half-way.
     ///
     /// # Errors
     /// When a map write fails.
@@ -326,8 +326,11 @@ impl Loaded {
     }
 
     /// The program and the maps, apart: to run frames while the maps change.
+    ///
+    /// # Panics
+    /// Never: `load` found the program.
     pub fn parts(&mut self) -> (&Xdp, &mut Maps) {
-        (self.ebpf.program(PROGRAM).and_then(|p| p.try_into().ok()).expect("loaded"), &mut self.maps)
+        (program(&self.ebpf), &mut self.maps)
     }
 
     /// The program, for `BPF_PROG_TEST_RUN`.
@@ -336,8 +339,13 @@ impl Loaded {
     /// Never: `load` found it.
     #[must_use]
     pub fn program(&self) -> &Xdp {
-        self.ebpf.program(PROGRAM).and_then(|p| p.try_into().ok()).expect("loaded")
+        program(&self.ebpf)
     }
+}
+
+/// The decap program of a loaded object.
+fn program(ebpf: &Ebpf) -> &Xdp {
+    ebpf.program(PROGRAM).and_then(|p| p.try_into().ok()).expect("loaded")
 }
 
 /// The pin directory of `interface`'s program.
