@@ -25,7 +25,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{DECAP_MAX_ADDRS, DECAP_RULE_ADDRS, DECAP_RULE_SLOTS, DecapConf, DecapRule, Ip6, decap_reason as why};
-use lb_ebpf::hdr::{ETH_HLEN, IP_MF_OFFSET_MASK, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, Ipv4Hdr, Ipv6Hdr, UdpHdr};
+use lb_ebpf::hdr::{
+    ETH_HLEN, IP_MF_OFFSET_MASK, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, IPV6_DSTOPTS, IPV6_FRAGMENT, IPV6_HOPOPTS, IPV6_MAX_EXT,
+    IPV6_ROUTING, Ipv4Hdr, Ipv6Hdr, UdpHdr,
+};
 
 /// VIPs this host holds (IPv4 as IPv4-mapped IPv6): a tunnel frame for one is decapsulated.
 #[btf_map]
@@ -49,7 +52,12 @@ static DECAP_STATS: PerCpuArray<u64, { why::COUNT as usize }> = PerCpuArray::new
 
 const ETH_P_IP: u16 = 0x0800_u16.to_be();
 const ETH_P_IPV6: u16 = 0x86dd_u16.to_be();
-const IPPROTO_FRAGMENT: u8 = 44;
+/// IPv6 extension headers followed to the upper layer: the balancer's chain and a fragment
+/// header, with room to spare. A longer chain ends on an extension header, which counts as a
+/// tunnel that may hide behind it.
+const IPV6_EXT_WALK: usize = IPV6_MAX_EXT + 4;
+/// The offset bits of an IPv6 fragment header's `frag_off`, in wire order.
+const IP6_OFFSET_MASK: u16 = 0xfff8_u16.to_be();
 /// IPv4 `frag_off`'s offset bits, in wire order.
 const IP_OFFSET_MASK: u16 = 0x1fff_u16.to_be();
 const IPV6_HLEN: usize = 40;
@@ -185,6 +193,67 @@ fn fragment(rule: &Rule, protocol: u8, source: Source) -> (u32, u32) {
     }
 }
 
+/// An outer IPv6 packet whose first next header (`next`) is none a tunnel starts with: a
+/// balancer sends no extension headers, so nothing behind them is unwrapped. But a kernel
+/// tunnel device would follow them, so one that may hide a tunnel (IPIP, IPv6 in IPv6, GUE, or
+/// a chain too long to follow) from a source that is no balancer is dropped, as a fragment of
+/// one is; everything else passes.
+#[inline(always)]
+fn behind_extensions(ctx: &XdpContext, rule: &Rule, next: u8, source: Source) -> (u32, Pass) {
+    let upper = upper6(ctx, next, ETH_HLEN + IPV6_HLEN);
+    if carries_tunnel(ctx, upper.protocol, upper.l4, rule) && !allowed(rule, source) {
+        (xdp_action::XDP_DROP, why::DROP_FOREIGN_SOURCE)
+    } else if upper.fragment {
+        (xdp_action::XDP_PASS, why::PASS_FRAGMENT)
+    } else {
+        (xdp_action::XDP_PASS, why::PASS_NOT_TUNNEL)
+    }
+}
+
+/// Where an IPv6 packet's extension headers end.
+struct Upper {
+    /// The upper-layer protocol; an extension header when the chain is longer than
+    /// [`IPV6_EXT_WALK`] or runs past the frame.
+    protocol: u8,
+    /// Where its header starts; `None` in a later fragment (which has none) and when the walk
+    /// did not end.
+    l4: Option<usize>,
+    /// The chain has a fragment header.
+    fragment: bool,
+}
+
+/// Follows an IPv6 packet's extension headers from next header `next` at `off` (hop-by-hop,
+/// routing, destination options, fragment) to its upper layer.
+#[inline(always)]
+fn upper6(ctx: &XdpContext, mut next: u8, mut off: usize) -> Upper {
+    let mut fragment = false;
+    for _ in 0..IPV6_EXT_WALK {
+        match next {
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                let Some(h) = ptr_at::<[u8; 2]>(ctx, off) else { return Upper { protocol: next, l4: None, fragment } };
+                // SAFETY: inside the frame (checked by `ptr_at`).
+                let [n, len] = unsafe { *h };
+                next = n;
+                off += (usize::from(len) + 1) * 8;
+            }
+            IPV6_FRAGMENT => {
+                let Some(h) = ptr_at::<[u16; 2]>(ctx, off) else { return Upper { protocol: next, l4: None, fragment } };
+                // SAFETY: as above.
+                let [first, frag_off] = unsafe { *h };
+                fragment = true;
+                next = first.to_ne_bytes()[0];
+                if frag_off & IP6_OFFSET_MASK != 0 {
+                    return Upper { protocol: next, l4: None, fragment };
+                }
+                off += 8;
+            }
+            _ => return Upper { protocol: next, l4: Some(off), fragment },
+        }
+    }
+    let ended = !matches!(next, IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_FRAGMENT);
+    Upper { protocol: next, l4: ended.then_some(off), fragment }
+}
+
 /// The tunnel frame's outer headers, or what to do with a frame that is none to unwrap.
 #[inline(always)]
 fn outer(ctx: &XdpContext, rule: &Rule) -> Result<Tunnel, (u32, Pass)> {
@@ -211,21 +280,14 @@ fn outer(ctx: &XdpContext, rule: &Rule) -> Result<Tunnel, (u32, Pass)> {
     } else if proto == ETH_P_IPV6 {
         let ip: *const Ipv6Hdr = ptr_at(ctx, ETH_HLEN).ok_or(pass(why::PASS_MALFORMED))?;
         // SAFETY: as above.
-        let (ver, mut protocol, saddr) = unsafe { (u32::from_be((*ip).ver_tc_flow) >> 28, (*ip).next_header, (*ip).saddr) };
+        let (ver, protocol, saddr) = unsafe { (u32::from_be((*ip).ver_tc_flow) >> 28, (*ip).next_header, (*ip).saddr) };
         if ver != 6 {
             return Err(pass(why::PASS_MALFORMED));
         }
         let saddr = Ip6::from_words(saddr);
         let source = if is_mapped6(&saddr) { Source::Mapped6 } else { Source::Key(saddr) };
-        if protocol == IPPROTO_FRAGMENT {
-            let frag: *const [u8; 8] = ptr_at(ctx, ETH_HLEN + IPV6_HLEN).ok_or(pass(why::PASS_MALFORMED))?;
-            // SAFETY: as above.
-            protocol = unsafe { (*frag)[0] };
-            return Err(fragment(rule, protocol, source));
-        }
         if protocol != IPPROTO_IPIP && protocol != IPPROTO_UDP && protocol != IPPROTO_IPV6 {
-            // Other extension headers included: a balancer sends none.
-            return Err(pass(why::PASS_NOT_TUNNEL));
+            return Err(behind_extensions(ctx, rule, protocol, source));
         }
         (source, IPV6_HLEN, protocol)
     } else {
@@ -260,12 +322,13 @@ fn outer(ctx: &XdpContext, rule: &Rule) -> Result<Tunnel, (u32, Pass)> {
     }
 }
 
-/// Whether an inner packet of `protocol` at `l4` is a tunnel frame again: IPIP or IPv6 in IPv6,
-/// or UDP to the GUE port (a first fragment too short to show the port counts as one).
+/// Whether a packet of `protocol` at `l4` is, or may be, a tunnel frame: IPIP or IPv6 in IPv6,
+/// UDP to the GUE port (a first fragment too short to show the port counts as one), or an IPv6
+/// extension header that [`upper6`] could not follow past.
 #[inline(always)]
-fn nested(ctx: &XdpContext, protocol: u8, l4: Option<usize>, rule: &Rule) -> bool {
+fn carries_tunnel(ctx: &XdpContext, protocol: u8, l4: Option<usize>, rule: &Rule) -> bool {
     match (protocol, l4) {
-        (IPPROTO_IPIP | IPPROTO_IPV6, _) => true,
+        (IPPROTO_IPIP | IPPROTO_IPV6 | IPV6_HOPOPTS | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_DSTOPTS, _) => true,
         // SAFETY: inside the frame (checked by `ptr_at`).
         (IPPROTO_UDP, Some(l4)) => {
             ptr_at::<UdpHdr>(ctx, l4).is_none_or(|u| rule.gue_port_be != 0 && unsafe { (*u).dest } == rule.gue_port_be)
@@ -297,7 +360,9 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
         if is_mapped6(&daddr) {
             return (xdp_action::XDP_PASS, why::PASS_NOT_OURS);
         }
-        (daddr, next, Some(inner + IPV6_HLEN))
+        // The upper layer, past any extension headers (a tunnel could hide behind them).
+        let upper = upper6(ctx, next, inner + IPV6_HLEN);
+        (daddr, upper.protocol, upper.l4)
     } else {
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, inner) else { return (xdp_action::XDP_PASS, why::PASS_MALFORMED) };
         // SAFETY: inside the frame.
@@ -314,7 +379,7 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
     if !allowed(&rule, t.source) {
         return (xdp_action::XDP_DROP, why::DROP_FOREIGN_SOURCE);
     }
-    if nested(ctx, protocol, l4, &rule) {
+    if carries_tunnel(ctx, protocol, l4, &rule) {
         return (xdp_action::XDP_DROP, why::DROP_NESTED);
     }
     // The Ethernet header moves forward over the outer headers: its MACs stay, the EtherType

@@ -47,6 +47,17 @@ pub mod hdr {
     pub const IPPROTO_UDP: u8 = 17;
     pub const IPPROTO_IPV6: u8 = 41;
 
+    /// IPv6 extension headers (RFC 8200 4): hop-by-hop options, routing, fragment, destination
+    /// options.
+    pub const IPV6_HOPOPTS: u8 = 0;
+    pub const IPV6_ROUTING: u8 = 43;
+    pub const IPV6_FRAGMENT: u8 = 44;
+    pub const IPV6_DSTOPTS: u8 = 60;
+    /// Extension headers the balancer follows before TCP (`PassNotTcp` past them), besides one
+    /// fragment header: hop-by-hop, routing and two destination-options headers is the longest
+    /// chain RFC 8200's order recommends.
+    pub const IPV6_MAX_EXT: usize = 4;
+
     /// A UDP header (GUE's outer transport), fields in wire order.
     #[repr(C)]
     pub struct UdpHdr {

@@ -4,7 +4,7 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{Addr6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, fold6};
-use lb_ebpf::hdr::{IP_MF_OFFSET_MASK, Ipv4Hdr, Ipv6Hdr};
+use lb_ebpf::hdr::{IP_MF_OFFSET_MASK, IPV6_DSTOPTS, IPV6_FRAGMENT, IPV6_HOPOPTS, IPV6_MAX_EXT, IPV6_ROUTING, Ipv4Hdr, Ipv6Hdr};
 
 use crate::Verdict;
 
@@ -37,14 +37,6 @@ struct ExtHdr {
     /// Length in 8-byte units, not counting the first 8.
     len: u8,
 }
-
-const IPV6_HOPOPTS: u8 = 0;
-const IPV6_ROUTING: u8 = 43;
-const IPV6_FRAGMENT: u8 = 44;
-const IPV6_DSTOPTS: u8 = 60;
-/// Extension headers followed before giving up (`PassNotTcp`): hop-by-hop, routing and two
-/// destination-options headers is the longest chain RFC 8200's order recommends before TCP.
-const IPV6_MAX_EXT: usize = 4;
 
 const ICMPV6_PKT_TOOBIG: u8 = 2;
 

@@ -233,6 +233,138 @@ fn odd_rows() -> Vec<Case> {
 
 const STRANGER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 0x66);
 
+/// IPv6 extension headers in front of what a tunnel carries, inside and outside: the inner
+/// packet's upper layer is found past them (a tunnel behind them is nested; TCP behind them is
+/// the client's own), and an outer chain that may hide a tunnel is dropped from a source that
+/// is no balancer (a kernel tunnel device would follow it), passed from one.
+fn extension_rows() -> Vec<Case> {
+    let syn_dg = inner4(VIP, TCP_SYN).datagram();
+    let v6 = inner6(VIP6);
+    let (v6_dg, v6_out) = (v6.datagram(), v6.build());
+    let tcp6 = &v6_dg[40..];
+    let gue_port = DECAP_GUE_PORT;
+    let to_vip =
+        |chain: &[(u8, Vec<u8>)], upper: &[u8]| ipv6(CLIENT6, VIP6, chain_first(chain), &[&chain_bytes(chain)[..], upper].concat());
+    let dst_tcp = to_vip(&[(60, ext(6))], tcp6);
+    let late_udp = to_vip(&[(44, fragment(17, 0x0010))], &[&[0, 0][..], &gue_port.to_be_bytes(), &[0; 12]].concat());
+    // Nine destination-options headers before `upper`: one more than the walk follows.
+    let long = |upper: u8| -> Vec<(u8, Vec<u8>)> { (0..9).map(|i| (60, ext(if i == 8 { upper } else { 60 }))).collect() };
+    vec![
+        row(
+            "inside: TCP behind a destination-options header",
+            outer6(LB6, 41, &dst_tcp),
+            XDP_PASS,
+            why::DECAPSULATED,
+            Some([&v6_out[..14], &dst_tcp].concat()),
+        ),
+        row(
+            "inside: IPv6 in IPv6 behind a destination-options header",
+            outer6(LB6, 41, &to_vip(&[(60, ext(41))], &v6_dg)),
+            XDP_DROP,
+            why::DROP_NESTED,
+            None,
+        ),
+        row(
+            "inside: IPIP behind hop-by-hop and routing headers",
+            outer6(LB6, 41, &to_vip(&[(0, ext(43)), (43, ext(4))], &syn_dg)),
+            XDP_DROP,
+            why::DROP_NESTED,
+            None,
+        ),
+        row(
+            "inside: GUE behind an atomic fragment header",
+            outer6(LB6, 41, &to_vip(&[(44, fragment(17, 0))], &udp(gue_port, &v6_dg))),
+            XDP_DROP,
+            why::DROP_NESTED,
+            None,
+        ),
+        row(
+            "inside: a later fragment whose bytes look like the GUE port",
+            outer6(LB6, 41, &late_udp),
+            XDP_PASS,
+            why::DECAPSULATED,
+            Some([&v6_out[..14], &late_udp].concat()),
+        ),
+        row("inside: a chain of nine headers", outer6(LB6, 41, &to_vip(&long(6), tcp6)), XDP_DROP, why::DROP_NESTED, None),
+        row("inside: a chain cut short", outer6(LB6, 41, &ipv6(CLIENT6, VIP6, 60, &[60, 0])), XDP_DROP, why::DROP_NESTED, None).malformed(),
+        row(
+            "outside: IPv6 in IPv6 behind a destination-options header, from a source that is no balancer",
+            outer6(STRANGER6, 60, &[&ext(41)[..], &v6_dg].concat()),
+            XDP_DROP,
+            why::DROP_FOREIGN_SOURCE,
+            None,
+        ),
+        row(
+            "outside: the same from the balancer (which sends none: not unwrapped)",
+            outer6(LB6, 60, &[&ext(41)[..], &v6_dg].concat()),
+            XDP_PASS,
+            why::PASS_NOT_TUNNEL,
+            None,
+        ),
+        row(
+            "outside: GUE behind a hop-by-hop header, from a source that is no balancer",
+            outer6(STRANGER6, 0, &[&ext(17)[..], &udp(gue_port, &v6_dg)].concat()),
+            XDP_DROP,
+            why::DROP_FOREIGN_SOURCE,
+            None,
+        ),
+        row(
+            "outside: IPIP behind destination options and a first fragment, from a source that is no balancer",
+            outer6(STRANGER6, 60, &[&ext(44)[..], &fragment(4, 0x0001), &syn_dg].concat()),
+            XDP_DROP,
+            why::DROP_FOREIGN_SOURCE,
+            None,
+        ),
+        row(
+            "outside: an ICMPv6 message behind a hop-by-hop header (as MLD sends), from anyone",
+            outer6(STRANGER6, 0, &[&ext(58)[..], &mld_report(STRANGER6)].concat()),
+            XDP_PASS,
+            why::PASS_NOT_TUNNEL,
+            None,
+        ),
+        row(
+            "outside: a chain of nine headers, from a source that is no balancer",
+            outer6(STRANGER6, 60, &[chain_bytes(&long(58)), mld_report(STRANGER6)].concat()),
+            XDP_DROP,
+            why::DROP_FOREIGN_SOURCE,
+            None,
+        ),
+    ]
+}
+
+/// An extension header of 8 bytes (hop-by-hop, routing or destination options: a PadN option
+/// fills it) before `next`.
+fn ext(next: u8) -> Vec<u8> {
+    vec![next, 0, 1, 4, 0, 0, 0, 0]
+}
+
+/// A fragment header before `next`: `frag` is its offset (in 8-byte units, shifted left 3) and
+/// "more fragments" flag, as the wire has them.
+fn fragment(next: u8, frag: u16) -> Vec<u8> {
+    let f = frag.to_be_bytes();
+    vec![next, 0, f[0], f[1], 0, 0, 0, 9]
+}
+
+/// An MLDv2 report without records (ICMPv6 type 143) from `src` to the broker, its checksum
+/// right.
+fn mld_report(src: Ipv6Addr) -> Vec<u8> {
+    let mut m = vec![143, 0, 0, 0, 0, 0, 0, 0];
+    let addrs = [src.octets(), BROKER6.octets()].concat();
+    let pseudo: u32 = addrs.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum::<u32>() + 8 + 58;
+    let c = checksum(&m, pseudo);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// The first header's type of a chain of (type, bytes) and the chain's bytes.
+fn chain_first(chain: &[(u8, Vec<u8>)]) -> u8 {
+    chain[0].0
+}
+
+fn chain_bytes(chain: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    chain.iter().flat_map(|(_, b)| b.clone()).collect()
+}
+
 /// GUE version 0 with one option word and a flag set (remote checksum offload's).
 fn gue0_flagged(payload: &[u8]) -> Vec<u8> {
     let mut g = vec![0x01, 4, 0x00, 0x20, 0, 0, 0, 0];
@@ -293,6 +425,7 @@ fn tunnel_frames_for_held_vips_come_out_as_the_clients_frames_and_nothing_else_c
     assert_eq!(d.maps.settings().expect("read back"), settings(false), "the maps give back what was written");
     check_table(&d, &rows());
     check_table(&d, &odd_rows());
+    check_table(&d, &extension_rows());
     // --any-source: the stranger's frame is unwrapped too.
     d.maps.write(&settings(true)).expect("settings");
     let syn = inner4(VIP, TCP_SYN);
