@@ -65,7 +65,10 @@ impl Verdict {
 #[aya_ebpf::macros::btf_map]
 static UPGRADE: aya_ebpf::btf_maps::PerCpuArray<u64, 1> = aya_ebpf::btf_maps::PerCpuArray::new();
 
+// `inline(always)`: the macro wraps this function in the entry point, which LLVM would
+// otherwise call as a subprogram, a call and return on every frame.
 #[xdp]
+#[inline(always)]
 pub fn dsrlb(ctx: XdpContext) -> u32 {
     #[cfg(feature = "upgrade-test")]
     if let Some(c) = UPGRADE.get_ptr_mut(0) {
