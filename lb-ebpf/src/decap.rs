@@ -382,26 +382,32 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
     if carries_tunnel(ctx, protocol, l4, &rule) {
         return (xdp_action::XDP_DROP, why::DROP_NESTED);
     }
-    // The Ethernet header moves forward over the outer headers: its MACs stay, the EtherType
-    // becomes the inner family's.
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return (xdp_action::XDP_PASS, why::PASS_MALFORMED) };
-    // SAFETY: inside the frame.
-    let (dst_mac, src_mac) = unsafe { ((*eth).dst, (*eth).src) };
+    // The Ethernet header moves forward over the outer headers, which are read and done with:
+    // its MACs stay, the EtherType becomes the inner family's. It is written in place before
+    // the frame's start moves, so no packet pointer is needed after the helper.
     let Ok(delta) = i32::try_from(t.strip) else { return (xdp_action::XDP_PASS, why::PASS_MALFORMED) };
-    // SAFETY: the helper checks the new start against the frame; the context is the program's.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
-        return (xdp_action::XDP_PASS, why::PASS_MALFORMED);
-    }
-    // After the helper every packet pointer is new, and checked again. It cannot fail (the inner
-    // header, read above, is longer than an Ethernet header); were it to, the frame is beheaded
-    // and can only be aborted (which the xdp_exception tracepoint shows).
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return (xdp_action::XDP_ABORTED, why::PASS_MALFORMED) };
-    let eth = eth.cast_mut();
-    // SAFETY: inside the frame (checked above).
+    let Some(old_eth) = ptr_at::<[u16; 6]>(ctx, 0) else { return (xdp_action::XDP_PASS, why::PASS_MALFORMED) };
+    let old_eth = old_eth.cast::<u16>();
+    // SAFETY: inside the frame (checked just above), 2-aligned as packet data is. Volatile:
+    // read here, under the check, not merged into the next one (which the verifier could not
+    // follow).
+    let macs: [u16; 6] = core::array::from_fn(|i| unsafe { core::ptr::read_volatile(old_eth.add(i)) });
+    let Some(new_eth) = ptr_at::<EthHdr>(ctx, t.strip) else { return (xdp_action::XDP_PASS, why::PASS_MALFORMED) };
+    let to = new_eth.cast_mut().cast::<u16>();
+    // SAFETY: inside the frame (checked just above), 2-aligned. Word by word and volatile: a
+    // plain copy becomes a call to a `memmove` subprogram.
     unsafe {
-        (*eth).dst = dst_mac;
-        (*eth).src = src_mac;
-        (*eth).proto = if t.inner6 { ETH_P_IPV6 } else { ETH_P_IP };
+        for (i, w) in macs.iter().enumerate() {
+            core::ptr::write_volatile(to.add(i), *w);
+        }
+        (*new_eth.cast_mut()).proto = if t.inner6 { ETH_P_IPV6 } else { ETH_P_IP };
+    }
+    // SAFETY: the helper checks the new start against the frame; the context is the program's.
+    // It cannot fail (the inner header, read above, is longer than an Ethernet header); were
+    // it to, the frame is beheaded and can only be aborted (which the xdp_exception tracepoint
+    // shows).
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
+        return (xdp_action::XDP_ABORTED, why::PASS_MALFORMED);
     }
     (xdp_action::XDP_PASS, why::DECAPSULATED)
 }
