@@ -181,45 +181,42 @@ fn is_mapped6(a: &Ip6) -> bool {
 /// Neither a tunnel frame for us nor one to drop: passed untouched under this reason.
 type Pass = u32;
 
-/// A fragmented tunnel frame (outer protocol 4 or 41) cannot be unwrapped, but its source is
-/// known: a foreign one is dropped, so that a kernel tunnel device cannot be handed it after
-/// reassembly; other fragments pass.
+/// An outer packet that is never unwrapped here but may carry a tunnel (`tunnel`: see
+/// [`carries_tunnel`]) to a kernel tunnel device, after reassembly or past extension headers:
+/// from a source that is no balancer it is dropped, whatever its inner destination; otherwise
+/// it passes, as a fragment (`fragment`) or as no tunnel.
 #[inline(always)]
-fn fragment(rule: &Rule, protocol: u8, source: Source) -> (u32, u32) {
-    if (protocol == IPPROTO_IPIP || protocol == IPPROTO_IPV6) && !allowed(rule, source) {
+fn not_unwrapped(rule: &Rule, tunnel: bool, fragment: bool, source: Source) -> (u32, Pass) {
+    if tunnel && !allowed(rule, source) {
         (xdp_action::XDP_DROP, why::DROP_FOREIGN_SOURCE)
-    } else {
-        (xdp_action::XDP_PASS, why::PASS_FRAGMENT)
-    }
-}
-
-/// An outer IPv6 packet whose first next header (`next`) is none a tunnel starts with: a
-/// balancer sends no extension headers, so nothing behind them is unwrapped. But a kernel
-/// tunnel device would follow them, so one that may hide a tunnel (IPIP, IPv6 in IPv6, GUE, or
-/// a chain too long to follow) from a source that is no balancer is dropped, as a fragment of
-/// one is; everything else passes.
-#[inline(always)]
-fn behind_extensions(ctx: &XdpContext, rule: &Rule, next: u8, source: Source) -> (u32, Pass) {
-    let upper = upper6(ctx, next, ETH_HLEN + IPV6_HLEN);
-    if carries_tunnel(ctx, upper.protocol, upper.l4, rule) && !allowed(rule, source) {
-        (xdp_action::XDP_DROP, why::DROP_FOREIGN_SOURCE)
-    } else if upper.fragment {
+    } else if fragment {
         (xdp_action::XDP_PASS, why::PASS_FRAGMENT)
     } else {
         (xdp_action::XDP_PASS, why::PASS_NOT_TUNNEL)
     }
 }
 
-/// Where an IPv6 packet's extension headers end.
+/// An outer IPv6 packet whose first next header (`next`) is none a tunnel starts with, such as
+/// an extension header or a fragment header: a balancer sends neither, so nothing behind them
+/// is unwrapped ([`not_unwrapped`]).
+#[inline(always)]
+fn behind_extensions(ctx: &XdpContext, rule: &Rule, next: u8, source: Source) -> (u32, Pass) {
+    let upper = upper6(ctx, next, ETH_HLEN + IPV6_HLEN);
+    not_unwrapped(rule, carries_tunnel(ctx, &upper, rule), upper.fragment, source)
+}
+
+/// A packet's upper layer: past an IPv6 packet's extension headers, or an IPv4 header's.
 struct Upper {
-    /// The upper-layer protocol; an extension header when the chain is longer than
-    /// [`IPV6_EXT_WALK`] or runs past the frame.
+    /// The upper-layer protocol (where the walk stopped, when it did not end).
     protocol: u8,
     /// Where its header starts; `None` in a later fragment (which has none) and when the walk
     /// did not end.
     l4: Option<usize>,
     /// The chain has a fragment header.
     fragment: bool,
+    /// The walk did not reach the upper layer: the chain is longer than [`IPV6_EXT_WALK`] or
+    /// runs past the frame.
+    unfinished: bool,
 }
 
 /// Follows an IPv6 packet's extension headers from next header `next` at `off` (hop-by-hop,
@@ -230,28 +227,31 @@ fn upper6(ctx: &XdpContext, mut next: u8, mut off: usize) -> Upper {
     for _ in 0..IPV6_EXT_WALK {
         match next {
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
-                let Some(h) = ptr_at::<[u8; 2]>(ctx, off) else { return Upper { protocol: next, l4: None, fragment } };
+                let Some(h) = ptr_at::<[u8; 2]>(ctx, off) else { return Upper { protocol: next, l4: None, fragment, unfinished: true } };
                 // SAFETY: inside the frame (checked by `ptr_at`).
                 let [n, len] = unsafe { *h };
                 next = n;
                 off += (usize::from(len) + 1) * 8;
             }
             IPV6_FRAGMENT => {
-                let Some(h) = ptr_at::<[u16; 2]>(ctx, off) else { return Upper { protocol: next, l4: None, fragment } };
+                let Some(h) = ptr_at::<[u16; 2]>(ctx, off) else { return Upper { protocol: next, l4: None, fragment, unfinished: true } };
                 // SAFETY: as above.
                 let [first, frag_off] = unsafe { *h };
                 fragment = true;
                 next = first.to_ne_bytes()[0];
                 if frag_off & IP6_OFFSET_MASK != 0 {
-                    return Upper { protocol: next, l4: None, fragment };
+                    // A later fragment: the kernel takes the packet's protocol from the first
+                    // one, which is checked in its turn; this one's next header is judged as
+                    // IPv4's (a tunnel protocol counts, anything else does not).
+                    return Upper { protocol: next, l4: None, fragment, unfinished: false };
                 }
                 off += 8;
             }
-            _ => return Upper { protocol: next, l4: Some(off), fragment },
+            _ => return Upper { protocol: next, l4: Some(off), fragment, unfinished: false },
         }
     }
-    let ended = !matches!(next, IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_FRAGMENT);
-    Upper { protocol: next, l4: ended.then_some(off), fragment }
+    let unfinished = matches!(next, IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_FRAGMENT);
+    Upper { protocol: next, l4: (!unfinished).then_some(off), fragment, unfinished }
 }
 
 /// The tunnel frame's outer headers, or what to do with a frame that is none to unwrap.
@@ -274,7 +274,10 @@ fn outer(ctx: &XdpContext, rule: &Rule) -> Result<Tunnel, (u32, Pass)> {
         }
         let source = Source::Key(mapped(saddr));
         if frag_off & IP_MF_OFFSET_MASK != 0 {
-            return Err(fragment(rule, protocol, source));
+            // A fragment: a first one shows its transport header (UDP's port), a later one none.
+            let first = frag_off & IP_OFFSET_MASK == 0;
+            let upper = Upper { protocol, l4: first.then_some(ETH_HLEN + ihl), fragment: true, unfinished: false };
+            return Err(not_unwrapped(rule, carries_tunnel(ctx, &upper, rule), true, source));
         }
         (source, ihl, protocol)
     } else if proto == ETH_P_IPV6 {
@@ -322,13 +325,16 @@ fn outer(ctx: &XdpContext, rule: &Rule) -> Result<Tunnel, (u32, Pass)> {
     }
 }
 
-/// Whether a packet of `protocol` at `l4` is, or may be, a tunnel frame: IPIP or IPv6 in IPv6,
-/// UDP to the GUE port (a first fragment too short to show the port counts as one), or an IPv6
-/// extension header that [`upper6`] could not follow past.
+/// Whether a packet whose upper layer is `upper` is, or may be, a tunnel frame: IPIP or IPv6
+/// in IPv6, UDP to the GUE port (a first fragment too short to show the port counts as one),
+/// or an IPv6 chain of extension headers that [`upper6`] could not follow to its end.
 #[inline(always)]
-fn carries_tunnel(ctx: &XdpContext, protocol: u8, l4: Option<usize>, rule: &Rule) -> bool {
-    match (protocol, l4) {
-        (IPPROTO_IPIP | IPPROTO_IPV6 | IPV6_HOPOPTS | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_DSTOPTS, _) => true,
+fn carries_tunnel(ctx: &XdpContext, upper: &Upper, rule: &Rule) -> bool {
+    if upper.unfinished {
+        return true;
+    }
+    match (upper.protocol, upper.l4) {
+        (IPPROTO_IPIP | IPPROTO_IPV6, _) => true,
         // SAFETY: inside the frame (checked by `ptr_at`).
         (IPPROTO_UDP, Some(l4)) => {
             ptr_at::<UdpHdr>(ctx, l4).is_none_or(|u| rule.gue_port_be != 0 && unsafe { (*u).dest } == rule.gue_port_be)
@@ -346,9 +352,9 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
         Err(verdict) => return verdict,
     };
     let inner = ETH_HLEN + t.strip;
-    // The inner destination, protocol and where its transport header is (`None` in a later
-    // fragment, which has none).
-    let (dst, protocol, l4) = if t.inner6 {
+    // The inner destination and upper layer (its protocol, and where its header is: none in a
+    // later fragment).
+    let (dst, upper) = if t.inner6 {
         let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, inner) else { return (xdp_action::XDP_PASS, why::PASS_MALFORMED) };
         // SAFETY: inside the frame.
         let (ver, next, daddr) = unsafe { (u32::from_be((*ip).ver_tc_flow) >> 28, (*ip).next_header, (*ip).daddr) };
@@ -361,8 +367,7 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
             return (xdp_action::XDP_PASS, why::PASS_NOT_OURS);
         }
         // The upper layer, past any extension headers (a tunnel could hide behind them).
-        let upper = upper6(ctx, next, inner + IPV6_HLEN);
-        (daddr, upper.protocol, upper.l4)
+        (daddr, upper6(ctx, next, inner + IPV6_HLEN))
     } else {
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, inner) else { return (xdp_action::XDP_PASS, why::PASS_MALFORMED) };
         // SAFETY: inside the frame.
@@ -371,7 +376,8 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
             return (xdp_action::XDP_PASS, why::PASS_MALFORMED);
         }
         let later_fragment = frag_off & IP_OFFSET_MASK != 0;
-        (mapped(daddr), protocol, (!later_fragment).then(|| inner + usize::from(ver_ihl & 0x0f) * 4))
+        let l4 = (!later_fragment).then(|| inner + usize::from(ver_ihl & 0x0f) * 4);
+        (mapped(daddr), Upper { protocol, l4, fragment: frag_off & IP_MF_OFFSET_MASK != 0, unfinished: false })
     };
     if !held(&rule, &dst) {
         return (xdp_action::XDP_PASS, why::PASS_NOT_OURS);
@@ -379,7 +385,7 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
     if !allowed(&rule, t.source) {
         return (xdp_action::XDP_DROP, why::DROP_FOREIGN_SOURCE);
     }
-    if carries_tunnel(ctx, protocol, l4, &rule) {
+    if carries_tunnel(ctx, &upper, &rule) {
         return (xdp_action::XDP_DROP, why::DROP_NESTED);
     }
     // The Ethernet header moves forward over the outer headers, which are read and done with:

@@ -249,7 +249,73 @@ fn extension_rows() -> Vec<Case> {
     let late_udp = to_vip(&[(44, fragment(17, 0x0010))], &[&[0, 0][..], &gue_port.to_be_bytes(), &[0; 12]].concat());
     // Nine destination-options headers before `upper`: one more than the walk follows.
     let long = |upper: u8| -> Vec<(u8, Vec<u8>)> { (0..9).map(|i| (60, ext(if i == 8 { upper } else { 60 }))).collect() };
+    // Eight headers, as many as the walk follows, of every kind, before `upper`: hop-by-hop,
+    // routing, destination options, an atomic fragment header, four destination options.
+    let eight = |upper: u8| -> Vec<(u8, Vec<u8>)> {
+        let kinds = [0, 43, 60, 44, 60, 60, 60, 60];
+        (0..8)
+            .map(|i| {
+                let next = kinds.get(i + 1).copied().unwrap_or(upper);
+                (kinds[i], if kinds[i] == 44 { fragment(next, 0) } else { ext(next) })
+            })
+            .collect()
+    };
+    let tcp_behind_eight = to_vip(&eight(6), tcp6);
+    // A stranger's GUE frame, and UDP to another port, behind one header.
+    let stranger_udp = |first: u8, header: Vec<u8>, port: u16| outer6(STRANGER6, first, &[header, udp(port, &v6_dg)].concat());
+    let ipv4_udp_fragment = |frag: u16| outer4(STRANGER, 17, frag, &udp(gue_port, &syn_dg));
     vec![
+        row(
+            "inside: TCP behind eight headers of every kind",
+            outer6(LB6, 41, &tcp_behind_eight),
+            XDP_PASS,
+            why::DECAPSULATED,
+            Some([&v6_out[..14], &tcp_behind_eight].concat()),
+        ),
+        row("inside: IPIP behind eight headers", outer6(LB6, 41, &to_vip(&eight(4), &syn_dg)), XDP_DROP, why::DROP_NESTED, None),
+        row(
+            "outside: UDP to another port behind a destination-options header, from a source that is no balancer",
+            stranger_udp(60, ext(17), gue_port + 1),
+            XDP_PASS,
+            why::PASS_NOT_TUNNEL,
+            None,
+        ),
+        row(
+            "outside: a first fragment of GUE, from a source that is no balancer",
+            stranger_udp(44, fragment(17, 0x0001), gue_port),
+            XDP_DROP,
+            why::DROP_FOREIGN_SOURCE,
+            None,
+        ),
+        row(
+            "outside: a later fragment whose next header is destination options, from a source that is no balancer",
+            outer6(STRANGER6, 44, &[fragment(60, 0x0010), ext(6), tcp6.to_vec()].concat()),
+            XDP_PASS,
+            why::PASS_FRAGMENT,
+            None,
+        ),
+        row(
+            "outside: a chain cut short, from a source that is no balancer",
+            outer6(STRANGER6, 60, &[60, 0]),
+            XDP_DROP,
+            why::DROP_FOREIGN_SOURCE,
+            None,
+        )
+        .malformed(),
+        row(
+            "outside: an IPv4 first fragment of GUE, from a source that is no balancer",
+            ipv4_udp_fragment(0x2000),
+            XDP_DROP,
+            why::DROP_FOREIGN_SOURCE,
+            None,
+        ),
+        row(
+            "outside: a later IPv4 fragment of UDP, from a source that is no balancer (no port to see)",
+            ipv4_udp_fragment(0x0010),
+            XDP_PASS,
+            why::PASS_FRAGMENT,
+            None,
+        ),
         row(
             "inside: TCP behind a destination-options header",
             outer6(LB6, 41, &dst_tcp),
