@@ -237,6 +237,7 @@ const STRANGER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 0x66);
 /// packet's upper layer is found past them (a tunnel behind them is nested; TCP behind them is
 /// the client's own), and an outer chain that may hide a tunnel is dropped from a source that
 /// is no balancer (a kernel tunnel device would follow it), passed from one.
+#[expect(clippy::too_many_lines, reason = "a table of rows")]
 fn extension_rows() -> Vec<Case> {
     let syn_dg = inner4(VIP, TCP_SYN).datagram();
     let v6 = inner6(VIP6);

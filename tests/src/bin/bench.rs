@@ -18,7 +18,8 @@
 //!   that must receive them all (`scale.rs`);
 //! - routed brokers (L3 DSR): the tunnelled lab, dsrlb in front of b1 on its segment (`l2`), b2
 //!   behind a router over IPIP and b3 over GUE, each listener on a VIP of its own; connection
-//!   rate in five rounds of the three, alternating (`bench routed` runs only this part).
+//!   rate in five rounds of the three, alternating; then the tunnel alone, b1 over IPIP against
+//!   l2 once b1 unwraps (`bench routed` runs only this part).
 //!
 //! Paths run in alternating order. Connection rate and latency: fifteen rounds, A B C D E F then
 //! F E D C B A, each path started, warmed for a second, measured for five, stopped; ratios are
@@ -850,8 +851,11 @@ fn run() -> anyhow::Result<()> {
 const ROUTED_ROUNDS: usize = 5;
 
 /// L3 DSR: connection rates to b1 on the balancer's segment and to b2 (IPIP) and b3 (GUE)
-/// behind a router, through one dsrlb, in alternating rounds; the markdown section of the
-/// report. The balancer's per-backend counters after the runs show which path each rate took.
+/// behind a router, through one dsrlb, in alternating rounds; then the tunnel alone, without
+/// the router hop: b1 reached over IPIP (a listener of its own) against l2, once b1 runs
+/// `dsrlb decap`. The markdown section of the report. The balancer's per-backend counters after
+/// the runs show which path each rate took.
+#[expect(clippy::too_many_lines, reason = "the rounds and their section, written top to bottom")]
 fn routed(bin: &Path) -> anyhow::Result<String> {
     use tests::balancer::{Balancer, StatusExt as _};
     let lab = Lab::tunnelled("dsrlbr", 3);
@@ -860,12 +864,25 @@ fn routed(bin: &Path) -> anyhow::Result<String> {
         let mut config =
             String::from("interface = \"eth0\"\nxdp_mode = \"native\"\n[health]\ncheck = \"mqtt\"\ninter = \"2s\"\nfall = 3\nrise = 2\n");
         let paths = [("l2", lab::VIP, "b1"), ("ipip", lab::VIP_IPIP, "b2"), ("gue", lab::VIP_GUE, "b3")];
-        for (name, vip, backend) in paths {
+        // b1 again, over IPIP ("b1t", at a second address of b1's, as no two backends may share
+        // one; on a VIP b1 holds that no other listener uses): up only once b1 unwraps tunnel
+        // frames (its probe goes through the tunnel too).
+        let segment = ("ipip-segment", lab::VIP_INTERNAL, "b1t");
+        let b1t = std::net::Ipv4Addr::new(192, 0, 2, 31);
+        let added = std::process::Command::new("ip")
+            .args(["-n", &lab.broker_ns(0), "addr", "add", &format!("{b1t}/32"), "dev", "eth0"])
+            .status()
+            .context("ip addr add")?;
+        if !added.success() {
+            bail!("adding {b1t} to b1: {added}");
+        }
+        for (name, vip, backend) in paths.iter().chain([&segment]) {
             let _ = writeln!(config, "[[listener]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 1883\nbackends = [\"{backend}\"]");
         }
         for (i, forward) in ["l2", "ipip", "gue"].iter().enumerate() {
             let _ = writeln!(config, "[[backend]]\nname = \"b{}\"\naddress = \"{}\"\nforward = \"{forward}\"", i + 1, lab.broker_ip(i));
         }
+        let _ = writeln!(config, "[[backend]]\nname = \"b1t\"\naddress = \"{b1t}\"\nforward = \"ipip\"");
         let lb = Balancer::start(&lab, &config);
         for (name, _, backend) in paths {
             wait::until(format!("{name}/{backend} up"), Duration::from_secs(20), || lb.state(name, backend) == "up");
@@ -907,6 +924,24 @@ fn routed(bin: &Path) -> anyhow::Result<String> {
             }
         }
         let status = lb.status();
+        // The tunnel alone: b1 unwraps (as a tunnelled broker does), and the rounds alternate l2
+        // and IPIP to it. Its decap program passes the l2 frames, so both pay for it.
+        lab.setup_tunnelled_broker(0, &[])?;
+        wait::until("ipip-segment/b1t up", Duration::from_secs(30), || lb.state(segment.0, segment.2) == "up");
+        let both = [("l2, b1 unwrapping", lab::VIP), (segment.0, segment.1)];
+        let mut seg_rates: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for round in 0..ROUTED_ROUNDS {
+            let order: Vec<_> = if round % 2 == 0 { both.to_vec() } else { both.iter().rev().copied().collect() };
+            for (name, vip) in order {
+                let target = format!("{vip}:1883");
+                loadgen(&target, "1")?;
+                let rate = loadgen(&target, "5")?["rate"].as_f64().unwrap_or(0.0);
+                eprintln!("[bench] segment round {} of {ROUTED_ROUNDS}, {name}: {rate:.0} conn/s", round + 1);
+                seg_rates.entry(name).or_default().push(rate);
+            }
+        }
+        let seg_packets = lb.status().backend(segment.0, segment.2).map_or(0, |b| b.packets);
+        let seg_ratio = median(seg_rates[segment.0].iter().zip(&seg_rates[both[0].0]).map(|(x, y)| x / y).collect());
         let per_round_of = |a: &str, b: &str| -> Vec<f64> { rates[a].iter().zip(&rates[b]).map(|(x, y)| x / y).collect() };
         let per_round = |a: &str| per_round_of(a, "l2");
         let mut r = String::new();
@@ -949,6 +984,13 @@ fn routed(bin: &Path) -> anyhow::Result<String> {
             median(per_round_of("l2", "direct-l2")),
             median(per_round_of("ipip", "direct-routed")),
             median(per_round_of("gue", "direct-routed"))
+        );
+        let _ = writeln!(
+            r,
+            "The tunnel alone, without the router hop: b1 on the segment reached over IPIP (`ipip-segment`, a listener of its own), once b1 runs `dsrlb decap` (which then also passes the l2 frames), in {ROUTED_ROUNDS} more rounds alternating with l2 to b1: {:.0} conn/s against {:.0}, **{seg_ratio:.2}** x l2 (median of per-round ratios; {}). The balancer sent {seg_packets} packets to b1 over the tunnel.\n",
+            median(seg_rates[segment.0].clone()),
+            median(seg_rates[both[0].0].clone()),
+            if seg_ratio >= 0.9 { "the 0.9 target met" } else { "the 0.9 target not met" }
         );
         drop(lb);
         Ok(r)
