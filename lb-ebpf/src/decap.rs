@@ -409,9 +409,9 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
         (*new_eth.cast_mut()).proto = if t.inner6 { ETH_P_IPV6 } else { ETH_P_IP };
     }
     // SAFETY: the helper checks the new start against the frame; the context is the program's.
-    // It cannot fail (the inner header, read above, is longer than an Ethernet header); were
-    // it to, the frame is beheaded and can only be aborted (which the xdp_exception tracepoint
-    // shows).
+    // It cannot fail (the new start was checked above to leave an Ethernet header); were it
+    // to, the outer header is already overwritten and the frame can only be aborted (which the
+    // xdp_exception tracepoint shows).
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
         return (xdp_action::XDP_ABORTED, why::PASS_MALFORMED);
     }
