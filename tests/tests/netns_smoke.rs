@@ -432,7 +432,9 @@ fn a_walk_of_a_large_flow_table_does_not_block_the_control_socket() {
     std::fs::write(&config, CONFIG.replace("flow_table_size = 65536", "flow_table_size = 33554432")).expect("write");
     let cli = |args: &[&str]| own.cli(args);
     let mut child = own.run(&lb, &config).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start dsrlb");
-    wait::until_up("dsrlb serving (ping answers)", &mut child, Duration::from_secs(30), Duration::from_millis(100), || {
+    // The kernel allocates and zeroes the whole table at load (1 GiB, and 2 GiB of IPv6
+    // addresses): beside the other tests on a slow 2-core VM that once took over 30 s.
+    wait::until_up("dsrlb serving (ping answers)", &mut child, Duration::from_secs(120), Duration::from_millis(100), || {
         cli(&["ping"]).output().is_ok_and(|o| o.status.success())
     });
     // A status (which walks the table) and, right behind it, a ping: the ping is answered
